@@ -1,0 +1,128 @@
+"""The `corral` command line: `corral sim ...` for the simulator (more commands join as the service lands)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from scheduler.engine.baselines import POLICIES
+from scheduler.sim.expect import check
+from scheduler.sim.inputs import InputError, load_cluster, load_scenario, load_trace
+from scheduler.sim.runner import Simulation
+
+app = typer.Typer(help="Corral: a GPU-aware scheduler for shared GPU pools.", no_args_is_help=True)
+sim = typer.Typer(help="Replay scenarios and traces on a virtual clock.", no_args_is_help=True)
+app.add_typer(sim, name="sim")
+
+err = Console(stderr=True)
+out = Console()
+
+
+def bad_input(e: Exception) -> typer.Exit:
+    """Bad input: one line naming the file, where and what; exit status 2."""
+    err.print(f"error: {e}", markup=False, highlight=False)
+    return typer.Exit(2)
+
+
+def _policy(name: str) -> str:
+    if name not in POLICIES:
+        raise typer.BadParameter(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return name
+
+
+def _print_json(log: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(log, separators=(",", ":")))
+    sys.stdout.write("\n")
+
+
+def _summary(log: dict[str, Any], queues: dict[str, str]) -> None:
+    """A readable summary: jobs by final state, and waits per queue."""
+    state: dict[str, str] = {}
+    submit: dict[str, float] = {}
+    first: dict[str, float] = {}
+    preempted = 0
+    for e in log["events"]:
+        j = e["job"]
+        if e["event"] == "submitted":
+            submit[j] = e["t"]
+        elif e["event"] == "started":
+            first.setdefault(j, e["t"])
+        elif e["event"] == "preempted":
+            preempted += 1
+        state[j] = "pending" if e["event"] in ("submitted", "preempted") else e["event"]
+        state[j] = "running" if e["event"] == "started" else state[j]
+    counts = defaultdict(int)
+    for s in state.values():
+        counts[s] += 1
+    out.print(f"policy {log['policy']}: {len(state)} jobs, " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+              + f"; {preempted} preemptions")
+    waits: dict[str, list[float]] = defaultdict(list)
+    for j, t in first.items():
+        waits[queues.get(j, "?")].append(t - submit.get(j, t))
+    table = Table("queue", "started", "mean wait (s)", "max wait (s)")
+    for q, w in sorted(waits.items()):
+        table.add_row(q, str(len(w)), f"{statistics.mean(w):.1f}", f"{max(w):.1f}")
+    out.print(table)
+
+
+@sim.command("scenario")
+def sim_scenario(
+    file: Annotated[Path, typer.Argument(help="scenario YAML (SIMULATOR.md)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print only the JSON event log")] = False,
+    policy: Annotated[str, typer.Option(help=f"one of {', '.join(POLICIES)}")] = "corral",
+) -> None:
+    """Run a scenario; without --json, say which expectations held (exit 1 if one failed)."""
+    try:
+        world = load_scenario(file)
+    except InputError as e:
+        raise bad_input(e) from e
+    log = Simulation(world, _policy(policy)).run()
+    if as_json:
+        _print_json(log)
+        return
+    out.print(f"[bold]{world.name}[/bold] ({file})")
+    _summary(log, {j.spec.id: j.spec.queue for j in world.jobs})
+    results = check(world, log)
+    for what, ok, diff in results:
+        out.print(("[green]held[/green]   " if ok else "[red]FAILED[/red] ") + what + (f"  ({diff})" if diff else ""),
+                  highlight=False)
+    failed = sum(1 for _, ok, _ in results if not ok)
+    out.print(f"{len(results) - failed}/{len(results)} expectations held")
+    if failed:
+        raise typer.Exit(1)
+
+
+@sim.command("trace")
+def sim_trace(
+    trace: Annotated[Path, typer.Argument(help="trace CSV (SIMULATOR.md)")],
+    cluster: Annotated[Path, typer.Option(help="cluster YAML: cluster, queues, settings")],
+    policy: Annotated[str, typer.Option(help=f"one of {', '.join(POLICIES)}")] = "corral",
+    as_json: Annotated[bool, typer.Option("--json", help="print only the JSON event log")] = False,
+) -> None:
+    """Replay a trace on a cluster under one policy."""
+    try:
+        world = load_cluster(cluster)
+        world.jobs = load_trace(trace)
+    except InputError as e:
+        raise bad_input(e) from e
+    log = Simulation(world, _policy(policy), log_fair_share=as_json).run()
+    if as_json:
+        _print_json(log)
+    else:
+        _summary(log, {j.spec.id: j.spec.queue for j in world.jobs})
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Free GPUs, CPUs and memory per node, and best-fit gang placement with topology domains."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from sortedcontainers import SortedList
+
+from scheduler.engine.model import JobSpec, NodeSpec
+
+# Per worker: (node, GPU indices).
+Placement = list[tuple[str, list[int]]]
+
+
+@dataclass(eq=False)
+class Node:
+    """A node's live state: which GPU indices are free, and free CPUs and memory where accounted."""
+
+    spec: NodeSpec
+    up: bool = True
+    free: list[int] = field(default_factory=list)  # free GPU indices, ascending
+    free_cpus: float = math.inf
+    free_mem: float = math.inf
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass
+class Freed:
+    """Resources a placement may count as free on top of what nodes have (a preemption's victims)."""
+
+    gpus: dict[str, int] = field(default_factory=dict)
+    cpus: dict[str, float] = field(default_factory=dict)
+    mem: dict[str, float] = field(default_factory=dict)
+
+    def add(self, workers: Iterable[tuple[str, list[int]]], spec: JobSpec, sign: int = 1) -> None:
+        for node, gpus in workers:
+            self.gpus[node] = self.gpus.get(node, 0) + sign * len(gpus)
+            self.cpus[node] = self.cpus.get(node, 0.0) + sign * spec.cpus
+            self.mem[node] = self.mem.get(node, 0.0) + sign * spec.memory_gb
+
+
+class Pool:
+    """The nodes of one GPU model, with free-GPU buckets so that best fit for one worker is quick."""
+
+    def __init__(self, name: str, nodes: list[NodeSpec], domains: Mapping[str, Collection[str]]):
+        self.name = name
+        self.nodes: dict[str, Node] = {}
+        for spec in sorted(nodes, key=lambda n: n.name):
+            self.nodes[spec.name] = Node(
+                spec, free=list(range(spec.gpus)),
+                free_cpus=math.inf if spec.cpus is None else spec.cpus,
+                free_mem=math.inf if spec.memory_gb is None else spec.memory_gb,
+            )
+        self.max_gpus = max((n.gpus for n in nodes), default=0)
+        self.total_gpus = sum(n.gpus for n in nodes)  # configured, up or down: what a job may ever ask for
+        self.domains = {d: sorted(ns) for d, ns in sorted(domains.items())}
+        # buckets[k]: up nodes with exactly k free GPUs, by name.
+        self.buckets: list[SortedList] = [SortedList() for _ in range(self.max_gpus + 1)]
+        self.capacity = 0  # GPUs on nodes that are up
+        self.free_gpus = 0
+        for n in self.nodes.values():
+            self._bring_up(n)
+
+    def _bring_up(self, n: Node) -> None:
+        n.up = True
+        self.capacity += n.spec.gpus
+        self.free_gpus += len(n.free)
+        self.buckets[len(n.free)].add(n.name)
+
+    def set_up(self, name: str, up: bool) -> None:
+        n = self.nodes[name]
+        if n.up == up:
+            return
+        if up:
+            self._bring_up(n)
+        else:
+            n.up = False
+            self.capacity -= n.spec.gpus
+            self.free_gpus -= len(n.free)
+            self.buckets[len(n.free)].remove(n.name)
+
+    def allocate(self, spec: JobSpec, nodes: list[str]) -> Placement:
+        """Take GPUs (lowest free index first), CPUs and memory for each worker on its node."""
+        out: Placement = []
+        for name in nodes:
+            n = self.nodes[name]
+            self.buckets[len(n.free)].remove(name)
+            gpus, n.free = n.free[: spec.gpus], n.free[spec.gpus:]
+            self.buckets[len(n.free)].add(name)
+            n.free_cpus -= spec.cpus
+            n.free_mem -= spec.memory_gb
+            self.free_gpus -= len(gpus)
+            out.append((name, gpus))
+        return out
+
+    def release(self, spec: JobSpec, workers: Placement) -> None:
+        for name, gpus in workers:
+            n = self.nodes[name]
+            if n.up:
+                self.buckets[len(n.free)].remove(name)
+            n.free = sorted(n.free + gpus)
+            n.free_cpus += spec.cpus
+            n.free_mem += spec.memory_gb
+            if n.up:
+                self.buckets[len(n.free)].add(name)
+                self.free_gpus += len(gpus)
+
+    def largest_free(self) -> int:
+        for k in range(self.max_gpus, -1, -1):
+            if self.buckets[k]:
+                return k
+        return 0
+
+    # ----- placement -----
+
+    def place(self, spec: JobSpec, excluded: Collection[str] = (), freed: Freed | None = None) -> list[str] | None:
+        """Nodes for each worker (best fit, one domain when one can hold the gang), or None when it cannot fit."""
+        if spec.workers == 1 and freed is None:
+            node = self._best_fit_one(spec, excluded)
+            return None if node is None else [node]
+        room = self._room(excluded, freed)
+        if spec.workers > 1 and self.domains:
+            fitting = []
+            for d, members in self.domains.items():
+                sub = {n: room[n] for n in members if n in room}
+                chosen = _best_fit(sub, spec)
+                if chosen is not None:
+                    fitting.append((sum(r[0] for r in sub.values()), d, chosen))
+            if fitting:
+                return min(fitting, key=lambda f: (f[0], f[1]))[2]
+        return _best_fit(room, spec)
+
+    def _best_fit_one(self, spec: JobSpec, excluded: Collection[str]) -> str | None:
+        for k in range(spec.gpus, self.max_gpus + 1):
+            for name in self.buckets[k]:
+                if name in excluded:
+                    continue
+                n = self.nodes[name]
+                if n.free_cpus >= spec.cpus and n.free_mem >= spec.memory_gb:
+                    return str(name)
+        return None
+
+    def _room(self, excluded: Collection[str], freed: Freed | None) -> dict[str, list[float]]:
+        room: dict[str, list[float]] = {}
+        for name, n in self.nodes.items():
+            if not n.up or name in excluded:
+                continue
+            r = [float(len(n.free)), n.free_cpus, n.free_mem]
+            if freed is not None:
+                r[0] += freed.gpus.get(name, 0)
+                r[1] += freed.cpus.get(name, 0.0)
+                r[2] += freed.mem.get(name, 0.0)
+            room[name] = r
+        return room
+
+
+def _best_fit(room: dict[str, list[float]], spec: JobSpec) -> list[str] | None:
+    """Place workers one by one on the fitting node with the fewest free GPUs, then the lowest name."""
+    room = {n: list(r) for n, r in room.items()}
+    chosen: list[str] = []
+    for _ in range(spec.workers):
+        best: tuple[float, str] | None = None
+        for name, (g, c, m) in room.items():
+            if g >= spec.gpus and c >= spec.cpus and m >= spec.memory_gb and (best is None or (g, name) < best):
+                best = (g, name)
+        if best is None:
+            return None
+        r = room[best[1]]
+        r[0] -= spec.gpus
+        r[1] -= spec.cpus
+        r[2] -= spec.memory_gb
+        chosen.append(best[1])
+    return chosen

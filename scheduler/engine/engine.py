@@ -1,0 +1,335 @@
+"""The engine: jobs in, decisions out. Admission by ratio, best-effort FIFO, preemption, starvation guard.
+
+Pure: it never reads a clock (every call takes `now`), does no I/O and starts no threads, so the simulator,
+the live service and the tests drive the very same code.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from quotas import QueueTree
+from quotas.tree import Queue
+from scheduler.engine.cluster import Pool
+from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
+from scheduler.engine.explain import explain_pending, rejection
+from scheduler.engine.model import Job, JobSpec, JobState, NodeSpec, Reason, Settings
+from scheduler.engine.preemption import CAUSE, Plan, Preemption
+from scheduler.engine.state import PoolState
+
+MAX_PASSES = 1000  # a pass only repeats after a preemption; this bounds a pathological ping-pong
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Capacity held for a starving head job: its nodes, and (for its queue) no younger job may start."""
+
+    job: Job
+    nodes: frozenset[str]
+    within_quota: bool
+
+    def excludes(self, job: Job, within_quota: bool) -> frozenset[str]:
+        """Nodes `job` may not use. Guarantees beat the guard: a job within quota may use nodes held for a
+        borrower."""
+        if job is self.job or (within_quota and not self.within_quota):
+            return frozenset()
+        return self.nodes
+
+
+class Engine:
+    """Scheduling state of a cluster; every method takes the current time and returns what it decided."""
+
+    def __init__(self, tree: QueueTree, nodes: Iterable[NodeSpec],
+                 domains: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
+                 settings: Settings | None = None):
+        self.tree = tree
+        self.settings = settings or Settings()
+        by_pool: dict[str, list[NodeSpec]] = {}
+        for n in nodes:
+            by_pool.setdefault(n.pool, []).append(n)
+        domains = domains or {}
+        self.pools: dict[str, PoolState] = {
+            p: PoolState(Pool(p, ns, {d: list(m) for d, m in domains.get(p, {}).items()}), tree)
+            for p, ns in sorted(by_pool.items())
+        }
+        self.node_pool = {n.name: n.pool for ns in by_pool.values() for n in ns}
+        self.jobs: dict[str, Job] = {}
+        self._seq = 0
+        self._admitted = 0
+        self._wakeups: list[float] = []
+        self._instant: float | None = None
+        self._preempted_now: set[str] = set()  # jobs preempted at this instant: they may not preempt back
+
+    # ----- inputs -----
+
+    def submit(self, spec: JobSpec, now: float) -> list[Decision]:
+        """Queue a job, or reject it at once when it can never run."""
+        if spec.id in self.jobs:
+            raise ValueError(f"job {spec.id!r} already exists")
+        self._seq += 1
+        job = Job(spec, float(now), self._seq)
+        self.jobs[spec.id] = job
+        why = rejection(spec, self.tree, {p: ps.pool for p, ps in self.pools.items()})
+        if why is not None:
+            job.state, job.reason = JobState.REJECTED, why
+            return [Rejected(spec.id, why)]
+        self.pools[spec.pool].add_pending(job)
+        return []
+
+    def cancel(self, job_id: str, now: float) -> bool:
+        """Cancel a pending or running job (a running one frees its GPUs now). False if already finished."""
+        return self._end(job_id, JobState.CANCELLED)
+
+    def finish(self, job_id: str, now: float, failed: bool = False) -> bool:
+        """A running job ended on its own (the executor reports it)."""
+        return self._end(job_id, JobState.FAILED if failed else JobState.COMPLETED)
+
+    def _end(self, job_id: str, state: JobState) -> bool:
+        job = self.jobs[job_id]
+        if job.state.finished:
+            return False
+        ps = self.pools[job.spec.pool]
+        if job.state is JobState.RUNNING:
+            self._release(ps, job)
+        else:
+            ps.remove_pending(job)
+            ps.skipped.discard(job)
+        job.state = state
+        return True
+
+    def node_down(self, name: str, now: float) -> list[Decision]:
+        """A node failed or was drained: its GPUs leave capacity and its jobs go back to pending."""
+        ps = self.pools[self.node_pool[name]]
+        out: list[Decision] = []
+        hit = [j for jobs in ps.running.values() for j in jobs if any(n == name for n, _ in j.workers)]
+        for j in sorted(hit, key=lambda j: j.admitted):
+            self._stop(ps, j)
+            out.append(Preempted(j.id, "node_down", None, Reason(
+                "node_down", f"node {name} went down while {j.id} ran on it", {"node": name})))
+        ps.pool.set_up(name, False)
+        ps.capacity_changed()
+        return out
+
+    def node_up(self, name: str, now: float) -> None:
+        ps = self.pools[self.node_pool[name]]
+        ps.pool.set_up(name, True)
+        ps.capacity_changed()
+
+    # ----- queries -----
+
+    def shares(self, pool: str) -> dict[str, float]:
+        """fairshare(Q, pool) of every queue."""
+        return self.pools[pool].shares()
+
+    def next_wakeup(self, now: float) -> float | None:
+        """The next instant after `now` where a rule's timer ends (min_runtime, starvation_timeout)."""
+        while self._wakeups and self._wakeups[0] <= now:
+            heapq.heappop(self._wakeups)
+        return self._wakeups[0] if self._wakeups else None
+
+    def explain(self, job_id: str, now: float) -> Reason:
+        """Why a job is where it is: the blocking rule with its numbers, or why it runs, or why it ended."""
+        job = self.jobs[job_id]
+        if job.state is JobState.PENDING:
+            ps = self.pools[job.spec.pool]
+            return explain_pending(ps, job, self._reservation(ps, now), job.id in self._preempted_now)
+        if job.reason is not None:
+            return job.reason
+        return Reason(job.state.value, f"{job.id} is {job.state.value}")
+
+    # ----- scheduling -----
+
+    def schedule(self, now: float) -> list[Decision]:
+        """Admit (and preempt) until nothing more can start; call after every batch of inputs."""
+        if self._instant != now:
+            self._instant, self._preempted_now = now, set()
+        due = bool(self._wakeups) and self._wakeups[0] <= now
+        self.next_wakeup(now)
+        out: list[Decision] = []
+        for ps in self.pools.values():
+            if ps.pending and (ps.dirty or due):
+                self._schedule_pool(ps, now, out)
+            ps.dirty = False
+        return out
+
+    def _schedule_pool(self, ps: PoolState, now: float, out: list[Decision]) -> None:
+        for _ in range(MAX_PASSES):
+            started, preempted = self._pass(ps, now, self._reservation(ps, now), out)
+            if started:
+                self._mark_skipped(ps, started, now)
+            if not (started and preempted):
+                return
+
+    def _pass(self, ps: PoolState, now: float, res: Reservation | None,
+              out: list[Decision]) -> tuple[list[Job], bool]:
+        """One pass: the leaf queue with the lowest ratio starts its first admissible job, until none can."""
+        heap = [(ps.queue_key(self.tree[name]), 0, name) for name in ps.pending]
+        heapq.heapify(heap)
+        version = dict.fromkeys(ps.pending, 0)
+        started: list[Job] = []
+        preempted = False
+        while heap:
+            _, ver, name = heapq.heappop(heap)
+            if version.get(name) != ver:
+                continue
+            q = self.tree[name]
+            found = self._try_queue(ps, q, now, res)
+            if found is None:
+                del version[name]  # skipped for the rest of this pass
+                continue
+            job, plan = found
+            for v in plan.victims:
+                self._stop(ps, v.job)
+                self._preempted_now.add(v.job.id)
+                preempted = True
+                out.append(Preempted(v.job.id, CAUSE[v.tier], job.id, v.reason))
+                vq = v.job.spec.queue
+                if vq in version and vq != name:
+                    version[vq] += 1
+                    heapq.heappush(heap, (ps.queue_key(self.tree[vq]), version[vq], vq))
+            out.append(self._start(ps, job, plan.nodes, now))
+            started.append(job)
+            if res is not None and job is res.job:
+                res = None
+            if name in ps.pending:
+                version[name] += 1
+                heapq.heappush(heap, (ps.queue_key(q), version[name], name))
+            else:
+                del version[name]
+        return started, preempted
+
+    def _try_queue(self, ps: PoolState, q: Queue, now: float, res: Reservation | None) -> tuple[Job, Plan] | None:
+        """The first job of `q`, in queue order, that can start now (best-effort FIFO)."""
+        if not self._may_start_any(ps, q, res):
+            return None
+        tried: set[tuple[object, ...]] = set()
+        for job in ps.pending[q.name]:
+            if res is not None and res.job.spec.queue == q.name and job is not res.job:
+                return None  # the queue's starving head job goes first
+            s = job.spec
+            shape = (s.workers, s.gpus, s.cpus, s.memory_gb, s.preemptible, s.priority, job.id in self._preempted_now)
+            if shape in tried:
+                continue  # same ask, same answer
+            plan = self._admit(ps, job, q, now, res)
+            if plan is not None:
+                return job, plan
+            tried.add(shape)
+        return None
+
+    def _may_start_any(self, ps: PoolState, q: Queue, res: Reservation | None) -> bool:
+        """A cheap necessary condition, so that a full pool does not walk every pending job of every queue."""
+        need = ps.min_pending(q.name)
+        free = ps.pool.free_gpus
+        if res is not None and res.nodes and res.job.spec.queue != q.name:
+            free -= sum(len(ps.pool.nodes[n].free) for n in res.nodes)
+        if need <= free:
+            return True
+        running = ps.running.get(q.name)
+        if running and ps.pending[q.name][0].spec.priority > running[0].spec.priority:
+            return True  # tier 3: lower-priority work of its own
+        u, pool = ps.usage[q.name], ps.name
+        return u + need <= q.quota_of(pool) or u + need <= ps.shares().get(q.name, 0.0)
+
+    def _admit(self, ps: PoolState, job: Job, q: Queue, now: float, res: Reservation | None) -> Plan | None:
+        spec, pool = job.spec, ps.name
+        within = ps.usage[q.name] + job.request <= q.quota_of(pool)
+        excluded = res.excludes(job, within) if res is not None else frozenset()
+        if ps.over_limit(q, job.request) is None and (within or spec.preemptible):
+            nodes = ps.pool.place(spec, excluded) if ps.pool.free_gpus >= job.request else None
+            if nodes is not None:
+                return Plan([], nodes)
+        if job.id in self._preempted_now:
+            return None
+        return Preemption(ps, job, q, excluded, lambda j: self._young(j, now)).plan()
+
+    def _young(self, j: Job, now: float) -> bool:
+        until = j.start + self.settings.min_runtime
+        if now < until:
+            heapq.heappush(self._wakeups, until)
+            return True
+        return False
+
+    # ----- state changes -----
+
+    def _start(self, ps: PoolState, job: Job, nodes: list[str], now: float) -> Started:
+        q = self.tree[job.spec.queue]
+        u, share, quota = ps.usage[q.name], ps.shares().get(q.name, 0.0), q.quota_of(ps.name)
+        ps.remove_pending(job)
+        ps.skipped.discard(job)
+        job.workers = ps.pool.allocate(job.spec, nodes)
+        job.state, job.start, job.skipped_since = JobState.RUNNING, now, None
+        self._admitted += 1
+        job.admitted = self._admitted
+        job.within_quota = u + job.request <= quota
+        ps.add_running(job)
+        how = "within its quota" if job.within_quota else "borrowing idle GPUs (preemptible)"
+        job.reason = Reason("within_quota" if job.within_quota else "borrowing", (
+            f"started {how}: {q.name} uses {u} + {job.request} GPUs of {ps.name}, quota {quota}, "
+            f"fair share {share:.2f}"), {"usage": u, "request": job.request, "quota": quota, "fair_share": share})
+        return Started(job.id, job.placement(), job.reason)
+
+    def _release(self, ps: PoolState, job: Job) -> None:
+        ps.remove_running(job)
+        ps.pool.release(job.spec, job.workers)
+        job.workers = []
+
+    def _stop(self, ps: PoolState, job: Job) -> None:
+        """A running job goes back to pending, keeping its submit time (and its place in queue order)."""
+        self._release(ps, job)
+        job.state, job.skipped_since = JobState.PENDING, None
+        ps.add_pending(job)
+
+    # ----- starvation guard -----
+
+    def _mark_skipped(self, ps: PoolState, started: list[Job], now: float) -> None:
+        """Heads of queues that a younger job just overtook start their starvation clock."""
+        youngest = max((j.submit, j.seq) for j in started)
+        for jobs in ps.pending.values():
+            head = jobs[0]
+            if head.skipped_since is None and (head.submit, head.seq) < youngest:
+                head.skipped_since = now
+                ps.skipped.add(head)
+                heapq.heappush(self._wakeups, now + self.settings.starvation_timeout)
+
+    def _reservation(self, ps: PoolState, now: float) -> Reservation | None:
+        """Reserve for the longest-skipped head job past starvation_timeout, if any."""
+        timeout = self.settings.starvation_timeout
+        starving = [j for j in ps.skipped if j.skipped_since is not None and now - j.skipped_since >= timeout
+                    and ps.pending[j.spec.queue][0] is j]
+        if not starving:
+            return None
+        h = min(starving, key=lambda j: (j.skipped_since, j.submit, j.seq))
+        q = self.tree[h.spec.queue]
+        within = ps.usage[q.name] + h.request <= q.quota_of(ps.name)
+        nodes: frozenset[str] = frozenset()
+        if ps.over_limit(q, h.request) is None and (within or h.spec.preemptible):
+            nodes = self._reserve_nodes(ps, h)
+        return Reservation(h, nodes, within)
+
+    @staticmethod
+    def _reserve_nodes(ps: PoolState, h: Job) -> frozenset[str]:
+        """The nodes closest to holding the job (most free GPUs first): nothing else lands on them."""
+        s = h.spec
+        nodes = [n for n in ps.pool.nodes.values() if n.up and n.spec.gpus >= s.gpus
+                 and (n.spec.cpus is None or n.spec.cpus >= s.cpus)
+                 and (n.spec.memory_gb is None or n.spec.memory_gb >= s.memory_gb)]
+        nodes.sort(key=lambda n: (-len(n.free), n.name))
+        chosen: list[str] = []
+        left = s.workers
+        for n in nodes:
+            if left <= 0:
+                break
+            fits = [left]
+            if s.gpus:
+                fits.append(n.spec.gpus // s.gpus)
+            if s.cpus and n.spec.cpus is not None:
+                fits.append(int(n.spec.cpus // s.cpus))
+            if s.memory_gb and n.spec.memory_gb is not None:
+                fits.append(int(n.spec.memory_gb // s.memory_gb))
+            take = min(fits)
+            if take > 0:
+                chosen.append(n.name)
+                left -= take
+        return frozenset(chosen)

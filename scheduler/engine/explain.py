@@ -1,0 +1,95 @@
+"""Reasons with numbers: why a job is rejected, why it still waits, and what would have to change."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from quotas import QueueTree
+from scheduler.engine.cluster import Pool
+from scheduler.engine.model import Job, JobSpec, Reason
+from scheduler.engine.preemption import Preemption
+from scheduler.engine.state import PoolState
+
+if TYPE_CHECKING:
+    from scheduler.engine.engine import Reservation
+
+
+def rejection(spec: JobSpec, tree: QueueTree, pools: Mapping[str, Pool]) -> Reason | None:
+    """Why a job can never run (so it is rejected at submission), or None."""
+    if spec.queue not in tree:
+        return Reason("unknown_queue", f"queue {spec.queue} does not exist", {"queue": spec.queue})
+    q = tree[spec.queue]
+    if not q.is_leaf:
+        leaves = ", ".join(c.name for c in q.children)
+        return Reason("inner_queue", f"queue {q.name} is not a leaf queue; submit to one of: {leaves}",
+                      {"queue": q.name})
+    if spec.pool not in pools:
+        return Reason("unknown_pool", f"pool {spec.pool} does not exist", {"pool": spec.pool})
+    if spec.workers < 1 or spec.gpus < 0 or spec.cpus < 0 or spec.memory_gb < 0:
+        return Reason("invalid", f"a job needs workers >= 1 and gpus, cpus, memory_gb >= 0; got workers="
+                      f"{spec.workers}, gpus={spec.gpus}, cpus={spec.cpus}, memory_gb={spec.memory_gb}", {})
+    pool = pools[spec.pool]
+    holds = [n for n in pool.nodes.values() if n.spec.gpus >= spec.gpus
+             and (n.spec.cpus is None or n.spec.cpus >= spec.cpus)
+             and (n.spec.memory_gb is None or n.spec.memory_gb >= spec.memory_gb)]
+    if not holds:
+        return Reason("worker_too_big", (
+            f"no node of pool {pool.name} can hold one worker ({spec.gpus} GPUs, {spec.cpus:g} CPUs, "
+            f"{spec.memory_gb:g} GB); its largest node has {pool.max_gpus} GPUs"),
+            {"gpus": spec.gpus, "largest_node_gpus": pool.max_gpus})
+    if spec.request > pool.total_gpus:
+        return Reason("gang_too_big", (
+            f"the gang asks {spec.request} GPUs ({spec.workers} x {spec.gpus}); pool {pool.name} has "
+            f"{pool.total_gpus} in all"), {"request": spec.request, "pool_gpus": pool.total_gpus})
+    for a in q.path:
+        if spec.request > a.limit_of(pool.name):
+            return Reason("over_limit", (
+                f"the job asks {spec.request} GPUs of {pool.name}, more than queue {a.name}'s limit of "
+                f"{a.limit_of(pool.name):g}"), {"request": spec.request, "limit": a.limit_of(pool.name),
+                                                 "queue": a.name})
+    return None
+
+
+def explain_pending(ps: PoolState, job: Job, res: Reservation | None, preempted_now: bool) -> Reason:
+    """The first rule that keeps a pending job from starting now, with its numbers."""
+    q = ps.tree[job.spec.queue]
+    pool, r = ps.name, job.request
+    u, quota, share = ps.usage[q.name], q.quota_of(ps.name), ps.shares().get(q.name, 0.0)
+    nums: dict[str, float | int | str] = {"usage": u, "request": r, "quota": quota, "fair_share": round(share, 4),
+                                          "free_gpus": ps.pool.free_gpus}
+    head = f"{q.name} uses {u} GPUs of {pool} (quota {quota}, fair share {share:.2f})"
+    if res is not None and res.job is not job and res.job.spec.queue == q.name:
+        return Reason("starvation_guard", (
+            f"{res.job.id}, first in {q.name}, has waited past starvation_timeout; younger jobs of the queue "
+            f"wait until it starts"), {**nums, "waits_for": res.job.id})
+    blocked = ps.over_limit(q, r)
+    if blocked is not None:
+        a, au = blocked
+        return Reason("limit", (
+            f"queue {a.name} would use {au} + {r} GPUs of {pool}, over its limit of {a.limit_of(pool):g}; "
+            f"it starts when {a.name}'s usage drops to {a.limit_of(pool) - r:g}"),
+            {**nums, "queue": a.name, "queue_usage": au, "limit": a.limit_of(pool)})
+    if not job.spec.preemptible and u + r > quota:
+        return Reason("guarantee", (
+            f"non-preemptible jobs run only within quota: {head}; {u} + {r} > {quota}, so it waits until "
+            f"{u + r - quota} GPUs of {q.name}'s guarantee free up"), nums)
+    within = u + r <= quota
+    excluded = res.excludes(job, within) if res is not None else frozenset()
+    if ps.pool.place(job.spec, excluded) is not None:
+        return Reason("next_pass", f"fits now; it starts at the next scheduling pass ({head})", nums)
+    need = f"{job.spec.workers} x {job.spec.gpus} GPUs"
+    msg = (f"needs {need} on {pool}: {ps.pool.free_gpus} GPUs free, the largest free block on one node is "
+           f"{ps.pool.largest_free()}")
+    if excluded:
+        assert res is not None
+        msg += f"; nodes {', '.join(sorted(excluded))} are held for starving job {res.job.id}"
+    tiers = Preemption(ps, job, q, excluded, lambda j: False).tiers
+    if preempted_now:
+        preempt = "it was preempted at this instant, so it may not preempt back until the next one"
+    elif len(tiers) == 1:
+        preempt = (f"it may preempt only lower-priority jobs of {q.name}: {head}, and {u} + {r} is over both "
+                   f"its quota and its fair share")
+    else:
+        preempt = "no allowed set of victims makes room (see docs/scheduling.md, Preemption)"
+    return Reason("fit", f"{msg}; {preempt}", nums)

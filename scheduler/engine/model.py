@@ -1,0 +1,111 @@
+"""What the engine reasons about: pools and nodes, job specs and their live state, settings."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Engine settings. Times are seconds on the caller's clock (virtual in the simulator, wall in the service)."""
+
+    # A running job is not a preemption victim before it has run this long: a restart costs its warm-up,
+    # so very young jobs are protected from churn. 0 in the simulator unless a scenario sets it.
+    min_runtime: float = 0.0
+    # The head job of a queue that younger jobs of its pool have skipped for this long gets a reservation
+    # (see docs/scheduling.md). An hour: long enough that ordinary backfill is never disturbed.
+    starvation_timeout: float = 3600.0
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """A node as declared: its GPUs, optional CPUs and memory (None: not accounted), labels, topology domain."""
+
+    name: str
+    pool: str
+    gpus: int
+    cpus: float | None = None
+    memory_gb: float | None = None
+    domain: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a job asks for: a gang of `workers` x `gpus` GPUs on one pool (CPUs and memory per worker)."""
+
+    id: str
+    queue: str
+    pool: str
+    gpus: int = 1
+    workers: int = 1
+    cpus: float = 0.0
+    memory_gb: float = 0.0
+    priority: int = 0
+    preemptible: bool = True
+    checkpoint: bool = False
+
+    @property
+    def request(self) -> int:
+        return self.workers * self.gpus
+
+
+class JobState(enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (JobState.PENDING, JobState.RUNNING)
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a job waits, was rejected or was preempted: the rule, a sentence with the numbers, and the numbers."""
+
+    rule: str
+    message: str
+    numbers: Mapping[str, float | int | str] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Job:
+    """A job and its live state inside the engine."""
+
+    spec: JobSpec
+    submit: float
+    seq: int  # submission order: the last tie-break everywhere
+    state: JobState = JobState.PENDING
+    start: float = math.nan
+    admitted: int = -1  # admission counter at the last start: "admitted later" ties at one instant
+    # Per worker: (node, GPU indices on it).
+    workers: list[tuple[str, list[int]]] = field(default_factory=list)
+    within_quota: bool = False
+    reason: Reason | None = None
+    skipped_since: float | None = None  # starvation guard: first time a younger job started past it
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def request(self) -> int:
+        return self.spec.request
+
+    def order_key(self) -> tuple[int, float, int]:
+        """Queue order: priority (high first), then submit time, then submission order."""
+        return (-self.spec.priority, self.submit, self.seq)
+
+    def placement(self) -> dict[str, list[int]]:
+        """GPU indices per node, all workers on a node merged."""
+        out: dict[str, list[int]] = {}
+        for node, gpus in self.workers:
+            out.setdefault(node, []).extend(gpus)
+        return {n: sorted(g) for n, g in sorted(out.items())}

@@ -1,0 +1,160 @@
+"""The three preemption tiers: candidates in their fixed order, greedy until the job fits, then the prune pass."""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass
+
+from quotas.tree import Queue
+from scheduler.engine.cluster import Freed
+from scheduler.engine.model import Job, Reason
+from scheduler.engine.state import PoolState, ratio
+
+RECLAIM, FAIR_SHARE, PRIORITY = 1, 2, 3
+# tier, victim queue ratio (highest first), priority, start (latest first), admission (latest first), id
+CandidateKey = tuple[int, float, int, float, int, str]
+CAUSE = {RECLAIM: "reclaim", FAIR_SHARE: "fair_share", PRIORITY: "priority"}
+
+
+@dataclass
+class Victim:
+    job: Job
+    tier: int
+    reason: Reason
+
+
+@dataclass
+class Plan:
+    """Victims to preempt and the nodes the job then gets."""
+
+    victims: list[Victim]
+    nodes: list[str]
+
+
+class Preemption:
+    """Finds the victims for one job of queue `q`, or None when no allowed set of victims makes it admissible."""
+
+    def __init__(self, ps: PoolState, job: Job, q: Queue, excluded: Collection[str],
+                 young: Callable[[Job], bool]):
+        self.ps, self.job, self.q, self.excluded = ps, job, q, excluded
+        self.young = young  # a job under min_runtime: not a victim (the caller registers a wakeup)
+        self.pool = ps.name
+        self.request = job.request
+        u = ps.usage[q.name]
+        self.tiers = {PRIORITY}
+        if ps.over_limit(q, self.request) is None and (u + self.request <= q.quota_of(self.pool)
+                                                       or job.spec.preemptible):
+            if u + self.request <= q.quota_of(self.pool):
+                self.tiers.add(RECLAIM)
+            if u + self.request <= ps.shares().get(q.name, 0.0):
+                self.tiers.add(FAIR_SHARE)
+
+    # ----- candidates -----
+
+    def _streams(self) -> Iterator[Iterator[tuple[CandidateKey, int, Job]]]:
+        ps, pool = self.ps, self.pool
+        for name, jobs in ps.running.items():
+            v = ps.tree[name]
+            r = ps.ratio(v)
+            tier = None
+            if v is self.q:
+                tier = PRIORITY
+            elif RECLAIM in self.tiers:
+                b = ps.tree.branch(v, self.q)
+                if ps.usage[b.name] > b.quota_of(pool):
+                    tier = RECLAIM
+            if tier is None and v is not self.q and FAIR_SHARE in self.tiers and ps.usage[name] > ps.shares().get(
+                    name, 0.0):
+                tier = FAIR_SHARE
+            if tier is None:
+                continue
+            yield self._stream(tier, r, jobs)
+            # A queue over quota may also be over its fair share: its jobs come again as tier 2 candidates.
+            if tier == RECLAIM and FAIR_SHARE in self.tiers and ps.usage[name] > ps.shares().get(name, 0.0):
+                yield self._stream(FAIR_SHARE, r, jobs)
+
+    @staticmethod
+    def _stream(tier: int, r: float, jobs: Iterable[Job]) -> Iterator[tuple[CandidateKey, int, Job]]:
+        return (((tier, -r, j.spec.priority, -j.start, -j.admitted, j.id), tier, j) for j in jobs)
+
+    def candidates(self) -> Iterator[tuple[int, Job]]:
+        for _, tier, j in heapq.merge(*self._streams()):
+            if not j.spec.preemptible or (tier == PRIORITY and j.spec.priority >= self.job.spec.priority):
+                continue
+            if not self.young(j):
+                yield tier, j
+
+    # ----- admissibility with victims removed -----
+
+    def admissible(self, taken: list[Victim], freed: Freed) -> list[str] | None:
+        ps, q, spec = self.ps, self.q, self.job.spec
+        gone: Counter[str] = Counter()
+        for v in taken:
+            for a in ps.tree[v.job.spec.queue].path:
+                gone[a.name] += v.job.request
+        if ps.over_limit(q, self.request, gone) is not None:
+            return None
+        if not spec.preemptible and ps.usage[q.name] - gone[q.name] + self.request > q.quota_of(self.pool):
+            return None
+        extra = sum(g for n, g in freed.gpus.items() if n not in self.excluded)
+        if ps.pool.free_gpus + extra < self.request:
+            return None
+        return ps.pool.place(spec, self.excluded, freed)
+
+    def plan(self) -> Plan | None:
+        ps, pool, q = self.ps, self.pool, self.q
+        taken: list[Victim] = []
+        freed = Freed()
+        from_branch: Counter[str] = Counter()
+        from_queue: Counter[str] = Counter()
+        nodes = None
+        for tier, j in self.candidates():
+            if any(t.job is j for t in taken):
+                continue  # already taken in an earlier tier
+            v = ps.tree[j.spec.queue]
+            if tier == RECLAIM:
+                b = ps.tree.branch(v, q)
+                left = ps.usage[b.name] - from_branch[b.name]
+                if left <= b.quota_of(pool):
+                    continue
+                why = Reason("reclaim", (
+                    f"{q.name} reclaims its guarantee on {pool}: it uses {ps.usage[q.name]} GPUs and "
+                    f"{self.job.id} needs {self.request}, within its quota of {q.quota_of(pool)}; {b.name} uses "
+                    f"{left} GPUs, over its quota of {b.quota_of(pool)}"),
+                    {"queue": q.name, "branch": b.name, "branch_usage": left, "branch_quota": b.quota_of(pool)})
+                from_branch[b.name] += j.request
+            elif tier == FAIR_SHARE:
+                after_v = ratio(ps.usage[v.name] - from_queue[v.name] - j.request, ps.shares().get(v.name, 0.0))
+                after_q = ratio(ps.usage[q.name] + self.request - from_queue[q.name], ps.shares().get(q.name, 0.0))
+                if after_v < after_q:
+                    continue
+                why = Reason("fair_share", (
+                    f"{q.name} is below its fair share of {pool} ({ps.usage[q.name]} + {self.request} <= "
+                    f"{ps.shares().get(q.name, 0.0):.2f}); {v.name} uses {ps.usage[v.name]} GPUs, over its fair "
+                    f"share of {ps.shares().get(v.name, 0.0):.2f}, and its ratio stays {after_v:.2f} >= "
+                    f"{after_q:.2f}"), {"queue": q.name, "victim_queue": v.name, "ratio_after": after_v,
+                                        "beneficiary_ratio_after": after_q})
+            else:
+                why = Reason("priority", (
+                    f"{self.job.id} (priority {self.job.spec.priority}) preempts lower-priority work of "
+                    f"{q.name} (priority {j.spec.priority})"), {"priority": self.job.spec.priority})
+            from_queue[v.name] += j.request
+            taken.append(Victim(j, tier, why))
+            freed.add(j.workers, j.spec)
+            nodes = self.admissible(taken, freed)
+            if nodes is not None:
+                break
+        if nodes is None:
+            return None
+        # Prune: drop, latest first, every victim the job does not need after all.
+        for victim in list(reversed(taken)):
+            trial = [v for v in taken if v is not victim]
+            freed.add(victim.job.workers, victim.job.spec, sign=-1)
+            still = self.admissible(trial, freed)
+            if still is not None:
+                taken, nodes = trial, still
+            else:
+                freed.add(victim.job.workers, victim.job.spec)
+        return Plan(taken, nodes)

@@ -1,0 +1,1 @@
+"""The simulator: scenario and trace replay on a virtual clock, baselines, reports, trace importers."""

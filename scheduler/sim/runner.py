@@ -1,0 +1,143 @@
+"""The simulator: replays jobs and cluster events against a policy on a virtual clock, writing the event log."""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Any
+
+from scheduler.engine import Preempted, Rejected, Started
+from scheduler.engine.baselines import make_policy
+from scheduler.sim.inputs import SimJob, World
+
+# At one instant: completions and node events, then cancellations, then submissions, then timer wakeups
+# (SCHEDULING.md, Simulation clock); the engine's admission pass runs after all of them.
+COMPLETION, NODE, CANCEL, SUBMIT, WAKEUP = range(5)
+
+
+def _num(t: float) -> float | int:
+    return int(t) if float(t).is_integer() else t
+
+
+@dataclass
+class _Live:
+    job: SimJob
+    remaining: float
+    token: int = 0  # bumps at every start, so a stale completion of an earlier run is ignored
+    started_at: float = 0.0
+
+
+class Simulation:
+    """One replay of a world under one policy; `run()` returns the event log of SIMULATOR.md."""
+
+    def __init__(self, world: World, policy: str = "corral", log_fair_share: bool = True):
+        self.world = world
+        self.policy_name = policy
+        self.engine = make_policy(policy, world.tree, world.nodes, world.domains, world.settings)
+        self.log_fair_share = log_fair_share
+        self.events: list[dict[str, Any]] = []
+        self.fair_share: list[dict[str, Any]] = []
+        self._live = {j.spec.id: _Live(j, j.duration) for j in world.jobs}
+        self._heap: list[tuple[float, int, int, str]] = []
+        self._last_shares: dict[str, Any] = {}
+        self._logged: dict[tuple[str, str], float] = {}
+        self._cancelled_early: set[str] = set()
+
+    def _push(self, t: float, phase: int, order: int, ref: str) -> None:
+        heapq.heappush(self._heap, (t, phase, order, ref))
+
+    def run(self) -> dict[str, Any]:
+        for i, j in enumerate(self.world.jobs):
+            self._push(j.submit, SUBMIT, i, j.spec.id)
+        for i, e in enumerate(self.world.events):
+            self._push(e.at, CANCEL if e.cancel is not None else NODE, i, str(i))
+        self._log_shares(0.0, force=True)
+        wakeups: set[float] = set()
+        while self._heap:
+            t = self._heap[0][0]
+            while self._heap and self._heap[0][0] == t:
+                _, phase, order, ref = heapq.heappop(self._heap)
+                self._handle(t, phase, order, ref)
+            for d in self.engine.schedule(t):
+                self._decided(t, d)
+            self._log_shares(t)
+            w = self.engine.next_wakeup(t)
+            if w is not None and w not in wakeups:
+                wakeups.add(w)
+                self._push(w, WAKEUP, 0, "")
+        return {"policy": self.policy_name, "events": self.events, "fair_share": self.fair_share}
+
+    def _handle(self, t: float, phase: int, order: int, ref: str) -> None:
+        if phase == COMPLETION:
+            job_id, token, failed = ref.split("\x00")
+            live = self._live[job_id]
+            if int(token) == live.token and self.engine.finish(job_id, t, failed=failed == "1"):
+                self._log(t, "failed" if failed == "1" else "completed", job_id,
+                          **({"reason": "max_runtime"} if failed == "1" else {}))
+        elif phase == NODE:
+            e = self.world.events[order]
+            if e.node_down is not None:
+                for d in self.engine.node_down(e.node_down, t):
+                    self._decided(t, d)
+            elif e.node_up is not None:
+                self.engine.node_up(e.node_up, t)
+        elif phase == CANCEL:
+            job_id = self.world.events[order].cancel
+            assert job_id is not None
+            if job_id not in self.engine.jobs:
+                if job_id not in self._cancelled_early:
+                    self._cancelled_early.add(job_id)
+                    self._log(t, "cancelled", job_id, reason="cancelled before its submission")
+            elif self.engine.cancel(job_id, t):
+                self._log(t, "cancelled", job_id)
+        elif phase == SUBMIT:
+            job = self._live[ref].job
+            if ref in self._cancelled_early:
+                return
+            decisions = self.engine.submit(job.spec, t)
+            if not decisions:
+                self._log(t, "submitted", ref, queue=job.spec.queue)
+            for d in decisions:
+                self._decided(t, d)
+
+    def _decided(self, t: float, d: Started | Preempted | Rejected) -> None:
+        if isinstance(d, Started):
+            live = self._live[d.job]
+            live.token += 1
+            live.started_at = t
+            run = live.remaining
+            limit = live.job.max_runtime
+            failed = limit is not None and limit < run
+            end = t + (limit if failed and limit is not None else run)
+            self._push(end, COMPLETION, self.engine.jobs[d.job].admitted, f"{d.job}\x00{live.token}\x00{int(failed)}")
+            self._log(t, "started", d.job, nodes=d.placement)
+        elif isinstance(d, Preempted):
+            live = self._live[d.job]
+            live.token += 1
+            if live.job.spec.checkpoint:
+                live.remaining = max(0.0, live.remaining - (t - live.started_at))
+            else:
+                live.remaining = live.job.duration
+            extra = {"by": d.by} if d.by else {}
+            self._log(t, "preempted", d.job, reason=d.cause, **extra, detail=d.reason.message)
+        else:
+            job = self._live[d.job].job
+            self._log(t, "rejected", d.job, queue=job.spec.queue, reason=d.reason.message)
+
+    def _log(self, t: float, event: str, job: str, **extra: Any) -> None:
+        self.events.append({"t": _num(t), "event": event, "job": job, **extra})
+
+    def _log_shares(self, t: float, force: bool = False) -> None:
+        if not (self.log_fair_share or force):
+            return
+        for pool in self.engine.pools:
+            shares = self.engine.shares(pool)
+            if shares is self._last_shares.get(pool) and not force:
+                continue
+            self._last_shares[pool] = shares
+            for q in self.world.tree.leaves:
+                v = float(shares.get(q.name, 0.0))
+                key = (q.name, pool)
+                if force or abs(self._logged.get(key, 0.0) - v) > 1e-9:
+                    self._logged[key] = v
+                    self.fair_share.append({"t": _num(t), "queue": q.name, "pool": pool, "value": round(v, 6)})
