@@ -22,13 +22,12 @@ app = typer.Typer(help="Corral: a GPU-aware scheduler for shared GPU pools.", no
 sim = typer.Typer(help="Replay scenarios and traces on a virtual clock.", no_args_is_help=True)
 app.add_typer(sim, name="sim")
 
-err = Console(stderr=True)
 out = Console()
 
 
 def bad_input(e: Exception) -> typer.Exit:
     """Bad input: one line naming the file, where and what; exit status 2."""
-    err.print(f"error: {e}", markup=False, highlight=False)
+    print(f"error: {e}", file=sys.stderr)
     return typer.Exit(2)
 
 

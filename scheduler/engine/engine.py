@@ -41,6 +41,9 @@ class Reservation:
 class Engine:
     """Scheduling state of a cluster; every method takes the current time and returns what it decided."""
 
+    preemption = True  # baselines without preemption turn it off
+    track_arrivals = False  # baselines with one global queue need pending jobs in submit order
+
     def __init__(self, tree: QueueTree, nodes: Iterable[NodeSpec],
                  domains: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
                  settings: Settings | None = None):
@@ -51,7 +54,8 @@ class Engine:
             by_pool.setdefault(n.pool, []).append(n)
         domains = domains or {}
         self.pools: dict[str, PoolState] = {
-            p: PoolState(Pool(p, ns, {d: list(m) for d, m in domains.get(p, {}).items()}), tree)
+            p: PoolState(Pool(p, ns, {d: list(m) for d, m in domains.get(p, {}).items()}), tree,
+                         self.track_arrivals)
             for p, ns in sorted(by_pool.items())
         }
         self.node_pool = {n.name: n.pool for ns in by_pool.values() for n in ns}
@@ -240,7 +244,7 @@ class Engine:
             nodes = ps.pool.place(spec, excluded) if ps.pool.free_gpus >= job.request else None
             if nodes is not None:
                 return Plan([], nodes)
-        if job.id in self._preempted_now:
+        if job.id in self._preempted_now or not self.preemption:
             return None
         return Preemption(ps, job, q, excluded, lambda j: self._young(j, now)).plan()
 

@@ -18,6 +18,10 @@ def victim_key(j: Job) -> tuple[int, float, int, str]:
     return (j.spec.priority, -j.start, -j.admitted, j.id)
 
 
+def arrival_key(j: Job) -> tuple[float, int]:
+    return (j.submit, j.seq)
+
+
 def ratio(usage: float, share: float) -> float:
     """usage / fair share; infinite where the share is 0."""
     return usage / share if share > 0 else math.inf
@@ -33,7 +37,7 @@ def quota_ratio(usage: float, quota: float) -> float:
 class PoolState:
     """Everything the engine keeps for one pool; every mutation goes through start/stop/add/remove."""
 
-    def __init__(self, pool: Pool, tree: QueueTree):
+    def __init__(self, pool: Pool, tree: QueueTree, track_arrivals: bool = False):
         self.pool = pool
         self.tree = tree
         self.name = pool.name
@@ -46,6 +50,8 @@ class PoolState:
         self._shares_dirty = True
         self.dirty = True  # something changed since the last scheduling pass
         self.skipped: set[Job] = set()  # head jobs whose starvation clock runs
+        # All pending jobs of the pool in submit order, kept only for policies that need one global queue.
+        self.arrivals: SortedList | None = SortedList(key=arrival_key) if track_arrivals else None
 
     # ----- pending -----
 
@@ -54,6 +60,8 @@ class PoolState:
         self.pending.setdefault(q, SortedList(key=Job.order_key)).add(job)
         self.pending_gpus[q] += job.request
         self.pending_sizes.setdefault(q, Counter())[job.request] += 1
+        if self.arrivals is not None:
+            self.arrivals.add(job)
         self._changed()
 
     def remove_pending(self, job: Job) -> None:
@@ -67,6 +75,8 @@ class PoolState:
         sizes[job.request] -= 1
         if not sizes[job.request]:
             del sizes[job.request]
+        if self.arrivals is not None:
+            self.arrivals.remove(job)
         self._changed()
 
     def min_pending(self, leaf: str) -> int:

@@ -1,0 +1,187 @@
+"""Importers that turn public GPU-cluster traces into the trace CSV of SIMULATOR.md (`corral sim import`)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from scheduler.sim.inputs import TRACE_COLUMNS, InputError
+
+# A source row and the 1-based line of the file it came from, so errors can point at it.
+Row = tuple[int, Mapping[str, str]]
+
+
+class RowError(ValueError):
+    """A bad source row: the line, the column and what is wrong. The file wrapper adds the path."""
+
+    def __init__(self, line: int, column: str, what: str):
+        self.line, self.column, self.what = line, column, what
+        super().__init__(f"line {line}, column {column}: {what}")
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """Choices the source trace does not make: the pool every job asks for and the node size gangs are cut to."""
+
+    pool: str = "philly"
+    gpus_per_node: int = 8
+
+
+@dataclass(frozen=True)
+class TraceJob:
+    """One row of the output trace CSV."""
+
+    id: str
+    submit: float
+    duration: float
+    queue: str
+    pool: str
+    workers: int
+    gpus: int
+    priority: int = 0
+    preemptible: bool = True
+
+    def cells(self) -> list[str]:
+        return [self.id, _fmt(self.submit), _fmt(self.duration), self.queue, self.pool, str(self.workers),
+                str(self.gpus), str(self.priority), "true" if self.preemptible else "false"]
+
+
+@dataclass(frozen=True)
+class Format:
+    """A source format: the columns it must have and the pure function that converts its rows."""
+
+    columns: tuple[str, ...]
+    convert: Callable[[Iterable[Row], ImportOptions], list[TraceJob]]
+    description: str
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def gang(n: int, gpus_per_node: int = 8) -> tuple[int, int]:
+    """(workers, gpus per worker) for a job of n GPUs, so that every worker fits one node.
+
+    Up to a node: one worker. Larger: the fewest workers that divide n exactly with at most a node's GPUs each,
+    so the GPU count (and the GPU-time) is kept exactly: 16 -> 2x8, 12 -> 2x6, 24 -> 3x8, a prime 11 -> 11x1.
+    """
+    if n <= gpus_per_node:
+        return 1, n
+    w = math.ceil(n / gpus_per_node)
+    while n % w:
+        w += 1
+    return w, n // w
+
+
+def _when(line: int, column: str, raw: str) -> float:
+    """Seconds since the epoch, from either a number or an ISO 8601 date and time (naive means UTC)."""
+    text = raw.strip()
+    try:
+        v = float(text)
+    except ValueError:
+        try:
+            d = datetime.fromisoformat(text)
+        except ValueError as err:
+            raise RowError(line, column, f"{raw!r} is not a date and time (YYYY-MM-DD HH:MM:SS) "
+                                         "nor seconds") from err
+        return (d if d.tzinfo else d.replace(tzinfo=UTC)).timestamp()
+    if not math.isfinite(v):
+        raise RowError(line, column, f"{raw!r} is not a finite number")
+    return v
+
+
+def _seconds(line: int, column: str, raw: str) -> float:
+    try:
+        v = float(raw)
+    except ValueError as err:
+        raise RowError(line, column, f"{raw!r} is not a number") from err
+    if not math.isfinite(v) or v < 0:
+        raise RowError(line, column, f"{raw!r} must be a finite number of seconds >= 0")
+    return v
+
+
+def _count(line: int, column: str, raw: str, low: int) -> int:
+    try:
+        v = float(raw)
+    except ValueError as err:
+        raise RowError(line, column, f"{raw!r} is not a whole number") from err
+    # Some exports write counts as "8.0"; accept those, not 1.5.
+    if not v.is_integer() or v < low:
+        raise RowError(line, column, f"{raw!r} must be a whole number >= {low}")
+    return int(v)
+
+
+def _finish(parsed: list[tuple[float, int, str, float, int]], opts: ImportOptions) -> list[TraceJob]:
+    """Sort by submit (file order breaks ties), make submit relative to the first one, number the jobs."""
+    parsed.sort(key=lambda p: (p[0], p[1]))
+    t0 = parsed[0][0] if parsed else 0.0
+    width = max(6, len(str(len(parsed))))
+    out: list[TraceJob] = []
+    for i, (t, _, queue, duration, n) in enumerate(parsed, 1):
+        workers, gpus = gang(n, opts.gpus_per_node)
+        out.append(TraceJob(f"p{i:0{width}d}", t - t0, duration, queue, opts.pool, workers, gpus))
+    return out
+
+
+def philly(rows: Iterable[Row], opts: ImportOptions) -> list[TraceJob]:
+    """Microsoft Philly (timestamp,duration,num_gpus,gpu_time,cluster): one queue per virtual cluster."""
+    parsed: list[tuple[float, int, str, float, int]] = []
+    for line, r in rows:
+        vc = (r.get("cluster") or "").strip()
+        if not vc:
+            raise RowError(line, "cluster", "is empty; it names the virtual cluster")
+        # "vc-" keeps a hex name such as 6214e9 from reading as a number (YAML would parse 6214e9 as 6.2e12).
+        parsed.append((_when(line, "timestamp", r.get("timestamp") or ""), line, f"vc-{vc}",
+                       _seconds(line, "duration", r.get("duration") or ""),
+                       _count(line, "num_gpus", r.get("num_gpus") or "", 1)))
+    return _finish(parsed, opts)
+
+
+# FORMAT -> how to read it. Helios and Alibaba PAI join here with their own columns and converter.
+FORMATS: dict[str, Format] = {
+    "philly": Format(("timestamp", "duration", "num_gpus", "cluster"), philly,
+                     "Microsoft Philly, as processed in the Pollux artifact"),
+}
+
+
+def read_rows(path: Path, columns: Iterable[str]) -> Iterator[Row]:
+    """Rows of a CSV file with their line numbers; InputError when the file or a required column is missing."""
+    try:
+        f = path.open(newline="")
+    except OSError as err:
+        raise InputError(path, "", f"cannot read the file: {err.strerror}") from err
+    with f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise InputError(path, "line 1", f"the header lacks column(s) {', '.join(missing)}; "
+                             f"found {','.join(header) or 'no header'}")
+        for row in reader:
+            yield reader.line_num, row
+
+
+def import_trace(fmt: str, src: str | Path, opts: ImportOptions) -> list[TraceJob]:
+    """Read a source trace of format `fmt` (a key of FORMATS); bad input raises InputError naming file and line."""
+    path = Path(src)
+    spec = FORMATS[fmt]
+    try:
+        return spec.convert(read_rows(path, spec.columns), opts)
+    except RowError as err:
+        raise InputError(path, f"line {err.line}, column {err.column}", err.what) from err
+
+
+def write_trace(jobs: Iterable[TraceJob], dest: str | Path) -> int:
+    """Write the trace CSV of SIMULATOR.md; returns the number of jobs written."""
+    n = 0
+    with Path(dest).open("w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(TRACE_COLUMNS)
+        for j in jobs:
+            w.writerow(j.cells())
+            n += 1
+    return n
