@@ -93,8 +93,8 @@ class QueueTree:
         self.top.sort(key=lambda c: c.name)
         for q in self.queues.values():
             chain = [q]
-            while chain[-1].parent is not None:
-                chain.append(chain[-1].parent)  # type: ignore[arg-type]
+            while (up := chain[-1].parent) is not None:
+                chain.append(up)
             q.path = tuple(chain)
             q.depth = len(chain) - 1
         self.leaves: list[Queue] = sorted((q for q in self.queues.values() if q.is_leaf), key=lambda q: q.name)
@@ -154,7 +154,8 @@ def validate(specs: list[QueueSpec], capacity: Mapping[str, int]) -> list[tuple[
         if s.parent not in by_name:
             problems.append((f"queues[{i}] ({s.name}).parent", f"parent queue {s.parent!r} does not exist"))
             continue
-        seen, q = {s.name}, s.parent
+        seen: set[str] = {s.name}
+        q: str | None = s.parent
         while q is not None:
             if q in seen:
                 problems.append((f"queues[{i}] ({s.name}).parent", f"parents form a cycle through {q!r}"))

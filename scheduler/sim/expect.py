@@ -53,7 +53,7 @@ def check(world: World, log: dict[str, Any]) -> list[tuple[str, bool, str]]:
         where = "end" if t is None else f"t={exp['at']}"
         r = replay(events, t)
 
-        def report(what: str, want: object, got: object, ok: bool) -> None:
+        def report(what: str, want: object, got: object, ok: bool, where: str = where) -> None:
             out.append((f"{where} {what}: {want}", ok, "" if ok else f"got {got}"))
 
         for key in STATES:

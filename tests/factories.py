@@ -1,0 +1,93 @@
+"""Small builders for tests: queue trees, node lists, job specs and simulator worlds with sensible defaults.
+
+Everything here is plain construction (no files): a test states only what matters to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from quotas import QueueSpec, QueueTree
+from scheduler.engine import Engine, JobSpec, NodeSpec, Settings
+from scheduler.sim.inputs import EventIn, SimJob, World
+
+# ----- cluster -----
+
+
+def nodes(pool: str, count: int, gpus: int, cpus: float | None = None, memory_gb: float | None = None,
+          domains: Mapping[str, Sequence[int]] | None = None) -> list[NodeSpec]:
+    """`count` identical nodes named `<pool>-<i>`; `domains` maps a domain name to node indices."""
+    member = {i: d for d, idx in (domains or {}).items() for i in idx}
+    return [NodeSpec(f"{pool}-{i}", pool, gpus, cpus, memory_gb, member.get(i)) for i in range(count)]
+
+
+def capacity(node_list: Iterable[NodeSpec]) -> dict[str, int]:
+    """Configured GPUs per pool."""
+    out: dict[str, int] = {}
+    for n in node_list:
+        out[n.pool] = out.get(n.pool, 0) + n.gpus
+    return out
+
+
+def domains_of(node_list: Iterable[NodeSpec]) -> dict[str, dict[str, list[str]]]:
+    """Pool -> domain -> node names, from each node's `domain`."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for n in node_list:
+        if n.domain is not None:
+            out.setdefault(n.pool, {}).setdefault(n.domain, []).append(n.name)
+    return out
+
+
+# ----- queues -----
+
+
+def queue(name: str, parent: str | None = None, quota: Mapping[str, int] | None = None,
+          limit: Mapping[str, int] | None = None, weight: float | Mapping[str, float] = 1.0) -> QueueSpec:
+    return QueueSpec(name, parent, dict(quota or {}), dict(limit or {}), weight)
+
+
+def tree(specs: Iterable[QueueSpec], node_list: Iterable[NodeSpec]) -> QueueTree:
+    """A validated tree against the pools of `node_list` (raises QuotaError like the real thing)."""
+    return QueueTree(list(specs), capacity(node_list))
+
+
+# ----- jobs -----
+
+
+def job(id: str, queue: str = "team-a", pool: str = "a100", **kw: object) -> JobSpec:
+    """A JobSpec with the spec's defaults (1 worker x 1 GPU, priority 0, preemptible)."""
+    return JobSpec(id=id, queue=queue, pool=pool, **kw)  # type: ignore[arg-type]
+
+
+def sim_job(id: str, submit: float, duration: float, queue: str = "team-a", pool: str = "a100",
+            max_runtime: float | None = None, **kw: object) -> SimJob:
+    return SimJob(job(id, queue, pool, **kw), float(submit), float(duration), max_runtime)
+
+
+def cancel(at: float, job_id: str) -> EventIn:
+    return EventIn(at=at, cancel=job_id)
+
+
+def node_down(at: float, name: str) -> EventIn:
+    return EventIn(at=at, node_down=name)
+
+
+def node_up(at: float, name: str) -> EventIn:
+    return EventIn(at=at, node_up=name)
+
+
+# ----- worlds and engines -----
+
+
+def world(node_list: list[NodeSpec], queues: QueueTree | Iterable[QueueSpec], jobs: Iterable[SimJob] = (),
+          events: Iterable[EventIn] = (), settings: Settings | None = None, name: str = "test") -> World:
+    """A simulator World built directly (no files); domains come from the nodes' `domain` fields."""
+    t = queues if isinstance(queues, QueueTree) else tree(queues, node_list)
+    return World(nodes=list(node_list), domains=domains_of(node_list), tree=t, settings=settings or Settings(),
+                 jobs=list(jobs), events=list(events), name=name, pool_names=sorted(capacity(node_list)))
+
+
+def engine(node_list: list[NodeSpec], queues: QueueTree | Iterable[QueueSpec],
+           settings: Settings | None = None) -> Engine:
+    t = queues if isinstance(queues, QueueTree) else tree(queues, node_list)
+    return Engine(t, node_list, domains_of(node_list), settings)

@@ -1,0 +1,108 @@
+"""Engine decisions and their reasons: pending, rejected, preempted, started; node failure; wakeups."""
+
+from __future__ import annotations
+
+from quotas import QueueSpec, QueueTree
+from scheduler.engine import Engine, JobSpec, JobState, NodeSpec, Preempted, Rejected, Settings, Started
+
+
+def engine(queues: list[QueueSpec], nodes: int = 2, gpus: int = 8, settings: Settings | None = None) -> Engine:
+    specs = [NodeSpec(f"a100-{i}", "a100", gpus) for i in range(nodes)]
+    return Engine(QueueTree(queues, {"a100": nodes * gpus}), specs, settings=settings)
+
+
+def job(jid: str, queue: str, gpus: int = 8, **kw: object) -> JobSpec:
+    return JobSpec(id=jid, queue=queue, pool="a100", gpus=gpus, **kw)  # type: ignore[arg-type]
+
+
+def test_rejections_say_why() -> None:
+    e = engine([QueueSpec("dept", quota={"a100": 8}, limit={"a100": 8}), QueueSpec("a", "dept", quota={"a100": 8})])
+    cases = {
+        "q": (job("q", "ghost"), "queue ghost does not exist"),
+        "i": (job("i", "dept"), "queue dept is not a leaf queue; submit to one of: a"),
+        "p": (JobSpec("p", "a", "h100"), "pool h100 does not exist"),
+        "w": (job("w", "a", gpus=9), "no node of pool a100 can hold one worker (9 GPUs"),
+        "g": (job("g", "a", workers=3), "the gang asks 24 GPUs (3 x 8); pool a100 has 16 in all"),
+        "l": (job("l", "a", workers=2), "more than queue dept's limit of 8"),
+    }
+    for jid, (spec, needle) in cases.items():
+        [d] = e.submit(spec, 0)
+        assert isinstance(d, Rejected) and needle in d.reason.message, d
+        assert e.jobs[jid].state is JobState.REJECTED and needle in e.explain(jid, 0).message
+
+
+def test_pending_reasons_name_rule_and_numbers() -> None:
+    e = engine([QueueSpec("a", quota={"a100": 4}, limit={"a100": 12}), QueueSpec("b", quota={"a100": 4})])
+    e.submit(job("a1", "a"), 0)
+    e.submit(job("a2", "a", gpus=4, preemptible=False), 0)
+    e.submit(job("a3", "a"), 0)
+    [s] = [d for d in e.schedule(0) if isinstance(d, Started)]
+    assert s.job == "a1" and "borrowing" in s.reason.message
+    limit = e.explain("a3", 0)
+    assert limit.rule == "limit" and "queue a would use 8 + 8 GPUs of a100, over its limit of 12" in limit.message
+    guarantee = e.explain("a2", 0)
+    assert guarantee.rule == "guarantee" and "8 + 4 > 4" in guarantee.message
+    assert guarantee.numbers["quota"] == 4 and guarantee.numbers["usage"] == 8
+
+
+def test_fit_reason_and_running_reason() -> None:
+    e = engine([QueueSpec("a", quota={"a100": 16})], nodes=2)
+    e.submit(job("a1", "a", gpus=4), 0)
+    e.submit(job("a2", "a", gpus=4), 0)
+    e.submit(job("g", "a", workers=2), 0)
+    e.schedule(0)
+    why = e.explain("g", 0)
+    assert why.rule == "fit" and "needs 2 x 8 GPUs on a100: 8 GPUs free" in why.message
+    assert e.explain("a1", 0).rule == "within_quota"
+
+
+def test_reclaim_reason_has_shares() -> None:
+    e = engine([QueueSpec("a", quota={"a100": 8}), QueueSpec("b", quota={"a100": 8})])
+    e.submit(job("a1", "a"), 0)
+    e.submit(job("a2", "a"), 0)
+    e.schedule(0)
+    e.submit(job("b1", "b"), 10)
+    out = e.schedule(10)
+    pre = [d for d in out if isinstance(d, Preempted)]
+    assert [(p.job, p.cause, p.by) for p in pre] == [("a2", "reclaim", "b1")]
+    assert "b reclaims its guarantee on a100" in pre[0].reason.message
+    assert "a uses 16 GPUs, over its quota of 8" in pre[0].reason.message
+    assert isinstance(out[-1], Started) and out[-1].job == "b1"
+
+
+def test_node_down_interrupts_whole_gang_and_node_up_restores() -> None:
+    e = engine([QueueSpec("a", quota={"a100": 16})])
+    e.submit(job("g", "a", workers=2), 0)
+    assert [d.job for d in e.schedule(0)] == ["g"]
+    out = e.node_down("a100-1", 5)
+    assert [(d.job, d.cause) for d in out if isinstance(d, Preempted)] == [("g", "node_down")]
+    assert e.schedule(5) == [] and e.shares("a100")["a"] == 8
+    e.node_up("a100-1", 9)
+    [s] = e.schedule(9)
+    assert isinstance(s, Started) and s.placement == {"a100-0": list(range(8)), "a100-1": list(range(8))}
+
+
+def test_min_runtime_wakeup_and_gpu_indices() -> None:
+    e = engine([QueueSpec("a", quota={"a100": 4}), QueueSpec("b", quota={"a100": 4})], nodes=1,
+               settings=Settings(min_runtime=30))
+    e.submit(job("a1", "a", gpus=3), 0)
+    e.submit(job("a2", "a", gpus=3), 0)
+    started = e.schedule(0)
+    assert [d.placement for d in started if isinstance(d, Started)] == [{"a100-0": [0, 1, 2]}, {"a100-0": [3, 4, 5]}]
+    e.submit(job("b1", "b", gpus=4), 10)
+    assert e.schedule(10) == []
+    assert e.next_wakeup(10) == 30
+    out = e.schedule(30)
+    assert [(d.job, type(d).__name__) for d in out] == [("a2", "Preempted"), ("b1", "Started")]
+    assert isinstance(out[1], Started) and out[1].placement == {"a100-0": [3, 4, 5, 6]}
+
+
+def test_cancel_and_finish() -> None:
+    e = engine([QueueSpec("a", quota={"a100": 8})], nodes=1)
+    e.submit(job("a1", "a"), 0)
+    e.submit(job("a2", "a"), 0)
+    e.schedule(0)
+    assert e.cancel("a1", 5) and not e.cancel("a1", 6)
+    assert [d.job for d in e.schedule(6)] == ["a2"]
+    assert e.finish("a2", 7) and e.jobs["a2"].state is JobState.COMPLETED
+    assert e.pools["a100"].pool.free_gpus == 8
