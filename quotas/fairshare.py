@@ -27,47 +27,115 @@ def demands(tree: QueueTree, pool: str, leaf_demand: Mapping[str, int]) -> dict[
     return out
 
 
-def split(children: Sequence[Queue], share: float, pool: str, demand: Mapping[str, float]) -> dict[str, float]:
-    """Split a parent's `share` among its children: guarantees first, the rest by weight up to each cap."""
-    given = {c.name: min(float(c.quota_of(pool)), demand[c.name]) for c in children}
-    total = sum(given.values())
+# A child as the water-filling sees it: name, quota and weight in one pool.
+Kid = tuple[str, float, float]
+
+
+def split(kids: Sequence[Kid], share: float, demand: Mapping[str, float], out: dict[str, float]) -> None:
+    """Split a parent's `share` among its children into `out`: guarantees first, then the rest by weight,
+    each child up to its demand (already capped at its limit)."""
+    given = [min(quota, demand[name]) for name, quota, _ in kids]
+    total = sum(given)
     if total > share + EPS:
         # Capacity was lost: every guarantee shrinks in proportion.
         scale = share / total if total > 0 else 0.0
-        return {n: g * scale for n, g in given.items()}
+        for (name, _, _), g in zip(kids, given, strict=True):
+            out[name] = g * scale
+        return
     rest = share - total
-    # Children still below their cap (limit and demand), in order of the level at which they fill up.
-    open_ = [(c, min(c.limit_of(pool), demand[c.name]) - given[c.name]) for c in children]
-    open_ = [(c, room) for c, room in open_ if room > EPS]
-    weights = {c.name: c.weight_of(pool) for c, _ in open_}
-    if open_ and sum(weights.values()) <= 0:
+    # Children still below their cap, in order of the water level at which they fill up.
+    open_ = [(i, demand[kid[0]] - g, kid[2]) for i, (kid, g) in enumerate(zip(kids, given, strict=True))
+             if demand[kid[0]] - g > EPS]
+    if open_ and not any(w > 0 for _, _, w in open_):
         # Only zero-weight children want more: they share what nobody with a weight wants, equally.
-        weights = {n: 1.0 for n in weights}
-    open_ = [(c, room) for c, room in open_ if weights[c.name] > 0]
-    open_.sort(key=lambda cr: (cr[1] / weights[cr[0].name], cr[0].name))
-    weight_left = sum(weights[c.name] for c, _ in open_)
-    for c, room in open_:
+        open_ = [(i, room, 1.0) for i, room, _ in open_]
+    open_ = [o for o in open_ if o[2] > 0]
+    open_.sort(key=lambda o: (o[1] / o[2], kids[o[0]][0]))
+    weight_left = sum(w for _, _, w in open_)
+    for i, room, w in open_:
         if rest <= EPS or weight_left <= 0:
             break
-        w = weights[c.name]
         fill = rest * w / weight_left
         take = room if room <= fill + EPS else fill
-        given[c.name] += take
+        given[i] += take
         rest -= take
         weight_left -= w
-    return given
+    for (name, _, _), g in zip(kids, given, strict=True):
+        out[name] = g
 
 
 def fair_shares(tree: QueueTree, pool: str, capacity: float, leaf_demand: Mapping[str, int]) -> dict[str, float]:
     """fairshare(Q, pool) for every queue, given the pool's up capacity and each leaf's demand (usage + pending)."""
-    demand = demands(tree, pool, leaf_demand)
-    shares: dict[str, float] = {}
-    level: list[tuple[Sequence[Queue], float]] = [(tree.top, float(capacity))]
-    while level:
-        children, share = level.pop()
-        part = split(children, share, pool, demand)
-        shares.update(part)
-        for c in children:
-            if c.children:
-                level.append((c.children, part[c.name]))
-    return shares
+    ps = PoolShares(tree, pool, capacity)
+    for leaf, d in leaf_demand.items():
+        ps.add_demand(leaf, d)
+    return ps.shares()
+
+
+class PoolShares:
+    """fairshare(Q, pool) kept current as leaf demands and capacity change.
+
+    Demands are kept by deltas up the tree. A change re-runs the water-filling only when it can move a
+    share: when it changes a queue's guarantee term min(quota, demand), or its cap min(limit, demand) where
+    that cap binds. A busy cluster's queues mostly want far more than their share, so most changes cannot.
+    """
+
+    def __init__(self, tree: QueueTree, pool: str, capacity: float):
+        self.tree, self.pool, self.capacity = tree, pool, float(capacity)
+        self.raw = dict.fromkeys(tree.queues, 0.0)  # a leaf's demand, or the sum of its children's demands
+        self.demand = dict.fromkeys(tree.queues, 0.0)  # raw capped at the queue's limit
+        self._shares: dict[str, float] = {}
+        self._dirty = True
+        self.recomputed = 0
+        # The tree as the water-filling reads it, per parent ("" for the top): children with their terms.
+        self._kids: dict[str, list[Kid]] = {}
+        for parent, children in [("", tree.top), *((q.name, q.children) for q in tree.queues.values())]:
+            if children:
+                self._kids[parent] = [(c.name, float(c.quota_of(pool)), c.weight_of(pool)) for c in children]  # how many times the water-filling ran (tests and benchmarks read it)
+
+    def set_capacity(self, capacity: float) -> None:
+        if capacity != self.capacity:
+            self.capacity = float(capacity)
+            self._dirty = True
+
+    def add_demand(self, leaf: str, delta: float) -> None:
+        for q in self.tree[leaf].path:
+            old = self.demand[q.name]
+            self.raw[q.name] += delta
+            new = min(self.raw[q.name], q.limit_of(self.pool))
+            if new == old:
+                return  # capped by its limit before and after: nothing above it changes
+            self.demand[q.name] = new
+            if not self._dirty and self._moves(q, old, new):
+                self._dirty = True
+            delta = new - old
+
+    def _moves(self, q: Queue, old: float, new: float) -> bool:
+        quota = q.quota_of(self.pool)
+        if min(quota, old) != min(quota, new):
+            return True
+        share = self._shares.get(q.name, 0.0)
+        return not (share < old - EPS and share < new - EPS)
+
+    @property
+    def stale(self) -> bool:
+        """A change may have moved the shares: the next shares() runs the water-filling."""
+        return self._dirty
+
+    def shares(self) -> dict[str, float]:
+        """Current shares; the same dict object until something moved them."""
+        if self._dirty:
+            self._shares = self._water_fill()
+            self._dirty = False
+            self.recomputed += 1
+        return self._shares
+
+    def _water_fill(self) -> dict[str, float]:
+        shares: dict[str, float] = {}
+        level = [("", self.capacity)]
+        kids = self._kids
+        while level:
+            parent, share = level.pop()
+            split(kids[parent], share, self.demand, shares)
+            level.extend((name, shares[name]) for name, _, _ in kids[parent] if name in kids)
+        return shares

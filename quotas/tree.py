@@ -99,12 +99,26 @@ class QueueTree:
             q.depth = len(chain) - 1
         self.leaves: list[Queue] = sorted((q for q in self.queues.values() if q.is_leaf), key=lambda q: q.name)
         self.specs = specs
+        self._leaves_under: dict[str, list[str]] = {}
 
     def __getitem__(self, name: str) -> Queue:
         return self.queues[name]
 
     def __contains__(self, name: object) -> bool:
         return name in self.queues
+
+    def leaves_under(self, name: str) -> list[str]:
+        """Names of the leaf queues in a queue's subtree (itself, for a leaf)."""
+        found = self._leaves_under.get(name)
+        if found is None:
+            stack, found = [self.queues[name]], []
+            while stack:
+                q = stack.pop()
+                if q.is_leaf:
+                    found.append(q.name)
+                stack.extend(q.children)
+            self._leaves_under[name] = found
+        return found
 
     def branch(self, victim: Queue, beneficiary: Queue) -> Queue:
         """The highest ancestor of `victim` (or itself) that is not an ancestor of `beneficiary`."""

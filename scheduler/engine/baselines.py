@@ -80,9 +80,9 @@ class LasEngine(Engine):
     def _band(self, service: float) -> int:
         return sum(1 for b in self.bands if service >= b)
 
-    def _release(self, ps: PoolState, job: Job) -> None:
+    def _release(self, ps: PoolState, job: Job, moving: bool = False) -> None:
         self._attained[job.id] = self._service(job, self._clock)
-        super()._release(ps, job)
+        super()._release(ps, job, moving)
 
     def finish(self, job_id: str, now: float, failed: bool = False) -> bool:
         self._clock = now

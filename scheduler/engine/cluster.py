@@ -57,6 +57,8 @@ class Pool:
                 free_mem=math.inf if spec.memory_gb is None else spec.memory_gb,
             )
         self.max_gpus = max((n.gpus for n in nodes), default=0)
+        # Distinct node shapes (GPUs, CPUs, memory): what "can any node ever hold this worker?" checks.
+        self.shapes = sorted({(n.gpus, n.cpus, n.memory_gb) for n in nodes}, key=str)
         self.total_gpus = sum(n.gpus for n in nodes)  # configured, up or down: what a job may ever ask for
         self.domains = {d: sorted(ns) for d, ns in sorted(domains.items())}
         # buckets[k]: up nodes with exactly k free GPUs, by name.

@@ -99,7 +99,6 @@ class Engine:
             self._release(ps, job)
         else:
             ps.remove_pending(job)
-            ps.skipped.discard(job)
         job.state = state
         return True
 
@@ -168,41 +167,69 @@ class Engine:
 
     def _pass(self, ps: PoolState, now: float, res: Reservation | None,
               out: list[Decision]) -> tuple[list[Job], bool]:
-        """One pass: the leaf queue with the lowest ratio starts its first admissible job, until none can."""
-        heap = [(ps.queue_key(self.tree[name]), 0, name) for name in ps.pending]
-        heapq.heapify(heap)
-        version = dict.fromkeys(ps.pending, 0)
+        """One pass: the leaf queue with the lowest ratio starts its first admissible job, until none can.
+
+        Queues are read in key order from ps.order (frozen during the pass); a queue whose key changed
+        (it started a job, or lost one to preemption) comes back through a small heap with its new key.
+        """
         started: list[Job] = []
         preempted = False
-        while heap:
-            _, ver, name = heapq.heappop(heap)
-            if version.get(name) != ver:
-                continue
-            q = self.tree[name]
-            found = self._try_queue(ps, q, now, res)
-            if found is None:
-                del version[name]  # skipped for the rest of this pass
-                continue
-            job, plan = found
-            for v in plan.victims:
-                self._stop(ps, v.job)
-                self._preempted_now.add(v.job.id)
-                preempted = True
-                out.append(Preempted(v.job.id, CAUSE[v.tier], job.id, v.reason))
-                vq = v.job.spec.queue
-                if vq in version and vq != name:
-                    version[vq] += 1
-                    heapq.heappush(heap, (ps.queue_key(self.tree[vq]), version[vq], vq))
-            out.append(self._start(ps, job, plan.nodes, now))
-            started.append(job)
-            if res is not None and job is res.job:
-                res = None
-            if name in ps.pending:
-                version[name] += 1
-                heapq.heappush(heap, (ps.queue_key(q), version[name], name))
-            else:
-                del version[name]
+        ps.freeze()
+        try:
+            cursor = iter(ps.order)
+            nxt = next(cursor, None)
+            moved: dict[str, int] = {}  # queue -> version of its entry in `heap`; -1: skipped this pass
+            heap: list[tuple[tuple[float, float, str], int, str]] = []
+            short = ps.capacity_short
+            while True:
+                while nxt is not None and nxt[1] in moved:
+                    nxt = next(cursor, None)
+                while heap and moved.get(heap[0][2]) != heap[0][1]:
+                    heapq.heappop(heap)
+                if heap and (nxt is None or heap[0][0] < nxt[0]):
+                    key, _, name = heapq.heappop(heap)
+                elif nxt is not None:
+                    key, name = nxt
+                    nxt = next(cursor, None)
+                else:
+                    break
+                if key[0] >= 1 and not short and ps.pool.free_gpus < ps.min_need() and name not in ps.mixed:
+                    # From here on every queue is at or over its fair share (so it has no tier 1 or 2) and no
+                    # pending job fits in the free GPUs: only queues with lower-priority work (tier 3) remain.
+                    rest = sorted(ps.mixed - moved.keys())
+                    for name in rest:
+                        found = self._try_queue(ps, self.tree[name], now, res)
+                        if found is not None:
+                            preempted |= self._apply(ps, found, now, out, started)
+                    break
+                q = self.tree[name]
+                found = self._try_queue(ps, q, now, res)
+                if found is None:
+                    moved[name] = -1
+                    continue
+                preempted |= self._apply(ps, found, now, out, started)
+                if res is not None and found[0] is res.job:
+                    res = None
+                for changed in {name} | {v.job.spec.queue for v in found[1].victims}:
+                    if moved.get(changed) == -1 or changed not in ps.pending:
+                        continue
+                    moved[changed] = moved.get(changed, 0) + 1
+                    heapq.heappush(heap, (ps.queue_key(self.tree[changed]), moved[changed], changed))
+        finally:
+            ps.thaw()
         return started, preempted
+
+    def _apply(self, ps: PoolState, found: tuple[Job, Plan], now: float, out: list[Decision],
+               started: list[Job]) -> bool:
+        """Preempt the plan's victims, then start the job."""
+        job, plan = found
+        for v in plan.victims:
+            self._stop(ps, v.job)
+            self._preempted_now.add(v.job.id)
+            out.append(Preempted(v.job.id, CAUSE[v.tier], job.id, v.reason))
+        out.append(self._start(ps, job, plan.nodes, now))
+        started.append(job)
+        return bool(plan.victims)
 
     def _try_queue(self, ps: PoolState, q: Queue, now: float, res: Reservation | None) -> tuple[Job, Plan] | None:
         """The first job of `q`, in queue order, that can start now (best-effort FIFO)."""
@@ -260,8 +287,7 @@ class Engine:
     def _start(self, ps: PoolState, job: Job, nodes: list[str], now: float) -> Started:
         q = self.tree[job.spec.queue]
         u, share, quota = ps.usage[q.name], ps.shares().get(q.name, 0.0), q.quota_of(ps.name)
-        ps.remove_pending(job)
-        ps.skipped.discard(job)
+        ps.remove_pending(job, moving=True)
         job.workers = ps.pool.allocate(job.spec, nodes)
         job.state, job.start, job.skipped_since = JobState.RUNNING, now, None
         self._admitted += 1
@@ -274,37 +300,29 @@ class Engine:
             f"fair share {share:.2f}"), {"usage": u, "request": job.request, "quota": quota, "fair_share": share})
         return Started(job.id, job.placement(), job.reason)
 
-    def _release(self, ps: PoolState, job: Job) -> None:
-        ps.remove_running(job)
+    def _release(self, ps: PoolState, job: Job, moving: bool = False) -> None:
+        ps.remove_running(job, moving)
         ps.pool.release(job.spec, job.workers)
         job.workers = []
 
     def _stop(self, ps: PoolState, job: Job) -> None:
         """A running job goes back to pending, keeping its submit time (and its place in queue order)."""
-        self._release(ps, job)
+        self._release(ps, job, moving=True)
         job.state, job.skipped_since = JobState.PENDING, None
-        ps.add_pending(job)
+        ps.add_pending(job, moving=True)
 
     # ----- starvation guard -----
 
     def _mark_skipped(self, ps: PoolState, started: list[Job], now: float) -> None:
         """Heads of queues that a younger job just overtook start their starvation clock."""
-        youngest = max((j.submit, j.seq) for j in started)
-        for jobs in ps.pending.values():
-            head = jobs[0]
-            if head.skipped_since is None and (head.submit, head.seq) < youngest:
-                head.skipped_since = now
-                ps.skipped.add(head)
-                heapq.heappush(self._wakeups, now + self.settings.starvation_timeout)
+        if ps.mark_overtaken(max((j.submit, j.seq) for j in started), now):
+            heapq.heappush(self._wakeups, now + self.settings.starvation_timeout)
 
     def _reservation(self, ps: PoolState, now: float) -> Reservation | None:
-        """Reserve for the longest-skipped head job past starvation_timeout, if any."""
-        timeout = self.settings.starvation_timeout
-        starving = [j for j in ps.skipped if j.skipped_since is not None and now - j.skipped_since >= timeout
-                    and ps.pending[j.spec.queue][0] is j]
-        if not starving:
+        """Reserve for the head job overtaken longest ago, once that is past starvation_timeout."""
+        h = ps.longest_overtaken()
+        if h is None or h.skipped_since is None or now - h.skipped_since < self.settings.starvation_timeout:
             return None
-        h = min(starving, key=lambda j: (j.skipped_since, j.submit, j.seq))
         q = self.tree[h.spec.queue]
         within = ps.usage[q.name] + h.request <= q.quota_of(ps.name)
         nodes: frozenset[str] = frozenset()

@@ -30,10 +30,8 @@ def rejection(spec: JobSpec, tree: QueueTree, pools: Mapping[str, Pool]) -> Reas
         return Reason("invalid", f"a job needs workers >= 1 and gpus, cpus, memory_gb >= 0; got workers="
                       f"{spec.workers}, gpus={spec.gpus}, cpus={spec.cpus}, memory_gb={spec.memory_gb}", {})
     pool = pools[spec.pool]
-    holds = [n for n in pool.nodes.values() if n.spec.gpus >= spec.gpus
-             and (n.spec.cpus is None or n.spec.cpus >= spec.cpus)
-             and (n.spec.memory_gb is None or n.spec.memory_gb >= spec.memory_gb)]
-    if not holds:
+    if not any(g >= spec.gpus and (c is None or c >= spec.cpus) and (m is None or m >= spec.memory_gb)
+               for g, c, m in pool.shapes):
         return Reason("worker_too_big", (
             f"no node of pool {pool.name} can hold one worker ({spec.gpus} GPUs, {spec.cpus:g} CPUs, "
             f"{spec.memory_gb:g} GB); its largest node has {pool.max_gpus} GPUs"),

@@ -53,27 +53,33 @@ class Preemption:
 
     # ----- candidates -----
 
+    def _victim_queues(self) -> dict[str, list[int]]:
+        """Leaf queues that may lose jobs, each with its tiers: only queues over quota or over fair share."""
+        ps, q = self.ps, self.q
+        tiers: dict[str, list[int]] = {}
+        if q.name in ps.running:
+            tiers[q.name] = [PRIORITY]
+        if RECLAIM in self.tiers:
+            # A victim's branch is the child, on its side, of its lowest common ancestor with q.
+            for i, above in enumerate([*q.path[1:], None]):
+                mine = q.path[i]
+                for b in ps.over_quota.get(above.name if above else "", ()):
+                    if b == mine.name:
+                        continue
+                    for leaf in self.ps.tree.leaves_under(b):
+                        if leaf in ps.running:
+                            tiers.setdefault(leaf, []).append(RECLAIM)
+        if FAIR_SHARE in self.tiers:
+            for leaf in ps.over_share:
+                if leaf != q.name and leaf in ps.running:
+                    tiers.setdefault(leaf, []).append(FAIR_SHARE)
+        return tiers
+
     def _streams(self) -> Iterator[Iterator[tuple[CandidateKey, int, Job]]]:
-        ps, pool = self.ps, self.pool
-        for name, jobs in ps.running.items():
-            v = ps.tree[name]
-            r = ps.ratio(v)
-            tier = None
-            if v is self.q:
-                tier = PRIORITY
-            elif RECLAIM in self.tiers:
-                b = ps.tree.branch(v, self.q)
-                if ps.usage[b.name] > b.quota_of(pool):
-                    tier = RECLAIM
-            if tier is None and v is not self.q and FAIR_SHARE in self.tiers and ps.usage[name] > ps.shares().get(
-                    name, 0.0):
-                tier = FAIR_SHARE
-            if tier is None:
-                continue
-            yield self._stream(tier, r, jobs)
-            # A queue over quota may also be over its fair share: its jobs come again as tier 2 candidates.
-            if tier == RECLAIM and FAIR_SHARE in self.tiers and ps.usage[name] > ps.shares().get(name, 0.0):
-                yield self._stream(FAIR_SHARE, r, jobs)
+        for name, tiers in self._victim_queues().items():
+            r = self.ps.ratio(self.ps.tree[name])
+            for tier in tiers:
+                yield self._stream(tier, r, self.ps.running[name])
 
     @staticmethod
     def _stream(tier: int, r: float, jobs: Iterable[Job]) -> Iterator[tuple[CandidateKey, int, Job]]:

@@ -1,4 +1,8 @@
-"""Per-pool bookkeeping: pending and running jobs per leaf queue, usage up the tree, fair shares, ratios."""
+"""Per-pool bookkeeping: pending and running jobs per leaf queue, usage up the tree, fair shares, ratios.
+
+Everything the admission pass reads is kept current here, by small updates on each change, so that one
+pass costs what it admits rather than the number of queues and jobs.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ from collections import Counter
 
 from sortedcontainers import SortedList
 
-from quotas import QueueTree, fair_shares
+from quotas import PoolShares, QueueTree
 from quotas.tree import Queue
 from scheduler.engine.cluster import Pool
 from scheduler.engine.model import Job
+
+QueueKey = tuple[float, float, str]
 
 
 def victim_key(j: Job) -> tuple[int, float, int, str]:
@@ -20,6 +26,10 @@ def victim_key(j: Job) -> tuple[int, float, int, str]:
 
 def arrival_key(j: Job) -> tuple[float, int]:
     return (j.submit, j.seq)
+
+
+def starve_key(j: Job) -> tuple[float, float, int]:
+    return (j.skipped_since if j.skipped_since is not None else math.inf, j.submit, j.seq)
 
 
 def ratio(usage: float, share: float) -> float:
@@ -35,7 +45,7 @@ def quota_ratio(usage: float, quota: float) -> float:
 
 
 class PoolState:
-    """Everything the engine keeps for one pool; every mutation goes through start/stop/add/remove."""
+    """Everything the engine keeps for one pool; every mutation goes through the methods below."""
 
     def __init__(self, pool: Pool, tree: QueueTree, track_arrivals: bool = False):
         self.pool = pool
@@ -44,86 +54,195 @@ class PoolState:
         self.pending: dict[str, SortedList] = {}  # leaf -> jobs in queue order
         self.running: dict[str, SortedList] = {}  # leaf -> jobs in victim order
         self.usage: Counter[str] = Counter()  # any queue -> GPUs held in its subtree
-        self.pending_gpus: Counter[str] = Counter()  # leaf -> GPUs asked by its pending jobs
-        self.pending_sizes: dict[str, Counter[int]] = {}  # leaf -> request -> count (for quick skips)
-        self._shares: dict[str, float] = {}
-        self._shares_dirty = True
+        self.pending_sizes: dict[str, Counter[int]] = {}  # leaf -> request -> count
+        self.sizes: Counter[int] = Counter()  # request -> count, over the whole pool
+        self.fs = PoolShares(tree, pool.name, pool.capacity)
+        self._shares: dict[str, float] | None = None
         self.dirty = True  # something changed since the last scheduling pass
-        self.skipped: set[Job] = set()  # head jobs whose starvation clock runs
+        # Leaf queues with pending jobs, by queue key; re-keyed after each change (deferred during a pass).
+        self.order: SortedList = SortedList()
+        self._key: dict[str, QueueKey] = {}
+        self._frozen = False
+        self._deferred: set[str] = set()
+        self._missed: set[str] = set()  # queues changed while shares were stale
+        # Leaves whose first pending job outranks a running job of theirs: tier 3 may apply.
+        self.mixed: set[str] = set()
+        # Queues over their quota, per parent ("" for the top level): tier 1 looks only at these.
+        self.over_quota: dict[str, set[str]] = {}
+        # Leaves over their fair share: tier 2 looks only at these.
+        self.over_share: set[str] = set()
+        # Starvation guard: queue heads not yet overtaken (by age), and overtaken ones (by when).
+        self.unmarked: SortedList = SortedList(key=arrival_key)
+        self.marked: SortedList = SortedList(key=starve_key)
         # All pending jobs of the pool in submit order, kept only for policies that need one global queue.
         self.arrivals: SortedList | None = SortedList(key=arrival_key) if track_arrivals else None
 
     # ----- pending -----
 
-    def add_pending(self, job: Job) -> None:
+    def add_pending(self, job: Job, moving: bool = False) -> None:
+        """A job waits: newly submitted, or (moving) back from running, which leaves demand unchanged."""
         q = job.spec.queue
-        self.pending.setdefault(q, SortedList(key=Job.order_key)).add(job)
-        self.pending_gpus[q] += job.request
+        jobs = self.pending.setdefault(q, SortedList(key=Job.order_key))
+        old_head = jobs[0] if jobs else None
+        jobs.add(job)
         self.pending_sizes.setdefault(q, Counter())[job.request] += 1
+        self.sizes[job.request] += 1
         if self.arrivals is not None:
             self.arrivals.add(job)
-        self._changed()
+        if not moving:
+            self.fs.add_demand(q, job.request)
+        self._queue_changed(q, old_head)
 
-    def remove_pending(self, job: Job) -> None:
+    def remove_pending(self, job: Job, moving: bool = False) -> None:
         q = job.spec.queue
         jobs = self.pending[q]
+        old_head = jobs[0]
         jobs.remove(job)
         if not jobs:
             del self.pending[q]
-        self.pending_gpus[q] -= job.request
         sizes = self.pending_sizes[q]
         sizes[job.request] -= 1
         if not sizes[job.request]:
             del sizes[job.request]
+        self.sizes[job.request] -= 1
+        if not self.sizes[job.request]:
+            del self.sizes[job.request]
         if self.arrivals is not None:
             self.arrivals.remove(job)
-        self._changed()
+        if not moving:
+            self.fs.add_demand(q, -job.request)
+        if job.skipped_since is not None:
+            self.marked.remove(job)
+            job.skipped_since = None
+        self._queue_changed(q, old_head)
 
     def min_pending(self, leaf: str) -> int:
         return min(self.pending_sizes[leaf])
+
+    def min_need(self) -> int:
+        """The smallest request of any pending job in the pool."""
+        return min(self.sizes) if self.sizes else 0
 
     # ----- running -----
 
     def add_running(self, job: Job) -> None:
         q = self.tree[job.spec.queue]
         self.running.setdefault(q.name, SortedList(key=victim_key)).add(job)
-        for a in q.path:
-            self.usage[a.name] += job.request
-        self._changed()
+        self._use(q, job.request)
 
-    def remove_running(self, job: Job) -> None:
+    def remove_running(self, job: Job, moving: bool = False) -> None:
         q = self.tree[job.spec.queue]
         jobs = self.running[q.name]
         jobs.remove(job)
         if not jobs:
             del self.running[q.name]
+        self._use(q, -job.request)
+        if not moving:
+            self.fs.add_demand(q.name, -job.request)
+
+    def _use(self, q: Queue, delta: int) -> None:
         for a in q.path:
-            self.usage[a.name] -= job.request
-        self._changed()
+            self.usage[a.name] += delta
+            over = self.over_quota.setdefault(a.parent.name if a.parent else "", set())
+            if self.usage[a.name] > a.quota_of(self.name):
+                over.add(a.name)
+            else:
+                over.discard(a.name)
+        self._mark_share(q)
+        self._requeue(q.name)
 
-    def _changed(self) -> None:
-        self._shares_dirty = True
-        self.dirty = True
-
-    def capacity_changed(self) -> None:
-        self._changed()
-
-    # ----- fair share -----
+    # ----- fair share and queue order -----
 
     def shares(self) -> dict[str, float]:
-        if self._shares_dirty:
-            demand = {q: self.usage[q] + self.pending_gpus[q] for q in set(self.pending_gpus) | set(self.running)}
-            self._shares = fair_shares(self.tree, self.name, self.pool.capacity, demand)
-            self._shares_dirty = False
+        self._refresh_shares()
+        assert self._shares is not None
         return self._shares
+
+    def _refresh_shares(self) -> None:
+        shares = self.fs.shares()
+        old = self._shares
+        if shares is old:
+            return
+        self._shares = shares
+        # Re-key only the queues whose share moved (all of them the first time).
+        moved = {n for n, v in shares.items() if old is None or old.get(n) != v} | self._missed
+        self._missed = set()
+        for name in moved:
+            if name in self.running:
+                self._mark_share(self.tree[name])
+            elif name in self.over_share:
+                self.over_share.discard(name)
+        for name in moved:
+            self._rekey(name)
+
+    def _mark_share(self, q: Queue) -> None:
+        if self._shares is None or self.fs.stale:
+            self._missed.add(q.name)  # the refresh catches up
+            return
+        if self.usage[q.name] > self._shares.get(q.name, 0.0):
+            self.over_share.add(q.name)
+        else:
+            self.over_share.discard(q.name)
+
+    def capacity_changed(self) -> None:
+        self.fs.set_capacity(self.pool.capacity)
+        self._refresh_shares()
+        self.dirty = True
 
     def ratio(self, q: Queue, extra: int = 0) -> float:
         return ratio(self.usage[q.name] + extra, self.shares().get(q.name, 0.0))
 
-    def queue_key(self, q: Queue) -> tuple[float, float, str]:
+    def queue_key(self, q: Queue) -> QueueKey:
         """Which leaf queue goes first: lowest ratio, then lowest usage/quota, then name."""
         u = self.usage[q.name]
         return (self.ratio(q), quota_ratio(u, q.quota_of(self.name)), q.name)
+
+    def freeze(self) -> None:
+        """A pass iterates `order`: re-keying waits until it ends."""
+        self._refresh_shares()
+        self._frozen = True
+
+    def thaw(self) -> None:
+        self._frozen = False
+        for name in self._deferred:
+            self._rekey(name)
+        self._deferred.clear()
+
+    def _queue_changed(self, name: str, old_head: Job | None) -> None:
+        jobs = self.pending.get(name)
+        head = jobs[0] if jobs else None
+        if head is not old_head:
+            if old_head is not None:
+                self.unmarked.discard(old_head)
+            if head is not None and head.skipped_since is None:
+                self.unmarked.add(head)
+        self._requeue(name)
+
+    def _requeue(self, name: str) -> None:
+        self.dirty = True
+        jobs = self.pending.get(name)
+        head = jobs[0] if jobs else None
+        running = self.running.get(name)
+        if head is not None and running and head.spec.priority > running[0].spec.priority:
+            self.mixed.add(name)
+        else:
+            self.mixed.discard(name)
+        if self._frozen:
+            self._deferred.add(name)
+        else:
+            self._rekey(name)
+
+    def _rekey(self, name: str) -> None:
+        if self.fs.stale or self._shares is None:
+            self._missed.add(name)  # shares will change: the refresh re-keys it
+            return
+        old = self._key.pop(name, None)
+        if old is not None:
+            self.order.remove((old, name))
+        if name in self.pending:
+            key = self.queue_key(self.tree[name])
+            self._key[name] = key
+            self.order.add((key, name))
 
     def over_limit(self, q: Queue, request: int, freed: Counter[str] | None = None) -> tuple[Queue, int] | None:
         """The first queue on q's path whose limit `request` more GPUs would break, with its usage."""
@@ -131,4 +250,28 @@ class PoolState:
             u = self.usage[a.name] - (freed[a.name] if freed else 0)
             if u + request > a.limit_of(self.name):
                 return a, u
+        return None
+
+    @property
+    def capacity_short(self) -> bool:
+        """Capacity below the top level's quotas: guarantees shrank, a queue may be under quota above its share."""
+        return self.pool.capacity < sum(q.quota_of(self.name) for q in self.tree.top)
+
+    # ----- starvation guard -----
+
+    def mark_overtaken(self, youngest: tuple[float, int], now: float) -> list[Job]:
+        """Heads older than `youngest` (a job that just started) start their starvation clock now."""
+        marked = []
+        while self.unmarked and arrival_key(self.unmarked[0]) < youngest:
+            head = self.unmarked.pop(0)
+            head.skipped_since = now
+            self.marked.add(head)
+            marked.append(head)
+        return marked
+
+    def longest_overtaken(self) -> Job | None:
+        """The overtaken queue head that has waited longest since it was first overtaken."""
+        for j in self.marked:
+            if self.pending[j.spec.queue][0] is j:
+                return j  # type: ignore[no-any-return]
         return None

@@ -1,0 +1,264 @@
+"""`corral sim report`: replay a trace under several policies and write report.md, wait_cdf.png, gpus_in_use.png."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from quotas import QueueSpec, QueueTree
+from scheduler.engine import NodeSpec
+from scheduler.sim.inputs import World
+from scheduler.sim.metrics import Metrics, Stats, compute, usage_series
+from scheduler.sim.runner import Simulation
+
+# Each queue's private cluster is replayed under this policy. With one queue alone every policy is a plain
+# best-effort FIFO over its own jobs (LAS aside), so the baseline does not depend on the policy compared.
+PRIVATE_POLICY = "corral"
+BINS = 600  # time bins of the GPUs-in-use plot
+
+
+@dataclass
+class PolicyRun:
+    """One policy's replay of the shared cluster, reduced to what the report shows."""
+
+    policy: str
+    metrics: Metrics
+    series: tuple[list[float], dict[str, list[float]]]
+
+
+@dataclass
+class Private:
+    """A leaf queue replayed alone on a private cluster the size of its quota (nodes rounded up)."""
+
+    queue: str
+    quota: int  # GPUs, over all pools
+    gpus: int  # GPUs of the private cluster: quota rounded up to whole nodes
+    jobs: int
+    rejected: int  # jobs larger than the private cluster
+    mean_wait: float | None  # None: no private cluster (quota 0), or no job started there
+
+
+@dataclass
+class Report:
+    runs: list[PolicyRun]
+    private: list[Private]
+    jobs: int
+    capacity: int
+
+
+def capacity(world: World) -> int:
+    return sum(n.gpus for n in world.nodes)
+
+
+def run_policy(world: World, policy: str, bins: int = BINS) -> PolicyRun:
+    """Replay `world.jobs` under `policy`; keeps metrics and the per-queue usage series, not the event log."""
+    log = Simulation(world, policy, log_fair_share=False).run()
+    return PolicyRun(policy, compute(world.jobs, log, capacity(world)), usage_series(world.jobs, log, bins))
+
+
+def private_world(world: World, queue: str) -> tuple[World, int, int] | None:
+    """The world where `queue` has its own cluster: per pool, ceil(quota / node GPUs) nodes like the pool's.
+
+    Returns (world, quota GPUs, private GPUs), or None when the queue has no quota. Pools where the queue has
+    no quota are left out, so its jobs there are rejected (counted as not fitting)."""
+    q = world.tree[queue]
+    first: dict[str, NodeSpec] = {}
+    for n in world.nodes:
+        first.setdefault(n.pool, n)
+    nodes: list[NodeSpec] = []
+    quota: dict[str, int] = {}
+    for pool, like in first.items():
+        want = q.quota_of(pool)
+        if want <= 0 or like.gpus <= 0:
+            continue
+        count = math.ceil(want / like.gpus)
+        nodes += [replace(like, name=f"{pool}-{i}", domain=None) for i in range(count)]
+        quota[pool] = count * like.gpus
+    if not nodes:
+        return None
+    tree = QueueTree([QueueSpec(queue, None, quota)], quota)
+    jobs = [j for j in world.jobs if j.spec.queue == queue]
+    return World(nodes, {}, tree, world.settings, jobs=jobs), sum(q.quota.values()), sum(quota.values())
+
+
+def run_private(world: World, queue: str) -> Private:
+    jobs = sum(1 for j in world.jobs if j.spec.queue == queue)
+    made = private_world(world, queue)
+    if made is None:
+        return Private(queue, 0, 0, jobs, 0, None)
+    alone, quota, gpus = made
+    m = run_policy(alone, PRIVATE_POLICY, bins=1).metrics.overall
+    return Private(queue, quota, gpus, jobs, m.rejected, m.mean_wait if m.started else None)
+
+
+def build(world: World, policies: Sequence[str], workers: int = 1) -> Report:
+    """Every policy on the shared cluster, and every leaf queue (with jobs) on its private cluster."""
+    queues = sorted({j.spec.queue for j in world.jobs} & {q.name for q in world.tree.leaves})
+    if workers <= 1:
+        runs = [run_policy(world, p) for p in policies]
+        private = [run_private(world, q) for q in queues]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            fr = [pool.submit(run_policy, world, p) for p in policies]
+            fp = [pool.submit(run_private, world, q) for q in queues]
+            runs, private = [f.result() for f in fr], [f.result() for f in fp]
+    return Report(runs, private, len(world.jobs), capacity(world))
+
+
+# ----- markdown -----
+
+def _s(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _summary_row(r: PolicyRun) -> list[str]:
+    m, o = r.metrics, r.metrics.overall
+    return [r.policy, str(o.completed), str(o.rejected), str(o.unfinished), str(o.preemptions), _s(o.mean_wait),
+            _s(o.p50_wait), _s(o.p95_wait), _s(o.p99_wait), _s(o.mean_jct), _s(o.p50_jct), _s(o.p95_jct),
+            _s(o.p99_jct), f"{o.makespan / 86400:.2f}", f"{o.utilisation:.1%}", f"{m.useful_utilisation:.1%}",
+            f"{m.jain_queue_mean_wait:.3f}"]
+
+
+def _queue_row(q: str, s: Stats) -> list[str]:
+    return [q, str(s.jobs), str(s.completed), str(s.rejected), str(s.preemptions), _s(s.mean_wait),
+            _s(s.p50_wait), _s(s.p95_wait), _s(s.p99_wait), _s(s.mean_jct), _s(s.p95_jct), f"{s.utilisation:.1%}"]
+
+
+def _ratio(shared: float, private: float | None) -> str:
+    if private is None:
+        return "n/a"
+    if private == 0:
+        return "=" if shared == 0 else "worse"
+    return f"{shared / private:.2f}x"
+
+
+def markdown(rep: Report, title: str) -> str:
+    lines = [f"# {title}", "",
+             f"{rep.jobs} jobs on {rep.capacity} GPUs. Times in seconds; wait = first start - submit, JCT = "
+             "completion - submit (completed jobs); makespan = last completion - first submit; utilisation = "
+             "GPU-seconds held / (capacity x time of the last event); useful = completed jobs' GPU-seconds / "
+             "(capacity x makespan); Jain's index over the queues' mean waits. Formulas as in check_trace.py.", "",
+             "## Per policy", ""]
+    lines += _table(["policy", "completed", "rejected", "unfinished", "preemptions", "mean wait", "p50 wait",
+                     "p95 wait", "p99 wait", "mean JCT", "p50 JCT", "p95 JCT", "p99 JCT", "makespan (d)",
+                     "utilisation", "useful util.", "Jain"], [_summary_row(r) for r in rep.runs])
+    queues = sorted({q for r in rep.runs for q in r.metrics.queues})
+    lines += ["", "## Mean wait per queue", ""]
+    lines += _table(["queue", *[r.policy for r in rep.runs]],
+                    [[q, *[_s(r.metrics.queues[q].mean_wait) if q in r.metrics.queues else "-" for r in rep.runs]]
+                     for q in queues])
+    for r in rep.runs:
+        lines += ["", f"## Policy {r.policy}, per queue", ""]
+        lines += _table(["queue", "jobs", "completed", "rejected", "preemptions", "mean wait", "p50 wait",
+                         "p95 wait", "p99 wait", "mean JCT", "p95 JCT", "GPU share"],
+                        [_queue_row(q, s) for q, s in r.metrics.queues.items()])
+    lines += ["", "## Sharing anomaly", "",
+              f"Each queue's mean wait on the shared cluster against the same jobs alone on a private cluster of "
+              f"its quota (rounded up to whole nodes, policy {PRIVATE_POLICY}). A ratio above 1 means the queue "
+              "waited longer sharing than it would have on its guarantee alone. Jobs larger than the private "
+              "cluster are rejected there and counted; quota 0 has no private cluster (n/a).", ""]
+    rows: list[list[str]] = []
+    for p in rep.private:
+        row = [p.queue, str(p.quota), str(p.gpus), str(p.jobs), str(p.rejected) if p.gpus else "n/a",
+               _s(p.mean_wait) if p.mean_wait is not None else "n/a"]
+        for r in rep.runs:
+            s = r.metrics.queues.get(p.queue)
+            row.append(f"{_s(s.mean_wait)} ({_ratio(s.mean_wait, p.mean_wait)})" if s else "-")
+        rows.append(row)
+    lines += _table(["queue", "quota", "private GPUs", "jobs", "rejected alone", "private mean wait",
+                     *[f"{r.policy} (ratio)" for r in rep.runs]], rows)
+    lines += ["", "![wait CDF](wait_cdf.png)", "", "![GPUs in use](gpus_in_use.png)", ""]
+    return "\n".join(lines)
+
+
+def anomalies(rep: Report) -> dict[str, list[str]]:
+    """Per policy, the queues that waited longer on the shared cluster than alone on their quota."""
+    out: dict[str, list[str]] = {}
+    for r in rep.runs:
+        out[r.policy] = [p.queue for p in rep.private if p.mean_wait is not None and p.queue in r.metrics.queues
+                         and r.metrics.queues[p.queue].mean_wait > p.mean_wait]
+    return out
+
+
+def summary_lines(rep: Report) -> list[str]:
+    bad = anomalies(rep)
+    out = []
+    for r in rep.runs:
+        o = r.metrics.overall
+        out.append(f"{r.policy}: mean wait {_s(o.mean_wait)} s, p95 {_s(o.p95_wait)} s, mean JCT {_s(o.mean_jct)} s, "
+                   f"utilisation {o.utilisation:.1%}, Jain {r.metrics.jain_queue_mean_wait:.3f}, "
+                   f"{o.preemptions} preemptions, {o.rejected} rejected, {o.unfinished} unfinished; "
+                   f"{len(bad[r.policy])} queue(s) worse off than alone")
+    return out
+
+
+# ----- plots -----
+
+def _time_unit(horizon: float) -> tuple[float, str]:
+    return (86400.0, "days") if horizon > 3 * 86400 else (3600.0, "hours") if horizon > 3 * 3600 else (1.0, "s")
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)  # the Agg canvas: no display, no global pyplot state
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def plot_wait_cdf(rep: Report, path: Path) -> None:
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for r in rep.runs:
+        w = sorted(r.metrics.overall.waits)
+        if w:
+            ax.step(w, [(i + 1) / len(w) for i in range(len(w))], where="post", label=r.policy)
+    ax.set_xscale("symlog", linthresh=1.0)  # most waits are 0; the tail spans days
+    ax.set_xlabel("wait (s, symlog)")
+    ax.set_ylabel("fraction of started jobs")
+    ax.set_ylim(0, 1.01)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title("Wait CDF per policy")
+    _save(fig, path)
+
+
+def plot_gpus_in_use(rep: Report, path: Path) -> None:
+    n = max(1, len(rep.runs))
+    fig = Figure(figsize=(11, 2.8 * n))
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+    horizon = max((r.metrics.span for r in rep.runs), default=0.0)
+    scale, unit = _time_unit(horizon)
+    queues = sorted({q for r in rep.runs for q in r.series[1]})
+    colours = [colormaps["tab20"](i % 20) for i in range(len(queues))]  # 20 distinct; Philly has 15 queues
+    for ax, r in zip(axes, rep.runs, strict=False):
+        starts, per_q = r.series
+        x = [s / scale for s in starts]
+        ax.stackplot(x, *[per_q.get(q, [0.0] * len(x)) for q in queues], labels=queues, colors=colours,
+                     step="post")
+        ax.axhline(rep.capacity, color="black", linewidth=0.8, linestyle="--")
+        ax.set_ylabel("GPUs in use")
+        ax.set_title(f"{r.policy}: utilisation {r.metrics.overall.utilisation:.1%}", fontsize=10)
+        ax.set_ylim(0, rep.capacity * 1.05 or 1)
+    axes[-1].set_xlabel(f"time ({unit})")
+    if queues:
+        axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    _save(fig, path)
+
+
+def write(rep: Report, outdir: Path, title: str) -> list[Path]:
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths = [outdir / "report.md", outdir / "wait_cdf.png", outdir / "gpus_in_use.png"]
+    paths[0].write_text(markdown(rep, title))
+    plot_wait_cdf(rep, paths[1])
+    plot_gpus_in_use(rep, paths[2])
+    return paths
