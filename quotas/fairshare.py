@@ -86,12 +86,12 @@ class PoolShares:
         self.demand = dict.fromkeys(tree.queues, 0.0)  # raw capped at the queue's limit
         self._shares: dict[str, float] = {}
         self._dirty = True
-        self.recomputed = 0
+        self.recomputed = 0  # how many times the water-filling ran (benchmarks read it)
         # The tree as the water-filling reads it, per parent ("" for the top): children with their terms.
         self._kids: dict[str, list[Kid]] = {}
         for parent, children in [("", tree.top), *((q.name, q.children) for q in tree.queues.values())]:
             if children:
-                self._kids[parent] = [(c.name, float(c.quota_of(pool)), c.weight_of(pool)) for c in children]  # how many times the water-filling ran (tests and benchmarks read it)
+                self._kids[parent] = [(c.name, float(c.quota_of(pool)), c.weight_of(pool)) for c in children]
 
     def set_capacity(self, capacity: float) -> None:
         if capacity != self.capacity:
