@@ -106,3 +106,10 @@ def test_cancel_and_finish() -> None:
     assert [d.job for d in e.schedule(6)] == ["a2"]
     assert e.finish("a2", 7) and e.jobs["a2"].state is JobState.COMPLETED
     assert e.pools["a100"].pool.free_gpus == 8
+
+
+def test_non_preemptible_bigger_than_quota_is_rejected() -> None:
+    e = engine([QueueSpec("a", quota={"a100": 4})])
+    [d] = e.submit(job("nb", "a", gpus=8, preemptible=False), 0)
+    assert isinstance(d, Rejected) and "more than queue a's quota of 4" in d.reason.message
+    assert e.submit(job("ok", "a", gpus=8), 0) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -58,7 +59,7 @@ class Pool:
             )
         self.max_gpus = max((n.gpus for n in nodes), default=0)
         # Distinct node shapes (GPUs, CPUs, memory): what "can any node ever hold this worker?" checks.
-        self.shapes = sorted({(n.gpus, n.cpus, n.memory_gb) for n in nodes}, key=str)
+        self.shapes = Counter((n.gpus, n.cpus, n.memory_gb) for n in nodes)
         self.total_gpus = sum(n.gpus for n in nodes)  # configured, up or down: what a job may ever ask for
         self.domains = {d: sorted(ns) for d, ns in sorted(domains.items())}
         # buckets[k]: up nodes with exactly k free GPUs, by name.
@@ -111,6 +112,20 @@ class Pool:
             if n.up:
                 self.buckets[len(n.free)].add(name)
                 self.free_gpus += len(gpus)
+
+    def workers_fit_empty(self, spec: JobSpec) -> int:
+        """How many workers of `spec` the pool could hold with every node (up or down) empty."""
+        total = 0
+        for (g, c, m), count in self.shapes.items():
+            per = [spec.workers]
+            if spec.gpus:
+                per.append(g // spec.gpus)
+            if spec.cpus and c is not None:
+                per.append(int(c // spec.cpus))
+            if spec.memory_gb and m is not None:
+                per.append(int(m // spec.memory_gb))
+            total += min(per) * count
+        return total
 
     def largest_free(self) -> int:
         for k in range(self.max_gpus, -1, -1):

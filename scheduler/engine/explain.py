@@ -40,12 +40,22 @@ def rejection(spec: JobSpec, tree: QueueTree, pools: Mapping[str, Pool]) -> Reas
         return Reason("gang_too_big", (
             f"the gang asks {spec.request} GPUs ({spec.workers} x {spec.gpus}); pool {pool.name} has "
             f"{pool.total_gpus} in all"), {"request": spec.request, "pool_gpus": pool.total_gpus})
+    room = pool.workers_fit_empty(spec)
+    if room < spec.workers:
+        return Reason("gang_too_big", (
+            f"the gang needs {spec.workers} workers of {spec.gpus} GPUs; even empty, the nodes of pool "
+            f"{pool.name} hold only {room} such workers"), {"workers": spec.workers, "fits": room})
     for a in q.path:
         if spec.request > a.limit_of(pool.name):
             return Reason("over_limit", (
                 f"the job asks {spec.request} GPUs of {pool.name}, more than queue {a.name}'s limit of "
                 f"{a.limit_of(pool.name):g}"), {"request": spec.request, "limit": a.limit_of(pool.name),
                                                  "queue": a.name})
+    if not spec.preemptible and spec.request > q.quota_of(pool.name):
+        return Reason("over_quota", (
+            f"a non-preemptible job runs only within its queue's quota: it asks {spec.request} GPUs of "
+            f"{pool.name}, more than queue {q.name}'s quota of {q.quota_of(pool.name)}"),
+            {"request": spec.request, "quota": q.quota_of(pool.name), "queue": q.name})
     return None
 
 
