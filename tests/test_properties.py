@@ -202,6 +202,38 @@ def workers_that_fit(spec: JobSpec, free: Mapping[str, tuple[float, float, float
     return total
 
 
+def best_fit(room: Mapping[str, tuple[float, float, float]], spec: JobSpec) -> list[str] | None:
+    """Placement, best fit: each worker in turn on the fitting node with the fewest free GPUs, then lowest name."""
+    left = {n: list(r) for n, r in room.items()}
+    chosen: list[str] = []
+    for _ in range(spec.workers):
+        fit = [(r[0], n) for n, r in left.items() if r[0] >= spec.gpus and r[1] >= spec.cpus and r[2] >= spec.memory_gb]
+        if not fit:
+            return None
+        _, n = min(fit)
+        left[n][0] -= spec.gpus
+        left[n][1] -= spec.cpus
+        left[n][2] -= spec.memory_gb
+        chosen.append(n)
+    return chosen
+
+
+def reference_place(spec: JobSpec, room: Mapping[str, tuple[float, float, float]],
+                    domains: Mapping[str, list[str]]) -> list[str] | None:
+    """Placement, topology: a gang of more than one worker goes into one domain if any can hold it (the one with
+    the fewest free GPUs, then the lowest name), best fit inside it; otherwise best fit across the pool."""
+    if spec.workers > 1 and domains:
+        fitting = []
+        for d, members in sorted(domains.items()):
+            sub = {n: room[n] for n in members if n in room}
+            chosen = best_fit(sub, spec)
+            if chosen is not None:
+                fitting.append((sum(r[0] for r in sub.values()), d, chosen))
+        if fitting:
+            return min(fitting, key=lambda f: (f[0], f[1]))[2]
+    return best_fit(room, spec)
+
+
 def leaf_demand(jobs: list[Job], pool: str) -> Counter[str]:
     """usage + pending GPUs per leaf (uncapped)."""
     d: Counter[str] = Counter()
@@ -303,8 +335,12 @@ class Checker:
             self.calls += 1
             if self.calls > self.max_calls:
                 self.fail(f"more than {self.max_calls} scheduling calls: the simulation does not terminate")
+            before = {j.id: [(n, list(g)) for n, g in j.workers] for j in eng.jobs.values()
+                      if j.state is JobState.RUNNING}
             out = orig_schedule(now)
             self.now = now
+            if not self.guard:
+                self.check_placements(eng, before, out)
             self.check_decisions(eng, out)
             self.check_state(eng)
             if self.probe_fixpoint:
@@ -332,6 +368,57 @@ class Checker:
         eng.node_up = up  # type: ignore[method-assign]
 
     # ----- decisions of one call -----
+
+    def check_placements(self, eng: Engine, before: dict[str, list[tuple[str, list[int]]]],
+                         out: list[Decision]) -> None:
+        """Replays the call's decisions in order on a mirror of free GPU indices, CPUs and memory: every start
+        must take exactly the nodes of the spec's placement (best fit, domains) and the lowest free GPU indices.
+        Only without reservations (they exclude nodes for some jobs)."""
+        workers = dict(before)
+        free_idx: dict[str, set[int]] = {}
+        free_cpu: dict[str, float] = {}
+        free_mem: dict[str, float] = {}
+        for name, n in self.spec_of.items():
+            if self.up[name]:
+                free_idx[name] = set(range(n.gpus))
+                free_cpu[name] = math.inf if n.cpus is None else n.cpus
+                free_mem[name] = math.inf if n.memory_gb is None else n.memory_gb
+        for jid, ws in before.items():
+            s = eng.jobs[jid].spec
+            for node, gpus in ws:
+                free_idx[node] -= set(gpus)
+                free_cpu[node] -= s.cpus
+                free_mem[node] -= s.memory_gb
+        for d in out:
+            if isinstance(d, Preempted):
+                s = eng.jobs[d.job].spec
+                for node, gpus in workers.pop(d.job, []):
+                    free_idx[node] |= set(gpus)
+                    free_cpu[node] += s.cpus
+                    free_mem[node] += s.memory_gb
+            elif isinstance(d, Started):
+                s = eng.jobs[d.job].spec
+                room = {n: (float(len(free_idx[n])), free_cpu[n], free_mem[n]) for n in free_idx
+                        if self.spec_of[n].pool == s.pool}
+                chosen = reference_place(s, room, self.world.domains.get(s.pool, {}))
+                if chosen is None:
+                    self.fail(f"{d.job} started on {d.placement} although the free resources {room} cannot hold it")
+                    return
+                alloc: list[tuple[str, list[int]]] = []
+                for node in chosen:
+                    gpus = sorted(free_idx[node])[: s.gpus]
+                    free_idx[node] -= set(gpus)
+                    free_cpu[node] -= s.cpus
+                    free_mem[node] -= s.memory_gb
+                    alloc.append((node, gpus))
+                want: dict[str, list[int]] = {}
+                for node, gpus in alloc:
+                    want.setdefault(node, []).extend(gpus)
+                want = {n: sorted(g) for n, g in sorted(want.items())}
+                if d.placement != want:
+                    self.fail(f"{d.job} ({s.workers} x {s.gpus} GPUs) started on {d.placement}; best fit on free "
+                              f"{room} with domains {self.world.domains.get(s.pool, {})} gives {want}")
+                workers[d.job] = alloc
 
     def check_decisions(self, eng: Engine, out: list[Decision]) -> None:
         started_here: set[str] = set()

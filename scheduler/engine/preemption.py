@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -75,49 +76,72 @@ class Preemption:
                     tiers.setdefault(leaf, []).append(FAIR_SHARE)
         return tiers
 
-    def _streams(self) -> Iterator[Iterator[tuple[CandidateKey, int, Job]]]:
-        for name, tiers in self._victim_queues().items():
-            r = self.ps.ratio(self.ps.tree[name])
-            for tier in tiers:
-                yield self._stream(tier, r, self.ps.running[name])
+    def candidates(self) -> Iterator[tuple[int, Job]]:
+        """Victims in the fixed order: tier, victim queue's ratio (highest first), priority, latest start."""
+        ps = self.ps
+        queues = sorted((tier, -ps.ratio(ps.tree[name]), name)
+                        for name, tiers in self._victim_queues().items() for tier in tiers)
+        # Queues are read a block of equal (tier, ratio) at a time: most plans need only the first block.
+        for (tier, neg_ratio), block in itertools.groupby(queues, key=lambda e: (e[0], e[1])):
+            streams = [self._stream(tier, -neg_ratio, ps.running[name]) for _, _, name in block]
+            for _, _, j in heapq.merge(*streams):
+                if not j.spec.preemptible or (tier == PRIORITY and j.spec.priority >= self.job.spec.priority):
+                    continue
+                if not self.young(j):
+                    yield tier, j
 
     @staticmethod
     def _stream(tier: int, r: float, jobs: Iterable[Job]) -> Iterator[tuple[CandidateKey, int, Job]]:
         return (((tier, -r, j.spec.priority, -j.start, -j.admitted, j.id), tier, j) for j in jobs)
 
-    def candidates(self) -> Iterator[tuple[int, Job]]:
-        for _, tier, j in heapq.merge(*self._streams()):
-            if not j.spec.preemptible or (tier == PRIORITY and j.spec.priority >= self.job.spec.priority):
-                continue
-            if not self.young(j):
-                yield tier, j
-
     # ----- admissibility with victims removed -----
 
-    def admissible(self, taken: list[Victim], freed: Freed) -> list[str] | None:
+    def _init_room(self) -> None:
+        """What the victims taken so far free: per queue up the tree, per node, and as worker slots."""
+        pool, g = self.ps.pool, self.job.spec.gpus
+        self.gone: Counter[str] = Counter()
+        self.freed = Freed()
+        self.extra = 0  # GPUs freed on nodes the job may use
+        # Worker slots (node free GPUs // gpus per worker, summed): a quick necessary condition for a fit.
+        self.slots = 0
+        if g:
+            self.slots = sum(len(names) * (k // g) for k, names in enumerate(pool.buckets))
+            self.slots -= sum(len(pool.nodes[n].free) // g for n in self.excluded if pool.nodes[n].up)
+
+    def _take(self, j: Job, sign: int) -> None:
+        pool, g = self.ps.pool, self.job.spec.gpus
+        for a in self.ps.tree[j.spec.queue].path:
+            self.gone[a.name] += sign * j.request
+        for node, gpus in j.workers:
+            n = pool.nodes[node]
+            if node not in self.excluded and n.up:
+                before = len(n.free) + self.freed.gpus.get(node, 0)
+                self.extra += sign * len(gpus)
+                if g:
+                    self.slots += (before + sign * len(gpus)) // g - before // g
+            self.freed.add([(node, gpus)], j.spec, sign)
+
+    def admissible(self) -> list[str] | None:
+        """Nodes for the job if it passes every admission check with the victims taken so far removed."""
         ps, q, spec = self.ps, self.q, self.job.spec
-        gone: Counter[str] = Counter()
-        for v in taken:
-            for a in ps.tree[v.job.spec.queue].path:
-                gone[a.name] += v.job.request
-        if ps.over_limit(q, self.request, gone) is not None:
+        if ps.over_limit(q, self.request, self.gone) is not None:
             return None
-        if not spec.preemptible and ps.usage[q.name] - gone[q.name] + self.request > q.quota_of(self.pool):
+        if not spec.preemptible and ps.usage[q.name] - self.gone[q.name] + self.request > q.quota_of(self.pool):
             return None
-        extra = sum(g for n, g in freed.gpus.items() if n not in self.excluded)
-        if ps.pool.free_gpus + extra < self.request:
+        if ps.pool.free_gpus + self.extra < self.request or (spec.gpus and self.slots < spec.workers):
             return None
-        return ps.pool.place(spec, self.excluded, freed)
+        return ps.pool.place(spec, self.excluded, self.freed)
 
     def plan(self) -> Plan | None:
         ps, pool, q = self.ps, self.pool, self.q
         taken: list[Victim] = []
-        freed = Freed()
+        taken_ids: set[int] = set()
+        self._init_room()
         from_branch: Counter[str] = Counter()
         from_queue: Counter[str] = Counter()
         nodes = None
         for tier, j in self.candidates():
-            if any(t.job is j for t in taken):
+            if id(j) in taken_ids:
                 continue  # already taken in an earlier tier
             v = ps.tree[j.spec.queue]
             if tier == RECLAIM:
@@ -148,19 +172,21 @@ class Preemption:
                     f"{q.name} (priority {j.spec.priority})"), {"priority": self.job.spec.priority})
             from_queue[v.name] += j.request
             taken.append(Victim(j, tier, why))
-            freed.add(j.workers, j.spec)
-            nodes = self.admissible(taken, freed)
+            taken_ids.add(id(j))
+            self._take(j, 1)
+            nodes = self.admissible()
             if nodes is not None:
                 break
         if nodes is None:
             return None
         # Prune: drop, latest first, every victim the job does not need after all.
-        for victim in list(reversed(taken)):
-            trial = [v for v in taken if v is not victim]
-            freed.add(victim.job.workers, victim.job.spec, sign=-1)
-            still = self.admissible(trial, freed)
+        kept: list[Victim] = []
+        for victim in reversed(taken):
+            self._take(victim.job, -1)
+            still = self.admissible()
             if still is not None:
-                taken, nodes = trial, still
+                nodes = still
             else:
-                freed.add(victim.job.workers, victim.job.spec)
-        return Plan(taken, nodes)
+                self._take(victim.job, 1)
+                kept.append(victim)
+        return Plan(kept[::-1], nodes)
