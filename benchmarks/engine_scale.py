@@ -12,6 +12,7 @@ import platform
 import pstats
 import random
 import statistics
+import sys
 import time
 
 from quotas import QueueSpec, QueueTree
@@ -65,11 +66,14 @@ def main() -> None:
         t0 = time.perf_counter()
         out = inner(now)
         latencies.append(time.perf_counter() - t0)
+        if len(latencies) % 5000 == 0:
+            print(f"  ... t={now:.0f} s simulated, {len(latencies)} decisions, "
+                  f"{time.perf_counter() - started:.0f} s wall", file=sys.stderr, flush=True)
         return out
 
     engine.schedule = timed  # type: ignore[method-assign]
     prof = cProfile.Profile() if args.profile else None
-    t0 = time.perf_counter()
+    t0 = started = time.perf_counter()
     if prof:
         prof.enable()
     log = sim.run()

@@ -146,7 +146,7 @@ def sim_report(
     paths = report.write(rep, output, f"Policy comparison: {trace.name} on {cluster.name}")
     for line in report.summary_lines(rep):
         out.print(line, highlight=False, markup=False, soft_wrap=True)
-    out.print("wrote " + ", ".join(str(p) for p in paths), highlight=False, markup=False)
+    out.print("wrote " + ", ".join(str(p) for p in paths), highlight=False, markup=False, soft_wrap=True)
 
 
 @sim.command("import")

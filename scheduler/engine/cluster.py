@@ -140,14 +140,16 @@ class Pool:
         if spec.workers == 1 and freed is None:
             node = self._best_fit_one(spec, excluded)
             return None if node is None else [node]
-        room = self._room(excluded, freed)
+        room = self._room(spec.gpus, excluded, freed)
         if spec.workers > 1 and self.domains:
             fitting = []
             for d, members in self.domains.items():
                 sub = {n: room[n] for n in members if n in room}
                 chosen = _best_fit(sub, spec)
                 if chosen is not None:
-                    fitting.append((sum(r[0] for r in sub.values()), d, chosen))
+                    free = sum(len(self.nodes[n].free) + (freed.gpus.get(n, 0) if freed else 0)
+                               for n in members if self.nodes[n].up and n not in excluded)
+                    fitting.append((free, d, chosen))
             if fitting:
                 return min(fitting, key=lambda f: (f[0], f[1]))[2]
         return _best_fit(room, spec)
@@ -162,17 +164,25 @@ class Pool:
                     return str(name)
         return None
 
-    def _room(self, excluded: Collection[str], freed: Freed | None) -> dict[str, list[float]]:
+    def _room(self, gpus: int, excluded: Collection[str], freed: Freed | None) -> dict[str, list[float]]:
+        """Free GPUs, CPUs and memory of the up nodes that could take a worker of `gpus` GPUs."""
+        names: set[str] = set()
+        for k in range(gpus, self.max_gpus + 1):
+            names.update(self.buckets[k])
+        if freed is not None:
+            names.update(n for n, g in freed.gpus.items() if g > 0 and self.nodes[n].up)
         room: dict[str, list[float]] = {}
-        for name, n in self.nodes.items():
-            if not n.up or name in excluded:
+        for name in names:
+            if name in excluded:
                 continue
+            n = self.nodes[name]
             r = [float(len(n.free)), n.free_cpus, n.free_mem]
             if freed is not None:
                 r[0] += freed.gpus.get(name, 0)
                 r[1] += freed.cpus.get(name, 0.0)
                 r[2] += freed.mem.get(name, 0.0)
-            room[name] = r
+            if r[0] >= gpus:
+                room[name] = r
         return room
 
 

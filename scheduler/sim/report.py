@@ -115,7 +115,8 @@ def build(world: World, policies: Sequence[str], workers: int = 1) -> Report:
 # ----- markdown -----
 
 def _s(x: float) -> str:
-    return f"{x:,.0f}"
+    # A decimal below 10 s, so that a small but non-zero wait does not print as 0 next to "worse".
+    return f"{x:.1f}" if 0 < abs(x) < 10 else f"{x:,.0f}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
