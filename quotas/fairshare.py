@@ -43,13 +43,18 @@ def split(kids: Sequence[Kid], share: float, demand: Mapping[str, float], out: d
             out[name] = g * scale
         return
     rest = share - total
-    # Children still below their cap, in order of the water level at which they fill up.
+    # Children still below their cap: those with a weight first; zero-weight ones share what they leave.
     open_ = [(i, demand[kid[0]] - g, kid[2]) for i, (kid, g) in enumerate(zip(kids, given, strict=True))
              if demand[kid[0]] - g > EPS]
-    if open_ and not any(w > 0 for _, _, w in open_):
-        # Only zero-weight children want more: they share what nobody with a weight wants, equally.
-        open_ = [(i, room, 1.0) for i, room, _ in open_]
-    open_ = [o for o in open_ if o[2] > 0]
+    rest = _pour([o for o in open_ if o[2] > 0], rest, given, kids)
+    if rest > EPS:
+        _pour([(i, room, 1.0) for i, room, w in open_ if w <= 0], rest, given, kids)
+    for (name, _, _), g in zip(kids, given, strict=True):
+        out[name] = g
+
+
+def _pour(open_: list[tuple[int, float, float]], rest: float, given: list[float], kids: Sequence[Kid]) -> float:
+    """Water-fill `rest` over (child index, room, weight) in proportion to weight; returns what is left."""
     open_.sort(key=lambda o: (o[1] / o[2], kids[o[0]][0]))
     weight_left = sum(w for _, _, w in open_)
     for i, room, w in open_:
@@ -60,8 +65,7 @@ def split(kids: Sequence[Kid], share: float, demand: Mapping[str, float], out: d
         given[i] += take
         rest -= take
         weight_left -= w
-    for (name, _, _), g in zip(kids, given, strict=True):
-        out[name] = g
+    return rest
 
 
 def fair_shares(tree: QueueTree, pool: str, capacity: float, leaf_demand: Mapping[str, int]) -> dict[str, float]:

@@ -72,7 +72,7 @@ def _capacity(node_list: list[NodeSpec]) -> dict[str, int]:
 def queue_specs(draw: st.DrawFn, cap: Mapping[str, int]) -> list[QueueSpec]:
     """1-2 levels; quotas that validate (children within parent, top level within capacity), limits >= quota."""
     pools = sorted(cap)
-    weights = st.sampled_from([0.5, 1.0, 1.0, 2.0, 3.0])
+    weights = st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.0, 3.0])
 
     def quota_limit(room: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int], float | dict[str, float]]:
         quota: dict[str, int] = {}
@@ -259,7 +259,7 @@ def capped_demand(t: QueueTree, pool: str, leaf: Mapping[str, int]) -> dict[str,
 def reference_split(children: list[Queue], share: float, pool: str, demand: Mapping[str, float]) -> dict[str, float]:
     """Steps 2-3 of the fair share, literally: guarantees (scaled down if they exceed the parent's share), then
     rounds of weighted splitting of the rest among children below min(limit, demand), until R is 0 or none can
-    take more. Weights are positive in generated trees."""
+    take more. Zero-weight children (docs/scheduling.md) share equally what weighted children leave."""
     g = {c.name: min(float(c.quota_of(pool)), demand[c.name]) for c in children}
     total = sum(g.values())
     if total > share:
@@ -269,12 +269,16 @@ def reference_split(children: list[Queue], share: float, pool: str, demand: Mapp
     cap = {c.name: min(c.limit_of(pool), demand[c.name]) for c in children}
     while rest > 1e-12:
         open_ = [c for c in children if out[c.name] < cap[c.name] - 1e-12]
-        w = sum(c.weight_of(pool) for c in open_)
+        weight = {c.name: c.weight_of(pool) for c in open_ if c.weight_of(pool) > 0}
+        if not weight:
+            weight = {c.name: 1.0 for c in open_}
+        open_ = [c for c in open_ if c.name in weight]
+        w = sum(weight.values())
         if not open_ or w <= 0:
             break
         given = 0.0
         for c in open_:
-            take = min(rest * c.weight_of(pool) / w, cap[c.name] - out[c.name])
+            take = min(rest * weight[c.name] / w, cap[c.name] - out[c.name])
             out[c.name] += take
             given += take
         rest -= given
@@ -692,13 +696,12 @@ def test_invariants_with_starvation_guard(case: Case) -> None:
     run_checked(case)
 
 
-@settings(PROPERTY, max_examples=100)
-@given(cases(guard=False, max_jobs=12))
+@settings(PROPERTY, max_examples=200)
+@given(cases(max_jobs=12))
 def test_admission_reaches_a_fixpoint(case: Case) -> None:
-    """After schedule(t) returns, another pass at t (everything marked changed) starts and preempts nothing.
-    Known to fail (not on this seed) until skipped queues are retried within a call: see
-    test_skipped_queue_retried_after_later_start_in_pass and test_guard_lifted_mid_pass_retries_skipped_queues;
-    once fixed, draw cases() with the guard on as well and raise max_examples."""
+    """After schedule(t) returns, another pass at t (everything marked changed) starts and preempts nothing;
+    with and without the starvation guard (regressions: test_skipped_queue_retried_after_later_start_in_pass,
+    test_guard_lifted_mid_pass_retries_skipped_queues)."""
     note(describe(case.world))
     run_checked(case, probe_fixpoint=True)
 
@@ -806,12 +809,6 @@ def test_guard_head_that_never_runs_blocks_queue_forever() -> None:
     assert {"t": 700, "event": "started", "job": "late", "nodes": {"a100-0": [0]}} in events
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Engine bug (starvation guard): when the starving job H starts in a pass, its reservation is lifted, but "
-    "queues skipped earlier in that pass because of it are not tried again (a new pass follows only a "
-    "preemption). X (1 GPU) waits from t=50 to t=550 while a100-0 has 2 idle GPUs held for nobody. Breaks "
-    "SCHEDULING.md, Admission: 'The engine admits one job at a time until nothing more can start' and Simulation "
-    "clock: 'then admission and preemption until nothing changes'."))
 def test_guard_lifted_mid_pass_retries_skipped_queues() -> None:
     w = world(nodes("a100", 2, 4), [queue("alpha"), queue("beta", quota={"a100": 8}), queue("zeta")], [
         sim_job("L", 0, 50, queue="beta", gpus=4, preemptible=False),  # a100-0 until t=50
@@ -825,14 +822,6 @@ def test_guard_lifted_mid_pass_retries_skipped_queues() -> None:
     assert {"t": 50, "event": "started", "job": "X", "nodes": {"a100-0": [2]}} in events
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Engine bug (admission stops early): a queue skipped in a pass is not tried again when a later start in the "
-    "same pass changes what it may do, and a pass repeats only after a preemption. At t=10, B's J (4 GPUs, within "
-    "B's fair share of 4) is tried first and may preempt nothing (A uses 4 of its share 3; taking O would drop A's "
-    "ratio to 0 < 1). Then A's K starts on a100-1: A uses 7, and taking O leaves A at ratio 1 >= B's 1, so tier 2 "
-    "now allows it, but J waits until t=1000 (any unrelated event at t=11 would start it at t=11). Breaks "
-    "SCHEDULING.md, Admission: 'admits one job at a time until nothing more can start'; Simulation clock: "
-    "'admission and preemption until nothing changes'."))
 def test_skipped_queue_retried_after_later_start_in_pass() -> None:
     w = world(nodes("a100", 2, 4), [queue("A", weight=1), queue("B", weight=3), queue("C", quota={"a100": 1})], [
         sim_job("O", 0, 1000, queue="A", gpus=4),  # a100-0
@@ -845,14 +834,6 @@ def test_skipped_queue_retried_after_later_start_in_pass() -> None:
     assert {"t": 10, "event": "started", "job": "J", "nodes": {"a100-0": [0, 1, 2, 3]}} in events
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Engine bug (fair share, zero weights): split() hands the rest R to zero-weight children only when every open "
-    "child has weight 0. With a (weight 1, demand 2) and b (weight 0, demand 10) on 8 GPUs, b gets 0 and 6 GPUs of "
-    "share go to nobody, while with a's demand at 0 b gets all 8: raising a's demand by 2 takes 8 from b. "
-    "SCHEDULING.md, Fair share step 3: 'a child that reaches its cap keeps the cap and the remainder is split "
-    "again among the others, until R is 0 or no child can take more'; docs/scheduling.md: zero-weight children "
-    "share the remainder 'only when every child that still wants more has weight 0', which is the case once a is "
-    "capped."))
 def test_zero_weight_child_gets_what_weighted_children_leave() -> None:
     t = QueueTree([queue("a", weight=1), queue("b", weight=0)], {"a100": 8})
     assert fair_shares(t, "a100", 8, {"a": 0, "b": 10}) == pytest.approx({"a": 0, "b": 8})

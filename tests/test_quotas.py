@@ -42,9 +42,10 @@ def test_hierarchy_and_demand() -> None:
     assert fair_shares(t, "a100", 32, {"a": 40})["a"] == pytest.approx(32)
 
 
-def test_zero_weights_share_only_what_nobody_weighted_wants() -> None:
+def test_zero_weights_get_what_weighted_children_leave() -> None:
     t = tree(QueueSpec("a", weight=0), QueueSpec("b", weight=1, limit={"a100": 8}))
-    assert fair_shares(t, "a100", 32, {"a": 100, "b": 100}) == pytest.approx({"a": 0, "b": 8})
+    assert fair_shares(t, "a100", 32, {"a": 100, "b": 100}) == pytest.approx({"a": 24, "b": 8})
+    assert fair_shares(t, "a100", 32, {"a": 100, "b": 4}) == pytest.approx({"a": 28, "b": 4})
     t = tree(QueueSpec("a", weight=0), QueueSpec("b", weight=0))
     assert fair_shares(t, "a100", 32, {"a": 100, "b": 100}) == pytest.approx({"a": 16, "b": 16})
 

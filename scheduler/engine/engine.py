@@ -158,11 +158,19 @@ class Engine:
         return out
 
     def _schedule_pool(self, ps: PoolState, now: float, out: list[Decision]) -> None:
+        """Passes until one starts nothing, or until nothing a skipped queue could use has changed."""
+        res = self._reservation(ps, now)
         for _ in range(MAX_PASSES):
-            started, preempted = self._pass(ps, now, self._reservation(ps, now), out)
-            if started:
-                self._mark_skipped(ps, started, now)
-            if not (started and preempted):
+            grew = ps.victims_grew
+            started, preempted = self._pass(ps, now, res, out)
+            if not started:
+                return
+            self._mark_skipped(ps, started, now)
+            before, res = res, self._reservation(ps, now)
+            # A queue skipped in this pass can do more only if GPUs were freed (preemption, a reservation
+            # lifted or moved) or there is more to take back (a queue over quota or fair share grew).
+            moved = (before.job if before else None) is not (res.job if res else None)
+            if not (preempted or moved or ps.victims_grew != grew):
                 return
 
     def _pass(self, ps: PoolState, now: float, res: Reservation | None,

@@ -71,6 +71,8 @@ class PoolState:
         self.over_quota: dict[str, set[str]] = {}
         # Leaves over their fair share: tier 2 looks only at these.
         self.over_share: set[str] = set()
+        # Counts starts that gave tiers 1 and 2 more to take (a queue over quota or share grew).
+        self.victims_grew = 0
         # Starvation guard: queue heads not yet overtaken (by age), and overtaken ones (by when).
         self.unmarked: SortedList = SortedList(key=arrival_key)
         self.marked: SortedList = SortedList(key=starve_key)
@@ -146,9 +148,12 @@ class PoolState:
             over = self.over_quota.setdefault(a.parent.name if a.parent else "", set())
             if self.usage[a.name] > a.quota_of(self.name):
                 over.add(a.name)
+                self.victims_grew += delta > 0
             else:
                 over.discard(a.name)
         self._mark_share(q)
+        if delta > 0 and q.name in self.over_share:
+            self.victims_grew += 1
         self._requeue(q.name)
 
     # ----- fair share and queue order -----
