@@ -16,7 +16,7 @@ import sys
 import time
 
 from quotas import QueueSpec, QueueTree
-from scheduler.engine import NodeSpec, Settings, Started
+from scheduler.engine import NodeSpec, Settings
 from scheduler.engine.model import JobSpec
 from scheduler.sim.inputs import SimJob, World
 from scheduler.sim.runner import Simulation

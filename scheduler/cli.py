@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,7 +58,7 @@ def _summary(log: dict[str, Any], queues: dict[str, str]) -> None:
             preempted += 1
         state[j] = "pending" if e["event"] in ("submitted", "preempted") else e["event"]
         state[j] = "running" if e["event"] == "started" else state[j]
-    counts = defaultdict(int)
+    counts: Counter[str] = Counter()
     for s in state.values():
         counts[s] += 1
     out.print(f"policy {log['policy']}: {len(state)} jobs, " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))

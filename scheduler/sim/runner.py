@@ -82,14 +82,14 @@ class Simulation:
             elif e.node_up is not None:
                 self.engine.node_up(e.node_up, t)
         elif phase == CANCEL:
-            job_id = self.world.events[order].cancel
-            assert job_id is not None
-            if job_id not in self.engine.jobs:
-                if job_id not in self._cancelled_early:
-                    self._cancelled_early.add(job_id)
-                    self._log(t, "cancelled", job_id, reason="cancelled before its submission")
-            elif self.engine.cancel(job_id, t):
-                self._log(t, "cancelled", job_id)
+            cancel = self.world.events[order].cancel
+            assert cancel is not None
+            if cancel not in self.engine.jobs:
+                if cancel not in self._cancelled_early:
+                    self._cancelled_early.add(cancel)
+                    self._log(t, "cancelled", cancel, reason="cancelled before its submission")
+            elif self.engine.cancel(cancel, t):
+                self._log(t, "cancelled", cancel)
         elif phase == SUBMIT:
             job = self._live[ref].job
             if ref in self._cancelled_early:
