@@ -43,13 +43,14 @@ class Preemption:
         self.young = young  # a job under min_runtime: not a victim (the caller registers a wakeup)
         self.pool = ps.name
         self.request = job.request
+        self.shares = ps.shares()
         u = ps.usage[q.name]
         self.tiers = {PRIORITY}
         if ps.over_limit(q, self.request) is None and (u + self.request <= q.quota_of(self.pool)
                                                        or job.spec.preemptible):
             if u + self.request <= q.quota_of(self.pool):
                 self.tiers.add(RECLAIM)
-            if u + self.request <= ps.shares().get(q.name, 0.0):
+            if u + self.request <= self.shares.get(q.name, 0.0):
                 self.tiers.add(FAIR_SHARE)
 
     # ----- candidates -----
@@ -71,8 +72,13 @@ class Preemption:
                         if leaf in ps.running:
                             tiers.setdefault(leaf, []).append(RECLAIM)
         if FAIR_SHARE in self.tiers:
+            shares = self.shares
+            after_q = ratio(ps.usage[q.name] + self.request, shares.get(q.name, 0.0))
+            least = 1 if self.request else 0  # the smallest job that can help frees a GPU
             for leaf in ps.over_share:
-                if leaf != q.name and leaf in ps.running:
+                # Skip queues whose ratio would drop below q's after losing even their smallest job.
+                if leaf != q.name and leaf in ps.running and ratio(
+                        ps.usage[leaf] - least, shares.get(leaf, 0.0)) >= after_q:
                     tiers.setdefault(leaf, []).append(FAIR_SHARE)
         return tiers
 
@@ -156,14 +162,14 @@ class Preemption:
                     {"queue": q.name, "branch": b.name, "branch_usage": left, "branch_quota": b.quota_of(pool)})
                 from_branch[b.name] += j.request
             elif tier == FAIR_SHARE:
-                after_v = ratio(ps.usage[v.name] - from_queue[v.name] - j.request, ps.shares().get(v.name, 0.0))
-                after_q = ratio(ps.usage[q.name] + self.request - from_queue[q.name], ps.shares().get(q.name, 0.0))
+                after_v = ratio(ps.usage[v.name] - from_queue[v.name] - j.request, self.shares.get(v.name, 0.0))
+                after_q = ratio(ps.usage[q.name] + self.request - from_queue[q.name], self.shares.get(q.name, 0.0))
                 if after_v < after_q:
                     continue
                 why = Reason("fair_share", (
                     f"{q.name} is below its fair share of {pool} ({ps.usage[q.name]} + {self.request} <= "
-                    f"{ps.shares().get(q.name, 0.0):.2f}); {v.name} uses {ps.usage[v.name]} GPUs, over its fair "
-                    f"share of {ps.shares().get(v.name, 0.0):.2f}, and its ratio stays {after_v:.2f} >= "
+                    f"{self.shares.get(q.name, 0.0):.2f}); {v.name} uses {ps.usage[v.name]} GPUs, over its fair "
+                    f"share of {self.shares.get(v.name, 0.0):.2f}, and its ratio stays {after_v:.2f} >= "
                     f"{after_q:.2f}"), {"queue": q.name, "victim_queue": v.name, "ratio_after": after_v,
                                         "beneficiary_ratio_after": after_q})
             else:
