@@ -109,7 +109,8 @@ class LasEngine(Engine):
 
     def _schedule_pool(self, ps: PoolState, now: float, out: list[Decision]) -> None:
         jobs = [j for js in ps.running.values() for j in js] + [j for js in ps.pending.values() for j in js]
-        jobs.sort(key=lambda j: (self._band(self._service(j, now)), j.submit, j.seq))
+        # Within a band, running jobs keep their GPUs: only a job of a lower band displaces one.
+        jobs.sort(key=lambda j: (self._band(self._service(j, now)), j.state is not JobState.RUNNING, j.submit, j.seq))
         # Choose who should run by GPU count within capacity and limits; young jobs (min_runtime) stay.
         keep: set[str] = set()
         used: Counter[str] = Counter()

@@ -66,10 +66,12 @@ class Pool:
         self.buckets: list[SortedList] = [SortedList() for _ in range(self.max_gpus + 1)]
         self.capacity = 0  # GPUs on nodes that are up
         self.free_gpus = 0
+        self.freed = 0  # counts releases and nodes coming up: anything that can give a job more room
         for n in self.nodes.values():
             self._bring_up(n)
 
     def _bring_up(self, n: Node) -> None:
+        self.freed += 1
         n.up = True
         self.capacity += n.spec.gpus
         self.free_gpus += len(n.free)
@@ -102,6 +104,7 @@ class Pool:
         return out
 
     def release(self, spec: JobSpec, workers: Placement) -> None:
+        self.freed += 1
         for name, gpus in workers:
             n = self.nodes[name]
             if n.up:

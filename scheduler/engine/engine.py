@@ -65,6 +65,7 @@ class Engine:
         self._wakeups: list[float] = []
         self._instant: float | None = None
         self._preempted_now: set[str] = set()  # jobs preempted at this instant: they may not preempt back
+        self._stuck: dict[str, tuple[object, ...]] = {}  # queue -> state in which it last found nothing
 
     # ----- inputs -----
 
@@ -241,7 +242,11 @@ class Engine:
 
     def _try_queue(self, ps: PoolState, q: Queue, now: float, res: Reservation | None) -> tuple[Job, Plan] | None:
         """The first job of `q`, in queue order, that can start now (best-effort FIFO)."""
-        if not self._may_start_any(ps, q, res):
+        # A queue that found nothing stays stuck until something could help it: room freed anywhere, a
+        # change to its own jobs, more to take back, new shares, another reservation or a new instant.
+        state = (ps.pool.freed, ps.version[q.name], ps.victims_grew, id(ps.shares()),
+                 None if res is None else (res.job.id, res.nodes), now)
+        if self._stuck.get(q.name) == state or not self._may_start_any(ps, q, res):
             return None
         tried: set[tuple[object, ...]] = set()
         for job in ps.pending[q.name]:
@@ -255,6 +260,7 @@ class Engine:
             if plan is not None:
                 return job, plan
             tried.add(shape)
+        self._stuck[q.name] = state
         return None
 
     def _may_start_any(self, ps: PoolState, q: Queue, res: Reservation | None) -> bool:

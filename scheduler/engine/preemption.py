@@ -88,12 +88,17 @@ class Preemption:
         queues = sorted((tier, -ps.ratio(ps.tree[name]), name)
                         for name, tiers in self._victim_queues().items() for tier in tiers)
         # Queues are read a block of equal (tier, ratio) at a time: most plans need only the first block.
-        for (tier, neg_ratio), block in itertools.groupby(queues, key=lambda e: (e[0], e[1])):
-            streams = [self._stream(tier, -neg_ratio, ps.running[name]) for _, _, name in block]
-            for _, _, j in heapq.merge(*streams):
-                if not j.spec.preemptible or (tier == PRIORITY and j.spec.priority >= self.job.spec.priority):
-                    continue
-                if not self.young(j):
+        for (tier, neg_ratio), group in itertools.groupby(queues, key=lambda e: (e[0], e[1])):
+            block = [name for _, _, name in group]
+            if len(block) == 1:
+                jobs: Iterable[Job] = ps.running[block[0]]  # already in victim order
+            else:
+                jobs = (j for _, _, j in heapq.merge(*(self._stream(tier, -neg_ratio, ps.running[name])
+                                                       for name in block)))
+            for j in jobs:
+                if tier == PRIORITY and j.spec.priority >= self.job.spec.priority:
+                    break  # within one queue, lowest priority first: no lower-priority job is left
+                if j.spec.preemptible and not self.young(j):
                     yield tier, j
 
     @staticmethod
@@ -138,8 +143,23 @@ class Preemption:
             return None
         return ps.pool.place(spec, self.excluded, self.freed)
 
+    def _priority_only_hopeless(self) -> bool:
+        """With only tier 3: even all the job's lower-priority queue-mates gone, would it fit by GPU count?"""
+        if self.tiers != {PRIORITY}:
+            return False
+        self._init_room()
+        for j in self.ps.running.get(self.q.name, ()):
+            if j.spec.priority >= self.job.spec.priority:
+                break  # victim order: lowest priority first
+            if j.spec.preemptible:
+                self._take(j, 1)
+        spec = self.job.spec
+        return self.ps.pool.free_gpus + self.extra < self.request or bool(spec.gpus and self.slots < spec.workers)
+
     def plan(self) -> Plan | None:
         ps, pool, q = self.ps, self.pool, self.q
+        if self._priority_only_hopeless():
+            return None
         taken: list[Victim] = []
         taken_ids: set[int] = set()
         self._init_room()
@@ -150,34 +170,23 @@ class Preemption:
             if id(j) in taken_ids:
                 continue  # already taken in an earlier tier
             v = ps.tree[j.spec.queue]
+            # The numbers each reason will quote, as they stand when the victim is taken.
+            facts: dict[str, float | int | str] = {"queue": q.name, "victim_queue": v.name}
             if tier == RECLAIM:
                 b = ps.tree.branch(v, q)
                 left = ps.usage[b.name] - from_branch[b.name]
                 if left <= b.quota_of(pool):
                     continue
-                why = Reason("reclaim", (
-                    f"{q.name} reclaims its guarantee on {pool}: it uses {ps.usage[q.name]} GPUs and "
-                    f"{self.job.id} needs {self.request}, within its quota of {q.quota_of(pool)}; {b.name} uses "
-                    f"{left} GPUs, over its quota of {b.quota_of(pool)}"),
-                    {"queue": q.name, "branch": b.name, "branch_usage": left, "branch_quota": b.quota_of(pool)})
+                facts.update(branch=b.name, branch_usage=left, branch_quota=b.quota_of(pool))
                 from_branch[b.name] += j.request
             elif tier == FAIR_SHARE:
                 after_v = ratio(ps.usage[v.name] - from_queue[v.name] - j.request, self.shares.get(v.name, 0.0))
                 after_q = ratio(ps.usage[q.name] + self.request - from_queue[q.name], self.shares.get(q.name, 0.0))
                 if after_v < after_q:
                     continue
-                why = Reason("fair_share", (
-                    f"{q.name} is below its fair share of {pool} ({ps.usage[q.name]} + {self.request} <= "
-                    f"{self.shares.get(q.name, 0.0):.2f}); {v.name} uses {ps.usage[v.name]} GPUs, over its fair "
-                    f"share of {self.shares.get(v.name, 0.0):.2f}, and its ratio stays {after_v:.2f} >= "
-                    f"{after_q:.2f}"), {"queue": q.name, "victim_queue": v.name, "ratio_after": after_v,
-                                        "beneficiary_ratio_after": after_q})
-            else:
-                why = Reason("priority", (
-                    f"{self.job.id} (priority {self.job.spec.priority}) preempts lower-priority work of "
-                    f"{q.name} (priority {j.spec.priority})"), {"priority": self.job.spec.priority})
+                facts.update(victim_usage=ps.usage[v.name], ratio_after=after_v, beneficiary_ratio_after=after_q)
             from_queue[v.name] += j.request
-            taken.append(Victim(j, tier, why))
+            taken.append(Victim(j, tier, Reason(CAUSE[tier], "", facts)))
             taken_ids.add(id(j))
             self._take(j, 1)
             nodes = self.admissible()
@@ -195,4 +204,23 @@ class Preemption:
             else:
                 self._take(victim.job, 1)
                 kept.append(victim)
+        for victim in kept:
+            victim.reason = self._explain(victim)
         return Plan(kept[::-1], nodes)
+
+    def _explain(self, victim: Victim) -> Reason:
+        """The sentence a victim sees: who took its GPUs back, under which rule, with the numbers."""
+        q, pool, ps, f = self.q, self.pool, self.ps, victim.reason.numbers
+        head = f"{q.name} uses {ps.usage[q.name]} GPUs of {pool} and {self.job.id} needs {self.request}"
+        if victim.tier == RECLAIM:
+            msg = (f"{q.name} reclaims its guarantee on {pool}: {head}, within its quota of {q.quota_of(pool)}; "
+                   f"{f['branch']} uses {f['branch_usage']} GPUs, over its quota of {f['branch_quota']}")
+        elif victim.tier == FAIR_SHARE:
+            msg = (f"{q.name} is below its fair share: {head}, within its share of "
+                   f"{self.shares.get(q.name, 0.0):.2f}; {f['victim_queue']} uses {f['victim_usage']} GPUs, over "
+                   f"its share of {self.shares.get(str(f['victim_queue']), 0.0):.2f}, and its ratio stays "
+                   f"{float(f['ratio_after']):.2f} >= {float(f['beneficiary_ratio_after']):.2f}")
+        else:
+            msg = (f"{self.job.id} (priority {self.job.spec.priority}) preempts lower-priority work of {q.name} "
+                   f"(priority {victim.job.spec.priority})")
+        return Reason(CAUSE[victim.tier], msg, victim.reason.numbers)

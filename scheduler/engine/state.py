@@ -71,6 +71,7 @@ class PoolState:
         self.over_quota: dict[str, set[str]] = {}
         # Leaves over their fair share: tier 2 looks only at these.
         self.over_share: set[str] = set()
+        self.version: Counter[str] = Counter()  # leaf -> bumps on every change to its jobs or usage
         # Counts starts that gave tiers 1 and 2 more to take (a queue over quota or share grew).
         self.victims_grew = 0
         # Starvation guard: queue heads not yet overtaken (by age), and overtaken ones (by when).
@@ -225,6 +226,7 @@ class PoolState:
 
     def _requeue(self, name: str) -> None:
         self.dirty = True
+        self.version[name] += 1
         jobs = self.pending.get(name)
         head = jobs[0] if jobs else None
         running = self.running.get(name)
