@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from scheduler.sim.inputs import TRACE_COLUMNS, InputError
+from scheduler.sim.inputs import TRACE_COLUMNS, InputError, Row, read_rows
 
 # A source row and the 1-based line of the file it came from, so errors can point at it.
-Row = tuple[int, Mapping[str, str]]
 
 
 class RowError(ValueError):
@@ -146,23 +145,6 @@ FORMATS: dict[str, Format] = {
     "philly": Format(("timestamp", "duration", "num_gpus", "cluster"), philly,
                      "Microsoft Philly, as processed in the Pollux artifact"),
 }
-
-
-def read_rows(path: Path, columns: Iterable[str]) -> Iterator[Row]:
-    """Rows of a CSV file with their line numbers; InputError when the file or a required column is missing."""
-    try:
-        f = path.open(newline="")
-    except OSError as err:
-        raise InputError(path, "", f"cannot read the file: {err.strerror}") from err
-    with f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise InputError(path, "line 1", f"the header lacks column(s) {', '.join(missing)}; "
-                             f"found {','.join(header) or 'no header'}")
-        for row in reader:
-            yield reader.line_num, row
 
 
 def import_trace(fmt: str, src: str | Path, opts: ImportOptions) -> list[TraceJob]:

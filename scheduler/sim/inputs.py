@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from quotas import QueueSpec, QueueTree, QuotaError
 from scheduler.engine import JobSpec, NodeSpec, Settings
+
+# A CSV row with its line number.
+Row = tuple[int, Mapping[str, str]]
 
 
 class InputError(Exception):
@@ -289,40 +293,45 @@ def _bool(path: Path, line: int, raw: str) -> bool:
     raise InputError(path, f"line {line}, column preemptible", f"{raw!r} is not true or false")
 
 
-def load_trace(path: str | Path) -> list[SimJob]:
-    """A trace CSV (SIMULATOR.md): header row, then one job a row."""
-    path = Path(path)
+def read_rows(path: Path, columns: Iterable[str]) -> Iterator[Row]:
+    """Rows of a CSV file with their line numbers; InputError when the file or a required column is missing."""
     try:
         f = path.open(newline="")
     except OSError as err:
         raise InputError(path, "", f"cannot read the file: {err.strerror}") from err
-    jobs: list[SimJob] = []
-    seen: set[str] = set()
     with f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
-        missing = [c for c in _REQUIRED if c not in header]
+        missing = [c for c in columns if c not in header]
         if missing:
-            raise InputError(path, "line 1", f"the header lacks column(s) {', '.join(missing)}; expected "
-                             f"{','.join(TRACE_COLUMNS)}")
+            raise InputError(path, "line 1", f"the header lacks column(s) {', '.join(missing)}; "
+                             f"found {','.join(header) or 'no header'}")
         for row in reader:
-            line = reader.line_num
-            jid = (row["id"] or "").strip()
-            if not jid:
-                raise InputError(path, f"line {line}, column id", "is empty; it is required")
-            if jid in seen:
-                raise InputError(path, f"line {line}, column id", f"job id {jid!r} is used twice")
-            seen.add(jid)
-            for col in ("queue", "pool"):
-                if not (row.get(col) or "").strip():
-                    raise InputError(path, f"line {line}, column {col}", "is empty; it is required")
-            spec = JobSpec(
-                id=jid, queue=row["queue"].strip(), pool=row["pool"].strip(),
-                workers=_number(path, line, "workers", row.get("workers") or "", int, 1, 1),
-                gpus=_number(path, line, "gpus", row.get("gpus") or "", int, 1, 0),
-                priority=_number(path, line, "priority", row.get("priority") or "", int, 0, -math.inf),
-                preemptible=_bool(path, line, row.get("preemptible") or ""),
-            )
-            jobs.append(SimJob(spec, _number(path, line, "submit", row["submit"] or "", float, None, 0),
-                               _number(path, line, "duration", row["duration"] or "", float, None, 0)))
+            yield reader.line_num, row
+
+
+def load_trace(path: str | Path) -> list[SimJob]:
+    """A trace CSV (SIMULATOR.md): header row, then one job a row."""
+    path = Path(path)
+    jobs: list[SimJob] = []
+    seen: set[str] = set()
+    for line, row in read_rows(path, _REQUIRED):
+        jid = (row["id"] or "").strip()
+        if not jid:
+            raise InputError(path, f"line {line}, column id", "is empty; it is required")
+        if jid in seen:
+            raise InputError(path, f"line {line}, column id", f"job id {jid!r} is used twice")
+        seen.add(jid)
+        for col in ("queue", "pool"):
+            if not (row.get(col) or "").strip():
+                raise InputError(path, f"line {line}, column {col}", "is empty; it is required")
+        spec = JobSpec(
+            id=jid, queue=row["queue"].strip(), pool=row["pool"].strip(),
+            workers=_number(path, line, "workers", row.get("workers") or "", int, 1, 1),
+            gpus=_number(path, line, "gpus", row.get("gpus") or "", int, 1, 0),
+            priority=_number(path, line, "priority", row.get("priority") or "", int, 0, -math.inf),
+            preemptible=_bool(path, line, row.get("preemptible") or ""),
+        )
+        jobs.append(SimJob(spec, _number(path, line, "submit", row["submit"] or "", float, None, 0),
+                           _number(path, line, "duration", row["duration"] or "", float, None, 0)))
     return jobs
