@@ -202,10 +202,12 @@ class Engine:
                     nxt = next(cursor, None)
                 else:
                     break
-                if key[0] >= 1 and not short and ps.pool.free_gpus < ps.min_need() and name not in ps.mixed:
+                if (key[0] >= 1 and not short and name not in ps.mixed
+                        and self._usable_free(ps, res, name) < ps.min_need()):
                     # From here on every queue is at or over its fair share (so it has no tier 1 or 2) and no
                     # pending job fits in the free GPUs: only queues with lower-priority work (tier 3) remain.
-                    rest = sorted(ps.mixed - moved.keys())
+                    rest = sorted(n for n, room in ps.mixed.items()
+                                  if n not in moved and room + self._usable_free(ps, res, n) >= ps.min_pending(n))
                     for name in rest:
                         found = self._try_queue(ps, self.tree[name], now, res)
                         if found is not None:
@@ -227,6 +229,15 @@ class Engine:
         finally:
             ps.thaw()
         return started, preempted
+
+    @staticmethod
+    def _usable_free(ps: PoolState, res: Reservation | None, queue: str) -> int:
+        """Free GPUs a job of `queue` over its quota may use: those on nodes held for another queue's job
+        do not count."""
+        free = ps.pool.free_gpus
+        if res is not None and res.job.spec.queue != queue:
+            free -= sum(len(ps.pool.nodes[n].free) for n in res.nodes if ps.pool.nodes[n].up)
+        return free
 
     def _apply(self, ps: PoolState, found: tuple[Job, Plan], now: float, out: list[Decision],
                started: list[Job]) -> bool:
@@ -266,10 +277,7 @@ class Engine:
     def _may_start_any(self, ps: PoolState, q: Queue, res: Reservation | None) -> bool:
         """A cheap necessary condition, so that a full pool does not walk every pending job of every queue."""
         need = ps.min_pending(q.name)
-        free = ps.pool.free_gpus
-        if res is not None and res.nodes and res.job.spec.queue != q.name:
-            free -= sum(len(ps.pool.nodes[n].free) for n in res.nodes)
-        if need <= free:
+        if need <= self._usable_free(ps, res, q.name):
             return True
         running = ps.running.get(q.name)
         if running and ps.pending[q.name][0].spec.priority > running[0].spec.priority:
@@ -287,6 +295,12 @@ class Engine:
                 return Plan([], nodes)
         if job.id in self._preempted_now or not self.preemption:
             return None
+        u, r = ps.usage[q.name], job.request
+        running = ps.running.get(q.name)
+        if not (u + r <= q.quota_of(pool) or (spec.preemptible and u + r <= ps.shares().get(q.name, 0.0))
+                or (running and running[0].spec.priority < spec.priority
+                    and ps.mixed.get(q.name, 0) + ps.pool.free_gpus >= r)):
+            return None  # no tier applies: skip building the candidate lists
         return Preemption(ps, job, q, excluded, lambda j: self._young(j, now)).plan()
 
     def _young(self, j: Job, now: float) -> bool:

@@ -147,6 +147,9 @@ class Preemption:
         """With only tier 3: even all the job's lower-priority queue-mates gone, would it fit by GPU count?"""
         if self.tiers != {PRIORITY}:
             return False
+        running = self.ps.running.get(self.q.name)
+        if not running or running[0].spec.priority >= self.job.spec.priority:
+            return True  # nothing of lower priority to take
         self._init_room()
         for j in self.ps.running.get(self.q.name, ()):
             if j.spec.priority >= self.job.spec.priority:

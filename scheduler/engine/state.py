@@ -65,8 +65,9 @@ class PoolState:
         self._frozen = False
         self._deferred: set[str] = set()
         self._missed: set[str] = set()  # queues changed while shares were stale
-        # Leaves whose first pending job outranks a running job of theirs: tier 3 may apply.
-        self.mixed: set[str] = set()
+        # Leaves whose first pending job outranks preemptible running jobs of theirs (tier 3 may apply), with
+        # the GPUs those lower-priority jobs hold.
+        self.mixed: dict[str, int] = {}
         # Queues over their quota, per parent ("" for the top level): tier 1 looks only at these.
         self.over_quota: dict[str, set[str]] = {}
         # Leaves over their fair share: tier 2 looks only at these.
@@ -230,10 +231,16 @@ class PoolState:
         jobs = self.pending.get(name)
         head = jobs[0] if jobs else None
         running = self.running.get(name)
-        if head is not None and running and head.spec.priority > running[0].spec.priority:
-            self.mixed.add(name)
+        room = 0
+        if head is not None and running:
+            for j in running:  # victim order: lowest priority first
+                if j.spec.priority >= head.spec.priority:
+                    break
+                room += j.request if j.spec.preemptible else 0
+        if room:
+            self.mixed[name] = room
         else:
-            self.mixed.discard(name)
+            self.mixed.pop(name, None)
         if self._frozen:
             self._deferred.add(name)
         else:
