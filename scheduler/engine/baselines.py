@@ -127,6 +127,8 @@ class LasEngine(Engine):
             if j.state is JobState.RUNNING and (not j.spec.preemptible or self._young(j, now)):
                 take(j)
         for j in jobs:
+            if budget <= 0:
+                break
             path = self.tree[j.spec.queue].path
             if j.id not in keep and j.request <= budget and all(
                     used[a.name] + j.request <= a.limit_of(ps.name) for a in path):
@@ -141,6 +143,8 @@ class LasEngine(Engine):
         # Start the chosen jobs (best fit), then let any other waiting job use GPUs left free.
         for chosen in (True, False):
             for j in jobs:
+                if ps.pool.free_gpus <= 0:
+                    break
                 if j.state is not JobState.PENDING or (j.id in keep) != chosen or j.id in self._preempted_now:
                     continue
                 if ps.over_limit(self.tree[j.spec.queue], j.request) is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,8 +49,9 @@ class JobSpec:
     preemptible: bool = True
     checkpoint: bool = False
 
-    @property
+    @functools.cached_property
     def request(self) -> int:
+        """GPUs of the whole gang."""
         return self.workers * self.gpus
 
 
