@@ -9,24 +9,6 @@ from quotas.tree import Queue, QueueTree
 EPS = 1e-9
 
 
-def demands(tree: QueueTree, pool: str, leaf_demand: Mapping[str, int]) -> dict[str, float]:
-    """Demand of every queue: a leaf's usage plus pending GPUs, an inner queue's children summed; capped at limit."""
-    out: dict[str, float] = {}
-
-    def walk(q: Queue) -> float:
-        if q.is_leaf:
-            d: float = leaf_demand.get(q.name, 0)
-        else:
-            d = sum(walk(c) for c in q.children)
-        d = min(d, q.limit_of(pool))
-        out[q.name] = d
-        return d
-
-    for q in tree.top:
-        walk(q)
-    return out
-
-
 # A child as the water-filling sees it: name, quota and weight in one pool.
 Kid = tuple[str, float, float]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from quotas import QueueSpec, QueueTree, QuotaError, demands, fair_shares
+from quotas import PoolShares, QueueSpec, QueueTree, QuotaError, fair_shares
 
 
 def tree(*specs: QueueSpec, capacity: int = 32) -> QueueTree:
@@ -34,7 +34,10 @@ def test_hierarchy_and_demand() -> None:
     t = tree(QueueSpec("ml", quota={"a100": 16}), QueueSpec("cv", quota={"a100": 16}, limit={"a100": 20}),
              QueueSpec("a", "ml", quota={"a100": 8}), QueueSpec("b", "ml", quota={"a100": 8}),
              QueueSpec("c", "cv", quota={"a100": 16}))
-    assert demands(t, "a100", {"a": 40, "c": 30}) == {"a": 40, "b": 0, "ml": 40, "c": 30, "cv": 20}
+    ps = PoolShares(t, "a100", 32)
+    ps.add_demand("a", 40)
+    ps.add_demand("c", 30)
+    assert ps.demand == {"a": 40, "b": 0, "ml": 40, "c": 30, "cv": 20}
     shares = fair_shares(t, "a100", 32, {"a": 40, "c": 30})
     assert shares["ml"] == pytest.approx(16) and shares["cv"] == pytest.approx(16)
     assert shares["a"] == pytest.approx(16) and shares["b"] == 0

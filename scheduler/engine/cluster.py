@@ -118,17 +118,7 @@ class Pool:
 
     def workers_fit_empty(self, spec: JobSpec) -> int:
         """How many workers of `spec` the pool could hold with every node (up or down) empty."""
-        total = 0
-        for (g, c, m), count in self.shapes.items():
-            per = [spec.workers]
-            if spec.gpus:
-                per.append(g // spec.gpus)
-            if spec.cpus and c is not None:
-                per.append(int(c // spec.cpus))
-            if spec.memory_gb and m is not None:
-                per.append(int(m // spec.memory_gb))
-            total += min(per) * count
-        return total
+        return sum(workers_per_node(spec, g, c, m) * count for (g, c, m), count in self.shapes.items())
 
     def largest_free(self) -> int:
         for k in range(self.max_gpus, -1, -1):
@@ -187,6 +177,18 @@ class Pool:
             if r[0] >= gpus:
                 room[name] = r
         return room
+
+
+def workers_per_node(spec: JobSpec, gpus: int, cpus: float | None, memory_gb: float | None) -> int:
+    """How many workers of `spec` (at most all of them) one empty node of that size holds."""
+    per = [spec.workers]
+    if spec.gpus:
+        per.append(gpus // spec.gpus)
+    if spec.cpus and cpus is not None:
+        per.append(int(cpus // spec.cpus))
+    if spec.memory_gb and memory_gb is not None:
+        per.append(int(memory_gb // spec.memory_gb))
+    return min(per)
 
 
 def _best_fit(room: dict[str, list[float]], spec: JobSpec) -> list[str] | None:

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 from quotas import QueueTree
 from quotas.tree import Queue
-from scheduler.engine.cluster import Pool
+from scheduler.engine.cluster import Pool, workers_per_node
 from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
 from scheduler.engine.explain import explain_pending, rejection
 from scheduler.engine.model import Job, JobSpec, JobState, NodeSpec, Reason, Settings
-from scheduler.engine.preemption import CAUSE, Plan, Preemption
+from scheduler.engine.preemption import CAUSE, PRIORITY, Plan, Preemption, tiers_for
 from scheduler.engine.state import PoolState
 
 MAX_PASSES = 1000  # a pass only repeats after a preemption; this bounds a pathological ping-pong
@@ -203,6 +203,7 @@ class Engine:
                 else:
                     break
                 if (key[0] >= 1 and not short and name not in ps.mixed
+                        and (res is None or res.job.spec.queue in moved or res.job.spec.queue not in ps.pending)
                         and self._usable_free(ps, res, name) < ps.min_need()):
                     # From here on every queue is at or over its fair share (so it has no tier 1 or 2) and no
                     # pending job fits in the free GPUs: only queues with lower-priority work (tier 3) remain.
@@ -293,15 +294,16 @@ class Engine:
             nodes = ps.pool.place(spec, excluded) if ps.pool.free_gpus >= job.request else None
             if nodes is not None:
                 return Plan([], nodes)
-        if job.id in self._preempted_now or not self.preemption:
+        if not self.preemption:
             return None
-        u, r = ps.usage[q.name], job.request
-        running = ps.running.get(q.name)
-        if not (u + r <= q.quota_of(pool) or (spec.preemptible and u + r <= ps.shares().get(q.name, 0.0))
-                or (running and running[0].spec.priority < spec.priority
-                    and ps.mixed.get(q.name, 0) + ps.pool.free_gpus >= r)):
-            return None  # no tier applies: skip building the candidate lists
-        return Preemption(ps, job, q, excluded, lambda j: self._young(j, now)).plan()
+        tiers = tiers_for(ps, job, q)
+        if job.id in self._preempted_now:
+            # Preempted at this instant: it may not take GPUs back across queues now (that could go back
+            # and forth forever), only from lower-priority jobs of its own queue.
+            tiers &= {PRIORITY}
+        if not tiers:
+            return None
+        return Preemption(ps, job, q, excluded, lambda j: self._young(j, now), tiers).plan()
 
     def _young(self, j: Job, now: float) -> bool:
         until = j.start + self.settings.min_runtime
@@ -361,24 +363,12 @@ class Engine:
     @staticmethod
     def _reserve_nodes(ps: PoolState, h: Job) -> frozenset[str]:
         """The nodes closest to holding the job (most free GPUs first): nothing else lands on them."""
-        s = h.spec
-        nodes = [n for n in ps.pool.nodes.values() if n.up and n.spec.gpus >= s.gpus
-                 and (n.spec.cpus is None or n.spec.cpus >= s.cpus)
-                 and (n.spec.memory_gb is None or n.spec.memory_gb >= s.memory_gb)]
-        nodes.sort(key=lambda n: (-len(n.free), n.name))
         chosen: list[str] = []
-        left = s.workers
-        for n in nodes:
+        left = h.spec.workers
+        for n in sorted((n for n in ps.pool.nodes.values() if n.up), key=lambda n: (-len(n.free), n.name)):
             if left <= 0:
                 break
-            fits = [left]
-            if s.gpus:
-                fits.append(n.spec.gpus // s.gpus)
-            if s.cpus and n.spec.cpus is not None:
-                fits.append(int(n.spec.cpus // s.cpus))
-            if s.memory_gb and n.spec.memory_gb is not None:
-                fits.append(int(n.spec.memory_gb // s.memory_gb))
-            take = min(fits)
+            take = workers_per_node(h.spec, n.spec.gpus, n.spec.cpus, n.spec.memory_gb)
             if take > 0:
                 chosen.append(n.name)
                 left -= take

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from quotas import QueueTree
 from scheduler.engine.cluster import Pool
 from scheduler.engine.model import Job, JobSpec, Reason
-from scheduler.engine.preemption import Preemption
+from scheduler.engine.preemption import PRIORITY, tiers_for
 from scheduler.engine.state import PoolState
 
 if TYPE_CHECKING:
@@ -92,10 +92,10 @@ def explain_pending(ps: PoolState, job: Job, res: Reservation | None, preempted_
     if excluded:
         assert res is not None
         msg += f"; nodes {', '.join(sorted(excluded))} are held for starving job {res.job.id}"
-    tiers = Preemption(ps, job, q, excluded, lambda j: False).tiers
+    tiers = tiers_for(ps, job, q)
     if preempted_now:
-        preempt = "it was preempted at this instant, so it may not preempt back until the next one"
-    elif len(tiers) == 1:
+        preempt = "it was preempted at this instant, so it may take GPUs back only from its own queue until the next"
+    elif not tiers - {PRIORITY}:
         preempt = (f"it may preempt only lower-priority jobs of {q.name}: {head}, and {u} + {r} is over both "
                    f"its quota and its fair share")
     else:

@@ -19,6 +19,24 @@ CandidateKey = tuple[int, float, int, float, int, str]
 CAUSE = {RECLAIM: "reclaim", FAIR_SHARE: "fair_share", PRIORITY: "priority"}
 
 
+def tiers_for(ps: PoolState, job: Job, q: Queue) -> set[int]:
+    """The tiers that may free GPUs for `job` of leaf `q` (SCHEDULING.md, Preemption), from the state before
+    preemption. Limits are not checked here: victims lower usage up the tree, and every plan is checked
+    against all admission rules with its victims removed."""
+    u, r, pool = ps.usage[q.name], job.request, ps.name
+    tiers = set()
+    if u + r <= q.quota_of(pool):
+        tiers.add(RECLAIM)
+    # Over quota, only a preemptible job may borrow; a non-preemptible one can only lift the guarantee rule
+    # by removing lower-priority work of its own queue.
+    if (job.spec.preemptible or u + r <= q.quota_of(pool)) and u + r <= ps.shares().get(q.name, 0.0):
+        tiers.add(FAIR_SHARE)
+    running = ps.running.get(q.name)
+    if running and running[0].spec.priority < job.spec.priority and ps.mixed.get(q.name, 0) > 0:
+        tiers.add(PRIORITY)
+    return tiers
+
+
 @dataclass
 class Victim:
     job: Job
@@ -38,20 +56,13 @@ class Preemption:
     """Finds the victims for one job of queue `q`, or None when no allowed set of victims makes it admissible."""
 
     def __init__(self, ps: PoolState, job: Job, q: Queue, excluded: Collection[str],
-                 young: Callable[[Job], bool]):
+                 young: Callable[[Job], bool], tiers: set[int]):
         self.ps, self.job, self.q, self.excluded = ps, job, q, excluded
         self.young = young  # a job under min_runtime: not a victim (the caller registers a wakeup)
         self.pool = ps.name
         self.request = job.request
         self.shares = ps.shares()
-        u = ps.usage[q.name]
-        self.tiers = {PRIORITY}
-        if ps.over_limit(q, self.request) is None and (u + self.request <= q.quota_of(self.pool)
-                                                       or job.spec.preemptible):
-            if u + self.request <= q.quota_of(self.pool):
-                self.tiers.add(RECLAIM)
-            if u + self.request <= self.shares.get(q.name, 0.0):
-                self.tiers.add(FAIR_SHARE)
+        self.tiers = tiers
 
     # ----- candidates -----
 
@@ -59,7 +70,7 @@ class Preemption:
         """Leaf queues that may lose jobs, each with its tiers: only queues over quota or over fair share."""
         ps, q = self.ps, self.q
         tiers: dict[str, list[int]] = {}
-        if q.name in ps.running:
+        if PRIORITY in self.tiers:
             tiers[q.name] = [PRIORITY]
         if RECLAIM in self.tiers:
             # A victim's branch is the child, on its side, of its lowest common ancestor with q.
@@ -147,9 +158,6 @@ class Preemption:
         """With only tier 3: even all the job's lower-priority queue-mates gone, would it fit by GPU count?"""
         if self.tiers != {PRIORITY}:
             return False
-        running = self.ps.running.get(self.q.name)
-        if not running or running[0].spec.priority >= self.job.spec.priority:
-            return True  # nothing of lower priority to take
         self._init_room()
         for j in self.ps.running.get(self.q.name, ()):
             if j.spec.priority >= self.job.spec.priority:

@@ -273,14 +273,14 @@ class PoolState:
 
     # ----- starvation guard -----
 
-    def mark_overtaken(self, youngest: tuple[float, int], now: float) -> list[Job]:
+    def mark_overtaken(self, youngest: tuple[float, int], now: float) -> bool:
         """Heads older than `youngest` (a job that just started) start their starvation clock now."""
-        marked = []
+        marked = False
         while self.unmarked and arrival_key(self.unmarked[0]) < youngest:
             head = self.unmarked.pop(0)
             head.skipped_since = now
             self.marked.add(head)
-            marked.append(head)
+            marked = True
         return marked
 
     def longest_overtaken(self) -> Job | None:
