@@ -10,7 +10,7 @@ from quotas import QueueSpec, QueueTree
 from scheduler.engine.decisions import Decision, Preempted
 from scheduler.engine.engine import Engine
 from scheduler.engine.model import Job, JobState, NodeSpec, Reason, Settings
-from scheduler.engine.state import PoolState
+from scheduler.engine.state import PoolState, arrival_key
 
 POLICIES = ("corral", "fifo", "strict-quota", "las")
 
@@ -23,7 +23,7 @@ class FifoEngine(Engine):
     """
 
     preemption = False
-    track_arrivals = True
+    arrival_order = staticmethod(arrival_key)
 
     def _schedule_pool(self, ps: PoolState, now: float, out: list[Decision]) -> None:
         assert ps.arrivals is not None
@@ -69,9 +69,14 @@ class LasEngine(Engine):
     def __init__(self, tree: QueueTree, nodes: Iterable[NodeSpec],
                  domains: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
                  settings: Settings | None = None):
-        super().__init__(tree, nodes, domains, settings)
         self._attained: dict[str, float] = {}
         self._clock = 0.0
+        # Waiting jobs by (band, submit): a waiting job's attained service does not change.
+        self.arrival_order = self._waiting_key
+        super().__init__(tree, nodes, domains, settings)
+
+    def _waiting_key(self, j: Job) -> tuple[float, ...]:
+        return (self._band(self._attained.get(j.id, 0.0)), j.submit, j.seq)
 
     def _service(self, j: Job, now: float) -> float:
         run = (now - j.start) * j.request if j.state is JobState.RUNNING else 0.0
@@ -107,8 +112,28 @@ class LasEngine(Engine):
             heapq.heappush(self._wakeups, min(crossings))
         return out
 
+    def _fill(self, ps: PoolState, now: float, out: list[Decision]) -> None:
+        """Start waiting jobs in (band, submit) order wherever they fit."""
+        assert ps.arrivals is not None
+        i = 0
+        while i < len(ps.arrivals) and ps.pool.free_gpus >= ps.min_need():
+            j: Job = ps.arrivals[i]
+            nodes = None
+            if ps.over_limit(self.tree[j.spec.queue], j.request) is None:
+                nodes = ps.pool.place(j.spec)
+            if nodes is None:
+                i += 1
+            else:
+                out.append(self._start(ps, j, nodes, now))  # leaves arrivals: i stays
+
     def _schedule_pool(self, ps: PoolState, now: float, out: list[Decision]) -> None:
-        jobs = [j for js in ps.running.values() for j in js] + [j for js in ps.pending.values() for j in js]
+        assert ps.arrivals is not None
+        lowest = self._band(self._attained.get(ps.arrivals[0].id, 0.0))
+        if all(self._band(self._service(j, now)) <= lowest for js in ps.running.values() for j in js):
+            # Nobody waiting is in a lower band than a running job: nothing to preempt, fill the free GPUs.
+            self._fill(ps, now, out)
+            return
+        jobs = [j for js in ps.running.values() for j in js] + list(ps.arrivals)
         # Within a band, running jobs keep their GPUs: only a job of a lower band displaces one.
         jobs.sort(key=lambda j: (self._band(self._service(j, now)), j.state is not JobState.RUNNING, j.submit, j.seq))
         # Choose who should run by GPU count within capacity and limits; young jobs (min_runtime) stay.

@@ -7,7 +7,7 @@ the live service and the tests drive the very same code.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from quotas import QueueTree
@@ -42,7 +42,8 @@ class Engine:
     """Scheduling state of a cluster; every method takes the current time and returns what it decided."""
 
     preemption = True  # baselines without preemption turn it off
-    track_arrivals = False  # baselines with one global queue need pending jobs in submit order
+    # Baselines with one global queue keep all pending jobs in this order (see PoolState.arrivals).
+    arrival_order: Callable[[Job], tuple[float, ...]] | None = None
 
     def __init__(self, tree: QueueTree, nodes: Iterable[NodeSpec],
                  domains: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
@@ -55,7 +56,7 @@ class Engine:
         domains = domains or {}
         self.pools: dict[str, PoolState] = {
             p: PoolState(Pool(p, ns, {d: list(m) for d, m in domains.get(p, {}).items()}), tree,
-                         self.track_arrivals)
+                         self.arrival_order)
             for p, ns in sorted(by_pool.items())
         }
         self.node_pool = {n.name: n.pool for ns in by_pool.values() for n in ns}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 
 from sortedcontainers import SortedList
 
@@ -47,7 +48,8 @@ def quota_ratio(usage: float, quota: float) -> float:
 class PoolState:
     """Everything the engine keeps for one pool; every mutation goes through the methods below."""
 
-    def __init__(self, pool: Pool, tree: QueueTree, track_arrivals: bool = False):
+    def __init__(self, pool: Pool, tree: QueueTree,
+                 arrival_order: Callable[[Job], tuple[float, ...]] | None = None):
         self.pool = pool
         self.tree = tree
         self.name = pool.name
@@ -78,8 +80,9 @@ class PoolState:
         # Starvation guard: queue heads not yet overtaken (by age), and overtaken ones (by when).
         self.unmarked: SortedList = SortedList(key=arrival_key)
         self.marked: SortedList = SortedList(key=starve_key)
-        # All pending jobs of the pool in submit order, kept only for policies that need one global queue.
-        self.arrivals: SortedList | None = SortedList(key=arrival_key) if track_arrivals else None
+        # All pending jobs of the pool in one order (submit order for fifo), kept only for policies with one
+        # global queue. The key must not change while a job waits.
+        self.arrivals: SortedList | None = SortedList(key=arrival_order) if arrival_order else None
 
     # ----- pending -----
 
