@@ -279,6 +279,8 @@ class Engine:
     def _may_start_any(self, ps: PoolState, q: Queue, res: Reservation | None) -> bool:
         """A cheap necessary condition, so that a full pool does not walk every pending job of every queue."""
         need = ps.min_pending(q.name)
+        if ps.usage[q.name] + need > q.limit_of(ps.name) and q.name not in ps.mixed:
+            return False  # its own limit: only its own lower-priority jobs could make room (tier 3)
         if need <= self._usable_free(ps, res, q.name):
             return True
         running = ps.running.get(q.name)
