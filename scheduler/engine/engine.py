@@ -257,7 +257,7 @@ class Engine:
         """The first job of `q`, in queue order, that can start now (best-effort FIFO)."""
         # A queue that found nothing stays stuck until something could help it: room freed anywhere, a
         # change to its own jobs, more to take back, new shares, another reservation or a new instant.
-        state = (ps.pool.freed, ps.version[q.name], ps.victims_grew, id(ps.shares()),
+        state = (ps.pool.freed, ps.version[q.name], ps.victims_grew, ps.shares_version,
                  None if res is None else (res.job.id, res.nodes), now)
         if self._stuck.get(q.name) == state or not self._may_start_any(ps, q, res):
             return None

@@ -163,6 +163,12 @@ class PoolState:
 
     # ----- fair share and queue order -----
 
+    @property
+    def shares_version(self) -> int:
+        """Bumps whenever the fair shares are recomputed."""
+        self._refresh_shares()
+        return self.fs.recomputed
+
     def shares(self) -> dict[str, float]:
         self._refresh_shares()
         assert self._shares is not None
