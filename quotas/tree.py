@@ -43,7 +43,6 @@ class Queue:
     weight: dict[str, float]
     default_weight: float
     children: list[Queue] = field(default_factory=list)
-    depth: int = 0
     # The queue itself first, then its parent, up to the top level: read on every admission.
     path: tuple[Queue, ...] = ()
 
@@ -96,7 +95,6 @@ class QueueTree:
             while (up := chain[-1].parent) is not None:
                 chain.append(up)
             q.path = tuple(chain)
-            q.depth = len(chain) - 1
         self.leaves: list[Queue] = sorted((q for q in self.queues.values() if q.is_leaf), key=lambda q: q.name)
         self.specs = specs
         self._leaves_under: dict[str, list[str]] = {}

@@ -84,7 +84,7 @@ def world(node_list: list[NodeSpec], queues: QueueTree | Iterable[QueueSpec], jo
     """A simulator World built directly (no files); domains come from the nodes' `domain` fields."""
     t = queues if isinstance(queues, QueueTree) else tree(queues, node_list)
     return World(nodes=list(node_list), domains=domains_of(node_list), tree=t, settings=settings or Settings(),
-                 jobs=list(jobs), events=list(events), name=name, pool_names=sorted(capacity(node_list)))
+                 jobs=list(jobs), events=list(events), name=name)
 
 
 def engine(node_list: list[NodeSpec], queues: QueueTree | Iterable[QueueSpec],

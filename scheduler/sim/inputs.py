@@ -130,7 +130,6 @@ class World:
     events: list[EventIn] = field(default_factory=list)
     name: str = ""
     expect: list[dict[str, Any]] = field(default_factory=list)
-    pool_names: list[str] = field(default_factory=list)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -228,8 +227,7 @@ def _world(c: ClusterFileIn, path: Path) -> World:
         raise InputError(path, where, what + (f" (and {len(err.problems) - 1} more)" if len(err.problems) > 1
                                               else "")) from err
     s = c.settings
-    return World(nodes, domains, tree, Settings(min_runtime=s.min_runtime, starvation_timeout=s.starvation_timeout),
-                 pool_names=list(capacity))
+    return World(nodes, domains, tree, Settings(min_runtime=s.min_runtime, starvation_timeout=s.starvation_timeout))
 
 
 def load_cluster(path: str | Path) -> World:
