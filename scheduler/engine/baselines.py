@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import heapq
-from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from quotas import QueueSpec, QueueTree
+from scheduler.engine.cluster import Freed
 from scheduler.engine.decisions import Decision, Preempted
 from scheduler.engine.engine import Engine
 from scheduler.engine.model import Job, JobState, NodeSpec, Reason, Settings
@@ -128,55 +128,40 @@ class LasEngine(Engine):
 
     def _schedule_pool(self, ps: PoolState, now: float, out: list[Decision]) -> None:
         assert ps.arrivals is not None
-        lowest = self._band(self._attained.get(ps.arrivals[0].id, 0.0))
-        if all(self._band(self._service(j, now)) <= lowest for js in ps.running.values() for j in js):
-            # Nobody waiting is in a lower band than a running job: nothing to preempt, fill the free GPUs.
-            self._fill(ps, now, out)
-            return
-        jobs = [j for js in ps.running.values() for j in js] + list(ps.arrivals)
-        # Within a band, running jobs keep their GPUs: only a job of a lower band displaces one.
-        jobs.sort(key=lambda j: (self._band(self._service(j, now)), j.state is not JobState.RUNNING, j.submit, j.seq))
-        # Choose who should run by GPU count within capacity and limits; young jobs (min_runtime) stay.
-        keep: set[str] = set()
-        used: Counter[str] = Counter()
-        budget = ps.pool.capacity
-
-        def take(j: Job) -> None:
-            nonlocal budget
-            keep.add(j.id)
-            budget -= j.request
-            for a in self.tree[j.spec.queue].path:
-                used[a.name] += j.request
-
-        for j in jobs:
-            if j.state is JobState.RUNNING and (not j.spec.preemptible or self._young(j, now)):
-                take(j)
-        for j in jobs:
-            if budget <= 0:
-                break
-            path = self.tree[j.spec.queue].path
-            if j.id not in keep and j.request <= budget and all(
-                    used[a.name] + j.request <= a.limit_of(ps.name) for a in path):
-                take(j)
-        for j in jobs:
-            if j.state is JobState.RUNNING and j.id not in keep:
-                self._stop(ps, j)
-                self._preempted_now.add(j.id)
-                out.append(Preempted(j.id, "priority", None, Reason(
-                    "las", f"{j.id} has attained {self._service(j, now):.0f} GPU-seconds; jobs with less go first",
-                    {"attained": self._service(j, now)})))
-        # Start the chosen jobs (best fit), then let any other waiting job use GPUs left free.
-        for chosen in (True, False):
-            for j in jobs:
-                if ps.pool.free_gpus <= 0:
+        self._fill(ps, now, out)
+        # Then a waiting job may displace running jobs of a higher band (most served first), only as many
+        # as it needs to fit. Non-preemptible jobs and jobs younger than min_runtime keep their GPUs.
+        band = {j.id: self._band(self._service(j, now)) for js in ps.running.values() for j in js}
+        victims = sorted((j for js in ps.running.values() for j in js
+                          if j.spec.preemptible and not self._young(j, now)),
+                         key=lambda j: (-band[j.id], -j.submit, -j.seq))
+        for w in list(ps.arrivals):
+            wband = self._band(self._attained.get(w.id, 0.0))
+            if not victims or wband >= band[victims[0].id]:
+                break  # waiting jobs come in band order: nobody further on outranks a running job
+            if w.id in self._preempted_now or ps.over_limit(self.tree[w.spec.queue], w.request) is not None:
+                continue
+            taken: list[Job] = []
+            freed = Freed()
+            nodes = None
+            for v in victims:
+                if band[v.id] <= wband:
                     break
-                if j.state is not JobState.PENDING or (j.id in keep) != chosen or j.id in self._preempted_now:
-                    continue
-                if ps.over_limit(self.tree[j.spec.queue], j.request) is not None:
-                    continue
-                nodes = ps.pool.place(j.spec)
+                taken.append(v)
+                freed.add(v.workers, v.spec)
+                nodes = ps.pool.place(w.spec, freed=freed)
                 if nodes is not None:
-                    out.append(self._start(ps, j, nodes, now))
+                    break
+            if nodes is None:
+                continue
+            for v in taken:
+                victims.remove(v)
+                self._stop(ps, v)
+                self._preempted_now.add(v.id)
+                out.append(Preempted(v.id, "priority", w.id, Reason(
+                    "las", f"{v.id} has attained {self._service(v, now):.0f} GPU-seconds, more than {w.id}: "
+                    f"jobs with less go first", {"attained": self._attained.get(v.id, 0.0)})))
+            out.append(self._start(ps, w, ps.pool.place(w.spec) or nodes, now))
 
 
 def make_policy(name: str, tree: QueueTree, nodes: Iterable[NodeSpec],

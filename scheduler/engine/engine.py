@@ -19,7 +19,7 @@ from scheduler.engine.model import Job, JobSpec, JobState, NodeSpec, Reason, Set
 from scheduler.engine.preemption import CAUSE, PRIORITY, Plan, Preemption, tiers_for
 from scheduler.engine.state import PoolState
 
-MAX_PASSES = 1000  # a pass only repeats after a preemption; this bounds a pathological ping-pong
+MAX_PASSES = 1000  # passes repeat only while skipped queues may have gained; this bounds a pathological loop
 
 
 @dataclass(frozen=True)
