@@ -60,8 +60,8 @@ class LasEngine(Engine):
     """Least attained GPU-service first, with preemption (Tiresias' discretised 2D-LAS).
 
     Attained service is GPUs x seconds run, over all runs of a job. Jobs fall into bands at 1 and 10
-    GPU-hours; within a band the earlier submission goes first. Bands, not raw service, keep two jobs of
-    similar service from preempting each other back and forth.
+    GPU-hours; within a band the earlier submission goes first and running jobs keep their GPUs. Bands, not
+    raw service, keep two jobs of similar service from preempting each other back and forth.
     """
 
     bands = (3600.0, 36000.0)  # GPU-seconds
