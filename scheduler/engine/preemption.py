@@ -146,11 +146,12 @@ class Preemption:
     def admissible(self) -> list[str] | None:
         """Nodes for the job if it passes every admission check with the victims taken so far removed."""
         ps, q, spec = self.ps, self.q, self.job.spec
+        # Cheapest and most often failing first: not enough worker slots yet.
+        if ps.pool.free_gpus + self.extra < self.request or (spec.gpus and self.slots < spec.workers):
+            return None
         if ps.over_limit(q, self.request, self.gone) is not None:
             return None
         if not spec.preemptible and ps.usage[q.name] - self.gone[q.name] + self.request > q.quota_of(self.pool):
-            return None
-        if ps.pool.free_gpus + self.extra < self.request or (spec.gpus and self.slots < spec.workers):
             return None
         return ps.pool.place(spec, self.excluded, self.freed)
 
