@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,9 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from scheduler.engine.baselines import POLICIES
-from scheduler.sim import importers
+from scheduler.sim import importers, metrics
 from scheduler.sim.expect import check
-from scheduler.sim.inputs import InputError, load_cluster, load_scenario, load_trace
+from scheduler.sim.inputs import InputError, World, load_cluster, load_scenario, load_trace
 from scheduler.sim.runner import Simulation
 
 app = typer.Typer(help="Corral: a GPU-aware scheduler for shared GPU pools.", no_args_is_help=True)
@@ -43,33 +41,17 @@ def _print_json(log: dict[str, Any]) -> None:
     sys.stdout.write("\n")
 
 
-def _summary(log: dict[str, Any], queues: dict[str, str]) -> None:
-    """A readable summary: jobs by final state, and waits per queue."""
-    state: dict[str, str] = {}
-    submit: dict[str, float] = {}
-    first: dict[str, float] = {}
-    preempted = 0
-    for e in log["events"]:
-        j = e["job"]
-        if e["event"] == "submitted":
-            submit[j] = e["t"]
-        elif e["event"] == "started":
-            first.setdefault(j, e["t"])
-        elif e["event"] == "preempted":
-            preempted += 1
-        state[j] = "pending" if e["event"] in ("submitted", "preempted") else e["event"]
-        state[j] = "running" if e["event"] == "started" else state[j]
-    counts: Counter[str] = Counter()
-    for s in state.values():
-        counts[s] += 1
-    out.print(f"policy {log['policy']}: {len(state)} jobs, " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-              + f"; {preempted} preemptions")
-    waits: dict[str, list[float]] = defaultdict(list)
-    for j, t in first.items():
-        waits[queues.get(j, "?")].append(t - submit.get(j, t))
-    table = Table("queue", "started", "mean wait (s)", "max wait (s)")
-    for q, w in sorted(waits.items()):
-        table.add_row(q, str(len(w)), f"{statistics.mean(w):.1f}", f"{max(w):.1f}")
+def _summary(world: World, log: dict[str, Any]) -> None:
+    """A readable summary: jobs by outcome, and waits and completion times per queue."""
+    m = metrics.compute(world.jobs, log, sum(n.gpus for n in world.nodes))
+    o = m.overall
+    out.print(f"policy {log['policy']}: {o.jobs} jobs, {o.completed} completed, {o.rejected} rejected, "
+              f"{o.cancelled} cancelled, {o.failed} failed, {o.unfinished} unfinished; {o.preemptions} preemptions",
+              highlight=False)
+    table = Table("queue", "jobs", "started", "mean wait (s)", "p95 wait (s)", "mean JCT (s)")
+    for q, st in sorted(m.queues.items()):
+        table.add_row(q, str(st.jobs), str(st.started), f"{st.mean_wait:.1f}", f"{st.p95_wait:.1f}",
+                      f"{st.mean_jct:.1f}")
     out.print(table)
 
 
@@ -89,7 +71,7 @@ def sim_scenario(
         _print_json(log)
         return
     out.print(f"[bold]{world.name}[/bold] ({file})")
-    _summary(log, {j.spec.id: j.spec.queue for j in world.jobs})
+    _summary(world, log)
     results = check(world, log)
     for what, ok, diff in results:
         out.print(("[green]held[/green]   " if ok else "[red]FAILED[/red] ") + what + (f"  ({diff})" if diff else ""),
@@ -117,7 +99,7 @@ def sim_trace(
     if as_json:
         _print_json(log)
     else:
-        _summary(log, {j.spec.id: j.spec.queue for j in world.jobs})
+        _summary(world, log)
 
 
 @sim.command("report")
