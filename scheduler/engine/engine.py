@@ -248,6 +248,7 @@ class Engine:
         for v in plan.victims:
             self._stop(ps, v.job)
             self._preempted_now.add(v.job.id)
+            assert v.reason is not None
             out.append(Preempted(v.job.id, CAUSE[v.tier], job.id, v.reason))
         out.append(self._start(ps, job, plan.nodes, now))
         started.append(job)

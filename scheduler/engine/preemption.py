@@ -41,7 +41,8 @@ def tiers_for(ps: PoolState, job: Job, q: Queue) -> set[int]:
 class Victim:
     job: Job
     tier: int
-    reason: Reason
+    facts: dict[str, float | int | str]  # the numbers its reason quotes, as they stood when it was taken
+    reason: Reason | None = None  # written once the plan is final
 
 
 @dataclass
@@ -182,7 +183,6 @@ class Preemption:
             if id(j) in taken_ids:
                 continue  # already taken in an earlier tier
             v = ps.tree[j.spec.queue]
-            # The numbers each reason will quote, as they stand when the victim is taken.
             facts: dict[str, float | int | str] = {"queue": q.name, "victim_queue": v.name}
             if tier == RECLAIM:
                 b = ps.tree.branch(v, q)
@@ -198,7 +198,7 @@ class Preemption:
                     continue
                 facts.update(victim_usage=ps.usage[v.name], ratio_after=after_v, beneficiary_ratio_after=after_q)
             from_queue[v.name] += j.request
-            taken.append(Victim(j, tier, Reason(CAUSE[tier], "", facts)))
+            taken.append(Victim(j, tier, facts))
             taken_ids.add(id(j))
             self._take(j, 1)
             nodes = self.admissible()
@@ -222,7 +222,7 @@ class Preemption:
 
     def _explain(self, victim: Victim) -> Reason:
         """The sentence a victim sees: who took its GPUs back, under which rule, with the numbers."""
-        q, pool, ps, f = self.q, self.pool, self.ps, victim.reason.numbers
+        q, pool, ps, f = self.q, self.pool, self.ps, victim.facts
         head = f"{q.name} uses {ps.usage[q.name]} GPUs of {pool} and {self.job.id} needs {self.request}"
         if victim.tier == RECLAIM:
             msg = (f"{q.name} reclaims its guarantee on {pool}: {head}, within its quota of {q.quota_of(pool)}; "
@@ -235,4 +235,4 @@ class Preemption:
         else:
             msg = (f"{self.job.id} (priority {self.job.spec.priority}) preempts lower-priority work of {q.name} "
                    f"(priority {victim.job.spec.priority})")
-        return Reason(CAUSE[victim.tier], msg, victim.reason.numbers)
+        return Reason(CAUSE[victim.tier], msg, victim.facts)
