@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.service_kit import Service, database_url, make_service
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -20,3 +23,15 @@ def corral_cmd() -> list[str]:
         return [str(exe)]
     found = shutil.which("corral")
     return [found] if found else [sys.executable, "-m", "scheduler.cli"]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database of each kind (PostgreSQL when CORRAL_TEST_POSTGRES_URL names a server)."""
+    yield from database_url(request.param, tmp_path)
+
+
+@pytest.fixture
+def svc(db_url: str, tmp_path: Path) -> Service:
+    """A service with the demo tree on 8 GPUs, a scripted executor and a clock the test moves."""
+    return make_service(db_url, tmp_path)

@@ -103,6 +103,24 @@ class Pool:
             out.append((name, gpus))
         return out
 
+    def take(self, spec: JobSpec, workers: Placement) -> None:
+        """Take exactly these GPUs (a job the service found running after a restart); ValueError if any is not
+        free, so that a GPU is never held twice."""
+        for name, gpus in workers:
+            n = self.nodes.get(name)
+            if n is None or not set(gpus) <= set(n.free):
+                raise ValueError(f"GPUs {gpus} of node {name} are not free")
+        for name, gpus in workers:
+            n = self.nodes[name]
+            if n.up:
+                self.buckets[len(n.free)].remove(name)
+                self.free_gpus -= len(gpus)
+            n.free = [g for g in n.free if g not in gpus]
+            n.free_cpus -= spec.cpus
+            n.free_mem -= spec.memory_gb
+            if n.up:
+                self.buckets[len(n.free)].add(name)
+
     def release(self, spec: JobSpec, workers: Placement) -> None:
         self.freed += 1
         for name, gpus in workers:

@@ -84,6 +84,25 @@ class Engine:
         self.pools[spec.pool].add_pending(job)
         return []
 
+    def restore(self, spec: JobSpec, submit: float, start: float, workers: list[tuple[str, list[int]]]) -> Job:
+        """A job that is already running on these GPUs (the service rebuilding its engine after a restart or a
+        quota change): it counts as running from `start`, as if admitted in the order of restore calls."""
+        if spec.id in self.jobs:
+            raise ValueError(f"job {spec.id!r} already exists")
+        ps = self.pools[spec.pool]
+        ps.pool.take(spec, workers)
+        self._seq += 1
+        self._admitted += 1
+        q = self.tree[spec.queue]
+        job = Job(spec, float(submit), self._seq, JobState.RUNNING, float(start), self._admitted,
+                  [(n, list(g)) for n, g in workers])
+        job.within_quota = ps.usage[q.name] + job.request <= q.quota_of(ps.name)
+        job.reason = Reason("restored", f"{spec.id} was running on {job.placement()} when the engine was rebuilt")
+        self.jobs[spec.id] = job
+        ps.add_running(job)
+        ps.dirty = True
+        return job
+
     def cancel(self, job_id: str, now: float) -> bool:
         """Cancel a pending or running job (a running one frees its GPUs now). False if already finished."""
         return self._end(job_id, JobState.CANCELLED)

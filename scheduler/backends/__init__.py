@@ -1,0 +1,1 @@
+"""Executors: where admitted jobs really run (local processes here; Kubernetes and Ray later)."""

@@ -1,0 +1,71 @@
+"""The small interface between the scheduling service and whatever runs jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class GPUInfo:
+    """One GPU of a node as discovered (NVML) or declared."""
+
+    index: int
+    model: str
+    memory_mb: int = 0
+    uuid: str | None = None
+    mig_mode: bool = False
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What an executor needs to start one attempt of a job on GPUs the engine chose."""
+
+    job_id: str
+    attempt: int  # 1 for the first start, +1 after each preemption or requeue: its own run directory
+    command: Sequence[str]  # argv; a single string is run by /bin/sh -c
+    gpus: Mapping[str, Sequence[int]]  # node -> GPU indices (the local executor has one node)
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    image: str | None = None  # for Kubernetes and Ray; the local executor ignores it
+
+
+@dataclass(frozen=True)
+class Exit:
+    """An attempt that ended: its exit code (negative: killed by that signal; None: vanished, no code)."""
+
+    job_id: str
+    attempt: int
+    code: int | None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Handle:
+    """What the service stores to find a running attempt again after a restart."""
+
+    job_id: str
+    attempt: int
+    pid: int | None
+    started_at: float  # the process's own start time, so a reused pid is never mistaken for the job
+
+
+class Executor(Protocol):
+    """Runs attempts; the service owns all scheduling state and asks the executor only to act and report."""
+
+    def launch(self, launch: Launch) -> Handle: ...
+
+    def terminate(self, job_id: str, attempt: int, grace_s: float, now: float) -> None:
+        """Ask the attempt to stop (SIGTERM); it is killed (SIGKILL) once `grace_s` has passed (see poll)."""
+
+    def poll(self, now: float) -> list[Exit]:
+        """Attempts that ended since the last poll; also escalates terminations whose grace has passed."""
+
+    def adopt(self, handle: Handle) -> Exit | None:
+        """After a restart: take back a live attempt (None), or say how it ended while nobody watched."""
+
+    def logs(self, job_id: str, attempt: int) -> tuple[str, str]:
+        """Paths of the attempt's stdout and stderr files."""
+
+    def alive(self, job_id: str, attempt: int) -> bool: ...

@@ -1,0 +1,78 @@
+"""The FastAPI application: authentication, error answers, health, metrics; the /v1 routes live beside it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+import sqlalchemy as sa
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from scheduler.service import routes_cluster, routes_jobs
+from scheduler.service.core import Core
+from scheduler.service.errors import ServiceError
+from scheduler.service.views import live_metrics
+
+
+
+
+def create_app(core: Core, run_loop: bool = True) -> FastAPI:
+    """The API over `core`. With run_loop, the scheduling loop runs in a thread for the app's lifetime."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        loop = threading.Thread(target=core.run, args=(stop,), name="corral-scheduler", daemon=True)
+        if run_loop:
+            loop.start()
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            stop.set()
+            core.wake.set()
+            if run_loop:
+                loop.join(timeout=10)
+
+    app = FastAPI(title="Corral", version="0.1.0", lifespan=lifespan,
+                  description="GPU scheduler: queues with fair-share quotas, jobs, preemption, usage.")
+    app.state.core = core
+    app.state.ready = False
+    core.metrics.add_gauges(lambda: live_metrics(core))
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, e: ServiceError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status,
+                            headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        problems = [{"where": ".".join(str(p) for p in err["loc"]), "problem": err["msg"]} for err in e.errors()]
+        text = "; ".join(f"{p['where']}: {p['problem']}" for p in problems)
+        return JSONResponse({"error": {"code": "invalid", "message": text, "detail": problems}}, status_code=422)
+
+    @app.get("/healthz", response_class=PlainTextResponse, tags=["health"])
+    def healthz() -> str:
+        return "ok"
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> Response:
+        try:
+            with core.db.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except sa.exc.SQLAlchemyError as e:
+            return JSONResponse({"ready": False, "why": f"database: {e.__class__.__name__}"}, status_code=503)
+        if not app.state.ready:
+            return JSONResponse({"ready": False, "why": "starting"}, status_code=503)
+        return JSONResponse({"ready": True})
+
+    @app.get("/metrics", tags=["health"])
+    def metrics() -> Response:
+        return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(routes_jobs.router, prefix="/v1")
+    app.include_router(routes_cluster.router, prefix="/v1")
+    return app

@@ -1,0 +1,70 @@
+"""Put a service together from settings: database (migrated), this node's GPUs, the executor, the core, the app."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlalchemy as sa
+from fastapi import FastAPI
+
+from scheduler.backends.base import Executor, GPUInfo
+from scheduler.backends.gpus import declared, discover_nvml
+from scheduler.backends.local import LocalExecutor
+from scheduler.service import store
+from scheduler.service.app import create_app
+from scheduler.service.auth import Role, digest, new_secret
+from scheduler.service.core import Core, LocalNode
+from scheduler.service.db import connect, migrate, tokens
+from scheduler.service.settings import ServiceSettings
+
+ADMIN_TOKEN_FILE = "admin-token"
+
+
+def local_gpus(settings: ServiceSettings) -> list[GPUInfo]:
+    """Declared GPUs when --gpus is given, else what NVML finds, else none (a CPU-only machine)."""
+    if settings.gpus is not None:
+        return declared(settings.gpus, settings.gpu_model)
+    return discover_nvml() or []
+
+
+def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus: list[GPUInfo] | None = None,
+               clock: Callable[[], float] = time.time) -> Core:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(settings.url)
+    node = LocalNode(settings.node, settings.pool, local_gpus(settings) if gpus is None else gpus,
+                     settings.cpus, settings.memory_gb)
+    core = Core(settings, connect(settings.url), executor or LocalExecutor(settings.logs_dir), node, clock)
+    core.start()
+    return core
+
+
+def build_app(settings: ServiceSettings, run_loop: bool = True) -> tuple[Core, FastAPI]:
+    core = build_core(settings)
+    bootstrap_admin(core, settings.data_dir / ADMIN_TOKEN_FILE)
+    return core, create_app(core, run_loop)
+
+
+def create_token(core: Core, user: str, role: Role, scope: str | None = None, by: str = "corral") -> str:
+    """A token made without the API (bootstrap, `corral token create --local`, tests); returns its secret."""
+    secret, now = new_secret(), core.clock()
+    with core.db.begin() as conn:
+        conn.execute(tokens.insert().values(digest=digest(secret), user=user, role=role.value, scope=scope,
+                                            created_at=now, created_by=by, revoked=False))
+        store.add_audit(conn, now, by, "token.create", f"token for {user}", role=role.value, scope=scope)
+    return secret
+
+
+def bootstrap_admin(core: Core, path: Path) -> str | None:
+    """On a database with no tokens yet, make a platform-admin token and leave it (mode 0600) at `path`, where
+    the CLI on this machine finds it. Returns the secret when one was made."""
+    with core.db.connect() as conn:
+        if conn.execute(sa.select(sa.func.count()).select_from(tokens)).scalar_one():
+            return None
+    secret = create_token(core, "admin", Role.PLATFORM_ADMIN)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret

@@ -1,0 +1,86 @@
+"""API tokens (stored hashed) and the role rules every endpoint applies: who may see and change what."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from quotas import QueueTree
+
+TOKEN_PREFIX = "corral_"
+
+
+class Role(enum.StrEnum):
+    PLATFORM_ADMIN = "platform-admin"  # everything, everywhere
+    TEAM_ADMIN = "team-admin"  # the queues below its scope: their jobs, quotas and tokens
+    MEMBER = "member"  # submit to and see the queues of its scope; cancel its own jobs
+    VIEWER = "viewer"  # read-only, within its scope (everything when it has none)
+
+
+def new_secret() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def digest(secret: str) -> str:
+    """What the database keeps: a token cannot be read back from it."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def same_digest(a: str, b: str) -> bool:
+    return hmac.compare_digest(a, b)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a user with one role, over a queue's subtree (scope) or over everything (None)."""
+
+    user: str
+    role: Role
+    scope: str | None = None
+
+    @property
+    def admin(self) -> bool:
+        return self.role is Role.PLATFORM_ADMIN
+
+    def covers(self, tree: QueueTree, queue: str) -> bool:
+        """`queue` is the scope or below it (everything, when the token has no scope)."""
+        if self.admin or self.scope is None:
+            return True
+        if queue not in tree or self.scope not in tree:
+            return False
+        return any(q.name == self.scope for q in tree[queue].path)
+
+    def visible(self, tree: QueueTree, queues: Iterable[str]) -> list[str]:
+        return [q for q in queues if self.covers(tree, q)]
+
+    def may_read_job(self, tree: QueueTree, queue: str, owner: str) -> bool:
+        return owner == self.user or self.covers(tree, queue)
+
+    def may_submit(self, tree: QueueTree, queue: str) -> bool:
+        return self.role is not Role.VIEWER and self.covers(tree, queue)
+
+    def may_cancel(self, tree: QueueTree, queue: str, owner: str) -> bool:
+        if self.admin:
+            return True
+        if self.role is Role.TEAM_ADMIN:
+            return self.covers(tree, queue)
+        return self.role is Role.MEMBER and owner == self.user and self.covers(tree, queue)
+
+    def may_change_queue(self, tree: QueueTree, queue: str) -> bool:
+        """Platform admins change any queue; a team admin changes queues strictly below its scope (its own
+        quota is set from above, so it cannot grant itself more)."""
+        if self.admin:
+            return True
+        return (self.role is Role.TEAM_ADMIN and self.scope is not None and queue != self.scope
+                and self.covers(tree, queue))
+
+    def may_grant(self, tree: QueueTree, role: Role, scope: str | None) -> bool:
+        """Tokens: platform admins make any; team admins make non-admin tokens inside their scope."""
+        if self.admin:
+            return True
+        return (self.role is Role.TEAM_ADMIN and role is not Role.PLATFORM_ADMIN and scope is not None
+                and self.covers(tree, scope))

@@ -1,0 +1,424 @@
+"""The service's heart: one lock around the engine, every decision written with its effects in one transaction."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine, RowMapping
+
+from quotas import QueueTree
+from scheduler.backends.base import Executor, GPUInfo, Handle, Launch
+from scheduler.engine import Engine as Scheduler
+from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
+from scheduler.engine.explain import rejection
+from scheduler.engine.model import NodeSpec, Settings
+from scheduler.service import queues, store
+from scheduler.service.auth import Principal
+from scheduler.service.db import attempts, jobs, nodes, queue_versions
+from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError
+from scheduler.service.metrics import Metrics
+from scheduler.service.settings import ServiceSettings
+from scheduler.service.specs import JobSubmit, engine_spec_of
+
+log = logging.getLogger("corral.service")
+
+LIVE = ("pending", "starting", "running")  # job states the engine knows about
+HOLDING = ("running", "stopping")  # attempt states whose process may still hold its GPUs
+FINISHED = ("completed", "failed", "cancelled", "rejected")
+
+
+@dataclass(frozen=True)
+class LocalNode:
+    """This machine as a node of a pool, with the GPUs discovered or declared."""
+
+    name: str
+    pool: str
+    gpus: list[GPUInfo]
+    cpus: float | None = None
+    memory_gb: float | None = None
+
+    def spec(self) -> NodeSpec:
+        return NodeSpec(self.name, self.pool, len(self.gpus), self.cpus, self.memory_gb)
+
+
+class Core:
+    """Submissions, cancellations, queue changes and scheduling cycles, serialised by one lock.
+
+    API reads go straight to the database; everything that changes state comes through here, so the engine
+    (in memory) and the database always agree. The engine is rebuilt from the database at start and after a
+    queue change: there is no second source of truth to drift.
+    """
+
+    def __init__(self, settings: ServiceSettings, db: Engine, executor: Executor, node: LocalNode,
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None):
+        self.settings, self.db, self.executor, self.node, self.clock = settings, db, executor, node, clock
+        self.metrics = metrics or Metrics()
+        self.lock = threading.RLock()
+        self.wake = threading.Event()
+        self.engine_settings = Settings(settings.min_runtime_s, settings.starvation_timeout_s)
+        self.tree: QueueTree
+        self.engine: Scheduler
+        self.version = 0
+
+    @property
+    def capacity(self) -> dict[str, int]:
+        return {self.node.pool: len(self.node.gpus)}
+
+    # ----- start-up -----
+
+    def start(self) -> None:
+        """Record this node, make sure a queue tree exists, then take back what ran before a restart."""
+        now = self.clock()
+        with self.lock, self.db.begin() as conn:
+            info = [vars(g) for g in self.node.gpus]
+            conn.execute(nodes.delete().where(nodes.c.name == self.node.name))
+            conn.execute(nodes.insert().values(name=self.node.name, pool=self.node.pool, gpus=len(self.node.gpus),
+                                               gpu_model=self.node.gpus[0].model if self.node.gpus else "none",
+                                               up=True, info=info))
+            if queues.latest(conn) is None:
+                doc = (queues.demo_document if self.settings.demo else queues.default_document)(self.capacity)
+                conn.execute(queue_versions.insert().values(author="corral", created_at=now, document=doc,
+                                                            comment="initial tree"))
+                store.add_audit(conn, now, "corral", "queues.apply", "version 1", comment="initial tree")
+        with self.lock:
+            self._recover(now)
+            self._rebuild()
+
+    def _recover(self, now: float) -> None:
+        """Match attempts the database says are live with what the executor finds (see docs/service.md)."""
+        with self.db.connect() as conn:
+            live = list(conn.execute(sa.select(attempts).where(attempts.c.state.in_(("starting",) + HOLDING)))
+                        .mappings())
+        for a in live:
+            handle = Handle(str(a["job_id"]), a["attempt"], a["pid"], a["proc_started"] or 0.0)
+            ended = self.executor.adopt(handle)
+            with self.db.begin() as conn:
+                job = store.job_row(conn, a["job_id"])
+                assert job is not None
+                if ended is None:  # still running: keep it, and keep stopping it if it was being stopped
+                    if a["state"] == "starting":
+                        store.update_attempt(conn, job["id"], a["attempt"], state="running", started_at=now)
+                        store.update_job(conn, job["id"], state="running")
+                    store.add_event(conn, now, "adopted", f"attempt {a['attempt']} still runs; taken back",
+                                    job["id"])
+                    if a["state"] == "stopping":
+                        grace = max(0.0, (a["stop_deadline"] or now) - now)
+                        self.executor.terminate(str(job["id"]), a["attempt"], grace, now)
+                    continue
+                if a["state"] == "starting" and ended.code is not None:
+                    # Launched and finished while its pid was never recorded: it ran, so it must not run again.
+                    a = {**a, "state": "running"}
+                elif a["state"] == "starting":  # admitted, never launched: back to the queue
+                    store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now,
+                                         outcome="never_started")
+                    if job["state"] == "starting":
+                        store.update_job(conn, job["id"], state="pending")
+                    store.add_event(conn, now, "requeued", "admitted but never started before a restart",
+                                    job["id"])
+                    continue
+                # The engine is built after recovery, from what these updates leave in the database.
+                self._ended(conn, job, a, ended.code, ended.detail or "ended while Corral was down", now,
+                            engine=False)
+
+    def _rebuild(self) -> None:
+        """A fresh engine from the database: running and admitted jobs where they are, then pending ones."""
+        with self.db.connect() as conn:
+            row = queues.latest(conn)
+            assert row is not None
+            tree = queues.build_tree(row["document"], self.capacity)
+            live = list(conn.execute(sa.select(jobs).where(jobs.c.state.in_(LIVE)).order_by(jobs.c.id)).mappings())
+            placed = {(a["job_id"]): a for a in conn.execute(
+                sa.select(attempts).where(attempts.c.state.in_(("starting", "running")))).mappings()}
+        engine = Scheduler(tree, [self.node.spec()], settings=self.engine_settings)
+        holding = sorted((placed[j["id"]]["admitted_at"], j["id"]) for j in live if j["id"] in placed)
+        by_id = {j["id"]: j for j in live}
+        for _, job_id in holding:
+            j, a = by_id[job_id], placed[job_id]
+            spec = engine_spec_of(j["spec"], j["id"], j["pool"])
+            engine.restore(spec, j["submitted_at"], a["admitted_at"], [(n, list(g)) for n, g in a["placement"]])
+        for j in live:
+            if j["id"] not in placed:
+                engine.submit(engine_spec_of(j["spec"], j["id"], j["pool"]), j["submitted_at"])
+        self.tree, self.engine, self.version = tree, engine, row["version"]
+
+    @contextmanager
+    def _changing(self) -> Iterator[Connection]:
+        """A transaction for changes the engine has already made in memory: if it fails, the engine is rebuilt
+        from the database, so a rolled-back decision is forgotten there too."""
+        try:
+            with self.db.begin() as conn:
+                yield conn
+        except ServiceError:
+            raise  # refused before the engine changed
+        except BaseException:
+            self._rebuild()
+            raise
+
+    # ----- submissions -----
+
+    def submit(self, who: Principal, sub: JobSubmit) -> tuple[dict[str, Any], bool]:
+        """Queue a job; (the job, True) when created, (the first job, False) for a repeated idempotency key."""
+        pool = sub.pool or self.node.pool
+        with self.lock:
+            if sub.queue not in self.tree:
+                raise Invalid(f"queue {sub.queue!r} does not exist", "queue")
+            if not who.may_submit(self.tree, sub.queue):
+                raise Forbidden(f"{who.user} ({who.role}) may not submit to queue {sub.queue}", "queue")
+            if sub.idempotency_key is not None:
+                with self.db.connect() as conn:
+                    first = conn.execute(sa.select(jobs).where(jobs.c.owner == who.user,
+                                                               jobs.c.idempotency_key == sub.idempotency_key)
+                                         ).mappings().first()
+                if first is not None:
+                    return store.job_view(first), False
+            spec = sub.engine_spec(0, pool)
+            why = rejection(spec, self.tree, {p: ps.pool for p, ps in self.engine.pools.items()})
+            if why is not None:
+                raise Invalid(why.message, why.rule, store.reason_json(why))
+            now = self.clock()
+            with self._changing() as conn:
+                job_id = conn.execute(jobs.insert().values(
+                    name=sub.name, owner=who.user, queue=sub.queue, pool=pool, state="pending",
+                    spec=sub.model_dump(mode="json"), gpus=spec.request, priority=sub.priority,
+                    idempotency_key=sub.idempotency_key, submitted_at=now, attempt=0)).inserted_primary_key[0]
+                store.add_event(conn, now, "submitted", f"submitted to {sub.queue} by {who.user}", job_id,
+                                gpus=spec.request)
+                store.add_audit(conn, now, who.user, "job.submit", f"job {job_id}", queue=sub.queue)
+                self.engine.submit(sub.engine_spec(job_id, pool), now)
+                row = store.job_row(conn, job_id)
+        self.wake.set()
+        assert row is not None
+        return store.job_view(row), True
+
+    def cancel(self, who: Principal, job_id: int) -> dict[str, Any]:
+        with self.lock:
+            now = self.clock()
+            with self._changing() as conn:
+                job = self.readable(conn, who, job_id)
+                if not who.may_cancel(self.tree, job["queue"], job["owner"]):
+                    raise Forbidden(f"{who.user} ({who.role}) may not cancel job {job_id}")
+                if job["state"] in FINISHED:
+                    raise Conflict(f"job {job_id} already ended ({job['state']})")
+                self.engine.cancel(str(job_id), now)
+                stop = self._stop_attempt(conn, job, now, "cancelled")
+                store.update_job(conn, job_id, state="cancelled", ended_at=now)
+                store.add_event(conn, now, "cancelled", f"cancelled by {who.user}", job_id)
+                store.add_audit(conn, now, who.user, "job.cancel", f"job {job_id}")
+                row = store.job_row(conn, job_id)
+            self._terminate(stop, now)
+        self.wake.set()
+        assert row is not None
+        return store.job_view(row)
+
+    def readable(self, conn: Connection, who: Principal, job_id: int) -> RowMapping:
+        """The job, if `who` may see it; another team's job is answered exactly like a missing one."""
+        job = store.job_row(conn, job_id)
+        if job is None or not who.may_read_job(self.tree, job["queue"], job["owner"]):
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    # ----- queue changes -----
+
+    def apply_queues(self, who: Principal, document: dict[str, Any], comment: str = "",
+                     dry_run: bool = False) -> dict[str, Any]:
+        """Validate the whole tree, check who may change what, then store it as a new version atomically."""
+        with self.lock:
+            new_tree = queues.build_tree(document, self.capacity)
+            with self.db.connect() as conn:
+                cur = queues.latest(conn)
+                assert cur is not None
+                live = conn.execute(sa.select(jobs.c.queue, sa.func.count()).where(jobs.c.state.in_(LIVE))
+                                    .group_by(jobs.c.queue)).all()
+            changes = queues.diff(cur["document"], document)
+            for c in changes:
+                tree = new_tree if c["change"] == "added" else self.tree
+                if not who.may_change_queue(tree, c["queue"]):
+                    raise Forbidden(f"{who.user} ({who.role}) may not change queue {c['queue']}", c["queue"])
+            stranded = [(q, n) for q, n in live if q not in new_tree or not new_tree[q].is_leaf]
+            if stranded:
+                names = ", ".join(f"{q} ({n} live jobs)" for q, n in stranded)
+                raise Invalid(f"queues with pending or running jobs must stay leaf queues: {names}; cancel the "
+                              "jobs or keep the queues", "queues")
+            out: dict[str, Any] = {"version": cur["version"], "diff": changes, "applied": False}
+            if dry_run or not changes:
+                return out
+            now = self.clock()
+            with self.db.begin() as conn:
+                out["version"] = conn.execute(queue_versions.insert().values(
+                    author=who.user, created_at=now, document=document, comment=comment)).inserted_primary_key[0]
+                store.add_audit(conn, now, who.user, "queues.apply", f"version {out['version']}", comment=comment,
+                                diff=changes)
+            self._rebuild()
+            out["applied"] = True
+        self.wake.set()
+        return out
+
+    def rollback_queues(self, who: Principal, number: int) -> dict[str, Any]:
+        with self.db.connect() as conn:
+            old = queues.version(conn, number)
+        if old is None:
+            raise NotFound(f"queue tree version {number} not found")
+        return self.apply_queues(who, old["document"], f"rollback to version {number}")
+
+    # ----- the scheduling cycle -----
+
+    def tick(self) -> list[Decision]:
+        """One cycle: collect exits, enforce max_runtime, decide, write, then stop and launch processes."""
+        started = time.perf_counter()
+        with self.lock:
+            now = self.clock()
+            exits = self.executor.poll(now)
+            stops: list[tuple[int, int, float]] = []
+            with self._changing() as conn:
+                for e in exits:
+                    a = store.current_attempt(conn, int(e.job_id), e.attempt)
+                    job = store.job_row(conn, int(e.job_id))
+                    if a is not None and job is not None and a["state"] != "ended":
+                        self._ended(conn, job, a, e.code, e.detail, now)
+                stops += self._enforce_max_runtime(conn, now)
+                decisions = self.engine.schedule(now)
+                for d in decisions:
+                    stops += self._record(conn, d, now)
+            self._terminate(stops, now)
+            self._launch_ready(now)
+        self.metrics.cycle.observe(time.perf_counter() - started)
+        return decisions
+
+    def _record(self, conn: Connection, d: Decision, now: float) -> list[tuple[int, int, float]]:
+        job_id = int(d.job)
+        job = store.job_row(conn, job_id)
+        assert job is not None
+        reason = store.reason_json(d.reason)
+        if isinstance(d, Started):
+            attempt = job["attempt"] + 1
+            workers = self.engine.jobs[d.job].workers
+            conn.execute(attempts.insert().values(
+                job_id=job_id, attempt=attempt, state="starting", placement=[[n, g] for n, g in workers],
+                gpus=job["gpus"], admitted_at=now))
+            first = job["started_at"] is None
+            store.update_job(conn, job_id, state="starting", attempt=attempt, reason=reason,
+                             started_at=now if first else job["started_at"])
+            store.add_event(conn, now, "admitted", d.reason.message, job_id, placement=d.placement,
+                            rule=d.reason.rule)
+            if first:
+                self.metrics.wait.labels(queue=job["queue"]).observe(now - job["submitted_at"])
+            return []
+        if isinstance(d, Preempted):
+            stop = self._stop_attempt(conn, job, now, "preempted")
+            store.update_job(conn, job_id, state="pending", reason=reason)
+            store.add_event(conn, now, "preempted", d.reason.message, job_id, cause=d.cause, by=d.by,
+                            reason=reason)
+            self.metrics.preemptions.labels(cause=d.cause).inc()
+            return stop
+        assert isinstance(d, Rejected)
+        store.update_job(conn, job_id, state="rejected", ended_at=now, reason=reason)
+        store.add_event(conn, now, "rejected", d.reason.message, job_id)
+        return []
+
+    def _stop_attempt(self, conn: Connection, job: RowMapping, now: float,
+                      outcome: str) -> list[tuple[int, int, float]]:
+        """Mark the job's live attempt as stopping (its process gets SIGTERM after the commit)."""
+        a = store.current_attempt(conn, job["id"], job["attempt"])
+        if a is None or a["state"] == "ended":
+            return []
+        if a["state"] == "starting":  # never launched: nothing to signal
+            store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now, outcome=outcome)
+            return []
+        if a["state"] == "running":
+            store.update_attempt(conn, job["id"], a["attempt"], state="stopping", outcome=outcome,
+                                 stop_deadline=now + self.settings.grace_s)
+        return [(job["id"], a["attempt"], self.settings.grace_s)]
+
+    def _terminate(self, stops: Iterable[tuple[int, int, float]], now: float) -> None:
+        for job_id, attempt, grace in stops:
+            self.executor.terminate(str(job_id), attempt, grace, now)
+
+    def _ended(self, conn: Connection, job: RowMapping, a: Mapping[str, Any], code: int | None, detail: str,
+               now: float, engine: bool = True) -> None:
+        """An attempt's process is gone. If it was the job's running attempt, the job ended with it."""
+        outcome = a["outcome"]
+        if a["state"] == "running":
+            outcome = "completed" if code == 0 else "failed"
+            if engine:
+                self.engine.finish(str(job["id"]), now, failed=outcome == "failed")
+            why = detail or (f"exited with code {code}" if code is not None else "vanished")
+            store.update_job(conn, job["id"], state=outcome, ended_at=now, exit_code=code,
+                             reason={"rule": outcome, "message": why, "numbers": {"exit_code": code}})
+        store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now, exit_code=code,
+                             outcome=outcome)
+        store.add_event(conn, now, "exited", detail or f"attempt {a['attempt']} exited with code {code}",
+                        job["id"], attempt=a["attempt"], exit_code=code, outcome=outcome)
+
+    def _enforce_max_runtime(self, conn: Connection, now: float) -> list[tuple[int, int, float]]:
+        stops: list[tuple[int, int, float]] = []
+        q = (sa.select(jobs, attempts.c.started_at.label("attempt_started"))
+             .join(attempts, sa.and_(attempts.c.job_id == jobs.c.id, attempts.c.attempt == jobs.c.attempt))
+             .where(jobs.c.state == "running", attempts.c.state == "running"))
+        for job in conn.execute(q).mappings():
+            limit = job["spec"].get("max_runtime")
+            if limit is None or job["attempt_started"] is None or now - job["attempt_started"] < limit:
+                continue
+            self.engine.finish(str(job["id"]), now, failed=True)
+            stops += self._stop_attempt(conn, job, now, "max_runtime")
+            msg = f"stopped after max_runtime of {limit:g} s"
+            store.update_job(conn, job["id"], state="failed", ended_at=now,
+                             reason={"rule": "max_runtime", "message": msg, "numbers": {"max_runtime": limit}})
+            store.add_event(conn, now, "max_runtime", msg, job["id"])
+        return stops
+
+    def _launch_ready(self, now: float) -> None:
+        """Launch admitted attempts whose GPUs no live process holds (a preempted job may still be exiting)."""
+        with self.db.connect() as conn:
+            rows = list(conn.execute(sa.select(attempts).where(attempts.c.state.in_(("starting",) + HOLDING))
+                                     .order_by(attempts.c.admitted_at)).mappings())
+            held = {(n, g) for a in rows if a["state"] in HOLDING for n, gs in a["placement"] for g in gs}
+            busy_jobs = {a["job_id"] for a in rows if a["state"] in HOLDING}
+            ready = [a for a in rows if a["state"] == "starting" and a["job_id"] not in busy_jobs
+                     and not any((n, g) in held for n, gs in a["placement"] for g in gs)]
+            specs = {j["id"]: j for j in conn.execute(
+                sa.select(jobs).where(jobs.c.id.in_([a["job_id"] for a in ready]))).mappings()}
+        for a in ready:
+            job = specs[a["job_id"]]
+            sub = JobSubmit.model_validate(job["spec"])
+            gpus: dict[str, list[int]] = {}
+            for n, gs in a["placement"]:
+                gpus.setdefault(n, []).extend(gs)
+            env = {**sub.env, "CORRAL_QUEUE": job["queue"], "CORRAL_POOL": job["pool"]}
+            try:
+                handle = self.executor.launch(Launch(str(job["id"]), a["attempt"], sub.command, gpus, env,
+                                                     sub.workdir, sub.image))
+            except OSError as e:
+                with self._changing() as conn:
+                    self.engine.finish(str(job["id"]), now, failed=True)
+                    store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now,
+                                         outcome="launch_failed")
+                    msg = f"could not start: {e}"
+                    store.update_job(conn, job["id"], state="failed", ended_at=now,
+                                     reason={"rule": "launch_failed", "message": msg, "numbers": {}})
+                    store.add_event(conn, now, "launch_failed", msg, job["id"])
+                continue
+            with self.db.begin() as conn:
+                store.update_attempt(conn, job["id"], a["attempt"], state="running", pid=handle.pid,
+                                     proc_started=handle.started_at, started_at=now)
+                store.update_job(conn, job["id"], state="running")
+                store.add_event(conn, now, "started", f"process {handle.pid} on GPUs {gpus}", job["id"],
+                                pid=handle.pid, gpus=gpus, attempt=a["attempt"])
+
+    # ----- the loop -----
+
+    def run(self, stop: threading.Event) -> None:
+        """Cycle until `stop` is set: after each change (a submission wakes it) or every tick_s."""
+        while not stop.is_set():
+            self.wake.wait(self.settings.tick_s)
+            self.wake.clear()
+            try:
+                self.tick()
+            except Exception:  # a database hiccup must not stop scheduling for good; the next cycle retries
+                log.exception("scheduling cycle failed")

@@ -1,0 +1,138 @@
+"""Tables, database connections (SQLite with WAL, or PostgreSQL) and migrations to the latest schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+metadata = sa.MetaData()
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+# Times are seconds since the epoch (float): the engine's clock, and trivial to compare across databases.
+queue_versions = sa.Table(
+    "queue_versions", metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("author", sa.String(200), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("comment", sa.Text, nullable=False, default=""),
+    sa.Column("document", sa.JSON, nullable=False),  # {"queues": [...]} exactly as applied
+)
+
+nodes = sa.Table(
+    "nodes", metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("pool", sa.String(200), nullable=False),
+    sa.Column("gpus", sa.Integer, nullable=False),
+    sa.Column("gpu_model", sa.String(200), nullable=False),
+    sa.Column("up", sa.Boolean, nullable=False, default=True),
+    sa.Column("info", sa.JSON, nullable=False),  # per GPU: index, model, memory, uuid, MIG mode
+)
+
+jobs = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("owner", sa.String(200), nullable=False),
+    sa.Column("queue", sa.String(200), nullable=False, index=True),
+    sa.Column("pool", sa.String(200), nullable=False),
+    sa.Column("state", sa.String(20), nullable=False, index=True),
+    sa.Column("spec", sa.JSON, nullable=False),
+    sa.Column("gpus", sa.Integer, nullable=False),  # the whole gang: workers x GPUs per worker
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("idempotency_key", sa.String(200), nullable=True),
+    sa.Column("submitted_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=True),  # first start: wait time ends here
+    sa.Column("ended_at", sa.Float, nullable=True),
+    sa.Column("attempt", sa.Integer, nullable=False, default=0),  # current (latest) attempt, 0: never started
+    sa.Column("exit_code", sa.Integer, nullable=True),
+    sa.Column("reason", sa.JSON, nullable=True),  # the engine's last Reason: rule, message, numbers
+    sa.UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
+)
+
+# One row per start of a job: where it ran, which process, and when it held its GPUs (usage comes from here).
+attempts = sa.Table(
+    "attempts", metadata,
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), primary_key=True),
+    sa.Column("attempt", sa.Integer, primary_key=True),
+    # starting: admitted, not launched yet; running; stopping: asked to stop, process still alive; ended.
+    sa.Column("state", sa.String(20), nullable=False, index=True),
+    sa.Column("placement", sa.JSON, nullable=False),  # node -> GPU indices
+    sa.Column("gpus", sa.Integer, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=True),
+    sa.Column("proc_started", sa.Float, nullable=True),
+    sa.Column("admitted_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=True),  # process launched: GPUs physically held from here
+    sa.Column("ended_at", sa.Float, nullable=True),
+    sa.Column("stop_deadline", sa.Float, nullable=True),
+    sa.Column("exit_code", sa.Integer, nullable=True),
+    sa.Column("outcome", sa.String(40), nullable=True),  # completed, failed, preempted, cancelled, ...
+)
+
+events = sa.Table(
+    "events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("job_id", sa.Integer, nullable=True, index=True),
+    sa.Column("kind", sa.String(40), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("data", sa.JSON, nullable=False),
+)
+
+tokens = sa.Table(
+    "tokens", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("digest", sa.String(64), nullable=False, unique=True),  # sha256 of the secret; never the secret
+    sa.Column("user", sa.String(200), nullable=False),
+    sa.Column("role", sa.String(40), nullable=False),
+    sa.Column("scope", sa.String(200), nullable=True),  # a queue: the role applies to its subtree; None: all
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_by", sa.String(200), nullable=False),
+    sa.Column("revoked", sa.Boolean, nullable=False, default=False),
+)
+
+audit = sa.Table(
+    "audit", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(60), nullable=False),
+    sa.Column("target", sa.String(200), nullable=False),
+    sa.Column("detail", sa.JSON, nullable=False),
+)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    # WAL: readers never block the writer; NORMAL sync is durable across process crashes (not power loss);
+    # busy_timeout lets a second writer (a CLI, a migration) wait instead of failing at once.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def connect(url: str) -> Engine:
+    """An SQLAlchemy engine for `url` (sqlite:///path or postgresql+psycopg://...)."""
+    if url.startswith("sqlite"):
+        eng = sa.create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(eng, "connect", _sqlite_pragmas)
+        return eng
+    return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def alembic_config(url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def migrate(url: str) -> None:
+    """Bring the database at `url` to the latest schema (creates it on first use)."""
+    command.upgrade(alembic_config(url), "head")

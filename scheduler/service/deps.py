@@ -1,0 +1,36 @@
+"""What every route depends on: the caller (from its bearer token) and the service core."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import sqlalchemy as sa
+from fastapi import Depends, Request
+
+from scheduler.service.auth import Principal, Role, digest
+from scheduler.service.core import Core
+from scheduler.service.db import tokens
+from scheduler.service.errors import Unauthorized
+
+
+def core(request: Request) -> Core:
+    c: Core = request.app.state.core
+    return c
+
+
+def principal(request: Request) -> Principal:
+    """The caller, from `Authorization: Bearer <token>`; 401 without a valid, unrevoked token."""
+    auth = request.headers.get("authorization", "")
+    scheme, _, secret = auth.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthorized("send an API token as 'Authorization: Bearer <token>' (see corral token create)")
+    with core(request).db.connect() as conn:
+        row = conn.execute(sa.select(tokens).where(tokens.c.digest == digest(secret.strip()),
+                                                   tokens.c.revoked.is_(False))).mappings().first()
+    if row is None:
+        raise Unauthorized("the API token is not valid or was revoked")
+    return Principal(row["user"], Role(row["role"]), row["scope"])
+
+
+Caller = Annotated[Principal, Depends(principal)]
+CoreDep = Annotated[Core, Depends(core)]

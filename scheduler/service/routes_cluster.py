@@ -1,0 +1,128 @@
+"""/v1 queues (tree, apply, history, rollback), pools and nodes, usage, tokens and the audit log."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from scheduler.service import queues, store, usage, views
+from scheduler.service.auth import Role, digest, new_secret
+from scheduler.service.db import audit, tokens
+from scheduler.service.deps import Caller, CoreDep
+from scheduler.service.errors import Forbidden, Invalid, NotFound
+
+router = APIRouter()
+
+
+class Apply(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    document: dict[str, Any] = Field(description="The whole tree: {queues: [...]}, as in queues.yaml.")
+    comment: str = ""
+    dry_run: bool = Field(False, description="Validate and show the diff without applying it.")
+
+
+class Rollback(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+
+
+class TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: str = Field(min_length=1, max_length=200)
+    role: Role
+    scope: str | None = Field(None, description="A queue: the role applies to its subtree. None: everything.")
+
+
+@router.get("/queues", tags=["queues"])
+def queue_tree(who: Caller, core: CoreDep) -> dict[str, Any]:
+    """The queues the caller may see: quota, limit, weight per pool, live fair share, usage and backlog."""
+    return views.queue_tree(core, who)
+
+
+@router.post("/queues/apply", tags=["queues"])
+def apply(body: Apply, who: Caller, core: CoreDep) -> dict[str, Any]:
+    """Replace the whole tree atomically after validating it; answers the diff (and nothing changes on dry_run)."""
+    return core.apply_queues(who, body.document, body.comment, body.dry_run)
+
+
+@router.post("/queues/rollback", tags=["queues"])
+def rollback(body: Rollback, who: Caller, core: CoreDep) -> dict[str, Any]:
+    """Apply an earlier version again (as a new version, so history only grows)."""
+    return core.rollback_queues(who, body.version)
+
+
+@router.get("/queues/history", tags=["queues"])
+def history(who: Caller, core: CoreDep) -> dict[str, Any]:
+    with core.db.connect() as conn:
+        return {"versions": queues.history(conn)}
+
+
+@router.get("/pools", tags=["pools"])
+def pools(who: Caller, core: CoreDep) -> dict[str, Any]:
+    """Pools, nodes and GPUs, and which job holds each GPU (only job ids of jobs the caller may see)."""
+    out = views.pools(core)
+    with core.db.connect() as conn:
+        for p in out:
+            for n in p["nodes"]:
+                for g in n["gpus"]:
+                    if g["job"] is not None:
+                        job = store.job_row(conn, g["job"])
+                        if job is None or not who.may_read_job(core.tree, job["queue"], job["owner"]):
+                            g["job"] = "hidden"
+    return {"pools": out}
+
+
+@router.get("/usage", tags=["usage"])
+def get_usage(who: Caller, core: CoreDep, since: Annotated[float, Query(ge=0)] = 0.0,
+              until: float | None = None) -> dict[str, Any]:
+    """GPU-hours per queue and user over [since, until] (epoch seconds; default: all time until now)."""
+    now = core.clock()
+    end = now if until is None else until
+    if end < since:
+        raise Invalid(f"until ({end}) is before since ({since})", "until")
+    visible = None if who.admin or who.scope is None else set(who.visible(core.tree, core.tree.queues))
+    with core.db.connect() as conn:
+        return usage.usage(conn, since, end, visible, now)
+
+
+@router.post("/tokens", status_code=201, tags=["tokens"])
+def create_token(body: TokenRequest, who: Caller, core: CoreDep) -> dict[str, Any]:
+    """A new API token. Its secret is in this answer only; Corral keeps a hash."""
+    if body.scope is not None and body.scope not in core.tree:
+        raise Invalid(f"queue {body.scope!r} does not exist", "scope")
+    if not who.may_grant(core.tree, body.role, body.scope):
+        raise Forbidden(f"{who.user} ({who.role}) may not create a {body.role} token for "
+                        f"{body.scope or 'every queue'}")
+    secret, now = new_secret(), core.clock()
+    with core.db.begin() as conn:
+        token_id = conn.execute(tokens.insert().values(
+            digest=digest(secret), user=body.user, role=body.role.value, scope=body.scope, created_at=now,
+            created_by=who.user, revoked=False)).inserted_primary_key[0]
+        store.add_audit(conn, now, who.user, "token.create", f"token {token_id}", user=body.user,
+                        role=body.role.value, scope=body.scope)
+    return {"id": token_id, "user": body.user, "role": body.role.value, "scope": body.scope, "token": secret}
+
+
+@router.delete("/tokens/{token_id}", tags=["tokens"])
+def revoke_token(token_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+    now = core.clock()
+    with core.db.begin() as conn:
+        row = conn.execute(sa.select(tokens).where(tokens.c.id == token_id)).mappings().first()
+        if row is None or not who.may_grant(core.tree, Role(row["role"]), row["scope"]):
+            raise NotFound(f"token {token_id} not found")
+        conn.execute(tokens.update().where(tokens.c.id == token_id).values(revoked=True))
+        store.add_audit(conn, now, who.user, "token.revoke", f"token {token_id}", user=row["user"])
+    return {"id": token_id, "revoked": True}
+
+
+@router.get("/audit", tags=["audit"])
+def audit_log(who: Caller, core: CoreDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+    """Every change: who, what, when (platform admins only)."""
+    if not who.admin:
+        raise Forbidden("only platform admins read the audit log")
+    with core.db.connect() as conn:
+        rows = conn.execute(sa.select(audit).order_by(audit.c.id.desc()).limit(limit)).mappings()
+        return {"entries": [dict(r) for r in rows]}

@@ -1,0 +1,157 @@
+"""/v1/jobs: submit, list, get, cancel, logs (with follow), events, explain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import StreamingResponse
+
+from scheduler.engine.model import JobState
+from scheduler.service import store
+from scheduler.service.db import attempts, events, jobs
+from scheduler.service.deps import Caller, CoreDep
+from scheduler.service.errors import Invalid, NotFound
+from scheduler.service.specs import JobSubmit
+
+router = APIRouter(tags=["jobs"])
+STATES = ("pending", "starting", "running", "completed", "failed", "cancelled", "rejected")
+FOLLOW_POLL_S = 0.2  # how often a followed log is re-read: lines show up within this
+
+
+@router.post("/jobs", status_code=201)
+def submit(sub: JobSubmit, who: Caller, core: CoreDep, response: Response) -> dict[str, Any]:
+    """Queue a job. A repeated idempotency key returns the first job (200) instead of a new one (201)."""
+    job, created = core.submit(who, sub)
+    if not created:
+        response.status_code = 200
+    return job
+
+
+@router.get("/jobs")
+def list_jobs(who: Caller, core: CoreDep,
+              queue: str | None = None, state: Annotated[list[str] | None, Query()] = None,
+              owner: str | None = None, label: Annotated[list[str] | None, Query()] = None,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 100, before: int | None = None) -> dict[str, Any]:
+    """Jobs the caller may see, newest first; `before` (an id) pages back."""
+    for s in state or []:
+        if s not in STATES:
+            raise Invalid(f"unknown state {s!r}; one of {', '.join(STATES)}", "state")
+    wanted = dict(_label(x) for x in label or [])
+    with core.lock:
+        visible = set(who.visible(core.tree, core.tree.queues))
+    q = sa.select(jobs).order_by(jobs.c.id.desc())
+    if not (who.admin or who.scope is None):
+        q = q.where(sa.or_(jobs.c.queue.in_(visible), jobs.c.owner == who.user))
+    if queue:
+        q = q.where(jobs.c.queue == queue)
+    if state:
+        q = q.where(jobs.c.state.in_(state))
+    if owner:
+        q = q.where(jobs.c.owner == owner)
+    if before is not None:
+        q = q.where(jobs.c.id < before)
+    out: list[dict[str, Any]] = []
+    with core.db.connect() as conn:
+        # Labels live in the JSON spec; they are filtered here so the query stays portable across databases.
+        for row in conn.execute(q.limit(limit if not wanted else 100 * limit)).mappings():
+            view = store.job_view(row)
+            if all(view["labels"].get(k) == v for k, v in wanted.items()):
+                out.append(view)
+            if len(out) == limit:
+                break
+    return {"jobs": out}
+
+
+def _label(text: str) -> tuple[str, str]:
+    k, sep, v = text.partition("=")
+    if not sep or not k:
+        raise Invalid(f"label filter {text!r} must be key=value", "label")
+    return k, v
+
+
+@router.get("/jobs/{job_id}")
+def get_job(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+    with core.db.connect() as conn:
+        job = core.readable(conn, who, job_id)
+        view = store.job_view(job)
+        view["attempts"] = [dict(a) for a in conn.execute(
+            sa.select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.attempt)).mappings()]
+    return view
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+    return core.cancel(who, job_id)
+
+
+@router.delete("/jobs/{job_id}")
+def delete(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+    """The same as POST /jobs/{id}/cancel."""
+    return core.cancel(who, job_id)
+
+
+@router.get("/jobs/{job_id}/events")
+def job_events(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+    with core.db.connect() as conn:
+        core.readable(conn, who, job_id)
+        rows = conn.execute(sa.select(events).where(events.c.job_id == job_id).order_by(events.c.id)).mappings()
+        return {"events": [dict(r) for r in rows]}
+
+
+@router.get("/jobs/{job_id}/explain")
+def explain(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+    """Why the job is where it is: for a pending job the rule that blocks it, with its numbers; the reasons
+    of every preemption it suffered."""
+    with core.db.connect() as conn:
+        job = core.readable(conn, who, job_id)
+        preempted = [r["data"].get("reason") | {"at": r["at"], "by": r["data"].get("by"),
+                                                 "cause": r["data"].get("cause")}
+                     for r in conn.execute(sa.select(events).where(events.c.job_id == job_id,
+                                                                    events.c.kind == "preempted")
+                                           .order_by(events.c.id)).mappings()]
+    with core.lock:
+        live = core.engine.jobs.get(str(job_id))
+        reason = (store.reason_json(core.engine.explain(str(job_id), core.clock()))
+                  if live is not None and live.state is JobState.PENDING else job["reason"])
+    return {"job": job_id, "state": job["state"], "reason": reason, "preemptions": preempted}
+
+
+@router.get("/jobs/{job_id}/logs")
+async def logs(job_id: int, who: Caller, core: CoreDep, stream: Literal["stdout", "stderr"] = "stdout",
+               attempt: int | None = None, follow: bool = False) -> Response:
+    """The attempt's output (default: the latest). With follow, the answer streams until the attempt ends."""
+    with core.db.connect() as conn:
+        job = core.readable(conn, who, job_id)
+    number = attempt or job["attempt"]
+    if number < 1:
+        raise NotFound(f"job {job_id} has not started yet, so it has no logs")
+    path = core.executor.logs(str(job_id), number)[0 if stream == "stdout" else 1]
+    if not follow:
+        try:
+            with open(path, "rb") as f:
+                return Response(f.read(), media_type="text/plain")
+        except FileNotFoundError:
+            raise NotFound(f"no {stream} for attempt {number} of job {job_id}") from None
+    return StreamingResponse(_follow(core, str(job_id), number, path), media_type="text/plain")
+
+
+async def _follow(core: Any, job_id: str, attempt: int, path: str) -> AsyncIterator[bytes]:
+    pos = 0
+    while True:
+        running = core.executor.alive(job_id, attempt)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+            if chunk:
+                pos += len(chunk)
+                yield chunk
+                continue
+        if not running:
+            return
+        await asyncio.sleep(FOLLOW_POLL_S)

@@ -1,0 +1,79 @@
+"""Service settings: environment (CORRAL_*), then a config file, then defaults; every field says its unit and why."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    """The user's data directory ($XDG_DATA_HOME/corral, else ~/.local/share/corral)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "corral"
+
+
+class ServiceSettings(BaseSettings):
+    """How `corral serve` runs. Set as CORRAL_<FIELD> in the environment or in the YAML file CORRAL_CONFIG."""
+
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="forbid")
+
+    data_dir: Path = Field(default_factory=default_data_dir,
+                           description="Where the SQLite file, job logs and the bootstrap admin token live.")
+    database_url: str | None = Field(None, description=(
+        "SQLAlchemy URL, e.g. postgresql+psycopg://corral@db/corral. Default: SQLite (WAL) in data_dir."))
+    host: str = Field("127.0.0.1", description="Address the API listens on; loopback unless you mean to share it.")
+    port: int = Field(8265, ge=1, le=65535, description="TCP port of the API.")
+    pool: str = Field("local", description="Pool name of this machine's GPUs.")
+    node: str = Field("localhost", description="Node name of this machine in its pool.")
+    gpus: int | None = Field(None, ge=0, description=(
+        "Declare this many GPUs instead of discovering them through NVML (a machine without GPUs)."))
+    gpu_model: str = Field("virtual", description="Model name of declared GPUs.")
+    cpus: float | None = Field(None, gt=0, description="CPUs jobs may ask for on this node (None: not accounted).")
+    memory_gb: float | None = Field(None, gt=0, description="Memory jobs may ask for (GiB; None: not accounted).")
+    tick_s: float = Field(0.5, gt=0, description=(
+        "Seconds between scheduling cycles when nothing wakes the loop earlier; submissions wake it at once."))
+    grace_s: float = Field(30.0, ge=0, description=(
+        "Seconds between SIGTERM and SIGKILL when a job is preempted or cancelled: time to checkpoint."))
+    min_runtime_s: float = Field(0.0, ge=0, description=(
+        "A job is not preempted before it has run this long (seconds): restarts cost warm-up."))
+    starvation_timeout_s: float = Field(3600.0, gt=0, description=(
+        "Seconds a skipped head job waits before the engine reserves nodes for it."))
+    demo: bool = Field(False, description="Load the demo queues on an empty database.")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit arguments (CLI flags) beat the environment, which beats the config file.
+        return init_settings, env_settings, _YamlFile(settings_cls)
+
+    @property
+    def url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'corral.db'}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+
+class _YamlFile(PydanticBaseSettingsSource):
+    """Fields from the YAML file named by CORRAL_CONFIG (keys are field names)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("CORRAL_CONFIG")
+        if not path:
+            return {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of setting names to values")
+        return data

@@ -1,0 +1,55 @@
+"""Small reads and writes shared by the service's parts; every write takes the caller's open transaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, RowMapping
+
+from scheduler.engine.model import Reason
+from scheduler.service.db import attempts, audit, events, jobs
+
+
+def reason_json(r: Reason | None) -> dict[str, Any] | None:
+    return None if r is None else {"rule": r.rule, "message": r.message, "numbers": dict(r.numbers)}
+
+
+def add_event(conn: Connection, at: float, kind: str, message: str, job_id: int | None = None,
+              **data: Any) -> None:
+    conn.execute(events.insert().values(at=at, job_id=job_id, kind=kind, message=message, data=data))
+
+
+def add_audit(conn: Connection, at: float, actor: str, action: str, target: str, **detail: Any) -> None:
+    conn.execute(audit.insert().values(at=at, actor=actor, action=action, target=target, detail=detail))
+
+
+def job_row(conn: Connection, job_id: int) -> RowMapping | None:
+    return conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+
+
+def current_attempt(conn: Connection, job_id: int, attempt: int) -> RowMapping | None:
+    q = sa.select(attempts).where(attempts.c.job_id == job_id, attempts.c.attempt == attempt)
+    return conn.execute(q).mappings().first()
+
+
+def update_job(conn: Connection, job_id: int, **values: Any) -> None:
+    conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+
+
+def update_attempt(conn: Connection, job_id: int, attempt: int, **values: Any) -> None:
+    conn.execute(attempts.update().where(attempts.c.job_id == job_id, attempts.c.attempt == attempt)
+                 .values(**values))
+
+
+def job_view(row: RowMapping) -> dict[str, Any]:
+    """A job as the API shows it."""
+    spec = row["spec"]
+    return {
+        "id": row["id"], "name": row["name"], "owner": row["owner"], "queue": row["queue"], "pool": row["pool"],
+        "state": row["state"], "gpus": row["gpus"], "workers": spec.get("workers", 1),
+        "priority": row["priority"], "preemptible": spec.get("preemptible", True),
+        "submitted_at": row["submitted_at"], "started_at": row["started_at"], "ended_at": row["ended_at"],
+        "attempt": row["attempt"], "exit_code": row["exit_code"], "reason": row["reason"],
+        "labels": spec.get("labels", {}), "idempotency_key": row["idempotency_key"], "spec": spec,
+    }

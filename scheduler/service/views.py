@@ -1,0 +1,90 @@
+"""What the API and metrics show of live state: queues with fair share and usage, pools, nodes and GPUs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client.core import Metric
+
+from scheduler.engine.model import JobState
+from scheduler.service.auth import Principal
+from scheduler.service.core import Core
+from scheduler.service.metrics import gauge
+
+
+def queue_tree(core: Core, who: Principal) -> dict[str, Any]:
+    """Every queue the caller may see, with quota, limit and weight per pool and the live numbers."""
+    with core.lock:
+        out = []
+        for q in core.tree.queues.values():
+            if not who.covers(core.tree, q.name):
+                continue
+            pools = {}
+            for name, ps in core.engine.pools.items():
+                pending = [j for leaf in core.tree.leaves_under(q.name) for j in ps.pending.get(leaf, ())]
+                running = [j for leaf in core.tree.leaves_under(q.name) for j in ps.running.get(leaf, ())]
+                used, quota = ps.usage[q.name], q.quota_of(name)
+                limit = q.limit_of(name)
+                pools[name] = {
+                    "quota": quota, "limit": None if limit == float("inf") else int(limit),
+                    "weight": q.weight_of(name), "fair_share": round(ps.shares().get(q.name, 0.0), 4),
+                    "usage": used, "borrowed": max(0, used - quota),
+                    "pending_jobs": len(pending), "pending_gpus": sum(j.request for j in pending),
+                    "running_jobs": len(running),
+                }
+            out.append({"name": q.name, "parent": q.parent.name if q.parent else None, "leaf": q.is_leaf,
+                        "pools": pools})
+        return {"version": core.version, "queues": out}
+
+
+def pools(core: Core) -> list[dict[str, Any]]:
+    """Pools and their nodes; each GPU says which job holds it (job ids only: names may be private)."""
+    with core.lock:
+        out = []
+        for name, ps in core.engine.pools.items():
+            holder: dict[tuple[str, int], str] = {}
+            for leaf_jobs in ps.running.values():
+                for j in leaf_jobs:
+                    for node, gpus in j.workers:
+                        holder.update({(node, g): j.id for g in gpus})
+            node_views = []
+            for n in ps.pool.nodes.values():
+                info = {g.index: g for g in core.node.gpus} if n.name == core.node.name else {}
+                node_views.append({
+                    "name": n.name, "up": n.up, "gpus": [
+                        {"index": i, "model": info[i].model if i in info else None,
+                         "uuid": info[i].uuid if i in info else None,
+                         "memory_mb": info[i].memory_mb if i in info else None,
+                         "job": int(holder[(n.name, i)]) if (n.name, i) in holder else None}
+                        for i in range(n.spec.gpus)]})
+            out.append({"name": name, "capacity": ps.pool.capacity, "free": ps.pool.free_gpus,
+                        "nodes": node_views})
+        return out
+
+
+def live_metrics(core: Core) -> list[Metric]:
+    """Gauges per queue and pool, read under the lock at scrape time."""
+    with core.lock:
+        jobs: list[tuple[list[str], float]] = []
+        gpus: list[tuple[list[str], float]] = []
+        share: list[tuple[list[str], float]] = []
+        borrowed: list[tuple[list[str], float]] = []
+        for pool, ps in core.engine.pools.items():
+            shares = ps.shares()
+            for q in core.tree.leaves:
+                pend = list(ps.pending.get(q.name, ()))
+                run = list(ps.running.get(q.name, ()))
+                labels = [q.name, pool]
+                jobs += [(labels + [JobState.PENDING.value], len(pend)), (labels + [JobState.RUNNING.value], len(run))]
+                gpus += [(labels + [JobState.PENDING.value], sum(j.request for j in pend)),
+                         (labels + [JobState.RUNNING.value], ps.usage[q.name])]
+            for q in core.tree.queues.values():
+                share.append(([q.name, pool], shares.get(q.name, 0.0)))
+                borrowed.append(([q.name, pool], max(0, ps.usage[q.name] - q.quota_of(pool))))
+        return [
+            gauge("corral_jobs", "Jobs per leaf queue, pool and state.", ["queue", "pool", "state"], jobs),
+            gauge("corral_gpus", "GPUs asked (pending) or held (running) per leaf queue and pool.",
+                  ["queue", "pool", "state"], gpus),
+            gauge("corral_fair_share_gpus", "Fair share of each queue in each pool, GPUs.", ["queue", "pool"], share),
+            gauge("corral_borrowed_gpus", "GPUs a queue uses beyond its quota.", ["queue", "pool"], borrowed),
+        ]

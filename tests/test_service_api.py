@@ -1,0 +1,176 @@
+"""The API end to end over a real database (SQLite and PostgreSQL), with a scripted executor and clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scheduler.service.auth import Role
+from tests.service_kit import Service
+
+
+def job(queue: str = "nlp", gpus: int = 1, **kw: Any) -> dict[str, Any]:
+    return {"name": "train", "queue": queue, "gpus": gpus, "command": ["python", "train.py"], **kw}
+
+
+def test_submit_runs_and_completes(svc: Service) -> None:
+    r = svc.admin.post("/v1/jobs", json=job(gpus=2))
+    assert r.status_code == 201, r.text
+    jid = r.json()["id"]
+    assert r.json()["state"] == "pending"
+    svc.tick()
+    got = svc.admin.get(f"/v1/jobs/{jid}").json()
+    assert got["state"] == "running"
+    assert got["attempts"][0]["placement"] == [["localhost", [0, 1]]]
+    assert svc.executor.launched[0].gpus == {"localhost": [0, 1]}
+    svc.executor.exit(jid, 0)
+    svc.clock.advance(10)
+    svc.tick()
+    got = svc.admin.get(f"/v1/jobs/{jid}").json()
+    assert (got["state"], got["exit_code"]) == ("completed", 0)
+    kinds = [e["kind"] for e in svc.admin.get(f"/v1/jobs/{jid}/events").json()["events"]]
+    assert kinds == ["submitted", "admitted", "started", "exited"]
+
+
+def test_failed_exit_code_is_recorded(svc: Service) -> None:
+    jid = svc.admin.post("/v1/jobs", json=job()).json()["id"]
+    svc.tick()
+    svc.executor.exit(jid, 3)
+    svc.tick()
+    got = svc.admin.get(f"/v1/jobs/{jid}").json()
+    assert (got["state"], got["exit_code"]) == ("failed", 3)
+
+
+def test_idempotency_key_returns_the_first_job(svc: Service) -> None:
+    a = svc.admin.post("/v1/jobs", json=job(idempotency_key="k1"))
+    b = svc.admin.post("/v1/jobs", json=job(idempotency_key="k1", gpus=3))
+    assert (a.status_code, b.status_code) == (201, 200)
+    assert a.json()["id"] == b.json()["id"]
+    assert len(svc.admin.get("/v1/jobs").json()["jobs"]) == 1
+
+
+def test_preemption_reclaims_quota_and_explains(svc: Service) -> None:
+    borrowers = [svc.admin.post("/v1/jobs", json=job("ranking", 4)).json()["id"] for _ in range(2)]
+    svc.tick()
+    assert all(svc.admin.get(f"/v1/jobs/{b}").json()["state"] == "running" for b in borrowers)
+    mine = svc.admin.post("/v1/jobs", json=job("nlp", 2)).json()["id"]
+    svc.clock.advance(5)
+    svc.tick()  # ranking (quota 4) borrowed 4: nlp takes its quota back
+    states = {b: svc.admin.get(f"/v1/jobs/{b}").json()["state"] for b in borrowers}
+    victim = next(b for b, s in states.items() if s == "pending")
+    why = svc.admin.get(f"/v1/jobs/{victim}/explain").json()
+    assert why["preemptions"][0]["cause"] == "reclaim"
+    assert why["preemptions"][0]["by"] == str(mine)
+    # The victim got SIGTERM; the scripted job exits at once, so the next cycle launches the preemptor.
+    svc.tick()
+    assert svc.admin.get(f"/v1/jobs/{mine}").json()["state"] == "running"
+
+
+def test_preemptor_waits_for_the_victim_to_exit(svc: Service) -> None:
+    svc.executor.exits_on_term = False
+    victim = svc.admin.post("/v1/jobs", json=job("ranking", 8)).json()["id"]
+    svc.tick()
+    mine = svc.admin.post("/v1/jobs", json=job("nlp", 2)).json()["id"]
+    svc.tick()
+    assert svc.admin.get(f"/v1/jobs/{mine}").json()["state"] == "starting"  # admitted, GPUs still held
+    assert svc.executor.terminated == [(str(victim), 1)]
+    svc.clock.advance(31)  # past the grace period: SIGKILL
+    svc.tick()
+    svc.tick()
+    assert svc.admin.get(f"/v1/jobs/{mine}").json()["state"] == "running"
+    attempts = svc.admin.get(f"/v1/jobs/{victim}").json()["attempts"]
+    assert (attempts[0]["outcome"], attempts[0]["exit_code"]) == ("preempted", -9)
+
+
+def test_pending_job_explains_its_blocking_rule(svc: Service) -> None:
+    svc.admin.post("/v1/jobs", json=job("nlp", 2, preemptible=False))
+    waiting = svc.admin.post("/v1/jobs", json=job("nlp", 1, preemptible=False)).json()["id"]
+    svc.tick()
+    why = svc.admin.get(f"/v1/jobs/{waiting}/explain").json()
+    assert why["state"] == "pending"
+    assert why["reason"]["rule"] == "guarantee"
+    assert why["reason"]["numbers"]["quota"] == 2
+
+
+def test_cancel_running_job_frees_gpus(svc: Service) -> None:
+    jid = svc.admin.post("/v1/jobs", json=job("ranking", 8)).json()["id"]
+    svc.tick()
+    r = svc.admin.post(f"/v1/jobs/{jid}/cancel")
+    assert r.json()["state"] == "cancelled"
+    assert svc.admin.post(f"/v1/jobs/{jid}/cancel").status_code == 409
+    svc.tick()
+    other = svc.admin.post("/v1/jobs", json=job("vision", 8)).json()["id"]
+    svc.tick()
+    assert svc.admin.get(f"/v1/jobs/{other}").json()["state"] == "running"
+
+
+def test_max_runtime_is_enforced(svc: Service) -> None:
+    jid = svc.admin.post("/v1/jobs", json=job(max_runtime=60)).json()["id"]
+    svc.tick()
+    svc.clock.advance(61)
+    svc.tick()
+    got = svc.admin.get(f"/v1/jobs/{jid}").json()
+    assert (got["state"], got["reason"]["rule"]) == ("failed", "max_runtime")
+
+
+def test_queue_tree_shows_live_numbers(svc: Service) -> None:
+    svc.admin.post("/v1/jobs", json=job("ranking", 6))
+    svc.tick()
+    tree = {q["name"]: q for q in svc.admin.get("/v1/queues").json()["queues"]}
+    rk = tree["ranking"]["pools"]["local"]
+    assert (rk["usage"], rk["quota"], rk["borrowed"]) == (6, 4, 2)
+    assert tree["product"]["pools"]["local"]["usage"] == 6
+    pools = svc.admin.get("/v1/pools").json()["pools"]
+    held = [g["job"] for g in pools[0]["nodes"][0]["gpus"]]
+    assert held.count(None) == 2
+
+
+def test_queue_apply_diff_history_rollback(svc: Service) -> None:
+    doc = {"queues": [dict(q) for q in svc.admin.get("/v1/queues/history").json()["versions"][-1]["document"]
+                      ["queues"]]}
+    doc["queues"][4]["quota"] = {"local": 3}
+    dry = svc.admin.post("/v1/queues/apply", json={"document": doc, "dry_run": True}).json()
+    assert dry["applied"] is False
+    assert dry["diff"] == [{"queue": "ranking", "change": "changed",
+                            "fields": {"quota": {"before": {"local": 4}, "after": {"local": 3}}}}]
+    done = svc.admin.post("/v1/queues/apply", json={"document": doc, "comment": "shrink"}).json()
+    assert done["applied"] is True
+    versions = svc.admin.get("/v1/queues/history").json()["versions"]
+    assert [v["author"] for v in versions] == ["corral", "root", "root"]
+    back = svc.admin.post("/v1/queues/rollback", json={"version": 2}).json()
+    assert back["applied"] and back["version"] == 4
+    tree = {q["name"]: q for q in svc.admin.get("/v1/queues").json()["queues"]}
+    assert tree["ranking"]["pools"]["local"]["quota"] == 4
+
+
+def test_usage_counts_gpu_hours(svc: Service) -> None:
+    jid = svc.admin.post("/v1/jobs", json=job("nlp", 2)).json()["id"]
+    t0 = svc.clock.t
+    svc.tick()
+    svc.clock.advance(3600)
+    svc.executor.exit(jid, 0)
+    svc.tick()
+    u = svc.admin.get("/v1/usage", params={"since": t0, "until": t0 + 7200}).json()
+    assert u["queues"] == [{"queue": "nlp", "gpu_hours": 2.0}]
+    assert u["users"] == [{"user": "root", "gpu_hours": 2.0}]
+    assert u["pools"][0]["idle_gpu_hours"] == 6.0  # 8 GPUs x 1 h (the clock stops at now) - 2
+
+
+def test_metrics_expose_queues_and_waits(svc: Service) -> None:
+    svc.admin.post("/v1/jobs", json=job("nlp", 2))
+    svc.tick()
+    text = svc.admin.get("/metrics").text
+    assert 'corral_gpus{pool="local",queue="nlp",state="running"} 2.0' in text
+    assert "corral_job_wait_seconds_bucket" in text
+    assert "corral_scheduling_cycle_seconds_count" in text
+    assert 'corral_fair_share_gpus{pool="local",queue="nlp"}' in text
+
+
+def test_member_sees_only_team_jobs(svc: Service) -> None:
+    alice = svc.client("alice", Role.MEMBER, "nlp")
+    bob = svc.client("bob", Role.MEMBER, "ranking")
+    jid = alice.post("/v1/jobs", json=job("nlp")).json()["id"]
+    assert bob.get(f"/v1/jobs/{jid}").status_code == 404
+    assert bob.post(f"/v1/jobs/{jid}/cancel").status_code == 404
+    assert bob.get("/v1/jobs").json()["jobs"] == []
+    assert [j["id"] for j in alice.get("/v1/jobs").json()["jobs"]] == [jid]
+    assert bob.post("/v1/jobs", json=job("nlp")).status_code == 403
