@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import sqlalchemy as sa
+import uvicorn
 from fastapi import FastAPI
 
 from scheduler.backends.base import Executor, GPUInfo
@@ -68,3 +69,9 @@ def bootstrap_admin(core: Core, path: Path) -> str | None:
     with os.fdopen(fd, "w") as f:
         f.write(secret + "\n")
     return secret
+
+
+def serve(settings: ServiceSettings) -> None:
+    """Run the API and the scheduling loop in this process until interrupted."""
+    _, app = build_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
