@@ -53,8 +53,9 @@ class Server:
         env = {**os.environ, "CORRAL_DATA_DIR": str(self.data), "CORRAL_PORT": str(self.port), "CORRAL_GPUS": "4",
                "CORRAL_DEMO": "1", "CORRAL_TICK_S": "0.05", "CORRAL_GRACE_S": "2"}
         env.pop("CORRAL_DATABASE_URL", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "scheduler.service"], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=open(self.data / "server.log", "a"))
+        with open(self.data / "server.log", "a") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "scheduler.service"], env=env,
+                                         stdout=subprocess.DEVNULL, stderr=log)
         end = time.monotonic() + 30
         while time.monotonic() < end:
             try:

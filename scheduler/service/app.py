@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,8 +16,6 @@ from scheduler.service import routes_cluster, routes_jobs
 from scheduler.service.core import Core
 from scheduler.service.errors import ServiceError
 from scheduler.service.views import live_metrics
-
-
 
 
 def create_app(core: Core, run_loop: bool = True) -> FastAPI:

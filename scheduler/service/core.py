@@ -112,9 +112,10 @@ class Core:
                         grace = max(0.0, (a["stop_deadline"] or now) - now)
                         self.executor.terminate(str(job["id"]), a["attempt"], grace, now)
                     continue
+                row: Mapping[Any, Any] = a
                 if a["state"] == "starting" and ended.code is not None:
                     # Launched and finished while its pid was never recorded: it ran, so it must not run again.
-                    a = {**a, "state": "running"}
+                    row = {**a, "state": "running"}
                 elif a["state"] == "starting":  # admitted, never launched: back to the queue
                     store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now,
                                          outcome="never_started")
@@ -124,7 +125,7 @@ class Core:
                                     job["id"])
                     continue
                 # The engine is built after recovery, from what these updates leave in the database.
-                self._ended(conn, job, a, ended.code, ended.detail or "ended while Corral was down", now,
+                self._ended(conn, job, row, ended.code, ended.detail or "ended while Corral was down", now,
                             engine=False)
 
     def _rebuild(self) -> None:
@@ -187,7 +188,8 @@ class Core:
                 job_id = conn.execute(jobs.insert().values(
                     name=sub.name, owner=who.user, queue=sub.queue, pool=pool, state="pending",
                     spec=sub.model_dump(mode="json"), gpus=spec.request, priority=sub.priority,
-                    idempotency_key=sub.idempotency_key, submitted_at=now, attempt=0)).inserted_primary_key[0]
+                    idempotency_key=sub.idempotency_key, submitted_at=now, attempt=0).returning(jobs.c.id)
+                ).scalar_one()
                 store.add_event(conn, now, "submitted", f"submitted to {sub.queue} by {who.user}", job_id,
                                 gpus=spec.request)
                 store.add_audit(conn, now, who.user, "job.submit", f"job {job_id}", queue=sub.queue)
@@ -252,7 +254,8 @@ class Core:
             now = self.clock()
             with self.db.begin() as conn:
                 out["version"] = conn.execute(queue_versions.insert().values(
-                    author=who.user, created_at=now, document=document, comment=comment)).inserted_primary_key[0]
+                    author=who.user, created_at=now, document=document, comment=comment)
+                    .returning(queue_versions.c.version)).scalar_one()
                 store.add_audit(conn, now, who.user, "queues.apply", f"version {out['version']}", comment=comment,
                                 diff=changes)
             self._rebuild()
@@ -340,7 +343,7 @@ class Core:
         for job_id, attempt, grace in stops:
             self.executor.terminate(str(job_id), attempt, grace, now)
 
-    def _ended(self, conn: Connection, job: RowMapping, a: Mapping[str, Any], code: int | None, detail: str,
+    def _ended(self, conn: Connection, job: RowMapping, a: Mapping[Any, Any], code: int | None, detail: str,
                now: float, engine: bool = True) -> None:
         """An attempt's process is gone. If it was the job's running attempt, the job ended with it."""
         outcome = a["outcome"]

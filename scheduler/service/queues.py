@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
-from quotas import QuotaError, QueueTree
+from quotas import QueueTree, QuotaError
 from scheduler.service.db import queue_versions
 from scheduler.service.errors import Invalid
 from scheduler.service.specs import QueueDocument

@@ -100,7 +100,7 @@ def create_token(body: TokenRequest, who: Caller, core: CoreDep) -> dict[str, An
     with core.db.begin() as conn:
         token_id = conn.execute(tokens.insert().values(
             digest=digest(secret), user=body.user, role=body.role.value, scope=body.scope, created_at=now,
-            created_by=who.user, revoked=False)).inserted_primary_key[0]
+            created_by=who.user, revoked=False).returning(tokens.c.id)).scalar_one()
         store.add_audit(conn, now, who.user, "token.create", f"token {token_id}", user=body.user,
                         role=body.role.value, scope=body.scope)
     return {"id": token_id, "user": body.user, "role": body.role.value, "scope": body.scope, "token": secret}
