@@ -174,3 +174,10 @@ def test_member_sees_only_team_jobs(svc: Service) -> None:
     assert bob.get("/v1/jobs").json()["jobs"] == []
     assert [j["id"] for j in alice.get("/v1/jobs").json()["jobs"]] == [jid]
     assert bob.post("/v1/jobs", json=job("nlp")).status_code == 403
+
+
+def test_gpu_metrics_come_from_the_sampler(svc: Service) -> None:
+    object.__setattr__(svc.core.node, "sample", lambda: {0: (97.0, 1024), 1: (3.0, 0)})
+    text = svc.admin.get("/metrics").text
+    assert 'corral_gpu_utilisation_percent{gpu="0",node="localhost",pool="local"} 97.0' in text
+    assert 'corral_gpu_memory_used_bytes{gpu="0",node="localhost",pool="local"} 1.073741824e+09' in text

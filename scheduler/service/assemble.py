@@ -12,7 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from scheduler.backends.base import Executor, GPUInfo
-from scheduler.backends.gpus import declared, discover_nvml
+from scheduler.backends.gpus import declared, discover_nvml, sample_utilisation
 from scheduler.backends.local import LocalExecutor
 from scheduler.service import store
 from scheduler.service.app import create_app
@@ -35,8 +35,10 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
                clock: Callable[[], float] = time.time) -> Core:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.url)
-    node = LocalNode(settings.node, settings.pool, local_gpus(settings) if gpus is None else gpus,
-                     settings.cpus, settings.memory_gb)
+    found = local_gpus(settings) if gpus is None else gpus
+    real = gpus is None and settings.gpus is None and bool(found)
+    node = LocalNode(settings.node, settings.pool, found, settings.cpus, settings.memory_gb,
+                     sample_utilisation if real else None)
     core = Core(settings, connect(settings.url), executor or LocalExecutor(settings.logs_dir), node, clock)
     core.start()
     return core

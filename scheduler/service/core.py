@@ -43,6 +43,8 @@ class LocalNode:
     gpus: list[GPUInfo]
     cpus: float | None = None
     memory_gb: float | None = None
+    # GPU index -> (utilisation %, memory used MiB), for metrics; None where GPUs are declared, not real.
+    sample: Callable[[], dict[int, tuple[float, int]] | None] | None = None
 
     def spec(self) -> NodeSpec:
         return NodeSpec(self.name, self.pool, len(self.gpus), self.cpus, self.memory_gb)

@@ -63,7 +63,8 @@ def pools(core: Core) -> list[dict[str, Any]]:
 
 
 def live_metrics(core: Core) -> list[Metric]:
-    """Gauges per queue and pool, read under the lock at scrape time."""
+    """Gauges per queue and pool, read under the lock at scrape time, and per GPU from NVML."""
+    out = gpu_metrics(core)
     with core.lock:
         jobs: list[tuple[list[str], float]] = []
         gpus: list[tuple[list[str], float]] = []
@@ -81,10 +82,22 @@ def live_metrics(core: Core) -> list[Metric]:
             for q in core.tree.queues.values():
                 share.append(([q.name, pool], shares.get(q.name, 0.0)))
                 borrowed.append(([q.name, pool], max(0, ps.usage[q.name] - q.quota_of(pool))))
-        return [
+        return out + [
             gauge("corral_jobs", "Jobs per leaf queue, pool and state.", ["queue", "pool", "state"], jobs),
             gauge("corral_gpus", "GPUs asked (pending) or held (running) per leaf queue and pool.",
                   ["queue", "pool", "state"], gpus),
             gauge("corral_fair_share_gpus", "Fair share of each queue in each pool, GPUs.", ["queue", "pool"], share),
             gauge("corral_borrowed_gpus", "GPUs a queue uses beyond its quota.", ["queue", "pool"], borrowed),
         ]
+
+
+def gpu_metrics(core: Core) -> list[Metric]:
+    samples = core.node.sample() if core.node.sample is not None else None
+    if not samples:
+        return []
+    node, pool = core.node.name, core.node.pool
+    util = [([pool, node, str(i)], u) for i, (u, _) in sorted(samples.items())]
+    mem = [([pool, node, str(i)], m * 2**20) for i, (_, m) in sorted(samples.items())]
+    labels = ["pool", "node", "gpu"]
+    return [gauge("corral_gpu_utilisation_percent", "GPU utilisation (NVML), percent.", labels, util),
+            gauge("corral_gpu_memory_used_bytes", "GPU memory in use (NVML), bytes.", labels, mem)]
