@@ -1,4 +1,5 @@
-"""The `corral` command line: `corral sim ...` for the simulator (more commands join as the service lands)."""
+"""The `corral` command line: `corral sim ...` for the simulator; the service commands (serve, submit, ps, queue,
+...) come from scheduler.cli_service."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from scheduler import cli_service
 from scheduler.engine.baselines import POLICIES
 from scheduler.sim import importers, metrics
 from scheduler.sim.expect import check
@@ -20,6 +22,7 @@ from scheduler.sim.runner import Simulation
 app = typer.Typer(help="Corral: a GPU-aware scheduler for shared GPU pools.", no_args_is_help=True)
 sim = typer.Typer(help="Replay scenarios and traces on a virtual clock.", no_args_is_help=True)
 app.add_typer(sim, name="sim")
+cli_service.register(app)
 
 out = Console()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -37,7 +37,7 @@ class _Live(Collector):
         yield from self.read()
 
 
-def gauge(name: str, doc: str, labels: list[str], samples: list[tuple[list[str], float]]) -> GaugeMetricFamily:
+def gauge(name: str, doc: str, labels: list[str], samples: Sequence[tuple[list[str], float]]) -> GaugeMetricFamily:
     g = GaugeMetricFamily(name, doc, labels=labels)
     for values, v in samples:
         g.add_metric(values, v)
