@@ -84,3 +84,22 @@ class Principal:
             return True
         return (self.role is Role.TEAM_ADMIN and role is not Role.PLATFORM_ADMIN and scope is not None
                 and self.covers(tree, scope))
+
+
+class TokenCache:
+    """Recently checked tokens, so that each request does not read the token table. Revoking through the API
+    clears it at once; a token revoked in the database by other means stops working within `ttl_s`."""
+
+    def __init__(self, ttl_s: float = 10.0):
+        self.ttl_s = ttl_s
+        self._known: dict[str, tuple[Principal, float]] = {}
+
+    def get(self, key: str, now: float) -> Principal | None:
+        hit = self._known.get(key)
+        return hit[0] if hit is not None and now - hit[1] < self.ttl_s else None
+
+    def put(self, key: str, who: Principal, now: float) -> None:
+        self._known[key] = (who, now)
+
+    def clear(self) -> None:
+        self._known.clear()

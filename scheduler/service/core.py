@@ -20,7 +20,7 @@ from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
 from scheduler.engine.explain import rejection
 from scheduler.engine.model import NodeSpec, Settings
 from scheduler.service import queues, store
-from scheduler.service.auth import Principal
+from scheduler.service.auth import Principal, TokenCache
 from scheduler.service.db import attempts, jobs, nodes, queue_versions
 from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError
 from scheduler.service.metrics import Metrics
@@ -30,6 +30,7 @@ from scheduler.service.specs import JobSubmit, engine_spec_of
 log = logging.getLogger("corral.service")
 
 LIVE = ("pending", "starting", "running")  # job states the engine knows about
+BATCH_S = 0.005
 HOLDING = ("running", "stopping")  # attempt states whose process may still hold its GPUs
 FINISHED = ("completed", "failed", "cancelled", "rejected")
 
@@ -68,6 +69,7 @@ class Core:
         self.tree: QueueTree
         self.engine: Scheduler
         self.version = 0
+        self.tokens = TokenCache()
 
     @property
     def capacity(self) -> dict[str, int]:
@@ -187,19 +189,18 @@ class Core:
                 raise Invalid(why.message, why.rule, store.reason_json(why))
             now = self.clock()
             with self._changing() as conn:
-                job_id = conn.execute(jobs.insert().values(
+                values: dict[str, Any] = dict(
                     name=sub.name, owner=who.user, queue=sub.queue, pool=pool, state="pending",
                     spec=sub.model_dump(mode="json"), gpus=spec.request, priority=sub.priority,
-                    idempotency_key=sub.idempotency_key, submitted_at=now, attempt=0).returning(jobs.c.id)
-                ).scalar_one()
+                    idempotency_key=sub.idempotency_key, submitted_at=now, attempt=0)
+                job_id = conn.execute(jobs.insert().values(**values).returning(jobs.c.id)).scalar_one()
                 store.add_event(conn, now, "submitted", f"submitted to {sub.queue} by {who.user}", job_id,
                                 gpus=spec.request)
                 store.add_audit(conn, now, who.user, "job.submit", f"job {job_id}", queue=sub.queue)
                 self.engine.submit(sub.engine_spec(job_id, pool), now)
-                row = store.job_row(conn, job_id)
         self.wake.set()
-        assert row is not None
-        return store.job_view(row), True
+        return store.job_view({**values, "id": job_id, "started_at": None, "ended_at": None, "exit_code": None,
+                               "reason": None}), True
 
     def cancel(self, who: Principal, job_id: int) -> dict[str, Any]:
         with self.lock:
@@ -421,7 +422,9 @@ class Core:
     def run(self, stop: threading.Event) -> None:
         """Cycle until `stop` is set: after each change (a submission wakes it) or every tick_s."""
         while not stop.is_set():
-            self.wake.wait(self.settings.tick_s)
+            if self.wake.wait(self.settings.tick_s):
+                # A few ms for the rest of a burst of submissions to land: one cycle decides them together.
+                stop.wait(BATCH_S)
             self.wake.clear()
             try:
                 self.tick()

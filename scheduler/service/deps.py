@@ -24,12 +24,19 @@ def principal(request: Request) -> Principal:
     scheme, _, secret = auth.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthorized("send an API token as 'Authorization: Bearer <token>' (see corral token create)")
-    with core(request).db.connect() as conn:
-        row = conn.execute(sa.select(tokens).where(tokens.c.digest == digest(secret.strip()),
+    c = core(request)
+    key = digest(secret.strip())
+    known = c.tokens.get(key, c.clock())
+    if known is not None:
+        return known
+    with c.db.connect() as conn:
+        row = conn.execute(sa.select(tokens).where(tokens.c.digest == key,
                                                    tokens.c.revoked.is_(False))).mappings().first()
     if row is None:
         raise Unauthorized("the API token is not valid or was revoked")
-    return Principal(row["user"], Role(row["role"]), row["scope"])
+    who = Principal(row["user"], Role(row["role"]), row["scope"])
+    c.tokens.put(key, who, c.clock())
+    return who
 
 
 Caller = Annotated[Principal, Depends(principal)]

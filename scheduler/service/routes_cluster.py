@@ -114,6 +114,7 @@ def revoke_token(token_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
         if row is None or not who.may_grant(core.tree, Role(row["role"]), row["scope"]):
             raise NotFound(f"token {token_id} not found")
         conn.execute(tokens.update().where(tokens.c.id == token_id).values(revoked=True))
+        core.tokens.clear()
         store.add_audit(conn, now, who.user, "token.revoke", f"token {token_id}", user=row["user"])
     return {"id": token_id, "revoked": True}
 

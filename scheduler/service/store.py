@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -42,7 +43,7 @@ def update_attempt(conn: Connection, job_id: int, attempt: int, **values: Any) -
                  .values(**values))
 
 
-def job_view(row: RowMapping) -> dict[str, Any]:
+def job_view(row: Mapping[Any, Any]) -> dict[str, Any]:
     """A job as the API shows it."""
     spec = row["spec"]
     return {
