@@ -12,6 +12,7 @@ class Started:
     job: str
     placement: dict[str, list[int]]  # node -> GPU indices
     reason: Reason
+    workers: tuple[tuple[str, tuple[int, ...]], ...] = ()  # per worker: (node, GPU indices)
 
 
 @dataclass(frozen=True)

@@ -351,7 +351,7 @@ class Engine:
         job.reason = Reason("within_quota" if job.within_quota else "borrowing", (
             f"started {how}: {q.name} uses {u} + {job.request} GPUs of {ps.name}, quota {quota}, "
             f"fair share {share:.2f}"), {"usage": u, "request": job.request, "quota": quota, "fair_share": share})
-        return Started(job.id, job.placement(), job.reason)
+        return Started(job.id, job.placement(), job.reason, tuple((n, tuple(g)) for n, g in job.workers))
 
     def _release(self, ps: PoolState, job: Job, moving: bool = False) -> None:
         ps.remove_running(job, moving)

@@ -304,9 +304,8 @@ class Core:
         reason = store.reason_json(d.reason)
         if isinstance(d, Started):
             attempt = job["attempt"] + 1
-            workers = self.engine.jobs[d.job].workers
             conn.execute(attempts.insert().values(
-                job_id=job_id, attempt=attempt, state="starting", placement=[[n, g] for n, g in workers],
+                job_id=job_id, attempt=attempt, state="starting", placement=[[n, list(g)] for n, g in d.workers],
                 gpus=job["gpus"], admitted_at=now))
             first = job["started_at"] is None
             store.update_job(conn, job_id, state="starting", attempt=attempt, reason=reason,
