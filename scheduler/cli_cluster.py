@@ -1,0 +1,283 @@
+"""The cluster commands of `corral`: queue (ls, apply, history, rollback), top, usage and token create."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from scheduler.cli_client import (
+    DEFAULT_URL,
+    Fmt,
+    Output,
+    Token,
+    Url,
+    api,
+    cells,
+    console,
+    emit,
+    fail,
+    note,
+    parse_time,
+    read_document,
+    when,
+)
+
+queue_app = typer.Typer(help="The queue tree: quotas, limits and weights per pool; changes and their history.",
+                        no_args_is_help=True)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(queue_app, name="queue")
+    app.add_typer(token_app, name="token")
+    app.command("top")(top)
+    app.command("usage")(usage)
+
+
+# ----- queues -----
+
+
+def tree_order(queues: list[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Queues parent before children, with their depth. A queue whose parent the caller cannot see (a scoped
+    token) is shown as a root."""
+    names = {q["name"] for q in queues}
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for q in queues:
+        children.setdefault(q["parent"] if q["parent"] in names else None, []).append(q)
+
+    def walk(parent: str | None, depth: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        for q in children.get(parent, []):
+            yield depth, q
+            yield from walk(q["name"], depth + 1)
+
+    return walk(None, 0)
+
+
+def _limit(v: int | None) -> str:
+    return "-" if v is None else str(v)
+
+
+def _weight(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float | int) else str(v)
+
+
+@queue_app.command("ls")
+def queue_ls(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None) -> None:
+    """The queue tree with, per pool, quota, limit, weight, fair share, usage and backlog."""
+    with api(url, token) as a:
+        data = a.get("/v1/queues")
+    if output is not Output.TABLE:
+        emit(data, output)
+        return
+    table = Table("QUEUE", "POOL", "QUOTA", "LIMIT", "WEIGHT", "FAIR SHARE", "USAGE", "BORROWED", "PENDING",
+                  "RUNNING", title=f"queue tree, version {data['version']}", box=None, pad_edge=False)
+    for depth, q in tree_order(data["queues"]):
+        label = "  " * depth + q["name"]
+        for i, (pool, p) in enumerate(sorted(q["pools"].items())):
+            table.add_row(*cells(label if i == 0 else "", pool, str(p["quota"]), _limit(p["limit"]),
+                                 _weight(p["weight"]), f"{p['fair_share']:g}", str(p["usage"]), str(p["borrowed"]),
+                                 f"{p['pending_jobs']} ({p['pending_gpus']} GPUs)", str(p["running_jobs"])))
+    console().print(table)
+
+
+def show_diff(diff: list[dict[str, Any]]) -> None:
+    """+ added, - removed, ~ changed field: before -> after; one line per queue or field."""
+    c = console()
+    for d in diff:
+        name = d["queue"]
+        if d["change"] == "added":
+            c.print(Text.assemble((f"+ {name}", "green"), f"  {_fields(d['after'])}"))
+        elif d["change"] == "removed":
+            c.print(Text.assemble((f"- {name}", "red"), f"  {_fields(d['before'])}"))
+        else:
+            for f, ba in d["fields"].items():
+                change = f"  {f}: {_value(ba['before'])} -> {_value(ba['after'])}"
+                c.print(Text.assemble((f"~ {name}", "yellow"), change))
+
+
+def _fields(q: dict[str, Any]) -> str:
+    return "  ".join(f"{k}: {_value(v)}" for k, v in q.items() if v not in (None, {}, 1.0))
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_weight(x)}" for k, x in v.items()) + "}"
+    return "-" if v is None else _weight(v)
+
+
+@queue_app.command("apply")
+def queue_apply(
+    file: Annotated[Path, typer.Option("--file", "-f", help="queues.yaml: {queues: [...]}, the whole tree.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the diff; change nothing.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Apply without asking.")] = False,
+    comment: Annotated[str, typer.Option("--message", "-m", help="Why, for the history.")] = "",
+    output: Fmt = Output.TABLE,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Replace the whole queue tree with a file, after showing what changes."""
+    doc = read_document(file)
+    if not isinstance(doc, dict):
+        fail(f"{file}: expected a mapping with a `queues` list", 2)
+    with api(url, token) as a:
+        # The service validates the whole tree and answers the diff without changing anything.
+        plan = a.post("/v1/queues/apply", {"document": doc, "comment": comment, "dry_run": True})
+        if output is Output.TABLE:
+            if not plan["diff"]:
+                typer.echo(f"no changes: the tree is already version {plan['version']}")
+                return
+            show_diff(plan["diff"])
+        if dry_run or not plan["diff"]:
+            if output is not Output.TABLE:
+                emit(plan, output)
+            return
+        if not yes and not typer.confirm(f"apply {len(plan['diff'])} change(s)?", err=True):
+            note("nothing applied")
+            raise typer.Exit(1)
+        # The diff shown was against the version then current; if someone applied in between, the service
+        # answers the diff it actually made, which is what is printed below.
+        done = a.post("/v1/queues/apply", {"document": doc, "comment": comment})
+    if output is not Output.TABLE:
+        emit(done, output)
+    elif done["applied"]:
+        typer.echo(f"applied as version {done['version']}")
+    else:
+        typer.echo(f"no changes: the tree is already version {done['version']}")
+
+
+@queue_app.command("history")
+def queue_history(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None) -> None:
+    """Every version of the queue tree: when, who, why."""
+    with api(url, token) as a:
+        data = a.get("/v1/queues/history")
+    if output is not Output.TABLE:
+        emit(data, output)
+        return
+    table = Table("VERSION", "AT", "AUTHOR", "QUEUES", "COMMENT", box=None, pad_edge=False)
+    for v in data["versions"]:
+        table.add_row(*cells(str(v["version"]), when(v["created_at"]), v["author"],
+                             str(len(v["document"].get("queues", []))), v.get("comment") or ""))
+    console().print(table)
+
+
+@queue_app.command("rollback")
+def queue_rollback(
+    version: Annotated[int, typer.Argument(min=1, help="The version to apply again.")],
+    output: Fmt = Output.TABLE,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Apply an earlier version again (as a new version: history only grows)."""
+    with api(url, token) as a:
+        done = a.post("/v1/queues/rollback", {"version": version})
+    if output is not Output.TABLE:
+        emit(done, output)
+        return
+    show_diff(done["diff"])
+    if done["applied"]:
+        typer.echo(f"rolled back to version {version}, now version {done['version']}")
+    else:
+        typer.echo(f"no changes: version {version} is what is in force (version {done['version']})")
+
+
+# ----- cluster -----
+
+
+def top(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None) -> None:
+    """GPUs per pool (each GPU and its job) and queues (usage against quota and fair share, backlog)."""
+    with api(url, token) as a:
+        pools = a.get("/v1/pools")["pools"]
+        tree = a.get("/v1/queues")
+        jobs = a.get("/v1/jobs", state=["starting", "running"], limit=1000)["jobs"]
+    if output is not Output.TABLE:
+        emit({"pools": pools, "queues": tree["queues"]}, output)
+        return
+    by_id = {j["id"]: j for j in jobs}
+    c = console()
+    for p in pools:
+        gpus = Table("NODE", "GPU", "MODEL", "JOB", "NAME", "QUEUE", "OWNER", box=None, pad_edge=False,
+                     title=f"pool {p['name']}: {p['capacity']} GPUs, {p['free']} free", title_justify="left")
+        for n in p["nodes"]:
+            for g in n["gpus"]:
+                j = by_id.get(g["job"]) if isinstance(g["job"], int) else None
+                held = "-" if g["job"] is None else str(g["job"])  # "hidden": another team's job
+                gpus.add_row(*cells(n["name"] + ("" if n["up"] else " (down)"), str(g["index"]), g["model"] or "-",
+                                    held, *((j["name"], j["queue"], j["owner"]) if j else ("", "", ""))))
+        c.print(gpus)
+    queues = Table("QUEUE", "POOL", "USAGE", "QUOTA", "FAIR SHARE", "BORROWED", "PENDING", box=None,
+                   pad_edge=False, title="queues", title_justify="left")
+    for depth, q in tree_order(tree["queues"]):
+        for pool, s in sorted(q["pools"].items()):
+            if not (s["quota"] or s["usage"] or s["pending_jobs"]):
+                continue  # a queue with nothing in this pool is noise here (queue ls shows it)
+            # Borrowed GPUs are the ones a reclaim preempts first: make them stand out.
+            used = Text(str(s["usage"]), style="yellow" if s["borrowed"] else "")
+            queues.add_row(*cells("  " * depth + q["name"], pool, used, str(s["quota"]), f"{s['fair_share']:g}",
+                                  str(s["borrowed"]), f"{s['pending_jobs']} ({s['pending_gpus']} GPUs)"))
+    c.print(queues)
+
+
+def usage(
+    since: Annotated[str | None, typer.Option(help="Start: epoch seconds, ISO date, or back from now (24h, 7d). "
+                                              "Default: the beginning.", show_default=False)] = None,
+    until: Annotated[str | None, typer.Option(help="End, in the same forms. Default: now.",
+                                              show_default=False)] = None,
+    output: Fmt = Output.TABLE,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """GPU-hours per queue and per user, and how idle each pool was."""
+    now = time.time()
+    start = parse_time(since, now) if since is not None else None
+    end = parse_time(until, now) if until is not None else None
+    with api(url, token) as a:
+        data = a.get("/v1/usage", since=start, until=end)
+    if output is not Output.TABLE:
+        emit(data, output)
+        return
+    c = console()
+    c.print(f"GPU-hours from {when(data['since']) if data['since'] else 'the beginning'} to {when(data['until'])}")
+    for title, key, rows in (("QUEUE", "queue", data["queues"]), ("USER", "user", data["users"])):
+        table = Table(title, "GPU-HOURS", box=None, pad_edge=False)
+        for r in rows:
+            table.add_row(*cells(r[key], f"{r['gpu_hours']:.2f}"))
+        if rows:
+            c.print(table)
+    table = Table("POOL", "CAPACITY", "HELD", "IDLE", "IDLE %", box=None, pad_edge=False)
+    for p in data["pools"]:
+        cap = p["capacity_gpu_hours"]
+        idle = f"{100 * p['idle_gpu_hours'] / cap:.0f}%" if cap else "-"
+        table.add_row(*cells(p["pool"], f"{cap:.2f}", f"{p['held_gpu_hours']:.2f}", f"{p['idle_gpu_hours']:.2f}",
+                             idle))
+    c.print(table)
+
+
+# ----- tokens -----
+
+
+@token_app.command("create")
+def token_create(
+    user: Annotated[str, typer.Option(help="Who the token is for.")],
+    role: Annotated[str, typer.Option(help="platform-admin, team-admin, member or viewer.")],
+    scope: Annotated[str | None, typer.Option(help="A queue: the role applies to its subtree (default: all).",
+                                              show_default=False)] = None,
+    output: Fmt = Output.TABLE,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Make an API token. Its secret is printed once: Corral keeps only a hash."""
+    with api(url, token) as a:
+        made = a.request("POST", "/v1/tokens", json={"user": user, "role": role, "scope": scope}).json()
+    if output is not Output.TABLE:
+        emit(made, output)
+        return
+    # The secret alone on stdout (for `$(corral token create ...)`); the explanation on stderr.
+    note(f"token {made['id']} for {made['user']} ({made['role']}, {made['scope'] or 'every queue'}); "
+         "it is shown only now:")
+    typer.echo(made["token"])
