@@ -24,8 +24,7 @@ import yaml
 from rich.console import Console
 from rich.text import Text
 
-from scheduler.service.assemble import ADMIN_TOKEN_FILE
-from scheduler.service.settings import default_data_dir
+from scheduler.service.settings import ADMIN_TOKEN_FILE, default_data_dir
 
 DEFAULT_URL = "http://127.0.0.1:8265"
 TIMEOUT = httpx.Timeout(30.0, read=60.0)  # read is long: a cycle under load can hold the lock a while

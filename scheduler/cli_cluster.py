@@ -140,9 +140,9 @@ def queue_apply(
         if not yes and not typer.confirm(f"apply {len(plan['diff'])} change(s)?", err=True):
             note("nothing applied")
             raise typer.Exit(1)
-        # The diff shown was against the version then current; if someone applied in between, the service
-        # answers the diff it actually made, which is what is printed below.
-        done = a.post("/v1/queues/apply", {"document": doc, "comment": comment})
+        # Apply only over the version the diff was computed against: if someone applied in between, the
+        # service answers 409 and nothing changes, so what was shown is what gets applied.
+        done = a.post("/v1/queues/apply", {"document": doc, "comment": comment, "expected_version": plan["version"]})
     if output is not Output.TABLE:
         emit(done, output)
     elif done["applied"]:

@@ -35,8 +35,7 @@ from scheduler.cli_client import (
     read_document,
     when,
 )
-from scheduler.service.assemble import ADMIN_TOKEN_FILE, build_app
-from scheduler.service.settings import ServiceSettings
+from scheduler.service.settings import ADMIN_TOKEN_FILE, ServiceSettings
 
 LIVE_STATES = ["pending", "starting", "running"]
 
@@ -79,23 +78,17 @@ def serve(
         settings = ServiceSettings(**{k: v for k, v in given.items() if v is not None})
     except (ValidationError, ValueError) as e:
         fail(f"bad settings: {e}", 2)
-    token_file = settings.data_dir / ADMIN_TOKEN_FILE
-    before = _stat(token_file)
-    _, app = build_app(settings)
-    if _stat(token_file) != before:
-        note(f"admin token written to {token_file} (the CLI on this machine uses it; keep it private)")
+    # Imported here, not at the top: the service stack (SQLAlchemy, Alembic, FastAPI) takes about a second to
+    # import, which every other command (a thin HTTP client) should not pay.
+    from scheduler.service.assemble import build_app  # noqa: PLC0415
+
+    _, app, made = build_app(settings)
+    if made:
+        note(f"admin token written to {settings.data_dir / ADMIN_TOKEN_FILE} (the CLI on this machine uses it; "
+             "keep it private)")
     note(f"Corral API on http://{settings.host}:{settings.port} ({settings.url.split('://')[0]}, "
          f"data in {settings.data_dir})")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
-
-
-def _stat(path: Path) -> tuple[int, int] | None:
-    """Enough to tell that bootstrap wrote the file: build_app does not say whether it made a token."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns
 
 
 # ----- jobs -----

@@ -19,9 +19,7 @@ from scheduler.service.app import create_app
 from scheduler.service.auth import Role, digest, new_secret
 from scheduler.service.core import Core, LocalNode
 from scheduler.service.db import connect, migrate, tokens
-from scheduler.service.settings import ServiceSettings
-
-ADMIN_TOKEN_FILE = "admin-token"
+from scheduler.service.settings import ADMIN_TOKEN_FILE, ServiceSettings
 
 
 def local_gpus(settings: ServiceSettings) -> list[GPUInfo]:
@@ -44,10 +42,11 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
     return core
 
 
-def build_app(settings: ServiceSettings, run_loop: bool = True) -> tuple[Core, FastAPI]:
+def build_app(settings: ServiceSettings, run_loop: bool = True) -> tuple[Core, FastAPI, bool]:
+    """The core and its API; the flag says whether a bootstrap admin token was just written."""
     core = build_core(settings)
-    bootstrap_admin(core, settings.data_dir / ADMIN_TOKEN_FILE)
-    return core, create_app(core, run_loop)
+    made = bootstrap_admin(core, settings.data_dir / ADMIN_TOKEN_FILE) is not None
+    return core, create_app(core, run_loop), made
 
 
 def create_token(core: Core, user: str, role: Role, scope: str | None = None, by: str = "corral") -> str:
@@ -75,5 +74,5 @@ def bootstrap_admin(core: Core, path: Path) -> str | None:
 
 def serve(settings: ServiceSettings) -> None:
     """Run the API and the scheduling loop in this process until interrupted."""
-    _, app = build_app(settings)
+    _, app, _ = build_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")

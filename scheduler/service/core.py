@@ -31,6 +31,9 @@ log = logging.getLogger("corral.service")
 
 LIVE = ("pending", "starting", "running")  # job states the engine knows about
 BATCH_S = 0.005
+# The field of a job spec to fix when the engine says a job can never run.
+REJECTED_FIELD = {"unknown_queue": "queue", "inner_queue": "queue", "unknown_pool": "pool", "worker_too_big": "gpus",
+                  "gang_too_big": "workers", "over_limit": "gpus", "over_quota": "preemptible"}
 HOLDING = ("running", "stopping")  # attempt states whose process may still hold its GPUs
 FINISHED = ("completed", "failed", "cancelled", "rejected")
 
@@ -186,7 +189,7 @@ class Core:
             spec = sub.engine_spec(0, pool)
             why = rejection(spec, self.tree, {p: ps.pool for p, ps in self.engine.pools.items()})
             if why is not None:
-                raise Invalid(why.message, why.rule, store.reason_json(why))
+                raise Invalid(why.message, REJECTED_FIELD.get(why.rule), store.reason_json(why))
             now = self.clock()
             with self._changing() as conn:
                 values: dict[str, Any] = dict(
@@ -232,8 +235,9 @@ class Core:
     # ----- queue changes -----
 
     def apply_queues(self, who: Principal, document: dict[str, Any], comment: str = "",
-                     dry_run: bool = False) -> dict[str, Any]:
-        """Validate the whole tree, check who may change what, then store it as a new version atomically."""
+                     dry_run: bool = False, expected_version: int | None = None) -> dict[str, Any]:
+        """Validate the whole tree, check who may change what, then store it as a new version atomically.
+        With `expected_version`, refuse (409) if another apply came first, so the diff shown is the one made."""
         with self.lock:
             new_tree = queues.build_tree(document, self.capacity)
             with self.db.connect() as conn:
@@ -241,6 +245,9 @@ class Core:
                 assert cur is not None
                 live = conn.execute(sa.select(jobs.c.queue, sa.func.count()).where(jobs.c.state.in_(LIVE))
                                     .group_by(jobs.c.queue)).all()
+            if expected_version is not None and cur["version"] != expected_version:
+                raise Conflict(f"the queue tree is at version {cur['version']}, not {expected_version}: "
+                               "someone applied a change since; look at the diff again", "expected_version")
             changes = queues.diff(cur["document"], document)
             for c in changes:
                 tree = new_tree if c["change"] == "added" else self.tree

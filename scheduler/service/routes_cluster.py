@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.service import queues, store, usage, views
 from scheduler.service.auth import Role, digest, new_secret
-from scheduler.service.db import audit, tokens
+from scheduler.service.db import audit, queue_versions, tokens
 from scheduler.service.deps import Caller, CoreDep
 from scheduler.service.errors import Forbidden, Invalid, NotFound
 
@@ -22,6 +22,7 @@ class Apply(BaseModel):
     document: dict[str, Any] = Field(description="The whole tree: {queues: [...]}, as in queues.yaml.")
     comment: str = ""
     dry_run: bool = Field(False, description="Validate and show the diff without applying it.")
+    expected_version: int | None = Field(None, description="Apply only if the tree is still at this version.")
 
 
 class Rollback(BaseModel):
@@ -45,7 +46,7 @@ def queue_tree(who: Caller, core: CoreDep) -> dict[str, Any]:
 @router.post("/queues/apply", tags=["queues"])
 def apply(body: Apply, who: Caller, core: CoreDep) -> dict[str, Any]:
     """Replace the whole tree atomically after validating it; answers the diff (and nothing changes on dry_run)."""
-    return core.apply_queues(who, body.document, body.comment, body.dry_run)
+    return core.apply_queues(who, body.document, body.comment, body.dry_run, body.expected_version)
 
 
 @router.post("/queues/rollback", tags=["queues"])
@@ -76,11 +77,15 @@ def pools(who: Caller, core: CoreDep) -> dict[str, Any]:
 
 
 @router.get("/usage", tags=["usage"])
-def get_usage(who: Caller, core: CoreDep, since: Annotated[float, Query(ge=0)] = 0.0,
+def get_usage(who: Caller, core: CoreDep, since: Annotated[float | None, Query(ge=0)] = None,
               until: float | None = None) -> dict[str, Any]:
-    """GPU-hours per queue and user over [since, until] (epoch seconds; default: all time until now)."""
+    """GPU-hours per queue and user over [since, until] (epoch seconds; default: since Corral was set up,
+    until now)."""
     now = core.clock()
     end = now if until is None else until
+    if since is None:
+        with core.db.connect() as conn:
+            since = conn.execute(sa.select(sa.func.min(queue_versions.c.created_at))).scalar_one()
     if end < since:
         raise Invalid(f"until ({end}) is before since ({since})", "until")
     visible = None if who.admin or who.scope is None else set(who.visible(core.tree, core.tree.queues))

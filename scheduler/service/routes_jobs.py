@@ -123,7 +123,7 @@ def explain(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
 
 @router.get("/jobs/{job_id}/logs")
 async def logs(job_id: int, who: Caller, core: CoreDep, stream: Literal["stdout", "stderr"] = "stdout",
-               attempt: int | None = None, follow: bool = False) -> Response:
+               attempt: Annotated[int | None, Query(ge=1)] = None, follow: bool = False) -> Response:
     """The attempt's output (default: the latest). With follow, the answer streams until the attempt ends."""
     with core.db.connect() as conn:
         job = core.readable(conn, who, job_id)

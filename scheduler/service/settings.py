@@ -10,6 +10,8 @@ import yaml
 from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+ADMIN_TOKEN_FILE = "admin-token"  # in data_dir: the bootstrap platform-admin token, mode 0600
+
 
 def default_data_dir() -> Path:
     """The user's data directory ($XDG_DATA_HOME/corral, else ~/.local/share/corral)."""
