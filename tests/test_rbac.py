@@ -364,10 +364,6 @@ def _without(doc: dict[str, Any], name: str) -> dict[str, Any]:
     return {"queues": [q for q in copy.deepcopy(doc)["queues"] if q["name"] != name]}
 
 
-REPARENT = pytest.mark.xfail(strict=True, reason=(
-    "core.apply_queues checks a 'changed' queue only against the current tree, so a team admin of research may "
-    "move one of its queues (vision, quota 0) under product: POST /v1/queues/apply answers 200 and applies it, "
-    "expected 403 (a team admin must not change another department)"))
 
 
 BASE = tree(nlp=1)  # research (quota 4) has room to shrink to 3 without its children breaking the tree
@@ -387,7 +383,7 @@ BASE = tree(nlp=1)  # research (quota 4) has room to shrink to 3 without its chi
     ("remove its own queue", {"queues": [q for q in _without(BASE, "research")["queues"]
                                          if q.get("parent") != "research"]}, 403, "research"),
     pytest.param("move vision under product", _edit(BASE, "vision", parent="product", quota={"local": 0}),
-                 403, "vision", marks=REPARENT),
+                 403, "vision"),
 ])
 def test_team_admin_changes_only_queues_below_its_scope(svc: Service, change: str, document: dict[str, Any],
                                                         status: int, refused: str | None) -> None:
@@ -407,15 +403,11 @@ def test_team_admin_changes_only_queues_below_its_scope(svc: Service, change: st
         assert after == before
 
 
-NOOP_WRITE = pytest.mark.xfail(strict=True, reason=(
-    "core.apply_queues checks permissions only per diff entry, so a read-only viewer's POST /v1/queues/apply "
-    "with the current tree (or POST /v1/queues/rollback to the current version) answers 200 "
-    "{'applied': false}; expected 403 like any other change a viewer attempts"))
 
 
 @pytest.mark.parametrize("request_", [
-    pytest.param(("/v1/queues/apply", {"document": DEMO_TREE}), id="apply", marks=NOOP_WRITE),
-    pytest.param(("/v1/queues/rollback", {"version": 2}), id="rollback", marks=NOOP_WRITE),
+    pytest.param(("/v1/queues/apply", {"document": DEMO_TREE}), id="apply"),
+    pytest.param(("/v1/queues/rollback", {"version": 2}), id="rollback"),
 ])
 def test_viewer_may_not_write_queues_even_a_no_op(svc: Service, request_: tuple[str, dict[str, Any]]) -> None:
     path, body = request_

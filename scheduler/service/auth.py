@@ -78,6 +78,9 @@ class Principal:
         return (self.role is Role.TEAM_ADMIN and self.scope is not None and queue != self.scope
                 and self.covers(tree, queue))
 
+    def may_change_queues(self) -> bool:
+        return self.role in (Role.PLATFORM_ADMIN, Role.TEAM_ADMIN)
+
     def may_grant(self, tree: QueueTree, role: Role, scope: str | None) -> bool:
         """Tokens: platform admins make any; team admins make non-admin tokens inside their scope."""
         if self.admin:

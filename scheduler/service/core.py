@@ -175,10 +175,11 @@ class Core:
         """Queue a job; (the job, True) when created, (the first job, False) for a repeated idempotency key."""
         pool = sub.pool or self.node.pool
         with self.lock:
+            if not who.may_submit(self.tree, sub.queue):
+                # For a scoped caller a missing queue answers the same: queue names do not leak across teams.
+                raise Forbidden(f"{who.user} ({who.role}) may not submit to queue {sub.queue}", "queue")
             if sub.queue not in self.tree:
                 raise Invalid(f"queue {sub.queue!r} does not exist", "queue")
-            if not who.may_submit(self.tree, sub.queue):
-                raise Forbidden(f"{who.user} ({who.role}) may not submit to queue {sub.queue}", "queue")
             if sub.idempotency_key is not None:
                 with self.db.connect() as conn:
                     first = conn.execute(sa.select(jobs).where(jobs.c.owner == who.user,
@@ -248,10 +249,13 @@ class Core:
             if expected_version is not None and cur["version"] != expected_version:
                 raise Conflict(f"the queue tree is at version {cur['version']}, not {expected_version}: "
                                "someone applied a change since; look at the diff again", "expected_version")
+            if not who.may_change_queues():
+                raise Forbidden(f"{who.user} ({who.role}) may not change queues")
             changes = queues.diff(cur["document"], document)
             for c in changes:
-                tree = new_tree if c["change"] == "added" else self.tree
-                if not who.may_change_queue(tree, c["queue"]):
+                # A changed queue must be the caller's before and after: no moving a queue out of one's subtree.
+                trees = {"added": [new_tree], "removed": [self.tree]}.get(c["change"], [self.tree, new_tree])
+                if not all(who.may_change_queue(t, c["queue"]) for t in trees):
                     raise Forbidden(f"{who.user} ({who.role}) may not change queue {c['queue']}", c["queue"])
             stranded = [(q, n) for q, n in live if q not in new_tree or not new_tree[q].is_leaf]
             if stranded:

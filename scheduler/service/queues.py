@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic import ValidationError
 from sqlalchemy.engine import Connection, RowMapping
 
 from quotas import QueueTree, QuotaError
@@ -39,7 +40,12 @@ def demo_document(capacity: Mapping[str, int]) -> dict[str, Any]:
 
 def build_tree(document: Mapping[str, Any], capacity: Mapping[str, int]) -> QueueTree:
     """Validate a document as a whole; Invalid lists every problem with where it is."""
-    doc = QueueDocument.model_validate(document)
+    try:
+        doc = QueueDocument.model_validate(document)
+    except ValidationError as e:
+        problems = [{"where": ".".join(str(p) for p in err["loc"]), "problem": err["msg"]} for err in e.errors()]
+        text = "; ".join(f"{p['where']}: {p['problem']}" for p in problems)
+        raise Invalid(f"the queue document is not valid: {text}", problems[0]["where"], problems) from e
     try:
         return QueueTree(doc.specs(), capacity)
     except QuotaError as e:

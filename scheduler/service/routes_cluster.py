@@ -57,8 +57,13 @@ def rollback(body: Rollback, who: Caller, core: CoreDep) -> dict[str, Any]:
 
 @router.get("/queues/history", tags=["queues"])
 def history(who: Caller, core: CoreDep) -> dict[str, Any]:
+    """Every version with author, time and comment; a scoped caller sees only the queues it may see."""
     with core.db.connect() as conn:
-        return {"versions": queues.history(conn)}
+        versions = queues.history(conn)
+    if not (who.admin or who.scope is None):
+        for v in versions:
+            v["document"] = {"queues": [q for q in v["document"]["queues"] if who.covers(core.tree, q["name"])]}
+    return {"versions": versions}
 
 
 @router.get("/pools", tags=["pools"])

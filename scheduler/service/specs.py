@@ -51,8 +51,10 @@ class JobSubmit(_Strict):
     @field_validator("command")
     @classmethod
     def _command(cls, v: list[str] | str) -> list[str] | str:
-        if isinstance(v, str) and not v.strip():
-            raise ValueError("command is empty")
+        if (v if isinstance(v, str) else v[0]).strip() == "":
+            raise ValueError("command is empty: give a program (argv[0]) or a shell command")
+        if not isinstance(v, str) and any("\0" in a for a in v):
+            raise ValueError("command arguments may not contain NUL characters")
         return v
 
     def engine_spec(self, job_id: int, pool: str) -> JobSpec:
