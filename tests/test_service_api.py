@@ -59,7 +59,7 @@ def test_preemption_reclaims_quota_and_explains(svc: Service) -> None:
     victim = next(b for b, s in states.items() if s == "pending")
     why = svc.admin.get(f"/v1/jobs/{victim}/explain").json()
     assert why["preemptions"][0]["cause"] == "reclaim"
-    assert why["preemptions"][0]["by"] == str(mine)
+    assert why["preemptions"][0]["by"] == mine
     # The victim got SIGTERM; the scripted job exits at once, so the next cycle launches the preemptor.
     svc.tick()
     assert svc.admin.get(f"/v1/jobs/{mine}").json()["state"] == "running"

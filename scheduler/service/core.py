@@ -25,7 +25,7 @@ from scheduler.service.db import attempts, jobs, nodes, queue_versions
 from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError
 from scheduler.service.metrics import Metrics
 from scheduler.service.settings import ServiceSettings
-from scheduler.service.specs import JobSubmit, engine_spec_of
+from scheduler.service.specs import JobSubmit, engine_id, engine_spec_of, job_id_of
 
 log = logging.getLogger("corral.service")
 
@@ -215,7 +215,7 @@ class Core:
                     raise Forbidden(f"{who.user} ({who.role}) may not cancel job {job_id}")
                 if job["state"] in FINISHED:
                     raise Conflict(f"job {job_id} already ended ({job['state']})")
-                self.engine.cancel(str(job_id), now)
+                self.engine.cancel(engine_id(job_id), now)
                 stop = self._stop_attempt(conn, job, now, "cancelled")
                 store.update_job(conn, job_id, state="cancelled", ended_at=now)
                 store.add_event(conn, now, "cancelled", f"cancelled by {who.user}", job_id)
@@ -309,7 +309,7 @@ class Core:
         return decisions
 
     def _record(self, conn: Connection, d: Decision, now: float) -> list[tuple[int, int, float]]:
-        job_id = int(d.job)
+        job_id = job_id_of(d.job)
         job = store.job_row(conn, job_id)
         assert job is not None
         reason = store.reason_json(d.reason)
@@ -329,8 +329,8 @@ class Core:
         if isinstance(d, Preempted):
             stop = self._stop_attempt(conn, job, now, "preempted")
             store.update_job(conn, job_id, state="pending", reason=reason)
-            store.add_event(conn, now, "preempted", d.reason.message, job_id, cause=d.cause, by=d.by,
-                            reason=reason)
+            store.add_event(conn, now, "preempted", d.reason.message, job_id, cause=d.cause,
+                            by=job_id_of(d.by) if d.by else None, reason=reason)
             self.metrics.preemptions.labels(cause=d.cause).inc()
             return stop
         assert isinstance(d, Rejected)
@@ -363,7 +363,7 @@ class Core:
         if a["state"] == "running":
             outcome = "completed" if code == 0 else "failed"
             if engine:
-                self.engine.finish(str(job["id"]), now, failed=outcome == "failed")
+                self.engine.finish(engine_id(job["id"]), now, failed=outcome == "failed")
             why = detail or (f"exited with code {code}" if code is not None else "vanished")
             store.update_job(conn, job["id"], state=outcome, ended_at=now, exit_code=code,
                              reason={"rule": outcome, "message": why, "numbers": {"exit_code": code}})
@@ -381,7 +381,7 @@ class Core:
             limit = job["spec"].get("max_runtime")
             if limit is None or job["attempt_started"] is None or now - job["attempt_started"] < limit:
                 continue
-            self.engine.finish(str(job["id"]), now, failed=True)
+            self.engine.finish(engine_id(job["id"]), now, failed=True)
             stops += self._stop_attempt(conn, job, now, "max_runtime")
             msg = f"stopped after max_runtime of {limit:g} s"
             store.update_job(conn, job["id"], state="failed", ended_at=now,
@@ -412,7 +412,7 @@ class Core:
                                                      sub.workdir, sub.image))
             except OSError as e:
                 with self._changing() as conn:
-                    self.engine.finish(str(job["id"]), now, failed=True)
+                    self.engine.finish(engine_id(job["id"]), now, failed=True)
                     store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now,
                                          outcome="launch_failed")
                     msg = f"could not start: {e}"

@@ -16,7 +16,7 @@ from scheduler.service import store
 from scheduler.service.db import attempts, events, jobs
 from scheduler.service.deps import Caller, CoreDep
 from scheduler.service.errors import Invalid, NotFound
-from scheduler.service.specs import JobSubmit
+from scheduler.service.specs import JobSubmit, engine_id
 
 router = APIRouter(tags=["jobs"])
 STATES = ("pending", "starting", "running", "completed", "failed", "cancelled", "rejected")
@@ -115,8 +115,8 @@ def explain(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
                                                                     events.c.kind == "preempted")
                                            .order_by(events.c.id)).mappings()]
     with core.lock:
-        live = core.engine.jobs.get(str(job_id))
-        reason = (store.reason_json(core.engine.explain(str(job_id), core.clock()))
+        live = core.engine.jobs.get(engine_id(job_id))
+        reason = (store.reason_json(core.engine.explain(engine_id(job_id), core.clock()))
                   if live is not None and live.state is JobState.PENDING else job["reason"])
     return {"job": job_id, "state": job["state"], "reason": reason, "preemptions": preempted}
 

@@ -58,7 +58,7 @@ class JobSubmit(_Strict):
         return v
 
     def engine_spec(self, job_id: int, pool: str) -> JobSpec:
-        return JobSpec(id=str(job_id), queue=self.queue, pool=pool, gpus=self.gpus, workers=self.workers,
+        return JobSpec(id=engine_id(job_id), queue=self.queue, pool=pool, gpus=self.gpus, workers=self.workers,
                        cpus=self.cpus, memory_gb=self.memory_gb, priority=self.priority,
                        preemptible=self.preemptible, checkpoint=self.checkpoint)
 
@@ -84,6 +84,15 @@ class QueueDocument(_Strict):
 
     def specs(self) -> list[QueueSpec]:
         return [q.spec() for q in self.queues]
+
+
+def engine_id(job_id: int) -> str:
+    """The engine's name for a job: its reasons read "... and job-7 needs 2", not "... and 7 needs 2"."""
+    return f"job-{job_id}"
+
+
+def job_id_of(engine_job: str) -> int:
+    return int(engine_job.removeprefix("job-"))
 
 
 def engine_spec_of(row_spec: dict[str, Any], job_id: int, pool: str) -> JobSpec:

@@ -10,6 +10,7 @@ from scheduler.engine.model import JobState
 from scheduler.service.auth import Principal
 from scheduler.service.core import Core
 from scheduler.service.metrics import gauge
+from scheduler.service.specs import job_id_of
 
 
 def queue_tree(core: Core, who: Principal) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def pools(core: Core) -> list[dict[str, Any]]:
                         {"index": i, "model": info[i].model if i in info else None,
                          "uuid": info[i].uuid if i in info else None,
                          "memory_mb": info[i].memory_mb if i in info else None,
-                         "job": int(holder[(n.name, i)]) if (n.name, i) in holder else None}
+                         "job": job_id_of(holder[(n.name, i)]) if (n.name, i) in holder else None}
                         for i in range(n.spec.gpus)]})
             out.append({"name": name, "capacity": ps.pool.capacity, "free": ps.pool.free_gpus,
                         "nodes": node_views})
