@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from scheduler.service.auth import Role
@@ -181,3 +182,27 @@ def test_gpu_metrics_come_from_the_sampler(svc: Service) -> None:
     text = svc.admin.get("/metrics").text
     assert 'corral_gpu_utilisation_percent{gpu="0",node="localhost",pool="local"} 97.0' in text
     assert 'corral_gpu_memory_used_bytes{gpu="0",node="localhost",pool="local"} 1.073741824e+09' in text
+
+
+def test_concurrent_submissions_share_commits_and_keep_keys_unique(svc: Service) -> None:
+    """Many threads at once: each idempotency key gives one job, a refused submission fails only itself."""
+    bodies = [job(idempotency_key=f"k{i % 10}") for i in range(40)] + [job(queue="nope")] * 5 + [job()] * 15
+
+    def send(body: dict[str, Any]) -> tuple[int, Any]:
+        r = svc.admin.post("/v1/jobs", json=body)
+        return r.status_code, r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(send, bodies))
+    by_key: dict[str, set[int]] = {}
+    for (status, body), sent in zip(answers, bodies, strict=True):
+        if sent["queue"] == "nope":
+            assert status == 422
+        elif "idempotency_key" in sent:
+            assert status in (200, 201)
+            by_key.setdefault(sent["idempotency_key"], set()).add(body["id"])
+        else:
+            assert status == 201
+    assert all(len(ids) == 1 for ids in by_key.values()) and len(by_key) == 10
+    assert len(svc.admin.get("/v1/jobs", params={"limit": 1000}).json()["jobs"]) == 25
+    assert len(svc.core.engine.jobs) == 25

@@ -17,12 +17,12 @@ from quotas import QueueTree
 from scheduler.backends.base import Executor, GPUInfo, Handle, Launch
 from scheduler.engine import Engine as Scheduler
 from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
-from scheduler.engine.explain import rejection
 from scheduler.engine.model import NodeSpec, Settings
 from scheduler.service import queues, store
 from scheduler.service.auth import Principal, TokenCache
 from scheduler.service.db import attempts, jobs, nodes, queue_versions
 from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError
+from scheduler.service.intake import Intake
 from scheduler.service.metrics import Metrics
 from scheduler.service.settings import ServiceSettings
 from scheduler.service.specs import JobSubmit, engine_id, engine_spec_of, job_id_of
@@ -31,9 +31,6 @@ log = logging.getLogger("corral.service")
 
 LIVE = ("pending", "starting", "running")  # job states the engine knows about
 BATCH_S = 0.005
-# The field of a job spec to fix when the engine says a job can never run.
-REJECTED_FIELD = {"unknown_queue": "queue", "inner_queue": "queue", "unknown_pool": "pool", "worker_too_big": "gpus",
-                  "gang_too_big": "workers", "over_limit": "gpus", "over_quota": "preemptible"}
 HOLDING = ("running", "stopping")  # attempt states whose process may still hold its GPUs
 FINISHED = ("completed", "failed", "cancelled", "rejected")
 
@@ -73,6 +70,7 @@ class Core:
         self.engine: Scheduler
         self.version = 0
         self.tokens = TokenCache()
+        self.intake = Intake(self)
 
     @property
     def capacity(self) -> dict[str, int]:
@@ -157,7 +155,7 @@ class Core:
         self.tree, self.engine, self.version = tree, engine, row["version"]
 
     @contextmanager
-    def _changing(self) -> Iterator[Connection]:
+    def changing(self) -> Iterator[Connection]:
         """A transaction for changes the engine has already made in memory: if it fails, the engine is rebuilt
         from the database, so a rolled-back decision is forgotten there too."""
         try:
@@ -173,43 +171,12 @@ class Core:
 
     def submit(self, who: Principal, sub: JobSubmit) -> tuple[dict[str, Any], bool]:
         """Queue a job; (the job, True) when created, (the first job, False) for a repeated idempotency key."""
-        pool = sub.pool or self.node.pool
-        with self.lock:
-            if not who.may_submit(self.tree, sub.queue):
-                # For a scoped caller a missing queue answers the same: queue names do not leak across teams.
-                raise Forbidden(f"{who.user} ({who.role}) may not submit to queue {sub.queue}", "queue")
-            if sub.queue not in self.tree:
-                raise Invalid(f"queue {sub.queue!r} does not exist", "queue")
-            if sub.idempotency_key is not None:
-                with self.db.connect() as conn:
-                    first = conn.execute(sa.select(jobs).where(jobs.c.owner == who.user,
-                                                               jobs.c.idempotency_key == sub.idempotency_key)
-                                         ).mappings().first()
-                if first is not None:
-                    return store.job_view(first), False
-            spec = sub.engine_spec(0, pool)
-            why = rejection(spec, self.tree, {p: ps.pool for p, ps in self.engine.pools.items()})
-            if why is not None:
-                raise Invalid(why.message, REJECTED_FIELD.get(why.rule), store.reason_json(why))
-            now = self.clock()
-            with self._changing() as conn:
-                values: dict[str, Any] = dict(
-                    name=sub.name, owner=who.user, queue=sub.queue, pool=pool, state="pending",
-                    spec=sub.model_dump(mode="json"), gpus=spec.request, priority=sub.priority,
-                    idempotency_key=sub.idempotency_key, submitted_at=now, attempt=0)
-                job_id = conn.execute(jobs.insert().values(**values).returning(jobs.c.id)).scalar_one()
-                store.add_event(conn, now, "submitted", f"submitted to {sub.queue} by {who.user}", job_id,
-                                gpus=spec.request)
-                store.add_audit(conn, now, who.user, "job.submit", f"job {job_id}", queue=sub.queue)
-                self.engine.submit(sub.engine_spec(job_id, pool), now)
-        self.wake.set()
-        return store.job_view({**values, "id": job_id, "started_at": None, "ended_at": None, "exit_code": None,
-                               "reason": None}), True
+        return self.intake.submit(who, sub)
 
     def cancel(self, who: Principal, job_id: int) -> dict[str, Any]:
         with self.lock:
             now = self.clock()
-            with self._changing() as conn:
+            with self.changing() as conn:
                 job = self.readable(conn, who, job_id)
                 if not who.may_cancel(self.tree, job["queue"], job["owner"]):
                     raise Forbidden(f"{who.user} ({who.role}) may not cancel job {job_id}")
@@ -293,7 +260,7 @@ class Core:
             now = self.clock()
             exits = self.executor.poll(now)
             stops: list[tuple[int, int, float]] = []
-            with self._changing() as conn:
+            with self.changing() as conn:
                 for e in exits:
                     a = store.current_attempt(conn, int(e.job_id), e.attempt)
                     job = store.job_row(conn, int(e.job_id))
@@ -411,7 +378,7 @@ class Core:
                 handle = self.executor.launch(Launch(str(job["id"]), a["attempt"], sub.command, gpus, env,
                                                      sub.workdir, sub.image))
             except OSError as e:
-                with self._changing() as conn:
+                with self.changing() as conn:
                     self.engine.finish(engine_id(job["id"]), now, failed=True)
                     store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now,
                                          outcome="launch_failed")
