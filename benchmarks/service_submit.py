@@ -1,10 +1,14 @@
-"""Submits per second over HTTP, and latency percentiles, at N concurrent clients (wrk) on SQLite or PostgreSQL.
+"""Submits per second over HTTP, and latency percentiles, at N concurrent clients on SQLite or PostgreSQL.
 
 The server is `python -m scheduler.service` on declared GPUs, with one job holding every GPU, so submissions
 queue up behind it as on a saturated cluster (no process is started per submission).
 
+Two loads: as fast as the clients can go (wrk: each client sends its next submission when the last is
+answered, so latency is mostly waiting in line), or a fixed rate spread over the clients (hey -q: what a
+client sees when the service is asked for N submits/s).
+
     python benchmarks/service_submit.py --db sqlite --connections 200 --duration 20
-    python benchmarks/service_submit.py --db postgresql   # uses scripts/postgres
+    python benchmarks/service_submit.py --db postgresql --rate 1000   # PostgreSQL from scripts/postgres
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ import httpx
 import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
+BODY = '{"name": "bench", "queue": "default", "gpus": 1, "command": ["true"]}'
 LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer %s"
-wrk.body = '{"name": "bench", "queue": "default", "gpus": 1, "command": ["true"]}'
+wrk.body = '""" + BODY + """'
 """
 
 
@@ -63,9 +68,11 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=200)
     ap.add_argument("--duration", type=int, default=20, help="seconds of load")
     ap.add_argument("--threads", type=int, default=2, help="wrk threads")
+    ap.add_argument("--rate", type=int, default=0, help="submits/s offered in all (hey); 0: as fast as possible")
     args = ap.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("needs wrk (apt-get install wrk)")
+    tool = "hey" if args.rate else "wrk"
+    if not shutil.which(tool):
+        sys.exit(f"needs {tool} (apt-get install {tool})")
     data = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     port = free_port()
     env = {**os.environ, "CORRAL_DATA_DIR": str(data), "CORRAL_PORT": str(port), "CORRAL_GPUS": "8",
@@ -83,22 +90,33 @@ def main() -> None:
         auth = {"Authorization": f"Bearer {token}"}
         httpx.post(f"{base}/v1/jobs", headers=auth, json={
             "name": "blocker", "queue": "default", "gpus": 8, "command": ["sleep", "3600"]}).raise_for_status()
-        script = data / "submit.lua"
-        script.write_text(LUA % token)
-        out = subprocess.run(["wrk", "-t", str(args.threads), "-c", str(args.connections), "-d", f"{args.duration}s",
-                              "--latency", "-s", str(script), f"{base}/v1/jobs"],
-                             check=True, capture_output=True, text=True).stdout
+        if args.rate:
+            cmd = ["hey", "-z", f"{args.duration}s", "-c", str(args.connections),
+                   "-q", f"{args.rate / args.connections:g}", "-m", "POST", "-T", "application/json",
+                   "-H", f"Authorization: Bearer {token}", "-d", BODY, f"{base}/v1/jobs"]
+        else:
+            script = data / "submit.lua"
+            script.write_text(LUA % token)
+            cmd = ["wrk", "-t", str(args.threads), "-c", str(args.connections), "-d", f"{args.duration}s",
+                   "--latency", "-s", str(script), f"{base}/v1/jobs"]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         jobs = httpx.get(f"{base}/v1/jobs", headers=auth, params={"limit": 1}).json()["jobs"][0]["id"]
     finally:
         server.terminate()
         server.wait(timeout=30)
         subprocess.run(["pkill", "-f", "sleep 3600"], check=False)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    lat = {p: parse_ms(v) for p, v in re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M)}
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    result = {"db": args.db, "connections": args.connections, "duration_s": args.duration,
-              "submits_per_s": rps, "p50_ms": lat.get("50"), "p99_ms": lat.get("99"),
-              "non_2xx": int(errors.group(1)) if errors else 0, "jobs_in_db": jobs - 1}
+    if args.rate:
+        lat = {p: float(v) * 1000 for p, v in re.findall(r"^\s+(50|99)%+ in ([\d.]+) secs", out, re.M)}
+        codes = re.findall(r"\[(\d+)\]\s+(\d+) responses", out)
+        errors = sum(int(n) for c, n in codes if not c.startswith("2"))
+    else:
+        lat = {p: parse_ms(v) for p, v in re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M)}
+        found = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        errors = int(found.group(1)) if found else 0
+    result = {"db": args.db, "tool": tool, "connections": args.connections, "offered_per_s": args.rate or None,
+              "duration_s": args.duration, "submits_per_s": rps, "p50_ms": lat.get("50"), "p99_ms": lat.get("99"),
+              "non_2xx": errors, "jobs_in_db": jobs - 1}
     print(out)
     print(json.dumps(result))
     shutil.rmtree(data, ignore_errors=True)

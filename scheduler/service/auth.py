@@ -93,7 +93,7 @@ class TokenCache:
     """Recently checked tokens, so that each request does not read the token table. Revoking through the API
     clears it at once; a token revoked in the database by other means stops working within `ttl_s`."""
 
-    def __init__(self, ttl_s: float = 10.0):
+    def __init__(self, ttl_s: float = 60.0):
         self.ttl_s = ttl_s
         self._known: dict[str, tuple[Principal, float]] = {}
 

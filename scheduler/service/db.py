@@ -120,10 +120,12 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
 def connect(url: str) -> Engine:
     """An SQLAlchemy engine for `url` (sqlite:///path or postgresql+psycopg://...)."""
     if url.startswith("sqlite"):
-        eng = sa.create_engine(url, connect_args={"check_same_thread": False})
+        # A pool as large as the API's thread pool: opening a connection (and its pragmas) per request under
+        # load costs more than the request.
+        eng = sa.create_engine(url, connect_args={"check_same_thread": False}, pool_size=40, max_overflow=20)
         event.listen(eng, "connect", _sqlite_pragmas)
         return eng
-    return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    return sa.create_engine(url, pool_size=40, max_overflow=20, pool_pre_ping=True)
 
 
 def alembic_config(url: str) -> Config:

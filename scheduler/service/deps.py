@@ -6,6 +6,8 @@ from typing import Annotated
 
 import sqlalchemy as sa
 from fastapi import Depends, Request
+from sqlalchemy.engine import RowMapping
+from starlette.concurrency import run_in_threadpool
 
 from scheduler.service.auth import Principal, Role, digest
 from scheduler.service.core import Core
@@ -18,7 +20,7 @@ def core(request: Request) -> Core:
     return c
 
 
-def principal(request: Request) -> Principal:
+async def principal(request: Request) -> Principal:
     """The caller, from `Authorization: Bearer <token>`; 401 without a valid, unrevoked token."""
     auth = request.headers.get("authorization", "")
     scheme, _, secret = auth.partition(" ")
@@ -29,14 +31,18 @@ def principal(request: Request) -> Principal:
     known = c.tokens.get(key, c.clock())
     if known is not None:
         return known
-    with c.db.connect() as conn:
-        row = conn.execute(sa.select(tokens).where(tokens.c.digest == key,
-                                                   tokens.c.revoked.is_(False))).mappings().first()
+    row = await run_in_threadpool(_token_row, c, key)  # a database read must not stall the event loop
     if row is None:
         raise Unauthorized("the API token is not valid or was revoked")
     who = Principal(row["user"], Role(row["role"]), row["scope"])
     c.tokens.put(key, who, c.clock())
     return who
+
+
+def _token_row(c: Core, key: str) -> RowMapping | None:
+    with c.db.connect() as conn:
+        return conn.execute(sa.select(tokens).where(tokens.c.digest == key,
+                                                    tokens.c.revoked.is_(False))).mappings().first()
 
 
 Caller = Annotated[Principal, Depends(principal)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,12 +25,15 @@ REJECTED_FIELD = {"unknown_queue": "queue", "inner_queue": "queue", "unknown_poo
                   "gang_too_big": "workers", "over_limit": "gpus", "over_quota": "preemptible"}
 
 
+Answer = tuple[dict[str, Any], bool]  # the job as the API shows it; False when an idempotency key repeated
+
+
 @dataclass(eq=False)
 class Submission:
     who: Principal
     sub: JobSubmit
     done: bool = False
-    result: tuple[dict[str, Any], bool] | None = None
+    result: Answer | None = None
     error: BaseException | None = None
 
 
@@ -42,6 +47,35 @@ class Intake:
         self._cv = threading.Condition()
         self._inbox: list[Submission] = []
         self._leading = False
+        # The same for the API's event loop: one hop to a worker thread per group, not per request. Kept per
+        # loop: a future may only be completed by its own loop (test clients run a loop per request).
+        self._waiting: dict[asyncio.AbstractEventLoop, list[tuple[Submission, asyncio.Future[Answer]]]] = {}
+
+    async def submit_async(self, who: Principal, sub: JobSubmit) -> Answer:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Answer] = loop.create_future()
+        waiting = self._waiting.get(loop)
+        if waiting is None:  # nobody drains for this loop: start a drain
+            self._waiting[loop] = waiting = []
+            loop.create_task(self._drain(loop))
+        waiting.append((Submission(who, sub), answer))
+        return await answer
+
+    async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            while group := self._waiting[loop]:
+                self._waiting[loop] = []
+                items = [item for item, _ in group]
+                with contextlib.suppress(Exception):  # each submission carries its own error, answered below
+                    await loop.run_in_executor(None, write, self.core, items)
+                for item, answer in group:
+                    if item.error is not None:
+                        answer.set_exception(item.error)
+                    else:
+                        assert item.result is not None
+                        answer.set_result(item.result)
+        finally:
+            del self._waiting[loop]
 
     def submit(self, who: Principal, sub: JobSubmit) -> tuple[dict[str, Any], bool]:
         item = Submission(who, sub)

@@ -24,9 +24,9 @@ FOLLOW_POLL_S = 0.2  # how often a followed log is re-read: lines show up within
 
 
 @router.post("/jobs", status_code=201)
-def submit(sub: JobSubmit, who: Caller, core: CoreDep, response: Response) -> dict[str, Any]:
+async def submit(sub: JobSubmit, who: Caller, core: CoreDep, response: Response) -> dict[str, Any]:
     """Queue a job. A repeated idempotency key returns the first job (200) instead of a new one (201)."""
-    job, created = core.submit(who, sub)
+    job, created = await core.intake.submit_async(who, sub)
     if not created:
         response.status_code = 200
     return job
