@@ -206,3 +206,11 @@ def test_concurrent_submissions_share_commits_and_keep_keys_unique(svc: Service)
     assert all(len(ids) == 1 for ids in by_key.values()) and len(by_key) == 10
     assert len(svc.admin.get("/v1/jobs", params={"limit": 1000}).json()["jobs"]) == 25
     assert len(svc.core.engine.jobs) == 25
+
+
+def test_openapi_documents_every_route(svc: Service) -> None:
+    paths = svc.admin.get("/openapi.json").json()["paths"]
+    for p in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/logs", "/v1/jobs/{job_id}/explain",
+              "/v1/jobs/{job_id}/events", "/v1/queues", "/v1/queues/apply", "/v1/queues/rollback", "/v1/pools",
+              "/v1/usage", "/v1/tokens", "/v1/audit", "/healthz", "/readyz", "/metrics"):
+        assert p in paths, p
