@@ -1,0 +1,1 @@
+"""Notebook sandboxes: the JupyterHub spawner, the hub integration and idle-GPU culling."""
