@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -12,12 +12,12 @@ from scheduler.engine.model import JobSpec
 MAX_NAME = 200
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     # Unknown fields are errors here: a typo in "preemptable" must not silently run a job the wrong way.
     model_config = ConfigDict(extra="forbid")
 
 
-class JobSubmit(_Strict):
+class JobSubmit(Strict):
     """A job as submitted. `command` is argv, or one string run by /bin/sh -c."""
 
     name: str = Field("job", min_length=1, max_length=MAX_NAME)
@@ -37,6 +37,7 @@ class JobSubmit(_Strict):
     checkpoint: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
     idempotency_key: str | None = Field(None, min_length=1, max_length=MAX_NAME)
+    kind: Literal["job", "sandbox"] = Field("job", description="Sandboxes are opened through /v1/sandboxes.")
 
     @field_validator("env")
     @classmethod
@@ -63,7 +64,7 @@ class JobSubmit(_Strict):
                        preemptible=self.preemptible, checkpoint=self.checkpoint)
 
 
-class QueueDecl(_Strict):
+class QueueDecl(Strict):
     """One queue in a queue document: GPUs per pool guaranteed (quota), the most it may use (limit), weight."""
 
     name: str = Field(min_length=1, max_length=MAX_NAME)
@@ -77,7 +78,7 @@ class QueueDecl(_Strict):
                          dict(self.weight) if isinstance(self.weight, dict) else self.weight)
 
 
-class QueueDocument(_Strict):
+class QueueDocument(Strict):
     """The whole queue tree, as `corral queue apply -f queues.yaml` sends it."""
 
     queues: list[QueueDecl]

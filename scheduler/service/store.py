@@ -52,5 +52,15 @@ def job_view(row: Mapping[Any, Any]) -> dict[str, Any]:
         "priority": row["priority"], "preemptible": spec.get("preemptible", True),
         "submitted_at": row["submitted_at"], "started_at": row["started_at"], "ended_at": row["ended_at"],
         "attempt": row["attempt"], "exit_code": row["exit_code"], "reason": row["reason"],
-        "labels": spec.get("labels", {}), "idempotency_key": row["idempotency_key"], "spec": spec,
+        "labels": spec.get("labels", {}), "idempotency_key": row["idempotency_key"], "kind": spec.get("kind", "job"),
+        "spec": {**spec, "env": redacted(spec.get("env", {}))},
     }
+
+
+SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
+
+
+def redacted(env: Mapping[str, str]) -> dict[str, str]:
+    """A job's environment as the API shows it: values of variables named like secrets are hidden (a sandbox
+    carries its hub API token)."""
+    return {k: "***" if any(w in k.upper() for w in SECRET_WORDS) else v for k, v in env.items()}

@@ -1,0 +1,42 @@
+"""/v1/sandboxes: open a notebook sandbox now (or be told at once why not), list them, close them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter
+
+from scheduler.service import store
+from scheduler.service.db import jobs
+from scheduler.service.deps import Caller, CoreDep
+from scheduler.service.errors import NotFound
+from scheduler.service.sandboxes import SandboxRequest, open_sandbox
+
+router = APIRouter(tags=["sandboxes"])
+
+
+@router.post("/sandboxes", status_code=201)
+def create(req: SandboxRequest, who: Caller, core: CoreDep) -> dict[str, Any]:
+    """Start a sandbox within the queue's guarantee; 409 at once, with what is free there, when it does not fit."""
+    return open_sandbox(core, who, req)
+
+
+@router.get("/sandboxes")
+def list_sandboxes(who: Caller, core: CoreDep) -> dict[str, Any]:
+    """Open sandboxes (admitted or running) the caller may see."""
+    with core.db.connect() as conn:
+        rows = conn.execute(sa.select(jobs).where(jobs.c.state.in_(("starting", "running")))
+                            .order_by(jobs.c.id)).mappings().all()
+        return {"sandboxes": [store.job_view(r) for r in rows if r["spec"].get("kind") == "sandbox"
+                              and who.may_read_job(core.tree, r["queue"], r["owner"])]}
+
+
+@router.delete("/sandboxes/{job_id}")
+def close(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+    """Stop a sandbox: its GPUs are free for others at once (its process gets SIGTERM)."""
+    with core.db.connect() as conn:
+        row = core.readable(conn, who, job_id)
+    if row["spec"].get("kind") != "sandbox":
+        raise NotFound(f"sandbox {job_id} not found")
+    return core.cancel(who, job_id)
