@@ -6,7 +6,7 @@ import enum
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from quotas import QueueTree
@@ -106,3 +106,19 @@ class TokenCache:
 
     def clear(self) -> None:
         self._known.clear()
+
+
+NO_TEAM = "(no team)"  # the scope of a hub user in no mapped group: it covers no queue
+HUB_ADMIN, HUB_SUBMIT = "custom:corral:admin", "custom:corral:submit"
+
+
+def hub_principal(name: str, groups: Iterable[str], scopes: Iterable[str], group_queues: Mapping[str, str]
+                  ) -> Principal:
+    """A JupyterHub user as Corral sees it. Custom scopes granted to hub groups (roles in the hub) decide the
+    role; the user's first group (by name) that maps to a queue is its team. A scope with a filter
+    (`custom:corral:submit!group=x`) counts like the scope itself."""
+    held = {s.split("!", 1)[0] for s in scopes}
+    if HUB_ADMIN in held:
+        return Principal(name, Role.PLATFORM_ADMIN)
+    team = next((group_queues[g] for g in sorted(groups) if g in group_queues), NO_TEAM)
+    return Principal(name, Role.MEMBER if HUB_SUBMIT in held else Role.VIEWER, team)

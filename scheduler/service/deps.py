@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import httpx
 import sqlalchemy as sa
 from fastapi import Depends, Request
 from sqlalchemy.engine import RowMapping
 from starlette.concurrency import run_in_threadpool
 
-from scheduler.service.auth import Principal, Role, digest
+from scheduler.service.auth import Principal, Role, digest, hub_principal
 from scheduler.service.core import Core
 from scheduler.service.db import tokens
-from scheduler.service.errors import Unauthorized
+from scheduler.service.errors import Unauthorized, Unavailable
+
+HUB_TIMEOUT_S = 5.0  # asking the hub who holds a token: longer than that, and the caller should hear why
 
 
 def core(request: Request) -> Core:
@@ -24,7 +27,7 @@ async def principal(request: Request) -> Principal:
     """The caller, from `Authorization: Bearer <token>`; 401 without a valid, unrevoked token."""
     auth = request.headers.get("authorization", "")
     scheme, _, secret = auth.partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
+    if scheme.lower() not in ("bearer", "token") or not secret.strip():  # JupyterHub clients say "token"
         raise Unauthorized("send an API token as 'Authorization: Bearer <token>' (see corral token create)")
     c = core(request)
     key = digest(secret.strip())
@@ -32,11 +35,32 @@ async def principal(request: Request) -> Principal:
     if known is not None:
         return known
     row = await run_in_threadpool(_token_row, c, key)  # a database read must not stall the event loop
-    if row is None:
+    if row is not None:
+        who = Principal(row["user"], Role(row["role"]), row["scope"])
+    elif c.settings.hub_api_url:
+        who = await _hub_user(c, secret.strip())
+    else:
         raise Unauthorized("the API token is not valid or was revoked")
-    who = Principal(row["user"], Role(row["role"]), row["scope"])
     c.tokens.put(key, who, c.clock())
     return who
+
+
+async def _hub_user(c: Core, secret: str) -> Principal:
+    """Ask JupyterHub who holds this token (a person's hub token, e.g. inside a notebook)."""
+    assert c.settings.hub_api_url is not None
+    try:
+        async with httpx.AsyncClient(timeout=HUB_TIMEOUT_S) as http:
+            r = await http.get(f"{c.settings.hub_api_url.rstrip('/')}/user",
+                               headers={"Authorization": f"token {secret}"})
+    except httpx.HTTPError as e:
+        raise Unavailable(f"JupyterHub at {c.settings.hub_api_url} did not answer ({e.__class__.__name__}); "
+                          "hub tokens cannot be checked now") from e
+    if r.status_code in (401, 403, 404):
+        raise Unauthorized("the token is neither a Corral token nor one JupyterHub accepts")
+    if r.status_code != 200:
+        raise Unavailable(f"JupyterHub answered {r.status_code} when asked who holds a token")
+    user = r.json()
+    return hub_principal(user["name"], user.get("groups", []), user.get("scopes", []), c.settings.hub_groups)
 
 
 def _token_row(c: Core, key: str) -> RowMapping | None:

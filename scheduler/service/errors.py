@@ -38,3 +38,7 @@ class Unauthorized(ServiceError):
 
 class Conflict(ServiceError):
     status, code = 409, "conflict"
+
+
+class Unavailable(ServiceError):
+    status, code = 503, "unavailable"

@@ -46,6 +46,11 @@ class ServiceSettings(BaseSettings):
     starvation_timeout_s: float = Field(3600.0, gt=0, description=(
         "Seconds a skipped head job waits before the engine reserves nodes for it."))
     demo: bool = Field(False, description="Load the demo queues on an empty database.")
+    hub_api_url: str | None = Field(None, description=(
+        "JupyterHub's API (e.g. http://127.0.0.1:8081/hub/api): tokens the hub issued are accepted, and the "
+        "hub's groups and custom:corral:* scopes decide who may do what."))
+    hub_groups: dict[str, str] = Field(default_factory=dict, description=(
+        "Hub group -> Corral leaf queue: a group's members are that team (JSON in the environment)."))
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

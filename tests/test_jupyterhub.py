@@ -1,0 +1,199 @@
+"""A real JupyterHub (with configurable-http-proxy) spawning sandboxes through a real Corral service.
+
+Within quota a server starts on its GPUs; over quota the hub answers at once with Corral's message; stopping
+frees the GPUs at once; hub tokens carry hub groups and custom:corral:* scopes into Corral's rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.test_crash import free_port
+
+BIN = Path(sys.executable).parent
+CHP_CACHE = Path.home() / ".cache" / "corral" / "npm" / "node_modules" / ".bin"
+
+
+def proxy_command() -> str | None:
+    found = shutil.which("configurable-http-proxy")
+    if found:
+        return found
+    cached = CHP_CACHE / "configurable-http-proxy"
+    return str(cached) if cached.exists() else None
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 40) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if check():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+HUB_CONFIG = """
+c = get_config()  # noqa
+c.JupyterHub.ip = "127.0.0.1"
+c.JupyterHub.port = {hub_port}
+c.JupyterHub.hub_port = {hub_api_port}
+c.JupyterHub.db_url = "sqlite:///{home}/jupyterhub.sqlite"
+c.JupyterHub.cookie_secret_file = "{home}/cookie_secret"
+c.JupyterHub.pid_file = "{home}/jupyterhub.pid"
+c.ConfigurableHTTPProxy.command = ["{proxy}"]
+c.ConfigurableHTTPProxy.auth_token = "{proxy_token}"
+c.JupyterHub.authenticator_class = "dummy"
+c.Authenticator.allow_all = True
+c.JupyterHub.spawner_class = "corral"
+c.JupyterHub.allow_named_servers = True
+c.Spawner.cmd = ["{bin}/jupyterhub-singleuser"]
+c.Spawner.args = ["--allow-root"] if {root} else []
+c.Spawner.start_timeout = 30
+c.Spawner.http_timeout = 30
+c.CorralSpawner.corral_url = "{corral_url}"
+c.CorralSpawner.corral_token = "{corral_token}"
+c.CorralSpawner.group_queues = {groups}
+c.CorralSpawner.profiles = [
+    {{"name": "gpu1", "display": "1 x GPU", "gpus": 1}},
+    {{"name": "gpu2", "display": "2 x GPU", "gpus": 2, "groups": ["team-b"]}},
+]
+c.JupyterHub.load_groups = {{"team-a": {{"users": ["alice"]}}, "team-b": {{"users": ["bob"]}}}}
+c.JupyterHub.custom_scopes = {{
+    "custom:corral:submit": {{"description": "submit jobs and open sandboxes in Corral"}},
+    "custom:corral:admin": {{"description": "administer Corral"}},
+    "custom:corral:promote": {{"description": "promote models in Corral"}},
+}}
+c.JupyterHub.load_roles = [
+    {{"name": "user", "scopes": ["self", "custom:corral:submit"]}},
+    {{"name": "tester", "scopes": ["admin:users", "admin:servers", "admin:groups", "tokens"],
+      "services": ["tester"]}},
+]
+c.JupyterHub.services = [
+    {{"name": "tester", "api_token": "{tester_token}"}},
+    {{"name": "corral", "url": "{corral_url}", "api_token": "{corral_service_token}", "oauth_no_confirm": True,
+      "oauth_redirect_uri": "{corral_url}/oauth_callback"}},
+]
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    proxy = proxy_command()
+    if proxy is None:
+        if os.environ.get("CORRAL_REQUIRE_HUB"):
+            pytest.fail("configurable-http-proxy is not installed, but CORRAL_REQUIRE_HUB asks for hub tests")
+        pytest.skip("configurable-http-proxy not found (npm install configurable-http-proxy; scripts/test does)")
+    home = tmp_path_factory.mktemp("hub")
+    (home / "data").mkdir()
+    corral_port, hub_port, hub_api_port = free_port(), free_port(), free_port()
+    groups = {"team-a": "nlp", "team-b": "ranking"}
+    corral_url = f"http://127.0.0.1:{corral_port}"
+    env = {**os.environ, "CORRAL_DATA_DIR": str(home / "data"), "CORRAL_PORT": str(corral_port),
+           "CORRAL_GPUS": "4", "CORRAL_DEMO": "1", "CORRAL_TICK_S": "0.1", "CORRAL_GRACE_S": "3",
+           "CORRAL_HUB_API_URL": f"http://127.0.0.1:{hub_api_port}/hub/api", "CORRAL_HUB_GROUPS": json.dumps(groups)}
+    env.pop("CORRAL_DATABASE_URL", None)
+    procs: list[subprocess.Popen[bytes]] = []
+    with open(home / "corral.log", "w") as log:
+        procs.append(subprocess.Popen([sys.executable, "-m", "scheduler.service"], env=env, stdout=log, stderr=log))
+    try:
+        wait_for(lambda: httpx.get(f"{corral_url}/readyz").status_code == 200, "Corral")
+        admin = (home / "data" / "admin-token").read_text().strip()
+        tester = secrets.token_hex(16)
+        (home / "jupyterhub_config.py").write_text(HUB_CONFIG.format(
+            hub_port=hub_port, hub_api_port=hub_api_port, home=home, proxy=proxy, proxy_token=secrets.token_hex(16),
+            bin=BIN, root=os.geteuid() == 0, corral_url=corral_url, corral_token=admin, groups=groups,
+            tester_token=tester, corral_service_token=secrets.token_hex(16)))
+        hub_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+        with open(home / "hub.log", "w") as log:
+            procs.append(subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(home / "jupyterhub_config.py")],
+                                          cwd=home, env=hub_env, stdout=log, stderr=log))
+        hub = httpx.Client(base_url=f"http://127.0.0.1:{hub_port}/hub/api",
+                           headers={"Authorization": f"token {tester}"}, timeout=60)
+        wait_for(lambda: hub.get("/").status_code == 200, "JupyterHub")
+        corral = httpx.Client(base_url=corral_url, headers={"Authorization": f"Bearer {admin}"}, timeout=30)
+        yield {"hub": hub, "corral": corral, "corral_url": corral_url, "home": home}
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def sandboxes(stack: dict[str, Any]) -> list[dict[str, Any]]:
+    boxes: list[dict[str, Any]] = stack["corral"].get("/v1/sandboxes").json()["sandboxes"]
+    return boxes
+
+
+def server_ready(stack: dict[str, Any], user: str, name: str = "") -> bool:
+    servers = stack["hub"].get(f"/users/{user}").json().get("servers", {})
+    return bool(servers.get(name, {}).get("ready"))
+
+
+def test_spawn_within_quota_runs_on_its_gpus(stack: dict[str, Any]) -> None:
+    r = stack["hub"].post("/users/alice/server", json={"profile": "gpu1"})
+    assert r.status_code in (201, 202), r.text
+    wait_for(lambda: server_ready(stack, "alice"), "alice's server")
+    (box,) = [b for b in sandboxes(stack) if b["owner"] == "alice"]
+    assert (box["queue"], box["gpus"], box["state"], box["preemptible"]) == ("nlp", 1, "running", False)
+    held = [g for p in stack["corral"].get("/v1/pools").json()["pools"] for n in p["nodes"] for g in n["gpus"]
+            if g["job"] == box["id"]]
+    assert len(held) == 1
+
+
+def test_spawn_over_quota_is_refused_at_once_with_the_reason(stack: dict[str, Any]) -> None:
+    r = stack["hub"].post("/users/alice/servers/second", json={"profile": "gpu1"})
+    assert r.status_code == 409, r.text
+    assert ("queue nlp has 0 of its 1 guaranteed GPUs of local free (1 in use); this sandbox asks 1"
+            in r.json()["message"])
+    assert [b["owner"] for b in sandboxes(stack)].count("alice") == 1
+
+
+def test_profiles_are_restricted_per_group(stack: dict[str, Any]) -> None:
+    r = stack["hub"].post("/users/alice/servers/big", json={"profile": "gpu2"})
+    assert r.status_code == 409, r.text
+    assert r.json()["message"] == "profile 'gpu2' is not open to alice's groups"
+
+
+def test_hub_tokens_carry_groups_and_scopes_into_corral(stack: dict[str, Any]) -> None:
+    tokens = {u: stack["hub"].post(f"/users/{u}/tokens", json={"note": "test"}).json()["token"]
+              for u in ("alice", "bob")}
+    as_user = {u: httpx.Client(base_url=stack["corral_url"], headers={"Authorization": f"token {t}"}, timeout=30)
+               for u, t in tokens.items()}
+    job = {"queue": "ranking", "gpus": 0, "command": ["sleep", "30"]}
+    bob_job = as_user["bob"].post("/v1/jobs", json=job)
+    assert bob_job.status_code == 201, bob_job.text
+    bid = bob_job.json()["id"]
+    assert bob_job.json()["owner"] == "bob"
+    assert as_user["alice"].get(f"/v1/jobs/{bid}").status_code == 404
+    assert as_user["alice"].post(f"/v1/jobs/{bid}/cancel").status_code == 404
+    assert as_user["alice"].post("/v1/jobs", json=job).status_code == 403
+    assert all(b["owner"] == "alice" for b in as_user["alice"].get("/v1/sandboxes").json()["sandboxes"])
+    assert as_user["bob"].get("/v1/sandboxes").json()["sandboxes"] == []  # alice's sandbox is not his to see
+    assert as_user["bob"].post(f"/v1/jobs/{bid}/cancel").status_code == 200
+    bad = httpx.get(f"{stack['corral_url']}/v1/jobs", headers={"Authorization": "token nonsense"})
+    assert bad.status_code == 401
+
+
+def test_stopping_the_server_frees_its_gpus_at_once(stack: dict[str, Any]) -> None:
+    (box,) = [b for b in sandboxes(stack) if b["owner"] == "alice"]
+    r = stack["hub"].delete("/users/alice/server")
+    assert r.status_code in (202, 204), r.text
+    wait_for(lambda: stack["corral"].get(f"/v1/jobs/{box['id']}").json()["state"] == "cancelled", "the close")
+    free = stack["corral"].get("/v1/pools").json()["pools"][0]["free"]
+    assert free == 4
