@@ -23,15 +23,11 @@ import pytest
 from tests.test_crash import free_port
 
 BIN = Path(sys.executable).parent
-CHP_CACHE = Path.home() / ".cache" / "corral" / "npm" / "node_modules" / ".bin"
 
 
 def proxy_command() -> str | None:
-    found = shutil.which("configurable-http-proxy")
-    if found:
-        return found
-    cached = CHP_CACHE / "configurable-http-proxy"
-    return str(cached) if cached.exists() else None
+    """configurable-http-proxy: CORRAL_PROXY_CMD (scripts/test sets it from scripts/proxy), else on PATH."""
+    return os.environ.get("CORRAL_PROXY_CMD") or shutil.which("configurable-http-proxy")
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 40) -> None:
