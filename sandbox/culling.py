@@ -154,6 +154,10 @@ class IdleTracker:
         state = self._states.get(sandbox_id)
         return state.idle_since if state else None
 
+    def watched(self) -> list[str]:
+        """Sandboxes observed (or given a policy) and not forgotten."""
+        return sorted(self._states.keys() | self._policies.keys())
+
     def forget(self, sandbox_id: str) -> None:
         """Drop all that is known of a sandbox: call it once the sandbox is stopped or gone."""
         self._states.pop(sandbox_id, None)

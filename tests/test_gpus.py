@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from sandbox.nvml_samples import read_samples
 from scheduler.backends import gpus
 from scheduler.backends.base import GPUInfo
 from tests.conftest import SHARED
@@ -150,7 +151,6 @@ def two_gpus() -> dict[str, Any]:
 def test_without_nvml_there_is_nothing_to_discover(monkeypatch: pytest.MonkeyPatch, fake: FakeNVML | None) -> None:
     monkeypatch.setattr(gpus, "pynvml", fake)
     assert gpus.discover_nvml() is None
-    assert gpus.sample_utilisation() is None
     assert gpus.detect() == gpus.GpuSource("none", [])
 
 
@@ -163,7 +163,6 @@ def test_discover_and_sample_through_nvml(monkeypatch: pytest.MonkeyPatch) -> No
         GPUInfo(1, "NVIDIA H100 80GB HBM3", 81559, "GPU-y", True),
     ]
     assert gpus.detect() == gpus.GpuSource("nvml", found)
-    assert gpus.sample_utilisation() == {0: (94.0, 480)}  # the MIG GPU cannot say, so it is not called idle
     assert fake.open == 0  # every init was shut down
 
 
@@ -184,6 +183,6 @@ def test_live_nvml() -> None:
     if found is None:
         pytest.skip("NVML does not initialise here (no driver or no nvidia-ml-py)")
     assert all(g.model and g.memory_mb > 0 and g.uuid for g in found)
-    samples = gpus.sample_utilisation()
+    samples = read_samples()
     assert samples is not None
-    assert all(0.0 <= util <= 100.0 and used >= 0 for util, used in samples.values())
+    assert all(0.0 <= s.util_pct <= 100.0 and s.mem_used_bytes >= 0 for s in samples.values())

@@ -91,27 +91,6 @@ def discover_nvml() -> list[GPUInfo] | None:
         return gpus
 
 
-def sample_utilisation() -> dict[int, tuple[float, int]] | None:
-    """GPU index -> (utilisation %, memory used MiB) right now; None without NVML.
-
-    GPUs that cannot report utilisation (MIG mode answers "Not Supported") are left out rather than read as idle.
-    """
-    with _nvml() as ok:
-        if not ok:
-            return None
-        samples: dict[int, tuple[float, int]] = {}
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            try:
-                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-                util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-                used = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) // _MIB
-            except pynvml.NVMLError as err:
-                log.debug("no utilisation for GPU %d: %s", index, err)
-                continue
-            samples[index] = (float(util.gpu), used)
-        return samples
-
-
 def declared(count: int, model: str, memory_mb: int = 0) -> list[GPUInfo]:
     """GPUs taken on trust, for machines without them (`--gpus 8 --gpu-model virtual`) or without NVML."""
     if count < 0:

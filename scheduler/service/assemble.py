@@ -11,8 +11,9 @@ import sqlalchemy as sa
 import uvicorn
 from fastapi import FastAPI
 
+from sandbox.nvml_samples import read_samples
 from scheduler.backends.base import Executor, GPUInfo
-from scheduler.backends.gpus import declared, discover_nvml, sample_utilisation
+from scheduler.backends.gpus import declared, discover_nvml
 from scheduler.backends.local import LocalExecutor
 from scheduler.service import store
 from scheduler.service.app import create_app
@@ -36,7 +37,7 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
     found = local_gpus(settings) if gpus is None else gpus
     real = gpus is None and settings.gpus is None and bool(found)
     node = LocalNode(settings.node, settings.pool, found, settings.cpus, settings.memory_gb,
-                     sample_utilisation if real else None)
+                     read_samples if real else None)
     core = Core(settings, connect(settings.url), executor or LocalExecutor(settings.logs_dir), node, clock)
     core.start()
     return core

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -14,12 +15,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from quotas import QueueTree
+from sandbox.culling import GpuSample, IdlePolicy, IdleTracker
 from scheduler.backends.base import Executor, GPUInfo, Handle, Launch
 from scheduler.engine import Engine as Scheduler
 from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
 from scheduler.engine.model import NodeSpec, Settings
 from scheduler.service import queues, store
 from scheduler.service.auth import Principal, TokenCache
+from scheduler.service.culler import cull
 from scheduler.service.db import attempts, jobs, nodes, queue_versions
 from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError
 from scheduler.service.intake import Intake
@@ -44,8 +47,8 @@ class LocalNode:
     gpus: list[GPUInfo]
     cpus: float | None = None
     memory_gb: float | None = None
-    # GPU index -> (utilisation %, memory used MiB), for metrics; None where GPUs are declared, not real.
-    sample: Callable[[], dict[int, tuple[float, int]] | None] | None = None
+    # GPU index -> a reading now (NVML), for metrics and idle culling; None where GPUs are declared, not real.
+    sample: Callable[[], dict[int, GpuSample] | None] | None = None
 
     def spec(self) -> NodeSpec:
         return NodeSpec(self.name, self.pool, len(self.gpus), self.cpus, self.memory_gb)
@@ -71,6 +74,8 @@ class Core:
         self.version = 0
         self.tokens = TokenCache()
         self.intake = Intake(self)
+        self.idle = IdleTracker(IdlePolicy(settings.idle_threshold_pct).for_profile(settings.idle_timeout_s))
+        self._culled_at = -math.inf
 
     @property
     def capacity(self) -> dict[str, int]:
@@ -173,7 +178,7 @@ class Core:
         """Queue a job; (the job, True) when created, (the first job, False) for a repeated idempotency key."""
         return self.intake.submit(who, sub)
 
-    def cancel(self, who: Principal, job_id: int) -> dict[str, Any]:
+    def cancel(self, who: Principal, job_id: int, reason: dict[str, Any] | None = None) -> dict[str, Any]:
         with self.lock:
             now = self.clock()
             with self.changing() as conn:
@@ -184,8 +189,9 @@ class Core:
                     raise Conflict(f"job {job_id} already ended ({job['state']})")
                 self.engine.cancel(engine_id(job_id), now)
                 stop = self._stop_attempt(conn, job, now, "cancelled")
-                store.update_job(conn, job_id, state="cancelled", ended_at=now)
-                store.add_event(conn, now, "cancelled", f"cancelled by {who.user}", job_id)
+                reason = reason or {"rule": "cancelled", "message": f"cancelled by {who.user}", "numbers": {}}
+                store.update_job(conn, job_id, state="cancelled", ended_at=now, reason=reason)
+                store.add_event(conn, now, "cancelled", reason["message"], job_id)
                 store.add_audit(conn, now, who.user, "job.cancel", f"job {job_id}")
                 row = store.job_row(conn, job_id)
             self._terminate(stop, now)
@@ -272,6 +278,9 @@ class Core:
                     stops += self._record(conn, d, now)
             self._terminate(stops, now)
             self._launch_ready(now)
+        if now - self._culled_at >= self.settings.cull_interval_s:
+            self._culled_at = now
+            cull(self, self.idle, now)
         self.metrics.cycle.observe(time.perf_counter() - started)
         return decisions
 

@@ -9,10 +9,9 @@ from pydantic import Field
 from scheduler.service import store
 from scheduler.service.auth import Principal
 from scheduler.service.core import FINISHED, Core
+from scheduler.service.culler import IDLE_TIMEOUT_LABEL
 from scheduler.service.errors import Conflict, Forbidden, Invalid
 from scheduler.service.specs import MAX_NAME, JobSubmit, Strict, engine_id
-
-IDLE_TIMEOUT_LABEL = "corral.sandbox/idle-timeout-s"
 
 
 class SandboxRequest(Strict):

@@ -46,6 +46,11 @@ class ServiceSettings(BaseSettings):
     starvation_timeout_s: float = Field(3600.0, gt=0, description=(
         "Seconds a skipped head job waits before the engine reserves nodes for it."))
     demo: bool = Field(False, description="Load the demo queues on an empty database.")
+    idle_threshold_pct: float = Field(5.0, gt=0, le=100, description=(
+        "A sandbox's GPU under this utilisation (%), with its memory unchanged, counts as idle."))
+    idle_timeout_s: float = Field(1800.0, gt=0, description=(
+        "Seconds a sandbox's GPUs may stay idle before it is stopped (profiles may set their own)."))
+    cull_interval_s: float = Field(10.0, gt=0, description="Seconds between looks at sandboxes' GPUs (NVML).")
     hub_api_url: str | None = Field(None, description=(
         "JupyterHub's API (e.g. http://127.0.0.1:8081/hub/api): tokens the hub issued are accepted, and the "
         "hub's groups and custom:corral:* scopes decide who may do what."))

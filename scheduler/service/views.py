@@ -97,8 +97,8 @@ def gpu_metrics(core: Core) -> list[Metric]:
     if not samples:
         return []
     node, pool = core.node.name, core.node.pool
-    util = [([pool, node, str(i)], u) for i, (u, _) in sorted(samples.items())]
-    mem = [([pool, node, str(i)], m * 2**20) for i, (_, m) in sorted(samples.items())]
+    util = [([pool, node, str(i)], s.util_pct) for i, s in sorted(samples.items())]
+    mem = [([pool, node, str(i)], float(s.mem_used_bytes)) for i, s in sorted(samples.items())]
     labels = ["pool", "node", "gpu"]
     return [gauge("corral_gpu_utilisation_percent", "GPU utilisation (NVML), percent.", labels, util),
             gauge("corral_gpu_memory_used_bytes", "GPU memory in use (NVML), bytes.", labels, mem)]

@@ -1,0 +1,60 @@
+"""Idle-GPU culling in the service: sample the GPUs of running sandboxes, warn, then close idle ones."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+
+from sandbox.culling import IdleTracker, Stop, Warn
+from scheduler.service import store
+from scheduler.service.auth import Principal, Role
+from scheduler.service.db import attempts, jobs
+
+if TYPE_CHECKING:
+    from scheduler.service.core import Core
+
+IDLE_TIMEOUT_LABEL = "corral.sandbox/idle-timeout-s"  # per-profile timeout, kept with the job
+CULLER = Principal("corral-culler", Role.PLATFORM_ADMIN)
+
+
+def cull(core: Core, tracker: IdleTracker, now: float) -> None:
+    """One look at every running sandbox's GPUs (called by the scheduling loop every cull_interval_s)."""
+    if core.node.sample is None:
+        return  # declared GPUs: nothing to measure
+    samples = core.node.sample() or {}
+    with core.db.connect() as conn:
+        rows = conn.execute(
+            sa.select(jobs.c.id, jobs.c.spec, attempts.c.placement)
+            .join(attempts, sa.and_(attempts.c.job_id == jobs.c.id, attempts.c.attempt == jobs.c.attempt))
+            .where(jobs.c.state == "running", attempts.c.state == "running")).mappings().all()
+    running = {str(r["id"]) for r in rows if r["spec"].get("kind") == "sandbox"}
+    for sid in set(tracker.watched()) - running:
+        tracker.forget(sid)  # closed or ended: start afresh if it ever comes back
+    for r in rows:
+        sid = str(r["id"])
+        if sid not in running:
+            continue
+        timeout = r["spec"].get("labels", {}).get(IDLE_TIMEOUT_LABEL)
+        if timeout is not None:
+            tracker.set_policy(sid, tracker.default.for_profile(float(timeout)))
+        gpus = [g for node, gs in r["placement"] if node == core.node.name for g in gs]
+        if not gpus:
+            continue  # a CPU-only sandbox holds no GPU to free
+        for action in tracker.observe(sid, now, {g: samples.get(g) for g in gpus}):
+            _act(core, tracker, action, now)
+
+
+def _act(core: Core, tracker: IdleTracker, action: Warn | Stop, now: float) -> None:
+    job_id = int(action.sandbox_id)
+    if isinstance(action, Warn):
+        msg = (f"its GPUs have been idle since {action.idle_since:.0f} ({action.idle_gpu_minutes:.1f} idle "
+               f"GPU-minutes); it will be stopped at {action.stop_at:.0f} unless they do some work")
+        with core.db.begin() as conn:
+            store.add_event(conn, now, "idle_warning", msg, job_id, idle_since=action.idle_since,
+                            stop_at=action.stop_at, idle_gpu_minutes=round(action.idle_gpu_minutes, 3))
+        return
+    core.cancel(CULLER, job_id, reason={
+        "rule": "idle", "message": f"stopped after its GPUs stayed idle: {action.idle_gpu_minutes:.1f} idle "
+        f"GPU-minutes since {action.idle_since:.0f}", "numbers": {"idle_gpu_minutes": action.idle_gpu_minutes}})
+    tracker.forget(action.sandbox_id)
