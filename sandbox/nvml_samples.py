@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from sandbox.culling import GpuSample, ProcSample
+from scheduler.backends.gpus import nvml_session
 
 try:
     # nvidia-ml-py ships no type information; `unused-ignore` keeps mypy quiet should an override appear later.
@@ -28,24 +28,6 @@ except ImportError:  # without nvidia-ml-py there is nothing to sample, and the 
     pynvml = None
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def _nvml() -> Iterator[bool]:
-    """NVML initialised for the block (yields True), or False when the library or driver is missing."""
-    if pynvml is None:
-        yield False
-        return
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as err:
-        log.debug("NVML unavailable: %s", err)
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def _process_util(handle: Any, since_us: int) -> dict[int, float] | None:
@@ -90,7 +72,7 @@ def read_samples(indices: Iterable[int] | None = None, window_s: float = 1.0) ->
     A GPU that cannot report utilisation (MIG mode answers "Not Supported") is left out: the culler reads a
     missing GPU as not idle rather than guess.
     """
-    with _nvml() as ok:
+    with nvml_session(pynvml) as ok:
         if not ok:
             return None
         wanted = range(pynvml.nvmlDeviceGetCount()) if indices is None else indices

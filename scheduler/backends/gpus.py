@@ -42,21 +42,22 @@ def _text(value: str | bytes) -> str:
 
 
 @contextmanager
-def _nvml() -> Iterator[bool]:
-    """NVML initialised for the block (yields True), or False when the library or driver is missing."""
-    if pynvml is None:
+def nvml_session(lib: Any) -> Iterator[bool]:
+    """NVML (the `pynvml` module `lib`, or None) initialised for the block (yields True), or False when the
+    library or driver is missing. Callers pass their own module reference, so tests can replace it."""
+    if lib is None:
         yield False
         return
     try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as err:  # no libnvidia-ml.so, no driver, or no permission: no GPUs we can see
+        lib.nvmlInit()
+    except lib.NVMLError as err:  # no libnvidia-ml.so, no driver, or no permission: no GPUs we can see
         log.debug("NVML unavailable: %s", err)
         yield False
         return
     try:
         yield True
     finally:
-        pynvml.nvmlShutdown()
+        lib.nvmlShutdown()
 
 
 def _mig_current(handle: Any) -> bool:
@@ -69,7 +70,7 @@ def _mig_current(handle: Any) -> bool:
 
 def discover_nvml() -> list[GPUInfo] | None:
     """This machine's GPUs as NVML sees them; None when NVML is not installed or cannot initialise."""
-    with _nvml() as ok:
+    with nvml_session(pynvml) as ok:
         if not ok:
             return None
         gpus: list[GPUInfo] = []
