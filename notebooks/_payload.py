@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import cloudpickle  # type: ignore[import-untyped]  # ships no type information
+import cloudpickle
 
 from notebooks.errors import CorralError
 

@@ -119,16 +119,10 @@ class Client:
                     "labels": dict(labels) if labels else None}
         body.update({k: v for k, v in optional.items() if v is not None})
         data, created = self._loop.run(self._api.submit(body))
+        # A repeated key returns the first job; the service refuses (CorralError conflict, naming the fields) a
+        # repeated key with a different spec, so an edited cell never silently shows the old run.
         job = Job(self, data)
-        if not created:
-            job.reused = True
-            differs = sorted(k for k, v in body.items() if data.get("spec", {}).get(k, v) != v)
-            if differs:
-                # The API answers the first job for a repeated key even when the spec changed; say so rather
-                # than let an edited cell silently show the old run.
-                print(f"[corral] idempotency key {idempotency_key!r} already names job {job.id}, which was "
-                      f"submitted with a different {', '.join(differs)}; returning job {job.id} unchanged. "
-                      "Use a new key to run the new spec.", file=sys.stderr)
+        job.reused = not created
         return job
 
     def job(self, job_id: int) -> Job:

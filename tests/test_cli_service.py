@@ -94,10 +94,15 @@ def test_submit_a_command_after_double_dash(corral: Corral, service: Service) ->
                                                                                                False)
     assert (spec["env"], spec["labels"], spec["max_runtime"], spec["workdir"]) == (
         {"LR": "0.1", "SEED": "1"}, {"exp": "a"}, 60, "/tmp")
-    # The same idempotency key answers the first job, and says so on stderr.
-    again = corral("submit", "--queue", "nlp", "--idempotency-key", "k1", "--", "true")
+    # The same idempotency key with the same spec answers the first job, and says so on stderr.
+    again = corral("submit", "--queue", "nlp", "--gpus", "1", "--name", "sweep", "--workers", "2", "--priority", "3",
+                   "--no-preemptible", "--env", "LR=0.1", "--env", "SEED=1", "--label", "exp=a", "--max-runtime",
+                   "60", "--idempotency-key", "k1", "--workdir", "/tmp", "--", "python", "train.py", "--epochs", "3")
     assert again.stdout.strip() == r.stdout.strip()
     assert "used before" in again.stderr
+    # With another spec, the key is refused and the fields that differ are named.
+    other = corral("submit", "--queue", "nlp", "--idempotency-key", "k1", "--", "true", code=1)
+    assert "other values of: command" in other.stderr
     # One argument is a shell line.
     one = corral("submit", "--queue", "nlp", "--", "python train.py | tee log")
     assert job(service, int(one.stdout.strip()))["spec"]["command"] == "python train.py | tee log"

@@ -186,9 +186,10 @@ def test_idempotency_key_returns_the_same_job(corral: Client, capsys: pytest.Cap
     again = corral.submit("echo once", queue="default", idempotency_key="cell-7")
     assert again.id == first.id and again == first and again.reused and not first.reused
     assert capsys.readouterr().err == ""
-    edited = corral.submit("echo twice", queue="default", idempotency_key="cell-7")
-    assert edited.id == first.id
-    assert "different command" in capsys.readouterr().err  # an edited cell is told why it got the old job
+    with pytest.raises(CorralError) as e:  # an edited cell is told why it cannot reuse the key
+        corral.submit("echo twice", queue="default", idempotency_key="cell-7")
+    assert (e.value.code, e.value.where) == ("conflict", "idempotency_key")
+    assert "other values of: command" in e.value.message
 
 
 def test_client_works_inside_a_running_event_loop(corral: Client) -> None:

@@ -44,9 +44,12 @@ def test_failed_exit_code_is_recorded(svc: Service) -> None:
 
 def test_idempotency_key_returns_the_first_job(svc: Service) -> None:
     a = svc.admin.post("/v1/jobs", json=job(idempotency_key="k1"))
-    b = svc.admin.post("/v1/jobs", json=job(idempotency_key="k1", gpus=3))
+    b = svc.admin.post("/v1/jobs", json=job(idempotency_key="k1"))
     assert (a.status_code, b.status_code) == (201, 200)
     assert a.json()["id"] == b.json()["id"]
+    other = svc.admin.post("/v1/jobs", json=job(idempotency_key="k1", gpus=3))
+    assert other.status_code == 409
+    assert other.json()["error"]["detail"] == {"job": a.json()["id"], "fields": ["gpus"]}
     assert len(svc.admin.get("/v1/jobs").json()["jobs"]) == 1
 
 

@@ -106,6 +106,82 @@ audit = sa.Table(
 )
 
 
+# ----- the golden path: models, versions, stages, promotions, and their hash-chained audit -----
+
+models = sa.Table(
+    "models", metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("queue", sa.String(200), nullable=False),  # the owning team: its roles decide who may do what
+    sa.Column("description", sa.Text, nullable=False, default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_by", sa.String(200), nullable=False),
+)
+
+model_policies = sa.Table(
+    "model_policies", metadata,
+    sa.Column("model", sa.String(200), sa.ForeignKey("models.name"), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("document", sa.JSON, nullable=False),
+    sa.Column("author", sa.String(200), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+model_versions = sa.Table(
+    "model_versions", metadata,
+    sa.Column("model", sa.String(200), sa.ForeignKey("models.name"), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False),
+    sa.Column("lineage", sa.JSON, nullable=False),  # job, queue, command, image, code and dataset references, jobs
+    sa.Column("metrics", sa.JSON, nullable=False),
+    sa.Column("eval_set", sa.String(200), nullable=True),
+    sa.Column("artifact_uri", sa.Text, nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),  # sha256 of the artifact, computed at registration
+    sa.Column("registered_at", sa.Float, nullable=False),
+    sa.Column("registered_by", sa.String(200), nullable=False),
+)
+
+model_aliases = sa.Table(
+    "model_aliases", metadata,
+    sa.Column("model", sa.String(200), sa.ForeignKey("models.name"), primary_key=True),
+    sa.Column("stage", sa.String(20), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("previous", sa.Integer, nullable=True),  # what a rollback restores
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+promotions = sa.Table(
+    "promotions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model", sa.String(200), sa.ForeignKey("models.name"), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("stage", sa.String(20), nullable=False),
+    sa.Column("requester", sa.String(200), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),  # open, promoted, rejected
+    sa.Column("gates", sa.JSON, nullable=False),  # the last evaluation: every gate, pass/fail/pending, evidence
+    sa.Column("decided_at", sa.Float, nullable=True),
+)
+
+approvals = sa.Table(
+    "approvals", metadata,
+    sa.Column("promotion_id", sa.Integer, sa.ForeignKey("promotions.id"), primary_key=True),
+    sa.Column("approver", sa.String(200), primary_key=True),
+    sa.Column("at", sa.Float, nullable=False),
+)
+
+model_audit = sa.Table(
+    "model_audit", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(40), nullable=False),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("detail", sa.JSON, nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+)
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
     # WAL: readers never block the writer; NORMAL sync is durable across process crashes (not power loss);
     # busy_timeout lets a second writer (a CLI, a migration) wait instead of failing at once.

@@ -42,3 +42,9 @@ class Conflict(ServiceError):
 
 class Unavailable(ServiceError):
     status, code = 503, "unavailable"
+
+
+class NotStarted(ServiceError):
+    """Asked for what a job has only once it runs (its logs)."""
+
+    status, code = 404, "not_started"

@@ -14,7 +14,7 @@ from scheduler.engine.explain import rejection
 from scheduler.service import store
 from scheduler.service.auth import Principal
 from scheduler.service.db import audit, events, jobs
-from scheduler.service.errors import Forbidden, Invalid, ServiceError
+from scheduler.service.errors import Conflict, Forbidden, Invalid, ServiceError
 from scheduler.service.specs import JobSubmit
 
 if TYPE_CHECKING:
@@ -142,7 +142,14 @@ def _check(core: Core, batch: list[Submission]) -> list[Submission]:
             if sub.queue not in core.tree:
                 raise Invalid(f"queue {sub.queue!r} does not exist", "queue")
             if key is not None and key in earlier:
-                item.result = (earlier[key], False)
+                first = earlier[key]
+                changed = sorted(f for f in set(first["spec"]) | set(sub.model_dump(mode="json"))
+                                 if f != "env" and first["spec"].get(f) != sub.model_dump(mode="json").get(f))
+                if changed:
+                    raise Conflict(f"idempotency key {key[1]!r} was used for job {first['id']} with other values "
+                                   f"of: {', '.join(changed)}; use a new key for a different job",
+                                   "idempotency_key", {"job": first["id"], "fields": changed})
+                item.result = (first, False)
                 continue
             why = rejection(sub.engine_spec(0, sub.pool or core.node.pool), core.tree, pools)
             if why is not None:

@@ -13,9 +13,10 @@ from fastapi.responses import StreamingResponse
 
 from scheduler.engine.model import JobState
 from scheduler.service import store
+from scheduler.service.core import Core
 from scheduler.service.db import attempts, events, jobs
 from scheduler.service.deps import Caller, CoreDep
-from scheduler.service.errors import Invalid, NotFound
+from scheduler.service.errors import Invalid, NotStarted
 from scheduler.service.specs import JobSubmit, engine_id
 
 router = APIRouter(tags=["jobs"])
@@ -123,27 +124,29 @@ def explain(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
 
 @router.get("/jobs/{job_id}/logs")
 async def logs(job_id: int, who: Caller, core: CoreDep, stream: Literal["stdout", "stderr"] = "stdout",
-               attempt: Annotated[int | None, Query(ge=1)] = None, follow: bool = False) -> Response:
-    """The attempt's output (default: the latest). With follow, the answer streams until the attempt ends."""
+               attempt: Annotated[int | None, Query(ge=1)] = None, follow: bool = False,
+               offset: Annotated[int, Query(ge=0)] = 0) -> Response:
+    """The attempt's output (default: the latest) from byte `offset`. With follow, the answer streams until the
+    attempt ends; an attempt admitted but not launched yet is waited for."""
     with core.db.connect() as conn:
         job = core.readable(conn, who, job_id)
     number = attempt or job["attempt"]
     if number < 1:
-        raise NotFound(f"job {job_id} has not started yet, so it has no logs")
+        raise NotStarted(f"job {job_id} has not started yet, so it has no logs")
     path = core.executor.logs(str(job_id), number)[0 if stream == "stdout" else 1]
     if not follow:
         try:
             with open(path, "rb") as f:
+                f.seek(offset)
                 return Response(f.read(), media_type="text/plain")
         except FileNotFoundError:
-            raise NotFound(f"no {stream} for attempt {number} of job {job_id}") from None
-    return StreamingResponse(_follow(core, str(job_id), number, path), media_type="text/plain")
+            raise NotStarted(f"no {stream} yet for attempt {number} of job {job_id}") from None
+    return StreamingResponse(_follow(core, job_id, number, path, offset), media_type="text/plain")
 
 
-async def _follow(core: Any, job_id: str, attempt: int, path: str) -> AsyncIterator[bytes]:
-    pos = 0
+async def _follow(core: Core, job_id: int, attempt: int, path: str, pos: int) -> AsyncIterator[bytes]:
     while True:
-        running = core.executor.alive(job_id, attempt)
+        running = core.executor.alive(str(job_id), attempt)
         if os.path.exists(path):
             with open(path, "rb") as f:
                 f.seek(pos)
@@ -152,6 +155,13 @@ async def _follow(core: Any, job_id: str, attempt: int, path: str) -> AsyncItera
                 pos += len(chunk)
                 yield chunk
                 continue
-        if not running:
+        if not running and not _launching(core, job_id, attempt):
             return
         await asyncio.sleep(FOLLOW_POLL_S)
+
+
+def _launching(core: Core, job_id: int, attempt: int) -> bool:
+    """The attempt is admitted and its process not launched yet (it waits for GPUs to be left)."""
+    with core.db.connect() as conn:
+        row = store.current_attempt(conn, job_id, attempt)
+    return row is not None and row["state"] == "starting"
