@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from scheduler.service import routes_cluster, routes_jobs, routes_sandboxes
+from scheduler.service import routes_cluster, routes_jobs, routes_models, routes_sandboxes
 from scheduler.service.core import Core
 from scheduler.service.errors import ServiceError
 from scheduler.service.views import live_metrics
@@ -75,4 +75,5 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
     app.include_router(routes_jobs.router, prefix="/v1")
     app.include_router(routes_cluster.router, prefix="/v1")
     app.include_router(routes_sandboxes.router, prefix="/v1")
+    app.include_router(routes_models.router, prefix="/v1")
     return app

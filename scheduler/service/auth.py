@@ -18,6 +18,7 @@ class Role(enum.StrEnum):
     PLATFORM_ADMIN = "platform-admin"  # everything, everywhere
     TEAM_ADMIN = "team-admin"  # the queues below its scope: their jobs, quotas and tokens
     MEMBER = "member"  # submit to and see the queues of its scope; cancel its own jobs
+    MODEL_OWNER = "model-owner"  # a member who also promotes, approves and rolls back its team's models
     VIEWER = "viewer"  # read-only, within its scope (everything when it has none)
 
 
@@ -68,7 +69,11 @@ class Principal:
             return True
         if self.role is Role.TEAM_ADMIN:
             return self.covers(tree, queue)
-        return self.role is Role.MEMBER and owner == self.user and self.covers(tree, queue)
+        return self.role in (Role.MEMBER, Role.MODEL_OWNER) and owner == self.user and self.covers(tree, queue)
+
+    def may_promote(self, tree: QueueTree, queue: str) -> bool:
+        """Promotions, approvals, rollbacks and policies of a team's models: its model owners (and admins)."""
+        return self.admin or (self.role is Role.MODEL_OWNER and self.covers(tree, queue))
 
     def may_change_queue(self, tree: QueueTree, queue: str) -> bool:
         """Platform admins change any queue; a team admin changes queues strictly below its scope (its own
@@ -109,7 +114,7 @@ class TokenCache:
 
 
 NO_TEAM = "(no team)"  # the scope of a hub user in no mapped group: it covers no queue
-HUB_ADMIN, HUB_SUBMIT = "custom:corral:admin", "custom:corral:submit"
+HUB_ADMIN, HUB_SUBMIT, HUB_PROMOTE = "custom:corral:admin", "custom:corral:submit", "custom:corral:promote"
 
 
 def hub_principal(name: str, groups: Iterable[str], scopes: Iterable[str], group_queues: Mapping[str, str]
@@ -121,4 +126,5 @@ def hub_principal(name: str, groups: Iterable[str], scopes: Iterable[str], group
     if HUB_ADMIN in held:
         return Principal(name, Role.PLATFORM_ADMIN)
     team = next((group_queues[g] for g in sorted(groups) if g in group_queues), NO_TEAM)
-    return Principal(name, Role.MEMBER if HUB_SUBMIT in held else Role.VIEWER, team)
+    role = Role.MODEL_OWNER if HUB_PROMOTE in held else Role.MEMBER if HUB_SUBMIT in held else Role.VIEWER
+    return Principal(name, role, team)

@@ -1,0 +1,301 @@
+"""The golden path in the service: models, versions from finished jobs, gated promotions, rollback, audit chain."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, RowMapping
+
+from scheduler.models import audit as chain
+from scheduler.models.artifacts import sha256_of
+from scheduler.models.hooks import run_hook
+from scheduler.models.policy import (
+    GateResult,
+    PolicyError,
+    PromotionPolicy,
+    VersionFacts,
+    evaluate,
+    load_policy,
+    promotable,
+)
+from scheduler.service import store
+from scheduler.service.auth import Principal
+from scheduler.service.core import Core
+from scheduler.service.db import (
+    approvals,
+    attempts,
+    model_aliases,
+    model_audit,
+    model_policies,
+    model_versions,
+    models,
+    promotions,
+)
+from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound
+
+STAGES = ("candidate", "staging", "production")
+
+
+# ----- reads -----
+
+def model_row(conn: Connection, core: Core, who: Principal, name: str) -> RowMapping:
+    """The model, if `who` may see it (its team's queue); another team's model answers like a missing one."""
+    row = conn.execute(sa.select(models).where(models.c.name == name)).mappings().first()
+    if row is None or not who.covers(core.tree, row["queue"]):
+        raise NotFound(f"model {name!r} not found")
+    return row
+
+
+def version_row(conn: Connection, model: str, version: int) -> RowMapping:
+    row = conn.execute(sa.select(model_versions).where(model_versions.c.model == model,
+                                                       model_versions.c.version == version)).mappings().first()
+    if row is None:
+        raise NotFound(f"model {model!r} has no version {version}")
+    return row
+
+
+def aliases(conn: Connection, model: str) -> dict[str, dict[str, Any]]:
+    rows = conn.execute(sa.select(model_aliases).where(model_aliases.c.model == model)).mappings()
+    return {r["stage"]: {"version": r["version"], "previous": r["previous"], "updated_at": r["updated_at"]}
+            for r in rows}
+
+
+def policy(conn: Connection, model: str) -> tuple[int, PromotionPolicy]:
+    row = conn.execute(sa.select(model_policies).where(model_policies.c.model == model)
+                       .order_by(model_policies.c.version.desc()).limit(1)).mappings().first()
+    return (0, PromotionPolicy()) if row is None else (row["version"], load_policy(row["document"]))
+
+
+def facts(row: RowMapping) -> VersionFacts:
+    return VersionFacts(row["model"], row["version"], row["metrics"], row["eval_set"], row["digest"],
+                        row["artifact_uri"])
+
+
+def show(conn: Connection, core: Core, who: Principal, name: str) -> dict[str, Any]:
+    m = model_row(conn, core, who, name)
+    versions = [dict(v) for v in conn.execute(sa.select(model_versions).where(model_versions.c.model == name)
+                                              .order_by(model_versions.c.version)).mappings()]
+    number, pol = policy(conn, name)
+    return {**dict(m), "aliases": aliases(conn, name), "versions": versions,
+            "policy": {"version": number, "document": pol.model_dump(mode="json")}}
+
+
+def roi(conn: Connection, core: Core, who: Principal, name: str) -> dict[str, Any]:
+    """GPU-hours spent by the jobs in the lineage of the production version (and of every version)."""
+    model_row(conn, core, who, name)
+    out: dict[str, Any] = {"model": name, "versions": []}
+    now = core.clock()
+    prod = aliases(conn, name).get("production", {}).get("version")
+    for v in conn.execute(sa.select(model_versions).where(model_versions.c.model == name)
+                          .order_by(model_versions.c.version)).mappings():
+        job_ids = v["lineage"]["jobs"]
+        hours = sum(a["gpus"] * ((a["ended_at"] or now) - a["started_at"]) / 3600
+                    for a in conn.execute(sa.select(attempts).where(attempts.c.job_id.in_(job_ids),
+                                                                    attempts.c.started_at.is_not(None))).mappings())
+        out["versions"].append({"version": v["version"], "jobs": job_ids, "gpu_hours": round(hours, 6)})
+        if v["version"] == prod:
+            out["production"] = {"version": prod, "gpu_hours": round(hours, 6)}
+    return out
+
+
+# ----- the audit chain -----
+
+def _append(conn: Connection, now: float, actor: str, action: str, model: str, **detail: Any) -> None:
+    row = conn.execute(sa.select(model_audit).order_by(model_audit.c.seq.desc()).limit(1)).mappings().first()
+    last = None if row is None else dict(row)
+    conn.execute(model_audit.insert().values(**chain.next_entry(last, at=now, actor=actor, action=action,
+                                                                model=model, detail=detail)))
+
+
+def audit_rows(conn: Connection, model: str | None = None) -> list[dict[str, Any]]:
+    q = sa.select(model_audit).order_by(model_audit.c.seq)
+    return [dict(r) for r in conn.execute(q).mappings() if model is None or r["model"] == model]
+
+
+# ----- changes (each in one transaction, under the core's lock, with its audit entry) -----
+
+def create(core: Core, who: Principal, name: str, queue: str, description: str) -> dict[str, Any]:
+    if queue not in core.tree or not who.may_submit(core.tree, queue):
+        raise Forbidden(f"{who.user} ({who.role}) may not create models for queue {queue}", "queue")
+    now = core.clock()
+    with core.lock, core.db.begin() as conn:
+        if conn.execute(sa.select(models.c.name).where(models.c.name == name)).first() is not None:
+            raise Conflict(f"model {name!r} already exists", "name")
+        conn.execute(models.insert().values(name=name, queue=queue, description=description, created_at=now,
+                                            created_by=who.user))
+        _append(conn, now, who.user, "model.create", name, queue=queue)
+    return {"name": name, "queue": queue, "description": description}
+
+
+def apply_policy(core: Core, who: Principal, name: str, document: dict[str, Any]) -> dict[str, Any]:
+    try:
+        load_policy(document)
+    except PolicyError as e:
+        raise Invalid(f"the promotion policy is not valid: {e}", "document",
+                      [{"where": w, "problem": p} for w, p in e.problems]) from e
+    now = core.clock()
+    with core.lock, core.db.begin() as conn:
+        m = model_row(conn, core, who, name)
+        if not who.may_promote(core.tree, m["queue"]):
+            raise Forbidden(f"{who.user} ({who.role}) may not set the promotion policy of {name}: model owners do")
+        number = policy(conn, name)[0] + 1
+        conn.execute(model_policies.insert().values(model=name, version=number, document=document,
+                                                    author=who.user, created_at=now))
+        _append(conn, now, who.user, "policy.apply", name, version=number, document=document)
+    return {"model": name, "policy_version": number}
+
+
+def register(core: Core, who: Principal, name: str, job_id: int, artifact_uri: str, metrics: dict[str, float],
+             eval_set: str | None, code_ref: str | None, dataset_ref: str | None,
+             lineage_jobs: list[int]) -> dict[str, Any]:
+    """A new version from a finished job; its artifact's digest is computed now, before anything is written."""
+    with core.db.connect() as conn:
+        m = model_row(conn, core, who, name)
+        if not who.may_submit(core.tree, m["queue"]):
+            raise Forbidden(f"{who.user} ({who.role}) may not register versions of {name}")
+        for j in [job_id, *lineage_jobs]:
+            job = store.job_row(conn, j)
+            if job is None or not who.may_read_job(core.tree, job["queue"], job["owner"]):
+                raise Invalid(f"job {j} not found: a version comes from a job you can see", "job_id")
+            if job["state"] != "completed":
+                raise Invalid(f"job {j} is {job['state']}: versions come only from jobs that completed", "job_id")
+        source = store.job_row(conn, job_id)
+        assert source is not None
+    try:
+        digest = sha256_of(artifact_uri)
+    except (OSError, ValueError) as e:
+        raise Invalid(f"artifact {artifact_uri}: {e}", "artifact_uri") from e
+    spec = source["spec"]
+    lineage = {"job": job_id, "queue": source["queue"], "command": spec.get("command"), "image": spec.get("image"),
+               "code": code_ref, "dataset": dataset_ref, "jobs": sorted({job_id, *lineage_jobs})}
+    now = core.clock()
+    with core.lock, core.db.begin() as conn:
+        number = (conn.execute(sa.select(sa.func.max(model_versions.c.version))
+                               .where(model_versions.c.model == name)).scalar_one() or 0) + 1
+        conn.execute(model_versions.insert().values(
+            model=name, version=number, job_id=job_id, lineage=lineage, metrics=metrics, eval_set=eval_set,
+            artifact_uri=artifact_uri, digest=digest, registered_at=now, registered_by=who.user))
+        _move_alias(conn, name, "candidate", number, now)
+        _append(conn, now, who.user, "version.register", name, version=number, job=job_id, digest=digest,
+                artifact_uri=artifact_uri, metrics=metrics)
+    return {"model": name, "version": number, "digest": digest, "lineage": lineage}
+
+
+def _move_alias(conn: Connection, model: str, stage: str, version: int, now: float) -> int | None:
+    old = aliases(conn, model).get(stage)
+    if old is None:
+        conn.execute(model_aliases.insert().values(model=model, stage=stage, version=version, previous=None,
+                                                   updated_at=now))
+        return None
+    conn.execute(model_aliases.update().where(model_aliases.c.model == model, model_aliases.c.stage == stage)
+                 .values(version=version, previous=old["version"], updated_at=now))
+    previous: int = old["version"]
+    return previous
+
+
+def _gates(core: Core, name: str, version: int, stage: str, requester: str,
+           approvers: list[str]) -> tuple[list[GateResult], RowMapping]:
+    """Evaluate every gate now: the digest is recomputed and the hook run (outside any transaction)."""
+    with core.db.connect() as conn:
+        v = version_row(conn, name, version)
+        prod_version = aliases(conn, name).get("production", {}).get("version")
+        prod = version_row(conn, name, prod_version) if prod_version is not None else None
+        stage_policy = policy(conn, name)[1].for_stage(stage)
+    try:
+        digest_now: str | None = sha256_of(v["artifact_uri"]) if stage_policy.verify_digest else v["digest"]
+    except (OSError, ValueError):
+        digest_now = None
+    hook = None
+    if stage_policy.hook is not None:
+        hook = run_hook(stage_policy.hook, {"model": name, "version": version, "stage": stage,
+                                            "requester": requester, "approvers": approvers,
+                                            "metrics": v["metrics"], "eval_set": v["eval_set"],
+                                            "digest": v["digest"], "artifact_uri": v["artifact_uri"]})
+    results = evaluate(stage_policy, facts(v), None if prod is None else facts(prod), approvers, requester,
+                       digest_now, hook)
+    return results, v
+
+
+def _view(results: list[GateResult]) -> list[dict[str, str]]:
+    return [{"gate": r.gate, "status": r.status, "evidence": r.evidence} for r in results]
+
+
+def request_promotion(core: Core, who: Principal, name: str, version: int, stage: str) -> dict[str, Any]:
+    if stage not in ("staging", "production"):
+        raise Invalid(f"stage {stage!r}: versions are promoted to staging or production", "stage")
+    with core.db.connect() as conn:
+        m = model_row(conn, core, who, name)
+        version_row(conn, name, version)
+    if not who.may_promote(core.tree, m["queue"]):
+        raise Forbidden(f"{who.user} ({who.role}) may not promote {name}: model owners of {m['queue']} do")
+    results, _ = _gates(core, name, version, stage, who.user, [])
+    now = core.clock()
+    with core.lock, core.db.begin() as conn:
+        pid = conn.execute(promotions.insert().values(
+            model=name, version=version, stage=stage, requester=who.user, created_at=now, state="open",
+            gates=_view(results)).returning(promotions.c.id)).scalar_one()
+        _append(conn, now, who.user, "promotion.request", name, promotion=pid, version=version, stage=stage,
+                gates=_view(results))
+        out = _decide(conn, core, pid, name, version, stage, results, now, who.user)
+    return out
+
+
+def approve(core: Core, who: Principal, promotion_id: int) -> dict[str, Any]:
+    with core.db.connect() as conn:
+        p = conn.execute(sa.select(promotions).where(promotions.c.id == promotion_id)).mappings().first()
+        if p is None:
+            raise NotFound(f"promotion {promotion_id} not found")
+        m = model_row(conn, core, who, p["model"])
+        done = [a["approver"] for a in conn.execute(sa.select(approvals)
+                                                    .where(approvals.c.promotion_id == promotion_id)).mappings()]
+    if not who.may_promote(core.tree, m["queue"]):
+        raise Forbidden(f"{who.user} ({who.role}) may not approve promotions of {p['model']}: model owners do")
+    if p["state"] != "open":
+        raise Conflict(f"promotion {promotion_id} is already {p['state']}")
+    if who.user == p["requester"]:
+        raise Forbidden(f"{who.user} requested promotion {promotion_id}; an approval must come from someone else",
+                        "approver")
+    if who.user in done:
+        raise Conflict(f"{who.user} already approved promotion {promotion_id}")
+    results, _ = _gates(core, p["model"], p["version"], p["stage"], p["requester"], [*done, who.user])
+    now = core.clock()
+    with core.lock, core.db.begin() as conn:
+        conn.execute(approvals.insert().values(promotion_id=promotion_id, approver=who.user, at=now))
+        _append(conn, now, who.user, "promotion.approve", p["model"], promotion=promotion_id)
+        return _decide(conn, core, promotion_id, p["model"], p["version"], p["stage"], results, now, who.user)
+
+
+def _decide(conn: Connection, core: Core, pid: int, name: str, version: int, stage: str,
+            results: list[GateResult], now: float, actor: str) -> dict[str, Any]:
+    """Promote when every gate passes; a failed gate rejects the request; otherwise it stays open."""
+    state = "open"
+    if promotable(results):
+        state = "promoted"
+        previous = _move_alias(conn, name, stage, version, now)
+        _append(conn, now, actor, "model.promote", name, promotion=pid, version=version, stage=stage,
+                previous=previous)
+    elif any(r.status == "fail" for r in results):
+        state = "rejected"
+        _append(conn, now, actor, "promotion.reject", name, promotion=pid,
+                failed=[r.gate for r in results if r.status == "fail"])
+    conn.execute(promotions.update().where(promotions.c.id == pid).values(
+        gates=_view(results), state=state, decided_at=None if state == "open" else now))
+    return {"promotion": pid, "model": name, "version": version, "stage": stage, "state": state,
+            "gates": _view(results)}
+
+
+def rollback(core: Core, who: Principal, name: str, stage: str = "production") -> dict[str, Any]:
+    """The stage's previous version comes back; the one rolled back from becomes `previous`."""
+    now = core.clock()
+    with core.lock, core.db.begin() as conn:
+        m = model_row(conn, core, who, name)
+        if not who.may_promote(core.tree, m["queue"]):
+            raise Forbidden(f"{who.user} ({who.role}) may not roll back {name}: model owners do")
+        alias = aliases(conn, name).get(stage)
+        if alias is None or alias["previous"] is None:
+            raise Conflict(f"{name} has no previous {stage} version to roll back to", "stage")
+        _move_alias(conn, name, stage, alias["previous"], now)
+        _append(conn, now, who.user, "model.rollback", name, stage=stage, version=alias["previous"],
+                rolled_back=alias["version"])
+    return {"model": name, "stage": stage, "version": alias["previous"], "previous": alias["version"]}

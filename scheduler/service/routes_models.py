@@ -1,0 +1,144 @@
+"""/v1/models: the registry, promotions with their gates, approvals, rollback, the audit chain, manifests, ROI."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Query
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from scheduler.models import audit as chain
+from scheduler.models.manifests import deployment, inference_service, to_yaml
+from scheduler.service import registry
+from scheduler.service.db import models
+from scheduler.service.deps import Caller, CoreDep
+from scheduler.service.errors import Invalid, NotFound
+
+router = APIRouter(tags=["models"])
+NAME = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NewModel(_Body):
+    name: str = NAME
+    queue: str = Field(description="The owning team's queue: its roles decide who registers and who promotes.")
+    description: str = ""
+
+
+class NewVersion(_Body):
+    job_id: int = Field(description="The finished (completed) job that produced the artifact.")
+    artifact_uri: str = Field(min_length=1, description="A local path or file:// URI; its sha256 is computed now.")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    eval_set: str | None = Field(None, description="Which evaluation set the metrics were measured on.")
+    code_ref: str | None = Field(None, description="e.g. a git commit")
+    dataset_ref: str | None = None
+    lineage_jobs: list[int] = Field(default_factory=list, description="Other jobs that led here (sweeps, data prep).")
+
+
+class Policy(_Body):
+    document: dict[str, Any]
+
+
+class Promotion(_Body):
+    version: int = Field(ge=1)
+    stage: Literal["staging", "production"] = "production"
+
+
+class Rollback(_Body):
+    stage: Literal["staging", "production"] = "production"
+
+
+@router.post("/models", status_code=201)
+def create(body: NewModel, who: Caller, core: CoreDep) -> dict[str, Any]:
+    return registry.create(core, who, body.name, body.queue, body.description)
+
+
+@router.get("/models")
+def list_models(who: Caller, core: CoreDep) -> dict[str, Any]:
+    with core.db.connect() as conn:
+        rows = conn.execute(sa.select(models).order_by(models.c.name)).mappings().all()
+        return {"models": [{**dict(r), "aliases": registry.aliases(conn, r["name"])} for r in rows
+                           if who.covers(core.tree, r["queue"])]}
+
+
+@router.get("/models/audit")
+def audit(who: Caller, core: CoreDep, model: str | None = None, verify: bool = False) -> dict[str, Any]:
+    """The hash-chained history (of one model, or all the caller may see); with verify, every broken link."""
+    with core.db.connect() as conn:
+        if model is not None:
+            registry.model_row(conn, core, who, model)
+        elif not who.admin:
+            raise Invalid("name a model (only platform admins read the whole chain)", "model")
+        rows = registry.audit_rows(conn)
+    out: dict[str, Any] = {"entries": [r for r in rows if model is None or r["model"] == model]}
+    if verify:
+        problems = chain.verify(rows)  # always the whole chain: a link is checked against its neighbours
+        out["verified"] = {"intact": not problems, "problems": problems, "entries": len(rows)}
+    return out
+
+
+@router.get("/models/{name}")
+def show(name: str, who: Caller, core: CoreDep) -> dict[str, Any]:
+    with core.db.connect() as conn:
+        return registry.show(conn, core, who, name)
+
+
+@router.put("/models/{name}/policy")
+def put_policy(name: str, body: Policy, who: Caller, core: CoreDep) -> dict[str, Any]:
+    return registry.apply_policy(core, who, name, body.document)
+
+
+@router.post("/models/{name}/versions", status_code=201)
+def register(name: str, body: NewVersion, who: Caller, core: CoreDep) -> dict[str, Any]:
+    return registry.register(core, who, name, body.job_id, body.artifact_uri, body.metrics, body.eval_set,
+                             body.code_ref, body.dataset_ref, body.lineage_jobs)
+
+
+@router.post("/models/{name}/promotions", status_code=201)
+def promote(name: str, body: Promotion, who: Caller, core: CoreDep) -> dict[str, Any]:
+    """Ask to promote a version: every gate is evaluated now and shown with its evidence; it is promoted at once
+    when all pass, otherwise it waits for approvals (or is rejected when a gate fails)."""
+    return registry.request_promotion(core, who, name, body.version, body.stage)
+
+
+@router.post("/promotions/{promotion_id}/approve")
+def approve(promotion_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+    return registry.approve(core, who, promotion_id)
+
+
+@router.post("/models/{name}/rollback")
+def rollback(name: str, body: Rollback, who: Caller, core: CoreDep) -> dict[str, Any]:
+    return registry.rollback(core, who, name, body.stage)
+
+
+@router.get("/models/{name}/roi")
+def roi(name: str, who: Caller, core: CoreDep) -> dict[str, Any]:
+    with core.db.connect() as conn:
+        return registry.roi(conn, core, who, name)
+
+
+@router.get("/models/{name}/deploy", response_class=PlainTextResponse)
+def deploy(name: str, who: Caller, core: CoreDep, stage: Literal["staging", "production"] = "production",
+           kind: Literal["kserve", "deployment"] = "kserve", namespace: str = "default",
+           image: str = "kserve/huggingfaceserver:latest", model_format: str = "pytorch",
+           gpus: Annotated[int, Query(ge=0)] = 1) -> str:
+    """The manifest serving the version at `stage`: a KServe InferenceService, or a plain Deployment."""
+    with core.db.connect() as conn:
+        registry.model_row(conn, core, who, name)
+        version = registry.aliases(conn, name).get(stage, {}).get("version")
+        if version is None:
+            raise NotFound(f"{name} has no {stage} version yet")
+        v = registry.version_row(conn, name, version)
+    if kind == "kserve":
+        doc = inference_service(name, version, v["artifact_uri"], v["digest"], namespace, model_format, gpus)
+    else:
+        doc = deployment(name, version, image, v["artifact_uri"], v["digest"], namespace, gpus)
+    return to_yaml(doc)
+
+
+

@@ -1,0 +1,192 @@
+"""The golden path through the API: a finished job's artifact becomes a version, passes its gates and approvals
+into production, and rolls back; every gate fails on its own with its reason; the audit chain catches tampering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import yaml
+from fastapi.testclient import TestClient
+
+from scheduler.service.auth import Role
+from scheduler.service.db import model_audit
+from tests.service_kit import Service
+
+POLICY = {"stages": {"production": {"metrics": [{"metric": "accuracy", "min": 0.9},
+                                                {"metric": "accuracy", "vs_production": True}],
+                                    "approvals": 1},
+                     "staging": {"metrics": [{"metric": "accuracy", "min": 0.9}]}}}
+
+
+def reject_hook(request: dict[str, Any]) -> str | None:
+    """A policy hook for the tests: refuses anything trained on an unapproved dataset."""
+    return None if request["model"] != "vetoed" else "dataset not cleared by legal"
+
+
+def finished_job(svc: Service, api: TestClient, code: int = 0, hours: float = 1.0) -> int:
+    jid: int = api.post("/v1/jobs", json={"queue": "nlp", "gpus": 2, "command": ["train"]}).json()["id"]
+    svc.tick()
+    svc.clock.advance(hours * 3600)
+    svc.executor.exit(jid, code)
+    svc.tick()
+    return jid
+
+
+@pytest.fixture
+def team(svc: Service) -> dict[str, TestClient]:
+    return {"alice": svc.client("alice", Role.MEMBER, "nlp"), "olga": svc.client("olga", Role.MODEL_OWNER, "nlp"),
+            "owen": svc.client("owen", Role.MODEL_OWNER, "nlp"), "bob": svc.client("bob", Role.MODEL_OWNER, "ranking"),
+            "vic": svc.client("vic", Role.VIEWER, "nlp")}
+
+
+def artifact(tmp_path: Path, name: str, content: bytes = b"weights") -> str:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return str(path)
+
+
+def register(api: TestClient, model: str, job: int, uri: str, accuracy: float, eval_set: str = "imdb-test"
+             ) -> dict[str, Any]:
+    r = api.post(f"/v1/models/{model}/versions", json={"job_id": job, "artifact_uri": uri, "eval_set": eval_set,
+                                                       "metrics": {"accuracy": accuracy}, "code_ref": "git:abc123"})
+    assert r.status_code == 201, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def test_from_a_finished_job_to_production_and_back(svc: Service, team: dict[str, TestClient],
+                                                    tmp_path: Path) -> None:
+    alice, olga, owen = team["alice"], team["olga"], team["owen"]
+    assert alice.post("/v1/models", json={"name": "sentiment", "queue": "nlp"}).status_code == 201
+    assert olga.put("/v1/models/sentiment/policy", json={"document": POLICY}).status_code == 200
+    v1 = register(alice, "sentiment", finished_job(svc, alice), artifact(tmp_path, "v1.pt"), 0.91)
+    assert v1["lineage"]["queue"] == "nlp" and len(v1["digest"]) == 64
+
+    ask = olga.post("/v1/models/sentiment/promotions", json={"version": 1}).json()
+    assert ask["state"] == "open"
+    assert [(g["gate"], g["status"]) for g in ask["gates"]] == [
+        ("metric accuracy >= 0.9", "pass"), ("metric accuracy no worse than production", "pass"),
+        ("approvals 0/1", "pending"), ("digest", "pass")]
+    own = olga.post(f"/v1/promotions/{ask['promotion']}/approve")
+    assert own.status_code == 403 and "someone else" in own.json()["error"]["message"]
+    assert owen.post(f"/v1/promotions/{ask['promotion']}/approve").json()["state"] == "promoted"
+
+    register(alice, "sentiment", finished_job(svc, alice, hours=2), artifact(tmp_path, "v2.pt", b"better"), 0.95)
+    ask2 = owen.post("/v1/models/sentiment/promotions", json={"version": 2}).json()
+    assert olga.post(f"/v1/promotions/{ask2['promotion']}/approve").json()["state"] == "promoted"
+    shown = alice.get("/v1/models/sentiment").json()
+    assert shown["aliases"]["production"] == {**shown["aliases"]["production"], "version": 2, "previous": 1}
+
+    manifest = yaml.safe_load(alice.get("/v1/models/sentiment/deploy").text)
+    assert manifest["kind"] == "InferenceService"
+    assert manifest["spec"]["predictor"]["model"]["storageUri"] == str(tmp_path / "v2.pt")
+    assert yaml.safe_load(alice.get("/v1/models/sentiment/deploy", params={"kind": "deployment"}).text)[
+        "kind"] == "Deployment"
+    assert alice.get("/v1/models/sentiment/roi").json()["production"] == {"version": 2, "gpu_hours": 4.0}
+
+    back = owen.post("/v1/models/sentiment/rollback", json={}).json()
+    assert (back["version"], back["previous"]) == (1, 2)
+    entries = olga.get("/v1/models/audit", params={"model": "sentiment", "verify": True}).json()
+    assert [e["action"] for e in entries["entries"]] == [
+        "model.create", "policy.apply", "version.register", "promotion.request", "promotion.approve",
+        "model.promote", "version.register", "promotion.request", "promotion.approve", "model.promote",
+        "model.rollback"]
+    assert entries["verified"]["intact"] is True
+
+
+@pytest.mark.parametrize(("stage", "accuracy", "eval_set", "failing", "evidence"), [
+    ("staging", 0.85, "imdb-test", "metric accuracy >= 0.9", "0.85"),
+    ("production", 0.92, "imdb-test", "metric accuracy no worse than production", "0.93"),
+    ("production", 0.99, "other-set", "metric accuracy no worse than production", "other-set"),
+])
+def test_each_metric_gate_fails_on_its_own(svc: Service, team: dict[str, TestClient], tmp_path: Path, stage: str,
+                                           accuracy: float, eval_set: str, failing: str, evidence: str) -> None:
+    alice, olga, owen = team["alice"], team["olga"], team["owen"]
+    alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
+    olga.put("/v1/models/m/policy", json={"document": POLICY})
+    register(alice, "m", finished_job(svc, alice), artifact(tmp_path, "a"), 0.93)
+    first = olga.post("/v1/models/m/promotions", json={"version": 1}).json()
+    owen.post(f"/v1/promotions/{first['promotion']}/approve")
+    register(alice, "m", finished_job(svc, alice), artifact(tmp_path, "b", b"b"), accuracy, eval_set)
+    ask = olga.post("/v1/models/m/promotions", json={"version": 2, "stage": stage}).json()
+    assert ask["state"] == "rejected"
+    failed = [g for g in ask["gates"] if g["status"] == "fail"]
+    assert [g["gate"] for g in failed] == [failing]
+    assert evidence in failed[0]["evidence"]
+
+
+def test_a_changed_artifact_is_refused_at_promotion(svc: Service, team: dict[str, TestClient],
+                                                    tmp_path: Path) -> None:
+    alice, olga, owen = team["alice"], team["olga"], team["owen"]
+    alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
+    uri = artifact(tmp_path, "w.pt")
+    register(alice, "m", finished_job(svc, alice), uri, 0.95)
+    ask = olga.post("/v1/models/m/promotions", json={"version": 1}).json()  # default policy: one approval
+    Path(uri).write_bytes(b"tampered")
+    done = owen.post(f"/v1/promotions/{ask['promotion']}/approve").json()
+    assert done["state"] == "rejected"
+    (digest,) = [g for g in done["gates"] if g["gate"] == "digest"]
+    assert digest["status"] == "fail"
+
+
+def test_a_policy_hook_may_reject_with_its_reason(svc: Service, team: dict[str, TestClient],
+                                                  tmp_path: Path) -> None:
+    alice, olga = team["alice"], team["olga"]
+    alice.post("/v1/models", json={"name": "vetoed", "queue": "nlp"})
+    hooked = {"stages": {"staging": {"hook": {"python": "tests.test_models_service:reject_hook"}}}}
+    assert olga.put("/v1/models/vetoed/policy", json={"document": hooked}).status_code == 200
+    register(alice, "vetoed", finished_job(svc, alice), artifact(tmp_path, "x"), 0.99)
+    ask = olga.post("/v1/models/vetoed/promotions", json={"version": 1, "stage": "staging"}).json()
+    assert ask["state"] == "rejected"
+    (hook,) = [g for g in ask["gates"] if g["gate"] == "hook"]
+    assert "dataset not cleared by legal" in hook["evidence"]
+
+
+def test_versions_only_from_completed_jobs(svc: Service, team: dict[str, TestClient], tmp_path: Path) -> None:
+    alice = team["alice"]
+    alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
+    failed = finished_job(svc, alice, code=1)
+    for job, words in ((failed, "is failed"), (9999, "not found")):
+        r = alice.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": artifact(tmp_path, "a")})
+        assert r.status_code == 422 and words in r.json()["error"]["message"]
+    missing = alice.post("/v1/models/m/versions", json={"job_id": finished_job(svc, alice),
+                                                        "artifact_uri": str(tmp_path / "nope")})
+    assert missing.status_code == 422 and "nope" in missing.json()["error"]["message"]
+
+
+def test_roles_members_register_model_owners_promote(svc: Service, team: dict[str, TestClient],
+                                                     tmp_path: Path) -> None:
+    alice, olga, bob, vic = team["alice"], team["olga"], team["bob"], team["vic"]
+    alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
+    job = finished_job(svc, alice)
+    assert vic.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": artifact(tmp_path, "a")}
+                    ).status_code == 403
+    register(alice, "m", job, artifact(tmp_path, "a"), 0.9)
+    assert alice.post("/v1/models/m/promotions", json={"version": 1}).status_code == 403
+    assert alice.put("/v1/models/m/policy", json={"document": POLICY}).status_code == 403
+    assert bob.get("/v1/models/m").status_code == 404  # another team's model, like a missing one
+    assert bob.post("/v1/models/m/promotions", json={"version": 1}).status_code == 404
+    ask = olga.post("/v1/models/m/promotions", json={"version": 1}).json()
+    assert alice.post(f"/v1/promotions/{ask['promotion']}/approve").status_code == 403
+    assert olga.post("/v1/models/m/rollback", json={}).status_code == 409  # nothing to roll back to
+
+
+def test_a_changed_audit_row_is_detected(svc: Service, team: dict[str, TestClient], tmp_path: Path) -> None:
+    alice = team["alice"]
+    alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
+    register(alice, "m", finished_job(svc, alice), artifact(tmp_path, "a"), 0.9)
+    with svc.core.db.begin() as conn:
+        conn.execute(sa.update(model_audit).where(model_audit.c.seq == 2).values(actor="mallory"))
+    verified = svc.admin.get("/v1/models/audit", params={"verify": True}).json()["verified"]
+    assert verified["intact"] is False
+    assert any("2" in p for p in verified["problems"])
+
+
+def test_bad_policy_is_refused_with_where(svc: Service, team: dict[str, TestClient]) -> None:
+    team["alice"].post("/v1/models", json={"name": "m", "queue": "nlp"})
+    r = team["olga"].put("/v1/models/m/policy", json={"document": {"stages": {"prod": {}}}})
+    assert r.status_code == 422
+    assert "unknown stage 'prod'" in r.json()["error"]["message"]
