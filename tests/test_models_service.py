@@ -11,6 +11,8 @@ import sqlalchemy as sa
 import yaml
 from fastapi.testclient import TestClient
 
+from scheduler.models import mlflow_export
+from scheduler.models.mlflow_export import MlflowClient
 from scheduler.service.auth import Role
 from scheduler.service.db import model_audit
 from tests.service_kit import Service
@@ -190,3 +192,18 @@ def test_bad_policy_is_refused_with_where(svc: Service, team: dict[str, TestClie
     r = team["olga"].put("/v1/models/m/policy", json={"document": {"stages": {"prod": {}}}})
     assert r.status_code == 422
     assert "unknown stage 'prod'" in r.json()["error"]["message"]
+
+
+@pytest.mark.skipif(not mlflow_export.available(), reason="mlflow-skinny is not installed")
+def test_aliases_export_to_mlflow(svc: Service, team: dict[str, TestClient], tmp_path: Path) -> None:
+    alice, olga, owen = team["alice"], team["olga"], team["owen"]
+    alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
+    register(alice, "m", finished_job(svc, alice), artifact(tmp_path, "a"), 0.93)
+    ask = olga.post("/v1/models/m/promotions", json={"version": 1}).json()
+    owen.post(f"/v1/promotions/{ask['promotion']}/approve")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert alice.post("/v1/models/m/export/mlflow", json={"tracking_uri": uri}).status_code == 403
+    out = olga.post("/v1/models/m/export/mlflow", json={"tracking_uri": uri}).json()
+    assert out["aliases"] == {"production": 1}
+    mv = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("m", "production")
+    assert (mv.source, mv.tags["corral.version"]) == (str(tmp_path / "a"), "1")

@@ -10,11 +10,12 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.models import audit as chain
+from scheduler.models import mlflow_export
 from scheduler.models.manifests import deployment, inference_service, to_yaml
 from scheduler.service import registry
 from scheduler.service.db import models
 from scheduler.service.deps import Caller, CoreDep
-from scheduler.service.errors import Invalid, NotFound
+from scheduler.service.errors import Forbidden, Invalid, NotFound, Unavailable
 
 router = APIRouter(tags=["models"])
 NAME = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -47,6 +48,10 @@ class Policy(_Body):
 class Promotion(_Body):
     version: int = Field(ge=1)
     stage: Literal["staging", "production"] = "production"
+
+
+class MlflowExport(_Body):
+    tracking_uri: str = Field(min_length=1, description="MLflow tracking/registry URI, e.g. sqlite:///mlflow.db")
 
 
 class Rollback(_Body):
@@ -142,3 +147,17 @@ def deploy(name: str, who: Caller, core: CoreDep, stage: Literal["staging", "pro
 
 
 
+
+
+@router.post("/models/{name}/export/mlflow")
+def export_mlflow(name: str, body: MlflowExport, who: Caller, core: CoreDep) -> dict[str, Any]:
+    """Mirror the model's versions and stage aliases into an MLflow registry (model owners; needs mlflow)."""
+    if not mlflow_export.available():
+        raise Unavailable("mlflow is not installed on the Corral server (pip install 'corral[mlflow]')")
+    with core.db.connect() as conn:
+        shown = registry.show(conn, core, who, name)
+    if not who.may_promote(core.tree, shown["queue"]):
+        raise Forbidden(f"{who.user} ({who.role}) may not export {name}: model owners do")
+    stages = {s: a for s, a in shown["aliases"].items() if s != "candidate"}  # MLflow has no use for candidate
+    return {"model": name, "aliases": mlflow_export.export_aliases(name, shown["versions"], stages,
+                                                                   body.tracking_uri)}
