@@ -137,6 +137,10 @@ class CorralSpawner(Spawner):  # type: ignore[misc]
         profile = self._chosen()
         self.port = random_port()
         env = self.get_env()
+        # The SDK inside the notebook finds Corral here, and authenticates with the server's hub token
+        # (JUPYTERHUB_API_TOKEN), which carries the user's custom:corral:* scopes when the hub's `server`
+        # role inherits them.
+        env.setdefault("CORRAL_URL", self.corral_url)
         body = sandbox_request(self.user.name, queue, profile, [*self.cmd, *self.get_args()], env,
                                self.notebook_dir or None)
         r = await self._call("POST", "/v1/sandboxes", body)

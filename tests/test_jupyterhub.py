@@ -19,7 +19,9 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
+from scheduler.service.db import jobs
 from tests.test_crash import free_port
 
 BIN = Path(sys.executable).parent
@@ -75,6 +77,7 @@ c.JupyterHub.custom_scopes = {{
 }}
 c.JupyterHub.load_roles = [
     {{"name": "user", "scopes": ["self", "custom:corral:submit"]}},
+    {{"name": "server", "scopes": ["inherit"]}},
     {{"name": "tester", "scopes": ["admin:users", "admin:servers", "admin:groups", "tokens"],
       "services": ["tester"]}},
 ]
@@ -150,6 +153,18 @@ def test_spawn_within_quota_runs_on_its_gpus(stack: dict[str, Any]) -> None:
     held = [g for p in stack["corral"].get("/v1/pools").json()["pools"] for n in p["nodes"] for g in n["gpus"]
             if g["job"] == box["id"]]
     assert len(held) == 1
+
+
+def test_the_notebook_talks_to_corral_as_its_user(stack: dict[str, Any]) -> None:
+    """Inside the sandbox, CORRAL_URL and the server's hub token are all the SDK needs."""
+    (box,) = [b for b in sandboxes(stack) if b["owner"] == "alice"]
+    with sa.create_engine(f"sqlite:///{stack['home'] / 'data' / 'corral.db'}").connect() as conn:
+        env = conn.execute(sa.select(jobs.c.spec).where(jobs.c.id == box["id"])).scalar_one()["env"]
+    assert env["CORRAL_URL"] == stack["corral_url"]
+    me = httpx.Client(base_url=env["CORRAL_URL"], headers={"Authorization": f"token {env['JUPYTERHUB_API_TOKEN']}"})
+    r = me.post("/v1/jobs", json={"queue": "nlp", "gpus": 0, "command": ["true"]})
+    assert r.status_code == 201, r.text
+    assert r.json()["owner"] == "alice"
 
 
 def test_spawn_over_quota_is_refused_at_once_with_the_reason(stack: dict[str, Any]) -> None:
