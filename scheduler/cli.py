@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from scheduler import cli_service
+from scheduler import cli_models, cli_service
 from scheduler.engine.baselines import POLICIES
 from scheduler.sim import importers, metrics
 from scheduler.sim.expect import check
@@ -23,6 +23,7 @@ app = typer.Typer(help="Corral: a GPU-aware scheduler for shared GPU pools.", no
 sim = typer.Typer(help="Replay scenarios and traces on a virtual clock.", no_args_is_help=True)
 app.add_typer(sim, name="sim")
 cli_service.register(app)
+cli_models.register(app)
 
 out = Console()
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+from scheduler.engine.model import NodeSpec
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,24 @@ class GPUInfo:
     memory_mb: int = 0
     uuid: str | None = None
     mig_mode: bool = False
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node as a backend found it (this machine, a Ray node, a Kubernetes node): its pool and GPUs."""
+
+    name: str
+    pool: str
+    gpus: list[GPUInfo]
+    cpus: float | None = None
+    memory_gb: float | None = None
+    address: str | None = None  # how the backend reaches it (a Ray node's IP); None for this machine
+    # GPU index -> a reading now (NVML: a sandbox.culling.GpuSample), for metrics and idle culling; None where
+    # nothing can be measured from here (declared GPUs, remote nodes).
+    sample: Callable[[], Mapping[int, Any] | None] | None = None
+
+    def spec(self) -> NodeSpec:
+        return NodeSpec(self.name, self.pool, len(self.gpus), self.cpus, self.memory_gb)
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ import uvicorn
 from fastapi import FastAPI
 
 from sandbox.nvml_samples import read_samples
-from scheduler.backends.base import Executor, GPUInfo
+from scheduler.backends.base import Executor, GPUInfo, NodeInfo
 from scheduler.backends.gpus import declared, discover_nvml
 from scheduler.backends.local import LocalExecutor
 from scheduler.service import store
 from scheduler.service.app import create_app
 from scheduler.service.auth import Role, digest, new_secret
-from scheduler.service.core import Core, LocalNode
+from scheduler.service.core import Core
 from scheduler.service.db import connect, migrate, tokens
 from scheduler.service.settings import ADMIN_TOKEN_FILE, ServiceSettings
 
@@ -36,9 +36,9 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
     migrate(settings.url)
     found = local_gpus(settings) if gpus is None else gpus
     real = gpus is None and settings.gpus is None and bool(found)
-    node = LocalNode(settings.node, settings.pool, found, settings.cpus, settings.memory_gb,
-                     read_samples if real else None)
-    core = Core(settings, connect(settings.url), executor or LocalExecutor(settings.logs_dir), node, clock)
+    node = NodeInfo(settings.node, settings.pool, found, settings.cpus, settings.memory_gb,
+                    sample=read_samples if real else None)
+    core = Core(settings, connect(settings.url), executor or LocalExecutor(settings.logs_dir), [node], clock)
     core.start()
     return core
 

@@ -8,18 +8,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from quotas import QueueTree
-from sandbox.culling import GpuSample, IdlePolicy, IdleTracker
-from scheduler.backends.base import Executor, GPUInfo, Handle, Launch
+from sandbox.culling import IdlePolicy, IdleTracker
+from scheduler.backends.base import Executor, Handle, Launch, NodeInfo
 from scheduler.engine import Engine as Scheduler
 from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
-from scheduler.engine.model import NodeSpec, Settings
+from scheduler.engine.model import Settings
 from scheduler.service import queues, store
 from scheduler.service.auth import Principal, TokenCache
 from scheduler.service.culler import cull
@@ -38,22 +37,6 @@ HOLDING = ("running", "stopping")  # attempt states whose process may still hold
 FINISHED = ("completed", "failed", "cancelled", "rejected")
 
 
-@dataclass(frozen=True)
-class LocalNode:
-    """This machine as a node of a pool, with the GPUs discovered or declared."""
-
-    name: str
-    pool: str
-    gpus: list[GPUInfo]
-    cpus: float | None = None
-    memory_gb: float | None = None
-    # GPU index -> a reading now (NVML), for metrics and idle culling; None where GPUs are declared, not real.
-    sample: Callable[[], dict[int, GpuSample] | None] | None = None
-
-    def spec(self) -> NodeSpec:
-        return NodeSpec(self.name, self.pool, len(self.gpus), self.cpus, self.memory_gb)
-
-
 class Core:
     """Submissions, cancellations, queue changes and scheduling cycles, serialised by one lock.
 
@@ -62,9 +45,10 @@ class Core:
     queue change: there is no second source of truth to drift.
     """
 
-    def __init__(self, settings: ServiceSettings, db: Engine, executor: Executor, node: LocalNode,
+    def __init__(self, settings: ServiceSettings, db: Engine, executor: Executor, nodes: list[NodeInfo],
                  clock: Callable[[], float] = time.time, metrics: Metrics | None = None):
-        self.settings, self.db, self.executor, self.node, self.clock = settings, db, executor, node, clock
+        self.settings, self.db, self.executor, self.clock = settings, db, executor, clock
+        self.nodes = {n.name: n for n in nodes}
         self.metrics = metrics or Metrics()
         self.lock = threading.RLock()
         self.wake = threading.Event()
@@ -79,7 +63,19 @@ class Core:
 
     @property
     def capacity(self) -> dict[str, int]:
-        return {self.node.pool: len(self.node.gpus)}
+        out: dict[str, int] = {}
+        for n in self.nodes.values():
+            out[n.pool] = out.get(n.pool, 0) + len(n.gpus)
+        return out
+
+    def pool_of(self, asked: str | None) -> str:
+        """The pool a submission names, or the only pool there is."""
+        if asked is not None:
+            return asked
+        pools = sorted(self.capacity)
+        if len(pools) != 1:
+            raise Invalid(f"name a pool: this installation has {', '.join(pools) or 'none'}", "pool")
+        return pools[0]
 
     # ----- start-up -----
 
@@ -87,11 +83,11 @@ class Core:
         """Record this node, make sure a queue tree exists, then take back what ran before a restart."""
         now = self.clock()
         with self.lock, self.db.begin() as conn:
-            info = [vars(g) for g in self.node.gpus]
-            conn.execute(nodes.delete().where(nodes.c.name == self.node.name))
-            conn.execute(nodes.insert().values(name=self.node.name, pool=self.node.pool, gpus=len(self.node.gpus),
-                                               gpu_model=self.node.gpus[0].model if self.node.gpus else "none",
-                                               up=True, info=info))
+            conn.execute(nodes.delete())  # what the backend finds now is the truth about nodes
+            for n in self.nodes.values():
+                conn.execute(nodes.insert().values(name=n.name, pool=n.pool, gpus=len(n.gpus),
+                                                   gpu_model=n.gpus[0].model if n.gpus else "none", up=True,
+                                                   info=[vars(g) for g in n.gpus]))
             if queues.latest(conn) is None:
                 doc = (queues.demo_document if self.settings.demo else queues.default_document)(self.capacity)
                 conn.execute(queue_versions.insert().values(author="corral", created_at=now, document=doc,
@@ -147,7 +143,7 @@ class Core:
             live = list(conn.execute(sa.select(jobs).where(jobs.c.state.in_(LIVE)).order_by(jobs.c.id)).mappings())
             placed = {(a["job_id"]): a for a in conn.execute(
                 sa.select(attempts).where(attempts.c.state.in_(("starting", "running")))).mappings()}
-        engine = Scheduler(tree, [self.node.spec()], settings=self.engine_settings)
+        engine = Scheduler(tree, [n.spec() for n in self.nodes.values()], settings=self.engine_settings)
         holding = sorted((placed[j["id"]]["admitted_at"], j["id"]) for j in live if j["id"] in placed)
         by_id = {j["id"]: j for j in live}
         for _, job_id in holding:

@@ -20,9 +20,10 @@ CULLER = Principal("corral-culler", Role.PLATFORM_ADMIN)
 
 def cull(core: Core, tracker: IdleTracker, now: float) -> None:
     """One look at every running sandbox's GPUs (called by the scheduling loop every cull_interval_s)."""
-    if core.node.sample is None:
-        return  # declared GPUs: nothing to measure
-    samples = core.node.sample() or {}
+    readers = {n.name: n.sample for n in core.nodes.values() if n.sample is not None}
+    if not readers:
+        return  # declared or remote GPUs: nothing to measure from here
+    samples = {name: read() or {} for name, read in readers.items()}
     with core.db.connect() as conn:
         rows = conn.execute(
             sa.select(jobs.c.id, jobs.c.spec, attempts.c.placement)
@@ -38,10 +39,11 @@ def cull(core: Core, tracker: IdleTracker, now: float) -> None:
         timeout = r["spec"].get("labels", {}).get(IDLE_TIMEOUT_LABEL)
         if timeout is not None:
             tracker.set_policy(sid, tracker.default.for_profile(float(timeout)))
-        gpus = [g for node, gs in r["placement"] if node == core.node.name for g in gs]
-        if not gpus:
-            continue  # a CPU-only sandbox holds no GPU to free
-        for action in tracker.observe(sid, now, {g: samples.get(g) for g in gpus}):
+        held = [(node, g) for node, gs in r["placement"] for g in gs]
+        if not held or any(node not in samples for node, _ in held):
+            continue  # a CPU-only sandbox holds no GPU to free; one on unmeasured GPUs cannot be judged
+        # The tracker keys GPUs by one number: a sandbox's GPUs are numbered in placement order.
+        for action in tracker.observe(sid, now, {i: samples[node].get(g) for i, (node, g) in enumerate(held)}):
             _act(core, tracker, action, now)
 
 

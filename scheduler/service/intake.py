@@ -151,7 +151,7 @@ def _check(core: Core, batch: list[Submission]) -> list[Submission]:
                                    "idempotency_key", {"job": first["id"], "fields": changed})
                 item.result = (first, False)
                 continue
-            why = rejection(sub.engine_spec(0, sub.pool or core.node.pool), core.tree, pools)
+            why = rejection(sub.engine_spec(0, core.pool_of(sub.pool)), core.tree, pools)
             if why is not None:
                 raise Invalid(why.message, REJECTED_FIELD.get(why.rule), store.reason_json(why))
         except ServiceError as e:
@@ -172,7 +172,7 @@ def _store(core: Core, fresh: list[Submission], now: float) -> None:
             firsts[(item.who.user, key)] = item
         new.append(item)
     rows: list[dict[str, Any]] = [
-        dict(name=i.sub.name, owner=i.who.user, queue=i.sub.queue, pool=i.sub.pool or core.node.pool,
+        dict(name=i.sub.name, owner=i.who.user, queue=i.sub.queue, pool=core.pool_of(i.sub.pool),
              state="pending", spec=i.sub.model_dump(mode="json"), gpus=i.sub.workers * i.sub.gpus,
              priority=i.sub.priority, idempotency_key=i.sub.idempotency_key, submitted_at=now, attempt=0)
         for i in new]

@@ -38,7 +38,7 @@ def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, A
         if not who.admin:
             raise Forbidden(f"{who.user} ({who.role}) may not open sandboxes for other users", "owner")
         who = Principal(req.owner, who.role, who.scope)
-    pool = req.pool or core.node.pool
+    pool = core.pool_of(req.pool)
     with core.lock:
         if not who.may_submit(core.tree, req.queue):
             raise Forbidden(f"{who.user} ({who.role}) may not open sandboxes in queue {req.queue}", "queue")

@@ -50,7 +50,8 @@ def pools(core: Core) -> list[dict[str, Any]]:
                         holder.update({(node, g): j.id for g in gpus})
             node_views = []
             for n in ps.pool.nodes.values():
-                info = {g.index: g for g in core.node.gpus} if n.name == core.node.name else {}
+                known = core.nodes.get(n.name)
+                info = {g.index: g for g in known.gpus} if known is not None else {}
                 node_views.append({
                     "name": n.name, "up": n.up, "gpus": [
                         {"index": i, "model": info[i].model if i in info else None,
@@ -93,12 +94,15 @@ def live_metrics(core: Core) -> list[Metric]:
 
 
 def gpu_metrics(core: Core) -> list[Metric]:
-    samples = core.node.sample() if core.node.sample is not None else None
-    if not samples:
+    util: list[tuple[list[str], float]] = []
+    mem: list[tuple[list[str], float]] = []
+    for n in core.nodes.values():
+        samples = n.sample() if n.sample is not None else None
+        for i, s in sorted((samples or {}).items()):
+            util.append(([n.pool, n.name, str(i)], s.util_pct))
+            mem.append(([n.pool, n.name, str(i)], float(s.mem_used_bytes)))
+    if not util:
         return []
-    node, pool = core.node.name, core.node.pool
-    util = [([pool, node, str(i)], s.util_pct) for i, s in sorted(samples.items())]
-    mem = [([pool, node, str(i)], float(s.mem_used_bytes)) for i, s in sorted(samples.items())]
     labels = ["pool", "node", "gpu"]
     return [gauge("corral_gpu_utilisation_percent", "GPU utilisation (NVML), percent.", labels, util),
             gauge("corral_gpu_memory_used_bytes", "GPU memory in use (NVML), bytes.", labels, mem)]

@@ -1,0 +1,409 @@
+"""`corral models ...`: the golden path from the command line, over /v1/models (scheduler/service/routes_models.py).
+
+create a model for a team's queue, apply its promotion policy, register versions from finished jobs, ask for a
+promotion (every gate is printed with its evidence), approve it as another model owner, roll back, verify the
+audit chain, print the serving manifest, and see the GPU-hours behind a model.
+
+Exit status: 0 when the command did what it says; 1 when the API refused it, a promotion was rejected by a
+gate, or `audit --verify` found a broken chain; 2 for usage errors (and `deploy` without --dry-run).
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from scheduler.cli_client import (
+    DEFAULT_URL,
+    Fmt,
+    Output,
+    Token,
+    Url,
+    api,
+    cells,
+    console,
+    emit,
+    fail,
+    key_values,
+    note,
+    numbers,
+    read_document,
+    when,
+)
+
+models_app = typer.Typer(help="The model registry: versions from finished jobs, gated promotions, rollback, audit.",
+                         no_args_is_help=True)
+policy_app = typer.Typer(help="A model's promotion policy (docs/models.md).", no_args_is_help=True)
+models_app.add_typer(policy_app, name="policy")
+
+STAGES = ("candidate", "staging", "production")
+
+
+class Stage(StrEnum):
+    STAGING = "staging"
+    PRODUCTION = "production"
+
+
+class Kind(StrEnum):
+    KSERVE = "kserve"
+    DEPLOYMENT = "deployment"
+
+
+StageOpt = Annotated[Stage, typer.Option("--stage", help="staging or production.")]
+
+
+def register(app: typer.Typer) -> None:
+    """Add `models` to the root `corral` app."""
+    app.add_typer(models_app, name="models")
+
+
+# ----- helpers -----
+
+
+def _alias(aliases: dict[str, Any], stage: str) -> str:
+    a = aliases.get(stage)
+    return "-" if not a else f"v{a['version']}"
+
+
+def _gate_status(status: str) -> Text:
+    return Text(status.upper(), style={"pass": "green", "fail": "red", "pending": "yellow"}.get(status, ""))
+
+
+_STATE_STYLE = {"promoted": "green", "rejected": "red", "open": "yellow"}
+
+
+def show_promotion(data: dict[str, Any], output: Output) -> None:
+    """A promotion's gates (the table every gate, PASS/FAIL/PENDING, with its evidence) and its state; exit 1
+    when a gate rejected it, so `promote ... && deploy ...` stops there."""
+    if output is not Output.TABLE:
+        emit(data, output)
+    else:
+        c = console()
+        table = Table("GATE", "STATUS", "EVIDENCE", box=None, pad_edge=False)
+        for g in data["gates"]:
+            table.add_row(*cells(g["gate"], _gate_status(g["status"]), g["evidence"]))
+        if data["gates"]:
+            c.print(table)
+        else:
+            c.print("no gates: the stage's policy asks for none")
+        state = data["state"]
+        c.print(Text.assemble(f"promotion {data['promotion']}: {data['model']} v{data['version']} to "
+                              f"{data['stage']}: ", (state, _STATE_STYLE.get(state, ""))))
+        if state == "open":
+            pending = [g["gate"] for g in data["gates"] if g["status"] == "pending"]
+            # Approvals must come from another model owner: say the exact command they run.
+            note(f"waiting for: {', '.join(pending)}; another model owner runs "
+                 f"`corral models approve {data['promotion']}`")
+    if data["state"] == "rejected":
+        failed = [g["gate"] for g in data["gates"] if g["status"] == "fail"]
+        fail(f"promotion {data['promotion']} rejected by: {', '.join(failed)}")
+
+
+def _metrics(items: list[str] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in key_values(items, "--metric").items():
+        try:
+            out[k] = float(v)
+        except ValueError:
+            raise typer.BadParameter(f"{k}={v!r}: a metric's value is a number", param_hint="--metric") from None
+    return out
+
+
+def _summary(action: str, d: dict[str, Any]) -> str:
+    """One line per audit entry: the full detail (policies, every gate's evidence) would make the table
+    unreadable; `-o json` shows all of it."""
+    try:
+        if action == "model.create":
+            return f"queue {d['queue']}"
+        if action == "policy.apply":
+            return f"policy version {d['version']}"
+        if action == "version.register":
+            return f"v{d['version']} from job {d['job']}, sha256 {d['digest'][:12]}, {numbers(d.get('metrics'))}"
+        if action == "promotion.request":
+            counts: dict[str, int] = {}
+            for g in d["gates"]:
+                counts[g["status"]] = counts.get(g["status"], 0) + 1
+            tally = ", ".join(f"{n} {status}" for status, n in counts.items()) or "no gates"
+            return f"promotion {d['promotion']}: v{d['version']} to {d['stage']} ({tally})"
+        if action == "promotion.approve":
+            return f"promotion {d['promotion']}"
+        if action == "promotion.reject":
+            return f"promotion {d['promotion']}: failed {', '.join(d['failed'])}"
+        if action == "model.promote":
+            was = "none" if d["previous"] is None else f"v{d['previous']}"
+            return f"v{d['version']} to {d['stage']} (was {was}; promotion {d['promotion']})"
+        if action == "model.rollback":
+            return f"{d['stage']} back to v{d['version']} from v{d['rolled_back']}"
+    except (KeyError, TypeError):
+        pass  # an entry written by another version of Corral: show it as it is
+    return json.dumps(d, separators=(",", ":"), sort_keys=True)
+
+
+# ----- commands -----
+
+
+@models_app.command("ls")
+def ls(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None) -> None:
+    """Models you may see, with the version at each stage."""
+    with api(url, token) as a:
+        data = a.get("/v1/models")
+    if output is not Output.TABLE:
+        emit(data, output)
+        return
+    if not data["models"]:
+        note("no models (create one with `corral models create NAME --queue Q`)")
+        return
+    table = Table("NAME", "QUEUE", *(s.upper() for s in STAGES), "CREATED", "DESCRIPTION", box=None, pad_edge=False)
+    for m in data["models"]:
+        table.add_row(*cells(m["name"], m["queue"], *(_alias(m["aliases"], s) for s in STAGES),
+                             when(m["created_at"]), m["description"]))
+    console().print(table)
+
+
+@models_app.command("show")
+def show(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    output: Fmt = Output.TABLE,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """A model: its stages, every version with metrics and lineage, and its policy's version."""
+    with api(url, token) as a:
+        m = a.get(f"/v1/models/{name}")
+    if output is not Output.TABLE:
+        emit(m, output)
+        return
+    c = console()
+    c.print(Text(f"{m['name']} (queue {m['queue']}, created by {m['created_by']} {when(m['created_at'])})"))
+    if m["description"]:
+        c.print(Text(m["description"]))
+    policy = m["policy"]
+    c.print("policy: " + (f"version {policy['version']}" if policy["version"] else "the default (none applied)"))
+    stages = Table("STAGE", "VERSION", "PREVIOUS", "SINCE", box=None, pad_edge=False)
+    for s in STAGES:
+        at = m["aliases"].get(s)
+        if at:
+            prev = "-" if at["previous"] is None else f"v{at['previous']}"
+            stages.add_row(*cells(s, f"v{at['version']}", prev, when(at["updated_at"])))
+    if m["aliases"]:
+        c.print(stages)
+    versions = Table("VERSION", "JOB", "METRICS", "EVAL SET", "DIGEST", "REGISTERED", "BY", "ARTIFACT",
+                     box=None, pad_edge=False)
+    for v in m["versions"]:
+        versions.add_row(*cells(f"v{v['version']}", str(v["job_id"]), numbers(v["metrics"]), v["eval_set"] or "-",
+                                v["digest"][:12], when(v["registered_at"]), v["registered_by"], v["artifact_uri"]))
+    if m["versions"]:
+        c.print(versions)
+    else:
+        c.print("no versions yet (`corral models register`)")
+
+
+@models_app.command("create")
+def create(
+    name: Annotated[str, typer.Argument(help="Model name: letters, digits, . _ -")],
+    queue: Annotated[str, typer.Option("--queue", "-q", help="The owning team's queue: its model owners promote.")],
+    description: Annotated[str, typer.Option(help="What the model is for.")] = "",
+    output: Fmt = Output.TABLE,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Create a model owned by a team's queue."""
+    with api(url, token) as a:
+        made = a.post("/v1/models", {"name": name, "queue": queue, "description": description})
+    if output is not Output.TABLE:
+        emit(made, output)
+        return
+    typer.echo(f"created model {made['name']} (queue {made['queue']})")
+
+
+@policy_app.command("apply")
+def policy_apply(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    file: Annotated[Path, typer.Option("--file", "-f", help="The policy, YAML or JSON: {stages: {...}}.")],
+    output: Fmt = Output.TABLE,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Replace a model's promotion policy; the whole document is checked and refused with every problem."""
+    doc = read_document(file)
+    if not isinstance(doc, dict):
+        fail(f"{file}: expected a mapping (stages: {{staging: ..., production: ...}})", 2)
+    with api(url, token) as a:
+        done = a.request("PUT", f"/v1/models/{name}/policy", json={"document": doc}).json()
+    if output is not Output.TABLE:
+        emit(done, output)
+        return
+    typer.echo(f"applied policy version {done['policy_version']} to {done['model']}")
+
+
+@models_app.command("register")
+def register_version(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    job: Annotated[int, typer.Option("--job", help="The completed job that produced the artifact.")],
+    artifact: Annotated[str, typer.Option("--artifact", help="Path or file:// URI; its sha256 is recorded.")],
+    metric: Annotated[list[str] | None, typer.Option("--metric", help="NAME=NUMBER (repeat).",
+                                                     show_default=False)] = None,
+    eval_set: Annotated[str | None, typer.Option("--eval-set", help="What the metrics were measured on.",
+                                                 show_default=False)] = None,
+    code: Annotated[str | None, typer.Option("--code", help="Code reference, e.g. git:COMMIT.",
+                                             show_default=False)] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset reference.", show_default=False)] = None,
+    lineage_job: Annotated[list[int] | None, typer.Option("--lineage-job", help="Another job that led here "
+                                                          "(repeat).", show_default=False)] = None,
+    output: Fmt = Output.TABLE,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Register a new version from a completed job; it becomes the model's candidate."""
+    body: dict[str, Any] = {"job_id": job, "artifact_uri": artifact, "metrics": _metrics(metric),
+                            "eval_set": eval_set, "code_ref": code, "dataset_ref": dataset,
+                            "lineage_jobs": list(lineage_job or [])}
+    with api(url, token) as a:
+        made = a.post(f"/v1/models/{name}/versions", body)
+    if output is not Output.TABLE:
+        emit(made, output)
+        return
+    typer.echo(f"registered {made['model']} v{made['version']} from job {made['lineage']['job']} "
+               f"(sha256 {made['digest']})")
+
+
+@models_app.command("promote")
+def promote(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int, typer.Option("--version", min=1, help="The version to promote.")],
+    stage: StageOpt = Stage.PRODUCTION,
+    output: Fmt = Output.TABLE,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Ask to promote a version; every gate is checked now and printed with its evidence.
+
+    Promoted at once when all pass; open while approvals are pending; rejected (exit 1) when a gate fails.
+    """
+    with api(url, token) as a:
+        data = a.post(f"/v1/models/{name}/promotions", {"version": version, "stage": stage.value})
+    show_promotion(data, output)
+
+
+@models_app.command("approve")
+def approve(
+    promotion: Annotated[int, typer.Argument(metavar="PROMOTION_ID", help="The id `models promote` printed.")],
+    output: Fmt = Output.TABLE,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Approve an open promotion (as a model owner other than its requester); the gates are checked again."""
+    with api(url, token) as a:
+        data = a.post(f"/v1/promotions/{promotion}/approve")
+    show_promotion(data, output)
+
+
+@models_app.command("rollback")
+def rollback(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    stage: StageOpt = Stage.PRODUCTION,
+    output: Fmt = Output.TABLE,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Put the stage's previous version back."""
+    with api(url, token) as a:
+        done = a.post(f"/v1/models/{name}/rollback", {"stage": stage.value})
+    if output is not Output.TABLE:
+        emit(done, output)
+        return
+    typer.echo(f"{done['model']} {done['stage']} is v{done['version']} again (rolled back from v{done['previous']})")
+
+
+@models_app.command("audit")
+def audit(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="One model's entries (only platform admins "
+                                              "read the whole chain).", show_default=False)] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Check every hash link; exit 1 if one is broken.")] = False,
+    output: Fmt = Output.TABLE,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """The hash-chained history of registry actions."""
+    with api(url, token) as a:
+        data = a.get("/v1/models/audit", model=model, verify="true" if verify else None)
+    checked = data.get("verified")
+    if output is not Output.TABLE:
+        emit(data, output)
+    else:
+        table = Table("SEQ", "AT", "ACTOR", "ACTION", "MODEL", box=None, pad_edge=False)
+        table.add_column("DETAIL", no_wrap=True, overflow="ellipsis")
+        for e in data["entries"]:
+            table.add_row(*cells(str(e["seq"]), when(e["at"]), e["actor"], e["action"], e["model"],
+                                 _summary(e["action"], e["detail"])))
+        if data["entries"]:
+            console().print(table)
+        if checked is not None and checked["intact"]:
+            # The API always checks the whole chain (each link against its neighbours), not only this model's rows.
+            note(f"audit chain intact: {checked['entries']} entries verified")
+    if checked is not None and not checked["intact"]:
+        for p in checked["problems"]:
+            typer.echo(f"broken: {p}", err=True)
+        fail(f"the audit chain is broken: {len(checked['problems'])} problem(s) in {checked['entries']} entries")
+
+
+@models_app.command("deploy")
+def deploy(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    stage: StageOpt = Stage.PRODUCTION,
+    kind: Annotated[Kind, typer.Option(help="A KServe InferenceService, or a plain Deployment.")] = Kind.KSERVE,
+    namespace: Annotated[str, typer.Option(help="Kubernetes namespace.")] = "default",
+    image: Annotated[str | None, typer.Option(help="Serving image (Deployment).", show_default=False)] = None,
+    model_format: Annotated[str | None, typer.Option(help="KServe model format (default pytorch).",
+                                                     show_default=False)] = None,
+    gpus: Annotated[int, typer.Option(min=0, help="GPUs per replica.")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the manifest instead of applying it.")] = False,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """The manifest that serves the version at a stage (its artifact pinned by digest)."""
+    if not dry_run:
+        # Corral runs jobs with its local backend only; nothing here talks to a Kubernetes API server, so
+        # refuse before any request rather than pretend to apply.
+        fail("applying manifests needs the Kubernetes backend, which is not configured in this installation; "
+             "use --dry-run to print the manifest and apply it yourself (e.g. `... --dry-run | kubectl apply -f -`)",
+             2)
+    params = {"stage": stage.value, "kind": kind.value, "namespace": namespace, "image": image,
+              "model_format": model_format, "gpus": gpus}
+    with api(url, token) as a:
+        text = a.request("GET", f"/v1/models/{name}/deploy",
+                         params={k: v for k, v in params.items() if v is not None}).text
+    typer.echo(text, nl=not text.endswith("\n"))
+
+
+@models_app.command("roi")
+def roi(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    output: Fmt = Output.TABLE,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """GPU-hours spent by the jobs in each version's lineage, and by the production version's."""
+    with api(url, token) as a:
+        data = a.get(f"/v1/models/{name}/roi")
+    if output is not Output.TABLE:
+        emit(data, output)
+        return
+    prod = (data.get("production") or {}).get("version")
+    table = Table("VERSION", "JOBS", "GPU-HOURS", "", box=None, pad_edge=False)
+    for v in data["versions"]:
+        table.add_row(*cells(f"v{v['version']}", ", ".join(str(j) for j in v["jobs"]), f"{v['gpu_hours']:.2f}",
+                             "production" if v["version"] == prod else ""))
+    c = console()
+    if data["versions"]:
+        c.print(table)
+    else:
+        c.print("no versions yet")
+    if prod is not None:
+        c.print(f"production v{prod}: {data['production']['gpu_hours']:.2f} GPU-hours")
