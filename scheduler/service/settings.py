@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field
@@ -30,6 +30,12 @@ class ServiceSettings(BaseSettings):
         "SQLAlchemy URL, e.g. postgresql+psycopg://corral@db/corral. Default: SQLite (WAL) in data_dir."))
     host: str = Field("127.0.0.1", description="Address the API listens on; loopback unless you mean to share it.")
     port: int = Field(8265, ge=1, le=65535, description="TCP port of the API.")
+    backend: Literal["local", "ray"] = Field("local", description=(
+        "Where admitted jobs run: local processes on this machine, or a Ray cluster (its nodes become pools)."))
+    ray_address: str | None = Field(None, description=(
+        "The Ray cluster's dashboard/Jobs API address, e.g. http://10.0.0.5:8265 (backend ray)."))
+    ray_token: str | None = Field(None, description=(
+        "Ray's authentication token (Ray >= 2.60 checks tokens by default); else RAY_AUTH_TOKEN is used."))
     pool: str = Field("local", description="Pool name of this machine's GPUs.")
     node: str = Field("localhost", description="Node name of this machine in its pool.")
     gpus: int | None = Field(None, ge=0, description=(
