@@ -26,6 +26,7 @@ from notebooks._loop import LoopThread
 from notebooks.aio import FINAL, AsyncCorral
 from notebooks.config import Connection, resolve
 from notebooks.errors import CorralError, JobFailed
+from notebooks.models import Models
 
 __all__ = ["Client", "CorralError", "Job", "JobFailed", "detaching"]
 STDERR_TAIL_LINES = 20
@@ -76,6 +77,11 @@ class Client:
     def api(self) -> AsyncCorral:
         """The async core, for code that runs on the client's loop (see notebooks.aio)."""
         return self._api
+
+    @property
+    def models(self) -> Models:
+        """The model registry (notebooks.models): versions from finished jobs, promotions, approvals, rollback."""
+        return Models(self)
 
     def run(self, coro: Any) -> Any:
         """Run a coroutine of `self.api` on the client's loop and return its result."""

@@ -1,0 +1,218 @@
+"""`corral models ...` end to end: CliRunner against an in-process service (SQLite, scripted executor), each
+command run with the token of the team member or model owner who would run it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import yaml
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner, Result
+
+from scheduler import cli_client
+from scheduler.cli import app
+from scheduler.service.auth import Role
+from scheduler.service.db import model_audit
+from tests.service_kit import Service, make_service
+from tests.test_models_service import POLICY, finished_job
+
+Corral = Callable[..., Result]
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Service:
+    return make_service(f"sqlite:///{tmp_path}/c.db", tmp_path)
+
+
+@pytest.fixture
+def corral(service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Corral:
+    """Run `corral ARGS...` against `service`; --token picks the caller (default: the platform admin).
+    Asserts the exit status (code=)."""
+    for var in ("CORRAL_URL", "CORRAL_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CORRAL_DATA_DIR", str(tmp_path / "cli-data"))  # no admin-token file there
+
+    def client(url: str, token: str | None) -> TestClient:
+        # A fresh client per command (the CLI closes it), carrying the --token given, else the admin's.
+        c = TestClient(service.admin.app)
+        c.headers.update({"Authorization": f"Bearer {token}"} if token else service.admin.headers)
+        return c
+
+    monkeypatch.setattr(cli_client, "make_http_client", client)
+    runner = CliRunner()
+
+    def run(*args: str, code: int = 0) -> Result:
+        r = runner.invoke(app, list(args), env={"COLUMNS": "200"})
+        assert r.exit_code == code, f"exit {r.exit_code}\nstdout: {r.stdout}\nstderr: {r.stderr}\n{r.exception!r}"
+        return r
+
+    return run
+
+
+def token(service: Service, user: str, role: Role) -> str:
+    """The secret of a token for `user` in the nlp team (service_kit keeps it in the client's header)."""
+    header: str = service.client(user, role, "nlp").headers["Authorization"]
+    return header.removeprefix("Bearer ")
+
+
+@pytest.fixture
+def as_user(service: Service) -> dict[str, list[str]]:
+    """--token arguments per person: alice is a member, olga and owen are model owners of nlp."""
+    return {"alice": ["--token", token(service, "alice", Role.MEMBER)],
+            "olga": ["--token", token(service, "olga", Role.MODEL_OWNER)],
+            "owen": ["--token", token(service, "owen", Role.MODEL_OWNER)]}
+
+
+def artifact(tmp_path: Path, name: str, content: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return str(path)
+
+
+def test_the_golden_path_from_the_command_line(corral: Corral, service: Service, as_user: dict[str, list[str]],
+                                               tmp_path: Path) -> None:
+    alice, olga, owen = as_user["alice"], as_user["olga"], as_user["owen"]
+    alice_api = service.client("alice", Role.MEMBER, "nlp")
+    assert corral("models", "create", "sentiment", "--queue", "nlp", "--description", "reviews", *alice
+                  ).stdout.strip() == "created model sentiment (queue nlp)"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(POLICY))
+    assert "applied policy version 1 to sentiment" in corral("models", "policy", "apply", "sentiment", "-f",
+                                                             str(policy), *olga).stdout
+    assert "may not set the promotion policy" in corral("models", "policy", "apply", "sentiment", "-f", str(policy),
+                                                        *alice, code=1).stderr
+
+    job1 = finished_job(service, alice_api)
+    reg = corral("models", "register", "sentiment", "--job", str(job1), "--artifact",
+                 artifact(tmp_path, "v1.pt", b"w1"), "--metric", "accuracy=0.91", "--eval-set", "imdb-test",
+                 "--code", "git:abc123", "--dataset", "imdb@2024", *alice)
+    assert f"registered sentiment v1 from job {job1} (sha256 " in reg.stdout
+
+    # The requester sees every gate with its evidence; the approval one waits for someone else.
+    ask = corral("models", "promote", "sentiment", "--version", "1", *olga)
+    for gate, status in (("metric accuracy >= 0.9", "PASS"), ("approvals 0/1", "PENDING"), ("digest", "PASS")):
+        assert any(gate in line and status in line for line in ask.stdout.splitlines()), ask.stdout
+    assert "promotion 1: sentiment v1 to production: open" in ask.stdout
+    assert "corral models approve 1" in ask.stderr
+    assert "someone else" in corral("models", "approve", "1", *olga, code=1).stderr
+    done = corral("models", "approve", "1", *owen)
+    assert "approvals 1/1" in done.stdout and "promotion 1: sentiment v1 to production: promoted" in done.stdout
+
+    # v2 is better; -o json answers the API's data.
+    job2 = finished_job(service, alice_api, hours=2)
+    made = json.loads(corral("models", "register", "sentiment", "--job", str(job2), "--artifact",
+                             artifact(tmp_path, "v2.pt", b"w2"), "--metric", "accuracy=0.95", "--eval-set",
+                             "imdb-test", "--lineage-job", str(job1), "-o", "json", *alice).stdout)
+    assert made["version"] == 2 and made["lineage"]["jobs"] == sorted([job1, job2])
+    ask2 = json.loads(corral("models", "promote", "sentiment", "--version", "2", "-o", "json", *owen).stdout)
+    assert ask2["state"] == "open"
+    assert json.loads(corral("models", "approve", str(ask2["promotion"]), "-o", "json", *olga).stdout
+                      )["state"] == "promoted"
+
+    shown = json.loads(corral("models", "show", "sentiment", "-o", "json", *alice).stdout)
+    assert shown["aliases"]["production"]["version"] == 2 and shown["aliases"]["production"]["previous"] == 1
+    assert shown["policy"]["version"] == 1
+    table = corral("models", "show", "sentiment", *alice).stdout
+    assert "policy: version 1" in table and "accuracy=0.95" in table and "imdb-test" in table
+    listed = corral("models", "ls", *alice).stdout
+    assert any(line.split()[:5] == ["sentiment", "nlp", "v2", "-", "v2"] for line in listed.splitlines()), listed
+    assert yaml.safe_load(corral("models", "ls", "-o", "yaml", *alice).stdout)["models"][0]["name"] == "sentiment"
+
+    manifest = yaml.safe_load(corral("models", "deploy", "sentiment", "--dry-run", *alice).stdout)
+    assert manifest["kind"] == "InferenceService"
+    assert manifest["spec"]["predictor"]["model"]["storageUri"] == str(tmp_path / "v2.pt")
+    plain = yaml.safe_load(corral("models", "deploy", "sentiment", "--kind", "deployment", "--namespace", "ml",
+                                  "--image", "me/serve:1", "--gpus", "2", "--dry-run", *alice).stdout)
+    assert (plain["kind"], plain["metadata"]["namespace"]) == ("Deployment", "ml")
+    assert "me/serve:1" in json.dumps(plain)
+    refused = corral("models", "deploy", "sentiment", *alice, code=2)
+    assert "Kubernetes backend" in refused.stderr and "--dry-run" in refused.stderr
+    assert "no staging version" in corral("models", "deploy", "sentiment", "--stage", "staging", "--dry-run",
+                                          *alice, code=1).stderr
+
+    roi = corral("models", "roi", "sentiment", *alice).stdout
+    assert "production v2: 6.00 GPU-hours" in roi  # v2's lineage: job2 (2 h) and job1 (1 h), both on 2 GPUs
+    assert json.loads(corral("models", "roi", "sentiment", "-o", "json", *alice).stdout)["production"][
+        "version"] == 2
+
+    back = corral("models", "rollback", "sentiment", *owen)
+    assert back.stdout.strip() == "sentiment production is v1 again (rolled back from v2)"
+    assert "no previous staging version" in corral("models", "rollback", "sentiment", "--stage", "staging", *owen,
+                                                   code=1).stderr
+
+    audit = corral("models", "audit", "--model", "sentiment", "--verify", *olga)
+    actions = [line.split()[4] for line in audit.stdout.splitlines()[1:]]
+    assert actions == ["model.create", "policy.apply", "version.register", "promotion.request",
+                       "promotion.approve", "model.promote", "version.register", "promotion.request",
+                       "promotion.approve", "model.promote", "model.rollback"]
+    assert "audit chain intact: 11 entries verified" in audit.stderr
+    assert "promotion 2: v2 to production (3 pass, 1 pending)" in audit.stdout
+    assert "production back to v1 from v2" in audit.stdout
+    # Only platform admins read the whole chain.
+    assert "name a model" in corral("models", "audit", *olga, code=1).stderr
+
+
+def test_a_gate_that_fails_rejects_with_exit_1(corral: Corral, service: Service, as_user: dict[str, list[str]],
+                                               tmp_path: Path) -> None:
+    alice, olga = as_user["alice"], as_user["olga"]
+    corral("models", "create", "m", "--queue", "nlp", *alice)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(POLICY))  # JSON is YAML
+    corral("models", "policy", "apply", "m", "-f", str(policy), *olga)
+    corral("models", "register", "m", "--job", str(finished_job(service, service.client("alice", Role.MEMBER, "nlp"))),
+           "--artifact", artifact(tmp_path, "a", b"a"), "--metric", "accuracy=0.85", *alice)
+    r = corral("models", "promote", "m", "--version", "1", "--stage", "staging", *olga, code=1)
+    assert any("metric accuracy >= 0.9" in line and "FAIL" in line and "0.85" in line
+               for line in r.stdout.splitlines()), r.stdout
+    assert "promotion 1: m v1 to staging: rejected" in r.stdout
+    assert "rejected by: metric accuracy >= 0.9" in r.stderr
+    # With -o json the data is still printed, and the exit status still says it was rejected.
+    r2 = corral("models", "promote", "m", "--version", "1", "--stage", "staging", "-o", "json", *olga, code=1)
+    assert json.loads(r2.stdout)["state"] == "rejected"
+
+
+def test_usage_errors_exit_2(corral: Corral, tmp_path: Path) -> None:
+    bad = corral("models", "register", "m", "--job", "1", "--artifact", "x", "--metric", "acc=high", code=2)
+    assert "a metric's value is a number" in bad.stderr
+    assert "KEY=VALUE" in corral("models", "register", "m", "--job", "1", "--artifact", "x", "--metric", "acc",
+                                 code=2).stderr
+    listy = tmp_path / "p.yaml"
+    listy.write_text("- staging\n")
+    assert "expected a mapping" in corral("models", "policy", "apply", "m", "-f", str(listy), code=2).stderr
+    assert "cannot read" in corral("models", "policy", "apply", "m", "-f", str(tmp_path / "none.yaml"),
+                                   code=2).stderr
+    assert corral("models", "promote", "m", "--version", "1", "--stage", "prod", code=2).exit_code == 2
+
+
+def test_a_bad_policy_is_refused_with_where(corral: Corral, service: Service, tmp_path: Path) -> None:
+    corral("models", "create", "m", "--queue", "nlp")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("stages:\n  prod: {}\n")
+    assert "unknown stage 'prod'" in corral("models", "policy", "apply", "m", "-f", str(policy), code=1).stderr
+
+
+def test_audit_verify_exits_1_and_names_each_problem(corral: Corral, service: Service, tmp_path: Path) -> None:
+    corral("models", "create", "m", "--queue", "nlp")
+    corral("models", "create", "n", "--queue", "vision")
+    assert "audit chain intact: 2 entries" in corral("models", "audit", "--verify").stderr
+    with service.core.db.begin() as conn:
+        conn.execute(sa.update(model_audit).where(model_audit.c.seq == 1).values(actor="mallory"))
+    r = corral("models", "audit", "--verify", code=1)
+    assert "broken:" in r.stderr and "the audit chain is broken" in r.stderr
+    assert "mallory" in r.stdout  # the entries are still shown
+    data = json.loads(corral("models", "audit", "--verify", "-o", "json", code=1).stdout)
+    assert data["verified"]["intact"] is False and data["verified"]["problems"]
+    assert corral("models", "audit").exit_code == 0  # without --verify nothing is checked
+
+
+def test_empty_registry_and_missing_model(corral: Corral) -> None:
+    assert "no models" in corral("models", "ls").stderr
+    assert "model 'nope' not found [not_found]" in corral("models", "show", "nope", code=1).stderr
+    corral("models", "create", "m", "--queue", "nlp")
+    assert "no versions yet" in corral("models", "show", "m").stdout
+    assert "already exists" in corral("models", "create", "m", "--queue", "nlp", code=1).stderr
+    assert "no versions yet" in corral("models", "roi", "m").stdout
