@@ -264,7 +264,7 @@ def usage(
 @token_app.command("create")
 def token_create(
     user: Annotated[str, typer.Option(help="Who the token is for.")],
-    role: Annotated[str, typer.Option(help="platform-admin, team-admin, member or viewer.")],
+    role: Annotated[str, typer.Option(help="platform-admin, team-admin, member, model-owner or viewer.")],
     scope: Annotated[str | None, typer.Option(help="A queue: the role applies to its subtree (default: all).",
                                               show_default=False)] = None,
     output: Fmt = Output.TABLE,

@@ -72,6 +72,9 @@ def test_from_a_finished_job_to_production_and_back(svc: Service, team: dict[str
     assert [(g["gate"], g["status"]) for g in ask["gates"]] == [
         ("metric accuracy >= 0.9", "pass"), ("metric accuracy no worse than production", "pass"),
         ("approvals 0/1", "pending"), ("digest", "pass")]
+    waiting = owen.get("/v1/promotions", params={"state": "open"}).json()["promotions"]
+    assert [p["id"] for p in waiting] == [ask["promotion"]]
+    assert team["bob"].get(f"/v1/promotions/{ask['promotion']}").status_code == 404  # another team's
     own = olga.post(f"/v1/promotions/{ask['promotion']}/approve")
     assert own.status_code == 403 and "someone else" in own.json()["error"]["message"]
     assert owen.post(f"/v1/promotions/{ask['promotion']}/approve").json()["state"] == "promoted"

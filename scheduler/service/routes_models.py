@@ -13,7 +13,7 @@ from scheduler.models import audit as chain
 from scheduler.models import mlflow_export
 from scheduler.models.manifests import deployment, inference_service, to_yaml
 from scheduler.service import registry
-from scheduler.service.db import models
+from scheduler.service.db import approvals, models, promotions
 from scheduler.service.deps import Caller, CoreDep
 from scheduler.service.errors import Forbidden, Invalid, NotFound, Unavailable
 
@@ -83,8 +83,37 @@ def audit(who: Caller, core: CoreDep, model: str | None = None, verify: bool = F
     out: dict[str, Any] = {"entries": [r for r in rows if model is None or r["model"] == model]}
     if verify:
         problems = chain.verify(rows)  # always the whole chain: a link is checked against its neighbours
-        out["verified"] = {"intact": not problems, "problems": problems, "entries": len(rows)}
+        # Other teams' rows stay private: a team sees whether the chain holds, the details are for admins.
+        shown = problems if who.admin else [f"{len(problems)} broken link(s); a platform admin sees where"][
+            : 1 if problems else 0]
+        out["verified"] = {"intact": not problems, "problems": shown, "entries": len(rows)}
     return out
+
+
+@router.get("/promotions")
+def list_promotions(who: Caller, core: CoreDep, model: str | None = None,
+                    state: Literal["open", "promoted", "rejected"] | None = None) -> dict[str, Any]:
+    """Promotion requests of models the caller may see (an approver finds what waits for it here)."""
+    q = sa.select(promotions).order_by(promotions.c.id.desc())
+    if model is not None:
+        q = q.where(promotions.c.model == model)
+    if state is not None:
+        q = q.where(promotions.c.state == state)
+    with core.db.connect() as conn:
+        visible = {r["name"] for r in conn.execute(sa.select(models)).mappings() if who.covers(core.tree, r["queue"])}
+        return {"promotions": [dict(r) for r in conn.execute(q).mappings() if r["model"] in visible]}
+
+
+@router.get("/promotions/{promotion_id}")
+def get_promotion(promotion_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+    with core.db.connect() as conn:
+        p = conn.execute(sa.select(promotions).where(promotions.c.id == promotion_id)).mappings().first()
+        if p is None:
+            raise NotFound(f"promotion {promotion_id} not found")
+        registry.model_row(conn, core, who, p["model"])
+        done = [dict(a) for a in conn.execute(sa.select(approvals).where(approvals.c.promotion_id == promotion_id)
+                                              ).mappings()]
+    return {**dict(p), "approvals": done}
 
 
 @router.get("/models/{name}")
