@@ -307,7 +307,8 @@ class Engine:
             tiers &= {PRIORITY}
         if not tiers:
             return None
-        return Preemption(ps, job, q, excluded, lambda j: self._young(j, now), tiers).plan()
+        return Preemption(ps, job, q, excluded, lambda j: self._young(j, now), tiers,
+                          quiet=self.settings.min_runtime <= 0).plan()
 
     def _young(self, j: Job, now: float) -> bool:
         until = j.start + self.settings.min_runtime

@@ -9,6 +9,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 from quotas.tree import Queue
+from scheduler.engine.clearable import slack
 from scheduler.engine.cluster import Freed
 from scheduler.engine.model import Job, Reason
 from scheduler.engine.state import PoolState, ratio
@@ -57,9 +58,12 @@ class Preemption:
     """Finds the victims for one job of queue `q`, or None when no allowed set of victims makes it admissible."""
 
     def __init__(self, ps: PoolState, job: Job, q: Queue, excluded: Collection[str],
-                 young: Callable[[Job], bool], tiers: set[int]):
+                 young: Callable[[Job], bool], tiers: set[int], quiet: bool = False):
         self.ps, self.job, self.q, self.excluded = ps, job, q, excluded
         self.young = young  # a job under min_runtime: not a victim (the caller registers a wakeup)
+        # No job can be young (min_runtime 0): walking the candidates has no side effect (no wakeups to
+        # register), so a walk that is bound to fail may be skipped.
+        self.quiet = quiet
         self.pool = ps.name
         self.request = job.request
         self.shares = ps.shares()
@@ -169,9 +173,37 @@ class Preemption:
         spec = self.job.spec
         return self.ps.pool.free_gpus + self.extra < self.request or bool(spec.gpus and self.slots < spec.workers)
 
+    def _whole_nodes_hopeless(self) -> bool:
+        """Workers that each need a whole node, with the fair-share tier the only way into other queues: even
+        with every job that tier could ever take gone, would too few nodes be empty? (See clearable.py.)"""
+        ps, spec, pool, q = self.ps, self.job.spec, self.ps.pool, self.q.name
+        if (not self.quiet or RECLAIM in self.tiers or FAIR_SHARE not in self.tiers
+                or spec.gpus != pool.max_gpus or spec.gpus <= 0):
+            return False
+        index = ps.clear_index()
+        after_q = ratio(ps.usage[q] + self.request, self.shares.get(q, 0.0))
+        count = len(pool.buckets[spec.gpus]) + index.at_least(after_q)  # whole free nodes, clearable ones
+        for n in self.excluded:
+            if pool.nodes[n].up and (len(pool.nodes[n].free) == spec.gpus or index.clears(n, after_q)):
+                count -= 1
+        if PRIORITY in self.tiers:
+            # Tier 3 may also take the queue's own lower-priority jobs: nodes that only they kept from counting.
+            prio = spec.priority
+            mine = {node for j in ps.running.get(q, ()) if j.spec.priority < prio and j.spec.preemptible
+                    for node, gpus in j.workers if gpus}
+            for n in mine:
+                if n in self.excluded or index.clears(n, after_q):
+                    continue
+                if all((j.spec.queue == q and j.spec.priority < prio and j.spec.preemptible)
+                       or (j.spec.preemptible and j.spec.queue in ps.over_share and slack(
+                           ps.usage[j.spec.queue], self.shares.get(j.spec.queue, 0.0), j.request) >= after_q)
+                       for j in index.on_node[n]):
+                    count += 1
+        return count < spec.workers
+
     def plan(self) -> Plan | None:
         ps, pool, q = self.ps, self.pool, self.q
-        if self._priority_only_hopeless():
+        if self._priority_only_hopeless() or self._whole_nodes_hopeless():
             return None
         taken: list[Victim] = []
         taken_ids: set[int] = set()
