@@ -15,7 +15,7 @@ so the count is a bisection.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 from sortedcontainers import SortedList
 
@@ -87,9 +87,9 @@ class ClearIndex:
             self.order.add((low, node))
         nodes.clear()
 
-    def at_least(self, threshold: float) -> int:
-        """How many nodes with jobs have every job's slack at or above `threshold` (refresh first)."""
-        return len(self.order) - int(self.order.bisect_left((threshold, "")))
+    def at_least(self, threshold: float) -> Iterator[str]:
+        """Nodes with jobs, every one of them with a slack at or above `threshold` (refresh first)."""
+        return (node for _, node in self.order.irange((threshold, "")))
 
     def clears(self, node: str, threshold: float) -> bool:
         return self.slack.get(node, -math.inf) >= threshold

@@ -9,7 +9,6 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 from quotas.tree import Queue
-from scheduler.engine.clearable import slack
 from scheduler.engine.cluster import Freed
 from scheduler.engine.model import Job, Reason
 from scheduler.engine.state import PoolState, ratio
@@ -175,31 +174,53 @@ class Preemption:
 
     def _whole_nodes_hopeless(self) -> bool:
         """Workers that each need a whole node, with the fair-share tier the only way into other queues: even
-        with every job that tier could ever take gone, would too few nodes be empty? (See clearable.py.)"""
+        with every job the walk would take gone, would too few nodes be empty? (See clearable.py.)"""
         ps, spec, pool, q = self.ps, self.job.spec, self.ps.pool, self.q.name
-        if (not self.quiet or RECLAIM in self.tiers or FAIR_SHARE not in self.tiers
-                or spec.gpus != pool.max_gpus or spec.gpus <= 0):
+        g = spec.gpus
+        if not self.quiet or RECLAIM in self.tiers or FAIR_SHARE not in self.tiers or g != pool.max_gpus or g <= 0:
+            return False
+        need = spec.workers - len(pool.buckets[g])  # whole free nodes
+        need += sum(1 for n in self.excluded if pool.nodes[n].up and len(pool.nodes[n].free) == g)
+        if need <= 0:
             return False
         index = ps.clear_index()
         after_q = ratio(ps.usage[q] + self.request, self.shares.get(q, 0.0))
-        count = len(pool.buckets[spec.gpus]) + index.at_least(after_q)  # whole free nodes, clearable ones
-        for n in self.excluded:
-            if pool.nodes[n].up and (len(pool.nodes[n].free) == spec.gpus or index.clears(n, after_q)):
-                count -= 1
-        if PRIORITY in self.tiers:
-            # Tier 3 may also take the queue's own lower-priority jobs: nodes that only they kept from counting.
-            prio = spec.priority
-            mine = {node for j in ps.running.get(q, ()) if j.spec.priority < prio and j.spec.preemptible
-                    for node, gpus in j.workers if gpus}
-            for n in mine:
-                if n in self.excluded or index.clears(n, after_q):
-                    continue
-                if all((j.spec.queue == q and j.spec.priority < prio and j.spec.preemptible)
-                       or (j.spec.preemptible and j.spec.queue in ps.over_share and slack(
-                           ps.usage[j.spec.queue], self.shares.get(j.spec.queue, 0.0), j.request) >= after_q)
-                       for j in index.on_node[n]):
-                    count += 1
-        return count < spec.workers
+        prio, tier3 = spec.priority, PRIORITY in self.tiers
+        takes: dict[str, set[int]] = {}
+
+        def taken(j: Job) -> bool:
+            v = j.spec.queue
+            if v == q:
+                return tier3 and j.spec.priority < prio and j.spec.preemptible
+            if v not in takes:
+                takes[v] = self._fair_share_takes(v, after_q)
+            return id(j) in takes[v]
+
+        nodes: Iterable[str] = index.at_least(after_q)
+        if tier3:
+            # Nodes that its own lower-priority jobs (tier 3) kept out of the slack range.
+            mine = {n for j in ps.running.get(q, ()) if j.spec.priority < prio for n, gpus in j.workers if gpus}
+            nodes = itertools.chain(nodes, sorted(n for n in mine if not index.clears(n, after_q)))
+        for n in nodes:
+            if n not in self.excluded and all(taken(j) for j in index.on_node[n]):
+                need -= 1
+                if need <= 0:
+                    return False
+        return True
+
+    def _fair_share_takes(self, v: str, after_q: float) -> set[int]:
+        """The jobs of leaf `v` that an exhaustive tier-2 walk would take (ids): in victim order, each while
+        v's ratio after losing it stays at or above `after_q`."""
+        ps = self.ps
+        out: set[int] = set()
+        if v not in ps.over_share or v not in ps.running:
+            return out
+        share, left = self.shares.get(v, 0.0), ps.usage[v]
+        for j in ps.running[v]:
+            if j.spec.preemptible and ratio(left - j.request, share) >= after_q:
+                left -= j.request
+                out.add(id(j))
+        return out
 
     def plan(self) -> Plan | None:
         ps, pool, q = self.ps, self.pool, self.q
