@@ -104,12 +104,28 @@ class LasEngine(Engine):
     def schedule(self, now: float) -> list[Decision]:
         self._clock = now
         out = super().schedule(now)
-        # Wake up when a running job crosses into the next band: it may then give way.
-        crossings = [now + (b - s) / j.request
-                     for ps in self.pools.values() if ps.pending for js in ps.running.values() for j in js
-                     if j.request > 0 for s in (self._service(j, now),) for b in self.bands[self._band(s):][:1]]
-        if crossings:
-            heapq.heappush(self._wakeups, min(crossings))
+        # Wake up when a running job crosses into the next band: it may then give way. (The service and band
+        # arithmetic is inlined, in the same float operations as _service and _band: this runs over every
+        # running job after every event.)
+        attained, bands = self._attained, self.bands
+        first: float | None = None
+        for ps in self.pools.values():
+            if not ps.pending:
+                continue
+            for js in ps.running.values():
+                for j in js:
+                    r = j.spec.request
+                    if r <= 0:
+                        continue
+                    s = attained.get(j.spec.id, 0.0) + (now - j.start) * r
+                    for b in bands:
+                        if s < b:
+                            c = now + (b - s) / r
+                            if first is None or c < first:
+                                first = c
+                            break
+        if first is not None:
+            heapq.heappush(self._wakeups, first)
         return out
 
     def _fill(self, ps: PoolState, now: float, out: list[Decision]) -> None:
@@ -126,9 +142,28 @@ class LasEngine(Engine):
             else:
                 out.append(self._start(ps, j, nodes, now))  # leaves arrivals: i stays
 
+    def _may_displace(self, ps: PoolState, now: float) -> bool:
+        """Whether the first waiting job is in a lower band than some preemptible running job. Only those can
+        displace anyone, and waiting jobs come in band order: most calls stop here, before the band of every
+        running job is computed and sorted."""
+        assert ps.arrivals is not None
+        if not ps.arrivals:
+            return False
+        wband = self._band(self._attained.get(ps.arrivals[0].id, 0.0))
+        attained, top = self._attained, self.bands[wband:][:1]
+        if not top:
+            return False  # already in the highest band
+        for js in ps.running.values():
+            for j in js:
+                if j.spec.preemptible and attained.get(j.spec.id, 0.0) + (now - j.start) * j.spec.request >= top[0]:
+                    return True  # same float operations as _service
+        return False
+
     def _schedule_pool(self, ps: PoolState, now: float, out: list[Decision]) -> None:
         assert ps.arrivals is not None
         self._fill(ps, now, out)
+        if self.settings.min_runtime <= 0 and not self._may_displace(ps, now):
+            return  # what the loop below would find at its first waiting job (it has no side effect then)
         # Then a waiting job may displace running jobs of a higher band (most served first), only as many
         # as it needs to fit. Non-preemptible jobs and jobs younger than min_runtime keep their GPUs.
         band = {j.id: self._band(self._service(j, now)) for js in ps.running.values() for j in js}
