@@ -67,6 +67,7 @@ class Engine:
         self._instant: float | None = None
         self._preempted_now: set[str] = set()  # jobs preempted at this instant: they may not preempt back
         self._stuck: dict[str, tuple[object, ...]] = {}  # queue -> state in which it last found nothing
+        self._epoch = 0  # bumps when a new instant lifts the "preempted at this instant" restriction
 
     # ----- inputs -----
 
@@ -149,6 +150,7 @@ class Engine:
     def schedule(self, now: float) -> list[Decision]:
         """Admit (and preempt) until nothing more can start; call after every batch of inputs."""
         if self._instant != now:
+            self._epoch += bool(self._preempted_now)  # their tiers come back: stuck queues must look again
             self._instant, self._preempted_now = now, set()
         due = bool(self._wakeups) and self._wakeups[0] <= now
         self.next_wakeup(now)
@@ -257,9 +259,11 @@ class Engine:
     def _try_queue(self, ps: PoolState, q: Queue, now: float, res: Reservation | None) -> tuple[Job, Plan] | None:
         """The first job of `q`, in queue order, that can start now (best-effort FIFO)."""
         # A queue that found nothing stays stuck until something could help it: room freed anywhere, a
-        # change to its own jobs, more to take back, new shares, another reservation or a new instant.
+        # change to its own jobs, more to take back, new shares, another reservation or a new instant. Without
+        # min_runtime, time itself changes nothing but the end of the "preempted at this instant" restriction.
+        when = self._epoch if self.settings.min_runtime <= 0 else now
         state = (ps.pool.freed, ps.version[q.name], ps.victims_grew, ps.shares_version,
-                 None if res is None else (res.job.id, res.nodes), now)
+                 None if res is None else (res.job.id, res.nodes), when)
         if self._stuck.get(q.name) == state or not self._may_start_any(ps, q, res):
             return None
         tried: set[tuple[object, ...]] = set()
