@@ -5,14 +5,17 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Mapping
 
+from sortedcontainers import SortedList
+
 from quotas import QueueSpec, QueueTree
 from scheduler.engine.cluster import Freed
-from scheduler.engine.decisions import Decision, Preempted
+from scheduler.engine.decisions import Decision, Preempted, Started
 from scheduler.engine.engine import Engine
 from scheduler.engine.model import Job, JobState, NodeSpec, Reason, Settings
 from scheduler.engine.state import PoolState, arrival_key
 
 POLICIES = ("corral", "fifo", "strict-quota", "las")
+MARGIN = 1e-3  # seconds: far above the float rounding between two ways of computing one band crossing
 
 
 class FifoEngine(Engine):
@@ -70,6 +73,8 @@ class LasEngine(Engine):
                  domains: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
                  settings: Settings | None = None):
         self._attained: dict[str, float] = {}
+        # Per pool, (instant a running job enters its next band, its admission, job id): see _first_crossing.
+        self._marks: dict[str, SortedList] = {}
         self._clock = 0.0
         # Waiting jobs by (band, submit): a waiting job's attained service does not change.
         self.arrival_order = self._waiting_key
@@ -104,29 +109,65 @@ class LasEngine(Engine):
     def schedule(self, now: float) -> list[Decision]:
         self._clock = now
         out = super().schedule(now)
-        # Wake up when a running job crosses into the next band: it may then give way. (The service and band
-        # arithmetic is inlined, in the same float operations as _service and _band: this runs over every
-        # running job after every event.)
-        attained, bands = self._attained, self.bands
+        # Wake up when a running job crosses into the next band: it may then give way.
         first: float | None = None
         for ps in self.pools.values():
-            if not ps.pending:
-                continue
-            for js in ps.running.values():
-                for j in js:
-                    r = j.spec.request
-                    if r <= 0:
-                        continue
-                    s = attained.get(j.spec.id, 0.0) + (now - j.start) * r
-                    for b in bands:
-                        if s < b:
-                            c = now + (b - s) / r
-                            if first is None or c < first:
-                                first = c
-                            break
+            if ps.pending:
+                c = self._first_crossing(ps, now)
+                if c is not None and (first is None or c < first):
+                    first = c
         if first is not None:
             heapq.heappush(self._wakeups, first)
         return out
+
+    def _start(self, ps: PoolState, job: Job, nodes: list[str], now: float) -> Started:
+        started = super()._start(ps, job, nodes, now)
+        r, attained = job.request, self._attained.get(job.id, 0.0)
+        if r > 0:
+            marks = self._marks.setdefault(ps.name, SortedList())
+            for b in self.bands:
+                if b > attained:
+                    marks.add((job.start + (b - attained) / r, job.admitted, job.id))
+        return started
+
+    def _crossing(self, j: Job, now: float) -> float | None:
+        """When running job j enters its next band: the formula of _service and _band, float for float."""
+        s = self._attained.get(j.id, 0.0) + (now - j.start) * j.request
+        for b in self.bands:
+            if s < b:
+                return now + (b - s) / j.request
+        return None
+
+    def _first_crossing(self, ps: PoolState, now: float) -> float | None:
+        """The earliest band crossing among the pool's running jobs, without computing every job's.
+
+        Each run's crossings are marked at its start (start + (band - attained) / GPUs): the same instants
+        up to float rounding, far below MARGIN. Marks are read in time order and the exact crossing is computed
+        for each job met, until the marks are past the best one found by more than MARGIN: no job further on
+        can come first. Marks of runs that ended, or of bands crossed, are dropped on the way."""
+        marks = self._marks.get(ps.name)
+        if not marks:
+            return None
+        best: float | None = None
+        seen: set[str] = set()
+        stale = []
+        for mark in marks:
+            at, admitted, job_id = mark
+            j = self.jobs[job_id]
+            if j.state is not JobState.RUNNING or j.admitted != admitted or at < now - MARGIN:
+                stale.append(mark)
+                continue
+            if best is not None and at > best + MARGIN:
+                break
+            if job_id in seen:
+                continue
+            seen.add(job_id)
+            c = self._crossing(j, now)
+            if c is not None and (best is None or c < best):
+                best = c
+        for mark in stale:
+            marks.remove(mark)
+        return best
 
     def _fill(self, ps: PoolState, now: float, out: list[Decision]) -> None:
         """Start waiting jobs in (band, submit) order wherever they fit."""
