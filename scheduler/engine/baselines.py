@@ -173,11 +173,16 @@ class LasEngine(Engine):
         """Start waiting jobs in (band, submit) order wherever they fit."""
         assert ps.arrivals is not None
         i = 0
+        # Shapes that found no room: starts only take room away, so they find none for the rest of this fill.
+        no_room: set[tuple[int, int, float, float]] = set()
         while i < len(ps.arrivals) and ps.pool.free_gpus >= ps.min_need():
             j: Job = ps.arrivals[i]
             nodes = None
-            if ps.over_limit(self.tree[j.spec.queue], j.request) is None:
+            shape = (j.spec.workers, j.spec.gpus, j.spec.cpus, j.spec.memory_gb)
+            if shape not in no_room and ps.over_limit(self.tree[j.spec.queue], j.request) is None:
                 nodes = ps.pool.place(j.spec)
+                if nodes is None:
+                    no_room.add(shape)
             if nodes is None:
                 i += 1
             else:
@@ -207,7 +212,12 @@ class LasEngine(Engine):
             return  # what the loop below would find at its first waiting job (it has no side effect then)
         # Then a waiting job may displace running jobs of a higher band (most served first), only as many
         # as it needs to fit. Non-preemptible jobs and jobs younger than min_runtime keep their GPUs.
-        band = {j.id: self._band(self._service(j, now)) for js in ps.running.values() for j in js}
+        band: dict[str, int] = {}
+        attained, bands = self._attained, self.bands
+        for js in ps.running.values():
+            for j in js:  # _band(_service(j, now)), inlined: this runs over every running job
+                s = attained.get(j.spec.id, 0.0) + (now - j.start) * j.spec.request
+                band[j.spec.id] = sum(1 for b in bands if s >= b)
         victims = sorted((j for js in ps.running.values() for j in js
                           if j.spec.preemptible and not self._young(j, now)),
                          key=lambda j: (-band[j.id], -j.submit, -j.seq))
