@@ -66,7 +66,9 @@ class Engine:
         self._wakeups: list[float] = []
         self._instant: float | None = None
         self._preempted_now: set[str] = set()  # jobs preempted at this instant: they may not preempt back
-        self._stuck: dict[str, tuple[object, ...]] = {}  # queue -> state in which it last found nothing
+        # queue -> (state in which it last found nothing, GPU releases then, and what its jobs need when only
+        # free room can start them: see _try_queue)
+        self._stuck: dict[str, tuple[tuple[object, ...], int, list[tuple[int, int]] | None]] = {}
         self._epoch = 0  # bumps when a new instant lifts the "preempted at this instant" restriction
 
     # ----- inputs -----
@@ -262,11 +264,20 @@ class Engine:
         # change to its own jobs, more to take back, new shares, another reservation or a new instant. Without
         # min_runtime, time itself changes nothing but the end of the "preempted at this instant" restriction.
         when = self._epoch if self.settings.min_runtime <= 0 else now
-        state = (ps.pool.freed, ps.version[q.name], ps.victims_grew, ps.shares_version,
+        state = (ps.version[q.name], ps.victims_grew, ps.shares_version,
                  None if res is None else (res.job.id, res.nodes), when)
-        if self._stuck.get(q.name) == state or not self._may_start_any(ps, q, res):
+        stuck = self._stuck.get(q.name)
+        if stuck is not None and stuck[0] == state:
+            if stuck[1] == ps.pool.freed:
+                return None
+            if stuck[2] is not None and not any(self._may_fit(ps, r, g) for r, g in stuck[2]):
+                # Only GPUs were freed, and none of its jobs could use preemption: still no room for any.
+                self._stuck[q.name] = (state, ps.pool.freed, stuck[2])
+                return None
+        if not self._may_start_any(ps, q, res):
             return None
         tried: set[tuple[object, ...]] = set()
+        room_only: list[tuple[int, int]] | None = []  # each shape tried: (GPUs, per worker), while none may preempt
         for job in ps.pending[q.name]:
             if res is not None and res.job.spec.queue == q.name and job is not res.job:
                 return None  # the queue's starving head job goes first
@@ -274,12 +285,20 @@ class Engine:
             shape = (s.workers, s.gpus, s.cpus, s.memory_gb, s.preemptible, s.priority, job.id in self._preempted_now)
             if shape in tried:
                 continue  # same ask, same answer
-            plan = self._admit(ps, job, q, now, res)
+            plan, may_preempt = self._admit(ps, job, q, now, res)
             if plan is not None:
                 return job, plan
             tried.add(shape)
-        self._stuck[q.name] = state
+            if room_only is not None:
+                room_only = None if may_preempt else [*room_only, (job.request, s.gpus)]
+        self._stuck[q.name] = (state, ps.pool.freed, room_only)
         return None
+
+    @staticmethod
+    def _may_fit(ps: PoolState, request: int, gpus: int) -> bool:
+        """A necessary condition for placing a job on free GPUs alone: enough of them, and a node with a
+        worker's worth."""
+        return ps.pool.free_gpus >= request and ps.pool.largest_free() >= gpus
 
     def _may_start_any(self, ps: PoolState, q: Queue, res: Reservation | None) -> bool:
         """A cheap necessary condition, so that a full pool does not walk every pending job of every queue."""
@@ -294,25 +313,28 @@ class Engine:
         u, pool = ps.usage[q.name], ps.name
         return u + need <= q.quota_of(pool) or u + need <= ps.shares().get(q.name, 0.0)
 
-    def _admit(self, ps: PoolState, job: Job, q: Queue, now: float, res: Reservation | None) -> Plan | None:
+    def _admit(self, ps: PoolState, job: Job, q: Queue, now: float,
+               res: Reservation | None) -> tuple[Plan | None, bool]:
+        """A plan to start `job` now, or None; and whether any preemption tier applied (else only free room
+        can start it, as long as its queue, the shares and the reservation stay as they are)."""
         spec, pool = job.spec, ps.name
         within = ps.usage[q.name] + job.request <= q.quota_of(pool)
         excluded = res.excludes(job, within) if res is not None else frozenset()
         if ps.over_limit(q, job.request) is None and (within or spec.preemptible):
             nodes = ps.pool.place(spec, excluded) if ps.pool.free_gpus >= job.request else None
             if nodes is not None:
-                return Plan([], nodes)
+                return Plan([], nodes), False
         if not self.preemption:
-            return None
+            return None, False
         tiers = tiers_for(ps, job, q)
         if job.id in self._preempted_now:
             # Preempted at this instant: it may not take GPUs back across queues now (that could go back
             # and forth forever), only from lower-priority jobs of its own queue.
             tiers &= {PRIORITY}
         if not tiers:
-            return None
+            return None, False
         return Preemption(ps, job, q, excluded, lambda j: self._young(j, now), tiers,
-                          quiet=self.settings.min_runtime <= 0).plan()
+                          quiet=self.settings.min_runtime <= 0).plan(), True
 
     def _young(self, j: Job, now: float) -> bool:
         until = j.start + self.settings.min_runtime
