@@ -7,6 +7,7 @@ the live service and the tests drive the very same code.
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -66,10 +67,11 @@ class Engine:
         self._wakeups: list[float] = []
         self._instant: float | None = None
         self._preempted_now: set[str] = set()  # jobs preempted at this instant: they may not preempt back
-        # queue -> (state in which it last found nothing, GPU releases then, and what its jobs need when only
-        # free room can start them: see _try_queue)
-        self._stuck: dict[str, tuple[tuple[object, ...], int, list[tuple[int, int]] | None]] = {}
-        self._epoch = 0  # bumps when a new instant lifts the "preempted at this instant" restriction
+        # queue -> (its own state when it last found nothing, the pool's, and what its jobs need when only free
+        # room can start them: see _try_queue)
+        self._stuck: dict[str, tuple[tuple[object, ...], tuple[object, ...], list[tuple[int, int]] | None]] = {}
+        # queue -> bumps when a new instant lifts the "preempted at this instant" restriction of one of its jobs
+        self._lifted: Counter[str] = Counter()
 
     # ----- inputs -----
 
@@ -152,7 +154,8 @@ class Engine:
     def schedule(self, now: float) -> list[Decision]:
         """Admit (and preempt) until nothing more can start; call after every batch of inputs."""
         if self._instant != now:
-            self._epoch += bool(self._preempted_now)  # their tiers come back: stuck queues must look again
+            for job_id in self._preempted_now:  # their tiers come back: their queues must look again
+                self._lifted[self.jobs[job_id].spec.queue] += 1
             self._instant, self._preempted_now = now, set()
         due = bool(self._wakeups) and self._wakeups[0] <= now
         self.next_wakeup(now)
@@ -260,19 +263,22 @@ class Engine:
 
     def _try_queue(self, ps: PoolState, q: Queue, now: float, res: Reservation | None) -> tuple[Job, Plan] | None:
         """The first job of `q`, in queue order, that can start now (best-effort FIFO)."""
-        # A queue that found nothing stays stuck until something could help it: room freed anywhere, a
-        # change to its own jobs, more to take back, new shares, another reservation or a new instant. Without
-        # min_runtime, time itself changes nothing but the end of the "preempted at this instant" restriction.
-        when = self._epoch if self.settings.min_runtime <= 0 else now
-        state = (ps.version[q.name], ps.victims_grew, ps.shares_version,
-                 None if res is None else (res.job.id, res.nodes), when)
+        # A queue that found nothing stays stuck until something could help it: a change to its own jobs or
+        # share, another reservation, its preempted jobs' tiers back at a new instant; and, where one of its
+        # jobs could preempt, room freed anywhere, more to take back, new shares or (with min_runtime) a new
+        # instant. Where none could, other queues' shares and victims do not matter: only free room, and
+        # after GPU releases only when one of its jobs could fit in it.
+        own = (ps.version[q.name], ps.shares().get(q.name, 0.0),
+               None if res is None else (res.job.id, res.nodes), self._lifted[q.name])
+        pool = (ps.pool.freed, ps.victims_grew, ps.shares_version, now if self.settings.min_runtime > 0 else None)
         stuck = self._stuck.get(q.name)
-        if stuck is not None and stuck[0] == state:
-            if stuck[1] == ps.pool.freed:
-                return None
-            if stuck[2] is not None and not any(self._may_fit(ps, r, g) for r, g in stuck[2]):
-                # Only GPUs were freed, and none of its jobs could use preemption: still no room for any.
-                self._stuck[q.name] = (state, ps.pool.freed, stuck[2])
+        if stuck is not None and stuck[0] == own:
+            needs = stuck[2]
+            if needs is None:
+                if stuck[1] == pool:
+                    return None
+            elif stuck[1][0] == ps.pool.freed or not any(self._may_fit(ps, r, g) for r, g in needs):
+                self._stuck[q.name] = (own, pool, needs)  # no GPU released since, or none it could use
                 return None
         if not self._may_start_any(ps, q, res):
             return None
@@ -291,7 +297,7 @@ class Engine:
             tried.add(shape)
             if room_only is not None:
                 room_only = None if may_preempt else [*room_only, (job.request, s.gpus)]
-        self._stuck[q.name] = (state, ps.pool.freed, room_only)
+        self._stuck[q.name] = (own, pool, room_only)
         return None
 
     @staticmethod
