@@ -67,9 +67,10 @@ class Engine:
         self._wakeups: list[float] = []
         self._instant: float | None = None
         self._preempted_now: set[str] = set()  # jobs preempted at this instant: they may not preempt back
-        # queue -> (its own state when it last found nothing, the pool's, and what its jobs need when only free
-        # room can start them: see _try_queue)
-        self._stuck: dict[str, tuple[tuple[object, ...], tuple[object, ...], list[tuple[int, int]] | None]] = {}
+        # queue -> (its own state when it last found nothing, GPU releases then, what else its preemption plans
+        # depended on, and what its jobs need when only free room can start them): see _try_queue
+        self._stuck: dict[str, tuple[tuple[object, ...], int, tuple[object, ...] | None,
+                                     list[tuple[int, int]] | None]] = {}
         # queue -> bumps when a new instant lifts the "preempted at this instant" restriction of one of its jobs
         self._lifted: Counter[str] = Counter()
 
@@ -270,15 +271,14 @@ class Engine:
         # after GPU releases only when one of its jobs could fit in it.
         own = (ps.version[q.name], ps.shares().get(q.name, 0.0),
                None if res is None else (res.job.id, res.nodes), self._lifted[q.name])
-        pool = (ps.pool.freed, ps.victims_grew, ps.shares_version, now if self.settings.min_runtime > 0 else None)
         stuck = self._stuck.get(q.name)
         if stuck is not None and stuck[0] == own:
-            needs = stuck[2]
+            needs = stuck[3]
             if needs is None:
-                if stuck[1] == pool:
+                if stuck[1] == ps.pool.freed and stuck[2] == self._victims_state(ps, now):
                     return None
-            elif stuck[1][0] == ps.pool.freed or not any(self._may_fit(ps, r, g) for r, g in needs):
-                self._stuck[q.name] = (own, pool, needs)  # no GPU released since, or none it could use
+            elif stuck[1] == ps.pool.freed or not any(self._may_fit(ps, r, g) for r, g in needs):
+                self._stuck[q.name] = (own, ps.pool.freed, None, needs)  # no GPU released, or none it could use
                 return None
         if not self._may_start_any(ps, q, res):
             return None
@@ -297,8 +297,14 @@ class Engine:
             tried.add(shape)
             if room_only is not None:
                 room_only = None if may_preempt else [*room_only, (job.request, s.gpus)]
-        self._stuck[q.name] = (own, pool, room_only)
+        self._stuck[q.name] = (own, ps.pool.freed, None if room_only is not None else self._victims_state(ps, now),
+                               room_only)
         return None
+
+    def _victims_state(self, ps: PoolState, now: float) -> tuple[object, ...]:
+        """What else a preemption plan depends on: what there is to take back, the shares, and (with
+        min_runtime) the time."""
+        return ps.victims_grew, ps.shares_version, now if self.settings.min_runtime > 0 else None
 
     @staticmethod
     def _may_fit(ps: PoolState, request: int, gpus: int) -> bool:
