@@ -187,7 +187,8 @@ class PoolState:
             return
         self._shares = shares
         # Re-key only the queues whose share moved (all of them the first time).
-        moved = {n for n, v in shares.items() if old is None or old.get(n) != v} | self._missed
+        # Every water-filling is read here right after it runs, so what it changed is what moved since `old`.
+        moved = (set(shares) if old is None else self.fs.changed) | self._missed
         self._missed = set()
         for name in moved:
             self._clear.queue_changed(name)
