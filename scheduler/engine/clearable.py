@@ -70,21 +70,25 @@ class ClearIndex:
                 nodes.update(node for node, _ in j.workers)
         self.dirty_queues.clear()
         for node in nodes:
-            old = self.slack.pop(node, None)
+            old = self.slack.get(node)
+            jobs = self.on_node.get(node)
+            low: float | None = None
+            if jobs:
+                low = math.inf
+                for j in jobs:
+                    v = j.spec.queue
+                    s = slack(usage[v], shares.get(v, 0.0), j.request) \
+                        if j.spec.preemptible and v in over_share else -math.inf
+                    if s < low:
+                        low = s
+            if low == old:
+                continue  # most changes leave a node's smallest slack where it was: keep the sorted list as is
             if old is not None:
                 self.order.remove((old, node))
-            jobs = self.on_node.get(node)
-            if not jobs:
-                continue
-            low = math.inf
-            for j in jobs:
-                v = j.spec.queue
-                s = slack(usage[v], shares.get(v, 0.0), j.request) \
-                    if j.spec.preemptible and v in over_share else -math.inf
-                if s < low:
-                    low = s
-            self.slack[node] = low
-            self.order.add((low, node))
+                del self.slack[node]
+            if low is not None:
+                self.slack[node] = low
+                self.order.add((low, node))
         nodes.clear()
 
     def at_least(self, threshold: float) -> Iterator[str]:
