@@ -73,6 +73,11 @@ class PoolShares:
         self._shares: dict[str, float] = {}
         self._dirty = True
         self.recomputed = 0  # how many times the water-filling ran (benchmarks read it)
+        self.changed: set[str] = set()  # queues whose share the last water-filling changed
+        # Parents whose split must run again (a child's demand changed), and the share each last split had:
+        # a split is a pure function of those two, so the others keep their children's shares.
+        self._stale: set[str] = set()
+        self._split_share: dict[str, float] = {}
         # The tree as the water-filling reads it, per parent ("" for the top): children with their terms.
         self._kids: dict[str, list[Kid]] = {}
         for parent, children in [("", tree.top), *((q.name, q.children) for q in tree.queues.values())]:
@@ -92,6 +97,7 @@ class PoolShares:
             if new == old:
                 return  # capped by its limit before and after: nothing above it changes
             self.demand[q.name] = new
+            self._stale.add(q.parent.name if q.parent else "")
             if not self._dirty and self._moves(q, old, new):
                 self._dirty = True
             delta = new - old
@@ -117,11 +123,20 @@ class PoolShares:
         return self._shares
 
     def _water_fill(self) -> dict[str, float]:
-        shares: dict[str, float] = {}
+        """Top down, re-running only the splits whose inputs (the parent's share, its children's demands)
+        changed since they last ran; the result is the same as a full run, in a new dict."""
+        old = self._shares
+        shares = dict(old)
+        stale, self._stale = self._stale, set()
+        changed: set[str] = set()
         level = [("", self.capacity)]
         kids = self._kids
         while level:
             parent, share = level.pop()
-            split(kids[parent], share, self.demand, shares)
+            if parent in stale or self._split_share.get(parent) != share or parent not in self._split_share:
+                self._split_share[parent] = share
+                split(kids[parent], share, self.demand, shares)
+                changed.update(name for name, _, _ in kids[parent] if old.get(name) != shares[name])
             level.extend((name, shares[name]) for name, _, _ in kids[parent] if name in kids)
+        self.changed = changed if old else set(shares)
         return shares

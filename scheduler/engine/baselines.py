@@ -5,14 +5,17 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Mapping
 
+from sortedcontainers import SortedList
+
 from quotas import QueueSpec, QueueTree
 from scheduler.engine.cluster import Freed
-from scheduler.engine.decisions import Decision, Preempted
+from scheduler.engine.decisions import Decision, Preempted, Started
 from scheduler.engine.engine import Engine
 from scheduler.engine.model import Job, JobState, NodeSpec, Reason, Settings
 from scheduler.engine.state import PoolState, arrival_key
 
 POLICIES = ("corral", "fifo", "strict-quota", "las")
+MARGIN = 1e-3  # seconds: far above the float rounding between two ways of computing one band crossing
 
 
 class FifoEngine(Engine):
@@ -70,6 +73,8 @@ class LasEngine(Engine):
                  domains: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
                  settings: Settings | None = None):
         self._attained: dict[str, float] = {}
+        # Per pool, (instant a running job enters its next band, its admission, job id): see _first_crossing.
+        self._marks: dict[str, SortedList] = {}
         self._clock = 0.0
         # Waiting jobs by (band, submit): a waiting job's attained service does not change.
         self.arrival_order = self._waiting_key
@@ -105,33 +110,114 @@ class LasEngine(Engine):
         self._clock = now
         out = super().schedule(now)
         # Wake up when a running job crosses into the next band: it may then give way.
-        crossings = [now + (b - s) / j.request
-                     for ps in self.pools.values() if ps.pending for js in ps.running.values() for j in js
-                     if j.request > 0 for s in (self._service(j, now),) for b in self.bands[self._band(s):][:1]]
-        if crossings:
-            heapq.heappush(self._wakeups, min(crossings))
+        first: float | None = None
+        for ps in self.pools.values():
+            if ps.pending:
+                c = self._first_crossing(ps, now)
+                if c is not None and (first is None or c < first):
+                    first = c
+        if first is not None:
+            heapq.heappush(self._wakeups, first)
         return out
+
+    def _start(self, ps: PoolState, job: Job, nodes: list[str], now: float) -> Started:
+        started = super()._start(ps, job, nodes, now)
+        r, attained = job.request, self._attained.get(job.id, 0.0)
+        if r > 0:
+            marks = self._marks.setdefault(ps.name, SortedList())
+            for b in self.bands:
+                if b > attained:
+                    marks.add((job.start + (b - attained) / r, job.admitted, job.id))
+        return started
+
+    def _crossing(self, j: Job, now: float) -> float | None:
+        """When running job j enters its next band: the formula of _service and _band, float for float."""
+        s = self._attained.get(j.id, 0.0) + (now - j.start) * j.request
+        for b in self.bands:
+            if s < b:
+                return now + (b - s) / j.request
+        return None
+
+    def _first_crossing(self, ps: PoolState, now: float) -> float | None:
+        """The earliest band crossing among the pool's running jobs, without computing every job's.
+
+        Each run's crossings are marked at its start (start + (band - attained) / GPUs): the same instants
+        up to float rounding, far below MARGIN. Marks are read in time order and the exact crossing is computed
+        for each job met, until the marks are past the best one found by more than MARGIN: no job further on
+        can come first. Marks of runs that ended, or of bands crossed, are dropped on the way."""
+        marks = self._marks.get(ps.name)
+        if not marks:
+            return None
+        best: float | None = None
+        seen: set[str] = set()
+        stale = []
+        for mark in marks:
+            at, admitted, job_id = mark
+            j = self.jobs[job_id]
+            if j.state is not JobState.RUNNING or j.admitted != admitted or at < now - MARGIN:
+                stale.append(mark)
+                continue
+            if best is not None and at > best + MARGIN:
+                break
+            if job_id in seen:
+                continue
+            seen.add(job_id)
+            c = self._crossing(j, now)
+            if c is not None and (best is None or c < best):
+                best = c
+        for mark in stale:
+            marks.remove(mark)
+        return best
 
     def _fill(self, ps: PoolState, now: float, out: list[Decision]) -> None:
         """Start waiting jobs in (band, submit) order wherever they fit."""
         assert ps.arrivals is not None
         i = 0
+        # Shapes that found no room: starts only take room away, so they find none for the rest of this fill.
+        no_room: set[tuple[int, int, float, float]] = set()
         while i < len(ps.arrivals) and ps.pool.free_gpus >= ps.min_need():
             j: Job = ps.arrivals[i]
             nodes = None
-            if ps.over_limit(self.tree[j.spec.queue], j.request) is None:
+            shape = (j.spec.workers, j.spec.gpus, j.spec.cpus, j.spec.memory_gb)
+            if shape not in no_room and ps.over_limit(self.tree[j.spec.queue], j.request) is None:
                 nodes = ps.pool.place(j.spec)
+                if nodes is None:
+                    no_room.add(shape)
             if nodes is None:
                 i += 1
             else:
                 out.append(self._start(ps, j, nodes, now))  # leaves arrivals: i stays
 
+    def _may_displace(self, ps: PoolState, now: float) -> bool:
+        """Whether the first waiting job is in a lower band than some preemptible running job. Only those can
+        displace anyone, and waiting jobs come in band order: most calls stop here, before the band of every
+        running job is computed and sorted."""
+        assert ps.arrivals is not None
+        if not ps.arrivals:
+            return False
+        wband = self._band(self._attained.get(ps.arrivals[0].id, 0.0))
+        attained, top = self._attained, self.bands[wband:][:1]
+        if not top:
+            return False  # already in the highest band
+        for js in ps.running.values():
+            for j in js:
+                if j.spec.preemptible and attained.get(j.spec.id, 0.0) + (now - j.start) * j.spec.request >= top[0]:
+                    return True  # same float operations as _service
+        return False
+
     def _schedule_pool(self, ps: PoolState, now: float, out: list[Decision]) -> None:
         assert ps.arrivals is not None
         self._fill(ps, now, out)
+        if self.settings.min_runtime <= 0 and not self._may_displace(ps, now):
+            return  # what the loop below would find at its first waiting job (it has no side effect then)
         # Then a waiting job may displace running jobs of a higher band (most served first), only as many
         # as it needs to fit. Non-preemptible jobs and jobs younger than min_runtime keep their GPUs.
-        band = {j.id: self._band(self._service(j, now)) for js in ps.running.values() for j in js}
+        band: dict[str, int] = {}
+        attained, bands = self._attained, self.bands
+        for js in ps.running.values():
+            for j in js:  # _band(_service(j, now)), inlined: this runs over every running job
+                s = attained.get(j.spec.id, 0.0) + (now - j.start) * j.spec.request
+                band[j.spec.id] = sum(1 for b in bands if s >= b)
         victims = sorted((j for js in ps.running.values() for j in js
                           if j.spec.preemptible and not self._young(j, now)),
                          key=lambda j: (-band[j.id], -j.submit, -j.seq))

@@ -7,6 +7,7 @@ the live service and the tests drive the very same code.
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -66,7 +67,12 @@ class Engine:
         self._wakeups: list[float] = []
         self._instant: float | None = None
         self._preempted_now: set[str] = set()  # jobs preempted at this instant: they may not preempt back
-        self._stuck: dict[str, tuple[object, ...]] = {}  # queue -> state in which it last found nothing
+        # queue -> (its own state when it last found nothing, GPU releases then, what else its preemption plans
+        # depended on, and what its jobs need when only free room can start them): see _try_queue
+        self._stuck: dict[str, tuple[tuple[object, ...], int, tuple[object, ...] | None,
+                                     list[tuple[int, int]] | None]] = {}
+        # queue -> bumps when a new instant lifts the "preempted at this instant" restriction of one of its jobs
+        self._lifted: Counter[str] = Counter()
 
     # ----- inputs -----
 
@@ -168,6 +174,8 @@ class Engine:
     def schedule(self, now: float) -> list[Decision]:
         """Admit (and preempt) until nothing more can start; call after every batch of inputs."""
         if self._instant != now:
+            for job_id in self._preempted_now:  # their tiers come back: their queues must look again
+                self._lifted[self.jobs[job_id].spec.queue] += 1
             self._instant, self._preempted_now = now, set()
         due = bool(self._wakeups) and self._wakeups[0] <= now
         self.next_wakeup(now)
@@ -275,13 +283,26 @@ class Engine:
 
     def _try_queue(self, ps: PoolState, q: Queue, now: float, res: Reservation | None) -> tuple[Job, Plan] | None:
         """The first job of `q`, in queue order, that can start now (best-effort FIFO)."""
-        # A queue that found nothing stays stuck until something could help it: room freed anywhere, a
-        # change to its own jobs, more to take back, new shares, another reservation or a new instant.
-        state = (ps.pool.freed, ps.version[q.name], ps.victims_grew, ps.shares_version,
-                 None if res is None else (res.job.id, res.nodes), now)
-        if self._stuck.get(q.name) == state or not self._may_start_any(ps, q, res):
+        # A queue that found nothing stays stuck until something could help it: a change to its own jobs or
+        # share, another reservation, its preempted jobs' tiers back at a new instant; and, where one of its
+        # jobs could preempt, room freed anywhere, more to take back, new shares or (with min_runtime) a new
+        # instant. Where none could, other queues' shares and victims do not matter: only free room, and
+        # after GPU releases only when one of its jobs could fit in it.
+        own = (ps.version[q.name], ps.shares().get(q.name, 0.0),
+               None if res is None else (res.job.id, res.nodes), self._lifted[q.name])
+        stuck = self._stuck.get(q.name)
+        if stuck is not None and stuck[0] == own:
+            needs = stuck[3]
+            if needs is None:
+                if stuck[1] == ps.pool.freed and stuck[2] == self._victims_state(ps, now):
+                    return None
+            elif stuck[1] == ps.pool.freed or not any(self._may_fit(ps, r, g) for r, g in needs):
+                self._stuck[q.name] = (own, ps.pool.freed, None, needs)  # no GPU released, or none it could use
+                return None
+        if not self._may_start_any(ps, q, res):
             return None
         tried: set[tuple[object, ...]] = set()
+        room_only: list[tuple[int, int]] | None = []  # each shape tried: (GPUs, per worker), while none may preempt
         for job in ps.pending[q.name]:
             if res is not None and res.job.spec.queue == q.name and job is not res.job:
                 return None  # the queue's starving head job goes first
@@ -289,12 +310,26 @@ class Engine:
             shape = (s.workers, s.gpus, s.cpus, s.memory_gb, s.preemptible, s.priority, job.id in self._preempted_now)
             if shape in tried:
                 continue  # same ask, same answer
-            plan = self._admit(ps, job, q, now, res)
+            plan, may_preempt = self._admit(ps, job, q, now, res)
             if plan is not None:
                 return job, plan
             tried.add(shape)
-        self._stuck[q.name] = state
+            if room_only is not None:
+                room_only = None if may_preempt else [*room_only, (job.request, s.gpus)]
+        self._stuck[q.name] = (own, ps.pool.freed, None if room_only is not None else self._victims_state(ps, now),
+                               room_only)
         return None
+
+    def _victims_state(self, ps: PoolState, now: float) -> tuple[object, ...]:
+        """What else a preemption plan depends on: what there is to take back, the shares, and (with
+        min_runtime) the time."""
+        return ps.victims_grew, ps.shares_version, now if self.settings.min_runtime > 0 else None
+
+    @staticmethod
+    def _may_fit(ps: PoolState, request: int, gpus: int) -> bool:
+        """A necessary condition for placing a job on free GPUs alone: enough of them, and a node with a
+        worker's worth."""
+        return ps.pool.free_gpus >= request and ps.pool.largest_free() >= gpus
 
     def _may_start_any(self, ps: PoolState, q: Queue, res: Reservation | None) -> bool:
         """A cheap necessary condition, so that a full pool does not walk every pending job of every queue."""
@@ -309,24 +344,28 @@ class Engine:
         u, pool = ps.usage[q.name], ps.name
         return u + need <= q.quota_of(pool) or u + need <= ps.shares().get(q.name, 0.0)
 
-    def _admit(self, ps: PoolState, job: Job, q: Queue, now: float, res: Reservation | None) -> Plan | None:
+    def _admit(self, ps: PoolState, job: Job, q: Queue, now: float,
+               res: Reservation | None) -> tuple[Plan | None, bool]:
+        """A plan to start `job` now, or None; and whether any preemption tier applied (else only free room
+        can start it, as long as its queue, the shares and the reservation stay as they are)."""
         spec, pool = job.spec, ps.name
         within = ps.usage[q.name] + job.request <= q.quota_of(pool)
         excluded = res.excludes(job, within) if res is not None else frozenset()
         if ps.over_limit(q, job.request) is None and (within or spec.preemptible):
             nodes = ps.pool.place(spec, excluded) if ps.pool.free_gpus >= job.request else None
             if nodes is not None:
-                return Plan([], nodes)
+                return Plan([], nodes), False
         if not self.preemption:
-            return None
+            return None, False
         tiers = tiers_for(ps, job, q)
         if job.id in self._preempted_now:
             # Preempted at this instant: it may not take GPUs back across queues now (that could go back
             # and forth forever), only from lower-priority jobs of its own queue.
             tiers &= {PRIORITY}
         if not tiers:
-            return None
-        return Preemption(ps, job, q, excluded, lambda j: self._young(j, now), tiers).plan()
+            return None, False
+        return Preemption(ps, job, q, excluded, lambda j: self._young(j, now), tiers,
+                          quiet=self.settings.min_runtime <= 0).plan(), True
 
     def _young(self, j: Job, now: float) -> bool:
         until = j.start + self.settings.min_runtime

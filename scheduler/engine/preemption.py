@@ -57,9 +57,12 @@ class Preemption:
     """Finds the victims for one job of queue `q`, or None when no allowed set of victims makes it admissible."""
 
     def __init__(self, ps: PoolState, job: Job, q: Queue, excluded: Collection[str],
-                 young: Callable[[Job], bool], tiers: set[int]):
+                 young: Callable[[Job], bool], tiers: set[int], quiet: bool = False):
         self.ps, self.job, self.q, self.excluded = ps, job, q, excluded
         self.young = young  # a job under min_runtime: not a victim (the caller registers a wakeup)
+        # No job can be young (min_runtime 0): walking the candidates has no side effect (no wakeups to
+        # register), so a walk that is bound to fail may be skipped.
+        self.quiet = quiet
         self.pool = ps.name
         self.request = job.request
         self.shares = ps.shares()
@@ -157,21 +160,84 @@ class Preemption:
         return ps.pool.place(spec, self.excluded, self.freed)
 
     def _priority_only_hopeless(self) -> bool:
-        """With only tier 3: even all the job's lower-priority queue-mates gone, would it fit by GPU count?"""
+        """With only tier 3: even all the job's lower-priority queue-mates gone, would it fit by GPU count?
+        (What _init_room and _take would count, summed per node at once: this runs for every such try.)"""
         if self.tiers != {PRIORITY}:
             return False
-        self._init_room()
+        pool, spec = self.ps.pool, self.job.spec
+        added: dict[str, int] = {}  # GPUs they would free, per node the job may use
         for j in self.ps.running.get(self.q.name, ()):
-            if j.spec.priority >= self.job.spec.priority:
+            if j.spec.priority >= spec.priority:
                 break  # victim order: lowest priority first
             if j.spec.preemptible:
-                self._take(j, 1)
-        spec = self.job.spec
-        return self.ps.pool.free_gpus + self.extra < self.request or bool(spec.gpus and self.slots < spec.workers)
+                for node, gpus in j.workers:
+                    if node not in self.excluded and pool.nodes[node].up:
+                        added[node] = added.get(node, 0) + len(gpus)
+        if pool.free_gpus + sum(added.values()) < self.request:
+            return True
+        g = spec.gpus
+        if not g:
+            return False
+        slots = sum(len(names) * (k // g) for k, names in enumerate(pool.buckets))
+        slots -= sum(len(pool.nodes[n].free) // g for n in self.excluded if pool.nodes[n].up)
+        for n, more in added.items():
+            free = len(pool.nodes[n].free)
+            slots += (free + more) // g - free // g
+        return slots < spec.workers
+
+    def _whole_nodes_hopeless(self) -> bool:
+        """Workers that each need a whole node, with the fair-share tier the only way into other queues: even
+        with every job the walk would take gone, would too few nodes be empty? (See clearable.py.)"""
+        ps, spec, pool, q = self.ps, self.job.spec, self.ps.pool, self.q.name
+        g = spec.gpus
+        if not self.quiet or RECLAIM in self.tiers or FAIR_SHARE not in self.tiers or g != pool.max_gpus or g <= 0:
+            return False
+        need = spec.workers - len(pool.buckets[g])  # whole free nodes
+        need += sum(1 for n in self.excluded if pool.nodes[n].up and len(pool.nodes[n].free) == g)
+        if need <= 0:
+            return False
+        index = ps.clear_index()
+        after_q = ratio(ps.usage[q] + self.request, self.shares.get(q, 0.0))
+        prio, tier3 = spec.priority, PRIORITY in self.tiers
+        takes: dict[str, set[int]] = {}
+
+        def taken(j: Job) -> bool:
+            v = j.spec.queue
+            if v == q:
+                return tier3 and j.spec.priority < prio and j.spec.preemptible
+            if v not in takes:
+                takes[v] = self._fair_share_takes(v, after_q)
+            return id(j) in takes[v]
+
+        nodes: Iterable[str] = index.at_least(after_q)
+        if tier3:
+            # Nodes that its own lower-priority jobs (tier 3) kept out of the slack range.
+            mine = {n for j in ps.running.get(q, ()) if j.spec.priority < prio for n, gpus in j.workers if gpus}
+            nodes = itertools.chain(nodes, sorted(n for n in mine if not index.clears(n, after_q)))
+        for n in nodes:
+            if n not in self.excluded and all(taken(j) for j in index.on_node[n]):
+                need -= 1
+                if need <= 0:
+                    return False
+        return True
+
+    def _fair_share_takes(self, v: str, after_q: float) -> set[int]:
+        """The jobs of leaf `v` that an exhaustive tier-2 walk would take (ids): in victim order, each while
+        v's ratio after losing it stays at or above `after_q`."""
+        ps = self.ps
+        out: set[int] = set()
+        if v not in ps.over_share or v not in ps.running:
+            return out
+        share, left = self.shares.get(v, 0.0), ps.usage[v]
+        for j in ps.running[v]:
+            if j.spec.preemptible and ratio(left - j.request, share) >= after_q:
+                left -= j.request
+                out.add(id(j))
+        return out
 
     def plan(self) -> Plan | None:
         ps, pool, q = self.ps, self.pool, self.q
-        if self._priority_only_hopeless():
+        if self._priority_only_hopeless() or self._whole_nodes_hopeless():
             return None
         taken: list[Victim] = []
         taken_ids: set[int] = set()

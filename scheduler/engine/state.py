@@ -14,6 +14,7 @@ from sortedcontainers import SortedList
 
 from quotas import PoolShares, QueueTree
 from quotas.tree import Queue
+from scheduler.engine.clearable import ClearIndex
 from scheduler.engine.cluster import Pool
 from scheduler.engine.model import Job
 
@@ -83,6 +84,8 @@ class PoolState:
         # All pending jobs of the pool in one order (submit order for fifo), kept only for policies with one
         # global queue. The key must not change while a job waits.
         self.arrivals: SortedList | None = SortedList(key=arrival_order) if arrival_order else None
+        # Per node, the smallest fair-share slack of its jobs: which nodes preemption could ever empty.
+        self._clear = ClearIndex()
 
     # ----- pending -----
 
@@ -135,6 +138,7 @@ class PoolState:
     def add_running(self, job: Job) -> None:
         q = self.tree[job.spec.queue]
         self.running.setdefault(q.name, SortedList(key=victim_key)).add(job)
+        self._clear.add(job)
         self._use(q, job.request)
 
     def remove_running(self, job: Job, moving: bool = False) -> None:
@@ -143,6 +147,7 @@ class PoolState:
         jobs.remove(job)
         if not jobs:
             del self.running[q.name]
+        self._clear.remove(job)
         self._use(q, -job.request)
         if not moving:
             self.fs.add_demand(q.name, -job.request)
@@ -156,6 +161,7 @@ class PoolState:
                 self.victims_grew += delta > 0
             else:
                 over.discard(a.name)
+        self._clear.queue_changed(q.name)
         self._mark_share(q)
         if delta > 0 and q.name in self.over_share:
             self.victims_grew += 1
@@ -181,9 +187,11 @@ class PoolState:
             return
         self._shares = shares
         # Re-key only the queues whose share moved (all of them the first time).
-        moved = {n for n, v in shares.items() if old is None or old.get(n) != v} | self._missed
+        # Every water-filling is read here right after it runs, so what it changed is what moved since `old`.
+        moved = (set(shares) if old is None else self.fs.changed) | self._missed
         self._missed = set()
         for name in moved:
+            self._clear.queue_changed(name)
             if name in self.running:
                 self._mark_share(self.tree[name])
             elif name in self.over_share:
@@ -195,10 +203,17 @@ class PoolState:
         if self._shares is None or self.fs.stale:
             self._missed.add(q.name)  # the refresh catches up
             return
+        self._clear.queue_changed(q.name)
         if self.usage[q.name] > self._shares.get(q.name, 0.0):
             self.over_share.add(q.name)
         else:
             self.over_share.discard(q.name)
+
+    def clear_index(self) -> ClearIndex:
+        """The per-node slacks, current with usage, shares and over-share marks."""
+        shares = self.shares()
+        self._clear.refresh(self.running, self.usage, shares, self.over_share)
+        return self._clear
 
     def capacity_changed(self) -> None:
         self.fs.set_capacity(self.pool.capacity)
