@@ -15,6 +15,7 @@ from sandbox.nvml_samples import read_samples
 from scheduler.backends.base import Executor, GPUInfo, NodeInfo
 from scheduler.backends.gpus import declared, discover_nvml
 from scheduler.backends.local import LocalExecutor
+from scheduler.backends.ray import RayExecutor, discover_ray
 from scheduler.service import store
 from scheduler.service.app import create_app
 from scheduler.service.auth import Role, digest, new_secret
@@ -31,14 +32,24 @@ def local_gpus(settings: ServiceSettings) -> list[GPUInfo]:
 
 
 def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus: list[GPUInfo] | None = None,
-               clock: Callable[[], float] = time.time) -> Core:
+               clock: Callable[[], float] = time.time, nodes: list[NodeInfo] | None = None) -> Core:
+    """The core on the configured backend; `nodes` (tests) replaces what the backend would discover."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.url)
-    found = local_gpus(settings) if gpus is None else gpus
-    real = gpus is None and settings.gpus is None and bool(found)
-    node = NodeInfo(settings.node, settings.pool, found, settings.cpus, settings.memory_gb,
-                    sample=read_samples if real else None)
-    core = Core(settings, connect(settings.url), executor or LocalExecutor(settings.logs_dir), [node], clock)
+    if settings.backend == "ray":
+        if not settings.ray_address:
+            raise ValueError("backend ray needs ray_address (the Ray dashboard / Jobs API URL)")
+        # The cluster's GPU nodes are the pools; Ray, through its Jobs API, runs what Corral admits.
+        if nodes is None:
+            nodes = discover_ray(settings.ray_address, settings.ray_token)
+        executor = executor or RayExecutor(settings.ray_address, settings.data_dir / "ray", settings.ray_token,
+                                           nodes)
+    elif nodes is None:
+        found = local_gpus(settings) if gpus is None else gpus
+        real = gpus is None and settings.gpus is None and bool(found)
+        nodes = [NodeInfo(settings.node, settings.pool, found, settings.cpus, settings.memory_gb,
+                          sample=read_samples if real else None)]
+    core = Core(settings, connect(settings.url), executor or LocalExecutor(settings.logs_dir), nodes, clock)
     core.start()
     return core
 
