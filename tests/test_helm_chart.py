@@ -1,0 +1,243 @@
+"""The Helm chart (charts/corral): helm lint, `helm template | kubeconform -strict` against schemas generated from
+the Kubernetes release's OpenAPI document, and the rendered manifests applied to the test control plane, where
+kube-scheduler puts the Deployment's pod on a kwok node. The Grafana dashboard only uses metrics the service
+exports.
+
+Needs the tools from scripts/k8s-tools; skips without them (fails when CORRAL_REQUIRE_K8S=1). The dashboard test
+needs nothing."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from tests.k8s_kit import ROOT, ControlPlane, require_bin_dir, schemas_dir, shared_plane, wait_for
+
+CHART = ROOT / "charts" / "corral"
+LOCAL_SCHEMAS = ROOT / "scripts" / "k8s-tools.d" / "schemas"  # CRDs the release has no schema for
+SCHEMA_TEMPLATE = "{{ .ResourceKind }}{{ .KindSuffix }}.json"
+DB_URL = "postgresql+psycopg://corral:s3cret@postgres.db.svc:5432/corral"
+
+
+@pytest.fixture(scope="module")
+def bin_dir() -> Path:
+    return require_bin_dir()
+
+
+@pytest.fixture(scope="module")
+def helm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("helm")
+    return {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
+            "HELM_DATA_HOME": str(home / "data")}
+
+
+def helm(bin_dir: Path, env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run([str(bin_dir / "helm"), *args], capture_output=True, text=True, env=env, timeout=120)
+    if check and out.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def render(bin_dir: Path, env: dict[str, str], *args: str, release: str = "corral",
+           namespace: str = "corral") -> str:
+    return helm(bin_dir, env, "template", release, str(CHART), "--namespace", namespace, *args).stdout
+
+
+def docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def by_kind(rendered: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["kind"]: d for d in rendered}
+
+
+FULL = ("--set", f"database.url={DB_URL}", "--set", "metrics.serviceMonitor.enabled=true",
+        "--set", "grafana.dashboard.enabled=true")
+
+
+# --- lint and schema ------------------------------------------------------------------------------------------
+
+def test_helm_lint(bin_dir: Path, helm_env: dict[str, str]) -> None:
+    out = helm(bin_dir, helm_env, "lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in out.stdout
+    helm(bin_dir, helm_env, "lint", "--strict", str(CHART), *FULL)
+
+
+def kubeconform(bin_dir: Path, manifests: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [str(bin_dir / "kubeconform"), "-strict", "-summary", "-output", "json", "-kubernetes-version", "1.36.3",
+         "-schema-location", f"{schemas_dir(bin_dir)}/{SCHEMA_TEMPLATE}",
+         "-schema-location", f"{LOCAL_SCHEMAS}/{SCHEMA_TEMPLATE}", "-"],
+        input=manifests, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"kubeconform found problems:\n{out.stdout}\n{out.stderr}"
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+@pytest.mark.parametrize("args", [(), FULL, ("--set", "database.existingSecret=corral-db-managed",
+                                             "--set", "persistence.existingClaim=corral-data",
+                                             "--set", "rbac.create=false", "--set", "serviceAccount.create=false")],
+                         ids=["defaults", "everything-on", "existing-secret-and-claim"])
+def test_rendered_manifests_pass_kubeconform_strict(bin_dir: Path, helm_env: dict[str, str],
+                                                     args: tuple[str, ...]) -> None:
+    rendered = render(bin_dir, helm_env, *args)
+    result = kubeconform(bin_dir, rendered)
+    summary = result["summary"]
+    assert summary["valid"] == len(docs(rendered)) and summary["skipped"] == 0, summary
+
+
+def test_kubeconform_strict_catches_an_unknown_field(bin_dir: Path) -> None:
+    bad = yaml.safe_dump({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
+                          "spec": {"ports": [{"port": 80, "targetPort": "http", "prot": "TCP"}]}})
+    out = subprocess.run([str(bin_dir / "kubeconform"), "-strict", "-schema-location",
+                          f"{schemas_dir(bin_dir)}/{SCHEMA_TEMPLATE}", "-"],
+                         input=bad, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "prot" in out.stdout + out.stderr
+
+
+def test_what_the_chart_renders(bin_dir: Path, helm_env: dict[str, str]) -> None:
+    default = by_kind(docs(render(bin_dir, helm_env)))
+    assert set(default) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Service",
+                            "Deployment"}  # no database URL: SQLite, no Secret; no ServiceMonitor
+    full = docs(render(bin_dir, helm_env, *FULL, "--set", "image.tag=0.1.1", "--set", "config.demo=true"))
+    kinds = by_kind(full)
+    assert {"Secret", "ServiceMonitor"} <= set(kinds)
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == "corral:0.1.1" and c["command"] == ["corral", "serve", "--host", "0.0.0.0"]
+    assert c["ports"] == [{"name": "http", "containerPort": 8265, "protocol": "TCP"}]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["env"] == [{"name": "CORRAL_DATABASE_URL", "valueFrom": {"secretKeyRef": {
+        "name": "corral-db", "key": "database-url"}}}]
+    settings = [d for d in full if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "corral"][0]["data"]
+    assert settings["CORRAL_DEMO"] == "true" and settings["CORRAL_PORT"] == "8265"
+    assert settings["CORRAL_DATA_DIR"] == "/var/lib/corral"
+    secret = [d for d in full if d["kind"] == "Secret"][0]
+    assert base64.b64decode(secret["data"]["database-url"]).decode() == DB_URL
+    assert DB_URL not in yaml.safe_dump(kinds["Deployment"]) + yaml.safe_dump(settings)
+    sm = kinds["ServiceMonitor"]["spec"]
+    assert sm["endpoints"][0]["port"] == "http" and sm["endpoints"][0]["path"] == "/metrics"
+    dash = [d for d in full if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")][0]
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dash["data"]["corral.json"])["uid"] == "corral-overview"
+    rules = {(tuple(r["apiGroups"]), r2) for r in kinds["ClusterRole"]["rules"] for r2 in r["resources"]}
+    assert {r for _, r in rules} == {"nodes", "namespaces", "pods", "pods/binding", "pods/log", "events"}
+
+
+@pytest.mark.parametrize("bad", ["service.port=0", "image.pullPolicy=Sometimes", "config.port=9000",
+                                 "database.url=not-a-url", "metrics.serviceMonitor.interval=often", "replicas=2"])
+def test_values_schema_rejects_bad_values(bin_dir: Path, helm_env: dict[str, str], bad: str) -> None:
+    out = helm(bin_dir, helm_env, "template", "corral", str(CHART), "--set", bad, check=False)
+    assert out.returncode != 0 and "values don't meet the specifications of the schema" in out.stderr, out.stderr
+
+
+# --- applied to the test API server ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def plane(request: pytest.FixtureRequest, bin_dir: Path) -> ControlPlane:
+    return shared_plane(request.config)
+
+
+@pytest.fixture
+def ns(plane: ControlPlane) -> Iterator[str]:
+    with plane.namespace("chart") as name:
+        yield name
+
+
+def test_manifests_apply_and_the_pod_lands_on_a_kwok_node(plane: ControlPlane, ns: str, bin_dir: Path,
+                                                         helm_env: dict[str, str], tmp_path: Path) -> None:
+    node = f"kwok-cpu-{uuid.uuid4().hex[:6]}"
+    plane.create_gpu_node(node, gpus=0, pool=f"pool-{node}")
+    release = f"corral-{uuid.uuid4().hex[:6]}"
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"database": {"url": DB_URL}, "grafana": {"dashboard": {"enabled": True}},
+                                      "nodeSelector": {"corral.dev/pool": f"pool-{node}"}}))
+    rendered = docs(render(bin_dir, helm_env, "-f", str(values), release=release, namespace=ns))
+    try:
+        plane.apply(ns, rendered)  # no ServiceMonitor: the Prometheus Operator's CRD is not installed here
+        apps = plane.apps()
+        # kube-scheduler places the Deployment's pod on the kwok node; kwok runs it and marks it Ready.
+        wait_for("deployment available",
+                 lambda: (apps.read_namespaced_deployment(release, ns).status.available_replicas or 0) == 1,
+                 90, plane.procs)
+        (pod,) = plane.core().list_namespaced_pod(ns, label_selector=f"app.kubernetes.io/instance={release}").items
+        assert pod.spec.node_name == node and pod.status.phase == "Running"
+        assert pod.spec.service_account_name == release
+        assert plane.core().read_namespaced_service(release, ns).spec.cluster_ip.startswith("10.0.0.")
+
+        # The ClusterRole grants what the backend needs, and no more.
+        authz = client.AuthorizationV1Api(plane.api_client())
+        user = f"system:serviceaccount:{ns}:{release}"
+
+        def allowed(verb: str, resource: str, sub: str = "", namespace: str = "jobs") -> bool:
+            review = authz.create_subject_access_review({"spec": {
+                "user": user, "groups": ["system:serviceaccounts", f"system:serviceaccounts:{ns}"],
+                "resourceAttributes": {"namespace": namespace, "verb": verb, "resource": resource,
+                                       "subresource": sub}}})
+            return bool(review.status.allowed)
+        for verb, res, sub in [("watch", "nodes", ""), ("create", "pods", ""), ("create", "pods", "binding"),
+                               ("delete", "pods", ""), ("get", "pods", "log"), ("create", "events", ""),
+                               ("list", "namespaces", "")]:
+            assert allowed(verb, res, sub), (verb, res, sub)
+        for verb, res, sub in [("list", "secrets", ""), ("delete", "nodes", ""), ("create", "pods", "exec"),
+                               ("create", "deployments", ""), ("update", "nodes", "status")]:
+            assert not allowed(verb, res, sub), (verb, res, sub)
+    finally:
+        rbac = client.RbacAuthorizationV1Api(plane.api_client())
+        for delete in (rbac.delete_cluster_role_binding, rbac.delete_cluster_role):
+            with contextlib.suppress(client.ApiException):
+                delete(release)
+        plane.core().delete_node(node)
+
+
+def test_helm_install_server_dry_run_and_notes(plane: ControlPlane, ns: str, bin_dir: Path,
+                                               helm_env: dict[str, str]) -> None:
+    # The API server itself validates every object (server-side dry run); helm prints NOTES.txt.
+    out = helm(bin_dir, helm_env, "install", "corral", str(CHART), "--dry-run=server", "--namespace", ns,
+               "--kubeconfig", str(plane.kubeconfig), "--set", f"database.url={DB_URL}")
+    assert "port-forward svc/corral 8265:8265" in out.stdout
+    assert "Secret corral-db" in out.stdout and "dashboards/corral.json" in out.stdout
+
+
+# --- the Grafana dashboard ------------------------------------------------------------------------------------
+
+def exported_metric_names(tmp_path: Path) -> set[str]:
+    # Imported here: the service stack is slow to import and the chart tests above do not need it.
+    from tests.service_kit import make_service  # noqa: PLC0415
+
+    svc = make_service(f"sqlite:///{tmp_path / 'corral.db'}", tmp_path)
+    text = svc.admin.get("/metrics").text
+    names = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    # Per-GPU gauges appear only where NVML samples exist: take their names from the code that makes them.
+    views = (ROOT / "scheduler" / "service" / "views.py").read_text()
+    names |= set(re.findall(r'gauge\("(corral_[a-z_]+)"', views))
+    return names
+
+
+def test_grafana_dashboard_uses_only_exported_metrics(tmp_path: Path) -> None:
+    dash = json.loads((CHART / "dashboards" / "corral.json").read_text())
+    assert dash["uid"] == "corral-overview" and dash["panels"]
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(corral_[a-z_]+)", e)}
+
+    def family(name: str) -> str:
+        return re.sub(r"_(bucket|count|sum|total)$", "", name)
+    exported = {family(m) for m in exported_metric_names(tmp_path)}
+    families = {family(m) for m in used}
+    assert families <= exported, f"dashboard uses metrics the service does not export: {families - exported}"
+    assert {"corral_gpus", "corral_fair_share_gpus", "corral_job_wait_seconds", "corral_preemptions"} <= families
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
