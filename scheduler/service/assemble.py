@@ -15,7 +15,6 @@ from sandbox.nvml_samples import read_samples
 from scheduler.backends.base import Executor, GPUInfo, NodeInfo
 from scheduler.backends.gpus import declared, discover_nvml
 from scheduler.backends.local import LocalExecutor
-from scheduler.backends.ray import RayExecutor, discover_ray
 from scheduler.service import store
 from scheduler.service.app import create_app
 from scheduler.service.auth import Role, digest, new_secret
@@ -37,6 +36,10 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.url)
     if settings.backend == "ray":
+        # Imported only for this backend: Ray takes seconds to import, which `corral serve` on the local
+        # backend (and every test) should not pay.
+        from scheduler.backends.ray import RayExecutor, discover_ray  # noqa: PLC0415
+
         if not settings.ray_address:
             raise ValueError("backend ray needs ray_address (the Ray dashboard / Jobs API URL)")
         # The cluster's GPU nodes are the pools; Ray, through its Jobs API, runs what Corral admits.

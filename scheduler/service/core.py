@@ -378,7 +378,9 @@ class Core:
             gpus: dict[str, list[int]] = {}
             for n, gs in a["placement"]:
                 gpus.setdefault(n, []).extend(gs)
-            env = {**sub.env, "CORRAL_QUEUE": job["queue"], "CORRAL_POOL": job["pool"]}
+            # Launch.gpus merges workers that share a node: the gang's shape travels in the environment.
+            env = {**sub.env, "CORRAL_QUEUE": job["queue"], "CORRAL_POOL": job["pool"], "CORRAL_OWNER": job["owner"],
+                   "CORRAL_WORKERS": str(sub.workers), "CORRAL_GPUS_PER_WORKER": str(sub.gpus)}
             try:
                 handle = self.executor.launch(Launch(str(job["id"]), a["attempt"], sub.command, gpus, env,
                                                      sub.workdir, sub.image))
