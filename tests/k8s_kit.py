@@ -13,9 +13,11 @@ themselves with a namespace each (`ControlPlane.namespace`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -167,6 +169,12 @@ def wait_for(what: str, ok: Callable[[], bool], timeout: float, procs: list[Proc
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: kill it when the test process dies, even by SIGKILL (Linux prctl)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def _stop(p: Proc, grace: float = 10.0) -> None:
     if p.popen.poll() is None:
         p.popen.terminate()
@@ -203,7 +211,8 @@ class ControlPlane:
         log = self.workdir / f"{name}.log"
         with open(log, "wb") as out:
             popen = subprocess.Popen([str(self.bin_dir / name), *args], stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=self.workdir, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, cwd=self.workdir, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         p = Proc(name, popen, log)
         self.procs.append(p)
         return p
