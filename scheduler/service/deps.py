@@ -29,8 +29,13 @@ async def principal(request: Request) -> Principal:
     scheme, _, secret = auth.partition(" ")
     if scheme.lower() not in ("bearer", "token") or not secret.strip():  # JupyterHub clients say "token"
         raise Unauthorized("send an API token as 'Authorization: Bearer <token>' (see corral token create)")
-    c = core(request)
-    key = digest(secret.strip())
+    return await resolve_token(core(request), secret.strip())
+
+
+async def resolve_token(c: Core, secret: str) -> Principal:
+    """Who holds `secret`: a Corral token (cached, then the token table) or, when a hub is configured, a
+    JupyterHub token. The API's header and the dashboard's cookie both come here, so they agree on every rule."""
+    key = digest(secret)
     known = c.tokens.get(key, c.clock())
     if known is not None:
         return known
@@ -38,11 +43,23 @@ async def principal(request: Request) -> Principal:
     if row is not None:
         who = Principal(row["user"], Role(row["role"]), row["scope"])
     elif c.settings.hub_api_url:
-        who = await _hub_user(c, secret.strip())
+        who = await _hub_user(c, secret)
     else:
         raise Unauthorized("the API token is not valid or was revoked")
     c.tokens.put(key, who, c.clock())
     return who
+
+
+# The dashboard's session cookie: it holds the API token itself, HttpOnly and SameSite=Strict (docs/dashboard.md).
+UI_COOKIE = "corral_ui"
+
+
+async def cookie_principal(request: Request) -> Principal:
+    """The caller of a dashboard page, from the cookie /ui/login set; 401 without a valid, unrevoked token."""
+    secret = request.cookies.get(UI_COOKIE, "").strip()
+    if not secret:
+        raise Unauthorized("log in at /ui/login")
+    return await resolve_token(core(request), secret)
 
 
 async def _hub_user(c: Core, secret: str) -> Principal:

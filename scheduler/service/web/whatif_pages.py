@@ -1,0 +1,127 @@
+"""/ui/whatif: the form (examples or uploads, policies, a job limit), a run's page, and its plots."""
+
+from __future__ import annotations
+
+import threading
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from scheduler.engine.baselines import POLICIES
+from scheduler.service.auth import Principal
+from scheduler.service.deps import CoreDep
+from scheduler.service.errors import Forbidden, Invalid, NotFound, ServiceError
+from scheduler.service.web.common import Viewer, check_csrf, error_page, page
+from scheduler.service.web.whatif import (
+    MAX_JOBS,
+    MAX_UPLOAD,
+    PLOTS,
+    Busy,
+    Inputs,
+    WhatIf,
+    example_bytes,
+    examples,
+    policies_of,
+)
+from scheduler.sim.inputs import InputError
+
+router = APIRouter()
+_made = threading.Lock()
+
+
+def _runs(request: Request, core: CoreDep) -> WhatIf:
+    """The app's what-if runs, made on first use (one worker thread per service)."""
+    with _made:
+        if getattr(request.app.state, "whatif", None) is None:
+            request.app.state.whatif = WhatIf(core.settings.data_dir / "whatif")
+        runs: WhatIf = request.app.state.whatif
+        return runs
+
+
+def _may_run(who: Principal) -> bool:
+    # Trying quota changes is the work of those who make them: the same roles that may apply a queue tree.
+    return who.may_change_queues()
+
+
+async def _file(kind: str, choice: str, upload: UploadFile | None, text: str = "") -> tuple[str, bytes] | None:
+    """One input from the form: an example file by name, an upload, or (queues only) text typed in."""
+    if choice == "upload":
+        if upload is None or not upload.filename:
+            raise Invalid(f"choose a {kind} file to upload", kind)
+        data = await upload.read(MAX_UPLOAD + 1)
+        if len(data) > MAX_UPLOAD:
+            raise Invalid(f"the {kind} file is larger than {MAX_UPLOAD // 1024} KiB", kind)
+        return upload.filename, data
+    if choice == "text":
+        if len(text) > MAX_UPLOAD:
+            raise Invalid(f"the {kind} text is larger than {MAX_UPLOAD // 1024} KiB", kind)
+        return "queues (typed in)", text.encode()
+    if choice in ("", "none"):
+        return None
+    try:
+        return choice, example_bytes(kind, choice)
+    except InputError as e:
+        raise Invalid(str(e), kind) from e
+
+
+def _form(request: Request, who: Principal, runs: WhatIf, status: int = 200, error: str | None = None
+          ) -> HTMLResponse:
+    return page(request, who, "whatif.html", status=status, examples=examples(), policies=POLICIES,
+                runs=runs.mine(who), may_run=_may_run(who), max_jobs=MAX_JOBS, max_kib=MAX_UPLOAD // 1024,
+                error=error)
+
+
+@router.get("/whatif", response_class=HTMLResponse)
+def whatif_form(request: Request, who: Viewer, core: CoreDep) -> HTMLResponse:
+    return _form(request, who, _runs(request, core))
+
+
+@router.post("/whatif", response_class=HTMLResponse, response_model=None)
+async def whatif_start(request: Request, who: Viewer, core: CoreDep, csrf: Annotated[str, Form()] = "",
+                       trace: Annotated[str, Form()] = "", cluster: Annotated[str, Form()] = "",
+                       queues: Annotated[str, Form()] = "none", queues_text: Annotated[str, Form()] = "",
+                       policy: Annotated[list[str] | None, Form()] = None, limit: Annotated[int, Form()] = 1000,
+                       trace_file: Annotated[UploadFile | None, File()] = None,
+                       cluster_file: Annotated[UploadFile | None, File()] = None,
+                       queues_file: Annotated[UploadFile | None, File()] = None) -> Response:
+    runs = _runs(request, core)
+    try:
+        check_csrf(request, csrf)
+        if not _may_run(who):
+            raise Forbidden(f"{who.user} ({who.role}) may not run what-ifs: platform and team admins do")
+        t = await _file("trace", trace, trace_file)
+        c = await _file("cluster", cluster, cluster_file)
+        if t is None or c is None:
+            raise Invalid("choose a trace and a cluster file")
+        q = await _file("queues", queues, queues_file, queues_text)
+        run = runs.start(who, Inputs(t, c, q, policies_of(policy or []), max(1, min(limit, MAX_JOBS))))
+    except Busy as e:
+        return _form(request, who, runs, 429, str(e))
+    except ServiceError as e:
+        if e.status == 403:
+            return error_page(request, who, e)
+        return _form(request, who, runs, e.status, e.message)
+    return RedirectResponse(f"/ui/whatif/{run.id}", status_code=303)
+
+
+@router.get("/whatif/{run_id}", response_class=HTMLResponse)
+def whatif_run(request: Request, who: Viewer, core: CoreDep, run_id: str) -> HTMLResponse:
+    run = _runs(request, core).get(who, run_id)
+    if run is None:
+        return error_page(request, who, NotFound(f"what-if run {run_id} not found"))
+    return page(request, who, "whatif_run.html", run=run)
+
+
+@router.get("/whatif/{run_id}/status")
+def whatif_status(request: Request, who: Viewer, core: CoreDep, run_id: str) -> JSONResponse:
+    run = _runs(request, core).get(who, run_id)
+    return JSONResponse({"state": run.state if run is not None else "missing"})
+
+
+@router.get("/whatif/{run_id}/{name}", response_model=None)
+def whatif_plot(request: Request, who: Viewer, core: CoreDep, run_id: str, name: str) -> Response:
+    run = _runs(request, core).get(who, run_id)
+    if run is None or name not in PLOTS or not (run.outdir / name).is_file():
+        return JSONResponse({"error": {"code": "not_found", "message": "no such plot"}}, status_code=404)
+    return FileResponse(run.outdir / name, media_type="image/png")

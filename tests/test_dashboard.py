@@ -1,0 +1,317 @@
+"""The web dashboard: pages per role, CSRF, login (TestClient), and a real browser against a live Corral.
+
+The browser test drives Debian's chromium through Playwright (executablePath, no downloaded browser); it is
+skipped when either is missing, unless CORRAL_REQUIRE_BROWSER=1 says it must run. Screenshots land under the
+test's tmp_path/screenshots and are copied to test-output/screenshots/ for review.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from scheduler.service.assemble import create_token
+from scheduler.service.auth import Role
+from scheduler.service.deps import UI_COOKIE
+from tests.service_kit import Service, make_service
+
+try:  # optional: the rest of the suite runs without a browser
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:
+    sync_playwright = None  # type: ignore[assignment]
+
+CHROMIUM = "/usr/bin/chromium"
+STABLE_SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "screenshots"
+HI = "python3 -c \"import time; print('hi'); time.sleep(1)\""
+
+
+@pytest.fixture
+def svc(tmp_path: Path) -> Service:
+    return make_service(f"sqlite:///{tmp_path / 'corral.db'}", tmp_path)
+
+
+def login(s: Service, user: str, role: Role, scope: str | None = None) -> TestClient:
+    c = TestClient(s.admin.app, follow_redirects=False)
+    r = c.post("/ui/login", data={"token": create_token(s.core, user, role, scope), "next": "/ui/jobs"})
+    assert r.status_code == 303 and r.headers["location"] == "/ui/jobs", r.text
+    assert "httponly" in r.headers["set-cookie"].lower() and "samesite=strict" in r.headers["set-cookie"].lower()
+    return c
+
+
+def csrf(c: TestClient, path: str) -> str:
+    m = re.search(r'name="csrf" value="([0-9a-f]+)"', c.get(path).text)
+    assert m is not None
+    return m.group(1)
+
+
+def submit(s: Service, queue: str, gpus: int = 1, owner: str = "root", **extra: Any) -> int:
+    c = s.admin if owner == "root" else s.client(owner, Role.MEMBER, extra.pop("scope"))
+    r = c.post("/v1/jobs", json={"queue": queue, "gpus": gpus, "command": "true", **extra})
+    assert r.status_code == 201, r.text
+    job_id: int = r.json()["id"]
+    return job_id
+
+
+def test_pages_need_a_login_and_come_back_after_it(svc: Service) -> None:
+    c = TestClient(svc.admin.app, follow_redirects=False)
+    r = c.get("/ui/jobs?state=pending")
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login?next=/ui/jobs%3Fstate%3Dpending"
+    bad = c.post("/ui/login", data={"token": "corral_nope", "next": "/ui/jobs"})
+    assert bad.status_code == 401 and "not valid" in bad.text
+    evil = c.post("/ui/login", data={"token": "x"}, headers={"origin": "https://evil.example"})
+    assert evil.status_code == 403
+    token = create_token(svc.core, "ana", Role.VIEWER)
+    r = c.post("/ui/login", data={"token": token, "next": "https://evil.example/"})
+    assert r.headers["location"] == "/ui/queues"  # no open redirect
+    page = c.get("/ui/queues")
+    assert page.status_code == 200 and "research" in page.text and 'aria-label="usage of nlp' in page.text
+    out = c.post("/ui/logout", data={"csrf": csrf(c, "/ui/queues")})
+    assert out.status_code == 303 and UI_COOKIE not in c.cookies
+    assert c.get("/ui/queues").status_code == 303
+
+
+def test_a_member_sees_only_their_teams_jobs(svc: Service) -> None:
+    mine = submit(svc, "nlp", owner="nia", scope="nlp")
+    theirs = submit(svc, "ranking")
+    c = login(svc, "nia", Role.MEMBER, "nlp")
+    listed = c.get("/ui/jobs").text
+    assert f'href="/ui/jobs/{mine}"' in listed and f'href="/ui/jobs/{theirs}"' not in listed
+    assert c.get(f"/ui/jobs/{theirs}").status_code == 404  # answered like a missing job, as the API does
+    admin = login(svc, "boss", Role.PLATFORM_ADMIN)
+    assert f'href="/ui/jobs/{theirs}"' in admin.get("/ui/jobs").text
+    bad = c.get("/ui/jobs?label=nolabel")
+    assert bad.status_code == 422 and "key=value" in bad.text
+
+
+def test_cancel_button_only_for_those_allowed_and_csrf_required(svc: Service) -> None:
+    job = submit(svc, "nlp", owner="nia", scope="nlp")
+    owner = login(svc, "nia", Role.MEMBER, "nlp")
+    peer = login(svc, "nora", Role.MEMBER, "nlp")
+    viewer = login(svc, "vic", Role.VIEWER)
+    assert "Cancel job" in owner.get(f"/ui/jobs/{job}").text
+    for c in (peer, viewer):
+        page = c.get(f"/ui/jobs/{job}")
+        assert page.status_code == 200 and "Cancel job" not in page.text
+    assert peer.post(f"/ui/jobs/{job}/cancel", data={"csrf": csrf(peer, "/ui/jobs")}).status_code == 403
+    refused = owner.post(f"/ui/jobs/{job}/cancel", data={})
+    assert refused.status_code == 403 and "CSRF" in refused.text
+    assert owner.post(f"/ui/jobs/{job}/cancel", data={"csrf": csrf(peer, "/ui/jobs")}).status_code == 403
+    assert svc.admin.get(f"/v1/jobs/{job}").json()["state"] == "pending"
+    done = owner.post(f"/ui/jobs/{job}/cancel", data={"csrf": csrf(owner, f"/ui/jobs/{job}")})
+    assert done.status_code == 303
+    assert svc.admin.get(f"/v1/jobs/{job}").json()["state"] == "cancelled"
+    assert "Cancel job" not in owner.get(f"/ui/jobs/{job}").text
+
+
+def test_submit_form_and_pending_reason(svc: Service) -> None:
+    c = login(svc, "nia", Role.MEMBER, "nlp")
+    form = c.get("/ui/jobs/new").text
+    assert "<option>nlp</option>" in form and "ranking" not in form  # only queues it may submit to
+    assert c.post("/ui/jobs", data={"queue": "nlp", "command": "true"}).status_code == 403
+    token = csrf(c, "/ui/jobs/new")
+    bad = c.post("/ui/jobs", data={"csrf": token, "queue": "nlp", "command": "true", "gpus": "-1"})
+    assert bad.status_code == 422 and "gpus" in bad.text
+    hold = c.post("/ui/jobs", data={"csrf": token, "queue": "nlp", "command": "sleep 60", "gpus": "8",
+                                    "name": "hold", "preemptible": "1"})
+    assert hold.status_code == 303
+    svc.tick()
+    wait = c.post("/ui/jobs", data={"csrf": token, "queue": "nlp", "command": "true", "name": "waiter"})
+    job_id = int(wait.headers["location"].rsplit("/", 1)[1])
+    svc.tick()
+    queues = c.get("/ui/queues").text
+    assert "waiter" in queues and f"/ui/jobs/{job_id}" in queues
+    page = c.get(f"/ui/jobs/{job_id}").text
+    assert 'id="job-reason"' in page and "pending" in page
+    reason = svc.admin.get(f"/v1/jobs/{job_id}/explain").json()["reason"]["message"]
+    assert reason.split(":")[0] in page.replace("&#39;", "'")
+    assert c.get(f"/ui/jobs/{job_id}/status").json()["state"] == "pending"
+
+
+def test_other_pages_render(svc: Service) -> None:
+    job = submit(svc, "ranking", gpus=2)
+    svc.tick()
+    svc.clock.advance(1800)
+    admin = login(svc, "boss", Role.PLATFORM_ADMIN)
+    pools = admin.get("/ui/pools").text
+    assert f'href="/ui/jobs/{job}"' in pools and "free" in pools
+    member = login(svc, "nia", Role.MEMBER, "nlp")
+    assert "held by another team" in member.get("/ui/pools").text
+    usage = admin.get("/ui/usage?period=1h").text
+    assert "<svg" in usage and "ranking" in usage and "Idle GPU-hours" in usage
+    assert "ranking" not in member.get("/ui/usage").text.split("Idle GPU-hours")[0].split("</nav>")[1]
+    assert admin.get("/ui/models").status_code == 200
+    assert admin.get("/ui/static/corral.css").status_code == 200
+
+
+def test_whatif_runs_the_sim_report(svc: Service) -> None:
+    admin = login(svc, "boss", Role.PLATFORM_ADMIN)
+    form = admin.get("/ui/whatif").text
+    assert 'value="demo.yaml"' in form
+    queues = ("queues:\n  - {name: research, quota: {h100: 24, l4: 4}}\n  - {name: product, quota: {h100: 8, l4: 4}}\n"
+              "  - {name: nlp, parent: research, quota: {h100: 16, l4: 2}}\n"
+              "  - {name: speech, parent: research, quota: {h100: 8, l4: 2}}\n"
+              "  - {name: vision, parent: product, quota: {h100: 4, l4: 4}}\n"
+              "  - {name: ranking, parent: product, quota: {h100: 4}}\n")
+    data = {"csrf": csrf(admin, "/ui/whatif"), "trace": "demo.yaml", "cluster": "demo.yaml", "queues": "text",
+            "queues_text": queues, "policy": ["corral", "fifo"], "limit": "100"}
+    r = admin.post("/ui/whatif", data=data)
+    assert r.status_code == 303, r.text
+    run = r.headers["location"]
+    deadline = time.monotonic() + 60
+    while admin.get(f"{run}/status").json()["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    page = admin.get(run).text
+    assert "Per policy" in page and "<table>" in page and "<th>policy</th>" in page, page[-3000:]
+    assert admin.get(f"{run}/wait_cdf.png").headers["content-type"] == "image/png"
+    member = login(svc, "nia", Role.MEMBER, "nlp")
+    assert member.get(run).status_code == 404  # another user's run: its inputs may be private
+    data["csrf"] = csrf(member, "/ui/whatif")
+    assert member.post("/ui/whatif", data=data).status_code == 403
+    data["csrf"], data["queues_text"] = csrf(admin, "/ui/whatif"), "queues: [{name: x, quota: {nowhere: 1}}]"
+    failed = admin.post("/ui/whatif", data=data).headers["location"]
+    while admin.get(f"{failed}/status").json()["state"] in ("queued", "running"):
+        time.sleep(0.2)
+    assert 'class="error"' in admin.get(failed).text
+
+
+# ----- a real browser against a live service -----
+
+def _browser_missing() -> str | None:
+    if not os.path.exists(CHROMIUM):
+        return f"no {CHROMIUM} (apt-get install chromium)"
+    if sync_playwright is None:
+        return "playwright is not installed (pip install playwright; no `playwright install` needed)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A real `python -m scheduler.service` on 4 virtual GPUs with the demo queues: (its URL, the admin token)."""
+    data, port = tmp_path / "data", _free_port()
+    data.mkdir()
+    env = {**os.environ, "CORRAL_DATA_DIR": str(data), "CORRAL_PORT": str(port), "CORRAL_GPUS": "4",
+           "CORRAL_DEMO": "1", "CORRAL_TICK_S": "0.1", "CORRAL_GRACE_S": "2"}
+    env.pop("CORRAL_DATABASE_URL", None)
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "scheduler.service"], env=env, stdout=log, stderr=log)
+    try:
+        end = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > end or proc.poll() is not None:
+                pytest.fail("server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
+            time.sleep(0.1)
+        yield url, (data / "admin-token").read_text().strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_browser_login_queue_tree_submit_watch_and_pending_reason(live: tuple[str, str], tmp_path: Path) -> None:
+    missing = _browser_missing()
+    if missing:
+        if os.environ.get("CORRAL_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"CORRAL_REQUIRE_BROWSER=1 but {missing}")
+        pytest.skip(missing)
+    url, token = live
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    args = ["--no-sandbox"] if os.geteuid() == 0 else []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(20_000)
+
+            def shot(name: str) -> None:
+                page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+
+            page.goto(f"{url}/ui/queues")
+            assert "/ui/login" in page.url  # not logged in: sent to the login form
+            shot("01-login")
+            page.get_by_label("API token").fill(token)
+            page.get_by_role("button", name="Log in").click()
+            expect(page.get_by_role("heading", name="Queue tree")).to_be_visible()
+            expect(page.get_by_role("rowheader", name="nlp").first).to_be_visible()
+            expect(page.get_by_role("img", name=re.compile("quota of research")).first).to_be_visible()
+            shot("02-queue-tree")
+
+            page.goto(f"{url}/ui/jobs/new")
+            page.get_by_label("Name").fill("hello")
+            page.get_by_label("Queue").select_option("nlp")
+            page.get_by_label("Command").fill(HI)
+            shot("03-submit-form")
+            page.get_by_role("button", name="Submit").click()
+            expect(page.get_by_role("heading", name=re.compile("hello"))).to_be_visible()
+            expect(page.locator("#job-state")).to_have_text("running", timeout=15_000)
+            shot("04-job-running")
+            expect(page.locator("#job-state")).to_have_text("completed", timeout=20_000)
+            expect(page.locator("#log")).to_contain_text("hi")
+            shot("05-job-completed-with-log")
+
+            page.goto(f"{url}/ui/jobs/new")  # hold every GPU, so that the next job of the same queue must wait
+            page.get_by_label("Name").fill("hold")
+            page.get_by_label("Queue").select_option("ranking")
+            page.get_by_label("Command").fill("sleep 60")
+            page.get_by_label("GPUs per worker").fill("4")
+            page.get_by_role("button", name="Submit").click()
+            expect(page.locator("#job-state")).to_have_text("running", timeout=15_000)
+            hold_url = page.url
+            page.goto(f"{url}/ui/jobs/new")
+            page.get_by_label("Name").fill("waiter")
+            page.get_by_label("Queue").select_option("ranking")
+            page.get_by_label("Command").fill("true")
+            page.get_by_role("button", name="Submit").click()
+            expect(page.locator("#job-state")).to_have_text("pending")
+            page.goto(f"{url}/ui/queues")
+            row = page.get_by_role("row", name=re.compile("waiter"))
+            expect(row.locator(".reason")).to_contain_text(re.compile(r"\w+"))
+            reason = row.locator(".reason").inner_text()
+            assert "waiting for the next cycle" not in reason, reason
+            shot("06-pending-reason")
+            page.goto(f"{url}/ui/pools")
+            expect(page.locator("li.gpu.job").first).to_contain_text("hold")
+            shot("07-gpu-map")
+            page.goto(hold_url)
+            page.get_by_role("button", name=re.compile("Cancel job")).click()
+            expect(page.locator("#job-state")).to_have_text("cancelled")
+            shot("08-cancelled")
+
+            for name in ("jobs", "usage", "models", "whatif"):
+                page.goto(f"{url}/ui/{name}")
+                expect(page.locator("h1")).to_be_visible()
+                shot(f"09-{name}")
+
+            other = browser.new_page()
+            other.goto(f"{url}/ui/jobs")
+            assert "/ui/login" in other.url
+        finally:
+            browser.close()
+    STABLE_SHOTS.mkdir(parents=True, exist_ok=True)
+    for f in shots.iterdir():
+        shutil.copy(f, STABLE_SHOTS / f.name)
