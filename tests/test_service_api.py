@@ -218,3 +218,16 @@ def test_openapi_documents_every_route(svc: Service) -> None:
               "/v1/jobs/{job_id}/events", "/v1/queues", "/v1/queues/apply", "/v1/queues/rollback", "/v1/pools",
               "/v1/usage", "/v1/tokens", "/v1/audit", "/healthz", "/readyz", "/metrics"):
         assert p in paths, p
+
+
+def test_tokens_expire(svc: Service) -> None:
+    made = svc.admin.post("/v1/tokens", json={"user": "tia", "role": "member", "scope": "nlp",
+                                              "expires_in_days": 1}).json()
+    assert made["expires_at"] == svc.clock.t + 86400
+    tia = {"Authorization": f"Bearer {made['token']}"}
+    assert svc.admin.get("/v1/jobs", headers=tia).status_code == 200
+    svc.clock.advance(86401)  # past its expiry, though it was just cached
+    r = svc.admin.get("/v1/jobs", headers=tia)
+    assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
+    forever = svc.admin.post("/v1/tokens", json={"user": "bot", "role": "viewer", "expires_in_days": None}).json()
+    assert forever["expires_at"] is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import math
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -100,14 +101,15 @@ class TokenCache:
 
     def __init__(self, ttl_s: float = 60.0):
         self.ttl_s = ttl_s
-        self._known: dict[str, tuple[Principal, float]] = {}
+        self._known: dict[str, tuple[Principal, float]] = {}  # key -> (who, until)
 
     def get(self, key: str, now: float) -> Principal | None:
         hit = self._known.get(key)
-        return hit[0] if hit is not None and now - hit[1] < self.ttl_s else None
+        return hit[0] if hit is not None and now < hit[1] else None
 
-    def put(self, key: str, who: Principal, now: float) -> None:
-        self._known[key] = (who, now)
+    def put(self, key: str, who: Principal, now: float, expires_at: float | None = None) -> None:
+        """Remember `who` for ttl_s, and never past the token's own expiry."""
+        self._known[key] = (who, min(now + self.ttl_s, expires_at if expires_at is not None else math.inf))
 
     def clear(self) -> None:
         self._known.clear()

@@ -93,6 +93,7 @@ tokens = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("created_by", sa.String(200), nullable=False),
     sa.Column("revoked", sa.Boolean, nullable=False, default=False),
+    sa.Column("expires_at", sa.Float, nullable=True),  # None: never (the bootstrap admin token)
 )
 
 audit = sa.Table(

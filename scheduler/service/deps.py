@@ -39,14 +39,18 @@ async def resolve_token(c: Core, secret: str) -> Principal:
     known = c.tokens.get(key, c.clock())
     if known is not None:
         return known
+    now = c.clock()
     row = await run_in_threadpool(_token_row, c, key)  # a database read must not stall the event loop
+    expires_at = None
     if row is not None:
-        who = Principal(row["user"], Role(row["role"]), row["scope"])
+        if row["expires_at"] is not None and row["expires_at"] <= now:
+            raise Unauthorized("the API token has expired; ask for a new one (corral token create)")
+        who, expires_at = Principal(row["user"], Role(row["role"]), row["scope"]), row["expires_at"]
     elif c.settings.hub_api_url:
         who = await _hub_user(c, secret)
     else:
         raise Unauthorized("the API token is not valid or was revoked")
-    c.tokens.put(key, who, c.clock())
+    c.tokens.put(key, who, now, expires_at)
     return who
 
 

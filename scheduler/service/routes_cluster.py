@@ -15,6 +15,7 @@ from scheduler.service.deps import Caller, CoreDep
 from scheduler.service.errors import Forbidden, Invalid, NotFound
 
 router = APIRouter()
+DEFAULT_TOKEN_DAYS = 90.0  # people's tokens expire: a leaked one is not a key for ever
 
 
 class Apply(BaseModel):
@@ -35,6 +36,8 @@ class TokenRequest(BaseModel):
     user: str = Field(min_length=1, max_length=200)
     role: Role
     scope: str | None = Field(None, description="A queue: the role applies to its subtree. None: everything.")
+    expires_in_days: float | None = Field(DEFAULT_TOKEN_DAYS, gt=0, le=3650, description=(
+        "Days until the token stops working (default 90); null: never (for service accounts, say so in review)."))
 
 
 @router.get("/queues", tags=["queues"])
@@ -107,13 +110,15 @@ def create_token(body: TokenRequest, who: Caller, core: CoreDep) -> dict[str, An
         raise Forbidden(f"{who.user} ({who.role}) may not create a {body.role} token for "
                         f"{body.scope or 'every queue'}")
     secret, now = new_secret(), core.clock()
+    expires_at = None if body.expires_in_days is None else now + body.expires_in_days * 86400
     with core.db.begin() as conn:
         token_id = conn.execute(tokens.insert().values(
             digest=digest(secret), user=body.user, role=body.role.value, scope=body.scope, created_at=now,
-            created_by=who.user, revoked=False).returning(tokens.c.id)).scalar_one()
+            created_by=who.user, revoked=False, expires_at=expires_at).returning(tokens.c.id)).scalar_one()
         store.add_audit(conn, now, who.user, "token.create", f"token {token_id}", user=body.user,
                         role=body.role.value, scope=body.scope)
-    return {"id": token_id, "user": body.user, "role": body.role.value, "scope": body.scope, "token": secret}
+    return {"id": token_id, "user": body.user, "role": body.role.value, "scope": body.scope, "token": secret,
+            "expires_at": expires_at}
 
 
 @router.delete("/tokens/{token_id}", tags=["tokens"])
