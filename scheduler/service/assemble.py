@@ -90,4 +90,10 @@ def bootstrap_admin(core: Core, path: Path) -> str | None:
 def serve(settings: ServiceSettings) -> None:
     """Run the API and the scheduling loop in this process until interrupted."""
     _, app, _ = build_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    run_uvicorn(app, settings)
+
+
+def run_uvicorn(app: FastAPI, settings: ServiceSettings) -> None:
+    """Serve the API, over TLS when a certificate and key are configured."""
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
+                ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ADMIN_TOKEN_FILE = "admin-token"  # in data_dir: the bootstrap platform-admin token, mode 0600
@@ -30,6 +30,8 @@ class ServiceSettings(BaseSettings):
         "SQLAlchemy URL, e.g. postgresql+psycopg://corral@db/corral. Default: SQLite (WAL) in data_dir."))
     host: str = Field("127.0.0.1", description="Address the API listens on; loopback unless you mean to share it.")
     port: int = Field(8265, ge=1, le=65535, description="TCP port of the API.")
+    tls_certfile: Path | None = Field(None, description="PEM certificate: serve the API over HTTPS (with tls_keyfile).")
+    tls_keyfile: Path | None = Field(None, description="PEM private key of tls_certfile.")
     backend: Literal["local", "ray"] = Field("local", description=(
         "Where admitted jobs run: local processes on this machine, or a Ray cluster (its nodes become pools)."))
     ray_address: str | None = Field(None, description=(
@@ -71,6 +73,12 @@ class ServiceSettings(BaseSettings):
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Explicit arguments (CLI flags) beat the environment, which beats the config file.
         return init_settings, env_settings, _YamlFile(settings_cls)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServiceSettings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile go together: give both, or neither")
+        return self
 
     @property
     def url(self) -> str:
