@@ -1,0 +1,166 @@
+"""Pure builders of the Kubernetes objects Corral creates: plain dicts, no API calls, so they are tested as data.
+
+- pod: one worker of one attempt, for Corral's own scheduler (schedulerName corral) to bind with the Binding API.
+- binding: the pods/binding body that puts a pod on the node the engine chose.
+- team objects: the team's namespace, a RoleBinding for its members, a ResourceQuota capping its GPUs, and a
+  NetworkPolicy that lets only the hub reach its sandboxes.
+
+Names follow DNS-1123 (lower-case alphanumerics and '-'), so a queue such as "Research/Vision" still maps to a
+valid namespace; the labels carry the original job id and attempt so the executor can find pods again by label.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+GPU = "nvidia.com/gpu"
+GPU_PRODUCT = "nvidia.com/gpu.product"
+SCHEDULER_NAME = "corral"
+MANAGED_BY = "app.kubernetes.io/managed-by"
+JOB_LABEL = "corral.dev/job"
+ATTEMPT_LABEL = "corral.dev/attempt"
+WORKER_LABEL = "corral.dev/worker"
+GROUP_LABEL = "corral.dev/pod-group"  # every worker of one attempt: the unit that starts and stops together
+QUEUE_LABEL = "corral.dev/queue"
+TEAM_LABEL = "corral.dev/team"
+KIND_LABEL = "corral.dev/kind"  # "job" or "sandbox": the NetworkPolicy isolates sandboxes only
+NODE_ANNOTATION = "corral.dev/node"  # the node the engine chose: lets a restarted Corral finish a half-done bind
+WORKERS_ANNOTATION = "corral.dev/workers"  # the gang's size: a missing worker pod means the attempt was cut
+CONTAINER = "main"
+
+_INVALID = re.compile(r"[^a-z0-9-]+")
+
+
+def dns_label(text: str, max_len: int = 63) -> str:
+    """`text` as a DNS-1123 label: lower case, runs of other characters become '-', trimmed to `max_len`."""
+    out = _INVALID.sub("-", text.lower()).strip("-")[:max_len].strip("-")
+    if not out:
+        raise ValueError(f"{text!r} has no characters usable in a Kubernetes name")
+    return out
+
+
+def team_namespace(queue: str, prefix: str = "corral-") -> str:
+    """The namespace of a team (a Corral queue). Prefixed so Corral's namespaces never collide with others."""
+    return dns_label(prefix + queue)
+
+
+def group_name(job_id: str, attempt: int) -> str:
+    return dns_label(f"corral-{job_id}-{attempt}")
+
+
+def pod_name(job_id: str, attempt: int, worker: int) -> str:
+    # Deterministic: a retried or restarted launch creates the same names, and a 409 says the pod exists already.
+    return dns_label(f"corral-{job_id}-{attempt}-{worker}")
+
+
+def selector(job_id: str, attempt: int) -> str:
+    """Label selector for all worker pods of one attempt."""
+    return f"{JOB_LABEL}={dns_label(job_id)},{ATTEMPT_LABEL}={attempt}"
+
+
+def argv(command: str | Sequence[str]) -> list[str]:
+    """A command as the container's argv; one string (or a one-element list) is a shell line, as locally."""
+    if isinstance(command, str) or len(command) == 1:
+        line = command if isinstance(command, str) else command[0]
+        if not line.strip():
+            raise ValueError("empty command")
+        return ["/bin/sh", "-c", line]
+    if not command:
+        raise ValueError("empty command")
+    return list(command)
+
+
+def split_workers(gpus: Mapping[str, Sequence[int]], n_workers: int) -> list[tuple[str, int]]:
+    """(node, GPUs) per worker. The engine's placement merges the workers a node holds; CORRAL_WORKERS splits them
+    again into equal workers. Without it (or when it does not divide), each node runs one worker."""
+    per_node = [(node, len(ids)) for node, ids in gpus.items()]
+    if not per_node:
+        raise ValueError("no node to run on")
+    total = sum(n for _, n in per_node)
+    if n_workers > len(per_node) and total % n_workers == 0:
+        each = total // n_workers
+        split = [(node, each) for node, n in per_node for _ in range(n // each)]
+        if len(split) == n_workers:
+            return split
+    return per_node
+
+
+def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gpus: int, image: str,
+        command: str | Sequence[str], env: Mapping[str, str] | None = None, workers: int = 1,
+        workdir: str | None = None, grace_s: float = 30.0, kind: str = "job") -> dict[str, Any]:
+    """One worker's pod. It names no node: Corral binds it to `node` (kept as an annotation) with the Binding API,
+    which is what the engine's placement means; schedulerName keeps kube-scheduler from placing it first."""
+    env_all = {**(env or {}), "CORRAL_JOB_ID": job_id, "CORRAL_ATTEMPT": str(attempt), "CORRAL_WORKER": str(worker),
+               "CORRAL_WORKERS": str(workers), "CORRAL_NODE": node}
+    labels = {MANAGED_BY: "corral", JOB_LABEL: dns_label(job_id), ATTEMPT_LABEL: str(attempt),
+              WORKER_LABEL: str(worker), GROUP_LABEL: group_name(job_id, attempt), KIND_LABEL: kind}
+    if queue := env_all.get("CORRAL_QUEUE"):
+        labels[QUEUE_LABEL] = dns_label(queue)
+    container: dict[str, Any] = {
+        "name": CONTAINER, "image": image, "command": argv(command),
+        "env": [{"name": k, "value": v} for k, v in sorted(env_all.items())],
+        # Limits alone: Kubernetes sets requests equal, and extended resources must not overcommit anyway.
+        "resources": {"limits": {GPU: str(gpus)}},
+    }
+    if workdir:
+        container["workingDir"] = workdir
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod_name(job_id, attempt, worker), "namespace": namespace, "labels": labels,
+                     "annotations": {NODE_ANNOTATION: node, WORKERS_ANNOTATION: str(workers)}},
+        "spec": {
+            "schedulerName": SCHEDULER_NAME,
+            # A pod that ends is reported to Corral, which decides about another attempt: the kubelet never retries.
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": max(0, round(grace_s)),
+            "containers": [container],
+            # GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule; Corral chose this node on purpose.
+            "tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    }
+
+
+def binding(pod_name: str, namespace: str, node: str) -> dict[str, Any]:
+    """The body of POST pods/{name}/binding: what a scheduler writes to put a pod on a node."""
+    return {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod_name, "namespace": namespace},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
+
+
+def namespace(name: str, team: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {MANAGED_BY: "corral", TEAM_LABEL: dns_label(team)}}}
+
+
+def role_binding(namespace: str, group: str, cluster_role: str = "view") -> dict[str, Any]:
+    """Lets the team's group (as the cluster's authentication names it) read what runs in its namespace; writes
+    go through Corral, so the default is the built-in `view` role."""
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": f"corral-team-{cluster_role}", "namespace": namespace,
+                         "labels": {MANAGED_BY: "corral"}},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}]}
+
+
+def resource_quota(namespace: str, gpus: int) -> dict[str, Any]:
+    """Caps the team's GPUs at its limit, a backstop should anything bypass Corral. Extended resources can only
+    be quota'd as requests (requests.nvidia.com/gpu); limits equal requests for them."""
+    return {"apiVersion": "v1", "kind": "ResourceQuota",
+            "metadata": {"name": "corral-gpus", "namespace": namespace, "labels": {MANAGED_BY: "corral"}},
+            "spec": {"hard": {f"requests.{GPU}": str(gpus)}}}
+
+
+def network_policy(namespace: str, hub_namespace: str,
+                   hub_labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Sandboxes (pods labelled corral.dev/kind=sandbox) accept traffic only from the hub's pods; jobs are left
+    alone, since a gang's workers must reach each other (NCCL, rendezvous)."""
+    hub = dict(hub_labels or {"app.kubernetes.io/component": "hub"})
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "corral-sandbox-isolation", "namespace": namespace,
+                         "labels": {MANAGED_BY: "corral"}},
+            "spec": {"podSelector": {"matchLabels": {KIND_LABEL: "sandbox"}},
+                     "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{
+                         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": hub_namespace}},
+                         "podSelector": {"matchLabels": hub}}]}]}}

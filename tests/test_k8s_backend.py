@@ -1,0 +1,322 @@
+"""The Kubernetes backend on the real test control plane (tests/k8s_kit.py) with kwok GPU nodes.
+
+Two pools of two 8-GPU kwok nodes each, made once for the module. kwok runs bound pods (phase Running) but has no
+kubelet to end a bare pod, so where a test needs a pod to succeed or fail it writes the pod's status as a kubelet
+would. Each test's executor uses its own namespace prefix, and its namespaces are deleted afterwards.
+Needs the tools from scripts/k8s-tools; skips without them (fails when CORRAL_REQUIRE_K8S=1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from scheduler.backends import k8s_objects as k8s
+from scheduler.backends.base import Exit, Handle, Launch, NodeInfo
+from scheduler.backends.kubernetes import KubernetesExecutor, NodeChange, NodeWatcher, discover_nodes
+from scheduler.service.assemble import build_core
+from scheduler.service.auth import Principal, Role
+from scheduler.service.core import Core
+from scheduler.service.settings import ServiceSettings
+from scheduler.service.specs import JobSubmit
+from tests.k8s_kit import ControlPlane, shared_plane
+
+IMAGE = "busybox:1.36"
+ROOT = Principal("root", Role.PLATFORM_ADMIN)
+
+
+@dataclass
+class Cluster:
+    plane: ControlPlane
+    pools: list[str]  # two pools
+    nodes: dict[str, list[str]]  # pool -> its two nodes
+
+    def ours(self, found: list[NodeInfo]) -> list[NodeInfo]:
+        return [n for n in found if n.pool in self.pools]
+
+
+@pytest.fixture(scope="module")
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    plane = shared_plane(request.config)
+    tag = uuid.uuid4().hex[:5]
+    pools = [f"NVIDIA-H100-{tag}", f"NVIDIA-A100-{tag}"]
+    nodes = {p: [f"kb-{tag}-{i}-{j}" for j in range(2)] for i, p in enumerate(pools)}
+    for p, names in nodes.items():
+        for n in names:
+            plane.create_gpu_node(n, product=p, gpus=8)
+    for names in nodes.values():
+        for n in names:
+            plane.wait_node_ready(n)
+    yield Cluster(plane, pools, nodes)
+    for names in nodes.values():
+        for n in names:
+            with contextlib.suppress(ApiException):
+                plane.core().delete_node(n)
+
+
+@pytest.fixture
+def executor(cluster: Cluster, tmp_path: Path) -> Iterator[KubernetesExecutor]:
+    prefix = f"c{uuid.uuid4().hex[:5]}-"
+    yield KubernetesExecutor(cluster.plane.api_client(), tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=prefix)
+    core = cluster.plane.core()
+    for ns in core.list_namespace().items:
+        if ns.metadata.name.startswith(prefix):
+            with contextlib.suppress(ApiException):
+                core.delete_namespace(ns.metadata.name)
+
+
+def until(what: str, cond: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def pods_of(ex: KubernetesExecutor, job: str, attempt: int = 1) -> list[Any]:
+    items = ex.core.list_pod_for_all_namespaces(label_selector=k8s.selector(job, attempt)).items
+    return sorted(items, key=lambda p: p.metadata.name)
+
+
+def running(ex: KubernetesExecutor, job: str, n: int, attempt: int = 1) -> list[Any]:
+    until(f"{n} pods of {job} running",
+          lambda: [p.status.phase for p in pods_of(ex, job, attempt)] == ["Running"] * n)
+    return pods_of(ex, job, attempt)
+
+
+def finish(ex: KubernetesExecutor, pod: Any, code: int) -> None:
+    """End a pod as its kubelet would: phase and the container's terminated state."""
+    phase = "Succeeded" if code == 0 else "Failed"
+    status = {"phase": phase, "containerStatuses": [{
+        "name": k8s.CONTAINER, "image": IMAGE, "imageID": "", "ready": False, "restartCount": 0,
+        "state": {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}}}]}
+    ex.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
+
+
+def wait_exits(ex: KubernetesExecutor, want: set[tuple[str, int]], timeout: float = 60) -> dict[str, Exit]:
+    got: dict[str, Exit] = {}
+
+    def done() -> bool:
+        got.update({e.job_id: e for e in ex.poll(time.time())})
+        return {(j, e.attempt) for j, e in got.items()} >= want
+    until(f"exits of {want}", done, timeout)
+    return got
+
+
+def launch(job: str, gpus: dict[str, list[int]], workers: int = 1, queue: str = "nlp",
+           command: str = "sleep inf") -> Launch:
+    return Launch(job, 1, command, gpus, {"CORRAL_QUEUE": queue, "CORRAL_WORKERS": str(workers)})
+
+
+def watch_for(watcher: NodeWatcher, node: str) -> list[NodeChange]:
+    """Node changes from the watch until one about `node` arrives."""
+    changes: list[NodeChange] = []
+
+    def seen() -> bool:
+        changes.extend(watcher.changes(1))
+        return any(c.name == node for c in changes)
+    until(f"a change of {node} seen by the watch", seen)
+    return changes
+
+
+def test_discovery_pools_and_node_changes(cluster: Cluster) -> None:
+    api = cluster.plane.api_client()
+    found = cluster.ours(discover_nodes(api))
+    assert sorted(n.name for n in found) == sorted(n for ns in cluster.nodes.values() for n in ns)
+    assert {n.pool for n in found} == set(cluster.pools)
+    assert all(len(n.gpus) == 8 and n.cpus == 64 and n.memory_gb == 512 for n in found)
+    assert found[0].gpus[0].model == found[0].pool
+    # Cordoning takes a node out; the watch, resumed from the list's resourceVersion, says so; uncordoning
+    # brings it back.
+    watcher = NodeWatcher(api)
+    watcher.resync()
+    node = cluster.nodes[cluster.pools[1]][1]
+    core = cluster.plane.core()
+    core.patch_node(node, {"spec": {"unschedulable": True}})
+    try:
+        assert node not in {n.name for n in discover_nodes(api)}
+        changes = watch_for(watcher, node)
+        assert [c.info for c in changes if c.name == node] == [None]
+    finally:
+        core.patch_node(node, {"spec": {"unschedulable": False}})
+    changes = watch_for(watcher, node)
+    up = [c.info for c in changes if c.name == node]
+    assert up and up[0] is not None and len(up[0].gpus) == 8
+    # A version the server no longer has (410 Gone) falls back to a full list.
+    watcher.resource_version = "1"
+    watcher.changes(1)
+    assert node in watcher.known
+
+
+def test_pods_are_bound_where_corral_chose_and_terminate_deletes_them(cluster: Cluster,
+                                                                      executor: KubernetesExecutor) -> None:
+    (a, b), (c, _) = cluster.nodes.values()
+    t = uuid.uuid4().hex[:5]
+    one, gang, packed = f"one{t}", f"gang{t}", f"pack{t}"
+    executor.launch(launch(one, {b: [6, 7]}))
+    executor.launch(launch(gang, {a: [0, 1, 2, 3], c: [0, 1, 2, 3]}, workers=2))
+    executor.launch(launch(packed, {b: [0, 1, 2, 3]}, workers=2))  # two workers on one node
+    p1 = running(executor, one, 1)
+    assert p1[0].spec.node_name == b and p1[0].spec.scheduler_name == "corral"
+    assert p1[0].spec.containers[0].resources.limits == {"nvidia.com/gpu": "2"}
+    assert p1[0].metadata.namespace == f"{executor.prefix}nlp"
+    assert [p.spec.node_name for p in running(executor, gang, 2)] == [a, c]
+    assert [p.spec.node_name for p in running(executor, packed, 2)] == [b, b]
+    assert all(executor.alive(j, 1) for j in (one, gang, packed))
+    # Binding was Corral's: kube-scheduler never touched them (its events would say "Scheduled" by default).
+    events = cluster.plane.core().list_namespaced_event(p1[0].metadata.namespace).items
+    assert not [e for e in events if e.reason == "Scheduled" and e.involved_object.name == p1[0].metadata.name]
+    assert executor.poll(time.time()) == []
+    executor.terminate(gang, 1, 1.0, time.time())
+    executor.terminate(one, 1, 1.0, time.time())
+    got = wait_exits(executor, {(gang, 1), (one, 1)})
+    assert got[gang] == Exit(gang, 1, -15, "stopped by Corral") and got[one].code == -15
+    assert pods_of(executor, gang) == [] and not executor.alive(gang, 1)
+    out, err = executor.logs(packed, 1)  # kwok's pods have no kubelet logs: the files exist and are empty
+    assert Path(out).read_text() == "" and Path(err).exists()
+
+
+def test_exits_succeeded_failed_and_deleted(cluster: Cluster, executor: KubernetesExecutor) -> None:
+    (a, b), _ = cluster.nodes.values()
+    t = uuid.uuid4().hex[:5]
+    ok, bad, gang, gone = f"ok{t}", f"bad{t}", f"g{t}", f"gone{t}"
+    executor.launch(launch(ok, {a: [0]}))
+    executor.launch(launch(bad, {a: [1]}))
+    executor.launch(launch(gang, {a: [2, 3], b: [2, 3]}, workers=2))
+    executor.launch(launch(gone, {b: [0]}))
+    finish(executor, running(executor, ok, 1)[0], 0)
+    finish(executor, running(executor, bad, 1)[0], 3)
+    finish(executor, running(executor, gang, 2)[1], 7)  # one worker fails: the gang ends, the other is deleted
+    p = running(executor, gone, 1)[0]
+    executor.core.delete_namespaced_pod(p.metadata.name, p.metadata.namespace)  # someone else deleted it
+    got = wait_exits(executor, {(ok, 1), (bad, 1), (gang, 1), (gone, 1)})
+    assert got[ok].code == 0 and got[bad].code == 3 and got[gang].code == 7 and got[gone].code == -15
+    assert pods_of(executor, gang) == []  # the surviving worker was deleted with the gang
+
+
+def test_a_new_executor_adopts_pods_by_label(cluster: Cluster, executor: KubernetesExecutor,
+                                             tmp_path: Path) -> None:
+    (a, b), _ = cluster.nodes.values()
+    t = uuid.uuid4().hex[:5]
+    long, done, unbound = f"long{t}", f"done{t}", f"unb{t}"
+    executor.launch(launch(long, {a: [4, 5], b: [4, 5]}, workers=2))
+    executor.launch(launch(done, {a: [6]}))
+    finish(executor, running(executor, done, 1)[0], 0)
+    running(executor, long, 2)
+    # Crashed between creating a pod and binding it: the pod waits, Pending and unbound.
+    ns = f"{executor.prefix}nlp"
+    executor.core.create_namespaced_pod(ns, k8s.pod(unbound, 1, 0, namespace=ns, node=b, gpus=1, image=IMAGE,
+                                                    command="sleep inf", env={"CORRAL_QUEUE": "nlp"}))
+    again = KubernetesExecutor(cluster.plane.api_client(), tmp_path / "k8s2", IMAGE, grace_s=1,
+                               namespace_prefix=executor.prefix)
+    assert again.adopt(Handle(long, 1, None, 0.0)) is None
+    assert again.adopt(Handle(done, 1, None, 0.0)) == Exit(done, 1, 0, "ended while Corral was down")
+    gone = again.adopt(Handle(f"never{t}", 1, None, 0.0))
+    assert gone is not None and gone.code is None
+    assert again.adopt(Handle(unbound, 1, None, 0.0)) is None  # bound now, onto the node the engine chose
+    assert running(again, unbound, 1)[0].spec.node_name == b
+    assert again.alive(long, 1) and again.poll(time.time()) == []
+    again.terminate(long, 1, 1.0, time.time())
+    again.terminate(unbound, 1, 1.0, time.time())
+    assert wait_exits(again, {(long, 1), (unbound, 1)})[long].code == -15
+
+
+def test_binding_twice_is_handled(cluster: Cluster, executor: KubernetesExecutor) -> None:
+    (a, b), _ = cluster.nodes.values()
+    job = f"twice{uuid.uuid4().hex[:5]}"
+    first = launch(job, {a: [7]})
+    executor.launch(first)
+    executor.launch(first)  # a retried launch: the pod exists (409) and is bound already (409): carry on
+    (p,) = running(executor, job, 1)
+    assert p.spec.node_name == a
+    with pytest.raises(ApiException) as e:  # bound elsewhere than asked: a real conflict, not swallowed
+        executor._bind(p.metadata.namespace, p.metadata.name, b)
+    assert e.value.status == 409
+    executor.terminate(job, 1, 0, time.time())
+    wait_exits(executor, {(job, 1)})
+
+
+def test_team_objects_are_accepted_by_the_api_server(cluster: Cluster, executor: KubernetesExecutor) -> None:
+    ns = f"{executor.prefix}team"
+    cluster.plane.core().create_namespace(k8s.namespace(ns, "team"))
+    made = cluster.plane.apply(ns, [k8s.role_binding(ns, "team-group"), k8s.resource_quota(ns, 16),
+                                    k8s.network_policy(ns, "hub")])
+    assert [m.kind for m in made] == ["RoleBinding", "ResourceQuota", "NetworkPolicy"]
+
+
+def test_end_to_end_two_teams_reclaim_and_a_cordoned_node(cluster: Cluster, executor: KubernetesExecutor,
+                                                           tmp_path: Path) -> None:
+    api = cluster.plane.api_client()
+    nodes = cluster.ours(discover_nodes(api))
+    p1, p2 = cluster.pools
+    settings = ServiceSettings(data_dir=tmp_path / "data", grace_s=1)
+    core = build_core(settings, executor=executor, nodes=nodes)
+    assert core.capacity == {p1: 16, p2: 16}
+    # Pool 2's quotas fit in one node: a restart with a node cordoned must still hold them (Core.start refuses
+    # a tree whose quotas exceed the pools it finds).
+    core.apply_queues(ROOT, {"queues": [{"name": "alpha", "quota": {p1: 8, p2: 4}, "limit": {p1: 16, p2: 16}},
+                                        {"name": "beta", "quota": {p1: 8, p2: 4}}]}, "two teams")
+
+    def submit(queue: str, pool: str, workers: int, gpus: int) -> str:
+        row, _ = core.submit(ROOT, JobSubmit(queue=queue, pool=pool, workers=workers, gpus=gpus,
+                                             command="sleep inf"))
+        return str(row["id"])
+
+    def state(c: Core, job: str) -> str:
+        with c.db.connect() as conn:
+            from_db = c.readable(conn, ROOT, int(job))
+        return str(from_db["state"])
+
+    def tick_until(c: Core, what: str, cond: Callable[[], bool]) -> None:
+        until(what, lambda: bool(c.tick() or True) and cond(), 90)
+
+    # alpha fills pool 1 with two 2x4 gangs, borrowing beta's guarantee.
+    g1, g2 = submit("alpha", p1, 2, 4), submit("alpha", p1, 2, 4)
+    tick_until(core, "alpha's gangs running", lambda: state(core, g1) == state(core, g2) == "running")
+    for g in (g1, g2):
+        assert {p.spec.node_name for p in running(executor, g, 2)} <= set(cluster.nodes[p1])
+    # beta reclaims its guarantee: one of alpha's gangs is preempted, its pods deleted, beta's gang bound.
+    mine = submit("beta", p1, 2, 4)
+    tick_until(core, "beta running", lambda: state(core, mine) == "running")
+    victim = next(g for g in (g1, g2) if state(core, g) == "pending")
+    assert pods_of(executor, victim, 1) == []
+    beta_pods = running(executor, mine, 2)
+    assert beta_pods[0].metadata.namespace == f"{executor.prefix}beta"
+    # When beta's gang finishes, the victim's job is created again, as attempt 2.
+    for p in beta_pods:
+        finish(executor, p, 0)
+    tick_until(core, "the victim back", lambda: state(core, mine) == "completed" and state(core, victim) == "running")
+    assert len(running(executor, victim, 2, attempt=2)) == 2
+
+    # A cordoned node: after a resync (a restart that rediscovers nodes and adopts the running pods) it gets
+    # nothing new; the pool's other node still does.
+    cordoned, other = cluster.nodes[p2]
+    cluster.plane.core().patch_node(cordoned, {"spec": {"unschedulable": True}})
+    try:
+        resynced = cluster.ours(discover_nodes(api))
+        assert cordoned not in {n.name for n in resynced}
+        again = KubernetesExecutor(api, tmp_path / "k8s2", IMAGE, grace_s=1, namespace_prefix=executor.prefix)
+        core2 = build_core(settings, executor=again, nodes=resynced)
+        assert core2.capacity == {p1: 16, p2: 8} and state(core2, victim) == "running"
+        big = [submit_to(core2, "alpha", p2) for _ in range(2)]
+        tick_until(core2, "one p2 job running", lambda: sorted(state(core2, j) for j in big) == ["pending", "running"])
+        started = next(j for j in big if state(core2, j) == "running")
+        assert running(again, started, 1)[0].spec.node_name == other
+        bound_to_cordoned = cluster.plane.core().list_pod_for_all_namespaces(
+            field_selector=f"spec.nodeName={cordoned}").items
+        assert [p.metadata.name for p in bound_to_cordoned] == []
+    finally:
+        cluster.plane.core().patch_node(cordoned, {"spec": {"unschedulable": False}})
+
+
+def submit_to(core: Core, queue: str, pool: str) -> str:
+    row, _ = core.submit(ROOT, JobSubmit(queue=queue, pool=pool, workers=1, gpus=8, command="sleep inf"))
+    return str(row["id"])

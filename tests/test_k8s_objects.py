@@ -1,0 +1,81 @@
+"""The pure builders of scheduler/backends/k8s_objects.py, checked as the dicts they return (no cluster)."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.backends import k8s_objects as k8s
+
+
+def test_pod_is_for_corral_to_bind_with_labels_gpus_env_and_grace() -> None:
+    p = k8s.pod("42", 3, 1, namespace="corral-nlp", node="n2", gpus=4, image="img:1", command=["python", "t.py"],
+                env={"CORRAL_QUEUE": "nlp", "CORRAL_OWNER": "ann", "X": "y"}, workers=2, workdir="/w", grace_s=12.4)
+    assert p["apiVersion"] == "v1" and p["kind"] == "Pod"
+    meta, spec = p["metadata"], p["spec"]
+    assert meta["name"] == "corral-42-3-1" and meta["namespace"] == "corral-nlp"
+    assert meta["labels"] == {k8s.MANAGED_BY: "corral", k8s.JOB_LABEL: "42", k8s.ATTEMPT_LABEL: "3",
+                              k8s.WORKER_LABEL: "1", k8s.GROUP_LABEL: "corral-42-3", k8s.KIND_LABEL: "job",
+                              k8s.QUEUE_LABEL: "nlp"}
+    assert meta["annotations"] == {k8s.NODE_ANNOTATION: "n2", k8s.WORKERS_ANNOTATION: "2"}
+    assert spec["schedulerName"] == "corral" and "nodeName" not in spec  # bound through the Binding API
+    assert spec["restartPolicy"] == "Never" and spec["terminationGracePeriodSeconds"] == 12
+    (c,) = spec["containers"]
+    assert c["image"] == "img:1" and c["command"] == ["python", "t.py"] and c["workingDir"] == "/w"
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "4"}}
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env == {"CORRAL_QUEUE": "nlp", "CORRAL_OWNER": "ann", "X": "y", "CORRAL_JOB_ID": "42",
+                   "CORRAL_ATTEMPT": "3", "CORRAL_WORKER": "1", "CORRAL_WORKERS": "2", "CORRAL_NODE": "n2"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+
+
+def test_a_command_string_runs_in_a_shell_and_an_empty_one_is_refused() -> None:
+    p = k8s.pod("1", 1, 0, namespace="n", node="a", gpus=1, image="i", command="echo hi && sleep 1")
+    assert p["spec"]["containers"][0]["command"] == ["/bin/sh", "-c", "echo hi && sleep 1"]
+    assert k8s.argv(["echo hi"]) == ["/bin/sh", "-c", "echo hi"]
+    assert "workingDir" not in p["spec"]["containers"][0]
+    with pytest.raises(ValueError):
+        k8s.argv("  ")
+    with pytest.raises(ValueError):
+        k8s.argv([])
+
+
+def test_binding_targets_the_node() -> None:
+    assert k8s.binding("corral-1-1-0", "ns", "node-7") == {
+        "apiVersion": "v1", "kind": "Binding", "metadata": {"name": "corral-1-1-0", "namespace": "ns"},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": "node-7"}}
+
+
+def test_names_are_dns_labels() -> None:
+    assert k8s.team_namespace("Research/Vision") == "corral-research-vision"
+    assert k8s.team_namespace("nlp", prefix="") == "nlp"
+    assert len(k8s.dns_label("x" * 100)) == 63
+    assert k8s.selector("7", 2) == "corral.dev/job=7,corral.dev/attempt=2"
+    with pytest.raises(ValueError):
+        k8s.dns_label("///")
+
+
+def test_split_workers_follows_the_gang_shape() -> None:
+    assert k8s.split_workers({"a": [0, 1, 2, 3]}, 2) == [("a", 2), ("a", 2)]
+    assert k8s.split_workers({"a": [0, 1], "b": [4, 5]}, 2) == [("a", 2), ("b", 2)]
+    assert k8s.split_workers({"a": [0, 1], "b": [4]}, 0) == [("a", 2), ("b", 1)]
+    assert k8s.split_workers({"a": [0, 1, 2]}, 2) == [("a", 3)]  # does not divide: one worker per node
+    with pytest.raises(ValueError):
+        k8s.split_workers({}, 1)
+
+
+def test_team_objects() -> None:
+    assert k8s.namespace("corral-nlp", "nlp") == {
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "corral-nlp", "labels": {k8s.MANAGED_BY: "corral", k8s.TEAM_LABEL: "nlp"}}}
+    rb = k8s.role_binding("corral-nlp", "team-nlp")
+    assert rb["kind"] == "RoleBinding" and rb["metadata"]["namespace"] == "corral-nlp"
+    assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"}
+    assert rb["subjects"] == [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "team-nlp"}]
+    q = k8s.resource_quota("corral-nlp", 16)
+    assert q["kind"] == "ResourceQuota" and q["spec"] == {"hard": {"requests.nvidia.com/gpu": "16"}}
+    np = k8s.network_policy("corral-nlp", "hub")
+    assert np["kind"] == "NetworkPolicy" and np["spec"]["policyTypes"] == ["Ingress"]
+    assert np["spec"]["podSelector"] == {"matchLabels": {k8s.KIND_LABEL: "sandbox"}}
+    (rule,) = np["spec"]["ingress"]
+    assert rule == {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "hub"}},
+                              "podSelector": {"matchLabels": {"app.kubernetes.io/component": "hub"}}}]}
