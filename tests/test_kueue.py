@@ -1,0 +1,288 @@
+"""Kueue interop: the typed models, `export` of a queue tree, `corral kueue export`, and (against the test API
+server with Kueue's own CRDs installed, from scripts/kueue-crds) that the real schema and CEL rules take the export
+and refuse what Kueue refuses.
+
+The end-to-end tests need the control plane (scripts/k8s-tools) and Go with the module proxy (scripts/kueue-crds);
+they skip without them, and fail instead when CORRAL_REQUIRE_K8S=1."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from quotas import QueueSpec, QueueTree
+from scheduler.cli import app
+from scheduler.kueue import ClusterQueue, Cohort, ExportError, LocalQueue, ResourceFlavor, export, from_dict, losses
+from scheduler.kueue.client import KueueClient
+from scheduler.kueue.export import export_objects
+from tests.k8s_kit import REQUIRE_ENV, ControlPlane, shared_plane, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU = "nvidia.com/gpu"
+CAPACITY = {"h100": 16, "a100": 4}
+FLAVORS = {"h100": "h100", "a100": "a100"}
+
+
+def specs(suffix: str = "") -> list[QueueSpec]:
+    """Two departments; research's quota exceeds its teams' by 2; nlp may borrow 2; adhoc (top-level) has none."""
+    return [
+        QueueSpec(f"research{suffix}", quota={"h100": 8, "a100": 1}, limit={"h100": 12}, weight=2),
+        QueueSpec(f"nlp{suffix}", f"research{suffix}", quota={"h100": 4}, limit={"h100": 6}),
+        QueueSpec(f"vision{suffix}", f"research{suffix}", quota={"h100": 2, "a100": 1}, weight=0.5),
+        QueueSpec(f"product{suffix}", quota={"h100": 4}),
+        QueueSpec(f"ranking{suffix}", f"product{suffix}", quota={"h100": 4}),
+        QueueSpec(f"adhoc{suffix}", limit={"a100": 2}),
+    ]
+
+
+def by_kind(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+def gpus(obj: dict[str, Any], flavor: str) -> dict[str, Any]:
+    (group,) = obj["spec"]["resourceGroups"]
+    assert group["coveredResources"] == [GPU]
+    (res,) = next(f for f in group["flavors"] if f["name"] == flavor)["resources"]
+    assert res["name"] == GPU
+    return {k: v for k, v in res.items() if k != "name"}
+
+
+# ----- unit -----------------------------------------------------------------------------------------------
+
+
+def test_export_maps_the_tree() -> None:
+    objs = export(QueueTree(specs(), CAPACITY), FLAVORS, lambda q: f"team-{q.name}")
+    assert all(o["apiVersion"] == "kueue.x-k8s.io/v1beta2" for o in objs)
+    # Creation order: what is referenced comes first.
+    kinds = [o["kind"] for o in objs]
+    assert kinds == sorted(kinds, key=["ResourceFlavor", "Cohort", "ClusterQueue", "LocalQueue"].index)
+    o = by_kind(objs)
+    assert o["ResourceFlavor", "h100"]["spec"] == {"nodeLabels": {"nvidia.com/gpu.product": "h100"}}
+    # The root cohort holds what no top-level queue is guaranteed: 16 - 8 - 4 h100, 4 - 1 a100.
+    root = o["Cohort", "corral"]["spec"]
+    assert "parentName" not in root
+    assert gpus(o["Cohort", "corral"], "h100") == {"nominalQuota": 4}
+    assert gpus(o["Cohort", "corral"], "a100") == {"nominalQuota": 3}
+    # A department: its own share beyond its teams' quotas (8 - 4 - 2), and borrowing up to its limit.
+    research = o["Cohort", "research"]["spec"]
+    assert research["parentName"] == "corral"
+    assert research["fairSharing"] == {"weight": 2}
+    assert gpus(o["Cohort", "research"], "h100") == {"nominalQuota": 2, "borrowingLimit": 4}
+    assert gpus(o["Cohort", "research"], "a100") == {"nominalQuota": 0}  # all of it is vision's
+    nlp = o["ClusterQueue", "nlp"]["spec"]
+    assert nlp["cohortName"] == "research"
+    assert gpus(o["ClusterQueue", "nlp"], "h100") == {"nominalQuota": 4, "borrowingLimit": 2}
+    assert gpus(o["ClusterQueue", "nlp"], "a100") == {"nominalQuota": 0}  # unlimited: no borrowingLimit
+    assert nlp["preemption"] == {"reclaimWithinCohort": "Any", "borrowWithinCohort": {"policy": "Never"},
+                                 "withinClusterQueue": "LowerPriority"}
+    assert nlp["queueingStrategy"] == "BestEffortFIFO"
+    assert nlp["namespaceSelector"] == {}
+    assert o["ClusterQueue", "vision"]["spec"]["fairSharing"] == {"weight": "0.5"}  # a quantity, not a float
+    adhoc = o["ClusterQueue", "adhoc"]
+    assert adhoc["spec"]["cohortName"] == "corral"
+    assert gpus(adhoc, "a100") == {"nominalQuota": 0, "borrowingLimit": 2}
+    assert o["LocalQueue", "adhoc"]["metadata"]["namespace"] == "team-adhoc"
+    assert o["LocalQueue", "adhoc"]["spec"] == {"clusterQueue": "adhoc"}
+    # Inner queues have no ClusterQueue or LocalQueue: jobs go to leaves only.
+    assert ("ClusterQueue", "research") not in o and ("LocalQueue", "product") not in o
+
+
+def test_models_round_trip_and_refuse_what_kueue_refuses() -> None:
+    for obj in export_objects(QueueTree(specs(), CAPACITY), FLAVORS, lambda q: "ns"):
+        again = from_dict(obj.to_dict())
+        assert again == obj and type(again) is type(obj)
+    cq = by_kind(export(QueueTree(specs(), CAPACITY), FLAVORS, lambda q: "ns"))["ClusterQueue", "nlp"]
+    bad = copy.deepcopy(cq)
+    bad["spec"]["resourceGroups"][0]["flavors"][0]["resources"][0]["nominalQuota"] = -1
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        ClusterQueue.from_dict(bad)
+    with pytest.raises(ValidationError, match="metadata.namespace is required"):
+        LocalQueue.from_dict({"metadata": {"name": "x"}, "spec": {"clusterQueue": "x"}})
+    with pytest.raises(ValueError, match="expected kind Cohort"):
+        Cohort.from_dict(cq)
+    # What the server hands back: quantities as strings, extra fields.
+    served = {**cq, "status": {"pendingWorkloads": 0}, "metadata": {**cq["metadata"], "uid": "u", "generation": 1}}
+    served["spec"]["resourceGroups"][0]["flavors"][0]["resources"][0]["nominalQuota"] = "4"
+    assert ClusterQueue.from_dict(served).spec.resource_groups[0].flavors[0].resources[0].nominal_quota == 4
+
+
+def test_export_refuses_names_kubernetes_refuses_and_reports_losses() -> None:
+    tree = QueueTree([QueueSpec("Team_A"), QueueSpec("corral")], {"h100": 8})
+    with pytest.raises(ExportError) as e:
+        export(tree, {"h100": "h100"}, lambda q: "ns")
+    assert "queue 'Team_A' is not a Kubernetes name" in str(e.value)
+    assert "the root cohort 'corral' has the name of a queue" in str(e.value)
+    tree = QueueTree([QueueSpec("a", weight={"h100": 2})], CAPACITY)
+    assert losses(tree, {"h100": "h100"}) == ["pool 'a100' is not exported (no flavor given): its quotas and "
+                                              "limits are dropped"]
+    assert "Kueue has one weight per queue: exported as 1" in losses(tree, FLAVORS)[0]
+
+
+def test_cli_export(tmp_path: Path) -> None:
+    doc = {"queues": [{"name": "research", "quota": {"h100": 8}},
+                      {"name": "nlp", "parent": "research", "quota": {"h100": 4}, "limit": {"h100": 8}}]}
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(doc))
+    runner = CliRunner()
+    r = runner.invoke(app, ["kueue", "export", "-f", str(tmp_path / "q.yaml"), "--pools", "h100=16",
+                            "--flavor", "h100=h100-sxm", "--product", "h100=NVIDIA-H100-80GB-HBM3",
+                            "--namespace", "ml-{queue}"])
+    assert r.exit_code == 0, r.output
+    o = by_kind(list(yaml.safe_load_all(r.stdout)))
+    assert o["ResourceFlavor", "h100-sxm"]["spec"]["nodeLabels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert gpus(o["ClusterQueue", "nlp"], "h100-sxm") == {"nominalQuota": 4, "borrowingLimit": 4}
+    assert o["LocalQueue", "nlp"]["metadata"]["namespace"] == "ml-nlp"
+    r = runner.invoke(app, ["kueue", "export", "-f", str(tmp_path / "q.yaml"), "--pools", "h100=16", "-o", "json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["kind"] == "List"
+    r = runner.invoke(app, ["kueue", "export", "-f", str(tmp_path / "q.yaml"), "--pools", "h100=4"])
+    assert r.exit_code == 2 and "more than the pool's capacity of 4" in r.stderr
+
+
+# ----- end to end: the real CRDs on the test API server ---------------------------------------------------
+
+
+def kueue_crds_dir() -> Path:
+    """scripts/kueue-crds' dir; skip (or fail under CORRAL_REQUIRE_K8S=1) when Go or the proxy is not there."""
+    try:
+        out = subprocess.run([str(ROOT / "scripts" / "kueue-crds")], capture_output=True, text=True, timeout=300)
+        why = out.stderr.strip() if out.returncode else ""
+    except (OSError, subprocess.TimeoutExpired) as e:
+        why = str(e)
+    if why:
+        msg = f"Kueue's CRDs are not available: {why}"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{msg} ({REQUIRE_ENV}=1)", pytrace=False)
+        pytest.skip(msg)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def kueue(request: pytest.FixtureRequest) -> KueueClient:
+    """The shared control plane with Kueue's CRDs installed and Established (once per session: they stay)."""
+    plane: ControlPlane = shared_plane(request.config)
+    crds = kueue_crds_dir()
+    ext = client.ApiextensionsV1Api(plane.api_client())
+    names = []
+    for path in sorted(crds.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc:
+                continue
+            names.append(doc["metadata"]["name"])
+            try:
+                ext.create_custom_resource_definition(doc)
+            except ApiException as e:
+                if e.status != 409:  # installed by an earlier test module of this session
+                    raise
+
+    def established() -> bool:
+        for name in names:
+            status = ext.read_custom_resource_definition(name).status
+            conds = (status.conditions if status else None) or []
+            if not any(c.type == "Established" and c.status == "True" for c in conds):
+                return False
+        return True
+    wait_for("Kueue's CRDs Established", established, 60, plane.procs)
+    return KueueClient(plane.api_client())
+
+
+@pytest.fixture
+def ns(request: pytest.FixtureRequest) -> Iterator[str]:
+    with shared_plane(request.config).namespace("kueue") as name:
+        yield name
+
+
+def rejection(e: pytest.ExceptionInfo[ApiException]) -> str:
+    assert e.value.status == 422, e.value.body
+    return str(json.loads(e.value.body or "{}")["message"])
+
+
+def test_export_is_valid_under_kueues_crds(kueue: KueueClient, ns: str) -> None:
+    suffix = f"-{uuid.uuid4().hex[:6]}"  # cluster-scoped names: unique per run of the shared control plane
+    tree = QueueTree(specs(suffix), CAPACITY)
+    flavors = {p: f"{p}{suffix}" for p in CAPACITY}
+    objects = export_objects(tree, flavors, lambda q: ns, root=f"corral{suffix}")
+    made = kueue.apply_all(objects)
+    # The server kept every field (no pruning by the structural schema) and defaulted none we left out.
+    assert [m.to_dict()["spec"] for m in made] == [o.to_dict()["spec"] for o in objects]
+    nlp = next(o for o in objects if isinstance(o, ClusterQueue) and o.metadata.name == f"nlp{suffix}")
+    assert kueue.get(ClusterQueue, f"nlp{suffix}").spec == nlp.spec
+    assert {q.metadata.name for q in kueue.list(LocalQueue, ns)} == {q.name for q in tree.leaves}
+    assert {c.spec.parent_name for c in kueue.list(Cohort, label_selector="app.kubernetes.io/managed-by=corral")
+            if c.metadata.name.endswith(suffix)} == {None, f"corral{suffix}"}
+    # apply again: a replace of what is there, with a change.
+    again = export_objects(QueueTree(specs(suffix)[:1] + [QueueSpec(f"nlp{suffix}", f"research{suffix}",
+                                                                    quota={"h100": 5})] + specs(suffix)[2:],
+                                     CAPACITY), flavors, lambda q: ns, root=f"corral{suffix}")
+    nlp = next(o for o in again if isinstance(o, ClusterQueue) and o.metadata.name == f"nlp{suffix}")
+    assert kueue.apply(nlp).spec.resource_groups[0].flavors[0].resources[0].nominal_quota == 5
+    for o in reversed(made):
+        kueue.delete(type(o), o.metadata.name, o.metadata.namespace)
+    assert not any(f.metadata.name == flavors["h100"] for f in kueue.list(ResourceFlavor))
+
+
+def test_kueues_cel_rules_refuse_bad_objects(kueue: KueueClient, ns: str) -> None:
+    suffix = f"-{uuid.uuid4().hex[:6]}"
+    objects = export(QueueTree([QueueSpec(f"team{suffix}", quota={"h100": 2}, limit={"h100": 4})], {"h100": 8}),
+                     {"h100": f"h100{suffix}"}, lambda q: ns, root=f"corral{suffix}")
+    cq = next(o for o in objects if o["kind"] == "ClusterQueue")
+    api = kueue.api
+
+    def create(body: dict[str, Any]) -> None:
+        # Raw, past Corral's models: what reaches the server is only what its CRD schema and CEL rules allow.
+        api.create_cluster_custom_object("kueue.x-k8s.io", "v1beta2", "clusterqueues", body)
+
+    # A borrowingLimit outside any cohort: the ClusterQueue spec's CEL rule.
+    lone = copy.deepcopy(cq)
+    del lone["spec"]["cohortName"]
+    with pytest.raises(ApiException) as e:
+        create(lone)
+    assert "borrowingLimit must be nil when cohort is empty" in rejection(e)
+    # Borrowing preemption while never reclaiming: the preemption CEL rule.
+    odd = copy.deepcopy(cq)
+    odd["spec"]["preemption"] = {"reclaimWithinCohort": "Never", "borrowWithinCohort": {"policy": "LowerPriority"}}
+    with pytest.raises(ApiException) as e:
+        create(odd)
+    assert "reclaimWithinCohort=Never and borrowWithinCohort.Policy!=Never" in rejection(e)
+    # A flavor that does not cover every covered resource: the resource group's CEL rule.
+    short = copy.deepcopy(cq)
+    short["spec"]["resourceGroups"][0]["coveredResources"].append("cpu")
+    with pytest.raises(ApiException) as e:
+        create(short)
+    assert "flavors must have the same number of resources as the coveredResources" in rejection(e)
+    # A weight that is not a quantity: the schema's pattern.
+    heavy = copy.deepcopy(cq)
+    heavy["spec"]["fairSharing"] = {"weight": "lots"}
+    with pytest.raises(ApiException) as e:
+        create(heavy)
+    assert "spec.fairSharing.weight" in rejection(e)
+
+    # The schema alone takes a negative nominalQuota (its quantity pattern allows a sign): only Kueue's webhook,
+    # which a bare CRD install lacks, refuses it. Corral's models refuse it before it is sent.
+    negative = copy.deepcopy(cq)
+    negative["metadata"]["name"] = f"negative{suffix}"
+    negative["spec"]["resourceGroups"][0]["flavors"][0]["resources"][0]["nominalQuota"] = -1
+    negative["spec"]["resourceGroups"][0]["flavors"][0]["resources"][0].pop("borrowingLimit")
+    create(negative)
+    api.delete_cluster_custom_object("kueue.x-k8s.io", "v1beta2", "clusterqueues", f"negative{suffix}")
+    with pytest.raises(ValidationError):
+        ClusterQueue.from_dict(negative)
+
+    # A LocalQueue's clusterQueue is immutable (CEL transition rule self == oldSelf).
+    lq = LocalQueue.from_dict(next(o for o in objects if o["kind"] == "LocalQueue"))
+    kueue.create(lq)
+    moved = lq.model_copy(update={"spec": lq.spec.model_copy(update={"cluster_queue": "elsewhere"})})
+    with pytest.raises(ApiException) as e:
+        kueue.apply(moved)
+    assert "field is immutable" in rejection(e)
