@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from sandbox.culling import GpuSample
+from scheduler.service.assemble import build_core
 from scheduler.service.auth import Role
-from tests.service_kit import Service
+from scheduler.service.settings import ServiceSettings
+from tests.service_kit import ScriptedExecutor, Service, gpus
 
 
 def job(queue: str = "nlp", gpus: int = 1, **kw: Any) -> dict[str, Any]:
@@ -231,3 +234,11 @@ def test_tokens_expire(svc: Service) -> None:
     assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
     forever = svc.admin.post("/v1/tokens", json={"user": "bot", "role": "viewer", "expires_in_days": None}).json()
     assert forever["expires_at"] is None
+
+
+def test_a_restart_with_fewer_gpus_keeps_running_on_the_tree(svc: Service, tmp_path: Path) -> None:
+    """Nodes lost while Corral was down: the tree's quotas (8 GPUs) exceed what is left (4); Corral still starts."""
+    s = ServiceSettings(data_dir=tmp_path / "data", database_url=svc.core.settings.url)
+    core = build_core(s, ScriptedExecutor(), gpus(4), svc.clock)
+    assert core.capacity == {"local": 4}
+    assert core.tree["research"].quota_of("local") == 4

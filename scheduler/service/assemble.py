@@ -47,6 +47,22 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
             nodes = discover_ray(settings.ray_address, settings.ray_token)
         executor = executor or RayExecutor(settings.ray_address, settings.data_dir / "ray", settings.ray_token,
                                            nodes)
+    elif settings.backend == "kubernetes":
+        # Imported only for this backend, like Ray: the kubernetes client is slow to import.
+        from kubernetes import client as k8s_client  # noqa: PLC0415
+        from kubernetes import config as k8s_config  # noqa: PLC0415
+
+        from scheduler.backends.kubernetes import KubernetesExecutor, discover_nodes  # noqa: PLC0415
+
+        if settings.k8s_kubeconfig:
+            api = k8s_config.new_client_from_config(config_file=settings.k8s_kubeconfig)  # type: ignore[no-untyped-call]
+        else:
+            k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+            api = k8s_client.ApiClient()
+        if nodes is None:
+            nodes = discover_nodes(api)
+        executor = executor or KubernetesExecutor(api, settings.data_dir / "k8s", settings.k8s_default_image,
+                                                  settings.grace_s, settings.k8s_namespace_prefix)
     elif nodes is None:
         found = local_gpus(settings) if gpus is None else gpus
         real = gpus is None and settings.gpus is None and bool(found)

@@ -139,7 +139,7 @@ class Core:
         with self.db.connect() as conn:
             row = queues.latest(conn)
             assert row is not None
-            tree = queues.build_tree(row["document"], self.capacity)
+            tree = self._applied_tree(row["document"])
             live = list(conn.execute(sa.select(jobs).where(jobs.c.state.in_(LIVE)).order_by(jobs.c.id)).mappings())
             placed = {(a["job_id"]): a for a in conn.execute(
                 sa.select(attempts).where(attempts.c.state.in_(("starting", "running")))).mappings()}
@@ -167,6 +167,19 @@ class Core:
         except BaseException:
             self._rebuild()
             raise
+
+    def _applied_tree(self, document: dict[str, Any]) -> QueueTree:
+        """The tree in force. If nodes were lost since it was applied, its quotas may now add up to more than the
+        pools hold: Corral keeps running on it (guarantees are honoured as far as the GPUs that are left allow)
+        rather than refuse to start; a new tree is checked against today's capacity when applied."""
+        try:
+            return queues.build_tree(document, self.capacity)
+        except Invalid:
+            tops = [q for q in document.get("queues", []) if q.get("parent") is None]
+            needed = {p: sum(int(q.get("quota", {}).get(p, 0)) for q in tops) for p in self.capacity}
+            log.warning("the queue tree's quotas exceed the GPUs found now (%s > %s); running on it anyway",
+                        needed, self.capacity)
+            return queues.build_tree(document, {p: max(c, needed[p]) for p, c in self.capacity.items()})
 
     # ----- submissions -----
 

@@ -32,8 +32,12 @@ class ServiceSettings(BaseSettings):
     port: int = Field(8265, ge=1, le=65535, description="TCP port of the API.")
     tls_certfile: Path | None = Field(None, description="PEM certificate: serve the API over HTTPS (with tls_keyfile).")
     tls_keyfile: Path | None = Field(None, description="PEM private key of tls_certfile.")
-    backend: Literal["local", "ray"] = Field("local", description=(
-        "Where admitted jobs run: local processes on this machine, or a Ray cluster (its nodes become pools)."))
+    backend: Literal["local", "ray", "kubernetes"] = Field("local", description=(
+        "Where admitted jobs run: local processes on this machine, a Ray cluster, or a Kubernetes cluster (their "
+        "GPU nodes become pools)."))
+    k8s_kubeconfig: str | None = Field(None, description="Kubeconfig for backend kubernetes (None: in-cluster).")
+    k8s_default_image: str | None = Field(None, description="Image for jobs that name none (backend kubernetes).")
+    k8s_namespace_prefix: str = Field("corral-", description="A team's namespace is this prefix + its queue.")
     ray_address: str | None = Field(None, description=(
         "The Ray cluster's dashboard/Jobs API address, e.g. http://10.0.0.5:8265 (backend ray)."))
     ray_token: str | None = Field(None, description=(
