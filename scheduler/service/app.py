@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
@@ -12,11 +13,32 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
 
 from scheduler.service import routes_cluster, routes_jobs, routes_models, routes_sandboxes, web
 from scheduler.service.core import Core
 from scheduler.service.errors import ServiceError
 from scheduler.service.views import live_metrics
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable: not_found, forbidden, invalid, conflict, unavailable, ...")
+    message: str
+    where: str | None = Field(None, description="The field or parameter at fault, when there is one.")
+    detail: Any = None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer of the API (ServiceError.body and the validation handler below)."""
+
+    error: ErrorDetail
+
+
+# Documented on every /v1 route, so that clients (and the schema fuzzing in tests/test_fuzz_api.py) know them.
+ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "description": text} for status, text in (
+    (401, "No valid, unrevoked API token"), (403, "The caller's role does not allow it"),
+    (404, "Not found, or not visible to the caller"), (409, "Conflicts with the current state"),
+    (422, "Invalid input"), (503, "A dependency (database, JupyterHub, an optional package) is unavailable"))}
 
 
 def create_app(core: Core, run_loop: bool = True) -> FastAPI:
@@ -73,10 +95,10 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
     def metrics() -> Response:
         return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(routes_jobs.router, prefix="/v1")
-    app.include_router(routes_cluster.router, prefix="/v1")
-    app.include_router(routes_sandboxes.router, prefix="/v1")
-    app.include_router(routes_models.router, prefix="/v1")
+    app.include_router(routes_jobs.router, prefix="/v1", responses=ERRORS)
+    app.include_router(routes_cluster.router, prefix="/v1", responses=ERRORS)
+    app.include_router(routes_sandboxes.router, prefix="/v1", responses=ERRORS)
+    app.include_router(routes_models.router, prefix="/v1", responses=ERRORS)
     app.mount("/ui/static", StaticFiles(directory=web.STATIC), name="ui-static")  # before /ui: it must win
     app.include_router(web.router, prefix="/ui")
     return app
