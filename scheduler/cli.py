@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from scheduler import cli_kueue, cli_models, cli_service
+from scheduler import cli_admission, cli_kueue, cli_models, cli_service
 from scheduler.engine.baselines import POLICIES
 from scheduler.sim import importers, metrics
 from scheduler.sim.expect import check
@@ -25,6 +25,7 @@ app.add_typer(sim, name="sim")
 cli_service.register(app)
 cli_models.register(app)
 cli_kueue.register(app)
+cli_admission.register(app)
 
 out = Console()
 

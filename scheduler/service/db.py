@@ -23,6 +23,16 @@ queue_versions = sa.Table(
     sa.Column("document", sa.JSON, nullable=False),  # {"queues": [...]} exactly as applied
 )
 
+# Admission policies, versioned like the queue tree: the newest row is in force.
+admission_policies = sa.Table(
+    "admission_policies", metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("author", sa.String(200), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("comment", sa.Text, nullable=False, default=""),
+    sa.Column("document", sa.JSON, nullable=False),  # {"rules": [...], "hook": ...} exactly as applied
+)
+
 nodes = sa.Table(
     "nodes", metadata,
     sa.Column("name", sa.String(200), primary_key=True),

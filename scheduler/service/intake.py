@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from scheduler.engine.explain import rejection
-from scheduler.service import store
+from scheduler.service import admission, store
 from scheduler.service.auth import Principal
 from scheduler.service.db import audit, events, jobs
 from scheduler.service.errors import Conflict, Forbidden, Invalid, ServiceError
@@ -141,6 +141,9 @@ def _check(core: Core, batch: list[Submission]) -> list[Submission]:
                 raise Forbidden(f"{who.user} ({who.role}) may not submit to queue {sub.queue}", "queue")
             if sub.queue not in core.tree:
                 raise Invalid(f"queue {sub.queue!r} does not exist", "queue")
+            # Admission policy: defaults filled in (what is stored), or Invalid naming the rule; audited there.
+            # Before the idempotency check, so a retry compares like with like (both with defaults).
+            sub = item.sub = admission.check(core, who, sub)
             if key is not None and key in earlier:
                 first = earlier[key]
                 changed = sorted(f for f in set(first["spec"]) | set(sub.model_dump(mode="json"))

@@ -1,0 +1,1 @@
+"""Admission policies: declarative rules (and one hook) checked when a job is submitted or a sandbox spawned."""
