@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from scheduler.service import routes_cluster, routes_jobs, routes_models, routes_sandboxes, web
+from scheduler.service import routes_admission, routes_cluster, routes_jobs, routes_models, routes_sandboxes, web
 from scheduler.service.core import Core
 from scheduler.service.errors import ServiceError
 from scheduler.service.views import live_metrics
@@ -99,6 +99,7 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
     app.include_router(routes_cluster.router, prefix="/v1", responses=ERRORS)
     app.include_router(routes_sandboxes.router, prefix="/v1", responses=ERRORS)
     app.include_router(routes_models.router, prefix="/v1", responses=ERRORS)
+    app.include_router(routes_admission.router, prefix="/v1", responses=ERRORS)
     app.mount("/ui/static", StaticFiles(directory=web.STATIC), name="ui-static")  # before /ui: it must win
     app.include_router(web.router, prefix="/ui")
     return app
