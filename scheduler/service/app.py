@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from scheduler.service import routes_admission, routes_cluster, routes_jobs, routes_models, routes_sandboxes, web
 from scheduler.service.core import Core
+from scheduler.service.deps import TEXT_OK
 from scheduler.service.errors import ServiceError
 from scheduler.service.views import live_metrics
 
@@ -91,7 +92,7 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
             return JSONResponse({"ready": False, "why": "starting"}, status_code=503)
         return JSONResponse({"ready": True})
 
-    @app.get("/metrics", tags=["health"])
+    @app.get("/metrics", tags=["health"], response_class=Response, responses=TEXT_OK)
     def metrics() -> Response:
         return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import sqlalchemy as sa
@@ -16,6 +16,9 @@ from scheduler.service.db import tokens
 from scheduler.service.errors import Unauthorized, Unavailable
 
 HUB_TIMEOUT_S = 5.0  # asking the hub who holds a token: longer than that, and the caller should hear why
+# A route answering text/plain: with response_class=Response, its 200 is documented as text and its errors (JSON,
+# app.ERRORS) as application/json; response_class=PlainTextResponse would document the errors as text too.
+TEXT_OK: dict[int | str, dict[str, Any]] = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
 def core(request: Request) -> Core:

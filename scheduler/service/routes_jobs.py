@@ -15,7 +15,7 @@ from scheduler.engine.model import JobState
 from scheduler.service import store
 from scheduler.service.core import Core
 from scheduler.service.db import attempts, events, jobs
-from scheduler.service.deps import Caller, CoreDep
+from scheduler.service.deps import TEXT_OK, Caller, CoreDep
 from scheduler.service.errors import Invalid, NotStarted
 from scheduler.service.specs import JobSubmit, engine_id
 
@@ -122,7 +122,7 @@ def explain(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
     return {"job": job_id, "state": job["state"], "reason": reason, "preemptions": preempted}
 
 
-@router.get("/jobs/{job_id}/logs")
+@router.get("/jobs/{job_id}/logs", response_class=Response, responses=TEXT_OK)
 async def logs(job_id: int, who: Caller, core: CoreDep, stream: Literal["stdout", "stderr"] = "stdout",
                attempt: Annotated[int | None, Query(ge=1)] = None, follow: bool = False,
                offset: Annotated[int, Query(ge=0)] = 0) -> Response:

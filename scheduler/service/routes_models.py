@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Query
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.models import audit as chain
@@ -14,7 +14,7 @@ from scheduler.models import mlflow_export
 from scheduler.models.manifests import deployment, inference_service, to_yaml
 from scheduler.service import registry
 from scheduler.service.db import approvals, models, promotions
-from scheduler.service.deps import Caller, CoreDep
+from scheduler.service.deps import TEXT_OK, Caller, CoreDep
 from scheduler.service.errors import Forbidden, Invalid, NotFound, Unavailable
 
 router = APIRouter(tags=["models"])
@@ -156,11 +156,11 @@ def roi(name: str, who: Caller, core: CoreDep) -> dict[str, Any]:
         return registry.roi(conn, core, who, name)
 
 
-@router.get("/models/{name}/deploy", response_class=PlainTextResponse)
+@router.get("/models/{name}/deploy", response_class=Response, responses=TEXT_OK)
 def deploy(name: str, who: Caller, core: CoreDep, stage: Literal["staging", "production"] = "production",
            kind: Literal["kserve", "deployment"] = "kserve", namespace: str = "default",
            image: str = "kserve/huggingfaceserver:latest", model_format: str = "pytorch",
-           gpus: Annotated[int, Query(ge=0)] = 1) -> str:
+           gpus: Annotated[int, Query(ge=0)] = 1) -> PlainTextResponse:
     """The manifest serving the version at `stage`: a KServe InferenceService, or a plain Deployment."""
     with core.db.connect() as conn:
         registry.model_row(conn, core, who, name)
@@ -172,7 +172,7 @@ def deploy(name: str, who: Caller, core: CoreDep, stage: Literal["staging", "pro
         doc = inference_service(name, version, v["artifact_uri"], v["digest"], namespace, model_format, gpus)
     else:
         doc = deployment(name, version, image, v["artifact_uri"], v["digest"], namespace, gpus)
-    return to_yaml(doc)
+    return PlainTextResponse(to_yaml(doc))
 
 
 
