@@ -71,6 +71,13 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
         return JSONResponse(e.body(), status_code=e.status,
                             headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
 
+    @app.exception_handler(sa.exc.OperationalError)
+    async def database_away(_: Request, e: sa.exc.OperationalError) -> JSONResponse:
+        # The database is unreachable (stopped, restarting, network): say so, and when to come back.
+        body = {"error": {"code": "unavailable", "message": "the database is unavailable; nothing was changed, "
+                                                           "try again shortly"}}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         problems = [{"where": ".".join(str(p) for p in err["loc"]), "problem": err["msg"]} for err in e.errors()]

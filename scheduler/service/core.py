@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from quotas import QueueTree
 from sandbox.culling import IdlePolicy, IdleTracker
-from scheduler.backends.base import Executor, Handle, Launch, NodeInfo
+from scheduler.backends.base import Executor, Exit, Handle, Launch, NodeInfo
 from scheduler.engine import Engine as Scheduler
 from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
 from scheduler.engine.model import Settings
@@ -33,6 +33,7 @@ log = logging.getLogger("corral.service")
 
 LIVE = ("pending", "starting", "running")  # job states the engine knows about
 BATCH_S = 0.005
+DB_BACKOFF_MAX_S = 5.0  # the longest pause between cycles while the database is away
 HOLDING = ("running", "stopping")  # attempt states whose process may still hold its GPUs
 FINISHED = ("completed", "failed", "cancelled", "rejected")
 
@@ -57,6 +58,8 @@ class Core:
         self.engine: Scheduler
         self.version = 0
         self.tokens = TokenCache()
+        self._stale = False
+        self._unrecorded: list[Exit] = []
         self.intake = Intake(self)
         self.idle = IdleTracker(IdlePolicy(settings.idle_threshold_pct).for_profile(settings.idle_timeout_s))
         self._culled_at = -math.inf
@@ -165,7 +168,10 @@ class Core:
         except ServiceError:
             raise  # refused before the engine changed
         except BaseException:
-            self._rebuild()
+            try:
+                self._rebuild()
+            except sa.exc.SQLAlchemyError:
+                self._stale = True  # the database is away: rebuild at the next cycle that can reach it
             raise
 
     def _applied_tree(self, document: dict[str, Any]) -> QueueTree:
@@ -273,7 +279,12 @@ class Core:
         started = time.perf_counter()
         with self.lock:
             now = self.clock()
-            exits = self.executor.poll(now)
+            if self._stale:  # a failed transaction left decisions in memory that the database never got
+                self._rebuild()
+                self._stale = False
+            # The executor reports each exit once: keep them until a commit has recorded them.
+            self._unrecorded += self.executor.poll(now)
+            exits = self._unrecorded
             stops: list[tuple[int, int, float]] = []
             with self.changing() as conn:
                 for e in exits:
@@ -285,6 +296,7 @@ class Core:
                 decisions = self.engine.schedule(now)
                 for d in decisions:
                     stops += self._record(conn, d, now)
+            self._unrecorded = []
             self._terminate(stops, now)
             self._launch_ready(now)
         if now - self._culled_at >= self.settings.cull_interval_s:
@@ -397,6 +409,12 @@ class Core:
             try:
                 handle = self.executor.launch(Launch(str(job["id"]), a["attempt"], sub.command, gpus, env,
                                                      sub.workdir, sub.image))
+            except FileExistsError:
+                # Launched before, but the commit that said so was lost (the database went away): take it back.
+                ended = self.executor.adopt(Handle(str(job["id"]), a["attempt"], None, 0.0))
+                if ended is not None:
+                    self._unrecorded.append(ended)
+                handle = Handle(str(job["id"]), a["attempt"], None, 0.0)
             except OSError as e:
                 with self.changing() as conn:
                     self.engine.finish(engine_id(job["id"]), now, failed=True)
@@ -418,6 +436,7 @@ class Core:
 
     def run(self, stop: threading.Event) -> None:
         """Cycle until `stop` is set: after each change (a submission wakes it) or every tick_s."""
+        failing = 0
         while not stop.is_set():
             if self.wake.wait(self.settings.tick_s):
                 # A few ms for the rest of a burst of submissions to land: one cycle decides them together.
@@ -425,5 +444,12 @@ class Core:
             self.wake.clear()
             try:
                 self.tick()
-            except Exception:  # a database hiccup must not stop scheduling for good; the next cycle retries
+                failing = 0
+            except sa.exc.OperationalError as e:
+                # The database is away: pause (longer each time, up to DB_BACKOFF_MAX_S) and try again; the
+                # API answers 503 meanwhile. Nothing is lost: exits wait in memory, decisions are redone.
+                failing = min(failing + 1, 6)
+                log.warning("database unavailable, scheduling paused: %s", e.orig)
+                stop.wait(min(DB_BACKOFF_MAX_S, self.settings.tick_s * 2 ** failing))
+            except Exception:  # anything else must not stop scheduling for good; the next cycle retries
                 log.exception("scheduling cycle failed")
