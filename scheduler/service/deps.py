@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import httpx
 import sqlalchemy as sa
 from fastapi import Depends, Request
+from pydantic import Field
 from sqlalchemy.engine import RowMapping
 from starlette.concurrency import run_in_threadpool
 
@@ -16,6 +17,10 @@ from scheduler.service.db import tokens
 from scheduler.service.errors import Unauthorized, Unavailable
 
 HUB_TIMEOUT_S = 5.0  # asking the hub who holds a token: longer than that, and the caller should hear why
+# An id (or version) as the API takes it: 1 up to the largest integer a database column holds (SQLite INTEGER,
+# PostgreSQL BIGINT). A larger one would fail inside the database driver (OverflowError: a 500), not answer 422.
+MAX_DB_INT = 2**63 - 1
+DbId = Annotated[int, Field(ge=1, le=MAX_DB_INT)]
 # A route answering text/plain: with response_class=Response, its 200 is documented as text and its errors (JSON,
 # app.ERRORS) as application/json; response_class=PlainTextResponse would document the errors as text too.
 TEXT_OK: dict[int | str, dict[str, Any]] = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}

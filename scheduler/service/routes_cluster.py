@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scheduler.service import queues, store, usage, views
 from scheduler.service.auth import Role, digest, new_secret
 from scheduler.service.db import audit, queue_versions, tokens
-from scheduler.service.deps import Caller, CoreDep
+from scheduler.service.deps import Caller, CoreDep, DbId
 from scheduler.service.errors import Forbidden, Invalid, NotFound
 
 router = APIRouter()
@@ -23,12 +23,12 @@ class Apply(BaseModel):
     document: dict[str, Any] = Field(description="The whole tree: {queues: [...]}, as in queues.yaml.")
     comment: str = ""
     dry_run: bool = Field(False, description="Validate and show the diff without applying it.")
-    expected_version: int | None = Field(None, description="Apply only if the tree is still at this version.")
+    expected_version: DbId | None = Field(None, description="Apply only if the tree is still at this version.")
 
 
 class Rollback(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1)
+    version: DbId
 
 
 class TokenRequest(BaseModel):
@@ -122,7 +122,7 @@ def create_token(body: TokenRequest, who: Caller, core: CoreDep) -> dict[str, An
 
 
 @router.delete("/tokens/{token_id}", tags=["tokens"])
-def revoke_token(token_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+def revoke_token(token_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     now = core.clock()
     with core.db.begin() as conn:
         row = conn.execute(sa.select(tokens).where(tokens.c.id == token_id)).mappings().first()

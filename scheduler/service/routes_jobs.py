@@ -15,7 +15,7 @@ from scheduler.engine.model import JobState
 from scheduler.service import store
 from scheduler.service.core import Core
 from scheduler.service.db import attempts, events, jobs
-from scheduler.service.deps import TEXT_OK, Caller, CoreDep
+from scheduler.service.deps import TEXT_OK, Caller, CoreDep, DbId
 from scheduler.service.errors import Invalid, NotStarted
 from scheduler.service.specs import JobSubmit, engine_id
 
@@ -37,7 +37,7 @@ async def submit(sub: JobSubmit, who: Caller, core: CoreDep, response: Response)
 def list_jobs(who: Caller, core: CoreDep,
               queue: str | None = None, state: Annotated[list[str] | None, Query()] = None,
               owner: str | None = None, label: Annotated[list[str] | None, Query()] = None,
-              limit: Annotated[int, Query(ge=1, le=1000)] = 100, before: int | None = None) -> dict[str, Any]:
+              limit: Annotated[int, Query(ge=1, le=1000)] = 100, before: DbId | None = None) -> dict[str, Any]:
     """Jobs the caller may see, newest first; `before` (an id) pages back."""
     for s in state or []:
         if s not in STATES:
@@ -76,7 +76,7 @@ def _label(text: str) -> tuple[str, str]:
 
 
 @router.get("/jobs/{job_id}")
-def get_job(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+def get_job(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
         job = core.readable(conn, who, job_id)
         view = store.job_view(job)
@@ -86,18 +86,18 @@ def get_job(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+def cancel(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     return core.cancel(who, job_id)
 
 
 @router.delete("/jobs/{job_id}")
-def delete(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+def delete(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     """The same as POST /jobs/{id}/cancel."""
     return core.cancel(who, job_id)
 
 
 @router.get("/jobs/{job_id}/events")
-def job_events(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+def job_events(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
         core.readable(conn, who, job_id)
         rows = conn.execute(sa.select(events).where(events.c.job_id == job_id).order_by(events.c.id)).mappings()
@@ -105,7 +105,7 @@ def job_events(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
 
 
 @router.get("/jobs/{job_id}/explain")
-def explain(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+def explain(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     """Why the job is where it is: for a pending job the rule that blocks it, with its numbers; the reasons
     of every preemption it suffered."""
     with core.db.connect() as conn:
@@ -123,7 +123,7 @@ def explain(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
 
 
 @router.get("/jobs/{job_id}/logs", response_class=Response, responses=TEXT_OK)
-async def logs(job_id: int, who: Caller, core: CoreDep, stream: Literal["stdout", "stderr"] = "stdout",
+async def logs(job_id: DbId, who: Caller, core: CoreDep, stream: Literal["stdout", "stderr"] = "stdout",
                attempt: Annotated[int | None, Query(ge=1)] = None, follow: bool = False,
                offset: Annotated[int, Query(ge=0)] = 0) -> Response:
     """The attempt's output (default: the latest) from byte `offset`. With follow, the answer streams until the

@@ -14,7 +14,7 @@ from scheduler.models import mlflow_export
 from scheduler.models.manifests import deployment, inference_service, to_yaml
 from scheduler.service import registry
 from scheduler.service.db import approvals, models, promotions
-from scheduler.service.deps import TEXT_OK, Caller, CoreDep
+from scheduler.service.deps import TEXT_OK, Caller, CoreDep, DbId
 from scheduler.service.errors import Forbidden, Invalid, NotFound, Unavailable
 
 router = APIRouter(tags=["models"])
@@ -32,13 +32,13 @@ class NewModel(_Body):
 
 
 class NewVersion(_Body):
-    job_id: int = Field(description="The finished (completed) job that produced the artifact.")
+    job_id: DbId = Field(description="The finished (completed) job that produced the artifact.")
     artifact_uri: str = Field(min_length=1, description="A local path or file:// URI; its sha256 is computed now.")
     metrics: dict[str, float] = Field(default_factory=dict)
     eval_set: str | None = Field(None, description="Which evaluation set the metrics were measured on.")
     code_ref: str | None = Field(None, description="e.g. a git commit")
     dataset_ref: str | None = None
-    lineage_jobs: list[int] = Field(default_factory=list, description="Other jobs that led here (sweeps, data prep).")
+    lineage_jobs: list[DbId] = Field(default_factory=list, description="Other jobs that led here (sweeps, data prep).")
 
 
 class Policy(_Body):
@@ -46,7 +46,7 @@ class Policy(_Body):
 
 
 class Promotion(_Body):
-    version: int = Field(ge=1)
+    version: DbId
     stage: Literal["staging", "production"] = "production"
 
 
@@ -105,7 +105,7 @@ def list_promotions(who: Caller, core: CoreDep, model: str | None = None,
 
 
 @router.get("/promotions/{promotion_id}")
-def get_promotion(promotion_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+def get_promotion(promotion_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
         p = conn.execute(sa.select(promotions).where(promotions.c.id == promotion_id)).mappings().first()
         if p is None:
@@ -141,7 +141,7 @@ def promote(name: str, body: Promotion, who: Caller, core: CoreDep) -> dict[str,
 
 
 @router.post("/promotions/{promotion_id}/approve")
-def approve(promotion_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+def approve(promotion_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     return registry.approve(core, who, promotion_id)
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 
 from scheduler.service import store
 from scheduler.service.db import jobs
-from scheduler.service.deps import Caller, CoreDep
+from scheduler.service.deps import Caller, CoreDep, DbId
 from scheduler.service.errors import NotFound
 from scheduler.service.sandboxes import SandboxRequest, open_sandbox
 
@@ -33,7 +33,7 @@ def list_sandboxes(who: Caller, core: CoreDep) -> dict[str, Any]:
 
 
 @router.delete("/sandboxes/{job_id}")
-def close(job_id: int, who: Caller, core: CoreDep) -> dict[str, Any]:
+def close(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     """Stop a sandbox: its GPUs are free for others at once (its process gets SIGTERM)."""
     with core.db.connect() as conn:
         row = core.readable(conn, who, job_id)
