@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.service import admission
-from scheduler.service.deps import Caller, CoreDep
+from scheduler.service.deps import Caller, CoreDep, DbId
 from scheduler.service.specs import JobSubmit
 
 router = APIRouter()
@@ -23,7 +23,7 @@ class Apply(BaseModel):
 
 class Rollback(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1)
+    version: DbId
 
 
 @router.get("/admission", tags=["admission"])
