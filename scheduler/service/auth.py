@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import hmac
 import math
 import secrets
 from collections.abc import Iterable, Mapping
@@ -30,10 +29,6 @@ def new_secret() -> str:
 def digest(secret: str) -> str:
     """What the database keeps: a token cannot be read back from it."""
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def same_digest(a: str, b: str) -> bool:
-    return hmac.compare_digest(a, b)
 
 
 @dataclass(frozen=True)
