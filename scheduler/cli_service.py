@@ -79,7 +79,7 @@ def serve(
         fail(f"bad settings: {e}", 2)
     # Imported here, not at the top: the service stack (SQLAlchemy, Alembic, FastAPI) takes about a second to
     # import, which every other command (a thin HTTP client) should not pay.
-    from scheduler.service.assemble import build_app, run_uvicorn  # noqa: PLC0415
+    from scheduler.service.assemble import build_app, run_uvicorn, tune_gc  # noqa: PLC0415
 
     _, app, made = build_app(settings)
     if made:
@@ -87,6 +87,7 @@ def serve(
              "keep it private)")
     note(f"Corral API on http://{settings.host}:{settings.port} ({settings.url.split('://')[0]}, "
          f"data in {settings.data_dir})")
+    tune_gc()
     run_uvicorn(app, settings)
 
 
