@@ -22,8 +22,9 @@ from scheduler.cli_client import (
     emit,
     fail,
     note,
+    print_history,
+    print_rollback,
     read_document,
-    when,
 )
 
 policy_app = typer.Typer(help="Admission policies: rules (and a hook) every job and sandbox must pass.",
@@ -105,14 +106,7 @@ def policy_history(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: To
     """Every version of the admission policy: when, who, why."""
     with api(url, token) as a:
         data = a.get("/v1/admission/history")
-    if output is not Output.TABLE:
-        emit(data, output)
-        return
-    table = Table("VERSION", "AT", "AUTHOR", "RULES", "COMMENT", box=None, pad_edge=False)
-    for v in data["versions"]:
-        table.add_row(*cells(str(v["version"]), when(v["created_at"]), v["author"],
-                             str(len(v["document"].get("rules", []))), v.get("comment") or ""))
-    console().print(table)
+    print_history(data, output, "rules")
 
 
 @policy_app.command("rollback")
@@ -125,14 +119,7 @@ def policy_rollback(
     """Apply an earlier version again (as a new version: history only grows)."""
     with api(url, token) as a:
         done = a.post("/v1/admission/rollback", {"version": version})
-    if output is not Output.TABLE:
-        emit(done, output)
-        return
-    show_diff(done["diff"])
-    if done["applied"]:
-        typer.echo(f"rolled back to version {version}, now version {done['version']}")
-    else:
-        typer.echo(f"no changes: version {version} is what is in force (version {done['version']})")
+    print_rollback(done, version, output, show_diff)
 
 
 @policy_app.command("test")

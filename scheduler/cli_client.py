@@ -12,7 +12,7 @@ import enum
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ import httpx
 import typer
 import yaml
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from scheduler.service.settings import ADMIN_TOKEN_FILE, default_data_dir
@@ -256,3 +257,28 @@ def read_document(path: Path) -> Any:
 def note(message: str) -> None:
     """A note for the person at the terminal that must not land in a pipe (stdout is for data)."""
     typer.echo(message, err=True)
+
+
+def print_history(data: Mapping[str, Any], output: Output, counted: str) -> None:
+    """The versions of a document applied like the queue tree: when, who, how many `counted` items, why."""
+    if output is not Output.TABLE:
+        emit(data, output)
+        return
+    table = Table("VERSION", "AT", "AUTHOR", counted.upper(), "COMMENT", box=None, pad_edge=False)
+    for v in data["versions"]:
+        table.add_row(*cells(str(v["version"]), when(v["created_at"]), v["author"],
+                             str(len(v["document"].get(counted, []))), v.get("comment") or ""))
+    console().print(table)
+
+
+def print_rollback(done: Mapping[str, Any], version: int, output: Output,
+                   show_diff: Callable[[list[dict[str, Any]]], None]) -> None:
+    """What a rollback (an earlier version applied again, as a new one) changed."""
+    if output is not Output.TABLE:
+        emit(done, output)
+        return
+    show_diff(done["diff"])
+    if done["applied"]:
+        typer.echo(f"rolled back to version {version}, now version {done['version']}")
+    else:
+        typer.echo(f"no changes: version {version} is what is in force (version {done['version']})")

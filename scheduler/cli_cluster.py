@@ -24,6 +24,8 @@ from scheduler.cli_client import (
     fail,
     note,
     parse_time,
+    print_history,
+    print_rollback,
     read_document,
     when,
 )
@@ -156,14 +158,7 @@ def queue_history(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Tok
     """Every version of the queue tree: when, who, why."""
     with api(url, token) as a:
         data = a.get("/v1/queues/history")
-    if output is not Output.TABLE:
-        emit(data, output)
-        return
-    table = Table("VERSION", "AT", "AUTHOR", "QUEUES", "COMMENT", box=None, pad_edge=False)
-    for v in data["versions"]:
-        table.add_row(*cells(str(v["version"]), when(v["created_at"]), v["author"],
-                             str(len(v["document"].get("queues", []))), v.get("comment") or ""))
-    console().print(table)
+    print_history(data, output, "queues")
 
 
 @queue_app.command("rollback")
@@ -176,14 +171,7 @@ def queue_rollback(
     """Apply an earlier version again (as a new version: history only grows)."""
     with api(url, token) as a:
         done = a.post("/v1/queues/rollback", {"version": version})
-    if output is not Output.TABLE:
-        emit(done, output)
-        return
-    show_diff(done["diff"])
-    if done["applied"]:
-        typer.echo(f"rolled back to version {version}, now version {done['version']}")
-    else:
-        typer.echo(f"no changes: version {version} is what is in force (version {done['version']})")
+    print_rollback(done, version, output, show_diff)
 
 
 # ----- cluster -----
