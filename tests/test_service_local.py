@@ -96,3 +96,12 @@ def test_follow_streams_until_the_job_ends(local: Service) -> None:
     # The scheduling loop is not running in this test: poll exits from a thread while the follow streams.
     text = local.admin.get(f"/v1/jobs/{jid}/logs", params={"follow": True}).text
     assert text == "0\n1\n2\n"
+
+
+def test_a_job_that_cannot_launch_fails_alone(local: Service) -> None:
+    bad = submit(local, "nlp", 1, py(SHOW_GPUS), workdir="/nonexistent-dir")
+    good = submit(local, "nlp", 1, py(SHOW_GPUS))
+    until(local, lambda: state(local, good) == "completed")
+    got = local.admin.get(f"/v1/jobs/{bad}").json()
+    assert (got["state"], got["reason"]["rule"]) == ("failed", "launch_failed")
+    assert "/nonexistent-dir" in got["reason"]["message"]

@@ -100,7 +100,12 @@ class TokenCache:
 
     def get(self, key: str, now: float) -> Principal | None:
         hit = self._known.get(key)
-        return hit[0] if hit is not None and now < hit[1] else None
+        if hit is None:
+            return None
+        if now >= hit[1]:
+            del self._known[key]  # expired entries go, so rotating tokens do not grow the cache
+            return None
+        return hit[0]
 
     def put(self, key: str, who: Principal, now: float, expires_at: float | None = None) -> None:
         """Remember `who` for ttl_s, and never past the token's own expiry."""

@@ -126,16 +126,19 @@ class Core:
                     # Launched and finished while its pid was never recorded: it ran, so it must not run again.
                     row = {**a, "state": "running"}
                 elif a["state"] == "starting":  # admitted, never launched: back to the queue
-                    store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now,
-                                         outcome="never_started")
-                    if job["state"] == "starting":
-                        store.update_job(conn, job["id"], state="pending")
-                    store.add_event(conn, now, "requeued", "admitted but never started before a restart",
-                                    job["id"])
+                    self._requeue_unlaunched(conn, job, a, now)
                     continue
                 # The engine is built after recovery, from what these updates leave in the database.
                 self._ended(conn, job, row, ended.code, ended.detail or "ended while Corral was down", now,
                             engine=False)
+
+    @staticmethod
+    def _requeue_unlaunched(conn: Connection, job: RowMapping, a: Mapping[Any, Any], now: float) -> None:
+        """An attempt admitted but never running: the job waits again (the engine learns it at its rebuild)."""
+        store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now, outcome="never_started")
+        if job["state"] == "starting":
+            store.update_job(conn, job["id"], state="pending")
+        store.add_event(conn, now, "requeued", "admitted but never started", job["id"])
 
     def _rebuild(self) -> None:
         """A fresh engine from the database: running and admitted jobs where they are, then pending ones."""
@@ -260,7 +263,11 @@ class Core:
                     .returning(queue_versions.c.version)).scalar_one()
                 store.add_audit(conn, now, who.user, "queues.apply", f"version {out['version']}", comment=comment,
                                 diff=changes)
-            self._rebuild()
+            try:
+                self._rebuild()
+            except BaseException:
+                self._stale = True  # the new version is committed: the next cycle must run on it
+                raise
             out["applied"] = True
         self.wake.set()
         return out
@@ -290,8 +297,16 @@ class Core:
                 for e in exits:
                     a = store.current_attempt(conn, int(e.job_id), e.attempt)
                     job = store.job_row(conn, int(e.job_id))
-                    if a is not None and job is not None and a["state"] != "ended":
-                        self._ended(conn, job, a, e.code, e.detail, now)
+                    if a is None or job is None or a["state"] == "ended":
+                        continue
+                    row: Mapping[Any, Any] = a
+                    if a["state"] == "starting":  # launched, but the commit that said so was lost
+                        if e.code is None:  # it never really ran: back to the queue, and the engine rebuilt
+                            self._requeue_unlaunched(conn, job, a, now)
+                            self._stale = True
+                            continue
+                        row = {**a, "state": "running"}
+                    self._ended(conn, job, row, e.code, e.detail, now)
                 stops += self._enforce_max_runtime(conn, now)
                 decisions = self.engine.schedule(now)
                 for d in decisions:
@@ -299,9 +314,9 @@ class Core:
             self._unrecorded = []
             self._terminate(stops, now)
             self._launch_ready(now)
-        if now - self._culled_at >= self.settings.cull_interval_s:
-            self._culled_at = now
-            cull(self, self.idle, now)
+            if now - self._culled_at >= self.settings.cull_interval_s:  # under the lock: one culler at a time
+                self._culled_at = now
+                cull(self, self.idle, now)
         self.metrics.cycle.observe(time.perf_counter() - started)
         return decisions
 
@@ -399,14 +414,15 @@ class Core:
                 sa.select(jobs).where(jobs.c.id.in_([a["job_id"] for a in ready]))).mappings()}
         for a in ready:
             job = specs[a["job_id"]]
-            sub = JobSubmit.model_validate(job["spec"])
             gpus: dict[str, list[int]] = {}
             for n, gs in a["placement"]:
                 gpus.setdefault(n, []).extend(gs)
-            # Launch.gpus merges workers that share a node: the gang's shape travels in the environment.
-            env = {**sub.env, "CORRAL_QUEUE": job["queue"], "CORRAL_POOL": job["pool"], "CORRAL_OWNER": job["owner"],
-                   "CORRAL_WORKERS": str(sub.workers), "CORRAL_GPUS_PER_WORKER": str(sub.gpus)}
             try:
+                sub = JobSubmit.model_validate(job["spec"])
+                # Launch.gpus merges workers that share a node: the gang's shape travels in the environment.
+                env = {**sub.env, "CORRAL_QUEUE": job["queue"], "CORRAL_POOL": job["pool"],
+                       "CORRAL_OWNER": job["owner"], "CORRAL_WORKERS": str(sub.workers),
+                       "CORRAL_GPUS_PER_WORKER": str(sub.gpus)}
                 handle = self.executor.launch(Launch(str(job["id"]), a["attempt"], sub.command, gpus, env,
                                                      sub.workdir, sub.image))
             except FileExistsError:
@@ -415,7 +431,7 @@ class Core:
                 if ended is not None:
                     self._unrecorded.append(ended)
                 handle = Handle(str(job["id"]), a["attempt"], None, 0.0)
-            except OSError as e:
+            except (OSError, ValueError) as e:  # this job cannot start (no such workdir, ...): it fails alone
                 with self.changing() as conn:
                     self.engine.finish(engine_id(job["id"]), now, failed=True)
                     store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now,

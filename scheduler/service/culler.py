@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
@@ -10,10 +11,12 @@ from sandbox.culling import IdleTracker, Stop, Warn
 from scheduler.service import store
 from scheduler.service.auth import Principal, Role
 from scheduler.service.db import attempts, jobs
+from scheduler.service.errors import ServiceError
 
 if TYPE_CHECKING:
     from scheduler.service.core import Core
 
+log = logging.getLogger("corral.culler")
 IDLE_TIMEOUT_LABEL = "corral.sandbox/idle-timeout-s"  # per-profile timeout, kept with the job
 CULLER = Principal("corral-culler", Role.PLATFORM_ADMIN)
 
@@ -56,7 +59,14 @@ def _act(core: Core, tracker: IdleTracker, action: Warn | Stop, now: float) -> N
             store.add_event(conn, now, "idle_warning", msg, job_id, idle_since=action.idle_since,
                             stop_at=action.stop_at, idle_gpu_minutes=round(action.idle_gpu_minutes, 3))
         return
+    try:
+        _close(core, job_id, action)
+    except ServiceError as e:  # it ended on its own meanwhile: nothing to stop, the others still get looked at
+        log.info("idle sandbox %s not closed: %s", job_id, e)
+    tracker.forget(action.sandbox_id)
+
+
+def _close(core: Core, job_id: int, action: Stop) -> None:
     core.cancel(CULLER, job_id, reason={
         "rule": "idle", "message": f"stopped after its GPUs stayed idle: {action.idle_gpu_minutes:.1f} idle "
         f"GPU-minutes since {action.idle_since:.0f}", "numbers": {"idle_gpu_minutes": action.idle_gpu_minutes}})
-    tracker.forget(action.sandbox_id)

@@ -69,6 +69,8 @@ class Intake:
                 with contextlib.suppress(Exception):  # each submission carries its own error, answered below
                     await loop.run_in_executor(None, write, self.core, items)
                 for item, answer in group:
+                    if answer.done():  # its caller went away (a cancelled request): nobody to answer
+                        continue
                     if item.error is not None:
                         answer.set_exception(item.error)
                     else:
@@ -111,7 +113,7 @@ def write(core: Core, batch: list[Submission]) -> None:
         core.wake.set()
     except BaseException as e:  # the database failed: every submission not answered yet gets the error
         for item in batch:
-            if not item.done:
+            if item.error is None and item.result is None:  # keep answers already decided (403, a repeat)
                 item.error = e
         raise
     finally:
