@@ -229,9 +229,11 @@ def request_promotion(core: Core, who: Principal, name: str, version: int, stage
         version_row(conn, name, version)
     if not who.may_promote(core.tree, m["queue"]):
         raise Forbidden(f"{who.user} ({who.role}) may not promote {name}: model owners of {m['queue']} do")
+    seen = _production(core, name)
     results, _ = _gates(core, name, version, stage, who.user, [])
     now = core.clock()
     with core.lock, core.db.begin() as conn:
+        _still(conn, name, seen)
         pid = conn.execute(promotions.insert().values(
             model=name, version=version, stage=stage, requester=who.user, created_at=now, state="open",
             gates=_view(results)).returning(promotions.c.id)).scalar_one()
@@ -258,12 +260,32 @@ def approve(core: Core, who: Principal, promotion_id: int) -> dict[str, Any]:
                         "approver")
     if who.user in done:
         raise Conflict(f"{who.user} already approved promotion {promotion_id}")
+    seen = _production(core, p["model"])
     results, _ = _gates(core, p["model"], p["version"], p["stage"], p["requester"], [*done, who.user])
     now = core.clock()
     with core.lock, core.db.begin() as conn:
+        # The gates ran outside the lock: decide only on what they saw (another approval or promotion may
+        # have landed meanwhile; deciding on stale facts could promote twice, or never).
+        _still(conn, p["model"], seen)
+        state = conn.execute(sa.select(promotions.c.state).where(promotions.c.id == promotion_id)).scalar_one()
+        now_done = sorted(conn.execute(sa.select(approvals.c.approver)
+                                       .where(approvals.c.promotion_id == promotion_id)).scalars())
+        if state != "open" or now_done != sorted(done):
+            raise Conflict(f"promotion {promotion_id} changed while its gates ran; look at it and approve again")
         conn.execute(approvals.insert().values(promotion_id=promotion_id, approver=who.user, at=now))
         _append(conn, now, who.user, "promotion.approve", p["model"], promotion=promotion_id)
         return _decide(conn, core, promotion_id, p["model"], p["version"], p["stage"], results, now, who.user)
+
+
+def _production(core: Core, model: str) -> dict[str, Any] | None:
+    """The production alias as it is now (version, previous, when), before gates run outside the lock."""
+    with core.db.connect() as conn:
+        return aliases(conn, model).get("production")
+
+
+def _still(conn: Connection, model: str, seen: dict[str, Any] | None) -> None:
+    if aliases(conn, model).get("production") != seen:
+        raise Conflict(f"{model}'s production version changed while the gates ran; ask again")
 
 
 def _decide(conn: Connection, core: Core, pid: int, name: str, version: int, stage: str,
