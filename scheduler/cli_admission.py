@@ -17,11 +17,11 @@ from scheduler.cli_client import (
     Token,
     Url,
     api,
+    apply_document,
     cells,
     console,
     emit,
     fail,
-    note,
     print_history,
     print_rollback,
     read_document,
@@ -81,24 +81,7 @@ def policy_apply(
     doc = read_document(file)
     if not isinstance(doc, dict):
         fail(f"{file}: expected a mapping with a `rules` list", 2)
-    with api(url, token) as a:
-        plan = a.post("/v1/admission/apply", {"document": doc, "comment": comment, "dry_run": True})
-        if output is Output.TABLE:
-            show_diff(plan["diff"])
-        if dry_run:
-            if output is not Output.TABLE:
-                emit(plan, output)
-            return
-        if not yes and not typer.confirm(f"apply {len(plan['diff'])} change(s)?", err=True):
-            note("nothing applied")
-            raise typer.Exit(1)
-        done = a.post("/v1/admission/apply", {"document": doc, "comment": comment})
-    if output is not Output.TABLE:
-        emit(done, output)
-    elif done["applied"]:
-        typer.echo(f"applied as version {done['version']}")
-    else:
-        typer.echo(f"no changes: the policy is already version {done['version']}")
+    apply_document(url, token, "/v1/admission", doc, comment, dry_run, yes, output, show_diff, "policy")
 
 
 @policy_app.command("history")

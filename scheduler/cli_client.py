@@ -282,3 +282,31 @@ def print_rollback(done: Mapping[str, Any], version: int, output: Output,
         typer.echo(f"rolled back to version {version}, now version {done['version']}")
     else:
         typer.echo(f"no changes: version {version} is what is in force (version {done['version']})")
+
+
+def apply_document(url: str, token: str | None, path: str, doc: dict[str, Any], comment: str, dry_run: bool,
+                   yes: bool, output: Output, show_diff: Callable[[list[dict[str, Any]]], None], what: str) -> None:
+    """Apply a whole document (`path`: /v1/queues or /v1/admission) the same way everywhere: the service answers
+    the diff first (a dry run), the user confirms, then it is applied only over the version that diff was
+    computed against, so what was shown is what changes (409 otherwise)."""
+    with api(url, token) as a:
+        plan = a.post(f"{path}/apply", {"document": doc, "comment": comment, "dry_run": True})
+        if output is Output.TABLE:
+            if not plan["diff"]:
+                typer.echo(f"no changes: the {what} is already version {plan['version']}")
+                return
+            show_diff(plan["diff"])
+        if dry_run or not plan["diff"]:
+            if output is not Output.TABLE:
+                emit(plan, output)
+            return
+        if not yes and not typer.confirm(f"apply {len(plan['diff'])} change(s)?", err=True):
+            note("nothing applied")
+            raise typer.Exit(1)
+        done = a.post(f"{path}/apply", {"document": doc, "comment": comment, "expected_version": plan["version"]})
+    if output is not Output.TABLE:
+        emit(done, output)
+    elif done["applied"]:
+        typer.echo(f"applied as version {done['version']}")
+    else:
+        typer.echo(f"no changes: the {what} is already version {done['version']}")

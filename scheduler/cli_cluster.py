@@ -18,6 +18,7 @@ from scheduler.cli_client import (
     Token,
     Url,
     api,
+    apply_document,
     cells,
     console,
     emit,
@@ -127,30 +128,7 @@ def queue_apply(
     doc = read_document(file)
     if not isinstance(doc, dict):
         fail(f"{file}: expected a mapping with a `queues` list", 2)
-    with api(url, token) as a:
-        # The service validates the whole tree and answers the diff without changing anything.
-        plan = a.post("/v1/queues/apply", {"document": doc, "comment": comment, "dry_run": True})
-        if output is Output.TABLE:
-            if not plan["diff"]:
-                typer.echo(f"no changes: the tree is already version {plan['version']}")
-                return
-            show_diff(plan["diff"])
-        if dry_run or not plan["diff"]:
-            if output is not Output.TABLE:
-                emit(plan, output)
-            return
-        if not yes and not typer.confirm(f"apply {len(plan['diff'])} change(s)?", err=True):
-            note("nothing applied")
-            raise typer.Exit(1)
-        # Apply only over the version the diff was computed against: if someone applied in between, the
-        # service answers 409 and nothing changes, so what was shown is what gets applied.
-        done = a.post("/v1/queues/apply", {"document": doc, "comment": comment, "expected_version": plan["version"]})
-    if output is not Output.TABLE:
-        emit(done, output)
-    elif done["applied"]:
-        typer.echo(f"applied as version {done['version']}")
-    else:
-        typer.echo(f"no changes: the tree is already version {done['version']}")
+    apply_document(url, token, "/v1/queues", doc, comment, dry_run, yes, output, show_diff, "tree")
 
 
 @queue_app.command("history")

@@ -27,7 +27,7 @@ from scheduler.admission.rules import (
 from scheduler.service import store
 from scheduler.service.auth import Principal
 from scheduler.service.db import admission_policies
-from scheduler.service.errors import Forbidden, Invalid, NotFound
+from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound
 from scheduler.service.specs import JobSubmit
 
 if TYPE_CHECKING:
@@ -96,13 +96,17 @@ def diff(old: AdmissionPolicy, new: AdmissionPolicy) -> list[dict[str, Any]]:
 
 
 def apply(core: Core, who: Principal, document: dict[str, Any], comment: str = "",
-          dry_run: bool = False) -> dict[str, Any]:
-    """Validate, then store as a new version (history only grows) and put it in force at once."""
+          dry_run: bool = False, expected_version: int | None = None) -> dict[str, Any]:
+    """Validate, then store as a new version (history only grows) and put it in force at once. With
+    `expected_version`, refuse (409) if another apply came first, so the diff shown is the one made."""
     if not who.admin:
         raise Forbidden(f"{who.user} ({who.role}) may not change admission policies: platform admins only")
     with core.lock:
         policy = validate(core, document)
         number, old = current(core)
+        if expected_version is not None and number != expected_version:
+            raise Conflict(f"the admission policy is at version {number}, not {expected_version}: someone applied "
+                           "a change since; look at the diff again", "expected_version")
         changes = diff(old, policy)
         out: dict[str, Any] = {"version": number, "diff": changes, "applied": False}
         if dry_run or (not changes and number > 0):

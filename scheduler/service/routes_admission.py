@@ -19,6 +19,7 @@ class Apply(BaseModel):
     document: dict[str, Any] = Field(description="The whole policy: {rules: [...], hook: ...}, as in policy.yaml.")
     comment: str = ""
     dry_run: bool = Field(False, description="Validate and show the diff without applying it.")
+    expected_version: int | None = Field(None, description="Apply only if the policy is still at this version.")
 
 
 class Rollback(BaseModel):
@@ -36,7 +37,7 @@ def policy(who: Caller, core: CoreDep) -> dict[str, Any]:
 @router.post("/admission/apply", tags=["admission"])
 def apply(body: Apply, who: Caller, core: CoreDep) -> dict[str, Any]:
     """Replace the policy after validating it as a whole (platform admins); answers the diff."""
-    return admission.apply(core, who, body.document, body.comment, body.dry_run)
+    return admission.apply(core, who, body.document, body.comment, body.dry_run, body.expected_version)
 
 
 @router.get("/admission/history", tags=["admission"])
