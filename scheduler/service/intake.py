@@ -105,9 +105,10 @@ class Intake:
 def write(core: Core, batch: list[Submission]) -> None:
     """Check each submission, then store all that pass in one transaction and hand them to the engine."""
     try:
+        _admit(core, batch)  # outside the lock: a policy hook may be slow, and must not hold up scheduling
         with core.lock:
             now = core.clock()
-            fresh = _check(core, batch)
+            fresh = _check(core, [i for i in batch if i.error is None])
             if fresh:
                 _store(core, fresh, now)
         core.wake.set()
@@ -119,6 +120,22 @@ def write(core: Core, batch: list[Submission]) -> None:
     finally:
         for item in batch:
             item.done = True
+
+
+def _admit(core: Core, batch: list[Submission]) -> None:
+    """Who may submit where, and the admission policy (defaults filled in, or Invalid naming the rule; audited
+    there). Before the idempotency check, so a retry compares like with like (both with defaults)."""
+    for item in batch:
+        who, sub = item.who, item.sub
+        try:
+            if not who.may_submit(core.tree, sub.queue):
+                # For a scoped caller a missing queue answers the same: queue names do not leak across teams.
+                raise Forbidden(f"{who.user} ({who.role}) may not submit to queue {sub.queue}", "queue")
+            if sub.queue not in core.tree:
+                raise Invalid(f"queue {sub.queue!r} does not exist", "queue")
+            item.sub = admission.check(core, who, sub)
+        except ServiceError as e:
+            item.error = e
 
 
 def _check(core: Core, batch: list[Submission]) -> list[Submission]:
@@ -138,14 +155,6 @@ def _check(core: Core, batch: list[Submission]) -> list[Submission]:
         who, sub = item.who, item.sub
         key = None if sub.idempotency_key is None else (who.user, sub.idempotency_key)
         try:
-            if not who.may_submit(core.tree, sub.queue):
-                # For a scoped caller a missing queue answers the same: queue names do not leak across teams.
-                raise Forbidden(f"{who.user} ({who.role}) may not submit to queue {sub.queue}", "queue")
-            if sub.queue not in core.tree:
-                raise Invalid(f"queue {sub.queue!r} does not exist", "queue")
-            # Admission policy: defaults filled in (what is stored), or Invalid naming the rule; audited there.
-            # Before the idempotency check, so a retry compares like with like (both with defaults).
-            sub = item.sub = admission.check(core, who, sub)
             if key is not None and key in earlier:
                 first = earlier[key]
                 changed = sorted(f for f in set(first["spec"]) | set(sub.model_dump(mode="json"))
