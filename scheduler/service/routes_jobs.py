@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from scheduler.engine.model import JobState
 from scheduler.service import store
@@ -22,6 +23,7 @@ from scheduler.service.specs import JobSubmit, engine_id
 router = APIRouter(tags=["jobs"])
 STATES = ("pending", "starting", "running", "completed", "failed", "cancelled", "rejected")
 FOLLOW_POLL_S = 0.2  # how often a followed log is re-read: lines show up within this
+LOG_CHUNK = 1 << 20  # bytes per read of a log: a large log streams instead of sitting in memory
 
 
 @router.post("/jobs", status_code=201)
@@ -128,34 +130,48 @@ async def logs(job_id: DbId, who: Caller, core: CoreDep, stream: Literal["stdout
                offset: Annotated[int, Query(ge=0)] = 0) -> Response:
     """The attempt's output (default: the latest) from byte `offset`. With follow, the answer streams until the
     attempt ends; an attempt admitted but not launched yet is waited for."""
-    with core.db.connect() as conn:
-        job = core.readable(conn, who, job_id)
+    job = await run_in_threadpool(_readable, core, who, job_id)  # database and files: off the event loop
     number = attempt or job["attempt"]
     if number < 1:
         raise NotStarted(f"job {job_id} has not started yet, so it has no logs")
     path = core.executor.logs(str(job_id), number)[0 if stream == "stdout" else 1]
     if not follow:
-        try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                return Response(f.read(), media_type="text/plain")
-        except FileNotFoundError:
-            raise NotStarted(f"no {stream} yet for attempt {number} of job {job_id}") from None
+        if not os.path.exists(path):
+            raise NotStarted(f"no {stream} yet for attempt {number} of job {job_id}")
+        return StreamingResponse(_chunks(path, offset), media_type="text/plain")
     return StreamingResponse(_follow(core, job_id, number, path, offset), media_type="text/plain")
+
+
+def _readable(core: Core, who: Any, job_id: int) -> Any:
+    with core.db.connect() as conn:
+        return core.readable(conn, who, job_id)
+
+
+def _read(path: str, pos: int) -> bytes:
+    """At most LOG_CHUNK bytes from `pos` (b"" when the file is not there yet): a large log never sits in memory."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(pos)
+            return f.read(LOG_CHUNK)
+    except FileNotFoundError:
+        return b""
+
+
+def _chunks(path: str, pos: int) -> Iterator[bytes]:
+    while chunk := _read(path, pos):  # a plain iterator: Starlette reads it in a worker thread
+        pos += len(chunk)
+        yield chunk
 
 
 async def _follow(core: Core, job_id: int, attempt: int, path: str, pos: int) -> AsyncIterator[bytes]:
     while True:
-        running = core.executor.alive(str(job_id), attempt)
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                f.seek(pos)
-                chunk = f.read()
-            if chunk:
-                pos += len(chunk)
-                yield chunk
-                continue
-        if not running and not _launching(core, job_id, attempt):
+        running = await run_in_threadpool(core.executor.alive, str(job_id), attempt)
+        chunk = await run_in_threadpool(_read, path, pos)
+        if chunk:
+            pos += len(chunk)
+            yield chunk
+            continue
+        if not running and not await run_in_threadpool(_launching, core, job_id, attempt):
             return
         await asyncio.sleep(FOLLOW_POLL_S)
 
