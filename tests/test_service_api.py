@@ -242,3 +242,15 @@ def test_a_restart_with_fewer_gpus_keeps_running_on_the_tree(svc: Service, tmp_p
     core = build_core(s, ScriptedExecutor(), gpus(4), svc.clock)
     assert core.capacity == {"local": 4}
     assert core.tree["research"].quota_of("local") == 4
+
+
+def test_the_engine_forgets_finished_jobs(svc: Service) -> None:
+    """A long-running service: jobs that ended live on in the database only."""
+    done = svc.admin.post("/v1/jobs", json=job()).json()["id"]
+    gone = svc.admin.post("/v1/jobs", json=job()).json()["id"]
+    svc.tick()
+    svc.executor.exit(done, 0)
+    svc.admin.post(f"/v1/jobs/{gone}/cancel")
+    svc.tick()
+    assert svc.core.engine.jobs == {}
+    assert svc.admin.get(f"/v1/jobs/{done}/explain").json()["reason"]["rule"] == "completed"

@@ -117,6 +117,14 @@ class Engine:
         """A running job ended on its own (the executor reports it)."""
         return self._end(job_id, JobState.FAILED if failed else JobState.COMPLETED)
 
+    def forget(self, job_id: str) -> None:
+        """Drop a finished job, so that a long-running caller's memory does not grow with every job it ever ran
+        (the service calls this once the job's end is recorded; the simulator keeps them for its report)."""
+        job = self.jobs.get(job_id)
+        if job is not None and job.state.finished:
+            del self.jobs[job_id]
+            self._preempted_now.discard(job_id)
+
     def _end(self, job_id: str, state: JobState) -> bool:
         job = self.jobs[job_id]
         if job.state.finished:

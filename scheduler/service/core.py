@@ -205,7 +205,7 @@ class Core:
                     raise Forbidden(f"{who.user} ({who.role}) may not cancel job {job_id}")
                 if job["state"] in FINISHED:
                     raise Conflict(f"job {job_id} already ended ({job['state']})")
-                self.engine.cancel(engine_id(job_id), now)
+                self._engine_end(job_id, now, None)
                 stop = self._stop_attempt(conn, job, now, "cancelled")
                 reason = reason or {"rule": "cancelled", "message": f"cancelled by {who.user}", "numbers": {}}
                 store.update_job(conn, job_id, state="cancelled", ended_at=now, reason=reason)
@@ -216,6 +216,16 @@ class Core:
         self.wake.set()
         assert row is not None
         return store.job_view(row)
+
+    def _engine_end(self, job_id: int, now: float, failed: bool | None) -> None:
+        """The engine frees the job's GPUs (cancelled when `failed` is None) and forgets it: from here on the
+        database alone remembers the job (a failed commit rebuilds the engine from it)."""
+        eid = engine_id(job_id)
+        if failed is None:
+            self.engine.cancel(eid, now)
+        else:
+            self.engine.finish(eid, now, failed=failed)
+        self.engine.forget(eid)
 
     def readable(self, conn: Connection, who: Principal, job_id: int) -> RowMapping:
         """The job, if `who` may see it; another team's job is answered exactly like a missing one."""
@@ -375,7 +385,7 @@ class Core:
         if a["state"] == "running":
             outcome = "completed" if code == 0 else "failed"
             if engine:
-                self.engine.finish(engine_id(job["id"]), now, failed=outcome == "failed")
+                self._engine_end(job["id"], now, outcome == "failed")
             why = detail or (f"exited with code {code}" if code is not None else "vanished")
             store.update_job(conn, job["id"], state=outcome, ended_at=now, exit_code=code,
                              reason={"rule": outcome, "message": why, "numbers": {"exit_code": code}})
@@ -393,7 +403,7 @@ class Core:
             limit = job["spec"].get("max_runtime")
             if limit is None or job["attempt_started"] is None or now - job["attempt_started"] < limit:
                 continue
-            self.engine.finish(engine_id(job["id"]), now, failed=True)
+            self._engine_end(job["id"], now, True)
             stops += self._stop_attempt(conn, job, now, "max_runtime")
             msg = f"stopped after max_runtime of {limit:g} s"
             store.update_job(conn, job["id"], state="failed", ended_at=now,
@@ -433,7 +443,7 @@ class Core:
                 handle = Handle(str(job["id"]), a["attempt"], None, 0.0)
             except (OSError, ValueError) as e:  # this job cannot start (no such workdir, ...): it fails alone
                 with self.changing() as conn:
-                    self.engine.finish(engine_id(job["id"]), now, failed=True)
+                    self._engine_end(job["id"], now, True)
                     store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now,
                                          outcome="launch_failed")
                     msg = f"could not start: {e}"
