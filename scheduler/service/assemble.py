@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from sandbox.nvml_samples import read_samples
 from scheduler.backends.base import Executor, GPUInfo, NodeInfo
-from scheduler.backends.gpus import declared, discover_nvml
+from scheduler.backends.gpus import detect
 from scheduler.backends.local import LocalExecutor
 from scheduler.service import store
 from scheduler.service.app import create_app
@@ -22,13 +22,6 @@ from scheduler.service.auth import Role, digest, new_secret
 from scheduler.service.core import Core
 from scheduler.service.db import connect, migrate, tokens
 from scheduler.service.settings import ADMIN_TOKEN_FILE, ServiceSettings
-
-
-def local_gpus(settings: ServiceSettings) -> list[GPUInfo]:
-    """Declared GPUs when --gpus is given, else what NVML finds, else none (a CPU-only machine)."""
-    if settings.gpus is not None:
-        return declared(settings.gpus, settings.gpu_model)
-    return discover_nvml() or []
 
 
 def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus: list[GPUInfo] | None = None,
@@ -65,8 +58,10 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
         executor = executor or KubernetesExecutor(api, settings.data_dir / "k8s", settings.k8s_default_image,
                                                   settings.grace_s, settings.k8s_namespace_prefix)
     elif nodes is None:
-        found = local_gpus(settings) if gpus is None else gpus
-        real = gpus is None and settings.gpus is None and bool(found)
+        # Declared GPUs when --gpus is given, else what NVML finds, else none (a CPU-only machine).
+        source = detect(settings.gpus, settings.gpu_model if settings.gpus is not None else None)
+        found = source.gpus if gpus is None else gpus
+        real = gpus is None and source.kind == "nvml" and bool(found)
         nodes = [NodeInfo(settings.node, settings.pool, found, settings.cpus, settings.memory_gb,
                           sample=read_samples if real else None)]
     core = Core(settings, connect(settings.url), executor or LocalExecutor(settings.logs_dir), nodes, clock)
