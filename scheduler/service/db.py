@@ -206,13 +206,16 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
 
 def connect(url: str) -> Engine:
     """An SQLAlchemy engine for `url` (sqlite:///path or postgresql+psycopg://...)."""
+    # hide_parameters: statement parameters hold job environments (tokens, keys); they must not reach a log
+    # line, with SQL logging turned on or in the text of a database error.
     if url.startswith("sqlite"):
         # A pool as large as the API's thread pool: opening a connection (and its pragmas) per request under
         # load costs more than the request.
-        eng = sa.create_engine(url, connect_args={"check_same_thread": False}, pool_size=40, max_overflow=20)
+        eng = sa.create_engine(url, connect_args={"check_same_thread": False}, pool_size=40, max_overflow=20,
+                               hide_parameters=True)
         event.listen(eng, "connect", _sqlite_pragmas)
         return eng
-    return sa.create_engine(url, pool_size=40, max_overflow=20, pool_pre_ping=True)
+    return sa.create_engine(url, pool_size=40, max_overflow=20, pool_pre_ping=True, hide_parameters=True)
 
 
 def alembic_config(url: str) -> Config:
