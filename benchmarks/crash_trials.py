@@ -30,7 +30,7 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.service_submit import database, free_port  # noqa: E402  (run as a script from anywhere)
+from benchmarks.bench_server import database, free_port  # noqa: E402  (run as a script from anywhere)
 
 # Each job marks when its process held which GPUs; SIGTERM (preemption, cancel) ends it after marking.
 JOB = """
