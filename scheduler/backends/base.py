@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from scheduler.engine.model import NodeSpec
 
@@ -89,3 +89,44 @@ class Executor(Protocol):
         """Paths of the attempt's stdout and stderr files."""
 
     def alive(self, job_id: str, attempt: int) -> bool: ...
+
+
+@dataclass(frozen=True)
+class NodeChange:
+    """A node that went down (info None: not ready, cordoned, or `deleted`) or came up (info: what it offers now)."""
+
+    name: str
+    info: NodeInfo | None
+    deleted: bool = False
+
+
+@runtime_checkable
+class WatchesNodes(Protocol):
+    """An executor whose cluster's nodes change while Corral runs (Kubernetes): the service asks every cycle."""
+
+    def node_changes(self, now: float) -> list[NodeChange]:
+        """Changes since the last call, oldest first; never blocks for long (a cycle waits on it)."""
+
+
+CLUSTER_OWNER = "system:cluster"  # owner of the jobs the cluster brought (Arrival): give no API token this user name
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """Work the cluster brought rather than the API (pods another controller made for Corral to schedule), or,
+    with spec None, such work withdrawn before it was admitted (its pods were deleted)."""
+
+    key: str  # the backend's name for it, the same after a restart: the job's idempotency key
+    spec: Mapping[str, Any] | None  # a job spec (JobSubmit's fields) whose env names the key for launch()
+
+
+@runtime_checkable
+class TakesArrivals(Protocol):
+    """An executor whose cluster brings work of its own. Such a job is not requeued when preempted: its pods are
+    deleted, and the new ones their owner makes arrive as new work."""
+
+    def arrivals(self, now: float) -> list[Arrival]:
+        """Arrivals and withdrawals since the last call; after a (re)start, every waiting one again."""
+
+    def refuse(self, key: str, why: str) -> None:
+        """Tell the arrival's owner that Corral will not run it, and why (it is not offered again)."""

@@ -15,11 +15,11 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from quotas import QueueTree
 from sandbox.culling import IdlePolicy, IdleTracker
-from scheduler.backends.base import Executor, Exit, Handle, Launch, NodeInfo
+from scheduler.backends.base import CLUSTER_OWNER, Arrival, Executor, Exit, Handle, Launch, NodeChange, NodeInfo
 from scheduler.engine import Engine as Scheduler
 from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
 from scheduler.engine.model import Settings
-from scheduler.service import queues, store
+from scheduler.service import cluster_sync, queues, store
 from scheduler.service.auth import Principal, TokenCache
 from scheduler.service.culler import cull
 from scheduler.service.db import attempts, jobs, nodes, queue_versions
@@ -50,6 +50,9 @@ class Core:
                  clock: Callable[[], float] = time.time, metrics: Metrics | None = None):
         self.settings, self.db, self.executor, self.clock = settings, db, executor, clock
         self.nodes = {n.name: n for n in nodes}
+        self.down: set[str] = set()  # known nodes that are down now (see cluster_sync)
+        self.node_backlog: list[NodeChange] = []  # reported by the executor, not yet committed
+        self.arrivals: list[Arrival] = []  # work the cluster brought, not yet written
         self.metrics = metrics or Metrics()
         self.lock = threading.RLock()
         self.wake = threading.Event()
@@ -88,9 +91,7 @@ class Core:
         with self.lock, self.db.begin() as conn:
             conn.execute(nodes.delete())  # what the backend finds now is the truth about nodes
             for n in self.nodes.values():
-                conn.execute(nodes.insert().values(name=n.name, pool=n.pool, gpus=len(n.gpus),
-                                                   gpu_model=n.gpus[0].model if n.gpus else "none", up=True,
-                                                   info=[vars(g) for g in n.gpus]))
+                cluster_sync.write_node(conn, n, True)
             if queues.latest(conn) is None:
                 doc = (queues.demo_document if self.settings.demo else queues.default_document)(self.capacity)
                 conn.execute(queue_versions.insert().values(author="corral", created_at=now, document=doc,
@@ -150,6 +151,8 @@ class Core:
             placed = {(a["job_id"]): a for a in conn.execute(
                 sa.select(attempts).where(attempts.c.state.in_(("starting", "running")))).mappings()}
         engine = Scheduler(tree, [n.spec() for n in self.nodes.values()], settings=self.engine_settings)
+        for name in self.down:  # before restoring: nothing live was left on a down node (cluster_sync)
+            engine.node_down(name, self.clock())
         holding = sorted((placed[j["id"]]["admitted_at"], j["id"]) for j in live if j["id"] in placed)
         by_id = {j["id"]: j for j in live}
         for _, job_id in holding:
@@ -294,11 +297,13 @@ class Core:
     def tick(self) -> list[Decision]:
         """One cycle: collect exits, enforce max_runtime, decide, write, then stop and launch processes."""
         started = time.perf_counter()
+        cluster_sync.take_arrivals(self)  # outside the lock, like API submissions
         with self.lock:
             now = self.clock()
             if self._stale:  # a failed transaction left decisions in memory that the database never got
                 self._rebuild()
                 self._stale = False
+            cluster_sync.sync_nodes(self, now)
             # The executor reports each exit once: keep them until a commit has recorded them.
             self._unrecorded += self.executor.poll(now)
             exits = self._unrecorded
@@ -350,7 +355,12 @@ class Core:
             return []
         if isinstance(d, Preempted):
             stop = self._stop_attempt(conn, job, now, "preempted")
-            store.update_job(conn, job_id, state="pending", reason=reason)
+            if job["owner"] == CLUSTER_OWNER:
+                # Its pods are deleted; what their owner makes again is a new arrival, not this job again.
+                self._engine_end(job_id, now, None)
+                store.update_job(conn, job_id, state="cancelled", ended_at=now, reason=reason)
+            else:
+                store.update_job(conn, job_id, state="pending", reason=reason)
             store.add_event(conn, now, "preempted", d.reason.message, job_id, cause=d.cause,
                             by=job_id_of(d.by) if d.by else None, reason=reason)
             self.metrics.preemptions.labels(cause=d.cause).inc()

@@ -1,0 +1,128 @@
+"""What the cluster tells the service between cycles: nodes that went down or came up, and work it brought itself.
+
+Nodes. A node that goes down (not Ready, cordoned) stays known, marked down: the engine preempts the jobs on it
+(recorded like any decision; their attempts are stopped through the executor) and places nothing there until it
+comes back with the same shape, when the engine takes it up again. The pools' configured size (what quotas are
+checked against) still counts it. A node seen for the first time, one whose shape changed, and a deleted node
+change that size: the engine and the queue tree are rebuilt from the database with the new capacity (a deleted
+node that was its pool's last stays known as down, so the pool and the jobs queued for it survive).
+
+Arrivals (TakesArrivals): each becomes a job submitted by CLUSTER_OWNER through the intake, like an API
+submission (admission policy, idempotency on the arrival's key); one the intake refuses is handed back to the
+executor to tell its owner. A withdrawn arrival's job is cancelled if it is still pending.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+from pydantic import ValidationError
+
+from scheduler.backends.base import CLUSTER_OWNER, NodeInfo, TakesArrivals, WatchesNodes
+from scheduler.service.auth import Principal, Role
+from scheduler.service.db import jobs, nodes
+from scheduler.service.errors import Conflict
+from scheduler.service.intake import Submission, write
+from scheduler.service.specs import JobSubmit
+
+if TYPE_CHECKING:
+    from scheduler.service.core import Core
+
+log = logging.getLogger("corral.service")
+CLUSTER = Principal(CLUSTER_OWNER, Role.PLATFORM_ADMIN)
+
+
+def sync_nodes(core: Core, now: float) -> None:
+    """Apply the executor's node changes (under the core's lock): one transaction for the preemptions they cause
+    and the nodes table; the executor's stops after it; a rebuild when the pools' size changed."""
+    if isinstance(core.executor, WatchesNodes):
+        # Kept until committed, like exits: the executor reports each change once.
+        core.node_backlog += core.executor.node_changes(now)
+    if not core.node_backlog:
+        return
+    after, down = dict(core.nodes), set(core.down)
+    for c in core.node_backlog:
+        known = after.get(c.name)
+        if c.info is not None:
+            after[c.name] = c.info
+            down.discard(c.name)
+        elif known is not None and c.deleted and sum(n.pool == known.pool for n in after.values()) > 1:
+            del after[c.name]
+            down.discard(c.name)
+        elif known is not None:
+            down.add(c.name)
+    # Down in the engine first: a node leaving or changing shape loses its jobs whatever comes next.
+    changed = {n for n, info in after.items() if n in core.nodes and core.nodes[n].spec() != info.spec()}
+    going = [n for n in core.nodes if n not in core.down and (n not in after or n in down or n in changed)]
+    rebuild = set(after) != set(core.nodes) or bool(changed)
+    stops: list[tuple[int, int, float]] = []
+    with core.changing() as conn:
+        for name in going:
+            for d in core.engine.node_down(name, now):
+                stops += core._record(conn, d, now)
+        if not rebuild:
+            for name in core.down - down:
+                core.engine.node_up(name, now)
+        conn.execute(nodes.delete().where(nodes.c.name.not_in(list(after))))
+        for info in after.values():
+            write_node(conn, info, info.name not in down, replace=True)
+    log.info("nodes changed: %s", ", ".join(f"{c.name} {'up' if c.info else 'deleted' if c.deleted else 'down'}"
+                                            for c in core.node_backlog))
+    core.nodes, core.down, core.node_backlog = after, down, []
+    core._terminate(stops, now)
+    if rebuild:
+        core._rebuild()
+
+
+def write_node(conn: sa.Connection, n: NodeInfo, up: bool, replace: bool = False) -> None:
+    """The node's row in the nodes table (what GET /v1/pools and usage read)."""
+    if replace:
+        conn.execute(nodes.delete().where(nodes.c.name == n.name))
+    conn.execute(nodes.insert().values(name=n.name, pool=n.pool, gpus=len(n.gpus),
+                                       gpu_model=n.gpus[0].model if n.gpus else "none", up=up,
+                                       info=[vars(g) for g in n.gpus]))
+
+
+def take_arrivals(core: Core) -> None:
+    """Submit what the cluster brought and cancel what it withdrew; outside the core's lock, as API submissions
+    are (the admission policy's hook may be slow). Kept until written: a database error retries them."""
+    ex = core.executor
+    if not isinstance(ex, TakesArrivals):
+        return
+    core.arrivals += ex.arrivals(core.clock())
+    if not core.arrivals:
+        return
+    batch: list[tuple[str, Submission]] = []
+    for a in core.arrivals:
+        if a.spec is None:
+            continue
+        try:
+            sub = JobSubmit.model_validate({**a.spec, "idempotency_key": a.key})
+        except ValidationError as e:
+            ex.refuse(a.key, f"not a valid job: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}")
+            continue
+        batch.append((a.key, Submission(CLUSTER, sub)))
+    if batch:
+        write(core, [s for _, s in batch])
+    for key, s in batch:
+        if s.error is not None:
+            ex.refuse(key, str(s.error))
+    for a in core.arrivals:
+        if a.spec is None:
+            withdraw(core, a.key)
+    core.arrivals = []
+
+
+def withdraw(core: Core, key: str) -> None:
+    """Cancel the pending job of a withdrawn arrival; one already admitted ends when its pods are seen gone."""
+    with core.db.connect() as conn:
+        row = conn.execute(sa.select(jobs.c.id, jobs.c.state).where(
+            jobs.c.owner == CLUSTER_OWNER, jobs.c.idempotency_key == key)).first()
+    if row is None or row.state != "pending":
+        return
+    reason = {"rule": "withdrawn", "message": "its pods were deleted before it was admitted", "numbers": {}}
+    with contextlib.suppress(Conflict):  # it ended meanwhile
+        core.cancel(CLUSTER, row.id, reason)

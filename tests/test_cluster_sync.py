@@ -1,0 +1,199 @@
+"""Node changes and arrivals from the executor, fed to the service while it runs (scheduler/service/cluster_sync.py),
+with a scripted executor and a settable clock: no cluster needed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from scheduler.backends.base import CLUSTER_OWNER, Arrival, GPUInfo, NodeChange, NodeInfo, TakesArrivals, WatchesNodes
+from scheduler.service import cluster_sync
+from scheduler.service.assemble import build_core
+from scheduler.service.auth import Principal, Role
+from scheduler.service.core import Core
+from scheduler.service.db import events, jobs, nodes
+from scheduler.service.settings import ServiceSettings
+from scheduler.service.specs import JobSubmit
+from tests.service_kit import Clock, ScriptedExecutor
+
+ROOT = Principal("root", Role.PLATFORM_ADMIN)
+
+
+@dataclass
+class ClusterExecutor(ScriptedExecutor):
+    """A scripted executor whose cluster also reports node changes and brings work of its own."""
+
+    changes: list[NodeChange] = field(default_factory=list)
+    brought: list[Arrival] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def node_changes(self, now: float) -> list[NodeChange]:
+        out, self.changes = self.changes, []
+        return out
+
+    def arrivals(self, now: float) -> list[Arrival]:
+        out, self.brought = self.brought, []
+        return out
+
+    def refuse(self, key: str, why: str) -> None:
+        self.refused[key] = why
+
+
+def node(name: str, gpus: int = 4, pool: str = "p") -> NodeInfo:
+    return NodeInfo(name, pool, [GPUInfo(i, pool) for i in range(gpus)])
+
+
+def make(tmp_path: Path, *names: str) -> tuple[Core, ClusterExecutor, Clock]:
+    ex, clock = ClusterExecutor(), Clock()
+    core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=5), ex, clock=clock,
+                      nodes=[node(n) for n in names])
+    return core, ex, clock
+
+
+def submit(core: Core, gpus: int, queue: str = "default") -> int:
+    row, _ = core.submit(ROOT, JobSubmit(queue=queue, gpus=gpus, command="sleep inf"))
+    return int(row["id"])
+
+
+def state(core: Core, job: int) -> str:
+    with core.db.connect() as conn:
+        return str(conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job)).scalar_one())
+
+
+def node_rows(core: Core) -> dict[str, bool]:
+    with core.db.connect() as conn:
+        return {r.name: r.up for r in conn.execute(sa.select(nodes.c.name, nodes.c.up))}
+
+
+def placed_on(ex: ClusterExecutor, job: int) -> set[str]:
+    return {n for lc in ex.launched if lc.job_id == str(job) for n in lc.gpus}
+
+
+def test_the_capability_is_recognised() -> None:
+    assert isinstance(ClusterExecutor(), WatchesNodes) and isinstance(ClusterExecutor(), TakesArrivals)
+    assert not isinstance(ScriptedExecutor(), WatchesNodes)
+
+
+def test_a_node_down_requeues_its_jobs_and_up_brings_it_back(tmp_path: Path) -> None:
+    core, ex, clock = make(tmp_path, "a", "b")
+    j1, j2 = submit(core, 4), submit(core, 4)
+    core.tick()
+    core.tick()
+    assert state(core, j1) == state(core, j2) == "running"
+    on_a = j1 if placed_on(ex, j1) == {"a"} else j2
+    ex.changes.append(NodeChange("a", None))  # cordoned: down, still known
+    clock.advance(1)
+    core.tick()
+    assert ex.terminated == [(str(on_a), 1)]
+    assert state(core, on_a) in ("pending", "starting") and node_rows(core) == {"a": False, "b": True}
+    assert core.capacity == {"p": 8} and core.down == {"a"}
+    with core.db.connect() as conn:
+        kinds = [r.kind for r in conn.execute(sa.select(events.c.kind).where(events.c.job_id == on_a))]
+    assert "preempted" in kinds
+    for _ in range(3):
+        core.tick()
+    assert state(core, on_a) == "pending"  # the only up node is full: nothing is placed on the down one
+    ex.changes.append(NodeChange("a", node("a")))
+    core.tick()
+    core.tick()
+    assert state(core, on_a) == "running" and core.down == set() and node_rows(core) == {"a": True, "b": True}
+    assert [lc.attempt for lc in ex.launched if lc.job_id == str(on_a)] == [1, 2]
+
+
+def test_new_deleted_and_reshaped_nodes_change_capacity_and_the_tree(tmp_path: Path) -> None:
+    core, ex, clock = make(tmp_path, "a")
+    big = submit(core, 4)
+    core.tick()
+    core.tick()
+    assert state(core, big) == "running"
+    waiting = submit(core, 4)
+    core.tick()
+    assert state(core, waiting) == "pending"
+    ex.changes.append(NodeChange("b", node("b")))  # a new node: the pool grows, the default tree with it
+    core.tick()
+    core.tick()
+    assert core.capacity == {"p": 8} and state(core, waiting) == "running"
+    assert placed_on(ex, waiting) == {"b"} and core.tree.capacity == {"p": 8}
+    ex.changes.append(NodeChange("b", None, deleted=True))  # deleted: gone from the pool, its job requeued
+    core.tick()
+    assert core.capacity == {"p": 4} and node_rows(core) == {"a": True}
+    assert state(core, waiting) in ("pending", "starting") and (str(waiting), 1) in ex.terminated
+    ex.changes.append(NodeChange("a", node("a", gpus=8)))  # a new shape: its job is stopped, the engine rebuilt
+    core.tick()
+    core.tick()
+    assert core.capacity == {"p": 8} and (str(big), 1) in ex.terminated
+    core.tick()
+    assert state(core, big) == state(core, waiting) == "running"
+    # The pool's last node deleted: kept as down, so the pool and the jobs waiting for it survive.
+    ex.changes.append(NodeChange("a", None, deleted=True))
+    core.tick()
+    assert core.capacity == {"p": 8} and core.down == {"a"} and node_rows(core) == {"a": False}
+    assert state(core, big) == state(core, waiting) == "pending"
+
+
+def test_changes_are_kept_until_committed(tmp_path: Path, monkeypatch: Any) -> None:
+    core, ex, _ = make(tmp_path, "a", "b")
+    ex.changes.append(NodeChange("a", None))
+
+    def broken(*a: Any, **k: Any) -> None:
+        raise sa.exc.OperationalError("x", {}, Exception("database away"))
+    monkeypatch.setattr(cluster_sync, "write_node", broken)
+    with pytest.raises(sa.exc.OperationalError):
+        core.tick()
+    assert core.down == set() and len(core.node_backlog) == 1
+    monkeypatch.undo()
+    core.tick()
+    assert core.down == {"a"} and core.node_backlog == []
+
+
+def arrival(key: str, workers: int = 1, gpus: int = 1, queue: str = "default") -> Arrival:
+    return Arrival(key, {"name": key, "queue": queue, "workers": workers, "gpus": gpus,
+                         "command": f"pods of {key}", "env": {"POD_GROUP": key}})
+
+
+def cluster_jobs(core: Core) -> dict[str, tuple[int, str]]:
+    with core.db.connect() as conn:
+        return {r.idempotency_key: (r.id, r.state) for r in conn.execute(
+            sa.select(jobs.c.id, jobs.c.state, jobs.c.idempotency_key).where(jobs.c.owner == CLUSTER_OWNER))}
+
+
+def test_arrivals_become_jobs_refusals_go_back_withdrawals_cancel(tmp_path: Path) -> None:
+    core, ex, _ = make(tmp_path, "a", "b")
+    ex.brought += [arrival("ns/g1", workers=2, gpus=4), arrival("ns/g2"), arrival("ns/too-big", gpus=16),
+                   arrival("ns/nowhere", queue="nope"), Arrival("ns/bad", {"queue": "default"})]
+    core.tick()
+    got = cluster_jobs(core)
+    assert set(got) == {"ns/g1", "ns/g2"} and set(ex.refused) == {"ns/too-big", "ns/nowhere", "ns/bad"}
+    assert "does not exist" in ex.refused["ns/nowhere"] and "command" in ex.refused["ns/bad"]
+    ex.brought.append(arrival("ns/g1", workers=2, gpus=4))  # after a restart, offered again: the same job
+    core.tick()
+    assert cluster_jobs(core) == {**got, "ns/g1": (got["ns/g1"][0], "running")}
+    launch = next(lc for lc in ex.launched if lc.job_id == str(got["ns/g1"][0]))
+    assert launch.env["POD_GROUP"] == "ns/g1" and launch.env["CORRAL_OWNER"] == CLUSTER_OWNER
+    ex.brought.append(Arrival("ns/g2", None))  # its pods deleted while it waited
+    core.tick()
+    assert cluster_jobs(core)["ns/g2"][1] == "cancelled"
+
+
+def test_a_preempted_cluster_job_ends_instead_of_waiting_again(tmp_path: Path) -> None:
+    core, ex, clock = make(tmp_path, "a")
+    core.apply_queues(ROOT, {"queues": [{"name": "x", "quota": {"p": 2}, "limit": {"p": 4}},
+                                        {"name": "y", "quota": {"p": 2}}]})
+    ex.brought.append(arrival("ns/borrower", gpus=4, queue="x"))
+    core.tick()
+    core.tick()
+    (jid, st), = cluster_jobs(core).values()
+    assert st == "running"
+    clock.advance(10)
+    mine = submit(core, 2, queue="y")  # y reclaims its quota from x's borrowed GPUs
+    core.tick()
+    core.tick()
+    assert cluster_jobs(core)["ns/borrower"][1] == "cancelled" and (str(jid), 1) in ex.terminated
+    assert state(core, mine) == "running"
+    for _ in range(3):
+        core.tick()
+    assert [lc.attempt for lc in ex.launched if lc.job_id == str(jid)] == [1]  # never launched again
