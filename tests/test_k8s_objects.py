@@ -15,7 +15,7 @@ def test_pod_is_for_corral_to_bind_with_labels_gpus_env_and_grace() -> None:
     assert meta["name"] == "corral-42-3-1" and meta["namespace"] == "corral-nlp"
     assert meta["labels"] == {k8s.MANAGED_BY: "corral", k8s.JOB_LABEL: "42", k8s.ATTEMPT_LABEL: "3",
                               k8s.WORKER_LABEL: "1", k8s.GROUP_LABEL: "corral-42-3", k8s.KIND_LABEL: "job",
-                              k8s.QUEUE_LABEL: "nlp"}
+                              k8s.QUEUE_LABEL: "nlp", k8s.OWNER_LABEL: "ann"}
     assert meta["annotations"] == {k8s.NODE_ANNOTATION: "n2", k8s.WORKERS_ANNOTATION: "2"}
     assert spec["schedulerName"] == "corral" and "nodeName" not in spec  # bound through the Binding API
     assert spec["restartPolicy"] == "Never" and spec["terminationGracePeriodSeconds"] == 12

@@ -11,6 +11,7 @@ valid namespace; the labels carry the original job id and attempt so the executo
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,11 +27,13 @@ GROUP_LABEL = "corral.dev/pod-group"  # every worker of one attempt: the unit th
 QUEUE_LABEL = "corral.dev/queue"
 TEAM_LABEL = "corral.dev/team"
 KIND_LABEL = "corral.dev/kind"  # "job" or "sandbox": the NetworkPolicy isolates sandboxes only
+OWNER_LABEL = "corral.dev/owner"  # the submitting user (label_value): a sandbox accepts its own user's pods
 NODE_ANNOTATION = "corral.dev/node"  # the node the engine chose: lets a restarted Corral finish a half-done bind
 WORKERS_ANNOTATION = "corral.dev/workers"  # the gang's size: a missing worker pod means the attempt was cut
 CONTAINER = "main"
 
 _INVALID = re.compile(r"[^a-z0-9-]+")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 
 
 def dns_label(text: str, max_len: int = 63) -> str:
@@ -39,6 +42,15 @@ def dns_label(text: str, max_len: int = 63) -> str:
     if not out:
         raise ValueError(f"{text!r} has no characters usable in a Kubernetes name")
     return out
+
+
+def label_value(text: str) -> str:
+    """`text` as a label value, one to one: itself when it is a valid value without "--"; otherwise a readable
+    part, "--" and a hash. A NetworkPolicy trusts the owner label, so two users must never share a value."""
+    if _LABEL_VALUE.fullmatch(text) and "--" not in text:
+        return text
+    readable = _INVALID.sub("-", text.lower()).strip("-")[:40].strip("-")
+    return f"{readable or 'x'}--{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def team_namespace(queue: str, prefix: str = "corral-") -> str:
@@ -98,6 +110,8 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
               WORKER_LABEL: str(worker), GROUP_LABEL: group_name(job_id, attempt), KIND_LABEL: kind}
     if queue := env_all.get("CORRAL_QUEUE"):
         labels[QUEUE_LABEL] = dns_label(queue)
+    if owner := env_all.get("CORRAL_OWNER"):
+        labels[OWNER_LABEL] = label_value(owner)
     container: dict[str, Any] = {
         "name": CONTAINER, "image": image, "command": argv(command),
         "env": [{"name": k, "value": v} for k, v in sorted(env_all.items())],
@@ -133,14 +147,15 @@ def namespace(name: str, team: str) -> dict[str, Any]:
             "metadata": {"name": name, "labels": {MANAGED_BY: "corral", TEAM_LABEL: dns_label(team)}}}
 
 
-def role_binding(namespace: str, group: str, cluster_role: str = "view") -> dict[str, Any]:
-    """Lets the team's group (as the cluster's authentication names it) read what runs in its namespace; writes
-    go through Corral, so the default is the built-in `view` role."""
+def role_binding(namespace: str, group: str | Sequence[str], cluster_role: str = "view") -> dict[str, Any]:
+    """Grants the groups (as the cluster's authentication names them) a ClusterRole in the team's namespace; one
+    binding per ClusterRole, so its roleRef (which Kubernetes never lets change) is fixed by its name."""
+    groups = [group] if isinstance(group, str) else list(group)
     return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
             "metadata": {"name": f"corral-team-{cluster_role}", "namespace": namespace,
                          "labels": {MANAGED_BY: "corral"}},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}]}
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": g} for g in groups]}
 
 
 def resource_quota(namespace: str, gpus: int) -> dict[str, Any]:
@@ -152,15 +167,17 @@ def resource_quota(namespace: str, gpus: int) -> dict[str, Any]:
 
 
 def network_policy(namespace: str, hub_namespace: str,
-                   hub_labels: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Sandboxes (pods labelled corral.dev/kind=sandbox) accept traffic only from the hub's pods; jobs are left
-    alone, since a gang's workers must reach each other (NCCL, rendezvous)."""
-    hub = dict(hub_labels or {"app.kubernetes.io/component": "hub"})
+                   hub_labels: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None) -> dict[str, Any]:
+    """Sandboxes (pods labelled corral.dev/kind=sandbox) accept traffic only from the hub's pods (one label set
+    per kind of hub pod, e.g. the hub and its proxy). Jobs are not selected: a gang's workers must reach each other
+    (NCCL, rendezvous)."""
+    hub = hub_labels or {"app.kubernetes.io/component": "hub"}
+    sets = [hub] if isinstance(hub, Mapping) else list(hub)
+    hub_ns = {"matchLabels": {"kubernetes.io/metadata.name": hub_namespace}}
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": "corral-sandbox-isolation", "namespace": namespace,
                          "labels": {MANAGED_BY: "corral"}},
             "spec": {"podSelector": {"matchLabels": {KIND_LABEL: "sandbox"}},
                      "policyTypes": ["Ingress"],
-                     "ingress": [{"from": [{
-                         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": hub_namespace}},
-                         "podSelector": {"matchLabels": hub}}]}]}}
+                     "ingress": [{"from": [{"namespaceSelector": hub_ns, "podSelector": {"matchLabels": dict(p)}}
+                                           for p in sets]}]}}
