@@ -1,8 +1,8 @@
-"""The cluster commands of `corral`: queue (ls, apply, history, rollback), top, usage and token create."""
+"""The cluster commands of `corral`: queue (ls, apply, history, rollback), top and token create; usage and queue
+recommend come from scheduler/cli_usage.py."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from scheduler import cli_usage
 from scheduler.cli_client import (
     DEFAULT_URL,
     Fmt,
@@ -24,11 +25,9 @@ from scheduler.cli_client import (
     emit,
     fail,
     note,
-    parse_time,
     print_history,
     print_rollback,
     read_document,
-    when,
 )
 
 queue_app = typer.Typer(help="The queue tree: quotas, limits and weights per pool; changes and their history.",
@@ -40,7 +39,8 @@ def register(app: typer.Typer) -> None:
     app.add_typer(queue_app, name="queue")
     app.add_typer(token_app, name="token")
     app.command("top")(top)
-    app.command("usage")(usage)
+    app.add_typer(cli_usage.usage_app, name="usage")
+    queue_app.command("recommend")(cli_usage.queue_recommend)
 
 
 # ----- queues -----
@@ -187,41 +187,6 @@ def top(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None)
             queues.add_row(*cells("  " * depth + q["name"], pool, used, str(s["quota"]), f"{s['fair_share']:g}",
                                   str(s["borrowed"]), f"{s['pending_jobs']} ({s['pending_gpus']} GPUs)"))
     c.print(queues)
-
-
-def usage(
-    since: Annotated[str | None, typer.Option(help="Start: epoch seconds, ISO date, or back from now (24h, 7d). "
-                                              "Default: the beginning.", show_default=False)] = None,
-    until: Annotated[str | None, typer.Option(help="End, in the same forms. Default: now.",
-                                              show_default=False)] = None,
-    output: Fmt = Output.TABLE,
-    url: Url = DEFAULT_URL,
-    token: Token = None,
-) -> None:
-    """GPU-hours per queue and per user, and how idle each pool was."""
-    now = time.time()
-    start = parse_time(since, now) if since is not None else None
-    end = parse_time(until, now) if until is not None else None
-    with api(url, token) as a:
-        data = a.get("/v1/usage", since=start, until=end)
-    if output is not Output.TABLE:
-        emit(data, output)
-        return
-    c = console()
-    c.print(f"GPU-hours from {when(data['since']) if data['since'] else 'the beginning'} to {when(data['until'])}")
-    for title, key, rows in (("QUEUE", "queue", data["queues"]), ("USER", "user", data["users"])):
-        table = Table(title, "GPU-HOURS", box=None, pad_edge=False)
-        for r in rows:
-            table.add_row(*cells(r[key], f"{r['gpu_hours']:.2f}"))
-        if rows:
-            c.print(table)
-    table = Table("POOL", "CAPACITY", "HELD", "IDLE", "IDLE %", box=None, pad_edge=False)
-    for p in data["pools"]:
-        cap = p["capacity_gpu_hours"]
-        idle = f"{100 * p['idle_gpu_hours'] / cap:.0f}%" if cap else "-"
-        table.add_row(*cells(p["pool"], f"{cap:.2f}", f"{p['held_gpu_hours']:.2f}", f"{p['idle_gpu_hours']:.2f}",
-                             idle))
-    c.print(table)
 
 
 # ----- tokens -----

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.service import queues, store, usage, views
-from scheduler.service.auth import Role, digest, new_secret
+from scheduler.service.auth import Principal, Role, digest, new_secret
+from scheduler.service.core import Core
 from scheduler.service.db import audit, queue_versions, tokens
 from scheduler.service.deps import Caller, CoreDep, DbId
 from scheduler.service.errors import Forbidden, Invalid, NotFound
@@ -89,16 +90,36 @@ def get_usage(who: Caller, core: CoreDep, since: Annotated[float | None, Query(g
               until: float | None = None) -> dict[str, Any]:
     """GPU-hours per queue and user over [since, until] (epoch seconds; default: since Corral was set up,
     until now)."""
-    now = core.clock()
-    end = now if until is None else until
+    since, end, visible = _usage_range(who, core, since, until)
+    with core.db.connect() as conn:
+        return usage.usage(conn, since, end, visible, core.clock())
+
+
+def _usage_range(who: Principal, core: Core, since: float | None, until: float | None
+                 ) -> tuple[float, float, set[str] | None]:
+    """[since, until] with their defaults (since Corral was set up, until now), and the queues the caller sees."""
+    end = core.clock() if until is None else until
     if since is None:
         with core.db.connect() as conn:
             since = conn.execute(sa.select(sa.func.min(queue_versions.c.created_at))).scalar_one()
     if end < since:
         raise Invalid(f"until ({end}) is before since ({since})", "until")
     visible = None if who.admin or who.scope is None else set(who.visible(core.tree, core.tree.queues))
+    return since, end, visible
+
+
+@router.get("/usage/export", tags=["usage"])
+def export_usage(who: Caller, core: CoreDep, format: Literal["trace"] = "trace",
+                 since: Annotated[float | None, Query(ge=0)] = None, until: float | None = None) -> dict[str, Any]:
+    """The range as simulator inputs (SIMULATOR.md): `trace` (the CSV of jobs submitted in it, with their recorded
+    runtimes), `cluster` (pools, the queue tree in force, settings), and recorded `demand` per leaf queue and pool.
+    Like /v1/usage, a scoped caller gets its own queues only, and its subtree as the tree (`scope` says so)."""
+    since, end, visible = _usage_range(who, core, since, until)
     with core.db.connect() as conn:
-        return usage.usage(conn, since, end, visible, now)
+        current = queues.latest(conn)
+        assert current is not None
+        out = usage.export_trace(conn, since, end, visible, core.clock(), current["document"], core.engine_settings)
+    return {**out, "scope": None if visible is None else who.scope}
 
 
 @router.post("/tokens", status_code=201, tags=["tokens"])
