@@ -56,7 +56,8 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
         if nodes is None:
             nodes = discover_nodes(api)
         executor = executor or KubernetesExecutor(api, settings.data_dir / "k8s", settings.k8s_default_image,
-                                                  settings.grace_s, settings.k8s_namespace_prefix)
+                                                  settings.grace_s, settings.k8s_namespace_prefix,
+                                                  hub_namespace=settings.k8s_hub_namespace)
     elif nodes is None:
         # Declared GPUs when --gpus is given, else what NVML finds, else none (a CPU-only machine).
         source = detect(settings.gpus, settings.gpu_model if settings.gpus is not None else None)

@@ -55,6 +55,7 @@ class Core:
         self.arrivals: list[Arrival] = []  # work the cluster brought, not yet written
         self.metrics = metrics or Metrics()
         self.lock = threading.RLock()
+        self._team_sync = threading.Lock()
         self.wake = threading.Event()
         self.engine_settings = Settings(settings.min_runtime_s, settings.starvation_timeout_s)
         self.tree: QueueTree
@@ -100,6 +101,7 @@ class Core:
         with self.lock:
             self._recover(now)
             self._rebuild()
+        self.sync_teams()
 
     def _recover(self, now: float) -> None:
         """Match attempts the database says are live with what the executor finds (see docs/service.md)."""
@@ -282,8 +284,25 @@ class Core:
                 self._stale = True  # the new version is committed: the next cycle must run on it
                 raise
             out["applied"] = True
+        self.sync_teams()
         self.wake.set()
         return out
+
+    def sync_teams(self) -> None:
+        """Let a backend with objects per team (Kubernetes: namespaces, RoleBindings, quotas, NetworkPolicies)
+        follow the tree in force. Network calls: outside the lock and any transaction. One sync at a time, each
+        on the tree in force when it starts, so the last one applies the newest tree. A failure is logged; the
+        next apply or start tries again."""
+        sync = getattr(self.executor, "sync_teams", None)
+        if sync is None:
+            return
+        with self._team_sync:
+            with self.lock:
+                tree, capacity = self.tree, self.capacity
+            try:
+                sync(tree, capacity)
+            except Exception:
+                log.exception("could not bring the backend's team objects in line with queue tree %s", self.version)
 
     def rollback_queues(self, who: Principal, number: int) -> dict[str, Any]:
         with self.db.connect() as conn:
@@ -442,7 +461,7 @@ class Core:
                 # Launch.gpus merges workers that share a node: the gang's shape travels in the environment.
                 env = {**sub.env, "CORRAL_QUEUE": job["queue"], "CORRAL_POOL": job["pool"],
                        "CORRAL_OWNER": job["owner"], "CORRAL_WORKERS": str(sub.workers),
-                       "CORRAL_GPUS_PER_WORKER": str(sub.gpus)}
+                       "CORRAL_GPUS_PER_WORKER": str(sub.gpus), "CORRAL_KIND": sub.kind}
                 handle = self.executor.launch(Launch(str(job["id"]), a["attempt"], sub.command, gpus, env,
                                                      sub.workdir, sub.image))
             except FileExistsError:

@@ -38,6 +38,8 @@ class ServiceSettings(BaseSettings):
     k8s_kubeconfig: str | None = Field(None, description="Kubeconfig for backend kubernetes (None: in-cluster).")
     k8s_default_image: str | None = Field(None, description="Image for jobs that name none (backend kubernetes).")
     k8s_namespace_prefix: str = Field("corral-", description="A team's namespace is this prefix + its queue.")
+    k8s_hub_namespace: str = Field("jupyterhub", description=(
+        "JupyterHub's namespace: its hub and proxy pods are the only ones outside a team that reach its sandboxes."))
     ray_address: str | None = Field(None, description=(
         "The Ray cluster's dashboard/Jobs API address, e.g. http://10.0.0.5:8265 (backend ray)."))
     ray_token: str | None = Field(None, description=(
