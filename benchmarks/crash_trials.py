@@ -104,8 +104,10 @@ def call(server: Server, method: str, path: str, body: dict[str, Any] | None = N
     return None
 
 
-def drive(server: Server, jobs: int, marks: Path, done: threading.Event, rng: random.Random) -> None:
+def drive(server: Server, jobs: int, marks: Path, done: threading.Event, rng: random.Random,
+          submitted: list[int]) -> None:
     for i in range(jobs):
+        submitted[0] = i
         body = {"name": f"j{i}", "queue": rng.choice(["a", "b"]), "gpus": rng.choice([1, 1, 2, 4]),
                 "command": [sys.executable, "-c", JOB.format(marks=str(marks), seconds=rng.uniform(0.05, 1.5))],
                 "idempotency_key": f"j{i}"}
@@ -170,14 +172,27 @@ def main() -> None:
     call(server, "POST", "/v1/queues/apply", {"document": TREES[0]})
     done = threading.Event()
     started = time.monotonic()
-    load = threading.Thread(target=drive, args=(server, args.jobs, home / "marks", done, rng), daemon=True)
+    submitted = [0]
+    load = threading.Thread(target=drive, args=(server, args.jobs, home / "marks", done, random.Random(args.seed + 1),
+                                                submitted), daemon=True)
     load.start()
-    for trial in range(args.trials):
-        time.sleep(rng.uniform(0.5, 3.0))
+    # Kills are spread over the whole run, submissions and the processes' runs alike: progress counts jobs
+    # submitted plus attempts started, 0 .. about 2 x jobs (cancelled jobs never start); each kill comes at a
+    # random point of it, or after 30 s without progress.
+    points = sorted(rng.sample(range(1, int(1.9 * args.jobs)), args.trials))
+    for trial, point in enumerate(points):
+        last, since = -1, time.monotonic()
+        while (progress := submitted[0] + sum(1 for _ in (home / "marks").iterdir())) < point:
+            if progress != last:
+                last, since = progress, time.monotonic()
+            elif time.monotonic() - since > 30:
+                break
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0.0, 1.0))
         server.kill9()
         time.sleep(rng.uniform(0.0, 1.0))
         server.start()
-        print(f"trial {trial + 1}: killed and restarted", flush=True)
+        print(f"trial {trial + 1}: killed at progress {point} and restarted", flush=True)
     load.join()
     while True:  # let everything finish
         r = call(server, "GET", "/v1/jobs?state=pending&state=starting&state=running&limit=1")
