@@ -87,20 +87,20 @@ def test_demand_counts_only_inside_the_range() -> None:
 # ----- through the service -----
 
 
-def run_jobs(service: Service, client: object = None) -> list[int]:
+def run_jobs(svc: Service) -> list[int]:
     """Two nlp jobs and one ranking job that each run an hour; ids in submit order."""
-    c = service.admin
+    c = svc.admin
     ids = []
     for queue, gpus in (("nlp", 2), ("ranking", 4), ("nlp", 2)):
         r = c.post("/v1/jobs", json={"queue": queue, "gpus": gpus, "command": ["true"]})
         assert r.status_code == 201, r.text
         ids.append(r.json()["id"])
-        service.clock.advance(10)
-    service.tick()
-    service.clock.advance(HOUR)
+        svc.clock.advance(10)
+    svc.tick()
+    svc.clock.advance(HOUR)
     for i in ids:
-        service.executor.exit(i, 0)
-    service.tick()
+        svc.executor.exit(i, 0)
+    svc.tick()
     return ids
 
 

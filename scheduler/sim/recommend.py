@@ -112,19 +112,19 @@ def _leaf(q: Queue, pool: str, d: Demand | None, hours: float, rule: Rule) -> _L
     leaf = _Leaf(q, d.used_gpu_hours if d else 0.0, d.waiting_gpu_hours if d else 0.0,
                  d.largest_nonpreemptible if d else 0)
     quota, mean = q.quota_of(pool), leaf.used / hours
-    if quota > 0 and mean < rule.idle_below * quota:
-        keep = min(quota, max(math.ceil(mean * (1 + rule.headroom) - EPS), leaf.floor))
-        leaf.spare = quota - keep
-        leaf.why = (f"held {mean:.2f} GPUs on average of its {quota} guaranteed: {leaf.spare} spare"
-                    + (f" (it keeps {keep} for its largest non-preemptible job)" if keep == leaf.floor and keep
-                       else ""))
-    elif leaf.waiting > rule.min_waiting_gpu_hours:
+    if leaf.waiting > rule.min_waiting_gpu_hours:  # a queue that waited is not idle, whatever it held
         asked = (leaf.used + leaf.waiting) / hours
         leaf.want = max(0, math.ceil(asked - EPS) - quota)
         if math.isfinite(q.limit_of(pool)):
             leaf.want = min(leaf.want, int(q.limit_of(pool)) - quota)
         leaf.why = (f"its jobs waited {leaf.waiting:.1f} GPU-hours; it held or asked for {asked:.2f} GPUs on "
                     f"average, {quota} guaranteed")
+    elif quota > 0 and mean < rule.idle_below * quota:
+        keep = min(quota, max(math.ceil(mean * (1 + rule.headroom) - EPS), leaf.floor))
+        leaf.spare = quota - keep
+        leaf.why = (f"held {mean:.2f} GPUs on average of its {quota} guaranteed: {leaf.spare} spare"
+                    + (f" (it keeps {keep} for its largest non-preemptible job)" if keep == leaf.floor and keep
+                       else ""))
     return leaf
 
 
