@@ -8,8 +8,11 @@ from typing import Any
 
 from sandbox.culling import GpuSample
 from scheduler.service.assemble import build_core
-from scheduler.service.auth import Role
+from scheduler.service.auth import Principal, Role
+from scheduler.service.errors import Conflict
+from scheduler.service.intake import Submission, write
 from scheduler.service.settings import ServiceSettings
+from scheduler.service.specs import JobSubmit
 from tests.service_kit import ScriptedExecutor, Service, gpus
 
 
@@ -53,6 +56,19 @@ def test_idempotency_key_returns_the_first_job(svc: Service) -> None:
     other = svc.admin.post("/v1/jobs", json=job(idempotency_key="k1", gpus=3))
     assert other.status_code == 409
     assert other.json()["error"]["detail"] == {"job": a.json()["id"], "fields": ["gpus"]}
+    assert len(svc.admin.get("/v1/jobs").json()["jobs"]) == 1
+
+
+def test_idempotency_key_repeated_inside_one_submission_group(svc: Service) -> None:
+    """Submissions that arrive together are written as one group: a repeated key follows the same rule there."""
+    root = Principal("root", Role.PLATFORM_ADMIN)
+    same, changed, again = (Submission(root, JobSubmit(**job(idempotency_key="k2", gpus=g))) for g in (1, 3, 1))
+    first = Submission(root, JobSubmit(**job(idempotency_key="k2")))
+    write(svc.core, [first, same, changed, again])
+    assert first.result is not None and first.result[1] is True
+    assert same.result == again.result == (first.result[0], False)
+    assert isinstance(changed.error, Conflict) and changed.error.detail == {"job": first.result[0]["id"],
+                                                                            "fields": ["gpus"]}
     assert len(svc.admin.get("/v1/jobs").json()["jobs"]) == 1
 
 

@@ -157,12 +157,7 @@ def _check(core: Core, batch: list[Submission]) -> list[Submission]:
         try:
             if key is not None and key in earlier:
                 first = earlier[key]
-                changed = sorted(f for f in set(first["spec"]) | set(sub.model_dump(mode="json"))
-                                 if f != "env" and first["spec"].get(f) != sub.model_dump(mode="json").get(f))
-                if changed:
-                    raise Conflict(f"idempotency key {key[1]!r} was used for job {first['id']} with other values "
-                                   f"of: {', '.join(changed)}; use a new key for a different job",
-                                   "idempotency_key", {"job": first["id"], "fields": changed})
+                _same_job(key[1], first["id"], first["spec"], sub)
                 item.result = (first, False)
                 continue
             why = rejection(sub.engine_spec(0, core.pool_of(sub.pool)), core.tree, pools)
@@ -205,6 +200,20 @@ def _store(core: Core, fresh: list[Submission], now: float) -> None:
     for item in fresh:
         key = item.sub.idempotency_key
         if item.result is None and key is not None:
-            first = firsts[(item.who.user, key)].result
-            assert first is not None
-            item.result = (first[0], False)
+            first = firsts[(item.who.user, key)]
+            assert first.result is not None
+            try:  # the same key twice in one group: the same rule as across groups
+                _same_job(key, first.result[0]["id"], first.sub.model_dump(mode="json"), item.sub)
+                item.result = (first.result[0], False)
+            except Conflict as e:
+                item.error = e
+
+
+def _same_job(key: str, first_id: int, first_spec: dict[str, Any], sub: JobSubmit) -> None:
+    """Conflict unless `sub` asks for the job submitted first under `key` (env aside: views mask it)."""
+    spec = sub.model_dump(mode="json")
+    changed = sorted(f for f in set(first_spec) | set(spec) if f != "env" and first_spec.get(f) != spec.get(f))
+    if changed:
+        raise Conflict(f"idempotency key {key!r} was used for job {first_id} with other values of: "
+                       f"{', '.join(changed)}; use a new key for a different job", "idempotency_key",
+                       {"job": first_id, "fields": changed})
