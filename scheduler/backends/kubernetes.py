@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,9 @@ from typing import Any
 from kubernetes import client, utils, watch
 from kubernetes.client.exceptions import ApiException
 
+from quotas import QueueTree
 from scheduler.backends import k8s_objects as k8s
+from scheduler.backends import k8s_sandbox, k8s_teams
 from scheduler.backends.base import Exit, GPUInfo, Handle, Launch, NodeInfo
 
 IMAGE_ENV = "CORRAL_K8S_DEFAULT_IMAGE"
@@ -144,13 +146,15 @@ class KubernetesExecutor:
     """The Executor for a Kubernetes cluster: attempts are pods; the cluster, not this object, remembers them."""
 
     def __init__(self, api: Any, cache_dir: Path, default_image: str | None = None, grace_s: float = 30.0,
-                 namespace_prefix: str = "corral-", sa_timeout_s: float = 30.0) -> None:
+                 namespace_prefix: str = "corral-", sa_timeout_s: float = 30.0,
+                 hub_namespace: str = "jupyterhub") -> None:
         self.core = _core(api)
         self.cache_dir = Path(cache_dir)
         # Launch.image first; then this (the service's setting); then $CORRAL_K8S_DEFAULT_IMAGE.
         self.default_image = default_image or os.environ.get(IMAGE_ENV)
         self.grace_s = grace_s
         self.prefix = namespace_prefix
+        self.teams = k8s_teams.TeamConfig(namespace_prefix, hub_namespace)
         self.sa_timeout_s = sa_timeout_s
         self._namespaces: set[str] = set()
         self._attempts: dict[tuple[str, int], _Attempt] = {}
@@ -165,9 +169,10 @@ class KubernetesExecutor:
         ns = k8s.team_namespace(queue, self.prefix)
         try:
             workers = k8s.split_workers(launch.gpus, int(launch.env.get("CORRAL_WORKERS") or 0))
-            pods = [k8s.pod(launch.job_id, launch.attempt, i, namespace=ns, node=node, gpus=n, image=image,
-                            command=launch.command, env=launch.env, workers=len(workers), workdir=launch.workdir,
-                            grace_s=self.grace_s)
+            build = k8s_sandbox.pod if k8s_sandbox.is_sandbox(launch.env) else k8s.pod  # sandboxes: KubeSpawner's
+            pods = [build(launch.job_id, launch.attempt, i, namespace=ns, node=node, gpus=n, image=image,
+                          command=launch.command, env=launch.env, workers=len(workers), workdir=launch.workdir,
+                          grace_s=self.grace_s)
                     for i, (node, n) in enumerate(workers)]
         except ValueError as e:
             raise OSError(f"job {launch.job_id}: {e}") from e
@@ -176,6 +181,7 @@ class KubernetesExecutor:
             for p in pods:  # every worker exists before any is bound: a gang starts as close to whole as it can
                 with _conflict_ok():  # made before a crash or by a retried launch: the same pod, keep it
                     self.core.create_namespaced_pod(ns, p)
+            k8s_sandbox.isolate(self.core, pods)  # a sandbox's own user may reach it, besides the hub
             for p in pods:
                 self._bind(ns, p["metadata"]["name"], p["metadata"]["annotations"][k8s.NODE_ANNOTATION])
         except (ApiException, TimeoutError) as e:
@@ -213,6 +219,10 @@ class KubernetesExecutor:
             bound = self.core.read_namespaced_pod(name, ns).spec.node_name
             if bound != node:
                 raise ApiException(status=409, reason=f"pod {ns}/{name} is bound to {bound}, not {node}") from e
+
+    def sync_teams(self, tree: QueueTree, capacity: Mapping[str, int]) -> k8s_teams.Applied:
+        """Every team's namespace, RoleBindings, GPU quota and NetworkPolicies as `tree` wants them (k8s_teams)."""
+        return k8s_teams.reconcile(self.core.api_client, tree, capacity, self.teams)
 
     # --- stopping and watching ---
 

@@ -1,0 +1,385 @@
+"""Teams on Kubernetes (scheduler/backends/k8s_teams.py) and sandbox pods (k8s_sandbox.py).
+
+The builders are checked as dicts; the reconciler, the policies' selectors and a sandbox opened through the service
+run against the real test control plane (tests/k8s_kit.py). There is no CNI there, so NetworkPolicies are not
+enforced: the tests check that the API server accepts them and that their selectors, asked of the API server as
+label selectors, pick exactly the pods they should. Cluster tests skip without scripts/k8s-tools' binaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from quotas import QueueSpec, QueueTree
+from scheduler.backends import k8s_objects as k8s
+from scheduler.backends import k8s_sandbox, k8s_teams
+from scheduler.backends.kubernetes import KubernetesExecutor, discover_nodes
+from scheduler.service.assemble import build_core
+from scheduler.service.auth import Principal, Role
+from scheduler.service.errors import Conflict
+from scheduler.service.sandboxes import SandboxRequest, open_sandbox
+from scheduler.service.settings import ServiceSettings
+from tests.k8s_kit import ControlPlane, shared_plane
+
+IMAGE = "busybox:1.36"
+POOL = "H100"
+CAPACITY = {POOL: 16, "A100": 8}
+
+
+def tree(*specs: QueueSpec) -> QueueTree:
+    return QueueTree(specs, CAPACITY)
+
+
+DEMO = tree(QueueSpec("research", quota={POOL: 8}, limit={POOL: 12}),
+            QueueSpec("nlp", "research", quota={POOL: 4}),
+            QueueSpec("vision", "research", quota={POOL: 4}, limit={POOL: 6, "A100": 2}),
+            QueueSpec("product", quota={POOL: 8}))
+
+
+def by_kind(objs: list[dict[str, Any]], ns: str) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for o in objs:
+        if o["metadata"].get("namespace", o["metadata"]["name"]) == ns:
+            out.setdefault(o["kind"], []).append(o)
+    return out
+
+
+# ----- the builders, as dicts -----
+
+def test_one_namespace_per_leaf_with_the_queue_and_prefix_kept() -> None:
+    objs = k8s_teams.desired(DEMO, CAPACITY, k8s_teams.TeamConfig("c-"))
+    names = [o["metadata"]["name"] for o in objs if o["kind"] == "Namespace"]
+    assert names == ["c-nlp", "c-product", "c-vision"]  # leaves only; `research` is an inner queue
+    (ns,) = by_kind(objs, "c-nlp")["Namespace"]
+    assert ns["metadata"]["labels"] == {k8s.MANAGED_BY: "corral", k8s.TEAM_LABEL: "nlp"}
+    assert ns["metadata"]["annotations"] == {k8s_teams.QUEUE_ANNOTATION: "nlp", k8s_teams.PREFIX_ANNOTATION: "c-"}
+    assert all(o["metadata"]["labels"][k8s.MANAGED_BY] == "corral" for o in objs)
+
+
+def test_role_bindings_map_corral_roles_over_the_queue_path() -> None:
+    objs = by_kind(k8s_teams.desired(DEMO, CAPACITY, k8s_teams.TeamConfig()), "corral-nlp")
+    bindings = {b["roleRef"]["name"]: [s["name"] for s in b["subjects"]] for b in objs["RoleBinding"]}
+    # A team admin of `research` (a token scoped to it) is an admin in nlp's namespace, as in Corral.
+    assert bindings == {
+        "admin": ["corral:platform-admin", "corral:team-admin", "corral:research:team-admin",
+                  "corral:nlp:team-admin"],
+        "view": ["corral:member", "corral:research:member", "corral:nlp:member", "corral:model-owner",
+                 "corral:research:model-owner", "corral:nlp:model-owner", "corral:viewer", "corral:research:viewer",
+                 "corral:nlp:viewer"]}
+    rb = objs["RoleBinding"][0]
+    assert rb["metadata"]["name"] == "corral-team-admin" and rb["roleRef"]["kind"] == "ClusterRole"
+    assert all(s["kind"] == "Group" for s in rb["subjects"])
+    # A site may let members run pods themselves.
+    edit = k8s_teams.TeamConfig(cluster_roles={**k8s_teams.CLUSTER_ROLES, "member": "edit"})
+    objs = by_kind(k8s_teams.desired(DEMO, CAPACITY, edit), "corral-nlp")
+    assert {b["roleRef"]["name"] for b in objs["RoleBinding"]} == {"admin", "edit", "view"}
+
+
+def test_the_gpu_quota_is_the_limit_on_the_path_or_the_pools() -> None:
+    objs = k8s_teams.desired(DEMO, CAPACITY, k8s_teams.TeamConfig())
+
+    def hard(ns: str) -> dict[str, str]:
+        (q,) = by_kind(objs, ns)["ResourceQuota"]
+        spec: dict[str, str] = q["spec"]["hard"]
+        return spec
+    # nlp: no limit of its own; research's 12 of H100 binds it; nothing limits it on A100 (8).
+    assert hard("corral-nlp") == {"requests.nvidia.com/gpu": "20"}
+    assert hard("corral-vision") == {"requests.nvidia.com/gpu": "8"}  # its own 6 (under 12) + 2
+    assert hard("corral-product") == {"requests.nvidia.com/gpu": "24"}  # unlimited: both pools
+
+
+def test_network_policies_isolate_sandboxes_and_teams() -> None:
+    config = k8s_teams.TeamConfig(hub_namespace="hub")
+    sandbox, team = by_kind(k8s_teams.desired(DEMO, CAPACITY, config), "corral-nlp")["NetworkPolicy"]
+    assert sandbox["spec"]["podSelector"] == {"matchLabels": {k8s.KIND_LABEL: "sandbox"}}
+    assert sandbox["spec"]["policyTypes"] == ["Ingress"]
+    hub_ns = {"matchLabels": {"kubernetes.io/metadata.name": "hub"}}
+    assert sandbox["spec"]["ingress"] == [{"from": [
+        {"namespaceSelector": hub_ns, "podSelector": {"matchLabels": {"component": "hub"}}},
+        {"namespaceSelector": hub_ns, "podSelector": {"matchLabels": {"component": "proxy"}}}]}]
+    assert team["spec"]["podSelector"] == {"matchExpressions": [
+        {"key": k8s.KIND_LABEL, "operator": "NotIn", "values": ["sandbox"]}]}
+    assert team["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}]  # its own namespace only
+    mine = k8s_teams.owner_policy("corral-nlp", "corral-7-1-0", "uid-1", "corral-7-1", "ann")
+    assert mine["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Pod", "name": "corral-7-1-0", "uid": "uid-1"}]
+    assert mine["spec"]["podSelector"] == {"matchLabels": {k8s.GROUP_LABEL: "corral-7-1", k8s.KIND_LABEL: "sandbox"}}
+    assert mine["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": {k8s.OWNER_LABEL: "ann"}}}]}]
+
+
+def test_queues_sharing_a_namespace_are_refused() -> None:
+    with pytest.raises(ValueError, match="share namespace corral-nlp"):
+        k8s_teams.desired(tree(QueueSpec("NLP"), QueueSpec("nlp")), CAPACITY, k8s_teams.TeamConfig())
+
+
+def test_owner_label_values_are_valid_and_one_to_one() -> None:
+    users = ["ann", "Ann", "ann@example.com", "ann-example-com", "a--b", "x", "-", "é", "x" * 70, "ann.b_c"]
+    values = [k8s.label_value(u) for u in users]
+    assert len(set(values)) == len(users)
+    assert values[0] == "ann" and values[1] == "Ann" and values[-1] == "ann.b_c"  # valid ones are kept
+    assert all(k8s._LABEL_VALUE.fullmatch(v) and len(v) <= 63 for v in values)
+
+
+def test_covers_ignores_what_the_server_adds() -> None:
+    live = {"spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}], "ports": None}]},
+            "metadata": {"labels": {"a": "1", "b": "2"}, "uid": "x"}}
+    assert k8s_teams.covers(live, {"spec": {"ingress": [{"from": [{"podSelector": {}}]}]}, "metadata": {"labels": {"a": "1"}}})
+    assert k8s_teams.covers({"spec": {}}, {"spec": {"podSelector": {}}})  # an empty selector the server dropped
+    assert not k8s_teams.covers(live, {"metadata": {"labels": {"a": "2"}}})
+    assert not k8s_teams.covers({"l": [1, 2]}, {"l": [1]})
+
+
+def test_a_sandbox_pod_is_kubespawners_with_corrals_parts() -> None:
+    env = {"CORRAL_QUEUE": "nlp", "CORRAL_OWNER": "ann", k8s_sandbox.KIND_ENV: "sandbox",
+           "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:5678/user/ann/"}
+    p = k8s_sandbox.pod("7", 2, 0, namespace="corral-nlp", node="n1", gpus=2, image="jupyter:1",
+                        command=["jupyterhub-singleuser", "--debug"], env=env, grace_s=5)
+    job = k8s.pod("7", 2, 0, namespace="corral-nlp", node="n1", gpus=2, image="jupyter:1",
+                  command=["jupyterhub-singleuser", "--debug"], env=env, grace_s=5, kind="sandbox")
+    assert k8s_sandbox.is_sandbox(env) and not k8s_sandbox.is_sandbox({"CORRAL_KIND": "job"})
+    # Corral's parts: the same name, labels and annotations as a job's pod, so the executor treats it alike.
+    assert p["metadata"] == job["metadata"] and p["metadata"]["labels"][k8s.KIND_LABEL] == "sandbox"
+    assert p["metadata"]["labels"][k8s.OWNER_LABEL] == "ann"
+    spec = p["spec"]
+    assert spec["schedulerName"] == "corral" and "nodeName" not in spec  # bound by Corral, Binding API
+    assert spec["restartPolicy"] == "Never" and spec["terminationGracePeriodSeconds"] == 5
+    assert spec["tolerations"] == job["spec"]["tolerations"]
+    # KubeSpawner's: its notebook container, the command as args, the hub's port, no API token in the pod.
+    assert spec["automountServiceAccountToken"] is False
+    (c,) = spec["containers"]
+    assert c["name"] == "notebook" and c["args"] == ["jupyterhub-singleuser", "--debug"] and "command" not in c
+    assert c["ports"] == [{"containerPort": 5678, "name": "notebook-port"}]
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False}
+    assert c["env"] == job["spec"]["containers"][0]["env"]
+    assert k8s_sandbox.port({}) == 8888
+
+
+# ----- on the test control plane -----
+
+@pytest.fixture(scope="module")
+def plane(request: pytest.FixtureRequest) -> ControlPlane:
+    return shared_plane(request.config)
+
+
+@pytest.fixture
+def prefix(plane: ControlPlane) -> Iterator[str]:
+    """A namespace prefix of this test's own; its namespaces go afterwards."""
+    p = f"t{uuid.uuid4().hex[:5]}-"
+    yield p
+    core = plane.core()
+    for ns in core.list_namespace().items:
+        if ns.metadata.name.startswith(p):
+            with contextlib.suppress(ApiException):
+                core.delete_namespace(ns.metadata.name)
+
+
+def until(what: str, cond: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def selector(sel: Mapping[str, Any]) -> str:
+    """A LabelSelector as the label_selector string the API server takes."""
+    parts = [f"{k}={v}" for k, v in sel.get("matchLabels", {}).items()]
+    for e in sel.get("matchExpressions", []):
+        op, key, values = e["operator"], e["key"], ",".join(e.get("values", []))
+        parts.append({"In": f"{key} in ({values})", "NotIn": f"{key} notin ({values})", "Exists": key,
+                      "DoesNotExist": f"!{key}"}[op])
+    return ",".join(parts)
+
+
+def team_state(plane: ControlPlane, prefix: str) -> dict[str, dict[str, Any]]:
+    """What the cluster holds for namespaces of `prefix`: namespace -> {kind/name: JSON}."""
+    api = plane.api_client()
+    out: dict[str, dict[str, Any]] = {}
+    for ns in plane.core().list_namespace().items:
+        if ns.metadata.name.startswith(prefix) and ns.metadata.deletion_timestamp is None:
+            out[ns.metadata.name] = {}
+    lists = [client.RbacAuthorizationV1Api(api).list_role_binding_for_all_namespaces,
+             plane.core().list_resource_quota_for_all_namespaces,
+             client.NetworkingV1Api(api).list_network_policy_for_all_namespaces]
+    for listing in lists:
+        for o in listing().items:
+            if o.metadata.namespace in out:
+                j = api.sanitize_for_serialization(o)
+                out[o.metadata.namespace][f"{type(o).__name__[2:]}/{o.metadata.name}"] = j
+    return out
+
+
+def test_reconciler_applies_updates_removes_and_is_idempotent(plane: ControlPlane, prefix: str,
+                                                               tmp_path: Path) -> None:
+    ex = KubernetesExecutor(plane.api_client(), tmp_path, IMAGE, namespace_prefix=prefix, hub_namespace="hub")
+    first = ex.sync_teams(DEMO, CAPACITY)
+    state = team_state(plane, prefix)
+    assert sorted(state) == [f"{prefix}nlp", f"{prefix}product", f"{prefix}vision"]
+    assert sorted(state[f"{prefix}nlp"]) == [
+        "NetworkPolicy/corral-sandbox-isolation", "NetworkPolicy/corral-team-isolation",
+        "ResourceQuota/corral-gpus", "RoleBinding/corral-team-admin", "RoleBinding/corral-team-view"]
+    assert state[f"{prefix}nlp"]["ResourceQuota/corral-gpus"]["spec"]["hard"] == {"requests.nvidia.com/gpu": "20"}
+    assert len(first.created) == 3 * 6 and not first.updated and not first.deleted
+    assert ex.sync_teams(DEMO, CAPACITY) == k8s_teams.Applied()  # nothing differs: nothing written
+
+    # A hand edit is put back; an object Corral does not manage is left alone.
+    core = plane.core()
+    core.patch_namespaced_resource_quota("corral-gpus", f"{prefix}nlp", {"spec": {"hard": {"requests.nvidia.com/gpu": "99"}}})
+    core.create_namespaced_config_map(f"{prefix}nlp", {"metadata": {"name": "theirs"}})
+    assert ex.sync_teams(DEMO, CAPACITY).updated == [f"ResourceQuota {prefix}nlp/corral-gpus"]
+
+    # A changed tree: vision goes, nlp gets a limit of its own, a new team comes, members may edit.
+    changed = tree(QueueSpec("research", quota={POOL: 8}, limit={POOL: 12}),
+                   QueueSpec("nlp", "research", quota={POOL: 4}, limit={POOL: 5, "A100": 0}),
+                   QueueSpec("speech", "research", quota={POOL: 4}), QueueSpec("product", quota={POOL: 8}))
+    ex.teams = k8s_teams.TeamConfig(prefix, "hub", cluster_roles={**k8s_teams.CLUSTER_ROLES, "member": "edit"})
+    applied = ex.sync_teams(changed, CAPACITY)
+    assert f"Namespace {prefix}speech" in applied.created
+    assert f"ResourceQuota {prefix}nlp/corral-gpus" in applied.updated
+    assert f"RoleBinding {prefix}nlp/corral-team-edit" in applied.created
+    assert f"RoleBinding {prefix}nlp/corral-team-view" in applied.updated  # members left it
+    assert applied.deleted == [f"Namespace {prefix}vision"]
+    state = team_state(plane, prefix)
+    assert sorted(state) == [f"{prefix}nlp", f"{prefix}product", f"{prefix}speech"]
+    assert state[f"{prefix}nlp"]["ResourceQuota/corral-gpus"]["spec"]["hard"] == {"requests.nvidia.com/gpu": "5"}
+    edit = state[f"{prefix}nlp"]["RoleBinding/corral-team-edit"]["subjects"]
+    assert [s["name"] for s in edit] == ["corral:member", "corral:research:member", "corral:nlp:member"]
+    assert core.read_namespaced_config_map("theirs", f"{prefix}nlp").metadata.name == "theirs"
+    assert ex.sync_teams(changed, CAPACITY) == k8s_teams.Applied()
+    # A binding no longer wanted in a kept namespace goes; another installation's namespaces are not touched.
+    ex.teams = k8s_teams.TeamConfig(prefix, "hub")
+    assert ex.sync_teams(changed, CAPACITY).deleted == [f"RoleBinding {prefix}nlp/corral-team-edit",
+                                                        f"RoleBinding {prefix}product/corral-team-edit",
+                                                        f"RoleBinding {prefix}speech/corral-team-edit"]
+    other = KubernetesExecutor(plane.api_client(), tmp_path, IMAGE, namespace_prefix=f"{prefix}x-")
+    assert other.sync_teams(tree(QueueSpec("solo", quota={POOL: 1})), CAPACITY).deleted == []
+    assert f"{prefix}nlp" in team_state(plane, prefix)
+
+
+def make_pod(core: Any, ns: str, name: str, labels: dict[str, str]) -> None:
+    """A pod nobody schedules (no scheduler has this name): only its labels matter here."""
+    core.create_namespaced_pod(ns, {"metadata": {"name": name, "labels": labels}, "spec": {
+        "schedulerName": "nobody", "containers": [{"name": "c", "image": IMAGE}]}})
+
+
+def allowed_sources(plane: ControlPlane, ns: str, pod: str) -> set[str]:
+    """The pods ("namespace/name") the NetworkPolicies of `ns` let reach `pod`, found with the policies' own
+    selectors as label selectors on the API server: what a CNI would enforce. Every pod when none selects it."""
+    core, net = plane.core(), client.NetworkingV1Api(plane.api_client())
+    sources: set[str] = set()
+    selected = False
+    for pol in net.list_namespaced_network_policy(ns).items:
+        spec = plane.api_client().sanitize_for_serialization(pol.spec)
+        picked = core.list_namespaced_pod(ns, label_selector=selector(spec.get("podSelector", {}))).items
+        if pod not in {p.metadata.name for p in picked}:
+            continue
+        selected = True
+        for rule in spec.get("ingress", []):
+            for peer in rule.get("from", []):
+                spaces = [ns] if "namespaceSelector" not in peer else [
+                    n.metadata.name for n in core.list_namespace(
+                        label_selector=selector(peer["namespaceSelector"])).items]
+                for space in spaces:
+                    found = core.list_namespaced_pod(space, label_selector=selector(peer.get("podSelector", {})))
+                    sources |= {f"{space}/{p.metadata.name}" for p in found.items}
+    assert selected, f"no NetworkPolicy selects {ns}/{pod}"
+    return sources
+
+
+def test_policies_let_only_the_hub_and_the_owner_reach_a_sandbox(plane: ControlPlane, prefix: str,
+                                                                 tmp_path: Path) -> None:
+    core = plane.core()
+    hub = f"{prefix}hub"
+    core.create_namespace({"metadata": {"name": hub}})
+    ex = KubernetesExecutor(plane.api_client(), tmp_path, IMAGE, namespace_prefix=prefix, hub_namespace=hub)
+    ex.sync_teams(tree(QueueSpec("a", quota={POOL: 8}), QueueSpec("b", quota={POOL: 8})), CAPACITY)
+    a, b = f"{prefix}a", f"{prefix}b"
+    make_pod(core, hub, "hub", {"component": "hub"})
+    make_pod(core, hub, "proxy", {"component": "proxy"})
+    make_pod(core, hub, "other", {"component": "singleuser-server"})
+    for ns in (a, b):
+        for owner in ("ann", "bob"):
+            make_pod(core, ns, f"job-{owner}", {k8s.KIND_LABEL: "job", k8s.OWNER_LABEL: owner})
+    # ann's sandbox in team a, with the policy its launch makes (isolate reads the pod's uid).
+    sandbox = k8s_sandbox.pod("s1", 1, 0, namespace=a, node="none", gpus=0, image=IMAGE, command=["sleep", "inf"],
+                              env={"CORRAL_QUEUE": "a", "CORRAL_OWNER": "ann", k8s_sandbox.KIND_ENV: "sandbox"})
+    sandbox["spec"]["schedulerName"] = "nobody"
+    core.create_namespaced_pod(a, sandbox)
+    k8s_sandbox.isolate(core, [sandbox])
+    k8s_sandbox.isolate(core, [sandbox])  # a retried launch: the policy exists, fine
+    make_pod(core, a, "bob-sandbox", {k8s.KIND_LABEL: "sandbox", k8s.OWNER_LABEL: "bob"})
+
+    name = sandbox["metadata"]["name"]
+    assert allowed_sources(plane, a, name) == {f"{hub}/hub", f"{hub}/proxy", f"{a}/job-ann", f"{a}/{name}"}
+    assert allowed_sources(plane, a, "bob-sandbox") == {f"{hub}/hub", f"{hub}/proxy"}
+    # Jobs hear their own team only; team b's pods hear nothing from team a.
+    team_a = {f"{a}/{p}" for p in ("job-ann", "job-bob", name, "bob-sandbox")}
+    assert allowed_sources(plane, a, "job-bob") == team_a
+    assert allowed_sources(plane, b, "job-ann") == {f"{b}/job-ann", f"{b}/job-bob"}
+
+
+def test_a_sandbox_opened_through_the_service_runs_as_a_kubespawner_pod_in_its_team(
+        plane: ControlPlane, prefix: str, tmp_path: Path) -> None:
+    product = f"NVIDIA-T-{prefix.strip('-')}"
+    node = f"{prefix}gpu"
+    plane.create_gpu_node(node, product=product, gpus=8)
+    try:
+        plane.wait_node_ready(node)
+        api = plane.api_client()
+        nodes = [n for n in discover_nodes(api) if n.pool == product]
+        ex = KubernetesExecutor(api, tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=prefix,
+                                hub_namespace=f"{prefix}hub")
+        core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=1), executor=ex, nodes=nodes)
+        assert f"{prefix}default" in team_state(plane, prefix)  # synced at start
+        root = Principal("root", Role.PLATFORM_ADMIN)
+        core.apply_queues(root, {"queues": [{"name": "alpha", "quota": {product: 2}, "limit": {product: 6}},
+                                            {"name": "beta", "quota": {product: 6}}]})
+        state = team_state(plane, prefix)  # synced by the apply: default gone, alpha and beta there
+        assert sorted(state) == [f"{prefix}alpha", f"{prefix}beta"]
+        assert state[f"{prefix}alpha"]["ResourceQuota/corral-gpus"]["spec"]["hard"] == {"requests.nvidia.com/gpu": "6"}
+
+        ann = Principal("ann", Role.MEMBER, "alpha")
+        req = SandboxRequest(queue="alpha", gpus=2, command=["jupyterhub-singleuser"], image=IMAGE,
+                             env={"JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:7001/user/ann/"})
+        with pytest.raises(Conflict, match="0 of its 2 guaranteed GPUs|guarantee"):
+            open_sandbox(core, ann, req.model_copy(update={"gpus": 3}))  # over the guarantee: refused now
+        job = open_sandbox(core, ann, req)
+        assert job["state"] == "running"
+        ns = f"{prefix}alpha"
+        pod = plane.wait_pod(ns, k8s.pod_name(str(job["id"]), 1, 0))
+        assert pod.spec.node_name == node and pod.spec.scheduler_name == "corral"  # bound by Corral
+        (c,) = pod.spec.containers
+        assert c.name == "notebook" and c.args == ["/bin/sh", "-c", "jupyterhub-singleuser"]  # KubeSpawner's
+        assert c.ports[0].container_port == 7001 and pod.spec.automount_service_account_token is False
+        assert c.resources.limits == {"nvidia.com/gpu": "2"}
+        assert pod.metadata.labels[k8s.KIND_LABEL] == "sandbox" and pod.metadata.labels[k8s.OWNER_LABEL] == "ann"
+        assert allowed_sources(plane, ns, pod.metadata.name) == {f"{ns}/{pod.metadata.name}"}  # no hub pods here
+        mine = client.NetworkingV1Api(api).read_namespaced_network_policy(f"{pod.metadata.name}-owner", ns)
+        assert mine.metadata.owner_references[0].uid == pod.metadata.uid
+
+        # The guarantee is used up: another sandbox is refused at once, nothing is started.
+        with pytest.raises(Conflict, match="guarantee"):
+            open_sandbox(core, ann, req.model_copy(update={"gpus": 1}))
+        # Closing frees it; the pod goes, and Kubernetes deletes its policy with it.
+        core.cancel(ann, job["id"])
+        net = client.NetworkingV1Api(api)
+
+        def gone() -> bool:
+            core.tick()
+            names = {p.metadata.name for p in net.list_namespaced_network_policy(ns).items}
+            return not plane.core().list_namespaced_pod(ns).items and f"{pod.metadata.name}-owner" not in names
+        until("the sandbox's pod and policy gone", gone)
+        assert open_sandbox(core, ann, req)["state"] == "running"
+    finally:
+        with contextlib.suppress(ApiException):
+            plane.core().delete_node(node)
