@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from kubernetes.client.exceptions import ApiException
 
 from scheduler.backends import k8s_objects as k8s
@@ -25,6 +26,7 @@ from scheduler.backends.kubernetes import KubernetesExecutor, NodeChange, NodeWa
 from scheduler.service.assemble import build_core
 from scheduler.service.auth import Principal, Role
 from scheduler.service.core import Core
+from scheduler.service.db import events
 from scheduler.service.settings import ServiceSettings
 from scheduler.service.specs import JobSubmit
 from tests.k8s_kit import ControlPlane, shared_plane
@@ -33,11 +35,15 @@ IMAGE = "busybox:1.36"
 ROOT = Principal("root", Role.PLATFORM_ADMIN)
 
 
+TEST_LABEL = "corral.dev/test"  # the nodes of one test module or test: executors select only theirs
+
+
 @dataclass
 class Cluster:
     plane: ControlPlane
     pools: list[str]  # two pools
     nodes: dict[str, list[str]]  # pool -> its two nodes
+    tag: str
 
     def ours(self, found: list[NodeInfo]) -> list[NodeInfo]:
         return [n for n in found if n.pool in self.pools]
@@ -51,11 +57,11 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     nodes = {p: [f"kb-{tag}-{i}-{j}" for j in range(2)] for i, p in enumerate(pools)}
     for p, names in nodes.items():
         for n in names:
-            plane.create_gpu_node(n, product=p, gpus=8)
+            plane.create_gpu_node(n, product=p, gpus=8, labels={TEST_LABEL: tag})
     for names in nodes.values():
         for n in names:
             plane.wait_node_ready(n)
-    yield Cluster(plane, pools, nodes)
+    yield Cluster(plane, pools, nodes, tag)
     for names in nodes.values():
         for n in names:
             with contextlib.suppress(ApiException):
@@ -65,7 +71,10 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
 @pytest.fixture
 def executor(cluster: Cluster, tmp_path: Path) -> Iterator[KubernetesExecutor]:
     prefix = f"c{uuid.uuid4().hex[:5]}-"
-    yield KubernetesExecutor(cluster.plane.api_client(), tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=prefix)
+    ex = KubernetesExecutor(cluster.plane.api_client(), tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=prefix,
+                            node_selector=f"{TEST_LABEL}={cluster.tag}", watch_s=2, foreign_pods=False)
+    yield ex
+    ex.close()
     core = cluster.plane.core()
     for ns in core.list_namespace().items:
         if ns.metadata.name.startswith(prefix):
@@ -303,7 +312,8 @@ def test_end_to_end_two_teams_reclaim_and_a_cordoned_node(cluster: Cluster, exec
     try:
         resynced = cluster.ours(discover_nodes(api))
         assert cordoned not in {n.name for n in resynced}
-        again = KubernetesExecutor(api, tmp_path / "k8s2", IMAGE, grace_s=1, namespace_prefix=executor.prefix)
+        again = KubernetesExecutor(api, tmp_path / "k8s2", IMAGE, grace_s=1, namespace_prefix=executor.prefix,
+                                   node_selector=f"{TEST_LABEL}={cluster.tag}", foreign_pods=False)
         core2 = build_core(settings, executor=again, nodes=resynced)
         assert core2.capacity == {p1: 16, p2: 8} and state(core2, victim) == "running"
         big = [submit_to(core2, "alpha", p2) for _ in range(2)]
@@ -314,9 +324,67 @@ def test_end_to_end_two_teams_reclaim_and_a_cordoned_node(cluster: Cluster, exec
             field_selector=f"spec.nodeName={cordoned}").items
         assert [p.metadata.name for p in bound_to_cordoned] == []
     finally:
+        again.close()
         cluster.plane.core().patch_node(cordoned, {"spec": {"unschedulable": False}})
 
 
 def submit_to(core: Core, queue: str, pool: str) -> str:
     row, _ = core.submit(ROOT, JobSubmit(queue=queue, pool=pool, workers=1, gpus=8, command="sleep inf"))
     return str(row["id"])
+
+
+def state_of(c: Core, job: int | str) -> str:
+    with c.db.connect() as conn:
+        return str(c.readable(conn, ROOT, int(job))["state"])
+
+
+def ticking(c: Core, what: str, cond: Callable[[], bool], timeout: float = 90) -> None:
+    until(what, lambda: bool(c.tick() or True) and cond(), timeout)
+
+
+def live_pods_on(cluster: Cluster, node: str) -> list[Any]:
+    pods = cluster.plane.core().list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}").items
+    return [p for p in pods if p.metadata.deletion_timestamp is None and p.status.phase not in ("Succeeded", "Failed")]
+
+
+def test_nodes_cordoned_uncordoned_and_deleted_while_corral_runs(cluster: Cluster, tmp_path: Path) -> None:
+    """Cordon: the node's job is stopped and requeued, nothing new is bound there; uncordon: the job comes back
+    there; delete: its job is requeued and the pool shrinks. All seen by the node watch while Core cycles."""
+    plane, t = cluster.plane, uuid.uuid4().hex[:5]
+    pool, (n1, n2) = f"NVIDIA-L4-{t}", [f"kl-{t}-{i}" for i in range(2)]
+    for n in (n1, n2):
+        plane.create_gpu_node(n, product=pool, gpus=8, labels={TEST_LABEL: t})
+        plane.wait_node_ready(n)
+    ex = KubernetesExecutor(plane.api_client(), tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=f"n{t}-",
+                            node_selector=f"{TEST_LABEL}={t}", watch_s=2, foreign_pods=False)
+    k8s_core = plane.core()
+    try:
+        core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=1), executor=ex, nodes=ex.discover())
+        assert core.capacity == {pool: 16}
+        jobs = [str(core.submit(ROOT, JobSubmit(queue="default", gpus=8, command="sleep inf"))[0]["id"])
+                for _ in range(2)]
+        ticking(core, "both jobs running", lambda: all(state_of(core, j) == "running" for j in jobs))
+        on = {running(ex, j, 1)[0].spec.node_name: j for j in jobs}
+        k8s_core.patch_node(n1, {"spec": {"unschedulable": True}})
+        ticking(core, "the cordon seen", lambda: core.down == {n1} and state_of(core, on[n1]) == "pending")
+        until("the pod on the cordoned node gone", lambda: live_pods_on(cluster, n1) == [])
+        assert core.capacity == {pool: 16}  # down, not gone: the pool's size is unchanged
+        for _ in range(5):
+            core.tick()
+        assert live_pods_on(cluster, n1) == [] and state_of(core, on[n1]) == "pending"
+        k8s_core.patch_node(n1, {"spec": {"unschedulable": False}})
+        ticking(core, "the job back on the uncordoned node", lambda: state_of(core, on[n1]) == "running")
+        assert core.down == set() and running(ex, on[n1], 1, attempt=2)[0].spec.node_name == n1
+        k8s_core.delete_node(n2)
+        ticking(core, "the deletion seen", lambda: n2 not in core.nodes and state_of(core, on[n2]) == "pending")
+        assert core.capacity == {pool: 8}
+        until("the deleted node's pod gone", lambda: pods_of(ex, on[n2]) == [])
+        with core.db.connect() as conn:
+            kinds = [e["kind"] for e in conn.execute(sa.select(events.c.kind).where(
+                events.c.job_id == int(on[n2]))).mappings()]
+        assert kinds.count("preempted") == 1
+    finally:
+        ex.close()
+        for n in (n1, n2):
+            with contextlib.suppress(ApiException):
+                k8s_core.delete_node(n)

@@ -136,9 +136,14 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
     }
 
 
-def binding(pod_name: str, namespace: str, node: str) -> dict[str, Any]:
-    """The body of POST pods/{name}/binding: what a scheduler writes to put a pod on a node."""
-    return {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod_name, "namespace": namespace},
+def binding(pod_name: str, namespace: str, node: str,
+            annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The body of POST pods/{name}/binding: what a scheduler writes to put a pod on a node. The API server
+    copies the binding's annotations onto the pod: how Corral marks the pods of others that it bound."""
+    meta: dict[str, Any] = {"name": pod_name, "namespace": namespace}
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return {"apiVersion": "v1", "kind": "Binding", "metadata": meta,
             "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
 
 
@@ -181,3 +186,15 @@ def network_policy(namespace: str, hub_namespace: str,
                      "policyTypes": ["Ingress"],
                      "ingress": [{"from": [{"namespaceSelector": hub_ns, "podSelector": {"matchLabels": dict(p)}}
                                            for p in sets]}]}}
+
+
+def pod_event(namespace: str, pod: str, uid: str, reason: str, message: str, at: str,
+              kind: str = "Warning") -> dict[str, Any]:
+    """A core/v1 Event about a pod, as a scheduler reports one (`kubectl describe pod` shows it); `at` is an
+    RFC 3339 time."""
+    return {"apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{pod}.", "namespace": namespace},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": namespace, "name": pod, "uid": uid},
+            "reason": reason, "message": message[:1024], "type": kind, "count": 1,
+            "firstTimestamp": at, "lastTimestamp": at, "source": {"component": SCHEDULER_NAME},
+            "reportingComponent": SCHEDULER_NAME}

@@ -1,15 +1,16 @@
 """Runs admitted attempts as pods on a Kubernetes cluster; Corral is a secondary scheduler that binds them itself.
 
-- discover_nodes: Ready, schedulable nodes with allocatable nvidia.com/gpu become NodeInfo; a node's pool is its
-  nvidia.com/gpu.product label (what GPU feature discovery sets), or "gpu" when it has none.
-- NodeWatcher: the same view kept current. resync() lists nodes and remembers the list's resourceVersion;
-  changes() watches from that version and reports nodes going down (NotReady, cordoned, deleted) and coming up; a
-  410 Gone (the version was compacted away) falls back to a resync. Core has no node up/down entry point yet, so
-  today a restart (build_core rediscovering nodes) is the resync; see the report on what Core needs.
+- Nodes (k8s_nodes): Ready, schedulable nodes with allocatable nvidia.com/gpu (optionally only those matching
+  node_selector) are Corral's nodes; a watch in a background thread reports them going down, being deleted and
+  coming up (node_changes), which the service feeds to the engine while it runs.
 - KubernetesExecutor: each worker of an attempt is one pod (k8s_objects.pod) in the team's namespace (the job's
   queue, created if missing) with schedulerName corral, so kube-scheduler leaves it alone; Corral binds each pod to
   the node the engine chose with the Binding API. Names are deterministic (corral-<job>-<attempt>-<worker>), so a
   retried launch meets 409s and carries on, and a restarted Corral finds its pods again by label.
+- Pods of others (k8s_pods): pods someone else made with schedulerName corral arrive as gangs (arrivals); once the
+  engine admits one, launch() binds its pods, marking them with the job and attempt as annotations (the Binding
+  API copies them onto the pod). Preemption deletes them with their own grace period; they are not deleted after
+  they finish (their owner, a Job controller say, counts them).
 
 Kubernetes assigns GPU devices itself (the device plugin): the indices in Launch.gpus are Corral's bookkeeping of
 how many GPUs of which node are taken. Termination is the kubelet's: a delete with grace_period_seconds sends
@@ -19,118 +20,33 @@ SIGTERM and, after the grace, SIGKILL, so poll() only watches the pods go.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client, utils, watch
 from kubernetes.client.exceptions import ApiException
 
 from quotas import QueueTree
 from scheduler.backends import k8s_objects as k8s
 from scheduler.backends import k8s_sandbox, k8s_teams
-from scheduler.backends.base import Exit, GPUInfo, Handle, Launch, NodeInfo
+from scheduler.backends.base import Arrival, Exit, Handle, Launch, NodeChange, NodeInfo
+from scheduler.backends.k8s_nodes import Feed, NodeWatcher, core_api, discover_nodes, node_info
+from scheduler.backends.k8s_pods import POD_GROUP_ENV, PodGangs, Waiting
 
+__all__ = ["KubernetesExecutor", "NodeChange", "NodeWatcher", "discover_nodes", "node_info"]
+
+log = logging.getLogger("corral.kubernetes")
 IMAGE_ENV = "CORRAL_K8S_DEFAULT_IMAGE"
-DEFAULT_POOL = "gpu"  # GPU nodes without a product label
 SIGTERM_CODE = -15  # pods deleted (by Corral's terminate, an eviction, a node's removal) read as killed by SIGTERM
 TERMINAL = ("Succeeded", "Failed")
 STDOUT, STDERR = "stdout.log", "stderr.log"
 LOG_TIMEOUT_S = 3.0
-
-
-def _core(api: Any) -> Any:
-    """A CoreV1Api from either an ApiClient or a CoreV1Api."""
-    return api if isinstance(api, client.CoreV1Api) else client.CoreV1Api(api)
-
-
-def _quantity(text: str) -> float:
-    """A Kubernetes quantity ("64", "500m", "512Gi") as a number."""
-    return float(utils.parse_quantity(text))  # type: ignore[no-untyped-call]
-
-
-def node_info(node: Any) -> NodeInfo | None:
-    """A node as Corral sees it, or None when nothing may be placed there: being deleted, cordoned, not Ready, or
-    without allocatable GPUs."""
-    if node.metadata.deletion_timestamp is not None or (node.spec and node.spec.unschedulable):
-        return None
-    conditions = (node.status.conditions if node.status else None) or []
-    if not any(c.type == "Ready" and c.status == "True" for c in conditions):
-        return None
-    alloc: dict[str, str] = (node.status.allocatable or {})
-    n_gpus = int(_quantity(alloc.get(k8s.GPU, "0")))
-    if n_gpus <= 0:
-        return None
-    product = (node.metadata.labels or {}).get(k8s.GPU_PRODUCT)
-    cpus = _quantity(alloc["cpu"]) if "cpu" in alloc else None
-    memory = round(_quantity(alloc["memory"]) / 2**30, 2) if "memory" in alloc else None
-    address = next((a.address for a in node.status.addresses or [] if a.type == "InternalIP"), None)
-    return NodeInfo(node.metadata.name, product or DEFAULT_POOL,
-                    [GPUInfo(i, product or "unknown") for i in range(n_gpus)], cpus, memory, address)
-
-
-def discover_nodes(api: Any) -> list[NodeInfo]:
-    """The cluster's schedulable GPU nodes, sorted by pool and name."""
-    return NodeWatcher(api).current()
-
-
-@dataclass(frozen=True)
-class NodeChange:
-    """A node that went down (info None: unready, cordoned or deleted) or came up (info: what it offers now)."""
-
-    name: str
-    info: NodeInfo | None
-
-
-class NodeWatcher:
-    """Keeps the schedulable GPU nodes current: list once, then watch from the list's resourceVersion."""
-
-    def __init__(self, api: Any) -> None:
-        self.core = _core(api)
-        self.known: dict[str, NodeInfo] = {}
-        self.resource_version = ""
-
-    def current(self) -> list[NodeInfo]:
-        if not self.resource_version:
-            self.resync()
-        return sorted(self.known.values(), key=lambda n: (n.pool, n.name))
-
-    def resync(self) -> list[NodeChange]:
-        """List every node (after a start, a restart or a 410) and report what differs from what was known."""
-        listed = self.core.list_node()
-        seen = {n.metadata.name: node_info(n) for n in listed.items}
-        changes = [c for name in sorted(set(seen) | set(self.known)) for c in self._apply(name, seen.get(name))]
-        self.resource_version = listed.metadata.resource_version
-        return changes
-
-    def changes(self, timeout_s: int = 1) -> list[NodeChange]:
-        """Node changes since the last call, waiting up to `timeout_s` for the watch (resumed, not restarted)."""
-        if not self.resource_version:
-            return self.resync()
-        out: list[NodeChange] = []
-        w: Any = watch.Watch()  # type: ignore[no-untyped-call]
-        try:
-            for ev in w.stream(self.core.list_node, resource_version=self.resource_version,
-                               timeout_seconds=max(1, timeout_s), allow_watch_bookmarks=True):
-                obj = ev["object"]
-                self.resource_version = obj.metadata.resource_version
-                if ev["type"] != "BOOKMARK":
-                    out += self._apply(obj.metadata.name, None if ev["type"] == "DELETED" else node_info(obj))
-        except ApiException as e:
-            if e.status != 410:
-                raise
-            return out + self.resync()  # our version is too old to resume from: start over from a list
-        return out
-
-    def _apply(self, name: str, info: NodeInfo | None) -> list[NodeChange]:
-        before = self.known.get(name)
-        if info is None:
-            return [NodeChange(name, None)] if self.known.pop(name, None) is not None else []
-        self.known[name] = info
-        return [] if before is not None and before.spec() == info.spec() else [NodeChange(name, info)]
+OURS = f"spec.schedulerName={k8s.SCHEDULER_NAME}"  # every pod Corral binds, its own and others'
 
 
 @dataclass
@@ -140,6 +56,7 @@ class _Attempt:
     stopping: bool = False
     ending: bool = False  # a worker failed or vanished: the rest were deleted, the exit waits for them to go
     failure: tuple[int, str] | None = None  # the first failed worker's exit code and why
+    foreign: list[str] = field(default_factory=list)  # names of someone else's pods Corral bound (k8s_pods)
 
 
 class KubernetesExecutor:
@@ -147,8 +64,15 @@ class KubernetesExecutor:
 
     def __init__(self, api: Any, cache_dir: Path, default_image: str | None = None, grace_s: float = 30.0,
                  namespace_prefix: str = "corral-", sa_timeout_s: float = 30.0,
-                 hub_namespace: str = "jupyterhub") -> None:
-        self.core = _core(api)
+                 hub_namespace: str = "jupyterhub", node_selector: str | None = None, watch_s: int = 10,
+                 foreign_pods: bool = True) -> None:
+        self.core = core_api(api)
+        self.nodes = NodeWatcher(self.core, node_selector)  # only nodes matching the selector are Corral's
+        self.gangs = PodGangs(self.core) if foreign_pods else None
+        self.watch_s = watch_s  # how long one watch request lasts before it is resumed (and close() noticed)
+        self._feeds: dict[str, Feed[Any]] = {}
+        self._gone: set[str] = set()  # deleted nodes: nobody will confirm their pods' deletion, so force it
+        self._listing: dict[tuple[str, str], list[Any]] | None = None  # one list for all adopt() calls
         self.cache_dir = Path(cache_dir)
         # Launch.image first; then this (the service's setting); then $CORRAL_K8S_DEFAULT_IMAGE.
         self.default_image = default_image or os.environ.get(IMAGE_ENV)
@@ -162,6 +86,8 @@ class KubernetesExecutor:
     # --- launching ---
 
     def launch(self, launch: Launch) -> Handle:
+        if POD_GROUP_ENV in launch.env:
+            return self._bind_gang(launch, launch.env[POD_GROUP_ENV])
         image = launch.image or self.default_image
         if not image:
             raise OSError(f"job {launch.job_id}: no image (submit one, or set {IMAGE_ENV})")
@@ -208,10 +134,31 @@ class KubernetesExecutor:
                 time.sleep(0.2)
         self._namespaces.add(ns)
 
-    def _bind(self, ns: str, name: str, node: str) -> None:
+    def _bind_gang(self, launch: Launch, key: str) -> Handle:
+        """Bind someone else's gang where the engine placed it: pod i (by name) on worker i's node."""
+        pods = self.gangs.take(key) if self.gangs is not None else None
+        if not pods:
+            raise OSError(f"the pods of {key} are gone (deleted, or bound by someone else)")
+        workers = k8s.split_workers(launch.gpus, len(pods))
+        if [n for _, n in workers] != [p.gpus for p in pods]:
+            raise OSError(f"job {launch.job_id}: placed as {workers}, but its pods ask {[p.gpus for p in pods]}")
+        marks = {k8s.JOB_LABEL: k8s.dns_label(launch.job_id), k8s.ATTEMPT_LABEL: str(launch.attempt),
+                 k8s.WORKERS_ANNOTATION: str(len(pods))}
+        try:
+            for p, (node, _) in zip(pods, workers, strict=True):
+                self._bind(p.namespace, p.name, node, {**marks, k8s.NODE_ANNOTATION: node})
+        except ApiException as e:
+            for p in pods:  # no half gangs: their owner makes them again, as a new arrival
+                self._delete_named(p.namespace, p.name, None)
+            raise OSError(f"Kubernetes refused binding {key}: {_why(e)}") from e
+        self._attempts[(launch.job_id, launch.attempt)] = _Attempt(pods[0].namespace, len(pods),
+                                                                   foreign=[p.name for p in pods])
+        return Handle(launch.job_id, launch.attempt, None, 0.0)
+
+    def _bind(self, ns: str, name: str, node: str, marks: Mapping[str, str] | None = None) -> None:
         try:
             # The generated client cannot deserialize the Status the server answers with: skip deserializing.
-            self.core.create_namespaced_binding(ns, k8s.binding(name, ns, node), _preload_content=False)
+            self.core.create_namespaced_binding(ns, k8s.binding(name, ns, node, marks), _preload_content=False)
         except ApiException as e:
             if e.status != 409:
                 raise
@@ -224,6 +171,62 @@ class KubernetesExecutor:
         """Every team's namespace, RoleBindings, GPU quota and NetworkPolicies as `tree` wants them (k8s_teams)."""
         return k8s_teams.reconcile(self.core.api_client, tree, capacity, self.teams)
 
+    # --- what the cluster tells Corral (background watches) ---
+
+    def discover(self) -> list[NodeInfo]:
+        """Corral's nodes now; node_changes() resumes from this list, so nothing falls between the two."""
+        return self.nodes.current()
+
+    def node_changes(self, now: float) -> list[NodeChange]:
+        changes: list[NodeChange] = self._feed("corral-k8s-nodes", self.nodes)
+        self._gone.update(c.name for c in changes if c.deleted)
+        return changes
+
+    def arrivals(self, now: float) -> list[Arrival]:
+        if self.gangs is None:
+            return []
+        out: list[Arrival] = self._feed("corral-k8s-pods", self.gangs)
+        for key, why in self.gangs.drain_problems():
+            self._tell(key, why)
+        return out
+
+    def refuse(self, key: str, why: str) -> None:
+        if self.gangs is not None:
+            with self.gangs.lock:
+                self.gangs.refused.add(key)
+        self._tell(key, why)
+
+    def _tell(self, key: str, why: str) -> None:
+        """A Warning event on each pod of a gang Corral will not run (kubectl describe pod shows it)."""
+        log.warning("not scheduling %s: %s", key, why)
+        if self.gangs is None:
+            return
+        with self.gangs.lock:
+            g = self.gangs.by_key.get(key) or tuple(key.split("/")[:2])
+            pods: list[Waiting] = list(self.gangs.gangs.get((g[0], g[1]), {}).values())
+        at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        for p in pods:
+            with contextlib.suppress(ApiException):
+                self.core.create_namespaced_event(p.namespace, k8s.pod_event(
+                    p.namespace, p.name, p.uid, "FailedScheduling", f"Corral will not schedule it: {why}", at))
+
+    def _feed(self, name: str, watcher: NodeWatcher | PodGangs) -> list[Any]:
+        """What the watcher saw since the last call. The first call lists synchronously unless discover() just did
+        (a restarted Corral must know the cluster before it acts); then a thread watches from that list's
+        resourceVersion."""
+        feed = self._feeds.get(name)
+        if feed is None:
+            out: list[Any] = [] if watcher.resource_version else watcher.resync()
+            self._feeds[name] = Feed(name, lambda: watcher.changes(self.watch_s))
+            return out
+        return feed.drain()
+
+    def close(self) -> None:
+        """Stop the background watches (each ends within watch_s)."""
+        for feed in self._feeds.values():
+            feed.close()
+        self._feeds.clear()
+
     # --- stopping and watching ---
 
     def terminate(self, job_id: str, attempt: int, grace_s: float, now: float) -> None:
@@ -232,17 +235,14 @@ class KubernetesExecutor:
             return
         a.stopping = True
         # The kubelet sends SIGTERM now and SIGKILL after the grace; poll() reports the attempt once its pods are gone.
-        self._delete(a.namespace, k8s.selector(job_id, attempt), max(0, round(grace_s)))
+        # Others' pods keep their own grace: their owner chose it.
+        self._delete_attempt(job_id, attempt, a, None if a.foreign else max(0, round(grace_s)))
 
     def poll(self, now: float) -> list[Exit]:
         if not self._attempts:
             return []
-        # One list per cycle for every attempt, rather than one per attempt.
-        pods = self.core.list_pod_for_all_namespaces(label_selector=f"{k8s.MANAGED_BY}=corral").items
-        by_key: dict[tuple[str, str], list[Any]] = {}
-        for p in pods:
-            labels = p.metadata.labels or {}
-            by_key.setdefault((labels.get(k8s.JOB_LABEL, ""), labels.get(k8s.ATTEMPT_LABEL, "")), []).append(p)
+        self._listing = None
+        by_key = self._by_attempt()  # one list per cycle for every attempt, rather than one per attempt
         ended: list[Exit] = []
         for (job_id, attempt), a in list(self._attempts.items()):
             e = self._check(job_id, attempt, a, by_key.get((k8s.dns_label(job_id), str(attempt)), []), "")
@@ -261,6 +261,9 @@ class KubernetesExecutor:
             a.ending = True
             for p in live:  # only the live ones: the failed pod still says why
                 self._delete_pod(a.namespace, p, None if a.stopping else 0)
+        for p in live:  # on a deleted node no kubelet confirms the deletion: finish it
+            if p.metadata.deletion_timestamp is not None and p.spec.node_name in self._gone:
+                self._delete_pod(a.namespace, p, 0)
         if live:
             return None
         if a.failure is not None:
@@ -270,17 +273,31 @@ class KubernetesExecutor:
         else:
             code, why = SIGTERM_CODE, "stopped by Corral" if a.stopping else "a worker's pod was deleted"
         del self._attempts[(job_id, attempt)]
-        # Finished pods hold nothing but clutter the team's namespace; their exit is reported now.
-        self._delete(a.namespace, k8s.selector(job_id, attempt), 0)
+        if not a.foreign:  # Corral's finished pods hold nothing but clutter the team's namespace
+            self._delete(a.namespace, k8s.selector(job_id, attempt), 0)
         return Exit(job_id, attempt, code, ": ".join(s for s in (detail, why) if s))
 
+    def _by_attempt(self) -> dict[tuple[str, str], list[Any]]:
+        """Every pod Corral binds, by (job, attempt): labels on its own pods, annotations on others'."""
+        by_key: dict[tuple[str, str], list[Any]] = {}
+        for p in self.core.list_pod_for_all_namespaces(field_selector=OURS).items:
+            marks = p.metadata.labels or {}
+            if k8s.JOB_LABEL not in marks:
+                marks = p.metadata.annotations or {}
+            if k8s.JOB_LABEL in marks:
+                by_key.setdefault((marks[k8s.JOB_LABEL], marks.get(k8s.ATTEMPT_LABEL, "")), []).append(p)
+        return by_key
+
     def adopt(self, handle: Handle) -> Exit | None:
-        pods = self.core.list_pod_for_all_namespaces(
-            label_selector=k8s.selector(handle.job_id, handle.attempt)).items
+        if self._listing is None:  # a restart adopts every live attempt in a row: one list for all of them
+            self._listing = self._by_attempt()
+        pods = self._listing.get((k8s.dns_label(handle.job_id), str(handle.attempt)), [])
         if not pods:
             return Exit(handle.job_id, handle.attempt, None, "vanished while Corral was down")
         meta = pods[0].metadata
-        a = _Attempt(meta.namespace, int((meta.annotations or {}).get(k8s.WORKERS_ANNOTATION, len(pods))))
+        theirs = k8s.JOB_LABEL not in (meta.labels or {})
+        a = _Attempt(meta.namespace, int((meta.annotations or {}).get(k8s.WORKERS_ANNOTATION, len(pods))),
+                     foreign=sorted(p.metadata.name for p in pods) if theirs else [])
         self._attempts[(handle.job_id, handle.attempt)] = a
         for p in pods:  # created but not yet bound when Corral stopped: finish what the engine decided
             node = (p.metadata.annotations or {}).get(k8s.NODE_ANNOTATION)
@@ -289,13 +306,13 @@ class KubernetesExecutor:
                     self._bind(a.namespace, p.metadata.name, node)
                 except ApiException:
                     a.ending = True
-                    self._delete(a.namespace, k8s.selector(handle.job_id, handle.attempt), 0)
+                    self._delete_attempt(handle.job_id, handle.attempt, a, 0)
         return self._check(handle.job_id, handle.attempt, a, pods, "ended while Corral was down")
 
     def alive(self, job_id: str, attempt: int) -> bool:
         if (job_id, attempt) not in self._attempts:
             return False
-        pods = self.core.list_pod_for_all_namespaces(label_selector=k8s.selector(job_id, attempt)).items
+        pods = self._by_attempt().get((k8s.dns_label(job_id), str(attempt)), [])
         return any(p.status.phase not in TERMINAL for p in pods)
 
     def logs(self, job_id: str, attempt: int) -> tuple[str, str]:
@@ -308,7 +325,8 @@ class KubernetesExecutor:
         if a is not None:
             # Any failure (no kubelet, pod gone, a slow node) keeps what was mirrored before.
             with contextlib.suppress(Exception):
-                text = self.core.read_namespaced_pod_log(k8s.pod_name(job_id, attempt, 0), a.namespace,
+                first = a.foreign[0] if a.foreign else k8s.pod_name(job_id, attempt, 0)
+                text = self.core.read_namespaced_pod_log(first, a.namespace,
                                                          _request_timeout=LOG_TIMEOUT_S)
                 tmp = d / (STDOUT + ".tmp")
                 tmp.write_text(text if isinstance(text, str) else "")
@@ -316,6 +334,12 @@ class KubernetesExecutor:
         out.touch()
         err.touch()
         return str(out), str(err)
+
+    def _delete_attempt(self, job_id: str, attempt: int, a: _Attempt, grace_s: int | None) -> None:
+        if not a.foreign:
+            self._delete(a.namespace, k8s.selector(job_id, attempt), grace_s)
+        for name in a.foreign:
+            self._delete_named(a.namespace, name, grace_s)
 
     def _delete(self, ns: str, label_selector: str, grace_s: int | None) -> None:
         """Delete an attempt's pods (grace None: each pod's own terminationGracePeriodSeconds)."""
@@ -325,8 +349,11 @@ class KubernetesExecutor:
     def _delete_pod(self, ns: str, p: Any, grace_s: int | None) -> None:
         if p.metadata.deletion_timestamp is not None and grace_s is None:
             return  # already on its way out with its own grace
+        self._delete_named(ns, p.metadata.name, 0 if p.spec.node_name in self._gone else grace_s)
+
+    def _delete_named(self, ns: str, name: str, grace_s: int | None) -> None:
         with contextlib.suppress(ApiException):  # gone already: what we wanted
-            self.core.delete_namespaced_pod(p.metadata.name, ns, grace_period_seconds=grace_s)
+            self.core.delete_namespaced_pod(name, ns, grace_period_seconds=grace_s)
 
 
 def _failure(p: Any) -> tuple[int, str]:

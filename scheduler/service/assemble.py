@@ -46,18 +46,20 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
         from kubernetes import client as k8s_client  # noqa: PLC0415
         from kubernetes import config as k8s_config  # noqa: PLC0415
 
-        from scheduler.backends.kubernetes import KubernetesExecutor, discover_nodes  # noqa: PLC0415
+        from scheduler.backends.kubernetes import KubernetesExecutor  # noqa: PLC0415
 
         if settings.k8s_kubeconfig:
             api = k8s_config.new_client_from_config(config_file=settings.k8s_kubeconfig)  # type: ignore[no-untyped-call]
         else:
             k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
             api = k8s_client.ApiClient()
+        k8s_ex = KubernetesExecutor(api, settings.data_dir / "k8s", settings.k8s_default_image, settings.grace_s,
+                                    settings.k8s_namespace_prefix, hub_namespace=settings.k8s_hub_namespace,
+                                    node_selector=settings.k8s_node_selector,
+                                    foreign_pods=settings.k8s_foreign_pods)
         if nodes is None:
-            nodes = discover_nodes(api)
-        executor = executor or KubernetesExecutor(api, settings.data_dir / "k8s", settings.k8s_default_image,
-                                                  settings.grace_s, settings.k8s_namespace_prefix,
-                                                  hub_namespace=settings.k8s_hub_namespace)
+            nodes = k8s_ex.discover()  # its node watch resumes from this very list
+        executor = executor or k8s_ex
     elif nodes is None:
         # Declared GPUs when --gpus is given, else what NVML finds, else none (a CPU-only machine).
         source = detect(settings.gpus, settings.gpu_model if settings.gpus is not None else None)

@@ -38,6 +38,11 @@ class ServiceSettings(BaseSettings):
     k8s_kubeconfig: str | None = Field(None, description="Kubeconfig for backend kubernetes (None: in-cluster).")
     k8s_default_image: str | None = Field(None, description="Image for jobs that name none (backend kubernetes).")
     k8s_namespace_prefix: str = Field("corral-", description="A team's namespace is this prefix + its queue.")
+    k8s_node_selector: str | None = Field(None, description=(
+        "Label selector of the nodes Corral schedules on (backend kubernetes), e.g. corral.dev/managed=true; "
+        "None: every Ready GPU node."))
+    k8s_foreign_pods: bool = Field(True, description=(
+        "Schedule pods others create with schedulerName corral, as gangs (see docs/kubernetes.md)."))
     k8s_hub_namespace: str = Field("jupyterhub", description=(
         "JupyterHub's namespace: its hub and proxy pods are the only ones outside a team that reach its sandboxes."))
     ray_address: str | None = Field(None, description=(

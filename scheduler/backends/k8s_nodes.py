@@ -1,0 +1,167 @@
+"""Kubernetes nodes as Corral's nodes: which are schedulable GPU nodes now, kept current by a resumable watch.
+
+- node_info: a Ready, schedulable node with allocatable nvidia.com/gpu; its pool is its nvidia.com/gpu.product label
+  (what GPU feature discovery sets), or "gpu" when it has none.
+- NodeWatcher: resync() lists the nodes and remembers the list's resourceVersion; changes() watches from that
+  version and reports nodes going down (NotReady, cordoned), being deleted and coming up; a 410 Gone (the version
+  was compacted away) falls back to a resync.
+- Feed: runs a watcher's blocking step in a daemon thread and queues what it reports, so a scheduling cycle only
+  drains a list and never waits on the API server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from kubernetes import client, utils, watch
+from kubernetes.client.exceptions import ApiException
+
+from scheduler.backends import k8s_objects as k8s
+from scheduler.backends.base import GPUInfo, NodeChange, NodeInfo
+
+log = logging.getLogger("corral.kubernetes")
+DEFAULT_POOL = "gpu"  # GPU nodes without a product label
+T = TypeVar("T")
+
+
+def core_api(api: Any) -> Any:
+    """A CoreV1Api from either an ApiClient or a CoreV1Api."""
+    return api if isinstance(api, client.CoreV1Api) else client.CoreV1Api(api)
+
+
+def quantity(text: str) -> float:
+    """A Kubernetes quantity ("64", "500m", "512Gi") as a number."""
+    return float(utils.parse_quantity(text))  # type: ignore[no-untyped-call]
+
+
+def node_info(node: Any) -> NodeInfo | None:
+    """A node as Corral sees it, or None when nothing may be placed there: being deleted, cordoned, not Ready, or
+    without allocatable GPUs."""
+    if node.metadata.deletion_timestamp is not None or (node.spec and node.spec.unschedulable):
+        return None
+    conditions = (node.status.conditions if node.status else None) or []
+    if not any(c.type == "Ready" and c.status == "True" for c in conditions):
+        return None
+    alloc: dict[str, str] = (node.status.allocatable or {})
+    n_gpus = int(quantity(alloc.get(k8s.GPU, "0")))
+    if n_gpus <= 0:
+        return None
+    product = (node.metadata.labels or {}).get(k8s.GPU_PRODUCT)
+    cpus = quantity(alloc["cpu"]) if "cpu" in alloc else None
+    memory = round(quantity(alloc["memory"]) / 2**30, 2) if "memory" in alloc else None
+    address = next((a.address for a in node.status.addresses or [] if a.type == "InternalIP"), None)
+    return NodeInfo(node.metadata.name, product or DEFAULT_POOL,
+                    [GPUInfo(i, product or "unknown") for i in range(n_gpus)], cpus, memory, address)
+
+
+def watched(ev: dict[str, Any]) -> Any:
+    """A watch event's object; an ERROR event (a Status, such as 410 Gone for a compacted version) raises."""
+    obj = ev["object"]
+    if isinstance(obj, dict):
+        raise ApiException(status=obj.get("code"), reason=obj.get("message"))
+    return obj
+
+
+def discover_nodes(api: Any, label_selector: str | None = None) -> list[NodeInfo]:
+    """The cluster's schedulable GPU nodes (those matching `label_selector`), sorted by pool and name."""
+    return NodeWatcher(api, label_selector).current()
+
+
+class NodeWatcher:
+    """Keeps the schedulable GPU nodes current: list once, then watch from the list's resourceVersion."""
+
+    def __init__(self, api: Any, label_selector: str | None = None) -> None:
+        self.core = core_api(api)
+        self.selector = label_selector or ""
+        self.known: dict[str, NodeInfo] = {}  # up
+        self.down: set[str] = set()  # were up once, exist, take nothing now: their deletion is reported too
+        self.resource_version = ""
+
+    def current(self) -> list[NodeInfo]:
+        if not self.resource_version:
+            self.resync()
+        return sorted(self.known.values(), key=lambda n: (n.pool, n.name))
+
+    def resync(self) -> list[NodeChange]:
+        """List every node (after a start, a restart or a 410) and report what differs from what was known."""
+        listed = self.core.list_node(label_selector=self.selector)
+        seen = {n.metadata.name: node_info(n) for n in listed.items}
+        names = sorted(set(seen) | set(self.known) | self.down)
+        changes = [c for name in names for c in self._apply(name, seen.get(name), name not in seen)]
+        self.resource_version = listed.metadata.resource_version
+        return changes
+
+    def changes(self, timeout_s: int = 1) -> list[NodeChange]:
+        """Node changes since the last call, waiting up to `timeout_s` for the watch (resumed, not restarted)."""
+        if not self.resource_version:
+            return self.resync()
+        out: list[NodeChange] = []
+        w: Any = watch.Watch()  # type: ignore[no-untyped-call]
+        try:
+            for ev in w.stream(self.core.list_node, label_selector=self.selector,
+                               resource_version=self.resource_version, timeout_seconds=max(1, timeout_s),
+                               allow_watch_bookmarks=True, _request_timeout=timeout_s + 30):
+                obj = watched(ev)
+                self.resource_version = obj.metadata.resource_version
+                if ev["type"] != "BOOKMARK":
+                    gone = ev["type"] == "DELETED"
+                    out += self._apply(obj.metadata.name, None if gone else node_info(obj), gone)
+        except ApiException as e:
+            if e.status != 410:
+                raise
+            return out + self.resync()  # our version is too old to resume from: start over from a list
+        return out
+
+    def _apply(self, name: str, info: NodeInfo | None, deleted: bool = False) -> list[NodeChange]:
+        before = self.known.get(name)
+        if info is None:
+            was_up = self.known.pop(name, None) is not None
+            if deleted:
+                was = was_up or name in self.down
+                self.down.discard(name)
+                return [NodeChange(name, None, deleted=True)] if was else []
+            if was_up:
+                self.down.add(name)
+            return [NodeChange(name, None)] if was_up else []
+        self.down.discard(name)
+        self.known[name] = info
+        return [] if before is not None and before.spec() == info.spec() else [NodeChange(name, info)]
+
+
+class Feed(Generic[T]):
+    """A blocking `step` (one watch that ends after its timeout) run over and over in a daemon thread; what it
+    returns is queued for drain(). An error is logged and the step retried after a pause: the watcher resumes
+    from its last resourceVersion (or resyncs, on a 410)."""
+
+    def __init__(self, name: str, step: Callable[[], list[T]], retry_s: float = 1.0) -> None:
+        self.step, self.retry_s = step, retry_s
+        self._lock = threading.Lock()
+        self._queue: list[T] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                got = self.step()
+            except Exception as e:  # the API server away, a dropped connection: try again shortly
+                log.warning("%s failed (%s); retrying in %g s", self._thread.name, e, self.retry_s)
+                self._stop.wait(self.retry_s)
+                continue
+            if got:
+                with self._lock:
+                    self._queue += got
+
+    def drain(self) -> list[T]:
+        with self._lock:
+            out, self._queue = self._queue, []
+        return out
+
+    def close(self, timeout_s: float = 0.0) -> None:
+        """Stop after the current step (a watch ends at its timeout); wait up to `timeout_s` for it."""
+        self._stop.set()
+        self._thread.join(timeout_s)

@@ -1,0 +1,215 @@
+"""Pods others made for Corral to schedule (schedulerName corral), gathered into gangs and offered as arrivals.
+
+The contract (docs/kubernetes.md): pods with the same corral.dev/pod-group label in one namespace are one gang of
+corral.dev/group-size pods (an annotation or a label); a pod without the label is a gang of one. Each pod asks
+the same nvidia.com/gpu limit. The gang's queue is the pod's corral.dev/queue label, else its namespace's; its
+pool the pod's corral.dev/pool label, else its nodeSelector's nvidia.com/gpu.product, else the only pool.
+
+PodGangs watches unbound pods (fieldSelector spec.schedulerName=corral,spec.nodeName=, without Corral's own
+managed-by label) from a resourceVersion, like the node watcher. A gang complete with all its pods is offered once
+under a key naming its namespace, group and the set of its pods' UIDs: the same after a restart (so the service's
+idempotency check finds the job again), and new when the owner re-creates a pod (a new pod is a new request). A
+gang offered but not yet bound that loses a pod is withdrawn. take() hands a gang's pods to the executor to bind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import watch
+from kubernetes.client.exceptions import ApiException
+
+from scheduler.backends import k8s_objects as k8s
+from scheduler.backends.base import Arrival
+from scheduler.backends.k8s_nodes import core_api, quantity, watched
+
+GROUP_SIZE = "corral.dev/group-size"
+POOL_LABEL = "corral.dev/pool"
+POD_GROUP_ENV = "CORRAL_POD_GROUP"  # in an arrival's job env: the gang's key, which launch() binds
+PENDING = f"spec.schedulerName={k8s.SCHEDULER_NAME},spec.nodeName="
+NOT_OURS = f"{k8s.MANAGED_BY}!=corral"  # Corral's own pods are bound by launch(), not offered
+
+Gang = tuple[str, str]  # namespace, group
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A pending pod of someone else's, as much of it as a gang needs."""
+
+    uid: str
+    namespace: str
+    name: str
+    group: str
+    size: int | str  # str: why the size is not usable
+    gpus: int
+    queue: str | None
+    pool: str | None
+    image: str | None
+    grace_s: int | None
+
+
+def waiting(pod: Any) -> Waiting:
+    meta, spec = pod.metadata, pod.spec
+    labels, notes = meta.labels or {}, meta.annotations or {}
+    group = labels.get(k8s.GROUP_LABEL)
+    size: int | str = 1
+    if group is not None:
+        given = notes.get(GROUP_SIZE, labels.get(GROUP_SIZE))
+        size = (int(given) if given and given.isdigit() and int(given) >= 1 else
+                f"pod group {group} needs {GROUP_SIZE} (a label or annotation: a whole number >= 1), got {given!r}")
+    gpus = sum(int(quantity(((c.resources.limits if c.resources else None) or {}).get(k8s.GPU, "0")))
+               for c in spec.containers)
+    pool = labels.get(POOL_LABEL) or (spec.node_selector or {}).get(k8s.GPU_PRODUCT)
+    return Waiting(meta.uid, meta.namespace, meta.name, group or meta.name, size, gpus, labels.get(k8s.QUEUE_LABEL),
+                   pool, spec.containers[0].image if spec.containers else None, spec.termination_grace_period_seconds)
+
+
+def gang_key(namespace: str, group: str, uids: list[str]) -> str:
+    digest = hashlib.sha256(",".join(sorted(uids)).encode()).hexdigest()[:12]
+    return f"{namespace}/{group}/{digest}"
+
+
+class PodGangs:
+    """Pending pods of others by gang; thread-safe (a Feed's thread watches, the scheduling thread takes)."""
+
+    def __init__(self, api: Any) -> None:
+        self.core = core_api(api)
+        self.lock = threading.Lock()
+        self.gangs: dict[Gang, dict[str, Waiting]] = {}
+        self.where: dict[str, Gang] = {}  # uid -> its gang
+        self.offered: dict[Gang, str] = {}  # gang -> the key it was offered under
+        self.by_key: dict[str, Gang] = {}
+        self.taken: set[str] = set()  # UIDs being bound: their watch events no longer count (until DELETED)
+        self.refused: set[str] = set()
+        self.problems: list[tuple[str, str]] = []  # (key, why): refused here, before the service saw them
+        self.ns_queues: dict[str, str | None] = {}
+        self.resource_version = ""
+
+    def resync(self) -> list[Arrival]:
+        """List every pending pod (after a start, a restart or a 410): offer every complete gang again."""
+        listed = self.core.list_pod_for_all_namespaces(field_selector=PENDING, label_selector=NOT_OURS)
+        with self.lock:
+            before = set(self.gangs)
+            self.gangs, self.where, self.ns_queues = {}, {}, {}
+            self.offered, self.by_key = {}, {}
+            for p in listed.items:
+                if p.metadata.deletion_timestamp is None and p.metadata.uid not in self.taken:
+                    self._add(waiting(p))
+            self.resource_version = listed.metadata.resource_version
+            return [a for g in sorted(before | set(self.gangs)) for a in self._settle(g)]
+
+    def changes(self, timeout_s: int = 1) -> list[Arrival]:
+        if not self.resource_version:
+            return self.resync()
+        events: list[tuple[str, Any]] = []
+        w: Any = watch.Watch()  # type: ignore[no-untyped-call]
+        try:
+            for ev in w.stream(self.core.list_pod_for_all_namespaces, field_selector=PENDING,
+                               label_selector=NOT_OURS, resource_version=self.resource_version,
+                               timeout_seconds=max(1, timeout_s), allow_watch_bookmarks=True,
+                               _request_timeout=timeout_s + 30):
+                obj = watched(ev)
+                self.resource_version = obj.metadata.resource_version
+                if ev["type"] != "BOOKMARK":
+                    events.append((ev["type"], obj))
+                    if len(events) >= 500:  # a burst: hand over what came so far
+                        w.stop()
+        except ApiException as e:
+            if e.status != 410:
+                raise
+            return self.resync()
+        with self.lock:
+            touched: set[Gang] = set()
+            for kind, p in events:
+                uid = p.metadata.uid
+                if kind == "DELETED" or p.metadata.deletion_timestamp is not None:
+                    self.taken.discard(uid)
+                    g = self.where.pop(uid, None)
+                    if g is not None:
+                        self.gangs[g].pop(uid, None)
+                        touched.add(g)
+                elif uid not in self.taken:
+                    touched.add(self._add(waiting(p)))
+            return [a for g in sorted(touched) for a in self._settle(g)]
+
+    def _add(self, w: Waiting) -> Gang:
+        g = (w.namespace, w.group)
+        self.gangs.setdefault(g, {})[w.uid] = w
+        self.where[w.uid] = g
+        return g
+
+    def _settle(self, g: Gang) -> list[Arrival]:
+        """Withdraw what the gang was offered as, if that changed; offer it when complete. Under the lock."""
+        pods = self.gangs.get(g) or {}
+        if not pods:
+            self.gangs.pop(g, None)
+        key = gang_key(g[0], g[1], list(pods)) if pods else None
+        out: list[Arrival] = []
+        was = self.offered.get(g)
+        if was is not None and was != key:
+            out.append(Arrival(was, None))
+            del self.offered[g]
+            self.by_key.pop(was, None)
+        if key is None or key == was or key in self.refused:
+            return out
+        first = next(iter(pods.values()))
+        if isinstance(first.size, str):
+            self._problem(key, first.size)
+        elif len(pods) > first.size:
+            self._problem(key, f"pod group {g[1]} has {len(pods)} pods waiting, more than its {GROUP_SIZE} "
+                               f"of {first.size}")
+        elif len(pods) == first.size:
+            spec = self._spec(key, g, list(pods.values()))
+            if isinstance(spec, str):
+                self._problem(key, spec)
+            else:
+                self.offered[g], self.by_key[key] = key, g
+                out.append(Arrival(key, spec))
+        return out
+
+    def _problem(self, key: str, why: str) -> None:
+        self.refused.add(key)
+        self.problems.append((key, why))
+
+    def _spec(self, key: str, g: Gang, pods: list[Waiting]) -> dict[str, Any] | str:
+        """The job a complete gang asks for, or why it cannot be one."""
+        if len({p.gpus for p in pods}) != 1:
+            return f"the pods of group {g[1]} ask for different numbers of {k8s.GPU}: each must ask the same"
+        if pods[0].gpus < 1:
+            return f"pod {pods[0].name} asks no {k8s.GPU} in resources.limits: Corral schedules GPU pods only"
+        queue = pods[0].queue or self._namespace_queue(g[0])
+        if not queue:
+            return (f"no queue: label the pod or namespace {g[0]} with {k8s.QUEUE_LABEL}=<a Corral leaf queue>")
+        return {"name": g[1], "queue": queue, "pool": pods[0].pool, "workers": len(pods), "gpus": pods[0].gpus,
+                "command": f"pods of {g[0]}/{g[1]}", "image": pods[0].image, "env": {POD_GROUP_ENV: key},
+                "labels": {"namespace": g[0], "pod-group": g[1]}}
+
+    def _namespace_queue(self, ns: str) -> str | None:
+        if ns not in self.ns_queues:
+            try:
+                labels = self.core.read_namespace(ns).metadata.labels or {}
+            except ApiException:
+                labels = {}
+            self.ns_queues[ns] = labels.get(k8s.QUEUE_LABEL)
+        return self.ns_queues[ns]
+
+    def take(self, key: str) -> list[Waiting] | None:
+        """The gang's pods (by name) to bind, if the gang is still complete as offered; it is no longer watched."""
+        with self.lock:
+            g = self.by_key.pop(key, None)
+            if g is None or self.offered.get(g) != key:
+                return None
+            del self.offered[g]
+            pods = self.gangs.pop(g)
+            self.taken.update(pods)
+            for uid in pods:
+                self.where.pop(uid, None)
+            return sorted(pods.values(), key=lambda p: p.name)
+
+    def drain_problems(self) -> list[tuple[str, str]]:
+        with self.lock:
+            out, self.problems = self.problems, []
+        return out
