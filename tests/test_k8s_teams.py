@@ -132,7 +132,8 @@ def test_owner_label_values_are_valid_and_one_to_one() -> None:
 def test_covers_ignores_what_the_server_adds() -> None:
     live = {"spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}], "ports": None}]},
             "metadata": {"labels": {"a": "1", "b": "2"}, "uid": "x"}}
-    assert k8s_teams.covers(live, {"spec": {"ingress": [{"from": [{"podSelector": {}}]}]}, "metadata": {"labels": {"a": "1"}}})
+    want = {"spec": {"ingress": [{"from": [{"podSelector": {}}]}]}, "metadata": {"labels": {"a": "1"}}}
+    assert k8s_teams.covers(live, want)
     assert k8s_teams.covers({"spec": {}}, {"spec": {"podSelector": {}}})  # an empty selector the server dropped
     assert not k8s_teams.covers(live, {"metadata": {"labels": {"a": "2"}}})
     assert not k8s_teams.covers({"l": [1, 2]}, {"l": [1]})
@@ -234,7 +235,8 @@ def test_reconciler_applies_updates_removes_and_is_idempotent(plane: ControlPlan
 
     # A hand edit is put back; an object Corral does not manage is left alone.
     core = plane.core()
-    core.patch_namespaced_resource_quota("corral-gpus", f"{prefix}nlp", {"spec": {"hard": {"requests.nvidia.com/gpu": "99"}}})
+    core.patch_namespaced_resource_quota("corral-gpus", f"{prefix}nlp",
+                                         {"spec": {"hard": {"requests.nvidia.com/gpu": "99"}}})
     core.create_namespaced_config_map(f"{prefix}nlp", {"metadata": {"name": "theirs"}})
     assert ex.sync_teams(DEMO, CAPACITY).updated == [f"ResourceQuota {prefix}nlp/corral-gpus"]
 
@@ -364,7 +366,7 @@ def test_a_sandbox_opened_through_the_service_runs_as_a_kubespawner_pod_in_its_t
         assert c.resources.limits == {"nvidia.com/gpu": "2"}
         assert pod.metadata.labels[k8s.KIND_LABEL] == "sandbox" and pod.metadata.labels[k8s.OWNER_LABEL] == "ann"
         assert allowed_sources(plane, ns, pod.metadata.name) == {f"{ns}/{pod.metadata.name}"}  # no hub pods here
-        mine = client.NetworkingV1Api(api).read_namespaced_network_policy(f"{pod.metadata.name}-owner", ns)
+        mine: Any = client.NetworkingV1Api(api).read_namespaced_network_policy(f"{pod.metadata.name}-owner", ns)
         assert mine.metadata.owner_references[0].uid == pod.metadata.uid
 
         # The guarantee is used up: another sandbox is refused at once, nothing is started.
@@ -372,7 +374,7 @@ def test_a_sandbox_opened_through_the_service_runs_as_a_kubespawner_pod_in_its_t
             open_sandbox(core, ann, req.model_copy(update={"gpus": 1}))
         # Closing frees it; the pod goes, and Kubernetes deletes its policy with it.
         core.cancel(ann, job["id"])
-        net = client.NetworkingV1Api(api)
+        net: Any = client.NetworkingV1Api(api)
 
         def gone() -> bool:
             core.tick()

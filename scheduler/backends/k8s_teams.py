@@ -18,6 +18,7 @@ team accept ingress only from their own namespace: no cross-team traffic. Enforc
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ QUEUE_ANNOTATION = "corral.dev/queue"  # the exact queue name (the team label is
 PREFIX_ANNOTATION = "corral.dev/namespace-prefix"  # which installation owns the namespace
 TEAM_POLICY = "corral-team-isolation"
 MANAGED = f"{k8s.MANAGED_BY}=corral"
+QUOTA_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,7 @@ class Reconciler:
                     continue
                 self._delete(getattr(api, f"delete_namespaced_{method}"), name, ns)
                 done.deleted.append(f"{kind} {ns}/{name}")
+        self._await_quotas([r.split(" ", 1)[1] for r in done.created if r.startswith("ResourceQuota ")])
         for name in sorted(leaving):
             if not live_ns[name].get("deletionTimestamp"):
                 self._delete(self.core.delete_namespace, name)
@@ -217,6 +220,17 @@ class Reconciler:
             self.core.patch_namespace(meta["name"], {"metadata": {"labels": meta["labels"],
                                                                   "annotations": meta["annotations"]}})
             done.updated.append(_ref(want))
+
+    def _await_quotas(self, refs: list[str]) -> None:
+        """Until the quota controller has counted a new quota, the API server refuses every pod in its namespace
+        ("status unknown for quota"): wait for it (it takes milliseconds), so a launch right after is not refused."""
+        deadline = time.monotonic() + QUOTA_WAIT_S
+        for ref in refs:
+            ns, name = ref.split("/")
+            while not (self.core.read_namespaced_resource_quota(name, ns).status.used or {}):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the quota controller has not counted ResourceQuota {ref}")
+                time.sleep(0.05)
 
     @staticmethod
     def _delete(call: Any, *args: str) -> None:
