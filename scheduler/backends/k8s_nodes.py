@@ -57,12 +57,15 @@ def node_info(node: Any) -> NodeInfo | None:
                     [GPUInfo(i, product or "unknown") for i in range(n_gpus)], cpus, memory, address)
 
 
-def watched(ev: dict[str, Any]) -> Any:
-    """A watch event's object; an ERROR event (a Status, such as 410 Gone for a compacted version) raises."""
+def watched(ev: dict[str, Any]) -> tuple[str, Any]:
+    """A watch event's resourceVersion and object (None for a bookmark, which the client leaves a dict); an ERROR
+    event (a Status, such as 410 Gone for a compacted version) raises."""
     obj = ev["object"]
-    if isinstance(obj, dict):
+    if ev["type"] == "BOOKMARK":
+        return str(obj["metadata"]["resourceVersion"]), None
+    if ev["type"] == "ERROR":
         raise ApiException(status=obj.get("code"), reason=obj.get("message"))
-    return obj
+    return str(obj.metadata.resource_version), obj
 
 
 def discover_nodes(api: Any, label_selector: str | None = None) -> list[NodeInfo]:
@@ -104,9 +107,8 @@ class NodeWatcher:
             for ev in w.stream(self.core.list_node, label_selector=self.selector,
                                resource_version=self.resource_version, timeout_seconds=max(1, timeout_s),
                                allow_watch_bookmarks=True, _request_timeout=timeout_s + 30):
-                obj = watched(ev)
-                self.resource_version = obj.metadata.resource_version
-                if ev["type"] != "BOOKMARK":
+                self.resource_version, obj = watched(ev)
+                if obj is not None:
                     gone = ev["type"] == "DELETED"
                     out += self._apply(obj.metadata.name, None if gone else node_info(obj), gone)
         except ApiException as e:

@@ -111,9 +111,8 @@ class PodGangs:
                                label_selector=NOT_OURS, resource_version=self.resource_version,
                                timeout_seconds=max(1, timeout_s), allow_watch_bookmarks=True,
                                _request_timeout=timeout_s + 30):
-                obj = watched(ev)
-                self.resource_version = obj.metadata.resource_version
-                if ev["type"] != "BOOKMARK":
+                self.resource_version, obj = watched(ev)
+                if obj is not None:
                     events.append((ev["type"], obj))
                     if len(events) >= 500:  # a burst: hand over what came so far
                         w.stop()
