@@ -19,6 +19,7 @@ from scheduler.service import routes_admission, routes_cluster, routes_jobs, rou
 from scheduler.service.core import Core
 from scheduler.service.deps import TEXT_OK
 from scheduler.service.errors import ServiceError
+from scheduler.service.telemetry import RequestTelemetry
 from scheduler.service.views import live_metrics
 
 
@@ -64,6 +65,7 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
                   description="GPU scheduler: queues with fair-share quotas, jobs, preemption, usage.")
     app.state.core = core
     app.state.ready = False
+    app.add_middleware(RequestTelemetry, tracer=lambda: core.tracer)
     core.metrics.add_gauges(lambda: live_metrics(core))
 
     @app.exception_handler(ServiceError)

@@ -22,6 +22,7 @@ from scheduler.service.auth import Role, digest, new_secret
 from scheduler.service.core import Core
 from scheduler.service.db import connect, migrate, tokens
 from scheduler.service.settings import ADMIN_TOKEN_FILE, ServiceSettings
+from scheduler.service.telemetry import configure_logging
 
 
 def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus: list[GPUInfo] | None = None,
@@ -74,6 +75,7 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
 
 def build_app(settings: ServiceSettings, run_loop: bool = True) -> tuple[Core, FastAPI, bool]:
     """The core and its API; the flag says whether a bootstrap admin token was just written."""
+    configure_logging(settings)
     core = build_core(settings)
     made = bootstrap_admin(core, settings.data_dir / ADMIN_TOKEN_FILE) is not None
     return core, create_app(core, run_loop), made
@@ -118,5 +120,8 @@ def tune_gc() -> None:
 
 def run_uvicorn(app: FastAPI, settings: ServiceSettings) -> None:
     """Serve the API, over TLS when a certificate and key are configured."""
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
-                ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)
+    # JSON logs: uvicorn's own records go through the handler of configure_logging. Its access lines never: the
+    # middleware's (RequestTelemetry) carry the request id and the caller.
+    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=log_config,
+                access_log=False, ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)

@@ -19,7 +19,7 @@ from scheduler.backends.base import CLUSTER_OWNER, Arrival, Executor, Exit, Hand
 from scheduler.engine import Engine as Scheduler
 from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
 from scheduler.engine.model import Settings
-from scheduler.service import cluster_sync, queues, store
+from scheduler.service import cluster_sync, queues, store, telemetry
 from scheduler.service.auth import Principal, TokenCache
 from scheduler.service.culler import cull
 from scheduler.service.db import attempts, jobs, nodes, queue_versions
@@ -67,6 +67,7 @@ class Core:
         self.intake = Intake(self)
         self.idle = IdleTracker(IdlePolicy(settings.idle_threshold_pct).for_profile(settings.idle_timeout_s))
         self._culled_at = -math.inf
+        self.tracer = telemetry.make_tracer(settings)  # a span per scheduling cycle (tick) and per API request
 
     @property
     def capacity(self) -> dict[str, int]:
@@ -313,6 +314,7 @@ class Core:
 
     # ----- the scheduling cycle -----
 
+    @telemetry.traced_cycle
     def tick(self) -> list[Decision]:
         """One cycle: collect exits, enforce max_runtime, decide, write, then stop and launch processes."""
         started = time.perf_counter()
@@ -359,6 +361,8 @@ class Core:
         job = store.job_row(conn, job_id)
         assert job is not None
         reason = store.reason_json(d.reason)
+        log.info("job %s %s: %s", job_id, type(d).__name__.lower(), d.reason.message,
+                 extra={"job_id": job_id, "queue": job["queue"]})
         if isinstance(d, Started):
             attempt = job["attempt"] + 1
             conn.execute(attempts.insert().values(

@@ -11,6 +11,7 @@ from pydantic import Field
 from sqlalchemy.engine import RowMapping
 from starlette.concurrency import run_in_threadpool
 
+from scheduler.service import telemetry
 from scheduler.service.auth import Principal, Role, digest, hub_principal
 from scheduler.service.core import Core
 from scheduler.service.db import tokens
@@ -37,7 +38,7 @@ async def principal(request: Request) -> Principal:
     scheme, _, secret = auth.partition(" ")
     if scheme.lower() not in ("bearer", "token") or not secret.strip():  # JupyterHub clients say "token"
         raise Unauthorized("send an API token as 'Authorization: Bearer <token>' (see corral token create)")
-    return await resolve_token(core(request), secret.strip())
+    return telemetry.identified(await resolve_token(core(request), secret.strip()))
 
 
 async def resolve_token(c: Core, secret: str) -> Principal:
@@ -71,7 +72,7 @@ async def cookie_principal(request: Request) -> Principal:
     secret = request.cookies.get(UI_COOKIE, "").strip()
     if not secret:
         raise Unauthorized("log in at /ui/login")
-    return await resolve_token(core(request), secret)
+    return telemetry.identified(await resolve_token(core(request), secret))
 
 
 async def _hub_user(c: Core, secret: str) -> Principal:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
@@ -24,12 +25,15 @@ router = APIRouter(tags=["jobs"])
 STATES = ("pending", "starting", "running", "completed", "failed", "cancelled", "rejected")
 FOLLOW_POLL_S = 0.2  # how often a followed log is re-read: lines show up within this
 LOG_CHUNK = 1 << 20  # bytes per read of a log: a large log streams instead of sitting in memory
+log = logging.getLogger("corral.api")
 
 
 @router.post("/jobs", status_code=201)
 async def submit(sub: JobSubmit, who: Caller, core: CoreDep, response: Response) -> dict[str, Any]:
     """Queue a job. A repeated idempotency key returns the first job (200) instead of a new one (201)."""
     job, created = await core.intake.submit_async(who, sub)
+    log.info("job %s %s by %s", job["id"], "submitted" if created else "resubmitted (same idempotency key)", who.user,
+             extra={"job_id": job["id"], "queue": job["queue"]})
     if not created:
         response.status_code = 200
     return job

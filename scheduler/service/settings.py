@@ -75,6 +75,17 @@ class ServiceSettings(BaseSettings):
         "hub's groups and custom:corral:* scopes decide who may do what."))
     hub_groups: dict[str, str] = Field(default_factory=dict, description=(
         "Hub group -> Corral leaf queue: a group's members are that team (JSON in the environment)."))
+    otel_exporter: Literal["none", "console", "otlp"] = Field("none", description=(
+        "OpenTelemetry traces of API requests and scheduling cycles: none (off), console (stderr), or otlp (OTLP over "
+        "HTTP to otel_endpoint; needs the extra corral[otel])."))
+    otel_endpoint: str | None = Field(None, description=(
+        "OTLP traces URL, e.g. http://collector:4318/v1/traces (None: OTEL_EXPORTER_OTLP_* or localhost:4318)."))
+    otel_service_name: str = Field("corral", description="service.name of the spans: tells installations apart.")
+    log_format: Literal["text", "json"] = Field("text", description=(
+        "Logs on stderr as text, or as one JSON object a line (time, level, logger, message, request_id, job_id, "
+        "queue, ...) for a log pipeline."))
+    log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description=(
+        "Least severe log records written; info adds one line per API request and per scheduling decision."))
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
