@@ -78,6 +78,7 @@ def test_role_bindings_map_corral_roles_over_the_queue_path() -> None:
     rb = objs["RoleBinding"][0]
     assert rb["metadata"]["name"] == "corral-team-admin" and rb["roleRef"]["kind"] == "ClusterRole"
     assert all(s["kind"] == "Group" for s in rb["subjects"])
+    assert set(k8s_teams.CLUSTER_ROLES) == {r.value for r in Role}  # every Corral role is mapped
     # A site may let members run pods themselves.
     edit = k8s_teams.TeamConfig(cluster_roles={**k8s_teams.CLUSTER_ROLES, "member": "edit"})
     objs = by_kind(k8s_teams.desired(DEMO, CAPACITY, edit), "corral-nlp")

@@ -1,10 +1,4 @@
-"""Sandbox pods on Kubernetes: the notebook server's pod comes from KubeSpawner's builder, and Corral binds it.
-
-KubeSpawner's `make_pod` is the pod JupyterHub deployments already run (its notebook container, no service account
-token, no privilege escalation); Corral's parts (labels, annotations, schedulerName corral, GPUs as limits, the
-grace) come from `k8s_objects.pod`, so the executor finds, binds and stops a sandbox exactly like a job. As with
-KubeSpawner, the command is the container's args: the image's entrypoint (tini in the Jupyter images) stays PID 1.
-"""
+"""Sandbox pods on Kubernetes: the notebook server's pod comes from KubeSpawner's builder, and Corral binds it."""
 
 from __future__ import annotations
 
@@ -37,7 +31,11 @@ def port(env: Mapping[str, str]) -> int:
 def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gpus: int, image: str,
         command: str | Sequence[str], env: Mapping[str, str] | None = None, workers: int = 1,
         workdir: str | None = None, grace_s: float = 30.0) -> dict[str, Any]:
-    """A sandbox's pod; the same arguments as k8s_objects.pod, which it can stand in for."""
+    """A sandbox's pod; the same arguments as k8s_objects.pod, which it stands in for. KubeSpawner's `make_pod`
+    gives the pod JupyterHub deployments run (its notebook container, no service-account token, no privilege
+    escalation); Corral's parts (labels, annotations, schedulerName corral, GPUs as limits, the grace) come from
+    k8s_objects.pod, so the executor finds, binds and stops a sandbox like a job. As in KubeSpawner, the command
+    is the container's args: the image's entrypoint (tini in the Jupyter images) stays PID 1."""
     base = k8s.pod(job_id, attempt, worker, namespace=namespace, node=node, gpus=gpus, image=image, command=command,
                    env=env, workers=workers, workdir=workdir, grace_s=grace_s, kind="sandbox")
     meta, spec = base["metadata"], base["spec"]

@@ -1,19 +1,4 @@
-"""Teams on Kubernetes: each leaf queue's namespace, RoleBindings, GPU ResourceQuota and NetworkPolicies, as data.
-
-`desired(tree, capacity, config)` is pure: the objects the queue tree in force wants, as dicts. `reconcile` makes
-the cluster match: it creates what is missing, replaces what differs, and deletes what Corral made (label
-app.kubernetes.io/managed-by=corral, in namespaces of this installation's prefix) that is no longer wanted. It
-lists each kind once, so a sync that changes nothing costs four list calls.
-
-Roles. Corral's roles become Kubernetes groups `corral:<queue>:<role>` (a token scoped to <queue>) and
-`corral:<role>` (unscoped); a team's namespace binds the groups of every queue on its path, so a team admin of
-`research` is an admin in the namespaces of `nlp` and `vision` below it, as in Corral. Groups are what the
-cluster's authentication (OIDC claims, client certificates) must name; Corral does not issue them.
-
-Network. Sandboxes accept ingress only from the hub's pods (its namespace, hub and proxy pods) and, through one
-policy per sandbox made at launch (k8s_sandbox), from pods of their own user in their namespace. Other pods of a
-team accept ingress only from their own namespace: no cross-team traffic. Enforcement is the CNI's.
-"""
+"""Teams on Kubernetes: namespace, RoleBindings, GPU quota and NetworkPolicies per leaf queue (docs/kubernetes.md)."""
 
 from __future__ import annotations
 
@@ -55,7 +40,9 @@ class TeamConfig:
 
 
 def groups(leaf: Queue, role: str) -> list[str]:
-    """The groups holding `role` over `leaf`: unscoped, then scoped to each queue from the top down to it."""
+    """The Kubernetes groups holding `role` over `leaf`: `corral:<role>` (unscoped), then `corral:<queue>:<role>`
+    for each queue from the top down to it, so a team admin of `research` is an admin in the namespaces below it,
+    as in Corral. The cluster's authentication (OIDC claims, certificates) names the groups; Corral does not."""
     if role == "platform-admin":
         return ["corral:platform-admin"]  # platform admins have no scope
     return [f"corral:{role}"] + [f"corral:{q.name}:{role}" for q in reversed(leaf.path)]
@@ -150,7 +137,9 @@ def covers(live: Any, want: Any) -> bool:
 
 
 class Reconciler:
-    """Applies desired team objects through the typed clients; one instance per API client."""
+    """Makes the cluster match the desired objects: creates what is missing, replaces what differs, and deletes what
+    Corral made (managed-by corral, in namespaces of this prefix) that is no longer wanted. Each kind is listed
+    once, so a sync that changes nothing costs four list calls."""
 
     def __init__(self, api: Any) -> None:
         self.api = api
