@@ -81,7 +81,10 @@ def serve(
     # import, which every other command (a thin HTTP client) should not pay.
     from scheduler.service.assemble import build_app, run_uvicorn, tune_gc  # noqa: PLC0415
 
-    _, app, made = build_app(settings)
+    try:
+        _, app, made = build_app(settings)
+    except ValueError as e:  # settings that only turn out wrong when used (no ray_address, no OTLP exporter)
+        fail(f"bad settings: {e}", 2)
     if made:
         note(f"admin token written to {settings.data_dir / ADMIN_TOKEN_FILE} (the CLI on this machine uses it; "
              "keep it private)")

@@ -76,7 +76,7 @@ class ServiceSettings(BaseSettings):
     hub_groups: dict[str, str] = Field(default_factory=dict, description=(
         "Hub group -> Corral leaf queue: a group's members are that team (JSON in the environment)."))
     otel_exporter: Literal["none", "console", "otlp"] = Field("none", description=(
-        "OpenTelemetry traces of API requests and scheduling cycles: none (off), console (stderr), or otlp (OTLP over "
+        "OpenTelemetry traces of API requests and scheduling cycles: none (off), console (stdout), or otlp (OTLP over "
         "HTTP to otel_endpoint; needs the extra corral[otel])."))
     otel_endpoint: str | None = Field(None, description=(
         "OTLP traces URL, e.g. http://collector:4318/v1/traces (None: OTEL_EXPORTER_OTLP_* or localhost:4318)."))

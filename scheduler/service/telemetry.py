@@ -183,7 +183,9 @@ class RequestTelemetry:
 # ----- logs -----
 
 # Attributes every LogRecord has: anything else on a record came from `extra=` and goes into the JSON.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# uvicorn adds color_message, its message with terminal colours: noise in JSON.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName",
+                                                                         "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
