@@ -134,7 +134,9 @@ def test_what_the_chart_renders(bin_dir: Path, helm_env: dict[str, str]) -> None
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dash["data"]["corral.json"])["uid"] == "corral-overview"
     rules = {(tuple(r["apiGroups"]), r2) for r in kinds["ClusterRole"]["rules"] for r2 in r["resources"]}
-    assert {r for _, r in rules} == {"nodes", "namespaces", "pods", "pods/binding", "pods/log", "events"}
+    assert {r for _, r in rules} == {"nodes", "namespaces", "pods", "pods/binding", "pods/log", "events",
+                                     "serviceaccounts", "resourcequotas", "rolebindings", "clusterroles",
+                                     "networkpolicies"}
 
 
 @pytest.mark.parametrize("bad", ["service.port=0", "image.pullPolicy=Sometimes", "config.port=9000",
@@ -183,17 +185,28 @@ def test_manifests_apply_and_the_pod_lands_on_a_kwok_node(plane: ControlPlane, n
         user = f"system:serviceaccount:{ns}:{release}"
 
         def allowed(verb: str, resource: str, sub: str = "", namespace: str = "jobs") -> bool:
+            group, _, resource = resource.rpartition("/")  # "networking.k8s.io/networkpolicies"
+            name = ""
+            if ":" in resource:
+                resource, name = resource.split(":")  # "clusterroles:admin"
             review = authz.create_subject_access_review({"spec": {
                 "user": user, "groups": ["system:serviceaccounts", f"system:serviceaccounts:{ns}"],
-                "resourceAttributes": {"namespace": namespace, "verb": verb, "resource": resource,
-                                       "subresource": sub}}})
+                "resourceAttributes": {"namespace": namespace, "verb": verb, "resource": resource, "group": group,
+                                       "subresource": sub, "name": name}}})
             return bool(review.status.allowed)
+        rbac_api = "rbac.authorization.k8s.io"
         for verb, res, sub in [("watch", "nodes", ""), ("create", "pods", ""), ("create", "pods", "binding"),
                                ("delete", "pods", ""), ("get", "pods", "log"), ("create", "events", ""),
-                               ("list", "namespaces", "")]:
+                               ("list", "namespaces", ""), ("create", "namespaces", ""),
+                               ("get", "serviceaccounts", ""), ("update", "resourcequotas", ""),
+                               ("create", f"{rbac_api}/rolebindings", ""),
+                               ("bind", f"{rbac_api}/clusterroles:admin", ""),
+                               ("delete", "networking.k8s.io/networkpolicies", "")]:
             assert allowed(verb, res, sub), (verb, res, sub)
         for verb, res, sub in [("list", "secrets", ""), ("delete", "nodes", ""), ("create", "pods", "exec"),
-                               ("create", "deployments", ""), ("update", "nodes", "status")]:
+                               ("create", "deployments", ""), ("update", "nodes", "status"),
+                               ("bind", f"{rbac_api}/clusterroles:cluster-admin", ""),
+                               ("create", f"{rbac_api}/clusterrolebindings", ""), ("create", f"{rbac_api}/roles", "")]:
             assert not allowed(verb, res, sub), (verb, res, sub)
     finally:
         rbac = client.RbacAuthorizationV1Api(plane.api_client())
