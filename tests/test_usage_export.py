@@ -130,6 +130,7 @@ def test_export_endpoint_and_rbac(svc: Service) -> None:
     bad = svc.admin.get("/v1/usage/export", params={"format": "csv"})
     assert bad.status_code == 422 and "format" in bad.text
     assert svc.admin.get("/v1/usage/export", params={"since": T0 + 10, "until": T0}).status_code == 422
+    assert "not a number" in svc.admin.get("/v1/usage/export", params={"until": "nan"}).text
     assert svc.admin.get("/v1/usage/export", headers={"Authorization": "Bearer nope"}).status_code == 401
 
 

@@ -1,7 +1,8 @@
-"""/v1 queues (tree, apply, history, rollback), pools and nodes, usage, tokens and the audit log."""
+"""/v1 queues (tree, apply, history, rollback), pools and nodes, usage (and its export), tokens and the audit log."""
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
@@ -99,6 +100,8 @@ def _usage_range(who: Principal, core: Core, since: float | None, until: float |
                  ) -> tuple[float, float, set[str] | None]:
     """[since, until] with their defaults (since Corral was set up, until now), and the queues the caller sees."""
     end = core.clock() if until is None else until
+    if math.isnan(end):
+        raise Invalid("until is not a number", "until")
     if since is None:
         with core.db.connect() as conn:
             since = conn.execute(sa.select(sa.func.min(queue_versions.c.created_at))).scalar_one()
