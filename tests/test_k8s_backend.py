@@ -21,12 +21,14 @@ import sqlalchemy as sa
 from kubernetes.client.exceptions import ApiException
 
 from scheduler.backends import k8s_objects as k8s
-from scheduler.backends.base import Exit, Handle, Launch, NodeInfo
+from scheduler.backends.base import CLUSTER_OWNER, Arrival, Exit, Handle, Launch, NodeInfo
+from scheduler.backends.k8s_pods import GROUP_SIZE, POD_GROUP_ENV, POOL_LABEL
 from scheduler.backends.kubernetes import KubernetesExecutor, NodeChange, NodeWatcher, discover_nodes
 from scheduler.service.assemble import build_core
 from scheduler.service.auth import Principal, Role
 from scheduler.service.core import Core
 from scheduler.service.db import events
+from scheduler.service.db import jobs as jobs_table
 from scheduler.service.settings import ServiceSettings
 from scheduler.service.specs import JobSubmit
 from tests.k8s_kit import ControlPlane, shared_plane
@@ -388,3 +390,107 @@ def test_nodes_cordoned_uncordoned_and_deleted_while_corral_runs(cluster: Cluste
         for n in (n1, n2):
             with contextlib.suppress(ApiException):
                 k8s_core.delete_node(n)
+
+
+def foreign_pod(name: str, gpus: int, labels: dict[str, str] | None = None, notes: dict[str, str] | None = None,
+                product: str | None = None) -> dict[str, Any]:
+    """A pod someone else made for Corral to schedule."""
+    spec: dict[str, Any] = {
+        "schedulerName": "corral", "restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
+        "containers": [{"name": "main", "image": IMAGE, "resources": {"limits": {k8s.GPU: str(gpus)}}}],
+        "tolerations": [{"key": k8s.GPU, "operator": "Exists", "effect": "NoSchedule"}]}
+    if product:
+        spec["nodeSelector"] = {k8s.GPU_PRODUCT: product}
+    return {"apiVersion": "v1", "kind": "Pod", "spec": spec,
+            "metadata": {"name": name, "labels": labels or {}, "annotations": notes or {}}}
+
+
+def cluster_job(c: Core, name: str) -> tuple[int, str]:
+    with c.db.connect() as conn:
+        row = conn.execute(sa.select(jobs_table.c.id, jobs_table.c.state).where(
+            jobs_table.c.owner == CLUSTER_OWNER, jobs_table.c.name == name).order_by(jobs_table.c.id.desc())).first()
+    return (row.id, row.state) if row is not None else (0, "none")
+
+
+def test_pods_of_others_are_gangs_bound_on_admission_and_deleted_on_preemption(cluster: Cluster,
+                                                                                tmp_path: Path) -> None:
+    plane = cluster.plane
+    (a, b), _ = cluster.nodes.values()
+    p1, p2 = cluster.pools
+    ex = KubernetesExecutor(plane.api_client(), tmp_path / "k8s", IMAGE, grace_s=1,
+                            namespace_prefix=f"f{uuid.uuid4().hex[:5]}-",
+                            node_selector=f"{TEST_LABEL}={cluster.tag}", watch_s=2)
+    api = plane.core()
+    with plane.namespace("fp") as ns:
+        api.patch_namespace(ns, {"metadata": {"labels": {k8s.QUEUE_LABEL: "alpha"}}})
+        try:
+            core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=1), executor=ex,
+                              nodes=ex.discover())
+            core.apply_queues(ROOT, {"queues": [{"name": "alpha", "quota": {p1: 8, p2: 8}, "limit": {p1: 16}},
+                                                {"name": "beta", "quota": {p1: 8, p2: 8}}]})
+            gang = {k8s.GROUP_LABEL: "train"}
+            for i in range(2):  # a gang of two 4-GPU pods, in alpha (its namespace's queue)
+                api.create_namespaced_pod(ns, foreign_pod(f"train-{i}", 4, gang, {GROUP_SIZE: "2"}, product=p1))
+            api.create_namespaced_pod(ns, foreign_pod("lost", 1, {k8s.QUEUE_LABEL: "nope", POOL_LABEL: p1}))
+            api.create_namespaced_pod(ns, foreign_pod("half-0", 1, {k8s.GROUP_LABEL: "half", GROUP_SIZE: "2"},
+                                                      product=p1))  # waits for its second pod
+            ticking(core, "the gang running", lambda: cluster_job(core, "train")[1] == "running")
+            api.create_namespaced_pod(ns, foreign_pod("solo", 4, {POOL_LABEL: p1}))  # alpha borrows beyond quota
+            ticking(core, "the solo pod running", lambda: cluster_job(core, "solo")[1] == "running")
+            pods = {p.metadata.name: p for p in api.list_namespaced_pod(ns).items}
+            assert {pods[f"train-{i}"].spec.node_name for i in range(2)} <= {a, b}
+            job_id = cluster_job(core, "train")[0]
+            # The Binding API copied Corral's marks onto the pods: a restarted Corral finds them by these.
+            assert pods["train-0"].metadata.annotations[k8s.JOB_LABEL] == str(job_id)
+            assert pods["half-0"].spec.node_name is None and cluster_job(core, "half")[1] == "none"
+            assert pods["lost"].spec.node_name is None and cluster_job(core, "lost")[1] == "none"
+            until("a warning event on the refused pod", lambda: any(
+                e.reason == "FailedScheduling" and "nope" in e.message
+                for e in api.list_namespaced_event(ns, field_selector="involvedObject.name=lost").items))
+            # beta reclaims its quota: alpha's borrowing pod is deleted (its grace), its job ends, not requeued.
+            mine = str(core.submit(ROOT, JobSubmit(queue="beta", pool=p1, workers=2, gpus=4,
+                                                   command="sleep inf"))[0]["id"])
+            ticking(core, "beta running", lambda: state_of(core, mine) == "running")
+            assert cluster_job(core, "solo")[1] == "cancelled" and cluster_job(core, "train")[1] == "running"
+            until("the preempted pod gone", lambda: not [p for p in api.list_namespaced_pod(ns).items
+                                                         if p.metadata.name == "solo"])
+            # The gang's pods succeed: the job completes, and its pods stay for their owner to count.
+            for i in range(2):
+                finish(ex, pods[f"train-{i}"], 0)
+            ticking(core, "the gang completed", lambda: cluster_job(core, "train")[1] == "completed")
+            assert {p.metadata.name for p in api.list_namespaced_pod(ns).items} >= {"train-0", "train-1"}
+            # A pending gang that loses a pod before admission is withdrawn: its job is cancelled.
+            api.create_namespaced_pod(ns, foreign_pod("half-1", 1, {k8s.GROUP_LABEL: "half", GROUP_SIZE: "2"},
+                                                      product=p1))
+            core.apply_queues(ROOT, {"queues": [{"name": "alpha", "quota": {p1: 8, p2: 8}, "limit": {p1: 8}},
+                                                {"name": "beta", "quota": {p1: 8, p2: 8}}]})
+            for i in range(2):  # fill alpha's limit, so the half gang waits
+                api.create_namespaced_pod(ns, foreign_pod(f"fill-{i}", 4, {POOL_LABEL: p1}))
+            ticking(core, "the fillers running and the half gang waiting",
+                    lambda: cluster_job(core, "fill-1")[1] == "running" and cluster_job(core, "half")[1] == "pending")
+            api.delete_namespaced_pod("half-1", ns, grace_period_seconds=0)
+            ticking(core, "the half gang withdrawn", lambda: cluster_job(core, "half")[1] == "cancelled")
+        finally:
+            ex.close()
+
+
+def test_a_pod_bound_by_someone_else_is_not_bound_twice(cluster: Cluster, tmp_path: Path) -> None:
+    plane = cluster.plane
+    (a, b), _ = cluster.nodes.values()
+    ex = KubernetesExecutor(plane.api_client(), tmp_path / "k8s", IMAGE, node_selector=f"{TEST_LABEL}={cluster.tag}",
+                            watch_s=2)
+    with plane.namespace("fb") as ns:
+        try:
+            plane.core().create_namespaced_pod(ns, foreign_pod("raced", 1, {k8s.QUEUE_LABEL: "q"}))
+            offered: list[Arrival] = []
+            until("the pod offered", lambda: bool(offered.extend(ex.arrivals(0.0)) or any(
+                x.spec is not None and x.spec["name"] == "raced" for x in offered)))
+            key = next(x.key for x in offered if x.spec is not None and x.spec["name"] == "raced")
+            plane.bind(ns, "raced", b)  # another scheduler got there first
+            with pytest.raises(OSError, match="409"):
+                ex.launch(Launch("77", 1, "pods", {a: [0]}, {POD_GROUP_ENV: key}))
+            assert plane.core().read_namespaced_pod("raced", ns).spec.node_name == b
+            with pytest.raises(OSError, match="gone"):  # taken once: a second launch finds nothing to bind
+                ex.launch(Launch("77", 1, "pods", {a: [0]}, {POD_GROUP_ENV: key}))
+        finally:
+            ex.close()

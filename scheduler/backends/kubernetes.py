@@ -144,11 +144,13 @@ class KubernetesExecutor:
             raise OSError(f"job {launch.job_id}: placed as {workers}, but its pods ask {[p.gpus for p in pods]}")
         marks = {k8s.JOB_LABEL: k8s.dns_label(launch.job_id), k8s.ATTEMPT_LABEL: str(launch.attempt),
                  k8s.WORKERS_ANNOTATION: str(len(pods))}
+        bound: list[Waiting] = []
         try:
             for p, (node, _) in zip(pods, workers, strict=True):
                 self._bind(p.namespace, p.name, node, {**marks, k8s.NODE_ANNOTATION: node})
+                bound.append(p)
         except ApiException as e:
-            for p in pods:  # no half gangs: their owner makes them again, as a new arrival
+            for p in bound:  # no half gangs: their owner makes them again, as a new arrival
                 self._delete_named(p.namespace, p.name, None)
             raise OSError(f"Kubernetes refused binding {key}: {_why(e)}") from e
         self._attempts[(launch.job_id, launch.attempt)] = _Attempt(pods[0].namespace, len(pods),
