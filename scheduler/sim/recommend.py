@@ -139,29 +139,31 @@ def _moves(tree: QueueTree, pool: str, leaves: list[_Leaf]) -> dict[str, int]:
         return {}
     target = {x.queue.name: total * x.waiting / asked for x in receivers}
     room = {q.name: q.limit_of(pool) - q.quota_of(pool) for q in tree.queues.values() if not q.is_leaf}
-    net = dict.fromkeys(room, 0)
-    while True:
-        moved = False
-        for r in sorted((x for x in receivers if x.given < x.want),
-                        key=lambda x: (x.given - target[x.queue.name], x.queue.name)):
-            for d in sorted((x for x in donors if x.given < x.spare), key=lambda x: (x.given - x.spare, x.queue.name)):
-                shared = {id(a) for a in d.queue.path} & {id(a) for a in r.queue.path}
-                up = [a for a in r.queue.path[1:] if id(a) not in shared]
-                if any(net[a.name] + 1 > room[a.name] for a in up):
-                    continue
-                for a in up:
-                    net[a.name] += 1
-                for a in d.queue.path[1:]:
-                    if id(a) not in shared:
-                        net[a.name] -= 1
-                r.given += 1
-                d.given += 1
-                moved = True
-                break
-            if moved:
-                break
-        if not moved:
-            return {x.queue.name: x.given if x.want else -x.given for x in leaves if x.given}
+    net = dict.fromkeys(room, 0)  # GPUs of guarantee each inner queue gained so far
+    while _move_one(receivers, donors, target, room, net):
+        pass
+    return {x.queue.name: x.given if x.want else -x.given for x in leaves if x.given}
+
+
+def _move_one(receivers: list[_Leaf], donors: list[_Leaf], target: Mapping[str, float], room: Mapping[str, float],
+              net: dict[str, int]) -> bool:
+    """Move one GPU of guarantee as _moves says; False when no move is possible."""
+    for r in sorted((x for x in receivers if x.given < x.want),
+                    key=lambda x: (x.given - target[x.queue.name], x.queue.name)):
+        for d in sorted((x for x in donors if x.given < x.spare), key=lambda x: (x.given - x.spare, x.queue.name)):
+            shared = {id(a) for a in d.queue.path} & {id(a) for a in r.queue.path}
+            up = [a for a in r.queue.path[1:] if id(a) not in shared]
+            if any(net[a.name] + 1 > room[a.name] for a in up):
+                continue
+            for a in up:
+                net[a.name] += 1
+            for a in d.queue.path[1:]:
+                if id(a) not in shared:
+                    net[a.name] -= 1
+            r.given += 1
+            d.given += 1
+            return True
+    return False
 
 
 @dataclass(frozen=True)
