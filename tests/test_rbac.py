@@ -56,6 +56,7 @@ POST /v1/queues/rollback     200/200 200/403 403/403 403/403 403/403 401/401 401
 GET /v1/queues/history       200     200     200     200     200     401     401     401
 GET /v1/pools                200     200     200     200     200     401     401     401
 GET /v1/usage                200     200     200     200     200     401     401     401
+GET /v1/usage/export         200     200     200     200     200     401     401     401
 POST /v1/tokens              201/201 201/403 403/403 403/403 403/403 401/401 401/401 401/401
 DELETE /v1/tokens/{id}       200/200 200/404 404/404 404/404 404/404 401/401 401/401 401/401
 GET /v1/audit                200     403     403     403     403     401     401     401
@@ -207,6 +208,7 @@ def _call(w: World, endpoint: str, c: TestClient, target: str) -> httpx.Response
         "GET /v1/queues/history": lambda: c.get("/v1/queues/history"),
         "GET /v1/pools": lambda: c.get("/v1/pools"),
         "GET /v1/usage": lambda: c.get("/v1/usage"),
+        "GET /v1/usage/export": lambda: c.get("/v1/usage/export"),
         "POST /v1/tokens": lambda: c.post("/v1/tokens", json={"user": "newbie", "role": "member", "scope": queue}),
         "DELETE /v1/tokens/{id}": lambda: c.delete(f"/v1/tokens/{w.fresh_token(queue)}"),
         "GET /v1/audit": lambda: c.get("/v1/audit"),
