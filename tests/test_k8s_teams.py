@@ -336,12 +336,14 @@ def test_a_sandbox_opened_through_the_service_runs_as_a_kubespawner_pod_in_its_t
     product = f"NVIDIA-T-{prefix.strip('-')}"
     node = f"{prefix}gpu"
     plane.create_gpu_node(node, product=product, gpus=8)
-    try:
+    with contextlib.ExitStack() as closing:
+        closing.callback(plane.core().delete_node, node)
         plane.wait_node_ready(node)
         api = plane.api_client()
         nodes = [n for n in discover_nodes(api) if n.pool == product]
         ex = KubernetesExecutor(api, tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=prefix,
                                 hub_namespace=f"{prefix}hub")
+        closing.callback(ex.close)  # the node and pod watches the service's cycles start
         core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=1), executor=ex, nodes=nodes)
         assert f"{prefix}default" in team_state(plane, prefix)  # synced at start
         root = Principal("root", Role.PLATFORM_ADMIN)
@@ -383,6 +385,3 @@ def test_a_sandbox_opened_through_the_service_runs_as_a_kubespawner_pod_in_its_t
             return not plane.core().list_namespaced_pod(ns).items and f"{pod.metadata.name}-owner" not in names
         until("the sandbox's pod and policy gone", gone)
         assert open_sandbox(core, ann, req)["state"] == "running"
-    finally:
-        with contextlib.suppress(ApiException):
-            plane.core().delete_node(node)
