@@ -470,6 +470,21 @@ def test_pods_of_others_are_gangs_bound_on_admission_and_deleted_on_preemption(c
                     lambda: cluster_job(core, "fill-1")[1] == "running" and cluster_job(core, "half")[1] == "pending")
             api.delete_namespaced_pod("half-1", ns, grace_period_seconds=0)
             ticking(core, "the half gang withdrawn", lambda: cluster_job(core, "half")[1] == "cancelled")
+            # A restart finds the running pods of others by the marks on them, and offers nothing twice.
+            ex.close()
+            ex = KubernetesExecutor(plane.api_client(), tmp_path / "k8s2", IMAGE, grace_s=1,
+                                    namespace_prefix=ex.prefix, node_selector=f"{TEST_LABEL}={cluster.tag}", watch_s=2)
+            again = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=1), executor=ex,
+                               nodes=ex.discover())
+            with again.db.connect() as conn:
+                before = conn.execute(sa.select(sa.func.count()).select_from(jobs_table)).scalar_one()
+            again.tick()
+            assert cluster_job(again, "fill-0")[1] == cluster_job(again, "fill-1")[1] == "running"
+            finish(ex, api.read_namespaced_pod("fill-0", ns), 0)
+            ticking(again, "a filler completed after the restart",
+                    lambda: cluster_job(again, "fill-0")[1] == "completed")
+            with again.db.connect() as conn:
+                assert conn.execute(sa.select(sa.func.count()).select_from(jobs_table)).scalar_one() == before
         finally:
             ex.close()
 

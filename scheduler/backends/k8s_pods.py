@@ -208,6 +208,13 @@ class PodGangs:
                 self.where.pop(uid, None)
             return sorted(pods.values(), key=lambda p: p.name)
 
+    def refuse(self, key: str) -> list[Waiting]:
+        """Never offer `key` again; the pods of its gang now, to tell their owner why."""
+        with self.lock:
+            self.refused.add(key)
+            ns, group = key.split("/")[:2]
+            return list(self.gangs.get((ns, group), {}).values())
+
     def drain_problems(self) -> list[tuple[str, str]]:
         with self.lock:
             out, self.problems = self.problems, []

@@ -189,25 +189,14 @@ class KubernetesExecutor:
             return []
         out: list[Arrival] = self._feed("corral-k8s-pods", self.gangs)
         for key, why in self.gangs.drain_problems():
-            self._tell(key, why)
+            self.refuse(key, why)
         return out
 
     def refuse(self, key: str, why: str) -> None:
-        if self.gangs is not None:
-            with self.gangs.lock:
-                self.gangs.refused.add(key)
-        self._tell(key, why)
-
-    def _tell(self, key: str, why: str) -> None:
         """A Warning event on each pod of a gang Corral will not run (kubectl describe pod shows it)."""
         log.warning("not scheduling %s: %s", key, why)
-        if self.gangs is None:
-            return
-        with self.gangs.lock:
-            g = self.gangs.by_key.get(key) or tuple(key.split("/")[:2])
-            pods: list[Waiting] = list(self.gangs.gangs.get((g[0], g[1]), {}).values())
         at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-        for p in pods:
+        for p in self.gangs.refuse(key) if self.gangs is not None else []:
             with contextlib.suppress(ApiException):
                 self.core.create_namespaced_event(p.namespace, k8s.pod_event(
                     p.namespace, p.name, p.uid, "FailedScheduling", f"Corral will not schedule it: {why}", at))
