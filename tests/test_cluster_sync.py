@@ -3,6 +3,7 @@ with a scripted executor and a settable clock: no cluster needed."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,3 +198,51 @@ def test_a_preempted_cluster_job_ends_instead_of_waiting_again(tmp_path: Path) -
     for _ in range(3):
         core.tick()
     assert [lc.attempt for lc in ex.launched if lc.job_id == str(jid)] == [1]  # never launched again
+
+
+@dataclass
+class TeamsExecutor(ClusterExecutor):
+    """Records the capacity each sync_teams call saw, and whether the core's lock was free then."""
+
+    core: Core | None = None
+    synced: list[dict[str, int]] = field(default_factory=list)
+
+    def sync_teams(self, tree: Any, capacity: dict[str, int]) -> None:
+        if self.core is not None:  # (set after start) the lock is free: another thread can take it
+            free: list[bool] = []
+
+            def take(lock: Any = self.core.lock) -> None:
+                free.append(lock.acquire(blocking=False))
+                if free[0]:
+                    lock.release()
+            t = threading.Thread(target=take)
+            t.start()
+            t.join()
+            assert free == [True]
+        self.synced.append(dict(capacity))
+
+
+def test_team_objects_follow_capacity_changes(tmp_path: Path, monkeypatch: Any) -> None:
+    ex, clock = TeamsExecutor(), Clock()
+    core = build_core(ServiceSettings(data_dir=tmp_path / "data"), ex, clock=clock, nodes=[node("a"), node("b")])
+    ex.core = core
+    assert ex.synced == [{"p": 8}]  # at start
+    ex.changes.append(NodeChange("a", None))  # down: the pool's size stays, nothing to sync
+    core.tick()
+    ex.changes.append(NodeChange("a", node("a")))
+    core.tick()
+    assert ex.synced == [{"p": 8}]
+    ex.changes.append(NodeChange("c", node("c", gpus=8)))  # new: the pool grows, unlimited teams' quotas follow
+    core.tick()
+    ex.changes.append(NodeChange("b", None, deleted=True))
+    core.tick()
+    core.tick()
+    assert ex.synced == [{"p": 8}, {"p": 16}, {"p": 12}]
+    # A cycle that fails after the nodes changed still owes the sync: the next one makes it.
+    ex.changes.append(NodeChange("a", node("a", gpus=2)))
+    monkeypatch.setattr(ex, "poll", lambda now: (_ for _ in ()).throw(RuntimeError("poll failed")))
+    with pytest.raises(RuntimeError):
+        core.tick()
+    monkeypatch.undo()
+    core.tick()
+    assert ex.synced[-1] == {"p": 10} and len(ex.synced) == 4

@@ -79,3 +79,14 @@ def test_team_objects() -> None:
     (rule,) = np["spec"]["ingress"]
     assert rule == {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "hub"}},
                               "podSelector": {"matchLabels": {"app.kubernetes.io/component": "hub"}}}]}
+
+
+def test_cpus_and_memory_are_requests_and_memory_also_the_limit() -> None:
+    p = k8s.pod("1", 1, 0, namespace="n", node="a", gpus=2, image="i", command="x", cpus=3.5, memory_gb=48)
+    assert p["spec"]["containers"][0]["resources"] == {
+        "limits": {"nvidia.com/gpu": "2", "memory": "49152Mi"},
+        "requests": {"cpu": "3500m", "memory": "49152Mi"}}
+    assert k8s.resources(0, cpus=0.0001) == {"limits": {"nvidia.com/gpu": "0"}, "requests": {"cpu": "1m"}}
+    assert k8s.resources(1, memory_gb=0.5) == {"limits": {"nvidia.com/gpu": "1", "memory": "512Mi"},
+                                               "requests": {"memory": "512Mi"}}
+    assert k8s.resources(1, None, None) == {"limits": {"nvidia.com/gpu": "1"}}  # not asked: no requests

@@ -22,11 +22,12 @@ from kubernetes.client.exceptions import ApiException
 from quotas import QueueSpec, QueueTree
 from scheduler.backends import k8s_objects as k8s
 from scheduler.backends import k8s_sandbox, k8s_teams
+from scheduler.backends.base import server_port
 from scheduler.backends.kubernetes import KubernetesExecutor, discover_nodes
 from scheduler.service.assemble import build_core
 from scheduler.service.auth import Principal, Role
 from scheduler.service.errors import Conflict
-from scheduler.service.sandboxes import SandboxRequest, open_sandbox
+from scheduler.service.sandboxes import SandboxRequest, open_sandbox, sandbox_view
 from scheduler.service.settings import ServiceSettings
 from tests.k8s_kit import ControlPlane, shared_plane
 
@@ -163,7 +164,18 @@ def test_a_sandbox_pod_is_kubespawners_with_corrals_parts() -> None:
     assert c["resources"]["limits"] == {"nvidia.com/gpu": "2"}
     assert c["securityContext"] == {"allowPrivilegeEscalation": False}
     assert c["env"] == job["spec"]["containers"][0]["env"]
-    assert k8s_sandbox.port({}) == 8888
+    assert server_port({}) == 8888
+
+
+def test_a_sandbox_pod_requests_its_cpus_and_memory() -> None:
+    env = {k8s_sandbox.KIND_ENV: "sandbox"}
+    p = k8s_sandbox.pod("7", 1, 0, namespace="ns", node="n1", gpus=1, image="jupyter:1", command=["lab"], env=env,
+                        cpus=4, memory_gb=16)
+    job = k8s.pod("7", 1, 0, namespace="ns", node="n1", gpus=1, image="jupyter:1", command=["lab"], env=env,
+                  cpus=4, memory_gb=16)
+    (c,) = p["spec"]["containers"]
+    assert c["resources"] == job["spec"]["containers"][0]["resources"] == {
+        "limits": {"nvidia.com/gpu": "1", "memory": "16384Mi"}, "requests": {"cpu": "4000m", "memory": "16384Mi"}}
 
 
 # ----- on the test control plane -----
@@ -354,8 +366,8 @@ def test_a_sandbox_opened_through_the_service_runs_as_a_kubespawner_pod_in_its_t
         assert state[f"{prefix}alpha"]["ResourceQuota/corral-gpus"]["spec"]["hard"] == {"requests.nvidia.com/gpu": "6"}
 
         ann = Principal("ann", Role.MEMBER, "alpha")
-        req = SandboxRequest(queue="alpha", gpus=2, command=["jupyterhub-singleuser"], image=IMAGE,
-                             env={"JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:7001/user/ann/"})
+        req = SandboxRequest(queue="alpha", gpus=2, cpus=2, memory_gb=8, command=["jupyterhub-singleuser"],
+                             image=IMAGE, env={"JUPYTERHUB_SERVICE_URL": "http://0.0.0.0:7001/user/ann/"})
         with pytest.raises(Conflict, match="0 of its 2 guaranteed GPUs|guarantee"):
             open_sandbox(core, ann, req.model_copy(update={"gpus": 3}))  # over the guarantee: refused now
         job = open_sandbox(core, ann, req)
@@ -366,8 +378,15 @@ def test_a_sandbox_opened_through_the_service_runs_as_a_kubespawner_pod_in_its_t
         (c,) = pod.spec.containers
         assert c.name == "notebook" and c.args == ["/bin/sh", "-c", "jupyterhub-singleuser"]  # KubeSpawner's
         assert c.ports[0].container_port == 7001 and pod.spec.automount_service_account_token is False
-        assert c.resources.limits == {"nvidia.com/gpu": "2"}
+        assert c.resources.limits == {"nvidia.com/gpu": "2", "memory": "8Gi"}  # the API server's canonical form
+        assert c.resources.requests == {"nvidia.com/gpu": "2", "cpu": "2", "memory": "8Gi"}
         assert pod.metadata.labels[k8s.KIND_LABEL] == "sandbox" and pod.metadata.labels[k8s.OWNER_LABEL] == "ann"
+        # Where the hub connects: the pod's IP (kwok gives its pods one) and the port from the hub's URL.
+        with core.db.connect() as conn:
+            row = core.readable(conn, ann, job["id"])
+        view = sandbox_view(core, row)
+        assert view["address"] == {"host": pod.status.pod_ip, "port": 7001} and pod.status.pod_ip
+        assert view["url"] == f"http://{pod.status.pod_ip}:7001"
         assert allowed_sources(plane, ns, pod.metadata.name) == {f"{ns}/{pod.metadata.name}"}  # no hub pods here
         mine: Any = client.NetworkingV1Api(api).read_namespaced_network_policy(f"{pod.metadata.name}-owner", ns)
         assert mine.metadata.owner_references[0].uid == pod.metadata.uid

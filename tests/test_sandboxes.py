@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from scheduler.backends.base import KnowsAddresses
 from scheduler.service.auth import Role
-from tests.service_kit import Service
+from tests.service_kit import ScriptedExecutor, Service, make_service
 
 
 def box(queue: str = "nlp", gpus: int = 1, **kw: Any) -> dict[str, Any]:
@@ -61,3 +64,41 @@ def test_sandboxes_follow_the_roles(svc: Service) -> None:
     hub = svc.admin.post("/v1/sandboxes", json=box(queue="vision", owner="carol")).json()
     assert hub["owner"] == "carol"
     assert svc.admin.delete(f"/v1/jobs/{sid}").status_code == 200
+
+
+def test_a_running_sandbox_says_where_it_listens(svc: Service) -> None:
+    url = "http://127.0.0.1:40123/user/ann/"
+    got = svc.admin.post("/v1/sandboxes", json=box(cpus=2, memory_gb=8, env={"JUPYTERHUB_SERVICE_URL": url})).json()
+    # A process on this machine: 127.0.0.1 and the port the hub gave it.
+    assert got["address"] == {"host": "127.0.0.1", "port": 40123} and got["url"] == "http://127.0.0.1:40123"
+    assert svc.admin.get(f"/v1/sandboxes/{got['id']}").json()["address"] == got["address"]
+    launch = svc.executor.launched[0]
+    assert (launch.cpus, launch.memory_gb) == (2, 8)  # the pod's requests on Kubernetes
+    job = svc.admin.post("/v1/jobs", json={"queue": "nlp", "gpus": 0, "command": "x"}).json()["id"]
+    svc.tick()
+    assert svc.executor.launched[-1].cpus is None and svc.executor.launched[-1].memory_gb is None  # not asked
+    assert svc.admin.get(f"/v1/sandboxes/{job}").status_code == 404  # a job is not a sandbox
+    svc.admin.delete(f"/v1/sandboxes/{got['id']}")
+    assert svc.admin.get(f"/v1/sandboxes/{got['id']}").json()["address"] is None  # ended: nowhere
+
+
+@dataclass
+class PodExecutor(ScriptedExecutor):
+    """A scripted executor that knows where its attempts listen, as the Kubernetes one does (a pod's IP)."""
+
+    addresses: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+
+    def address(self, job_id: str, attempt: int) -> tuple[str, int] | None:
+        return self.addresses.get((job_id, attempt))
+
+
+def test_the_executor_says_where_a_sandbox_listens(db_url: str, tmp_path: Path) -> None:
+    ex = PodExecutor()
+    svc = make_service(db_url, tmp_path, ex)
+    assert isinstance(ex, KnowsAddresses)
+    sid = svc.admin.post("/v1/sandboxes", json=box()).json()["id"]
+    got = svc.admin.get(f"/v1/sandboxes/{sid}").json()
+    assert got["state"] == "running" and got["address"] is None and got["url"] is None  # no pod IP yet
+    ex.addresses[(str(sid), 1)] = ("fd00::7", 8888)
+    got = svc.admin.get(f"/v1/sandboxes/{sid}").json()
+    assert got["address"] == {"host": "fd00::7", "port": 8888} and got["url"] == "http://[fd00::7]:8888"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 from scheduler.engine.model import NodeSpec
 
@@ -49,6 +50,15 @@ class Launch:
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = None
     image: str | None = None  # for Kubernetes and Ray; the local executor ignores it
+    cpus: float | None = None  # per worker, as submitted; None: not asked (Kubernetes: the pod's requests)
+    memory_gb: float | None = None  # per worker, GiB; None: not asked (Kubernetes: request and limit)
+
+
+def server_port(env: Mapping[str, str], default: int = 8888) -> int:
+    """The port a sandbox's server listens on: the one in the URL the hub gave it (JupyterHub's bind URL), else
+    jupyter-server's default."""
+    url = env.get("JUPYTERHUB_SERVICE_URL")
+    return (urlsplit(url).port if url else None) or default
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,15 @@ class Executor(Protocol):
         """Paths of the attempt's stdout and stderr files."""
 
     def alive(self, job_id: str, attempt: int) -> bool: ...
+
+
+@runtime_checkable
+class KnowsAddresses(Protocol):
+    """An executor whose attempts run where the service cannot tell (Kubernetes: at a pod's IP). Without it, a
+    sandbox's server listens on its node's address (this machine: 127.0.0.1) at the port the hub gave it."""
+
+    def address(self, job_id: str, attempt: int) -> tuple[str, int] | None:
+        """Where worker 0 of a running attempt listens (host, port); None while not known yet (or gone)."""
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,8 @@ def split_workers(gpus: Mapping[str, Sequence[int]], n_workers: int) -> list[tup
 
 def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gpus: int, image: str,
         command: str | Sequence[str], env: Mapping[str, str] | None = None, workers: int = 1,
-        workdir: str | None = None, grace_s: float = 30.0, kind: str = "job") -> dict[str, Any]:
+        workdir: str | None = None, grace_s: float = 30.0, kind: str = "job", cpus: float | None = None,
+        memory_gb: float | None = None) -> dict[str, Any]:
     """One worker's pod. It names no node: Corral binds it to `node` (kept as an annotation) with the Binding API,
     which is what the engine's placement means; schedulerName keeps kube-scheduler from placing it first."""
     env_all = {**(env or {}), "CORRAL_JOB_ID": job_id, "CORRAL_ATTEMPT": str(attempt), "CORRAL_WORKER": str(worker),
@@ -115,8 +116,7 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
     container: dict[str, Any] = {
         "name": CONTAINER, "image": image, "command": argv(command),
         "env": [{"name": k, "value": v} for k, v in sorted(env_all.items())],
-        # Limits alone: Kubernetes sets requests equal, and extended resources must not overcommit anyway.
-        "resources": {"limits": {GPU: str(gpus)}},
+        "resources": resources(gpus, cpus, memory_gb),
     }
     if workdir:
         container["workingDir"] = workdir
@@ -134,6 +134,22 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
             "tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}],
         },
     }
+
+
+def resources(gpus: int, cpus: float | None = None, memory_gb: float | None = None) -> dict[str, Any]:
+    """A worker's container resources. GPUs as limits alone: Kubernetes sets requests equal, and extended resources
+    must not overcommit anyway. CPUs and memory as the engine counted them, as requests, so the kubelet's admission
+    and the node's other pods see them; memory also as the limit, so a worker cannot take what others were
+    promised (CPU is left unlimited: throttling would only waste idle cores)."""
+    out: dict[str, Any] = {"limits": {GPU: str(gpus)}}
+    requests: dict[str, str] = {}
+    if cpus:
+        requests["cpu"] = f"{max(1, round(cpus * 1000))}m"
+    if memory_gb:
+        requests["memory"] = out["limits"]["memory"] = f"{max(1, round(memory_gb * 1024))}Mi"
+    if requests:
+        out["requests"] = requests
+    return out
 
 
 def binding(pod_name: str, namespace: str, node: str,

@@ -4,45 +4,41 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubespawner.objects import make_pod
 
 from scheduler.backends import k8s_objects as k8s
+from scheduler.backends.base import server_port
 from scheduler.backends.k8s_teams import owner_policy
 
 KIND_ENV = "CORRAL_KIND"  # set by the service on every launch: "job" or "sandbox"
-DEFAULT_PORT = 8888  # jupyter-server's
+PORT_NAME = "notebook-port"  # what make_pod names the server's containerPort
 
 
 def is_sandbox(env: Mapping[str, str]) -> bool:
     return env.get(KIND_ENV) == "sandbox"
 
 
-def port(env: Mapping[str, str]) -> int:
-    """The port the server listens on: the one in the URL the hub gave it, else jupyter's default."""
-    url = env.get("JUPYTERHUB_SERVICE_URL")
-    found = urlsplit(url).port if url else None
-    return found or DEFAULT_PORT
-
-
 def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gpus: int, image: str,
         command: str | Sequence[str], env: Mapping[str, str] | None = None, workers: int = 1,
-        workdir: str | None = None, grace_s: float = 30.0) -> dict[str, Any]:
+        workdir: str | None = None, grace_s: float = 30.0, cpus: float | None = None,
+        memory_gb: float | None = None) -> dict[str, Any]:
     """A sandbox's pod; the same arguments as k8s_objects.pod, which it stands in for. KubeSpawner's `make_pod`
     gives the pod JupyterHub deployments run (its notebook container, no service-account token, no privilege
-    escalation); Corral's parts (labels, annotations, schedulerName corral, GPUs as limits, the grace) come from
+    escalation); Corral's parts (labels, annotations, schedulerName corral, resources, the grace) come from
     k8s_objects.pod, so the executor finds, binds and stops a sandbox like a job. As in KubeSpawner, the command
     is the container's args: the image's entrypoint (tini in the Jupyter images) stays PID 1."""
     base = k8s.pod(job_id, attempt, worker, namespace=namespace, node=node, gpus=gpus, image=image, command=command,
-                   env=env, workers=workers, workdir=workdir, grace_s=grace_s, kind="sandbox")
+                   env=env, workers=workers, workdir=workdir, grace_s=grace_s, kind="sandbox", cpus=cpus,
+                   memory_gb=memory_gb)
     meta, spec = base["metadata"], base["spec"]
     (c,) = spec["containers"]
-    made = make_pod(name=meta["name"], cmd=c["command"], port=port(env or {}), image=image,
+    made = make_pod(name=meta["name"], cmd=c["command"], port=server_port(env or {}), image=image,
                     env={e["name"]: e["value"] for e in c["env"]}, working_dir=workdir, labels=meta["labels"],
                     annotations=meta["annotations"], extra_resource_limits=c["resources"]["limits"],
+                    extra_resource_guarantees=c["resources"].get("requests"),
                     scheduler_name=spec["schedulerName"], tolerations=spec["tolerations"],
                     extra_pod_config={"restartPolicy": spec["restartPolicy"],
                                       "terminationGracePeriodSeconds": spec["terminationGracePeriodSeconds"]})
@@ -61,6 +57,20 @@ def plain(obj: Any) -> Any:
         return {obj.attribute_map[a]: plain(getattr(obj, a)) for a in obj.openapi_types
                 if getattr(obj, a) is not None}
     return obj
+
+
+def address(core: Any, namespace: str, name: str) -> tuple[str, int] | None:
+    """The pod's IP and its server's port, once the pod has an IP (the kubelet, or kwok, sets status.podIP when it
+    runs the pod); None before that, or when the pod is gone."""
+    try:
+        p = core.read_namespaced_pod(name, namespace)
+    except ApiException:
+        return None
+    ip = p.status.pod_ip if p.status else None
+    if not ip or p.status.phase != "Running":
+        return None
+    ports = [cp.container_port for c in p.spec.containers for cp in c.ports or [] if cp.name == PORT_NAME]
+    return ip, ports[0] if ports else server_port({})
 
 
 def isolate(core: Any, pods: Sequence[Mapping[str, Any]]) -> None:

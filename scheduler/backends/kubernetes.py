@@ -98,7 +98,7 @@ class KubernetesExecutor:
             build = k8s_sandbox.pod if k8s_sandbox.is_sandbox(launch.env) else k8s.pod  # sandboxes: KubeSpawner's
             pods = [build(launch.job_id, launch.attempt, i, namespace=ns, node=node, gpus=n, image=image,
                           command=launch.command, env=launch.env, workers=len(workers), workdir=launch.workdir,
-                          grace_s=self.grace_s)
+                          grace_s=self.grace_s, cpus=launch.cpus, memory_gb=launch.memory_gb)
                     for i, (node, n) in enumerate(workers)]
         except ValueError as e:
             raise OSError(f"job {launch.job_id}: {e}") from e
@@ -299,6 +299,13 @@ class KubernetesExecutor:
                     a.ending = True
                     self._delete_attempt(handle.job_id, handle.attempt, a, 0)
         return self._check(handle.job_id, handle.attempt, a, pods, "ended while Corral was down")
+
+    def address(self, job_id: str, attempt: int) -> tuple[str, int] | None:
+        """Worker 0's pod IP and the port its server listens on (a sandbox's notebook): what the hub connects to."""
+        a = self._attempts.get((job_id, attempt))
+        if a is None or a.foreign:
+            return None
+        return k8s_sandbox.address(self.core, a.namespace, k8s.pod_name(job_id, attempt, 0))
 
     def alive(self, job_id: str, attempt: int) -> bool:
         if (job_id, attempt) not in self._attempts:

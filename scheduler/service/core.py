@@ -63,6 +63,7 @@ class Core:
         self.version = 0
         self.tokens = TokenCache()
         self._stale = False
+        self._teams_stale = False  # the capacity changed since the last sync_teams
         self._unrecorded: list[Exit] = []
         self.intake = Intake(self)
         self.idle = IdleTracker(IdlePolicy(settings.idle_threshold_pct).for_profile(settings.idle_timeout_s))
@@ -324,7 +325,10 @@ class Core:
             if self._stale:  # a failed transaction left decisions in memory that the database never got
                 self._rebuild()
                 self._stale = False
+            capacity = self.capacity
             cluster_sync.sync_nodes(self, now)
+            # Kept until a sync starts: a cycle that fails after the nodes changed still leaves it owed.
+            self._teams_stale |= self.capacity != capacity
             # The executor reports each exit once: keep them until a commit has recorded them.
             self._unrecorded += self.executor.poll(now)
             exits = self._unrecorded
@@ -354,6 +358,9 @@ class Core:
                 self._culled_at = now
                 cull(self, self.idle, now)
         self.metrics.cycle.observe(time.perf_counter() - started)
+        if self._teams_stale:  # unlimited teams' quotas follow the capacity; outside the lock, like applies
+            self._teams_stale = False
+            self.sync_teams()
         return decisions
 
     def _record(self, conn: Connection, d: Decision, now: float) -> list[tuple[int, int, float]]:
@@ -467,7 +474,8 @@ class Core:
                        "CORRAL_OWNER": job["owner"], "CORRAL_WORKERS": str(sub.workers),
                        "CORRAL_GPUS_PER_WORKER": str(sub.gpus), "CORRAL_KIND": sub.kind}
                 handle = self.executor.launch(Launch(str(job["id"]), a["attempt"], sub.command, gpus, env,
-                                                     sub.workdir, sub.image))
+                                                     sub.workdir, sub.image, cpus=sub.cpus or None,
+                                                     memory_gb=sub.memory_gb or None))
             except FileExistsError:
                 # Launched before, but the commit that said so was lost (the database went away): take it back.
                 ended = self.executor.adopt(Handle(str(job["id"]), a["attempt"], None, 0.0))

@@ -1,4 +1,4 @@
-"""/v1/sandboxes: open a notebook sandbox now (or be told at once why not), list them, close them."""
+"""/v1/sandboxes: open a notebook sandbox now (or be told at once why not), list them, look at one, close them."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ from typing import Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter
+from sqlalchemy.engine import RowMapping
 
 from scheduler.service import store
+from scheduler.service.auth import Principal
+from scheduler.service.core import Core
 from scheduler.service.db import jobs
 from scheduler.service.deps import Caller, CoreDep, DbId
 from scheduler.service.errors import NotFound
-from scheduler.service.sandboxes import SandboxRequest, open_sandbox
+from scheduler.service.sandboxes import SandboxRequest, open_sandbox, sandbox_view
 
 router = APIRouter(tags=["sandboxes"])
 
@@ -32,11 +35,23 @@ def list_sandboxes(who: Caller, core: CoreDep) -> dict[str, Any]:
                               and who.may_read_job(core.tree, r["queue"], r["owner"])]}
 
 
+@router.get("/sandboxes/{job_id}")
+def get(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
+    """One sandbox, with where its server listens once it runs (`address`, `url`): what the hub connects to."""
+    return sandbox_view(core, _sandbox(core, who, job_id))
+
+
 @router.delete("/sandboxes/{job_id}")
 def close(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     """Stop a sandbox: its GPUs are free for others at once (its process gets SIGTERM)."""
+    _sandbox(core, who, job_id)
+    return core.cancel(who, job_id)
+
+
+def _sandbox(core: Core, who: Principal, job_id: int) -> RowMapping:
+    """The sandbox, if `who` may see it; any other job is answered like a missing one."""
     with core.db.connect() as conn:
         row = core.readable(conn, who, job_id)
     if row["spec"].get("kind") != "sandbox":
         raise NotFound(f"sandbox {job_id} not found")
-    return core.cancel(who, job_id)
+    return row

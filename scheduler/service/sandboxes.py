@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import Field
 
+from scheduler.backends.base import KnowsAddresses, server_port
 from scheduler.service import store
 from scheduler.service.auth import Principal
 from scheduler.service.core import FINISHED, Core
@@ -70,8 +72,33 @@ def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, A
         row = store.job_row(conn, job["id"])
     assert row is not None
     if row["state"] in ("starting", "running"):
-        return store.job_view(row)
+        return sandbox_view(core, row)
     if row["state"] not in FINISHED:
         core.cancel(who, job["id"])
     msg = why.message if why is not None else f"the sandbox ended at once ({row['state']})"
     raise Conflict(f"the sandbox cannot start now: {msg}", "gpus", store.reason_json(why))
+
+
+def sandbox_view(core: Core, row: Mapping[Any, Any]) -> dict[str, Any]:
+    """A sandbox as the API shows it: the job, and once it runs where its server listens (`address`, `url`: what
+    the hub's proxy connects to); both None until then."""
+    view, where = store.job_view(row), address(core, row)
+    if where is None:
+        return {**view, "address": None, "url": None}
+    host, port = where
+    in_url = f"[{host}]" if ":" in host else host  # an IPv6 pod IP
+    return {**view, "address": {"host": host, "port": port}, "url": f"http://{in_url}:{port}"}
+
+
+def address(core: Core, row: Mapping[Any, Any]) -> tuple[str, int] | None:
+    """Where a running sandbox's server listens: the executor knows (Kubernetes: its pod's IP), or it is a process
+    on its node (that node's address; this machine: 127.0.0.1) at the port the hub gave it."""
+    if row["state"] != "running":
+        return None
+    if isinstance(core.executor, KnowsAddresses):
+        return core.executor.address(str(row["id"]), row["attempt"])
+    with core.db.connect() as conn:
+        a = store.current_attempt(conn, row["id"], row["attempt"])
+    node = core.nodes.get(a["placement"][0][0]) if a is not None and a["placement"] else None
+    env: Mapping[str, str] = row["spec"].get("env", {})
+    return (node.address if node is not None and node.address else "127.0.0.1"), server_port(env)
