@@ -3,7 +3,8 @@
 The hub asks Corral for a sandbox on the user's team queue: non-preemptible, within the team's guarantee. It
 starts at once or is refused at once with the queue and how many GPUs are free in its guarantee; the user sees
 that message, never a timeout. In the embedded mode Corral's local executor runs the server as a process on
-the GPUs it chose (CUDA_VISIBLE_DEVICES); stopping the server closes the sandbox and frees the GPUs at once.
+the GPUs it chose (CUDA_VISIBLE_DEVICES); on Kubernetes it is a pod, and Corral says where it listens (its pod's
+IP). Stopping the server closes the sandbox and frees the GPUs at once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from traitlets import Dict, Float, List, Unicode, default
 
 from sandbox.profiles import Profile, allowed, parse_profiles
 
-POLL_S = 0.5  # how often start() looks whether an admitted sandbox's process is up
+POLL_S = 0.5  # how often start() looks whether an admitted sandbox runs and Corral knows where
+OPEN = ("starting", "running")  # a sandbox's states before it ends
 
 
 class SandboxRefused(SpawnException):  # type: ignore[misc]
@@ -146,27 +148,30 @@ class CorralSpawner(Spawner):  # type: ignore[misc]
         r = await self._call("POST", "/v1/sandboxes", body)
         if r.status_code != 201:
             raise SandboxRefused(_message(r))
-        self.job_id = r.json()["id"]
-        # Admitted at once; the process starts as soon as GPUs taken back from borrowers are free.
-        while (state := await self._state()) == "starting":
+        view: dict[str, Any] = r.json()
+        self.job_id = view["id"]
+        # Admitted at once; the server starts as soon as GPUs taken back from borrowers are free, and on
+        # Kubernetes Corral knows its address once the pod has an IP. The hub's start_timeout bounds the wait.
+        while view["state"] in OPEN and not view.get("address"):
             await asyncio.sleep(POLL_S)
-        if state != "running":
-            raise SandboxRefused(f"the sandbox ended before it started ({state})")
-        return ("127.0.0.1", self.port)
+            view = await self._view()
+        if view["state"] != "running":
+            raise SandboxRefused(f"the sandbox ended before it started ({view['state']})")
+        return (view["address"]["host"], int(view["address"]["port"]))
 
-    async def _state(self) -> str:
-        r = await self._call("GET", f"/v1/jobs/{self.job_id}")
+    async def _view(self) -> dict[str, Any]:
+        """The sandbox as Corral shows it (state, address); state "gone" once Corral has forgotten it."""
+        r = await self._call("GET", f"/v1/sandboxes/{self.job_id}")
         if r.status_code == 404:
-            return "gone"
+            return {"state": "gone"}
         r.raise_for_status()
-        state: str = r.json()["state"]
-        return state
+        view: dict[str, Any] = r.json()
+        return view
 
     async def poll(self) -> int | None:
         if self.job_id is None:
             return 0
-        state = await self._state()
-        return None if state in ("starting", "running") else 0
+        return None if (await self._view())["state"] in OPEN else 0
 
     async def stop(self, now: bool = False) -> None:
         if self.job_id is None:

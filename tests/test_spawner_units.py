@@ -1,11 +1,20 @@
-"""Pure parts of the hub integration, tested as data: profiles, the sandbox request, hub users as principals."""
+"""The hub integration without a hub: profiles, the sandbox request and hub users as principals as data; the
+spawner against a fake Corral API."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
 import pytest
 
+from sandbox import spawner as spawner_module
 from sandbox.profiles import Profile, allowed, parse_profiles
-from sandbox.spawner import sandbox_request, team_queue
+from sandbox.spawner import CorralSpawner, SandboxRefused, sandbox_request, team_queue
+from scheduler.backends.base import server_port
 from scheduler.service.auth import NO_TEAM, Principal, Role, hub_principal
 
 
@@ -41,3 +50,79 @@ def test_hub_users_become_principals() -> None:
         "al", Role.MEMBER, "nlp")
     assert hub_principal("vi", ["team-a"], ["self"], groups) == Principal("vi", Role.VIEWER, "nlp")
     assert hub_principal("x", ["other"], ["custom:corral:submit"], groups) == Principal("x", Role.MEMBER, NO_TEAM)
+
+
+# ----- CorralSpawner against a fake Corral API -----
+
+class FakeCorral:
+    """Corral's sandbox API as scripted answers: POST /v1/sandboxes answers `opened` (or what it makes of the
+    body), each GET the next view."""
+
+    def __init__(self, opened: httpx.Response | Callable[[dict[str, Any]], httpx.Response],
+                 views: list[httpx.Response] | None = None) -> None:
+        self.opened, self.views = opened, views or []
+        self.calls: list[tuple[str, str, dict[str, Any] | None]] = []
+
+    async def __call__(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        self.calls.append((method, path, body))
+        if method == "POST":
+            assert body is not None
+            r = self.opened(body) if callable(self.opened) else self.opened
+        else:
+            r = self.views.pop(0)
+        r.request = httpx.Request(method, f"http://corral{path}")
+        return r
+
+
+def view(state: str, address: dict[str, Any] | None = None) -> httpx.Response:
+    return httpx.Response(200, json={"id": 7, "state": state, "address": address})
+
+
+def spawner(api: FakeCorral, monkeypatch: pytest.MonkeyPatch) -> CorralSpawner:
+    user = SimpleNamespace(name="ann", groups=[SimpleNamespace(name="team-a")])
+    sp = CorralSpawner(user=user, group_queues={"team-a": "nlp"}, cmd=["jupyterhub-singleuser"],
+                       profiles=[{"name": "h100", "display": "1 x H100", "gpus": 1}])
+    monkeypatch.setattr(sp, "_call", api)
+    monkeypatch.setattr(sp, "get_env", lambda: {"JUPYTERHUB_SERVICE_URL": f"http://0.0.0.0:{sp.port}/user/ann/"})
+    monkeypatch.setattr(spawner_module, "POLL_S", 0)
+    return sp
+
+
+def test_start_connects_where_corral_says_the_sandbox_listens(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On Kubernetes: admitted, then running, and only then the pod's IP.
+    api = FakeCorral(httpx.Response(201, json={"id": 7, "state": "starting", "address": None}),
+                     [view("running"), view("running", {"host": "10.244.0.9", "port": 8888})])
+    sp = spawner(api, monkeypatch)
+    assert asyncio.run(sp.start()) == ("10.244.0.9", 8888)
+    (_, _, body), *gets = api.calls
+    assert body is not None and body["queue"] == "nlp" and body["gpus"] == 1 and body["owner"] == "ann"
+    assert body["env"]["CORRAL_URL"] == sp.corral_url
+    assert gets == [("GET", "/v1/sandboxes/7", None)] * 2
+    assert sp.get_state()["corral_job"] == 7
+
+
+def test_start_uses_the_address_in_the_answer_when_it_runs_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The local executor: running at once, a process on Corral's machine at the port the hub gave it.
+    api = FakeCorral(lambda body: httpx.Response(201, json={
+        "id": 7, "state": "running", "address": {"host": "127.0.0.1", "port": server_port(body["env"])}}))
+    sp = spawner(api, monkeypatch)
+    assert asyncio.run(sp.start()) == ("127.0.0.1", sp.port) and len(api.calls) == 1
+
+
+def test_start_fails_when_the_sandbox_ends_before_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    api = FakeCorral(httpx.Response(201, json={"id": 7, "state": "starting", "address": None}),
+                     [view("starting"), httpx.Response(404, json={})])
+    with pytest.raises(SandboxRefused, match=r"ended before it started \(gone\)"):
+        asyncio.run(spawner(api, monkeypatch).start())
+    refused = FakeCorral(httpx.Response(409, json={"error": {"message": "queue nlp has 0 of its 1 ..."}}))
+    with pytest.raises(SandboxRefused, match="queue nlp has 0 of its 1"):
+        asyncio.run(spawner(refused, monkeypatch).start())
+
+
+def test_poll_follows_the_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    api = FakeCorral(httpx.Response(201), [view("running", {"host": "h", "port": 1}), view("cancelled"),
+                                           httpx.Response(404, json={})])
+    sp = spawner(api, monkeypatch)
+    assert asyncio.run(sp.poll()) == 0  # nothing started
+    sp.job_id = 7
+    assert [asyncio.run(sp.poll()) for _ in range(3)] == [None, 0, 0]
