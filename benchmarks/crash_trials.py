@@ -56,7 +56,9 @@ LEGAL = {
     "preempted": {"admitted", "exited", "cancelled", "adopted"},
     "requeued": {"admitted", "cancelled"},
     "cancelled": {"exited", "adopted"},
-    "exited": {"admitted", "exited", "cancelled"},  # a preempted attempt's exit comes after the job moved on
+    # A preempted attempt's exit may come after its job was admitted again: the next attempt then starts (it
+    # waits for that exit, so no GPU is held twice), or is preempted, requeued or adopted before it does.
+    "exited": {"admitted", "exited", "cancelled", "started", "preempted", "requeued", "adopted"},
     "max_runtime": {"exited", "adopted"},
 }
 TREES = [
