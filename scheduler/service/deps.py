@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated, Any
 
 import httpx
@@ -94,9 +95,12 @@ async def _hub_user(c: Core, secret: str) -> Principal:
 
 
 def _token_row(c: Core, key: str) -> RowMapping | None:
+    """The live token whose digest is `key`. The lookup is by digest, so its timing tells nothing about the secret
+    (a caller cannot steer a SHA-256 digest toward a stored one); the match is confirmed in constant time too."""
     with c.db.connect() as conn:
-        return conn.execute(sa.select(tokens).where(tokens.c.digest == key,
-                                                    tokens.c.revoked.is_(False))).mappings().first()
+        row = conn.execute(sa.select(tokens).where(tokens.c.digest == key,
+                                                   tokens.c.revoked.is_(False))).mappings().first()
+    return row if row is not None and hmac.compare_digest(row["digest"], key) else None
 
 
 Caller = Annotated[Principal, Depends(principal)]
