@@ -90,3 +90,37 @@ def test_cpus_and_memory_are_requests_and_memory_also_the_limit() -> None:
     assert k8s.resources(1, memory_gb=0.5) == {"limits": {"nvidia.com/gpu": "1", "memory": "512Mi"},
                                                "requests": {"memory": "512Mi"}}
     assert k8s.resources(1, None, None) == {"limits": {"nvidia.com/gpu": "1"}}  # not asked: no requests
+
+
+def test_batch_job_is_one_indexed_job_whose_pods_corral_binds_by_index() -> None:
+    j = k8s.batch_job("42", 3, namespace="corral-nlp", workers=[("n1", 4), ("n2", 4)], image="img:1",
+                      command="train", env={"CORRAL_QUEUE": "nlp", "CORRAL_OWNER": "ann"}, grace_s=5)
+    assert j["apiVersion"] == "batch/v1" and j["kind"] == "Job"
+    meta, spec = j["metadata"], j["spec"]
+    assert meta["name"] == "corral-42-3" and meta["namespace"] == "corral-nlp"
+    labels = {k8s.MANAGED_BY: "corral", k8s.JOB_LABEL: "42", k8s.ATTEMPT_LABEL: "3", k8s.GROUP_LABEL: "corral-42-3",
+              k8s.KIND_LABEL: "job", k8s.QUEUE_LABEL: "nlp", k8s.OWNER_LABEL: "ann"}
+    notes = {k8s.NODES_ANNOTATION: "n1,n2", k8s.WORKERS_ANNOTATION: "2"}
+    assert meta["labels"] == labels and meta["annotations"] == notes
+    assert (spec["completions"], spec["parallelism"], spec["completionMode"], spec["backoffLimit"]) == \
+        (2, 2, "Indexed", 0)
+    tpl = spec["template"]
+    assert tpl["metadata"] == {"labels": labels, "annotations": notes}  # what poll, adopt and terminate look for
+    assert tpl["spec"]["schedulerName"] == "corral" and tpl["spec"]["restartPolicy"] == "Never"
+    assert tpl["spec"]["terminationGracePeriodSeconds"] == 5 and "nodeName" not in tpl["spec"]
+    (c,) = tpl["spec"]["containers"]
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "4"}}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+    assert env["CORRAL_WORKERS"] == "2" and env["CORRAL_JOB_ID"] == "42"
+    assert env["CORRAL_WORKER"] == {"fieldRef": {"fieldPath": f"metadata.annotations['{k8s.JOB_INDEX}']"}}
+    assert env["CORRAL_NODE"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    with pytest.raises(ValueError, match="one template"):
+        k8s.batch_job("1", 1, namespace="n", workers=[("a", 2), ("b", 1)], image="i", command="x")
+
+
+def test_chosen_node_of_a_pod_and_of_a_jobs_pod_by_its_index() -> None:
+    assert k8s.chosen_node({k8s.NODE_ANNOTATION: "a"}) == "a"
+    jobs_pod = {k8s.NODES_ANNOTATION: "a,b"}
+    assert k8s.chosen_node({**jobs_pod, k8s.JOB_INDEX: "1"}) == "b"
+    assert k8s.chosen_node({**jobs_pod, k8s.JOB_INDEX: "2"}) is None  # not an index Corral placed
+    assert k8s.chosen_node(jobs_pod) is None and k8s.chosen_node({}) is None

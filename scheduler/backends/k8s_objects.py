@@ -1,6 +1,8 @@
 """Pure builders of the Kubernetes objects Corral creates: plain dicts, no API calls, so they are tested as data.
 
 - pod: one worker of one attempt, for Corral's own scheduler (schedulerName corral) to bind with the Binding API.
+- batch_job: a whole attempt as a batch/v1 Job (k8s_workload job): the Job controller makes the pods, Corral binds
+  each to the node chosen for its completion index.
 - binding: the pods/binding body that puts a pod on the node the engine chose.
 - team objects: the team's namespace, a RoleBinding for its members, a ResourceQuota capping its GPUs, and a
   NetworkPolicy that lets only the hub reach its sandboxes.
@@ -30,6 +32,8 @@ KIND_LABEL = "corral.dev/kind"  # "job" or "sandbox": the NetworkPolicy isolates
 OWNER_LABEL = "corral.dev/owner"  # the submitting user (label_value): a sandbox accepts its own user's pods
 NODE_ANNOTATION = "corral.dev/node"  # the node the engine chose: lets a restarted Corral finish a half-done bind
 WORKERS_ANNOTATION = "corral.dev/workers"  # the gang's size: a missing worker pod means the attempt was cut
+NODES_ANNOTATION = "corral.dev/nodes"  # a Job's pods: the chosen node of each completion index, comma-separated
+JOB_INDEX = "batch.kubernetes.io/job-completion-index"  # the Job controller's annotation on each pod it makes
 CONTAINER = "main"
 
 _INVALID = re.compile(r"[^a-z0-9-]+")
@@ -134,6 +138,45 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
             "tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}],
         },
     }
+
+
+def batch_job(job_id: str, attempt: int, *, namespace: str, workers: Sequence[tuple[str, int]], image: str,
+              command: str | Sequence[str], env: Mapping[str, str] | None = None, workdir: str | None = None,
+              grace_s: float = 30.0, cpus: float | None = None, memory_gb: float | None = None) -> dict[str, Any]:
+    """A whole attempt as one Indexed batch/v1 Job: pod i is worker i, which Corral binds to workers[i]'s node
+    (the nodes travel as an annotation; the controller marks each pod with its index). The template is pod()'s,
+    so the pods carry the labels and annotations poll, adopt and terminate look for. backoffLimit 0: a failed or
+    deleted pod fails the Job instead of being replaced, since Corral decides about another attempt."""
+    gpus = {n for _, n in workers}
+    if len(gpus) != 1:
+        raise ValueError(f"a Job's pods share one template, but its workers ask {[n for _, n in workers]} GPUs")
+    nodes = [node for node, _ in workers]
+    tpl = pod(job_id, attempt, 0, namespace=namespace, node=nodes[0], gpus=gpus.pop(), image=image,
+              command=command, env=env, workers=len(nodes), workdir=workdir, grace_s=grace_s, cpus=cpus,
+              memory_gb=memory_gb)
+    labels = {k: v for k, v in tpl["metadata"]["labels"].items() if k != WORKER_LABEL}  # one template for all
+    notes = {NODES_ANNOTATION: ",".join(nodes), WORKERS_ANNOTATION: str(len(nodes))}
+    # What differs per pod comes from the pod itself (downward API): its index, and the node it was bound to.
+    per_pod = {"CORRAL_WORKER": f"metadata.annotations['{JOB_INDEX}']", "CORRAL_NODE": "spec.nodeName"}
+    container = tpl["spec"]["containers"][0]
+    container["env"] = [{"name": e["name"], "valueFrom": {"fieldRef": {"fieldPath": per_pod[e["name"]]}}}
+                        if e["name"] in per_pod else e for e in container["env"]]
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": group_name(job_id, attempt), "namespace": namespace, "labels": labels,
+                         "annotations": dict(notes)},
+            "spec": {"completions": len(nodes), "parallelism": len(nodes), "completionMode": "Indexed",
+                     "backoffLimit": 0,
+                     "template": {"metadata": {"labels": dict(labels), "annotations": notes},
+                                  "spec": tpl["spec"]}}}
+
+
+def chosen_node(annotations: Mapping[str, str]) -> str | None:
+    """The node the engine chose for a pod of Corral's: its own annotation, or a Job pod's by its index."""
+    if NODE_ANNOTATION in annotations:
+        return annotations[NODE_ANNOTATION]
+    nodes = annotations.get(NODES_ANNOTATION, "").split(",")
+    index = annotations.get(JOB_INDEX, "")
+    return nodes[int(index)] if index.isdigit() and int(index) < len(nodes) and nodes[int(index)] else None
 
 
 def resources(gpus: int, cpus: float | None = None, memory_gb: float | None = None) -> dict[str, Any]:

@@ -6,7 +6,10 @@
 - KubernetesExecutor: each worker of an attempt is one pod (k8s_objects.pod) in the team's namespace (the job's
   queue, created if missing) with schedulerName corral, so kube-scheduler leaves it alone; Corral binds each pod to
   the node the engine chose with the Binding API. Names are deterministic (corral-<job>-<attempt>-<worker>), so a
-  retried launch meets 409s and carries on, and a restarted Corral finds its pods again by label.
+  retried launch meets 409s and carries on, and a restarted Corral finds its pods again by label. With workload
+  "job" (the service's k8s_workload, or a job's CORRAL_K8S_WORKLOAD) an attempt is one Indexed batch/v1 Job
+  instead (k8s_objects.batch_job): its controller makes the pods, and poll() binds each, as it appears, to the
+  node chosen for its completion index; the Job's Complete condition is the attempt's success.
 - Pods of others (k8s_pods): pods someone else made with schedulerName corral arrive as gangs (arrivals); once the
   engine admits one, launch() binds its pods, marking them with the job and attempt as annotations (the Binding
   API copies them onto the pod). Preemption deletes them with their own grace period; they are not deleted after
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from quotas import QueueTree
@@ -42,6 +46,8 @@ __all__ = ["KubernetesExecutor", "NodeChange", "NodeWatcher", "discover_nodes", 
 
 log = logging.getLogger("corral.kubernetes")
 IMAGE_ENV = "CORRAL_K8S_DEFAULT_IMAGE"
+WORKLOAD_ENV = "CORRAL_K8S_WORKLOAD"  # in a job's env: "pod" or "job", overriding the service's k8s_workload
+WORKLOADS = ("pod", "job")
 SIGTERM_CODE = -15  # pods deleted (by Corral's terminate, an eviction, a node's removal) read as killed by SIGTERM
 TERMINAL = ("Succeeded", "Failed")
 STDOUT, STDERR = "stdout.log", "stderr.log"
@@ -57,6 +63,7 @@ class _Attempt:
     ending: bool = False  # a worker failed or vanished: the rest were deleted, the exit waits for them to go
     failure: tuple[int, str] | None = None  # the first failed worker's exit code and why
     foreign: list[str] = field(default_factory=list)  # names of someone else's pods Corral bound (k8s_pods)
+    job: str | None = None  # the batch/v1 Job that makes the pods (workload "job")
 
 
 class KubernetesExecutor:
@@ -65,14 +72,19 @@ class KubernetesExecutor:
     def __init__(self, api: Any, cache_dir: Path, default_image: str | None = None, grace_s: float = 30.0,
                  namespace_prefix: str = "corral-", sa_timeout_s: float = 30.0,
                  hub_namespace: str = "jupyterhub", node_selector: str | None = None, watch_s: int = 10,
-                 foreign_pods: bool = True) -> None:
+                 foreign_pods: bool = True, workload: str = "pod") -> None:
         self.core = core_api(api)
+        self.batch: Any = client.BatchV1Api(self.core.api_client)
+        if workload not in WORKLOADS:
+            raise ValueError(f"workload {workload!r}: one of {', '.join(WORKLOADS)}")
+        self.workload = workload
         self.nodes = NodeWatcher(self.core, node_selector)  # only nodes matching the selector are Corral's
         self.gangs = PodGangs(self.core) if foreign_pods else None
         self.watch_s = watch_s  # how long one watch request lasts before it is resumed (and close() noticed)
         self._feeds: dict[str, Feed[Any]] = {}
         self._gone: set[str] = set()  # deleted nodes: nobody will confirm their pods' deletion, so force it
         self._listing: dict[tuple[str, str], list[Any]] | None = None  # one list for all adopt() calls
+        self._job_listing: dict[tuple[str, str], Any] = {}
         self.cache_dir = Path(cache_dir)
         # Launch.image first; then this (the service's setting); then $CORRAL_K8S_DEFAULT_IMAGE.
         self.default_image = default_image or os.environ.get(IMAGE_ENV)
@@ -93,17 +105,26 @@ class KubernetesExecutor:
             raise OSError(f"job {launch.job_id}: no image (submit one, or set {IMAGE_ENV})")
         queue = launch.env.get("CORRAL_QUEUE") or "default"
         ns = k8s.team_namespace(queue, self.prefix)
+        sandbox = k8s_sandbox.is_sandbox(launch.env)
+        job: dict[str, Any] | None = None
         try:
             workers = k8s.split_workers(launch.gpus, int(launch.env.get("CORRAL_WORKERS") or 0))
-            build = k8s_sandbox.pod if k8s_sandbox.is_sandbox(launch.env) else k8s.pod  # sandboxes: KubeSpawner's
-            pods = [build(launch.job_id, launch.attempt, i, namespace=ns, node=node, gpus=n, image=image,
-                          command=launch.command, env=launch.env, workers=len(workers), workdir=launch.workdir,
-                          grace_s=self.grace_s, cpus=launch.cpus, memory_gb=launch.memory_gb)
-                    for i, (node, n) in enumerate(workers)]
+            common: dict[str, Any] = dict(namespace=ns, image=image, command=launch.command, env=launch.env,
+                                          workdir=launch.workdir, grace_s=self.grace_s, cpus=launch.cpus,
+                                          memory_gb=launch.memory_gb)
+            if not sandbox and self._workload(launch.env) == "job":  # sandboxes are KubeSpawner's pods
+                job = k8s.batch_job(launch.job_id, launch.attempt, workers=workers, **common)
+            build = k8s_sandbox.pod if sandbox else k8s.pod
+            pods = [] if job else [build(launch.job_id, launch.attempt, i, node=node, gpus=n, workers=len(workers),
+                                         **common) for i, (node, n) in enumerate(workers)]
         except ValueError as e:
             raise OSError(f"job {launch.job_id}: {e}") from e
+        name = job["metadata"]["name"] if job else None
         try:
             self._ensure_namespace(ns, queue)
+            if job:  # its controller makes the pods; poll() binds them as they appear
+                with _conflict_ok():
+                    self.batch.create_namespaced_job(ns, job)
             for p in pods:  # every worker exists before any is bound: a gang starts as close to whole as it can
                 with _conflict_ok():  # made before a crash or by a retried launch: the same pod, keep it
                     self.core.create_namespaced_pod(ns, p)
@@ -112,10 +133,16 @@ class KubernetesExecutor:
                 self._bind(ns, p["metadata"]["name"], p["metadata"]["annotations"][k8s.NODE_ANNOTATION])
         except (ApiException, TimeoutError) as e:
             # No half gangs: what was made goes, and the service records the launch as failed.
-            self._delete(ns, k8s.selector(launch.job_id, launch.attempt), 0)
+            self._delete_own(ns, launch.job_id, launch.attempt, name, 0)
             raise OSError(f"Kubernetes refused job {launch.job_id}: {_why(e)}") from e
-        self._attempts[(launch.job_id, launch.attempt)] = _Attempt(ns, len(pods))
+        self._attempts[(launch.job_id, launch.attempt)] = _Attempt(ns, len(workers), job=name)
         return Handle(launch.job_id, launch.attempt, None, 0.0)
+
+    def _workload(self, env: Mapping[str, str]) -> str:
+        workload = env.get(WORKLOAD_ENV) or self.workload
+        if workload not in WORKLOADS:
+            raise ValueError(f"{WORKLOAD_ENV}={workload!r}: one of {', '.join(WORKLOADS)}")
+        return workload
 
     def _ensure_namespace(self, ns: str, team: str) -> None:
         if ns in self._namespaces:
@@ -234,39 +261,61 @@ class KubernetesExecutor:
             return []
         self._listing = None
         by_key = self._by_attempt()  # one list per cycle for every attempt, rather than one per attempt
+        jobs = self._jobs() if any(a.job for a in self._attempts.values()) else {}
         ended: list[Exit] = []
         for (job_id, attempt), a in list(self._attempts.items()):
-            e = self._check(job_id, attempt, a, by_key.get((k8s.dns_label(job_id), str(attempt)), []), "")
+            key = (k8s.dns_label(job_id), str(attempt))
+            e = self._check(job_id, attempt, a, by_key.get(key, []), "", jobs.get(key))
             if e is not None:
                 ended.append(e)
         return ended
 
-    def _check(self, job_id: str, attempt: int, a: _Attempt, pods: list[Any], detail: str) -> Exit | None:
+    def _check(self, job_id: str, attempt: int, a: _Attempt, pods: list[Any], detail: str,
+               job: Any = None) -> Exit | None:
         """The attempt's exit once all its pods are done, else None. A failed or missing worker ends the gang: the
-        others are deleted, and the exit waits until none of them still runs (it may still hold its GPUs)."""
+        others are deleted, and the exit waits until none of them still runs (it may still hold its GPUs). Pods
+        not bound yet (a Job's, as its controller makes them; Corral's own after a crash) are bound here."""
         failed = [p for p in pods if p.status.phase == "Failed"]
         if failed and a.failure is None:
             a.failure = _failure(failed[0])  # kept: the failed pod may be gone by the time the others are
         live = [p for p in pods if p.status.phase not in TERMINAL]
-        if (a.failure or len(pods) < a.workers) and live and not a.ending:
+        if not (a.failure or a.ending or a.stopping):
+            self._bind_waiting(a, live)
+        # A Job's pods appear over time: what counts is its state (None: running), not how many pods exist.
+        state, job_why = _job_state(job) if a.job else (None, "")
+        cut = state in ("Failed", "gone") if a.job else len(pods) < a.workers
+        if (a.failure or cut) and live and not a.ending:
             a.ending = True
+            if a.job:  # first, so that its controller makes no new pods
+                self._delete_job(a.namespace, a.job)
             for p in live:  # only the live ones: the failed pod still says why
                 self._delete_pod(a.namespace, p, None if a.stopping else 0)
         for p in live:  # on a deleted node no kubelet confirms the deletion: finish it
             if p.metadata.deletion_timestamp is not None and p.spec.node_name in self._gone:
                 self._delete_pod(a.namespace, p, 0)
-        if live:
+        if live or (a.job and state is None):
             return None
         if a.failure is not None:
             code, why = a.failure
-        elif len(pods) == a.workers:
+        elif state == "Complete" if a.job else len(pods) == a.workers:
             code, why = 0, ""
         else:
-            code, why = SIGTERM_CODE, "stopped by Corral" if a.stopping else "a worker's pod was deleted"
+            code, why = SIGTERM_CODE, "stopped by Corral" if a.stopping else job_why or "a worker's pod was deleted"
         del self._attempts[(job_id, attempt)]
-        if not a.foreign:  # Corral's finished pods hold nothing but clutter the team's namespace
-            self._delete(a.namespace, k8s.selector(job_id, attempt), 0)
+        if not a.foreign:  # Corral's finished pods (and Job) hold nothing but clutter the team's namespace
+            self._delete_own(a.namespace, job_id, attempt, a.job, 0)
         return Exit(job_id, attempt, code, ": ".join(s for s in (detail, why) if s))
+
+    def _bind_waiting(self, a: _Attempt, live: list[Any]) -> None:
+        """Bind the attempt's unbound pods to the nodes the engine chose; a refusal fails the attempt."""
+        for p in live:
+            node = k8s.chosen_node(p.metadata.annotations or {})
+            if p.spec.node_name is None and p.metadata.deletion_timestamp is None and node:
+                try:
+                    self._bind(a.namespace, p.metadata.name, node)
+                except ApiException as e:
+                    a.failure = (1, f"could not bind pod {p.metadata.name} to {node}: {_why(e)}")
+                    return
 
     def _by_attempt(self) -> dict[tuple[str, str], list[Any]]:
         """Every pod Corral binds, by (job, attempt): labels on its own pods, annotations on others'."""
@@ -279,26 +328,29 @@ class KubernetesExecutor:
                 by_key.setdefault((marks[k8s.JOB_LABEL], marks.get(k8s.ATTEMPT_LABEL, "")), []).append(p)
         return by_key
 
+    def _jobs(self) -> dict[tuple[str, str], Any]:
+        """Corral's batch/v1 Jobs by (job, attempt)."""
+        items = self.batch.list_job_for_all_namespaces(label_selector=f"{k8s.MANAGED_BY}=corral").items
+        return {(j.metadata.labels[k8s.JOB_LABEL], j.metadata.labels.get(k8s.ATTEMPT_LABEL, "")): j
+                for j in items if k8s.JOB_LABEL in (j.metadata.labels or {})}
+
     def adopt(self, handle: Handle) -> Exit | None:
         if self._listing is None:  # a restart adopts every live attempt in a row: one list for all of them
-            self._listing = self._by_attempt()
-        pods = self._listing.get((k8s.dns_label(handle.job_id), str(handle.attempt)), [])
-        if not pods:
+            self._listing, self._job_listing = self._by_attempt(), self._jobs()
+        key = (k8s.dns_label(handle.job_id), str(handle.attempt))
+        pods, job = self._listing.get(key, []), self._job_listing.get(key)
+        if job is not None:
+            a = _Attempt(job.metadata.namespace, job.spec.completions or 1, job=job.metadata.name)
+        elif pods:
+            meta = pods[0].metadata
+            theirs = k8s.JOB_LABEL not in (meta.labels or {})
+            a = _Attempt(meta.namespace, int((meta.annotations or {}).get(k8s.WORKERS_ANNOTATION, len(pods))),
+                         foreign=sorted(p.metadata.name for p in pods) if theirs else [])
+        else:
             return Exit(handle.job_id, handle.attempt, None, "vanished while Corral was down")
-        meta = pods[0].metadata
-        theirs = k8s.JOB_LABEL not in (meta.labels or {})
-        a = _Attempt(meta.namespace, int((meta.annotations or {}).get(k8s.WORKERS_ANNOTATION, len(pods))),
-                     foreign=sorted(p.metadata.name for p in pods) if theirs else [])
         self._attempts[(handle.job_id, handle.attempt)] = a
-        for p in pods:  # created but not yet bound when Corral stopped: finish what the engine decided
-            node = (p.metadata.annotations or {}).get(k8s.NODE_ANNOTATION)
-            if p.spec.node_name is None and node and p.status.phase == "Pending":
-                try:
-                    self._bind(a.namespace, p.metadata.name, node)
-                except ApiException:
-                    a.ending = True
-                    self._delete_attempt(handle.job_id, handle.attempt, a, 0)
-        return self._check(handle.job_id, handle.attempt, a, pods, "ended while Corral was down")
+        # Pods created but not yet bound when Corral stopped are bound now: what the engine decided stands.
+        return self._check(handle.job_id, handle.attempt, a, pods, "ended while Corral was down", job)
 
     def address(self, job_id: str, attempt: int) -> tuple[str, int] | None:
         """Worker 0's pod IP and the port its server listens on (a sandbox's notebook): what the hub connects to."""
@@ -335,9 +387,20 @@ class KubernetesExecutor:
 
     def _delete_attempt(self, job_id: str, attempt: int, a: _Attempt, grace_s: int | None) -> None:
         if not a.foreign:
-            self._delete(a.namespace, k8s.selector(job_id, attempt), grace_s)
+            self._delete_own(a.namespace, job_id, attempt, a.job, grace_s)
         for name in a.foreign:
             self._delete_named(a.namespace, name, grace_s)
+
+    def _delete_own(self, ns: str, job_id: str, attempt: int, job: str | None, grace_s: int | None) -> None:
+        """Delete an attempt Corral made: its Job first, if any (its controller would replace the pods), then
+        the pods themselves, so that they get `grace_s` rather than the Job's garbage collection."""
+        if job is not None:
+            self._delete_job(ns, job)
+        self._delete(ns, k8s.selector(job_id, attempt), grace_s)
+
+    def _delete_job(self, ns: str, name: str) -> None:
+        with contextlib.suppress(ApiException):  # gone already: what we wanted
+            self.batch.delete_namespaced_job(name, ns, propagation_policy="Background")
 
     def _delete(self, ns: str, label_selector: str, grace_s: int | None) -> None:
         """Delete an attempt's pods (grace None: each pod's own terminationGracePeriodSeconds)."""
@@ -361,6 +424,16 @@ def _failure(p: Any) -> tuple[int, str]:
         if t is not None and t.exit_code:
             return int(t.exit_code), f"pod {p.metadata.name}: {t.reason or 'failed'}"
     return 1, f"pod {p.metadata.name}: {p.status.reason or 'failed'}"
+
+
+def _job_state(job: Any) -> tuple[str | None, str]:
+    """A Job's end ("Complete", "Failed", or "gone" when deleted) and why; None while it runs."""
+    if job is None or job.metadata.deletion_timestamp is not None:
+        return "gone", "its Job was deleted"
+    for c in (job.status.conditions if job.status else None) or []:
+        if c.status == "True" and c.type in ("Complete", "Failed"):
+            return c.type, f"Job {job.metadata.name} {c.type.lower()}: {c.reason or ''} {c.message or ''}".strip()
+    return None, ""
 
 
 def _why(e: BaseException) -> str:

@@ -57,7 +57,7 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
         k8s_ex = KubernetesExecutor(api, settings.data_dir / "k8s", settings.k8s_default_image, settings.grace_s,
                                     settings.k8s_namespace_prefix, hub_namespace=settings.k8s_hub_namespace,
                                     node_selector=settings.k8s_node_selector,
-                                    foreign_pods=settings.k8s_foreign_pods)
+                                    foreign_pods=settings.k8s_foreign_pods, workload=settings.k8s_workload)
         if nodes is None:
             nodes = k8s_ex.discover()  # its node watch resumes from this very list
         executor = executor or k8s_ex

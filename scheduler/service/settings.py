@@ -43,6 +43,9 @@ class ServiceSettings(BaseSettings):
         "None: every Ready GPU node."))
     k8s_foreign_pods: bool = Field(True, description=(
         "Schedule pods others create with schedulerName corral, as gangs (see docs/kubernetes.md)."))
+    k8s_workload: Literal["pod", "job"] = Field("pod", description=(
+        "What a job's attempt becomes on Kubernetes: bare pods, or one Indexed batch/v1 Job whose pods Corral binds "
+        "(a job's env CORRAL_K8S_WORKLOAD overrides it; sandboxes are always pods)."))
     k8s_hub_namespace: str = Field("jupyterhub", description=(
         "JupyterHub's namespace: its hub and proxy pods are the only ones outside a team that reach its sandboxes."))
     ray_address: str | None = Field(None, description=(
