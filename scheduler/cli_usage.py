@@ -161,6 +161,9 @@ def queue_recommend(
                                               "average less than this share of its quota.")] = Rule.idle_below,
     headroom: Annotated[float, typer.Option(min=0, help="A giving queue keeps its mean use x (1 + headroom).")
                         ] = Rule.headroom,
+    min_waiting: Annotated[float, typer.Option(min=0, help="GPU-hours of waiting above which a queue counts as "
+                                                           "waiting (asks, never gives).")
+                           ] = Rule.min_waiting_gpu_hours,
     url: Url = DEFAULT_URL,
     token: Token = None,
 ) -> None:
@@ -174,7 +177,8 @@ def queue_recommend(
     demand = [Demand(**d) for d in data["demand"]]
     hours = (data["until"] - data["since"]) / 3600
     try:
-        proposal = propose(data["cluster"]["queues"], world.tree.capacity, demand, hours, Rule(idle_below, headroom))
+        proposal = propose(data["cluster"]["queues"], world.tree.capacity, demand, hours,
+                           Rule(idle_below, headroom, min_waiting))
     except ValueError as e:  # QuotaError too: the tree in force does not fit the GPUs recorded now
         fail(f"no recommendation: {e}")
     outcomes = compare(world, proposal.queues) if proposal.changes else []

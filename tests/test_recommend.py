@@ -56,6 +56,14 @@ def test_nothing_moves_when_nobody_waits_or_nothing_is_idle() -> None:
     assert propose(DEMO_TREE["queues"], CAP, busy, hours=4).changes == []
 
 
+def test_a_few_seconds_of_waiting_do_not_make_an_idle_queue_keep_its_guarantee() -> None:
+    # Every recorded job waits a moment between submission and admission: a (5 ms) wait is not a short guarantee.
+    queues = [{"name": "a", "quota": {"local": 6}}, {"name": "b", "quota": {"local": 2}}]
+    blip = 5e-3 / HOUR
+    p = propose(queues, CAP, [d("a", used=0.04 * 10, waiting=blip), d("b", used=20, waiting=30)], hours=10)
+    assert quotas(p.queues) == {"a": 3, "b": 5}  # b asked for 5 GPUs on average: 3 more
+
+
 def test_waiting_queues_share_in_proportion_to_their_waiting() -> None:
     queues = [{"name": "a", "quota": {"local": 6}}, {"name": "b", "quota": {"local": 1}},
               {"name": "c", "quota": {"local": 1}}]

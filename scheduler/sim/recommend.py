@@ -22,7 +22,9 @@ class Rule:
 
     idle_below: float = 0.5  # a queue gives guarantee when it held on average less than this share of its quota
     headroom: float = 1.0  # ... and keeps its mean use times (1 + headroom), rounded up, for its bursts
-    min_waiting_gpu_hours: float = 0.0  # a queue asks for more when its jobs waited more GPU-hours than this
+    # A queue waited (asks for more, never gives) when its jobs waited more GPU-hours than this: every recorded
+    # job waits a few milliseconds between submission and admission, which is not a sign of a short guarantee.
+    min_waiting_gpu_hours: float = 0.1
 
 
 @dataclass(frozen=True)
