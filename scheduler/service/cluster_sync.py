@@ -89,9 +89,16 @@ def write_node(conn: sa.Connection, n: NodeInfo, up: bool, replace: bool = False
 def take_arrivals(core: Core) -> None:
     """Submit what the cluster brought and cancel what it withdrew; outside the core's lock, as API submissions
     are (the admission policy's hook may be slow). Kept until written: a database error retries them."""
-    ex = core.executor
-    if not isinstance(ex, TakesArrivals):
+    if not isinstance(core.executor, TakesArrivals):
         return
+    if core.arrivals_lock.acquire(blocking=False):  # else another thread is taking them now
+        try:
+            _take_arrivals(core, core.executor)
+        finally:
+            core.arrivals_lock.release()
+
+
+def _take_arrivals(core: Core, ex: TakesArrivals) -> None:
     core.arrivals += ex.arrivals(core.clock())
     if not core.arrivals:
         return
