@@ -246,3 +246,16 @@ def test_team_objects_follow_capacity_changes(tmp_path: Path, monkeypatch: Any) 
     monkeypatch.undo()
     core.tick()
     assert ex.synced[-1] == {"p": 10} and len(ex.synced) == 4
+
+
+def test_a_scoped_arrival_may_use_only_its_teams_queues(tmp_path: Path) -> None:
+    core, ex, _ = make(tmp_path, "a")
+    core.apply_queues(ROOT, {"queues": [{"name": "x", "quota": {"p": 2}},
+                                        {"name": "sub", "parent": "x", "quota": {"p": 1}},
+                                        {"name": "y", "quota": {"p": 2}}]})
+    ex.brought += [Arrival("ns/own", arrival("ns/own", queue="sub").spec, "x"),
+                   Arrival("ns/theirs", arrival("ns/theirs", queue="y").spec, "x"),
+                   Arrival("ns/noteam", arrival("ns/noteam", queue="y").spec, "nope")]
+    core.tick()
+    assert set(cluster_jobs(core)) == {"ns/own"}
+    assert "may not submit to queue y" in ex.refused["ns/theirs"] and "ns/noteam" in ex.refused

@@ -495,6 +495,7 @@ def test_a_pod_bound_by_someone_else_is_not_bound_twice(cluster: Cluster, tmp_pa
     ex = KubernetesExecutor(plane.api_client(), tmp_path / "k8s", IMAGE, node_selector=f"{TEST_LABEL}={cluster.tag}",
                             watch_s=2)
     with plane.namespace("fb") as ns:
+        plane.core().patch_namespace(ns, {"metadata": {"labels": {k8s.QUEUE_LABEL: "q"}}})  # its team
         try:
             plane.core().create_namespaced_pod(ns, foreign_pod("raced", 1, {k8s.QUEUE_LABEL: "q"}))
             offered: list[Arrival] = []

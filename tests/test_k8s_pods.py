@@ -5,8 +5,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from kubernetes.client import CoreV1Api
+from kubernetes.client.exceptions import ApiException
+
 from scheduler.backends import k8s_objects as k8s
-from scheduler.backends.k8s_pods import GROUP_SIZE, POOL_LABEL, gang_key, waiting
+from scheduler.backends.k8s_pods import GROUP_SIZE, POOL_LABEL, PodGangs, gang_key, namespace_team, waiting
+from scheduler.backends.k8s_teams import QUEUE_ANNOTATION
 
 
 def pod(labels: dict[str, str] | None = None, notes: dict[str, str] | None = None, gpus: str = "2",
@@ -39,3 +43,63 @@ def test_a_pod_as_a_gang_member() -> None:
     bad = waiting(pod({k8s.GROUP_LABEL: "g"}))
     assert isinstance(bad.size, str) and GROUP_SIZE in bad.size
     assert gang_key("ns", "g", ["b", "a"]) == gang_key("ns", "g", ["a", "b"]) != gang_key("ns", "g", ["a", "c"])
+
+
+class FakeCore(CoreV1Api):
+    """Just the calls PodGangs makes: a list of pending pods, namespaces to read, a watch that raises."""
+
+    def __init__(self, pods: list[Any], namespaces: dict[str, Any]) -> None:
+        self.pods, self.namespaces, self.reads = pods, namespaces, 0
+
+    def list_pod_for_all_namespaces(self, **_: Any) -> Any:
+        return SimpleNamespace(items=list(self.pods), metadata=SimpleNamespace(resource_version="1"))
+
+    def read_namespace(self, name: str, **kw: Any) -> Any:
+        assert "_request_timeout" in kw
+        self.reads += 1
+        got = self.namespaces.get(name)
+        if isinstance(got, Exception):
+            raise got
+        if got is None:
+            raise ApiException(status=404)
+        return got
+
+
+def ns(labels: dict[str, str] | None = None, notes: dict[str, str] | None = None) -> Any:
+    return SimpleNamespace(metadata=SimpleNamespace(labels=labels, annotations=notes))
+
+
+def pending(name: str, namespace: str, labels: dict[str, str] | None = None) -> Any:
+    p = pod(labels, gpus="1")
+    p.metadata = SimpleNamespace(uid=f"uid-{namespace}-{name}", namespace=namespace, name=name, labels=labels,
+                                 annotations=None, deletion_timestamp=None)
+    return p
+
+
+def test_the_namespace_decides_the_team_never_the_pods_label() -> None:
+    assert namespace_team(ns({k8s.QUEUE_LABEL: "nlp"})) == "nlp"
+    assert namespace_team(ns({k8s.MANAGED_BY: "corral"}, {QUEUE_ANNOTATION: "Research/Vision"})) == "Research/Vision"
+    assert namespace_team(ns({}, {QUEUE_ANNOTATION: "forged"})) is None  # not a Corral team namespace
+    api = FakeCore([pending("p", "team", {k8s.QUEUE_LABEL: "nlp-sub"}), pending("q", "free", {k8s.QUEUE_LABEL: "nlp"})],
+                   {"team": ns({k8s.QUEUE_LABEL: "nlp"}), "free": ns({})})
+    gangs = PodGangs(api)
+    offered = {a.key.split("/")[0]: a for a in gangs.resync()}
+    assert set(offered) == {"team"} and offered["team"].scope == "nlp" and offered["team"].spec is not None
+    assert offered["team"].spec["queue"] == "nlp-sub"  # the pod's pick, within the team: the intake checks it
+    (key, why), = gangs.drain_problems()
+    assert key.startswith("free/") and "belongs to no team" in why
+
+
+def test_a_namespace_lookup_is_not_remembered_when_it_finds_no_team_or_fails() -> None:
+    api = FakeCore([pending("p", "ns1")], {"ns1": TimeoutError("slow")})
+    gangs = PodGangs(api)
+    assert gangs.resync() == [] and gangs.drain_problems() == [] and gangs.unsure == {("ns1", "p")}
+    api.namespaces["ns1"] = ns({k8s.QUEUE_LABEL: "nlp"})  # the API server answers again
+    assert [a.scope for a in gangs._settle(("ns1", "p"), gangs._teams({"ns1"}))] == ["nlp"]
+    reads = api.reads
+    gangs._teams({"ns1"})
+    assert api.reads == reads  # a team found is remembered
+    api.namespaces["ns2"] = ns({})
+    gangs._teams({"ns2"})
+    gangs._teams({"ns2"})
+    assert api.reads == reads + 2 and "ns2" not in gangs.ns_teams  # a miss is asked again

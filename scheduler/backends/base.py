@@ -137,6 +137,8 @@ class Arrival:
 
     key: str  # the backend's name for it, the same after a restart: the job's idempotency key
     spec: Mapping[str, Any] | None  # a job spec (JobSubmit's fields) whose env names the key for launch()
+    # The queue subtree it may use, as if a member of that team submitted it; None: any queue (the executor vouches).
+    scope: str | None = None
 
 
 @runtime_checkable

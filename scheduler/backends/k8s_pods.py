@@ -2,8 +2,11 @@
 
 The contract (docs/kubernetes.md): pods with the same corral.dev/pod-group label in one namespace are one gang of
 corral.dev/group-size pods (an annotation or a label); a pod without the label is a gang of one. Each pod asks
-the same nvidia.com/gpu limit. The gang's queue is the pod's corral.dev/queue label, else its namespace's; its
-pool the pod's corral.dev/pool label, else its nodeSelector's nvidia.com/gpu.product, else the only pool.
+the same nvidia.com/gpu limit. The namespace decides the team (namespace_team: a Corral team namespace's queue, else
+the namespace's corral.dev/queue label, which only those who may edit namespaces set); the gang's queue is the
+pod's corral.dev/queue label, which may only pick a queue in that team's subtree (the arrival's scope, checked by
+the intake like a team member's submission), else the team's queue. Its pool is the pod's corral.dev/pool label,
+else its nodeSelector's nvidia.com/gpu.product, else the only pool.
 
 PodGangs watches unbound pods (fieldSelector spec.schedulerName=corral,spec.nodeName=, without Corral's own
 managed-by label) from a resourceVersion, like the node watcher. A gang complete with all its pods is offered once
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,12 +29,15 @@ from kubernetes.client.exceptions import ApiException
 from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.base import Arrival
 from scheduler.backends.k8s_nodes import core_api, quantity, watched
+from scheduler.backends.k8s_teams import QUEUE_ANNOTATION
 
 GROUP_SIZE = "corral.dev/group-size"
 POOL_LABEL = "corral.dev/pool"
 POD_GROUP_ENV = "CORRAL_POD_GROUP"  # in an arrival's job env: the gang's key, which launch() binds
 PENDING = f"spec.schedulerName={k8s.SCHEDULER_NAME},spec.nodeName="
 NOT_OURS = f"{k8s.MANAGED_BY}!=corral"  # Corral's own pods are bound by launch(), not offered
+NS_TTL_S = 60.0  # a namespace's team, once read, is trusted this long (an admin may relabel the namespace)
+NS_TIMEOUT_S = 5.0  # reading a namespace: the watch thread must not hang on a slow API server
 
 Gang = tuple[str, str]  # namespace, group
 
@@ -67,6 +74,16 @@ def waiting(pod: Any) -> Waiting:
                    pool, spec.containers[0].image if spec.containers else None, spec.termination_grace_period_seconds)
 
 
+def namespace_team(ns: Any) -> str | None:
+    """The queue subtree a namespace's pods may use: a Corral team namespace's queue, else the namespace's
+    corral.dev/queue label. Pods' own labels never decide it: anyone who may create pods sets those."""
+    meta = ns.metadata
+    labels, notes = meta.labels or {}, meta.annotations or {}
+    if labels.get(k8s.MANAGED_BY) == "corral" and notes.get(QUEUE_ANNOTATION):
+        return str(notes[QUEUE_ANNOTATION])
+    return labels.get(k8s.QUEUE_LABEL)
+
+
 def gang_key(namespace: str, group: str, uids: list[str]) -> str:
     digest = hashlib.sha256(",".join(sorted(uids)).encode()).hexdigest()[:12]
     return f"{namespace}/{group}/{digest}"
@@ -85,21 +102,23 @@ class PodGangs:
         self.taken: set[str] = set()  # UIDs being bound: their watch events no longer count (until DELETED)
         self.refused: set[str] = set()
         self.problems: list[tuple[str, str]] = []  # (key, why): refused here, before the service saw them
-        self.ns_queues: dict[str, str | None] = {}
+        self.ns_teams: dict[str, tuple[str, float]] = {}  # namespace -> its team and when that was read
+        self.unsure: set[Gang] = set()  # complete gangs whose namespace could not be read: settled again later
         self.resource_version = ""
 
     def resync(self) -> list[Arrival]:
         """List every pending pod (after a start, a restart or a 410): offer every complete gang again."""
         listed = self.core.list_pod_for_all_namespaces(field_selector=PENDING, label_selector=NOT_OURS)
+        teams = self._teams({p.metadata.namespace for p in listed.items})  # outside the lock: take() waits on it
         with self.lock:
             before = set(self.gangs)
-            self.gangs, self.where, self.ns_queues = {}, {}, {}
+            self.gangs, self.where = {}, {}
             self.offered, self.by_key = {}, {}
             for p in listed.items:
                 if p.metadata.deletion_timestamp is None and p.metadata.uid not in self.taken:
                     self._add(waiting(p))
             self.resource_version = listed.metadata.resource_version
-            return [a for g in sorted(before | set(self.gangs)) for a in self._settle(g)]
+            return [a for g in sorted(before | set(self.gangs)) for a in self._settle(g, teams)]
 
     def changes(self, timeout_s: int = 1) -> list[Arrival]:
         if not self.resource_version:
@@ -121,7 +140,10 @@ class PodGangs:
                 raise
             return self.resync()
         with self.lock:
-            touched: set[Gang] = set()
+            unsure, self.unsure = self.unsure, set()
+        teams = self._teams({p.metadata.namespace for _, p in events} | {g[0] for g in unsure})
+        with self.lock:
+            touched: set[Gang] = set(unsure)
             for kind, p in events:
                 uid = p.metadata.uid
                 if kind == "DELETED" or p.metadata.deletion_timestamp is not None:
@@ -132,7 +154,30 @@ class PodGangs:
                         touched.add(g)
                 elif uid not in self.taken:
                     touched.add(self._add(waiting(p)))
-            return [a for g in sorted(touched) for a in self._settle(g)]
+            return [a for g in sorted(touched) for a in self._settle(g, teams)]
+
+    def _teams(self, namespaces: set[str]) -> dict[str, str | None]:
+        """The team of each namespace (None: it has none); a namespace that could not be read is left out. Only
+        teams found are remembered, for NS_TTL_S: a namespace labelled after its pods came counts at once."""
+        out: dict[str, str | None] = {}
+        now = time.monotonic()
+        for ns in namespaces:
+            hit = self.ns_teams.get(ns)
+            if hit is not None and now - hit[1] < NS_TTL_S:
+                out[ns] = hit[0]
+                continue
+            try:
+                team = namespace_team(self.core.read_namespace(ns, _request_timeout=NS_TIMEOUT_S))
+            except ApiException as e:
+                if e.status == 404:
+                    out[ns] = None
+                continue
+            except Exception:  # a timeout, a dropped connection: settle the gang again later
+                continue
+            out[ns] = team
+            if team is not None:
+                self.ns_teams[ns] = (team, now)
+        return out
 
     def _add(self, w: Waiting) -> Gang:
         g = (w.namespace, w.group)
@@ -140,7 +185,7 @@ class PodGangs:
         self.where[w.uid] = g
         return g
 
-    def _settle(self, g: Gang) -> list[Arrival]:
+    def _settle(self, g: Gang, teams: dict[str, str | None]) -> list[Arrival]:
         """Withdraw what the gang was offered as, if that changed; offer it when complete. Under the lock."""
         pods = self.gangs.get(g) or {}
         if not pods:
@@ -160,40 +205,35 @@ class PodGangs:
         elif len(pods) > first.size:
             self._problem(key, f"pod group {g[1]} has {len(pods)} pods waiting, more than its {GROUP_SIZE} "
                                f"of {first.size}")
+        elif len(pods) == first.size and g[0] not in teams:
+            self.unsure.add(g)
         elif len(pods) == first.size:
-            spec = self._spec(key, g, list(pods.values()))
+            team = teams[g[0]]
+            spec = self._spec(key, g, list(pods.values()), team)
             if isinstance(spec, str):
                 self._problem(key, spec)
             else:
                 self.offered[g], self.by_key[key] = key, g
-                out.append(Arrival(key, spec))
+                out.append(Arrival(key, spec, team))
         return out
 
     def _problem(self, key: str, why: str) -> None:
         self.refused.add(key)
         self.problems.append((key, why))
 
-    def _spec(self, key: str, g: Gang, pods: list[Waiting]) -> dict[str, Any] | str:
-        """The job a complete gang asks for, or why it cannot be one."""
+    def _spec(self, key: str, g: Gang, pods: list[Waiting], team: str | None) -> dict[str, Any] | str:
+        """The job a complete gang asks for, or why it cannot be one. Its queue is checked against the team by
+        the intake (the arrival's scope)."""
         if len({p.gpus for p in pods}) != 1:
             return f"the pods of group {g[1]} ask for different numbers of {k8s.GPU}: each must ask the same"
         if pods[0].gpus < 1:
             return f"pod {pods[0].name} asks no {k8s.GPU} in resources.limits: Corral schedules GPU pods only"
-        queue = pods[0].queue or self._namespace_queue(g[0])
-        if not queue:
-            return (f"no queue: label the pod or namespace {g[0]} with {k8s.QUEUE_LABEL}=<a Corral leaf queue>")
+        if not team:
+            return (f"namespace {g[0]} belongs to no team: an admin labels it {k8s.QUEUE_LABEL}=<a Corral queue>")
+        queue = pods[0].queue or team
         return {"name": g[1], "queue": queue, "pool": pods[0].pool, "workers": len(pods), "gpus": pods[0].gpus,
                 "command": f"pods of {g[0]}/{g[1]}", "image": pods[0].image, "env": {POD_GROUP_ENV: key},
                 "labels": {"namespace": g[0], "pod-group": g[1]}}
-
-    def _namespace_queue(self, ns: str) -> str | None:
-        if ns not in self.ns_queues:
-            try:
-                labels = self.core.read_namespace(ns).metadata.labels or {}
-            except ApiException:
-                labels = {}
-            self.ns_queues[ns] = labels.get(k8s.QUEUE_LABEL)
-        return self.ns_queues[ns]
 
     def take(self, key: str) -> list[Waiting] | None:
         """The gang's pods (by name) to bind, if the gang is still complete as offered; it is no longer watched."""

@@ -8,7 +8,8 @@ change that size: the engine and the queue tree are rebuilt from the database wi
 node that was its pool's last stays known as down, so the pool and the jobs queued for it survive).
 
 Arrivals (TakesArrivals): each becomes a job submitted by CLUSTER_OWNER through the intake, like an API
-submission (admission policy, idempotency on the arrival's key); one the intake refuses is handed back to the
+submission (admission policy, idempotency on the arrival's key), as a member of the arrival's scope (its
+namespace's team) when it has one; one the intake refuses is handed back to the
 executor to tell its owner. A withdrawn arrival's job is cancelled if it is still pending.
 """
 
@@ -111,7 +112,10 @@ def _take_arrivals(core: Core, ex: TakesArrivals) -> None:
         except ValidationError as e:
             ex.refuse(a.key, f"not a valid job: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}")
             continue
-        batch.append((a.key, Submission(CLUSTER, sub)))
+        # Scoped arrivals are checked like a team member's submission: the cluster's pods may use only their team's
+        # queues, whoever made them.
+        who = CLUSTER if a.scope is None else Principal(CLUSTER_OWNER, Role.MEMBER, a.scope)
+        batch.append((a.key, Submission(who, sub)))
     if batch:
         write(core, [s for _, s in batch])
     for key, s in batch:
