@@ -2,6 +2,9 @@
 
 - node_info: a Ready, schedulable node with allocatable nvidia.com/gpu; its pool is its nvidia.com/gpu.product label
   (what GPU feature discovery sets), or "gpu" when it has none.
+- watch_from: one watch from a resourceVersion, shared by the node and pod watchers; the events it got are kept
+  whatever ends it (a dropped connection, an ERROR event, a 410 Gone), so none is lost while the next watch
+  resumes after them.
 - NodeWatcher: resync() lists the nodes and remembers the list's resourceVersion; changes() watches from that
   version and reports nodes going down (NotReady, cordoned), being deleted and coming up; a 410 Gone (the version
   was compacted away) falls back to a resync.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from kubernetes import client, utils, watch
@@ -68,6 +72,45 @@ def watched(ev: dict[str, Any]) -> tuple[str, Any]:
     return str(obj.metadata.resource_version), obj
 
 
+@dataclass
+class Watched:
+    """What one watch got: its events in order, the resourceVersion after the last, and how it ended."""
+
+    events: list[tuple[str, Any]]  # (type, object); bookmarks only advance the version
+    resource_version: str
+    gone: bool = False  # 410: the version was compacted away, resync
+    error: Exception | None = None  # anything else that cut the watch short, after `events`
+
+    def outcome(self, out: list[T]) -> list[T]:
+        """`out` (what the events amounted to); an error is raised only when that loses nothing (so the Feed
+        pauses before retrying), else logged: the next watch resumes after these events and meets it again."""
+        if self.error is not None:
+            if not out:
+                raise self.error
+            log.warning("a watch ended early (%s); keeping the %d changes it saw", self.error, len(out))
+        return out
+
+
+def watch_from(call: Callable[..., Any], resource_version: str, timeout_s: int, limit: int = 0,
+               **selectors: str) -> Watched:
+    """Watch `call` (a list_* method) from `resource_version` for up to `timeout_s` (or `limit` events)."""
+    got = Watched([], resource_version)
+    w: Any = watch.Watch()  # type: ignore[no-untyped-call]
+    try:
+        for ev in w.stream(call, resource_version=resource_version, timeout_seconds=max(1, timeout_s),
+                           allow_watch_bookmarks=True, _request_timeout=timeout_s + 30, **selectors):
+            got.resource_version, obj = watched(ev)
+            if obj is not None:
+                got.events.append((ev["type"], obj))
+                if limit and len(got.events) >= limit:  # a burst: hand over what came so far
+                    w.stop()
+    except ApiException as e:
+        got.gone, got.error = e.status == 410, None if e.status == 410 else e
+    except Exception as e:  # a dropped connection, a timeout: what came before it still counts
+        got.error = e
+    return got
+
+
 def discover_nodes(api: Any, label_selector: str | None = None) -> list[NodeInfo]:
     """The cluster's schedulable GPU nodes (those matching `label_selector`), sorted by pool and name."""
     return NodeWatcher(api, label_selector).current()
@@ -101,21 +144,13 @@ class NodeWatcher:
         """Node changes since the last call, waiting up to `timeout_s` for the watch (resumed, not restarted)."""
         if not self.resource_version:
             return self.resync()
-        out: list[NodeChange] = []
-        w: Any = watch.Watch()  # type: ignore[no-untyped-call]
-        try:
-            for ev in w.stream(self.core.list_node, label_selector=self.selector,
-                               resource_version=self.resource_version, timeout_seconds=max(1, timeout_s),
-                               allow_watch_bookmarks=True, _request_timeout=timeout_s + 30):
-                self.resource_version, obj = watched(ev)
-                if obj is not None:
-                    gone = ev["type"] == "DELETED"
-                    out += self._apply(obj.metadata.name, None if gone else node_info(obj), gone)
-        except ApiException as e:
-            if e.status != 410:
-                raise
+        got = watch_from(self.core.list_node, self.resource_version, timeout_s, label_selector=self.selector)
+        out = [c for kind, obj in got.events for c in self._apply(
+            obj.metadata.name, None if kind == "DELETED" else node_info(obj), kind == "DELETED")]
+        self.resource_version = got.resource_version
+        if got.gone:
             return out + self.resync()  # our version is too old to resume from: start over from a list
-        return out
+        return got.outcome(out)
 
     def _apply(self, name: str, info: NodeInfo | None, deleted: bool = False) -> list[NodeChange]:
         before = self.known.get(name)

@@ -23,12 +23,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
 from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.base import Arrival
-from scheduler.backends.k8s_nodes import core_api, quantity, watched
+from scheduler.backends.k8s_nodes import core_api, quantity, watch_from
 from scheduler.backends.k8s_teams import QUEUE_ANNOTATION
 
 GROUP_SIZE = "corral.dev/group-size"
@@ -123,28 +122,14 @@ class PodGangs:
     def changes(self, timeout_s: int = 1) -> list[Arrival]:
         if not self.resource_version:
             return self.resync()
-        events: list[tuple[str, Any]] = []
-        w: Any = watch.Watch()  # type: ignore[no-untyped-call]
-        try:
-            for ev in w.stream(self.core.list_pod_for_all_namespaces, field_selector=PENDING,
-                               label_selector=NOT_OURS, resource_version=self.resource_version,
-                               timeout_seconds=max(1, timeout_s), allow_watch_bookmarks=True,
-                               _request_timeout=timeout_s + 30):
-                self.resource_version, obj = watched(ev)
-                if obj is not None:
-                    events.append((ev["type"], obj))
-                    if len(events) >= 500:  # a burst: hand over what came so far
-                        w.stop()
-        except ApiException as e:
-            if e.status != 410:
-                raise
-            return self.resync()
+        got = watch_from(self.core.list_pod_for_all_namespaces, self.resource_version, timeout_s, limit=500,
+                         field_selector=PENDING, label_selector=NOT_OURS)
         with self.lock:
             unsure, self.unsure = self.unsure, set()
-        teams = self._teams({p.metadata.namespace for _, p in events} | {g[0] for g in unsure})
+        teams = self._teams({p.metadata.namespace for _, p in got.events} | {g[0] for g in unsure})
         with self.lock:
             touched: set[Gang] = set(unsure)
-            for kind, p in events:
+            for kind, p in got.events:
                 uid = p.metadata.uid
                 if kind == "DELETED" or p.metadata.deletion_timestamp is not None:
                     self.taken.discard(uid)
@@ -154,7 +139,11 @@ class PodGangs:
                         touched.add(g)
                 elif uid not in self.taken:
                     touched.add(self._add(waiting(p)))
-            return [a for g in sorted(touched) for a in self._settle(g, teams)]
+            self.resource_version = got.resource_version
+            out = [a for g in sorted(touched) for a in self._settle(g, teams)]
+        if got.gone:
+            return out + self.resync()  # our version is too old to resume from: start over from a list
+        return got.outcome(out)
 
     def _teams(self, namespaces: set[str]) -> dict[str, str | None]:
         """The team of each namespace (None: it has none); a namespace that could not be read is left out. Only
