@@ -259,3 +259,17 @@ def test_a_scoped_arrival_may_use_only_its_teams_queues(tmp_path: Path) -> None:
     core.tick()
     assert set(cluster_jobs(core)) == {"ns/own"}
     assert "may not submit to queue y" in ex.refused["ns/theirs"] and "ns/noteam" in ex.refused
+
+
+def test_pending_cluster_jobs_not_offered_again_after_a_restart_are_withdrawn(tmp_path: Path) -> None:
+    core, ex, _ = make(tmp_path, "a")
+    submit(core, 4)  # the node is full: the cluster's jobs wait
+    core.tick()
+    ex.brought += [arrival("ns/kept", gpus=4), arrival("ns/lost", gpus=4)]
+    core.tick()
+    assert {k: s for k, (_, s) in cluster_jobs(core).items()} == {"ns/kept": "pending", "ns/lost": "pending"}
+    again, ex2, _ = make(tmp_path, "a")  # a restart: the cluster lists what still waits
+    ex2.brought.append(arrival("ns/kept", gpus=4))
+    again.tick()
+    got = {k: s for k, (_, s) in cluster_jobs(again).items()}
+    assert got["ns/lost"] == "cancelled" and got["ns/kept"] in ("pending", "running")  # (the node freed up)

@@ -103,3 +103,13 @@ def test_a_namespace_lookup_is_not_remembered_when_it_finds_no_team_or_fails() -
     gangs._teams({"ns2"})
     gangs._teams({"ns2"})
     assert api.reads == reads + 2 and "ns2" not in gangs.ns_teams  # a miss is asked again
+
+
+def test_a_resync_withdraws_gangs_whose_pods_vanished_in_the_gap() -> None:
+    api = FakeCore([pending("p", "team"), pending("q", "team")], {"team": ns({k8s.QUEUE_LABEL: "nlp"})})
+    gangs = PodGangs(api)
+    first = {a.key for a in gangs.resync()}
+    api.pods = api.pods[1:]  # p deleted while the watch was away (a 410 follows)
+    again = gangs.resync()
+    (gone,) = [a.key for a in again if a.spec is None]
+    assert gone in first and gone.startswith("team/p/") and not [a for a in again if a.spec is not None]

@@ -106,13 +106,14 @@ class PodGangs:
         self.resource_version = ""
 
     def resync(self) -> list[Arrival]:
-        """List every pending pod (after a start, a restart or a 410): offer every complete gang again."""
+        """List every pending pod (after a start, a restart or a 410): offer every complete gang not offered as it
+        is now, and withdraw those offered that changed or vanished."""
         listed = self.core.list_pod_for_all_namespaces(field_selector=PENDING, label_selector=NOT_OURS)
         teams = self._teams({p.metadata.namespace for p in listed.items})  # outside the lock: take() waits on it
         with self.lock:
             before = set(self.gangs)
+            # What was offered stays known, so that _settle withdraws the gangs that lost pods during the gap.
             self.gangs, self.where = {}, {}
-            self.offered, self.by_key = {}, {}
             for p in listed.items:
                 if p.metadata.deletion_timestamp is None and p.metadata.uid not in self.taken:
                     self._add(waiting(p))

@@ -101,6 +101,11 @@ def take_arrivals(core: Core) -> None:
 
 def _take_arrivals(core: Core, ex: TakesArrivals) -> None:
     core.arrivals += ex.arrivals(core.clock())
+    if not core.arrivals_listed:
+        # The first arrivals since the start are every one still waiting: a pending job of the cluster's that is
+        # not among them lost its pods while Corral was down.
+        _withdraw_unoffered(core, {a.key for a in core.arrivals if a.spec is not None})
+        core.arrivals_listed = True
     if not core.arrivals:
         return
     batch: list[tuple[str, Submission]] = []
@@ -125,6 +130,15 @@ def _take_arrivals(core: Core, ex: TakesArrivals) -> None:
         if a.spec is None:
             withdraw(core, a.key)
     core.arrivals = []
+
+
+def _withdraw_unoffered(core: Core, offered: set[str]) -> None:
+    with core.db.connect() as conn:
+        keys = conn.execute(sa.select(jobs.c.idempotency_key).where(
+            jobs.c.owner == CLUSTER_OWNER, jobs.c.state == "pending")).scalars().all()
+    for key in keys:
+        if key is not None and key not in offered:
+            withdraw(core, key)
 
 
 def withdraw(core: Core, key: str) -> None:
