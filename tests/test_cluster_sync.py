@@ -16,7 +16,7 @@ from scheduler.service import cluster_sync
 from scheduler.service.assemble import build_core
 from scheduler.service.auth import Principal, Role
 from scheduler.service.core import Core
-from scheduler.service.db import events, jobs, nodes
+from scheduler.service.db import attempts, events, jobs, nodes
 from scheduler.service.settings import ServiceSettings
 from scheduler.service.specs import JobSubmit
 from tests.service_kit import Clock, ScriptedExecutor
@@ -273,3 +273,25 @@ def test_pending_cluster_jobs_not_offered_again_after_a_restart_are_withdrawn(tm
     again.tick()
     got = {k: s for k, (_, s) in cluster_jobs(again).items()}
     assert got["ns/lost"] == "cancelled" and got["ns/kept"] in ("pending", "running")  # (the node freed up)
+
+
+def test_a_failed_stop_does_not_skip_the_rebuild_the_node_changes_owe(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    core, ex, _ = make(tmp_path, "a")
+    job = submit(core, 4)
+    core.tick()
+    ex.changes += [NodeChange("a", None), NodeChange("b", node("b"))]  # a goes down under the job, b is new
+
+    def away(*_: Any) -> None:
+        raise OSError("the cluster's API is away")
+    monkeypatch.setattr(ex, "terminate", away)
+    with pytest.raises(OSError):
+        core.tick()
+    monkeypatch.undo()
+    core.tick()
+    core.tick()
+    with core.db.connect() as conn:
+        state = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job)).scalar_one()
+        placed = conn.execute(sa.select(attempts.c.placement).where(attempts.c.job_id == job)
+                              .order_by(attempts.c.attempt.desc())).scalars().first()
+    assert state == "starting" and [n for n, _ in placed] == ["b"]  # requeued onto b: the engine knows it

@@ -73,9 +73,12 @@ def sync_nodes(core: Core, now: float) -> None:
     log.info("nodes changed: %s", ", ".join(f"{c.name} {'up' if c.info else 'deleted' if c.deleted else 'down'}"
                                             for c in core.node_backlog))
     core.nodes, core.down, core.node_backlog = after, down, []
+    # Owed from here: if a stop below fails (the cluster's API away), the next cycle still rebuilds.
+    core._stale |= rebuild
     core._terminate(stops, now)
     if rebuild:
         core._rebuild()
+        core._stale = False
 
 
 def write_node(conn: sa.Connection, n: NodeInfo, up: bool, replace: bool = False) -> None:
