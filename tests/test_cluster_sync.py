@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from fastapi.testclient import TestClient
 
 from scheduler.backends.base import CLUSTER_OWNER, Arrival, GPUInfo, NodeChange, NodeInfo, TakesArrivals, WatchesNodes
 from scheduler.service import cluster_sync
+from scheduler.service.app import create_app
 from scheduler.service.assemble import build_core
 from scheduler.service.auth import Principal, Role
 from scheduler.service.core import Core
@@ -295,3 +297,12 @@ def test_a_failed_stop_does_not_skip_the_rebuild_the_node_changes_owe(tmp_path: 
         placed = conn.execute(sa.select(attempts.c.placement).where(attempts.c.job_id == job)
                               .order_by(attempts.c.attempt.desc())).scalars().first()
     assert state == "starting" and [n for n, _ in placed] == ["b"]  # requeued onto b: the engine knows it
+
+
+def test_the_apps_shutdown_closes_the_executor(tmp_path: Path) -> None:
+    core, ex, _ = make(tmp_path, "a")
+    closed: list[bool] = []
+    ex.close = lambda: closed.append(True)  # type: ignore[attr-defined]  # its watches' threads
+    with TestClient(create_app(core, run_loop=False)) as client:
+        assert client.get("/healthz").status_code == 200 and not closed
+    assert closed == [True]

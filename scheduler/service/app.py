@@ -60,6 +60,9 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
             core.wake.set()
             if run_loop:
                 loop.join(timeout=10)
+            close = getattr(core.executor, "close", None)  # an executor's background threads (cluster watches)
+            if callable(close):
+                close()
 
     app = FastAPI(title="Corral", version="0.1.0", lifespan=lifespan,
                   description="GPU scheduler: queues with fair-share quotas, jobs, preemption, usage.")
