@@ -22,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 from quotas import QueueSpec, QueueTree
 from scheduler.backends import k8s_objects as k8s
 from scheduler.backends import k8s_sandbox, k8s_teams
-from scheduler.backends.base import server_port
+from scheduler.backends.base import Launch, server_port
 from scheduler.backends.kubernetes import KubernetesExecutor, discover_nodes
 from scheduler.service.assemble import build_core
 from scheduler.service.auth import Principal, Role
@@ -404,3 +404,28 @@ def test_a_sandbox_opened_through_the_service_runs_as_a_kubespawner_pod_in_its_t
             return not plane.core().list_namespaced_pod(ns).items and f"{pod.metadata.name}-owner" not in names
         until("the sandbox's pod and policy gone", gone)
         assert open_sandbox(core, ann, req)["state"] == "running"
+
+
+def test_a_sandbox_never_runs_without_its_namespaces_isolation(plane: ControlPlane, prefix: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    assert next(iter(k8s_teams.Reconciler(plane.api_client()).kinds)) == "NetworkPolicy"  # made first by a sync
+    node = f"{prefix}iso"
+    plane.create_gpu_node(node, product=f"NVIDIA-I-{prefix.strip('-')}", gpus=8)
+    with contextlib.ExitStack() as closing:
+        closing.callback(plane.core().delete_node, node)
+        ex = KubernetesExecutor(plane.api_client(), tmp_path, IMAGE, grace_s=1, namespace_prefix=prefix,
+                                hub_namespace=f"{prefix}hub")
+        env = {"CORRAL_QUEUE": "fresh", "CORRAL_OWNER": "ann", k8s_sandbox.KIND_ENV: "sandbox"}
+        net: Any = client.NetworkingV1Api(plane.api_client())
+
+        def refused(*_: Any, **__: Any) -> None:
+            raise ApiException(status=403, reason="Forbidden")
+        with monkeypatch.context() as m:  # the policy cannot be made: no sandbox pod either
+            m.setattr(client.NetworkingV1Api, "create_namespaced_network_policy", refused)
+            with pytest.raises(OSError, match="403"):
+                ex.launch(Launch("s2", 1, "lab", {node: [0]}, env))
+        ns = f"{prefix}fresh"  # made by the launch, never synced
+        assert plane.core().list_namespaced_pod(ns).items == []
+        ex.launch(Launch("s2", 2, "lab", {node: [0]}, env))
+        policy = net.read_namespaced_network_policy("corral-sandbox-isolation", ns)
+        assert policy.spec.pod_selector.match_labels == {k8s.KIND_LABEL: "sandbox"}

@@ -14,9 +14,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -34,6 +35,16 @@ T = TypeVar("T")
 def core_api(api: Any) -> Any:
     """A CoreV1Api from either an ApiClient or a CoreV1Api."""
     return api if isinstance(api, client.CoreV1Api) else client.CoreV1Api(api)
+
+
+@contextlib.contextmanager
+def conflict_ok() -> Iterator[None]:
+    """A create that meets 409 (made before a crash, or by a retried launch: the same object) is fine."""
+    try:
+        yield
+    except ApiException as e:
+        if e.status != 409:
+            raise
 
 
 def quantity(text: str) -> float:

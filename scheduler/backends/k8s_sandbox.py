@@ -11,7 +11,8 @@ from kubespawner.objects import make_pod
 
 from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.base import server_port
-from scheduler.backends.k8s_teams import owner_policy
+from scheduler.backends.k8s_nodes import conflict_ok
+from scheduler.backends.k8s_teams import TeamConfig, owner_policy, sandbox_isolation
 
 KIND_ENV = "CORRAL_KIND"  # set by the service on every launch: "job" or "sandbox"
 PORT_NAME = "notebook-port"  # what make_pod names the server's containerPort
@@ -83,8 +84,14 @@ def isolate(core: Any, pods: Sequence[Mapping[str, Any]]) -> None:
         uid = core.read_namespaced_pod(meta["name"], meta["namespace"]).metadata.uid
         body = owner_policy(meta["namespace"], meta["name"], uid, meta["labels"][k8s.GROUP_LABEL], owner)
         net: Any = client.NetworkingV1Api(core.api_client)
-        try:
+        with conflict_ok():  # made by a retried launch: the same policy
             net.create_namespaced_network_policy(meta["namespace"], body)
-        except ApiException as e:
-            if e.status != 409:  # made by a retried launch: the same policy
-                raise
+
+
+def ensure_isolation(core: Any, namespace: str, config: TeamConfig) -> None:
+    """Before a sandbox's pod is made: the namespace's sandbox isolation policy exists (the team sync makes it, but
+    a namespace may be newer than the last sync, or the sync may have failed). An error fails the launch: a
+    sandbox never runs open."""
+    net: Any = client.NetworkingV1Api(core.api_client)
+    with conflict_ok():  # the team sync's, or an earlier launch's: the same policy
+        net.create_namespaced_network_policy(namespace, sandbox_isolation(namespace, config))

@@ -70,6 +70,11 @@ def team_policy(namespace: str) -> dict[str, Any]:
                      "ingress": [{"from": [{"podSelector": {}}]}]}}
 
 
+def sandbox_isolation(namespace: str, config: TeamConfig) -> dict[str, Any]:
+    """The policy by which only the hub reaches a namespace's sandboxes: a sandbox pod never runs without it."""
+    return k8s.network_policy(namespace, config.hub_namespace, config.hub_pods)
+
+
 def owner_policy(namespace: str, pod_name: str, pod_uid: str, group: str, owner: str) -> dict[str, Any]:
     """One sandbox's pod also accepts ingress from its own user's pods in its namespace. Owned by the pod, so
     Kubernetes deletes it with the pod."""
@@ -91,8 +96,8 @@ def team_objects(leaf: Queue, capacity: Mapping[str, int], config: TeamConfig) -
     for role, cluster_role in config.cluster_roles.items():
         by_cluster_role.setdefault(cluster_role, []).extend(groups(leaf, role))
     bindings = [k8s.role_binding(ns, g, cr) for cr, g in sorted(by_cluster_role.items())]
-    return [namespace, *bindings, k8s.resource_quota(ns, gpu_cap(leaf, capacity)),
-            k8s.network_policy(ns, config.hub_namespace, config.hub_pods), team_policy(ns)]
+    return [namespace, *bindings, k8s.resource_quota(ns, gpu_cap(leaf, capacity)), sandbox_isolation(ns, config),
+            team_policy(ns)]
 
 
 def desired(tree: QueueTree, capacity: Mapping[str, int], config: TeamConfig) -> list[dict[str, Any]]:
@@ -145,10 +150,11 @@ class Reconciler:
         self.api = api
         self.core: Any = client.CoreV1Api(api)
         # Kind -> (API object, the snake_case name in its methods): create_namespaced_<name> and so on.
+        # NetworkPolicies first: a sync that fails part way must not leave a namespace without its isolation.
         self.kinds: dict[str, tuple[Any, str]] = {
+            "NetworkPolicy": (client.NetworkingV1Api(api), "network_policy"),
             "RoleBinding": (client.RbacAuthorizationV1Api(api), "role_binding"),
             "ResourceQuota": (self.core, "resource_quota"),
-            "NetworkPolicy": (client.NetworkingV1Api(api), "network_policy"),
         }
 
     def _listed(self, items: list[Any]) -> dict[tuple[str, str], dict[str, Any]]:

@@ -122,6 +122,8 @@ class KubernetesExecutor:
         name = job["metadata"]["name"] if job else None
         try:
             self._ensure_namespace(ns, queue)
+            if sandbox:  # never a sandbox without its namespace's isolation: a failure fails the launch
+                k8s_sandbox.ensure_isolation(self.core, ns, self.teams)
             if job:  # its controller makes the pods; poll() binds them as they appear
                 with _conflict_ok():
                     self.batch.create_namespaced_job(ns, job)
