@@ -151,3 +151,11 @@ class TakesArrivals(Protocol):
 
     def refuse(self, key: str, why: str) -> None:
         """Tell the arrival's owner that Corral will not run it, and why (it is not offered again)."""
+
+
+@runtime_checkable
+class LaunchesInParallel(Protocol):
+    """An executor whose launch() may run in several threads at once (its work is waiting on a cluster's API, not
+    this machine): the service starts up to launch_parallelism admitted attempts together."""
+
+    launch_parallelism: int

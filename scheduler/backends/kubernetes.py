@@ -27,10 +27,11 @@ import datetime
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -53,6 +54,8 @@ TERMINAL = ("Succeeded", "Failed")
 STDOUT, STDERR = "stdout.log", "stderr.log"
 LOG_TIMEOUT_S = 3.0
 OURS = f"spec.schedulerName={k8s.SCHEDULER_NAME}"  # every pod Corral binds, its own and others'
+T = TypeVar("T")
+PARALLEL = 8  # API calls in flight at once: launches the service runs together, and a gang's pods within one
 
 
 @dataclass
@@ -67,7 +70,12 @@ class _Attempt:
 
 
 class KubernetesExecutor:
-    """The Executor for a Kubernetes cluster: attempts are pods; the cluster, not this object, remembers them."""
+    """The Executor for a Kubernetes cluster: attempts are pods; the cluster, not this object, remembers them.
+
+    launch() is thread-safe (LaunchesInParallel): its time is spent waiting on the API server, so the service runs
+    several at once, and a gang's pods are created, then bound, concurrently."""
+
+    launch_parallelism = PARALLEL
 
     def __init__(self, api: Any, cache_dir: Path, default_image: str | None = None, grace_s: float = 30.0,
                  namespace_prefix: str = "corral-", sa_timeout_s: float = 30.0,
@@ -94,6 +102,7 @@ class KubernetesExecutor:
         self.sa_timeout_s = sa_timeout_s
         self._namespaces: set[str] = set()
         self._attempts: dict[tuple[str, int], _Attempt] = {}
+        self._calls = ThreadPoolExecutor(PARALLEL, thread_name_prefix="corral-k8s")
 
     # --- launching ---
 
@@ -126,19 +135,33 @@ class KubernetesExecutor:
                 k8s_sandbox.ensure_isolation(self.core, ns, self.teams)
             if job:  # its controller makes the pods; poll() binds them as they appear
                 with _conflict_ok():
-                    self.batch.create_namespaced_job(ns, job)
-            for p in pods:  # every worker exists before any is bound: a gang starts as close to whole as it can
-                with _conflict_ok():  # made before a crash or by a retried launch: the same pod, keep it
-                    self.core.create_namespaced_pod(ns, p)
+                    _raw(self.batch.create_namespaced_job, ns, job)
+            # Every worker exists before any is bound: a gang starts as close to whole as it can.
+            self._each(lambda p: self._create(ns, p), pods)
             k8s_sandbox.isolate(self.core, pods)  # a sandbox's own user may reach it, besides the hub
-            for p in pods:
-                self._bind(ns, p["metadata"]["name"], p["metadata"]["annotations"][k8s.NODE_ANNOTATION])
+            self._each(lambda p: self._bind(ns, p["metadata"]["name"],
+                                            p["metadata"]["annotations"][k8s.NODE_ANNOTATION]), pods)
         except (ApiException, TimeoutError) as e:
             # No half gangs: what was made goes, and the service records the launch as failed.
             self._delete_own(ns, launch.job_id, launch.attempt, name, 0)
             raise OSError(f"Kubernetes refused job {launch.job_id}: {_why(e)}") from e
         self._attempts[(launch.job_id, launch.attempt)] = _Attempt(ns, len(workers), job=name)
         return Handle(launch.job_id, launch.attempt, None, 0.0)
+
+    def _create(self, ns: str, pod: dict[str, Any]) -> None:
+        with _conflict_ok():  # made before a crash or by a retried launch: the same pod, keep it
+            _raw(self.core.create_namespaced_pod, ns, pod)
+
+    def _each(self, call: Callable[[T], object], items: Sequence[T]) -> None:
+        """call(item) for each item, concurrently; the first error is raised once every call has returned, so
+        that what follows (a gang's cleanup) sees all that was done."""
+        if len(items) == 1:
+            call(items[0])
+            return
+        errors = [f.exception() for f in [self._calls.submit(call, item) for item in items]]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
 
     def _workload(self, env: Mapping[str, str]) -> str:
         workload = env.get(WORKLOAD_ENV) or self.workload
@@ -174,10 +197,13 @@ class KubernetesExecutor:
         marks = {k8s.JOB_LABEL: k8s.dns_label(launch.job_id), k8s.ATTEMPT_LABEL: str(launch.attempt),
                  k8s.WORKERS_ANNOTATION: str(len(pods))}
         bound: list[Waiting] = []
+
+        def bind(pod_node: tuple[Waiting, str]) -> None:
+            p, node = pod_node
+            self._bind(p.namespace, p.name, node, {**marks, k8s.NODE_ANNOTATION: node})
+            bound.append(p)
         try:
-            for p, (node, _) in zip(pods, workers, strict=True):
-                self._bind(p.namespace, p.name, node, {**marks, k8s.NODE_ANNOTATION: node})
-                bound.append(p)
+            self._each(bind, [(p, node) for p, (node, _) in zip(pods, workers, strict=True)])
         except ApiException as e:
             for p in bound:  # no half gangs: their owner makes them again, as a new arrival
                 self._delete_named(p.namespace, p.name, None)
@@ -189,7 +215,7 @@ class KubernetesExecutor:
     def _bind(self, ns: str, name: str, node: str, marks: Mapping[str, str] | None = None) -> None:
         try:
             # The generated client cannot deserialize the Status the server answers with: skip deserializing.
-            self.core.create_namespaced_binding(ns, k8s.binding(name, ns, node, marks), _preload_content=False)
+            _raw(self.core.create_namespaced_binding, ns, k8s.binding(name, ns, node, marks))
         except ApiException as e:
             if e.status != 409:
                 raise
@@ -310,14 +336,12 @@ class KubernetesExecutor:
 
     def _bind_waiting(self, a: _Attempt, live: list[Any]) -> None:
         """Bind the attempt's unbound pods to the nodes the engine chose; a refusal fails the attempt."""
-        for p in live:
-            node = k8s.chosen_node(p.metadata.annotations or {})
-            if p.spec.node_name is None and p.metadata.deletion_timestamp is None and node:
-                try:
-                    self._bind(a.namespace, p.metadata.name, node)
-                except ApiException as e:
-                    a.failure = (1, f"could not bind pod {p.metadata.name} to {node}: {_why(e)}")
-                    return
+        todo = [(p.metadata.name, node) for p in live if p.spec.node_name is None
+                and p.metadata.deletion_timestamp is None and (node := k8s.chosen_node(p.metadata.annotations or {}))]
+        try:
+            self._each(lambda name_node: self._bind(a.namespace, *name_node), todo)
+        except ApiException as e:
+            a.failure = (1, f"could not bind {', '.join(n for n, _ in todo)} (pods of {a.namespace}): {_why(e)}")
 
     def _by_attempt(self) -> dict[tuple[str, str], list[Any]]:
         """Every pod Corral binds, by (job, attempt): labels on its own pods, annotations on others'."""
@@ -426,6 +450,13 @@ def _failure(p: Any) -> tuple[int, str]:
         if t is not None and t.exit_code:
             return int(t.exit_code), f"pod {p.metadata.name}: {t.reason or 'failed'}"
     return 1, f"pod {p.metadata.name}: {p.status.reason or 'failed'}"
+
+
+def _raw(call: Callable[..., Any], *args: Any) -> None:
+    """An API call whose answer Corral does not need, left undeserialized (the client's models cost CPU, and some
+    answers it cannot read) but read, which returns the connection to the pool: unread, the next call would open
+    a new TLS connection."""
+    call(*args, _preload_content=False).read()
 
 
 def _job_state(job: Any) -> tuple[str | None, str]:

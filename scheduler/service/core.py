@@ -15,16 +15,17 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from quotas import QueueTree
 from sandbox.culling import IdlePolicy, IdleTracker
-from scheduler.backends.base import CLUSTER_OWNER, Arrival, Executor, Exit, Handle, Launch, NodeChange, NodeInfo
+from scheduler.backends.base import CLUSTER_OWNER, Arrival, Executor, Exit, Handle, NodeChange, NodeInfo
 from scheduler.engine import Engine as Scheduler
 from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
 from scheduler.engine.model import Settings
-from scheduler.service import cluster_sync, queues, store, telemetry
+from scheduler.service import cluster_sync, launching, queues, store, telemetry
 from scheduler.service.auth import Principal, TokenCache
 from scheduler.service.culler import cull
 from scheduler.service.db import attempts, jobs, nodes, queue_versions
 from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError
 from scheduler.service.intake import Intake
+from scheduler.service.launching import HOLDING
 from scheduler.service.metrics import Metrics
 from scheduler.service.settings import ServiceSettings
 from scheduler.service.specs import JobSubmit, engine_id, engine_spec_of, job_id_of
@@ -34,7 +35,6 @@ log = logging.getLogger("corral.service")
 LIVE = ("pending", "starting", "running")  # job states the engine knows about
 BATCH_S = 0.005
 DB_BACKOFF_MAX_S = 5.0  # the longest pause between cycles while the database is away
-HOLDING = ("running", "stopping")  # attempt states whose process may still hold its GPUs
 FINISHED = ("completed", "failed", "cancelled", "rejected")
 
 
@@ -357,7 +357,7 @@ class Core:
                     stops += self._record(conn, d, now)
             self._unrecorded = []
             self._terminate(stops, now)
-            self._launch_ready(now)
+            launching.launch_ready(self, now)
             if now - self._culled_at >= self.settings.cull_interval_s:  # under the lock: one culler at a time
                 self._culled_at = now
                 cull(self, self.idle, now)
@@ -454,54 +454,6 @@ class Core:
                              reason={"rule": "max_runtime", "message": msg, "numbers": {"max_runtime": limit}})
             store.add_event(conn, now, "max_runtime", msg, job["id"])
         return stops
-
-    def _launch_ready(self, now: float) -> None:
-        """Launch admitted attempts whose GPUs no live process holds (a preempted job may still be exiting)."""
-        with self.db.connect() as conn:
-            rows = list(conn.execute(sa.select(attempts).where(attempts.c.state.in_(("starting",) + HOLDING))
-                                     .order_by(attempts.c.admitted_at)).mappings())
-            held = {(n, g) for a in rows if a["state"] in HOLDING for n, gs in a["placement"] for g in gs}
-            busy_jobs = {a["job_id"] for a in rows if a["state"] in HOLDING}
-            ready = [a for a in rows if a["state"] == "starting" and a["job_id"] not in busy_jobs
-                     and not any((n, g) in held for n, gs in a["placement"] for g in gs)]
-            specs = {j["id"]: j for j in conn.execute(
-                sa.select(jobs).where(jobs.c.id.in_([a["job_id"] for a in ready]))).mappings()}
-        for a in ready:
-            job = specs[a["job_id"]]
-            gpus: dict[str, list[int]] = {}
-            for n, gs in a["placement"]:
-                gpus.setdefault(n, []).extend(gs)
-            try:
-                sub = JobSubmit.model_validate(job["spec"])
-                # Launch.gpus merges workers that share a node: the gang's shape travels in the environment.
-                env = {**sub.env, "CORRAL_QUEUE": job["queue"], "CORRAL_POOL": job["pool"],
-                       "CORRAL_OWNER": job["owner"], "CORRAL_WORKERS": str(sub.workers),
-                       "CORRAL_GPUS_PER_WORKER": str(sub.gpus), "CORRAL_KIND": sub.kind}
-                handle = self.executor.launch(Launch(str(job["id"]), a["attempt"], sub.command, gpus, env,
-                                                     sub.workdir, sub.image, cpus=sub.cpus or None,
-                                                     memory_gb=sub.memory_gb or None))
-            except FileExistsError:
-                # Launched before, but the commit that said so was lost (the database went away): take it back.
-                ended = self.executor.adopt(Handle(str(job["id"]), a["attempt"], None, 0.0))
-                if ended is not None:
-                    self._unrecorded.append(ended)
-                handle = Handle(str(job["id"]), a["attempt"], None, 0.0)
-            except (OSError, ValueError) as e:  # this job cannot start (no such workdir, ...): it fails alone
-                with self.changing() as conn:
-                    self._engine_end(job["id"], now, True)
-                    store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now,
-                                         outcome="launch_failed")
-                    msg = f"could not start: {e}"
-                    store.update_job(conn, job["id"], state="failed", ended_at=now,
-                                     reason={"rule": "launch_failed", "message": msg, "numbers": {}})
-                    store.add_event(conn, now, "launch_failed", msg, job["id"])
-                continue
-            with self.db.begin() as conn:
-                store.update_attempt(conn, job["id"], a["attempt"], state="running", pid=handle.pid,
-                                     proc_started=handle.started_at, started_at=now)
-                store.update_job(conn, job["id"], state="running")
-                store.add_event(conn, now, "started", f"process {handle.pid} on GPUs {gpus}", job["id"],
-                                pid=handle.pid, gpus=gpus, attempt=a["attempt"])
 
     # ----- the loop -----
 

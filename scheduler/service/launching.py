@@ -1,0 +1,119 @@
+"""Launching admitted attempts once their GPUs are free: the executor's calls outside any transaction, several at
+once where the executor allows it (LaunchesInParallel), each outcome recorded as it comes.
+
+Called under the Core's lock after the cycle's commit, so nothing else decides meanwhile. Only the executor's
+launch() runs in the worker threads; reading the jobs, the engine and every database write stay on the calling
+thread, one short transaction per outcome, none of them around a network call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from scheduler.backends.base import Executor, Exit, Handle, Launch, LaunchesInParallel
+from scheduler.service import store
+from scheduler.service.db import attempts, jobs
+from scheduler.service.specs import JobSubmit
+
+if TYPE_CHECKING:
+    from scheduler.service.core import Core
+
+log = logging.getLogger("corral.service")
+
+HOLDING = ("running", "stopping")  # attempt states whose process may still hold its GPUs
+
+Started = tuple[Handle, Exit | None]  # the attempt's handle, and how it ended if it was found ended already
+
+
+def launch_ready(core: Core, now: float) -> None:
+    """Launch admitted attempts whose GPUs no live process holds (a preempted job may still be exiting)."""
+    todo: list[tuple[Mapping[Any, Any], Launch]] = []
+    for a, job in _ready(core):
+        try:
+            todo.append((a, _launch_of(job, a)))
+        except ValueError as e:  # a spec that no longer validates: this job cannot start
+            _failed(core, job["id"], a["attempt"], e, now)
+    width = core.executor.launch_parallelism if isinstance(core.executor, LaunchesInParallel) else 1
+    if width <= 1 or len(todo) <= 1:
+        for a, launch in todo:
+            _record(core, a, launch, _start(core.executor, launch), now)
+        return
+    with ThreadPoolExecutor(min(width, len(todo)), thread_name_prefix="corral-launch") as pool:
+        started = {pool.submit(_start, core.executor, launch): (a, launch) for a, launch in todo}
+        for f in as_completed(started):  # recorded as each returns: a slow launch holds up no other
+            a, launch = started[f]
+            _record(core, a, launch, f.result(), now)
+
+
+def _ready(core: Core) -> list[tuple[Mapping[Any, Any], Mapping[Any, Any]]]:
+    """Admitted attempts (oldest first) with their jobs, whose GPUs no live attempt holds; no two share a GPU."""
+    with core.db.connect() as conn:
+        rows = list(conn.execute(sa.select(attempts).where(attempts.c.state.in_(("starting",) + HOLDING))
+                                 .order_by(attempts.c.admitted_at)).mappings())
+        held = {(n, g) for a in rows if a["state"] in HOLDING for n, gs in a["placement"] for g in gs}
+        busy_jobs = {a["job_id"] for a in rows if a["state"] in HOLDING}
+        ready = []
+        for a in rows:
+            gpus = {(n, g) for n, gs in a["placement"] for g in gs}
+            if a["state"] == "starting" and a["job_id"] not in busy_jobs and not gpus & held:
+                ready.append(a)
+                held |= gpus  # launched together, so the same GPU must not be in two of them
+        specs = {j["id"]: j for j in conn.execute(
+            sa.select(jobs).where(jobs.c.id.in_([a["job_id"] for a in ready]))).mappings()}
+    return [(a, specs[a["job_id"]]) for a in ready]
+
+
+def _launch_of(job: Mapping[Any, Any], a: Mapping[Any, Any]) -> Launch:
+    gpus: dict[str, list[int]] = {}
+    for n, gs in a["placement"]:
+        gpus.setdefault(n, []).extend(gs)
+    sub = JobSubmit.model_validate(job["spec"])
+    # Launch.gpus merges workers that share a node: the gang's shape travels in the environment.
+    env = {**sub.env, "CORRAL_QUEUE": job["queue"], "CORRAL_POOL": job["pool"],
+           "CORRAL_OWNER": job["owner"], "CORRAL_WORKERS": str(sub.workers),
+           "CORRAL_GPUS_PER_WORKER": str(sub.gpus), "CORRAL_KIND": sub.kind}
+    return Launch(str(job["id"]), a["attempt"], sub.command, gpus, env, sub.workdir, sub.image,
+                  cpus=sub.cpus or None, memory_gb=sub.memory_gb or None)
+
+
+def _start(executor: Executor, launch: Launch) -> Started | Exception:
+    """Launch (in a worker thread, maybe); an OSError or ValueError is returned: the job cannot start."""
+    try:
+        return executor.launch(launch), None
+    except FileExistsError:
+        # Launched before, but the commit that said so was lost (the database went away): take it back.
+        handle = Handle(launch.job_id, launch.attempt, None, 0.0)
+        return handle, executor.adopt(handle)
+    except (OSError, ValueError) as e:
+        return e
+
+
+def _record(core: Core, a: Mapping[Any, Any], launch: Launch, outcome: Started | Exception, now: float) -> None:
+    job_id = int(launch.job_id)
+    if isinstance(outcome, Exception):  # this job cannot start (no such workdir, ...): it fails alone
+        _failed(core, job_id, a["attempt"], outcome, now)
+        return
+    handle, ended = outcome
+    if ended is not None:
+        core._unrecorded.append(ended)
+    with core.db.begin() as conn:
+        store.update_attempt(conn, job_id, a["attempt"], state="running", pid=handle.pid,
+                             proc_started=handle.started_at, started_at=now)
+        store.update_job(conn, job_id, state="running")
+        store.add_event(conn, now, "started", f"process {handle.pid} on GPUs {dict(launch.gpus)}", job_id,
+                        pid=handle.pid, gpus=dict(launch.gpus), attempt=a["attempt"])
+
+
+def _failed(core: Core, job_id: int, attempt: int, e: Exception, now: float) -> None:
+    with core.changing() as conn:
+        core._engine_end(job_id, now, True)
+        store.update_attempt(conn, job_id, attempt, state="ended", ended_at=now, outcome="launch_failed")
+        msg = f"could not start: {e}"
+        store.update_job(conn, job_id, state="failed", ended_at=now,
+                         reason={"rule": "launch_failed", "message": msg, "numbers": {}})
+        store.add_event(conn, now, "launch_failed", msg, job_id)

@@ -1,0 +1,42 @@
+"""Launching admitted attempts several at once, for executors that allow it (LaunchesInParallel)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scheduler.backends.base import Handle, Launch, LaunchesInParallel
+from tests.service_kit import ScriptedExecutor, make_service
+
+
+@dataclass
+class ParallelExecutor(ScriptedExecutor):
+    """Each launch waits until three are in flight together: the cycle gets past them only if they ran at once."""
+
+    launch_parallelism: int = 4
+    together: threading.Barrier = field(default_factory=lambda: threading.Barrier(3, timeout=30))
+    threads: set[str] = field(default_factory=set)
+
+    def launch(self, launch: Launch) -> Handle:
+        self.threads.add(threading.current_thread().name)
+        if launch.env.get("FAIL"):
+            raise OSError("no such image")
+        self.together.wait()  # a BrokenBarrierError after 30 s would fail the cycle, not hang it
+        return super().launch(launch)
+
+
+def test_admitted_attempts_launch_together_and_a_failure_stays_alone(tmp_path: Path) -> None:
+    ex = ParallelExecutor()
+    assert isinstance(ex, LaunchesInParallel)
+    svc = make_service(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, executor=ex)
+    ids = [svc.admin.post("/v1/jobs", json={"queue": "ranking", "gpus": 1, "command": "x",
+                                            "env": {"FAIL": "1"} if i == 3 else {}}).json()["id"]
+           for i in range(4)]
+    svc.tick()
+    states = {j["id"]: j["state"] for j in svc.admin.get("/v1/jobs").json()["jobs"]}
+    assert [states[i] for i in ids] == ["running", "running", "running", "failed"]
+    assert len(ex.threads) > 1 and threading.current_thread().name not in ex.threads
+    # Each got GPUs of its own: launched together, no GPU is in two of them.
+    gpus = [(n, g) for la in ex.launched for n, gs in la.gpus.items() for g in gs]
+    assert len(gpus) == len(set(gpus)) == 3
