@@ -1,17 +1,22 @@
-"""The node and pod watches keep the events they got when the connection drops mid-watch (k8s_nodes.watch_from)."""
+"""With fakes of the API: the watches keep the events they got when the connection drops mid-watch
+(k8s_nodes.watch_from), and a gang whose bind fails part way is cleaned up whole."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from scheduler.backends import k8s_nodes
-from scheduler.backends.base import NodeChange
+from scheduler.backends import k8s_objects as k8s
+from scheduler.backends.base import Launch, NodeChange
 from scheduler.backends.k8s_nodes import NodeWatcher
-from scheduler.backends.k8s_pods import PodGangs
+from scheduler.backends.k8s_pods import GROUP_SIZE, POD_GROUP_ENV, PodGangs
+from scheduler.backends.kubernetes import KubernetesExecutor, _Attempt
 from tests.test_k8s_pods import FakeCore, ns, pending
 
 
@@ -57,3 +62,61 @@ def test_pod_arrivals_seen_before_a_dropped_watch_are_offered(monkeypatch: pytes
     DroppingWatch.script = [[{"type": "ADDED", "object": p}]]
     (a,) = gangs.changes(1)
     assert a.spec is not None and a.scope == "nlp" and gangs.resource_version == "7"
+
+
+class BindingCore(FakeCore):
+    """Binds as scripted per pod: None binds, an exception fails; records deletions."""
+
+    def __init__(self, pods: list[Any], namespaces: dict[str, Any], outcome: dict[str, Exception | None]) -> None:
+        super().__init__(pods, namespaces)
+        self.api_client = None
+        self.outcome, self.deleted = outcome, []  # type: list[str]
+
+    def create_namespaced_binding(self, ns: str, body: dict[str, Any], **_: Any) -> Any:
+        err = self.outcome[body["metadata"]["name"]]
+        if err is not None:
+            raise err
+        return SimpleNamespace(read=lambda: b"")
+
+    def delete_namespaced_pod(self, name: str, ns: str, **_: Any) -> None:
+        self.deleted.append(name)
+
+
+@pytest.mark.parametrize("failure", [ConnectionResetError("dropped"), ApiException(status=500)])
+def test_a_gang_whose_bind_fails_part_way_is_cleaned_up_whole(tmp_path: Path, failure: Exception) -> None:
+    gang = {k8s.GROUP_LABEL: "g", GROUP_SIZE: "2"}
+    api = BindingCore([pending("g-0", "team", gang), pending("g-1", "team", gang)],
+                      {"team": ns({k8s.QUEUE_LABEL: "nlp"})}, {"g-0": None, "g-1": failure})
+    ex = KubernetesExecutor(api, tmp_path, "img")
+    assert ex.gangs is not None
+    (a,) = ex.gangs.resync()
+    with pytest.raises(OSError):
+        ex.launch(Launch("9", 1, "pods", {"n1": [0, 1], "n2": [0, 1]}, {POD_GROUP_ENV: a.key}))
+    ex.close()
+    if isinstance(failure, ApiException):  # g-1 was refused: it waits again, for g-0's replacement
+        assert api.deleted == ["g-0"] and set(ex.gangs.gangs[("team", "g")]) == {"uid-team-g-1"}
+        assert ex.gangs.taken == {"uid-team-g-0"}  # until its deletion is seen
+    else:  # g-1 may be bound: it goes too
+        assert sorted(api.deleted) == ["g-0", "g-1"] and ("team", "g") not in ex.gangs.gangs
+
+
+def test_a_node_back_under_a_deleted_nodes_name_is_no_longer_gone(tmp_path: Path) -> None:
+    ex = KubernetesExecutor(BindingCore([], {}, {}), tmp_path, "img", foreign_pods=False)
+    info = k8s_nodes.node_info(node("a", True, "1"))
+    ex._feeds["corral-k8s-nodes"] = SimpleNamespace(  # type: ignore[assignment]
+        drain=lambda: [NodeChange("a", None, deleted=True), NodeChange("a", info)], close=lambda: None)
+    ex.node_changes(0.0)
+    assert ex._gone == set()  # its pods get their grace again: a kubelet confirms their deletion
+    ex.close()
+
+
+def test_a_stopping_attempt_whose_pods_were_not_deleted_is_deleted_again(tmp_path: Path) -> None:
+    running = SimpleNamespace(
+        metadata=SimpleNamespace(name="corral-5-1-0", namespace="ns", labels={k8s.JOB_LABEL: "5",
+                                 k8s.ATTEMPT_LABEL: "1"}, annotations={}, deletion_timestamp=None),
+        spec=SimpleNamespace(node_name="n1"), status=SimpleNamespace(phase="Running"))
+    api = BindingCore([running], {}, {})
+    ex = KubernetesExecutor(api, tmp_path, "img", foreign_pods=False)
+    ex._attempts[("5", 1)] = _Attempt("ns", 1, stopping=True, grace=3)  # terminate's delete failed
+    assert ex.poll(0.0) == [] and api.deleted == ["corral-5-1-0"]
+    ex.close()

@@ -238,6 +238,14 @@ class PodGangs:
                 self.where.pop(uid, None)
             return sorted(pods.values(), key=lambda p: p.name)
 
+    def release(self, pods: list[Waiting]) -> None:
+        """Taken pods that were not bound (their gang's bind failed part way) wait again: with the pods their owner
+        makes anew for those Corral deleted, the gang is complete again and offered under a new key."""
+        with self.lock:
+            for p in pods:
+                self.taken.discard(p.uid)
+                self._add(p)
+
     def refuse(self, key: str) -> list[Waiting]:
         """Never offer `key` again; the pods of its gang now, to tell their owner why."""
         with self.lock:

@@ -67,6 +67,7 @@ class _Attempt:
     failure: tuple[int, str] | None = None  # the first failed worker's exit code and why
     foreign: list[str] = field(default_factory=list)  # names of someone else's pods Corral bound (k8s_pods)
     job: str | None = None  # the batch/v1 Job that makes the pods (workload "job")
+    grace: int | None = None  # the grace terminate() asked for: poll() asks again if its delete did not happen
 
 
 class KubernetesExecutor:
@@ -191,22 +192,39 @@ class KubernetesExecutor:
         pods = self.gangs.take(key) if self.gangs is not None else None
         if not pods:
             raise OSError(f"the pods of {key} are gone (deleted, or bound by someone else)")
-        workers = k8s.split_workers(launch.gpus, len(pods))
-        if [n for _, n in workers] != [p.gpus for p in pods]:
-            raise OSError(f"job {launch.job_id}: placed as {workers}, but its pods ask {[p.gpus for p in pods]}")
         marks = {k8s.JOB_LABEL: k8s.dns_label(launch.job_id), k8s.ATTEMPT_LABEL: str(launch.attempt),
                  k8s.WORKERS_ANNOTATION: str(len(pods))}
         bound: list[Waiting] = []
+        unsure: list[Waiting] = []  # the request failed on the way: the pod may be bound or not
+        theirs: list[Waiting] = []  # bound by someone else (409): no longer waiting
 
         def bind(pod_node: tuple[Waiting, str]) -> None:
             p, node = pod_node
-            self._bind(p.namespace, p.name, node, {**marks, k8s.NODE_ANNOTATION: node})
+            try:
+                self._bind(p.namespace, p.name, node, {**marks, k8s.NODE_ANNOTATION: node})
+            except ApiException as e:
+                if e.status == 409:
+                    theirs.append(p)
+                raise
+            except Exception:
+                unsure.append(p)
+                raise
             bound.append(p)
         try:
+            workers = k8s.split_workers(launch.gpus, len(pods))
+            if [n for _, n in workers] != [p.gpus for p in pods]:
+                raise ValueError(f"placed as {workers}, but its pods ask {[p.gpus for p in pods]}")
             self._each(bind, [(p, node) for p, (node, _) in zip(pods, workers, strict=True)])
-        except ApiException as e:
-            for p in bound:  # no half gangs: their owner makes them again, as a new arrival
-                self._delete_named(p.namespace, p.name, None)
+        except Exception as e:
+            # No half gangs: what Corral bound (or may have) goes, and its owner makes it again; the rest wait
+            # again, so that the gang, whole once more, is offered anew.
+            for p in bound + unsure:
+                try:
+                    self._delete_named(p.namespace, p.name, None)
+                except Exception as gone:  # the API away: poll() cannot see it either; say so
+                    log.error("pod %s/%s of %s may run untracked: %s", p.namespace, p.name, key, gone)
+            if self.gangs is not None:
+                self.gangs.release([p for p in pods if p not in bound + unsure + theirs])
             raise OSError(f"Kubernetes refused binding {key}: {_why(e)}") from e
         self._attempts[(launch.job_id, launch.attempt)] = _Attempt(pods[0].namespace, len(pods),
                                                                    foreign=[p.name for p in pods])
@@ -236,7 +254,11 @@ class KubernetesExecutor:
 
     def node_changes(self, now: float) -> list[NodeChange]:
         changes: list[NodeChange] = self._feed("corral-k8s-nodes", self.nodes)
-        self._gone.update(c.name for c in changes if c.deleted)
+        for c in changes:  # in order: a node deleted, then back under its name, has a kubelet again
+            if c.deleted:
+                self._gone.add(c.name)
+            elif c.info is not None:
+                self._gone.discard(c.name)
         return changes
 
     def arrivals(self, now: float) -> list[Arrival]:
@@ -282,7 +304,8 @@ class KubernetesExecutor:
         a.stopping = True
         # The kubelet sends SIGTERM now and SIGKILL after the grace; poll() reports the attempt once its pods are gone.
         # Others' pods keep their own grace: their owner chose it.
-        self._delete_attempt(job_id, attempt, a, None if a.foreign else max(0, round(grace_s)))
+        a.grace = None if a.foreign else max(0, round(grace_s))
+        self._delete_attempt(job_id, attempt, a, a.grace)
 
     def poll(self, now: float) -> list[Exit]:
         if not self._attempts:
@@ -318,6 +341,10 @@ class KubernetesExecutor:
                 self._delete_job(a.namespace, a.job)
             for p in live:  # only the live ones: the failed pod still says why
                 self._delete_pod(a.namespace, p, None if a.stopping else 0)
+        if a.stopping and not a.ending:  # a terminate whose delete failed (the API away): delete again
+            for p in live:
+                if p.metadata.deletion_timestamp is None:
+                    self._delete_pod(a.namespace, p, a.grace)
         for p in live:  # on a deleted node no kubelet confirms the deletion: finish it
             if p.metadata.deletion_timestamp is not None and p.spec.node_name in self._gone:
                 self._delete_pod(a.namespace, p, 0)
