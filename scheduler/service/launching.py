@@ -1,14 +1,12 @@
-"""Launching admitted attempts once their GPUs are free: the executor's calls outside any transaction, several at
-once where the executor allows it (LaunchesInParallel), each outcome recorded as it comes.
+"""Launching admitted attempts once their GPUs are free, several at once where the executor allows it.
 
 Called under the Core's lock after the cycle's commit, so nothing else decides meanwhile. Only the executor's
-launch() runs in the worker threads; reading the jobs, the engine and every database write stay on the calling
-thread, one short transaction per outcome, none of them around a network call.
+launch() runs in worker threads (LaunchesInParallel); reading the jobs, the engine and every database write stay
+on the calling thread, one short transaction per outcome as it comes, none of them around a network call.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
@@ -23,11 +21,10 @@ from scheduler.service.specs import JobSubmit
 if TYPE_CHECKING:
     from scheduler.service.core import Core
 
-log = logging.getLogger("corral.service")
 
 HOLDING = ("running", "stopping")  # attempt states whose process may still hold its GPUs
 
-Started = tuple[Handle, Exit | None]  # the attempt's handle, and how it ended if it was found ended already
+Launched = tuple[Handle, Exit | None]  # the attempt's handle, and how it ended if it was found ended already
 
 
 def launch_ready(core: Core, now: float) -> None:
@@ -81,7 +78,7 @@ def _launch_of(job: Mapping[Any, Any], a: Mapping[Any, Any]) -> Launch:
                   cpus=sub.cpus or None, memory_gb=sub.memory_gb or None)
 
 
-def _start(executor: Executor, launch: Launch) -> Started | Exception:
+def _start(executor: Executor, launch: Launch) -> Launched | Exception:
     """Launch (in a worker thread, maybe); an OSError or ValueError is returned: the job cannot start."""
     try:
         return executor.launch(launch), None
@@ -93,7 +90,7 @@ def _start(executor: Executor, launch: Launch) -> Started | Exception:
         return e
 
 
-def _record(core: Core, a: Mapping[Any, Any], launch: Launch, outcome: Started | Exception, now: float) -> None:
+def _record(core: Core, a: Mapping[Any, Any], launch: Launch, outcome: Launched | Exception, now: float) -> None:
     job_id = int(launch.job_id)
     if isinstance(outcome, Exception):  # this job cannot start (no such workdir, ...): it fails alone
         _failed(core, job_id, a["attempt"], outcome, now)
