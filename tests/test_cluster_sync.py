@@ -19,6 +19,7 @@ from scheduler.service.assemble import build_core
 from scheduler.service.auth import Principal, Role
 from scheduler.service.core import Core
 from scheduler.service.db import attempts, events, jobs, nodes
+from scheduler.service.sandboxes import SandboxRequest, open_sandbox
 from scheduler.service.settings import ServiceSettings
 from scheduler.service.specs import JobSubmit
 from tests.service_kit import Clock, ScriptedExecutor
@@ -200,6 +201,20 @@ def test_a_preempted_cluster_job_ends_instead_of_waiting_again(tmp_path: Path) -
     for _ in range(3):
         core.tick()
     assert [lc.attempt for lc in ex.launched if lc.job_id == str(jid)] == [1]  # never launched again
+
+
+def test_a_sandbox_on_a_node_that_goes_down_ends_instead_of_waiting_again(tmp_path: Path) -> None:
+    core, ex, clock = make(tmp_path, "a", "b")
+    box = open_sandbox(core, ROOT, SandboxRequest(queue="default", gpus=4, command=["jupyterhub-singleuser"]))
+    assert box["state"] == "running"
+    node_of = next(iter(placed_on(ex, box["id"])))
+    ex.changes.append(NodeChange(node_of, None))
+    clock.advance(1)
+    core.tick()
+    assert state(core, box["id"]) == "cancelled" and (str(box["id"]), 1) in ex.terminated
+    for _ in range(3):
+        core.tick()
+    assert [lc.attempt for lc in ex.launched if lc.job_id == str(box["id"])] == [1]  # never launched again
 
 
 @dataclass

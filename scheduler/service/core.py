@@ -389,8 +389,10 @@ class Core:
             return []
         if isinstance(d, Preempted):
             stop = self._stop_attempt(conn, job, now, "preempted")
-            if job["owner"] == CLUSTER_OWNER:
-                # Its pods are deleted; what their owner makes again is a new arrival, not this job again.
+            if job["owner"] == CLUSTER_OWNER or job["spec"].get("kind") == "sandbox":
+                # A cluster job's pods are deleted; what their owner makes again is a new arrival, not this job
+                # again. A sandbox (preempted only when its node goes) starts now or not at all: its hub has
+                # already lost it, so it must not start later with nobody to connect.
                 self._engine_end(job_id, now, None)
                 store.update_job(conn, job_id, state="cancelled", ended_at=now, reason=reason)
             else:
