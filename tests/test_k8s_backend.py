@@ -240,6 +240,32 @@ def test_a_new_executor_adopts_pods_by_label(cluster: Cluster, executor: Kuberne
     assert wait_exits(again, {(long, 1), (unbound, 1)})[long].code == -15
 
 
+def test_a_look_alike_pod_elsewhere_neither_ends_the_gang_nor_gets_bound(cluster: Cluster,
+                                                                        executor: KubernetesExecutor) -> None:
+    """Marks are only text: a pod copying an attempt's labels, in another namespace or under another name, is not
+    one of its workers."""
+    (a, b), _ = cluster.nodes.values()
+    job = f"real{uuid.uuid4().hex[:5]}"
+    executor.launch(launch(job, {a: [0]}))
+    running(executor, job, 1)
+    core = cluster.plane.core()
+    fakes = []
+    for ns, name in (("default", k8s.pod_name(job, 1, 0)), (f"{executor.prefix}nlp", f"x-{job}")):
+        fake = k8s.pod(job, 1, 0, namespace=ns, node=b, gpus=1, image=IMAGE, command="sleep inf",
+                       env={"CORRAL_QUEUE": "nlp"})
+        fake["metadata"]["name"] = name
+        core.create_namespaced_pod(ns, fake)
+        fakes.append((ns, name))
+        finish(executor, core.read_namespaced_pod(name, ns), 9)  # a failed worker would end the real gang
+    for _ in range(3):
+        assert executor.poll(time.time()) == [] and executor.alive(job, 1)
+    for ns, name in fakes:  # never bound by Corral (kwok "finished" it unbound)
+        assert core.read_namespaced_pod(name, ns).spec.node_name is None
+        core.delete_namespaced_pod(name, ns, grace_period_seconds=0)
+    executor.terminate(job, 1, 0, time.time())
+    wait_exits(executor, {(job, 1)})
+
+
 def test_binding_twice_is_handled(cluster: Cluster, executor: KubernetesExecutor) -> None:
     (a, b), _ = cluster.nodes.values()
     job = f"twice{uuid.uuid4().hex[:5]}"

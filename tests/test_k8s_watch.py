@@ -14,9 +14,10 @@ from kubernetes.client.exceptions import ApiException
 from scheduler.backends import k8s_nodes
 from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.base import Launch, NodeChange
+from scheduler.backends.k8s_attempts import Attempt
 from scheduler.backends.k8s_nodes import NodeWatcher
 from scheduler.backends.k8s_pods import GROUP_SIZE, POD_GROUP_ENV, PodGangs
-from scheduler.backends.kubernetes import KubernetesExecutor, _Attempt
+from scheduler.backends.kubernetes import KubernetesExecutor
 from tests.test_k8s_pods import FakeCore, ns, pending
 
 
@@ -117,6 +118,6 @@ def test_a_stopping_attempt_whose_pods_were_not_deleted_is_deleted_again(tmp_pat
         spec=SimpleNamespace(node_name="n1"), status=SimpleNamespace(phase="Running"))
     api = BindingCore([running], {}, {})
     ex = KubernetesExecutor(api, tmp_path, "img", foreign_pods=False)
-    ex._attempts[("5", 1)] = _Attempt("ns", 1, stopping=True, grace=3)  # terminate's delete failed
+    ex._attempts[("5", 1)] = Attempt("ns", 1, stopping=True, grace=3)  # terminate's delete failed
     assert ex.poll(0.0) == [] and api.deleted == ["corral-5-1-0"]
     ex.close()

@@ -27,9 +27,8 @@ import datetime
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,7 +39,8 @@ from quotas import QueueTree
 from scheduler.backends import k8s_objects as k8s
 from scheduler.backends import k8s_sandbox, k8s_teams
 from scheduler.backends.base import Arrival, Exit, Handle, Launch, NodeChange, NodeInfo
-from scheduler.backends.k8s_nodes import Feed, NodeWatcher, core_api, discover_nodes, node_info
+from scheduler.backends.k8s_attempts import Attempt, failure, found_after_restart, job_state, members
+from scheduler.backends.k8s_nodes import Feed, NodeWatcher, conflict_ok, core_api, discover_nodes, node_info
 from scheduler.backends.k8s_pods import POD_GROUP_ENV, PodGangs, Waiting
 
 __all__ = ["KubernetesExecutor", "NodeChange", "NodeWatcher", "discover_nodes", "node_info"]
@@ -56,18 +56,6 @@ LOG_TIMEOUT_S = 3.0
 OURS = f"spec.schedulerName={k8s.SCHEDULER_NAME}"  # every pod Corral binds, its own and others'
 T = TypeVar("T")
 PARALLEL = 8  # API calls in flight at once: launches the service runs together, and a gang's pods within one
-
-
-@dataclass
-class _Attempt:
-    namespace: str
-    workers: int
-    stopping: bool = False
-    ending: bool = False  # a worker failed or vanished: the rest were deleted, the exit waits for them to go
-    failure: tuple[int, str] | None = None  # the first failed worker's exit code and why
-    foreign: list[str] = field(default_factory=list)  # names of someone else's pods Corral bound (k8s_pods)
-    job: str | None = None  # the batch/v1 Job that makes the pods (workload "job")
-    grace: int | None = None  # the grace terminate() asked for: poll() asks again if its delete did not happen
 
 
 class KubernetesExecutor:
@@ -102,7 +90,7 @@ class KubernetesExecutor:
         self.teams = k8s_teams.TeamConfig(namespace_prefix, hub_namespace)
         self.sa_timeout_s = sa_timeout_s
         self._namespaces: set[str] = set()
-        self._attempts: dict[tuple[str, int], _Attempt] = {}
+        self._attempts: dict[tuple[str, int], Attempt] = {}
         self._calls = ThreadPoolExecutor(PARALLEL, thread_name_prefix="corral-k8s")
 
     # --- launching ---
@@ -135,7 +123,7 @@ class KubernetesExecutor:
             if sandbox:  # never a sandbox without its namespace's isolation: a failure fails the launch
                 k8s_sandbox.ensure_isolation(self.core, ns, self.teams)
             if job:  # its controller makes the pods; poll() binds them as they appear
-                with _conflict_ok():
+                with conflict_ok():
                     _raw(self.batch.create_namespaced_job, ns, job)
             # Every worker exists before any is bound: a gang starts as close to whole as it can.
             self._each(lambda p: self._create(ns, p), pods)
@@ -146,11 +134,11 @@ class KubernetesExecutor:
             # No half gangs: what was made goes, and the service records the launch as failed.
             self._delete_own(ns, launch.job_id, launch.attempt, name, 0)
             raise OSError(f"Kubernetes refused job {launch.job_id}: {_why(e)}") from e
-        self._attempts[(launch.job_id, launch.attempt)] = _Attempt(ns, len(workers), job=name)
+        self._attempts[(launch.job_id, launch.attempt)] = Attempt(ns, len(workers), job=name)
         return Handle(launch.job_id, launch.attempt, None, 0.0)
 
     def _create(self, ns: str, pod: dict[str, Any]) -> None:
-        with _conflict_ok():  # made before a crash or by a retried launch: the same pod, keep it
+        with conflict_ok():  # made before a crash or by a retried launch: the same pod, keep it
             _raw(self.core.create_namespaced_pod, ns, pod)
 
     def _each(self, call: Callable[[T], object], items: Sequence[T]) -> None:
@@ -173,7 +161,7 @@ class KubernetesExecutor:
     def _ensure_namespace(self, ns: str, team: str) -> None:
         if ns in self._namespaces:
             return
-        with _conflict_ok():
+        with conflict_ok():
             self.core.create_namespace(k8s.namespace(ns, team))
         # Pods are refused until the controller manager has made the namespace's `default` service account.
         deadline = time.monotonic() + self.sa_timeout_s
@@ -226,7 +214,7 @@ class KubernetesExecutor:
             if self.gangs is not None:
                 self.gangs.release([p for p in pods if p not in bound + unsure + theirs])
             raise OSError(f"Kubernetes refused binding {key}: {_why(e)}") from e
-        self._attempts[(launch.job_id, launch.attempt)] = _Attempt(pods[0].namespace, len(pods),
+        self._attempts[(launch.job_id, launch.attempt)] = Attempt(pods[0].namespace, len(pods),
                                                                    foreign=[p.name for p in pods])
         return Handle(launch.job_id, launch.attempt, None, 0.0)
 
@@ -316,24 +304,24 @@ class KubernetesExecutor:
         ended: list[Exit] = []
         for (job_id, attempt), a in list(self._attempts.items()):
             key = (k8s.dns_label(job_id), str(attempt))
-            e = self._check(job_id, attempt, a, by_key.get(key, []), "", jobs.get(key))
+            e = self._check(job_id, attempt, a, members(job_id, attempt, a, by_key.get(key, [])), "", jobs.get(key))
             if e is not None:
                 ended.append(e)
         return ended
 
-    def _check(self, job_id: str, attempt: int, a: _Attempt, pods: list[Any], detail: str,
+    def _check(self, job_id: str, attempt: int, a: Attempt, pods: list[Any], detail: str,
                job: Any = None) -> Exit | None:
         """The attempt's exit once all its pods are done, else None. A failed or missing worker ends the gang: the
         others are deleted, and the exit waits until none of them still runs (it may still hold its GPUs). Pods
         not bound yet (a Job's, as its controller makes them; Corral's own after a crash) are bound here."""
         failed = [p for p in pods if p.status.phase == "Failed"]
         if failed and a.failure is None:
-            a.failure = _failure(failed[0])  # kept: the failed pod may be gone by the time the others are
+            a.failure = failure(failed[0])  # kept: the failed pod may be gone by the time the others are
         live = [p for p in pods if p.status.phase not in TERMINAL]
         if not (a.failure or a.ending or a.stopping):
             self._bind_waiting(a, live)
         # A Job's pods appear over time: what counts is its state (None: running), not how many pods exist.
-        state, job_why = _job_state(job) if a.job else (None, "")
+        state, job_why = job_state(job) if a.job else (None, "")
         cut = state in ("Failed", "gone") if a.job else len(pods) < a.workers
         if (a.failure or cut) and live and not a.ending:
             a.ending = True
@@ -361,7 +349,7 @@ class KubernetesExecutor:
             self._delete_own(a.namespace, job_id, attempt, a.job, 0)
         return Exit(job_id, attempt, code, ": ".join(s for s in (detail, why) if s))
 
-    def _bind_waiting(self, a: _Attempt, live: list[Any]) -> None:
+    def _bind_waiting(self, a: Attempt, live: list[Any]) -> None:
         """Bind the attempt's unbound pods to the nodes the engine chose; a refusal fails the attempt."""
         todo = [(p.metadata.name, node) for p in live if p.spec.node_name is None
                 and p.metadata.deletion_timestamp is None and (node := k8s.chosen_node(p.metadata.annotations or {}))]
@@ -393,15 +381,13 @@ class KubernetesExecutor:
         key = (k8s.dns_label(handle.job_id), str(handle.attempt))
         pods, job = self._listing.get(key, []), self._job_listing.get(key)
         if job is not None:
-            a = _Attempt(job.metadata.namespace, job.spec.completions or 1, job=job.metadata.name)
-        elif pods:
-            meta = pods[0].metadata
-            theirs = k8s.JOB_LABEL not in (meta.labels or {})
-            a = _Attempt(meta.namespace, int((meta.annotations or {}).get(k8s.WORKERS_ANNOTATION, len(pods))),
-                         foreign=sorted(p.metadata.name for p in pods) if theirs else [])
+            a: Attempt | None = Attempt(job.metadata.namespace, job.spec.completions or 1, job=job.metadata.name)
         else:
+            a = found_after_restart(handle.job_id, handle.attempt, pods, self.prefix)
+        if a is None:
             return Exit(handle.job_id, handle.attempt, None, "vanished while Corral was down")
         self._attempts[(handle.job_id, handle.attempt)] = a
+        pods = members(handle.job_id, handle.attempt, a, pods)
         # Pods created but not yet bound when Corral stopped are bound now: what the engine decided stands.
         return self._check(handle.job_id, handle.attempt, a, pods, "ended while Corral was down", job)
 
@@ -415,7 +401,8 @@ class KubernetesExecutor:
     def alive(self, job_id: str, attempt: int) -> bool:
         if (job_id, attempt) not in self._attempts:
             return False
-        pods = self._by_attempt().get((k8s.dns_label(job_id), str(attempt)), [])
+        a = self._attempts[(job_id, attempt)]
+        pods = members(job_id, attempt, a, self._by_attempt().get((k8s.dns_label(job_id), str(attempt)), []))
         return any(p.status.phase not in TERMINAL for p in pods)
 
     def logs(self, job_id: str, attempt: int) -> tuple[str, str]:
@@ -438,7 +425,7 @@ class KubernetesExecutor:
         err.touch()
         return str(out), str(err)
 
-    def _delete_attempt(self, job_id: str, attempt: int, a: _Attempt, grace_s: int | None) -> None:
+    def _delete_attempt(self, job_id: str, attempt: int, a: Attempt, grace_s: int | None) -> None:
         if not a.foreign:
             self._delete_own(a.namespace, job_id, attempt, a.job, grace_s)
         for name in a.foreign:
@@ -470,15 +457,6 @@ class KubernetesExecutor:
             self.core.delete_namespaced_pod(name, ns, grace_period_seconds=grace_s)
 
 
-def _failure(p: Any) -> tuple[int, str]:
-    """A failed pod's exit code (its first terminated container's, or 1 when it has none) and why."""
-    for s in p.status.container_statuses or []:
-        t = s.state.terminated if s.state else None
-        if t is not None and t.exit_code:
-            return int(t.exit_code), f"pod {p.metadata.name}: {t.reason or 'failed'}"
-    return 1, f"pod {p.metadata.name}: {p.status.reason or 'failed'}"
-
-
 def _raw(call: Callable[..., Any], *args: Any) -> None:
     """An API call whose answer Corral does not need, left undeserialized (the client's models cost CPU, and some
     answers it cannot read) but read, which returns the connection to the pool: unread, the next call would open
@@ -486,26 +464,7 @@ def _raw(call: Callable[..., Any], *args: Any) -> None:
     call(*args, _preload_content=False).read()
 
 
-def _job_state(job: Any) -> tuple[str | None, str]:
-    """A Job's end ("Complete", "Failed", or "gone" when deleted) and why; None while it runs."""
-    if job is None or job.metadata.deletion_timestamp is not None:
-        return "gone", "its Job was deleted"
-    for c in (job.status.conditions if job.status else None) or []:
-        if c.status == "True" and c.type in ("Complete", "Failed"):
-            return c.type, f"Job {job.metadata.name} {c.type.lower()}: {c.reason or ''} {c.message or ''}".strip()
-    return None, ""
-
-
 def _why(e: BaseException) -> str:
     if isinstance(e, ApiException):
         return f"{e.status} {e.reason}"
     return str(e)
-
-
-@contextlib.contextmanager
-def _conflict_ok() -> Iterator[None]:
-    try:
-        yield
-    except ApiException as e:
-        if e.status != 409:
-            raise
