@@ -62,6 +62,8 @@ jobs = sa.Table(
     sa.Column("exit_code", sa.Integer, nullable=True),
     sa.Column("reason", sa.JSON, nullable=True),  # the engine's last Reason: rule, message, numbers
     sa.UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
+    # A user's own jobs newest first (the job list of a scoped caller) without sorting all of them.
+    sa.Index("ix_jobs_owner_id", "owner", "id"),
 )
 
 # One row per start of a job: where it ran, which process, and when it held its GPUs (usage comes from here).

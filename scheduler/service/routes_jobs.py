@@ -52,8 +52,6 @@ def list_jobs(who: Caller, core: CoreDep,
     with core.lock:
         visible = set(who.visible(core.tree, core.tree.queues))
     q = sa.select(jobs).order_by(jobs.c.id.desc())
-    if not (who.admin or who.scope is None):
-        q = q.where(sa.or_(jobs.c.queue.in_(visible), jobs.c.owner == who.user))
     if queue:
         q = q.where(jobs.c.queue == queue)
     if state:
@@ -62,10 +60,16 @@ def list_jobs(who: Caller, core: CoreDep,
         q = q.where(jobs.c.owner == owner)
     if before is not None:
         q = q.where(jobs.c.id < before)
+    q = q.limit(limit if not wanted else 100 * limit)
+    # A scoped caller sees its queues' jobs and its own: two newest-first queries, merged. One query with OR made
+    # SQLite sort every matching row before the limit (its index on queue then owner cannot give id order).
+    parts = [q] if who.admin or who.scope is None else [q.where(jobs.c.queue.in_(visible)),
+                                                       q.where(jobs.c.owner == who.user)]
     out: list[dict[str, Any]] = []
     with core.db.connect() as conn:
+        rows = {r["id"]: r for part in parts for r in conn.execute(part).mappings()}
         # Labels live in the JSON spec; they are filtered here so the query stays portable across databases.
-        for row in conn.execute(q.limit(limit if not wanted else 100 * limit)).mappings():
+        for row in sorted(rows.values(), key=lambda r: -r["id"]):
             view = store.job_view(row)
             if all(view["labels"].get(k) == v for k, v in wanted.items()):
                 out.append(view)

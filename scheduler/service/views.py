@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client.core import Metric
 
 from scheduler.engine.model import JobState
+from scheduler.engine.state import PoolState
 from scheduler.service.auth import Principal
 from scheduler.service.core import Core
 from scheduler.service.metrics import gauge
@@ -22,20 +24,27 @@ def queue_tree(core: Core, who: Principal) -> dict[str, Any]:
                 continue
             pools = {}
             for name, ps in core.engine.pools.items():
-                pending = [j for leaf in core.tree.leaves_under(q.name) for j in ps.pending.get(leaf, ())]
-                running = [j for leaf in core.tree.leaves_under(q.name) for j in ps.running.get(leaf, ())]
+                leaves = core.tree.leaves_under(q.name)
+                pending_jobs, pending_gpus = _backlog(ps, leaves)
                 used, quota = ps.usage[q.name], q.quota_of(name)
                 limit = q.limit_of(name)
                 pools[name] = {
                     "quota": quota, "limit": None if limit == float("inf") else int(limit),
                     "weight": q.weight_of(name), "fair_share": round(ps.shares().get(q.name, 0.0), 4),
                     "usage": used, "borrowed": max(0, used - quota),
-                    "pending_jobs": len(pending), "pending_gpus": sum(j.request for j in pending),
-                    "running_jobs": len(running),
+                    "pending_jobs": pending_jobs, "pending_gpus": pending_gpus,
+                    "running_jobs": sum(len(ps.running.get(leaf, ())) for leaf in leaves),
                 }
             out.append({"name": q.name, "parent": q.parent.name if q.parent else None, "leaf": q.is_leaf,
                         "pools": pools})
         return {"version": core.version, "queues": out}
+
+
+def _backlog(ps: PoolState, leaves: Iterable[str]) -> tuple[int, int]:
+    """Pending jobs and the GPUs they ask in these leaves, from the engine's counts by size (not job by job:
+    this runs under the scheduler's lock, once per queue, with thousands waiting)."""
+    sizes: list[Mapping[int, int]] = [ps.pending_sizes.get(leaf, {}) for leaf in leaves]
+    return sum(n for s in sizes for n in s.values()), sum(g * n for s in sizes for g, n in s.items())
 
 
 def pools(core: Core) -> list[dict[str, Any]]:
@@ -75,11 +84,11 @@ def live_metrics(core: Core) -> list[Metric]:
         for pool, ps in core.engine.pools.items():
             shares = ps.shares()
             for q in core.tree.leaves:
-                pend = list(ps.pending.get(q.name, ()))
-                run = list(ps.running.get(q.name, ()))
+                pending_jobs, pending_gpus = _backlog(ps, [q.name])
                 labels = [q.name, pool]
-                jobs += [(labels + [JobState.PENDING.value], len(pend)), (labels + [JobState.RUNNING.value], len(run))]
-                gpus += [(labels + [JobState.PENDING.value], sum(j.request for j in pend)),
+                jobs += [(labels + [JobState.PENDING.value], pending_jobs),
+                         (labels + [JobState.RUNNING.value], len(ps.running.get(q.name, ())))]
+                gpus += [(labels + [JobState.PENDING.value], pending_gpus),
                          (labels + [JobState.RUNNING.value], ps.usage[q.name])]
             for q in core.tree.queues.values():
                 share.append(([q.name, pool], shares.get(q.name, 0.0)))
