@@ -55,6 +55,9 @@ def history(conn: Connection) -> list[dict[str, Any]]:
 
 def current(core: Core) -> tuple[int, AdmissionPolicy]:
     """(version, policy) in force; (0, no rules) before the first apply."""
+    found = _in_force.get(core)
+    if found is not None:  # every submission asks: no lock once known (apply replaces the entry whole)
+        return found
     with core.lock:
         found = _in_force.get(core)
         if found is None:
