@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client, config, utils
+from kubernetes.client.exceptions import ApiException
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS_SCRIPT = ROOT / "scripts" / "k8s-tools"
@@ -405,3 +406,20 @@ def shared_plane(config: pytest.Config) -> ControlPlane:
         config.add_cleanup(teardown)
         _PLANE = plane
     return _PLANE
+
+
+def until(what: str, cond: Callable[[], bool], timeout: float = 60) -> None:
+    """Poll `cond` (a state the API server or a controller reaches) until it holds, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def delete_namespaces(core: client.CoreV1Api, prefix: str) -> None:
+    """A test's own namespaces (all named with its prefix) go when it ends."""
+    for ns in core.list_namespace().items:
+        if ns.metadata.name.startswith(prefix):
+            with contextlib.suppress(ApiException):
+                core.delete_namespace(ns.metadata.name)

@@ -31,7 +31,7 @@ from scheduler.service.db import events
 from scheduler.service.db import jobs as jobs_table
 from scheduler.service.settings import ServiceSettings
 from scheduler.service.specs import JobSubmit
-from tests.k8s_kit import ControlPlane, shared_plane
+from tests.k8s_kit import ControlPlane, delete_namespaces, shared_plane, until
 
 IMAGE = "busybox:1.36"
 ROOT = Principal("root", Role.PLATFORM_ADMIN)
@@ -78,18 +78,7 @@ def executor(cluster: Cluster, tmp_path: Path) -> Iterator[KubernetesExecutor]:
     yield ex
     ex.close()
     core = cluster.plane.core()
-    for ns in core.list_namespace().items:
-        if ns.metadata.name.startswith(prefix):
-            with contextlib.suppress(ApiException):
-                core.delete_namespace(ns.metadata.name)
-
-
-def until(what: str, cond: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+    delete_namespaces(core, prefix)
 
 
 def pods_of(ex: KubernetesExecutor, job: str, attempt: int = 1) -> list[Any]:

@@ -9,9 +9,8 @@ label selectors, pick exactly the pods they should. Cluster tests skip without s
 from __future__ import annotations
 
 import contextlib
-import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from scheduler.service.auth import Principal, Role
 from scheduler.service.errors import Conflict
 from scheduler.service.sandboxes import SandboxRequest, open_sandbox, sandbox_view
 from scheduler.service.settings import ServiceSettings
-from tests.k8s_kit import ControlPlane, shared_plane
+from tests.k8s_kit import ControlPlane, delete_namespaces, shared_plane, until
 
 IMAGE = "busybox:1.36"
 POOL = "H100"
@@ -191,18 +190,7 @@ def prefix(plane: ControlPlane) -> Iterator[str]:
     p = f"t{uuid.uuid4().hex[:5]}-"
     yield p
     core = plane.core()
-    for ns in core.list_namespace().items:
-        if ns.metadata.name.startswith(p):
-            with contextlib.suppress(ApiException):
-                core.delete_namespace(ns.metadata.name)
-
-
-def until(what: str, cond: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+    delete_namespaces(core, p)
 
 
 def selector(sel: Mapping[str, Any]) -> str:
