@@ -40,3 +40,31 @@ def test_admitted_attempts_launch_together_and_a_failure_stays_alone(tmp_path: P
     # Each got GPUs of its own: launched together, no GPU is in two of them.
     gpus = [(n, g) for la in ex.launched for n, gs in la.gpus.items() for g in gs]
     assert len(gpus) == len(set(gpus)) == 3
+
+
+@dataclass
+class FlakyExecutor(ScriptedExecutor):
+    """Launches in parallel; the first launch of a job with DROP in its env fails like a dropped connection."""
+
+    launch_parallelism: int = 4
+    dropped: set[str] = field(default_factory=set)
+
+    def launch(self, launch: Launch) -> Handle:
+        if launch.env.get("DROP") and launch.job_id not in self.dropped:
+            self.dropped.add(launch.job_id)
+            raise RuntimeError("connection dropped")  # not an OSError: says nothing of what was done
+        return super().launch(launch)
+
+
+def test_a_launch_whose_outcome_is_unknown_is_tried_again_not_failed(tmp_path: Path) -> None:
+    ex = FlakyExecutor()
+    svc = make_service(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, executor=ex)
+    ids = [svc.admin.post("/v1/jobs", json={"queue": "ranking", "gpus": 1, "command": "x",
+                                            "env": {"DROP": "1"} if i == 0 else {}}).json()["id"]
+           for i in range(3)]
+    svc.tick()
+    states = {j["id"]: j["state"] for j in svc.admin.get("/v1/jobs").json()["jobs"]}
+    assert [states[i] for i in ids] == ["starting", "running", "running"]  # the others are recorded all the same
+    svc.tick()
+    assert svc.admin.get(f"/v1/jobs/{ids[0]}").json()["state"] == "running"
+    assert [la.attempt for la in ex.launched if la.job_id == str(ids[0])] == [1]

@@ -96,6 +96,8 @@ class KubernetesExecutor:
     # --- launching ---
 
     def launch(self, launch: Launch) -> Handle:
+        if (launch.job_id, launch.attempt) in self._attempts:  # launched, but the service could not record it
+            return Handle(launch.job_id, launch.attempt, None, 0.0)
         if POD_GROUP_ENV in launch.env:
             return self._bind_gang(launch, launch.env[POD_GROUP_ENV])
         image = launch.image or self.default_image
@@ -304,7 +306,8 @@ class KubernetesExecutor:
         ended: list[Exit] = []
         for (job_id, attempt), a in list(self._attempts.items()):
             key = (k8s.dns_label(job_id), str(attempt))
-            e = self._check(job_id, attempt, a, members(job_id, attempt, a, by_key.get(key, [])), "", jobs.get(key))
+            e = self._check(job_id, attempt, a, members(job_id, attempt, a, by_key.get(key, [])), "",
+                            jobs.get((a.namespace, a.job or "")))
             if e is not None:
                 ended.append(e)
         return ended
@@ -370,16 +373,18 @@ class KubernetesExecutor:
         return by_key
 
     def _jobs(self) -> dict[tuple[str, str], Any]:
-        """Corral's batch/v1 Jobs by (job, attempt)."""
+        """Corral's batch/v1 Jobs by (namespace, name), in its team namespaces only: labels alone can be copied by
+        whoever may create a Job somewhere, and a look-alike must not stand for an attempt's Job."""
         items = self.batch.list_job_for_all_namespaces(label_selector=f"{k8s.MANAGED_BY}=corral").items
-        return {(j.metadata.labels[k8s.JOB_LABEL], j.metadata.labels.get(k8s.ATTEMPT_LABEL, "")): j
-                for j in items if k8s.JOB_LABEL in (j.metadata.labels or {})}
+        return {(j.metadata.namespace, j.metadata.name): j for j in items
+                if j.metadata.namespace.startswith(self.prefix)}
 
     def adopt(self, handle: Handle) -> Exit | None:
         if self._listing is None:  # a restart adopts every live attempt in a row: one list for all of them
             self._listing, self._job_listing = self._by_attempt(), self._jobs()
-        key = (k8s.dns_label(handle.job_id), str(handle.attempt))
-        pods, job = self._listing.get(key, []), self._job_listing.get(key)
+        pods = self._listing.get((k8s.dns_label(handle.job_id), str(handle.attempt)), [])
+        name = k8s.group_name(handle.job_id, handle.attempt)
+        job = next((j for (_, n), j in sorted(self._job_listing.items()) if n == name), None)
         if job is not None:
             a: Attempt | None = Attempt(job.metadata.namespace, job.spec.completions or 1, job=job.metadata.name)
         else:

@@ -7,8 +7,10 @@ on the calling thread, one short transaction per outcome as it comes, none of th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from scheduler.service.core import Core
 
 
+log = logging.getLogger("corral.service")
 HOLDING = ("running", "stopping")  # attempt states whose process may still hold its GPUs
 
 Launched = tuple[Handle, Exit | None]  # the attempt's handle, and how it ended if it was found ended already
@@ -40,11 +43,17 @@ def launch_ready(core: Core, now: float) -> None:
         for a, launch in todo:
             _record(core, a, launch, _start(core.executor, launch), now)
         return
+    errors: list[Exception] = []
     with ThreadPoolExecutor(min(width, len(todo)), thread_name_prefix="corral-launch") as pool:
         started = {pool.submit(_start, core.executor, launch): (a, launch) for a, launch in todo}
         for f in as_completed(started):  # recorded as each returns: a slow launch holds up no other
             a, launch = started[f]
-            _record(core, a, launch, f.result(), now)
+            try:  # every outcome is recorded, whatever happens to one of them (a database error)
+                _record(core, a, launch, f.result(), now)
+            except Exception as e:
+                errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 def _ready(core: Core) -> list[tuple[Mapping[Any, Any], Mapping[Any, Any]]]:
@@ -78,7 +87,15 @@ def _launch_of(job: Mapping[Any, Any], a: Mapping[Any, Any]) -> Launch:
                   cpus=sub.cpus or None, memory_gb=sub.memory_gb or None)
 
 
-def _start(executor: Executor, launch: Launch) -> Launched | Exception:
+@dataclass(frozen=True)
+class Unsure:
+    """A launch that failed in a way that says nothing of what it did (a dropped connection): the attempt stays
+    admitted and the next cycle launches it again, which executors take (a 409, FileExistsError, known)."""
+
+    error: Exception
+
+
+def _start(executor: Executor, launch: Launch) -> Launched | Exception | Unsure:
     """Launch (in a worker thread, maybe); an OSError or ValueError is returned: the job cannot start."""
     try:
         return executor.launch(launch), None
@@ -88,9 +105,15 @@ def _start(executor: Executor, launch: Launch) -> Launched | Exception:
         return handle, executor.adopt(handle)
     except (OSError, ValueError) as e:
         return e
+    except Exception as e:  # failing the job here could free GPUs its processes or pods still hold
+        log.warning("launch of job %s attempt %d: %s; trying again next cycle", launch.job_id, launch.attempt, e)
+        return Unsure(e)
 
 
-def _record(core: Core, a: Mapping[Any, Any], launch: Launch, outcome: Launched | Exception, now: float) -> None:
+def _record(core: Core, a: Mapping[Any, Any], launch: Launch, outcome: Launched | Exception | Unsure,
+            now: float) -> None:
+    if isinstance(outcome, Unsure):
+        return
     job_id = int(launch.job_id)
     if isinstance(outcome, Exception):  # this job cannot start (no such workdir, ...): it fails alone
         _failed(core, job_id, a["attempt"], outcome, now)
