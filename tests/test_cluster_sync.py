@@ -34,6 +34,7 @@ class ClusterExecutor(ScriptedExecutor):
     changes: list[NodeChange] = field(default_factory=list)
     brought: list[Arrival] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
+    unsettled: bool = False  # some waiting work could not be looked at yet
 
     def node_changes(self, now: float) -> list[NodeChange]:
         out, self.changes = self.changes, []
@@ -45,6 +46,9 @@ class ClusterExecutor(ScriptedExecutor):
 
     def refuse(self, key: str, why: str) -> None:
         self.refused[key] = why
+
+    def settled(self) -> bool:
+        return not self.unsettled
 
 
 def node(name: str, gpus: int = 4, pool: str = "p") -> NodeInfo:
@@ -290,6 +294,23 @@ def test_pending_cluster_jobs_not_offered_again_after_a_restart_are_withdrawn(tm
     again.tick()
     got = {k: s for k, (_, s) in cluster_jobs(again).items()}
     assert got["ns/lost"] == "cancelled" and got["ns/kept"] in ("pending", "running")  # (the node freed up)
+
+
+def test_nothing_is_withdrawn_at_start_while_some_waiting_work_is_not_looked_at_yet(tmp_path: Path) -> None:
+    core, ex, _ = make(tmp_path, "a")
+    submit(core, 4)  # the node is full: the cluster's jobs wait
+    core.tick()
+    ex.brought += [arrival("ns/kept", gpus=4), arrival("ns/late", gpus=4)]
+    core.tick()
+    again, ex2, _ = make(tmp_path, "a")  # a restart; ns/late's namespace cannot be read at first
+    ex2.brought.append(arrival("ns/kept", gpus=4))
+    ex2.unsettled = True
+    again.tick()
+    assert cluster_jobs(again)["ns/late"][1] == "pending"  # not withdrawn: its pods may well be there
+    ex2.brought.append(arrival("ns/late", gpus=4))
+    ex2.unsettled = False
+    again.tick()
+    assert {k: s for k, (_, s) in cluster_jobs(again).items()}["ns/late"] in ("pending", "running")
 
 
 def test_a_failed_stop_does_not_skip_the_rebuild_the_node_changes_owe(tmp_path: Path,

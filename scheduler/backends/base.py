@@ -152,6 +152,9 @@ class TakesArrivals(Protocol):
     def refuse(self, key: str, why: str) -> None:
         """Tell the arrival's owner that Corral will not run it, and why (it is not offered again)."""
 
+    def settled(self) -> bool:
+        """False while some waiting work could not be looked at yet (it is offered once it can be)."""
+
 
 @runtime_checkable
 class LaunchesInParallel(Protocol):

@@ -259,6 +259,10 @@ class KubernetesExecutor:
             self.refuse(key, why)
         return out
 
+    def settled(self) -> bool:
+        """No complete gang waits on a namespace that could not be read."""
+        return self.gangs is None or not self.gangs.unsure
+
     def refuse(self, key: str, why: str) -> None:
         """A Warning event on each pod of a gang Corral will not run (kubectl describe pod shows it)."""
         log.warning("not scheduling %s: %s", key, why)
