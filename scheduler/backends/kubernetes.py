@@ -195,6 +195,8 @@ class KubernetesExecutor:
             except ApiException as e:
                 if e.status == 409:
                     theirs.append(p)
+                elif e.status == 0 or e.status >= 500:  # no answer, or the server's own failure: maybe bound
+                    unsure.append(p)
                 raise
             except Exception:
                 unsure.append(p)
