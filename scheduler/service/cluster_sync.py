@@ -104,14 +104,14 @@ def take_arrivals(core: Core) -> None:
 
 def _take_arrivals(core: Core, ex: TakesArrivals) -> None:
     core.arrivals += ex.arrivals(core.clock())
-    if not core.arrivals_listed:
+    if core.offered_at_start is not None:
         # The arrivals since the start are every one still waiting: a pending job of the cluster's that is not
         # among them lost its pods while Corral was down. Only once nothing waiting is left unlooked-at (a
         # namespace that could not be read): else that gang's job would be withdrawn while its pods are there.
         core.offered_at_start |= {a.key for a in core.arrivals if a.spec is not None}
         if ex.settled():
             _withdraw_unoffered(core, core.offered_at_start)
-            core.arrivals_listed = True
+            core.offered_at_start = None
     if not core.arrivals:
         return
     batch: list[tuple[str, Submission]] = []

@@ -53,8 +53,8 @@ class Core:
         self.down: set[str] = set()  # known nodes that are down now (see cluster_sync)
         self.node_backlog: list[NodeChange] = []  # reported by the executor, not yet committed
         self.arrivals: list[Arrival] = []  # work the cluster brought, not yet written
-        self.arrivals_listed = False  # the first arrivals since the start (every waiting one) were taken
-        self.offered_at_start: set[str] = set()  # their keys, until they are all known
+        # Keys of the arrivals since the start (every waiting one), until all are known; then None.
+        self.offered_at_start: set[str] | None = set()
         # One taker at a time: sandboxes run a cycle from request threads, and the executor hands each arrival
         # over once.
         self.arrivals_lock = threading.Lock()
