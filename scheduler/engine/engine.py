@@ -311,19 +311,28 @@ class Engine:
             return None
         tried: set[tuple[object, ...]] = set()
         room_only: list[tuple[int, int]] | None = []  # each shape tried: (GPUs, per worker), while none may preempt
+        # Once every shape of the queue has been tried (jobs preempted at this instant are asked differently, see
+        # _admit), the jobs left can only repeat an answer: a long backlog is not walked to its end.
+        shapes, plain = len(ps.pending_shapes[q.name]), 0
+        again = sum(1 for j in map(self.jobs.__getitem__, self._preempted_now)
+                    if j.state is JobState.PENDING and j.spec.queue == q.name and j.spec.pool == ps.name)
         for job in ps.pending[q.name]:
             if res is not None and res.job.spec.queue == q.name and job is not res.job:
                 return None  # the queue's starving head job goes first
-            s = job.spec
-            shape = (s.workers, s.gpus, s.cpus, s.memory_gb, s.preemptible, s.priority, job.id in self._preempted_now)
+            if plain >= shapes and again <= 0:
+                break
+            now_preempted = job.id in self._preempted_now
+            again -= now_preempted
+            shape = (*job.shape(), now_preempted)
             if shape in tried:
                 continue  # same ask, same answer
             plan, may_preempt = self._admit(ps, job, q, now, res)
             if plan is not None:
                 return job, plan
             tried.add(shape)
+            plain += not now_preempted
             if room_only is not None:
-                room_only = None if may_preempt else [*room_only, (job.request, s.gpus)]
+                room_only = None if may_preempt else [*room_only, (job.request, job.spec.gpus)]
         self._stuck[q.name] = (own, ps.pool.freed, None if room_only is not None else self._victims_state(ps, now),
                                room_only)
         return None

@@ -101,6 +101,11 @@ class Job:
     def request(self) -> int:
         return self.spec.request
 
+    def shape(self) -> tuple[int, int, float, float, bool, int]:
+        """What admission reads of the job itself: two jobs of one queue with the same shape get the same answer."""
+        s = self.spec
+        return (s.workers, s.gpus, s.cpus, s.memory_gb, s.preemptible, s.priority)
+
     def order_key(self) -> tuple[int, float, int]:
         """Queue order: priority (high first), then submit time, then submission order."""
         return (-self.spec.priority, self.submit, self.seq)

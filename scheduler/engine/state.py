@@ -58,6 +58,7 @@ class PoolState:
         self.running: dict[str, SortedList] = {}  # leaf -> jobs in victim order
         self.usage: Counter[str] = Counter()  # any queue -> GPUs held in its subtree
         self.pending_sizes: dict[str, Counter[int]] = {}  # leaf -> request -> count
+        self.pending_shapes: dict[str, Counter[tuple[object, ...]]] = {}  # leaf -> Job.shape -> count
         self.sizes: Counter[int] = Counter()  # request -> count, over the whole pool
         self.fs = PoolShares(tree, pool.name, pool.capacity)
         self._shares: dict[str, float] | None = None
@@ -96,6 +97,7 @@ class PoolState:
         old_head = jobs[0] if jobs else None
         jobs.add(job)
         self.pending_sizes.setdefault(q, Counter())[job.request] += 1
+        self.pending_shapes.setdefault(q, Counter())[job.shape()] += 1
         self.sizes[job.request] += 1
         if self.arrivals is not None:
             self.arrivals.add(job)
@@ -114,6 +116,10 @@ class PoolState:
         sizes[job.request] -= 1
         if not sizes[job.request]:
             del sizes[job.request]
+        shapes = self.pending_shapes[q]
+        shapes[job.shape()] -= 1
+        if not shapes[job.shape()]:
+            del shapes[job.shape()]
         self.sizes[job.request] -= 1
         if not self.sizes[job.request]:
             del self.sizes[job.request]

@@ -73,6 +73,7 @@ class Core:
         self.intake = Intake(self)
         self.idle = IdleTracker(IdlePolicy(settings.idle_threshold_pct).for_profile(settings.idle_timeout_s))
         self._culled_at = -math.inf
+        self._owed()
         self.tracer = telemetry.make_tracer(settings)  # a span per scheduling cycle (tick) and per API request
 
     @property
@@ -172,6 +173,14 @@ class Core:
             if j["id"] not in placed:
                 engine.submit(engine_spec_of(j["spec"], j["id"], j["pool"]), j["submitted_at"])
         self.tree, self.engine, self.version = tree, engine, row["version"]
+        self._owed()
+
+    def _owed(self) -> None:
+        """Assume launches are owed and a max_runtime may be due: the next cycle looks in the database.
+        Between such changes, an idle cycle does not: two queries a cycle held the lock for milliseconds
+        under load, in front of every submission."""
+        self.launch_owed = True  # an admitted attempt may wait for its launch (see launching.launch_ready)
+        self.runtime_due = -math.inf  # no max_runtime runs out before this time (see _enforce_max_runtime)
 
     @contextmanager
     def changing(self) -> Iterator[Connection]:
@@ -358,7 +367,8 @@ class Core:
                     stops += self._record(conn, d, now)
             self._unrecorded = []
             self._terminate(stops, now)
-            launching.launch_ready(self, now)
+            if self.launch_owed:
+                self.launch_owed = launching.launch_ready(self, now)
             if now - self._culled_at >= self.settings.cull_interval_s:  # under the lock: one culler at a time
                 self._culled_at = now
                 cull(self, self.idle, now)
@@ -385,6 +395,7 @@ class Core:
                              started_at=now if first else job["started_at"])
             store.add_event(conn, now, "admitted", d.reason.message, job_id, placement=d.placement,
                             rule=d.reason.rule)
+            self.launch_owed = True
             if first:
                 self.metrics.wait.labels(queue=job["queue"]).observe(now - job["submitted_at"])
             return []
@@ -442,13 +453,19 @@ class Core:
                         job["id"], attempt=a["attempt"], exit_code=code, outcome=outcome)
 
     def _enforce_max_runtime(self, conn: Connection, now: float) -> list[tuple[int, int, float]]:
+        if now < self.runtime_due:
+            return []
         stops: list[tuple[int, int, float]] = []
+        due = math.inf
         q = (sa.select(jobs, attempts.c.started_at.label("attempt_started"))
              .join(attempts, sa.and_(attempts.c.job_id == jobs.c.id, attempts.c.attempt == jobs.c.attempt))
              .where(jobs.c.state == "running", attempts.c.state == "running"))
         for job in conn.execute(q).mappings():
             limit = job["spec"].get("max_runtime")
-            if limit is None or job["attempt_started"] is None or now - job["attempt_started"] < limit:
+            if limit is None or job["attempt_started"] is None:
+                continue
+            if now - job["attempt_started"] < limit:
+                due = min(due, job["attempt_started"] + limit)
                 continue
             self._engine_end(job["id"], now, True)
             stops += self._stop_attempt(conn, job, now, "max_runtime")
@@ -456,6 +473,7 @@ class Core:
             store.update_job(conn, job["id"], state="failed", ended_at=now,
                              reason={"rule": "max_runtime", "message": msg, "numbers": {"max_runtime": limit}})
             store.add_event(conn, now, "max_runtime", msg, job["id"])
+        self.runtime_due = due  # a launch (running from then) brings it forward; a failed commit rebuilds
         return stops
 
     # ----- the loop -----

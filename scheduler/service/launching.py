@@ -8,6 +8,7 @@ on the calling thread, one short transaction per outcome as it comes, none of th
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -30,10 +31,12 @@ HOLDING = ("running", "stopping")  # attempt states whose process may still hold
 Launched = tuple[Handle, Exit | None]  # the attempt's handle, and how it ended if it was found ended already
 
 
-def launch_ready(core: Core, now: float) -> None:
-    """Launch admitted attempts whose GPUs no live process holds (a preempted job may still be exiting)."""
+def launch_ready(core: Core, now: float) -> bool:
+    """Launch admitted attempts whose GPUs no live process holds (a preempted job may still be exiting).
+    True while some admitted attempt is still not launched (waiting for GPUs, or to be tried again)."""
     todo: list[tuple[Mapping[Any, Any], Launch]] = []
-    for a, job in _ready(core):
+    ready, waiting = _ready(core)
+    for a, job in ready:
         try:
             todo.append((a, _launch_of(job, a)))
         except ValueError as e:  # a spec that no longer validates: this job cannot start
@@ -41,23 +44,25 @@ def launch_ready(core: Core, now: float) -> None:
     width = core.executor.launch_parallelism if isinstance(core.executor, LaunchesInParallel) else 1
     if width <= 1 or len(todo) <= 1:
         for a, launch in todo:
-            _record(core, a, launch, _start(core.executor, launch), now)
-        return
+            waiting |= _record(core, a, launch, _start(core.executor, launch), now)
+        return waiting
     errors: list[Exception] = []
     with ThreadPoolExecutor(min(width, len(todo)), thread_name_prefix="corral-launch") as pool:
         started = {pool.submit(_start, core.executor, launch): (a, launch) for a, launch in todo}
         for f in as_completed(started):  # recorded as each returns: a slow launch holds up no other
             a, launch = started[f]
             try:  # every outcome is recorded, whatever happens to one of them (a database error)
-                _record(core, a, launch, f.result(), now)
+                waiting |= _record(core, a, launch, f.result(), now)
             except Exception as e:
                 errors.append(e)
     if errors:
         raise errors[0]
+    return waiting
 
 
-def _ready(core: Core) -> list[tuple[Mapping[Any, Any], Mapping[Any, Any]]]:
-    """Admitted attempts (oldest first) with their jobs, whose GPUs no live attempt holds; no two share a GPU."""
+def _ready(core: Core) -> tuple[list[tuple[Mapping[Any, Any], Mapping[Any, Any]]], bool]:
+    """Admitted attempts (oldest first) with their jobs, whose GPUs no live attempt holds (no two share a GPU);
+    and whether other admitted attempts wait."""
     with core.db.connect() as conn:
         rows = list(conn.execute(sa.select(attempts).where(attempts.c.state.in_(("starting",) + HOLDING))
                                  .order_by(attempts.c.admitted_at)).mappings())
@@ -71,7 +76,8 @@ def _ready(core: Core) -> list[tuple[Mapping[Any, Any], Mapping[Any, Any]]]:
                 held |= gpus  # launched together, so the same GPU must not be in two of them
         specs = {j["id"]: j for j in conn.execute(
             sa.select(jobs).where(jobs.c.id.in_([a["job_id"] for a in ready]))).mappings()}
-    return [(a, specs[a["job_id"]]) for a in ready]
+    waiting = sum(a["state"] == "starting" for a in rows) > len(ready)
+    return [(a, specs[a["job_id"]]) for a in ready], waiting
 
 
 def _launch_of(job: Mapping[Any, Any], a: Mapping[Any, Any]) -> Launch:
@@ -111,13 +117,14 @@ def _start(executor: Executor, launch: Launch) -> Launched | Exception | Unsure:
 
 
 def _record(core: Core, a: Mapping[Any, Any], launch: Launch, outcome: Launched | Exception | Unsure,
-            now: float) -> None:
+            now: float) -> bool:
+    """Write how a launch went; True when the attempt is still to launch (tried again next cycle)."""
     if isinstance(outcome, Unsure):
-        return
+        return True
     job_id = int(launch.job_id)
     if isinstance(outcome, Exception):  # this job cannot start (no such workdir, ...): it fails alone
         _failed(core, job_id, a["attempt"], outcome, now)
-        return
+        return False
     handle, ended = outcome
     if ended is not None:
         core._unrecorded.append(ended)
@@ -127,6 +134,8 @@ def _record(core: Core, a: Mapping[Any, Any], launch: Launch, outcome: Launched 
         store.update_job(conn, job_id, state="running")
         store.add_event(conn, now, "started", f"process {handle.pid} on GPUs {dict(launch.gpus)}", job_id,
                         pid=handle.pid, gpus=dict(launch.gpus), attempt=a["attempt"])
+    core.runtime_due = -math.inf  # its max_runtime counts from now
+    return False
 
 
 def _failed(core: Core, job_id: int, attempt: int, e: Exception, now: float) -> None:
