@@ -39,6 +39,17 @@ class Reservation:
         return self.nodes
 
 
+@dataclass(slots=True)
+class Stuck:
+    """A queue that found nothing to start, and what that answer depended on."""
+
+    own: tuple[object, ...]  # its jobs and usage (version), the reservation, its jobs' tiers lifted
+    share: float  # its fair share then
+    freed: int  # the pool's GPU releases then
+    victims: tuple[object, ...] | None  # what else its preemption plans read; None: no job of it could preempt
+    needs: list[tuple[int, int]] | None  # (GPUs, per worker) of each shape tried, when none could preempt
+
+
 class Engine:
     """Scheduling state of a cluster; every method takes the current time and returns what it decided."""
 
@@ -67,10 +78,8 @@ class Engine:
         self._wakeups: list[float] = []
         self._instant: float | None = None
         self._preempted_now: set[str] = set()  # jobs preempted at this instant: they may not preempt back
-        # queue -> (its own state when it last found nothing, GPU releases then, what else its preemption plans
-        # depended on, and what its jobs need when only free room can start them): see _try_queue
-        self._stuck: dict[str, tuple[tuple[object, ...], int, tuple[object, ...] | None,
-                                     list[tuple[int, int]] | None]] = {}
+        # (pool, queue) -> what it depended on when it last found nothing: see _try_queue
+        self._stuck: dict[tuple[str, str], Stuck] = {}
         # queue -> bumps when a new instant lifts the "preempted at this instant" restriction of one of its jobs
         self._lifted: Counter[str] = Counter()
 
@@ -296,16 +305,20 @@ class Engine:
         # jobs could preempt, room freed anywhere, more to take back, new shares or (with min_runtime) a new
         # instant. Where none could, other queues' shares and victims do not matter: only free room, and
         # after GPU releases only when one of its jobs could fit in it.
-        own = (ps.version[q.name], ps.shares().get(q.name, 0.0),
-               None if res is None else (res.job.id, res.nodes), self._lifted[q.name])
-        stuck = self._stuck.get(q.name)
-        if stuck is not None and stuck[0] == own:
-            needs = stuck[3]
-            if needs is None:
-                if stuck[1] == ps.pool.freed and stuck[2] == self._victims_state(ps, now):
+        # Where no job could preempt, its share matters only through the fair-share tier: a new share still
+        # below its usage plus its smallest request gives that tier to none of its jobs.
+        own = (ps.version[q.name], None if res is None else (res.job.id, res.nodes), self._lifted[q.name])
+        share = ps.shares().get(q.name, 0.0)
+        key = (ps.name, q.name)
+        stuck = self._stuck.get(key)
+        if stuck is not None and stuck.own == own:
+            if stuck.needs is None:
+                if stuck.share == share and stuck.freed == ps.pool.freed and stuck.victims == self._victims_state(
+                        ps, now):
                     return None
-            elif stuck[1] == ps.pool.freed or not any(self._may_fit(ps, r, g) for r, g in needs):
-                self._stuck[q.name] = (own, ps.pool.freed, None, needs)  # no GPU released, or none it could use
+            elif (stuck.share == share or ps.usage[q.name] + ps.min_pending(q.name) > share) and (
+                    stuck.freed == ps.pool.freed or not any(self._may_fit(ps, r, g) for r, g in stuck.needs)):
+                stuck.freed = ps.pool.freed  # no GPU released, or none it could use
                 return None
         if not self._may_start_any(ps, q, res):
             return None
@@ -333,8 +346,8 @@ class Engine:
             plain += not now_preempted
             if room_only is not None:
                 room_only = None if may_preempt else [*room_only, (job.request, job.spec.gpus)]
-        self._stuck[q.name] = (own, ps.pool.freed, None if room_only is not None else self._victims_state(ps, now),
-                               room_only)
+        self._stuck[key] = Stuck(own, share, ps.pool.freed,
+                                 None if room_only is not None else self._victims_state(ps, now), room_only)
         return None
 
     def _victims_state(self, ps: PoolState, now: float) -> tuple[object, ...]:

@@ -178,11 +178,12 @@ class PoolState:
     @property
     def shares_version(self) -> int:
         """Bumps whenever the fair shares are recomputed."""
-        self._refresh_shares()
+        self.shares()
         return self.fs.recomputed
 
     def shares(self) -> dict[str, float]:
-        self._refresh_shares()
+        if self._shares is None or self.fs.stale:  # read millions of times a replay: the check is inlined
+            self._refresh_shares()
         assert self._shares is not None
         return self._shares
 
