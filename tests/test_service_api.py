@@ -6,6 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from sandbox.culling import GpuSample
 from scheduler.service.assemble import build_core
 from scheduler.service.auth import Principal, Role
@@ -134,6 +136,40 @@ def test_max_runtime_is_enforced(svc: Service) -> None:
     svc.tick()
     got = svc.admin.get(f"/v1/jobs/{jid}").json()
     assert (got["state"], got["reason"]["rule"]) == ("failed", "max_runtime")
+
+
+def test_max_runtime_counts_from_each_attempts_start(svc: Service) -> None:
+    """The next deadline is kept in memory between cycles: a job launched later, with a shorter limit, still
+    stops on time, and the first one not before its own."""
+    first = svc.admin.post("/v1/jobs", json=job(max_runtime=100)).json()["id"]
+    svc.tick()
+    svc.clock.advance(50)
+    svc.tick()
+    second = svc.admin.post("/v1/jobs", json=job(max_runtime=30)).json()["id"]
+    svc.tick()
+    svc.clock.advance(31)
+    svc.tick()
+    assert [svc.admin.get(f"/v1/jobs/{j}").json()["state"] for j in (first, second)] == ["running", "failed"]
+    svc.clock.advance(18)
+    svc.tick()
+    assert svc.admin.get(f"/v1/jobs/{first}").json()["state"] == "running"
+    svc.clock.advance(2)
+    svc.tick()
+    assert svc.admin.get(f"/v1/jobs/{first}").json()["reason"]["rule"] == "max_runtime"
+
+
+def test_an_idle_cycle_reads_nothing(svc: Service) -> None:
+    """With nothing to launch and no max_runtime due, a cycle runs no query: under load each one held the
+    scheduler's lock in front of every submission."""
+    svc.admin.post("/v1/jobs", json=job(gpus=8, max_runtime=3600))
+    svc.admin.post("/v1/jobs", json=job(gpus=8))  # waits behind the first
+    svc.tick()
+    svc.tick()
+    statements: list[str] = []
+    sa.event.listen(svc.core.db, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    svc.clock.advance(60)
+    svc.tick()
+    assert statements == []
 
 
 def test_queue_tree_shows_live_numbers(svc: Service) -> None:
