@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from sandbox.culling import GpuSample
+from scheduler.service import launching
 from scheduler.service.assemble import build_core
 from scheduler.service.auth import Principal, Role
 from scheduler.service.errors import Conflict
@@ -156,6 +160,41 @@ def test_max_runtime_counts_from_each_attempts_start(svc: Service) -> None:
     svc.clock.advance(2)
     svc.tick()
     assert svc.admin.get(f"/v1/jobs/{first}").json()["reason"]["rule"] == "max_runtime"
+
+
+def test_max_runtime_after_a_launch_whose_commit_was_reported_failed(svc: Service,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection drops during COMMIT, after the server applied it: the launch is recorded, yet the cycle
+    failed. No later cycle records that launch again, so its max_runtime must already count."""
+    svc.tick()  # nothing running: no deadline
+    jid = svc.admin.post("/v1/jobs", json=job(max_runtime=30)).json()["id"]
+    begin, lost = svc.core.db.begin, []
+
+    @contextlib.contextmanager
+    def commit_then_fail() -> Iterator[sa.Connection]:
+        with begin() as conn:
+            yield conn
+        if not lost:
+            lost.append(True)
+            raise sa.exc.OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    record = launching._record
+
+    def record_ambiguously(core: Any, *a: Any) -> bool:
+        monkeypatch.setattr(core.db, "begin", commit_then_fail)
+        try:
+            return record(core, *a)
+        finally:
+            monkeypatch.setattr(core.db, "begin", begin)
+
+    monkeypatch.setattr(launching, "_record", record_ambiguously)
+    with pytest.raises(sa.exc.OperationalError):
+        svc.tick()
+    monkeypatch.setattr(launching, "_record", record)
+    assert svc.admin.get(f"/v1/jobs/{jid}").json()["state"] == "running"
+    svc.clock.advance(31)
+    svc.tick()
+    assert svc.admin.get(f"/v1/jobs/{jid}").json()["reason"]["rule"] == "max_runtime"
 
 
 def test_an_idle_cycle_reads_nothing(svc: Service) -> None:

@@ -128,13 +128,15 @@ def _record(core: Core, a: Mapping[Any, Any], launch: Launch, outcome: Launched 
     handle, ended = outcome
     if ended is not None:
         core._unrecorded.append(ended)
+    # Its max_runtime counts from now. Set before the commit: one reported as failed may still have landed, and
+    # then no later cycle records this launch again.
+    core.runtime_due = -math.inf
     with core.db.begin() as conn:
         store.update_attempt(conn, job_id, a["attempt"], state="running", pid=handle.pid,
                              proc_started=handle.started_at, started_at=now)
         store.update_job(conn, job_id, state="running")
         store.add_event(conn, now, "started", f"process {handle.pid} on GPUs {dict(launch.gpus)}", job_id,
                         pid=handle.pid, gpus=dict(launch.gpus), attempt=a["attempt"])
-    core.runtime_due = -math.inf  # its max_runtime counts from now
     return False
 
 
