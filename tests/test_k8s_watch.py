@@ -102,6 +102,25 @@ def test_a_gang_whose_bind_fails_part_way_is_cleaned_up_whole(tmp_path: Path, fa
         assert sorted(api.deleted) == ["g-0", "g-1"] and ("team", "g") not in ex.gangs.gangs
 
 
+def test_a_gang_whose_every_bind_is_refused_is_told_why_and_not_offered_again(tmp_path: Path) -> None:
+    gang = {k8s.GROUP_LABEL: "g", GROUP_SIZE: "2"}
+    refused = ApiException(status=403, reason="Forbidden")
+    api = BindingCore([pending("g-0", "team", gang), pending("g-1", "team", gang)],
+                      {"team": ns({k8s.QUEUE_LABEL: "nlp"})}, {"g-0": refused, "g-1": refused})
+    events: list[Any] = []
+    api.create_namespaced_event = lambda namespace, body, **_: events.append(body)  # type: ignore[method-assign]
+    ex = KubernetesExecutor(api, tmp_path, "img")
+    assert ex.gangs is not None
+    (a,) = ex.gangs.resync()
+    with pytest.raises(OSError, match="Forbidden"):
+        ex.launch(Launch("9", 1, "pods", {"n1": [0, 1], "n2": [0, 1]}, {POD_GROUP_ENV: a.key}))
+    ex.close()
+    assert api.deleted == []
+    assert sorted(e["involvedObject"]["name"] for e in events) == ["g-0", "g-1"]
+    assert {e["reason"] for e in events} == {"FailedScheduling"} and "Forbidden" in events[0]["message"]
+    assert ex.gangs.resync() == []  # the same pods, the same key: not offered again
+
+
 def test_a_node_back_under_a_deleted_nodes_name_is_no_longer_gone(tmp_path: Path) -> None:
     ex = KubernetesExecutor(BindingCore([], {}, {}), tmp_path, "img", foreign_pods=False)
     info = k8s_nodes.node_info(node("a", True, "1"))

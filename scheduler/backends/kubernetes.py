@@ -215,9 +215,15 @@ class KubernetesExecutor:
                     self._delete_named(p.namespace, p.name, None)
                 except Exception as gone:  # the API away: poll() cannot see it either; say so
                     log.error("pod %s/%s of %s may run untracked: %s", p.namespace, p.name, key, gone)
+            why = f"Kubernetes refused binding {key}: {_why(e)}"
             if self.gangs is not None:
-                self.gangs.release([p for p in pods if p not in bound + unsure + theirs])
-            raise OSError(f"Kubernetes refused binding {key}: {_why(e)}") from e
+                waiting = [p for p in pods if p not in bound + unsure + theirs]
+                self.gangs.release(waiting)
+                if len(waiting) == len(pods):
+                    # Untouched, the gang would come back under the same key and meet its failed job: it would
+                    # wait in silence. Say why on its pods instead; its owner re-creates them to try again.
+                    self.refuse(key, why)
+            raise OSError(why) from e
         self._attempts[(launch.job_id, launch.attempt)] = Attempt(pods[0].namespace, len(pods),
                                                                    foreign=[p.name for p in pods])
         return Handle(launch.job_id, launch.attempt, None, 0.0)
