@@ -328,7 +328,8 @@ class Engine:
         # _admit), the jobs left can only repeat an answer: a long backlog is not walked to its end.
         shapes, plain = len(ps.pending_shapes[q.name]), 0
         again = sum(1 for j in map(self.jobs.__getitem__, self._preempted_now)
-                    if j.state is JobState.PENDING and j.spec.queue == q.name and j.spec.pool == ps.name)
+                    if j.state is JobState.PENDING and j.spec.queue == q.name and j.spec.pool == ps.name
+                    ) if self._preempted_now else 0
         for job in ps.pending[q.name]:
             if res is not None and res.job.spec.queue == q.name and job is not res.job:
                 return None  # the queue's starving head job goes first

@@ -116,10 +116,10 @@ class PoolState:
         sizes[job.request] -= 1
         if not sizes[job.request]:
             del sizes[job.request]
-        shapes = self.pending_shapes[q]
-        shapes[job.shape()] -= 1
-        if not shapes[job.shape()]:
-            del shapes[job.shape()]
+        shapes, shape = self.pending_shapes[q], job.shape()
+        shapes[shape] -= 1
+        if not shapes[shape]:
+            del shapes[shape]
         self.sizes[job.request] -= 1
         if not self.sizes[job.request]:
             del self.sizes[job.request]

@@ -28,15 +28,11 @@ DbId = Annotated[int, Field(ge=1, le=MAX_DB_INT)]
 TEXT_OK: dict[int | str, dict[str, Any]] = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
-def core_of(request: Request) -> Core:
+async def core(request: Request) -> Core:
+    """The service core. `async`: FastAPI runs a plain `def` dependency on a worker thread, a hop per request that
+    was a tenth of the API's CPU under load."""
     c: Core = request.app.state.core
     return c
-
-
-async def core(request: Request) -> Core:
-    """The service core, as a dependency: `async`, since FastAPI runs a plain `def` dependency on a worker thread,
-    a hop per request that was a tenth of the API's CPU under load."""
-    return core_of(request)
 
 
 async def principal(request: Request) -> Principal:
@@ -45,7 +41,7 @@ async def principal(request: Request) -> Principal:
     scheme, _, secret = auth.partition(" ")
     if scheme.lower() not in ("bearer", "token") or not secret.strip():  # JupyterHub clients say "token"
         raise Unauthorized("send an API token as 'Authorization: Bearer <token>' (see corral token create)")
-    return telemetry.identified(await resolve_token(core_of(request), secret.strip()))
+    return telemetry.identified(await resolve_token(await core(request), secret.strip()))
 
 
 async def resolve_token(c: Core, secret: str) -> Principal:
@@ -79,7 +75,7 @@ async def cookie_principal(request: Request) -> Principal:
     secret = request.cookies.get(UI_COOKIE, "").strip()
     if not secret:
         raise Unauthorized("log in at /ui/login")
-    return telemetry.identified(await resolve_token(core_of(request), secret))
+    return telemetry.identified(await resolve_token(await core(request), secret))
 
 
 async def _hub_user(c: Core, secret: str) -> Principal:
