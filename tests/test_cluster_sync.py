@@ -282,29 +282,30 @@ def test_a_scoped_arrival_may_use_only_its_teams_queues(tmp_path: Path) -> None:
     assert "may not submit to queue y" in ex.refused["ns/theirs"] and "ns/noteam" in ex.refused
 
 
-def test_pending_cluster_jobs_not_offered_again_after_a_restart_are_withdrawn(tmp_path: Path) -> None:
+def _two_waiting_then_restart(tmp_path: Path, other: str) -> tuple[Core, ClusterExecutor]:
+    """The node is full, so the cluster's jobs ns/kept and `other` wait; then Corral restarts and the cluster
+    lists only ns/kept so far."""
     core, ex, _ = make(tmp_path, "a")
-    submit(core, 4)  # the node is full: the cluster's jobs wait
+    submit(core, 4)
     core.tick()
-    ex.brought += [arrival("ns/kept", gpus=4), arrival("ns/lost", gpus=4)]
+    ex.brought += [arrival("ns/kept", gpus=4), arrival(other, gpus=4)]
     core.tick()
-    assert {k: s for k, (_, s) in cluster_jobs(core).items()} == {"ns/kept": "pending", "ns/lost": "pending"}
-    again, ex2, _ = make(tmp_path, "a")  # a restart: the cluster lists what still waits
+    assert {k: s for k, (_, s) in cluster_jobs(core).items()} == {"ns/kept": "pending", other: "pending"}
+    again, ex2, _ = make(tmp_path, "a")
     ex2.brought.append(arrival("ns/kept", gpus=4))
+    return again, ex2
+
+
+def test_pending_cluster_jobs_not_offered_again_after_a_restart_are_withdrawn(tmp_path: Path) -> None:
+    again, _ = _two_waiting_then_restart(tmp_path, "ns/lost")
     again.tick()
     got = {k: s for k, (_, s) in cluster_jobs(again).items()}
     assert got["ns/lost"] == "cancelled" and got["ns/kept"] in ("pending", "running")  # (the node freed up)
 
 
 def test_nothing_is_withdrawn_at_start_while_some_waiting_work_is_not_looked_at_yet(tmp_path: Path) -> None:
-    core, ex, _ = make(tmp_path, "a")
-    submit(core, 4)  # the node is full: the cluster's jobs wait
-    core.tick()
-    ex.brought += [arrival("ns/kept", gpus=4), arrival("ns/late", gpus=4)]
-    core.tick()
-    again, ex2, _ = make(tmp_path, "a")  # a restart; ns/late's namespace cannot be read at first
-    ex2.brought.append(arrival("ns/kept", gpus=4))
-    ex2.unsettled = True
+    again, ex2 = _two_waiting_then_restart(tmp_path, "ns/late")
+    ex2.unsettled = True  # ns/late's namespace cannot be read at first
     again.tick()
     assert cluster_jobs(again)["ns/late"][1] == "pending"  # not withdrawn: its pods may well be there
     ex2.brought.append(arrival("ns/late", gpus=4))

@@ -271,6 +271,9 @@ def test_browser_login_queue_tree_submit_watch_and_pending_reason(live: tuple[st
             expect(page.locator("#job-state")).to_have_text("running", timeout=15_000)
             shot("04-job-running")
             expect(page.locator("#job-state")).to_have_text("completed", timeout=20_000)
+            # The script shows a new state, then reloads the page: wait for the reloaded one (the server's own
+            # data-state), or the next navigation races that reload.
+            expect(page.locator("#job")).to_have_attribute("data-state", "completed")
             expect(page.locator("#log")).to_contain_text("hi")
             shot("05-job-completed-with-log")
 
@@ -281,6 +284,7 @@ def test_browser_login_queue_tree_submit_watch_and_pending_reason(live: tuple[st
             page.get_by_label("GPUs per worker").fill("4")
             page.get_by_role("button", name="Submit").click()
             expect(page.locator("#job-state")).to_have_text("running", timeout=15_000)
+            expect(page.locator("#job")).to_have_attribute("data-state", "running")
             hold_url = page.url
             page.goto(f"{url}/ui/jobs/new")
             page.get_by_label("Name").fill("waiter")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scheduler.backends.base import Handle, Launch, LaunchesInParallel
-from tests.service_kit import ScriptedExecutor, make_service
+from tests.service_kit import ScriptedExecutor, Service, make_service
 
 
 @dataclass
@@ -26,15 +26,20 @@ class ParallelExecutor(ScriptedExecutor):
         return super().launch(launch)
 
 
+def _one_cycle(tmp_path: Path, ex: ScriptedExecutor, envs: list[dict[str, str]]
+               ) -> tuple[Service, list[int], dict[int, str]]:
+    """One 1-GPU job per env, then one scheduling cycle: the service, the job ids, and every job's state."""
+    svc = make_service(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, executor=ex)
+    ids = [svc.admin.post("/v1/jobs", json={"queue": "ranking", "gpus": 1, "command": "x", "env": env}).json()["id"]
+           for env in envs]
+    svc.tick()
+    return svc, ids, {j["id"]: j["state"] for j in svc.admin.get("/v1/jobs").json()["jobs"]}
+
+
 def test_admitted_attempts_launch_together_and_a_failure_stays_alone(tmp_path: Path) -> None:
     ex = ParallelExecutor()
     assert isinstance(ex, LaunchesInParallel)
-    svc = make_service(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, executor=ex)
-    ids = [svc.admin.post("/v1/jobs", json={"queue": "ranking", "gpus": 1, "command": "x",
-                                            "env": {"FAIL": "1"} if i == 3 else {}}).json()["id"]
-           for i in range(4)]
-    svc.tick()
-    states = {j["id"]: j["state"] for j in svc.admin.get("/v1/jobs").json()["jobs"]}
+    svc, ids, states = _one_cycle(tmp_path, ex, [{}, {}, {}, {"FAIL": "1"}])
     assert [states[i] for i in ids] == ["running", "running", "running", "failed"]
     assert len(ex.threads) > 1 and threading.current_thread().name not in ex.threads
     # Each got GPUs of its own: launched together, no GPU is in two of them.
@@ -58,12 +63,7 @@ class FlakyExecutor(ScriptedExecutor):
 
 def test_a_launch_whose_outcome_is_unknown_is_tried_again_not_failed(tmp_path: Path) -> None:
     ex = FlakyExecutor()
-    svc = make_service(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, executor=ex)
-    ids = [svc.admin.post("/v1/jobs", json={"queue": "ranking", "gpus": 1, "command": "x",
-                                            "env": {"DROP": "1"} if i == 0 else {}}).json()["id"]
-           for i in range(3)]
-    svc.tick()
-    states = {j["id"]: j["state"] for j in svc.admin.get("/v1/jobs").json()["jobs"]}
+    svc, ids, states = _one_cycle(tmp_path, ex, [{"DROP": "1"}, {}, {}])
     assert [states[i] for i in ids] == ["starting", "running", "running"]  # the others are recorded all the same
     svc.tick()
     assert svc.admin.get(f"/v1/jobs/{ids[0]}").json()["state"] == "running"
