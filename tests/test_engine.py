@@ -133,3 +133,18 @@ def test_a_long_backlog_is_not_walked_to_its_end(monkeypatch: pytest.MonkeyPatch
     assert read == ["j0", "j1"]
     e.finish("big", 2)
     assert [d.job for d in e.schedule(2)][:2] == ["j0", "j1"]
+
+
+def test_a_gang_stuck_behind_its_own_lower_priority_job_wakes_when_room_frees() -> None:
+    """A queue whose only way in is its own lower-priority work sleeps until free GPUs plus what that work holds
+    could make room: here 4 freed GPUs elsewhere and the 4 of its own low job fit the 2 x 4 gang."""
+    e = engine([QueueSpec("a", quota={"a100": 4}), QueueSpec("b", quota={"a100": 4})], nodes=2, gpus=4)
+    e.submit(job("low", "a", gpus=4), 0)
+    e.submit(job("b1", "b", gpus=4), 0)
+    e.schedule(0)
+    e.submit(job("high", "a", gpus=4, workers=2, priority=1), 1)
+    assert e.schedule(1) == []  # neither its quota nor its share has room for 8: only "low" could go
+    e.finish("b1", 100)
+    out = e.schedule(100)
+    assert [(type(d).__name__, d.job) for d in out] == [("Preempted", "low"), ("Started", "high")]
+    assert out[0].cause == "priority"

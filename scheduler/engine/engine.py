@@ -47,7 +47,8 @@ class Stuck:
     share: float  # its fair share then
     freed: int  # the pool's GPU releases then
     victims: tuple[object, ...] | None  # what else its preemption plans read; None: no job of it could preempt
-    needs: list[tuple[int, int]] | None  # (GPUs, per worker) of each shape tried, when none could preempt
+    # Per shape tried, the free (GPUs, GPUs on one node) it needs, when none could preempt in other queues
+    needs: list[tuple[int, int]] | None
 
 
 class Engine:
@@ -304,7 +305,8 @@ class Engine:
         # share, another reservation, its preempted jobs' tiers back at a new instant; and, where one of its
         # jobs could preempt, room freed anywhere, more to take back, new shares or (with min_runtime) a new
         # instant. Where none could, other queues' shares and victims do not matter: only free room, and
-        # after GPU releases only when one of its jobs could fit in it.
+        # after GPU releases only when one of its jobs could fit in it (a job that only its own lower-priority
+        # work could make room for: when the free GPUs plus those that work holds add up to its request).
         # Where no job could preempt, its share matters only through the fair-share tier: a new share still
         # below its usage plus its smallest request gives that tier to none of its jobs.
         own = (ps.version[q.name], None if res is None else (res.job.id, res.nodes), self._lifted[q.name])
@@ -323,7 +325,8 @@ class Engine:
         if not self._may_start_any(ps, q, res):
             return None
         tried: set[tuple[object, ...]] = set()
-        room_only: list[tuple[int, int]] | None = []  # each shape tried: (GPUs, per worker), while none may preempt
+        # Each shape tried, while none may take GPUs from other queues: (GPUs, per worker) it needs free.
+        room_only: list[tuple[int, int]] | None = []
         # Once every shape of the queue has been tried (jobs preempted at this instant are asked differently, see
         # _admit), the jobs left can only repeat an answer: a long backlog is not walked to its end.
         shapes, plain = len(ps.pending_shapes[q.name]), 0
@@ -340,13 +343,15 @@ class Engine:
             shape = (*job.shape(), now_preempted)
             if shape in tried:
                 continue  # same ask, same answer
-            plan, may_preempt = self._admit(ps, job, q, now, res)
+            plan, mine = self._admit(ps, job, q, now, res)
             if plan is not None:
                 return job, plan
             tried.add(shape)
             plain += not now_preempted
             if room_only is not None:
-                room_only = None if may_preempt else [*room_only, (job.request, job.spec.gpus)]
+                # With its own lower-priority jobs counted in, only the GPU total is a necessary condition.
+                room_only = None if mine is None else [
+                    *room_only, (job.request, job.spec.gpus) if mine == 0 else (job.request - mine, 0)]
         self._stuck[key] = Stuck(own, share, ps.pool.freed,
                                  None if room_only is not None else self._victims_state(ps, now), room_only)
         return None
@@ -376,27 +381,31 @@ class Engine:
         return u + need <= q.quota_of(pool) or u + need <= ps.shares().get(q.name, 0.0)
 
     def _admit(self, ps: PoolState, job: Job, q: Queue, now: float,
-               res: Reservation | None) -> tuple[Plan | None, bool]:
-        """A plan to start `job` now, or None; and whether any preemption tier applied (else only free room
-        can start it, as long as its queue, the shares and the reservation stay as they are)."""
+               res: Reservation | None) -> tuple[Plan | None, int | None]:
+        """A plan to start `job` now, or None; and, when no plan, what else could start it while its queue,
+        its share and the reservation stay as they are: None, preemption in other queues; else only free
+        GPUs plus this many held by its own lower-priority jobs (0: free room alone)."""
         spec, pool = job.spec, ps.name
         within = ps.usage[q.name] + job.request <= q.quota_of(pool)
         excluded = res.excludes(job, within) if res is not None else frozenset()
         if ps.over_limit(q, job.request) is None and (within or spec.preemptible):
             nodes = ps.pool.place(spec, excluded) if ps.pool.free_gpus >= job.request else None
             if nodes is not None:
-                return Plan([], nodes), False
+                return Plan([], nodes), 0
         if not self.preemption:
-            return None, False
+            return None, 0
         tiers = tiers_for(ps, job, q)
         if job.id in self._preempted_now:
             # Preempted at this instant: it may not take GPUs back across queues now (that could go back
             # and forth forever), only from lower-priority jobs of its own queue.
             tiers &= {PRIORITY}
         if not tiers:
-            return None, False
-        return Preemption(ps, job, q, excluded, lambda j: self._young(j, now), tiers,
-                          quiet=self.settings.min_runtime <= 0).plan(), True
+            return None, 0
+        preemption = Preemption(ps, job, q, excluded, lambda j: self._young(j, now), tiers,
+                                quiet=self.settings.min_runtime <= 0)
+        if tiers == {PRIORITY} and preemption.priority_only_hopeless():
+            return None, ps.mixed[q.name]
+        return preemption.plan(), None
 
     def _young(self, j: Job, now: float) -> bool:
         until = j.start + self.settings.min_runtime

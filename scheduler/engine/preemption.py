@@ -159,11 +159,10 @@ class Preemption:
             return None
         return ps.pool.place(spec, self.excluded, self.freed)
 
-    def _priority_only_hopeless(self) -> bool:
+    def priority_only_hopeless(self) -> bool:
         """With only tier 3: even all the job's lower-priority queue-mates gone, would it fit by GPU count?
-        (What _init_room and _take would count, summed per node at once: this runs for every such try.)"""
-        if self.tiers != {PRIORITY}:
-            return False
+        (What _init_room and _take would count, summed per node at once: this runs for every such try.)
+        The engine asks this before `plan`."""
         pool, spec = self.ps.pool, self.job.spec
         added: dict[str, int] = {}  # GPUs they would free, per node the job may use
         for j in self.ps.running.get(self.q.name, ()):
@@ -237,7 +236,7 @@ class Preemption:
 
     def plan(self) -> Plan | None:
         ps, pool, q = self.ps, self.pool, self.q
-        if self._priority_only_hopeless() or self._whole_nodes_hopeless():
+        if self._whole_nodes_hopeless():
             return None
         taken: list[Victim] = []
         taken_ids: set[int] = set()
