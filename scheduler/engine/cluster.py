@@ -138,6 +138,17 @@ class Pool:
         """How many workers of `spec` the pool could hold with every node (up or down) empty."""
         return sum(workers_per_node(spec, g, c, m) * count for (g, c, m), count in self.shapes.items())
 
+    def worker_slots(self, gpus: int, enough: int) -> int:
+        """Workers of `gpus` GPUs the free GPUs could hold, by GPU count alone (counting stops at `enough`)."""
+        if gpus <= 0:
+            return enough
+        slots = 0
+        for k in range(self.max_gpus, gpus - 1, -1):
+            slots += len(self.buckets[k]) * (k // gpus)
+            if slots >= enough:
+                break
+        return slots
+
     def largest_free(self) -> int:
         for k in range(self.max_gpus, -1, -1):
             if self.buckets[k]:

@@ -47,8 +47,9 @@ class Stuck:
     share: float  # its fair share then
     freed: int  # the pool's GPU releases then
     victims: tuple[object, ...] | None  # what else its preemption plans read; None: no job of it could preempt
-    # Per shape tried, the free (GPUs, GPUs on one node) it needs, when none could preempt in other queues
-    needs: list[tuple[int, int]] | None
+    # Per shape tried, when none could preempt in other queues, what it needs free: (GPUs, GPUs per worker,
+    # workers)
+    needs: list[tuple[int, int, int]] | None
 
 
 class Engine:
@@ -319,14 +320,14 @@ class Engine:
                         ps, now):
                     return None
             elif (stuck.share == share or ps.usage[q.name] + ps.min_pending(q.name) > share) and (
-                    stuck.freed == ps.pool.freed or not any(self._may_fit(ps, r, g) for r, g in stuck.needs)):
+                    stuck.freed == ps.pool.freed or not any(self._may_fit(ps, *need) for need in stuck.needs)):
                 stuck.freed = ps.pool.freed  # no GPU released, or none it could use
                 return None
         if not self._may_start_any(ps, q, res):
             return None
         tried: set[tuple[object, ...]] = set()
-        # Each shape tried, while none may take GPUs from other queues: (GPUs, per worker) it needs free.
-        room_only: list[tuple[int, int]] | None = []
+        # Each shape tried, while none may take GPUs from other queues: what it needs free (see Stuck.needs).
+        room_only: list[tuple[int, int, int]] | None = []
         # Once every shape of the queue has been tried (jobs preempted at this instant are asked differently, see
         # _admit), the jobs left can only repeat an answer: a long backlog is not walked to its end.
         shapes, plain = len(ps.pending_shapes[q.name]), 0
@@ -350,8 +351,8 @@ class Engine:
             plain += not now_preempted
             if room_only is not None:
                 # With its own lower-priority jobs counted in, only the GPU total is a necessary condition.
-                room_only = None if mine is None else [
-                    *room_only, (job.request, job.spec.gpus) if mine == 0 else (job.request - mine, 0)]
+                room_only = None if mine is None else [*room_only, (
+                    job.request, job.spec.gpus, job.spec.workers) if mine == 0 else (job.request - mine, 0, 0)]
         self._stuck[key] = Stuck(own, share, ps.pool.freed,
                                  None if room_only is not None else self._victims_state(ps, now), room_only)
         return None
@@ -362,10 +363,10 @@ class Engine:
         return ps.victims_grew, ps.shares_version, now if self.settings.min_runtime > 0 else None
 
     @staticmethod
-    def _may_fit(ps: PoolState, request: int, gpus: int) -> bool:
-        """A necessary condition for placing a job on free GPUs alone: enough of them, and a node with a
-        worker's worth."""
-        return ps.pool.free_gpus >= request and ps.pool.largest_free() >= gpus
+    def _may_fit(ps: PoolState, request: int, gpus: int, workers: int) -> bool:
+        """A necessary condition for placing a job on free GPUs alone: enough of them, and room on the nodes
+        for `workers` workers of `gpus` GPUs each."""
+        return ps.pool.free_gpus >= request and ps.pool.worker_slots(gpus, workers) >= workers
 
     def _may_start_any(self, ps: PoolState, q: Queue, res: Reservation | None) -> bool:
         """A cheap necessary condition, so that a full pool does not walk every pending job of every queue."""
@@ -389,7 +390,8 @@ class Engine:
         within = ps.usage[q.name] + job.request <= q.quota_of(pool)
         excluded = res.excludes(job, within) if res is not None else frozenset()
         if ps.over_limit(q, job.request) is None and (within or spec.preemptible):
-            nodes = ps.pool.place(spec, excluded) if ps.pool.free_gpus >= job.request else None
+            nodes = ps.pool.place(spec, excluded) if self._may_fit(ps, job.request, spec.gpus, spec.workers) \
+                else None
             if nodes is not None:
                 return Plan([], nodes), 0
         if not self.preemption:
