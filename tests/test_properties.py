@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, note, settings
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from quotas import QueueSpec, QueueTree, fair_shares
 from scheduler.engine import Engine, Job, JobState, NodeSpec, Preempted, Rejected, Settings, Started
 from scheduler.engine.decisions import Decision
+from scheduler.engine.preemption import Preemption
 from scheduler.sim.inputs import World
 from scheduler.sim.runner import Simulation
 from tests.factories import nodes, queue, sim_job, world
@@ -484,6 +486,33 @@ def test_fair_share_water_filling(cluster_and_queues: tuple[list[NodeSpec], list
             assert abs(got.get(q, 0.0) - ref[q]) <= TOL, (pool, q, got, ref, demand, up_cap)
         top = sum(got[q.name] for q in t.top)
         assert abs(top - min(up_cap, sum(demand[q.name] for q in t.top))) <= TOL
+
+
+class _Forgets(dict):  # type: ignore[type-arg]
+    """A stuck-queue memo that never remembers: every queue is asked again at every visit."""
+
+    def get(self, key: object, default: object = None) -> object:
+        return default
+
+
+def _log_without_shortcuts(w: World) -> dict[str, Any]:
+    """The event log with the engine's shortcuts off: the stuck-queue memo, the cheap "nothing can start"
+    test, and the bounds that skip a preemption walk bound to fail."""
+    sim = Simulation(w, log_fair_share=False)
+    sim.engine._stuck = _Forgets()
+    with mock.patch.object(Engine, "_may_start_any", lambda *a: True), \
+            mock.patch.object(Preemption, "priority_only_hopeless", lambda self: False), \
+            mock.patch.object(Preemption, "_whole_nodes_hopeless", lambda self: False):
+        return sim.run()
+
+
+@settings(PROPERTY, max_examples=400)
+@given(cases(max_jobs=30))
+def test_shortcuts_never_change_a_decision(case: Case) -> None:
+    """Every shortcut the engine takes for speed is exact: with all of them off, the event log is the same."""
+    note(describe(case.world))
+    fast = Simulation(copy.deepcopy(case.world), log_fair_share=False).run()
+    assert _log_without_shortcuts(case.world) == fast
 
 
 # ===================================================================== starvation guard (deterministic)

@@ -36,6 +36,7 @@ class ClearIndex:
         self.order: SortedList = SortedList()  # (slack, node)
         self.dirty_queues: set[str] = set()  # leaves whose usage, share or over-share mark changed
         self.dirty_nodes: set[str] = set()  # nodes whose set of jobs changed
+        self.over: set[str] = set()  # leaves over their fair share at the last refresh
 
     # ----- changes (PoolState calls these) -----
 
@@ -66,6 +67,12 @@ class ClearIndex:
         """Bring the slacks up to date with the pool's current usage, shares and over-share marks."""
         nodes = self.dirty_nodes
         for leaf in self.dirty_queues:
+            if leaf in over_share:
+                self.over.add(leaf)
+            elif leaf in self.over:
+                self.over.discard(leaf)
+            else:
+                continue  # under its share before and after: its jobs' slacks stay -inf whatever moved
             for j in running.get(leaf, ()):
                 nodes.update(node for node, _ in j.workers)
         self.dirty_queues.clear()
