@@ -496,10 +496,11 @@ class _Forgets(dict):  # type: ignore[type-arg]
 
 
 def _log_without_shortcuts(w: World) -> dict[str, Any]:
-    """The event log with the engine's shortcuts off: the stuck-queue memo, the cheap "nothing can start"
-    test, and the bounds that skip a preemption walk bound to fail."""
+    """The event log with the engine's shortcuts off: the stuck-queue memo and sleeping queues, the cheap
+    "nothing can start" test, and the bounds that skip a preemption walk bound to fail."""
     sim = Simulation(w, log_fair_share=False)
-    sim.engine._stuck = _Forgets()
+    for ps in sim.engine.pools.values():
+        ps.stuck, ps.asleep = _Forgets(), _Forgets()
     with mock.patch.object(Engine, "_may_start_any", lambda *a: True), \
             mock.patch.object(Preemption, "priority_only_hopeless", lambda self: False), \
             mock.patch.object(Preemption, "_whole_nodes_hopeless", lambda self: False):

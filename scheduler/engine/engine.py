@@ -18,7 +18,7 @@ from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
 from scheduler.engine.explain import explain_pending, rejection
 from scheduler.engine.model import Job, JobSpec, JobState, NodeSpec, Reason, Settings
 from scheduler.engine.preemption import CAUSE, PRIORITY, Plan, Preemption, tiers_for
-from scheduler.engine.state import PoolState
+from scheduler.engine.state import PoolState, Stuck
 
 MAX_PASSES = 1000  # passes repeat only while skipped queues may have gained; this bounds a pathological loop
 
@@ -31,25 +31,17 @@ class Reservation:
     nodes: frozenset[str]
     within_quota: bool
 
+    @property
+    def key(self) -> tuple[object, ...]:
+        """What a stuck queue's answer depends on: the job held for and its nodes."""
+        return (self.job.id, self.nodes)
+
     def excludes(self, job: Job, within_quota: bool) -> frozenset[str]:
         """Nodes `job` may not use. Guarantees beat the guard: a job within quota may use nodes held for a
         borrower."""
         if job is self.job or (within_quota and not self.within_quota):
             return frozenset()
         return self.nodes
-
-
-@dataclass(slots=True)
-class Stuck:
-    """A queue that found nothing to start, and what that answer depended on."""
-
-    own: tuple[object, ...]  # its jobs and usage (version), the reservation, its jobs' tiers lifted
-    share: float  # its fair share then
-    freed: int  # the pool's GPU releases then
-    victims: tuple[object, ...] | None  # what else its preemption plans read; None: no job of it could preempt
-    # Per shape tried, when none could preempt in other queues, what it needs free: (GPUs, GPUs per worker,
-    # workers)
-    needs: list[tuple[int, int, int]] | None
 
 
 class Engine:
@@ -80,8 +72,6 @@ class Engine:
         self._wakeups: list[float] = []
         self._instant: float | None = None
         self._preempted_now: set[str] = set()  # jobs preempted at this instant: they may not preempt back
-        # (pool, queue) -> what it depended on when it last found nothing: see _try_queue
-        self._stuck: dict[tuple[str, str], Stuck] = {}
         # queue -> bumps when a new instant lifts the "preempted at this instant" restriction of one of its jobs
         self._lifted: Counter[str] = Counter()
 
@@ -194,7 +184,10 @@ class Engine:
         """Admit (and preempt) until nothing more can start; call after every batch of inputs."""
         if self._instant != now:
             for job_id in self._preempted_now:  # their tiers come back: their queues must look again
-                self._lifted[self.jobs[job_id].spec.queue] += 1
+                q = self.jobs[job_id].spec.queue
+                self._lifted[q] += 1
+                for ps in self.pools.values():
+                    ps.asleep.pop(q, None)
             self._instant, self._preempted_now = now, set()
         due = bool(self._wakeups) and self._wakeups[0] <= now
         self.next_wakeup(now)
@@ -231,6 +224,7 @@ class Engine:
         started: list[Job] = []
         preempted = False
         ps.freeze()
+        ps.reserved_for(None if res is None else res.key)
         try:
             cursor = iter(ps.order)
             nxt = next(cursor, None)
@@ -261,6 +255,11 @@ class Engine:
                         if found is not None:
                             preempted |= self._apply(ps, found, now, out, started)
                     break
+                stuck = ps.asleep.get(name)
+                if stuck is not None and (stuck.freed == ps.pool.freed or not self._may_fit_any(ps, stuck)):
+                    stuck.freed = ps.pool.freed  # what _try_queue would find, read for less
+                    moved[name] = -1
+                    continue
                 q = self.tree[name]
                 found = self._try_queue(ps, q, now, res)
                 if found is None:
@@ -269,6 +268,7 @@ class Engine:
                 preempted |= self._apply(ps, found, now, out, started)
                 if res is not None and found[0] is res.job:
                     res = None
+                    ps.reserved_for(None)
                 for changed in {name} | {v.job.spec.queue for v in found[1].victims}:
                     if moved.get(changed) == -1 or changed not in ps.pending:
                         continue
@@ -310,18 +310,20 @@ class Engine:
         # work could make room for: when the free GPUs plus those that work holds add up to its request).
         # Where no job could preempt, its share matters only through the fair-share tier: a new share still
         # below its usage plus its smallest request gives that tier to none of its jobs.
-        own = (ps.version[q.name], None if res is None else (res.job.id, res.nodes), self._lifted[q.name])
+        # A queue stuck for want of free room alone sleeps (PoolState.asleep) until one of those changes, so
+        # that _pass skips it for less.
+        own = (ps.version[q.name], None if res is None else res.key, self._lifted[q.name])
         share = ps.shares().get(q.name, 0.0)
-        key = (ps.name, q.name)
-        stuck = self._stuck.get(key)
+        stuck = ps.stuck.get(q.name)
         if stuck is not None and stuck.own == own:
             if stuck.needs is None:
                 if stuck.share == share and stuck.freed == ps.pool.freed and stuck.victims == self._victims_state(
                         ps, now):
                     return None
             elif (stuck.share == share or ps.usage[q.name] + ps.min_pending(q.name) > share) and (
-                    stuck.freed == ps.pool.freed or not any(self._may_fit(ps, *need) for need in stuck.needs)):
+                    stuck.freed == ps.pool.freed or not self._may_fit_any(ps, stuck)):
                 stuck.freed = ps.pool.freed  # no GPU released, or none it could use
+                ps.asleep[q.name] = stuck
                 return None
         if not self._may_start_any(ps, q, res):
             return None
@@ -353,14 +355,25 @@ class Engine:
                 # With its own lower-priority jobs counted in, only the GPU total is a necessary condition.
                 room_only = None if mine is None else [*room_only, (
                     job.request, job.spec.gpus, job.spec.workers) if mine == 0 else (job.request - mine, 0, 0)]
-        self._stuck[key] = Stuck(own, share, ps.pool.freed,
-                                 None if room_only is not None else self._victims_state(ps, now), room_only)
+        stuck = Stuck(own, share, ps.pool.freed, None if room_only is not None else self._victims_state(ps, now),
+                      room_only)
+        ps.stuck[q.name] = stuck
+        if room_only is None:
+            ps.asleep.pop(q.name, None)
+        else:
+            ps.asleep[q.name] = stuck
         return None
 
     def _victims_state(self, ps: PoolState, now: float) -> tuple[object, ...]:
         """What else a preemption plan depends on: what there is to take back, the shares, and (with
         min_runtime) the time."""
         return ps.victims_grew, ps.shares_version, now if self.settings.min_runtime > 0 else None
+
+    @classmethod
+    def _may_fit_any(cls, ps: PoolState, stuck: Stuck) -> bool:
+        """Could any shape a room-only queue tried fit the free GPUs now?"""
+        assert stuck.needs is not None
+        return ps.pool.free_gpus >= stuck.least and any(cls._may_fit(ps, *need) for need in stuck.needs)
 
     @staticmethod
     def _may_fit(ps: PoolState, request: int, gpus: int, workers: int) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
@@ -19,6 +20,23 @@ from scheduler.engine.cluster import Pool
 from scheduler.engine.model import Job
 
 QueueKey = tuple[float, float, str]
+
+
+@dataclass(slots=True)
+class Stuck:
+    """A leaf queue that found nothing to start, and what that answer depended on (see Engine._try_queue)."""
+
+    own: tuple[object, ...]  # its jobs and usage (version), the reservation, its jobs' tiers lifted
+    share: float  # its fair share then
+    freed: int  # the pool's GPU releases then
+    victims: tuple[object, ...] | None  # what else its preemption plans read; None: no job of it could preempt
+    # Per shape tried, when none could preempt in other queues, what it needs free: (GPUs, GPUs per worker,
+    # workers)
+    needs: list[tuple[int, int, int]] | None
+    least: float = field(init=False)  # the fewest GPUs any of those needs
+
+    def __post_init__(self) -> None:
+        self.least = min((n[0] for n in self.needs), default=math.inf) if self.needs is not None else math.inf
 
 
 def victim_key(j: Job) -> tuple[int, float, int, str]:
@@ -87,6 +105,12 @@ class PoolState:
         self.arrivals: SortedList | None = SortedList(key=arrival_order) if arrival_order else None
         # Per node, the smallest fair-share slack of its jobs: which nodes preemption could ever empty.
         self._clear = ClearIndex()
+        # Leaf -> what it depended on when it last found nothing to start (the engine's memo).
+        self.stuck: dict[str, Stuck] = {}
+        # Leaves stuck for want of free room alone, whose jobs, share and reservation have not changed since:
+        # a change to any of them wakes the queue (removes it here).
+        self.asleep: dict[str, Stuck] = {}
+        self._asleep_under: tuple[object, ...] | None = None  # the reservation they sleep under
 
     # ----- pending -----
 
@@ -198,6 +222,7 @@ class PoolState:
         moved = (set(shares) if old is None else self.fs.changed) | self._missed
         self._missed = set()
         for name in moved:
+            self.asleep.pop(name, None)
             self._clear.queue_changed(name)
             if name in self.running:
                 self._mark_share(self.tree[name])
@@ -259,6 +284,7 @@ class PoolState:
     def _requeue(self, name: str) -> None:
         self.dirty = True
         self.version[name] += 1
+        self.asleep.pop(name, None)
         jobs = self.pending.get(name)
         head = jobs[0] if jobs else None
         running = self.running.get(name)
@@ -288,6 +314,12 @@ class PoolState:
             key = self.queue_key(self.tree[name])
             self._key[name] = key
             self.order.add((key, name))
+
+    def reserved_for(self, under: tuple[object, ...] | None) -> None:
+        """The reservation a pass runs under (Reservation.key): another one wakes every sleeping queue."""
+        if under != self._asleep_under:
+            self.asleep.clear()
+            self._asleep_under = under
 
     def over_limit(self, q: Queue, request: int, freed: Counter[str] | None = None) -> tuple[Queue, int] | None:
         """The first queue on q's path whose limit `request` more GPUs would break, with its usage."""
