@@ -22,7 +22,9 @@ from hypothesis import strategies as st
 
 from quotas import QueueSpec, QueueTree, fair_shares
 from scheduler.engine import Engine, Job, JobState, NodeSpec, Preempted, Rejected, Settings, Started
+from scheduler.engine.cluster import Freed, Pool, _best_fit
 from scheduler.engine.decisions import Decision
+from scheduler.engine.model import JobSpec
 from scheduler.engine.preemption import Preemption
 from scheduler.sim.inputs import World
 from scheduler.sim.runner import Simulation
@@ -547,3 +549,31 @@ def test_starvation_guard_bounds_gang_wait(gang_queue: str) -> None:
     assert _gang_start(STARVATION_TIMEOUT, gang_queue) <= bound
     # Without the guard the same world starves the gang until the stream dries up: the test above can fail.
     assert _gang_start(NO_GUARD, gang_queue) >= 4990
+
+
+@settings(PROPERTY, max_examples=300)
+@given(clusters(), st.data())
+def test_one_worker_best_fit_matches_the_full_scan(node_list: list[NodeSpec], data: st.DataObject) -> None:
+    """Placing one worker with GPUs counted free on victims' nodes: the bucket walk picks what best fit over every
+    node picks (cluster._best_fit over Pool._room)."""
+    pool_name = node_list[0].pool
+    pool = Pool(pool_name, [n for n in node_list if n.pool == pool_name], {})
+    names = sorted(pool.nodes)
+    victims = []
+    for name in names:  # fill each node part way, keeping some of those jobs as victims
+        n = pool.nodes[name]
+        take = data.draw(st.integers(0, len(n.free)))
+        cpus = 0.0 if n.free_cpus == math.inf else data.draw(st.sampled_from([0.0, 1.0, n.free_cpus]))
+        spec = JobSpec(f"x-{name}", "q", pool_name, gpus=take, cpus=cpus)
+        workers = pool.allocate(spec, [name])
+        if data.draw(st.booleans()):
+            victims.append((spec, workers))
+    for name in data.draw(st.sets(st.sampled_from(names))):
+        pool.set_up(name, False)
+    freed = Freed()
+    for spec, workers in victims:
+        freed.add(workers, spec)
+    excluded = data.draw(st.sets(st.sampled_from(names)))
+    job = JobSpec("j", "q", pool_name, gpus=data.draw(st.integers(0, 8)), cpus=data.draw(st.sampled_from([0.0, 2.0])))
+    chosen = _best_fit(pool._room(job.gpus, excluded, freed), job)
+    assert pool.place(job, excluded, freed) == chosen

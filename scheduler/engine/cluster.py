@@ -159,8 +159,8 @@ class Pool:
 
     def place(self, spec: JobSpec, excluded: Collection[str] = (), freed: Freed | None = None) -> list[str] | None:
         """Nodes for each worker (best fit, one domain when one can hold the gang), or None when it cannot fit."""
-        if spec.workers == 1 and freed is None:
-            node = self._best_fit_one(spec, excluded)
+        if spec.workers == 1:
+            node = self._best_fit_one(spec, excluded, freed)
             return None if node is None else [node]
         room = self._room(spec.gpus, excluded, freed)
         if spec.workers > 1 and self.domains:
@@ -176,15 +176,35 @@ class Pool:
                 return min(fitting, key=lambda f: (f[0], f[1]))[2]
         return _best_fit(room, spec)
 
-    def _best_fit_one(self, spec: JobSpec, excluded: Collection[str]) -> str | None:
-        for k in range(spec.gpus, self.max_gpus + 1):
-            for name in self.buckets[k]:
-                if name in excluded:
-                    continue
+    def _best_fit_one(self, spec: JobSpec, excluded: Collection[str], freed: Freed | None) -> str | None:
+        """What _best_fit would choose for one worker, without reading every node: the nodes that victims free
+        GPUs on are weighed one by one, the others found in their free-GPU bucket."""
+        best: tuple[int, str] | None = None
+        weighed: Collection[str] = ()
+        if freed is not None:
+            weighed = {name for name, g in freed.gpus.items() if g > 0}
+            for name in weighed:
                 n = self.nodes[name]
-                if n.free_cpus >= spec.cpus and n.free_mem >= spec.memory_gb:
-                    return str(name)
-        return None
+                free = len(n.free) + freed.gpus[name]
+                if (n.up and name not in excluded and free >= spec.gpus and self._fits_besides(n, spec, freed)
+                        and (best is None or (free, name) < best)):
+                    best = (free, name)
+        for k in range(spec.gpus, self.max_gpus + 1 if best is None else min(best[0], self.max_gpus) + 1):
+            for name in self.buckets[k]:
+                if best is not None and (k, name) >= best:
+                    break
+                if name not in excluded and name not in weighed and self._fits_besides(self.nodes[name], spec, freed):
+                    best = (k, name)
+                    break
+        return None if best is None else best[1]
+
+    @staticmethod
+    def _fits_besides(n: Node, spec: JobSpec, freed: Freed | None) -> bool:
+        """Enough free CPUs and memory for one worker (with what victims free there)."""
+        if freed is None:
+            return n.free_cpus >= spec.cpus and n.free_mem >= spec.memory_gb
+        return (n.free_cpus + freed.cpus.get(n.name, 0.0) >= spec.cpus
+                and n.free_mem + freed.mem.get(n.name, 0.0) >= spec.memory_gb)
 
     def _room(self, gpus: int, excluded: Collection[str], freed: Freed | None) -> dict[str, list[float]]:
         """Free GPUs, CPUs and memory of the up nodes that could take a worker of `gpus` GPUs."""
