@@ -1,13 +1,18 @@
 """Engine at scale: 1,000 nodes x 8 GPUs, 1,000 leaf queues under 10 departments, 50,000 saturating jobs.
 
-Usage: python benchmarks/engine_scale.py [--jobs N] [--nodes N] [--profile]
-Prints admissions per second over the whole replay and the time the engine takes to decide after one event.
+Usage: python benchmarks/engine_scale.py [--jobs N] [--nodes N] [--min-runtime S] [--profile | --digest]
+Prints admissions per second over the whole replay and the time the engine takes to decide after one event;
+--digest prints the SHA-256 of the replay's event log instead, to check that a change to the engine changes no
+decision (run it before and after).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
+import hashlib
+import json
 import platform
 import pstats
 import random
@@ -54,9 +59,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=50_000)
     ap.add_argument("--nodes", type=int, default=1_000)
+    ap.add_argument("--min-runtime", type=float, default=0.0)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--digest", action="store_true")
     args = ap.parse_args()
     w = world(args.jobs, args.nodes)
+    w = dataclasses.replace(w, settings=dataclasses.replace(w.settings, min_runtime=args.min_runtime))
+    if args.digest:
+        log = Simulation(w, "corral", log_fair_share=False).run()
+        print(hashlib.sha256(json.dumps(log, sort_keys=True).encode()).hexdigest(), len(log["events"]), "events")
+        return
     sim = Simulation(w, "corral", log_fair_share=False)
     engine = sim.engine
     latencies: list[float] = []
