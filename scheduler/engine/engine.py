@@ -33,8 +33,9 @@ class Reservation:
 
     @property
     def key(self) -> tuple[object, ...]:
-        """What a stuck queue's answer depends on: the job held for and its nodes."""
-        return (self.job.id, self.nodes)
+        """Which jobs it holds nodes against (see excludes). A stuck queue's answer depends on that, and on the
+        nodes held only as far as a node let go gives room back (PoolState.reserved_for)."""
+        return (self.job.id, self.within_quota)
 
     def excludes(self, job: Job, within_quota: bool) -> frozenset[str]:
         """Nodes `job` may not use. Guarantees beat the guard: a job within quota may use nodes held for a
@@ -224,7 +225,7 @@ class Engine:
         started: list[Job] = []
         preempted = False
         ps.freeze()
-        ps.reserved_for(None if res is None else res.key)
+        ps.reserved_for(None if res is None else res.key, frozenset() if res is None else res.nodes)
         try:
             cursor = iter(ps.order)
             nxt = next(cursor, None)
@@ -256,8 +257,8 @@ class Engine:
                             preempted |= self._apply(ps, found, now, out, started)
                     break
                 stuck = ps.asleep.get(name)
-                if stuck is not None and (stuck.freed == ps.pool.freed or not self._may_fit_any(ps, stuck)):
-                    stuck.freed = ps.pool.freed  # what _try_queue would find, read for less
+                if stuck is not None and (stuck.freed == ps.grown or not self._may_fit_any(ps, stuck)):
+                    stuck.freed = ps.grown  # what _try_queue would find, read for less
                     moved[name] = -1
                     continue
                 q = self.tree[name]
@@ -268,7 +269,7 @@ class Engine:
                 preempted |= self._apply(ps, found, now, out, started)
                 if res is not None and found[0] is res.job:
                     res = None
-                    ps.reserved_for(None)
+                    ps.reserved_for(None, frozenset())
                 for changed in {name} | {v.job.spec.queue for v in found[1].victims}:
                     if moved.get(changed) == -1 or changed not in ps.pending:
                         continue
@@ -317,12 +318,12 @@ class Engine:
         stuck = ps.stuck.get(q.name)
         if stuck is not None and stuck.own == own:
             if stuck.needs is None:
-                if stuck.share == share and stuck.freed == ps.pool.freed and stuck.victims == self._victims_state(
+                if stuck.share == share and stuck.freed == ps.grown and stuck.victims == self._victims_state(
                         ps, now):
                     return None
             elif (stuck.share == share or ps.usage[q.name] + ps.min_pending(q.name) > share) and (
-                    stuck.freed == ps.pool.freed or not self._may_fit_any(ps, stuck)):
-                stuck.freed = ps.pool.freed  # no GPU released, or none it could use
+                    stuck.freed == ps.grown or not self._may_fit_any(ps, stuck)):
+                stuck.freed = ps.grown  # no GPU released, or none it could use
                 ps.asleep[q.name] = stuck
                 return None
         if not self._may_start_any(ps, q, res):
@@ -355,7 +356,7 @@ class Engine:
                 # With its own lower-priority jobs counted in, only the GPU total is a necessary condition.
                 room_only = None if mine is None else [*room_only, (
                     job.request, job.spec.gpus, job.spec.workers) if mine == 0 else (job.request - mine, 0, 0)]
-        stuck = Stuck(own, share, ps.pool.freed, None if room_only is not None else self._victims_state(ps, now),
+        stuck = Stuck(own, share, ps.grown, None if room_only is not None else self._victims_state(ps, now),
                       room_only)
         ps.stuck[q.name] = stuck
         if room_only is None:
@@ -482,11 +483,13 @@ class Engine:
         """The nodes closest to holding the job (most free GPUs first): nothing else lands on them."""
         chosen: list[str] = []
         left = h.spec.workers
-        for n in sorted((n for n in ps.pool.nodes.values() if n.up), key=lambda n: (-len(n.free), n.name)):
-            if left <= 0:
-                break
-            take = workers_per_node(h.spec, n.spec.gpus, n.spec.cpus, n.spec.memory_gb)
-            if take > 0:
-                chosen.append(n.name)
-                left -= take
+        for bucket in reversed(ps.pool.buckets):  # up nodes by free GPUs, most first, then by name
+            for name in bucket:
+                if left <= 0:
+                    return frozenset(chosen)
+                spec = ps.pool.nodes[name].spec
+                take = workers_per_node(h.spec, spec.gpus, spec.cpus, spec.memory_gb)
+                if take > 0:
+                    chosen.append(name)
+                    left -= take
         return frozenset(chosen)

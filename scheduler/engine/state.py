@@ -28,7 +28,7 @@ class Stuck:
 
     own: tuple[object, ...]  # its jobs and usage (version), the reservation, its jobs' tiers lifted
     share: float  # its fair share then
-    freed: int  # the pool's GPU releases then
+    freed: int  # PoolState.grown then
     victims: tuple[object, ...] | None  # what else its preemption plans read; None: no job of it could preempt
     # Per shape tried, when none could preempt in other queues, what it needs free: (GPUs, GPUs per worker,
     # workers)
@@ -110,7 +110,9 @@ class PoolState:
         # Leaves stuck for want of free room alone, whose jobs, share and reservation have not changed since:
         # a change to any of them wakes the queue (removes it here).
         self.asleep: dict[str, Stuck] = {}
-        self._asleep_under: tuple[object, ...] | None = None  # the reservation they sleep under
+        self._asleep_under: tuple[object, ...] | None = None  # the reservation they sleep under (Reservation.key)
+        self._reserved: frozenset[str] = frozenset()  # the nodes it holds
+        self.unreserved = 0  # bumps when a node held by the reservation is let go
 
     # ----- pending -----
 
@@ -315,11 +317,21 @@ class PoolState:
             self._key[name] = key
             self.order.add((key, name))
 
-    def reserved_for(self, under: tuple[object, ...] | None) -> None:
-        """The reservation a pass runs under (Reservation.key): another one wakes every sleeping queue."""
+    @property
+    def grown(self) -> int:
+        """Bumps whenever room may have grown for a job: GPUs released, a node up, a node no longer reserved."""
+        return self.pool.freed + self.unreserved
+
+    def reserved_for(self, under: tuple[object, ...] | None, nodes: frozenset[str]) -> None:
+        """The reservation a pass runs under (Reservation.key, and the nodes it holds): another one wakes every
+        sleeping queue; the same one letting a node go is room given back, like a release."""
         if under != self._asleep_under:
             self.asleep.clear()
             self._asleep_under = under
+            self.unreserved += 1
+        elif not nodes >= self._reserved:
+            self.unreserved += 1
+        self._reserved = nodes
 
     def over_limit(self, q: Queue, request: int, freed: Counter[str] | None = None) -> tuple[Queue, int] | None:
         """The first queue on q's path whose limit `request` more GPUs would break, with its usage."""
