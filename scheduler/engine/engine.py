@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from quotas import QueueTree
@@ -30,12 +30,6 @@ class Reservation:
     job: Job
     nodes: frozenset[str]
     within_quota: bool
-
-    @property
-    def key(self) -> tuple[object, ...]:
-        """Which jobs it holds nodes against (see excludes). A stuck queue's answer depends on that, and on the
-        nodes held only as far as a node let go gives room back (PoolState.reserved_for)."""
-        return (self.job.id, self.within_quota)
 
     def excludes(self, job: Job, within_quota: bool) -> frozenset[str]:
         """Nodes `job` may not use. Guarantees beat the guard: a job within quota may use nodes held for a
@@ -225,7 +219,7 @@ class Engine:
         started: list[Job] = []
         preempted = False
         ps.freeze()
-        ps.reserved_for(None if res is None else res.key, frozenset() if res is None else res.nodes)
+        self._reserve(ps, res)
         try:
             cursor = iter(ps.order)
             nxt = next(cursor, None)
@@ -257,7 +251,7 @@ class Engine:
                             preempted |= self._apply(ps, found, now, out, started)
                     break
                 stuck = ps.asleep.get(name)
-                if stuck is not None and (stuck.freed == ps.grown or not self._may_fit_any(ps, stuck)):
+                if stuck is not None and (stuck.freed == ps.grown or not self._may_fit_any(ps, stuck, name)):
                     stuck.freed = ps.grown  # what _try_queue would find, read for less
                     moved[name] = -1
                     continue
@@ -269,7 +263,7 @@ class Engine:
                 preempted |= self._apply(ps, found, now, out, started)
                 if res is not None and found[0] is res.job:
                     res = None
-                    ps.reserved_for(None, frozenset())
+                    self._reserve(ps, res)
                 for changed in {name} | {v.job.spec.queue for v in found[1].victims}:
                     if moved.get(changed) == -1 or changed not in ps.pending:
                         continue
@@ -278,6 +272,13 @@ class Engine:
         finally:
             ps.thaw()
         return started, preempted
+
+    @staticmethod
+    def _reserve(ps: PoolState, res: Reservation | None) -> None:
+        if res is None:
+            ps.reserved_for(None, frozenset(), False)
+        else:
+            ps.reserved_for(res.job.spec.queue, res.nodes, res.within_quota)
 
     @staticmethod
     def _usable_free(ps: PoolState, res: Reservation | None, queue: str) -> int:
@@ -313,7 +314,7 @@ class Engine:
         # below its usage plus its smallest request gives that tier to none of its jobs.
         # A queue stuck for want of free room alone sleeps (PoolState.asleep) until one of those changes, so
         # that _pass skips it for less.
-        own = (ps.version[q.name], None if res is None else res.key, self._lifted[q.name])
+        own = (ps.version[q.name], res is not None and res.job.spec.queue == q.name, self._lifted[q.name])
         share = ps.shares().get(q.name, 0.0)
         stuck = ps.stuck.get(q.name)
         if stuck is not None and stuck.own == own:
@@ -322,7 +323,7 @@ class Engine:
                         ps, now):
                     return None
             elif (stuck.share == share or ps.usage[q.name] + ps.min_pending(q.name) > share) and (
-                    stuck.freed == ps.grown or not self._may_fit_any(ps, stuck)):
+                    stuck.freed == ps.grown or not self._may_fit_any(ps, stuck, q.name)):
                 stuck.freed = ps.grown  # no GPU released, or none it could use
                 ps.asleep[q.name] = stuck
                 return None
@@ -330,7 +331,7 @@ class Engine:
             return None
         tried: set[tuple[object, ...]] = set()
         # Each shape tried, while none may take GPUs from other queues: what it needs free (see Stuck.needs).
-        room_only: list[tuple[int, int, int]] | None = []
+        room_only: list[tuple[int, int, int, bool | None]] | None = []
         # Once every shape of the queue has been tried (jobs preempted at this instant are asked differently, see
         # _admit), the jobs left can only repeat an answer: a long backlog is not walked to its end.
         shapes, plain = len(ps.pending_shapes[q.name]), 0
@@ -354,8 +355,10 @@ class Engine:
             plain += not now_preempted
             if room_only is not None:
                 # With its own lower-priority jobs counted in, only the GPU total is a necessary condition.
+                within = ps.usage[q.name] + job.request <= q.quota_of(ps.name)
                 room_only = None if mine is None else [*room_only, (
-                    job.request, job.spec.gpus, job.spec.workers) if mine == 0 else (job.request - mine, 0, 0)]
+                    job.request, job.spec.gpus, job.spec.workers, within) if mine == 0 else (
+                    job.request - mine, 0, 0, None)]
         stuck = Stuck(own, share, ps.grown, None if room_only is not None else self._victims_state(ps, now),
                       room_only)
         ps.stuck[q.name] = stuck
@@ -371,16 +374,31 @@ class Engine:
         return ps.victims_grew, ps.shares_version, now if self.settings.min_runtime > 0 else None
 
     @classmethod
-    def _may_fit_any(cls, ps: PoolState, stuck: Stuck) -> bool:
-        """Could any shape a room-only queue tried fit the free GPUs now?"""
+    def _may_fit_any(cls, ps: PoolState, stuck: Stuck, queue: str) -> bool:
+        """Could any shape the room-only queue `queue` tried fit the free GPUs now, outside the nodes the
+        reservation keeps from it (Reservation.excludes)?"""
         assert stuck.needs is not None
-        return ps.pool.free_gpus >= stuck.least and any(cls._may_fit(ps, *need) for need in stuck.needs)
+        if ps.pool.free_gpus < stuck.least:
+            return False
+        held_for, held, held_within = ps.reserved
+        for request, gpus, workers, within in stuck.needs:
+            kept = held if within is not None and held_for != queue and not (within and not held_within) else ()
+            if cls._may_fit(ps, request, gpus, workers, kept):
+                return True
+        return False
 
     @staticmethod
-    def _may_fit(ps: PoolState, request: int, gpus: int, workers: int) -> bool:
-        """A necessary condition for placing a job on free GPUs alone: enough of them, and room on the nodes
-        for `workers` workers of `gpus` GPUs each."""
-        return ps.pool.free_gpus >= request and ps.pool.worker_slots(gpus, workers) >= workers
+    def _may_fit(ps: PoolState, request: int, gpus: int, workers: int, kept: Collection[str] = ()) -> bool:
+        """A necessary condition for placing a job on free GPUs alone, off the nodes `kept`: enough of them, and
+        room on the nodes for `workers` workers of `gpus` GPUs each."""
+        pool, kept_free, kept_slots = ps.pool, 0, 0
+        for name in kept:
+            n = pool.nodes[name]
+            if n.up:
+                kept_free += len(n.free)
+                kept_slots += len(n.free) // gpus if gpus > 0 else 0
+        return (pool.free_gpus - kept_free >= request
+                and pool.worker_slots(gpus, workers + kept_slots) - kept_slots >= workers)
 
     def _may_start_any(self, ps: PoolState, q: Queue, res: Reservation | None) -> bool:
         """A cheap necessary condition, so that a full pool does not walk every pending job of every queue."""
@@ -404,8 +422,8 @@ class Engine:
         within = ps.usage[q.name] + job.request <= q.quota_of(pool)
         excluded = res.excludes(job, within) if res is not None else frozenset()
         if ps.over_limit(q, job.request) is None and (within or spec.preemptible):
-            nodes = ps.pool.place(spec, excluded) if self._may_fit(ps, job.request, spec.gpus, spec.workers) \
-                else None
+            nodes = ps.pool.place(spec, excluded) if self._may_fit(ps, job.request, spec.gpus, spec.workers,
+                                                                   excluded) else None
             if nodes is not None:
                 return Plan([], nodes), 0
         if not self.preemption:

@@ -26,13 +26,13 @@ QueueKey = tuple[float, float, str]
 class Stuck:
     """A leaf queue that found nothing to start, and what that answer depended on (see Engine._try_queue)."""
 
-    own: tuple[object, ...]  # its jobs and usage (version), the reservation, its jobs' tiers lifted
+    own: tuple[object, ...]  # its jobs and usage (version), whether the reservation is its, its jobs' tiers lifted
     share: float  # its fair share then
     freed: int  # PoolState.grown then
     victims: tuple[object, ...] | None  # what else its preemption plans read; None: no job of it could preempt
     # Per shape tried, when none could preempt in other queues, what it needs free: (GPUs, GPUs per worker,
-    # workers)
-    needs: list[tuple[int, int, int]] | None
+    # workers, whether it is within quota; None: nodes the reservation holds count, see Engine._may_fit_any)
+    needs: list[tuple[int, int, int, bool | None]] | None
     least: float = field(init=False)  # the fewest GPUs any of those needs
 
     def __post_init__(self) -> None:
@@ -107,12 +107,13 @@ class PoolState:
         self._clear = ClearIndex()
         # Leaf -> what it depended on when it last found nothing to start (the engine's memo).
         self.stuck: dict[str, Stuck] = {}
-        # Leaves stuck for want of free room alone, whose jobs, share and reservation have not changed since:
-        # a change to any of them wakes the queue (removes it here).
+        # Leaves stuck for want of free room alone, whose jobs have not changed since: a change to them, a share
+        # that could give one of them the fair-share tier, or the reservation becoming or ceasing to be theirs,
+        # wakes the queue (removes it here).
         self.asleep: dict[str, Stuck] = {}
-        self._asleep_under: tuple[object, ...] | None = None  # the reservation they sleep under (Reservation.key)
-        self._reserved: frozenset[str] = frozenset()  # the nodes it holds
-        self.unreserved = 0  # bumps when a node held by the reservation is let go
+        # The reservation the last pass ran under: its job's queue, the nodes it holds, whether it is within quota.
+        self.reserved: tuple[str | None, frozenset[str], bool] = (None, frozenset(), False)
+        self.unreserved = 0  # bumps when the reservation may have let a job use a node it kept it from
 
     # ----- pending -----
 
@@ -224,7 +225,10 @@ class PoolState:
         moved = (set(shares) if old is None else self.fs.changed) | self._missed
         self._missed = set()
         for name in moved:
-            self.asleep.pop(name, None)
+            stuck = self.asleep.get(name)
+            if stuck is not None and stuck.share != shares.get(name, 0.0) and (
+                    self.usage[name] + self.min_pending(name) <= shares.get(name, 0.0)):
+                del self.asleep[name]  # the fair-share tier may now apply to one of its jobs (Engine._try_queue)
             self._clear.queue_changed(name)
             if name in self.running:
                 self._mark_share(self.tree[name])
@@ -322,16 +326,19 @@ class PoolState:
         """Bumps whenever room may have grown for a job: GPUs released, a node up, a node no longer reserved."""
         return self.pool.freed + self.unreserved
 
-    def reserved_for(self, under: tuple[object, ...] | None, nodes: frozenset[str]) -> None:
-        """The reservation a pass runs under (Reservation.key, and the nodes it holds): another one wakes every
-        sleeping queue; the same one letting a node go is room given back, like a release."""
-        if under != self._asleep_under:
-            self.asleep.clear()
-            self._asleep_under = under
+    def reserved_for(self, queue: str | None, nodes: frozenset[str], within_quota: bool) -> None:
+        """The reservation a pass runs under (see Reservation.excludes). A stuck queue's answer depends on it
+        only through whether it is the queue's own, and through the nodes kept from the queue's jobs: more kept
+        only takes room away, while a node let go, or nodes no longer kept from jobs within quota, give room
+        back, like a release."""
+        old_queue, old_nodes, old_within = self.reserved
+        if queue != old_queue:
+            for name in (old_queue, queue):
+                if name is not None:
+                    self.asleep.pop(name, None)
+        if not nodes >= old_nodes or (old_within and not within_quota and old_nodes):
             self.unreserved += 1
-        elif not nodes >= self._reserved:
-            self.unreserved += 1
-        self._reserved = nodes
+        self.reserved = (queue, nodes, within_quota)
 
     def over_limit(self, q: Queue, request: int, freed: Counter[str] | None = None) -> tuple[Queue, int] | None:
         """The first queue on q's path whose limit `request` more GPUs would break, with its usage."""
