@@ -324,14 +324,14 @@ class Engine:
                     return None
             elif (stuck.share == share or ps.usage[q.name] + ps.min_pending(q.name) > share) and (
                     stuck.freed == ps.grown or not self._may_fit_any(ps, stuck, q.name)):
-                stuck.freed = ps.grown  # no GPU released, or none it could use
+                stuck.freed = ps.grown  # no room given back, or none it could use
                 ps.asleep[q.name] = stuck
                 return None
         if not self._may_start_any(ps, q, res):
             return None
         tried: set[tuple[object, ...]] = set()
         # Each shape tried, while none may take GPUs from other queues: what it needs free (see Stuck.needs).
-        room_only: list[tuple[int, int, int, bool | None]] | None = []
+        room_only: list[tuple[int, int, int, bool, tuple[tuple[str, int], ...]]] | None = []
         # Once every shape of the queue has been tried (jobs preempted at this instant are asked differently, see
         # _admit), the jobs left can only repeat an answer: a long backlog is not walked to its end.
         shapes, plain = len(ps.pending_shapes[q.name]), 0
@@ -354,11 +354,10 @@ class Engine:
             tried.add(shape)
             plain += not now_preempted
             if room_only is not None:
-                # With its own lower-priority jobs counted in, only the GPU total is a necessary condition.
                 within = ps.usage[q.name] + job.request <= q.quota_of(ps.name)
                 room_only = None if mine is None else [*room_only, (
-                    job.request, job.spec.gpus, job.spec.workers, within) if mine == 0 else (
-                    job.request - mine, 0, 0, None)]
+                    job.request, job.spec.gpus, job.spec.workers, within, self._own_room(ps, q.name, job)
+                    if mine else ())]
         stuck = Stuck(own, share, ps.grown, None if room_only is not None else self._victims_state(ps, now),
                       room_only)
         ps.stuck[q.name] = stuck
@@ -381,24 +380,45 @@ class Engine:
         if ps.pool.free_gpus < stuck.least:
             return False
         held_for, held, held_within = ps.reserved
-        for request, gpus, workers, within in stuck.needs:
-            kept = held if within is not None and held_for != queue and not (within and not held_within) else ()
-            if cls._may_fit(ps, request, gpus, workers, kept):
+        for request, gpus, workers, within, own in stuck.needs:
+            kept = held if held_for != queue and not (within and not held_within) else ()
+            if cls._may_fit(ps, request, gpus, workers, kept, own):
                 return True
         return False
 
     @staticmethod
-    def _may_fit(ps: PoolState, request: int, gpus: int, workers: int, kept: Collection[str] = ()) -> bool:
-        """A necessary condition for placing a job on free GPUs alone, off the nodes `kept`: enough of them, and
-        room on the nodes for `workers` workers of `gpus` GPUs each."""
-        pool, kept_free, kept_slots = ps.pool, 0, 0
+    def _may_fit(ps: PoolState, request: int, gpus: int, workers: int, kept: Collection[str] = (),
+                 own: Iterable[tuple[str, int]] = ()) -> bool:
+        """A necessary condition for placing a job on free GPUs, off the nodes `kept`, with those its queue's
+        lower-priority work holds (`own`: node, GPUs) counted free: enough GPUs, and room for `workers` workers
+        of `gpus` GPUs each (what Preemption.priority_only_hopeless counts)."""
+        pool, added, gained, kept_slots = ps.pool, 0, 0, 0
+        for name, more in own:
+            n = pool.nodes[name]
+            if n.up and name not in kept:
+                added += more
+                if gpus > 0:
+                    gained += (len(n.free) + more) // gpus - len(n.free) // gpus
+        if pool.free_gpus + added < request:
+            return False
+        if gpus <= 0:
+            return True
         for name in kept:
             n = pool.nodes[name]
-            if n.up:
-                kept_free += len(n.free)
-                kept_slots += len(n.free) // gpus if gpus > 0 else 0
-        return (pool.free_gpus - kept_free >= request
-                and pool.worker_slots(gpus, workers + kept_slots) - kept_slots >= workers)
+            kept_slots += len(n.free) // gpus if n.up else 0
+        return pool.worker_slots(gpus, workers + kept_slots - gained) - kept_slots + gained >= workers
+
+    @staticmethod
+    def _own_room(ps: PoolState, queue: str, job: Job) -> tuple[tuple[str, int], ...]:
+        """GPUs per node held by the preemptible jobs of `queue` below `job`'s priority."""
+        more: Counter[str] = Counter()
+        for j in ps.running.get(queue, ()):
+            if j.spec.priority >= job.spec.priority:
+                break  # victim order: lowest priority first
+            if j.spec.preemptible:
+                for node, gpus in j.workers:
+                    more[node] += len(gpus)
+        return tuple(more.items())
 
     def _may_start_any(self, ps: PoolState, q: Queue, res: Reservation | None) -> bool:
         """A cheap necessary condition, so that a full pool does not walk every pending job of every queue."""

@@ -31,12 +31,14 @@ class Stuck:
     freed: int  # PoolState.grown then
     victims: tuple[object, ...] | None  # what else its preemption plans read; None: no job of it could preempt
     # Per shape tried, when none could preempt in other queues, what it needs free: (GPUs, GPUs per worker,
-    # workers, whether it is within quota; None: nodes the reservation holds count, see Engine._may_fit_any)
-    needs: list[tuple[int, int, int, bool | None]] | None
+    # workers, whether within quota, and the GPUs per node its queue's lower-priority work holds where only
+    # that work could make room; see Engine._may_fit_any)
+    needs: list[tuple[int, int, int, bool, tuple[tuple[str, int], ...]]] | None
     least: float = field(init=False)  # the fewest GPUs any of those needs
 
     def __post_init__(self) -> None:
-        self.least = min((n[0] for n in self.needs), default=math.inf) if self.needs is not None else math.inf
+        self.least = math.inf if self.needs is None else min(
+            (n[0] - sum(m for _, m in n[4]) for n in self.needs), default=math.inf)
 
 
 def victim_key(j: Job) -> tuple[int, float, int, str]:
