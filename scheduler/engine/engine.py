@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from quotas import QueueTree
@@ -16,9 +16,10 @@ from quotas.tree import Queue
 from scheduler.engine.cluster import Pool, workers_per_node
 from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
 from scheduler.engine.explain import explain_pending, rejection
+from scheduler.engine.memo import Need, Stuck, may_fit, may_fit_any, own_room
 from scheduler.engine.model import Job, JobSpec, JobState, NodeSpec, Reason, Settings
 from scheduler.engine.preemption import CAUSE, PRIORITY, Plan, Preemption, tiers_for
-from scheduler.engine.state import PoolState, Stuck
+from scheduler.engine.state import PoolState
 
 MAX_PASSES = 1000  # passes repeat only while skipped queues may have gained; this bounds a pathological loop
 
@@ -251,7 +252,8 @@ class Engine:
                             preempted |= self._apply(ps, found, now, out, started)
                     break
                 stuck = ps.asleep.get(name)
-                if stuck is not None and (stuck.freed == ps.grown or not self._may_fit_any(ps, stuck, name)):
+                if stuck is not None and (
+                        stuck.freed == ps.grown or not may_fit_any(ps.pool, ps.reserved, stuck, name)):
                     stuck.freed = ps.grown  # what _try_queue would find, read for less
                     moved[name] = -1
                     continue
@@ -304,16 +306,14 @@ class Engine:
 
     def _try_queue(self, ps: PoolState, q: Queue, now: float, res: Reservation | None) -> tuple[Job, Plan] | None:
         """The first job of `q`, in queue order, that can start now (best-effort FIFO)."""
-        # A queue that found nothing stays stuck until something could help it: a change to its own jobs or
-        # share, another reservation, its preempted jobs' tiers back at a new instant; and, where one of its
-        # jobs could preempt, room freed anywhere, more to take back, new shares or (with min_runtime) a new
-        # instant. Where none could, other queues' shares and victims do not matter: only free room, and
-        # after GPU releases only when one of its jobs could fit in it (a job that only its own lower-priority
-        # work could make room for: when the free GPUs plus those that work holds add up to its request).
-        # Where no job could preempt, its share matters only through the fair-share tier: a new share still
-        # below its usage plus its smallest request gives that tier to none of its jobs.
-        # A queue stuck for want of free room alone sleeps (PoolState.asleep) until one of those changes, so
-        # that _pass skips it for less.
+        # A queue that found nothing stays stuck (see memo.py) until something could help it: a change to its
+        # own jobs or share, the reservation becoming or ceasing to be its own, its preempted jobs' tiers back
+        # at a new instant; and, where one of its jobs could preempt, room given back anywhere (PoolState.grown:
+        # GPUs released, nodes the reservation let go), more to take back, new shares or (with min_runtime) a
+        # new instant. Where none could, other queues' shares and victims do not matter: only room given back
+        # where one of its jobs could then fit (memo.may_fit_any), and its own share only through the
+        # fair-share tier: a new share still below its usage plus its smallest request gives that tier to none
+        # of its jobs. Such a queue sleeps (PoolState.asleep), so that _pass skips it for less.
         own = (ps.version[q.name], res is not None and res.job.spec.queue == q.name, self._lifted[q.name])
         share = ps.shares().get(q.name, 0.0)
         stuck = ps.stuck.get(q.name)
@@ -323,7 +323,7 @@ class Engine:
                         ps, now):
                     return None
             elif (stuck.share == share or ps.usage[q.name] + ps.min_pending(q.name) > share) and (
-                    stuck.freed == ps.grown or not self._may_fit_any(ps, stuck, q.name)):
+                    stuck.freed == ps.grown or not may_fit_any(ps.pool, ps.reserved, stuck, q.name)):
                 stuck.freed = ps.grown  # no room given back, or none it could use
                 ps.asleep[q.name] = stuck
                 return None
@@ -331,7 +331,7 @@ class Engine:
             return None
         tried: set[tuple[object, ...]] = set()
         # Each shape tried, while none may take GPUs from other queues: what it needs free (see Stuck.needs).
-        room_only: list[tuple[int, int, int, bool, tuple[tuple[str, int], ...]]] | None = []
+        room_only: list[Need] | None = []
         # Once every shape of the queue has been tried (jobs preempted at this instant are asked differently, see
         # _admit), the jobs left can only repeat an answer: a long backlog is not walked to its end.
         shapes, plain = len(ps.pending_shapes[q.name]), 0
@@ -348,16 +348,16 @@ class Engine:
             shape = (*job.shape(), now_preempted)
             if shape in tried:
                 continue  # same ask, same answer
-            plan, mine = self._admit(ps, job, q, now, res)
+            plan, only_own = self._admit(ps, job, q, now, res)
             if plan is not None:
                 return job, plan
             tried.add(shape)
             plain += not now_preempted
             if room_only is not None:
                 within = ps.usage[q.name] + job.request <= q.quota_of(ps.name)
-                room_only = None if mine is None else [*room_only, (
-                    job.request, job.spec.gpus, job.spec.workers, within, self._own_room(ps, q.name, job)
-                    if mine else ())]
+                room_only = None if only_own is None else [*room_only, (
+                    job.request, job.spec.gpus, job.spec.workers, within,
+                    own_room(ps.running.get(q.name, ()), job) if only_own else ())]
         stuck = Stuck(own, share, ps.grown, None if room_only is not None else self._victims_state(ps, now),
                       room_only)
         ps.stuck[q.name] = stuck
@@ -371,54 +371,6 @@ class Engine:
         """What else a preemption plan depends on: what there is to take back, the shares, and (with
         min_runtime) the time."""
         return ps.victims_grew, ps.shares_version, now if self.settings.min_runtime > 0 else None
-
-    @classmethod
-    def _may_fit_any(cls, ps: PoolState, stuck: Stuck, queue: str) -> bool:
-        """Could any shape the room-only queue `queue` tried fit the free GPUs now, outside the nodes the
-        reservation keeps from it (Reservation.excludes)?"""
-        assert stuck.needs is not None
-        if ps.pool.free_gpus < stuck.least:
-            return False
-        held_for, held, held_within = ps.reserved
-        for request, gpus, workers, within, own in stuck.needs:
-            kept = held if held_for != queue and not (within and not held_within) else ()
-            if cls._may_fit(ps, request, gpus, workers, kept, own):
-                return True
-        return False
-
-    @staticmethod
-    def _may_fit(ps: PoolState, request: int, gpus: int, workers: int, kept: Collection[str] = (),
-                 own: Iterable[tuple[str, int]] = ()) -> bool:
-        """A necessary condition for placing a job on free GPUs, off the nodes `kept`, with those its queue's
-        lower-priority work holds (`own`: node, GPUs) counted free: enough GPUs, and room for `workers` workers
-        of `gpus` GPUs each (what Preemption.priority_only_hopeless counts)."""
-        pool, added, gained, kept_slots = ps.pool, 0, 0, 0
-        for name, more in own:
-            n = pool.nodes[name]
-            if n.up and name not in kept:
-                added += more
-                if gpus > 0:
-                    gained += (len(n.free) + more) // gpus - len(n.free) // gpus
-        if pool.free_gpus + added < request:
-            return False
-        if gpus <= 0:
-            return True
-        for name in kept:
-            n = pool.nodes[name]
-            kept_slots += len(n.free) // gpus if n.up else 0
-        return pool.worker_slots(gpus, workers + kept_slots - gained) - kept_slots + gained >= workers
-
-    @staticmethod
-    def _own_room(ps: PoolState, queue: str, job: Job) -> tuple[tuple[str, int], ...]:
-        """GPUs per node held by the preemptible jobs of `queue` below `job`'s priority."""
-        more: Counter[str] = Counter()
-        for j in ps.running.get(queue, ()):
-            if j.spec.priority >= job.spec.priority:
-                break  # victim order: lowest priority first
-            if j.spec.preemptible:
-                for node, gpus in j.workers:
-                    more[node] += len(gpus)
-        return tuple(more.items())
 
     def _may_start_any(self, ps: PoolState, q: Queue, res: Reservation | None) -> bool:
         """A cheap necessary condition, so that a full pool does not walk every pending job of every queue."""
@@ -434,31 +386,31 @@ class Engine:
         return u + need <= q.quota_of(pool) or u + need <= ps.shares().get(q.name, 0.0)
 
     def _admit(self, ps: PoolState, job: Job, q: Queue, now: float,
-               res: Reservation | None) -> tuple[Plan | None, int | None]:
-        """A plan to start `job` now, or None; and, when no plan, what else could start it while its queue,
-        its share and the reservation stay as they are: None, preemption in other queues; else only free
-        GPUs plus this many held by its own lower-priority jobs (0: free room alone)."""
+               res: Reservation | None) -> tuple[Plan | None, bool | None]:
+        """A plan to start `job` now, or None; and, when no plan, what else could start it while its queue and
+        its share stay as they are: None, preemption in other queues; True, free GPUs with those its queue's
+        lower-priority work holds; False, free GPUs alone."""
         spec, pool = job.spec, ps.name
         within = ps.usage[q.name] + job.request <= q.quota_of(pool)
         excluded = res.excludes(job, within) if res is not None else frozenset()
         if ps.over_limit(q, job.request) is None and (within or spec.preemptible):
-            nodes = ps.pool.place(spec, excluded) if self._may_fit(ps, job.request, spec.gpus, spec.workers,
-                                                                   excluded) else None
+            nodes = ps.pool.place(spec, excluded) if may_fit(ps.pool, job.request, spec.gpus, spec.workers,
+                                                             excluded) else None
             if nodes is not None:
-                return Plan([], nodes), 0
+                return Plan([], nodes), False
         if not self.preemption:
-            return None, 0
+            return None, False
         tiers = tiers_for(ps, job, q)
         if job.id in self._preempted_now:
             # Preempted at this instant: it may not take GPUs back across queues now (that could go back
             # and forth forever), only from lower-priority jobs of its own queue.
             tiers &= {PRIORITY}
         if not tiers:
-            return None, 0
+            return None, False
         preemption = Preemption(ps, job, q, excluded, lambda j: self._young(j, now), tiers,
                                 quiet=self.settings.min_runtime <= 0)
         if tiers == {PRIORITY} and preemption.priority_only_hopeless():
-            return None, ps.mixed[q.name]
+            return None, True
         return preemption.plan(), None
 
     def _young(self, j: Job, now: float) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
@@ -17,28 +16,10 @@ from quotas import PoolShares, QueueTree
 from quotas.tree import Queue
 from scheduler.engine.clearable import ClearIndex
 from scheduler.engine.cluster import Pool
+from scheduler.engine.memo import Stuck
 from scheduler.engine.model import Job
 
 QueueKey = tuple[float, float, str]
-
-
-@dataclass(slots=True)
-class Stuck:
-    """A leaf queue that found nothing to start, and what that answer depended on (see Engine._try_queue)."""
-
-    own: tuple[object, ...]  # its jobs and usage (version), whether the reservation is its, its jobs' tiers lifted
-    share: float  # its fair share then
-    freed: int  # PoolState.grown then
-    victims: tuple[object, ...] | None  # what else its preemption plans read; None: no job of it could preempt
-    # Per shape tried, when none could preempt in other queues, what it needs free: (GPUs, GPUs per worker,
-    # workers, whether within quota, and the GPUs per node its queue's lower-priority work holds where only
-    # that work could make room; see Engine._may_fit_any)
-    needs: list[tuple[int, int, int, bool, tuple[tuple[str, int], ...]]] | None
-    least: float = field(init=False)  # the fewest GPUs any of those needs
-
-    def __post_init__(self) -> None:
-        self.least = math.inf if self.needs is None else min(
-            (n[0] - sum(m for _, m in n[4]) for n in self.needs), default=math.inf)
 
 
 def victim_key(j: Job) -> tuple[int, float, int, str]:

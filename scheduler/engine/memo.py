@@ -1,0 +1,86 @@
+"""The memo of stuck queues: what a queue's "nothing to start" depended on, and when free room could help it again.
+
+A queue that found nothing to start is not asked again until something its answer read has changed (see
+Engine._try_queue). Where none of its jobs could preempt in other queues, only room given back matters, and
+then only where one of the shapes it tried could fit: the tests here are necessary conditions for that fit,
+cheap enough to run for every sleeping queue after every release.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+from scheduler.engine.cluster import Pool
+from scheduler.engine.model import Job
+
+# One shape a room-only queue tried: (GPUs, GPUs per worker, workers, whether within its quota, and where only
+# its own lower-priority work could make room, the GPUs that work holds per node).
+Need = tuple[int, int, int, bool, tuple[tuple[str, int], ...]]
+
+
+@dataclass(slots=True)
+class Stuck:
+    """A leaf queue that found nothing to start, and what that answer depended on."""
+
+    own: tuple[object, ...]  # its jobs and usage (version), whether the reservation is its, its jobs' tiers lifted
+    share: float  # its fair share then
+    freed: int  # PoolState.grown then
+    victims: tuple[object, ...] | None  # what else its preemption plans read; None: no job of it could preempt
+    needs: list[Need] | None  # when none could preempt in other queues, the shapes it tried
+    least: float = field(init=False)  # the fewest free GPUs any of those could start with
+
+    def __post_init__(self) -> None:
+        self.least = math.inf if self.needs is None else min(
+            (n[0] - sum(m for _, m in n[4]) for n in self.needs), default=math.inf)
+
+
+def may_fit_any(pool: Pool, reserved: tuple[str | None, frozenset[str], bool], stuck: Stuck, queue: str) -> bool:
+    """Could any shape the room-only queue `queue` tried fit now, off the nodes the reservation (PoolState.reserved)
+    keeps from it (Reservation.excludes)?"""
+    assert stuck.needs is not None
+    if pool.free_gpus < stuck.least:
+        return False
+    held_for, held, held_within = reserved
+    for request, gpus, workers, within, own in stuck.needs:
+        kept = held if held_for != queue and not (within and not held_within) else ()
+        if may_fit(pool, request, gpus, workers, kept, own):
+            return True
+    return False
+
+
+def may_fit(pool: Pool, request: int, gpus: int, workers: int, kept: Collection[str] = (),
+            own: Iterable[tuple[str, int]] = ()) -> bool:
+    """A necessary condition for placing a job on free GPUs, off the nodes `kept`, with those its queue's
+    lower-priority work holds (`own`: node, GPUs) counted free: enough GPUs, and room for `workers` workers of
+    `gpus` GPUs each (what Preemption.priority_only_hopeless counts)."""
+    added, gained, kept_slots = 0, 0, 0
+    for name, more in own:
+        n = pool.nodes[name]
+        if n.up and name not in kept:
+            added += more
+            if gpus > 0:
+                gained += (len(n.free) + more) // gpus - len(n.free) // gpus
+    if pool.free_gpus + added < request:
+        return False
+    if gpus <= 0:
+        return True
+    for name in kept:
+        n = pool.nodes[name]
+        kept_slots += len(n.free) // gpus if n.up else 0
+    return pool.worker_slots(gpus, workers + kept_slots - gained) - kept_slots + gained >= workers
+
+
+def own_room(running: Iterable[Job], job: Job) -> tuple[tuple[str, int], ...]:
+    """GPUs per node held by the preemptible jobs of `running` (a queue's, in victim order) below `job`'s
+    priority."""
+    more: Counter[str] = Counter()
+    for j in running:
+        if j.spec.priority >= job.spec.priority:
+            break  # victim order: lowest priority first
+        if j.spec.preemptible:
+            for node, gpus in j.workers:
+                more[node] += len(gpus)
+    return tuple(more.items())
