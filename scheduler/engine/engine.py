@@ -16,7 +16,7 @@ from quotas.tree import Queue
 from scheduler.engine.cluster import Pool, workers_per_node
 from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
 from scheduler.engine.explain import explain_pending, rejection
-from scheduler.engine.memo import Need, Stuck, may_fit, may_fit_any, own_room
+from scheduler.engine.memo import Need, Stuck, may_fit, own_room
 from scheduler.engine.model import Job, JobSpec, JobState, NodeSpec, Reason, Settings
 from scheduler.engine.preemption import CAUSE, PRIORITY, Plan, Preemption, tiers_for
 from scheduler.engine.state import PoolState
@@ -252,9 +252,7 @@ class Engine:
                             preempted |= self._apply(ps, found, now, out, started)
                     break
                 stuck = ps.asleep.get(name)
-                if stuck is not None and (
-                        stuck.freed == ps.grown or not may_fit_any(ps.pool, ps.reserved, stuck, name)):
-                    stuck.freed = ps.grown  # what _try_queue would find, read for less
+                if stuck is not None and ps.room_still_short(stuck, name):  # what _try_queue finds, for less
                     moved[name] = -1
                     continue
                 q = self.tree[name]
@@ -311,7 +309,7 @@ class Engine:
         # at a new instant; and, where one of its jobs could preempt, room given back anywhere (PoolState.grown:
         # GPUs released, nodes the reservation let go), more to take back, new shares or (with min_runtime) a
         # new instant. Where none could, other queues' shares and victims do not matter: only room given back
-        # where one of its jobs could then fit (memo.may_fit_any), and its own share only through the
+        # where one of its jobs could then fit (PoolState.room_still_short), and its own share only through the
         # fair-share tier: a new share still below its usage plus its smallest request gives that tier to none
         # of its jobs. Such a queue sleeps (PoolState.asleep), so that _pass skips it for less.
         own = (ps.version[q.name], res is not None and res.job.spec.queue == q.name, self._lifted[q.name])
@@ -323,8 +321,7 @@ class Engine:
                         ps, now):
                     return None
             elif (stuck.share == share or ps.usage[q.name] + ps.min_pending(q.name) > share) and (
-                    stuck.freed == ps.grown or not may_fit_any(ps.pool, ps.reserved, stuck, q.name)):
-                stuck.freed = ps.grown  # no room given back, or none it could use
+                    ps.room_still_short(stuck, q.name)):
                 ps.asleep[q.name] = stuck
                 return None
         if not self._may_start_any(ps, q, res):
@@ -355,7 +352,7 @@ class Engine:
             plain += not now_preempted
             if room_only is not None:
                 within = ps.usage[q.name] + job.request <= q.quota_of(ps.name)
-                room_only = None if only_own is None else [*room_only, (
+                room_only = None if only_own is None else [*room_only, Need(
                     job.request, job.spec.gpus, job.spec.workers, within,
                     own_room(ps.running.get(q.name, ()), job) if only_own else ())]
         stuck = Stuck(own, share, ps.grown, None if room_only is not None else self._victims_state(ps, now),

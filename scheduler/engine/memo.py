@@ -12,13 +12,20 @@ import math
 from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from scheduler.engine.cluster import Pool
 from scheduler.engine.model import Job
 
-# One shape a room-only queue tried: (GPUs, GPUs per worker, workers, whether within its quota, and where only
-# its own lower-priority work could make room, the GPUs that work holds per node).
-Need = tuple[int, int, int, bool, tuple[tuple[str, int], ...]]
+
+class Need(NamedTuple):
+    """One shape a room-only queue tried."""
+
+    request: int  # GPUs
+    gpus: int  # per worker
+    workers: int
+    within: bool  # within its queue's quota (the reservation keeps fewer nodes from it, see Reservation.excludes)
+    own: tuple[tuple[str, int], ...]  # where only its queue's lower-priority work could make room: its GPUs per node
 
 
 @dataclass(slots=True)
@@ -34,7 +41,7 @@ class Stuck:
 
     def __post_init__(self) -> None:
         self.least = math.inf if self.needs is None else min(
-            (n[0] - sum(m for _, m in n[4]) for n in self.needs), default=math.inf)
+            (n.request - sum(m for _, m in n.own) for n in self.needs), default=math.inf)
 
 
 def may_fit_any(pool: Pool, reserved: tuple[str | None, frozenset[str], bool], stuck: Stuck, queue: str) -> bool:
@@ -55,7 +62,7 @@ def may_fit(pool: Pool, request: int, gpus: int, workers: int, kept: Collection[
             own: Iterable[tuple[str, int]] = ()) -> bool:
     """A necessary condition for placing a job on free GPUs, off the nodes `kept`, with those its queue's
     lower-priority work holds (`own`: node, GPUs) counted free: enough GPUs, and room for `workers` workers of
-    `gpus` GPUs each (what Preemption.priority_only_hopeless counts)."""
+    `gpus` GPUs each. With `own`, this is Preemption.priority_only_hopeless's test itself."""
     added, gained, kept_slots = 0, 0, 0
     for name, more in own:
         n = pool.nodes[name]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from quotas.tree import Queue
 from scheduler.engine.cluster import Freed
+from scheduler.engine.memo import may_fit, own_room
 from scheduler.engine.model import Job, Reason
 from scheduler.engine.state import PoolState, ratio
 
@@ -160,29 +161,12 @@ class Preemption:
         return ps.pool.place(spec, self.excluded, self.freed)
 
     def priority_only_hopeless(self) -> bool:
-        """With only tier 3: even all the job's lower-priority queue-mates gone, would it fit by GPU count?
-        (What _init_room and _take would count, summed per node at once: this runs for every such try.)
-        The engine asks this before `plan`."""
-        pool, spec = self.ps.pool, self.job.spec
-        added: dict[str, int] = {}  # GPUs they would free, per node the job may use
-        for j in self.ps.running.get(self.q.name, ()):
-            if j.spec.priority >= spec.priority:
-                break  # victim order: lowest priority first
-            if j.spec.preemptible:
-                for node, gpus in j.workers:
-                    if node not in self.excluded and pool.nodes[node].up:
-                        added[node] = added.get(node, 0) + len(gpus)
-        if pool.free_gpus + sum(added.values()) < self.request:
-            return True
-        g = spec.gpus
-        if not g:
-            return False
-        slots = sum(len(names) * (k // g) for k, names in enumerate(pool.buckets))
-        slots -= sum(len(pool.nodes[n].free) // g for n in self.excluded if pool.nodes[n].up)
-        for n, more in added.items():
-            free = len(pool.nodes[n].free)
-            slots += (free + more) // g - free // g
-        return slots < spec.workers
+        """With only tier 3: even all the job's lower-priority queue-mates gone, would it fit by GPU count and
+        worker slots? (What _init_room and _take would count, summed per node at once: this runs for every such
+        try.) The engine asks this before `plan`, and wakes a queue stuck on it by the same test (memo.py)."""
+        spec = self.job.spec
+        own = own_room(self.ps.running.get(self.q.name, ()), self.job)
+        return not may_fit(self.ps.pool, self.request, spec.gpus, spec.workers, self.excluded, own)
 
     def _whole_nodes_hopeless(self) -> bool:
         """Workers that each need a whole node, with the fair-share tier the only way into other queues: even

@@ -16,7 +16,7 @@ from quotas import PoolShares, QueueTree
 from quotas.tree import Queue
 from scheduler.engine.clearable import ClearIndex
 from scheduler.engine.cluster import Pool
-from scheduler.engine.memo import Stuck
+from scheduler.engine.memo import Stuck, may_fit_any
 from scheduler.engine.model import Job
 
 QueueKey = tuple[float, float, str]
@@ -308,6 +308,15 @@ class PoolState:
     def grown(self) -> int:
         """Bumps whenever room may have grown for a job: GPUs released, a node up, a node no longer reserved."""
         return self.pool.freed + self.unreserved
+
+    def room_still_short(self, stuck: Stuck, queue: str) -> bool:
+        """For a queue stuck for want of room (`stuck.needs`): has no room been given back since it was last
+        asked, or none where one of the shapes it tried could fit? Notes that it was asked now."""
+        grown = self.grown
+        if stuck.freed != grown and may_fit_any(self.pool, self.reserved, stuck, queue):
+            return False
+        stuck.freed = grown
+        return True
 
     def reserved_for(self, queue: str | None, nodes: frozenset[str], within_quota: bool) -> None:
         """The reservation a pass runs under (see Reservation.excludes). A stuck queue's answer depends on it
