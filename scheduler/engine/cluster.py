@@ -189,7 +189,9 @@ class Pool:
                 if (n.up and name not in excluded and free >= spec.gpus and self._fits_besides(n, spec, freed)
                         and (best is None or (free, name) < best)):
                     best = (free, name)
-        for k in range(spec.gpus, self.max_gpus + 1 if best is None else min(best[0], self.max_gpus) + 1):
+        for k in range(spec.gpus, self.max_gpus + 1):
+            if best is not None and k > best[0]:
+                break
             for name in self.buckets[k]:
                 if best is not None and (k, name) >= best:
                     break
