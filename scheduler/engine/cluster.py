@@ -67,11 +67,13 @@ class Pool:
         self.capacity = 0  # GPUs on nodes that are up
         self.free_gpus = 0
         self.freed = 0  # counts releases and nodes coming up: anything that can give a job more room
+        self.changes = 0  # counts every change to free GPUs: what a cached answer about free room depends on
         for n in self.nodes.values():
             self._bring_up(n)
 
     def _bring_up(self, n: Node) -> None:
         self.freed += 1
+        self.changes += 1
         n.up = True
         self.capacity += n.spec.gpus
         self.free_gpus += len(n.free)
@@ -81,6 +83,7 @@ class Pool:
         n = self.nodes[name]
         if n.up == up:
             return
+        self.changes += 1
         if up:
             self._bring_up(n)
         else:
@@ -92,6 +95,7 @@ class Pool:
     def allocate(self, spec: JobSpec, nodes: list[str]) -> Placement:
         """Take GPUs (lowest free index first), CPUs and memory for each worker on its node."""
         out: Placement = []
+        self.changes += 1
         for name in nodes:
             n = self.nodes[name]
             self.buckets[len(n.free)].remove(name)
@@ -110,6 +114,7 @@ class Pool:
             n = self.nodes.get(name)
             if n is None or not set(gpus) <= set(n.free):
                 raise ValueError(f"GPUs {gpus} of node {name} are not free")
+        self.changes += 1
         for name, gpus in workers:
             n = self.nodes[name]
             if n.up:
@@ -123,6 +128,7 @@ class Pool:
 
     def release(self, spec: JobSpec, workers: Placement) -> None:
         self.freed += 1
+        self.changes += 1
         for name, gpus in workers:
             n = self.nodes[name]
             if n.up:

@@ -241,11 +241,11 @@ class Engine:
                     break
                 if (key[0] >= 1 and not short and name not in ps.mixed
                         and (res is None or res.job.spec.queue in moved or res.job.spec.queue not in ps.pending)
-                        and self._usable_free(ps, res, name) < ps.min_need()):
+                        and ps.usable_free(name) < ps.min_need()):
                     # From here on every queue is at or over its fair share (so it has no tier 1 or 2) and no
                     # pending job fits in the free GPUs: only queues with lower-priority work (tier 3) remain.
                     rest = sorted(n for n, room in ps.mixed.items()
-                                  if n not in moved and room + self._usable_free(ps, res, n) >= ps.min_pending(n))
+                                  if n not in moved and room + ps.usable_free(n) >= ps.min_pending(n))
                     for name in rest:
                         found = self._try_queue(ps, self.tree[name], now, res)
                         if found is not None:
@@ -279,15 +279,6 @@ class Engine:
             ps.reserved_for(None, frozenset(), False)
         else:
             ps.reserved_for(res.job.spec.queue, res.nodes, res.within_quota)
-
-    @staticmethod
-    def _usable_free(ps: PoolState, res: Reservation | None, queue: str) -> int:
-        """Free GPUs a job of `queue` over its quota may use: those on nodes held for another queue's job
-        do not count."""
-        free = ps.pool.free_gpus
-        if res is not None and res.job.spec.queue != queue:
-            free -= sum(len(ps.pool.nodes[n].free) for n in res.nodes if ps.pool.nodes[n].up)
-        return free
 
     def _apply(self, ps: PoolState, found: tuple[Job, Plan], now: float, out: list[Decision],
                started: list[Job]) -> bool:
@@ -324,7 +315,7 @@ class Engine:
                     ps.room_still_short(stuck, q.name)):
                 ps.asleep[q.name] = stuck
                 return None
-        if not self._may_start_any(ps, q, res):
+        if not self._may_start_any(ps, q):
             return None
         tried: set[tuple[object, ...]] = set()
         # Each shape tried, while none may take GPUs from other queues: what it needs free (see Stuck.needs).
@@ -369,12 +360,12 @@ class Engine:
         min_runtime) the time."""
         return ps.victims_grew, ps.shares_version, now if self.settings.min_runtime > 0 else None
 
-    def _may_start_any(self, ps: PoolState, q: Queue, res: Reservation | None) -> bool:
+    def _may_start_any(self, ps: PoolState, q: Queue) -> bool:
         """A cheap necessary condition, so that a full pool does not walk every pending job of every queue."""
         need = ps.min_pending(q.name)
         if ps.usage[q.name] + need > q.limit_of(ps.name) and q.name not in ps.mixed:
             return False  # its own limit: only its own lower-priority jobs could make room (tier 3)
-        if need <= self._usable_free(ps, res, q.name):
+        if need <= ps.usable_free(q.name):
             return True
         running = ps.running.get(q.name)
         if running and ps.pending[q.name][0].spec.priority > running[0].spec.priority:

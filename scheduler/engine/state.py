@@ -16,7 +16,7 @@ from quotas import PoolShares, QueueTree
 from quotas.tree import Queue
 from scheduler.engine.clearable import ClearIndex
 from scheduler.engine.cluster import Pool
-from scheduler.engine.memo import Stuck, may_fit_any
+from scheduler.engine.memo import Need, Stuck, may_fit_any
 from scheduler.engine.model import Job
 
 QueueKey = tuple[float, float, str]
@@ -97,6 +97,13 @@ class PoolState:
         # The reservation the last pass ran under: its job's queue, the nodes it holds, whether it is within quota.
         self.reserved: tuple[str | None, frozenset[str], bool] = (None, frozenset(), False)
         self.unreserved = 0  # bumps when the reservation may have let a job use a node it kept it from
+        # may_fit_any's answers for the free room and reservation as they are now, by the shapes a sleeping queue
+        # tried (numbered in `tried`) and whether the reservation is its own: after a release, most sleepers tried
+        # the same few shapes.
+        self.tried: dict[tuple[Need, ...], int] = {}
+        self._held_free: tuple[tuple[int, frozenset[str]], int] = ((-1, frozenset()), 0)
+        self._fits: dict[int, bool] = {}
+        self._fits_at: tuple[int, tuple[str | None, frozenset[str], bool]] = (-1, self.reserved)
 
     # ----- pending -----
 
@@ -312,11 +319,40 @@ class PoolState:
     def room_still_short(self, stuck: Stuck, queue: str) -> bool:
         """For a queue stuck for want of room (`stuck.needs`): has no room been given back since it was last
         asked, or none where one of the shapes it tried could fit? Notes that it was asked now."""
-        grown = self.grown
-        if stuck.freed != grown and may_fit_any(self.pool, self.reserved, stuck, queue):
+        grown = self.pool.freed + self.unreserved  # self.grown, inlined: called for every sleeper of every pass
+        if stuck.freed != grown and self._may_fit_any(stuck, queue):
             return False
         stuck.freed = grown
         return True
+
+    def _may_fit_any(self, stuck: Stuck, queue: str) -> bool:
+        tried = stuck.tried
+        if tried == -1:
+            assert stuck.needs is not None
+            tried = stuck.tried = -2 if any(n.own for n in stuck.needs) else self.tried.setdefault(
+                tuple(stuck.needs), len(self.tried))
+        if tried == -2:
+            return may_fit_any(self.pool, self.reserved, stuck, queue)
+        at = self._fits_at
+        if at[0] != self.pool.changes or at[1] is not self.reserved:
+            self._fits.clear()
+            self._fits_at = (self.pool.changes, self.reserved)
+        key = 2 * tried + (queue == self.reserved[0])
+        fit = self._fits.get(key)
+        if fit is None:
+            fit = self._fits[key] = may_fit_any(self.pool, self.reserved, stuck, queue)
+        return fit
+
+    def usable_free(self, queue: str) -> int:
+        """Free GPUs a job of `queue` over its quota may use: those on nodes held for another queue's job do not
+        count (Reservation.excludes)."""
+        held_for, held, _ = self.reserved
+        if held_for == queue or not held:
+            return self.pool.free_gpus
+        if self._held_free[0] != (self.pool.changes, held):  # read for most queues of a pass: counted once
+            nodes = self.pool.nodes
+            self._held_free = ((self.pool.changes, held), sum(len(nodes[n].free) for n in held if nodes[n].up))
+        return self.pool.free_gpus - self._held_free[1]
 
     def reserved_for(self, queue: str | None, nodes: frozenset[str], within_quota: bool) -> None:
         """The reservation a pass runs under (see Reservation.excludes). A stuck queue's answer depends on it
