@@ -227,6 +227,7 @@ class Engine:
             moved: dict[str, int] = {}  # queue -> version of its entry in `heap`; -1: skipped this pass
             heap: list[tuple[tuple[float, float, str], int, str]] = []
             short = ps.capacity_short
+            asleep, grown = ps.asleep, ps.grown  # read for every queue: most of them sleep, with no room given back
             while True:
                 while nxt is not None and nxt[1] in moved:
                     nxt = next(cursor, None)
@@ -251,9 +252,9 @@ class Engine:
                         if found is not None:
                             preempted |= self._apply(ps, found, now, out, started)
                     break
-                stuck = ps.asleep.get(name)
-                if stuck is not None and ps.room_still_short(stuck, name):  # what _try_queue finds, for less
-                    moved[name] = -1
+                stuck = asleep.get(name)
+                if stuck is not None and (stuck.freed == grown or ps.room_still_short(stuck, name)):
+                    moved[name] = -1  # what _try_queue would find, for less
                     continue
                 q = self.tree[name]
                 found = self._try_queue(ps, q, now, res)
@@ -264,6 +265,7 @@ class Engine:
                 if res is not None and found[0] is res.job:
                     res = None
                     self._reserve(ps, res)
+                grown = ps.grown
                 for changed in {name} | {v.job.spec.queue for v in found[1].victims}:
                     if moved.get(changed) == -1 or changed not in ps.pending:
                         continue
