@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from quotas import QueueSpec, QueueTree
-from scheduler.engine import Engine, Job, JobSpec, JobState, NodeSpec, Preempted, Rejected, Settings, Started
+from scheduler.engine import Engine, Job, JobSpec, JobState, NodeSpec, Preempted, Rejected, Settings, Started, state
 
 
 def engine(queues: list[QueueSpec], nodes: int = 2, gpus: int = 8, settings: Settings | None = None) -> Engine:
@@ -148,3 +148,46 @@ def test_a_gang_stuck_behind_its_own_lower_priority_job_wakes_when_room_frees() 
     out = e.schedule(100)
     assert [(type(d).__name__, d.job) for d in out] == [("Preempted", "low"), ("Started", "high")]
     assert out[0].cause == "priority"
+
+
+def test_usable_free_gpus_follow_every_allocation_release_node_and_reservation() -> None:
+    """PoolState.usable_free counts the free GPUs on held nodes once per change to free room: each change must
+    show (a stale count would let a job onto a held node, or keep one off free GPUs)."""
+    e = engine([QueueSpec("a", quota={"a100": 4}), QueueSpec("b", quota={"a100": 4})], nodes=2, gpus=4)
+    ps, pool = e.pools["a100"], e.pools["a100"].pool
+    ps.reserved_for("a", frozenset({"a100-0"}), False)
+    assert (ps.usable_free("a"), ps.usable_free("b")) == (8, 4)  # a's own reservation keeps nothing from it
+    placed = pool.allocate(JobSpec("x", "b", "a100", gpus=3), ["a100-0"])
+    assert (ps.usable_free("a"), ps.usable_free("b")) == (5, 4)
+    pool.allocate(JobSpec("y", "b", "a100", gpus=1), ["a100-1"])
+    assert ps.usable_free("b") == 3
+    pool.release(JobSpec("x", "b", "a100", gpus=3), placed)
+    assert ps.usable_free("b") == 3
+    pool.set_up("a100-1", False)
+    assert ps.usable_free("b") == 0
+    ps.reserved_for("a", frozenset(), False)
+    assert ps.usable_free("b") == 4
+
+
+def test_sleeping_queues_that_tried_the_same_shapes_share_one_room_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a release, queues asleep on the same shapes get one answer per change to free room (memo.py)."""
+    e = engine([QueueSpec("a", quota={"a100": 6}), QueueSpec("c", quota={"a100": 1}),
+                QueueSpec("d", quota={"a100": 1})], nodes=2, gpus=4)
+    for i in range(2):
+        e.submit(job(f"a{i}", "a", gpus=3), 0)  # one per node: 1 GPU left on each
+    e.schedule(0)
+    for q in "cd":
+        e.submit(job(f"wait-{q}", q, gpus=2), 1)  # 2 GPUs free, but not on one node; nothing to take back
+    assert e.schedule(1) == []
+    ps = e.pools["a100"]
+    assert set(ps.asleep) == {"c", "d"} and ps.asleep["c"].needs == ps.asleep["d"].needs
+    checks: list[str] = []
+    real = state.may_fit_any
+    monkeypatch.setattr(state, "may_fit_any", lambda *a: checks.append(a[3]) or real(*a))
+    e.finish("a0", 2)  # 3 GPUs back on a100-0: either could fit there now
+    assert not ps.room_still_short(ps.asleep["c"], "c")
+    assert not ps.room_still_short(ps.asleep["d"], "d")
+    assert checks == ["c"]  # d tried what c tried: the same answer
+    ps.pool.allocate(JobSpec("z", "a", "a100", gpus=3), ["a100-0"])  # taken again (no release: same `grown`)
+    assert ps.room_still_short(ps.asleep["d"], "d")
+    assert checks == ["c", "d"]  # free room changed since: asked again
