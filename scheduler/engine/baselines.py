@@ -175,7 +175,9 @@ class LasEngine(Engine):
         i = 0
         # Shapes that found no room: starts only take room away, so they find none for the rest of this fill.
         no_room: set[tuple[int, int, float, float]] = set()
-        while i < len(ps.arrivals) and ps.pool.free_gpus >= ps.min_need():
+        # Once every shape waiting found no room, the rest of a long backlog can only repeat that.
+        waiting = len({shape[:4] for shapes in ps.pending_shapes.values() for shape in shapes})
+        while i < len(ps.arrivals) and ps.pool.free_gpus >= ps.min_need() and len(no_room) < waiting:
             j: Job = ps.arrivals[i]
             nodes = None
             shape = (j.spec.workers, j.spec.gpus, j.spec.cpus, j.spec.memory_gb)
@@ -218,10 +220,16 @@ class LasEngine(Engine):
             for j in js:  # _band(_service(j, now)), inlined: this runs over every running job
                 s = attained.get(j.spec.id, 0.0) + (now - j.start) * j.spec.request
                 band[j.spec.id] = sum(1 for b in bands if s >= b)
+        # Waiting jobs come in band order, and a job displaces only jobs of a higher band than its own: jobs of
+        # the first one's band or lower are never taken, and waiting jobs from the top victim's band on never
+        # displace anyone.
+        lowest = self._band(self._attained.get(ps.arrivals[0].id, 0.0)) if ps.arrivals else len(bands)
         victims = sorted((j for js in ps.running.values() for j in js
-                          if j.spec.preemptible and not self._young(j, now)),
+                          if j.spec.preemptible and not self._young(j, now) and band[j.id] > lowest),
                          key=lambda j: (-band[j.id], -j.submit, -j.seq))
-        for w in list(ps.arrivals):
+        if not victims:
+            return
+        for w in ps.arrivals[:ps.arrivals.bisect_key_left((band[victims[0].id],))]:
             wband = self._band(self._attained.get(w.id, 0.0))
             if not victims or wband >= band[victims[0].id]:
                 break  # waiting jobs come in band order: nobody further on outranks a running job

@@ -97,13 +97,14 @@ class PoolState:
         # The reservation the last pass ran under: its job's queue, the nodes it holds, whether it is within quota.
         self.reserved: tuple[str | None, frozenset[str], bool] = (None, frozenset(), False)
         self.unreserved = 0  # bumps when the reservation may have let a job use a node it kept it from
-        # may_fit_any's answers for the free room and reservation as they are now, by the shapes a sleeping queue
-        # tried (numbered in `tried`) and whether the reservation is its own: after a release, most sleepers tried
-        # the same few shapes.
+        # may_fit_any's answers for the free room and reservation as they are now (Pool.changes, `reserved`), by
+        # the shapes a sleeping queue tried (numbered in `tried`) and whether the reservation is its own: after a
+        # release, most sleepers tried the same few shapes.
         self.tried: dict[tuple[Need, ...], int] = {}
-        self._held_free: tuple[tuple[int, frozenset[str]], int] = ((-1, frozenset()), 0)
         self._fits: dict[int, bool] = {}
         self._fits_at: tuple[int, tuple[str | None, frozenset[str], bool]] = (-1, self.reserved)
+        # The free GPUs on the reserved nodes, and the free room and nodes they were counted for (usable_free).
+        self._held_free: tuple[tuple[int, frozenset[str]], int] = ((-1, frozenset()), 0)
 
     # ----- pending -----
 
@@ -319,13 +320,14 @@ class PoolState:
     def room_still_short(self, stuck: Stuck, queue: str) -> bool:
         """For a queue stuck for want of room (`stuck.needs`): has no room been given back since it was last
         asked, or none where one of the shapes it tried could fit? Notes that it was asked now."""
-        grown = self.pool.freed + self.unreserved  # self.grown, inlined: called for every sleeper of every pass
+        grown = self.grown
         if stuck.freed != grown and self._may_fit_any(stuck, queue):
             return False
         stuck.freed = grown
         return True
 
     def _may_fit_any(self, stuck: Stuck, queue: str) -> bool:
+        """memo.may_fit_any, asked once per change to free room for all the queues that tried the same shapes."""
         tried = stuck.tried
         if tried == -1:
             assert stuck.needs is not None
