@@ -115,7 +115,7 @@ def main() -> None:
           f"p50 {lat[len(lat) // 2] * 1e3:.2f} ms, p99 {lat[int(len(lat) * 0.99)] * 1e3:.2f} ms, "
           f"max {lat[-1] * 1e3:.1f} ms; engine share of wall time {sum(lat) / wall:.0%}")
     bare = sorted(without_gc)
-    print(f"garbage collection: {len(pauses)} collections, {sum(pauses):.1f} s, longest pause "
+    print(f"garbage collection over the whole replay: {len(pauses)} collections, {sum(pauses):.1f} s, longest pause "
           f"{max(pauses, default=0) * 1e3:.1f} ms; decisions less its pauses: "
           f"p99 {bare[int(len(bare) * 0.99)] * 1e3:.2f} ms, max {bare[-1] * 1e3:.1f} ms")
     if prof:

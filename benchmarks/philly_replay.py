@@ -1,12 +1,15 @@
 """Replay the 82,247-job Philly trace under each policy and time it (the goal: at most 60 s per policy).
 
-Usage: python benchmarks/philly_replay.py [--policy NAME ...] [--limit N]
+Usage: python benchmarks/philly_replay.py [--policy NAME ...] [--limit N] [--digest]
+--digest adds the SHA-256 of each policy's event log, to check that a change to a policy changes no decision.
 Imports ../shared/traces/philly/philly.csv with the Philly importer, replays it on examples/philly-cluster.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import platform
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ def main() -> None:
     ap.add_argument("--policy", action="append", choices=POLICIES)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--trace", type=Path, default=Path("/tmp/corral-philly.csv"))
+    ap.add_argument("--digest", action="store_true")
     args = ap.parse_args()
     rows = importers.import_trace("philly", SOURCE, importers.ImportOptions("philly", 8))
     importers.write_trace(rows, args.trace)
@@ -37,8 +41,9 @@ def main() -> None:
         wall = time.perf_counter() - t0
         done = sum(1 for e in log["events"] if e["event"] == "completed")
         pre = sum(1 for e in log["events"] if e["event"] == "preempted")
-        print(f"{policy:13s} {wall:7.1f} s  {done} completed, {pre} preemptions, {len(log['events'])} events",
-              flush=True)
+        digest = hashlib.sha256(json.dumps(log, sort_keys=True).encode()).hexdigest() if args.digest else ""
+        print(f"{policy:13s} {wall:7.1f} s  {done} completed, {pre} preemptions, {len(log['events'])} events "
+              f"{digest}", flush=True)
 
 
 if __name__ == "__main__":

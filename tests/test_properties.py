@@ -26,6 +26,7 @@ from scheduler.engine.cluster import Freed, Pool, _best_fit
 from scheduler.engine.decisions import Decision
 from scheduler.engine.model import JobSpec
 from scheduler.engine.preemption import Preemption
+from scheduler.engine.state import PoolState
 from scheduler.sim.inputs import World
 from scheduler.sim.runner import Simulation
 from tests.factories import nodes, queue, sim_job, world
@@ -497,15 +498,24 @@ class _Forgets(dict):  # type: ignore[type-arg]
         return default
 
 
+def _usable_free_recounted(ps: PoolState, queue: str) -> int:
+    """PoolState.usable_free, counted afresh at every call."""
+    held_for, held, _ = ps.reserved
+    nodes = ps.pool.nodes
+    return ps.pool.free_gpus - (0 if held_for == queue else sum(len(nodes[n].free) for n in held if nodes[n].up))
+
+
 def _log_without_shortcuts(w: World) -> dict[str, Any]:
     """The event log with the engine's shortcuts off: the stuck-queue memo and sleeping queues, the cheap
-    "nothing can start" test, and the bounds that skip a preemption walk bound to fail."""
+    "nothing can start" test, the bounds that skip a preemption walk bound to fail, and the free GPUs off the
+    reserved nodes counted once per change."""
     sim = Simulation(w, log_fair_share=False)
     for ps in sim.engine.pools.values():
         ps.stuck, ps.asleep = _Forgets(), _Forgets()
     with mock.patch.object(Engine, "_may_start_any", lambda *a: True), \
             mock.patch.object(Preemption, "priority_only_hopeless", lambda self: False), \
-            mock.patch.object(Preemption, "_whole_nodes_hopeless", lambda self: False):
+            mock.patch.object(Preemption, "_whole_nodes_hopeless", lambda self: False), \
+            mock.patch.object(PoolState, "usable_free", _usable_free_recounted):
         return sim.run()
 
 

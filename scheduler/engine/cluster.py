@@ -83,10 +83,10 @@ class Pool:
         n = self.nodes[name]
         if n.up == up:
             return
-        self.changes += 1
         if up:
             self._bring_up(n)
         else:
+            self.changes += 1
             n.up = False
             self.capacity -= n.spec.gpus
             self.free_gpus -= len(n.free)

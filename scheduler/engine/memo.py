@@ -38,9 +38,9 @@ class Stuck:
     victims: tuple[object, ...] | None  # what else its preemption plans read; None: no job of it could preempt
     needs: list[Need] | None  # when none could preempt in other queues, the shapes it tried
     least: float = field(init=False)  # the fewest free GPUs any of those could start with
-    # `needs` numbered by its pool (PoolState.tried), so that queues that tried the same shapes share one answer;
-    # -1 not yet numbered, -2 never (its needs count its own jobs' GPUs: an answer of its own)
-    tried: int = field(init=False, default=-1)
+    # `needs` numbered by its pool (PoolState.shape_ids), so that queues that tried the same shapes share one
+    # answer; -1 not yet numbered, -2 never (its needs count its own jobs' GPUs: an answer of its own)
+    shapes_id: int = field(init=False, default=-1)
 
     def __post_init__(self) -> None:
         self.least = math.inf if self.needs is None else min(

@@ -98,13 +98,15 @@ class PoolState:
         self.reserved: tuple[str | None, frozenset[str], bool] = (None, frozenset(), False)
         self.unreserved = 0  # bumps when the reservation may have let a job use a node it kept it from
         # may_fit_any's answers for the free room and reservation as they are now (Pool.changes, `reserved`), by
-        # the shapes a sleeping queue tried (numbered in `tried`) and whether the reservation is its own: after a
-        # release, most sleepers tried the same few shapes.
-        self.tried: dict[tuple[Need, ...], int] = {}
+        # the shapes a sleeping queue tried (numbered in `shape_ids`) and whether the reservation is its own: after
+        # a release, most sleepers tried the same few shapes. The numbers are never reused, and there are few: one
+        # per distinct list of (request, GPUs per worker, workers, within quota) that a queue found no room for.
+        self.shape_ids: dict[tuple[Need, ...], int] = {}
         self._fits: dict[int, bool] = {}
         self._fits_at: tuple[int, tuple[str | None, frozenset[str], bool]] = (-1, self.reserved)
-        # The free GPUs on the reserved nodes, and the free room and nodes they were counted for (usable_free).
-        self._held_free: tuple[tuple[int, frozenset[str]], int] = ((-1, frozenset()), 0)
+        # The free GPUs on the reserved nodes (usable_free), and the free room and nodes they were counted for.
+        self._held_free = 0
+        self._held_free_at: tuple[int, frozenset[str]] = (-1, frozenset())
 
     # ----- pending -----
 
@@ -328,18 +330,18 @@ class PoolState:
 
     def _may_fit_any(self, stuck: Stuck, queue: str) -> bool:
         """memo.may_fit_any, asked once per change to free room for all the queues that tried the same shapes."""
-        tried = stuck.tried
-        if tried == -1:
+        shapes_id = stuck.shapes_id
+        if shapes_id == -1:
             assert stuck.needs is not None
-            tried = stuck.tried = -2 if any(n.own for n in stuck.needs) else self.tried.setdefault(
-                tuple(stuck.needs), len(self.tried))
-        if tried == -2:
+            shapes_id = stuck.shapes_id = -2 if any(n.own for n in stuck.needs) else self.shape_ids.setdefault(
+                tuple(stuck.needs), len(self.shape_ids))
+        if shapes_id == -2:
             return may_fit_any(self.pool, self.reserved, stuck, queue)
         at = self._fits_at
         if at[0] != self.pool.changes or at[1] is not self.reserved:
             self._fits.clear()
             self._fits_at = (self.pool.changes, self.reserved)
-        key = 2 * tried + (queue == self.reserved[0])
+        key = 2 * shapes_id + (queue == self.reserved[0])
         fit = self._fits.get(key)
         if fit is None:
             fit = self._fits[key] = may_fit_any(self.pool, self.reserved, stuck, queue)
@@ -351,10 +353,11 @@ class PoolState:
         held_for, held, _ = self.reserved
         if held_for == queue or not held:
             return self.pool.free_gpus
-        if self._held_free[0] != (self.pool.changes, held):  # read for most queues of a pass: counted once
+        if self._held_free_at != (self.pool.changes, held):  # read for most queues of a pass: counted once
             nodes = self.pool.nodes
-            self._held_free = ((self.pool.changes, held), sum(len(nodes[n].free) for n in held if nodes[n].up))
-        return self.pool.free_gpus - self._held_free[1]
+            self._held_free = sum(len(nodes[n].free) for n in held if nodes[n].up)
+            self._held_free_at = (self.pool.changes, held)
+        return self.pool.free_gpus - self._held_free
 
     def reserved_for(self, queue: str | None, nodes: frozenset[str], within_quota: bool) -> None:
         """The reservation a pass runs under (see Reservation.excludes). A stuck queue's answer depends on it
