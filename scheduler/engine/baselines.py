@@ -175,9 +175,8 @@ class LasEngine(Engine):
         i = 0
         # Shapes that found no room: starts only take room away, so they find none for the rest of this fill.
         no_room: set[tuple[int, int, float, float]] = set()
-        # Once every shape waiting found no room, the rest of a long backlog can only repeat that.
-        waiting = len({shape[:4] for shapes in ps.pending_shapes.values() for shape in shapes})
-        while i < len(ps.arrivals) and ps.pool.free_gpus >= ps.min_need() and len(no_room) < waiting:
+        waiting: int | None = None  # how many shapes wait, counted once one found no room
+        while i < len(ps.arrivals) and ps.pool.free_gpus >= ps.min_need():
             j: Job = ps.arrivals[i]
             nodes = None
             shape = (j.spec.workers, j.spec.gpus, j.spec.cpus, j.spec.memory_gb)
@@ -185,6 +184,10 @@ class LasEngine(Engine):
                 nodes = ps.pool.place(j.spec)
                 if nodes is None:
                     no_room.add(shape)
+                    if waiting is None:
+                        waiting = len({s[:4] for shapes in ps.pending_shapes.values() for s in shapes})
+                    if len(no_room) == waiting:
+                        break  # every waiting shape found no room: the rest of the backlog can only repeat that
             if nodes is None:
                 i += 1
             else:

@@ -313,8 +313,7 @@ class Engine:
                 if stuck.share == share and stuck.freed == ps.grown and stuck.victims == self._victims_state(
                         ps, now):
                     return None
-            elif (stuck.share == share or ps.usage[q.name] + ps.min_pending(q.name) > share) and (
-                    ps.room_still_short(stuck, q.name)):
+            elif not ps.share_may_help(stuck, q.name, share) and ps.room_still_short(stuck, q.name):
                 ps.asleep[q.name] = stuck
                 return None
         if not self._may_start_any(ps, q):

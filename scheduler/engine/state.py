@@ -219,9 +219,8 @@ class PoolState:
         self._missed = set()
         for name in moved:
             stuck = self.asleep.get(name)
-            if stuck is not None and stuck.share != shares.get(name, 0.0) and (
-                    self.usage[name] + self.min_pending(name) <= shares.get(name, 0.0)):
-                del self.asleep[name]  # the fair-share tier may now apply to one of its jobs (Engine._try_queue)
+            if stuck is not None and self.share_may_help(stuck, name, shares.get(name, 0.0)):
+                del self.asleep[name]
             self._clear.queue_changed(name)
             if name in self.running:
                 self._mark_share(self.tree[name])
@@ -313,6 +312,11 @@ class PoolState:
             key = self.queue_key(self.tree[name])
             self._key[name] = key
             self.order.add((key, name))
+
+    def share_may_help(self, stuck: Stuck, leaf: str, share: float) -> bool:
+        """For a leaf stuck for want of room: could its new `share` give the fair-share tier to one of its jobs?
+        Not while it stays below its usage plus its smallest request."""
+        return stuck.share != share and self.usage[leaf] + self.min_pending(leaf) <= share
 
     @property
     def grown(self) -> int:
