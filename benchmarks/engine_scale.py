@@ -25,6 +25,7 @@ import time
 from quotas import QueueSpec, QueueTree
 from scheduler.engine import NodeSpec, Settings
 from scheduler.engine.model import JobSpec
+from scheduler.gc_tuning import tune_gc
 from scheduler.sim.inputs import SimJob, World
 from scheduler.sim.runner import Simulation
 
@@ -67,6 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     w = world(args.jobs, args.nodes)
     w = dataclasses.replace(w, settings=dataclasses.replace(w.settings, min_runtime=args.min_runtime))
+    tune_gc()  # as `corral sim trace` does once its inputs are loaded
     if args.digest:
         log = Simulation(w, "corral", log_fair_share=False).run()
         print(hashlib.sha256(json.dumps(log, sort_keys=True).encode()).hexdigest(), len(log["events"]), "events")

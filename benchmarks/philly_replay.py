@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from scheduler.engine.baselines import POLICIES
+from scheduler.gc_tuning import tune_gc
 from scheduler.sim import importers
 from scheduler.sim.inputs import load_cluster, load_trace
 from scheduler.sim.runner import Simulation
@@ -36,6 +37,7 @@ def main() -> None:
     for policy in args.policy or POLICIES:
         world = load_cluster(ROOT / "examples" / "philly-cluster.yaml")
         world.jobs = load_trace(args.trace)[: args.limit]
+        tune_gc()  # as `corral sim trace` does once its inputs are loaded
         t0 = time.perf_counter()
         log = Simulation(world, policy, log_fair_share=False).run()
         wall = time.perf_counter() - t0

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from scheduler import cli_admission, cli_kueue, cli_models, cli_service
 from scheduler.engine.baselines import POLICIES
+from scheduler.gc_tuning import tune_gc
 from scheduler.sim import importers, metrics
 from scheduler.sim.expect import check
 from scheduler.sim.inputs import InputError, World, load_cluster, load_scenario, load_trace
@@ -101,6 +102,7 @@ def sim_trace(
         world.jobs = load_trace(trace)
     except InputError as e:
         raise bad_input(e) from e
+    tune_gc()
     log = Simulation(world, _policy(policy), log_fair_share=as_json).run()
     if as_json:
         _print_json(log)
@@ -128,6 +130,7 @@ def sim_report(
         world.jobs = load_trace(trace)[:limit]
     except InputError as e:
         raise bad_input(e) from e
+    tune_gc()
     rep = report.build(world, list(dict.fromkeys(policies)), workers=jobs)
     paths = report.write(rep, output, f"Policy comparison: {trace.name} on {cluster.name}")
     for line in report.summary_lines(rep):

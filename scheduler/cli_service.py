@@ -34,6 +34,7 @@ from scheduler.cli_client import (
     read_document,
     when,
 )
+from scheduler.gc_tuning import tune_gc
 from scheduler.service.settings import ADMIN_TOKEN_FILE, ServiceSettings
 
 LIVE_STATES = ["pending", "starting", "running"]
@@ -79,7 +80,7 @@ def serve(
         fail(f"bad settings: {e}", 2)
     # Imported here, not at the top: the service stack (SQLAlchemy, Alembic, FastAPI) takes about a second to
     # import, which every other command (a thin HTTP client) should not pay.
-    from scheduler.service.assemble import build_app, run_uvicorn, tune_gc  # noqa: PLC0415
+    from scheduler.service.assemble import build_app, run_uvicorn  # noqa: PLC0415
 
     try:
         _, app, made = build_app(settings)

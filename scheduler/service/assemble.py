@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from sandbox.nvml_samples import read_samples
 from scheduler.backends.base import Executor, GPUInfo, NodeInfo
 from scheduler.backends.gpus import detect
 from scheduler.backends.local import LocalExecutor
+from scheduler.gc_tuning import tune_gc
 from scheduler.service import store
 from scheduler.service.app import create_app
 from scheduler.service.auth import Role, digest, new_secret
@@ -109,13 +109,6 @@ def serve(settings: ServiceSettings) -> None:
     _, app, _ = build_app(settings)
     tune_gc()
     run_uvicorn(app, settings)
-
-
-def tune_gc() -> None:
-    """The engine keeps every live job in memory; the collector's full passes over it were the API's tail latency.
-    Objects made at start-up are frozen out of collection, and full passes come less often."""
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 def run_uvicorn(app: FastAPI, settings: ServiceSettings) -> None:
