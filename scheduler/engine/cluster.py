@@ -64,6 +64,9 @@ class Pool:
         self.domains = {d: sorted(ns) for d, ns in sorted(domains.items())}
         # buckets[k]: up nodes with exactly k free GPUs, by name.
         self.buckets: list[SortedList] = [SortedList() for _ in range(self.max_gpus + 1)]
+        # slots[g]: workers of g GPUs the up nodes' free GPUs could hold, by count (sum of free // g), kept with
+        # the buckets: every room test of a sleeping queue reads it.
+        self.slots = [0] * (self.max_gpus + 1)
         self.capacity = 0  # GPUs on nodes that are up
         self.free_gpus = 0
         self.freed = 0  # counts releases and nodes coming up: anything that can give a job more room
@@ -77,7 +80,7 @@ class Pool:
         n.up = True
         self.capacity += n.spec.gpus
         self.free_gpus += len(n.free)
-        self.buckets[len(n.free)].add(n.name)
+        self._file(n.name, len(n.free))
 
     def set_up(self, name: str, up: bool) -> None:
         n = self.nodes[name]
@@ -90,7 +93,7 @@ class Pool:
             n.up = False
             self.capacity -= n.spec.gpus
             self.free_gpus -= len(n.free)
-            self.buckets[len(n.free)].remove(n.name)
+            self._unfile(n.name, len(n.free))
 
     def allocate(self, spec: JobSpec, nodes: list[str]) -> Placement:
         """Take GPUs (lowest free index first), CPUs and memory for each worker on its node."""
@@ -98,9 +101,9 @@ class Pool:
         self.changes += 1
         for name in nodes:
             n = self.nodes[name]
-            self.buckets[len(n.free)].remove(name)
+            self._unfile(name, len(n.free))
             gpus, n.free = n.free[: spec.gpus], n.free[spec.gpus:]
-            self.buckets[len(n.free)].add(name)
+            self._file(name, len(n.free))
             n.free_cpus -= spec.cpus
             n.free_mem -= spec.memory_gb
             self.free_gpus -= len(gpus)
@@ -118,13 +121,13 @@ class Pool:
         for name, gpus in workers:
             n = self.nodes[name]
             if n.up:
-                self.buckets[len(n.free)].remove(name)
+                self._unfile(name, len(n.free))
                 self.free_gpus -= len(gpus)
             n.free = [g for g in n.free if g not in gpus]
             n.free_cpus -= spec.cpus
             n.free_mem -= spec.memory_gb
             if n.up:
-                self.buckets[len(n.free)].add(name)
+                self._file(name, len(n.free))
 
     def release(self, spec: JobSpec, workers: Placement) -> None:
         self.freed += 1
@@ -132,28 +135,34 @@ class Pool:
         for name, gpus in workers:
             n = self.nodes[name]
             if n.up:
-                self.buckets[len(n.free)].remove(name)
+                self._unfile(name, len(n.free))
             n.free = sorted(n.free + gpus)
             n.free_cpus += spec.cpus
             n.free_mem += spec.memory_gb
             if n.up:
-                self.buckets[len(n.free)].add(name)
+                self._file(name, len(n.free))
                 self.free_gpus += len(gpus)
 
     def workers_fit_empty(self, spec: JobSpec) -> int:
         """How many workers of `spec` the pool could hold with every node (up or down) empty."""
         return sum(workers_per_node(spec, g, c, m) * count for (g, c, m), count in self.shapes.items())
 
-    def worker_slots(self, gpus: int, enough: int) -> int:
-        """Workers of `gpus` GPUs the free GPUs could hold, by GPU count alone (counting stops at `enough`)."""
-        if gpus <= 0:
-            return enough
-        slots = 0
-        for k in range(self.max_gpus, gpus - 1, -1):
-            slots += len(self.buckets[k]) * (k // gpus)
-            if slots >= enough:
-                break
-        return slots
+    def _file(self, name: str, free: int) -> None:
+        """An up node with `free` free GPUs joins its bucket and the slot counts."""
+        self.buckets[free].add(name)
+        slots = self.slots
+        for g in range(1, free + 1):
+            slots[g] += free // g
+
+    def _unfile(self, name: str, free: int) -> None:
+        self.buckets[free].remove(name)
+        slots = self.slots
+        for g in range(1, free + 1):
+            slots[g] -= free // g
+
+    def worker_slots(self, gpus: int) -> int:
+        """Workers of `gpus` GPUs (at least 1) the free GPUs could hold, by GPU count alone."""
+        return self.slots[gpus] if gpus <= self.max_gpus else 0
 
     def largest_free(self) -> int:
         for k in range(self.max_gpus, -1, -1):

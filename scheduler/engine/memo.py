@@ -80,7 +80,7 @@ def may_fit(pool: Pool, request: int, gpus: int, workers: int, kept: Collection[
     for name in kept:
         n = pool.nodes[name]
         kept_slots += len(n.free) // gpus if n.up else 0
-    return pool.worker_slots(gpus, workers + kept_slots - gained) - kept_slots + gained >= workers
+    return pool.worker_slots(gpus) - kept_slots + gained >= workers
 
 
 def own_room(running: Iterable[Job], job: Job) -> tuple[tuple[str, int], ...]:

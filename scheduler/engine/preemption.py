@@ -132,7 +132,7 @@ class Preemption:
         # Worker slots (node free GPUs // gpus per worker, summed): a quick necessary condition for a fit.
         self.slots = 0
         if g:
-            self.slots = pool.worker_slots(g, pool.total_gpus + 1)  # an `enough` never reached: every slot counted
+            self.slots = pool.worker_slots(g)
             self.slots -= sum(len(pool.nodes[n].free) // g for n in self.excluded if pool.nodes[n].up)
 
     def _take(self, j: Job, sign: int) -> None:
