@@ -80,7 +80,9 @@ class PoolState:
         self.version: Counter[str] = Counter()  # leaf -> bumps on every change to its jobs or usage
         # Counts starts that gave tiers 1 and 2 more to take (a queue over quota or share grew).
         self.victims_grew = 0
-        # Starvation guard: queue heads not yet overtaken (by age), and overtaken ones (by when).
+        # Starvation guard: queue heads not yet overtaken (by age), and overtaken ones (by when). An overtaken job
+        # that is no longer its queue's head (a preempted job came back ahead of it) keeps its clock but leaves
+        # `marked` until it is the head again, so that the longest-overtaken head is marked[0].
         self.unmarked: SortedList = SortedList(key=arrival_key)
         self.marked: SortedList = SortedList(key=starve_key)
         # All pending jobs of the pool in one order (submit order for fifo), kept only for policies with one
@@ -148,7 +150,7 @@ class PoolState:
         if not moving:
             self.fs.add_demand(q, -job.request)
         if job.skipped_since is not None:
-            self.marked.remove(job)
+            self.marked.discard(job)
             job.skipped_since = None
         self._queue_changed(q, old_head)
 
@@ -274,9 +276,9 @@ class PoolState:
         head = jobs[0] if jobs else None
         if head is not old_head:
             if old_head is not None:
-                self.unmarked.discard(old_head)
-            if head is not None and head.skipped_since is None:
-                self.unmarked.add(head)
+                (self.unmarked if old_head.skipped_since is None else self.marked).discard(old_head)
+            if head is not None:
+                (self.unmarked if head.skipped_since is None else self.marked).add(head)
         self._requeue(name)
 
     def _requeue(self, name: str) -> None:
@@ -404,7 +406,4 @@ class PoolState:
 
     def longest_overtaken(self) -> Job | None:
         """The overtaken queue head that has waited longest since it was first overtaken."""
-        for j in self.marked:
-            if self.pending[j.spec.queue][0] is j:
-                return j  # type: ignore[no-any-return]
-        return None
+        return self.marked[0] if self.marked else None
