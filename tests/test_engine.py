@@ -186,7 +186,7 @@ def test_sleeping_queues_that_tried_the_same_shapes_share_one_room_check(monkeyp
     assert set(ps.asleep) == {"c", "d"} and ps.asleep["c"].needs == ps.asleep["d"].needs
     checks: list[str] = []
 
-    def counted(*args: Any) -> bool:  # (pool, reserved, stuck, queue)
+    def counted(*args: Any) -> bool:  # (pool, reserved, needs, queue)
         checks.append(args[3])
         return may_fit_any(*args)
 

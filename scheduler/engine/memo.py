@@ -38,23 +38,26 @@ class Stuck:
     victims: tuple[object, ...] | None  # what else its preemption plans read; None: no job of it could preempt
     needs: list[Need] | None  # when none could preempt in other queues, the shapes it tried
     least: float = field(init=False)  # the fewest free GPUs any of those could start with
-    # `needs` numbered by its pool (PoolState.shape_ids), so that queues that tried the same shapes share one
-    # answer; -1 not yet numbered, -2 never (its needs count its own jobs' GPUs: an answer of its own)
+    # The needs that count only free GPUs (`plain`), which queues that tried the same ones share an answer for,
+    # and those that count its own jobs' GPUs too (`owned`), asked for this queue alone.
+    plain: tuple[Need, ...] = field(init=False)
+    owned: tuple[Need, ...] = field(init=False)
+    # `plain` numbered by its pool (PoolState.shape_ids): -1 not yet numbered, -2 none to number
     shapes_id: int = field(init=False, default=-1)
 
     def __post_init__(self) -> None:
-        self.least = math.inf if self.needs is None else min(
-            (n.request - sum(m for _, m in n.own) for n in self.needs), default=math.inf)
+        needs = self.needs or []
+        self.least = min((n.request - sum(m for _, m in n.own) for n in needs), default=math.inf)
+        self.plain = tuple(n for n in needs if not n.own)
+        self.owned = tuple(n for n in needs if n.own)
 
 
-def may_fit_any(pool: Pool, reserved: tuple[str | None, frozenset[str], bool], stuck: Stuck, queue: str) -> bool:
-    """Could any shape the room-only queue `queue` tried fit now, off the nodes the reservation (PoolState.reserved)
-    keeps from it (Reservation.excludes)?"""
-    assert stuck.needs is not None
-    if pool.free_gpus < stuck.least:
-        return False
+def may_fit_any(pool: Pool, reserved: tuple[str | None, frozenset[str], bool], needs: Iterable[Need],
+                queue: str) -> bool:
+    """Could any of these shapes that the room-only queue `queue` tried fit now, off the nodes the reservation
+    (PoolState.reserved) keeps from it (Reservation.excludes)?"""
     held_for, held, held_within = reserved
-    for request, gpus, workers, within, own in stuck.needs:
+    for request, gpus, workers, within, own in needs:
         kept = held if held_for != queue and not (within and not held_within) else ()
         if may_fit(pool, request, gpus, workers, kept, own):
             return True

@@ -100,7 +100,8 @@ class PoolState:
         self.reserved: tuple[str | None, frozenset[str], bool] = (None, frozenset(), False)
         self.unreserved = 0  # bumps when the reservation may have let a job use a node it kept it from
         # may_fit_any's answers for the free room and reservation as they are now (Pool.changes, `reserved`), by
-        # the shapes a sleeping queue tried (numbered in `shape_ids`) and whether the reservation is its own: after
+        # the shapes a sleeping queue tried that count only free GPUs (Stuck.plain, numbered in `shape_ids`) and
+        # whether the reservation is its own: after
         # a release, most sleepers tried the same few shapes. The numbers are never reused, and there are few: one
         # per distinct list of (request, GPUs per worker, workers, within quota) that a queue found no room for.
         self.shape_ids: dict[tuple[Need, ...], int] = {}
@@ -335,23 +336,24 @@ class PoolState:
         return True
 
     def _may_fit_any(self, stuck: Stuck, queue: str) -> bool:
-        """memo.may_fit_any, asked once per change to free room for all the queues that tried the same shapes."""
-        shapes_id = stuck.shapes_id
-        if shapes_id == -1:
-            assert stuck.needs is not None
-            shapes_id = stuck.shapes_id = -2 if any(n.own for n in stuck.needs) else self.shape_ids.setdefault(
-                tuple(stuck.needs), len(self.shape_ids))
-        if shapes_id == -2:
-            return may_fit_any(self.pool, self.reserved, stuck, queue)
-        at = self._fits_at
-        if at[0] != self.pool.changes or at[1] is not self.reserved:
-            self._fits.clear()
-            self._fits_at = (self.pool.changes, self.reserved)
-        key = 2 * shapes_id + (queue == self.reserved[0])
-        fit = self._fits.get(key)
-        if fit is None:
-            fit = self._fits[key] = may_fit_any(self.pool, self.reserved, stuck, queue)
-        return fit
+        """memo.may_fit_any over the shapes a sleeping queue tried: those that count only free GPUs are asked once
+        per change to free room for all the queues that tried the same ones."""
+        if self.pool.free_gpus < stuck.least:
+            return False
+        if stuck.shapes_id == -1:
+            stuck.shapes_id = self.shape_ids.setdefault(stuck.plain, len(self.shape_ids)) if stuck.plain else -2
+        if stuck.shapes_id >= 0:
+            at = self._fits_at
+            if at[0] != self.pool.changes or at[1] is not self.reserved:
+                self._fits.clear()
+                self._fits_at = (self.pool.changes, self.reserved)
+            key = 2 * stuck.shapes_id + (queue == self.reserved[0])
+            fit = self._fits.get(key)
+            if fit is None:
+                fit = self._fits[key] = may_fit_any(self.pool, self.reserved, stuck.plain, queue)
+            if fit:
+                return True
+        return bool(stuck.owned) and may_fit_any(self.pool, self.reserved, stuck.owned, queue)
 
     def usable_free(self, queue: str) -> int:
         """Free GPUs a job of `queue` over its quota may use: those on nodes held for another queue's job do not
