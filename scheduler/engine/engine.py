@@ -228,6 +228,10 @@ class Engine:
             heap: list[tuple[tuple[float, float, str], int, str]] = []
             short = ps.capacity_short
             asleep, grown = ps.asleep, ps.grown  # read for every queue: most of them sleep, with no room given back
+            room_still_short, mixed, pool = ps.room_still_short, ps.mixed, ps.pool
+            # The smallest pending request and the free GPUs off the reserved nodes, as of free room `counted_at`:
+            # read for every queue at or over its share, and they change only when a job starts (Pool.changes).
+            counted_at, need, free = -1, 0, 0
             while True:
                 while nxt is not None and nxt[1] in moved:
                     nxt = next(cursor, None)
@@ -240,9 +244,11 @@ class Engine:
                     nxt = next(cursor, None)
                 else:
                     break
-                if (key[0] >= 1 and not short and name not in ps.mixed
+                if counted_at != pool.changes and key[0] >= 1:
+                    counted_at, need, free = pool.changes, ps.min_need(), ps.usable_free(None)
+                if (key[0] >= 1 and not short and name not in mixed
                         and (res is None or res.job.spec.queue in moved or res.job.spec.queue not in ps.pending)
-                        and ps.usable_free(name) < ps.min_need()):
+                        and (pool.free_gpus if name == ps.reserved[0] else free) < need):
                     # From here on every queue is at or over its fair share (so it has no tier 1 or 2) and no
                     # pending job fits in the free GPUs: only queues with lower-priority work (tier 3) remain.
                     rest = sorted(n for n, room in ps.mixed.items()
@@ -253,7 +259,7 @@ class Engine:
                             preempted |= self._apply(ps, found, now, out, started)
                     break
                 stuck = asleep.get(name)
-                if stuck is not None and (stuck.freed == grown or ps.room_still_short(stuck, name)):
+                if stuck is not None and (stuck.freed == grown or room_still_short(stuck, name)):
                     moved[name] = -1  # what _try_queue would find, for less
                     continue
                 q = self.tree[name]

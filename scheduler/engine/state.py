@@ -355,9 +355,9 @@ class PoolState:
                 return True
         return bool(stuck.owned) and may_fit_any(self.pool, self.reserved, stuck.owned, queue)
 
-    def usable_free(self, queue: str) -> int:
+    def usable_free(self, queue: str | None) -> int:
         """Free GPUs a job of `queue` over its quota may use: those on nodes held for another queue's job do not
-        count (Reservation.excludes)."""
+        count (Reservation.excludes). None: a queue the reservation is not for."""
         held_for, held, _ = self.reserved
         if held_for == queue or not held:
             return self.pool.free_gpus
