@@ -231,8 +231,28 @@ class Engine:
             room_still_short, mixed, pool = ps.room_still_short, ps.mixed, ps.pool
             # The smallest pending request and the free GPUs off the reserved nodes, as of free room `counted_at`:
             # read for every queue at or over its share, and they change only when a job starts (Pool.changes).
-            counted_at, need, free = -1, 0, 0
+            counted_at, need, free, fits, held_for = -1, 0, 0, ps.known_fits(), ps.reserved[0]
             while True:
+                if counted_at != pool.changes:
+                    counted_at, need, free = pool.changes, ps.min_need(), ps.usable_free(None)
+                    fits, held_for = ps.known_fits(), ps.reserved[0]
+                if not heap and free >= need:
+                    # Most queues sleep, with no room given back since they last asked or with an answer for the
+                    # free room as it is now that other sleepers who tried the same shapes found (room_still_short).
+                    # While no queue can end the pass early (see below) and none waits in `heap`, they are
+                    # skipped here, for less.
+                    while nxt is not None:
+                        if nxt[1] not in moved:
+                            stuck = asleep.get(nxt[1])
+                            if stuck is None:
+                                break
+                            if stuck.freed != grown:
+                                if stuck.shapes_id < 0 or stuck.owned or fits.get(
+                                        2 * stuck.shapes_id + (nxt[1] == held_for)) is not False:
+                                    break
+                                stuck.freed = grown
+                            moved[nxt[1]] = -1
+                        nxt = next(cursor, None)
                 while nxt is not None and nxt[1] in moved:
                     nxt = next(cursor, None)
                 while heap and moved.get(heap[0][2]) != heap[0][1]:
@@ -244,8 +264,6 @@ class Engine:
                     nxt = next(cursor, None)
                 else:
                     break
-                if counted_at != pool.changes and key[0] >= 1:
-                    counted_at, need, free = pool.changes, ps.min_need(), ps.usable_free(None)
                 if (key[0] >= 1 and not short and name not in mixed
                         and (res is None or res.job.spec.queue in moved or res.job.spec.queue not in ps.pending)
                         and (pool.free_gpus if name == ps.reserved[0] else free) < need):

@@ -343,17 +343,22 @@ class PoolState:
         if stuck.shapes_id == -1:
             stuck.shapes_id = self.shape_ids.setdefault(stuck.plain, len(self.shape_ids)) if stuck.plain else -2
         if stuck.shapes_id >= 0:
-            at = self._fits_at
-            if at[0] != self.pool.changes or at[1] is not self.reserved:
-                self._fits.clear()
-                self._fits_at = (self.pool.changes, self.reserved)
+            fits = self.known_fits()
             key = 2 * stuck.shapes_id + (queue == self.reserved[0])
-            fit = self._fits.get(key)
+            fit = fits.get(key)
             if fit is None:
-                fit = self._fits[key] = may_fit_any(self.pool, self.reserved, stuck.plain, queue)
+                fit = fits[key] = may_fit_any(self.pool, self.reserved, stuck.plain, queue)
             if fit:
                 return True
         return bool(stuck.owned) and may_fit_any(self.pool, self.reserved, stuck.owned, queue)
+
+    def known_fits(self) -> dict[int, bool]:
+        """The answers _may_fit_any has kept for the free room and reservation as they are now: by 2 * shapes_id,
+        plus 1 where the reservation is the queue's own."""
+        if self._fits_at[0] != self.pool.changes or self._fits_at[1] is not self.reserved:
+            self._fits.clear()
+            self._fits_at = (self.pool.changes, self.reserved)
+        return self._fits
 
     def usable_free(self, queue: str | None) -> int:
         """Free GPUs a job of `queue` over its quota may use: those on nodes held for another queue's job do not
