@@ -498,7 +498,7 @@ class _Forgets(dict):  # type: ignore[type-arg]
         return default
 
 
-def _usable_free_recounted(ps: PoolState, queue: str) -> int:
+def _usable_free_recounted(ps: PoolState, queue: str | None) -> int:
     """PoolState.usable_free, counted afresh at every call."""
     held_for, held, _ = ps.reserved
     nodes = ps.pool.nodes
