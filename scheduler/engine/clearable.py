@@ -74,8 +74,11 @@ class ClearIndex:
             else:
                 continue  # under its share before and after: its jobs' slacks stay -inf whatever moved
             for j in running.get(leaf, ()):
-                nodes.update(node for node, _ in j.workers)
+                for node, _ in j.workers:
+                    nodes.add(node)
         self.dirty_queues.clear()
+        # Per leaf over its share: its usage and share (None: not over its share, so its jobs' slacks are -inf).
+        terms: dict[str, tuple[int, float] | None] = {}
         for node in nodes:
             old = self.slack.get(node)
             jobs = self.on_node.get(node)
@@ -84,8 +87,14 @@ class ClearIndex:
                 low = math.inf
                 for j in jobs:
                     v = j.spec.queue
-                    s = slack(usage[v], shares.get(v, 0.0), j.request) \
-                        if j.spec.preemptible and v in over_share else -math.inf
+                    if v in terms:
+                        term = terms[v]
+                    else:
+                        term = terms[v] = (usage[v], shares.get(v, 0.0)) if v in over_share else None
+                    if term is None or not j.spec.preemptible:
+                        low = -math.inf
+                        break  # nothing is lower
+                    s = slack(term[0], term[1], j.request)
                     if s < low:
                         low = s
             if low == old:
