@@ -270,10 +270,7 @@ class Preemption:
             self._take(victim.job, -1)
             still: list[str] | None = None
             if self._allowed():
-                if any(node in nodes for node, _ in victim.job.workers):
-                    still = self._place()
-                else:
-                    still = nodes
+                still = self._place() if any(node in nodes for node, _ in victim.job.workers) else nodes
             if still is not None:
                 placed_at_last_drop = still is not nodes
                 nodes = still
