@@ -25,7 +25,7 @@ from scheduler.engine import Engine, Job, JobState, NodeSpec, Preempted, Rejecte
 from scheduler.engine.cluster import Freed, Pool, _best_fit
 from scheduler.engine.decisions import Decision
 from scheduler.engine.model import JobSpec
-from scheduler.engine.preemption import Preemption
+from scheduler.engine.preemption import Preemption, Victim
 from scheduler.engine.state import PoolState
 from scheduler.sim.inputs import World
 from scheduler.sim.runner import Simulation
@@ -505,16 +505,32 @@ def _usable_free_recounted(ps: PoolState, queue: str | None) -> int:
     return ps.pool.free_gpus - (0 if held_for == queue else sum(len(nodes[n].free) for n in held if nodes[n].up))
 
 
+def _prune_placing_every_time(self: Preemption, taken: list[Victim],
+                              nodes: list[str]) -> tuple[list[Victim], list[str]]:
+    """Preemption._prune as SCHEDULING.md states it: drop, latest first, each victim the job fits without."""
+    kept: list[Victim] = []
+    for victim in reversed(taken):
+        self._take(victim.job, -1)
+        still = self.admissible()
+        if still is not None:
+            nodes = still
+        else:
+            self._take(victim.job, 1)
+            kept.append(victim)
+    return kept[::-1], nodes
+
+
 def _log_without_shortcuts(w: World) -> dict[str, Any]:
     """The event log with the engine's shortcuts off: the stuck-queue memo and sleeping queues, the cheap
-    "nothing can start" test, the bounds that skip a preemption walk bound to fail, and the free GPUs off the
-    reserved nodes counted once per change."""
+    "nothing can start" test, the bounds that skip a preemption walk bound to fail, the prune pass placing the job
+    again only where a dropped victim was, and the free GPUs off the reserved nodes counted once per change."""
     sim = Simulation(w, log_fair_share=False)
     for ps in sim.engine.pools.values():
         ps.stuck, ps.asleep = _Forgets(), _Forgets()
     with mock.patch.object(Engine, "_may_start_any", lambda *a: True), \
             mock.patch.object(Preemption, "priority_only_hopeless", lambda self: False), \
             mock.patch.object(Preemption, "_whole_nodes_hopeless", lambda self: False), \
+            mock.patch.object(Preemption, "_prune", _prune_placing_every_time), \
             mock.patch.object(PoolState, "usable_free", _usable_free_recounted):
         return sim.run()
 

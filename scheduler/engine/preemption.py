@@ -260,10 +260,19 @@ class Preemption:
                 break
         if nodes is None:
             return None
-        # Prune: drop, latest first, every victim the job does not need after all. Placement finds room whenever
-        # there is any, so dropping a victim on none of the nodes the job was last placed on leaves the job
-        # placeable there: only the others are placed again (a walk for one whole node takes hundreds of victims,
-        # each placement reading every node they free GPUs on). The last drop's placement is then made once.
+        kept, nodes = self._prune(taken, nodes)
+        for victim in kept:
+            victim.reason = self._explain(victim)
+        return Plan(kept, nodes)
+
+    def _prune(self, taken: list[Victim], nodes: list[str]) -> tuple[list[Victim], list[str]]:
+        """Drop, latest first, every victim the job does not need after all; the victims kept (in the order taken)
+        and the job's nodes without the others.
+
+        Placement finds room whenever there is any, so dropping a victim on none of the nodes the job was last
+        placed on leaves the job placeable there: only the others are placed again (a walk for one whole node
+        takes hundreds of victims, and each placement reads every node they free GPUs on). The last drop's
+        placement is then made once."""
         kept: list[Victim] = []
         placed_at_last_drop = True
         for victim in reversed(taken):
@@ -278,11 +287,10 @@ class Preemption:
                 self._take(victim.job, 1)
                 kept.append(victim)
         if not placed_at_last_drop:
-            nodes = self._place()
-            assert nodes is not None  # the state of the last drop, where the job was placeable
-        for victim in kept:
-            victim.reason = self._explain(victim)
-        return Plan(kept[::-1], nodes)
+            placed = self._place()
+            assert placed is not None  # the state of the last drop, where the job was placeable
+            nodes = placed
+        return kept[::-1], nodes
 
     def _explain(self, victim: Victim) -> Reason:
         """The sentence a victim sees: who took its GPUs back, under which rule, with the numbers."""
