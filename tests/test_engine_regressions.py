@@ -88,6 +88,47 @@ def test_zero_weight_child_gets_what_weighted_children_leave() -> None:
     assert fair_shares(t, "a100", 8, {"a": 2, "b": 10}) == pytest.approx({"a": 2, "b": 6})
 
 
+
+# ===================================================================== fractional CPUs (found in review)
+
+
+def _started(ns: list[NodeSpec], jobs: list[SimJob]) -> dict[str, tuple[float, dict[str, list[int]]]]:
+    qs = [queue("team-a", quota={"a100": sum(n.gpus for n in ns)})]
+    w = world(ns, qs, jobs, settings=Settings(starvation_timeout=NO_GUARD))
+    return {e["job"]: (e["t"], e["nodes"]) for e in _events(w) if e["event"] == "started"}
+
+
+def test_a_node_its_jobs_left_holds_a_job_of_its_full_cpus() -> None:
+    """2.0 - 0.1 - 0.3 - 0.2 - 0.7, then the same added back, is 1.9999999999999998 in floats: 'J' (all 2.0 CPUs)
+    waited forever on the idle node. Free CPUs and memory are now kept to a millionth (cluster.exact)."""
+    ns = [NodeSpec("x", "a100", 4, 2.0, None, None)]
+    jobs = [sim_job(f"j{i}", submit=0, duration=10 * (i + 1), cpus=c) for i, c in enumerate([0.1, 0.3, 0.2, 0.7])]
+    started = _started(ns, [*jobs, sim_job("J", submit=1, duration=10, gpus=4, cpus=2.0)])
+    assert started["J"] == (40, {"x": [0, 1, 2, 3]})
+
+
+def test_a_gang_of_tenths_of_a_cpu_fills_a_node() -> None:
+    """20 workers of 0.1 CPUs fit a 2.0-CPU node, but 2.0 // 0.1 is 19.0: the gang was rejected as never fitting."""
+    ns = [NodeSpec("x", "a100", 4, 2.0, None, None)]
+    started = _started(ns, [sim_job("g", submit=0, duration=10, gpus=0, cpus=0.1, workers=20)])
+    assert started["g"] == (0, {"x": []})
+
+
+def test_prune_puts_a_kept_victim_back_exactly() -> None:
+    """Pruning drops A, B and E (latest taken first), finds 'J' needs each, and puts it back. Adding 0.1 CPUs back
+    after taking them away left less than before, so the placement made before those drops no longer fitted, and
+    the prune pass failed its assertion (the service's scheduling loop would have died). A dropped victim's freed
+    CPUs and memory are now restored as they were (Preemption._untake)."""
+    ns = [NodeSpec("x", "a100", 4, 2.0, None, None), NodeSpec("y", "a100", 4, None, None, None)]
+    jobs = [sim_job("W", submit=0, duration=1000, gpus=3, cpus=3.0, priority=20),  # only y has the CPUs
+            sim_job("Cv", submit=1, duration=1000, priority=1),  # y's last GPU
+            sim_job("Z", submit=2, duration=1000, cpus=0.5, priority=2),
+            sim_job("E", submit=3, duration=1000, cpus=0.2),
+            sim_job("B", submit=4, duration=1000, cpus=0.1),
+            sim_job("A", submit=5, duration=1000, cpus=0.1),
+            sim_job("J", submit=6, duration=100, gpus=4, cpus=2.0, priority=10)]
+    assert _started(ns, jobs)["J"] == (6, {"x": [0, 1, 2, 3]})
+
 def test_factories_round_trip() -> None:
     """The builders produce what the engine expects (a smoke test for tests/factories.py)."""
     ns = nodes("a100", 4, 8, cpus=64, domains={"d0": [0, 1], "d1": [2, 3]})

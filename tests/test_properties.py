@@ -510,20 +510,22 @@ def _prune_placing_every_time(self: Preemption, taken: list[Victim],
     """Preemption._prune as SCHEDULING.md states it: drop, latest first, each victim the job fits without."""
     kept: list[Victim] = []
     for victim in reversed(taken):
-        self._take(victim.job, -1)
+        saved = self._drop(victim.job)
         still = self.admissible()
         if still is not None:
             nodes = still
         else:
-            self._take(victim.job, 1)
+            self._untake(victim.job, saved)
             kept.append(victim)
     return kept[::-1], nodes
 
 
 def _log_without_shortcuts(w: World) -> dict[str, Any]:
-    """The event log with the engine's shortcuts off: the stuck-queue memo and sleeping queues, the cheap
-    "nothing can start" test, the bounds that skip a preemption walk bound to fail, the prune pass placing the job
-    again only where a dropped victim was, and the free GPUs off the reserved nodes counted once per change."""
+    """The event log with these shortcuts off: the stuck-queue memo and sleeping queues (and so the pass's skipping
+    of sleepers and their shared room answers), the cheap "nothing can start" test, the bounds that skip a
+    preemption walk bound to fail, the prune pass placing the job again only where a dropped victim was, and the
+    free GPUs off the reserved nodes counted once per change. Still on: the pass ending early once only tier 3 can
+    start a job, and the victim-queue filters of Preemption._victim_queues (the candidate order is the spec's)."""
     sim = Simulation(w, log_fair_share=False)
     for ps in sim.engine.pools.values():
         ps.stuck, ps.asleep = _Forgets(), _Forgets()

@@ -15,6 +15,12 @@ from scheduler.engine.model import JobSpec, NodeSpec
 Placement = list[tuple[str, list[int]]]
 
 
+def exact(amount: float) -> float:
+    """CPUs or memory to a millionth, after every sum: float adds do not undo (2.0 - 0.5 - 0.2 - 0.1 - 0.1 + 0.1 +
+    0.1 + 0.2 + 0.5 is not 2.0), and a node whose jobs have all left must hold a job of its full size again."""
+    return round(amount, 6)
+
+
 @dataclass(eq=False)
 class Node:
     """A node's live state: which GPU indices are free, and free CPUs and memory where accounted."""
@@ -41,8 +47,17 @@ class Freed:
     def add(self, workers: Iterable[tuple[str, list[int]]], spec: JobSpec, sign: int = 1) -> None:
         for node, gpus in workers:
             self.gpus[node] = self.gpus.get(node, 0) + sign * len(gpus)
-            self.cpus[node] = self.cpus.get(node, 0.0) + sign * spec.cpus
-            self.mem[node] = self.mem.get(node, 0.0) + sign * spec.memory_gb
+            self.cpus[node] = exact(self.cpus.get(node, 0.0) + sign * spec.cpus)
+            self.mem[node] = exact(self.mem.get(node, 0.0) + sign * spec.memory_gb)
+
+    def save(self, nodes: Iterable[str]) -> list[tuple[str, int, float, float]]:
+        """The entries of `nodes` as they stand, for restore(): adding CPUs or memory back after taking them
+        away need not give the same float, and a placement that fitted must fit again."""
+        return [(n, self.gpus.get(n, 0), self.cpus.get(n, 0.0), self.mem.get(n, 0.0)) for n in nodes]
+
+    def restore(self, saved: Iterable[tuple[str, int, float, float]]) -> None:
+        for n, gpus, cpus, mem in saved:
+            self.gpus[n], self.cpus[n], self.mem[n] = gpus, cpus, mem
 
 
 class Pool:
@@ -104,8 +119,8 @@ class Pool:
             self._unfile(name, len(n.free))
             gpus, n.free = n.free[: spec.gpus], n.free[spec.gpus:]
             self._file(name, len(n.free))
-            n.free_cpus -= spec.cpus
-            n.free_mem -= spec.memory_gb
+            n.free_cpus = exact(n.free_cpus - spec.cpus)
+            n.free_mem = exact(n.free_mem - spec.memory_gb)
             self.free_gpus -= len(gpus)
             out.append((name, gpus))
         return out
@@ -124,8 +139,8 @@ class Pool:
                 self._unfile(name, len(n.free))
                 self.free_gpus -= len(gpus)
             n.free = [g for g in n.free if g not in gpus]
-            n.free_cpus -= spec.cpus
-            n.free_mem -= spec.memory_gb
+            n.free_cpus = exact(n.free_cpus - spec.cpus)
+            n.free_mem = exact(n.free_mem - spec.memory_gb)
             if n.up:
                 self._file(name, len(n.free))
 
@@ -137,8 +152,8 @@ class Pool:
             if n.up:
                 self._unfile(name, len(n.free))
             n.free = sorted(n.free + gpus)
-            n.free_cpus += spec.cpus
-            n.free_mem += spec.memory_gb
+            n.free_cpus = exact(n.free_cpus + spec.cpus)
+            n.free_mem = exact(n.free_mem + spec.memory_gb)
             if n.up:
                 self._file(name, len(n.free))
                 self.free_gpus += len(gpus)
@@ -220,8 +235,8 @@ class Pool:
         """Enough free CPUs and memory for one worker (with what victims free there)."""
         if freed is None:
             return n.free_cpus >= spec.cpus and n.free_mem >= spec.memory_gb
-        return (n.free_cpus + freed.cpus.get(n.name, 0.0) >= spec.cpus
-                and n.free_mem + freed.mem.get(n.name, 0.0) >= spec.memory_gb)
+        return (exact(n.free_cpus + freed.cpus.get(n.name, 0.0)) >= spec.cpus
+                and exact(n.free_mem + freed.mem.get(n.name, 0.0)) >= spec.memory_gb)
 
     def _room(self, gpus: int, excluded: Collection[str], freed: Freed | None) -> dict[str, list[float]]:
         """Free GPUs, CPUs and memory of the up nodes that could take a worker of `gpus` GPUs."""
@@ -238,8 +253,8 @@ class Pool:
             r = [float(len(n.free)), n.free_cpus, n.free_mem]
             if freed is not None:
                 r[0] += freed.gpus.get(name, 0)
-                r[1] += freed.cpus.get(name, 0.0)
-                r[2] += freed.mem.get(name, 0.0)
+                r[1] = exact(r[1] + freed.cpus.get(name, 0.0))
+                r[2] = exact(r[2] + freed.mem.get(name, 0.0))
             if r[0] >= gpus:
                 room[name] = r
         return room
@@ -251,9 +266,9 @@ def workers_per_node(spec: JobSpec, gpus: int, cpus: float | None, memory_gb: fl
     if spec.gpus:
         per.append(gpus // spec.gpus)
     if spec.cpus and cpus is not None:
-        per.append(int(cpus // spec.cpus))
+        per.append(math.floor(exact(cpus / spec.cpus)))  # 2.0 // 0.1 is 19.0
     if spec.memory_gb and memory_gb is not None:
-        per.append(int(memory_gb // spec.memory_gb))
+        per.append(math.floor(exact(memory_gb / spec.memory_gb)))
     return min(per)
 
 
@@ -270,7 +285,7 @@ def _best_fit(room: dict[str, list[float]], spec: JobSpec) -> list[str] | None:
             return None
         r = room[best[1]]
         r[0] -= spec.gpus
-        r[1] -= spec.cpus
-        r[2] -= spec.memory_gb
+        r[1] = exact(r[1] - spec.cpus)
+        r[2] = exact(r[2] - spec.memory_gb)
         chosen.append(best[1])
     return chosen

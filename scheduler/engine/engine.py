@@ -231,11 +231,10 @@ class Engine:
             room_still_short, mixed, pool = ps.room_still_short, ps.mixed, ps.pool
             # The smallest pending request and the free GPUs off the reserved nodes, as of free room `counted_at`:
             # read for every queue at or over its share, and they change only when a job starts (Pool.changes).
-            counted_at, need, free, fits, held_for = -1, 0, 0, ps.known_fits(), ps.reserved[0]
+            counted_at, need, free = -1, 0, 0
             while True:
                 if counted_at != pool.changes:
                     counted_at, need, free = pool.changes, ps.min_need(), ps.usable_free(None)
-                    fits, held_for = ps.known_fits(), ps.reserved[0]
                 if not heap and free >= need:
                     # Most queues sleep, with no room given back since they last asked or with an answer for the
                     # free room as it is now that other sleepers who tried the same shapes found (room_still_short).
@@ -247,8 +246,7 @@ class Engine:
                             if stuck is None:
                                 break
                             if stuck.freed != grown:
-                                if stuck.shapes_id < 0 or stuck.owned or fits.get(
-                                        2 * stuck.shapes_id + (nxt[1] == held_for)) is not False:
+                                if not ps.known_short(stuck, nxt[1]):
                                     break
                                 stuck.freed = grown
                             moved[nxt[1]] = -1

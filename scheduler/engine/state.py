@@ -101,9 +101,9 @@ class PoolState:
         self.unreserved = 0  # bumps when the reservation may have let a job use a node it kept it from
         # may_fit_any's answers for the free room and reservation as they are now (Pool.changes, `reserved`), by
         # the shapes a sleeping queue tried that count only free GPUs (Stuck.plain, numbered in `shape_ids`) and
-        # whether the reservation is its own: after
-        # a release, most sleepers tried the same few shapes. The numbers are never reused, and there are few: one
-        # per distinct list of (request, GPUs per worker, workers, within quota) that a queue found no room for.
+        # whether the reservation is its own: after a release, most sleepers tried the same few shapes. The numbers
+        # are never reused, and there are few: one per distinct list of (request, GPUs per worker, workers, within
+        # quota) that a queue found no room for.
         self.shape_ids: dict[tuple[Need, ...], int] = {}
         self._fits: dict[int, bool] = {}
         self._fits_at: tuple[int, tuple[str | None, frozenset[str], bool]] = (-1, self.reserved)
@@ -343,8 +343,8 @@ class PoolState:
         if stuck.shapes_id == -1:
             stuck.shapes_id = self.shape_ids.setdefault(stuck.plain, len(self.shape_ids)) if stuck.plain else -2
         if stuck.shapes_id >= 0:
-            fits = self.known_fits()
-            key = 2 * stuck.shapes_id + (queue == self.reserved[0])
+            fits = self._known_fits()
+            key = self._fits_key(stuck, queue)
             fit = fits.get(key)
             if fit is None:
                 fit = fits[key] = may_fit_any(self.pool, self.reserved, stuck.plain, queue)
@@ -352,9 +352,18 @@ class PoolState:
                 return True
         return bool(stuck.owned) and may_fit_any(self.pool, self.reserved, stuck.owned, queue)
 
-    def known_fits(self) -> dict[int, bool]:
-        """The answers _may_fit_any has kept for the free room and reservation as they are now: by 2 * shapes_id,
-        plus 1 where the reservation is the queue's own."""
+    def known_short(self, stuck: Stuck, queue: str) -> bool:
+        """Does an answer _may_fit_any kept already say that a sleeping queue has no room, without asking again?"""
+        if stuck.shapes_id < 0 or stuck.owned:
+            return False
+        return self._known_fits().get(self._fits_key(stuck, queue)) is False
+
+    def _fits_key(self, stuck: Stuck, queue: str) -> int:
+        """Sleepers share an answer when they tried the same plain shapes and the reservation is, or is not, theirs."""
+        return 2 * stuck.shapes_id + (queue == self.reserved[0])
+
+    def _known_fits(self) -> dict[int, bool]:
+        """The answers _may_fit_any has kept for the free room and reservation as they are now (by _fits_key)."""
         if self._fits_at[0] != self.pool.changes or self._fits_at[1] is not self.reserved:
             self._fits.clear()
             self._fits_at = (self.pool.changes, self.reserved)
