@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Iterable, Mapping
 
@@ -88,7 +89,7 @@ class LasEngine(Engine):
         return self._attained.get(j.id, 0.0) + run
 
     def _band(self, service: float) -> int:
-        return sum(1 for b in self.bands if service >= b)
+        return bisect.bisect_right(self.bands, service)  # how many bands it has reached
 
     def _release(self, ps: PoolState, job: Job, moving: bool = False) -> None:
         self._attained[job.id] = self._service(job, self._clock)
@@ -217,19 +218,23 @@ class LasEngine(Engine):
             return  # what the loop below would find at its first waiting job (it has no side effect then)
         # Then a waiting job may displace running jobs of a higher band (most served first), only as many
         # as it needs to fit. Non-preemptible jobs and jobs younger than min_runtime keep their GPUs.
-        band: dict[str, int] = {}
-        attained, bands = self._attained, self.bands
-        for js in ps.running.values():
-            for j in js:  # _band(_service(j, now)), inlined: this runs over every running job
-                s = attained.get(j.spec.id, 0.0) + (now - j.start) * j.spec.request
-                band[j.spec.id] = sum(1 for b in bands if s >= b)
         # Waiting jobs come in band order, and a job displaces only jobs of a higher band than its own: jobs of
         # the first one's band or lower are never taken, and waiting jobs from the top victim's band on never
         # displace anyone.
-        lowest = self._band(self._attained.get(ps.arrivals[0].id, 0.0)) if ps.arrivals else len(bands)
-        victims = sorted((j for js in ps.running.values() for j in js
-                          if j.spec.preemptible and not self._young(j, now) and band[j.id] > lowest),
-                         key=lambda j: (-band[j.id], -j.submit, -j.seq))
+        attained, bands = self._attained, self.bands
+        lowest = self._band(attained.get(ps.arrivals[0].id, 0.0)) if ps.arrivals else len(bands)
+        band: dict[str, int] = {}
+        order: list[tuple[int, float, int, Job]] = []  # most served first, then latest submitted
+        for js in ps.running.values():
+            for j in js:
+                if j.spec.preemptible and not self._young(j, now):
+                    # _band(_service(j, now)), inlined: this runs over every running job
+                    b = bisect.bisect_right(bands, attained.get(j.spec.id, 0.0) + (now - j.start) * j.spec.request)
+                    if b > lowest:
+                        band[j.spec.id] = b
+                        order.append((-b, -j.submit, -j.seq, j))  # seq is unique: jobs are never compared
+        order.sort()
+        victims = [j for *_, j in order]
         if not victims:
             return
         for w in ps.arrivals[:ps.arrivals.bisect_key_left((band[victims[0].id],))]:
