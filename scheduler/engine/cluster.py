@@ -16,8 +16,8 @@ Placement = list[tuple[str, list[int]]]
 
 
 def exact(amount: float) -> float:
-    """CPUs or memory to a millionth, after every sum: float adds do not undo (2.0 - 0.5 - 0.2 - 0.1 - 0.1 + 0.1 +
-    0.1 + 0.2 + 0.5 is not 2.0), and a node whose jobs have all left must hold a job of its full size again."""
+    """CPUs or memory to a millionth, after every sum: float adds do not undo (2.0 - 0.1 - 0.3 - 0.2 - 0.7 + 0.1 +
+    0.3 + 0.2 + 0.7 is 1.9999999999999998), and a node whose jobs have all left must hold a job of its full size."""
     return round(amount, 6)
 
 
@@ -51,8 +51,8 @@ class Freed:
             self.mem[node] = exact(self.mem.get(node, 0.0) + sign * spec.memory_gb)
 
     def save(self, nodes: Iterable[str]) -> list[tuple[str, int, float, float]]:
-        """The entries of `nodes` as they stand, for restore(): adding CPUs or memory back after taking them
-        away need not give the same float, and a placement that fitted must fit again."""
+        """The entries of `nodes` as they stand, for restore(): adding back a request finer than a millionth
+        after taking it away need not give the same amount (see exact), and a placement that fitted must fit again."""
         return [(n, self.gpus.get(n, 0), self.cpus.get(n, 0.0), self.mem.get(n, 0.0)) for n in nodes]
 
     def restore(self, saved: Iterable[tuple[str, int, float, float]]) -> None:
