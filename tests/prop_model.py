@@ -7,6 +7,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from quotas import QueueSpec, QueueTree
@@ -16,6 +17,12 @@ from scheduler.sim.inputs import EventIn, SimJob, World
 from tests.factories import cancel, node_down, node_up, world
 
 NO_GUARD = 1e9  # starvation_timeout so large that no reservation ever exists within a run
+# Hypothesis settings of every property test: reproducible examples (CI must not flake), no deadline on a machine
+# shared with other work.
+PROPERTY = settings(
+    derandomize=True, database=None, deadline=None, print_blob=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 POOLS = ("a100", "h100", "l4")
 
 

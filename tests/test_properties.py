@@ -17,7 +17,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 from quotas import QueueSpec, QueueTree, fair_shares
@@ -32,6 +32,7 @@ from scheduler.sim.runner import Simulation
 from tests.factories import nodes, queue, sim_job, world
 from tests.prop_model import (
     NO_GUARD,
+    PROPERTY,
     Case,
     _capacity,
     can_ever_run,
@@ -48,12 +49,6 @@ from tests.prop_model import (
 
 TOL = 1e-6
 TIER_CAUSES = {"reclaim", "fair_share", "priority"}
-
-PROPERTY = settings(
-    derandomize=True, database=None, deadline=None, print_blob=False,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-
 
 # ===================================================================== the checker
 
