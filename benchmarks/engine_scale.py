@@ -120,6 +120,8 @@ def main() -> None:
     print(f"garbage collection over the whole replay: {len(pauses)} collections, {sum(pauses):.1f} s, longest pause "
           f"{max(pauses, default=0) * 1e3:.1f} ms; decisions less its pauses: "
           f"p99 {bare[int(len(bare) * 0.99)] * 1e3:.2f} ms, max {bare[-1] * 1e3:.1f} ms")
+    print(f"decisions over the 10 ms goal: {sum(1 for x in lat if x > 0.01)} of {len(lat)}, "
+          f"{sum(1 for x in bare if x > 0.01)} less the collector's pauses")
     if prof:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
 
