@@ -9,9 +9,8 @@ from unittest import mock
 from hypothesis import given, note, settings
 
 from scheduler.engine.baselines import LasEngine
-from scheduler.engine.cluster import Freed
-from scheduler.engine.decisions import Decision, Preempted
-from scheduler.engine.model import Job, Reason
+from scheduler.engine.decisions import Decision
+from scheduler.engine.model import Job
 from scheduler.engine.state import PoolState
 from scheduler.sim import runner
 from scheduler.sim.inputs import World
@@ -50,30 +49,8 @@ class LasAsStated(LasEngine):
         victims = sorted((j for j in running if j.spec.preemptible and not self._young(j, now)),
                          key=lambda j: (-band[j.id], -j.submit, -j.seq))
         for w in list(ps.arrivals):
-            wband = self._band(self._attained.get(w.id, 0.0))
-            if w.id in self._preempted_now or ps.over_limit(self.tree[w.spec.queue], w.request) is not None:
-                continue
-            taken: list[Job] = []
-            freed = Freed()
-            nodes = None
-            for v in victims:
-                if band[v.id] <= wband:
-                    break
-                taken.append(v)
-                freed.add(v.workers, v.spec)
-                nodes = ps.pool.place(w.spec, freed=freed)
-                if nodes is not None:
-                    break
-            if nodes is None:
-                continue
-            for v in taken:
-                victims.remove(v)
-                self._stop(ps, v)
-                self._preempted_now.add(v.id)
-                out.append(Preempted(v.id, "priority", w.id, Reason(
-                    "las", f"{v.id} has attained {self._service(v, now):.0f} GPU-seconds, more than {w.id}: "
-                    f"jobs with less go first", {"attained": self._attained.get(v.id, 0.0)})))
-            out.append(self._start(ps, w, ps.pool.place(w.spec) or nodes, now))
+            # What one waiting job takes is LasEngine._displace itself: the shortcuts are in which jobs get there.
+            self._displace(ps, w, self._band(self._attained.get(w.id, 0.0)), victims, band, now, out)
 
 
 def _las_as_stated(name: str, *args: Any) -> LasAsStated:

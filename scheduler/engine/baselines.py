@@ -241,30 +241,35 @@ class LasEngine(Engine):
             wband = self._band(self._attained.get(w.id, 0.0))
             if not victims or wband >= band[victims[0].id]:
                 break  # waiting jobs come in band order: nobody further on outranks a running job
-            if w.id in self._preempted_now or ps.over_limit(self.tree[w.spec.queue], w.request) is not None:
-                continue
-            taken: list[Job] = []
-            freed = Freed()
-            nodes = None
-            for v in victims:
-                if band[v.id] <= wband:
-                    break
-                taken.append(v)
-                freed.add(v.workers, v.spec)
-                nodes = ps.pool.place(w.spec, freed=freed)
-                if nodes is not None:
-                    break
-            if nodes is None:
-                continue
-            for v in taken:
-                victims.remove(v)
-                self._stop(ps, v)
-                self._preempted_now.add(v.id)
-                out.append(Preempted(v.id, "priority", w.id, Reason(
-                    "las", f"{v.id} has attained {self._service(v, now):.0f} GPU-seconds, more than {w.id}: "
-                    f"jobs with less go first", {"attained": self._attained.get(v.id, 0.0)})))
-            out.append(self._start(ps, w, ps.pool.place(w.spec) or nodes, now))
+            self._displace(ps, w, wband, victims, band, now, out)
 
+    def _displace(self, ps: PoolState, w: Job, wband: int, victims: list[Job], band: Mapping[str, int], now: float,
+                  out: list[Decision]) -> None:
+        """Start waiting job `w` in band `wband` if taking victims of a higher band, in order, makes room; the
+        victims taken leave `victims`."""
+        if w.id in self._preempted_now or ps.over_limit(self.tree[w.spec.queue], w.request) is not None:
+            return
+        taken: list[Job] = []
+        freed = Freed()
+        nodes = None
+        for v in victims:
+            if band[v.id] <= wband:
+                break
+            taken.append(v)
+            freed.add(v.workers, v.spec)
+            nodes = ps.pool.place(w.spec, freed=freed)
+            if nodes is not None:
+                break
+        if nodes is None:
+            return
+        for v in taken:
+            victims.remove(v)
+            self._stop(ps, v)
+            self._preempted_now.add(v.id)
+            out.append(Preempted(v.id, "priority", w.id, Reason(
+                "las", f"{v.id} has attained {self._service(v, now):.0f} GPU-seconds, more than {w.id}: "
+                f"jobs with less go first", {"attained": self._attained.get(v.id, 0.0)})))
+        out.append(self._start(ps, w, ps.pool.place(w.spec) or nodes, now))
 
 def make_policy(name: str, tree: QueueTree, nodes: Iterable[NodeSpec],
                 domains: Mapping[str, Mapping[str, Iterable[str]]], settings: Settings) -> Engine:
