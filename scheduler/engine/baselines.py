@@ -271,6 +271,7 @@ class LasEngine(Engine):
                 f"jobs with less go first", {"attained": self._attained.get(v.id, 0.0)})))
         out.append(self._start(ps, w, ps.pool.place(w.spec) or nodes, now))
 
+
 def make_policy(name: str, tree: QueueTree, nodes: Iterable[NodeSpec],
                 domains: Mapping[str, Mapping[str, Iterable[str]]], settings: Settings) -> Engine:
     """The engine for a policy name: `corral` (SCHEDULING.md) or one of the baselines."""
