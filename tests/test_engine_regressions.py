@@ -117,8 +117,8 @@ def test_a_gang_of_tenths_of_a_cpu_fills_a_node() -> None:
 def test_prune_puts_a_kept_victim_back_exactly() -> None:
     """Pruning drops A, B and E (latest taken first), finds 'J' needs each, and puts it back. Adding 0.1 CPUs back
     after taking them away left less than before, so the placement made before those drops no longer fitted, and
-    the prune pass failed its assertion (the service's scheduling loop would have died). A dropped victim's freed
-    CPUs and memory are now restored as they were (Preemption._untake)."""
+    the prune pass failed its assertion (the service's scheduling loop would have died). CPUs and memory now count
+    in millionths (model.exact), so putting a victim back restores exactly what it found."""
     ns = [NodeSpec("x", "a100", 4, 2.0, None, None), NodeSpec("y", "a100", 4, None, None, None)]
     jobs = [sim_job("W", submit=0, duration=1000, gpus=3, cpus=3.0, priority=20),  # only y has the CPUs
             sim_job("Cv", submit=1, duration=1000, priority=1),  # y's last GPU

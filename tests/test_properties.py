@@ -505,12 +505,12 @@ def _prune_placing_every_time(self: Preemption, taken: list[Victim],
     """Preemption._prune as SCHEDULING.md states it: drop, latest first, each victim the job fits without."""
     kept: list[Victim] = []
     for victim in reversed(taken):
-        saved = self._drop(victim.job)
+        self._take(victim.job, -1)
         still = self.admissible()
         if still is not None:
             nodes = still
         else:
-            self._untake(victim.job, saved)
+            self._take(victim.job, 1)
             kept.append(victim)
     return kept[::-1], nodes
 

@@ -9,16 +9,10 @@ from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
-from scheduler.engine.model import JobSpec, NodeSpec
+from scheduler.engine.model import JobSpec, NodeSpec, exact
 
 # Per worker: (node, GPU indices).
 Placement = list[tuple[str, list[int]]]
-
-
-def exact(amount: float) -> float:
-    """CPUs or memory to a millionth, after every sum: float adds do not undo (2.0 - 0.1 - 0.3 - 0.2 - 0.7 + 0.1 +
-    0.3 + 0.2 + 0.7 is 1.9999999999999998), and a node whose jobs have all left must hold a job of its full size."""
-    return round(amount, 6)
 
 
 @dataclass(eq=False)
@@ -49,15 +43,6 @@ class Freed:
             self.gpus[node] = self.gpus.get(node, 0) + sign * len(gpus)
             self.cpus[node] = exact(self.cpus.get(node, 0.0) + sign * spec.cpus)
             self.mem[node] = exact(self.mem.get(node, 0.0) + sign * spec.memory_gb)
-
-    def save(self, nodes: Iterable[str]) -> list[tuple[str, int, float, float]]:
-        """The entries of `nodes` as they stand, for restore(): adding back a request finer than a millionth
-        after taking it away need not give the same amount (see exact), and a placement that fitted must fit again."""
-        return [(n, self.gpus.get(n, 0), self.cpus.get(n, 0.0), self.mem.get(n, 0.0)) for n in nodes]
-
-    def restore(self, saved: Iterable[tuple[str, int, float, float]]) -> None:
-        for n, gpus, cpus, mem in saved:
-            self.gpus[n], self.cpus[n], self.mem[n] = gpus, cpus, mem
 
 
 class Pool:

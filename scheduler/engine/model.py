@@ -9,6 +9,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
+def exact(amount: float) -> float:
+    """CPUs or memory to a millionth. Requests and node sizes are rounded so, and free amounts after every sum: float
+    adds do not undo (2.0 - 0.1 - 0.3 - 0.2 - 0.7 + 0.1 + 0.3 + 0.2 + 0.7 is 1.9999999999999998), and a node whose
+    jobs have all left must hold a job of its full size, a victim put back must leave exactly what it found."""
+    return round(amount, 6)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Engine settings. Times are seconds on the caller's clock (virtual in the simulator, wall in the service)."""
@@ -33,6 +40,12 @@ class NodeSpec:
     domain: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.cpus is not None:
+            object.__setattr__(self, "cpus", exact(self.cpus))
+        if self.memory_gb is not None:
+            object.__setattr__(self, "memory_gb", exact(self.memory_gb))
+
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -48,6 +61,10 @@ class JobSpec:
     priority: int = 0
     preemptible: bool = True
     checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cpus", exact(self.cpus))
+        object.__setattr__(self, "memory_gb", exact(self.memory_gb))
 
     @functools.cached_property
     def request(self) -> int:

@@ -136,7 +136,7 @@ class Preemption:
             self.slots -= sum(len(pool.nodes[n].free) // g for n in self.excluded if pool.nodes[n].up)
 
     def _take(self, j: Job, sign: int) -> None:
-        """Count `j` as a victim (sign 1) or no longer one (-1); see _untake for putting a dropped one back."""
+        """Count `j` as a victim (sign 1) or no longer one (-1)."""
         pool, g = self.ps.pool, self.job.spec.gpus
         for a in self.ps.tree[j.spec.queue].path:
             self.gone[a.name] += sign * j.request
@@ -148,17 +148,6 @@ class Preemption:
                 if g:
                     self.slots += (before + sign * len(gpus)) // g - before // g
             self.freed.add([(node, gpus)], j.spec, sign)
-
-    def _drop(self, j: Job) -> list[tuple[str, int, float, float]]:
-        """No longer count `j` as a victim; what _untake needs to put it back exactly."""
-        saved = self.freed.save(node for node, _ in j.workers)
-        self._take(j, -1)
-        return saved
-
-    def _untake(self, j: Job, saved: list[tuple[str, int, float, float]]) -> None:
-        """Put back a victim _drop removed, with the freed CPUs and memory exactly as they were."""
-        self._take(j, 1)
-        self.freed.restore(saved)
 
     def admissible(self) -> list[str] | None:
         """Nodes for the job if it passes every admission check with the victims taken so far removed."""
@@ -288,7 +277,7 @@ class Preemption:
         kept: list[Victim] = []
         placed = True  # whether `nodes` is a placement made in the state after the last drop
         for victim in reversed(taken):
-            saved = self._drop(victim.job)
+            self._take(victim.job, -1)
             still: list[str] | None = None
             if self._allowed():
                 still = self._place() if any(node in nodes for node, _ in victim.job.workers) else nodes
@@ -296,7 +285,7 @@ class Preemption:
                 placed = still is not nodes
                 nodes = still
             else:
-                self._untake(victim.job, saved)
+                self._take(victim.job, 1)  # exactly as before: CPUs and memory count in millionths (model.exact)
                 kept.append(victim)
         if not placed:
             again = self._place()
