@@ -15,7 +15,7 @@ from rich.table import Table
 from scheduler import cli_admission, cli_kueue, cli_models, cli_service
 from scheduler.engine.baselines import POLICIES
 from scheduler.gc_tuning import tune_gc
-from scheduler.sim import importers, metrics
+from scheduler.sim import generate, importers, metrics
 from scheduler.sim.expect import check
 from scheduler.sim.inputs import InputError, World, load_cluster, load_scenario, load_trace
 from scheduler.sim.runner import Simulation
@@ -23,6 +23,8 @@ from scheduler.sim.runner import Simulation
 app = typer.Typer(help="Corral: a GPU-aware scheduler for shared GPU pools.", no_args_is_help=True)
 sim = typer.Typer(help="Replay scenarios and traces on a virtual clock.", no_args_is_help=True)
 app.add_typer(sim, name="sim")
+sim_generate = typer.Typer(help="Write synthetic traces and their cluster files.", no_args_is_help=True)
+sim.add_typer(sim_generate, name="generate")
 cli_service.register(app)
 cli_models.register(app)
 cli_kueue.register(app)
@@ -160,6 +162,33 @@ def sim_import(
     span = max((r.submit for r in rows), default=0.0)
     out.print(f"wrote {n} jobs to {output}: submits over {span / 86400:.1f} days, {work / 3600:,.0f} GPU-hours",
               highlight=False, markup=False)
+
+
+@sim_generate.command("services")
+def sim_generate_services(
+    output: Annotated[Path, typer.Option("-o", "--output", help="trace CSV to write")],
+    cluster: Annotated[Path, typer.Option(help="cluster YAML to write")],
+    seed: Annotated[int, typer.Option(help="random seed: the same seed writes the same files")] = 1,
+    teams: Annotated[int, typer.Option(min=1, help="teams (leaf queues), three to a department")] = 6,
+    pools: Annotated[int, typer.Option(min=1, max=len(generate.POOL_NAMES), help="pools of 8-GPU nodes")] = 3,
+    days: Annotated[float, typer.Option(min=0.01, help="days over which batch jobs arrive")] = 30.0,
+    batch_per_day: Annotated[float, typer.Option(min=0, help="batch jobs a day per team (Poisson)")] = 24.0,
+    starvation_timeout: Annotated[float, typer.Option(min=1, help="the cluster file's starvation_timeout (s)")]
+    = generate.ServicesConfig.starvation_timeout,
+) -> None:
+    """Teams with long-running non-preemptible services beside preemptible batch jobs, on a mostly idle cluster."""
+    config = generate.ServicesConfig(seed=seed, teams=teams, pools=pools, days=days, batch_per_day=batch_per_day,
+                                     starvation_timeout=starvation_timeout)
+    made = generate.services(config)
+    try:
+        made.write(output, cluster)
+    except OSError as e:
+        raise bad_input(InputError(e.filename or output, "", f"cannot write the file: {e.strerror}")) from e
+    gpus = sum(made.nodes.values()) * generate.GPUS_PER_NODE
+    services = sum(1 for j in made.jobs if not j.preemptible)
+    out.print(f"wrote {len(made.jobs)} jobs ({services} services) to {output} and a cluster of {gpus} GPUs "
+              f"({', '.join(f'{p}: {n} nodes' for p, n in made.nodes.items())}) to {cluster}",
+              highlight=False, markup=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from scheduler.engine import JobSpec
 from scheduler.sim import report
 from scheduler.sim.inputs import SimJob, load_cluster, load_trace
 from scheduler.sim.metrics import compute, jain, percentile, usage_series
+from scheduler.sim.waste import HoldCounts, IdleWait, PreemptionWaste, Waste
 from tests.conftest import SHARED
 
 runner = CliRunner()
@@ -154,7 +155,7 @@ def test_report_end_to_end(small: tuple[Path, Path], tmp_path: Path) -> None:
     args = ["sim", "report", str(trace), "--cluster", str(cluster), "-o", str(out)]
     res = runner.invoke(app, args + [a for p in ("corral", "fifo", "strict-quota", "las") for a in ("--policy", p)])
     assert res.exit_code == 0, res.output
-    for name in ("report.md", "wait_cdf.png", "gpus_in_use.png"):
+    for name in ("report.md", "wait_cdf.png", "gpus_in_use.png", "idle_wait.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "wait_cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
@@ -164,6 +165,28 @@ def test_report_end_to_end(small: tuple[Path, Path], tmp_path: Path) -> None:
         assert f"## Policy {p}, per queue" in md
         assert f"{p}: mean wait" in res.output
     assert "30 jobs on 16 GPUs" in md
+    for section in ("## Idle waits, guard holds, preemptions", "## Idle-wait GPU-hours per queue",
+                    "## Guard holds per queue", "![idle-wait GPU-hours per queue](idle_wait.png)"):
+        assert section in md
+    assert "| policy | idle-wait GPU-h | jobs idle-waiting |" in md and "same-instant" in res.output
+
+
+def test_report_waste_sections(small: tuple[Path, Path]) -> None:
+    trace, cluster = small
+    world = load_cluster(cluster)
+    world.jobs = load_trace(trace)
+    rep = report.build(world, ["corral", "fifo"])
+    # Made-up numbers, so that the test reads the rendering only, not what the policies did.
+    held = HoldCounts({"held_nodes": 1, "queue_mate": 2, "guarantee": 0, "limit": 0},
+                      {"team-b": {"held_nodes": 1, "queue_mate": 2, "guarantee": 0, "limit": 0}}, 3, 1, 9)
+    rep.runs[0].waste = Waste(IdleWait(7200.0, 2, 3600.0), {"team-a": IdleWait(7200.0, 2, 3600.0)},
+                              PreemptionWaste(5, 3, 1, 36000.0, 7200.0), held)
+    rep.runs[1].waste = Waste(IdleWait(), {"team-a": IdleWait()}, PreemptionWaste(), None)
+    md = report.markdown(rep, "t")
+    assert "| corral | 2.0 | 2 | 0.04 | 1 | 2 | 0 | 0 | 5 | 3 | 1 | 10 | 2.0 |" in md
+    assert "| fifo | 0 | 0 | 0.00 | n/a | n/a | n/a | n/a |" in md
+    assert "| team-a | 2.0 (2) | 0 (0) |" in md
+    assert "| team-b | 1 / 2 / 0 / 0 | n/a |" in md
 
 
 def test_report_limit_and_bad_input(small: tuple[Path, Path], tmp_path: Path) -> None:

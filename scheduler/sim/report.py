@@ -1,4 +1,5 @@
-"""`corral sim report`: replay a trace under several policies and write report.md, wait_cdf.png, gpus_in_use.png."""
+"""`corral sim report`: replay a trace under several policies; write report.md and its plots (wait CDF, GPUs in use,
+idle waits)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from scheduler.engine import NodeSpec
 from scheduler.sim.inputs import World
 from scheduler.sim.metrics import Metrics, Stats, compute, usage_series
 from scheduler.sim.runner import Simulation
+from scheduler.sim.waste import HOLD_CAUSES, Waste, analyse
 
 # Each queue's private cluster is replayed under this policy. With one queue alone every policy is a plain
 # best-effort FIFO over its own jobs (LAS aside), so the baseline does not depend on the policy compared.
@@ -31,6 +33,7 @@ class PolicyRun:
     policy: str
     metrics: Metrics
     series: tuple[list[float], dict[str, list[float]]]
+    waste: Waste
 
 
 @dataclass
@@ -58,9 +61,12 @@ def capacity(world: World) -> int:
 
 
 def run_policy(world: World, policy: str, bins: int = BINS) -> PolicyRun:
-    """Replay `world.jobs` under `policy`; keeps metrics and the per-queue usage series, not the event log."""
-    log = Simulation(world, policy, log_fair_share=False).run()
-    return PolicyRun(policy, compute(world.jobs, log, capacity(world)), usage_series(world.jobs, log, bins))
+    """Replay `world.jobs` under `policy`; keeps metrics, the per-queue usage series and what was wasted (idle
+    waits, guard holds, preemptions), not the event log nor the hold records."""
+    sim = Simulation(world, policy, log_fair_share=False)
+    log = sim.run()
+    return PolicyRun(policy, compute(world.jobs, log, capacity(world)), usage_series(world.jobs, log, bins),
+                     analyse(world, log, sim.holds))
 
 
 def private_world(world: World, queue: str) -> tuple[World, int, int] | None:
@@ -145,6 +151,51 @@ def _ratio(shared: float, private: float | None) -> str:
     return f"{shared / private:.2f}x"
 
 
+def _h(gpu_seconds: float) -> str:
+    return _s(gpu_seconds / 3600)
+
+
+def _waste_row(r: PolicyRun) -> list[str]:
+    w, h, p = r.waste.idle, r.waste.holds, r.waste.preemption
+    held = [str(h.jobs.get(c, 0)) if h else "n/a" for c in HOLD_CAUSES]
+    return [r.policy, _h(w.gpu_seconds), str(w.jobs), f"{w.max_seconds / 86400:.2f}", *held, str(p.preemptions),
+            str(p.same_instant), str(p.moved), _h(p.lost_gpu_seconds), _h(p.lost_for_nothing_gpu_seconds)]
+
+
+def _waste(rep: Report) -> list[str]:
+    """The idle-wait, guard-hold and preemption sections (scheduler.sim.waste says how each is counted)."""
+    lines = ["", "## Idle waits, guard holds, preemptions", "",
+             "Idle wait: GPU-hours (request x time) during which a pending job (after its submission, or after a "
+             "preemption until its restart) could have started: the free GPUs of its pool, on nodes that are up, "
+             "could place all its workers (and their CPUs and memory where declared; topology domains ignored), "
+             "and its queue's limit and every ancestor's allowed it. Waits on a guarantee or on the starvation "
+             "guard count; waits for room do not. Held: distinct jobs the starvation guard held back, per cause "
+             "(n/a: the policy records none). Preemptions: decided ones (node failures left out); same-instant: "
+             "the victim started again at the instant it was preempted; moved: of those, the preemptor could not "
+             "have been placed had those victims stayed where they were; lost: the victims' GPUs x time run since "
+             "their last start (0 with checkpoint), GPU-hours; for nothing: lost by same-instant preemptions that "
+             "were not moves.", ""]
+    lines += _table(["policy", "idle-wait GPU-h", "jobs idle-waiting", "max idle wait (d)",
+                     *[f"held: {c}" for c in HOLD_CAUSES], "preemptions", "same-instant", "moved", "GPU-h lost",
+                     "GPU-h lost for nothing"], [_waste_row(r) for r in rep.runs])
+    queues = sorted({q for r in rep.runs for q in r.waste.idle_queues})
+    lines += ["", "## Idle-wait GPU-hours per queue", "", "GPU-hours (jobs that idle-waited).", ""]
+    lines += _table(["queue", *[r.policy for r in rep.runs]],
+                    [[q, *[f"{_h(w.gpu_seconds)} ({w.jobs})" if (w := r.waste.idle_queues.get(q)) else "-"
+                           for r in rep.runs]] for q in queues])
+    held_queues = sorted({q for r in rep.runs if r.waste.holds for q in r.waste.holds.queues})
+    lines += ["", "## Guard holds per queue", "",
+              f"Distinct jobs of the queue held back, per cause: {' / '.join(HOLD_CAUSES)}. Queues with no hold "
+              "under any policy are left out.", ""]
+    if held_queues:
+        lines += _table(["queue", *[r.policy for r in rep.runs]],
+                        [[q, *[" / ".join(str(h.queues.get(q, {}).get(c, 0)) for c in HOLD_CAUSES)
+                               if (h := r.waste.holds) else "n/a" for r in rep.runs]] for q in held_queues])
+    else:
+        lines.append("No job was held back.")
+    return lines + ["", "![idle-wait GPU-hours per queue](idle_wait.png)"]
+
+
 def markdown(rep: Report, title: str) -> str:
     lines = [f"# {title}", "",
              f"{rep.jobs} jobs on {rep.capacity} GPUs. Times in seconds; wait = first start - submit, JCT = "
@@ -180,6 +231,7 @@ def markdown(rep: Report, title: str) -> str:
         rows.append(row)
     lines += _table(["queue", "quota", "private GPUs", "jobs", "rejected alone", "private mean wait",
                      *[f"{r.policy} (ratio)" for r in rep.runs]], rows)
+    lines += _waste(rep)
     lines += ["", "![wait CDF](wait_cdf.png)", "", "![GPUs in use](gpus_in_use.png)", ""]
     return "\n".join(lines)
 
@@ -200,7 +252,8 @@ def summary_lines(rep: Report) -> list[str]:
         o = r.metrics.overall
         out.append(f"{r.policy}: mean wait {_s(o.mean_wait)} s, p95 {_s(o.p95_wait)} s, mean JCT {_s(o.mean_jct)} s, "
                    f"utilisation {o.utilisation:.1%}, Jain {r.metrics.jain_queue_mean_wait:.3f}, "
-                   f"{o.preemptions} preemptions, {o.rejected} rejected, {o.unfinished} unfinished; "
+                   f"{o.preemptions} preemptions ({r.waste.preemption.same_instant} same-instant), "
+                   f"idle-wait {_h(r.waste.idle.gpu_seconds)} GPU-h, {o.rejected} rejected, {o.unfinished} unfinished; "
                    f"{len(bad[r.policy])} queue(s) worse off than alone")
     return out
 
@@ -256,10 +309,29 @@ def plot_gpus_in_use(rep: Report, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_idle_wait(rep: Report, path: Path) -> None:
+    """Idle-wait GPU-hours per queue, a bar per policy."""
+    queues = sorted({q for r in rep.runs for q in r.waste.idle_queues})
+    fig = Figure(figsize=(max(6.0, 0.6 * len(queues) * max(1, len(rep.runs)) + 2), 4.5))
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(rep.runs))
+    for i, r in enumerate(rep.runs):
+        hours = [r.waste.idle_queues[q].gpu_seconds / 3600 if q in r.waste.idle_queues else 0.0 for q in queues]
+        ax.bar([k + (i - (len(rep.runs) - 1) / 2) * width for k in range(len(queues))], hours, width, label=r.policy)
+    ax.set_xticks(range(len(queues)), queues, rotation=45 if len(queues) > 6 else 0, ha="right")
+    ax.set_yscale("symlog", linthresh=1.0)  # one policy's idle waits can be 1000x another's
+    ax.set_ylabel("idle-wait GPU-hours (symlog)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    ax.set_title("GPU-hours waited while the pool had room, per queue")
+    _save(fig, path)
+
+
 def write(rep: Report, outdir: Path, title: str) -> list[Path]:
     outdir.mkdir(parents=True, exist_ok=True)
-    paths = [outdir / "report.md", outdir / "wait_cdf.png", outdir / "gpus_in_use.png"]
+    paths = [outdir / "report.md", outdir / "wait_cdf.png", outdir / "gpus_in_use.png", outdir / "idle_wait.png"]
     paths[0].write_text(markdown(rep, title))
     plot_wait_cdf(rep, paths[1])
     plot_gpus_in_use(rep, paths[2])
+    plot_idle_wait(rep, paths[3])
     return paths
