@@ -168,7 +168,8 @@ def test_report_end_to_end(small: tuple[Path, Path], tmp_path: Path) -> None:
     for section in ("## Idle waits, guard holds, preemptions", "## Idle-wait GPU-hours per queue",
                     "## Guard holds per queue", "![idle-wait GPU-hours per queue](idle_wait.png)"):
         assert section in md
-    assert "| policy | idle-wait GPU-h | jobs idle-waiting |" in md and "same-instant" in res.output
+    assert "| policy | idle-wait GPU-h | of which preemptible | jobs idle-waiting |" in md
+    assert "same-instant" in res.output
 
 
 def test_report_waste_sections(small: tuple[Path, Path]) -> None:
@@ -179,12 +180,12 @@ def test_report_waste_sections(small: tuple[Path, Path]) -> None:
     # Made-up numbers, so that the test reads the rendering only, not what the policies did.
     held = HoldCounts({"held_nodes": 1, "queue_mate": 2, "guarantee": 0, "limit": 0},
                       {"team-b": {"held_nodes": 1, "queue_mate": 2, "guarantee": 0, "limit": 0}}, 3, 1, 9)
-    rep.runs[0].waste = Waste(IdleWait(7200.0, 2, 3600.0), {"team-a": IdleWait(7200.0, 2, 3600.0)},
+    rep.runs[0].waste = Waste(IdleWait(7200.0, 2, 3600.0, 3600.0), {"team-a": IdleWait(7200.0, 2, 3600.0)},
                               PreemptionWaste(5, 3, 1, 36000.0, 7200.0), held)
     rep.runs[1].waste = Waste(IdleWait(), {"team-a": IdleWait()}, PreemptionWaste(), None)
     md = report.markdown(rep, "t")
-    assert "| corral | 2.0 | 2 | 0.04 | 1 | 2 | 0 | 0 | 5 | 3 | 1 | 10 | 2.0 |" in md
-    assert "| fifo | 0 | 0 | 0.00 | n/a | n/a | n/a | n/a |" in md
+    assert "| corral | 2.0 | 1.0 | 2 | 0.04 | 1 | 2 | 0 | 0 | 5 | 3 | 1 | 10 | 2.0 |" in md
+    assert "| fifo | 0 | 0 | 0 | 0.00 | n/a | n/a | n/a | n/a |" in md
     assert "| team-a | 2.0 (2) | 0 (0) |" in md
     assert "| team-b | 1 / 2 / 0 / 0 | n/a |" in md
 

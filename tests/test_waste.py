@@ -34,6 +34,7 @@ def test_guarantee_wait_counts_and_a_wait_for_room_does_not() -> None:
                _ev(300, "completed", "big"))
     w = analyse(world, log)
     assert w.idle.gpu_seconds == 400 and w.idle.jobs == 1 and w.idle.max_seconds == 100
+    assert w.idle.preemptible_gpu_seconds == 0
     assert w.idle_queues["team-a"].gpu_seconds == 400
     assert w.holds is None and w.preemption.preemptions == 0
 
@@ -52,7 +53,7 @@ def test_limits_of_the_queue_and_its_ancestors() -> None:
     w = analyse(world, log)
     assert w.idle_queues["team-a"].gpu_seconds == 0
     assert w.idle_queues["team-b"].gpu_seconds == 200 and w.idle_queues["team-b"].jobs == 1
-    assert w.idle.gpu_seconds == 200
+    assert w.idle.gpu_seconds == w.idle.preemptible_gpu_seconds == 200
 
 
 def test_cpus_gangs_and_nodes_down() -> None:

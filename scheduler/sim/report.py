@@ -158,7 +158,8 @@ def _h(gpu_seconds: float) -> str:
 def _waste_row(r: PolicyRun) -> list[str]:
     w, h, p = r.waste.idle, r.waste.holds, r.waste.preemption
     held = [str(h.jobs.get(c, 0)) if h else "n/a" for c in HOLD_CAUSES]
-    return [r.policy, _h(w.gpu_seconds), str(w.jobs), f"{w.max_seconds / 86400:.2f}", *held, str(p.preemptions),
+    return [r.policy, _h(w.gpu_seconds), _h(w.preemptible_gpu_seconds), str(w.jobs),
+            f"{w.max_seconds / 86400:.2f}", *held, str(p.preemptions),
             str(p.same_instant), str(p.moved), _h(p.lost_gpu_seconds), _h(p.lost_for_nothing_gpu_seconds)]
 
 
@@ -169,13 +170,14 @@ def _waste(rep: Report) -> list[str]:
              "preemption until its restart) could have started: the free GPUs of its pool, on nodes that are up, "
              "could place all its workers (and their CPUs and memory where declared; topology domains ignored), "
              "and its queue's limit and every ancestor's allowed it. Waits on a guarantee or on the starvation "
-             "guard count; waits for room do not. Held: distinct jobs the starvation guard held back, per cause "
-             "(n/a: the policy records none). Preemptions: decided ones (node failures left out); same-instant: "
-             "the victim started again at the instant it was preempted; moved: of those, the preemptor could not "
-             "have been placed had those victims stayed where they were; lost: the victims' GPUs x time run since "
-             "their last start (0 with checkpoint), GPU-hours; for nothing: lost by same-instant preemptions that "
-             "were not moves.", ""]
-    lines += _table(["policy", "idle-wait GPU-h", "jobs idle-waiting", "max idle wait (d)",
+             "guard count; waits for room do not. Non-preemptible jobs may wait on their guarantee with GPUs "
+             "free by design, so the preemptible jobs' part is shown apart. Held: distinct jobs the starvation "
+             "guard held back, per cause (n/a: the policy records none). Preemptions: decided ones (node failures "
+             "left out); same-instant: the victim started again at the instant it was preempted; moved: of those, "
+             "the preemptor could not have been placed had those victims stayed where they were; lost: the "
+             "victims' GPUs x time run since their last start (0 with checkpoint), GPU-hours; for nothing: lost by "
+             "same-instant preemptions that were not moves.", ""]
+    lines += _table(["policy", "idle-wait GPU-h", "of which preemptible", "jobs idle-waiting", "max idle wait (d)",
                      *[f"held: {c}" for c in HOLD_CAUSES], "preemptions", "same-instant", "moved", "GPU-h lost",
                      "GPU-h lost for nothing"], [_waste_row(r) for r in rep.runs])
     queues = sorted({q for r in rep.runs for q in r.waste.idle_queues})

@@ -39,6 +39,9 @@ class IdleWait:
     gpu_seconds: float = 0.0  # sum over jobs of request x seconds it waited while it could have started
     jobs: int = 0  # jobs that waited so for any time at all
     max_seconds: float = 0.0  # the longest such wait of one job (all its waits so added up)
+    # The part of gpu_seconds by preemptible jobs: non-preemptible ones may wait on their guarantee with GPUs
+    # free by design (SCHEDULING.md, Guarantee), so this part is the clearer sign of a fault.
+    preemptible_gpu_seconds: float = 0.0
 
 
 @dataclass
@@ -421,6 +424,7 @@ def analyse(world: World, log: Mapping[str, Any], holds: Iterable[HoldLike] | No
         if secs > 0:
             for agg in (overall, q):
                 agg.gpu_seconds += spec.request * secs
+                agg.preemptible_gpu_seconds += spec.request * secs if spec.preemptible else 0.0
                 agg.jobs += 1
                 agg.max_seconds = max(agg.max_seconds, secs)
     return Waste(overall, dict(sorted(queues.items())), r.waste,
