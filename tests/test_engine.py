@@ -8,6 +8,7 @@ import pytest
 
 from quotas import QueueSpec, QueueTree
 from scheduler.engine import Engine, Job, JobSpec, JobState, NodeSpec, Preempted, Rejected, Settings, Started
+from scheduler.engine.guard import Reservation
 from scheduler.engine.memo import may_fit_any
 
 
@@ -37,17 +38,21 @@ def test_rejections_say_why() -> None:
 
 
 def test_pending_reasons_name_rule_and_numbers() -> None:
-    e = engine([QueueSpec("a", quota={"a100": 4}, limit={"a100": 12}), QueueSpec("b", quota={"a100": 4})])
+    e = engine([QueueSpec("a", quota={"a100": 4}, limit={"a100": 16}), QueueSpec("b", quota={"a100": 4})])
     e.submit(job("a1", "a"), 0)
     e.submit(job("a2", "a", gpus=4, preemptible=False), 0)
     e.submit(job("a3", "a"), 0)
-    [s] = [d for d in e.schedule(0) if isinstance(d, Started)]
-    assert s.job == "a1" and "borrowing" in s.reason.message
+    e.submit(job("a4", "a", gpus=4, preemptible=False), 0)
+    s1, s2 = [d for d in e.schedule(0) if isinstance(d, Started)]
+    assert s1.job == "a1" and "borrowing" in s1.reason.message
+    # Its queue's preemptible a1 does not count against a2's guarantee (SCHEDULING.md, Admission).
+    assert s2.job == "a2" and "within its guarantee (non-preemptible): a holds 0 + 4" in s2.reason.message
     limit = e.explain("a3", 0)
-    assert limit.rule == "limit" and "queue a would use 8 + 8 GPUs of a100, over its limit of 12" in limit.message
-    guarantee = e.explain("a2", 0)
-    assert guarantee.rule == "guarantee" and "8 + 4 > 4" in guarantee.message
-    assert guarantee.numbers["quota"] == 4 and guarantee.numbers["usage"] == 8
+    assert limit.rule == "limit" and "queue a would use 12 + 8 GPUs of a100, over its limit of 16" in limit.message
+    guarantee = e.explain("a4", 0)
+    assert guarantee.rule == "guarantee" and "holds 4 non-preemptible GPUs" in guarantee.message
+    assert "4 + 4 > 4" in guarantee.message
+    assert guarantee.numbers["quota"] == 4 and guarantee.numbers["np_usage"] == 4
 
 
 def test_fit_reason_and_running_reason() -> None:
@@ -158,7 +163,7 @@ def test_usable_free_gpus_follow_every_allocation_release_node_and_reservation()
     show (a stale count would let a job onto a held node, or keep one off free GPUs)."""
     e = engine([QueueSpec("a", quota={"a100": 4}), QueueSpec("b", quota={"a100": 4})], nodes=2, gpus=4)
     ps, pool = e.pools["a100"], e.pools["a100"].pool
-    ps.reserved_for("a", frozenset({"a100-0"}), False)
+    ps.reserved_for(Reservation(Job(JobSpec("s", "a", "a100"), 0, 0), frozenset({"a100-0"}), False))
     assert (ps.usable_free("a"), ps.usable_free("b")) == (8, 4)  # a's own reservation keeps nothing from it
     placed = pool.allocate(JobSpec("x", "b", "a100", gpus=3), ["a100-0"])
     assert (ps.usable_free("a"), ps.usable_free("b")) == (5, 4)
@@ -168,7 +173,7 @@ def test_usable_free_gpus_follow_every_allocation_release_node_and_reservation()
     assert ps.usable_free("b") == 3
     pool.set_up("a100-1", False)
     assert ps.usable_free("b") == 0
-    ps.reserved_for("a", frozenset(), False)
+    ps.reserved_for(Reservation(Job(JobSpec("s", "a", "a100"), 0, 0), frozenset(), False))
     assert ps.usable_free("b") == 4
 
 

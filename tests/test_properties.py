@@ -275,8 +275,6 @@ class Checker:
                         usage[a.name] += j.request
                         if not j.spec.preemptible:
                             np_usage[a.name] += j.request
-                    if not j.within_quota and not j.spec.preemptible:
-                        self.fail(f"non-preemptible {j.id} runs over quota")
             cap = self.up_capacity(pool)
             total = sum(usage[q.name] for q in self.tree.top)
             if total > cap:
@@ -284,12 +282,13 @@ class Checker:
             for q in self.tree.queues.values():
                 if usage[q.name] > q.limit_of(pool):
                     self.fail(f"{pool}: {q.name} uses {usage[q.name]} GPUs over its limit {q.limit_of(pool)}")
-                # Non-preemptible work runs only within quota, and quotas nest up the tree.
+                # Non-preemptible work runs only within quota (counting non-preemptible GPUs alone, SCHEDULING.md,
+                # Admission), and quotas nest up the tree.
                 if np_usage[q.name] > q.quota_of(pool):
                     self.fail(f"{pool}: non-preemptible jobs of {q.name} hold {np_usage[q.name]} GPUs over its "
                               f"quota {q.quota_of(pool)}")
             self.check_shares(eng, pool, jobs, cap)
-            self.check_placement(eng, pool, jobs, self.free_of(pool, held, cpus, mem), usage)
+            self.check_placement(eng, pool, jobs, self.free_of(pool, held, cpus, mem), usage, np_usage)
 
     def check_shares(self, eng: Engine, pool: str, jobs: list[Job], cap: int) -> None:
         demand = capped_demand(self.tree, pool, leaf_demand(jobs, pool))
@@ -321,15 +320,16 @@ class Checker:
                 self.fail(f"{pool}: fairshare({name}) = {share[name]}, the spec's water-filling gives {v} "
                           f"(demand {demand}, capacity {cap})")
 
-    def admissible_but_for_fit(self, j: Job, pool: str, usage: Counter[str]) -> bool:
+    def admissible_but_for_fit(self, j: Job, pool: str, usage: Counter[str], np_usage: Counter[str]) -> bool:
         """Limit and guarantee checks of Admission pass for `j` as the cluster stands."""
         q = self.tree[j.spec.queue]
         if any(usage[a.name] + j.request > a.limit_of(pool) for a in q.path):
             return False
-        return j.spec.preemptible or usage[q.name] + j.request <= q.quota_of(pool)
+        return j.spec.preemptible or np_usage[q.name] + j.request <= q.quota_of(pool)
 
     def check_placement(self, eng: Engine, pool: str, jobs: list[Job],
-                        free: dict[str, tuple[float, float, float]], usage: Counter[str]) -> None:
+                        free: dict[str, tuple[float, float, float]], usage: Counter[str],
+                        np_usage: Counter[str]) -> None:
         place = eng.pools[pool].pool.place
         seen: set[tuple[int, int, float, float]] = set()
         for j in jobs:
@@ -348,7 +348,7 @@ class Checker:
                     self.fail(f"{pool}: place({s}) chose {chosen}, not {s.workers} up nodes of the pool")
             # Work conservation: with no reservation (starvation_timeout out of reach), a job that passes the
             # limit and guarantee checks and fits the free resources must have been started.
-            if not self.guard and fits and self.admissible_but_for_fit(j, pool, usage):
+            if not self.guard and fits and self.admissible_but_for_fit(j, pool, usage, np_usage):
                 self.fail(f"{pool}: {j.id} ({s.workers} x {s.gpus} GPUs, queue {s.queue}) waits although it "
                           f"passes limit and guarantee and fits free resources {free}")
 

@@ -30,3 +30,19 @@ class Rejected:
 
 
 Decision = Started | Preempted | Rejected
+
+# Why the starvation guard held a job back (Hold.cause): kept off the nodes held for the starving job; a queue-mate
+# of a starving job that waits for room; a non-preemptible queue-mate of one that waits on its guarantee; a job
+# that would raise the usage of the limit a starving job waits on.
+HELD_NODES, QUEUE_MATE, GUARANTEE, LIMIT = "held_nodes", "queue_mate", "guarantee", "limit"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """The starvation guard kept `job` from starting at `at`, for the starving job `starving` (not a decision:
+    a record the simulator's report and the property tests read)."""
+
+    at: float
+    job: str
+    starving: str
+    cause: str

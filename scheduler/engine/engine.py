@@ -9,35 +9,19 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 from quotas import QueueTree
 from quotas.tree import Queue
 from scheduler.engine.cluster import Pool, workers_per_node
-from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
+from scheduler.engine.decisions import GUARANTEE, HELD_NODES, LIMIT, Decision, Hold, Preempted, Rejected, Started
 from scheduler.engine.explain import explain_pending, rejection
+from scheduler.engine.guard import Reservation
 from scheduler.engine.memo import Need, Stuck, may_fit, own_room
 from scheduler.engine.model import Job, JobSpec, JobState, NodeSpec, Reason, Settings
 from scheduler.engine.preemption import CAUSE, PRIORITY, Plan, Preemption, tiers_for
 from scheduler.engine.state import PoolState
 
 MAX_PASSES = 1000  # passes repeat only while skipped queues may have gained; this bounds a pathological loop
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """Capacity held for a starving head job: its nodes, and (for its queue) no younger job may start."""
-
-    job: Job
-    nodes: frozenset[str]
-    within_quota: bool
-
-    def excludes(self, job: Job, within_quota: bool) -> frozenset[str]:
-        """Nodes `job` may not use. Guarantees beat the guard: a job within quota may use nodes held for a
-        borrower."""
-        if job is self.job or (within_quota and not self.within_quota):
-            return frozenset()
-        return self.nodes
 
 
 class Engine:
@@ -70,41 +54,61 @@ class Engine:
         self._preempted_now: set[str] = set()  # jobs preempted at this instant: they may not preempt back
         # queue -> bumps when a new instant lifts the "preempted at this instant" restriction of one of its jobs
         self._lifted: Counter[str] = Counter()
+        # Guard clocks started since the caller last asked (overtaken()): the service stores them for a rebuild.
+        self._overtaken: dict[str, float] = {}
+        # What the starvation guard held back, when the caller wants it (the simulator's report, property tests).
+        self.holds: list[Hold] | None = None
 
     # ----- inputs -----
 
-    def submit(self, spec: JobSpec, now: float) -> list[Decision]:
-        """Queue a job, or reject it at once when it can never run."""
+    def submit(self, spec: JobSpec, now: float, *, seq: int | None = None,
+               overtaken_at: float | None = None) -> list[Decision]:
+        """Queue a job submitted at `now`, or reject it at once when it can never run.
+
+        A caller that rebuilds an engine (the service, after a restart) passes what the first engine knew: `seq`,
+        the job's place in submission order (the last tie-break of queue order; give it for every job or for
+        none), and `overtaken_at`, when its starvation-guard clock started (see overtaken())."""
         if spec.id in self.jobs:
             raise ValueError(f"job {spec.id!r} already exists")
-        self._seq += 1
-        job = Job(spec, float(now), self._seq)
+        job = Job(spec, float(now), self._next_seq(seq))
         self.jobs[spec.id] = job
         why = rejection(spec, self.tree, {p: ps.pool for p, ps in self.pools.items()})
         if why is not None:
             job.state, job.reason = JobState.REJECTED, why
             return [Rejected(spec.id, why)]
+        if overtaken_at is not None:
+            job.skipped_since = float(overtaken_at)
+            heapq.heappush(self._wakeups, job.skipped_since + self.settings.starvation_timeout)
         self.pools[spec.pool].add_pending(job)
         return []
 
-    def restore(self, spec: JobSpec, submit: float, start: float, workers: list[tuple[str, list[int]]]) -> Job:
+    def restore(self, spec: JobSpec, submit: float, start: float, workers: list[tuple[str, list[int]]], *,
+                seq: int | None = None, reason: Reason | None = None) -> Job:
         """A job that is already running on these GPUs (the service rebuilding its engine after a restart or a
-        quota change): it counts as running from `start`, as if admitted in the order of restore calls."""
+        quota change): it counts as running from `start`, and in its queue's demand, as if admitted in the order
+        of restore calls (so call in the order the jobs were admitted). `seq` as for submit; `reason`, the one it
+        started with, which explain() keeps answering."""
         if spec.id in self.jobs:
             raise ValueError(f"job {spec.id!r} already exists")
         ps = self.pools[spec.pool]
         ps.pool.take(spec, workers)
-        self._seq += 1
         self._admitted += 1
         q = self.tree[spec.queue]
-        job = Job(spec, float(submit), self._seq, JobState.RUNNING, float(start), self._admitted,
+        job = Job(spec, float(submit), self._next_seq(seq), JobState.RUNNING, float(start), self._admitted,
                   [(n, list(g)) for n, g in workers])
         job.within_quota = ps.usage[q.name] + job.request <= q.quota_of(ps.name)
-        job.reason = Reason("restored", f"{spec.id} was running on {job.placement()} when the engine was rebuilt")
+        job.reason = reason or Reason(
+            "restored", f"{spec.id} was running on {job.placement()} when the engine was rebuilt")
         self.jobs[spec.id] = job
-        ps.add_running(job)
-        ps.dirty = True
+        ps.add_restored(job)
         return job
+
+    def _next_seq(self, seq: int | None) -> int:
+        if seq is None:
+            self._seq += 1
+            return self._seq
+        self._seq = max(self._seq, seq)
+        return seq
 
     def cancel(self, job_id: str, now: float) -> bool:
         """Cancel a pending or running job (a running one frees its GPUs now). False if already finished."""
@@ -157,6 +161,12 @@ class Engine:
     def shares(self, pool: str) -> dict[str, float]:
         """fairshare(Q, pool) of every queue."""
         return self.pools[pool].shares()
+
+    def overtaken(self) -> dict[str, float]:
+        """The starvation-guard clocks started since the last call (job id -> time a younger job first overtook
+        it). A clock ends when its job starts or ends; what a rebuilt engine needs is in submit(overtaken_at=)."""
+        out, self._overtaken = self._overtaken, {}
+        return {i: t for i, t in out.items() if i in self.jobs and self.jobs[i].skipped_since == t}
 
     def next_wakeup(self, now: float) -> float | None:
         """The next instant after `now` where a rule's timer ends (min_runtime, starvation_timeout)."""
@@ -299,10 +309,7 @@ class Engine:
 
     @staticmethod
     def _reserve(ps: PoolState, res: Reservation | None) -> None:
-        if res is None:
-            ps.reserved_for(None, frozenset(), False)
-        else:
-            ps.reserved_for(res.job.spec.queue, res.nodes, res.within_quota)
+        ps.reserved_for(res)
 
     def _apply(self, ps: PoolState, found: tuple[Job, Plan], now: float, out: list[Decision],
                started: list[Job]) -> bool:
@@ -327,7 +334,7 @@ class Engine:
         # where one of its jobs could then fit (PoolState.room_still_short), and its own share only through the
         # fair-share tier: a new share still below its usage plus its smallest request gives that tier to none
         # of its jobs. Such a queue sleeps (PoolState.asleep), so that _pass skips it for less.
-        own = (ps.version[q.name], res is not None and res.job.spec.queue == q.name, self._lifted[q.name])
+        own = (ps.version[q.name], res.key(q.name) if res is not None else None, self._lifted[q.name])
         share = ps.shares().get(q.name, 0.0)
         stuck = ps.stuck.get(q.name)
         if stuck is not None and stuck.own == own:
@@ -349,9 +356,8 @@ class Engine:
         again = sum(1 for j in map(self.jobs.__getitem__, self._preempted_now)
                     if j.state is JobState.PENDING and j.spec.queue == q.name and j.spec.pool == ps.name
                     ) if self._preempted_now else 0
+        held = res if res is not None and q.name in res.affected else None
         for job in ps.pending[q.name]:
-            if res is not None and res.job.spec.queue == q.name and job is not res.job:
-                return None  # the queue's starving head job goes first
             if plain >= shapes and again <= 0:
                 break
             now_preempted = job.id in self._preempted_now
@@ -359,11 +365,19 @@ class Engine:
             shape = (*job.shape(), now_preempted)
             if shape in tried:
                 continue  # same ask, same answer
+            tried.add(shape)
+            plain += not now_preempted
+            if held is not None:  # the starvation guard: what it holds depends on the job's shape alone
+                cause = held.holds(job)
+                if cause is not None:
+                    if self.holds is not None:
+                        self.holds.append(Hold(now, job.id, held.job.id, cause))
+                    continue
             plan, only_own = self._admit(ps, job, q, now, res)
             if plan is not None:
                 return job, plan
-            tried.add(shape)
-            plain += not now_preempted
+            if self.holds is not None and res is not None and res.nodes:
+                self._note_held_nodes(ps, job, q, now, res)
             if room_only is not None:
                 within = ps.usage[q.name] + job.request <= q.quota_of(ps.name)
                 room_only = None if only_own is None else [*room_only, Need(
@@ -377,6 +391,14 @@ class Engine:
         else:
             ps.asleep[q.name] = stuck
         return None
+
+    def _note_held_nodes(self, ps: PoolState, job: Job, q: Queue, now: float, res: Reservation) -> None:
+        """Record a job that found no room only because of the nodes held for a starving job."""
+        assert self.holds is not None
+        within = ps.usage[q.name] + job.request <= q.quota_of(ps.name)
+        if (res.excludes(job, within) and ps.over_limit(q, job.request) is None and ps.guaranteed(q, job)
+                and ps.pool.place(job.spec, frozenset()) is not None):
+            self.holds.append(Hold(now, job.id, res.job.id, HELD_NODES))
 
     def _victims_state(self, ps: PoolState, now: float) -> tuple[object, ...]:
         """What else a preemption plan depends on: what there is to take back, the shares, and (with
@@ -404,7 +426,8 @@ class Engine:
         spec, pool = job.spec, ps.name
         within = ps.usage[q.name] + job.request <= q.quota_of(pool)
         excluded = res.excludes(job, within) if res is not None else frozenset()
-        if ps.over_limit(q, job.request) is None and (within or spec.preemptible):
+        allowed = ps.over_limit(q, job.request) is None and ps.guaranteed(q, job)
+        if allowed:
             nodes = ps.pool.place(spec, excluded) if may_fit(ps.pool, job.request, spec.gpus, spec.workers,
                                                              excluded) else None
             if nodes is not None:
@@ -442,11 +465,21 @@ class Engine:
         self._admitted += 1
         job.admitted = self._admitted
         job.within_quota = u + job.request <= quota
+        np = ps.np_usage[q.name]
         ps.add_running(job)
-        how = "within its quota" if job.within_quota else "borrowing idle GPUs (preemptible)"
-        job.reason = Reason("within_quota" if job.within_quota else "borrowing", (
-            f"started {how}: {q.name} uses {u} + {job.request} GPUs of {ps.name}, quota {quota}, "
-            f"fair share {share:.2f}"), {"usage": u, "request": job.request, "quota": quota, "fair_share": share})
+        nums: dict[str, float | int | str] = {"usage": u, "request": job.request, "quota": quota, "fair_share": share}
+        if not job.spec.preemptible:
+            # Guaranteed by its queue's non-preemptible GPUs alone: over quota in all, its queue's preemptible jobs
+            # are the ones that borrow (and that other queues take back).
+            job.reason = Reason("within_quota", (
+                f"started within its guarantee (non-preemptible): {q.name} holds {np} + {job.request} "
+                f"non-preemptible GPUs of {ps.name}, quota {quota}; {u} GPUs in all, fair share {share:.2f}"),
+                {**nums, "np_usage": np})
+        else:
+            how = "within its quota" if job.within_quota else "borrowing idle GPUs (preemptible)"
+            job.reason = Reason("within_quota" if job.within_quota else "borrowing", (
+                f"started {how}: {q.name} uses {u} + {job.request} GPUs of {ps.name}, quota {quota}, "
+                f"fair share {share:.2f}"), nums)
         return Started(job.id, job.placement(), job.reason, tuple((n, tuple(g)) for n, g in job.workers))
 
     def _release(self, ps: PoolState, job: Job, moving: bool = False) -> None:
@@ -464,8 +497,10 @@ class Engine:
 
     def _mark_skipped(self, ps: PoolState, started: list[Job], now: float) -> None:
         """Heads of queues that a younger job just overtook start their starvation clock."""
-        if ps.mark_overtaken(max((j.submit, j.seq) for j in started), now):
+        marked = ps.mark_overtaken(max((j.submit, j.seq) for j in started), now)
+        if marked:
             heapq.heappush(self._wakeups, now + self.settings.starvation_timeout)
+            self._overtaken.update((j.id, now) for j in marked)
 
     def _reservation(self, ps: PoolState, now: float) -> Reservation | None:
         """Reserve for the head job overtaken longest ago, once that is past starvation_timeout."""
@@ -474,10 +509,14 @@ class Engine:
             return None
         q = self.tree[h.spec.queue]
         within = ps.usage[q.name] + h.request <= q.quota_of(ps.name)
-        nodes: frozenset[str] = frozenset()
-        if ps.over_limit(q, h.request) is None and (within or h.spec.preemptible):
-            nodes = self._reserve_nodes(ps, h)
-        return Reservation(h, nodes, within)
+        # Blocked on a limit or on its guarantee (and perhaps on room too, later), free room is not what it lacks:
+        # holding nodes would idle GPUs for nothing. The limit is asked first, as admission does.
+        blocked = ps.over_limit(q, h.request)
+        if blocked is not None:
+            return Reservation(h, frozenset(), within, LIMIT, frozenset(self.tree.leaves_under(blocked[0].name)))
+        if not ps.guaranteed(q, h):
+            return Reservation(h, frozenset(), within, GUARANTEE, frozenset({q.name}))
+        return Reservation(h, self._reserve_nodes(ps, h), within, None, frozenset({q.name}))
 
     @staticmethod
     def _reserve_nodes(ps: PoolState, h: Job) -> frozenset[str]:

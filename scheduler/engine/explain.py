@@ -7,12 +7,13 @@ from typing import TYPE_CHECKING
 
 from quotas import QueueTree
 from scheduler.engine.cluster import Pool
+from scheduler.engine.decisions import GUARANTEE, LIMIT, QUEUE_MATE
 from scheduler.engine.model import Job, JobSpec, Reason
 from scheduler.engine.preemption import PRIORITY, tiers_for
 from scheduler.engine.state import PoolState
 
 if TYPE_CHECKING:
-    from scheduler.engine.engine import Reservation
+    from scheduler.engine.guard import Reservation
 
 
 def rejection(spec: JobSpec, tree: QueueTree, pools: Mapping[str, Pool]) -> Reason | None:
@@ -64,13 +65,23 @@ def explain_pending(ps: PoolState, job: Job, res: Reservation | None, preempted_
     q = ps.tree[job.spec.queue]
     pool, r = ps.name, job.request
     u, quota, share = ps.usage[q.name], q.quota_of(ps.name), ps.shares().get(q.name, 0.0)
+    np = ps.np_usage[q.name]
     nums: dict[str, float | int | str] = {"usage": u, "request": r, "quota": quota, "fair_share": round(share, 4),
-                                          "free_gpus": ps.pool.free_gpus}
+                                          "free_gpus": ps.pool.free_gpus, "np_usage": np}
     head = f"{q.name} uses {u} GPUs of {pool} (quota {quota}, fair share {share:.2f})"
-    if res is not None and res.job is not job and res.job.spec.queue == q.name:
-        return Reason("starvation_guard", (
-            f"{res.job.id}, first in {q.name}, has waited past starvation_timeout; younger jobs of the queue "
-            f"wait until it starts"), {**nums, "waits_for": res.job.id})
+    held = res.holds(job) if res is not None and q.name in res.affected else None
+    if held is not None:
+        assert res is not None
+        s = res.job
+        why = {
+            QUEUE_MATE: f"{s.id}, first in {q.name}, has waited past starvation_timeout for room; younger jobs of "
+                        f"the queue wait until it starts",
+            GUARANTEE: f"{s.id}, first in {q.name}, has waited past starvation_timeout on {q.name}'s guarantee; "
+                       f"non-preemptible jobs of the queue, which count against it, wait until it starts",
+            LIMIT: f"{s.id} of {s.spec.queue} has waited past starvation_timeout on a limit this job's queue "
+                   f"shares; jobs that would raise it and that {s.id} could not take back wait until it starts",
+        }[held]
+        return Reason("starvation_guard", why, {**nums, "waits_for": s.id, "cause": held})
     blocked = ps.over_limit(q, r)
     if blocked is not None:
         a, au = blocked
@@ -78,10 +89,11 @@ def explain_pending(ps: PoolState, job: Job, res: Reservation | None, preempted_
             f"queue {a.name} would use {au} + {r} GPUs of {pool}, over its limit of {a.limit_of(pool):g}; "
             f"it starts when {a.name}'s usage drops to {a.limit_of(pool) - r:g}"),
             {**nums, "queue": a.name, "queue_usage": au, "limit": a.limit_of(pool)})
-    if not job.spec.preemptible and u + r > quota:
+    if not ps.guaranteed(q, job):
         return Reason("guarantee", (
-            f"non-preemptible jobs run only within quota: {head}; {u} + {r} > {quota}, so it waits until "
-            f"{u + r - quota} GPUs of {q.name}'s guarantee free up"), nums)
+            f"non-preemptible jobs run only within quota, counting the queue's non-preemptible GPUs: {q.name} "
+            f"holds {np} non-preemptible GPUs of {pool} (quota {quota}); {np} + {r} > {quota}, so it waits until "
+            f"{np + r - quota} of them free up (its queue's preemptible jobs never hold it back)"), nums)
     within = u + r <= quota
     excluded = res.excludes(job, within) if res is not None else frozenset()
     if ps.pool.place(job.spec, excluded) is not None:

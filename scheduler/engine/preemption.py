@@ -25,12 +25,14 @@ def tiers_for(ps: PoolState, job: Job, q: Queue) -> set[int]:
     preemption. Limits are not checked here: victims lower usage up the tree, and every plan is checked
     against all admission rules with its victims removed."""
     u, r, pool = ps.usage[q.name], job.request, ps.name
-    tiers = set()
+    tiers: set[int] = set()
+    if not ps.guaranteed(q, job):
+        # Only non-preemptible GPUs count against a non-preemptible job's guarantee, and victims are always
+        # preemptible: no preemption can lift it.
+        return tiers
     if u + r <= q.quota_of(pool):
         tiers.add(RECLAIM)
-    # Over quota, only a preemptible job may borrow; a non-preemptible one can only lift the guarantee rule
-    # by removing lower-priority work of its own queue.
-    if (job.spec.preemptible or u + r <= q.quota_of(pool)) and u + r <= ps.shares().get(q.name, 0.0):
+    if u + r <= ps.shares().get(q.name, 0.0):
         tiers.add(FAIR_SHARE)
     running = ps.running.get(q.name)
     if running and running[0].spec.priority < job.spec.priority and ps.mixed.get(q.name, 0) > 0:
@@ -159,9 +161,9 @@ class Preemption:
         # Cheapest and most often failing first: not enough worker slots yet.
         if ps.pool.free_gpus + self.extra < self.request or (spec.gpus and self.slots < spec.workers):
             return False
-        if ps.over_limit(q, self.request, self.gone) is not None:
-            return False
-        return spec.preemptible or ps.usage[q.name] - self.gone[q.name] + self.request <= q.quota_of(self.pool)
+        # The guarantee rule needs no check here: tiers_for allows preemption only where it holds, and victims,
+        # being preemptible, never change it.
+        return ps.over_limit(q, self.request, self.gone) is None
 
     def _place(self) -> list[str] | None:
         return self.ps.pool.place(self.job.spec, self.excluded, self.freed)

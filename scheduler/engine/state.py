@@ -16,6 +16,7 @@ from quotas import PoolShares, QueueTree
 from quotas.tree import Queue
 from scheduler.engine.clearable import ClearIndex
 from scheduler.engine.cluster import Pool
+from scheduler.engine.guard import Reservation
 from scheduler.engine.memo import Need, Stuck, may_fit_any
 from scheduler.engine.model import Job
 
@@ -58,6 +59,9 @@ class PoolState:
         self.pending: dict[str, SortedList] = {}  # leaf -> jobs in queue order
         self.running: dict[str, SortedList] = {}  # leaf -> jobs in victim order
         self.usage: Counter[str] = Counter()  # any queue -> GPUs held in its subtree
+        # any queue -> GPUs held in its subtree by non-preemptible jobs: what a non-preemptible job's guarantee
+        # counts (SCHEDULING.md, Admission), since the queue's preemptible jobs can always be taken back.
+        self.np_usage: Counter[str] = Counter()
         self.pending_sizes: dict[str, Counter[int]] = {}  # leaf -> request -> count
         self.pending_shapes: dict[str, Counter[tuple[object, ...]]] = {}  # leaf -> Job.shape -> count
         self.sizes: Counter[int] = Counter()  # request -> count, over the whole pool
@@ -98,6 +102,8 @@ class PoolState:
         self.asleep: dict[str, Stuck] = {}
         # The reservation the last pass ran under: its job's queue, the nodes it holds, whether it is within quota.
         self.reserved: tuple[str | None, frozenset[str], bool] = (None, frozenset(), False)
+        # The reservation's job, what it waits on, and the queues it may hold jobs of.
+        self._holder: tuple[Job, str | None, frozenset[str]] | None = None
         self.unreserved = 0  # bumps when the reservation may have let a job use a node it kept it from
         # may_fit_any's answers for the free room and reservation as they are now (Pool.changes, `reserved`), by
         # the shapes a sleeping queue tried that count only free GPUs (Stuck.plain, numbered in `shape_ids`) and
@@ -168,7 +174,16 @@ class PoolState:
         q = self.tree[job.spec.queue]
         self.running.setdefault(q.name, SortedList(key=victim_key)).add(job)
         self._clear.add(job)
+        if not job.spec.preemptible:
+            for a in q.path:
+                self.np_usage[a.name] += job.request
         self._use(q, job.request)
+
+    def add_restored(self, job: Job) -> None:
+        """A job that was already running when the engine was built: running, and part of its queue's demand."""
+        self.add_running(job)
+        self.fs.add_demand(job.spec.queue, job.request)
+        self.dirty = True
 
     def remove_running(self, job: Job, moving: bool = False) -> None:
         q = self.tree[job.spec.queue]
@@ -177,6 +192,9 @@ class PoolState:
         if not jobs:
             del self.running[q.name]
         self._clear.remove(job)
+        if not job.spec.preemptible:
+            for a in q.path:
+                self.np_usage[a.name] -= job.request
         self._use(q, -job.request)
         if not moving:
             self.fs.add_demand(q.name, -job.request)
@@ -381,19 +399,28 @@ class PoolState:
             self._held_free_at = (self.pool.changes, held)
         return self.pool.free_gpus - self._held_free
 
-    def reserved_for(self, queue: str | None, nodes: frozenset[str], within_quota: bool) -> None:
-        """The reservation a pass runs under (see Reservation.excludes). A stuck queue's answer depends on it
-        only through whether it is the queue's own, and through the nodes kept from the queue's jobs: more kept
-        only takes room away, while a node let go, or nodes no longer kept from jobs within quota, give room
-        back, like a release."""
+    def reserved_for(self, res: Reservation | None) -> None:
+        """The reservation a pass runs under. A stuck queue's answer depends on it through which of the queue's
+        jobs it holds back (the queues in `affected` wake when it changes; their memo keys on Reservation.key),
+        and through the nodes kept from the queue's jobs (Reservation.excludes): more kept only takes room
+        away, while a node let go, or nodes no longer kept from jobs within quota, give room back, like a
+        release."""
+        queue, nodes, within_quota = (res.job.spec.queue, res.nodes, res.within_quota) if res else (
+            None, frozenset(), False)
+        holder = (res.job, res.cause, res.affected) if res else None
         old_queue, old_nodes, old_within = self.reserved
-        if queue != old_queue:
-            for name in (old_queue, queue):
-                if name is not None:
-                    self.asleep.pop(name, None)
+        if holder != self._holder:
+            for name in (self._holder[2] if self._holder else frozenset()) | (res.affected if res else frozenset()):
+                self.asleep.pop(name, None)
+            self._holder = holder
         if not nodes >= old_nodes or (old_within and not within_quota and old_nodes):
             self.unreserved += 1
         self.reserved = (queue, nodes, within_quota)
+
+    def guaranteed(self, q: Queue, job: Job) -> bool:
+        """The guarantee rule: a non-preemptible job must fit its queue's quota counting only the GPUs the queue
+        holds with non-preemptible jobs; a preemptible job is never held back by it."""
+        return job.spec.preemptible or self.np_usage[q.name] + job.request <= q.quota_of(self.name)
 
     def over_limit(self, q: Queue, request: int, freed: Counter[str] | None = None) -> tuple[Queue, int] | None:
         """The first queue on q's path whose limit `request` more GPUs would break, with its usage."""
@@ -410,14 +437,14 @@ class PoolState:
 
     # ----- starvation guard -----
 
-    def mark_overtaken(self, youngest: tuple[float, int], now: float) -> bool:
-        """Heads older than `youngest` (a job that just started) start their starvation clock now."""
-        marked = False
+    def mark_overtaken(self, youngest: tuple[float, int], now: float) -> list[Job]:
+        """Heads older than `youngest` (a job that just started) start their starvation clock now; returns them."""
+        marked: list[Job] = []
         while self.unmarked and arrival_key(self.unmarked[0]) < youngest:
             head = self.unmarked.pop(0)
             head.skipped_since = now
             self.marked.add(head)
-            marked = True
+            marked.append(head)
         return marked
 
     def longest_overtaken(self) -> Job | None:
