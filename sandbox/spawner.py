@@ -1,10 +1,10 @@
 """CorralSpawner: JupyterHub single-user servers as Corral sandboxes (entry point `corral`).
 
-The hub asks Corral for a sandbox on the user's team queue: non-preemptible, within the team's guarantee. It
-starts at once or is refused at once with the queue and how many GPUs are free in its guarantee; the user sees
-that message, never a timeout. In the embedded mode Corral's local executor runs the server as a process on
-the GPUs it chose (CUDA_VISIBLE_DEVICES); on Kubernetes it is a pod, and Corral says where it listens (its pod's
-IP). Stopping the server closes the sandbox and frees the GPUs at once.
+The hub asks Corral for a sandbox on the user's team queue: non-preemptible, within the team's guarantee
+(counting its non-preemptible GPUs). It starts at once or is refused at once, with the guarantee's numbers or why
+no room can be made; the user sees that message, never a timeout. In the embedded mode Corral's local executor
+runs the server as a process on the GPUs it chose (CUDA_VISIBLE_DEVICES); on Kubernetes it is a pod, and Corral
+says where it listens (its pod's IP). Stopping the server closes the sandbox and frees the GPUs at once.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ OPEN = ("starting", "running")  # a sandbox's states before it ends
 
 
 class SandboxRefused(SpawnException):  # type: ignore[misc]
-    """Corral said no; the message says why (queue, GPUs free in its guarantee) and is shown to the user."""
+    """Corral said no; the message says why (the guarantee's numbers, or why no room can be made), shown to the user."""
 
     def __init__(self, message: str):
         super().__init__(message, reason="corral_refused", status_code=409)

@@ -72,20 +72,22 @@ def _weight(v: Any) -> str:
 
 @queue_app.command("ls")
 def queue_ls(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None) -> None:
-    """The queue tree with, per pool, quota, limit, weight, fair share, usage and backlog."""
+    """The queue tree with, per pool, quota, limit, weight, fair share, usage (and its non-preemptible part) and
+    backlog."""
     with api(url, token) as a:
         data = a.get("/v1/queues")
     if output is not Output.TABLE:
         emit(data, output)
         return
-    table = Table("QUEUE", "POOL", "QUOTA", "LIMIT", "WEIGHT", "FAIR SHARE", "USAGE", "BORROWED", "PENDING",
-                  "RUNNING", title=f"queue tree, version {data['version']}", box=None, pad_edge=False)
+    table = Table("QUEUE", "POOL", "QUOTA", "LIMIT", "WEIGHT", "FAIR SHARE", "USAGE", "NP USAGE", "BORROWED",
+                  "PENDING", "RUNNING", title=f"queue tree, version {data['version']}", box=None, pad_edge=False)
     for depth, q in tree_order(data["queues"]):
         label = "  " * depth + q["name"]
         for i, (pool, p) in enumerate(sorted(q["pools"].items())):
             table.add_row(*cells(label if i == 0 else "", pool, str(p["quota"]), _limit(p["limit"]),
-                                 _weight(p["weight"]), f"{p['fair_share']:g}", str(p["usage"]), str(p["borrowed"]),
-                                 f"{p['pending_jobs']} ({p['pending_gpus']} GPUs)", str(p["running_jobs"])))
+                                 _weight(p["weight"]), f"{p['fair_share']:g}", str(p["usage"]), str(p["np_usage"]),
+                                 str(p["borrowed"]), f"{p['pending_jobs']} ({p['pending_gpus']} GPUs)",
+                                 str(p["running_jobs"])))
     console().print(table)
 
 
@@ -156,7 +158,8 @@ def queue_rollback(
 
 
 def top(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None) -> None:
-    """GPUs per pool (each GPU and its job) and queues (usage against quota and fair share, backlog)."""
+    """GPUs per pool (each GPU and its job) and queues (usage against quota and fair share, non-preemptible use
+    against quota, backlog)."""
     with api(url, token) as a:
         pools = a.get("/v1/pools")["pools"]
         tree = a.get("/v1/queues")
@@ -176,7 +179,7 @@ def top(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None)
                 gpus.add_row(*cells(n["name"] + ("" if n["up"] else " (down)"), str(g["index"]), g["model"] or "-",
                                     held, *((j["name"], j["queue"], j["owner"]) if j else ("", "", ""))))
         c.print(gpus)
-    queues = Table("QUEUE", "POOL", "USAGE", "QUOTA", "FAIR SHARE", "BORROWED", "PENDING", box=None,
+    queues = Table("QUEUE", "POOL", "USAGE", "QUOTA", "NP/QUOTA", "FAIR SHARE", "BORROWED", "PENDING", box=None,
                    pad_edge=False, title="queues", title_justify="left")
     for depth, q in tree_order(tree["queues"]):
         for pool, s in sorted(q["pools"].items()):
@@ -184,8 +187,11 @@ def top(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None)
                 continue  # a queue with nothing in this pool is noise here (queue ls shows it)
             # Borrowed GPUs are the ones a reclaim preempts first: make them stand out.
             used = Text(str(s["usage"]), style="yellow" if s["borrowed"] else "")
-            queues.add_row(*cells("  " * depth + q["name"], pool, used, str(s["quota"]), f"{s['fair_share']:g}",
-                                  str(s["borrowed"]), f"{s['pending_jobs']} ({s['pending_gpus']} GPUs)"))
+            # A guarantee all held by non-preemptible work refuses the team's next notebook: make it stand out.
+            np = Text(f"{s['np_usage']}/{s['quota']}", style="red" if s["np_usage"] >= s["quota"] > 0 else "")
+            queues.add_row(*cells("  " * depth + q["name"], pool, used, str(s["quota"]), np,
+                                  f"{s['fair_share']:g}", str(s["borrowed"]),
+                                  f"{s['pending_jobs']} ({s['pending_gpus']} GPUs)"))
     c.print(queues)
 
 

@@ -192,7 +192,7 @@ def test_queue_ls_shows_the_tree_indented(corral: Corral, service: Service) -> N
     nlp = next(line for line in lines if line.lstrip().startswith("nlp "))
     assert nlp.startswith("  nlp")  # a child of research
     ranking = next(line for line in lines if line.lstrip().startswith("ranking "))
-    assert ranking.split()[1:4] == ["local", "4", "-"] and ranking.split()[6:8] == ["6", "2"]
+    assert ranking.split()[1:4] == ["local", "4", "-"] and ranking.split()[6:9] == ["6", "0", "2"]
     data = yaml.safe_load(corral("queue", "ls", "-o", "yaml").stdout)
     assert {q["name"] for q in data["queues"]} == {q["name"] for q in DEMO_TREE["queues"]}
 
@@ -257,6 +257,20 @@ def test_top_shows_gpus_with_their_jobs_and_queues(corral: Corral, service: Serv
     assert sum(1 for row in gpu_rows if row[3:6] == [str(jid), "big", "ranking"]) == 6
     data = json.loads(corral("top", "-o", "json").stdout)
     assert data["pools"][0]["free"] == 0 and any(q["name"] == "ranking" for q in data["queues"])
+
+
+def test_top_shows_non_preemptible_use_against_quota(corral: Corral, service: Service) -> None:
+    box = {"queue": "nlp", "gpus": 2, "command": ["jupyterhub-singleuser"]}
+    assert service.admin.post("/v1/sandboxes", json=box).status_code == 201
+    submit(corral, "nlp", 3)  # a batch job: usage, not non-preemptible use
+    service.tick()
+    text = corral("top").stdout
+    header = next(line.split() for line in text.splitlines() if line.startswith("QUEUE"))
+    assert header[:5] == ["QUEUE", "POOL", "USAGE", "QUOTA", "NP/QUOTA"]
+    rows = {r[0]: r for r in (line.split() for line in text.splitlines()) if r and r[0] in ("nlp", "research")}
+    assert rows["nlp"][1:5] == ["local", "5", "2", "2/2"] and rows["research"][1:5] == ["local", "5", "4", "2/4"]
+    data = json.loads(corral("top", "-o", "json").stdout)
+    assert next(q for q in data["queues"] if q["name"] == "nlp")["pools"]["local"]["np_usage"] == 2
 
 
 def test_usage_in_gpu_hours(corral: Corral, service: Service) -> None:

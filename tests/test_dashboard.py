@@ -139,6 +139,19 @@ def test_submit_form_and_pending_reason(svc: Service) -> None:
     assert c.get(f"/ui/jobs/{job_id}/status").json()["state"] == "pending"
 
 
+def test_queues_page_shows_non_preemptible_use_against_quota(svc: Service) -> None:
+    box = {"queue": "nlp", "gpus": 2, "command": ["jupyterhub-singleuser"]}
+    assert svc.admin.post("/v1/sandboxes", json=box).status_code == 201
+    submit(svc, "nlp", gpus=3)  # a batch job: usage, not non-preemptible use
+    svc.tick()
+    page = login(svc, "boss", Role.PLATFORM_ADMIN).get("/ui/queues").text
+    assert "Non-preemptible / quota" in page
+    row = next(r for r in page.split("<tr>") if re.search(r">\s*nlp<", r))
+    cells = re.findall(r'<span class="n">([^<]*)</span>', row)
+    assert cells == ["2", "5", "5", "2/2", "3"]  # quota, fair share, usage, np/quota, borrowed
+    assert 'aria-label="non-preemptible use of nlp: 2 of 8 GPUs"' in row
+
+
 def test_other_pages_render(svc: Service) -> None:
     job = submit(svc, "ranking", gpus=2)
     svc.tick()

@@ -170,7 +170,7 @@ def test_the_notebook_talks_to_corral_as_its_user(stack: dict[str, Any]) -> None
 def test_spawn_over_quota_is_refused_at_once_with_the_reason(stack: dict[str, Any]) -> None:
     r = stack["hub"].post("/users/alice/servers/second", json={"profile": "gpu1"})
     assert r.status_code == 409, r.text
-    assert ("queue nlp has 0 of its 1 guaranteed GPUs of local free (1 in use); this sandbox asks 1"
+    assert ("team nlp holds 1 non-preemptible GPUs of local and this notebook needs 1: 2 > quota 1"
             in r.json()["message"])
     assert [b["owner"] for b in sandboxes(stack)].count("alice") == 1
 

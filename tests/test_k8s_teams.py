@@ -356,7 +356,7 @@ def test_a_sandbox_opened_through_the_service_runs_as_a_kubespawner_pod_in_its_t
         ann = Principal("ann", Role.MEMBER, "alpha")
         req = SandboxRequest(queue="alpha", gpus=2, cpus=2, memory_gb=8, command=["jupyterhub-singleuser"],
                              image=IMAGE, env={"JUPYTERHUB_SERVICE_URL": "http://0.0.0.0:7001/user/ann/"})
-        with pytest.raises(Conflict, match="0 of its 2 guaranteed GPUs|guarantee"):
+        with pytest.raises(Conflict, match="holds 0 non-preemptible GPUs .* needs 3: 3 > quota 2"):
             open_sandbox(core, ann, req.model_copy(update={"gpus": 3}))  # over the guarantee: refused now
         job = open_sandbox(core, ann, req)
         assert job["state"] == "running"

@@ -25,15 +25,51 @@ def test_sandbox_within_guarantee_starts_now(svc: Service) -> None:
     assert [s["id"] for s in svc.admin.get("/v1/sandboxes").json()["sandboxes"]] == [got["id"]]
 
 
-def test_over_guarantee_is_refused_at_once_with_what_is_free(svc: Service) -> None:
-    svc.admin.post("/v1/sandboxes", json=box(gpus=1))
-    r = svc.admin.post("/v1/sandboxes", json=box(gpus=2))
+def test_notebooks_holding_the_quota_are_refused_at_once_with_the_guarantee_numbers(svc: Service) -> None:
+    assert svc.admin.post("/v1/sandboxes", json=box(gpus=2)).status_code == 201  # nlp's whole quota of 2
+    r = svc.admin.post("/v1/sandboxes", json=box(gpus=1))
     assert r.status_code == 409
     err = r.json()["error"]
-    assert err["message"].startswith("queue nlp has 1 of its 2 guaranteed GPUs of local free (1 in use); "
-                                     "this sandbox asks 2")
-    assert err["detail"]["free_in_guarantee"] == 1
+    assert err["message"].startswith("team nlp holds 2 non-preemptible GPUs of local and this notebook needs 1: "
+                                     "3 > quota 2. Non-preemptible jobs run only within quota, counting the "
+                                     "queue's non-preemptible GPUs")
+    assert err["detail"] == {"rule": "guarantee", "queue": "nlp", "pool": "local", "quota": 2, "np_usage": 2,
+                             "usage": 2, "free_in_guarantee": 0, "request": 1}
     assert len(svc.admin.get("/v1/jobs").json()["jobs"]) == 1  # nothing was stored for the refusal
+
+
+def test_a_team_whose_batch_jobs_fill_its_quota_opens_a_notebook_on_free_gpus(svc: Service) -> None:
+    batch = svc.admin.post("/v1/jobs", json={"queue": "nlp", "gpus": 2, "command": "train"}).json()["id"]
+    svc.tick()
+    r = svc.admin.post("/v1/sandboxes", json=box(gpus=2))  # usage 2 + 2 > quota 2, but only np GPUs count
+    assert r.status_code == 201, r.text
+    assert (r.json()["state"], r.json()["priority"]) == ("running", 100)
+    assert svc.admin.get(f"/v1/jobs/{batch}").json()["state"] == "running"  # free GPUs: nobody preempted
+
+
+def test_a_notebook_takes_its_teams_batch_gpus_back_by_priority(svc: Service) -> None:
+    batch = svc.admin.post("/v1/jobs", json={"queue": "nlp", "gpus": 8, "command": "train"}).json()["id"]
+    svc.tick()  # nlp's batch job holds the whole pool (its quota is 2)
+    r = svc.admin.post("/v1/sandboxes", json=box(gpus=2))
+    assert r.status_code == 201, r.text
+    assert svc.admin.get(f"/v1/jobs/{batch}").json()["state"] == "pending"  # preempted, requeued
+    (ev,) = [e for e in svc.admin.get(f"/v1/jobs/{batch}/events").json()["events"] if e["kind"] == "preempted"]
+    assert "priority 100" in ev["message"] and "lower-priority work of nlp" in ev["message"]
+    svc.tick()  # the batch job's process has exited: the notebook launches
+    assert svc.admin.get(f"/v1/jobs/{r.json()['id']}").json()["state"] == "running"
+
+
+def test_without_priority_over_batch_no_room_can_be_made(db_url: str, tmp_path: Path) -> None:
+    svc = make_service(db_url, tmp_path, sandbox_priority=0)  # the setting: notebooks level with batch jobs
+    batch = svc.admin.post("/v1/jobs", json={"queue": "nlp", "gpus": 8, "command": "train"}).json()["id"]
+    svc.tick()
+    r = svc.admin.post("/v1/sandboxes", json=box(gpus=2))
+    assert r.status_code == 409, r.text
+    err = r.json()["error"]
+    assert err["message"].startswith("the sandbox cannot start now: no room can be made, even by preempting: ")
+    assert err["detail"]["rule"] != "guarantee"  # the guarantee held (no non-preemptible GPUs): room did not
+    assert svc.admin.get(f"/v1/jobs/{batch}").json()["state"] == "running"
+    assert [j["id"] for j in svc.admin.get("/v1/jobs").json()["jobs"] if j["state"] != "cancelled"] == [batch]
 
 
 def test_sandbox_takes_its_guarantee_back_from_borrowers(svc: Service) -> None:
@@ -59,7 +95,9 @@ def test_sandboxes_follow_the_roles(svc: Service) -> None:
     sid = alice.post("/v1/sandboxes", json=box()).json()["id"]
     assert bob.get("/v1/sandboxes").json()["sandboxes"] == []
     assert bob.delete(f"/v1/sandboxes/{sid}").status_code == 404
-    assert bob.post("/v1/sandboxes", json=box()).status_code == 403
+    assert bob.post("/v1/sandboxes", json=box()).status_code == 403  # another team's queue
+    assert svc.client("vic", Role.VIEWER, "nlp").post("/v1/sandboxes", json=box()).status_code == 403
+    assert alice.post("/v1/sandboxes", json=box(priority=1000)).status_code == 422  # the site sets priority
     assert alice.post("/v1/sandboxes", json=box(owner="bob")).status_code == 403
     hub = svc.admin.post("/v1/sandboxes", json=box(queue="vision", owner="carol")).json()
     assert hub["owner"] == "carol"

@@ -216,11 +216,23 @@ def test_queue_tree_shows_live_numbers(svc: Service) -> None:
     svc.tick()
     tree = {q["name"]: q for q in svc.admin.get("/v1/queues").json()["queues"]}
     rk = tree["ranking"]["pools"]["local"]
-    assert (rk["usage"], rk["quota"], rk["borrowed"]) == (6, 4, 2)
+    assert (rk["usage"], rk["quota"], rk["borrowed"], rk["np_usage"]) == (6, 4, 2, 0)
     assert tree["product"]["pools"]["local"]["usage"] == 6
     pools = svc.admin.get("/v1/pools").json()["pools"]
     held = [g["job"] for g in pools[0]["nodes"][0]["gpus"]]
     assert held.count(None) == 2
+
+
+def test_queue_tree_counts_non_preemptible_gpus_up_the_tree(svc: Service) -> None:
+    """np_usage is what the guarantee rule counts: notebooks and preemptible: false jobs, not batch jobs."""
+    svc.admin.post("/v1/sandboxes", json={"queue": "nlp", "gpus": 1, "command": ["jupyterhub-singleuser"]})
+    svc.admin.post("/v1/jobs", json={**job("nlp", 1), "preemptible": False})
+    svc.admin.post("/v1/jobs", json=job("nlp", 3))
+    svc.admin.post("/v1/jobs", json={**job("ranking", 1), "preemptible": False})
+    svc.tick()
+    tree = {q["name"]: q["pools"]["local"] for q in svc.admin.get("/v1/queues").json()["queues"]}
+    assert {n: (p["usage"], p["np_usage"], p["quota"]) for n, p in tree.items()} == {
+        "nlp": (5, 2, 2), "vision": (0, 0, 2), "research": (5, 2, 4), "ranking": (1, 1, 4), "product": (1, 1, 4)}
 
 
 def test_queue_apply_diff_history_rollback(svc: Service) -> None:

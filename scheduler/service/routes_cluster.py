@@ -43,8 +43,9 @@ class TokenRequest(BaseModel):
 
 
 @router.get("/queues", tags=["queues"])
-def queue_tree(who: Caller, core: CoreDep) -> dict[str, Any]:
-    """The queues the caller may see: quota, limit, weight per pool, live fair share, usage and backlog."""
+def queue_tree(who: Caller, core: CoreDep) -> views.QueueTreeView:
+    """The queues the caller may see: quota, limit, weight per pool, live fair share, usage (all of it, and the
+    non-preemptible part the guarantee rule counts) and backlog."""
     return views.queue_tree(core, who)
 
 

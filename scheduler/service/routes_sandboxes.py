@@ -21,7 +21,8 @@ router = APIRouter(tags=["sandboxes"])
 
 @router.post("/sandboxes", status_code=201)
 def create(req: SandboxRequest, who: Caller, core: CoreDep) -> dict[str, Any]:
-    """Start a sandbox within the queue's guarantee; 409 at once, with what is free there, when it does not fit."""
+    """Start a sandbox within the queue's guarantee (counting its non-preemptible GPUs), at priority
+    sandbox_priority; 409 at once, saying whether the guarantee or the room is short, with the numbers."""
     return open_sandbox(core, who, req)
 
 

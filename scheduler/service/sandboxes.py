@@ -1,4 +1,4 @@
-"""Notebook sandboxes: non-preemptible jobs that start now within the team's guarantee, or are refused now."""
+"""Notebook sandboxes: non-preemptible, above batch priority, started now within the team's guarantee or refused now."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ from typing import Any
 
 from pydantic import Field
 
+from quotas.tree import Queue
 from scheduler.backends.base import KnowsAddresses, server_port
+from scheduler.engine.state import PoolState
 from scheduler.service import store
 from scheduler.service.auth import Principal
 from scheduler.service.core import FINISHED, Core
 from scheduler.service.culler import IDLE_TIMEOUT_LABEL
 from scheduler.service.errors import Conflict, Forbidden, Invalid
 from scheduler.service.specs import MAX_NAME, JobSubmit, Strict, engine_id
+
+GUARANTEE = "guarantee"  # the rule a refusal names when the team's non-preemptible GPUs fill its quota
 
 
 class SandboxRequest(Strict):
@@ -35,7 +39,8 @@ class SandboxRequest(Strict):
 
 
 def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, Any]:
-    """Start a sandbox now, inside the queue's guarantee, or refuse at once saying what is free there."""
+    """Start a sandbox now, inside the queue's guarantee (counting its non-preemptible GPUs), taking GPUs back
+    where the rules allow; or refuse at once, saying whether the guarantee or the room was short."""
     if req.owner is not None and req.owner != who.user:
         if not who.admin:
             raise Forbidden(f"{who.user} ({who.role}) may not open sandboxes for other users", "owner")
@@ -46,25 +51,18 @@ def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, A
             raise Forbidden(f"{who.user} ({who.role}) may not open sandboxes in queue {req.queue}", "queue")
         if req.queue not in core.tree or pool not in core.engine.pools:
             raise Invalid(f"queue {req.queue!r} or pool {pool!r} does not exist", "queue")
-        ps, q = core.engine.pools[pool], core.tree[req.queue]
-        used, quota = ps.usage[q.name], q.quota_of(pool)
-        if used + req.gpus > quota:
-            raise Conflict(
-                f"queue {q.name} has {max(0, quota - used)} of its {quota} guaranteed GPUs of {pool} free "
-                f"({used} in use); this sandbox asks {req.gpus}. Sandboxes run only within the guarantee: close "
-                f"another sandbox or job of {q.name}, or pick a smaller profile.", "gpus",
-                {"queue": q.name, "pool": pool, "quota": quota, "usage": used, "free_in_guarantee": quota - used,
-                 "request": req.gpus})
+        _check_guarantee(core.engine.pools[pool], core.tree[req.queue], req.gpus)
     # Labels keep what the culler needs with the job, so it survives a restart.
     labels = {"corral.sandbox/profile": req.profile} if req.profile else {}
     if req.idle_timeout_s is not None:
         labels[IDLE_TIMEOUT_LABEL] = f"{req.idle_timeout_s:g}"
+    # Above batch jobs' default priority, so the engine's tier 3 takes the team's own batch GPUs back for it.
     sub = JobSubmit(name=req.name, queue=req.queue, pool=pool, gpus=req.gpus, cpus=req.cpus,
-                    memory_gb=req.memory_gb, preemptible=False, command=req.command, env=req.env,
-                    workdir=req.workdir, image=req.image, labels=labels, kind="sandbox",
-                    max_runtime=None)
+                    memory_gb=req.memory_gb, priority=core.settings.sandbox_priority, preemptible=False,
+                    command=req.command, env=req.env, workdir=req.workdir, image=req.image, labels=labels,
+                    kind="sandbox", max_runtime=None)
     job, _ = core.submit(who, sub)
-    core.tick()  # admit it now: a sandbox within the guarantee may take back GPUs others borrowed
+    core.tick()  # admit it now: it may take back GPUs others borrowed, or its own team's lower-priority jobs hold
     with core.lock:
         live = core.engine.jobs.get(engine_id(job["id"]))
         why = core.engine.explain(engine_id(job["id"]), core.clock()) if live is not None else None
@@ -75,8 +73,28 @@ def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, A
         return sandbox_view(core, row)
     if row["state"] not in FINISHED:
         core.cancel(who, job["id"])
-    msg = why.message if why is not None else f"the sandbox ended at once ({row['state']})"
+    if why is None:
+        msg = f"the sandbox ended at once ({row['state']})"
+    elif why.rule == GUARANTEE:  # another non-preemptible job of the team started since the check above
+        msg = why.message
+    else:
+        msg = f"no room can be made, even by preempting: {why.message}"
     raise Conflict(f"the sandbox cannot start now: {msg}", "gpus", store.reason_json(why))
+
+
+def _check_guarantee(ps: PoolState, q: Queue, gpus: int) -> None:
+    """Refuse (409) a sandbox that its team's non-preemptible GPUs leave no room for within the quota; the
+    team's preemptible jobs do not count: they can be taken back (SCHEDULING.md, Admission)."""
+    held, used, quota = ps.np_usage[q.name], ps.usage[q.name], q.quota_of(ps.name)
+    if held + gpus <= quota:
+        return
+    raise Conflict(
+        f"team {q.name} holds {held} non-preemptible GPUs of {ps.name} and this notebook needs {gpus}: "
+        f"{held + gpus} > quota {quota}. Non-preemptible jobs run only within quota, counting the queue's "
+        f"non-preemptible GPUs (its guarantee): close another notebook or non-preemptible job of {q.name}, or "
+        "pick a smaller profile.", "gpus",
+        {"rule": GUARANTEE, "queue": q.name, "pool": ps.name, "quota": quota, "np_usage": held, "usage": used,
+         "free_in_guarantee": max(0, quota - held), "request": gpus})
 
 
 def sandbox_view(core: Core, row: Mapping[Any, Any]) -> dict[str, Any]:

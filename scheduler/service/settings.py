@@ -73,6 +73,10 @@ class ServiceSettings(BaseSettings):
     idle_timeout_s: float = Field(1800.0, gt=0, description=(
         "Seconds a sandbox's GPUs may stay idle before it is stopped (profiles may set their own)."))
     cull_interval_s: float = Field(10.0, gt=0, description="Seconds between looks at sandboxes' GPUs (NVML).")
+    sandbox_priority: int = Field(100, ge=-1000, le=1000, description=(
+        "Priority of every sandbox (the job priority scale, -1000..1000; batch jobs default to 0). Above its "
+        "team's batch jobs, so a notebook takes GPUs back from them (preemption by priority within the queue), "
+        "as Run:ai ranks interactive work over training."))
     hub_api_url: str | None = Field(None, description=(
         "JupyterHub's API (e.g. http://127.0.0.1:8081/hub/api): tokens the hub issued are accepted, and the "
         "hub's groups and custom:corral:* scopes decide who may do what."))

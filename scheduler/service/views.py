@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client.core import Metric
+from pydantic import BaseModel, Field
 
 from scheduler.engine.model import JobState
 from scheduler.engine.state import PoolState
@@ -15,7 +16,40 @@ from scheduler.service.metrics import gauge
 from scheduler.service.specs import job_id_of
 
 
-def queue_tree(core: Core, who: Principal) -> dict[str, Any]:
+class QueuePoolView(BaseModel):
+    """One queue in one pool: its settings and the live numbers, in GPUs (usage counts the whole subtree)."""
+
+    quota: int = Field(description="Guaranteed GPUs.")
+    limit: int | None = Field(description="The most GPUs the queue may hold; None: no limit.")
+    weight: float = Field(description="Its weight in the fair-share split among its siblings.")
+    fair_share: float = Field(description="The GPUs the queue is due now (weighted water-filling of demand).")
+    usage: int = Field(description="GPUs its running jobs hold.")
+    np_usage: int = Field(description=(
+        "GPUs its non-preemptible running jobs hold (sandboxes, preemptible: false): what the guarantee rule "
+        "counts against quota, since preemptible jobs can always be taken back."))
+    borrowed: int = Field(description="usage above quota: the GPUs a reclaim takes back first.")
+    pending_jobs: int
+    pending_gpus: int = Field(description="GPUs the pending jobs ask.")
+    running_jobs: int
+
+
+class QueueView(BaseModel):
+    """A queue of the tree with its numbers per pool."""
+
+    name: str
+    parent: str | None
+    leaf: bool
+    pools: dict[str, QueuePoolView]
+
+
+class QueueTreeView(BaseModel):
+    """The answer of GET /v1/queues: the tree's version and the queues the caller may see."""
+
+    version: int
+    queues: list[QueueView]
+
+
+def queue_tree(core: Core, who: Principal) -> QueueTreeView:
     """Every queue the caller may see, with quota, limit and weight per pool and the live numbers."""
     with core.lock:
         out = []
@@ -28,16 +62,15 @@ def queue_tree(core: Core, who: Principal) -> dict[str, Any]:
                 pending_jobs, pending_gpus = _backlog(ps, leaves)
                 used, quota = ps.usage[q.name], q.quota_of(name)
                 limit = q.limit_of(name)
-                pools[name] = {
-                    "quota": quota, "limit": None if limit == float("inf") else int(limit),
-                    "weight": q.weight_of(name), "fair_share": round(ps.shares().get(q.name, 0.0), 4),
-                    "usage": used, "borrowed": max(0, used - quota),
-                    "pending_jobs": pending_jobs, "pending_gpus": pending_gpus,
-                    "running_jobs": sum(len(ps.running.get(leaf, ())) for leaf in leaves),
-                }
-            out.append({"name": q.name, "parent": q.parent.name if q.parent else None, "leaf": q.is_leaf,
-                        "pools": pools})
-        return {"version": core.version, "queues": out}
+                pools[name] = QueuePoolView(
+                    quota=quota, limit=None if limit == float("inf") else int(limit),
+                    weight=q.weight_of(name), fair_share=round(ps.shares().get(q.name, 0.0), 4),
+                    usage=used, np_usage=ps.np_usage[q.name], borrowed=max(0, used - quota),
+                    pending_jobs=pending_jobs, pending_gpus=pending_gpus,
+                    running_jobs=sum(len(ps.running.get(leaf, ())) for leaf in leaves))
+            out.append(QueueView(name=q.name, parent=q.parent.name if q.parent else None, leaf=q.is_leaf,
+                                 pools=pools))
+        return QueueTreeView(version=core.version, queues=out)
 
 
 def _backlog(ps: PoolState, leaves: Iterable[str]) -> tuple[int, int]:

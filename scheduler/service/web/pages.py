@@ -51,7 +51,7 @@ def _tree_order(queues: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @router.get("/queues", response_class=HTMLResponse)
 def queues_page(request: Request, who: Viewer, core: CoreDep) -> HTMLResponse:
-    tree = routes_cluster.queue_tree(who, core)
+    tree = routes_cluster.queue_tree(who, core).model_dump()
     depth = _depths(tree["queues"])
     ordered = _tree_order(tree["queues"])
     capacity = core.capacity
