@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from scheduler.engine.cluster import workers_per_node
+from scheduler.sim.inputs import World
 from scheduler.sim.runner import Simulation
 from scheduler.sim.waste import HOLD_CAUSES, analyse, count_holds, workers_on
 from tests import factories as f
@@ -152,3 +154,70 @@ def test_simulation_gives_the_engine_a_list_for_holds() -> None:
 ])
 def test_workers_on(gpus: int, workers: int, placement: dict[str, list[int]], want: dict[str, int]) -> None:
     assert workers_on(f.job("j", gpus=gpus, workers=workers), placement) == want
+
+
+def _oracle(world: World, log: dict[str, Any]) -> dict[str, float]:
+    """Idle-wait GPU-seconds per queue the slow way: every pending job, every node, at every instant."""
+    specs = {j.spec.id: j.spec for j in world.jobs}
+    held: dict[str, dict[str, list[int]]] = {}
+    pending: set[str] = set()
+    down: set[str] = set()
+    out: dict[str, float] = {j.spec.queue: 0.0 for j in world.jobs}
+    times = sorted({float(e["t"]) for e in log["events"]} | {float(e.at) for e in world.events})
+    horizon = max(float(e["t"]) for e in log["events"])
+    for t in (t for t in times if t <= horizon):
+        for e in world.events:
+            if e.at == t and e.node_down:
+                down.add(e.node_down)
+            if e.at == t and e.node_up:
+                down.discard(e.node_up)
+        for e in log["events"]:
+            if float(e["t"]) != t:
+                continue
+            job, kind = e["job"], e["event"]
+            if kind in ("submitted", "preempted"):
+                pending.add(job)
+            if kind in ("started", "cancelled"):
+                pending.discard(job)
+            if kind == "started":
+                held[job] = e["nodes"]
+            elif kind in ("preempted", "completed", "failed", "cancelled"):
+                held.pop(job, None)
+        nxt = [u for u in times if u > t]
+        dt = (min(nxt) if nxt else horizon) - t
+        for job in pending:
+            s = specs[job]
+            room = 0
+            for n in world.nodes:
+                if n.pool != s.pool or n.name in down:
+                    continue
+                used = [(specs[j], g[n.name]) for j, g in held.items() if n.name in g]
+                free = n.gpus - sum(len(g) for _, g in used)
+                cpus = None if n.cpus is None else n.cpus - sum(len(g) // o.gpus * o.cpus for o, g in used)
+                mem = (None if n.memory_gb is None
+                       else n.memory_gb - sum(len(g) // o.gpus * o.memory_gb for o, g in used))
+                room += workers_per_node(s, free, cpus, mem)
+            usage = {a.name: sum(len(g) for j, p in held.items() for g in p.values()
+                                 if specs[j].pool == s.pool and a in world.tree[specs[j].queue].path)
+                     for a in world.tree[s.queue].path}
+            if room >= s.workers and all(usage[a.name] + s.request <= a.limit_of(s.pool)
+                                         for a in world.tree[s.queue].path):
+                out[s.queue] += s.request * dt
+    return out
+
+
+@pytest.mark.parametrize("policy", ["corral", "fifo", "strict-quota"])
+def test_idle_waits_match_a_slow_oracle(policy: str) -> None:
+    # Small gangs, CPUs on the nodes, a limit over two teams and a node that goes down and up again.
+    queues = [f.queue("dept", quota={"a100": 12}, limit={"a100": 20}), f.queue("team-a", "dept", quota={"a100": 8}),
+              f.queue("team-b", "dept", quota={"a100": 4}), f.queue("team-c", quota={"a100": 4})]
+    jobs = [f.sim_job(f"j{i}", (i * 37) % 300, 50 + (i * 53) % 400, ("team-a", "team-b", "team-c")[i % 3],
+                      gpus=(1, 2, 4, 8)[i % 4], workers=1 + (i % 5 == 0), cpus=(0, 4, 12)[i % 3],
+                      preemptible=i % 2 == 1) for i in range(40)]
+    world = f.world(f.nodes("a100", 4, 8, cpus=32), queues, jobs,
+                    events=[f.node_down(100, "a100-2"), f.node_up(350, "a100-2")])
+    log = Simulation(world, policy, log_fair_share=False).run()
+    got = analyse(world, log).idle_queues
+    want = _oracle(world, log)
+    assert sum(want.values()) > 0
+    assert {q: w.gpu_seconds for q, w in got.items()} == pytest.approx(want)
