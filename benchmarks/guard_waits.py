@@ -87,8 +87,8 @@ def main() -> None:
     for policy in policies:
         world, m, w, wall = replay(trace, cluster, policy, args.limit)
         o, h, p = m.overall, w.holds, w.preemption
-        rows.append([policy, str(o.jobs), num(o.mean_wait), num(o.p99_wait), f"{max(o.waits, default=0) / 86400:.2f}",
-                     num(o.mean_jct), num(w.idle.gpu_seconds / 3600),
+        rows.append([policy, str(o.jobs), str(o.rejected), num(o.mean_wait), num(o.p99_wait),
+                     f"{max(o.waits, default=0) / 86400:.2f}", num(o.mean_jct), num(w.idle.gpu_seconds / 3600),
                      num(w.idle.preemptible_gpu_seconds / 3600), str(w.idle.jobs),
                      *[str(h.jobs[c]) if h else "n/a" for c in HOLD_CAUSES], str(p.preemptions),
                      str(p.same_instant), str(p.moved), num(p.lost_gpu_seconds / 3600),
@@ -96,8 +96,8 @@ def main() -> None:
         per_queue.append((policy, w))
         print(f"<!-- {policy}: replayed in {wall:.1f} s -->", flush=True)
     print()
-    print("\n".join(table(["policy", "jobs", "mean wait (s)", "p99 wait (s)", "max wait (d)", "mean JCT (s)",
-                           "idle-wait GPU-h", "of which preemptible", "jobs idle-waiting",
+    print("\n".join(table(["policy", "jobs", "rejected", "mean wait (s)", "p99 wait (s)", "max wait (d)",
+                           "mean JCT (s)", "idle-wait GPU-h", "of which preemptible", "jobs idle-waiting",
                            *[f"held: {c}" for c in HOLD_CAUSES],
                            "preemptions", "same-instant", "moved", "GPU-h lost", "GPU-h lost for nothing",
                            "replay (s)"], rows)))
