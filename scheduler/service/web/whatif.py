@@ -29,7 +29,7 @@ MAX_UPLOAD = 2 * 1024 * 1024  # bytes per file: a 2 MiB trace is about 40,000 jo
 MAX_JOBS = 5000  # jobs replayed: a few seconds per policy, so a run finishes while someone waits for it
 MAX_WAITING = 3  # runs queued behind the one running; more are refused ("busy") rather than piling up
 KEEP = 20  # finished runs kept (oldest dropped, with their files)
-PLOTS = ("wait_cdf.png", "gpus_in_use.png")
+PLOTS = ("wait_cdf.png", "gpus_in_use.png", "idle_wait.png")
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"  # present in a source checkout only
 SCENARIO_ONLY = ("jobs", "events", "expect", "name", "description")  # keys a cluster file does not have
 
