@@ -33,7 +33,8 @@ class Reservation:
     def holds(self, job: Job) -> str | None:
         """Why `job` (of a queue in `affected`) may not start now, or None when it may.
 
-        Waiting for room, its queue-mates wait (they would take its room or raise its queue's usage). Waiting on its
+        Waiting for room, its queue-mates that ask for a resource it needs wait (they would take its room, and with
+        GPUs raise its queue's usage). Waiting on its
         guarantee, only non-preemptible queue-mates wait: they alone count against it. Waiting on a limit, the jobs
         under that limit wait, except the queue-mates it could take back by tier 3 (preemptible, lower priority).
         A job without GPUs moves neither a guarantee nor a limit."""
@@ -41,7 +42,7 @@ class Reservation:
         if job is s:
             return None
         if self.cause is None:
-            return QUEUE_MATE if job.spec.queue == s.spec.queue else None
+            return QUEUE_MATE if job.spec.queue == s.spec.queue and competes(job, s) else None
         if job.request == 0:
             return None
         if self.cause == GUARANTEE:
@@ -53,3 +54,9 @@ class Reservation:
     def key(self, queue: str) -> tuple[str, str | None] | None:
         """What a stuck queue's answer read of the reservation: which job holds which of its jobs back."""
         return (self.job.id, self.cause) if queue in self.affected else None
+
+
+def competes(job: Job, starving: Job) -> bool:
+    """Does `job` ask for any resource (GPUs, CPUs, memory) that `starving` needs?"""
+    a, b = job.spec, starving.spec
+    return (a.gpus > 0 and b.gpus > 0) or (a.cpus > 0 and b.cpus > 0) or (a.memory_gb > 0 and b.memory_gb > 0)
