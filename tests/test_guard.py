@@ -41,8 +41,6 @@ class CheckedHolds(list[Hold]):
                 usage[a.name] += j.request
                 np_usage[a.name] += 0 if j.spec.preemptible else j.request
         q = tree[s.spec.queue]
-        # Only jobs behind the starving one in its queue's order can overtake it.
-        assert x.spec.queue != q.name or x.order_key() > s.order_key(), h
         over = [a for a in q.path if usage[a.name] + s.request > a.limit_of(pool)]
         on_guarantee = not s.spec.preemptible and np_usage[q.name] + s.request > q.quota_of(pool)
         if h.cause == LIMIT:

@@ -37,11 +37,10 @@ class Reservation:
         GPUs raise its queue's usage). Waiting on its
         guarantee, only non-preemptible queue-mates wait: they alone count against it. Waiting on a limit, the jobs
         under that limit wait, except the queue-mates it could take back by tier 3 (preemptible, lower priority).
-        A job without GPUs moves neither a guarantee nor a limit. Only jobs behind it in queue order are its
-        "younger" queue-mates; one ahead of it is asked as usual."""
+        A job without GPUs moves neither a guarantee nor a limit."""
         s = self.job
-        if job is s or (job.spec.queue == s.spec.queue and job.order_key() < s.order_key()):
-            return None  # ahead of it in queue order (a job preempted at this instant came back there): no overtaking
+        if job is s:
+            return None
         if self.cause is None:
             return QUEUE_MATE if job.spec.queue == s.spec.queue and competes(job, s) else None
         if job.request == 0:
