@@ -15,24 +15,23 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from quotas import QueueTree
 from sandbox.culling import IdlePolicy, IdleTracker
-from scheduler.backends.base import CLUSTER_OWNER, Arrival, Executor, Exit, Handle, NodeChange, NodeInfo
+from scheduler.backends.base import CLUSTER_OWNER, Arrival, Executor, Exit, NodeChange, NodeInfo
 from scheduler.engine import Engine as Scheduler
 from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
 from scheduler.engine.model import Settings
-from scheduler.service import cluster_sync, launching, queues, store, telemetry
+from scheduler.service import cluster_sync, launching, queues, rebuild, store, telemetry
 from scheduler.service.auth import Principal, TokenCache
 from scheduler.service.culler import cull
 from scheduler.service.db import attempts, jobs, nodes, queue_versions
 from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError
 from scheduler.service.intake import Intake
-from scheduler.service.launching import HOLDING
 from scheduler.service.metrics import Metrics
+from scheduler.service.rebuild import LIVE, requeue_unlaunched, store_overtaken
 from scheduler.service.settings import ServiceSettings
-from scheduler.service.specs import JobSubmit, engine_id, engine_spec_of, job_id_of
+from scheduler.service.specs import JobSubmit, engine_id, job_id_of
 
 log = logging.getLogger("corral.service")
 
-LIVE = ("pending", "starting", "running")  # job states the engine knows about
 BATCH_S = 0.005
 DB_BACKOFF_MAX_S = 5.0  # the longest pause between cycles while the database is away
 FINISHED = ("completed", "failed", "cancelled", "rejected")
@@ -66,6 +65,7 @@ class Core:
         self.tree: QueueTree
         self.engine: Scheduler
         self.version = 0
+        self.admissions = 0  # the last attempts.admission given (rebuild reads it back from the database)
         self.tokens = TokenCache()
         self._stale = False
         self._teams_stale = False  # the capacity changed since the last sync_teams
@@ -112,68 +112,12 @@ class Core:
         self.sync_teams()
 
     def _recover(self, now: float) -> None:
-        """Match attempts the database says are live with what the executor finds (see docs/service.md)."""
-        with self.db.connect() as conn:
-            live = list(conn.execute(sa.select(attempts).where(attempts.c.state.in_(("starting",) + HOLDING)))
-                        .mappings())
-        for a in live:
-            handle = Handle(str(a["job_id"]), a["attempt"], a["pid"], a["proc_started"] or 0.0)
-            ended = self.executor.adopt(handle)
-            with self.db.begin() as conn:
-                job = store.job_row(conn, a["job_id"])
-                assert job is not None
-                if ended is None:  # still running: keep it, and keep stopping it if it was being stopped
-                    if a["state"] == "starting":
-                        store.update_attempt(conn, job["id"], a["attempt"], state="running", started_at=now)
-                        store.update_job(conn, job["id"], state="running")
-                    store.add_event(conn, now, "adopted", f"attempt {a['attempt']} still runs; taken back",
-                                    job["id"])
-                    if a["state"] == "stopping":
-                        grace = max(0.0, (a["stop_deadline"] or now) - now)
-                        self.executor.terminate(str(job["id"]), a["attempt"], grace, now)
-                    continue
-                row: Mapping[Any, Any] = a
-                if a["state"] == "starting" and ended.code is not None:
-                    # Launched and finished while its pid was never recorded: it ran, so it must not run again.
-                    row = {**a, "state": "running"}
-                elif a["state"] == "starting":  # admitted, never launched: back to the queue
-                    self._requeue_unlaunched(conn, job, a, now)
-                    continue
-                # The engine is built after recovery, from what these updates leave in the database.
-                self._ended(conn, job, row, ended.code, ended.detail or "ended while Corral was down", now,
-                            engine=False)
-
-    @staticmethod
-    def _requeue_unlaunched(conn: Connection, job: RowMapping, a: Mapping[Any, Any], now: float) -> None:
-        """An attempt admitted but never running: the job waits again (the engine learns it at its rebuild)."""
-        store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now, outcome="never_started")
-        if job["state"] == "starting":
-            store.update_job(conn, job["id"], state="pending")
-        store.add_event(conn, now, "requeued", "admitted but never started", job["id"])
+        """Match attempts the database says are live with what the executor finds (see rebuild.recover)."""
+        rebuild.recover(self, now)
 
     def _rebuild(self) -> None:
-        """A fresh engine from the database: running and admitted jobs where they are, then pending ones."""
-        with self.db.connect() as conn:
-            row = queues.latest(conn)
-            assert row is not None
-            tree = self._applied_tree(row["document"])
-            live = list(conn.execute(sa.select(jobs).where(jobs.c.state.in_(LIVE)).order_by(jobs.c.id)).mappings())
-            placed = {(a["job_id"]): a for a in conn.execute(
-                sa.select(attempts).where(attempts.c.state.in_(("starting", "running")))).mappings()}
-        engine = Scheduler(tree, [n.spec() for n in self.nodes.values()], settings=self.engine_settings)
-        for name in self.down:  # before restoring: nothing live was left on a down node (cluster_sync)
-            engine.node_down(name, self.clock())
-        holding = sorted((placed[j["id"]]["admitted_at"], j["id"]) for j in live if j["id"] in placed)
-        by_id = {j["id"]: j for j in live}
-        for _, job_id in holding:
-            j, a = by_id[job_id], placed[job_id]
-            spec = engine_spec_of(j["spec"], j["id"], j["pool"])
-            engine.restore(spec, j["submitted_at"], a["admitted_at"], [(n, list(g)) for n, g in a["placement"]])
-        for j in live:
-            if j["id"] not in placed:
-                engine.submit(engine_spec_of(j["spec"], j["id"], j["pool"]), j["submitted_at"])
-        self.tree, self.engine, self.version = tree, engine, row["version"]
-        self._owed()
+        """A fresh engine from the database, deciding as the one it replaces (see rebuild.rebuild)."""
+        rebuild.rebuild(self)
 
     def _owed(self) -> None:
         """Assume launches are owed and a max_runtime may be due: the next cycle looks in the database.
@@ -356,7 +300,7 @@ class Core:
                     row: Mapping[Any, Any] = a
                     if a["state"] == "starting":  # launched, but the commit that said so was lost
                         if e.code is None:  # it never really ran: back to the queue, and the engine rebuilt
-                            self._requeue_unlaunched(conn, job, a, now)
+                            requeue_unlaunched(conn, job, a, now)
                             self._stale = True
                             continue
                         row = {**a, "state": "running"}
@@ -365,6 +309,7 @@ class Core:
                 decisions = self.engine.schedule(now)
                 for d in decisions:
                     stops += self._record(conn, d, now)
+                store_overtaken(conn, self.engine)
             self._unrecorded = []
             self._terminate(stops, now)
             if self.launch_owed:
@@ -387,11 +332,12 @@ class Core:
                  extra={"job_id": job_id, "queue": job["queue"]})
         if isinstance(d, Started):
             attempt = job["attempt"] + 1
+            self.admissions += 1  # a failed commit rebuilds, which reads the last one stored back
             conn.execute(attempts.insert().values(
                 job_id=job_id, attempt=attempt, state="starting", placement=[[n, list(g)] for n, g in d.workers],
-                gpus=job["gpus"], admitted_at=now))
+                gpus=job["gpus"], admitted_at=now, admission=self.admissions))
             first = job["started_at"] is None
-            store.update_job(conn, job_id, state="starting", attempt=attempt, reason=reason,
+            store.update_job(conn, job_id, state="starting", attempt=attempt, reason=reason, overtaken_at=None,
                              started_at=now if first else job["started_at"])
             store.add_event(conn, now, "admitted", d.reason.message, job_id, placement=d.placement,
                             rule=d.reason.rule)

@@ -61,6 +61,9 @@ jobs = sa.Table(
     sa.Column("attempt", sa.Integer, nullable=False, default=0),  # current (latest) attempt, 0: never started
     sa.Column("exit_code", sa.Integer, nullable=True),
     sa.Column("reason", sa.JSON, nullable=True),  # the engine's last Reason: rule, message, numbers
+    # When a younger job first overtook this pending job (its starvation-guard clock); None: never, or started
+    # since. Stored so that a rebuilt engine reserves for the same job at the same time (docs/service.md).
+    sa.Column("overtaken_at", sa.Float, nullable=True),
     sa.UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
     # A user's own jobs newest first (the job list of a scoped caller) without sorting all of them.
     sa.Index("ix_jobs_owner_id", "owner", "id"),
@@ -83,6 +86,9 @@ attempts = sa.Table(
     sa.Column("stop_deadline", sa.Float, nullable=True),
     sa.Column("exit_code", sa.Integer, nullable=True),
     sa.Column("outcome", sa.String(40), nullable=True),  # completed, failed, preempted, cancelled, ...
+    # The attempt's place in the order of all admissions (grows by one per admission): a rebuilt engine restores
+    # running jobs in this order, which breaks its ties between victims admitted at the same instant.
+    sa.Column("admission", sa.Integer, nullable=True),
 )
 
 events = sa.Table(

@@ -194,7 +194,8 @@ def _store(core: Core, fresh: list[Submission], now: float) -> None:
             dict(at=now, actor=r["owner"], action="job.submit", target=f"job {j}", detail={"queue": r["queue"]})
             for j, r in zip(ids, rows, strict=True)])
         for item, job_id, row in zip(new, ids, rows, strict=True):
-            core.engine.submit(item.sub.engine_spec(job_id, row["pool"]), now)
+            # Its id as its place in submission order: a rebuilt engine orders equal jobs the same way.
+            core.engine.submit(item.sub.engine_spec(job_id, row["pool"]), now, seq=job_id)
             item.result = (store.job_view({**row, "id": job_id, "started_at": None, "ended_at": None,
                                            "exit_code": None, "reason": None}), True)
     for item in fresh:

@@ -1,0 +1,124 @@
+"""The engine rebuilt from the database (at start, after a queue change or a capacity change, after a failed commit),
+and what each cycle stores so that the rebuilt engine decides exactly as the one it replaces (docs/service.md).
+
+What the engine keeps that decides something later, and where the database keeps it:
+
+- a job's place in submission order (the last tie-break of queue order and of the starvation guard): its id, which
+  grows with submissions, given to the engine as `seq` at submission and at every rebuild;
+- a pending job's starvation-guard clock (when a younger job first overtook it): jobs.overtaken_at, written in the
+  transaction of the cycle that started it, cleared when the job starts;
+- the order running jobs were admitted in (victims admitted at one instant are taken back latest first):
+  attempts.admission, a number that grows by one per admission, restored in that order;
+- the reason a running job started with: jobs.reason, so that `explain` answers as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, RowMapping
+
+from scheduler.backends.base import Handle
+from scheduler.engine import Engine as Scheduler
+from scheduler.engine.model import Reason
+from scheduler.service import queues, store
+from scheduler.service.db import attempts, jobs
+from scheduler.service.launching import HOLDING
+from scheduler.service.specs import engine_spec_of, job_id_of
+
+if TYPE_CHECKING:
+    from scheduler.service.core import Core
+
+LIVE = ("pending", "starting", "running")  # job states the engine knows about
+PLACED = ("starting", "running")  # attempt states the engine counts as holding their GPUs
+
+
+def recover(core: Core, now: float) -> None:
+    """Match attempts the database says are live with what the executor finds (see docs/service.md)."""
+    with core.db.connect() as conn:
+        live = list(conn.execute(sa.select(attempts).where(attempts.c.state.in_(("starting",) + HOLDING)))
+                    .mappings())
+    for a in live:
+        handle = Handle(str(a["job_id"]), a["attempt"], a["pid"], a["proc_started"] or 0.0)
+        ended = core.executor.adopt(handle)
+        with core.db.begin() as conn:
+            job = store.job_row(conn, a["job_id"])
+            assert job is not None
+            if ended is None:  # still running: keep it, and keep stopping it if it was being stopped
+                if a["state"] == "starting":
+                    store.update_attempt(conn, job["id"], a["attempt"], state="running", started_at=now)
+                    store.update_job(conn, job["id"], state="running")
+                store.add_event(conn, now, "adopted", f"attempt {a['attempt']} still runs; taken back", job["id"])
+                if a["state"] == "stopping":
+                    grace = max(0.0, (a["stop_deadline"] or now) - now)
+                    core.executor.terminate(str(job["id"]), a["attempt"], grace, now)
+                continue
+            row: Mapping[Any, Any] = a
+            if a["state"] == "starting" and ended.code is not None:
+                # Launched and finished while its pid was never recorded: it ran, so it must not run again.
+                row = {**a, "state": "running"}
+            elif a["state"] == "starting":
+                # Admitted, never launched (its GPUs were still held by a preempted job's process): the admission
+                # was committed, so it stands, as it would have without the restart. The rebuilt engine holds its
+                # GPUs; it is launched once no process holds them (launching.launch_ready).
+                continue
+            # The engine is built after recovery, from what these updates leave in the database.
+            core._ended(conn, job, row, ended.code, ended.detail or "ended while Corral was down", now, engine=False)
+
+
+def requeue_unlaunched(conn: Connection, job: RowMapping, a: Mapping[Any, Any], now: float) -> None:
+    """An attempt admitted but never running: the job waits again (the engine learns it at its rebuild)."""
+    store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now, outcome="never_started")
+    if job["state"] == "starting":
+        store.update_job(conn, job["id"], state="pending")
+    store.add_event(conn, now, "requeued", "admitted but never started", job["id"])
+
+
+def rebuild(core: Core) -> None:
+    """A fresh engine from the database: running and admitted jobs where they are, in the order they were admitted,
+    then pending ones with their starvation-guard clocks."""
+    with core.db.connect() as conn:
+        row = queues.latest(conn)
+        assert row is not None
+        tree = core._applied_tree(row["document"])
+        live = list(conn.execute(sa.select(jobs).where(jobs.c.state.in_(LIVE)).order_by(jobs.c.id)).mappings())
+        placed = {a["job_id"]: a for a in conn.execute(
+            sa.select(attempts).where(attempts.c.state.in_(PLACED))).mappings()}
+        admissions = conn.execute(sa.select(sa.func.max(attempts.c.admission))).scalar_one()
+    engine = Scheduler(tree, [n.spec() for n in core.nodes.values()], settings=core.engine_settings)
+    for name in core.down:  # before restoring: nothing live was left on a down node (cluster_sync)
+        engine.node_down(name, core.clock())
+    holding = sorted((j for j in live if j["id"] in placed), key=lambda j: admission_key(placed[j["id"]]))
+    for j in holding:
+        a = placed[j["id"]]
+        engine.restore(engine_spec_of(j["spec"], j["id"], j["pool"]), j["submitted_at"], a["admitted_at"],
+                       [(n, list(g)) for n, g in a["placement"]], seq=j["id"], reason=reason_of(j["reason"]))
+    for j in live:
+        if j["id"] not in placed:
+            engine.submit(engine_spec_of(j["spec"], j["id"], j["pool"]), j["submitted_at"], seq=j["id"],
+                          overtaken_at=j["overtaken_at"])
+    engine.overtaken()  # the clocks it was given are stored already
+    core.tree, core.engine, core.version = tree, engine, row["version"]
+    core.admissions = admissions or 0
+    core._owed()
+
+
+def admission_key(a: Mapping[Any, Any]) -> tuple[bool, int, float, int]:
+    """Admission order: by the stored number; attempts admitted before it was stored (NULL) first, by time."""
+    return (a["admission"] is not None, a["admission"] or 0, a["admitted_at"], a["job_id"])
+
+
+def reason_of(stored: Mapping[str, Any] | None) -> Reason | None:
+    """The engine's Reason from its stored form (store.reason_json)."""
+    if stored is None:
+        return None
+    return Reason(stored["rule"], stored["message"], dict(stored.get("numbers") or {}))
+
+
+def store_overtaken(conn: Connection, engine: Scheduler) -> None:
+    """Write the starvation-guard clocks the engine started since it was last asked, in the transaction of the
+    decisions that started them (a rolled-back cycle rebuilds the engine, which forgets them too)."""
+    for eid, at in engine.overtaken().items():
+        store.update_job(conn, job_id_of(eid), overtaken_at=at)
