@@ -5,8 +5,10 @@ the demand and fair shares an engine built from scratch from the same database r
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -14,11 +16,14 @@ import sqlalchemy as sa
 from scheduler.backends.base import Exit, Handle, NodeChange, NodeInfo
 from scheduler.engine import Engine
 from scheduler.service import queues
+from scheduler.service.assemble import build_core
+from scheduler.service.auth import Principal, Role
 from scheduler.service.core import Core
 from scheduler.service.db import jobs
 from scheduler.service.rebuild import LIVE
-from scheduler.service.specs import engine_spec_of, job_id_of
-from tests.service_kit import ScriptedExecutor
+from scheduler.service.settings import ServiceSettings
+from scheduler.service.specs import JobSubmit, engine_spec_of, job_id_of
+from tests.service_kit import Clock, ScriptedExecutor
 
 TOL = 1e-6
 
@@ -166,3 +171,99 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
                 out += differences(a[k], b[k], f"{path}/{k!r}")
         return out
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+# ----- the issue's case on any backend -----
+
+ROOT = Principal("root", Role.PLATFORM_ADMIN)
+
+
+@dataclass
+class Backend:
+    """How a test runs the issue's case on one backend: `make` starts a Core over the test's database (each call
+    is the service starting again); a job runs `command(name)` until `finish(core, name)` makes it exit 0."""
+
+    make: Callable[[], Core]
+    pool: str
+    unit: int  # GPUs of every job: the pool holds four of them
+    command: Callable[[str], str] = lambda name: "sleep 3600"
+    finish: Callable[[Core, str], None] = lambda core, name: None
+    image: str | None = None
+    timeout_s: float = 120.0
+
+
+def scripted_twin(tmp: Path, nodes: list[NodeInfo], pool: str, unit: int) -> Backend:
+    """The same case on a scripted executor, never restarted: what the real backend must decide."""
+    clock, executor = Clock(), DurableExecutor()
+    settings = ServiceSettings(data_dir=tmp / "twin", database_url=f"sqlite:///{tmp / 'twin.db'}", grace_s=0)
+    bare = [NodeInfo(n.name, n.pool, n.gpus, n.cpus, n.memory_gb) for n in nodes]
+    return Backend(lambda: build_core(settings, executor, nodes=bare, clock=clock), pool, unit,
+                   finish=lambda core, name: executor.exit(_id(core, name), 0))
+
+
+def _id(core: Core, name: str) -> int:
+    return next(i for i, n in names(core).items() if n == name)
+
+
+def _state(core: Core, name: str) -> str:
+    with core.db.connect() as conn:
+        return str(conn.execute(sa.select(jobs.c.state).where(jobs.c.name == name)).scalar_one())
+
+
+def cycle_until(core: Core, what: str, cond: Callable[[], bool], timeout_s: float) -> None:
+    """Scheduling cycles until `cond` holds (real processes, Ray jobs and pods take real time)."""
+    end = time.monotonic() + timeout_s
+    while True:
+        core.tick()
+        if cond():
+            return
+        assert time.monotonic() < end, f"not reached in {timeout_s:g} s: {what}"
+        time.sleep(0.1)
+
+
+def issue_case(b: Backend, restart_it: bool) -> dict[str, Any]:
+    """Issue 20 on a pool of four units: `other` (quota 2) runs one unit, `borrower` (quota 0) three; the service
+    restarts (kill -9: the core is dropped as it is); one borrower job ends; `team` (quota 2) asks two units,
+    within its fair share, and takes one back from the borrower. Demand and fair shares are checked against an engine
+    built from scratch at every stage; returns what was decided, by job name."""
+    u, pool = b.unit, b.pool
+    tree = {"queues": [{"name": "team", "quota": {pool: 2 * u}}, {"name": "other", "quota": {pool: 2 * u}},
+                       {"name": "borrower"}]}
+    core = b.make()
+    core.apply_queues(ROOT, tree)
+
+    def submit(queue: str, name: str) -> None:
+        core.submit(ROOT, JobSubmit(name=name, queue=queue, pool=pool, gpus=u, command=b.command(name),
+                                    image=b.image))
+
+    first = ["other-0", "b0", "b1", "b2"]
+    for queue, name in zip(["other", "borrower", "borrower", "borrower"], first, strict=True):
+        submit(queue, name)
+    cycle_until(core, "four jobs running", lambda: all(_state(core, n) == "running" for n in first), b.timeout_s)
+    if restart_it:
+        core = restart(core, b.make)
+        assert core.engine.pools[pool].fs.raw["borrower"] == 3 * u  # its running jobs are its demand
+    assert_demand_and_shares_from_scratch(core)
+    b.finish(core, "b0")
+    cycle_until(core, "b0 completed", lambda: _state(core, "b0") == "completed", b.timeout_s)
+    assert_demand_and_shares_from_scratch(core)
+    submit("team", "t0")
+    submit("team", "t1")
+    decided = core.tick()
+    assert_demand_and_shares_from_scratch(core)
+    cycle_until(core, "the team's jobs running",
+                lambda: _state(core, "t0") == _state(core, "t1") == "running", b.timeout_s)
+    assert_demand_and_shares_from_scratch(core)
+    name, ps = names(core), core.engine.pools[pool]
+    out = {
+        "decided": [(type(d).__name__, name[job_id_of(d.job)]) for d in decided],
+        "running": {q: sorted(name[job_id_of(j)] for j in js) for q, js in running_by_queue(core).items()},
+        "states": {n: _state(core, n) for n in [*first, "t0", "t1"]},
+        "demand": {q: ps.fs.raw[q] for q in sorted(core.tree.queues)},
+        "shares": {q: round(v, 6) for q, v in sorted(ps.shares().items())},
+    }
+    for n in ["b1", "b2", "other-0", "t0", "t1"]:  # nothing left running on the backend
+        if _state(core, n) in LIVE:
+            core.cancel(ROOT, _id(core, n))
+    core.tick()
+    return out

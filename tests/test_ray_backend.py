@@ -32,7 +32,9 @@ from scheduler.service.app import create_app
 from scheduler.service.assemble import build_core, create_token
 from scheduler.service.auth import Role
 from scheduler.service.core import Core
+from scheduler.service.db import connect, jobs, migrate
 from scheduler.service.settings import ServiceSettings
+from tests.restart_kit import Backend, issue_case, scripted_twin
 
 START_TIMEOUT_S = 180.0  # a loaded two-core machine can take half a minute before the dashboard answers
 RAY = str(Path(sys.executable).parent / "ray")
@@ -275,3 +277,29 @@ def test_the_service_runs_jobs_on_ray_and_finds_them_after_a_restart(cluster: Cl
     tick_until(core2, lambda: not ray2.alive(str(long), 1))
     assert state(admin2, long) == "cancelled"
     assert (ray2.client.get_job_info(sid).metadata or {}).get("queue") == "default"
+
+
+def test_a_restart_over_running_ray_jobs_decides_as_without_one(cluster: Cluster, tmp_path: Path) -> None:
+    """Issue 20 on Ray: the service is dropped without a stop while its Ray jobs run and started again (a new
+    RayExecutor adopts them); demand and fair shares are those an engine built from scratch finds, and the team's
+    job takes back the borrower's GPU as a service never restarted decides (a scripted twin fed the same events)."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    migrate(url)
+    # Ray keeps every submission id it has seen (corral-<job>-<attempt>): ids of this database start past the
+    # other tests' on this cluster.
+    db = connect(url)
+    with db.begin() as conn:
+        conn.execute(jobs.insert().values(id=100_000 + secrets.randbelow(800_000), name="placeholder", owner="test",
+                                          queue="none", pool="ray", state="completed", spec={}, gpus=0, priority=0,
+                                          submitted_at=0.0, attempt=0))
+    db.dispose()
+    settings = ServiceSettings(data_dir=tmp_path / "data", database_url=url, backend="ray", ray_address=cluster.url,
+                               ray_token=cluster.token, grace_s=5)
+    real = Backend(lambda: build_core(settings), "ray", 1,
+                   command=lambda name: f"while [ ! -e {marks / name} ]; do sleep 0.1; done",
+                   finish=lambda core, name: (marks / name).touch(), timeout_s=120)
+    restarted = issue_case(real, restart_it=True)
+    assert restarted == issue_case(scripted_twin(tmp_path, cluster.nodes, "ray", 1), restart_it=False)
+    assert ("Preempted", "b2") in restarted["decided"], restarted

@@ -11,8 +11,12 @@ from typing import Any
 
 import pytest
 
+from scheduler.backends.base import NodeInfo
 from scheduler.backends.local import LocalExecutor
-from tests.service_kit import Service, make_service
+from scheduler.service.assemble import build_core
+from scheduler.service.settings import ServiceSettings
+from tests.restart_kit import Backend, issue_case, scripted_twin
+from tests.service_kit import Service, gpus, make_service
 
 SHOW_GPUS = "import os; print('gpus=' + os.environ['CUDA_VISIBLE_DEVICES'], os.environ['CORRAL_QUEUE'])"
 TRAP_TERM = """
@@ -105,3 +109,20 @@ def test_a_job_that_cannot_launch_fails_alone(local: Service) -> None:
     got = local.admin.get(f"/v1/jobs/{bad}").json()
     assert (got["state"], got["reason"]["rule"]) == ("failed", "launch_failed")
     assert "/nonexistent-dir" in got["reason"]["message"]
+
+
+def test_a_restart_over_running_processes_decides_as_without_one(tmp_path: Path) -> None:
+    """Issue 20 on real processes: the service is dropped without a stop while its jobs run and started again
+    (a new executor adopts them by their pid files); demand and fair shares are those an engine built from scratch
+    finds, and the team's job takes back the borrower's GPUs as a service never restarted decides (a scripted
+    twin fed the same events)."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    nodes = [NodeInfo("localhost", "local", gpus(8))]
+    settings = ServiceSettings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'c.db'}", grace_s=5)
+    real = Backend(lambda: build_core(settings, LocalExecutor(tmp_path / "runs"), nodes=nodes), "local", 2,
+                   command=lambda name: f"while [ ! -e {marks / name} ]; do sleep 0.05; done",
+                   finish=lambda core, name: (marks / name).touch(), timeout_s=30)
+    restarted = issue_case(real, restart_it=True)
+    assert restarted == issue_case(scripted_twin(tmp_path, nodes, "local", 2), restart_it=False)
+    assert ("Preempted", "b2") in restarted["decided"], restarted
