@@ -1,6 +1,6 @@
 """Test kit for restarts: an executor that outlives a Core (as processes, Ray jobs and pods outlive a crashed
 Corral), a restart without a clean stop, and what to compare across one: the engine's state, the API's answers, and
-the demand and fair shares an engine built from scratch from the same database rows finds."""
+the demand and fair shares recomputed from scratch from the same database rows."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from quotas import PoolShares
 from scheduler.backends.base import Exit, Handle, NodeChange, NodeInfo
 from scheduler.engine import Engine
+from scheduler.engine.explain import rejection
 from scheduler.service import queues
 from scheduler.service.assemble import build_core
 from scheduler.service.auth import Principal, Role
@@ -121,32 +123,41 @@ def engine_view(core: Core) -> dict[str, Any]:
     return out
 
 
-def fresh_engine(core: Core) -> Engine:
-    """An engine built from scratch from the database rows: the tree in force, the nodes, and every live job
-    submitted plainly (no restore): what demand and fair shares must be, whatever ran where."""
+def from_scratch(core: Core) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
+    """Per pool, every queue's demand and fair share recomputed from the database rows alone, without the engine's
+    bookkeeping: each leaf's demand is the GPUs of its live jobs (but a waiting job the engine must reject: one that
+    can never run under the tree in force), water-filled over the GPUs of the nodes that are up."""
     with core.db.connect() as conn:
         row = queues.latest(conn)
         assert row is not None
-        live = list(conn.execute(sa.select(jobs).where(jobs.c.state.in_(LIVE)).order_by(jobs.c.id)).mappings())
-    engine = Engine(core._applied_tree(row["document"]), [i.spec() for i in core.nodes.values()],
-                    settings=core.engine_settings)
-    for name in core.down:
-        engine.node_down(name, 0.0)
+        live = list(conn.execute(sa.select(jobs).where(jobs.c.state.in_(LIVE))).mappings())
+    tree = core._applied_tree(row["document"])
+    empty = Engine(tree, [i.spec() for i in core.nodes.values()])
+    pools = {p: ps.pool for p, ps in empty.pools.items()}
+    demand: dict[str, dict[str, int]] = {p: {} for p in pools}
     for j in live:
-        engine.submit(engine_spec_of(j["spec"], j["id"], j["pool"]), j["submitted_at"])
-    return engine
+        spec = engine_spec_of(j["spec"], j["id"], j["pool"])
+        if j["state"] == "pending" and rejection(spec, tree, pools) is not None:
+            continue
+        demand[j["pool"]][j["queue"]] = demand[j["pool"]].get(j["queue"], 0) + spec.request
+    out = {}
+    for p in pools:
+        up = sum(len(n.gpus) for n in core.nodes.values() if n.pool == p and n.name not in core.down)
+        fs = PoolShares(tree, p, up)
+        for leaf, d in demand[p].items():
+            fs.add_demand(leaf, d)
+        out[p] = (dict(fs.raw), fs.shares())
+    return out
 
 
 def assert_demand_and_shares_from_scratch(core: Core) -> None:
-    """Every queue's demand and fair share in every pool equal those of an engine built from scratch from the same
-    rows; none negative."""
-    fresh = fresh_engine(core)
-    for pool, ps in core.engine.pools.items():
-        ref = fresh.pools[pool]
-        shares, ref_shares = ps.shares(), ref.shares()
+    """Every queue's demand and fair share in every pool equal those recomputed from scratch; none negative."""
+    for pool, (raw, ref_shares) in from_scratch(core).items():
+        ps = core.engine.pools[pool]
+        shares = ps.shares()
         for q in core.tree.queues:
             assert ps.fs.raw[q] >= 0 and shares.get(q, 0.0) >= -TOL, (pool, q, ps.fs.raw[q], shares.get(q))
-            assert math.isclose(ps.fs.raw[q], ref.fs.raw[q]), (pool, q, "demand", ps.fs.raw[q], ref.fs.raw[q])
+            assert math.isclose(ps.fs.raw[q], raw[q]), (pool, q, "demand", ps.fs.raw[q], raw[q])
             assert math.isclose(shares.get(q, 0.0), ref_shares.get(q, 0.0), abs_tol=TOL), (
                 pool, q, "fair share", shares.get(q), ref_shares.get(q))
 
@@ -203,6 +214,12 @@ def scripted_twin(tmp: Path, nodes: list[NodeInfo], pool: str, unit: int) -> Bac
 
 def _id(core: Core, name: str) -> int:
     return next(i for i, n in names(core).items() if n == name)
+
+
+def job_row(core: Core, name: str) -> Any:
+    """The job of this name, as stored."""
+    with core.db.connect() as conn:
+        return conn.execute(sa.select(jobs).where(jobs.c.name == name)).mappings().one()
 
 
 def _state(core: Core, name: str) -> str:
