@@ -10,18 +10,28 @@ between a cycle's decisions and their commit (the cycle's transaction fails afte
 crash in a queue-tree apply (before its commit: the client applies it again; after it: the restarted service finds
 the new version).
 
-"Same", checked after every step (so after the cycle that follows each restart):
+A restart takes RESTART_S of the clock, during which neither side runs a cycle (the twin is the same service had it
+only paused): the engine's one rule that lasts a single instant ("a job preempted at this instant may not take
+GPUs back from other queues until the next") is not stored, and a real restart never happens within one instant.
+
+"Same", checked after every step (so after the first cycle that follows each restart):
 
 - every job: state, attempt number, exit code, submit/start/end times, guard clock (jobs.overtaken_at), and reason:
   the whole reason for a live job; for an ended one, its rule and numbers (an exit recorded at start-up is worded
   "ended while Corral was down", the same exit recorded by a cycle "exited with code N");
-- every attempt: state, placement, admission time and number, launch and end times, outcome, exit code;
-- the engine: per pool each node's free GPUs, every queue's usage, demand and fair share, pending jobs in queue
-  order with their guard clocks, running jobs in victim order;
-- the API's answers that `corral top` reads (GET /v1/queues, GET /v1/pools) and `explain` of every pending job.
+- every attempt: state, placement, GPUs, admission time and number, launch and end times, outcome, exit code, stop
+  deadline (not the pid: the scripted executor numbers its launches);
+- the engine: per pool each node's free GPUs, every queue's usage (all and non-preemptible), demand and fair share,
+  pending jobs in queue order with their submit times and guard clocks, running jobs in victim order with their
+  start times, placements and `explain`;
+- the API's answers that `corral top` reads (GET /v1/queues, GET /v1/pools, job ids read as names) and
+  `GET /v1/jobs/{id}/explain` of every pending job (its reason and its preemptions);
+- and, on the restarted side, every queue's demand and fair share equal those recomputed from the rows alone.
 
-A crash loses the uncommitted decisions of its cycle; the restarted service makes them again in its first cycle,
-at the same instant, and is compared after it. Events are not compared: a restart adds its own ("adopted").
+A crash loses the uncommitted decisions of its cycle (and the exits that cycle had collected, which the restarted
+service finds again through the executor): the twin runs no cycle at that instant, and after the restart both run
+their next cycle at the same instant, in which the restarted service makes those decisions again. Events and the
+audit log are not compared: a restart adds its own ("adopted"), and a crashed apply is audited when sent again.
 """
 
 from __future__ import annotations
