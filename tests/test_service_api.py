@@ -253,6 +253,24 @@ def test_queue_apply_diff_history_rollback(svc: Service) -> None:
     assert tree["ranking"]["pools"]["local"]["quota"] == 4
 
 
+def test_a_queue_apply_that_leaves_a_pending_job_no_way_to_run_rejects_it_with_the_reason(svc: Service) -> None:
+    """A pending non-preemptible job asking 3 GPUs, then ranking's quota lowered to 2: the job could never run
+    under the new tree. The next cycle rejects it with the engine's reason (it does not stay pending forever in the
+    database while the rebuilt engine has rejected it)."""
+    doc = {"queues": [dict(q) for q in svc.admin.get("/v1/queues/history").json()["versions"][-1]["document"]
+                      ["queues"]]}
+    svc.admin.post("/v1/jobs", json={**job("ranking", 4), "preemptible": False})
+    svc.tick()  # ranking's guarantee (4) is held by a non-preemptible job: the next one waits on it
+    jid = svc.admin.post("/v1/jobs", json={**job("ranking", 3), "preemptible": False}).json()["id"]
+    svc.tick()
+    assert svc.admin.get(f"/v1/jobs/{jid}").json()["state"] == "pending"
+    doc["queues"][4]["quota"] = {"local": 2}
+    assert svc.admin.post("/v1/queues/apply", json={"document": doc}).json()["applied"]
+    svc.tick()
+    got = svc.admin.get(f"/v1/jobs/{jid}").json()
+    assert got["state"] == "rejected" and "more than queue ranking's quota of 2" in got["reason"]["message"]
+
+
 def test_usage_counts_gpu_hours(svc: Service) -> None:
     jid = svc.admin.post("/v1/jobs", json=job("nlp", 2)).json()["id"]
     t0 = svc.clock.t

@@ -70,6 +70,7 @@ class Core:
         self._stale = False
         self._teams_stale = False  # the capacity changed since the last sync_teams
         self._unrecorded: list[Exit] = []
+        self.unrecorded_decisions: list[Decision] = []  # made by a rebuild; recorded by the next cycle
         self.intake = Intake(self)
         self.idle = IdleTracker(IdlePolicy(settings.idle_threshold_pct).for_profile(settings.idle_timeout_s))
         self._culled_at = -math.inf
@@ -306,7 +307,9 @@ class Core:
                         row = {**a, "state": "running"}
                     self._ended(conn, job, row, e.code, e.detail, now)
                 stops += self._enforce_max_runtime(conn, now)
-                decisions = self.engine.schedule(now)
+                # Rejections the last rebuild made (jobs the tree in force can never run), then this cycle's.
+                decisions = [*self.unrecorded_decisions, *self.engine.schedule(now)]
+                self.unrecorded_decisions = []
                 for d in decisions:
                     stops += self._record(conn, d, now)
                 store_overtaken(conn, self.engine)

@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from scheduler.backends.base import Handle
 from scheduler.engine import Engine as Scheduler
+from scheduler.engine.decisions import Decision
 from scheduler.engine.model import Reason
 from scheduler.service import queues, store
 from scheduler.service.db import attempts, jobs
@@ -95,12 +96,16 @@ def rebuild(core: Core) -> None:
         a = placed[j["id"]]
         engine.restore(engine_spec_of(j["spec"], j["id"], j["pool"]), j["submitted_at"], a["admitted_at"],
                        [(n, list(g)) for n, g in a["placement"]], seq=j["id"], reason=reason_of(j["reason"]))
+    rejected: list[Decision] = []
     for j in live:
         if j["id"] not in placed:
-            engine.submit(engine_spec_of(j["spec"], j["id"], j["pool"]), j["submitted_at"], seq=j["id"],
-                          overtaken_at=j["overtaken_at"])
+            # A pending job the tree in force can never run (a queue apply lowered the quota below a
+            # non-preemptible job, or a limit below a gang) is rejected with its reason at the next cycle.
+            rejected += engine.submit(engine_spec_of(j["spec"], j["id"], j["pool"]), j["submitted_at"],
+                                      seq=j["id"], overtaken_at=j["overtaken_at"])
     engine.overtaken()  # the clocks it was given are stored already
     core.tree, core.engine, core.version = tree, engine, row["version"]
+    core.unrecorded_decisions = rejected
     core.admissions = admissions or 0
     core._owed()
 
