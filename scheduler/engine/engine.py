@@ -230,7 +230,7 @@ class Engine:
         started: list[Job] = []
         preempted = False
         ps.freeze()
-        self._reserve(ps, res)
+        ps.reserved_for(res)
         try:
             cursor = iter(ps.order)
             nxt = next(cursor, None)
@@ -296,7 +296,7 @@ class Engine:
                 preempted |= self._apply(ps, found, now, out, started)
                 if res is not None and found[0] is res.job:
                     res = None
-                    self._reserve(ps, res)
+                    ps.reserved_for(res)
                 grown = ps.grown
                 for changed in {name} | {v.job.spec.queue for v in found[1].victims}:
                     if moved.get(changed) == -1 or changed not in ps.pending:
@@ -306,10 +306,6 @@ class Engine:
         finally:
             ps.thaw()
         return started, preempted
-
-    @staticmethod
-    def _reserve(ps: PoolState, res: Reservation | None) -> None:
-        ps.reserved_for(res)
 
     def _apply(self, ps: PoolState, found: tuple[Job, Plan], now: float, out: list[Decision],
                started: list[Job]) -> bool:
