@@ -121,8 +121,12 @@ def test_a_restart_over_running_processes_decides_as_without_one(tmp_path: Path)
     nodes = [NodeInfo("localhost", "local", gpus(8))]
     settings = ServiceSettings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'c.db'}", grace_s=5)
     real = Backend(lambda: build_core(settings, LocalExecutor(tmp_path / "runs"), nodes=nodes), "local", 2,
-                   command=lambda name: f"while [ ! -e {marks / name} ]; do sleep 0.05; done",
+                   command=lambda name: (f"while [ ! -e {marks / name} ] && [ ! -e {marks / 'all'} ]; "
+                                         "do sleep 0.05; done"),
                    finish=lambda core, name: (marks / name).touch(), timeout_s=30)
-    restarted = issue_case(real, restart_it=True)
+    try:
+        restarted = issue_case(real, restart_it=True)
+    finally:  # the jobs outlive a service dropped without a stop: end them, also when the test fails
+        (marks / "all").touch()
     assert restarted == issue_case(scripted_twin(tmp_path, nodes, "local", 2), restart_it=False)
     assert ("Preempted", "b2") in restarted["decided"], restarted
