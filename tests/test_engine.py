@@ -203,3 +203,25 @@ def test_sleeping_queues_that_tried_the_same_shapes_share_one_room_check(monkeyp
     ps.pool.allocate(JobSpec("z", "a", "a100", gpus=3), ["a100-0"])  # taken again (no release: same `grown`)
     assert ps.room_still_short(ps.asleep["d"], "d")
     assert checks == ["c", "d"]  # free room changed since: asked again
+
+
+def test_a_job_preempted_at_one_instant_is_asked_again_at_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job preempted at an instant may take GPUs back across queues from the next one on: its pool is scheduled
+    at the next instant even when nothing else changed there (found by a longer fixpoint search: a second pass at
+    that instant would preempt and start a job the first had left waiting)."""
+    e = engine([QueueSpec("a", quota={"a100": 8}), QueueSpec("b", quota={"a100": 8})])
+    e.submit(job("a1", "a"), 0)
+    e.submit(job("a2", "a"), 0)
+    e.schedule(0)
+    e.submit(job("b1", "b"), 10)
+    assert [d.job for d in e.schedule(10) if isinstance(d, Preempted)] == ["a2"]
+    scheduled: list[str] = []
+    inner = Engine._schedule_pool
+
+    def spy(self: Engine, ps: Any, now: float, out: list[Any]) -> None:
+        scheduled.append(ps.name)
+        inner(self, ps, now, out)
+
+    monkeypatch.setattr(Engine, "_schedule_pool", spy)
+    e.schedule(20)
+    assert scheduled == ["a100"]

@@ -190,10 +190,13 @@ class Engine:
         """Admit (and preempt) until nothing more can start; call after every batch of inputs."""
         if self._instant != now:
             for job_id in self._preempted_now:  # their tiers come back: their queues must look again
-                q = self.jobs[job_id].spec.queue
+                job = self.jobs[job_id]
+                q = job.spec.queue
                 self._lifted[q] += 1
                 for ps in self.pools.values():
                     ps.asleep.pop(q, None)
+                if job.state is JobState.PENDING:  # even if nothing else changed in its pool since
+                    self.pools[job.spec.pool].dirty = True
             self._instant, self._preempted_now = now, set()
         due = bool(self._wakeups) and self._wakeups[0] <= now
         self.next_wakeup(now)
