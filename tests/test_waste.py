@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from scheduler.engine.cluster import workers_per_node
+from scheduler.engine.decisions import Hold
 from scheduler.sim.inputs import World
 from scheduler.sim.runner import Simulation
 from scheduler.sim.waste import HOLD_CAUSES, analyse, count_holds, workers_on
@@ -118,20 +118,12 @@ def test_a_victim_that_only_moved_a_checkpoint_and_a_node_failure() -> None:
     assert p.lost_gpu_seconds == 2 * 30 and p.lost_for_nothing_gpu_seconds == 0
 
 
-@dataclass(frozen=True)
-class FakeHold:
-    at: float
-    job: str
-    starving: str
-    cause: str
-
-
 def test_holds_count_distinct_jobs_per_cause_and_queue() -> None:
     world = f.world(f.nodes("a100", 1, 8), [f.queue("team-a"), f.queue("team-b")], [
         f.sim_job("a1", 0, 10), f.sim_job("a2", 0, 10), f.sim_job("b1", 0, 10, "team-b")])
-    holds = [FakeHold(0, "a1", "big", "queue_mate"), FakeHold(5, "a1", "big", "queue_mate"),
-             FakeHold(5, "a2", "big", "guarantee"), FakeHold(6, "a1", "big2", "guarantee"),
-             FakeHold(6, "b1", "big2", "held_nodes")]
+    holds = [Hold(0, "a1", "big", "queue_mate"), Hold(5, "a1", "big", "queue_mate"),
+             Hold(5, "a2", "big", "guarantee"), Hold(6, "a1", "big2", "guarantee"),
+             Hold(6, "b1", "big2", "held_nodes")]
     h = analyse(world, _log(), holds).holds
     assert h is not None
     assert h.jobs == {"held_nodes": 1, "queue_mate": 1, "guarantee": 2, "limit": 0}

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from scheduler.engine import JobSpec, NodeSpec
 from scheduler.engine.cluster import workers_per_node
+from scheduler.engine.decisions import Hold
 from scheduler.engine.model import exact
 from scheduler.sim.inputs import World
 
@@ -17,19 +18,6 @@ HOLD_CAUSES = ("held_nodes", "queue_mate", "guarantee", "limit")
 NODE_DOWN = "node_down"  # a failure, not a decision: left out of the preemption counts below
 
 Placement = Mapping[str, Sequence[int]]  # node -> GPU indices, as a `started` event carries them
-
-
-class HoldLike(Protocol):
-    """A starvation-guard hold as the engine records it (scheduler.engine.decisions.Hold)."""
-
-    @property
-    def at(self) -> float: ...
-    @property
-    def job(self) -> str: ...
-    @property
-    def starving(self) -> str: ...
-    @property
-    def cause(self) -> str: ...
 
 
 @dataclass
@@ -80,7 +68,7 @@ class Waste:
     holds: HoldCounts | None  # None: the policy records no holds
 
 
-def count_holds(holds: Iterable[HoldLike] | None, queue_of: Mapping[str, str]) -> HoldCounts | None:
+def count_holds(holds: Iterable[Hold] | None, queue_of: Mapping[str, str]) -> HoldCounts | None:
     """Distinct held jobs per cause and per queue (`queue_of`: job -> queue; unknown jobs go under "?")."""
     if holds is None:
         return None
@@ -379,7 +367,7 @@ class _Replay:
         return True
 
 
-def analyse(world: World, log: Mapping[str, Any], holds: Iterable[HoldLike] | None = None) -> Waste:
+def analyse(world: World, log: Mapping[str, Any], holds: Iterable[Hold] | None = None) -> Waste:
     """Idle waits, guard holds and preemption waste of one replay (`log` as Simulation.run() returns it).
 
     Idle wait: a job waits with room when it is pending (after its submission, or after a preemption until its
