@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import attack_kit
 from tests.service_kit import Service, database_url, make_service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,3 +36,11 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def svc(db_url: str, tmp_path: Path) -> Service:
     """A service with the demo tree on 8 GPUs, a scripted executor and a clock the test moves."""
     return make_service(db_url, tmp_path)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The attack suite's tally (tests/attack_kit.py): attacks tried per item of the tenant-isolation issue."""
+    text = attack_kit.report()
+    if text:
+        terminalreporter.section("attack suite: attacks tried (each failed, or its test failed)")
+        terminalreporter.write_line(text)

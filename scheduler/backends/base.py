@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
@@ -52,6 +53,7 @@ class Launch:
     image: str | None = None  # for Kubernetes and Ray; the local executor ignores it
     cpus: float | None = None  # per worker, as submitted; None: not asked (Kubernetes: the pod's requests)
     memory_gb: float | None = None  # per worker, GiB; None: not asked (Kubernetes: request and limit)
+    owner: str = ""  # the submitting user: the local executor runs the attempt as that user's own account
 
 
 def server_port(env: Mapping[str, str], default: int = 8888) -> int:
@@ -99,6 +101,18 @@ class Executor(Protocol):
         """Paths of the attempt's stdout and stderr files."""
 
     def alive(self, job_id: str, attempt: int) -> bool: ...
+
+
+OUTPUT_ENV = "CORRAL_OUTPUT_DIR"  # where a job writes what it produced: artifacts, metrics.json, lineage.json
+
+
+@runtime_checkable
+class KeepsOutputs(Protocol):
+    """An executor whose attempts write their outputs where the service can read them (this machine). Model
+    versions are registered only from a job's own output directory, and their gate metrics read from it."""
+
+    def output_dir(self, job_id: str, attempt: int) -> Path:
+        """The attempt's output directory (also $CORRAL_OUTPUT_DIR in its environment)."""
 
 
 @runtime_checkable

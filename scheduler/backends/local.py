@@ -21,6 +21,7 @@ from scheduler.backends import shim
 from scheduler.backends.base import Exit, Handle, Launch
 
 STDOUT, STDERR = "stdout.log", "stderr.log"
+OUTPUT = "output"  # the job's own directory in its run directory: what it produces (KeepsOutputs)
 VANISHED = "vanished"
 VANISHED_WHILE_DOWN = "vanished while Corral was down"
 KILLED_AFTER_GRACE = "killed after grace period"
@@ -53,6 +54,9 @@ class LocalExecutor:
         if not job_id or job_id in (".", "..") or "/" in job_id or "\0" in job_id:
             raise ValueError(f"job id {job_id!r} cannot name a run directory")
         return self.root / job_id / str(attempt)
+
+    def output_dir(self, job_id: str, attempt: int) -> Path:
+        return self.rundir(job_id, attempt) / OUTPUT
 
     def launch(self, launch: Launch) -> Handle:
         rundir = self.rundir(launch.job_id, launch.attempt)

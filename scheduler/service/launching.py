@@ -90,7 +90,7 @@ def _launch_of(job: Mapping[Any, Any], a: Mapping[Any, Any]) -> Launch:
            "CORRAL_OWNER": job["owner"], "CORRAL_WORKERS": str(sub.workers),
            "CORRAL_GPUS_PER_WORKER": str(sub.gpus), "CORRAL_KIND": sub.kind}
     return Launch(str(job["id"]), a["attempt"], sub.command, gpus, env, sub.workdir, sub.image,
-                  cpus=sub.cpus or None, memory_gb=sub.memory_gb or None)
+                  cpus=sub.cpus or None, memory_gb=sub.memory_gb or None, owner=job["owner"])
 
 
 @dataclass(frozen=True)
