@@ -80,7 +80,7 @@ def serve(
         fail(f"bad settings: {e}", 2)
     # Imported here, not at the top: the service stack (SQLAlchemy, Alembic, FastAPI) takes about a second to
     # import, which every other command (a thin HTTP client) should not pay.
-    from scheduler.service.assemble import build_app, run_uvicorn  # noqa: PLC0415
+    from scheduler.service.assemble import build_app, isolation, run_uvicorn  # noqa: PLC0415
 
     try:
         _, app, made = build_app(settings)
@@ -91,6 +91,8 @@ def serve(
              "keep it private)")
     note(f"Corral API on http://{settings.host}:{settings.port} ({settings.url.split('://')[0]}, "
          f"data in {settings.data_dir})")
+    if settings.backend == "local":  # who runs the jobs: a single-user service must say so where it is started
+        note(f"isolation: {isolation(settings)[1]}")
     tune_gc()
     run_uvicorn(app, settings)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -11,6 +12,10 @@ import pytest
 
 from tests import attack_kit
 from tests.service_kit import Service, database_url, make_service
+
+# Services the tests start as processes run their jobs as the service's own user: their jobs run this checkout's
+# interpreter, which (under /root here) other accounts cannot reach. tests/test_attack_isolation.py asks for users.
+os.environ.setdefault("CORRAL_RUN_AS", "service")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"

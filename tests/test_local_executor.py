@@ -19,7 +19,7 @@ import pytest
 
 from scheduler.backends import shim
 from scheduler.backends.base import Exit, Handle, Launch
-from scheduler.backends.local import KILLED_AFTER_GRACE, VANISHED_WHILE_DOWN, LocalExecutor
+from scheduler.backends.local import KILLED_AFTER_GRACE, VANISHED_WHILE_DOWN, LocalExecutor, group_leftovers
 
 PY = sys.executable
 SLEEPER = "import time; print('ready', flush=True); time.sleep(60)"
@@ -97,11 +97,27 @@ def test_env_workdir_and_ids(ex: LocalExecutor, tmp_path: Path) -> None:
     assert os.environ.get("FOO") != "bar"  # the server's own environment is untouched
 
 
-def test_default_workdir_is_the_run_directory(ex: LocalExecutor) -> None:
-    run(ex, "d", ["pwd"], gpus={})  # a one-element argv goes through the shell too
+def test_default_workdir_is_the_output_directory(ex: LocalExecutor) -> None:
+    run(ex, "d", ['pwd; echo "$CORRAL_OUTPUT_DIR"'], gpus={})  # a one-element argv goes through the shell too
     wait_exit(ex)
-    assert stdout(ex, "d").strip() == str(ex.rundir("d", 1))
-    assert Path(ex.logs("d", 1)[1]).parent == ex.rundir("d", 1)
+    out = ex.output_dir("d", 1)
+    assert stdout(ex, "d").splitlines() == [str(out), str(out)]
+    assert out.parent == ex.rundir("d", 1) == Path(ex.logs("d", 1)[1]).parent
+    assert out.stat().st_mode & 0o777 == 0o700
+    assert Path(ex.logs("d", 1)[0]).stat().st_mode & 0o777 == 0o600  # logs are the service's to serve
+
+
+def test_the_service_environment_is_not_passed_on(ex: LocalExecutor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job sees its own env, the CORRAL_* of its attempt, PATH and locale: never the service's secrets."""
+    monkeypatch.setenv("CORRAL_DATABASE_URL", "postgresql://corral:hunter2@db/corral")
+    monkeypatch.setenv("SOME_TOKEN", "s3cret")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    run(ex, "env", [PY, "-c", "import json, os; print(json.dumps(dict(os.environ)))"], env={"MINE": "1"}, gpus={})
+    assert wait_exit(ex).code == 0
+    seen = json.loads(stdout(ex, "env"))
+    assert "SOME_TOKEN" not in seen and "CORRAL_DATABASE_URL" not in seen
+    assert (seen["MINE"], seen["LC_ALL"], seen["PATH"]) == ("1", "C.UTF-8", os.environ["PATH"])
+    assert seen["CORRAL_OUTPUT_DIR"] == str(ex.output_dir("env", 1))
 
 
 @pytest.mark.parametrize("code", [0, 3])
@@ -213,6 +229,43 @@ def test_launch_refuses_bad_input(ex: LocalExecutor, tmp_path: Path) -> None:
         run(ex, "twice", ["true"], gpus={})
 
 
+def test_adopt_kills_what_a_vanished_shim_left(ex: LocalExecutor) -> None:
+    """Issue 21 item 8: the shim is killed (kill -9) while the service is down; the restarted service marks the job
+    failed and must not leave its process on the GPUs the next job is given."""
+    handle = run(ex, "orphan", [PY, "-c", f"import subprocess; subprocess.Popen([{PY!r}, '-c', {SLEEPER!r}]); "
+                                          "print('ready', flush=True); import time; time.sleep(60)"], gpus={})
+    wait_for(lambda: "ready" in stdout(ex, "orphan"))
+    assert handle.pid is not None
+    old = set(_group_of(handle.pid))
+    assert len(old) == 3, old  # the shim, the job, its child
+    os.kill(handle.pid, signal.SIGKILL)  # the service is down: nobody records this
+    wait_for(lambda: (shim.read_stat(handle.pid) or ("Z", 0))[0] == "Z")
+    again = LocalExecutor(ex.root)  # the restarted service
+    assert again.adopt(handle) == Exit("orphan", 1, None, VANISHED_WHILE_DOWN)
+    # What was left of the group (the job and its child) is gone; the dead shim may linger unreaped.
+    wait_for(lambda: all((shim.read_stat(p) or ("Z", 0))[0] == "Z" for p in old))
+
+
+def test_leftovers_never_include_a_later_group_under_a_reused_number() -> None:
+    me = shim.read_stat(os.getpid())
+    assert me is not None
+    # A live process with the number but another start time: the old group is empty and the number reused.
+    assert group_leftovers(os.getpid(), me[1] + 10**9) == []
+
+
+def _group_of(pgid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(int(p.name)) == pgid]
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 def test_shim_usage() -> None:
     assert shim.main([]) == 2
+    assert shim.main(["/tmp", "--as", "1:2:x", "--", "true"]) == 2
+    assert shim.parse_as("5:6:7,8") == (5, 6, [7, 8]) and shim.parse_as("5:6") == (5, 6, [])
     assert shim.main(["/tmp", "true"]) == 2

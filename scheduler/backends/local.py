@@ -1,7 +1,12 @@
 """Runs attempts as processes on this machine, each in its own process group, each behind the shim.
 
 Layout: ROOT/<job_id>/<attempt>/ holds stdout.log, stderr.log, and the shim's `pid` and `exit` files; those
-files, not this object's memory, are the record a restarted server adopts attempts from.
+files, not this object's memory, are the record a restarted server adopts attempts from. Its `output/` is the job's
+own directory ($CORRAL_OUTPUT_DIR, and the default working directory).
+
+With `accounts`, each attempt runs as its owner's own account (scheduler/backends/accounts.py): the run directory
+and its files stay the service's (a job that could write its pid file could make a restarted service kill another
+process group), only `output/` is the job's, and the job gets a scrubbed environment, never the service's own.
 
 Nothing here sleeps or waits: the service's loop calls poll(now) with its own clock, which also decides when a
 termination's grace period is over. Linux only (/proc gives process start times).
@@ -16,15 +21,22 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from scheduler.backends import shim
-from scheduler.backends.base import Exit, Handle, Launch
+from scheduler.backends.accounts import Account, Accounts
+from scheduler.backends.base import OUTPUT_ENV, Exit, Handle, Launch
 
 STDOUT, STDERR = "stdout.log", "stderr.log"
 OUTPUT = "output"  # the job's own directory in its run directory: what it produces (KeepsOutputs)
 VANISHED = "vanished"
 VANISHED_WHILE_DOWN = "vanished while Corral was down"
 KILLED_AFTER_GRACE = "killed after grace period"
+# What a job inherits from the service's environment: nothing secret (the service's may hold database passwords and
+# tokens), only what programs need to behave (locale, time zone, where programs are).
+INHERITED = ("PATH", "LANG", "LANGUAGE", "TZ")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+TRAVERSE_ONLY = 0o711  # the service's directories on a job's way to its output: enter, never list or write
 
 
 @dataclass
@@ -44,10 +56,16 @@ class _Attempt:
 class LocalExecutor:
     """The Executor for a single machine: jobs are process groups; GPUs are chosen with CUDA_VISIBLE_DEVICES."""
 
-    def __init__(self, root: Path, python: str = sys.executable) -> None:
+    def __init__(self, root: Path, python: str = sys.executable, accounts: Accounts | None = None) -> None:
         self.root = Path(root)
         self.python = python
+        self.accounts = accounts  # None: every job runs as this process's own user (single-user)
         self._attempts: dict[tuple[str, int], _Attempt] = {}
+
+    @property
+    def isolation(self) -> str:
+        """How users' jobs are kept apart: `users (range)`, `users (system)`, or `none` (single-user)."""
+        return f"users ({self.accounts.kind})" if self.accounts is not None else "none"
 
     def rundir(self, job_id: str, attempt: int) -> Path:
         # The id becomes a directory name: refuse anything that could climb out of the root.
@@ -63,11 +81,15 @@ class LocalExecutor:
         if (rundir / shim.PID_FILE).exists():
             raise FileExistsError(f"{rundir} was already launched: adopt it, or launch a new attempt number")
         command = self._argv(launch)
-        workdir = Path(launch.workdir) if launch.workdir else rundir
-        rundir.mkdir(parents=True, exist_ok=True)
+        account = self.accounts.account(launch.owner) if self.accounts is not None else None
+        output = self._make_dirs(launch, account)
+        workdir = Path(launch.workdir) if launch.workdir else output
+        if not launch.workdir and account is not None and launch.env.get("CORRAL_KIND") == "sandbox":
+            workdir = account.home  # a notebook's files outlive its server: they are the user's, in their home
         if not workdir.is_dir():
             raise ValueError(f"workdir {workdir} is not a directory")
-        env = {**os.environ, **launch.env}
+        env = _base_env(account)
+        env.update(launch.env)
         # Set last so a job's own env cannot claim GPUs the scheduler did not give it.
         env.update(
             CUDA_VISIBLE_DEVICES=",".join(str(i) for i in self._gpus(launch)),  # "" hides every GPU
@@ -75,9 +97,12 @@ class LocalExecutor:
             CORRAL_JOB_ID=launch.job_id,
             CORRAL_ATTEMPT=str(launch.attempt),
         )
-        with open(rundir / STDOUT, "ab") as out, open(rundir / STDERR, "ab") as err:
+        env[OUTPUT_ENV] = str(output)
+        run_as = [] if account is None else [
+            "--as", f"{account.uid}:{account.gid}:{','.join(str(g) for g in account.groups)}"]
+        with _private_log(rundir / STDOUT) as out, _private_log(rundir / STDERR) as err:
             proc = subprocess.Popen(
-                [self.python, "-I", shim.__file__, str(rundir), "--", *command],
+                [self.python, "-I", shim.__file__, str(rundir), *run_as, "--", *command],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
@@ -91,6 +116,21 @@ class LocalExecutor:
             launch.job_id, launch.attempt, rundir, proc.pid, start, proc
         )
         return Handle(launch.job_id, launch.attempt, proc.pid, start)
+
+    def _make_dirs(self, launch: Launch, account: Account | None) -> Path:
+        """The run directory (the service's; others may only pass through it) and in it the job's output
+        directory (the job's own, 0700), returned."""
+        rundir = self.rundir(launch.job_id, launch.attempt)
+        rundir.mkdir(parents=True, exist_ok=True)
+        if account is not None:
+            for d in (self.root, rundir.parent, rundir):
+                os.chmod(d, TRAVERSE_ONLY)
+        output = rundir / OUTPUT
+        output.mkdir(mode=0o700, exist_ok=True)
+        if account is not None:
+            os.chown(output, account.uid, account.gid)
+        os.chmod(output, 0o700)
+        return output
 
     @staticmethod
     def _argv(launch: Launch) -> list[str]:
@@ -153,6 +193,8 @@ class LocalExecutor:
             pid, start = _read_pid(rundir)
         stat = shim.read_stat(pid) if pid is not None else None
         if pid is None or stat is None or stat[0] == "Z" or float(stat[1]) != start:
+            if pid is not None:  # the shim died unrecorded (kill -9): its job may live on, holding its GPUs
+                kill_leftovers(pid, start)
             return Exit(handle.job_id, handle.attempt, None, VANISHED_WHILE_DOWN)
         self._attempts[(handle.job_id, handle.attempt)] = _Attempt(
             handle.job_id, handle.attempt, rundir, pid, start, None
@@ -193,6 +235,63 @@ class LocalExecutor:
                 os.kill(a.pid, sig)
         except ProcessLookupError:
             pass  # already gone
+
+
+def _base_env(account: Account | None) -> dict[str, str]:
+    """The environment every job starts from: the locale, time zone and PATH of the service, and who it is."""
+    env = {k: v for k, v in os.environ.items() if k in INHERITED or k.startswith("LC_")}
+    env.setdefault("PATH", DEFAULT_PATH)
+    env["SHELL"] = "/bin/sh"
+    if account is not None:
+        env.update(HOME=str(account.home), USER=account.user, LOGNAME=account.user)
+    else:  # the service's own user: its own home
+        env.update({k: os.environ[k] for k in ("HOME", "USER", "LOGNAME") if k in os.environ})
+    return env
+
+
+def _private_log(path: Path) -> IO[bytes]:
+    # Only the service reads a job's logs (the API serves them to whoever may see the job), whatever the umask.
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+
+
+def _group_and_start(pid: int) -> tuple[int, int] | None:
+    """(process group id, start time in clock ticks) of a process; None if there is none."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = data[data.rindex(")") + 2 :].split()
+    return int(fields[2]), int(fields[19])  # fields 5 (pgrp) and 22 (starttime)
+
+
+def group_leftovers(pgid: int, since: float) -> list[int]:
+    """Processes still in the process group a shim of pid `pgid`, started at `since` (clock ticks), led.
+
+    While any of its members lives, the kernel hands the pid out to no one, so a live process with that pid but
+    another start time means the group is empty and the number reused: nothing of ours is left. Members start
+    after their leader, which keeps out any group formed later under the same number."""
+    lead = _group_and_start(pgid)
+    if lead is not None and lead[1] != since:
+        return []
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            got = _group_and_start(int(entry.name))
+            if got is not None and got[0] == pgid and got[1] >= since:
+                found.append(int(entry.name))
+    return found
+
+
+def kill_leftovers(pgid: int, since: float) -> list[int]:
+    """SIGKILL what remains of a vanished shim's process group (see group_leftovers); the pids signalled."""
+    killed = []
+    for pid in group_leftovers(pgid, since):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
+            pass  # ended meanwhile
+    return killed
 
 
 def _read_exit(rundir: Path) -> int | None:

@@ -1,6 +1,6 @@
 """The few lines between the executor and a job: records the job's pid and exit code in its run directory.
 
-    python -m scheduler.backends.shim RUNDIR -- COMMAND [ARG...]
+    python -m scheduler.backends.shim RUNDIR [--as UID:GID[:GROUP,...]] -- COMMAND [ARG...]
 
 Jobs outlive a restart of the Corral server, and after a restart they are no longer its children, so it cannot
 wait() for them. The shim waits instead and writes the exit code to RUNDIR/exit, where a new server finds it.
@@ -12,6 +12,9 @@ that the GPUs the scheduler now calls free really are.
 
 Only the standard library is used: the executor runs this file by path in isolated mode (`python -I shim.py`),
 so a job's PYTHONPATH or working directory can never break it.
+
+With --as, the shim (still the service's user, so the job can neither forge its pid and exit files nor signal it)
+starts the job as that uid and gid, with exactly those supplementary groups and umask 077.
 """
 
 from __future__ import annotations
@@ -54,9 +57,27 @@ def _exit_status(code: int) -> int:
     return code if 0 <= code < 256 else 128 - code if code < 0 else 255
 
 
+def parse_as(text: str) -> tuple[int, int, list[int]]:
+    """UID:GID[:G1,G2,...] -> (uid, gid, supplementary groups)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"--as wants UID:GID[:GROUPS], got {text!r}")
+    groups = [int(g) for g in parts[2].split(",") if g] if len(parts) == 3 else []
+    return int(parts[0]), int(parts[1]), groups
+
+
 def main(argv: list[str]) -> int:
+    run_as: tuple[int, int, list[int]] | None = None
+    if len(argv) >= 3 and argv[1] == "--as":
+        try:
+            run_as = parse_as(argv[2])
+        except ValueError as err:
+            print(f"corral: {err}", file=sys.stderr)
+            return 2
+        argv = [argv[0], *argv[3:]]
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m scheduler.backends.shim RUNDIR -- COMMAND [ARG...]", file=sys.stderr)
+        print("usage: python -m scheduler.backends.shim RUNDIR [--as UID:GID[:GROUPS]] -- COMMAND [ARG...]",
+              file=sys.stderr)
         return 2
     rundir, command = Path(argv[0]), argv[2:]
     leader = os.getpgrp() == os.getpid()  # started by the executor with start_new_session=True
@@ -86,7 +107,11 @@ def main(argv: list[str]) -> int:
         code = -signal.SIGTERM
     else:
         try:
-            child = subprocess.Popen(command)
+            if run_as is None:
+                child = subprocess.Popen(command)
+            else:  # no group of the service's user, and files nobody else may read unless the job says so
+                uid, gid, groups = run_as
+                child = subprocess.Popen(command, user=uid, group=gid, extra_groups=groups, umask=0o077)
         except OSError as err:  # as a shell reports it: 126 found but not runnable, 127 not found
             print(f"corral: cannot run {command[0]!r}: {err}", file=sys.stderr, flush=True)
             code = 127 if isinstance(err, FileNotFoundError) else 126

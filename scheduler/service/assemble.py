@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from sandbox.nvml_samples import read_samples
+from scheduler.backends.accounts import open_accounts, per_user, unreachable_ancestor
 from scheduler.backends.base import Executor, GPUInfo, NodeInfo
 from scheduler.backends.gpus import detect
 from scheduler.backends.local import LocalExecutor
@@ -24,12 +26,15 @@ from scheduler.service.db import connect, migrate, tokens
 from scheduler.service.settings import ADMIN_TOKEN_FILE, ServiceSettings
 from scheduler.service.telemetry import configure_logging
 
+log = logging.getLogger("corral.service")
+
 
 def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus: list[GPUInfo] | None = None,
                clock: Callable[[], float] = time.time, nodes: list[NodeInfo] | None = None) -> Core:
     """The core on the configured backend; `nodes` (tests) replaces what the backend would discover."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.url)
+    protect_data(settings)
     if settings.backend == "ray":
         # Imported only for this backend: Ray takes seconds to import, which `corral serve` on the local
         # backend (and every test) should not pay.
@@ -68,13 +73,51 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
         real = gpus is None and source.kind == "nvml" and bool(found)
         nodes = [NodeInfo(settings.node, settings.pool, found, settings.cpus, settings.memory_gb,
                           sample=read_samples if real else None)]
-    core = Core(settings, connect(settings.url), executor or LocalExecutor(settings.logs_dir), nodes, clock)
+    core = Core(settings, connect(settings.url), executor or local_executor(settings), nodes, clock)
     core.start()
     return core
 
 
+def local_executor(settings: ServiceSettings) -> LocalExecutor:
+    """This machine's executor, running each job as its owner's account where the service can switch users."""
+    users, why = isolation(settings)
+    if not users:
+        log.warning("isolation: %s", why)
+        return LocalExecutor(settings.logs_dir)
+    log.info("isolation: %s (accounts: %s)", why, settings.accounts)
+    blocked = unreachable_ancestor(settings.data_dir)
+    if blocked is not None:  # jobs still start (in their output directory) but cannot name it by its path
+        log.warning("isolation: %s is closed to other users, so jobs cannot reach their output directories and "
+                    "homes under %s by path: put data_dir where every user may pass (e.g. /var/lib/corral)",
+                    blocked, settings.data_dir)
+    accounts = open_accounts(settings.accounts, settings.data_dir, settings.uid_min, settings.uid_max)
+    return LocalExecutor(settings.logs_dir, accounts=accounts)
+
+
+def isolation(settings: ServiceSettings) -> tuple[bool, str]:
+    """Whether this service runs jobs as their users' own accounts, and why (ValueError: it was asked to and
+    cannot). Only the local backend runs jobs on this machine."""
+    if settings.backend != "local":
+        return False, f"jobs run on backend {settings.backend}, not on this machine"
+    return per_user(settings.run_as, os.geteuid())
+
+
+def protect_data(settings: ServiceSettings) -> None:
+    """Nobody else may read the database (its tokens and secrets) or list the data directory; jobs pass through
+    data_dir to their own directories only. Also fixes the mode of files an older version left readable."""
+    os.chmod(settings.data_dir, 0o711)
+    url = sa.engine.make_url(settings.url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        for suffix in ("", "-wal", "-shm", "-journal"):  # SQLite gives its journals the database's mode
+            path = Path(url.database + suffix)
+            if path.exists():
+                os.chmod(path, 0o600)
+
+
 def build_app(settings: ServiceSettings, run_loop: bool = True) -> tuple[Core, FastAPI, bool]:
     """The core and its API; the flag says whether a bootstrap admin token was just written."""
+    # Whatever the service writes (database, logs, run directories) is its own unless it says otherwise.
+    os.umask(0o077)
     configure_logging(settings)
     core = build_core(settings)
     made = bootstrap_admin(core, settings.data_dir / ADMIN_TOKEN_FILE) is not None

@@ -52,6 +52,18 @@ class ServiceSettings(BaseSettings):
         "The Ray cluster's dashboard/Jobs API address, e.g. http://10.0.0.5:8265 (backend ray)."))
     ray_token: str | None = Field(None, description=(
         "Ray's authentication token (Ray >= 2.60 checks tokens by default); else RAY_AUTH_TOKEN is used."))
+    # Tenant isolation on the local backend (issue 21; docs/service.md, "Trust model").
+    run_as: Literal["auto", "users", "service"] = Field("auto", description=(
+        "Backend local: whose OS account runs a job or notebook. users: its owner's own account (needs root), so "
+        "jobs cannot read each other's files, the database or the admin token; service: the service's own user "
+        "(single-user: no isolation); auto: users when the service runs as root, else service (with a warning)."))
+    accounts: Literal["range", "system"] = Field("range", description=(
+        "With run_as users: range gives each user a uid of [uid_min, uid_max] (private group, home in "
+        "data_dir/home/<user>, the mapping kept in data_dir/accounts.json); system maps a user to the existing "
+        "account of that name (as JupyterHub's LocalProcessSpawner)."))
+    uid_min: int = Field(2_000_000, gt=0, description=(
+        "First uid of accounts range (a count; far above the uids of real accounts, so none is ever shared)."))
+    uid_max: int = Field(2_099_999, gt=0, description="Last uid of accounts range (inclusive).")
     pool: str = Field("local", description="Pool name of this machine's GPUs.")
     node: str = Field("localhost", description="Node name of this machine in its pool.")
     gpus: int | None = Field(None, ge=0, description=(
@@ -112,6 +124,12 @@ class ServiceSettings(BaseSettings):
     @property
     def url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'corral.db'}"
+
+    @model_validator(mode="after")
+    def _uid_range(self) -> ServiceSettings:
+        if self.uid_min > self.uid_max:
+            raise ValueError(f"uid_min {self.uid_min} is above uid_max {self.uid_max}")
+        return self
 
     @property
     def logs_dir(self) -> Path:
