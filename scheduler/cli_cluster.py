@@ -29,6 +29,7 @@ from scheduler.cli_client import (
     print_rollback,
     read_document,
 )
+from scheduler.service.settings import ServiceSettings
 
 queue_app = typer.Typer(help="The queue tree: quotas, limits and weights per pool; changes and their history.",
                         no_args_is_help=True)
@@ -207,10 +208,20 @@ def token_create(
     output: Fmt = Output.TABLE,
     url: Url = DEFAULT_URL,
     token: Token = None,
+    local: Annotated[bool, typer.Option("--local", help=(
+        "Write the token straight into the service's database, without the API: on the server machine, as its "
+        "service account. The way back when no platform-admin token works."))] = False,
+    data_dir: Annotated[Path | None, typer.Option(help="With --local: the service's data directory (its SQLite "
+                                                  "file).", show_default=False)] = None,
+    database_url: Annotated[str | None, typer.Option(help="With --local: the service's database URL.",
+                                                     show_default=False)] = None,
 ) -> None:
     """Make an API token. Its secret is printed once: Corral keeps only a hash."""
-    with api(url, token) as a:
-        made = a.request("POST", "/v1/tokens", json={"user": user, "role": role, "scope": scope}).json()
+    if local:
+        made = _local_token(user, role, scope, data_dir, database_url)
+    else:
+        with api(url, token) as a:
+            made = a.request("POST", "/v1/tokens", json={"user": user, "role": role, "scope": scope}).json()
     if output is not Output.TABLE:
         emit(made, output)
         return
@@ -218,3 +229,24 @@ def token_create(
     note(f"token {made['id']} for {made['user']} ({made['role']}, {made['scope'] or 'every queue'}); "
          "it is shown only now:")
     typer.echo(made["token"])
+
+
+def _local_token(user: str, role: str, scope: str | None, data_dir: Path | None,
+                 database_url: str | None) -> dict[str, Any]:
+    """`token create --local`: the settings as `corral serve` reads them (flags, CORRAL_*, CORRAL_CONFIG), then the
+    token written into that database directly."""
+    # Imported here, not at the top: SQLAlchemy and the service's tables take most of a second to import, which
+    # the other commands (thin HTTP clients) should not pay; the same reason as `corral serve`'s import.
+    from scheduler.service import local_tokens  # noqa: PLC0415
+
+    given: dict[str, Any] = {"data_dir": data_dir, "database_url": database_url}
+    try:
+        settings = ServiceSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        fail(f"bad settings: {e}", 2)
+    try:
+        made = local_tokens.make(settings, user, role, scope)
+    except local_tokens.LocalTokenError as e:
+        fail(str(e), 1)
+    return {"id": made.id, "user": made.user, "role": made.role.value, "scope": made.scope, "token": made.secret,
+            "expires_at": made.expires_at}

@@ -6,6 +6,7 @@ Runs on SQLite and on PostgreSQL (when CORRAL_TEST_POSTGRES_URL names a server).
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,9 @@ class World:
         return version
 
 
+NAMES = itertools.count()
+
+
 def _anonymous(svc: Service, secret: str | None) -> TestClient:
     c = TestClient(svc.admin.app)
     if secret is not None:
@@ -209,7 +213,10 @@ def _call(w: World, endpoint: str, c: TestClient, target: str) -> httpx.Response
         "GET /v1/pools": lambda: c.get("/v1/pools"),
         "GET /v1/usage": lambda: c.get("/v1/usage"),
         "GET /v1/usage/export": lambda: c.get("/v1/usage/export"),
-        "POST /v1/tokens": lambda: c.post("/v1/tokens", json={"user": "newbie", "role": "member", "scope": queue}),
+        # A new name each time: a name belongs to whoever it was first made for (the admin's newbie in ranking
+        # would make a team admin's later newbie a takeover); that rule has its own tests (test_attack_tokens.py).
+        "POST /v1/tokens": lambda: c.post("/v1/tokens", json={"user": f"newbie-{next(NAMES)}", "role": "member",
+                                                              "scope": queue}),
         "DELETE /v1/tokens/{id}": lambda: c.delete(f"/v1/tokens/{w.fresh_token(queue)}"),
         "GET /v1/audit": lambda: c.get("/v1/audit"),
     }

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from quotas import QueueTree
+from scheduler.backends.base import CLUSTER_OWNER
 
 TOKEN_PREFIX = "corral_"
 
@@ -20,6 +21,26 @@ class Role(enum.StrEnum):
     MEMBER = "member"  # submit to and see the queues of its scope; cancel its own jobs
     MODEL_OWNER = "model-owner"  # a member who also promotes, approves and rolls back its team's models
     VIEWER = "viewer"  # read-only, within its scope (everything when it has none)
+
+
+# What a team admin may grant: never model-owner (an approver) nor platform-admin.
+TEAM_GRANTABLE = frozenset({Role.TEAM_ADMIN, Role.MEMBER, Role.VIEWER})
+# User names Corral itself acts under (the cluster's own jobs): no token is ever made for one.
+RESERVED_PREFIX = CLUSTER_OWNER.partition(":")[0] + ":"  # "system:"
+
+
+def reserved_name(name: str) -> bool:
+    return name.strip().lower().startswith(RESERVED_PREFIX)
+
+
+@dataclass(frozen=True)
+class NameRecord:
+    """What a user name has stood for so far: its tokens (every one ever made, revoked and expired included) as
+    (role, scope), the queues of the jobs and models it owns, and whether it requested or approved promotions."""
+
+    tokens: tuple[tuple[str, str | None], ...] = ()
+    queues: frozenset[str] = frozenset()
+    promotions: bool = False
 
 
 def new_secret() -> str:
@@ -82,12 +103,38 @@ class Principal:
     def may_change_queues(self) -> bool:
         return self.role in (Role.PLATFORM_ADMIN, Role.TEAM_ADMIN)
 
-    def may_grant(self, tree: QueueTree, role: Role, scope: str | None) -> bool:
-        """Tokens: platform admins make any; team admins make non-admin tokens inside their scope."""
+    def may_grant(self, tree: QueueTree, role: Role | str, scope: str | None) -> bool:
+        """Tokens: platform admins make (and revoke) any; team admins make member, viewer and team-admin tokens
+        inside their scope. Never model-owner: approvals of production promotions must come from someone a team
+        admin did not make up."""
         if self.admin:
             return True
-        return (self.role is Role.TEAM_ADMIN and role is not Role.PLATFORM_ADMIN and scope is not None
+        return (self.role is Role.TEAM_ADMIN and role in TEAM_GRANTABLE and scope is not None
                 and self.covers(tree, scope))
+
+    def may_take_name(self, tree: QueueTree, name: str, seen: NameRecord, hub: bool) -> str | None:
+        """Whether a token may be made for `name` by this caller (who already may grant the role and scope):
+        None if so, else why not. A name belongs to whoever it was first made for, so a team admin may use it
+        only while everything it ever stood for lies inside its subtree and within what it could grant."""
+        if reserved_name(name):
+            return f"{name!r} is reserved for Corral's own records (names starting {RESERVED_PREFIX!r})"
+        if self.admin:
+            return None  # platform admins may; the audit log records it
+        for role, scope in seen.tokens:
+            if not self.may_grant(tree, role, scope):
+                return (f"{name!r} already has a {role} token for {scope or 'every queue'}: the name belongs to "
+                        "someone outside what you may grant")
+        if seen.promotions:
+            return f"{name!r} has requested or approved model promotions: only a platform admin may reissue it"
+        outside = sorted(q for q in seen.queues if not self.covers(tree, q))
+        if outside:
+            return f"{name!r} already acts in queues outside your scope ({', '.join(outside)})"
+        if hub and not seen.tokens:
+            # Corral cannot list the hub's users, and a hub user and a Corral token of one name are one identity:
+            # a new name might be a hub user's (another team's, or an approver), so only a platform admin makes it.
+            return (f"{name!r} has no Corral token yet, and with JupyterHub in use it may be a hub user's name: "
+                    "a platform admin makes tokens for new names")
+        return None
 
 
 class TokenCache:

@@ -7,34 +7,41 @@ from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from scheduler.service import queues, store, usage, views
-from scheduler.service.auth import Principal, Role, digest, new_secret
+from scheduler.service.auth import TEAM_GRANTABLE, NameRecord, Principal, Role, digest, new_secret
 from scheduler.service.core import Core
-from scheduler.service.db import audit, queue_versions, tokens
+from scheduler.service.db import (
+    approvals,
+    audit,
+    jobs,
+    model_versions,
+    models,
+    promotions,
+    queue_versions,
+    tokens,
+)
 from scheduler.service.deps import Caller, CoreDep, DbId
-from scheduler.service.errors import Forbidden, Invalid, NotFound
+from scheduler.service.edge import Body
+from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound
 
 router = APIRouter()
 DEFAULT_TOKEN_DAYS = 90.0  # people's tokens expire: a leaked one is not a key for ever
 
 
-class Apply(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Apply(Body):
     document: dict[str, Any] = Field(description="The whole tree: {queues: [...]}, as in queues.yaml.")
     comment: str = ""
     dry_run: bool = Field(False, description="Validate and show the diff without applying it.")
     expected_version: DbId | None = Field(None, description="Apply only if the tree is still at this version.")
 
 
-class Rollback(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Rollback(Body):
     version: DbId
 
 
-class TokenRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TokenRequest(Body):
     user: str = Field(min_length=1, max_length=200)
     role: Role
     scope: str | None = Field(None, description="A queue: the role applies to its subtree. None: everything.")
@@ -133,10 +140,14 @@ def create_token(body: TokenRequest, who: Caller, core: CoreDep) -> dict[str, An
         raise Invalid(f"queue {body.scope!r} does not exist", "scope")
     if not who.may_grant(core.tree, body.role, body.scope):
         raise Forbidden(f"{who.user} ({who.role}) may not create a {body.role} token for "
-                        f"{body.scope or 'every queue'}")
+                        f"{body.scope or 'every queue'}", "role" if body.role not in TEAM_GRANTABLE else "scope")
     secret, now = new_secret(), core.clock()
     expires_at = None if body.expires_in_days is None else now + body.expires_in_days * 86400
-    with core.db.begin() as conn:
+    # Under the core's lock: two team admins claiming one new name at once must not both see it as new.
+    with core.lock, core.db.begin() as conn:
+        why = who.may_take_name(core.tree, body.user, name_record(conn, body.user), bool(core.settings.hub_api_url))
+        if why is not None:
+            raise Forbidden(f"{who.user} ({who.role}) may not create a token for {body.user!r}: {why}", "user")
         token_id = conn.execute(tokens.insert().values(
             digest=digest(secret), user=body.user, role=body.role.value, scope=body.scope, created_at=now,
             created_by=who.user, revoked=False, expires_at=expires_at).returning(tokens.c.id)).scalar_one()
@@ -149,14 +160,45 @@ def create_token(body: TokenRequest, who: Caller, core: CoreDep) -> dict[str, An
 @router.delete("/tokens/{token_id}", tags=["tokens"])
 def revoke_token(token_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     now = core.clock()
-    with core.db.begin() as conn:
+    with core.lock, core.db.begin() as conn:
         row = conn.execute(sa.select(tokens).where(tokens.c.id == token_id)).mappings().first()
-        if row is None or not who.may_grant(core.tree, Role(row["role"]), row["scope"]):
+        if row is None or not who.may_grant(core.tree, row["role"], row["scope"]):
             raise NotFound(f"token {token_id} not found")
+        if row["role"] == Role.PLATFORM_ADMIN and _live(row, now) and _live_admins(conn, now) <= 1:
+            # Nobody could make another admin token through the API afterwards (`corral token create --local`
+            # on the server is the only way back), so the last one stays.
+            raise Conflict(f"token {token_id} is the last live platform-admin token: make another platform-admin "
+                           "token first, then revoke this one")
         conn.execute(tokens.update().where(tokens.c.id == token_id).values(revoked=True))
         core.tokens.clear()
         store.add_audit(conn, now, who.user, "token.revoke", f"token {token_id}", user=row["user"])
     return {"id": token_id, "revoked": True}
+
+
+def _live(row: Any, now: float) -> bool:
+    return not row["revoked"] and (row["expires_at"] is None or row["expires_at"] > now)
+
+
+def _live_admins(conn: sa.Connection, now: float) -> int:
+    """Platform-admin tokens that work now (not revoked, not expired)."""
+    return conn.execute(sa.select(sa.func.count()).select_from(tokens).where(
+        tokens.c.role == Role.PLATFORM_ADMIN.value, tokens.c.revoked.is_(False),
+        sa.or_(tokens.c.expires_at.is_(None), tokens.c.expires_at > now))).scalar_one()
+
+
+def name_record(conn: sa.Connection, name: str) -> NameRecord:
+    """Everything `name` has stood for: its tokens (revoked and expired too), the queues of its jobs (sandboxes
+    included) and models, and whether it requested or approved a promotion."""
+    held = conn.execute(sa.select(tokens.c.role, tokens.c.scope).where(tokens.c.user == name)).all()
+    queues = set(conn.execute(sa.select(jobs.c.queue).where(jobs.c.owner == name).distinct()).scalars())
+    queues |= set(conn.execute(sa.select(models.c.queue).where(sa.or_(
+        models.c.created_by == name,
+        models.c.name.in_(sa.select(model_versions.c.model).where(model_versions.c.registered_by == name))))
+    ).scalars())
+    promoted = conn.execute(sa.select(promotions.c.id).where(promotions.c.requester == name).limit(1)).first()
+    approved = conn.execute(sa.select(approvals.c.promotion_id).where(approvals.c.approver == name).limit(1)).first()
+    return NameRecord(tuple((r.role, r.scope) for r in held), frozenset(queues),
+                      promoted is not None or approved is not None)
 
 
 @router.get("/audit", tags=["audit"])
