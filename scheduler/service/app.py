@@ -9,16 +9,19 @@ from typing import Any
 
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler.service import routes_admission, routes_cluster, routes_jobs, routes_models, routes_sandboxes, web
+from scheduler.service.bodylimit import BodyLimit
 from scheduler.service.core import Core
 from scheduler.service.deps import TEXT_OK
-from scheduler.service.errors import ServiceError
+from scheduler.service.errors import ServiceError, http_error_body
 from scheduler.service.telemetry import RequestTelemetry
 from scheduler.service.views import live_metrics
 
@@ -40,6 +43,7 @@ class ErrorBody(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "description": text} for status, text in (
     (401, "No valid, unrevoked API token"), (403, "The caller's role does not allow it"),
     (404, "Not found, or not visible to the caller"), (409, "Conflicts with the current state"),
+    (400, "The body is not one JSON object that can be read"), (413, "The body is over max_request_bytes"),
     (422, "Invalid input"), (503, "A dependency (database, JupyterHub, an optional package) is unavailable"))}
 
 
@@ -68,6 +72,8 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
                   description="GPU scheduler: queues with fair-share quotas, jobs, preemption, usage.")
     app.state.core = core
     app.state.ready = False
+    # Inside the telemetry, so a refused body is still traced and logged with its request id.
+    app.add_middleware(BodyLimit, limit=lambda: core.settings.max_request_bytes)
     app.add_middleware(RequestTelemetry, tracer=lambda: core.tracer)
     core.metrics.add_gauges(lambda: live_metrics(core))
 
@@ -82,6 +88,15 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
         body = {"error": {"code": "unavailable", "message": "the database is unavailable; nothing was changed, "
                                                            "try again shortly"}}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        # FastAPI's own answers (a body it could not parse, an unknown path or method) in the API's error shape;
+        # the web UI's redirects and pages keep theirs.
+        if e.status_code < 400 or request.url.path.startswith("/ui"):
+            return await http_exception_handler(request, e)
+        return JSONResponse(http_error_body(e.status_code, str(e.detail)), status_code=e.status_code,
+                            headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:

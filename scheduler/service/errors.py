@@ -40,6 +40,12 @@ class Conflict(ServiceError):
     status, code = 409, "conflict"
 
 
+class TooLarge(ServiceError):
+    """A request body over max_request_bytes (refused before it is parsed)."""
+
+    status, code = 413, "too_large"
+
+
 class Unavailable(ServiceError):
     status, code = 503, "unavailable"
 
@@ -48,3 +54,16 @@ class NotStarted(ServiceError):
     """Asked for what a job has only once it runs (its logs)."""
 
     status, code = 404, "not_started"
+
+
+# Codes of the HTTP errors FastAPI answers by itself, in the shape of ServiceError.body.
+HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+              415: "unsupported_media_type"}
+
+
+def http_error_body(status: int, detail: str) -> dict[str, object]:
+    """FastAPI's own refusals (a body it could not parse, an unknown path or method) as the API's error body."""
+    if status == 400:  # FastAPI says only "There was an error parsing the body": say what to send instead
+        detail = f"{detail}: send one JSON object (Content-Type: application/json), nested at most a few levels"
+        return {"error": {"code": HTTP_CODES[400], "message": detail, "where": "body"}}
+    return {"error": {"code": HTTP_CODES.get(status, f"http_{status}"), "message": detail}}

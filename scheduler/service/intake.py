@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -133,9 +134,25 @@ def _admit(core: Core, batch: list[Submission]) -> None:
                 raise Forbidden(f"{who.user} ({who.role}) may not submit to queue {sub.queue}", "queue")
             if sub.queue not in core.tree:
                 raise Invalid(f"queue {sub.queue!r} does not exist", "queue")
+            check_workdir(core, sub)
             item.sub = admission.check(core, who, sub)
         except ServiceError as e:
             item.error = e
+
+
+def check_workdir(core: Core, sub: JobSubmit) -> None:
+    """With the local backend a job runs on this machine, so a working directory that is not a directory here would
+    only fail at launch, after waiting its turn: refuse it now (the docs promise a 422). Other backends run jobs in
+    their own filesystems (an image, a Ray worker), which this machine cannot see."""
+    if sub.workdir is None or core.settings.backend != "local":
+        return
+    try:
+        ok = os.path.isdir(sub.workdir)
+    except (OSError, ValueError):  # a name the OS refuses (too long for a path component)
+        ok = False
+    if not ok:
+        raise Invalid(f"workdir {sub.workdir!r} is not a directory on this machine: the job could not start in it",
+                      "workdir")
 
 
 def _check(core: Core, batch: list[Submission]) -> list[Submission]:

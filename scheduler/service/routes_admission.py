@@ -5,25 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from scheduler.service import admission
 from scheduler.service.deps import Caller, CoreDep, DbId
+from scheduler.service.edge import Body
 from scheduler.service.specs import JobSubmit
 
 router = APIRouter()
 
 
-class Apply(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Apply(Body):
     document: dict[str, Any] = Field(description="The whole policy: {rules: [...], hook: ...}, as in policy.yaml.")
     comment: str = ""
     dry_run: bool = Field(False, description="Validate and show the diff without applying it.")
     expected_version: int | None = Field(None, description="Apply only if the policy is still at this version.")
 
 
-class Rollback(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Rollback(Body):
     version: DbId
 
 

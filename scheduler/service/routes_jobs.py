@@ -31,6 +31,10 @@ log = logging.getLogger("corral.api")
 @router.post("/jobs", status_code=201)
 async def submit(sub: JobSubmit, who: Caller, core: CoreDep, response: Response) -> dict[str, Any]:
     """Queue a job. A repeated idempotency key returns the first job (200) instead of a new one (201)."""
+    if sub.kind != "job":
+        # A sandbox is non-preemptible and above batch priority: only /v1/sandboxes checks the team's guarantee first.
+        raise Invalid("kind sandbox is opened through POST /v1/sandboxes, which checks the team's guarantee; "
+                      "/v1/jobs takes batch jobs only (kind: job)", "kind")
     job, created = await core.intake.submit_async(who, sub)
     log.info("job %s %s by %s", job["id"], "submitted" if created else "resubmitted (same idempotency key)", who.user,
              extra={"job_id": job["id"], "queue": job["queue"]})

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 import sqlalchemy as sa
 from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from scheduler.models import audit as chain
 from scheduler.models import mlflow_export
@@ -15,14 +15,15 @@ from scheduler.models.manifests import deployment, inference_service, to_yaml
 from scheduler.service import registry
 from scheduler.service.db import approvals, models, promotions
 from scheduler.service.deps import TEXT_OK, Caller, CoreDep, DbId
+from scheduler.service.edge import Body
 from scheduler.service.errors import Forbidden, Invalid, NotFound, Unavailable
 
 router = APIRouter(tags=["models"])
 NAME = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Body(Body):
+    """Unknown fields, non-finite numbers (metrics: NaN), booleans for numbers and NUL are errors (edge.py)."""
 
 
 class NewModel(_Body):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from quotas.tree import Queue
 from scheduler.backends.base import KnowsAddresses, server_port
@@ -14,6 +14,7 @@ from scheduler.service import store
 from scheduler.service.auth import Principal
 from scheduler.service.core import FINISHED, Core
 from scheduler.service.culler import IDLE_TIMEOUT_LABEL
+from scheduler.service.edge import Amount
 from scheduler.service.errors import Conflict, Forbidden, Invalid
 from scheduler.service.specs import MAX_NAME, JobSubmit, Strict, engine_id
 
@@ -27,8 +28,8 @@ class SandboxRequest(Strict):
     queue: str = Field(min_length=1, max_length=MAX_NAME)
     pool: str | None = None
     gpus: int = Field(1, ge=0, le=64)
-    cpus: float = Field(0.0, ge=0)
-    memory_gb: float = Field(0.0, ge=0)
+    cpus: Amount = 0.0
+    memory_gb: Amount = 0.0
     command: list[str] = Field(min_length=1)
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str | None = None
@@ -57,10 +58,15 @@ def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, A
     if req.idle_timeout_s is not None:
         labels[IDLE_TIMEOUT_LABEL] = f"{req.idle_timeout_s:g}"
     # Above batch jobs' default priority, so the engine's tier 3 takes the team's own batch GPUs back for it.
-    sub = JobSubmit(name=req.name, queue=req.queue, pool=pool, gpus=req.gpus, cpus=req.cpus,
-                    memory_gb=req.memory_gb, priority=core.settings.sandbox_priority, preemptible=False,
-                    command=req.command, env=req.env, workdir=req.workdir, image=req.image, labels=labels,
-                    kind="sandbox", max_runtime=None)
+    try:  # the job spec's own limits (command size, env, workdir) hold for a sandbox's too
+        sub = JobSubmit(name=req.name, queue=req.queue, pool=pool, gpus=req.gpus, cpus=req.cpus,
+                        memory_gb=req.memory_gb, priority=core.settings.sandbox_priority, preemptible=False,
+                        command=req.command, env=req.env, workdir=req.workdir, image=req.image, labels=labels,
+                        kind="sandbox", max_runtime=None)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise Invalid(f"{where}: {err['msg']}", where) from e
     job, _ = core.submit(who, sub)
     core.tick()  # admit it now: it may take back GPUs others borrowed, or its own team's lower-priority jobs hold
     with core.lock:

@@ -71,6 +71,10 @@ class ServiceSettings(BaseSettings):
     gpu_model: str = Field("virtual", description="Model name of declared GPUs.")
     cpus: float | None = Field(None, gt=0, description="CPUs jobs may ask for on this node (None: not accounted).")
     memory_gb: float | None = Field(None, gt=0, description="Memory jobs may ask for (GiB; None: not accounted).")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description=(
+        "Largest request body, bytes (default 1 MiB), refused with 413 before it is parsed. A job spec or queue tree "
+        "is a few KiB; the largest parts of a job (command 64 KiB, env 256 x 32 KiB) are bounded on their own, and "
+        "a bigger body would only be held in memory and stored."))
     tick_s: float = Field(0.5, gt=0, description=(
         "Seconds between scheduling cycles when nothing wakes the loop earlier; submissions wake it at once."))
     grace_s: float = Field(30.0, ge=0, description=(

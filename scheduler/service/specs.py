@@ -4,17 +4,31 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from quotas import QueueSpec
 from scheduler.engine.model import JobSpec
+from scheduler.service.edge import (
+    MAX_COMMAND_ARGS,
+    MAX_COMMAND_BYTES,
+    MAX_ENV,
+    MAX_ENV_NAME,
+    MAX_ENV_VALUE,
+    MAX_IMAGE,
+    MAX_LABEL_KEY,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
+    MAX_PATH,
+    Amount,
+    Body,
+)
 
 MAX_NAME = 200
+MAX_RUNTIME_S = 10 * 365 * 86400.0  # ten years: any longer is "never", and far below where float seconds lose units
 
 
-class Strict(BaseModel):
-    # Unknown fields are errors here: a typo in "preemptable" must not silently run a job the wrong way.
-    model_config = ConfigDict(extra="forbid")
+class Strict(Body):
+    """A document users send: unknown fields, non-finite numbers, booleans for numbers and NUL are errors (edge.py)."""
 
 
 class JobSubmit(Strict):
@@ -25,28 +39,53 @@ class JobSubmit(Strict):
     pool: str | None = Field(None, max_length=MAX_NAME, description="Default: the service's only pool.")
     workers: int = Field(1, ge=1, le=1024)
     gpus: int = Field(1, ge=0, le=1024, description="GPUs per worker.")
-    cpus: float = Field(0.0, ge=0, description="CPUs per worker (0: not accounted).")
-    memory_gb: float = Field(0.0, ge=0, description="Memory per worker, GiB (0: not accounted).")
+    cpus: Amount = Field(0.0, description="CPUs per worker (0: not accounted).")
+    memory_gb: Amount = Field(0.0, description="Memory per worker, GiB (0: not accounted).")
     priority: int = Field(0, ge=-1000, le=1000)
     preemptible: bool = True
-    command: list[str] | str = Field(min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str | None = None
-    image: str | None = Field(None, description="Container image, for the Kubernetes and Ray backends.")
-    max_runtime: float | None = Field(None, gt=0, description="Seconds; the job is stopped and failed after it.")
+    command: list[str] | str = Field(min_length=1, max_length=MAX_COMMAND_BYTES)
+    env: dict[str, str] = Field(default_factory=dict, max_length=MAX_ENV)
+    workdir: str | None = Field(None, min_length=1, max_length=MAX_PATH, description=(
+        "An absolute path; with the local backend it must be a directory that exists at submission."))
+    image: str | None = Field(None, min_length=1, max_length=MAX_IMAGE,
+                              description="Container image, for the Kubernetes and Ray backends.")
+    max_runtime: float | None = Field(None, gt=0, le=MAX_RUNTIME_S,
+                                      description="Seconds; the job is stopped and failed after it.")
     checkpoint: bool = False
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS)
     idempotency_key: str | None = Field(None, min_length=1, max_length=MAX_NAME)
     kind: Literal["job", "sandbox"] = Field("job", description="Sandboxes are opened through /v1/sandboxes.")
 
     @field_validator("env")
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for k in v:
-            if not k or "=" in k or "\0" in k:
-                raise ValueError(f"environment variable name {k!r} is not valid")
+        for k, x in v.items():
+            if not k or "=" in k or "\0" in k or len(k) > MAX_ENV_NAME:
+                raise ValueError(f"environment variable name {k[:MAX_ENV_NAME]!r} is not valid (1 to "
+                                 f"{MAX_ENV_NAME} characters, no '=')")
             if k == "CUDA_VISIBLE_DEVICES":
                 raise ValueError("CUDA_VISIBLE_DEVICES is set by Corral to the job's GPUs")
+            if len(x) > MAX_ENV_VALUE:
+                raise ValueError(f"the value of {k} has {len(x)} characters; at most {MAX_ENV_VALUE}")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, x in v.items():
+            if not k or len(k) > MAX_LABEL_KEY:
+                raise ValueError(f"label key {k[:MAX_LABEL_KEY]!r} is not valid (1 to {MAX_LABEL_KEY} characters)")
+            if len(x) > MAX_LABEL_VALUE:
+                raise ValueError(f"the value of label {k} has {len(x)} characters; at most {MAX_LABEL_VALUE}")
+        return v
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, v: str | None) -> str | None:
+        # Relative to what? The service's own directory is no place for a job; whether it exists is checked at
+        # submission by the backend that runs it (intake.check_workdir).
+        if v is not None and not v.startswith("/"):
+            raise ValueError(f"workdir {v[:200]!r} is not an absolute path")
         return v
 
     @field_validator("command")
@@ -54,8 +93,14 @@ class JobSubmit(Strict):
     def _command(cls, v: list[str] | str) -> list[str] | str:
         if (v if isinstance(v, str) else v[0]).strip() == "":
             raise ValueError("command is empty: give a program (argv[0]) or a shell command")
-        if not isinstance(v, str) and any("\0" in a for a in v):
+        args = [v] if isinstance(v, str) else v
+        if any("\0" in a for a in args):
             raise ValueError("command arguments may not contain NUL characters")
+        if len(args) > MAX_COMMAND_ARGS:
+            raise ValueError(f"command has {len(args)} arguments; at most {MAX_COMMAND_ARGS}")
+        size = sum(len(a.encode("utf-8", "surrogatepass")) + 1 for a in args)  # as exec sees it: NUL-ended
+        if size > MAX_COMMAND_BYTES:
+            raise ValueError(f"command is {size} bytes; at most {MAX_COMMAND_BYTES} (put long inputs in a file)")
         return v
 
     def engine_spec(self, job_id: int, pool: str) -> JobSpec:
