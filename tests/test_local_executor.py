@@ -20,6 +20,7 @@ import pytest
 from scheduler.backends import shim
 from scheduler.backends.base import Exit, Handle, Launch
 from scheduler.backends.local import KILLED_AFTER_GRACE, VANISHED_WHILE_DOWN, LocalExecutor, group_leftovers
+from tests import attack_kit
 
 PY = sys.executable
 SLEEPER = "import time; print('ready', flush=True); time.sleep(60)"
@@ -238,6 +239,7 @@ def test_adopt_kills_what_a_vanished_shim_left(ex: LocalExecutor) -> None:
     assert handle.pid is not None
     old = set(_group_of(handle.pid))
     assert len(old) == 3, old  # the shim, the job, its child
+    attack_kit.attempt("8 a job whose shim was killed while Corral was down keeps its GPUs")
     os.kill(handle.pid, signal.SIGKILL)  # the service is down: nobody records this
     wait_for(lambda: (shim.read_stat(handle.pid) or ("Z", 0))[0] == "Z")
     again = LocalExecutor(ex.root)  # the restarted service
