@@ -5,8 +5,8 @@
     job = corral.submit(script="train.py", queue="nlp", gpus=1)
     job.wait()
     corral.models.create_model("sentiment", queue="nlp")
-    v = corral.models.register_model("sentiment", job, "/shared/ckpt/model.pt", metrics={"accuracy": 0.93},
-                                     eval_set="imdb-test", code_ref="git:abc123")
+    # the job wrote model.pt, metrics.json and lineage.json into $CORRAL_OUTPUT_DIR (notebooks.outputs)
+    v = corral.models.register_model("sentiment", job, "model.pt")
     ask = corral.models.promote("sentiment", v["version"])          # {"promotion", "state", "gates": [...]}
     # another model owner of the team, with their own token:
     Client(token=...).models.approve(ask["promotion"])
@@ -69,12 +69,8 @@ class AsyncModels:
         return await self._json("PUT", f"/v1/models/{name}/policy", json={"document": dict(document)})
 
     async def register_model(self, name: str, job: HasId | int, artifact_uri: str,
-                             metrics: Mapping[str, float] | None = None, eval_set: str | None = None,
-                             code_ref: str | None = None, dataset_ref: str | None = None,
                              lineage_jobs: Iterable[HasId | int] = ()) -> dict[str, Any]:
-        body = {"job_id": job_id(job), "artifact_uri": artifact_uri,
-                "metrics": {k: float(v) for k, v in (metrics or {}).items()}, "eval_set": eval_set,
-                "code_ref": code_ref, "dataset_ref": dataset_ref, "lineage_jobs": [job_id(j) for j in lineage_jobs]}
+        body = {"job_id": job_id(job), "artifact_uri": artifact_uri, "lineage_jobs": [job_id(j) for j in lineage_jobs]}
         return await self._json("POST", f"/v1/models/{name}/versions", json=body)
 
     async def promote(self, name: str, version: int, stage: Stage = "production") -> dict[str, Any]:
@@ -86,10 +82,12 @@ class AsyncModels:
     async def rollback(self, name: str, stage: Stage = "production") -> dict[str, Any]:
         return await self._json("POST", f"/v1/models/{name}/rollback", json={"stage": stage})
 
-    async def audit(self, model: str | None = None, verify: bool = False) -> dict[str, Any]:
+    async def audit(self, model: str | None = None, verify: bool = False, head: str | None = None) -> dict[str, Any]:
         params: dict[str, str] = {"model": model} if model else {}
         if verify:
             params["verify"] = "true"
+        if head is not None:
+            params["head"] = head
         return await self._json("GET", "/v1/models/audit", params=params)
 
     async def manifest(self, name: str, stage: Stage = "production", kind: Literal["kserve", "deployment"] = "kserve",
@@ -136,13 +134,12 @@ class Models:
         return self._run(self.aio.apply_policy(name, document))
 
     def register_model(self, name: str, job: HasId | int, artifact_uri: str,
-                       metrics: Mapping[str, float] | None = None, eval_set: str | None = None,
-                       code_ref: str | None = None, dataset_ref: str | None = None,
                        lineage_jobs: Iterable[HasId | int] = ()) -> dict[str, Any]:
-        """A new version from a completed `job` (a Job or its id): {model, version, digest, lineage}. The
-        artifact's sha256 is computed by the service, so the path must be readable there."""
-        return self._run(self.aio.register_model(name, job, artifact_uri, metrics, eval_set, code_ref, dataset_ref,
-                                                 lineage_jobs))
+        """A new version from a completed `job` (a Job or its id): {model, version, digest, lineage}.
+        `artifact_uri` is a path in the job's output directory ($CORRAL_OUTPUT_DIR; relative to it, or absolute);
+        the metrics the gates check and the code and data digests are what the job wrote there with
+        notebooks.outputs.log_metrics and record_lineage, never typed in here."""
+        return self._run(self.aio.register_model(name, job, artifact_uri, lineage_jobs))
 
     def promote(self, name: str, version: int, stage: Stage = "production") -> dict[str, Any]:
         """Ask to promote: {promotion, state: open|promoted|rejected, gates: [{gate, status, evidence}]}.
@@ -157,9 +154,10 @@ class Models:
         """Put the stage's previous version back: {model, stage, version, previous}."""
         return self._run(self.aio.rollback(name, stage))
 
-    def audit(self, model: str | None = None, verify: bool = False) -> dict[str, Any]:
-        """The hash-chained history: {entries, verified: {intact, problems, entries}} (verified with verify)."""
-        return self._run(self.aio.audit(model, verify))
+    def audit(self, model: str | None = None, verify: bool = False, head: str | None = None) -> dict[str, Any]:
+        """The hash-chained history: {entries, head: {seq, hash}, verified: {intact, problems, entries}} (verified
+        with verify; `head`, a hash kept earlier, must still be in the chain)."""
+        return self._run(self.aio.audit(model, verify, head))
 
     def manifest(self, name: str, stage: Stage = "production", kind: Literal["kserve", "deployment"] = "kserve",
                  namespace: str = "default", image: str | None = None, gpus: int = 1) -> str:

@@ -30,7 +30,6 @@ from scheduler.cli_client import (
     console,
     emit,
     fail,
-    key_values,
     note,
     numbers,
     read_document,
@@ -103,16 +102,6 @@ def show_promotion(data: dict[str, Any], output: Output) -> None:
     if data["state"] == "rejected":
         failed = [g["gate"] for g in data["gates"] if g["status"] == "fail"]
         fail(f"promotion {data['promotion']} rejected by: {', '.join(failed)}")
-
-
-def _metrics(items: list[str] | None) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in key_values(items, "--metric").items():
-        try:
-            out[k] = float(v)
-        except ValueError:
-            raise typer.BadParameter(f"{k}={v!r}: a metric's value is a number", param_hint="--metric") from None
-    return out
 
 
 def _summary(action: str, d: dict[str, Any]) -> str:
@@ -246,24 +235,29 @@ def policy_apply(
 def register_version(
     name: Annotated[str, typer.Argument(help="Model name.")],
     job: Annotated[int, typer.Option("--job", help="The completed job that produced the artifact.")],
-    artifact: Annotated[str, typer.Option("--artifact", help="Path or file:// URI; its sha256 is recorded.")],
-    metric: Annotated[list[str] | None, typer.Option("--metric", help="NAME=NUMBER (repeat).",
-                                                     show_default=False)] = None,
-    eval_set: Annotated[str | None, typer.Option("--eval-set", help="What the metrics were measured on.",
-                                                 show_default=False)] = None,
-    code: Annotated[str | None, typer.Option("--code", help="Code reference, e.g. git:COMMIT.",
-                                             show_default=False)] = None,
-    dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset reference.", show_default=False)] = None,
+    artifact: Annotated[str, typer.Option("--artifact", help="Path inside the job's output directory (relative to "
+                                          "it, or absolute); its sha256 is recorded.")],
+    # Refused (hidden): gates use only what the job recorded itself. Kept so that an old script is told why.
+    metric: Annotated[list[str] | None, typer.Option("--metric", hidden=True, show_default=False)] = None,
+    eval_set: Annotated[str | None, typer.Option("--eval-set", hidden=True, show_default=False)] = None,
+    code: Annotated[str | None, typer.Option("--code", hidden=True, show_default=False)] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", hidden=True, show_default=False)] = None,
     lineage_job: Annotated[list[int] | None, typer.Option("--lineage-job", help="Another job that led here "
                                                           "(repeat).", show_default=False)] = None,
     output: Fmt = Output.TABLE,
     url: Url = DEFAULT_URL,
     token: Token = None,
 ) -> None:
-    """Register a new version from a completed job; it becomes the model's candidate."""
-    body: dict[str, Any] = {"job_id": job, "artifact_uri": artifact, "metrics": _metrics(metric),
-                            "eval_set": eval_set, "code_ref": code, "dataset_ref": dataset,
-                            "lineage_jobs": list(lineage_job or [])}
+    """Register a new version from a completed job's output directory; it becomes the model's candidate.
+
+    Its metrics are the job's metrics.json, its eval set and code and data digests the job's lineage.json."""
+    typed = [flag for flag, given in (("--metric", metric), ("--eval-set", eval_set), ("--code", code),
+                                      ("--dataset", dataset)) if given]
+    if typed:
+        fail(f"{', '.join(typed)}: not accepted: gates use only what the job recorded in its output directory "
+             "($CORRAL_OUTPUT_DIR): metrics in metrics.json, the eval set and code and data digests in lineage.json "
+             "(notebooks.outputs.log_metrics and record_lineage write them; docs/models.md)", 2)
+    body: dict[str, Any] = {"job_id": job, "artifact_uri": artifact, "lineage_jobs": list(lineage_job or [])}
     with api(url, token) as a:
         made = a.post(f"/v1/models/{name}/versions", body)
     if output is not Output.TABLE:
@@ -325,14 +319,20 @@ def rollback(
 def audit(
     model: Annotated[str | None, typer.Option("--model", "-m", help="One model's entries (only platform admins "
                                               "read the whole chain).", show_default=False)] = None,
-    verify: Annotated[bool, typer.Option("--verify", help="Check every hash link; exit 1 if one is broken.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Check every hash link and the stage aliases; exit 1 if "
+                                         "something is broken.")] = False,
+    head: Annotated[str | None, typer.Option("--head", help="With --verify: a head hash kept earlier (logs, "
+                                             "/metrics); the chain must still hold it (catches removed newest rows "
+                                             "and a rewritten chain).", show_default=False)] = None,
     output: Fmt = Output.TABLE,
     url: Url = DEFAULT_URL,
     token: Token = None,
 ) -> None:
-    """The hash-chained history of registry actions."""
+    """The hash-chained history of registry actions, and its head hash (keep it to pass as --head later)."""
+    if head is not None and not verify:
+        fail("--head is checked by --verify: give both", 2)
     with api(url, token) as a:
-        data = a.get("/v1/models/audit", model=model, verify="true" if verify else None)
+        data = a.get("/v1/models/audit", model=model, verify="true" if verify else None, head=head)
     checked = data.get("verified")
     if output is not Output.TABLE:
         emit(data, output)
@@ -346,7 +346,10 @@ def audit(
             console().print(table)
         if checked is not None and checked["intact"]:
             # The API always checks the whole chain (each link against its neighbours), not only this model's rows.
-            note(f"audit chain intact: {checked['entries']} entries verified")
+            note(f"audit chain intact: {checked['entries']} entries verified"
+                 + (f", holding head {head[:12]}…" if head else ""))
+        if data.get("head"):
+            note(f"head: seq {data['head']['seq']} {data['head']['hash']}")
     if checked is not None and not checked["intact"]:
         for p in checked["problems"]:
             typer.echo(f"broken: {p}", err=True)

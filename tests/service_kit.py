@@ -69,6 +69,7 @@ class ScriptedExecutor:
     ended: list[Exit] = field(default_factory=list)
     terminated: list[tuple[str, int]] = field(default_factory=list)
     exits_on_term: bool = True  # a polite job exits at SIGTERM; else it waits for SIGKILL
+    outputs: Path | None = None  # root of the attempts' output directories (make_service puts it in tmp)
 
     def launch(self, launch: Launch) -> Handle:
         self.launched.append(launch)
@@ -103,6 +104,11 @@ class ScriptedExecutor:
 
     def alive(self, job_id: str, attempt: int) -> bool:
         return (job_id, attempt) in self.live
+
+    def output_dir(self, job_id: str, attempt: int) -> Path:
+        """KeepsOutputs: tests write a job's outputs (artifact, metrics.json) here as its process would."""
+        assert self.outputs is not None, "give the ScriptedExecutor an outputs directory"
+        return self.outputs / job_id / str(attempt) / "output"
 
 
 def gpus(n: int, model: str = "virtual") -> list[GPUInfo]:
@@ -143,6 +149,8 @@ class Service:
 def make_service(url: str, tmp: Path, executor: Any = None, n_gpus: int = 8, **settings: Any) -> Service:
     clock = Clock()
     executor = executor if executor is not None else ScriptedExecutor()
+    if isinstance(executor, ScriptedExecutor) and executor.outputs is None:
+        executor.outputs = tmp / "outputs"
     s = ServiceSettings(data_dir=tmp / "data", database_url=url, grace_s=30, **settings)
     core = build_core(s, executor, gpus(n_gpus), clock)
     app = create_app(core, run_loop=False)

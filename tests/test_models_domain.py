@@ -223,7 +223,7 @@ def test_audit_detects_reordered_rows_and_truncation() -> None:
     problems = audit.verify(rows)
     assert any("out of order" in p for p in problems) and sum("does not link" in p for p in problems) >= 2
     full = chain()
-    assert "newest rows removed" in audit.verify(full[:-1], head=full[-1]["hash"])[0]
+    assert "newest rows were removed" in audit.verify(full[:-1], head=full[-1]["hash"])[0]
     assert "missing hash" in audit.verify([{k: v for k, v in full[0].items() if k != "hash"}])[0]
 
 

@@ -3,6 +3,7 @@ into production, and rolls back; every gate fails on its own with its reason; th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,36 @@ def reject_hook(request: dict[str, Any]) -> str | None:
     return None if request["model"] != "vetoed" else "dataset not cleared by legal"
 
 
-def finished_job(svc: Service, api: TestClient, code: int = 0, hours: float = 1.0) -> int:
+def output_dir(svc: Service, job: int, attempt: int = 1) -> Path:
+    """The job's output directory, as the executor gives it ($CORRAL_OUTPUT_DIR)."""
+    out: Path = svc.executor.output_dir(str(job), attempt)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def finished_job(svc: Service, api: TestClient, code: int = 0, hours: float = 1.0,
+                 outputs: dict[str, bytes] | None = None) -> int:
+    """A job that ran `hours` and exited with `code`, having written `outputs` (name -> bytes) in its output
+    directory as its process would."""
     jid: int = api.post("/v1/jobs", json={"queue": "nlp", "gpus": 2, "command": ["train"]}).json()["id"]
     svc.tick()
+    for name, content in (outputs or {}).items():
+        (output_dir(svc, jid) / name).write_bytes(content)
     svc.clock.advance(hours * 3600)
     svc.executor.exit(jid, code)
     svc.tick()
     return jid
+
+
+def trained(svc: Service, api: TestClient, accuracy: float | None = 0.9, name: str = "w.pt",
+            content: bytes = b"weights", eval_set: str | None = "imdb-test", hours: float = 1.0) -> tuple[int, str]:
+    """A finished job that wrote an artifact, its metrics.json (accuracy) and lineage.json (eval set):
+    (job id, artifact path)."""
+    outputs = {name: content, "lineage.json": json.dumps({"eval_set": eval_set}).encode()}
+    if accuracy is not None:
+        outputs["metrics.json"] = json.dumps({"accuracy": accuracy}).encode()
+    job = finished_job(svc, api, hours=hours, outputs=outputs)
+    return job, str(output_dir(svc, job) / name)
 
 
 @pytest.fixture
@@ -44,16 +68,11 @@ def team(svc: Service) -> dict[str, TestClient]:
             "vic": svc.client("vic", Role.VIEWER, "nlp")}
 
 
-def artifact(tmp_path: Path, name: str, content: bytes = b"weights") -> str:
-    path = tmp_path / name
-    path.write_bytes(content)
-    return str(path)
-
-
-def register(api: TestClient, model: str, job: int, uri: str, accuracy: float, eval_set: str = "imdb-test"
-             ) -> dict[str, Any]:
-    r = api.post(f"/v1/models/{model}/versions", json={"job_id": job, "artifact_uri": uri, "eval_set": eval_set,
-                                                       "metrics": {"accuracy": accuracy}, "code_ref": "git:abc123"})
+def register(svc: Service, api: TestClient, model: str, accuracy: float | None = 0.9, name: str = "w.pt",
+             content: bytes = b"weights", eval_set: str | None = "imdb-test", hours: float = 1.0) -> dict[str, Any]:
+    """Train (trained()) and register the job's artifact by its name in the output directory."""
+    job, _ = trained(svc, api, accuracy, name, content, eval_set, hours)
+    r = api.post(f"/v1/models/{model}/versions", json={"job_id": job, "artifact_uri": name})
     assert r.status_code == 201, r.text
     body: dict[str, Any] = r.json()
     return body
@@ -64,7 +83,7 @@ def test_from_a_finished_job_to_production_and_back(svc: Service, team: dict[str
     alice, olga, owen = team["alice"], team["olga"], team["owen"]
     assert alice.post("/v1/models", json={"name": "sentiment", "queue": "nlp"}).status_code == 201
     assert olga.put("/v1/models/sentiment/policy", json={"document": POLICY}).status_code == 200
-    v1 = register(alice, "sentiment", finished_job(svc, alice), artifact(tmp_path, "v1.pt"), 0.91)
+    v1 = register(svc, alice, "sentiment", 0.91, "v1.pt")
     assert v1["lineage"]["queue"] == "nlp" and len(v1["digest"]) == 64
 
     ask = olga.post("/v1/models/sentiment/promotions", json={"version": 1}).json()
@@ -79,7 +98,7 @@ def test_from_a_finished_job_to_production_and_back(svc: Service, team: dict[str
     assert own.status_code == 403 and "someone else" in own.json()["error"]["message"]
     assert owen.post(f"/v1/promotions/{ask['promotion']}/approve").json()["state"] == "promoted"
 
-    register(alice, "sentiment", finished_job(svc, alice, hours=2), artifact(tmp_path, "v2.pt", b"better"), 0.95)
+    v2 = register(svc, alice, "sentiment", 0.95, "v2.pt", b"better", hours=2)
     ask2 = owen.post("/v1/models/sentiment/promotions", json={"version": 2}).json()
     assert olga.post(f"/v1/promotions/{ask2['promotion']}/approve").json()["state"] == "promoted"
     shown = alice.get("/v1/models/sentiment").json()
@@ -87,7 +106,7 @@ def test_from_a_finished_job_to_production_and_back(svc: Service, team: dict[str
 
     manifest = yaml.safe_load(alice.get("/v1/models/sentiment/deploy").text)
     assert manifest["kind"] == "InferenceService"
-    assert manifest["spec"]["predictor"]["model"]["storageUri"] == str(tmp_path / "v2.pt")
+    assert manifest["spec"]["predictor"]["model"]["storageUri"] == str(output_dir(svc, v2["lineage"]["job"]) / "v2.pt")
     assert yaml.safe_load(alice.get("/v1/models/sentiment/deploy", params={"kind": "deployment"}).text)[
         "kind"] == "Deployment"
     assert alice.get("/v1/models/sentiment/roi").json()["production"] == {"version": 2, "gpu_hours": 4.0}
@@ -112,10 +131,10 @@ def test_each_metric_gate_fails_on_its_own(svc: Service, team: dict[str, TestCli
     alice, olga, owen = team["alice"], team["olga"], team["owen"]
     alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
     olga.put("/v1/models/m/policy", json={"document": POLICY})
-    register(alice, "m", finished_job(svc, alice), artifact(tmp_path, "a"), 0.93)
+    register(svc, alice, "m", 0.93, "a")
     first = olga.post("/v1/models/m/promotions", json={"version": 1}).json()
     owen.post(f"/v1/promotions/{first['promotion']}/approve")
-    register(alice, "m", finished_job(svc, alice), artifact(tmp_path, "b", b"b"), accuracy, eval_set)
+    register(svc, alice, "m", accuracy, "b", b"b", eval_set)
     ask = olga.post("/v1/models/m/promotions", json={"version": 2, "stage": stage}).json()
     assert ask["state"] == "rejected"
     failed = [g for g in ask["gates"] if g["status"] == "fail"]
@@ -127,10 +146,9 @@ def test_a_changed_artifact_is_refused_at_promotion(svc: Service, team: dict[str
                                                     tmp_path: Path) -> None:
     alice, olga, owen = team["alice"], team["olga"], team["owen"]
     alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
-    uri = artifact(tmp_path, "w.pt")
-    register(alice, "m", finished_job(svc, alice), uri, 0.95)
+    v = register(svc, alice, "m", 0.95)
     ask = olga.post("/v1/models/m/promotions", json={"version": 1}).json()  # default policy: one approval
-    Path(uri).write_bytes(b"tampered")
+    (output_dir(svc, v["lineage"]["job"]) / "w.pt").write_bytes(b"tampered")
     done = owen.post(f"/v1/promotions/{ask['promotion']}/approve").json()
     assert done["state"] == "rejected"
     (digest,) = [g for g in done["gates"] if g["gate"] == "digest"]
@@ -143,7 +161,7 @@ def test_a_policy_hook_may_reject_with_its_reason(svc: Service, team: dict[str, 
     alice.post("/v1/models", json={"name": "vetoed", "queue": "nlp"})
     hooked = {"stages": {"staging": {"hook": {"python": "tests.test_models_service:reject_hook"}}}}
     assert olga.put("/v1/models/vetoed/policy", json={"document": hooked}).status_code == 200
-    register(alice, "vetoed", finished_job(svc, alice), artifact(tmp_path, "x"), 0.99)
+    register(svc, alice, "vetoed", 0.99, "x")
     ask = olga.post("/v1/models/vetoed/promotions", json={"version": 1, "stage": "staging"}).json()
     assert ask["state"] == "rejected"
     (hook,) = [g for g in ask["gates"] if g["gate"] == "hook"]
@@ -153,12 +171,11 @@ def test_a_policy_hook_may_reject_with_its_reason(svc: Service, team: dict[str, 
 def test_versions_only_from_completed_jobs(svc: Service, team: dict[str, TestClient], tmp_path: Path) -> None:
     alice = team["alice"]
     alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
-    failed = finished_job(svc, alice, code=1)
+    failed = finished_job(svc, alice, code=1, outputs={"a": b"w"})
     for job, words in ((failed, "is failed"), (9999, "not found")):
-        r = alice.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": artifact(tmp_path, "a")})
+        r = alice.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": "a"})
         assert r.status_code == 422 and words in r.json()["error"]["message"]
-    missing = alice.post("/v1/models/m/versions", json={"job_id": finished_job(svc, alice),
-                                                        "artifact_uri": str(tmp_path / "nope")})
+    missing = alice.post("/v1/models/m/versions", json={"job_id": finished_job(svc, alice), "artifact_uri": "nope"})
     assert missing.status_code == 422 and "nope" in missing.json()["error"]["message"]
 
 
@@ -166,10 +183,9 @@ def test_roles_members_register_model_owners_promote(svc: Service, team: dict[st
                                                      tmp_path: Path) -> None:
     alice, olga, bob, vic = team["alice"], team["olga"], team["bob"], team["vic"]
     alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
-    job = finished_job(svc, alice)
-    assert vic.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": artifact(tmp_path, "a")}
-                    ).status_code == 403
-    register(alice, "m", job, artifact(tmp_path, "a"), 0.9)
+    job, _ = trained(svc, alice, name="a")
+    assert vic.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": "a"}).status_code == 403
+    assert alice.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": "a"}).status_code == 201
     assert alice.post("/v1/models/m/promotions", json={"version": 1}).status_code == 403
     assert alice.put("/v1/models/m/policy", json={"document": POLICY}).status_code == 403
     assert bob.get("/v1/models/m").status_code == 404  # another team's model, like a missing one
@@ -182,7 +198,7 @@ def test_roles_members_register_model_owners_promote(svc: Service, team: dict[st
 def test_a_changed_audit_row_is_detected(svc: Service, team: dict[str, TestClient], tmp_path: Path) -> None:
     alice = team["alice"]
     alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
-    register(alice, "m", finished_job(svc, alice), artifact(tmp_path, "a"), 0.9)
+    register(svc, alice, "m", 0.9, "a")
     with svc.core.db.begin() as conn:
         conn.execute(sa.update(model_audit).where(model_audit.c.seq == 2).values(actor="mallory"))
     verified = svc.admin.get("/v1/models/audit", params={"verify": True}).json()["verified"]
@@ -201,12 +217,13 @@ def test_bad_policy_is_refused_with_where(svc: Service, team: dict[str, TestClie
 def test_aliases_export_to_mlflow(svc: Service, team: dict[str, TestClient], tmp_path: Path) -> None:
     alice, olga, owen = team["alice"], team["olga"], team["owen"]
     alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
-    register(alice, "m", finished_job(svc, alice), artifact(tmp_path, "a"), 0.93)
+    v = register(svc, alice, "m", 0.93, "a")
     ask = olga.post("/v1/models/m/promotions", json={"version": 1}).json()
     owen.post(f"/v1/promotions/{ask['promotion']}/approve")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    svc.core.settings.mlflow_tracking_uris = [uri]  # the admin's allow-list
     assert alice.post("/v1/models/m/export/mlflow", json={"tracking_uri": uri}).status_code == 403
     out = olga.post("/v1/models/m/export/mlflow", json={"tracking_uri": uri}).json()
     assert out["aliases"] == {"production": 1}
     mv = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("m", "production")
-    assert (mv.source, mv.tags["corral.version"]) == (str(tmp_path / "a"), "1")
+    assert (mv.source, mv.tags["corral.version"]) == (str(output_dir(svc, v["lineage"]["job"]) / "a"), "1")

@@ -4,8 +4,10 @@ Each entry's hash covers the previous entry's hash and the entry's own fields, s
 own hash, and removing or reordering rows breaks the link from the next row. The service stores the rows;
 this module only computes and checks hashes (no database, no clock: `at` is passed in).
 
-Removing the newest rows leaves a shorter chain that is still intact; pass the last known hash (published
-elsewhere, e.g. in logs or a release note) as `verify(rows, head=...)` to detect that as well.
+Removing the newest rows leaves a shorter chain that is still intact, and someone who can write the table can
+rewrite it all with fresh hashes; pass a head hash kept elsewhere (the service logs each new head and shows it
+in /metrics) as `verify(rows, head=...)` to detect both. `alias_problems` replays the stage aliases' moves
+recorded in the chain and compares them with the alias table, so an alias changed in the database shows too.
 """
 
 from __future__ import annotations
@@ -64,9 +66,14 @@ def next_entry(last: Mapping[str, Any] | None, *, at: Any, actor: str, action: s
 
 
 def verify(rows: Iterable[Mapping[str, Any]], head: str | None = None) -> list[str]:
-    """Every problem in the chain (rows in seq order, starting at seq 1); empty when it is intact."""
+    """Every problem in the chain (rows in seq order, starting at seq 1); empty when it is intact.
+
+    `head`, a hash kept earlier outside the database, must be one of the rows' hashes: rows appended since are
+    fine, but removing the newest rows, or rewriting the chain and recomputing every hash, loses it. (Once the
+    links all check, holding the head means everything up to it is as it was when the head was kept.)"""
     problems: list[str] = []
     prev_hash, prev_seq = GENESIS, 0
+    seen: set[str] = set()  # hashes of the rows read: a head kept earlier may have newer rows after it
     for row in rows:
         missing = [k for k in _ROW_KEYS if k not in row]
         if missing:
@@ -88,7 +95,48 @@ def verify(rows: Iterable[Mapping[str, Any]], head: str | None = None) -> list[s
             if recomputed != row["hash"]:
                 problems.append(f"seq {seq}: hash does not match the row's contents: the row was changed")
         prev_hash, prev_seq = str(row["hash"]), seq if isinstance(seq, int) else prev_seq
-    if head is not None and prev_hash != head:
-        problems.append(f"the chain ends at seq {prev_seq}, hash {prev_hash[:12]}…, not at the known head "
-                        f"{head[:12]}…: newest rows removed or the head is from another log")
+        seen.add(prev_hash)
+    if head is not None and head not in seen:
+        problems.append(f"the known head {head[:12]}… is not in the chain (it ends at seq {prev_seq}, hash "
+                        f"{prev_hash[:12]}…): its newest rows were removed, or the chain was rewritten")
     return problems
+
+
+def replay_aliases(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], tuple[int, int | None]]:
+    """Where every stage alias should point, replayed from the chain: (model, stage) -> (version, previous).
+
+    Registration moves `candidate`, a promotion its stage, a rollback its stage back; each keeps the version it
+    replaced as `previous`, as the service's alias table does."""
+    out: dict[tuple[str, str], tuple[int, int | None]] = {}
+    for row in rows:
+        detail, model = row.get("detail") or {}, str(row.get("model"))
+        try:
+            if row.get("action") == "version.register":
+                key = (model, "candidate")
+                out[key] = (int(detail["version"]), out[key][0] if key in out else None)
+            elif row.get("action") == "model.promote":
+                key = (model, str(detail["stage"]))
+                out[key] = (int(detail["version"]), out[key][0] if key in out else None)
+            elif row.get("action") == "model.rollback":
+                out[(model, str(detail["stage"]))] = (int(detail["version"]), int(detail["rolled_back"]))
+        except (KeyError, TypeError, ValueError):
+            continue  # a row verify() already reports (changed, or missing fields): no move to replay from it
+    return out
+
+
+def alias_problems(rows: Iterable[Mapping[str, Any]], table: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Aliases (rows of model, stage, version, previous) that differ from what the chain's moves lead to: the
+    alias table was changed without going through the registry."""
+    expected = replay_aliases(rows)
+    found = {(str(r["model"]), str(r["stage"])): (int(r["version"]), r["previous"]) for r in table}
+    problems = []
+    for key in sorted(expected.keys() | found.keys()):
+        want, have = expected.get(key), found.get(key)
+        if want != have:
+            problems.append(f"alias {key[0]}/{key[1]} is {_alias_text(have)} but the audit chain's moves lead to "
+                            f"{_alias_text(want)}: the alias table was changed outside the registry")
+    return problems
+
+
+def _alias_text(v: tuple[int, int | None] | None) -> str:
+    return "none" if v is None else f"v{v[0]} (previous {'none' if v[1] is None else f'v{v[1]}'})"

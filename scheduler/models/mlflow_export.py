@@ -1,7 +1,16 @@
-"""Export of stage aliases to MLflow's model registry, for teams that serve from MLflow (optional: mlflow-skinny)."""
+"""Export of stage aliases to MLflow's model registry, for teams that serve from MLflow (optional: mlflow-skinny).
+
+The service exports only to tracking URIs an admin allowed (setting mlflow_tracking_uris) and within a deadline:
+MLflow's HTTP client retries a failing server with back-off for minutes by default, so each export runs with
+MLflow's per-request timeout set to the deadline and no retries, in a thread the request stops waiting for once
+the deadline passes.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +22,13 @@ except ImportError:  # the export is an extra; everything else works without mlf
     MlflowClient = None
 
 VERSION_TAG = "corral.version"
+# MLflow reads these from the environment at every request (mlflow.environment_variables): the process-wide
+# setting is the only knob its client offers, and nothing else in the service uses MLflow.
+TIMEOUT_ENV, RETRIES_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+
+
+class ExportFailed(RuntimeError):
+    """The tracking server could not be reached, refused, or did not finish within the deadline."""
 
 
 def available() -> bool:
@@ -20,11 +36,38 @@ def available() -> bool:
 
 
 def export_aliases(model: str, versions: Sequence[Mapping[str, Any]], stages: Mapping[str, Mapping[str, Any]],
-                   tracking_uri: str) -> dict[str, int]:
-    """Mirror a Corral model into MLflow: one model version per Corral version (found again by its tag, so a
-    second export adds only what is new) and one alias per stage. Returns stage -> MLflow version number."""
+                   tracking_uri: str, timeout_s: float) -> dict[str, int]:
+    """`_export` within `timeout_s` seconds: ExportFailed naming what went wrong, or that the time passed (the
+    thread is left to end on MLflow's own request timeout, which is the same)."""
     if MlflowClient is None:
         raise RuntimeError("mlflow is not installed (pip install 'corral[mlflow]')")
+    os.environ[TIMEOUT_ENV] = str(max(1, math.ceil(timeout_s)))
+    os.environ[RETRIES_ENV] = "0"
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["aliases"] = _export(model, versions, stages, tracking_uri)
+        except Exception as e:  # whatever MLflow or its HTTP client raises is the export's failure, reported
+            result["error"] = e
+
+    worker = threading.Thread(target=run, name="corral-mlflow-export", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise ExportFailed(f"the MLflow export to {tracking_uri} did not finish within {timeout_s:g} s "
+                           "(setting mlflow_timeout_s)")
+    if "error" in result:
+        e = result["error"]
+        raise ExportFailed(f"the MLflow export to {tracking_uri} failed: {type(e).__name__}: {str(e)[:500]}") from e
+    exported: dict[str, int] = result["aliases"]
+    return exported
+
+
+def _export(model: str, versions: Sequence[Mapping[str, Any]], stages: Mapping[str, Mapping[str, Any]],
+            tracking_uri: str) -> dict[str, int]:
+    """Mirror a Corral model into MLflow: one model version per Corral version (found again by its tag, so a
+    second export adds only what is new) and one alias per stage. Returns stage -> MLflow version number."""
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     if not client.search_registered_models(filter_string=f"name = '{model}'"):
         client.create_registered_model(model, tags={"corral.model": model})

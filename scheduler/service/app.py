@@ -17,7 +17,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scheduler.service import routes_admission, routes_cluster, routes_jobs, routes_models, routes_sandboxes, web
+from scheduler.service import (
+    registry,
+    routes_admission,
+    routes_cluster,
+    routes_jobs,
+    routes_models,
+    routes_sandboxes,
+    web,
+)
 from scheduler.service.bodylimit import BodyLimit
 from scheduler.service.core import Core
 from scheduler.service.deps import TEXT_OK
@@ -76,6 +84,7 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
     app.add_middleware(BodyLimit, limit=lambda: core.settings.max_request_bytes)
     app.add_middleware(RequestTelemetry, tracer=lambda: core.tracer)
     core.metrics.add_gauges(lambda: live_metrics(core))
+    core.metrics.add_gauges(lambda: registry.audit_metrics(core))  # the audit head, for auditors to keep
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, e: ServiceError) -> JSONResponse:

@@ -1,15 +1,29 @@
-"""The golden path in the service: models, versions from finished jobs, gated promotions, rollback, audit chain."""
+"""The golden path in the service: models, versions from finished jobs, gated promotions, rollback, audit chain.
+
+A version comes only from its job's own output directory (an executor that KeepsOutputs): the artifact must lie
+there, and the gates' metrics and the lineage digests are what the job wrote there (metrics.json, lineage.json).
+Artifacts are pre-walked here and hashed on the hashing pool (scheduler/service/hashing.py), never inside a
+transaction; the digest is recomputed at promotion and at rollback. After each committed change the audit
+chain's new head is logged, and /metrics shows it (corral_model_audit_head), so an auditor can keep it.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from prometheus_client.core import Metric
 from sqlalchemy.engine import Connection, RowMapping
 
+from scheduler.backends.base import KeepsOutputs
 from scheduler.models import audit as chain
-from scheduler.models.artifacts import sha256_of
+from scheduler.models.artifacts import ArtifactError, Walk, resolve, walk
 from scheduler.models.hooks import run_hook
+from scheduler.models.outputs import Lineage, read_lineage, read_metrics
 from scheduler.models.policy import (
     GateResult,
     PolicyError,
@@ -19,7 +33,7 @@ from scheduler.models.policy import (
     load_policy,
     promotable,
 )
-from scheduler.service import store
+from scheduler.service import hashing, store
 from scheduler.service.auth import Principal
 from scheduler.service.core import Core
 from scheduler.service.db import (
@@ -33,8 +47,15 @@ from scheduler.service.db import (
     promotions,
 )
 from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound
+from scheduler.service.metrics import gauge
 
 STAGES = ("candidate", "staging", "production")
+log = logging.getLogger("corral.models")
+_HEAD = "corral.audit_head"  # conn.info key: the (seq, hash) this transaction appended last
+NO_OUTPUTS = ("this installation's backend keeps no job outputs the service can read, and versions are registered "
+              "only from their job's own output directory (the local backend keeps one: $CORRAL_OUTPUT_DIR); "
+              "jobs on Kubernetes or Ray cannot register versions until an output store the service can read is "
+              "configured")
 
 
 # ----- reads -----
@@ -104,8 +125,46 @@ def roi(conn: Connection, core: Core, who: Principal, name: str) -> dict[str, An
 def _append(conn: Connection, now: float, actor: str, action: str, model: str, **detail: Any) -> None:
     row = conn.execute(sa.select(model_audit).order_by(model_audit.c.seq.desc()).limit(1)).mappings().first()
     last = None if row is None else dict(row)
-    conn.execute(model_audit.insert().values(**chain.next_entry(last, at=now, actor=actor, action=action,
-                                                                model=model, detail=detail)))
+    entry = chain.next_entry(last, at=now, actor=actor, action=action, model=model, detail=detail)
+    conn.execute(model_audit.insert().values(**entry))
+    conn.info[_HEAD] = (entry["seq"], entry["hash"])
+
+
+@contextmanager
+def _changing(core: Core) -> Iterator[Connection]:
+    """One change: a transaction under the core's lock; once it has committed, the chain's new head is logged
+    (never before: a rolled-back head would be a false record)."""
+    with core.lock:
+        with core.db.begin() as conn:
+            try:
+                yield conn
+            finally:
+                head = conn.info.pop(_HEAD, None)  # info outlives the transaction on a pooled connection
+        if head is not None:
+            log.info("model audit chain head: seq %d hash %s", head[0], head[1])
+
+
+def head(conn: Connection) -> tuple[int, str] | None:
+    """The newest audit entry's (seq, hash): what an auditor keeps to pass as `verify --head` later."""
+    row = conn.execute(sa.select(model_audit.c.seq, model_audit.c.hash).order_by(model_audit.c.seq.desc())
+                       .limit(1)).first()
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
+def audit_metrics(core: Core) -> list[Metric]:
+    """corral_model_audit_head{hash} = seq, read at scrape time: a scraper's history is a record of heads kept
+    outside the database, against which truncation or a rewrite shows."""
+    try:
+        with core.db.connect() as conn:
+            now = head(conn)
+    except sa.exc.OperationalError:
+        return []  # the database is away: /metrics still answers with everything else
+    return [gauge("corral_model_audit_head", "The model audit chain's newest entry: seq as value, hash as label.",
+                  ["hash"], [] if now is None else [([now[1]], float(now[0]))])]
+
+
+def alias_rows(conn: Connection) -> list[dict[str, Any]]:
+    return [dict(r) for r in conn.execute(sa.select(model_aliases)).mappings()]
 
 
 def audit_rows(conn: Connection, model: str | None = None) -> list[dict[str, Any]]:
@@ -119,7 +178,7 @@ def create(core: Core, who: Principal, name: str, queue: str, description: str) 
     if queue not in core.tree or not who.may_submit(core.tree, queue):
         raise Forbidden(f"{who.user} ({who.role}) may not create models for queue {queue}", "queue")
     now = core.clock()
-    with core.lock, core.db.begin() as conn:
+    with _changing(core) as conn:
         if conn.execute(sa.select(models.c.name).where(models.c.name == name)).first() is not None:
             raise Conflict(f"model {name!r} already exists", "name")
         conn.execute(models.insert().values(name=name, queue=queue, description=description, created_at=now,
@@ -135,7 +194,7 @@ def apply_policy(core: Core, who: Principal, name: str, document: dict[str, Any]
         raise Invalid(f"the promotion policy is not valid: {e}", "document",
                       [{"where": w, "problem": p} for w, p in e.problems]) from e
     now = core.clock()
-    with core.lock, core.db.begin() as conn:
+    with _changing(core) as conn:
         m = model_row(conn, core, who, name)
         if not who.may_promote(core.tree, m["queue"]):
             raise Forbidden(f"{who.user} ({who.role}) may not set the promotion policy of {name}: model owners do")
@@ -146,10 +205,46 @@ def apply_policy(core: Core, who: Principal, name: str, document: dict[str, Any]
     return {"model": name, "policy_version": number}
 
 
-def register(core: Core, who: Principal, name: str, job_id: int, artifact_uri: str, metrics: dict[str, float],
-             eval_set: str | None, code_ref: str | None, dataset_ref: str | None,
+def _output_dirs(core: Core, conn: Connection, job_id: int) -> list[Path] | None:
+    """The output directories of every attempt of the job (an artifact may be an earlier attempt's checkpoint);
+    None when the executor keeps none the service can read."""
+    if not isinstance(core.executor, KeepsOutputs):
+        return None
+    numbers = conn.execute(sa.select(attempts.c.attempt).where(attempts.c.job_id == job_id)
+                           .order_by(attempts.c.attempt)).scalars()
+    return [core.executor.output_dir(str(job_id), n) for n in numbers]
+
+
+def _completed_attempt(conn: Connection, job_id: int) -> int | None:
+    return conn.execute(sa.select(sa.func.max(attempts.c.attempt)).where(
+        attempts.c.job_id == job_id, attempts.c.outcome == "completed")).scalar_one_or_none()
+
+
+def _walk(core: Core, uri: str, roots: list[Path]) -> Walk:
+    """The artifact, resolved inside `roots` and pre-walked within the size bounds (ArtifactError, OSError)."""
+    s = core.settings
+    return walk(resolve(uri, roots), s.artifact_max_bytes, s.artifact_max_files)
+
+
+def _digest_now(core: Core, v: RowMapping) -> tuple[str | None, str]:
+    """The version's artifact digest computed again (from where it was registered, with the same checks), or
+    None and why not. Unavailable (the pool is full, or it took too long) comes through: nothing is decided on
+    a digest that could not be computed."""
+    with core.db.connect() as conn:
+        roots = _output_dirs(core, conn, v["job_id"])
+    if roots is None:
+        return None, NO_OUTPUTS
+    try:
+        return hashing.pool(core).digest(_walk(core, v["artifact_uri"], roots)), ""
+    except (ValueError, OSError) as e:  # ArtifactError is a ValueError, as is a bad URI
+        return None, str(e)
+
+
+def register(core: Core, who: Principal, name: str, job_id: int, artifact_uri: str,
              lineage_jobs: list[int]) -> dict[str, Any]:
-    """A new version from a finished job; its artifact's digest is computed now, before anything is written."""
+    """A new version from a finished job's outputs: the artifact from its output directory, hashed now (before
+    anything is written), the gates' metrics from its metrics.json, code and data digests from its
+    lineage.json."""
     with core.db.connect() as conn:
         m = model_row(conn, core, who, name)
         if not who.may_submit(core.tree, m["queue"]):
@@ -162,15 +257,36 @@ def register(core: Core, who: Principal, name: str, job_id: int, artifact_uri: s
                 raise Invalid(f"job {j} is {job['state']}: versions come only from jobs that completed", "job_id")
         source = store.job_row(conn, job_id)
         assert source is not None
+        roots = _output_dirs(core, conn, job_id)
+        done = _completed_attempt(conn, job_id)
+    if roots is None:
+        raise Invalid(NO_OUTPUTS, "job_id")
     try:
-        digest = sha256_of(artifact_uri)
-    except (OSError, ValueError) as e:
+        w = _walk(core, artifact_uri, roots)
+    except (ValueError, OSError) as e:  # ArtifactError is a ValueError, as is a bad URI
         raise Invalid(f"artifact {artifact_uri}: {e}", "artifact_uri") from e
+    metrics: dict[str, float] = {}
+    recorded: Lineage | None = None
+    if done is not None and isinstance(core.executor, KeepsOutputs):
+        out = core.executor.output_dir(str(job_id), done)
+        try:
+            metrics = read_metrics(out) or {}
+            recorded = read_lineage(out)
+        except ArtifactError as e:
+            raise Invalid(f"job {job_id}'s outputs: {e}", "job_id") from e
+    try:
+        digest = hashing.pool(core).digest(w)
+    except (ValueError, OSError) as e:  # ArtifactError is a ValueError, as is a bad URI
+        raise Invalid(f"artifact {artifact_uri}: {e}", "artifact_uri") from e
+    artifact_uri = str(w.root)  # the real path: what promotion and rollback hash again
+    eval_set = None if recorded is None else recorded.eval_set
     spec = source["spec"]
     lineage = {"job": job_id, "queue": source["queue"], "command": spec.get("command"), "image": spec.get("image"),
-               "code": code_ref, "dataset": dataset_ref, "jobs": sorted({job_id, *lineage_jobs})}
+               "code": None if recorded is None or recorded.code is None else recorded.code.model_dump(),
+               "data": [] if recorded is None else [d.model_dump() for d in recorded.data],
+               "recorded_by_job": recorded is not None, "jobs": sorted({job_id, *lineage_jobs})}
     now = core.clock()
-    with core.lock, core.db.begin() as conn:
+    with _changing(core) as conn:
         number = (conn.execute(sa.select(sa.func.max(model_versions.c.version))
                                .where(model_versions.c.model == name)).scalar_one() or 0) + 1
         conn.execute(model_versions.insert().values(
@@ -202,10 +318,7 @@ def _gates(core: Core, name: str, version: int, stage: str, requester: str,
         prod_version = aliases(conn, name).get("production", {}).get("version")
         prod = version_row(conn, name, prod_version) if prod_version is not None else None
         stage_policy = policy(conn, name)[1].for_stage(stage)
-    try:
-        digest_now: str | None = sha256_of(v["artifact_uri"]) if stage_policy.verify_digest else v["digest"]
-    except (OSError, ValueError):
-        digest_now = None
+    digest_now: str | None = _digest_now(core, v)[0] if stage_policy.verify_digest else v["digest"]
     hook = None
     if stage_policy.hook is not None:
         hook = run_hook(stage_policy.hook, {"model": name, "version": version, "stage": stage,
@@ -232,7 +345,7 @@ def request_promotion(core: Core, who: Principal, name: str, version: int, stage
     seen = _production(core, name)
     results, _ = _gates(core, name, version, stage, who.user, [])
     now = core.clock()
-    with core.lock, core.db.begin() as conn:
+    with _changing(core) as conn:
         _still(conn, name, seen)
         pid = conn.execute(promotions.insert().values(
             model=name, version=version, stage=stage, requester=who.user, created_at=now, state="open",
@@ -263,7 +376,7 @@ def approve(core: Core, who: Principal, promotion_id: int) -> dict[str, Any]:
     seen = _production(core, p["model"])
     results, _ = _gates(core, p["model"], p["version"], p["stage"], p["requester"], [*done, who.user])
     now = core.clock()
-    with core.lock, core.db.begin() as conn:
+    with _changing(core) as conn:
         # The gates ran outside the lock: decide only on what they saw (another approval or promotion may
         # have landed meanwhile; deciding on stale facts could promote twice, or never).
         _still(conn, p["model"], seen)
@@ -308,15 +421,25 @@ def _decide(conn: Connection, core: Core, pid: int, name: str, version: int, sta
 
 
 def rollback(core: Core, who: Principal, name: str, stage: str = "production") -> dict[str, Any]:
-    """The stage's previous version comes back; the one rolled back from becomes `previous`."""
-    now = core.clock()
-    with core.lock, core.db.begin() as conn:
+    """The stage's previous version comes back, once its artifact's digest, computed again (outside the
+    transaction), still matches the one registered; the one rolled back from becomes `previous`."""
+    with core.db.connect() as conn:
         m = model_row(conn, core, who, name)
         if not who.may_promote(core.tree, m["queue"]):
             raise Forbidden(f"{who.user} ({who.role}) may not roll back {name}: model owners do")
         alias = aliases(conn, name).get(stage)
         if alias is None or alias["previous"] is None:
             raise Conflict(f"{name} has no previous {stage} version to roll back to", "stage")
+        restored = version_row(conn, name, alias["previous"])
+    digest_now, why = _digest_now(core, restored)
+    if digest_now != restored["digest"]:
+        found = f"sha256 now {digest_now}" if digest_now is not None else f"it cannot be read ({why})"
+        raise Conflict(f"not rolled back: {name} v{restored['version']}'s artifact {restored['artifact_uri']} is no "
+                       f"longer what was registered (sha256 {restored['digest']}; {found})", "stage")
+    now = core.clock()
+    with _changing(core) as conn:
+        if aliases(conn, name).get(stage) != alias:
+            raise Conflict(f"{name}'s {stage} alias changed while the artifact was checked; ask again", "stage")
         _move_alias(conn, name, stage, alias["previous"], now)
         _append(conn, now, who.user, "model.rollback", name, stage=stage, version=alias["previous"],
                 rolled_back=alias["version"])

@@ -34,11 +34,15 @@ class NewModel(_Body):
 
 class NewVersion(_Body):
     job_id: DbId = Field(description="The finished (completed) job that produced the artifact.")
-    artifact_uri: str = Field(min_length=1, description="A local path or file:// URI; its sha256 is computed now.")
-    metrics: dict[str, float] = Field(default_factory=dict)
-    eval_set: str | None = Field(None, description="Which evaluation set the metrics were measured on.")
-    code_ref: str | None = Field(None, description="e.g. a git commit")
-    dataset_ref: str | None = None
+    artifact_uri: str = Field(min_length=1, max_length=4096, description=(
+        "A path (or file:// URI) inside the job's output directory, relative to it or absolute; its sha256 is "
+        "computed now."))
+    # Refused when given (TYPED_IN): the job records them itself. They stay in the model so that an old client
+    # is told where they went instead of "extra fields not permitted".
+    metrics: dict[str, float] | None = Field(None, description="Refused: the job writes metrics.json.")
+    eval_set: str | None = Field(None, description="Refused: the job records it in lineage.json.")
+    code_ref: str | None = Field(None, description="Refused: the job records code digests in lineage.json.")
+    dataset_ref: str | None = Field(None, description="Refused: the job records data digests in lineage.json.")
     lineage_jobs: list[DbId] = Field(default_factory=list, description="Other jobs that led here (sweeps, data prep).")
 
 
@@ -51,8 +55,15 @@ class Promotion(_Body):
     stage: Literal["staging", "production"] = "production"
 
 
+TYPED_IN = ("{field} is not accepted: gates use only what the job itself recorded in its output directory "
+            "($CORRAL_OUTPUT_DIR): metrics in metrics.json (a JSON object of names to numbers), the eval set and the "
+            "digests of code and data in lineage.json; notebooks.outputs.log_metrics() and record_lineage() write "
+            "them (docs/models.md)")
+
+
 class MlflowExport(_Body):
-    tracking_uri: str = Field(min_length=1, description="MLflow tracking/registry URI, e.g. sqlite:///mlflow.db")
+    tracking_uri: str = Field(min_length=1, description=(
+        "MLflow tracking/registry URI; one of the server's mlflow_tracking_uris (an admin's allow-list)."))
 
 
 class Rollback(_Body):
@@ -73,17 +84,25 @@ def list_models(who: Caller, core: CoreDep) -> dict[str, Any]:
 
 
 @router.get("/models/audit")
-def audit(who: Caller, core: CoreDep, model: str | None = None, verify: bool = False) -> dict[str, Any]:
-    """The hash-chained history (of one model, or all the caller may see); with verify, every broken link."""
+def audit(who: Caller, core: CoreDep, model: str | None = None, verify: bool = False,
+          head: Annotated[str | None, Query(pattern=r"^[0-9a-f]{64}$", description=(
+              "A head hash kept earlier (logs, /metrics): the chain must still contain it, as its newest entry "
+              "or before (only with verify)."))] = None) -> dict[str, Any]:
+    """The hash-chained history (of one model, or all the caller may see); with verify, every broken link, every
+    stage alias the chain's moves do not lead to, and, given `head`, a chain that no longer holds that head."""
     with core.db.connect() as conn:
         if model is not None:
             registry.model_row(conn, core, who, model)
         elif not who.admin:
             raise Invalid("name a model (only platform admins read the whole chain)", "model")
         rows = registry.audit_rows(conn)
+        table = registry.alias_rows(conn)
     out: dict[str, Any] = {"entries": [r for r in rows if model is None or r["model"] == model]}
+    if rows:
+        out["head"] = {"seq": rows[-1]["seq"], "hash": rows[-1]["hash"]}
     if verify:
-        problems = chain.verify(rows)  # always the whole chain: a link is checked against its neighbours
+        # Always the whole chain: a link is checked against its neighbours, and the head against the last row.
+        problems = chain.verify(rows, head=head) + chain.alias_problems(rows, table)
         # Other teams' rows stay private: a team sees whether the chain holds, the details are for admins.
         shown = problems if who.admin else [f"{len(problems)} broken link(s); a platform admin sees where"][
             : 1 if problems else 0]
@@ -130,8 +149,12 @@ def put_policy(name: str, body: Policy, who: Caller, core: CoreDep) -> dict[str,
 
 @router.post("/models/{name}/versions", status_code=201)
 def register(name: str, body: NewVersion, who: Caller, core: CoreDep) -> dict[str, Any]:
-    return registry.register(core, who, name, body.job_id, body.artifact_uri, body.metrics, body.eval_set,
-                             body.code_ref, body.dataset_ref, body.lineage_jobs)
+    """A version from a completed job's output directory: the artifact is hashed on the hashing pool (503 when
+    it is full or too slow), metrics and lineage digests are read from the job's metrics.json and lineage.json."""
+    for field in ("metrics", "eval_set", "code_ref", "dataset_ref"):
+        if getattr(body, field):  # an old client's empty {} is no claim
+            raise Invalid(TYPED_IN.format(field=field), field)
+    return registry.register(core, who, name, body.job_id, body.artifact_uri, body.lineage_jobs)
 
 
 @router.post("/models/{name}/promotions", status_code=201)
@@ -181,7 +204,17 @@ def deploy(name: str, who: Caller, core: CoreDep, stage: Literal["staging", "pro
 
 @router.post("/models/{name}/export/mlflow")
 def export_mlflow(name: str, body: MlflowExport, who: Caller, core: CoreDep) -> dict[str, Any]:
-    """Mirror the model's versions and stage aliases into an MLflow registry (model owners; needs mlflow)."""
+    """Mirror the model's versions and stage aliases into an MLflow registry (model owners; needs mlflow), at a
+    tracking URI the admin allowed, within mlflow_timeout_s."""
+    allowed = core.settings.mlflow_tracking_uris
+    if not allowed:
+        raise Forbidden("MLflow export is off: a platform admin lists the tracking URIs it may reach in the "
+                        "setting mlflow_tracking_uris", "tracking_uri")
+    if body.tracking_uri not in allowed:
+        # The URI decides what the server writes (sqlite:, file:) or calls (http:): only an admin names them.
+        # The list itself is not shown: an allowed URI may carry credentials.
+        raise Forbidden(f"tracking URI {body.tracking_uri!r} is not one of the server's mlflow_tracking_uris (ask "
+                        "a platform admin for the URI to use)", "tracking_uri")
     if not mlflow_export.available():
         raise Unavailable("mlflow is not installed on the Corral server (pip install 'corral[mlflow]')")
     with core.db.connect() as conn:
@@ -189,5 +222,9 @@ def export_mlflow(name: str, body: MlflowExport, who: Caller, core: CoreDep) -> 
     if not who.may_promote(core.tree, shown["queue"]):
         raise Forbidden(f"{who.user} ({who.role}) may not export {name}: model owners do")
     stages = {s: a for s, a in shown["aliases"].items() if s != "candidate"}  # MLflow has no use for candidate
-    return {"model": name, "aliases": mlflow_export.export_aliases(name, shown["versions"], stages,
-                                                                   body.tracking_uri)}
+    try:
+        exported = mlflow_export.export_aliases(name, shown["versions"], stages, body.tracking_uri,
+                                                core.settings.mlflow_timeout_s)
+    except mlflow_export.ExportFailed as e:
+        raise Unavailable(str(e), "tracking_uri") from e
+    return {"model": name, "aliases": exported}

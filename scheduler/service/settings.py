@@ -48,6 +48,9 @@ class ServiceSettings(BaseSettings):
         "(a job's env CORRAL_K8S_WORKLOAD overrides it; sandboxes are always pods)."))
     k8s_hub_namespace: str = Field("jupyterhub", description=(
         "JupyterHub's namespace: its hub and proxy pods are the only ones outside a team that reach its sandboxes."))
+    k8s_run_as_user: int = Field(1000, ge=1, description=(
+        "The uid every job and sandbox pod runs as on Kubernetes (runAsNonRoot, never 0), whatever its image's USER "
+        "says; 1000 is the Jupyter images' jovyan."))
     ray_address: str | None = Field(None, description=(
         "The Ray cluster's dashboard/Jobs API address, e.g. http://10.0.0.5:8265 (backend ray)."))
     ray_token: str | None = Field(None, description=(
@@ -109,6 +112,27 @@ class ServiceSettings(BaseSettings):
         "queue, ...) for a log pipeline."))
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description=(
         "Least severe log records written; info adds one line per API request and per scheduling decision."))
+    # The model registry (docs/models.md): artifacts are hashed by the service, so their reading is bounded.
+    artifact_max_bytes: int = Field(16 * 2**30, gt=0, description=(
+        "Largest model artifact registered (bytes, all files of a directory together): the service reads every "
+        "byte to hash it, at registration and again at promotion and rollback."))
+    artifact_max_files: int = Field(100_000, gt=0, description=(
+        "Most files in a directory artifact (a count): each is opened and framed in the digest."))
+    artifact_hash_timeout_s: float = Field(45.0, gt=0, description=(
+        "Seconds a request waits for an artifact's digest before answering 503 (below the clients' 60 s read "
+        "timeout, so the answer says why)."))
+    artifact_hash_workers: int = Field(2, ge=1, le=64, description=(
+        "Threads that hash artifacts (a count), off the API's request threads; with artifact_hash_waiting, what "
+        "bounds the disk reading registrations and promotions can cause at once."))
+    artifact_hash_waiting: int = Field(4, ge=0, le=1024, description=(
+        "Digests that may wait for a hashing thread (a count); beyond that a request is answered 503 at once, so "
+        "a flood of registrations cannot hold the API's threads."))
+    mlflow_tracking_uris: list[str] = Field(default_factory=list, description=(
+        "MLflow tracking URIs model owners may export to (exact strings; JSON list in the environment). Empty: "
+        "export is off. Only an admin names them: the export makes the server write (sqlite:, file:) or call them."))
+    mlflow_timeout_s: float = Field(10.0, gt=0, le=300, description=(
+        "Seconds an MLflow export may take in all, and each HTTP request to the tracking server (connect and "
+        "read), with no retries: an unreachable server answers an error in seconds."))
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

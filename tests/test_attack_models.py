@@ -1,0 +1,482 @@
+"""Issue 21, the golden path's integrity: each test makes hostile requests (counted with attack_kit.attempt) and
+checks that every one fails, for the items
+
+3. artifact paths: only files the job itself wrote in its output directory, bounded, hashed off the request path;
+5. typed-in metrics: gates read the job's metrics.json, code and data lineage come from its lineage.json;
+6. rollback digest and audit truncation: rollback re-checks the digest, `verify --head` catches removed newest
+   rows and a rewritten chain, and a direct change to model_aliases is reported;
+7. mlflow uri: exports go only to an admin's allow-list, within a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from notebooks.outputs import log_metrics, record_lineage, tree_digest
+from scheduler.backends.local import LocalExecutor
+from scheduler.models import audit as chain
+from scheduler.models import mlflow_export
+from scheduler.models.artifacts import Walk, digest
+from scheduler.service import hashing
+from scheduler.service.auth import Role
+from scheduler.service.db import model_aliases, model_audit
+from tests import attack_kit
+from tests.service_kit import ScriptedExecutor, Service, make_service
+from tests.test_models_service import finished_job, output_dir, register, trained
+from tests.test_service_local import state, until
+
+
+@pytest.fixture
+def team(svc: Service) -> dict[str, TestClient]:
+    alice = svc.client("alice", Role.MEMBER, "nlp")
+    alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
+    return {"alice": alice, "olga": svc.client("olga", Role.MODEL_OWNER, "nlp"),
+            "owen": svc.client("owen", Role.MODEL_OWNER, "nlp"), "bob": svc.client("bob", Role.MEMBER, "ranking")}
+
+
+def refused(api: TestClient, job: int, uri: str, status: int = 422) -> str:
+    r = api.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": uri})
+    assert r.status_code == status, r.text
+    message: str = r.json()["error"]["message"]
+    return message
+
+
+# ----- 3: artifact paths -----
+
+@pytest.mark.parametrize("uri", ["/dev/zero", "/etc/shadow", "/proc/self/environ", "file:///etc/passwd",
+                                 "../../../../../../etc/passwd", "/", "file://otherhost/etc/passwd"])
+def test_server_files_are_no_artifacts(svc: Service, team: dict[str, TestClient], uri: str) -> None:
+    job, _ = trained(svc, team["alice"])
+    attack_kit.attempt("3 artifact paths")
+    message = refused(team["alice"], job, uri)
+    assert "output directory" in message or "only local files" in message
+
+
+def test_what_leads_out_of_the_output_dir_or_cannot_end_is_refused(svc: Service, team: dict[str, TestClient],
+                                                                    tmp_path: Path) -> None:
+    alice = team["alice"]
+    job, _ = trained(svc, alice)
+    out = output_dir(svc, job)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"the server's")
+    (out / "escape").symlink_to("/etc")
+    (out / "zero").symlink_to("/dev/zero")
+    (out / "secret-link").symlink_to(secret)
+    os.mkfifo(out / "fifo")
+    (out / "tree").mkdir()
+    os.mkfifo(out / "tree" / "fifo")
+    (out / "hard").mkdir()
+    os.link(secret, out / "hard" / "copy")  # a hard link to a file outside (same file system)
+    other, _ = trained(svc, alice, name="theirs.pt")  # another job of the same team
+    cases = {"escape/shadow": "output directory", "zero": "output directory", "secret-link": "output directory",
+             "fifo": "a FIFO", str(out / "fifo"): "a FIFO", "tree": "a FIFO", "hard": "hard links",
+             str(output_dir(svc, other) / "theirs.pt"): "output directory"}
+    for uri, words in cases.items():
+        attack_kit.attempt("3 artifact paths")
+        assert words in refused(alice, job, uri), uri
+
+
+def test_a_symlink_inside_a_directory_artifact_is_hashed_as_a_link_never_read(svc: Service,
+                                                                              team: dict[str, TestClient],
+                                                                              tmp_path: Path) -> None:
+    alice = team["alice"]
+    job, _ = trained(svc, alice)
+    tree = output_dir(svc, job) / "tree"
+    tree.mkdir()
+    (tree / "w.bin").write_bytes(b"w")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"one")
+    (tree / "peek").symlink_to(secret)
+    attack_kit.attempt("3 artifact paths")
+    first = alice.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": "tree"}).json()["digest"]
+    secret.write_bytes(b"two")  # were the link followed, the digest would tell the secret's content
+    second = alice.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": "tree"}).json()["digest"]
+    assert first == second
+
+
+def test_another_teams_job_is_not_a_source(svc: Service, team: dict[str, TestClient]) -> None:
+    job, _ = trained(svc, team["alice"])
+    bob = team["bob"]
+    bob.post("/v1/models", json={"name": "rank", "queue": "ranking"})
+    attack_kit.attempt("3 artifact paths")
+    r = bob.post("/v1/models/rank/versions", json={"job_id": job, "artifact_uri": "w.pt"})
+    assert r.status_code == 422 and "not found" in r.json()["error"]["message"]
+
+
+def test_artifacts_are_bounded_before_hashing(db_url: str, tmp_path: Path) -> None:
+    svc = make_service(db_url, tmp_path, artifact_max_bytes=100, artifact_max_files=3)
+    alice = svc.client("alice", Role.MEMBER, "nlp")
+    alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
+    job, _ = trained(svc, alice, content=b"x" * 101)
+    many = output_dir(svc, job) / "many"
+    many.mkdir()
+    for i in range(4):
+        (many / f"{i}").write_bytes(b"1")
+    attack_kit.attempt("3 artifact paths", 2)
+    assert "artifact_max_bytes" in refused(alice, job, "w.pt")
+    assert "artifact_max_files" in refused(alice, job, "many")
+
+
+class Gate:
+    """A hasher that waits until the test opens it: a slow artifact, without real waiting."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.entered = threading.Event()
+
+    def __call__(self, w: Walk) -> str:
+        self.entered.set()
+        self.open.wait(10)
+        return digest(w)
+
+
+@pytest.fixture
+def gate(svc: Service) -> Iterator[Gate]:
+    g = Gate()
+    pool = hashing.HashPool(workers=1, waiting=0, timeout_s=0.05, hash_fn=g)
+    hashing.use(svc.core, pool)
+    yield g
+    g.open.set()
+    pool.close()
+
+
+def test_a_slow_artifact_times_out_and_a_full_pool_refuses_at_once(svc: Service, team: dict[str, TestClient],
+                                                                   gate: Gate) -> None:
+    alice = team["alice"]
+    job, _ = trained(svc, alice)
+    attack_kit.attempt("3 artifact paths")
+    message = refused(alice, job, "w.pt", 503)
+    assert "artifact_hash_timeout_s" in message and "nothing was changed" in message
+    assert gate.entered.is_set()
+    attack_kit.attempt("3 artifact paths")
+    assert "artifact_hash_workers" in refused(alice, job, "w.pt", 503)  # the slow hash still holds the one slot
+    assert svc.admin.get("/healthz").status_code == 200
+    assert alice.get("/v1/models").status_code == 200
+    assert alice.get("/v1/models/m").json()["versions"] == []
+    gate.open.set()
+    deadline = time.monotonic() + 10
+    while True:  # the slot comes back once the slow hash really ends
+        r = alice.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": "w.pt"})
+        if r.status_code == 201 or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert r.status_code == 201, r.text
+
+
+def test_an_executor_that_keeps_no_outputs_registers_nothing(db_url: str, tmp_path: Path) -> None:
+    class Remote:
+        """The scripted executor, minus output_dir: a backend whose outputs the service cannot read."""
+
+        def __init__(self) -> None:
+            self.inner = ScriptedExecutor()
+
+        def __getattr__(self, name: str) -> Any:
+            if name == "output_dir":
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    svc = make_service(db_url, tmp_path, executor=Remote())
+    alice = svc.client("alice", Role.MEMBER, "nlp")
+    alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
+    jid = alice.post("/v1/jobs", json={"queue": "nlp", "gpus": 1, "command": ["train"]}).json()["id"]
+    svc.tick()
+    svc.executor.inner.exit(jid, 0)
+    svc.tick()
+    attack_kit.attempt("3 artifact paths")
+    message = refused(alice, jid, str(tmp_path / "c.db"))
+    assert "keeps no job outputs" in message and "Kubernetes or Ray" in message
+
+
+# ----- 5: typed-in metrics -----
+
+@pytest.mark.parametrize("field", [{"metrics": {"accuracy": 0.999}}, {"code_ref": "git:abc123"},
+                                   {"dataset_ref": "imdb@2024"}, {"eval_set": "imdb-test"}])
+def test_typed_in_metrics_and_lineage_are_refused(svc: Service, team: dict[str, TestClient],
+                                                  field: dict[str, Any]) -> None:
+    job, _ = trained(svc, team["alice"], accuracy=0.053)
+    attack_kit.attempt("5 typed-in metrics")
+    r = team["alice"].post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": "w.pt", **field})
+    assert r.status_code == 422 and "metrics.json" in r.json()["error"]["message"]
+
+
+def test_gates_check_what_the_job_measured(svc: Service, team: dict[str, TestClient]) -> None:
+    alice, olga = team["alice"], team["olga"]
+    olga.put("/v1/models/m/policy", json={"document": {"stages": {"staging": {"metrics": [
+        {"metric": "accuracy", "min": 0.9}]}}}})
+    v = register(svc, alice, "m", accuracy=0.053)
+    assert v["lineage"]["recorded_by_job"] is True
+    attack_kit.attempt("5 typed-in metrics")
+    ask = olga.post("/v1/models/m/promotions", json={"version": 1, "stage": "staging"}).json()
+    assert ask["state"] == "rejected"
+    assert "0.053" in next(g["evidence"] for g in ask["gates"] if g["gate"].startswith("metric"))
+    assert alice.get("/v1/models/m").json()["versions"][0]["metrics"] == {"accuracy": 0.053}
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (b'{"accuracy": NaN}', "not a number JSON knows"), (b'{"accuracy": "0.99"}', "not a finite number"),
+    (b'{"accuracy": true}', "not a finite number"), (b"[0.99]", "JSON object"), (b"{", "not valid JSON"),
+    (b'{"accuracy": 1e999}', "not a finite number")])
+def test_a_malformed_metrics_file_is_refused(svc: Service, team: dict[str, TestClient], content: bytes,
+                                             words: str) -> None:
+    job = finished_job(svc, team["alice"], outputs={"w.pt": b"w", "metrics.json": content})
+    attack_kit.attempt("5 typed-in metrics")
+    assert words in refused(team["alice"], job, "w.pt")
+
+
+def test_a_metrics_file_that_leads_elsewhere_is_refused(svc: Service, team: dict[str, TestClient],
+                                                        tmp_path: Path) -> None:
+    alice = team["alice"]
+    planted = tmp_path / "planted.json"
+    planted.write_text('{"accuracy": 0.999}')
+    job = finished_job(svc, alice, outputs={"w.pt": b"w"})
+    (output_dir(svc, job) / "metrics.json").symlink_to(planted)
+    attack_kit.attempt("5 typed-in metrics")
+    assert "outside the job's output directory" in refused(alice, job, "w.pt")
+    fifo_job = finished_job(svc, alice, outputs={"w.pt": b"w"})
+    os.mkfifo(output_dir(svc, fifo_job) / "metrics.json")
+    attack_kit.attempt("5 typed-in metrics")
+    assert "not a regular file" in refused(alice, fifo_job, "w.pt")
+
+
+def test_metrics_come_from_the_attempt_that_completed(svc: Service, team: dict[str, TestClient]) -> None:
+    """A preempted first attempt's optimistic metrics.json is not what the gates read."""
+    alice = team["alice"]
+    jid = alice.post("/v1/jobs", json={"queue": "nlp", "gpus": 8, "command": ["train"]}).json()["id"]
+    svc.tick()
+    (output_dir(svc, jid, 1) / "metrics.json").write_text('{"accuracy": 0.999}')
+    (output_dir(svc, jid, 1) / "ckpt.pt").write_bytes(b"epoch 1")
+    urgent = alice.post("/v1/jobs", json={"queue": "nlp", "gpus": 8, "command": ["x"], "priority": 10}).json()["id"]
+    svc.tick()  # preempts attempt 1
+    svc.tick()
+    svc.executor.exit(urgent, 0)
+    svc.tick()  # attempt 2 starts
+    svc.tick()
+    (output_dir(svc, jid, 2) / "metrics.json").write_text('{"accuracy": 0.5}')
+    svc.executor.exit(jid, 0, attempt=2)
+    svc.tick()
+    assert alice.get(f"/v1/jobs/{jid}").json()["state"] == "completed"
+    attack_kit.attempt("5 typed-in metrics")
+    r = alice.post("/v1/models/m/versions", json={"job_id": jid, "artifact_uri": str(output_dir(svc, jid, 1) /
+                                                                                      "ckpt.pt")})
+    assert r.status_code == 201, r.text  # an earlier attempt's checkpoint is the job's own output
+    assert alice.get("/v1/models/m").json()["versions"][0]["metrics"] == {"accuracy": 0.5}
+
+
+def test_lineage_digests_are_the_jobs_own(svc: Service, team: dict[str, TestClient], tmp_path: Path) -> None:
+    alice = team["alice"]
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "train.py").write_text("print('train')\n")
+    data = tmp_path / "train.csv"
+    data.write_text("x,y\n1,2\n")
+    job = finished_job(svc, alice, outputs={"w.pt": b"w"})
+    record_lineage(code=code, data=[data], eval_set="imdb-test", output_dir=output_dir(svc, job))
+    log_metrics({"accuracy": 0.93}, output_dir=output_dir(svc, job))
+    r = alice.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": "w.pt"})
+    assert r.status_code == 201, r.text
+    lineage = r.json()["lineage"]
+    assert lineage["code"]["sha256"] == tree_digest(code) and lineage["data"] == [
+        {"name": str(data), "sha256": tree_digest(data)}]
+    assert "dataset" not in lineage
+    shown = alice.get("/v1/models/m").json()["versions"][0]
+    assert (shown["eval_set"], shown["metrics"]) == ("imdb-test", {"accuracy": 0.93})
+    bad = finished_job(svc, alice, outputs={"w.pt": b"w", "lineage.json": b'{"code": {"sha256": "typed"}}'})
+    attack_kit.attempt("5 typed-in metrics")
+    assert "lineage.json is not valid" in refused(alice, bad, "w.pt")
+
+
+def test_a_real_job_writes_its_metrics_and_registers_from_its_output(tmp_path: Path) -> None:
+    """End to end on the local executor: the job's process writes the artifact, metrics.json and lineage.json in
+    $CORRAL_OUTPUT_DIR with the SDK; registration reads them; typed-in metrics change nothing."""
+    svc = make_service(f"sqlite:///{tmp_path / 'c.db'}", tmp_path, LocalExecutor(tmp_path / "runs"))
+    alice = svc.client("alice", Role.MEMBER, "nlp")
+    olga = svc.client("olga", Role.MODEL_OWNER, "nlp")
+    alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
+    olga.put("/v1/models/m/policy", json={"document": {"stages": {"staging": {"metrics": [
+        {"metric": "accuracy", "min": 0.9}]}}}})
+    code = ("import os, pathlib\n"
+            "from notebooks import log_metrics, record_lineage\n"
+            "out = pathlib.Path(os.environ['CORRAL_OUTPUT_DIR'])\n"
+            "(out / 'model.pt').write_bytes(b'weights')\n"
+            "record_lineage(code=None, eval_set='holdout')\n"
+            "log_metrics({'accuracy': 0.053})\n")
+    jid = alice.post("/v1/jobs", json={"queue": "nlp", "gpus": 1, "command": [sys.executable, "-c", code]}
+                     ).json()["id"]
+    until(svc, lambda: state(svc, jid) in ("completed", "failed"))
+    assert state(svc, jid) == "completed", alice.get(f"/v1/jobs/{jid}/logs").text
+    attack_kit.attempt("5 typed-in metrics")
+    typed = alice.post("/v1/models/m/versions", json={"job_id": jid, "artifact_uri": "model.pt",
+                                                      "metrics": {"accuracy": 0.999}})
+    assert typed.status_code == 422
+    r = alice.post("/v1/models/m/versions", json={"job_id": jid, "artifact_uri": "model.pt"})
+    assert r.status_code == 201, r.text
+    version = alice.get("/v1/models/m").json()["versions"][0]
+    assert (version["metrics"], version["eval_set"]) == ({"accuracy": 0.053}, "holdout")
+    assert version["artifact_uri"] == os.path.realpath(svc.executor.output_dir(str(jid), 1) / "model.pt")
+    ask = olga.post("/v1/models/m/promotions", json={"version": 1, "stage": "staging"}).json()
+    assert ask["state"] == "rejected"
+
+
+# ----- 6: rollback digest, audit truncation, aliases -----
+
+def two_in_production(svc: Service, team: dict[str, TestClient]) -> list[dict[str, Any]]:
+    alice, olga, owen = team["alice"], team["olga"], team["owen"]
+    versions = []
+    for content in (b"v1", b"v2"):
+        versions.append(register(svc, alice, "m", 0.95, content=content))
+        ask = olga.post("/v1/models/m/promotions", json={"version": len(versions)}).json()
+        assert owen.post(f"/v1/promotions/{ask['promotion']}/approve").json()["state"] == "promoted"
+    return versions
+
+
+def test_rollback_refuses_a_swapped_artifact(svc: Service, team: dict[str, TestClient]) -> None:
+    olga = team["olga"]
+    v1, _ = two_in_production(svc, team)
+    path = output_dir(svc, v1["lineage"]["job"]) / "w.pt"
+    path.write_bytes(b"backdoored")
+    attack_kit.attempt("6 rollback digest")
+    r = olga.post("/v1/models/m/rollback", json={})
+    assert r.status_code == 409 and "no longer what was registered" in r.json()["error"]["message"]
+    path.unlink()
+    attack_kit.attempt("6 rollback digest")
+    r = olga.post("/v1/models/m/rollback", json={})
+    assert r.status_code == 409 and "cannot be read" in r.json()["error"]["message"]
+    path.symlink_to("/dev/zero")
+    attack_kit.attempt("6 rollback digest")
+    assert olga.post("/v1/models/m/rollback", json={}).status_code == 409
+    assert olga.get("/v1/models/m").json()["aliases"]["production"]["version"] == 2
+    path.unlink()
+    path.write_bytes(b"v1")
+    back = olga.post("/v1/models/m/rollback", json={})
+    assert back.status_code == 200 and back.json()["version"] == 1
+
+
+def verify(svc: Service, head: str | None = None) -> dict[str, Any]:
+    params: dict[str, Any] = {"verify": True} if head is None else {"verify": True, "head": head}
+    r = svc.admin.get("/v1/models/audit", params=params)
+    assert r.status_code == 200, r.text
+    checked: dict[str, Any] = r.json()["verified"]
+    return checked
+
+
+def test_verify_with_a_kept_head_catches_truncation(svc: Service, team: dict[str, TestClient]) -> None:
+    two_in_production(svc, team)
+    head = svc.admin.get("/v1/models/audit").json()["head"]["hash"]
+    register(svc, team["alice"], "m")  # rows appended after the kept head are fine
+    kept = svc.admin.get("/v1/models/audit").json()["head"]
+    assert verify(svc, head)["intact"] is True
+    with svc.core.db.begin() as conn:
+        conn.execute(sa.delete(model_audit).where(model_audit.c.seq == kept["seq"]))  # v3's registration
+        # the alias moves those rows recorded are undone as well, so only the head can tell
+        conn.execute(sa.delete(model_aliases).where(model_aliases.c.stage == "candidate"))
+        conn.execute(model_aliases.insert().values(model="m", stage="candidate", version=2, previous=1,
+                                                   updated_at=0.0))
+    attack_kit.attempt("6 audit truncation")
+    assert verify(svc)["intact"] is True  # a shorter chain is still a consistent one...
+    broken = verify(svc, kept["hash"])  # ...but not one holding the head kept earlier
+    assert broken["intact"] is False and "newest rows were removed" in broken["problems"][0]
+
+
+def test_verify_with_a_kept_head_catches_a_rewritten_chain(svc: Service, team: dict[str, TestClient]) -> None:
+    two_in_production(svc, team)
+    kept = svc.admin.get("/v1/models/audit").json()["head"]["hash"]
+    with svc.core.db.begin() as conn:
+        rows = [dict(r) for r in conn.execute(sa.select(model_audit).order_by(model_audit.c.seq)).mappings()]
+        conn.execute(sa.delete(model_audit))
+        last = None
+        for row in rows:  # every hash recomputed after changing who approved
+            actor = "mallory" if row["action"] == "promotion.approve" else row["actor"]
+            last = chain.next_entry(last, at=row["at"], actor=actor, action=row["action"], model=row["model"],
+                                    detail=row["detail"])
+            conn.execute(model_audit.insert().values(**last))
+    attack_kit.attempt("6 audit truncation")
+    assert verify(svc)["intact"] is True
+    assert "rewritten" in verify(svc, kept)["problems"][0]
+
+
+def test_a_direct_change_to_the_aliases_is_reported(svc: Service, team: dict[str, TestClient]) -> None:
+    two_in_production(svc, team)
+    with svc.core.db.begin() as conn:
+        conn.execute(sa.update(model_aliases).where(model_aliases.c.stage == "production").values(version=1))
+    attack_kit.attempt("6 audit truncation")
+    checked = verify(svc)
+    assert checked["intact"] is False
+    assert any("alias m/production is v1" in p and "changed outside the registry" in p for p in checked["problems"])
+    team_view = team["olga"].get("/v1/models/audit", params={"model": "m", "verify": True}).json()["verified"]
+    assert team_view["intact"] is False  # the team is told; the details are for admins
+
+
+def test_the_head_is_published_in_logs_and_metrics(svc: Service, team: dict[str, TestClient],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="corral.models"):
+        register(svc, team["alice"], "m")
+    head = svc.admin.get("/v1/models/audit").json()["head"]
+    assert f"model audit chain head: seq {head['seq']} hash {head['hash']}" in caplog.text
+    scraped = svc.admin.get("/metrics").text
+    assert f'corral_model_audit_head{{hash="{head["hash"]}"}} {float(head["seq"])}' in scraped
+
+
+# ----- 7: MLflow export -----
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port  # closed again: a connection there is refused
+
+
+def test_mlflow_export_only_to_the_allow_list(svc: Service, team: dict[str, TestClient], tmp_path: Path) -> None:
+    olga = team["olga"]
+    target = tmp_path / "x.db"
+    attack_kit.attempt("7 mlflow uri")
+    r = olga.post("/v1/models/m/export/mlflow", json={"tracking_uri": f"sqlite:///{target}"})
+    assert r.status_code == 403 and "export is off" in r.json()["error"]["message"]
+    svc.core.settings.mlflow_tracking_uris = ["http://mlflow.internal:5000"]
+    for uri in (f"sqlite:///{target}", "sqlite:///tmp/x", f"file://{tmp_path}/runs", "http://169.254.169.254/"):
+        attack_kit.attempt("7 mlflow uri")
+        r = olga.post("/v1/models/m/export/mlflow", json={"tracking_uri": uri})
+        assert r.status_code == 403 and "mlflow_tracking_uris" in r.json()["error"]["message"]
+    assert not target.exists() and not Path("/tmp/x").exists()
+
+
+@pytest.mark.skipif(not mlflow_export.available(), reason="mlflow-skinny is not installed")
+def test_an_unreachable_tracking_server_answers_in_seconds(svc: Service, team: dict[str, TestClient]) -> None:
+    olga = team["olga"]
+    register(svc, team["alice"], "m")
+    refusing = f"http://127.0.0.1:{closed_port()}"
+    silent = socket.socket()  # listens, never answers: the connection is made, the reply never comes
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    hanging = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    svc.core.settings.mlflow_tracking_uris = [refusing, hanging]
+    svc.core.settings.mlflow_timeout_s = 0.5
+    try:
+        for uri, words in ((refusing, "failed"), (hanging, "did not finish within 0.5 s")):
+            attack_kit.attempt("7 mlflow uri")
+            started = time.monotonic()
+            r = olga.post("/v1/models/m/export/mlflow", json={"tracking_uri": uri})
+            assert time.monotonic() - started < 5
+            assert r.status_code == 503 and words in r.json()["error"]["message"], r.text
+    finally:
+        silent.close()
+
+
+def test_metrics_json_is_what_log_metrics_writes(tmp_path: Path) -> None:
+    log_metrics({"accuracy": 0.93, "steps": 100}, output_dir=tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"accuracy": 0.93, "steps": 100.0}
+    for bad in ({"accuracy": float("nan")}, {"accuracy": True}, {"": 1.0}):
+        with pytest.raises(ValueError):
+            log_metrics(bad, output_dir=tmp_path)
