@@ -7,6 +7,8 @@ turns the skip into a failure. Every attack is a line of the attacker's shell sc
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
@@ -51,9 +53,10 @@ def base() -> Iterator[Path]:
         yield path
     finally:
         for pidfile in path.glob("data/runs/*/*/pid"):  # no job outlives its test, whatever happened
-            pid = int(pidfile.read_text().split('"pid": ')[1].split(",")[0])
-            for member in group_leftovers(pid, 0):
-                os.kill(member, signal.SIGKILL)
+            shim = json.loads(pidfile.read_text())
+            for member in group_leftovers(shim["pid"], shim["start"]):  # the shim too: it leads the group
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(member, signal.SIGKILL)
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -150,7 +153,7 @@ def attacker_script() -> str:
 
 
 def shim_pid(svc: Service, jid: int) -> int:
-    pid = int(svc.executor.rundir(str(jid), 1).joinpath("pid").read_text().split('"pid": ')[1].split(",")[0])
+    pid: int = json.loads(svc.executor.rundir(str(jid), 1).joinpath("pid").read_text())["pid"]
     return pid
 
 

@@ -369,7 +369,8 @@ def server(tmp_path: Path, corral_cmd: list[str]) -> Iterator[tuple[str, dict[st
     port = _free_port()
     data = tmp_path / "serve-data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
-    env.update(CORRAL_DATA_DIR=str(data), XDG_DATA_HOME=str(tmp_path / "xdg"))
+    # Jobs run this checkout's interpreter, which other accounts may not reach (under /root): one user.
+    env.update(CORRAL_DATA_DIR=str(data), XDG_DATA_HOME=str(tmp_path / "xdg"), CORRAL_RUN_AS="service")
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([*corral_cmd, "serve", "--gpus", "2", "--gpu-model", "virtual", "--port", str(port),
                              "--data-dir", str(data)], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -385,6 +386,8 @@ def server(tmp_path: Path, corral_cmd: list[str]) -> Iterator[tuple[str, dict[st
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"corral serve did not come up: {(tmp_path / 'serve.log').read_text()}")
             time.sleep(0.1)
+        # Who runs the jobs is said where the service is started.
+        assert "isolation: run_as=service" in (tmp_path / "serve.log").read_text()
         yield url, {**env, "CORRAL_URL": url}
     finally:
         proc.terminate()

@@ -49,7 +49,9 @@ def start_corral(tmp: Path) -> Iterator[LiveCorral]:
     port, data = free_port(), tmp / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRAL_", "JUPYTERHUB_"))}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               XDG_DATA_HOME=str(tmp / "xdg"))
+               XDG_DATA_HOME=str(tmp / "xdg"),
+               # Jobs run this checkout's interpreter, which other accounts may not reach (under /root): one user.
+               CORRAL_RUN_AS="service")
     log = (tmp / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "scheduler.cli", "serve", "--gpus", "2", "--gpu-model", "virtual",
                              "--port", str(port), "--data-dir", str(data)], env=env, stdout=log,
