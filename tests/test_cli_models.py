@@ -17,8 +17,9 @@ from scheduler import cli_client
 from scheduler.cli import app
 from scheduler.service.auth import Role
 from scheduler.service.db import model_audit
+from tests import attack_kit
 from tests.service_kit import Service, make_service
-from tests.test_models_service import POLICY, finished_job
+from tests.test_models_service import POLICY, output_dir, trained
 
 Corral = Callable[..., Result]
 
@@ -67,12 +68,6 @@ def as_user(service: Service) -> dict[str, list[str]]:
             "owen": ["--token", token(service, "owen", Role.MODEL_OWNER)]}
 
 
-def artifact(tmp_path: Path, name: str, content: bytes) -> str:
-    path = tmp_path / name
-    path.write_bytes(content)
-    return str(path)
-
-
 def test_the_golden_path_from_the_command_line(corral: Corral, service: Service, as_user: dict[str, list[str]],
                                                tmp_path: Path) -> None:
     alice, olga, owen = as_user["alice"], as_user["olga"], as_user["owen"]
@@ -86,10 +81,8 @@ def test_the_golden_path_from_the_command_line(corral: Corral, service: Service,
     assert "may not set the promotion policy" in corral("models", "policy", "apply", "sentiment", "-f", str(policy),
                                                         *alice, code=1).stderr
 
-    job1 = finished_job(service, alice_api)
-    reg = corral("models", "register", "sentiment", "--job", str(job1), "--artifact",
-                 artifact(tmp_path, "v1.pt", b"w1"), "--metric", "accuracy=0.91", "--eval-set", "imdb-test",
-                 "--code", "git:abc123", "--dataset", "imdb@2024", *alice)
+    job1, _ = trained(service, alice_api, 0.91, "v1.pt", b"w1")
+    reg = corral("models", "register", "sentiment", "--job", str(job1), "--artifact", "v1.pt", *alice)
     assert f"registered sentiment v1 from job {job1} (sha256 " in reg.stdout
 
     # The requester sees every gate with its evidence; the approval one waits for someone else.
@@ -103,10 +96,9 @@ def test_the_golden_path_from_the_command_line(corral: Corral, service: Service,
     assert "approvals 1/1" in done.stdout and "promotion 1: sentiment v1 to production: promoted" in done.stdout
 
     # v2 is better; -o json answers the API's data.
-    job2 = finished_job(service, alice_api, hours=2)
-    made = json.loads(corral("models", "register", "sentiment", "--job", str(job2), "--artifact",
-                             artifact(tmp_path, "v2.pt", b"w2"), "--metric", "accuracy=0.95", "--eval-set",
-                             "imdb-test", "--lineage-job", str(job1), "-o", "json", *alice).stdout)
+    job2, v2_path = trained(service, alice_api, 0.95, "v2.pt", b"w2", hours=2)
+    made = json.loads(corral("models", "register", "sentiment", "--job", str(job2), "--artifact", v2_path,
+                             "--lineage-job", str(job1), "-o", "json", *alice).stdout)
     assert made["version"] == 2 and made["lineage"]["jobs"] == sorted([job1, job2])
     ask2 = json.loads(corral("models", "promote", "sentiment", "--version", "2", "-o", "json", *owen).stdout)
     assert ask2["state"] == "open"
@@ -124,7 +116,7 @@ def test_the_golden_path_from_the_command_line(corral: Corral, service: Service,
 
     manifest = yaml.safe_load(corral("models", "deploy", "sentiment", "--dry-run", *alice).stdout)
     assert manifest["kind"] == "InferenceService"
-    assert manifest["spec"]["predictor"]["model"]["storageUri"] == str(tmp_path / "v2.pt")
+    assert manifest["spec"]["predictor"]["model"]["storageUri"] == str(output_dir(service, job2) / "v2.pt")
     plain = yaml.safe_load(corral("models", "deploy", "sentiment", "--kind", "deployment", "--namespace", "ml",
                                   "--image", "me/serve:1", "--gpus", "2", "--dry-run", *alice).stdout)
     assert (plain["kind"], plain["metadata"]["namespace"]) == ("Deployment", "ml")
@@ -150,6 +142,9 @@ def test_the_golden_path_from_the_command_line(corral: Corral, service: Service,
                        "promotion.approve", "model.promote", "version.register", "promotion.request",
                        "promotion.approve", "model.promote", "model.rollback"]
     assert "audit chain intact: 11 entries verified" in audit.stderr
+    head = next(line.split()[-1] for line in audit.stderr.splitlines() if line.startswith("head: seq 11 "))
+    assert "holding head" in corral("models", "audit", "--model", "sentiment", "--verify", "--head", head,
+                                    *olga).stderr
     assert "promotion 2: v2 to production (3 pass, 1 pending)" in audit.stdout
     assert "production back to v1 from v2" in audit.stdout
     # Only platform admins read the whole chain.
@@ -163,8 +158,8 @@ def test_a_gate_that_fails_rejects_with_exit_1(corral: Corral, service: Service,
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps(POLICY))  # JSON is YAML
     corral("models", "policy", "apply", "m", "-f", str(policy), *olga)
-    corral("models", "register", "m", "--job", str(finished_job(service, service.client("alice", Role.MEMBER, "nlp"))),
-           "--artifact", artifact(tmp_path, "a", b"a"), "--metric", "accuracy=0.85", *alice)
+    job, _ = trained(service, service.client("alice", Role.MEMBER, "nlp"), 0.85, "a", b"a")
+    corral("models", "register", "m", "--job", str(job), "--artifact", "a", *alice)
     r = corral("models", "promote", "m", "--version", "1", "--stage", "staging", *olga, code=1)
     assert any("metric accuracy >= 0.9" in line and "FAIL" in line and "0.85" in line
                for line in r.stdout.splitlines()), r.stdout
@@ -175,11 +170,32 @@ def test_a_gate_that_fails_rejects_with_exit_1(corral: Corral, service: Service,
     assert json.loads(r2.stdout)["state"] == "rejected"
 
 
+def test_typed_in_metrics_and_references_are_refused(corral: Corral, service: Service) -> None:
+    corral("models", "create", "m", "--queue", "nlp")
+    job, _ = trained(service, service.client("alice", Role.MEMBER, "nlp"), 0.053)
+    for flags in (["--metric", "accuracy=0.999"], ["--eval-set", "imdb-test"], ["--code", "git:abc"],
+                  ["--dataset", "imdb@2024"]):
+        attack_kit.attempt("5 typed-in metrics")
+        bad = corral("models", "register", "m", "--job", str(job), "--artifact", "w.pt", *flags, code=2)
+        assert f"{flags[0]}: not accepted" in bad.stderr and "metrics.json" in bad.stderr
+    assert "no versions yet" in corral("models", "show", "m").stdout
+    assert "--metric" not in corral("models", "register", "--help").stdout
+
+
+def test_audit_head_must_still_be_in_the_chain(corral: Corral, service: Service) -> None:
+    corral("models", "create", "m", "--queue", "nlp")
+    corral("models", "create", "n", "--queue", "vision")
+    head = json.loads(corral("models", "audit", "-o", "json").stdout)["head"]["hash"]
+    with service.core.db.begin() as conn:
+        conn.execute(sa.delete(model_audit).where(model_audit.c.seq == 2))
+    attack_kit.attempt("6 audit truncation")
+    assert "audit chain intact" in corral("models", "audit", "--verify").stderr
+    r = corral("models", "audit", "--verify", "--head", head, code=1)
+    assert "newest rows were removed" in r.stderr
+    assert "--head is checked by --verify" in corral("models", "audit", "--head", head, code=2).stderr
+
+
 def test_usage_errors_exit_2(corral: Corral, tmp_path: Path) -> None:
-    bad = corral("models", "register", "m", "--job", "1", "--artifact", "x", "--metric", "acc=high", code=2)
-    assert "a metric's value is a number" in bad.stderr
-    assert "KEY=VALUE" in corral("models", "register", "m", "--job", "1", "--artifact", "x", "--metric", "acc",
-                                 code=2).stderr
     listy = tmp_path / "p.yaml"
     listy.write_text("- staging\n")
     assert "expected a mapping" in corral("models", "policy", "apply", "m", "-f", str(listy), code=2).stderr

@@ -44,10 +44,13 @@ def owner(live: LiveCorral) -> Iterator[Client]:
         yield c
 
 
-def train(corral: Client, artifact: Path, content: str, exit_code: int = 0) -> Job:
-    """A job that writes its 'weights' to `artifact`, as a training run would, and has finished."""
-    job = corral.submit(f"printf %s {shlex.quote(content)} > {shlex.quote(str(artifact))}; exit {exit_code}",
-                        queue="default", name="train")
+def train(corral: Client, artifact: str, content: str, exit_code: int = 0, accuracy: float = 0.9) -> Job:
+    """A job that writes its 'weights' to `artifact` in its output directory, and its metrics and eval set with
+    the SDK (notebooks.outputs), as a training run would, and has finished."""
+    record = (f"from notebooks import log_metrics, record_lineage; log_metrics({{'accuracy': {accuracy}}}); "
+              "record_lineage(code=None, eval_set='imdb-test')")
+    job = corral.submit(f'printf %s {shlex.quote(content)} > "$CORRAL_OUTPUT_DIR"/{shlex.quote(artifact)}; '
+                        f"python -c {shlex.quote(record)}; exit {exit_code}", queue="default", name="train")
     try:
         job.wait(poll=QUICK)
     except CorralError:
@@ -57,11 +60,12 @@ def train(corral: Client, artifact: Path, content: str, exit_code: int = 0) -> J
 
 def test_from_a_finished_job_to_production_and_back(corral: Client, owner: Client, tmp_path: Path) -> None:
     corral.models.create_model("sentiment", queue="default", description="reviews")
-    first = train(corral, tmp_path / "v1.pt", "w1")
-    v1 = corral.models.register_model("sentiment", first, str(tmp_path / "v1.pt"), metrics={"accuracy": 0.91},
-                                      eval_set="imdb-test", code_ref="git:abc123", dataset_ref="imdb@2024")
+    first = train(corral, "v1.pt", "w1", accuracy=0.91)
+    v1 = corral.models.register_model("sentiment", first, "v1.pt")
     assert (v1["version"], v1["lineage"]["job"], len(v1["digest"])) == (1, first.id, 64)
-    assert v1["lineage"]["code"] == "git:abc123" and v1["lineage"]["dataset"] == "imdb@2024"
+    assert v1["lineage"]["recorded_by_job"] is True and v1["lineage"]["code"] is None
+    shown = corral.models.model("sentiment")["versions"][0]
+    assert (shown["metrics"], shown["eval_set"]) == ({"accuracy": 0.91}, "imdb-test")
 
     # The default policy: staging checks only the digest, so the version goes there at once.
     staged = corral.models.promote("sentiment", 1, stage="staging")
@@ -80,14 +84,13 @@ def test_from_a_finished_job_to_production_and_back(corral: Client, owner: Clien
     assert corral.models.model("sentiment")["aliases"]["production"]["version"] == 1
 
     # v2 by job id, with v1's job in its lineage; then rolled back.
-    second = train(corral, tmp_path / "v2.pt", "w2")
-    v2 = corral.models.register_model("sentiment", second.id, str(tmp_path / "v2.pt"), metrics={"accuracy": 0.95},
-                                      eval_set="imdb-test", lineage_jobs=[first])
+    second = train(corral, "v2.pt", "w2", accuracy=0.95)
+    v2 = corral.models.register_model("sentiment", second.id, "v2.pt", lineage_jobs=[first])
     assert v2["version"] == 2 and v2["lineage"]["jobs"] == sorted([first.id, second.id])
     assert owner.models.approve(corral.models.promote("sentiment", 2)["promotion"])["state"] == "promoted"
     manifest = yaml.safe_load(corral.models.manifest("sentiment"))
     assert manifest["kind"] == "InferenceService"
-    assert manifest["spec"]["predictor"]["model"]["storageUri"] == str(tmp_path / "v2.pt")
+    assert manifest["spec"]["predictor"]["model"]["storageUri"].endswith(f"/{second.id}/1/output/v2.pt")
     assert yaml.safe_load(corral.models.manifest("sentiment", kind="deployment", image="me/serve:1"))[
         "kind"] == "Deployment"
     roi = corral.models.roi("sentiment")
@@ -109,9 +112,9 @@ def test_errors_carry_code_and_where(corral: Client, owner: Client, tmp_path: Pa
     with pytest.raises(CorralError) as e:
         corral.models.create_model("m", queue="default")
     assert e.value.code == "conflict"
-    failed = train(corral, tmp_path / "f.pt", "x", exit_code=3)
+    failed = train(corral, "f.pt", "x", exit_code=3)
     with pytest.raises(CorralError) as e:
-        corral.models.register_model("m", failed, str(tmp_path / "f.pt"))
+        corral.models.register_model("m", failed, "f.pt")
     assert (e.value.code, e.value.where) == ("invalid", "job_id") and "is failed" in e.value.message
     with pytest.raises(CorralError) as e:
         owner.models.apply_policy("m", {"stages": {"prod": {}}})
