@@ -28,6 +28,34 @@ def test_pod_is_for_corral_to_bind_with_labels_gpus_env_and_grace() -> None:
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
 
 
+RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def test_every_pod_runs_confined_and_without_api_credentials() -> None:
+    """The trust model (docs/kubernetes.md): never root, whatever the image's USER; no privilege escalation, no
+    capabilities, the runtime's seccomp profile (Pod Security "restricted"), and no service-account token."""
+    p = k8s.pod("42", 3, 1, namespace="corral-nlp", node="n2", gpus=4, image="img:1", command=["t"])
+    spec = p["spec"]
+    assert spec["securityContext"] == RESTRICTED_POD
+    assert spec["automountServiceAccountToken"] is False
+    (c,) = spec["containers"]
+    assert c["securityContext"] == RESTRICTED_CONTAINER
+    assert "privileged" not in c["securityContext"] and "hostNetwork" not in spec and "hostPID" not in spec
+    other = k8s.pod("42", 3, 1, namespace="n", node="n2", gpus=1, image="i", command=["t"], run_as_user=2000)
+    assert other["spec"]["securityContext"]["runAsUser"] == 2000
+    # An Indexed Job's template carries the same, and the user it was given.
+    j = k8s.batch_job("42", 3, namespace="n", workers=[("n1", 1), ("n2", 1)], image="i", command="x",
+                      run_as_user=3000)
+    tpl = j["spec"]["template"]["spec"]
+    assert tpl["securityContext"] == {**RESTRICTED_POD, "runAsUser": 3000}
+    assert tpl["automountServiceAccountToken"] is False
+    assert tpl["containers"][0]["securityContext"] == RESTRICTED_CONTAINER
+    for root in (0, -1):
+        with pytest.raises(ValueError, match="never run as root"):
+            k8s.pod("1", 1, 0, namespace="n", node="a", gpus=1, image="i", command="x", run_as_user=root)
+
+
 def test_a_command_string_runs_in_a_shell_and_an_empty_one_is_refused() -> None:
     p = k8s.pod("1", 1, 0, namespace="n", node="a", gpus=1, image="i", command="echo hi && sleep 1")
     assert p["spec"]["containers"][0]["command"] == ["/bin/sh", "-c", "echo hi && sleep 1"]
@@ -66,7 +94,9 @@ def test_split_workers_follows_the_gang_shape() -> None:
 def test_team_objects() -> None:
     assert k8s.namespace("corral-nlp", "nlp") == {
         "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": "corral-nlp", "labels": {k8s.MANAGED_BY: "corral", k8s.TEAM_LABEL: "nlp"}}}
+        "metadata": {"name": "corral-nlp", "labels": {k8s.MANAGED_BY: "corral", k8s.TEAM_LABEL: "nlp",
+                                                      "pod-security.kubernetes.io/enforce": "restricted",
+                                                      "pod-security.kubernetes.io/warn": "restricted"}}}
     rb = k8s.role_binding("corral-nlp", "team-nlp")
     assert rb["kind"] == "RoleBinding" and rb["metadata"]["namespace"] == "corral-nlp"
     assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"}

@@ -9,6 +9,7 @@ label selectors, pick exactly the pods they should. Cluster tests skip without s
 from __future__ import annotations
 
 import contextlib
+import copy
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -60,7 +61,7 @@ def test_one_namespace_per_leaf_with_the_queue_and_prefix_kept() -> None:
     names = [o["metadata"]["name"] for o in objs if o["kind"] == "Namespace"]
     assert names == ["c-nlp", "c-product", "c-vision"]  # leaves only; `research` is an inner queue
     (ns,) = by_kind(objs, "c-nlp")["Namespace"]
-    assert ns["metadata"]["labels"] == {k8s.MANAGED_BY: "corral", k8s.TEAM_LABEL: "nlp"}
+    assert ns["metadata"]["labels"] == {k8s.MANAGED_BY: "corral", k8s.TEAM_LABEL: "nlp", **k8s.POD_SECURITY}
     assert ns["metadata"]["annotations"] == {k8s_teams.QUEUE_ANNOTATION: "nlp", k8s_teams.PREFIX_ANNOTATION: "c-"}
     assert all(o["metadata"]["labels"][k8s.MANAGED_BY] == "corral" for o in objs)
 
@@ -161,7 +162,15 @@ def test_a_sandbox_pod_is_kubespawners_with_corrals_parts() -> None:
     assert c["name"] == "notebook" and c["args"] == ["jupyterhub-singleuser", "--debug"] and "command" not in c
     assert c["ports"] == [{"containerPort": 5678, "name": "notebook-port"}]
     assert c["resources"]["limits"] == {"nvidia.com/gpu": "2"}
-    assert c["securityContext"] == {"allowPrivilegeEscalation": False}
+    # Confined like a job's pod: non-root (the Jupyter images' jovyan), no escalation, no capabilities, seccomp.
+    assert c["securityContext"] == {"runAsUser": 1000, "allowPrivilegeEscalation": False,
+                                    "capabilities": {"drop": ["ALL"]}}
+    assert spec["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000,
+                                       "seccompProfile": {"type": "RuntimeDefault"}}
+    other = k8s_sandbox.pod("7", 2, 0, namespace="corral-nlp", node="n1", gpus=2, image="jupyter:1",
+                            command=["lab"], env=env, run_as_user=4242)
+    assert other["spec"]["securityContext"]["runAsUser"] == 4242
+    assert other["spec"]["containers"][0]["securityContext"]["runAsUser"] == 4242
     assert c["env"] == job["spec"]["containers"][0]["env"]
     assert server_port({}) == 8888
 
@@ -270,9 +279,39 @@ def test_reconciler_applies_updates_removes_and_is_idempotent(plane: ControlPlan
 
 
 def make_pod(core: Any, ns: str, name: str, labels: dict[str, str]) -> None:
-    """A pod nobody schedules (no scheduler has this name): only its labels matter here."""
+    """A pod nobody schedules (no scheduler has this name): only its labels matter here. Confined as team
+    namespaces require (Pod Security "restricted")."""
     core.create_namespaced_pod(ns, {"metadata": {"name": name, "labels": labels}, "spec": {
-        "schedulerName": "nobody", "containers": [{"name": "c", "image": IMAGE}]}})
+        "schedulerName": "nobody", "securityContext": k8s.pod_security(),
+        "containers": [{"name": "c", "image": IMAGE, "securityContext": k8s.container_security()}]}})
+
+
+@pytest.mark.parametrize(("what", "pod_spec", "container"), [
+    ("root", {"securityContext": {"runAsUser": 0}}, {}),
+    ("privileged", {}, {"securityContext": {"privileged": True}}),
+    ("host path", {"volumes": [{"name": "host", "hostPath": {"path": "/"}}]}, {}),
+    ("host network", {"hostNetwork": True}, {}),
+    ("added capability", {}, {"securityContext": {"capabilities": {"add": ["SYS_ADMIN"], "drop": ["ALL"]}}}),
+    ("no security context", {"securityContext": {}}, {"securityContext": {}}),
+])
+def test_a_team_namespace_refuses_pods_that_are_not_restricted(plane: ControlPlane, prefix: str,
+                                                                what: str, pod_spec: dict[str, Any],
+                                                                container: dict[str, Any]) -> None:
+    """Pod Security Admission on the team's namespace: a pod made by hand there (a team admin holds the admin
+    ClusterRole in it) cannot escape to the node, even though Corral would bind it; Corral's own pods pass."""
+    core = plane.core()
+    ex = KubernetesExecutor(plane.api_client(), Path("/nonexistent"), IMAGE, namespace_prefix=prefix)
+    ex.sync_teams(tree(QueueSpec("a", quota={POOL: 8})), CAPACITY)
+    ns = f"{prefix}a"
+    ours = k8s.pod("1", 1, 0, namespace=ns, node="none", gpus=0, image=IMAGE, command=["sleep", "inf"])
+    core.create_namespaced_pod(ns, ours)  # accepted
+    bad = copy.deepcopy(ours)
+    bad["metadata"]["name"] = "bad"
+    bad["spec"].update(pod_spec)
+    bad["spec"]["containers"][0].update(container)
+    with pytest.raises(ApiException) as refused:
+        core.create_namespaced_pod(ns, bad)
+    assert refused.value.status == 403 and "PodSecurity" in refused.value.body, what
 
 
 def allowed_sources(plane: ControlPlane, ns: str, pod: str) -> set[str]:

@@ -1,6 +1,7 @@
 """Pure builders of the Kubernetes objects Corral creates: plain dicts, no API calls, so they are tested as data.
 
-- pod: one worker of one attempt, for Corral's own scheduler (schedulerName corral) to bind with the Binding API.
+- pod: one worker of one attempt, for Corral's own scheduler (schedulerName corral) to bind with the Binding API;
+  never root, no privilege escalation, no capabilities, the runtime's seccomp profile, no service-account token.
 - batch_job: a whole attempt as a batch/v1 Job (k8s_workload job): the Job controller makes the pods, Corral binds
   each to the node chosen for its completion index.
 - binding: the pods/binding body that puts a pod on the node the engine chose.
@@ -35,6 +36,9 @@ WORKERS_ANNOTATION = "corral.dev/workers"  # the gang's size: a missing worker p
 NODES_ANNOTATION = "corral.dev/nodes"  # a Job's pods: the chosen node of each completion index, comma-separated
 JOB_INDEX = "batch.kubernetes.io/job-completion-index"  # the Job controller's annotation on each pod it makes
 CONTAINER = "main"
+# The user a job's or sandbox's processes run as when the service sets no other (k8s_run_as_user): never root,
+# whatever the image says. 1000 is the Jupyter images' user (jovyan), so notebooks find their home directory.
+DEFAULT_RUN_AS_USER = 1000
 
 _INVALID = re.compile(r"[^a-z0-9-]+")
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
@@ -103,10 +107,25 @@ def split_workers(gpus: Mapping[str, Sequence[int]], n_workers: int) -> list[tup
     return per_node
 
 
+def pod_security(run_as_user: int = DEFAULT_RUN_AS_USER) -> dict[str, Any]:
+    """The pod's securityContext: a fixed non-root user (the kubelet refuses to start a container that would run
+    as root anyway: runAsNonRoot) and the runtime's default seccomp profile. With container_security() it meets
+    the Pod Security Standard "restricted"."""
+    if run_as_user < 1:
+        raise ValueError(f"run_as_user {run_as_user}: jobs never run as root (uid 0)")
+    return {"runAsNonRoot": True, "runAsUser": run_as_user, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security() -> dict[str, Any]:
+    """Each container's securityContext: no privilege escalation (setuid binaries, sudo) and no Linux
+    capabilities at all, so a job cannot reach the node (raw sockets, mounts, ptrace of other processes)."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
 def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gpus: int, image: str,
         command: str | Sequence[str], env: Mapping[str, str] | None = None, workers: int = 1,
         workdir: str | None = None, grace_s: float = 30.0, kind: str = "job", cpus: float | None = None,
-        memory_gb: float | None = None) -> dict[str, Any]:
+        memory_gb: float | None = None, run_as_user: int = DEFAULT_RUN_AS_USER) -> dict[str, Any]:
     """One worker's pod. It names no node: Corral binds it to `node` (kept as an annotation) with the Binding API,
     which is what the engine's placement means; schedulerName keeps kube-scheduler from placing it first."""
     env_all = {**(env or {}), "CORRAL_JOB_ID": job_id, "CORRAL_ATTEMPT": str(attempt), "CORRAL_WORKER": str(worker),
@@ -121,6 +140,7 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
         "name": CONTAINER, "image": image, "command": argv(command),
         "env": [{"name": k, "value": v} for k, v in sorted(env_all.items())],
         "resources": resources(gpus, cpus, memory_gb),
+        "securityContext": container_security(),
     }
     if workdir:
         container["workingDir"] = workdir
@@ -136,13 +156,18 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
             "containers": [container],
             # GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule; Corral chose this node on purpose.
             "tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}],
+            "securityContext": pod_security(run_as_user),
+            # No credentials for the Kubernetes API inside a job: the namespace's service account is not the
+            # job's, and a job that could call the API could read or change its team's other pods.
+            "automountServiceAccountToken": False,
         },
     }
 
 
 def batch_job(job_id: str, attempt: int, *, namespace: str, workers: Sequence[tuple[str, int]], image: str,
               command: str | Sequence[str], env: Mapping[str, str] | None = None, workdir: str | None = None,
-              grace_s: float = 30.0, cpus: float | None = None, memory_gb: float | None = None) -> dict[str, Any]:
+              grace_s: float = 30.0, cpus: float | None = None, memory_gb: float | None = None,
+              run_as_user: int = DEFAULT_RUN_AS_USER) -> dict[str, Any]:
     """A whole attempt as one Indexed batch/v1 Job: pod i is worker i, which Corral binds to workers[i]'s node
     (the nodes travel as an annotation; the controller marks each pod with its index). The template is pod()'s,
     so the pods carry the labels and annotations poll, adopt and terminate look for. backoffLimit 0: a failed or
@@ -153,7 +178,7 @@ def batch_job(job_id: str, attempt: int, *, namespace: str, workers: Sequence[tu
     nodes = [node for node, _ in workers]
     tpl = pod(job_id, attempt, 0, namespace=namespace, node=nodes[0], gpus=gpus.pop(), image=image,
               command=command, env=env, workers=len(nodes), workdir=workdir, grace_s=grace_s, cpus=cpus,
-              memory_gb=memory_gb)
+              memory_gb=memory_gb, run_as_user=run_as_user)
     labels = {k: v for k, v in tpl["metadata"]["labels"].items() if k != WORKER_LABEL}  # one template for all
     notes = {NODES_ANNOTATION: ",".join(nodes), WORKERS_ANNOTATION: str(len(nodes))}
     # What differs per pod comes from the pod itself (downward API): its index, and the node it was bound to.
@@ -206,9 +231,17 @@ def binding(pod_name: str, namespace: str, node: str,
             "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
 
 
+# Pod Security Admission on every team namespace: the API server itself refuses a pod that is not "restricted"
+# (root, privileged, host namespaces or paths, added capabilities), whoever creates it. Corral's own pods comply
+# (pod_security, container_security); the label also holds for pods a team admin (ClusterRole admin there) or a
+# site that maps members to edit would create by hand, which Corral would otherwise bind to a GPU node.
+POD_SECURITY = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/warn": "restricted"}
+
+
 def namespace(name: str, team: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": name, "labels": {MANAGED_BY: "corral", TEAM_LABEL: dns_label(team)}}}
+            "metadata": {"name": name, "labels": {MANAGED_BY: "corral", TEAM_LABEL: dns_label(team),
+                                                  **POD_SECURITY}}}
 
 
 def role_binding(namespace: str, group: str | Sequence[str], cluster_role: str = "view") -> dict[str, Any]:

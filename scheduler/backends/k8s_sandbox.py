@@ -25,15 +25,16 @@ def is_sandbox(env: Mapping[str, str]) -> bool:
 def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gpus: int, image: str,
         command: str | Sequence[str], env: Mapping[str, str] | None = None, workers: int = 1,
         workdir: str | None = None, grace_s: float = 30.0, cpus: float | None = None,
-        memory_gb: float | None = None) -> dict[str, Any]:
+        memory_gb: float | None = None, run_as_user: int = k8s.DEFAULT_RUN_AS_USER) -> dict[str, Any]:
     """A sandbox's pod; the same arguments as k8s_objects.pod, which it stands in for. KubeSpawner's `make_pod`
     gives the pod JupyterHub deployments run (its notebook container, no service-account token, no privilege
-    escalation); Corral's parts (labels, annotations, schedulerName corral, resources, the grace) come from
-    k8s_objects.pod, so the executor finds, binds and stops a sandbox like a job. As in KubeSpawner, the command
-    is the container's args: the image's entrypoint (tini in the Jupyter images) stays PID 1."""
+    escalation), confined like a job's (non-root, no capabilities, seccomp RuntimeDefault); Corral's parts
+    (labels, annotations, schedulerName corral, resources, the grace) come from k8s_objects.pod, so the executor
+    finds, binds and stops a sandbox like a job. As in KubeSpawner, the command is the container's args: the
+    image's entrypoint (tini in the Jupyter images) stays PID 1."""
     base = k8s.pod(job_id, attempt, worker, namespace=namespace, node=node, gpus=gpus, image=image, command=command,
                    env=env, workers=workers, workdir=workdir, grace_s=grace_s, kind="sandbox", cpus=cpus,
-                   memory_gb=memory_gb)
+                   memory_gb=memory_gb, run_as_user=run_as_user)
     meta, spec = base["metadata"], base["spec"]
     (c,) = spec["containers"]
     made = make_pod(name=meta["name"], cmd=c["command"], port=server_port(env or {}), image=image,
@@ -41,6 +42,9 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
                     annotations=meta["annotations"], extra_resource_limits=c["resources"]["limits"],
                     extra_resource_guarantees=c["resources"].get("requests"),
                     scheduler_name=spec["schedulerName"], tolerations=spec["tolerations"],
+                    # The same confinement as a job's pod (KubeSpawner also sets the user on the container).
+                    uid=run_as_user, allow_privilege_escalation=False, pod_security_context=spec["securityContext"],
+                    container_security_context=c["securityContext"], automount_service_account_token=False,
                     extra_pod_config={"restartPolicy": spec["restartPolicy"],
                                       "terminationGracePeriodSeconds": spec["terminationGracePeriodSeconds"]})
     out: dict[str, Any] = plain(made)

@@ -69,7 +69,8 @@ class KubernetesExecutor:
     def __init__(self, api: Any, cache_dir: Path, default_image: str | None = None, grace_s: float = 30.0,
                  namespace_prefix: str = "corral-", sa_timeout_s: float = 30.0,
                  hub_namespace: str = "jupyterhub", node_selector: str | None = None, watch_s: int = 10,
-                 foreign_pods: bool = True, workload: str = "pod") -> None:
+                 foreign_pods: bool = True, workload: str = "pod",
+                 run_as_user: int = k8s.DEFAULT_RUN_AS_USER) -> None:
         self.core = core_api(api)
         self.batch: Any = client.BatchV1Api(self.core.api_client)
         if workload not in WORKLOADS:
@@ -86,6 +87,8 @@ class KubernetesExecutor:
         # Launch.image first; then this (the service's setting); then $CORRAL_K8S_DEFAULT_IMAGE.
         self.default_image = default_image or os.environ.get(IMAGE_ENV)
         self.grace_s = grace_s
+        k8s.pod_security(run_as_user)  # refuses root (0) now, not at the first launch
+        self.run_as_user = run_as_user  # every pod Corral builds runs as this user (k8s_objects.pod_security)
         self.prefix = namespace_prefix
         self.teams = k8s_teams.TeamConfig(namespace_prefix, hub_namespace)
         self.sa_timeout_s = sa_timeout_s
@@ -111,7 +114,7 @@ class KubernetesExecutor:
             workers = k8s.split_workers(launch.gpus, int(launch.env.get("CORRAL_WORKERS") or 0))
             common: dict[str, Any] = dict(namespace=ns, image=image, command=launch.command, env=launch.env,
                                           workdir=launch.workdir, grace_s=self.grace_s, cpus=launch.cpus,
-                                          memory_gb=launch.memory_gb)
+                                          memory_gb=launch.memory_gb, run_as_user=self.run_as_user)
             if not sandbox and self._workload(launch.env) == "job":  # sandboxes are KubeSpawner's pods
                 job = k8s.batch_job(launch.job_id, launch.attempt, workers=workers, **common)
             build = k8s_sandbox.pod if sandbox else k8s.pod

@@ -27,6 +27,10 @@ from scheduler.service.settings import ADMIN_TOKEN_FILE, ServiceSettings
 from scheduler.service.telemetry import configure_logging
 
 log = logging.getLogger("corral.service")
+# Said at every start on the Ray backend (docs/ray.md, Trust model): Corral cannot separate Ray jobs from each other.
+RAY_TRUST = ("isolation: on the Ray backend every job runs as the Ray cluster's own user, with no isolation between "
+             "jobs (each can read the others' files and environment, and use the cluster's credentials): use one "
+             "Ray cluster per trust domain, for a single team or a group that trusts each other")
 
 
 def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus: list[GPUInfo] | None = None,
@@ -42,6 +46,7 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
 
         if not settings.ray_address:
             raise ValueError("backend ray needs ray_address (the Ray dashboard / Jobs API URL)")
+        log.warning(RAY_TRUST)
         # The cluster's GPU nodes are the pools; Ray, through its Jobs API, runs what Corral admits.
         if nodes is None:
             nodes = discover_ray(settings.ray_address, settings.ray_token)
@@ -62,7 +67,8 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
         k8s_ex = KubernetesExecutor(api, settings.data_dir / "k8s", settings.k8s_default_image, settings.grace_s,
                                     settings.k8s_namespace_prefix, hub_namespace=settings.k8s_hub_namespace,
                                     node_selector=settings.k8s_node_selector,
-                                    foreign_pods=settings.k8s_foreign_pods, workload=settings.k8s_workload)
+                                    foreign_pods=settings.k8s_foreign_pods, workload=settings.k8s_workload,
+                                    run_as_user=settings.k8s_run_as_user)
         if nodes is None:
             nodes = k8s_ex.discover()  # its node watch resumes from this very list
         executor = executor or k8s_ex
