@@ -29,7 +29,7 @@ from notebooks.outputs import log_metrics, record_lineage, tree_digest
 from scheduler.backends.local import LocalExecutor
 from scheduler.models import audit as chain
 from scheduler.models import mlflow_export
-from scheduler.models.artifacts import Walk, digest
+from scheduler.models.artifacts import ArtifactError, Walk, digest, walk
 from scheduler.service import hashing
 from scheduler.service.auth import Role
 from scheduler.service.db import model_aliases, model_audit
@@ -105,6 +105,23 @@ def test_a_symlink_inside_a_directory_artifact_is_hashed_as_a_link_never_read(sv
     secret.write_bytes(b"two")  # were the link followed, the digest would tell the secret's content
     second = alice.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": "tree"}).json()["digest"]
     assert first == second
+
+
+def test_a_directory_swapped_for_a_symlink_after_the_walk_is_not_followed(tmp_path: Path) -> None:
+    """The job's user races the hash: once sized, `sub` becomes a symlink to a directory outside with a file of the
+    same name; hashing opens beneath the output directory with O_NOFOLLOW, so it refuses instead of reading it."""
+    out, outside = tmp_path / "output", tmp_path / "outside"
+    (out / "tree" / "sub").mkdir(parents=True)
+    (out / "tree" / "sub" / "w.bin").write_bytes(b"w")
+    outside.mkdir()
+    (outside / "w.bin").write_bytes(b"s")
+    sized = walk(out / "tree", 100, 10, base=out)
+    (out / "tree" / "sub" / "w.bin").unlink()
+    (out / "tree" / "sub").rmdir()
+    (out / "tree" / "sub").symlink_to(outside)
+    attack_kit.attempt("3 artifact paths")
+    with pytest.raises(ArtifactError, match="changed since it was sized"):
+        digest(sized)
 
 
 def test_another_teams_job_is_not_a_source(svc: Service, team: dict[str, TestClient]) -> None:

@@ -48,6 +48,8 @@ class Entry:
     size: int = 0
     ident: tuple[int, int] = (0, 0)  # (st_dev, st_ino): the file read later must be this very file
     link: str | None = None  # a symlink's target text, hashed as text and never followed
+    base: Path = Path("/")  # the directory trusted as it is (an output directory); `parts` lead from it to the file
+    parts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,25 +98,35 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _file(rel: str, path: Path, st: os.stat_result) -> Entry:
+def _regular(path: Path, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise ArtifactError(f"{path} is {_kind(st.st_mode)}: an artifact holds only regular files and directories")
     if st.st_nlink > 1:
         # A hard link can name a file that lies outside the output directory (another user's, or the server's).
         raise ArtifactError(f"{path} has {st.st_nlink} hard links: an artifact's files must be its own copies")
-    return Entry(rel, path, st.st_size, (st.st_dev, st.st_ino))
 
 
-def walk(path: Path, max_bytes: int, max_files: int) -> Walk:
+def _file(rel: str, path: Path, st: os.stat_result, base: Path) -> Entry:
+    _regular(path, st)
+    return Entry(rel, path, st.st_size, (st.st_dev, st.st_ino), base=base, parts=path.relative_to(base).parts)
+
+
+def walk(path: Path, max_bytes: int, max_files: int, base: Path | None = None) -> Walk:
     """The pre-walk: every regular file and symlink under `path` (never following a link) with its size, refused
     as soon as the total passes `max_bytes` or the count `max_files`, or when anything is not a regular file, a
-    directory or a symlink (devices, FIFOs and sockets would block or never end)."""
+    directory or a symlink (devices, FIFOs and sockets would block or never end).
+
+    `base` (a real path containing `path`: the output directory) is where hashing starts opening each file,
+    component by component without following any symlink, so a directory swapped for a symlink between the walk
+    and the hash leads nowhere. None: `path` itself (its parent for a file)."""
+    if base is None:
+        base = path if os.path.isdir(path) and not os.path.islink(path) else path.parent
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"artifact not found: {path}") from None
     if not stat.S_ISDIR(st.st_mode):
-        entry = _file("", path, st)
+        entry = _file("", path, st, base)
         if entry.size > max_bytes:
             raise ArtifactError(f"artifact {path} is {entry.size} bytes, over the limit of {max_bytes} "
                                 "(setting artifact_max_bytes)")
@@ -135,7 +147,7 @@ def walk(path: Path, max_bytes: int, max_files: int) -> Walk:
                 if stat.S_ISLNK(st.st_mode):
                     entries.append(Entry(rel, full, link=os.readlink(full)))
                 else:
-                    entries.append(_file(rel, full, st))
+                    entries.append(_file(rel, full, st, base))
                     total += st.st_size
                 if len(entries) > max_files:
                     raise ArtifactError(f"artifact {path} holds more than {max_files} files "
@@ -146,13 +158,32 @@ def walk(path: Path, max_bytes: int, max_files: int) -> Walk:
     return Walk(path, True, tuple(sorted(entries, key=lambda e: e.rel)), total)
 
 
+def _open_beneath(entry: Entry) -> int:
+    """Open the entry's file from its base, one component at a time, following no symlink anywhere on the way
+    (O_NOFOLLOW on every directory and on the file) and never blocking on a FIFO (O_NONBLOCK)."""
+    if not entry.parts:
+        raise ArtifactError(f"{entry.path} is not below {entry.base}")
+    fd = os.open(entry.base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in entry.parts[:-1]:
+            down = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = down
+        return os.open(entry.parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+    except OSError as e:
+        raise ArtifactError(f"{entry.path} changed since it was sized ({e.strerror}): not hashed") from e
+    finally:
+        os.close(fd)
+
+
 def _feed(h: hashlib._Hash, entry: Entry) -> None:
-    """Hash at most the pre-walked size of the very file the pre-walk saw. O_NOFOLLOW and O_NONBLOCK: a file
-    swapped since for a symlink or a FIFO is refused, never followed or waited on."""
-    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    """Hash at most the pre-walked size of the very file the pre-walk saw (same device and inode, still a regular
+    file with one link), reached from its base without following a symlink."""
+    fd = _open_beneath(entry)
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != entry.ident:
+        _regular(entry.path, st)
+        if (st.st_dev, st.st_ino) != entry.ident:
             raise ArtifactError(f"{entry.path} changed while it was hashed")
         left = entry.size
         while left > 0 and (chunk := f.read(min(_CHUNK, left))):

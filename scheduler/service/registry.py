@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from scheduler.backends.base import KeepsOutputs
 from scheduler.models import audit as chain
-from scheduler.models.artifacts import ArtifactError, Walk, resolve, walk
+from scheduler.models.artifacts import ArtifactError, Walk, inside, resolve, walk
 from scheduler.models.hooks import run_hook
 from scheduler.models.outputs import Lineage, read_lineage, read_metrics
 from scheduler.models.policy import (
@@ -223,7 +223,9 @@ def _completed_attempt(conn: Connection, job_id: int) -> int | None:
 def _walk(core: Core, uri: str, roots: list[Path]) -> Walk:
     """The artifact, resolved inside `roots` and pre-walked within the size bounds (ArtifactError, OSError)."""
     s = core.settings
-    return walk(resolve(uri, roots), s.artifact_max_bytes, s.artifact_max_files)
+    path = resolve(uri, roots)
+    # Hashing opens each file from the output directory down, following no symlink (artifacts.walk).
+    return walk(path, s.artifact_max_bytes, s.artifact_max_files, base=inside(path, roots))
 
 
 def _digest_now(core: Core, v: RowMapping) -> tuple[str | None, str]:
