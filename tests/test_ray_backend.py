@@ -29,12 +29,13 @@ from ray.job_submission import JobStatus
 from scheduler.backends.base import Exit, Handle, Launch, NodeInfo
 from scheduler.backends.ray import RayExecutor, auth_headers, discover_ray, submission_id
 from scheduler.service.app import create_app
-from scheduler.service.assemble import build_core, create_token
+from scheduler.service.assemble import RAY_TRUST, build_core, create_token
 from scheduler.service.auth import Role
 from scheduler.service.core import Core
 from scheduler.service.db import connect, jobs, migrate
 from scheduler.service.settings import ServiceSettings
 from tests.restart_kit import Backend, issue_case, scripted_twin
+from tests.service_kit import ScriptedExecutor
 
 START_TIMEOUT_S = 180.0  # a loaded two-core machine can take half a minute before the dashboard answers
 RAY = str(Path(sys.executable).parent / "ray")
@@ -303,3 +304,15 @@ def test_a_restart_over_running_ray_jobs_decides_as_without_one(cluster: Cluster
     restarted = issue_case(real, restart_it=True)
     assert restarted == issue_case(scripted_twin(tmp_path, cluster.nodes, "ray", 1), restart_it=False)
     assert ("Preempted", "b2") in restarted["decided"], restarted
+
+
+def test_serve_on_ray_warns_that_jobs_share_the_clusters_user(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                              ) -> None:
+    """No cluster needed: the warning comes before anything is asked of Ray (docs/ray.md, Trust model)."""
+    settings = ServiceSettings(data_dir=tmp_path / "data", backend="ray", ray_address="http://127.0.0.1:9",
+                               grace_s=30)
+    with caplog.at_level("WARNING", logger="corral.service"):
+        core = build_core(settings, executor=ScriptedExecutor(), nodes=[NodeInfo("n1", "gpu", [])])
+    core.db.dispose()
+    assert RAY_TRUST in caplog.messages
+    assert "one Ray cluster per trust domain" in RAY_TRUST
