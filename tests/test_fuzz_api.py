@@ -78,13 +78,14 @@ def seed(svc: Service, tmp: Path) -> None:
     ids = [api.post("/v1/jobs", json={"queue": q, "command": ["train"], "gpus": g}).json()["id"]
            for api, q, g in ((alice, "nlp", 1), (alice, "nlp", 1), (bob, "ranking", 2), (alice, "nlp", 8))]
     svc.tick()
+    out = svc.executor.output_dir(str(ids[1]), 1)  # what the job wrote: its weights and metrics
+    out.mkdir(parents=True)
+    (out / "weights.bin").write_bytes(b"weights")
+    (out / "metrics.json").write_text('{"accuracy": 0.9}')
     svc.executor.exit(ids[1], 0)
     svc.tick()
-    artifact = tmp / "weights.bin"
-    artifact.write_bytes(b"weights")
     assert alice.post("/v1/models", json={"name": "m", "queue": "nlp"}).status_code == 201
-    r = alice.post("/v1/models/m/versions", json={"job_id": ids[1], "artifact_uri": str(artifact),
-                                                  "metrics": {"accuracy": 0.9}})
+    r = alice.post("/v1/models/m/versions", json={"job_id": ids[1], "artifact_uri": "weights.bin"})
     assert r.status_code == 201, r.text
 
 

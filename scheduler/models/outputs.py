@@ -73,8 +73,11 @@ def _read(directory: Path, name: str) -> Any | None:
     except OSError as e:
         raise ArtifactError(f"{name} cannot be read: {e.strerror}") from e
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise ArtifactError(f"{name} is not a regular file")
+        if st.st_nlink > 1:  # a hard link could be someone else's file, shown back in the error messages below
+            raise ArtifactError(f"{name} has {st.st_nlink} hard links: the job writes its own copy")
         raw = f.read(MAX_RECORD_BYTES + 1)
     if len(raw) > MAX_RECORD_BYTES:
         raise ArtifactError(f"{name} is larger than {MAX_RECORD_BYTES} bytes")
