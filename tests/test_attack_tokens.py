@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
@@ -192,6 +193,28 @@ def test_with_a_hub_a_team_admin_makes_no_new_names(db_url: str, tmp_path: Path)
         _refused(_mint(tess, "hub-approver", "member", "nlp"), 403, "user", "JupyterHub")
         assert _mint(svc.admin, "svc-account", "member", "nlp").status_code == 201
         assert _mint(tess, "svc-account", "member", "nlp").status_code == 201  # reissued inside its subtree
+    finally:
+        svc.core.db.dispose()
+
+
+def test_a_hub_user_with_a_reserved_name_is_refused(db_url: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JupyterHub account named system:cluster would own the cluster's jobs in Corral: refused at the door."""
+    names = {"hub-secret-1": "system:cluster", "hub-secret-2": "hanna"}
+
+    def hub(request: httpx.Request) -> httpx.Response:
+        name = names.get(request.headers["authorization"].removeprefix("token "))
+        if name is None:
+            return httpx.Response(403)
+        return httpx.Response(200, json={"name": name, "groups": [], "scopes": ["custom:corral:submit"]})
+
+    real = httpx.AsyncClient
+    monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real(transport=httpx.MockTransport(hub), **kw))
+    svc = make_service(db_url, tmp_path, hub_api_url="http://hub.invalid/hub/api")
+    try:
+        attack_kit.attempt(FORGE)
+        _refused(_as(svc, "hub-secret-1").get("/v1/jobs"), 401, None, "reserved")
+        assert _as(svc, "hub-secret-2").get("/v1/jobs").status_code == 200  # the hub itself is asked, and answers
     finally:
         svc.core.db.dispose()
 

@@ -131,7 +131,8 @@ def build_app(settings: ServiceSettings, run_loop: bool = True) -> tuple[Core, F
 
 
 def create_token(core: Core, user: str, role: Role, scope: str | None = None, by: str = "corral") -> str:
-    """A token made without the API (bootstrap, `corral token create --local`, tests); returns its secret."""
+    """A token made without the API (bootstrap, tests); returns its secret. `corral token create --local` is
+    scheduler/service/local_tokens.py."""
     secret, now = new_secret(), core.clock()
     with core.db.begin() as conn:
         conn.execute(tokens.insert().values(digest=digest(secret), user=user, role=role.value, scope=scope,

@@ -13,7 +13,7 @@ from sqlalchemy.engine import RowMapping
 from starlette.concurrency import run_in_threadpool
 
 from scheduler.service import telemetry
-from scheduler.service.auth import Principal, Role, digest, hub_principal
+from scheduler.service.auth import Principal, Role, digest, hub_principal, reserved_name
 from scheduler.service.core import Core
 from scheduler.service.db import tokens
 from scheduler.service.errors import Unauthorized, Unavailable
@@ -93,6 +93,10 @@ async def _hub_user(c: Core, secret: str) -> Principal:
     if r.status_code != 200:
         raise Unavailable(f"JupyterHub answered {r.status_code} when asked who holds a token")
     user = r.json()
+    if reserved_name(user["name"]):
+        # Corral's own records use these names (the cluster's jobs are system:cluster's): a hub user so named
+        # would own, read and cancel them.
+        raise Unauthorized(f"the hub user {user['name']!r} has a name reserved for Corral's own records")
     return hub_principal(user["name"], user.get("groups", []), user.get("scopes", []), c.settings.hub_groups)
 
 
