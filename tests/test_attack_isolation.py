@@ -197,13 +197,15 @@ def test_a_notebook_runs_as_its_user_in_their_home(base: Path) -> None:
     outlives the server and that nobody else may enter."""
     svc = service(base)
     box = svc.client("alice", Role.MEMBER, "nlp").post("/v1/sandboxes", json={
-        "queue": "nlp", "gpus": 1, "command": ["/bin/sh", "-c", 'id -u; pwd; echo "$HOME"; echo $USER; sleep 30']})
+        "queue": "nlp", "gpus": 1, "command": ["/bin/sh", "-c",
+                                         'id -u; pwd; echo "$HOME"; echo $USER; echo kept > "$HOME/notes"; sleep 30']})
     assert box.status_code == 201, box.text
     jid = box.json()["id"]
     until(svc, lambda: len(logs(svc, jid).splitlines()) >= 4)
     home = base / "data" / "home" / "alice"
     attack_kit.attempt(f"{ITEM}: a notebook's uid and home")
     assert logs(svc, jid).splitlines() == [str(uid_of(svc, "alice")), str(home), str(home), "alice"]
+    until(svc, lambda: (home / "notes").exists())  # written by path: the way to the home is open to its user
     st = home.stat()
     assert (st.st_uid, st.st_mode & 0o777) == (uid_of(svc, "alice"), 0o700)
     assert svc.client("alice", Role.MEMBER, "nlp").delete(f"/v1/sandboxes/{jid}").status_code in (200, 202, 204)

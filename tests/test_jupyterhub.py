@@ -12,6 +12,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,23 @@ from scheduler.service.db import jobs
 from tests.test_crash import free_port
 
 BIN = Path(sys.executable).parent
+UID_MIN, UID_MAX = 2_900_100, 2_900_199  # the notebooks' accounts when the hub's servers run as their users
+
+
+def reachable(path: Path) -> bool:
+    """Whether an account other than root may run `path`: every directory above it passable, the file executable."""
+    real = path.resolve()
+    return real.exists() and all(p.stat().st_mode & 0o001 for p in [*real.parents, real])
+
+
+def user_python() -> str | None:
+    """An interpreter of this Python's version that other accounts may run (with this venv's packages on
+    PYTHONPATH): this one, or the system's where this one sits under /root. None: the servers run as the service."""
+    tag = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (Path(sys.executable), Path("/usr/bin") / tag, Path("/usr/local/bin") / tag):
+        if reachable(candidate):
+            return str(candidate)
+    return None
 
 
 def proxy_command() -> str | None:
@@ -58,7 +76,8 @@ c.JupyterHub.authenticator_class = "dummy"
 c.Authenticator.allow_all = True
 c.JupyterHub.spawner_class = "corral"
 c.JupyterHub.allow_named_servers = True
-c.Spawner.cmd = ["{bin}/jupyterhub-singleuser"]
+c.Spawner.cmd = {cmd}
+c.Spawner.environment = {environment}
 c.Spawner.args = ["--allow-root"] if {root} else []
 c.Spawner.start_timeout = 30
 c.Spawner.http_timeout = 30
@@ -97,13 +116,28 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             pytest.fail("configurable-http-proxy is not installed, but CORRAL_REQUIRE_HUB asks for hub tests")
         pytest.skip("configurable-http-proxy not found (npm install configurable-http-proxy; scripts/test does)")
     home = tmp_path_factory.mktemp("hub")
-    (home / "data").mkdir()
+    # As root, notebook servers run as their users' own accounts (docs/service.md, Trust model): their homes are
+    # under data_dir, which must then be where other accounts may pass (pytest's tmp is not).
+    python = user_python() if os.geteuid() == 0 else None
+    if python is not None:
+        data = Path(tempfile.mkdtemp(prefix="corral-hub-", dir="/tmp"))
+        os.chmod(data, 0o711)
+        cmd = [python, "-m", "jupyterhub.singleuser"]
+        site = [p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)]
+        environment = {"PYTHONPATH": os.pathsep.join(site)}
+        (home / "data").symlink_to(data)  # where the tests look; the service is given the real path
+    else:
+        data = home / "data"
+        data.mkdir()
+        cmd, environment = [str(BIN / "jupyterhub-singleuser")], {}
     corral_port, hub_port, hub_api_port = free_port(), free_port(), free_port()
     groups = {"team-a": "nlp", "team-b": "ranking"}
     corral_url = f"http://127.0.0.1:{corral_port}"
-    env = {**os.environ, "CORRAL_DATA_DIR": str(home / "data"), "CORRAL_PORT": str(corral_port),
+    env = {**os.environ, "CORRAL_DATA_DIR": str(data), "CORRAL_PORT": str(corral_port),
            "CORRAL_GPUS": "4", "CORRAL_DEMO": "1", "CORRAL_TICK_S": "0.1", "CORRAL_GRACE_S": "3",
-           "CORRAL_HUB_API_URL": f"http://127.0.0.1:{hub_api_port}/hub/api", "CORRAL_HUB_GROUPS": json.dumps(groups)}
+           "CORRAL_HUB_API_URL": f"http://127.0.0.1:{hub_api_port}/hub/api", "CORRAL_HUB_GROUPS": json.dumps(groups),
+           "CORRAL_RUN_AS": "users" if python is not None else "service", "CORRAL_UID_MIN": str(UID_MIN),
+           "CORRAL_UID_MAX": str(UID_MAX)}
     env.pop("CORRAL_DATABASE_URL", None)
     procs: list[subprocess.Popen[bytes]] = []
     with open(home / "corral.log", "w") as log:
@@ -114,8 +148,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         tester = secrets.token_hex(16)
         (home / "jupyterhub_config.py").write_text(HUB_CONFIG.format(
             hub_port=hub_port, hub_api_port=hub_api_port, home=home, proxy=proxy, proxy_token=secrets.token_hex(16),
-            bin=BIN, root=os.geteuid() == 0, corral_url=corral_url, corral_token=admin, groups=groups,
-            tester_token=tester, corral_service_token=secrets.token_hex(16)))
+            cmd=cmd, environment=environment, root=os.geteuid() == 0, corral_url=corral_url, corral_token=admin,
+            groups=groups, tester_token=tester, corral_service_token=secrets.token_hex(16)))
         hub_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
         with open(home / "hub.log", "w") as log:
             procs.append(subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(home / "jupyterhub_config.py")],
@@ -124,7 +158,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                            headers={"Authorization": f"token {tester}"}, timeout=60)
         wait_for(lambda: hub.get("/").status_code == 200, "JupyterHub")
         corral = httpx.Client(base_url=corral_url, headers={"Authorization": f"Bearer {admin}"}, timeout=30)
-        yield {"hub": hub, "corral": corral, "corral_url": corral_url, "home": home}
+        yield {"hub": hub, "corral": corral, "corral_url": corral_url, "home": home, "as_users": python is not None}
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -132,6 +166,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if python is not None:
+            shutil.rmtree(data, ignore_errors=True)
 
 
 def sandboxes(stack: dict[str, Any]) -> list[dict[str, Any]]:
@@ -153,6 +189,29 @@ def test_spawn_within_quota_runs_on_its_gpus(stack: dict[str, Any]) -> None:
     held = [g for p in stack["corral"].get("/v1/pools").json()["pools"] for n in p["nodes"] for g in n["gpus"]
             if g["job"] == box["id"]]
     assert len(held) == 1
+
+
+def test_the_notebook_server_runs_as_its_user(stack: dict[str, Any]) -> None:
+    """As root, the hub's single-user server runs as alice's own account, with its home (where jupyter keeps its
+    runtime files) hers alone."""
+    if not stack["as_users"]:
+        pytest.skip("the service is not root, or no interpreter other accounts may run: servers run single-user")
+    (box,) = [b for b in sandboxes(stack) if b["owner"] == "alice"]
+    data = stack["home"] / "data"
+    uid = json.loads((data / "accounts.json").read_text())["alice"]
+    shim = json.loads((data / "runs" / str(box["id"]) / str(box["attempt"]) / "pid").read_text())["pid"]
+    members = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(int(p.name)) == shim]
+    assert {p.stat().st_uid for p in members} == {0, uid}  # the shim (the service's user) and the server
+    home = data / "home" / "alice"
+    assert (home.stat().st_uid, home.stat().st_mode & 0o777) == (uid, 0o700)
+    assert (home / ".local" / "share" / "jupyter" / "runtime").stat().st_uid == uid
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def test_the_notebook_talks_to_corral_as_its_user(stack: dict[str, Any]) -> None:

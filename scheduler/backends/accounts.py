@@ -100,6 +100,9 @@ class RangeAccounts:
         # The name is the directory when it is a plain one; otherwise (slashes, dots only) the uid is.
         name = user if _SAFE_NAME.match(user) and user not in (".", "..") else f"uid-{uid}"
         home = self.home_root / name
+        # The homes' parent: anyone may pass through to their own home, nobody may list who has one.
+        self.home_root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.home_root, 0o711)
         ensure_private_dir(home, uid, uid)
         return Account(user, uid, uid, (), home)
 
