@@ -222,6 +222,7 @@ def test_aliases_export_to_mlflow(svc: Service, team: dict[str, TestClient], tmp
     owen.post(f"/v1/promotions/{ask['promotion']}/approve")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     svc.core.settings.mlflow_tracking_uris = [uri]  # the admin's allow-list
+    svc.core.settings.mlflow_timeout_s = 120  # a new sqlite store runs MLflow's migrations first: slow machines
     assert alice.post("/v1/models/m/export/mlflow", json={"tracking_uri": uri}).status_code == 403
     out = olga.post("/v1/models/m/export/mlflow", json={"tracking_uri": uri}).json()
     assert out["aliases"] == {"production": 1}
