@@ -16,6 +16,14 @@ def exact(amount: float) -> float:
     return round(amount, 6)
 
 
+def finite(amount: float, what: str) -> float:
+    """`amount` if it is a finite number; else ValueError. Free CPUs and memory are sums of requests: one infinite
+    request makes a node's free amount inf - inf = NaN, which no comparison satisfies, so nothing fits there again."""
+    if not math.isfinite(amount):
+        raise ValueError(f"{what} is {amount}: CPUs and memory must be finite numbers")
+    return amount
+
+
 @dataclass(frozen=True)
 class Settings:
     """Engine settings. Times are seconds on the caller's clock (virtual in the simulator, wall in the service)."""
@@ -42,9 +50,9 @@ class NodeSpec:
 
     def __post_init__(self) -> None:
         if self.cpus is not None:
-            object.__setattr__(self, "cpus", exact(self.cpus))
+            object.__setattr__(self, "cpus", exact(finite(self.cpus, f"node {self.name}: cpus")))
         if self.memory_gb is not None:
-            object.__setattr__(self, "memory_gb", exact(self.memory_gb))
+            object.__setattr__(self, "memory_gb", exact(finite(self.memory_gb, f"node {self.name}: memory_gb")))
 
 
 @dataclass(frozen=True)
@@ -63,8 +71,8 @@ class JobSpec:
     checkpoint: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "cpus", exact(self.cpus))
-        object.__setattr__(self, "memory_gb", exact(self.memory_gb))
+        object.__setattr__(self, "cpus", exact(finite(self.cpus, f"job {self.id}: cpus")))
+        object.__setattr__(self, "memory_gb", exact(finite(self.memory_gb, f"job {self.id}: memory_gb")))
 
     @functools.cached_property
     def request(self) -> int:

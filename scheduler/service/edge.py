@@ -40,8 +40,9 @@ Amount = Annotated[float, Field(ge=0, le=MAX_AMOUNT)]
 
 
 def _allows(annotation: Any, wanted: tuple[Any, ...]) -> bool:
-    """`annotation` mentions one of `wanted` anywhere (in a union, a container, an Annotated)."""
-    if annotation in wanted:
+    """`annotation` mentions one of `wanted` anywhere (in a union, a container, an Annotated). A nested model counts
+    as one: it checks its own fields (a rule's `defaults` may well hold `preemptible: false`)."""
+    if annotation in wanted or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
         return True
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:

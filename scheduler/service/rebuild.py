@@ -14,6 +14,8 @@ What the engine keeps that decides something later, and where the database keeps
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,7 @@ from sqlalchemy.engine import Connection, RowMapping
 from scheduler.backends.base import Handle
 from scheduler.engine import Engine as Scheduler
 from scheduler.engine.decisions import Decision
-from scheduler.engine.model import Reason
+from scheduler.engine.model import JobSpec, Reason
 from scheduler.service import queues, store
 from scheduler.service.db import attempts, jobs
 from scheduler.service.launching import HOLDING
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 
 LIVE = ("pending", "starting", "running")  # job states the engine knows about
 PLACED = ("starting", "running")  # attempt states the engine counts as holding their GPUs
+UNREADABLE = "invalid_spec"  # the rule a job rejected at the rebuild for a spec the engine cannot take carries
+log = logging.getLogger("corral.service")
 
 
 def recover(core: Core, now: float) -> None:
@@ -94,11 +98,12 @@ def rebuild(core: Core) -> None:
     holding = sorted((j for j in live if j["id"] in placed), key=lambda j: admission_key(placed[j["id"]]))
     for j in holding:
         a = placed[j["id"]]
-        engine.restore(engine_spec_of(j["spec"], j["id"], j["pool"]), j["submitted_at"], a["admitted_at"],
+        engine.restore(held_spec(j), j["submitted_at"], a["admitted_at"],
                        [(n, list(g)) for n, g in a["placement"]], seq=j["id"], reason=reason_of(j["reason"]))
     rejected: list[Decision] = []
+    unreadable = reject_unreadable(core, [j for j in live if j["id"] not in placed])
     for j in live:
-        if j["id"] not in placed:
+        if j["id"] not in placed and j["id"] not in unreadable:
             # A pending job the tree in force can never run (a queue apply lowered the quota below a
             # non-preemptible job, or a limit below a gang) is rejected with its reason at the next cycle.
             rejected += engine.submit(engine_spec_of(j["spec"], j["id"], j["pool"]), j["submitted_at"],
@@ -108,6 +113,45 @@ def rebuild(core: Core) -> None:
     core.unrecorded_decisions = rejected
     core.admissions = admissions or 0
     core._owed()
+
+
+def held_spec(j: Mapping[Any, Any]) -> JobSpec:
+    """The engine spec of a job that holds GPUs. One stored before numbers were checked may ask for infinite CPUs or
+    memory (it started on a node that does not count them); its GPUs must still be held, so it is restored asking for
+    none of them (what it asked for could not be counted anyway) rather than left out or stalling the rebuild."""
+    try:
+        return engine_spec_of(j["spec"], j["id"], j["pool"])
+    except ValueError:
+        repaired = {**j["spec"], **{k: 0.0 for k in ("cpus", "memory_gb")
+                                    if not _finite_number(j["spec"].get(k, 0.0))}}
+        log.warning("job %s: restored with its non-finite CPUs or memory as 0", j["id"])
+        return engine_spec_of(repaired, j["id"], j["pool"])
+
+
+def reject_unreadable(core: Core, waiting: list[RowMapping]) -> set[int]:
+    """Reject, with the reason, waiting jobs whose stored spec the engine cannot take (NaN or Infinity stored before
+    numbers were checked at the edge; migration 0007 repairs those, this guards against any left). One such job in
+    the engine would stall every queue of its pool; refused at the rebuild, it stalls nothing."""
+    bad: dict[int, str] = {}
+    for j in waiting:
+        try:
+            engine_spec_of(j["spec"], j["id"], j["pool"])
+        except ValueError as e:
+            bad[j["id"]] = str(e)
+    if bad:
+        now = core.clock()
+        with core.db.begin() as conn:
+            for job_id, why in bad.items():
+                message = f"its stored spec cannot be scheduled: {why}"
+                store.update_job(conn, job_id, state="rejected", ended_at=now,
+                                 reason={"rule": UNREADABLE, "message": message, "numbers": {}})
+                store.add_event(conn, now, "rejected", message, job_id)
+        log.warning("rejected %d job(s) whose stored spec cannot be scheduled: %s", len(bad), sorted(bad))
+    return set(bad)
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def admission_key(a: Mapping[Any, Any]) -> tuple[bool, int, float, int]:

@@ -19,6 +19,7 @@ from scheduler.service.core import Core
 from scheduler.service.db import attempts, events, jobs
 from scheduler.service.deps import TEXT_OK, Caller, CoreDep, DbId
 from scheduler.service.errors import Invalid, NotStarted
+from scheduler.service.redact import Redactor
 from scheduler.service.specs import JobSubmit, engine_id
 
 router = APIRouter(tags=["jobs"])
@@ -79,6 +80,10 @@ def list_jobs(who: Caller, core: CoreDep,
                 out.append(view)
             if len(out) == limit:
                 break
+        hide = Redactor(core, conn, who)
+        hide.learn(v["reason"] for v in out)  # every id the page names, in one look-up
+        for v in out:
+            v["reason"] = hide.value(v["reason"])
     return {"jobs": out}
 
 
@@ -94,6 +99,7 @@ def get_job(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
         job = core.readable(conn, who, job_id)
         view = store.job_view(job)
+        view["reason"] = Redactor(core, conn, who).value(view["reason"])
         view["attempts"] = [dict(a) for a in conn.execute(
             sa.select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.attempt)).mappings()]
     return view
@@ -114,8 +120,11 @@ def delete(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
 def job_events(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
         core.readable(conn, who, job_id)
-        rows = conn.execute(sa.select(events).where(events.c.job_id == job_id).order_by(events.c.id)).mappings()
-        return {"events": [dict(r) for r in rows]}
+        rows = [dict(r) for r in conn.execute(
+            sa.select(events).where(events.c.job_id == job_id).order_by(events.c.id)).mappings()]
+        hide = Redactor(core, conn, who)
+        hide.learn([r["message"], r["data"]] for r in rows)
+        return {"events": [{**r, "message": hide.value(r["message"]), "data": hide.value(r["data"])} for r in rows]}
 
 
 @router.get("/jobs/{job_id}/explain")
@@ -133,6 +142,10 @@ def explain(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
         live = core.engine.jobs.get(engine_id(job_id))
         reason = (store.reason_json(core.engine.explain(engine_id(job_id), core.clock()))
                   if live is not None and live.state is JobState.PENDING else job["reason"])
+    with core.db.connect() as conn:  # after the lock: the redactor takes it to read the tree
+        hide = Redactor(core, conn, who)
+        hide.learn([reason, preempted])
+        reason, preempted = hide.value(reason), hide.value(preempted)
     return {"job": job_id, "state": job["state"], "reason": reason, "preemptions": preempted}
 
 

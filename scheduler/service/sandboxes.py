@@ -16,6 +16,7 @@ from scheduler.service.core import FINISHED, Core
 from scheduler.service.culler import IDLE_TIMEOUT_LABEL
 from scheduler.service.edge import Amount
 from scheduler.service.errors import Conflict, Forbidden, Invalid
+from scheduler.service.redact import Redactor
 from scheduler.service.specs import MAX_NAME, JobSubmit, Strict, engine_id
 
 GUARANTEE = "guarantee"  # the rule a refusal names when the team's non-preemptible GPUs fill its quota
@@ -85,7 +86,10 @@ def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, A
         msg = why.message
     else:
         msg = f"no room can be made, even by preempting: {why.message}"
-    raise Conflict(f"the sandbox cannot start now: {msg}", "gpus", store.reason_json(why))
+    with core.db.connect() as conn:  # the engine's reason names the jobs in the way: not those of other teams
+        hide = Redactor(core, conn, who)
+        msg, detail = hide.value(msg), hide.value(store.reason_json(why))
+    raise Conflict(f"the sandbox cannot start now: {msg}", "gpus", detail)
 
 
 def _check_guarantee(ps: PoolState, q: Queue, gpus: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -141,6 +142,22 @@ def job_id_of(engine_job: str) -> int:
     return int(engine_job.removeprefix("job-"))
 
 
-def engine_spec_of(row_spec: dict[str, Any], job_id: int, pool: str) -> JobSpec:
-    """The engine's view of a stored job spec."""
-    return JobSubmit.model_validate(row_spec).engine_spec(job_id, pool)
+def engine_spec_of(row_spec: Mapping[str, Any], job_id: int, pool: str) -> JobSpec:
+    """The engine's view of a stored job spec: only the fields the engine reads, so that a spec stored under older,
+    looser rules (a longer command, a relative workdir) still schedules and fails at launch, alone, if it must.
+    ValueError when one of those fields is not what the engine needs (NaN or Infinity, a boolean for a number)."""
+
+    def field(name: str, kinds: tuple[type, ...]) -> Any:
+        v = row_spec.get(name, JobSubmit.model_fields[name].default)
+        if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+            raise ValueError(f"job {job_id}: stored {name} {v!r} is not a {' or '.join(k.__name__ for k in kinds)}")
+        return v
+
+    queue = row_spec.get("queue")
+    if not isinstance(queue, str):
+        raise ValueError(f"job {job_id}: stored queue {queue!r} is not a name")
+    # JobSpec refuses non-finite CPUs and memory itself (engine.model.finite).
+    return JobSpec(id=engine_id(job_id), queue=queue, pool=pool, gpus=field("gpus", (int,)),
+                   workers=field("workers", (int,)), cpus=float(field("cpus", (int, float))),
+                   memory_gb=float(field("memory_gb", (int, float))), priority=field("priority", (int,)),
+                   preemptible=field("preemptible", (bool,)), checkpoint=field("checkpoint", (bool,)))
