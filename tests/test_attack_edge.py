@@ -19,6 +19,7 @@ from alembic import command
 from fastapi.testclient import TestClient
 
 from scheduler.admission.rules import AdmissionPolicy, Rule
+from scheduler.backends.base import Arrival
 from scheduler.engine.model import JobSpec, NodeSpec
 from scheduler.service.auth import Role
 from scheduler.service.db import alembic_config, audit, events, jobs, model_versions
@@ -27,6 +28,8 @@ from scheduler.service.redact import HIDDEN
 from tests import attack_kit
 from tests.service_kit import Service, make_service
 from tests.test_api_bad_input import error_of, snapshot
+from tests.test_cluster_sync import arrival, cluster_jobs
+from tests.test_cluster_sync import make as cluster_make
 
 NON_FINITE = "2 non-finite numbers"
 BOOL = "9 booleans as numbers"
@@ -306,6 +309,21 @@ def test_kind_sandbox_is_refused_on_the_jobs_api(svc: Service, api: TestClient) 
             assert r.status_code == 422, r.text
             assert r.json()["error"]["where"] == "kind" and "/v1/sandboxes" in r.json()["error"]["message"]
         assert snapshot(svc) == before
+
+
+def test_kind_sandbox_is_refused_from_cluster_pods(tmp_path: Path) -> None:
+    """The other way in: pods a cluster user creates for Corral to schedule carry a job spec; kind sandbox is
+    refused there too, and so are non-finite numbers."""
+    core, ex, _ = cluster_make(tmp_path, "a")
+    for key, extra in (("ns/nb", {"kind": "sandbox"}), ("ns/inf", {"cpus": math.inf}),
+                       ("ns/nul", {"env": {"A": "\0"}})):
+        attack_kit.attempt(SANDBOX_KIND if key == "ns/nb" else NON_FINITE if key == "ns/inf" else NUL)
+        spec = dict(arrival(key).spec or {})
+        ex.brought.append(Arrival(key, {**spec, **extra}))
+    core.tick()
+    assert cluster_jobs(core) == {}
+    assert "/v1/sandboxes" in ex.refused["ns/nb"] and "finite" in ex.refused["ns/inf"]
+    assert "NUL" in ex.refused["ns/nul"]
 
 
 # ----- item 9: other teams' job ids -----

@@ -123,6 +123,9 @@ def _take_arrivals(core: Core, ex: TakesArrivals) -> None:
         except ValidationError as e:
             ex.refuse(a.key, f"not a valid job: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}")
             continue
+        if sub.kind != "job":  # as on /v1/jobs: only /v1/sandboxes opens sandboxes, after the guarantee check
+            ex.refuse(a.key, "kind sandbox is opened through /v1/sandboxes, not by creating pods")
+            continue
         # Scoped arrivals are checked like a team member's submission: the cluster's pods may use only their team's
         # queues, whoever made them.
         who = CLUSTER if a.scope is None else Principal(CLUSTER_OWNER, Role.MEMBER, a.scope)
