@@ -14,6 +14,7 @@ from scheduler.service.core import Core
 from scheduler.service.db import jobs
 from scheduler.service.deps import Caller, CoreDep, DbId
 from scheduler.service.errors import NotFound
+from scheduler.service.redact import Redactor
 from scheduler.service.sandboxes import SandboxRequest, open_sandbox, sandbox_view
 
 router = APIRouter(tags=["sandboxes"])
@@ -32,14 +33,19 @@ def list_sandboxes(who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
         rows = conn.execute(sa.select(jobs).where(jobs.c.state.in_(("starting", "running")))
                             .order_by(jobs.c.id)).mappings().all()
-        return {"sandboxes": [store.job_view(r) for r in rows if r["spec"].get("kind") == "sandbox"
-                              and who.may_read_job(core.tree, r["queue"], r["owner"])]}
+        shown = [store.job_view(r) for r in rows if r["spec"].get("kind") == "sandbox"
+                 and who.may_read_job(core.tree, r["queue"], r["owner"])]
+        hide = Redactor(core, conn, who)  # a start's reason names the jobs it preempted
+        hide.learn(v["reason"] for v in shown)
+        return {"sandboxes": [{**v, "reason": hide.value(v["reason"])} for v in shown]}
 
 
 @router.get("/sandboxes/{job_id}")
 def get(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     """One sandbox, with where its server listens once it runs (`address`, `url`): what the hub connects to."""
-    return sandbox_view(core, _sandbox(core, who, job_id))
+    view = sandbox_view(core, _sandbox(core, who, job_id))
+    with core.db.connect() as conn:
+        return {**view, "reason": Redactor(core, conn, who).value(view["reason"])}
 
 
 @router.delete("/sandboxes/{job_id}")
