@@ -32,7 +32,7 @@ from scheduler.models import mlflow_export
 from scheduler.models.artifacts import ArtifactError, Walk, digest, walk
 from scheduler.service import hashing
 from scheduler.service.auth import Role
-from scheduler.service.db import model_aliases, model_audit
+from scheduler.service.db import model_aliases, model_audit, model_versions
 from tests import attack_kit
 from tests.service_kit import ScriptedExecutor, Service, make_service
 from tests.test_models_service import finished_job, output_dir, register, trained
@@ -397,7 +397,8 @@ def test_verify_with_a_kept_head_catches_truncation(svc: Service, team: dict[str
     assert verify(svc, head)["intact"] is True
     with svc.core.db.begin() as conn:
         conn.execute(sa.delete(model_audit).where(model_audit.c.seq == kept["seq"]))  # v3's registration
-        # the alias moves those rows recorded are undone as well, so only the head can tell
+        # the version and the alias move that row recorded are undone as well, so only the head can tell
+        conn.execute(sa.delete(model_versions).where(model_versions.c.version == 3))
         conn.execute(sa.delete(model_aliases).where(model_aliases.c.stage == "candidate"))
         conn.execute(model_aliases.insert().values(model="m", stage="candidate", version=2, previous=1,
                                                    updated_at=0.0))
@@ -434,6 +435,17 @@ def test_a_direct_change_to_the_aliases_is_reported(svc: Service, team: dict[str
     assert any("alias m/production is v1" in p and "changed outside the registry" in p for p in checked["problems"])
     team_view = team["olga"].get("/v1/models/audit", params={"model": "m", "verify": True}).json()["verified"]
     assert team_view["intact"] is False  # the team is told; the details are for admins
+
+
+def test_a_direct_change_to_a_versions_metrics_or_digest_is_reported(svc: Service,
+                                                                     team: dict[str, TestClient]) -> None:
+    register(svc, team["alice"], "m", accuracy=0.053)
+    assert verify(svc)["intact"] is True
+    with svc.core.db.begin() as conn:
+        conn.execute(sa.update(model_versions).values(metrics={"accuracy": 0.999}, digest="0" * 64))
+    attack_kit.attempt("6 audit truncation")
+    problems = verify(svc)["problems"]
+    assert any("m v1: digest, metrics differ from its registration entry" in p for p in problems), problems
 
 
 def test_the_head_is_published_in_logs_and_metrics(svc: Service, team: dict[str, TestClient],

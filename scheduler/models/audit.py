@@ -140,3 +140,27 @@ def alias_problems(rows: Iterable[Mapping[str, Any]], table: Iterable[Mapping[st
 
 def _alias_text(v: tuple[int, int | None] | None) -> str:
     return "none" if v is None else f"v{v[0]} (previous {'none' if v[1] is None else f'v{v[1]}'})"
+
+
+def version_problems(rows: Iterable[Mapping[str, Any]], table: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Versions (rows of model_versions) whose digest, artifact, metrics or eval set differ from what their
+    registration entry in the chain recorded (fields an entry lacks, written by an older Corral, are not
+    compared), and versions with no registration entry: the gates read these rows, so a changed metric or
+    digest in the database must show."""
+    recorded: dict[tuple[str, int], Mapping[str, Any]] = {}
+    for row in rows:
+        detail = row.get("detail") or {}
+        if row.get("action") == "version.register" and isinstance(detail, Mapping) and "version" in detail:
+            recorded[(str(row.get("model")), int(detail["version"]))] = detail
+    problems = []
+    for v in table:
+        key = (str(v["model"]), int(v["version"]))
+        entry = recorded.get(key)
+        if entry is None:
+            problems.append(f"version {key[0]} v{key[1]} has no registration entry in the audit chain")
+            continue
+        changed = [f for f in ("digest", "artifact_uri", "metrics", "eval_set") if f in entry and entry[f] != v[f]]
+        if changed:
+            problems.append(f"version {key[0]} v{key[1]}: {', '.join(changed)} differ from its registration entry "
+                            "in the audit chain: the version was changed outside the registry")
+    return problems

@@ -167,6 +167,13 @@ def alias_rows(conn: Connection) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(sa.select(model_aliases)).mappings()]
 
 
+def version_rows(conn: Connection) -> list[dict[str, Any]]:
+    """What the gates read of every version, for the audit's comparison with its registration entry."""
+    cols = (model_versions.c.model, model_versions.c.version, model_versions.c.digest, model_versions.c.artifact_uri,
+            model_versions.c.metrics, model_versions.c.eval_set)
+    return [dict(r) for r in conn.execute(sa.select(*cols)).mappings()]
+
+
 def audit_rows(conn: Connection, model: str | None = None) -> list[dict[str, Any]]:
     q = sa.select(model_audit).order_by(model_audit.c.seq)
     return [dict(r) for r in conn.execute(q).mappings() if model is None or r["model"] == model]
@@ -296,7 +303,7 @@ def register(core: Core, who: Principal, name: str, job_id: int, artifact_uri: s
             artifact_uri=artifact_uri, digest=digest, registered_at=now, registered_by=who.user))
         _move_alias(conn, name, "candidate", number, now)
         _append(conn, now, who.user, "version.register", name, version=number, job=job_id, digest=digest,
-                artifact_uri=artifact_uri, metrics=metrics)
+                artifact_uri=artifact_uri, metrics=metrics, eval_set=eval_set)
     return {"model": name, "version": number, "digest": digest, "lineage": lineage}
 
 

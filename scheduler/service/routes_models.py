@@ -96,13 +96,14 @@ def audit(who: Caller, core: CoreDep, model: str | None = None, verify: bool = F
         elif not who.admin:
             raise Invalid("name a model (only platform admins read the whole chain)", "model")
         rows = registry.audit_rows(conn)
-        table = registry.alias_rows(conn)
+        table, versions = registry.alias_rows(conn), registry.version_rows(conn)
     out: dict[str, Any] = {"entries": [r for r in rows if model is None or r["model"] == model]}
     if rows:
         out["head"] = {"seq": rows[-1]["seq"], "hash": rows[-1]["hash"]}
     if verify:
         # Always the whole chain: a link is checked against its neighbours, and the head against the last row.
-        problems = chain.verify(rows, head=head) + chain.alias_problems(rows, table)
+        problems = (chain.verify(rows, head=head) + chain.alias_problems(rows, table)
+                    + chain.version_problems(rows, versions))
         # Other teams' rows stay private: a team sees whether the chain holds, the details are for admins.
         shown = problems if who.admin else [f"{len(problems)} broken link(s); a platform admin sees where"][
             : 1 if problems else 0]
