@@ -102,13 +102,17 @@ def test_follow_streams_until_the_job_ends(local: Service) -> None:
     assert text == "0\n1\n2\n"
 
 
-def test_a_job_that_cannot_launch_fails_alone(local: Service) -> None:
-    bad = submit(local, "nlp", 1, py(SHOW_GPUS), workdir="/nonexistent-dir")
+def test_a_job_that_cannot_launch_fails_alone(local: Service, tmp_path: Path) -> None:
+    # A missing workdir is refused at submission (422); one removed after it fails at launch, and alone.
+    gone = tmp_path / "removed-after-submission"
+    gone.mkdir()
+    bad = submit(local, "nlp", 1, py(SHOW_GPUS), workdir=str(gone))
+    gone.rmdir()
     good = submit(local, "nlp", 1, py(SHOW_GPUS))
     until(local, lambda: state(local, good) == "completed")
     got = local.admin.get(f"/v1/jobs/{bad}").json()
     assert (got["state"], got["reason"]["rule"]) == ("failed", "launch_failed")
-    assert "/nonexistent-dir" in got["reason"]["message"]
+    assert str(gone) in got["reason"]["message"]
 
 
 def test_a_restart_over_running_processes_decides_as_without_one(tmp_path: Path) -> None:
