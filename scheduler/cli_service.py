@@ -143,7 +143,9 @@ def submit(
         body["command"] = words[0] if len(words) == 1 else words
     flags: dict[str, Any] = {"queue": queue, "gpus": gpus, "name": name, "pool": pool, "workers": workers,
                              "priority": priority, "preemptible": preemptible, "max_runtime": max_runtime,
-                             "idempotency_key": idempotency_key, "workdir": workdir}
+                             "idempotency_key": idempotency_key,
+                             # The service takes absolute paths only: a relative one means this shell's directory.
+                             "workdir": str(Path(workdir).absolute()) if workdir else None}
     body.update({k: v for k, v in flags.items() if v is not None})
     if env:
         body["env"] = {**body.get("env", {}), **key_values(env, "--env")}
