@@ -51,7 +51,10 @@ class Demo:
     def __init__(self, home: Path, port: int):
         self.home, self.url = home, f"http://127.0.0.1:{port}"
         self.env = {**os.environ, "CORRAL_DATA_DIR": str(home / "data"), "CORRAL_URL": self.url,
-                    "CORRAL_GRACE_S": "5", "CORRAL_TICK_S": "0.2", "COLUMNS": "130"}
+                    "CORRAL_GRACE_S": "5", "CORRAL_TICK_S": "0.2", "COLUMNS": "130",
+                    # Every demo job is the admin's and runs this checkout's Python, which other accounts may not
+                    # reach (under /root, say): run them as the demo's own user (docs/service.md, Trust model).
+                    "CORRAL_RUN_AS": "service"}
         self.env.pop("CORRAL_DATABASE_URL", None)
         self.script = home / "train.py"
         self.script.write_text(TRAIN)

@@ -13,10 +13,18 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 ADMIN_TOKEN_FILE = "admin-token"  # in data_dir: the bootstrap platform-admin token, mode 0600
 
 
+SYSTEM_DATA_DIR = Path("/var/lib/corral")
+
+
 def default_data_dir() -> Path:
-    """The user's data directory ($XDG_DATA_HOME/corral, else ~/.local/share/corral)."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "corral"
+    """$XDG_DATA_HOME/corral if set; else, for root, /var/lib/corral (a system service: jobs run as their users'
+    own accounts and must pass through data_dir to their directories, which root's 0700 home forbids); else
+    ~/.local/share/corral."""
+    if os.environ.get("XDG_DATA_HOME"):
+        return Path(os.environ["XDG_DATA_HOME"]) / "corral"
+    if os.geteuid() == 0:
+        return SYSTEM_DATA_DIR
+    return Path.home() / ".local" / "share" / "corral"
 
 
 class ServiceSettings(BaseSettings):
