@@ -49,3 +49,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if text:
         terminalreporter.section("attack suite: attacks tried (each failed, or its test failed)")
         terminalreporter.write_line(text)
+
+
+@pytest.fixture(autouse=True)
+def _keep_umask() -> Iterator[None]:
+    """A service built in this process sets umask 077 (its files are its own): later tests must not inherit it."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
