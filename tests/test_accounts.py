@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from scheduler.backends.accounts import RangeAccounts, SystemAccounts, unreachable_ancestor
+from tests import attack_kit
 from tests.service_kit import make_service
 
 
@@ -40,12 +41,17 @@ def test_range_refuses_root_and_empty_ranges(tmp_path: Path) -> None:
             RangeAccounts(tmp_path / "a.json", tmp_path / "home", low, high)
 
 
-def test_system_accounts_map_existing_users_never_root() -> None:
+def test_system_accounts_map_people_never_root_or_service_accounts() -> None:
+    """A name a team admin may mint (`postgres`, `www-data`, `daemon`) must not become that service's uid, and no
+    account brings its supplementary groups (docker, sudo, disk)."""
     nobody = pwd.getpwnam("nobody")
     got = SystemAccounts().account("nobody")
     assert (got.uid, got.gid, got.home) == (nobody.pw_uid, nobody.pw_gid, Path(nobody.pw_dir))
-    with pytest.raises(ValueError, match="maps to root"):
-        SystemAccounts().account("root")
+    for system in ("root", "daemon", "bin", "postgres"):
+        if system in {p.pw_name for p in pwd.getpwall()}:
+            attack_kit.attempt("1 isolation: a system account's name")
+            with pytest.raises(ValueError, match="below 1000"):
+                SystemAccounts().account(system)
     with pytest.raises(ValueError, match="no system account"):
         SystemAccounts().account("no-such-user-here")
 

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -127,7 +128,8 @@ ATTACKS = {
     "read another user's job log": 'cat "$VICTIM_RUN/stdout.log"',
     "list another user's output directory": 'ls "$VICTIM_RUN/output"',
     "read another user's output file": 'cat "$VICTIM_RUN/output/secret.txt"',
-    "list another user's home": 'ls "$DATA/home/bob"',
+    "list another user's home": 'ls "$VICTIM_HOME"',
+    "list the homes": 'ls "$DATA/home"',
     "read another user's job environment": 'cat /proc/$VICTIM_PID/environ',
     "read the shim's environment": 'cat /proc/$SHIM_PID/environ',
     "read the service's environment": 'cat /proc/$SERVICE_PID/environ',
@@ -167,7 +169,8 @@ def test_a_job_cannot_reach_the_service_or_other_users(base: Path) -> None:
     for target in ("admin-token", "corral.db", "corral.db-wal", "accounts.json"):
         assert (data / target).exists(), target  # an attack on a missing file proves nothing
     env = {"DATA": str(data), "VICTIM_RUN": str(svc.executor.rundir(str(victim), 1)), "VICTIM_PID": str(victim_pid),
-           "SHIM_PID": str(shim_pid(svc, victim)), "SERVICE_PID": str(os.getpid())}
+           "SHIM_PID": str(shim_pid(svc, victim)), "SERVICE_PID": str(os.getpid()),
+           "VICTIM_HOME": str(data / "home" / str(uid_of(svc, "bob")))}
     attacker = submit(svc, "alice", "nlp", attacker_script(), env=env)
     until(svc, lambda: state(svc, attacker) in ("completed", "failed"))
     out = logs(svc, attacker)
@@ -180,7 +183,8 @@ def test_a_job_cannot_reach_the_service_or_other_users(base: Path) -> None:
     assert "control ok" in out and "mine\n" in out, out
     alice, bob = uid_of(svc, "alice"), uid_of(svc, "bob")
     assert f"uid {alice}\n" in out and alice != bob and min(alice, bob) >= UID_MIN
-    assert (data / "runs" / str(attacker) / "1" / "output").stat().st_uid == alice
+    sealed = (data / "runs" / str(attacker) / "1" / "output").stat()  # ended: the service's, alice may read it
+    assert (sealed.st_uid, sealed.st_gid, sealed.st_mode & 0o777) == (os.geteuid(), alice, 0o750)
     assert Path(f"/proc/{victim_pid}").stat().st_uid == bob
     assert state(svc, victim) == "running"  # never signalled
     rundir = svc.executor.rundir(str(attacker), 1)
@@ -202,7 +206,7 @@ def test_a_notebook_runs_as_its_user_in_their_home(base: Path) -> None:
     assert box.status_code == 201, box.text
     jid = box.json()["id"]
     until(svc, lambda: len(logs(svc, jid).splitlines()) >= 4)
-    home = base / "data" / "home" / "alice"
+    home = base / "data" / "home" / str(uid_of(svc, "alice"))
     attack_kit.attempt(f"{ITEM}: a notebook's uid and home")
     assert logs(svc, jid).splitlines() == [str(uid_of(svc, "alice")), str(home), str(home), "alice"]
     until(svc, lambda: (home / "notes").exists())  # written by path: the way to the home is open to its user
@@ -244,3 +248,72 @@ def test_a_service_that_cannot_switch_users_says_so(tmp_path: Path, monkeypatch:
     assert any("not running as root" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="needs the service to run as root"):
         local_executor(settings_of(tmp_path))
+
+
+PRELOAD_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+__attribute__((constructor)) static void corral_attack(void) {
+    const char *out = getenv("ATTACK_OUT");
+    FILE *f = out ? fopen(out, "a") : NULL;
+    if (f) { fprintf(f, "euid %d\\n", (int)geteuid()); fclose(f); }
+}
+"""
+
+
+def test_a_jobs_loader_variables_never_reach_the_shim(base: Path) -> None:
+    """The shim runs as the service's user (root): a job's LD_PRELOAD in its environment would run the job's code as
+    root. The job's environment reaches the job only; the shim's is fixed."""
+    svc = service(base)
+    lib, out = base / "preload.so", base / "preload.out"
+    gcc = shutil.which("gcc")
+    if gcc is not None:  # the real thing: a library whose constructor reports the euid of whoever loads it
+        (base / "preload.c").write_text(PRELOAD_C)
+        subprocess.run([gcc, "-shared", "-fPIC", "-o", str(lib), str(base / "preload.c")], check=True)
+        os.chmod(lib, 0o755)
+    out.touch()
+    os.chmod(out, 0o666)
+    env = {"LD_PRELOAD": str(lib), "LD_LIBRARY_PATH": str(base), "ATTACK_OUT": str(out), "PYTHONPATH": str(base)}
+    jid = submit(svc, "alice", "nlp", 'echo "pid $$"; exec sleep 30', env=env)
+    until(svc, lambda: "pid " in logs(svc, jid))
+    attack_kit.attempt(f"{ITEM}: a job's LD_PRELOAD, LD_LIBRARY_PATH and PYTHONPATH against the shim", 3)
+    shim_env = Path(f"/proc/{shim_pid(svc, jid)}/environ").read_bytes()
+    assert b"LD_PRELOAD" not in shim_env and b"LD_LIBRARY_PATH" not in shim_env and b"PYTHONPATH" not in shim_env
+    job_pid = int(logs(svc, jid).split("pid ")[1].split()[0])
+    assert b"LD_PRELOAD=" in Path(f"/proc/{job_pid}/environ").read_bytes()  # the job itself keeps what it asked for
+    assert not (svc.executor.rundir(str(jid), 1) / "env.json").exists()  # read and gone: it held the job's env
+    if gcc is not None:
+        loaded = out.read_text().split()
+        assert loaded and "0" not in loaded[1::2], loaded  # loaded by the job (alice's uid), never as root
+    svc.admin.post(f"/v1/jobs/{jid}/cancel")
+    until(svc, lambda: state(svc, jid) == "cancelled")
+
+
+def test_a_finished_jobs_output_cannot_be_rewritten_by_the_users_later_jobs(base: Path) -> None:
+    """Gates read what a job wrote (metrics.json): once the attempt ends its output is sealed, so a later job of the
+    same user cannot make accuracy 0.053 read 0.999 before the version is registered."""
+    svc = service(base)
+    first = submit(svc, "alice", "nlp", 'echo \'{"accuracy": 0.053}\' > "$CORRAL_OUTPUT_DIR/metrics.json"; '
+                                         'mkdir "$CORRAL_OUTPUT_DIR/model"; echo w > "$CORRAL_OUTPUT_DIR/model/w"')
+    until(svc, lambda: state(svc, first) == "completed")
+    output = svc.executor.output_dir(str(first), 1)
+    rewrites = {
+        "rewrite metrics.json": f'echo \'{{"accuracy": 0.999}}\' > {output}/metrics.json',
+        "replace metrics.json": f'rm -f {output}/metrics.json && echo 1 > {output}/metrics.json',
+        "swap the model": f'echo forged > {output}/model/w',
+        "add a file": f': > {output}/model/extra',
+        "make it writable again": f'chmod -R u+w {output}',
+    }
+    lines = [f'if sh -c "{cmd}" >/dev/null 2>&1; then echo "LEAKED: {name}"; else echo "denied: {name}"; fi'
+             for name, cmd in rewrites.items()]
+    later = submit(svc, "alice", "nlp", "\n".join([*lines, f"cat {output}/metrics.json"]))
+    until(svc, lambda: state(svc, later) == "completed")
+    out = logs(svc, later)
+    attack_kit.attempt("5 typed-in metrics: a later job of the same user rewrites a finished job's output",
+                       len(rewrites))
+    assert "LEAKED" not in out and out.count("denied: ") == len(rewrites), out
+    assert '{"accuracy": 0.053}' in out  # the user still reads what their job produced
+    assert json.loads((output / "metrics.json").read_text()) == {"accuracy": 0.053}
+    assert (output / "model" / "w").read_text() == "w\n"
+    assert output.stat().st_uid == os.geteuid()

@@ -7,8 +7,9 @@ job. The shim (running as the service's user) starts the job under the account c
 
 `range`: uids from [uid_min, uid_max], each with a private gid equal to the uid and no /etc/passwd entry. The
 user name -> uid table is kept in one JSON file (mode 0600, replaced atomically) so a user keeps their uid, and
-with it their files, across restarts. `system`: the user name must be an existing account (pwd.getpwnam), its
-gid, supplementary groups and home as the system says.
+with it their files, across restarts. `system`: the user name must be an existing account (pwd.getpwnam) with a
+uid of at least `SYSTEM_UID_MIN`, its gid and home as the system says. No account gets supplementary groups: a group
+such as docker, sudo or disk would hand a job root's power, and whoever may mint a user name could pick one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import logging
 import os
 import pwd
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ log = logging.getLogger("corral.service")
 
 RunAs = Literal["auto", "users", "service"]
 AccountKind = Literal["range", "system"]
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@+-]{0,63}$")  # usable as a directory name as it is
+SYSTEM_UID_MIN = 1000  # below: system and service accounts (postgres, www-data), never a person's
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,6 @@ class Account:
     user: str  # the Corral user name (USER and LOGNAME in the job's environment)
     uid: int
     gid: int
-    groups: tuple[int, ...]  # supplementary groups; none for range accounts
     home: Path
 
 
@@ -97,14 +96,14 @@ class RangeAccounts:
 
     def account(self, user: str) -> Account:
         uid = self.uid_of(user)
-        # The name is the directory when it is a plain one; otherwise (slashes, dots only) the uid is.
-        name = user if _SAFE_NAME.match(user) and user not in (".", "..") else f"uid-{uid}"
-        home = self.home_root / name
+        # Named by uid, never by user name: two names can never meet in one directory (a name such as "uid-7"
+        # or one with characters a path cannot hold), and a user keeps it as long as they keep their uid.
+        home = self.home_root / str(uid)
         # The homes' parent: anyone may pass through to their own home, nobody may list who has one.
         self.home_root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.home_root, 0o711)
         ensure_private_dir(home, uid, uid)
-        return Account(user, uid, uid, (), home)
+        return Account(user, uid, uid, home)
 
 
 class SystemAccounts:
@@ -117,10 +116,10 @@ class SystemAccounts:
             pw = pwd.getpwnam(user)
         except KeyError:
             raise ValueError(f"user {user!r} has no system account on this machine (accounts: system)") from None
-        if pw.pw_uid == 0:
-            raise ValueError(f"user {user!r} maps to root: jobs never run as root")
-        groups = tuple(g for g in os.getgrouplist(user, pw.pw_gid) if g != pw.pw_gid)
-        return Account(user, pw.pw_uid, pw.pw_gid, groups, Path(pw.pw_dir))
+        if pw.pw_uid < SYSTEM_UID_MIN:
+            raise ValueError(f"user {user!r} maps to system account uid {pw.pw_uid} (below {SYSTEM_UID_MIN}): "
+                             "jobs run only as people's accounts")
+        return Account(user, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir))
 
 
 def _uid_exists(uid: int) -> bool:

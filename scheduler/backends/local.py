@@ -21,6 +21,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR
 from typing import IO
 
 from scheduler.backends import shim
@@ -36,6 +37,7 @@ KILLED_AFTER_GRACE = "killed after grace period"
 # tokens), only what programs need to behave (locale, time zone, where programs are).
 INHERITED = ("PATH", "LANG", "LANGUAGE", "TZ")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SHIM_ENV = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}  # the shim's own environment, whatever the job asks for
 TRAVERSE_ONLY = 0o711  # the service's directories on a job's way to its output: enter, never list or write
 
 
@@ -98,8 +100,11 @@ class LocalExecutor:
             CORRAL_ATTEMPT=str(launch.attempt),
         )
         env[OUTPUT_ENV] = str(output)
-        run_as = [] if account is None else [
-            "--as", f"{account.uid}:{account.gid}:{','.join(str(g) for g in account.groups)}"]
+        # The shim gets the job's environment through a file only it may read, never as its own: a job's
+        # LD_PRELOAD or LD_LIBRARY_PATH in the shim's environment would run the job's code as the service's user.
+        with os.fdopen(os.open(rundir / shim.ENV_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(env, f)
+        run_as = [] if account is None else ["--as", f"{account.uid}:{account.gid}"]
         with _private_log(rundir / STDOUT) as out, _private_log(rundir / STDERR) as err:
             proc = subprocess.Popen(
                 [self.python, "-I", shim.__file__, str(rundir), *run_as, "--", *command],
@@ -107,7 +112,7 @@ class LocalExecutor:
                 stdout=out,
                 stderr=err,
                 cwd=workdir,
-                env=env,
+                env=SHIM_ENV,
                 start_new_session=True,  # its own process group: signals reach the job and all it forks
             )
         stat = shim.read_stat(proc.pid)  # our unreaped child: /proc/<pid> exists even if it already exited
@@ -180,6 +185,7 @@ class LocalExecutor:
             else:  # the shim died without recording (OOM killer, kill -9 by hand); its job may live on
                 self._signal(a, signal.SIGKILL, group=True)
                 ended.append(Exit(a.job_id, a.attempt, None, VANISHED))
+            self._seal(a.job_id, a.attempt)
             del self._attempts[key]
         return ended
 
@@ -187,6 +193,7 @@ class LocalExecutor:
         rundir = self.rundir(handle.job_id, handle.attempt)
         code = _read_exit(rundir)
         if code is not None:
+            self._seal(handle.job_id, handle.attempt)
             return Exit(handle.job_id, handle.attempt, code, "ended while Corral was down")
         pid, start = handle.pid, handle.started_at
         if pid is None:  # the server died between launch and recording the pid: the shim wrote it down
@@ -195,11 +202,19 @@ class LocalExecutor:
         if pid is None or stat is None or stat[0] == "Z" or float(stat[1]) != start:
             if pid is not None:  # the shim died unrecorded (kill -9): its job may live on, holding its GPUs
                 kill_leftovers(pid, start)
+            self._seal(handle.job_id, handle.attempt)
             return Exit(handle.job_id, handle.attempt, None, VANISHED_WHILE_DOWN)
         self._attempts[(handle.job_id, handle.attempt)] = _Attempt(
             handle.job_id, handle.attempt, rundir, pid, start, None
         )
         return None
+
+    def _seal(self, job_id: str, attempt: int) -> None:
+        """Once an attempt has ended, its output is what it produced: the user's later jobs (or, for a notebook,
+        the user) may read it but no longer change it, so a model registered from it later is what this attempt
+        wrote (issue 21: a metrics file rewritten after the job). Single-user: nothing to take from anyone."""
+        if self.accounts is not None:
+            seal(self.output_dir(job_id, attempt))
 
     def logs(self, job_id: str, attempt: int) -> tuple[str, str]:
         rundir = self.rundir(job_id, attempt)
@@ -247,6 +262,41 @@ def _base_env(account: Account | None) -> dict[str, str]:
     else:  # the service's own user: its own home
         env.update({k: os.environ[k] for k in ("HOME", "USER", "LOGNAME") if k in os.environ})
     return env
+
+
+def seal(output: Path) -> None:
+    """Give the service every file and directory of `output` that its job's user owns, leaving that user (by its
+    group) read access only.
+
+    The walk and every change go through file descriptors opened without following links, so a directory swapped
+    for a symlink by another process of the same user leads nowhere; only entries owned by the output's user and
+    with a single link are touched (a hard link to someone else's file is never chowned)."""
+    try:
+        top = os.lstat(output)
+    except FileNotFoundError:
+        return
+    me = os.geteuid()
+    if top.st_uid == me:
+        return  # already sealed, or a job of the service's own user
+    for _, dirnames, filenames, dirfd in os.fwalk(output, topdown=False, follow_symlinks=False):
+        for name in (*filenames, *dirnames):
+            _seal_one(name, dirfd, top.st_uid, me)
+    _seal_one(str(output), None, top.st_uid, me)
+
+
+def _seal_one(name: str, dirfd: int | None, user: int, me: int) -> None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=dirfd)
+    except OSError:
+        return  # a symlink (left as it is: the registry hashes its text), a socket, or gone
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != user or (st.st_nlink > 1 and not S_ISDIR(st.st_mode)):
+            return
+        os.fchown(fd, me, st.st_gid)
+        os.fchmod(fd, 0o750 if S_ISDIR(st.st_mode) or st.st_mode & 0o100 else 0o640)
+    finally:
+        os.close(fd)
 
 
 def _private_log(path: Path) -> IO[bytes]:

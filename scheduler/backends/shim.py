@@ -1,6 +1,6 @@
 """The few lines between the executor and a job: records the job's pid and exit code in its run directory.
 
-    python -m scheduler.backends.shim RUNDIR [--as UID:GID[:GROUP,...]] -- COMMAND [ARG...]
+    python -m scheduler.backends.shim RUNDIR [--as UID:GID] -- COMMAND [ARG...]
 
 Jobs outlive a restart of the Corral server, and after a restart they are no longer its children, so it cannot
 wait() for them. The shim waits instead and writes the exit code to RUNDIR/exit, where a new server finds it.
@@ -14,7 +14,12 @@ Only the standard library is used: the executor runs this file by path in isolat
 so a job's PYTHONPATH or working directory can never break it.
 
 With --as, the shim (still the service's user, so the job can neither forge its pid and exit files nor signal it)
-starts the job as that uid and gid, with exactly those supplementary groups and umask 077.
+starts the job as that uid and gid, with no supplementary groups and umask 077.
+
+The job's environment is not the shim's: the executor starts the shim with a fixed, minimal one (a job's
+LD_PRELOAD in the shim's own environment would run the job's code as the service's user) and leaves the job's in
+RUNDIR/env.json (mode 0600), which the shim reads and removes before it starts the job. Run by hand without that
+file, the job inherits the shim's environment.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from types import FrameType
 
 PID_FILE = "pid"
 EXIT_FILE = "exit"
+ENV_FILE = "env.json"
 
 
 def read_stat(pid: int) -> tuple[str, int] | None:
@@ -57,17 +63,28 @@ def _exit_status(code: int) -> int:
     return code if 0 <= code < 256 else 128 - code if code < 0 else 255
 
 
-def parse_as(text: str) -> tuple[int, int, list[int]]:
-    """UID:GID[:G1,G2,...] -> (uid, gid, supplementary groups)."""
+def parse_as(text: str) -> tuple[int, int]:
+    """UID:GID -> (uid, gid)."""
     parts = text.split(":")
-    if len(parts) not in (2, 3):
-        raise ValueError(f"--as wants UID:GID[:GROUPS], got {text!r}")
-    groups = [int(g) for g in parts[2].split(",") if g] if len(parts) == 3 else []
-    return int(parts[0]), int(parts[1]), groups
+    if len(parts) != 2:
+        raise ValueError(f"--as wants UID:GID, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def take_env(rundir: Path) -> dict[str, str] | None:
+    """The job's environment the executor left in RUNDIR, removed once read (it may hold the job's secrets);
+    None when there is none (run by hand)."""
+    path = rundir / ENV_FILE
+    try:
+        env = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    path.unlink()
+    return {str(k): str(v) for k, v in env.items()}
 
 
 def main(argv: list[str]) -> int:
-    run_as: tuple[int, int, list[int]] | None = None
+    run_as: tuple[int, int] | None = None
     if len(argv) >= 3 and argv[1] == "--as":
         try:
             run_as = parse_as(argv[2])
@@ -76,10 +93,11 @@ def main(argv: list[str]) -> int:
             return 2
         argv = [argv[0], *argv[3:]]
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m scheduler.backends.shim RUNDIR [--as UID:GID[:GROUPS]] -- COMMAND [ARG...]",
+        print("usage: python -m scheduler.backends.shim RUNDIR [--as UID:GID] -- COMMAND [ARG...]",
               file=sys.stderr)
         return 2
     rundir, command = Path(argv[0]), argv[2:]
+    env = take_env(rundir)
     leader = os.getpgrp() == os.getpid()  # started by the executor with start_new_session=True
     child: subprocess.Popen[bytes] | None = None
     stopping = False
@@ -108,10 +126,10 @@ def main(argv: list[str]) -> int:
     else:
         try:
             if run_as is None:
-                child = subprocess.Popen(command)
+                child = subprocess.Popen(command, env=env)
             else:  # no group of the service's user, and files nobody else may read unless the job says so
-                uid, gid, groups = run_as
-                child = subprocess.Popen(command, user=uid, group=gid, extra_groups=groups, umask=0o077)
+                uid, gid = run_as
+                child = subprocess.Popen(command, env=env, user=uid, group=gid, extra_groups=[], umask=0o077)
         except OSError as err:  # as a shell reports it: 126 found but not runnable, 127 not found
             print(f"corral: cannot run {command[0]!r}: {err}", file=sys.stderr, flush=True)
             code = 127 if isinstance(err, FileNotFoundError) else 126
