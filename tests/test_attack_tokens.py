@@ -162,13 +162,16 @@ def test_members_viewers_and_model_owners_mint_nothing(svc: Service, people: dic
     assert _token_ids(svc, f"new-{caller}") == []
 
 
-def test_team_admin_revokes_only_what_it_may_grant(svc: Service, people: dict[str, TestClient]) -> None:
-    olga_id = _token_ids(svc, "olga")[0]
+def test_team_admin_revokes_inside_its_scope_never_an_admin(svc: Service, people: dict[str, TestClient]) -> None:
+    """A team admin cannot make an approver, but stops a leaked one of its own team at once; never a platform
+    admin's token, nor another team's."""
     root_id = _token_ids(svc, "root")[0]
-    for target in (olga_id, root_id):
+    for who, target in (("tess", root_id), ("pam", _token_ids(svc, "olga")[0]), ("nate", root_id)):
         attack_kit.attempt(FORGE)
-        _refused(people["tess"].delete(f"/v1/tokens/{target}"), 404)
+        _refused(people[who].delete(f"/v1/tokens/{target}"), 404)
     assert people["olga"].get("/v1/jobs").status_code == 200
+    assert people["tess"].delete(f"/v1/tokens/{_token_ids(svc, 'olga')[0]}").status_code == 200
+    assert people["olga"].get("/v1/jobs").status_code == 401
 
 
 def test_platform_admin_may_reuse_names_and_the_audit_log_says_so(svc: Service,

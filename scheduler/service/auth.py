@@ -104,12 +104,20 @@ class Principal:
         return self.role in (Role.PLATFORM_ADMIN, Role.TEAM_ADMIN)
 
     def may_grant(self, tree: QueueTree, role: Role | str, scope: str | None) -> bool:
-        """Tokens: platform admins make (and revoke) any; team admins make member, viewer and team-admin tokens
+        """Tokens: platform admins make any; team admins make member, viewer and team-admin tokens
         inside their scope. Never model-owner: approvals of production promotions must come from someone a team
         admin did not make up."""
         if self.admin:
             return True
         return (self.role is Role.TEAM_ADMIN and role in TEAM_GRANTABLE and scope is not None
+                and self.covers(tree, scope))
+
+    def may_revoke(self, tree: QueueTree, role: Role | str, scope: str | None) -> bool:
+        """Tokens: platform admins revoke any; team admins any but a platform admin's inside their scope, model
+        owners' included (a team admin cannot make an approver, but must be able to stop a leaked one at once)."""
+        if self.admin:
+            return True
+        return (self.role is Role.TEAM_ADMIN and role != Role.PLATFORM_ADMIN and scope is not None
                 and self.covers(tree, scope))
 
     def may_take_name(self, tree: QueueTree, name: str, seen: NameRecord, hub: bool) -> str | None:

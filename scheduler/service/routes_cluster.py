@@ -162,7 +162,7 @@ def revoke_token(token_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     now = core.clock()
     with core.lock, core.db.begin() as conn:
         row = conn.execute(sa.select(tokens).where(tokens.c.id == token_id)).mappings().first()
-        if row is None or not who.may_grant(core.tree, row["role"], row["scope"]):
+        if row is None or not who.may_revoke(core.tree, row["role"], row["scope"]):
             raise NotFound(f"token {token_id} not found")
         if row["role"] == Role.PLATFORM_ADMIN and _live(row, now) and _live_admins(conn, now) <= 1:
             # Nobody could make another admin token through the API afterwards (`corral token create --local`
