@@ -317,3 +317,27 @@ def test_a_finished_jobs_output_cannot_be_rewritten_by_the_users_later_jobs(base
     assert json.loads((output / "metrics.json").read_text()) == {"accuracy": 0.053}
     assert (output / "model" / "w").read_text() == "w\n"
     assert output.stat().st_uid == os.geteuid()
+
+
+def test_a_workdir_is_checked_as_its_user_and_says_nothing_of_root_s_directories(base: Path) -> None:
+    """The service is root: `isdir` as root would tell a member which closed directories exist. A workdir must be
+    one the owner's account may enter, and every other answer is the same."""
+    svc = service(base)
+    first = submit(svc, "bob", "ranking", "true")  # bob gets his uid and home
+    until(svc, lambda: state(svc, first) == "completed")
+    closed = base / "closed"
+    (closed / "inside").mkdir(parents=True)
+    os.chmod(closed, 0o700)
+    alice = svc.client("alice", Role.MEMBER, "nlp")
+    bob_home = base / "data" / "home" / str(uid_of(svc, "bob"))
+    answers = set()
+    for workdir in ("/root", str(closed / "inside"), str(closed / "missing"), str(bob_home), "/nonexistent"):
+        attack_kit.attempt(f"{ITEM}: a workdir that probes the service's or another user's directories")
+        r = alice.post("/v1/jobs", json={"queue": "nlp", "gpus": 0, "command": "true", "workdir": workdir})
+        assert r.status_code == 422 and r.json()["error"]["where"] == "workdir", r.text
+        answers.add(r.json()["error"]["message"].replace(workdir, "X"))
+    assert len(answers) == 1, answers  # the same answer for missing and closed
+    assert alice.post("/v1/jobs", json={"queue": "nlp", "gpus": 0, "command": "true",
+                                        "workdir": "/tmp"}).status_code == 201
+    assert svc.client("bob", Role.MEMBER, "ranking").post("/v1/jobs", json={
+        "queue": "ranking", "gpus": 0, "command": "true", "workdir": str(bob_home)}).status_code == 201

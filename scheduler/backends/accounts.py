@@ -47,6 +47,9 @@ class Accounts(Protocol):
 
     def account(self, user: str) -> Account: ...
 
+    def ids(self, user: str) -> tuple[int, int] | None:
+        """The user's (uid, gid) if they have an account already; None if not (nothing is created)."""
+
 
 class RangeAccounts:
     """Accounts allocated from a uid range nobody else uses; homes under `home_root`, one per user, mode 0700."""
@@ -94,6 +97,10 @@ class RangeAccounts:
                     return uid
         raise RuntimeError(f"no free uid left in {self.uid_min}-{self.uid_max} for user {user!r}")
 
+    def ids(self, user: str) -> tuple[int, int] | None:
+        uid = self._load().get(user)
+        return None if uid is None else (uid, uid)
+
     def account(self, user: str) -> Account:
         uid = self.uid_of(user)
         # Named by uid, never by user name: two names can never meet in one directory (a name such as "uid-7"
@@ -110,6 +117,13 @@ class SystemAccounts:
     """Existing accounts of the same name (JupyterHub's LocalProcessSpawner): nothing is created."""
 
     kind = "system"
+
+    def ids(self, user: str) -> tuple[int, int] | None:
+        try:
+            got = self.account(user)
+        except ValueError:
+            return None
+        return got.uid, got.gid
 
     def account(self, user: str) -> Account:
         try:
@@ -161,6 +175,25 @@ def open_accounts(kind: AccountKind, data_dir: Path, uid_min: int, uid_max: int)
     if kind == "system":
         return SystemAccounts()
     return RangeAccounts(data_dir / "accounts.json", data_dir / "home", uid_min, uid_max)
+
+
+def may_enter(path: str, ids: tuple[int, int] | None) -> bool:
+    """Whether an account (uid, gid; no supplementary groups; None: one that owns nothing yet) may enter the
+    directory `path`: every directory on its way, symlinks resolved, lets it search. Read from the modes, as the
+    kernel would decide, so the service (root) never answers "exists" for a place the user could not see."""
+    try:
+        real = os.path.realpath(path)
+        if not os.path.isdir(real):
+            return False
+        for d in [*reversed(Path(real).parents), Path(real)]:
+            st = d.stat()
+            bit = 0o100 if ids is not None and st.st_uid == ids[0] else \
+                0o010 if ids is not None and st.st_gid == ids[1] else 0o001
+            if not st.st_mode & bit:
+                return False
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def unreachable_ancestor(path: Path) -> Path | None:

@@ -116,6 +116,14 @@ class KeepsOutputs(Protocol):
 
 
 @runtime_checkable
+class ChecksWorkdirs(Protocol):
+    """An executor that runs jobs on this machine, so it can tell at submission whether a job's working directory
+    would work (the local one: a directory the owner's account may enter)."""
+
+    def may_use_workdir(self, owner: str, workdir: str) -> bool: ...
+
+
+@runtime_checkable
 class KnowsAddresses(Protocol):
     """An executor whose attempts run where the service cannot tell (Kubernetes: at a pod's IP). Without it, a
     sandbox's server listens on its node's address (this machine: 127.0.0.1) at the port the hub gave it."""

@@ -25,7 +25,7 @@ from stat import S_ISDIR
 from typing import IO
 
 from scheduler.backends import shim
-from scheduler.backends.accounts import Account, Accounts
+from scheduler.backends.accounts import Account, Accounts, may_enter
 from scheduler.backends.base import OUTPUT_ENV, Exit, Handle, Launch
 
 STDOUT, STDERR = "stdout.log", "stderr.log"
@@ -74,6 +74,12 @@ class LocalExecutor:
         if not job_id or job_id in (".", "..") or "/" in job_id or "\0" in job_id:
             raise ValueError(f"job id {job_id!r} cannot name a run directory")
         return self.root / job_id / str(attempt)
+
+    def may_use_workdir(self, owner: str, workdir: str) -> bool:
+        """Whether `owner`'s job could start in `workdir` (ChecksWorkdirs): a directory its account may enter."""
+        if self.accounts is None:
+            return os.path.isdir(workdir)
+        return may_enter(workdir, self.accounts.ids(owner))
 
     def output_dir(self, job_id: str, attempt: int) -> Path:
         return self.rundir(job_id, attempt) / OUTPUT

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from scheduler.backends.base import ChecksWorkdirs
 from scheduler.engine.explain import rejection
 from scheduler.service import admission, store
 from scheduler.service.auth import Principal
@@ -134,25 +135,30 @@ def _admit(core: Core, batch: list[Submission]) -> None:
                 raise Forbidden(f"{who.user} ({who.role}) may not submit to queue {sub.queue}", "queue")
             if sub.queue not in core.tree:
                 raise Invalid(f"queue {sub.queue!r} does not exist", "queue")
-            check_workdir(core, sub)
+            check_workdir(core, sub, who.user)
             item.sub = admission.check(core, who, sub)
         except ServiceError as e:
             item.error = e
 
 
-def check_workdir(core: Core, sub: JobSubmit) -> None:
+def check_workdir(core: Core, sub: JobSubmit, owner: str) -> None:
     """With the local backend a job runs on this machine, so a working directory that is not a directory here would
-    only fail at launch, after waiting its turn: refuse it now (the docs promise a 422). Other backends run jobs in
-    their own filesystems (an image, a Ray worker), which this machine cannot see."""
+    only fail at launch, after waiting its turn: refuse it now (the docs promise a 422). Where jobs run as their
+    users, the question is whether the owner's account may enter it, and the answer is the same for "missing" and
+    "closed to you" (the service must not tell a member which of root's directories exist). Other backends run jobs
+    in their own filesystems (an image, a Ray worker), which this machine cannot see."""
     if sub.workdir is None or core.settings.backend != "local":
         return
-    try:
-        ok = os.path.isdir(sub.workdir)
-    except (OSError, ValueError):  # a name the OS refuses (too long for a path component)
-        ok = False
+    if isinstance(core.executor, ChecksWorkdirs):
+        ok = core.executor.may_use_workdir(owner, sub.workdir)
+    else:
+        try:
+            ok = os.path.isdir(sub.workdir)
+        except (OSError, ValueError):  # a name the OS refuses (too long for a path component)
+            ok = False
     if not ok:
-        raise Invalid(f"workdir {sub.workdir!r} is not a directory on this machine: the job could not start in it",
-                      "workdir")
+        raise Invalid(f"workdir {sub.workdir!r} is not a directory on this machine that {owner}'s jobs may enter: "
+                      "the job could not start in it", "workdir")
 
 
 def _check(core: Core, batch: list[Submission]) -> list[Submission]:
