@@ -8,14 +8,13 @@
 
 `corral models register NAME --job ID --artifact model.pt` then takes the artifact from that directory, the
 metrics the promotion gates check from metrics.json, and the eval set and digests from lineage.json: nobody types
-them in (docs/models.md). Only the standard library is used, so a job needs nothing else installed.
+them in (docs/models.md). Only the standard library is used (and scheduler.models.artifacts, which uses only it),
+so a job needs nothing else installed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import subprocess
 import tempfile
@@ -23,12 +22,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from scheduler.engine.model import is_number
+from scheduler.models.artifacts import digest, walk
+
 __all__ = ["OUTPUT_ENV", "log_metrics", "output_dir", "record_lineage", "tree_digest"]
 
 OUTPUT_ENV = "CORRAL_OUTPUT_DIR"
 METRICS_FILE, LINEAGE_FILE = "metrics.json", "lineage.json"
 CODE_SKIP = frozenset({".git", "__pycache__", ".ipynb_checkpoints"})  # not code: git's store, caches
-_CHUNK = 1 << 20
 
 
 def output_dir(path: str | os.PathLike[str] | None = None) -> Path:
@@ -58,7 +59,7 @@ def log_metrics(values: Mapping[str, float], output_dir: str | os.PathLike[str] 
     for k, v in values.items():
         if not isinstance(k, str) or not 0 < len(k) <= 200:
             raise ValueError(f"metric name {k!r}: a string of 1 to 200 characters")
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        if not is_number(v):
             raise ValueError(f"metric {k!r}: {v!r} is not a finite number")
         out[k] = float(v)
     return _write(_dir(output_dir), METRICS_FILE, out)
@@ -68,35 +69,13 @@ def _dir(path: str | os.PathLike[str] | None) -> Path:
     return output_dir(path)
 
 
-def _feed(h: Any, path: Path) -> None:
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-
-
 def tree_digest(path: str | os.PathLike[str], skip: Iterable[str] = ()) -> str:
-    """sha256 of a file (sha256sum's), or of a directory tree framed as the service frames artifacts: every file
-    in sorted relative-path order as `file REL\\0SIZE\\0` then its bytes, every symlink as `link REL\\0TARGET\\0`
-    (never followed). Directories named in `skip` are left out."""
-    root = Path(path)
-    h = hashlib.sha256()
-    if not root.is_dir():
-        _feed(h, root)
-        return h.hexdigest()
-    leave_out = set(skip)
-    entries: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in leave_out]
-        base = Path(dirpath)
-        names = filenames + [d for d in dirnames if (base / d).is_symlink()]  # os.walk lists a dir link as a dir
-        entries += [((base / n).relative_to(root).as_posix(), base / n) for n in names]
-    for rel, p in sorted(entries):
-        if p.is_symlink():
-            h.update(f"link {rel}\0{os.readlink(p)}\0".encode())
-            continue
-        h.update(f"file {rel}\0{p.stat().st_size}\0".encode())
-        _feed(h, p)
-    return h.hexdigest()
+    """sha256 of a file (sha256sum's), or of a directory tree as the service digests artifacts (the same code:
+    scheduler.models.artifacts, standard library only): every file in sorted relative-path order as
+    `file REL\\0SIZE\\0` then its bytes, every symlink as `link REL\\0TARGET\\0` (never followed). Directories named
+    in `skip` are left out. Unlike the service, hard-linked files are hashed (a job's own data may be linked)."""
+    # A path, never a URI (a directory may be named "data:v1"); no bounds: the job hashes what it chose to.
+    return digest(walk(Path(os.path.realpath(path)), 1 << 62, 1 << 62, skip=frozenset(skip), own=False))
 
 
 def _git(path: Path, *args: str) -> str | None:

@@ -1,5 +1,5 @@
 """Issue 21, items 2 and 9: hostile request bodies are refused at the edge, in the API's error shape, and change
-nothing; what old versions stored anyway is repaired (migration 0007) or refused at the rebuild.
+nothing; what old versions stored anyway: tests/test_attack_repair.py.
 
 Each hostile request is counted with attack_kit.attempt. Runs on SQLite and on PostgreSQL (when
 CORRAL_TEST_POSTGRES_URL names a server), except where only SQLite could ever have stored the poison.
@@ -14,15 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
-from alembic import command
 from fastapi.testclient import TestClient
 
 from scheduler.admission.rules import AdmissionPolicy, Rule
 from scheduler.backends.base import Arrival
 from scheduler.engine.model import JobSpec, NodeSpec
 from scheduler.service.auth import Role
-from scheduler.service.db import alembic_config, audit, events, jobs, model_versions
 from scheduler.service.edge import MAX_AMOUNT, MAX_COMMAND_BYTES
 from scheduler.service.redact import HIDDEN
 from tests import attack_kit
@@ -422,115 +419,3 @@ def test_admission_validation_is_linear_in_rules() -> None:
     twice = [Rule.model_construct(name=CountingName("same"), scope=None, defaults={}, required_labels=[])] * 2
     with pytest.raises(ValueError, match="repeated: same"):
         AdmissionPolicy(rules=twice)
-
-
-# ----- stored poison: migration 0007 and the rebuild -----
-
-POISON = '{"name": "x", "queue": "%s", "gpus": 1, "workers": 1, "cpus": %s, "memory_gb": %s, "command": ["x"], ' \
-         '"max_runtime": %s, "kind": "job", "env": {}, "labels": {}, "priority": 0, "preemptible": true, ' \
-         '"checkpoint": false}'
-
-
-def poison(conn: sa.Connection, queue: str, state: str, cpus: str = "0", memory: str = "0",
-           max_runtime: str = "null") -> int:
-    """A job row as the old code stored it: its JSON spec with NaN or Infinity as Python's json writes them."""
-    conn.execute(sa.text(
-        "INSERT INTO jobs (name, owner, queue, pool, state, spec, gpus, priority, submitted_at, attempt) "
-        "VALUES ('x', 'eve', :q, 'local', :s, :spec, 1, 0, 1000000.0, 0)"),
-        {"q": queue, "s": state, "spec": POISON % (queue, cpus, memory, max_runtime)})
-    job_id: int = conn.execute(sa.text("SELECT max(id) FROM jobs")).scalar_one()
-    return job_id
-
-
-def restart(url: str, tmp: Path) -> Service:
-    return make_service(url, tmp)
-
-
-def test_migration_0007_repairs_stored_non_finite_numbers(tmp_path: Path) -> None:
-    """A database at 0006 with what the old code stored (SQLite keeps NaN and Infinity in JSON as given): after the
-    upgrade, waiting poisoned jobs are rejected saying why, finished ones validate, model metrics are finite, every
-    repair is audited, and jobs of other queues start."""
-    url = f"sqlite:///{tmp_path / 'corral.db'}"
-    first = make_service(url, tmp_path)
-    done = first.admin.post("/v1/jobs", json=job(queue="ranking")).json()["id"]
-    first.core.db.dispose()
-    command.downgrade(alembic_config(url), "0006")
-    eng = sa.create_engine(url)
-    with eng.begin() as conn:
-        waiting = poison(conn, "nlp", "pending", cpus="Infinity")
-        nan_memory = poison(conn, "vision", "pending", memory="NaN")
-        forever = poison(conn, "nlp", "pending", max_runtime="Infinity")
-        finished = poison(conn, "nlp", "completed", cpus="Infinity", memory="-Infinity")
-        conn.execute(sa.text("INSERT INTO models (name, queue, description, created_at, created_by) "
-                             "VALUES ('m', 'nlp', '', 1.0, 'eve')"))
-        conn.execute(sa.text(
-            "INSERT INTO model_versions (model, version, job_id, lineage, metrics, eval_set, artifact_uri, digest, "
-            "registered_at, registered_by) VALUES ('m', 1, :j, '{}', '{\"acc\": NaN, \"loss\": 0.5, "
-            "\"f1\": Infinity}', NULL, 'a', :d, 1.0, 'eve')"), {"j": done, "d": "0" * 64})
-    eng.dispose()
-    attack_kit.attempt(NON_FINITE, 5)
-
-    svc = restart(url, tmp_path)  # migrates to head, then rebuilds the engine
-    with svc.core.db.connect() as conn:
-        rows = {r["id"]: r for r in conn.execute(sa.select(jobs)).mappings()}
-        for j in (waiting, nan_memory, forever):
-            assert rows[j]["state"] == "rejected", rows[j]
-            assert rows[j]["reason"]["rule"] == "invalid_spec"
-            assert "migration 0007" in rows[j]["reason"]["message"]
-        assert "cpus = Infinity" in rows[waiting]["reason"]["message"]
-        assert "memory_gb = NaN" in rows[nan_memory]["reason"]["message"]
-        assert rows[forever]["spec"]["max_runtime"] is None
-        assert rows[finished]["state"] == "completed"
-        assert (rows[finished]["spec"]["cpus"], rows[finished]["spec"]["memory_gb"]) == (0.0, 0.0)
-        metrics = conn.execute(sa.select(model_versions.c.metrics)).scalar_one()
-        assert metrics == {"loss": 0.5}
-        repairs = conn.execute(sa.select(audit).where(audit.c.action == "repair.non_finite")).mappings().all()
-        assert {r["target"] for r in repairs} == {f"job {j}" for j in (waiting, nan_memory, forever, finished)} | {
-            "model m version 1"}
-        assert conn.execute(sa.select(sa.func.count()).select_from(events).where(
-            events.c.kind == "rejected")).scalar_one() == 3
-    for spec in rows.values():  # every stored spec validates again
-        assert all(isinstance(v, (int, float)) and math.isfinite(v) for k, v in spec["spec"].items()
-                   if k in ("cpus", "memory_gb"))
-    other = svc.admin.post("/v1/jobs", json=job(queue="nlp", cpus=2.0)).json()["id"]
-    svc.tick()
-    states = {j: svc.admin.get(f"/v1/jobs/{j}").json()["state"] for j in (done, other)}
-    assert states == {done: "starting", other: "starting"} or all(s in ("starting", "running")
-                                                                 for s in states.values()), states
-
-
-def test_postgresql_never_stored_non_finite_numbers(db_url: str, tmp_path: Path) -> None:
-    """PostgreSQL's json type refuses NaN and Infinity, so the old code failed there (a 500) instead of storing
-    them; migration 0007 finds nothing to repair and runs the same."""
-    if not db_url.startswith("postgresql"):
-        pytest.skip("SQLite stores NaN and Infinity: test_migration_0007_repairs_stored_non_finite_numbers")
-    svc = make_service(db_url, tmp_path)
-    with pytest.raises(sa.exc.DataError), svc.core.db.begin() as conn:
-        attack_kit.attempt(NON_FINITE)
-        poison(conn, "nlp", "pending", cpus="Infinity")
-    command.downgrade(alembic_config(db_url), "0006")
-    command.upgrade(alembic_config(db_url), "head")
-    with svc.core.db.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(audit).where(
-            audit.c.action == "repair.non_finite")).scalar_one() == 0
-    svc.core.db.dispose()
-
-
-def test_the_rebuild_rejects_a_poisoned_job_left_in_the_database(tmp_path: Path) -> None:
-    """Whatever put it there (a restore from an old backup, a hand edit), a waiting job with infinite CPUs is
-    rejected at the rebuild, saying why, instead of stalling its pool; a running one keeps its GPUs."""
-    url = f"sqlite:///{tmp_path / 'corral.db'}"
-    first = make_service(url, tmp_path)
-    first.core.db.dispose()
-    eng = sa.create_engine(url)
-    with eng.begin() as conn:
-        bad = poison(conn, "nlp", "pending", cpus="Infinity")
-    eng.dispose()
-    attack_kit.attempt(NON_FINITE)
-    svc = restart(url, tmp_path)
-    row = svc.admin.get(f"/v1/jobs/{bad}").json()
-    assert row["state"] == "rejected" and row["reason"]["rule"] == "invalid_spec"
-    assert "finite" in row["reason"]["message"]
-    ok = svc.admin.post("/v1/jobs", json=job(queue="vision", cpus=1.0)).json()["id"]
-    svc.tick()
-    assert svc.admin.get(f"/v1/jobs/{ok}").json()["state"] in ("starting", "running")

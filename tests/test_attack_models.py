@@ -1,7 +1,6 @@
 """Issue 21, the golden path's integrity: each test makes hostile requests (counted with attack_kit.attempt) and
-checks that every one fails, for the items
+checks that every one fails, for the items (3, artifact paths: tests/test_attack_artifacts.py)
 
-3. artifact paths: only files the job itself wrote in its output directory, bounded, hashed off the request path;
 5. typed-in metrics: gates read the job's metrics.json, code and data lineage come from its lineage.json;
 6. rollback digest and audit truncation: rollback re-checks the digest, `verify --head` catches removed newest
    rows and a rewritten chain, and a direct change to model_aliases is reported;
@@ -17,7 +16,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +27,10 @@ from notebooks.outputs import log_metrics, record_lineage, tree_digest
 from scheduler.backends.local import LocalExecutor
 from scheduler.models import audit as chain
 from scheduler.models import mlflow_export
-from scheduler.models.artifacts import ArtifactError, Walk, digest, walk
-from scheduler.service import hashing
 from scheduler.service.auth import Role
 from scheduler.service.db import model_aliases, model_audit, model_versions
 from tests import attack_kit
-from tests.service_kit import ScriptedExecutor, Service, make_service
+from tests.service_kit import Service, make_service
 from tests.test_models_service import finished_job, output_dir, register, trained
 from tests.test_service_local import state, until
 
@@ -52,169 +48,6 @@ def refused(api: TestClient, job: int, uri: str, status: int = 422) -> str:
     assert r.status_code == status, r.text
     message: str = r.json()["error"]["message"]
     return message
-
-
-# ----- 3: artifact paths -----
-
-@pytest.mark.parametrize("uri", ["/dev/zero", "/etc/shadow", "/proc/self/environ", "file:///etc/passwd",
-                                 "../../../../../../etc/passwd", "/", "file://otherhost/etc/passwd"])
-def test_server_files_are_no_artifacts(svc: Service, team: dict[str, TestClient], uri: str) -> None:
-    job, _ = trained(svc, team["alice"])
-    attack_kit.attempt("3 artifact paths")
-    message = refused(team["alice"], job, uri)
-    assert "output directory" in message or "only local files" in message
-
-
-def test_what_leads_out_of_the_output_dir_or_cannot_end_is_refused(svc: Service, team: dict[str, TestClient],
-                                                                    tmp_path: Path) -> None:
-    alice = team["alice"]
-    job, _ = trained(svc, alice)
-    out = output_dir(svc, job)
-    secret = tmp_path / "secret"
-    secret.write_bytes(b"the server's")
-    (out / "escape").symlink_to("/etc")
-    (out / "zero").symlink_to("/dev/zero")
-    (out / "secret-link").symlink_to(secret)
-    os.mkfifo(out / "fifo")
-    (out / "tree").mkdir()
-    os.mkfifo(out / "tree" / "fifo")
-    (out / "hard").mkdir()
-    os.link(secret, out / "hard" / "copy")  # a hard link to a file outside (same file system)
-    other, _ = trained(svc, alice, name="theirs.pt")  # another job of the same team
-    cases = {"escape/shadow": "output directory", "zero": "output directory", "secret-link": "output directory",
-             "fifo": "a FIFO", str(out / "fifo"): "a FIFO", "tree": "a FIFO", "hard": "hard links",
-             str(output_dir(svc, other) / "theirs.pt"): "output directory"}
-    for uri, words in cases.items():
-        attack_kit.attempt("3 artifact paths")
-        assert words in refused(alice, job, uri), uri
-
-
-def test_a_symlink_inside_a_directory_artifact_is_hashed_as_a_link_never_read(svc: Service,
-                                                                              team: dict[str, TestClient],
-                                                                              tmp_path: Path) -> None:
-    alice = team["alice"]
-    job, _ = trained(svc, alice)
-    tree = output_dir(svc, job) / "tree"
-    tree.mkdir()
-    (tree / "w.bin").write_bytes(b"w")
-    secret = tmp_path / "secret"
-    secret.write_bytes(b"one")
-    (tree / "peek").symlink_to(secret)
-    attack_kit.attempt("3 artifact paths")
-    first = alice.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": "tree"}).json()["digest"]
-    secret.write_bytes(b"two")  # were the link followed, the digest would tell the secret's content
-    second = alice.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": "tree"}).json()["digest"]
-    assert first == second
-
-
-def test_a_directory_swapped_for_a_symlink_after_the_walk_is_not_followed(tmp_path: Path) -> None:
-    """The job's user races the hash: once sized, `sub` becomes a symlink to a directory outside with a file of the
-    same name; hashing opens beneath the output directory with O_NOFOLLOW, so it refuses instead of reading it."""
-    out, outside = tmp_path / "output", tmp_path / "outside"
-    (out / "tree" / "sub").mkdir(parents=True)
-    (out / "tree" / "sub" / "w.bin").write_bytes(b"w")
-    outside.mkdir()
-    (outside / "w.bin").write_bytes(b"s")
-    sized = walk(out / "tree", 100, 10, base=out)
-    (out / "tree" / "sub" / "w.bin").unlink()
-    (out / "tree" / "sub").rmdir()
-    (out / "tree" / "sub").symlink_to(outside)
-    attack_kit.attempt("3 artifact paths")
-    with pytest.raises(ArtifactError, match="changed since it was sized"):
-        digest(sized)
-
-
-def test_another_teams_job_is_not_a_source(svc: Service, team: dict[str, TestClient]) -> None:
-    job, _ = trained(svc, team["alice"])
-    bob = team["bob"]
-    bob.post("/v1/models", json={"name": "rank", "queue": "ranking"})
-    attack_kit.attempt("3 artifact paths")
-    r = bob.post("/v1/models/rank/versions", json={"job_id": job, "artifact_uri": "w.pt"})
-    assert r.status_code == 422 and "not found" in r.json()["error"]["message"]
-
-
-def test_artifacts_are_bounded_before_hashing(db_url: str, tmp_path: Path) -> None:
-    svc = make_service(db_url, tmp_path, artifact_max_bytes=100, artifact_max_files=3)
-    alice = svc.client("alice", Role.MEMBER, "nlp")
-    alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
-    job, _ = trained(svc, alice, content=b"x" * 101)
-    many = output_dir(svc, job) / "many"
-    many.mkdir()
-    for i in range(4):
-        (many / f"{i}").write_bytes(b"1")
-    attack_kit.attempt("3 artifact paths", 2)
-    assert "artifact_max_bytes" in refused(alice, job, "w.pt")
-    assert "artifact_max_files" in refused(alice, job, "many")
-
-
-class Gate:
-    """A hasher that waits until the test opens it: a slow artifact, without real waiting."""
-
-    def __init__(self) -> None:
-        self.open = threading.Event()
-        self.entered = threading.Event()
-
-    def __call__(self, w: Walk) -> str:
-        self.entered.set()
-        self.open.wait(10)
-        return digest(w)
-
-
-@pytest.fixture
-def gate(svc: Service) -> Iterator[Gate]:
-    g = Gate()
-    pool = hashing.HashPool(workers=1, waiting=0, timeout_s=0.05, hash_fn=g)
-    hashing.use(svc.core, pool)
-    yield g
-    g.open.set()
-    pool.close()
-
-
-def test_a_slow_artifact_times_out_and_a_full_pool_refuses_at_once(svc: Service, team: dict[str, TestClient],
-                                                                   gate: Gate) -> None:
-    alice = team["alice"]
-    job, _ = trained(svc, alice)
-    attack_kit.attempt("3 artifact paths")
-    message = refused(alice, job, "w.pt", 503)
-    assert "artifact_hash_timeout_s" in message and "nothing was changed" in message
-    assert gate.entered.is_set()
-    attack_kit.attempt("3 artifact paths")
-    assert "artifact_hash_workers" in refused(alice, job, "w.pt", 503)  # the slow hash still holds the one slot
-    assert svc.admin.get("/healthz").status_code == 200
-    assert alice.get("/v1/models").status_code == 200
-    assert alice.get("/v1/models/m").json()["versions"] == []
-    gate.open.set()
-    deadline = time.monotonic() + 10
-    while True:  # the slot comes back once the slow hash really ends
-        r = alice.post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": "w.pt"})
-        if r.status_code == 201 or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    assert r.status_code == 201, r.text
-
-
-def test_an_executor_that_keeps_no_outputs_registers_nothing(db_url: str, tmp_path: Path) -> None:
-    class Remote:
-        """The scripted executor, minus output_dir: a backend whose outputs the service cannot read."""
-
-        def __init__(self) -> None:
-            self.inner = ScriptedExecutor()
-
-        def __getattr__(self, name: str) -> Any:
-            if name == "output_dir":
-                raise AttributeError(name)
-            return getattr(self.inner, name)
-
-    svc = make_service(db_url, tmp_path, executor=Remote())
-    alice = svc.client("alice", Role.MEMBER, "nlp")
-    alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
-    jid = alice.post("/v1/jobs", json={"queue": "nlp", "gpus": 1, "command": ["train"]}).json()["id"]
-    svc.tick()
-    svc.executor.inner.exit(jid, 0)
-    svc.tick()
-    attack_kit.attempt("3 artifact paths")
-    message = refused(alice, jid, str(tmp_path / "c.db"))
-    assert "keeps no job outputs" in message and "Kubernetes or Ray" in message
 
 
 # ----- 5: typed-in metrics -----
@@ -240,6 +73,27 @@ def test_gates_check_what_the_job_measured(svc: Service, team: dict[str, TestCli
     assert ask["state"] == "rejected"
     assert "0.053" in next(g["evidence"] for g in ask["gates"] if g["gate"].startswith("metric"))
     assert alice.get("/v1/models/m").json()["versions"][0]["metrics"] == {"accuracy": 0.053}
+
+
+def test_metrics_typed_in_before_the_job_recorded_them_pass_no_gate(svc: Service,
+                                                                     team: dict[str, TestClient]) -> None:
+    """A version registered by an older Corral, with metrics typed in: its lineage carries no mark that the job
+    measured them, so a metric gate fails it, saying how to get a version the gates can trust."""
+    alice, olga = team["alice"], team["olga"]
+    olga.put("/v1/models/m/policy", json={"document": {"stages": {"staging": {"metrics": [
+        {"metric": "accuracy", "min": 0.9}]}}}})
+    v = register(svc, alice, "m", accuracy=0.95)
+    assert v["lineage"]["metrics_from_job"] is True
+    stored = alice.get("/v1/models/m").json()["versions"][0]["lineage"]
+    assert stored["metrics_from_job"] is True and stored["recorded_by_job"] is True  # kept, not only returned
+    with svc.core.db.begin() as conn:  # the version as the old code stored it
+        old = {k: x for k, x in stored.items() if k not in ("metrics_from_job", "recorded_by_job")}
+        conn.execute(sa.update(model_versions).values(lineage=old, metrics={"accuracy": 0.999}))
+    attack_kit.attempt("5 typed-in metrics")
+    ask = olga.post("/v1/models/m/promotions", json={"version": 1, "stage": "staging"}).json()
+    assert ask["state"] == "rejected", ask
+    evidence = next(g["evidence"] for g in ask["gates"] if g["gate"].startswith("metric"))
+    assert "metrics typed in before Corral 0.1.0" in evidence and "register again from the job's output" in evidence
 
 
 @pytest.mark.parametrize(("content", "words"), [
@@ -509,3 +363,32 @@ def test_metrics_json_is_what_log_metrics_writes(tmp_path: Path) -> None:
     for bad in ({"accuracy": float("nan")}, {"accuracy": True}, {"": 1.0}):
         with pytest.raises(ValueError):
             log_metrics(bad, output_dir=tmp_path)
+
+
+@pytest.mark.skipif(not mlflow_export.available(), reason="mlflow-skinny is not installed")
+def test_exports_are_bounded_and_the_environment_is_set_once(svc: Service, team: dict[str, TestClient],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exports that outlive their request still hold a slot until they end: past MAX_EXPORTS the answer is 503 at
+    once, not one more thread. A request never writes MLflow's settings into the process environment."""
+    olga = team["olga"]
+    register(svc, team["alice"], "m")
+    svc.core.settings.mlflow_tracking_uris = ["http://127.0.0.1:1"]
+    svc.core.settings.mlflow_timeout_s = 0.05
+    release = threading.Event()
+
+    def stuck(*_: Any) -> dict[str, int]:
+        release.wait(10)
+        return {}
+
+    monkeypatch.setattr(mlflow_export, "_export", stuck)
+    monkeypatch.setattr(mlflow_export, "_slots", threading.BoundedSemaphore(1))
+    monkeypatch.setenv(mlflow_export.TIMEOUT_ENV, "7")
+    try:
+        attack_kit.attempt("7 mlflow uri", 2)
+        first = olga.post("/v1/models/m/export/mlflow", json={"tracking_uri": "http://127.0.0.1:1"})
+        assert first.status_code == 503 and "did not finish" in first.text, first.text
+        second = olga.post("/v1/models/m/export/mlflow", json={"tracking_uri": "http://127.0.0.1:1"})
+        assert second.status_code == 503 and "running already" in second.text, second.text
+        assert os.environ[mlflow_export.TIMEOUT_ENV] == "7"  # set at the service's start, not per request
+    finally:
+        release.set()

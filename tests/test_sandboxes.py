@@ -140,3 +140,17 @@ def test_the_executor_says_where_a_sandbox_listens(db_url: str, tmp_path: Path) 
     ex.addresses[(str(sid), 1)] = ("fd00::7", 8888)
     got = svc.admin.get(f"/v1/sandboxes/{sid}").json()
     assert got["address"] == {"host": "fd00::7", "port": 8888} and got["url"] == "http://[fd00::7]:8888"
+
+
+def test_a_sandbox_request_has_the_job_specs_bounds_at_the_edge(svc: Service) -> None:
+    """Pool, workdir, image, env and command are the job spec's fields with the job spec's bounds (specs.py), checked
+    before the request is read any further, not only once a JobSubmit is built from it."""
+    for name, value, words in (("pool", "p" * 10_000, "at most 200 characters"),
+                                ("workdir", "/" + "w" * 10_000, "at most 4096 characters"),
+                                ("workdir", "relative/dir", "not an absolute path"),
+                                ("image", "i" * 10_000, "at most 1024 characters"),
+                                ("env", {"A=B": "x"}, "is not valid"),
+                                ("command", ["x"] * 5000, "at most 4096 items")):
+        r = svc.admin.post("/v1/sandboxes", json=box(**{name: value}))
+        assert r.status_code == 422, (name, r.text)
+        assert words in r.text and r.json()["error"]["detail"], (name, r.text)  # the edge's list of problems

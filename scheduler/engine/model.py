@@ -16,10 +16,24 @@ def exact(amount: float) -> float:
     return round(amount, 6)
 
 
+def non_finite(value: object) -> str | None:
+    """How `value` is written in JSON when it is a float that is not finite ("NaN", "Infinity", "-Infinity"), None
+    for anything else. The one test of finiteness in Corral (the request edge, metrics files, the SDK, stored
+    values shown in responses use it; migration 0007 keeps a frozen copy): Python's JSON reads these as floats."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    return None
+
+
+def is_number(value: object) -> bool:
+    """An int or a finite float, and not a bool (Python's True == 1, but `true` is no measurement)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and non_finite(value) is None
+
+
 def finite(amount: float, what: str) -> float:
     """`amount` if it is a finite number; else ValueError. Free CPUs and memory are sums of requests: one infinite
     request makes a node's free amount inf - inf = NaN, which no comparison satisfies, so nothing fits there again."""
-    if not math.isfinite(amount):
+    if non_finite(float(amount)) is not None:
         raise ValueError(f"{what} is {amount}: CPUs and memory must be finite numbers")
     return amount
 

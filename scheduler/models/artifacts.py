@@ -1,11 +1,19 @@
 """Adapter: the sha256 digest of a model artifact, computed at registration and again at promotion and rollback.
 
 An artifact is taken only from inside its job's output directories (resolve), is pre-walked before any byte is
-read (walk: regular files, directories and symlinks only, bounded in bytes and files), and hashed from that walk
-(digest), reading no more than the sizes it saw.
+read (walk: regular files, directories and symlinks only, bounded in bytes, in entries (directories count) and in
+depth), and hashed from that walk (digest), reading no more than the sizes it saw. The service runs walk and
+digest together on its hashing pool, under one timeout (scheduler/service/hashing.py).
+
+Everything below the output directory is reached by file descriptor (openat with O_NOFOLLOW, one component at a
+time): a symlink is never followed, even one the job swaps in for a directory while the walk runs, so nothing
+outside the output directory is read, sized or named in an error message.
 
 Only local paths and file:// URIs are read; object stores (s3://, gs://, ...) would need credentials and
 clients that the scheduler does not carry, so they are refused rather than trusted unverified.
+
+This module uses only the standard library: the SDK (notebooks.outputs.tree_digest) computes digests with it, so
+a job's code and data digests and the service's artifact digests are one format.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -50,6 +58,7 @@ class Entry:
     link: str | None = None  # a symlink's target text, hashed as text and never followed
     base: Path = Path("/")  # the directory trusted as it is (an output directory); `parts` lead from it to the file
     parts: tuple[str, ...] = ()
+    own: bool = True  # must have one link (the service's rule; a job hashing its own data allows hard links)
 
 
 @dataclass(frozen=True)
@@ -90,99 +99,193 @@ def resolve(uri: str, roots: Sequence[Path]) -> Path:
                         "only from what the job itself wrote there ($CORRAL_OUTPUT_DIR)")
 
 
+MAX_DEPTH = 64  # directories nested in an artifact: a model is a few levels deep; each level holds an open fd
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # no FIFO blocks the open
+
+
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink")):
         if test(mode):
             return name
-    return "not a regular file"
+    return "something else"
 
 
-def _regular(path: Path, st: os.stat_result) -> None:
+def _regular(shown: str, st: os.stat_result, own: bool = True) -> None:
+    """ArtifactError unless `st` is a regular file (with one link, when `own`); `shown` names it (a path inside
+    the outputs)."""
     if not stat.S_ISREG(st.st_mode):
-        raise ArtifactError(f"{path} is {_kind(st.st_mode)}: an artifact holds only regular files and directories")
-    if st.st_nlink > 1:
+        raise ArtifactError(f"{shown} is {_kind(st.st_mode)}, not a regular file: only regular files (and directories "
+                            "of them) are read from a job's outputs")
+    if own and st.st_nlink > 1:
         # A hard link can name a file that lies outside the output directory (another user's, or the server's).
-        raise ArtifactError(f"{path} has {st.st_nlink} hard links: an artifact's files must be its own copies")
+        raise ArtifactError(f"{shown} has {st.st_nlink} hard links: a job's outputs must be its own copies")
 
 
-def _file(rel: str, path: Path, st: os.stat_result, base: Path) -> Entry:
-    _regular(path, st)
-    return Entry(rel, path, st.st_size, (st.st_dev, st.st_ino), base=base, parts=path.relative_to(base).parts)
+def _descend(base: Path, parts: Sequence[str]) -> int:
+    """A directory fd for base/parts, opened component by component from `base` (trusted as it is: an output
+    directory) with O_NOFOLLOW, so a symlink anywhere below `base` leads nowhere (ELOOP/ENOTDIR)."""
+    fd = os.open(base, _DIR)
+    try:
+        for part in parts:
+            down = os.open(part, _DIR, dir_fd=fd)
+            os.close(fd)
+            fd = down
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
-def walk(path: Path, max_bytes: int, max_files: int, base: Path | None = None) -> Walk:
-    """The pre-walk: every regular file and symlink under `path` (never following a link) with its size, refused
-    as soon as the total passes `max_bytes` or the count `max_files`, or when anything is not a regular file, a
-    directory or a symlink (devices, FIFOs and sockets would block or never end).
+def open_beneath(base: Path, parts: Sequence[str], shown: str, own: bool = True) -> tuple[int, os.stat_result]:
+    """An fd (and its fstat) of the regular file base/parts, reached without following any symlink and without
+    blocking on a FIFO; ArtifactError (naming `shown`) when it is anything but a regular file with one link.
+    FileNotFoundError comes through as it is (a record a job did not write is no error)."""
+    if not parts:
+        raise ArtifactError(f"{shown} is not below {base}")
+    parent = _descend(base, parts[:-1])
+    try:
+        fd = os.open(parts[-1], _FILE, dir_fd=parent)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # ELOOP: a symlink; ENOTDIR: a directory on the way swapped for something else
+        raise ArtifactError(f"{shown} is a symlink or lies beneath one ({e.strerror}): nothing outside the job's "
+                            "output directory is read through a link") from e
+    finally:
+        os.close(parent)
+    try:
+        st = os.fstat(fd)
+        _regular(shown, st, own)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
 
-    `base` (a real path containing `path`: the output directory) is where hashing starts opening each file,
-    component by component without following any symlink, so a directory swapped for a symlink between the walk
-    and the hash leads nowhere. None: `path` itself (its parent for a file)."""
+
+def _entry(rel: str, shown: Path, st: os.stat_result, base: Path, parts: tuple[str, ...], own: bool) -> Entry:
+    _regular(str(shown), st, own)
+    return Entry(rel, shown, st.st_size, (st.st_dev, st.st_ino), base=base, parts=parts, own=own)
+
+
+def walk(path: Path, max_bytes: int, max_files: int, base: Path | None = None, skip: Collection[str] = (),
+         max_depth: int = MAX_DEPTH, own: bool = True) -> Walk:
+    """The pre-walk: every regular file and symlink under `path` with its size, refused as soon as the total
+    passes `max_bytes`, the entries (files, links and directories: empty directories cost time too) pass
+    `max_files` or the nesting `max_depth`, or when anything is not a regular file, a directory or a symlink
+    (devices, FIFOs and sockets would block or never end). Directories named in `skip` are left out.
+
+    `base` (a real path containing `path`: the output directory) is where everything is opened from, by file
+    descriptor and without following any symlink, in this walk and again when hashing, so a directory swapped for
+    a symlink meanwhile leads nowhere. None: `path` itself (its parent for a file). Error messages name paths as
+    `path/REL`: never where a link would have led. `own`: files must have one link (False: the SDK hashing a
+    job's own code and data, where a hard link crosses no trust boundary)."""
     if base is None:
         base = path if os.path.isdir(path) and not os.path.islink(path) else path.parent
+    if path != base and base not in path.parents:
+        raise ArtifactError(f"artifact {path} is not below {base}")
+    top = path.relative_to(base).parts
     try:
-        st = os.lstat(path)
+        parent = _descend(base, top[:-1])
     except FileNotFoundError:
         raise FileNotFoundError(f"artifact not found: {path}") from None
+    except OSError as e:
+        raise ArtifactError(f"artifact {path} cannot be reached without following a link ({e.strerror})") from e
+    try:
+        st = os.lstat(top[-1], dir_fd=parent) if top else os.fstat(parent)
+    except FileNotFoundError:
+        os.close(parent)
+        raise FileNotFoundError(f"artifact not found: {path}") from None
     if not stat.S_ISDIR(st.st_mode):
-        entry = _file("", path, st, base)
+        os.close(parent)
+        entry = _entry("", path, st, base, top, own)
         if entry.size > max_bytes:
             raise ArtifactError(f"artifact {path} is {entry.size} bytes, over the limit of {max_bytes} "
                                 "(setting artifact_max_bytes)")
         return Walk(path, False, (entry,), entry.size)
-    entries: list[Entry] = []
-    total = 0
-    stack = [path]
-    while stack:
-        here = stack.pop()
-        with os.scandir(here) as it:
-            for item in it:
-                full = Path(item.path)
-                rel = full.relative_to(path).as_posix()
-                st = os.lstat(full)
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(full)
-                    continue
-                if stat.S_ISLNK(st.st_mode):
-                    entries.append(Entry(rel, full, link=os.readlink(full)))
-                else:
-                    entries.append(_file(rel, full, st, base))
-                    total += st.st_size
-                if len(entries) > max_files:
-                    raise ArtifactError(f"artifact {path} holds more than {max_files} files "
-                                        "(setting artifact_max_files)")
-                if total > max_bytes:
-                    raise ArtifactError(f"artifact {path} holds more than {max_bytes} bytes "
-                                        "(setting artifact_max_bytes)")
-    return Walk(path, True, tuple(sorted(entries, key=lambda e: e.rel)), total)
-
-
-def _open_beneath(entry: Entry) -> int:
-    """Open the entry's file from its base, one component at a time, following no symlink anywhere on the way
-    (O_NOFOLLOW on every directory and on the file) and never blocking on a FIFO (O_NONBLOCK)."""
-    if not entry.parts:
-        raise ArtifactError(f"{entry.path} is not below {entry.base}")
-    fd = os.open(entry.base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for part in entry.parts[:-1]:
-            down = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            os.close(fd)
-            fd = down
-        return os.open(entry.parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+        fd = os.open(top[-1], _DIR, dir_fd=parent) if top else os.dup(parent)
     except OSError as e:
-        raise ArtifactError(f"{entry.path} changed since it was sized ({e.strerror}): not hashed") from e
+        raise ArtifactError(f"artifact {path} changed while it was walked ({e.strerror})") from e
     finally:
+        os.close(parent)
+    return _walk_dir(path, fd, base, top, (max_bytes, max_files, max_depth), frozenset(skip), own)
+
+
+def _listing(fd: int) -> os._ScandirIterator[str]:
+    """os.scandir(fd), closing fd when it cannot be listed (the caller keeps fd only with its listing)."""
+    try:
+        return os.scandir(fd)
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def _walk_dir(path: Path, fd: int, base: Path, top: tuple[str, ...], bounds: tuple[int, int, int],
+              skip: frozenset[str], own: bool) -> Walk:
+    """Depth first over open directory fds (one per level, at most max_depth): each subdirectory is opened from
+    its parent's fd with O_NOFOLLOW right when it is listed, and checked to be the directory that was listed."""
+    max_bytes, max_files, max_depth = bounds
+    entries: list[Entry] = []
+    total = seen = 0
+    # os.scandir(fd) reads a duplicate of fd and closes it when closed itself: both are closed, on every way out.
+    stack: list[tuple[int, os._ScandirIterator[str], tuple[str, ...]]] = []
+    try:
+        stack.append((fd, _listing(fd), ()))
+        while stack:
+            here, listing, rel_parts = stack[-1]
+            item = next(listing, None)
+            if item is None:
+                stack.pop()
+                listing.close()
+                os.close(here)
+                continue
+            parts = (*rel_parts, item.name)
+            rel = "/".join(parts)
+            seen += 1
+            if seen > max_files:
+                raise ArtifactError(f"artifact {path} holds more than {max_files} files and directories "
+                                    "(setting artifact_max_files)")
+            try:
+                st = item.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    if item.name in skip:
+                        continue
+                    if len(stack) >= max_depth:
+                        raise ArtifactError(f"artifact {path} nests directories more than {max_depth} deep "
+                                            f"(at {rel})")
+                    sub = os.open(item.name, _DIR, dir_fd=here)
+                    if not os.path.samestat(os.fstat(sub), st):  # swapped between listing and opening
+                        os.close(sub)
+                        raise ArtifactError(f"{path / rel} changed while it was walked: not hashed")
+                    stack.append((sub, _listing(sub), parts))
+                elif stat.S_ISLNK(st.st_mode):
+                    entries.append(Entry(rel, path / rel, link=os.readlink(item.name, dir_fd=here)))
+                else:
+                    entries.append(_entry(rel, path / rel, st, base, (*top, *parts), own))
+                    total += st.st_size
+            except ArtifactError:
+                raise
+            except OSError as e:  # named by its place in the artifact, never by where a link would lead
+                raise ArtifactError(f"{path / rel} cannot be read ({e.strerror})") from e
+            if total > max_bytes:
+                raise ArtifactError(f"artifact {path} holds more than {max_bytes} bytes "
+                                    "(setting artifact_max_bytes)")
+    finally:
+        for here, listing, _ in stack:
+            listing.close()
+            os.close(here)
+    return Walk(path, True, tuple(sorted(entries, key=lambda e: e.rel)), total)
 
 
 def _feed(h: hashlib._Hash, entry: Entry) -> None:
     """Hash at most the pre-walked size of the very file the pre-walk saw (same device and inode, still a regular
     file with one link), reached from its base without following a symlink."""
-    fd = _open_beneath(entry)
+    try:
+        fd, st = open_beneath(entry.base, entry.parts, str(entry.path), entry.own)
+    except OSError as e:
+        raise ArtifactError(f"{entry.path} changed since it was sized ({e.strerror}): not hashed") from e
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        _regular(entry.path, st)
         if (st.st_dev, st.st_ino) != entry.ident:
             raise ArtifactError(f"{entry.path} changed while it was hashed")
         left = entry.size
@@ -208,7 +311,9 @@ def digest(w: Walk) -> str:
     return h.hexdigest()
 
 
-def sha256_of(uri: str, max_bytes: int = 1 << 40, max_files: int = 1_000_000) -> str:
-    """Hex sha256 of the file or directory tree at `uri`, pre-walked and bounded (see walk and digest); no
-    containment check: the service uses resolve() first."""
-    return digest(walk(local_path(uri), max_bytes, max_files))
+def sha256_of(uri: str, max_bytes: int = 1 << 40, max_files: int = 1_000_000, skip: Collection[str] = ()) -> str:
+    """Hex sha256 of the file or directory tree at `uri`, pre-walked and bounded (see walk and digest), leaving
+    out directories named in `skip`; no containment check: the service uses resolve() first. The path itself is
+    taken as it really is (a symlink given as the tree is followed, once); nothing below it is followed."""
+    path = Path(os.path.realpath(local_path(uri)))
+    return digest(walk(path, max_bytes, max_files, skip=skip))

@@ -21,6 +21,8 @@ from typing import Any
 GENESIS = "0" * 64
 FIELDS = ("seq", "at", "actor", "action", "model", "detail")
 _ROW_KEYS = (*FIELDS, "prev_hash", "hash")
+REPAIR = "version.repair"  # a version's fields changed by Corral itself (migration 0007), recorded in the chain
+VERSION_FIELDS = ("digest", "artifact_uri", "metrics", "eval_set")  # what the gates read, compared by verify
 
 
 def _at(value: Any) -> Any:
@@ -142,16 +144,33 @@ def _alias_text(v: tuple[int, int | None] | None) -> str:
     return "none" if v is None else f"v{v[0]} (previous {'none' if v[1] is None else f'v{v[1]}'})"
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON documents: NaN (which equals nothing in Python, itself included) is equal to NaN here, so a
+    version still holding the NaN it was registered with is not reported as changed."""
+    if a == b:
+        return True
+    try:
+        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    except (TypeError, ValueError):
+        return False
+
+
 def version_problems(rows: Iterable[Mapping[str, Any]], table: Iterable[Mapping[str, Any]]) -> list[str]:
     """Versions (rows of model_versions) whose digest, artifact, metrics or eval set differ from what their
-    registration entry in the chain recorded (fields an entry lacks, written by an older Corral, are not
-    compared), and versions with no registration entry: the gates read these rows, so a changed metric or
-    digest in the database must show."""
-    recorded: dict[tuple[str, int], Mapping[str, Any]] = {}
+    registration entry in the chain recorded, as later `version.repair` entries changed it (migration 0007
+    removing non-finite metrics), and versions with no registration entry: the gates read these rows, so a
+    changed metric or digest in the database must show. Fields an entry lacks, written by an older Corral, are
+    not compared."""
+    recorded: dict[tuple[str, int], dict[str, Any]] = {}
     for row in rows:
         detail = row.get("detail") or {}
-        if row.get("action") == "version.register" and isinstance(detail, Mapping) and "version" in detail:
-            recorded[(str(row.get("model")), int(detail["version"]))] = detail
+        if not isinstance(detail, Mapping) or "version" not in detail:
+            continue
+        key = (str(row.get("model")), int(detail["version"]))
+        if row.get("action") == "version.register":
+            recorded[key] = dict(detail)
+        elif row.get("action") == REPAIR and key in recorded:
+            recorded[key] |= {f: detail[f] for f in VERSION_FIELDS if f in detail}
     problems = []
     for v in table:
         key = (str(v["model"]), int(v["version"]))
@@ -159,7 +178,7 @@ def version_problems(rows: Iterable[Mapping[str, Any]], table: Iterable[Mapping[
         if entry is None:
             problems.append(f"version {key[0]} v{key[1]} has no registration entry in the audit chain")
             continue
-        changed = [f for f in ("digest", "artifact_uri", "metrics", "eval_set") if f in entry and entry[f] != v[f]]
+        changed = [f for f in VERSION_FIELDS if f in entry and not _same(entry[f], v[f])]
         if changed:
             problems.append(f"version {key[0]} v{key[1]}: {', '.join(changed)} differ from its registration entry "
                             "in the audit chain: the version was changed outside the registry")

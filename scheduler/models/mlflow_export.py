@@ -4,6 +4,11 @@ The service exports only to tracking URIs an admin allowed (setting mlflow_track
 MLflow's HTTP client retries a failing server with back-off for minutes by default, so each export runs with
 MLflow's per-request timeout set to the deadline and no retries, in a thread the request stops waiting for once
 the deadline passes.
+
+MLflow reads that timeout and retry count from the process environment only, so `configure` sets them once, at the
+service's start, from its settings (setting them per request would race between request threads). At most
+MAX_EXPORTS exports run at once, counting those whose request stopped waiting: a slot comes back when the thread
+really ends (within MLflow's own timeout), and an export beyond that is refused at once (ExportBusy, a 503).
 """
 
 from __future__ import annotations
@@ -23,12 +28,29 @@ except ImportError:  # the export is an extra; everything else works without mlf
 
 VERSION_TAG = "corral.version"
 # MLflow reads these from the environment at every request (mlflow.environment_variables): the process-wide
-# setting is the only knob its client offers, and nothing else in the service uses MLflow.
+# setting is the only knob its client offers, and nothing else in the service uses MLflow (see configure).
 TIMEOUT_ENV, RETRIES_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 
 
 class ExportFailed(RuntimeError):
     """The tracking server could not be reached, refused, or did not finish within the deadline."""
+
+
+class ExportBusy(ExportFailed):
+    """MAX_EXPORTS exports are running already."""
+
+
+MAX_EXPORTS = 4  # threads exporting at once, per process: an unreachable server holds each for the timeout
+_slots = threading.BoundedSemaphore(MAX_EXPORTS)
+_configured = threading.Lock()
+
+
+def configure(timeout_s: float) -> None:
+    """MLflow's HTTP timeout (whole seconds, at least 1) and no retries, for the whole process: called once when
+    the service starts, before any request can export."""
+    with _configured:
+        os.environ[TIMEOUT_ENV] = str(max(1, math.ceil(timeout_s)))
+        os.environ[RETRIES_ENV] = "0"
 
 
 def available() -> bool:
@@ -38,11 +60,13 @@ def available() -> bool:
 def export_aliases(model: str, versions: Sequence[Mapping[str, Any]], stages: Mapping[str, Mapping[str, Any]],
                    tracking_uri: str, timeout_s: float) -> dict[str, int]:
     """`_export` within `timeout_s` seconds: ExportFailed naming what went wrong, or that the time passed (the
-    thread is left to end on MLflow's own request timeout, which is the same)."""
+    thread is left to end on MLflow's own request timeout, set by `configure`); ExportBusy at once when
+    MAX_EXPORTS are running."""
     if MlflowClient is None:
         raise RuntimeError("mlflow is not installed (pip install 'corral[mlflow]')")
-    os.environ[TIMEOUT_ENV] = str(max(1, math.ceil(timeout_s)))
-    os.environ[RETRIES_ENV] = "0"
+    if not _slots.acquire(blocking=False):
+        raise ExportBusy(f"{MAX_EXPORTS} MLflow exports are running already (a slow tracking server holds each "
+                         "for up to mlflow_timeout_s); try again shortly")
     result: dict[str, Any] = {}
 
     def run() -> None:
@@ -50,9 +74,15 @@ def export_aliases(model: str, versions: Sequence[Mapping[str, Any]], stages: Ma
             result["aliases"] = _export(model, versions, stages, tracking_uri)
         except Exception as e:  # whatever MLflow or its HTTP client raises is the export's failure, reported
             result["error"] = e
+        finally:
+            _slots.release()  # only now: a thread the request stopped waiting for still holds its slot
 
     worker = threading.Thread(target=run, name="corral-mlflow-export", daemon=True)
-    worker.start()
+    try:
+        worker.start()
+    except BaseException:
+        _slots.release()
+        raise
     worker.join(timeout_s)
     if worker.is_alive():
         raise ExportFailed(f"the MLflow export to {tracking_uri} did not finish within {timeout_s:g} s "

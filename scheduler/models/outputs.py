@@ -13,15 +13,14 @@ gate checks what the job measured, not what someone says it measured.
 from __future__ import annotations
 
 import json
-import math
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from scheduler.models.artifacts import ArtifactError, inside
+from scheduler.engine.model import is_number
+from scheduler.models.artifacts import ArtifactError, open_beneath
 
 METRICS_FILE = "metrics.json"
 LINEAGE_FILE = "lineage.json"
@@ -61,23 +60,18 @@ def _refuse_constant(name: str) -> float:
 
 
 def _read(directory: Path, name: str) -> Any | None:
-    """The JSON document `name` in `directory`, or None when the job did not write it. Read only when it is a
-    regular file really inside the directory (no symlink out, no FIFO to block on), and at most MAX_RECORD_BYTES."""
-    path = directory / name
-    if not os.path.lexists(path):
-        return None
-    if inside(path, [directory]) is None:
-        raise ArtifactError(f"{name} leads outside the job's output directory")
+    """The JSON document `name` in `directory`, or None when the job did not write it. Read as artifacts are
+    (artifacts.open_beneath): a regular file with one link, opened from the directory without following a link
+    and without blocking on a FIFO, and at most MAX_RECORD_BYTES."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd, _ = open_beneath(directory, (name,), name)
+    except FileNotFoundError:
+        return None
+    except ArtifactError:
+        raise
     except OSError as e:
         raise ArtifactError(f"{name} cannot be read: {e.strerror}") from e
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ArtifactError(f"{name} is not a regular file")
-        if st.st_nlink > 1:  # a hard link could be someone else's file, shown back in the error messages below
-            raise ArtifactError(f"{name} has {st.st_nlink} hard links: the job writes its own copy")
         raw = f.read(MAX_RECORD_BYTES + 1)
     if len(raw) > MAX_RECORD_BYTES:
         raise ArtifactError(f"{name} is larger than {MAX_RECORD_BYTES} bytes")
@@ -98,8 +92,7 @@ def read_metrics(directory: Path) -> dict[str, float] | None:
         raise ArtifactError(f"{METRICS_FILE} has {len(doc)} metrics, more than {MAX_METRICS}")
     out: dict[str, float] = {}
     for k, v in doc.items():
-        # bool is an int in Python, but `true` is no measurement
-        if not 0 < len(k) <= 200 or isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        if not 0 < len(k) <= 200 or not is_number(v):
             raise ArtifactError(f"{METRICS_FILE}: {k[:200]!r}: {v!r} is not a finite number under a name of "
                                 "1 to 200 characters")
         out[k] = float(v)

@@ -159,6 +159,13 @@ class VersionFacts:
     eval_set: str | None
     digest: str
     artifact_uri: str
+    # The metrics are what the job wrote in its output directory (metrics.json). False for versions registered
+    # before Corral read them from there, whose metrics were typed in: no metric gate trusts those.
+    measured_by_job: bool = True
+
+
+TYPED_IN_BEFORE = ("metrics typed in before Corral 0.1.0 read them from the job's metrics.json; register again "
+                   "from the job's output")
 
 
 @dataclass(frozen=True)
@@ -171,6 +178,8 @@ class GateResult:
 
 
 def _metric(gate: MetricGate, candidate: VersionFacts, production: VersionFacts | None) -> GateResult:
+    if not candidate.measured_by_job:
+        return GateResult(gate.label, "fail", f"unverified: v{candidate.version}'s {TYPED_IN_BEFORE}")
     value = candidate.metrics.get(gate.metric)
     if value is None or math.isnan(value):
         return GateResult(gate.label, "fail", f"not measured: v{candidate.version} has no {gate.metric}")

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scheduler.models import mlflow_export
 from scheduler.service import (
     registry,
     routes_admission,
@@ -80,6 +81,8 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
                   description="GPU scheduler: queues with fair-share quotas, jobs, preemption, usage.")
     app.state.core = core
     app.state.ready = False
+    # Once, before any request: MLflow reads its HTTP timeout from the process environment only.
+    mlflow_export.configure(core.settings.mlflow_timeout_s)
     # Inside the telemetry, so a refused body is still traced and logged with its request id.
     app.add_middleware(BodyLimit, limit=lambda: core.settings.max_request_bytes)
     app.add_middleware(RequestTelemetry, tracer=lambda: core.tracer)

@@ -13,13 +13,14 @@ documents too):
 
 from __future__ import annotations
 
-import math
 import types
 import typing
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from scheduler.engine.model import non_finite
 
 # Sizes. A body is at most max_request_bytes (1 MiB by default) as a whole; these bound the parts of a job spec
 # so that one field cannot take all of it and so that what is stored, listed and passed to exec stays small.
@@ -85,8 +86,7 @@ def problem(value: Any, booleans: bool) -> str | None:
         if isinstance(leaf, bool):
             if not booleans:
                 return f"{str(leaf).lower()} is a boolean, not a number{at}"
-        elif isinstance(leaf, float) and not math.isfinite(leaf):
-            shown = "NaN" if math.isnan(leaf) else "Infinity" if leaf > 0 else "-Infinity"
+        elif (shown := non_finite(leaf)) is not None:
             return (f"{shown} is not a finite number{at}: NaN and Infinity (or a number too large for a double, "
                     "such as 1e309) are refused")
         elif isinstance(leaf, str) and "\0" in leaf:

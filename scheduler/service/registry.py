@@ -2,9 +2,10 @@
 
 A version comes only from its job's own output directory (an executor that KeepsOutputs): the artifact must lie
 there, and the gates' metrics and the lineage digests are what the job wrote there (metrics.json, lineage.json).
-Artifacts are pre-walked here and hashed on the hashing pool (scheduler/service/hashing.py), never inside a
-transaction; the digest is recomputed at promotion and at rollback. After each committed change the audit
-chain's new head is logged, and /metrics shows it (corral_model_audit_head), so an auditor can keep it.
+Artifacts are pre-walked and hashed on the hashing pool (scheduler/service/hashing.py), never on a request
+thread and never inside a transaction; the digest is recomputed at promotion and at rollback. After each committed
+change the audit chain's new head is logged, and /metrics shows it (corral_model_audit_head), so an auditor can
+keep it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from scheduler.backends.base import KeepsOutputs
 from scheduler.models import audit as chain
-from scheduler.models.artifacts import ArtifactError, Walk, inside, resolve, walk
+from scheduler.models.artifacts import ArtifactError, inside, resolve, walk
 from scheduler.models.hooks import run_hook
 from scheduler.models.outputs import Lineage, read_lineage, read_metrics
 from scheduler.models.policy import (
@@ -90,7 +91,14 @@ def policy(conn: Connection, model: str) -> tuple[int, PromotionPolicy]:
 
 def facts(row: RowMapping) -> VersionFacts:
     return VersionFacts(row["model"], row["version"], row["metrics"], row["eval_set"], row["digest"],
-                        row["artifact_uri"])
+                        row["artifact_uri"], measured_by_job(row["lineage"]))
+
+
+def measured_by_job(lineage: Any) -> bool:
+    """Whether the version's metrics came from its job's metrics.json: registration stores metrics_from_job in the
+    lineage (versions registered just before it was added carry recorded_by_job); a version without either was
+    registered with typed-in metrics, which no gate trusts."""
+    return isinstance(lineage, dict) and (lineage.get("metrics_from_job") is True or "recorded_by_job" in lineage)
 
 
 def show(conn: Connection, core: Core, who: Principal, name: str) -> dict[str, Any]:
@@ -227,12 +235,15 @@ def _completed_attempt(conn: Connection, job_id: int) -> int | None:
         attempts.c.job_id == job_id, attempts.c.outcome == "completed")).scalar_one_or_none()
 
 
-def _walk(core: Core, uri: str, roots: list[Path]) -> Walk:
-    """The artifact, resolved inside `roots` and pre-walked within the size bounds (ArtifactError, OSError)."""
+def _hash(core: Core, uri: str, roots: list[Path]) -> tuple[Path, str]:
+    """The artifact's real path, resolved inside `roots` here (a few path lookups), and its digest, walked within
+    the bounds and hashed on the pool under its timeout (ArtifactError, OSError, Unavailable)."""
     s = core.settings
     path = resolve(uri, roots)
-    # Hashing opens each file from the output directory down, following no symlink (artifacts.walk).
-    return walk(path, s.artifact_max_bytes, s.artifact_max_files, base=inside(path, roots))
+    base = inside(path, roots)
+    # The walk and the hash open everything from the output directory down, following no symlink.
+    return path, hashing.pool(core).digest(
+        lambda: walk(path, s.artifact_max_bytes, s.artifact_max_files, base=base), str(path))
 
 
 def _digest_now(core: Core, v: RowMapping) -> tuple[str | None, str]:
@@ -244,7 +255,7 @@ def _digest_now(core: Core, v: RowMapping) -> tuple[str | None, str]:
     if roots is None:
         return None, NO_OUTPUTS
     try:
-        return hashing.pool(core).digest(_walk(core, v["artifact_uri"], roots)), ""
+        return _hash(core, v["artifact_uri"], roots)[1], ""
     except (ValueError, OSError) as e:  # ArtifactError is a ValueError, as is a bad URI
         return None, str(e)
 
@@ -270,10 +281,6 @@ def register(core: Core, who: Principal, name: str, job_id: int, artifact_uri: s
         done = _completed_attempt(conn, job_id)
     if roots is None:
         raise Invalid(NO_OUTPUTS, "job_id")
-    try:
-        w = _walk(core, artifact_uri, roots)
-    except (ValueError, OSError) as e:  # ArtifactError is a ValueError, as is a bad URI
-        raise Invalid(f"artifact {artifact_uri}: {e}", "artifact_uri") from e
     metrics: dict[str, float] = {}
     recorded: Lineage | None = None
     if done is not None and isinstance(core.executor, KeepsOutputs):
@@ -284,16 +291,17 @@ def register(core: Core, who: Principal, name: str, job_id: int, artifact_uri: s
         except ArtifactError as e:
             raise Invalid(f"job {job_id}'s outputs: {e}", "job_id") from e
     try:
-        digest = hashing.pool(core).digest(w)
+        path, digest = _hash(core, artifact_uri, roots)
     except (ValueError, OSError) as e:  # ArtifactError is a ValueError, as is a bad URI
         raise Invalid(f"artifact {artifact_uri}: {e}", "artifact_uri") from e
-    artifact_uri = str(w.root)  # the real path: what promotion and rollback hash again
+    artifact_uri = str(path)  # the real path: what promotion and rollback hash again
     eval_set = None if recorded is None else recorded.eval_set
     spec = source["spec"]
     lineage = {"job": job_id, "queue": source["queue"], "command": spec.get("command"), "image": spec.get("image"),
                "code": None if recorded is None or recorded.code is None else recorded.code.model_dump(),
                "data": [] if recorded is None else [d.model_dump() for d in recorded.data],
-               "recorded_by_job": recorded is not None, "jobs": sorted({job_id, *lineage_jobs})}
+               "recorded_by_job": recorded is not None, "metrics_from_job": True,
+               "jobs": sorted({job_id, *lineage_jobs})}
     now = core.clock()
     with _changing(core) as conn:
         number = (conn.execute(sa.select(sa.func.max(model_versions.c.version))

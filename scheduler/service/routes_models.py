@@ -22,17 +22,14 @@ router = APIRouter(tags=["models"])
 NAME = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class _Body(Body):
-    """Unknown fields, non-finite numbers (metrics: NaN), booleans for numbers and NUL are errors (edge.py)."""
 
-
-class NewModel(_Body):
+class NewModel(Body):
     name: str = NAME
     queue: str = Field(description="The owning team's queue: its roles decide who registers and who promotes.")
     description: str = ""
 
 
-class NewVersion(_Body):
+class NewVersion(Body):
     job_id: DbId = Field(description="The finished (completed) job that produced the artifact.")
     artifact_uri: str = Field(min_length=1, max_length=4096, description=(
         "A path (or file:// URI) inside the job's output directory, relative to it or absolute; its sha256 is "
@@ -46,11 +43,11 @@ class NewVersion(_Body):
     lineage_jobs: list[DbId] = Field(default_factory=list, description="Other jobs that led here (sweeps, data prep).")
 
 
-class Policy(_Body):
+class Policy(Body):
     document: dict[str, Any]
 
 
-class Promotion(_Body):
+class Promotion(Body):
     version: DbId
     stage: Literal["staging", "production"] = "production"
 
@@ -61,12 +58,12 @@ TYPED_IN = ("{field} is not accepted: gates use only what the job itself recorde
             "them (docs/models.md)")
 
 
-class MlflowExport(_Body):
+class MlflowExport(Body):
     tracking_uri: str = Field(min_length=1, description=(
         "MLflow tracking/registry URI; one of the server's mlflow_tracking_uris (an admin's allow-list)."))
 
 
-class Rollback(_Body):
+class Rollback(Body):
     stage: Literal["staging", "production"] = "production"
 
 

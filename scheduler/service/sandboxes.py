@@ -17,7 +17,7 @@ from scheduler.service.culler import IDLE_TIMEOUT_LABEL
 from scheduler.service.edge import Amount
 from scheduler.service.errors import Conflict, Forbidden, Invalid
 from scheduler.service.redact import Redactor
-from scheduler.service.specs import MAX_NAME, JobSubmit, Strict, engine_id
+from scheduler.service.specs import MAX_NAME, Argv, Env, Image, JobSubmit, Name, PoolName, Strict, Workdir, engine_id
 
 GUARANTEE = "guarantee"  # the rule a refusal names when the team's non-preemptible GPUs fill its quota
 
@@ -25,16 +25,16 @@ GUARANTEE = "guarantee"  # the rule a refusal names when the team's non-preempti
 class SandboxRequest(Strict):
     """A sandbox as the JupyterHub spawner (or a user) asks for it."""
 
-    name: str = Field("sandbox", min_length=1, max_length=MAX_NAME)
-    queue: str = Field(min_length=1, max_length=MAX_NAME)
-    pool: str | None = None
+    name: Name = "sandbox"
+    queue: Name
+    pool: PoolName = None
     gpus: int = Field(1, ge=0, le=64)
     cpus: Amount = 0.0
     memory_gb: Amount = 0.0
-    command: list[str] = Field(min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str | None = None
-    image: str | None = None
+    command: Argv
+    env: Env = Field(default_factory=dict)
+    workdir: Workdir = None
+    image: Image = None
     profile: str | None = Field(None, max_length=MAX_NAME)
     idle_timeout_s: float | None = Field(None, gt=0, description="Stop after this long with idle GPUs.")
     owner: str | None = Field(None, max_length=MAX_NAME, description="On behalf of this user (admins only).")

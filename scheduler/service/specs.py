@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from quotas import QueueSpec
 from scheduler.engine.model import JobSpec
@@ -28,6 +28,50 @@ MAX_NAME = 200
 MAX_RUNTIME_S = 10 * 365 * 86400.0  # ten years: any longer is "never", and far below where float seconds lose units
 
 
+def _env_names(v: dict[str, str]) -> dict[str, str]:
+    for k, x in v.items():
+        if not k or "=" in k or "\0" in k or len(k) > MAX_ENV_NAME:
+            raise ValueError(f"environment variable name {k[:MAX_ENV_NAME]!r} is not valid (1 to "
+                             f"{MAX_ENV_NAME} characters, no '=')")
+        if k == "CUDA_VISIBLE_DEVICES":
+            raise ValueError("CUDA_VISIBLE_DEVICES is set by Corral to the job's GPUs")
+        if len(x) > MAX_ENV_VALUE:
+            raise ValueError(f"the value of {k} has {len(x)} characters; at most {MAX_ENV_VALUE}")
+    return v
+
+
+def _workdir(v: str) -> str:
+    # Relative to what? The service's own directory is no place for a job; whether it exists is checked at
+    # submission by the backend that runs it (intake.check_workdir).
+    if not v.startswith("/"):
+        raise ValueError(f"workdir {v[:200]!r} is not an absolute path")
+    return v
+
+
+def _command(v: list[str] | str) -> list[str] | str:
+    if (v if isinstance(v, str) else v[0]).strip() == "":
+        raise ValueError("command is empty: give a program (argv[0]) or a shell command")
+    args = [v] if isinstance(v, str) else v
+    if any("\0" in a for a in args):
+        raise ValueError("command arguments may not contain NUL characters")
+    if len(args) > MAX_COMMAND_ARGS:
+        raise ValueError(f"command has {len(args)} arguments; at most {MAX_COMMAND_ARGS}")
+    size = sum(len(a.encode("utf-8", "surrogatepass")) + 1 for a in args)  # as exec sees it: NUL-ended
+    if size > MAX_COMMAND_BYTES:
+        raise ValueError(f"command is {size} bytes; at most {MAX_COMMAND_BYTES} (put long inputs in a file)")
+    return v
+
+
+# The fields a job and a sandbox share, with their bounds in one place (a sandbox request is a job request too).
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+PoolName = Annotated[str, Field(max_length=MAX_NAME)] | None
+Command = Annotated[list[str] | str, Field(min_length=1, max_length=MAX_COMMAND_BYTES), AfterValidator(_command)]
+Argv = Annotated[list[str], Field(min_length=1, max_length=MAX_COMMAND_ARGS), AfterValidator(_command)]
+Env = Annotated[dict[str, str], Field(max_length=MAX_ENV), AfterValidator(_env_names)]
+Workdir = Annotated[str, Field(min_length=1, max_length=MAX_PATH), AfterValidator(_workdir)] | None
+Image = Annotated[str, Field(min_length=1, max_length=MAX_IMAGE)] | None
+
+
 class Strict(Body):
     """A document users send: unknown fields, non-finite numbers, booleans for numbers and NUL are errors (edge.py)."""
 
@@ -35,40 +79,26 @@ class Strict(Body):
 class JobSubmit(Strict):
     """A job as submitted. `command` is argv, or one string run by /bin/sh -c."""
 
-    name: str = Field("job", min_length=1, max_length=MAX_NAME)
-    queue: str = Field(min_length=1, max_length=MAX_NAME)
-    pool: str | None = Field(None, max_length=MAX_NAME, description="Default: the service's only pool.")
+    name: Name = "job"
+    queue: Name
+    pool: PoolName = Field(None, description="Default: the service's only pool.")
     workers: int = Field(1, ge=1, le=1024)
     gpus: int = Field(1, ge=0, le=1024, description="GPUs per worker.")
     cpus: Amount = Field(0.0, description="CPUs per worker (0: not accounted).")
     memory_gb: Amount = Field(0.0, description="Memory per worker, GiB (0: not accounted).")
     priority: int = Field(0, ge=-1000, le=1000)
     preemptible: bool = True
-    command: list[str] | str = Field(min_length=1, max_length=MAX_COMMAND_BYTES)
-    env: dict[str, str] = Field(default_factory=dict, max_length=MAX_ENV)
-    workdir: str | None = Field(None, min_length=1, max_length=MAX_PATH, description=(
+    command: Command
+    env: Env = Field(default_factory=dict)
+    workdir: Workdir = Field(None, description=(
         "An absolute path; with the local backend it must be a directory that exists at submission."))
-    image: str | None = Field(None, min_length=1, max_length=MAX_IMAGE,
-                              description="Container image, for the Kubernetes and Ray backends.")
+    image: Image = Field(None, description="Container image, for the Kubernetes and Ray backends.")
     max_runtime: float | None = Field(None, gt=0, le=MAX_RUNTIME_S,
                                       description="Seconds; the job is stopped and failed after it.")
     checkpoint: bool = False
     labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS)
     idempotency_key: str | None = Field(None, min_length=1, max_length=MAX_NAME)
     kind: Literal["job", "sandbox"] = Field("job", description="Sandboxes are opened through /v1/sandboxes.")
-
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for k, x in v.items():
-            if not k or "=" in k or "\0" in k or len(k) > MAX_ENV_NAME:
-                raise ValueError(f"environment variable name {k[:MAX_ENV_NAME]!r} is not valid (1 to "
-                                 f"{MAX_ENV_NAME} characters, no '=')")
-            if k == "CUDA_VISIBLE_DEVICES":
-                raise ValueError("CUDA_VISIBLE_DEVICES is set by Corral to the job's GPUs")
-            if len(x) > MAX_ENV_VALUE:
-                raise ValueError(f"the value of {k} has {len(x)} characters; at most {MAX_ENV_VALUE}")
-        return v
 
     @field_validator("labels")
     @classmethod
@@ -78,30 +108,6 @@ class JobSubmit(Strict):
                 raise ValueError(f"label key {k[:MAX_LABEL_KEY]!r} is not valid (1 to {MAX_LABEL_KEY} characters)")
             if len(x) > MAX_LABEL_VALUE:
                 raise ValueError(f"the value of label {k} has {len(x)} characters; at most {MAX_LABEL_VALUE}")
-        return v
-
-    @field_validator("workdir")
-    @classmethod
-    def _workdir(cls, v: str | None) -> str | None:
-        # Relative to what? The service's own directory is no place for a job; whether it exists is checked at
-        # submission by the backend that runs it (intake.check_workdir).
-        if v is not None and not v.startswith("/"):
-            raise ValueError(f"workdir {v[:200]!r} is not an absolute path")
-        return v
-
-    @field_validator("command")
-    @classmethod
-    def _command(cls, v: list[str] | str) -> list[str] | str:
-        if (v if isinstance(v, str) else v[0]).strip() == "":
-            raise ValueError("command is empty: give a program (argv[0]) or a shell command")
-        args = [v] if isinstance(v, str) else v
-        if any("\0" in a for a in args):
-            raise ValueError("command arguments may not contain NUL characters")
-        if len(args) > MAX_COMMAND_ARGS:
-            raise ValueError(f"command has {len(args)} arguments; at most {MAX_COMMAND_ARGS}")
-        size = sum(len(a.encode("utf-8", "surrogatepass")) + 1 for a in args)  # as exec sees it: NUL-ended
-        if size > MAX_COMMAND_BYTES:
-            raise ValueError(f"command is {size} bytes; at most {MAX_COMMAND_BYTES} (put long inputs in a file)")
         return v
 
     def engine_spec(self, job_id: int, pool: str) -> JobSpec:

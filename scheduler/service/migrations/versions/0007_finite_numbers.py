@@ -8,13 +8,21 @@ CPUs inf - inf = NaN, after which no job of any queue started there, and it came
   which field held what; its admitted attempt, if any, ends as never started.
 - Every job's spec gets CPUs and memory of 0 (not accounted) and other such numbers null (max_runtime: none) in
   their place, so that stored specs validate; a running job runs on.
-- Model versions lose metrics that are not finite numbers (a gate cannot compare them).
+- Model versions lose metrics that are not finite numbers (a gate cannot compare them). Each such repair is also
+  appended to the model audit chain as a `version.repair` entry (the version's metrics as they now are, and the
+  names removed), so `models audit --verify` replays it instead of reporting a version changed outside the registry.
 
 Each repair is written to the audit log (actor "corral", action "repair.non_finite"), with the values removed.
+
+The chain's hashing (canonical JSON, sha256 over the previous hash) is copied below, not imported from
+scheduler.models.audit: a migration must compute what it computed on the day it was written, whatever that module
+becomes. tests/test_attack_repair.py checks that the copy and the module agree.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from typing import Any
@@ -42,6 +50,29 @@ audit = sa.table("audit", sa.column("at", sa.Float), sa.column("actor", sa.Strin
                  sa.column("target", sa.String), sa.column("detail", sa.JSON))
 model_versions = sa.table("model_versions", sa.column("model", sa.String), sa.column("version", sa.Integer),
                           sa.column("metrics", sa.JSON))
+model_audit = sa.table("model_audit", sa.column("seq", sa.Integer), sa.column("at", sa.Float),
+                       sa.column("actor", sa.String), sa.column("action", sa.String), sa.column("model", sa.String),
+                       sa.column("detail", sa.JSON), sa.column("prev_hash", sa.String), sa.column("hash", sa.String))
+GENESIS = "0" * 64
+REPAIR = "version.repair"
+
+
+def chain_hash(prev_hash: str, entry: dict[str, Any]) -> str:
+    """scheduler.models.audit.entry_hash as of this migration (frozen): sha256 over the previous hash, a newline
+    and the entry's fields as canonical JSON (sorted keys, no spaces, ASCII, no NaN)."""
+    fields = {k: entry[k] for k in ("seq", "at", "actor", "action", "model", "detail")}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(prev_hash.encode("ascii") + b"\n" + text.encode("ascii")).hexdigest()
+
+
+def append_repair(conn: sa.Connection, now: float, model: str, detail: dict[str, Any]) -> None:
+    """Append a `version.repair` entry after the chain's newest one, linked and hashed as the registry does."""
+    last = conn.execute(sa.select(model_audit.c.seq, model_audit.c.hash).order_by(model_audit.c.seq.desc())
+                        .limit(1)).first()
+    seq, prev = (1, GENESIS) if last is None else (int(last[0]) + 1, str(last[1]))
+    entry: dict[str, Any] = {"seq": seq, "at": now, "actor": ACTOR, "action": REPAIR, "model": model,
+                             "detail": detail}
+    conn.execute(model_audit.insert().values(**entry, prev_hash=prev, hash=chain_hash(prev, entry)))
 
 
 def _bad(v: Any) -> bool:
@@ -96,9 +127,12 @@ def upgrade() -> None:
         removed = {k: _shown(v) for k, v in metrics.items() if _bad(v)}
         if not removed:
             continue
+        kept = {k: v for k, v in metrics.items() if k not in removed}
         conn.execute(model_versions.update()
                      .where(model_versions.c.model == row["model"], model_versions.c.version == row["version"])
-                     .values(metrics={k: v for k, v in metrics.items() if k not in removed}))
+                     .values(metrics=kept))
+        append_repair(conn, now, row["model"], {"version": row["version"], "metrics": kept,
+                                                "removed_metrics": removed, "by": "migration 0007"})
         conn.execute(audit.insert().values(at=now, actor=ACTOR, action=ACTION,
                                            target=f"model {row['model']} version {row['version']}",
                                            detail={"removed_metrics": removed}))
