@@ -30,7 +30,7 @@ from scheduler.models import mlflow_export
 from scheduler.service.auth import Role
 from scheduler.service.db import model_aliases, model_audit, model_versions
 from tests import attack_kit
-from tests.service_kit import Service, make_service
+from tests.service_kit import ScriptedExecutor, Service, make_service
 from tests.test_models_service import finished_job, output_dir, register, trained
 from tests.test_service_local import state, until
 
@@ -196,7 +196,7 @@ def test_a_real_job_writes_its_metrics_and_registers_from_its_output(tmp_path: P
     assert r.status_code == 201, r.text
     version = alice.get("/v1/models/m").json()["versions"][0]
     assert (version["metrics"], version["eval_set"]) == ({"accuracy": 0.053}, "holdout")
-    assert version["artifact_uri"] == os.path.realpath(svc.executor.output_dir(str(jid), 1) / "model.pt")
+    assert version["artifact_uri"] == f"corral-output://{jid}/1/model.pt"  # the job's, wherever data_dir lies
     ask = olga.post("/v1/models/m/promotions", json={"version": 1, "stage": "staging"}).json()
     assert ask["state"] == "rejected"
 
@@ -233,6 +233,35 @@ def test_rollback_refuses_a_swapped_artifact(svc: Service, team: dict[str, TestC
     path.write_bytes(b"v1")
     back = olga.post("/v1/models/m/rollback", json={})
     assert back.status_code == 200 and back.json()["version"] == 1
+
+
+def test_an_artifact_is_found_again_after_the_data_dir_moves(svc: Service, team: dict[str, TestClient],
+                                                              tmp_path: Path) -> None:
+    """The version stores the job, the attempt and the path inside its output directory; promotion and rollback
+    find it through the executor's output_dir of the day (root's default data_dir moved to /var/lib/corral)."""
+    assert isinstance(svc.executor, ScriptedExecutor) and svc.executor.outputs is not None
+    v1, v2 = two_in_production(svc, team)
+    assert v1["lineage"]["job"] != v2["lineage"]["job"]
+    shown = team["olga"].get("/v1/models/m").json()["versions"]
+    assert [v["artifact_uri"] for v in shown] == [f"corral-output://{v['lineage']['job']}/1/w.pt" for v in (v1, v2)]
+    moved = tmp_path / "moved-data-dir"
+    svc.executor.outputs.rename(moved)
+    svc.executor.outputs = moved
+    attack_kit.attempt("6 rollback digest")
+    back = team["olga"].post("/v1/models/m/rollback", json={})
+    assert back.status_code == 200 and back.json()["version"] == 1, back.text
+    manifest = team["olga"].get("/v1/models/m/deploy").text
+    assert str(moved / str(v1["lineage"]["job"]) / "1" / "output" / "w.pt") in manifest
+
+
+def test_a_version_stored_with_an_absolute_path_is_still_checked(svc: Service, team: dict[str, TestClient]) -> None:
+    """Versions registered before the portable URI keep their absolute artifact path, and it is hashed as before."""
+    v1, _ = two_in_production(svc, team)
+    old = str(output_dir(svc, v1["lineage"]["job"]) / "w.pt")
+    with svc.core.db.begin() as conn:
+        conn.execute(sa.update(model_versions).where(model_versions.c.version == 1).values(artifact_uri=old))
+    back = team["olga"].post("/v1/models/m/rollback", json={})
+    assert back.status_code == 200 and back.json()["version"] == 1, back.text
 
 
 def verify(svc: Service, head: str | None = None) -> dict[str, Any]:

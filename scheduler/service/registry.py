@@ -11,10 +11,12 @@ keep it.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 import sqlalchemy as sa
 from prometheus_client.core import Metric
@@ -53,6 +55,7 @@ from scheduler.service.metrics import gauge
 STAGES = ("candidate", "staging", "production")
 log = logging.getLogger("corral.models")
 _HEAD = "corral.audit_head"  # conn.info key: the (seq, hash) this transaction appended last
+OUTPUT_SCHEME = "corral-output"  # corral-output://JOB/ATTEMPT/PATH: an artifact inside an attempt's output dir
 NO_OUTPUTS = ("this installation's backend keeps no job outputs the service can read, and versions are registered "
               "only from their job's own output directory (the local backend keeps one: $CORRAL_OUTPUT_DIR); "
               "jobs on Kubernetes or Ray cannot register versions until an output store the service can read is "
@@ -220,19 +223,53 @@ def apply_policy(core: Core, who: Principal, name: str, document: dict[str, Any]
     return {"model": name, "policy_version": number}
 
 
+def _attempts(conn: Connection, job_id: int) -> list[int]:
+    return list(conn.execute(sa.select(attempts.c.attempt).where(attempts.c.job_id == job_id)
+                             .order_by(attempts.c.attempt)).scalars())
+
+
 def _output_dirs(core: Core, conn: Connection, job_id: int) -> list[Path] | None:
-    """The output directories of every attempt of the job (an artifact may be an earlier attempt's checkpoint);
-    None when the executor keeps none the service can read."""
+    """The output directories of every attempt of the job (an artifact may be an earlier attempt's checkpoint),
+    in attempt order; None when the executor keeps none the service can read."""
     if not isinstance(core.executor, KeepsOutputs):
         return None
-    numbers = conn.execute(sa.select(attempts.c.attempt).where(attempts.c.job_id == job_id)
-                           .order_by(attempts.c.attempt)).scalars()
-    return [core.executor.output_dir(str(job_id), n) for n in numbers]
+    return [core.executor.output_dir(str(job_id), n) for n in _attempts(conn, job_id)]
+
+
+def _portable(job_id: int, path: Path, roots: list[Path], numbers: list[int]) -> str:
+    """The portable URI of `path` (a real path inside one of `roots`, the output directories of attempts
+    `numbers`, in the same order)."""
+    base = inside(path, roots)
+    for root, attempt in zip(roots, numbers, strict=True):
+        if base is not None and Path(os.path.realpath(root)) == base:
+            rel = path.relative_to(base).as_posix()
+            return portable_uri(job_id, attempt, "" if rel == "." else rel)
+    return str(path)  # unreachable: resolve() put it inside one of them
 
 
 def _completed_attempt(conn: Connection, job_id: int) -> int | None:
     return conn.execute(sa.select(sa.func.max(attempts.c.attempt)).where(
         attempts.c.job_id == job_id, attempts.c.outcome == "completed")).scalar_one_or_none()
+
+
+def portable_uri(job_id: int, attempt: int, rel: str) -> str:
+    """What a version stores as its artifact: the job, the attempt and the path inside that attempt's output
+    directory, not an absolute path, so it still names the artifact after data_dir moves."""
+    return f"{OUTPUT_SCHEME}://{job_id}/{attempt}/{quote(rel)}"
+
+
+def artifact_location(core: Core, uri: str) -> str:
+    """The artifact's path on this server now: a portable URI resolved through the executor's output_dir; a
+    version registered before (an absolute path) as it was stored. Manifests and MLflow exports point there."""
+    parsed = urlsplit(uri)
+    if parsed.scheme != OUTPUT_SCHEME or not isinstance(core.executor, KeepsOutputs):
+        return uri
+    attempt, _, rel = parsed.path.lstrip("/").partition("/")
+    try:
+        root = core.executor.output_dir(parsed.netloc, int(attempt))
+    except ValueError:
+        return uri  # a URI no registration wrote: hashing it again refuses it, saying why
+    return str(root / unquote(rel)) if rel else str(root)
 
 
 def _hash(core: Core, uri: str, roots: list[Path]) -> tuple[Path, str]:
@@ -255,7 +292,7 @@ def _digest_now(core: Core, v: RowMapping) -> tuple[str | None, str]:
     if roots is None:
         return None, NO_OUTPUTS
     try:
-        return _hash(core, v["artifact_uri"], roots)[1], ""
+        return _hash(core, artifact_location(core, v["artifact_uri"]), roots)[1], ""
     except (ValueError, OSError) as e:  # ArtifactError is a ValueError, as is a bad URI
         return None, str(e)
 
@@ -278,6 +315,7 @@ def register(core: Core, who: Principal, name: str, job_id: int, artifact_uri: s
         source = store.job_row(conn, job_id)
         assert source is not None
         roots = _output_dirs(core, conn, job_id)
+        attempt_numbers = _attempts(conn, job_id)
         done = _completed_attempt(conn, job_id)
     if roots is None:
         raise Invalid(NO_OUTPUTS, "job_id")
@@ -294,7 +332,9 @@ def register(core: Core, who: Principal, name: str, job_id: int, artifact_uri: s
         path, digest = _hash(core, artifact_uri, roots)
     except (ValueError, OSError) as e:  # ArtifactError is a ValueError, as is a bad URI
         raise Invalid(f"artifact {artifact_uri}: {e}", "artifact_uri") from e
-    artifact_uri = str(path)  # the real path: what promotion and rollback hash again
+    # Stored portably (job, attempt, path inside its output directory); promotion and rollback hash it again
+    # from the executor's output_dir of the day, whatever data_dir is then.
+    artifact_uri = _portable(job_id, path, roots, attempt_numbers)
     eval_set = None if recorded is None else recorded.eval_set
     spec = source["spec"]
     lineage = {"job": job_id, "queue": source["queue"], "command": spec.get("command"), "image": spec.get("image"),

@@ -190,10 +190,11 @@ def deploy(name: str, who: Caller, core: CoreDep, stage: Literal["staging", "pro
         if version is None:
             raise NotFound(f"{name} has no {stage} version yet")
         v = registry.version_row(conn, name, version)
+    where = registry.artifact_location(core, v["artifact_uri"])  # the path on this server now
     if kind == "kserve":
-        doc = inference_service(name, version, v["artifact_uri"], v["digest"], namespace, model_format, gpus)
+        doc = inference_service(name, version, where, v["digest"], namespace, model_format, gpus)
     else:
-        doc = deployment(name, version, image, v["artifact_uri"], v["digest"], namespace, gpus)
+        doc = deployment(name, version, image, where, v["digest"], namespace, gpus)
     return PlainTextResponse(to_yaml(doc))
 
 
@@ -221,7 +222,9 @@ def export_mlflow(name: str, body: MlflowExport, who: Caller, core: CoreDep) -> 
         raise Forbidden(f"{who.user} ({who.role}) may not export {name}: model owners do")
     stages = {s: a for s, a in shown["aliases"].items() if s != "candidate"}  # MLflow has no use for candidate
     try:
-        exported = mlflow_export.export_aliases(name, shown["versions"], stages, body.tracking_uri,
+        versions = [{**v, "artifact_uri": registry.artifact_location(core, v["artifact_uri"])}
+                    for v in shown["versions"]]
+        exported = mlflow_export.export_aliases(name, versions, stages, body.tracking_uri,
                                                 core.settings.mlflow_timeout_s)
     except mlflow_export.ExportFailed as e:
         raise Unavailable(str(e), "tracking_uri") from e
