@@ -207,6 +207,11 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(tmp_path: Path, db_u
     assert snapshot(svc) == before
     small = api.post("/v1/jobs", json=job())  # under the limit: served as before
     assert small.status_code == 201, small.text
+    # The what-if form's uploads are bounded per file there (2 MiB): its body may be larger, but not unbounded.
+    trace = b"x" * (1 << 20)
+    assert api.post("/ui/whatif", files={"trace_file": ("t.csv", trace)}).status_code != 413
+    attack_kit.attempt(SIZE)
+    assert api.post("/ui/whatif", files={"trace_file": ("t.csv", trace * 9)}).status_code == 413
 
 
 def test_the_default_limit_refuses_a_30_mb_spec(svc: Service, api: TestClient) -> None:

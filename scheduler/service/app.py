@@ -33,6 +33,7 @@ from scheduler.service.deps import TEXT_OK
 from scheduler.service.errors import ServiceError, http_error_body
 from scheduler.service.telemetry import RequestTelemetry
 from scheduler.service.views import live_metrics
+from scheduler.service.web.whatif import MAX_FORM, WHATIF_PATH
 
 
 class ErrorDetail(BaseModel):
@@ -84,7 +85,9 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
     # Once, before any request: MLflow reads its HTTP timeout from the process environment only.
     mlflow_export.configure(core.settings.mlflow_timeout_s)
     # Inside the telemetry, so a refused body is still traced and logged with its request id.
-    app.add_middleware(BodyLimit, limit=lambda: core.settings.max_request_bytes)
+    # The what-if form takes uploaded traces (MAX_UPLOAD each), which are bounded per file there.
+    app.add_middleware(BodyLimit,
+                       limit=lambda path: MAX_FORM if path == WHATIF_PATH else core.settings.max_request_bytes)
     app.add_middleware(RequestTelemetry, tracer=lambda: core.tracer)
     core.metrics.add_gauges(lambda: live_metrics(core))
     core.metrics.add_gauges(lambda: registry.audit_metrics(core))  # the audit head, for auditors to keep

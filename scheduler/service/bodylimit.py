@@ -17,16 +17,16 @@ from scheduler.service.errors import TooLarge
 
 
 class BodyLimit:
-    """Refuse (413, the API's error shape) request bodies over `limit()` bytes."""
+    """Refuse (413, the API's error shape) request bodies over `limit(path)` bytes."""
 
-    def __init__(self, app: ASGIApp, limit: Callable[[], int]) -> None:
+    def __init__(self, app: ASGIApp, limit: Callable[[str], int]) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit()
+        limit = self.limit(scope.get("path", ""))
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             await _refuse(send, f"the request body is {declared} bytes; at most {limit} (max_request_bytes)")

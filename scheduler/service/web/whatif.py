@@ -26,6 +26,9 @@ from scheduler.sim import report
 from scheduler.sim.inputs import InputError, load_cluster, load_scenario, load_trace
 
 MAX_UPLOAD = 2 * 1024 * 1024  # bytes per file: a 2 MiB trace is about 40,000 jobs, more than MAX_JOBS anyway
+# The form's whole body: a trace, a cluster and a queue tree (uploaded or typed in), each up to MAX_UPLOAD, and fields.
+MAX_FORM = 4 * MAX_UPLOAD + 64 * 1024
+WHATIF_PATH = "/ui/whatif"
 MAX_JOBS = 5000  # jobs replayed: a few seconds per policy, so a run finishes while someone waits for it
 MAX_WAITING = 3  # runs queued behind the one running; more are refused ("busy") rather than piling up
 KEEP = 20  # finished runs kept (oldest dropped, with their files)
