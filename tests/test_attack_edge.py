@@ -22,6 +22,7 @@ from scheduler.engine.model import JobSpec, NodeSpec
 from scheduler.service.auth import Role
 from scheduler.service.edge import MAX_AMOUNT, MAX_COMMAND_BYTES
 from scheduler.service.redact import HIDDEN
+from scheduler.service.settings import ServiceSettings
 from tests import attack_kit
 from tests.service_kit import Service, make_service
 from tests.test_api_bad_input import error_of, snapshot
@@ -424,3 +425,12 @@ def test_admission_validation_is_linear_in_rules() -> None:
     twice = [Rule.model_construct(name=CountingName("same"), scope=None, defaults={}, required_labels=[])] * 2
     with pytest.raises(ValueError, match="repeated: same"):
         AdmissionPolicy(rules=twice)
+
+
+@pytest.mark.parametrize("field", ["cpus", "memory_gb"])
+def test_a_node_with_infinite_room_is_refused_in_the_settings(field: str) -> None:
+    """`corral serve --cpus inf`: the same stall as a job asking for Infinity, from the other side."""
+    for bad in (math.inf, math.nan):
+        attack_kit.attempt(NON_FINITE)
+        with pytest.raises(ValueError, match="finite"):
+            ServiceSettings(**{field: bad})

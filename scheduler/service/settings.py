@@ -80,8 +80,11 @@ class ServiceSettings(BaseSettings):
     gpus: int | None = Field(None, ge=0, description=(
         "Declare this many GPUs instead of discovering them through NVML (a machine without GPUs)."))
     gpu_model: str = Field("virtual", description="Model name of declared GPUs.")
-    cpus: float | None = Field(None, gt=0, description="CPUs jobs may ask for on this node (None: not accounted).")
-    memory_gb: float | None = Field(None, gt=0, description="Memory jobs may ask for (GiB; None: not accounted).")
+    # Finite: free room starting at infinity becomes NaN once a job takes some, and then no job fits (issue 21).
+    cpus: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
+        "CPUs jobs may ask for on this node (None: not accounted)."))
+    memory_gb: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
+        "Memory jobs may ask for (GiB; None: not accounted)."))
     max_request_bytes: int = Field(1 << 20, ge=1024, description=(
         "Largest request body, bytes (default 1 MiB), refused with 413 before it is parsed. A job spec or queue tree "
         "is a few KiB; the largest parts of a job (command 64 KiB, env 256 x 32 KiB) are bounded on their own, and "
