@@ -301,6 +301,17 @@ class ControlPlane:
             self._api = config.new_client_from_config(config_file=str(self.kubeconfig))  # type: ignore[no-untyped-call]
         return self._api
 
+    def client_as(self, service_account: str, namespace: str) -> Any:
+        """An API client authenticated as a ServiceAccount (a token from the TokenRequest API, as a pod mounts it):
+        Corral as the chart deploys it, never with the admin's certificate."""
+        token = self.core().create_namespaced_service_account_token(
+            service_account, namespace, {"spec": {"expirationSeconds": 3600}}).status.token
+        admin = self.api_client().configuration
+        conf = client.Configuration()
+        conf.host, conf.ssl_ca_cert = admin.host, admin.ssl_ca_cert
+        conf.api_key = {"authorization": f"Bearer {token}"}
+        return client.ApiClient(conf)
+
     def core(self) -> Any:
         return client.CoreV1Api(self.api_client())
 
@@ -361,7 +372,7 @@ class ControlPlane:
         body = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod, "namespace": namespace},
                 "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
         # The generated client cannot deserialize the Status the server answers with: skip deserializing.
-        self.core().create_namespaced_binding(namespace, body, _preload_content=False)
+        self.core().create_namespaced_pod_binding(pod, namespace, body, _preload_content=False)
 
     def apply(self, namespace: str, documents: list[dict[str, Any]]) -> list[Any]:
         """Create the given objects (rendered manifests) in `namespace`: kubectl-free, via the client's utils."""

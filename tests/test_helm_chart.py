@@ -23,6 +23,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from scheduler.backends.kubernetes import KubernetesExecutor
 from tests.k8s_kit import ROOT, ControlPlane, require_bin_dir, schemas_dir, shared_plane, wait_for
 
 CHART = ROOT / "charts" / "corral"
@@ -208,6 +209,16 @@ def test_manifests_apply_and_the_pod_lands_on_a_kwok_node(plane: ControlPlane, n
                                ("bind", f"{rbac_api}/clusterroles:cluster-admin", ""),
                                ("create", f"{rbac_api}/clusterrolebindings", ""), ("create", f"{rbac_api}/roles", "")]:
             assert not allowed(verb, res, sub), (verb, res, sub)
+
+        # Not only granted on paper: the backend binds a pod authenticated as the chart's ServiceAccount (issue 22:
+        # it posted to /namespaces/{ns}/bindings, which the ClusterRole rightly does not grant, and got 403).
+        waiting = f"waits-{uuid.uuid4().hex[:6]}"
+        plane.core().create_namespaced_pod(ns, {"metadata": {"name": waiting}, "spec": {
+            "schedulerName": "nobody",  # kube-scheduler leaves it alone: only Corral binds it
+            "containers": [{"name": "main", "image": "busybox"}]}})
+        executor = KubernetesExecutor(plane.client_as(release, ns), tmp_path / "k8s")
+        executor._bind(ns, waiting, node)
+        assert plane.core().read_namespaced_pod(waiting, ns).spec.node_name == node
     finally:
         rbac = client.RbacAuthorizationV1Api(plane.api_client())
         for delete in (rbac.delete_cluster_role_binding, rbac.delete_cluster_role):

@@ -73,7 +73,7 @@ class BindingCore(FakeCore):
         self.api_client = None
         self.outcome, self.deleted = outcome, []  # type: list[str]
 
-    def create_namespaced_binding(self, ns: str, body: dict[str, Any], **_: Any) -> Any:
+    def create_namespaced_pod_binding(self, name: str, ns: str, body: dict[str, Any], **_: Any) -> Any:
         err = self.outcome[body["metadata"]["name"]]
         if err is not None:
             raise err

@@ -233,8 +233,10 @@ class KubernetesExecutor:
 
     def _bind(self, ns: str, name: str, node: str, marks: Mapping[str, str] | None = None) -> None:
         try:
-            # The generated client cannot deserialize the Status the server answers with: skip deserializing.
-            _raw(self.core.create_namespaced_binding, ns, k8s.binding(name, ns, node, marks))
+            # POST pods/{name}/binding, the subresource schedulers use and the chart's ClusterRole grants (not the
+            # namespace's `bindings` collection, which it does not). The generated client cannot deserialize the
+            # Status the server answers with: skip deserializing.
+            _raw(self.core.create_namespaced_pod_binding, name, ns, k8s.binding(name, ns, node, marks))
         except ApiException as e:
             if e.status != 409:
                 raise
