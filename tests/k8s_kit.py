@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOLS_SCRIPT = ROOT / "scripts" / "k8s-tools"
 REQUIRE_ENV = "CORRAL_REQUIRE_K8S"
 BIN_ENV = "CORRAL_K8S_BIN"
+CORRAL_NS, CORRAL_SA = "corral-system", "corral"  # where corral_client() installs the chart's RBAC
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 GPU = "nvidia.com/gpu"
@@ -197,6 +198,7 @@ class ControlPlane:
     kubeconfig: Path = Path()
     pki: Path = Path()
     _api: Any = None
+    _corral: Any = None
 
     # starting and stopping
 
@@ -301,11 +303,31 @@ class ControlPlane:
             self._api = config.new_client_from_config(config_file=str(self.kubeconfig))  # type: ignore[no-untyped-call]
         return self._api
 
+    def corral_client(self) -> Any:
+        """Corral's API client as the chart deploys it: the chart's ServiceAccount, ClusterRole and binding, rendered
+        by helm and applied once (namespace `corral-system`), and that ServiceAccount's token. Every test of the
+        Kubernetes backend uses it, never the admin's kubeconfig, so a permission the chart lacks fails a test."""
+        if self._corral is None:
+            home = self.workdir / "helm"
+            env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
+                   "HELM_DATA_HOME": str(home / "data")}
+            out = subprocess.run([str(self.bin_dir / "helm"), "template", CORRAL_SA, str(ROOT / "charts" / "corral"),
+                                  "--namespace", CORRAL_NS, "--set", "database.url=postgresql+psycopg://corral@db/c"],
+                                 capture_output=True, text=True, env=env, timeout=120, check=True).stdout
+            rbac = [d for d in yaml.safe_load_all(out)
+                    if d and d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")]
+            assert {d["kind"] for d in rbac} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}, rbac
+            with contextlib.suppress(ApiException):  # a plane shared by several test modules: made once
+                self.core().create_namespace({"metadata": {"name": CORRAL_NS}})
+                self.apply(CORRAL_NS, rbac)
+            self._corral = self.client_as(CORRAL_SA, CORRAL_NS)
+        return self._corral
+
     def client_as(self, service_account: str, namespace: str) -> Any:
         """An API client authenticated as a ServiceAccount (a token from the TokenRequest API, as a pod mounts it):
         Corral as the chart deploys it, never with the admin's certificate."""
         token = self.core().create_namespaced_service_account_token(
-            service_account, namespace, {"spec": {"expirationSeconds": 3600}}).status.token
+            service_account, namespace, {"spec": {"expirationSeconds": 86400}}).status.token
         admin = self.api_client().configuration
         conf = client.Configuration()
         conf.host, conf.ssl_ca_cert = admin.host, admin.ssl_ca_cert
@@ -391,6 +413,13 @@ def _http_ok(url: str, ctx: ssl.SSLContext | None = None) -> bool:
 
 _PLANE: ControlPlane | None = None
 _PLANE_ERROR: str | None = None
+
+
+def kubelet() -> Any:
+    """The admin's CoreV1Api of the shared plane, for what a kubelet would do (kwok runs none for pod status):
+    tests end pods with it, never with Corral's own client, which the chart rightly does not let patch status."""
+    assert _PLANE is not None, "no control plane started"
+    return _PLANE.core()
 
 
 def shared_plane(config: pytest.Config) -> ControlPlane:

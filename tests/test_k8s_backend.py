@@ -31,7 +31,7 @@ from scheduler.service.db import events
 from scheduler.service.db import jobs as jobs_table
 from scheduler.service.settings import ServiceSettings
 from scheduler.service.specs import JobSubmit
-from tests.k8s_kit import ControlPlane, delete_namespaces, shared_plane, until
+from tests.k8s_kit import ControlPlane, delete_namespaces, kubelet, shared_plane, until
 
 IMAGE = "busybox:1.36"
 ROOT = Principal("root", Role.PLATFORM_ADMIN)
@@ -73,7 +73,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
 @pytest.fixture
 def executor(cluster: Cluster, tmp_path: Path) -> Iterator[KubernetesExecutor]:
     prefix = f"c{uuid.uuid4().hex[:5]}-"
-    ex = KubernetesExecutor(cluster.plane.api_client(), tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=prefix,
+    ex = KubernetesExecutor(cluster.plane.corral_client(), tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=prefix,
                             node_selector=f"{TEST_LABEL}={cluster.tag}", watch_s=2, foreign_pods=False)
     yield ex
     ex.close()
@@ -98,7 +98,7 @@ def finish(ex: KubernetesExecutor, pod: Any, code: int) -> None:
     status = {"phase": phase, "containerStatuses": [{
         "name": k8s.CONTAINER, "image": IMAGE, "imageID": "", "ready": False, "restartCount": 0,
         "state": {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}}}]}
-    ex.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
+    kubelet().patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
 
 
 def wait_exits(ex: KubernetesExecutor, want: set[tuple[str, int]], timeout: float = 60) -> dict[str, Exit]:
@@ -128,7 +128,7 @@ def watch_for(watcher: NodeWatcher, node: str) -> list[NodeChange]:
 
 
 def test_discovery_pools_and_node_changes(cluster: Cluster) -> None:
-    api = cluster.plane.api_client()
+    api = cluster.plane.corral_client()
     found = cluster.ours(discover_nodes(api))
     assert sorted(n.name for n in found) == sorted(n for ns in cluster.nodes.values() for n in ns)
     assert {n.pool for n in found} == set(cluster.pools)
@@ -215,7 +215,7 @@ def test_a_new_executor_adopts_pods_by_label(cluster: Cluster, executor: Kuberne
     ns = f"{executor.prefix}nlp"
     executor.core.create_namespaced_pod(ns, k8s.pod(unbound, 1, 0, namespace=ns, node=b, gpus=1, image=IMAGE,
                                                     command="sleep inf", env={"CORRAL_QUEUE": "nlp"}))
-    again = KubernetesExecutor(cluster.plane.api_client(), tmp_path / "k8s2", IMAGE, grace_s=1,
+    again = KubernetesExecutor(cluster.plane.corral_client(), tmp_path / "k8s2", IMAGE, grace_s=1,
                                namespace_prefix=executor.prefix)
     assert again.adopt(Handle(long, 1, None, 0.0)) is None
     assert again.adopt(Handle(done, 1, None, 0.0)) == Exit(done, 1, 0, "ended while Corral was down")
@@ -280,7 +280,7 @@ def test_team_objects_are_accepted_by_the_api_server(cluster: Cluster, executor:
 
 def test_end_to_end_two_teams_reclaim_and_a_cordoned_node(cluster: Cluster, executor: KubernetesExecutor,
                                                            tmp_path: Path) -> None:
-    api = cluster.plane.api_client()
+    api = cluster.plane.corral_client()  # Corral as the chart deploys it
     nodes = cluster.ours(discover_nodes(api))
     p1, p2 = cluster.pools
     settings = ServiceSettings(data_dir=tmp_path / "data", grace_s=1)
@@ -372,7 +372,7 @@ def test_nodes_cordoned_uncordoned_and_deleted_while_corral_runs(cluster: Cluste
     for n in (n1, n2):
         plane.create_gpu_node(n, product=pool, gpus=8, labels={TEST_LABEL: t})
         plane.wait_node_ready(n)
-    ex = KubernetesExecutor(plane.api_client(), tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=f"n{t}-",
+    ex = KubernetesExecutor(plane.corral_client(), tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=f"n{t}-",
                             node_selector=f"{TEST_LABEL}={t}", watch_s=2, foreign_pods=False)
     k8s_core = plane.core()
     try:
@@ -432,7 +432,7 @@ def test_pods_of_others_are_gangs_bound_on_admission_and_deleted_on_preemption(c
     plane = cluster.plane
     (a, b), _ = cluster.nodes.values()
     p1, p2 = cluster.pools
-    ex = KubernetesExecutor(plane.api_client(), tmp_path / "k8s", IMAGE, grace_s=1,
+    ex = KubernetesExecutor(plane.corral_client(), tmp_path / "k8s", IMAGE, grace_s=1,
                             namespace_prefix=f"f{uuid.uuid4().hex[:5]}-",
                             node_selector=f"{TEST_LABEL}={cluster.tag}", watch_s=2)
     api = plane.core()
@@ -487,7 +487,7 @@ def test_pods_of_others_are_gangs_bound_on_admission_and_deleted_on_preemption(c
             ticking(core, "the half gang withdrawn", lambda: cluster_job(core, "half")[1] == "cancelled")
             # A restart finds the running pods of others by the marks on them, and offers nothing twice.
             ex.close()
-            ex = KubernetesExecutor(plane.api_client(), tmp_path / "k8s2", IMAGE, grace_s=1,
+            ex = KubernetesExecutor(plane.corral_client(), tmp_path / "k8s2", IMAGE, grace_s=1,
                                     namespace_prefix=ex.prefix, node_selector=f"{TEST_LABEL}={cluster.tag}", watch_s=2)
             again = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=1), executor=ex,
                                nodes=ex.discover())
@@ -507,7 +507,7 @@ def test_pods_of_others_are_gangs_bound_on_admission_and_deleted_on_preemption(c
 def test_a_pod_bound_by_someone_else_is_not_bound_twice(cluster: Cluster, tmp_path: Path) -> None:
     plane = cluster.plane
     (a, b), _ = cluster.nodes.values()
-    ex = KubernetesExecutor(plane.api_client(), tmp_path / "k8s", IMAGE, node_selector=f"{TEST_LABEL}={cluster.tag}",
+    ex = KubernetesExecutor(plane.corral_client(), tmp_path / "k8s", IMAGE, node_selector=f"{TEST_LABEL}={cluster.tag}",
                             watch_s=2)
     with plane.namespace("fb") as ns:
         plane.core().patch_namespace(ns, {"metadata": {"labels": {k8s.QUEUE_LABEL: "q"}}})  # its team

@@ -37,7 +37,7 @@ def appeared(ex: KubernetesExecutor, job: str, n: int) -> list[Any]:
 def test_a_jobs_pods_are_bound_by_index_and_its_completion_is_the_exit(cluster: Cluster, tmp_path: Path) -> None:
     (a, b), (c, _) = cluster.nodes.values()
     prefix = f"j{uuid.uuid4().hex[:5]}-"
-    ex = KubernetesExecutor(cluster.plane.api_client(), tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=prefix,
+    ex = KubernetesExecutor(cluster.plane.corral_client(), tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=prefix,
                             foreign_pods=False, workload="job")
     job = f"idx{uuid.uuid4().hex[:5]}"
     try:
@@ -48,7 +48,7 @@ def test_a_jobs_pods_are_bound_by_index_and_its_completion_is_the_exit(cluster: 
         assert [p.spec.node_name for p in pods] == [None, None]
         assert all(p.spec.scheduler_name == "corral" for p in pods)  # kube-scheduler left them alone
         # A restarted Corral adopts the Job and binds its pods: index 0 on c, index 1 on a, as the engine chose.
-        again = KubernetesExecutor(cluster.plane.api_client(), tmp_path / "k8s2", IMAGE, grace_s=1,
+        again = KubernetesExecutor(cluster.plane.corral_client(), tmp_path / "k8s2", IMAGE, grace_s=1,
                                    namespace_prefix=prefix, foreign_pods=False)
         assert again.adopt(Handle(job, 1, None, 0.0)) is None
         nodes = {p.metadata.name: p.spec.node_name for p in pods_of(ex, job)}

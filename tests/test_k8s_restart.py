@@ -21,7 +21,7 @@ from scheduler.backends.kubernetes import KubernetesExecutor
 from scheduler.service.assemble import build_core
 from scheduler.service.core import Core
 from scheduler.service.settings import ServiceSettings
-from tests.k8s_kit import delete_namespaces, shared_plane, until
+from tests.k8s_kit import delete_namespaces, kubelet, shared_plane, until
 from tests.restart_kit import Backend, issue_case, job_row, scripted_twin
 
 IMAGE = "busybox:1.36"
@@ -33,7 +33,7 @@ def finish(ex: KubernetesExecutor, pod: Any) -> None:
     status = {"phase": "Succeeded", "containerStatuses": [{
         "name": k8s.CONTAINER, "image": IMAGE, "imageID": "", "ready": False, "restartCount": 0,
         "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}
-    ex.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
+    kubelet().patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
 
 
 def test_a_restart_over_running_pods_decides_as_without_one(request: pytest.FixtureRequest, tmp_path: Path) -> None:
@@ -50,7 +50,7 @@ def test_a_restart_over_running_pods_decides_as_without_one(request: pytest.Fixt
 
     def make() -> Core:
         """The service starting (again): a new executor finds the nodes, and the pods by their labels."""
-        ex = KubernetesExecutor(plane.api_client(), tmp_path / f"k8s{len(executors)}", IMAGE, grace_s=1,
+        ex = KubernetesExecutor(plane.corral_client(), tmp_path / f"k8s{len(executors)}", IMAGE, grace_s=1,
                                 namespace_prefix=prefix, node_selector=f"{TEST_LABEL}={t}", watch_s=2,
                                 foreign_pods=False)
         executors.append(ex)

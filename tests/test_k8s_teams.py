@@ -232,7 +232,7 @@ def team_state(plane: ControlPlane, prefix: str) -> dict[str, dict[str, Any]]:
 
 def test_reconciler_applies_updates_removes_and_is_idempotent(plane: ControlPlane, prefix: str,
                                                                tmp_path: Path) -> None:
-    ex = KubernetesExecutor(plane.api_client(), tmp_path, IMAGE, namespace_prefix=prefix, hub_namespace="hub")
+    ex = KubernetesExecutor(plane.corral_client(), tmp_path, IMAGE, namespace_prefix=prefix, hub_namespace="hub")
     first = ex.sync_teams(DEMO, CAPACITY)
     state = team_state(plane, prefix)
     assert sorted(state) == [f"{prefix}nlp", f"{prefix}product", f"{prefix}vision"]
@@ -273,7 +273,7 @@ def test_reconciler_applies_updates_removes_and_is_idempotent(plane: ControlPlan
     assert ex.sync_teams(changed, CAPACITY).deleted == [f"RoleBinding {prefix}nlp/corral-team-edit",
                                                         f"RoleBinding {prefix}product/corral-team-edit",
                                                         f"RoleBinding {prefix}speech/corral-team-edit"]
-    other = KubernetesExecutor(plane.api_client(), tmp_path, IMAGE, namespace_prefix=f"{prefix}x-")
+    other = KubernetesExecutor(plane.corral_client(), tmp_path, IMAGE, namespace_prefix=f"{prefix}x-")
     assert other.sync_teams(tree(QueueSpec("solo", quota={POOL: 1})), CAPACITY).deleted == []
     assert f"{prefix}nlp" in team_state(plane, prefix)
 
@@ -300,7 +300,7 @@ def test_a_team_namespace_refuses_pods_that_are_not_restricted(plane: ControlPla
     """Pod Security Admission on the team's namespace: a pod made by hand there (a team admin holds the admin
     ClusterRole in it) cannot escape to the node, even though Corral would bind it; Corral's own pods pass."""
     core = plane.core()
-    ex = KubernetesExecutor(plane.api_client(), Path("/nonexistent"), IMAGE, namespace_prefix=prefix)
+    ex = KubernetesExecutor(plane.corral_client(), Path("/nonexistent"), IMAGE, namespace_prefix=prefix)
     ex.sync_teams(tree(QueueSpec("a", quota={POOL: 8})), CAPACITY)
     ns = f"{prefix}a"
     ours = k8s.pod("1", 1, 0, namespace=ns, node="none", gpus=0, image=IMAGE, command=["sleep", "inf"])
@@ -343,7 +343,7 @@ def test_policies_let_only_the_hub_and_the_owner_reach_a_sandbox(plane: ControlP
     core = plane.core()
     hub = f"{prefix}hub"
     core.create_namespace({"metadata": {"name": hub}})
-    ex = KubernetesExecutor(plane.api_client(), tmp_path, IMAGE, namespace_prefix=prefix, hub_namespace=hub)
+    ex = KubernetesExecutor(plane.corral_client(), tmp_path, IMAGE, namespace_prefix=prefix, hub_namespace=hub)
     ex.sync_teams(tree(QueueSpec("a", quota={POOL: 8}), QueueSpec("b", quota={POOL: 8})), CAPACITY)
     a, b = f"{prefix}a", f"{prefix}b"
     make_pod(core, hub, "hub", {"component": "hub"})
@@ -378,7 +378,7 @@ def test_a_sandbox_opened_through_the_service_runs_as_a_kubespawner_pod_in_its_t
     with contextlib.ExitStack() as closing:
         closing.callback(plane.core().delete_node, node)
         plane.wait_node_ready(node)
-        api = plane.api_client()
+        api = plane.corral_client()  # Corral as the chart deploys it
         nodes = [n for n in discover_nodes(api) if n.pool == product]
         ex = KubernetesExecutor(api, tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=prefix,
                                 hub_namespace=f"{prefix}hub")
@@ -440,7 +440,7 @@ def test_a_sandbox_never_runs_without_its_namespaces_isolation(plane: ControlPla
     plane.create_gpu_node(node, product=f"NVIDIA-I-{prefix.strip('-')}", gpus=8)
     with contextlib.ExitStack() as closing:
         closing.callback(plane.core().delete_node, node)
-        ex = KubernetesExecutor(plane.api_client(), tmp_path, IMAGE, grace_s=1, namespace_prefix=prefix,
+        ex = KubernetesExecutor(plane.corral_client(), tmp_path, IMAGE, grace_s=1, namespace_prefix=prefix,
                                 hub_namespace=f"{prefix}hub")
         env = {"CORRAL_QUEUE": "fresh", "CORRAL_OWNER": "ann", k8s_sandbox.KIND_ENV: "sandbox"}
         net: Any = client.NetworkingV1Api(plane.api_client())
