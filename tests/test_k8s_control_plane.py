@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from scheduler.backends import k8s_objects as k8s
 from tests.k8s_kit import GPU, GPU_PRODUCT, POOL_LABEL, ControlPlane, shared_plane, wait_for
 
 K8S_VERSION = "v1.36.3"
@@ -108,3 +109,27 @@ def test_job_pod_completes(plane: ControlPlane, ns: str, gpu_node: str) -> None:
     # kwok's pod-complete stage finishes pods owned by a Job; the job controller marks the Job complete.
     wait_for("job train complete", lambda: (batch.read_namespaced_job("train", ns).status.succeeded or 0) == 1,
              90, plane.procs)
+
+
+def test_the_managed_taint_keeps_kube_scheduler_off_and_corrals_pods_tolerate_it(plane: ControlPlane, ns: str,
+                                                                                  gpu_node: str) -> None:
+    """docs/kubernetes.md: taint the nodes Corral manages, so kube-scheduler places nothing there that Corral does not
+    count (issue 22, item 3). An ordinary pod pinned to the node stays unschedulable; the pod Corral builds, handed to
+    kube-scheduler instead, is placed there: its tolerations match the taint."""
+    core = plane.core()
+    core.patch_node(gpu_node, {"spec": {"taints": [
+        {"key": k8s.MANAGED_TAINT, "value": "true", "effect": "NoSchedule"}]}})
+    pin = {"nodeSelector": {"kubernetes.io/hostname": gpu_node}}
+    core.create_namespaced_pod(ns, gpu_pod("ordinary", 1, **pin))
+    corrals = k8s.pod("7", 1, 0, namespace=ns, node=gpu_node, gpus=1, image="busybox:1.36", command=["true"])
+    corrals["spec"].update(schedulerName="default-scheduler", **pin)
+    core.create_namespaced_pod(ns, corrals)
+
+    def unschedulable() -> bool:
+        conds = core.read_namespaced_pod("ordinary", ns).status.conditions or []
+        return any(c.type == "PodScheduled" and c.reason == "Unschedulable" for c in conds)
+
+    wait_for("the ordinary pod refused by the taint", unschedulable, 60, plane.procs)
+    name = corrals["metadata"]["name"]
+    wait_for("Corral's pod placed despite the taint",
+             lambda: core.read_namespaced_pod(name, ns).spec.node_name == gpu_node, 60, plane.procs)

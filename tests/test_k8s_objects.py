@@ -26,6 +26,7 @@ def test_pod_is_for_corral_to_bind_with_labels_gpus_env_and_grace() -> None:
     assert env == {"CORRAL_QUEUE": "nlp", "CORRAL_OWNER": "ann", "X": "y", "CORRAL_JOB_ID": "42",
                    "CORRAL_ATTEMPT": "3", "CORRAL_WORKER": "1", "CORRAL_WORKERS": "2", "CORRAL_NODE": "n2"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert {"key": k8s.MANAGED_TAINT, "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
 
 
 RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}}

@@ -22,6 +22,9 @@ from typing import Any
 GPU = "nvidia.com/gpu"
 GPU_PRODUCT = "nvidia.com/gpu.product"
 SCHEDULER_NAME = "corral"
+# The taint a platform team puts on the nodes Corral manages (`corral.dev/managed=true:NoSchedule`): kube-scheduler
+# then places nothing there that Corral does not count, while every pod Corral builds tolerates it.
+MANAGED_TAINT = "corral.dev/managed"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 JOB_LABEL = "corral.dev/job"
 ATTEMPT_LABEL = "corral.dev/attempt"
@@ -154,8 +157,9 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": max(0, round(grace_s)),
             "containers": [container],
-            # GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule; Corral chose this node on purpose.
-            "tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}],
+            # GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule, and Corral's own nodes MANAGED_TAINT;
+            # Corral chose this node on purpose.
+            "tolerations": [{"key": key, "operator": "Exists", "effect": "NoSchedule"} for key in (GPU, MANAGED_TAINT)],
             "securityContext": pod_security(run_as_user),
             # No credentials for the Kubernetes API inside a job: the namespace's service account is not the
             # job's, and a job that could call the API could read or change its team's other pods.
