@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from scheduler.backends import k8s_objects as k8s
@@ -420,6 +421,17 @@ def foreign_pod(name: str, gpus: int, labels: dict[str, str] | None = None, note
             "metadata": {"name": name, "labels": labels or {}, "annotations": notes or {}}}
 
 
+def created(api: Any, ns: str, pod: dict[str, Any]) -> bool:
+    """Create `pod`; False while admission does not know its PriorityClass yet (it learns new ones from a watch)."""
+    try:
+        api.create_namespaced_pod(ns, pod)
+    except client.ApiException as e:
+        if e.status == 403 and "PriorityClass" in str(e.body):
+            return False
+        raise
+    return True
+
+
 def cluster_job(c: Core, name: str) -> tuple[int, str]:
     with c.db.connect() as conn:
         row = conn.execute(sa.select(jobs_table.c.id, jobs_table.c.state).where(
@@ -436,6 +448,7 @@ def test_pods_of_others_are_gangs_bound_on_admission_and_deleted_on_preemption(c
                             namespace_prefix=f"f{uuid.uuid4().hex[:5]}-",
                             node_selector=f"{TEST_LABEL}={cluster.tag}", watch_s=2)
     api = plane.core()
+    scheduling, spare = client.SchedulingV1Api(plane.api_client()), f"spare-{uuid.uuid4().hex[:5]}"
     with plane.namespace("fp") as ns:
         api.patch_namespace(ns, {"metadata": {"labels": {k8s.QUEUE_LABEL: "alpha"}}})
         try:
@@ -450,8 +463,18 @@ def test_pods_of_others_are_gangs_bound_on_admission_and_deleted_on_preemption(c
             api.create_namespaced_pod(ns, foreign_pod("half-0", 1, {k8s.GROUP_LABEL: "half", GROUP_SIZE: "2"},
                                                       product=p1))  # waits for its second pod
             ticking(core, "the gang running", lambda: cluster_job(core, "train")[1] == "running")
-            api.create_namespaced_pod(ns, foreign_pod("solo", 4, {POOL_LABEL: p1}))  # alpha borrows beyond quota
+            # alpha borrows beyond quota, with a PriorityClass and CPU and memory requests, which its job keeps
+            # (issue 22: they were dropped, so nodes were over-committed and the class ignored).
+            scheduling.create_priority_class({"metadata": {"name": spare}, "value": -5})
+            solo = foreign_pod("solo", 4, {POOL_LABEL: p1})
+            solo["spec"]["priorityClassName"] = spare
+            solo["spec"]["containers"][0]["resources"]["requests"] = {"cpu": "3", "memory": "6Gi"}
+            until("the new PriorityClass known to admission", lambda: created(api, ns, solo))
             ticking(core, "the solo pod running", lambda: cluster_job(core, "solo")[1] == "running")
+            with core.db.connect() as conn:
+                asked = conn.execute(sa.select(jobs_table.c.spec).where(
+                    jobs_table.c.id == cluster_job(core, "solo")[0])).scalar_one()
+            assert (asked["cpus"], asked["memory_gb"], asked["priority"], asked["preemptible"]) == (3, 6, -5, True)
             pods = {p.metadata.name: p for p in api.list_namespaced_pod(ns).items}
             assert {pods[f"train-{i}"].spec.node_name for i in range(2)} <= {a, b}
             job_id = cluster_job(core, "train")[0]
@@ -502,6 +525,8 @@ def test_pods_of_others_are_gangs_bound_on_admission_and_deleted_on_preemption(c
                 assert conn.execute(sa.select(sa.func.count()).select_from(jobs_table)).scalar_one() == before
         finally:
             ex.close()
+            with contextlib.suppress(client.ApiException):  # not made, if the test failed before
+                scheduling.delete_priority_class(spare)
 
 
 def test_a_pod_bound_by_someone_else_is_not_bound_twice(cluster: Cluster, tmp_path: Path) -> None:

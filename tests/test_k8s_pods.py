@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -9,7 +10,15 @@ from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
 from scheduler.backends import k8s_objects as k8s
-from scheduler.backends.k8s_pods import GROUP_SIZE, POOL_LABEL, PodGangs, gang_key, namespace_team, waiting
+from scheduler.backends.k8s_pods import (
+    GROUP_SIZE,
+    POOL_LABEL,
+    PREEMPTIBLE,
+    PodGangs,
+    gang_key,
+    namespace_team,
+    waiting,
+)
 from scheduler.backends.k8s_teams import QUEUE_ANNOTATION
 
 
@@ -43,6 +52,29 @@ def test_a_pod_as_a_gang_member() -> None:
     bad = waiting(pod({k8s.GROUP_LABEL: "g"}))
     assert isinstance(bad.size, str) and GROUP_SIZE in bad.size
     assert gang_key("ns", "g", ["b", "a"]) == gang_key("ns", "g", ["a", "b"]) != gang_key("ns", "g", ["a", "c"])
+
+
+def test_a_pods_requests_and_priority_class_travel_with_it() -> None:
+    """Issue 22: other users' pods lost their CPU and memory requests (nodes over-committed: 161 of 64 CPUs) and
+    their PriorityClass. Requests (or limits standing for them) are summed over containers; spec.priority, which the
+    API server resolves from the PriorityClass, is clamped into Corral's range; corral.dev/preemptible=false makes
+    the gang non-preemptible."""
+    def container(requests: dict[str, str] | None, limits: dict[str, str]) -> Any:
+        return SimpleNamespace(image="img", resources=SimpleNamespace(requests=requests, limits=limits))
+
+    p = pod({k8s.GROUP_LABEL: "g", PREEMPTIBLE: "false"}, {GROUP_SIZE: "2"})
+    p.spec.containers = [container({"cpu": "1500m", "memory": "3Gi"}, {k8s.GPU: "2"}),
+                         container(None, {"cpu": "2", "memory": "1Gi", k8s.GPU: "0"})]
+    p.spec.priority = 1_000_000
+    got = waiting(p)
+    assert (got.cpus, got.memory_gb, got.priority, got.preemptible, got.gpus) == (3.5, 4.0, 1000, False, 2)
+    low = pod()
+    low.spec.priority = -5
+    assert (waiting(low).priority, waiting(low).preemptible, waiting(low).cpus) == (-5, True, 0.0)
+    gangs = PodGangs(FakeCore([], {}))
+    spec = gangs._spec("k", ("ns", "g"), [got, replace(got, cpus=4.0001, priority=3)], "nlp")
+    assert isinstance(spec, dict)
+    assert (spec["cpus"], spec["memory_gb"], spec["priority"], spec["preemptible"]) == (4.001, 4.0, 1000, False)
 
 
 class FakeCore(CoreV1Api):

@@ -18,6 +18,7 @@ gang offered but not yet bound that loses a pod is withdrawn. take() hands a gan
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ from scheduler.backends.k8s_nodes import core_api, quantity, watch_from
 from scheduler.backends.k8s_teams import QUEUE_ANNOTATION
 
 GROUP_SIZE = "corral.dev/group-size"
+PREEMPTIBLE = "corral.dev/preemptible"  # "false" (a label or annotation): never preempted, runs only within quota
+PRIORITY_RANGE = (-1000, 1000)  # Corral's job priorities; a pod's PriorityClass value is clamped into it
+GIB = float(1 << 30)
 POOL_LABEL = "corral.dev/pool"
 POD_GROUP_ENV = "CORRAL_POD_GROUP"  # in an arrival's job env: the gang's key, which launch() binds
 PENDING = f"spec.schedulerName={k8s.SCHEDULER_NAME},spec.nodeName="
@@ -55,6 +59,10 @@ class Waiting:
     pool: str | None
     image: str | None
     grace_s: int | None
+    cpus: float = 0.0  # the pod's CPU requests, all containers: what the engine must count on its node
+    memory_gb: float = 0.0  # the pod's memory requests, GiB
+    priority: int = 0  # from its PriorityClass (spec.priority, resolved by the API server), clamped
+    preemptible: bool = True
 
 
 def waiting(pod: Any) -> Waiting:
@@ -69,8 +77,30 @@ def waiting(pod: Any) -> Waiting:
     gpus = sum(int(quantity(((c.resources.limits if c.resources else None) or {}).get(k8s.GPU, "0")))
                for c in spec.containers)
     pool = labels.get(POOL_LABEL) or (spec.node_selector or {}).get(k8s.GPU_PRODUCT)
+    low, high = PRIORITY_RANGE
+    priority = max(low, min(high, int(getattr(spec, "priority", None) or 0)))
+    preemptible = str(notes.get(PREEMPTIBLE, labels.get(PREEMPTIBLE, "true"))).lower() != "false"
     return Waiting(meta.uid, meta.namespace, meta.name, group or meta.name, size, gpus, labels.get(k8s.QUEUE_LABEL),
-                   pool, spec.containers[0].image if spec.containers else None, spec.termination_grace_period_seconds)
+                   pool, spec.containers[0].image if spec.containers else None, spec.termination_grace_period_seconds,
+                   requested(spec, "cpu"), requested(spec, "memory") / GIB, priority, preemptible)
+
+
+def _up(x: float) -> float:
+    """Rounded up to a thousandth (a millicore; about a MiB): never counted below what the pod asks."""
+    return math.ceil(x * 1000 - 1e-9) / 1000
+
+
+def requested(spec: Any, resource: str) -> float:
+    """The sum of a pod's containers' requests of `resource` (a container with a limit and no request requests its
+    limit, as the API server fills it in)."""
+    total = 0.0
+    for c in spec.containers:
+        res = c.resources
+        asked = ((getattr(res, "requests", None) or {}) if res else {}).get(resource)
+        if asked is None and res is not None:
+            asked = (getattr(res, "limits", None) or {}).get(resource)
+        total += quantity(asked) if asked is not None else 0.0
+    return total
 
 
 def namespace_team(ns: Any) -> str | None:
@@ -221,7 +251,10 @@ class PodGangs:
         if not team:
             return (f"namespace {g[0]} belongs to no team: an admin labels it {k8s.QUEUE_LABEL}=<a Corral queue>")
         queue = pods[0].queue or team
-        return {"name": g[1], "queue": queue, "pool": pods[0].pool, "workers": len(pods), "gpus": pods[0].gpus,
+        # A gang's workers are one shape: the largest request of any pod, so no pod is counted short.
+        extra = {"cpus": _up(max(p.cpus for p in pods)), "memory_gb": _up(max(p.memory_gb for p in pods)),
+                 "priority": max(p.priority for p in pods), "preemptible": all(p.preemptible for p in pods)}
+        return {**extra, "name": g[1], "queue": queue, "pool": pods[0].pool, "workers": len(pods), "gpus": pods[0].gpus,
                 "command": f"pods of {g[0]}/{g[1]}", "image": pods[0].image, "env": {POD_GROUP_ENV: key},
                 "labels": {"namespace": g[0], "pod-group": g[1]}}
 
