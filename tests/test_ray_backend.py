@@ -316,3 +316,15 @@ def test_serve_on_ray_warns_that_jobs_share_the_clusters_user(tmp_path: Path, ca
     core.db.dispose()
     assert RAY_TRUST in caplog.messages
     assert "one Ray cluster per trust domain" in RAY_TRUST
+
+
+def test_a_gangs_log_keeps_every_line(cluster: Cluster, tmp_path: Path) -> None:
+    """Issue 22, item 6: Ray's log de-duplication folded the ranks' identical lines into "[repeated Nx across
+    cluster]", so a job's log lost them. Every line of every rank stays."""
+    ex, node, t = _executor(cluster, tmp_path), cluster.nodes[0].name, _tag()
+    ex.launch(Launch(f"dup{t}", 1, "for i in 1 2 3 4 5; do echo same-line-every-rank; sleep 0.1; done",
+                     {node: [0, 1]}, {"CORRAL_WORKERS": "2"}))
+    got = _wait(ex, {(f"dup{t}", 1)})
+    log = _log(ex, f"dup{t}")
+    assert got[f"dup{t}"].code == 0, log
+    assert log.count("same-line-every-rank") == 10 and "repeated" not in log, log

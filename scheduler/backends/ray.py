@@ -114,6 +114,9 @@ class RayExecutor:
         workers = _workers(launch)
         env = {k: v for k, v in launch.env.items() if k not in RESERVED_ENV}
         env.update(CORRAL_JOB_ID=launch.job_id, CORRAL_ATTEMPT=str(launch.attempt))
+        # Ray folds identical lines of several workers into "[repeated Nx across cluster]" in the driver's output,
+        # which is the job's log: a user's log keeps every line unless the job asks otherwise.
+        env.setdefault("RAY_DEDUP_LOGS", "0")
         metadata = {"corral_job": launch.job_id, "corral_attempt": str(launch.attempt),
                     "queue": env.get("CORRAL_QUEUE", ""), "owner": env.get("CORRAL_OWNER", "")}
         kwargs: dict[str, Any]
