@@ -328,3 +328,22 @@ def test_a_gangs_log_keeps_every_line(cluster: Cluster, tmp_path: Path) -> None:
     log = _log(ex, f"dup{t}")
     assert got[f"dup{t}"].code == 0, log
     assert log.count("same-line-every-rank") == 10 and "repeated" not in log, log
+
+
+def test_every_rank_of_a_stopped_gang_gets_sigterm_and_its_grace(cluster: Cluster, tmp_path: Path) -> None:
+    """Issue 22, item 6: stopping a gang, rank 0 never got SIGTERM and rank 1 got it late; neither saved its
+    checkpoint. Each rank traps SIGTERM and takes 4 s to save (longer than Ray's default 3 s before SIGKILL)."""
+    ex = RayExecutor(cluster.url, tmp_path / "ray", cluster.token, cluster.nodes, ready_timeout_s=60, grace_s=20)
+    node, t = cluster.nodes[0].name, _tag()
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    cmd = (f"trap 'sleep 4; touch {saved}/rank$RANK; exit 0' TERM; echo up$RANK; "
+           "while true; do sleep 0.1; done")
+    ex.launch(Launch(f"ckpt{t}", 1, cmd, {node: [0, 1]}, {"CORRAL_WORKERS": "2"}))
+    ex.launch(Launch(f"one{t}", 1, cmd.replace("$RANK", "-solo"), {node: [2]}))
+    _until(lambda: {"up0", "up1"} <= set(_log(ex, f"ckpt{t}").split()) and "up-solo" in _log(ex, f"one{t}"))
+    ex.terminate(f"ckpt{t}", 1, 20.0, time.time())
+    ex.terminate(f"one{t}", 1, 20.0, time.time())
+    got = _wait(ex, {(f"ckpt{t}", 1), (f"one{t}", 1)}, timeout=60)
+    assert got[f"ckpt{t}"].code == -15, _log(ex, f"ckpt{t}")
+    assert sorted(p.name for p in saved.iterdir()) == ["rank-solo", "rank0", "rank1"], _log(ex, f"ckpt{t}")

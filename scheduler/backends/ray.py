@@ -13,6 +13,7 @@ Corral's bookkeeping of how many GPUs of which node are taken, not the devices a
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shlex
 import shutil
@@ -34,6 +35,7 @@ SIGTERM_CODE = -15  # a stopped Ray job reads like a process ended by SIGTERM
 ENDED = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 # Ray's own variables in a job's env would confuse its driver; CUDA_VISIBLE_DEVICES is Ray's to set.
 RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "RAY_ADDRESS")
+STOP_MARGIN_S = 5.0  # beyond grace_s before Ray kills a stopping job's driver: its own cancel and log flush
 
 
 def submission_id(job_id: str, attempt: int) -> str:
@@ -93,8 +95,9 @@ class RayExecutor:
     """The Executor for a Ray cluster: attempts are Ray jobs; Ray, not this object, remembers them."""
 
     def __init__(self, address: str, cache_dir: Path, token: str | None = None, nodes: list[NodeInfo] | None = None,
-                 ready_timeout_s: float = 120.0) -> None:
+                 ready_timeout_s: float = 120.0, grace_s: float = 30.0) -> None:
         self.address = address.rstrip("/")
+        self.grace_s = grace_s  # a job's time from SIGTERM to SIGKILL; Ray takes it per job, at submission
         self.cache_dir = Path(cache_dir)
         self.token = token
         self.addresses = {n.name: n.address for n in nodes or []}  # node id -> IP, for a gang's MASTER_ADDR
@@ -117,6 +120,10 @@ class RayExecutor:
         # Ray folds identical lines of several workers into "[repeated Nx across cluster]" in the driver's output,
         # which is the job's log: a user's log keeps every line unless the job asks otherwise.
         env.setdefault("RAY_DEDUP_LOGS", "0")
+        # Ray's stop_job SIGKILLs a job's driver RAY_JOB_STOP_WAIT_TIME_S (3 by default) after its SIGTERM, read from
+        # the job's own environment: give every rank the service's grace, and the gang's driver time to wait it out.
+        env[ray_gang.GRACE_ENV] = str(self.grace_s)
+        env["RAY_JOB_STOP_WAIT_TIME_S"] = str(math.ceil(self.grace_s + STOP_MARGIN_S))
         metadata = {"corral_job": launch.job_id, "corral_attempt": str(launch.attempt),
                     "queue": env.get("CORRAL_QUEUE", ""), "owner": env.get("CORRAL_OWNER", "")}
         kwargs: dict[str, Any]
@@ -155,8 +162,8 @@ class RayExecutor:
         return d
 
     def terminate(self, job_id: str, attempt: int, grace_s: float, now: float) -> None:
-        # Ray sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (a cluster setting, 3 s by default):
-        # Corral's grace_s cannot be passed per job.
+        # Ray sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S, which launch() set from the executor's
+        # grace_s (the service's): a per-call grace_s cannot change it any more.
         a = self._attempts.get((job_id, attempt))
         if a is None:
             return

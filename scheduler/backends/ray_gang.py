@@ -14,6 +14,7 @@ the Ray cluster needs no Corral installed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import json
 import os
@@ -30,6 +31,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 UNPLACED = 75  # EX_TEMPFAIL: the placement group was not ready in time; nothing ran
 NODE_LABEL = "ray.io/node-id"  # a label Ray gives every node: pins a bundle to one node
 LOG_FLUSH_S = 1.5  # Ray forwards workers' output to the driver asynchronously; let the last lines arrive
+WAIT_S = 0.5  # the longest the driver's loop waits on Ray before it looks at signals again
+GRACE_ENV = "CORRAL_GRACE_S"  # seconds between a worker command's SIGTERM and its SIGKILL (the service's grace_s)
 PR_SET_PDEATHSIG = 1
 
 
@@ -54,14 +57,21 @@ def run_worker(argv: list[str], env: dict[str, str], cwd: str | None) -> int:
 
     proc = subprocess.Popen(argv, env=full, cwd=cwd, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     try:
-        return proc.wait()
-    except KeyboardInterrupt:  # ray.cancel: the gang is stopping; give the command its SIGTERM first
+        while True:
+            # Bounded waits: ray.cancel raises KeyboardInterrupt asynchronously, which Python sees only while it
+            # runs bytecode, never inside one long waitpid (a rank waiting so never got its SIGTERM).
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return proc.wait(timeout=WAIT_S)
+    except KeyboardInterrupt:  # ray.cancel: the gang is stopping; SIGTERM, then the whole grace to checkpoint
+        print("corral: SIGTERM to this rank's command", file=sys.stderr, flush=True)
         proc.terminate()
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=float(env.get(GRACE_ENV, "30")))
         except subprocess.TimeoutExpired:
             proc.kill()
         raise
+
+
 
 
 def main(args: list[str]) -> int:
@@ -90,23 +100,32 @@ def main(args: list[str]) -> int:
                                 "scheduling_strategy": strategy, "max_retries": 0}
         refs.append(task.options(**opts).remote(spec["argv"], env, spec.get("cwd")))
 
-    def stop(signum: int, _frame: object) -> None:
-        # stop_job sends SIGTERM: pass it on to every worker's command, then end like a terminated process.
-        for ref in refs:
-            ray.cancel(ref)
-        time.sleep(LOG_FLUSH_S)
-        os._exit(128 + signum)
+    stopped: list[int] = []  # the signal stop_job sent; the handler only notes it (Ray's wait must not be
+    # interrupted by an exception: it answers SystemError), and the loop below acts on it
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopped.append(signum))
     code = 0
     pending = list(refs)
-    while pending and code == 0:
-        done, pending = ray.wait(pending, num_returns=1)
+    while pending and code == 0 and not stopped:
+        # Bounded waits: Python runs the SIGTERM handler only between them, never inside Ray's blocking wait.
+        done, pending = ray.wait(pending, num_returns=1, timeout=WAIT_S)
+        if not done:
+            continue
         try:
             code = int(ray.get(done[0]))
         except ray.exceptions.RayError as e:  # the worker itself died (node lost, OOM-killed)
             print(f"corral: a worker died: {e}", file=sys.stderr, flush=True)
             code = 1
+    if stopped:
+        # Every rank's command gets SIGTERM, and the driver waits out their grace (Ray's SIGKILL of the driver
+        # comes later: RayExecutor sets RAY_JOB_STOP_WAIT_TIME_S above the grace), so each rank can save its
+        # checkpoint; then it ends like a terminated process.
+        print(f"corral: stopping the gang (signal {stopped[0]}): SIGTERM to every rank", file=sys.stderr, flush=True)
+        for ref in refs:
+            ray.cancel(ref)
+        ray.wait(refs, num_returns=len(refs), timeout=float(spec["env"].get(GRACE_ENV, "30")) + 1)
+        time.sleep(LOG_FLUSH_S)
+        return 128 + stopped[0]
     for ref in pending:  # one failed: the gang fails whole
         ray.cancel(ref)
     time.sleep(LOG_FLUSH_S)

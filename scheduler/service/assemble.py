@@ -51,7 +51,7 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
         if nodes is None:
             nodes = discover_ray(settings.ray_address, settings.ray_token)
         executor = executor or RayExecutor(settings.ray_address, settings.data_dir / "ray", settings.ray_token,
-                                           nodes)
+                                           nodes, grace_s=settings.grace_s)
     elif settings.backend == "kubernetes":
         # Imported only for this backend, like Ray: the kubernetes client is slow to import.
         from kubernetes import client as k8s_client  # noqa: PLC0415
