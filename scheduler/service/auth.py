@@ -13,6 +13,7 @@ from quotas import QueueTree
 from scheduler.backends.base import CLUSTER_OWNER
 
 TOKEN_PREFIX = "corral_"
+DEFAULT_TOKEN_DAYS = 90.0  # people's tokens expire, recovery tokens too: a leaked one is not a key for ever
 
 
 class Role(enum.StrEnum):

@@ -16,12 +16,12 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from scheduler.service import queues, store
+from scheduler.service.auth import DEFAULT_TOKEN_DAYS as DEFAULT_DAYS
 from scheduler.service.auth import Role, digest, new_secret, reserved_name
 from scheduler.service.db import connect, tokens
 from scheduler.service.settings import ServiceSettings
 
 DAY_S = 86400.0
-DEFAULT_DAYS = 90.0  # as the API's default (routes_cluster.DEFAULT_TOKEN_DAYS): a recovery token expires too
 
 
 class LocalTokenError(Exception):

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from pydantic import Field
 
 from scheduler.service import queues, store, usage, views
-from scheduler.service.auth import TEAM_GRANTABLE, NameRecord, Principal, Role, digest, new_secret
+from scheduler.service.auth import DEFAULT_TOKEN_DAYS, TEAM_GRANTABLE, NameRecord, Principal, Role, digest, new_secret
 from scheduler.service.core import Core
 from scheduler.service.db import (
     approvals,
@@ -27,7 +27,6 @@ from scheduler.service.edge import Body
 from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound
 
 router = APIRouter()
-DEFAULT_TOKEN_DAYS = 90.0  # people's tokens expire: a leaked one is not a key for ever
 
 
 class Apply(Body):
