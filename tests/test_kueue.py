@@ -100,6 +100,38 @@ def test_export_maps_the_tree() -> None:
     assert ("ClusterQueue", "research") not in o and ("LocalQueue", "product") not in o
 
 
+def test_export_covers_cpu_and_memory_at_the_root() -> None:
+    """Kueue leaves pending a workload asking a resource its ClusterQueue does not cover: with the pools' CPU and
+    memory given, they are covered in the GPUs' resource group, all held by the root cohort, 0 of their own (no
+    borrowingLimit) everywhere else, so any queue may use them as in Corral."""
+    totals = {"h100": {"cpu": 256, "memory": "2Ti"}, "a100": {"cpu": "64", "memory": "512Gi"}}
+    o = by_kind(export(QueueTree(specs(), CAPACITY), FLAVORS, lambda q: "ns", pool_resources=totals))
+
+    def quotas(obj: dict[str, Any], flavor: str) -> dict[str, dict[str, Any]]:
+        (group,) = obj["spec"]["resourceGroups"]
+        assert group["coveredResources"] == [GPU, "cpu", "memory"]
+        res = next(f for f in group["flavors"] if f["name"] == flavor)["resources"]
+        assert [r["name"] for r in res] == [GPU, "cpu", "memory"]  # Kueue's CEL rule: in coveredResources' order
+        return {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in res}
+
+    assert quotas(o["Cohort", "corral"], "h100") == {GPU: {"nominalQuota": 4}, "cpu": {"nominalQuota": 256},
+                                                     "memory": {"nominalQuota": "2Ti"}}
+    assert quotas(o["Cohort", "corral"], "a100")["cpu"] == {"nominalQuota": 64}  # "64" read as the server sends it
+    assert quotas(o["Cohort", "research"], "h100") == {GPU: {"nominalQuota": 2, "borrowingLimit": 4},
+                                                       "cpu": {"nominalQuota": 0}, "memory": {"nominalQuota": 0}}
+    assert quotas(o["ClusterQueue", "nlp"], "h100") == {GPU: {"nominalQuota": 4, "borrowingLimit": 2},
+                                                        "cpu": {"nominalQuota": 0}, "memory": {"nominalQuota": 0}}
+    for obj in export_objects(QueueTree(specs(), CAPACITY), FLAVORS, lambda q: "ns", pool_resources=totals):
+        assert from_dict(obj.to_dict()) == obj
+    # Every exported pool needs both totals, as quantities.
+    with pytest.raises(ExportError) as e:
+        export(QueueTree(specs(), CAPACITY), FLAVORS, lambda q: "ns",
+               pool_resources={"h100": {"cpu": "lots", "memory": "1Ti", "gpu": 1}})
+    assert "pool 'a100' has no total cpu" in str(e.value)
+    assert "pool 'h100': cpu 'lots' is not a quantity" in str(e.value)
+    assert "pool 'h100': gpu is not a resource Corral exports" in str(e.value)
+
+
 def test_models_round_trip_and_refuse_what_kueue_refuses() -> None:
     for obj in export_objects(QueueTree(specs(), CAPACITY), FLAVORS, lambda q: "ns"):
         again = from_dict(obj.to_dict())
@@ -148,6 +180,19 @@ def test_cli_export(tmp_path: Path) -> None:
     assert r.exit_code == 0 and json.loads(r.stdout)["kind"] == "List"
     r = runner.invoke(app, ["kueue", "export", "-f", str(tmp_path / "q.yaml"), "--pools", "h100=4"])
     assert r.exit_code == 2 and "more than the pool's capacity of 4" in r.stderr
+    # Without the pools' CPU and memory only GPUs are covered, and the note says what Kueue then needs.
+    r = runner.invoke(app, ["kueue", "export", "-f", str(tmp_path / "q.yaml"), "--pools", "h100=16"])
+    assert r.exit_code == 0 and "resources.excludeResourcePrefixes: [cpu, memory]" in r.stderr
+    r = runner.invoke(app, ["kueue", "export", "-f", str(tmp_path / "q.yaml"), "--pools", "h100=16",
+                            "--cpu", "h100=128", "--memory", "h100=1Ti"])
+    assert r.exit_code == 0 and "excludeResourcePrefixes" not in r.stderr
+    o = by_kind(list(yaml.safe_load_all(r.stdout)))
+    root = o["Cohort", "corral"]["spec"]["resourceGroups"][0]
+    assert root["coveredResources"] == [GPU, "cpu", "memory"]
+    assert root["flavors"][0]["resources"][1:] == [{"name": "cpu", "nominalQuota": 128},
+                                                   {"name": "memory", "nominalQuota": "1Ti"}]
+    r = runner.invoke(app, ["kueue", "export", "-f", str(tmp_path / "q.yaml"), "--pools", "h100=16", "--cpu", "h100=8"])
+    assert r.exit_code == 2 and "pool 'h100' has no total memory" in r.stderr
 
 
 # ----- end to end: the real CRDs on the test API server ---------------------------------------------------

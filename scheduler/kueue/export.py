@@ -16,6 +16,7 @@ from scheduler.kueue.models import (
     DNS_SUBDOMAIN,
     GPU,
     GPU_PRODUCT,
+    QUANTITY,
     BorrowWithinCohort,
     ClusterQueue,
     ClusterQueueSpec,
@@ -55,15 +56,22 @@ class ExportError(ValueError):
         super().__init__("; ".join(problems))
 
 
+# The resources besides GPUs a job's pods request, which Kueue counts against quota like any other.
+POOL_RESOURCES = ("cpu", "memory")
+
+
 def export(tree: QueueTree, flavors: Mapping[str, str], namespace_of: Callable[[Queue], str], *,
-           products: Mapping[str, str] | None = None, root: str = ROOT_COHORT) -> list[dict[str, Any]]:
+           products: Mapping[str, str] | None = None, root: str = ROOT_COHORT,
+           pool_resources: Mapping[str, Mapping[str, int | str]] | None = None) -> list[dict[str, Any]]:
     """The tree as Kubernetes objects (dicts), in an order they can be created in: flavors, cohorts parents first,
     cluster queues, local queues. See `export_objects`."""
-    return [o.to_dict() for o in export_objects(tree, flavors, namespace_of, products=products, root=root)]
+    return [o.to_dict() for o in export_objects(tree, flavors, namespace_of, products=products, root=root,
+                                                pool_resources=pool_resources)]
 
 
 def export_objects(tree: QueueTree, flavors: Mapping[str, str], namespace_of: Callable[[Queue], str], *,
-                   products: Mapping[str, str] | None = None, root: str = ROOT_COHORT) -> list[KueueObject]:
+                   products: Mapping[str, str] | None = None, root: str = ROOT_COHORT,
+                   pool_resources: Mapping[str, Mapping[str, int | str]] | None = None) -> list[KueueObject]:
     """The tree as typed Kueue objects.
 
     `flavors` maps each pool to export to its ResourceFlavor's name (pools left out are not exported: every
@@ -71,10 +79,19 @@ def export_objects(tree: QueueTree, flavors: Mapping[str, str], namespace_of: Ca
     pool's name); `namespace_of(leaf)` is where a leaf's LocalQueue goes. `root` names the cohort at the top:
     Corral's top-level queues all share the cluster, so they share one cohort, whose own quota is what no
     top-level queue is guaranteed.
+
+    `pool_resources` maps each exported pool to its nodes' total CPU and memory (allocatable, as quantities:
+    {"cpu": 512, "memory": "4Ti"}). Kueue leaves a workload pending when it requests a resource its ClusterQueue
+    does not cover, and Job pods request cpu and memory. Given, they are covered in the GPUs' resource group:
+    the root cohort holds all of each pool's CPU and memory and every cohort and queue has 0 of its own with no
+    borrowingLimit, so any queue may use them, as in Corral, which quotas GPUs only. Not given, only GPUs are
+    covered, and Kueue's Configuration must leave cpu and memory out (`resources.excludeResourcePrefixes`;
+    docs/kueue.md).
     """
-    _check(tree, flavors, namespace_of, root)
+    _check(tree, flavors, namespace_of, root, pool_resources)
     pools = list(flavors)
     products = products or {}
+    others = list(POOL_RESOURCES) if pool_resources is not None else []
     objects: list[KueueObject] = []
     for pool in pools:
         objects.append(ResourceFlavor(
@@ -82,11 +99,16 @@ def export_objects(tree: QueueTree, flavors: Mapping[str, str], namespace_of: Ca
             spec=ResourceFlavorSpec(node_labels={GPU_PRODUCT: products.get(pool, pool)})))
 
     def group(own: Callable[[str], int], queue: Queue | None) -> list[ResourceGroup]:
-        quotas = [FlavorQuotas(name=flavors[p], resources=[ResourceQuota(
-            name=GPU, nominal_quota=own(p), borrowing_limit=_borrowing(queue, p))]) for p in pools]
-        return [ResourceGroup(covered_resources=[GPU], flavors=quotas)]
+        def other(p: str, r: str) -> ResourceQuota:
+            total = (pool_resources or {})[p][r]
+            return ResourceQuota(name=r, nominal_quota=total if queue is None else 0)
+        quotas = [FlavorQuotas(name=flavors[p], resources=[
+            ResourceQuota(name=GPU, nominal_quota=own(p), borrowing_limit=_borrowing(queue, p)),
+            *(other(p, r) for r in others)]) for p in pools]
+        return [ResourceGroup(covered_resources=[GPU, *others], flavors=quotas)]
 
-    # The root cohort holds the GPUs nobody at the top level is guaranteed: in Corral anyone may borrow them.
+    # The root cohort holds the GPUs nobody at the top level is guaranteed (in Corral anyone may borrow them), and
+    # all the CPU and memory: Corral has no quota on them.
     top_quota = {p: sum(q.quota_of(p) for q in tree.top) for p in pools}
     objects.append(Cohort(metadata=_meta(root), spec=CohortSpec(
         resource_groups=group(lambda p: tree.capacity[p] - top_quota[p], None))))
@@ -124,9 +146,19 @@ def losses(tree: QueueTree, flavors: Mapping[str, str]) -> list[str]:
     return out
 
 
-def _check(tree: QueueTree, flavors: Mapping[str, str], namespace_of: Callable[[Queue], str], root: str) -> None:
+def _check(tree: QueueTree, flavors: Mapping[str, str], namespace_of: Callable[[Queue], str], root: str,
+           pool_resources: Mapping[str, Mapping[str, int | str]] | None) -> None:
     problems = [f"pool {p!r} (flavor {f!r}) is not a pool of the tree" for p, f in flavors.items()
                 if p not in tree.capacity]
+    if pool_resources is not None:
+        for p in flavors:
+            given = pool_resources.get(p, {})
+            problems += [f"pool {p!r} has no total {r} (give every exported pool's cpu and memory, or neither)"
+                         for r in POOL_RESOURCES if r not in given]
+            problems += [f"pool {p!r}: {r} is not a resource Corral exports besides GPUs (cpu, memory)"
+                         for r in given if r not in POOL_RESOURCES]
+            problems += [f"pool {p!r}: {r} {v!r} is not a quantity (such as 512, 500m or 4Ti)"
+                         for r, v in given.items() if r in POOL_RESOURCES and not _quantity(v)]
     if len(set(flavors.values())) != len(flavors):
         problems.append("two pools map to the same flavor")
     names = {f"queue {n!r}": n for n in tree.queues} | {f"flavor {f!r}": f for f in flavors.values()}
@@ -138,6 +170,12 @@ def _check(tree: QueueTree, flavors: Mapping[str, str], namespace_of: Callable[[
         problems.append(f"the root cohort {root!r} has the name of a queue; pick another root")
     if problems:
         raise ExportError(problems)
+
+
+def _quantity(v: object) -> bool:
+    if isinstance(v, bool):
+        return False
+    return (isinstance(v, int) and v >= 0) or (isinstance(v, str) and re.fullmatch(QUANTITY, v) is not None)
 
 
 def _parents_first(tree: QueueTree) -> list[Queue]:

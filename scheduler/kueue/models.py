@@ -28,6 +28,9 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 Name = Annotated[str, Field(pattern=DNS_SUBDOMAIN, max_length=253)]
 # A quantity of GPUs: whole and non-negative (Kueue's webhook rule; the CRD alone would take "-1").
 Gpus = Annotated[int, Field(ge=0)]
+# Any other resource's quantity (cpu "500m", memory "4Ti"): a Kubernetes quantity without a sign.
+QUANTITY = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?[0-9]+))?$"
+Quantity = Gpus | Annotated[str, Field(pattern=QUANTITY)]
 
 ReclaimPolicy = Literal["Never", "LowerPriority", "Any"]
 BorrowPolicy = Literal["Never", "LowerPriority"]
@@ -51,12 +54,13 @@ class ObjectMeta(Model):
 
 
 class ResourceQuota(Model):
-    """One resource of one flavor: nominalQuota, and how much may be borrowed / lent beyond it (None: no cap)."""
+    """One resource of one flavor: nominalQuota, and how much may be borrowed / lent beyond it (None: no cap).
+    Whole numbers are ints (GPUs always are); other quantities ("500m", "4Ti") stay strings, as written."""
 
     name: str
-    nominal_quota: Gpus
-    borrowing_limit: Gpus | None = None
-    lending_limit: Gpus | None = None
+    nominal_quota: Quantity
+    borrowing_limit: Quantity | None = None
+    lending_limit: Quantity | None = None
 
     @field_validator("nominal_quota", "borrowing_limit", "lending_limit", mode="before")
     @classmethod
