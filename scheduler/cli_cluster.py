@@ -174,10 +174,11 @@ def top(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None)
         gpus = Table("NODE", "GPU", "MODEL", "JOB", "NAME", "QUEUE", "OWNER", box=None, pad_edge=False,
                      title=f"pool {p['name']}: {p['capacity']} GPUs, {p['free']} free", title_justify="left")
         for n in p["nodes"]:
+            mark = " (down)" if not n["up"] else " (cordoned)" if n.get("cordoned") else ""
             for g in n["gpus"]:
                 j = by_id.get(g["job"]) if isinstance(g["job"], int) else None
                 held = "-" if g["job"] is None else str(g["job"])  # "hidden": another team's job
-                gpus.add_row(*cells(n["name"] + ("" if n["up"] else " (down)"), str(g["index"]), g["model"] or "-",
+                gpus.add_row(*cells(n["name"] + mark, str(g["index"]), g["model"] or "-",
                                     held, *((j["name"], j["queue"], j["owner"]) if j else ("", "", ""))))
         c.print(gpus)
     queues = Table("QUEUE", "POOL", "USAGE", "QUOTA", "NP/QUOTA", "FAIR SHARE", "BORROWED", "PENDING", box=None,

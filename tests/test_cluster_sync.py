@@ -12,7 +12,16 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from scheduler.backends.base import CLUSTER_OWNER, Arrival, GPUInfo, NodeChange, NodeInfo, TakesArrivals, WatchesNodes
+from scheduler.backends.base import (
+    CLUSTER_OWNER,
+    Arrival,
+    Exit,
+    GPUInfo,
+    NodeChange,
+    NodeInfo,
+    TakesArrivals,
+    WatchesNodes,
+)
 from scheduler.service import cluster_sync
 from scheduler.service.app import create_app
 from scheduler.service.assemble import build_core
@@ -93,7 +102,7 @@ def test_a_node_down_requeues_its_jobs_and_up_brings_it_back(tmp_path: Path) -> 
     core.tick()
     assert state(core, j1) == state(core, j2) == "running"
     on_a = j1 if placed_on(ex, j1) == {"a"} else j2
-    ex.changes.append(NodeChange("a", None))  # cordoned: down, still known
+    ex.changes.append(NodeChange("a", None))  # not Ready: down, still known
     clock.advance(1)
     core.tick()
     assert ex.terminated == [(str(on_a), 1)]
@@ -110,6 +119,43 @@ def test_a_node_down_requeues_its_jobs_and_up_brings_it_back(tmp_path: Path) -> 
     core.tick()
     assert state(core, on_a) == "running" and core.down == set() and node_rows(core) == {"a": True, "b": True}
     assert [lc.attempt for lc in ex.launched if lc.job_id == str(on_a)] == [1, 2]
+
+
+def cordoned(name: str) -> NodeInfo:
+    return NodeInfo(name, "p", [GPUInfo(i, "p") for i in range(4)], cordoned=True)
+
+
+def test_a_cordoned_node_keeps_its_jobs_and_takes_nothing_new_also_after_a_restart(tmp_path: Path) -> None:
+    """kubectl cordon means "nothing new here": running jobs stay (issue 22, item 5), and a restart while cordoned
+    decides as before it."""
+    core, ex, clock = make(tmp_path, "a", "b")
+    j1 = submit(core, 2)
+    core.tick()
+    on = placed_on(ex, j1).pop()
+    other = ({"a", "b"} - {on}).pop()
+    ex.changes.append(NodeChange(on, cordoned(on)))
+    clock.advance(1)
+    core.tick()
+    assert ex.terminated == [] and state(core, j1) == "running" and core.capacity == {"p": 8}
+    assert node_rows(core) == {"a": True, "b": True} and core.engine.node_room(on)[0] == 2
+    j2, j3 = submit(core, 2), submit(core, 4)  # best fit would put j2 beside j1: it goes to the other node
+    core.tick()
+    core.tick()
+    assert placed_on(ex, j2) == {other} and state(core, j3) == "pending"
+
+    again = ClusterExecutor(live=dict(ex.live))
+    core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=5), again, clock=clock,
+                      nodes=[cordoned(on), node(other)])
+    for _ in range(2):
+        core.tick()
+    assert [state(core, j) for j in (j1, j2, j3)] == ["running", "running", "pending"] and again.launched == []
+    again.changes.append(NodeChange(on, node(on)))  # uncordoned: j3 (4 GPUs) still fits nowhere, until j1 ends
+    core.tick()
+    assert state(core, j3) == "pending"
+    again.ended.append(Exit(str(j1), 1, 0))
+    core.tick()
+    core.tick()
+    assert state(core, j3) == "running" and placed_on(again, j3) == {on}
 
 
 def test_new_deleted_and_reshaped_nodes_change_capacity_and_the_tree(tmp_path: Path) -> None:

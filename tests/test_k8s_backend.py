@@ -135,22 +135,22 @@ def test_discovery_pools_and_node_changes(cluster: Cluster) -> None:
     assert {n.pool for n in found} == set(cluster.pools)
     assert all(len(n.gpus) == 8 and n.cpus == 64 and n.memory_gb == 512 for n in found)
     assert found[0].gpus[0].model == found[0].pool
-    # Cordoning takes a node out; the watch, resumed from the list's resourceVersion, says so; uncordoning
-    # brings it back.
+    # A cordoned node stays, marked cordoned (its jobs stay); the watch, resumed from the list's resourceVersion,
+    # says so; uncordoning opens it again.
     watcher = NodeWatcher(api)
     watcher.resync()
     node = cluster.nodes[cluster.pools[1]][1]
     core = cluster.plane.core()
     core.patch_node(node, {"spec": {"unschedulable": True}})
     try:
-        assert node not in {n.name for n in discover_nodes(api)}
+        assert [n.cordoned for n in discover_nodes(api) if n.name == node] == [True]
         changes = watch_for(watcher, node)
-        assert [c.info for c in changes if c.name == node] == [None]
+        assert [(c.info.cordoned, len(c.info.gpus)) for c in changes if c.name == node and c.info] == [(True, 8)]
     finally:
         core.patch_node(node, {"spec": {"unschedulable": False}})
     changes = watch_for(watcher, node)
     up = [c.info for c in changes if c.name == node]
-    assert up and up[0] is not None and len(up[0].gpus) == 8
+    assert up and up[0] is not None and len(up[0].gpus) == 8 and not up[0].cordoned
     # A version the server no longer has (410 Gone) falls back to a full list.
     watcher.resource_version = "1"
     watcher.changes(1)
@@ -323,31 +323,42 @@ def test_end_to_end_two_teams_reclaim_and_a_cordoned_node(cluster: Cluster, exec
     tick_until(core, "the victim back", lambda: state(core, mine) == "completed" and state(core, victim) == "running")
     assert len(running(executor, victim, 2, attempt=2)) == 2
 
-    # A cordoned node: after a resync (a restart that rediscovers nodes and adopts the running pods) it gets
-    # nothing new; the pool's other node still does.
-    cordoned, other = cluster.nodes[p2]
+    # kubectl cordon (issue 22, item 5): the job on the node keeps running; nothing new lands there, neither
+    # while Corral watches nor after a restart that rediscovers the nodes and adopts the running pods.
+    first = submit_to(core, "alpha", p2, gpus=4)
+    tick_until(core, "a p2 job running", lambda: state(core, first) == "running")
+    cordoned = running(executor, first, 1)[0].spec.node_name
+    other = next(n for n in cluster.nodes[p2] if n != cordoned)
     cluster.plane.core().patch_node(cordoned, {"spec": {"unschedulable": True}})
+    again: KubernetesExecutor | None = None
     try:
+        tick_until(core, "the cordon seen", lambda: core.nodes[cordoned].cordoned)
+        second, third = submit_to(core, "alpha", p2, gpus=4), submit_to(core, "alpha", p2)
+        tick_until(core, "the second on the other node", lambda: state(core, second) == "running")
+        assert running(executor, second, 1)[0].spec.node_name == other  # best fit alone would pick the cordoned
+        for _ in range(3):
+            core.tick()
+        assert state(core, first) == "running" and state(core, third) == "pending"
+        assert [p.metadata.deletion_timestamp for p in pods_of(executor, first)] == [None]
         resynced = cluster.ours(discover_nodes(api))
-        assert cordoned not in {n.name for n in resynced}
+        assert {n.name: n.cordoned for n in resynced if n.pool == p2} == {cordoned: True, other: False}
         again = KubernetesExecutor(api, tmp_path / "k8s2", IMAGE, grace_s=1, namespace_prefix=executor.prefix,
                                    node_selector=f"{TEST_LABEL}={cluster.tag}", foreign_pods=False)
         core2 = build_core(settings, executor=again, nodes=resynced)
-        assert core2.capacity == {p1: 16, p2: 8} and state(core2, victim) == "running"
-        big = [submit_to(core2, "alpha", p2) for _ in range(2)]
-        tick_until(core2, "one p2 job running", lambda: sorted(state(core2, j) for j in big) == ["pending", "running"])
-        started = next(j for j in big if state(core2, j) == "running")
-        assert running(again, started, 1)[0].spec.node_name == other
-        bound_to_cordoned = cluster.plane.core().list_pod_for_all_namespaces(
-            field_selector=f"spec.nodeName={cordoned}").items
-        assert [p.metadata.name for p in bound_to_cordoned] == []
+        assert core2.capacity == {p1: 16, p2: 16} and state(core2, victim) == "running"
+        for _ in range(3):
+            core2.tick()
+        assert [state(core2, j) for j in (first, second, third)] == ["running", "running", "pending"]
+        on_cordoned = cluster.plane.core().list_pod_for_all_namespaces(field_selector=f"spec.nodeName={cordoned}")
+        assert [p.metadata.labels.get(k8s.JOB_LABEL) for p in on_cordoned.items] == [k8s.dns_label(first)]
     finally:
-        again.close()
+        if again is not None:
+            again.close()
         cluster.plane.core().patch_node(cordoned, {"spec": {"unschedulable": False}})
 
 
-def submit_to(core: Core, queue: str, pool: str) -> str:
-    row, _ = core.submit(ROOT, JobSubmit(queue=queue, pool=pool, workers=1, gpus=8, command="sleep inf"))
+def submit_to(core: Core, queue: str, pool: str, gpus: int = 8) -> str:
+    row, _ = core.submit(ROOT, JobSubmit(queue=queue, pool=pool, workers=1, gpus=gpus, command="sleep inf"))
     return str(row["id"])
 
 

@@ -32,6 +32,9 @@ class NodeInfo:
     cpus: float | None = None
     memory_gb: float | None = None
     address: str | None = None  # how the backend reaches it (a Ray node's IP); None for this machine
+    # Cordoned (Kubernetes: spec.unschedulable): nothing new is placed there, what runs there stays. Not part of
+    # its shape (spec()): cordoning or uncordoning changes no pool's size.
+    cordoned: bool = False
     # GPU index -> a reading now (NVML: a sandbox.culling.GpuSample), for metrics and idle culling; None where
     # nothing can be measured from here (declared GPUs, remote nodes).
     sample: Callable[[], Mapping[int, Any] | None] | None = None
@@ -134,11 +137,38 @@ class KnowsAddresses(Protocol):
 
 @dataclass(frozen=True)
 class NodeChange:
-    """A node that went down (info None: not ready, cordoned, or `deleted`) or came up (info: what it offers now)."""
+    """A node that went down (info None: not ready, or `deleted`) or is there (info: what it offers now, and whether
+    it is cordoned)."""
 
     name: str
     info: NodeInfo | None
     deleted: bool = False
+
+
+@dataclass(frozen=True)
+class Held:
+    """What pods Corral did not place hold on a node (Kubernetes: a DaemonSet's, kube-scheduler's): out of its room."""
+
+    gpus: int
+    cpus: float
+    memory_gb: float
+
+
+@runtime_checkable
+class SharesNodes(Protocol):
+    """An executor whose nodes also run work Corral did not place (Kubernetes): the service counts it on each node
+    before placing anything there, and asks before another scheduler's bind onto one of Corral's nodes."""
+
+    def held(self, now: float) -> dict[str, Held]:
+        """Every node whose outside work changed since the last call: what it holds there now. The first call
+        knows the whole cluster (it may block on a list); later ones never block for long."""
+
+    def binding(self, namespace: str, pod: str) -> tuple[str, Held] | None:
+        """The pod's UID and what it would hold, for a bind of another scheduler's (None: Corral schedules it
+        itself, or it is gone)."""
+
+    def admit(self, uid: str, node: str, held: Held) -> None:
+        """A bind of that pod to `node` was allowed: count it on the node now."""
 
 
 @runtime_checkable

@@ -1,12 +1,13 @@
 """Kubernetes nodes as Corral's nodes: which are schedulable GPU nodes now, kept current by a resumable watch.
 
-- node_info: a Ready, schedulable node with allocatable nvidia.com/gpu; its pool is its nvidia.com/gpu.product label
-  (what GPU feature discovery sets), or "gpu" when it has none.
+- node_info: a Ready node with allocatable nvidia.com/gpu; its pool is its nvidia.com/gpu.product label (what GPU
+  feature discovery sets), or "gpu" when it has none. A cordoned one (spec.unschedulable) is there but takes nothing
+  new: its running jobs stay (kubectl cordon); not Ready or being deleted (kubectl drain deletes its pods) is down.
 - watch_from: one watch from a resourceVersion, shared by the node and pod watchers; the events it got are kept
   whatever ends it (a dropped connection, an ERROR event, a 410 Gone), so none is lost while the next watch
   resumes after them.
 - NodeWatcher: resync() lists the nodes and remembers the list's resourceVersion; changes() watches from that
-  version and reports nodes going down (NotReady, cordoned), being deleted and coming up; a 410 Gone (the version
+  version and reports nodes going down (NotReady), being deleted, cordoned and coming up; a 410 Gone (the version
   was compacted away) falls back to a resync.
 - Feed: runs a watcher's blocking step in a daemon thread and queues what it reports, so a scheduling cycle only
   drains a list and never waits on the API server.
@@ -53,9 +54,9 @@ def quantity(text: str) -> float:
 
 
 def node_info(node: Any) -> NodeInfo | None:
-    """A node as Corral sees it, or None when nothing may be placed there: being deleted, cordoned, not Ready, or
-    without allocatable GPUs."""
-    if node.metadata.deletion_timestamp is not None or (node.spec and node.spec.unschedulable):
+    """A node as Corral sees it (cordoned or not), or None when it is down: being deleted, not Ready, or without
+    allocatable GPUs."""
+    if node.metadata.deletion_timestamp is not None:
         return None
     conditions = (node.status.conditions if node.status else None) or []
     if not any(c.type == "Ready" and c.status == "True" for c in conditions):
@@ -69,7 +70,8 @@ def node_info(node: Any) -> NodeInfo | None:
     memory = round(quantity(alloc["memory"]) / 2**30, 2) if "memory" in alloc else None
     address = next((a.address for a in node.status.addresses or [] if a.type == "InternalIP"), None)
     return NodeInfo(node.metadata.name, product or DEFAULT_POOL,
-                    [GPUInfo(i, product or "unknown") for i in range(n_gpus)], cpus, memory, address)
+                    [GPUInfo(i, product or "unknown") for i in range(n_gpus)], cpus, memory, address,
+                    cordoned=bool(node.spec and node.spec.unschedulable))
 
 
 def watched(ev: dict[str, Any]) -> tuple[str, Any]:
@@ -133,7 +135,7 @@ class NodeWatcher:
     def __init__(self, api: Any, label_selector: str | None = None) -> None:
         self.core = core_api(api)
         self.selector = label_selector or ""
-        self.known: dict[str, NodeInfo] = {}  # up
+        self.known: dict[str, NodeInfo] = {}  # up (cordoned or not)
         self.down: set[str] = set()  # were up once, exist, take nothing now: their deletion is reported too
         self.resource_version = ""
 
@@ -176,7 +178,8 @@ class NodeWatcher:
             return [NodeChange(name, None)] if was_up else []
         self.down.discard(name)
         self.known[name] = info
-        return [] if before is not None and before.spec() == info.spec() else [NodeChange(name, info)]
+        same = before is not None and before.spec() == info.spec() and before.cordoned == info.cordoned
+        return [] if same else [NodeChange(name, info)]
 
 
 class Feed(Generic[T]):

@@ -128,7 +128,8 @@ def container_security() -> dict[str, Any]:
 def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gpus: int, image: str,
         command: str | Sequence[str], env: Mapping[str, str] | None = None, workers: int = 1,
         workdir: str | None = None, grace_s: float = 30.0, kind: str = "job", cpus: float | None = None,
-        memory_gb: float | None = None, run_as_user: int = DEFAULT_RUN_AS_USER) -> dict[str, Any]:
+        memory_gb: float | None = None, run_as_user: int = DEFAULT_RUN_AS_USER,
+        managed_taint: str = MANAGED_TAINT) -> dict[str, Any]:
     """One worker's pod. It names no node: Corral binds it to `node` (kept as an annotation) with the Binding API,
     which is what the engine's placement means; schedulerName keeps kube-scheduler from placing it first."""
     env_all = {**(env or {}), "CORRAL_JOB_ID": job_id, "CORRAL_ATTEMPT": str(attempt), "CORRAL_WORKER": str(worker),
@@ -157,9 +158,9 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": max(0, round(grace_s)),
             "containers": [container],
-            # GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule, and Corral's own nodes MANAGED_TAINT;
-            # Corral chose this node on purpose.
-            "tolerations": [{"key": key, "operator": "Exists", "effect": "NoSchedule"} for key in (GPU, MANAGED_TAINT)],
+            # GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule, and Corral's own nodes `managed_taint` (the
+            # service's k8s_managed_taint); Corral chose this node on purpose.
+            "tolerations": [{"key": key, "operator": "Exists", "effect": "NoSchedule"} for key in (GPU, managed_taint)],
             "securityContext": pod_security(run_as_user),
             # No credentials for the Kubernetes API inside a job: the namespace's service account is not the
             # job's, and a job that could call the API could read or change its team's other pods.
@@ -171,7 +172,7 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
 def batch_job(job_id: str, attempt: int, *, namespace: str, workers: Sequence[tuple[str, int]], image: str,
               command: str | Sequence[str], env: Mapping[str, str] | None = None, workdir: str | None = None,
               grace_s: float = 30.0, cpus: float | None = None, memory_gb: float | None = None,
-              run_as_user: int = DEFAULT_RUN_AS_USER) -> dict[str, Any]:
+              run_as_user: int = DEFAULT_RUN_AS_USER, managed_taint: str = MANAGED_TAINT) -> dict[str, Any]:
     """A whole attempt as one Indexed batch/v1 Job: pod i is worker i, which Corral binds to workers[i]'s node
     (the nodes travel as an annotation; the controller marks each pod with its index). The template is pod()'s,
     so the pods carry the labels and annotations poll, adopt and terminate look for. backoffLimit 0: a failed or
@@ -182,7 +183,7 @@ def batch_job(job_id: str, attempt: int, *, namespace: str, workers: Sequence[tu
     nodes = [node for node, _ in workers]
     tpl = pod(job_id, attempt, 0, namespace=namespace, node=nodes[0], gpus=gpus.pop(), image=image,
               command=command, env=env, workers=len(nodes), workdir=workdir, grace_s=grace_s, cpus=cpus,
-              memory_gb=memory_gb, run_as_user=run_as_user)
+              memory_gb=memory_gb, run_as_user=run_as_user, managed_taint=managed_taint)
     labels = {k: v for k, v in tpl["metadata"]["labels"].items() if k != WORKER_LABEL}  # one template for all
     notes = {NODES_ANNOTATION: ",".join(nodes), WORKERS_ANNOTATION: str(len(nodes))}
     # What differs per pod comes from the pod itself (downward API): its index, and the node it was bound to.

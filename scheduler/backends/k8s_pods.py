@@ -82,7 +82,8 @@ def waiting(pod: Any) -> Waiting:
     preemptible = str(notes.get(PREEMPTIBLE, labels.get(PREEMPTIBLE, "true"))).lower() != "false"
     return Waiting(meta.uid, meta.namespace, meta.name, group or meta.name, size, gpus, labels.get(k8s.QUEUE_LABEL),
                    pool, spec.containers[0].image if spec.containers else None, spec.termination_grace_period_seconds,
-                   requested(spec, "cpu"), requested(spec, "memory") / GIB, priority, preemptible)
+                   requested(spec.containers, "cpu"), requested(spec.containers, "memory") / GIB, priority,
+                   preemptible)
 
 
 def _up(x: float) -> float:
@@ -90,11 +91,11 @@ def _up(x: float) -> float:
     return math.ceil(x * 1000 - 1e-9) / 1000
 
 
-def requested(spec: Any, resource: str) -> float:
-    """The sum of a pod's containers' requests of `resource` (a container with a limit and no request requests its
+def requested(containers: list[Any], resource: str) -> float:
+    """The sum of the containers' requests of `resource` (a container with a limit and no request requests its
     limit, as the API server fills it in)."""
     total = 0.0
-    for c in spec.containers:
+    for c in containers:
         res = c.resources
         asked = ((getattr(res, "requests", None) or {}) if res else {}).get(resource)
         if asked is None and res is not None:

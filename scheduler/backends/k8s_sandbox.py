@@ -25,7 +25,8 @@ def is_sandbox(env: Mapping[str, str]) -> bool:
 def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gpus: int, image: str,
         command: str | Sequence[str], env: Mapping[str, str] | None = None, workers: int = 1,
         workdir: str | None = None, grace_s: float = 30.0, cpus: float | None = None,
-        memory_gb: float | None = None, run_as_user: int = k8s.DEFAULT_RUN_AS_USER) -> dict[str, Any]:
+        memory_gb: float | None = None, run_as_user: int = k8s.DEFAULT_RUN_AS_USER,
+        managed_taint: str = k8s.MANAGED_TAINT) -> dict[str, Any]:
     """A sandbox's pod; the same arguments as k8s_objects.pod, which it stands in for. KubeSpawner's `make_pod`
     gives the pod JupyterHub deployments run (its notebook container, no service-account token, no privilege
     escalation), confined like a job's (non-root, no capabilities, seccomp RuntimeDefault); Corral's parts
@@ -34,7 +35,7 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
     image's entrypoint (tini in the Jupyter images) stays PID 1."""
     base = k8s.pod(job_id, attempt, worker, namespace=namespace, node=node, gpus=gpus, image=image, command=command,
                    env=env, workers=workers, workdir=workdir, grace_s=grace_s, kind="sandbox", cpus=cpus,
-                   memory_gb=memory_gb, run_as_user=run_as_user)
+                   memory_gb=memory_gb, run_as_user=run_as_user, managed_taint=managed_taint)
     meta, spec = base["metadata"], base["spec"]
     (c,) = spec["containers"]
     made = make_pod(name=meta["name"], cmd=c["command"], port=server_port(env or {}), image=image,

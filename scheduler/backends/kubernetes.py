@@ -38,9 +38,10 @@ from kubernetes.client.exceptions import ApiException
 from quotas import QueueTree
 from scheduler.backends import k8s_objects as k8s
 from scheduler.backends import k8s_sandbox, k8s_teams
-from scheduler.backends.base import Arrival, Exit, Handle, Launch, NodeChange, NodeInfo
+from scheduler.backends.base import Arrival, Exit, Handle, Held, Launch, NodeChange, NodeInfo
 from scheduler.backends.k8s_attempts import Attempt, failure, found_after_restart, job_state, members
 from scheduler.backends.k8s_nodes import Feed, NodeWatcher, conflict_ok, core_api, discover_nodes, node_info
+from scheduler.backends.k8s_others import OtherPods, binding
 from scheduler.backends.k8s_pods import POD_GROUP_ENV, PodGangs, Waiting
 
 __all__ = ["KubernetesExecutor", "NodeChange", "NodeWatcher", "discover_nodes", "node_info"]
@@ -70,7 +71,7 @@ class KubernetesExecutor:
                  namespace_prefix: str = "corral-", sa_timeout_s: float = 30.0,
                  hub_namespace: str = "jupyterhub", node_selector: str | None = None, watch_s: int = 10,
                  foreign_pods: bool = True, workload: str = "pod",
-                 run_as_user: int = k8s.DEFAULT_RUN_AS_USER) -> None:
+                 run_as_user: int = k8s.DEFAULT_RUN_AS_USER, managed_taint: str = k8s.MANAGED_TAINT) -> None:
         self.core = core_api(api)
         self.batch: Any = client.BatchV1Api(self.core.api_client)
         if workload not in WORKLOADS:
@@ -78,6 +79,7 @@ class KubernetesExecutor:
         self.workload = workload
         self.nodes = NodeWatcher(self.core, node_selector)  # only nodes matching the selector are Corral's
         self.gangs = PodGangs(self.core) if foreign_pods else None
+        self.others = OtherPods(self.core)  # what pods Corral did not place hold on its nodes
         self.watch_s = watch_s  # how long one watch request lasts before it is resumed (and close() noticed)
         self._feeds: dict[str, Feed[Any]] = {}
         self._gone: set[str] = set()  # deleted nodes: nobody will confirm their pods' deletion, so force it
@@ -89,6 +91,7 @@ class KubernetesExecutor:
         self.grace_s = grace_s
         k8s.pod_security(run_as_user)  # refuses root (0) now, not at the first launch
         self.run_as_user = run_as_user  # every pod Corral builds runs as this user (k8s_objects.pod_security)
+        self.managed_taint = managed_taint  # and tolerates the taint that keeps kube-scheduler off Corral's nodes
         self.prefix = namespace_prefix
         self.teams = k8s_teams.TeamConfig(namespace_prefix, hub_namespace)
         self.sa_timeout_s = sa_timeout_s
@@ -114,7 +117,8 @@ class KubernetesExecutor:
             workers = k8s.split_workers(launch.gpus, int(launch.env.get("CORRAL_WORKERS") or 0))
             common: dict[str, Any] = dict(namespace=ns, image=image, command=launch.command, env=launch.env,
                                           workdir=launch.workdir, grace_s=self.grace_s, cpus=launch.cpus,
-                                          memory_gb=launch.memory_gb, run_as_user=self.run_as_user)
+                                          memory_gb=launch.memory_gb, run_as_user=self.run_as_user,
+                                          managed_taint=self.managed_taint)
             if not sandbox and self._workload(launch.env) == "job":  # sandboxes are KubeSpawner's pods
                 job = k8s.batch_job(launch.job_id, launch.attempt, workers=workers, **common)
             build = k8s_sandbox.pod if sandbox else k8s.pod
@@ -272,6 +276,16 @@ class KubernetesExecutor:
             self.refuse(key, why)
         return out
 
+    def held(self, now: float) -> dict[str, Held]:
+        self._feed("corral-k8s-others", self.others)  # what it saw is counted in self.others already
+        return self.others.held()
+
+    def binding(self, namespace: str, pod: str) -> tuple[str, Held] | None:
+        return binding(self.core, namespace, pod)
+
+    def admit(self, uid: str, node: str, held: Held) -> None:
+        self.others.admit(uid, node, held)
+
     def settled(self) -> bool:
         """No complete gang waits on a namespace that could not be read."""
         return self.gangs is None or not self.gangs.unsure
@@ -285,7 +299,7 @@ class KubernetesExecutor:
                 self.core.create_namespaced_event(p.namespace, k8s.pod_event(
                     p.namespace, p.name, p.uid, "FailedScheduling", f"Corral will not schedule it: {why}", at))
 
-    def _feed(self, name: str, watcher: NodeWatcher | PodGangs) -> list[Any]:
+    def _feed(self, name: str, watcher: NodeWatcher | PodGangs | OtherPods) -> list[Any]:
         """What the watcher saw since the last call. The first call lists synchronously unless discover() just did
         (a restarted Corral must know the cluster before it acts); then a thread watches from that list's
         resourceVersion."""

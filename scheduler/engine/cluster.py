@@ -17,13 +17,19 @@ Placement = list[tuple[str, list[int]]]
 
 @dataclass(eq=False)
 class Node:
-    """A node's live state: which GPU indices are free, and free CPUs and memory where accounted."""
+    """A node's live state: which GPU indices are free, and free CPUs and memory where accounted. `up` False: nothing
+    new is placed there (down, or cordoned with its jobs still running)."""
 
     spec: NodeSpec
     up: bool = True
     free: list[int] = field(default_factory=list)  # free GPU indices, ascending
     free_cpus: float = math.inf
     free_mem: float = math.inf
+    # What pods Corral did not place (a DaemonSet's, kube-scheduler's) hold there: out of the free amounts above.
+    held: list[int] = field(default_factory=list)  # GPU indices counted as theirs
+    held_gpus: int = 0  # what they hold; more than len(held) only while Corral's jobs still have the rest
+    held_cpus: float = 0.0
+    held_mem: float = 0.0
 
     @property
     def name(self) -> str:
@@ -134,14 +140,38 @@ class Pool:
         self.changes += 1
         for name, gpus in workers:
             n = self.nodes[name]
-            if n.up:
-                self._unfile(name, len(n.free))
+            before = self._unfile_node(n)
             n.free = sorted(n.free + gpus)
+            _settle_held(n)  # GPUs others took while this job still held them are theirs first
             n.free_cpus = exact(n.free_cpus + spec.cpus)
             n.free_mem = exact(n.free_mem + spec.memory_gb)
-            if n.up:
-                self._file(name, len(n.free))
-                self.free_gpus += len(gpus)
+            self._refile_node(n, before)
+
+    def hold(self, name: str, gpus: int, cpus: float, memory_gb: float) -> None:
+        """What pods Corral did not place hold on the node now (replacing what was said before): it leaves the free
+        room. GPUs beyond the free ones (others placed them beside Corral's jobs) are taken as those jobs end."""
+        n = self.nodes[name]
+        if gpus < n.held_gpus or cpus < n.held_cpus or memory_gb < n.held_mem:
+            self.freed += 1  # room given back, as by a release
+        self.changes += 1
+        before = self._unfile_node(n)
+        n.held_gpus = gpus
+        _settle_held(n)
+        n.free_cpus = exact(n.free_cpus + n.held_cpus - cpus)
+        n.free_mem = exact(n.free_mem + n.held_mem - memory_gb)
+        n.held_cpus, n.held_mem = cpus, memory_gb
+        self._refile_node(n, before)
+
+    def _unfile_node(self, n: Node) -> int:
+        """Before a node's free GPUs change: out of its bucket (if up); how many were free."""
+        if n.up:
+            self._unfile(n.name, len(n.free))
+        return len(n.free)
+
+    def _refile_node(self, n: Node, before: int) -> None:
+        if n.up:
+            self._file(n.name, len(n.free))
+            self.free_gpus += len(n.free) - before
 
     def workers_fit_empty(self, spec: JobSpec) -> int:
         """How many workers of `spec` the pool could hold with every node (up or down) empty."""
@@ -243,6 +273,16 @@ class Pool:
             if r[0] >= gpus:
                 room[name] = r
         return room
+
+
+def _settle_held(n: Node) -> None:
+    """Move GPU indices between free and held until others hold what they hold (as far as free ones allow): the
+    highest free indices first, so that Corral's own stay packed at the bottom."""
+    while len(n.held) > n.held_gpus:
+        n.free.append(n.held.pop())
+    n.free.sort()
+    while len(n.held) < n.held_gpus and n.free:
+        n.held.append(n.free.pop())
 
 
 def workers_per_node(spec: JobSpec, gpus: int, cpus: float | None, memory_gb: float | None) -> int:

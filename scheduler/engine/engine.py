@@ -156,6 +156,23 @@ class Engine:
         ps.pool.set_up(name, True)
         ps.capacity_changed()
 
+    def node_cordoned(self, name: str, now: float) -> None:
+        """Nothing new lands on the node; what runs there stays (node_up lifts it; node_down still stops them)."""
+        ps = self.pools[self.node_pool[name]]
+        ps.pool.set_up(name, False)
+        ps.capacity_changed()
+
+    def node_held(self, name: str, gpus: int, cpus: float, memory_gb: float) -> None:
+        """What pods Corral did not place hold on the node now (Kubernetes: DaemonSets, kube-scheduler's pods)."""
+        ps = self.pools[self.node_pool[name]]
+        ps.pool.hold(name, gpus, cpus, memory_gb)
+        ps.dirty = True
+
+    def node_room(self, name: str) -> tuple[int, float, float]:
+        """The node's free GPUs, CPUs and memory (GiB; inf where not accounted), cordoned or not."""
+        n = self.pools[self.node_pool[name]].pool.nodes[name]
+        return len(n.free), n.free_cpus, n.free_mem
+
     # ----- queries -----
 
     def shares(self, pool: str) -> dict[str, float]:

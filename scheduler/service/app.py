@@ -34,6 +34,7 @@ from scheduler.service.errors import ServiceError, http_error_body
 from scheduler.service.telemetry import RequestTelemetry
 from scheduler.service.views import live_metrics
 from scheduler.service.web.whatif import MAX_FORM, WHATIF_PATH
+from scheduler.service.webhook import BindingWebhook
 
 
 class ErrorDetail(BaseModel):
@@ -66,10 +67,18 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
         loop = threading.Thread(target=core.run, args=(stop,), name="corral-scheduler", daemon=True)
         if run_loop:
             loop.start()
+        webhook = None
+        settings = core.settings
+        if settings.k8s_binding_webhook_port is not None and settings.k8s_binding_webhook_tls_dir is not None:
+            # Before the app says it is ready: the API server may ask as soon as the pod is Ready.
+            webhook = BindingWebhook(core, settings.k8s_binding_webhook_port, settings.k8s_binding_webhook_tls_dir)
+            webhook.start()
         app.state.ready = True
         try:
             yield
         finally:
+            if webhook is not None:
+                webhook.close()
             stop.set()
             core.wake.set()
             if run_loop:

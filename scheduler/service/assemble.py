@@ -68,7 +68,8 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
                                     settings.k8s_namespace_prefix, hub_namespace=settings.k8s_hub_namespace,
                                     node_selector=settings.k8s_node_selector,
                                     foreign_pods=settings.k8s_foreign_pods, workload=settings.k8s_workload,
-                                    run_as_user=settings.k8s_run_as_user)
+                                    run_as_user=settings.k8s_run_as_user,
+                                    managed_taint=settings.k8s_managed_taint)
         if nodes is None:
             nodes = k8s_ex.discover()  # its node watch resumes from this very list
         executor = executor or k8s_ex

@@ -1,8 +1,9 @@
 """What the cluster tells the service between cycles: nodes that went down or came up, and work it brought itself.
 
-Nodes. A node that goes down (not Ready, cordoned) stays known, marked down: the engine preempts the jobs on it
-(recorded like any decision; their attempts are stopped through the executor) and places nothing there until it
-comes back with the same shape, when the engine takes it up again. The pools' configured size (what quotas are
+Nodes. A node that goes down (not Ready, being drained) stays known, marked down: the engine preempts the jobs on
+it (recorded like any decision; their attempts are stopped through the executor) and places nothing there until it
+comes back with the same shape, when the engine takes it up again. A cordoned node takes nothing new, and what runs
+there stays (NodeInfo.cordoned; the engine's node_cordoned). The pools' configured size (what quotas are
 checked against) still counts it. A node seen for the first time, one whose shape changed, and a deleted node
 change that size: the engine and the queue tree are rebuilt from the database with the new capacity (a deleted
 node that was its pool's last stays known as down, so the pool and the jobs queued for it survive).
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 from pydantic import ValidationError
 
-from scheduler.backends.base import CLUSTER_OWNER, NodeInfo, TakesArrivals, WatchesNodes
+from scheduler.backends.base import CLUSTER_OWNER, NodeChange, NodeInfo, TakesArrivals, WatchesNodes
 from scheduler.service.auth import Principal, Role
 from scheduler.service.db import jobs, nodes
 from scheduler.service.errors import Conflict
@@ -65,13 +66,18 @@ def sync_nodes(core: Core, now: float) -> None:
             for d in core.engine.node_down(name, now):
                 stops += core._record(conn, d, now)
         if not rebuild:
-            for name in core.down - down:
-                core.engine.node_up(name, now)
+            for name, info in after.items():  # cordoned: nothing new lands, its jobs stay (kubectl cordon)
+                was_open = name in core.nodes and name not in core.down and not core.nodes[name].cordoned
+                if name in down or name in going or was_open == (not info.cordoned):
+                    continue
+                if info.cordoned:
+                    core.engine.node_cordoned(name, now)
+                else:  # uncordoned, or back from down
+                    core.engine.node_up(name, now)
         conn.execute(nodes.delete().where(nodes.c.name.not_in(list(after))))
         for info in after.values():
             write_node(conn, info, info.name not in down, replace=True)
-    log.info("nodes changed: %s", ", ".join(f"{c.name} {'up' if c.info else 'deleted' if c.deleted else 'down'}"
-                                            for c in core.node_backlog))
+    log.info("nodes changed: %s", ", ".join(f"{c.name} {state(c)}" for c in core.node_backlog))
     core.nodes, core.down, core.node_backlog = after, down, []
     # Owed from here: if a stop below fails (the cluster's API away), the next cycle still rebuilds.
     core._stale |= rebuild
@@ -79,6 +85,12 @@ def sync_nodes(core: Core, now: float) -> None:
     if rebuild:
         core._rebuild()
         core._stale = False
+
+
+def state(c: NodeChange) -> str:
+    if c.info is not None:
+        return "cordoned" if c.info.cordoned else "up"
+    return "deleted" if c.deleted else "down"
 
 
 def write_node(conn: sa.Connection, n: NodeInfo, up: bool, replace: bool = False) -> None:

@@ -15,11 +15,11 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from quotas import QueueTree
 from sandbox.culling import IdlePolicy, IdleTracker
-from scheduler.backends.base import CLUSTER_OWNER, Arrival, Executor, Exit, NodeChange, NodeInfo
+from scheduler.backends.base import CLUSTER_OWNER, Arrival, Executor, Exit, Held, NodeChange, NodeInfo
 from scheduler.engine import Engine as Scheduler
 from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
 from scheduler.engine.model import Settings
-from scheduler.service import cluster_sync, launching, queues, rebuild, store, telemetry
+from scheduler.service import cluster_sync, launching, outside, queues, rebuild, store, telemetry
 from scheduler.service.auth import Principal, TokenCache
 from scheduler.service.culler import cull
 from scheduler.service.db import attempts, jobs, nodes, queue_versions
@@ -50,6 +50,7 @@ class Core:
         self.settings, self.db, self.executor, self.clock = settings, db, executor, clock
         self.nodes = {n.name: n for n in nodes}
         self.down: set[str] = set()  # known nodes that are down now (see cluster_sync)
+        self.held: dict[str, Held] = {}  # node -> what work Corral did not place holds there (see outside)
         self.node_backlog: list[NodeChange] = []  # reported by the executor, not yet committed
         self.arrivals: list[Arrival] = []  # work the cluster brought, not yet written
         # Keys of the arrivals since the start (every waiting one), until all are known; then None.
@@ -286,6 +287,7 @@ class Core:
                 self._stale = False
             capacity = self.capacity
             cluster_sync.sync_nodes(self, now)
+            outside.sync_held(self, now)
             # Kept until a sync starts: a cycle that fails after the nodes changed still leaves it owed.
             self._teams_stale |= self.capacity != capacity
             # The executor reports each exit once: keep them until a commit has recorded them.

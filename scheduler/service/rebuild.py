@@ -26,7 +26,7 @@ from scheduler.backends.base import Handle
 from scheduler.engine import Engine as Scheduler
 from scheduler.engine.decisions import Decision
 from scheduler.engine.model import JobSpec, Reason
-from scheduler.service import queues, store
+from scheduler.service import outside, queues, store
 from scheduler.service.db import attempts, jobs
 from scheduler.service.launching import HOLDING
 from scheduler.service.specs import engine_spec_of, job_id_of
@@ -95,6 +95,11 @@ def rebuild(core: Core) -> None:
     engine = Scheduler(tree, [n.spec() for n in core.nodes.values()], settings=core.engine_settings)
     for name in core.down:  # before restoring: nothing live was left on a down node (cluster_sync)
         engine.node_down(name, core.clock())
+    for name, info in core.nodes.items():  # its jobs stay (restored below): only new work is kept off
+        if info.cordoned and name not in core.down:
+            engine.node_cordoned(name, core.clock())
+    for name, held in core.held.items():  # what others hold: after a rebuild as before it
+        outside.apply(engine, name, held)
     holding = sorted((j for j in live if j["id"] in placed), key=lambda j: admission_key(placed[j["id"]]))
     for j in holding:
         a = placed[j["id"]]

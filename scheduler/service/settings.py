@@ -59,6 +59,15 @@ class ServiceSettings(BaseSettings):
     k8s_run_as_user: int = Field(1000, ge=1, description=(
         "The uid every job and sandbox pod runs as on Kubernetes (runAsNonRoot, never 0), whatever its image's USER "
         "says; 1000 is the Jupyter images' jovyan."))
+    k8s_managed_taint: str = Field("corral.dev/managed", description=(
+        "Taint key (effect NoSchedule) that keeps kube-scheduler's pods off Corral's nodes; every pod Corral "
+        "builds tolerates it. Taint the nodes Corral schedules with it (docs/kubernetes.md)."))
+    k8s_binding_webhook_port: int | None = Field(None, ge=1, le=65535, description=(
+        "Port of the HTTPS endpoint (path /bind) the API server asks before another scheduler binds a pod "
+        "(a ValidatingWebhookConfiguration on pods/binding): a bind onto one of Corral's nodes is refused unless "
+        "the pod fits beside Corral's jobs. None: no endpoint; others' pods are then only counted once bound."))
+    k8s_binding_webhook_tls_dir: Path | None = Field(None, description=(
+        "Directory with tls.crt and tls.key (a kubernetes.io/tls Secret mounted) for k8s_binding_webhook_port."))
     ray_address: str | None = Field(None, description=(
         "The Ray cluster's dashboard/Jobs API address, e.g. http://10.0.0.5:8265 (backend ray)."))
     ray_token: str | None = Field(None, description=(
@@ -158,6 +167,9 @@ class ServiceSettings(BaseSettings):
     def _tls_pair(self) -> ServiceSettings:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("tls_certfile and tls_keyfile go together: give both, or neither")
+        if (self.k8s_binding_webhook_port is None) != (self.k8s_binding_webhook_tls_dir is None):
+            raise ValueError("k8s_binding_webhook_port and k8s_binding_webhook_tls_dir go together: give both, "
+                             "or neither")
         return self
 
     @property

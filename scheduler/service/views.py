@@ -95,7 +95,8 @@ def pools(core: Core) -> list[dict[str, Any]]:
                 known = core.nodes.get(n.name)
                 info = {g.index: g for g in known.gpus} if known is not None else {}
                 node_views.append({
-                    "name": n.name, "up": n.up, "gpus": [
+                    "name": n.name, "up": n.name not in core.down,
+                    "cordoned": known is not None and known.cordoned and n.name not in core.down, "gpus": [
                         {"index": i, "model": info[i].model if i in info else None,
                          "uuid": info[i].uuid if i in info else None,
                          "memory_mb": info[i].memory_mb if i in info else None,
