@@ -66,6 +66,7 @@ def by_kind(rendered: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 FULL = ("--set", f"database.url={DB_URL}", "--set", "metrics.serviceMonitor.enabled=true",
         "--set", "grafana.dashboard.enabled=true")
+K8S = ("--set", "config.backend=kubernetes")  # the binding webhook comes with backend kubernetes
 
 
 # --- lint and schema ------------------------------------------------------------------------------------------
@@ -89,8 +90,12 @@ def kubeconform(bin_dir: Path, manifests: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("args", [(), FULL, ("--set", "database.existingSecret=corral-db-managed",
                                              "--set", "persistence.existingClaim=corral-data",
-                                             "--set", "rbac.create=false", "--set", "serviceAccount.create=false")],
-                         ids=["defaults", "everything-on", "existing-secret-and-claim"])
+                                             "--set", "rbac.create=false", "--set", "serviceAccount.create=false"),
+                                  (*K8S, *FULL),
+                                  (*K8S, "--set", "kubernetes.bindingWebhook.existingSecret=my-tls",
+                                   "--set", "kubernetes.bindingWebhook.caBundle=Q0E=")],
+                         ids=["defaults", "everything-on", "existing-secret-and-claim", "kubernetes-webhook",
+                              "kubernetes-webhook-existing-tls"])
 def test_rendered_manifests_pass_kubeconform_strict(bin_dir: Path, helm_env: dict[str, str],
                                                      args: tuple[str, ...]) -> None:
     rendered = render(bin_dir, helm_env, *args)
@@ -141,10 +146,130 @@ def test_what_the_chart_renders(bin_dir: Path, helm_env: dict[str, str]) -> None
 
 
 @pytest.mark.parametrize("bad", ["service.port=0", "image.pullPolicy=Sometimes", "config.port=9000",
-                                 "database.url=not-a-url", "metrics.serviceMonitor.interval=often", "replicas=2"])
+                                 "database.url=not-a-url", "metrics.serviceMonitor.interval=often", "replicas=2",
+                                 "kubernetes.bindingWebhook.failurePolicy=Sometimes",
+                                 "config.k8s_managed_taint=x", "config.k8s_binding_webhook_port=9443",
+                                 "kubernetes.managedTaint=not a key"])
 def test_values_schema_rejects_bad_values(bin_dir: Path, helm_env: dict[str, str], bad: str) -> None:
     out = helm(bin_dir, helm_env, "template", "corral", str(CHART), "--set", bad, check=False)
     assert out.returncode != 0 and "values don't meet the specifications of the schema" in out.stderr, out.stderr
+
+
+# --- sharing nodes with kube-scheduler: the managed taint and the binding webhook --------------------------------
+
+def test_the_managed_taint_flows_to_the_service(bin_dir: Path, helm_env: dict[str, str]) -> None:
+    for args, taint in [((), "corral.dev/managed"), (K8S, "corral.dev/managed"),
+                        (("--set", "kubernetes.managedTaint=gpu.example.com/corral"), "gpu.example.com/corral")]:
+        (cm,) = [d for d in docs(render(bin_dir, helm_env, *args)) if d["kind"] == "ConfigMap"]
+        assert cm["data"]["CORRAL_K8S_MANAGED_TAINT"] == taint, args
+
+
+def webhook_objects(rendered: list[dict[str, Any]]) -> dict[str, Any]:
+    """The webhook configuration, the TLS Secret (if any), the container, pod volumes, Service ports and settings."""
+    kinds = by_kind(rendered)
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return {"vwc": [d for d in rendered if d["kind"] == "ValidatingWebhookConfiguration"],
+            "secrets": [d for d in rendered if d["kind"] == "Secret" and d["type"] == "kubernetes.io/tls"],
+            "container": container, "volumes": pod["volumes"], "pod": kinds["Deployment"]["spec"]["template"],
+            "service_ports": kinds["Service"]["spec"]["ports"],
+            "settings": [d for d in rendered if d["kind"] == "ConfigMap"][0]["data"]}
+
+
+def test_the_binding_webhook(bin_dir: Path, helm_env: dict[str, str]) -> None:
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
+    o = webhook_objects(docs(render(bin_dir, helm_env, *K8S)))
+    (vwc,) = o["vwc"]
+    assert vwc["apiVersion"] == "admissionregistration.k8s.io/v1" and vwc["metadata"]["name"] == "corral"
+    assert "namespace" not in vwc["metadata"]
+    (hook,) = vwc["webhooks"]
+    assert hook["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                              "resources": ["pods/binding"], "scope": "Namespaced"}]
+    assert hook["clientConfig"]["service"] == {"name": "corral", "namespace": "corral", "path": "/bind",
+                                               "port": 8443}
+    assert hook["failurePolicy"] == "Ignore" and hook["timeoutSeconds"] == 5
+    assert hook["sideEffects"] == "None" and hook["admissionReviewVersions"] == ["v1"]
+    # Corral's own binds (as the chart's ServiceAccount) skip the call.
+    assert hook["matchConditions"] == [{"name": "not-corral", "expression":
+                                        'request.userInfo.username != "system:serviceaccount:corral:corral"'}]
+
+    # The Secret's certificate serves the Service's DNS names and is signed by the CA the API server trusts.
+    (secret,) = o["secrets"]
+    assert secret["metadata"] == {**secret["metadata"], "name": "corral-webhook-tls", "namespace": "corral"}
+    assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    ca = x509.load_pem_x509_certificate(base64.b64decode(hook["clientConfig"]["caBundle"]))
+    assert base64.b64decode(secret["data"]["ca.crt"]) == base64.b64decode(hook["clientConfig"]["caBundle"])
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    cert.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName)
+    assert {"corral.corral.svc", "corral.corral.svc.cluster.local"} <= set(names)
+    key = serialization.load_pem_private_key(base64.b64decode(secret["data"]["tls.key"]), password=None)
+    pem = serialization.PublicFormat.SubjectPublicKeyInfo
+    assert key.public_key().public_bytes(serialization.Encoding.PEM, pem) == \
+        cert.public_key().public_bytes(serialization.Encoding.PEM, pem)
+
+    # The pod mounts the Secret read-only where the service reads it; the service listens on 8443 behind the Service.
+    c = o["container"]
+    assert {"name": "webhook", "containerPort": 8443, "protocol": "TCP"} in c["ports"]
+    assert {"name": "webhook-tls", "mountPath": "/etc/corral/webhook-tls", "readOnly": True} in c["volumeMounts"]
+    assert {"name": "webhook-tls", "secret": {"secretName": "corral-webhook-tls", "defaultMode": 0o440}} \
+        in o["volumes"]
+    assert {"name": "webhook", "port": 8443, "targetPort": "webhook", "protocol": "TCP"} in o["service_ports"]
+    settings = o["settings"]
+    assert settings["CORRAL_K8S_BINDING_WEBHOOK_PORT"] == "8443"
+    assert settings["CORRAL_K8S_BINDING_WEBHOOK_TLS_DIR"] == "/etc/corral/webhook-tls"
+    assert settings["CORRAL_K8S_MANAGED_TAINT"] == "corral.dev/managed" and settings["CORRAL_BACKEND"] == "kubernetes"
+    assert "checksum/webhook-tls" in o["pod"]["metadata"]["annotations"]
+
+
+def test_the_binding_webhook_follows_release_namespace_and_values(bin_dir: Path, helm_env: dict[str, str]) -> None:
+    from cryptography import x509  # noqa: PLC0415
+
+    o = webhook_objects(docs(render(
+        bin_dir, helm_env, *K8S, "--set", "serviceAccount.name=corral-sa",
+        "--set", "kubernetes.bindingWebhook.port=9443", "--set", "kubernetes.bindingWebhook.failurePolicy=Fail",
+        "--set", "kubernetes.bindingWebhook.timeoutSeconds=3",
+        release="gpus", namespace="sched")))
+    (hook,) = o["vwc"][0]["webhooks"]
+    assert o["vwc"][0]["metadata"]["name"] == "gpus-corral"
+    assert hook["clientConfig"]["service"] == {"name": "gpus-corral", "namespace": "sched", "path": "/bind",
+                                               "port": 9443}
+    assert hook["failurePolicy"] == "Fail" and hook["timeoutSeconds"] == 3
+    assert hook["matchConditions"][0]["expression"] == \
+        'request.userInfo.username != "system:serviceaccount:sched:corral-sa"'
+    (secret,) = o["secrets"]
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName)
+    assert {"gpus-corral.sched.svc", "gpus-corral.sched.svc.cluster.local"} <= set(names)
+    assert {"name": "webhook", "containerPort": 9443, "protocol": "TCP"} in o["container"]["ports"]
+    assert o["settings"]["CORRAL_K8S_BINDING_WEBHOOK_PORT"] == "9443"
+
+
+def test_the_binding_webhook_with_an_existing_secret(bin_dir: Path, helm_env: dict[str, str]) -> None:
+    args = (*K8S, "--set", "kubernetes.bindingWebhook.existingSecret=my-tls")
+    out = helm(bin_dir, helm_env, "template", "corral", str(CHART), *args, check=False)
+    assert out.returncode != 0 and "caBundle is required" in out.stderr, out.stderr
+    o = webhook_objects(docs(render(bin_dir, helm_env, *args, "--set", "kubernetes.bindingWebhook.caBundle=Q0E=")))
+    assert o["secrets"] == []  # the user's Secret, not the chart's
+    assert o["vwc"][0]["webhooks"][0]["clientConfig"]["caBundle"] == "Q0E="
+    assert {"name": "webhook-tls", "secret": {"secretName": "my-tls", "defaultMode": 0o440}} in o["volumes"]
+
+
+@pytest.mark.parametrize("args", [(), ("--set", "kubernetes.bindingWebhook.enabled=false", *K8S)],
+                         ids=["backend-local", "disabled"])
+def test_no_binding_webhook(bin_dir: Path, helm_env: dict[str, str], args: tuple[str, ...]) -> None:
+    o = webhook_objects(docs(render(bin_dir, helm_env, *args)))
+    assert o["vwc"] == [] and o["secrets"] == []
+    assert [p["name"] for p in o["container"]["ports"]] == ["http"]
+    assert [p["name"] for p in o["service_ports"]] == ["http"]
+    assert "webhook-tls" not in {v["name"] for v in o["volumes"]} | {m["name"] for m in o["container"]["volumeMounts"]}
+    assert not {"CORRAL_K8S_BINDING_WEBHOOK_PORT", "CORRAL_K8S_BINDING_WEBHOOK_TLS_DIR"} & set(o["settings"])
+    assert o["settings"]["CORRAL_K8S_MANAGED_TAINT"] == "corral.dev/managed"
 
 
 # --- applied to the test API server ---------------------------------------------------------------------------
@@ -234,6 +359,32 @@ def test_helm_install_server_dry_run_and_notes(plane: ControlPlane, ns: str, bin
                "--kubeconfig", str(plane.kubeconfig), "--set", f"database.url={DB_URL}")
     assert "port-forward svc/corral 8265:8265" in out.stdout
     assert "Secret corral-db" in out.stdout and "dashboards/corral.json" in out.stdout
+    # With backend kubernetes: the API server accepts the ValidatingWebhookConfiguration (its CEL matchCondition
+    # compiles) and the TLS Secret. A dry run: nothing is created, so no other test's binds are sent to it.
+    out = helm(bin_dir, helm_env, "install", "corral", str(CHART), "--dry-run=server", "--namespace", ns,
+               "--kubeconfig", str(plane.kubeconfig), *K8S)
+    assert "kind: ValidatingWebhookConfiguration" in out.stdout and "type: kubernetes.io/tls" in out.stdout
+    assert "kubectl taint nodes NODE corral.dev/managed=:NoSchedule" in out.stdout
+    assert "ValidatingWebhookConfiguration\ncorral calls the Service on port 8443 (/bind)" in out.stdout
+
+
+def test_an_upgrade_keeps_the_webhook_certificate(plane: ControlPlane, ns: str, bin_dir: Path,
+                                                  helm_env: dict[str, str]) -> None:
+    # The chart reuses an installed webhook Secret (lookup), so the caBundle and the mounted pair stay in step.
+    def server_render() -> dict[str, Any]:
+        return webhook_objects(docs(helm(bin_dir, helm_env, "template", "corral", str(CHART), "--namespace", ns,
+                                         "--dry-run=server", "--kubeconfig", str(plane.kubeconfig), *K8S).stdout))
+    first = server_render()
+    (secret,) = first["secrets"]
+    assert server_render()["secrets"][0]["data"] != secret["data"]  # nothing installed: a fresh pair each time
+    plane.core().create_namespaced_secret(ns, {"metadata": {"name": secret["metadata"]["name"]},
+                                               "type": "kubernetes.io/tls", "data": secret["data"]})
+    again = server_render()
+    assert again["secrets"][0]["data"] == secret["data"]
+    ca_bundle = again["vwc"][0]["webhooks"][0]["clientConfig"]["caBundle"]
+    assert base64.b64decode(ca_bundle) == base64.b64decode(secret["data"]["ca.crt"])
+    assert again["pod"]["metadata"]["annotations"]["checksum/webhook-tls"] == \
+        first["pod"]["metadata"]["annotations"]["checksum/webhook-tls"]
 
 
 # --- the Grafana dashboard ------------------------------------------------------------------------------------

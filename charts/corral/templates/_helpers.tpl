@@ -54,3 +54,49 @@ app.kubernetes.io/part-of: corral
 {{- define "corral.image" -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
+
+{{/* "true" when the chart deploys the binding admission webhook: enabled and the service's backend is kubernetes. */}}
+{{- define "corral.bindingWebhook" -}}
+{{- if and .Values.kubernetes.bindingWebhook.enabled (eq (toString .Values.config.backend) "kubernetes") }}true{{ end }}
+{{- end }}
+
+{{- define "corral.bindingWebhookSecret" -}}
+{{- .Values.kubernetes.bindingWebhook.existingSecret | default (printf "%s-webhook-tls" (include "corral.fullname" .)) }}
+{{- end }}
+
+{{/*
+The webhook's TLS material as JSON {"ca", "crt", "key"} (PEM; ca is "" with existingSecret, whose caBundle is
+given). Made once per render and kept in the root context, so the Secret, the ValidatingWebhookConfiguration and the
+Deployment's checksum agree. An installed Secret is reused (lookup; helm template and lint see none and generate),
+so an upgrade keeps the pair; without one, a CA and a serving certificate for the Service's DNS names.
+*/}}
+{{- define "corral.bindingWebhookTLS" -}}
+{{- if not (hasKey . "_corralBindingWebhookTLS") }}
+{{- $tls := dict "ca" "" "crt" "" "key" "" }}
+{{- if not .Values.kubernetes.bindingWebhook.existingSecret }}
+{{- $svc := include "corral.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- $old := lookup "v1" "Secret" $ns (include "corral.bindingWebhookSecret" .) }}
+{{- if and $old (index ($old.data | default dict) "ca.crt") (index ($old.data | default dict) "tls.crt") (index ($old.data | default dict) "tls.key") }}
+{{- $tls = dict "ca" (index $old.data "ca.crt" | b64dec) "crt" (index $old.data "tls.crt" | b64dec) "key" (index $old.data "tls.key" | b64dec) }}
+{{- else }}
+{{- $days := int .Values.kubernetes.bindingWebhook.certDays }}
+{{- $ca := genCA (printf "%s-webhook-ca" $svc) $days }}
+{{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) }}
+{{- $cert := genSignedCert (printf "%s.%s.svc" $svc $ns) nil $names $days $ca }}
+{{- $tls = dict "ca" $ca.Cert "crt" $cert.Cert "key" $cert.Key }}
+{{- end }}
+{{- end }}
+{{- $_ := set . "_corralBindingWebhookTLS" ($tls | toJson) }}
+{{- end }}
+{{- index . "_corralBindingWebhookTLS" }}
+{{- end }}
+
+{{/* Base64 PEM of the CA the API server trusts for the webhook. */}}
+{{- define "corral.bindingWebhookCABundle" -}}
+{{- if .Values.kubernetes.bindingWebhook.existingSecret }}
+{{- required "kubernetes.bindingWebhook.caBundle is required with existingSecret" .Values.kubernetes.bindingWebhook.caBundle }}
+{{- else }}
+{{- (include "corral.bindingWebhookTLS" . | fromJson).ca | b64enc }}
+{{- end }}
+{{- end }}
