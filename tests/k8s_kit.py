@@ -199,6 +199,12 @@ class ControlPlane:
     pki: Path = Path()
     _api: Any = None
     _corral: Any = None
+    # Client QPS and burst of kube-controller-manager and kube-scheduler (None: their defaults, 20/30 and 50/100),
+    # for benchmarks that give every component the same (benchmarks/k8s_vs_kueue.py).
+    client_qps: float | None = None
+    client_burst: int | None = None
+    # kwok Stage rules (by name) left out, e.g. "pod-complete" so that Job pods stay Running.
+    kwok_skip_stages: tuple[str, ...] = ()
 
     # starting and stopping
 
@@ -255,12 +261,13 @@ class ControlPlane:
             f"--authorization-kubeconfig={kcm_cfg}", "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
             f"--cert-dir={w / 'kcm-certs'}", f"--service-account-private-key-file={pki / 'sa.key'}",
             f"--root-ca-file={pki / 'ca.crt'}", "--use-service-account-credentials=true", "--leader-elect=false",
-            "--v=1"])
+            "--v=1", *self._qps_flags()])
         sched_cfg = write_kubeconfig(w / "scheduler.kubeconfig", self.server, pki, "scheduler")
         self._spawn("kube-scheduler", [
             f"--kubeconfig={sched_cfg}", f"--authentication-kubeconfig={sched_cfg}",
             f"--authorization-kubeconfig={sched_cfg}", "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
-            f"--cert-dir={w / 'scheduler-certs'}", "--leader-elect=false", "--v=1"])
+            f"--cert-dir={w / 'scheduler-certs'}", "--leader-elect=false", "--v=1",
+            *self._scheduler_config(sched_cfg)])
         kwok_cfg = self._kwok_config()
         kwok_kc = write_kubeconfig(w / "kwok.kubeconfig", self.server, pki, "kwok")
         self._spawn("kwok", [
@@ -274,6 +281,29 @@ class ControlPlane:
                  lambda: bool(core.read_namespaced_service_account("default", "default")), START_TIMEOUT_S,
                  self.procs)
 
+    def _qps_flags(self) -> list[str]:
+        out = []
+        if self.client_qps is not None:
+            out.append(f"--kube-api-qps={self.client_qps:g}")
+        if self.client_burst is not None:
+            out.append(f"--kube-api-burst={self.client_burst}")
+        return out
+
+    def _scheduler_config(self, kubeconfig: Path) -> list[str]:
+        """kube-scheduler's client QPS and burst are set in its configuration file (clientConnection)."""
+        if self.client_qps is None and self.client_burst is None:
+            return []
+        conn: dict[str, Any] = {"kubeconfig": str(kubeconfig)}
+        if self.client_qps is not None:
+            conn["qps"] = self.client_qps
+        if self.client_burst is not None:
+            conn["burst"] = self.client_burst
+        path = self.workdir / "scheduler-config.yaml"
+        path.write_text(yaml.safe_dump({"apiVersion": "kubescheduler.config.k8s.io/v1",
+                                        "kind": "KubeSchedulerConfiguration", "clientConnection": conn,
+                                        "leaderElection": {"leaderElect": False}}))
+        return [f"--config={path}"]
+
     def _kwok_config(self) -> Path:
         docs: list[dict[str, Any]] = [{
             "apiVersion": "config.kwok.x-k8s.io/v1alpha1", "kind": "KwokConfiguration",
@@ -281,7 +311,8 @@ class ControlPlane:
                         "nodePlayStageParallelism": 4, "podsOnNodeSyncParallelism": 2}}]
         stages = stages_dir(self.bin_dir)
         for f in sorted(stages.glob("*.yaml")):
-            docs.extend(d for d in yaml.safe_load_all(f.read_text()) if d)
+            docs.extend(d for d in yaml.safe_load_all(f.read_text())
+                        if d and d.get("metadata", {}).get("name") not in self.kwok_skip_stages)
         if not any(d.get("kind") == "Stage" for d in docs):
             raise RuntimeError(f"no kwok stage rules in {stages} (run scripts/k8s-tools)")
         path = self.workdir / "kwok.yaml"
@@ -308,12 +339,7 @@ class ControlPlane:
         by helm and applied once (namespace `corral-system`), and that ServiceAccount's token. Every test of the
         Kubernetes backend uses it, never the admin's kubeconfig, so a permission the chart lacks fails a test."""
         if self._corral is None:
-            home = self.workdir / "helm"
-            env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
-                   "HELM_DATA_HOME": str(home / "data")}
-            out = subprocess.run([str(self.bin_dir / "helm"), "template", CORRAL_SA, str(ROOT / "charts" / "corral"),
-                                  "--namespace", CORRAL_NS, "--set", "database.url=postgresql+psycopg://corral@db/c"],
-                                 capture_output=True, text=True, env=env, timeout=120, check=True).stdout
+            out = self.helm_template()
             rbac = [d for d in yaml.safe_load_all(out)
                     if d and d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")]
             assert {d["kind"] for d in rbac} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}, rbac
@@ -322,6 +348,16 @@ class ControlPlane:
                 self.apply(CORRAL_NS, rbac)
             self._corral = self.client_as(CORRAL_SA, CORRAL_NS)
         return self._corral
+
+    def helm_template(self, *args: str) -> str:
+        """The chart as helm renders it for release `corral` in namespace corral-system (what corral_client
+        installs the RBAC of), with extra helm arguments."""
+        home = self.workdir / "helm"
+        env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
+               "HELM_DATA_HOME": str(home / "data")}
+        return subprocess.run([str(self.bin_dir / "helm"), "template", CORRAL_SA, str(ROOT / "charts" / "corral"),
+                               "--namespace", CORRAL_NS, "--set", "database.url=postgresql+psycopg://corral@db/c",
+                               *args], capture_output=True, text=True, env=env, timeout=120, check=True).stdout
 
     def client_as(self, service_account: str, namespace: str) -> Any:
         """An API client authenticated as a ServiceAccount (a token from the TokenRequest API, as a pod mounts it):

@@ -2,8 +2,9 @@
 server with Kueue's own CRDs installed, from scripts/kueue-crds) that the real schema and CEL rules take the export
 and refuse what Kueue refuses.
 
-The end-to-end tests need the control plane (scripts/k8s-tools) and Go with the module proxy (scripts/kueue-crds);
-they skip without them, and fail instead when CORRAL_REQUIRE_K8S=1."""
+The last test runs Kueue's controller (scripts/kueue, tests/kueue_kit.py) and shows it admitting a batch/v1 Job through
+an exported tree. The end-to-end tests need the control plane (scripts/k8s-tools) and Go with the module proxy
+(scripts/kueue-crds, scripts/kueue); they skip without them, and fail instead when CORRAL_REQUIRE_K8S=1."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import copy
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +30,8 @@ from scheduler.cli import app
 from scheduler.kueue import ClusterQueue, Cohort, ExportError, LocalQueue, ResourceFlavor, export, from_dict, losses
 from scheduler.kueue.client import KueueClient
 from scheduler.kueue.export import export_objects
-from tests.k8s_kit import REQUIRE_ENV, ControlPlane, shared_plane, wait_for
+from tests.k8s_kit import REQUIRE_ENV, ControlPlane, require_bin_dir, shared_plane, wait_for
+from tests.kueue_kit import QUEUE_LABEL, KueueController, condition, require_kueue, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = "nvidia.com/gpu"
@@ -331,3 +334,122 @@ def test_kueues_cel_rules_refuse_bad_objects(kueue: KueueClient, ns: str) -> Non
     with pytest.raises(ApiException) as e:
         kueue.apply(moved)
     assert "field is immutable" in rejection(e)
+
+
+# ----- end to end: Kueue's controller, run for real (tests/kueue_kit.py) ------------------------------------
+
+
+PRODUCT = "NVIDIA-H100-80GB-HBM3"
+
+
+@pytest.fixture(scope="module")
+def kueue_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ControlPlane, KueueController]]:
+    """A control plane of its own with Kueue's controller and webhooks (so no other test's Jobs go through Kueue's
+    webhooks), and two kwok nodes of 8 H100s, 64 CPUs and 512Gi each."""
+    bin_dir = require_bin_dir()
+    kueue_bin = require_kueue()
+    plane = ControlPlane(bin_dir, tmp_path_factory.mktemp("kueue-plane"))
+    plane.start()
+    controller = KueueController(plane, kueue_bin)
+    try:
+        controller.start()
+        for i in range(2):
+            plane.create_gpu_node(f"kueue-h100-{i}", product=PRODUCT, gpus=8, cpu="64", memory="512Gi")
+            plane.wait_node_ready(f"kueue-h100-{i}")
+        yield plane, controller
+    finally:
+        controller.stop()
+        plane.stop()
+
+
+def gpu_job(name: str, queue: str, gpus: int, cpu: str = "4", memory: str = "16Gi") -> dict[str, Any]:
+    """A batch/v1 Job for Kueue: suspended, labelled with its LocalQueue, its pod asking GPUs, CPU and memory."""
+    res = {"nvidia.com/gpu": str(gpus), "cpu": cpu, "memory": memory}
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "labels": {QUEUE_LABEL: queue}},
+            "spec": {"suspend": True, "parallelism": 1, "completions": 1, "backoffLimit": 0,
+                     "template": {"spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
+                                           "containers": [{"name": "main", "image": "busybox:1.36",
+                                                           "resources": {"requests": res, "limits": res}}]}}}}
+
+
+def workload_of(kueue: KueueController, ns: str, job: str) -> dict[str, Any] | None:
+    for w in kueue.workloads(ns):
+        if any(o.get("kind") == "Job" and o.get("name") == job for o in w["metadata"].get("ownerReferences", [])):
+            return w
+    return None
+
+
+def test_kueue_admits_a_job_through_the_exported_tree(kueue_plane: tuple[ControlPlane, KueueController]) -> None:
+    """Item 7: the export, applied, lets Kueue admit a Job asking GPUs, CPU and memory; Kueue unsuspends it,
+    kube-controller-manager makes its pod, kube-scheduler binds it to a node of the flavor. A Job over its queue's
+    limit stays suspended. Without the pools' CPU and memory in the export, Kueue leaves the Job pending."""
+    plane, kueue = kueue_plane
+    suffix = f"-{uuid.uuid4().hex[:6]}"
+    tree = QueueTree([QueueSpec(f"research{suffix}", quota={"h100": 8}),
+                      QueueSpec(f"nlp{suffix}", f"research{suffix}", quota={"h100": 4}, limit={"h100": 6}),
+                      QueueSpec(f"vision{suffix}", f"research{suffix}", quota={"h100": 2})], {"h100": 16})
+    with plane.namespace("team") as ns:
+        objects = export_objects(tree, {"h100": f"h100{suffix}"}, lambda q: ns, products={"h100": PRODUCT},
+                                 root=f"corral{suffix}",
+                                 pool_resources={"h100": {"cpu": 128, "memory": "1Ti"}})
+        kc = KueueClient(plane.api_client())
+        kc.apply_all(objects)  # through Kueue's own validating and defaulting webhooks
+        api = client.CustomObjectsApi(plane.api_client())
+        wait_until("the ClusterQueues Active", lambda: all(
+            (condition(api.get_cluster_custom_object("kueue.x-k8s.io", "v1beta2", "clusterqueues", q.name),
+                       "Active") or {}).get("status") == "True" for q in tree.leaves), 60, kueue)
+        batch = client.BatchV1Api(plane.api_client())
+        batch.create_namespaced_job(ns, gpu_job("fits", f"nlp{suffix}", gpus=2))
+        batch.create_namespaced_job(ns, gpu_job("too-big", f"nlp{suffix}", gpus=7))  # over nlp's limit of 6
+
+        def admitted() -> bool:
+            w = workload_of(kueue, ns, "fits")
+            return w is not None and (condition(w, "Admitted") or {}).get("status") == "True"
+        wait_until("the Job's Workload admitted", admitted, 60, kueue)
+        w = workload_of(kueue, ns, "fits")
+        assert w is not None
+        admission = w["status"]["admission"]
+        assert admission["clusterQueue"] == f"nlp{suffix}"
+        (ps,) = admission["podSetAssignments"]
+        assert ps["flavors"] == {"nvidia.com/gpu": f"h100{suffix}", "cpu": f"h100{suffix}",
+                                 "memory": f"h100{suffix}"}
+        core = plane.core()
+
+        def bound() -> list[Any]:
+            pods = core.list_namespaced_pod(ns, label_selector="job-name=fits").items
+            return [p for p in pods if p.spec.node_name]
+        wait_until("the Job's pod bound", lambda: bool(bound()), 60, kueue)
+        (pod,) = bound()
+        assert pod.spec.node_name.startswith("kueue-h100-")
+        assert pod.spec.node_selector == {"nvidia.com/gpu.product": PRODUCT}  # the flavor's node labels
+        assert pod.spec.scheduler_name == "default-scheduler"
+        assert batch.read_namespaced_job("fits", ns).spec.suspend is False
+
+        # Over the limit: Kueue keeps it suspended, with no pod, and says why.
+        def pending() -> bool:
+            w = workload_of(kueue, ns, "too-big")
+            c = condition(w, "QuotaReserved") if w is not None else None
+            return c is not None and c["status"] == "False" and c["reason"] == "Pending"
+        wait_until("the big Job's Workload pending", pending, 60, kueue)
+        time.sleep(2)
+        assert batch.read_namespaced_job("too-big", ns).spec.suspend is True
+        assert not core.list_namespaced_pod(ns, label_selector="job-name=too-big").items
+        w = workload_of(kueue, ns, "too-big")
+        assert w is not None and (condition(w, "Admitted") or {}).get("status") != "True"
+        assert "nvidia.com/gpu" in (condition(w, "QuotaReserved") or {})["message"]
+
+    # The same, exported with GPUs only: Kueue leaves a Job asking CPU and memory pending (item 7's problem).
+    suffix = f"-{uuid.uuid4().hex[:6]}"
+    with plane.namespace("team") as ns:
+        kc.apply_all(export_objects(QueueTree([QueueSpec(f"solo{suffix}", quota={"h100": 4})], {"h100": 16}),
+                                    {"h100": f"h100{suffix}"}, lambda q: ns, products={"h100": PRODUCT},
+                                    root=f"corral{suffix}"))
+        batch.create_namespaced_job(ns, gpu_job("asks-cpu", f"solo{suffix}", gpus=1))
+
+        def refused() -> bool:
+            w = workload_of(kueue, ns, "asks-cpu")
+            c = condition(w, "QuotaReserved") if w is not None else None
+            return c is not None and c["status"] == "False" and "cpu" in c["message"]
+        wait_until("the Job pending for want of cpu in its ClusterQueue", refused, 60, kueue)
+        assert batch.read_namespaced_job("asks-cpu", ns).spec.suspend is True
