@@ -377,8 +377,9 @@ def live_pods_on(cluster: Cluster, node: str) -> list[Any]:
 
 
 def test_nodes_cordoned_uncordoned_and_deleted_while_corral_runs(cluster: Cluster, tmp_path: Path) -> None:
-    """Cordon: the node's job is stopped and requeued, nothing new is bound there; uncordon: the job comes back
-    there; delete: its job is requeued and the pool shrinks. All seen by the node watch while Core cycles."""
+    """Cordon (issue 22, item 5): the node's job keeps running and nothing new is bound there; uncordon: new work
+    lands there again; delete: its job is requeued and the pool shrinks. All seen by the node watch while Core
+    cycles."""
     plane, t = cluster.plane, uuid.uuid4().hex[:5]
     pool, (n1, n2) = f"NVIDIA-L4-{t}", [f"kl-{t}-{i}" for i in range(2)]
     for n in (n1, n2):
@@ -395,15 +396,21 @@ def test_nodes_cordoned_uncordoned_and_deleted_while_corral_runs(cluster: Cluste
         ticking(core, "both jobs running", lambda: all(state_of(core, j) == "running" for j in jobs))
         on = {running(ex, j, 1)[0].spec.node_name: j for j in jobs}
         k8s_core.patch_node(n1, {"spec": {"unschedulable": True}})
-        ticking(core, "the cordon seen", lambda: core.down == {n1} and state_of(core, on[n1]) == "pending")
-        until("the pod on the cordoned node gone", lambda: live_pods_on(cluster, n1) == [])
-        assert core.capacity == {pool: 16}  # down, not gone: the pool's size is unchanged
+        ticking(core, "the cordon seen", lambda: core.nodes[n1].cordoned)
         for _ in range(5):
             core.tick()
-        assert live_pods_on(cluster, n1) == [] and state_of(core, on[n1]) == "pending"
+        assert core.down == set() and core.capacity == {pool: 16} and state_of(core, on[n1]) == "running"
+        assert [p.metadata.name for p in live_pods_on(cluster, n1)] == [p.metadata.name for p in pods_of(ex, on[n1])]
+        # Its job ends: the cordoned node is empty, and still nothing new lands there.
+        core.cancel(ROOT, int(on[n1]))
+        until("the cancelled job's pod gone", lambda: bool(core.tick() or True) and live_pods_on(cluster, n1) == [])
+        third = str(core.submit(ROOT, JobSubmit(queue="default", gpus=8, command="sleep inf"))[0]["id"])
+        for _ in range(5):
+            core.tick()
+        assert live_pods_on(cluster, n1) == [] and state_of(core, third) == "pending"
         k8s_core.patch_node(n1, {"spec": {"unschedulable": False}})
-        ticking(core, "the job back on the uncordoned node", lambda: state_of(core, on[n1]) == "running")
-        assert core.down == set() and running(ex, on[n1], 1, attempt=2)[0].spec.node_name == n1
+        ticking(core, "the third job on the uncordoned node", lambda: state_of(core, third) == "running")
+        assert running(ex, third, 1)[0].spec.node_name == n1
         k8s_core.delete_node(n2)
         ticking(core, "the deletion seen", lambda: n2 not in core.nodes and state_of(core, on[n2]) == "pending")
         assert core.capacity == {pool: 8}
