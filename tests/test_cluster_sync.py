@@ -158,6 +158,38 @@ def test_a_cordoned_node_keeps_its_jobs_and_takes_nothing_new_also_after_a_resta
     assert state(core, j3) == "running" and placed_on(again, j3) == {on}
 
 
+def test_a_drained_attempt_waits_again_as_after_a_restart(tmp_path: Path) -> None:
+    """kubectl drain (cordon, then evict): the job is not failed, it waits again keeping its place (issue 22, item
+    5); the same when its pods went while Corral was down, read from the cordon and the attempt's placement."""
+    core, ex, clock = make(tmp_path, "a", "b")
+    j1, j2 = submit(core, 4), submit(core, 4)
+    core.tick()
+    core.tick()
+    on1, on2 = placed_on(ex, j1).pop(), placed_on(ex, j2).pop()
+    ex.changes += [NodeChange(on1, cordoned(on1)), NodeChange(on2, cordoned(on2))]
+    core.tick()
+    del ex.live[(str(j1), 1)]
+    ex.ended.append(Exit(str(j1), 1, -15, f"its node was drained ({on1})", drained=True))
+    core.tick()
+    assert state(core, j1) == "pending" and ex.terminated == []
+    with core.db.connect() as conn:
+        causes = [r.data.get("cause") for r in conn.execute(sa.select(events.c.data).where(
+            events.c.job_id == j1, events.c.kind == "preempted"))]
+    assert causes == ["node_drained"]
+    # j2's pods go while Corral is down: after the restart it waits again too, rather than failing.
+    del ex.live[(str(j2), 1)]
+    again = ClusterExecutor(live=dict(ex.live))
+    core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=5), again, clock=clock,
+                      nodes=[cordoned(on1), cordoned(on2)])
+    core.tick()
+    assert state(core, j2) == "pending"
+    again.changes += [NodeChange(on1, node(on1)), NodeChange(on2, node(on2))]
+    core.tick()
+    core.tick()
+    assert state(core, j1) == state(core, j2) == "running"
+    assert [lc.attempt for lc in again.launched] == [2, 2]
+
+
 def test_new_deleted_and_reshaped_nodes_change_capacity_and_the_tree(tmp_path: Path) -> None:
     core, ex, clock = make(tmp_path, "a")
     big = submit(core, 4)

@@ -378,7 +378,8 @@ def live_pods_on(cluster: Cluster, node: str) -> list[Any]:
 
 def test_nodes_cordoned_uncordoned_and_deleted_while_corral_runs(cluster: Cluster, tmp_path: Path) -> None:
     """Cordon (issue 22, item 5): the node's job keeps running and nothing new is bound there; uncordon: new work
-    lands there again; delete: its job is requeued and the pool shrinks. All seen by the node watch while Core
+    lands there again; drain (cordon, evict): the evicted job waits again; delete: its job is requeued and the pool
+    shrinks. All seen by the node watch while Core
     cycles."""
     plane, t = cluster.plane, uuid.uuid4().hex[:5]
     pool, (n1, n2) = f"NVIDIA-L4-{t}", [f"kl-{t}-{i}" for i in range(2)]
@@ -410,7 +411,22 @@ def test_nodes_cordoned_uncordoned_and_deleted_while_corral_runs(cluster: Cluste
         assert live_pods_on(cluster, n1) == [] and state_of(core, third) == "pending"
         k8s_core.patch_node(n1, {"spec": {"unschedulable": False}})
         ticking(core, "the third job on the uncordoned node", lambda: state_of(core, third) == "running")
-        assert running(ex, third, 1)[0].spec.node_name == n1
+        pod = running(ex, third, 1)[0]
+        assert pod.spec.node_name == n1
+        # kubectl drain: cordon, then evict. The evicted job waits again (not failed), and runs once there is room.
+        k8s_core.patch_node(n1, {"spec": {"unschedulable": True}})
+        ticking(core, "the cordon seen", lambda: core.nodes[n1].cordoned)
+        k8s_core.create_namespaced_pod_eviction(pod.metadata.name, pod.metadata.namespace, {
+            "apiVersion": "policy/v1", "kind": "Eviction",
+            "metadata": {"name": pod.metadata.name, "namespace": pod.metadata.namespace}})
+        ticking(core, "the drained job back in the queue", lambda: state_of(core, third) == "pending")
+        with core.db.connect() as conn:
+            drained = conn.execute(sa.select(events.c.data).where(events.c.job_id == int(third),
+                                                                    events.c.kind == "preempted")).scalars().all()
+        assert [d["cause"] for d in drained] == ["node_drained"]
+        k8s_core.patch_node(n1, {"spec": {"unschedulable": False}})
+        ticking(core, "the drained job running again", lambda: state_of(core, third) == "running")
+        assert running(ex, third, 1, attempt=2)[0].spec.node_name == n1
         k8s_core.delete_node(n2)
         ticking(core, "the deletion seen", lambda: n2 not in core.nodes and state_of(core, on[n2]) == "pending")
         assert core.capacity == {pool: 8}

@@ -74,6 +74,9 @@ class Exit:
     attempt: int
     code: int | None
     detail: str = ""
+    # Ended by the cluster, not by the job: its node is being drained (cordoned, its pods evicted). The job waits
+    # again, keeping its place, as if preempted.
+    drained: bool = False
 
 
 @dataclass(frozen=True)

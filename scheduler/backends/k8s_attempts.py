@@ -25,6 +25,7 @@ class Attempt:
     foreign: list[str] = field(default_factory=list)  # names of someone else's pods Corral bound (k8s_pods)
     job: str | None = None  # the batch/v1 Job that makes the pods (workload "job")
     grace: int | None = None  # the grace terminate() asked for: poll() asks again if its delete did not happen
+    nodes: set[str] = field(default_factory=set)  # where its pods were bound: a drained node's pods vanish unseen
 
 
 def members(job_id: str, attempt: int, a: Attempt, pods: list[Any]) -> list[Any]:

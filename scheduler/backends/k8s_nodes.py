@@ -2,7 +2,7 @@
 
 - node_info: a Ready node with allocatable nvidia.com/gpu; its pool is its nvidia.com/gpu.product label (what GPU
   feature discovery sets), or "gpu" when it has none. A cordoned one (spec.unschedulable) is there but takes nothing
-  new: its running jobs stay (kubectl cordon); not Ready or being deleted (kubectl drain deletes its pods) is down.
+  new: its running jobs stay (kubectl cordon); not Ready or being deleted is down.
 - watch_from: one watch from a resourceVersion, shared by the node and pod watchers; the events it got are kept
   whatever ends it (a dropped connection, an ERROR event, a 410 Gone), so none is lost while the next watch
   resumes after them.
@@ -143,6 +143,10 @@ class NodeWatcher:
         if not self.resource_version:
             self.resync()
         return sorted(self.known.values(), key=lambda n: (n.pool, n.name))
+
+    def cordoned(self, names: set[str]) -> bool:
+        """Is any of these nodes cordoned now (as the watch last saw it)?"""
+        return any((n := self.known.get(name)) is not None and n.cordoned for name in names)
 
     def resync(self) -> list[NodeChange]:
         """List every node (after a start, a restart or a 410) and report what differs from what was known."""

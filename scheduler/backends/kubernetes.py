@@ -143,7 +143,8 @@ class KubernetesExecutor:
             # No half gangs: what was made goes, and the service records the launch as failed.
             self._delete_own(ns, launch.job_id, launch.attempt, name, 0)
             raise OSError(f"Kubernetes refused job {launch.job_id}: {_why(e)}") from e
-        self._attempts[(launch.job_id, launch.attempt)] = Attempt(ns, len(workers), job=name)
+        self._attempts[(launch.job_id, launch.attempt)] = Attempt(ns, len(workers), job=name,
+                                                                   nodes={node for node, _ in workers})
         return Handle(launch.job_id, launch.attempt, None, 0.0)
 
     def _create(self, ns: str, pod: dict[str, Any]) -> None:
@@ -232,7 +233,8 @@ class KubernetesExecutor:
                     self.refuse(key, why)
             raise OSError(why) from e
         self._attempts[(launch.job_id, launch.attempt)] = Attempt(pods[0].namespace, len(pods),
-                                                                   foreign=[p.name for p in pods])
+                                                                   foreign=[p.name for p in pods],
+                                                                   nodes={node for node, _ in workers})
         return Handle(launch.job_id, launch.attempt, None, 0.0)
 
     def _bind(self, ns: str, name: str, node: str, marks: Mapping[str, str] | None = None) -> None:
@@ -348,6 +350,7 @@ class KubernetesExecutor:
         """The attempt's exit once all its pods are done, else None. A failed or missing worker ends the gang: the
         others are deleted, and the exit waits until none of them still runs (it may still hold its GPUs). Pods
         not bound yet (a Job's, as its controller makes them; Corral's own after a crash) are bound here."""
+        a.nodes.update(p.spec.node_name for p in pods if p.spec.node_name)
         failed = [p for p in pods if p.status.phase == "Failed"]
         if failed and a.failure is None:
             a.failure = failure(failed[0])  # kept: the failed pod may be gone by the time the others are
@@ -378,10 +381,14 @@ class KubernetesExecutor:
             code, why = 0, ""
         else:
             code, why = SIGTERM_CODE, "stopped by Corral" if a.stopping else job_why or "a worker's pod was deleted"
+        # Pods that went while their node is cordoned were drained (kubectl drain evicts them): not the job's doing.
+        drained = code == SIGTERM_CODE and not a.stopping and self.nodes.cordoned(a.nodes)
+        if drained:
+            why = f"its node was drained ({', '.join(sorted(n for n in a.nodes if self.nodes.cordoned({n})))})"
         del self._attempts[(job_id, attempt)]
         if not a.foreign:  # Corral's finished pods (and Job) hold nothing but clutter the team's namespace
             self._delete_own(a.namespace, job_id, attempt, a.job, 0)
-        return Exit(job_id, attempt, code, ": ".join(s for s in (detail, why) if s))
+        return Exit(job_id, attempt, code, ": ".join(s for s in (detail, why) if s), drained=drained)
 
     def _bind_waiting(self, a: Attempt, live: list[Any]) -> None:
         """Bind the attempt's unbound pods to the nodes the engine chose; a refusal fails the attempt."""

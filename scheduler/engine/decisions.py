@@ -18,7 +18,7 @@ class Started:
 @dataclass(frozen=True)
 class Preempted:
     job: str
-    cause: str  # reclaim | fair_share | priority | node_down
+    cause: str  # reclaim | fair_share | priority | node_down | node_drained
     by: str | None
     reason: Reason
 

@@ -151,6 +151,12 @@ class Engine:
         ps.capacity_changed()
         return out
 
+    def requeue(self, job_id: str, why: str) -> Preempted:
+        """A running job whose attempt the cluster ended (its node drained): back to pending, keeping its place."""
+        job = self.jobs[job_id]
+        self._stop(self.pools[job.spec.pool], job)
+        return Preempted(job.id, "node_drained", None, Reason("node_drained", why, {}))
+
     def node_up(self, name: str, now: float) -> None:
         ps = self.pools[self.node_pool[name]]
         ps.pool.set_up(name, True)

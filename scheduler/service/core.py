@@ -307,6 +307,11 @@ class Core:
                             self._stale = True
                             continue
                         row = {**a, "state": "running"}
+                    if e.drained and row["state"] == "running":  # the cluster moved it: waits again, as if preempted
+                        store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now,
+                                             exit_code=e.code, outcome="preempted")
+                        stops += self._record(conn, self.engine.requeue(engine_id(job["id"]), e.detail), now)
+                        continue
                     self._ended(conn, job, row, e.code, e.detail, now)
                 stops += self._enforce_max_runtime(conn, now)
                 # Rejections the last rebuild made (jobs the tree in force can never run), then this cycle's.

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
-from scheduler.backends.base import Handle
+from scheduler.backends.base import CLUSTER_OWNER, Handle
 from scheduler.engine import Engine as Scheduler
 from scheduler.engine.decisions import Decision
 from scheduler.engine.model import JobSpec, Reason
@@ -69,8 +69,22 @@ def recover(core: Core, now: float) -> None:
                 # was committed, so it stands, as it would have without the restart. The rebuilt engine holds its
                 # GPUs; it is launched once no process holds them (launching.launch_ready).
                 continue
+            drained = sorted(n for n, _ in a["placement"] or [] if (i := core.nodes.get(n)) is not None and i.cordoned)
+            if row["state"] == "running" and (ended.drained or drained) and job["owner"] != CLUSTER_OWNER \
+                    and job["spec"].get("kind") != "sandbox":
+                requeue_drained(conn, job, a, now, f"its node was drained while Corral was down ({', '.join(drained)})")
+                continue
             # The engine is built after recovery, from what these updates leave in the database.
             core._ended(conn, job, row, ended.code, ended.detail or "ended while Corral was down", now, engine=False)
+
+
+def requeue_drained(conn: Connection, job: RowMapping, a: Mapping[Any, Any], now: float, why: str) -> None:
+    """A running attempt whose pods went while its node is cordoned (kubectl drain): the job waits again, keeping its
+    place, as the service that never restarted decides (Engine.requeue); the engine learns it at its rebuild."""
+    reason = {"rule": "node_drained", "message": why, "numbers": {}}
+    store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now, outcome="preempted")
+    store.update_job(conn, job["id"], state="pending", reason=reason)
+    store.add_event(conn, now, "preempted", why, job["id"], cause="node_drained", by=None, reason=reason)
 
 
 def requeue_unlaunched(conn: Connection, job: RowMapping, a: Mapping[Any, Any], now: float) -> None:
