@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from scheduler import cli_admission, cli_kueue, cli_models, cli_service
+from scheduler import cli_admission, cli_db, cli_kueue, cli_models, cli_service
 from scheduler.engine.baselines import POLICIES
 from scheduler.gc_tuning import tune_gc
 from scheduler.sim import generate, importers, metrics
@@ -29,6 +29,7 @@ cli_service.register(app)
 cli_models.register(app)
 cli_kueue.register(app)
 cli_admission.register(app)
+cli_db.register(app)
 
 out = Console()
 

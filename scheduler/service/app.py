@@ -145,6 +145,9 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
 
     @app.get("/metrics", tags=["health"], response_class=Response, responses=TEXT_OK)
     def metrics() -> Response:
+        if core.settings.metrics_port is not None:  # served on its own port (metrics_server.py), not here
+            return JSONResponse(http_error_body(404, f"metrics are served on port {core.settings.metrics_port}"),
+                                status_code=404)
         return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(routes_jobs.router, prefix="/v1", responses=ERRORS)

@@ -22,7 +22,8 @@ from scheduler.service import store
 from scheduler.service.app import create_app
 from scheduler.service.auth import Role, digest, new_secret
 from scheduler.service.core import Core
-from scheduler.service.db import connect, migrate, tokens
+from scheduler.service.db import connect, migrate, require_head, tokens
+from scheduler.service.metrics_server import MetricsServer
 from scheduler.service.settings import ADMIN_TOKEN_FILE, ServiceSettings
 from scheduler.service.telemetry import configure_logging
 
@@ -37,7 +38,10 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
                clock: Callable[[], float] = time.time, nodes: list[NodeInfo] | None = None) -> Core:
     """The core on the configured backend; `nodes` (tests) replaces what the backend would discover."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    migrate(settings.url)
+    if settings.migrate_on_start:
+        migrate(settings.url)
+    else:
+        require_head(settings.url)  # NotAtHead: `corral db upgrade` (the chart's hook) has not run
     protect_data(settings)
     if settings.backend == "ray":
         # Imported only for this backend: Ray takes seconds to import, which `corral serve` on the local
@@ -167,5 +171,14 @@ def run_uvicorn(app: FastAPI, settings: ServiceSettings) -> None:
     # JSON logs: uvicorn's own records go through the handler of configure_logging. Its access lines never: the
     # middleware's (RequestTelemetry) carry the request id and the caller.
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=log_config,
-                access_log=False, ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)
+    # metrics_port: /metrics on a port of its own (the API's port answers 404 there; see app.py).
+    metrics = None
+    if settings.metrics_port is not None:
+        metrics = MetricsServer(app.state.core.metrics.registry, settings.host, settings.metrics_port).start()
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                    log_config=log_config, access_log=False, ssl_certfile=settings.tls_certfile,
+                    ssl_keyfile=settings.tls_keyfile)
+    finally:
+        if metrics is not None:
+            metrics.close()

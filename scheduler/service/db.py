@@ -91,6 +91,15 @@ attempts = sa.Table(
     sa.Column("admission", sa.Integer, nullable=True),
 )
 
+leadership = sa.Table(  # one row (id 1): the fencing token of high availability (scheduler/service/leader.py)
+    "leadership", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("holder", sa.String(200), nullable=False),
+    sa.Column("url", sa.String(500), nullable=True),
+    sa.Column("since", sa.Float, nullable=False),
+)
+
 events = sa.Table(
     "events", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -236,3 +245,57 @@ def alembic_config(url: str) -> Config:
 def migrate(url: str) -> None:
     """Bring the database at `url` to the latest schema (creates it on first use)."""
     command.upgrade(alembic_config(url), "head")
+
+
+class NotAtHead(RuntimeError):
+    """The database's schema is not the one this version of Corral needs, and migrate_on_start is off."""
+
+
+def head_revision() -> str:
+    """The newest migration this version of Corral ships."""
+    from alembic.script import ScriptDirectory  # noqa: PLC0415
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head
+
+
+def revisions() -> list[str]:
+    """Every migration this version ships, oldest first."""
+    from alembic.script import ScriptDirectory  # noqa: PLC0415
+
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return [s.revision for s in reversed(list(script.walk_revisions()))]
+
+
+def current_revision(url: str) -> str | None:
+    """The revision the database at `url` is at; None: no Corral schema yet (an empty database)."""
+    from alembic.migration import MigrationContext  # noqa: PLC0415
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def upgrade(url: str, to: str = "head") -> None:
+    """Migrate the database at `url` up to revision `to` (default: the newest)."""
+    command.upgrade(alembic_config(url), to)
+
+
+def downgrade(url: str, to: str) -> None:
+    """Migrate the database at `url` down to revision `to` (each migration's downgrade says what it drops)."""
+    command.downgrade(alembic_config(url), to)
+
+
+def require_head(url: str) -> None:
+    """Raise NotAtHead unless the database at `url` is at this version's newest migration (migrate_on_start off:
+    the chart's hook, or an operator, runs `corral db upgrade` before the service starts)."""
+    current, head = current_revision(url), head_revision()
+    if current != head:
+        raise NotAtHead(
+            f"the database is at migration {current or 'none (empty)'}, this version of Corral needs {head}, and "
+            "migrate_on_start is off: run `corral db upgrade` (with the same database settings) first, or set "
+            "CORRAL_MIGRATE_ON_START=true")

@@ -38,6 +38,14 @@ class ServiceSettings(BaseSettings):
         "SQLAlchemy URL, e.g. postgresql+psycopg://corral@db/corral. Default: SQLite (WAL) in data_dir."))
     host: str = Field("127.0.0.1", description="Address the API listens on; loopback unless you mean to share it.")
     port: int = Field(8265, ge=1, le=65535, description="TCP port of the API.")
+    migrate_on_start: bool = Field(True, description=(
+        "Bring the database to the newest schema at start (Alembic). Off (the Helm chart, which runs `corral db "
+        "upgrade` in a pre-install/pre-upgrade hook, and any multi-replica installation): the service refuses to "
+        "start on a database that is not at the newest migration, and says to run `corral db upgrade`."))
+    metrics_port: int | None = Field(None, ge=1, le=65535, description=(
+        "Serve /metrics (Prometheus) on this separate TCP port (plain HTTP, on host) and answer 404 for /metrics "
+        "on the API's port, so that a NetworkPolicy can open the metrics to Prometheus alone. None: /metrics is "
+        "on the API's port."))
     tls_certfile: Path | None = Field(None, description="PEM certificate: serve the API over HTTPS (with tls_keyfile).")
     tls_keyfile: Path | None = Field(None, description="PEM private key of tls_certfile.")
     backend: Literal["local", "ray", "kubernetes"] = Field("local", description=(
@@ -167,6 +175,8 @@ class ServiceSettings(BaseSettings):
     def _tls_pair(self) -> ServiceSettings:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("tls_certfile and tls_keyfile go together: give both, or neither")
+        if self.metrics_port is not None and self.metrics_port in (self.port, self.k8s_binding_webhook_port):
+            raise ValueError(f"metrics_port {self.metrics_port} is already the API's or the binding webhook's port")
         if (self.k8s_binding_webhook_port is None) != (self.k8s_binding_webhook_tls_dir is None):
             raise ValueError("k8s_binding_webhook_port and k8s_binding_webhook_tls_dir go together: give both, "
                              "or neither")
