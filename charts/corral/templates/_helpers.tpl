@@ -100,3 +100,78 @@ so an upgrade keeps the pair; without one, a CA and a serving certificate for th
 {{- (include "corral.bindingWebhookTLS" . | fromJson).ca | b64enc }}
 {{- end }}
 {{- end }}
+
+{{/*
+"true" when `corral db upgrade` runs as a pre-install/pre-upgrade hook Job: migrations.hook.enabled and a database
+URL (PostgreSQL). With SQLite the file lives in the pod's own volume, which a hook Job cannot share safely (an
+emptyDir is the pod's; a ReadWriteOnce claim is held by the running pod), so the service migrates at start.
+*/}}
+{{- define "corral.migrationsHook" -}}
+{{- if and .Values.migrations.hook.enabled (include "corral.databaseSecret" .) }}true{{ end }}
+{{- end }}
+
+{{/* The Secret the hook Job reads the URL from: the user's existingSecret, or the chart's own hook Secret. */}}
+{{- define "corral.migrationsSecret" -}}
+{{- if .Values.database.existingSecret }}
+{{- .Values.database.existingSecret }}
+{{- else }}
+{{- printf "%s-db-migrate" (include "corral.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+checksum/secret of the pod: rolls the pods when the database URL changes. The chart's own Secret: its rendered
+text. An existingSecret: database.secretChecksum when given (GitOps, helm template: no cluster to ask), else the
+data of the installed Secret (lookup; the pods roll on the next `helm upgrade` after it changed), else "".
+*/}}
+{{- define "corral.secretChecksum" -}}
+{{- if .Values.database.existingSecret }}
+{{- if .Values.database.secretChecksum }}
+{{- .Values.database.secretChecksum | toString | sha256sum }}
+{{- else }}
+{{- $found := lookup "v1" "Secret" .Release.Namespace .Values.database.existingSecret }}
+{{- (($found | default dict).data | default dict) | toJson | sha256sum }}
+{{- end }}
+{{- else }}
+{{- include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
+{{- end }}
+{{- end }}
+
+{{/* The pod's scheduling constraints: the user's affinity, else (avoidGpuNodes) off GPU nodes, spread across nodes. */}}
+{{- define "corral.affinity" -}}
+{{- if .Values.affinity }}
+{{- toYaml .Values.affinity }}
+{{- else }}
+{{- $a := dict }}
+{{- if .Values.avoidGpuNodes.enabled }}
+{{- $term := dict "matchExpressions" (list (dict "key" .Values.avoidGpuNodes.label "operator" "NotIn" "values" (list "true"))) }}
+{{- $_ := set $a "nodeAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" (list $term))) }}
+{{- end }}
+{{- if gt (int .Values.replicaCount) 1 }}
+{{- $sel := dict "matchLabels" (include "corral.selectorLabels" . | fromYaml) }}
+{{- $term := dict "weight" 100 "podAffinityTerm" (dict "labelSelector" $sel "topologyKey" "kubernetes.io/hostname") }}
+{{- $_ := set $a "podAntiAffinity" (dict "preferredDuringSchedulingIgnoredDuringExecution" (list $term)) }}
+{{- end }}
+{{- if $a }}
+{{- toYaml $a }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Fails the render on values that cannot work together. */}}
+{{- define "corral.validate" -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not (include "corral.databaseSecret" .)) }}
+{{- fail (printf "replicaCount %d needs PostgreSQL: set database.url or database.existingSecret. With SQLite (the default) the database is one pod's file, so Corral runs as one replica (replicaCount: 1)" (int .Values.replicaCount)) }}
+{{- end }}
+{{- if and .Values.metrics.port (or (eq (int .Values.metrics.port) (int .Values.service.port)) (and (include "corral.bindingWebhook" .) (eq (int .Values.metrics.port) (int .Values.kubernetes.bindingWebhook.port)))) }}
+{{- fail (printf "metrics.port %d is already the API's or the binding webhook's port" (int .Values.metrics.port)) }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of the hook and test pods: the release's, without the selector labels of the service's pods. */}}
+{{- define "corral.auxLabels" -}}
+helm.sh/chart: {{ include "corral.chart" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: corral
+{{- end }}
