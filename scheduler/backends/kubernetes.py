@@ -98,6 +98,8 @@ class KubernetesExecutor:
         self._namespaces: set[str] = set()
         self._attempts: dict[tuple[str, int], Attempt] = {}
         self._calls = ThreadPoolExecutor(PARALLEL, thread_name_prefix="corral-k8s")
+        # Called before every bind: raises when this instance no longer leads (the service's fence, under HA).
+        self.before_bind: Callable[[], None] = lambda: None
 
     # --- launching ---
 
@@ -238,6 +240,7 @@ class KubernetesExecutor:
         return Handle(launch.job_id, launch.attempt, None, 0.0)
 
     def _bind(self, ns: str, name: str, node: str, marks: Mapping[str, str] | None = None) -> None:
+        self.before_bind()
         try:
             # POST pods/{name}/binding, the subresource schedulers use and the chart's ClusterRole grants (not the
             # namespace's `bindings` collection, which it does not). The generated client cannot deserialize the

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler.models import mlflow_export
 from scheduler.service import (
+    ha,
     registry,
     routes_admission,
     routes_cluster,
@@ -31,6 +33,7 @@ from scheduler.service.bodylimit import BodyLimit
 from scheduler.service.core import Core
 from scheduler.service.deps import TEXT_OK
 from scheduler.service.errors import ServiceError, http_error_body
+from scheduler.service.forward import ToLeader
 from scheduler.service.telemetry import RequestTelemetry
 from scheduler.service.views import live_metrics
 from scheduler.service.web.whatif import MAX_FORM, WHATIF_PATH
@@ -58,13 +61,19 @@ ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "descrip
     (422, "Invalid input"), (503, "A dependency (database, JupyterHub, an optional package) is unavailable"))}
 
 
-def create_app(core: Core, run_loop: bool = True) -> FastAPI:
+def create_app(core: Core, run_loop: bool = True, own_url: str = "") -> FastAPI:
     """The API over `core`. With run_loop, the scheduling loop runs in a thread for the app's lifetime."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()
-        loop = threading.Thread(target=core.run, args=(stop,), name="corral-scheduler", daemon=True)
+        leadership = core.leadership
+        if leadership is None:
+            loop = threading.Thread(target=core.run, args=(stop,), name="corral-scheduler", daemon=True)
+        else:  # one instance among several: schedules only once it leads
+            leadership.start()
+            loop = threading.Thread(target=ha.lead_then_run, args=(core, leadership, stop), name="corral-scheduler",
+                                    daemon=True)
         if run_loop:
             loop.start()
         webhook = None
@@ -83,6 +92,8 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
             core.wake.set()
             if run_loop:
                 loop.join(timeout=10)
+            if leadership is not None:
+                leadership.close()
             close = getattr(core.executor, "close", None)  # an executor's background threads (cluster watches)
             if callable(close):
                 close()
@@ -98,6 +109,15 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
     app.add_middleware(BodyLimit,
                        limit=lambda path: MAX_FORM if path == WHATIF_PATH else core.settings.max_request_bytes)
     app.add_middleware(RequestTelemetry, tracer=lambda: core.tracer)
+    to_leader: ToLeader | None = None
+    if core.leadership is not None:  # outermost: a follower forwards before anything else reads the request
+        elected = core.leadership
+
+        def leads() -> bool:
+            return elected.acting() and core.started
+
+        app.add_middleware(ToLeader, leads=leads, leader_url=elected.fence.leader_url, own_url=own_url)
+        to_leader = ToLeader(None, leads, elected.fence.leader_url, own_url)  # readyz asks it who leads
     core.metrics.add_gauges(lambda: live_metrics(core))
     core.metrics.add_gauges(lambda: registry.audit_metrics(core))  # the audit head, for auditors to keep
 
@@ -133,15 +153,29 @@ def create_app(core: Core, run_loop: bool = True) -> FastAPI:
         return "ok"
 
     @app.get("/readyz", tags=["health"])
-    def readyz() -> Response:
-        try:
-            with core.db.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-        except sa.exc.SQLAlchemyError as e:
-            return JSONResponse({"ready": False, "why": f"database: {e.__class__.__name__}"}, status_code=503)
+    async def readyz() -> Response:
+        def database() -> str | None:
+            try:
+                with core.db.connect() as conn:
+                    conn.execute(sa.text("SELECT 1"))
+            except sa.exc.SQLAlchemyError as e:
+                return e.__class__.__name__
+            return None
+
+        failed = await anyio.to_thread.run_sync(database)  # off the event loop: the database may hang
+        if failed is not None:
+            return JSONResponse({"ready": False, "why": f"database: {failed}"}, status_code=503)
         if not app.state.ready:
             return JSONResponse({"ready": False, "why": "starting"}, status_code=503)
-        return JSONResponse({"ready": True})
+        if to_leader is None:
+            return JSONResponse({"ready": True, "role": "single"})
+        if to_leader.leads():
+            return JSONResponse({"ready": True, "role": "leader"})
+        # A follower is ready once there is a leader to forward to; which one leads is for people to read.
+        leader = await to_leader.leader()
+        if leader is None:
+            return JSONResponse({"ready": False, "role": "follower", "why": "no leader yet"}, status_code=503)
+        return JSONResponse({"ready": True, "role": "follower", "leader": leader})
 
     @app.get("/metrics", tags=["health"], response_class=Response, responses=TEXT_OK)
     def metrics() -> Response:

@@ -18,7 +18,7 @@ from scheduler.backends.base import Executor, GPUInfo, NodeInfo
 from scheduler.backends.gpus import detect
 from scheduler.backends.local import LocalExecutor
 from scheduler.gc_tuning import tune_gc
-from scheduler.service import store
+from scheduler.service import ha, store
 from scheduler.service.app import create_app
 from scheduler.service.auth import Role, digest, new_secret
 from scheduler.service.core import Core
@@ -35,8 +35,10 @@ RAY_TRUST = ("isolation: on the Ray backend every job runs as the Ray cluster's 
 
 
 def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus: list[GPUInfo] | None = None,
-               clock: Callable[[], float] = time.time, nodes: list[NodeInfo] | None = None) -> Core:
-    """The core on the configured backend; `nodes` (tests) replaces what the backend would discover."""
+               clock: Callable[[], float] = time.time, nodes: list[NodeInfo] | None = None,
+               start: bool = True) -> Core:
+    """The core on the configured backend; `nodes` (tests) replaces what the backend would discover. Without
+    `start`, the caller starts it (an instance among several, once it leads: ha.lead_then_run)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.migrate_on_start:
         migrate(settings.url)
@@ -85,7 +87,8 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
         nodes = [NodeInfo(settings.node, settings.pool, found, settings.cpus, settings.memory_gb,
                           sample=read_samples if real else None)]
     core = Core(settings, connect(settings.url), executor or local_executor(settings), nodes, clock)
-    core.start()
+    if start:
+        core.start()
     return core
 
 
@@ -130,9 +133,14 @@ def build_app(settings: ServiceSettings, run_loop: bool = True) -> tuple[Core, F
     # Whatever the service writes (database, logs, run directories) is its own unless it says otherwise.
     os.umask(0o077)
     configure_logging(settings)
-    core = build_core(settings)
+    hold = ha.single(settings)  # SQLite: this instance alone (a second refuses to start); None: PostgreSQL
+    core = build_core(settings, start=hold is not None)
+    if hold is None:  # any number of instances: one leads, the others forward to it (scheduler/service/ha.py)
+        ha.elect(settings, core)
     made = bootstrap_admin(core, settings.data_dir / ADMIN_TOKEN_FILE) is not None
-    return core, create_app(core, run_loop), made
+    app = create_app(core, run_loop, own_url=ha.own_url(settings))
+    app.state.hold = hold  # kept open as long as the app lives
+    return core, app, made
 
 
 def create_token(core: Core, user: str, role: Role, scope: str | None = None, by: str = "corral") -> str:

@@ -25,6 +25,7 @@ from scheduler.service.culler import cull
 from scheduler.service.db import attempts, jobs, nodes, queue_versions
 from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError
 from scheduler.service.intake import Intake
+from scheduler.service.leader import Leadership
 from scheduler.service.metrics import Metrics
 from scheduler.service.rebuild import LIVE, requeue_unlaunched, store_overtaken
 from scheduler.service.settings import ServiceSettings
@@ -51,6 +52,8 @@ class Core:
         self.nodes = {n.name: n for n in nodes}
         self.down: set[str] = set()  # known nodes that are down now (see cluster_sync)
         self.held: dict[str, Held] = {}  # node -> what work Corral did not place holds there (see outside)
+        self.leadership: Leadership | None = None  # several instances: only the leader's decisions commit
+        self.started = False  # start() done: it recovered what ran and holds the engine
         self.node_backlog: list[NodeChange] = []  # reported by the executor, not yet committed
         self.arrivals: list[Arrival] = []  # work the cluster brought, not yet written
         # Keys of the arrivals since the start (every waiting one), until all are known; then None.
@@ -99,7 +102,7 @@ class Core:
     def start(self) -> None:
         """Record this node, make sure a queue tree exists, then take back what ran before a restart."""
         now = self.clock()
-        with self.lock, self.db.begin() as conn:
+        with self.lock, self.writing() as conn:
             conn.execute(nodes.delete())  # what the backend finds now is the truth about nodes
             for n in self.nodes.values():
                 cluster_sync.write_node(conn, n, True)
@@ -111,6 +114,7 @@ class Core:
         with self.lock:
             self._recover(now)
             self._rebuild()
+            self.started = True
         self.sync_teams()
 
     def _recover(self, now: float) -> None:
@@ -129,11 +133,20 @@ class Core:
         self.runtime_due = -math.inf  # no max_runtime runs out before this time (see _enforce_max_runtime)
 
     @contextmanager
+    def writing(self) -> Iterator[Connection]:
+        """A transaction that records what the scheduler decided or did: with several instances, it commits only
+        while this one leads (leader.Leadership.check, the fence), never after another took over."""
+        with self.db.begin() as conn:
+            if self.leadership is not None:
+                self.leadership.check(conn)
+            yield conn
+
+    @contextmanager
     def changing(self) -> Iterator[Connection]:
         """A transaction for changes the engine has already made in memory: if it fails, the engine is rebuilt
         from the database, so a rolled-back decision is forgotten there too."""
         try:
-            with self.db.begin() as conn:
+            with self.writing() as conn:
                 yield conn
         except ServiceError:
             raise  # refused before the engine changed
@@ -234,7 +247,7 @@ class Core:
             if dry_run or not changes:
                 return out
             now = self.clock()
-            with self.db.begin() as conn:
+            with self.writing() as conn:
                 out["version"] = conn.execute(queue_versions.insert().values(
                     author=who.user, created_at=now, document=document, comment=comment)
                     .returning(queue_versions.c.version)).scalar_one()

@@ -55,7 +55,7 @@ def _act(core: Core, tracker: IdleTracker, action: Warn | Stop, now: float) -> N
     if isinstance(action, Warn):
         msg = (f"its GPUs have been idle since {action.idle_since:.0f} ({action.idle_gpu_minutes:.1f} idle "
                f"GPU-minutes); it will be stopped at {action.stop_at:.0f} unless they do some work")
-        with core.db.begin() as conn:
+        with core.writing() as conn:
             store.add_event(conn, now, "idle_warning", msg, job_id, idle_since=action.idle_since,
                             stop_at=action.stop_at, idle_gpu_minutes=round(action.idle_gpu_minutes, 3))
         return

@@ -131,7 +131,7 @@ def _record(core: Core, a: Mapping[Any, Any], launch: Launch, outcome: Launched 
     # Its max_runtime counts from now. Set before the commit: one reported as failed may still have landed, and
     # then no later cycle records this launch again.
     core.runtime_due = -math.inf
-    with core.db.begin() as conn:
+    with core.writing() as conn:
         store.update_attempt(conn, job_id, a["attempt"], state="running", pid=handle.pid,
                              proc_started=handle.started_at, started_at=now)
         store.update_job(conn, job_id, state="running")

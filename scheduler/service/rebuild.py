@@ -48,7 +48,7 @@ def recover(core: Core, now: float) -> None:
     for a in live:
         handle = Handle(str(a["job_id"]), a["attempt"], a["pid"], a["proc_started"] or 0.0)
         ended = core.executor.adopt(handle)
-        with core.db.begin() as conn:
+        with core.writing() as conn:
             job = store.job_row(conn, a["job_id"])
             assert job is not None
             if ended is None:  # still running: keep it, and keep stopping it if it was being stopped
@@ -159,7 +159,7 @@ def reject_unreadable(core: Core, waiting: list[RowMapping]) -> set[int]:
             bad[j["id"]] = str(e)
     if bad:
         now = core.clock()
-        with core.db.begin() as conn:
+        with core.writing() as conn:
             for job_id, why in bad.items():
                 message = f"its stored spec cannot be scheduled: {why}"
                 store.update_job(conn, job_id, state="rejected", ended_at=now,

@@ -76,6 +76,20 @@ class ServiceSettings(BaseSettings):
         "the pod fits beside Corral's jobs. None: no endpoint; others' pods are then only counted once bound."))
     k8s_binding_webhook_tls_dir: Path | None = Field(None, description=(
         "Directory with tls.crt and tls.key (a kubernetes.io/tls Secret mounted) for k8s_binding_webhook_port."))
+    # High availability (docs/kubernetes.md, "High availability"): several instances on one PostgreSQL database.
+    advertise_url: str | None = Field(None, description=(
+        "Where other instances reach this one's API (http://POD_IP:8265): followers forward requests to the "
+        "leader's. None: http://host:port, or http://<this host's name>:port when host is 0.0.0.0."))
+    lease_s: float = Field(15.0, gt=0, le=600, description=(
+        "Seconds a follower waits, after it last saw the leader renew, before it may take the lead (the Lease's "
+        "duration on Kubernetes). Failover takes at most about this long after a leader dies."))
+    renew_deadline_s: float = Field(10.0, gt=0, le=600, description=(
+        "Seconds the leader keeps acting after its last successful renewal (Lease and database lock); shorter than "
+        "lease_s, so it stops before another may take the lead."))
+    leader_retry_s: float = Field(2.0, gt=0, le=60, description="Seconds between renewals, and between tries to lead.")
+    k8s_lease_name: str = Field("corral-leader", description="The Lease leader election uses (backend kubernetes).")
+    k8s_lease_namespace: str | None = Field(None, description=(
+        "Its namespace; None: the service's own (POD_NAMESPACE, or the ServiceAccount's namespace file)."))
     ray_address: str | None = Field(None, description=(
         "The Ray cluster's dashboard/Jobs API address, e.g. http://10.0.0.5:8265 (backend ray)."))
     ray_token: str | None = Field(None, description=(
@@ -177,6 +191,9 @@ class ServiceSettings(BaseSettings):
             raise ValueError("tls_certfile and tls_keyfile go together: give both, or neither")
         if self.metrics_port is not None and self.metrics_port in (self.port, self.k8s_binding_webhook_port):
             raise ValueError(f"metrics_port {self.metrics_port} is already the API's or the binding webhook's port")
+        if self.renew_deadline_s >= self.lease_s:
+            raise ValueError(f"renew_deadline_s ({self.renew_deadline_s:g}) must be shorter than lease_s "
+                             f"({self.lease_s:g}): a leader must stop before another may take the lead")
         if (self.k8s_binding_webhook_port is None) != (self.k8s_binding_webhook_tls_dir is None):
             raise ValueError("k8s_binding_webhook_port and k8s_binding_webhook_tls_dir go together: give both, "
                              "or neither")
