@@ -74,6 +74,10 @@ SERVICE_MONITOR_CRD = ("--api-versions", "monitoring.coreos.com/v1/ServiceMonito
 FULL = ("--set", f"database.url={DB_URL}", "--set", "metrics.serviceMonitor.enabled=true",
         "--set", "grafana.dashboard.enabled=true", *SERVICE_MONITOR_CRD)
 K8S = ("--set", "config.backend=kubernetes")  # the binding webhook comes with backend kubernetes
+# Issue 23: two replicas (PostgreSQL), their PodDisruptionBudget, the NetworkPolicy, an Ingress with TLS.
+HARDENED = ("--set", "replicaCount=2", "--set", "networkPolicy.enabled=true", "--set", "ingress.enabled=true",
+            "--set", "ingress.className=nginx", "--set", "ingress.hosts[0].host=corral.example.com",
+            "--set", "ingress.tls[0].secretName=corral-tls", "--set", "ingress.tls[0].hosts[0]=corral.example.com")
 
 
 # --- lint and schema ------------------------------------------------------------------------------------------
@@ -100,9 +104,10 @@ def kubeconform(bin_dir: Path, manifests: str) -> dict[str, Any]:
                                              "--set", "rbac.create=false", "--set", "serviceAccount.create=false"),
                                   (*K8S, *FULL),
                                   (*K8S, "--set", "kubernetes.bindingWebhook.existingSecret=my-tls",
-                                   "--set", "kubernetes.bindingWebhook.caBundle=Q0E=")],
+                                   "--set", "kubernetes.bindingWebhook.caBundle=Q0E="),
+                                  (*K8S, *FULL, *HARDENED)],
                          ids=["defaults", "everything-on", "existing-secret-and-claim", "kubernetes-webhook",
-                              "kubernetes-webhook-existing-tls"])
+                              "kubernetes-webhook-existing-tls", "hardened"])
 def test_rendered_manifests_pass_kubeconform_strict(bin_dir: Path, helm_env: dict[str, str],
                                                      args: tuple[str, ...]) -> None:
     rendered = render(bin_dir, helm_env, *args)
@@ -158,7 +163,9 @@ def test_what_the_chart_renders(bin_dir: Path, helm_env: dict[str, str]) -> None
                                  "database.url=not-a-url", "metrics.serviceMonitor.interval=often", "replicas=2",
                                  "kubernetes.bindingWebhook.failurePolicy=Sometimes",
                                  "config.k8s_managed_taint=x", "config.k8s_binding_webhook_port=9443",
-                                 "kubernetes.managedTaint=not a key"])
+                                 "kubernetes.managedTaint=not a key", "replicaCount=0", "metrics.port=0",
+                                 "config.migrate_on_start=true", "config.metrics_port=9100",
+                                 "ingress.hosts[0].paths[0].path=v1", "podDisruptionBudget.maxUnavailable=1"])
 def test_values_schema_rejects_bad_values(bin_dir: Path, helm_env: dict[str, str], bad: str) -> None:
     out = helm(bin_dir, helm_env, "template", "corral", str(CHART), "--set", bad, check=False)
     assert out.returncode != 0 and "values don't meet the specifications of the schema" in out.stderr, out.stderr
@@ -427,3 +434,206 @@ def test_grafana_dashboard_uses_only_exported_metrics(tmp_path: Path) -> None:
     assert {"corral_gpus", "corral_fair_share_gpus", "corral_job_wait_seconds", "corral_preemptions"} <= families
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+
+# --- issue 23: production deployment ----------------------------------------------------------------------------
+
+def hooks_of(rendered: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Rendered hook objects by kind (the migration Job and its Secret, the test Pod)."""
+    return {d["kind"]: d for d in rendered if hook(d)}
+
+
+def release_of(rendered: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The release's own objects by kind, the first of each (ConfigMap: the settings, not the dashboard)."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for d in rendered:
+        if not hook(d):
+            kinds.setdefault(d["kind"], d)
+    return kinds
+
+
+def test_the_migration_hook_job(bin_dir: Path, helm_env: dict[str, str]) -> None:
+    rendered = docs(render(bin_dir, helm_env, *FULL, "--set", "image.tag=0.2.0", "--set", "nodeSelector.pool=cpu"))
+    hooks, rel = hooks_of(rendered), release_of(rendered)
+    job, secret = hooks["Job"], hooks["Secret"]
+    ann = job["metadata"]["annotations"]
+    assert ann["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert ann["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    # Hooks run before the release's own objects: the Job's Secret is a hook too, made first (lower weight).
+    sann = secret["metadata"]["annotations"]
+    assert sann["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert int(sann["helm.sh/hook-weight"]) < int(ann["helm.sh/hook-weight"])
+    assert base64.b64decode(secret["data"]["database-url"]).decode() == DB_URL
+    assert secret["metadata"]["name"] == "corral-db-migrate"
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"] == ["corral", "db", "upgrade"] and "args" not in c
+    assert c["env"] == [{"name": "CORRAL_DATABASE_URL", "valueFrom": {"secretKeyRef": {
+        "name": "corral-db-migrate", "key": "database-url"}}}, {"name": "CORRAL_DATA_DIR", "value": "/tmp/corral"}]
+    # The same image and security context as the service's pods; no API token; not one of the Service's pods.
+    dep = rel["Deployment"]["spec"]["template"]
+    (svc_c,) = dep["spec"]["containers"]
+    assert c["image"] == svc_c["image"] == "corral:0.2.0"
+    assert c["securityContext"] == svc_c["securityContext"] and pod["securityContext"] == dep["spec"]["securityContext"]
+    assert pod["automountServiceAccountToken"] is False and pod["restartPolicy"] == "Never"
+    assert pod["nodeSelector"] == {"pool": "cpu"} and pod["affinity"] == dep["spec"]["affinity"]
+    selector = rel["Deployment"]["spec"]["selector"]["matchLabels"]
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert not selector.items() <= labels.items()
+    assert rel["ConfigMap"]["data"]["CORRAL_MIGRATE_ON_START"] == "false"
+
+    # An existing Secret already exists before the hook: the Job reads it; no copy.
+    rendered = docs(render(bin_dir, helm_env, "--set", "database.existingSecret=mine",
+                           "--set", "database.existingSecretKey=url"))
+    hooks = hooks_of(rendered)
+    assert "Secret" not in hooks
+    (c,) = hooks["Job"]["spec"]["template"]["spec"]["containers"]
+    assert c["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "url"}
+
+    # SQLite (no URL), or the hook turned off: no Job, and the service migrates when it starts.
+    for args in [(), ("--set", f"database.url={DB_URL}", "--set", "migrations.hook.enabled=false")]:
+        rendered = docs(render(bin_dir, helm_env, *args))
+        assert set(hooks_of(rendered)) == {"Pod"}, args
+        assert "CORRAL_MIGRATE_ON_START" not in release_of(rendered)["ConfigMap"]["data"]
+
+
+def test_replicas_need_postgresql(bin_dir: Path, helm_env: dict[str, str]) -> None:
+    out = helm(bin_dir, helm_env, "template", "corral", str(CHART), "--set", "replicaCount=2", check=False)
+    assert out.returncode != 0 and "replicaCount 2 needs PostgreSQL: set database.url or database.existingSecret" \
+        in out.stderr, out.stderr
+    rel = release_of(docs(render(bin_dir, helm_env, "--set", f"database.url={DB_URL}", "--set", "replicaCount=3")))
+    spec = rel["Deployment"]["spec"]
+    assert spec["replicas"] == 3 and spec["strategy"]["type"] == "RollingUpdate"
+    pdb = rel["PodDisruptionBudget"]["spec"]
+    assert pdb == {"minAvailable": 1, "selector": spec["selector"]}
+    anti = spec["template"]["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    one = release_of(docs(render(bin_dir, helm_env, "--set", f"database.url={DB_URL}")))
+    assert "PodDisruptionBudget" not in one and one["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
+    assert "podAntiAffinity" not in one["Deployment"]["spec"]["template"]["spec"]["affinity"]
+
+
+def test_the_network_policy(bin_dir: Path, helm_env: dict[str, str]) -> None:
+    assert "NetworkPolicy" not in release_of(docs(render(bin_dir, helm_env)))  # off by default
+    rel = release_of(docs(render(bin_dir, helm_env, *K8S, "--set", "networkPolicy.enabled=true",
+                                 release="gpus", namespace="sched")))
+    np = rel["NetworkPolicy"]["spec"]
+    assert np["podSelector"] == rel["Deployment"]["spec"]["selector"] and np["policyTypes"] == ["Ingress"]
+    api, metrics, webhook = np["ingress"]
+    assert api["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "jupyterhub"}}} in api["from"]
+    assert {"namespaceSelector": {"matchLabels": {"app.kubernetes.io/managed-by": "corral"}}} in api["from"]
+    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "gpus"}}} in api["from"]
+    assert metrics == {"ports": [{"port": "metrics", "protocol": "TCP"}], "from": [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]}
+    assert webhook == {"ports": [{"port": "webhook", "protocol": "TCP"}]}  # the API server: from anywhere
+    # /metrics on the API's port: Prometheus is let in there; an empty apiFrom opens the API port to all.
+    (api,) = release_of(docs(render(bin_dir, helm_env, "--set", "networkPolicy.enabled=true",
+                                    "--set", "metrics.port=null")))["NetworkPolicy"]["spec"]["ingress"]
+    assert {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}} \
+        in api["from"]
+    values = json.dumps({"enabled": True, "apiFrom": [], "webhookFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]})
+    api, _, webhook = release_of(docs(render(bin_dir, helm_env, "--set-json", f"networkPolicy={values}",
+                                             *K8S)))["NetworkPolicy"]["spec"]["ingress"]
+    assert "from" not in api and webhook["from"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
+
+
+def test_metrics_on_their_own_port(bin_dir: Path, helm_env: dict[str, str]) -> None:
+    rel = release_of(docs(render(bin_dir, helm_env, *FULL)))
+    assert rel["ConfigMap"]["data"]["CORRAL_METRICS_PORT"] == "9090"
+    assert {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"} \
+        in rel["Service"]["spec"]["ports"]
+    assert rel["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "metrics"
+    shared = release_of(docs(render(bin_dir, helm_env, *FULL, "--set", "metrics.port=null")))
+    assert "CORRAL_METRICS_PORT" not in shared["ConfigMap"]["data"]
+    assert [p["name"] for p in shared["Service"]["spec"]["ports"]] == ["http"]
+    assert shared["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "http"
+    out = helm(bin_dir, helm_env, "template", "corral", str(CHART), "--set", "metrics.port=8265", check=False)
+    assert out.returncode != 0 and "metrics.port 8265 is already the API's" in out.stderr
+
+
+def test_the_service_monitor_needs_its_crd(bin_dir: Path, helm_env: dict[str, str]) -> None:
+    on = ("--set", "metrics.serviceMonitor.enabled=true")
+    assert "ServiceMonitor" not in release_of(docs(render(bin_dir, helm_env, *on)))
+    assert "ServiceMonitor" in release_of(docs(render(bin_dir, helm_env, *on, *SERVICE_MONITOR_CRD)))
+    assert "ServiceMonitor" not in release_of(docs(render(bin_dir, helm_env, *SERVICE_MONITOR_CRD)))  # not enabled
+
+
+def test_the_secret_checksum_with_an_existing_secret(bin_dir: Path, helm_env: dict[str, str]) -> None:
+    def checksum(*args: str) -> str:
+        dep = release_of(docs(render(bin_dir, helm_env, "--set", "database.existingSecret=mine", *args)))["Deployment"]
+        value: str = dep["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+        return value
+    assert re.fullmatch(r"[0-9a-f]{64}", checksum())
+    assert checksum("--set", "database.secretChecksum=v1") != checksum("--set", "database.secretChecksum=v2")
+    assert checksum("--set", "database.secretChecksum=v1") == checksum("--set", "database.secretChecksum=v1")
+
+
+def test_the_ingress(bin_dir: Path, helm_env: dict[str, str]) -> None:
+    assert "Ingress" not in release_of(docs(render(bin_dir, helm_env)))
+    ingress = {"enabled": True, "className": "nginx", "annotations": {"a": "b"},
+               "hosts": [{"host": "corral.example.com"},
+                         {"host": "gpu.example.com", "paths": [{"path": "/v1", "pathType": "Prefix"}]}],
+               "tls": [{"secretName": "corral-tls", "hosts": ["corral.example.com", "gpu.example.com"]}]}
+    ing = release_of(docs(render(bin_dir, helm_env, "--set-json", f"ingress={json.dumps(ingress)}")))["Ingress"]
+    assert ing["metadata"]["annotations"] == {"a": "b"}
+    spec = ing["spec"]
+    assert spec["ingressClassName"] == "nginx"
+    assert spec["tls"] == [{"secretName": "corral-tls", "hosts": ["corral.example.com", "gpu.example.com"]}]
+    backend = {"service": {"name": "corral", "port": {"name": "http"}}}
+    assert spec["rules"] == [
+        {"host": "corral.example.com", "http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": backend}]}},
+        {"host": "gpu.example.com", "http": {"paths": [{"path": "/v1", "pathType": "Prefix", "backend": backend}]}}]
+
+
+def test_corral_keeps_off_gpu_nodes(bin_dir: Path, helm_env: dict[str, str]) -> None:
+    def affinity(*args: str) -> Any:
+        return release_of(docs(render(bin_dir, helm_env, *args)))["Deployment"]["spec"]["template"]["spec"].get(
+            "affinity")
+    assert affinity() == {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "NotIn", "values": ["true"]}]}]}}}
+    assert affinity("--set", "avoidGpuNodes.enabled=false") is None
+    assert affinity("--set", "avoidGpuNodes.label=gpu.example.com/has-gpu")["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"][0]["key"] == \
+        "gpu.example.com/has-gpu"
+    mine = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 1, "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}}]}}
+    assert affinity("--set-json", f"affinity={json.dumps(mine)}") == mine
+    # The managed taint is never tolerated by the service's own pod.
+    assert release_of(docs(render(bin_dir, helm_env)))["Deployment"]["spec"]["template"]["spec"].get(
+        "tolerations") is None
+
+
+def test_the_helm_test_pod(bin_dir: Path, helm_env: dict[str, str]) -> None:
+    rendered = docs(render(bin_dir, helm_env, release="gpus", namespace="sched"))
+    pod = hooks_of(rendered)["Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (c,) = pod["spec"]["containers"]
+    assert c["command"][:2] == ["python", "-c"]
+    assert 'url = "http://gpus-corral.sched.svc:8265/readyz"' in c["command"][2]
+    assert c["image"] == "corral:0.1.0" and c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["spec"]["restartPolicy"] == "Never"
+    # Not one of the Service's endpoints.
+    selector = release_of(rendered)["Service"]["spec"]["selector"]
+    assert not selector.items() <= pod["metadata"]["labels"].items()
+    # The script itself: against a server answering 200 it exits 0, against 503 it fails.
+    import http.server  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    for status, ok in ((200, True), (503, False)):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            code = status
+
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(self.code)
+                self.end_headers()
+                self.wfile.write(b'{"ready": true}')
+
+            def log_message(self, *_: Any) -> None:
+                pass
+        server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        script = c["command"][2].replace("http://gpus-corral.sched.svc:8265", f"http://127.0.0.1:{server.server_port}")
+        done = subprocess.run(["python3", "-c", script], capture_output=True, text=True, timeout=30)
+        server.shutdown()
+        assert (done.returncode == 0) is ok, done.stderr
