@@ -637,3 +637,126 @@ def test_the_helm_test_pod(bin_dir: Path, helm_env: dict[str, str]) -> None:
         done = subprocess.run(["python3", "-c", script], capture_output=True, text=True, timeout=30)
         server.shutdown()
         assert (done.returncode == 0) is ok, done.stderr
+
+
+# --- issue 23 on the test API server ----------------------------------------------------------------------------
+
+PREVIOUS_CHART = "f8f94da"  # the chart (0.1.0) and migrations as they were before issue 23
+
+
+def test_the_hardened_objects_are_accepted_by_the_api_server(plane: ControlPlane, ns: str, bin_dir: Path,
+                                                             helm_env: dict[str, str]) -> None:
+    # Every object the hardened values render, hooks included, created with a server-side dry run: the API
+    # server validates them (NetworkPolicy, PodDisruptionBudget, Ingress, the hook Job and Secret, the test Pod).
+    rendered = docs(render(bin_dir, helm_env, *K8S, "--set", f"database.url={DB_URL}", *HARDENED,
+                           release=f"hard-{uuid.uuid4().hex[:6]}", namespace=ns))
+    kinds = {d["kind"] for d in rendered}
+    assert {"Job", "NetworkPolicy", "PodDisruptionBudget", "Ingress", "Pod", "Deployment"} <= kinds
+    from kubernetes import utils  # noqa: PLC0415
+
+    for doc in rendered:
+        utils.create_from_dict(plane.api_client(), doc, namespace=ns, dry_run="All")  # type: ignore[no-untyped-call]
+    assert client.BatchV1Api(plane.api_client()).list_namespaced_job(ns).items == []  # a dry run made nothing
+
+
+def test_the_secret_checksum_follows_an_existing_secret(plane: ControlPlane, ns: str, bin_dir: Path,
+                                                        helm_env: dict[str, str]) -> None:
+    # lookup reads the installed Secret: when its data changes, the next upgrade rolls the pods.
+    def checksum() -> str:
+        out = helm(bin_dir, helm_env, "template", "corral", str(CHART), "--namespace", ns, "--dry-run=server",
+                   "--kubeconfig", str(plane.kubeconfig), "--set", "database.existingSecret=corral-db-mine").stdout
+        value: str = release_of(docs(out))["Deployment"]["spec"]["template"]["metadata"]["annotations"][
+            "checksum/secret"]
+        return value
+    missing = checksum()
+    body = {"metadata": {"name": "corral-db-mine"}, "data": {"database-url": base64.b64encode(b"postgresql://a").decode()}}
+    plane.core().create_namespaced_secret(ns, body)
+    first = checksum()
+    assert first != missing and checksum() == first
+    body["data"] = {"database-url": base64.b64encode(b"postgresql://b").decode()}
+    plane.core().replace_namespaced_secret("corral-db-mine", ns, body)
+    assert checksum() not in (first, missing)
+
+
+def _old_head() -> str:
+    names = subprocess.run(["git", "ls-tree", "--name-only", PREVIOUS_CHART, "scheduler/service/migrations/versions/"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return max(Path(n).name.split("_")[0] for n in names if n.endswith(".py"))
+
+
+def test_upgrade_from_the_chart_before_issue_23_runs_the_hook(plane: ControlPlane, ns: str, bin_dir: Path,
+                                                              helm_env: dict[str, str], tmp_path: Path) -> None:
+    """helm install the chart of f8f94da, then helm upgrade to this one: the pre-upgrade hook Job is created by
+    helm and accepted by the API server (kwok completes its pod), and its exact command and environment, run here
+    with this checkout's `corral`, upgrade a PostgreSQL database the previous release left, with rows, losing
+    nothing."""
+    from scheduler.service.db import current_revision, head_revision  # noqa: PLC0415
+    from tests.db_upgrade_kit import database_at, lost  # noqa: PLC0415
+    from tests.service_kit import database_url  # noqa: PLC0415
+
+    urls = database_url("postgresql", tmp_path)
+    url = next(urls)  # skips without PostgreSQL (fails with CORRAL_REQUIRE_POSTGRES=1)
+    old = tmp_path / "old"
+    old.mkdir()
+    archive = subprocess.run(["git", "archive", PREVIOUS_CHART, "charts/corral"], cwd=ROOT, capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    old_chart = old / "charts" / "corral"
+    assert yaml.safe_load((old_chart / "Chart.yaml").read_text())["version"] == "0.1.0"
+    assert yaml.safe_load((CHART / "Chart.yaml").read_text())["version"] != "0.1.0"
+    old_head = _old_head()
+    written = database_at(url, old_head)
+
+    node = f"kwok-cpu-{uuid.uuid4().hex[:6]}"
+    plane.create_gpu_node(node, gpus=0, pool=f"pool-{node}")
+    release = f"corral-up-{uuid.uuid4().hex[:6]}"  # its fullname is the release name
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"database": {"url": url}, "nodeSelector": {"corral.dev/pool": f"pool-{node}"}}))
+    kube = ("--namespace", ns, "--kubeconfig", str(plane.kubeconfig))
+    try:
+        helm(bin_dir, helm_env, "install", release, str(old_chart), *kube, "-f", str(values))
+        cm = plane.core().read_namespaced_config_map(release, ns)
+        assert "CORRAL_MIGRATE_ON_START" not in cm.data  # the old chart: the service migrated at start
+        assert current_revision(url) == old_head  # (no pod runs here: kwok runs no containers)
+
+        out = helm(bin_dir, helm_env, "upgrade", release, str(CHART), *kube, "-f", str(values), "--timeout", "180s")
+        assert "STATUS: deployed" in out.stdout, out.stdout
+        # The hook ran and, having succeeded, was deleted with its Secret; the service now refuses to migrate.
+        batch = client.BatchV1Api(plane.api_client())
+        assert [j.metadata.name for j in batch.list_namespaced_job(ns).items] == []
+        assert f"{release}-db-migrate" not in {s.metadata.name for s in plane.core().list_namespaced_secret(ns).items}
+        cm = plane.core().read_namespaced_config_map(release, ns)
+        assert cm.data["CORRAL_MIGRATE_ON_START"] == "false"
+        events = plane.core().list_namespaced_event(ns, field_selector=f"involvedObject.name={release}-migrate")
+        assert any(e.reason == "Completed" for e in events.items), [e.reason for e in events.items]
+
+        # The hook as helm applied it (helm get hooks), and its command run here.
+        hooks = {d["kind"]: d for d in docs(helm(bin_dir, helm_env, "get", "hooks", release, *kube).stdout)}
+        job, secret = hooks["Job"], hooks["Secret"]
+        (c,) = job["spec"]["template"]["spec"]["containers"]
+        argv = [*c["command"], *c.get("args", [])]
+        assert argv == ["corral", "db", "upgrade"]
+        env = {}
+        for e in c["env"]:
+            if "value" in e:
+                env[e["name"]] = e["value"]
+            else:
+                ref = e["valueFrom"]["secretKeyRef"]
+                assert ref["name"] == secret["metadata"]["name"]
+                env[e["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+        assert env["CORRAL_DATABASE_URL"] == url
+        venv_bin = ROOT / ".venv" / "bin"
+        exe = venv_bin / "corral"
+        if not exe.exists():
+            pytest.skip(f"{exe} is missing: the hook's command needs this checkout's `corral`")
+        done = subprocess.run([str(exe), *argv[1:]], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                              env={"PATH": f"{venv_bin}:/usr/bin:/bin", "HOME": str(tmp_path), **env})
+        assert done.returncode == 0, done.stderr
+        assert f"{old_head} -> {head_revision()}" in done.stderr or old_head == head_revision()
+        assert current_revision(url) == head_revision()
+        assert lost(url, written) == []
+    finally:
+        helm(bin_dir, helm_env, "uninstall", release, *kube, check=False)
+        plane.core().delete_node(node)
+        with contextlib.suppress(StopIteration):
+            next(urls)  # drops the database
