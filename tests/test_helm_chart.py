@@ -760,3 +760,50 @@ def test_upgrade_from_the_chart_before_issue_23_runs_the_hook(plane: ControlPlan
         plane.core().delete_node(node)
         with contextlib.suppress(StopIteration):
             next(urls)  # drops the database
+
+
+def _image_rootfs() -> Path | None:
+    """The image's unpacked root file system that scripts/image leaves in the cache, if it was built."""
+    cache = Path(os.environ.get("CORRAL_CACHE", Path.home() / ".cache" / "corral"))
+    found = sorted(cache.glob("image-*/rootfs"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def test_the_hook_command_in_the_image(bin_dir: Path, helm_env: dict[str, str], tmp_path: Path) -> None:
+    """The hook Job's command and environment, as rendered, run in the image's root file system (chroot, as the
+    chart's uid 10001) against a PostgreSQL database at the previous chart's migration head, with rows."""
+    from scheduler.service.db import current_revision  # noqa: PLC0415
+    from tests.db_upgrade_kit import database_at, lost  # noqa: PLC0415
+    from tests.service_kit import database_url  # noqa: PLC0415
+
+    rootfs = _image_rootfs()
+    if rootfs is None:
+        pytest.skip("no image root file system (scripts/image builds ~/.cache/corral/image-*/rootfs)")
+    if os.geteuid() != 0:
+        pytest.skip("chroot needs root")
+    urls = database_url("postgresql", tmp_path)
+    url = next(urls)
+    try:
+        old_head = _old_head()
+        written = database_at(url, old_head)
+        hooks = hooks_of(docs(render(bin_dir, helm_env, "--set", f"database.url={url}")))
+        (c,) = hooks["Job"]["spec"]["template"]["spec"]["containers"]
+        secret = hooks["Secret"]
+        env = {e["name"]: e.get("value") or base64.b64decode(
+            secret["data"][e["valueFrom"]["secretKeyRef"]["key"]]).decode() for e in c["env"]}
+        uid = hooks["Job"]["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+        image_env = ["PATH=/opt/corral/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                     "HOME=/var/lib/corral"]
+
+        def in_image(*argv: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["chroot", f"--userspec={uid}:{uid}", str(rootfs), "/usr/bin/env", "-i", *image_env,
+                                   *(f"{k}={v}" for k, v in env.items()), *argv],
+                                  capture_output=True, text=True, timeout=120)
+        image_head = in_image("corral", "db", "history").stdout.split()[-1]
+        done = in_image(*c["command"], *c.get("args", []))
+        assert done.returncode == 0, done.stderr
+        assert current_revision(url) == image_head
+        assert lost(url, written) == []
+    finally:
+        with contextlib.suppress(StopIteration):
+            next(urls)
