@@ -340,9 +340,9 @@ class ControlPlane:
         Kubernetes backend uses it, never the admin's kubeconfig, so a permission the chart lacks fails a test."""
         if self._corral is None:
             out = self.helm_template()
-            rbac = [d for d in yaml.safe_load_all(out)
-                    if d and d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")]
-            assert {d["kind"] for d in rbac} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}, rbac
+            kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+            rbac = [d for d in yaml.safe_load_all(out) if d and d["kind"] in kinds]
+            assert {d["kind"] for d in rbac} == kinds, rbac
             with contextlib.suppress(ApiException):  # a plane shared by several test modules: made once
                 self.core().create_namespace({"metadata": {"name": CORRAL_NS}})
                 self.apply(CORRAL_NS, rbac)
@@ -372,6 +372,9 @@ class ControlPlane:
 
     def core(self) -> Any:
         return client.CoreV1Api(self.api_client())
+
+    def coordination(self) -> Any:
+        return client.CoordinationV1Api(self.api_client())
 
     def apps(self) -> Any:
         return client.AppsV1Api(self.api_client())
