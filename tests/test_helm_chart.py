@@ -127,8 +127,8 @@ def test_kubeconform_strict_catches_an_unknown_field(bin_dir: Path) -> None:
 
 def test_what_the_chart_renders(bin_dir: Path, helm_env: dict[str, str]) -> None:
     default = by_kind(docs(render(bin_dir, helm_env)))
-    assert set(default) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Service",
-                            "Deployment", "Pod"}  # no database URL: SQLite, no Secret, no hook; no ServiceMonitor
+    assert set(default) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap",
+                            "Service", "Deployment", "Pod"}  # no database URL: SQLite, no Secret, no hook; no ServiceMonitor
     assert default["Pod"]["metadata"]["annotations"]["helm.sh/hook"] == "test"  # `helm test`
     full = docs(render(bin_dir, helm_env, *FULL, "--set", "image.tag=0.1.1", "--set", "config.demo=true"))
     kinds = by_kind(full)
@@ -140,8 +140,11 @@ def test_what_the_chart_renders(bin_dir: Path, helm_env: dict[str, str]) -> None
                           {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert c["env"] == [{"name": "CORRAL_DATABASE_URL", "valueFrom": {"secretKeyRef": {
-        "name": "corral-db", "key": "database-url"}}}]
+    assert c["env"] == [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "CORRAL_ADVERTISE_URL", "value": "http://$(POD_IP):8265"},  # where followers forward
+        {"name": "CORRAL_DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "corral-db", "key": "database-url"}}}]
     settings = [d for d in full if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "corral"][0]["data"]
     assert settings["CORRAL_DEMO"] == "true" and settings["CORRAL_PORT"] == "8265"
     assert settings["CORRAL_DATA_DIR"] == "/var/lib/corral"
