@@ -79,8 +79,8 @@ def main() -> None:
         leads: list[float] = []
         binds: list[float] = []
         for trial in range(args.trials):
-            if not wait(lambda: sum(r.role() == "leader" for r in live) == 1
-                        and all(r.role() in ("leader", "follower") for r in live), 90, 0.5):
+            if not wait(lambda pair=live: sum(r.role() == "leader" for r in pair) == 1
+                        and all(r.role() in ("leader", "follower") for r in pair), 90, 0.5):
                 sys.exit("no leader: " + " | ".join(r.tail(5) for r in live))
             leader = next(r for r in live if r.role() == "leader")
             survivor = next(r for r in live if r is not leader)
