@@ -127,8 +127,9 @@ def test_kubeconform_strict_catches_an_unknown_field(bin_dir: Path) -> None:
 
 def test_what_the_chart_renders(bin_dir: Path, helm_env: dict[str, str]) -> None:
     default = by_kind(docs(render(bin_dir, helm_env)))
+    # No database URL: SQLite, no Secret, no hook; no ServiceMonitor.
     assert set(default) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
-                            "ConfigMap", "Service", "Deployment", "Pod"}  # no database URL: SQLite, no Secret, no hook; no ServiceMonitor
+                            "ConfigMap", "Service", "Deployment", "Pod"}
     assert default["Pod"]["metadata"]["annotations"]["helm.sh/hook"] == "test"  # `helm test`
     full = docs(render(bin_dir, helm_env, *FULL, "--set", "image.tag=0.1.1", "--set", "config.demo=true"))
     kinds = by_kind(full)
