@@ -186,6 +186,38 @@ def test_a_sandbox_pod_requests_its_cpus_and_memory() -> None:
         "limits": {"nvidia.com/gpu": "1", "memory": "16384Mi"}, "requests": {"cpu": "4000m", "memory": "16384Mi"}}
 
 
+def test_a_users_notebooks_live_on_their_own_claim_mounted_by_every_sandbox_of_theirs() -> None:
+    """Per-user notebook storage: one PVC per user (a pure builder), mounted at the notebook directory by every
+    attempt of every sandbox of theirs, so a stopped and started server (a new pod) finds the files again."""
+    store = k8s_sandbox.NotebookStorage(size="20Gi", storage_class="fast-ssd")
+    claim = k8s_sandbox.user_claim("corral-nlp", "ann", store)
+    assert claim == {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": k8s_sandbox.claim_name("ann"), "namespace": "corral-nlp",
+                     "labels": {k8s.OWNER_LABEL: "ann", "app.kubernetes.io/managed-by": "corral",
+                                "corral.dev/purpose": "notebook-home"}},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}},
+                 "storageClassName": "fast-ssd"}}
+    assert "storageClassName" not in k8s_sandbox.user_claim("ns", "ann", k8s_sandbox.NotebookStorage())["spec"]
+    assert k8s_sandbox.claim_name("ann") != k8s_sandbox.claim_name("Ann") != k8s_sandbox.claim_name("ann.")
+    assert all(len(k8s_sandbox.claim_name(u)) <= 63 and k8s_sandbox.claim_name(u).startswith("corral-home-")
+               for u in ("ann", "x" * 200, "Ann Lee@example.org", "..."))
+    env = {k8s_sandbox.KIND_ENV: "sandbox"}
+    first, again = (k8s_sandbox.pod("7", attempt, 0, namespace="corral-nlp", node="n1", gpus=1, image="jupyter:1",
+                                    command=["lab"], env=env, home_claim=claim["metadata"]["name"],
+                                    home_path="/home/jovyan") for attempt in (1, 2))
+    for p in (first, again):
+        assert p["spec"]["volumes"] == [{"name": "home", "persistentVolumeClaim": {
+            "claimName": claim["metadata"]["name"]}}]
+        (c,) = p["spec"]["containers"]
+        assert c["volumeMounts"] == [{"name": "home", "mountPath": "/home/jovyan"}]
+        assert c["workingDir"] == "/home/jovyan"  # the server's root directory
+        assert p["spec"]["securityContext"]["fsGroup"] == 1000  # the non-root server may write the volume
+    assert first["metadata"]["name"] != again["metadata"]["name"]
+    bare = k8s_sandbox.pod("7", 1, 0, namespace="ns", node="n1", gpus=1, image="jupyter:1", command=["lab"], env=env)
+    assert not bare["spec"].get("volumes") and "fsGroup" not in bare["spec"]["securityContext"]
+
+
 # ----- on the test control plane -----
 
 @pytest.fixture(scope="module")
@@ -456,3 +488,33 @@ def test_a_sandbox_never_runs_without_its_namespaces_isolation(plane: ControlPla
         ex.launch(Launch("s2", 2, "lab", {node: [0]}, env))
         policy = net.read_namespaced_network_policy("corral-sandbox-isolation", ns)
         assert policy.spec.pod_selector.match_labels == {k8s.KIND_LABEL: "sandbox"}
+
+
+def test_a_sandbox_started_again_mounts_its_users_same_claim(plane: ControlPlane, prefix: str,
+                                                              tmp_path: Path) -> None:
+    """On the control plane: the executor makes the user's claim on their first sandbox and mounts it in the pod of
+    every later attempt (a server stopped and started again). The admin's client: the chart's ClusterRole has no
+    persistentvolumeclaims (k8s_notebook_storage_size is off by default)."""
+    node = f"{prefix}home"
+    plane.create_gpu_node(node, product=f"NVIDIA-H-{prefix.strip('-')}", gpus=8)
+    with contextlib.ExitStack() as closing:
+        closing.callback(plane.core().delete_node, node)
+        ex = KubernetesExecutor(plane.api_client(), tmp_path, IMAGE, grace_s=1, namespace_prefix=prefix,
+                                hub_namespace=f"{prefix}hub",
+                                notebook_storage=k8s_sandbox.NotebookStorage(size="1Gi", storage_class="standard"))
+        closing.callback(ex.close)
+        env = {"CORRAL_QUEUE": "lab", "CORRAL_OWNER": "ann", k8s_sandbox.KIND_ENV: "sandbox"}
+        ns = f"{prefix}lab"
+        claims = []
+        for attempt in (1, 2):
+            ex.launch(Launch("s9", attempt, "lab", {node: [0]}, env, owner="ann"))
+            pod = plane.wait_pod(ns, k8s.pod_name("s9", attempt, 0))
+            (vol,) = [v for v in pod.spec.volumes if v.name == "home"]
+            claims.append(vol.persistent_volume_claim.claim_name)
+            (c,) = pod.spec.containers
+            assert [(m.name, m.mount_path) for m in c.volume_mounts if m.name == "home"] == [("home", "/home/jovyan")]
+            assert c.working_dir == "/home/jovyan"
+        assert claims == [k8s_sandbox.claim_name("ann")] * 2
+        made = plane.core().read_namespaced_persistent_volume_claim(claims[0], ns)
+        assert made.spec.resources.requests == {"storage": "1Gi"} and made.spec.storage_class_name == "standard"
+        assert len(plane.core().list_namespaced_persistent_volume_claim(ns).items) == 1

@@ -108,6 +108,27 @@ def test_default_workdir_is_the_output_directory(ex: LocalExecutor) -> None:
     assert Path(ex.logs("d", 1)[0]).stat().st_mode & 0o777 == 0o600  # logs are the service's to serve
 
 
+def test_a_notebooks_files_outlive_its_server_in_the_users_home(tmp_path: Path) -> None:
+    """Single-user: a sandbox opens in homes/<user>, not its run directory, so what the user saved in one attempt
+    is there in the next (a stop and start of the server); a batch job still starts in its output directory."""
+    ex = LocalExecutor(tmp_path / "runs", homes=tmp_path / "home")
+    sandbox = {"CORRAL_KIND": "sandbox"}
+    write = "import os; open('analysis.ipynb', 'w').write('{}'); print(os.getcwd())"
+    ex.launch(Launch("7", 1, [PY, "-c", write], {}, env=sandbox, owner="alice"))
+    assert wait_exit(ex).code == 0
+    home = tmp_path / "home" / "alice"
+    assert stdout(ex, "7", 1).strip() == str(home)
+    ex.launch(Launch("7", 2, [PY, "-c", "import os; print(sorted(os.listdir('.')))"], {}, env=sandbox, owner="alice"))
+    assert wait_exit(ex).code == 0
+    assert stdout(ex, "7", 2).strip() == "['analysis.ipynb']"  # not pid, stdout.log, stderr.log
+    ex.launch(Launch("8", 1, [PY, "-c", "import os; print(os.getcwd())"], {}, env=sandbox, owner="../bob"))
+    assert wait_exit(ex).code == 0
+    assert Path(stdout(ex, "8", 1).strip()).parent == tmp_path / "home"  # escaped: never outside the homes
+    ex.launch(Launch("9", 1, [PY, "-c", "import os; print(os.getcwd())"], {}, owner="alice"))
+    assert wait_exit(ex).code == 0
+    assert stdout(ex, "9", 1).strip() == str(ex.output_dir("9", 1))
+
+
 def test_the_service_environment_is_not_passed_on(ex: LocalExecutor, monkeypatch: pytest.MonkeyPatch) -> None:
     """A job sees its own env, the CORRAL_* of its attempt, PATH and locale: never the service's secrets."""
     monkeypatch.setenv("CORRAL_DATABASE_URL", "postgresql://corral:hunter2@db/corral")

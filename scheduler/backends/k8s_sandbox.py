@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client
@@ -16,6 +18,44 @@ from scheduler.backends.k8s_teams import TeamConfig, owner_policy, sandbox_isola
 
 KIND_ENV = "CORRAL_KIND"  # set by the service on every launch: "job" or "sandbox"
 PORT_NAME = "notebook-port"  # what make_pod names the server's containerPort
+HOME_VOLUME = "home"  # the pod's volume for its user's claim
+
+
+@dataclass(frozen=True)
+class NotebookStorage:
+    """Per-user notebook storage on Kubernetes: one PersistentVolumeClaim per user and team namespace, mounted at
+    `mount_path` (the notebook server's root directory) in every sandbox of theirs, so files outlive a server."""
+
+    size: str = "10Gi"
+    storage_class: str | None = None  # None: the cluster's default StorageClass
+    mount_path: str = "/home/jovyan"  # the Jupyter images' home and notebook directory
+
+
+def claim_name(owner: str) -> str:
+    """The claim of `owner`'s notebooks: a DNS-1123 name, one to one (a readable part and a hash of the name)."""
+    readable = k8s.dns_label(owner, 30) if any(ch.isalnum() for ch in owner) else "user"
+    return f"corral-home-{readable}-{hashlib.sha256(owner.encode()).hexdigest()[:10]}"
+
+
+def user_claim(namespace: str, owner: str, storage: NotebookStorage) -> dict[str, Any]:
+    """The PersistentVolumeClaim of `owner`'s notebook files in `namespace` (a pure builder, tested as a dict):
+    ReadWriteOnce, `storage.size`, the storage class when one is set. It is never deleted with a sandbox."""
+    spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": storage.size}}}
+    if storage.storage_class is not None:
+        spec["storageClassName"] = storage.storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim_name(owner), "namespace": namespace,
+                         "labels": {k8s.OWNER_LABEL: k8s.label_value(owner), "app.kubernetes.io/managed-by": "corral",
+                                    "corral.dev/purpose": "notebook-home"}},
+            "spec": spec}
+
+
+def ensure_claim(core: Any, namespace: str, owner: str, storage: NotebookStorage) -> str:
+    """Before a sandbox's pod: its user's claim exists in the namespace (made on the first sandbox; kept after)."""
+    body = user_claim(namespace, owner, storage)
+    with conflict_ok():  # made by an earlier sandbox of theirs: the same claim
+        core.create_namespaced_persistent_volume_claim(namespace, body)
+    return str(body["metadata"]["name"])
 
 
 def is_sandbox(env: Mapping[str, str]) -> bool:
@@ -26,20 +66,26 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
         command: str | Sequence[str], env: Mapping[str, str] | None = None, workers: int = 1,
         workdir: str | None = None, grace_s: float = 30.0, cpus: float | None = None,
         memory_gb: float | None = None, run_as_user: int = k8s.DEFAULT_RUN_AS_USER,
-        managed_taint: str = k8s.MANAGED_TAINT) -> dict[str, Any]:
+        managed_taint: str = k8s.MANAGED_TAINT, home_claim: str | None = None,
+        home_path: str = NotebookStorage.mount_path) -> dict[str, Any]:
     """A sandbox's pod; the same arguments as k8s_objects.pod, which it stands in for. KubeSpawner's `make_pod`
     gives the pod JupyterHub deployments run (its notebook container, no service-account token, no privilege
     escalation), confined like a job's (non-root, no capabilities, seccomp RuntimeDefault); Corral's parts
     (labels, annotations, schedulerName corral, resources, the grace) come from k8s_objects.pod, so the executor
     finds, binds and stops a sandbox like a job. As in KubeSpawner, the command is the container's args: the
-    image's entrypoint (tini in the Jupyter images) stays PID 1."""
+    image's entrypoint (tini in the Jupyter images) stays PID 1. With `home_claim`, the user's claim is mounted at
+    `home_path`, where the server opens (its working directory, unless the sandbox names one)."""
     base = k8s.pod(job_id, attempt, worker, namespace=namespace, node=node, gpus=gpus, image=image, command=command,
                    env=env, workers=workers, workdir=workdir, grace_s=grace_s, kind="sandbox", cpus=cpus,
                    memory_gb=memory_gb, run_as_user=run_as_user, managed_taint=managed_taint)
     meta, spec = base["metadata"], base["spec"]
     (c,) = spec["containers"]
+    volumes = [{"name": HOME_VOLUME, "persistentVolumeClaim": {"claimName": home_claim}}] if home_claim else None
+    mounts = [{"name": HOME_VOLUME, "mountPath": home_path}] if home_claim else None
     made = make_pod(name=meta["name"], cmd=c["command"], port=server_port(env or {}), image=image,
-                    env={e["name"]: e["value"] for e in c["env"]}, working_dir=workdir, labels=meta["labels"],
+                    env={e["name"]: e["value"] for e in c["env"]},
+                    working_dir=workdir or (home_path if home_claim else None), labels=meta["labels"],
+                    volumes=volumes, volume_mounts=mounts,
                     annotations=meta["annotations"], extra_resource_limits=c["resources"]["limits"],
                     extra_resource_guarantees=c["resources"].get("requests"),
                     scheduler_name=spec["schedulerName"], tolerations=spec["tolerations"],
@@ -50,6 +96,8 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
                                       "terminationGracePeriodSeconds": spec["terminationGracePeriodSeconds"]})
     out: dict[str, Any] = plain(made)
     out["metadata"]["namespace"] = namespace
+    if home_claim:  # the volume's files get the pod's user as group, so the non-root server may write them
+        out["spec"].setdefault("securityContext", {})["fsGroup"] = run_as_user
     return out
 
 

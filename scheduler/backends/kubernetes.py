@@ -71,8 +71,10 @@ class KubernetesExecutor:
                  namespace_prefix: str = "corral-", sa_timeout_s: float = 30.0,
                  hub_namespace: str = "jupyterhub", node_selector: str | None = None, watch_s: int = 10,
                  foreign_pods: bool = True, workload: str = "pod",
-                 run_as_user: int = k8s.DEFAULT_RUN_AS_USER, managed_taint: str = k8s.MANAGED_TAINT) -> None:
+                 run_as_user: int = k8s.DEFAULT_RUN_AS_USER, managed_taint: str = k8s.MANAGED_TAINT,
+                 notebook_storage: k8s_sandbox.NotebookStorage | None = None) -> None:
         self.core = core_api(api)
+        self.notebook_storage = notebook_storage  # None: a sandbox's files live and die with its pod
         self.batch: Any = client.BatchV1Api(self.core.api_client)
         if workload not in WORKLOADS:
             raise ValueError(f"workload {workload!r}: one of {', '.join(WORKLOADS)}")
@@ -124,6 +126,9 @@ class KubernetesExecutor:
             if not sandbox and self._workload(launch.env) == "job":  # sandboxes are KubeSpawner's pods
                 job = k8s.batch_job(launch.job_id, launch.attempt, workers=workers, **common)
             build = k8s_sandbox.pod if sandbox else k8s.pod
+            home = self.notebook_storage if sandbox else None
+            if home is not None:  # the user's own claim, the same for every sandbox and attempt of theirs
+                common.update(home_claim=k8s_sandbox.claim_name(launch.owner), home_path=home.mount_path)
             pods = [] if job else [build(launch.job_id, launch.attempt, i, node=node, gpus=n, workers=len(workers),
                                          **common) for i, (node, n) in enumerate(workers)]
         except ValueError as e:
@@ -133,6 +138,8 @@ class KubernetesExecutor:
             self._ensure_namespace(ns, queue)
             if sandbox:  # never a sandbox without its namespace's isolation: a failure fails the launch
                 k8s_sandbox.ensure_isolation(self.core, ns, self.teams)
+            if home is not None:
+                k8s_sandbox.ensure_claim(self.core, ns, launch.owner, home)
             if job:  # its controller makes the pods; poll() binds them as they appear
                 with conflict_ok():
                     _raw(self.batch.create_namespaced_job, ns, job)

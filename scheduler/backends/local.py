@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISDIR
 from typing import IO
+from urllib.parse import quote
 
 from scheduler.backends import shim
 from scheduler.backends.accounts import Account, Accounts, may_enter
@@ -58,10 +59,13 @@ class _Attempt:
 class LocalExecutor:
     """The Executor for a single machine: jobs are process groups; GPUs are chosen with CUDA_VISIBLE_DEVICES."""
 
-    def __init__(self, root: Path, python: str = sys.executable, accounts: Accounts | None = None) -> None:
+    def __init__(self, root: Path, python: str = sys.executable, accounts: Accounts | None = None,
+                 homes: Path | None = None) -> None:
         self.root = Path(root)
         self.python = python
         self.accounts = accounts  # None: every job runs as this process's own user (single-user)
+        # Single-user: a notebook opens in homes/<user> (its files outlive its server); None: in its output dir.
+        self.homes = Path(homes) if homes is not None else None
         self._attempts: dict[tuple[str, int], _Attempt] = {}
 
     @property
@@ -81,6 +85,17 @@ class LocalExecutor:
             return os.path.isdir(workdir)
         return may_enter(workdir, self.accounts.ids(owner))
 
+    def home_of(self, owner: str) -> Path:
+        """Single-user: the notebook directory of `owner` (homes/<user>, made on first use), the same for every
+        attempt of every sandbox of theirs. The name is escaped so no user name climbs out of `homes`."""
+        assert self.homes is not None
+        name = quote(owner or "_", safe="")
+        if name in (".", ".."):
+            name = name.replace(".", "%2E")
+        home = self.homes / name
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return home
+
     def output_dir(self, job_id: str, attempt: int) -> Path:
         return self.rundir(job_id, attempt) / OUTPUT
 
@@ -92,8 +107,13 @@ class LocalExecutor:
         account = self.accounts.account(launch.owner) if self.accounts is not None else None
         output = self._make_dirs(launch, account)
         workdir = Path(launch.workdir) if launch.workdir else output
-        if not launch.workdir and account is not None and launch.env.get("CORRAL_KIND") == "sandbox":
-            workdir = account.home  # a notebook's files outlive its server: they are the user's, in their home
+        if not launch.workdir and launch.env.get("CORRAL_KIND") == "sandbox":
+            # A notebook's files outlive its server (a new attempt, a new run directory): they are the user's, in
+            # their home; the server opens there (its root directory is its working directory).
+            if account is not None:
+                workdir = account.home
+            elif self.homes is not None:
+                workdir = self.home_of(launch.owner)
         if not workdir.is_dir():
             raise ValueError(f"workdir {workdir} is not a directory")
         env = _base_env(account)

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 import uvicorn
@@ -26,6 +27,9 @@ from scheduler.service.db import connect, migrate, require_head, tokens
 from scheduler.service.metrics_server import MetricsServer
 from scheduler.service.settings import ADMIN_TOKEN_FILE, ServiceSettings
 from scheduler.service.telemetry import configure_logging
+
+if TYPE_CHECKING:
+    from scheduler.backends.k8s_sandbox import NotebookStorage
 
 log = logging.getLogger("corral.service")
 # Said at every start on the Ray backend (docs/ray.md, Trust model): Corral cannot separate Ray jobs from each other.
@@ -75,7 +79,8 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
                                     node_selector=settings.k8s_node_selector,
                                     foreign_pods=settings.k8s_foreign_pods, workload=settings.k8s_workload,
                                     run_as_user=settings.k8s_run_as_user,
-                                    managed_taint=settings.k8s_managed_taint)
+                                    managed_taint=settings.k8s_managed_taint,
+                                    notebook_storage=notebook_storage(settings))
         if nodes is None:
             nodes = k8s_ex.discover()  # its node watch resumes from this very list
         executor = executor or k8s_ex
@@ -92,12 +97,21 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
     return core
 
 
+def notebook_storage(settings: ServiceSettings) -> NotebookStorage | None:
+    """Per-user notebook claims on Kubernetes, when a size is set."""
+    if settings.k8s_notebook_storage_size is None:
+        return None
+    from scheduler.backends.k8s_sandbox import NotebookStorage  # noqa: PLC0415  (the kubernetes backend's)
+    return NotebookStorage(settings.k8s_notebook_storage_size, settings.k8s_notebook_storage_class,
+                           settings.k8s_notebook_dir)
+
+
 def local_executor(settings: ServiceSettings) -> LocalExecutor:
     """This machine's executor, running each job as its owner's account where the service can switch users."""
     users, why = isolation(settings)
     if not users:
         log.warning("isolation: %s", why)
-        return LocalExecutor(settings.logs_dir)
+        return LocalExecutor(settings.logs_dir, homes=settings.data_dir / "home")  # notebooks' homes, per user
     log.info("isolation: %s (accounts: %s)", why, settings.accounts)
     blocked = unreachable_ancestor(settings.data_dir)
     if blocked is not None:  # jobs still start (in their output directory) but cannot name it by its path

@@ -64,6 +64,14 @@ class ServiceSettings(BaseSettings):
         "(a job's env CORRAL_K8S_WORKLOAD overrides it; sandboxes are always pods)."))
     k8s_hub_namespace: str = Field("jupyterhub", description=(
         "JupyterHub's namespace: its hub and proxy pods are the only ones outside a team that reach its sandboxes."))
+    k8s_notebook_storage_size: str | None = Field(None, description=(
+        "Per-user notebook storage on Kubernetes: each user gets a PersistentVolumeClaim of this size (e.g. 10Gi) "
+        "in their team's namespace, mounted at k8s_notebook_dir in every sandbox of theirs. None: none (a sandbox's "
+        "files go with its pod). Corral's ServiceAccount then needs create and get on persistentvolumeclaims."))
+    k8s_notebook_storage_class: str | None = Field(None, description=(
+        "The StorageClass of those claims (None: the cluster's default)."))
+    k8s_notebook_dir: str = Field("/home/jovyan", description=(
+        "Where a sandbox's claim is mounted: the notebook server's root directory."))
     k8s_run_as_user: int = Field(1000, ge=1, description=(
         "The uid every job and sandbox pod runs as on Kubernetes (runAsNonRoot, never 0), whatever its image's USER "
         "says; 1000 is the Jupyter images' jovyan."))
