@@ -240,8 +240,8 @@ class Job:
         # Displaying a job shows it as it is now; a broken connection must not break the notebook's display.
         note, reason = "", self.data.get("reason")
         try:
-            self.refresh()
-            reason = self.explain().get("reason") if self.state == "pending" else self.data.get("reason")
+            # The API's job carries the reason it waits now (what explain says), so one request does.
+            reason = self.refresh().get("reason")
         except CorralError as e:
             note = f"could not refresh: {e}"
         if self.state in FINAL and reason and reason.get("rule") not in (self.state, "completed", "failed"):

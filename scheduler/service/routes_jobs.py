@@ -13,14 +13,14 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from scheduler.engine.model import JobState
 from scheduler.service import store
 from scheduler.service.core import Core
 from scheduler.service.db import attempts, events, jobs
 from scheduler.service.deps import TEXT_OK, Caller, CoreDep, DbId
 from scheduler.service.errors import Invalid, NotStarted
 from scheduler.service.redact import Redactor
-from scheduler.service.specs import JobSubmit, engine_id
+from scheduler.service.specs import JobSubmit
+from scheduler.service.views import live_reasons, reason_now
 
 router = APIRouter(tags=["jobs"])
 STATES = ("pending", "starting", "running", "completed", "failed", "cancelled", "rejected")
@@ -80,6 +80,8 @@ def list_jobs(who: Caller, core: CoreDep,
                 out.append(view)
             if len(out) == limit:
                 break
+    live_reasons(core, out)  # why each waits now, as explain says; the lock is not taken inside a connection
+    with core.db.connect() as conn:
         hide = Redactor(core, conn, who)
         hide.learn(v["reason"] for v in out)  # every id the page names, in one look-up
         for v in out:
@@ -98,7 +100,9 @@ def _label(text: str) -> tuple[str, str]:
 def get_job(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
         job = core.readable(conn, who, job_id)
-        view = store.job_view(job)
+    view = store.job_view(job)
+    live_reasons(core, [view])
+    with core.db.connect() as conn:
         view["reason"] = Redactor(core, conn, who).value(view["reason"])
         view["attempts"] = [dict(a) for a in conn.execute(
             sa.select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.attempt)).mappings()]
@@ -139,9 +143,7 @@ def explain(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
                                                                     events.c.kind == "preempted")
                                            .order_by(events.c.id)).mappings()]
     with core.lock:
-        live = core.engine.jobs.get(engine_id(job_id))
-        reason = (store.reason_json(core.engine.explain(engine_id(job_id), core.clock()))
-                  if live is not None and live.state is JobState.PENDING else job["reason"])
+        reason = reason_now(core, job_id, job["reason"])
     with core.db.connect() as conn:  # after the lock: the redactor takes it to read the tree
         hide = Redactor(core, conn, who)
         hide.learn([reason, preempted])

@@ -13,7 +13,8 @@ from scheduler.engine.state import PoolState
 from scheduler.service.auth import Principal
 from scheduler.service.core import Core
 from scheduler.service.metrics import gauge
-from scheduler.service.specs import job_id_of
+from scheduler.service.specs import engine_id, job_id_of
+from scheduler.service.store import reason_json
 
 
 class QueuePoolView(BaseModel):
@@ -47,6 +48,24 @@ class QueueTreeView(BaseModel):
 
     version: int
     queues: list[QueueView]
+
+
+def reason_now(core: Core, job_id: int, stored: Any) -> Any:
+    """Why the job is where it is now: for a job the engine holds pending, the rule that blocks it (the engine's
+    explain, with its numbers), not the reason stored at its last decision (a requeued job's preemption);
+    for any other job the stored reason. Call under core.lock; the caller redacts the answer."""
+    live = core.engine.jobs.get(engine_id(job_id))
+    if live is not None and live.state is JobState.PENDING:
+        return reason_json(core.engine.explain(live.id, core.clock()))
+    return stored
+
+
+def live_reasons(core: Core, views: Iterable[dict[str, Any]]) -> None:
+    """Set each job view's "reason" to reason_now, under one hold of the lock for the whole page (a listing
+    is paginated, so this stays cheap). Jobs the engine does not hold keep their stored reason."""
+    with core.lock:
+        for v in views:
+            v["reason"] = reason_now(core, v["id"], v["reason"])
 
 
 def queue_tree(core: Core, who: Principal) -> QueueTreeView:

@@ -65,13 +65,9 @@ def queues_page(request: Request, who: Viewer, core: CoreDep) -> HTMLResponse:
             scale = max(capacity[pool], p["usage"], p["quota"], 1)  # borrowing can exceed nothing but capacity
             rows.append({"name": q["name"], "depth": depth[q["name"]], "leaf": q["leaf"], "scale": scale, **p})
         pools.append({"name": pool, "capacity": capacity[pool], "rows": rows})
-    pending = []
-    for j in routes_jobs.list_jobs(who, core, state=["pending"], limit=PENDING_SHOWN)["jobs"]:
-        try:
-            why = routes_jobs.explain(j["id"], who, core)["reason"]
-        except ServiceError:  # it started or ended between the two reads: it is no longer pending
-            continue
-        pending.append({**j, "why": why})
+    # The listing's reason is explain's (views.live_reasons), computed for the whole page under one lock.
+    pending = [{**j, "why": j["reason"]}
+               for j in routes_jobs.list_jobs(who, core, state=["pending"], limit=PENDING_SHOWN)["jobs"]]
     return page(request, who, "queues.html", version=tree["version"], pools=pools, pending=pending,
                 more=len(pending) >= PENDING_SHOWN)
 
