@@ -22,6 +22,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from notebooks.client import Client
 from scheduler.service.db import jobs
 from tests.test_crash import free_port
 
@@ -271,3 +272,25 @@ def test_stopping_the_server_frees_its_gpus_at_once(stack: dict[str, Any]) -> No
     wait_for(lambda: stack["corral"].get(f"/v1/jobs/{box['id']}").json()["state"] == "cancelled", "the close")
     free = stack["corral"].get("/v1/pools").json()["pools"][0]["free"]
     assert free == 4
+
+
+def test_the_sdk_finds_corral_through_the_hub_with_no_configuration(stack: dict[str, Any],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without CORRAL_URL, a notebook's SDK goes to the hub's service URL, <hub>/services/corral: the hub's proxy
+    forwards the whole path to Corral, which answers there as at its root."""
+    origin = str(stack["hub"].base_url).split("/hub/api")[0]
+    token = stack["hub"].post("/users/alice/tokens", json={"note": "sdk"}).json()["token"]
+    for var in ("CORRAL_URL", "CORRAL_TOKEN", "JUPYTERHUB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", token)
+    monkeypatch.setenv("JUPYTERHUB_PUBLIC_URL", f"{origin}/")
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/alice/")
+    auth = {"Authorization": f"token {token}"}
+    direct = httpx.get(f"{stack['corral_url']}/v1/jobs", headers=auth)
+    through = httpx.get(f"{origin}/services/corral/v1/jobs", headers=auth)
+    assert through.status_code == 200, through.text
+    assert through.json() == direct.json()
+    with Client() as corral:
+        assert corral.connection.url == f"{origin}/services/corral"
+        job = corral.submit(["true"], queue="nlp", gpus=0)
+        assert job.data["owner"] == "alice" and corral.job(job.id).queue == "nlp"

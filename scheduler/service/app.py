@@ -34,6 +34,7 @@ from scheduler.service.core import Core
 from scheduler.service.deps import TEXT_OK
 from scheduler.service.errors import ServiceError, http_error_body
 from scheduler.service.forward import ToLeader
+from scheduler.service.hubprefix import HubPrefix, hub_prefixes
 from scheduler.service.telemetry import RequestTelemetry
 from scheduler.service.views import live_metrics
 from scheduler.service.web.whatif import MAX_FORM, WHATIF_PATH
@@ -118,6 +119,8 @@ def create_app(core: Core, run_loop: bool = True, own_url: str = "") -> FastAPI:
 
         app.add_middleware(ToLeader, leads=leads, leader_url=elected.fence.leader_url, own_url=own_url)
         to_leader = ToLeader(None, leads, elected.fence.leader_url, own_url)  # readyz asks it who leads
+    # Outermost of all: through JupyterHub's proxy every path comes under the hub service's prefix.
+    app.add_middleware(HubPrefix, prefixes=hub_prefixes(core.settings.hub_service_prefix, core.settings.hub_api_url))
     core.metrics.add_gauges(lambda: live_metrics(core))
     core.metrics.add_gauges(lambda: registry.audit_metrics(core))  # the audit head, for auditors to keep
 

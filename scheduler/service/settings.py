@@ -151,6 +151,10 @@ class ServiceSettings(BaseSettings):
         "hub's groups and custom:corral:* scopes decide who may do what."))
     hub_groups: dict[str, str] = Field(default_factory=dict, description=(
         "Hub group -> Corral leaf queue: a group's members are that team (JSON in the environment)."))
+    hub_service_prefix: str | None = Field(None, pattern=r"^/[^?#]*$", description=(
+        "The path under which JupyterHub's proxy forwards to Corral, registered as the hub service `corral` (the "
+        "proxy forwards the whole path): Corral answers there as at its root. None: /services/corral and, with "
+        "hub_api_url, <hub base URL>services/corral (hub_api_url's path without hub/api)."))
     otel_exporter: Literal["none", "console", "otlp"] = Field("none", description=(
         "OpenTelemetry traces of API requests and scheduling cycles: none (off), console (stdout), or otlp (OTLP over "
         "HTTP to otel_endpoint; needs the extra corral[otel])."))
