@@ -62,7 +62,7 @@ def _image_dir() -> Path:
         why = out.stderr.strip()
     if d is not None and (d / f"corral-{VERSION}.oci.tar").is_file() and (d / "rootfs").is_dir():
         return d
-    msg = f"the Corral image is not built: {why or d} (run scripts/image)"
+    msg = why or f"no Corral image in {d} (CORRAL_IMAGE): run scripts/image"
     if os.environ.get("CORRAL_REQUIRE_IMAGE") == "1":
         pytest.fail(f"{msg} (CORRAL_REQUIRE_IMAGE=1)", pytrace=False)
     pytest.skip(msg)
