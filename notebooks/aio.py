@@ -3,7 +3,7 @@
 `Client` (notebooks.client) wraps it for synchronous use; async code may use it directly:
 
     async with AsyncCorral(resolve()) as api:
-        job, created = await api.submit({"queue": "default", "command": "nvidia-smi"})
+        job, created = await api.submit({"queue": "nlp", "command": "nvidia-smi"})
 """
 
 from __future__ import annotations
@@ -88,6 +88,11 @@ class AsyncCorral:
         if state:
             params["state"] = [state] if isinstance(state, str) else list(state)
         found: list[dict[str, Any]] = (await self.request("GET", "/v1/jobs", params=params)).json()["jobs"]
+        return found
+
+    async def queues(self) -> list[dict[str, Any]]:
+        """GET /v1/queues: the queues the caller may see, with their numbers."""
+        found: list[dict[str, Any]] = (await self.request("GET", "/v1/queues")).json()["queues"]
         return found
 
     async def cancel(self, job_id: int) -> dict[str, Any]:

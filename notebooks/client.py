@@ -2,7 +2,7 @@
 
     from notebooks.client import Client
     corral = Client()                     # URL and token: see notebooks.config
-    job = corral.submit("nvidia-smi", queue="default", gpus=1)
+    job = corral.submit("nvidia-smi", gpus=1)   # queue: $CORRAL_QUEUE, else your one queue (default_queue)
     job.logs(follow=True)                 # Ctrl+C detaches: the job keeps running
     job.wait()
 
@@ -59,6 +59,7 @@ class Client:
         self.python = python or _payload.default_python()
         self._loop = LoopThread()
         self._api = AsyncCorral(self.connection)
+        self._queue: str | None = None  # the one queue the caller may see, once asked (default_queue)
 
     def __repr__(self) -> str:
         return f"Client(url={self.connection.url!r})"
@@ -89,7 +90,7 @@ class Client:
 
     def submit(self, command: str | Sequence[str] | None = None, *, script: str | os.PathLike[str] | None = None,
                function: Callable[..., Any] | None = None, args: Sequence[Any] = (),
-               kwargs: Mapping[str, Any] | None = None, queue: str, gpus: int = 1, workers: int = 1,
+               kwargs: Mapping[str, Any] | None = None, queue: str | None = None, gpus: int = 1, workers: int = 1,
                name: str | None = None, pool: str | None = None, priority: int = 0, preemptible: bool = True,
                env: Mapping[str, str] | None = None, workdir: str | None = None, max_runtime: float | None = None,
                labels: Mapping[str, str] | None = None, idempotency_key: str | None = None) -> Job:
@@ -100,6 +101,7 @@ class Client:
         runs on this machine or a shared file system) or `function` (called as function(*args, **kwargs) in
         the job; the repr of its return value is the last line of its stdout, see Job.result()).
         A repeated `idempotency_key` returns the job first submitted with it, so re-running a cell is safe.
+        `queue` defaults to default_queue().
         """
         given = [x for x in (command, script, function) if x is not None]
         if len(given) != 1:
@@ -118,8 +120,8 @@ class Client:
             workdir = workdir or os.getcwd()
         else:
             argv = command if isinstance(command, str) else [str(a) for a in command or ()]
-        body: dict[str, Any] = {"queue": queue, "command": argv, "gpus": gpus, "workers": workers,
-                                "priority": priority, "preemptible": preemptible}
+        body: dict[str, Any] = {"queue": queue or self.default_queue(), "command": argv, "gpus": gpus,
+                                "workers": workers, "priority": priority, "preemptible": preemptible}
         optional = {"name": name, "pool": pool, "workdir": workdir, "max_runtime": max_runtime,
                     "idempotency_key": idempotency_key, "env": dict(env) if env else None,
                     "labels": dict(labels) if labels else None}
@@ -130,6 +132,21 @@ class Client:
         job = Job(self, data)
         job.reused = not created
         return job
+
+    def default_queue(self) -> str:
+        """The queue jobs go to when submit() is given none: CORRAL_QUEUE (Corral's sandboxes set it to the
+        user's team queue), else the one leaf queue you may see (your team's; on a fresh `corral serve`,
+        `default`). CorralError no_queue when you see several: pass queue=... or set CORRAL_QUEUE."""
+        if os.environ.get("CORRAL_QUEUE"):
+            return os.environ["CORRAL_QUEUE"]
+        if self._queue is None:
+            leaves = sorted(q["name"] for q in self._loop.run(self._api.queues()) if q.get("leaf"))
+            if len(leaves) != 1:
+                raise CorralError("no_queue", "no queue given and CORRAL_QUEUE is not set, and "
+                                  + (f"you may see {len(leaves)} queues ({', '.join(leaves[:10])})" if leaves
+                                     else "you may see no queue") + ": pass queue=... or set CORRAL_QUEUE", "queue")
+            self._queue = leaves[0]
+        return self._queue
 
     def job(self, job_id: int) -> Job:
         """The job with this id (CorralError not_found when it does not exist or is not yours to see)."""

@@ -9,14 +9,14 @@
 The cell's source runs as `python -c <source>` in the job (it does not see the notebook's variables: pass data
 through files, or use Client.submit(function=...)). Its stdout streams into the cell until the job ends
 (--no-follow returns at once); the cell's value is the Job. A failed job raises JobFailed, with the end of its
-stderr, so "Run all" stops there. `%corral_status JOB` shows a job. --queue defaults to CORRAL_QUEUE, else
-"default". The client is created at first use with the rules of notebooks.config.
+stderr, so "Run all" stops there. `%corral_status JOB` shows a job. --queue defaults to the SDK's default queue
+(Client.default_queue: CORRAL_QUEUE, else the one queue you may see). The client is created at first use with
+the rules of notebooks.config.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from typing import Any
@@ -72,7 +72,7 @@ def run_cell(line: str, cell: str, corral: Client | None = None) -> Job:
     so it can be called (and tested) without IPython."""
     opts = parse(line)
     corral = corral or client()
-    job = corral.submit([corral.python, "-c", cell], queue=opts.queue or os.environ.get("CORRAL_QUEUE") or "default",
+    job = corral.submit([corral.python, "-c", cell], queue=opts.queue,
                         gpus=opts.gpus, workers=opts.workers, name=opts.name or "cell", pool=opts.pool,
                         priority=opts.priority, max_runtime=opts.max_runtime, idempotency_key=opts.idempotency_key,
                         labels={"source": "notebook-cell"})

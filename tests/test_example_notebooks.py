@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -16,14 +17,29 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "notebooks" / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
 
 
+TEAMS = ("nlp", "vision")
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCorral]:
-    yield from start_corral(tmp_path_factory.mktemp("corral"))
+    """A live Corral with two teams' queues, and the notebooks run by a member of one of them, not the admin:
+    CORRAL_TOKEN is the member's, CORRAL_QUEUE the team's queue, as a Corral notebook sandbox sets it."""
+    for corral in start_corral(tmp_path_factory.mktemp("corral")):
+        admin = httpx.Client(base_url=corral.url, headers={"Authorization": f"Bearer {corral.token}"})
+        pool = admin.get("/v1/pools").json()["pools"][0]["name"]
+        tree = {"queues": [{"name": "default", "quota": {pool: 0}}]
+                + [{"name": t, "quota": {pool: 1}} for t in TEAMS]}
+        assert admin.post("/v1/queues/apply", json={"document": tree}).status_code == 200
+        r = admin.post("/v1/tokens", json={"user": "nia", "role": "member", "scope": "vision"})
+        assert r.status_code == 201, r.text
+        yield LiveCorral(corral.url, r.json()["token"],
+                         {**corral.env, "CORRAL_TOKEN": r.json()["token"], "CORRAL_QUEUE": "vision"})
 
 
 def run(path: Path, live: LiveCorral, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> nbformat.NotebookNode:
     """Execute a notebook with this interpreter's ipykernel (the `python3` kernel runs sys.executable),
     in `workdir`, with the environment that finds the live Corral; a cell error fails the test."""
+    monkeypatch.delenv("CORRAL_QUEUE", raising=False)
     for k, v in live.env.items():
         # The kernel inherits this process's environment: set what a user's shell would have set.
         if k.startswith("CORRAL_") or k == "PATH":
@@ -57,6 +73,18 @@ def test_train_script_notebook(live: LiveCorral, tmp_path: Path, monkeypatch: py
     assert "GPUs: 0" in shown or "GPUs: 1" in shown
     assert "completed" in shown and "tiny-train" in shown  # the job's card
     assert (tmp_path / "train.py").exists()
+    mine = httpx.get(f"{live.url}/v1/jobs", params={"state": "completed"},
+                     headers={"Authorization": f"Bearer {live.token}"}).json()["jobs"]
+    assert {(j["queue"], j["owner"]) for j in mine if j["name"] == "tiny-train"} == {("vision", "nia")}
+
+
+def test_without_corral_queue_the_sdk_takes_the_members_one_queue(live: LiveCorral, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside a sandbox (no CORRAL_QUEUE) the SDK submits to the one queue the member may see, its team's."""
+    shown = text_of(run(EXAMPLES / "01_train_script.ipynb",
+                        LiveCorral(live.url, live.token, {k: v for k, v in live.env.items() if k != "CORRAL_QUEUE"}),
+                        tmp_path, monkeypatch))
+    assert "final loss 0.0778" in shown and "vision" in shown
 
 
 def test_function_sweep_notebook(live: LiveCorral, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,3 +104,5 @@ def test_examples_do_not_hardcode_a_server() -> None:
         text = path.read_text()
         # URL and token come from the environment (CORRAL_URL, CORRAL_TOKEN), never from the notebook.
         assert "127.0.0.1" not in text and "localhost" not in text and "token=" not in text
+        # Nor the queue: the SDK's default (CORRAL_QUEUE, else the user's one queue) works for every team member.
+        assert "queue=" not in text and "--queue" not in text and "-q " not in text

@@ -103,6 +103,17 @@ def gpus_held(corral: Client) -> Iterator[Job]:
     hog.cancel()
 
 
+def test_the_queue_defaults_to_corral_queue_else_the_one_queue_seen(corral: Client,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CORRAL_QUEUE", raising=False)
+    assert corral.default_queue() == "default"  # a fresh `corral serve` has one queue
+    assert corral.submit("true", gpus=0).queue == "default"
+    monkeypatch.setenv("CORRAL_QUEUE", "elsewhere")
+    assert corral.default_queue() == "elsewhere"
+    with pytest.raises(CorralError):  # the service names the unknown queue
+        corral.submit("true", gpus=0)
+
+
 def test_command_job_runs_and_its_logs_read_back(corral: Client) -> None:
     job = corral.submit("echo one; echo two >&2", queue="default", name="cmd")
     assert isinstance(job.id, int) and job.state == "pending"  # submit returns at once, before the job runs
