@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import sys
 from pathlib import Path
@@ -32,6 +33,18 @@ cli_admission.register(app)
 cli_db.register(app)
 
 out = Console()
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        print(f"corral {importlib.metadata.version('corral')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print Corral's version and exit.")] = False) -> None:
+    """Corral: a GPU-aware scheduler for shared GPU pools."""
 
 
 def bad_input(e: Exception) -> typer.Exit:
