@@ -129,6 +129,11 @@ def configuration(*, webhook_port: int, cert_dir: Path, health_port: int, qps: f
         "metrics": {"bindAddress": "0"},
         "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(cert_dir)},
         "leaderElection": {"leaderElect": False},
+        # As Kueue's shipped configuration sets it (config/components/manager/controller_manager_config.yaml);
+        # without it every controller reconciles one object at a time.
+        "controller": {"groupKindConcurrency": {
+            "Job.batch": 5, "Pod": 5, "Workload.kueue.x-k8s.io": 5, "LocalQueue.kueue.x-k8s.io": 1,
+            "Cohort.kueue.x-k8s.io": 1, "ClusterQueue.kueue.x-k8s.io": 1, "ResourceFlavor.kueue.x-k8s.io": 1}},
         "internalCertManagement": {"enable": False},
         "clientConnection": {"qps": qps, "burst": burst},
         "integrations": {"frameworks": ["batch/job"]},
