@@ -11,6 +11,8 @@ gate, or `audit --verify` found a broken chain; 2 for usage errors (and `deploy`
 from __future__ import annotations
 
 import json
+import textwrap
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -315,6 +317,18 @@ def rollback(
     typer.echo(f"{done['model']} {done['stage']} is v{done['version']} again (rolled back from v{done['previous']})")
 
 
+def _entries_narrow(rows: Sequence[Sequence[str]], width: int) -> None:
+    """Audit entries for a terminal narrower than the table: the short columns aligned on one line, the detail
+    wrapped below it, indented (a table there squeezed every column but the detail to nothing)."""
+    heads = ("SEQ", "AT", "ACTOR", "ACTION", "MODEL")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+    typer.echo("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip())
+    for r in rows:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(r[:5], widths, strict=True)).rstrip())
+        for line in textwrap.wrap(r[5], max(20, width - 4), break_on_hyphens=False):
+            typer.echo(f"    {line}")
+
+
 @models_app.command("audit")
 def audit(
     model: Annotated[str | None, typer.Option("--model", "-m", help="One model's entries (only platform admins "
@@ -337,13 +351,18 @@ def audit(
     if output is not Output.TABLE:
         emit(data, output)
     else:
-        table = Table("SEQ", "AT", "ACTOR", "ACTION", "MODEL", box=None, pad_edge=False)
-        table.add_column("DETAIL", no_wrap=True, overflow="ellipsis")
-        for e in data["entries"]:
-            table.add_row(*cells(str(e["seq"]), when(e["at"]), e["actor"], e["action"], e["model"],
-                                 _summary(e["action"], e["detail"])))
-        if data["entries"]:
-            console().print(table)
+        rows = [(str(e["seq"]), when(e["at"]), e["actor"], e["action"], e["model"] or "",
+                 _summary(e["action"], e["detail"])) for e in data["entries"]]
+        table = Table("SEQ", "AT", "ACTOR", "ACTION", "MODEL", "DETAIL", box=None, pad_edge=False)
+        for row in rows:
+            table.add_row(*cells(*row))
+        c = console()
+        heads = ("SEQ", "AT", "ACTOR", "ACTION", "MODEL", "DETAIL")
+        needed = sum(max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)) + 2 * 5 if rows else 0
+        if rows and needed <= c.width:
+            c.print(table)
+        elif rows:  # narrower than the table (80 columns): each entry's detail on its own lines, below it
+            _entries_narrow(rows, c.width)
         if checked is not None and checked["intact"]:
             # The API always checks the whole chain (each link against its neighbours), not only this model's rows.
             note(f"audit chain intact: {checked['entries']} entries verified"

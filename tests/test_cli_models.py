@@ -232,3 +232,22 @@ def test_empty_registry_and_missing_model(corral: Corral) -> None:
     assert "no versions yet" in corral("models", "show", "m").stdout
     assert "already exists" in corral("models", "create", "m", "--queue", "nlp", code=1).stderr
     assert "no versions yet" in corral("models", "roi", "m").stdout
+
+
+def test_audit_stays_readable_at_80_columns(corral: Corral, service: Service) -> None:
+    """A long detail used to squeeze every other column to nothing at 80 columns; now the short columns stay on
+    one line and the detail wraps below its entry."""
+    corral("models", "create", "sentiment-classifier", "--queue", "nlp")
+    corral("models", "create", "n", "--queue", "vision")
+    detail = {"version": 3, "job": 17, "digest": "ab" * 32, "metrics": {"accuracy": 0.91, "f1": 0.88, "loss": 0.12}}
+    with service.core.db.begin() as conn:  # a version's entry, as a registration writes it (the chain is not checked)
+        conn.execute(sa.update(model_audit).where(model_audit.c.seq == 1)
+                     .values(action="version.register", detail=detail))
+    out = CliRunner().invoke(app, ["models", "audit"], env={"COLUMNS": "80"}).stdout
+    lines = out.splitlines()
+    assert lines[0].split() == ["SEQ", "AT", "ACTOR", "ACTION", "MODEL"]
+    assert lines[1].split()[3:] == ["root", "version.register", "sentiment-classifier"]
+    assert "v3 from job 17, sha256 abababababab" in out and "loss=0.12" in out
+    assert all(len(line) <= 80 for line in lines)
+    wide = corral("models", "audit").stdout  # 200 columns: the table, detail in its own column
+    assert wide.splitlines()[0].split() == ["SEQ", "AT", "ACTOR", "ACTION", "MODEL", "DETAIL"]

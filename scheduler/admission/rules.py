@@ -57,19 +57,24 @@ class Rule(Body):
 
     @model_validator(mode="after")
     def _defaults_are_job_fields(self) -> Rule:
+        # Every problem of the rule at once, not the first one: a fix-one-retry loop is what users reported.
+        problems: list[str] = []
         for f in self.defaults:
             if f in FIXED:
-                raise ValueError(f"defaults may not set {f!r}: it decides who may submit where")
-            if f not in JobSubmit.model_fields:
-                raise ValueError(f"defaults names {f!r}, which is not a job field")
+                problems.append(f"defaults may not set {f!r}: it decides who may submit where")
+            elif f not in JobSubmit.model_fields:
+                problems.append(f"defaults names {f!r}, which is not a job field")
         if self.allowed_images is not None and not all(p.strip() for p in self.allowed_images):
-            raise ValueError("allowed_images may not contain an empty prefix (it would allow every image)")
+            problems.append("allowed_images may not contain an empty prefix (it would allow every image)")
         # A default that no job could carry (gpus: "two") is an error now, not at every submission.
+        usable = {k: v for k, v in self.defaults.items() if k not in FIXED and k in JobSubmit.model_fields}
         try:
-            JobSubmit.model_validate({"queue": "q", "command": ["true"], **self.defaults})
+            JobSubmit.model_validate({"queue": "q", "command": ["true"], **usable})
         except ValidationError as e:
-            raise ValueError("defaults are not valid job fields: " + "; ".join(
-                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())) from e
+            problems.append("defaults are not valid job fields: " + "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()))
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def covers(self, queue_path: Sequence[str]) -> bool:
@@ -100,13 +105,34 @@ class AdmissionPolicy(Body):
         return self
 
 
-def parse(document: Mapping[str, Any]) -> AdmissionPolicy:
-    """Validate a document as a whole; AdmissionError lists every problem with where it is."""
+def parse(document: Mapping[str, Any], queues: Sequence[str] | set[str] | None = None) -> AdmissionPolicy:
+    """Validate a document as a whole; AdmissionError lists every problem with where it is, all at once: the
+    fields of every rule, repeated rule names even where a rule is invalid (pydantic skips the policy's own
+    checks then), and with `queues` (the tree's) scoped queues that do not exist."""
+    problems: list[tuple[str, str]] = []
+    policy: AdmissionPolicy | None = None
     try:
-        return AdmissionPolicy.model_validate(document)
+        policy = AdmissionPolicy.model_validate(document)
     except ValidationError as e:
-        raise AdmissionError([(".".join(str(p) for p in err["loc"]) or "document", err["msg"])
-                              for err in e.errors()]) from e
+        problems = [(".".join(str(p) for p in err["loc"]) or "document", err["msg"]) for err in e.errors()]
+    raw = document.get("rules") if isinstance(document, Mapping) else None
+    raw_rules = [r for r in raw if isinstance(r, Mapping)] if isinstance(raw, list) else []
+    if policy is None:
+        names = Counter(r["name"] for r in raw_rules if isinstance(r.get("name"), str))
+        twice = sorted(n for n, k in names.items() if k > 1)
+        if twice:
+            problems.append(("document", f"rule names must be unique; repeated: {', '.join(twice)}"))
+    if queues is not None:
+        known = set(queues)
+        for i, r in enumerate(raw if isinstance(raw, list) else []):
+            scope = r.get("scope") if isinstance(r, Mapping) else None
+            listed = scope.get("queues") if isinstance(scope, Mapping) else None
+            for q in listed if isinstance(listed, list) else []:
+                if isinstance(q, str) and q not in known:
+                    problems.append((f"rules.{i}.scope.queues", f"queue {q!r} does not exist"))
+    if problems or policy is None:
+        raise AdmissionError(problems or [("document", "not a valid admission policy")])
+    return policy
 
 
 def unknown_queues(policy: AdmissionPolicy, queues: Sequence[str] | set[str]) -> list[tuple[str, str]]:

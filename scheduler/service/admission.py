@@ -22,7 +22,6 @@ from scheduler.admission.rules import (
     HookAnswer,
     evaluate,
     parse,
-    unknown_queues,
 )
 from scheduler.service import store
 from scheduler.service.auth import Principal
@@ -72,10 +71,7 @@ def current(core: Core) -> tuple[int, AdmissionPolicy]:
 def validate(core: Core, document: dict[str, Any]) -> AdmissionPolicy:
     """The whole document checked; Invalid lists every problem with where it is."""
     try:
-        policy = parse(document)
-        problems = unknown_queues(policy, set(core.tree.queues))
-        if problems:
-            raise AdmissionError(problems)
+        policy = parse(document, set(core.tree.queues))  # every problem at once, unknown queues included
     except AdmissionError as e:
         raise Invalid(str(e), e.problems[0][0], [{"where": w, "problem": p} for w, p in e.problems]) from e
     return policy

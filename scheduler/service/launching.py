@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -135,9 +135,14 @@ def _record(core: Core, a: Mapping[Any, Any], launch: Launch, outcome: Launched 
         store.update_attempt(conn, job_id, a["attempt"], state="running", pid=handle.pid,
                              proc_started=handle.started_at, started_at=now)
         store.update_job(conn, job_id, state="running")
-        store.add_event(conn, now, "started", f"process {handle.pid} on GPUs {dict(launch.gpus)}", job_id,
+        store.add_event(conn, now, "started", f"process {handle.pid} on {gpus_text(launch.gpus)}", job_id,
                         pid=handle.pid, gpus=dict(launch.gpus), attempt=a["attempt"])
     return False
+
+
+def gpus_text(gpus: Mapping[str, Iterable[int]]) -> str:
+    """GPUs per node as people read them: "node-1 GPUs 0,1; node-2 GPUs 4" (not a Python dict)."""
+    return "; ".join(f"{node} GPUs {','.join(str(i) for i in idx)}" for node, idx in gpus.items()) or "no GPUs"
 
 
 def _failed(core: Core, job_id: int, attempt: int, e: Exception, now: float) -> None:

@@ -160,6 +160,8 @@ async def logs(job_id: DbId, who: Caller, core: CoreDep, stream: Literal["stdout
     job = await run_in_threadpool(_readable, core, who, job_id)  # database and files: off the event loop
     number = attempt or job["attempt"]
     if number < 1:
+        if job["state"] in ("cancelled", "rejected", "failed", "completed"):
+            raise NotStarted(f"job {job_id} was {job['state']} before it started: it never ran, so it has no logs")
         raise NotStarted(f"job {job_id} has not started yet, so it has no logs")
     path = core.executor.logs(str(job_id), number)[0 if stream == "stdout" else 1]
     if not follow:

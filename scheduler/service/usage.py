@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from scheduler.engine.model import Settings
-from scheduler.service.db import attempts, jobs, nodes
+from scheduler.service.db import attempts, events, jobs, nodes, queue_versions
 from scheduler.sim.recorded import Attempt, Node, RecordedJob, cluster_document, demand, subtree, trace
 
 
@@ -36,9 +36,13 @@ def usage(conn: Connection, since: float, until: float, visible: set[str] | None
         if visible is None or r["queue"] in visible:
             by_queue[r["queue"]] += hours
             by_user[r["owner"]] += hours
+    # Capacity counts from the service's first record on: a range reaching back before the service existed
+    # (usage --since 1d on a day-old install of an hour) must not report the time before as idle GPUs.
+    first = service_began(conn)
+    counted = max(0.0, until - max(since, first)) if first is not None else 0.0
     capacity: dict[str, float] = defaultdict(float)
     for n in conn.execute(sa.select(nodes.c.pool, nodes.c.gpus)).mappings():
-        capacity[n["pool"]] += n["gpus"] * span / 3600
+        capacity[n["pool"]] += n["gpus"] * min(span, counted) / 3600
     return {
         "since": since, "until": until,
         "queues": [{"queue": k, "gpu_hours": round(v, 6)} for k, v in sorted(by_queue.items())],
@@ -46,6 +50,14 @@ def usage(conn: Connection, since: float, until: float, visible: set[str] | None
         "pools": [{"pool": p, "capacity_gpu_hours": round(c, 6), "held_gpu_hours": round(held[p], 6),
                    "idle_gpu_hours": round(max(0.0, c - held[p]), 6)} for p, c in sorted(capacity.items())],
     }
+
+
+def service_began(conn: Connection) -> float | None:
+    """When the service's first record was written (its first queue tree, job or event); None: nothing yet."""
+    firsts = [conn.execute(sa.select(sa.func.min(c))).scalar()
+              for c in (queue_versions.c.created_at, jobs.c.submitted_at, events.c.at)]
+    found = [float(t) for t in firsts if t is not None]
+    return min(found) if found else None
 
 
 def recorded_jobs(conn: Connection, since: float, until: float, visible: set[str] | None) -> list[RecordedJob]:

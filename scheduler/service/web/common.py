@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -41,7 +42,16 @@ def num(x: float | None, digits: int = 2) -> str:
     return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.{digits}f}"
 
 
+def shell(command: str | list[str] | None) -> str:
+    """A job's command as a shell would take it: one string as given (run by /bin/sh -c), an argv quoted
+    (shlex.join), so `sh -c 'for i in $(seq 3); do ...'` shows with its quotes."""
+    if command is None:
+        return ""
+    return command if isinstance(command, str) else shlex.join(str(a) for a in command)
+
+
 templates.env.filters["when"] = when
+templates.env.filters["shell"] = shell
 templates.env.filters["num"] = num
 
 
