@@ -16,6 +16,7 @@ before any timeout, and those lead-in samples also allocate memory, which counts
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
@@ -154,6 +155,18 @@ class IdleTracker:
         state = self._states.get(sandbox_id)
         return state.idle_since if state else None
 
+    def status(self, sandbox_id: str) -> tuple[float, float, bool] | None:
+        """(idle_since, stop_at, warned) of the current idle stretch; None while the sandbox works (or is unseen).
+        `stop_at` is when it will be stopped unless it works before: the warning's deadline once warned."""
+        state = self._states.get(sandbox_id)
+        if state is None or state.idle_since is None:
+            return None
+        policy = self.policy_for(sandbox_id)
+        stop_at = state.idle_since + policy.idle_timeout_s
+        if state.warned_at is not None:
+            stop_at = max(stop_at, state.warned_at + policy.warn_before_s)
+        return state.idle_since, stop_at, state.warned_at is not None
+
     def watched(self) -> list[str]:
         """Sandboxes observed (or given a policy) and not forgotten."""
         return sorted(self._states.keys() | self._policies.keys())
@@ -207,3 +220,31 @@ class IdleTracker:
             return [Warn(sandbox_id, idle_since, stop_at, gpu_minutes)]
         stop_at = max(idle_since + policy.idle_timeout_s, state.warned_at + policy.warn_before_s)
         return [Stop(sandbox_id, idle_since, gpu_minutes)] if now >= stop_at else []
+
+
+# ----- times people read (the service's clock is wall time: seconds since the epoch) -----
+
+def duration_text(seconds: float) -> str:
+    """A duration rounded as people say it: "under a minute", "1 minute", "12 minutes", "1 hour 5 minutes"."""
+    minutes = round(max(seconds, 0.0) / 60)
+    if seconds < 30:
+        return "under a minute"
+    hours, minutes = divmod(minutes, 60)
+    parts = [f"{hours} hour{'s' if hours != 1 else ''}"] if hours else []
+    if minutes or not hours:
+        parts.append(f"{minutes} minute{'s' if minutes != 1 else ''}")
+    return " ".join(parts)
+
+
+def clock_text(epoch: float) -> str:
+    """A moment as a UTC time of day, "14:32 UTC" (with the date when it is not today's, in UTC)."""
+    at, today = time.gmtime(epoch), time.gmtime()
+    day = "" if at[:3] == today[:3] else time.strftime("%Y-%m-%d ", at)
+    return f"{day}{time.strftime('%H:%M', at)} UTC"
+
+
+def warning_text(idle_since: float, stop_at: float, now: float) -> str:
+    """The idle warning a user reads: when the stop comes, how long the GPUs have idled, what to do."""
+    # Short enough for a JupyterLab notification (it cuts at 140 characters): the stop first.
+    return (f"This notebook will be stopped in {duration_text(stop_at - now)}, at {clock_text(stop_at)}: its GPUs "
+            f"idle for {duration_text(now - idle_since)} (since {clock_text(idle_since)}). Use them or save work.")

@@ -18,8 +18,9 @@ from typing import Any
 import httpx
 from jupyterhub.spawner import Spawner, SpawnException
 from jupyterhub.utils import random_port
-from traitlets import Dict, Float, List, Unicode, default
+from traitlets import Bool, Dict, Float, List, Unicode, default
 
+from sandbox import lab
 from sandbox.profiles import Profile, allowed, parse_profiles
 
 POLL_S = 0.5  # how often start() looks whether an admitted sandbox runs and Corral knows where
@@ -31,12 +32,20 @@ class SandboxRefused(SpawnException):  # type: ignore[misc]
 
     def __init__(self, message: str):
         super().__init__(message, reason="corral_refused", status_code=409)
+        # What the hub shows the user (its spawn page, progress events, API errors) is `jupyterhub_message`, else
+        # str(): SpawnException's str() is "409 SandboxRefused(reason=corral_refused): ...", so say it plainly.
+        self.jupyterhub_message = message
+
+    def __str__(self) -> str:
+        return str(self.message)
 
 
 def sandbox_request(user: str, queue: str, profile: Profile, command: Sequence[str], env: Mapping[str, str],
-                    workdir: str | None = None) -> dict[str, Any]:
-    """The body of POST /v1/sandboxes for this user and profile (a pure builder, tested as a dict)."""
-    body: dict[str, Any] = {"name": f"jupyter-{user}", "queue": queue, "owner": user, "gpus": profile.gpus,
+                    workdir: str | None = None, server: str = "") -> dict[str, Any]:
+    """The body of POST /v1/sandboxes for this user and profile (a pure builder, tested as a dict); a named server
+    (JupyterHub's allow_named_servers) is `jupyter-<user>-<server>`."""
+    name = f"jupyter-{user}-{server}" if server else f"jupyter-{user}"
+    body: dict[str, Any] = {"name": name, "queue": queue, "owner": user, "gpus": profile.gpus,
                             "command": list(command), "env": dict(env), "profile": profile.name}
     if profile.cpus:
         body["cpus"] = profile.cpus
@@ -67,6 +76,14 @@ class CorralSpawner(Spawner):  # type: ignore[misc]
         "groups (who may use it; empty: everyone)."))
     default_queue = Unicode("", config=True, help="Queue for users in no mapped group (empty: refuse them).")
     http_timeout = Float(10.0, config=True, help="Seconds to wait for one answer from Corral.")
+    lab_extension = Bool(True, config=True, help=(
+        "Enable Corral's JupyterLab extension in the server (the idle-GPU warning as a notification): "
+        "JUPYTER_CONFIG_PATH and JUPYTER_PATH get sandbox/jupyter of this installation, which the server's "
+        "machine must have at the same path (the same image or virtualenv); elsewhere it is ignored."))
+
+    @default("default_url")
+    def _lab(self) -> str:
+        return "/lab"  # JupyterLab, not jupyter-server's bare "A Jupyter Server is running." page
 
     @default("corral_url")
     def _url(self) -> str:
@@ -143,8 +160,11 @@ class CorralSpawner(Spawner):  # type: ignore[misc]
         # (JUPYTERHUB_API_TOKEN), which carries the user's custom:corral:* scopes when the hub's `server`
         # role inherits them.
         env.setdefault("CORRAL_URL", self.corral_url)
+        if self.lab_extension:
+            for var, path in (("JUPYTER_CONFIG_PATH", lab.CONFIG_DIR), ("JUPYTER_PATH", lab.DATA_DIR)):
+                env[var] = os.pathsep.join(p for p in (str(path), env.get(var, "")) if p)
         body = sandbox_request(self.user.name, queue, profile, [*self.cmd, *self.get_args()], env,
-                               self.notebook_dir or None)
+                               self.notebook_dir or None, self.name)
         r = await self._call("POST", "/v1/sandboxes", body)
         if r.status_code != 201:
             raise SandboxRefused(_message(r))

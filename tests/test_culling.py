@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,7 +13,18 @@ from typing import Any
 import pytest
 
 from sandbox import nvml_samples
-from sandbox.culling import Action, GpuSample, IdlePolicy, IdleTracker, ProcSample, Stop, Warn
+from sandbox.culling import (
+    Action,
+    GpuSample,
+    IdlePolicy,
+    IdleTracker,
+    ProcSample,
+    Stop,
+    Warn,
+    clock_text,
+    duration_text,
+    warning_text,
+)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "gpu"
 needs_fixtures = pytest.mark.skipif(
@@ -273,3 +285,31 @@ def test_load_trace_refuses_other_files(tmp_path: Path) -> None:
         (tmp_path / "t.json").write_text(text)
         with pytest.raises(ValueError):
             nvml_samples.load_trace(tmp_path / "t.json")
+
+
+def test_times_in_messages_are_what_people_read() -> None:
+    """Warnings say "in 12 minutes, at 14:32 UTC", never raw epoch seconds or unrounded minutes."""
+    assert [duration_text(s) for s in (5, 40, 60, 89, 719.4, 3600, 3900, 7260)] == [
+        "under a minute", "1 minute", "1 minute", "1 minute", "12 minutes", "1 hour", "1 hour 5 minutes",
+        "2 hours 1 minute"]
+    now = time.time()
+    start = now - now % 86400 + 14 * 3600 + 20 * 60  # today 14:20 UTC
+    assert clock_text(start + 12 * 60) == "14:32 UTC"
+    assert clock_text(start - 3 * 86400).endswith(" 14:20 UTC") and clock_text(start - 3 * 86400)[:2] == "20"
+    msg = warning_text(start - 18 * 60, start + 12 * 60, start)
+    assert msg == ("This notebook will be stopped in 12 minutes, at 14:32 UTC: its GPUs idle for 18 minutes "
+                   "(since 14:02 UTC). Use them or save work.")
+    assert len(warning_text(start - 3 * 3600, start + 3 * 3600, start)) <= 140  # a JupyterLab notification's
+
+
+def test_status_says_when_an_idle_sandbox_will_be_stopped() -> None:
+    tracker = IdleTracker(IdlePolicy(idle_timeout_s=100, warn_before_s=30))
+    idle = {0: GpuSample(0.0, 1 << 30)}
+    assert tracker.status("s") is None
+    for t in (0, 10):
+        tracker.observe("s", t, idle)
+    assert tracker.status("s") == (10, 110, False)
+    assert any(isinstance(a, Warn) for a in tracker.observe("s", 95, idle))  # late: the whole warning period
+    assert tracker.status("s") == (10, 125, True)
+    tracker.observe("s", 96, {0: GpuSample(80.0, 1 << 30)})
+    assert tracker.status("s") is None

@@ -6,6 +6,7 @@ frees the GPUs at once; hub tokens carry hub groups and custom:corral:* scopes i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -27,6 +28,7 @@ from scheduler.service.db import jobs
 from tests.test_crash import free_port
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 UID_MIN, UID_MAX = 2_900_100, 2_900_199  # the notebooks' accounts when the hub's servers run as their users
 
 
@@ -85,10 +87,7 @@ c.Spawner.http_timeout = 30
 c.CorralSpawner.corral_url = "{corral_url}"
 c.CorralSpawner.corral_token = "{corral_token}"
 c.CorralSpawner.group_queues = {groups}
-c.CorralSpawner.profiles = [
-    {{"name": "gpu1", "display": "1 x GPU", "gpus": 1}},
-    {{"name": "gpu2", "display": "2 x GPU", "gpus": 2, "groups": ["team-b"]}},
-]
+c.CorralSpawner.profiles = {profiles}
 c.JupyterHub.load_groups = {{"team-a": {{"users": ["alice"]}}, "team-b": {{"users": ["bob"]}}}}
 c.JupyterHub.custom_scopes = {{
     "custom:corral:submit": {{"description": "submit jobs and open sandboxes in Corral"}},
@@ -109,14 +108,26 @@ c.JupyterHub.services = [
 """
 
 
+PROFILES = [{"name": "gpu1", "display": "1 x GPU", "gpus": 1},
+            {"name": "gpu2", "display": "2 x GPU", "gpus": 2, "groups": ["team-b"]}]
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with hub_stack(tmp_path_factory.mktemp("hub"), PROFILES) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def hub_stack(home: Path, profiles: list[dict[str, Any]], corral: list[str] | None = None,
+              corral_env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """Corral (`python -m scheduler.service`, or the `corral` argv given) on 4 virtual GPUs with the demo queues,
+    and a JupyterHub (dummy authenticator, configurable-http-proxy) spawning through it with these profiles."""
     proxy = proxy_command()
     if proxy is None:
         if os.environ.get("CORRAL_REQUIRE_HUB"):
             pytest.fail("configurable-http-proxy is not installed, but CORRAL_REQUIRE_HUB asks for hub tests")
         pytest.skip("configurable-http-proxy not found (npm install configurable-http-proxy; scripts/test does)")
-    home = tmp_path_factory.mktemp("hub")
     # As root, notebook servers run as their users' own accounts (docs/service.md, Trust model): their homes are
     # under data_dir, which must then be where other accounts may pass (pytest's tmp is not).
     python = user_python() if os.geteuid() == 0 else None
@@ -125,7 +136,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         os.chmod(data, 0o711)
         cmd = [python, "-m", "jupyterhub.singleuser"]
         site = [p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)]
-        environment = {"PYTHONPATH": os.pathsep.join(site)}
+        # This checkout too (the editable install's .pth is not read from PYTHONPATH), and where this venv keeps
+        # Jupyter's config (which server extensions are on), data and JupyterLab's assets: not under /usr.
+        share = Path(sys.prefix) / "share" / "jupyter"
+        environment = {"PYTHONPATH": os.pathsep.join([*site, str(ROOT)]), "JUPYTERLAB_DIR": str(share / "lab"),
+                       "JUPYTER_CONFIG_PATH": str(Path(sys.prefix) / "etc" / "jupyter"), "JUPYTER_PATH": str(share)}
         (home / "data").symlink_to(data)  # where the tests look; the service is given the real path
     else:
         data = home / "data"
@@ -138,11 +153,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
            "CORRAL_GPUS": "4", "CORRAL_DEMO": "1", "CORRAL_TICK_S": "0.1", "CORRAL_GRACE_S": "3",
            "CORRAL_HUB_API_URL": f"http://127.0.0.1:{hub_api_port}/hub/api", "CORRAL_HUB_GROUPS": json.dumps(groups),
            "CORRAL_RUN_AS": "users" if python is not None else "service", "CORRAL_UID_MIN": str(UID_MIN),
-           "CORRAL_UID_MAX": str(UID_MAX)}
+           "CORRAL_UID_MAX": str(UID_MAX), **(corral_env or {})}
     env.pop("CORRAL_DATABASE_URL", None)
     procs: list[subprocess.Popen[bytes]] = []
     with open(home / "corral.log", "w") as log:
-        procs.append(subprocess.Popen([sys.executable, "-m", "scheduler.service"], env=env, stdout=log, stderr=log))
+        procs.append(subprocess.Popen(corral or [sys.executable, "-m", "scheduler.service"], env=env, stdout=log,
+                                      stderr=log))
     try:
         wait_for(lambda: httpx.get(f"{corral_url}/readyz").status_code == 200, "Corral")
         admin = (home / "data" / "admin-token").read_text().strip()
@@ -150,7 +166,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         (home / "jupyterhub_config.py").write_text(HUB_CONFIG.format(
             hub_port=hub_port, hub_api_port=hub_api_port, home=home, proxy=proxy, proxy_token=secrets.token_hex(16),
             cmd=cmd, environment=environment, root=os.geteuid() == 0, corral_url=corral_url, corral_token=admin,
-            groups=groups, tester_token=tester, corral_service_token=secrets.token_hex(16)))
+            groups=groups, tester_token=tester, corral_service_token=secrets.token_hex(16), profiles=profiles))
         hub_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
         with open(home / "hub.log", "w") as log:
             procs.append(subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(home / "jupyterhub_config.py")],
@@ -159,7 +175,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                            headers={"Authorization": f"token {tester}"}, timeout=60)
         wait_for(lambda: hub.get("/").status_code == 200, "JupyterHub")
         corral = httpx.Client(base_url=corral_url, headers={"Authorization": f"Bearer {admin}"}, timeout=30)
-        yield {"hub": hub, "corral": corral, "corral_url": corral_url, "home": home, "as_users": python is not None}
+        yield {"hub": hub, "corral": corral, "corral_url": corral_url, "home": home, "as_users": python is not None,
+               "hub_url": f"http://127.0.0.1:{hub_port}", "data": data}
     finally:
         for p in reversed(procs):
             p.terminate()

@@ -38,6 +38,16 @@ def test_sandbox_request_is_a_plain_body() -> None:
                     "env": {"JUPYTERHUB_API_TOKEN": "t"}, "profile": "h100"}
 
 
+def test_named_servers_and_refusals_read_plainly() -> None:
+    p = Profile("cpu", "CPU only")
+    assert sandbox_request("alice", "nlp", p, ["lab"], {}, server="second")["name"] == "jupyter-alice-second"
+    assert sandbox_request("alice", "nlp", p, ["lab"], {})["gpus"] == 0  # a CPU-only sandbox
+    no = SandboxRefused("team nlp holds 1 non-preemptible GPUs")
+    # The hub shows jupyterhub_message (else str()): Corral's sentence, not "409 SandboxRefused(reason=...)".
+    assert no.jupyterhub_message == str(no) == "team nlp holds 1 non-preemptible GPUs"
+    assert (no.status_code, no.reason) == (409, "corral_refused")
+
+
 def test_team_queue_is_the_first_mapped_group() -> None:
     assert team_queue(["zeta", "alpha", "ml"], {"ml": "nlp", "zeta": "vision"}) == "nlp"
     assert team_queue(["sales"], {"ml": "nlp"}) is None

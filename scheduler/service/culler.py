@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from sandbox.culling import IdleTracker, Stop, Warn
+from sandbox.culling import IdleTracker, Stop, Warn, clock_text, duration_text, warning_text
 from scheduler.service import store
 from scheduler.service.auth import Principal, Role
 from scheduler.service.db import attempts, jobs
@@ -53,20 +53,32 @@ def cull(core: Core, tracker: IdleTracker, now: float) -> None:
 def _act(core: Core, tracker: IdleTracker, action: Warn | Stop, now: float) -> None:
     job_id = int(action.sandbox_id)
     if isinstance(action, Warn):
-        msg = (f"its GPUs have been idle since {action.idle_since:.0f} ({action.idle_gpu_minutes:.1f} idle "
-               f"GPU-minutes); it will be stopped at {action.stop_at:.0f} unless they do some work")
+        msg = warning_text(action.idle_since, action.stop_at, now)
         with core.writing() as conn:
             store.add_event(conn, now, "idle_warning", msg, job_id, idle_since=action.idle_since,
                             stop_at=action.stop_at, idle_gpu_minutes=round(action.idle_gpu_minutes, 3))
         return
     try:
-        _close(core, job_id, action)
+        _close(core, job_id, action, now)
     except ServiceError as e:  # it ended on its own meanwhile: nothing to stop, the others still get looked at
         log.info("idle sandbox %s not closed: %s", job_id, e)
     tracker.forget(action.sandbox_id)
 
 
-def _close(core: Core, job_id: int, action: Stop) -> None:
+def _close(core: Core, job_id: int, action: Stop, now: float) -> None:
     core.cancel(CULLER, job_id, reason={
-        "rule": "idle", "message": f"stopped after its GPUs stayed idle: {action.idle_gpu_minutes:.1f} idle "
-        f"GPU-minutes since {action.idle_since:.0f}", "numbers": {"idle_gpu_minutes": action.idle_gpu_minutes}})
+        "rule": "idle", "message": f"stopped after its GPUs stayed idle for {duration_text(now - action.idle_since)} "
+        f"(since {clock_text(action.idle_since)}): {action.idle_gpu_minutes:.0f} idle GPU-minutes",
+        "numbers": {"idle_gpu_minutes": action.idle_gpu_minutes, "idle_since": action.idle_since}})
+
+
+def idle_view(core: Core, job_id: int, now: float) -> dict[str, object] | None:
+    """A running sandbox's idle stretch as the API shows it (None while its GPUs work, or nothing measures them):
+    since when, when it will be stopped, the seconds left, and the warning's text once it is warned."""
+    status = core.idle.status(str(job_id))
+    if status is None:
+        return None
+    since, stop_at, warned = status
+    return {"idle_since": since, "stop_at": stop_at, "seconds_left": max(0.0, stop_at - now),
+            "stop_in": duration_text(stop_at - now), "stop_at_text": clock_text(stop_at),
+            "warning": warning_text(since, stop_at, now) if warned else None}

@@ -13,7 +13,7 @@ from scheduler.engine.state import PoolState
 from scheduler.service import store
 from scheduler.service.auth import Principal
 from scheduler.service.core import FINISHED, Core
-from scheduler.service.culler import IDLE_TIMEOUT_LABEL
+from scheduler.service.culler import IDLE_TIMEOUT_LABEL, idle_view
 from scheduler.service.edge import Amount
 from scheduler.service.errors import Conflict, Forbidden, Invalid
 from scheduler.service.redact import Redactor
@@ -108,9 +108,11 @@ def _check_guarantee(ps: PoolState, q: Queue, gpus: int) -> None:
 
 
 def sandbox_view(core: Core, row: Mapping[Any, Any]) -> dict[str, Any]:
-    """A sandbox as the API shows it: the job, and once it runs where its server listens (`address`, `url`: what
-    the hub's proxy connects to); both None until then."""
+    """A sandbox as the API shows it: the job, its idle stretch (`idle`, None while it works), and once it runs where
+    its server listens (`address`, `url`: what the hub's proxy connects to); both None until then."""
     view, where = store.job_view(row), address(core, row)
+    # Its idle stretch (the culler's): when it will be stopped, and the warning once given (the notebook shows it).
+    view["idle"] = idle_view(core, row["id"], core.clock()) if row["state"] == "running" else None
     if where is None:
         return {**view, "address": None, "url": None}
     host, port = where
