@@ -7,6 +7,7 @@ test's tmp_path/screenshots and are copied to test-output/screenshots/ for revie
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from sandbox.culling import GpuSample
 from scheduler.service.assemble import create_token
 from scheduler.service.auth import Role
 from scheduler.service.deps import UI_COOKIE
@@ -200,6 +202,77 @@ def test_whatif_runs_the_sim_report(svc: Service) -> None:
     assert 'class="error"' in admin.get(failed).text
 
 
+def test_sandbox_page_mine_and_all_with_idle_time_left_open_link_and_stop(tmp_path: Path) -> None:
+    svc = make_service(f"sqlite:///{tmp_path / 'corral.db'}", tmp_path, hub_url="https://hub.example.org",
+                       cull_interval_s=0.1)
+    idle = {i: GpuSample(2.0, 1 << 30) for i in range(8)}
+    object.__setattr__(svc.core.nodes["localhost"], "sample", lambda: dict(idle))  # GPUs measured, and idle
+    ids = {}
+    for user, queue, server in (("alice", "nlp", ""), ("alice", "nlp", "big"), ("bob", "ranking", "")):
+        name = f"jupyter-{user}-{server}" if server else f"jupyter-{user}"
+        r = svc.admin.post("/v1/sandboxes", json={
+            "name": name, "queue": queue, "owner": user, "gpus": 0 if user == "bob" else 1,
+            "profile": "gpu1", "command": ["jupyterhub-singleuser"],
+            "env": {"JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:7001/user/x/"}})
+        assert r.status_code == 201, r.text
+        ids[name] = r.json()["id"]
+    for _ in range(3):
+        svc.clock.advance(60)
+        svc.tick()
+    alice = login(svc, "alice", Role.MEMBER, "nlp")
+    mine = alice.get("/ui/sandboxes").text
+    assert "jupyter-alice" in mine and "jupyter-alice-big" in mine and "jupyter-bob" not in mine
+    assert 'href="https://hub.example.org/user/alice/"' in mine  # opens through the hub
+    assert 'href="https://hub.example.org/user/alice/big/"' in mine
+    assert re.search(r"<strong>2[89] minutes</strong>,\s*at (\d{4}-\d\d-\d\d )?\d\d:\d\d UTC", mine), mine  # time left
+    assert "2%" in mine  # GPU utilisation
+    assert "show=all" not in mine  # members see their own only
+    admin = login(svc, "boss", Role.PLATFORM_ADMIN)
+    everyone = admin.get("/ui/sandboxes?show=all").text
+    assert all(n in everyone for n in ids) and "never (no GPU)" in everyone
+    assert "Open jupyter-alice" not in everyone  # only its own user opens a notebook
+    assert "jupyter-alice" not in admin.get("/ui/sandboxes").text  # the admin's own: none
+    bob = login(svc, "bob", Role.MEMBER, "ranking")
+    r = bob.post(f"/ui/sandboxes/{ids['jupyter-alice']}/stop", data={"csrf": csrf(bob, "/ui/sandboxes")})
+    assert r.status_code == 404  # not his to see, let alone stop
+    assert alice.post(f"/ui/sandboxes/{ids['jupyter-alice']}/stop", data={}).status_code == 403  # no CSRF token
+    r = alice.post(f"/ui/sandboxes/{ids['jupyter-alice']}/stop", data={"csrf": csrf(alice, "/ui/sandboxes")})
+    assert r.status_code == 303 and r.headers["location"] == "/ui/sandboxes?show=mine"
+    assert svc.admin.get(f"/v1/jobs/{ids['jupyter-alice']}").json()["state"] == "cancelled"
+    assert "jupyter-alice-big" in alice.get("/ui/sandboxes").text
+
+
+def test_whatif_replays_this_clusters_recorded_jobs(svc: Service) -> None:
+    for queue in ("nlp", "ranking", "nlp"):
+        submit(svc, queue)
+    svc.tick()
+    svc.clock.advance(600)
+    for job in svc.admin.get("/v1/jobs").json()["jobs"]:
+        svc.executor.exit(job["id"], 0)
+    svc.tick()
+    admin = login(svc, "boss", Role.PLATFORM_ADMIN)
+    form = admin.get("/ui/whatif").text
+    assert "Replay this cluster" in form and 'name="days"' in form
+    r = admin.post("/ui/whatif/replay", data={"csrf": csrf(admin, "/ui/whatif"), "days": "2", "queues": "none",
+                                              "policy": ["corral", "fifo"], "limit": "100"})
+    assert r.status_code == 303, r.text
+    run = r.headers["location"]
+    deadline = time.monotonic() + 60
+    while admin.get(f"{run}/status").json()["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    page = admin.get(run).text
+    assert "this cluster&#39;s jobs of the last 2 days (3)" in page or "jobs of the last 2 days (3)" in page, page
+    assert "Per policy" in page and "<th>policy</th>" in page, page[-3000:]
+    empty = admin.post("/ui/whatif/replay", data={"csrf": csrf(admin, "/ui/whatif"), "days": "2"})
+    assert empty.status_code == 303  # the same records again: fine
+    svc.clock.advance(10 * 86400)
+    none = admin.post("/ui/whatif/replay", data={"csrf": csrf(admin, "/ui/whatif"), "days": "1"})
+    assert none.status_code == 422 and "recorded no jobs in the last 1 day<" in none.text
+    member = login(svc, "nia", Role.MEMBER, "nlp")
+    assert member.post("/ui/whatif/replay", data={"csrf": csrf(member, "/ui/whatif"), "days": "2"}).status_code == 403
+
+
 # ----- a real browser against a live service -----
 
 def _browser_missing() -> str | None:
@@ -220,14 +293,22 @@ def _free_port() -> int:
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """A real `python -m scheduler.service` on 4 virtual GPUs with the demo queues: (its URL, the admin token)."""
+    with live_service(tmp_path) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def live_service(tmp_path: Path, module: str = "scheduler.service", **settings: str) -> Iterator[tuple[str, str]]:
+    """`python -m <module>` (the service, or a test's variant of it) with CORRAL_<NAME> settings added."""
     data, port = tmp_path / "data", _free_port()
     data.mkdir()
     env = {**os.environ, "CORRAL_DATA_DIR": str(data), "CORRAL_PORT": str(port), "CORRAL_GPUS": "4",
-           "CORRAL_DEMO": "1", "CORRAL_TICK_S": "0.1", "CORRAL_GRACE_S": "2"}
+           "CORRAL_DEMO": "1", "CORRAL_TICK_S": "0.1", "CORRAL_GRACE_S": "2",
+           **{f"CORRAL_{k.upper()}": v for k, v in settings.items()}}
     env.pop("CORRAL_DATABASE_URL", None)
     url = f"http://127.0.0.1:{port}"
     with open(tmp_path / "server.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "scheduler.service"], env=env, stdout=log, stderr=log)
+        proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=log)
     try:
         end = time.monotonic() + 30
         while True:
@@ -332,3 +413,88 @@ def test_browser_login_queue_tree_submit_watch_and_pending_reason(live: tuple[st
     STABLE_SHOTS.mkdir(parents=True, exist_ok=True)
     for f in shots.iterdir():
         shutil.copy(f, STABLE_SHOTS / f.name)
+
+
+DOC_IMAGES = Path(__file__).resolve().parents[1] / "docs" / "img"
+
+
+def test_browser_sandboxes_page_and_replaying_this_cluster(tmp_path: Path) -> None:
+    """The sandbox view (mine, all, GPUs, utilisation, idle time left, open, stop) and "replay this cluster" on
+    the what-if page, in chromium against a live service whose virtual GPUs read as idle
+    (tests/idle_gpu_service.py). Its screenshots are the ones in docs/dashboard.md (docs/img/)."""
+    missing = _browser_missing()
+    if missing:
+        if os.environ.get("CORRAL_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"CORRAL_REQUIRE_BROWSER=1 but {missing}")
+        pytest.skip(missing)
+    with live_service(tmp_path, "tests.idle_gpu_service", cull_interval_s="1",
+                      hub_url="https://hub.example.org") as (url, token):
+        api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        done = [api.post("/v1/jobs", json={"name": f"train-{i}", "queue": q, "gpus": 1, "command": "sleep 1"}
+                         ).json()["id"] for i, q in enumerate(("nlp", "ranking", "nlp", "vision"))]
+        boxes = {}
+        for owner, queue, gpus, profile in (("admin", "nlp", 1, "h100"), ("alice", "ranking", 0, "cpu"),
+                                            ("bob", "vision", 1, "h100")):
+            r = api.post("/v1/sandboxes", json={
+                "name": f"jupyter-{owner}", "queue": queue, "owner": owner, "gpus": gpus, "profile": profile,
+                "idle_timeout_s": 1800, "command": ["sleep", "600"],
+                "env": {"JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{_free_port()}/user/{owner}/"}})
+            assert r.status_code == 201, r.text
+            boxes[owner] = r.json()["id"]
+        end = time.monotonic() + 60
+        while any(api.get(f"/v1/jobs/{j}").json()["state"] != "completed" for j in done):
+            assert time.monotonic() < end, "the jobs did not complete"
+            time.sleep(0.3)
+        args = ["--no-sandbox"] if os.geteuid() == 0 else []
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=args)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 720})
+                page.set_default_timeout(30_000)
+                shots = tmp_path / "screenshots"
+                shots.mkdir()
+
+                def shot(name: str, full: bool = True) -> None:
+                    page.screenshot(path=str(shots / f"{name}.png"), full_page=full)
+
+                page.goto(f"{url}/ui/login")
+                page.get_by_label("API token").fill(token)
+                page.get_by_role("button", name="Log in").click()
+                expect(page.get_by_role("heading", name="Queue tree")).to_be_visible()
+                page.get_by_role("link", name="Sandboxes").click()
+                expect(page.get_by_role("heading", name="Sandboxes")).to_be_visible()
+                mine = page.locator(f"#sandbox-{boxes['admin']}")
+                end = time.monotonic() + 30
+                while "UTC" not in mine.locator("td.idle").inner_text():  # two samples make an idle stretch
+                    assert time.monotonic() < end, mine.inner_text()
+                    page.reload()
+                expect(mine.locator("td.idle")).to_contain_text(re.compile(r"(29|30) minutes,\s*at \d\d:\d\d UTC"))
+                expect(mine).to_contain_text("0%")  # GPU utilisation
+                link = mine.get_by_role("link", name="Open jupyter-admin")
+                assert link.get_attribute("href") == "https://hub.example.org/user/admin/"
+                expect(page.locator(f"#sandbox-{boxes['alice']}")).to_have_count(0)  # mine only
+                shot("sandboxes-mine")
+                page.get_by_role("link", name="All", exact=True).click()
+                expect(page.locator(f"#sandbox-{boxes['alice']}")).to_contain_text("never (no GPU)")
+                expect(page.locator(f"#sandbox-{boxes['bob']}")).to_be_visible()
+                shot("sandboxes-all")
+                page.get_by_role("button", name="Stop jupyter-bob").click()
+                expect(page.locator(f"#sandbox-{boxes['bob']}")).to_have_count(0)
+                assert api.get(f"/v1/jobs/{boxes['bob']}").json()["state"] == "cancelled"
+
+                page.get_by_role("link", name="What-if").click()
+                page.get_by_label("Days to replay").fill("1")
+                shot("whatif-replay-form")
+                page.get_by_role("button", name="Replay this cluster").click()
+                expect(page.get_by_role("heading", name=re.compile("this cluster's jobs of the last 1 day"))
+                       ).to_be_visible()
+                expect(page.locator("#run")).to_have_attribute("data-state", "done", timeout=90_000)
+                expect(page.get_by_text("Per policy").first).to_be_visible()
+                shot("whatif-replay-run", full=False)  # the report's top: it runs to several screens
+            finally:
+                browser.close()
+        STABLE_SHOTS.mkdir(parents=True, exist_ok=True)
+        DOC_IMAGES.mkdir(parents=True, exist_ok=True)
+        for f in shots.glob("*.png"):
+            shutil.copy(f, STABLE_SHOTS / f.name)
+            shutil.copy(f, DOC_IMAGES / f"dashboard-{f.name}")

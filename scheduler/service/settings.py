@@ -149,6 +149,9 @@ class ServiceSettings(BaseSettings):
     hub_api_url: str | None = Field(None, description=(
         "JupyterHub's API (e.g. http://127.0.0.1:8081/hub/api): tokens the hub issued are accepted, and the "
         "hub's groups and custom:corral:* scopes decide who may do what."))
+    hub_url: str | None = Field(None, pattern=r"^https?://", description=(
+        "JupyterHub's address as users open it (e.g. https://hub.example.org): the dashboard's sandbox page links "
+        "each notebook there (<hub_url>/user/<name>/<server>/). None: the link goes to the server's own address."))
     hub_groups: dict[str, str] = Field(default_factory=dict, description=(
         "Hub group -> Corral leaf queue: a group's members are that team (JSON in the environment)."))
     hub_service_prefix: str | None = Field(None, pattern=r"^/[^?#]*$", description=(

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from scheduler.service.web import jobs, pages, session, whatif_pages
+from scheduler.service.web import jobs, pages, sandboxes, session, whatif_pages
 from scheduler.service.web.common import WEB_DIR
 
 STATIC = WEB_DIR / "static"
 
 router = APIRouter(include_in_schema=False)  # pages, not API: kept out of the OpenAPI document
-for part in (session.router, pages.router, jobs.router, whatif_pages.router):
+for part in (session.router, pages.router, jobs.router, sandboxes.router, whatif_pages.router):
     router.include_router(part)
 
 __all__ = ["STATIC", "router"]

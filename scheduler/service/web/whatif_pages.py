@@ -5,10 +5,12 @@ from __future__ import annotations
 import threading
 from typing import Annotated
 
+import yaml
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from scheduler.engine.baselines import POLICIES
+from scheduler.service import routes_cluster
 from scheduler.service.auth import Principal
 from scheduler.service.deps import CoreDep
 from scheduler.service.errors import Forbidden, Invalid, NotFound, ServiceError
@@ -28,6 +30,7 @@ from scheduler.sim.inputs import InputError
 
 router = APIRouter()
 _made = threading.Lock()
+MAX_DAYS = 90  # how far back "replay this cluster" reaches
 
 
 def _runs(request: Request, core: CoreDep) -> WhatIf:
@@ -69,6 +72,7 @@ def _form(request: Request, who: Principal, runs: WhatIf, status: int = 200, err
           ) -> HTMLResponse:
     return page(request, who, "whatif.html", status=status, examples=examples(), policies=POLICIES,
                 runs=runs.mine(who), may_run=_may_run(who), max_jobs=MAX_JOBS, max_kib=MAX_UPLOAD // 1024,
+                max_days=MAX_DAYS,
                 error=error)
 
 
@@ -94,6 +98,39 @@ async def whatif_start(request: Request, who: Viewer, core: CoreDep, csrf: Annot
         c = await _file("cluster", cluster, cluster_file)
         if t is None or c is None:
             raise Invalid("choose a trace and a cluster file")
+        q = await _file("queues", queues, queues_file, queues_text)
+        run = runs.start(who, Inputs(t, c, q, policies_of(policy or []), max(1, min(limit, MAX_JOBS))))
+    except Busy as e:
+        return _form(request, who, runs, 429, str(e))
+    except ServiceError as e:
+        if e.status == 403:
+            return error_page(request, who, e)
+        return _form(request, who, runs, e.status, e.message)
+    return RedirectResponse(f"/ui/whatif/{run.id}", status_code=303)
+
+
+@router.post("/whatif/replay", response_class=HTMLResponse, response_model=None)
+async def whatif_replay(request: Request, who: Viewer, core: CoreDep, csrf: Annotated[str, Form()] = "",
+                        days: Annotated[float, Form()] = 7, queues: Annotated[str, Form()] = "none",
+                        queues_text: Annotated[str, Form()] = "",
+                        policy: Annotated[list[str] | None, Form()] = None, limit: Annotated[int, Form()] = 1000,
+                        queues_file: Annotated[UploadFile | None, File()] = None) -> Response:
+    """Replay the jobs this cluster recorded in the last `days` days on its own pools and queue tree (what
+    GET /v1/usage/export gives: no export and upload), optionally with another queue file."""
+    runs = _runs(request, core)
+    try:
+        check_csrf(request, csrf)
+        if not _may_run(who):
+            raise Forbidden(f"{who.user} ({who.role}) may not run what-ifs: platform and team admins do")
+        if not 0 < days <= MAX_DAYS:
+            raise Invalid(f"days: between 0 and {MAX_DAYS}, got {days:g}", "days")
+        # The caller's own view of the records: a team admin replays its subtree only, as the export gives it.
+        export = routes_cluster.export_usage(who, core, since=max(0.0, core.clock() - days * 86400))
+        span = f"{days:g} day{'s' if days != 1 else ''}"
+        if export["jobs"] == 0:
+            raise Invalid(f"this cluster recorded no jobs in the last {span}", "days")
+        t = (f"this cluster's jobs of the last {span} ({export['jobs']})", export["trace"].encode())
+        c = ("this cluster's pools and queue tree", yaml.safe_dump(export["cluster"], sort_keys=False).encode())
         q = await _file("queues", queues, queues_file, queues_text)
         run = runs.start(who, Inputs(t, c, q, policies_of(policy or []), max(1, min(limit, MAX_JOBS))))
     except Busy as e:
