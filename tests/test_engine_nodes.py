@@ -95,3 +95,24 @@ def test_holds_on_a_cordoned_node_are_kept_for_when_it_opens() -> None:
     e.submit(job("x", gpus=6), 1)
     e.submit(job("y", gpus=5), 1)
     assert started(e.schedule(1)) == {"y": {"n0": list(range(5))}}
+
+
+def test_a_rebuild_restores_jobs_before_others_holds() -> None:
+    """Holds applied first would take the GPUs a running job holds (the highest free ones), and restoring it fail."""
+    e = engine(nodes=1)
+    e.restore(job("r", gpus=4), 0, 0, [("n0", [4, 5, 6, 7])])
+    e.node_held("n0", 2, 0.0, 0.0)
+    assert e.node_room("n0")[0] == 2
+
+
+def test_preemption_counts_gpus_others_are_owed() -> None:
+    """Others placed beside a job hold 2 GPUs it still has: a victim freeing its 4 frees only 2 for Corral."""
+    e = Engine(QueueTree([QueueSpec("a", quota={"a100": 4}), QueueSpec("b", quota={"a100": 0})], {"a100": 4}),
+               [NodeSpec("n0", "a100", 4)])
+    e.submit(JobSpec("a1", "b", "a100", gpus=4), 0)  # b borrows a's whole guarantee
+    e.schedule(0)
+    e.node_held("n0", 2, 0.0, 0.0)  # a race: others now hold 2 of the node's 4
+    e.submit(JobSpec("x", "a", "a100", gpus=4), 1)
+    out = e.schedule(1)
+    assert started(out) == {}  # reclaiming a1 would give x 2 GPUs, not 4: no victim, no start
+    assert e.jobs["a1"].state is JobState.RUNNING

@@ -207,8 +207,12 @@ def test_the_binding_webhook(bin_dir: Path, helm_env: dict[str, str]) -> None:
     (hook,) = vwc["webhooks"]
     assert hook["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
                               "resources": ["pods/binding"], "scope": "Namespaced"}]
-    assert hook["clientConfig"]["service"] == {"name": "corral", "namespace": "corral", "path": "/bind",
-                                               "port": 8443}
+    service = hook["clientConfig"]["service"]
+    # The path carries the random token of the webhook's Secret: only the API server, which reads it here, knows it.
+    token = service["path"].removeprefix("/bind/")
+    assert len(token) == 32 and token.isalnum() and token.islower()
+    assert [base64.b64decode(s["data"]["path-token"]).decode() for s in o["secrets"]] == [token]
+    assert service == {"name": "corral", "namespace": "corral", "path": f"/bind/{token}", "port": 8443}
     assert hook["failurePolicy"] == "Ignore" and hook["timeoutSeconds"] == 5
     assert hook["sideEffects"] == "None" and hook["admissionReviewVersions"] == ["v1"]
     # Corral's own binds (as the chart's ServiceAccount) skip the call.
@@ -218,7 +222,7 @@ def test_the_binding_webhook(bin_dir: Path, helm_env: dict[str, str]) -> None:
     # The Secret's certificate serves the Service's DNS names and is signed by the CA the API server trusts.
     (secret,) = o["secrets"]
     assert secret["metadata"] == {**secret["metadata"], "name": "corral-webhook-tls", "namespace": "corral"}
-    assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt", "path-token"}
     ca = x509.load_pem_x509_certificate(base64.b64decode(hook["clientConfig"]["caBundle"]))
     assert base64.b64decode(secret["data"]["ca.crt"]) == base64.b64decode(hook["clientConfig"]["caBundle"])
     cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
@@ -256,8 +260,9 @@ def test_the_binding_webhook_follows_release_namespace_and_values(bin_dir: Path,
         release="gpus", namespace="sched")))
     (hook,) = o["vwc"][0]["webhooks"]
     assert o["vwc"][0]["metadata"]["name"] == "gpus-corral"
-    assert hook["clientConfig"]["service"] == {"name": "gpus-corral", "namespace": "sched", "path": "/bind",
-                                               "port": 9443}
+    service = hook["clientConfig"]["service"]
+    assert service == {"name": "gpus-corral", "namespace": "sched", "path": service["path"], "port": 9443}
+    assert service["path"].startswith("/bind/")
     assert hook["failurePolicy"] == "Fail" and hook["timeoutSeconds"] == 3
     assert hook["matchConditions"][0]["expression"] == \
         'request.userInfo.username != "system:serviceaccount:sched:corral-sa"'

@@ -42,14 +42,21 @@ SECONDS = 40.0  # of random arrivals
 TEST_NS_LABEL = "corral.dev/shared-nodes-test"
 
 
-def webhook_config(plane: ControlPlane, name: str, port: int, ca: bytes, tag: str) -> dict[str, Any]:
-    """The chart's ValidatingWebhookConfiguration, as helm renders it, pointed at this process (no Service network
-    here) and at this test's namespaces only (the plane is shared by other tests' schedulers)."""
-    out = plane.helm_template("--set", "config.backend=kubernetes")
-    (hook,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "ValidatingWebhookConfiguration"]
+def chart_webhook(plane: ControlPlane) -> tuple[dict[str, Any], str]:
+    """The chart's ValidatingWebhookConfiguration as helm renders it, and the path token of its Secret."""
+    out = [d for d in yaml.safe_load_all(plane.helm_template("--set", "config.backend=kubernetes")) if d]
+    (hook,) = [d for d in out if d["kind"] == "ValidatingWebhookConfiguration"]
+    (secret,) = [d for d in out if d["kind"] == "Secret" and "path-token" in d.get("data", {})]
+    return hook, base64.b64decode(secret["data"]["path-token"]).decode()
+
+
+def webhook_config(hook: dict[str, Any], name: str, port: int, ca: bytes, tag: str) -> dict[str, Any]:
+    """The chart's configuration pointed at this process (no Service network here: a URL at its path) and at this
+    test's namespaces only (the plane is shared by other tests' schedulers)."""
     hook["metadata"] = {"name": name}
     for w in hook["webhooks"]:
-        w["clientConfig"] = {"url": f"https://127.0.0.1:{port}/bind", "caBundle": base64.b64encode(ca).decode()}
+        path = w["clientConfig"]["service"]["path"]
+        w["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": base64.b64encode(ca).decode()}
         w["namespaceSelector"] = {"matchLabels": {TEST_NS_LABEL: tag}}
     return hook
 
@@ -128,11 +135,13 @@ def test_kube_scheduler_beside_corral_never_over_commits_a_node(managed: tuple[C
     _cert(tls, "webhook", "/CN=corral-webhook", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth")
     (tls / "tls.crt").write_bytes((tls / "webhook.crt").read_bytes())
     (tls / "tls.key").write_bytes((tls / "webhook.key").read_bytes())
+    rendered, token = chart_webhook(plane)
+    (tls / "path-token").write_text(token)  # as the chart's Secret mounts it
     hook = BindingWebhook(core, free_port(), tls, host="127.0.0.1").start()
     admission = client.AdmissionregistrationV1Api(plane.api_client())
     hook_name = f"corral-binding-{tag}"
     admission.create_validating_webhook_configuration(
-        webhook_config(plane, hook_name, hook.port, (plane.pki / "ca.crt").read_bytes(), tag))
+        webhook_config(rendered, hook_name, hook.port, (plane.pki / "ca.crt").read_bytes(), tag))
     stop = threading.Event()
     violations: list[str] = []
     samples = [0]

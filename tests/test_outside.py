@@ -4,6 +4,12 @@ a full node refused with why. The same on a real API server with kube-scheduler:
 
 from __future__ import annotations
 
+import json
+import socket
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +20,7 @@ from scheduler.backends.base import Held, SharesNodes
 from scheduler.backends.k8s_others import OtherPods, pod_held
 from scheduler.service.core import Core
 from scheduler.service.outside import admit_binding
-from scheduler.service.webhook import answer
+from scheduler.service.webhook import BindingWebhook, answer
 from tests.test_cluster_sync import ROOT, ClusterExecutor, make, placed_on, state, submit
 
 
@@ -121,3 +127,32 @@ def test_a_bind_allowed_but_never_seen_stops_counting() -> None:
     assert others.held() == {"a": Held(1, 1.0, 1.0)}
     t[0] = 31.0
     assert others.held() == {"a": Held(0, 0.0, 0.0)} and others.held() == {}
+
+
+def test_the_webhook_answers_only_at_its_token_path_and_a_silent_client_blocks_nobody(tmp_path: Path) -> None:
+    core, _ = sharing(tmp_path)
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "tls.key", "-out",
+                    "tls.crt", "-days", "1", "-subj", "/CN=corral", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   cwd=tls, check=True, capture_output=True)
+    (tls / "path-token").write_text("s3cret\n")
+    hook = BindingWebhook(core, 0, tls, host="127.0.0.1").start()
+    try:
+        silent = socket.create_connection(("127.0.0.1", hook.port))  # connects, never says a word
+        ctx = ssl.create_default_context(cafile=str(tls / "tls.crt"))
+
+        def post(path: str) -> int:
+            req = urllib.request.Request(f"https://127.0.0.1:{hook.port}{path}", data=json.dumps(review("p", "a"))
+                                         .encode(), headers={"Content-Type": "application/json"}, method="POST")
+            try:
+                with urllib.request.urlopen(req, context=ctx, timeout=5) as r:
+                    return int(r.status)
+            except urllib.error.HTTPError as e:
+                return int(e.code)
+
+        assert post("/bind/s3cret") == 200
+        assert post("/bind") == 404 and post("/bind/guess") == 404
+        silent.close()
+    finally:
+        hook.close()

@@ -35,6 +35,11 @@ class Node:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def owed(self) -> int:
+        """GPUs others hold that Corral's jobs still have: the first ones those jobs free go to them."""
+        return self.held_gpus - len(self.held)
+
 
 @dataclass
 class Freed:
@@ -105,6 +110,9 @@ class Pool:
         """Take GPUs (lowest free index first), CPUs and memory for each worker on its node."""
         out: Placement = []
         self.changes += 1
+        for name, workers in (Counter(nodes).items() if len(nodes) > 1 else [(nodes[0], 1)] if nodes else []):
+            if len(self.nodes[name].free) < spec.gpus * workers:  # never a placement counting GPUs not there
+                raise ValueError(f"node {name} has {len(self.nodes[name].free)} free GPUs, not {spec.gpus * workers}")
         for name in nodes:
             n = self.nodes[name]
             self._unfile(name, len(n.free))
@@ -230,7 +238,7 @@ class Pool:
             weighed = {name for name, g in freed.gpus.items() if g > 0}
             for name in weighed:
                 n = self.nodes[name]
-                free = len(n.free) + freed.gpus[name]
+                free = len(n.free) + freed.gpus[name] - n.owed
                 if (n.up and name not in excluded and free >= spec.gpus and self._fits_besides(n, spec, freed)
                         and (best is None or (free, name) < best)):
                     best = (free, name)
@@ -267,7 +275,7 @@ class Pool:
             n = self.nodes[name]
             r = [float(len(n.free)), n.free_cpus, n.free_mem]
             if freed is not None:
-                r[0] += freed.gpus.get(name, 0)
+                r[0] += freed.gpus.get(name, 0) - n.owed
                 r[1] = exact(r[1] + freed.cpus.get(name, 0.0))
                 r[2] = exact(r[2] + freed.mem.get(name, 0.0))
             if r[0] >= gpus:

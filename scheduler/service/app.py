@@ -117,7 +117,8 @@ def create_app(core: Core, run_loop: bool = True, own_url: str = "") -> FastAPI:
         def leads() -> bool:
             return elected.acting() and core.started
 
-        app.add_middleware(ToLeader, leads=leads, leader_url=elected.fence.leader_url, own_url=own_url)
+        app.add_middleware(ToLeader, leads=leads, leader_url=elected.fence.leader_url, own_url=own_url,
+                           max_body=max(MAX_FORM, core.settings.max_request_bytes))
         to_leader = ToLeader(None, leads, elected.fence.leader_url, own_url)  # readyz asks it who leads
     # Outermost of all: through JupyterHub's proxy every path comes under the hub service's prefix.
     app.add_middleware(HubPrefix, prefixes=hub_prefixes(core.settings.hub_service_prefix, core.settings.hub_api_url))

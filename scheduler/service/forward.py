@@ -20,39 +20,52 @@ class ToLeader:
     """ASGI middleware: while this instance does not lead, proxy the request to the leader's API."""
 
     def __init__(self, app: Any, leads: Callable[[], bool], leader_url: Callable[[], str | None], own_url: str,
-                 timeout_s: float = 60.0) -> None:
-        self.app, self.leads, self.leader_url, self.own_url = app, leads, leader_url, own_url
-        self.client = httpx.AsyncClient(timeout=timeout_s)
+                 max_body: int = 8 << 20, connect_s: float = 5.0) -> None:
+        self.app, self.leads, self.leader_url, self.own_url, self.max_body = app, leads, leader_url, own_url, max_body
+        # No read timeout: a followed log is one long answer; the leader's own limits apply to it.
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(connect_s, read=None))
         self._cached: tuple[float, str | None] = (-CACHE_S, None)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] in LOCAL or self.leads():
             await self.app(scope, receive, send)
             return
-        leader = await self.leader()
+        try:
+            leader = await self.leader()
+        except Exception as e:  # the database away: nobody can say who leads
+            await _answer(send, 503, {"error": {"code": "unavailable", "message": f"no leader known ({e})"}})
+            return
         if leader is None:
             await _answer(send, 503, {"error": {"code": "unavailable", "message": (
                 "no leader has taken over yet; retry in a few seconds")}})
             return
-        body = b""
-        while True:
+        body = bytearray()
+        while True:  # bounded as the API bounds it: a follower must not hold more than the leader would take
             msg = await receive()
             body += msg.get("body", b"")
+            if len(body) > self.max_body:
+                await _answer(send, 413, {"error": {"code": "too_large", "message": (
+                    f"the body is over {self.max_body} bytes")}})
+                return
             if not msg.get("more_body"):
                 break
-        url = leader.rstrip("/") + scope["path"] + (("?" + scope["query_string"].decode()) if scope["query_string"]
-                                                    else "")
+        path = scope.get("raw_path") or scope["path"].encode()  # as the client wrote it (%-escapes kept)
+        url = leader.rstrip("/").encode() + path + (b"?" + scope["query_string"] if scope["query_string"] else b"")
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP]
         try:
-            r = await self.client.request(scope["method"], url, headers=headers, content=body)
+            r = await self.client.send(self.client.build_request(
+                scope["method"], url.decode("latin-1"), headers=headers, content=bytes(body)), stream=True)
         except httpx.HTTPError as e:
             await _answer(send, 503, {"error": {"code": "unavailable", "message": f"the leader did not answer ({e})"}})
             return
-        out = [(k.encode(), v.encode()) for k, v in r.headers.items()
-               if k.lower().encode() not in HOP and k.lower() != "content-encoding"]
-        out.append((b"content-length", str(len(r.content)).encode()))
-        await send({"type": "http.response.start", "status": r.status_code, "headers": out})
-        await send({"type": "http.response.body", "body": r.content})
+        try:  # streamed both ways: a followed log goes on as long as the leader sends it
+            out = [(k, v) for k, v in r.headers.raw if k.lower() not in HOP]
+            await send({"type": "http.response.start", "status": r.status_code, "headers": out})
+            async for chunk in r.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            await r.aclose()
 
     async def leader(self) -> str | None:
         """The leader's address (another instance's), read at most once a CACHE_S."""

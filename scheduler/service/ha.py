@@ -83,7 +83,11 @@ def lead_then_run(core: Core, leadership: Leadership, stop: threading.Event) -> 
     if stop.is_set():
         return
     log.info("leading: taking over the cluster")
-    core.start()
+    try:
+        core.start()
+    except Exception:  # holding the lead without scheduling would keep every other replica from taking over
+        log.exception("taking over failed")
+        _exit()
     core.run(stop)
 
 

@@ -42,6 +42,10 @@ def admit_binding(core: Core, namespace: str, pod: str, node: str) -> str | None
         return None
     uid, held = found
     with core.lock:
+        if core.leadership is not None and not (core.leadership.acting() and core.started):
+            # Only the leader knows the nodes' room (a follower has no engine): refused, the scheduler tries again
+            # and reaches the leader (the webhook's Service spreads calls over the replicas).
+            return f"this Corral replica does not lead: bind of {namespace}/{pod} not checked, try again"
         now = core.clock()
         sync_held(core, now)
         if node in core.down:  # Corral places nothing there

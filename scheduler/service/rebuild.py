@@ -70,7 +70,10 @@ def recover(core: Core, now: float) -> None:
                 # GPUs; it is launched once no process holds them (launching.launch_ready).
                 continue
             drained = sorted(n for n, _ in a["placement"] or [] if (i := core.nodes.get(n)) is not None and i.cordoned)
-            if row["state"] == "running" and (ended.drained or drained) and job["owner"] != CLUSTER_OWNER \
+            # Its pods vanished (no exit code: nothing left to read one from) while their node is cordoned: drained.
+            # An attempt that finished on its own left its pods, with their exit code, for Corral to read.
+            if row["state"] == "running" and (ended.drained or (ended.code is None and drained)) \
+                    and job["owner"] != CLUSTER_OWNER \
                     and job["spec"].get("kind") != "sandbox":
                 requeue_drained(conn, job, a, now, f"its node was drained while Corral was down ({', '.join(drained)})")
                 continue
@@ -112,13 +115,13 @@ def rebuild(core: Core) -> None:
     for name, info in core.nodes.items():  # its jobs stay (restored below): only new work is kept off
         if info.cordoned and name not in core.down:
             engine.node_cordoned(name, core.clock())
-    for name, held in core.held.items():  # what others hold: after a rebuild as before it
-        outside.apply(engine, name, held)
     holding = sorted((j for j in live if j["id"] in placed), key=lambda j: admission_key(placed[j["id"]]))
     for j in holding:
         a = placed[j["id"]]
         engine.restore(held_spec(j), j["submitted_at"], a["admitted_at"],
                        [(n, list(g)) for n, g in a["placement"]], seq=j["id"], reason=reason_of(j["reason"]))
+    for name, held in core.held.items():  # what others hold, after the jobs' own GPUs: as before the rebuild
+        outside.apply(engine, name, held)
     rejected: list[Decision] = []
     unreadable = reject_unreadable(core, [j for j in live if j["id"] not in placed])
     for j in live:

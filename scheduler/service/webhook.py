@@ -3,8 +3,9 @@ ValidatingWebhookConfiguration on pods/binding, which the chart installs), so th
 nodes without room beside Corral's jobs (outside.admit_binding decides).
 
 A small threaded server of its own, not the API's: the API server reaches it with the chart's certificate, and it
-answers nothing but POST /bind with an AdmissionReview. It needs no token: the answer only ever refuses a bind that
-would over-commit a node, and an allowed one counts only for a pod that exists and is not bound yet.
+answers nothing but POST /bind/<path token> with an AdmissionReview. The token (a random file beside the certificate,
+in the webhook's configuration too) keeps other callers out: one who could call it could make Corral count, for 30 s
+at a time, a pending pod on a node it will never land on.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("corral.service")
 PATH = "/bind"
 MAX_BODY = 64 * 1024  # an AdmissionReview of a Binding is about 1 KiB
+TIMEOUT_S = 10.0  # the API server gives a webhook 5 s (the chart's timeoutSeconds)
 
 
 def answer(core: Core, review: Any) -> dict[str, Any]:
@@ -49,17 +51,39 @@ def answer(core: Core, review: Any) -> dict[str, Any]:
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
 
 
+class _TLSServer(ThreadingHTTPServer):
+    """The TLS handshake in each connection's own thread, with a timeout: one client that connects and says nothing
+    must not stop the accepting thread (and with it every bind check)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], tls: ssl.SSLContext):
+        super().__init__(address, handler)
+        self.tls = tls
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(TIMEOUT_S)
+        try:
+            conn = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            request.close()
+            return
+        self.RequestHandlerClass(conn, client_address, self)  # type: ignore[arg-type]  # typeshed wants Self
+
+
 class BindingWebhook:
-    """Serves PATH over HTTPS on `port` in daemon threads until close()."""
+    """Serves PATH over HTTPS on `port` in daemon threads until close(). With a file `path-token` in `tls_dir` (the
+    chart writes one beside the certificate), only PATH/<token> answers: the API server knows it from the webhook's
+    configuration, a caller from elsewhere does not."""
 
     def __init__(self, core: Core, port: int, tls_dir: Path, host: str = "0.0.0.0") -> None:
-        handler = type("Handler", (_Handler,), {"core": core})
-        self.server = ThreadingHTTPServer((host, port), handler)
-        self.server.daemon_threads = True
+        token_file = tls_dir / "path-token"
+        path = f"{PATH}/{token_file.read_text().strip()}" if token_file.exists() else PATH
+        handler = type("Handler", (_Handler,), {"core": core, "path_served": path})
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         tls.minimum_version = ssl.TLSVersion.TLSv1_2
         tls.load_cert_chain(tls_dir / "tls.crt", tls_dir / "tls.key")
-        self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.server = _TLSServer((host, port), handler, tls)
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, name="corral-webhook", daemon=True)
 
@@ -75,15 +99,19 @@ class BindingWebhook:
 
 class _Handler(BaseHTTPRequestHandler):
     core: Core
+    path_served: str
+    timeout = TIMEOUT_S  # a request that trickles in is cut off
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         size = int(self.headers.get("Content-Length") or 0)
-        if self.path.split("?")[0] != PATH:
-            return self._send(404, {"message": f"only POST {PATH}"})
         if not 0 < size <= MAX_BODY:
+            self.close_connection = True
             return self._send(413 if size else 400, {"message": f"a body of 1 to {MAX_BODY} bytes"})
+        body = self.rfile.read(size)  # read before any answer: unread bytes would reset the connection
+        if self.path.split("?")[0] != self.path_served:
+            return self._send(404, {"message": "not found"})
         try:
-            out = answer(self.core, json.loads(self.rfile.read(size)))
+            out = answer(self.core, json.loads(body))
         except ValueError as e:  # bad JSON too
             return self._send(400, {"message": str(e)})
         self._send(200, out)

@@ -72,19 +72,19 @@ so an upgrade keeps the pair; without one, a CA and a serving certificate for th
 */}}
 {{- define "corral.bindingWebhookTLS" -}}
 {{- if not (hasKey . "_corralBindingWebhookTLS") }}
-{{- $tls := dict "ca" "" "crt" "" "key" "" }}
+{{- $tls := dict "ca" "" "crt" "" "key" "" "token" (.Values.kubernetes.bindingWebhook.pathToken | default "") }}
 {{- if not .Values.kubernetes.bindingWebhook.existingSecret }}
 {{- $svc := include "corral.fullname" . }}
 {{- $ns := .Release.Namespace }}
 {{- $old := lookup "v1" "Secret" $ns (include "corral.bindingWebhookSecret" .) }}
 {{- if and $old (index ($old.data | default dict) "ca.crt") (index ($old.data | default dict) "tls.crt") (index ($old.data | default dict) "tls.key") }}
-{{- $tls = dict "ca" (index $old.data "ca.crt" | b64dec) "crt" (index $old.data "tls.crt" | b64dec) "key" (index $old.data "tls.key" | b64dec) }}
+{{- $tls = dict "ca" (index $old.data "ca.crt" | b64dec) "crt" (index $old.data "tls.crt" | b64dec) "key" (index $old.data "tls.key" | b64dec) "token" (index $old.data "path-token" | default ("" | b64enc) | b64dec | default (randAlphaNum 32 | lower)) }}
 {{- else }}
 {{- $days := int .Values.kubernetes.bindingWebhook.certDays }}
 {{- $ca := genCA (printf "%s-webhook-ca" $svc) $days }}
 {{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) }}
 {{- $cert := genSignedCert (printf "%s.%s.svc" $svc $ns) nil $names $days $ca }}
-{{- $tls = dict "ca" $ca.Cert "crt" $cert.Cert "key" $cert.Key }}
+{{- $tls = dict "ca" $ca.Cert "crt" $cert.Cert "key" $cert.Key "token" (randAlphaNum 32 | lower) }}
 {{- end }}
 {{- end }}
 {{- $_ := set . "_corralBindingWebhookTLS" ($tls | toJson) }}
