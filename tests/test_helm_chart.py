@@ -160,7 +160,8 @@ def test_what_the_chart_renders(bin_dir: Path, helm_env: dict[str, str]) -> None
     rules = {(tuple(r["apiGroups"]), r2) for r in kinds["ClusterRole"]["rules"] for r2 in r["resources"]}
     assert {r for _, r in rules} == {"nodes", "namespaces", "pods", "pods/binding", "pods/log", "events",
                                      "serviceaccounts", "resourcequotas", "rolebindings", "clusterroles",
-                                     "networkpolicies", "jobs"}
+                                     "networkpolicies", "jobs", "persistentvolumeclaims"}
+    assert settings["CORRAL_K8S_NOTEBOOK_STORAGE_SIZE"] == "10Gi"  # each user's notebooks survive a restart
 
 
 @pytest.mark.parametrize("bad", ["service.port=0", "image.pullPolicy=Sometimes", "config.port=9000",
