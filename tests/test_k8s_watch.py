@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -141,3 +142,22 @@ def test_a_stopping_attempt_whose_pods_were_not_deleted_is_deleted_again(tmp_pat
     ex._attempts[("5", 1)] = Attempt("ns", 1, stopping=True, grace=3)  # terminate's delete failed
     assert ex.poll(0.0) == [] and api.deleted == ["corral-5-1-0"]
     ex.close()
+
+
+def test_an_evicted_pod_that_fails_on_a_cordoned_node_is_drained_not_failed(tmp_path: Path) -> None:
+    """A real kubelet ends an evicted pod as Failed (exit 143): on a cordoned node that is a drain, not the job's
+    failure (kwok deletes evicted pods at once, so the control-plane test cannot show this)."""
+    ex = KubernetesExecutor(BindingCore([], {}, {}), tmp_path, "img", foreign_pods=False)
+    info = k8s_nodes.node_info(node("n1", True, "1"))
+    assert info is not None
+    ex.nodes.known["n1"] = dataclasses.replace(info, cordoned=True)
+    a = Attempt("ns", 1, nodes={"n1"}, foreign=["corral-j-1-0"])  # others' pods: nothing to clean up after
+    ex._attempts[("j", 1)] = a
+    failed = SimpleNamespace(
+        metadata=SimpleNamespace(name="corral-j-1-0", deletion_timestamp="now", labels={}, annotations={}),
+        spec=SimpleNamespace(node_name="n1"),
+        status=SimpleNamespace(phase="Failed", conditions=[SimpleNamespace(type="DisruptionTarget", status="True")],
+                               container_statuses=[SimpleNamespace(state=SimpleNamespace(terminated=SimpleNamespace(
+                                   exit_code=143, reason="Error")))], reason=None))
+    e = ex._check("j", 1, a, [failed], "")
+    assert e is not None and e.drained and "drained" in e.detail

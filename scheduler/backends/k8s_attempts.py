@@ -26,6 +26,7 @@ class Attempt:
     job: str | None = None  # the batch/v1 Job that makes the pods (workload "job")
     grace: int | None = None  # the grace terminate() asked for: poll() asks again if its delete did not happen
     nodes: set[str] = field(default_factory=set)  # where its pods were bound: a drained node's pods vanish unseen
+    evicted: bool = False  # one of its pods was seen marked for eviction (DisruptionTarget)
 
 
 def members(job_id: str, attempt: int, a: Attempt, pods: list[Any]) -> list[Any]:

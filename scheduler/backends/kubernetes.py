@@ -361,6 +361,8 @@ class KubernetesExecutor:
         others are deleted, and the exit waits until none of them still runs (it may still hold its GPUs). Pods
         not bound yet (a Job's, as its controller makes them; Corral's own after a crash) are bound here."""
         a.nodes.update(p.spec.node_name for p in pods if p.spec.node_name)
+        # Evicted (kubectl drain): a real kubelet then ends the pod as Failed (143), which is no failure of the job's.
+        a.evicted = a.evicted or (not a.stopping and any(evicted(p) for p in pods))
         failed = [p for p in pods if p.status.phase == "Failed"]
         if failed and a.failure is None:
             a.failure = failure(failed[0])  # kept: the failed pod may be gone by the time the others are
@@ -392,7 +394,7 @@ class KubernetesExecutor:
         else:
             code, why = SIGTERM_CODE, "stopped by Corral" if a.stopping else job_why or "a worker's pod was deleted"
         # Pods that went while their node is cordoned were drained (kubectl drain evicts them): not the job's doing.
-        drained = code == SIGTERM_CODE and not a.stopping and self.nodes.cordoned(a.nodes)
+        drained = (code == SIGTERM_CODE or a.evicted) and not a.stopping and self.nodes.cordoned(a.nodes)
         if drained:
             why = f"its node was drained ({', '.join(sorted(n for n in a.nodes if self.nodes.cordoned({n})))})"
         del self._attempts[(job_id, attempt)]
@@ -508,6 +510,12 @@ class KubernetesExecutor:
     def _delete_named(self, ns: str, name: str, grace_s: int | None) -> None:
         with contextlib.suppress(ApiException):  # gone already: what we wanted
             self.core.delete_namespaced_pod(name, ns, grace_period_seconds=grace_s)
+
+
+def evicted(pod: Any) -> bool:
+    """The pod was evicted (the Eviction API marks it DisruptionTarget before deleting it)."""
+    conditions = (pod.status.conditions if pod.status else None) or []
+    return any(c.type == "DisruptionTarget" and c.status == "True" for c in conditions)
 
 
 def _raw(call: Callable[..., Any], *args: Any) -> None:
