@@ -151,7 +151,8 @@ class Replicas:
         data.mkdir(parents=True)
         log = self.root / f"{name}.log"
         full = {**os.environ, **self.base_env, "CORRAL_PORT": str(port), "CORRAL_HOST": "127.0.0.1",
-                "CORRAL_DATA_DIR": str(data), "CORRAL_ADVERTISE_URL": f"http://127.0.0.1:{port}", **env}
+                "CORRAL_DATA_DIR": str(data), "CORRAL_ADVERTISE_URL": f"http://127.0.0.1:{port}",
+                "PYTHONUNBUFFERED": "1", **env}  # its log as it goes: what a failed test shows
         with open(log, "wb") as out:
             proc = subprocess.Popen([str(Path(sys.executable).parent / "corral"), "serve"], env=full, stdout=out,
                                     stderr=subprocess.STDOUT)

@@ -188,6 +188,8 @@ def test_answers_show_stored_non_finite_values_as_null(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'corral.db'}"
     svc = make_service(url, tmp_path)
     j = svc.admin.post("/v1/jobs", json=job(queue="nlp")).json()["id"]
+    # Ended, so that its answer shows the stored reason (a pending job's is the engine's, computed now).
+    assert svc.admin.post(f"/v1/jobs/{j}/cancel").status_code == 200
     with svc.core.db.begin() as conn:
         conn.execute(sa.text("UPDATE jobs SET reason = :r WHERE id = :j"),
                      {"r": '{"rule": "x", "message": "m", "numbers": {"free": NaN}}', "j": j})

@@ -52,7 +52,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Co
     delete_namespaces(plane.core(), f"h{tag}-")
 
 
-def leader_of(replicas: list[Replica], timeout: float = 60) -> Replica:
+def leader_of(replicas: list[Replica], timeout: float = 120) -> Replica:
     found: list[Replica] = []
 
     def one() -> bool:

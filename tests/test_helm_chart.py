@@ -382,18 +382,19 @@ def test_manifests_apply_and_the_pod_lands_on_a_kwok_node(plane: ControlPlane, n
 
 def test_helm_install_server_dry_run_and_notes(plane: ControlPlane, ns: str, bin_dir: Path,
                                                helm_env: dict[str, str]) -> None:
-    # The API server itself validates every object (server-side dry run); helm prints NOTES.txt.
-    out = helm(bin_dir, helm_env, "install", "corral", str(CHART), "--dry-run=server", "--namespace", ns,
+    # The API server itself validates every object (server-side dry run); helm prints NOTES.txt. Release "dry": the
+    # plane's own Corral RBAC (ControlPlane.corral_client, release "corral") owns the cluster-wide names "corral".
+    out = helm(bin_dir, helm_env, "install", "dry", str(CHART), "--dry-run=server", "--namespace", ns,
                "--kubeconfig", str(plane.kubeconfig), "--set", f"database.url={DB_URL}")
-    assert "port-forward svc/corral 8265:8265" in out.stdout
-    assert "Secret corral-db" in out.stdout and "dashboards/corral.json" in out.stdout
+    assert "port-forward svc/dry-corral 8265:8265" in out.stdout
+    assert "Secret dry-corral-db" in out.stdout and "dashboards/corral.json" in out.stdout
     # With backend kubernetes: the API server accepts the ValidatingWebhookConfiguration (its CEL matchCondition
     # compiles) and the TLS Secret. A dry run: nothing is created, so no other test's binds are sent to it.
-    out = helm(bin_dir, helm_env, "install", "corral", str(CHART), "--dry-run=server", "--namespace", ns,
+    out = helm(bin_dir, helm_env, "install", "dry", str(CHART), "--dry-run=server", "--namespace", ns,
                "--kubeconfig", str(plane.kubeconfig), *K8S)
     assert "kind: ValidatingWebhookConfiguration" in out.stdout and "type: kubernetes.io/tls" in out.stdout
     assert "kubectl taint nodes NODE corral.dev/managed=:NoSchedule" in out.stdout
-    assert "ValidatingWebhookConfiguration\ncorral calls the Service on port 8443 (/bind)" in out.stdout
+    assert "ValidatingWebhookConfiguration\ndry-corral calls the Service on port 8443 (/bind)" in out.stdout
 
 
 def test_an_upgrade_keeps_the_webhook_certificate(plane: ControlPlane, ns: str, bin_dir: Path,
