@@ -82,12 +82,13 @@ def serve(
     # import, which every other command (a thin HTTP client) should not pay.
     from scheduler.service.assemble import build_app, isolation, run_uvicorn  # noqa: PLC0415
     from scheduler.service.db import NotAtHead  # noqa: PLC0415
+    from scheduler.service.ha import AlreadyRunning  # noqa: PLC0415
 
     try:
         _, app, made = build_app(settings)
     except ValueError as e:  # settings that only turn out wrong when used (no ray_address, no OTLP exporter)
         fail(f"bad settings: {e}", 2)
-    except NotAtHead as e:  # migrate_on_start off and the schema behind: `corral db upgrade` first
+    except (NotAtHead, AlreadyRunning) as e:  # `corral db upgrade` first; another instance on this SQLite file
         fail(str(e), 1)
     if made:
         note(f"admin token written to {settings.data_dir / ADMIN_TOKEN_FILE} (the CLI on this machine uses it; "

@@ -4,7 +4,13 @@ it, two `corral serve` processes on the test control plane: tests/test_ha_k8s.py
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +21,7 @@ from scheduler.service.db import jobs, leadership, migrate
 from scheduler.service.ha import AlreadyRunning, single
 from scheduler.service.leader import Fenced, Leadership, PostgresFence, SqliteFence
 from scheduler.service.settings import ServiceSettings
+from tests.k8s_kit import free_port
 from tests.service_kit import database_url
 
 
@@ -131,3 +138,26 @@ def test_on_sqlite_a_second_instance_refuses_to_start(tmp_path: Path) -> None:
     again = single(settings)  # the first is gone: the next may start
     assert again is not None
     again.release()
+
+
+def test_corral_serve_refuses_a_second_instance_on_one_sqlite_file(tmp_path: Path) -> None:
+    corral = str(Path(sys.executable).parent / "corral")
+    env = {**os.environ, "CORRAL_DATA_DIR": str(tmp_path / "data"), "CORRAL_RUN_AS": "service", "CORRAL_GPUS": "1"}
+    port = free_port()
+    first = subprocess.Popen([corral, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz",
+                                                                       timeout=2) as r:
+                if r.status == 200:
+                    break
+            time.sleep(0.3)
+        second = subprocess.run([corral, "serve", "--port", str(free_port())], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode == 1
+        assert "another Corral instance uses the SQLite database" in second.stderr
+    finally:
+        first.terminate()
+        first.wait(20)

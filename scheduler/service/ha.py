@@ -24,7 +24,7 @@ SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 LOST_EXIT = 3  # the process's exit code when it lost the lead: its supervisor starts it again, as a follower
 
 
-class AlreadyRunning(ValueError):
+class AlreadyRunning(RuntimeError):
     """Another instance holds this SQLite database."""
 
 
