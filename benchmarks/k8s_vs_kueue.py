@@ -1,10 +1,11 @@
 """Corral vs Kueue + kube-scheduler, side by side on one API server: jobs admitted and pods bound per second.
 
 One run of the test control plane (tests/k8s_kit.py: etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler, kwok; Kubernetes v1.36.3) and two phases, in turn, each on a fresh, identical set of N kwok nodes
-of G GPUs (64 CPUs, 512Gi each; one pool, Kueue flavor `h100`), with the same queue tree (two departments of
-teams, one top-level team, quotas as fractions of the pool, summing to 80%) and the same J batch/v1 Jobs of one
-pod each, asking one GPU, 4 CPUs and 16Gi, spread round-robin over the six teams (one namespace each):
+kube-scheduler, kwok; Kubernetes v1.36.3) and up to three phases (--phases), in turn, each on a fresh, identical
+set of N kwok nodes of G GPUs (64 CPUs, 512Gi each; one pool, Kueue flavor `h100`), with the same queue tree (two
+departments of teams, one top-level team, quotas as fractions of the pool, summing to 80%) and the same J batch/v1
+Jobs of one pod each (corral-api: J jobs of Corral's own), asking one GPU, 4 CPUs and 16Gi, spread round-robin
+over the six teams (one namespace each):
 
 - **corral**: Corral's service (Core on SQLite, its own scheduling loop `Core.run` as `corral serve` runs it, the
   Kubernetes executor). The Jobs' pod template has `schedulerName: corral`: kube-controller-manager makes each
@@ -15,28 +16,39 @@ pod each, asking one GPU, 4 CPUs and 16Gi, spread round-robin over the six teams
   the tree exported by `scheduler.kueue.export` (cpu and memory covered, held by the root cohort). The Jobs are
   created suspended with `kueue.x-k8s.io/queue-name`; Kueue admits each Job's Workload (condition Admitted),
   unsuspends the Job, kube-controller-manager makes its pod and kube-scheduler binds it.
+- **corral-api**: the same J one-GPU jobs (1 GPU, 4 CPUs, 16 GiB, the same teams round-robin, the same tree)
+  submitted to Corral as its users submit them: JobSubmit(queue, pool, gpus, cpus, memory_gb, command) through the
+  service's intake (Core.submit, what POST /v1/jobs calls; four threads in the service's process), the executor
+  with k8s_workload "pod" as `corral serve` builds it: Corral creates each job's pod and binds it itself, so no
+  batch/v1 Job and no kube-controller-manager is in the path. Admission = the engine's decision (the attempt's
+  admitted_at in Corral's database, on the same wall clock); the watcher follows Corral's pods
+  (app.kubernetes.io/managed-by=corral). The teams' namespaces (prefix `corral-api-`) are made beforehand, as in
+  the other phases; Corral's team sync adopts them (and adds its ResourceQuota, NetworkPolicies, RoleBindings).
 
 Every component's API client gets the same QPS and burst (--qps, --burst): kube-controller-manager
 (--kube-api-qps/--kube-api-burst; its default of 20 would throttle the Job-to-pod path of both), kube-scheduler
 (clientConnection), Kueue (Configuration clientConnection) and Corral (a token bucket in front of its Python
-client, which has none of its own). kwok (the kubelets) is unthrottled in both phases. kwok's `pod-complete`
-stage is left out so Job pods stay Running: the J Jobs fill the pool (J = N x G by default) and nothing waits.
+client, which has none of its own; the same bucket in both Corral phases). kwok (the kubelets) is unthrottled.
+kwok's `pod-complete` stage is left out so Job pods stay Running: the J Jobs fill the pool (J = N x G by default)
+and nothing waits.
 
-Both phases are timed alike, from the moment the benchmark starts creating the Jobs (four threads in a separate
-process; the scheduler already running and idle) to the last admission / the last bind:
+All phases are timed alike, from the moment the benchmark starts creating the Jobs (four threads in a separate
+process; corral-api: submitting the jobs; the scheduler already running and idle) to the last admission / the
+last bind:
 
 - **jobs admitted per second** = Jobs admitted / (time of the last admission - start of submission);
-  Kueue: its Workload's Admitted condition turned True; Corral: its pod bound.
+  Kueue: its Workload's Admitted condition turned True; Corral: its pod bound; corral-api: the engine admitted it.
 - **pods bound per second** = pods bound (spec.nodeName set) / (time of the last bind - start of submission).
 
-Times come from a watch in a separate process (the same observer in both phases, stamping each pod's first event
+Times come from a watch in a separate process (the same observer in every phase, stamping each pod's first event
 with spec.nodeName set and each Workload's first event with Admitted=True; also each pod's first event at all,
 `pods_created`, to tell kube-controller-manager's share of the time from the scheduler's). At the end of each
 phase the counts are verified against the API server (a list: pods with spec.nodeName on the phase's nodes,
-Workloads admitted, Corral's running jobs). Between the phases the first phase's namespaces are deleted (and
-waited for, up to 300 s) and its nodes removed.
+Workloads admitted, Corral's running jobs). Between the phases the earlier phase's namespaces are deleted (and
+waited for, up to 300 s) and its nodes removed. The 1-minute load average is sampled every 10 s (load_1m).
 
-    python benchmarks/k8s_vs_kueue.py                              # 500 nodes x 8 GPUs, 4,000 Jobs, both phases
+    python benchmarks/k8s_vs_kueue.py                              # 500 nodes x 8 GPUs, 4,000 Jobs, all phases
+    python benchmarks/k8s_vs_kueue.py --phases corral-api,kueue    # some phases, in this order
     python benchmarks/k8s_vs_kueue.py --nodes 50 --jobs 400        # a quick look
 """
 
@@ -46,11 +58,13 @@ import argparse
 import contextlib
 import json
 import multiprocessing as mp
+import os
 import shutil
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -186,8 +200,9 @@ def _lines(resp: Any) -> Any:
 
 
 def observe(kubeconfig: str, phase: str, want: int, workloads: bool, ready: Any, done: Any, out: Any,
-            timeout: float) -> None:
-    """Stamp each pod's first bind and each Workload's admission (wall clock), until `want` of each or timeout."""
+            timeout: float, selector: str | None = None) -> None:
+    """Stamp each pod's first bind and each Workload's admission (wall clock), until `want` of each or timeout.
+    Pods: those labelled with the phase, or matching `selector`."""
     from kubernetes import client, config  # noqa: PLC0415
 
     api = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
@@ -205,7 +220,7 @@ def observe(kubeconfig: str, phase: str, want: int, workloads: bool, ready: Any,
     def watch(kind: str) -> None:
         def call(**kw: Any) -> Any:
             if kind == "pods":
-                return core.list_pod_for_all_namespaces(label_selector=f"{PHASE_LABEL}={phase}",
+                return core.list_pod_for_all_namespaces(label_selector=selector or f"{PHASE_LABEL}={phase}",
                                                         _preload_content=False, **kw)
             return custom.list_cluster_custom_object("kueue.x-k8s.io", "v1beta2", "workloads",
                                                      _preload_content=False, **kw)
@@ -287,23 +302,31 @@ def throttled_client(kubeconfig: Path, qps: float, burst: int) -> Any:
 # --- the phases --------------------------------------------------------------------------------------------------
 
 def timed(plane: Any, phase: str, jobs: list[tuple[str, dict[str, Any]]], want: int, workloads: bool,
-          timeout: float) -> dict[str, Any]:
-    """Start the observer, then the submitter; wait until `want` pods are bound (and Workloads admitted)."""
+          timeout: float, submitter: Callable[[], dict[str, Any]] | None = None, selector: str | None = None,
+          admissions: Callable[[], list[float]] | None = None) -> dict[str, Any]:
+    """Start the observer, then the submitter; wait until `want` pods are bound (and Workloads admitted).
+    `submitter` (in this process) instead of the Job-creating process; `admissions`: the admission times, read once
+    the pods are bound, instead of the binds (Corral's phase) or the Workloads (Kueue's)."""
     ctx = mp.get_context("spawn")
     ready, done, q_obs, q_sub = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Queue()
     obs = ctx.Process(target=observe, args=(str(plane.kubeconfig), phase, want, workloads, ready, done, q_obs,
-                                            timeout))
+                                            timeout, selector))
     obs.start()
     if not ready.wait(120):
         raise TimeoutError("the observer did not start")
-    sub = ctx.Process(target=submit, args=(str(plane.kubeconfig), jobs, 4, q_sub))
-    sub.start()
-    submitted = q_sub.get(timeout=timeout)
-    sub.join()
+    if submitter is not None:
+        submitted = submitter()
+    else:
+        sub = ctx.Process(target=submit, args=(str(plane.kubeconfig), jobs, 4, q_sub))
+        sub.start()
+        submitted = q_sub.get(timeout=timeout)
+        sub.join()
     seen = q_obs.get(timeout=timeout + 60)
     obs.join()
     t0 = submitted["t0"]
     bound, admitted = seen["bound"], seen["admitted"] if workloads else seen["bound"]
+    if admissions is not None:
+        admitted = sorted(admissions())
 
     def rate(times: list[float]) -> dict[str, Any]:
         if not times:
@@ -374,6 +397,88 @@ def phase_corral(plane: Any, args: argparse.Namespace, work: Path, last: bool) -
     return out
 
 
+def phase_corral_api(plane: Any, args: argparse.Namespace, work: Path, last: bool) -> dict[str, Any]:
+    """Corral's own jobs: submitted to the service's intake (Core.submit, as the API's POST /v1/jobs does) and run
+    with k8s_workload "pod": Corral creates each job's pod and binds it itself, no Job controller in the path."""
+    import sqlalchemy as sa  # noqa: PLC0415
+
+    from scheduler.backends import k8s_objects as k8s  # noqa: PLC0415
+    from scheduler.backends.kubernetes import KubernetesExecutor  # noqa: PLC0415
+    from scheduler.service.assemble import build_core  # noqa: PLC0415
+    from scheduler.service.auth import Principal, Role  # noqa: PLC0415
+    from scheduler.service.db import attempts as attempts_table  # noqa: PLC0415
+    from scheduler.service.db import jobs as jobs_table  # noqa: PLC0415
+    from scheduler.service.settings import ServiceSettings  # noqa: PLC0415
+    from scheduler.service.specs import JobSubmit  # noqa: PLC0415
+
+    phase = "corral-api"
+    t0 = time.perf_counter()
+    nodes = make_nodes(plane, phase, args.nodes, args.gpus)
+    # The teams' namespaces as Corral names them (prefix + queue), made beforehand as in the other phases (and
+    # labelled with the phase for the clean-up); Corral's team sync adopts them (a patch: the label stays).
+    namespaces = make_namespaces(plane, phase, {})
+    capacity = args.nodes * args.gpus
+    api = throttled_client(plane.kubeconfig, args.qps, args.burst)
+    extra = {} if args.corral_watch_s is None else {"watch_s": args.corral_watch_s}
+    ex = KubernetesExecutor(api, work / "corral-api-k8s", "busybox:1.36", grace_s=0, namespace_prefix=f"{phase}-",
+                            node_selector=f"{SET_LABEL}={phase}", workload="pod", **extra)
+    stop = threading.Event()
+    loop = None
+    root = Principal("root", Role.PLATFORM_ADMIN)
+    try:
+        c = build_core(ServiceSettings(data_dir=work / "corral-api"), executor=ex, nodes=ex.discover())
+        c.apply_queues(root, tree_document(capacity))
+        loop = threading.Thread(target=c.run, args=(stop,), daemon=True)
+        loop.start()
+        setup_s = time.perf_counter() - t0
+        subs = [JobSubmit(name=f"j-{i:05d}", queue=TEAMS[i % len(TEAMS)], pool=POOL, gpus=1, cpus=4, memory_gb=16,
+                          command="sleep inf") for i in range(args.jobs)]
+
+        def submitter() -> dict[str, Any]:
+            errors: list[str] = []
+
+            def one(sub: Any) -> None:
+                try:
+                    c.submit(root, sub)
+                except Exception as e:  # noqa: BLE001 (reported)
+                    errors.append(f"{sub.name}: {e}")
+            start = time.time()
+            with ThreadPoolExecutor(4) as pool:  # four submitters, as the Job-creating process has
+                list(pool.map(one, subs))
+            return {"t0": start, "t_end": time.time(), "errors": errors[:5], "failed": len(errors)}
+
+        def times(column: Any) -> list[float]:
+            with c.db.connect() as conn:
+                return [float(t) for t in conn.execute(sa.select(column).where(column.is_not(None))).scalars()]
+
+        out = timed(plane, phase, [], min(args.jobs, capacity), False, args.timeout, submitter=submitter,
+                    selector=f"{k8s.MANAGED_BY}=corral,{k8s.KIND_LABEL}=job",
+                    admissions=lambda: times(attempts_table.c.admitted_at))
+        time.sleep(1)
+        with c.db.connect() as conn:
+            running = int(conn.execute(sa.select(sa.func.count()).select_from(jobs_table)
+                                       .where(jobs_table.c.state == "running")).scalar_one())
+        core = plane.core()
+        pods = json.loads(core.list_pod_for_all_namespaces(label_selector=f"{k8s.MANAGED_BY}=corral",
+                                                           _preload_content=False).data)["items"]
+        ours = set(nodes)
+        out["verified"] = {"pods": len(pods),
+                           "bound_on_phase_nodes": sum(p["spec"].get("nodeName") in ours for p in pods),
+                           "bound_elsewhere": sum(bool(p["spec"].get("nodeName")) and p["spec"]["nodeName"] not in ours
+                                                  for p in pods),
+                           "corral_running": running}
+    finally:
+        stop.set()
+        if loop is not None:
+            loop.join(30)
+        ex.close()
+    out["setup_s"] = round(setup_s, 1)
+    print(json.dumps({phase: out}), file=sys.stderr, flush=True)
+    if not last:
+        out["cleanup_s"] = round(clean_up(plane, phase, namespaces), 1)
+    return out
+
+
 def phase_kueue(plane: Any, args: argparse.Namespace, work: Path, kueue_bin: Path, last: bool
                 ) -> dict[str, Any]:
     from scheduler.kueue import export_objects  # noqa: PLC0415
@@ -423,6 +528,16 @@ def phase_kueue(plane: Any, args: argparse.Namespace, work: Path, kueue_bin: Pat
     return out
 
 
+PHASES = ("corral", "corral-api", "kueue")  # Kueue last: its clean-up (Kueue running) is the slowest
+
+
+def sample_load(samples: list[tuple[float, float]], stop: threading.Event) -> None:
+    """The 1-minute load average every 10 s (the machine is shared: the rates are read against it)."""
+    while not stop.is_set():
+        samples.append((time.time(), os.getloadavg()[0]))
+        stop.wait(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=500)
@@ -431,12 +546,17 @@ def main() -> None:
     ap.add_argument("--qps", type=float, default=500, help="client QPS of every component")
     ap.add_argument("--burst", type=int, default=1000, help="client burst of every component")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per phase")
-    ap.add_argument("--only", choices=["corral", "kueue"], help="one phase only")
+    ap.add_argument("--phases", default=",".join(PHASES),
+                    help=f"the phases to run, in this order, comma-separated (default {','.join(PHASES)})")
+    ap.add_argument("--only", choices=PHASES, help="one phase only (the same as --phases PHASE)")
     ap.add_argument("--corral-watch-s", type=int, help="the Kubernetes executor's watch_s (default: its own, as "
                     "`corral serve` runs it)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = ap.parse_args()
     args.jobs = args.jobs or args.nodes * args.gpus
+    phases = [args.only] if args.only else [p.strip() for p in args.phases.split(",") if p.strip()]
+    if not phases or any(p not in PHASES for p in phases) or len(set(phases)) != len(phases):
+        sys.exit(f"--phases: distinct names among {', '.join(PHASES)}")
 
     from tests.k8s_kit import ControlPlane, find_bin_dir  # noqa: PLC0415
     from tests.kueue_kit import find_kueue  # noqa: PLC0415
@@ -445,37 +565,51 @@ def main() -> None:
     if bin_dir is None:
         sys.exit(f"no Kubernetes tools: {why} (run scripts/k8s-tools)")
     kueue_bin, why = find_kueue()
-    if kueue_bin is None and args.only != "corral":
+    if kueue_bin is None and "kueue" in phases:
         sys.exit(f"no Kueue: {why} (run scripts/kueue)")
     work = Path(tempfile.mkdtemp(prefix="corral-vs-kueue-"))
     (work / "plane").mkdir()
     plane = ControlPlane(bin_dir, work / "plane", client_qps=args.qps, client_burst=args.burst,
                          kwok_skip_stages=("pod-complete",))
     out: dict[str, Any] = {"nodes": args.nodes, "gpus_per_node": args.gpus, "jobs": args.jobs, "qps": args.qps,
-                           "burst": args.burst, "corral_watch_s": args.corral_watch_s, "work": str(work)}
+                           "burst": args.burst, "corral_watch_s": args.corral_watch_s, "phases": phases,
+                           "work": str(work)}
+    loads: list[tuple[float, float]] = []
+    stop_load = threading.Event()
+    threading.Thread(target=sample_load, args=(loads, stop_load), daemon=True).start()
     try:
         t0 = time.perf_counter()
         plane.start()
         out["plane_s"] = round(time.perf_counter() - t0, 1)
-        if args.only in (None, "corral"):
-            out["corral"] = phase_corral(plane, args, work, last=args.only == "corral")
-            print(json.dumps(out), flush=True)
-        if args.only in (None, "kueue"):
-            assert kueue_bin is not None
-            out["kueue"] = phase_kueue(plane, args, work, kueue_bin, last=True)
-        if "corral" in out and "kueue" in out:
-            for what in ("admitted", "bound"):
-                c, k = out["corral"][what].get("per_s"), out["kueue"][what].get("per_s")
-                if c and k:
-                    out[f"corral_over_kueue_{what}"] = round(c / k, 2)
+        for i, phase in enumerate(phases):
+            last = i == len(phases) - 1
+            since = time.time()
+            if phase == "corral":
+                out[phase] = phase_corral(plane, args, work, last=last)
+            elif phase == "corral-api":
+                out[phase] = phase_corral_api(plane, args, work, last=last)
+            else:
+                assert kueue_bin is not None
+                out[phase] = phase_kueue(plane, args, work, kueue_bin, last=last)
+            during = [load for t, load in loads if t >= since]
+            if during:
+                out[phase]["load_1m"] = {"min": min(during), "max": max(during), "samples": len(during)}
+            if not last:
+                print(json.dumps(out), flush=True)
+        for mine in ("corral", "corral-api"):
+            if mine in out and "kueue" in out:
+                for what in ("admitted", "bound"):
+                    c, k = out[mine][what].get("per_s"), out["kueue"][what].get("per_s")
+                    if c and k:
+                        out[f"{mine.replace('-', '_')}_over_kueue_{what}"] = round(c / k, 2)
         print(json.dumps(out), flush=True)
     finally:
+        stop_load.set()
         plane.stop()
         if args.keep:
             print(f"kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()
