@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -60,10 +60,14 @@ class Relay:
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        with contextlib.suppress(OSError, ValueError):
+        # epoll, not select(): in a long test run this process holds over 1,024 descriptors, which select() refuses.
+        with contextlib.suppress(OSError, ValueError), selectors.DefaultSelector() as sel:
+            sel.register(a, selectors.EVENT_READ)
+            sel.register(b, selectors.EVENT_READ)
             while self.open:
-                ready, _, _ = select.select([a, b], [], [], 0.5)
-                for s in ready:
+                for key, _ in sel.select(0.5):
+                    s = key.fileobj
+                    assert isinstance(s, socket.socket)
                     data = s.recv(65536)
                     if not data:
                         return
