@@ -3,7 +3,7 @@ ServiceAccount) on the test control plane; the leader is killed with SIGKILL, an
 says it leads (/readyz), and until a job submitted right after the kill has its pod bound. The killed replica is then
 started again (it follows) and the next trial kills whichever leads.
 
-    python benchmarks/failover.py --trials 5                         # lease 15 s, renew deadline 10 s, retry 2 s
+    python benchmarks/failover.py --trials 5                         # the defaults: lease 12 s, renew 8 s, retry 2 s
     python benchmarks/failover.py --trials 5 --lease 6 --renew 4     # a shorter lease
 
 Needs scripts/k8s-tools and a PostgreSQL server (CORRAL_TEST_POSTGRES_URL, as scripts/postgres prints it).
@@ -44,8 +44,8 @@ def wait(cond: object, timeout: float, step: float = 0.1) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--lease", type=float, default=15.0)
-    ap.add_argument("--renew", type=float, default=10.0)
+    ap.add_argument("--lease", type=float, default=12.0)
+    ap.add_argument("--renew", type=float, default=8.0)
     ap.add_argument("--retry", type=float, default=2.0)
     args = ap.parse_args()
     bin_dir, why = find_bin_dir()

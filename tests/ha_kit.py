@@ -179,7 +179,7 @@ def base_env(plane: ControlPlane, kubeconfig: Path, db_url: str, tag: str) -> di
             "CORRAL_K8S_NODE_SELECTOR": f"corral.dev/test={tag}", "CORRAL_K8S_NAMESPACE_PREFIX": f"h{tag}-",
             "CORRAL_K8S_DEFAULT_IMAGE": "busybox:1.36", "CORRAL_K8S_FOREIGN_PODS": "false",
             "CORRAL_K8S_LEASE_NAMESPACE": CORRAL_NS, "CORRAL_K8S_LEASE_NAME": "corral-leader",
-            "CORRAL_LEASE_S": "15", "CORRAL_RENEW_DEADLINE_S": "10", "CORRAL_LEADER_RETRY_S": "2",
+            "CORRAL_LEASE_S": "12", "CORRAL_RENEW_DEADLINE_S": "8", "CORRAL_LEADER_RETRY_S": "2",
             "CORRAL_TICK_S": "0.5", "CORRAL_GRACE_S": "0", "CORRAL_LOG_LEVEL": "info"}
 
 

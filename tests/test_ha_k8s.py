@@ -126,8 +126,8 @@ def test_kill_9_the_leader_while_jobs_arrive(cluster: tuple[ControlPlane, str, s
         states = Counter(j["state"] for j in listed["jobs"])
         assert sum(states.values()) == 22 and states["running"] == 16, states
         check_nothing_bound_twice(plane, nodes)
-        print(f"failover: {failover:.1f} s (lease 15 s)")
-        assert failover < 15 + 2 * 2 + 10, failover  # the lease, two rounds, the new leader's start
+        print(f"failover: {failover:.1f} s (lease 12 s)")
+        assert failover < 12 + 2 * 2 + 10, failover  # the lease, two rounds, the new leader's start (a busy CI)
     finally:
         reps.stop()
 
@@ -160,7 +160,7 @@ def test_a_leader_cut_off_stops_scheduling_and_the_other_leads(cluster: tuple[Co
         until("a stops (exits)", lambda: a.proc.poll() is not None, 30)
         stopped = time.monotonic() - cut_at
         assert a.proc.returncode == 3, a.tail()
-        assert stopped < 10 + 2 * 2 + 3, stopped  # the renew deadline, a round or two
+        assert stopped < 8 + 2 * 2 + 3, stopped  # the renew deadline, a round or two
         assert leader_of([b], 45) is b
         code, _ = request(b.url + "/v1/jobs", token, "POST", {"queue": "default", "pool": f"HA-{tag}", "gpus": 8,
                                                               "command": "sleep inf"})
