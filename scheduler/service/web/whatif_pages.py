@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 import yaml
@@ -81,6 +82,24 @@ def whatif_form(request: Request, who: Viewer, core: CoreDep) -> HTMLResponse:
     return _form(request, who, _runs(request, core))
 
 
+async def _start(request: Request, who: Principal, runs: WhatIf, csrf: str,
+                 inputs: Callable[[], Awaitable[Inputs]]) -> Response:
+    """Check the form and the caller, start a run on what `inputs` reads, and go to its page (the form again,
+    with why, when it cannot start)."""
+    try:
+        check_csrf(request, csrf)
+        if not _may_run(who):
+            raise Forbidden(f"{who.user} ({who.role}) may not run what-ifs: platform and team admins do")
+        run = runs.start(who, await inputs())
+    except Busy as e:
+        return _form(request, who, runs, 429, str(e))
+    except ServiceError as e:
+        if e.status == 403:
+            return error_page(request, who, e)
+        return _form(request, who, runs, e.status, e.message)
+    return RedirectResponse(f"/ui/whatif/{run.id}", status_code=303)
+
+
 @router.post("/whatif", response_class=HTMLResponse, response_model=None)
 async def whatif_start(request: Request, who: Viewer, core: CoreDep, csrf: Annotated[str, Form()] = "",
                        trace: Annotated[str, Form()] = "", cluster: Annotated[str, Form()] = "",
@@ -89,24 +108,15 @@ async def whatif_start(request: Request, who: Viewer, core: CoreDep, csrf: Annot
                        trace_file: Annotated[UploadFile | None, File()] = None,
                        cluster_file: Annotated[UploadFile | None, File()] = None,
                        queues_file: Annotated[UploadFile | None, File()] = None) -> Response:
-    runs = _runs(request, core)
-    try:
-        check_csrf(request, csrf)
-        if not _may_run(who):
-            raise Forbidden(f"{who.user} ({who.role}) may not run what-ifs: platform and team admins do")
+    async def inputs() -> Inputs:
         t = await _file("trace", trace, trace_file)
         c = await _file("cluster", cluster, cluster_file)
         if t is None or c is None:
             raise Invalid("choose a trace and a cluster file")
         q = await _file("queues", queues, queues_file, queues_text)
-        run = runs.start(who, Inputs(t, c, q, policies_of(policy or []), max(1, min(limit, MAX_JOBS))))
-    except Busy as e:
-        return _form(request, who, runs, 429, str(e))
-    except ServiceError as e:
-        if e.status == 403:
-            return error_page(request, who, e)
-        return _form(request, who, runs, e.status, e.message)
-    return RedirectResponse(f"/ui/whatif/{run.id}", status_code=303)
+        return Inputs(t, c, q, policies_of(policy or []), max(1, min(limit, MAX_JOBS)))
+
+    return await _start(request, who, _runs(request, core), csrf, inputs)
 
 
 @router.post("/whatif/replay", response_class=HTMLResponse, response_model=None)
@@ -117,11 +127,7 @@ async def whatif_replay(request: Request, who: Viewer, core: CoreDep, csrf: Anno
                         queues_file: Annotated[UploadFile | None, File()] = None) -> Response:
     """Replay the jobs this cluster recorded in the last `days` days on its own pools and queue tree (what
     GET /v1/usage/export gives: no export and upload), optionally with another queue file."""
-    runs = _runs(request, core)
-    try:
-        check_csrf(request, csrf)
-        if not _may_run(who):
-            raise Forbidden(f"{who.user} ({who.role}) may not run what-ifs: platform and team admins do")
+    async def inputs() -> Inputs:
         if not 0 < days <= MAX_DAYS:
             raise Invalid(f"days: between 0 and {MAX_DAYS}, got {days:g}", "days")
         # The caller's own view of the records: a team admin replays its subtree only, as the export gives it.
@@ -132,14 +138,9 @@ async def whatif_replay(request: Request, who: Viewer, core: CoreDep, csrf: Anno
         t = (f"this cluster's jobs of the last {span} ({export['jobs']})", export["trace"].encode())
         c = ("this cluster's pools and queue tree", yaml.safe_dump(export["cluster"], sort_keys=False).encode())
         q = await _file("queues", queues, queues_file, queues_text)
-        run = runs.start(who, Inputs(t, c, q, policies_of(policy or []), max(1, min(limit, MAX_JOBS))))
-    except Busy as e:
-        return _form(request, who, runs, 429, str(e))
-    except ServiceError as e:
-        if e.status == 403:
-            return error_page(request, who, e)
-        return _form(request, who, runs, e.status, e.message)
-    return RedirectResponse(f"/ui/whatif/{run.id}", status_code=303)
+        return Inputs(t, c, q, policies_of(policy or []), max(1, min(limit, MAX_JOBS)))
+
+    return await _start(request, who, _runs(request, core), csrf, inputs)
 
 
 @router.get("/whatif/{run_id}", response_class=HTMLResponse)
