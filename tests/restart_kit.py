@@ -22,7 +22,7 @@ from scheduler.service.assemble import build_core
 from scheduler.service.auth import Principal, Role
 from scheduler.service.core import Core
 from scheduler.service.db import jobs
-from scheduler.service.rebuild import LIVE
+from scheduler.service.rebuild import LIVE, applied_tree
 from scheduler.service.settings import ServiceSettings
 from scheduler.service.specs import JobSubmit, engine_spec_of, job_id_of
 from tests.service_kit import Clock, ScriptedExecutor
@@ -131,8 +131,8 @@ def from_scratch(core: Core) -> dict[str, tuple[dict[str, float], dict[str, floa
         row = queues.latest(conn)
         assert row is not None
         live = list(conn.execute(sa.select(jobs).where(jobs.c.state.in_(LIVE))).mappings())
-    tree = core._applied_tree(row["document"])
-    empty = Engine(tree, [i.spec() for i in core.nodes.values()])
+    tree = applied_tree(row["document"], core.capacity)
+    empty = Engine(tree, [i.spec() for i in core.cluster.nodes.values()])
     pools = {p: ps.pool for p, ps in empty.pools.items()}
     demand: dict[str, dict[str, int]] = {p: {} for p in pools}
     for j in live:
@@ -142,7 +142,7 @@ def from_scratch(core: Core) -> dict[str, tuple[dict[str, float], dict[str, floa
         demand[j["pool"]][j["queue"]] = demand[j["pool"]].get(j["queue"], 0) + spec.request
     out = {}
     for p in pools:
-        up = sum(len(n.gpus) for n in core.nodes.values() if n.pool == p and n.name not in core.down)
+        up = sum(len(n.gpus) for n in core.cluster.nodes.values() if n.pool == p and n.name not in core.cluster.down)
         fs = PoolShares(tree, p, up)
         for leaf, d in demand[p].items():
             fs.add_demand(leaf, d)

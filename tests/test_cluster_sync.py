@@ -107,7 +107,7 @@ def test_a_node_down_requeues_its_jobs_and_up_brings_it_back(tmp_path: Path) -> 
     core.tick()
     assert ex.terminated == [(str(on_a), 1)]
     assert state(core, on_a) in ("pending", "starting") and node_rows(core) == {"a": False, "b": True}
-    assert core.capacity == {"p": 8} and core.down == {"a"}
+    assert core.capacity == {"p": 8} and core.cluster.down == {"a"}
     with core.db.connect() as conn:
         kinds = [r.kind for r in conn.execute(sa.select(events.c.kind).where(events.c.job_id == on_a))]
     assert "preempted" in kinds
@@ -117,7 +117,7 @@ def test_a_node_down_requeues_its_jobs_and_up_brings_it_back(tmp_path: Path) -> 
     ex.changes.append(NodeChange("a", node("a")))
     core.tick()
     core.tick()
-    assert state(core, on_a) == "running" and core.down == set() and node_rows(core) == {"a": True, "b": True}
+    assert state(core, on_a) == "running" and core.cluster.down == set() and node_rows(core) == {"a": True, "b": True}
     assert [lc.attempt for lc in ex.launched if lc.job_id == str(on_a)] == [1, 2]
 
 
@@ -217,7 +217,7 @@ def test_new_deleted_and_reshaped_nodes_change_capacity_and_the_tree(tmp_path: P
     # The pool's last node deleted: kept as down, so the pool and the jobs waiting for it survive.
     ex.changes.append(NodeChange("a", None, deleted=True))
     core.tick()
-    assert core.capacity == {"p": 8} and core.down == {"a"} and node_rows(core) == {"a": False}
+    assert core.capacity == {"p": 8} and core.cluster.down == {"a"} and node_rows(core) == {"a": False}
     assert state(core, big) == state(core, waiting) == "pending"
 
 
@@ -230,10 +230,10 @@ def test_changes_are_kept_until_committed(tmp_path: Path, monkeypatch: Any) -> N
     monkeypatch.setattr(cluster_sync, "write_node", broken)
     with pytest.raises(sa.exc.OperationalError):
         core.tick()
-    assert core.down == set() and len(core.node_backlog) == 1
+    assert core.cluster.down == set() and len(core.cluster.node_backlog) == 1
     monkeypatch.undo()
     core.tick()
-    assert core.down == {"a"} and core.node_backlog == []
+    assert core.cluster.down == {"a"} and core.cluster.node_backlog == []
 
 
 def arrival(key: str, workers: int = 1, gpus: int = 1, queue: str = "default") -> Arrival:

@@ -206,7 +206,7 @@ def test_sandbox_page_mine_and_all_with_idle_time_left_open_link_and_stop(tmp_pa
     svc = make_service(f"sqlite:///{tmp_path / 'corral.db'}", tmp_path, hub_url="https://hub.example.org",
                        cull_interval_s=0.1)
     idle = {i: GpuSample(2.0, 1 << 30) for i in range(8)}
-    object.__setattr__(svc.core.nodes["localhost"], "sample", lambda: dict(idle))  # GPUs measured, and idle
+    object.__setattr__(svc.core.cluster.nodes["localhost"], "sample", lambda: dict(idle))  # GPUs measured, and idle
     ids = {}
     for user, queue, server in (("alice", "nlp", ""), ("alice", "nlp", "big"), ("bob", "ranking", "")):
         name = f"jupyter-{user}-{server}" if server else f"jupyter-{user}"

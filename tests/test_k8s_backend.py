@@ -332,7 +332,7 @@ def test_end_to_end_two_teams_reclaim_and_a_cordoned_node(cluster: Cluster, exec
     cluster.plane.core().patch_node(cordoned, {"spec": {"unschedulable": True}})
     again: KubernetesExecutor | None = None
     try:
-        tick_until(core, "the cordon seen", lambda: core.nodes[cordoned].cordoned)
+        tick_until(core, "the cordon seen", lambda: core.cluster.nodes[cordoned].cordoned)
         second, third = submit_to(core, "alpha", p2, gpus=4), submit_to(core, "alpha", p2)
         tick_until(core, "the second on the other node", lambda: state(core, second) == "running")
         assert running(executor, second, 1)[0].spec.node_name == other  # best fit alone would pick the cordoned
@@ -397,10 +397,10 @@ def test_nodes_cordoned_uncordoned_and_deleted_while_corral_runs(cluster: Cluste
         ticking(core, "both jobs running", lambda: all(state_of(core, j) == "running" for j in jobs))
         on = {running(ex, j, 1)[0].spec.node_name: j for j in jobs}
         k8s_core.patch_node(n1, {"spec": {"unschedulable": True}})
-        ticking(core, "the cordon seen", lambda: core.nodes[n1].cordoned)
+        ticking(core, "the cordon seen", lambda: core.cluster.nodes[n1].cordoned)
         for _ in range(5):
             core.tick()
-        assert core.down == set() and core.capacity == {pool: 16} and state_of(core, on[n1]) == "running"
+        assert core.cluster.down == set() and core.capacity == {pool: 16} and state_of(core, on[n1]) == "running"
         assert [p.metadata.name for p in live_pods_on(cluster, n1)] == [p.metadata.name for p in pods_of(ex, on[n1])]
         # Its job ends: the cordoned node is empty, and still nothing new lands there.
         core.cancel(ROOT, int(on[n1]))
@@ -415,7 +415,7 @@ def test_nodes_cordoned_uncordoned_and_deleted_while_corral_runs(cluster: Cluste
         assert pod.spec.node_name == n1
         # kubectl drain: cordon, then evict. The evicted job waits again (not failed), and runs once there is room.
         k8s_core.patch_node(n1, {"spec": {"unschedulable": True}})
-        ticking(core, "the cordon seen", lambda: core.nodes[n1].cordoned)
+        ticking(core, "the cordon seen", lambda: core.cluster.nodes[n1].cordoned)
         k8s_core.create_namespaced_pod_eviction(pod.metadata.name, pod.metadata.namespace, {
             "apiVersion": "policy/v1", "kind": "Eviction",
             "metadata": {"name": pod.metadata.name, "namespace": pod.metadata.namespace}})
@@ -428,7 +428,7 @@ def test_nodes_cordoned_uncordoned_and_deleted_while_corral_runs(cluster: Cluste
         ticking(core, "the drained job running again", lambda: state_of(core, third) == "running")
         assert running(ex, third, 1, attempt=2)[0].spec.node_name == n1
         k8s_core.delete_node(n2)
-        ticking(core, "the deletion seen", lambda: n2 not in core.nodes and state_of(core, on[n2]) == "pending")
+        ticking(core, "the deletion seen", lambda: n2 not in core.cluster.nodes and state_of(core, on[n2]) == "pending")
         assert core.capacity == {pool: 8}
         until("the deleted node's pod gone", lambda: pods_of(ex, on[n2]) == [])
         with core.db.connect() as conn:

@@ -306,7 +306,8 @@ def test_member_sees_only_team_jobs(svc: Service) -> None:
 
 
 def test_gpu_metrics_come_from_the_sampler(svc: Service) -> None:
-    object.__setattr__(svc.core.nodes["localhost"], "sample", lambda: {0: GpuSample(97.0, 2**30), 1: GpuSample(3.0, 0)})
+    samples = {0: GpuSample(97.0, 2**30), 1: GpuSample(3.0, 0)}
+    object.__setattr__(svc.core.cluster.nodes["localhost"], "sample", lambda: samples)
     text = svc.admin.get("/metrics").text
     assert 'corral_gpu_utilisation_percent{gpu="0",node="localhost",pool="local"} 97.0' in text
     assert 'corral_gpu_memory_used_bytes{gpu="0",node="localhost",pool="local"} 1.073741824e+09' in text

@@ -18,7 +18,7 @@ def test_an_allocated_but_idle_sandbox_is_warned_then_stopped(tmp_path: Path) ->
     svc: Service = make_service(f"sqlite:///{tmp_path / 'c.db'}", tmp_path, idle_timeout_s=4, cull_interval_s=0.2)
     trace = load_trace(TRACE)
     now: dict[int, GpuSample] = {}
-    object.__setattr__(svc.core.nodes["localhost"], "sample", lambda: dict(now))
+    object.__setattr__(svc.core.cluster.nodes["localhost"], "sample", lambda: dict(now))
     first_busy = next(i for i, (_, phase, _) in enumerate(trace) if phase == "busy")
     sid = svc.admin.post("/v1/sandboxes", json={"queue": "nlp", "gpus": 1, "command": ["lab"]}).json()["id"]
     start = svc.clock.t

@@ -7,8 +7,7 @@ change them could loosen its own. Every caller may read the policy and test a jo
 
 from __future__ import annotations
 
-import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
@@ -27,14 +26,8 @@ from scheduler.service import store
 from scheduler.service.auth import Principal
 from scheduler.service.db import admission_policies
 from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound
+from scheduler.service.interfaces import Admits
 from scheduler.service.specs import JobSubmit
-
-if TYPE_CHECKING:
-    from scheduler.service.core import Core
-
-# The policy in force per service, so a submission does not read the database for it. Every change goes
-# through `apply` here, under the core's lock, which replaces the entry: it cannot go stale within a process.
-_in_force: weakref.WeakKeyDictionary[Core, tuple[int, AdmissionPolicy]] = weakref.WeakKeyDictionary()
 
 
 def latest(conn: Connection) -> RowMapping | None:
@@ -52,23 +45,25 @@ def history(conn: Connection) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-def current(core: Core) -> tuple[int, AdmissionPolicy]:
-    """(version, policy) in force; (0, no rules) before the first apply."""
-    found = _in_force.get(core)
-    if found is not None:  # every submission asks: no lock once known (apply replaces the entry whole)
+def current(core: Admits) -> tuple[int, AdmissionPolicy]:
+    """(version, policy) in force; (0, no rules) before the first apply. Kept by the service (core.policy), so a
+    submission does not read the database for it. Every change goes through `apply` here, under the core's lock,
+    which replaces it whole: it cannot go stale within a process."""
+    found = core.policy
+    if found is not None:  # every submission asks: no lock once known (apply replaces it whole)
         return found
     with core.lock:
-        found = _in_force.get(core)
+        found = core.policy
         if found is None:
             with core.db.connect() as conn:
                 row = latest(conn)
             # A stored document was valid when applied; parse it again rather than trust the JSON's shape.
             found = (0, AdmissionPolicy()) if row is None else (row["version"], parse(row["document"]))
-            _in_force[core] = found
+            core.policy = found
         return found
 
 
-def validate(core: Core, document: dict[str, Any]) -> AdmissionPolicy:
+def validate(core: Admits, document: dict[str, Any]) -> AdmissionPolicy:
     """The whole document checked; Invalid lists every problem with where it is."""
     try:
         policy = parse(document, set(core.tree.queues))  # every problem at once, unknown queues included
@@ -94,7 +89,7 @@ def diff(old: AdmissionPolicy, new: AdmissionPolicy) -> list[dict[str, Any]]:
     return out
 
 
-def apply(core: Core, who: Principal, document: dict[str, Any], comment: str = "",
+def apply(core: Admits, who: Principal, document: dict[str, Any], comment: str = "",
           dry_run: bool = False, expected_version: int | None = None) -> dict[str, Any]:
     """Validate, then store as a new version (history only grows) and put it in force at once. With
     `expected_version`, refuse (409) if another apply came first, so the diff shown is the one made."""
@@ -117,12 +112,12 @@ def apply(core: Core, who: Principal, document: dict[str, Any], comment: str = "
                 .returning(admission_policies.c.version)).scalar_one()
             store.add_audit(conn, now, who.user, "admission.apply", f"admission policy version {out['version']}",
                             comment=comment, diff=changes)
-        _in_force[core] = (out["version"], policy)
+        core.policy = (out["version"], policy)
         out["applied"] = True
     return out
 
 
-def rollback(core: Core, who: Principal, number: int) -> dict[str, Any]:
+def rollback(core: Admits, who: Principal, number: int) -> dict[str, Any]:
     """Apply an earlier version again, as a new version."""
     with core.db.connect() as conn:
         old = version(conn, number)
@@ -131,7 +126,7 @@ def rollback(core: Core, who: Principal, number: int) -> dict[str, Any]:
     return apply(core, who, old["document"], f"rollback to version {number}")
 
 
-def decide(core: Core, who: Principal, sub: JobSubmit) -> tuple[int, Decision]:
+def decide(core: Admits, who: Principal, sub: JobSubmit) -> tuple[int, Decision]:
     """What the policy in force does to `sub` (its queue must exist)."""
     number, policy = current(core)
     path = [q.name for q in core.tree[sub.queue].path]
@@ -145,7 +140,7 @@ def decide(core: Core, who: Principal, sub: JobSubmit) -> tuple[int, Decision]:
     return number, evaluate(policy, sub, path, runner, who.user)
 
 
-def check(core: Core, who: Principal, sub: JobSubmit) -> JobSubmit:
+def check(core: Admits, who: Principal, sub: JobSubmit) -> JobSubmit:
     """The submission as the policy has it (defaults filled in), or Invalid naming the rule and the value.
     Rejections and changes are audited here: a rejected job leaves no other trace."""
     number, d = decide(core, who, sub)
@@ -169,7 +164,7 @@ def check(core: Core, who: Principal, sub: JobSubmit) -> JobSubmit:
     return d.job
 
 
-def preview(core: Core, who: Principal, sub: JobSubmit) -> dict[str, Any]:
+def preview(core: Admits, who: Principal, sub: JobSubmit) -> dict[str, Any]:
     """The decision for `sub` without submitting it (the hook does run: it is part of the answer)."""
     if not who.covers(core.tree, sub.queue):
         raise Forbidden(f"{who.user} ({who.role}) may not use queue {sub.queue}", "queue")

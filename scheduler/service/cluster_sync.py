@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from pydantic import ValidationError
@@ -28,25 +27,24 @@ from scheduler.service.auth import Principal, Role
 from scheduler.service.db import jobs, nodes
 from scheduler.service.errors import Conflict
 from scheduler.service.intake import Submission, write
+from scheduler.service.interfaces import Stop, SyncsCluster
 from scheduler.service.specs import JobSubmit
-
-if TYPE_CHECKING:
-    from scheduler.service.core import Core
 
 log = logging.getLogger("corral.service")
 CLUSTER = Principal(CLUSTER_OWNER, Role.PLATFORM_ADMIN)
 
 
-def sync_nodes(core: Core, now: float) -> None:
+def sync_nodes(core: SyncsCluster, now: float) -> None:
     """Apply the executor's node changes (under the core's lock): one transaction for the preemptions they cause
     and the nodes table; the executor's stops after it; a rebuild when the pools' size changed."""
+    cluster = core.cluster
     if isinstance(core.executor, WatchesNodes):
         # Kept until committed, like exits: the executor reports each change once.
-        core.node_backlog += core.executor.node_changes(now)
-    if not core.node_backlog:
+        cluster.node_backlog += core.executor.node_changes(now)
+    if not cluster.node_backlog:
         return
-    after, down = dict(core.nodes), set(core.down)
-    for c in core.node_backlog:
+    after, down = dict(cluster.nodes), set(cluster.down)
+    for c in cluster.node_backlog:
         known = after.get(c.name)
         if c.info is not None:
             after[c.name] = c.info
@@ -57,17 +55,18 @@ def sync_nodes(core: Core, now: float) -> None:
         elif known is not None:
             down.add(c.name)
     # Down in the engine first: a node leaving or changing shape loses its jobs whatever comes next.
-    changed = {n for n, info in after.items() if n in core.nodes and core.nodes[n].spec() != info.spec()}
-    going = [n for n in core.nodes if n not in core.down and (n not in after or n in down or n in changed)]
-    rebuild = set(after) != set(core.nodes) or bool(changed)
-    stops: list[tuple[int, int, float]] = []
+    before, was_down = cluster.nodes, cluster.down
+    changed = {n for n, info in after.items() if n in before and before[n].spec() != info.spec()}
+    going = [n for n in before if n not in was_down and (n not in after or n in down or n in changed)]
+    rebuild = set(after) != set(before) or bool(changed)
+    stops: list[Stop] = []
     with core.changing() as conn:
         for name in going:
             for d in core.engine.node_down(name, now):
-                stops += core._record(conn, d, now)
+                stops += core.record(conn, d, now)
         if not rebuild:
             for name, info in after.items():  # cordoned: nothing new lands, its jobs stay (kubectl cordon)
-                was_open = name in core.nodes and name not in core.down and not core.nodes[name].cordoned
+                was_open = name in before and name not in was_down and not before[name].cordoned
                 if name in down or name in going or was_open == (not info.cordoned):
                     continue
                 if info.cordoned:
@@ -77,14 +76,14 @@ def sync_nodes(core: Core, now: float) -> None:
         conn.execute(nodes.delete().where(nodes.c.name.not_in(list(after))))
         for info in after.values():
             write_node(conn, info, info.name not in down, replace=True)
-    log.info("nodes changed: %s", ", ".join(f"{c.name} {state(c)}" for c in core.node_backlog))
-    core.nodes, core.down, core.node_backlog = after, down, []
+    log.info("nodes changed: %s", ", ".join(f"{c.name} {state(c)}" for c in cluster.node_backlog))
+    cluster.nodes, cluster.down, cluster.node_backlog = after, down, []
     # Owed from here: if a stop below fails (the cluster's API away), the next cycle still rebuilds.
-    core._stale |= rebuild
-    core._terminate(stops, now)
     if rebuild:
-        core._rebuild()
-        core._stale = False
+        core.invalidate()
+    core.terminate(stops, now)
+    if rebuild:
+        core.refresh()
 
 
 def state(c: NodeChange) -> str:
@@ -102,32 +101,33 @@ def write_node(conn: sa.Connection, n: NodeInfo, up: bool, replace: bool = False
                                        info=[vars(g) for g in n.gpus]))
 
 
-def take_arrivals(core: Core) -> None:
+def take_arrivals(core: SyncsCluster) -> None:
     """Submit what the cluster brought and cancel what it withdrew; outside the core's lock, as API submissions
     are (the admission policy's hook may be slow). Kept until written: a database error retries them."""
     if not isinstance(core.executor, TakesArrivals):
         return
-    if core.arrivals_lock.acquire(blocking=False):  # else another thread is taking them now
+    if core.cluster.arrivals_lock.acquire(blocking=False):  # else another thread is taking them now
         try:
             _take_arrivals(core, core.executor)
         finally:
-            core.arrivals_lock.release()
+            core.cluster.arrivals_lock.release()
 
 
-def _take_arrivals(core: Core, ex: TakesArrivals) -> None:
-    core.arrivals += ex.arrivals(core.clock())
-    if core.offered_at_start is not None:
+def _take_arrivals(core: SyncsCluster, ex: TakesArrivals) -> None:
+    cluster = core.cluster
+    cluster.arrivals += ex.arrivals(core.clock())
+    if cluster.offered_at_start is not None:
         # The arrivals since the start are every one still waiting: a pending job of the cluster's that is not
         # among them lost its pods while Corral was down. Only once nothing waiting is left unlooked-at (a
         # namespace that could not be read): else that gang's job would be withdrawn while its pods are there.
-        core.offered_at_start |= {a.key for a in core.arrivals if a.spec is not None}
+        cluster.offered_at_start |= {a.key for a in cluster.arrivals if a.spec is not None}
         if ex.settled():
-            _withdraw_unoffered(core, core.offered_at_start)
-            core.offered_at_start = None
-    if not core.arrivals:
+            _withdraw_unoffered(core, cluster.offered_at_start)
+            cluster.offered_at_start = None
+    if not cluster.arrivals:
         return
     batch: list[tuple[str, Submission]] = []
-    for a in core.arrivals:
+    for a in cluster.arrivals:
         if a.spec is None:
             continue
         try:
@@ -147,13 +147,13 @@ def _take_arrivals(core: Core, ex: TakesArrivals) -> None:
     for key, s in batch:
         if s.error is not None:
             ex.refuse(key, str(s.error))
-    for a in core.arrivals:
+    for a in cluster.arrivals:
         if a.spec is None:
             withdraw(core, a.key)
-    core.arrivals = []
+    cluster.arrivals = []
 
 
-def _withdraw_unoffered(core: Core, offered: set[str]) -> None:
+def _withdraw_unoffered(core: SyncsCluster, offered: set[str]) -> None:
     with core.db.connect() as conn:
         keys = conn.execute(sa.select(jobs.c.idempotency_key).where(
             jobs.c.owner == CLUSTER_OWNER, jobs.c.state == "pending")).scalars().all()
@@ -162,7 +162,7 @@ def _withdraw_unoffered(core: Core, offered: set[str]) -> None:
             withdraw(core, key)
 
 
-def withdraw(core: Core, key: str) -> None:
+def withdraw(core: SyncsCluster, key: str) -> None:
     """Cancel the pending job of a withdrawn arrival; one already admitted ends when its pods are seen gone."""
     with core.db.connect() as conn:
         row = conn.execute(sa.select(jobs.c.id, jobs.c.state).where(

@@ -15,16 +15,19 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from quotas import QueueTree
 from sandbox.culling import IdlePolicy, IdleTracker
-from scheduler.backends.base import CLUSTER_OWNER, Arrival, Executor, Exit, Held, NodeChange, NodeInfo
+from scheduler.admission.rules import AdmissionPolicy
+from scheduler.backends.base import CLUSTER_OWNER, Executor, Exit, NodeInfo
 from scheduler.engine import Engine as Scheduler
 from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
 from scheduler.engine.model import Settings
 from scheduler.service import cluster_sync, launching, outside, queues, rebuild, store, telemetry
 from scheduler.service.auth import Principal, TokenCache
+from scheduler.service.cluster_state import ClusterState
 from scheduler.service.culler import cull
 from scheduler.service.db import attempts, jobs, nodes, queue_versions
 from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError
 from scheduler.service.intake import Intake
+from scheduler.service.interfaces import Stop
 from scheduler.service.leader import Leadership
 from scheduler.service.metrics import Metrics
 from scheduler.service.rebuild import LIVE, requeue_unlaunched, store_overtaken
@@ -49,18 +52,9 @@ class Core:
     def __init__(self, settings: ServiceSettings, db: Engine, executor: Executor, nodes: list[NodeInfo],
                  clock: Callable[[], float] = time.time, metrics: Metrics | None = None):
         self.settings, self.db, self.executor, self.clock = settings, db, executor, clock
-        self.nodes = {n.name: n for n in nodes}
-        self.down: set[str] = set()  # known nodes that are down now (see cluster_sync)
-        self.held: dict[str, Held] = {}  # node -> what work Corral did not place holds there (see outside)
+        self.cluster = ClusterState({n.name: n for n in nodes})
         self.leadership: Leadership | None = None  # several instances: only the leader's decisions commit
         self.started = False  # start() done: it recovered what ran and holds the engine
-        self.node_backlog: list[NodeChange] = []  # reported by the executor, not yet committed
-        self.arrivals: list[Arrival] = []  # work the cluster brought, not yet written
-        # Keys of the arrivals since the start (every waiting one), until all are known; then None.
-        self.offered_at_start: set[str] | None = set()
-        # One taker at a time: sandboxes run a cycle from request threads, and the executor hands each arrival
-        # over once.
-        self.arrivals_lock = threading.Lock()
         self.metrics = metrics or Metrics()
         self.lock = threading.RLock()
         self._team_sync = threading.Lock()
@@ -71,6 +65,7 @@ class Core:
         self.version = 0
         self.admissions = 0  # the last attempts.admission given (rebuild reads it back from the database)
         self.tokens = TokenCache()
+        self.policy: tuple[int, AdmissionPolicy] | None = None  # the admission policy in force (see admission.current)
         self._stale = False
         self._teams_stale = False  # the capacity changed since the last sync_teams
         self._unrecorded: list[Exit] = []
@@ -83,10 +78,7 @@ class Core:
 
     @property
     def capacity(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for n in self.nodes.values():
-            out[n.pool] = out.get(n.pool, 0) + len(n.gpus)
-        return out
+        return self.cluster.capacity
 
     def pool_of(self, asked: str | None) -> str:
         """The pool a submission names, or the only pool there is."""
@@ -104,7 +96,7 @@ class Core:
         now = self.clock()
         with self.lock, self.writing() as conn:
             conn.execute(nodes.delete())  # what the backend finds now is the truth about nodes
-            for n in self.nodes.values():
+            for n in self.cluster.nodes.values():
                 cluster_sync.write_node(conn, n, True)
             if queues.latest(conn) is None:
                 doc = (queues.demo_document if self.settings.demo else queues.default_document)(self.capacity)
@@ -123,7 +115,20 @@ class Core:
 
     def _rebuild(self) -> None:
         """A fresh engine from the database, deciding as the one it replaces (see rebuild.rebuild)."""
-        rebuild.rebuild(self)
+        built = rebuild.rebuild(self)
+        self.tree, self.engine, self.version = built.tree, built.engine, built.version
+        self.unrecorded_decisions = built.rejected
+        self.admissions = built.admissions
+        self._owed()
+
+    def invalidate(self) -> None:
+        """The engine may hold what the database does not: the next cycle rebuilds it."""
+        self._stale = True
+
+    def refresh(self) -> None:
+        """Rebuild the engine from the database now: it matches again."""
+        self._rebuild()
+        self._stale = False
 
     def _owed(self) -> None:
         """Assume launches are owed and a max_runtime may be due: the next cycle looks in the database.
@@ -157,19 +162,6 @@ class Core:
                 self._stale = True  # the database is away: rebuild at the next cycle that can reach it
             raise
 
-    def _applied_tree(self, document: dict[str, Any]) -> QueueTree:
-        """The tree in force. If nodes were lost since it was applied, its quotas may now add up to more than the
-        pools hold: Corral keeps running on it (guarantees are honoured as far as the GPUs that are left allow)
-        rather than refuse to start; a new tree is checked against today's capacity when applied."""
-        try:
-            return queues.build_tree(document, self.capacity)
-        except Invalid:
-            tops = [q for q in document.get("queues", []) if q.get("parent") is None]
-            needed = {p: sum(int(q.get("quota", {}).get(p, 0)) for q in tops) for p in self.capacity}
-            log.warning("the queue tree's quotas exceed the GPUs found now (%s > %s); running on it anyway",
-                        needed, self.capacity)
-            return queues.build_tree(document, {p: max(c, needed[p]) for p, c in self.capacity.items()})
-
     # ----- submissions -----
 
     def submit(self, who: Principal, sub: JobSubmit) -> tuple[dict[str, Any], bool]:
@@ -185,19 +177,19 @@ class Core:
                     raise Forbidden(f"{who.user} ({who.role}) may not cancel job {job_id}")
                 if job["state"] in FINISHED:
                     raise Conflict(f"job {job_id} already ended ({job['state']})")
-                self._engine_end(job_id, now, None)
+                self.engine_end(job_id, now, None)
                 stop = self._stop_attempt(conn, job, now, "cancelled")
                 reason = reason or {"rule": "cancelled", "message": f"cancelled by {who.user}", "numbers": {}}
                 store.update_job(conn, job_id, state="cancelled", ended_at=now, reason=reason)
                 store.add_event(conn, now, "cancelled", reason["message"], job_id)
                 store.add_audit(conn, now, who.user, "job.cancel", f"job {job_id}")
                 row = store.job_row(conn, job_id)
-            self._terminate(stop, now)
+            self.terminate(stop, now)
         self.wake.set()
         assert row is not None
         return store.job_view(row)
 
-    def _engine_end(self, job_id: int, now: float, failed: bool | None) -> None:
+    def engine_end(self, job_id: int, now: float, failed: bool | None) -> None:
         """The engine frees the job's GPUs (cancelled when `failed` is None) and forgets it: from here on the
         database alone remembers the job (a failed commit rebuilds the engine from it)."""
         eid = engine_id(job_id)
@@ -296,8 +288,7 @@ class Core:
         with self.lock:
             now = self.clock()
             if self._stale:  # a failed transaction left decisions in memory that the database never got
-                self._rebuild()
-                self._stale = False
+                self.refresh()
             capacity = self.capacity
             cluster_sync.sync_nodes(self, now)
             outside.sync_held(self, now)
@@ -306,7 +297,7 @@ class Core:
             # The executor reports each exit once: keep them until a commit has recorded them.
             self._unrecorded += self.executor.poll(now)
             exits = self._unrecorded
-            stops: list[tuple[int, int, float]] = []
+            stops: list[Stop] = []
             with self.changing() as conn:
                 for e in exits:
                     a = store.current_attempt(conn, int(e.job_id), e.attempt)
@@ -323,18 +314,18 @@ class Core:
                     if e.drained and row["state"] == "running":  # the cluster moved it: waits again, as if preempted
                         store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now,
                                              exit_code=e.code, outcome="preempted")
-                        stops += self._record(conn, self.engine.requeue(engine_id(job["id"]), e.detail), now)
+                        stops += self.record(conn, self.engine.requeue(engine_id(job["id"]), e.detail), now)
                         continue
-                    self._ended(conn, job, row, e.code, e.detail, now)
+                    self.end_attempt(conn, job, row, e.code, e.detail, now)
                 stops += self._enforce_max_runtime(conn, now)
                 # Rejections the last rebuild made (jobs the tree in force can never run), then this cycle's.
                 decisions = [*self.unrecorded_decisions, *self.engine.schedule(now)]
                 self.unrecorded_decisions = []
                 for d in decisions:
-                    stops += self._record(conn, d, now)
+                    stops += self.record(conn, d, now)
                 store_overtaken(conn, self.engine)
             self._unrecorded = []
-            self._terminate(stops, now)
+            self.terminate(stops, now)
             if self.launch_owed:
                 self.launch_owed = launching.launch_ready(self, now)
             if now - self._culled_at >= self.settings.cull_interval_s:  # under the lock: one culler at a time
@@ -346,7 +337,8 @@ class Core:
             self.sync_teams()
         return decisions
 
-    def _record(self, conn: Connection, d: Decision, now: float) -> list[tuple[int, int, float]]:
+    def record(self, conn: Connection, d: Decision, now: float) -> list[Stop]:
+        """Write an engine decision with its effects; the attempts to stop once it commits."""
         job_id = job_id_of(d.job)
         job = store.job_row(conn, job_id)
         assert job is not None
@@ -374,7 +366,7 @@ class Core:
                 # A cluster job's pods are deleted; what their owner makes again is a new arrival, not this job
                 # again. A sandbox (preempted only when its node goes) starts now or not at all: its hub has
                 # already lost it, so it must not start later with nobody to connect.
-                self._engine_end(job_id, now, None)
+                self.engine_end(job_id, now, None)
                 store.update_job(conn, job_id, state="cancelled", ended_at=now, reason=reason)
             else:
                 store.update_job(conn, job_id, state="pending", reason=reason)
@@ -388,7 +380,7 @@ class Core:
         return []
 
     def _stop_attempt(self, conn: Connection, job: RowMapping, now: float,
-                      outcome: str) -> list[tuple[int, int, float]]:
+                      outcome: str) -> list[Stop]:
         """Mark the job's live attempt as stopping (its process gets SIGTERM after the commit)."""
         a = store.current_attempt(conn, job["id"], job["attempt"])
         if a is None or a["state"] == "ended":
@@ -401,18 +393,19 @@ class Core:
                                  stop_deadline=now + self.settings.grace_s)
         return [(job["id"], a["attempt"], self.settings.grace_s)]
 
-    def _terminate(self, stops: Iterable[tuple[int, int, float]], now: float) -> None:
+    def terminate(self, stops: Iterable[Stop], now: float) -> None:
+        """Have the executor stop these attempts (after the commit that recorded why)."""
         for job_id, attempt, grace in stops:
             self.executor.terminate(str(job_id), attempt, grace, now)
 
-    def _ended(self, conn: Connection, job: RowMapping, a: Mapping[Any, Any], code: int | None, detail: str,
+    def end_attempt(self, conn: Connection, job: RowMapping, a: Mapping[Any, Any], code: int | None, detail: str,
                now: float, engine: bool = True) -> None:
         """An attempt's process is gone. If it was the job's running attempt, the job ended with it."""
         outcome = a["outcome"]
         if a["state"] == "running":
             outcome = "completed" if code == 0 else "failed"
             if engine:
-                self._engine_end(job["id"], now, outcome == "failed")
+                self.engine_end(job["id"], now, outcome == "failed")
             why = detail or (f"exited with code {code}" if code is not None else "vanished")
             store.update_job(conn, job["id"], state=outcome, ended_at=now, exit_code=code,
                              reason={"rule": outcome, "message": why, "numbers": {"exit_code": code}})
@@ -421,10 +414,14 @@ class Core:
         store.add_event(conn, now, "exited", detail or f"attempt {a['attempt']} exited with code {code}",
                         job["id"], attempt=a["attempt"], exit_code=code, outcome=outcome)
 
-    def _enforce_max_runtime(self, conn: Connection, now: float) -> list[tuple[int, int, float]]:
+    def note_exit(self, ended: Exit) -> None:
+        """An exit the executor will not report again (found at launch): the next cycle records it."""
+        self._unrecorded.append(ended)
+
+    def _enforce_max_runtime(self, conn: Connection, now: float) -> list[Stop]:
         if now < self.runtime_due:
             return []
-        stops: list[tuple[int, int, float]] = []
+        stops: list[Stop] = []
         due = math.inf
         q = (sa.select(jobs, attempts.c.started_at.label("attempt_started"))
              .join(attempts, sa.and_(attempts.c.job_id == jobs.c.id, attempts.c.attempt == jobs.c.attempt))
@@ -436,7 +433,7 @@ class Core:
             if now - job["attempt_started"] < limit:
                 due = min(due, job["attempt_started"] + limit)
                 continue
-            self._engine_end(job["id"], now, True)
+            self.engine_end(job["id"], now, True)
             stops += self._stop_attempt(conn, job, now, "max_runtime")
             msg = f"stopped after max_runtime of {limit:g} s"
             store.update_job(conn, job["id"], state="failed", ended_at=now,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
@@ -12,18 +11,16 @@ from scheduler.service import store
 from scheduler.service.auth import Principal, Role
 from scheduler.service.db import attempts, jobs
 from scheduler.service.errors import ServiceError
-
-if TYPE_CHECKING:
-    from scheduler.service.core import Core
+from scheduler.service.interfaces import Culls
 
 log = logging.getLogger("corral.culler")
 IDLE_TIMEOUT_LABEL = "corral.sandbox/idle-timeout-s"  # per-profile timeout, kept with the job
 CULLER = Principal("corral-culler", Role.PLATFORM_ADMIN)
 
 
-def cull(core: Core, tracker: IdleTracker, now: float) -> None:
+def cull(core: Culls, tracker: IdleTracker, now: float) -> None:
     """One look at every running sandbox's GPUs (called by the scheduling loop every cull_interval_s)."""
-    readers = {n.name: n.sample for n in core.nodes.values() if n.sample is not None}
+    readers = {n.name: n.sample for n in core.cluster.nodes.values() if n.sample is not None}
     if not readers:
         return  # declared or remote GPUs: nothing to measure from here
     samples = {name: read() or {} for name, read in readers.items()}
@@ -50,7 +47,7 @@ def cull(core: Core, tracker: IdleTracker, now: float) -> None:
             _act(core, tracker, action, now)
 
 
-def _act(core: Core, tracker: IdleTracker, action: Warn | Stop, now: float) -> None:
+def _act(core: Culls, tracker: IdleTracker, action: Warn | Stop, now: float) -> None:
     job_id = int(action.sandbox_id)
     if isinstance(action, Warn):
         msg = warning_text(action.idle_since, action.stop_at, now)
@@ -65,14 +62,14 @@ def _act(core: Core, tracker: IdleTracker, action: Warn | Stop, now: float) -> N
     tracker.forget(action.sandbox_id)
 
 
-def _close(core: Core, job_id: int, action: Stop, now: float) -> None:
+def _close(core: Culls, job_id: int, action: Stop, now: float) -> None:
     core.cancel(CULLER, job_id, reason={
         "rule": "idle", "message": f"stopped after its GPUs stayed idle for {duration_text(now - action.idle_since)} "
         f"(since {clock_text(action.idle_since)}): {action.idle_gpu_minutes:.0f} idle GPU-minutes",
         "numbers": {"idle_gpu_minutes": action.idle_gpu_minutes, "idle_since": action.idle_since}})
 
 
-def idle_view(core: Core, job_id: int, now: float) -> dict[str, object] | None:
+def idle_view(core: Culls, job_id: int, now: float) -> dict[str, object] | None:
     """A running sandbox's idle stretch as the API shows it (None while its GPUs work, or nothing measures them):
     since when, when it will be stopped, the seconds left, and the warning's text once it is warned."""
     status = core.idle.status(str(job_id))

@@ -7,7 +7,7 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -17,10 +17,8 @@ from scheduler.service import admission, store
 from scheduler.service.auth import Principal
 from scheduler.service.db import audit, events, jobs
 from scheduler.service.errors import Conflict, Forbidden, Invalid, ServiceError
+from scheduler.service.interfaces import Submits
 from scheduler.service.specs import JobSubmit
-
-if TYPE_CHECKING:
-    from scheduler.service.core import Core
 
 # The field of a job spec to fix when the engine says a job can never run.
 REJECTED_FIELD = {"unknown_queue": "queue", "inner_queue": "queue", "unknown_pool": "pool", "worker_too_big": "gpus",
@@ -44,7 +42,7 @@ class Intake:
     others wait for their answer or for the next turn to lead. Under load a few dozen submissions share one
     commit; alone, a submission is written at once."""
 
-    def __init__(self, core: Core):
+    def __init__(self, core: Submits):
         self.core = core
         self._cv = threading.Condition()
         self._inbox: list[Submission] = []
@@ -104,7 +102,7 @@ class Intake:
         return item.result
 
 
-def write(core: Core, batch: list[Submission]) -> None:
+def write(core: Submits, batch: list[Submission]) -> None:
     """Check each submission, then store all that pass in one transaction and hand them to the engine."""
     try:
         _admit(core, batch)  # outside the lock: a policy hook may be slow, and must not hold up scheduling
@@ -124,7 +122,7 @@ def write(core: Core, batch: list[Submission]) -> None:
             item.done = True
 
 
-def _admit(core: Core, batch: list[Submission]) -> None:
+def _admit(core: Submits, batch: list[Submission]) -> None:
     """Who may submit where, and the admission policy (defaults filled in, or Invalid naming the rule; audited
     there). Before the idempotency check, so a retry compares like with like (both with defaults)."""
     for item in batch:
@@ -141,7 +139,7 @@ def _admit(core: Core, batch: list[Submission]) -> None:
             item.error = e
 
 
-def check_workdir(core: Core, sub: JobSubmit, owner: str) -> None:
+def check_workdir(core: Submits, sub: JobSubmit, owner: str) -> None:
     """With the local backend a job runs on this machine, so a working directory that is not a directory here would
     only fail at launch, after waiting its turn: refuse it now (the docs promise a 422). Where jobs run as their
     users, the question is whether the owner's account may enter it, and the answer is the same for "missing" and
@@ -161,7 +159,7 @@ def check_workdir(core: Core, sub: JobSubmit, owner: str) -> None:
                       "the job could not start in it", "workdir")
 
 
-def _check(core: Core, batch: list[Submission]) -> list[Submission]:
+def _check(core: Submits, batch: list[Submission]) -> list[Submission]:
     """Answer refusals and repeated idempotency keys at once; return the submissions to store."""
     pools = {p: ps.pool for p, ps in core.engine.pools.items()}
     keyed = {(i.who.user, i.sub.idempotency_key) for i in batch if i.sub.idempotency_key is not None}
@@ -193,7 +191,7 @@ def _check(core: Core, batch: list[Submission]) -> list[Submission]:
     return fresh
 
 
-def _store(core: Core, fresh: list[Submission], now: float) -> None:
+def _store(core: Submits, fresh: list[Submission], now: float) -> None:
     firsts: dict[tuple[str, str], Submission] = {}
     new: list[Submission] = []
     for item in fresh:

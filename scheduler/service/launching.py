@@ -12,18 +12,15 @@ import math
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
 from scheduler.backends.base import Executor, Exit, Handle, Launch, LaunchesInParallel
 from scheduler.service import store
 from scheduler.service.db import attempts, jobs
+from scheduler.service.interfaces import Launches
 from scheduler.service.specs import JobSubmit
-
-if TYPE_CHECKING:
-    from scheduler.service.core import Core
-
 
 log = logging.getLogger("corral.service")
 HOLDING = ("running", "stopping")  # attempt states whose process may still hold its GPUs
@@ -31,7 +28,7 @@ HOLDING = ("running", "stopping")  # attempt states whose process may still hold
 Launched = tuple[Handle, Exit | None]  # the attempt's handle, and how it ended if it was found ended already
 
 
-def launch_ready(core: Core, now: float) -> bool:
+def launch_ready(core: Launches, now: float) -> bool:
     """Launch admitted attempts whose GPUs no live process holds (a preempted job may still be exiting).
     True while some admitted attempt is still not launched (waiting for GPUs, or to be tried again)."""
     todo: list[tuple[Mapping[Any, Any], Launch]] = []
@@ -60,7 +57,7 @@ def launch_ready(core: Core, now: float) -> bool:
     return waiting
 
 
-def _ready(core: Core) -> tuple[list[tuple[Mapping[Any, Any], Mapping[Any, Any]]], bool]:
+def _ready(core: Launches) -> tuple[list[tuple[Mapping[Any, Any], Mapping[Any, Any]]], bool]:
     """Admitted attempts (oldest first) with their jobs, whose GPUs no live attempt holds (no two share a GPU);
     and whether other admitted attempts wait."""
     with core.db.connect() as conn:
@@ -116,7 +113,7 @@ def _start(executor: Executor, launch: Launch) -> Launched | Exception | Unsure:
         return Unsure(e)
 
 
-def _record(core: Core, a: Mapping[Any, Any], launch: Launch, outcome: Launched | Exception | Unsure,
+def _record(core: Launches, a: Mapping[Any, Any], launch: Launch, outcome: Launched | Exception | Unsure,
             now: float) -> bool:
     """Write how a launch went; True when the attempt is still to launch (tried again next cycle)."""
     if isinstance(outcome, Unsure):
@@ -127,7 +124,7 @@ def _record(core: Core, a: Mapping[Any, Any], launch: Launch, outcome: Launched 
         return False
     handle, ended = outcome
     if ended is not None:
-        core._unrecorded.append(ended)
+        core.note_exit(ended)
     # Its max_runtime counts from now. Set before the commit: one reported as failed may still have landed, and
     # then no later cycle records this launch again.
     core.runtime_due = -math.inf
@@ -145,9 +142,9 @@ def gpus_text(gpus: Mapping[str, Iterable[int]]) -> str:
     return "; ".join(f"{node} GPUs {','.join(str(i) for i in idx)}" for node, idx in gpus.items()) or "no GPUs"
 
 
-def _failed(core: Core, job_id: int, attempt: int, e: Exception, now: float) -> None:
+def _failed(core: Launches, job_id: int, attempt: int, e: Exception, now: float) -> None:
     with core.changing() as conn:
-        core._engine_end(job_id, now, True)
+        core.engine_end(job_id, now, True)
         store.update_attempt(conn, job_id, attempt, state="ended", ended_at=now, outcome="launch_failed")
         msg = f"could not start: {e}"
         store.update_job(conn, job_id, state="failed", ended_at=now,

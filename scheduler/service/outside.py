@@ -9,20 +9,16 @@ room the other was given, whichever binds first.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from scheduler.backends.base import Held, SharesNodes
 from scheduler.engine import Engine
-
-if TYPE_CHECKING:
-    from scheduler.service.core import Core
+from scheduler.service.interfaces import ChecksBindings
 
 
-def sync_held(core: Core, now: float) -> None:
+def sync_held(core: ChecksBindings, now: float) -> None:
     """What the executor says others hold now, into the engine (under the core's lock)."""
     if isinstance(core.executor, SharesNodes):
         for node, held in core.executor.held(now).items():
-            core.held[node] = held
+            core.cluster.held[node] = held
             apply(core.engine, node, held)
 
 
@@ -31,11 +27,11 @@ def apply(engine: Engine, node: str, held: Held) -> None:
         engine.node_held(node, held.gpus, held.cpus, held.memory_gb)
 
 
-def admit_binding(core: Core, namespace: str, pod: str, node: str) -> str | None:
+def admit_binding(core: ChecksBindings, namespace: str, pod: str, node: str) -> str | None:
     """Why another scheduler may not bind this pod to `node` now (None: it may). Only Corral's nodes are checked;
     there the pod must fit in what neither Corral's jobs nor others' pods hold, as the kubelet would check it."""
     ex = core.executor
-    if not isinstance(ex, SharesNodes) or node not in core.nodes:
+    if not isinstance(ex, SharesNodes) or node not in core.cluster.nodes:
         return None
     found = ex.binding(namespace, pod)  # an API call: outside the lock
     if found is None:
@@ -48,7 +44,7 @@ def admit_binding(core: Core, namespace: str, pod: str, node: str) -> str | None
             return f"this Corral replica does not lead: bind of {namespace}/{pod} not checked, try again"
         now = core.clock()
         sync_held(core, now)
-        if node in core.down:  # Corral places nothing there
+        if node in core.cluster.down:  # Corral places nothing there
             return None
         gpus, cpus, memory_gb = core.engine.node_room(node)
         short = [f"{asked:g} {what} asked, {free:g} free" for what, asked, free in (

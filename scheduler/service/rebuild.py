@@ -17,22 +17,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
+from quotas import QueueTree
 from scheduler.backends.base import CLUSTER_OWNER, Handle
 from scheduler.engine import Engine as Scheduler
 from scheduler.engine.decisions import Decision
 from scheduler.engine.model import JobSpec, Reason
 from scheduler.service import outside, queues, store
 from scheduler.service.db import attempts, jobs
+from scheduler.service.errors import Invalid
+from scheduler.service.interfaces import Rebuilds
 from scheduler.service.launching import HOLDING
 from scheduler.service.specs import engine_spec_of, job_id_of
-
-if TYPE_CHECKING:
-    from scheduler.service.core import Core
 
 LIVE = ("pending", "starting", "running")  # job states the engine knows about
 PLACED = ("starting", "running")  # attempt states the engine counts as holding their GPUs
@@ -40,7 +41,7 @@ UNREADABLE = "invalid_spec"  # the rule a job rejected at the rebuild for a spec
 log = logging.getLogger("corral.service")
 
 
-def recover(core: Core, now: float) -> None:
+def recover(core: Rebuilds, now: float) -> None:
     """Match attempts the database says are live with what the executor finds (see docs/service.md)."""
     with core.db.connect() as conn:
         live = list(conn.execute(sa.select(attempts).where(attempts.c.state.in_(("starting",) + HOLDING)))
@@ -69,7 +70,8 @@ def recover(core: Core, now: float) -> None:
                 # was committed, so it stands, as it would have without the restart. The rebuilt engine holds its
                 # GPUs; it is launched once no process holds them (launching.launch_ready).
                 continue
-            drained = sorted(n for n, _ in a["placement"] or [] if (i := core.nodes.get(n)) is not None and i.cordoned)
+            known = core.cluster.nodes
+            drained = sorted(n for n, _ in a["placement"] or [] if (i := known.get(n)) is not None and i.cordoned)
             # Its pods vanished (no exit code: nothing left to read one from) while their node is cordoned: drained.
             # An attempt that finished on its own left its pods, with their exit code, for Corral to read.
             if row["state"] == "running" and (ended.drained or (ended.code is None and drained)) \
@@ -78,7 +80,8 @@ def recover(core: Core, now: float) -> None:
                 requeue_drained(conn, job, a, now, f"its node was drained while Corral was down ({', '.join(drained)})")
                 continue
             # The engine is built after recovery, from what these updates leave in the database.
-            core._ended(conn, job, row, ended.code, ended.detail or "ended while Corral was down", now, engine=False)
+            core.end_attempt(conn, job, row, ended.code, ended.detail or "ended while Corral was down", now,
+                             engine=False)
 
 
 def requeue_drained(conn: Connection, job: RowMapping, a: Mapping[Any, Any], now: float, why: str) -> None:
@@ -98,29 +101,42 @@ def requeue_unlaunched(conn: Connection, job: RowMapping, a: Mapping[Any, Any], 
     store.add_event(conn, now, "requeued", "admitted but never started", job["id"])
 
 
-def rebuild(core: Core) -> None:
+@dataclass(frozen=True)
+class Rebuilt:
+    """A fresh engine with the tree and version it runs on, the rejections it made (recorded by the next cycle) and
+    the last admission number stored."""
+
+    tree: QueueTree
+    engine: Scheduler
+    version: int
+    rejected: list[Decision]
+    admissions: int
+
+
+def rebuild(core: Rebuilds) -> Rebuilt:
     """A fresh engine from the database: running and admitted jobs where they are, in the order they were admitted,
     then pending ones with their starvation-guard clocks."""
     with core.db.connect() as conn:
         row = queues.latest(conn)
         assert row is not None
-        tree = core._applied_tree(row["document"])
+        tree = applied_tree(row["document"], core.cluster.capacity)
         live = list(conn.execute(sa.select(jobs).where(jobs.c.state.in_(LIVE)).order_by(jobs.c.id)).mappings())
         placed = {a["job_id"]: a for a in conn.execute(
             sa.select(attempts).where(attempts.c.state.in_(PLACED))).mappings()}
         admissions = conn.execute(sa.select(sa.func.max(attempts.c.admission))).scalar_one()
-    engine = Scheduler(tree, [n.spec() for n in core.nodes.values()], settings=core.engine_settings)
-    for name in core.down:  # before restoring: nothing live was left on a down node (cluster_sync)
+    cluster = core.cluster
+    engine = Scheduler(tree, [n.spec() for n in cluster.nodes.values()], settings=core.engine_settings)
+    for name in cluster.down:  # before restoring: nothing live was left on a down node (cluster_sync)
         engine.node_down(name, core.clock())
-    for name, info in core.nodes.items():  # its jobs stay (restored below): only new work is kept off
-        if info.cordoned and name not in core.down:
+    for name, info in cluster.nodes.items():  # its jobs stay (restored below): only new work is kept off
+        if info.cordoned and name not in cluster.down:
             engine.node_cordoned(name, core.clock())
     holding = sorted((j for j in live if j["id"] in placed), key=lambda j: admission_key(placed[j["id"]]))
     for j in holding:
         a = placed[j["id"]]
         engine.restore(held_spec(j), j["submitted_at"], a["admitted_at"],
                        [(n, list(g)) for n, g in a["placement"]], seq=j["id"], reason=reason_of(j["reason"]))
-    for name, held in core.held.items():  # what others hold, after the jobs' own GPUs: as before the rebuild
+    for name, held in cluster.held.items():  # what others hold, after the jobs' own GPUs: as before the rebuild
         outside.apply(engine, name, held)
     rejected: list[Decision] = []
     unreadable = reject_unreadable(core, [j for j in live if j["id"] not in placed])
@@ -131,10 +147,21 @@ def rebuild(core: Core) -> None:
             rejected += engine.submit(engine_spec_of(j["spec"], j["id"], j["pool"]), j["submitted_at"],
                                       seq=j["id"], overtaken_at=j["overtaken_at"])
     engine.overtaken()  # the clocks it was given are stored already
-    core.tree, core.engine, core.version = tree, engine, row["version"]
-    core.unrecorded_decisions = rejected
-    core.admissions = admissions or 0
-    core._owed()
+    return Rebuilt(tree, engine, row["version"], rejected, admissions or 0)
+
+
+def applied_tree(document: dict[str, Any], capacity: dict[str, int]) -> QueueTree:
+    """The tree in force. If nodes were lost since it was applied, its quotas may now add up to more than the
+    pools hold: Corral keeps running on it (guarantees are honoured as far as the GPUs that are left allow)
+    rather than refuse to start; a new tree is checked against today's capacity when applied."""
+    try:
+        return queues.build_tree(document, capacity)
+    except Invalid:
+        tops = [q for q in document.get("queues", []) if q.get("parent") is None]
+        needed = {p: sum(int(q.get("quota", {}).get(p, 0)) for q in tops) for p in capacity}
+        log.warning("the queue tree's quotas exceed the GPUs found now (%s > %s); running on it anyway",
+                    needed, capacity)
+        return queues.build_tree(document, {p: max(c, needed[p]) for p, c in capacity.items()})
 
 
 def held_spec(j: Mapping[Any, Any]) -> JobSpec:
@@ -150,7 +177,7 @@ def held_spec(j: Mapping[Any, Any]) -> JobSpec:
         return engine_spec_of(repaired, j["id"], j["pool"])
 
 
-def reject_unreadable(core: Core, waiting: list[RowMapping]) -> set[int]:
+def reject_unreadable(core: Rebuilds, waiting: list[RowMapping]) -> set[int]:
     """Reject, with the reason, waiting jobs whose stored spec the engine cannot take (NaN or Infinity stored before
     numbers were checked at the edge; migration 0007 repairs those, this guards against any left). One such job in
     the engine would stall every queue of its pool; refused at the rebuild, it stalls nothing."""

@@ -129,6 +129,6 @@ def address(core: Core, row: Mapping[Any, Any]) -> tuple[str, int] | None:
         return core.executor.address(str(row["id"]), row["attempt"])
     with core.db.connect() as conn:
         a = store.current_attempt(conn, row["id"], row["attempt"])
-    node = core.nodes.get(a["placement"][0][0]) if a is not None and a["placement"] else None
+    node = core.cluster.nodes.get(a["placement"][0][0]) if a is not None and a["placement"] else None
     env: Mapping[str, str] = row["spec"].get("env", {})
     return (node.address if node is not None else None) or "127.0.0.1", server_port(env)

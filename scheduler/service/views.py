@@ -111,11 +111,11 @@ def pools(core: Core) -> list[dict[str, Any]]:
                         holder.update({(node, g): j.id for g in gpus})
             node_views = []
             for n in ps.pool.nodes.values():
-                known = core.nodes.get(n.name)
+                known = core.cluster.nodes.get(n.name)
                 info = {g.index: g for g in known.gpus} if known is not None else {}
                 node_views.append({
-                    "name": n.name, "up": n.name not in core.down,
-                    "cordoned": known is not None and known.cordoned and n.name not in core.down, "gpus": [
+                    "name": n.name, "up": n.name not in core.cluster.down,
+                    "cordoned": known is not None and known.cordoned and n.name not in core.cluster.down, "gpus": [
                         {"index": i, "model": info[i].model if i in info else None,
                          "uuid": info[i].uuid if i in info else None,
                          "memory_mb": info[i].memory_mb if i in info else None,
@@ -158,7 +158,7 @@ def live_metrics(core: Core) -> list[Metric]:
 def gpu_metrics(core: Core) -> list[Metric]:
     util: list[tuple[list[str], float]] = []
     mem: list[tuple[list[str], float]] = []
-    for n in core.nodes.values():
+    for n in core.cluster.nodes.values():
         samples = n.sample() if n.sample is not None else None
         for i, s in sorted((samples or {}).items()):
             util.append(([n.pool, n.name, str(i)], s.util_pct))

@@ -96,7 +96,7 @@ def pools_page(request: Request, who: Viewer, core: CoreDep) -> HTMLResponse:
 
 def _utilisation(core: Any, node: str) -> dict[int, float]:
     """Utilisation per GPU where the node can sample it (NVML); a failing sample leaves the map without it."""
-    info = core.nodes.get(node)
+    info = core.cluster.nodes.get(node)
     if info is None or info.sample is None:
         return {}
     try:
