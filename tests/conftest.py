@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests import attack_kit
+from tests.marks import fixture_marks, starts_processes
 from tests.service_kit import Service, database_url, make_service
 
 # Services the tests start as processes run their jobs as the service's own user: their jobs run this checkout's
@@ -22,8 +23,9 @@ SHARED = ROOT.parent / "shared"
 
 
 @pytest.fixture(scope="session")
+@starts_processes
 def corral_cmd() -> list[str]:
-    """The installed `corral` console script, falling back to the module."""
+    """The installed `corral` console script, falling back to the module: tests that run it are `integration`."""
     exe = Path(sys.executable).parent / "corral"
     if exe.exists():
         return [str(exe)]
@@ -41,6 +43,21 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def svc(db_url: str, tmp_path: Path) -> Service:
     """A service with the demo tree on 8 GPUs, a scripted executor and a clock the test moves."""
     return make_service(db_url, tmp_path)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`integration` for the tests that use a fixture marked with tests.marks.starts_processes (directly or through
+    another fixture), and for every PostgreSQL case of a test parametrized over the databases (`db_url`)."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        marks = fixture_marks(info.name2fixturedefs.values()) if info is not None else set()
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and any(isinstance(v, str) and v == "postgresql" for v in callspec.params.values()):
+            marks.add("integration")
+        for name in sorted(marks):
+            if item.get_closest_marker(name) is None:
+                item.add_marker(name)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

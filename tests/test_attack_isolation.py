@@ -30,6 +30,8 @@ from scheduler.service.settings import ADMIN_TOKEN_FILE, ServiceSettings
 from tests import attack_kit
 from tests.service_kit import Service, make_service
 
+pytestmark = pytest.mark.integration  # real job processes under other uids
+
 UID_MIN, UID_MAX = 2_900_000, 2_900_099  # these tests' own range: no real account, no other test's files
 ITEM = "1 isolation"
 

@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
+pytestmark = pytest.mark.integration  # corral serve, killed with SIGKILL
+
 JOBS = 36
 # Each job records when its process held which GPUs; SIGTERM (preemption) ends it cleanly after recording.
 JOB = """

@@ -27,6 +27,7 @@ from sandbox.culling import GpuSample
 from scheduler.service.assemble import create_token
 from scheduler.service.auth import Role
 from scheduler.service.deps import UI_COOKIE
+from tests.marks import starts_processes
 from tests.service_kit import Service, make_service
 
 try:  # optional: the rest of the suite runs without a browser
@@ -291,6 +292,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
+@starts_processes
 def live(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """A real `python -m scheduler.service` on 4 virtual GPUs with the demo queues: (its URL, the admin token)."""
     with live_service(tmp_path) as started:
@@ -418,6 +420,7 @@ def test_browser_login_queue_tree_submit_watch_and_pending_reason(live: tuple[st
 DOC_IMAGES = Path(__file__).resolve().parents[1] / "docs" / "img"
 
 
+@pytest.mark.integration
 def test_browser_sandboxes_page_and_replaying_this_cluster(tmp_path: Path) -> None:
     """The sandbox view (mine, all, GPUs, utilisation, idle time left, open, stop) and "replay this cluster" on
     the what-if page, in chromium against a live service whose virtual GPUs read as idle

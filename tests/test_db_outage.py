@@ -15,6 +15,8 @@ import sqlalchemy as sa
 from tests.service_kit import PG_ENV, Service, make_service
 from tests.test_crash import free_port
 
+pytestmark = pytest.mark.integration  # a PostgreSQL server of its own
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

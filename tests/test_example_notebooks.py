@@ -11,6 +11,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.marks import starts_processes
 from tests.test_sdk import LiveCorral, start_corral
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "notebooks" / "examples"
@@ -21,6 +22,7 @@ TEAMS = ("nlp", "vision")
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCorral]:
     """A live Corral with two teams' queues, and the notebooks run by a member of one of them, not the admin:
     CORRAL_TOKEN is the member's, CORRAL_QUEUE the team's queue, as a Corral notebook sandbox sets it."""

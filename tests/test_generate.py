@@ -60,6 +60,7 @@ def test_what_the_trace_models(tmp_path: Path) -> None:
     assert all(n.gpus == GPUS_PER_NODE for n in world.nodes)
 
 
+@pytest.mark.integration
 def test_cli_writes_loadable_files_and_the_replay_checks(tmp_path: Path) -> None:
     trace, cluster = tmp_path / "t.csv", tmp_path / "c.yaml"
     res = runner.invoke(app, ["sim", "generate", "services", "-o", str(trace), "--cluster", str(cluster),

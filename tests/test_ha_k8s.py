@@ -27,6 +27,8 @@ from tests.ha_kit import Relay, Replica, Replicas, admin_token, base_env, reques
 from tests.k8s_kit import CORRAL_NS, ControlPlane, delete_namespaces, shared_plane, until
 from tests.service_kit import database_url
 
+pytestmark = pytest.mark.integration  # the Kubernetes test control plane
+
 NODES, GPUS = 2, 8
 
 

@@ -26,6 +26,8 @@ from kubernetes import client
 from scheduler.backends.kubernetes import KubernetesExecutor
 from tests.k8s_kit import ROOT, ControlPlane, require_bin_dir, schemas_dir, shared_plane, wait_for
 
+pytestmark = pytest.mark.integration  # helm, kubeconform and the Kubernetes test control plane
+
 CHART = ROOT / "charts" / "corral"
 LOCAL_SCHEMAS = ROOT / "scripts" / "k8s-tools.d" / "schemas"  # CRDs the release has no schema for
 SCHEMA_TEMPLATE = "{{ .ResourceKind }}{{ .KindSuffix }}.json"

@@ -37,6 +37,8 @@ from typing import Any
 import pytest
 import yaml
 
+pytestmark = pytest.mark.integration  # the built image, run with podman
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SCRIPT = ROOT / "scripts" / "image"
 UID = 10001

@@ -27,6 +27,8 @@ from notebooks.client import Client
 from scheduler.service.db import jobs
 from tests.test_crash import free_port
 
+pytestmark = pytest.mark.integration  # JupyterHub, its proxy and a live Corral
+
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
 UID_MIN, UID_MAX = 2_900_100, 2_900_199  # the notebooks' accounts when the hub's servers run as their users

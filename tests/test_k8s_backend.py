@@ -34,6 +34,8 @@ from scheduler.service.settings import ServiceSettings
 from scheduler.service.specs import JobSubmit
 from tests.k8s_kit import ControlPlane, delete_namespaces, kubelet, shared_plane, until
 
+pytestmark = pytest.mark.integration  # the Kubernetes test control plane
+
 IMAGE = "busybox:1.36"
 ROOT = Principal("root", Role.PLATFORM_ADMIN)
 

@@ -14,6 +14,8 @@ from kubernetes import client
 from scheduler.backends import k8s_objects as k8s
 from tests.k8s_kit import GPU, GPU_PRODUCT, POOL_LABEL, ControlPlane, shared_plane, wait_for
 
+pytestmark = pytest.mark.integration  # the Kubernetes test control plane
+
 K8S_VERSION = "v1.36.3"
 
 

@@ -11,11 +11,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.base import Exit, Handle, Launch
 from scheduler.backends.kubernetes import WORKLOAD_ENV, KubernetesExecutor
 from tests import test_k8s_backend as kb
 from tests.test_k8s_backend import IMAGE, Cluster, finish, launch, pods_of, until
+
+pytestmark = pytest.mark.integration  # the Kubernetes test control plane
 
 cluster, executor = kb.cluster, kb.executor  # the backend tests' fixtures: four kwok nodes, an executor
 

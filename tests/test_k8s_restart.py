@@ -24,6 +24,8 @@ from scheduler.service.settings import ServiceSettings
 from tests.k8s_kit import delete_namespaces, kubelet, shared_plane, until
 from tests.restart_kit import Backend, issue_case, job_row, scripted_twin
 
+pytestmark = pytest.mark.integration  # the Kubernetes test control plane
+
 IMAGE = "busybox:1.36"
 TEST_LABEL = "corral.dev/test"
 

@@ -37,6 +37,8 @@ from scheduler.service.webhook import BindingWebhook
 from tests.k8s_kit import ControlPlane, _cert, delete_namespaces, free_port, shared_plane, until
 from tests.test_k8s_backend import IMAGE, ROOT, TEST_LABEL
 
+pytestmark = pytest.mark.integration  # the Kubernetes test control plane
+
 NODES, GPUS, CPUS, MEMORY_GI = 3, 8, 16, 64
 SECONDS = 40.0  # of random arrivals
 TEST_NS_LABEL = "corral.dev/shared-nodes-test"

@@ -30,6 +30,7 @@ from scheduler.service.errors import Conflict
 from scheduler.service.sandboxes import SandboxRequest, open_sandbox, sandbox_view
 from scheduler.service.settings import ServiceSettings
 from tests.k8s_kit import ControlPlane, delete_namespaces, shared_plane, until
+from tests.marks import starts_processes
 
 IMAGE = "busybox:1.36"
 POOL = "H100"
@@ -221,6 +222,7 @@ def test_a_users_notebooks_live_on_their_own_claim_mounted_by_every_sandbox_of_t
 # ----- on the test control plane -----
 
 @pytest.fixture(scope="module")
+@starts_processes
 def plane(request: pytest.FixtureRequest) -> ControlPlane:
     return shared_plane(request.config)
 

@@ -32,6 +32,7 @@ from scheduler.kueue.client import KueueClient
 from scheduler.kueue.export import export_objects
 from tests.k8s_kit import REQUIRE_ENV, ControlPlane, require_bin_dir, shared_plane, wait_for
 from tests.kueue_kit import QUEUE_LABEL, KueueController, condition, require_kueue, wait_until
+from tests.marks import starts_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = "nvidia.com/gpu"
@@ -217,6 +218,7 @@ def kueue_crds_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def kueue(request: pytest.FixtureRequest) -> KueueClient:
     """The shared control plane with Kueue's CRDs installed and Established (once per session: they stay)."""
     plane: ControlPlane = shared_plane(request.config)
@@ -343,6 +345,7 @@ PRODUCT = "NVIDIA-H100-80GB-HBM3"
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def kueue_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ControlPlane, KueueController]]:
     """A control plane of its own with Kueue's controller and webhooks (so no other test's Jobs go through Kueue's
     webhooks), and two kwok nodes of 8 H100s, 64 CPUs and 512Gi each."""

@@ -22,10 +22,12 @@ from scheduler.service.ha import AlreadyRunning, single
 from scheduler.service.leader import Fenced, Leadership, PostgresFence, SqliteFence
 from scheduler.service.settings import ServiceSettings
 from tests.k8s_kit import free_port
+from tests.marks import starts_processes
 from tests.service_kit import database_url
 
 
 @pytest.fixture
+@starts_processes
 def pg(tmp_path: Path) -> Iterator[str]:
     for url in database_url("postgresql", tmp_path):
         migrate(url)
@@ -140,6 +142,7 @@ def test_on_sqlite_a_second_instance_refuses_to_start(tmp_path: Path) -> None:
     again.release()
 
 
+@pytest.mark.integration
 def test_corral_serve_refuses_a_second_instance_on_one_sqlite_file(tmp_path: Path) -> None:
     corral = str(Path(sys.executable).parent / "corral")
     env = {**os.environ, "CORRAL_DATA_DIR": str(tmp_path / "data"), "CORRAL_RUN_AS": "service", "CORRAL_GPUS": "1"}

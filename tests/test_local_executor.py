@@ -22,6 +22,8 @@ from scheduler.backends.base import Exit, Handle, Launch
 from scheduler.backends.local import KILLED_AFTER_GRACE, VANISHED_WHILE_DOWN, LocalExecutor, group_leftovers
 from tests import attack_kit
 
+pytestmark = pytest.mark.integration  # real job processes
+
 PY = sys.executable
 SLEEPER = "import time; print('ready', flush=True); time.sleep(60)"
 TRAPS_TERM = (

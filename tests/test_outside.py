@@ -129,6 +129,7 @@ def test_a_bind_allowed_but_never_seen_stops_counting() -> None:
     assert others.held() == {"a": Held(0, 0.0, 0.0)} and others.held() == {}
 
 
+@pytest.mark.integration
 def test_the_webhook_answers_only_at_its_token_path_and_a_silent_client_blocks_nobody(tmp_path: Path) -> None:
     core, _ = sharing(tmp_path)
     tls = tmp_path / "tls"

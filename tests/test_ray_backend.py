@@ -37,6 +37,8 @@ from scheduler.service.settings import ServiceSettings
 from tests.restart_kit import Backend, issue_case, scripted_twin
 from tests.service_kit import ScriptedExecutor
 
+pytestmark = pytest.mark.integration  # a local Ray cluster
+
 START_TIMEOUT_S = 180.0  # a loaded two-core machine can take half a minute before the dashboard answers
 RAY = str(Path(sys.executable).parent / "ray")
 

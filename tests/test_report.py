@@ -84,6 +84,7 @@ def test_usage_series_bin_means() -> None:
     assert per_q["qb"] == pytest.approx([0, 2, 2, 0, 0])
 
 
+@pytest.mark.integration
 def test_metrics_match_check_trace(tmp_path: Path) -> None:
     tool = SHARED / "tools" / "check_trace.py"
     if not tool.exists():

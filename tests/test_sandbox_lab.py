@@ -26,6 +26,8 @@ try:
 except ImportError:  # pragma: no cover - the browser test is skipped then
     sync_playwright = None  # type: ignore[assignment]
 
+pytestmark = pytest.mark.integration  # JupyterHub, JupyterLab and Chromium
+
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "screenshots"
 PROFILES = [

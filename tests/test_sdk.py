@@ -25,6 +25,7 @@ from notebooks import config
 from notebooks.client import Client, Job
 from notebooks.errors import CorralError, JobFailed
 from notebooks.magic import parse, run_cell
+from tests.marks import starts_processes
 
 QUICK = 0.2  # poll interval for waits in tests: jobs here last well under a second
 
@@ -81,6 +82,7 @@ def start_corral(tmp: Path) -> Iterator[LiveCorral]:
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCorral]:
     yield from start_corral(tmp_path_factory.mktemp("corral"))
 

@@ -18,10 +18,12 @@ from notebooks.client import Client, Job
 from notebooks.config import Connection
 from notebooks.errors import CorralError
 from notebooks.models import AsyncModels
+from tests.marks import starts_processes
 from tests.test_sdk import QUICK, LiveCorral, start_corral
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCorral]:
     yield from start_corral(tmp_path_factory.mktemp("corral-models"))
 
