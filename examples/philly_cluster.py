@@ -1,9 +1,12 @@
 """Write a cluster YAML for an imported Philly trace: one pool of N-GPU nodes, a queue per virtual cluster.
 
-Usage: python examples/philly_cluster.py TRACE.csv --nodes 80 [--gpus-per-node 8] [--pool philly] > CLUSTER.yaml
+Usage: python examples/philly_cluster.py TRACE.csv --nodes 80 [--gpus-per-node 8] [--pool philly]
+                                         [--quota-fraction 1.0] > CLUSTER.yaml
 
-Quotas are the capacity split in proportion to each queue's GPU demand (sum of workers x gpus x duration over
-the trace), rounded to whole GPUs by largest remainder, so they sum to exactly the capacity.
+Quotas are the capacity (times --quota-fraction, rounded down to whole GPUs) split in proportion to each queue's
+GPU demand (sum of workers x gpus x duration over the trace), rounded to whole GPUs by largest remainder, so they
+sum to exactly that many GPUs. examples/philly-cluster.yaml: --nodes 96; examples/philly-demand60.yaml: --nodes 60
+--quota-fraction 0.9.
 """
 
 from __future__ import annotations
@@ -47,11 +50,13 @@ def peak_week(jobs: list[SimJob]) -> float:
     return max(weeks.values(), default=0.0) / WEEK
 
 
-def render(jobs: list[SimJob], nodes: int, gpus_per_node: int, pool: str, source: str) -> str:
+def render(jobs: list[SimJob], nodes: int, gpus_per_node: int, pool: str, source: str,
+           quota_fraction: float = 1.0) -> str:
     d = demand(jobs)
     span = max((j.submit + j.duration for j in jobs), default=0.0) - min((j.submit for j in jobs), default=0.0)
     capacity = nodes * gpus_per_node
-    q = quotas(d, capacity)
+    shared = int(capacity * quota_fraction)
+    q = quotas(d, shared)
     total = sum(d.values())
     lines = [
         f"# Cluster for the Philly trace replay ({source}: {len(jobs)} jobs over {span / 86400:.1f} days).",
@@ -59,7 +64,10 @@ def render(jobs: list[SimJob], nodes: int, gpus_per_node: int, pool: str, source
         f"# GPU demand (GPU-time / time): {total / span if span else 0:.0f} GPUs on average over the span, "
         f"{peak_week(jobs):.0f} in the busiest week;",
         f"# capacity {capacity} GPUs ({nodes} nodes x {gpus_per_node}): busy weeks queue up, quiet ones drain.",
-        "# Quotas: capacity split in proportion to each virtual cluster's GPU-time (largest remainder).",
+        "# Quotas: capacity split in proportion to each virtual cluster's GPU-time (largest remainder)."
+        if shared == capacity else
+        f"# Quotas: {shared} GPUs ({quota_fraction:g} x capacity) split in proportion to each virtual cluster's "
+        "GPU-time (largest remainder).",
         "cluster:",
         "  pools:",
         f"    - {{name: {pool}, nodes: {nodes}, gpus_per_node: {gpus_per_node}}}",
@@ -78,8 +86,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--pool", default="philly")
+    p.add_argument("--quota-fraction", type=float, default=1.0, help="quotas add up to this fraction of capacity")
     a = p.parse_args(argv)
-    sys.stdout.write(render(load_trace(a.trace), a.nodes, a.gpus_per_node, a.pool, a.trace))
+    sys.stdout.write(render(load_trace(a.trace), a.nodes, a.gpus_per_node, a.pool, a.trace, a.quota_fraction))
 
 
 if __name__ == "__main__":

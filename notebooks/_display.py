@@ -6,9 +6,13 @@ import html
 from collections.abc import Mapping
 from typing import Any
 
+from scheduler.service.states import JobState
+
 # Jupyter's default palette has no state colours; these keep the card readable on light and dark themes.
-STATE_COLOURS = {"pending": "#b58900", "starting": "#268bd2", "running": "#268bd2", "completed": "#2aa198",
-                 "failed": "#dc322f", "cancelled": "#93a1a1", "rejected": "#dc322f"}
+STATE_COLOURS: dict[str, str] = {
+    JobState.PENDING: "#b58900", JobState.STARTING: "#268bd2", JobState.RUNNING: "#268bd2",
+    JobState.COMPLETED: "#2aa198", JobState.FAILED: "#dc322f", JobState.CANCELLED: "#93a1a1",
+    JobState.REJECTED: "#dc322f"}
 
 
 def granted_gpus(data: Mapping[str, Any]) -> str:
@@ -38,7 +42,7 @@ def job_html(data: Mapping[str, Any], reason: Mapping[str, Any] | None, note: st
     if data.get("exit_code") is not None:
         rows.append(("exit code", e(str(data["exit_code"]))))
     if reason and reason.get("message"):
-        rows.append(("why" if state == "pending" else "reason",
+        rows.append(("why" if state == JobState.PENDING else "reason",
                      f"<code>{e(str(reason.get('rule', '')))}</code> {e(str(reason['message']))}"))
     if note:
         rows.append(("note", e(note)))

@@ -18,10 +18,12 @@ import httpx
 
 from notebooks.config import Connection
 from notebooks.errors import CorralError
+from scheduler.service.api_models import JobView
+from scheduler.service.states import FINISHED, JobState
 
 TIMEOUT = httpx.Timeout(30.0, read=60.0)  # read is long: a scheduling cycle under load can hold the API a while
-FINAL = ("completed", "failed", "cancelled", "rejected")
-LAUNCHED = ("running", *FINAL)  # states in which the latest attempt's process has been started (or never will)
+# States in which the latest attempt's process has been started (or never will).
+LAUNCHED = (JobState.RUNNING, *FINISHED)
 
 
 class AsyncCorral:
@@ -106,7 +108,7 @@ class AsyncCorral:
     async def logs(self, job_id: int, stream: str = "stdout", attempt: int | None = None) -> str:
         """One attempt's output so far (default: the latest); "" for a job that has not started."""
         if attempt is None:
-            attempt = (await self.job(job_id))["attempt"]
+            attempt = JobView.model_validate(await self.job(job_id)).attempt
             if attempt < 1:
                 return ""
         try:
@@ -125,10 +127,11 @@ class AsyncCorral:
         delay = min(0.1, poll)
         while True:
             data = await self.job(job_id)
-            if data["state"] in FINAL:
+            state = JobView.model_validate(data).state
+            if state in FINISHED:
                 return data
             if deadline is not None and loop.time() >= deadline:
-                raise TimeoutError(f"job {job_id} is still {data['state']} after {timeout:g} s (it keeps running)")
+                raise TimeoutError(f"job {job_id} is still {state} after {timeout:g} s (it keeps running)")
             pause = delay if deadline is None else max(0.0, min(delay, deadline - loop.time()))
             await asyncio.sleep(pause)
             delay = min(delay * 2, poll)
@@ -138,9 +141,9 @@ class AsyncCorral:
         started again gets a note line between its attempts' output."""
         current, received, drained = 0, 0, False
         while True:
-            data = await self.job(job_id)
-            state, latest = data["state"], data["attempt"]
-            if latest > current and (state in LAUNCHED or state == "pending"):
+            view = JobView.model_validate(await self.job(job_id))
+            state, latest = view.state, view.attempt
+            if latest > current and (state in LAUNCHED or state == JobState.PENDING):
                 # A new attempt was launched (a pending job with a newer attempt was launched and preempted
                 # between two looks). "starting" is skipped: its process is not there yet, and the API's
                 # follow ends at once for an attempt whose process does not run.
@@ -154,8 +157,8 @@ class AsyncCorral:
                 # The API ends a follow when the process is gone. Once seen so after the look above, the
                 # attempt is complete; before (the state said running), look again: the process may not have
                 # been launched yet when the API answered.
-                drained = state not in ("running", "starting")
-            if state in FINAL and (drained or latest == 0):
+                drained = state not in (JobState.RUNNING, JobState.STARTING)
+            if state in FINISHED and (drained or latest == 0):
                 return
             await asyncio.sleep(poll if drained else min(poll, 0.2))
 

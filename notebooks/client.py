@@ -23,10 +23,12 @@ from typing import Any, TextIO
 from notebooks import _payload
 from notebooks._display import LogText, job_html
 from notebooks._loop import LoopThread
-from notebooks.aio import FINAL, AsyncCorral
+from notebooks.aio import AsyncCorral
 from notebooks.config import Connection, resolve
 from notebooks.errors import CorralError, JobFailed
 from notebooks.models import Models
+from scheduler.service.api_models import JobView
+from scheduler.service.states import FINISHED, JobState
 
 __all__ = ["Client", "CorralError", "Job", "JobFailed", "detaching"]
 STDERR_TAIL_LINES = 20
@@ -196,7 +198,7 @@ class Job:
 
     def status(self) -> str:
         """The job's state now: pending, starting, running, completed, failed, cancelled or rejected."""
-        return str(self.refresh()["state"])
+        return str(JobView.model_validate(self.refresh()).state)
 
     def explain(self) -> dict[str, Any]:
         """Why the job is where it is: {"state", "reason": {"rule", "message", "numbers"}, "preemptions"}."""
@@ -230,7 +232,7 @@ class Job:
             self.data = {**self.data, **self.client.run(self.client.api.wait(self.id, timeout, poll))}
         if d.happened:
             return self.status()
-        if self.state != "completed":
+        if self.state != JobState.COMPLETED:
             tail = ""
             if self.data.get("attempt", 0) >= 1:
                 try:
@@ -261,7 +263,8 @@ class Job:
             reason = self.refresh().get("reason")
         except CorralError as e:
             note = f"could not refresh: {e}"
-        if self.state in FINAL and reason and reason.get("rule") not in (self.state, "completed", "failed"):
+        if self.state in FINISHED and reason and reason.get("rule") not in (self.state, JobState.COMPLETED,
+                                                                            JobState.FAILED):
             reason = None  # a finished job's stored reason can be its admission's; it no longer explains anything
         return job_html(self.data, reason, note)
 

@@ -25,8 +25,8 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from notebooks.aio import FINAL
 from notebooks.client import Client, Job
+from scheduler.service.states import FINISHED
 
 _client: Client | None = None
 
@@ -82,7 +82,7 @@ def run_cell(line: str, cell: str, corral: Client | None = None) -> Job:
     if opts.no_follow:
         return job
     job.logs(follow=True)  # returns when the job ends, or at Ctrl+C (then the job is left running)
-    if job.status() in FINAL:
+    if job.status() in FINISHED:
         job.wait()  # raises JobFailed for a failed job
     return job
 

@@ -29,7 +29,9 @@ from scheduler.cli_client import (
     print_rollback,
     read_document,
 )
+from scheduler.service.api_models import JobList, PoolList, QueueTreeView, QueueView
 from scheduler.service.settings import ServiceSettings
+from scheduler.service.states import PLACED
 
 queue_app = typer.Typer(help="The queue tree: quotas, limits and weights per pool; changes and their history.",
                         no_args_is_help=True)
@@ -47,18 +49,18 @@ def register(app: typer.Typer) -> None:
 # ----- queues -----
 
 
-def tree_order(queues: list[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
+def tree_order(queues: list[QueueView]) -> Iterator[tuple[int, QueueView]]:
     """Queues parent before children, with their depth. A queue whose parent the caller cannot see (a scoped
     token) is shown as a root."""
-    names = {q["name"] for q in queues}
-    children: dict[str | None, list[dict[str, Any]]] = {}
+    names = {q.name for q in queues}
+    children: dict[str | None, list[QueueView]] = {}
     for q in queues:
-        children.setdefault(q["parent"] if q["parent"] in names else None, []).append(q)
+        children.setdefault(q.parent if q.parent in names else None, []).append(q)
 
-    def walk(parent: str | None, depth: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    def walk(parent: str | None, depth: int) -> Iterator[tuple[int, QueueView]]:
         for q in children.get(parent, []):
             yield depth, q
-            yield from walk(q["name"], depth + 1)
+            yield from walk(q.name, depth + 1)
 
     return walk(None, 0)
 
@@ -80,15 +82,16 @@ def queue_ls(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = 
     if output is not Output.TABLE:
         emit(data, output)
         return
+    tree = QueueTreeView.model_validate(data)
     table = Table("QUEUE", "POOL", "QUOTA", "LIMIT", "WEIGHT", "FAIR SHARE", "USAGE", "NP USAGE", "BORROWED",
-                  "PENDING", "RUNNING", title=f"queue tree, version {data['version']}", box=None, pad_edge=False)
-    for depth, q in tree_order(data["queues"]):
-        label = "  " * depth + q["name"]
-        for i, (pool, p) in enumerate(sorted(q["pools"].items())):
-            table.add_row(*cells(label if i == 0 else "", pool, str(p["quota"]), _limit(p["limit"]),
-                                 _weight(p["weight"]), f"{p['fair_share']:g}", str(p["usage"]), str(p["np_usage"]),
-                                 str(p["borrowed"]), f"{p['pending_jobs']} ({p['pending_gpus']} GPUs)",
-                                 str(p["running_jobs"])))
+                  "PENDING", "RUNNING", title=f"queue tree, version {tree.version}", box=None, pad_edge=False)
+    for depth, q in tree_order(tree.queues):
+        label = "  " * depth + q.name
+        for i, (pool, p) in enumerate(sorted(q.pools.items())):
+            table.add_row(*cells(label if i == 0 else "", pool, str(p.quota), _limit(p.limit),
+                                 _weight(p.weight), f"{p.fair_share:g}", str(p.usage), str(p.np_usage),
+                                 str(p.borrowed), f"{p.pending_jobs} ({p.pending_gpus} GPUs)",
+                                 str(p.running_jobs)))
     console().print(table)
 
 
@@ -162,38 +165,39 @@ def top(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None)
     """GPUs per pool (each GPU and its job) and queues (usage against quota and fair share, non-preemptible use
     against quota, backlog)."""
     with api(url, token) as a:
-        pools = a.get("/v1/pools")["pools"]
-        tree = a.get("/v1/queues")
-        jobs = a.get("/v1/jobs", state=["starting", "running"], limit=1000)["jobs"]
+        pools_data = a.get("/v1/pools")
+        tree_data = a.get("/v1/queues")
+        jobs = JobList.model_validate(a.get("/v1/jobs", state=list(PLACED), limit=1000)).jobs
     if output is not Output.TABLE:
-        emit({"pools": pools, "queues": tree["queues"]}, output)
+        emit({"pools": pools_data["pools"], "queues": tree_data["queues"]}, output)
         return
-    by_id = {j["id"]: j for j in jobs}
+    pools, tree = PoolList.model_validate(pools_data).pools, QueueTreeView.model_validate(tree_data)
+    by_id = {j.id: j for j in jobs}
     c = console()
     for p in pools:
         gpus = Table("NODE", "GPU", "MODEL", "JOB", "NAME", "QUEUE", "OWNER", box=None, pad_edge=False,
-                     title=f"pool {p['name']}: {p['capacity']} GPUs, {p['free']} free", title_justify="left")
-        for n in p["nodes"]:
-            mark = " (down)" if not n["up"] else " (cordoned)" if n.get("cordoned") else ""
-            for g in n["gpus"]:
-                j = by_id.get(g["job"]) if isinstance(g["job"], int) else None
-                held = "-" if g["job"] is None else str(g["job"])  # "hidden": another team's job
-                gpus.add_row(*cells(n["name"] + mark, str(g["index"]), g["model"] or "-",
-                                    held, *((j["name"], j["queue"], j["owner"]) if j else ("", "", ""))))
+                     title=f"pool {p.name}: {p.capacity} GPUs, {p.free} free", title_justify="left")
+        for n in p.nodes:
+            mark = " (down)" if not n.up else " (cordoned)" if n.cordoned else ""
+            for g in n.gpus:
+                j = by_id.get(g.job) if isinstance(g.job, int) else None
+                held = "-" if g.job is None else str(g.job)  # "hidden": another team's job
+                gpus.add_row(*cells(n.name + mark, str(g.index), g.model or "-",
+                                    held, *((j.name, j.queue, j.owner) if j else ("", "", ""))))
         c.print(gpus)
     queues = Table("QUEUE", "POOL", "USAGE", "QUOTA", "NP/QUOTA", "FAIR SHARE", "BORROWED", "PENDING", box=None,
                    pad_edge=False, title="queues", title_justify="left")
-    for depth, q in tree_order(tree["queues"]):
-        for pool, s in sorted(q["pools"].items()):
-            if not (s["quota"] or s["usage"] or s["pending_jobs"]):
+    for depth, q in tree_order(tree.queues):
+        for pool, s in sorted(q.pools.items()):
+            if not (s.quota or s.usage or s.pending_jobs):
                 continue  # a queue with nothing in this pool is noise here (queue ls shows it)
             # Borrowed GPUs are the ones a reclaim preempts first: make them stand out.
-            used = Text(str(s["usage"]), style="yellow" if s["borrowed"] else "")
+            used = Text(str(s.usage), style="yellow" if s.borrowed else "")
             # A guarantee all held by non-preemptible work refuses the team's next notebook: make it stand out.
-            np = Text(f"{s['np_usage']}/{s['quota']}", style="red" if s["np_usage"] >= s["quota"] > 0 else "")
-            queues.add_row(*cells("  " * depth + q["name"], pool, used, str(s["quota"]), np,
-                                  f"{s['fair_share']:g}", str(s["borrowed"]),
-                                  f"{s['pending_jobs']} ({s['pending_gpus']} GPUs)"))
+            np = Text(f"{s.np_usage}/{s.quota}", style="red" if s.np_usage >= s.quota > 0 else "")
+            queues.add_row(*cells("  " * depth + q.name, pool, used, str(s.quota), np,
+                                  f"{s.fair_share:g}", str(s.borrowed),
+                                  f"{s.pending_jobs} ({s.pending_gpus} GPUs)"))
     c.print(queues)
 
 

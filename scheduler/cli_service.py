@@ -35,9 +35,11 @@ from scheduler.cli_client import (
     when,
 )
 from scheduler.gc_tuning import tune_gc
+from scheduler.service.api_models import Explanation, JobList
 from scheduler.service.settings import ADMIN_TOKEN_FILE, ServiceSettings
+from scheduler.service.states import LIVE, JobState
 
-LIVE_STATES = ["pending", "starting", "running"]
+LIVE_STATES: list[str] = list(LIVE)
 
 
 def register(app: typer.Typer) -> None:
@@ -189,22 +191,24 @@ def ps(
         emit(data, output)
         return
     table = Table("ID", "NAME", "QUEUE", "OWNER", "STATE", "GPUS", "SUBMITTED", "WHY", box=None, pad_edge=False)
-    for j in data["jobs"]:
-        gpus = f"{j['workers']}x{j['gpus'] // max(1, j['workers'])}" if j["workers"] > 1 else str(j["gpus"])
-        why = (j.get("reason") or {}).get("message", "") if j["state"] in ("pending", "failed", "rejected") else ""
-        table.add_row(*cells(str(j["id"]), j["name"], j["queue"], j["owner"], _state(j["state"]), gpus,
-                             when(j["submitted_at"]), why))
-    if data["jobs"]:
+    listed = JobList.model_validate(data).jobs
+    for j in listed:
+        gpus = f"{j.workers}x{j.gpus // max(1, j.workers)}" if j.workers > 1 else str(j.gpus)
+        shown = j.state in (JobState.PENDING, JobState.FAILED, JobState.REJECTED) and j.reason is not None
+        why = j.reason.message if shown and j.reason is not None else ""
+        table.add_row(*cells(str(j.id), j.name, j.queue, j.owner, _state(j.state), gpus, when(j.submitted_at), why))
+    if listed:
         console().print(table)
     else:
         note("no jobs" + ("" if all_states or state else " pending or running (--all shows every state)"))
 
 
-_STATE_STYLE = {"running": "green", "starting": "cyan", "pending": "yellow", "completed": "dim",
-                "failed": "red", "rejected": "red", "cancelled": "dim"}
+_STATE_STYLE = {JobState.RUNNING: "green", JobState.STARTING: "cyan", JobState.PENDING: "yellow",
+                JobState.COMPLETED: "dim", JobState.FAILED: "red", JobState.REJECTED: "red",
+                JobState.CANCELLED: "dim"}
 
 
-def _state(s: str) -> Text:
+def _state(s: JobState) -> Text:
     return Text(s, style=_STATE_STYLE.get(s, ""))
 
 
@@ -270,24 +274,23 @@ def explain(
     if output is not Output.TABLE:
         emit(data, output)
         return
-    c = console()
-    c.print(Text.assemble(f"job {data['job']}: ", _state(data["state"])))
-    reason = data.get("reason")
+    c, why = console(), Explanation.model_validate(data)
+    c.print(Text.assemble(f"job {why.job}: ", _state(why.state)))
+    reason = why.reason
     if reason:
-        verb = "blocked by" if data["state"] == "pending" else "last decision:"
+        verb = "blocked by" if why.state == JobState.PENDING else "last decision:"
         # soft_wrap: long messages wrap at the terminal's edge, not at an 80-column guess when piped.
-        c.print(f"{verb} [bold]{escape(reason['rule'])}[/bold]: {escape(reason['message'])}", soft_wrap=True)
-        if reason.get("numbers"):
-            c.print(f"  {numbers(reason['numbers'])}", markup=False)
-    elif data["state"] == "pending":
+        c.print(f"{verb} [bold]{escape(reason.rule)}[/bold]: {escape(reason.message)}", soft_wrap=True)
+        if reason.numbers:
+            c.print(f"  {numbers(reason.numbers)}", markup=False)
+    elif why.state == JobState.PENDING:
         c.print("not blocked: it should start at the next scheduling cycle")
-    pre = data.get("preemptions") or []
+    pre = why.preemptions
     if pre:
         c.print(f"preempted {len(pre)} time{'s' if len(pre) != 1 else ''}:")
     for p in pre:
-        by = f" by job {p['by']}" if p.get("by") else ""
-        c.print(f"  {when(p.get('at'))}  {p.get('cause') or p.get('rule')}{by}: {p.get('message', '')}",
-                markup=False, soft_wrap=True)
-        if p.get("numbers"):
-            c.print(f"    {numbers(p['numbers'])}", markup=False)
+        by = f" by job {p.by}" if p.by else ""
+        c.print(f"  {when(p.at)}  {p.cause or p.rule}{by}: {p.message}", markup=False, soft_wrap=True)
+        if p.numbers:
+            c.print(f"    {numbers(p.numbers)}", markup=False)
 

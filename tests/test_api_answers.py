@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -196,3 +197,16 @@ def test_answers_keep_their_keys(corral: tuple[Service, Cli]) -> None:
         (Path(where) / "api_answers.json").write_text(json.dumps(shapes, indent=1, sort_keys=True) + "\n")
     assert shapes == json.loads(RECORDED.read_text())
 
+
+
+def test_openapi_describes_every_json_answer(corral: tuple[Service, Cli]) -> None:
+    """No JSON route answers a bare object: each names its model in the OpenAPI document."""
+    doc = corral[0].admin.get("/openapi.json").json()
+    bare = []
+    for path, methods in doc["paths"].items():
+        for method, op in methods.items():
+            for code, answer in op.get("responses", {}).items():
+                schema = answer.get("content", {}).get("application/json", {}).get("schema")
+                if code.startswith("2") and schema is not None and "$ref" not in yaml.safe_dump(schema):
+                    bare.append(f"{method.upper()} {path}")
+    assert bare == ["GET /readyz"]

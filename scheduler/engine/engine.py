@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from quotas import QueueTree
 from quotas.tree import Queue
+from scheduler.engine import snapshots
 from scheduler.engine.cluster import Pool, workers_per_node
 from scheduler.engine.decisions import GUARANTEE, HELD_NODES, LIMIT, Decision, Hold, Preempted, Rejected, Started
 from scheduler.engine.explain import explain_pending, rejection
@@ -184,6 +185,24 @@ class Engine:
     def shares(self, pool: str) -> dict[str, float]:
         """fairshare(Q, pool) of every queue."""
         return self.pools[pool].shares()
+
+    def pool_loads(self) -> dict[str, snapshots.PoolLoad]:
+        """Every pool's usage, fair shares and backlog per queue, copied now."""
+        return {name: snapshots.pool_load(ps) for name, ps in self.pools.items()}
+
+    def pool_load(self, pool: str) -> snapshots.PoolLoad | None:
+        """One pool's usage, fair shares and backlog per queue, copied now; None: no such pool."""
+        ps = self.pools.get(pool)
+        return None if ps is None else snapshots.pool_load(ps)
+
+    def pool_gpus(self) -> dict[str, snapshots.PoolGpus]:
+        """Every pool's nodes and the job holding each GPU, copied now."""
+        return {name: snapshots.pool_gpus(ps) for name, ps in self.pools.items()}
+
+    def job_state(self, job_id: str) -> JobState | None:
+        """The state of a job the engine holds; None for one it does not hold (never given, or forgotten)."""
+        job = self.jobs.get(job_id)
+        return None if job is None else job.state
 
     def overtaken(self) -> dict[str, float]:
         """The starvation-guard clocks started since the last call (job id -> time a younger job first overtook

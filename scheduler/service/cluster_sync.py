@@ -29,6 +29,7 @@ from scheduler.service.errors import Conflict
 from scheduler.service.intake import Submission, write
 from scheduler.service.interfaces import Stop, SyncsCluster
 from scheduler.service.specs import JobSubmit
+from scheduler.service.states import JobState
 
 log = logging.getLogger("corral.service")
 CLUSTER = Principal(CLUSTER_OWNER, Role.PLATFORM_ADMIN)
@@ -156,7 +157,7 @@ def _take_arrivals(core: SyncsCluster, ex: TakesArrivals) -> None:
 def _withdraw_unoffered(core: SyncsCluster, offered: set[str]) -> None:
     with core.db.connect() as conn:
         keys = conn.execute(sa.select(jobs.c.idempotency_key).where(
-            jobs.c.owner == CLUSTER_OWNER, jobs.c.state == "pending")).scalars().all()
+            jobs.c.owner == CLUSTER_OWNER, jobs.c.state == JobState.PENDING)).scalars().all()
     for key in keys:
         if key is not None and key not in offered:
             withdraw(core, key)
@@ -167,7 +168,7 @@ def withdraw(core: SyncsCluster, key: str) -> None:
     with core.db.connect() as conn:
         row = conn.execute(sa.select(jobs.c.id, jobs.c.state).where(
             jobs.c.owner == CLUSTER_OWNER, jobs.c.idempotency_key == key)).first()
-    if row is None or row.state != "pending":
+    if row is None or row.state != JobState.PENDING:
         return
     reason = {"rule": "withdrawn", "message": "its pods were deleted before it was admitted", "numbers": {}}
     with contextlib.suppress(Conflict):  # it ended meanwhile

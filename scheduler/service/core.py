@@ -30,15 +30,15 @@ from scheduler.service.intake import Intake
 from scheduler.service.interfaces import Stop
 from scheduler.service.leader import Leadership
 from scheduler.service.metrics import Metrics
-from scheduler.service.rebuild import LIVE, requeue_unlaunched, store_overtaken
+from scheduler.service.rebuild import requeue_unlaunched, store_overtaken
 from scheduler.service.settings import ServiceSettings
 from scheduler.service.specs import JobSubmit, engine_id, job_id_of
+from scheduler.service.states import FINISHED, LIVE, AttemptOutcome, AttemptState, JobState
 
 log = logging.getLogger("corral.service")
 
 BATCH_S = 0.005
 DB_BACKOFF_MAX_S = 5.0  # the longest pause between cycles while the database is away
-FINISHED = ("completed", "failed", "cancelled", "rejected")
 
 
 class Core:
@@ -178,9 +178,9 @@ class Core:
                 if job["state"] in FINISHED:
                     raise Conflict(f"job {job_id} already ended ({job['state']})")
                 self.engine_end(job_id, now, None)
-                stop = self._stop_attempt(conn, job, now, "cancelled")
+                stop = self._stop_attempt(conn, job, now, AttemptOutcome.CANCELLED)
                 reason = reason or {"rule": "cancelled", "message": f"cancelled by {who.user}", "numbers": {}}
-                store.update_job(conn, job_id, state="cancelled", ended_at=now, reason=reason)
+                store.update_job(conn, job_id, state=JobState.CANCELLED, ended_at=now, reason=reason)
                 store.add_event(conn, now, "cancelled", reason["message"], job_id)
                 store.add_audit(conn, now, who.user, "job.cancel", f"job {job_id}")
                 row = store.job_row(conn, job_id)
@@ -302,18 +302,19 @@ class Core:
                 for e in exits:
                     a = store.current_attempt(conn, int(e.job_id), e.attempt)
                     job = store.job_row(conn, int(e.job_id))
-                    if a is None or job is None or a["state"] == "ended":
+                    if a is None or job is None or a["state"] == AttemptState.ENDED:
                         continue
                     row: Mapping[Any, Any] = a
-                    if a["state"] == "starting":  # launched, but the commit that said so was lost
+                    if a["state"] == AttemptState.STARTING:  # launched, but the commit that said so was lost
                         if e.code is None:  # it never really ran: back to the queue, and the engine rebuilt
                             requeue_unlaunched(conn, job, a, now)
                             self._stale = True
                             continue
-                        row = {**a, "state": "running"}
-                    if e.drained and row["state"] == "running":  # the cluster moved it: waits again, as if preempted
-                        store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now,
-                                             exit_code=e.code, outcome="preempted")
+                        row = {**a, "state": AttemptState.RUNNING}
+                    # The cluster moved it: it waits again, as if preempted.
+                    if e.drained and row["state"] == AttemptState.RUNNING:
+                        store.update_attempt(conn, job["id"], a["attempt"], state=AttemptState.ENDED, ended_at=now,
+                                             exit_code=e.code, outcome=AttemptOutcome.PREEMPTED)
                         stops += self.record(conn, self.engine.requeue(engine_id(job["id"]), e.detail), now)
                         continue
                     self.end_attempt(conn, job, row, e.code, e.detail, now)
@@ -349,10 +350,11 @@ class Core:
             attempt = job["attempt"] + 1
             self.admissions += 1  # a failed commit rebuilds, which reads the last one stored back
             conn.execute(attempts.insert().values(
-                job_id=job_id, attempt=attempt, state="starting", placement=[[n, list(g)] for n, g in d.workers],
+                job_id=job_id, attempt=attempt, state=AttemptState.STARTING,
+                placement=[[n, list(g)] for n, g in d.workers],
                 gpus=job["gpus"], admitted_at=now, admission=self.admissions))
             first = job["started_at"] is None
-            store.update_job(conn, job_id, state="starting", attempt=attempt, reason=reason, overtaken_at=None,
+            store.update_job(conn, job_id, state=JobState.STARTING, attempt=attempt, reason=reason, overtaken_at=None,
                              started_at=now if first else job["started_at"])
             store.add_event(conn, now, "admitted", d.reason.message, job_id, placement=d.placement,
                             rule=d.reason.rule)
@@ -361,35 +363,35 @@ class Core:
                 self.metrics.wait.labels(queue=job["queue"]).observe(now - job["submitted_at"])
             return []
         if isinstance(d, Preempted):
-            stop = self._stop_attempt(conn, job, now, "preempted")
+            stop = self._stop_attempt(conn, job, now, AttemptOutcome.PREEMPTED)
             if job["owner"] == CLUSTER_OWNER or job["spec"].get("kind") == "sandbox":
                 # A cluster job's pods are deleted; what their owner makes again is a new arrival, not this job
                 # again. A sandbox (preempted only when its node goes) starts now or not at all: its hub has
                 # already lost it, so it must not start later with nobody to connect.
                 self.engine_end(job_id, now, None)
-                store.update_job(conn, job_id, state="cancelled", ended_at=now, reason=reason)
+                store.update_job(conn, job_id, state=JobState.CANCELLED, ended_at=now, reason=reason)
             else:
-                store.update_job(conn, job_id, state="pending", reason=reason)
+                store.update_job(conn, job_id, state=JobState.PENDING, reason=reason)
             store.add_event(conn, now, "preempted", d.reason.message, job_id, cause=d.cause,
                             by=job_id_of(d.by) if d.by else None, reason=reason)
             self.metrics.preemptions.labels(cause=d.cause).inc()
             return stop
         assert isinstance(d, Rejected)
-        store.update_job(conn, job_id, state="rejected", ended_at=now, reason=reason)
+        store.update_job(conn, job_id, state=JobState.REJECTED, ended_at=now, reason=reason)
         store.add_event(conn, now, "rejected", d.reason.message, job_id)
         return []
 
     def _stop_attempt(self, conn: Connection, job: RowMapping, now: float,
-                      outcome: str) -> list[Stop]:
+                      outcome: AttemptOutcome) -> list[Stop]:
         """Mark the job's live attempt as stopping (its process gets SIGTERM after the commit)."""
         a = store.current_attempt(conn, job["id"], job["attempt"])
-        if a is None or a["state"] == "ended":
+        if a is None or a["state"] == AttemptState.ENDED:
             return []
-        if a["state"] == "starting":  # never launched: nothing to signal
-            store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now, outcome=outcome)
+        if a["state"] == AttemptState.STARTING:  # never launched: nothing to signal
+            store.update_attempt(conn, job["id"], a["attempt"], state=AttemptState.ENDED, ended_at=now, outcome=outcome)
             return []
-        if a["state"] == "running":
-            store.update_attempt(conn, job["id"], a["attempt"], state="stopping", outcome=outcome,
+        if a["state"] == AttemptState.RUNNING:
+            store.update_attempt(conn, job["id"], a["attempt"], state=AttemptState.STOPPING, outcome=outcome,
                                  stop_deadline=now + self.settings.grace_s)
         return [(job["id"], a["attempt"], self.settings.grace_s)]
 
@@ -402,14 +404,14 @@ class Core:
                now: float, engine: bool = True) -> None:
         """An attempt's process is gone. If it was the job's running attempt, the job ended with it."""
         outcome = a["outcome"]
-        if a["state"] == "running":
-            outcome = "completed" if code == 0 else "failed"
+        if a["state"] == AttemptState.RUNNING:
+            outcome = AttemptOutcome.COMPLETED if code == 0 else AttemptOutcome.FAILED
             if engine:
-                self.engine_end(job["id"], now, outcome == "failed")
+                self.engine_end(job["id"], now, outcome == AttemptOutcome.FAILED)
             why = detail or (f"exited with code {code}" if code is not None else "vanished")
-            store.update_job(conn, job["id"], state=outcome, ended_at=now, exit_code=code,
+            store.update_job(conn, job["id"], state=JobState(outcome), ended_at=now, exit_code=code,
                              reason={"rule": outcome, "message": why, "numbers": {"exit_code": code}})
-        store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now, exit_code=code,
+        store.update_attempt(conn, job["id"], a["attempt"], state=AttemptState.ENDED, ended_at=now, exit_code=code,
                              outcome=outcome)
         store.add_event(conn, now, "exited", detail or f"attempt {a['attempt']} exited with code {code}",
                         job["id"], attempt=a["attempt"], exit_code=code, outcome=outcome)
@@ -425,7 +427,7 @@ class Core:
         due = math.inf
         q = (sa.select(jobs, attempts.c.started_at.label("attempt_started"))
              .join(attempts, sa.and_(attempts.c.job_id == jobs.c.id, attempts.c.attempt == jobs.c.attempt))
-             .where(jobs.c.state == "running", attempts.c.state == "running"))
+             .where(jobs.c.state == JobState.RUNNING, attempts.c.state == AttemptState.RUNNING))
         for job in conn.execute(q).mappings():
             limit = job["spec"].get("max_runtime")
             if limit is None or job["attempt_started"] is None:
@@ -434,9 +436,9 @@ class Core:
                 due = min(due, job["attempt_started"] + limit)
                 continue
             self.engine_end(job["id"], now, True)
-            stops += self._stop_attempt(conn, job, now, "max_runtime")
+            stops += self._stop_attempt(conn, job, now, AttemptOutcome.MAX_RUNTIME)
             msg = f"stopped after max_runtime of {limit:g} s"
-            store.update_job(conn, job["id"], state="failed", ended_at=now,
+            store.update_job(conn, job["id"], state=JobState.FAILED, ended_at=now,
                              reason={"rule": "max_runtime", "message": msg, "numbers": {"max_runtime": limit}})
             store.add_event(conn, now, "max_runtime", msg, job["id"])
         self.runtime_due = due  # a launch (running from then) brings it forward; a failed commit rebuilds

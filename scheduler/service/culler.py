@@ -12,6 +12,7 @@ from scheduler.service.auth import Principal, Role
 from scheduler.service.db import attempts, jobs
 from scheduler.service.errors import ServiceError
 from scheduler.service.interfaces import Culls
+from scheduler.service.states import AttemptState, JobState
 
 log = logging.getLogger("corral.culler")
 IDLE_TIMEOUT_LABEL = "corral.sandbox/idle-timeout-s"  # per-profile timeout, kept with the job
@@ -28,7 +29,7 @@ def cull(core: Culls, tracker: IdleTracker, now: float) -> None:
         rows = conn.execute(
             sa.select(jobs.c.id, jobs.c.spec, attempts.c.placement)
             .join(attempts, sa.and_(attempts.c.job_id == jobs.c.id, attempts.c.attempt == jobs.c.attempt))
-            .where(jobs.c.state == "running", attempts.c.state == "running")).mappings().all()
+            .where(jobs.c.state == JobState.RUNNING, attempts.c.state == AttemptState.RUNNING)).mappings().all()
     running = {str(r["id"]) for r in rows if r["spec"].get("kind") == "sandbox"}
     for sid in set(tracker.watched()) - running:
         tracker.forget(sid)  # closed or ended: start afresh if it ever comes back

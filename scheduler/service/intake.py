@@ -19,6 +19,7 @@ from scheduler.service.db import audit, events, jobs
 from scheduler.service.errors import Conflict, Forbidden, Invalid, ServiceError
 from scheduler.service.interfaces import Submits
 from scheduler.service.specs import JobSubmit
+from scheduler.service.states import JobState
 
 # The field of a job spec to fix when the engine says a job can never run.
 REJECTED_FIELD = {"unknown_queue": "queue", "inner_queue": "queue", "unknown_pool": "pool", "worker_too_big": "gpus",
@@ -203,7 +204,7 @@ def _store(core: Submits, fresh: list[Submission], now: float) -> None:
         new.append(item)
     rows: list[dict[str, Any]] = [
         dict(name=i.sub.name, owner=i.who.user, queue=i.sub.queue, pool=core.pool_of(i.sub.pool),
-             state="pending", spec=i.sub.model_dump(mode="json"), gpus=i.sub.workers * i.sub.gpus,
+             state=JobState.PENDING, spec=i.sub.model_dump(mode="json"), gpus=i.sub.workers * i.sub.gpus,
              priority=i.sub.priority, idempotency_key=i.sub.idempotency_key, submitted_at=now, attempt=0)
         for i in new]
     with core.changing() as conn:

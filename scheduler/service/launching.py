@@ -21,9 +21,9 @@ from scheduler.service import store
 from scheduler.service.db import attempts, jobs
 from scheduler.service.interfaces import Launches
 from scheduler.service.specs import JobSubmit
+from scheduler.service.states import HOLDING, AttemptOutcome, AttemptState, JobState
 
 log = logging.getLogger("corral.service")
-HOLDING = ("running", "stopping")  # attempt states whose process may still hold its GPUs
 
 Launched = tuple[Handle, Exit | None]  # the attempt's handle, and how it ended if it was found ended already
 
@@ -61,19 +61,19 @@ def _ready(core: Launches) -> tuple[list[tuple[Mapping[Any, Any], Mapping[Any, A
     """Admitted attempts (oldest first) with their jobs, whose GPUs no live attempt holds (no two share a GPU);
     and whether other admitted attempts wait."""
     with core.db.connect() as conn:
-        rows = list(conn.execute(sa.select(attempts).where(attempts.c.state.in_(("starting",) + HOLDING))
+        rows = list(conn.execute(sa.select(attempts).where(attempts.c.state.in_((AttemptState.STARTING, *HOLDING)))
                                  .order_by(attempts.c.admitted_at)).mappings())
         held = {(n, g) for a in rows if a["state"] in HOLDING for n, gs in a["placement"] for g in gs}
         busy_jobs = {a["job_id"] for a in rows if a["state"] in HOLDING}
         ready = []
         for a in rows:
             gpus = {(n, g) for n, gs in a["placement"] for g in gs}
-            if a["state"] == "starting" and a["job_id"] not in busy_jobs and not gpus & held:
+            if a["state"] == AttemptState.STARTING and a["job_id"] not in busy_jobs and not gpus & held:
                 ready.append(a)
                 held |= gpus  # launched together, so the same GPU must not be in two of them
         specs = {j["id"]: j for j in conn.execute(
             sa.select(jobs).where(jobs.c.id.in_([a["job_id"] for a in ready]))).mappings()}
-    waiting = sum(a["state"] == "starting" for a in rows) > len(ready)
+    waiting = sum(a["state"] == AttemptState.STARTING for a in rows) > len(ready)
     return [(a, specs[a["job_id"]]) for a in ready], waiting
 
 
@@ -129,9 +129,9 @@ def _record(core: Launches, a: Mapping[Any, Any], launch: Launch, outcome: Launc
     # then no later cycle records this launch again.
     core.runtime_due = -math.inf
     with core.writing() as conn:
-        store.update_attempt(conn, job_id, a["attempt"], state="running", pid=handle.pid,
+        store.update_attempt(conn, job_id, a["attempt"], state=AttemptState.RUNNING, pid=handle.pid,
                              proc_started=handle.started_at, started_at=now)
-        store.update_job(conn, job_id, state="running")
+        store.update_job(conn, job_id, state=JobState.RUNNING)
         store.add_event(conn, now, "started", f"process {handle.pid} on {gpus_text(launch.gpus)}", job_id,
                         pid=handle.pid, gpus=dict(launch.gpus), attempt=a["attempt"])
     return False
@@ -145,8 +145,9 @@ def gpus_text(gpus: Mapping[str, Iterable[int]]) -> str:
 def _failed(core: Launches, job_id: int, attempt: int, e: Exception, now: float) -> None:
     with core.changing() as conn:
         core.engine_end(job_id, now, True)
-        store.update_attempt(conn, job_id, attempt, state="ended", ended_at=now, outcome="launch_failed")
+        store.update_attempt(conn, job_id, attempt, state=AttemptState.ENDED, ended_at=now,
+                             outcome=AttemptOutcome.LAUNCH_FAILED)
         msg = f"could not start: {e}"
-        store.update_job(conn, job_id, state="failed", ended_at=now,
+        store.update_job(conn, job_id, state=JobState.FAILED, ended_at=now,
                          reason={"rule": "launch_failed", "message": msg, "numbers": {}})
         store.add_event(conn, now, "launch_failed", msg, job_id)

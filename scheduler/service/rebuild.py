@@ -32,11 +32,10 @@ from scheduler.service import outside, queues, store
 from scheduler.service.db import attempts, jobs
 from scheduler.service.errors import Invalid
 from scheduler.service.interfaces import Rebuilds
-from scheduler.service.launching import HOLDING
 from scheduler.service.specs import engine_spec_of, job_id_of
+from scheduler.service.states import HOLDING, LIVE, AttemptOutcome, AttemptState, JobState
 
-LIVE = ("pending", "starting", "running")  # job states the engine knows about
-PLACED = ("starting", "running")  # attempt states the engine counts as holding their GPUs
+PLACED = (AttemptState.STARTING, AttemptState.RUNNING)  # attempt states the engine counts as holding their GPUs
 UNREADABLE = "invalid_spec"  # the rule a job rejected at the rebuild for a spec the engine cannot take carries
 log = logging.getLogger("corral.service")
 
@@ -44,7 +43,7 @@ log = logging.getLogger("corral.service")
 def recover(core: Rebuilds, now: float) -> None:
     """Match attempts the database says are live with what the executor finds (see docs/service.md)."""
     with core.db.connect() as conn:
-        live = list(conn.execute(sa.select(attempts).where(attempts.c.state.in_(("starting",) + HOLDING)))
+        live = list(conn.execute(sa.select(attempts).where(attempts.c.state.in_((AttemptState.STARTING, *HOLDING))))
                     .mappings())
     for a in live:
         handle = Handle(str(a["job_id"]), a["attempt"], a["pid"], a["proc_started"] or 0.0)
@@ -53,19 +52,19 @@ def recover(core: Rebuilds, now: float) -> None:
             job = store.job_row(conn, a["job_id"])
             assert job is not None
             if ended is None:  # still running: keep it, and keep stopping it if it was being stopped
-                if a["state"] == "starting":
-                    store.update_attempt(conn, job["id"], a["attempt"], state="running", started_at=now)
-                    store.update_job(conn, job["id"], state="running")
+                if a["state"] == AttemptState.STARTING:
+                    store.update_attempt(conn, job["id"], a["attempt"], state=AttemptState.RUNNING, started_at=now)
+                    store.update_job(conn, job["id"], state=JobState.RUNNING)
                 store.add_event(conn, now, "adopted", f"attempt {a['attempt']} still runs; taken back", job["id"])
-                if a["state"] == "stopping":
+                if a["state"] == AttemptState.STOPPING:
                     grace = max(0.0, (a["stop_deadline"] or now) - now)
                     core.executor.terminate(str(job["id"]), a["attempt"], grace, now)
                 continue
             row: Mapping[Any, Any] = a
-            if a["state"] == "starting" and ended.code is not None:
+            if a["state"] == AttemptState.STARTING and ended.code is not None:
                 # Launched and finished while its pid was never recorded: it ran, so it must not run again.
-                row = {**a, "state": "running"}
-            elif a["state"] == "starting":
+                row = {**a, "state": AttemptState.RUNNING}
+            elif a["state"] == AttemptState.STARTING:
                 # Admitted, never launched (its GPUs were still held by a preempted job's process): the admission
                 # was committed, so it stands, as it would have without the restart. The rebuilt engine holds its
                 # GPUs; it is launched once no process holds them (launching.launch_ready).
@@ -74,7 +73,7 @@ def recover(core: Rebuilds, now: float) -> None:
             drained = sorted(n for n, _ in a["placement"] or [] if (i := known.get(n)) is not None and i.cordoned)
             # Its pods vanished (no exit code: nothing left to read one from) while their node is cordoned: drained.
             # An attempt that finished on its own left its pods, with their exit code, for Corral to read.
-            if row["state"] == "running" and (ended.drained or (ended.code is None and drained)) \
+            if row["state"] == AttemptState.RUNNING and (ended.drained or (ended.code is None and drained)) \
                     and job["owner"] != CLUSTER_OWNER \
                     and job["spec"].get("kind") != "sandbox":
                 requeue_drained(conn, job, a, now, f"its node was drained while Corral was down ({', '.join(drained)})")
@@ -88,16 +87,18 @@ def requeue_drained(conn: Connection, job: RowMapping, a: Mapping[Any, Any], now
     """A running attempt whose pods went while its node is cordoned (kubectl drain): the job waits again, keeping its
     place, as the service that never restarted decides (Engine.requeue); the engine learns it at its rebuild."""
     reason = {"rule": "node_drained", "message": why, "numbers": {}}
-    store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now, outcome="preempted")
-    store.update_job(conn, job["id"], state="pending", reason=reason)
+    store.update_attempt(conn, job["id"], a["attempt"], state=AttemptState.ENDED, ended_at=now,
+                         outcome=AttemptOutcome.PREEMPTED)
+    store.update_job(conn, job["id"], state=JobState.PENDING, reason=reason)
     store.add_event(conn, now, "preempted", why, job["id"], cause="node_drained", by=None, reason=reason)
 
 
 def requeue_unlaunched(conn: Connection, job: RowMapping, a: Mapping[Any, Any], now: float) -> None:
     """An attempt admitted but never running: the job waits again (the engine learns it at its rebuild)."""
-    store.update_attempt(conn, job["id"], a["attempt"], state="ended", ended_at=now, outcome="never_started")
-    if job["state"] == "starting":
-        store.update_job(conn, job["id"], state="pending")
+    store.update_attempt(conn, job["id"], a["attempt"], state=AttemptState.ENDED, ended_at=now,
+                         outcome=AttemptOutcome.NEVER_STARTED)
+    if job["state"] == JobState.STARTING:
+        store.update_job(conn, job["id"], state=JobState.PENDING)
     store.add_event(conn, now, "requeued", "admitted but never started", job["id"])
 
 
@@ -192,7 +193,7 @@ def reject_unreadable(core: Rebuilds, waiting: list[RowMapping]) -> set[int]:
         with core.writing() as conn:
             for job_id, why in bad.items():
                 message = f"its stored spec cannot be scheduled: {why}"
-                store.update_job(conn, job_id, state="rejected", ended_at=now,
+                store.update_job(conn, job_id, state=JobState.REJECTED, ended_at=now,
                                  reason={"rule": UNREADABLE, "message": message, "numbers": {}})
                 store.add_event(conn, now, "rejected", message, job_id)
         log.warning("rejected %d job(s) whose stored spec cannot be scheduled: %s", len(bad), sorted(bad))

@@ -51,6 +51,7 @@ from scheduler.service.db import (
 )
 from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound
 from scheduler.service.metrics import gauge
+from scheduler.service.states import AttemptOutcome, JobState
 
 STAGES = ("candidate", "staging", "production")
 log = logging.getLogger("corral.models")
@@ -249,7 +250,7 @@ def _portable(job_id: int, path: Path, roots: list[Path], numbers: list[int]) ->
 
 def _completed_attempt(conn: Connection, job_id: int) -> int | None:
     return conn.execute(sa.select(sa.func.max(attempts.c.attempt)).where(
-        attempts.c.job_id == job_id, attempts.c.outcome == "completed")).scalar_one_or_none()
+        attempts.c.job_id == job_id, attempts.c.outcome == AttemptOutcome.COMPLETED)).scalar_one_or_none()
 
 
 def portable_uri(job_id: int, attempt: int, rel: str) -> str:
@@ -310,7 +311,7 @@ def register(core: Core, who: Principal, name: str, job_id: int, artifact_uri: s
             job = store.job_row(conn, j)
             if job is None or not who.may_read_job(core.tree, job["queue"], job["owner"]):
                 raise Invalid(f"job {j} not found: a version comes from a job you can see", "job_id")
-            if job["state"] != "completed":
+            if job["state"] != JobState.COMPLETED:
                 raise Invalid(f"job {j} is {job['state']}: versions come only from jobs that completed", "job_id")
         source = store.job_row(conn, job_id)
         assert source is not None

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Query
 from pydantic import Field
 
+from scheduler.service import api_models as api
 from scheduler.service import queues, store, usage, views
 from scheduler.service.auth import DEFAULT_TOKEN_DAYS, TEAM_GRANTABLE, NameRecord, Principal, Role, digest, new_secret
 from scheduler.service.core import Core
@@ -49,25 +50,27 @@ class TokenRequest(Body):
 
 
 @router.get("/queues", tags=["queues"])
-def queue_tree(who: Caller, core: CoreDep) -> views.QueueTreeView:
+def queue_tree(who: Caller, core: CoreDep) -> api.QueueTreeView:
     """The queues the caller may see: quota, limit, weight per pool, live fair share, usage (all of it, and the
     non-preemptible part the guarantee rule counts) and backlog."""
     return views.queue_tree(core, who)
 
 
-@router.post("/queues/apply", tags=["queues"])
+@router.post("/queues/apply", tags=["queues"], response_model=api.QueuesApplied,
+             response_model_exclude_unset=True)
 def apply(body: Apply, who: Caller, core: CoreDep) -> dict[str, Any]:
     """Replace the whole tree atomically after validating it; answers the diff (and nothing changes on dry_run)."""
     return core.apply_queues(who, body.document, body.comment, body.dry_run, body.expected_version)
 
 
-@router.post("/queues/rollback", tags=["queues"])
+@router.post("/queues/rollback", tags=["queues"], response_model=api.QueuesApplied,
+             response_model_exclude_unset=True)
 def rollback(body: Rollback, who: Caller, core: CoreDep) -> dict[str, Any]:
     """Apply an earlier version again (as a new version, so history only grows)."""
     return core.rollback_queues(who, body.version)
 
 
-@router.get("/queues/history", tags=["queues"])
+@router.get("/queues/history", tags=["queues"], response_model=api.History)
 def history(who: Caller, core: CoreDep) -> dict[str, Any]:
     """Every version with author, time and comment; a scoped caller sees only the queues it may see."""
     with core.db.connect() as conn:
@@ -78,7 +81,7 @@ def history(who: Caller, core: CoreDep) -> dict[str, Any]:
     return {"versions": versions}
 
 
-@router.get("/pools", tags=["pools"])
+@router.get("/pools", tags=["pools"], response_model=api.PoolList)
 def pools(who: Caller, core: CoreDep) -> dict[str, Any]:
     """Pools, nodes and GPUs, and which job holds each GPU (only job ids of jobs the caller may see)."""
     out = views.pools(core)
@@ -93,7 +96,7 @@ def pools(who: Caller, core: CoreDep) -> dict[str, Any]:
     return {"pools": out}
 
 
-@router.get("/usage", tags=["usage"])
+@router.get("/usage", tags=["usage"], response_model=api.Usage)
 def get_usage(who: Caller, core: CoreDep, since: Annotated[float | None, Query(ge=0)] = None,
               until: float | None = None) -> dict[str, Any]:
     """GPU-hours per queue and user over [since, until] (epoch seconds; default: since Corral was set up,
@@ -118,7 +121,7 @@ def _usage_range(who: Principal, core: Core, since: float | None, until: float |
     return since, end, visible
 
 
-@router.get("/usage/export", tags=["usage"])
+@router.get("/usage/export", tags=["usage"], response_model=api.UsageExport)
 def export_usage(who: Caller, core: CoreDep, format: Literal["trace"] = "trace",
                  since: Annotated[float | None, Query(ge=0)] = None, until: float | None = None) -> dict[str, Any]:
     """The range as simulator inputs (SIMULATOR.md): `trace` (the CSV of jobs submitted in it, with their recorded
@@ -132,7 +135,7 @@ def export_usage(who: Caller, core: CoreDep, format: Literal["trace"] = "trace",
     return {**out, "scope": None if visible is None else who.scope}
 
 
-@router.post("/tokens", status_code=201, tags=["tokens"])
+@router.post("/tokens", status_code=201, tags=["tokens"], response_model=api.TokenCreated)
 def create_token(body: TokenRequest, who: Caller, core: CoreDep) -> dict[str, Any]:
     """A new API token. Its secret is in this answer only; Corral keeps a hash."""
     if body.scope is not None and body.scope not in core.tree:
@@ -156,7 +159,7 @@ def create_token(body: TokenRequest, who: Caller, core: CoreDep) -> dict[str, An
             "expires_at": expires_at}
 
 
-@router.delete("/tokens/{token_id}", tags=["tokens"])
+@router.delete("/tokens/{token_id}", tags=["tokens"], response_model=api.TokenRevoked)
 def revoke_token(token_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     now = core.clock()
     with core.lock, core.db.begin() as conn:
@@ -200,7 +203,7 @@ def name_record(conn: sa.Connection, name: str) -> NameRecord:
                       promoted is not None or approved is not None)
 
 
-@router.get("/audit", tags=["audit"])
+@router.get("/audit", tags=["audit"], response_model=api.AuditLog)
 def audit_log(who: Caller, core: CoreDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
     """Every change: who, what, when (platform admins only)."""
     if not who.admin:

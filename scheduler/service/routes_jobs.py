@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from scheduler.service import api_models as api
 from scheduler.service import store
 from scheduler.service.core import Core
 from scheduler.service.db import attempts, events, jobs
@@ -20,16 +21,17 @@ from scheduler.service.deps import TEXT_OK, Caller, CoreDep, DbId
 from scheduler.service.errors import Invalid, NotStarted
 from scheduler.service.redact import Redactor
 from scheduler.service.specs import JobSubmit
+from scheduler.service.states import FINISHED, AttemptState, JobState
 from scheduler.service.views import live_reasons, reason_now
 
 router = APIRouter(tags=["jobs"])
-STATES = ("pending", "starting", "running", "completed", "failed", "cancelled", "rejected")
+STATES = tuple(JobState)
 FOLLOW_POLL_S = 0.2  # how often a followed log is re-read: lines show up within this
 LOG_CHUNK = 1 << 20  # bytes per read of a log: a large log streams instead of sitting in memory
 log = logging.getLogger("corral.api")
 
 
-@router.post("/jobs", status_code=201)
+@router.post("/jobs", status_code=201, response_model=api.JobView)
 async def submit(sub: JobSubmit, who: Caller, core: CoreDep, response: Response) -> dict[str, Any]:
     """Queue a job. A repeated idempotency key returns the first job (200) instead of a new one (201)."""
     if sub.kind != "job":
@@ -44,7 +46,7 @@ async def submit(sub: JobSubmit, who: Caller, core: CoreDep, response: Response)
     return job
 
 
-@router.get("/jobs")
+@router.get("/jobs", response_model=api.JobList)
 def list_jobs(who: Caller, core: CoreDep,
               queue: str | None = None, state: Annotated[list[str] | None, Query()] = None,
               owner: str | None = None, label: Annotated[list[str] | None, Query()] = None,
@@ -96,7 +98,7 @@ def _label(text: str) -> tuple[str, str]:
     return k, v
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/jobs/{job_id}", response_model=api.JobDetail)
 def get_job(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
         job = core.readable(conn, who, job_id)
@@ -109,18 +111,18 @@ def get_job(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     return view
 
 
-@router.post("/jobs/{job_id}/cancel")
+@router.post("/jobs/{job_id}/cancel", response_model=api.JobView)
 def cancel(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     return core.cancel(who, job_id)
 
 
-@router.delete("/jobs/{job_id}")
+@router.delete("/jobs/{job_id}", response_model=api.JobView)
 def delete(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     """The same as POST /jobs/{id}/cancel."""
     return core.cancel(who, job_id)
 
 
-@router.get("/jobs/{job_id}/events")
+@router.get("/jobs/{job_id}/events", response_model=api.EventList)
 def job_events(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
         core.readable(conn, who, job_id)
@@ -131,7 +133,7 @@ def job_events(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
         return {"events": [{**r, "message": hide.value(r["message"]), "data": hide.value(r["data"])} for r in rows]}
 
 
-@router.get("/jobs/{job_id}/explain")
+@router.get("/jobs/{job_id}/explain", response_model=api.Explanation)
 def explain(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     """Why the job is where it is: for a pending job the rule that blocks it, with its numbers; the reasons
     of every preemption it suffered."""
@@ -160,7 +162,7 @@ async def logs(job_id: DbId, who: Caller, core: CoreDep, stream: Literal["stdout
     job = await run_in_threadpool(_readable, core, who, job_id)  # database and files: off the event loop
     number = attempt or job["attempt"]
     if number < 1:
-        if job["state"] in ("cancelled", "rejected", "failed", "completed"):
+        if job["state"] in FINISHED:
             raise NotStarted(f"job {job_id} was {job['state']} before it started: it never ran, so it has no logs")
         raise NotStarted(f"job {job_id} has not started yet, so it has no logs")
     path = core.executor.logs(str(job_id), number)[0 if stream == "stdout" else 1]
@@ -209,4 +211,4 @@ def _launching(core: Core, job_id: int, attempt: int) -> bool:
     """The attempt is admitted and its process not launched yet (it waits for GPUs to be left)."""
     with core.db.connect() as conn:
         row = store.current_attempt(conn, job_id, attempt)
-    return row is not None and row["state"] == "starting"
+    return row is not None and row["state"] == AttemptState.STARTING

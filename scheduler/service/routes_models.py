@@ -12,6 +12,7 @@ from pydantic import Field
 from scheduler.models import audit as chain
 from scheduler.models import mlflow_export
 from scheduler.models.manifests import deployment, inference_service, to_yaml
+from scheduler.service import api_models_registry as api
 from scheduler.service import registry
 from scheduler.service.db import approvals, models, promotions
 from scheduler.service.deps import TEXT_OK, Caller, CoreDep, DbId
@@ -67,12 +68,12 @@ class Rollback(Body):
     stage: Literal["staging", "production"] = "production"
 
 
-@router.post("/models", status_code=201)
+@router.post("/models", status_code=201, response_model=api.ModelCreated)
 def create(body: NewModel, who: Caller, core: CoreDep) -> dict[str, Any]:
     return registry.create(core, who, body.name, body.queue, body.description)
 
 
-@router.get("/models")
+@router.get("/models", response_model=api.ModelList)
 def list_models(who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
         rows = conn.execute(sa.select(models).order_by(models.c.name)).mappings().all()
@@ -80,7 +81,7 @@ def list_models(who: Caller, core: CoreDep) -> dict[str, Any]:
                            if who.covers(core.tree, r["queue"])]}
 
 
-@router.get("/models/audit")
+@router.get("/models/audit", response_model=api.ModelAudit, response_model_exclude_unset=True)
 def audit(who: Caller, core: CoreDep, model: str | None = None, verify: bool = False,
           head: Annotated[str | None, Query(pattern=r"^[0-9a-f]{64}$", description=(
               "A head hash kept earlier (logs, /metrics): the chain must still contain it, as its newest entry "
@@ -108,7 +109,7 @@ def audit(who: Caller, core: CoreDep, model: str | None = None, verify: bool = F
     return out
 
 
-@router.get("/promotions")
+@router.get("/promotions", response_model=api.PromotionList)
 def list_promotions(who: Caller, core: CoreDep, model: str | None = None,
                     state: Literal["open", "promoted", "rejected"] | None = None) -> dict[str, Any]:
     """Promotion requests of models the caller may see (an approver finds what waits for it here)."""
@@ -122,7 +123,7 @@ def list_promotions(who: Caller, core: CoreDep, model: str | None = None,
         return {"promotions": [dict(r) for r in conn.execute(q).mappings() if r["model"] in visible]}
 
 
-@router.get("/promotions/{promotion_id}")
+@router.get("/promotions/{promotion_id}", response_model=api.PromotionDetail)
 def get_promotion(promotion_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
         p = conn.execute(sa.select(promotions).where(promotions.c.id == promotion_id)).mappings().first()
@@ -134,18 +135,18 @@ def get_promotion(promotion_id: DbId, who: Caller, core: CoreDep) -> dict[str, A
     return {**dict(p), "approvals": done}
 
 
-@router.get("/models/{name}")
+@router.get("/models/{name}", response_model=api.ModelDetail)
 def show(name: str, who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
         return registry.show(conn, core, who, name)
 
 
-@router.put("/models/{name}/policy")
+@router.put("/models/{name}/policy", response_model=api.PolicyApplied)
 def put_policy(name: str, body: Policy, who: Caller, core: CoreDep) -> dict[str, Any]:
     return registry.apply_policy(core, who, name, body.document)
 
 
-@router.post("/models/{name}/versions", status_code=201)
+@router.post("/models/{name}/versions", status_code=201, response_model=api.VersionRegistered)
 def register(name: str, body: NewVersion, who: Caller, core: CoreDep) -> dict[str, Any]:
     """A version from a completed job's output directory: the artifact is hashed on the hashing pool (503 when
     it is full or too slow), metrics and lineage digests are read from the job's metrics.json and lineage.json."""
@@ -155,24 +156,24 @@ def register(name: str, body: NewVersion, who: Caller, core: CoreDep) -> dict[st
     return registry.register(core, who, name, body.job_id, body.artifact_uri, body.lineage_jobs)
 
 
-@router.post("/models/{name}/promotions", status_code=201)
+@router.post("/models/{name}/promotions", status_code=201, response_model=api.PromotionAnswer)
 def promote(name: str, body: Promotion, who: Caller, core: CoreDep) -> dict[str, Any]:
     """Ask to promote a version: every gate is evaluated now and shown with its evidence; it is promoted at once
     when all pass, otherwise it waits for approvals (or is rejected when a gate fails)."""
     return registry.request_promotion(core, who, name, body.version, body.stage)
 
 
-@router.post("/promotions/{promotion_id}/approve")
+@router.post("/promotions/{promotion_id}/approve", response_model=api.PromotionAnswer)
 def approve(promotion_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     return registry.approve(core, who, promotion_id)
 
 
-@router.post("/models/{name}/rollback")
+@router.post("/models/{name}/rollback", response_model=api.RolledBack)
 def rollback(name: str, body: Rollback, who: Caller, core: CoreDep) -> dict[str, Any]:
     return registry.rollback(core, who, name, body.stage)
 
 
-@router.get("/models/{name}/roi")
+@router.get("/models/{name}/roi", response_model=api.Roi, response_model_exclude_unset=True)
 def roi(name: str, who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
         return registry.roi(conn, core, who, name)
@@ -201,7 +202,7 @@ def deploy(name: str, who: Caller, core: CoreDep, stage: Literal["staging", "pro
 
 
 
-@router.post("/models/{name}/export/mlflow")
+@router.post("/models/{name}/export/mlflow", response_model=api.MlflowExported)
 def export_mlflow(name: str, body: MlflowExport, who: Caller, core: CoreDep) -> dict[str, Any]:
     """Mirror the model's versions and stage aliases into an MLflow registry (model owners; needs mlflow), at a
     tracking URI the admin allowed, within mlflow_timeout_s."""

@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter
 from sqlalchemy.engine import RowMapping
 
+from scheduler.service import api_models as api
 from scheduler.service import store
 from scheduler.service.auth import Principal
 from scheduler.service.core import Core
@@ -16,22 +17,23 @@ from scheduler.service.deps import Caller, CoreDep, DbId
 from scheduler.service.errors import NotFound
 from scheduler.service.redact import Redactor
 from scheduler.service.sandboxes import SandboxRequest, open_sandbox, sandbox_view
+from scheduler.service.states import PLACED
 
 router = APIRouter(tags=["sandboxes"])
 
 
-@router.post("/sandboxes", status_code=201)
+@router.post("/sandboxes", status_code=201, response_model=api.SandboxView)
 def create(req: SandboxRequest, who: Caller, core: CoreDep) -> dict[str, Any]:
     """Start a sandbox within the queue's guarantee (counting its non-preemptible GPUs), at priority
     sandbox_priority; 409 at once, saying whether the guarantee or the room is short, with the numbers."""
     return open_sandbox(core, who, req)
 
 
-@router.get("/sandboxes")
+@router.get("/sandboxes", response_model=api.SandboxList)
 def list_sandboxes(who: Caller, core: CoreDep) -> dict[str, Any]:
     """Open sandboxes (admitted or running) the caller may see."""
     with core.db.connect() as conn:
-        rows = conn.execute(sa.select(jobs).where(jobs.c.state.in_(("starting", "running")))
+        rows = conn.execute(sa.select(jobs).where(jobs.c.state.in_(PLACED))
                             .order_by(jobs.c.id)).mappings().all()
         shown = [store.job_view(r) for r in rows if r["spec"].get("kind") == "sandbox"
                  and who.may_read_job(core.tree, r["queue"], r["owner"])]
@@ -40,7 +42,7 @@ def list_sandboxes(who: Caller, core: CoreDep) -> dict[str, Any]:
         return {"sandboxes": [{**v, "reason": hide.value(v["reason"])} for v in shown]}
 
 
-@router.get("/sandboxes/{job_id}")
+@router.get("/sandboxes/{job_id}", response_model=api.SandboxView)
 def get(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     """One sandbox, with where its server listens once it runs (`address`, `url`): what the hub connects to."""
     view = sandbox_view(core, _sandbox(core, who, job_id))
@@ -48,7 +50,7 @@ def get(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
         return {**view, "reason": Redactor(core, conn, who).value(view["reason"])}
 
 
-@router.delete("/sandboxes/{job_id}")
+@router.delete("/sandboxes/{job_id}", response_model=api.JobView)
 def close(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     """Stop a sandbox: its GPUs are free for others at once (its process gets SIGTERM)."""
     _sandbox(core, who, job_id)

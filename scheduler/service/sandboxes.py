@@ -9,15 +9,16 @@ from pydantic import Field, ValidationError
 
 from quotas.tree import Queue
 from scheduler.backends.base import KnowsAddresses, server_port
-from scheduler.engine.state import PoolState
+from scheduler.engine.snapshots import PoolLoad
 from scheduler.service import store
 from scheduler.service.auth import Principal
-from scheduler.service.core import FINISHED, Core
+from scheduler.service.core import Core
 from scheduler.service.culler import IDLE_TIMEOUT_LABEL, idle_view
 from scheduler.service.edge import Amount
 from scheduler.service.errors import Conflict, Forbidden, Invalid
 from scheduler.service.redact import Redactor
 from scheduler.service.specs import MAX_NAME, Argv, Env, Image, JobSubmit, Name, PoolName, Strict, Workdir, engine_id
+from scheduler.service.states import FINISHED, PLACED, JobState
 
 GUARANTEE = "guarantee"  # the rule a refusal names when the team's non-preemptible GPUs fill its quota
 
@@ -51,9 +52,10 @@ def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, A
     with core.lock:
         if not who.may_submit(core.tree, req.queue):
             raise Forbidden(f"{who.user} ({who.role}) may not open sandboxes in queue {req.queue}", "queue")
-        if req.queue not in core.tree or pool not in core.engine.pools:
+        load = core.engine.pool_load(pool)
+        if req.queue not in core.tree or load is None:
             raise Invalid(f"queue {req.queue!r} or pool {pool!r} does not exist", "queue")
-        _check_guarantee(core.engine.pools[pool], core.tree[req.queue], req.gpus)
+        _check_guarantee(load, core.tree[req.queue], req.gpus)
     # Labels keep what the culler needs with the job, so it survives a restart.
     labels = {"corral.sandbox/profile": req.profile} if req.profile else {}
     if req.idle_timeout_s is not None:
@@ -71,12 +73,12 @@ def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, A
     job, _ = core.submit(who, sub)
     core.tick()  # admit it now: it may take back GPUs others borrowed, or its own team's lower-priority jobs hold
     with core.lock:
-        live = core.engine.jobs.get(engine_id(job["id"]))
-        why = core.engine.explain(engine_id(job["id"]), core.clock()) if live is not None else None
+        live = core.engine.job_state(engine_id(job["id"])) is not None
+        why = core.engine.explain(engine_id(job["id"]), core.clock()) if live else None
     with core.db.connect() as conn:
         row = store.job_row(conn, job["id"])
     assert row is not None
-    if row["state"] in ("starting", "running"):
+    if row["state"] in PLACED:
         return sandbox_view(core, row)
     if row["state"] not in FINISHED:
         core.cancel(who, job["id"])
@@ -92,10 +94,10 @@ def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, A
     raise Conflict(f"the sandbox cannot start now: {msg}", "gpus", detail)
 
 
-def _check_guarantee(ps: PoolState, q: Queue, gpus: int) -> None:
+def _check_guarantee(ps: PoolLoad, q: Queue, gpus: int) -> None:
     """Refuse (409) a sandbox that its team's non-preemptible GPUs leave no room for within the quota; the
     team's preemptible jobs do not count: they can be taken back (SCHEDULING.md, Admission)."""
-    held, used, quota = ps.np_usage[q.name], ps.usage[q.name], q.quota_of(ps.name)
+    held, used, quota = ps.np_used(q.name), ps.used(q.name), q.quota_of(ps.name)
     if held + gpus <= quota:
         return
     raise Conflict(
@@ -112,7 +114,7 @@ def sandbox_view(core: Core, row: Mapping[Any, Any]) -> dict[str, Any]:
     its server listens (`address`, `url`: what the hub's proxy connects to); both None until then."""
     view, where = store.job_view(row), address(core, row)
     # Its idle stretch (the culler's): when it will be stopped, and the warning once given (the notebook shows it).
-    view["idle"] = idle_view(core, row["id"], core.clock()) if row["state"] == "running" else None
+    view["idle"] = idle_view(core, row["id"], core.clock()) if row["state"] == JobState.RUNNING else None
     if where is None:
         return {**view, "address": None, "url": None}
     host, port = where
@@ -123,7 +125,7 @@ def sandbox_view(core: Core, row: Mapping[Any, Any]) -> dict[str, Any]:
 def address(core: Core, row: Mapping[Any, Any]) -> tuple[str, int] | None:
     """Where a running sandbox's server listens: the executor knows (Kubernetes: its pod's IP), or it is a process
     on its node (that node's address; this machine: 127.0.0.1) at the port the hub gave it."""
-    if row["state"] != "running":
+    if row["state"] != JobState.RUNNING:
         return None
     if isinstance(core.executor, KnowsAddresses):
         return core.executor.address(str(row["id"]), row["attempt"])

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client.core import Metric
-from pydantic import BaseModel, Field
 
 from scheduler.engine.model import JobState
-from scheduler.engine.state import PoolState
+from scheduler.service.api_models import QueuePoolView, QueueTreeView, QueueView
 from scheduler.service.auth import Principal
 from scheduler.service.core import Core
 from scheduler.service.metrics import gauge
@@ -17,46 +16,12 @@ from scheduler.service.specs import engine_id, job_id_of
 from scheduler.service.store import reason_json
 
 
-class QueuePoolView(BaseModel):
-    """One queue in one pool: its settings and the live numbers, in GPUs (usage counts the whole subtree)."""
-
-    quota: int = Field(description="Guaranteed GPUs.")
-    limit: int | None = Field(description="The most GPUs the queue may hold; None: no limit.")
-    weight: float = Field(description="Its weight in the fair-share split among its siblings.")
-    fair_share: float = Field(description="The GPUs the queue is due now (weighted water-filling of demand).")
-    usage: int = Field(description="GPUs its running jobs hold.")
-    np_usage: int = Field(description=(
-        "GPUs its non-preemptible running jobs hold (sandboxes, preemptible: false): what the guarantee rule "
-        "counts against quota, since preemptible jobs can always be taken back."))
-    borrowed: int = Field(description="usage above quota: the GPUs a reclaim takes back first.")
-    pending_jobs: int
-    pending_gpus: int = Field(description="GPUs the pending jobs ask.")
-    running_jobs: int
-
-
-class QueueView(BaseModel):
-    """A queue of the tree with its numbers per pool."""
-
-    name: str
-    parent: str | None
-    leaf: bool
-    pools: dict[str, QueuePoolView]
-
-
-class QueueTreeView(BaseModel):
-    """The answer of GET /v1/queues: the tree's version and the queues the caller may see."""
-
-    version: int
-    queues: list[QueueView]
-
-
 def reason_now(core: Core, job_id: int, stored: Any) -> Any:
     """Why the job is where it is now: for a job the engine holds pending, the rule that blocks it (the engine's
     explain, with its numbers), not the reason stored at its last decision (a requeued job's preemption);
     for any other job the stored reason. Call under core.lock; the caller redacts the answer."""
-    live = core.engine.jobs.get(engine_id(job_id))
-    if live is not None and live.state is JobState.PENDING:
-        return reason_json(core.engine.explain(live.id, core.clock()))
+    if core.engine.job_state(engine_id(job_id)) is JobState.PENDING:
+        return reason_json(core.engine.explain(engine_id(job_id), core.clock()))
     return stored
 
 
@@ -71,46 +36,33 @@ def live_reasons(core: Core, views: Iterable[dict[str, Any]]) -> None:
 def queue_tree(core: Core, who: Principal) -> QueueTreeView:
     """Every queue the caller may see, with quota, limit and weight per pool and the live numbers."""
     with core.lock:
-        out = []
+        out, loads = [], core.engine.pool_loads()
         for q in core.tree.queues.values():
             if not who.covers(core.tree, q.name):
                 continue
             pools = {}
-            for name, ps in core.engine.pools.items():
+            for name, ps in loads.items():
                 leaves = core.tree.leaves_under(q.name)
-                pending_jobs, pending_gpus = _backlog(ps, leaves)
-                used, quota = ps.usage[q.name], q.quota_of(name)
+                pending_jobs, pending_gpus = ps.backlog(leaves)
+                used, quota = ps.used(q.name), q.quota_of(name)
                 limit = q.limit_of(name)
                 pools[name] = QueuePoolView(
                     quota=quota, limit=None if limit == float("inf") else int(limit),
-                    weight=q.weight_of(name), fair_share=round(ps.shares().get(q.name, 0.0), 4),
-                    usage=used, np_usage=ps.np_usage[q.name], borrowed=max(0, used - quota),
-                    pending_jobs=pending_jobs, pending_gpus=pending_gpus,
-                    running_jobs=sum(len(ps.running.get(leaf, ())) for leaf in leaves))
+                    weight=q.weight_of(name), fair_share=round(ps.share(q.name), 4),
+                    usage=used, np_usage=ps.np_used(q.name), borrowed=max(0, used - quota),
+                    pending_jobs=pending_jobs, pending_gpus=pending_gpus, running_jobs=ps.running(leaves))
             out.append(QueueView(name=q.name, parent=q.parent.name if q.parent else None, leaf=q.is_leaf,
                                  pools=pools))
         return QueueTreeView(version=core.version, queues=out)
-
-
-def _backlog(ps: PoolState, leaves: Iterable[str]) -> tuple[int, int]:
-    """Pending jobs and the GPUs they ask in these leaves, from the engine's counts by size (not job by job:
-    this runs under the scheduler's lock, once per queue, with thousands waiting)."""
-    sizes: list[Mapping[int, int]] = [ps.pending_sizes.get(leaf, {}) for leaf in leaves]
-    return sum(n for s in sizes for n in s.values()), sum(g * n for s in sizes for g, n in s.items())
 
 
 def pools(core: Core) -> list[dict[str, Any]]:
     """Pools and their nodes; each GPU says which job holds it (job ids only: names may be private)."""
     with core.lock:
         out = []
-        for name, ps in core.engine.pools.items():
-            holder: dict[tuple[str, int], str] = {}
-            for leaf_jobs in ps.running.values():
-                for j in leaf_jobs:
-                    for node, gpus in j.workers:
-                        holder.update({(node, g): j.id for g in gpus})
+        for name, ps in core.engine.pool_gpus().items():
             node_views = []
-            for n in ps.pool.nodes.values():
+            for n in ps.nodes:
                 known = core.cluster.nodes.get(n.name)
                 info = {g.index: g for g in known.gpus} if known is not None else {}
                 node_views.append({
@@ -119,9 +71,9 @@ def pools(core: Core) -> list[dict[str, Any]]:
                         {"index": i, "model": info[i].model if i in info else None,
                          "uuid": info[i].uuid if i in info else None,
                          "memory_mb": info[i].memory_mb if i in info else None,
-                         "job": job_id_of(holder[(n.name, i)]) if (n.name, i) in holder else None}
-                        for i in range(n.spec.gpus)]})
-            out.append({"name": name, "capacity": ps.pool.capacity, "free": ps.pool.free_gpus,
+                         "job": job_id_of(n.holders[i]) if i in n.holders else None}
+                        for i in range(n.gpus)]})
+            out.append({"name": name, "capacity": ps.capacity, "free": ps.free_gpus,
                         "nodes": node_views})
         return out
 
@@ -134,18 +86,17 @@ def live_metrics(core: Core) -> list[Metric]:
         gpus: list[tuple[list[str], float]] = []
         share: list[tuple[list[str], float]] = []
         borrowed: list[tuple[list[str], float]] = []
-        for pool, ps in core.engine.pools.items():
-            shares = ps.shares()
+        for pool, ps in core.engine.pool_loads().items():
             for q in core.tree.leaves:
-                pending_jobs, pending_gpus = _backlog(ps, [q.name])
+                pending_jobs, pending_gpus = ps.backlog([q.name])
                 labels = [q.name, pool]
                 jobs += [(labels + [JobState.PENDING.value], pending_jobs),
-                         (labels + [JobState.RUNNING.value], len(ps.running.get(q.name, ())))]
+                         (labels + [JobState.RUNNING.value], ps.running([q.name]))]
                 gpus += [(labels + [JobState.PENDING.value], pending_gpus),
-                         (labels + [JobState.RUNNING.value], ps.usage[q.name])]
+                         (labels + [JobState.RUNNING.value], ps.used(q.name))]
             for q in core.tree.queues.values():
-                share.append(([q.name, pool], shares.get(q.name, 0.0)))
-                borrowed.append(([q.name, pool], max(0, ps.usage[q.name] - q.quota_of(pool))))
+                share.append(([q.name, pool], ps.share(q.name)))
+                borrowed.append(([q.name, pool], max(0, ps.used(q.name) - q.quota_of(pool))))
         return out + [
             gauge("corral_jobs", "Jobs per leaf queue, pool and state.", ["queue", "pool", "state"], jobs),
             gauge("corral_gpus", "GPUs asked (pending) or held (running) per leaf queue and pool.",

@@ -14,10 +14,11 @@ from pydantic import ValidationError
 
 from scheduler.service import routes_jobs
 from scheduler.service.auth import Principal
-from scheduler.service.core import FINISHED, Core
+from scheduler.service.core import Core
 from scheduler.service.deps import CoreDep
 from scheduler.service.errors import ServiceError
 from scheduler.service.specs import JobSubmit
+from scheduler.service.states import FINISHED
 from scheduler.service.web.common import Viewer, check_csrf, error_page, page
 
 router = APIRouter()

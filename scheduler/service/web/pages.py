@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse
 from scheduler.service import registry, routes_cluster, routes_jobs, routes_models, store
 from scheduler.service.deps import CoreDep
 from scheduler.service.errors import ServiceError
+from scheduler.service.states import JobState
 from scheduler.service.web.common import Viewer, error_page, page
 from scheduler.service.web.usage_chart import RANGES, usage_over_time
 
@@ -67,7 +68,7 @@ def queues_page(request: Request, who: Viewer, core: CoreDep) -> HTMLResponse:
         pools.append({"name": pool, "capacity": capacity[pool], "rows": rows})
     # The listing's reason is explain's (views.live_reasons), computed for the whole page under one lock.
     pending = [{**j, "why": j["reason"]}
-               for j in routes_jobs.list_jobs(who, core, state=["pending"], limit=PENDING_SHOWN)["jobs"]]
+               for j in routes_jobs.list_jobs(who, core, state=[JobState.PENDING], limit=PENDING_SHOWN)["jobs"]]
     return page(request, who, "queues.html", version=tree["version"], pools=pools, pending=pending,
                 more=len(pending) >= PENDING_SHOWN)
 
