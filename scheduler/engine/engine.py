@@ -7,6 +7,7 @@ the live service and the tests drive the very same code.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
@@ -23,6 +24,7 @@ from scheduler.engine.preemption import CAUSE, PRIORITY, Plan, Preemption, tiers
 from scheduler.engine.state import PoolState
 
 MAX_PASSES = 1000  # passes repeat only while skipped queues may have gained; this bounds a pathological loop
+ONE = ((1.0, -math.inf, ""), "")  # below every queue entry at or over its fair share (ratio 1)
 
 
 class Engine:
@@ -236,7 +238,7 @@ class Engine:
                 q = job.spec.queue
                 self._lifted[q] += 1
                 for ps in self.pools.values():
-                    ps.asleep.pop(q, None)
+                    ps.wake(q)
                 if job.state is JobState.PENDING:  # even if nothing else changed in its pool since
                     self.pools[job.spec.pool].dirty = True
             self._instant, self._preempted_now = now, set()
@@ -269,68 +271,75 @@ class Engine:
               out: list[Decision]) -> tuple[list[Job], bool]:
         """One pass: the leaf queue with the lowest ratio starts its first admissible job, until none can.
 
-        Queues are read in key order from ps.order (frozen during the pass); a queue whose key changed
-        (it started a job, or lost one to preemption) comes back through a small heap with its new key.
+        Queues are read in key order (keys frozen during the pass) from ps.awake, merged with the parked sleepers
+        that an event woke (`woken`: free room given back where their shapes may fit, or a change to them); a
+        queue whose key changed (it started a job, or lost one to preemption) comes back through a small heap
+        with its new key. Parked queues that stay asleep are not visited: the pass reads as if it had passed each
+        of them by, in key order, as ReferenceEngine (reference.py) does one by one.
         """
         started: list[Job] = []
         preempted = False
         ps.freeze()
         ps.reserved_for(res)
         try:
-            cursor = iter(ps.order)
-            nxt = next(cursor, None)
+            cursor = iter(ps.awake)
+            nxt_awake = next(cursor, None)
             moved: dict[str, int] = {}  # queue -> version of its entry in `heap`; -1: skipped this pass
             heap: list[tuple[tuple[float, float, str], int, str]] = []
-            short = ps.capacity_short
-            asleep, grown = ps.asleep, ps.grown  # read for every queue: most of them sleep, with no room given back
-            room_still_short, mixed, pool = ps.room_still_short, ps.mixed, ps.pool
+            # The highest key the pass has reached: parked queues below it were passed by (as asleep, skipped).
+            high: tuple[tuple[float, float, str], str] | None = None
+            woken = ps.parked_fitting(None) + [ps.entry(n) for n in ps.woken if n in ps.pending]
+            heapq.heapify(woken)
+            ps.woken.clear()
+            waking = {n for _, n in woken}  # each parked queue is visited once, as in key order
+            seen = ps.grown  # room given back as of the last look for parked queues it may fit
+            short, asleep, mixed, pool = ps.capacity_short, ps.asleep, ps.mixed, ps.pool
             # The smallest pending request and the free GPUs off the reserved nodes, as of free room `counted_at`:
             # read for every queue at or over its share, and they change only when a job starts (Pool.changes).
             counted_at, need, free = -1, 0, 0
             while True:
                 if counted_at != pool.changes:
                     counted_at, need, free = pool.changes, ps.min_need(), ps.usable_free(None)
-                if not heap and free >= need:
-                    # Most queues sleep, with no room given back since they last asked or with an answer for the
-                    # free room as it is now that other sleepers who tried the same shapes found (room_still_short).
-                    # While no queue can end the pass early (see below) and none waits in `heap`, they are
-                    # skipped here, for less.
-                    while nxt is not None:
-                        if nxt[1] not in moved:
-                            stuck = asleep.get(nxt[1])
-                            if stuck is None:
-                                break
-                            if stuck.freed != grown:
-                                if not ps.known_short(stuck, nxt[1]):
-                                    break
-                                stuck.freed = grown
-                            moved[nxt[1]] = -1
-                        nxt = next(cursor, None)
-                while nxt is not None and nxt[1] in moved:
-                    nxt = next(cursor, None)
+                while nxt_awake is not None and nxt_awake[1] in moved:
+                    nxt_awake = next(cursor, None)
+                while woken and woken[0][1] in moved:
+                    heapq.heappop(woken)
+                from_awake = nxt_awake is not None and (not woken or nxt_awake < woken[0])
+                nxt = nxt_awake if from_awake else (woken[0] if woken else None)
                 while heap and moved.get(heap[0][2]) != heap[0][1]:
                     heapq.heappop(heap)
+                entry: tuple[tuple[float, float, str], str] | None
                 if heap and (nxt is None or heap[0][0] < nxt[0]):
                     key, _, name = heapq.heappop(heap)
+                    entry = (key, name)
                 elif nxt is not None:
-                    key, name = nxt
-                    nxt = next(cursor, None)
+                    entry = nxt
+                    if from_awake:
+                        nxt_awake = next(cursor, None)
+                    else:
+                        heapq.heappop(woken)
                 else:
+                    entry = None
+                # The tier-3 end below, as a parked queue passed by on the way to `entry` would have met it.
+                ends = (free < need and not short
+                        and (res is None or res.job.spec.queue in moved or res.job.spec.queue not in ps.pending))
+                if ends and ps.parked_between(max(high, ONE) if high is not None else ONE, entry, moved):
+                    preempted |= self._tier3_rest(ps, now, res, out, started, moved)
                     break
+                if entry is None:
+                    break
+                key, name = entry
+                if high is None or entry > high:
+                    high = entry
                 if (key[0] >= 1 and not short and name not in mixed
                         and (res is None or res.job.spec.queue in moved or res.job.spec.queue not in ps.pending)
                         and (pool.free_gpus if name == ps.reserved[0] else free) < need):
                     # From here on every queue is at or over its fair share (so it has no tier 1 or 2) and no
                     # pending job fits in the free GPUs: only queues with lower-priority work (tier 3) remain.
-                    rest = sorted(n for n, room in ps.mixed.items()
-                                  if n not in moved and room + ps.usable_free(n) >= ps.min_pending(n))
-                    for name in rest:
-                        found = self._try_queue(ps, self.tree[name], now, res)
-                        if found is not None:
-                            preempted |= self._apply(ps, found, now, out, started)
+                    preempted |= self._tier3_rest(ps, now, res, out, started, moved)
                     break
                 stuck = asleep.get(name)
-                if stuck is not None and (stuck.freed == grown or room_still_short(stuck, name)):
+                if stuck is not None and (stuck.freed == ps.grown or ps.room_still_short(stuck, name)):
                     moved[name] = -1  # what _try_queue would find, for less
                     continue
                 q = self.tree[name]
@@ -342,15 +351,37 @@ class Engine:
                 if res is not None and found[0] is res.job:
                     res = None
                     ps.reserved_for(res)
-                grown = ps.grown
                 for changed in {name} | {v.job.spec.queue for v in found[1].victims}:
-                    if moved.get(changed) == -1 or changed not in ps.pending:
+                    if (moved.get(changed) == -1 or changed not in ps.pending
+                            or (changed not in moved and ps.visited_parked(changed, high))):
                         continue
                     moved[changed] = moved.get(changed, 0) + 1
                     heapq.heappush(heap, (ps.queue_key(self.tree[changed]), moved[changed], changed))
+                # Parked queues not yet passed by that this start woke, or that room given back may now fit.
+                wake = [ps.entry(n) for n in ps.woken if n in ps.pending]
+                ps.woken.clear()
+                if ps.grown != seen:
+                    seen = ps.grown
+                    wake += ps.parked_fitting(high)
+                for w in wake:
+                    if w[1] not in moved and w[1] not in waking and w > high:
+                        waking.add(w[1])
+                        heapq.heappush(woken, w)
         finally:
             ps.thaw()
         return started, preempted
+
+    def _tier3_rest(self, ps: PoolState, now: float, res: Reservation | None, out: list[Decision],
+                    started: list[Job], moved: dict[str, int]) -> bool:
+        """The pass's end once only tier 3 can start a job: the queues with lower-priority work, by name."""
+        preempted = False
+        rest = sorted(n for n, room in ps.mixed.items()
+                      if n not in moved and room + ps.usable_free(n) >= ps.min_pending(n))
+        for name in rest:
+            found = self._try_queue(ps, self.tree[name], now, res)
+            if found is not None:
+                preempted |= self._apply(ps, found, now, out, started)
+        return preempted
 
     def _apply(self, ps: PoolState, found: tuple[Job, Plan], now: float, out: list[Decision],
                started: list[Job]) -> bool:
@@ -384,7 +415,7 @@ class Engine:
                         ps, now):
                     return None
             elif not ps.share_may_help(stuck, q.name, share) and ps.room_still_short(stuck, q.name):
-                ps.asleep[q.name] = stuck
+                ps.sleep(q.name, stuck)
                 return None
         if not self._may_start_any(ps, q):
             return None
@@ -428,9 +459,9 @@ class Engine:
                       room_only)
         ps.stuck[q.name] = stuck
         if room_only is None:
-            ps.asleep.pop(q.name, None)
+            ps.wake(q.name)
         else:
-            ps.asleep[q.name] = stuck
+            ps.sleep(q.name, stuck)
         return None
 
     def _note_held_nodes(self, ps: PoolState, job: Job, q: Queue, now: float, res: Reservation) -> None:

@@ -68,8 +68,11 @@ class PoolState:
         self.fs = PoolShares(tree, pool.name, pool.capacity)
         self._shares: dict[str, float] | None = None
         self.dirty = True  # something changed since the last scheduling pass
-        # Leaf queues with pending jobs, by queue key; re-keyed after each change (deferred during a pass).
-        self.order: SortedList = SortedList()
+        # Leaf queues with pending jobs, by queue key, in two lists: those a pass visits (`awake`) and the parked
+        # sleepers it does not (see `parked`); re-keyed after each change (deferred during a pass, as are moves
+        # between the two).
+        self.awake: SortedList = SortedList()
+        self.parked_order: SortedList = SortedList()
         self._key: dict[str, QueueKey] = {}
         self._frozen = False
         self._deferred: set[str] = set()
@@ -98,8 +101,15 @@ class PoolState:
         self.stuck: dict[str, Stuck] = {}
         # Leaves stuck for want of free room alone, whose jobs have not changed since: a change to them, a share
         # that could give one of them the fair-share tier, or the reservation becoming or ceasing to be theirs,
-        # wakes the queue (removes it here).
+        # wakes the queue (removes it here). Written only through sleep() and wake().
         self.asleep: dict[str, Stuck] = {}
+        # Sleepers that only free GPUs could help (no shape counting their own jobs' GPUs, not in `mixed`, not the
+        # reservation's queue), by the number of the shapes they tried (Stuck.shapes_id): a pass does not visit
+        # them, it wakes a whole group at once when free room given back may fit its shapes (parked_fitting).
+        self.parked: dict[str, int] = {}
+        self.parked_by_shapes: dict[int, set[str]] = {}
+        # Parked leaves woken while a pass ran: the pass visits those it has not passed yet (Engine._pass).
+        self.woken: list[str] = []
         # The reservation the last pass ran under: its job's queue, the nodes it holds, whether it is within quota.
         self.reserved: tuple[str | None, frozenset[str], bool] = (None, frozenset(), False)
         # The reservation's job, what it waits on, and the queues it may hold jobs of.
@@ -241,7 +251,7 @@ class PoolState:
         for name in moved:
             stuck = self.asleep.get(name)
             if stuck is not None and self.share_may_help(stuck, name, shares.get(name, 0.0)):
-                del self.asleep[name]
+                self.wake(name)
             self._clear.queue_changed(name)
             if name in self.running:
                 self._mark_share(self.tree[name])
@@ -280,7 +290,7 @@ class PoolState:
         return (self.ratio(q), quota_ratio(u, q.quota_of(self.name)), q.name)
 
     def freeze(self) -> None:
-        """A pass iterates `order`: re-keying waits until it ends."""
+        """A pass reads `awake` and the parked leaves in key order: re-keying and moves wait until it ends."""
         self._refresh_shares()
         self._frozen = True
 
@@ -288,7 +298,9 @@ class PoolState:
         self._frozen = False
         for name in self._deferred:
             self._rekey(name)
+            self._place(name)  # where shares are stale, _rekey waits for the refresh: the move must not
         self._deferred.clear()
+        self.woken.clear()
 
     def _queue_changed(self, name: str, old_head: Job | None) -> None:
         jobs = self.pending.get(name)
@@ -303,7 +315,7 @@ class PoolState:
     def _requeue(self, name: str) -> None:
         self.dirty = True
         self.version[name] += 1
-        self.asleep.pop(name, None)
+        self.wake(name)
         jobs = self.pending.get(name)
         head = jobs[0] if jobs else None
         running = self.running.get(name)
@@ -328,11 +340,105 @@ class PoolState:
             return
         old = self._key.pop(name, None)
         if old is not None:
-            self.order.remove((old, name))
+            shapes = self.parked.pop(name, None)
+            if shapes is None:
+                self.awake.remove((old, name))
+            else:
+                self.parked_order.remove((old, name))
+                self.parked_by_shapes[shapes].discard(name)
         if name in self.pending:
             key = self.queue_key(self.tree[name])
             self._key[name] = key
-            self.order.add((key, name))
+            self._file(name, (key, name))
+
+    # ----- sleeping and parked queues -----
+
+    def sleep(self, name: str, stuck: Stuck) -> None:
+        """A leaf found nothing to start for want of free room (see Engine._try_queue)."""
+        self.asleep[name] = stuck
+        self._place(name)
+
+    def wake(self, name: str) -> None:
+        """Something the leaf's answer read has changed: it is asked again."""
+        if self.asleep.pop(name, None) is not None:
+            if self._frozen and name in self.parked:
+                self.woken.append(name)
+            self._place(name)
+
+    def _parkable(self, name: str) -> int | None:
+        """The shapes id of a sleeper the pass need not visit until room is given back, or None."""
+        stuck = self.asleep.get(name)
+        if stuck is None or stuck.owned or not stuck.plain or name in self.mixed or name == self.reserved[0]:
+            return None
+        if stuck.shapes_id == -1:
+            stuck.shapes_id = self.shape_ids.setdefault(stuck.plain, len(self.shape_ids))
+        return stuck.shapes_id
+
+    def _place(self, name: str) -> None:
+        """Move a leaf between `awake` and the parked ones as its sleep says (after the pass, during one)."""
+        if self._frozen:
+            self._deferred.add(name)
+            return
+        key = self._key.get(name)
+        if key is None or self.parked.get(name) == self._parkable(name):
+            return  # not in the order yet (its rekey files it), or already where it belongs
+        entry = (key, name)
+        shapes = self.parked.pop(name, None)
+        if shapes is None:
+            self.awake.remove(entry)
+        else:
+            self.parked_order.remove(entry)
+            self.parked_by_shapes[shapes].discard(name)
+        self._file(name, entry)
+
+    def _file(self, name: str, entry: tuple[QueueKey, str]) -> None:
+        shapes = self._parkable(name)
+        if shapes is None:
+            self.awake.add(entry)
+        else:
+            self.parked[name] = shapes
+            self.parked_by_shapes.setdefault(shapes, set()).add(name)
+            self.parked_order.add(entry)
+
+    def parked_fitting(self, above: tuple[QueueKey, str] | None) -> list[tuple[QueueKey, str]]:
+        """Parked leaves after `above` (in key order) that free room given back since they slept may now fit, with
+        their keys: one fit answer per group of leaves that tried the same shapes (_may_fit_any)."""
+        out: list[tuple[QueueKey, str]] = []
+        grown, asleep, key = self.grown, self.asleep, self._key
+        for members in self.parked_by_shapes.values():
+            first = True
+            for name in members:
+                stuck = asleep.get(name)
+                if stuck is None or stuck.freed == grown or (above is not None and (key[name], name) <= above):
+                    continue
+                if first:
+                    if not self._may_fit_any(stuck, name):
+                        break
+                    first = False
+                out.append((key[name], name))
+        return out
+
+    def parked_between(self, low: tuple[QueueKey, str], high: tuple[QueueKey, str] | None,
+                       visited: dict[str, int]) -> bool:
+        """Is a parked leaf not visited in this pass, still asleep, between `low` and `high` (None: the end)?"""
+        i = self.parked_order.bisect_right(low)
+        order, asleep = self.parked_order, self.asleep
+        while i < len(order):
+            entry = order[i]
+            if high is not None and entry >= high:
+                return False
+            if entry[1] not in visited and entry[1] in asleep:
+                return True
+            i += 1
+        return False
+
+    def entry(self, name: str) -> tuple[QueueKey, str]:
+        """A leaf's place in key order (as of the pass's start, during one)."""
+        return (self._key[name], name)
+
+    def visited_parked(self, name: str, high: tuple[QueueKey, str] | None) -> bool:
+        """Did the pass go past this parked leaf, as asleep, without visiting it (`high`: the highest it reached)?"""
+        return high is not None and name in self.parked and (self._key[name], name) < high
 
     def share_may_help(self, stuck: Stuck, leaf: str, share: float) -> bool:
         """For a leaf stuck for want of room: could its new `share` give the fair-share tier to one of its jobs?
@@ -411,11 +517,15 @@ class PoolState:
         old_queue, old_nodes, old_within = self.reserved
         if holder != self._holder:
             for name in (self._holder[2] if self._holder else frozenset()) | (res.affected if res else frozenset()):
-                self.asleep.pop(name, None)
+                self.wake(name)
             self._holder = holder
         if not nodes >= old_nodes or (old_within and not within_quota and old_nodes):
             self.unreserved += 1
         self.reserved = (queue, nodes, within_quota)
+        if queue != old_queue:  # the reservation's queue is never parked
+            for leaf in (queue, old_queue):
+                if leaf is not None:
+                    self._place(leaf)
 
     def guaranteed(self, q: Queue, job: Job) -> bool:
         """The guarantee rule: a non-preemptible job must fit its queue's quota counting only the GPUs the queue
