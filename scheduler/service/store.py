@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
 from scheduler.engine.model import Reason
 from scheduler.service.db import attempts, audit, events, jobs
+from scheduler.service.states import AttemptOutcome, AttemptState, JobState
+
+
+class JobChange(TypedDict, total=False):
+    """The columns of the jobs table the service changes after a job is written (intake writes the rest)."""
+
+    state: JobState
+    attempt: int  # the latest attempt; 0: never started
+    reason: dict[str, Any] | None  # the engine's last Reason as reason_json gives it (rule, message, numbers)
+    started_at: float | None  # the first start: the wait ends here
+    ended_at: float | None
+    exit_code: int | None
+    overtaken_at: float | None  # when a younger job first overtook it (starvation guard)
+
+
+class AttemptChange(TypedDict, total=False):
+    """The columns of the attempts table the service changes after an admission wrote the row."""
+
+    state: AttemptState
+    outcome: AttemptOutcome | None
+    pid: int | None
+    proc_started: float | None
+    started_at: float | None  # its process launched: GPUs held from here
+    ended_at: float | None
+    stop_deadline: float | None
+    exit_code: int | None
 
 
 def reason_json(r: Reason | None) -> dict[str, Any] | None:
@@ -34,11 +60,11 @@ def current_attempt(conn: Connection, job_id: int, attempt: int) -> RowMapping |
     return conn.execute(q).mappings().first()
 
 
-def update_job(conn: Connection, job_id: int, **values: Any) -> None:
+def update_job(conn: Connection, job_id: int, **values: Unpack[JobChange]) -> None:
     conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
 
 
-def update_attempt(conn: Connection, job_id: int, attempt: int, **values: Any) -> None:
+def update_attempt(conn: Connection, job_id: int, attempt: int, **values: Unpack[AttemptChange]) -> None:
     conn.execute(attempts.update().where(attempts.c.job_id == job_id, attempts.c.attempt == attempt)
                  .values(**values))
 
