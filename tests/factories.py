@@ -6,6 +6,7 @@ Everything here is plain construction (no files): a test states only what matter
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from quotas import QueueSpec, QueueTree
 from scheduler.engine import Engine, JobSpec, NodeSpec, Settings
@@ -15,10 +16,14 @@ from scheduler.sim.inputs import EventIn, SimJob, World
 
 
 def nodes(pool: str, count: int, gpus: int, cpus: float | None = None, memory_gb: float | None = None,
-          domains: Mapping[str, Sequence[int]] | None = None) -> list[NodeSpec]:
-    """`count` identical nodes named `<pool>-<i>`; `domains` maps a domain name to node indices."""
+          domains: Mapping[str, Sequence[int]] | None = None, names: str = "{pool}-{i}") -> list[NodeSpec]:
+    """`count` identical nodes named `names` (`<pool>-<i>` unless told); `domains` maps a domain name to node
+    indices."""
     member = {i: d for d, idx in (domains or {}).items() for i in idx}
-    return [NodeSpec(f"{pool}-{i}", pool, gpus, cpus, memory_gb, member.get(i)) for i in range(count)]
+    return [NodeSpec(names.format(pool=pool, i=i), pool, gpus, cpus, memory_gb, member.get(i)) for i in range(count)]
+
+
+_nodes = nodes  # for the builders below whose `nodes` argument is a count
 
 
 def capacity(node_list: Iterable[NodeSpec]) -> dict[str, int]:
@@ -42,13 +47,19 @@ def domains_of(node_list: Iterable[NodeSpec]) -> dict[str, dict[str, list[str]]]
 
 
 def queue(name: str, parent: str | None = None, quota: Mapping[str, int] | None = None,
-          limit: Mapping[str, int] | None = None, weight: float | Mapping[str, float] = 1.0) -> QueueSpec:
-    return QueueSpec(name, parent, dict(quota or {}), dict(limit or {}), weight)
+          limit: Mapping[str, int] | None = None, weight: float | Mapping[str, float] = 1.0,
+          default_weight: float = 1.0) -> QueueSpec:
+    return QueueSpec(name, parent, dict(quota or {}), dict(limit or {}), weight, default_weight)
 
 
 def tree(specs: Iterable[QueueSpec], node_list: Iterable[NodeSpec]) -> QueueTree:
     """A validated tree against the pools of `node_list` (raises QuotaError like the real thing)."""
     return QueueTree(list(specs), capacity(node_list))
+
+
+def queue_tree(*specs: QueueSpec, gpus: int | Mapping[str, int] = 32, pool: str = "a100") -> QueueTree:
+    """A validated tree against `gpus` GPUs of `pool`, or GPUs per pool when `gpus` is a mapping (no nodes)."""
+    return QueueTree(list(specs), {pool: gpus} if isinstance(gpus, int) else dict(gpus))
 
 
 # ----- jobs -----
@@ -91,3 +102,9 @@ def engine(node_list: list[NodeSpec], queues: QueueTree | Iterable[QueueSpec],
            settings: Settings | None = None) -> Engine:
     t = queues if isinstance(queues, QueueTree) else tree(queues, node_list)
     return Engine(t, node_list, domains_of(node_list), settings)
+
+
+def pool_engine(queues: Iterable[QueueSpec], nodes: int = 2, gpus: int = 8, pool: str = "a100",
+                settings: Settings | None = None, **node_kw: Any) -> Engine:
+    """An engine on one pool of `nodes` identical nodes (`node_kw`: the rest of `nodes()`'s arguments)."""
+    return engine(_nodes(pool, nodes, gpus, **node_kw), queues, settings)

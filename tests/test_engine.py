@@ -2,31 +2,27 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pytest
 
-from quotas import QueueSpec, QueueTree
-from scheduler.engine import Engine, Job, JobSpec, JobState, NodeSpec, Preempted, Rejected, Settings, Started
+from scheduler.engine import Engine, Job, JobState, Preempted, Rejected, Settings, Started
 from scheduler.engine.guard import Reservation
 from scheduler.engine.memo import may_fit_any
+from tests.factories import job as job_spec
+from tests.factories import pool_engine as engine
+from tests.factories import queue
 
-
-def engine(queues: list[QueueSpec], nodes: int = 2, gpus: int = 8, settings: Settings | None = None) -> Engine:
-    specs = [NodeSpec(f"a100-{i}", "a100", gpus) for i in range(nodes)]
-    return Engine(QueueTree(queues, {"a100": nodes * gpus}), specs, settings=settings)
-
-
-def job(jid: str, queue: str, gpus: int = 8, **kw: object) -> JobSpec:
-    return JobSpec(id=jid, queue=queue, pool="a100", gpus=gpus, **kw)  # type: ignore[arg-type]
+job = partial(job_spec, gpus=8)  # these tests' jobs take a whole a100 node unless told
 
 
 def test_rejections_say_why() -> None:
-    e = engine([QueueSpec("dept", quota={"a100": 8}, limit={"a100": 8}), QueueSpec("a", "dept", quota={"a100": 8})])
+    e = engine([queue("dept", quota={"a100": 8}, limit={"a100": 8}), queue("a", "dept", quota={"a100": 8})])
     cases = {
         "q": (job("q", "ghost"), "queue ghost does not exist"),
         "i": (job("i", "dept"), "queue dept is not a leaf queue; submit to one of: a"),
-        "p": (JobSpec("p", "a", "h100"), "pool h100 does not exist"),
+        "p": (job_spec("p", "a", "h100"), "pool h100 does not exist"),
         "w": (job("w", "a", gpus=9), "no node of pool a100 can hold one worker (9 GPUs"),
         "g": (job("g", "a", workers=3), "the gang asks 24 GPUs (3 x 8); pool a100 has 16 in all"),
         "l": (job("l", "a", workers=2), "more than queue dept's limit of 8"),
@@ -38,7 +34,7 @@ def test_rejections_say_why() -> None:
 
 
 def test_pending_reasons_name_rule_and_numbers() -> None:
-    e = engine([QueueSpec("a", quota={"a100": 4}, limit={"a100": 16}), QueueSpec("b", quota={"a100": 4})])
+    e = engine([queue("a", quota={"a100": 4}, limit={"a100": 16}), queue("b", quota={"a100": 4})])
     e.submit(job("a1", "a"), 0)
     e.submit(job("a2", "a", gpus=4, preemptible=False), 0)
     e.submit(job("a3", "a"), 0)
@@ -56,7 +52,7 @@ def test_pending_reasons_name_rule_and_numbers() -> None:
 
 
 def test_fit_reason_and_running_reason() -> None:
-    e = engine([QueueSpec("a", quota={"a100": 16})], nodes=2)
+    e = engine([queue("a", quota={"a100": 16})], nodes=2)
     e.submit(job("a1", "a", gpus=4), 0)
     e.submit(job("a2", "a", gpus=4), 0)
     e.submit(job("g", "a", workers=2), 0)
@@ -67,7 +63,7 @@ def test_fit_reason_and_running_reason() -> None:
 
 
 def test_reclaim_reason_has_shares() -> None:
-    e = engine([QueueSpec("a", quota={"a100": 8}), QueueSpec("b", quota={"a100": 8})])
+    e = engine([queue("a", quota={"a100": 8}), queue("b", quota={"a100": 8})])
     e.submit(job("a1", "a"), 0)
     e.submit(job("a2", "a"), 0)
     e.schedule(0)
@@ -81,7 +77,7 @@ def test_reclaim_reason_has_shares() -> None:
 
 
 def test_node_down_interrupts_whole_gang_and_node_up_restores() -> None:
-    e = engine([QueueSpec("a", quota={"a100": 16})])
+    e = engine([queue("a", quota={"a100": 16})])
     e.submit(job("g", "a", workers=2), 0)
     assert [d.job for d in e.schedule(0)] == ["g"]
     out = e.node_down("a100-1", 5)
@@ -93,7 +89,7 @@ def test_node_down_interrupts_whole_gang_and_node_up_restores() -> None:
 
 
 def test_min_runtime_wakeup_and_gpu_indices() -> None:
-    e = engine([QueueSpec("a", quota={"a100": 4}), QueueSpec("b", quota={"a100": 4})], nodes=1,
+    e = engine([queue("a", quota={"a100": 4}), queue("b", quota={"a100": 4})], nodes=1,
                settings=Settings(min_runtime=30))
     e.submit(job("a1", "a", gpus=3), 0)
     e.submit(job("a2", "a", gpus=3), 0)
@@ -108,7 +104,7 @@ def test_min_runtime_wakeup_and_gpu_indices() -> None:
 
 
 def test_cancel_and_finish() -> None:
-    e = engine([QueueSpec("a", quota={"a100": 8})], nodes=1)
+    e = engine([queue("a", quota={"a100": 8})], nodes=1)
     e.submit(job("a1", "a"), 0)
     e.submit(job("a2", "a"), 0)
     e.schedule(0)
@@ -119,7 +115,7 @@ def test_cancel_and_finish() -> None:
 
 
 def test_non_preemptible_bigger_than_quota_is_rejected() -> None:
-    e = engine([QueueSpec("a", quota={"a100": 4})])
+    e = engine([queue("a", quota={"a100": 4})])
     [d] = e.submit(job("nb", "a", gpus=8, preemptible=False), 0)
     assert isinstance(d, Rejected) and "more than queue a's quota of 4" in d.reason.message
     assert e.submit(job("ok", "a", gpus=8), 0) == []
@@ -129,7 +125,7 @@ def test_a_long_backlog_is_not_walked_to_its_end(monkeypatch: pytest.MonkeyPatch
     """Jobs of one queue with the same ask get the same answer: behind a job no tier may take, a backlog of a
     thousand is read until every shape in it was asked about, not to its end at every cycle (this was the
     service's tail latency under a burst of submissions)."""
-    e = engine([QueueSpec("a", quota={"a100": 8}), QueueSpec("b")], nodes=1, settings=Settings(min_runtime=1000))
+    e = engine([queue("a", quota={"a100": 8}), queue("b")], nodes=1, settings=Settings(min_runtime=1000))
     e.submit(job("big", "b"), 0)  # borrowed, but too young to take back
     e.schedule(0)
     for i in range(1000):
@@ -146,7 +142,7 @@ def test_a_long_backlog_is_not_walked_to_its_end(monkeypatch: pytest.MonkeyPatch
 def test_a_gang_stuck_behind_its_own_lower_priority_job_wakes_when_room_frees() -> None:
     """A queue whose only way in is its own lower-priority work sleeps until free GPUs plus what that work holds
     could make room: here 4 freed GPUs elsewhere and the 4 of its own low job fit the 2 x 4 gang."""
-    e = engine([QueueSpec("a", quota={"a100": 4}), QueueSpec("b", quota={"a100": 4})], nodes=2, gpus=4)
+    e = engine([queue("a", quota={"a100": 4}), queue("b", quota={"a100": 4})], nodes=2, gpus=4)
     e.submit(job("low", "a", gpus=4), 0)
     e.submit(job("b1", "b", gpus=4), 0)
     e.schedule(0)
@@ -161,26 +157,26 @@ def test_a_gang_stuck_behind_its_own_lower_priority_job_wakes_when_room_frees() 
 def test_usable_free_gpus_follow_every_allocation_release_node_and_reservation() -> None:
     """PoolState.usable_free counts the free GPUs on held nodes once per change to free room: each change must
     show (a stale count would let a job onto a held node, or keep one off free GPUs)."""
-    e = engine([QueueSpec("a", quota={"a100": 4}), QueueSpec("b", quota={"a100": 4})], nodes=2, gpus=4)
+    e = engine([queue("a", quota={"a100": 4}), queue("b", quota={"a100": 4})], nodes=2, gpus=4)
     ps, pool = e.pools["a100"], e.pools["a100"].pool
-    ps.reserved_for(Reservation(Job(JobSpec("s", "a", "a100"), 0, 0), frozenset({"a100-0"}), False))
+    ps.reserved_for(Reservation(Job(job_spec("s", "a"), 0, 0), frozenset({"a100-0"}), False))
     assert (ps.usable_free("a"), ps.usable_free("b")) == (8, 4)  # a's own reservation keeps nothing from it
-    placed = pool.allocate(JobSpec("x", "b", "a100", gpus=3), ["a100-0"])
+    placed = pool.allocate(job_spec("x", "b", gpus=3), ["a100-0"])
     assert (ps.usable_free("a"), ps.usable_free("b")) == (5, 4)
-    pool.allocate(JobSpec("y", "b", "a100", gpus=1), ["a100-1"])
+    pool.allocate(job_spec("y", "b", gpus=1), ["a100-1"])
     assert ps.usable_free("b") == 3
-    pool.release(JobSpec("x", "b", "a100", gpus=3), placed)
+    pool.release(job_spec("x", "b", gpus=3), placed)
     assert ps.usable_free("b") == 3
     pool.set_up("a100-1", False)
     assert ps.usable_free("b") == 0
-    ps.reserved_for(Reservation(Job(JobSpec("s", "a", "a100"), 0, 0), frozenset(), False))
+    ps.reserved_for(Reservation(Job(job_spec("s", "a"), 0, 0), frozenset(), False))
     assert ps.usable_free("b") == 4
 
 
 def test_sleeping_queues_that_tried_the_same_shapes_share_one_room_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """After a release, queues asleep on the same shapes get one answer per change to free room (memo.py)."""
-    e = engine([QueueSpec("a", quota={"a100": 6}), QueueSpec("c", quota={"a100": 1}),
-                QueueSpec("d", quota={"a100": 1})], nodes=2, gpus=4)
+    e = engine([queue("a", quota={"a100": 6}), queue("c", quota={"a100": 1}),
+                queue("d", quota={"a100": 1})], nodes=2, gpus=4)
     for i in range(2):
         e.submit(job(f"a{i}", "a", gpus=3), 0)  # one per node: 1 GPU left on each
     e.schedule(0)
@@ -200,7 +196,7 @@ def test_sleeping_queues_that_tried_the_same_shapes_share_one_room_check(monkeyp
     assert not ps.room_still_short(ps.asleep["c"], "c")
     assert not ps.room_still_short(ps.asleep["d"], "d")
     assert checks == ["c"]  # d tried what c tried: the same answer
-    ps.pool.allocate(JobSpec("z", "a", "a100", gpus=3), ["a100-0"])  # taken again (no release: same `grown`)
+    ps.pool.allocate(job_spec("z", "a", gpus=3), ["a100-0"])  # taken again (no release: same `grown`)
     assert ps.room_still_short(ps.asleep["d"], "d")
     assert checks == ["c", "d"]  # free room changed since: asked again
 
@@ -209,7 +205,7 @@ def test_a_job_preempted_at_one_instant_is_asked_again_at_the_next(monkeypatch: 
     """A job preempted at an instant may take GPUs back across queues from the next one on: its pool is scheduled
     at the next instant even when nothing else changed there (found by a longer fixpoint search: a second pass at
     that instant would preempt and start a job the first had left waiting)."""
-    e = engine([QueueSpec("a", quota={"a100": 8}), QueueSpec("b", quota={"a100": 8})])
+    e = engine([queue("a", quota={"a100": 8}), queue("b", quota={"a100": 8})])
     e.submit(job("a1", "a"), 0)
     e.submit(job("a2", "a"), 0)
     e.schedule(0)

@@ -3,18 +3,20 @@ did not place hold on a node (Kubernetes: DaemonSets, kube-scheduler's pods)."""
 
 from __future__ import annotations
 
-from quotas import QueueSpec, QueueTree
-from scheduler.engine import Engine, JobSpec, JobState, NodeSpec, Preempted, Started
+from functools import partial
+
+from scheduler.engine import Engine, JobState, Preempted, Started
+from tests.factories import job as job_spec
+from tests.factories import pool_engine, queue
 
 
 def engine(nodes: int = 2, gpus: int = 8, cpus: float | None = None) -> Engine:
-    specs = [NodeSpec(f"n{i}", "a100", gpus, cpus=cpus, memory_gb=None if cpus is None else 64.0)
-             for i in range(nodes)]
-    return Engine(QueueTree([QueueSpec("a", quota={"a100": nodes * gpus})], {"a100": nodes * gpus}), specs)
+    """One queue "a" guaranteed every GPU of nodes n0, n1, ... (64 GB each when CPUs are counted)."""
+    return pool_engine([queue("a", quota={"a100": nodes * gpus})], nodes, gpus, cpus=cpus,
+                       memory_gb=None if cpus is None else 64.0, names="n{i}")
 
 
-def job(jid: str, gpus: int = 8, **kw: object) -> JobSpec:
-    return JobSpec(id=jid, queue="a", pool="a100", gpus=gpus, **kw)  # type: ignore[arg-type]
+job = partial(job_spec, queue="a", gpus=8)  # these tests' jobs are a's, a whole node each unless told
 
 
 def started(out: list[object]) -> dict[str, dict[str, list[int]]]:
@@ -48,14 +50,13 @@ def test_a_cordoned_node_that_goes_down_stops_its_jobs() -> None:
 
 
 def test_no_victims_on_a_cordoned_node() -> None:
-    e = Engine(QueueTree([QueueSpec("a", quota={"a100": 8}), QueueSpec("b", quota={"a100": 8})], {"a100": 16}),
-               [NodeSpec(f"n{i}", "a100", 8) for i in range(2)])
-    e.submit(JobSpec("a1", "a", "a100", gpus=8), 0)
-    e.submit(JobSpec("a2", "a", "a100", gpus=8), 0)
+    e = pool_engine([queue("a", quota={"a100": 8}), queue("b", quota={"a100": 8})], names="n{i}")
+    e.submit(job_spec("a1", "a", gpus=8), 0)
+    e.submit(job_spec("a2", "a", gpus=8), 0)
     e.schedule(0)
     cordoned = next(n for n, g in e.jobs["a1"].placement().items())
     e.node_cordoned(cordoned, 1)
-    e.submit(JobSpec("b1", "b", "a100", gpus=8), 2)
+    e.submit(job_spec("b1", "b", gpus=8), 2)
     out = e.schedule(2)
     # b reclaims its guarantee from the job on the open node: freeing the cordoned one would not help it.
     assert [d.job for d in out if isinstance(d, Preempted)] == ["a2"] and started(out).keys() == {"b1"}
@@ -107,12 +108,11 @@ def test_a_rebuild_restores_jobs_before_others_holds() -> None:
 
 def test_preemption_counts_gpus_others_are_owed() -> None:
     """Others placed beside a job hold 2 GPUs it still has: a victim freeing its 4 frees only 2 for Corral."""
-    e = Engine(QueueTree([QueueSpec("a", quota={"a100": 4}), QueueSpec("b", quota={"a100": 0})], {"a100": 4}),
-               [NodeSpec("n0", "a100", 4)])
-    e.submit(JobSpec("a1", "b", "a100", gpus=4), 0)  # b borrows a's whole guarantee
+    e = pool_engine([queue("a", quota={"a100": 4}), queue("b", quota={"a100": 0})], nodes=1, gpus=4, names="n{i}")
+    e.submit(job_spec("a1", "b", gpus=4), 0)  # b borrows a's whole guarantee
     e.schedule(0)
     e.node_held("n0", 2, 0.0, 0.0)  # a race: others now hold 2 of the node's 4
-    e.submit(JobSpec("x", "a", "a100", gpus=4), 1)
+    e.submit(job_spec("x", "a", gpus=4), 1)
     out = e.schedule(1)
     assert started(out) == {}  # reclaiming a1 would give x 2 GPUs, not 4: no victim, no start
     assert e.jobs["a1"].state is JobState.RUNNING

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
-from quotas import QueueSpec, QueueTree, fair_shares
+from quotas import QueueSpec, fair_shares
 from scheduler.engine import Engine, JobState, NodeSpec, Settings, Started
 from scheduler.sim.inputs import SimJob, World
 from scheduler.sim.runner import Simulation
-from tests.factories import job, nodes, queue, sim_job, tree, world
+from tests.factories import job, nodes, queue, queue_tree, sim_job, tree, world
 from tests.prop_model import NO_GUARD
 
 # ===================================================================== engine bugs found by the properties
@@ -83,7 +83,7 @@ def test_skipped_queue_retried_after_later_start_in_pass() -> None:
 
 
 def test_zero_weight_child_gets_what_weighted_children_leave() -> None:
-    t = QueueTree([queue("a", weight=1), queue("b", weight=0)], {"a100": 8})
+    t = queue_tree(queue("a", weight=1), queue("b", weight=0), gpus=8)
     assert fair_shares(t, "a100", 8, {"a": 0, "b": 10}) == pytest.approx({"a": 0, "b": 8})
     assert fair_shares(t, "a100", 8, {"a": 2, "b": 10}) == pytest.approx({"a": 2, "b": 6})
 
@@ -101,7 +101,7 @@ def _started(ns: list[NodeSpec], jobs: list[SimJob]) -> dict[str, tuple[float, d
 def test_a_node_its_jobs_left_holds_a_job_of_its_full_cpus() -> None:
     """2.0 - 0.1 - 0.3 - 0.2 - 0.7, then the same added back, is 1.9999999999999998 in floats: 'J' (all 2.0 CPUs)
     waited forever on the idle node. Free CPUs and memory are now kept to a millionth (cluster.exact)."""
-    ns = [NodeSpec("x", "a100", 4, 2.0, None, None)]
+    ns = nodes("a100", 1, 4, cpus=2.0, names="x")
     jobs = [sim_job(f"j{i}", submit=0, duration=10 * (i + 1), cpus=c) for i, c in enumerate([0.1, 0.3, 0.2, 0.7])]
     started = _started(ns, [*jobs, sim_job("J", submit=1, duration=10, gpus=4, cpus=2.0)])
     assert started["J"] == (40, {"x": [0, 1, 2, 3]})
@@ -109,7 +109,7 @@ def test_a_node_its_jobs_left_holds_a_job_of_its_full_cpus() -> None:
 
 def test_a_gang_of_tenths_of_a_cpu_fills_a_node() -> None:
     """20 workers of 0.1 CPUs fit a 2.0-CPU node, but 2.0 // 0.1 is 19.0: the gang was rejected as never fitting."""
-    ns = [NodeSpec("x", "a100", 4, 2.0, None, None)]
+    ns = nodes("a100", 1, 4, cpus=2.0, names="x")
     started = _started(ns, [sim_job("g", submit=0, duration=10, gpus=0, cpus=0.1, workers=20)])
     assert started["g"] == (0, {"x": []})
 
@@ -119,7 +119,7 @@ def test_prune_puts_a_kept_victim_back_exactly() -> None:
     after taking them away left less than before, so the placement made before those drops no longer fitted, and
     the prune pass failed its assertion (the service's scheduling loop would have died). CPUs and memory now count
     in millionths (model.exact), so putting a victim back restores exactly what it found."""
-    ns = [NodeSpec("x", "a100", 4, 2.0, None, None), NodeSpec("y", "a100", 4, None, None, None)]
+    ns = [*nodes("a100", 1, 4, cpus=2.0, names="x"), *nodes("a100", 1, 4, names="y")]
     jobs = [sim_job("W", submit=0, duration=1000, gpus=3, cpus=3.0, priority=20),  # only y has the CPUs
             sim_job("Cv", submit=1, duration=1000, priority=1),  # y's last GPU
             sim_job("Z", submit=2, duration=1000, cpus=0.5, priority=2),

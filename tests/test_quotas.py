@@ -4,36 +4,33 @@ from __future__ import annotations
 
 import pytest
 
-from quotas import PoolShares, QueueSpec, QueueTree, QuotaError, fair_shares
-
-
-def tree(*specs: QueueSpec, capacity: int = 32) -> QueueTree:
-    return QueueTree(specs, {"a100": capacity})
+from quotas import PoolShares, QueueSpec, QuotaError, fair_shares
+from tests.factories import queue, queue_tree
 
 
 def test_guarantees_first_then_weights() -> None:
-    t = tree(QueueSpec("a", quota={"a100": 8}, weight=1), QueueSpec("b", quota={"a100": 8}, weight=3),
-             QueueSpec("c", weight=1))
+    t = queue_tree(queue("a", quota={"a100": 8}, weight=1), queue("b", quota={"a100": 8}, weight=3),
+             queue("c", weight=1))
     shares = fair_shares(t, "a100", 32, {"a": 24, "b": 24, "c": 8})
     assert shares == pytest.approx({"a": 11.2, "b": 17.6, "c": 3.2})
 
 
 def test_capped_child_gives_rest_to_others() -> None:
-    t = tree(QueueSpec("a", weight=1), QueueSpec("b", weight=3, limit={"a100": 4}), QueueSpec("c", weight=1))
+    t = queue_tree(queue("a", weight=1), queue("b", weight=3, limit={"a100": 4}), queue("c", weight=1))
     shares = fair_shares(t, "a100", 32, {"a": 100, "b": 100, "c": 2})
     assert shares == pytest.approx({"a": 26, "b": 4, "c": 2})
     assert sum(shares.values()) == pytest.approx(32)
 
 
 def test_lost_capacity_scales_guarantees() -> None:
-    t = tree(QueueSpec("a", quota={"a100": 16}), QueueSpec("b", quota={"a100": 16}))
+    t = queue_tree(queue("a", quota={"a100": 16}), queue("b", quota={"a100": 16}))
     assert fair_shares(t, "a100", 8, {"a": 16, "b": 16}) == pytest.approx({"a": 4, "b": 4})
 
 
 def test_hierarchy_and_demand() -> None:
-    t = tree(QueueSpec("ml", quota={"a100": 16}), QueueSpec("cv", quota={"a100": 16}, limit={"a100": 20}),
-             QueueSpec("a", "ml", quota={"a100": 8}), QueueSpec("b", "ml", quota={"a100": 8}),
-             QueueSpec("c", "cv", quota={"a100": 16}))
+    t = queue_tree(queue("ml", quota={"a100": 16}), queue("cv", quota={"a100": 16}, limit={"a100": 20}),
+             queue("a", "ml", quota={"a100": 8}), queue("b", "ml", quota={"a100": 8}),
+             queue("c", "cv", quota={"a100": 16}))
     ps = PoolShares(t, "a100", 32)
     ps.add_demand("a", 40)
     ps.add_demand("c", 30)
@@ -46,41 +43,41 @@ def test_hierarchy_and_demand() -> None:
 
 
 def test_zero_weights_get_what_weighted_children_leave() -> None:
-    t = tree(QueueSpec("a", weight=0), QueueSpec("b", weight=1, limit={"a100": 8}))
+    t = queue_tree(queue("a", weight=0), queue("b", weight=1, limit={"a100": 8}))
     assert fair_shares(t, "a100", 32, {"a": 100, "b": 100}) == pytest.approx({"a": 24, "b": 8})
     assert fair_shares(t, "a100", 32, {"a": 100, "b": 4}) == pytest.approx({"a": 28, "b": 4})
-    t = tree(QueueSpec("a", weight=0), QueueSpec("b", weight=0))
+    t = queue_tree(queue("a", weight=0), queue("b", weight=0))
     assert fair_shares(t, "a100", 32, {"a": 100, "b": 100}) == pytest.approx({"a": 16, "b": 16})
 
 
 def test_per_pool_weights() -> None:
-    t = QueueTree([QueueSpec("a", weight={"l4": 3}), QueueSpec("b")], {"a100": 8, "l4": 8})
+    t = queue_tree(queue("a", weight={"l4": 3}), queue("b"), gpus={"a100": 8, "l4": 8})
     assert fair_shares(t, "l4", 8, {"a": 8, "b": 8}) == pytest.approx({"a": 6, "b": 2})
     assert fair_shares(t, "a100", 8, {"a": 8, "b": 8}) == pytest.approx({"a": 4, "b": 4})
 
 
 @pytest.mark.parametrize("specs, needle", [
-    ([QueueSpec("a", quota={"a100": 20}), QueueSpec("b", quota={"a100": 20})], "top-level quotas add up to 40"),
-    ([QueueSpec("d", quota={"a100": 8}), QueueSpec("a", "d", quota={"a100": 6}),
-      QueueSpec("b", "d", quota={"a100": 6})],
+    ([queue("a", quota={"a100": 20}), queue("b", quota={"a100": 20})], "top-level quotas add up to 40"),
+    ([queue("d", quota={"a100": 8}), queue("a", "d", quota={"a100": 6}),
+      queue("b", "d", quota={"a100": 6})],
      "children's quotas add up to 12 GPUs (a=6, b=6), more than d's quota of 8"),
-    ([QueueSpec("a", quota={"h100": 1})], "pool 'h100' does not exist"),
-    ([QueueSpec("a"), QueueSpec("a")], "declared twice"),
-    ([QueueSpec("a", "ghost")], "parent queue 'ghost' does not exist"),
-    ([QueueSpec("a", "b"), QueueSpec("b", "a")], "cycle"),
-    ([QueueSpec("a", quota={"a100": -1})], "whole number of GPUs >= 0"),
-    ([QueueSpec("a", weight=-2)], "must be a number >= 0"),
-    ([QueueSpec("a", quota={"a100": 8}, limit={"a100": 4})], "limit 4 is below the queue's quota 8"),
+    ([queue("a", quota={"h100": 1})], "pool 'h100' does not exist"),
+    ([queue("a"), queue("a")], "declared twice"),
+    ([queue("a", "ghost")], "parent queue 'ghost' does not exist"),
+    ([queue("a", "b"), queue("b", "a")], "cycle"),
+    ([queue("a", quota={"a100": -1})], "whole number of GPUs >= 0"),
+    ([queue("a", weight=-2)], "must be a number >= 0"),
+    ([queue("a", quota={"a100": 8}, limit={"a100": 4})], "limit 4 is below the queue's quota 8"),
 ])
 def test_invalid_trees_are_rejected_with_where_and_what(specs: list[QueueSpec], needle: str) -> None:
     with pytest.raises(QuotaError) as err:
-        QueueTree(specs, {"a100": 32})
+        queue_tree(*specs)
     assert needle in str(err.value)
     assert err.value.problems
 
 
 def test_branch_is_highest_ancestor_not_shared() -> None:
-    t = tree(QueueSpec("ml", quota={"a100": 16}), QueueSpec("cv", quota={"a100": 16}),
-             QueueSpec("a", "ml"), QueueSpec("b", "ml"), QueueSpec("c", "cv"))
+    t = queue_tree(queue("ml", quota={"a100": 16}), queue("cv", quota={"a100": 16}),
+             queue("a", "ml"), queue("b", "ml"), queue("c", "cv"))
     assert t.branch(t["a"], t["c"]).name == "ml"
     assert t.branch(t["a"], t["b"]).name == "a"

@@ -8,11 +8,11 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quotas import QueueSpec, QueueTree
-from scheduler.engine import Engine, Job, JobSpec, JobState, NodeSpec, Settings
+from quotas import QueueTree
+from scheduler.engine import Engine, Job, JobState, Settings
 from scheduler.sim.inputs import World
 from scheduler.sim.runner import Simulation
-from tests.factories import world
+from tests.factories import engine, job, nodes, queue, queue_tree, world
 from tests.prop_model import PROPERTY, Case, cases, describe
 
 
@@ -129,18 +129,18 @@ def test_restored_jobs_count_in_demand_and_end_cleanly() -> None:
     """The issue's case: a borrower holding all 24 GPUs and a restart. Restored jobs are part of their queue's demand
     (so its fair share is not 0), their end leaves no negative demand, and a team's 4-GPU job within its fair
     share preempts the borrower exactly as without the restart."""
-    nodes = [NodeSpec(f"a100-{i}", "a100", 8) for i in range(3)]
-    specs = [QueueSpec("team-a", quota={"a100": 12}), QueueSpec("borrower", quota={"a100": 4})]
-    jobs = [JobSpec(f"b{i}", "borrower", "a100", gpus=4) for i in range(6)]
-    for_a = JobSpec("a1", "team-a", "a100", gpus=4)
+    node_list = nodes("a100", 3, 8)
+    specs = [queue("team-a", quota={"a100": 12}), queue("borrower", quota={"a100": 4})]
+    jobs = [job(f"b{i}", "borrower", gpus=4) for i in range(6)]
+    for_a = job("a1", "team-a", gpus=4)
 
     def run(restart: bool) -> tuple[list[Any], dict[str, float], dict[str, float]]:
-        e = Engine(QueueTree(specs, {"a100": 24}), nodes, settings=Settings())
+        e = engine(node_list, specs, Settings())
         for s in jobs:
             e.submit(s, 0)
         e.schedule(0)
         if restart:
-            e = rebuild(e, e.tree, world(nodes, e.tree, [], [], Settings()))
+            e = rebuild(e, e.tree, world(node_list, e.tree, [], [], Settings()))
         before = dict(e.shares("a100"))
         e.submit(for_a, 10)
         out = e.schedule(10)
@@ -158,19 +158,19 @@ def test_restored_jobs_count_in_demand_and_end_cleanly() -> None:
 def test_a_rebuilt_engine_keeps_the_guard_clock_and_the_order_of_equal_jobs() -> None:
     """A starving head's clock and submission order survive a rebuild: the reservation comes at the same instant,
     and of two equal jobs submitted at one instant the first submitted starts first."""
-    nodes = [NodeSpec("a100-0", "a100", 8)]
-    tree = QueueTree([QueueSpec("a", quota={"a100": 8})], {"a100": 8})
+    node_list = nodes("a100", 1, 8)
+    tree = queue_tree(queue("a", quota={"a100": 8}), gpus=8)
     s = Settings(starvation_timeout=50)
-    e = Engine(tree, nodes, settings=s)
-    e.submit(JobSpec("big", "a", "a100", gpus=8), 0)
-    e.submit(JobSpec("small0", "a", "a100", gpus=4), 0)
-    e.submit(JobSpec("run", "a", "a100", gpus=2, priority=1), 0)
+    e = engine(node_list, tree, s)
+    e.submit(job("big", "a", gpus=8), 0)
+    e.submit(job("small0", "a", gpus=4), 0)
+    e.submit(job("run", "a", gpus=2, priority=1), 0)
     e.schedule(0)  # run (priority 1) and small0 start: small0 overtakes big, whose clock starts at 0
     assert e.overtaken() == {"big": 0.0} and e.overtaken() == {}
     for name in ("y1", "y2"):  # equal jobs at one instant: submission order decides
-        e.submit(JobSpec(name, "a", "a100", gpus=2), 5)
+        e.submit(job(name, "a", gpus=2), 5)
     e.schedule(5)
-    new = rebuild(e, tree, world(nodes, tree, [], [], s))
+    new = rebuild(e, tree, world(node_list, tree, [], [], s))
     assert new.jobs["big"].skipped_since == 0.0 and new.next_wakeup(5) == 50.0
     assert [(j.id, Job.order_key(j)) for j in new.pools["a100"].pending["a"]] == [
         (j.id, Job.order_key(j)) for j in e.pools["a100"].pending["a"]]
