@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,6 +37,7 @@ from scheduler.cli_client import (
     read_document,
     when,
 )
+from scheduler.service.api_models_registry import Alias, ModelDetail, ModelList, PromotionAnswer, Roi, RolledBack
 
 models_app = typer.Typer(help="The model registry: versions from finished jobs, gated promotions, rollback, audit.",
                          no_args_is_help=True)
@@ -67,9 +68,9 @@ def register(app: typer.Typer) -> None:
 # ----- helpers -----
 
 
-def _alias(aliases: dict[str, Any], stage: str) -> str:
+def _alias(aliases: Mapping[str, Alias], stage: str) -> str:
     a = aliases.get(stage)
-    return "-" if not a else f"v{a['version']}"
+    return "-" if not a else f"v{a.version}"
 
 
 def _gate_status(status: str) -> Text:
@@ -82,28 +83,28 @@ _STATE_STYLE = {"promoted": "green", "rejected": "red", "open": "yellow"}
 def show_promotion(data: dict[str, Any], output: Output) -> None:
     """A promotion's gates (the table every gate, PASS/FAIL/PENDING, with its evidence) and its state; exit 1
     when a gate rejected it, so `promote ... && deploy ...` stops there."""
+    p = PromotionAnswer.model_validate(data)
     if output is not Output.TABLE:
         emit(data, output)
     else:
         c = console()
         table = Table("GATE", "STATUS", "EVIDENCE", box=None, pad_edge=False)
-        for g in data["gates"]:
-            table.add_row(*cells(g["gate"], _gate_status(g["status"]), g["evidence"]))
-        if data["gates"]:
+        for g in p.gates:
+            table.add_row(*cells(g.gate, _gate_status(g.status), g.evidence))
+        if p.gates:
             c.print(table)
         else:
             c.print("no gates: the stage's policy asks for none")
-        state = data["state"]
-        c.print(Text.assemble(f"promotion {data['promotion']}: {data['model']} v{data['version']} to "
-                              f"{data['stage']}: ", (state, _STATE_STYLE.get(state, ""))))
-        if state == "open":
-            pending = [g["gate"] for g in data["gates"] if g["status"] == "pending"]
+        c.print(Text.assemble(f"promotion {p.promotion}: {p.model} v{p.version} to {p.stage}: ",
+                              (p.state, _STATE_STYLE.get(p.state, ""))))
+        if p.state == "open":
+            pending = [g.gate for g in p.gates if g.status == "pending"]
             # Approvals must come from another model owner: say the exact command they run.
             note(f"waiting for: {', '.join(pending)}; another model owner runs "
-                 f"`corral models approve {data['promotion']}`")
-    if data["state"] == "rejected":
-        failed = [g["gate"] for g in data["gates"] if g["status"] == "fail"]
-        fail(f"promotion {data['promotion']} rejected by: {', '.join(failed)}")
+                 f"`corral models approve {p.promotion}`")
+    if p.state == "rejected":
+        failed = [g.gate for g in p.gates if g.status == "fail"]
+        fail(f"promotion {p.promotion} rejected by: {', '.join(failed)}")
 
 
 def _summary(action: str, d: dict[str, Any]) -> str:
@@ -147,13 +148,14 @@ def ls(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None) 
     if output is not Output.TABLE:
         emit(data, output)
         return
-    if not data["models"]:
+    listed = ModelList.model_validate(data).models
+    if not listed:
         note("no models (create one with `corral models create NAME --queue Q`)")
         return
     table = Table("NAME", "QUEUE", *(s.upper() for s in STAGES), "CREATED", "DESCRIPTION", box=None, pad_edge=False)
-    for m in data["models"]:
-        table.add_row(*cells(m["name"], m["queue"], *(_alias(m["aliases"], s) for s in STAGES),
-                             when(m["created_at"]), m["description"]))
+    for m in listed:
+        table.add_row(*cells(m.name, m.queue, *(_alias(m.aliases, s) for s in STAGES), when(m.created_at),
+                             m.description))
     console().print(table)
 
 
@@ -166,30 +168,29 @@ def show(
 ) -> None:
     """A model: its stages, every version with metrics and lineage, and its policy's version."""
     with api(url, token) as a:
-        m = a.get(f"/v1/models/{name}")
+        data = a.get(f"/v1/models/{name}")
     if output is not Output.TABLE:
-        emit(m, output)
+        emit(data, output)
         return
-    c = console()
-    c.print(Text(f"{m['name']} (queue {m['queue']}, created by {m['created_by']} {when(m['created_at'])})"))
-    if m["description"]:
-        c.print(Text(m["description"]))
-    policy = m["policy"]
-    c.print("policy: " + (f"version {policy['version']}" if policy["version"] else "the default (none applied)"))
+    m, c = ModelDetail.model_validate(data), console()
+    c.print(Text(f"{m.name} (queue {m.queue}, created by {m.created_by} {when(m.created_at)})"))
+    if m.description:
+        c.print(Text(m.description))
+    c.print("policy: " + (f"version {m.policy.version}" if m.policy.version else "the default (none applied)"))
     stages = Table("STAGE", "VERSION", "PREVIOUS", "SINCE", box=None, pad_edge=False)
     for s in STAGES:
-        at = m["aliases"].get(s)
+        at = m.aliases.get(s)
         if at:
-            prev = "-" if at["previous"] is None else f"v{at['previous']}"
-            stages.add_row(*cells(s, f"v{at['version']}", prev, when(at["updated_at"])))
-    if m["aliases"]:
+            prev = "-" if at.previous is None else f"v{at.previous}"
+            stages.add_row(*cells(s, f"v{at.version}", prev, when(at.updated_at)))
+    if m.aliases:
         c.print(stages)
     versions = Table("VERSION", "JOB", "METRICS", "EVAL SET", "DIGEST", "REGISTERED", "BY", "ARTIFACT",
                      box=None, pad_edge=False)
-    for v in m["versions"]:
-        versions.add_row(*cells(f"v{v['version']}", str(v["job_id"]), numbers(v["metrics"]), v["eval_set"] or "-",
-                                v["digest"][:12], when(v["registered_at"]), v["registered_by"], v["artifact_uri"]))
-    if m["versions"]:
+    for v in m.versions:
+        versions.add_row(*cells(f"v{v.version}", str(v.job_id), numbers(v.metrics), v.eval_set or "-",
+                                v.digest[:12], when(v.registered_at), v.registered_by, v.artifact_uri))
+    if m.versions:
         c.print(versions)
     else:
         c.print("no versions yet (`corral models register`)")
@@ -314,7 +315,8 @@ def rollback(
     if output is not Output.TABLE:
         emit(done, output)
         return
-    typer.echo(f"{done['model']} {done['stage']} is v{done['version']} again (rolled back from v{done['previous']})")
+    back = RolledBack.model_validate(done)
+    typer.echo(f"{back.model} {back.stage} is v{back.version} again (rolled back from v{back.previous})")
 
 
 def _entries_narrow(rows: Sequence[Sequence[str]], width: int) -> None:
@@ -417,15 +419,16 @@ def roi(
     if output is not Output.TABLE:
         emit(data, output)
         return
-    prod = (data.get("production") or {}).get("version")
+    spent = Roi.model_validate(data)
+    prod = spent.production
     table = Table("VERSION", "JOBS", "GPU-HOURS", "", box=None, pad_edge=False)
-    for v in data["versions"]:
-        table.add_row(*cells(f"v{v['version']}", ", ".join(str(j) for j in v["jobs"]), f"{v['gpu_hours']:.2f}",
-                             "production" if v["version"] == prod else ""))
+    for v in spent.versions:
+        table.add_row(*cells(f"v{v.version}", ", ".join(str(j) for j in v.jobs), f"{v.gpu_hours:.2f}",
+                             "production" if prod is not None and v.version == prod.version else ""))
     c = console()
-    if data["versions"]:
+    if spent.versions:
         c.print(table)
     else:
         c.print("no versions yet")
     if prod is not None:
-        c.print(f"production v{prod}: {data['production']['gpu_hours']:.2f} GPU-hours")
+        c.print(f"production v{prod.version}: {prod.gpu_hours:.2f} GPU-hours")

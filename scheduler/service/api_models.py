@@ -366,3 +366,15 @@ class AdmissionTest(Answer):
     applied: list[RuleApplied]
     rejected: Rejection | None
 
+
+
+# ----- health -----
+
+
+class Readiness(Answer):
+    """GET /readyz (200 ready, 503 not): why not, and this instance's role (single, leader, follower)."""
+
+    ready: bool
+    role: Literal["single", "leader", "follower"] | None = None
+    why: str | None = None
+    leader: str | None = Field(None, description="A follower's leader: the URL it forwards to.")

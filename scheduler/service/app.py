@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler.models import mlflow_export
+from scheduler.service import api_models as api
 from scheduler.service import (
     ha,
     registry,
@@ -156,7 +157,7 @@ def create_app(core: Core, run_loop: bool = True, own_url: str = "") -> FastAPI:
     def healthz() -> str:
         return "ok"
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], responses={200: {"model": api.Readiness}, 503: {"model": api.Readiness}})
     async def readyz() -> Response:
         def database() -> str | None:
             try:
