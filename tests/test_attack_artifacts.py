@@ -138,7 +138,7 @@ class Gate:
 def gate(svc: Service) -> Iterator[Gate]:
     g = Gate()
     pool = hashing.HashPool(workers=1, waiting=0, timeout_s=0.05, hash_fn=g)
-    hashing.use(svc.core, pool)
+    svc.core.hashes = pool
     yield g
     g.open.set()
     pool.close()

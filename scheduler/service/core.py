@@ -26,6 +26,7 @@ from scheduler.service.cluster_state import ClusterState
 from scheduler.service.culler import cull
 from scheduler.service.db import attempts, jobs, nodes, queue_versions
 from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound, ServiceError
+from scheduler.service.hashing import HashPool
 from scheduler.service.intake import Intake
 from scheduler.service.interfaces import Stop
 from scheduler.service.leader import Leadership
@@ -65,6 +66,7 @@ class Core:
         self.version = 0
         self.admissions = 0  # the last attempts.admission given (rebuild reads it back from the database)
         self.tokens = TokenCache()
+        self.hashes = HashPool.from_settings(settings)  # model artifacts are hashed here (see hashing)
         self.policy: tuple[int, AdmissionPolicy] | None = None  # the admission policy in force (see admission.current)
         self._stale = False
         self._teams_stale = False  # the capacity changed since the last sync_teams

@@ -13,13 +13,11 @@ sizes.
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from scheduler.models.artifacts import Walk, digest
-from scheduler.service.core import Core
 from scheduler.service.errors import Unavailable
 from scheduler.service.settings import ServiceSettings
 
@@ -68,22 +66,3 @@ class HashPool:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-_pools: weakref.WeakKeyDictionary[Core, HashPool] = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
-
-
-def pool(core: Core) -> HashPool:
-    """The core's hashing pool, made from its settings at first use (one per service: tests build many)."""
-    with _lock:
-        found = _pools.get(core)
-        if found is None:
-            found = _pools[core] = HashPool.from_settings(core.settings)
-        return found
-
-
-def use(core: Core, hp: HashPool) -> None:
-    """Give `core` this pool (tests: one whose hashing is slow)."""
-    with _lock:
-        _pools[core] = hp

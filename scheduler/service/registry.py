@@ -36,7 +36,7 @@ from scheduler.models.policy import (
     load_policy,
     promotable,
 )
-from scheduler.service import hashing, store
+from scheduler.service import store
 from scheduler.service.auth import Principal
 from scheduler.service.core import Core
 from scheduler.service.db import (
@@ -280,7 +280,7 @@ def _hash(core: Core, uri: str, roots: list[Path]) -> tuple[Path, str]:
     path = resolve(uri, roots)
     base = inside(path, roots)
     # The walk and the hash open everything from the output directory down, following no symlink.
-    return path, hashing.pool(core).digest(
+    return path, core.hashes.digest(
         lambda: walk(path, s.artifact_max_bytes, s.artifact_max_files, base=base), str(path))
 
 

@@ -8,15 +8,13 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from scheduler.service import api_models as api
-from scheduler.service import store
+from scheduler.service import queries
 from scheduler.service.core import Core
-from scheduler.service.db import attempts, events, jobs
 from scheduler.service.deps import TEXT_OK, Caller, CoreDep, DbId
 from scheduler.service.errors import Invalid, NotStarted
 from scheduler.service.redact import Redactor
@@ -58,30 +56,7 @@ def list_jobs(who: Caller, core: CoreDep,
     wanted = dict(_label(x) for x in label or [])
     with core.lock:
         visible = set(who.visible(core.tree, core.tree.queues))
-    q = sa.select(jobs).order_by(jobs.c.id.desc())
-    if queue:
-        q = q.where(jobs.c.queue == queue)
-    if state:
-        q = q.where(jobs.c.state.in_(state))
-    if owner:
-        q = q.where(jobs.c.owner == owner)
-    if before is not None:
-        q = q.where(jobs.c.id < before)
-    q = q.limit(limit if not wanted else 100 * limit)
-    # A scoped caller sees its queues' jobs and its own: two newest-first queries, merged. One query with OR made
-    # SQLite sort every matching row before the limit (its index on queue then owner cannot give id order).
-    parts = [q] if who.admin or who.scope is None else [q.where(jobs.c.queue.in_(visible)),
-                                                       q.where(jobs.c.owner == who.user)]
-    out: list[dict[str, Any]] = []
-    with core.db.connect() as conn:
-        rows = {r["id"]: r for part in parts for r in conn.execute(part).mappings()}
-        # Labels live in the JSON spec; they are filtered here so the query stays portable across databases.
-        for row in sorted(rows.values(), key=lambda r: -r["id"]):
-            view = store.job_view(row)
-            if all(view["labels"].get(k) == v for k, v in wanted.items()):
-                out.append(view)
-            if len(out) == limit:
-                break
+    out = queries.job_page(core, who, visible, queue, state, owner, before, limit, wanted)
     live_reasons(core, out)  # why each waits now, as explain says; the lock is not taken inside a connection
     with core.db.connect() as conn:
         hide = Redactor(core, conn, who)
@@ -100,14 +75,11 @@ def _label(text: str) -> tuple[str, str]:
 
 @router.get("/jobs/{job_id}", response_model=api.JobDetail)
 def get_job(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
-    with core.db.connect() as conn:
-        job = core.readable(conn, who, job_id)
-    view = store.job_view(job)
+    view = queries.readable_job(core, who, job_id)
     live_reasons(core, [view])
     with core.db.connect() as conn:
         view["reason"] = Redactor(core, conn, who).value(view["reason"])
-        view["attempts"] = [dict(a) for a in conn.execute(
-            sa.select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.attempt)).mappings()]
+        view["attempts"] = queries.attempts_of(conn, job_id)
     return view
 
 
@@ -126,8 +98,7 @@ def delete(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
 def job_events(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
         core.readable(conn, who, job_id)
-        rows = [dict(r) for r in conn.execute(
-            sa.select(events).where(events.c.job_id == job_id).order_by(events.c.id)).mappings()]
+        rows = queries.events_of(conn, job_id)
         hide = Redactor(core, conn, who)
         hide.learn([r["message"], r["data"]] for r in rows)
         return {"events": [{**r, "message": hide.value(r["message"]), "data": hide.value(r["data"])} for r in rows]}
@@ -141,9 +112,7 @@ def explain(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
         job = core.readable(conn, who, job_id)
         preempted = [r["data"].get("reason") | {"at": r["at"], "by": r["data"].get("by"),
                                                  "cause": r["data"].get("cause")}
-                     for r in conn.execute(sa.select(events).where(events.c.job_id == job_id,
-                                                                    events.c.kind == "preempted")
-                                           .order_by(events.c.id)).mappings()]
+                     for r in queries.events_of(conn, job_id, "preempted")]
     with core.lock:
         reason = reason_now(core, job_id, job["reason"])
     with core.db.connect() as conn:  # after the lock: the redactor takes it to read the tree
@@ -209,6 +178,4 @@ async def _follow(core: Core, job_id: int, attempt: int, path: str, pos: int) ->
 
 def _launching(core: Core, job_id: int, attempt: int) -> bool:
     """The attempt is admitted and its process not launched yet (it waits for GPUs to be left)."""
-    with core.db.connect() as conn:
-        row = store.current_attempt(conn, job_id, attempt)
-    return row is not None and row["state"] == AttemptState.STARTING
+    return queries.attempt_state(core, job_id, attempt) == AttemptState.STARTING

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import Field
@@ -13,8 +12,7 @@ from scheduler.models import audit as chain
 from scheduler.models import mlflow_export
 from scheduler.models.manifests import deployment, inference_service, to_yaml
 from scheduler.service import api_models_registry as api
-from scheduler.service import registry
-from scheduler.service.db import approvals, models, promotions
+from scheduler.service import queries, registry
 from scheduler.service.deps import TEXT_OK, Caller, CoreDep, DbId
 from scheduler.service.edge import Body
 from scheduler.service.errors import Forbidden, Invalid, NotFound, Unavailable
@@ -76,9 +74,8 @@ def create(body: NewModel, who: Caller, core: CoreDep) -> dict[str, Any]:
 @router.get("/models", response_model=api.ModelList)
 def list_models(who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
-        rows = conn.execute(sa.select(models).order_by(models.c.name)).mappings().all()
-        return {"models": [{**dict(r), "aliases": registry.aliases(conn, r["name"])} for r in rows
-                           if who.covers(core.tree, r["queue"])]}
+        return {"models": [{**r, "aliases": registry.aliases(conn, r["name"])}
+                           for r in queries.model_rows(conn, who, core.tree)]}
 
 
 @router.get("/models/audit", response_model=api.ModelAudit, response_model_exclude_unset=True)
@@ -113,26 +110,19 @@ def audit(who: Caller, core: CoreDep, model: str | None = None, verify: bool = F
 def list_promotions(who: Caller, core: CoreDep, model: str | None = None,
                     state: Literal["open", "promoted", "rejected"] | None = None) -> dict[str, Any]:
     """Promotion requests of models the caller may see (an approver finds what waits for it here)."""
-    q = sa.select(promotions).order_by(promotions.c.id.desc())
-    if model is not None:
-        q = q.where(promotions.c.model == model)
-    if state is not None:
-        q = q.where(promotions.c.state == state)
     with core.db.connect() as conn:
-        visible = {r["name"] for r in conn.execute(sa.select(models)).mappings() if who.covers(core.tree, r["queue"])}
-        return {"promotions": [dict(r) for r in conn.execute(q).mappings() if r["model"] in visible]}
+        return {"promotions": queries.promotion_rows(conn, who, core.tree, model, state)}
 
 
 @router.get("/promotions/{promotion_id}", response_model=api.PromotionDetail)
 def get_promotion(promotion_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
-        p = conn.execute(sa.select(promotions).where(promotions.c.id == promotion_id)).mappings().first()
+        p = queries.promotion_row(conn, promotion_id)
         if p is None:
             raise NotFound(f"promotion {promotion_id} not found")
         registry.model_row(conn, core, who, p["model"])
-        done = [dict(a) for a in conn.execute(sa.select(approvals).where(approvals.c.promotion_id == promotion_id)
-                                              ).mappings()]
-    return {**dict(p), "approvals": done}
+        done = queries.approvals_of(conn, promotion_id)
+    return {**p, "approvals": done}
 
 
 @router.get("/models/{name}", response_model=api.ModelDetail)

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import sqlalchemy as sa
 from fastapi import APIRouter
 from sqlalchemy.engine import RowMapping
 
 from scheduler.service import api_models as api
-from scheduler.service import store
+from scheduler.service import queries
 from scheduler.service.auth import Principal
 from scheduler.service.core import Core
-from scheduler.service.db import jobs
 from scheduler.service.deps import Caller, CoreDep, DbId
 from scheduler.service.errors import NotFound
 from scheduler.service.redact import Redactor
 from scheduler.service.sandboxes import SandboxRequest, open_sandbox, sandbox_view
-from scheduler.service.states import PLACED
 
 router = APIRouter(tags=["sandboxes"])
 
@@ -33,10 +30,7 @@ def create(req: SandboxRequest, who: Caller, core: CoreDep) -> dict[str, Any]:
 def list_sandboxes(who: Caller, core: CoreDep) -> dict[str, Any]:
     """Open sandboxes (admitted or running) the caller may see."""
     with core.db.connect() as conn:
-        rows = conn.execute(sa.select(jobs).where(jobs.c.state.in_(PLACED))
-                            .order_by(jobs.c.id)).mappings().all()
-        shown = [store.job_view(r) for r in rows if r["spec"].get("kind") == "sandbox"
-                 and who.may_read_job(core.tree, r["queue"], r["owner"])]
+        shown = queries.open_sandboxes(conn, who, core.tree)
         hide = Redactor(core, conn, who)  # a start's reason names the jobs it preempted
         hide.learn(v["reason"] for v in shown)
         return {"sandboxes": [{**v, "reason": hide.value(v["reason"])} for v in shown]}
