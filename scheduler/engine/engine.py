@@ -7,7 +7,6 @@ the live service and the tests drive the very same code.
 from __future__ import annotations
 
 import heapq
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
@@ -20,11 +19,11 @@ from scheduler.engine.explain import explain_pending, rejection
 from scheduler.engine.guard import Reservation
 from scheduler.engine.memo import Need, Stuck, may_fit, own_room
 from scheduler.engine.model import Job, JobSpec, JobState, NodeSpec, Reason, Settings
+from scheduler.engine.ordering import PassOrder
 from scheduler.engine.preemption import CAUSE, PRIORITY, Plan, Preemption, tiers_for
 from scheduler.engine.state import PoolState
 
 MAX_PASSES = 1000  # passes repeat only while skipped queues may have gained; this bounds a pathological loop
-ONE = ((1.0, -math.inf, ""), "")  # below every queue entry at or over its fair share (ratio 1)
 
 
 class Engine:
@@ -271,28 +270,15 @@ class Engine:
               out: list[Decision]) -> tuple[list[Job], bool]:
         """One pass: the leaf queue with the lowest ratio starts its first admissible job, until none can.
 
-        Queues are read in key order (keys frozen during the pass) from ps.awake, merged with the parked sleepers
-        that an event woke (`woken`: free room given back where their shapes may fit, or a change to them); a
-        queue whose key changed (it started a job, or lost one to preemption) comes back through a small heap
-        with its new key. Parked queues that stay asleep are not visited: the pass reads as if it had passed each
-        of them by, in key order, as ReferenceEngine (reference.py) does one by one.
+        Queues come in key order from PassOrder (ordering.py), which reads only the awake ones and the parked
+        ones an event woke, as if it had passed the other parked ones by (ReferenceEngine reads each of them).
         """
         started: list[Job] = []
         preempted = False
         ps.freeze()
         ps.reserved_for(res)
         try:
-            cursor = iter(ps.awake)
-            nxt_awake = next(cursor, None)
-            moved: dict[str, int] = {}  # queue -> version of its entry in `heap`; -1: skipped this pass
-            heap: list[tuple[tuple[float, float, str], int, str]] = []
-            # The highest key the pass has reached: parked queues below it were passed by (as asleep, skipped).
-            high: tuple[tuple[float, float, str], str] | None = None
-            woken = ps.parked_fitting(None) + [ps.entry(n) for n in ps.woken if n in ps.pending]
-            heapq.heapify(woken)
-            ps.woken.clear()
-            waking = {n for _, n in woken}  # each parked queue is visited once, as in key order
-            seen = ps.grown  # room given back as of the last look for parked queues it may fit
+            order = PassOrder(ps)
             short, asleep, mixed, pool = ps.capacity_short, ps.asleep, ps.mixed, ps.pool
             # The smallest pending request and the free GPUs off the reserved nodes, as of free room `counted_at`:
             # read for every queue at or over its share, and they change only when a job starts (Pool.changes).
@@ -300,83 +286,46 @@ class Engine:
             while True:
                 if counted_at != pool.changes:
                     counted_at, need, free = pool.changes, ps.min_need(), ps.usable_free(None)
-                while nxt_awake is not None and nxt_awake[1] in moved:
-                    nxt_awake = next(cursor, None)
-                while woken and woken[0][1] in moved:
-                    heapq.heappop(woken)
-                from_awake = nxt_awake is not None and (not woken or nxt_awake < woken[0])
-                nxt = nxt_awake if from_awake else (woken[0] if woken else None)
-                while heap and moved.get(heap[0][2]) != heap[0][1]:
-                    heapq.heappop(heap)
-                entry: tuple[tuple[float, float, str], str] | None
-                if heap and (nxt is None or heap[0][0] < nxt[0]):
-                    key, _, name = heapq.heappop(heap)
-                    entry = (key, name)
-                elif nxt is not None:
-                    entry = nxt
-                    if from_awake:
-                        nxt_awake = next(cursor, None)
-                    else:
-                        heapq.heappop(woken)
-                else:
-                    entry = None
-                # The tier-3 end below, as a parked queue passed by on the way to `entry` would have met it.
+                entry = order.pop()
+                # Once every queue is at or over its fair share (so it has no tier 1 or 2) and no pending job fits
+                # in the free GPUs, only queues with lower-priority work (tier 3) remain: the pass ends with them,
+                # at the first queue that shows it (a parked one passed by on the way to `entry` included).
                 ends = (free < need and not short
-                        and (res is None or res.job.spec.queue in moved or res.job.spec.queue not in ps.pending))
-                if ends and ps.parked_between(max(high, ONE) if high is not None else ONE, entry, moved):
-                    preempted |= self._tier3_rest(ps, now, res, out, started, moved)
+                        and (res is None or order.read(res.job.spec.queue) or res.job.spec.queue not in ps.pending))
+                if ends and order.passes_parked(entry):
+                    preempted |= self._tier3_rest(ps, now, res, out, started, order)
                     break
                 if entry is None:
                     break
+                order.reach(entry)
                 key, name = entry
-                if high is None or entry > high:
-                    high = entry
-                if (key[0] >= 1 and not short and name not in mixed
-                        and (res is None or res.job.spec.queue in moved or res.job.spec.queue not in ps.pending)
+                if (key[0] >= 1 and name not in mixed and ends
                         and (pool.free_gpus if name == ps.reserved[0] else free) < need):
-                    # From here on every queue is at or over its fair share (so it has no tier 1 or 2) and no
-                    # pending job fits in the free GPUs: only queues with lower-priority work (tier 3) remain.
-                    preempted |= self._tier3_rest(ps, now, res, out, started, moved)
+                    preempted |= self._tier3_rest(ps, now, res, out, started, order)
                     break
                 stuck = asleep.get(name)
                 if stuck is not None and (stuck.freed == ps.grown or ps.room_still_short(stuck, name)):
-                    moved[name] = -1  # what _try_queue would find, for less
+                    order.skip(name)  # what _try_queue would find, for less
                     continue
-                q = self.tree[name]
-                found = self._try_queue(ps, q, now, res)
+                found = self._try_queue(ps, self.tree[name], now, res)
                 if found is None:
-                    moved[name] = -1
+                    order.skip(name)
                     continue
                 preempted |= self._apply(ps, found, now, out, started)
                 if res is not None and found[0] is res.job:
                     res = None
                     ps.reserved_for(res)
-                for changed in {name} | {v.job.spec.queue for v in found[1].victims}:
-                    if (moved.get(changed) == -1 or changed not in ps.pending
-                            or (changed not in moved and ps.visited_parked(changed, high))):
-                        continue
-                    moved[changed] = moved.get(changed, 0) + 1
-                    heapq.heappush(heap, (ps.queue_key(self.tree[changed]), moved[changed], changed))
-                # Parked queues not yet passed by that this start woke, or that room given back may now fit.
-                wake = [ps.entry(n) for n in ps.woken if n in ps.pending]
-                ps.woken.clear()
-                if ps.grown != seen:
-                    seen = ps.grown
-                    wake += ps.parked_fitting(high)
-                for w in wake:
-                    if w[1] not in moved and w[1] not in waking and w > high:
-                        waking.add(w[1])
-                        heapq.heappush(woken, w)
+                order.changed({name} | {v.job.spec.queue for v in found[1].victims})
         finally:
             ps.thaw()
         return started, preempted
 
     def _tier3_rest(self, ps: PoolState, now: float, res: Reservation | None, out: list[Decision],
-                    started: list[Job], moved: dict[str, int]) -> bool:
+                    started: list[Job], order: PassOrder) -> bool:
         """The pass's end once only tier 3 can start a job: the queues with lower-priority work, by name."""
         preempted = False
         rest = sorted(n for n, room in ps.mixed.items()
-                      if n not in moved and room + ps.usable_free(n) >= ps.min_pending(n))
+                      if not order.read(n) and room + ps.usable_free(n) >= ps.min_pending(n))
         for name in rest:
             found = self._try_queue(ps, self.tree[name], now, res)
             if found is not None:
