@@ -1,10 +1,11 @@
 """Engine at scale: 1,000 nodes x 8 GPUs, 1,000 leaf queues under 10 departments, 50,000 saturating jobs.
 
-Usage: python benchmarks/engine_scale.py [--jobs N] [--nodes N] [--min-runtime S] [--profile | --digest]
+Usage: python benchmarks/engine_scale.py [--jobs N] [--nodes N] [--min-runtime S] [--reference] [--profile | --digest]
 Prints admissions per second over the whole replay and the time the engine takes to decide after one event (with
 and without the garbage collector's pauses inside it);
 --digest prints the SHA-256 of the replay's event log instead, to check that a change to the engine changes no
-decision (run it before and after).
+decision (run it before and after). --reference replays with ReferenceEngine (the pass before it was event-driven,
+scheduler/engine/reference.py), to compare the two side by side: same digest, different speed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from quotas import QueueSpec, QueueTree
 from scheduler.engine import NodeSpec, Settings
 from scheduler.engine.model import JobSpec
+from scheduler.engine.reference import ReferenceEngine
 from scheduler.gc_tuning import tune_gc
 from scheduler.sim.inputs import SimJob, World
 from scheduler.sim.runner import Simulation
@@ -58,6 +60,15 @@ def world(n_jobs: int, n_nodes: int, depts: int = 10, teams: int = 100, seed: in
     return World(nodes, {}, tree, Settings(), jobs=jobs)
 
 
+def simulation(w: World, reference: bool) -> Simulation:
+    """The corral policy's replay, with the reference pass in place of the event-driven one when asked."""
+    sim = Simulation(w, "corral", log_fair_share=False)
+    if reference:
+        sim.engine = ReferenceEngine(w.tree, w.nodes, w.domains, w.settings)
+        sim.engine.holds = []
+    return sim
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=50_000)
@@ -65,15 +76,16 @@ def main() -> None:
     ap.add_argument("--min-runtime", type=float, default=0.0)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--digest", action="store_true")
+    ap.add_argument("--reference", action="store_true")
     args = ap.parse_args()
     w = world(args.jobs, args.nodes)
     w = dataclasses.replace(w, settings=dataclasses.replace(w.settings, min_runtime=args.min_runtime))
     tune_gc()  # as `corral sim trace` does once its inputs are loaded
     if args.digest:
-        log = Simulation(w, "corral", log_fair_share=False).run()
+        log = simulation(w, args.reference).run()
         print(hashlib.sha256(json.dumps(log, sort_keys=True).encode()).hexdigest(), len(log["events"]), "events")
         return
-    sim = Simulation(w, "corral", log_fair_share=False)
+    sim = simulation(w, args.reference)
     engine = sim.engine
     latencies: list[float] = []
     without_gc: list[float] = []  # the same, less the garbage collector's pauses inside the call
