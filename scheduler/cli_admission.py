@@ -26,6 +26,7 @@ from scheduler.cli_client import (
     print_rollback,
     read_document,
 )
+from scheduler.service.api_models import AdmissionPolicyView, AdmissionTest
 
 policy_app = typer.Typer(help="Admission policies: rules (and a hook) every job and sandbox must pass.",
                          no_args_is_help=True)
@@ -48,8 +49,9 @@ def policy_ls(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token =
     if output is not Output.TABLE:
         emit(data, output)
         return
-    doc = data["document"]
-    table = Table("RULE", "SCOPE", "SAYS", title=f"admission policy, version {data['version']}", box=None,
+    view = AdmissionPolicyView.model_validate(data)
+    doc = view.document
+    table = Table("RULE", "SCOPE", "SAYS", title=f"admission policy, version {view.version}", box=None,
                   pad_edge=False)
     for r in doc.get("rules", []):
         scope = ", ".join(r["scope"]["queues"]) if r.get("scope") else "global"
@@ -114,15 +116,16 @@ def policy_test(file: File, output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, 
         fail(f"{file}: expected a mapping of job fields (name, queue, gpus, command, ...)", 2)
     with api(url, token) as a:
         d = a.post("/v1/admission/test", doc)
+    said = AdmissionTest.model_validate(d)
     if output is not Output.TABLE:
         emit(d, output)
     else:
-        for change in d["applied"]:
-            typer.echo(f"~ {change['rule']}: {change['change']}")
-        if d["rejected"] is None:
-            typer.echo(f"allowed (policy version {d['policy_version']})")
+        for change in said.applied:
+            typer.echo(f"~ {change.rule}: {change.change}")
+        r = said.rejected
+        if r is None:
+            typer.echo(f"allowed (policy version {said.policy_version})")
         else:
-            r = d["rejected"]
-            typer.echo(f"rejected by rule {r['rule']!r} (policy version {d['policy_version']}): {r['message']}")
-    if not d["allowed"]:
+            typer.echo(f"rejected by rule {r.rule!r} (policy version {said.policy_version}): {r.message}")
+    if not said.allowed:
         raise typer.Exit(1)

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from scheduler.service.api_models import History
 from scheduler.service.settings import ADMIN_TOKEN_FILE, default_data_dir
 
 DEFAULT_URL = "http://127.0.0.1:8265"
@@ -265,9 +266,9 @@ def print_history(data: Mapping[str, Any], output: Output, counted: str) -> None
         emit(data, output)
         return
     table = Table("VERSION", "AT", "AUTHOR", counted.upper(), "COMMENT", box=None, pad_edge=False)
-    for v in data["versions"]:
-        table.add_row(*cells(str(v["version"]), when(v["created_at"]), v["author"],
-                             str(len(v["document"].get(counted, []))), v.get("comment") or ""))
+    for v in History.model_validate(data).versions:
+        table.add_row(*cells(str(v.version), when(v.created_at), v.author, str(len(v.document.get(counted, []))),
+                             v.comment or ""))
     console().print(table)
 
 

@@ -29,6 +29,7 @@ from scheduler.cli_client import (
     parse_time,
     when,
 )
+from scheduler.service.api_models import Usage
 from scheduler.sim.inputs import InputError, World, load_cluster, load_trace
 from scheduler.sim.recommend import Outcome, Proposal, Rule, compare, propose
 from scheduler.sim.recorded import Demand
@@ -60,20 +61,20 @@ def usage(ctx: typer.Context, since: Since = None, until: Until = None, output: 
     if output is not Output.TABLE:
         emit(data, output)
         return
-    c = console()
-    c.print(f"GPU-hours from {when(data['since']) if data['since'] else 'the beginning'} to {when(data['until'])}")
-    for title, key, rows in (("QUEUE", "queue", data["queues"]), ("USER", "user", data["users"])):
+    c, used = console(), Usage.model_validate(data)
+    c.print(f"GPU-hours from {when(used.since) if used.since else 'the beginning'} to {when(used.until)}")
+    for title, rows in (("QUEUE", [(r.queue, r.gpu_hours) for r in used.queues]),
+                        ("USER", [(r.user, r.gpu_hours) for r in used.users])):
         table = Table(title, "GPU-HOURS", box=None, pad_edge=False)
-        for r in rows:
-            table.add_row(*cells(r[key], f"{r['gpu_hours']:.2f}"))
+        for name, hours in rows:
+            table.add_row(*cells(name, f"{hours:.2f}"))
         if rows:
             c.print(table)
     table = Table("POOL", "CAPACITY", "HELD", "IDLE", "IDLE %", box=None, pad_edge=False)
-    for p in data["pools"]:
-        cap = p["capacity_gpu_hours"]
-        idle = f"{100 * p['idle_gpu_hours'] / cap:.0f}%" if cap else "-"
-        table.add_row(*cells(p["pool"], f"{cap:.2f}", f"{p['held_gpu_hours']:.2f}", f"{p['idle_gpu_hours']:.2f}",
-                             idle))
+    for p in used.pools:
+        cap = p.capacity_gpu_hours
+        idle = f"{100 * p.idle_gpu_hours / cap:.0f}%" if cap else "-"
+        table.add_row(*cells(p.pool, f"{cap:.2f}", f"{p.held_gpu_hours:.2f}", f"{p.idle_gpu_hours:.2f}", idle))
     c.print(table)
 
 
