@@ -20,7 +20,7 @@ from scheduler.engine.guard import Reservation
 from scheduler.engine.memo import Need, Stuck, may_fit, own_room
 from scheduler.engine.model import Job, JobSpec, JobState, NodeSpec, Reason, Settings
 from scheduler.engine.ordering import PassOrder
-from scheduler.engine.preemption import CAUSE, PRIORITY, Plan, Preemption, tiers_for
+from scheduler.engine.preemption import CAUSE, Plan, Preemption, Tier, tiers_for
 from scheduler.engine.state import PoolState
 
 MAX_PASSES = 1000  # passes repeat only while skipped queues may have gained; this bounds a pathological loop
@@ -459,12 +459,12 @@ class Engine:
         if job.id in self._preempted_now:
             # Preempted at this instant: it may not take GPUs back across queues now (that could go back
             # and forth forever), only from lower-priority jobs of its own queue.
-            tiers &= {PRIORITY}
+            tiers &= {Tier.PRIORITY}
         if not tiers:
             return None, False
         preemption = Preemption(ps, job, q, excluded, lambda j: self._young(j, now), tiers,
                                 quiet=self.settings.min_runtime <= 0)
-        if tiers == {PRIORITY} and preemption.priority_only_hopeless():
+        if tiers == {Tier.PRIORITY} and preemption.priority_only_hopeless():
             return None, True
         return preemption.plan(), None
 

@@ -9,7 +9,7 @@ from quotas import QueueTree
 from scheduler.engine.cluster import Pool
 from scheduler.engine.decisions import GUARANTEE, LIMIT, QUEUE_MATE
 from scheduler.engine.model import Job, JobSpec, Reason
-from scheduler.engine.preemption import PRIORITY, tiers_for
+from scheduler.engine.preemption import Tier, tiers_for
 from scheduler.engine.state import PoolState
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def explain_pending(ps: PoolState, job: Job, res: Reservation | None, preempted_
     tiers = tiers_for(ps, job, q)
     if preempted_now:
         preempt = "it was preempted at this instant, so it may take GPUs back only from its own queue until the next"
-    elif not tiers - {PRIORITY}:
+    elif not tiers - {Tier.PRIORITY}:
         preempt = (f"it may preempt only lower-priority jobs of {q.name}: {head}, and {u} + {r} is over both "
                    f"its quota and its fair share")
     else:

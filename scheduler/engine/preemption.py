@@ -7,6 +7,7 @@ import itertools
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
+from enum import IntEnum
 
 from quotas.tree import Queue
 from scheduler.engine.cluster import Freed
@@ -14,36 +15,44 @@ from scheduler.engine.memo import may_fit, own_room
 from scheduler.engine.model import Job, Reason
 from scheduler.engine.state import PoolState, ratio
 
-RECLAIM, FAIR_SHARE, PRIORITY = 1, 2, 3
+
+class Tier(IntEnum):
+    """The preemption tiers, in the order their candidates are taken (SCHEDULING.md, Preemption)."""
+
+    RECLAIM = 1  # from queues over their quota, for a queue under its own
+    FAIR_SHARE = 2  # from queues over their fair share, for a queue under its own
+    PRIORITY = 3  # from the job's own queue's lower-priority jobs
+
+
 # tier, victim queue ratio (highest first), priority, start (latest first), admission (latest first), id
 CandidateKey = tuple[int, float, int, float, int, str]
-CAUSE = {RECLAIM: "reclaim", FAIR_SHARE: "fair_share", PRIORITY: "priority"}
+CAUSE = {Tier.RECLAIM: "reclaim", Tier.FAIR_SHARE: "fair_share", Tier.PRIORITY: "priority"}
 
 
-def tiers_for(ps: PoolState, job: Job, q: Queue) -> set[int]:
+def tiers_for(ps: PoolState, job: Job, q: Queue) -> set[Tier]:
     """The tiers that may free GPUs for `job` of leaf `q` (SCHEDULING.md, Preemption), from the state before
     preemption. Limits are not checked here: victims lower usage up the tree, and every plan is checked
     against all admission rules with its victims removed."""
     u, r, pool = ps.usage[q.name], job.request, ps.name
-    tiers: set[int] = set()
+    tiers: set[Tier] = set()
     if not ps.guaranteed(q, job):
         # Only non-preemptible GPUs count against a non-preemptible job's guarantee, and victims are always
         # preemptible: no preemption can lift it.
         return tiers
     if u + r <= q.quota_of(pool):
-        tiers.add(RECLAIM)
+        tiers.add(Tier.RECLAIM)
     if u + r <= ps.shares().get(q.name, 0.0):
-        tiers.add(FAIR_SHARE)
+        tiers.add(Tier.FAIR_SHARE)
     running = ps.running.get(q.name)
     if running and running[0].spec.priority < job.spec.priority and ps.mixed.get(q.name, 0) > 0:
-        tiers.add(PRIORITY)
+        tiers.add(Tier.PRIORITY)
     return tiers
 
 
 @dataclass
 class Victim:
     job: Job
-    tier: int
+    tier: Tier
     facts: dict[str, float | int | str]  # the numbers its reason quotes, as they stood when it was taken
     reason: Reason | None = None  # written once the plan is final
 
@@ -60,7 +69,7 @@ class Preemption:
     """Finds the victims for one job of queue `q`, or None when no allowed set of victims makes it admissible."""
 
     def __init__(self, ps: PoolState, job: Job, q: Queue, excluded: Collection[str],
-                 young: Callable[[Job], bool], tiers: set[int], quiet: bool = False):
+                 young: Callable[[Job], bool], tiers: set[Tier], quiet: bool = False):
         self.ps, self.job, self.q, self.excluded = ps, job, q, excluded
         self.young = young  # a job under min_runtime: not a victim (the caller registers a wakeup)
         # No job can be young (min_runtime 0): walking the candidates has no side effect (no wakeups to
@@ -73,13 +82,13 @@ class Preemption:
 
     # ----- candidates -----
 
-    def _victim_queues(self) -> dict[str, list[int]]:
+    def _victim_queues(self) -> dict[str, list[Tier]]:
         """Leaf queues that may lose jobs, each with its tiers: only queues over quota or over fair share."""
         ps, q = self.ps, self.q
-        tiers: dict[str, list[int]] = {}
-        if PRIORITY in self.tiers:
-            tiers[q.name] = [PRIORITY]
-        if RECLAIM in self.tiers:
+        tiers: dict[str, list[Tier]] = {}
+        if Tier.PRIORITY in self.tiers:
+            tiers[q.name] = [Tier.PRIORITY]
+        if Tier.RECLAIM in self.tiers:
             # A victim's branch is the child, on its side, of its lowest common ancestor with q.
             for i, above in enumerate([*q.path[1:], None]):
                 mine = q.path[i]
@@ -88,8 +97,8 @@ class Preemption:
                         continue
                     for leaf in self.ps.tree.leaves_under(b):
                         if leaf in ps.running:
-                            tiers.setdefault(leaf, []).append(RECLAIM)
-        if FAIR_SHARE in self.tiers:
+                            tiers.setdefault(leaf, []).append(Tier.RECLAIM)
+        if Tier.FAIR_SHARE in self.tiers:
             shares = self.shares
             after_q = ratio(ps.usage[q.name] + self.request, shares.get(q.name, 0.0))
             least = 1 if self.request else 0  # the smallest job that can help frees a GPU
@@ -97,10 +106,10 @@ class Preemption:
                 # Skip queues whose ratio would drop below q's after losing even their smallest job.
                 if leaf != q.name and leaf in ps.running and ratio(
                         ps.usage[leaf] - least, shares.get(leaf, 0.0)) >= after_q:
-                    tiers.setdefault(leaf, []).append(FAIR_SHARE)
+                    tiers.setdefault(leaf, []).append(Tier.FAIR_SHARE)
         return tiers
 
-    def candidates(self) -> Iterator[tuple[int, Job]]:
+    def candidates(self) -> Iterator[tuple[Tier, Job]]:
         """Victims in the fixed order: tier, victim queue's ratio (highest first), priority, latest start."""
         ps = self.ps
         queues = sorted((tier, -ps.ratio(ps.tree[name]), name)
@@ -114,13 +123,13 @@ class Preemption:
                 jobs = (j for _, _, j in heapq.merge(*(self._stream(tier, -neg_ratio, ps.running[name])
                                                        for name in block)))
             for j in jobs:
-                if tier == PRIORITY and j.spec.priority >= self.job.spec.priority:
+                if tier == Tier.PRIORITY and j.spec.priority >= self.job.spec.priority:
                     break  # within one queue, lowest priority first: no lower-priority job is left
                 if j.spec.preemptible and not self.young(j):
                     yield tier, j
 
     @staticmethod
-    def _stream(tier: int, r: float, jobs: Iterable[Job]) -> Iterator[tuple[CandidateKey, int, Job]]:
+    def _stream(tier: Tier, r: float, jobs: Iterable[Job]) -> Iterator[tuple[CandidateKey, Tier, Job]]:
         return (((tier, -r, j.spec.priority, -j.start, -j.admitted, j.id), tier, j) for j in jobs)
 
     # ----- admissibility with victims removed -----
@@ -181,7 +190,8 @@ class Preemption:
         with every job the walk would take gone, would too few nodes be empty? (See clearable.py.)"""
         ps, spec, pool, q = self.ps, self.job.spec, self.ps.pool, self.q.name
         g = spec.gpus
-        if not self.quiet or RECLAIM in self.tiers or FAIR_SHARE not in self.tiers or g != pool.max_gpus or g <= 0:
+        if (not self.quiet or Tier.RECLAIM in self.tiers or Tier.FAIR_SHARE not in self.tiers
+                or g != pool.max_gpus or g <= 0):
             return False
         need = spec.workers - len(pool.buckets[g])  # whole free nodes
         need += sum(1 for n in self.excluded if pool.nodes[n].up and len(pool.nodes[n].free) == g)
@@ -189,7 +199,7 @@ class Preemption:
             return False
         index = ps.clear_index()
         after_q = ratio(ps.usage[q] + self.request, self.shares.get(q, 0.0))
-        prio, tier3 = spec.priority, PRIORITY in self.tiers
+        prio, tier3 = spec.priority, Tier.PRIORITY in self.tiers
         takes: dict[str, set[int]] = {}
 
         def taken(j: Job) -> bool:
@@ -241,14 +251,14 @@ class Preemption:
                 continue  # already taken in an earlier tier
             v = ps.tree[j.spec.queue]
             facts: dict[str, float | int | str] = {"queue": q.name, "victim_queue": v.name}
-            if tier == RECLAIM:
+            if tier == Tier.RECLAIM:
                 b = ps.tree.branch(v, q)
                 left = ps.usage[b.name] - from_branch[b.name]
                 if left <= b.quota_of(pool):
                     continue
                 facts.update(branch=b.name, branch_usage=left, branch_quota=b.quota_of(pool))
                 from_branch[b.name] += j.request
-            elif tier == FAIR_SHARE:
+            elif tier == Tier.FAIR_SHARE:
                 after_v = ratio(ps.usage[v.name] - from_queue[v.name] - j.request, self.shares.get(v.name, 0.0))
                 after_q = ratio(ps.usage[q.name] + self.request - from_queue[q.name], self.shares.get(q.name, 0.0))
                 if after_v < after_q:
@@ -299,10 +309,10 @@ class Preemption:
         """The sentence a victim sees: who took its GPUs back, under which rule, with the numbers."""
         q, pool, ps, f = self.q, self.pool, self.ps, victim.facts
         head = f"{q.name} uses {ps.usage[q.name]} GPUs of {pool} and {self.job.id} needs {self.request}"
-        if victim.tier == RECLAIM:
+        if victim.tier == Tier.RECLAIM:
             msg = (f"{q.name} reclaims its guarantee on {pool}: {head}, within its quota of {q.quota_of(pool)}; "
                    f"{f['branch']} uses {f['branch_usage']} GPUs, over its quota of {f['branch_quota']}")
-        elif victim.tier == FAIR_SHARE:
+        elif victim.tier == Tier.FAIR_SHARE:
             msg = (f"{q.name} is below its fair share: {head}, within its share of "
                    f"{self.shares.get(q.name, 0.0):.2f}; {f['victim_queue']} uses {f['victim_usage']} GPUs, over "
                    f"its share of {self.shares.get(str(f['victim_queue']), 0.0):.2f}, and its ratio stays "
