@@ -14,7 +14,6 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from unittest import mock
 
 import pytest
 from hypothesis import given, note, settings
@@ -25,8 +24,7 @@ from scheduler.engine import Engine, Job, JobState, NodeSpec, Preempted, Rejecte
 from scheduler.engine.cluster import Freed, Pool, _best_fit
 from scheduler.engine.decisions import Decision
 from scheduler.engine.model import JobSpec
-from scheduler.engine.preemption import Preemption, Victim
-from scheduler.engine.state import PoolState
+from scheduler.engine.shortcut_free import ShortcutFreeEngine
 from scheduler.sim.inputs import World
 from scheduler.sim.runner import Simulation
 from tests.factories import nodes, queue, sim_job, world
@@ -486,50 +484,12 @@ def test_fair_share_water_filling(cluster_and_queues: tuple[list[NodeSpec], list
         assert abs(top - min(up_cap, sum(demand[q.name] for q in t.top))) <= TOL
 
 
-class _Forgets(dict):  # type: ignore[type-arg]
-    """A stuck-queue memo that never remembers: every queue is asked again at every visit."""
-
-    def get(self, key: object, default: object = None) -> object:
-        return default
-
-
-def _usable_free_recounted(ps: PoolState, queue: str | None) -> int:
-    """PoolState.usable_free, counted afresh at every call."""
-    held_for, held, _ = ps.reserved
-    nodes = ps.pool.nodes
-    return ps.pool.free_gpus - (0 if held_for == queue else sum(len(nodes[n].free) for n in held if nodes[n].up))
-
-
-def _prune_placing_every_time(self: Preemption, taken: list[Victim],
-                              nodes: list[str]) -> tuple[list[Victim], list[str]]:
-    """Preemption._prune as SCHEDULING.md states it: drop, latest first, each victim the job fits without."""
-    kept: list[Victim] = []
-    for victim in reversed(taken):
-        self._take(victim.job, -1)
-        still = self.admissible()
-        if still is not None:
-            nodes = still
-        else:
-            self._take(victim.job, 1)
-            kept.append(victim)
-    return kept[::-1], nodes
-
-
 def _log_without_shortcuts(w: World) -> dict[str, Any]:
-    """The event log with these shortcuts off: the stuck-queue memo and sleeping queues (and so the pass's skipping
-    of sleepers and their shared room answers), the cheap "nothing can start" test, the bounds that skip a
-    preemption walk bound to fail, the prune pass placing the job again only where a dropped victim was, and the
-    free GPUs off the reserved nodes counted once per change. Still on: the pass ending early once only tier 3 can
-    start a job, and the victim-queue filters of Preemption._victim_queues (the candidate order is the spec's)."""
+    """The event log with every shortcut off (ShortcutFreeEngine, scheduler/engine/shortcut_free.py)."""
     sim = Simulation(w, log_fair_share=False)
-    for ps in sim.engine.pools.values():
-        ps.stuck, ps.asleep = _Forgets(), _Forgets()
-    with mock.patch.object(Engine, "_may_start_any", lambda *a: True), \
-            mock.patch.object(Preemption, "priority_only_hopeless", lambda self: False), \
-            mock.patch.object(Preemption, "_whole_nodes_hopeless", lambda self: False), \
-            mock.patch.object(Preemption, "_prune", _prune_placing_every_time), \
-            mock.patch.object(PoolState, "usable_free", _usable_free_recounted):
-        return sim.run()
+    sim.engine = ShortcutFreeEngine(w.tree, w.nodes, w.domains, w.settings)
+    sim.engine.holds = []
+    return sim.run()
 
 
 @settings(PROPERTY, max_examples=400)

@@ -30,6 +30,10 @@ class Engine:
     """Scheduling state of a cluster; every method takes the current time and returns what it decided."""
 
     preemption = True  # baselines without preemption turn it off
+    # The types the engine builds its per-pool state and preemption plans from: ShortcutFreeEngine
+    # (shortcut_free.py) swaps in versions without the speed shortcuts, to check that they change no decision.
+    pool_state: type[PoolState] = PoolState
+    planner: type[Preemption] = Preemption
     # Baselines with one global queue keep all pending jobs in this order (see PoolState.arrivals).
     arrival_order: Callable[[Job], tuple[float, ...]] | None = None
 
@@ -43,8 +47,8 @@ class Engine:
             by_pool.setdefault(n.pool, []).append(n)
         domains = domains or {}
         self.pools: dict[str, PoolState] = {
-            p: PoolState(Pool(p, ns, {d: list(m) for d, m in domains.get(p, {}).items()}), tree,
-                         self.arrival_order)
+            p: self.pool_state(Pool(p, ns, {d: list(m) for d, m in domains.get(p, {}).items()}), tree,
+                               self.arrival_order)
             for p, ns in sorted(by_pool.items())
         }
         self.node_pool = {n.name: n.pool for ns in by_pool.values() for n in ns}
@@ -406,7 +410,7 @@ class Engine:
                     own_room(ps.running.get(q.name, ()), job) if only_own else ())]
         stuck = Stuck(own, share, ps.grown, None if room_only is not None else self._victims_state(ps, now),
                       room_only)
-        ps.stuck[q.name] = stuck
+        ps.remember(q.name, stuck)
         if room_only is None:
             ps.wake(q.name)
         else:
@@ -462,8 +466,8 @@ class Engine:
             tiers &= {Tier.PRIORITY}
         if not tiers:
             return None, False
-        preemption = Preemption(ps, job, q, excluded, lambda j: self._young(j, now), tiers,
-                                quiet=self.settings.min_runtime <= 0)
+        preemption = self.planner(ps, job, q, excluded, lambda j: self._young(j, now), tiers,
+                                  quiet=self.settings.min_runtime <= 0)
         if tiers == {Tier.PRIORITY} and preemption.priority_only_hopeless():
             return None, True
         return preemption.plan(), None

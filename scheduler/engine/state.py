@@ -353,6 +353,10 @@ class PoolState:
 
     # ----- sleeping and parked queues -----
 
+    def remember(self, name: str, stuck: Stuck) -> None:
+        """What a leaf's "nothing to start" depended on (Engine._try_queue asks it before trying again)."""
+        self.stuck[name] = stuck
+
     def sleep(self, name: str, stuck: Stuck) -> None:
         """A leaf found nothing to start for want of free room (see Engine._try_queue)."""
         self.asleep[name] = stuck
