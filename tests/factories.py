@@ -15,6 +15,12 @@ from scheduler.sim.inputs import EventIn, SimJob, World
 # ----- cluster -----
 
 
+def node(name: str, pool: str = "a100", gpus: int = 8, cpus: float | None = None, memory_gb: float | None = None,
+         domain: str | None = None, **kw: Any) -> NodeSpec:
+    """One node (8 GPUs of a100 unless told; `kw`: the rest of NodeSpec, labels)."""
+    return NodeSpec(name, pool, gpus, cpus, memory_gb, domain, **kw)
+
+
 def nodes(pool: str, count: int, gpus: int, cpus: float | None = None, memory_gb: float | None = None,
           domains: Mapping[str, Sequence[int]] | None = None, names: str = "{pool}-{i}") -> list[NodeSpec]:
     """`count` identical nodes named `names` (`<pool>-<i>` unless told); `domains` maps a domain name to node

@@ -14,7 +14,7 @@ from quotas import QueueSpec, QueueTree
 from quotas.tree import Queue
 from scheduler.engine import Job, JobSpec, JobState, NodeSpec, Settings
 from scheduler.sim.inputs import EventIn, SimJob, World
-from tests.factories import cancel, node_down, node_up, world
+from tests.factories import cancel, job, node, node_down, node_up, queue, tree, world
 
 NO_GUARD = 1e9  # starvation_timeout so large that no reservation ever exists within a run
 # Hypothesis settings of every property test: reproducible examples (CI must not flake), no deadline on a machine
@@ -45,7 +45,7 @@ def clusters(draw: st.DrawFn) -> list[NodeSpec]:
             domain = None
             if n_domains and draw(st.integers(0, 4)) > 0:  # most nodes in a domain, some outside any
                 domain = f"d{draw(st.integers(0, n_domains - 1))}"
-            out.append(NodeSpec(f"{pool}-{i}", pool, gpus, cpus, mem, domain))
+            out.append(node(f"{pool}-{i}", pool, gpus, cpus, mem, domain))
     return out
 
 
@@ -82,14 +82,14 @@ def queue_specs(draw: st.DrawFn, cap: Mapping[str, int]) -> list[QueueSpec]:
         quota, limit, weight = quota_limit(top_room)
         for p, v in quota.items():
             top_room[p] -= v
-        specs.append(QueueSpec(name, None, quota, limit, weight))
+        specs.append(queue(name, None, quota, limit, weight))
         if draw(st.integers(0, 2)) > 0:
             child_room = {p: quota.get(p, 0) for p in pools}
             for k in range(draw(st.integers(1, 3))):
                 cq, cl, cw = quota_limit(child_room)
                 for p, v in cq.items():
                     child_room[p] -= v
-                specs.append(QueueSpec(f"{name}{'abc'[k]}", name, cq, cl, cw))
+                specs.append(queue(f"{name}{'abc'[k]}", name, cq, cl, cw))
     return specs
 
 
@@ -118,15 +118,15 @@ def cases(draw: st.DrawFn, guard: bool | None = None, max_jobs: int = 24) -> Cas
     guarded = draw(st.booleans()) if guard is None else guard
     node_list = draw(clusters())
     cap = _capacity(node_list)
-    t = QueueTree(draw(queue_specs(cap)), cap)
+    t = tree(draw(queue_specs(cap)), node_list)
     leaves = [q.name for q in t.leaves]
     inner = [q.name for q in t.queues.values() if not q.is_leaf]
     pools = sorted(cap)
     jobs: list[SimJob] = []
     for i in range(draw(st.integers(0, max_jobs))):
         q = draw(st.sampled_from(inner)) if inner and draw(st.integers(0, 19)) == 0 else draw(st.sampled_from(leaves))
-        spec = JobSpec(
-            id=f"j{i}", queue=q, pool=draw(st.sampled_from(pools)),
+        spec = job(
+            f"j{i}", q, draw(st.sampled_from(pools)),
             workers=draw(st.integers(1, 3)), gpus=draw(st.sampled_from([0, 1, 1, 1, 2, 2, 3, 4, 4, 8])),
             cpus=draw(st.sampled_from([0.0, 0.0, 0.0, 2.0, 8.0])),
             memory_gb=draw(st.sampled_from([0.0, 0.0, 0.0, 16.0, 64.0])),

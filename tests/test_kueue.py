@@ -25,11 +25,12 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from quotas import QueueSpec, QueueTree
+from quotas import QueueSpec
 from scheduler.cli import app
 from scheduler.kueue import ClusterQueue, Cohort, ExportError, LocalQueue, ResourceFlavor, export, from_dict, losses
 from scheduler.kueue.client import KueueClient
 from scheduler.kueue.export import export_objects
+from tests.factories import queue, queue_tree
 from tests.k8s_kit import REQUIRE_ENV, ControlPlane, require_bin_dir, shared_plane, wait_for
 from tests.kueue_kit import QUEUE_LABEL, KueueController, condition, require_kueue, wait_until
 from tests.marks import starts_processes
@@ -43,12 +44,12 @@ FLAVORS = {"h100": "h100", "a100": "a100"}
 def specs(suffix: str = "") -> list[QueueSpec]:
     """Two departments; research's quota exceeds its teams' by 2; nlp may borrow 2; adhoc (top-level) has none."""
     return [
-        QueueSpec(f"research{suffix}", quota={"h100": 8, "a100": 1}, limit={"h100": 12}, weight=2),
-        QueueSpec(f"nlp{suffix}", f"research{suffix}", quota={"h100": 4}, limit={"h100": 6}),
-        QueueSpec(f"vision{suffix}", f"research{suffix}", quota={"h100": 2, "a100": 1}, weight=0.5),
-        QueueSpec(f"product{suffix}", quota={"h100": 4}),
-        QueueSpec(f"ranking{suffix}", f"product{suffix}", quota={"h100": 4}),
-        QueueSpec(f"adhoc{suffix}", limit={"a100": 2}),
+        queue(f"research{suffix}", quota={"h100": 8, "a100": 1}, limit={"h100": 12}, weight=2),
+        queue(f"nlp{suffix}", f"research{suffix}", quota={"h100": 4}, limit={"h100": 6}),
+        queue(f"vision{suffix}", f"research{suffix}", quota={"h100": 2, "a100": 1}, weight=0.5),
+        queue(f"product{suffix}", quota={"h100": 4}),
+        queue(f"ranking{suffix}", f"product{suffix}", quota={"h100": 4}),
+        queue(f"adhoc{suffix}", limit={"a100": 2}),
     ]
 
 
@@ -68,7 +69,7 @@ def gpus(obj: dict[str, Any], flavor: str) -> dict[str, Any]:
 
 
 def test_export_maps_the_tree() -> None:
-    objs = export(QueueTree(specs(), CAPACITY), FLAVORS, lambda q: f"team-{q.name}")
+    objs = export(queue_tree(*specs(), gpus=CAPACITY), FLAVORS, lambda q: f"team-{q.name}")
     assert all(o["apiVersion"] == "kueue.x-k8s.io/v1beta2" for o in objs)
     # Creation order: what is referenced comes first.
     kinds = [o["kind"] for o in objs]
@@ -109,7 +110,7 @@ def test_export_covers_cpu_and_memory_at_the_root() -> None:
     memory given, they are covered in the GPUs' resource group, all held by the root cohort, 0 of their own (no
     borrowingLimit) everywhere else, so any queue may use them as in Corral."""
     totals = {"h100": {"cpu": 256, "memory": "2Ti"}, "a100": {"cpu": "64", "memory": "512Gi"}}
-    o = by_kind(export(QueueTree(specs(), CAPACITY), FLAVORS, lambda q: "ns", pool_resources=totals))
+    o = by_kind(export(queue_tree(*specs(), gpus=CAPACITY), FLAVORS, lambda q: "ns", pool_resources=totals))
 
     def quotas(obj: dict[str, Any], flavor: str) -> dict[str, dict[str, Any]]:
         (group,) = obj["spec"]["resourceGroups"]
@@ -125,11 +126,11 @@ def test_export_covers_cpu_and_memory_at_the_root() -> None:
                                                        "cpu": {"nominalQuota": 0}, "memory": {"nominalQuota": 0}}
     assert quotas(o["ClusterQueue", "nlp"], "h100") == {GPU: {"nominalQuota": 4, "borrowingLimit": 2},
                                                         "cpu": {"nominalQuota": 0}, "memory": {"nominalQuota": 0}}
-    for obj in export_objects(QueueTree(specs(), CAPACITY), FLAVORS, lambda q: "ns", pool_resources=totals):
+    for obj in export_objects(queue_tree(*specs(), gpus=CAPACITY), FLAVORS, lambda q: "ns", pool_resources=totals):
         assert from_dict(obj.to_dict()) == obj
     # Every exported pool needs both totals, as quantities.
     with pytest.raises(ExportError) as e:
-        export(QueueTree(specs(), CAPACITY), FLAVORS, lambda q: "ns",
+        export(queue_tree(*specs(), gpus=CAPACITY), FLAVORS, lambda q: "ns",
                pool_resources={"h100": {"cpu": "lots", "memory": "1Ti", "gpu": 1}})
     assert "pool 'a100' has no total cpu" in str(e.value)
     assert "pool 'h100': cpu 'lots' is not a quantity" in str(e.value)
@@ -137,10 +138,10 @@ def test_export_covers_cpu_and_memory_at_the_root() -> None:
 
 
 def test_models_round_trip_and_refuse_what_kueue_refuses() -> None:
-    for obj in export_objects(QueueTree(specs(), CAPACITY), FLAVORS, lambda q: "ns"):
+    for obj in export_objects(queue_tree(*specs(), gpus=CAPACITY), FLAVORS, lambda q: "ns"):
         again = from_dict(obj.to_dict())
         assert again == obj and type(again) is type(obj)
-    cq = by_kind(export(QueueTree(specs(), CAPACITY), FLAVORS, lambda q: "ns"))["ClusterQueue", "nlp"]
+    cq = by_kind(export(queue_tree(*specs(), gpus=CAPACITY), FLAVORS, lambda q: "ns"))["ClusterQueue", "nlp"]
     bad = copy.deepcopy(cq)
     bad["spec"]["resourceGroups"][0]["flavors"][0]["resources"][0]["nominalQuota"] = -1
     with pytest.raises(ValidationError, match="greater than or equal to 0"):
@@ -156,12 +157,12 @@ def test_models_round_trip_and_refuse_what_kueue_refuses() -> None:
 
 
 def test_export_refuses_names_kubernetes_refuses_and_reports_losses() -> None:
-    tree = QueueTree([QueueSpec("Team_A"), QueueSpec("corral")], {"h100": 8})
+    tree = queue_tree(queue("Team_A"), queue("corral"), gpus={"h100": 8})
     with pytest.raises(ExportError) as e:
         export(tree, {"h100": "h100"}, lambda q: "ns")
     assert "queue 'Team_A' is not a Kubernetes name" in str(e.value)
     assert "the root cohort 'corral' has the name of a queue" in str(e.value)
-    tree = QueueTree([QueueSpec("a", weight={"h100": 2})], CAPACITY)
+    tree = queue_tree(queue("a", weight={"h100": 2}), gpus=CAPACITY)
     assert losses(tree, {"h100": "h100"}) == ["pool 'a100' is not exported (no flavor given): its quotas and "
                                               "limits are dropped"]
     assert "Kueue has one weight per queue: exported as 1" in losses(tree, FLAVORS)[0]
@@ -260,7 +261,7 @@ def rejection(e: pytest.ExceptionInfo[ApiException]) -> str:
 
 def test_export_is_valid_under_kueues_crds(kueue: KueueClient, ns: str) -> None:
     suffix = f"-{uuid.uuid4().hex[:6]}"  # cluster-scoped names: unique per run of the shared control plane
-    tree = QueueTree(specs(suffix), CAPACITY)
+    tree = queue_tree(*specs(suffix), gpus=CAPACITY)
     flavors = {p: f"{p}{suffix}" for p in CAPACITY}
     objects = export_objects(tree, flavors, lambda q: ns, root=f"corral{suffix}")
     made = kueue.apply_all(objects)
@@ -272,9 +273,8 @@ def test_export_is_valid_under_kueues_crds(kueue: KueueClient, ns: str) -> None:
     assert {c.spec.parent_name for c in kueue.list(Cohort, label_selector="app.kubernetes.io/managed-by=corral")
             if c.metadata.name.endswith(suffix)} == {None, f"corral{suffix}"}
     # apply again: a replace of what is there, with a change.
-    again = export_objects(QueueTree(specs(suffix)[:1] + [QueueSpec(f"nlp{suffix}", f"research{suffix}",
-                                                                    quota={"h100": 5})] + specs(suffix)[2:],
-                                     CAPACITY), flavors, lambda q: ns, root=f"corral{suffix}")
+    again = export_objects(queue_tree(*specs(suffix)[:1], queue(f"nlp{suffix}", f"research{suffix}", quota={"h100": 5}),
+                                      *specs(suffix)[2:], gpus=CAPACITY), flavors, lambda q: ns, root=f"corral{suffix}")
     nlp = next(o for o in again if isinstance(o, ClusterQueue) and o.metadata.name == f"nlp{suffix}")
     assert kueue.apply(nlp).spec.resource_groups[0].flavors[0].resources[0].nominal_quota == 5
     for o in reversed(made):
@@ -284,7 +284,7 @@ def test_export_is_valid_under_kueues_crds(kueue: KueueClient, ns: str) -> None:
 
 def test_kueues_cel_rules_refuse_bad_objects(kueue: KueueClient, ns: str) -> None:
     suffix = f"-{uuid.uuid4().hex[:6]}"
-    objects = export(QueueTree([QueueSpec(f"team{suffix}", quota={"h100": 2}, limit={"h100": 4})], {"h100": 8}),
+    objects = export(queue_tree(queue(f"team{suffix}", quota={"h100": 2}, limit={"h100": 4}), gpus={"h100": 8}),
                      {"h100": f"h100{suffix}"}, lambda q: ns, root=f"corral{suffix}")
     cq = next(o for o in objects if o["kind"] == "ClusterQueue")
     api = kueue.api
@@ -389,9 +389,9 @@ def test_kueue_admits_a_job_through_the_exported_tree(kueue_plane: tuple[Control
     limit stays suspended. Without the pools' CPU and memory in the export, Kueue leaves the Job pending."""
     plane, kueue = kueue_plane
     suffix = f"-{uuid.uuid4().hex[:6]}"
-    tree = QueueTree([QueueSpec(f"research{suffix}", quota={"h100": 8}),
-                      QueueSpec(f"nlp{suffix}", f"research{suffix}", quota={"h100": 4}, limit={"h100": 6}),
-                      QueueSpec(f"vision{suffix}", f"research{suffix}", quota={"h100": 2})], {"h100": 16})
+    tree = queue_tree(queue(f"research{suffix}", quota={"h100": 8}),
+                      queue(f"nlp{suffix}", f"research{suffix}", quota={"h100": 4}, limit={"h100": 6}),
+                      queue(f"vision{suffix}", f"research{suffix}", quota={"h100": 2}), gpus={"h100": 16})
     with plane.namespace("team") as ns:
         objects = export_objects(tree, {"h100": f"h100{suffix}"}, lambda q: ns, products={"h100": PRODUCT},
                                  root=f"corral{suffix}",
@@ -445,7 +445,7 @@ def test_kueue_admits_a_job_through_the_exported_tree(kueue_plane: tuple[Control
     # The same, exported with GPUs only: Kueue leaves a Job asking CPU and memory pending (item 7's problem).
     suffix = f"-{uuid.uuid4().hex[:6]}"
     with plane.namespace("team") as ns:
-        kc.apply_all(export_objects(QueueTree([QueueSpec(f"solo{suffix}", quota={"h100": 4})], {"h100": 16}),
+        kc.apply_all(export_objects(queue_tree(queue(f"solo{suffix}", quota={"h100": 4}), gpus={"h100": 16}),
                                     {"h100": f"h100{suffix}"}, lambda q: ns, products={"h100": PRODUCT},
                                     root=f"corral{suffix}"))
         batch.create_namespaced_job(ns, gpu_job("asks-cpu", f"solo{suffix}", gpus=1))

@@ -12,21 +12,18 @@ import pytest
 from typer.testing import CliRunner
 
 from scheduler.cli import app
-from scheduler.engine import JobSpec
 from scheduler.sim import report
-from scheduler.sim.inputs import SimJob, load_cluster, load_trace
+from scheduler.sim.inputs import load_cluster, load_trace
 from scheduler.sim.metrics import compute, jain, percentile, usage_series
 from scheduler.sim.waste import HoldCounts, IdleWait, PreemptionWaste, Waste
 from tests.conftest import SHARED
+from tests.factories import sim_job
 
 runner = CliRunner()
 
 
-def _job(jid: str, queue: str, gpus: int, submit: float, duration: float) -> SimJob:
-    return SimJob(JobSpec(id=jid, queue=queue, pool="p", gpus=gpus), submit, duration)
-
-
-JOBS = [_job("a", "qa", 4, 0, 10), _job("b", "qa", 8, 0, 5), _job("c", "qb", 2, 5, 10), _job("d", "qb", 1, 1, 1)]
+JOBS = [sim_job("a", 0, 10, "qa", "p", gpus=4), sim_job("b", 0, 5, "qa", "p", gpus=8),
+        sim_job("c", 5, 10, "qb", "p", gpus=2), sim_job("d", 1, 1, "qb", "p", gpus=1)]
 
 
 def _started(t: float, job: str, gpus: list[int]) -> dict[str, Any]:
