@@ -38,6 +38,7 @@ from scheduler.cli_client import (
     when,
 )
 from scheduler.service.api_models_registry import Alias, ModelDetail, ModelList, PromotionAnswer, Roi, RolledBack
+from scheduler.service.states import PromotionState
 
 models_app = typer.Typer(help="The model registry: versions from finished jobs, gated promotions, rollback, audit.",
                          no_args_is_help=True)
@@ -77,7 +78,7 @@ def _gate_status(status: str) -> Text:
     return Text(status.upper(), style={"pass": "green", "fail": "red", "pending": "yellow"}.get(status, ""))
 
 
-_STATE_STYLE = {"promoted": "green", "rejected": "red", "open": "yellow"}
+_STATE_STYLE = {PromotionState.PROMOTED: "green", PromotionState.REJECTED: "red", PromotionState.OPEN: "yellow"}
 
 
 def show_promotion(data: dict[str, Any], output: Output) -> None:
@@ -97,12 +98,12 @@ def show_promotion(data: dict[str, Any], output: Output) -> None:
             c.print("no gates: the stage's policy asks for none")
         c.print(Text.assemble(f"promotion {p.promotion}: {p.model} v{p.version} to {p.stage}: ",
                               (p.state, _STATE_STYLE.get(p.state, ""))))
-        if p.state == "open":
+        if p.state == PromotionState.OPEN:
             pending = [g.gate for g in p.gates if g.status == "pending"]
             # Approvals must come from another model owner: say the exact command they run.
             note(f"waiting for: {', '.join(pending)}; another model owner runs "
                  f"`corral models approve {p.promotion}`")
-    if p.state == "rejected":
+    if p.state == PromotionState.REJECTED:
         failed = [g.gate for g in p.gates if g.status == "fail"]
         fail(f"promotion {p.promotion} rejected by: {', '.join(failed)}")
 

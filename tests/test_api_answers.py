@@ -1,9 +1,8 @@
-"""Every JSON route and the `corral` commands that read them, driven once; each answer's keys must stay as recorded.
+"""Every JSON route and the `corral` commands that read them, driven once; each answer's keys must stay as recorded."""
 
-A response model drops the fields it does not list: this catches it. `CORRAL_RECORD_ANSWERS=DIR` writes the whole
-(normalised) answers and CLI outputs to DIR/answers.json, to compare before and after a change, and the key sets
-to DIR/api_answers.json (copy it over tests/api_answers.json when a change of the answers is meant).
-"""
+# A response model drops the fields it does not list: this catches it. `CORRAL_RECORD_ANSWERS=DIR` writes the whole
+# (normalised) answers and CLI outputs to DIR/answers.json, to compare before and after a change, and the key sets
+# to DIR/api_answers.json (copy it over tests/api_answers.json when a change of the answers is meant).
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from scheduler.service.api_models import Answer, Json
+from scheduler.service.states import PromotionState
 
 
 class Alias(Answer):
@@ -79,7 +80,7 @@ class PromotionAnswer(Answer):
     model: str
     version: int
     stage: str
-    state: Literal["open", "promoted", "rejected"]
+    state: PromotionState
     gates: list[Gate]
 
 
@@ -90,7 +91,7 @@ class PromotionView(Answer):
     stage: str
     requester: str
     created_at: float
-    state: Literal["open", "promoted", "rejected"]
+    state: PromotionState
     gates: list[Gate]
     decided_at: float | None
 

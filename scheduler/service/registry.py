@@ -51,7 +51,7 @@ from scheduler.service.db import (
 )
 from scheduler.service.errors import Conflict, Forbidden, Invalid, NotFound
 from scheduler.service.metrics import gauge
-from scheduler.service.states import AttemptOutcome, JobState
+from scheduler.service.states import AttemptOutcome, JobState, PromotionState
 
 STAGES = ("candidate", "staging", "production")
 log = logging.getLogger("corral.models")
@@ -406,7 +406,7 @@ def request_promotion(core: Core, who: Principal, name: str, version: int, stage
     with _changing(core) as conn:
         _still(conn, name, seen)
         pid = conn.execute(promotions.insert().values(
-            model=name, version=version, stage=stage, requester=who.user, created_at=now, state="open",
+            model=name, version=version, stage=stage, requester=who.user, created_at=now, state=PromotionState.OPEN,
             gates=_view(results)).returning(promotions.c.id)).scalar_one()
         _append(conn, now, who.user, "promotion.request", name, promotion=pid, version=version, stage=stage,
                 gates=_view(results))
@@ -424,7 +424,7 @@ def approve(core: Core, who: Principal, promotion_id: int) -> dict[str, Any]:
                                                     .where(approvals.c.promotion_id == promotion_id)).mappings()]
     if not who.may_promote(core.tree, m["queue"]):
         raise Forbidden(f"{who.user} ({who.role}) may not approve promotions of {p['model']}: model owners do")
-    if p["state"] != "open":
+    if p["state"] != PromotionState.OPEN:
         raise Conflict(f"promotion {promotion_id} is already {p['state']}")
     if who.user == p["requester"]:
         raise Forbidden(f"{who.user} requested promotion {promotion_id}; an approval must come from someone else",
@@ -441,7 +441,7 @@ def approve(core: Core, who: Principal, promotion_id: int) -> dict[str, Any]:
         state = conn.execute(sa.select(promotions.c.state).where(promotions.c.id == promotion_id)).scalar_one()
         now_done = sorted(conn.execute(sa.select(approvals.c.approver)
                                        .where(approvals.c.promotion_id == promotion_id)).scalars())
-        if state != "open" or now_done != sorted(done):
+        if state != PromotionState.OPEN or now_done != sorted(done):
             raise Conflict(f"promotion {promotion_id} changed while its gates ran; look at it and approve again")
         conn.execute(approvals.insert().values(promotion_id=promotion_id, approver=who.user, at=now))
         _append(conn, now, who.user, "promotion.approve", p["model"], promotion=promotion_id)
@@ -462,18 +462,18 @@ def _still(conn: Connection, model: str, seen: dict[str, Any] | None) -> None:
 def _decide(conn: Connection, core: Core, pid: int, name: str, version: int, stage: str,
             results: list[GateResult], now: float, actor: str) -> dict[str, Any]:
     """Promote when every gate passes; a failed gate rejects the request; otherwise it stays open."""
-    state = "open"
+    state = PromotionState.OPEN
     if promotable(results):
-        state = "promoted"
+        state = PromotionState.PROMOTED
         previous = _move_alias(conn, name, stage, version, now)
         _append(conn, now, actor, "model.promote", name, promotion=pid, version=version, stage=stage,
                 previous=previous)
     elif any(r.status == "fail" for r in results):
-        state = "rejected"
+        state = PromotionState.REJECTED
         _append(conn, now, actor, "promotion.reject", name, promotion=pid,
                 failed=[r.gate for r in results if r.status == "fail"])
     conn.execute(promotions.update().where(promotions.c.id == pid).values(
-        gates=_view(results), state=state, decided_at=None if state == "open" else now))
+        gates=_view(results), state=state, decided_at=None if state == PromotionState.OPEN else now))
     return {"promotion": pid, "model": name, "version": version, "stage": stage, "state": state,
             "gates": _view(results)}
 

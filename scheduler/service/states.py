@@ -38,6 +38,14 @@ class AttemptState(StrEnum):
 HOLDING = (AttemptState.RUNNING, AttemptState.STOPPING)  # attempt states whose process may still hold its GPUs
 
 
+class PromotionState(StrEnum):
+    """A model promotion request's state (promotions.state)."""
+
+    OPEN = "open"  # gates pending (approvals, a hook)
+    PROMOTED = "promoted"
+    REJECTED = "rejected"  # a gate failed
+
+
 class AttemptOutcome(StrEnum):
     """How an attempt ended (attempts.outcome)."""
 
