@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 from quotas import QueueTree
 from quotas.tree import Queue
@@ -24,6 +25,13 @@ from scheduler.engine.preemption import CAUSE, Plan, Preemption, Tier, tiers_for
 from scheduler.engine.state import PoolState
 
 MAX_PASSES = 1000  # passes repeat only while skipped queues may have gained; this bounds a pathological loop
+
+
+class Found(NamedTuple):
+    """A job of the queue that can start now, and how (the victims to preempt first, the nodes it gets)."""
+
+    job: Job
+    plan: Plan
 
 
 class Engine:
@@ -304,7 +312,7 @@ class Engine:
                 order.reach(entry)
                 key, name = entry
                 if (key[0] >= 1 and name not in mixed and ends
-                        and (pool.free_gpus if name == ps.reserved[0] else free) < need):
+                        and (pool.free_gpus if name == ps.reserved.queue else free) < need):
                     preempted |= self._tier3_rest(ps, now, res, out, started, order)
                     break
                 stuck = asleep.get(name)
@@ -316,10 +324,10 @@ class Engine:
                     order.skip(name)
                     continue
                 preempted |= self._apply(ps, found, now, out, started)
-                if res is not None and found[0] is res.job:
+                if res is not None and found.job is res.job:
                     res = None
                     ps.reserved_for(res)
-                order.changed({name} | {v.job.spec.queue for v in found[1].victims})
+                order.changed({name} | {v.job.spec.queue for v in found.plan.victims})
         finally:
             ps.thaw()
         return started, preempted
@@ -336,7 +344,7 @@ class Engine:
                 preempted |= self._apply(ps, found, now, out, started)
         return preempted
 
-    def _apply(self, ps: PoolState, found: tuple[Job, Plan], now: float, out: list[Decision],
+    def _apply(self, ps: PoolState, found: Found, now: float, out: list[Decision],
                started: list[Job]) -> bool:
         """Preempt the plan's victims, then start the job."""
         job, plan = found
@@ -349,7 +357,7 @@ class Engine:
         started.append(job)
         return bool(plan.victims)
 
-    def _try_queue(self, ps: PoolState, q: Queue, now: float, res: Reservation | None) -> tuple[Job, Plan] | None:
+    def _try_queue(self, ps: PoolState, q: Queue, now: float, res: Reservation | None) -> Found | None:
         """The first job of `q`, in queue order, that can start now (best-effort FIFO)."""
         # A queue that found nothing stays stuck (see memo.py) until something could help it: a change to its
         # own jobs or share, the reservation becoming or ceasing to be its own, its preempted jobs' tiers back
@@ -400,7 +408,7 @@ class Engine:
                     continue
             plan, only_own = self._admit(ps, job, q, now, res)
             if plan is not None:
-                return job, plan
+                return Found(job, plan)
             if self.holds is not None and res is not None and res.nodes:
                 self._note_held_nodes(ps, job, q, now, res)
             if room_only is not None:

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from scheduler.engine.decisions import GUARANTEE, LIMIT, QUEUE_MATE
 from scheduler.engine.model import Job
+
+
+class Held(NamedTuple):
+    """The reservation as the free-room answers read it (PoolState.reserved)."""
+
+    queue: str | None  # its job's queue (None: no reservation)
+    nodes: frozenset[str]  # the nodes it keeps from other jobs
+    within_quota: bool  # its job is within its queue's quota (a job within quota may use them, see excludes)
+
+
+NOT_HELD = Held(None, frozenset(), False)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from scheduler.engine.cluster import Pool
+from scheduler.engine.guard import Held
 from scheduler.engine.model import Job
 
 
@@ -52,7 +53,7 @@ class Stuck:
         self.owned = tuple(n for n in needs if n.own)
 
 
-def may_fit_any(pool: Pool, reserved: tuple[str | None, frozenset[str], bool], needs: Iterable[Need],
+def may_fit_any(pool: Pool, reserved: Held, needs: Iterable[Need],
                 queue: str) -> bool:
     """Could any of these shapes that the room-only queue `queue` tried fit now, off the nodes the reservation
     (PoolState.reserved) keeps from it (Reservation.excludes)?"""

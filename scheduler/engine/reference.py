@@ -75,7 +75,7 @@ class ReferenceEngine(Engine):
                     break
                 if (key[0] >= 1 and not short and name not in mixed
                         and (res is None or res.job.spec.queue in moved or res.job.spec.queue not in ps.pending)
-                        and (pool.free_gpus if name == ps.reserved[0] else free) < need):
+                        and (pool.free_gpus if name == ps.reserved.queue else free) < need):
                     # From here on every queue is at or over its fair share (so it has no tier 1 or 2) and no
                     # pending job fits in the free GPUs: only queues with lower-priority work (tier 3) remain.
                     rest = sorted(n for n, room in ps.mixed.items()
@@ -95,11 +95,11 @@ class ReferenceEngine(Engine):
                     moved[name] = -1
                     continue
                 preempted |= self._apply(ps, found, now, out, started)
-                if res is not None and found[0] is res.job:
+                if res is not None and found.job is res.job:
                     res = None
                     ps.reserved_for(res)
                 grown = ps.grown
-                for changed in {name} | {v.job.spec.queue for v in found[1].victims}:
+                for changed in {name} | {v.job.spec.queue for v in found.plan.victims}:
                     if moved.get(changed) == -1 or changed not in ps.pending:
                         continue
                     moved[changed] = moved.get(changed, 0) + 1

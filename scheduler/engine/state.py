@@ -16,7 +16,7 @@ from quotas import PoolShares, QueueTree
 from quotas.tree import Queue
 from scheduler.engine.clearable import ClearIndex
 from scheduler.engine.cluster import Pool
-from scheduler.engine.guard import Reservation
+from scheduler.engine.guard import NOT_HELD, Held, Reservation
 from scheduler.engine.memo import Need, Stuck, may_fit_any
 from scheduler.engine.model import Job
 
@@ -111,7 +111,7 @@ class PoolState:
         # Parked leaves woken while a pass ran: the pass visits those it has not passed yet (Engine._pass).
         self.woken: list[str] = []
         # The reservation the last pass ran under: its job's queue, the nodes it holds, whether it is within quota.
-        self.reserved: tuple[str | None, frozenset[str], bool] = (None, frozenset(), False)
+        self.reserved: Held = NOT_HELD
         # The reservation's job, what it waits on, and the queues it may hold jobs of.
         self._holder: tuple[Job, str | None, frozenset[str]] | None = None
         self.unreserved = 0  # bumps when the reservation may have let a job use a node it kept it from
@@ -122,7 +122,7 @@ class PoolState:
         # quota) that a queue found no room for.
         self.shape_ids: dict[tuple[Need, ...], int] = {}
         self._fits: dict[int, bool] = {}
-        self._fits_at: tuple[int, tuple[str | None, frozenset[str], bool]] = (-1, self.reserved)
+        self._fits_at: tuple[int, Held] = (-1, self.reserved)
         # The free GPUs on the reserved nodes (usable_free), and the free room and nodes they were counted for.
         self._held_free = 0
         self._held_free_at: tuple[int, frozenset[str]] = (-1, frozenset())
@@ -372,7 +372,7 @@ class PoolState:
     def _parkable(self, name: str) -> int | None:
         """The shapes id of a sleeper the pass need not visit until room is given back, or None."""
         stuck = self.asleep.get(name)
-        if stuck is None or stuck.owned or not stuck.plain or name in self.mixed or name == self.reserved[0]:
+        if stuck is None or stuck.owned or not stuck.plain or name in self.mixed or name == self.reserved.queue:
             return None
         if stuck.shapes_id == -1:
             stuck.shapes_id = self.shape_ids.setdefault(stuck.plain, len(self.shape_ids))
@@ -488,7 +488,7 @@ class PoolState:
 
     def _fits_key(self, stuck: Stuck, queue: str) -> int:
         """Sleepers share an answer when they tried the same plain shapes and the reservation is, or is not, theirs."""
-        return 2 * stuck.shapes_id + (queue == self.reserved[0])
+        return 2 * stuck.shapes_id + (queue == self.reserved.queue)
 
     def _known_fits(self) -> dict[int, bool]:
         """The answers _may_fit_any has kept for the free room and reservation as they are now (by _fits_key)."""
@@ -525,7 +525,7 @@ class PoolState:
             self._holder = holder
         if not nodes >= old_nodes or (old_within and not within_quota and old_nodes):
             self.unreserved += 1
-        self.reserved = (queue, nodes, within_quota)
+        self.reserved = Held(queue, nodes, within_quota)
         if queue != old_queue:  # the reservation's queue is never parked
             for leaf in (queue, old_queue):
                 if leaf is not None:
