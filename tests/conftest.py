@@ -48,10 +48,13 @@ def svc(db_url: str, tmp_path: Path) -> Service:
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`integration` for the tests that use a fixture marked with tests.marks.starts_processes (directly or through
-    another fixture), and for every PostgreSQL case of a test parametrized over the databases (`db_url`)."""
+    another fixture), and for every PostgreSQL case of a test parametrized over the databases (`db_url`); `slow`
+    for every property test (hypothesis's @given: hundreds of generated worlds each)."""
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         marks = fixture_marks(info.name2fixturedefs.values()) if info is not None else set()
+        if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+            marks.add("slow")
         callspec = getattr(item, "callspec", None)
         if callspec is not None and any(isinstance(v, str) and v == "postgresql" for v in callspec.params.values()):
             marks.add("integration")

@@ -169,6 +169,7 @@ def test_lineage_digests_are_the_jobs_own(svc: Service, team: dict[str, TestClie
     assert "lineage.json is not valid" in refused(alice, bad, "w.pt")
 
 
+@pytest.mark.integration  # a real job process
 def test_a_real_job_writes_its_metrics_and_registers_from_its_output(tmp_path: Path) -> None:
     """End to end on the local executor: the job's process writes the artifact, metrics.json and lineage.json in
     $CORRAL_OUTPUT_DIR with the SDK; registration reads them; typed-in metrics change nothing."""

@@ -120,6 +120,7 @@ def fuzz(svc: Service, token: str) -> tuple[int, list[str]]:
     return sent, failures
 
 
+@pytest.mark.slow  # a thousand generated requests per role
 @pytest.mark.parametrize("role", list(Role), ids=[r.value for r in Role])
 def test_generated_requests_get_no_5xx_and_conform_to_the_schema(tmp_path: Path, role: Role) -> None:
     svc = make_service(f"sqlite:///{tmp_path / 'corral.db'}", tmp_path, LoggingExecutor(root=tmp_path / "logs"))

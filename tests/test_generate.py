@@ -89,6 +89,7 @@ def test_cli_bad_arguments(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "cannot write the file" in res.output
 
 
+@pytest.mark.slow  # a generated world replayed under every policy
 def test_small_world_replays_under_every_policy(tmp_path: Path) -> None:
     trace, cluster = _files(tmp_path, SMALL, "p")
     for policy in ("corral", "fifo", "strict-quota", "las"):

@@ -59,6 +59,7 @@ def test_human_summary_reports_failed_expectation(tmp_path: Path, corral_cmd: li
     assert subprocess.run([*corral_cmd, "sim", "scenario", str(bad), "--json"], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow  # every scenario under each baseline
 @pytest.mark.parametrize("policy", ["fifo", "strict-quota", "las"])
 def test_baselines_run_every_scenario(policy: str) -> None:
     for path in SCENARIOS:
