@@ -1,15 +1,18 @@
-"""Small builders for tests: queue trees, node lists, job specs and simulator worlds with sensible defaults.
+"""Builders for every test: queue trees, node lists, job specs, simulator worlds, engines and service settings,
+with defaults for everything and keyword overrides for what a test is about (CONTRIBUTING.md).
 
-Everything here is plain construction (no files): a test states only what matters to it.
+Everything here is plain construction (no files, no processes): a test states only what matters to it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from quotas import QueueSpec, QueueTree
 from scheduler.engine import Engine, JobSpec, NodeSpec, Settings
+from scheduler.service.settings import ServiceSettings
 from scheduler.sim.inputs import EventIn, SimJob, World
 
 # ----- cluster -----
@@ -114,3 +117,13 @@ def pool_engine(queues: Iterable[QueueSpec], nodes: int = 2, gpus: int = 8, pool
                 settings: Settings | None = None, **node_kw: Any) -> Engine:
     """An engine on one pool of `nodes` identical nodes (`node_kw`: the rest of `nodes()`'s arguments)."""
     return engine(_nodes(pool, nodes, gpus, **node_kw), queues, settings)
+
+
+# ----- the service -----
+
+
+def service_settings(root: Path, database_url: str | None = None, *, data: str = "data",
+                     **overrides: Any) -> ServiceSettings:
+    """The service's settings with its files under `root` (data_dir `root/<data>`); `database_url` None is the
+    default, SQLite in data_dir. Everything else as ServiceSettings has it (CORRAL_* variables included)."""
+    return ServiceSettings(data_dir=root / data, database_url=database_url, **overrides)

@@ -23,8 +23,8 @@ from scheduler.service.auth import Principal, Role
 from scheduler.service.core import Core
 from scheduler.service.db import jobs
 from scheduler.service.rebuild import LIVE, applied_tree
-from scheduler.service.settings import ServiceSettings
 from scheduler.service.specs import JobSubmit, engine_spec_of, job_id_of
+from tests.factories import service_settings
 from tests.service_kit import Clock, ScriptedExecutor
 
 TOL = 1e-6
@@ -206,7 +206,7 @@ class Backend:
 def scripted_twin(tmp: Path, nodes: list[NodeInfo], pool: str, unit: int) -> Backend:
     """The same case on a scripted executor, never restarted: what the real backend must decide."""
     clock, executor = Clock(), DurableExecutor()
-    settings = ServiceSettings(data_dir=tmp / "twin", database_url=f"sqlite:///{tmp / 'twin.db'}", grace_s=0)
+    settings = service_settings(tmp, f"sqlite:///{tmp / 'twin.db'}", data="twin", grace_s=0)
     bare = [NodeInfo(n.name, n.pool, n.gpus, n.cpus, n.memory_gb) for n in nodes]
     return Backend(lambda: build_core(settings, executor, nodes=bare, clock=clock), pool, unit,
                    finish=lambda core, name: executor.exit(_id(core, name), 0))

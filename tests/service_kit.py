@@ -19,7 +19,7 @@ from scheduler.service.app import create_app
 from scheduler.service.assemble import build_core, create_token
 from scheduler.service.auth import Role
 from scheduler.service.core import Core
-from scheduler.service.settings import ServiceSettings
+from tests.factories import service_settings
 
 PG_ENV = "CORRAL_TEST_POSTGRES_URL"  # a server's admin URL, e.g. postgresql+psycopg://postgres@127.0.0.1:55432/postgres
 
@@ -151,7 +151,7 @@ def make_service(url: str, tmp: Path, executor: Any = None, n_gpus: int = 8, **s
     executor = executor if executor is not None else ScriptedExecutor()
     if isinstance(executor, ScriptedExecutor) and executor.outputs is None:
         executor.outputs = tmp / "outputs"
-    s = ServiceSettings(data_dir=tmp / "data", database_url=url, grace_s=30, **settings)
+    s = service_settings(tmp, url, grace_s=30, **settings)
     core = build_core(s, executor, gpus(n_gpus), clock)
     app = create_app(core, run_loop=False)
     admin = TestClient(app)

@@ -23,8 +23,8 @@ from scheduler.service.auth import NameRecord, Principal, Role
 from scheduler.service.db import tokens
 from scheduler.service.queues import build_tree
 from scheduler.service.routes_cluster import DEFAULT_TOKEN_DAYS
-from scheduler.service.settings import ServiceSettings
 from tests import attack_kit
+from tests.factories import service_settings
 from tests.service_kit import DEMO_TREE, Service, make_service
 from tests.test_models_service import POLICY, register
 
@@ -298,7 +298,7 @@ def test_local_token_is_the_way_back(svc: Service, db_url: str, tmp_path: Path) 
     svc.core.tokens.clear()
     assert svc.admin.get("/v1/audit").status_code == 401
 
-    settings = ServiceSettings(data_dir=tmp_path / "data", database_url=db_url)
+    settings = service_settings(tmp_path, db_url)
     made = local_tokens.make(settings, "rescue", "platform-admin", None)
     rescue = _as(svc, made.secret)
     entries = rescue.get("/v1/audit").json()["entries"]

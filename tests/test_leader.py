@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from scheduler.service.db import jobs, leadership, migrate
 from scheduler.service.ha import AlreadyRunning, single
 from scheduler.service.leader import Fenced, Leadership, PostgresFence, SqliteFence
-from scheduler.service.settings import ServiceSettings
+from tests.factories import service_settings
 from tests.k8s_kit import free_port
 from tests.marks import starts_processes
 from tests.service_kit import database_url
@@ -131,7 +131,7 @@ def test_a_leader_that_cannot_renew_stops_acting_within_the_deadline_and_steps_d
 
 
 def test_on_sqlite_a_second_instance_refuses_to_start(tmp_path: Path) -> None:
-    settings = ServiceSettings(data_dir=tmp_path / "data")
+    settings = service_settings(tmp_path)
     first = single(settings)
     assert isinstance(first, SqliteFence)
     with pytest.raises(AlreadyRunning, match="another Corral instance uses the SQLite database"):

@@ -20,7 +20,7 @@ from scheduler.cli import app as cli_app
 from scheduler.service.app import create_app
 from scheduler.service.assemble import build_core, create_token
 from scheduler.service.auth import Role
-from scheduler.service.settings import ServiceSettings
+from tests.factories import service_settings
 from tests.service_kit import Clock
 from tests.test_cluster_sync import ClusterExecutor, node
 
@@ -30,7 +30,7 @@ STEPS = 60
 
 def world(tmp: Path) -> tuple[Any, ClusterExecutor, Clock, TestClient, TestClient]:
     ex, clock = ClusterExecutor(), Clock()
-    core = build_core(ServiceSettings(data_dir=tmp / "data", grace_s=5, starvation_timeout_s=30), ex, clock=clock,
+    core = build_core(service_settings(tmp, grace_s=5, starvation_timeout_s=30), ex, clock=clock,
                       nodes=[node("a"), node("b")])
     app = create_app(core, run_loop=False)
     admin = TestClient(app)

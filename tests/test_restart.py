@@ -59,8 +59,8 @@ from scheduler.service.auth import Principal, Role
 from scheduler.service.core import Core
 from scheduler.service.db import attempts, connect, jobs
 from scheduler.service.errors import ServiceError
-from scheduler.service.settings import ServiceSettings
 from scheduler.service.specs import JobSubmit, engine_id, job_id_of
+from tests.factories import service_settings
 from tests.prop_model import PROPERTY
 from tests.restart_kit import (
     DurableExecutor,
@@ -111,7 +111,7 @@ class Side:
     def __init__(self, root: Path, clock: Clock, **settings: Any):
         self.clock = clock
         self.url = f"sqlite:///{root / 'corral.db'}"
-        self.settings = ServiceSettings(data_dir=root / "data", database_url=self.url, **settings)
+        self.settings = service_settings(root, self.url, **settings)
         self.executor = DurableExecutor(exits_on_term=settings.get("grace_s", 0) == 0,
                                         infos={n.name: n for n in NODES})
         self.core = build_core(self.settings, self.executor, nodes=list(NODES), clock=clock)
@@ -337,7 +337,7 @@ def test_a_borrower_taken_back_after_a_restart_as_without_one(db_url: str, tmp_p
         root = tmp_path / str(restarted)
         clock, executor = Clock(), DurableExecutor()
         url = db_url if restarted else f"sqlite:///{root / 'twin.db'}"
-        s = ServiceSettings(data_dir=root / "data", database_url=url, grace_s=0)
+        s = service_settings(root, url, grace_s=0)
         core = build_core(s, executor, nodes=infos, clock=clock)
         core.apply_queues(ROOT, tree)
 

@@ -14,7 +14,8 @@ import pytest
 from scheduler.backends.base import NodeInfo
 from scheduler.backends.local import LocalExecutor
 from scheduler.service.assemble import build_core
-from scheduler.service.settings import ServiceSettings
+from tests.factories import service_settings
+from tests.marks import starts_processes
 from tests.restart_kit import Backend, issue_case, scripted_twin
 from tests.service_kit import Service, gpus, make_service
 
@@ -51,6 +52,7 @@ def py(code: str) -> list[str]:
 
 
 @pytest.fixture
+@starts_processes  # real job processes
 def local(tmp_path: Path) -> Service:
     return make_service(f"sqlite:///{tmp_path / 'c.db'}", tmp_path, LocalExecutor(tmp_path / "runs"))
 
@@ -115,6 +117,7 @@ def test_a_job_that_cannot_launch_fails_alone(local: Service, tmp_path: Path) ->
     assert str(gone) in got["reason"]["message"]
 
 
+@pytest.mark.integration  # real job processes
 def test_a_restart_over_running_processes_decides_as_without_one(tmp_path: Path) -> None:
     """Issue 20 on real processes: the service is dropped without a stop while its jobs run and started again
     (a new executor adopts them by their pid files); demand and fair shares are those an engine built from scratch
@@ -123,7 +126,7 @@ def test_a_restart_over_running_processes_decides_as_without_one(tmp_path: Path)
     marks = tmp_path / "marks"
     marks.mkdir()
     nodes = [NodeInfo("localhost", "local", gpus(8))]
-    settings = ServiceSettings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'c.db'}", grace_s=5)
+    settings = service_settings(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", grace_s=5)
     real = Backend(lambda: build_core(settings, LocalExecutor(tmp_path / "runs"), nodes=nodes), "local", 2,
                    command=lambda name: (f"while [ ! -e {marks / name} ] && [ ! -e {marks / 'all'} ]; "
                                          "do sleep 0.05; done"),
