@@ -19,15 +19,15 @@ import pytest
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
-from quotas import QueueSpec, QueueTree, fair_shares
+from quotas import QueueSpec, fair_shares
 from scheduler.engine import Engine, Job, JobState, NodeSpec, Preempted, Rejected, Settings, Started
 from scheduler.engine.cluster import Freed, Pool, _best_fit
 from scheduler.engine.decisions import Decision
-from scheduler.engine.model import JobSpec
 from scheduler.engine.shortcut_free import ShortcutFreeEngine
 from scheduler.sim.inputs import World
 from scheduler.sim.runner import Simulation
-from tests.factories import nodes, queue, sim_job, world
+from tests.factories import job as job_spec
+from tests.factories import nodes, queue, sim_job, tree, world
 from tests.prop_model import (
     NO_GUARD,
     PROPERTY,
@@ -468,7 +468,7 @@ def test_fair_share_water_filling(cluster_and_queues: tuple[list[NodeSpec], list
     below the sum of the guarantees (step 2's scaling)."""
     node_list, specs = cluster_and_queues
     cap = _capacity(node_list)
-    t = QueueTree(specs, cap)
+    t = tree(specs, node_list)
     for pool in sorted(cap):
         leaf: Counter[str] = Counter()
         for li, used, pending in demand_draw:
@@ -547,7 +547,7 @@ def test_one_worker_best_fit_matches_the_full_scan(node_list: list[NodeSpec], da
         n = pool.nodes[name]
         take = data.draw(st.integers(0, len(n.free)))
         cpus = 0.0 if n.free_cpus == math.inf else data.draw(st.sampled_from([0.0, 1.0, n.free_cpus]))
-        spec = JobSpec(f"x-{name}", "q", pool_name, gpus=take, cpus=cpus)
+        spec = job_spec(f"x-{name}", "q", pool_name, gpus=take, cpus=cpus)
         workers = pool.allocate(spec, [name])
         if data.draw(st.booleans()):
             victims.append((spec, workers))
@@ -557,6 +557,6 @@ def test_one_worker_best_fit_matches_the_full_scan(node_list: list[NodeSpec], da
     for spec, workers in victims:
         freed.add(workers, spec)
     excluded = data.draw(st.sets(st.sampled_from(names)))
-    job = JobSpec("j", "q", pool_name, gpus=data.draw(st.integers(0, 8)), cpus=data.draw(st.sampled_from([0.0, 2.0])))
+    job = job_spec("j", "q", pool_name, gpus=data.draw(st.integers(0, 8)), cpus=data.draw(st.sampled_from([0.0, 2.0])))
     chosen = _best_fit(pool._room(job.gpus, excluded, freed), job)
     assert pool.place(job, excluded, freed) == chosen
