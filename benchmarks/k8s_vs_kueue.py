@@ -60,11 +60,13 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -299,6 +301,32 @@ def throttled_client(kubeconfig: Path, qps: float, burst: int) -> Any:
     return api
 
 
+@contextlib.contextmanager
+def profiled(directory: str | None, phase: str) -> Iterator[None]:
+    """With --profile DIR: py-spy samples this process (the threads holding the GIL: Corral's CPU) while the block
+    runs, into DIR/<phase>.txt (collapsed stacks, one line per stack with its sample count)."""
+    if not directory:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out = Path(directory) / f"{phase}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rec = subprocess.Popen([spy, "record", "--pid", str(os.getpid()), "--gil", "--rate", "50", "--nonblocking",
+                            "--format", "raw", "--output", str(out)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        rec.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            rec.wait(120)
+
+
+def cache_counts(ex: Any) -> dict[str, int]:
+    """The executor's cache of bound pods: LISTs made, watch events applied, attempts read afresh."""
+    return {"lists": ex.bound.lists, "events": ex.bound.events, "fresh_reads": ex.bound.fresh_reads}
+
+
 # --- the phases --------------------------------------------------------------------------------------------------
 
 def timed(plane: Any, phase: str, jobs: list[tuple[str, dict[str, Any]]], want: int, workloads: bool,
@@ -379,12 +407,14 @@ def phase_corral(plane: Any, args: argparse.Namespace, work: Path, last: bool) -
         setup_s = time.perf_counter() - t0
         jobs = [(namespaces[TEAMS[i % len(TEAMS)]], job_body(f"j-{i:05d}", phase, TEAMS[i % len(TEAMS)], False))
                 for i in range(args.jobs)]
-        out = timed(plane, phase, jobs, min(args.jobs, capacity), False, args.timeout)
+        with profiled(args.profile, phase):
+            out = timed(plane, phase, jobs, min(args.jobs, capacity), False, args.timeout)
         time.sleep(1)
         with c.db.connect() as conn:
             running = int(conn.execute(sa.select(sa.func.count()).select_from(jobs_table)
                                        .where(jobs_table.c.state == "running")).scalar_one())
         out["verified"] = {**verify(plane, phase, nodes, namespaces), "corral_running": running}
+        out["cache"] = cache_counts(ex)
     finally:
         stop.set()
         if loop is not None:
@@ -451,9 +481,10 @@ def phase_corral_api(plane: Any, args: argparse.Namespace, work: Path, last: boo
             with c.db.connect() as conn:
                 return [float(t) for t in conn.execute(sa.select(column).where(column.is_not(None))).scalars()]
 
-        out = timed(plane, phase, [], min(args.jobs, capacity), False, args.timeout, submitter=submitter,
-                    selector=f"{k8s.MANAGED_BY}=corral,{k8s.KIND_LABEL}=job",
-                    admissions=lambda: times(attempts_table.c.admitted_at))
+        with profiled(args.profile, phase):
+            out = timed(plane, phase, [], min(args.jobs, capacity), False, args.timeout, submitter=submitter,
+                        selector=f"{k8s.MANAGED_BY}=corral,{k8s.KIND_LABEL}=job",
+                        admissions=lambda: times(attempts_table.c.admitted_at))
         time.sleep(1)
         with c.db.connect() as conn:
             running = int(conn.execute(sa.select(sa.func.count()).select_from(jobs_table)
@@ -467,6 +498,7 @@ def phase_corral_api(plane: Any, args: argparse.Namespace, work: Path, last: boo
                            "bound_elsewhere": sum(bool(p["spec"].get("nodeName")) and p["spec"]["nodeName"] not in ours
                                                   for p in pods),
                            "corral_running": running}
+        out["cache"] = cache_counts(ex)
     finally:
         stop.set()
         if loop is not None:
@@ -552,6 +584,8 @@ def main() -> None:
     ap.add_argument("--corral-watch-s", type=int, help="the Kubernetes executor's watch_s (default: its own, as "
                     "`corral serve` runs it)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    ap.add_argument("--profile", metavar="DIR", help="py-spy samples Corral's process during each Corral phase "
+                    "(the threads holding the GIL) into DIR/<phase>.txt, collapsed stacks")
     args = ap.parse_args()
     args.jobs = args.jobs or args.nodes * args.gpus
     phases = [args.only] if args.only else [p.strip() for p in args.phases.split(",") if p.strip()]

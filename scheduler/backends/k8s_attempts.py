@@ -56,6 +56,12 @@ def found_after_restart(job_id: str, attempt: int, pods: list[Any], prefix: str)
     return Attempt(ns, len(names), foreign=names)
 
 
+def evicted(pod: Any) -> bool:
+    """The pod was evicted (the Eviction API marks it DisruptionTarget before deleting it)."""
+    conditions = (pod.status.conditions if pod.status else None) or []
+    return any(c.type == "DisruptionTarget" and c.status == "True" for c in conditions)
+
+
 def failure(p: Any) -> tuple[int, str]:
     """A failed pod's exit code (its first terminated container's, or 1 when it has none) and why."""
     for s in p.status.container_statuses or []:

@@ -9,7 +9,8 @@
   retried launch meets 409s and carries on, and a restarted Corral finds its pods again by label. With workload
   "job" (the service's k8s_workload, or a job's CORRAL_K8S_WORKLOAD) an attempt is one Indexed batch/v1 Job
   instead (k8s_objects.batch_job): its controller makes the pods, and poll() binds each, as it appears, to the
-  node chosen for its completion index; the Job's Complete condition is the attempt's success.
+  node chosen for its completion index; the Job's Complete condition is the attempt's success. poll() reads the
+  pods from a watch-fed cache (k8s_podcache) and judges only the attempts whose pods changed.
 - Pods of others (k8s_pods): pods someone else made with schedulerName corral arrive as gangs (arrivals); once the
   engine admits one, launch() binds its pods, marking them with the job and attempt as annotations (the Binding
   API copies them onto the pod). Preemption deletes them with their own grace period; they are not deleted after
@@ -39,9 +40,10 @@ from quotas import QueueTree
 from scheduler.backends import k8s_objects as k8s
 from scheduler.backends import k8s_sandbox, k8s_teams
 from scheduler.backends.base import Arrival, Exit, Handle, Held, Launch, NodeChange, NodeInfo
-from scheduler.backends.k8s_attempts import Attempt, failure, found_after_restart, job_state, members
+from scheduler.backends.k8s_attempts import Attempt, evicted, failure, found_after_restart, job_state, members
 from scheduler.backends.k8s_nodes import Feed, NodeWatcher, conflict_ok, core_api, discover_nodes, node_info
 from scheduler.backends.k8s_others import OtherPods, binding
+from scheduler.backends.k8s_podcache import BoundPods, Key, by_attempt, fresh
 from scheduler.backends.k8s_pods import POD_GROUP_ENV, PodGangs, Waiting
 
 __all__ = ["KubernetesExecutor", "NodeChange", "NodeWatcher", "discover_nodes", "node_info"]
@@ -54,7 +56,8 @@ SIGTERM_CODE = -15  # pods deleted (by Corral's terminate, an eviction, a node's
 TERMINAL = ("Succeeded", "Failed")
 STDOUT, STDERR = "stdout.log", "stderr.log"
 LOG_TIMEOUT_S = 3.0
-OURS = f"spec.schedulerName={k8s.SCHEDULER_NAME}"  # every pod Corral binds, its own and others'
+BOUND_FEED = "corral-k8s-bound"
+ARRIVALS_WATCH_S = 1  # the pending pods' watch: its events reach the engine when a request ends (or at 500)
 T = TypeVar("T")
 PARALLEL = 8  # API calls in flight at once: launches the service runs together, and a gang's pods within one
 
@@ -82,10 +85,11 @@ class KubernetesExecutor:
         self.nodes = NodeWatcher(self.core, node_selector)  # only nodes matching the selector are Corral's
         self.gangs = PodGangs(self.core) if foreign_pods else None
         self.others = OtherPods(self.core)  # what pods Corral did not place hold on its nodes
+        self.bound = BoundPods(self.core)  # every pod Corral binds, by attempt, from a watch: what poll() reads
         self.watch_s = watch_s  # how long one watch request lasts before it is resumed (and close() noticed)
         self._feeds: dict[str, Feed[Any]] = {}
         self._gone: set[str] = set()  # deleted nodes: nobody will confirm their pods' deletion, so force it
-        self._listing: dict[tuple[str, str], list[Any]] | None = None  # one list for all adopt() calls
+        self._listing: dict[Key, list[Any]] | None = None  # one list for all adopt() calls
         self._job_listing: dict[tuple[str, str], Any] = {}
         self.cache_dir = Path(cache_dir)
         # Launch.image first; then this (the service's setting); then $CORRAL_K8S_DEFAULT_IMAGE.
@@ -318,7 +322,9 @@ class KubernetesExecutor:
         feed = self._feeds.get(name)
         if feed is None:
             out: list[Any] = [] if watcher.resource_version else watcher.resync()
-            self._feeds[name] = Feed(name, lambda: watcher.changes(self.watch_s))
+            # Arrivals are handed over when a watch request ends: a short one, so a burst of pods waits little.
+            window = min(self.watch_s, ARRIVALS_WATCH_S) if watcher is self.gangs else self.watch_s
+            self._feeds[name] = Feed(name, lambda: watcher.changes(window))
             return out
         return feed.drain()
 
@@ -344,15 +350,17 @@ class KubernetesExecutor:
         if not self._attempts:
             return []
         self._listing = None
-        by_key = self._by_attempt()  # one list per cycle for every attempt, rather than one per attempt
+        self._watch_bound()
         jobs = self._jobs() if any(a.job for a in self._attempts.values()) else {}
         ended: list[Exit] = []
-        for (job_id, attempt), a in list(self._attempts.items()):
-            key = (k8s.dns_label(job_id), str(attempt))
-            e = self._check(job_id, attempt, a, members(job_id, attempt, a, by_key.get(key, [])), "",
-                            jobs.get((a.namespace, a.job or "")))
+        for (job_id, attempt), a in self.bound.due(self._attempts, self._gone):  # those that may have changed
+            job = jobs.get((a.namespace, a.job or ""))
+            pods = self.bound.attempt(job_id, attempt, a, job)
+            e = self._check(job_id, attempt, a, pods, "", job)
             if e is not None:
                 ended.append(e)
+            else:
+                self.bound.settle((job_id, attempt), a, pods)
         return ended
 
     def _check(self, job_id: str, attempt: int, a: Attempt, pods: list[Any], detail: str,
@@ -411,16 +419,14 @@ class KubernetesExecutor:
         except ApiException as e:
             a.failure = (1, f"could not bind {', '.join(n for n, _ in todo)} (pods of {a.namespace}): {_why(e)}")
 
-    def _by_attempt(self) -> dict[tuple[str, str], list[Any]]:
-        """Every pod Corral binds, by (job, attempt): labels on its own pods, annotations on others'."""
-        by_key: dict[tuple[str, str], list[Any]] = {}
-        for p in self.core.list_pod_for_all_namespaces(field_selector=OURS).items:
-            marks = p.metadata.labels or {}
-            if k8s.JOB_LABEL not in marks:
-                marks = p.metadata.annotations or {}
-            if k8s.JOB_LABEL in marks:
-                by_key.setdefault((marks[k8s.JOB_LABEL], marks.get(k8s.ATTEMPT_LABEL, "")), []).append(p)
-        return by_key
+    def _watch_bound(self) -> bool:
+        """Start the cache of bound pods if it is not running: a LIST now (a restarted Corral must know its pods
+        before it acts), then a watch from it in a thread. True when it listed just now."""
+        if BOUND_FEED in self._feeds:
+            return False
+        self.bound.resync()
+        self._feeds[BOUND_FEED] = Feed(BOUND_FEED, lambda: self.bound.changes(self.watch_s))
+        return True
 
     def _jobs(self) -> dict[tuple[str, str], Any]:
         """Corral's batch/v1 Jobs by (namespace, name), in its team namespaces only: labels alone can be copied by
@@ -431,7 +437,9 @@ class KubernetesExecutor:
 
     def adopt(self, handle: Handle) -> Exit | None:
         if self._listing is None:  # a restart adopts every live attempt in a row: one list for all of them
-            self._listing, self._job_listing = self._by_attempt(), self._jobs()
+            # The cache, when it has just listed (a restart); else a list now: it may not have seen a new pod yet.
+            self._listing = self.bound.by_attempt() if self._watch_bound() else by_attempt(self.core)
+            self._job_listing = self._jobs()
         pods = self._listing.get((k8s.dns_label(handle.job_id), str(handle.attempt)), [])
         name = k8s.group_name(handle.job_id, handle.attempt)
         job = next((j for (_, n), j in sorted(self._job_listing.items()) if n == name), None)
@@ -457,7 +465,7 @@ class KubernetesExecutor:
         if (job_id, attempt) not in self._attempts:
             return False
         a = self._attempts[(job_id, attempt)]
-        pods = members(job_id, attempt, a, self._by_attempt().get((k8s.dns_label(job_id), str(attempt)), []))
+        pods = members(job_id, attempt, a, fresh(self.core, job_id, attempt, a.namespace, a.foreign))
         return any(p.status.phase not in TERMINAL for p in pods)
 
     def logs(self, job_id: str, attempt: int) -> tuple[str, str]:
@@ -510,12 +518,6 @@ class KubernetesExecutor:
     def _delete_named(self, ns: str, name: str, grace_s: int | None) -> None:
         with contextlib.suppress(ApiException):  # gone already: what we wanted
             self.core.delete_namespaced_pod(name, ns, grace_period_seconds=grace_s)
-
-
-def evicted(pod: Any) -> bool:
-    """The pod was evicted (the Eviction API marks it DisruptionTarget before deleting it)."""
-    conditions = (pod.status.conditions if pod.status else None) or []
-    return any(c.type == "DisruptionTarget" and c.status == "True" for c in conditions)
 
 
 def _raw(call: Callable[..., Any], *args: Any) -> None:
