@@ -37,7 +37,7 @@ print(f"{name}: done after {step} steps", flush=True)
 
 def corral_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "corral"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "scheduler.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "scheduler.cli.main"]
 
 
 def free_port() -> int:

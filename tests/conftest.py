@@ -30,7 +30,7 @@ def corral_cmd() -> list[str]:
     if exe.exists():
         return [str(exe)]
     found = shutil.which("corral")
-    return [found] if found else [sys.executable, "-m", "scheduler.cli"]
+    return [found] if found else [sys.executable, "-m", "scheduler.cli.main"]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -14,10 +14,10 @@ import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from scheduler import cli_client
 from scheduler.admission import hook as admission_hook
 from scheduler.admission.rules import AdmissionError, AdmissionHook, HookAnswer, evaluate, parse
-from scheduler.cli import app
+from scheduler.cli import client as cli_client
+from scheduler.cli.main import app
 from scheduler.service.auth import Role
 from scheduler.service.specs import JobSubmit
 from tests.service_kit import Service

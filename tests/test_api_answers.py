@@ -17,8 +17,8 @@ import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from scheduler import cli_client
-from scheduler.cli import app
+from scheduler.cli import client as cli_client
+from scheduler.cli.main import app
 from scheduler.service.auth import Role
 from tests.service_kit import Service, make_service
 from tests.test_models_service import POLICY as MODEL_POLICY

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from quotas import QueueTree
-from scheduler.cli import app as cli_app
+from scheduler.cli.main import app as cli_app
 from scheduler.service import local_tokens
 from scheduler.service.auth import NameRecord, Principal, Role
 from scheduler.service.db import tokens

@@ -13,8 +13,8 @@ import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner, Result
 
-from scheduler import cli_client
-from scheduler.cli import app
+from scheduler.cli import client as cli_client
+from scheduler.cli.main import app
 from scheduler.service.auth import Role
 from scheduler.service.db import model_audit
 from tests import attack_kit

@@ -19,8 +19,8 @@ import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner, Result
 
-from scheduler import cli_client
-from scheduler.cli import app
+from scheduler.cli import client as cli_client
+from scheduler.cli.main import app
 from scheduler.service.assemble import ADMIN_TOKEN_FILE
 from tests.service_kit import DEMO_TREE, Service, make_service
 

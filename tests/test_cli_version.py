@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from scheduler.cli import app
+from scheduler.cli.main import app
 
 
 def test_version_is_the_packages() -> None:

@@ -14,8 +14,8 @@ import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner, Result
 
-from scheduler import cli_client
-from scheduler.cli import app
+from scheduler.cli import client as cli_client
+from scheduler.cli.main import app
 from scheduler.service.assemble import create_token
 from scheduler.service.auth import Role
 from scheduler.service.settings import ServiceSettings

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from scheduler.cli import app
+from scheduler.cli.main import app
 from scheduler.service.db import NotAtHead, current_revision, head_revision, revisions
 from scheduler.service.metrics_server import MetricsServer
 from tests.db_upgrade_kit import database_at, lost, previous_head

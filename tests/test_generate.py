@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from scheduler.cli import app
+from scheduler.cli.main import app
 from scheduler.sim.generate import GPUS_PER_NODE, ServicesConfig, services
 from scheduler.sim.inputs import load_cluster, load_trace
 from scheduler.sim.runner import Simulation

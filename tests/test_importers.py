@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from scheduler.cli import app
+from scheduler.cli.main import app
 from scheduler.sim.importers import FORMATS, ImportOptions, RowError, gang, philly
 from scheduler.sim.inputs import load_trace
 

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from quotas import QueueSpec
-from scheduler.cli import app
+from scheduler.cli.main import app
 from scheduler.kueue import ClusterQueue, Cohort, ExportError, LocalQueue, ResourceFlavor, export, from_dict, losses
 from scheduler.kueue.client import KueueClient
 from scheduler.kueue.export import export_objects

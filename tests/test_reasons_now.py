@@ -14,9 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from scheduler import cli_client
 from scheduler.backends.base import NodeChange
-from scheduler.cli import app as cli_app
+from scheduler.cli import client as cli_client
+from scheduler.cli.main import app as cli_app
 from scheduler.service.app import create_app
 from scheduler.service.assemble import build_core, create_token
 from scheduler.service.auth import Role

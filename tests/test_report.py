@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from scheduler.cli import app
+from scheduler.cli.main import app
 from scheduler.sim import report
 from scheduler.sim.inputs import load_cluster, load_trace
 from scheduler.sim.metrics import compute, jain, percentile, usage_series

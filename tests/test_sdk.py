@@ -54,8 +54,8 @@ def start_corral(tmp: Path) -> Iterator[LiveCorral]:
                # Jobs run this checkout's interpreter, which other accounts may not reach (under /root): one user.
                CORRAL_RUN_AS="service")
     log = (tmp / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "scheduler.cli", "serve", "--gpus", "2", "--gpu-model", "virtual",
-                             "--port", str(port), "--data-dir", str(data)], env=env, stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "scheduler.cli.main", "serve", "--gpus", "2", "--gpu-model",
+                             "virtual", "--port", str(port), "--data-dir", str(data)], env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,5 +1,5 @@
 """The cluster commands of `corral`: queue (ls, apply, history, rollback), top and token create; usage and queue
-recommend come from scheduler/cli_usage.py."""
+recommend come from scheduler/cli/usage.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from scheduler import cli_usage
-from scheduler.cli_client import (
+from scheduler.cli import usage as cli_usage
+from scheduler.cli.client import (
     DEFAULT_URL,
     Fmt,
     Output,

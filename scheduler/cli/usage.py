@@ -14,7 +14,7 @@ import typer
 import yaml
 from rich.table import Table
 
-from scheduler.cli_client import (
+from scheduler.cli.client import (
     DEFAULT_URL,
     Fmt,
     Output,

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from scheduler.cli_client import DEFAULT_URL, Output, Token, Url, api, emit, fail, note, read_document
+from scheduler.cli.client import DEFAULT_URL, Output, Token, Url, api, emit, fail, note, read_document
 from scheduler.kueue import ExportError, export, losses
 from scheduler.kueue.export import ROOT_COHORT
 from scheduler.service.errors import Invalid

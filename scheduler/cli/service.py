@@ -1,6 +1,6 @@
 """`corral serve` and the job commands (submit, ps, logs, cancel, explain), over the REST API.
 
-The queue, cluster, usage and token commands live in scheduler/cli_cluster.py; `register` adds both to the
+The queue, cluster, usage and token commands live in scheduler/cli/cluster.py; `register` adds both to the
 root `corral` app.
 """
 
@@ -15,8 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from scheduler import cli_cluster
-from scheduler.cli_client import (
+from scheduler.cli import cluster as cli_cluster
+from scheduler.cli.client import (
     DEFAULT_URL,
     ApiError,
     Fmt,

@@ -21,7 +21,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from scheduler.cli_client import (
+from scheduler.cli.client import (
     DEFAULT_URL,
     Fmt,
     Output,

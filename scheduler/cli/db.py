@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from scheduler.cli_client import fail, note
+from scheduler.cli.client import fail, note
 
 db_app = typer.Typer(help="The service database's schema: upgrade (before a new version starts), downgrade, "
                           "current.", no_args_is_help=True)

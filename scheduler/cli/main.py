@@ -1,5 +1,5 @@
 """The `corral` command line: `corral sim ...` for the simulator; the service commands (serve, submit, ps, queue,
-...) come from scheduler.cli_service."""
+...) come from scheduler.cli.service."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from scheduler import cli_admission, cli_db, cli_kueue, cli_models, cli_service
+from scheduler.cli import admission as cli_admission
+from scheduler.cli import db as cli_db
+from scheduler.cli import kueue as cli_kueue
+from scheduler.cli import models as cli_models
+from scheduler.cli import service as cli_service
 from scheduler.engine.baselines import POLICIES
 from scheduler.gc_tuning import tune_gc
 from scheduler.sim import generate, importers, metrics

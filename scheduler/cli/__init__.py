@@ -1,0 +1,1 @@
+"""The `corral` command line: the typer app (main) and its command groups, one module each."""
