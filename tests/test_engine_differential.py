@@ -13,6 +13,7 @@ import copy
 import random
 from typing import Any
 
+import pytest
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
@@ -82,6 +83,7 @@ def test_crowded_worlds_decide_alike(seed: int, n_nodes: int, n_teams: int, n_jo
     assert _log(w, reference=False) == _log(w, reference=True)
 
 
+@pytest.mark.slow  # a large world, replayed by both engines
 def test_a_large_world_decides_alike() -> None:
     """Hundreds of queues, most of them parked at any time: the pass's skipping at full scale."""
     w = crowded(7, 40, 300, 2500, 300.0, 0.0, True, True)

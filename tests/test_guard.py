@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import pytest
 from hypothesis import given, note, settings
 
 from scheduler.engine import Engine, Job, JobState, Settings
@@ -101,6 +102,7 @@ def test_a_job_the_guard_holds_back_would_have_delayed_the_starving_job(c: Case)
     replay(c.world)
 
 
+@pytest.mark.slow  # runs the property above when it has not run
 def test_the_property_meets_every_cause() -> None:
     """The property above is not vacuous: its random worlds hold jobs back for room (queue-mates, held nodes) and
     for a limit. A guarantee hold needs a non-preemptible job overtaken past the timeout by non-preemptible

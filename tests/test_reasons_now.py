@@ -58,6 +58,7 @@ def check(admin: TestClient, member: TestClient) -> tuple[int, int]:
     return pending, requeued
 
 
+@pytest.mark.slow  # a long random simulation per seed
 @pytest.mark.parametrize("seed", range(4))
 def test_the_listed_reason_is_explains_reason_now(tmp_path: Path, seed: int) -> None:
     rnd = random.Random(seed)
