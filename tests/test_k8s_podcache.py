@@ -31,6 +31,7 @@ from scheduler.backends.k8s_nodes import Feed
 from scheduler.backends.k8s_podcache import OURS, BoundPods, by_attempt, key_of
 from scheduler.backends.kubernetes import BOUND_FEED, KubernetesExecutor
 from tests.k8s_kit import ControlPlane, delete_namespaces, kubelet, shared_plane, until
+from tests.marks import starts_processes
 
 IMAGE = "busybox:1.36"
 TEST_LABEL = "corral.dev/test"
@@ -92,6 +93,7 @@ def executor(plane: ControlPlane, tmp: Path, prefix: str, tag: str, twin: bool) 
 
 
 @pytest.fixture
+@starts_processes  # the Kubernetes test control plane
 def pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pair]:
     plane, tag = shared_plane(request.config), uuid.uuid4().hex[:5]
     nodes = [f"kc-{tag}-{i}" for i in range(3)]
