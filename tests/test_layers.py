@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # lint-imports, a subprocess over the whole tree
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("quotas", "scheduler", "sandbox", "notebooks")
 LINT_IMPORTS = str(Path(sys.executable).parent / "lint-imports")
