@@ -36,12 +36,12 @@ sys.path.insert(0, str(ROOT))
 from scheduler.backends import k8s_objects as k8s  # noqa: E402  (run as a script from anywhere)
 from scheduler.backends.base import CLUSTER_OWNER  # noqa: E402
 from scheduler.backends.kubernetes import KubernetesExecutor  # noqa: E402
-from scheduler.service.assemble import build_core  # noqa: E402
-from scheduler.service.auth import Principal, Role  # noqa: E402
-from scheduler.service.core import Core  # noqa: E402
-from scheduler.service.db import jobs  # noqa: E402
-from scheduler.service.settings import ServiceSettings  # noqa: E402
-from scheduler.service.specs import JobSubmit  # noqa: E402
+from scheduler.service.api.auth import Principal, Role  # noqa: E402
+from scheduler.service.core.assemble import build_core  # noqa: E402
+from scheduler.service.core.loop import Core  # noqa: E402
+from scheduler.service.core.settings import ServiceSettings  # noqa: E402
+from scheduler.service.core.specs import JobSubmit  # noqa: E402
+from scheduler.service.store.db import jobs  # noqa: E402
 from tests.k8s_kit import ControlPlane, find_bin_dir  # noqa: E402
 
 LABEL = "corral.dev/bench"

@@ -382,10 +382,10 @@ def phase_corral(plane: Any, args: argparse.Namespace, work: Path, last: bool) -
 
     from scheduler.backends import k8s_objects as k8s  # noqa: PLC0415
     from scheduler.backends.kubernetes import KubernetesExecutor  # noqa: PLC0415
-    from scheduler.service.assemble import build_core  # noqa: PLC0415
-    from scheduler.service.auth import Principal, Role  # noqa: PLC0415
-    from scheduler.service.db import jobs as jobs_table  # noqa: PLC0415
-    from scheduler.service.settings import ServiceSettings  # noqa: PLC0415
+    from scheduler.service.api.auth import Principal, Role  # noqa: PLC0415
+    from scheduler.service.core.assemble import build_core  # noqa: PLC0415
+    from scheduler.service.core.settings import ServiceSettings  # noqa: PLC0415
+    from scheduler.service.store.db import jobs as jobs_table  # noqa: PLC0415
 
     phase = "corral"
     t0 = time.perf_counter()
@@ -393,7 +393,7 @@ def phase_corral(plane: Any, args: argparse.Namespace, work: Path, last: bool) -
     namespaces = make_namespaces(plane, phase, {t: {k8s.QUEUE_LABEL: t} for t in TEAMS})
     capacity = args.nodes * args.gpus
     api = throttled_client(plane.kubeconfig, args.qps, args.burst)
-    # As `corral serve` builds it (scheduler/service/assemble.py), unless --corral-watch-s is given.
+    # As `corral serve` builds it (scheduler/service/core/assemble.py), unless --corral-watch-s is given.
     extra = {} if args.corral_watch_s is None else {"watch_s": args.corral_watch_s}
     ex = KubernetesExecutor(api, work / "corral-k8s", "busybox:1.36", grace_s=0, namespace_prefix="benchc-",
                             node_selector=f"{SET_LABEL}={phase}", **extra)
@@ -434,12 +434,12 @@ def phase_corral_api(plane: Any, args: argparse.Namespace, work: Path, last: boo
 
     from scheduler.backends import k8s_objects as k8s  # noqa: PLC0415
     from scheduler.backends.kubernetes import KubernetesExecutor  # noqa: PLC0415
-    from scheduler.service.assemble import build_core  # noqa: PLC0415
-    from scheduler.service.auth import Principal, Role  # noqa: PLC0415
-    from scheduler.service.db import attempts as attempts_table  # noqa: PLC0415
-    from scheduler.service.db import jobs as jobs_table  # noqa: PLC0415
-    from scheduler.service.settings import ServiceSettings  # noqa: PLC0415
-    from scheduler.service.specs import JobSubmit  # noqa: PLC0415
+    from scheduler.service.api.auth import Principal, Role  # noqa: PLC0415
+    from scheduler.service.core.assemble import build_core  # noqa: PLC0415
+    from scheduler.service.core.settings import ServiceSettings  # noqa: PLC0415
+    from scheduler.service.core.specs import JobSubmit  # noqa: PLC0415
+    from scheduler.service.store.db import attempts as attempts_table  # noqa: PLC0415
+    from scheduler.service.store.db import jobs as jobs_table  # noqa: PLC0415
 
     phase = "corral-api"
     t0 = time.perf_counter()
@@ -515,7 +515,7 @@ def phase_kueue(plane: Any, args: argparse.Namespace, work: Path, kueue_bin: Pat
                 ) -> dict[str, Any]:
     from scheduler.kueue import export_objects  # noqa: PLC0415
     from scheduler.kueue.client import KueueClient  # noqa: PLC0415
-    from scheduler.service.queues import build_tree  # noqa: PLC0415
+    from scheduler.service.core.queues import build_tree  # noqa: PLC0415
     from tests.kueue_kit import KueueController, condition  # noqa: PLC0415
 
     phase = "kueue"

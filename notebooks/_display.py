@@ -6,7 +6,7 @@ import html
 from collections.abc import Mapping
 from typing import Any
 
-from scheduler.service.states import JobState
+from scheduler.service.core.states import JobState
 
 # Jupyter's default palette has no state colours; these keep the card readable on light and dark themes.
 STATE_COLOURS: dict[str, str] = {

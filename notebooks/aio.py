@@ -18,8 +18,8 @@ import httpx
 
 from notebooks.config import Connection
 from notebooks.errors import CorralError
-from scheduler.service.api_models import JobView
-from scheduler.service.states import FINISHED, JobState
+from scheduler.service.api.models import JobView
+from scheduler.service.core.states import FINISHED, JobState
 
 TIMEOUT = httpx.Timeout(30.0, read=60.0)  # read is long: a scheduling cycle under load can hold the API a while
 # States in which the latest attempt's process has been started (or never will).

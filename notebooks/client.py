@@ -27,8 +27,8 @@ from notebooks.aio import AsyncCorral
 from notebooks.config import Connection, resolve
 from notebooks.errors import CorralError, JobFailed
 from notebooks.models import Models
-from scheduler.service.api_models import JobView
-from scheduler.service.states import FINISHED, JobState
+from scheduler.service.api.models import JobView
+from scheduler.service.core.states import FINISHED, JobState
 
 __all__ = ["Client", "CorralError", "Job", "JobFailed", "detaching"]
 STDERR_TAIL_LINES = 20

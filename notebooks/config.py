@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from notebooks.errors import CorralError
-from scheduler.service.settings import ADMIN_TOKEN_FILE, default_data_dir
+from scheduler.service.core.settings import ADMIN_TOKEN_FILE, default_data_dir
 
 DEFAULT_URL = "http://127.0.0.1:8265"
 HUB_SERVICE = "corral"  # the name the Corral API is registered under as a JupyterHub service

@@ -26,7 +26,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from notebooks.client import Client, Job
-from scheduler.service.states import FINISHED
+from scheduler.service.core.states import FINISHED
 
 _client: Client | None = None
 

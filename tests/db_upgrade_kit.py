@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from scheduler.service.db import revisions, upgrade
+from scheduler.service.store.db import revisions, upgrade
 
 TREE = {"queues": [{"name": "research", "quota": {"local": 4}},
                    {"name": "nlp", "parent": "research", "quota": {"local": 2}}]}

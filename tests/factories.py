@@ -12,7 +12,7 @@ from typing import Any
 
 from quotas import QueueSpec, QueueTree
 from scheduler.engine import Engine, JobSpec, NodeSpec, Settings
-from scheduler.service.settings import ServiceSettings
+from scheduler.service.core.settings import ServiceSettings
 from scheduler.sim.inputs import EventIn, SimJob, World
 
 # ----- cluster -----

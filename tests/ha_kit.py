@@ -23,8 +23,8 @@ from typing import Any
 import sqlalchemy as sa
 import yaml
 
-from scheduler.service.auth import Role, digest, new_secret
-from scheduler.service.db import migrate, tokens
+from scheduler.service.api.auth import Role, digest, new_secret
+from scheduler.service.store.db import migrate, tokens
 from tests.k8s_kit import CORRAL_NS, ControlPlane, free_port
 
 

@@ -8,8 +8,8 @@ import dataclasses
 from typing import Any
 
 from sandbox.culling import GpuSample
-from scheduler.service import assemble
-from scheduler.service.settings import ServiceSettings
+from scheduler.service.core import assemble
+from scheduler.service.core.settings import ServiceSettings
 
 _detect = assemble.detect
 

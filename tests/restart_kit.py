@@ -17,13 +17,13 @@ from quotas import PoolShares
 from scheduler.backends.base import Exit, Handle, NodeChange, NodeInfo
 from scheduler.engine import Engine
 from scheduler.engine.explain import rejection
-from scheduler.service import queues
-from scheduler.service.assemble import build_core
-from scheduler.service.auth import Principal, Role
-from scheduler.service.core import Core
-from scheduler.service.db import jobs
-from scheduler.service.rebuild import LIVE, applied_tree
-from scheduler.service.specs import JobSubmit, engine_spec_of, job_id_of
+from scheduler.service.api.auth import Principal, Role
+from scheduler.service.core import queues
+from scheduler.service.core.assemble import build_core
+from scheduler.service.core.loop import Core
+from scheduler.service.core.rebuild import LIVE, applied_tree
+from scheduler.service.core.specs import JobSubmit, engine_spec_of, job_id_of
+from scheduler.service.store.db import jobs
 from tests.factories import service_settings
 from tests.service_kit import Clock, ScriptedExecutor
 

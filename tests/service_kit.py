@@ -15,10 +15,10 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from scheduler.backends.base import Exit, GPUInfo, Handle, Launch
-from scheduler.service.app import create_app
-from scheduler.service.assemble import build_core, create_token
-from scheduler.service.auth import Role
-from scheduler.service.core import Core
+from scheduler.service.api.app import create_app
+from scheduler.service.api.auth import Role
+from scheduler.service.core.assemble import build_core, create_token
+from scheduler.service.core.loop import Core
 from tests.factories import service_settings
 
 PG_ENV = "CORRAL_TEST_POSTGRES_URL"  # a server's admin URL, e.g. postgresql+psycopg://postgres@127.0.0.1:55432/postgres

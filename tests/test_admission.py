@@ -18,8 +18,8 @@ from scheduler.admission import hook as admission_hook
 from scheduler.admission.rules import AdmissionError, AdmissionHook, HookAnswer, evaluate, parse
 from scheduler.cli import client as cli_client
 from scheduler.cli.main import app
-from scheduler.service.auth import Role
-from scheduler.service.specs import JobSubmit
+from scheduler.service.api.auth import Role
+from scheduler.service.core.specs import JobSubmit
 from tests.service_kit import Service
 
 NLP = ["nlp", "research"]  # a queue's path: itself, then up to the top

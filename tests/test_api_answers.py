@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from scheduler.cli import client as cli_client
 from scheduler.cli.main import app
-from scheduler.service.auth import Role
+from scheduler.service.api.auth import Role
 from tests.service_kit import Service, make_service
 from tests.test_models_service import POLICY as MODEL_POLICY
 from tests.test_models_service import trained

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from scheduler.service.db import attempts, audit, events, jobs, queue_versions, tokens
+from scheduler.service.store.db import attempts, audit, events, jobs, queue_versions, tokens
 from tests.service_kit import DEMO_TREE, Service
 
 TABLES = {"jobs": jobs, "attempts": attempts, "events": events, "audit": audit, "queue_versions": queue_versions,

@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 
 from notebooks.outputs import tree_digest
 from scheduler.models.artifacts import ArtifactError, Walk, digest, walk
-from scheduler.service import hashing
-from scheduler.service.auth import Role
-from scheduler.service.errors import Unavailable
+from scheduler.service.api.auth import Role
+from scheduler.service.api.errors import Unavailable
+from scheduler.service.core import hashing
 from tests import attack_kit
 from tests.service_kit import ScriptedExecutor, Service, make_service
 from tests.test_attack_models import refused, team
@@ -252,7 +252,7 @@ def test_the_walk_runs_on_the_hashing_pool(svc: Service, team: dict[str, TestCli
         where.append(threading.current_thread().name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("scheduler.service.registry.walk", watched)
+    monkeypatch.setattr("scheduler.service.core.registry.walk", watched)
     job, _ = trained(svc, team["alice"])
     r = team["alice"].post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": "w.pt"})
     assert r.status_code == 201, r.text

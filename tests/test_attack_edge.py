@@ -19,10 +19,10 @@ from fastapi.testclient import TestClient
 from scheduler.admission.rules import AdmissionPolicy, Rule
 from scheduler.backends.base import Arrival
 from scheduler.engine.model import JobSpec, NodeSpec
-from scheduler.service.auth import Role
-from scheduler.service.edge import MAX_AMOUNT, MAX_COMMAND_BYTES
-from scheduler.service.redact import HIDDEN
-from scheduler.service.settings import ServiceSettings
+from scheduler.service.api.auth import Role
+from scheduler.service.api.edge import MAX_AMOUNT, MAX_COMMAND_BYTES
+from scheduler.service.api.redact import HIDDEN
+from scheduler.service.core.settings import ServiceSettings
 from tests import attack_kit
 from tests.service_kit import Service, make_service
 from tests.test_api_bad_input import error_of, snapshot

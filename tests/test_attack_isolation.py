@@ -24,9 +24,9 @@ import pytest
 
 from scheduler.backends.accounts import RangeAccounts, per_user
 from scheduler.backends.local import LocalExecutor, group_leftovers
-from scheduler.service.assemble import create_token, isolation, local_executor
-from scheduler.service.auth import Role
-from scheduler.service.settings import ADMIN_TOKEN_FILE, ServiceSettings
+from scheduler.service.api.auth import Role
+from scheduler.service.core.assemble import create_token, isolation, local_executor
+from scheduler.service.core.settings import ADMIN_TOKEN_FILE, ServiceSettings
 from tests import attack_kit
 from tests.service_kit import Service, make_service
 

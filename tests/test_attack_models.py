@@ -27,8 +27,8 @@ from notebooks.outputs import log_metrics, record_lineage, tree_digest
 from scheduler.backends.local import LocalExecutor
 from scheduler.models import audit as chain
 from scheduler.models import mlflow_export
-from scheduler.service.auth import Role
-from scheduler.service.db import model_aliases, model_audit, model_versions
+from scheduler.service.api.auth import Role
+from scheduler.service.store.db import model_aliases, model_audit, model_versions
 from tests import attack_kit
 from tests.service_kit import ScriptedExecutor, Service, make_service
 from tests.test_models_service import finished_job, output_dir, register, trained

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import command
 
 from scheduler.models import audit as chain
-from scheduler.service.db import alembic_config, audit, events, jobs, model_audit, model_versions
+from scheduler.service.store.db import alembic_config, audit, events, jobs, model_audit, model_versions
 from tests import attack_kit
 from tests.service_kit import Service, make_service
 from tests.test_attack_edge import NON_FINITE, job

@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 
 from quotas import QueueTree
 from scheduler.cli.main import app as cli_app
-from scheduler.service import local_tokens
-from scheduler.service.auth import NameRecord, Principal, Role
-from scheduler.service.db import tokens
-from scheduler.service.queues import build_tree
-from scheduler.service.routes_cluster import DEFAULT_TOKEN_DAYS
+from scheduler.service.api.auth import NameRecord, Principal, Role
+from scheduler.service.api.routes_cluster import DEFAULT_TOKEN_DAYS
+from scheduler.service.core import local_tokens
+from scheduler.service.core.queues import build_tree
+from scheduler.service.store.db import tokens
 from tests import attack_kit
 from tests.factories import service_settings
 from tests.service_kit import DEMO_TREE, Service, make_service

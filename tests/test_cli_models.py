@@ -15,8 +15,8 @@ from typer.testing import CliRunner, Result
 
 from scheduler.cli import client as cli_client
 from scheduler.cli.main import app
-from scheduler.service.auth import Role
-from scheduler.service.db import model_audit
+from scheduler.service.api.auth import Role
+from scheduler.service.store.db import model_audit
 from tests import attack_kit
 from tests.service_kit import Service, make_service
 from tests.test_models_service import POLICY, output_dir, trained

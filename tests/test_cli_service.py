@@ -21,7 +21,7 @@ from typer.testing import CliRunner, Result
 
 from scheduler.cli import client as cli_client
 from scheduler.cli.main import app
-from scheduler.service.assemble import ADMIN_TOKEN_FILE
+from scheduler.service.core.assemble import ADMIN_TOKEN_FILE
 from tests.service_kit import DEMO_TREE, Service, make_service
 
 Corral = Callable[..., Result]

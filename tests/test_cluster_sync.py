@@ -1,5 +1,5 @@
-"""Node changes and arrivals from the executor, fed to the service while it runs (scheduler/service/cluster_sync.py),
-with a scripted executor and a settable clock: no cluster needed."""
+"""Node changes and arrivals from the executor, fed to the service while it runs
+(scheduler/service/core/cluster_sync.py), with a scripted executor and a settable clock: no cluster needed."""
 
 from __future__ import annotations
 
@@ -22,15 +22,15 @@ from scheduler.backends.base import (
     TakesArrivals,
     WatchesNodes,
 )
-from scheduler.service import cluster_sync
-from scheduler.service.app import create_app
-from scheduler.service.assemble import build_core
-from scheduler.service.auth import Principal, Role
-from scheduler.service.core import Core
-from scheduler.service.db import attempts, events, jobs, nodes
-from scheduler.service.sandboxes import SandboxRequest, open_sandbox
-from scheduler.service.settings import ServiceSettings
-from scheduler.service.specs import JobSubmit
+from scheduler.service.api.app import create_app
+from scheduler.service.api.auth import Principal, Role
+from scheduler.service.core import cluster_sync
+from scheduler.service.core.assemble import build_core
+from scheduler.service.core.loop import Core
+from scheduler.service.core.sandboxes import SandboxRequest, open_sandbox
+from scheduler.service.core.settings import ServiceSettings
+from scheduler.service.core.specs import JobSubmit
+from scheduler.service.store.db import attempts, events, jobs, nodes
 from tests.service_kit import Clock, ScriptedExecutor
 
 ROOT = Principal("root", Role.PLATFORM_ADMIN)

@@ -24,9 +24,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sandbox.culling import GpuSample
-from scheduler.service.assemble import create_token
-from scheduler.service.auth import Role
-from scheduler.service.deps import UI_COOKIE
+from scheduler.service.api.auth import Role
+from scheduler.service.api.deps import UI_COOKIE
+from scheduler.service.core.assemble import create_token
 from tests.marks import starts_processes
 from tests.service_kit import Service, make_service
 

@@ -16,9 +16,9 @@ from typer.testing import CliRunner, Result
 
 from scheduler.cli import client as cli_client
 from scheduler.cli.main import app
-from scheduler.service.assemble import create_token
-from scheduler.service.auth import Role
-from scheduler.service.settings import ServiceSettings
+from scheduler.service.api.auth import Role
+from scheduler.service.core.assemble import create_token
+from scheduler.service.core.settings import ServiceSettings
 from tests.service_kit import Service, make_service
 from tests.test_cli_service import Corral, submit
 

@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from scheduler.cli.main import app
-from scheduler.service.db import NotAtHead, current_revision, head_revision, revisions
-from scheduler.service.metrics_server import MetricsServer
+from scheduler.service.api.metrics_server import MetricsServer
+from scheduler.service.store.db import NotAtHead, current_revision, head_revision, revisions
 from tests.db_upgrade_kit import database_at, lost, previous_head
 from tests.k8s_kit import free_port
 from tests.service_kit import make_service

@@ -1,4 +1,4 @@
-"""A follower forwards to the leader (scheduler/service/forward.py): the request as the client wrote it, the answer
+"""A follower forwards to the leader (scheduler/service/core/forward.py): the request as the client wrote it, the answer
 streamed back, bounded bodies, and 503 (not 500) while nobody can say who leads."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import httpx
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from scheduler.service.forward import ToLeader
+from scheduler.service.core.forward import ToLeader
 
 
 class Chunks(httpx.AsyncByteStream):

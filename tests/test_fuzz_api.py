@@ -33,8 +33,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from scheduler.backends.base import Handle, Launch
-from scheduler.service.assemble import create_token
-from scheduler.service.auth import Role
+from scheduler.service.api.auth import Role
+from scheduler.service.core.assemble import create_token
 from tests.service_kit import ScriptedExecutor, Service, make_service
 
 CHECKS: list[Callable[..., Any]] = [not_a_server_error, status_code_conformance, content_type_conformance,

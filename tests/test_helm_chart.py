@@ -428,7 +428,7 @@ def exported_metric_names(tmp_path: Path) -> set[str]:
     text = svc.admin.get("/metrics").text
     names = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
     # Per-GPU gauges appear only where NVML samples exist: take their names from the code that makes them.
-    views = (ROOT / "scheduler" / "service" / "views.py").read_text()
+    views = (ROOT / "scheduler" / "service" / "api" / "views.py").read_text()
     names |= set(re.findall(r'gauge\("(corral_[a-z_]+)"', views))
     return names
 
@@ -692,6 +692,7 @@ def test_the_secret_checksum_follows_an_existing_secret(plane: ControlPlane, ns:
 
 
 def _old_head() -> str:
+    # the migrations where they lay at PREVIOUS_CHART (they are in scheduler/service/store/migrations/ since)
     names = subprocess.run(["git", "ls-tree", "--name-only", PREVIOUS_CHART, "scheduler/service/migrations/versions/"],
                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     return max(Path(n).name.split("_")[0] for n in names if n.endswith(".py"))
@@ -703,7 +704,7 @@ def test_upgrade_from_the_chart_before_issue_23_runs_the_hook(plane: ControlPlan
     helm and accepted by the API server (kwok completes its pod), and its exact command and environment, run here
     with this checkout's `corral`, upgrade a PostgreSQL database the previous release left, with rows, losing
     nothing."""
-    from scheduler.service.db import current_revision, head_revision  # noqa: PLC0415
+    from scheduler.service.store.db import current_revision, head_revision  # noqa: PLC0415
     from tests.db_upgrade_kit import database_at, lost  # noqa: PLC0415
     from tests.service_kit import database_url  # noqa: PLC0415
 
@@ -785,7 +786,7 @@ def _image_rootfs() -> Path | None:
 def test_the_hook_command_in_the_image(bin_dir: Path, helm_env: dict[str, str], tmp_path: Path) -> None:
     """The hook Job's command and environment, as rendered, run in the image's root file system (chroot, as the
     chart's uid 10001) against a PostgreSQL database at the previous chart's migration head, with rows."""
-    from scheduler.service.db import current_revision  # noqa: PLC0415
+    from scheduler.service.store.db import current_revision  # noqa: PLC0415
     from tests.db_upgrade_kit import database_at, lost  # noqa: PLC0415
     from tests.service_kit import database_url  # noqa: PLC0415
 

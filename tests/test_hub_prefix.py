@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scheduler.service.hubprefix import hub_prefixes
+from scheduler.service.api.hubprefix import hub_prefixes
 from tests.service_kit import make_service
 
 

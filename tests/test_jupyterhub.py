@@ -24,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 
 from notebooks.client import Client
-from scheduler.service.db import jobs
+from scheduler.service.store.db import jobs
 from tests.test_crash import free_port
 
 pytestmark = pytest.mark.integration  # JupyterHub, its proxy and a live Corral

@@ -25,13 +25,13 @@ from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.base import CLUSTER_OWNER, Arrival, Exit, Handle, Launch, NodeInfo
 from scheduler.backends.k8s_pods import GROUP_SIZE, POD_GROUP_ENV, POOL_LABEL
 from scheduler.backends.kubernetes import KubernetesExecutor, NodeChange, NodeWatcher, discover_nodes
-from scheduler.service.assemble import build_core
-from scheduler.service.auth import Principal, Role
-from scheduler.service.core import Core
-from scheduler.service.db import events
-from scheduler.service.db import jobs as jobs_table
-from scheduler.service.settings import ServiceSettings
-from scheduler.service.specs import JobSubmit
+from scheduler.service.api.auth import Principal, Role
+from scheduler.service.core.assemble import build_core
+from scheduler.service.core.loop import Core
+from scheduler.service.core.settings import ServiceSettings
+from scheduler.service.core.specs import JobSubmit
+from scheduler.service.store.db import events
+from scheduler.service.store.db import jobs as jobs_table
 from tests.k8s_kit import ControlPlane, delete_namespaces, kubelet, shared_plane, until
 
 pytestmark = pytest.mark.integration  # the Kubernetes test control plane

@@ -18,9 +18,9 @@ from kubernetes.client.exceptions import ApiException
 
 from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.kubernetes import KubernetesExecutor
-from scheduler.service.assemble import build_core
-from scheduler.service.core import Core
-from scheduler.service.settings import ServiceSettings
+from scheduler.service.core.assemble import build_core
+from scheduler.service.core.loop import Core
+from scheduler.service.core.settings import ServiceSettings
 from tests.k8s_kit import delete_namespaces, kubelet, shared_plane, until
 from tests.restart_kit import Backend, issue_case, job_row, scripted_twin
 

@@ -29,11 +29,11 @@ from kubernetes.client.exceptions import ApiException
 from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.k8s_others import pod_held
 from scheduler.backends.kubernetes import KubernetesExecutor
-from scheduler.service.assemble import build_core
-from scheduler.service.core import Core
-from scheduler.service.settings import ServiceSettings
-from scheduler.service.specs import JobSubmit
-from scheduler.service.webhook import BindingWebhook
+from scheduler.service.api.webhook import BindingWebhook
+from scheduler.service.core.assemble import build_core
+from scheduler.service.core.loop import Core
+from scheduler.service.core.settings import ServiceSettings
+from scheduler.service.core.specs import JobSubmit
 from tests.k8s_kit import ControlPlane, _cert, delete_namespaces, free_port, shared_plane, until
 from tests.test_k8s_backend import IMAGE, ROOT, TEST_LABEL
 

@@ -24,11 +24,11 @@ from scheduler.backends import k8s_objects as k8s
 from scheduler.backends import k8s_sandbox, k8s_teams
 from scheduler.backends.base import Launch, server_port
 from scheduler.backends.kubernetes import KubernetesExecutor, discover_nodes
-from scheduler.service.assemble import build_core
-from scheduler.service.auth import Principal, Role
-from scheduler.service.errors import Conflict
-from scheduler.service.sandboxes import SandboxRequest, open_sandbox, sandbox_view
-from scheduler.service.settings import ServiceSettings
+from scheduler.service.api.auth import Principal, Role
+from scheduler.service.api.errors import Conflict
+from scheduler.service.core.assemble import build_core
+from scheduler.service.core.sandboxes import SandboxRequest, open_sandbox, sandbox_view
+from scheduler.service.core.settings import ServiceSettings
 from tests.k8s_kit import ControlPlane, delete_namespaces, shared_plane, until
 from tests.marks import starts_processes
 

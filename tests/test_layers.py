@@ -48,12 +48,13 @@ def clean_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize(("planted", "line", "contract"), [
-    ("scheduler/engine/planted.py", "from scheduler.service import db", "the engine imports only quotas"),
+    ("scheduler/engine/planted.py", "from scheduler.service.store import db", "the engine imports only quotas"),
     ("scheduler/engine/planted.py", "import sandbox.culling", "the engine imports only quotas"),
-    ("scheduler/backends/planted.py", "from scheduler.service.core import Core", "backends never import the service"),
-    ("scheduler/service/routes_admission.py", "from scheduler.service.db import jobs",
+    ("scheduler/backends/planted.py", "from scheduler.service.core.loop import Core",
+     "backends never import the service"),
+    ("scheduler/service/api/routes_admission.py", "from scheduler.service.store.db import jobs",
      "routes never import the database layer"),
-    ("scheduler/service/app.py", "from scheduler.service import store", "routes never import the database layer"),
+    ("scheduler/service/api/app.py", "from scheduler.service import store", "routes never import the database layer"),
 ])
 def test_a_planted_violation_breaks_its_contract(clean_copy: Path, tmp_path: Path, planted: str, line: str,
                                                   contract: str) -> None:

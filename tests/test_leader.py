@@ -1,4 +1,4 @@
-"""The pieces of high availability (scheduler/service/leader.py, ha.py, forward.py) on a real PostgreSQL server and
+"""The pieces of high availability (scheduler/service/core/leader.py, ha.py, forward.py) on a real PostgreSQL server and
 SQLite file, with a clock the test moves: the fence, stepping down, one instance per SQLite database. The whole of
 it, two `corral serve` processes on the test control plane: tests/test_ha_k8s.py."""
 
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from scheduler.service.db import jobs, leadership, migrate
-from scheduler.service.ha import AlreadyRunning, single
-from scheduler.service.leader import Fenced, Leadership, PostgresFence, SqliteFence
+from scheduler.service.core.ha import AlreadyRunning, single
+from scheduler.service.core.leader import Fenced, Leadership, PostgresFence, SqliteFence
+from scheduler.service.store.db import jobs, leadership, migrate
 from tests.factories import service_settings
 from tests.k8s_kit import free_port
 from tests.marks import starts_processes

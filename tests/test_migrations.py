@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from scheduler.service.db import connect, metadata, migrate
+from scheduler.service.store.db import connect, metadata, migrate
 
 
 def test_migrations_match_the_tables(db_url: str) -> None:

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 
 from scheduler.models import mlflow_export
 from scheduler.models.mlflow_export import MlflowClient
-from scheduler.service.auth import Role
-from scheduler.service.db import model_audit
+from scheduler.service.api.auth import Role
+from scheduler.service.store.db import model_audit
 from tests.service_kit import Service
 
 POLICY = {"stages": {"production": {"metrics": [{"metric": "accuracy", "min": 0.9},

@@ -1,4 +1,4 @@
-"""Work Corral did not place on its nodes (scheduler/service/outside.py, webhook.py, backends/k8s_others.py) with a
+"""Work Corral did not place on its nodes (scheduler/service/core/outside.py, webhook.py, backends/k8s_others.py) with a
 scripted executor: counted before Corral places anything, kept across a rebuild, and another scheduler's bind onto
 a full node refused with why. The same on a real API server with kube-scheduler: tests/test_k8s_shared_nodes.py."""
 
@@ -18,9 +18,9 @@ from kubernetes import client
 
 from scheduler.backends.base import Held, SharesNodes
 from scheduler.backends.k8s_others import OtherPods, pod_held
-from scheduler.service.core import Core
-from scheduler.service.outside import admit_binding
-from scheduler.service.webhook import BindingWebhook, answer
+from scheduler.service.api.webhook import BindingWebhook, answer
+from scheduler.service.core.loop import Core
+from scheduler.service.core.outside import admit_binding
 from tests.test_cluster_sync import ROOT, ClusterExecutor, make, placed_on, state, submit
 
 

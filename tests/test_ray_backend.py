@@ -28,12 +28,12 @@ from ray.job_submission import JobStatus
 
 from scheduler.backends.base import Exit, Handle, Launch, NodeInfo
 from scheduler.backends.ray import RayExecutor, auth_headers, discover_ray, submission_id
-from scheduler.service.app import create_app
-from scheduler.service.assemble import RAY_TRUST, build_core, create_token
-from scheduler.service.auth import Role
-from scheduler.service.core import Core
-from scheduler.service.db import connect, jobs, migrate
-from scheduler.service.settings import ServiceSettings
+from scheduler.service.api.app import create_app
+from scheduler.service.api.auth import Role
+from scheduler.service.core.assemble import RAY_TRUST, build_core, create_token
+from scheduler.service.core.loop import Core
+from scheduler.service.core.settings import ServiceSettings
+from scheduler.service.store.db import connect, jobs, migrate
 from tests.restart_kit import Backend, issue_case, scripted_twin
 from tests.service_kit import ScriptedExecutor
 

@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from scheduler.backends.base import Handle, Launch
-from scheduler.service.auth import Role
+from scheduler.service.api.auth import Role
 from tests.service_kit import DEMO_TREE, ScriptedExecutor, Service, database_url, make_service
 
 # ----- the matrix -----

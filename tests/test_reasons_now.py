@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from scheduler.backends.base import NodeChange
 from scheduler.cli import client as cli_client
 from scheduler.cli.main import app as cli_app
-from scheduler.service.app import create_app
-from scheduler.service.assemble import build_core, create_token
-from scheduler.service.auth import Role
+from scheduler.service.api.app import create_app
+from scheduler.service.api.auth import Role
+from scheduler.service.core.assemble import build_core, create_token
 from tests.factories import service_settings
 from tests.service_kit import Clock
 from tests.test_cluster_sync import ClusterExecutor, node

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from quotas import QuotaError
-from scheduler.service.auth import Role
+from scheduler.service.api.auth import Role
 from scheduler.sim.recommend import compare, propose
 from scheduler.sim.recorded import Demand
 from tests import factories as f

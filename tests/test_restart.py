@@ -51,15 +51,15 @@ from hypothesis import strategies as st
 
 from scheduler.backends.base import NodeInfo
 from scheduler.engine.decisions import Decision
-from scheduler.service import core as core_module
-from scheduler.service import queues
-from scheduler.service.app import create_app
-from scheduler.service.assemble import build_core, create_token
-from scheduler.service.auth import Principal, Role
-from scheduler.service.core import Core
-from scheduler.service.db import attempts, connect, jobs
-from scheduler.service.errors import ServiceError
-from scheduler.service.specs import JobSubmit, engine_id, job_id_of
+from scheduler.service.api.app import create_app
+from scheduler.service.api.auth import Principal, Role
+from scheduler.service.api.errors import ServiceError
+from scheduler.service.core import loop as core_module
+from scheduler.service.core import queues
+from scheduler.service.core.assemble import build_core, create_token
+from scheduler.service.core.loop import Core
+from scheduler.service.core.specs import JobSubmit, engine_id, job_id_of
+from scheduler.service.store.db import attempts, connect, jobs
 from tests.factories import service_settings
 from tests.prop_model import PROPERTY
 from tests.restart_kit import (

@@ -17,7 +17,7 @@ from tests.prop_model import PROPERTY, Case, cases, describe
 
 
 def rebuild(old: Engine, tree: QueueTree, w: World) -> Engine:
-    """A fresh engine from what the service keeps of each job (see scheduler/service/core.py, _rebuild): its
+    """A fresh engine from what the service keeps of each job (see scheduler/service/core/loop.py, _rebuild): its
     spec, submit time and submission order, and either where it runs (start time, GPUs, the reason it started
     with; restored in admission order) or its starvation-guard clock; and which nodes are down."""
     new = Engine(tree, w.nodes, w.domains, w.settings)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.backends.base import KnowsAddresses
-from scheduler.service.auth import Role
+from scheduler.service.api.auth import Role
 from tests.service_kit import ScriptedExecutor, Service, make_service
 
 

@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from scheduler.service.auth import Role
-from scheduler.service.db import audit, connect, events, jobs
+from scheduler.service.api.auth import Role
+from scheduler.service.store.db import audit, connect, events, jobs
 from tests.service_kit import make_service
 
 

@@ -12,13 +12,13 @@ import pytest
 import sqlalchemy as sa
 
 from sandbox.culling import GpuSample
-from scheduler.service import launching
-from scheduler.service.assemble import build_core
-from scheduler.service.auth import Principal, Role
-from scheduler.service.errors import Conflict
-from scheduler.service.intake import Submission, write
-from scheduler.service.settings import ServiceSettings
-from scheduler.service.specs import JobSubmit
+from scheduler.service.api.auth import Principal, Role
+from scheduler.service.api.errors import Conflict
+from scheduler.service.core import launching
+from scheduler.service.core.assemble import build_core
+from scheduler.service.core.intake import Submission, write
+from scheduler.service.core.settings import ServiceSettings
+from scheduler.service.core.specs import JobSubmit
 from tests.service_kit import ScriptedExecutor, Service, gpus
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from scheduler.backends.base import NodeInfo
 from scheduler.backends.local import LocalExecutor
-from scheduler.service.assemble import build_core
+from scheduler.service.core.assemble import build_core
 from tests.factories import service_settings
 from tests.marks import starts_processes
 from tests.restart_kit import Backend, issue_case, scripted_twin

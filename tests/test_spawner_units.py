@@ -15,7 +15,7 @@ from sandbox import spawner as spawner_module
 from sandbox.profiles import Profile, allowed, parse_profiles
 from sandbox.spawner import CorralSpawner, SandboxRefused, sandbox_request, team_queue
 from scheduler.backends.base import server_port
-from scheduler.service.auth import NO_TEAM, Principal, Role, hub_principal
+from scheduler.service.api.auth import NO_TEAM, Principal, Role, hub_principal
 
 
 def test_profiles_parse_and_are_restricted_per_group() -> None:

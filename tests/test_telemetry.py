@@ -16,8 +16,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from scheduler.service import telemetry
-from scheduler.service.settings import ServiceSettings
+from scheduler.service.core import telemetry
+from scheduler.service.core.settings import ServiceSettings
 from tests.service_kit import Service, make_service
 
 JOB = {"queue": "nlp", "gpus": 1, "command": ["python", "train.py"]}

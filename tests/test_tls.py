@@ -13,7 +13,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from scheduler.service.settings import ServiceSettings
+from scheduler.service.core.settings import ServiceSettings
 from tests.test_crash import free_port
 
 

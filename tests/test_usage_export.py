@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scheduler.service.auth import Role
+from scheduler.service.api.auth import Role
 from scheduler.sim.inputs import TRACE_COLUMNS, load_cluster, load_trace
 from scheduler.sim.recorded import Attempt, Node, RecordedJob, cluster_document, demand, subtree, trace
 from scheduler.sim.runner import Simulation

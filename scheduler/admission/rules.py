@@ -20,8 +20,8 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 
 from scheduler.models.policy import Hook
-from scheduler.service.edge import Body
-from scheduler.service.specs import JobSubmit
+from scheduler.service.api.edge import Body
+from scheduler.service.core.specs import JobSubmit
 
 # Fields no rule or hook may set: they decide who may submit where, and what kind of thing this is. Changing
 # them after the permission check would route around it.

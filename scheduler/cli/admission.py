@@ -26,7 +26,7 @@ from scheduler.cli.client import (
     print_rollback,
     read_document,
 )
-from scheduler.service.api_models import AdmissionPolicyView, AdmissionTest
+from scheduler.service.api.models import AdmissionPolicyView, AdmissionTest
 
 policy_app = typer.Typer(help="Admission policies: rules (and a hook) every job and sandbox must pass.",
                          no_args_is_help=True)

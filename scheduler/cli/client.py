@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from scheduler.service.api_models import History
-from scheduler.service.settings import ADMIN_TOKEN_FILE, default_data_dir
+from scheduler.service.api.models import History
+from scheduler.service.core.settings import ADMIN_TOKEN_FILE, default_data_dir
 
 DEFAULT_URL = "http://127.0.0.1:8265"
 TIMEOUT = httpx.Timeout(30.0, read=60.0)  # read is long: a cycle under load can hold the lock a while

@@ -29,9 +29,9 @@ from scheduler.cli.client import (
     print_rollback,
     read_document,
 )
-from scheduler.service.api_models import JobList, PoolList, QueueTreeView, QueueView
-from scheduler.service.settings import ServiceSettings
-from scheduler.service.states import PLACED
+from scheduler.service.api.models import JobList, PoolList, QueueTreeView, QueueView
+from scheduler.service.core.settings import ServiceSettings
+from scheduler.service.core.states import PLACED
 
 queue_app = typer.Typer(help="The queue tree: quotas, limits and weights per pool; changes and their history.",
                         no_args_is_help=True)
@@ -242,7 +242,7 @@ def _local_token(user: str, role: str, scope: str | None, data_dir: Path | None,
     token written into that database directly."""
     # Imported here, not at the top: SQLAlchemy and the service's tables take most of a second to import, which
     # the other commands (thin HTTP clients) should not pay; the same reason as `corral serve`'s import.
-    from scheduler.service import local_tokens  # noqa: PLC0415
+    from scheduler.service.core import local_tokens  # noqa: PLC0415
 
     given: dict[str, Any] = {"data_dir": data_dir, "database_url": database_url}
     try:

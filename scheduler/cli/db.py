@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
 
 def _url(database_url: str | None, data_dir: Path | None) -> str:
     """The database the service would use: flags, then CORRAL_* and CORRAL_CONFIG, then its defaults."""
-    from scheduler.service.settings import ServiceSettings  # noqa: PLC0415
+    from scheduler.service.core.settings import ServiceSettings  # noqa: PLC0415
 
     given: dict[str, Any] = {"database_url": database_url, "data_dir": data_dir}
     try:
@@ -48,7 +48,7 @@ def _where(url: str) -> str:
 
 
 def _known(rev: str) -> str:
-    from scheduler.service.db import revisions  # noqa: PLC0415
+    from scheduler.service.store.db import revisions  # noqa: PLC0415
 
     if rev not in ("head", "base") and rev not in revisions():
         fail(f"unknown revision {rev!r}; this version knows {', '.join(revisions())} (and head, base)", 2)
@@ -58,7 +58,7 @@ def _known(rev: str) -> str:
 @db_app.command("current")
 def current(database_url: DatabaseUrl = None, data_dir: DataDir = None) -> None:
     """Print the database's revision, and whether it is this version's newest (head)."""
-    from scheduler.service.db import current_revision, head_revision  # noqa: PLC0415
+    from scheduler.service.store.db import current_revision, head_revision  # noqa: PLC0415
 
     url = _url(database_url, data_dir)
     rev, head = current_revision(url), head_revision()
@@ -70,7 +70,7 @@ def current(database_url: DatabaseUrl = None, data_dir: DataDir = None) -> None:
 def upgrade(to: Annotated[str, typer.Option("--to", help="Revision to reach (default: head, the newest).")] = "head",
             database_url: DatabaseUrl = None, data_dir: DataDir = None) -> None:
     """Migrate the database up (creating the schema on an empty one). Safe to run again: at head it does nothing."""
-    from scheduler.service.db import current_revision, upgrade  # noqa: PLC0415
+    from scheduler.service.store.db import current_revision, upgrade  # noqa: PLC0415
 
     url = _url(database_url, data_dir)
     before, to = current_revision(url), _known(to)
@@ -91,7 +91,7 @@ def downgrade(to: Annotated[str, typer.Option("--to", help="Revision to go back 
 
     What each step loses is in docs/kubernetes.md ("Upgrades"); stop the service first.
     """
-    from scheduler.service.db import current_revision, downgrade  # noqa: PLC0415
+    from scheduler.service.store.db import current_revision, downgrade  # noqa: PLC0415
 
     url = _url(database_url, data_dir)
     before = current_revision(url)
@@ -108,7 +108,7 @@ def downgrade(to: Annotated[str, typer.Option("--to", help="Revision to go back 
 @db_app.command("history")
 def history() -> None:
     """The migrations this version ships, oldest first (the newest is head)."""
-    from scheduler.service.db import revisions  # noqa: PLC0415
+    from scheduler.service.store.db import revisions  # noqa: PLC0415
 
     for rev in revisions():
         typer.echo(rev)

@@ -13,8 +13,8 @@ import yaml
 from scheduler.cli.client import DEFAULT_URL, Output, Token, Url, api, emit, fail, note, read_document
 from scheduler.kueue import ExportError, export, losses
 from scheduler.kueue.export import ROOT_COHORT
-from scheduler.service.errors import Invalid
-from scheduler.service.queues import build_tree
+from scheduler.service.api.errors import Invalid
+from scheduler.service.core.queues import build_tree
 
 kueue_app = typer.Typer(help="Kueue interop: the queue tree as Kueue's queues and cohorts.", no_args_is_help=True)
 

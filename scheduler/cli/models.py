@@ -1,4 +1,4 @@
-"""`corral models ...`: the golden path from the command line, over /v1/models (scheduler/service/routes_models.py).
+"""`corral models ...`: the golden path from the command line, over /v1/models (scheduler/service/api/routes_models.py).
 
 create a model for a team's queue, apply its promotion policy, register versions from finished jobs, ask for a
 promotion (every gate is printed with its evidence), approve it as another model owner, roll back, verify the
@@ -37,8 +37,8 @@ from scheduler.cli.client import (
     read_document,
     when,
 )
-from scheduler.service.api_models_registry import Alias, ModelDetail, ModelList, PromotionAnswer, Roi, RolledBack
-from scheduler.service.states import PromotionState
+from scheduler.service.api.models_registry import Alias, ModelDetail, ModelList, PromotionAnswer, Roi, RolledBack
+from scheduler.service.core.states import PromotionState
 
 models_app = typer.Typer(help="The model registry: versions from finished jobs, gated promotions, rollback, audit.",
                          no_args_is_help=True)

@@ -35,9 +35,9 @@ from scheduler.cli.client import (
     when,
 )
 from scheduler.gc_tuning import tune_gc
-from scheduler.service.api_models import Explanation, JobList
-from scheduler.service.settings import ADMIN_TOKEN_FILE, ServiceSettings
-from scheduler.service.states import LIVE, JobState
+from scheduler.service.api.models import Explanation, JobList
+from scheduler.service.core.settings import ADMIN_TOKEN_FILE, ServiceSettings
+from scheduler.service.core.states import LIVE, JobState
 
 LIVE_STATES: list[str] = list(LIVE)
 
@@ -82,9 +82,9 @@ def serve(
         fail(f"bad settings: {e}", 2)
     # Imported here, not at the top: the service stack (SQLAlchemy, Alembic, FastAPI) takes about a second to
     # import, which every other command (a thin HTTP client) should not pay.
-    from scheduler.service.assemble import build_app, isolation, run_uvicorn  # noqa: PLC0415
-    from scheduler.service.db import NotAtHead  # noqa: PLC0415
-    from scheduler.service.ha import AlreadyRunning  # noqa: PLC0415
+    from scheduler.service.core.assemble import build_app, isolation, run_uvicorn  # noqa: PLC0415
+    from scheduler.service.core.ha import AlreadyRunning  # noqa: PLC0415
+    from scheduler.service.store.db import NotAtHead  # noqa: PLC0415
 
     try:
         _, app, made = build_app(settings)

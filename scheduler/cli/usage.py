@@ -29,7 +29,7 @@ from scheduler.cli.client import (
     parse_time,
     when,
 )
-from scheduler.service.api_models import Usage
+from scheduler.service.api.models import Usage
 from scheduler.sim.inputs import InputError, World, load_cluster, load_trace
 from scheduler.sim.recommend import Outcome, Proposal, Rule, compare, propose
 from scheduler.sim.recorded import Demand

@@ -3,7 +3,7 @@
 An artifact is taken only from inside its job's output directories (resolve), is pre-walked before any byte is
 read (walk: regular files, directories and symlinks only, bounded in bytes, in entries (directories count) and in
 depth), and hashed from that walk (digest), reading no more than the sizes it saw. The service runs walk and
-digest together on its hashing pool, under one timeout (scheduler/service/hashing.py).
+digest together on its hashing pool, under one timeout (scheduler/service/core/hashing.py).
 
 Everything below the output directory is reached by file descriptor (openat with O_NOFOLLOW, one component at a
 time): a symlink is never followed, even one the job swaps in for a directory while the walk runs, so nothing
