@@ -3,7 +3,10 @@ executor, a settable clock, and a service with API clients per role."""
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ from scheduler.service.api.app import create_app
 from scheduler.service.api.auth import Role
 from scheduler.service.core.assemble import build_core, create_token
 from scheduler.service.core.loop import Core
+from scheduler.service.store.db import migrate
 from tests.factories import service_settings
 
 PG_ENV = "CORRAL_TEST_POSTGRES_URL"  # a server's admin URL, e.g. postgresql+psycopg://postgres@127.0.0.1:55432/postgres
@@ -146,7 +150,19 @@ class Service:
         return self.clients[key]
 
 
+@functools.cache
+def migrated_sqlite() -> Path:
+    """A SQLite database migrated to the newest schema, once per test process: copying it takes 17 ms where
+    migrating a new one takes 500 (measured), and most in-process service tests start from one."""
+    path = Path(tempfile.mkdtemp(prefix="corral-schema-")) / "corral.db"
+    migrate(f"sqlite:///{path}")
+    return path
+
+
 def make_service(url: str, tmp: Path, executor: Any = None, n_gpus: int = 8, **settings: Any) -> Service:
+    file = url.removeprefix("sqlite:///")
+    if file != url and not Path(file).exists():  # a new SQLite database: start from the migrated copy
+        shutil.copy(migrated_sqlite(), file)
     clock = Clock()
     executor = executor if executor is not None else ScriptedExecutor()
     if isinstance(executor, ScriptedExecutor) and executor.outputs is None:
