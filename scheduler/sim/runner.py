@@ -14,12 +14,17 @@ from scheduler.sim.inputs import SimJob, World
 # (SCHEDULING.md, Simulation clock); the engine's admission pass runs after all of them.
 COMPLETION, NODE, CANCEL, SUBMIT, WAKEUP = range(5)
 
+# A heap entry: (instant, phase, order, what). (instant, phase, order) is unique, so `what` is never compared:
+# a completion's order is the engine's admission counter at the start it ends, a submission's its index in the
+# world's jobs, a node event's or cancellation's its index in the world's events, and one wakeup per instant.
+Entry = tuple[float, int, int, Any]
+
 
 def _num(t: float) -> float | int:
     return int(t) if float(t).is_integer() else t
 
 
-@dataclass
+@dataclass(slots=True)
 class _Live:
     job: SimJob
     remaining: float
@@ -28,7 +33,12 @@ class _Live:
 
 
 class Simulation:
-    """One replay of a world under one policy; `run()` returns the event log of SIMULATOR.md."""
+    """One replay of a world under one policy; `run()` returns the event log of SIMULATOR.md.
+
+    The loop runs once per event of a replay of up to hundreds of thousands of jobs: it keeps its work per event
+    small (no strings built and parsed for completions, the instant's log value computed once, log entries built
+    in place); the log itself is as SIMULATOR.md writes it, key order included.
+    """
 
     def __init__(self, world: World, policy: str = "corral", log_fair_share: bool = True):
         self.world = world
@@ -43,10 +53,11 @@ class Simulation:
         self.events: list[dict[str, Any]] = []
         self.fair_share: list[dict[str, Any]] = []
         self._live = {j.spec.id: _Live(j, j.duration) for j in world.jobs}
-        self._heap: list[tuple[float, int, int, str]] = []
+        self._heap: list[Entry] = []
         self._last_shares: dict[str, Any] = {}
         self._logged: dict[tuple[str, str], float] = {}
         self._cancelled_early: set[str] = set()
+        self._tn: float | int = 0  # the instant being replayed, as the log writes it (set once per instant)
 
     @property
     def holds(self) -> list[Any] | None:
@@ -54,37 +65,48 @@ class Simulation:
         holds: list[Any] | None = getattr(self.engine, "holds", None)
         return holds
 
-    def _push(self, t: float, phase: int, order: int, ref: str) -> None:
-        heapq.heappush(self._heap, (t, phase, order, ref))
-
     def run(self) -> dict[str, Any]:
-        for i, j in enumerate(self.world.jobs):
-            self._push(j.submit, SUBMIT, i, j.spec.id)
-        for i, e in enumerate(self.world.events):
-            self._push(e.at, CANCEL if e.cancel is not None else NODE, i, str(i))
+        heap = self._heap
+        heap.extend((j.submit, SUBMIT, i, j.spec.id) for i, j in enumerate(self.world.jobs))
+        heap.extend((e.at, CANCEL if e.cancel is not None else NODE, i, None) for i, e in enumerate(self.world.events))
+        heapq.heapify(heap)  # the same pops as pushing one by one: the entries' order is total
         self._log_shares(0.0, force=True)
         wakeups: set[float] = set()
-        while self._heap:
-            t = self._heap[0][0]
-            while self._heap and self._heap[0][0] == t:
-                _, phase, order, ref = heapq.heappop(self._heap)
-                self._handle(t, phase, order, ref)
-            for d in self.engine.schedule(t):
-                self._decided(t, d)
-            self._log_shares(t)
-            w = self.engine.next_wakeup(t)
+        heappop, handle, decided = heapq.heappop, self._handle, self._decided
+        while heap:
+            t = heap[0][0]
+            self._tn = _num(t)
+            while heap and heap[0][0] == t:
+                _, phase, order, ref = heappop(heap)
+                handle(t, phase, order, ref)
+            engine = self.engine
+            for d in engine.schedule(t):
+                decided(t, d)
+            if self.log_fair_share:
+                self._log_shares(t)
+            w = engine.next_wakeup(t)
             if w is not None and w not in wakeups:
                 wakeups.add(w)
-                self._push(w, WAKEUP, 0, "")
+                heapq.heappush(heap, (w, WAKEUP, 0, None))
         return {"policy": self.policy_name, "events": self.events, "fair_share": self.fair_share}
 
-    def _handle(self, t: float, phase: int, order: int, ref: str) -> None:
-        if phase == COMPLETION:
-            job_id, token, failed = ref.split("\x00")
-            live = self._live[job_id]
-            if int(token) == live.token and self.engine.finish(job_id, t, failed=failed == "1"):
-                self._log(t, "failed" if failed == "1" else "completed", job_id,
-                          **({"reason": "max_runtime"} if failed == "1" else {}))
+    def _handle(self, t: float, phase: int, order: int, ref: Any) -> None:
+        if phase == SUBMIT:
+            if ref in self._cancelled_early:
+                return
+            spec = self._live[ref].job.spec
+            decisions = self.engine.submit(spec, t)
+            if not decisions:
+                self.events.append({"t": self._tn, "event": "submitted", "job": ref, "queue": spec.queue})
+            for d in decisions:
+                self._decided(t, d)
+        elif phase == COMPLETION:
+            job_id, token, failed = ref
+            if token == self._live[job_id].token and self.engine.finish(job_id, t, failed=failed):
+                if failed:
+                    self.events.append({"t": self._tn, "event": "failed", "job": job_id, "reason": "max_runtime"})
+                else:
+                    self.events.append({"t": self._tn, "event": "completed", "job": job_id})
         elif phase == NODE:
             e = self.world.events[order]
             if e.node_down is not None:
@@ -101,15 +123,6 @@ class Simulation:
                     self._log(t, "cancelled", cancel, reason="cancelled before its submission")
             elif self.engine.cancel(cancel, t):
                 self._log(t, "cancelled", cancel)
-        elif phase == SUBMIT:
-            job = self._live[ref].job
-            if ref in self._cancelled_early:
-                return
-            decisions = self.engine.submit(job.spec, t)
-            if not decisions:
-                self._log(t, "submitted", ref, queue=job.spec.queue)
-            for d in decisions:
-                self._decided(t, d)
 
     def _decided(self, t: float, d: Started | Preempted | Rejected) -> None:
         if isinstance(d, Started):
@@ -120,8 +133,8 @@ class Simulation:
             limit = live.job.max_runtime
             failed = limit is not None and limit < run
             end = t + (limit if failed and limit is not None else run)
-            self._push(end, COMPLETION, self.engine.jobs[d.job].admitted, f"{d.job}\x00{live.token}\x00{int(failed)}")
-            self._log(t, "started", d.job, nodes=d.placement)
+            heapq.heappush(self._heap, (end, COMPLETION, self.engine.jobs[d.job].admitted, (d.job, live.token, failed)))
+            self.events.append({"t": self._tn, "event": "started", "job": d.job, "nodes": d.placement})
         elif isinstance(d, Preempted):
             live = self._live[d.job]
             live.token += 1
@@ -136,7 +149,7 @@ class Simulation:
             self._log(t, "rejected", d.job, queue=job.spec.queue, reason=d.reason.message)
 
     def _log(self, t: float, event: str, job: str, **extra: Any) -> None:
-        self.events.append({"t": _num(t), "event": event, "job": job, **extra})
+        self.events.append({"t": self._tn, "event": event, "job": job, **extra})
 
     def _log_shares(self, t: float, force: bool = False) -> None:
         if not (self.log_fair_share or force):
