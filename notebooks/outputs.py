@@ -8,7 +8,7 @@
 
 `corral models register NAME --job ID --artifact model.pt` then takes the artifact from that directory, the
 metrics the promotion gates check from metrics.json, and the eval set and digests from lineage.json: nobody types
-them in (docs/models.md). Only the standard library is used (and scheduler.models.artifacts, which uses only it),
+them in (docs/models.md). Only the standard library is used (and scheduler.registry.artifacts, which uses only it),
 so a job needs nothing else installed.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.engine.model import is_number
-from scheduler.models.artifacts import digest, walk
+from scheduler.registry.artifacts import digest, walk
 
 __all__ = ["OUTPUT_ENV", "log_metrics", "output_dir", "record_lineage", "tree_digest"]
 
@@ -71,7 +71,7 @@ def _dir(path: str | os.PathLike[str] | None) -> Path:
 
 def tree_digest(path: str | os.PathLike[str], skip: Iterable[str] = ()) -> str:
     """sha256 of a file (sha256sum's), or of a directory tree as the service digests artifacts (the same code:
-    scheduler.models.artifacts, standard library only): every file in sorted relative-path order as
+    scheduler.registry.artifacts, standard library only): every file in sorted relative-path order as
     `file REL\\0SIZE\\0` then its bytes, every symlink as `link REL\\0TARGET\\0` (never followed). Directories named
     in `skip` are left out. Unlike the service, hard-linked files are hashed (a job's own data may be linked)."""
     # A path, never a URI (a directory may be named "data:v1"); no bounds: the job hashes what it chose to.

@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from notebooks.outputs import tree_digest
-from scheduler.models.artifacts import ArtifactError, Walk, digest, walk
+from scheduler.registry.artifacts import ArtifactError, Walk, digest, walk
 from scheduler.service.api.auth import Role
 from scheduler.service.api.errors import Unavailable
 from scheduler.service.core import hashing

@@ -25,8 +25,8 @@ from fastapi.testclient import TestClient
 
 from notebooks.outputs import log_metrics, record_lineage, tree_digest
 from scheduler.backends.local import LocalExecutor
-from scheduler.models import audit as chain
-from scheduler.models import mlflow_export
+from scheduler.registry import audit as chain
+from scheduler.registry import mlflow_export
 from scheduler.service.api.auth import Role
 from scheduler.service.store.db import model_aliases, model_audit, model_versions
 from tests import attack_kit

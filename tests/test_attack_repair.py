@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from scheduler.models import audit as chain
+from scheduler.registry import audit as chain
 from scheduler.service.store.db import alembic_config, audit, events, jobs, model_audit, model_versions
 from tests import attack_kit
 from tests.service_kit import Service, make_service

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
-from scheduler.models import audit, manifests
-from scheduler.models.artifacts import sha256_of
-from scheduler.models.hooks import run_hook
-from scheduler.models.policy import (
+from scheduler.registry import audit, manifests
+from scheduler.registry.artifacts import sha256_of
+from scheduler.registry.hooks import run_hook
+from scheduler.registry.policy import (
     GateResult,
     Hook,
     MetricGate,

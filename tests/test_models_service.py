@@ -12,8 +12,8 @@ import sqlalchemy as sa
 import yaml
 from fastapi.testclient import TestClient
 
-from scheduler.models import mlflow_export
-from scheduler.models.mlflow_export import MlflowClient
+from scheduler.registry import mlflow_export
+from scheduler.registry.mlflow_export import MlflowClient
 from scheduler.service.api.auth import Role
 from scheduler.service.store.db import model_audit
 from tests.service_kit import Service

@@ -1,6 +1,6 @@
 """Run an admission policy's hook (a Python callable or an HTTP endpoint) and read its validate-and-mutate answer.
 
-The contract extends the promotion hooks' (scheduler/models/hooks.py, whose import and verdict rules are
+The contract extends the promotion hooks' (scheduler/registry/hooks.py, whose import and verdict rules are
 reused): a Python hook may return what a promotion hook may (True/None, False, a reason, (bool, reason)) or a
 dict {"allow": bool, "reason": str, "patch": {field: value}}; an HTTP hook is POSTed the request as JSON and
 answers that dict. A hook that fails or answers nonsense refuses the job with what happened, unless the policy
@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from scheduler.admission.rules import AdmissionHook, HookAnswer
-from scheduler.models.hooks import _resolve, _verdict
+from scheduler.registry.hooks import _resolve, _verdict
 
 
 def run(hook: AdmissionHook, request: Mapping[str, Any]) -> HookAnswer:

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from scheduler.models.policy import Hook
+from scheduler.registry.policy import Hook
 from scheduler.service.api.edge import Body
 from scheduler.service.core.specs import JobSubmit
 

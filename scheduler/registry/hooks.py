@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from scheduler.models.policy import Hook
+from scheduler.registry.policy import Hook
 
 
 def _resolve(target: str) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from scheduler.engine.model import is_number
-from scheduler.models.artifacts import ArtifactError, open_beneath
+from scheduler.registry.artifacts import ArtifactError, open_beneath
 
 METRICS_FILE = "metrics.json"
 LINEAGE_FILE = "lineage.json"

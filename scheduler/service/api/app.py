@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scheduler.models import mlflow_export
+from scheduler.registry import mlflow_export
 from scheduler.service.api import models as api
 from scheduler.service.api import routes_admission, routes_cluster, routes_jobs, routes_models, routes_sandboxes, web
 from scheduler.service.api.bodylimit import BodyLimit

@@ -8,9 +8,9 @@ from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import Field
 
-from scheduler.models import audit as chain
-from scheduler.models import mlflow_export
-from scheduler.models.manifests import deployment, inference_service, to_yaml
+from scheduler.registry import audit as chain
+from scheduler.registry import mlflow_export
+from scheduler.registry.manifests import deployment, inference_service, to_yaml
 from scheduler.service.api import models_registry as api
 from scheduler.service.api.deps import TEXT_OK, Caller, CoreDep, DbId
 from scheduler.service.api.edge import Body

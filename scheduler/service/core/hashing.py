@@ -1,7 +1,7 @@
 """The artifact hashing pool: a few threads that read model artifacts, so no API request thread reads a file.
 
 A registration, promotion or rollback hands the pool a job that pre-walks its artifact
-(scheduler.models.artifacts.walk) and then hashes it, and waits at most artifact_hash_timeout_s for the digest: the
+(scheduler.registry.artifacts.walk) and then hashes it, and waits at most artifact_hash_timeout_s for the digest: the
 walk runs on the pool and under the timeout too, since a tree of a million empty directories costs time before a
 single byte is read. The pool is bounded twice: artifact_hash_workers threads hash, and at most
 artifact_hash_waiting more digests wait for one; a request beyond that is answered 503 at once. A slot is given
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from scheduler.models.artifacts import Walk, digest
+from scheduler.registry.artifacts import Walk, digest
 from scheduler.service.api.errors import Unavailable
 from scheduler.service.core.settings import ServiceSettings
 

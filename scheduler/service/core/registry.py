@@ -23,11 +23,11 @@ from prometheus_client.core import Metric
 from sqlalchemy.engine import Connection, RowMapping
 
 from scheduler.backends.base import KeepsOutputs
-from scheduler.models import audit as chain
-from scheduler.models.artifacts import ArtifactError, inside, resolve, walk
-from scheduler.models.hooks import run_hook
-from scheduler.models.outputs import Lineage, read_lineage, read_metrics
-from scheduler.models.policy import (
+from scheduler.registry import audit as chain
+from scheduler.registry.artifacts import ArtifactError, inside, resolve, walk
+from scheduler.registry.hooks import run_hook
+from scheduler.registry.outputs import Lineage, read_lineage, read_metrics
+from scheduler.registry.policy import (
     GateResult,
     PolicyError,
     PromotionPolicy,

@@ -15,7 +15,7 @@ CPUs inf - inf = NaN, after which no job of any queue started there, and it came
 Each repair is written to the audit log (actor "corral", action "repair.non_finite"), with the values removed.
 
 The chain's hashing (canonical JSON, sha256 over the previous hash) is copied below, not imported from
-scheduler.models.audit: a migration must compute what it computed on the day it was written, whatever that module
+scheduler.registry.audit: a migration must compute what it computed on the day it was written, whatever that module
 becomes. tests/test_attack_repair.py checks that the copy and the module agree.
 """
 
@@ -58,7 +58,7 @@ REPAIR = "version.repair"
 
 
 def chain_hash(prev_hash: str, entry: dict[str, Any]) -> str:
-    """scheduler.models.audit.entry_hash as of this migration (frozen): sha256 over the previous hash, a newline
+    """scheduler.registry.audit.entry_hash as of this migration (frozen): sha256 over the previous hash, a newline
     and the entry's fields as canonical JSON (sorted keys, no spaces, ASCII, no NaN)."""
     fields = {k: entry[k] for k in ("seq", "at", "actor", "action", "model", "detail")}
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
