@@ -27,7 +27,7 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scheduler.backends import k8s_objects as k8s  # noqa: E402  (run as a script from anywhere)
+from scheduler.backends.kubernetes import objects as k8s  # noqa: E402  (run as a script from anywhere)
 from tests.ha_kit import Replicas, admin_token, base_env, request, token_kubeconfig  # noqa: E402
 from tests.k8s_kit import ControlPlane, find_bin_dir  # noqa: E402
 

@@ -33,9 +33,9 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scheduler.backends import k8s_objects as k8s  # noqa: E402  (run as a script from anywhere)
 from scheduler.backends.base import CLUSTER_OWNER  # noqa: E402
-from scheduler.backends.kubernetes import KubernetesExecutor  # noqa: E402
+from scheduler.backends.kubernetes import objects as k8s  # noqa: E402  (run as a script from anywhere)
+from scheduler.backends.kubernetes.executor import KubernetesExecutor  # noqa: E402
 from scheduler.service.api.auth import Principal, Role  # noqa: E402
 from scheduler.service.core.assemble import build_core  # noqa: E402
 from scheduler.service.core.loop import Core  # noqa: E402

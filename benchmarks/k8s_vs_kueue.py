@@ -380,8 +380,8 @@ def verify(plane: Any, phase: str, nodes: list[str], namespaces: dict[str, str])
 def phase_corral(plane: Any, args: argparse.Namespace, work: Path, last: bool) -> dict[str, Any]:
     import sqlalchemy as sa  # noqa: PLC0415
 
-    from scheduler.backends import k8s_objects as k8s  # noqa: PLC0415
-    from scheduler.backends.kubernetes import KubernetesExecutor  # noqa: PLC0415
+    from scheduler.backends.kubernetes import objects as k8s  # noqa: PLC0415
+    from scheduler.backends.kubernetes.executor import KubernetesExecutor  # noqa: PLC0415
     from scheduler.service.api.auth import Principal, Role  # noqa: PLC0415
     from scheduler.service.core.assemble import build_core  # noqa: PLC0415
     from scheduler.service.core.settings import ServiceSettings  # noqa: PLC0415
@@ -432,8 +432,8 @@ def phase_corral_api(plane: Any, args: argparse.Namespace, work: Path, last: boo
     with k8s_workload "pod": Corral creates each job's pod and binds it itself, no Job controller in the path."""
     import sqlalchemy as sa  # noqa: PLC0415
 
-    from scheduler.backends import k8s_objects as k8s  # noqa: PLC0415
-    from scheduler.backends.kubernetes import KubernetesExecutor  # noqa: PLC0415
+    from scheduler.backends.kubernetes import objects as k8s  # noqa: PLC0415
+    from scheduler.backends.kubernetes.executor import KubernetesExecutor  # noqa: PLC0415
     from scheduler.service.api.auth import Principal, Role  # noqa: PLC0415
     from scheduler.service.core.assemble import build_core  # noqa: PLC0415
     from scheduler.service.core.settings import ServiceSettings  # noqa: PLC0415

@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 from kubernetes.client.exceptions import ApiException
 
-from scheduler.backends import k8s_objects as k8s
+from scheduler.backends.kubernetes import objects as k8s
 from tests.ha_kit import Relay, Replica, Replicas, admin_token, base_env, request, token_kubeconfig
 from tests.k8s_kit import CORRAL_NS, ControlPlane, delete_namespaces, shared_plane, until
 from tests.service_kit import database_url

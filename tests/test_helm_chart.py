@@ -23,7 +23,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from scheduler.backends.kubernetes import KubernetesExecutor
+from scheduler.backends.kubernetes.executor import KubernetesExecutor
 from tests.k8s_kit import ROOT, ControlPlane, require_bin_dir, schemas_dir, shared_plane, wait_for
 
 pytestmark = pytest.mark.integration  # helm, kubeconform and the Kubernetes test control plane

@@ -21,10 +21,10 @@ import sqlalchemy as sa
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.base import CLUSTER_OWNER, Arrival, Exit, Handle, Launch, NodeInfo
-from scheduler.backends.k8s_pods import GROUP_SIZE, POD_GROUP_ENV, POOL_LABEL
-from scheduler.backends.kubernetes import KubernetesExecutor, NodeChange, NodeWatcher, discover_nodes
+from scheduler.backends.kubernetes import objects as k8s
+from scheduler.backends.kubernetes.executor import KubernetesExecutor, NodeChange, NodeWatcher, discover_nodes
+from scheduler.backends.kubernetes.pods import GROUP_SIZE, POD_GROUP_ENV, POOL_LABEL
 from scheduler.service.api.auth import Principal, Role
 from scheduler.service.core.assemble import build_core
 from scheduler.service.core.loop import Core

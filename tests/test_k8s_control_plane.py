@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from scheduler.backends import k8s_objects as k8s
+from scheduler.backends.kubernetes import objects as k8s
 from tests.k8s_kit import GPU, GPU_PRODUCT, POOL_LABEL, ControlPlane, shared_plane, wait_for
 
 pytestmark = pytest.mark.integration  # the Kubernetes test control plane

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.base import Exit, Handle, Launch
-from scheduler.backends.kubernetes import WORKLOAD_ENV, KubernetesExecutor
+from scheduler.backends.kubernetes import objects as k8s
+from scheduler.backends.kubernetes.executor import WORKLOAD_ENV, KubernetesExecutor
 from tests import test_k8s_backend as kb
 from tests.test_k8s_backend import IMAGE, Cluster, finish, launch, pods_of, until
 

@@ -1,10 +1,10 @@
-"""The pure builders of scheduler/backends/k8s_objects.py, checked as the dicts they return (no cluster)."""
+"""The pure builders of scheduler/backends/kubernetes/objects.py, checked as the dicts they return (no cluster)."""
 
 from __future__ import annotations
 
 import pytest
 
-from scheduler.backends import k8s_objects as k8s
+from scheduler.backends.kubernetes import objects as k8s
 
 
 def test_pod_is_for_corral_to_bind_with_labels_gpus_env_and_grace() -> None:

@@ -24,12 +24,12 @@ from kubernetes import watch
 from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
-from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.base import Exit, Handle, Launch
-from scheduler.backends.k8s_attempts import Attempt, members
-from scheduler.backends.k8s_nodes import Feed
-from scheduler.backends.k8s_podcache import OURS, BoundPods, by_attempt, key_of
-from scheduler.backends.kubernetes import BOUND_FEED, KubernetesExecutor
+from scheduler.backends.kubernetes import objects as k8s
+from scheduler.backends.kubernetes.attempts import Attempt, members
+from scheduler.backends.kubernetes.executor import BOUND_FEED, KubernetesExecutor
+from scheduler.backends.kubernetes.nodes import Feed
+from scheduler.backends.kubernetes.podcache import OURS, BoundPods, by_attempt, key_of
 from tests.k8s_kit import ControlPlane, delete_namespaces, kubelet, shared_plane, until
 from tests.marks import starts_processes
 

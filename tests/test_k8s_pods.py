@@ -9,8 +9,8 @@ from typing import Any
 from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
-from scheduler.backends import k8s_objects as k8s
-from scheduler.backends.k8s_pods import (
+from scheduler.backends.kubernetes import objects as k8s
+from scheduler.backends.kubernetes.pods import (
     GROUP_SIZE,
     POOL_LABEL,
     PREEMPTIBLE,
@@ -19,7 +19,7 @@ from scheduler.backends.k8s_pods import (
     namespace_team,
     waiting,
 )
-from scheduler.backends.k8s_teams import QUEUE_ANNOTATION
+from scheduler.backends.kubernetes.teams import QUEUE_ANNOTATION
 
 
 def pod(labels: dict[str, str] | None = None, notes: dict[str, str] | None = None, gpus: str = "2",

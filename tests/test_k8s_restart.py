@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from scheduler.backends import k8s_objects as k8s
-from scheduler.backends.kubernetes import KubernetesExecutor
+from scheduler.backends.kubernetes import objects as k8s
+from scheduler.backends.kubernetes.executor import KubernetesExecutor
 from scheduler.service.core.assemble import build_core
 from scheduler.service.core.loop import Core
 from scheduler.service.core.settings import ServiceSettings

@@ -26,9 +26,9 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from scheduler.backends import k8s_objects as k8s
-from scheduler.backends.k8s_others import pod_held
-from scheduler.backends.kubernetes import KubernetesExecutor
+from scheduler.backends.kubernetes import objects as k8s
+from scheduler.backends.kubernetes.executor import KubernetesExecutor
+from scheduler.backends.kubernetes.others import pod_held
 from scheduler.service.api.webhook import BindingWebhook
 from scheduler.service.core.assemble import build_core
 from scheduler.service.core.loop import Core

@@ -1,4 +1,4 @@
-"""Teams on Kubernetes (scheduler/backends/k8s_teams.py) and sandbox pods (k8s_sandbox.py).
+"""Teams on Kubernetes (scheduler/backends/kubernetes/teams.py) and sandbox pods (kubernetes/sandbox.py).
 
 The builders are checked as dicts; the reconciler, the policies' selectors and a sandbox opened through the service
 run against the real test control plane (tests/k8s_kit.py). There is no CNI there, so NetworkPolicies are not
@@ -20,10 +20,11 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from quotas import QueueSpec, QueueTree
-from scheduler.backends import k8s_objects as k8s
-from scheduler.backends import k8s_sandbox, k8s_teams
 from scheduler.backends.base import Launch, server_port
-from scheduler.backends.kubernetes import KubernetesExecutor, discover_nodes
+from scheduler.backends.kubernetes import objects as k8s
+from scheduler.backends.kubernetes import sandbox as k8s_sandbox
+from scheduler.backends.kubernetes import teams as k8s_teams
+from scheduler.backends.kubernetes.executor import KubernetesExecutor, discover_nodes
 from scheduler.service.api.auth import Principal, Role
 from scheduler.service.api.errors import Conflict
 from scheduler.service.core.assemble import build_core

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from scheduler.backends import k8s_nodes
-from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.base import Launch, NodeChange
-from scheduler.backends.k8s_attempts import Attempt
-from scheduler.backends.k8s_nodes import NodeWatcher
-from scheduler.backends.k8s_pods import GROUP_SIZE, POD_GROUP_ENV, PodGangs
-from scheduler.backends.kubernetes import KubernetesExecutor
+from scheduler.backends.kubernetes import nodes as k8s_nodes
+from scheduler.backends.kubernetes import objects as k8s
+from scheduler.backends.kubernetes.attempts import Attempt
+from scheduler.backends.kubernetes.executor import KubernetesExecutor
+from scheduler.backends.kubernetes.nodes import NodeWatcher
+from scheduler.backends.kubernetes.pods import GROUP_SIZE, POD_GROUP_ENV, PodGangs
 from tests.test_k8s_pods import FakeCore, ns, pending
 
 

@@ -1,6 +1,7 @@
-"""Work Corral did not place on its nodes (scheduler/service/core/outside.py, webhook.py, backends/k8s_others.py) with a
-scripted executor: counted before Corral places anything, kept across a rebuild, and another scheduler's bind onto
-a full node refused with why. The same on a real API server with kube-scheduler: tests/test_k8s_shared_nodes.py."""
+"""Work Corral did not place on its nodes (scheduler/service/core/outside.py, api/webhook.py,
+backends/kubernetes/others.py) with a scripted executor: counted before Corral places anything, kept across a
+rebuild, and another scheduler's bind onto a full node refused with why. The same on a real API server with
+kube-scheduler: tests/test_k8s_shared_nodes.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from kubernetes import client
 
 from scheduler.backends.base import Held, SharesNodes
-from scheduler.backends.k8s_others import OtherPods, pod_held
+from scheduler.backends.kubernetes.others import OtherPods, pod_held
 from scheduler.service.api.webhook import BindingWebhook, answer
 from scheduler.service.core.loop import Core
 from scheduler.service.core.outside import admit_binding

@@ -30,7 +30,7 @@ from scheduler.service.store import rows as store
 from scheduler.service.store.db import connect, migrate, require_head, tokens
 
 if TYPE_CHECKING:
-    from scheduler.backends.k8s_sandbox import NotebookStorage
+    from scheduler.backends.kubernetes.sandbox import NotebookStorage
 
 log = logging.getLogger("corral.service")
 # Said at every start on the Ray backend (docs/ray.md, Trust model): Corral cannot separate Ray jobs from each other.
@@ -68,7 +68,7 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
         from kubernetes import client as k8s_client  # noqa: PLC0415
         from kubernetes import config as k8s_config  # noqa: PLC0415
 
-        from scheduler.backends.kubernetes import KubernetesExecutor  # noqa: PLC0415
+        from scheduler.backends.kubernetes.executor import KubernetesExecutor  # noqa: PLC0415
 
         if settings.k8s_kubeconfig:
             api = k8s_config.new_client_from_config(config_file=settings.k8s_kubeconfig)  # type: ignore[no-untyped-call]
@@ -102,7 +102,7 @@ def notebook_storage(settings: ServiceSettings) -> NotebookStorage | None:
     """Per-user notebook claims on Kubernetes, when a size is set."""
     if settings.k8s_notebook_storage_size is None:
         return None
-    from scheduler.backends.k8s_sandbox import NotebookStorage  # noqa: PLC0415  (the kubernetes backend's)
+    from scheduler.backends.kubernetes.sandbox import NotebookStorage  # noqa: PLC0415  (the kubernetes backend's)
     return NotebookStorage(settings.k8s_notebook_storage_size, settings.k8s_notebook_storage_class,
                            settings.k8s_notebook_dir)
 

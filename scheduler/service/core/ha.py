@@ -65,7 +65,7 @@ def elect(settings: ServiceSettings, core: Core) -> Leadership:
     lease = None
     api = getattr(core.executor, "core", None)  # the Kubernetes executor's CoreV1Api
     if settings.backend == "kubernetes" and api is not None:
-        from scheduler.backends.k8s_lease import Lease  # noqa: PLC0415 (the kubernetes client: this backend only)
+        from scheduler.backends.kubernetes.lease import Lease  # noqa: PLC0415 (the kubernetes client: this backend only)
 
         lease = Lease(api.api_client, lease_namespace(settings), settings.k8s_lease_name, me, settings.lease_s)
     leadership = Leadership(fence, lease, settings.leader_retry_s, settings.renew_deadline_s, on_lost=_exit)

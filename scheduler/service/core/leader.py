@@ -7,7 +7,7 @@
   when the holder's session ends (a killed process at once; a cut network after TCP keepalives, about 15 s). On
   SQLite there is one instance: an exclusive lock on a file beside the database, and a second instance refuses to
   start.
-- Lease (backend kubernetes; scheduler/backends/k8s_lease.py): a coordination.k8s.io Lease, as Kubernetes' own
+- Lease (backend kubernetes; scheduler/backends/kubernetes/lease.py): a coordination.k8s.io Lease, as Kubernetes' own
   controllers use.
 - Leadership runs both in a thread. Leading needs the lease (where there is one) and then the fence; the leader acts
   (decides, binds) only while its last successful renewal of both is younger than `renew_deadline_s`, shorter than
@@ -150,7 +150,7 @@ class SqliteFence:
 
 
 class Renews(Protocol):
-    """A lease held while renewed (backends.k8s_lease.Lease)."""
+    """A lease held while renewed (backends.kubernetes.lease.Lease)."""
 
     def try_acquire_or_renew(self) -> bool: ...
 

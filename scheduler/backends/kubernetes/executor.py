@@ -1,17 +1,17 @@
 """Runs admitted attempts as pods on a Kubernetes cluster; Corral is a secondary scheduler that binds them itself.
 
-- Nodes (k8s_nodes): Ready, schedulable nodes with allocatable nvidia.com/gpu (optionally only those matching
+- Nodes (nodes): Ready, schedulable nodes with allocatable nvidia.com/gpu (optionally only those matching
   node_selector) are Corral's nodes; a watch in a background thread reports them going down, being deleted and
   coming up (node_changes), which the service feeds to the engine while it runs.
-- KubernetesExecutor: each worker of an attempt is one pod (k8s_objects.pod) in the team's namespace (the job's
+- KubernetesExecutor: each worker of an attempt is one pod (objects.pod) in the team's namespace (the job's
   queue, created if missing) with schedulerName corral, so kube-scheduler leaves it alone; Corral binds each pod to
   the node the engine chose with the Binding API. Names are deterministic (corral-<job>-<attempt>-<worker>), so a
   retried launch meets 409s and carries on, and a restarted Corral finds its pods again by label. With workload
   "job" (the service's k8s_workload, or a job's CORRAL_K8S_WORKLOAD) an attempt is one Indexed batch/v1 Job
-  instead (k8s_objects.batch_job): its controller makes the pods, and poll() binds each, as it appears, to the
+  instead (objects.batch_job): its controller makes the pods, and poll() binds each, as it appears, to the
   node chosen for its completion index; the Job's Complete condition is the attempt's success. poll() reads the
-  pods from a watch-fed cache (k8s_podcache) and judges only the attempts whose pods changed.
-- Pods of others (k8s_pods): pods someone else made with schedulerName corral arrive as gangs (arrivals); once the
+  pods from a watch-fed cache (podcache) and judges only the attempts whose pods changed.
+- Pods of others (pods): pods someone else made with schedulerName corral arrive as gangs (arrivals); once the
   engine admits one, launch() binds its pods, marking them with the job and attempt as annotations (the Binding
   API copies them onto the pod). Preemption deletes them with their own grace period; they are not deleted after
   they finish (their owner, a Job controller say, counts them).
@@ -37,14 +37,15 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from quotas import QueueTree
-from scheduler.backends import k8s_objects as k8s
-from scheduler.backends import k8s_sandbox, k8s_teams
 from scheduler.backends.base import Arrival, Exit, Handle, Held, Launch, NodeChange, NodeInfo
-from scheduler.backends.k8s_attempts import Attempt, evicted, failure, found_after_restart, job_state, members
-from scheduler.backends.k8s_nodes import Feed, NodeWatcher, conflict_ok, core_api, discover_nodes, node_info
-from scheduler.backends.k8s_others import OtherPods, binding
-from scheduler.backends.k8s_podcache import BoundPods, Key, by_attempt, fresh
-from scheduler.backends.k8s_pods import POD_GROUP_ENV, PodGangs, Waiting
+from scheduler.backends.kubernetes import objects as k8s
+from scheduler.backends.kubernetes import sandbox as k8s_sandbox
+from scheduler.backends.kubernetes import teams as k8s_teams
+from scheduler.backends.kubernetes.attempts import Attempt, evicted, failure, found_after_restart, job_state, members
+from scheduler.backends.kubernetes.nodes import Feed, NodeWatcher, conflict_ok, core_api, discover_nodes, node_info
+from scheduler.backends.kubernetes.others import OtherPods, binding
+from scheduler.backends.kubernetes.podcache import BoundPods, Key, by_attempt, fresh
+from scheduler.backends.kubernetes.pods import POD_GROUP_ENV, PodGangs, Waiting
 
 __all__ = ["KubernetesExecutor", "NodeChange", "NodeWatcher", "discover_nodes", "node_info"]
 
@@ -96,7 +97,7 @@ class KubernetesExecutor:
         self.default_image = default_image or os.environ.get(IMAGE_ENV)
         self.grace_s = grace_s
         k8s.pod_security(run_as_user)  # refuses root (0) now, not at the first launch
-        self.run_as_user = run_as_user  # every pod Corral builds runs as this user (k8s_objects.pod_security)
+        self.run_as_user = run_as_user  # every pod Corral builds runs as this user (objects.pod_security)
         self.managed_taint = managed_taint  # and tolerates the taint that keeps kube-scheduler off Corral's nodes
         self.prefix = namespace_prefix
         self.teams = k8s_teams.TeamConfig(namespace_prefix, hub_namespace)
@@ -266,7 +267,7 @@ class KubernetesExecutor:
                 raise ApiException(status=409, reason=f"pod {ns}/{name} is bound to {bound}, not {node}") from e
 
     def sync_teams(self, tree: QueueTree, capacity: Mapping[str, int]) -> k8s_teams.Applied:
-        """Every team's namespace, RoleBindings, GPU quota and NetworkPolicies as `tree` wants them (k8s_teams)."""
+        """Every team's namespace, RoleBindings, GPU quota and NetworkPolicies as `tree` wants them (teams)."""
         return k8s_teams.reconcile(self.core.api_client, tree, capacity, self.teams)
 
     # --- what the cluster tells Corral (background watches) ---

@@ -11,10 +11,10 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubespawner.objects import make_pod
 
-from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.base import server_port
-from scheduler.backends.k8s_nodes import conflict_ok
-from scheduler.backends.k8s_teams import TeamConfig, owner_policy, sandbox_isolation
+from scheduler.backends.kubernetes import objects as k8s
+from scheduler.backends.kubernetes.nodes import conflict_ok
+from scheduler.backends.kubernetes.teams import TeamConfig, owner_policy, sandbox_isolation
 
 KIND_ENV = "CORRAL_KIND"  # set by the service on every launch: "job" or "sandbox"
 PORT_NAME = "notebook-port"  # what make_pod names the server's containerPort
@@ -71,7 +71,7 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
     """A sandbox's pod; the same arguments as k8s_objects.pod, which it stands in for. KubeSpawner's `make_pod`
     gives the pod JupyterHub deployments run (its notebook container, no service-account token, no privilege
     escalation), confined like a job's (non-root, no capabilities, seccomp RuntimeDefault); Corral's parts
-    (labels, annotations, schedulerName corral, resources, the grace) come from k8s_objects.pod, so the executor
+    (labels, annotations, schedulerName corral, resources, the grace) come from objects.pod, so the executor
     finds, binds and stops a sandbox like a job. As in KubeSpawner, the command is the container's args: the
     image's entrypoint (tini in the Jupyter images) stays PID 1. With `home_claim`, the user's claim is mounted at
     `home_path`, where the server opens (its working directory, unless the sandbox names one)."""

@@ -25,8 +25,8 @@ from typing import Any, Generic, TypeVar
 from kubernetes import client, utils, watch
 from kubernetes.client.exceptions import ApiException
 
-from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.base import GPUInfo, NodeChange, NodeInfo
+from scheduler.backends.kubernetes import objects as k8s
 
 log = logging.getLogger("corral.kubernetes")
 DEFAULT_POOL = "gpu"  # GPU nodes without a product label

@@ -26,10 +26,10 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.base import Arrival
-from scheduler.backends.k8s_nodes import core_api, quantity, watch_from
-from scheduler.backends.k8s_teams import QUEUE_ANNOTATION
+from scheduler.backends.kubernetes import objects as k8s
+from scheduler.backends.kubernetes.nodes import core_api, quantity, watch_from
+from scheduler.backends.kubernetes.teams import QUEUE_ANNOTATION
 
 GROUP_SIZE = "corral.dev/group-size"
 PREEMPTIBLE = "corral.dev/preemptible"  # "false" (a label or annotation): never preempted, runs only within quota

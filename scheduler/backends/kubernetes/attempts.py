@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from scheduler.backends import k8s_objects as k8s
+from scheduler.backends.kubernetes import objects as k8s
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Attempt:
     stopping: bool = False
     ending: bool = False  # a worker failed or vanished: the rest were deleted, the exit waits for them to go
     failure: tuple[int, str] | None = None  # the first failed worker's exit code and why
-    foreign: list[str] = field(default_factory=list)  # names of someone else's pods Corral bound (k8s_pods)
+    foreign: list[str] = field(default_factory=list)  # names of someone else's pods Corral bound (pods)
     job: str | None = None  # the batch/v1 Job that makes the pods (workload "job")
     grace: int | None = None  # the grace terminate() asked for: poll() asks again if its delete did not happen
     nodes: set[str] = field(default_factory=set)  # where its pods were bound: a drained node's pods vanish unseen

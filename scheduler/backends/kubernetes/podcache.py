@@ -21,9 +21,9 @@ from typing import Any
 from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
-from scheduler.backends import k8s_objects as k8s
-from scheduler.backends.k8s_attempts import Attempt, job_state, members
-from scheduler.backends.k8s_nodes import core_api
+from scheduler.backends.kubernetes import objects as k8s
+from scheduler.backends.kubernetes.attempts import Attempt, job_state, members
+from scheduler.backends.kubernetes.nodes import core_api
 
 OURS = f"spec.schedulerName={k8s.SCHEDULER_NAME}"  # every pod Corral binds, its own and others'
 TERMINAL = ("Succeeded", "Failed")
@@ -209,7 +209,7 @@ class BoundPods:
             return {k: list(v.values()) for k, v in self.index.items()}
 
     def attempt(self, job_id: str, attempt: int, a: Attempt, job: Any = None) -> list[Any]:
-        """An attempt's pods (k8s_attempts.members) as poll() must judge them: from the cache, unless it shows the
+        """An attempt's pods (attempts.members) as poll() must judge them: from the cache, unless it shows the
         attempt short of pods or with a pod not yet bound (a creation or a bind it may not have seen yet), or its
         Job ended (its pods' last states decide the exit): then read afresh, as the per-cycle LIST had them."""
         pods = members(job_id, attempt, a, self.of((k8s.dns_label(job_id), str(attempt))))

@@ -22,10 +22,10 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from scheduler.backends import k8s_objects as k8s
 from scheduler.backends.base import Held
-from scheduler.backends.k8s_nodes import core_api, quantity, watch_from
-from scheduler.backends.k8s_pods import GIB, requested
+from scheduler.backends.kubernetes import objects as k8s
+from scheduler.backends.kubernetes.nodes import core_api, quantity, watch_from
+from scheduler.backends.kubernetes.pods import GIB, requested
 
 OTHERS = f"spec.schedulerName!={k8s.SCHEDULER_NAME},spec.nodeName!="
 TERMINAL = ("Succeeded", "Failed")  # a finished pod holds nothing (the kubelet no longer counts it)

@@ -13,7 +13,7 @@ from kubernetes.client.exceptions import ApiException
 
 from quotas import QueueTree
 from quotas.tree import Queue
-from scheduler.backends import k8s_objects as k8s
+from scheduler.backends.kubernetes import objects as k8s
 
 # Corral role -> built-in ClusterRole in the team's namespace. Members get `view` rather than `edit`: edit could
 # create pods that Corral never counted (their GPUs double-booked) and NetworkPolicies or pods labelled as another
