@@ -58,8 +58,14 @@ def running_server(db: str, gpus: int = 8, env: dict[str, str] | None = None) ->
     """Start the service on declared GPUs; stop it (and any job process it started) afterwards."""
     data = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     port = free_port()
-    full_env = {**os.environ, "CORRAL_DATA_DIR": str(data), "CORRAL_PORT": str(port), "CORRAL_GPUS": str(gpus),
-                "CORRAL_DATABASE_URL": database(db, data), **(env or {})}
+    full_env = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(data),
+        "CORRAL_PORT": str(port),
+        "CORRAL_GPUS": str(gpus),
+        "CORRAL_DATABASE_URL": database(db, data),
+        **(env or {}),
+    }
     server = subprocess.Popen([sys.executable, "-m", "scheduler.service"], env=full_env, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -80,14 +86,20 @@ def running_server(db: str, gpus: int = 8, env: dict[str, str] | None = None) ->
 
 def block_every_gpu(server: Server, gpus: int = 8) -> None:
     """One job holding every GPU, so later submissions queue (no process is started per submission)."""
-    httpx.post(f"{server.base}/v1/jobs", headers=server.auth, json={
-        "name": "blocker", "queue": "default", "gpus": gpus, "command": ["sleep", "3600"]}).raise_for_status()
+    httpx.post(
+        f"{server.base}/v1/jobs",
+        headers=server.auth,
+        json={"name": "blocker", "queue": "default", "gpus": gpus, "command": ["sleep", "3600"]},
+    ).raise_for_status()
 
 
 def vegeta() -> str:
     """The vegeta load generator (an open-loop, evenly paced attacker), built once into ~/.cache."""
     if not VEGETA.exists():
         VEGETA.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["go", "install", f"github.com/tsenart/vegeta/v12@{VEGETA_VERSION}"], check=True,
-                       env={**os.environ, "GOBIN": str(VEGETA.parent)})
+        subprocess.run(
+            ["go", "install", f"github.com/tsenart/vegeta/v12@{VEGETA_VERSION}"],
+            check=True,
+            env={**os.environ, "GOBIN": str(VEGETA.parent)},
+        )
     return str(VEGETA)

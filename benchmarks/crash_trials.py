@@ -69,16 +69,24 @@ TREES = [
 
 class Server:
     def __init__(self, data: Path, url: str, port: int):
-        self.env = {**os.environ, "CORRAL_DATA_DIR": str(data), "CORRAL_PORT": str(port), "CORRAL_GPUS": "8",
-                    "CORRAL_TICK_S": "0.05", "CORRAL_GRACE_S": "2", "CORRAL_DATABASE_URL": url}
+        self.env = {
+            **os.environ,
+            "CORRAL_DATA_DIR": str(data),
+            "CORRAL_PORT": str(port),
+            "CORRAL_GPUS": "8",
+            "CORRAL_TICK_S": "0.05",
+            "CORRAL_GRACE_S": "2",
+            "CORRAL_DATABASE_URL": url,
+        }
         self.base = f"http://127.0.0.1:{port}"
         self.data = data
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.data / "server.log", "a") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "scheduler.service"], env=self.env, cwd=ROOT,
-                                         stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "scheduler.service"], env=self.env, cwd=ROOT, stdout=log, stderr=log
+            )
         for _ in range(600):
             try:
                 if httpx.get(f"{self.base}/readyz", timeout=1).status_code == 200:
@@ -99,20 +107,26 @@ def call(server: Server, method: str, path: str, body: dict[str, Any] | None = N
     for _ in range(400):
         try:
             token = (server.data / "admin-token").read_text().strip()
-            return httpx.request(method, server.base + path, json=body, timeout=10,
-                                 headers={"Authorization": f"Bearer {token}"})
+            return httpx.request(
+                method, server.base + path, json=body, timeout=10, headers={"Authorization": f"Bearer {token}"}
+            )
         except (httpx.HTTPError, OSError):
             time.sleep(0.05)
     return None
 
 
-def drive(server: Server, jobs: int, marks: Path, done: threading.Event, rng: random.Random,
-          submitted: list[int]) -> None:
+def drive(
+    server: Server, jobs: int, marks: Path, done: threading.Event, rng: random.Random, submitted: list[int]
+) -> None:
     for i in range(jobs):
         submitted[0] = i
-        body = {"name": f"j{i}", "queue": rng.choice(["a", "b"]), "gpus": rng.choice([1, 1, 2, 4]),
-                "command": [sys.executable, "-c", JOB.format(marks=str(marks), seconds=rng.uniform(0.05, 1.5))],
-                "idempotency_key": f"j{i}"}
+        body = {
+            "name": f"j{i}",
+            "queue": rng.choice(["a", "b"]),
+            "gpus": rng.choice([1, 1, 2, 4]),
+            "command": [sys.executable, "-c", JOB.format(marks=str(marks), seconds=rng.uniform(0.05, 1.5))],
+            "idempotency_key": f"j{i}",
+        }
         call(server, "POST", "/v1/jobs", body)
         if rng.random() < 0.03:
             call(server, "POST", f"/v1/jobs/{rng.randint(1, i + 1)}/cancel")
@@ -175,8 +189,11 @@ def main() -> None:
     done = threading.Event()
     started = time.monotonic()
     submitted = [0]
-    load = threading.Thread(target=drive, args=(server, args.jobs, home / "marks", done, random.Random(args.seed + 1),
-                                                submitted), daemon=True)
+    load = threading.Thread(
+        target=drive,
+        args=(server, args.jobs, home / "marks", done, random.Random(args.seed + 1), submitted),
+        daemon=True,
+    )
     load.start()
     # Kills are spread over the whole run, submissions and the processes' runs alike: progress counts jobs
     # submitted plus attempts started, 0 .. about 2 x jobs (cancelled jobs never start); each kill comes at a
@@ -208,9 +225,19 @@ def main() -> None:
     problems = check(url, home / "marks", args.jobs)
     if audit is None or not audit.json()["verified"]["intact"]:
         problems.append("the audit chain is broken")
-    print(json.dumps({"db": args.db, "jobs": args.jobs, "trials": args.trials,
-                      "wall_s": round(time.monotonic() - started, 1), "problems": problems[:20],
-                      "problem_count": len(problems), "dir": str(home)}))
+    print(
+        json.dumps(
+            {
+                "db": args.db,
+                "jobs": args.jobs,
+                "trials": args.trials,
+                "wall_s": round(time.monotonic() - started, 1),
+                "problems": problems[:20],
+                "problem_count": len(problems),
+                "dir": str(home),
+            }
+        )
+    )
     sys.exit(1 if problems else 0)
 
 

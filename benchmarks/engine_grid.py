@@ -62,9 +62,20 @@ def cell(policy: str, queues: int, nodes: int, jobs: int, max_cpu: float) -> dic
     starts = sum(1 for e in sim.events if e["event"] == "started")
     submitted = len(engine.jobs)
     lat = sorted(latencies) or [0.0]
-    return {"queues": len(w.tree.leaves), "nodes": nodes, "jobs": submitted, "stopped": stopped, "setup": setup,
-            "wall": wall, "cpu": cpu, "starts": starts, "calls": len(latencies),
-            "p50": lat[len(lat) // 2], "p99": lat[int(len(lat) * 0.99)], "max": lat[-1]}
+    return {
+        "queues": len(w.tree.leaves),
+        "nodes": nodes,
+        "jobs": submitted,
+        "stopped": stopped,
+        "setup": setup,
+        "wall": wall,
+        "cpu": cpu,
+        "starts": starts,
+        "calls": len(latencies),
+        "p50": lat[len(lat) // 2],
+        "p99": lat[int(len(lat) * 0.99)],
+        "max": lat[-1],
+    }
 
 
 def main() -> None:
@@ -75,19 +86,25 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=5_000, help="jobs per cell")
     ap.add_argument("--max-cpu", type=float, default=60.0, help="CPU seconds of replay per cell before it stops")
     args = ap.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}; "
-          f"policy {args.policy}, at most {args.jobs} jobs and {args.max_cpu:g} CPU s of replay per cell")
-    print("| queues | nodes | jobs in | admissions | wall s | CPU s | adm/s (wall) | adm/s (CPU) | schedule() calls "
-          "| p50 ms | p99 ms | max ms | setup s |")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}; "
+        f"policy {args.policy}, at most {args.jobs} jobs and {args.max_cpu:g} CPU s of replay per cell"
+    )
+    print(
+        "| queues | nodes | jobs in | admissions | wall s | CPU s | adm/s (wall) | adm/s (CPU) | schedule() calls "
+        "| p50 ms | p99 ms | max ms | setup s |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for q in args.queues:
         for n in args.nodes:
             r = cell(args.policy, q, n, args.jobs, args.max_cpu)
             jobs_in = f"{r['jobs']}{' (stopped)' if r['stopped'] else ''}"
-            print(f"| {r['queues']:,} | {n:,} | {jobs_in} | {r['starts']:,} | {r['wall']:.1f} | {r['cpu']:.1f} "
-                  f"| {r['starts'] / r['wall']:,.0f} | {r['starts'] / max(r['cpu'], 1e-9):,.0f} | {r['calls']:,} "
-                  f"| {r['p50'] * 1e3:.3f} | {r['p99'] * 1e3:.3f} | {r['max'] * 1e3:.1f} | {r['setup']:.1f} |",
-                  flush=True)
+            print(
+                f"| {r['queues']:,} | {n:,} | {jobs_in} | {r['starts']:,} | {r['wall']:.1f} | {r['cpu']:.1f} "
+                f"| {r['starts'] / r['wall']:,.0f} | {r['starts'] / max(r['cpu'], 1e-9):,.0f} | {r['calls']:,} "
+                f"| {r['p50'] * 1e3:.3f} | {r['p99'] * 1e3:.3f} | {r['max'] * 1e3:.1f} | {r['setup']:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

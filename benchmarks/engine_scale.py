@@ -43,8 +43,14 @@ def world(n_jobs: int, n_nodes: int, depts: int = 10, teams: int = 100, seed: in
     for d in range(depts):
         specs.append(QueueSpec(f"dept-{d}", quota={"h100": gpus // depts}))
         for t in range(teams):
-            specs.append(QueueSpec(f"team-{d}-{t}", f"dept-{d}", quota={"h100": gpus // depts // teams},
-                                   weight=rng.choice([1, 1, 2, 4])))
+            specs.append(
+                QueueSpec(
+                    f"team-{d}-{t}",
+                    f"dept-{d}",
+                    quota={"h100": gpus // depts // teams},
+                    weight=rng.choice([1, 1, 2, 4]),
+                )
+            )
     tree = QueueTree(specs, {"h100": gpus})
     # Offered load ~1.4x capacity: the cluster stays saturated and a backlog builds.
     mean_gpus = sum(w * g * n for (w, g), n in zip(SIZES, WEIGHTS, strict=True))
@@ -104,8 +110,12 @@ def main() -> None:
         latencies.append(time.perf_counter() - t0)
         without_gc.append(latencies[-1] - sum(pauses[n:]))
         if len(latencies) % 5000 == 0:
-            print(f"  ... t={now:.0f} s simulated, {len(latencies)} decisions, "
-                  f"{time.perf_counter() - started:.0f} s wall", file=sys.stderr, flush=True)
+            print(
+                f"  ... t={now:.0f} s simulated, {len(latencies)} decisions, "
+                f"{time.perf_counter() - started:.0f} s wall",
+                file=sys.stderr,
+                flush=True,
+            )
         return out
 
     engine.schedule = timed  # type: ignore[method-assign]
@@ -123,17 +133,25 @@ def main() -> None:
     lat = sorted(latencies)
     print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
     print(f"{args.nodes} nodes x 8 GPUs, {len(w.tree.leaves)} leaf queues, {args.jobs} jobs")
-    print(f"replay wall time {wall:.1f} s; {starts} admissions ({preempt} preemptions): "
-          f"{starts / wall:.0f} admissions/s end to end")
-    print(f"engine.schedule after each instant: {len(lat)} calls, mean {statistics.mean(lat) * 1e3:.2f} ms, "
-          f"p50 {lat[len(lat) // 2] * 1e3:.2f} ms, p99 {lat[int(len(lat) * 0.99)] * 1e3:.2f} ms, "
-          f"max {lat[-1] * 1e3:.1f} ms; engine share of wall time {sum(lat) / wall:.0%}")
+    print(
+        f"replay wall time {wall:.1f} s; {starts} admissions ({preempt} preemptions): "
+        f"{starts / wall:.0f} admissions/s end to end"
+    )
+    print(
+        f"engine.schedule after each instant: {len(lat)} calls, mean {statistics.mean(lat) * 1e3:.2f} ms, "
+        f"p50 {lat[len(lat) // 2] * 1e3:.2f} ms, p99 {lat[int(len(lat) * 0.99)] * 1e3:.2f} ms, "
+        f"max {lat[-1] * 1e3:.1f} ms; engine share of wall time {sum(lat) / wall:.0%}"
+    )
     bare = sorted(without_gc)
-    print(f"garbage collection over the whole replay: {len(pauses)} collections, {sum(pauses):.1f} s, longest pause "
-          f"{max(pauses, default=0) * 1e3:.1f} ms; decisions less its pauses: "
-          f"p99 {bare[int(len(bare) * 0.99)] * 1e3:.2f} ms, max {bare[-1] * 1e3:.1f} ms")
-    print(f"decisions over the 10 ms goal: {sum(1 for x in lat if x > 0.01)} of {len(lat)}, "
-          f"{sum(1 for x in bare if x > 0.01)} less the collector's pauses")
+    print(
+        f"garbage collection over the whole replay: {len(pauses)} collections, {sum(pauses):.1f} s, longest pause "
+        f"{max(pauses, default=0) * 1e3:.1f} ms; decisions less its pauses: "
+        f"p99 {bare[int(len(bare) * 0.99)] * 1e3:.2f} ms, max {bare[-1] * 1e3:.1f} ms"
+    )
+    print(
+        f"decisions over the 10 ms goal: {sum(1 for x in lat if x > 0.01)} of {len(lat)}, "
+        f"{sum(1 for x in bare if x > 0.01)} less the collector's pauses"
+    )
     if prof:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
 

@@ -71,23 +71,37 @@ def main() -> None:
             plane.wait_node_ready(n)
         plane.corral_client()
         token = admin_token(db)
-        env = {**base_env(plane, token_kubeconfig(plane, work / "kubeconfig"), db, tag),
-               "CORRAL_LEASE_S": str(args.lease), "CORRAL_RENEW_DEADLINE_S": str(args.renew),
-               "CORRAL_LEADER_RETRY_S": str(args.retry)}
+        env = {
+            **base_env(plane, token_kubeconfig(plane, work / "kubeconfig"), db, tag),
+            "CORRAL_LEASE_S": str(args.lease),
+            "CORRAL_RENEW_DEADLINE_S": str(args.renew),
+            "CORRAL_LEADER_RETRY_S": str(args.retry),
+        }
         reps = Replicas(env, work / "replicas")
         live = [reps.start("r0"), reps.start("r1")]
         leads: list[float] = []
         binds: list[float] = []
         for trial in range(args.trials):
-            if not wait(lambda pair=live: sum(r.role() == "leader" for r in pair) == 1
-                        and all(r.role() in ("leader", "follower") for r in pair), 90, 0.5):
+            if not wait(
+                lambda pair=live: (
+                    sum(r.role() == "leader" for r in pair) == 1
+                    and all(r.role() in ("leader", "follower") for r in pair)
+                ),
+                90,
+                0.5,
+            ):
                 sys.exit("no leader: " + " | ".join(r.tail(5) for r in live))
             leader = next(r for r in live if r.role() == "leader")
             survivor = next(r for r in live if r is not leader)
             killed = time.monotonic()
             leader.kill()
-            job = {"queue": "default", "pool": f"FO-{tag}", "gpus": 1, "command": "sleep inf",
-                   "idempotency_key": f"trial-{trial}"}
+            job = {
+                "queue": "default",
+                "pool": f"FO-{tag}",
+                "gpus": 1,
+                "command": "sleep inf",
+                "idempotency_key": f"trial-{trial}",
+            }
             jid = None
             while jid is None and time.monotonic() - killed < 120:  # 503 until the survivor leads
                 code, body = request(survivor.url + "/v1/jobs", token, "POST", job)
@@ -97,18 +111,36 @@ def main() -> None:
             wait(lambda s=survivor: s.role() == "leader", 120)
             leads.append(time.monotonic() - killed)
             label = f"{k8s.JOB_LABEL}={k8s.dns_label(str(jid))}"
-            wait(lambda lb=label: any(p.spec.node_name for p in plane.core().list_pod_for_all_namespaces(
-                label_selector=lb).items), 120)
+            wait(
+                lambda lb=label: any(
+                    p.spec.node_name for p in plane.core().list_pod_for_all_namespaces(label_selector=lb).items
+                ),
+                120,
+            )
             binds.append(time.monotonic() - killed)
-            print(json.dumps({"trial": trial, "leads_after_s": round(leads[-1], 1),
-                              "first_bind_after_s": round(binds[-1], 1)}), flush=True)
+            print(
+                json.dumps(
+                    {"trial": trial, "leads_after_s": round(leads[-1], 1), "first_bind_after_s": round(binds[-1], 1)}
+                ),
+                flush=True,
+            )
             live = [survivor, reps.start(f"r{trial + 2}")]
-        summary = {"lease_s": args.lease, "renew_deadline_s": args.renew, "retry_s": args.retry,
-                   "trials": args.trials,
-                   "leads_after_s": {"min": round(min(leads), 1), "median": round(statistics.median(leads), 1),
-                                     "max": round(max(leads), 1)},
-                   "first_bind_after_s": {"min": round(min(binds), 1), "median": round(statistics.median(binds), 1),
-                                          "max": round(max(binds), 1)}}
+        summary = {
+            "lease_s": args.lease,
+            "renew_deadline_s": args.renew,
+            "retry_s": args.retry,
+            "trials": args.trials,
+            "leads_after_s": {
+                "min": round(min(leads), 1),
+                "median": round(statistics.median(leads), 1),
+                "max": round(max(leads), 1),
+            },
+            "first_bind_after_s": {
+                "min": round(min(binds), 1),
+                "median": round(statistics.median(binds), 1),
+                "max": round(max(binds), 1),
+            },
+        }
         print(json.dumps(summary), flush=True)
     finally:
         if reps is not None:

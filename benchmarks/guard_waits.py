@@ -40,8 +40,10 @@ def num(x: float) -> str:
 
 def commit() -> str:
     """The commit measured, and whether the working tree differs from it (the engine may be mid-change)."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
     dirty = git("status", "--porcelain", "--untracked-files=no", "--", "scheduler", "quotas")
     return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if dirty else "")
 
@@ -87,31 +89,100 @@ def main() -> None:
     for policy in policies:
         world, m, w, wall = replay(trace, cluster, policy, args.limit)
         o, h, p = m.overall, w.holds, w.preemption
-        rows.append([policy, str(o.jobs), str(o.rejected), num(o.mean_wait), num(o.p99_wait),
-                     f"{max(o.waits, default=0) / 86400:.2f}", num(o.mean_jct), num(w.idle.gpu_seconds / 3600),
-                     num(w.idle.preemptible_gpu_seconds / 3600), str(w.idle.jobs),
-                     *[str(h.jobs[c]) if h else "n/a" for c in HOLD_CAUSES], str(p.preemptions),
-                     str(p.same_instant), str(p.moved), num(p.lost_gpu_seconds / 3600),
-                     num(p.lost_for_nothing_gpu_seconds / 3600), f"{wall:.1f}"])
+        rows.append(
+            [
+                policy,
+                str(o.jobs),
+                str(o.rejected),
+                num(o.mean_wait),
+                num(o.p99_wait),
+                f"{max(o.waits, default=0) / 86400:.2f}",
+                num(o.mean_jct),
+                num(w.idle.gpu_seconds / 3600),
+                num(w.idle.preemptible_gpu_seconds / 3600),
+                str(w.idle.jobs),
+                *[str(h.jobs[c]) if h else "n/a" for c in HOLD_CAUSES],
+                str(p.preemptions),
+                str(p.same_instant),
+                str(p.moved),
+                num(p.lost_gpu_seconds / 3600),
+                num(p.lost_for_nothing_gpu_seconds / 3600),
+                f"{wall:.1f}",
+            ]
+        )
         per_queue.append((policy, w))
         print(f"<!-- {policy}: replayed in {wall:.1f} s -->", flush=True)
     print()
-    print("\n".join(table(["policy", "jobs", "rejected", "mean wait (s)", "p99 wait (s)", "max wait (d)",
-                           "mean JCT (s)", "idle-wait GPU-h", "of which preemptible", "jobs idle-waiting",
-                           *[f"held: {c}" for c in HOLD_CAUSES],
-                           "preemptions", "same-instant", "moved", "GPU-h lost", "GPU-h lost for nothing",
-                           "replay (s)"], rows)))
+    print(
+        "\n".join(
+            table(
+                [
+                    "policy",
+                    "jobs",
+                    "rejected",
+                    "mean wait (s)",
+                    "p99 wait (s)",
+                    "max wait (d)",
+                    "mean JCT (s)",
+                    "idle-wait GPU-h",
+                    "of which preemptible",
+                    "jobs idle-waiting",
+                    *[f"held: {c}" for c in HOLD_CAUSES],
+                    "preemptions",
+                    "same-instant",
+                    "moved",
+                    "GPU-h lost",
+                    "GPU-h lost for nothing",
+                    "replay (s)",
+                ],
+                rows,
+            )
+        )
+    )
     queues = sorted({q for _, w in per_queue for q in w.idle_queues})
     print("\nIdle-wait GPU-hours per queue (jobs that idle-waited):\n")
-    print("\n".join(table(["queue", *[p for p, _ in per_queue]],
-                          [[q, *[f"{num(w.idle_queues[q].gpu_seconds / 3600)} ({w.idle_queues[q].jobs})"
-                                 if q in w.idle_queues else "-" for _, w in per_queue]] for q in queues])))
+    print(
+        "\n".join(
+            table(
+                ["queue", *[p for p, _ in per_queue]],
+                [
+                    [
+                        q,
+                        *[
+                            f"{num(w.idle_queues[q].gpu_seconds / 3600)} ({w.idle_queues[q].jobs})"
+                            if q in w.idle_queues
+                            else "-"
+                            for _, w in per_queue
+                        ],
+                    ]
+                    for q in queues
+                ],
+            )
+        )
+    )
     held = sorted({q for _, w in per_queue if w.holds for q in w.holds.queues})
     print(f"\nGuard holds per queue, distinct jobs ({' / '.join(HOLD_CAUSES)}):\n")
-    print("\n".join(table(["queue", *[p for p, _ in per_queue]],
-                          [[q, *[" / ".join(str(w.holds.queues.get(q, {}).get(c, 0)) for c in HOLD_CAUSES)
-                                 if w.holds else "n/a" for _, w in per_queue]] for q in held]))
-          if held else "none")
+    print(
+        "\n".join(
+            table(
+                ["queue", *[p for p, _ in per_queue]],
+                [
+                    [
+                        q,
+                        *[
+                            " / ".join(str(w.holds.queues.get(q, {}).get(c, 0)) for c in HOLD_CAUSES)
+                            if w.holds
+                            else "n/a"
+                            for _, w in per_queue
+                        ],
+                    ]
+                    for q in held
+                ],
+            )
+        )
+        if held
+        else "none"
+    )
 
 
 if __name__ == "__main__":

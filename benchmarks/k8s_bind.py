@@ -50,13 +50,21 @@ ROOT_USER = Principal("root", Role.PLATFORM_ADMIN)
 
 def make_nodes(plane: ControlPlane, n: int, gpus: int) -> None:
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda i: plane.create_gpu_node(f"bench-{i:04d}", product="NVIDIA-H100-80GB-HBM3", gpus=gpus,
-                                                      labels={LABEL: "1"}), range(n)))
+        list(
+            pool.map(
+                lambda i: plane.create_gpu_node(
+                    f"bench-{i:04d}", product="NVIDIA-H100-80GB-HBM3", gpus=gpus, labels={LABEL: "1"}
+                ),
+                range(n),
+            )
+        )
     core = plane.core()
     deadline = time.monotonic() + 600
     while True:
-        ready = sum(any(c.type == "Ready" and c.status == "True" for c in (nd.status.conditions or []))
-                    for nd in core.list_node(label_selector=f"{LABEL}=1").items)
+        ready = sum(
+            any(c.type == "Ready" and c.status == "True" for c in (nd.status.conditions or []))
+            for nd in core.list_node(label_selector=f"{LABEL}=1").items
+        )
         if ready == n:
             return
         if time.monotonic() > deadline:
@@ -88,8 +96,9 @@ def cycle_until(c: Core, want: int, owner: str | None, timeout_s: float) -> tupl
 
 
 def executor(plane: ControlPlane, work: Path, prefix: str) -> KubernetesExecutor:
-    return KubernetesExecutor(plane.api_client(), work / "k8s", "busybox:1.36", grace_s=0, namespace_prefix=prefix,
-                              node_selector=f"{LABEL}=1")
+    return KubernetesExecutor(
+        plane.api_client(), work / "k8s", "busybox:1.36", grace_s=0, namespace_prefix=prefix, node_selector=f"{LABEL}=1"
+    )
 
 
 def run_corral(plane: ControlPlane, work: Path, pods: int, fits: int, timeout_s: float) -> dict[str, Any]:
@@ -104,8 +113,14 @@ def run_corral(plane: ControlPlane, work: Path, pods: int, fits: int, timeout_s:
         bound = bound_pods(plane, "bench-default")
     finally:
         ex.close()
-    return {"submitted": pods, "submit_s": round(submit_s, 2), "bound": bound, "seconds": round(seconds, 2),
-            "pods_per_s": round(fits / seconds, 1), "cycles": cycles}
+    return {
+        "submitted": pods,
+        "submit_s": round(submit_s, 2),
+        "bound": bound,
+        "seconds": round(seconds, 2),
+        "pods_per_s": round(fits / seconds, 1),
+        "cycles": cycles,
+    }
 
 
 def run_foreign(plane: ControlPlane, work: Path, pods: int, fits: int, timeout_s: float) -> dict[str, Any]:
@@ -116,11 +131,21 @@ def run_foreign(plane: ControlPlane, work: Path, pods: int, fits: int, timeout_s
         time.sleep(0.2)
 
     def make(i: int) -> None:
-        api.create_namespaced_pod(ns, {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"p-{i:05d}"},
-            "spec": {"schedulerName": "corral", "restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
-                     "containers": [{"name": "main", "image": "busybox:1.36",
-                                     "resources": {"limits": {k8s.GPU: "1"}}}]}})
+        api.create_namespaced_pod(
+            ns,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": f"p-{i:05d}"},
+                "spec": {
+                    "schedulerName": "corral",
+                    "restartPolicy": "Never",
+                    "terminationGracePeriodSeconds": 0,
+                    "containers": [{"name": "main", "image": "busybox:1.36", "resources": {"limits": {k8s.GPU: "1"}}}],
+                },
+            },
+        )
+
     t0 = time.perf_counter()
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(make, range(pods)))
@@ -134,8 +159,14 @@ def run_foreign(plane: ControlPlane, work: Path, pods: int, fits: int, timeout_s
         bound = bound_pods(plane, ns)
     finally:
         ex.close()
-    return {"created": pods, "create_s": round(create_s, 2), "bound": bound, "seconds": round(total, 2),
-            "pods_per_s": round(fits / total, 1), "cycles": cycles}
+    return {
+        "created": pods,
+        "create_s": round(create_s, 2),
+        "bound": bound,
+        "seconds": round(total, 2),
+        "pods_per_s": round(fits / total, 1),
+        "cycles": cycles,
+    }
 
 
 def main() -> None:

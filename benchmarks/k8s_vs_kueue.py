@@ -83,9 +83,16 @@ GPU = "nvidia.com/gpu"
 NODE_CPU, NODE_MEMORY_GI = 64, 512
 JOB_RESOURCES = {GPU: "1", "cpu": "4", "memory": "16Gi"}
 # (queue, parent, quota as a fraction of the pool): two departments, one top-level team; the root keeps 20%.
-TREE = [("research", None, 0.50), ("nlp", "research", 0.20), ("vision", "research", 0.15),
-        ("speech", "research", 0.10), ("product", None, 0.30), ("ranking", "product", 0.15),
-        ("ads", "product", 0.10), ("adhoc", None, 0.0)]
+TREE = [
+    ("research", None, 0.50),
+    ("nlp", "research", 0.20),
+    ("vision", "research", 0.15),
+    ("speech", "research", 0.10),
+    ("product", None, 0.30),
+    ("ranking", "product", 0.15),
+    ("ads", "product", 0.10),
+    ("adhoc", None, 0.0),
+]
 TEAMS = [name for name, _, _ in TREE if name not in ("research", "product")]
 
 
@@ -101,18 +108,32 @@ def tree_document(capacity: int) -> dict[str, Any]:
 
 # --- the cluster ---------------------------------------------------------------------------------------------
 
+
 def make_nodes(plane: Any, phase: str, n: int, gpus: int) -> list[str]:
     names = [f"{phase}-{i:04d}" for i in range(n)]
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda name: plane.create_gpu_node(name, product=PRODUCT, gpus=gpus, pool=POOL,
-                                                         cpu=str(NODE_CPU), memory=f"{NODE_MEMORY_GI}Gi",
-                                                         labels={SET_LABEL: phase}), names))
+        list(
+            pool.map(
+                lambda name: plane.create_gpu_node(
+                    name,
+                    product=PRODUCT,
+                    gpus=gpus,
+                    pool=POOL,
+                    cpu=str(NODE_CPU),
+                    memory=f"{NODE_MEMORY_GI}Gi",
+                    labels={SET_LABEL: phase},
+                ),
+                names,
+            )
+        )
     core = plane.core()
     deadline = time.monotonic() + 600
     while True:
         nodes = json.loads(core.list_node(label_selector=f"{SET_LABEL}={phase}", _preload_content=False).data)
-        ready = sum(any(c["type"] == "Ready" and c["status"] == "True" for c in nd["status"].get("conditions", []))
-                    for nd in nodes["items"])
+        ready = sum(
+            any(c["type"] == "Ready" and c["status"] == "True" for c in nd["status"].get("conditions", []))
+            for nd in nodes["items"]
+        )
         if ready == n:
             return names
         if time.monotonic() > deadline:
@@ -144,8 +165,12 @@ def clean_up(plane: Any, phase: str, namespaces: dict[str, str]) -> float:
             core.delete_namespace(ns)
     deadline = time.monotonic() + 300
     while True:
-        left = [n["metadata"]["name"] for n in json.loads(core.list_namespace(
-            label_selector=f"{PHASE_LABEL}={phase}", _preload_content=False).data)["items"]]
+        left = [
+            n["metadata"]["name"]
+            for n in json.loads(
+                core.list_namespace(label_selector=f"{PHASE_LABEL}={phase}", _preload_content=False).data
+            )["items"]
+        ]
         if not left:
             break
         if time.monotonic() > deadline:
@@ -157,12 +182,20 @@ def clean_up(plane: Any, phase: str, namespaces: dict[str, str]) -> float:
 
 
 def job_body(name: str, phase: str, team: str, kueue: bool) -> dict[str, Any]:
-    pod: dict[str, Any] = {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
-                           "containers": [{"name": "main", "image": "busybox:1.36",
-                                           "resources": {"requests": JOB_RESOURCES, "limits": JOB_RESOURCES}}]}
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": 0,
+        "containers": [
+            {"name": "main", "image": "busybox:1.36", "resources": {"requests": JOB_RESOURCES, "limits": JOB_RESOURCES}}
+        ],
+    }
     labels = {PHASE_LABEL: phase}
-    spec: dict[str, Any] = {"parallelism": 1, "completions": 1, "backoffLimit": 0,
-                            "template": {"metadata": {"labels": labels}, "spec": pod}}
+    spec: dict[str, Any] = {
+        "parallelism": 1,
+        "completions": 1,
+        "backoffLimit": 0,
+        "template": {"metadata": {"labels": labels}, "spec": pod},
+    }
     if kueue:
         labels = {**labels, "kueue.x-k8s.io/queue-name": team}
         spec["suspend"] = True
@@ -172,6 +205,7 @@ def job_body(name: str, phase: str, team: str, kueue: bool) -> dict[str, Any]:
 
 
 # --- the submitter and the observer: separate processes, the same in both phases -------------------------------
+
 
 def submit(kubeconfig: str, jobs: list[tuple[str, dict[str, Any]]], threads: int, out: Any) -> None:
     from kubernetes import client, config  # noqa: PLC0415
@@ -187,6 +221,7 @@ def submit(kubeconfig: str, jobs: list[tuple[str, dict[str, Any]]], threads: int
             batch.create_namespaced_job(ns, body, _preload_content=False).read()
         except Exception as e:  # noqa: BLE001 (reported)
             errors.append(f"{ns}/{body['metadata']['name']}: {e}")
+
     t0 = time.time()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(make, jobs))
@@ -201,8 +236,17 @@ def _lines(resp: Any) -> Any:
         yield from (w for w in whole if w.strip())
 
 
-def observe(kubeconfig: str, phase: str, want: int, workloads: bool, ready: Any, done: Any, out: Any,
-            timeout: float, selector: str | None = None) -> None:
+def observe(
+    kubeconfig: str,
+    phase: str,
+    want: int,
+    workloads: bool,
+    ready: Any,
+    done: Any,
+    out: Any,
+    timeout: float,
+    selector: str | None = None,
+) -> None:
     """Stamp each pod's first bind and each Workload's admission (wall clock), until `want` of each or timeout.
     Pods: those labelled with the phase, or matching `selector`."""
     from kubernetes import client, config  # noqa: PLC0415
@@ -222,10 +266,13 @@ def observe(kubeconfig: str, phase: str, want: int, workloads: bool, ready: Any,
     def watch(kind: str) -> None:
         def call(**kw: Any) -> Any:
             if kind == "pods":
-                return core.list_pod_for_all_namespaces(label_selector=selector or f"{PHASE_LABEL}={phase}",
-                                                        _preload_content=False, **kw)
-            return custom.list_cluster_custom_object("kueue.x-k8s.io", "v1beta2", "workloads",
-                                                     _preload_content=False, **kw)
+                return core.list_pod_for_all_namespaces(
+                    label_selector=selector or f"{PHASE_LABEL}={phase}", _preload_content=False, **kw
+                )
+            return custom.list_cluster_custom_object(
+                "kueue.x-k8s.io", "v1beta2", "workloads", _preload_content=False, **kw
+            )
+
         rv = json.loads(call().data)["metadata"]["resourceVersion"]
         first = True
         while time.time() < deadline and not done.is_set():
@@ -246,9 +293,14 @@ def observe(kubeconfig: str, phase: str, want: int, workloads: bool, ready: Any,
                         created.setdefault(uid, now)
                         if obj["spec"].get("nodeName") and uid not in bound:
                             bound[uid] = now
-                    elif obj["metadata"]["namespace"].startswith(f"{phase}-") and uid not in admitted and any(
+                    elif (
+                        obj["metadata"]["namespace"].startswith(f"{phase}-")
+                        and uid not in admitted
+                        and any(
                             c["type"] == "Admitted" and c["status"] == "True"
-                            for c in (obj.get("status") or {}).get("conditions", [])):
+                            for c in (obj.get("status") or {}).get("conditions", [])
+                        )
+                    ):
                         admitted[uid] = now
                     if finished():
                         done.set()
@@ -266,11 +318,17 @@ def observe(kubeconfig: str, phase: str, want: int, workloads: bool, ready: Any,
     while not done.is_set() and time.time() < deadline:
         done.wait(1)
     with lock:
-        out.put({"bound": sorted(bound.values()), "admitted": sorted(admitted.values()),
-                 "created": sorted(created.values())})
+        out.put(
+            {
+                "bound": sorted(bound.values()),
+                "admitted": sorted(admitted.values()),
+                "created": sorted(created.values()),
+            }
+        )
 
 
 # --- Corral's client: the same QPS and burst as the Go components' client-go token buckets ----------------------
+
 
 class TokenBucket:
     def __init__(self, qps: float, burst: int):
@@ -297,6 +355,7 @@ def throttled_client(kubeconfig: Path, qps: float, burst: int) -> Any:
     def limited(*a: Any, **kw: Any) -> Any:
         bucket.take()
         return request(*a, **kw)
+
     api.rest_client.request = limited  # every call (and each watch request) goes through it
     return api
 
@@ -311,9 +370,24 @@ def profiled(directory: str | None, phase: str) -> Iterator[None]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out = Path(directory) / f"{phase}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    rec = subprocess.Popen([spy, "record", "--pid", str(os.getpid()), "--gil", "--rate", "50", "--nonblocking",
-                            "--format", "raw", "--output", str(out)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    rec = subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(os.getpid()),
+            "--gil",
+            "--rate",
+            "50",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         yield
     finally:
@@ -329,16 +403,26 @@ def cache_counts(ex: Any) -> dict[str, int]:
 
 # --- the phases --------------------------------------------------------------------------------------------------
 
-def timed(plane: Any, phase: str, jobs: list[tuple[str, dict[str, Any]]], want: int, workloads: bool,
-          timeout: float, submitter: Callable[[], dict[str, Any]] | None = None, selector: str | None = None,
-          admissions: Callable[[], list[float]] | None = None) -> dict[str, Any]:
+
+def timed(
+    plane: Any,
+    phase: str,
+    jobs: list[tuple[str, dict[str, Any]]],
+    want: int,
+    workloads: bool,
+    timeout: float,
+    submitter: Callable[[], dict[str, Any]] | None = None,
+    selector: str | None = None,
+    admissions: Callable[[], list[float]] | None = None,
+) -> dict[str, Any]:
     """Start the observer, then the submitter; wait until `want` pods are bound (and Workloads admitted).
     `submitter` (in this process) instead of the Job-creating process; `admissions`: the admission times, read once
     the pods are bound, instead of the binds (Corral's phase) or the Workloads (Kueue's)."""
     ctx = mp.get_context("spawn")
     ready, done, q_obs, q_sub = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Queue()
-    obs = ctx.Process(target=observe, args=(str(plane.kubeconfig), phase, want, workloads, ready, done, q_obs,
-                                            timeout, selector))
+    obs = ctx.Process(
+        target=observe, args=(str(plane.kubeconfig), phase, want, workloads, ready, done, q_obs, timeout, selector)
+    )
     obs.start()
     if not ready.wait(120):
         raise TimeoutError("the observer did not start")
@@ -360,21 +444,35 @@ def timed(plane: Any, phase: str, jobs: list[tuple[str, dict[str, Any]]], want: 
         if not times:
             return {"count": 0}
         span = times[-1] - t0
-        return {"count": len(times), "last_s": round(span, 2), "per_s": round(len(times) / span, 1),
-                "p50_s": round(times[len(times) // 2] - t0, 2), "first_s": round(times[0] - t0, 2)}
-    return {"submit_s": round(submitted["t_end"] - t0, 2), "submit_failed": submitted["failed"],
-            "submit_errors": submitted["errors"], "admitted": rate(admitted), "bound": rate(bound),
-            "pods_created": rate(seen["created"])}
+        return {
+            "count": len(times),
+            "last_s": round(span, 2),
+            "per_s": round(len(times) / span, 1),
+            "p50_s": round(times[len(times) // 2] - t0, 2),
+            "first_s": round(times[0] - t0, 2),
+        }
+
+    return {
+        "submit_s": round(submitted["t_end"] - t0, 2),
+        "submit_failed": submitted["failed"],
+        "submit_errors": submitted["errors"],
+        "admitted": rate(admitted),
+        "bound": rate(bound),
+        "pods_created": rate(seen["created"]),
+    }
 
 
 def verify(plane: Any, phase: str, nodes: list[str], namespaces: dict[str, str]) -> dict[str, int]:
     core = plane.core()
-    pods = json.loads(core.list_pod_for_all_namespaces(label_selector=f"{PHASE_LABEL}={phase}",
-                                                       _preload_content=False).data)["items"]
+    pods = json.loads(
+        core.list_pod_for_all_namespaces(label_selector=f"{PHASE_LABEL}={phase}", _preload_content=False).data
+    )["items"]
     ours = set(nodes)
-    return {"pods": len(pods), "bound_on_phase_nodes": sum(p["spec"].get("nodeName") in ours for p in pods),
-            "bound_elsewhere": sum(bool(p["spec"].get("nodeName")) and p["spec"]["nodeName"] not in ours
-                                   for p in pods)}
+    return {
+        "pods": len(pods),
+        "bound_on_phase_nodes": sum(p["spec"].get("nodeName") in ours for p in pods),
+        "bound_elsewhere": sum(bool(p["spec"].get("nodeName")) and p["spec"]["nodeName"] not in ours for p in pods),
+    }
 
 
 def phase_corral(plane: Any, args: argparse.Namespace, work: Path, last: bool) -> dict[str, Any]:
@@ -395,8 +493,15 @@ def phase_corral(plane: Any, args: argparse.Namespace, work: Path, last: bool) -
     api = throttled_client(plane.kubeconfig, args.qps, args.burst)
     # As `corral serve` builds it (scheduler/service/core/assemble.py), unless --corral-watch-s is given.
     extra = {} if args.corral_watch_s is None else {"watch_s": args.corral_watch_s}
-    ex = KubernetesExecutor(api, work / "corral-k8s", "busybox:1.36", grace_s=0, namespace_prefix="benchc-",
-                            node_selector=f"{SET_LABEL}={phase}", **extra)
+    ex = KubernetesExecutor(
+        api,
+        work / "corral-k8s",
+        "busybox:1.36",
+        grace_s=0,
+        namespace_prefix="benchc-",
+        node_selector=f"{SET_LABEL}={phase}",
+        **extra,
+    )
     stop = threading.Event()
     loop = None
     try:
@@ -405,14 +510,19 @@ def phase_corral(plane: Any, args: argparse.Namespace, work: Path, last: bool) -
         loop = threading.Thread(target=c.run, args=(stop,), daemon=True)
         loop.start()
         setup_s = time.perf_counter() - t0
-        jobs = [(namespaces[TEAMS[i % len(TEAMS)]], job_body(f"j-{i:05d}", phase, TEAMS[i % len(TEAMS)], False))
-                for i in range(args.jobs)]
+        jobs = [
+            (namespaces[TEAMS[i % len(TEAMS)]], job_body(f"j-{i:05d}", phase, TEAMS[i % len(TEAMS)], False))
+            for i in range(args.jobs)
+        ]
         with profiled(args.profile, phase):
             out = timed(plane, phase, jobs, min(args.jobs, capacity), False, args.timeout)
         time.sleep(1)
         with c.db.connect() as conn:
-            running = int(conn.execute(sa.select(sa.func.count()).select_from(jobs_table)
-                                       .where(jobs_table.c.state == "running")).scalar_one())
+            running = int(
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(jobs_table).where(jobs_table.c.state == "running")
+                ).scalar_one()
+            )
         out["verified"] = {**verify(plane, phase, nodes, namespaces), "corral_running": running}
         out["cache"] = cache_counts(ex)
     finally:
@@ -450,8 +560,16 @@ def phase_corral_api(plane: Any, args: argparse.Namespace, work: Path, last: boo
     capacity = args.nodes * args.gpus
     api = throttled_client(plane.kubeconfig, args.qps, args.burst)
     extra = {} if args.corral_watch_s is None else {"watch_s": args.corral_watch_s}
-    ex = KubernetesExecutor(api, work / "corral-api-k8s", "busybox:1.36", grace_s=0, namespace_prefix=f"{phase}-",
-                            node_selector=f"{SET_LABEL}={phase}", workload="pod", **extra)
+    ex = KubernetesExecutor(
+        api,
+        work / "corral-api-k8s",
+        "busybox:1.36",
+        grace_s=0,
+        namespace_prefix=f"{phase}-",
+        node_selector=f"{SET_LABEL}={phase}",
+        workload="pod",
+        **extra,
+    )
     stop = threading.Event()
     loop = None
     root = Principal("root", Role.PLATFORM_ADMIN)
@@ -461,8 +579,18 @@ def phase_corral_api(plane: Any, args: argparse.Namespace, work: Path, last: boo
         loop = threading.Thread(target=c.run, args=(stop,), daemon=True)
         loop.start()
         setup_s = time.perf_counter() - t0
-        subs = [JobSubmit(name=f"j-{i:05d}", queue=TEAMS[i % len(TEAMS)], pool=POOL, gpus=1, cpus=4, memory_gb=16,
-                          command="sleep inf") for i in range(args.jobs)]
+        subs = [
+            JobSubmit(
+                name=f"j-{i:05d}",
+                queue=TEAMS[i % len(TEAMS)],
+                pool=POOL,
+                gpus=1,
+                cpus=4,
+                memory_gb=16,
+                command="sleep inf",
+            )
+            for i in range(args.jobs)
+        ]
 
         def submitter() -> dict[str, Any]:
             errors: list[str] = []
@@ -472,6 +600,7 @@ def phase_corral_api(plane: Any, args: argparse.Namespace, work: Path, last: boo
                     c.submit(root, sub)
                 except Exception as e:  # noqa: BLE001 (reported)
                     errors.append(f"{sub.name}: {e}")
+
             start = time.time()
             with ThreadPoolExecutor(4) as pool:  # four submitters, as the Job-creating process has
                 list(pool.map(one, subs))
@@ -482,22 +611,35 @@ def phase_corral_api(plane: Any, args: argparse.Namespace, work: Path, last: boo
                 return [float(t) for t in conn.execute(sa.select(column).where(column.is_not(None))).scalars()]
 
         with profiled(args.profile, phase):
-            out = timed(plane, phase, [], min(args.jobs, capacity), False, args.timeout, submitter=submitter,
-                        selector=f"{k8s.MANAGED_BY}=corral,{k8s.KIND_LABEL}=job",
-                        admissions=lambda: times(attempts_table.c.admitted_at))
+            out = timed(
+                plane,
+                phase,
+                [],
+                min(args.jobs, capacity),
+                False,
+                args.timeout,
+                submitter=submitter,
+                selector=f"{k8s.MANAGED_BY}=corral,{k8s.KIND_LABEL}=job",
+                admissions=lambda: times(attempts_table.c.admitted_at),
+            )
         time.sleep(1)
         with c.db.connect() as conn:
-            running = int(conn.execute(sa.select(sa.func.count()).select_from(jobs_table)
-                                       .where(jobs_table.c.state == "running")).scalar_one())
+            running = int(
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(jobs_table).where(jobs_table.c.state == "running")
+                ).scalar_one()
+            )
         core = plane.core()
-        pods = json.loads(core.list_pod_for_all_namespaces(label_selector=f"{k8s.MANAGED_BY}=corral",
-                                                           _preload_content=False).data)["items"]
+        pods = json.loads(
+            core.list_pod_for_all_namespaces(label_selector=f"{k8s.MANAGED_BY}=corral", _preload_content=False).data
+        )["items"]
         ours = set(nodes)
-        out["verified"] = {"pods": len(pods),
-                           "bound_on_phase_nodes": sum(p["spec"].get("nodeName") in ours for p in pods),
-                           "bound_elsewhere": sum(bool(p["spec"].get("nodeName")) and p["spec"]["nodeName"] not in ours
-                                                  for p in pods),
-                           "corral_running": running}
+        out["verified"] = {
+            "pods": len(pods),
+            "bound_on_phase_nodes": sum(p["spec"].get("nodeName") in ours for p in pods),
+            "bound_elsewhere": sum(bool(p["spec"].get("nodeName")) and p["spec"]["nodeName"] not in ours for p in pods),
+            "corral_running": running,
+        }
         out["cache"] = cache_counts(ex)
     finally:
         stop.set()
@@ -511,8 +653,7 @@ def phase_corral_api(plane: Any, args: argparse.Namespace, work: Path, last: boo
     return out
 
 
-def phase_kueue(plane: Any, args: argparse.Namespace, work: Path, kueue_bin: Path, last: bool
-                ) -> dict[str, Any]:
+def phase_kueue(plane: Any, args: argparse.Namespace, work: Path, kueue_bin: Path, last: bool) -> dict[str, Any]:
     from scheduler.kueue import export_objects  # noqa: PLC0415
     from scheduler.kueue.client import KueueClient  # noqa: PLC0415
     from scheduler.service.core.queues import build_tree  # noqa: PLC0415
@@ -527,22 +668,34 @@ def phase_kueue(plane: Any, args: argparse.Namespace, work: Path, kueue_bin: Pat
     try:
         controller.start()
         tree = build_tree(tree_document(capacity), {POOL: capacity})
-        objects = export_objects(tree, {POOL: FLAVOR}, lambda q: namespaces[q.name], products={POOL: PRODUCT},
-                                 pool_resources={POOL: {"cpu": args.nodes * NODE_CPU,
-                                                        "memory": f"{args.nodes * NODE_MEMORY_GI}Gi"}})
+        objects = export_objects(
+            tree,
+            {POOL: FLAVOR},
+            lambda q: namespaces[q.name],
+            products={POOL: PRODUCT},
+            pool_resources={POOL: {"cpu": args.nodes * NODE_CPU, "memory": f"{args.nodes * NODE_MEMORY_GI}Gi"}},
+        )
         KueueClient(plane.api_client()).apply_all(objects)
         from kubernetes import client  # noqa: PLC0415
 
         custom = client.CustomObjectsApi(plane.api_client())
         deadline = time.monotonic() + 120
-        while not all((condition(custom.get_cluster_custom_object("kueue.x-k8s.io", "v1beta2", "clusterqueues", t),
-                                 "Active") or {}).get("status") == "True" for t in TEAMS):
+        while not all(
+            (
+                condition(custom.get_cluster_custom_object("kueue.x-k8s.io", "v1beta2", "clusterqueues", t), "Active")
+                or {}
+            ).get("status")
+            == "True"
+            for t in TEAMS
+        ):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"ClusterQueues not Active\n{controller.tail()}")
             time.sleep(0.5)
         setup_s = time.perf_counter() - t0
-        jobs = [(namespaces[TEAMS[i % len(TEAMS)]], job_body(f"j-{i:05d}", phase, TEAMS[i % len(TEAMS)], True))
-                for i in range(args.jobs)]
+        jobs = [
+            (namespaces[TEAMS[i % len(TEAMS)]], job_body(f"j-{i:05d}", phase, TEAMS[i % len(TEAMS)], True))
+            for i in range(args.jobs)
+        ]
         out = timed(plane, phase, jobs, min(args.jobs, capacity), True, args.timeout)
         time.sleep(1)
         admitted = 0
@@ -578,14 +731,24 @@ def main() -> None:
     ap.add_argument("--qps", type=float, default=500, help="client QPS of every component")
     ap.add_argument("--burst", type=int, default=1000, help="client burst of every component")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per phase")
-    ap.add_argument("--phases", default=",".join(PHASES),
-                    help=f"the phases to run, in this order, comma-separated (default {','.join(PHASES)})")
+    ap.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"the phases to run, in this order, comma-separated (default {','.join(PHASES)})",
+    )
     ap.add_argument("--only", choices=PHASES, help="one phase only (the same as --phases PHASE)")
-    ap.add_argument("--corral-watch-s", type=int, help="the Kubernetes executor's watch_s (default: its own, as "
-                    "`corral serve` runs it)")
+    ap.add_argument(
+        "--corral-watch-s",
+        type=int,
+        help="the Kubernetes executor's watch_s (default: its own, as `corral serve` runs it)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
-    ap.add_argument("--profile", metavar="DIR", help="py-spy samples Corral's process during each Corral phase "
-                    "(the threads holding the GIL) into DIR/<phase>.txt, collapsed stacks")
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="py-spy samples Corral's process during each Corral phase "
+        "(the threads holding the GIL) into DIR/<phase>.txt, collapsed stacks",
+    )
     args = ap.parse_args()
     args.jobs = args.jobs or args.nodes * args.gpus
     phases = [args.only] if args.only else [p.strip() for p in args.phases.split(",") if p.strip()]
@@ -603,11 +766,19 @@ def main() -> None:
         sys.exit(f"no Kueue: {why} (run scripts/kueue)")
     work = Path(tempfile.mkdtemp(prefix="corral-vs-kueue-"))
     (work / "plane").mkdir()
-    plane = ControlPlane(bin_dir, work / "plane", client_qps=args.qps, client_burst=args.burst,
-                         kwok_skip_stages=("pod-complete",))
-    out: dict[str, Any] = {"nodes": args.nodes, "gpus_per_node": args.gpus, "jobs": args.jobs, "qps": args.qps,
-                           "burst": args.burst, "corral_watch_s": args.corral_watch_s, "phases": phases,
-                           "work": str(work)}
+    plane = ControlPlane(
+        bin_dir, work / "plane", client_qps=args.qps, client_burst=args.burst, kwok_skip_stages=("pod-complete",)
+    )
+    out: dict[str, Any] = {
+        "nodes": args.nodes,
+        "gpus_per_node": args.gpus,
+        "jobs": args.jobs,
+        "qps": args.qps,
+        "burst": args.burst,
+        "corral_watch_s": args.corral_watch_s,
+        "phases": phases,
+        "work": str(work),
+    }
     loads: list[tuple[float, float]] = []
     stop_load = threading.Event()
     threading.Thread(target=sample_load, args=(loads, stop_load), daemon=True).start()
@@ -644,6 +815,7 @@ def main() -> None:
             print(f"kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
+
 
 if __name__ == "__main__":
     main()

@@ -45,8 +45,11 @@ def targets(server: Server, member: str, ids: list[int], n: int, rng: random.Ran
     for kind in kinds:
         _, method, path, who = MIX[kind]
         token = member if who == "member" else server.token
-        t: dict[str, Any] = {"method": method, "url": server.base + path.replace("{id}", str(rng.choice(ids))),
-                             "header": {"Authorization": [f"Bearer {token}"]}}
+        t: dict[str, Any] = {
+            "method": method,
+            "url": server.base + path.replace("{id}", str(rng.choice(ids))),
+            "header": {"Authorization": [f"Bearer {token}"]},
+        }
         if method == "POST":
             t["body"] = base64.b64encode(json.dumps(SUBMIT).encode()).decode()
             t["header"]["Content-Type"] = ["application/json"]
@@ -66,10 +69,15 @@ def kind_of(method: str, url: str) -> str:
 
 def summary(latencies_ms: list[float], errors: int) -> dict[str, Any]:
     q = statistics.quantiles(latencies_ms, n=1000, method="inclusive") if len(latencies_ms) > 1 else latencies_ms * 999
-    return {"requests": len(latencies_ms), "errors": errors,
-            "error_rate": round(errors / max(1, len(latencies_ms)), 5),
-            "p50_ms": round(q[499], 1), "p90_ms": round(q[899], 1), "p99_ms": round(q[989], 1),
-            "max_ms": round(max(latencies_ms), 1)}
+    return {
+        "requests": len(latencies_ms),
+        "errors": errors,
+        "error_rate": round(errors / max(1, len(latencies_ms)), 5),
+        "p50_ms": round(q[499], 1),
+        "p90_ms": round(q[899], 1),
+        "p99_ms": round(q[989], 1),
+        "max_ms": round(max(latencies_ms), 1),
+    }
 
 
 def main() -> None:
@@ -83,18 +91,42 @@ def main() -> None:
     rng = random.Random(args.seed)
     with running_server(args.db) as server:
         block_every_gpu(server)
-        member = httpx.post(f"{server.base}/v1/tokens", headers=server.auth,
-                            json={"user": "ada", "role": "member", "scope": "default"}).json()["token"]
-        ids = [httpx.post(f"{server.base}/v1/jobs", headers={"Authorization": f"Bearer {member}"},
-                          json=SUBMIT).json()["id"] for _ in range(50)]
+        member = httpx.post(
+            f"{server.base}/v1/tokens", headers=server.auth, json={"user": "ada", "role": "member", "scope": "default"}
+        ).json()["token"]
+        ids = [
+            httpx.post(f"{server.base}/v1/jobs", headers={"Authorization": f"Bearer {member}"}, json=SUBMIT).json()[
+                "id"
+            ]
+            for _ in range(50)
+        ]
         lines = "\n".join(json.dumps(t) for t in targets(server, member, ids, 2000, rng))
         attack = subprocess.run(
-            [vegeta(), "attack", "-format", "json", "-rate", f"{args.rate}/s", "-duration", f"{args.duration}s",
-             "-workers", str(args.clients), "-max-workers", str(args.clients),
-             "-max-connections", str(args.clients), "-timeout", "30s"],
-            input=(lines + "\n").encode(), check=True, capture_output=True)
-        encoded = subprocess.run([vegeta(), "encode", "-to", "json"], input=attack.stdout, check=True,
-                                 capture_output=True).stdout.decode()
+            [
+                vegeta(),
+                "attack",
+                "-format",
+                "json",
+                "-rate",
+                f"{args.rate}/s",
+                "-duration",
+                f"{args.duration}s",
+                "-workers",
+                str(args.clients),
+                "-max-workers",
+                str(args.clients),
+                "-max-connections",
+                str(args.clients),
+                "-timeout",
+                "30s",
+            ],
+            input=(lines + "\n").encode(),
+            check=True,
+            capture_output=True,
+        )
+        encoded = subprocess.run(
+            [vegeta(), "encode", "-to", "json"], input=attack.stdout, check=True, capture_output=True
+        ).stdout.decode()
     by_kind: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, int] = defaultdict(int)
     codes: dict[int, int] = defaultdict(int)
@@ -106,10 +138,16 @@ def main() -> None:
         if not 200 <= r["code"] < 300 or r["error"]:
             errors[kind] += 1
     every = [x for v in by_kind.values() for x in v]
-    result = {"db": args.db, "clients": args.clients, "offered_per_s": args.rate, "duration_s": args.duration,
-              "achieved_per_s": round(len(every) / args.duration, 1), "status_codes": dict(sorted(codes.items())),
-              "all": summary(every, sum(errors.values())),
-              "by_kind": {k: summary(v, errors[k]) for k, v in sorted(by_kind.items())}}
+    result = {
+        "db": args.db,
+        "clients": args.clients,
+        "offered_per_s": args.rate,
+        "duration_s": args.duration,
+        "achieved_per_s": round(len(every) / args.duration, 1),
+        "status_codes": dict(sorted(codes.items())),
+        "all": summary(every, sum(errors.values())),
+        "by_kind": {k: summary(v, errors[k]) for k, v in sorted(by_kind.items())},
+    }
     print(json.dumps(result, indent=2))
 
 

@@ -38,8 +38,10 @@ def main() -> None:
     args = ap.parse_args()
     rows = importers.import_trace("philly", SOURCE, importers.ImportOptions("philly", 8))
     importers.write_trace(rows, args.trace)
-    print(f"machine: {platform.machine()}, python {platform.python_version()}; {len(rows)} jobs; "
-          f"cluster examples/{CLUSTERS[args.cluster]}")
+    print(
+        f"machine: {platform.machine()}, python {platform.python_version()}; {len(rows)} jobs; "
+        f"cluster examples/{CLUSTERS[args.cluster]}"
+    )
     for policy in args.policy or POLICIES:
         world = load_cluster(ROOT / "examples" / CLUSTERS[args.cluster])
         world.jobs = load_trace(args.trace)[: args.limit]
@@ -51,8 +53,11 @@ def main() -> None:
         pre = sum(1 for e in log["events"] if e["event"] == "preempted")
         digest = hashlib.sha256(json.dumps(log, sort_keys=True).encode()).hexdigest() if args.digest else ""
         # CPU time beside wall time: on a shared machine the wall time counts the other processes' turns too.
-        print(f"{policy:13s} {wall:7.1f} s ({cpu:.1f} s CPU)  {done} completed, {pre} preemptions, "
-              f"{len(log['events'])} events {digest}", flush=True)
+        print(
+            f"{policy:13s} {wall:7.1f} s ({cpu:.1f} s CPU)  {done} completed, {pre} preemptions, "
+            f"{len(log['events'])} events {digest}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

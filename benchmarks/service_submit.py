@@ -25,12 +25,16 @@ import httpx
 from bench_server import block_every_gpu, running_server, vegeta
 
 BODY = '{"name": "bench", "queue": "default", "gpus": 1, "command": ["true"]}'
-LUA = """
+LUA = (
+    """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer %s"
-wrk.body = '""" + BODY + """'
+wrk.body = '"""
+    + BODY
+    + """'
 """
+)
 
 
 def parse_ms(text: str) -> float:
@@ -51,23 +55,60 @@ def main() -> None:
     with running_server(args.db) as server:
         block_every_gpu(server)
         if args.rate:
-            target = json.dumps({"method": "POST", "url": f"{server.base}/v1/jobs", "body": _b64(BODY),
-                                 "header": {"Authorization": [f"Bearer {server.token}"],
-                                            "Content-Type": ["application/json"]}})
+            target = json.dumps(
+                {
+                    "method": "POST",
+                    "url": f"{server.base}/v1/jobs",
+                    "body": _b64(BODY),
+                    "header": {"Authorization": [f"Bearer {server.token}"], "Content-Type": ["application/json"]},
+                }
+            )
             attack = subprocess.run(
-                [vegeta(), "attack", "-format", "json", "-rate", f"{args.rate}/s", "-duration", f"{args.duration}s",
-                 "-workers", str(args.connections), "-max-workers", str(args.connections),
-                 "-max-connections", str(args.connections)], input=(target + "\n").encode(), capture_output=True)
+                [
+                    vegeta(),
+                    "attack",
+                    "-format",
+                    "json",
+                    "-rate",
+                    f"{args.rate}/s",
+                    "-duration",
+                    f"{args.duration}s",
+                    "-workers",
+                    str(args.connections),
+                    "-max-workers",
+                    str(args.connections),
+                    "-max-connections",
+                    str(args.connections),
+                ],
+                input=(target + "\n").encode(),
+                capture_output=True,
+            )
             if attack.returncode:
                 sys.exit(attack.stderr.decode())
-            out = subprocess.run([vegeta(), "report", "-type", "json"], input=attack.stdout, check=True,
-                                 capture_output=True).stdout.decode()
+            out = subprocess.run(
+                [vegeta(), "report", "-type", "json"], input=attack.stdout, check=True, capture_output=True
+            ).stdout.decode()
         else:
             script = server.data / "submit.lua"
             script.write_text(LUA % server.token)
-            out = subprocess.run(["wrk", "-t", str(args.threads), "-c", str(args.connections), "-d",
-                                  f"{args.duration}s", "--latency", "-s", str(script), f"{server.base}/v1/jobs"],
-                                 check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [
+                    "wrk",
+                    "-t",
+                    str(args.threads),
+                    "-c",
+                    str(args.connections),
+                    "-d",
+                    f"{args.duration}s",
+                    "--latency",
+                    "-s",
+                    str(script),
+                    f"{server.base}/v1/jobs",
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
         jobs = httpx.get(f"{server.base}/v1/jobs", headers=server.auth, params={"limit": 1}).json()["jobs"][0]["id"]
     if args.rate:
         rep = json.loads(out)
@@ -78,9 +119,18 @@ def main() -> None:
         lat = {p: parse_ms(v) for p, v in re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M)}
         found = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
         errors = int(found.group(1)) if found else 0
-    result = {"db": args.db, "tool": "vegeta" if args.rate else "wrk", "connections": args.connections,
-              "offered_per_s": args.rate or None, "duration_s": args.duration, "submits_per_s": round(rps, 1),
-              "p50_ms": lat.get("50"), "p99_ms": lat.get("99"), "non_2xx": errors, "jobs_in_db": jobs - 1}
+    result = {
+        "db": args.db,
+        "tool": "vegeta" if args.rate else "wrk",
+        "connections": args.connections,
+        "offered_per_s": args.rate or None,
+        "duration_s": args.duration,
+        "submits_per_s": round(rps, 1),
+        "p50_ms": lat.get("50"),
+        "p99_ms": lat.get("99"),
+        "non_2xx": errors,
+        "jobs_in_db": jobs - 1,
+    }
     print(out)
     print(json.dumps(result))
 

@@ -44,10 +44,14 @@ class Recorder:
     def _recording(self, call: Callable[..., Any]) -> Callable[..., Any]:
         def recorded(*args: Any, **kwargs: Any) -> Any:
             out = call(*args, **kwargs)
-            starts = [self.engine.jobs[d.job].admitted for d in out if isinstance(d, Started)] \
-                if isinstance(out, list) else []
+            starts = (
+                [self.engine.jobs[d.job].admitted for d in out if isinstance(d, Started)]
+                if isinstance(out, list)
+                else []
+            )
             self.tape.append((out, starts))
             return out
+
         return recorded
 
     def __getattr__(self, name: str) -> Any:
@@ -90,9 +94,11 @@ def main() -> None:
     sim.engine = recorder  # type: ignore[assignment]
     reference = sim.run()
     starts = sum(1 for e in reference["events"] if e["event"] == "started")
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}; "
-          f"{args.policy}, {args.jobs} jobs on {args.nodes} nodes: {starts} admissions, "
-          f"{len(reference['events'])} events, {len(recorder.tape)} engine calls")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}; "
+        f"{args.policy}, {args.jobs} jobs on {args.nodes} nodes: {starts} admissions, "
+        f"{len(reference['events'])} events, {len(recorder.tape)} engine calls"
+    )
     best = float("inf")
     for _ in range(args.repeat):
         sim = Simulation(w, args.policy, log_fair_share=False)
@@ -109,8 +115,10 @@ def main() -> None:
     for _ in recorder.tape:
         tape._answer()
     alone = time.process_time() - c0
-    print(f"best: {best / starts * 1e6:.1f} us CPU per admission: {starts / best:,.0f} admissions/s "
-          f"for the simulator's loop alone; of which the stand-in's answers {alone / starts * 1e6:.1f} us")
+    print(
+        f"best: {best / starts * 1e6:.1f} us CPU per admission: {starts / best:,.0f} admissions/s "
+        f"for the simulator's loop alone; of which the stand-in's answers {alone / starts * 1e6:.1f} us"
+    )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,9 @@ def peak_week(jobs: list[SimJob]) -> float:
     return max(weeks.values(), default=0.0) / WEEK
 
 
-def render(jobs: list[SimJob], nodes: int, gpus_per_node: int, pool: str, source: str,
-           quota_fraction: float = 1.0) -> str:
+def render(
+    jobs: list[SimJob], nodes: int, gpus_per_node: int, pool: str, source: str, quota_fraction: float = 1.0
+) -> str:
     d = demand(jobs)
     span = max((j.submit + j.duration for j in jobs), default=0.0) - min((j.submit for j in jobs), default=0.0)
     capacity = nodes * gpus_per_node
@@ -65,8 +66,8 @@ def render(jobs: list[SimJob], nodes: int, gpus_per_node: int, pool: str, source
         f"{peak_week(jobs):.0f} in the busiest week;",
         f"# capacity {capacity} GPUs ({nodes} nodes x {gpus_per_node}): busy weeks queue up, quiet ones drain.",
         "# Quotas: capacity split in proportion to each virtual cluster's GPU-time (largest remainder)."
-        if shared == capacity else
-        f"# Quotas: {shared} GPUs ({quota_fraction:g} x capacity) split in proportion to each virtual cluster's "
+        if shared == capacity
+        else f"# Quotas: {shared} GPUs ({quota_fraction:g} x capacity) split in proportion to each virtual cluster's "
         "GPU-time (largest remainder).",
         "cluster:",
         "  pools:",

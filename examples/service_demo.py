@@ -50,11 +50,17 @@ def free_port() -> int:
 class Demo:
     def __init__(self, home: Path, port: int):
         self.home, self.url = home, f"http://127.0.0.1:{port}"
-        self.env = {**os.environ, "CORRAL_DATA_DIR": str(home / "data"), "CORRAL_URL": self.url,
-                    "CORRAL_GRACE_S": "5", "CORRAL_TICK_S": "0.2", "COLUMNS": "130",
-                    # Every demo job is the admin's and runs this checkout's Python, which other accounts may not
-                    # reach (under /root, say): run them as the demo's own user (docs/service.md, Trust model).
-                    "CORRAL_RUN_AS": "service"}
+        self.env = {
+            **os.environ,
+            "CORRAL_DATA_DIR": str(home / "data"),
+            "CORRAL_URL": self.url,
+            "CORRAL_GRACE_S": "5",
+            "CORRAL_TICK_S": "0.2",
+            "COLUMNS": "130",
+            # Every demo job is the admin's and runs this checkout's Python, which other accounts may not
+            # reach (under /root, say): run them as the demo's own user (docs/service.md, Trust model).
+            "CORRAL_RUN_AS": "service",
+        }
         self.env.pop("CORRAL_DATABASE_URL", None)
         self.script = home / "train.py"
         self.script.write_text(TRAIN)
@@ -74,8 +80,21 @@ class Demo:
         return out.stdout.strip()
 
     def train(self, queue: str, gpus: int, name: str, seconds: float, *extra: str) -> str:
-        return self.corral("submit", "--queue", queue, "--gpus", str(gpus), "--name", name, *extra, "--",
-                           sys.executable, str(self.script), name, str(seconds))
+        return self.corral(
+            "submit",
+            "--queue",
+            queue,
+            "--gpus",
+            str(gpus),
+            "--name",
+            name,
+            *extra,
+            "--",
+            sys.executable,
+            str(self.script),
+            name,
+            str(seconds),
+        )
 
     def state(self, job: str) -> str:
         out = self.corral("ps", "--all", "-o", "json", quiet=True)
@@ -95,8 +114,9 @@ def main() -> None:
     demo = Demo(home, port)
     demo.say("Start the embedded service: SQLite in a temporary directory, 4 declared GPUs, the demo queues")
     print(f"$ corral serve --demo --gpus 4 --gpu-model virtual --port {port}", flush=True)
-    server = subprocess.Popen(corral_cmd() + ["serve", "--demo", "--gpus", "4", "--gpu-model", "virtual",
-                                              "--port", str(port)], env=demo.env)
+    server = subprocess.Popen(
+        corral_cmd() + ["serve", "--demo", "--gpus", "4", "--gpu-model", "virtual", "--port", str(port)], env=demo.env
+    )
     try:
         for _ in range(200):
             try:
@@ -137,8 +157,7 @@ def main() -> None:
             demo.wait(big, "cancelled")
         demo.corral("ps", "--all")
         demo.corral("usage")
-        print(f"\nEverything above is in {home} (data/corral.db, data/runs/<job>/<attempt>/). "
-              "The server stops now.")
+        print(f"\nEverything above is in {home} (data/corral.db, data/runs/<job>/<attempt>/). The server stops now.")
     finally:
         server.terminate()
         server.wait(timeout=20)

@@ -10,9 +10,14 @@ from scheduler.service.core.states import JobState
 
 # Jupyter's default palette has no state colours; these keep the card readable on light and dark themes.
 STATE_COLOURS: dict[str, str] = {
-    JobState.PENDING: "#b58900", JobState.STARTING: "#268bd2", JobState.RUNNING: "#268bd2",
-    JobState.COMPLETED: "#2aa198", JobState.FAILED: "#dc322f", JobState.CANCELLED: "#93a1a1",
-    JobState.REJECTED: "#dc322f"}
+    JobState.PENDING: "#b58900",
+    JobState.STARTING: "#268bd2",
+    JobState.RUNNING: "#268bd2",
+    JobState.COMPLETED: "#2aa198",
+    JobState.FAILED: "#dc322f",
+    JobState.CANCELLED: "#93a1a1",
+    JobState.REJECTED: "#dc322f",
+}
 
 
 def granted_gpus(data: Mapping[str, Any]) -> str:
@@ -42,12 +47,17 @@ def job_html(data: Mapping[str, Any], reason: Mapping[str, Any] | None, note: st
     if data.get("exit_code") is not None:
         rows.append(("exit code", e(str(data["exit_code"]))))
     if reason and reason.get("message"):
-        rows.append(("why" if state == JobState.PENDING else "reason",
-                     f"<code>{e(str(reason.get('rule', '')))}</code> {e(str(reason['message']))}"))
+        rows.append(
+            (
+                "why" if state == JobState.PENDING else "reason",
+                f"<code>{e(str(reason.get('rule', '')))}</code> {e(str(reason['message']))}",
+            )
+        )
     if note:
         rows.append(("note", e(note)))
-    body = "".join(f'<tr><th style="text-align:left">{k}</th><td style="text-align:left">{v}</td></tr>'
-                   for k, v in rows)
+    body = "".join(
+        f'<tr><th style="text-align:left">{k}</th><td style="text-align:left">{v}</td></tr>' for k, v in rows
+    )
     return f'<table class="corral-job">{body}</table>'
 
 

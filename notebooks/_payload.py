@@ -30,21 +30,29 @@ BOOTSTRAP = (
 )
 
 
-def function_command(python: str, function: Callable[..., Any], args: Sequence[Any],
-                     kwargs: Mapping[str, Any] | None) -> list[str]:
+def function_command(
+    python: str, function: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any] | None
+) -> list[str]:
     """argv that calls function(*args, **kwargs) in the job and prints repr() of what it returns."""
     if not callable(function):
         raise TypeError(f"function= must be callable, not {type(function).__name__}")
     try:
         blob = cloudpickle.dumps((function, tuple(args), dict(kwargs or {})))
     except Exception as e:  # cloudpickle raises many kinds (PicklingError, TypeError on locks, sockets, ...)
-        raise CorralError("unpicklable", f"cannot ship {getattr(function, '__name__', function)!r} to the job: "
-                                         f"{e.__class__.__name__}: {e}", "function") from e
+        raise CorralError(
+            "unpicklable",
+            f"cannot ship {getattr(function, '__name__', function)!r} to the job: {e.__class__.__name__}: {e}",
+            "function",
+        ) from e
     text = base64.b64encode(blob).decode("ascii")
     if len(text) > MAX_PAYLOAD:
-        raise CorralError("too_large", f"the pickled function and its arguments are {len(text)} bytes in base64, "
-                                       f"over the {MAX_PAYLOAD} that fit in a command line: pass file paths "
-                                       "instead of data, or submit a script", "function")
+        raise CorralError(
+            "too_large",
+            f"the pickled function and its arguments are {len(text)} bytes in base64, "
+            f"over the {MAX_PAYLOAD} that fit in a command line: pass file paths "
+            "instead of data, or submit a script",
+            "function",
+        )
     return [python, "-c", BOOTSTRAP, text]
 
 
@@ -57,4 +65,3 @@ def default_python() -> str:
     """The interpreter a job runs: CORRAL_PYTHON, else `python` on the job's PATH (not sys.executable: the
     job may run on another machine, where this notebook's interpreter path means nothing)."""
     return os.environ.get("CORRAL_PYTHON") or "python"
-

@@ -47,11 +47,15 @@ class AsyncCorral:
         try:
             r = await self.http.request(method, path, **kw)
         except httpx.ConnectError as e:
-            raise CorralError("unreachable", f"cannot reach the Corral API at {self.conn.url} ({e}); is it running? "
-                                             "Start it with `corral serve`, or set CORRAL_URL") from e
+            raise CorralError(
+                "unreachable",
+                f"cannot reach the Corral API at {self.conn.url} ({e}); is it running? "
+                "Start it with `corral serve`, or set CORRAL_URL",
+            ) from e
         except httpx.TimeoutException as e:
-            raise CorralError("timeout", f"the Corral API at {self.conn.url} did not answer in time "
-                                         f"({e.__class__.__name__})") from e
+            raise CorralError(
+                "timeout", f"the Corral API at {self.conn.url} did not answer in time ({e.__class__.__name__})"
+            ) from e
         self._check(r)
         return r
 
@@ -82,8 +86,9 @@ class AsyncCorral:
         data: dict[str, Any] = (await self.request("GET", f"/v1/jobs/{job_id}")).json()
         return data
 
-    async def jobs(self, queue: str | None = None, state: str | list[str] | None = None,
-                   limit: int = 100) -> list[dict[str, Any]]:
+    async def jobs(
+        self, queue: str | None = None, state: str | list[str] | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
         params: dict[str, Any] = {"limit": limit}
         if queue:
             params["queue"] = queue
@@ -162,16 +167,18 @@ class AsyncCorral:
                 return
             await asyncio.sleep(poll if drained else min(poll, 0.2))
 
-    async def _follow_attempt(self, job_id: int, stream: str, attempt: int,
-                              skip: int) -> AsyncIterator[tuple[str, int]]:
+    async def _follow_attempt(
+        self, job_id: int, stream: str, attempt: int, skip: int
+    ) -> AsyncIterator[tuple[str, int]]:
         """(text, bytes) of one attempt's follow answer, from byte `skip` on (the API always starts at 0)."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         seen = 0
         params: dict[str, str | int] = {"stream": stream, "attempt": attempt, "follow": "true"}
         try:
             # No read timeout: a quiet job sends nothing for as long as it likes.
-            async with self.http.stream("GET", f"/v1/jobs/{job_id}/logs", params=params,
-                                        timeout=httpx.Timeout(30.0, read=None)) as r:
+            async with self.http.stream(
+                "GET", f"/v1/jobs/{job_id}/logs", params=params, timeout=httpx.Timeout(30.0, read=None)
+            ) as r:
                 if r.status_code >= 400:
                     await r.aread()
                     self._check(r)

@@ -49,8 +49,12 @@ def detaching(job_id: int, doing: str, out: TextIO | None = None) -> Iterator[De
         yield flag
     except KeyboardInterrupt:
         flag.happened = True
-        print(f"\n[corral] stopped {doing} job {job_id}; it keeps running. Reattach with Client().job({job_id}), "
-              f"stop it with Client().job({job_id}).cancel().", file=out or sys.stderr, flush=True)
+        print(
+            f"\n[corral] stopped {doing} job {job_id}; it keeps running. Reattach with Client().job({job_id}), "
+            f"stop it with Client().job({job_id}).cancel().",
+            file=out or sys.stderr,
+            flush=True,
+        )
 
 
 class Client:
@@ -90,12 +94,27 @@ class Client:
         """Run a coroutine of `self.api` on the client's loop and return its result."""
         return self._loop.run(coro)
 
-    def submit(self, command: str | Sequence[str] | None = None, *, script: str | os.PathLike[str] | None = None,
-               function: Callable[..., Any] | None = None, args: Sequence[Any] = (),
-               kwargs: Mapping[str, Any] | None = None, queue: str | None = None, gpus: int = 1, workers: int = 1,
-               name: str | None = None, pool: str | None = None, priority: int = 0, preemptible: bool = True,
-               env: Mapping[str, str] | None = None, workdir: str | None = None, max_runtime: float | None = None,
-               labels: Mapping[str, str] | None = None, idempotency_key: str | None = None) -> Job:
+    def submit(
+        self,
+        command: str | Sequence[str] | None = None,
+        *,
+        script: str | os.PathLike[str] | None = None,
+        function: Callable[..., Any] | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        queue: str | None = None,
+        gpus: int = 1,
+        workers: int = 1,
+        name: str | None = None,
+        pool: str | None = None,
+        priority: int = 0,
+        preemptible: bool = True,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        max_runtime: float | None = None,
+        labels: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
         """Queue a job and return its handle at once (it does not wait for the job to start).
 
         Exactly one of: `command` (one string runs under /bin/sh -c; a list is the argv), `script` (runs
@@ -122,11 +141,23 @@ class Client:
             workdir = workdir or os.getcwd()
         else:
             argv = command if isinstance(command, str) else [str(a) for a in command or ()]
-        body: dict[str, Any] = {"queue": queue or self.default_queue(), "command": argv, "gpus": gpus,
-                                "workers": workers, "priority": priority, "preemptible": preemptible}
-        optional = {"name": name, "pool": pool, "workdir": workdir, "max_runtime": max_runtime,
-                    "idempotency_key": idempotency_key, "env": dict(env) if env else None,
-                    "labels": dict(labels) if labels else None}
+        body: dict[str, Any] = {
+            "queue": queue or self.default_queue(),
+            "command": argv,
+            "gpus": gpus,
+            "workers": workers,
+            "priority": priority,
+            "preemptible": preemptible,
+        }
+        optional = {
+            "name": name,
+            "pool": pool,
+            "workdir": workdir,
+            "max_runtime": max_runtime,
+            "idempotency_key": idempotency_key,
+            "env": dict(env) if env else None,
+            "labels": dict(labels) if labels else None,
+        }
         body.update({k: v for k, v in optional.items() if v is not None})
         data, created = self._loop.run(self._api.submit(body))
         # A repeated key returns the first job; the service refuses (CorralError conflict, naming the fields) a
@@ -144,9 +175,17 @@ class Client:
         if self._queue is None:
             leaves = sorted(q["name"] for q in self._loop.run(self._api.queues()) if q.get("leaf"))
             if len(leaves) != 1:
-                raise CorralError("no_queue", "no queue given and CORRAL_QUEUE is not set, and "
-                                  + (f"you may see {len(leaves)} queues ({', '.join(leaves[:10])})" if leaves
-                                     else "you may see no queue") + ": pass queue=... or set CORRAL_QUEUE", "queue")
+                raise CorralError(
+                    "no_queue",
+                    "no queue given and CORRAL_QUEUE is not set, and "
+                    + (
+                        f"you may see {len(leaves)} queues ({', '.join(leaves[:10])})"
+                        if leaves
+                        else "you may see no queue"
+                    )
+                    + ": pass queue=... or set CORRAL_QUEUE",
+                    "queue",
+                )
             self._queue = leaves[0]
         return self._queue
 
@@ -154,8 +193,7 @@ class Client:
         """The job with this id (CorralError not_found when it does not exist or is not yours to see)."""
         return Job(self, self._loop.run(self._api.job(int(job_id))))
 
-    def jobs(self, queue: str | None = None, state: str | Sequence[str] | None = None,
-             limit: int = 100) -> list[Job]:
+    def jobs(self, queue: str | None = None, state: str | Sequence[str] | None = None, limit: int = 100) -> list[Job]:
         """Jobs you may see, newest first, optionally of one queue and in some states."""
         states = state if state is None or isinstance(state, str) else list(state)
         return [Job(self, d) for d in self._loop.run(self._api.jobs(queue, states, limit))]
@@ -252,8 +290,9 @@ class Job:
         try:
             return ast.literal_eval(lines[-1])
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
-            raise ValueError(f"the last line of job {self.id}'s output is not a Python literal: "
-                             f"{lines[-1][:200]!r}") from e
+            raise ValueError(
+                f"the last line of job {self.id}'s output is not a Python literal: {lines[-1][:200]!r}"
+            ) from e
 
     def _repr_html_(self) -> str:
         # Displaying a job shows it as it is now; a broken connection must not break the notebook's display.
@@ -263,8 +302,10 @@ class Job:
             reason = self.refresh().get("reason")
         except CorralError as e:
             note = f"could not refresh: {e}"
-        if self.state in FINISHED and reason and reason.get("rule") not in (self.state, JobState.COMPLETED,
-                                                                            JobState.FAILED):
+        if (
+            self.state in FINISHED
+            and reason
+            and reason.get("rule") not in (self.state, JobState.COMPLETED, JobState.FAILED)
+        ):
             reason = None  # a finished job's stored reason can be its admission's; it no longer explains anything
         return job_html(self.data, reason, note)
-

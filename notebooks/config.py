@@ -43,8 +43,7 @@ class Connection:
     token_source: str
 
 
-def resolve(url: str | None = None, token: str | None = None,
-            environ: Mapping[str, str] | None = None) -> Connection:
+def resolve(url: str | None = None, token: str | None = None, environ: Mapping[str, str] | None = None) -> Connection:
     """Apply the rules of the module docstring. `environ` defaults to os.environ (tests pass their own)."""
     env = os.environ if environ is None else environ
     in_hub = bool(env.get("JUPYTERHUB_API_TOKEN"))
@@ -68,9 +67,13 @@ def hub_service_url(env: Mapping[str, str]) -> str:
         host = env["JUPYTERHUB_HOST"]
         origin = host if "://" in host else f"https://{host}"
     if not origin:
-        raise CorralError("no_url", "running inside JupyterHub, but neither CORRAL_URL nor JUPYTERHUB_PUBLIC_URL "
-                                    "(nor JUPYTERHUB_HOST) is set, so the corral service cannot be found: set "
-                                    "CORRAL_URL, or pass Client(url=...)", "CORRAL_URL")
+        raise CorralError(
+            "no_url",
+            "running inside JupyterHub, but neither CORRAL_URL nor JUPYTERHUB_PUBLIC_URL "
+            "(nor JUPYTERHUB_HOST) is set, so the corral service cannot be found: set "
+            "CORRAL_URL, or pass Client(url=...)",
+            "CORRAL_URL",
+        )
     base = env.get("JUPYTERHUB_BASE_URL", "")
     if not base:
         m = _USER_PREFIX.match(env.get("JUPYTERHUB_SERVICE_PREFIX", ""))

@@ -9,8 +9,9 @@ class CorralError(Exception):
     """The API refused a request (or could not be reached): a stable `code`, a `message`, and `where` (a
     field of the request, when the API names one). str() is the line a user reads."""
 
-    def __init__(self, code: str, message: str, where: str | None = None, *, status: int | None = None,
-                 detail: Any = None) -> None:
+    def __init__(
+        self, code: str, message: str, where: str | None = None, *, status: int | None = None, detail: Any = None
+    ) -> None:
         super().__init__(code, message, where)
         self.code, self.message, self.where = code, message, where
         self.status, self.detail = status, detail
@@ -24,8 +25,9 @@ class JobFailed(CorralError):
     """A job Job.wait() waited for ended failed, cancelled or rejected. `code` is that state; `reason` the
     API's {"rule", "message", "numbers"}; `stderr_tail` the last lines the job wrote to stderr, if any."""
 
-    def __init__(self, job_id: int, state: str, reason: dict[str, Any] | None, exit_code: int | None,
-                 stderr_tail: str = "") -> None:
+    def __init__(
+        self, job_id: int, state: str, reason: dict[str, Any] | None, exit_code: int | None, stderr_tail: str = ""
+    ) -> None:
         why = (reason or {}).get("message") or state
         message = f"job {job_id} {state}: {why}"
         if stderr_tail:

@@ -40,8 +40,13 @@ def client() -> Client:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="%%corral", add_help=False, exit_on_error=False, allow_abbrev=False,
-                                description="Run this cell as a Corral job.")
+    p = argparse.ArgumentParser(
+        prog="%%corral",
+        add_help=False,
+        exit_on_error=False,
+        allow_abbrev=False,
+        description="Run this cell as a Corral job.",
+    )
     p.add_argument("--queue", "-q", default=None)
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
@@ -61,9 +66,11 @@ def parse(line: str) -> argparse.Namespace:
     except (argparse.ArgumentError, ValueError) as e:
         raise UsageError(f"%%corral: {e}") from e
     if extra:
-        raise UsageError(f"%%corral: unknown option(s) {' '.join(extra)}; "
-                         "options: --queue --gpus --workers --name --pool --priority --max-runtime "
-                         "--idempotency-key --no-follow")
+        raise UsageError(
+            f"%%corral: unknown option(s) {' '.join(extra)}; "
+            "options: --queue --gpus --workers --name --pool --priority --max-runtime "
+            "--idempotency-key --no-follow"
+        )
     return opts
 
 
@@ -72,13 +79,24 @@ def run_cell(line: str, cell: str, corral: Client | None = None) -> Job:
     so it can be called (and tested) without IPython."""
     opts = parse(line)
     corral = corral or client()
-    job = corral.submit([corral.python, "-c", cell], queue=opts.queue,
-                        gpus=opts.gpus, workers=opts.workers, name=opts.name or "cell", pool=opts.pool,
-                        priority=opts.priority, max_runtime=opts.max_runtime, idempotency_key=opts.idempotency_key,
-                        labels={"source": "notebook-cell"})
+    job = corral.submit(
+        [corral.python, "-c", cell],
+        queue=opts.queue,
+        gpus=opts.gpus,
+        workers=opts.workers,
+        name=opts.name or "cell",
+        pool=opts.pool,
+        priority=opts.priority,
+        max_runtime=opts.max_runtime,
+        idempotency_key=opts.idempotency_key,
+        labels={"source": "notebook-cell"},
+    )
     what = "is the same as" if job.reused else "submitted as"
-    print(f"[corral] cell {what} job {job.id} (queue {job.queue}); Ctrl+C stops following, not the job",
-          file=sys.stderr, flush=True)
+    print(
+        f"[corral] cell {what} job {job.id} (queue {job.queue}); Ctrl+C stops following, not the job",
+        file=sys.stderr,
+        flush=True,
+    )
     if opts.no_follow:
         return job
     job.logs(follow=True)  # returns when the job ends, or at Ctrl+C (then the job is left running)

@@ -55,8 +55,7 @@ class AsyncModels:
         return data
 
     async def create_model(self, name: str, queue: str, description: str = "") -> dict[str, Any]:
-        return await self._json("POST", "/v1/models", json={"name": name, "queue": queue,
-                                                             "description": description})
+        return await self._json("POST", "/v1/models", json={"name": name, "queue": queue, "description": description})
 
     async def models(self) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = (await self._json("GET", "/v1/models"))["models"]
@@ -68,8 +67,9 @@ class AsyncModels:
     async def apply_policy(self, name: str, document: Mapping[str, Any]) -> dict[str, Any]:
         return await self._json("PUT", f"/v1/models/{name}/policy", json={"document": dict(document)})
 
-    async def register_model(self, name: str, job: HasId | int, artifact_uri: str,
-                             lineage_jobs: Iterable[HasId | int] = ()) -> dict[str, Any]:
+    async def register_model(
+        self, name: str, job: HasId | int, artifact_uri: str, lineage_jobs: Iterable[HasId | int] = ()
+    ) -> dict[str, Any]:
         body = {"job_id": job_id(job), "artifact_uri": artifact_uri, "lineage_jobs": [job_id(j) for j in lineage_jobs]}
         return await self._json("POST", f"/v1/models/{name}/versions", json=body)
 
@@ -90,8 +90,15 @@ class AsyncModels:
             params["head"] = head
         return await self._json("GET", "/v1/models/audit", params=params)
 
-    async def manifest(self, name: str, stage: Stage = "production", kind: Literal["kserve", "deployment"] = "kserve",
-                       namespace: str = "default", image: str | None = None, gpus: int = 1) -> str:
+    async def manifest(
+        self,
+        name: str,
+        stage: Stage = "production",
+        kind: Literal["kserve", "deployment"] = "kserve",
+        namespace: str = "default",
+        image: str | None = None,
+        gpus: int = 1,
+    ) -> str:
         params: dict[str, str | int] = {"stage": stage, "kind": kind, "namespace": namespace, "gpus": gpus}
         if image is not None:
             params["image"] = image
@@ -133,8 +140,9 @@ class Models:
         in `.detail`."""
         return self._run(self.aio.apply_policy(name, document))
 
-    def register_model(self, name: str, job: HasId | int, artifact_uri: str,
-                       lineage_jobs: Iterable[HasId | int] = ()) -> dict[str, Any]:
+    def register_model(
+        self, name: str, job: HasId | int, artifact_uri: str, lineage_jobs: Iterable[HasId | int] = ()
+    ) -> dict[str, Any]:
         """A new version from a completed `job` (a Job or its id): {model, version, digest, lineage}.
         `artifact_uri` is a path in the job's output directory ($CORRAL_OUTPUT_DIR; relative to it, or absolute);
         the metrics the gates check and the code and data digests are what the job wrote there with
@@ -159,8 +167,15 @@ class Models:
         with verify; `head`, a hash kept earlier, must still be in the chain)."""
         return self._run(self.aio.audit(model, verify, head))
 
-    def manifest(self, name: str, stage: Stage = "production", kind: Literal["kserve", "deployment"] = "kserve",
-                 namespace: str = "default", image: str | None = None, gpus: int = 1) -> str:
+    def manifest(
+        self,
+        name: str,
+        stage: Stage = "production",
+        kind: Literal["kserve", "deployment"] = "kserve",
+        namespace: str = "default",
+        image: str | None = None,
+        gpus: int = 1,
+    ) -> str:
         """The YAML serving the version at `stage` (a KServe InferenceService or a Deployment), to apply yourself."""
         text: str = self.client.run(self.aio.manifest(name, stage, kind, namespace, image, gpus))
         return text

@@ -81,15 +81,18 @@ def tree_digest(path: str | os.PathLike[str], skip: Iterable[str] = ()) -> str:
 def _git(path: Path, *args: str) -> str | None:
     """A local git query (no network), None where git or the repository is not there."""
     try:
-        done = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=30,
-                              check=False)
+        done = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def record_lineage(code: str | os.PathLike[str] | None = ".", data: Iterable[str | os.PathLike[str]] = (),
-                   eval_set: str | None = None, output_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def record_lineage(
+    code: str | os.PathLike[str] | None = ".",
+    data: Iterable[str | os.PathLike[str]] = (),
+    eval_set: str | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
     """Compute digests of the code (a directory or file: its tree digest, and its git commit and whether the work
     tree differs from it, when it is a git repository) and of each data file or directory, and write them with
     the eval set the metrics are measured on as lineage.json. Returns what it wrote."""
@@ -99,8 +102,12 @@ def record_lineage(code: str | os.PathLike[str] | None = ".", data: Iterable[str
         repo = where if where.is_dir() else where.parent
         commit = _git(repo, "rev-parse", "HEAD")
         status = _git(repo, "status", "--porcelain") if commit else None
-        doc["code"] = {"sha256": tree_digest(where, CODE_SKIP), "path": str(where), "git_commit": commit,
-                       "git_dirty": None if status is None else bool(status)}
+        doc["code"] = {
+            "sha256": tree_digest(where, CODE_SKIP),
+            "path": str(where),
+            "git_commit": commit,
+            "git_dirty": None if status is None else bool(status),
+        }
     doc["data"] = [{"name": str(d), "sha256": tree_digest(d)} for d in data]
     _write(_dir(output_dir), LINEAGE_FILE, doc)
     return doc

@@ -26,8 +26,11 @@ def split(kids: Sequence[Kid], share: float, demand: Mapping[str, float], out: d
         return
     rest = share - total
     # Children still below their cap: those with a weight first; zero-weight ones share what they leave.
-    open_ = [(i, demand[kid[0]] - g, kid[2]) for i, (kid, g) in enumerate(zip(kids, given, strict=True))
-             if demand[kid[0]] - g > EPS]
+    open_ = [
+        (i, demand[kid[0]] - g, kid[2])
+        for i, (kid, g) in enumerate(zip(kids, given, strict=True))
+        if demand[kid[0]] - g > EPS
+    ]
     rest = _pour([o for o in open_ if o[2] > 0], rest, given, kids)
     if rest > EPS:
         _pour([(i, room, 1.0) for i, room, w in open_ if w <= 0], rest, given, kids)

@@ -77,8 +77,12 @@ class QueueTree:
             weight = dict(s.weight) if isinstance(s.weight, Mapping) else {}
             default = s.default_weight if isinstance(s.weight, Mapping) else float(s.weight)
             self.queues[s.name] = Queue(
-                name=s.name, parent=None, quota=dict(s.quota),
-                limit={p: float(v) for p, v in s.limit.items()}, weight=weight, default_weight=default,
+                name=s.name,
+                parent=None,
+                quota=dict(s.quota),
+                limit={p: float(v) for p, v in s.limit.items()},
+                weight=weight,
+                default_weight=default,
             )
         for s in specs:
             if s.parent is not None:
@@ -185,12 +189,21 @@ def validate(specs: list[QueueSpec], capacity: Mapping[str, int]) -> list[tuple[
             if parent is None:
                 if total > cap:
                     names = ", ".join(f"{k.name}={k.quota.get(pool, 0)}" for k in kids if k.quota.get(pool))
-                    problems.append((f"quota.{pool}", f"top-level quotas add up to {total} GPUs ({names}), "
-                                     f"more than the pool's capacity of {cap}"))
+                    problems.append(
+                        (
+                            f"quota.{pool}",
+                            f"top-level quotas add up to {total} GPUs ({names}), "
+                            f"more than the pool's capacity of {cap}",
+                        )
+                    )
             else:
                 own = by_name[parent].quota.get(pool, 0)
                 if total > own:
                     names = ", ".join(f"{k.name}={k.quota.get(pool, 0)}" for k in kids if k.quota.get(pool))
-                    problems.append((f"{parent}.quota.{pool}", f"children's quotas add up to {total} GPUs "
-                                     f"({names}), more than {parent}'s quota of {own}"))
+                    problems.append(
+                        (
+                            f"{parent}.quota.{pool}",
+                            f"children's quotas add up to {total} GPUs ({names}), more than {parent}'s quota of {own}",
+                        )
+                    )
     return problems

@@ -224,6 +224,7 @@ class IdleTracker:
 
 # ----- times people read (the service's clock is wall time: seconds since the epoch) -----
 
+
 def duration_text(seconds: float) -> str:
     """A duration rounded as people say it: "under a minute", "1 minute", "12 minutes", "1 hour 5 minutes"."""
     minutes = round(max(seconds, 0.0) / 60)
@@ -246,5 +247,7 @@ def clock_text(epoch: float) -> str:
 def warning_text(idle_since: float, stop_at: float, now: float) -> str:
     """The idle warning a user reads: when the stop comes, how long the GPUs have idled, what to do."""
     # Short enough for a JupyterLab notification (it cuts at 140 characters): the stop first.
-    return (f"This notebook will be stopped in {duration_text(stop_at - now)}, at {clock_text(stop_at)}: its GPUs "
-            f"idle for {duration_text(now - idle_since)} (since {clock_text(idle_since)}). Use them or save work.")
+    return (
+        f"This notebook will be stopped in {duration_text(stop_at - now)}, at {clock_text(stop_at)}: its GPUs "
+        f"idle for {duration_text(now - idle_since)} (since {clock_text(idle_since)}). Use them or save work."
+    )

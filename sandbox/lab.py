@@ -38,8 +38,9 @@ class IdleHandler(APIHandler):
         if url and job and token:
             try:
                 async with httpx.AsyncClient(timeout=5) as http:
-                    r = await http.get(f"{url.rstrip('/')}/v1/sandboxes/{job}",
-                                       headers={"Authorization": f"token {token}"})
+                    r = await http.get(
+                        f"{url.rstrip('/')}/v1/sandboxes/{job}", headers={"Authorization": f"token {token}"}
+                    )
                 if r.status_code == 200:
                     idle = r.json().get("idle")
             except (httpx.HTTPError, ValueError) as e:

@@ -33,9 +33,17 @@ def parse_profiles(raw: Iterable[Mapping[str, Any]]) -> list[Profile]:
         if gpus < 0:
             raise ValueError(f"CorralSpawner.profiles[{i}] ({p['name']}): gpus must be >= 0, got {gpus}")
         timeout = p.get("idle_timeout_s")
-        out.append(Profile(str(p["name"]), str(p.get("display", p["name"])), gpus, float(p.get("cpus", 0)),
-                           float(p.get("memory_gb", 0)), None if timeout is None else float(timeout),
-                           frozenset(p.get("groups", ()))))
+        out.append(
+            Profile(
+                str(p["name"]),
+                str(p.get("display", p["name"])),
+                gpus,
+                float(p.get("cpus", 0)),
+                float(p.get("memory_gb", 0)),
+                None if timeout is None else float(timeout),
+                frozenset(p.get("groups", ())),
+            )
+        )
     return out
 
 

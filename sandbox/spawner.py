@@ -40,13 +40,27 @@ class SandboxRefused(SpawnException):  # type: ignore[misc]
         return str(self.message)
 
 
-def sandbox_request(user: str, queue: str, profile: Profile, command: Sequence[str], env: Mapping[str, str],
-                    workdir: str | None = None, server: str = "") -> dict[str, Any]:
+def sandbox_request(
+    user: str,
+    queue: str,
+    profile: Profile,
+    command: Sequence[str],
+    env: Mapping[str, str],
+    workdir: str | None = None,
+    server: str = "",
+) -> dict[str, Any]:
     """The body of POST /v1/sandboxes for this user and profile (a pure builder, tested as a dict); a named server
     (JupyterHub's allow_named_servers) is `jupyter-<user>-<server>`."""
     name = f"jupyter-{user}-{server}" if server else f"jupyter-{user}"
-    body: dict[str, Any] = {"name": name, "queue": queue, "owner": user, "gpus": profile.gpus,
-                            "command": list(command), "env": dict(env), "profile": profile.name}
+    body: dict[str, Any] = {
+        "name": name,
+        "queue": queue,
+        "owner": user,
+        "gpus": profile.gpus,
+        "command": list(command),
+        "env": dict(env),
+        "profile": profile.name,
+    }
     if profile.cpus:
         body["cpus"] = profile.cpus
     if profile.memory_gb:
@@ -67,19 +81,32 @@ class CorralSpawner(Spawner):  # type: ignore[misc]
     """Spawns single-user servers as Corral sandboxes."""
 
     corral_url = Unicode(config=True, help="Corral's API, e.g. http://127.0.0.1:8265 (default: $CORRAL_URL).")
-    corral_token = Unicode(config=True, help=(
-        "A Corral platform-admin token: the hub opens sandboxes on behalf of its users (default: "
-        "$CORRAL_HUB_TOKEN)."))
+    corral_token = Unicode(
+        config=True,
+        help=(
+            "A Corral platform-admin token: the hub opens sandboxes on behalf of its users (default: "
+            "$CORRAL_HUB_TOKEN)."
+        ),
+    )
     group_queues = Dict(config=True, help="Hub group -> Corral leaf queue; the same map as Corral's hub_groups.")
-    profiles: Any = List(config=True, help=(
-        "Sandbox shapes users choose from: dicts with name, display, gpus, cpus, memory_gb, idle_timeout_s and "
-        "groups (who may use it; empty: everyone)."))
+    profiles: Any = List(
+        config=True,
+        help=(
+            "Sandbox shapes users choose from: dicts with name, display, gpus, cpus, memory_gb, idle_timeout_s and "
+            "groups (who may use it; empty: everyone)."
+        ),
+    )
     default_queue = Unicode("", config=True, help="Queue for users in no mapped group (empty: refuse them).")
     http_timeout = Float(10.0, config=True, help="Seconds to wait for one answer from Corral.")
-    lab_extension = Bool(True, config=True, help=(
-        "Enable Corral's JupyterLab extension in the server (the idle-GPU warning as a notification): "
-        "JUPYTER_CONFIG_PATH and JUPYTER_PATH get sandbox/jupyter of this installation, which the server's "
-        "machine must have at the same path (the same image or virtualenv); elsewhere it is ignored."))
+    lab_extension = Bool(
+        True,
+        config=True,
+        help=(
+            "Enable Corral's JupyterLab extension in the server (the idle-GPU warning as a notification): "
+            "JUPYTER_CONFIG_PATH and JUPYTER_PATH get sandbox/jupyter of this installation, which the server's "
+            "machine must have at the same path (the same image or virtualenv); elsewhere it is ignored."
+        ),
+    )
 
     @default("default_url")
     def _lab(self) -> str:
@@ -107,8 +134,7 @@ class CorralSpawner(Spawner):  # type: ignore[misc]
         shapes = self._profiles()
         if len(shapes) <= 1:
             return ""  # nothing to choose
-        options = "".join(f'<option value="{html.escape(p.name)}">{html.escape(p.display)}</option>'
-                          for p in shapes)
+        options = "".join(f'<option value="{html.escape(p.name)}">{html.escape(p.display)}</option>' for p in shapes)
         return f'<label for="profile">Sandbox</label><select name="profile" class="form-control">{options}</select>'
 
     def options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, str]:
@@ -127,8 +153,11 @@ class CorralSpawner(Spawner):  # type: ignore[misc]
     # ----- talking to Corral -----
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
-        async with httpx.AsyncClient(base_url=self.corral_url, timeout=self.http_timeout,
-                                     headers={"Authorization": f"Bearer {self.corral_token}"}) as http:
+        async with httpx.AsyncClient(
+            base_url=self.corral_url,
+            timeout=self.http_timeout,
+            headers={"Authorization": f"Bearer {self.corral_token}"},
+        ) as http:
             return await http.request(method, path, json=body)
 
     # ----- the Spawner API -----
@@ -163,8 +192,9 @@ class CorralSpawner(Spawner):  # type: ignore[misc]
         if self.lab_extension:
             for var, path in (("JUPYTER_CONFIG_PATH", lab.CONFIG_DIR), ("JUPYTER_PATH", lab.DATA_DIR)):
                 env[var] = os.pathsep.join(p for p in (str(path), env.get(var, "")) if p)
-        body = sandbox_request(self.user.name, queue, profile, [*self.cmd, *self.get_args()], env,
-                               self.notebook_dir or None, self.name)
+        body = sandbox_request(
+            self.user.name, queue, profile, [*self.cmd, *self.get_args()], env, self.notebook_dir or None, self.name
+        )
         r = await self._call("POST", "/v1/sandboxes", body)
         if r.status_code != 201:
             raise SandboxRefused(_message(r))

@@ -18,14 +18,28 @@ from scheduler.sim.inputs import EventIn, SimJob, World
 # ----- cluster -----
 
 
-def node(name: str, pool: str = "a100", gpus: int = 8, cpus: float | None = None, memory_gb: float | None = None,
-         domain: str | None = None, **kw: Any) -> NodeSpec:
+def node(
+    name: str,
+    pool: str = "a100",
+    gpus: int = 8,
+    cpus: float | None = None,
+    memory_gb: float | None = None,
+    domain: str | None = None,
+    **kw: Any,
+) -> NodeSpec:
     """One node (8 GPUs of a100 unless told; `kw`: the rest of NodeSpec, labels)."""
     return NodeSpec(name, pool, gpus, cpus, memory_gb, domain, **kw)
 
 
-def nodes(pool: str, count: int, gpus: int, cpus: float | None = None, memory_gb: float | None = None,
-          domains: Mapping[str, Sequence[int]] | None = None, names: str = "{pool}-{i}") -> list[NodeSpec]:
+def nodes(
+    pool: str,
+    count: int,
+    gpus: int,
+    cpus: float | None = None,
+    memory_gb: float | None = None,
+    domains: Mapping[str, Sequence[int]] | None = None,
+    names: str = "{pool}-{i}",
+) -> list[NodeSpec]:
     """`count` identical nodes named `names` (`<pool>-<i>` unless told); `domains` maps a domain name to node
     indices."""
     member = {i: d for d, idx in (domains or {}).items() for i in idx}
@@ -55,9 +69,14 @@ def domains_of(node_list: Iterable[NodeSpec]) -> dict[str, dict[str, list[str]]]
 # ----- queues -----
 
 
-def queue(name: str, parent: str | None = None, quota: Mapping[str, int] | None = None,
-          limit: Mapping[str, int] | None = None, weight: float | Mapping[str, float] = 1.0,
-          default_weight: float = 1.0) -> QueueSpec:
+def queue(
+    name: str,
+    parent: str | None = None,
+    quota: Mapping[str, int] | None = None,
+    limit: Mapping[str, int] | None = None,
+    weight: float | Mapping[str, float] = 1.0,
+    default_weight: float = 1.0,
+) -> QueueSpec:
     return QueueSpec(name, parent, dict(quota or {}), dict(limit or {}), weight, default_weight)
 
 
@@ -79,8 +98,15 @@ def job(id: str, queue: str = "team-a", pool: str = "a100", **kw: object) -> Job
     return JobSpec(id=id, queue=queue, pool=pool, **kw)  # type: ignore[arg-type]
 
 
-def sim_job(id: str, submit: float, duration: float, queue: str = "team-a", pool: str = "a100",
-            max_runtime: float | None = None, **kw: object) -> SimJob:
+def sim_job(
+    id: str,
+    submit: float,
+    duration: float,
+    queue: str = "team-a",
+    pool: str = "a100",
+    max_runtime: float | None = None,
+    **kw: object,
+) -> SimJob:
     return SimJob(job(id, queue, pool, **kw), float(submit), float(duration), max_runtime)
 
 
@@ -99,22 +125,42 @@ def node_up(at: float, name: str) -> EventIn:
 # ----- worlds and engines -----
 
 
-def world(node_list: list[NodeSpec], queues: QueueTree | Iterable[QueueSpec], jobs: Iterable[SimJob] = (),
-          events: Iterable[EventIn] = (), settings: Settings | None = None, name: str = "test") -> World:
+def world(
+    node_list: list[NodeSpec],
+    queues: QueueTree | Iterable[QueueSpec],
+    jobs: Iterable[SimJob] = (),
+    events: Iterable[EventIn] = (),
+    settings: Settings | None = None,
+    name: str = "test",
+) -> World:
     """A simulator World built directly (no files); domains come from the nodes' `domain` fields."""
     t = queues if isinstance(queues, QueueTree) else tree(queues, node_list)
-    return World(nodes=list(node_list), domains=domains_of(node_list), tree=t, settings=settings or Settings(),
-                 jobs=list(jobs), events=list(events), name=name)
+    return World(
+        nodes=list(node_list),
+        domains=domains_of(node_list),
+        tree=t,
+        settings=settings or Settings(),
+        jobs=list(jobs),
+        events=list(events),
+        name=name,
+    )
 
 
-def engine(node_list: list[NodeSpec], queues: QueueTree | Iterable[QueueSpec],
-           settings: Settings | None = None) -> Engine:
+def engine(
+    node_list: list[NodeSpec], queues: QueueTree | Iterable[QueueSpec], settings: Settings | None = None
+) -> Engine:
     t = queues if isinstance(queues, QueueTree) else tree(queues, node_list)
     return Engine(t, node_list, domains_of(node_list), settings)
 
 
-def pool_engine(queues: Iterable[QueueSpec], nodes: int = 2, gpus: int = 8, pool: str = "a100",
-                settings: Settings | None = None, **node_kw: Any) -> Engine:
+def pool_engine(
+    queues: Iterable[QueueSpec],
+    nodes: int = 2,
+    gpus: int = 8,
+    pool: str = "a100",
+    settings: Settings | None = None,
+    **node_kw: Any,
+) -> Engine:
     """An engine on one pool of `nodes` identical nodes (`node_kw`: the rest of `nodes()`'s arguments)."""
     return engine(_nodes(pool, nodes, gpus, **node_kw), queues, settings)
 
@@ -122,8 +168,9 @@ def pool_engine(queues: Iterable[QueueSpec], nodes: int = 2, gpus: int = 8, pool
 # ----- the service -----
 
 
-def service_settings(root: Path, database_url: str | None = None, *, data: str = "data",
-                     **overrides: Any) -> ServiceSettings:
+def service_settings(
+    root: Path, database_url: str | None = None, *, data: str = "data", **overrides: Any
+) -> ServiceSettings:
     """The service's settings with its files under `root` (data_dir `root/<data>`); `database_url` None is the
     default, SQLite in data_dir. Everything else as ServiceSettings has it (CORRAL_* variables included)."""
     return ServiceSettings(data_dir=root / data, database_url=database_url, **overrides)

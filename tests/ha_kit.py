@@ -88,12 +88,23 @@ def token_kubeconfig(plane: ControlPlane, path: Path, server: str | None = None)
     """A kubeconfig for Corral's ServiceAccount (the chart's), at `server` (default: the API server itself)."""
     api = plane.corral_client()
     conf = api.configuration
-    cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "corral",
-           "clusters": [{"name": "test", "cluster": {"server": server or conf.host,
-                                                     "certificate-authority": conf.ssl_ca_cert,
-                                                     "tls-server-name": "localhost"}}],
-           "users": [{"name": "corral", "user": {"token": conf.api_key["authorization"].split(" ", 1)[1]}}],
-           "contexts": [{"name": "corral", "context": {"cluster": "test", "user": "corral"}}]}
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "corral",
+        "clusters": [
+            {
+                "name": "test",
+                "cluster": {
+                    "server": server or conf.host,
+                    "certificate-authority": conf.ssl_ca_cert,
+                    "tls-server-name": "localhost",
+                },
+            }
+        ],
+        "users": [{"name": "corral", "user": {"token": conf.api_key["authorization"].split(" ", 1)[1]}}],
+        "contexts": [{"name": "corral", "context": {"cluster": "test", "user": "corral"}}],
+    }
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -103,8 +114,17 @@ def admin_token(url: str) -> str:
     migrate(url)
     secret = new_secret()
     with sa.create_engine(url).begin() as conn:
-        conn.execute(tokens.insert().values(digest=digest(secret), user="admin", role=Role.PLATFORM_ADMIN.value,
-                                            scope=None, created_at=time.time(), created_by="test", revoked=False))
+        conn.execute(
+            tokens.insert().values(
+                digest=digest(secret),
+                user="admin",
+                role=Role.PLATFORM_ADMIN.value,
+                scope=None,
+                created_at=time.time(),
+                created_by="test",
+                revoked=False,
+            )
+        )
     return secret
 
 
@@ -154,12 +174,20 @@ class Replicas:
         data = self.root / name
         data.mkdir(parents=True)
         log = self.root / f"{name}.log"
-        full = {**os.environ, **self.base_env, "CORRAL_PORT": str(port), "CORRAL_HOST": "127.0.0.1",
-                "CORRAL_DATA_DIR": str(data), "CORRAL_ADVERTISE_URL": f"http://127.0.0.1:{port}",
-                "PYTHONUNBUFFERED": "1", **env}  # its log as it goes: what a failed test shows
+        full = {
+            **os.environ,
+            **self.base_env,
+            "CORRAL_PORT": str(port),
+            "CORRAL_HOST": "127.0.0.1",
+            "CORRAL_DATA_DIR": str(data),
+            "CORRAL_ADVERTISE_URL": f"http://127.0.0.1:{port}",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }  # its log as it goes: what a failed test shows
         with open(log, "wb") as out:
-            proc = subprocess.Popen([str(Path(sys.executable).parent / "corral"), "serve"], env=full, stdout=out,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "corral"), "serve"], env=full, stdout=out, stderr=subprocess.STDOUT
+            )
         r = Replica(name, port, proc, log)
         self.all.append(r)
         return r
@@ -175,19 +203,32 @@ class Replicas:
 
 
 def base_env(plane: ControlPlane, kubeconfig: Path, db_url: str, tag: str) -> dict[str, str]:
-    return {"CORRAL_BACKEND": "kubernetes", "CORRAL_K8S_KUBECONFIG": str(kubeconfig), "CORRAL_DATABASE_URL": db_url,
-            "CORRAL_K8S_NODE_SELECTOR": f"corral.dev/test={tag}", "CORRAL_K8S_NAMESPACE_PREFIX": f"h{tag}-",
-            "CORRAL_K8S_DEFAULT_IMAGE": "busybox:1.36", "CORRAL_K8S_FOREIGN_PODS": "false",
-            "CORRAL_K8S_LEASE_NAMESPACE": CORRAL_NS, "CORRAL_K8S_LEASE_NAME": "corral-leader",
-            "CORRAL_LEASE_S": "12", "CORRAL_RENEW_DEADLINE_S": "8", "CORRAL_LEADER_RETRY_S": "2",
-            "CORRAL_TICK_S": "0.5", "CORRAL_GRACE_S": "0", "CORRAL_LOG_LEVEL": "info"}
+    return {
+        "CORRAL_BACKEND": "kubernetes",
+        "CORRAL_K8S_KUBECONFIG": str(kubeconfig),
+        "CORRAL_DATABASE_URL": db_url,
+        "CORRAL_K8S_NODE_SELECTOR": f"corral.dev/test={tag}",
+        "CORRAL_K8S_NAMESPACE_PREFIX": f"h{tag}-",
+        "CORRAL_K8S_DEFAULT_IMAGE": "busybox:1.36",
+        "CORRAL_K8S_FOREIGN_PODS": "false",
+        "CORRAL_K8S_LEASE_NAMESPACE": CORRAL_NS,
+        "CORRAL_K8S_LEASE_NAME": "corral-leader",
+        "CORRAL_LEASE_S": "12",
+        "CORRAL_RENEW_DEADLINE_S": "8",
+        "CORRAL_LEADER_RETRY_S": "2",
+        "CORRAL_TICK_S": "0.5",
+        "CORRAL_GRACE_S": "0",
+        "CORRAL_LOG_LEVEL": "info",
+    }
 
 
-def request(url: str, token: str, method: str = "GET", body: dict[str, Any] | None = None,
-            timeout: float = 10) -> tuple[int, Any]:
+def request(
+    url: str, token: str, method: str = "GET", body: dict[str, Any] | None = None, timeout: float = 10
+) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={
-        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read() or b"null")

@@ -50,6 +50,7 @@ START_TIMEOUT_S = float(os.environ.get("CORRAL_K8S_START_TIMEOUT", "120"))
 
 # --- finding the tools ---------------------------------------------------------------------------------
 
+
 @functools.cache
 def find_bin_dir() -> tuple[Path | None, str]:
     """The directory with the built tools, or None and why not."""
@@ -93,6 +94,7 @@ def stages_dir(bin_dir: Path) -> Path:
 
 # --- certificates ----------------------------------------------------------------------------------------
 
+
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
@@ -100,36 +102,77 @@ def _openssl(*args: str, cwd: Path) -> None:
 def make_pki(d: Path) -> None:
     """A CA, the API server's serving certificate, client certificates per component, the service-account keys."""
     d.mkdir(parents=True, exist_ok=True)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "3",
-             "-subj", "/CN=corral-test-ca", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "3",
+        "-subj",
+        "/CN=corral-test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        cwd=d,
+    )
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=d)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
     sans = "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:127.0.0.1,IP:10.0.0.1"
     _cert(d, "apiserver", "/CN=kube-apiserver", f"subjectAltName={sans}\nextendedKeyUsage=serverAuth")
-    for name, subj in (("admin", "/O=system:masters/CN=corral-test-admin"),
-                       ("controller-manager", "/CN=system:kube-controller-manager"),
-                       ("scheduler", "/CN=system:kube-scheduler"),
-                       ("kwok", "/O=system:masters/CN=kwok")):
+    for name, subj in (
+        ("admin", "/O=system:masters/CN=corral-test-admin"),
+        ("controller-manager", "/CN=system:kube-controller-manager"),
+        ("scheduler", "/CN=system:kube-scheduler"),
+        ("kwok", "/O=system:masters/CN=kwok"),
+    ):
         _cert(d, name, subj, "extendedKeyUsage=clientAuth")
 
 
 def _cert(d: Path, name: str, subj: str, ext: str) -> None:
     usage = "keyUsage=critical,digitalSignature,keyEncipherment"
     (d / f"{name}.ext").write_text(f"basicConstraints=CA:FALSE\n{usage}\n{ext}\n")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-             "-subj", subj, cwd=d)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", f"{name}.crt", "-days", "3", "-extfile", f"{name}.ext", cwd=d)
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subj, cwd=d
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        f"{name}.crt",
+        "-days",
+        "3",
+        "-extfile",
+        f"{name}.ext",
+        cwd=d,
+    )
 
 
 def write_kubeconfig(path: Path, server: str, pki: Path, user: str) -> Path:
     cfg = {
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "test", "cluster": {"server": server,
-                                                  "certificate-authority": str(pki / "ca.crt")}}],
-        "users": [{"name": user, "user": {"client-certificate": str(pki / f"{user}.crt"),
-                                          "client-key": str(pki / f"{user}.key")}}],
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {"server": server, "certificate-authority": str(pki / "ca.crt")}}],
+        "users": [
+            {
+                "name": user,
+                "user": {"client-certificate": str(pki / f"{user}.crt"), "client-key": str(pki / f"{user}.key")},
+            }
+        ],
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": user}}],
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -137,6 +180,7 @@ def write_kubeconfig(path: Path, server: str, pki: Path, user: str) -> Path:
 
 
 # --- processes ---------------------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -189,6 +233,7 @@ def _stop(p: Proc, grace: float = 10.0) -> None:
 
 # --- the control plane -------------------------------------------------------------------------------------
 
+
 @dataclass
 class ControlPlane:
     bin_dir: Path
@@ -219,9 +264,15 @@ class ControlPlane:
     def _spawn(self, name: str, args: list[str]) -> Proc:
         log = self.workdir / f"{name}.log"
         with open(log, "wb") as out:
-            popen = subprocess.Popen([str(self.bin_dir / name), *args], stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=self.workdir, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+            popen = subprocess.Popen(
+                [str(self.bin_dir / name), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.workdir,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         p = Proc(name, popen, log)
         self.procs.append(p)
         return p
@@ -231,55 +282,108 @@ class ControlPlane:
         make_pki(self.pki)
         etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
         etcd_url = f"http://127.0.0.1:{etcd_port}"
-        etcd = self._spawn("etcd", [
-            "--name=test", f"--data-dir={w / 'etcd'}", f"--listen-client-urls={etcd_url}",
-            f"--advertise-client-urls={etcd_url}", f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
-            f"--initial-cluster=test=http://127.0.0.1:{peer_port}", "--unsafe-no-fsync", "--log-level=warn"])
+        etcd = self._spawn(
+            "etcd",
+            [
+                "--name=test",
+                f"--data-dir={w / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-cluster=test=http://127.0.0.1:{peer_port}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )
         wait_for("etcd", lambda: _http_ok(f"{etcd_url}/health"), START_TIMEOUT_S, [etcd])
 
         self.server = f"https://127.0.0.1:{api_port}"
         pki = self.pki
-        api = self._spawn("kube-apiserver", [
-            f"--etcd-servers={etcd_url}", "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-            f"--secure-port={api_port}", f"--tls-cert-file={pki / 'apiserver.crt'}",
-            f"--tls-private-key-file={pki / 'apiserver.key'}", f"--client-ca-file={pki / 'ca.crt'}",
-            f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            "--service-cluster-ip-range=10.0.0.0/24", "--authorization-mode=Node,RBAC", "--allow-privileged=true",
-            "--endpoint-reconciler-type=none", "--profiling=false", f"--cert-dir={w / 'apiserver-certs'}",
-            "--storage-media-type=application/json", "--v=1"])
+        api = self._spawn(
+            "kube-apiserver",
+            [
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={api_port}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--authorization-mode=Node,RBAC",
+                "--allow-privileged=true",
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+                f"--cert-dir={w / 'apiserver-certs'}",
+                "--storage-media-type=application/json",
+                "--v=1",
+            ],
+        )
         self.kubeconfig = write_kubeconfig(w / "admin.kubeconfig", self.server, pki, "admin")
         ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
         ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
-        wait_for("kube-apiserver /readyz", lambda: _http_ok(f"{self.server}/readyz", ctx), START_TIMEOUT_S,
-                 [etcd, api])
+        wait_for("kube-apiserver /readyz", lambda: _http_ok(f"{self.server}/readyz", ctx), START_TIMEOUT_S, [etcd, api])
 
         kcm_cfg = write_kubeconfig(w / "controller-manager.kubeconfig", self.server, pki, "controller-manager")
-        self._spawn("kube-controller-manager", [
-            f"--kubeconfig={kcm_cfg}", f"--authentication-kubeconfig={kcm_cfg}",
-            f"--authorization-kubeconfig={kcm_cfg}", "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
-            f"--cert-dir={w / 'kcm-certs'}", f"--service-account-private-key-file={pki / 'sa.key'}",
-            f"--root-ca-file={pki / 'ca.crt'}", "--use-service-account-credentials=true", "--leader-elect=false",
-            "--v=1", *self._qps_flags()])
+        self._spawn(
+            "kube-controller-manager",
+            [
+                f"--kubeconfig={kcm_cfg}",
+                f"--authentication-kubeconfig={kcm_cfg}",
+                f"--authorization-kubeconfig={kcm_cfg}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                f"--cert-dir={w / 'kcm-certs'}",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                "--use-service-account-credentials=true",
+                "--leader-elect=false",
+                "--v=1",
+                *self._qps_flags(),
+            ],
+        )
         sched_cfg = write_kubeconfig(w / "scheduler.kubeconfig", self.server, pki, "scheduler")
-        self._spawn("kube-scheduler", [
-            f"--kubeconfig={sched_cfg}", f"--authentication-kubeconfig={sched_cfg}",
-            f"--authorization-kubeconfig={sched_cfg}", "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
-            f"--cert-dir={w / 'scheduler-certs'}", "--leader-elect=false", "--v=1",
-            *self._scheduler_config(sched_cfg)])
+        self._spawn(
+            "kube-scheduler",
+            [
+                f"--kubeconfig={sched_cfg}",
+                f"--authentication-kubeconfig={sched_cfg}",
+                f"--authorization-kubeconfig={sched_cfg}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                f"--cert-dir={w / 'scheduler-certs'}",
+                "--leader-elect=false",
+                "--v=1",
+                *self._scheduler_config(sched_cfg),
+            ],
+        )
         kwok_cfg = self._kwok_config()
         kwok_kc = write_kubeconfig(w / "kwok.kubeconfig", self.server, pki, "kwok")
-        self._spawn("kwok", [
-            f"--kubeconfig={kwok_kc}", f"--config={kwok_cfg}",
-            f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake", "--cidr=10.244.0.1/16",
-            "--node-ip=10.1.0.1", "--node-lease-duration-seconds=40", f"--server-address=127.0.0.1:{free_port()}"])
+        self._spawn(
+            "kwok",
+            [
+                f"--kubeconfig={kwok_kc}",
+                f"--config={kwok_cfg}",
+                f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
+                "--cidr=10.244.0.1/16",
+                "--node-ip=10.1.0.1",
+                "--node-lease-duration-seconds=40",
+                f"--server-address=127.0.0.1:{free_port()}",
+            ],
+        )
         # The controller manager's service-account controller makes `default` in each namespace; once it has
         # done so in kube-system every controller is running.
         core = self.core()
-        wait_for("kube-controller-manager (default service account)",
-                 lambda: bool(core.read_namespaced_service_account("default", "default")), START_TIMEOUT_S,
-                 self.procs)
+        wait_for(
+            "kube-controller-manager (default service account)",
+            lambda: bool(core.read_namespaced_service_account("default", "default")),
+            START_TIMEOUT_S,
+            self.procs,
+        )
 
     def _qps_flags(self) -> list[str]:
         out = []
@@ -299,20 +403,39 @@ class ControlPlane:
         if self.client_burst is not None:
             conn["burst"] = self.client_burst
         path = self.workdir / "scheduler-config.yaml"
-        path.write_text(yaml.safe_dump({"apiVersion": "kubescheduler.config.k8s.io/v1",
-                                        "kind": "KubeSchedulerConfiguration", "clientConnection": conn,
-                                        "leaderElection": {"leaderElect": False}}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kubescheduler.config.k8s.io/v1",
+                    "kind": "KubeSchedulerConfiguration",
+                    "clientConnection": conn,
+                    "leaderElection": {"leaderElect": False},
+                }
+            )
+        )
         return [f"--config={path}"]
 
     def _kwok_config(self) -> Path:
-        docs: list[dict[str, Any]] = [{
-            "apiVersion": "config.kwok.x-k8s.io/v1alpha1", "kind": "KwokConfiguration",
-            "options": {"nodeLeaseDurationSeconds": 40, "nodeLeaseParallelism": 4, "podPlayStageParallelism": 4,
-                        "nodePlayStageParallelism": 4, "podsOnNodeSyncParallelism": 2}}]
+        docs: list[dict[str, Any]] = [
+            {
+                "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+                "kind": "KwokConfiguration",
+                "options": {
+                    "nodeLeaseDurationSeconds": 40,
+                    "nodeLeaseParallelism": 4,
+                    "podPlayStageParallelism": 4,
+                    "nodePlayStageParallelism": 4,
+                    "podsOnNodeSyncParallelism": 2,
+                },
+            }
+        ]
         stages = stages_dir(self.bin_dir)
         for f in sorted(stages.glob("*.yaml")):
-            docs.extend(d for d in yaml.safe_load_all(f.read_text())
-                        if d and d.get("metadata", {}).get("name") not in self.kwok_skip_stages)
+            docs.extend(
+                d
+                for d in yaml.safe_load_all(f.read_text())
+                if d and d.get("metadata", {}).get("name") not in self.kwok_skip_stages
+            )
         if not any(d.get("kind") == "Stage" for d in docs):
             raise RuntimeError(f"no kwok stage rules in {stages} (run scripts/k8s-tools)")
         path = self.workdir / "kwok.yaml"
@@ -353,17 +476,39 @@ class ControlPlane:
         """The chart as helm renders it for release `corral` in namespace corral-system (what corral_client
         installs the RBAC of), with extra helm arguments."""
         home = self.workdir / "helm"
-        env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
-               "HELM_DATA_HOME": str(home / "data")}
-        return subprocess.run([str(self.bin_dir / "helm"), "template", CORRAL_SA, str(ROOT / "charts" / "corral"),
-                               "--namespace", CORRAL_NS, "--set", "database.url=postgresql+psycopg://corral@db/c",
-                               *args], capture_output=True, text=True, env=env, timeout=120, check=True).stdout
+        env = {
+            **os.environ,
+            "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_CONFIG_HOME": str(home / "config"),
+            "HELM_DATA_HOME": str(home / "data"),
+        }
+        return subprocess.run(
+            [
+                str(self.bin_dir / "helm"),
+                "template",
+                CORRAL_SA,
+                str(ROOT / "charts" / "corral"),
+                "--namespace",
+                CORRAL_NS,
+                "--set",
+                "database.url=postgresql+psycopg://corral@db/c",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=True,
+        ).stdout
 
     def client_as(self, service_account: str, namespace: str) -> Any:
         """An API client authenticated as a ServiceAccount (a token from the TokenRequest API, as a pod mounts it):
         Corral as the chart deploys it, never with the admin's certificate."""
-        token = self.core().create_namespaced_service_account_token(
-            service_account, namespace, {"spec": {"expirationSeconds": 86400}}).status.token
+        token = (
+            self.core()
+            .create_namespaced_service_account_token(service_account, namespace, {"spec": {"expirationSeconds": 86400}})
+            .status.token
+        )
         admin = self.api_client().configuration
         conf = client.Configuration()
         conf.host, conf.ssl_ca_cert = admin.host, admin.ssl_ca_cert
@@ -386,27 +531,47 @@ class ControlPlane:
         core = self.core()
         core.create_namespace({"metadata": {"name": name}})
         try:
-            wait_for(f"service account default in {name}",
-                     lambda: bool(core.read_namespaced_service_account("default", name)), 60, self.procs)
+            wait_for(
+                f"service account default in {name}",
+                lambda: bool(core.read_namespaced_service_account("default", name)),
+                60,
+                self.procs,
+            )
             yield name
         finally:
             with contextlib.suppress(Exception):
                 core.delete_namespace(name)
 
-    def create_gpu_node(self, name: str, product: str = "NVIDIA-H100-80GB-HBM3", gpus: int = 8,
-                        pool: str | None = None, cpu: str = "64", memory: str = "512Gi",
-                        labels: dict[str, str] | None = None) -> dict[str, Any]:
+    def create_gpu_node(
+        self,
+        name: str,
+        product: str = "NVIDIA-H100-80GB-HBM3",
+        gpus: int = 8,
+        pool: str | None = None,
+        cpu: str = "64",
+        memory: str = "512Gi",
+        labels: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         """A kwok-managed node with `gpus` nvidia.com/gpu in capacity and allocatable, labelled with the GPU
         product (the pool label, as GPU feature discovery would) and corral.dev/pool; kwok makes it Ready."""
         resources = {"cpu": cpu, "memory": memory, "pods": "110", GPU: str(gpus)}
         node = {
-            "apiVersion": "v1", "kind": "Node",
+            "apiVersion": "v1",
+            "kind": "Node",
             "metadata": {
                 "name": name,
                 "annotations": {KWOK_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
-                "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
-                           "type": "kwok", GPU_PRODUCT: product, "nvidia.com/gpu.count": str(gpus),
-                           POOL_LABEL: pool or product, **(labels or {})}},
+                "labels": {
+                    "kubernetes.io/hostname": name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "type": "kwok",
+                    GPU_PRODUCT: product,
+                    "nvidia.com/gpu.count": str(gpus),
+                    POOL_LABEL: pool or product,
+                    **(labels or {}),
+                },
+            },
             "spec": {},
             "status": {"capacity": resources, "allocatable": resources},
         }
@@ -419,19 +584,28 @@ class ControlPlane:
         def ready() -> bool:
             n = core.read_node(name)
             return any(c.type == "Ready" and c.status == "True" for c in (n.status.conditions or []))
+
         wait_for(f"node {name} Ready", ready, timeout, self.procs)
         return core.read_node(name)
 
     def wait_pod(self, namespace: str, name: str, phase: str = "Running", timeout: float = 60) -> Any:
         core = self.core()
-        wait_for(f"pod {namespace}/{name} {phase}",
-                 lambda: core.read_namespaced_pod(name, namespace).status.phase == phase, timeout, self.procs)
+        wait_for(
+            f"pod {namespace}/{name} {phase}",
+            lambda: core.read_namespaced_pod(name, namespace).status.phase == phase,
+            timeout,
+            self.procs,
+        )
         return core.read_namespaced_pod(name, namespace)
 
     def bind(self, namespace: str, pod: str, node: str) -> None:
         """Bind a pod to a node through the Binding API (pods/binding), as a scheduler does."""
-        body = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod, "namespace": namespace},
-                "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": pod, "namespace": namespace},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+        }
         # The generated client cannot deserialize the Status the server answers with: skip deserializing.
         self.core().create_namespaced_pod_binding(pod, namespace, body, _preload_content=False)
 
@@ -482,6 +656,7 @@ def shared_plane(config: pytest.Config) -> ControlPlane:
             _PLANE = None
             if os.environ.get("CORRAL_K8S_KEEP") != "1":
                 shutil.rmtree(workdir, ignore_errors=True)
+
         config.add_cleanup(teardown)
         _PLANE = plane
     return _PLANE

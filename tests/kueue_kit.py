@@ -76,8 +76,16 @@ def find_kueue() -> tuple[Path | None, str]:
         if out.returncode != 0:
             return None, out.stderr.strip() or "scripts/kueue --check failed"
         d = Path(out.stdout.strip().splitlines()[-1])
-    missing = [str(p) for p in (d / "kueue", d.parent / "crds", d.parent / "config" / "rbac-role.yaml",
-                                d.parent / "config" / "webhook-manifests.yaml") if not p.exists()]
+    missing = [
+        str(p)
+        for p in (
+            d / "kueue",
+            d.parent / "crds",
+            d.parent / "config" / "rbac-role.yaml",
+            d.parent / "config" / "webhook-manifests.yaml",
+        )
+        if not p.exists()
+    ]
     if missing:
         return None, f"not built: {', '.join(missing)} (run scripts/kueue)"
     return d, ""
@@ -116,14 +124,17 @@ def install_crds(plane: ControlPlane, crds: Path) -> None:
             if not any(c.type == "Established" and c.status == "True" for c in conds):
                 return False
         return True
+
     wait_for("Kueue's CRDs Established", established, 60, plane.procs)
 
 
-def configuration(*, webhook_port: int, cert_dir: Path, health_port: int, qps: float, burst: int,
-                  exclude_cpu_memory: bool = False) -> dict[str, Any]:
+def configuration(
+    *, webhook_port: int, cert_dir: Path, health_port: int, qps: float, burst: int, exclude_cpu_memory: bool = False
+) -> dict[str, Any]:
     """The Kueue Configuration the kit runs with (docs/kueue.md explains each setting)."""
     cfg: dict[str, Any] = {
-        "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration",
+        "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+        "kind": "Configuration",
         "namespace": NAMESPACE,
         "health": {"healthProbeBindAddress": f"127.0.0.1:{health_port}"},
         "metrics": {"bindAddress": "0"},
@@ -131,9 +142,17 @@ def configuration(*, webhook_port: int, cert_dir: Path, health_port: int, qps: f
         "leaderElection": {"leaderElect": False},
         # As Kueue's shipped configuration sets it (config/components/manager/controller_manager_config.yaml);
         # without it every controller reconciles one object at a time.
-        "controller": {"groupKindConcurrency": {
-            "Job.batch": 5, "Pod": 5, "Workload.kueue.x-k8s.io": 5, "LocalQueue.kueue.x-k8s.io": 1,
-            "Cohort.kueue.x-k8s.io": 1, "ClusterQueue.kueue.x-k8s.io": 1, "ResourceFlavor.kueue.x-k8s.io": 1}},
+        "controller": {
+            "groupKindConcurrency": {
+                "Job.batch": 5,
+                "Pod": 5,
+                "Workload.kueue.x-k8s.io": 5,
+                "LocalQueue.kueue.x-k8s.io": 1,
+                "Cohort.kueue.x-k8s.io": 1,
+                "ClusterQueue.kueue.x-k8s.io": 1,
+                "ResourceFlavor.kueue.x-k8s.io": 1,
+            }
+        },
         "internalCertManagement": {"enable": False},
         "clientConnection": {"qps": qps, "burst": burst},
         "integrations": {"frameworks": ["batch/job"]},
@@ -159,12 +178,20 @@ def url_webhooks(manifests: Path, port: int, ca_bundle: bytes) -> list[dict[str,
             path = hook["clientConfig"]["service"]["path"]
             if "-batch-v1-job" not in path and "-kueue-x-k8s-io-" not in path:
                 continue
-            hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}",
-                                    "caBundle": base64.b64encode(ca_bundle).decode()}
+            hook["clientConfig"] = {
+                "url": f"https://127.0.0.1:{port}{path}",
+                "caBundle": base64.b64encode(ca_bundle).decode(),
+            }
             if "-batch-v1-job" in path:  # as Kueue's kustomization sets it
-                hook["namespaceSelector"] = {"matchExpressions": [{
-                    "key": "kubernetes.io/metadata.name", "operator": "NotIn",
-                    "values": ["kube-system", NAMESPACE]}]}
+                hook["namespaceSelector"] = {
+                    "matchExpressions": [
+                        {
+                            "key": "kubernetes.io/metadata.name",
+                            "operator": "NotIn",
+                            "values": ["kube-system", NAMESPACE],
+                        }
+                    ]
+                }
             hooks.append(hook)
         name = WEBHOOKS[0] if kind == "MutatingWebhookConfiguration" else WEBHOOKS[1]
         out.append({"apiVersion": doc["apiVersion"], "kind": kind, "metadata": {"name": name}, "webhooks": hooks})
@@ -175,15 +202,51 @@ def _serving_cert(d: Path) -> bytes:
     """A CA and a certificate for 127.0.0.1 (tls.crt / tls.key, as controller-runtime's webhook server reads them);
     returns the CA, for caBundle."""
     d.mkdir(parents=True, exist_ok=True)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "3",
-             "-subj", "/CN=kueue-test-webhook-ca", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature", cwd=d)
-    (d / "tls.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-                               "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "tls.key", "-out", "tls.csr",
-             "-subj", "/CN=127.0.0.1", cwd=d)
-    _openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "tls.crt", "-days", "3", "-extfile", "tls.ext", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "3",
+        "-subj",
+        "/CN=kueue-test-webhook-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        cwd=d,
+    )
+    (d / "tls.ext").write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
+    )
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=127.0.0.1", cwd=d
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "tls.crt",
+        "-days",
+        "3",
+        "-extfile",
+        "tls.ext",
+        cwd=d,
+    )
     return (d / "ca.crt").read_bytes()
 
 
@@ -193,11 +256,27 @@ def _metrics_cert() -> None:
         return
     try:
         METRICS_CERTS.mkdir(parents=True, exist_ok=True)
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "tls.key", "-out", "tls.crt",
-                 "-days", "3650", "-subj", "/CN=kueue-metrics", cwd=METRICS_CERTS)
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "tls.key",
+            "-out",
+            "tls.crt",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=kueue-metrics",
+            cwd=METRICS_CERTS,
+        )
     except (OSError, subprocess.CalledProcessError) as e:
-        raise RuntimeError(f"Kueue needs a certificate in {METRICS_CERTS} (a fixed path in its main.go when its "
-                           f"internal certificate management is off), and the kit could not write one: {e}") from e
+        raise RuntimeError(
+            f"Kueue needs a certificate in {METRICS_CERTS} (a fixed path in its main.go when its "
+            f"internal certificate management is off), and the kit could not write one: {e}"
+        ) from e
 
 
 @dataclass
@@ -229,23 +308,41 @@ class KueueController:
         _metrics_cert()
         ca = _serving_cert(self.workdir / "webhook-certs")
         webhook_port, health_port = free_port(), free_port()
-        self.config = configuration(webhook_port=webhook_port, cert_dir=self.workdir / "webhook-certs",
-                                    health_port=health_port, qps=self.qps, burst=self.burst,
-                                    exclude_cpu_memory=self.exclude_cpu_memory)
+        self.config = configuration(
+            webhook_port=webhook_port,
+            cert_dir=self.workdir / "webhook-certs",
+            health_port=health_port,
+            qps=self.qps,
+            burst=self.burst,
+            exclude_cpu_memory=self.exclude_cpu_memory,
+        )
         cfg = self.workdir / "config.yaml"
         cfg.write_text(yaml.safe_dump(self.config))
         kubeconfig = self._kubeconfig()
         log = self.workdir / "kueue.log"
         with open(log, "wb") as out:
             popen = subprocess.Popen(
-                [str(self.bin_dir / "kueue"), f"--config={cfg}", f"--zap-log-level={self.log_level or 'info'}",
-                 f"--visibility-server-port={free_port()}"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir,
-                env={**os.environ, "KUBECONFIG": str(kubeconfig)}, start_new_session=True,
-                preexec_fn=_die_with_parent)
+                [
+                    str(self.bin_dir / "kueue"),
+                    f"--config={cfg}",
+                    f"--zap-log-level={self.log_level or 'info'}",
+                    f"--visibility-server-port={free_port()}",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.workdir,
+                env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         self.proc = Proc("kueue", popen, log)
-        wait_for("Kueue ready (its webhook server serving)",
-                 lambda: _http_ok(f"http://127.0.0.1:{health_port}/readyz"), timeout, [self.proc])
+        wait_for(
+            "Kueue ready (its webhook server serving)",
+            lambda: _http_ok(f"http://127.0.0.1:{health_port}/readyz"),
+            timeout,
+            [self.proc],
+        )
         adm = client.AdmissionregistrationV1Api(plane.api_client())
         for hook in url_webhooks(self.bin_dir.parent / "config" / "webhook-manifests.yaml", webhook_port, ca):
             self._delete_webhook(hook["kind"], hook["metadata"]["name"])
@@ -259,16 +356,19 @@ class KueueController:
         rbac = client.RbacAuthorizationV1Api(self.plane.api_client())
         role = yaml.safe_load((self.bin_dir.parent / "config" / "rbac-role.yaml").read_text())
         role["metadata"] = {"name": "kueue-manager-role"}
-        binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-                   "metadata": {"name": "kueue-manager-rolebinding"},
-                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                               "name": "kueue-manager-role"},
-                   "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": NAMESPACE}]}
-        for make in (lambda: core.create_namespace({"metadata": {"name": NAMESPACE}}),
-                     lambda: core.create_namespaced_service_account(NAMESPACE,
-                                                                    {"metadata": {"name": SERVICE_ACCOUNT}}),
-                     lambda: rbac.create_cluster_role(role),
-                     lambda: rbac.create_cluster_role_binding(binding)):
+        binding = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "kueue-manager-rolebinding"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kueue-manager-role"},
+            "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": NAMESPACE}],
+        }
+        for make in (
+            lambda: core.create_namespace({"metadata": {"name": NAMESPACE}}),
+            lambda: core.create_namespaced_service_account(NAMESPACE, {"metadata": {"name": SERVICE_ACCOUNT}}),
+            lambda: rbac.create_cluster_role(role),
+            lambda: rbac.create_cluster_role_binding(binding),
+        ):
             try:
                 make()
             except ApiException as e:
@@ -276,13 +376,24 @@ class KueueController:
                     raise
 
     def _kubeconfig(self) -> Path:
-        token = self.plane.core().create_namespaced_service_account_token(
-            SERVICE_ACCOUNT, NAMESPACE, {"spec": {"expirationSeconds": 86400}}).status.token
-        cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "kueue",
-               "clusters": [{"name": "test", "cluster": {"server": self.plane.server,
-                                                         "certificate-authority": str(self.plane.pki / "ca.crt")}}],
-               "users": [{"name": "kueue", "user": {"token": token}}],
-               "contexts": [{"name": "kueue", "context": {"cluster": "test", "user": "kueue"}}]}
+        token = (
+            self.plane.core()
+            .create_namespaced_service_account_token(SERVICE_ACCOUNT, NAMESPACE, {"spec": {"expirationSeconds": 86400}})
+            .status.token
+        )
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "kueue",
+            "clusters": [
+                {
+                    "name": "test",
+                    "cluster": {"server": self.plane.server, "certificate-authority": str(self.plane.pki / "ca.crt")},
+                }
+            ],
+            "users": [{"name": "kueue", "user": {"token": token}}],
+            "contexts": [{"name": "kueue", "context": {"cluster": "test", "user": "kueue"}}],
+        }
         path = self.workdir / "kueue.kubeconfig"
         path.write_text(yaml.safe_dump(cfg))
         return path
@@ -332,5 +443,6 @@ def wait_until(what: str, cond: Any, timeout: float, kueue: KueueController) -> 
             if cond():
                 return
         time.sleep(0.25)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n--- kueue:\n{kueue.tail(30)}\n"
-                       f"{kueue.plane.logs()}")
+    raise TimeoutError(
+        f"timed out after {timeout:.0f}s waiting for {what}\n--- kueue:\n{kueue.tail(30)}\n{kueue.plane.logs()}"
+    )

@@ -20,7 +20,10 @@ NO_GUARD = 1e9  # starvation_timeout so large that no reservation ever exists wi
 # Hypothesis settings of every property test: reproducible examples (CI must not flake), no deadline on a machine
 # shared with other work.
 PROPERTY = settings(
-    derandomize=True, database=None, deadline=None, print_blob=False,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=False,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 POOLS = ("a100", "h100", "l4")
@@ -102,8 +105,15 @@ def can_ever_run(spec: JobSpec, t: QueueTree, node_list: list[NodeSpec]) -> bool
         return False
     if not spec.preemptible and spec.request > q.quota_of(spec.pool):
         return False  # the guarantee rule never lets it start
-    every = {n.name: (float(n.gpus), math.inf if n.cpus is None else n.cpus,
-                      math.inf if n.memory_gb is None else n.memory_gb) for n in node_list if n.pool == spec.pool}
+    every = {
+        n.name: (
+            float(n.gpus),
+            math.inf if n.cpus is None else n.cpus,
+            math.inf if n.memory_gb is None else n.memory_gb,
+        )
+        for n in node_list
+        if n.pool == spec.pool
+    }
     return workers_that_fit(spec, every) >= spec.workers
 
 
@@ -126,11 +136,15 @@ def cases(draw: st.DrawFn, guard: bool | None = None, max_jobs: int = 24) -> Cas
     for i in range(draw(st.integers(0, max_jobs))):
         q = draw(st.sampled_from(inner)) if inner and draw(st.integers(0, 19)) == 0 else draw(st.sampled_from(leaves))
         spec = job(
-            f"j{i}", q, draw(st.sampled_from(pools)),
-            workers=draw(st.integers(1, 3)), gpus=draw(st.sampled_from([0, 1, 1, 1, 2, 2, 3, 4, 4, 8])),
+            f"j{i}",
+            q,
+            draw(st.sampled_from(pools)),
+            workers=draw(st.integers(1, 3)),
+            gpus=draw(st.sampled_from([0, 1, 1, 1, 2, 2, 3, 4, 4, 8])),
             cpus=draw(st.sampled_from([0.0, 0.0, 0.0, 2.0, 8.0])),
             memory_gb=draw(st.sampled_from([0.0, 0.0, 0.0, 16.0, 64.0])),
-            priority=draw(st.integers(0, 2)), preemptible=draw(st.integers(0, 3)) > 0,
+            priority=draw(st.integers(0, 2)),
+            preemptible=draw(st.integers(0, 3)) > 0,
             checkpoint=draw(st.integers(0, 4)) == 0,
         )
         max_runtime = draw(st.sampled_from([None, None, None, 10.0, 40.0]))
@@ -202,8 +216,9 @@ def best_fit(room: Mapping[str, tuple[float, float, float]], spec: JobSpec) -> l
     return chosen
 
 
-def reference_place(spec: JobSpec, room: Mapping[str, tuple[float, float, float]],
-                    domains: Mapping[str, list[str]]) -> list[str] | None:
+def reference_place(
+    spec: JobSpec, room: Mapping[str, tuple[float, float, float]], domains: Mapping[str, list[str]]
+) -> list[str] | None:
     """Placement, topology: a gang of more than one worker goes into one domain if any can hold it (the one with
     the fewest free GPUs, then the lowest name), best fit inside it; otherwise best fit across the pool."""
     if spec.workers > 1 and domains:

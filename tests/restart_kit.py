@@ -117,8 +117,10 @@ def engine_view(core: Core) -> dict[str, Any]:
             "demand": {q: _r(ps.fs.raw[q]) for q in sorted(core.tree.queues)},
             "shares": {q: _r(shares.get(q, 0.0)) for q in sorted(core.tree.queues)},
             "pending": {q: [(n(j.id), j.submit, j.skipped_since) for j in js] for q, js in sorted(ps.pending.items())},
-            "running": {q: [(n(j.id), j.start, j.placement(), core.engine.explain(j.id, core.clock())) for j in js]
-                        for q, js in sorted(ps.running.items())},
+            "running": {
+                q: [(n(j.id), j.start, j.placement(), core.engine.explain(j.id, core.clock())) for j in js]
+                for q, js in sorted(ps.running.items())
+            },
         }
     return out
 
@@ -159,7 +161,12 @@ def assert_demand_and_shares_from_scratch(core: Core) -> None:
             assert ps.fs.raw[q] >= 0 and shares.get(q, 0.0) >= -TOL, (pool, q, ps.fs.raw[q], shares.get(q))
             assert math.isclose(ps.fs.raw[q], raw[q]), (pool, q, "demand", ps.fs.raw[q], raw[q])
             assert math.isclose(shares.get(q, 0.0), ref_shares.get(q, 0.0), abs_tol=TOL), (
-                pool, q, "fair share", shares.get(q), ref_shares.get(q))
+                pool,
+                q,
+                "fair share",
+                shares.get(q),
+                ref_shares.get(q),
+            )
 
 
 def running_by_queue(core: Core) -> dict[str, list[str]]:
@@ -208,8 +215,12 @@ def scripted_twin(tmp: Path, nodes: list[NodeInfo], pool: str, unit: int) -> Bac
     clock, executor = Clock(), DurableExecutor()
     settings = service_settings(tmp, f"sqlite:///{tmp / 'twin.db'}", data="twin", grace_s=0)
     bare = [NodeInfo(n.name, n.pool, n.gpus, n.cpus, n.memory_gb) for n in nodes]
-    return Backend(lambda: build_core(settings, executor, nodes=bare, clock=clock), pool, unit,
-                   finish=lambda core, name: executor.exit(_id(core, name), 0))
+    return Backend(
+        lambda: build_core(settings, executor, nodes=bare, clock=clock),
+        pool,
+        unit,
+        finish=lambda core, name: executor.exit(_id(core, name), 0),
+    )
 
 
 def _id(core: Core, name: str) -> int:
@@ -244,14 +255,18 @@ def issue_case(b: Backend, restart_it: bool) -> dict[str, Any]:
     within its fair share, and takes one back from the borrower. Demand and fair shares are checked against an engine
     built from scratch at every stage; returns what was decided, by job name."""
     u, pool = b.unit, b.pool
-    tree = {"queues": [{"name": "team", "quota": {pool: 2 * u}}, {"name": "other", "quota": {pool: 2 * u}},
-                       {"name": "borrower"}]}
+    tree = {
+        "queues": [
+            {"name": "team", "quota": {pool: 2 * u}},
+            {"name": "other", "quota": {pool: 2 * u}},
+            {"name": "borrower"},
+        ]
+    }
     core = b.make()
     core.apply_queues(ROOT, tree)
 
     def submit(queue: str, name: str) -> None:
-        core.submit(ROOT, JobSubmit(name=name, queue=queue, pool=pool, gpus=u, command=b.command(name),
-                                    image=b.image))
+        core.submit(ROOT, JobSubmit(name=name, queue=queue, pool=pool, gpus=u, command=b.command(name), image=b.image))
 
     first = ["other-0", "b0", "b1", "b2"]
     for queue, name in zip(["other", "borrower", "borrower", "borrower"], first, strict=True):
@@ -268,8 +283,9 @@ def issue_case(b: Backend, restart_it: bool) -> dict[str, Any]:
     submit("team", "t1")
     decided = core.tick()
     assert_demand_and_shares_from_scratch(core)
-    cycle_until(core, "the team's jobs running",
-                lambda: _state(core, "t0") == _state(core, "t1") == "running", b.timeout_s)
+    cycle_until(
+        core, "the team's jobs running", lambda: _state(core, "t0") == _state(core, "t1") == "running", b.timeout_s
+    )
     assert_demand_and_shares_from_scratch(core)
     name, ps = names(core), core.engine.pools[pool]
     out = {

@@ -119,13 +119,15 @@ def gpus(n: int, model: str = "virtual") -> list[GPUInfo]:
     return [GPUInfo(i, model) for i in range(n)]
 
 
-DEMO_TREE: dict[str, Any] = {"queues": [
-    {"name": "research", "quota": {"local": 4}},
-    {"name": "product", "quota": {"local": 4}},
-    {"name": "nlp", "parent": "research", "quota": {"local": 2}},
-    {"name": "vision", "parent": "research", "quota": {"local": 2}},
-    {"name": "ranking", "parent": "product", "quota": {"local": 4}},
-]}
+DEMO_TREE: dict[str, Any] = {
+    "queues": [
+        {"name": "research", "quota": {"local": 4}},
+        {"name": "product", "quota": {"local": 4}},
+        {"name": "nlp", "parent": "research", "quota": {"local": 2}},
+        {"name": "vision", "parent": "research", "quota": {"local": 2}},
+        {"name": "ranking", "parent": "product", "quota": {"local": 4}},
+    ]
+}
 
 
 @dataclass

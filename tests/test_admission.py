@@ -88,29 +88,46 @@ def test_required_labels_reject_missing_or_empty() -> None:
 
 
 def test_defaults_fill_only_what_was_not_given() -> None:
-    rules = [rule(defaults={"image": "registry.example.com/ml/base:1", "priority": 5,
-                            "labels": {"cost-centre": "shared", "team": "nlp"}})]
+    rules = [
+        rule(
+            defaults={
+                "image": "registry.example.com/ml/base:1",
+                "priority": 5,
+                "labels": {"cost-centre": "shared", "team": "nlp"},
+            }
+        )
+    ]
     d = decide(rules, sub(labels={"team": "mine"}))
     assert d.allowed
     assert d.job.image == "registry.example.com/ml/base:1" and d.job.priority == 5
     assert d.job.labels == {"team": "mine", "cost-centre": "shared"}  # given keys are kept
     assert ("r", "image: set to 'registry.example.com/ml/base:1'") in d.applied
-    kept = decide(rules, sub(image="registry.example.com/ml/mine:2", priority=0, labels={"cost-centre": "x",
-                                                                                           "team": "y"}))
+    kept = decide(
+        rules, sub(image="registry.example.com/ml/mine:2", priority=0, labels={"cost-centre": "x", "team": "y"})
+    )
     assert kept.applied == [] and kept.job.priority == 0  # an explicit 0 is given, not unset
 
 
 def test_defaults_are_filled_before_the_checks() -> None:
-    rules = [rule(name="labels", required_labels=["cost-centre"]),
-             rule(name="fill", defaults={"labels": {"cost-centre": "shared"}})]
+    rules = [
+        rule(name="labels", required_labels=["cost-centre"]),
+        rule(name="fill", defaults={"labels": {"cost-centre": "shared"}}),
+    ]
     d = decide(rules, sub())
     assert d.allowed and d.job.labels["cost-centre"] == "shared"
 
 
 def test_invalid_documents_list_every_problem() -> None:
     with pytest.raises(AdmissionError) as e:
-        parse({"rules": [rule(defaults={"queue": "other"}), rule(name="x", defaults={"gpus": "two"}),
-                         rule(name="y", max_gpus_per_job=-1, colour="red")]})
+        parse(
+            {
+                "rules": [
+                    rule(defaults={"queue": "other"}),
+                    rule(name="x", defaults={"gpus": "two"}),
+                    rule(name="y", max_gpus_per_job=-1, colour="red"),
+                ]
+            }
+        )
     wheres = [w for w, _ in e.value.problems]
     assert wheres[0] == "rules.0" and "queue" in e.value.problems[0][1]
     assert "rules.1" in wheres and "rules.2.max_gpus_per_job" in wheres and "rules.2.colour" in wheres
@@ -211,16 +228,29 @@ def test_http_hook_answers_allow_reason_and_patch(monkeypatch: pytest.MonkeyPatc
 
 # ----- in the service -----
 
-POLICY: dict[str, Any] = {"rules": [
-    {"name": "cost-centre", "required_labels": ["cost-centre"]},
-    {"name": "research-gpus", "scope": {"queues": ["research"]}, "max_gpus_per_job": 2, "max_gpus_per_sandbox": 1,
-     "defaults": {"max_runtime": 600}},
-]}
+POLICY: dict[str, Any] = {
+    "rules": [
+        {"name": "cost-centre", "required_labels": ["cost-centre"]},
+        {
+            "name": "research-gpus",
+            "scope": {"queues": ["research"]},
+            "max_gpus_per_job": 2,
+            "max_gpus_per_sandbox": 1,
+            "defaults": {"max_runtime": 600},
+        },
+    ]
+}
 
 
 def job(queue: str = "nlp", gpus: int = 1, **kw: Any) -> dict[str, Any]:
-    return {"name": "train", "queue": queue, "gpus": gpus, "command": ["python", "train.py"],
-            "labels": {"cost-centre": "cc-1"}, **kw}
+    return {
+        "name": "train",
+        "queue": queue,
+        "gpus": gpus,
+        "command": ["python", "train.py"],
+        "labels": {"cost-centre": "cc-1"},
+        **kw,
+    }
 
 
 def audit(svc: Service, action: str) -> list[dict[str, Any]]:
@@ -256,8 +286,10 @@ def test_only_platform_admins_apply(svc: Service) -> None:
 
 
 def test_invalid_policy_names_where_and_unknown_queues(svc: Service) -> None:
-    r = svc.admin.post("/v1/admission/apply", json={"document": {"rules": [
-        {"name": "x", "scope": {"queues": ["reserch"]}, "max_gpus_per_job": 1}]}})
+    r = svc.admin.post(
+        "/v1/admission/apply",
+        json={"document": {"rules": [{"name": "x", "scope": {"queues": ["reserch"]}, "max_gpus_per_job": 1}]}},
+    )
     assert r.status_code == 422
     err = r.json()["error"]
     assert err["where"] == "rules.0.scope.queues" and "'reserch' does not exist" in err["message"]
@@ -296,8 +328,14 @@ def test_sandboxes_are_capped(svc: Service) -> None:
     # The global rule needs a cost centre; the sandbox spawner sets none, so a default is how to give one.
     r = svc.admin.post("/v1/sandboxes", json={**box, "gpus": 1})
     assert r.status_code == 422 and r.json()["error"]["detail"]["rule"] == "cost-centre"
-    svc.admin.post("/v1/admission/apply", json={"document": {"rules": [
-        *POLICY["rules"], {"name": "fill", "defaults": {"labels": {"cost-centre": "sandboxes"}}}]}})
+    svc.admin.post(
+        "/v1/admission/apply",
+        json={
+            "document": {
+                "rules": [*POLICY["rules"], {"name": "fill", "defaults": {"labels": {"cost-centre": "sandboxes"}}}]
+            }
+        },
+    )
     r = svc.admin.post("/v1/sandboxes", json={**box, "gpus": 2})
     assert r.status_code == 422, r.text
     assert r.json()["error"]["detail"] == {"rule": "research-gpus", "field": "gpus", "value": 2, "policy_version": 2}

@@ -25,8 +25,16 @@ from tests.test_models_service import POLICY as MODEL_POLICY
 from tests.test_models_service import trained
 
 RECORDED = Path(__file__).with_name("api_answers.json")
-ADMISSION = {"rules": [{"name": "research-gpus", "scope": {"queues": ["research"]}, "max_gpus_per_job": 4,
-                        "defaults": {"max_runtime": 600}}]}
+ADMISSION = {
+    "rules": [
+        {
+            "name": "research-gpus",
+            "scope": {"queues": ["research"]},
+            "max_gpus_per_job": 4,
+            "defaults": {"max_runtime": 600},
+        }
+    ]
+}
 Cli = Callable[..., str]
 
 
@@ -74,8 +82,14 @@ def drive(svc: Service, corral: Cli) -> dict[str, Any]:
     d, admin = Driver(svc), svc.admin
     alice = svc.client("alice", Role.MEMBER, "nlp")
     olga, owen = svc.client("olga", Role.MODEL_OWNER, "nlp"), svc.client("owen", Role.MODEL_OWNER, "nlp")
-    job = {"name": "train", "queue": "nlp", "gpus": 2, "command": ["python", "train.py"], "labels": {"team": "x"},
-           "env": {"API_TOKEN": "s", "MODE": "fast"}}
+    job = {
+        "name": "train",
+        "queue": "nlp",
+        "gpus": 2,
+        "command": ["python", "train.py"],
+        "labels": {"team": "x"},
+        "env": {"API_TOKEN": "s", "MODE": "fast"},
+    }
     first = d.call(alice, "POST", "/v1/jobs", "/v1/jobs", json=job)["id"]
     second = d.call(alice, "POST", "/v1/jobs", "/v1/jobs", json={**job, "idempotency_key": "k1"})["id"]
     big = d.call(admin, "POST", "/v1/jobs", "/v1/jobs", json={**job, "queue": "ranking", "gpus": 8})["id"]
@@ -90,16 +104,26 @@ def drive(svc: Service, corral: Cli) -> dict[str, Any]:
     d.call(alice, "GET", "/v1/queues", "/v1/queues")
     d.call(admin, "GET", "/v1/pools", "/v1/pools")
     d.call(alice, "GET", "/v1/pools", "/v1/pools")
-    cli = {"ps": corral("ps"), "ps -o json": corral("ps", "-o", "json"), "queue ls": corral("queue", "ls"),
-           "top": corral("top"), "explain": corral("explain", str(big)),
-           "explain -o json": corral("explain", str(big), "-o", "json")}
+    cli = {
+        "ps": corral("ps"),
+        "ps -o json": corral("ps", "-o", "json"),
+        "queue ls": corral("queue", "ls"),
+        "top": corral("top"),
+        "explain": corral("explain", str(big)),
+        "explain -o json": corral("explain", str(big), "-o", "json"),
+    }
     svc.clock.advance(3600)
     d.call(alice, "POST", f"/v1/jobs/{first}/cancel", "/v1/jobs/{job_id}/cancel")
     d.call(admin, "DELETE", f"/v1/jobs/{big}", "/v1/jobs/{job_id}")
     svc.tick()
     cli["cancel"] = corral("cancel", str(second))
-    box = d.call(alice, "POST", "/v1/sandboxes", "/v1/sandboxes",
-                 json={"name": "lab", "queue": "nlp", "command": ["jupyterhub-singleuser"], "idle_timeout_s": 600})
+    box = d.call(
+        alice,
+        "POST",
+        "/v1/sandboxes",
+        "/v1/sandboxes",
+        json={"name": "lab", "queue": "nlp", "command": ["jupyterhub-singleuser"], "idle_timeout_s": 600},
+    )
     svc.tick()
     d.call(alice, "GET", "/v1/sandboxes", "/v1/sandboxes")
     d.call(alice, "GET", f"/v1/sandboxes/{box['id']}", "/v1/sandboxes/{job_id}")
@@ -108,12 +132,20 @@ def drive(svc: Service, corral: Cli) -> dict[str, Any]:
 
     latest = admin.get("/v1/queues/history").json()["versions"][-1]
     tree = latest["document"]
-    d.call(admin, "POST", "/v1/queues/apply", "/v1/queues/apply",
-           json={"document": {"queues": [*tree["queues"], {"name": "speech", "parent": "research"}]},
-                 "dry_run": True})
-    d.call(admin, "POST", "/v1/queues/apply", "/v1/queues/apply",
-           json={"document": {"queues": [*tree["queues"], {"name": "speech", "parent": "research"}]},
-                 "comment": "speech"})
+    d.call(
+        admin,
+        "POST",
+        "/v1/queues/apply",
+        "/v1/queues/apply",
+        json={"document": {"queues": [*tree["queues"], {"name": "speech", "parent": "research"}]}, "dry_run": True},
+    )
+    d.call(
+        admin,
+        "POST",
+        "/v1/queues/apply",
+        "/v1/queues/apply",
+        json={"document": {"queues": [*tree["queues"], {"name": "speech", "parent": "research"}]}, "comment": "speech"},
+    )
     d.call(admin, "POST", "/v1/queues/rollback", "/v1/queues/rollback", json={"version": latest["version"]})
     d.call(admin, "GET", "/v1/queues/history", "/v1/queues/history")
     d.call(alice, "GET", "/v1/queues/history", "/v1/queues/history")
@@ -143,18 +175,27 @@ def drive(svc: Service, corral: Cli) -> dict[str, Any]:
     d.call(olga, "PUT", "/v1/models/sentiment/policy", "/v1/models/{name}/policy", json={"document": MODEL_POLICY})
     for n, accuracy in ((1, 0.91), (2, 0.95)):
         jid, _ = trained(svc, alice, accuracy, f"v{n}.pt", b"w%d" % n)
-        d.call(alice, "POST", "/v1/models/sentiment/versions", "/v1/models/{name}/versions",
-               json={"job_id": jid, "artifact_uri": f"v{n}.pt"})
-        ask = d.call(olga, "POST", "/v1/models/sentiment/promotions", "/v1/models/{name}/promotions",
-                     json={"version": n})
+        d.call(
+            alice,
+            "POST",
+            "/v1/models/sentiment/versions",
+            "/v1/models/{name}/versions",
+            json={"job_id": jid, "artifact_uri": f"v{n}.pt"},
+        )
+        ask = d.call(
+            olga, "POST", "/v1/models/sentiment/promotions", "/v1/models/{name}/promotions", json={"version": n}
+        )
         d.call(owen, "POST", f"/v1/promotions/{ask['promotion']}/approve", "/v1/promotions/{promotion_id}/approve")
     d.call(alice, "GET", "/v1/models", "/v1/models")
     d.call(alice, "GET", "/v1/models/sentiment", "/v1/models/{name}")
     d.call(alice, "GET", "/v1/promotions", "/v1/promotions")
     d.call(alice, "GET", "/v1/promotions/1", "/v1/promotions/{promotion_id}")
     d.call(alice, "GET", "/v1/models/sentiment/roi", "/v1/models/{name}/roi")
-    cli |= {"models ls": corral("models", "ls"), "models show": corral("models", "show", "sentiment"),
-            "models roi": corral("models", "roi", "sentiment")}
+    cli |= {
+        "models ls": corral("models", "ls"),
+        "models show": corral("models", "show", "sentiment"),
+        "models roi": corral("models", "roi", "sentiment"),
+    }
     d.call(owen, "POST", "/v1/models/sentiment/rollback", "/v1/models/{name}/rollback", json={})
     d.call(olga, "GET", "/v1/models/audit", "/v1/models/audit", params={"model": "sentiment", "verify": True})
     d.call(admin, "GET", "/v1/models/audit", "/v1/models/audit")
@@ -195,7 +236,6 @@ def test_answers_keep_their_keys(corral: tuple[Service, Cli]) -> None:
         (Path(where) / "answers.json").write_text(json.dumps(done, indent=1, sort_keys=True))
         (Path(where) / "api_answers.json").write_text(json.dumps(shapes, indent=1, sort_keys=True) + "\n")
     assert shapes == json.loads(RECORDED.read_text())
-
 
 
 def test_openapi_describes_every_json_answer(corral: tuple[Service, Cli]) -> None:

@@ -30,8 +30,19 @@ __all__ = ["team"]  # the fixture, shared with test_attack_models
 
 # ----- 3: artifact paths -----
 
-@pytest.mark.parametrize("uri", ["/dev/zero", "/etc/shadow", "/proc/self/environ", "file:///etc/passwd",
-                                 "../../../../../../etc/passwd", "/", "file://otherhost/etc/passwd"])
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "/dev/zero",
+        "/etc/shadow",
+        "/proc/self/environ",
+        "file:///etc/passwd",
+        "../../../../../../etc/passwd",
+        "/",
+        "file://otherhost/etc/passwd",
+    ],
+)
 def test_server_files_are_no_artifacts(svc: Service, team: dict[str, TestClient], uri: str) -> None:
     job, _ = trained(svc, team["alice"])
     attack_kit.attempt("3 artifact paths")
@@ -39,8 +50,9 @@ def test_server_files_are_no_artifacts(svc: Service, team: dict[str, TestClient]
     assert "output directory" in message or "only local files" in message
 
 
-def test_what_leads_out_of_the_output_dir_or_cannot_end_is_refused(svc: Service, team: dict[str, TestClient],
-                                                                    tmp_path: Path) -> None:
+def test_what_leads_out_of_the_output_dir_or_cannot_end_is_refused(
+    svc: Service, team: dict[str, TestClient], tmp_path: Path
+) -> None:
     alice = team["alice"]
     job, _ = trained(svc, alice)
     out = output_dir(svc, job)
@@ -55,17 +67,24 @@ def test_what_leads_out_of_the_output_dir_or_cannot_end_is_refused(svc: Service,
     (out / "hard").mkdir()
     os.link(secret, out / "hard" / "copy")  # a hard link to a file outside (same file system)
     other, _ = trained(svc, alice, name="theirs.pt")  # another job of the same team
-    cases = {"escape/shadow": "output directory", "zero": "output directory", "secret-link": "output directory",
-             "fifo": "a FIFO", str(out / "fifo"): "a FIFO", "tree": "a FIFO", "hard": "hard links",
-             str(output_dir(svc, other) / "theirs.pt"): "output directory"}
+    cases = {
+        "escape/shadow": "output directory",
+        "zero": "output directory",
+        "secret-link": "output directory",
+        "fifo": "a FIFO",
+        str(out / "fifo"): "a FIFO",
+        "tree": "a FIFO",
+        "hard": "hard links",
+        str(output_dir(svc, other) / "theirs.pt"): "output directory",
+    }
     for uri, words in cases.items():
         attack_kit.attempt("3 artifact paths")
         assert words in refused(alice, job, uri), uri
 
 
-def test_a_symlink_inside_a_directory_artifact_is_hashed_as_a_link_never_read(svc: Service,
-                                                                              team: dict[str, TestClient],
-                                                                              tmp_path: Path) -> None:
+def test_a_symlink_inside_a_directory_artifact_is_hashed_as_a_link_never_read(
+    svc: Service, team: dict[str, TestClient], tmp_path: Path
+) -> None:
     alice = team["alice"]
     job, _ = trained(svc, alice)
     tree = output_dir(svc, job) / "tree"
@@ -144,8 +163,9 @@ def gate(svc: Service) -> Iterator[Gate]:
     pool.close()
 
 
-def test_a_slow_artifact_times_out_and_a_full_pool_refuses_at_once(svc: Service, team: dict[str, TestClient],
-                                                                   gate: Gate) -> None:
+def test_a_slow_artifact_times_out_and_a_full_pool_refuses_at_once(
+    svc: Service, team: dict[str, TestClient], gate: Gate
+) -> None:
     alice = team["alice"]
     job, _ = trained(svc, alice)
     attack_kit.attempt("3 artifact paths")
@@ -213,7 +233,8 @@ def test_nesting_is_bounded(tmp_path: Path) -> None:
 
 
 def test_a_directory_swapped_for_a_symlink_during_the_walk_names_nothing_outside(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The job's user swaps `sub` for a symlink to a directory it may not list, between the walk seeing `sub` and
     listing it: the walk lists the directory it opened (by fd, without following), so nothing from the other
     directory is read or named, not even in an error message."""
@@ -242,8 +263,9 @@ def test_a_directory_swapped_for_a_symlink_during_the_walk_names_nothing_outside
         assert [e.rel for e in sized.entries] == ["sub/w.bin"]  # what `sub` held when it was opened
 
 
-def test_the_walk_runs_on_the_hashing_pool(svc: Service, team: dict[str, TestClient],
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_walk_runs_on_the_hashing_pool(
+    svc: Service, team: dict[str, TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No request thread walks a tree: the walk is inside the pool's job, so its timeout covers it."""
     where: list[str] = []
     real = walk
@@ -286,8 +308,9 @@ def test_the_sdk_and_the_service_digest_trees_with_the_same_code(tmp_path: Path)
     assert tree_digest(tree, skip={".git"}) == digest(walk(tree, 1 << 20, 100, skip={".git"})) != tree_digest(tree)
 
 
-def test_records_and_artifacts_refuse_hard_links_alike(svc: Service, team: dict[str, TestClient],
-                                                       tmp_path: Path) -> None:
+def test_records_and_artifacts_refuse_hard_links_alike(
+    svc: Service, team: dict[str, TestClient], tmp_path: Path
+) -> None:
     """metrics.json is read by the same code as an artifact's files (artifacts.open_beneath): one rule, one
     message."""
     alice = team["alice"]

@@ -79,32 +79,49 @@ def job(**kw: Any) -> dict[str, Any]:
 
 
 POLICY = {"rules": [{"name": "cap", "max_runtime_cap_s": 3600, "max_gpus_per_job": 4}]}
-TREE = {"queues": [{"name": "research", "quota": {"local": 4}, "weight": 1.0},
-                   {"name": "product", "quota": {"local": 4}},
-                   {"name": "nlp", "parent": "research", "quota": {"local": 2}},
-                   {"name": "vision", "parent": "research", "quota": {"local": 2}},
-                   {"name": "ranking", "parent": "product", "quota": {"local": 4}}]}
+TREE = {
+    "queues": [
+        {"name": "research", "quota": {"local": 4}, "weight": 1.0},
+        {"name": "product", "quota": {"local": 4}},
+        {"name": "nlp", "parent": "research", "quota": {"local": 2}},
+        {"name": "vision", "parent": "research", "quota": {"local": 2}},
+        {"name": "ranking", "parent": "product", "quota": {"local": 4}},
+    ]
+}
 SANDBOX = {"queue": "nlp", "gpus": 1, "command": ["jupyterhub-singleuser"]}
 
 # (URL, a valid body, the numeric fields to poison: dotted paths into the body)
 NUMERIC_FIELDS: list[tuple[str, dict[str, Any], list[str]]] = [
-    ("/v1/jobs", job(cpus=1.0, memory_gb=1.0, max_runtime=60.0, workers=1, priority=0),
-     ["cpus", "memory_gb", "max_runtime", "gpus", "workers", "priority"]),
+    (
+        "/v1/jobs",
+        job(cpus=1.0, memory_gb=1.0, max_runtime=60.0, workers=1, priority=0),
+        ["cpus", "memory_gb", "max_runtime", "gpus", "workers", "priority"],
+    ),
     ("/v1/admission/test", job(cpus=1.0, memory_gb=1.0), ["cpus", "memory_gb", "gpus"]),
-    ("/v1/sandboxes", {**SANDBOX, "cpus": 1.0, "memory_gb": 1.0, "idle_timeout_s": 60.0},
-     ["cpus", "memory_gb", "idle_timeout_s", "gpus"]),
+    (
+        "/v1/sandboxes",
+        {**SANDBOX, "cpus": 1.0, "memory_gb": 1.0, "idle_timeout_s": 60.0},
+        ["cpus", "memory_gb", "idle_timeout_s", "gpus"],
+    ),
     ("/v1/queues/apply", {"document": TREE}, ["document.queues.0.weight", "document.queues.0.quota.local"]),
-    ("/v1/admission/apply", {"document": POLICY},
-     ["document.rules.0.max_runtime_cap_s", "document.rules.0.max_gpus_per_job"]),
+    (
+        "/v1/admission/apply",
+        {"document": POLICY},
+        ["document.rules.0.max_runtime_cap_s", "document.rules.0.max_gpus_per_job"],
+    ),
     ("/v1/tokens", {"user": "eve", "role": "viewer", "expires_in_days": 1.0}, ["expires_in_days"]),
-    ("/v1/models/m/versions", {"job_id": 1, "artifact_uri": "model.pt", "metrics": {"acc": 0.5}},
-     ["metrics.acc", "job_id"]),
+    (
+        "/v1/models/m/versions",
+        {"job_id": 1, "artifact_uri": "model.pt", "metrics": {"acc": 0.5}},
+        ["metrics.acc", "job_id"],
+    ),
 ]
 
 
 @pytest.mark.parametrize(("url", "body", "fields"), NUMERIC_FIELDS, ids=[u for u, _, _ in NUMERIC_FIELDS])
-def test_non_finite_numbers_are_refused_everywhere(svc: Service, api: TestClient, url: str, body: dict[str, Any],
-                                                   fields: list[str]) -> None:
+def test_non_finite_numbers_are_refused_everywhere(
+    svc: Service, api: TestClient, url: str, body: dict[str, Any], fields: list[str]
+) -> None:
     """Item 2: NaN, +-Infinity and numbers too large for a double (1e309 reads as Infinity) in any numeric field of
     any body: 422 naming the field, never 201 (the job that stalls every queue) or 500 (a model's metrics)."""
     before = snapshot(svc)
@@ -120,8 +137,9 @@ def test_non_finite_numbers_are_refused_everywhere(svc: Service, api: TestClient
 
 
 @pytest.mark.parametrize(("url", "body", "fields"), NUMERIC_FIELDS, ids=[u for u, _, _ in NUMERIC_FIELDS])
-def test_booleans_are_not_numbers(svc: Service, api: TestClient, url: str, body: dict[str, Any],
-                                  fields: list[str]) -> None:
+def test_booleans_are_not_numbers(
+    svc: Service, api: TestClient, url: str, body: dict[str, Any], fields: list[str]
+) -> None:
     """Item 9: `true` is not 1 (Python's True == 1 let {"gpus": true} through as one GPU)."""
     before = snapshot(svc)
     for field in fields:
@@ -132,12 +150,16 @@ def test_booleans_are_not_numbers(svc: Service, api: TestClient, url: str, body:
     assert snapshot(svc) == before
 
 
-@pytest.mark.parametrize(("url", "body"), [
-    ("/v1/queues/rollback", {"version": True}), ("/v1/admission/rollback", {"version": True}),
-    ("/v1/queues/apply", {"document": TREE, "expected_version": True}),
-    ("/v1/admission/apply", {"document": POLICY, "expected_version": True}),
-    ("/v1/models/m/promotions", {"version": True}),
-])
+@pytest.mark.parametrize(
+    ("url", "body"),
+    [
+        ("/v1/queues/rollback", {"version": True}),
+        ("/v1/admission/rollback", {"version": True}),
+        ("/v1/queues/apply", {"document": TREE, "expected_version": True}),
+        ("/v1/admission/apply", {"document": POLICY, "expected_version": True}),
+        ("/v1/models/m/promotions", {"version": True}),
+    ],
+)
 def test_a_boolean_is_not_a_version(svc: Service, api: TestClient, url: str, body: dict[str, Any]) -> None:
     """Item 9: {"version": true} was taken as version 1 (a rollback to the first tree)."""
     before = snapshot(svc)
@@ -197,7 +219,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(tmp_path: Path, db_u
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the count as it arrives decides
         for i in range(0, len(big), 1000):
-            yield big[i:i + 1000]
+            yield big[i : i + 1000]
 
     attack_kit.attempt(SIZE)
     err = error_of(api.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"}), 413)
@@ -227,9 +249,18 @@ def test_the_default_limit_refuses_a_30_mb_spec(svc: Service, api: TestClient) -
 # ----- item 9: NUL, command size, env and labels, workdir -----
 
 NUL_FIELDS = [
-    ("name", "tr\0ain"), ("queue", "nlp\0"), ("command", ["python", "a\0b"]), ("command", "echo a\0b"),
-    ("env", {"A\0B": "1"}), ("env", {"A": "1\0rm -rf"}), ("labels", {"k\0": "v"}), ("labels", {"k": "v\0"}),
-    ("workdir", "/tmp\0/x"), ("image", "img\0:1"), ("idempotency_key", "k\0"), ("pool", "local\0"),
+    ("name", "tr\0ain"),
+    ("queue", "nlp\0"),
+    ("command", ["python", "a\0b"]),
+    ("command", "echo a\0b"),
+    ("env", {"A\0B": "1"}),
+    ("env", {"A": "1\0rm -rf"}),
+    ("labels", {"k\0": "v"}),
+    ("labels", {"k": "v\0"}),
+    ("workdir", "/tmp\0/x"),
+    ("image", "img\0:1"),
+    ("idempotency_key", "k\0"),
+    ("pool", "local\0"),
 ]
 
 
@@ -247,17 +278,24 @@ def test_nul_is_refused_in_every_string(svc: Service, api: TestClient, field: st
 
 
 OVERSIZED = [
-    ("command", ["x" * 1000] * 70, "bytes"), ("command", "x" * (MAX_COMMAND_BYTES + 1), "65536"),
-    ("command", ["a"] * 5000, "arguments"), ("env", {f"V{i}": "1" for i in range(300)}, "256"),
-    ("env", {"V": "x" * 40_000}, "characters"), ("env", {"V" * 300: "1"}, "not valid"),
-    ("labels", {f"k{i}": "v" for i in range(100)}, "64"), ("labels", {"k": "v" * 2000}, "characters"),
-    ("labels", {"k" * 300: "v"}, "not valid"), ("image", "i" * 2000, "1024"), ("workdir", "/" + "d" * 5000, "4096"),
+    ("command", ["x" * 1000] * 70, "bytes"),
+    ("command", "x" * (MAX_COMMAND_BYTES + 1), "65536"),
+    ("command", ["a"] * 5000, "arguments"),
+    ("env", {f"V{i}": "1" for i in range(300)}, "256"),
+    ("env", {"V": "x" * 40_000}, "characters"),
+    ("env", {"V" * 300: "1"}, "not valid"),
+    ("labels", {f"k{i}": "v" for i in range(100)}, "64"),
+    ("labels", {"k": "v" * 2000}, "characters"),
+    ("labels", {"k" * 300: "v"}, "not valid"),
+    ("image", "i" * 2000, "1024"),
+    ("workdir", "/" + "d" * 5000, "4096"),
     ("max_runtime", 1e12, "less than"),
 ]
 
 
-@pytest.mark.parametrize(("field", "value", "words"), OVERSIZED, ids=[f"{f}-{i}" for i, (f, _, _) in
-                                                                        enumerate(OVERSIZED)])
+@pytest.mark.parametrize(
+    ("field", "value", "words"), OVERSIZED, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(OVERSIZED)]
+)
 def test_sizes_are_bounded(svc: Service, api: TestClient, field: str, value: Any, words: str) -> None:
     """Item 9: a 5 MB command was accepted and stored; every part of a spec is bounded (under the body limit too)."""
     before = snapshot(svc)
@@ -285,8 +323,13 @@ def test_bad_workdirs_are_refused_at_submission(svc: Service, api: TestClient, t
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory")
     before = snapshot(svc)
-    for workdir, where in (("relative/dir", "body.workdir"), ("", "body.workdir"), ("/nonexistent/corral", "workdir"),
-                           (str(a_file), "workdir"), ("/" + "d" * 300, "workdir")):
+    for workdir, where in (
+        ("relative/dir", "body.workdir"),
+        ("", "body.workdir"),
+        ("/nonexistent/corral", "workdir"),
+        (str(a_file), "workdir"),
+        ("/" + "d" * 300, "workdir"),
+    ):
         attack_kit.attempt(WORKDIR)
         err = error_of(api.post("/v1/jobs", json=job(workdir=workdir)), 422)
         got = err.get("where") or err["detail"][0]["where"]
@@ -318,8 +361,11 @@ def test_kind_sandbox_is_refused_from_cluster_pods(tmp_path: Path) -> None:
     """The other way in: pods a cluster user creates for Corral to schedule carry a job spec; kind sandbox is
     refused there too, and so are non-finite numbers."""
     core, ex, _ = cluster_make(tmp_path, "a")
-    for key, extra in (("ns/nb", {"kind": "sandbox"}), ("ns/inf", {"cpus": math.inf}),
-                       ("ns/nul", {"env": {"A": "\0"}})):
+    for key, extra in (
+        ("ns/nb", {"kind": "sandbox"}),
+        ("ns/inf", {"cpus": math.inf}),
+        ("ns/nul", {"env": {"A": "\0"}}),
+    ):
         attack_kit.attempt(SANDBOX_KIND if key == "ns/nb" else NON_FINITE if key == "ns/inf" else NUL)
         spec = dict(arrival(key).spec or {})
         ex.brought.append(Arrival(key, {**spec, **extra}))
@@ -344,8 +390,9 @@ def test_other_teams_job_ids_are_redacted(svc: Service) -> None:
     svc.tick()
     assert vic.get(f"/v1/jobs/{theirs}").status_code == 404
     ref = f"job-{theirs}"
-    preempted = [j for j in mine if any(e["kind"] == "preempted" for e in svc.admin.get(
-        f"/v1/jobs/{j}/events").json()["events"])]
+    preempted = [
+        j for j in mine if any(e["kind"] == "preempted" for e in svc.admin.get(f"/v1/jobs/{j}/events").json()["events"])
+    ]
     assert preempted, "nlp's job preempted none of vision's"
     admin_view = svc.admin.get(f"/v1/jobs/{preempted[0]}/explain").json()
     assert ref in json.dumps(admin_view), admin_view  # the admin sees every id
@@ -374,10 +421,14 @@ def test_malformed_bodies_answer_the_documented_shape(svc: Service, api: TestCli
     attack_kit.attempt(MALFORMED)
     err = error_of(post_raw(api, "/v1/jobs", deep), 400)
     assert err["code"] == "bad_request" and err["where"] == "body"
-    for content, ctype in ((b"queue=nlp&command=x", "application/x-www-form-urlencoded"),
-                           (b'{"queue": "nlp", "command": ["x"]}', "text/plain"),
-                           (b"\xff\xfe\x00garbage", "application/json"), (b'{"queue": "nlp"', "application/json"),
-                           (b"null", "application/json"), (b"", "application/json")):
+    for content, ctype in (
+        (b"queue=nlp&command=x", "application/x-www-form-urlencoded"),
+        (b'{"queue": "nlp", "command": ["x"]}', "text/plain"),
+        (b"\xff\xfe\x00garbage", "application/json"),
+        (b'{"queue": "nlp"', "application/json"),
+        (b"null", "application/json"),
+        (b"", "application/json"),
+    ):
         attack_kit.attempt(MALFORMED)
         r = api.post("/v1/jobs", content=content, headers={"content-type": ctype})
         assert r.status_code in (400, 422), r.text
@@ -416,8 +467,10 @@ def test_admission_validation_is_linear_in_rules() -> None:
     """Finding repeated rule names compared every name with every other (names.count per rule): 4,000 rules took 16
     million comparisons. Counted, not timed: a linear check compares each name about once."""
     for n in (1000, 4000):
-        rules = [Rule.model_construct(name=CountingName(f"rule-{i}"), scope=None, defaults={}, required_labels=[])
-                 for i in range(n)]
+        rules = [
+            Rule.model_construct(name=CountingName(f"rule-{i}"), scope=None, defaults={}, required_labels=[])
+            for i in range(n)
+        ]
         CountingName.compared = 0
         attack_kit.attempt(QUADRATIC)
         AdmissionPolicy(rules=rules)

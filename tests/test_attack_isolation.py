@@ -64,8 +64,14 @@ def base() -> Iterator[Path]:
 
 
 def settings_of(base: Path) -> ServiceSettings:
-    return ServiceSettings(data_dir=base / "data", database_url=f"sqlite:///{base / 'data' / 'corral.db'}",
-                           run_as="users", uid_min=UID_MIN, uid_max=UID_MAX, grace_s=2)
+    return ServiceSettings(
+        data_dir=base / "data",
+        database_url=f"sqlite:///{base / 'data' / 'corral.db'}",
+        run_as="users",
+        uid_min=UID_MIN,
+        uid_max=UID_MAX,
+        grace_s=2,
+    )
 
 
 def service(base: Path) -> Service:
@@ -91,8 +97,9 @@ def until(svc: Service, cond: Callable[[], bool], timeout: float = 20.0) -> None
 
 
 def submit(svc: Service, user: str, queue: str, command: Any, **kw: Any) -> int:
-    r = svc.client(user, Role.MEMBER, queue).post("/v1/jobs", json={"queue": queue, "gpus": 1, "command": command,
-                                                                    **kw})
+    r = svc.client(user, Role.MEMBER, queue).post(
+        "/v1/jobs", json={"queue": queue, "gpus": 1, "command": command, **kw}
+    )
     assert r.status_code == 201, r.text
     jid: int = r.json()["id"]
     return jid
@@ -119,8 +126,8 @@ VICTIM = 'echo bob-output-secret > "$CORRAL_OUTPUT_DIR/secret.txt"; echo bob-log
 # Each attack is one line `t NAME COMMAND...`: the job reports whether the command worked. From the output directory
 # (its working directory), ../../../.. is data_dir.
 ATTACKS = {
-    "read the admin token by a relative path": 'cat ../../../../admin-token',
-    "read the admin token by a relative path from the run directory": 'cd .. && cat ../../../admin-token',
+    "read the admin token by a relative path": "cat ../../../../admin-token",
+    "read the admin token by a relative path from the run directory": "cd .. && cat ../../../admin-token",
     "read the admin token by its absolute path": 'cat "$DATA/admin-token"',
     "read the database": 'cat "$DATA/corral.db"',
     "read the database's WAL": 'cat "$DATA/corral.db-wal"',
@@ -132,24 +139,28 @@ ATTACKS = {
     "read another user's output file": 'cat "$VICTIM_RUN/output/secret.txt"',
     "list another user's home": 'ls "$VICTIM_HOME"',
     "list the homes": 'ls "$DATA/home"',
-    "read another user's job environment": 'cat /proc/$VICTIM_PID/environ',
-    "read the shim's environment": 'cat /proc/$SHIM_PID/environ',
-    "read the service's environment": 'cat /proc/$SERVICE_PID/environ',
+    "read another user's job environment": "cat /proc/$VICTIM_PID/environ",
+    "read the shim's environment": "cat /proc/$SHIM_PID/environ",
+    "read the service's environment": "cat /proc/$SERVICE_PID/environ",
     "forge its own pid file": 'echo "{\\"pid\\": $SERVICE_PID, \\"start\\": 0}" > ../pid',
-    "forge its own exit file": 'echo 0 > ../exit',
-    "plant a file in its run directory": ': > ../planted',
-    "rewrite its own log file": ': > ../stdout.log',
-    "signal another user's job": 'kill -TERM $VICTIM_PID',
-    "signal the shim": 'kill -0 $SHIM_PID',
-    "signal the service": 'kill -0 $SERVICE_PID',
+    "forge its own exit file": "echo 0 > ../exit",
+    "plant a file in its run directory": ": > ../planted",
+    "rewrite its own log file": ": > ../stdout.log",
+    "signal another user's job": "kill -TERM $VICTIM_PID",
+    "signal the shim": "kill -0 $SHIM_PID",
+    "signal the service": "kill -0 $SERVICE_PID",
 }
-CONTROLS = ('echo mine > "$CORRAL_OUTPUT_DIR/mine.txt" && cat "$CORRAL_OUTPUT_DIR/mine.txt" && ls . >/dev/null '
-            '&& echo "control ok"; echo "uid $(id -u)"')
+CONTROLS = (
+    'echo mine > "$CORRAL_OUTPUT_DIR/mine.txt" && cat "$CORRAL_OUTPUT_DIR/mine.txt" && ls . >/dev/null '
+    '&& echo "control ok"; echo "uid $(id -u)"'
+)
 
 
 def attacker_script() -> str:
-    lines = ['t() { name="$1"; shift; if sh -c "$*" >/dev/null 2>&1; then echo "LEAKED: $name"; '
-             'else echo "denied: $name"; fi; }']
+    lines = [
+        't() { name="$1"; shift; if sh -c "$*" >/dev/null 2>&1; then echo "LEAKED: $name"; '
+        'else echo "denied: $name"; fi; }'
+    ]
     for i, cmd in enumerate(ATTACKS.values()):
         assert "'" not in cmd, cmd  # each goes to the script in single quotes; its own shell expands it
         lines.append(f"t {i} '{cmd}'")
@@ -170,14 +181,20 @@ def test_a_job_cannot_reach_the_service_or_other_users(base: Path) -> None:
     assert b"bob-env-secret" in Path(f"/proc/{victim_pid}/environ").read_bytes()  # the target is real
     for target in ("admin-token", "corral.db", "corral.db-wal", "accounts.json"):
         assert (data / target).exists(), target  # an attack on a missing file proves nothing
-    env = {"DATA": str(data), "VICTIM_RUN": str(svc.executor.rundir(str(victim), 1)), "VICTIM_PID": str(victim_pid),
-           "SHIM_PID": str(shim_pid(svc, victim)), "SERVICE_PID": str(os.getpid()),
-           "VICTIM_HOME": str(data / "home" / str(uid_of(svc, "bob")))}
+    env = {
+        "DATA": str(data),
+        "VICTIM_RUN": str(svc.executor.rundir(str(victim), 1)),
+        "VICTIM_PID": str(victim_pid),
+        "SHIM_PID": str(shim_pid(svc, victim)),
+        "SERVICE_PID": str(os.getpid()),
+        "VICTIM_HOME": str(data / "home" / str(uid_of(svc, "bob"))),
+    }
     attacker = submit(svc, "alice", "nlp", attacker_script(), env=env)
     until(svc, lambda: state(svc, attacker) in ("completed", "failed"))
     out = logs(svc, attacker)
-    attack_kit.attempt(f"{ITEM}: a job's uid against the service's files, other users and their processes",
-                       len(ATTACKS))
+    attack_kit.attempt(
+        f"{ITEM}: a job's uid against the service's files, other users and their processes", len(ATTACKS)
+    )
     for i, name in enumerate(ATTACKS):
         assert f"denied: {i}\n" in out, f"{name}: {out}"
     assert "LEAKED" not in out, out
@@ -202,9 +219,14 @@ def test_a_notebook_runs_as_its_user_in_their_home(base: Path) -> None:
     """Sandboxes go through the same executor: a notebook's server runs as its user, its files in a home that
     outlives the server and that nobody else may enter."""
     svc = service(base)
-    box = svc.client("alice", Role.MEMBER, "nlp").post("/v1/sandboxes", json={
-        "queue": "nlp", "gpus": 1, "command": ["/bin/sh", "-c",
-                                         'id -u; pwd; echo "$HOME"; echo $USER; echo kept > "$HOME/notes"; sleep 30']})
+    box = svc.client("alice", Role.MEMBER, "nlp").post(
+        "/v1/sandboxes",
+        json={
+            "queue": "nlp",
+            "gpus": 1,
+            "command": ["/bin/sh", "-c", 'id -u; pwd; echo "$HOME"; echo $USER; echo kept > "$HOME/notes"; sleep 30'],
+        },
+    )
     assert box.status_code == 201, box.text
     jid = box.json()["id"]
     until(svc, lambda: len(logs(svc, jid).splitlines()) >= 4)
@@ -231,8 +253,9 @@ def test_a_user_keeps_their_uid_across_a_restart(base: Path) -> None:
     assert int(logs(again, after)) == uid == uid_of(again, "alice") != uid_of(again, "bob")
 
 
-def test_a_service_that_cannot_switch_users_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_a_service_that_cannot_switch_users_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """Without root there are no users to switch to: the service runs single-user, and says so (needs no root)."""
     assert per_user("auto", 0)[0] and per_user("users", 0)[0]
     assert not per_user("service", 0)[0]
@@ -296,24 +319,32 @@ def test_a_finished_jobs_output_cannot_be_rewritten_by_the_users_later_jobs(base
     """Gates read what a job wrote (metrics.json): once the attempt ends its output is sealed, so a later job of the
     same user cannot make accuracy 0.053 read 0.999 before the version is registered."""
     svc = service(base)
-    first = submit(svc, "alice", "nlp", 'echo \'{"accuracy": 0.053}\' > "$CORRAL_OUTPUT_DIR/metrics.json"; '
-                                         'mkdir "$CORRAL_OUTPUT_DIR/model"; echo w > "$CORRAL_OUTPUT_DIR/model/w"')
+    first = submit(
+        svc,
+        "alice",
+        "nlp",
+        'echo \'{"accuracy": 0.053}\' > "$CORRAL_OUTPUT_DIR/metrics.json"; '
+        'mkdir "$CORRAL_OUTPUT_DIR/model"; echo w > "$CORRAL_OUTPUT_DIR/model/w"',
+    )
     until(svc, lambda: state(svc, first) == "completed")
     output = svc.executor.output_dir(str(first), 1)
     rewrites = {
-        "rewrite metrics.json": f'echo \'{{"accuracy": 0.999}}\' > {output}/metrics.json',
-        "replace metrics.json": f'rm -f {output}/metrics.json && echo 1 > {output}/metrics.json',
-        "swap the model": f'echo forged > {output}/model/w',
-        "add a file": f': > {output}/model/extra',
-        "make it writable again": f'chmod -R u+w {output}',
+        "rewrite metrics.json": f"echo '{{\"accuracy\": 0.999}}' > {output}/metrics.json",
+        "replace metrics.json": f"rm -f {output}/metrics.json && echo 1 > {output}/metrics.json",
+        "swap the model": f"echo forged > {output}/model/w",
+        "add a file": f": > {output}/model/extra",
+        "make it writable again": f"chmod -R u+w {output}",
     }
-    lines = [f'if sh -c "{cmd}" >/dev/null 2>&1; then echo "LEAKED: {name}"; else echo "denied: {name}"; fi'
-             for name, cmd in rewrites.items()]
+    lines = [
+        f'if sh -c "{cmd}" >/dev/null 2>&1; then echo "LEAKED: {name}"; else echo "denied: {name}"; fi'
+        for name, cmd in rewrites.items()
+    ]
     later = submit(svc, "alice", "nlp", "\n".join([*lines, f"cat {output}/metrics.json"]))
     until(svc, lambda: state(svc, later) == "completed")
     out = logs(svc, later)
-    attack_kit.attempt("5 typed-in metrics: a later job of the same user rewrites a finished job's output",
-                       len(rewrites))
+    attack_kit.attempt(
+        "5 typed-in metrics: a later job of the same user rewrites a finished job's output", len(rewrites)
+    )
     assert "LEAKED" not in out and out.count("denied: ") == len(rewrites), out
     assert '{"accuracy": 0.053}' in out  # the user still reads what their job produced
     assert json.loads((output / "metrics.json").read_text()) == {"accuracy": 0.053}
@@ -339,7 +370,13 @@ def test_a_workdir_is_checked_as_its_user_and_says_nothing_of_root_s_directories
         assert r.status_code == 422 and r.json()["error"]["where"] == "workdir", r.text
         answers.add(r.json()["error"]["message"].replace(workdir, "X"))
     assert len(answers) == 1, answers  # the same answer for missing and closed
-    assert alice.post("/v1/jobs", json={"queue": "nlp", "gpus": 0, "command": "true",
-                                        "workdir": "/tmp"}).status_code == 201
-    assert svc.client("bob", Role.MEMBER, "ranking").post("/v1/jobs", json={
-        "queue": "ranking", "gpus": 0, "command": "true", "workdir": str(bob_home)}).status_code == 201
+    assert (
+        alice.post("/v1/jobs", json={"queue": "nlp", "gpus": 0, "command": "true", "workdir": "/tmp"}).status_code
+        == 201
+    )
+    assert (
+        svc.client("bob", Role.MEMBER, "ranking")
+        .post("/v1/jobs", json={"queue": "ranking", "gpus": 0, "command": "true", "workdir": str(bob_home)})
+        .status_code
+        == 201
+    )

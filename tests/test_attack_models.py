@@ -39,8 +39,12 @@ from tests.test_service_local import state, until
 def team(svc: Service) -> dict[str, TestClient]:
     alice = svc.client("alice", Role.MEMBER, "nlp")
     alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
-    return {"alice": alice, "olga": svc.client("olga", Role.MODEL_OWNER, "nlp"),
-            "owen": svc.client("owen", Role.MODEL_OWNER, "nlp"), "bob": svc.client("bob", Role.MEMBER, "ranking")}
+    return {
+        "alice": alice,
+        "olga": svc.client("olga", Role.MODEL_OWNER, "nlp"),
+        "owen": svc.client("owen", Role.MODEL_OWNER, "nlp"),
+        "bob": svc.client("bob", Role.MEMBER, "ranking"),
+    }
 
 
 def refused(api: TestClient, job: int, uri: str, status: int = 422) -> str:
@@ -52,10 +56,19 @@ def refused(api: TestClient, job: int, uri: str, status: int = 422) -> str:
 
 # ----- 5: typed-in metrics -----
 
-@pytest.mark.parametrize("field", [{"metrics": {"accuracy": 0.999}}, {"code_ref": "git:abc123"},
-                                   {"dataset_ref": "imdb@2024"}, {"eval_set": "imdb-test"}])
-def test_typed_in_metrics_and_lineage_are_refused(svc: Service, team: dict[str, TestClient],
-                                                  field: dict[str, Any]) -> None:
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"metrics": {"accuracy": 0.999}},
+        {"code_ref": "git:abc123"},
+        {"dataset_ref": "imdb@2024"},
+        {"eval_set": "imdb-test"},
+    ],
+)
+def test_typed_in_metrics_and_lineage_are_refused(
+    svc: Service, team: dict[str, TestClient], field: dict[str, Any]
+) -> None:
     job, _ = trained(svc, team["alice"], accuracy=0.053)
     attack_kit.attempt("5 typed-in metrics")
     r = team["alice"].post("/v1/models/m/versions", json={"job_id": job, "artifact_uri": "w.pt", **field})
@@ -64,8 +77,10 @@ def test_typed_in_metrics_and_lineage_are_refused(svc: Service, team: dict[str, 
 
 def test_gates_check_what_the_job_measured(svc: Service, team: dict[str, TestClient]) -> None:
     alice, olga = team["alice"], team["olga"]
-    olga.put("/v1/models/m/policy", json={"document": {"stages": {"staging": {"metrics": [
-        {"metric": "accuracy", "min": 0.9}]}}}})
+    olga.put(
+        "/v1/models/m/policy",
+        json={"document": {"stages": {"staging": {"metrics": [{"metric": "accuracy", "min": 0.9}]}}}},
+    )
     v = register(svc, alice, "m", accuracy=0.053)
     assert v["lineage"]["recorded_by_job"] is True
     attack_kit.attempt("5 typed-in metrics")
@@ -75,13 +90,14 @@ def test_gates_check_what_the_job_measured(svc: Service, team: dict[str, TestCli
     assert alice.get("/v1/models/m").json()["versions"][0]["metrics"] == {"accuracy": 0.053}
 
 
-def test_metrics_typed_in_before_the_job_recorded_them_pass_no_gate(svc: Service,
-                                                                     team: dict[str, TestClient]) -> None:
+def test_metrics_typed_in_before_the_job_recorded_them_pass_no_gate(svc: Service, team: dict[str, TestClient]) -> None:
     """A version registered by an older Corral, with metrics typed in: its lineage carries no mark that the job
     measured them, so a metric gate fails it, saying how to get a version the gates can trust."""
     alice, olga = team["alice"], team["olga"]
-    olga.put("/v1/models/m/policy", json={"document": {"stages": {"staging": {"metrics": [
-        {"metric": "accuracy", "min": 0.9}]}}}})
+    olga.put(
+        "/v1/models/m/policy",
+        json={"document": {"stages": {"staging": {"metrics": [{"metric": "accuracy", "min": 0.9}]}}}},
+    )
     v = register(svc, alice, "m", accuracy=0.95)
     assert v["lineage"]["metrics_from_job"] is True
     stored = alice.get("/v1/models/m").json()["versions"][0]["lineage"]
@@ -96,19 +112,28 @@ def test_metrics_typed_in_before_the_job_recorded_them_pass_no_gate(svc: Service
     assert "metrics typed in before Corral 0.1.0" in evidence and "register again from the job's output" in evidence
 
 
-@pytest.mark.parametrize(("content", "words"), [
-    (b'{"accuracy": NaN}', "not a number JSON knows"), (b'{"accuracy": "0.99"}', "not a finite number"),
-    (b'{"accuracy": true}', "not a finite number"), (b"[0.99]", "JSON object"), (b"{", "not valid JSON"),
-    (b'{"accuracy": 1e999}', "not a finite number")])
-def test_a_malformed_metrics_file_is_refused(svc: Service, team: dict[str, TestClient], content: bytes,
-                                             words: str) -> None:
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b'{"accuracy": NaN}', "not a number JSON knows"),
+        (b'{"accuracy": "0.99"}', "not a finite number"),
+        (b'{"accuracy": true}', "not a finite number"),
+        (b"[0.99]", "JSON object"),
+        (b"{", "not valid JSON"),
+        (b'{"accuracy": 1e999}', "not a finite number"),
+    ],
+)
+def test_a_malformed_metrics_file_is_refused(
+    svc: Service, team: dict[str, TestClient], content: bytes, words: str
+) -> None:
     job = finished_job(svc, team["alice"], outputs={"w.pt": b"w", "metrics.json": content})
     attack_kit.attempt("5 typed-in metrics")
     assert words in refused(team["alice"], job, "w.pt")
 
 
-def test_a_metrics_file_that_leads_elsewhere_is_refused(svc: Service, team: dict[str, TestClient],
-                                                        tmp_path: Path) -> None:
+def test_a_metrics_file_that_leads_elsewhere_is_refused(
+    svc: Service, team: dict[str, TestClient], tmp_path: Path
+) -> None:
     alice = team["alice"]
     planted = tmp_path / "planted.json"
     planted.write_text('{"accuracy": 0.999}')
@@ -140,8 +165,9 @@ def test_metrics_come_from_the_attempt_that_completed(svc: Service, team: dict[s
     svc.tick()
     assert alice.get(f"/v1/jobs/{jid}").json()["state"] == "completed"
     attack_kit.attempt("5 typed-in metrics")
-    r = alice.post("/v1/models/m/versions", json={"job_id": jid, "artifact_uri": str(output_dir(svc, jid, 1) /
-                                                                                      "ckpt.pt")})
+    r = alice.post(
+        "/v1/models/m/versions", json={"job_id": jid, "artifact_uri": str(output_dir(svc, jid, 1) / "ckpt.pt")}
+    )
     assert r.status_code == 201, r.text  # an earlier attempt's checkpoint is the job's own output
     assert alice.get("/v1/models/m").json()["versions"][0]["metrics"] == {"accuracy": 0.5}
 
@@ -160,7 +186,8 @@ def test_lineage_digests_are_the_jobs_own(svc: Service, team: dict[str, TestClie
     assert r.status_code == 201, r.text
     lineage = r.json()["lineage"]
     assert lineage["code"]["sha256"] == tree_digest(code) and lineage["data"] == [
-        {"name": str(data), "sha256": tree_digest(data)}]
+        {"name": str(data), "sha256": tree_digest(data)}
+    ]
     assert "dataset" not in lineage
     shown = alice.get("/v1/models/m").json()["versions"][0]
     assert (shown["eval_set"], shown["metrics"]) == ("imdb-test", {"accuracy": 0.93})
@@ -177,21 +204,25 @@ def test_a_real_job_writes_its_metrics_and_registers_from_its_output(tmp_path: P
     alice = svc.client("alice", Role.MEMBER, "nlp")
     olga = svc.client("olga", Role.MODEL_OWNER, "nlp")
     alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
-    olga.put("/v1/models/m/policy", json={"document": {"stages": {"staging": {"metrics": [
-        {"metric": "accuracy", "min": 0.9}]}}}})
-    code = ("import os, pathlib\n"
-            "from notebooks import log_metrics, record_lineage\n"
-            "out = pathlib.Path(os.environ['CORRAL_OUTPUT_DIR'])\n"
-            "(out / 'model.pt').write_bytes(b'weights')\n"
-            "record_lineage(code=None, eval_set='holdout')\n"
-            "log_metrics({'accuracy': 0.053})\n")
-    jid = alice.post("/v1/jobs", json={"queue": "nlp", "gpus": 1, "command": [sys.executable, "-c", code]}
-                     ).json()["id"]
+    olga.put(
+        "/v1/models/m/policy",
+        json={"document": {"stages": {"staging": {"metrics": [{"metric": "accuracy", "min": 0.9}]}}}},
+    )
+    code = (
+        "import os, pathlib\n"
+        "from notebooks import log_metrics, record_lineage\n"
+        "out = pathlib.Path(os.environ['CORRAL_OUTPUT_DIR'])\n"
+        "(out / 'model.pt').write_bytes(b'weights')\n"
+        "record_lineage(code=None, eval_set='holdout')\n"
+        "log_metrics({'accuracy': 0.053})\n"
+    )
+    jid = alice.post("/v1/jobs", json={"queue": "nlp", "gpus": 1, "command": [sys.executable, "-c", code]}).json()["id"]
     until(svc, lambda: state(svc, jid) in ("completed", "failed"))
     assert state(svc, jid) == "completed", alice.get(f"/v1/jobs/{jid}/logs").text
     attack_kit.attempt("5 typed-in metrics")
-    typed = alice.post("/v1/models/m/versions", json={"job_id": jid, "artifact_uri": "model.pt",
-                                                      "metrics": {"accuracy": 0.999}})
+    typed = alice.post(
+        "/v1/models/m/versions", json={"job_id": jid, "artifact_uri": "model.pt", "metrics": {"accuracy": 0.999}}
+    )
     assert typed.status_code == 422
     r = alice.post("/v1/models/m/versions", json={"job_id": jid, "artifact_uri": "model.pt"})
     assert r.status_code == 201, r.text
@@ -203,6 +234,7 @@ def test_a_real_job_writes_its_metrics_and_registers_from_its_output(tmp_path: P
 
 
 # ----- 6: rollback digest, audit truncation, aliases -----
+
 
 def two_in_production(svc: Service, team: dict[str, TestClient]) -> list[dict[str, Any]]:
     alice, olga, owen = team["alice"], team["olga"], team["owen"]
@@ -236,8 +268,9 @@ def test_rollback_refuses_a_swapped_artifact(svc: Service, team: dict[str, TestC
     assert back.status_code == 200 and back.json()["version"] == 1
 
 
-def test_an_artifact_is_found_again_after_the_data_dir_moves(svc: Service, team: dict[str, TestClient],
-                                                              tmp_path: Path) -> None:
+def test_an_artifact_is_found_again_after_the_data_dir_moves(
+    svc: Service, team: dict[str, TestClient], tmp_path: Path
+) -> None:
     """The version stores the job, the attempt and the path inside its output directory; promotion and rollback
     find it through the executor's output_dir of the day (root's default data_dir moved to /var/lib/corral)."""
     assert isinstance(svc.executor, ScriptedExecutor) and svc.executor.outputs is not None
@@ -284,8 +317,7 @@ def test_verify_with_a_kept_head_catches_truncation(svc: Service, team: dict[str
         # the version and the alias move that row recorded are undone as well, so only the head can tell
         conn.execute(sa.delete(model_versions).where(model_versions.c.version == 3))
         conn.execute(sa.delete(model_aliases).where(model_aliases.c.stage == "candidate"))
-        conn.execute(model_aliases.insert().values(model="m", stage="candidate", version=2, previous=1,
-                                                   updated_at=0.0))
+        conn.execute(model_aliases.insert().values(model="m", stage="candidate", version=2, previous=1, updated_at=0.0))
     attack_kit.attempt("6 audit truncation")
     assert verify(svc)["intact"] is True  # a shorter chain is still a consistent one...
     broken = verify(svc, kept["hash"])  # ...but not one holding the head kept earlier
@@ -301,8 +333,9 @@ def test_verify_with_a_kept_head_catches_a_rewritten_chain(svc: Service, team: d
         last = None
         for row in rows:  # every hash recomputed after changing who approved
             actor = "mallory" if row["action"] == "promotion.approve" else row["actor"]
-            last = chain.next_entry(last, at=row["at"], actor=actor, action=row["action"], model=row["model"],
-                                    detail=row["detail"])
+            last = chain.next_entry(
+                last, at=row["at"], actor=actor, action=row["action"], model=row["model"], detail=row["detail"]
+            )
             conn.execute(model_audit.insert().values(**last))
     attack_kit.attempt("6 audit truncation")
     assert verify(svc)["intact"] is True
@@ -321,8 +354,7 @@ def test_a_direct_change_to_the_aliases_is_reported(svc: Service, team: dict[str
     assert team_view["intact"] is False  # the team is told; the details are for admins
 
 
-def test_a_direct_change_to_a_versions_metrics_or_digest_is_reported(svc: Service,
-                                                                     team: dict[str, TestClient]) -> None:
+def test_a_direct_change_to_a_versions_metrics_or_digest_is_reported(svc: Service, team: dict[str, TestClient]) -> None:
     register(svc, team["alice"], "m", accuracy=0.053)
     assert verify(svc)["intact"] is True
     with svc.core.db.begin() as conn:
@@ -332,8 +364,9 @@ def test_a_direct_change_to_a_versions_metrics_or_digest_is_reported(svc: Servic
     assert any("m v1: digest, metrics differ from its registration entry" in p for p in problems), problems
 
 
-def test_the_head_is_published_in_logs_and_metrics(svc: Service, team: dict[str, TestClient],
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_the_head_is_published_in_logs_and_metrics(
+    svc: Service, team: dict[str, TestClient], caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.INFO, logger="corral.models"):
         register(svc, team["alice"], "m")
     head = svc.admin.get("/v1/models/audit").json()["head"]
@@ -343,6 +376,7 @@ def test_the_head_is_published_in_logs_and_metrics(svc: Service, team: dict[str,
 
 
 # ----- 7: MLflow export -----
+
 
 def closed_port() -> int:
     with socket.socket() as s:
@@ -396,8 +430,9 @@ def test_metrics_json_is_what_log_metrics_writes(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not mlflow_export.available(), reason="mlflow-skinny is not installed")
-def test_exports_are_bounded_and_the_environment_is_set_once(svc: Service, team: dict[str, TestClient],
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exports_are_bounded_and_the_environment_is_set_once(
+    svc: Service, team: dict[str, TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Exports that outlive their request still hold a slot until they end: past MAX_EXPORTS the answer is 503 at
     once, not one more thread. A request never writes MLflow's settings into the process environment."""
     olga = team["olga"]

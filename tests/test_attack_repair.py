@@ -22,18 +22,24 @@ from tests.test_attack_edge import NON_FINITE, job
 
 # ----- stored poison: migration 0007 and the rebuild -----
 
-POISON = '{"name": "x", "queue": "%s", "gpus": 1, "workers": 1, "cpus": %s, "memory_gb": %s, "command": ["x"], ' \
-         '"max_runtime": %s, "kind": "job", "env": {}, "labels": {}, "priority": 0, "preemptible": true, ' \
-         '"checkpoint": false}'
+POISON = (
+    '{"name": "x", "queue": "%s", "gpus": 1, "workers": 1, "cpus": %s, "memory_gb": %s, "command": ["x"], '
+    '"max_runtime": %s, "kind": "job", "env": {}, "labels": {}, "priority": 0, "preemptible": true, '
+    '"checkpoint": false}'
+)
 
 
-def poison(conn: sa.Connection, queue: str, state: str, cpus: str = "0", memory: str = "0",
-           max_runtime: str = "null") -> int:
+def poison(
+    conn: sa.Connection, queue: str, state: str, cpus: str = "0", memory: str = "0", max_runtime: str = "null"
+) -> int:
     """A job row as the old code stored it: its JSON spec with NaN or Infinity as Python's json writes them."""
-    conn.execute(sa.text(
-        "INSERT INTO jobs (name, owner, queue, pool, state, spec, gpus, priority, submitted_at, attempt) "
-        "VALUES ('x', 'eve', :q, 'local', :s, :spec, 1, 0, 1000000.0, 0)"),
-        {"q": queue, "s": state, "spec": POISON % (queue, cpus, memory, max_runtime)})
+    conn.execute(
+        sa.text(
+            "INSERT INTO jobs (name, owner, queue, pool, state, spec, gpus, priority, submitted_at, attempt) "
+            "VALUES ('x', 'eve', :q, 'local', :s, :spec, 1, 0, 1000000.0, 0)"
+        ),
+        {"q": queue, "s": state, "spec": POISON % (queue, cpus, memory, max_runtime)},
+    )
     job_id: int = conn.execute(sa.text("SELECT max(id) FROM jobs")).scalar_one()
     return job_id
 
@@ -57,12 +63,20 @@ def test_migration_0007_repairs_stored_non_finite_numbers(tmp_path: Path) -> Non
         nan_memory = poison(conn, "vision", "pending", memory="NaN")
         forever = poison(conn, "nlp", "pending", max_runtime="Infinity")
         finished = poison(conn, "nlp", "completed", cpus="Infinity", memory="-Infinity")
-        conn.execute(sa.text("INSERT INTO models (name, queue, description, created_at, created_by) "
-                             "VALUES ('m', 'nlp', '', 1.0, 'eve')"))
-        conn.execute(sa.text(
-            "INSERT INTO model_versions (model, version, job_id, lineage, metrics, eval_set, artifact_uri, digest, "
-            "registered_at, registered_by) VALUES ('m', 1, :j, '{}', '{\"acc\": NaN, \"loss\": 0.5, "
-            "\"f1\": Infinity}', NULL, 'a', :d, 1.0, 'eve')"), {"j": done, "d": "0" * 64})
+        conn.execute(
+            sa.text(
+                "INSERT INTO models (name, queue, description, created_at, created_by) "
+                "VALUES ('m', 'nlp', '', 1.0, 'eve')"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO model_versions (model, version, job_id, lineage, metrics, eval_set, artifact_uri, digest, "
+                "registered_at, registered_by) VALUES ('m', 1, :j, '{}', '{\"acc\": NaN, \"loss\": 0.5, "
+                "\"f1\": Infinity}', NULL, 'a', :d, 1.0, 'eve')"
+            ),
+            {"j": done, "d": "0" * 64},
+        )
     eng.dispose()
     attack_kit.attempt(NON_FINITE, 5)
 
@@ -82,17 +96,24 @@ def test_migration_0007_repairs_stored_non_finite_numbers(tmp_path: Path) -> Non
         assert metrics == {"loss": 0.5}
         repairs = conn.execute(sa.select(audit).where(audit.c.action == "repair.non_finite")).mappings().all()
         assert {r["target"] for r in repairs} == {f"job {j}" for j in (waiting, nan_memory, forever, finished)} | {
-            "model m version 1"}
-        assert conn.execute(sa.select(sa.func.count()).select_from(events).where(
-            events.c.kind == "rejected")).scalar_one() == 3
+            "model m version 1"
+        }
+        assert (
+            conn.execute(sa.select(sa.func.count()).select_from(events).where(events.c.kind == "rejected")).scalar_one()
+            == 3
+        )
     for spec in rows.values():  # every stored spec validates again
-        assert all(isinstance(v, (int, float)) and math.isfinite(v) for k, v in spec["spec"].items()
-                   if k in ("cpus", "memory_gb"))
+        assert all(
+            isinstance(v, (int, float)) and math.isfinite(v)
+            for k, v in spec["spec"].items()
+            if k in ("cpus", "memory_gb")
+        )
     other = svc.admin.post("/v1/jobs", json=job(queue="nlp", cpus=2.0)).json()["id"]
     svc.tick()
     states = {j: svc.admin.get(f"/v1/jobs/{j}").json()["state"] for j in (done, other)}
-    assert states == {done: "starting", other: "starting"} or all(s in ("starting", "running")
-                                                                 for s in states.values()), states
+    assert states == {done: "starting", other: "starting"} or all(
+        s in ("starting", "running") for s in states.values()
+    ), states
 
 
 def test_postgresql_never_stored_non_finite_numbers(db_url: str, tmp_path: Path) -> None:
@@ -107,8 +128,12 @@ def test_postgresql_never_stored_non_finite_numbers(db_url: str, tmp_path: Path)
     command.downgrade(alembic_config(db_url), "0006")
     command.upgrade(alembic_config(db_url), "head")
     with svc.core.db.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(audit).where(
-            audit.c.action == "repair.non_finite")).scalar_one() == 0
+        assert (
+            conn.execute(
+                sa.select(sa.func.count()).select_from(audit).where(audit.c.action == "repair.non_finite")
+            ).scalar_one()
+            == 0
+        )
     svc.core.db.dispose()
 
 
@@ -142,16 +167,34 @@ def test_migration_0007_records_its_metric_repairs_in_the_model_audit_chain(tmp_
     command.downgrade(alembic_config(url), "0006")
     eng = sa.create_engine(url)
     with eng.begin() as conn:
-        conn.execute(sa.text("INSERT INTO models (name, queue, description, created_at, created_by) "
-                             "VALUES ('m', 'nlp', '', 1.0, 'eve')"))
-        conn.execute(sa.text(
-            "INSERT INTO model_versions (model, version, job_id, lineage, metrics, eval_set, artifact_uri, digest, "
-            "registered_at, registered_by) VALUES ('m', 1, :j, '{}', '{\"acc\": NaN, \"loss\": 0.5}', NULL, 'a', "
-            ":d, 1.0, 'eve')"), {"j": done, "d": "0" * 64})
-        conn.execute(sa.text("INSERT INTO model_aliases (model, stage, version, previous, updated_at) "
-                             "VALUES ('m', 'candidate', 1, NULL, 1.0)"))
-        registered = chain.next_entry(None, at=1.0, actor="eve", action="version.register", model="m",
-                                      detail={"version": 1, "job": done, "digest": "0" * 64, "artifact_uri": "a"})
+        conn.execute(
+            sa.text(
+                "INSERT INTO models (name, queue, description, created_at, created_by) "
+                "VALUES ('m', 'nlp', '', 1.0, 'eve')"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO model_versions (model, version, job_id, lineage, metrics, eval_set, artifact_uri, digest, "
+                "registered_at, registered_by) VALUES ('m', 1, :j, '{}', '{\"acc\": NaN, \"loss\": 0.5}', NULL, 'a', "
+                ":d, 1.0, 'eve')"
+            ),
+            {"j": done, "d": "0" * 64},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO model_aliases (model, stage, version, previous, updated_at) "
+                "VALUES ('m', 'candidate', 1, NULL, 1.0)"
+            )
+        )
+        registered = chain.next_entry(
+            None,
+            at=1.0,
+            actor="eve",
+            action="version.register",
+            model="m",
+            detail={"version": 1, "job": done, "digest": "0" * 64, "artifact_uri": "a"},
+        )
         conn.execute(model_audit.insert().values(**registered))
     eng.dispose()
     attack_kit.attempt(NON_FINITE)
@@ -166,12 +209,25 @@ def test_migration_0007_records_its_metric_repairs_in_the_model_audit_chain(tmp_
 
 
 def test_verify_replays_repairs_and_reads_nan_as_nan() -> None:
-    registered = chain.next_entry(None, at=1.0, actor="eve", action="version.register", model="m",
-                                  detail={"version": 1, "metrics": {"acc": 0.9, "f1": 0.5}})
-    repaired = chain.next_entry(registered, at=2.0, actor="corral", action="version.repair", model="m",
-                                detail={"version": 1, "metrics": {"acc": 0.9}, "removed_metrics": {"f1": "NaN"}})
-    table = [{"model": "m", "version": 1, "digest": None, "artifact_uri": None, "metrics": {"acc": 0.9},
-              "eval_set": None}]
+    registered = chain.next_entry(
+        None,
+        at=1.0,
+        actor="eve",
+        action="version.register",
+        model="m",
+        detail={"version": 1, "metrics": {"acc": 0.9, "f1": 0.5}},
+    )
+    repaired = chain.next_entry(
+        registered,
+        at=2.0,
+        actor="corral",
+        action="version.repair",
+        model="m",
+        detail={"version": 1, "metrics": {"acc": 0.9}, "removed_metrics": {"f1": "NaN"}},
+    )
+    table = [
+        {"model": "m", "version": 1, "digest": None, "artifact_uri": None, "metrics": {"acc": 0.9}, "eval_set": None}
+    ]
     assert chain.version_problems([registered, repaired], table) == []
     assert chain.version_problems([registered], table)  # without the repair entry, the change shows
     # NaN equals nothing in Python, itself included; a version still holding the NaN it was registered with
@@ -191,15 +247,27 @@ def test_answers_show_stored_non_finite_values_as_null(tmp_path: Path) -> None:
     # Ended, so that its answer shows the stored reason (a pending job's is the engine's, computed now).
     assert svc.admin.post(f"/v1/jobs/{j}/cancel").status_code == 200
     with svc.core.db.begin() as conn:
-        conn.execute(sa.text("UPDATE jobs SET reason = :r WHERE id = :j"),
-                     {"r": '{"rule": "x", "message": "m", "numbers": {"free": NaN}}', "j": j})
-        conn.execute(sa.text("INSERT INTO events (at, job_id, kind, message, data) VALUES (1.0, :j, 'note', 'm', "
-                             ":d)"), {"j": j, "d": '{"cpus": Infinity, "left": -Infinity}'})
-        conn.execute(sa.text("INSERT INTO models (name, queue, description, created_at, created_by) "
-                             "VALUES ('m', 'nlp', '', 1.0, 'eve')"))
-        conn.execute(sa.text("INSERT INTO model_audit (seq, at, actor, action, model, detail, prev_hash, hash) "
-                             "VALUES (1, 1.0, 'eve', 'model.create', 'm', '{\"x\": NaN}', :g, :g)"),
-                     {"g": "0" * 64})
+        conn.execute(
+            sa.text("UPDATE jobs SET reason = :r WHERE id = :j"),
+            {"r": '{"rule": "x", "message": "m", "numbers": {"free": NaN}}', "j": j},
+        )
+        conn.execute(
+            sa.text("INSERT INTO events (at, job_id, kind, message, data) VALUES (1.0, :j, 'note', 'm', :d)"),
+            {"j": j, "d": '{"cpus": Infinity, "left": -Infinity}'},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO models (name, queue, description, created_at, created_by) "
+                "VALUES ('m', 'nlp', '', 1.0, 'eve')"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO model_audit (seq, at, actor, action, model, detail, prev_hash, hash) "
+                "VALUES (1, 1.0, 'eve', 'model.create', 'm', '{\"x\": NaN}', :g, :g)"
+            ),
+            {"g": "0" * 64},
+        )
     attack_kit.attempt(NON_FINITE, 3)
     shown = svc.admin.get(f"/v1/jobs/{j}")
     assert shown.status_code == 200 and shown.json()["reason"]["numbers"]["free"] is None, shown.text

@@ -45,8 +45,7 @@ def _refused(r: Any, code: int = 403, where: str | None = None, says: str = "") 
 
 def _token_ids(svc: Service, user: str) -> list[int]:
     with svc.core.db.connect() as conn:
-        return list(conn.execute(sa.select(tokens.c.id).where(tokens.c.user == user).order_by(tokens.c.id))
-                    .scalars())
+        return list(conn.execute(sa.select(tokens.c.id).where(tokens.c.user == user).order_by(tokens.c.id)).scalars())
 
 
 def _forget_tokens(svc: Service, user: str) -> None:
@@ -63,14 +62,16 @@ def _as(svc: Service, secret: str) -> TestClient:
 
 @pytest.fixture
 def people(svc: Service) -> dict[str, TestClient]:
-    out = {"tess": svc.client("tess", Role.TEAM_ADMIN, "research"),
-           "pam": svc.client("pam", Role.TEAM_ADMIN, "product"),
-           "nate": svc.client("nate", Role.TEAM_ADMIN, "nlp"),
-           "olga": svc.client("olga", Role.MODEL_OWNER, "nlp"),
-           "owen": svc.client("owen", Role.MODEL_OWNER, "nlp"),
-           "alice": svc.client("alice", Role.MEMBER, "nlp"),
-           "vic": svc.client("vic", Role.VIEWER, "nlp"),
-           "bob": svc.client("bob", Role.MEMBER, "ranking")}
+    out = {
+        "tess": svc.client("tess", Role.TEAM_ADMIN, "research"),
+        "pam": svc.client("pam", Role.TEAM_ADMIN, "product"),
+        "nate": svc.client("nate", Role.TEAM_ADMIN, "nlp"),
+        "olga": svc.client("olga", Role.MODEL_OWNER, "nlp"),
+        "owen": svc.client("owen", Role.MODEL_OWNER, "nlp"),
+        "alice": svc.client("alice", Role.MEMBER, "nlp"),
+        "vic": svc.client("vic", Role.VIEWER, "nlp"),
+        "bob": svc.client("bob", Role.MEMBER, "ranking"),
+    }
     # ghost once had a ranking token, now revoked: the name is still ranking's.
     ghost = _mint(svc.admin, "ghost", "member", "ranking").json()
     assert svc.admin.delete(f"/v1/tokens/{ghost['id']}").status_code == 200
@@ -80,28 +81,31 @@ def people(svc: Service) -> dict[str, TestClient]:
 # ----- a team admin's bounds -----
 
 
-@pytest.mark.parametrize(("user", "role", "scope", "where", "says"), [
-    ("mallory", "model-owner", "nlp", "role", "may not create a model-owner token"),
-    ("mallory", "model-owner", "research", "role", "may not create a model-owner token"),
-    ("mallory", "platform-admin", None, "role", "may not create a platform-admin token"),
-    ("mallory", "platform-admin", "research", "role", "may not create a platform-admin token"),
-    ("olga", "member", "nlp", "user", "already has a model-owner token"),  # an approver, inside tess's subtree
-    ("olga", "team-admin", "research", "user", "already has a model-owner token"),
-    ("owen", "viewer", "vision", "user", "already has a model-owner token"),
-    ("bob", "member", "nlp", "user", "already has a member token for ranking"),  # another team's user
-    ("pam", "viewer", "nlp", "user", "already has a team-admin token for product"),  # another team's admin
-    ("root", "member", "nlp", "user", "already has a platform-admin token"),  # the platform admin
-    ("ghost", "member", "nlp", "user", "already has a member token for ranking"),  # revoked, still ranking's
-    ("system:cluster", "member", "nlp", "user", "reserved"),  # the cluster's own jobs
-    ("System:Cluster", "member", "nlp", "user", "reserved"),
-    ("system:anything", "viewer", "vision", "user", "reserved"),
-    ("mallory", "member", "ranking", "scope", "for ranking"),  # outside its subtree
-    ("mallory", "member", "product", "scope", "for product"),
-    ("mallory", "viewer", None, "scope", "for every queue"),
-])
-def test_team_admin_may_not_forge_identities_or_exceed_its_roles(svc: Service, people: dict[str, TestClient],
-                                                                  user: str, role: str, scope: str | None,
-                                                                  where: str, says: str) -> None:
+@pytest.mark.parametrize(
+    ("user", "role", "scope", "where", "says"),
+    [
+        ("mallory", "model-owner", "nlp", "role", "may not create a model-owner token"),
+        ("mallory", "model-owner", "research", "role", "may not create a model-owner token"),
+        ("mallory", "platform-admin", None, "role", "may not create a platform-admin token"),
+        ("mallory", "platform-admin", "research", "role", "may not create a platform-admin token"),
+        ("olga", "member", "nlp", "user", "already has a model-owner token"),  # an approver, inside tess's subtree
+        ("olga", "team-admin", "research", "user", "already has a model-owner token"),
+        ("owen", "viewer", "vision", "user", "already has a model-owner token"),
+        ("bob", "member", "nlp", "user", "already has a member token for ranking"),  # another team's user
+        ("pam", "viewer", "nlp", "user", "already has a team-admin token for product"),  # another team's admin
+        ("root", "member", "nlp", "user", "already has a platform-admin token"),  # the platform admin
+        ("ghost", "member", "nlp", "user", "already has a member token for ranking"),  # revoked, still ranking's
+        ("system:cluster", "member", "nlp", "user", "reserved"),  # the cluster's own jobs
+        ("System:Cluster", "member", "nlp", "user", "reserved"),
+        ("system:anything", "viewer", "vision", "user", "reserved"),
+        ("mallory", "member", "ranking", "scope", "for ranking"),  # outside its subtree
+        ("mallory", "member", "product", "scope", "for product"),
+        ("mallory", "viewer", None, "scope", "for every queue"),
+    ],
+)
+def test_team_admin_may_not_forge_identities_or_exceed_its_roles(
+    svc: Service, people: dict[str, TestClient], user: str, role: str, scope: str | None, where: str, says: str
+) -> None:
     before = _token_ids(svc, user)
     attack_kit.attempt(FORGE)
     _refused(_mint(people["tess"], user, role, scope), 403, where, says)
@@ -138,8 +142,12 @@ def test_names_that_acted_elsewhere_or_approved_are_taken(svc: Service, people: 
 
 def test_what_a_team_admin_may_still_make(svc: Service, people: dict[str, TestClient]) -> None:
     tess = people["tess"]
-    for user, role, scope in (("newbie", "member", "nlp"), ("newbie", "viewer", "vision"),
-                              ("nadia", "team-admin", "research"), ("tess", "member", "nlp")):
+    for user, role, scope in (
+        ("newbie", "member", "nlp"),
+        ("newbie", "viewer", "vision"),
+        ("nadia", "team-admin", "research"),
+        ("tess", "member", "nlp"),
+    ):
         r = _mint(tess, user, role, scope)
         assert r.status_code == 201, r.text
     # A name whose only tokens were made inside the subtree stays the subtree's, revoked or not.
@@ -153,10 +161,13 @@ def test_what_a_team_admin_may_still_make(svc: Service, people: dict[str, TestCl
 
 
 @pytest.mark.parametrize("caller", ["alice", "vic", "olga", "bob"])
-@pytest.mark.parametrize(("role", "scope"), [("member", "nlp"), ("viewer", "nlp"), ("model-owner", "nlp"),
-                                             ("team-admin", "nlp"), ("platform-admin", None)])
-def test_members_viewers_and_model_owners_mint_nothing(svc: Service, people: dict[str, TestClient], caller: str,
-                                                       role: str, scope: str | None) -> None:
+@pytest.mark.parametrize(
+    ("role", "scope"),
+    [("member", "nlp"), ("viewer", "nlp"), ("model-owner", "nlp"), ("team-admin", "nlp"), ("platform-admin", None)],
+)
+def test_members_viewers_and_model_owners_mint_nothing(
+    svc: Service, people: dict[str, TestClient], caller: str, role: str, scope: str | None
+) -> None:
     attack_kit.attempt(FORGE)
     _refused(_mint(people[caller], f"new-{caller}", role, scope), 403, None, f"may not create a {role} token")
     assert _token_ids(svc, f"new-{caller}") == []
@@ -174,8 +185,7 @@ def test_team_admin_revokes_inside_its_scope_never_an_admin(svc: Service, people
     assert people["olga"].get("/v1/jobs").status_code == 401
 
 
-def test_platform_admin_may_reuse_names_and_the_audit_log_says_so(svc: Service,
-                                                                  people: dict[str, TestClient]) -> None:
+def test_platform_admin_may_reuse_names_and_the_audit_log_says_so(svc: Service, people: dict[str, TestClient]) -> None:
     r = _mint(svc.admin, "olga", "member", "ranking")
     assert r.status_code == 201, r.text
     entry = svc.admin.get("/v1/audit", params={"limit": 1}).json()["entries"][0]
@@ -200,8 +210,9 @@ def test_with_a_hub_a_team_admin_makes_no_new_names(db_url: str, tmp_path: Path)
         svc.core.db.dispose()
 
 
-def test_a_hub_user_with_a_reserved_name_is_refused(db_url: str, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_hub_user_with_a_reserved_name_is_refused(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A JupyterHub account named system:cluster would own the cluster's jobs in Corral: refused at the door."""
     names = {"hub-secret-1": "system:cluster", "hub-secret-2": "hanna"}
 
@@ -251,8 +262,7 @@ def test_a_team_admin_cannot_get_a_promotion_approved(svc: Service, people: dict
         made = _mint(tess, user, role, scope)
         assert made.status_code == 201, made.text
         attack_kit.attempt(FORGE)
-        _refused(_as(svc, made.json()["token"]).post(f"/v1/promotions/{pid}/approve"), 403, None,
-                 "may not approve")
+        _refused(_as(svc, made.json()["token"]).post(f"/v1/promotions/{pid}/approve"), 403, None, "may not approve")
     attack_kit.attempt(FORGE)
     _refused(tess.post(f"/v1/promotions/{pid}/approve"), 403, None, "may not approve")
     attack_kit.attempt(FORGE)
@@ -262,7 +272,9 @@ def test_a_team_admin_cannot_get_a_promotion_approved(svc: Service, people: dict
     assert people["owen"].post(f"/v1/promotions/{pid}/approve").json()["state"] == "promoted"
     trail = svc.admin.get("/v1/models/audit", params={"model": "sentiment"}).json()["entries"]
     assert [(e["actor"], e["action"]) for e in trail if e["action"].startswith("promotion.")] == [
-        ("olga", "promotion.request"), ("owen", "promotion.approve")]
+        ("olga", "promotion.request"),
+        ("owen", "promotion.approve"),
+    ]
 
 
 # ----- the last platform-admin token, and the way back -----
@@ -314,21 +326,37 @@ def test_local_token_is_the_way_back(svc: Service, db_url: str, tmp_path: Path) 
         local_tokens.make(settings, "x", "root", None)
 
 
-def test_token_create_local_on_the_command_line(svc: Service, db_url: str, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_token_create_local_on_the_command_line(
+    svc: Service, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for var in ("CORRAL_DATABASE_URL", "CORRAL_DATA_DIR", "CORRAL_CONFIG"):
         monkeypatch.delenv(var, raising=False)
     runner = CliRunner()
-    r = runner.invoke(cli_app, ["token", "create", "--local", "--database-url", db_url, "--data-dir",
-                                str(tmp_path / "data"), "--user", "rescue", "--role", "platform-admin"])
+    r = runner.invoke(
+        cli_app,
+        [
+            "token",
+            "create",
+            "--local",
+            "--database-url",
+            db_url,
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--user",
+            "rescue",
+            "--role",
+            "platform-admin",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
     assert "shown only now" in r.stderr
     assert _as(svc, r.stdout.strip()).get("/v1/audit").status_code == 200
     # A data directory without the service's database: refused, and nothing is created there.
     empty = tmp_path / "elsewhere"
     empty.mkdir()
-    r = runner.invoke(cli_app, ["token", "create", "--local", "--data-dir", str(empty), "--user", "x", "--role",
-                                "platform-admin"])
+    r = runner.invoke(
+        cli_app, ["token", "create", "--local", "--data-dir", str(empty), "--user", "x", "--role", "platform-admin"]
+    )
     assert r.exit_code == 1 and "no database at" in r.stderr
     assert list(empty.iterdir()) == []
 
@@ -344,16 +372,19 @@ def _tree() -> QueueTree:
     return build_tree(DEMO_TREE, {"local": 8})
 
 
-@pytest.mark.parametrize(("record", "hub", "refused"), [
-    (NameRecord(), False, None),
-    (NameRecord(), True, "JupyterHub"),
-    (NameRecord((("member", "nlp"), ("team-admin", "research")), frozenset({"vision"})), True, None),
-    (NameRecord((("model-owner", "nlp"),)), False, "model-owner token"),
-    (NameRecord((("member", None),)), False, "member token for every queue"),
-    (NameRecord((("member", "gone-queue"),)), False, "gone-queue"),  # a queue since removed: not provably tess's
-    (NameRecord(queues=frozenset({"nlp", "ranking"})), False, "outside your scope (ranking)"),
-    (NameRecord(promotions=True), False, "promotions"),
-])
+@pytest.mark.parametrize(
+    ("record", "hub", "refused"),
+    [
+        (NameRecord(), False, None),
+        (NameRecord(), True, "JupyterHub"),
+        (NameRecord((("member", "nlp"), ("team-admin", "research")), frozenset({"vision"})), True, None),
+        (NameRecord((("model-owner", "nlp"),)), False, "model-owner token"),
+        (NameRecord((("member", None),)), False, "member token for every queue"),
+        (NameRecord((("member", "gone-queue"),)), False, "gone-queue"),  # a queue since removed: not provably tess's
+        (NameRecord(queues=frozenset({"nlp", "ranking"})), False, "outside your scope (ranking)"),
+        (NameRecord(promotions=True), False, "promotions"),
+    ],
+)
 def test_may_take_name(record: NameRecord, hub: bool, refused: str | None) -> None:
     tess = Principal("tess", Role.TEAM_ADMIN, "research")
     got = tess.may_take_name(_tree(), "someone", record, hub)

@@ -46,8 +46,10 @@ class LasAsStated(LasEngine):
         self._fill(ps, now, out)
         running = [j for js in ps.running.values() for j in js]
         band = {j.id: self._band(self._service(j, now)) for j in running}
-        victims = sorted((j for j in running if j.spec.preemptible and not self._young(j, now)),
-                         key=lambda j: (-band[j.id], -j.submit, -j.seq))
+        victims = sorted(
+            (j for j in running if j.spec.preemptible and not self._young(j, now)),
+            key=lambda j: (-band[j.id], -j.submit, -j.seq),
+        )
         for w in list(ps.arrivals):
             # What one waiting job takes is LasEngine._displace itself: the shortcuts are in which jobs get there.
             self._displace(ps, w, self._band(self._attained.get(w.id, 0.0)), victims, band, now, out)
@@ -80,8 +82,11 @@ def test_las_shortcuts_never_change_a_decision(case: Case) -> None:
 def test_las_with_preemption_matches_and_runs_the_reference() -> None:
     """A world where las preempts (a long job passes 1 GPU-hour while a short one waits): both logs agree, and the
     reference is what the patched simulation runs."""
-    w = world(nodes("a100", 1, 1), [queue("team-a")], [
-        sim_job("long", submit=0, duration=7200), sim_job("short", submit=60, duration=60)])
+    w = world(
+        nodes("a100", 1, 1),
+        [queue("team-a")],
+        [sim_job("long", submit=0, duration=7200), sim_job("short", submit=60, duration=60)],
+    )
     stated = _simulation(w, stated=True)
     assert isinstance(stated.engine, LasAsStated)
     log = stated.run()

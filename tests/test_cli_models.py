@@ -63,23 +63,32 @@ def token(service: Service, user: str, role: Role) -> str:
 @pytest.fixture
 def as_user(service: Service) -> dict[str, list[str]]:
     """--token arguments per person: alice is a member, olga and owen are model owners of nlp."""
-    return {"alice": ["--token", token(service, "alice", Role.MEMBER)],
-            "olga": ["--token", token(service, "olga", Role.MODEL_OWNER)],
-            "owen": ["--token", token(service, "owen", Role.MODEL_OWNER)]}
+    return {
+        "alice": ["--token", token(service, "alice", Role.MEMBER)],
+        "olga": ["--token", token(service, "olga", Role.MODEL_OWNER)],
+        "owen": ["--token", token(service, "owen", Role.MODEL_OWNER)],
+    }
 
 
-def test_the_golden_path_from_the_command_line(corral: Corral, service: Service, as_user: dict[str, list[str]],
-                                               tmp_path: Path) -> None:
+def test_the_golden_path_from_the_command_line(
+    corral: Corral, service: Service, as_user: dict[str, list[str]], tmp_path: Path
+) -> None:
     alice, olga, owen = as_user["alice"], as_user["olga"], as_user["owen"]
     alice_api = service.client("alice", Role.MEMBER, "nlp")
-    assert corral("models", "create", "sentiment", "--queue", "nlp", "--description", "reviews", *alice
-                  ).stdout.strip() == "created model sentiment (queue nlp)"
+    assert (
+        corral("models", "create", "sentiment", "--queue", "nlp", "--description", "reviews", *alice).stdout.strip()
+        == "created model sentiment (queue nlp)"
+    )
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump(POLICY))
-    assert "applied policy version 1 to sentiment" in corral("models", "policy", "apply", "sentiment", "-f",
-                                                             str(policy), *olga).stdout
-    assert "may not set the promotion policy" in corral("models", "policy", "apply", "sentiment", "-f", str(policy),
-                                                        *alice, code=1).stderr
+    assert (
+        "applied policy version 1 to sentiment"
+        in corral("models", "policy", "apply", "sentiment", "-f", str(policy), *olga).stdout
+    )
+    assert (
+        "may not set the promotion policy"
+        in corral("models", "policy", "apply", "sentiment", "-f", str(policy), *alice, code=1).stderr
+    )
 
     job1, _ = trained(service, alice_api, 0.91, "v1.pt", b"w1")
     reg = corral("models", "register", "sentiment", "--job", str(job1), "--artifact", "v1.pt", *alice)
@@ -97,13 +106,29 @@ def test_the_golden_path_from_the_command_line(corral: Corral, service: Service,
 
     # v2 is better; -o json answers the API's data.
     job2, v2_path = trained(service, alice_api, 0.95, "v2.pt", b"w2", hours=2)
-    made = json.loads(corral("models", "register", "sentiment", "--job", str(job2), "--artifact", v2_path,
-                             "--lineage-job", str(job1), "-o", "json", *alice).stdout)
+    made = json.loads(
+        corral(
+            "models",
+            "register",
+            "sentiment",
+            "--job",
+            str(job2),
+            "--artifact",
+            v2_path,
+            "--lineage-job",
+            str(job1),
+            "-o",
+            "json",
+            *alice,
+        ).stdout
+    )
     assert made["version"] == 2 and made["lineage"]["jobs"] == sorted([job1, job2])
     ask2 = json.loads(corral("models", "promote", "sentiment", "--version", "2", "-o", "json", *owen).stdout)
     assert ask2["state"] == "open"
-    assert json.loads(corral("models", "approve", str(ask2["promotion"]), "-o", "json", *olga).stdout
-                      )["state"] == "promoted"
+    assert (
+        json.loads(corral("models", "approve", str(ask2["promotion"]), "-o", "json", *olga).stdout)["state"]
+        == "promoted"
+    )
 
     shown = json.loads(corral("models", "show", "sentiment", "-o", "json", *alice).stdout)
     assert shown["aliases"]["production"]["version"] == 2 and shown["aliases"]["production"]["previous"] == 1
@@ -117,42 +142,70 @@ def test_the_golden_path_from_the_command_line(corral: Corral, service: Service,
     manifest = yaml.safe_load(corral("models", "deploy", "sentiment", "--dry-run", *alice).stdout)
     assert manifest["kind"] == "InferenceService"
     assert manifest["spec"]["predictor"]["model"]["storageUri"] == str(output_dir(service, job2) / "v2.pt")
-    plain = yaml.safe_load(corral("models", "deploy", "sentiment", "--kind", "deployment", "--namespace", "ml",
-                                  "--image", "me/serve:1", "--gpus", "2", "--dry-run", *alice).stdout)
+    plain = yaml.safe_load(
+        corral(
+            "models",
+            "deploy",
+            "sentiment",
+            "--kind",
+            "deployment",
+            "--namespace",
+            "ml",
+            "--image",
+            "me/serve:1",
+            "--gpus",
+            "2",
+            "--dry-run",
+            *alice,
+        ).stdout
+    )
     assert (plain["kind"], plain["metadata"]["namespace"]) == ("Deployment", "ml")
     assert "me/serve:1" in json.dumps(plain)
     refused = corral("models", "deploy", "sentiment", *alice, code=2)
     assert "Kubernetes backend" in refused.stderr and "--dry-run" in refused.stderr
-    assert "no staging version" in corral("models", "deploy", "sentiment", "--stage", "staging", "--dry-run",
-                                          *alice, code=1).stderr
+    assert (
+        "no staging version"
+        in corral("models", "deploy", "sentiment", "--stage", "staging", "--dry-run", *alice, code=1).stderr
+    )
 
     roi = corral("models", "roi", "sentiment", *alice).stdout
     assert "production v2: 6.00 GPU-hours" in roi  # v2's lineage: job2 (2 h) and job1 (1 h), both on 2 GPUs
-    assert json.loads(corral("models", "roi", "sentiment", "-o", "json", *alice).stdout)["production"][
-        "version"] == 2
+    assert json.loads(corral("models", "roi", "sentiment", "-o", "json", *alice).stdout)["production"]["version"] == 2
 
     back = corral("models", "rollback", "sentiment", *owen)
     assert back.stdout.strip() == "sentiment production is v1 again (rolled back from v2)"
-    assert "no previous staging version" in corral("models", "rollback", "sentiment", "--stage", "staging", *owen,
-                                                   code=1).stderr
+    assert (
+        "no previous staging version"
+        in corral("models", "rollback", "sentiment", "--stage", "staging", *owen, code=1).stderr
+    )
 
     audit = corral("models", "audit", "--model", "sentiment", "--verify", *olga)
     actions = [line.split()[4] for line in audit.stdout.splitlines()[1:]]
-    assert actions == ["model.create", "policy.apply", "version.register", "promotion.request",
-                       "promotion.approve", "model.promote", "version.register", "promotion.request",
-                       "promotion.approve", "model.promote", "model.rollback"]
+    assert actions == [
+        "model.create",
+        "policy.apply",
+        "version.register",
+        "promotion.request",
+        "promotion.approve",
+        "model.promote",
+        "version.register",
+        "promotion.request",
+        "promotion.approve",
+        "model.promote",
+        "model.rollback",
+    ]
     assert "audit chain intact: 11 entries verified" in audit.stderr
     head = next(line.split()[-1] for line in audit.stderr.splitlines() if line.startswith("head: seq 11 "))
-    assert "holding head" in corral("models", "audit", "--model", "sentiment", "--verify", "--head", head,
-                                    *olga).stderr
+    assert "holding head" in corral("models", "audit", "--model", "sentiment", "--verify", "--head", head, *olga).stderr
     assert "promotion 2: v2 to production (3 pass, 1 pending)" in audit.stdout
     assert "production back to v1 from v2" in audit.stdout
     # Only platform admins read the whole chain.
     assert "name a model" in corral("models", "audit", *olga, code=1).stderr
 
 
-def test_a_gate_that_fails_rejects_with_exit_1(corral: Corral, service: Service, as_user: dict[str, list[str]],
-                                               tmp_path: Path) -> None:
+def test_a_gate_that_fails_rejects_with_exit_1(
+    corral: Corral, service: Service, as_user: dict[str, list[str]], tmp_path: Path
+) -> None:
     alice, olga = as_user["alice"], as_user["olga"]
     corral("models", "create", "m", "--queue", "nlp", *alice)
     policy = tmp_path / "policy.json"
@@ -161,8 +214,9 @@ def test_a_gate_that_fails_rejects_with_exit_1(corral: Corral, service: Service,
     job, _ = trained(service, service.client("alice", Role.MEMBER, "nlp"), 0.85, "a", b"a")
     corral("models", "register", "m", "--job", str(job), "--artifact", "a", *alice)
     r = corral("models", "promote", "m", "--version", "1", "--stage", "staging", *olga, code=1)
-    assert any("metric accuracy >= 0.9" in line and "FAIL" in line and "0.85" in line
-               for line in r.stdout.splitlines()), r.stdout
+    assert any(
+        "metric accuracy >= 0.9" in line and "FAIL" in line and "0.85" in line for line in r.stdout.splitlines()
+    ), r.stdout
     assert "promotion 1: m v1 to staging: rejected" in r.stdout
     assert "rejected by: metric accuracy >= 0.9" in r.stderr
     # With -o json the data is still printed, and the exit status still says it was rejected.
@@ -173,8 +227,12 @@ def test_a_gate_that_fails_rejects_with_exit_1(corral: Corral, service: Service,
 def test_typed_in_metrics_and_references_are_refused(corral: Corral, service: Service) -> None:
     corral("models", "create", "m", "--queue", "nlp")
     job, _ = trained(service, service.client("alice", Role.MEMBER, "nlp"), 0.053)
-    for flags in (["--metric", "accuracy=0.999"], ["--eval-set", "imdb-test"], ["--code", "git:abc"],
-                  ["--dataset", "imdb@2024"]):
+    for flags in (
+        ["--metric", "accuracy=0.999"],
+        ["--eval-set", "imdb-test"],
+        ["--code", "git:abc"],
+        ["--dataset", "imdb@2024"],
+    ):
         attack_kit.attempt("5 typed-in metrics")
         bad = corral("models", "register", "m", "--job", str(job), "--artifact", "w.pt", *flags, code=2)
         assert f"{flags[0]}: not accepted" in bad.stderr and "metrics.json" in bad.stderr
@@ -199,8 +257,7 @@ def test_usage_errors_exit_2(corral: Corral, tmp_path: Path) -> None:
     listy = tmp_path / "p.yaml"
     listy.write_text("- staging\n")
     assert "expected a mapping" in corral("models", "policy", "apply", "m", "-f", str(listy), code=2).stderr
-    assert "cannot read" in corral("models", "policy", "apply", "m", "-f", str(tmp_path / "none.yaml"),
-                                   code=2).stderr
+    assert "cannot read" in corral("models", "policy", "apply", "m", "-f", str(tmp_path / "none.yaml"), code=2).stderr
     assert corral("models", "promote", "m", "--version", "1", "--stage", "prod", code=2).exit_code == 2
 
 
@@ -241,8 +298,9 @@ def test_audit_stays_readable_at_80_columns(corral: Corral, service: Service) ->
     corral("models", "create", "n", "--queue", "vision")
     detail = {"version": 3, "job": 17, "digest": "ab" * 32, "metrics": {"accuracy": 0.91, "f1": 0.88, "loss": 0.12}}
     with service.core.db.begin() as conn:  # a version's entry, as a registration writes it (the chain is not checked)
-        conn.execute(sa.update(model_audit).where(model_audit.c.seq == 1)
-                     .values(action="version.register", detail=detail))
+        conn.execute(
+            sa.update(model_audit).where(model_audit.c.seq == 1).values(action="version.register", detail=detail)
+        )
     out = CliRunner().invoke(app, ["models", "audit"], env={"COLUMNS": "80"}).stdout
     lines = out.splitlines()
     assert lines[0].split() == ["SEQ", "AT", "ACTOR", "ACTION", "MODEL"]

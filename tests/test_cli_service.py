@@ -57,8 +57,9 @@ def corral(service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def submit(corral: Corral, queue: str = "nlp", gpus: int = 1, *extra: str) -> int:
-    return int(corral("submit", "--queue", queue, "--gpus", str(gpus), *extra, "--", "python", "train.py")
-               .stdout.strip())
+    return int(
+        corral("submit", "--queue", queue, "--gpus", str(gpus), *extra, "--", "python", "train.py").stdout.strip()
+    )
 
 
 def job(service: Service, job_id: int) -> dict[str, Any]:
@@ -71,8 +72,11 @@ def job(service: Service, job_id: int) -> dict[str, Any]:
 
 def test_submit_a_spec_file(corral: Corral, service: Service, tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
-    spec.write_text(yaml.safe_dump({"name": "bert", "queue": "nlp", "gpus": 2, "command": ["python", "t.py"],
-                                    "labels": {"team": "nlp"}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {"name": "bert", "queue": "nlp", "gpus": 2, "command": ["python", "t.py"], "labels": {"team": "nlp"}}
+        )
+    )
     jid = int(corral("submit", str(spec)).stdout.strip())
     got = job(service, jid)
     assert (got["name"], got["queue"], got["gpus"], got["labels"]) == ("bert", "nlp", 2, {"team": "nlp"})
@@ -84,20 +88,79 @@ def test_submit_a_spec_file(corral: Corral, service: Service, tmp_path: Path) ->
 
 
 def test_submit_a_command_after_double_dash(corral: Corral, service: Service) -> None:
-    r = corral("submit", "--queue", "nlp", "--gpus", "1", "--name", "sweep", "--workers", "2", "--priority", "3",
-               "--no-preemptible", "--env", "LR=0.1", "--env", "SEED=1", "--label", "exp=a", "--max-runtime", "60",
-               "--idempotency-key", "k1", "--workdir", "/tmp", "--", "python", "train.py", "--epochs", "3")
+    r = corral(
+        "submit",
+        "--queue",
+        "nlp",
+        "--gpus",
+        "1",
+        "--name",
+        "sweep",
+        "--workers",
+        "2",
+        "--priority",
+        "3",
+        "--no-preemptible",
+        "--env",
+        "LR=0.1",
+        "--env",
+        "SEED=1",
+        "--label",
+        "exp=a",
+        "--max-runtime",
+        "60",
+        "--idempotency-key",
+        "k1",
+        "--workdir",
+        "/tmp",
+        "--",
+        "python",
+        "train.py",
+        "--epochs",
+        "3",
+    )
     got = job(service, int(r.stdout.strip()))
     spec = got["spec"]
     assert spec["command"] == ["python", "train.py", "--epochs", "3"]
-    assert (got["name"], got["gpus"], got["workers"], got["priority"], got["preemptible"]) == ("sweep", 2, 2, 3,
-                                                                                               False)
+    assert (got["name"], got["gpus"], got["workers"], got["priority"], got["preemptible"]) == ("sweep", 2, 2, 3, False)
     assert (spec["env"], spec["labels"], spec["max_runtime"], spec["workdir"]) == (
-        {"LR": "0.1", "SEED": "1"}, {"exp": "a"}, 60, "/tmp")
+        {"LR": "0.1", "SEED": "1"},
+        {"exp": "a"},
+        60,
+        "/tmp",
+    )
     # The same idempotency key with the same spec answers the first job, and says so on stderr.
-    again = corral("submit", "--queue", "nlp", "--gpus", "1", "--name", "sweep", "--workers", "2", "--priority", "3",
-                   "--no-preemptible", "--env", "LR=0.1", "--env", "SEED=1", "--label", "exp=a", "--max-runtime",
-                   "60", "--idempotency-key", "k1", "--workdir", "/tmp", "--", "python", "train.py", "--epochs", "3")
+    again = corral(
+        "submit",
+        "--queue",
+        "nlp",
+        "--gpus",
+        "1",
+        "--name",
+        "sweep",
+        "--workers",
+        "2",
+        "--priority",
+        "3",
+        "--no-preemptible",
+        "--env",
+        "LR=0.1",
+        "--env",
+        "SEED=1",
+        "--label",
+        "exp=a",
+        "--max-runtime",
+        "60",
+        "--idempotency-key",
+        "k1",
+        "--workdir",
+        "/tmp",
+        "--",
+        "python",
+        "train.py",
+        "--epochs",
+        "3",
+    )
     assert again.stdout.strip() == r.stdout.strip()
     assert "used before" in again.stderr
     # With another spec, the key is refused and the fields that differ are named.
@@ -206,8 +269,9 @@ def _tree_file(tmp_path: Path, ranking_quota: int) -> Path:
     return path
 
 
-def test_queue_apply_dry_run_shows_the_diff_and_changes_nothing(corral: Corral, service: Service,
-                                                                tmp_path: Path) -> None:
+def test_queue_apply_dry_run_shows_the_diff_and_changes_nothing(
+    corral: Corral, service: Service, tmp_path: Path
+) -> None:
     r = corral("queue", "apply", "-f", str(_tree_file(tmp_path, 3)), "--dry-run")
     assert "~ ranking  quota: {local: 4} -> {local: 3}" in r.stdout
     assert "+ ads  parent: product  quota: {local: 0}" in r.stdout
@@ -310,8 +374,10 @@ def test_token_create_prints_the_secret_once(corral: Corral, service: Service) -
     assert alice.post("/v1/jobs", json={"queue": "ranking", "command": "true"}).status_code == 403
     made = json.loads(corral("token", "create", "--user", "bob", "--role", "viewer", "-o", "json").stdout)
     assert (made["user"], made["role"], made["scope"]) == ("bob", "viewer", None)
-    assert "does not exist" in corral("token", "create", "--user", "x", "--role", "member", "--scope", "nope",
-                                      code=1).stderr
+    assert (
+        "does not exist"
+        in corral("token", "create", "--user", "x", "--role", "member", "--scope", "nope", code=1).stderr
+    )
 
 
 # ----- connection settings -----
@@ -329,8 +395,15 @@ def test_token_comes_from_flag_env_then_admin_token_file(tmp_path: Path, monkeyp
 
     def refuse(url: str, token: str | None) -> httpx.Client:
         seen.append((url, token))
-        return httpx.Client(base_url=url, transport=httpx.MockTransport(lambda _: httpx.Response(
-            401, json={"error": {"code": "unauthorized", "message": "the API token is not valid or was revoked"}})))
+        return httpx.Client(
+            base_url=url,
+            transport=httpx.MockTransport(
+                lambda _: httpx.Response(
+                    401,
+                    json={"error": {"code": "unauthorized", "message": "the API token is not valid or was revoked"}},
+                )
+            ),
+        )
 
     monkeypatch.setattr(cli_client, "make_http_client", refuse)
     runner = CliRunner()
@@ -372,8 +445,12 @@ def server(tmp_path: Path, corral_cmd: list[str]) -> Iterator[tuple[str, dict[st
     # Jobs run this checkout's interpreter, which other accounts may not reach (under /root): one user.
     env.update(CORRAL_DATA_DIR=str(data), XDG_DATA_HOME=str(tmp_path / "xdg"), CORRAL_RUN_AS="service")
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([*corral_cmd, "serve", "--gpus", "2", "--gpu-model", "virtual", "--port", str(port),
-                             "--data-dir", str(data)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*corral_cmd, "serve", "--gpus", "2", "--gpu-model", "virtual", "--port", str(port), "--data-dir", str(data)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20

@@ -66,8 +66,9 @@ def node(name: str, gpus: int = 4, pool: str = "p") -> NodeInfo:
 
 def make(tmp_path: Path, *names: str) -> tuple[Core, ClusterExecutor, Clock]:
     ex, clock = ClusterExecutor(), Clock()
-    core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=5), ex, clock=clock,
-                      nodes=[node(n) for n in names])
+    core = build_core(
+        ServiceSettings(data_dir=tmp_path / "data", grace_s=5), ex, clock=clock, nodes=[node(n) for n in names]
+    )
     return core, ex, clock
 
 
@@ -144,8 +145,9 @@ def test_a_cordoned_node_keeps_its_jobs_and_takes_nothing_new_also_after_a_resta
     assert placed_on(ex, j2) == {other} and state(core, j3) == "pending"
 
     again = ClusterExecutor(live=dict(ex.live))
-    core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=5), again, clock=clock,
-                      nodes=[cordoned(on), node(other)])
+    core = build_core(
+        ServiceSettings(data_dir=tmp_path / "data", grace_s=5), again, clock=clock, nodes=[cordoned(on), node(other)]
+    )
     for _ in range(2):
         core.tick()
     assert [state(core, j) for j in (j1, j2, j3)] == ["running", "running", "pending"] and again.launched == []
@@ -173,14 +175,17 @@ def test_a_drained_attempt_waits_again_as_after_a_restart(tmp_path: Path) -> Non
     core.tick()
     assert state(core, j1) == "pending" and ex.terminated == []
     with core.db.connect() as conn:
-        causes = [r.data.get("cause") for r in conn.execute(sa.select(events.c.data).where(
-            events.c.job_id == j1, events.c.kind == "preempted"))]
+        causes = [
+            r.data.get("cause")
+            for r in conn.execute(sa.select(events.c.data).where(events.c.job_id == j1, events.c.kind == "preempted"))
+        ]
     assert causes == ["node_drained"]
     # j2's pods go while Corral is down: after the restart it waits again too, rather than failing.
     del ex.live[(str(j2), 1)]
     again = ClusterExecutor(live=dict(ex.live))
-    core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=5), again, clock=clock,
-                      nodes=[cordoned(on1), cordoned(on2)])
+    core = build_core(
+        ServiceSettings(data_dir=tmp_path / "data", grace_s=5), again, clock=clock, nodes=[cordoned(on1), cordoned(on2)]
+    )
     core.tick()
     assert state(core, j2) == "pending"
     again.changes += [NodeChange(on1, node(on1)), NodeChange(on2, node(on2))]
@@ -227,6 +232,7 @@ def test_changes_are_kept_until_committed(tmp_path: Path, monkeypatch: Any) -> N
 
     def broken(*a: Any, **k: Any) -> None:
         raise sa.exc.OperationalError("x", {}, Exception("database away"))
+
     monkeypatch.setattr(cluster_sync, "write_node", broken)
     with pytest.raises(sa.exc.OperationalError):
         core.tick()
@@ -237,20 +243,38 @@ def test_changes_are_kept_until_committed(tmp_path: Path, monkeypatch: Any) -> N
 
 
 def arrival(key: str, workers: int = 1, gpus: int = 1, queue: str = "default") -> Arrival:
-    return Arrival(key, {"name": key, "queue": queue, "workers": workers, "gpus": gpus,
-                         "command": f"pods of {key}", "env": {"POD_GROUP": key}})
+    return Arrival(
+        key,
+        {
+            "name": key,
+            "queue": queue,
+            "workers": workers,
+            "gpus": gpus,
+            "command": f"pods of {key}",
+            "env": {"POD_GROUP": key},
+        },
+    )
 
 
 def cluster_jobs(core: Core) -> dict[str, tuple[int, str]]:
     with core.db.connect() as conn:
-        return {r.idempotency_key: (r.id, r.state) for r in conn.execute(
-            sa.select(jobs.c.id, jobs.c.state, jobs.c.idempotency_key).where(jobs.c.owner == CLUSTER_OWNER))}
+        return {
+            r.idempotency_key: (r.id, r.state)
+            for r in conn.execute(
+                sa.select(jobs.c.id, jobs.c.state, jobs.c.idempotency_key).where(jobs.c.owner == CLUSTER_OWNER)
+            )
+        }
 
 
 def test_arrivals_become_jobs_refusals_go_back_withdrawals_cancel(tmp_path: Path) -> None:
     core, ex, _ = make(tmp_path, "a", "b")
-    ex.brought += [arrival("ns/g1", workers=2, gpus=4), arrival("ns/g2"), arrival("ns/too-big", gpus=16),
-                   arrival("ns/nowhere", queue="nope"), Arrival("ns/bad", {"queue": "default"})]
+    ex.brought += [
+        arrival("ns/g1", workers=2, gpus=4),
+        arrival("ns/g2"),
+        arrival("ns/too-big", gpus=16),
+        arrival("ns/nowhere", queue="nope"),
+        Arrival("ns/bad", {"queue": "default"}),
+    ]
     core.tick()
     got = cluster_jobs(core)
     assert set(got) == {"ns/g1", "ns/g2"} and set(ex.refused) == {"ns/too-big", "ns/nowhere", "ns/bad"}
@@ -267,12 +291,13 @@ def test_arrivals_become_jobs_refusals_go_back_withdrawals_cancel(tmp_path: Path
 
 def test_a_preempted_cluster_job_ends_instead_of_waiting_again(tmp_path: Path) -> None:
     core, ex, clock = make(tmp_path, "a")
-    core.apply_queues(ROOT, {"queues": [{"name": "x", "quota": {"p": 2}, "limit": {"p": 4}},
-                                        {"name": "y", "quota": {"p": 2}}]})
+    core.apply_queues(
+        ROOT, {"queues": [{"name": "x", "quota": {"p": 2}, "limit": {"p": 4}}, {"name": "y", "quota": {"p": 2}}]}
+    )
     ex.brought.append(arrival("ns/borrower", gpus=4, queue="x"))
     core.tick()
     core.tick()
-    (jid, st), = cluster_jobs(core).values()
+    ((jid, st),) = cluster_jobs(core).values()
     assert st == "running"
     clock.advance(10)
     mine = submit(core, 2, queue="y")  # y reclaims its quota from x's borrowed GPUs
@@ -314,6 +339,7 @@ class TeamsExecutor(ClusterExecutor):
                 free.append(lock.acquire(blocking=False))
                 if free[0]:
                     lock.release()
+
             t = threading.Thread(target=take)
             t.start()
             t.join()
@@ -349,12 +375,21 @@ def test_team_objects_follow_capacity_changes(tmp_path: Path, monkeypatch: Any) 
 
 def test_a_scoped_arrival_may_use_only_its_teams_queues(tmp_path: Path) -> None:
     core, ex, _ = make(tmp_path, "a")
-    core.apply_queues(ROOT, {"queues": [{"name": "x", "quota": {"p": 2}},
-                                        {"name": "sub", "parent": "x", "quota": {"p": 1}},
-                                        {"name": "y", "quota": {"p": 2}}]})
-    ex.brought += [Arrival("ns/own", arrival("ns/own", queue="sub").spec, "x"),
-                   Arrival("ns/theirs", arrival("ns/theirs", queue="y").spec, "x"),
-                   Arrival("ns/noteam", arrival("ns/noteam", queue="y").spec, "nope")]
+    core.apply_queues(
+        ROOT,
+        {
+            "queues": [
+                {"name": "x", "quota": {"p": 2}},
+                {"name": "sub", "parent": "x", "quota": {"p": 1}},
+                {"name": "y", "quota": {"p": 2}},
+            ]
+        },
+    )
+    ex.brought += [
+        Arrival("ns/own", arrival("ns/own", queue="sub").spec, "x"),
+        Arrival("ns/theirs", arrival("ns/theirs", queue="y").spec, "x"),
+        Arrival("ns/noteam", arrival("ns/noteam", queue="y").spec, "nope"),
+    ]
     core.tick()
     assert set(cluster_jobs(core)) == {"ns/own"}
     assert "may not submit to queue y" in ex.refused["ns/theirs"] and "ns/noteam" in ex.refused
@@ -392,8 +427,9 @@ def test_nothing_is_withdrawn_at_start_while_some_waiting_work_is_not_looked_at_
     assert {k: s for k, (_, s) in cluster_jobs(again).items()}["ns/late"] in ("pending", "running")
 
 
-def test_a_failed_stop_does_not_skip_the_rebuild_the_node_changes_owe(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_stop_does_not_skip_the_rebuild_the_node_changes_owe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     core, ex, _ = make(tmp_path, "a")
     job = submit(core, 4)
     core.tick()
@@ -401,6 +437,7 @@ def test_a_failed_stop_does_not_skip_the_rebuild_the_node_changes_owe(tmp_path: 
 
     def away(*_: Any) -> None:
         raise OSError("the cluster's API is away")
+
     monkeypatch.setattr(ex, "terminate", away)
     with pytest.raises(OSError):
         core.tick()
@@ -409,8 +446,13 @@ def test_a_failed_stop_does_not_skip_the_rebuild_the_node_changes_owe(tmp_path: 
     core.tick()
     with core.db.connect() as conn:
         state = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job)).scalar_one()
-        placed = conn.execute(sa.select(attempts.c.placement).where(attempts.c.job_id == job)
-                              .order_by(attempts.c.attempt.desc())).scalars().first()
+        placed = (
+            conn.execute(
+                sa.select(attempts.c.placement).where(attempts.c.job_id == job).order_by(attempts.c.attempt.desc())
+            )
+            .scalars()
+            .first()
+        )
     assert state == "starting" and [n for n, _ in placed] == ["b"]  # requeued onto b: the engine knows it
 
 

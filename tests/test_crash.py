@@ -52,12 +52,20 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
 
     def start(self) -> None:
-        env = {**os.environ, "CORRAL_DATA_DIR": str(self.data), "CORRAL_PORT": str(self.port), "CORRAL_GPUS": "4",
-               "CORRAL_DEMO": "1", "CORRAL_TICK_S": "0.05", "CORRAL_GRACE_S": "2"}
+        env = {
+            **os.environ,
+            "CORRAL_DATA_DIR": str(self.data),
+            "CORRAL_PORT": str(self.port),
+            "CORRAL_GPUS": "4",
+            "CORRAL_DEMO": "1",
+            "CORRAL_TICK_S": "0.05",
+            "CORRAL_GRACE_S": "2",
+        }
         env.pop("CORRAL_DATABASE_URL", None)
         with open(self.data / "server.log", "a") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([sys.executable, "-m", "scheduler.service"], env=env,
-                                         stdout=subprocess.DEVNULL, stderr=log)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "scheduler.service"], env=env, stdout=subprocess.DEVNULL, stderr=log
+            )
         end = time.monotonic() + 30
         while time.monotonic() < end:
             try:
@@ -92,15 +100,20 @@ def submit_all(server: Server, marks: Path, done: list[dict[str, Any]]) -> None:
     rng = random.Random(7)
     queues = ["nlp", "vision", "ranking", "ranking", "ads"]
     for i in range(JOBS):
-        body = {"name": f"burst-{i}", "queue": queues[i % len(queues)], "gpus": rng.choice([1, 1, 2]),
-                "command": [sys.executable, "-c", JOB.format(marks=str(marks), seconds=rng.uniform(0.3, 3.0))],
-                "idempotency_key": f"burst-{i}"}
+        body = {
+            "name": f"burst-{i}",
+            "queue": queues[i % len(queues)],
+            "gpus": rng.choice([1, 1, 2]),
+            "command": [sys.executable, "-c", JOB.format(marks=str(marks), seconds=rng.uniform(0.3, 3.0))],
+            "idempotency_key": f"burst-{i}",
+        }
         end = time.monotonic() + 60
         while True:
             try:
                 token = (server.data / "admin-token").read_text().strip()
-                r = httpx.post(f"{server.url}/v1/jobs", json=body, headers={"Authorization": f"Bearer {token}"},
-                               timeout=5)
+                r = httpx.post(
+                    f"{server.url}/v1/jobs", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=5
+                )
                 r.raise_for_status()
                 done.append(r.json())
                 break

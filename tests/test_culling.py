@@ -57,8 +57,15 @@ def test_defaults_are_five_percent_and_thirty_minutes() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"threshold_pct": 0}, {"idle_timeout_s": 0}, {"warn_before_s": 0}, {"warn_before_s": 2000},
-            {"mem_change_bytes": -1}, {"max_gap_s": 0}],
+    "bad",
+    [
+        {"threshold_pct": 0},
+        {"idle_timeout_s": 0},
+        {"warn_before_s": 0},
+        {"warn_before_s": 2000},
+        {"mem_change_bytes": -1},
+        {"max_gap_s": 0},
+    ],
 )
 def test_nonsense_policies_are_refused(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError):
@@ -145,8 +152,11 @@ def test_four_percent_noise_is_idle_but_one_sample_over_threshold_resets() -> No
     assert [(t, type(a), a.idle_since) for t, a in run(noisy)[:2]] == [(2.25, Warn, 0.25), (3.25, Stop, 0.25)]
     burst = [(t, dataclasses.replace(s, util_pct=6.0) if t == 2.5 else s) for t, s in noisy]
     got = run(burst)
-    assert [(t, type(a), a.idle_since) for t, a in got[:3]] == [(2.25, Warn, 0.25), (4.75, Warn, 2.75),
-                                                                 (5.75, Stop, 2.75)]
+    assert [(t, type(a), a.idle_since) for t, a in got[:3]] == [
+        (2.25, Warn, 0.25),
+        (4.75, Warn, 2.75),
+        (5.75, Stop, 2.75),
+    ]
 
 
 @needs_fixtures
@@ -269,8 +279,11 @@ class FakeNVML:
 
 @pytest.mark.parametrize(
     ("proc_util", "sm"),
-    [([(466, 1, 40), (466, 2, 97)], (97.0, 0.0)), (FakeNVML.NVMLError_NotFound(), (0.0, 0.0)),
-     (FakeNVML.NVMLError("Not Supported"), (None, None))],
+    [
+        ([(466, 1, 40), (466, 2, 97)], (97.0, 0.0)),
+        (FakeNVML.NVMLError_NotFound(), (0.0, 0.0)),
+        (FakeNVML.NVMLError("Not Supported"), (None, None)),
+    ],
 )
 def test_read_samples_through_nvml(monkeypatch: pytest.MonkeyPatch, proc_util: Any, sm: tuple[Any, Any]) -> None:
     monkeypatch.setattr(nvml_samples, "pynvml", FakeNVML(proc_util))
@@ -290,15 +303,24 @@ def test_load_trace_refuses_other_files(tmp_path: Path) -> None:
 def test_times_in_messages_are_what_people_read() -> None:
     """Warnings say "in 12 minutes, at 14:32 UTC", never raw epoch seconds or unrounded minutes."""
     assert [duration_text(s) for s in (5, 40, 60, 89, 719.4, 3600, 3900, 7260)] == [
-        "under a minute", "1 minute", "1 minute", "1 minute", "12 minutes", "1 hour", "1 hour 5 minutes",
-        "2 hours 1 minute"]
+        "under a minute",
+        "1 minute",
+        "1 minute",
+        "1 minute",
+        "12 minutes",
+        "1 hour",
+        "1 hour 5 minutes",
+        "2 hours 1 minute",
+    ]
     now = time.time()
     start = now - now % 86400 + 14 * 3600 + 20 * 60  # today 14:20 UTC
     assert clock_text(start + 12 * 60) == "14:32 UTC"
     assert clock_text(start - 3 * 86400).endswith(" 14:20 UTC") and clock_text(start - 3 * 86400)[:2] == "20"
     msg = warning_text(start - 18 * 60, start + 12 * 60, start)
-    assert msg == ("This notebook will be stopped in 12 minutes, at 14:32 UTC: its GPUs idle for 18 minutes "
-                   "(since 14:02 UTC). Use them or save work.")
+    assert msg == (
+        "This notebook will be stopped in 12 minutes, at 14:32 UTC: its GPUs idle for 18 minutes "
+        "(since 14:02 UTC). Use them or save work."
+    )
     assert len(warning_text(start - 3 * 3600, start + 3 * 3600, start)) <= 140  # a JupyterLab notification's
 
 

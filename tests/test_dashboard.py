@@ -126,8 +126,10 @@ def test_submit_form_and_pending_reason(svc: Service) -> None:
     token = csrf(c, "/ui/jobs/new")
     bad = c.post("/ui/jobs", data={"csrf": token, "queue": "nlp", "command": "true", "gpus": "-1"})
     assert bad.status_code == 422 and "gpus" in bad.text
-    hold = c.post("/ui/jobs", data={"csrf": token, "queue": "nlp", "command": "sleep 60", "gpus": "8",
-                                    "name": "hold", "preemptible": "1"})
+    hold = c.post(
+        "/ui/jobs",
+        data={"csrf": token, "queue": "nlp", "command": "sleep 60", "gpus": "8", "name": "hold", "preemptible": "1"},
+    )
     assert hold.status_code == 303
     svc.tick()
     wait = c.post("/ui/jobs", data={"csrf": token, "queue": "nlp", "command": "true", "name": "waiter"})
@@ -175,13 +177,22 @@ def test_whatif_runs_the_sim_report(svc: Service) -> None:
     admin = login(svc, "boss", Role.PLATFORM_ADMIN)
     form = admin.get("/ui/whatif").text
     assert 'value="demo.yaml"' in form
-    queues = ("queues:\n  - {name: research, quota: {h100: 24, l4: 4}}\n  - {name: product, quota: {h100: 8, l4: 4}}\n"
-              "  - {name: nlp, parent: research, quota: {h100: 16, l4: 2}}\n"
-              "  - {name: speech, parent: research, quota: {h100: 8, l4: 2}}\n"
-              "  - {name: vision, parent: product, quota: {h100: 4, l4: 4}}\n"
-              "  - {name: ranking, parent: product, quota: {h100: 4}}\n")
-    data = {"csrf": csrf(admin, "/ui/whatif"), "trace": "demo.yaml", "cluster": "demo.yaml", "queues": "text",
-            "queues_text": queues, "policy": ["corral", "fifo"], "limit": "100"}
+    queues = (
+        "queues:\n  - {name: research, quota: {h100: 24, l4: 4}}\n  - {name: product, quota: {h100: 8, l4: 4}}\n"
+        "  - {name: nlp, parent: research, quota: {h100: 16, l4: 2}}\n"
+        "  - {name: speech, parent: research, quota: {h100: 8, l4: 2}}\n"
+        "  - {name: vision, parent: product, quota: {h100: 4, l4: 4}}\n"
+        "  - {name: ranking, parent: product, quota: {h100: 4}}\n"
+    )
+    data = {
+        "csrf": csrf(admin, "/ui/whatif"),
+        "trace": "demo.yaml",
+        "cluster": "demo.yaml",
+        "queues": "text",
+        "queues_text": queues,
+        "policy": ["corral", "fifo"],
+        "limit": "100",
+    }
     r = admin.post("/ui/whatif", data=data)
     assert r.status_code == 303, r.text
     run = r.headers["location"]
@@ -204,17 +215,26 @@ def test_whatif_runs_the_sim_report(svc: Service) -> None:
 
 
 def test_sandbox_page_mine_and_all_with_idle_time_left_open_link_and_stop(tmp_path: Path) -> None:
-    svc = make_service(f"sqlite:///{tmp_path / 'corral.db'}", tmp_path, hub_url="https://hub.example.org",
-                       cull_interval_s=0.1)
+    svc = make_service(
+        f"sqlite:///{tmp_path / 'corral.db'}", tmp_path, hub_url="https://hub.example.org", cull_interval_s=0.1
+    )
     idle = {i: GpuSample(2.0, 1 << 30) for i in range(8)}
     object.__setattr__(svc.core.cluster.nodes["localhost"], "sample", lambda: dict(idle))  # GPUs measured, and idle
     ids = {}
     for user, queue, server in (("alice", "nlp", ""), ("alice", "nlp", "big"), ("bob", "ranking", "")):
         name = f"jupyter-{user}-{server}" if server else f"jupyter-{user}"
-        r = svc.admin.post("/v1/sandboxes", json={
-            "name": name, "queue": queue, "owner": user, "gpus": 0 if user == "bob" else 1,
-            "profile": "gpu1", "command": ["jupyterhub-singleuser"],
-            "env": {"JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:7001/user/x/"}})
+        r = svc.admin.post(
+            "/v1/sandboxes",
+            json={
+                "name": name,
+                "queue": queue,
+                "owner": user,
+                "gpus": 0 if user == "bob" else 1,
+                "profile": "gpu1",
+                "command": ["jupyterhub-singleuser"],
+                "env": {"JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:7001/user/x/"},
+            },
+        )
         assert r.status_code == 201, r.text
         ids[name] = r.json()["id"]
     for _ in range(3):
@@ -254,8 +274,16 @@ def test_whatif_replays_this_clusters_recorded_jobs(svc: Service) -> None:
     admin = login(svc, "boss", Role.PLATFORM_ADMIN)
     form = admin.get("/ui/whatif").text
     assert "Replay this cluster" in form and 'name="days"' in form
-    r = admin.post("/ui/whatif/replay", data={"csrf": csrf(admin, "/ui/whatif"), "days": "2", "queues": "none",
-                                              "policy": ["corral", "fifo"], "limit": "100"})
+    r = admin.post(
+        "/ui/whatif/replay",
+        data={
+            "csrf": csrf(admin, "/ui/whatif"),
+            "days": "2",
+            "queues": "none",
+            "policy": ["corral", "fifo"],
+            "limit": "100",
+        },
+    )
     assert r.status_code == 303, r.text
     run = r.headers["location"]
     deadline = time.monotonic() + 60
@@ -275,6 +303,7 @@ def test_whatif_replays_this_clusters_recorded_jobs(svc: Service) -> None:
 
 
 # ----- a real browser against a live service -----
+
 
 def _browser_missing() -> str | None:
     if not os.path.exists(CHROMIUM):
@@ -304,9 +333,16 @@ def live_service(tmp_path: Path, module: str = "scheduler.service", **settings: 
     """`python -m <module>` (the service, or a test's variant of it) with CORRAL_<NAME> settings added."""
     data, port = tmp_path / "data", _free_port()
     data.mkdir()
-    env = {**os.environ, "CORRAL_DATA_DIR": str(data), "CORRAL_PORT": str(port), "CORRAL_GPUS": "4",
-           "CORRAL_DEMO": "1", "CORRAL_TICK_S": "0.1", "CORRAL_GRACE_S": "2",
-           **{f"CORRAL_{k.upper()}": v for k, v in settings.items()}}
+    env = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(data),
+        "CORRAL_PORT": str(port),
+        "CORRAL_GPUS": "4",
+        "CORRAL_DEMO": "1",
+        "CORRAL_TICK_S": "0.1",
+        "CORRAL_GRACE_S": "2",
+        **{f"CORRAL_{k.upper()}": v for k, v in settings.items()},
+    }
     env.pop("CORRAL_DATABASE_URL", None)
     url = f"http://127.0.0.1:{port}"
     with open(tmp_path / "server.log", "w") as log:
@@ -430,18 +466,34 @@ def test_browser_sandboxes_page_and_replaying_this_cluster(tmp_path: Path) -> No
         if os.environ.get("CORRAL_REQUIRE_BROWSER") == "1":
             pytest.fail(f"CORRAL_REQUIRE_BROWSER=1 but {missing}")
         pytest.skip(missing)
-    with live_service(tmp_path, "tests.idle_gpu_service", cull_interval_s="1",
-                      hub_url="https://hub.example.org") as (url, token):
+    with live_service(tmp_path, "tests.idle_gpu_service", cull_interval_s="1", hub_url="https://hub.example.org") as (
+        url,
+        token,
+    ):
         api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
-        done = [api.post("/v1/jobs", json={"name": f"train-{i}", "queue": q, "gpus": 1, "command": "sleep 1"}
-                         ).json()["id"] for i, q in enumerate(("nlp", "ranking", "nlp", "vision"))]
+        done = [
+            api.post("/v1/jobs", json={"name": f"train-{i}", "queue": q, "gpus": 1, "command": "sleep 1"}).json()["id"]
+            for i, q in enumerate(("nlp", "ranking", "nlp", "vision"))
+        ]
         boxes = {}
-        for owner, queue, gpus, profile in (("admin", "nlp", 1, "h100"), ("alice", "ranking", 0, "cpu"),
-                                            ("bob", "vision", 1, "h100")):
-            r = api.post("/v1/sandboxes", json={
-                "name": f"jupyter-{owner}", "queue": queue, "owner": owner, "gpus": gpus, "profile": profile,
-                "idle_timeout_s": 1800, "command": ["sleep", "600"],
-                "env": {"JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{_free_port()}/user/{owner}/"}})
+        for owner, queue, gpus, profile in (
+            ("admin", "nlp", 1, "h100"),
+            ("alice", "ranking", 0, "cpu"),
+            ("bob", "vision", 1, "h100"),
+        ):
+            r = api.post(
+                "/v1/sandboxes",
+                json={
+                    "name": f"jupyter-{owner}",
+                    "queue": queue,
+                    "owner": owner,
+                    "gpus": gpus,
+                    "profile": profile,
+                    "idle_timeout_s": 1800,
+                    "command": ["sleep", "600"],
+                    "env": {"JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{_free_port()}/user/{owner}/"},
+                },
+            )
             assert r.status_code == 201, r.text
             boxes[owner] = r.json()["id"]
         end = time.monotonic() + 60
@@ -489,8 +541,9 @@ def test_browser_sandboxes_page_and_replaying_this_cluster(tmp_path: Path) -> No
                 page.get_by_label("Days to replay").fill("1")
                 shot("whatif-replay-form")
                 page.get_by_role("button", name="Replay this cluster").click()
-                expect(page.get_by_role("heading", name=re.compile("this cluster's jobs of the last 1 day"))
-                       ).to_be_visible()
+                expect(
+                    page.get_by_role("heading", name=re.compile("this cluster's jobs of the last 1 day"))
+                ).to_be_visible()
                 expect(page.locator("#run")).to_have_attribute("data-state", "done", timeout=90_000)
                 expect(page.get_by_text("Per policy").first).to_be_visible()
                 shot("whatif-replay-run", full=False)  # the report's top: it runs to several screens

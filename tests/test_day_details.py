@@ -49,8 +49,9 @@ def corral(service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
     return run
 
+
 ROOT = Path(__file__).resolve().parent.parent
-LOOP = ["sh", "-c", "for i in $(seq 3); do echo \"$i\"; done"]
+LOOP = ["sh", "-c", 'for i in $(seq 3); do echo "$i"; done']
 
 
 def test_the_started_event_reads_as_text_not_a_python_dict(corral: Corral, service: Service) -> None:
@@ -80,19 +81,26 @@ def test_top_ends_with_a_newline(corral: Corral, service: Service) -> None:
         assert out.endswith("\n") and not out.endswith("\n\n"), args
 
 
-def test_admission_policy_problems_are_reported_all_at_once(corral: Corral, service: Service,
-                                                             tmp_path: Path) -> None:
-    document = {"rules": [
-        {"name": "a", "defaults": {"queue": "nlp", "colour": "red"}, "allowed_images": [""]},
-        {"name": "a", "max_gpus_per_job": -1},
-        {"name": "b", "scope": {"queues": ["reserch"]}},
-    ]}
+def test_admission_policy_problems_are_reported_all_at_once(corral: Corral, service: Service, tmp_path: Path) -> None:
+    document = {
+        "rules": [
+            {"name": "a", "defaults": {"queue": "nlp", "colour": "red"}, "allowed_images": [""]},
+            {"name": "a", "max_gpus_per_job": -1},
+            {"name": "b", "scope": {"queues": ["reserch"]}},
+        ]
+    }
     r = service.admin.post("/v1/admission/apply", json={"document": document})
     assert r.status_code == 422
     problems = {(d["where"], d["problem"]) for d in r.json()["error"]["detail"]}
     text = " | ".join(f"{w}: {p}" for w, p in sorted(problems))
-    for expected in ("defaults may not set 'queue'", "defaults names 'colour'", "empty prefix",
-                     "rules.1.max_gpus_per_job", "repeated: a", "rules.2.scope.queues: queue 'reserch' does not exist"):
+    for expected in (
+        "defaults may not set 'queue'",
+        "defaults names 'colour'",
+        "empty prefix",
+        "rules.1.max_gpus_per_job",
+        "repeated: a",
+        "rules.2.scope.queues: queue 'reserch' does not exist",
+    ):
         assert expected in text, (expected, text)
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump(document))

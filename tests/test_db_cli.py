@@ -56,8 +56,10 @@ def test_downgrade_below_0006_drops_the_restart_state_columns(db_url: str) -> No
     code, text = corral_db(db_url, "downgrade", "--to", "0005")
     assert code == 0, text
     # What 0006 added (jobs.overtaken_at, attempts.admission) is gone; every row and its other columns stay.
-    trimmed = {t: [{k: v for k, v in r.items() if k not in ("overtaken_at", "admission")} for r in rows]
-               for t, rows in written.items()}
+    trimmed = {
+        t: [{k: v for k, v in r.items() if k not in ("overtaken_at", "admission")} for r in rows]
+        for t, rows in written.items()
+    }
     assert lost(db_url, trimmed) == []
     assert lost(db_url, written) != []
 
@@ -75,8 +77,11 @@ def test_bad_revisions_and_an_empty_database(db_url: str) -> None:
 
 def test_the_database_url_comes_from_the_service_settings(tmp_path: Path) -> None:
     # No URL: SQLite in the data dir, as `corral serve` would use it.
-    out = CliRunner().invoke(app, ["db", "upgrade"], env={"CORRAL_DATA_DIR": str(tmp_path / "data"),
-                                                          "CORRAL_DATABASE_URL": None, "CORRAL_CONFIG": ""})
+    out = CliRunner().invoke(
+        app,
+        ["db", "upgrade"],
+        env={"CORRAL_DATA_DIR": str(tmp_path / "data"), "CORRAL_DATABASE_URL": None, "CORRAL_CONFIG": ""},
+    )
     assert out.exit_code == 0, out.output
     assert current_revision(f"sqlite:///{tmp_path / 'data' / 'corral.db'}") == head_revision()
 
@@ -87,9 +92,16 @@ def test_migrate_on_start_off_refuses_a_database_behind_head(db_url: str, tmp_pa
     with pytest.raises(NotAtHead, match=r"run `corral db upgrade`"):
         make_service(db_url, tmp_path, migrate_on_start=False)
     assert current_revision(db_url) == prev  # untouched
-    out = CliRunner().invoke(app, ["serve", "--gpus", "1", "--port", str(free_port())], env={
-        "CORRAL_DATABASE_URL": db_url, "CORRAL_DATA_DIR": str(tmp_path / "data"), "CORRAL_MIGRATE_ON_START": "false",
-        "CORRAL_CONFIG": ""})
+    out = CliRunner().invoke(
+        app,
+        ["serve", "--gpus", "1", "--port", str(free_port())],
+        env={
+            "CORRAL_DATABASE_URL": db_url,
+            "CORRAL_DATA_DIR": str(tmp_path / "data"),
+            "CORRAL_MIGRATE_ON_START": "false",
+            "CORRAL_CONFIG": "",
+        },
+    )
     assert out.exit_code == 1
     assert f"the database is at migration {prev}" in out.output and "corral db upgrade" in out.output
     # After the upgrade it starts, with the rows it had.
@@ -108,6 +120,7 @@ def test_migrate_on_start_by_default(db_url: str, tmp_path: Path) -> None:
 
 
 # --- metrics_port ----------------------------------------------------------------------------------------------
+
 
 def test_metrics_on_their_own_port(tmp_path: Path) -> None:
     svc = make_service(f"sqlite:///{tmp_path / 'corral.db'}", tmp_path, metrics_port=free_port())
@@ -128,12 +141,20 @@ def test_metrics_on_their_own_port(tmp_path: Path) -> None:
 
 def test_corral_serve_with_metrics_port(tmp_path: Path, corral_cmd: list[str]) -> None:
     api, metrics = free_port(), free_port()
-    env = {**os.environ, "CORRAL_DATA_DIR": str(tmp_path / "data"), "CORRAL_METRICS_PORT": str(metrics),
-           "CORRAL_CONFIG": ""}
+    env = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(tmp_path / "data"),
+        "CORRAL_METRICS_PORT": str(metrics),
+        "CORRAL_CONFIG": "",
+    }
     env.pop("CORRAL_DATABASE_URL", None)
     (tmp_path / "data").mkdir()
-    proc = subprocess.Popen([*corral_cmd, "serve", "--gpus", "1", "--port", str(api)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*corral_cmd, "serve", "--gpus", "1", "--port", str(api)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

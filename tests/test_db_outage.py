@@ -37,8 +37,13 @@ def own_postgres() -> Iterator[tuple[str, int]]:
     if not os.environ.get(PG_ENV) and not os.environ.get("CORRAL_REQUIRE_POSTGRES"):
         pytest.skip(f"no PostgreSQL for tests: set {PG_ENV} (scripts/test does)")
     port = free_port()
-    out = subprocess.run([str(ROOT / "scripts" / "postgres")], env={**os.environ, "CORRAL_PG_PORT": str(port)},
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "postgres")],
+        env={**os.environ, "CORRAL_PG_PORT": str(port)},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     try:
         yield out.stdout.strip(), port
     finally:

@@ -89,8 +89,9 @@ def test_node_down_interrupts_whole_gang_and_node_up_restores() -> None:
 
 
 def test_min_runtime_wakeup_and_gpu_indices() -> None:
-    e = engine([queue("a", quota={"a100": 4}), queue("b", quota={"a100": 4})], nodes=1,
-               settings=Settings(min_runtime=30))
+    e = engine(
+        [queue("a", quota={"a100": 4}), queue("b", quota={"a100": 4})], nodes=1, settings=Settings(min_runtime=30)
+    )
     e.submit(job("a1", "a", gpus=3), 0)
     e.submit(job("a2", "a", gpus=3), 0)
     started = e.schedule(0)
@@ -175,8 +176,9 @@ def test_usable_free_gpus_follow_every_allocation_release_node_and_reservation()
 
 def test_sleeping_queues_that_tried_the_same_shapes_share_one_room_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """After a release, queues asleep on the same shapes get one answer per change to free room (memo.py)."""
-    e = engine([queue("a", quota={"a100": 6}), queue("c", quota={"a100": 1}),
-                queue("d", quota={"a100": 1})], nodes=2, gpus=4)
+    e = engine(
+        [queue("a", quota={"a100": 6}), queue("c", quota={"a100": 1}), queue("d", quota={"a100": 1})], nodes=2, gpus=4
+    )
     for i in range(2):
         e.submit(job(f"a{i}", "a", gpus=3), 0)  # one per node: 1 GPU left on each
     e.schedule(0)

@@ -37,8 +37,16 @@ def _log(w: World, reference: bool) -> dict[str, Any]:
     return log
 
 
-def crowded(seed: int, n_nodes: int, n_teams: int, n_jobs: int, guard: float, min_runtime: float,
-            mixed_priority: bool, gang: bool) -> World:
+def crowded(
+    seed: int,
+    n_nodes: int,
+    n_teams: int,
+    n_jobs: int,
+    guard: float,
+    min_runtime: float,
+    mixed_priority: bool,
+    gang: bool,
+) -> World:
     """A saturated pool shared by many small teams under a few departments, jobs of many shapes."""
     rng = random.Random(seed)
     gpus = n_nodes * 8
@@ -50,17 +58,24 @@ def crowded(seed: int, n_nodes: int, n_teams: int, n_jobs: int, guard: float, mi
     specs = [QueueSpec(f"d{d}", quota={"h100": sum(quotas[d::depts])}) for d in range(depts)]
     for t, quota in enumerate(quotas):
         limit = {"h100": quota + 8} if rng.random() < 0.25 else {}
-        specs.append(QueueSpec(f"t{t}", f"d{t % depts}", quota={"h100": quota}, limit=limit,
-                               weight=rng.choice([1, 2, 4])))
+        specs.append(
+            QueueSpec(f"t{t}", f"d{t % depts}", quota={"h100": quota}, limit=limit, weight=rng.choice([1, 2, 4]))
+        )
     tree = QueueTree(specs, {"h100": gpus})
     shapes = [(1, 1), (1, 2), (1, 4), (1, 8)] + ([(2, 8), (3, 4)] if gang else [])
     jobs, t = [], 0.0
     for i in range(n_jobs):
         t += rng.expovariate(1 / 3)
         workers, g = rng.choice(shapes)
-        spec = JobSpec(f"j{i}", f"t{rng.randrange(n_teams)}", "h100", gpus=g, workers=workers,
-                       priority=rng.choice([0, 0, 1, 2]) if mixed_priority else 0,
-                       preemptible=rng.random() < 0.9)
+        spec = JobSpec(
+            f"j{i}",
+            f"t{rng.randrange(n_teams)}",
+            "h100",
+            gpus=g,
+            workers=workers,
+            priority=rng.choice([0, 0, 1, 2]) if mixed_priority else 0,
+            preemptible=rng.random() < 0.9,
+        )
         jobs.append(SimJob(spec, round(t, 1), float(rng.randint(5, 400))))
     nodes = [NodeSpec(f"n{i}", "h100", 8) for i in range(n_nodes)]
     return world(nodes, tree, jobs, [], Settings(min_runtime=min_runtime, starvation_timeout=guard))
@@ -74,11 +89,26 @@ def test_small_worlds_decide_alike(case: Case) -> None:
 
 
 @settings(PROPERTY, max_examples=60)
-@given(seed=st.integers(0, 10**6), n_nodes=st.integers(1, 6), n_teams=st.integers(4, 40),
-       n_jobs=st.integers(20, 200), guard=st.sampled_from([NO_GUARD, 30.0, 120.0]),
-       min_runtime=st.sampled_from([0.0, 0.0, 20.0]), mixed_priority=st.booleans(), gang=st.booleans())
-def test_crowded_worlds_decide_alike(seed: int, n_nodes: int, n_teams: int, n_jobs: int, guard: float,
-                                     min_runtime: float, mixed_priority: bool, gang: bool) -> None:
+@given(
+    seed=st.integers(0, 10**6),
+    n_nodes=st.integers(1, 6),
+    n_teams=st.integers(4, 40),
+    n_jobs=st.integers(20, 200),
+    guard=st.sampled_from([NO_GUARD, 30.0, 120.0]),
+    min_runtime=st.sampled_from([0.0, 0.0, 20.0]),
+    mixed_priority=st.booleans(),
+    gang=st.booleans(),
+)
+def test_crowded_worlds_decide_alike(
+    seed: int,
+    n_nodes: int,
+    n_teams: int,
+    n_jobs: int,
+    guard: float,
+    min_runtime: float,
+    mixed_priority: bool,
+    gang: bool,
+) -> None:
     w = crowded(seed, n_nodes, n_teams, n_jobs, guard, min_runtime, mixed_priority, gang)
     assert _log(w, reference=False) == _log(w, reference=True)
 

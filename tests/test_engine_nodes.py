@@ -12,8 +12,14 @@ from tests.factories import pool_engine, queue
 
 def engine(nodes: int = 2, gpus: int = 8, cpus: float | None = None) -> Engine:
     """One queue "a" guaranteed every GPU of nodes n0, n1, ... (64 GB each when CPUs are counted)."""
-    return pool_engine([queue("a", quota={"a100": nodes * gpus})], nodes, gpus, cpus=cpus,
-                       memory_gb=None if cpus is None else 64.0, names="n{i}")
+    return pool_engine(
+        [queue("a", quota={"a100": nodes * gpus})],
+        nodes,
+        gpus,
+        cpus=cpus,
+        memory_gb=None if cpus is None else 64.0,
+        names="n{i}",
+    )
 
 
 job = partial(job_spec, queue="a", gpus=8)  # these tests' jobs are a's, a whole node each unless told

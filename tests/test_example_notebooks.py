@@ -29,13 +29,13 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCorral]:
     for corral in start_corral(tmp_path_factory.mktemp("corral")):
         admin = httpx.Client(base_url=corral.url, headers={"Authorization": f"Bearer {corral.token}"})
         pool = admin.get("/v1/pools").json()["pools"][0]["name"]
-        tree = {"queues": [{"name": "default", "quota": {pool: 0}}]
-                + [{"name": t, "quota": {pool: 1}} for t in TEAMS]}
+        tree = {"queues": [{"name": "default", "quota": {pool: 0}}] + [{"name": t, "quota": {pool: 1}} for t in TEAMS]}
         assert admin.post("/v1/queues/apply", json={"document": tree}).status_code == 200
         r = admin.post("/v1/tokens", json={"user": "nia", "role": "member", "scope": "vision"})
         assert r.status_code == 201, r.text
-        yield LiveCorral(corral.url, r.json()["token"],
-                         {**corral.env, "CORRAL_TOKEN": r.json()["token"], "CORRAL_QUEUE": "vision"})
+        yield LiveCorral(
+            corral.url, r.json()["token"], {**corral.env, "CORRAL_TOKEN": r.json()["token"], "CORRAL_QUEUE": "vision"}
+        )
 
 
 def run(path: Path, live: LiveCorral, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> nbformat.NotebookNode:
@@ -75,17 +75,24 @@ def test_train_script_notebook(live: LiveCorral, tmp_path: Path, monkeypatch: py
     assert "GPUs: 0" in shown or "GPUs: 1" in shown
     assert "completed" in shown and "tiny-train" in shown  # the job's card
     assert (tmp_path / "train.py").exists()
-    mine = httpx.get(f"{live.url}/v1/jobs", params={"state": "completed"},
-                     headers={"Authorization": f"Bearer {live.token}"}).json()["jobs"]
+    mine = httpx.get(
+        f"{live.url}/v1/jobs", params={"state": "completed"}, headers={"Authorization": f"Bearer {live.token}"}
+    ).json()["jobs"]
     assert {(j["queue"], j["owner"]) for j in mine if j["name"] == "tiny-train"} == {("vision", "nia")}
 
 
-def test_without_corral_queue_the_sdk_takes_the_members_one_queue(live: LiveCorral, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_corral_queue_the_sdk_takes_the_members_one_queue(
+    live: LiveCorral, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Outside a sandbox (no CORRAL_QUEUE) the SDK submits to the one queue the member may see, its team's."""
-    shown = text_of(run(EXAMPLES / "01_train_script.ipynb",
-                        LiveCorral(live.url, live.token, {k: v for k, v in live.env.items() if k != "CORRAL_QUEUE"}),
-                        tmp_path, monkeypatch))
+    shown = text_of(
+        run(
+            EXAMPLES / "01_train_script.ipynb",
+            LiveCorral(live.url, live.token, {k: v for k, v in live.env.items() if k != "CORRAL_QUEUE"}),
+            tmp_path,
+            monkeypatch,
+        )
+    )
     assert "final loss 0.0778" in shown and "vision" in shown
 
 

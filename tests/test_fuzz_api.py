@@ -37,18 +37,37 @@ from scheduler.service.api.auth import Role
 from scheduler.service.core.assemble import create_token
 from tests.service_kit import ScriptedExecutor, Service, make_service
 
-CHECKS: list[Callable[..., Any]] = [not_a_server_error, status_code_conformance, content_type_conformance,
-                                    response_schema_conformance, response_headers_conformance]
+CHECKS: list[Callable[..., Any]] = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+]
 # Examples per operation. Operations without parameters run out of distinct inputs after one; the rest make up a
 # role's total, which the test asserts (MIN_REQUESTS_PER_ROLE).
 EXAMPLES_PER_OPERATION = 40
 MIN_REQUESTS_PER_ROLE = 1000
-SCOPES: dict[Role, str | None] = {Role.PLATFORM_ADMIN: None, Role.TEAM_ADMIN: "research", Role.MEMBER: "nlp",
-                                  Role.MODEL_OWNER: "nlp", Role.VIEWER: "nlp"}
-FUZZ_SETTINGS = settings(max_examples=EXAMPLES_PER_OPERATION, derandomize=True, deadline=None, database=None,
-                         phases=[Phase.explicit, Phase.generate],  # failures are collected, not shrunk
-                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                                HealthCheck.data_too_large, HealthCheck.large_base_example])
+SCOPES: dict[Role, str | None] = {
+    Role.PLATFORM_ADMIN: None,
+    Role.TEAM_ADMIN: "research",
+    Role.MEMBER: "nlp",
+    Role.MODEL_OWNER: "nlp",
+    Role.VIEWER: "nlp",
+}
+FUZZ_SETTINGS = settings(
+    max_examples=EXAMPLES_PER_OPERATION,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],  # failures are collected, not shrunk
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
+)
 
 
 @dataclass
@@ -75,8 +94,10 @@ def seed(svc: Service, tmp: Path) -> None:
     """Jobs in nlp (the fuzzing teams' queue) and ranking (another team's): running, completed, pending; a model
     in nlp with one version from the completed job."""
     alice, bob = svc.client("alice", Role.MEMBER, "nlp"), svc.client("bob", Role.MEMBER, "ranking")
-    ids = [api.post("/v1/jobs", json={"queue": q, "command": ["train"], "gpus": g}).json()["id"]
-           for api, q, g in ((alice, "nlp", 1), (alice, "nlp", 1), (bob, "ranking", 2), (alice, "nlp", 8))]
+    ids = [
+        api.post("/v1/jobs", json={"queue": q, "command": ["train"], "gpus": g}).json()["id"]
+        for api, q, g in ((alice, "nlp", 1), (alice, "nlp", 1), (bob, "ranking", 2), (alice, "nlp", 8))
+    ]
     svc.tick()
     out = svc.executor.output_dir(str(ids[1]), 1)  # what the job wrote: its weights and metrics
     out.mkdir(parents=True)

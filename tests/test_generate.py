@@ -63,8 +63,24 @@ def test_what_the_trace_models(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_cli_writes_loadable_files_and_the_replay_checks(tmp_path: Path) -> None:
     trace, cluster = tmp_path / "t.csv", tmp_path / "c.yaml"
-    res = runner.invoke(app, ["sim", "generate", "services", "-o", str(trace), "--cluster", str(cluster),
-                              "--seed", "7", "--days", "3", "--batch-per-day", "12"])
+    res = runner.invoke(
+        app,
+        [
+            "sim",
+            "generate",
+            "services",
+            "-o",
+            str(trace),
+            "--cluster",
+            str(cluster),
+            "--seed",
+            "7",
+            "--days",
+            "3",
+            "--batch-per-day",
+            "12",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "wrote" in res.output and trace.read_bytes() == _files(tmp_path, SMALL, "same")[0].read_bytes()
     res = runner.invoke(app, ["sim", "trace", str(trace), "--cluster", str(cluster), "--json"])
@@ -74,18 +90,33 @@ def test_cli_writes_loadable_files_and_the_replay_checks(tmp_path: Path) -> None
         pytest.skip("check_trace.py not available")
     events = tmp_path / "e.json"
     events.write_text(res.stdout)
-    done = subprocess.run([sys.executable, str(tool), str(trace), str(cluster), str(events), "--json"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(tool), str(trace), str(cluster), str(events), "--json"], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout)["metrics"]["completed"] == len(load_trace(trace))
 
 
 def test_cli_bad_arguments(tmp_path: Path) -> None:
-    res = runner.invoke(app, ["sim", "generate", "services", "-o", str(tmp_path / "t.csv"), "--cluster",
-                              str(tmp_path / "c.yaml"), "--pools", "4"])
+    res = runner.invoke(
+        app,
+        [
+            "sim",
+            "generate",
+            "services",
+            "-o",
+            str(tmp_path / "t.csv"),
+            "--cluster",
+            str(tmp_path / "c.yaml"),
+            "--pools",
+            "4",
+        ],
+    )
     assert res.exit_code == 2
-    res = runner.invoke(app, ["sim", "generate", "services", "-o", str(tmp_path / "none" / "t.csv"), "--cluster",
-                              str(tmp_path / "c.yaml")])
+    res = runner.invoke(
+        app,
+        ["sim", "generate", "services", "-o", str(tmp_path / "none" / "t.csv"), "--cluster", str(tmp_path / "c.yaml")],
+    )
     assert res.exit_code == 2 and "cannot write the file" in res.output
 
 

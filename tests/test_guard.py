@@ -74,8 +74,11 @@ class CheckedHolds(list[Hold]):
             node = self.engine.pools[pool].pool.nodes.get(n.name) if n.pool == pool else None
             if node is None or not node.up:
                 continue
-            g, c, m = float(n.gpus), n.cpus if n.cpus is not None else float("inf"), (
-                n.memory_gb if n.memory_gb is not None else float("inf"))
+            g, c, m = (
+                float(n.gpus),
+                n.cpus if n.cpus is not None else float("inf"),
+                (n.memory_gb if n.memory_gb is not None else float("inf")),
+            )
             for j in running:
                 for name, gpus in j.workers:
                     if name == n.name:
@@ -116,12 +119,17 @@ def _guarantee_world(timeout: float) -> World:
     """Team a (quota 8) runs a stream of 4-GPU non-preemptible services, overlapping, so its non-preemptible GPUs
     never drop to 0; an 8-GPU non-preemptible job waits on that guarantee. Preemptible batch jobs of the same team
     keep arriving, and the pool (16 GPUs) always has room for them."""
-    services = [sim_job(f"svc{i}", submit=50 * i, duration=100, queue="team-a", gpus=4, preemptible=False)
-                for i in range(60)]
+    services = [
+        sim_job(f"svc{i}", submit=50 * i, duration=100, queue="team-a", gpus=4, preemptible=False) for i in range(60)
+    ]
     batch = [sim_job(f"batch{i}", submit=25 * i + 1, duration=20, queue="team-a", gpus=2) for i in range(120)]
     big = sim_job("big", submit=10, duration=100, queue="team-a", gpus=8, preemptible=False)
-    return world(nodes("a100", 2, 8), [queue("team-a", quota={"a100": 8})], [*services[:1], big, *services[1:], *batch],
-                 settings=Settings(starvation_timeout=timeout))
+    return world(
+        nodes("a100", 2, 8),
+        [queue("team-a", quota={"a100": 8})],
+        [*services[:1], big, *services[1:], *batch],
+        settings=Settings(starvation_timeout=timeout),
+    )
 
 
 def test_a_job_starving_on_its_guarantee_holds_back_only_non_preemptible_queue_mates() -> None:

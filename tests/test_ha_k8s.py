@@ -60,6 +60,7 @@ def leader_of(replicas: list[Replica], timeout: float = 120) -> Replica:
     def one() -> bool:
         found[:] = [r for r in replicas if r.proc.poll() is None and r.role() == "leader"]
         return len(found) == 1
+
     try:
         until("one leader", one, timeout)
     except TimeoutError:
@@ -68,8 +69,11 @@ def leader_of(replicas: list[Replica], timeout: float = 120) -> Replica:
 
 
 def pods_on(plane: ControlPlane, nodes: list[str]) -> list[Any]:
-    return [p for p in plane.core().list_pod_for_all_namespaces(label_selector=f"{k8s.MANAGED_BY}=corral").items
-            if p.spec.node_name in nodes and p.metadata.deletion_timestamp is None]
+    return [
+        p
+        for p in plane.core().list_pod_for_all_namespaces(label_selector=f"{k8s.MANAGED_BY}=corral").items
+        if p.spec.node_name in nodes and p.metadata.deletion_timestamp is None
+    ]
 
 
 def check_nothing_bound_twice(plane: ControlPlane, nodes: list[str]) -> None:
@@ -82,8 +86,7 @@ def check_nothing_bound_twice(plane: ControlPlane, nodes: list[str]) -> None:
     assert all(n <= GPUS for n in per_node.values()), per_node
 
 
-def test_kill_9_the_leader_while_jobs_arrive(cluster: tuple[ControlPlane, str, str, list[str]],
-                                             tmp_path: Path) -> None:
+def test_kill_9_the_leader_while_jobs_arrive(cluster: tuple[ControlPlane, str, str, list[str]], tmp_path: Path) -> None:
     plane, tag, db, nodes = cluster
     token = admin_token(db)
     env = base_env(plane, token_kubeconfig(plane, tmp_path / "kubeconfig"), db, tag)
@@ -95,6 +98,7 @@ def test_kill_9_the_leader_while_jobs_arrive(cluster: tuple[ControlPlane, str, s
         until("the follower ready", lambda: other.ready().get("role") == "follower", 30)
         pool = f"HA-{tag}"
         keys: list[str] = []
+
         def submit(target: Replica, n: int) -> None:
             for i in range(n):
                 key = f"{target.name}-{len(keys)}-{i}"
@@ -135,8 +139,9 @@ def test_kill_9_the_leader_while_jobs_arrive(cluster: tuple[ControlPlane, str, s
 
 
 @pytest.mark.parametrize("cut", ["apiserver", "database"])
-def test_a_leader_cut_off_stops_scheduling_and_the_other_leads(cluster: tuple[ControlPlane, str, str, list[str]],
-                                                               tmp_path: Path, cut: str) -> None:
+def test_a_leader_cut_off_stops_scheduling_and_the_other_leads(
+    cluster: tuple[ControlPlane, str, str, list[str]], tmp_path: Path, cut: str
+) -> None:
     plane, tag, db, nodes = cluster
     token = admin_token(db)
     kube = token_kubeconfig(plane, tmp_path / "kubeconfig")
@@ -146,15 +151,23 @@ def test_a_leader_cut_off_stops_scheduling_and_the_other_leads(cluster: tuple[Co
     relay = Relay((host, int(port))) if cut == "apiserver" else Relay(pg_address(db))
     try:
         if cut == "apiserver":  # a's only way to the API server is the relay
-            a = reps.start("a", CORRAL_K8S_KUBECONFIG=str(token_kubeconfig(
-                plane, tmp_path / "kubeconfig-a", f"https://127.0.0.1:{relay.port}")))
+            a = reps.start(
+                "a",
+                CORRAL_K8S_KUBECONFIG=str(
+                    token_kubeconfig(plane, tmp_path / "kubeconfig-a", f"https://127.0.0.1:{relay.port}")
+                ),
+            )
         else:  # a's only way to the database is the relay
             a = reps.start("a", CORRAL_DATABASE_URL=via(db, relay.port))
         assert leader_of([a]) is a
         b = reps.start("b")
         until("b follows", lambda: b.role() == "follower", 60)
-        code, _ = request(b.url + "/v1/jobs", token, "POST", {"queue": "default", "pool": f"HA-{tag}", "gpus": 8,
-                                                              "command": "sleep inf"})
+        code, _ = request(
+            b.url + "/v1/jobs",
+            token,
+            "POST",
+            {"queue": "default", "pool": f"HA-{tag}", "gpus": 8, "command": "sleep inf"},
+        )
         assert code in (200, 201)
         until("a's job running", lambda: len(pods_on(plane, nodes)) == 1, 60)
         cut_at = time.monotonic()
@@ -164,8 +177,12 @@ def test_a_leader_cut_off_stops_scheduling_and_the_other_leads(cluster: tuple[Co
         assert a.proc.returncode == 3, a.tail()
         assert stopped < 8 + 2 * 2 + 3, stopped  # the renew deadline, a round or two
         assert leader_of([b], 45) is b
-        code, _ = request(b.url + "/v1/jobs", token, "POST", {"queue": "default", "pool": f"HA-{tag}", "gpus": 8,
-                                                              "command": "sleep inf"})
+        code, _ = request(
+            b.url + "/v1/jobs",
+            token,
+            "POST",
+            {"queue": "default", "pool": f"HA-{tag}", "gpus": 8, "command": "sleep inf"},
+        )
         until("b schedules", lambda: len(pods_on(plane, nodes)) == 2, 60)
         check_nothing_bound_twice(plane, nodes)
     finally:

@@ -85,6 +85,7 @@ def image() -> Image:
     d = _image_dir()
     archive = d / f"corral-{VERSION}.oci.tar"
     with tarfile.open(archive) as tar:
+
         def blob(digest: str) -> bytes:
             algo, _, hexdigest = digest.partition(":")
             f = tar.extractfile(f"blobs/{algo}/{hexdigest}")
@@ -143,8 +144,9 @@ def test_rootfs_user_and_no_compiler(image: Image) -> None:
     found = []
     for d in ("usr/bin", "bin", "usr/local/bin", "usr/sbin", "opt/corral/bin"):
         for p in (r / d).iterdir() if (r / d).is_dir() else ():
-            if re.fullmatch(r"(.*-)?(gcc|g\+\+|cc|c\+\+|cpp|clang|clang\+\+|tcc|as|ld|ld\.bfd|ld\.gold)(-[0-9.]+)?",
-                            p.name):
+            if re.fullmatch(
+                r"(.*-)?(gcc|g\+\+|cc|c\+\+|cpp|clang|clang\+\+|tcc|as|ld|ld\.bfd|ld\.gold)(-[0-9.]+)?", p.name
+            ):
                 found.append(f"/{d}/{p.name}")
     assert found == [], f"compilers or linkers in the image: {found}"
     status = (r / "var/lib/dpkg/status").read_text()
@@ -194,6 +196,7 @@ def test_chart_default_image_is_this_one(image: Image) -> None:
 
 # --- running the image -------------------------------------------------------------------------------------
 
+
 class Runner:
     """Runs commands in the image: podman (runc) on the OCI archive, or a chroot of the unpacked root fs."""
 
@@ -202,19 +205,45 @@ class Runner:
         self.podman = shutil.which("podman") is not None and shutil.which("runc") is not None
         self.how = "podman run (runc) of the OCI archive" if self.podman else "chroot into the unpacked rootfs"
         self.runroot = Path(tempfile.mkdtemp(prefix="corral-image-", dir="/tmp"))  # podman: at most 50 characters
-        self.base = ["podman", "--root", str(work / "storage"), "--runroot", str(self.runroot),
-                     "--storage-driver", "overlay", "--cgroup-manager", "cgroupfs", "--events-backend", "file",
-                     "--runtime", "runc"]
+        self.base = [
+            "podman",
+            "--root",
+            str(work / "storage"),
+            "--runroot",
+            str(self.runroot),
+            "--storage-driver",
+            "overlay",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "file",
+            "--runtime",
+            "runc",
+        ]
         self.ref = f"oci-archive:{image.archive}"
         self.env = dict(e.split("=", 1) for e in image.config["config"]["Env"])
 
     def argv(self, args: list[str], env: dict[str, str], data_dir: Path | None, name: str | None = None) -> list[str]:
         if self.podman:
             # podman's default limits (above this machine's hard limits) cannot be set here: ask for modest ones.
-            nofile, nproc = (min(resource.getrlimit(lim)[1] % (1 << 62), 4096)
-                             for lim in (resource.RLIMIT_NOFILE, resource.RLIMIT_NPROC))
-            cmd = [*self.base, "run", "--rm", "--network", "host", "--read-only", "--tmpfs", "/tmp",
-                   "--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", f"nproc={nproc}:{nproc}"]
+            nofile, nproc = (
+                min(resource.getrlimit(lim)[1] % (1 << 62), 4096)
+                for lim in (resource.RLIMIT_NOFILE, resource.RLIMIT_NPROC)
+            )
+            cmd = [
+                *self.base,
+                "run",
+                "--rm",
+                "--network",
+                "host",
+                "--read-only",
+                "--tmpfs",
+                "/tmp",
+                "--ulimit",
+                f"nofile={nofile}:{nofile}",
+                "--ulimit",
+                f"nproc={nproc}:{nproc}",
+            ]
             if name:
                 cmd += ["--name", name]
             if data_dir is not None:
@@ -224,20 +253,37 @@ class Runner:
             return [*cmd, self.ref, *args]
         # The image's entrypoint and environment, by hand.
         r = self.image.rootfs
-        inner = ["chroot", f"--userspec={UID}:{UID}", str(r), "/usr/bin/env", "-i",
-                 *(f"{k}={v}" for k, v in {**self.env, **env}.items()), "sh", "-c", 'cd "$HOME" && exec "$@"', "-",
-                 "corral", *args]
-        mount = f"mount --bind {shlex.quote(str(data_dir))} {shlex.quote(str(r / 'var/lib/corral'))} && " \
-            if data_dir is not None else ""
-        return ["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mount}exec \"$@\"", "-", *inner]
+        inner = [
+            "chroot",
+            f"--userspec={UID}:{UID}",
+            str(r),
+            "/usr/bin/env",
+            "-i",
+            *(f"{k}={v}" for k, v in {**self.env, **env}.items()),
+            "sh",
+            "-c",
+            'cd "$HOME" && exec "$@"',
+            "-",
+            "corral",
+            *args,
+        ]
+        mount = (
+            f"mount --bind {shlex.quote(str(data_dir))} {shlex.quote(str(r / 'var/lib/corral'))} && "
+            if data_dir is not None
+            else ""
+        )
+        return ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mount}exec "$@"', "-", *inner]
 
     def close(self) -> None:
         if self.podman:
             subprocess.run([*self.base, "rm", "--all", "--force"], capture_output=True, timeout=60)
             # Faster than `podman system reset`: unmount whatever podman left mounted there, then delete.
             for d in (self.work, self.runroot):
-                mounts = [ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()
-                          if ln.split()[1].startswith(f"{d}/")]
+                mounts = [
+                    ln.split()[1]
+                    for ln in Path("/proc/self/mounts").read_text().splitlines()
+                    if ln.split()[1].startswith(f"{d}/")
+                ]
                 for m in sorted(mounts, key=len, reverse=True):
                     subprocess.run(["umount", "--lazy", m], capture_output=True, timeout=30)
             shutil.rmtree(self.work, ignore_errors=True)
@@ -286,8 +332,12 @@ def test_serve_answers_readyz(runner: Runner, tmp_path: Path) -> None:
     port = _free_port()
     env = {"CORRAL_HOST": "127.0.0.1", "CORRAL_PORT": str(port), "CORRAL_DATA_DIR": "/var/lib/corral"}
     log = (tmp_path / "serve.log").open("w+")
-    proc = subprocess.Popen(runner.argv(["serve"], env, data, name=f"corral-test-{port}"), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        runner.argv(["serve"], env, data, name=f"corral-test-{port}"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 90
         status, body = 0, b""
@@ -304,8 +354,9 @@ def test_serve_answers_readyz(runner: Runner, tmp_path: Path) -> None:
         assert (data / "corral.db").stat().st_uid == UID
     finally:
         if runner.podman:
-            subprocess.run([*runner.base, "stop", "--time", "10", f"corral-test-{port}"], capture_output=True,
-                           timeout=60)
+            subprocess.run(
+                [*runner.base, "stop", "--time", "10", f"corral-test-{port}"], capture_output=True, timeout=60
+            )
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 15)
         try:

@@ -29,8 +29,10 @@ def _write(tmp_path: Path, text: str, name: str = "philly.csv") -> Path:
     return p
 
 
-@pytest.mark.parametrize(("n", "shape"), [(1, (1, 1)), (8, (1, 8)), (16, (2, 8)), (12, (2, 6)), (24, (3, 8)),
-                                          (128, (16, 8)), (11, (11, 1)), (18, (3, 6))])
+@pytest.mark.parametrize(
+    ("n", "shape"),
+    [(1, (1, 1)), (8, (1, 8)), (16, (2, 8)), (12, (2, 6)), (24, (3, 8)), (128, (16, 8)), (11, (11, 1)), (18, (3, 6))],
+)
 def test_gang_keeps_the_gpu_count_and_fits_a_node(n: int, shape: tuple[int, int]) -> None:
     assert gang(n) == shape
     workers, gpus = gang(n)
@@ -64,26 +66,33 @@ def test_pool_option(tmp_path: Path) -> None:
 
 
 def test_pure_function_over_rows() -> None:
-    rows = [(2, {"timestamp": "100", "duration": "5", "num_gpus": "4.0", "cluster": "a"}),
-            (3, {"timestamp": "40", "duration": "1", "num_gpus": "32", "cluster": "b"})]
+    rows = [
+        (2, {"timestamp": "100", "duration": "5", "num_gpus": "4.0", "cluster": "a"}),
+        (3, {"timestamp": "40", "duration": "1", "num_gpus": "32", "cluster": "b"}),
+    ]
     out = philly(rows, ImportOptions(pool="x", gpus_per_node=4))
     assert [(j.id, j.submit, j.queue, j.workers, j.gpus) for j in out] == [
-        ("p000001", 0.0, "vc-b", 8, 4), ("p000002", 60.0, "vc-a", 1, 4)]
+        ("p000001", 0.0, "vc-b", 8, 4),
+        ("p000002", 60.0, "vc-a", 1, 4),
+    ]
     with pytest.raises(RowError) as e:
         philly([(7, {"timestamp": "1", "duration": "1", "num_gpus": "1.5", "cluster": "a"})], ImportOptions())
     assert (e.value.line, e.value.column) == (7, "num_gpus")
     assert "philly" in FORMATS
 
 
-@pytest.mark.parametrize(("text", "where"), [
-    (PHILLY.replace("2951.0,16", "long,16"), "line 3, column duration: 'long' is not a number"),
-    (PHILLY.replace("10.5,12", "-3,12"), "line 4, column duration"),
-    (PHILLY.replace("100,8,800", "100,0,800"), "line 5, column num_gpus"),
-    (PHILLY.replace("66.0,1,66.0", "66.0,two,66.0"), "line 2, column num_gpus"),
-    (PHILLY.replace("2017-10-09 08:00:00", "yesterday"), "line 5, column timestamp"),
-    (PHILLY.replace(",ee9e8c", ","), "line 5, column cluster"),
-    (PHILLY.replace("num_gpus", "gpus"), "line 1: the header lacks column(s) num_gpus"),
-])
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (PHILLY.replace("2951.0,16", "long,16"), "line 3, column duration: 'long' is not a number"),
+        (PHILLY.replace("10.5,12", "-3,12"), "line 4, column duration"),
+        (PHILLY.replace("100,8,800", "100,0,800"), "line 5, column num_gpus"),
+        (PHILLY.replace("66.0,1,66.0", "66.0,two,66.0"), "line 2, column num_gpus"),
+        (PHILLY.replace("2017-10-09 08:00:00", "yesterday"), "line 5, column timestamp"),
+        (PHILLY.replace(",ee9e8c", ","), "line 5, column cluster"),
+        (PHILLY.replace("num_gpus", "gpus"), "line 1: the header lacks column(s) num_gpus"),
+    ],
+)
 def test_bad_rows_exit_2_naming_file_line_column(tmp_path: Path, text: str, where: str) -> None:
     src = _write(tmp_path, text)
     res = runner.invoke(app, ["sim", "import", "philly", str(src), "-o", str(tmp_path / "out.csv")])

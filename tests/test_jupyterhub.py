@@ -110,8 +110,10 @@ c.JupyterHub.services = [
 """
 
 
-PROFILES = [{"name": "gpu1", "display": "1 x GPU", "gpus": 1},
-            {"name": "gpu2", "display": "2 x GPU", "gpus": 2, "groups": ["team-b"]}]
+PROFILES = [
+    {"name": "gpu1", "display": "1 x GPU", "gpus": 1},
+    {"name": "gpu2", "display": "2 x GPU", "gpus": 2, "groups": ["team-b"]},
+]
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +123,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def hub_stack(home: Path, profiles: list[dict[str, Any]], corral: list[str] | None = None,
-              corral_env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+def hub_stack(
+    home: Path,
+    profiles: list[dict[str, Any]],
+    corral: list[str] | None = None,
+    corral_env: dict[str, str] | None = None,
+) -> Iterator[dict[str, Any]]:
     """Corral (`python -m scheduler.service`, or the `corral` argv given) on 4 virtual GPUs with the demo queues,
     and a JupyterHub (dummy authenticator, configurable-http-proxy) spawning through it with these profiles."""
     proxy = proxy_command()
@@ -141,8 +147,12 @@ def hub_stack(home: Path, profiles: list[dict[str, Any]], corral: list[str] | No
         # This checkout too (the editable install's .pth is not read from PYTHONPATH), and where this venv keeps
         # Jupyter's config (which server extensions are on), data and JupyterLab's assets: not under /usr.
         share = Path(sys.prefix) / "share" / "jupyter"
-        environment = {"PYTHONPATH": os.pathsep.join([*site, str(ROOT)]), "JUPYTERLAB_DIR": str(share / "lab"),
-                       "JUPYTER_CONFIG_PATH": str(Path(sys.prefix) / "etc" / "jupyter"), "JUPYTER_PATH": str(share)}
+        environment = {
+            "PYTHONPATH": os.pathsep.join([*site, str(ROOT)]),
+            "JUPYTERLAB_DIR": str(share / "lab"),
+            "JUPYTER_CONFIG_PATH": str(Path(sys.prefix) / "etc" / "jupyter"),
+            "JUPYTER_PATH": str(share),
+        }
         (home / "data").symlink_to(data)  # where the tests look; the service is given the real path
     else:
         data = home / "data"
@@ -151,34 +161,74 @@ def hub_stack(home: Path, profiles: list[dict[str, Any]], corral: list[str] | No
     corral_port, hub_port, hub_api_port = free_port(), free_port(), free_port()
     groups = {"team-a": "nlp", "team-b": "ranking"}
     corral_url = f"http://127.0.0.1:{corral_port}"
-    env = {**os.environ, "CORRAL_DATA_DIR": str(data), "CORRAL_PORT": str(corral_port),
-           "CORRAL_GPUS": "4", "CORRAL_DEMO": "1", "CORRAL_TICK_S": "0.1", "CORRAL_GRACE_S": "3",
-           "CORRAL_HUB_API_URL": f"http://127.0.0.1:{hub_api_port}/hub/api", "CORRAL_HUB_GROUPS": json.dumps(groups),
-           "CORRAL_RUN_AS": "users" if python is not None else "service", "CORRAL_UID_MIN": str(UID_MIN),
-           "CORRAL_UID_MAX": str(UID_MAX), **(corral_env or {})}
+    env = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(data),
+        "CORRAL_PORT": str(corral_port),
+        "CORRAL_GPUS": "4",
+        "CORRAL_DEMO": "1",
+        "CORRAL_TICK_S": "0.1",
+        "CORRAL_GRACE_S": "3",
+        "CORRAL_HUB_API_URL": f"http://127.0.0.1:{hub_api_port}/hub/api",
+        "CORRAL_HUB_GROUPS": json.dumps(groups),
+        "CORRAL_RUN_AS": "users" if python is not None else "service",
+        "CORRAL_UID_MIN": str(UID_MIN),
+        "CORRAL_UID_MAX": str(UID_MAX),
+        **(corral_env or {}),
+    }
     env.pop("CORRAL_DATABASE_URL", None)
     procs: list[subprocess.Popen[bytes]] = []
     with open(home / "corral.log", "w") as log:
-        procs.append(subprocess.Popen(corral or [sys.executable, "-m", "scheduler.service"], env=env, stdout=log,
-                                      stderr=log))
+        procs.append(
+            subprocess.Popen(corral or [sys.executable, "-m", "scheduler.service"], env=env, stdout=log, stderr=log)
+        )
     try:
         wait_for(lambda: httpx.get(f"{corral_url}/readyz").status_code == 200, "Corral")
         admin = (home / "data" / "admin-token").read_text().strip()
         tester = secrets.token_hex(16)
-        (home / "jupyterhub_config.py").write_text(HUB_CONFIG.format(
-            hub_port=hub_port, hub_api_port=hub_api_port, home=home, proxy=proxy, proxy_token=secrets.token_hex(16),
-            cmd=cmd, environment=environment, root=os.geteuid() == 0, corral_url=corral_url, corral_token=admin,
-            groups=groups, tester_token=tester, corral_service_token=secrets.token_hex(16), profiles=profiles))
+        (home / "jupyterhub_config.py").write_text(
+            HUB_CONFIG.format(
+                hub_port=hub_port,
+                hub_api_port=hub_api_port,
+                home=home,
+                proxy=proxy,
+                proxy_token=secrets.token_hex(16),
+                cmd=cmd,
+                environment=environment,
+                root=os.geteuid() == 0,
+                corral_url=corral_url,
+                corral_token=admin,
+                groups=groups,
+                tester_token=tester,
+                corral_service_token=secrets.token_hex(16),
+                profiles=profiles,
+            )
+        )
         hub_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
         with open(home / "hub.log", "w") as log:
-            procs.append(subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(home / "jupyterhub_config.py")],
-                                          cwd=home, env=hub_env, stdout=log, stderr=log))
-        hub = httpx.Client(base_url=f"http://127.0.0.1:{hub_port}/hub/api",
-                           headers={"Authorization": f"token {tester}"}, timeout=60)
+            procs.append(
+                subprocess.Popen(
+                    [str(BIN / "jupyterhub"), "-f", str(home / "jupyterhub_config.py")],
+                    cwd=home,
+                    env=hub_env,
+                    stdout=log,
+                    stderr=log,
+                )
+            )
+        hub = httpx.Client(
+            base_url=f"http://127.0.0.1:{hub_port}/hub/api", headers={"Authorization": f"token {tester}"}, timeout=60
+        )
         wait_for(lambda: hub.get("/").status_code == 200, "JupyterHub")
         corral = httpx.Client(base_url=corral_url, headers={"Authorization": f"Bearer {admin}"}, timeout=30)
-        yield {"hub": hub, "corral": corral, "corral_url": corral_url, "home": home, "as_users": python is not None,
-               "hub_url": f"http://127.0.0.1:{hub_port}", "data": data}
+        yield {
+            "hub": hub,
+            "corral": corral,
+            "corral_url": corral_url,
+            "home": home,
+            "as_users": python is not None,
+            "hub_url": f"http://127.0.0.1:{hub_port}",
+            "data": data,
+        }
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -206,8 +256,13 @@ def test_spawn_within_quota_runs_on_its_gpus(stack: dict[str, Any]) -> None:
     wait_for(lambda: server_ready(stack, "alice"), "alice's server")
     (box,) = [b for b in sandboxes(stack) if b["owner"] == "alice"]
     assert (box["queue"], box["gpus"], box["state"], box["preemptible"]) == ("nlp", 1, "running", False)
-    held = [g for p in stack["corral"].get("/v1/pools").json()["pools"] for n in p["nodes"] for g in n["gpus"]
-            if g["job"] == box["id"]]
+    held = [
+        g
+        for p in stack["corral"].get("/v1/pools").json()["pools"]
+        for n in p["nodes"]
+        for g in n["gpus"]
+        if g["job"] == box["id"]
+    ]
     assert len(held) == 1
 
 
@@ -253,8 +308,9 @@ def test_the_notebook_talks_to_corral_as_its_user(stack: dict[str, Any]) -> None
 def test_spawn_over_quota_is_refused_at_once_with_the_reason(stack: dict[str, Any]) -> None:
     r = stack["hub"].post("/users/alice/servers/second", json={"profile": "gpu1"})
     assert r.status_code == 409, r.text
-    assert ("team nlp holds 1 non-preemptible GPUs of local and this notebook needs 1: 2 > quota 1"
-            in r.json()["message"])
+    assert (
+        "team nlp holds 1 non-preemptible GPUs of local and this notebook needs 1: 2 > quota 1" in r.json()["message"]
+    )
     assert [b["owner"] for b in sandboxes(stack)].count("alice") == 1
 
 
@@ -265,10 +321,13 @@ def test_profiles_are_restricted_per_group(stack: dict[str, Any]) -> None:
 
 
 def test_hub_tokens_carry_groups_and_scopes_into_corral(stack: dict[str, Any]) -> None:
-    tokens = {u: stack["hub"].post(f"/users/{u}/tokens", json={"note": "test"}).json()["token"]
-              for u in ("alice", "bob")}
-    as_user = {u: httpx.Client(base_url=stack["corral_url"], headers={"Authorization": f"token {t}"}, timeout=30)
-               for u, t in tokens.items()}
+    tokens = {
+        u: stack["hub"].post(f"/users/{u}/tokens", json={"note": "test"}).json()["token"] for u in ("alice", "bob")
+    }
+    as_user = {
+        u: httpx.Client(base_url=stack["corral_url"], headers={"Authorization": f"token {t}"}, timeout=30)
+        for u, t in tokens.items()
+    }
     job = {"queue": "ranking", "gpus": 0, "command": ["sleep", "30"]}
     bob_job = as_user["bob"].post("/v1/jobs", json=job)
     assert bob_job.status_code == 201, bob_job.text
@@ -293,8 +352,9 @@ def test_stopping_the_server_frees_its_gpus_at_once(stack: dict[str, Any]) -> No
     assert free == 4
 
 
-def test_the_sdk_finds_corral_through_the_hub_with_no_configuration(stack: dict[str, Any],
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_sdk_finds_corral_through_the_hub_with_no_configuration(
+    stack: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without CORRAL_URL, a notebook's SDK goes to the hub's service URL, <hub>/services/corral: the hub's proxy
     forwards the whole path to Corral, which answers there as at its root."""
     origin = str(stack["hub"].base_url).split("/hub/api")[0]

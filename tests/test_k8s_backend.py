@@ -76,8 +76,16 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
 @pytest.fixture
 def executor(cluster: Cluster, tmp_path: Path) -> Iterator[KubernetesExecutor]:
     prefix = f"c{uuid.uuid4().hex[:5]}-"
-    ex = KubernetesExecutor(cluster.plane.corral_client(), tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=prefix,
-                            node_selector=f"{TEST_LABEL}={cluster.tag}", watch_s=2, foreign_pods=False)
+    ex = KubernetesExecutor(
+        cluster.plane.corral_client(),
+        tmp_path / "k8s",
+        IMAGE,
+        grace_s=1,
+        namespace_prefix=prefix,
+        node_selector=f"{TEST_LABEL}={cluster.tag}",
+        watch_s=2,
+        foreign_pods=False,
+    )
     yield ex
     ex.close()
     core = cluster.plane.core()
@@ -90,17 +98,26 @@ def pods_of(ex: KubernetesExecutor, job: str, attempt: int = 1) -> list[Any]:
 
 
 def running(ex: KubernetesExecutor, job: str, n: int, attempt: int = 1) -> list[Any]:
-    until(f"{n} pods of {job} running",
-          lambda: [p.status.phase for p in pods_of(ex, job, attempt)] == ["Running"] * n)
+    until(f"{n} pods of {job} running", lambda: [p.status.phase for p in pods_of(ex, job, attempt)] == ["Running"] * n)
     return pods_of(ex, job, attempt)
 
 
 def finish(ex: KubernetesExecutor, pod: Any, code: int) -> None:
     """End a pod as its kubelet would: phase and the container's terminated state."""
     phase = "Succeeded" if code == 0 else "Failed"
-    status = {"phase": phase, "containerStatuses": [{
-        "name": k8s.CONTAINER, "image": IMAGE, "imageID": "", "ready": False, "restartCount": 0,
-        "state": {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}}}]}
+    status = {
+        "phase": phase,
+        "containerStatuses": [
+            {
+                "name": k8s.CONTAINER,
+                "image": IMAGE,
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}},
+            }
+        ],
+    }
     kubelet().patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
 
 
@@ -110,12 +127,14 @@ def wait_exits(ex: KubernetesExecutor, want: set[tuple[str, int]], timeout: floa
     def done() -> bool:
         got.update({e.job_id: e for e in ex.poll(time.time())})
         return {(j, e.attempt) for j, e in got.items()} >= want
+
     until(f"exits of {want}", done, timeout)
     return got
 
 
-def launch(job: str, gpus: dict[str, list[int]], workers: int = 1, queue: str = "nlp",
-           command: str = "sleep inf") -> Launch:
+def launch(
+    job: str, gpus: dict[str, list[int]], workers: int = 1, queue: str = "nlp", command: str = "sleep inf"
+) -> Launch:
     return Launch(job, 1, command, gpus, {"CORRAL_QUEUE": queue, "CORRAL_WORKERS": str(workers)})
 
 
@@ -126,6 +145,7 @@ def watch_for(watcher: NodeWatcher, node: str) -> list[NodeChange]:
     def seen() -> bool:
         changes.extend(watcher.changes(1))
         return any(c.name == node for c in changes)
+
     until(f"a change of {node} seen by the watch", seen)
     return changes
 
@@ -159,8 +179,9 @@ def test_discovery_pools_and_node_changes(cluster: Cluster) -> None:
     assert node in watcher.known
 
 
-def test_pods_are_bound_where_corral_chose_and_terminate_deletes_them(cluster: Cluster,
-                                                                      executor: KubernetesExecutor) -> None:
+def test_pods_are_bound_where_corral_chose_and_terminate_deletes_them(
+    cluster: Cluster, executor: KubernetesExecutor
+) -> None:
     (a, b), (c, _) = cluster.nodes.values()
     t = uuid.uuid4().hex[:5]
     one, gang, packed = f"one{t}", f"gang{t}", f"pack{t}"
@@ -205,8 +226,7 @@ def test_exits_succeeded_failed_and_deleted(cluster: Cluster, executor: Kubernet
     assert pods_of(executor, gang) == []  # the surviving worker was deleted with the gang
 
 
-def test_a_new_executor_adopts_pods_by_label(cluster: Cluster, executor: KubernetesExecutor,
-                                             tmp_path: Path) -> None:
+def test_a_new_executor_adopts_pods_by_label(cluster: Cluster, executor: KubernetesExecutor, tmp_path: Path) -> None:
     (a, b), _ = cluster.nodes.values()
     t = uuid.uuid4().hex[:5]
     long, done, unbound = f"long{t}", f"done{t}", f"unb{t}"
@@ -216,10 +236,15 @@ def test_a_new_executor_adopts_pods_by_label(cluster: Cluster, executor: Kuberne
     running(executor, long, 2)
     # Crashed between creating a pod and binding it: the pod waits, Pending and unbound.
     ns = f"{executor.prefix}nlp"
-    executor.core.create_namespaced_pod(ns, k8s.pod(unbound, 1, 0, namespace=ns, node=b, gpus=1, image=IMAGE,
-                                                    command="sleep inf", env={"CORRAL_QUEUE": "nlp"}))
-    again = KubernetesExecutor(cluster.plane.corral_client(), tmp_path / "k8s2", IMAGE, grace_s=1,
-                               namespace_prefix=executor.prefix)
+    executor.core.create_namespaced_pod(
+        ns,
+        k8s.pod(
+            unbound, 1, 0, namespace=ns, node=b, gpus=1, image=IMAGE, command="sleep inf", env={"CORRAL_QUEUE": "nlp"}
+        ),
+    )
+    again = KubernetesExecutor(
+        cluster.plane.corral_client(), tmp_path / "k8s2", IMAGE, grace_s=1, namespace_prefix=executor.prefix
+    )
     assert again.adopt(Handle(long, 1, None, 0.0)) is None
     assert again.adopt(Handle(done, 1, None, 0.0)) == Exit(done, 1, 0, "ended while Corral was down")
     gone = again.adopt(Handle(f"never{t}", 1, None, 0.0))
@@ -232,8 +257,9 @@ def test_a_new_executor_adopts_pods_by_label(cluster: Cluster, executor: Kuberne
     assert wait_exits(again, {(long, 1), (unbound, 1)})[long].code == -15
 
 
-def test_a_look_alike_pod_elsewhere_neither_ends_the_gang_nor_gets_bound(cluster: Cluster,
-                                                                        executor: KubernetesExecutor) -> None:
+def test_a_look_alike_pod_elsewhere_neither_ends_the_gang_nor_gets_bound(
+    cluster: Cluster, executor: KubernetesExecutor
+) -> None:
     """Marks are only text: a pod copying an attempt's labels, in another namespace or under another name, is not
     one of its workers."""
     (a, b), _ = cluster.nodes.values()
@@ -243,8 +269,9 @@ def test_a_look_alike_pod_elsewhere_neither_ends_the_gang_nor_gets_bound(cluster
     core = cluster.plane.core()
     fakes = []
     for ns, name in (("default", k8s.pod_name(job, 1, 0)), (f"{executor.prefix}nlp", f"x-{job}")):
-        fake = k8s.pod(job, 1, 0, namespace=ns, node=b, gpus=1, image=IMAGE, command="sleep inf",
-                       env={"CORRAL_QUEUE": "nlp"})
+        fake = k8s.pod(
+            job, 1, 0, namespace=ns, node=b, gpus=1, image=IMAGE, command="sleep inf", env={"CORRAL_QUEUE": "nlp"}
+        )
         fake["metadata"]["name"] = name
         core.create_namespaced_pod(ns, fake)
         fakes.append((ns, name))
@@ -276,13 +303,15 @@ def test_binding_twice_is_handled(cluster: Cluster, executor: KubernetesExecutor
 def test_team_objects_are_accepted_by_the_api_server(cluster: Cluster, executor: KubernetesExecutor) -> None:
     ns = f"{executor.prefix}team"
     cluster.plane.core().create_namespace(k8s.namespace(ns, "team"))
-    made = cluster.plane.apply(ns, [k8s.role_binding(ns, "team-group"), k8s.resource_quota(ns, 16),
-                                    k8s.network_policy(ns, "hub")])
+    made = cluster.plane.apply(
+        ns, [k8s.role_binding(ns, "team-group"), k8s.resource_quota(ns, 16), k8s.network_policy(ns, "hub")]
+    )
     assert [m.kind for m in made] == ["RoleBinding", "ResourceQuota", "NetworkPolicy"]
 
 
-def test_end_to_end_two_teams_reclaim_and_a_cordoned_node(cluster: Cluster, executor: KubernetesExecutor,
-                                                           tmp_path: Path) -> None:
+def test_end_to_end_two_teams_reclaim_and_a_cordoned_node(
+    cluster: Cluster, executor: KubernetesExecutor, tmp_path: Path
+) -> None:
     api = cluster.plane.corral_client()  # Corral as the chart deploys it
     nodes = cluster.ours(discover_nodes(api))
     p1, p2 = cluster.pools
@@ -291,12 +320,19 @@ def test_end_to_end_two_teams_reclaim_and_a_cordoned_node(cluster: Cluster, exec
     assert core.capacity == {p1: 16, p2: 16}
     # Pool 2's quotas fit in one node: a restart with a node cordoned must still hold them (Core.start refuses
     # a tree whose quotas exceed the pools it finds).
-    core.apply_queues(ROOT, {"queues": [{"name": "alpha", "quota": {p1: 8, p2: 4}, "limit": {p1: 16, p2: 16}},
-                                        {"name": "beta", "quota": {p1: 8, p2: 4}}]}, "two teams")
+    core.apply_queues(
+        ROOT,
+        {
+            "queues": [
+                {"name": "alpha", "quota": {p1: 8, p2: 4}, "limit": {p1: 16, p2: 16}},
+                {"name": "beta", "quota": {p1: 8, p2: 4}},
+            ]
+        },
+        "two teams",
+    )
 
     def submit(queue: str, pool: str, workers: int, gpus: int) -> str:
-        row, _ = core.submit(ROOT, JobSubmit(queue=queue, pool=pool, workers=workers, gpus=gpus,
-                                             command="sleep inf"))
+        row, _ = core.submit(ROOT, JobSubmit(queue=queue, pool=pool, workers=workers, gpus=gpus, command="sleep inf"))
         return str(row["id"])
 
     def state(c: Core, job: str) -> str:
@@ -344,8 +380,15 @@ def test_end_to_end_two_teams_reclaim_and_a_cordoned_node(cluster: Cluster, exec
         assert [p.metadata.deletion_timestamp for p in pods_of(executor, first)] == [None]
         resynced = cluster.ours(discover_nodes(api))
         assert {n.name: n.cordoned for n in resynced if n.pool == p2} == {cordoned: True, other: False}
-        again = KubernetesExecutor(api, tmp_path / "k8s2", IMAGE, grace_s=1, namespace_prefix=executor.prefix,
-                                   node_selector=f"{TEST_LABEL}={cluster.tag}", foreign_pods=False)
+        again = KubernetesExecutor(
+            api,
+            tmp_path / "k8s2",
+            IMAGE,
+            grace_s=1,
+            namespace_prefix=executor.prefix,
+            node_selector=f"{TEST_LABEL}={cluster.tag}",
+            foreign_pods=False,
+        )
         core2 = build_core(settings, executor=again, nodes=resynced)
         assert core2.capacity == {p1: 16, p2: 16} and state(core2, victim) == "running"
         for _ in range(3):
@@ -388,14 +431,23 @@ def test_nodes_cordoned_uncordoned_and_deleted_while_corral_runs(cluster: Cluste
     for n in (n1, n2):
         plane.create_gpu_node(n, product=pool, gpus=8, labels={TEST_LABEL: t})
         plane.wait_node_ready(n)
-    ex = KubernetesExecutor(plane.corral_client(), tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=f"n{t}-",
-                            node_selector=f"{TEST_LABEL}={t}", watch_s=2, foreign_pods=False)
+    ex = KubernetesExecutor(
+        plane.corral_client(),
+        tmp_path / "k8s",
+        IMAGE,
+        grace_s=1,
+        namespace_prefix=f"n{t}-",
+        node_selector=f"{TEST_LABEL}={t}",
+        watch_s=2,
+        foreign_pods=False,
+    )
     k8s_core = plane.core()
     try:
         core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=1), executor=ex, nodes=ex.discover())
         assert core.capacity == {pool: 16}
-        jobs = [str(core.submit(ROOT, JobSubmit(queue="default", gpus=8, command="sleep inf"))[0]["id"])
-                for _ in range(2)]
+        jobs = [
+            str(core.submit(ROOT, JobSubmit(queue="default", gpus=8, command="sleep inf"))[0]["id"]) for _ in range(2)
+        ]
         ticking(core, "both jobs running", lambda: all(state_of(core, j) == "running" for j in jobs))
         on = {running(ex, j, 1)[0].spec.node_name: j for j in jobs}
         k8s_core.patch_node(n1, {"spec": {"unschedulable": True}})
@@ -418,13 +470,24 @@ def test_nodes_cordoned_uncordoned_and_deleted_while_corral_runs(cluster: Cluste
         # kubectl drain: cordon, then evict. The evicted job waits again (not failed), and runs once there is room.
         k8s_core.patch_node(n1, {"spec": {"unschedulable": True}})
         ticking(core, "the cordon seen", lambda: core.cluster.nodes[n1].cordoned)
-        k8s_core.create_namespaced_pod_eviction(pod.metadata.name, pod.metadata.namespace, {
-            "apiVersion": "policy/v1", "kind": "Eviction",
-            "metadata": {"name": pod.metadata.name, "namespace": pod.metadata.namespace}})
+        k8s_core.create_namespaced_pod_eviction(
+            pod.metadata.name,
+            pod.metadata.namespace,
+            {
+                "apiVersion": "policy/v1",
+                "kind": "Eviction",
+                "metadata": {"name": pod.metadata.name, "namespace": pod.metadata.namespace},
+            },
+        )
         ticking(core, "the drained job back in the queue", lambda: state_of(core, third) == "pending")
         with core.db.connect() as conn:
-            drained = conn.execute(sa.select(events.c.data).where(events.c.job_id == int(third),
-                                                                    events.c.kind == "preempted")).scalars().all()
+            drained = (
+                conn.execute(
+                    sa.select(events.c.data).where(events.c.job_id == int(third), events.c.kind == "preempted")
+                )
+                .scalars()
+                .all()
+            )
         assert [d["cause"] for d in drained] == ["node_drained"]
         k8s_core.patch_node(n1, {"spec": {"unschedulable": False}})
         ticking(core, "the drained job running again", lambda: state_of(core, third) == "running")
@@ -434,8 +497,10 @@ def test_nodes_cordoned_uncordoned_and_deleted_while_corral_runs(cluster: Cluste
         assert core.capacity == {pool: 8}
         until("the deleted node's pod gone", lambda: pods_of(ex, on[n2]) == [])
         with core.db.connect() as conn:
-            kinds = [e["kind"] for e in conn.execute(sa.select(events.c.kind).where(
-                events.c.job_id == int(on[n2]))).mappings()]
+            kinds = [
+                e["kind"]
+                for e in conn.execute(sa.select(events.c.kind).where(events.c.job_id == int(on[n2]))).mappings()
+            ]
         assert kinds.count("preempted") == 1
     finally:
         ex.close()
@@ -444,17 +509,29 @@ def test_nodes_cordoned_uncordoned_and_deleted_while_corral_runs(cluster: Cluste
                 k8s_core.delete_node(n)
 
 
-def foreign_pod(name: str, gpus: int, labels: dict[str, str] | None = None, notes: dict[str, str] | None = None,
-                product: str | None = None) -> dict[str, Any]:
+def foreign_pod(
+    name: str,
+    gpus: int,
+    labels: dict[str, str] | None = None,
+    notes: dict[str, str] | None = None,
+    product: str | None = None,
+) -> dict[str, Any]:
     """A pod someone else made for Corral to schedule."""
     spec: dict[str, Any] = {
-        "schedulerName": "corral", "restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
+        "schedulerName": "corral",
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": 0,
         "containers": [{"name": "main", "image": IMAGE, "resources": {"limits": {k8s.GPU: str(gpus)}}}],
-        "tolerations": [{"key": k8s.GPU, "operator": "Exists", "effect": "NoSchedule"}]}
+        "tolerations": [{"key": k8s.GPU, "operator": "Exists", "effect": "NoSchedule"}],
+    }
     if product:
         spec["nodeSelector"] = {k8s.GPU_PRODUCT: product}
-    return {"apiVersion": "v1", "kind": "Pod", "spec": spec,
-            "metadata": {"name": name, "labels": labels or {}, "annotations": notes or {}}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "spec": spec,
+        "metadata": {"name": name, "labels": labels or {}, "annotations": notes or {}},
+    }
 
 
 def created(api: Any, ns: str, pod: dict[str, Any]) -> bool:
@@ -470,34 +547,51 @@ def created(api: Any, ns: str, pod: dict[str, Any]) -> bool:
 
 def cluster_job(c: Core, name: str) -> tuple[int, str]:
     with c.db.connect() as conn:
-        row = conn.execute(sa.select(jobs_table.c.id, jobs_table.c.state).where(
-            jobs_table.c.owner == CLUSTER_OWNER, jobs_table.c.name == name).order_by(jobs_table.c.id.desc())).first()
+        row = conn.execute(
+            sa.select(jobs_table.c.id, jobs_table.c.state)
+            .where(jobs_table.c.owner == CLUSTER_OWNER, jobs_table.c.name == name)
+            .order_by(jobs_table.c.id.desc())
+        ).first()
     return (row.id, row.state) if row is not None else (0, "none")
 
 
-def test_pods_of_others_are_gangs_bound_on_admission_and_deleted_on_preemption(cluster: Cluster,
-                                                                                tmp_path: Path) -> None:
+def test_pods_of_others_are_gangs_bound_on_admission_and_deleted_on_preemption(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     plane = cluster.plane
     (a, b), _ = cluster.nodes.values()
     p1, p2 = cluster.pools
-    ex = KubernetesExecutor(plane.corral_client(), tmp_path / "k8s", IMAGE, grace_s=1,
-                            namespace_prefix=f"f{uuid.uuid4().hex[:5]}-",
-                            node_selector=f"{TEST_LABEL}={cluster.tag}", watch_s=2)
+    ex = KubernetesExecutor(
+        plane.corral_client(),
+        tmp_path / "k8s",
+        IMAGE,
+        grace_s=1,
+        namespace_prefix=f"f{uuid.uuid4().hex[:5]}-",
+        node_selector=f"{TEST_LABEL}={cluster.tag}",
+        watch_s=2,
+    )
     api = plane.core()
     scheduling, spare = client.SchedulingV1Api(plane.api_client()), f"spare-{uuid.uuid4().hex[:5]}"
     with plane.namespace("fp") as ns:
         api.patch_namespace(ns, {"metadata": {"labels": {k8s.QUEUE_LABEL: "alpha"}}})
         try:
-            core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=1), executor=ex,
-                              nodes=ex.discover())
-            core.apply_queues(ROOT, {"queues": [{"name": "alpha", "quota": {p1: 8, p2: 8}, "limit": {p1: 16}},
-                                                {"name": "beta", "quota": {p1: 8, p2: 8}}]})
+            core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=1), executor=ex, nodes=ex.discover())
+            core.apply_queues(
+                ROOT,
+                {
+                    "queues": [
+                        {"name": "alpha", "quota": {p1: 8, p2: 8}, "limit": {p1: 16}},
+                        {"name": "beta", "quota": {p1: 8, p2: 8}},
+                    ]
+                },
+            )
             gang = {k8s.GROUP_LABEL: "train"}
             for i in range(2):  # a gang of two 4-GPU pods, in alpha (its namespace's queue)
                 api.create_namespaced_pod(ns, foreign_pod(f"train-{i}", 4, gang, {GROUP_SIZE: "2"}, product=p1))
             api.create_namespaced_pod(ns, foreign_pod("lost", 1, {k8s.QUEUE_LABEL: "nope", POOL_LABEL: p1}))
-            api.create_namespaced_pod(ns, foreign_pod("half-0", 1, {k8s.GROUP_LABEL: "half", GROUP_SIZE: "2"},
-                                                      product=p1))  # waits for its second pod
+            api.create_namespaced_pod(
+                ns, foreign_pod("half-0", 1, {k8s.GROUP_LABEL: "half", GROUP_SIZE: "2"}, product=p1)
+            )  # waits for its second pod
             ticking(core, "the gang running", lambda: cluster_job(core, "train")[1] == "running")
             # alpha borrows beyond quota, with a PriorityClass and CPU and memory requests, which its job keeps
             # (issue 22: they were dropped, so nodes were over-committed and the class ignored).
@@ -508,8 +602,9 @@ def test_pods_of_others_are_gangs_bound_on_admission_and_deleted_on_preemption(c
             until("the new PriorityClass known to admission", lambda: created(api, ns, solo))
             ticking(core, "the solo pod running", lambda: cluster_job(core, "solo")[1] == "running")
             with core.db.connect() as conn:
-                asked = conn.execute(sa.select(jobs_table.c.spec).where(
-                    jobs_table.c.id == cluster_job(core, "solo")[0])).scalar_one()
+                asked = conn.execute(
+                    sa.select(jobs_table.c.spec).where(jobs_table.c.id == cluster_job(core, "solo")[0])
+                ).scalar_one()
             assert (asked["cpus"], asked["memory_gb"], asked["priority"], asked["preemptible"]) == (3, 6, -5, True)
             pods = {p.metadata.name: p for p in api.list_namespaced_pod(ns).items}
             assert {pods[f"train-{i}"].spec.node_name for i in range(2)} <= {a, b}
@@ -518,45 +613,70 @@ def test_pods_of_others_are_gangs_bound_on_admission_and_deleted_on_preemption(c
             assert pods["train-0"].metadata.annotations[k8s.JOB_LABEL] == str(job_id)
             assert pods["half-0"].spec.node_name is None and cluster_job(core, "half")[1] == "none"
             assert pods["lost"].spec.node_name is None and cluster_job(core, "lost")[1] == "none"
-            until("a warning event on the refused pod", lambda: any(
-                e.reason == "FailedScheduling" and "nope" in e.message
-                for e in api.list_namespaced_event(ns, field_selector="involvedObject.name=lost").items))
+            until(
+                "a warning event on the refused pod",
+                lambda: any(
+                    e.reason == "FailedScheduling" and "nope" in e.message
+                    for e in api.list_namespaced_event(ns, field_selector="involvedObject.name=lost").items
+                ),
+            )
             # beta reclaims its quota: alpha's borrowing pod is deleted (its grace), its job ends, not requeued.
-            mine = str(core.submit(ROOT, JobSubmit(queue="beta", pool=p1, workers=2, gpus=4,
-                                                   command="sleep inf"))[0]["id"])
+            mine = str(
+                core.submit(ROOT, JobSubmit(queue="beta", pool=p1, workers=2, gpus=4, command="sleep inf"))[0]["id"]
+            )
             ticking(core, "beta running", lambda: state_of(core, mine) == "running")
             assert cluster_job(core, "solo")[1] == "cancelled" and cluster_job(core, "train")[1] == "running"
-            until("the preempted pod gone", lambda: not [p for p in api.list_namespaced_pod(ns).items
-                                                         if p.metadata.name == "solo"])
+            until(
+                "the preempted pod gone",
+                lambda: not [p for p in api.list_namespaced_pod(ns).items if p.metadata.name == "solo"],
+            )
             # The gang's pods succeed: the job completes, and its pods stay for their owner to count.
             for i in range(2):
                 finish(ex, pods[f"train-{i}"], 0)
             ticking(core, "the gang completed", lambda: cluster_job(core, "train")[1] == "completed")
             assert {p.metadata.name for p in api.list_namespaced_pod(ns).items} >= {"train-0", "train-1"}
             # A pending gang that loses a pod before admission is withdrawn: its job is cancelled.
-            api.create_namespaced_pod(ns, foreign_pod("half-1", 1, {k8s.GROUP_LABEL: "half", GROUP_SIZE: "2"},
-                                                      product=p1))
-            core.apply_queues(ROOT, {"queues": [{"name": "alpha", "quota": {p1: 8, p2: 8}, "limit": {p1: 8}},
-                                                {"name": "beta", "quota": {p1: 8, p2: 8}}]})
+            api.create_namespaced_pod(
+                ns, foreign_pod("half-1", 1, {k8s.GROUP_LABEL: "half", GROUP_SIZE: "2"}, product=p1)
+            )
+            core.apply_queues(
+                ROOT,
+                {
+                    "queues": [
+                        {"name": "alpha", "quota": {p1: 8, p2: 8}, "limit": {p1: 8}},
+                        {"name": "beta", "quota": {p1: 8, p2: 8}},
+                    ]
+                },
+            )
             for i in range(2):  # fill alpha's limit, so the half gang waits
                 api.create_namespaced_pod(ns, foreign_pod(f"fill-{i}", 4, {POOL_LABEL: p1}))
-            ticking(core, "the fillers running and the half gang waiting",
-                    lambda: cluster_job(core, "fill-1")[1] == "running" and cluster_job(core, "half")[1] == "pending")
+            ticking(
+                core,
+                "the fillers running and the half gang waiting",
+                lambda: cluster_job(core, "fill-1")[1] == "running" and cluster_job(core, "half")[1] == "pending",
+            )
             api.delete_namespaced_pod("half-1", ns, grace_period_seconds=0)
             ticking(core, "the half gang withdrawn", lambda: cluster_job(core, "half")[1] == "cancelled")
             # A restart finds the running pods of others by the marks on them, and offers nothing twice.
             ex.close()
-            ex = KubernetesExecutor(plane.corral_client(), tmp_path / "k8s2", IMAGE, grace_s=1,
-                                    namespace_prefix=ex.prefix, node_selector=f"{TEST_LABEL}={cluster.tag}", watch_s=2)
-            again = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=1), executor=ex,
-                               nodes=ex.discover())
+            ex = KubernetesExecutor(
+                plane.corral_client(),
+                tmp_path / "k8s2",
+                IMAGE,
+                grace_s=1,
+                namespace_prefix=ex.prefix,
+                node_selector=f"{TEST_LABEL}={cluster.tag}",
+                watch_s=2,
+            )
+            again = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=1), executor=ex, nodes=ex.discover())
             with again.db.connect() as conn:
                 before = conn.execute(sa.select(sa.func.count()).select_from(jobs_table)).scalar_one()
             again.tick()
             assert cluster_job(again, "fill-0")[1] == cluster_job(again, "fill-1")[1] == "running"
             finish(ex, api.read_namespaced_pod("fill-0", ns), 0)
-            ticking(again, "a filler completed after the restart",
-                    lambda: cluster_job(again, "fill-0")[1] == "completed")
+            ticking(
+                again, "a filler completed after the restart", lambda: cluster_job(again, "fill-0")[1] == "completed"
+            )
             with again.db.connect() as conn:
                 assert conn.execute(sa.select(sa.func.count()).select_from(jobs_table)).scalar_one() == before
         finally:
@@ -568,15 +688,21 @@ def test_pods_of_others_are_gangs_bound_on_admission_and_deleted_on_preemption(c
 def test_a_pod_bound_by_someone_else_is_not_bound_twice(cluster: Cluster, tmp_path: Path) -> None:
     plane = cluster.plane
     (a, b), _ = cluster.nodes.values()
-    ex = KubernetesExecutor(plane.corral_client(), tmp_path / "k8s", IMAGE, node_selector=f"{TEST_LABEL}={cluster.tag}",
-                            watch_s=2)
+    ex = KubernetesExecutor(
+        plane.corral_client(), tmp_path / "k8s", IMAGE, node_selector=f"{TEST_LABEL}={cluster.tag}", watch_s=2
+    )
     with plane.namespace("fb") as ns:
         plane.core().patch_namespace(ns, {"metadata": {"labels": {k8s.QUEUE_LABEL: "q"}}})  # its team
         try:
             plane.core().create_namespaced_pod(ns, foreign_pod("raced", 1, {k8s.QUEUE_LABEL: "q"}))
             offered: list[Arrival] = []
-            until("the pod offered", lambda: bool(offered.extend(ex.arrivals(0.0)) or any(
-                x.spec is not None and x.spec["name"] == "raced" for x in offered)))
+            until(
+                "the pod offered",
+                lambda: bool(
+                    offered.extend(ex.arrivals(0.0))
+                    or any(x.spec is not None and x.spec["name"] == "raced" for x in offered)
+                ),
+            )
             key = next(x.key for x in offered if x.spec is not None and x.spec["name"] == "raced")
             plane.bind(ns, "raced", b)  # another scheduler got there first
             with pytest.raises(OSError, match="409"):

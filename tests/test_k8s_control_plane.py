@@ -39,10 +39,23 @@ def gpu_node(plane: ControlPlane) -> Iterator[str]:
 
 
 def gpu_pod(name: str, gpus: int, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-            "spec": {"containers": [{"name": "main", "image": "busybox:1.36", "command": ["sleep", "inf"],
-                                     "resources": {"limits": {GPU: str(gpus)}}}],
-                     "terminationGracePeriodSeconds": 0, **spec}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox:1.36",
+                    "command": ["sleep", "inf"],
+                    "resources": {"limits": {GPU: str(gpus)}},
+                }
+            ],
+            "terminationGracePeriodSeconds": 0,
+            **spec,
+        },
+    }
 
 
 def test_control_plane_is_up_with_rbac(plane: ControlPlane, ns: str) -> None:
@@ -55,10 +68,17 @@ def test_control_plane_is_up_with_rbac(plane: ControlPlane, ns: str) -> None:
     authz = client.AuthorizationV1Api(plane.api_client())
 
     def allowed(user: str, verb: str, resource: str, groups: list[str] | None = None) -> bool:
-        review = authz.create_subject_access_review({
-            "spec": {"user": user, "groups": groups or [],
-                     "resourceAttributes": {"namespace": ns, "verb": verb, "resource": resource}}})
+        review = authz.create_subject_access_review(
+            {
+                "spec": {
+                    "user": user,
+                    "groups": groups or [],
+                    "resourceAttributes": {"namespace": ns, "verb": verb, "resource": resource},
+                }
+            }
+        )
         return bool(review.status.allowed)
+
     assert not allowed(f"system:serviceaccount:{ns}:nobody", "list", "pods", ["system:serviceaccounts"])
     assert allowed("someone", "delete", "pods", ["system:masters"])
 
@@ -95,10 +115,11 @@ def test_kube_scheduler_counts_gpus(plane: ControlPlane, ns: str, gpu_node: str)
     assert plane.wait_pod(ns, "fits", "Running").spec.node_name == gpu_node
     # 3 of 4 GPUs are taken: a 2-GPU pod stays Pending, unschedulable for want of nvidia.com/gpu.
     core.create_namespaced_pod(ns, gpu_pod("waits", 2, **pin))
+
     def unschedulable() -> bool:
         conds = core.read_namespaced_pod("waits", ns).status.conditions or []
-        return any(c.type == "PodScheduled" and c.reason == "Unschedulable" and GPU in (c.message or "")
-                   for c in conds)
+        return any(c.type == "PodScheduled" and c.reason == "Unschedulable" and GPU in (c.message or "") for c in conds)
+
     wait_for("pod 'waits' unschedulable", unschedulable, 60, plane.procs)
 
 
@@ -106,21 +127,28 @@ def test_job_pod_completes(plane: ControlPlane, ns: str, gpu_node: str) -> None:
     plane.wait_node_ready(gpu_node)
     batch = client.BatchV1Api(plane.api_client())
     tmpl = gpu_pod("x", 1, nodeSelector={POOL_LABEL: f"pool-{gpu_node}"}, restartPolicy="Never")
-    batch.create_namespaced_job(ns, {"metadata": {"name": "train"},
-                                     "spec": {"backoffLimit": 0, "template": {"spec": tmpl["spec"]}}})
+    batch.create_namespaced_job(
+        ns, {"metadata": {"name": "train"}, "spec": {"backoffLimit": 0, "template": {"spec": tmpl["spec"]}}}
+    )
     # kwok's pod-complete stage finishes pods owned by a Job; the job controller marks the Job complete.
-    wait_for("job train complete", lambda: (batch.read_namespaced_job("train", ns).status.succeeded or 0) == 1,
-             90, plane.procs)
+    wait_for(
+        "job train complete",
+        lambda: (batch.read_namespaced_job("train", ns).status.succeeded or 0) == 1,
+        90,
+        plane.procs,
+    )
 
 
-def test_the_managed_taint_keeps_kube_scheduler_off_and_corrals_pods_tolerate_it(plane: ControlPlane, ns: str,
-                                                                                  gpu_node: str) -> None:
+def test_the_managed_taint_keeps_kube_scheduler_off_and_corrals_pods_tolerate_it(
+    plane: ControlPlane, ns: str, gpu_node: str
+) -> None:
     """docs/kubernetes.md: taint the nodes Corral manages, so kube-scheduler places nothing there that Corral does not
     count (issue 22, item 3). An ordinary pod pinned to the node stays unschedulable; the pod Corral builds, handed to
     kube-scheduler instead, is placed there: its tolerations match the taint."""
     core = plane.core()
-    core.patch_node(gpu_node, {"spec": {"taints": [
-        {"key": k8s.MANAGED_TAINT, "value": "true", "effect": "NoSchedule"}]}})
+    core.patch_node(
+        gpu_node, {"spec": {"taints": [{"key": k8s.MANAGED_TAINT, "value": "true", "effect": "NoSchedule"}]}}
+    )
     pin = {"nodeSelector": {"kubernetes.io/hostname": gpu_node}}
     core.create_namespaced_pod(ns, gpu_pod("ordinary", 1, **pin))
     corrals = k8s.pod("7", 1, 0, namespace=ns, node=gpu_node, gpus=1, image="busybox:1.36", command=["true"])
@@ -133,5 +161,9 @@ def test_the_managed_taint_keeps_kube_scheduler_off_and_corrals_pods_tolerate_it
 
     wait_for("the ordinary pod refused by the taint", unschedulable, 60, plane.procs)
     name = corrals["metadata"]["name"]
-    wait_for("Corral's pod placed despite the taint",
-             lambda: core.read_namespaced_pod(name, ns).spec.node_name == gpu_node, 60, plane.procs)
+    wait_for(
+        "Corral's pod placed despite the taint",
+        lambda: core.read_namespaced_pod(name, ns).spec.node_name == gpu_node,
+        60,
+        plane.procs,
+    )

@@ -41,8 +41,15 @@ def appeared(ex: KubernetesExecutor, job: str, n: int) -> list[Any]:
 def test_a_jobs_pods_are_bound_by_index_and_its_completion_is_the_exit(cluster: Cluster, tmp_path: Path) -> None:
     (a, b), (c, _) = cluster.nodes.values()
     prefix = f"j{uuid.uuid4().hex[:5]}-"
-    ex = KubernetesExecutor(cluster.plane.corral_client(), tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=prefix,
-                            foreign_pods=False, workload="job")
+    ex = KubernetesExecutor(
+        cluster.plane.corral_client(),
+        tmp_path / "k8s",
+        IMAGE,
+        grace_s=1,
+        namespace_prefix=prefix,
+        foreign_pods=False,
+        workload="job",
+    )
     job = f"idx{uuid.uuid4().hex[:5]}"
     try:
         ex.launch(launch(job, {c: [0, 1, 2, 3], a: [4, 5, 6, 7]}, workers=2))
@@ -52,8 +59,14 @@ def test_a_jobs_pods_are_bound_by_index_and_its_completion_is_the_exit(cluster: 
         assert [p.spec.node_name for p in pods] == [None, None]
         assert all(p.spec.scheduler_name == "corral" for p in pods)  # kube-scheduler left them alone
         # A restarted Corral adopts the Job and binds its pods: index 0 on c, index 1 on a, as the engine chose.
-        again = KubernetesExecutor(cluster.plane.corral_client(), tmp_path / "k8s2", IMAGE, grace_s=1,
-                                   namespace_prefix=prefix, foreign_pods=False)
+        again = KubernetesExecutor(
+            cluster.plane.corral_client(),
+            tmp_path / "k8s2",
+            IMAGE,
+            grace_s=1,
+            namespace_prefix=prefix,
+            foreign_pods=False,
+        )
         assert again.adopt(Handle(job, 1, None, 0.0)) is None
         nodes = {p.metadata.name: p.spec.node_name for p in pods_of(ex, job)}
         assert [nodes[p.metadata.name] for p in pods] == [c, a]
@@ -77,8 +90,12 @@ def test_a_failed_pod_fails_the_job_and_terminate_deletes_it(cluster: Cluster, e
     executor.terminate(stopped, 1, 1.0, time.time())
     assert jobs_of(executor, stopped) == []  # deleted at once; its pods go with their grace
     got: dict[str, Exit] = {}
-    until("both exits", lambda: bool(got.update({e.job_id: e for e in executor.poll(time.time())})) or
-          set(got) == {bad, stopped})
+    until(
+        "both exits",
+        lambda: bool(got.update({e.job_id: e for e in executor.poll(time.time())})) or set(got) == {bad, stopped},
+    )
     assert got[bad].code == 3 and got[stopped] == Exit(stopped, 1, -15, "stopped by Corral")
-    until("their Jobs and pods gone", lambda: not any(jobs_of(executor, j) or pods_of(executor, j)
-                                                       for j in (bad, stopped)))
+    until(
+        "their Jobs and pods gone",
+        lambda: not any(jobs_of(executor, j) or pods_of(executor, j) for j in (bad, stopped)),
+    )

@@ -22,19 +22,28 @@ from scheduler.backends.kubernetes.pods import (
 from scheduler.backends.kubernetes.teams import QUEUE_ANNOTATION
 
 
-def pod(labels: dict[str, str] | None = None, notes: dict[str, str] | None = None, gpus: str = "2",
-        selector: dict[str, str] | None = None) -> Any:
+def pod(
+    labels: dict[str, str] | None = None,
+    notes: dict[str, str] | None = None,
+    gpus: str = "2",
+    selector: dict[str, str] | None = None,
+) -> Any:
     container = SimpleNamespace(image="img", resources=SimpleNamespace(limits={k8s.GPU: gpus}))
     return SimpleNamespace(
         metadata=SimpleNamespace(uid="u1", namespace="ns", name="p-0", labels=labels, annotations=notes),
-        spec=SimpleNamespace(containers=[container, container], node_selector=selector,
-                             termination_grace_period_seconds=5))
+        spec=SimpleNamespace(
+            containers=[container, container], node_selector=selector, termination_grace_period_seconds=5
+        ),
+    )
 
 
 def test_binding_carries_marks_as_annotations() -> None:
-    assert k8s.binding("p", "ns", "n1") == {"apiVersion": "v1", "kind": "Binding",
-                                            "metadata": {"name": "p", "namespace": "ns"},
-                                            "target": {"apiVersion": "v1", "kind": "Node", "name": "n1"}}
+    assert k8s.binding("p", "ns", "n1") == {
+        "apiVersion": "v1",
+        "kind": "Binding",
+        "metadata": {"name": "p", "namespace": "ns"},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": "n1"},
+    }
     assert k8s.binding("p", "ns", "n1", {k8s.JOB_LABEL: "7"})["metadata"]["annotations"] == {k8s.JOB_LABEL: "7"}
 
 
@@ -59,12 +68,15 @@ def test_a_pods_requests_and_priority_class_travel_with_it() -> None:
     their PriorityClass. Requests (or limits standing for them) are summed over containers; spec.priority, which the
     API server resolves from the PriorityClass, is clamped into Corral's range; corral.dev/preemptible=false makes
     the gang non-preemptible."""
+
     def container(requests: dict[str, str] | None, limits: dict[str, str]) -> Any:
         return SimpleNamespace(image="img", resources=SimpleNamespace(requests=requests, limits=limits))
 
     p = pod({k8s.GROUP_LABEL: "g", PREEMPTIBLE: "false"}, {GROUP_SIZE: "2"})
-    p.spec.containers = [container({"cpu": "1500m", "memory": "3Gi"}, {k8s.GPU: "2"}),
-                         container(None, {"cpu": "2", "memory": "1Gi", k8s.GPU: "0"})]
+    p.spec.containers = [
+        container({"cpu": "1500m", "memory": "3Gi"}, {k8s.GPU: "2"}),
+        container(None, {"cpu": "2", "memory": "1Gi", k8s.GPU: "0"}),
+    ]
     p.spec.priority = 1_000_000
     got = waiting(p)
     assert (got.cpus, got.memory_gb, got.priority, got.preemptible, got.gpus) == (3.5, 4.0, 1000, False, 2)
@@ -103,8 +115,14 @@ def ns(labels: dict[str, str] | None = None, notes: dict[str, str] | None = None
 
 def pending(name: str, namespace: str, labels: dict[str, str] | None = None) -> Any:
     p = pod(labels, gpus="1")
-    p.metadata = SimpleNamespace(uid=f"uid-{namespace}-{name}", namespace=namespace, name=name, labels=labels,
-                                 annotations=None, deletion_timestamp=None)
+    p.metadata = SimpleNamespace(
+        uid=f"uid-{namespace}-{name}",
+        namespace=namespace,
+        name=name,
+        labels=labels,
+        annotations=None,
+        deletion_timestamp=None,
+    )
     return p
 
 
@@ -112,13 +130,15 @@ def test_the_namespace_decides_the_team_never_the_pods_label() -> None:
     assert namespace_team(ns({k8s.QUEUE_LABEL: "nlp"})) == "nlp"
     assert namespace_team(ns({k8s.MANAGED_BY: "corral"}, {QUEUE_ANNOTATION: "Research/Vision"})) == "Research/Vision"
     assert namespace_team(ns({}, {QUEUE_ANNOTATION: "forged"})) is None  # not a Corral team namespace
-    api = FakeCore([pending("p", "team", {k8s.QUEUE_LABEL: "nlp-sub"}), pending("q", "free", {k8s.QUEUE_LABEL: "nlp"})],
-                   {"team": ns({k8s.QUEUE_LABEL: "nlp"}), "free": ns({})})
+    api = FakeCore(
+        [pending("p", "team", {k8s.QUEUE_LABEL: "nlp-sub"}), pending("q", "free", {k8s.QUEUE_LABEL: "nlp"})],
+        {"team": ns({k8s.QUEUE_LABEL: "nlp"}), "free": ns({})},
+    )
     gangs = PodGangs(api)
     offered = {a.key.split("/")[0]: a for a in gangs.resync()}
     assert set(offered) == {"team"} and offered["team"].scope == "nlp" and offered["team"].spec is not None
     assert offered["team"].spec["queue"] == "nlp-sub"  # the pod's pick, within the team: the intake checks it
-    (key, why), = gangs.drain_problems()
+    ((key, why),) = gangs.drain_problems()
     assert key.startswith("free/") and "belongs to no team" in why
 
 

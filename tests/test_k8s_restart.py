@@ -32,9 +32,19 @@ TEST_LABEL = "corral.dev/test"
 
 def finish(ex: KubernetesExecutor, pod: Any) -> None:
     """End a pod as its kubelet would (kwok has none to do it): phase Succeeded, its container exited 0."""
-    status = {"phase": "Succeeded", "containerStatuses": [{
-        "name": k8s.CONTAINER, "image": IMAGE, "imageID": "", "ready": False, "restartCount": 0,
-        "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}
+    status = {
+        "phase": "Succeeded",
+        "containerStatuses": [
+            {
+                "name": k8s.CONTAINER,
+                "image": IMAGE,
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": 0, "reason": "Completed"}},
+            }
+        ],
+    }
     kubelet().patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
 
 
@@ -52,9 +62,16 @@ def test_a_restart_over_running_pods_decides_as_without_one(request: pytest.Fixt
 
     def make() -> Core:
         """The service starting (again): a new executor finds the nodes, and the pods by their labels."""
-        ex = KubernetesExecutor(plane.corral_client(), tmp_path / f"k8s{len(executors)}", IMAGE, grace_s=1,
-                                namespace_prefix=prefix, node_selector=f"{TEST_LABEL}={t}", watch_s=2,
-                                foreign_pods=False)
+        ex = KubernetesExecutor(
+            plane.corral_client(),
+            tmp_path / f"k8s{len(executors)}",
+            IMAGE,
+            grace_s=1,
+            namespace_prefix=prefix,
+            node_selector=f"{TEST_LABEL}={t}",
+            watch_s=2,
+            foreign_pods=False,
+        )
         executors.append(ex)
         return build_core(settings, executor=ex, nodes=ex.discover())
 
@@ -62,8 +79,13 @@ def test_a_restart_over_running_pods_decides_as_without_one(request: pytest.Fixt
         job = job_row(core, name)
         ex = executors[-1]
         selector = k8s.selector(str(job["id"]), job["attempt"])
-        until(f"the pod of {name} running", lambda: [p.status.phase for p in ex.core.list_pod_for_all_namespaces(
-            label_selector=selector).items] == ["Running"])
+        until(
+            f"the pod of {name} running",
+            lambda: (
+                [p.status.phase for p in ex.core.list_pod_for_all_namespaces(label_selector=selector).items]
+                == ["Running"]
+            ),
+        )
         for pod in ex.core.list_pod_for_all_namespaces(label_selector=selector).items:
             finish(ex, pod)
 

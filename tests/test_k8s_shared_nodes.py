@@ -71,8 +71,11 @@ def over_committed(api: Any, nodes: list[str]) -> list[str]:
         if node in sums and p.status.phase not in ("Succeeded", "Failed"):
             h = pod_held(p.spec)
             sums[node].update({"gpus": h.gpus, "mcpu": round(h.cpus * 1000), "mib": round(h.memory_gb * 1024)})
-    return [f"{n}: {dict(s)}" for n, s in sums.items()
-            if s["gpus"] > GPUS or s["mcpu"] > CPUS * 1000 or s["mib"] > MEMORY_GI * 1024]
+    return [
+        f"{n}: {dict(s)}"
+        for n, s in sums.items()
+        if s["gpus"] > GPUS or s["mcpu"] > CPUS * 1000 or s["mib"] > MEMORY_GI * 1024
+    ]
 
 
 def has_default_account(api: Any, ns: str) -> bool:
@@ -88,12 +91,30 @@ def other_pod(name: str, rnd: random.Random, node: str | None) -> dict[str, Any]
     """A pod of kube-scheduler's: tolerating every taint (a DaemonSet's, pinned to `node` by affinity as the
     DaemonSet controller does), or an ordinary one."""
     cpu, memory = rnd.choice([250, 500, 1000, 2000, 3000]), rnd.choice([256, 1024, 4096])
-    spec: dict[str, Any] = {"containers": [{"name": "c", "image": IMAGE, "resources": {
-        "requests": {"cpu": f"{cpu}m", "memory": f"{memory}Mi"}, "limits": {k8s.GPU: str(rnd.choice([0, 0, 1, 2]))}}}],
-        "tolerations": [{"operator": "Exists"}], "terminationGracePeriodSeconds": 0}
+    spec: dict[str, Any] = {
+        "containers": [
+            {
+                "name": "c",
+                "image": IMAGE,
+                "resources": {
+                    "requests": {"cpu": f"{cpu}m", "memory": f"{memory}Mi"},
+                    "limits": {k8s.GPU: str(rnd.choice([0, 0, 1, 2]))},
+                },
+            }
+        ],
+        "tolerations": [{"operator": "Exists"}],
+        "terminationGracePeriodSeconds": 0,
+    }
     if node is not None:
-        spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}]}}}
+        spec["affinity"] = {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
+                    ]
+                }
+            }
+        }
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
 
 
@@ -103,8 +124,9 @@ def managed(request: pytest.FixtureRequest) -> Iterator[tuple[ControlPlane, list
     tag = uuid.uuid4().hex[:5]
     names = [f"sh-{tag}-{i}" for i in range(NODES)]
     for n in names:
-        plane.create_gpu_node(n, product=f"SHARED-{tag}", gpus=GPUS, cpu=str(CPUS), memory=f"{MEMORY_GI}Gi",
-                              labels={TEST_LABEL: tag})
+        plane.create_gpu_node(
+            n, product=f"SHARED-{tag}", gpus=GPUS, cpu=str(CPUS), memory=f"{MEMORY_GI}Gi", labels={TEST_LABEL: tag}
+        )
         plane.core().patch_node(n, {"spec": {"taints": [{"key": k8s.MANAGED_TAINT, "effect": "NoSchedule"}]}})
     for n in names:
         plane.wait_node_ready(n)
@@ -114,16 +136,26 @@ def managed(request: pytest.FixtureRequest) -> Iterator[tuple[ControlPlane, list
             plane.core().delete_node(n)
 
 
-def test_kube_scheduler_beside_corral_never_over_commits_a_node(managed: tuple[ControlPlane, list[str], str],
-                                                                 tmp_path: Path) -> None:
+def test_kube_scheduler_beside_corral_never_over_commits_a_node(
+    managed: tuple[ControlPlane, list[str], str], tmp_path: Path
+) -> None:
     plane, nodes, tag = managed
     admin = plane.core()
     rnd = random.Random(22)
     prefix = f"s{tag}-"
-    ex = KubernetesExecutor(plane.corral_client(), tmp_path / "k8s", IMAGE, grace_s=0, namespace_prefix=prefix,
-                            node_selector=f"{TEST_LABEL}={tag}", watch_s=2, foreign_pods=False)
-    core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=0, tick_s=0.2), executor=ex,
-                      nodes=ex.discover())
+    ex = KubernetesExecutor(
+        plane.corral_client(),
+        tmp_path / "k8s",
+        IMAGE,
+        grace_s=0,
+        namespace_prefix=prefix,
+        node_selector=f"{TEST_LABEL}={tag}",
+        watch_s=2,
+        foreign_pods=False,
+    )
+    core = build_core(
+        ServiceSettings(data_dir=tmp_path / "data", grace_s=0, tick_s=0.2), executor=ex, nodes=ex.discover()
+    )
     pool = f"SHARED-{tag}"
     core.apply_queues(ROOT, {"queues": [{"name": "team", "quota": {pool: NODES * GPUS}}]}, "one team")
     others_ns = f"o{tag}"
@@ -143,7 +175,8 @@ def test_kube_scheduler_beside_corral_never_over_commits_a_node(managed: tuple[C
     admission = client.AdmissionregistrationV1Api(plane.api_client())
     hook_name = f"corral-binding-{tag}"
     admission.create_validating_webhook_configuration(
-        webhook_config(rendered, hook_name, hook.port, (plane.pki / "ca.crt").read_bytes(), tag))
+        webhook_config(rendered, hook_name, hook.port, (plane.pki / "ca.crt").read_bytes(), tag)
+    )
     stop = threading.Event()
     violations: list[str] = []
     samples = [0]
@@ -175,9 +208,17 @@ def test_kube_scheduler_beside_corral_never_over_commits_a_node(managed: tuple[C
             i += 1
             # A burst of Corral's jobs and, at the same moment, pods of kube-scheduler's that may land beside them.
             for _ in range(rnd.randint(1, 4)):
-                row, _ = core.submit(ROOT, JobSubmit(queue="team", pool=pool, gpus=rnd.choice([1, 2, 4]),
-                                                     cpus=rnd.choice([0.5, 1, 2, 4]), memory_gb=rnd.choice([1, 4, 8]),
-                                                     command="sleep inf"))
+                row, _ = core.submit(
+                    ROOT,
+                    JobSubmit(
+                        queue="team",
+                        pool=pool,
+                        gpus=rnd.choice([1, 2, 4]),
+                        cpus=rnd.choice([0.5, 1, 2, 4]),
+                        memory_gb=rnd.choice([1, 4, 8]),
+                        command="sleep inf",
+                    ),
+                )
                 jobs.append(int(row["id"]))
             for _ in range(rnd.randint(1, 3)):
                 name = f"p{i}-{len(made)}"
@@ -195,10 +236,14 @@ def test_kube_scheduler_beside_corral_never_over_commits_a_node(managed: tuple[C
         time.sleep(3)  # the last binds land
         violations.extend(over_committed(admin, nodes))
         bound = [p for p in admin.list_namespaced_pod(others_ns).items if p.spec.node_name in nodes]
-        corral_pods = [p for p in admin.list_pod_for_all_namespaces(label_selector=f"{k8s.MANAGED_BY}=corral").items
-                       if p.spec.node_name in nodes]
-        refused = [e for e in admin.list_namespaced_event(others_ns).items
-                   if "scheduled by Corral" in (e.message or "")]
+        corral_pods = [
+            p
+            for p in admin.list_pod_for_all_namespaces(label_selector=f"{k8s.MANAGED_BY}=corral").items
+            if p.spec.node_name in nodes
+        ]
+        refused = [
+            e for e in admin.list_namespaced_event(others_ns).items if "scheduled by Corral" in (e.message or "")
+        ]
     finally:
         stop.set()
         for t in threads:
@@ -218,7 +263,8 @@ def test_kube_scheduler_beside_corral_never_over_commits_a_node(managed: tuple[C
 
 
 def test_a_restarted_corral_counts_what_others_hold_before_its_first_bind(
-        managed: tuple[ControlPlane, list[str], str], tmp_path: Path) -> None:
+    managed: tuple[ControlPlane, list[str], str], tmp_path: Path
+) -> None:
     """Pods others bound while Corral was away are counted before Corral's first cycle places anything."""
     plane, nodes, tag = managed
     admin = plane.core()
@@ -226,20 +272,31 @@ def test_a_restarted_corral_counts_what_others_hold_before_its_first_bind(
     admin.create_namespace({"metadata": {"name": ns}})
     until("the namespace's service account", lambda: has_default_account(admin, ns))
     prefix = f"q{tag}-"
-    ex = KubernetesExecutor(plane.corral_client(), tmp_path / "k8s", IMAGE, grace_s=0, namespace_prefix=prefix,
-                            node_selector=f"{TEST_LABEL}={tag}", watch_s=2, foreign_pods=False)
+    ex = KubernetesExecutor(
+        plane.corral_client(),
+        tmp_path / "k8s",
+        IMAGE,
+        grace_s=0,
+        namespace_prefix=prefix,
+        node_selector=f"{TEST_LABEL}={tag}",
+        watch_s=2,
+        foreign_pods=False,
+    )
     try:
         for n in nodes:  # 6 of each node's 8 GPUs taken by pods bound straight to it
             pod = other_pod(f"held-{n}", random.Random(0), None)
             pod["spec"]["nodeName"] = n
             pod["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "1"}, "limits": {k8s.GPU: "6"}}
             admin.create_namespaced_pod(ns, pod)
-        core: Core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=0), executor=ex,
-                                nodes=ex.discover())
+        core: Core = build_core(
+            ServiceSettings(data_dir=tmp_path / "data", grace_s=0), executor=ex, nodes=ex.discover()
+        )
         pool = f"SHARED-{tag}"
         core.apply_queues(ROOT, {"queues": [{"name": "team", "quota": {pool: NODES * GPUS}}]}, "one team")
-        ids = [int(core.submit(ROOT, JobSubmit(queue="team", pool=pool, gpus=g, command="sleep inf"))[0]["id"])
-               for g in (4, 2)]
+        ids = [
+            int(core.submit(ROOT, JobSubmit(queue="team", pool=pool, gpus=g, command="sleep inf"))[0]["id"])
+            for g in (4, 2)
+        ]
         for _ in range(3):
             core.tick()
         with core.db.connect() as conn:

@@ -42,10 +42,12 @@ def tree(*specs: QueueSpec) -> QueueTree:
     return QueueTree(specs, CAPACITY)
 
 
-DEMO = tree(QueueSpec("research", quota={POOL: 8}, limit={POOL: 12}),
-            QueueSpec("nlp", "research", quota={POOL: 4}),
-            QueueSpec("vision", "research", quota={POOL: 4}, limit={POOL: 6, "A100": 2}),
-            QueueSpec("product", quota={POOL: 8}))
+DEMO = tree(
+    QueueSpec("research", quota={POOL: 8}, limit={POOL: 12}),
+    QueueSpec("nlp", "research", quota={POOL: 4}),
+    QueueSpec("vision", "research", quota={POOL: 4}, limit={POOL: 6, "A100": 2}),
+    QueueSpec("product", quota={POOL: 8}),
+)
 
 
 def by_kind(objs: list[dict[str, Any]], ns: str) -> dict[str, list[dict[str, Any]]]:
@@ -57,6 +59,7 @@ def by_kind(objs: list[dict[str, Any]], ns: str) -> dict[str, list[dict[str, Any
 
 
 # ----- the builders, as dicts -----
+
 
 def test_one_namespace_per_leaf_with_the_queue_and_prefix_kept() -> None:
     objs = k8s_teams.desired(DEMO, CAPACITY, k8s_teams.TeamConfig("c-"))
@@ -73,11 +76,19 @@ def test_role_bindings_map_corral_roles_over_the_queue_path() -> None:
     bindings = {b["roleRef"]["name"]: [s["name"] for s in b["subjects"]] for b in objs["RoleBinding"]}
     # A team admin of `research` (a token scoped to it) is an admin in nlp's namespace, as in Corral.
     assert bindings == {
-        "admin": ["corral:platform-admin", "corral:team-admin", "corral:research:team-admin",
-                  "corral:nlp:team-admin"],
-        "view": ["corral:member", "corral:research:member", "corral:nlp:member", "corral:model-owner",
-                 "corral:research:model-owner", "corral:nlp:model-owner", "corral:viewer", "corral:research:viewer",
-                 "corral:nlp:viewer"]}
+        "admin": ["corral:platform-admin", "corral:team-admin", "corral:research:team-admin", "corral:nlp:team-admin"],
+        "view": [
+            "corral:member",
+            "corral:research:member",
+            "corral:nlp:member",
+            "corral:model-owner",
+            "corral:research:model-owner",
+            "corral:nlp:model-owner",
+            "corral:viewer",
+            "corral:research:viewer",
+            "corral:nlp:viewer",
+        ],
+    }
     rb = objs["RoleBinding"][0]
     assert rb["metadata"]["name"] == "corral-team-admin" and rb["roleRef"]["kind"] == "ClusterRole"
     assert all(s["kind"] == "Group" for s in rb["subjects"])
@@ -95,6 +106,7 @@ def test_the_gpu_quota_is_the_limit_on_the_path_or_the_pools() -> None:
         (q,) = by_kind(objs, ns)["ResourceQuota"]
         spec: dict[str, str] = q["spec"]["hard"]
         return spec
+
     # nlp: no limit of its own; research's 12 of H100 binds it; nothing limits it on A100 (8).
     assert hard("corral-nlp") == {"requests.nvidia.com/gpu": "20"}
     assert hard("corral-vision") == {"requests.nvidia.com/gpu": "8"}  # its own 6 (under 12) + 2
@@ -107,15 +119,22 @@ def test_network_policies_isolate_sandboxes_and_teams() -> None:
     assert sandbox["spec"]["podSelector"] == {"matchLabels": {k8s.KIND_LABEL: "sandbox"}}
     assert sandbox["spec"]["policyTypes"] == ["Ingress"]
     hub_ns = {"matchLabels": {"kubernetes.io/metadata.name": "hub"}}
-    assert sandbox["spec"]["ingress"] == [{"from": [
-        {"namespaceSelector": hub_ns, "podSelector": {"matchLabels": {"component": "hub"}}},
-        {"namespaceSelector": hub_ns, "podSelector": {"matchLabels": {"component": "proxy"}}}]}]
-    assert team["spec"]["podSelector"] == {"matchExpressions": [
-        {"key": k8s.KIND_LABEL, "operator": "NotIn", "values": ["sandbox"]}]}
+    assert sandbox["spec"]["ingress"] == [
+        {
+            "from": [
+                {"namespaceSelector": hub_ns, "podSelector": {"matchLabels": {"component": "hub"}}},
+                {"namespaceSelector": hub_ns, "podSelector": {"matchLabels": {"component": "proxy"}}},
+            ]
+        }
+    ]
+    assert team["spec"]["podSelector"] == {
+        "matchExpressions": [{"key": k8s.KIND_LABEL, "operator": "NotIn", "values": ["sandbox"]}]
+    }
     assert team["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}]  # its own namespace only
     mine = k8s_teams.owner_policy("corral-nlp", "corral-7-1-0", "uid-1", "corral-7-1", "ann")
     assert mine["metadata"]["ownerReferences"] == [
-        {"apiVersion": "v1", "kind": "Pod", "name": "corral-7-1-0", "uid": "uid-1"}]
+        {"apiVersion": "v1", "kind": "Pod", "name": "corral-7-1-0", "uid": "uid-1"}
+    ]
     assert mine["spec"]["podSelector"] == {"matchLabels": {k8s.GROUP_LABEL: "corral-7-1", k8s.KIND_LABEL: "sandbox"}}
     assert mine["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": {k8s.OWNER_LABEL: "ann"}}}]}]
 
@@ -134,8 +153,10 @@ def test_owner_label_values_are_valid_and_one_to_one() -> None:
 
 
 def test_covers_ignores_what_the_server_adds() -> None:
-    live = {"spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}], "ports": None}]},
-            "metadata": {"labels": {"a": "1", "b": "2"}, "uid": "x"}}
+    live = {
+        "spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}], "ports": None}]},
+        "metadata": {"labels": {"a": "1", "b": "2"}, "uid": "x"},
+    }
     want = {"spec": {"ingress": [{"from": [{"podSelector": {}}]}]}, "metadata": {"labels": {"a": "1"}}}
     assert k8s_teams.covers(live, want)
     assert k8s_teams.covers({"spec": {}}, {"spec": {"podSelector": {}}})  # an empty selector the server dropped
@@ -144,12 +165,37 @@ def test_covers_ignores_what_the_server_adds() -> None:
 
 
 def test_a_sandbox_pod_is_kubespawners_with_corrals_parts() -> None:
-    env = {"CORRAL_QUEUE": "nlp", "CORRAL_OWNER": "ann", k8s_sandbox.KIND_ENV: "sandbox",
-           "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:5678/user/ann/"}
-    p = k8s_sandbox.pod("7", 2, 0, namespace="corral-nlp", node="n1", gpus=2, image="jupyter:1",
-                        command=["jupyterhub-singleuser", "--debug"], env=env, grace_s=5)
-    job = k8s.pod("7", 2, 0, namespace="corral-nlp", node="n1", gpus=2, image="jupyter:1",
-                  command=["jupyterhub-singleuser", "--debug"], env=env, grace_s=5, kind="sandbox")
+    env = {
+        "CORRAL_QUEUE": "nlp",
+        "CORRAL_OWNER": "ann",
+        k8s_sandbox.KIND_ENV: "sandbox",
+        "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:5678/user/ann/",
+    }
+    p = k8s_sandbox.pod(
+        "7",
+        2,
+        0,
+        namespace="corral-nlp",
+        node="n1",
+        gpus=2,
+        image="jupyter:1",
+        command=["jupyterhub-singleuser", "--debug"],
+        env=env,
+        grace_s=5,
+    )
+    job = k8s.pod(
+        "7",
+        2,
+        0,
+        namespace="corral-nlp",
+        node="n1",
+        gpus=2,
+        image="jupyter:1",
+        command=["jupyterhub-singleuser", "--debug"],
+        env=env,
+        grace_s=5,
+        kind="sandbox",
+    )
     assert k8s_sandbox.is_sandbox(env) and not k8s_sandbox.is_sandbox({"CORRAL_KIND": "job"})
     # Corral's parts: the same name, labels and annotations as a job's pod, so the executor treats it alike.
     assert p["metadata"] == job["metadata"] and p["metadata"]["labels"][k8s.KIND_LABEL] == "sandbox"
@@ -165,12 +211,28 @@ def test_a_sandbox_pod_is_kubespawners_with_corrals_parts() -> None:
     assert c["ports"] == [{"containerPort": 5678, "name": "notebook-port"}]
     assert c["resources"]["limits"] == {"nvidia.com/gpu": "2"}
     # Confined like a job's pod: non-root (the Jupyter images' jovyan), no escalation, no capabilities, seccomp.
-    assert c["securityContext"] == {"runAsUser": 1000, "allowPrivilegeEscalation": False,
-                                    "capabilities": {"drop": ["ALL"]}}
-    assert spec["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000,
-                                       "seccompProfile": {"type": "RuntimeDefault"}}
-    other = k8s_sandbox.pod("7", 2, 0, namespace="corral-nlp", node="n1", gpus=2, image="jupyter:1",
-                            command=["lab"], env=env, run_as_user=4242)
+    assert c["securityContext"] == {
+        "runAsUser": 1000,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert spec["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    other = k8s_sandbox.pod(
+        "7",
+        2,
+        0,
+        namespace="corral-nlp",
+        node="n1",
+        gpus=2,
+        image="jupyter:1",
+        command=["lab"],
+        env=env,
+        run_as_user=4242,
+    )
     assert other["spec"]["securityContext"]["runAsUser"] == 4242
     assert other["spec"]["containers"][0]["securityContext"]["runAsUser"] == 4242
     assert c["env"] == job["spec"]["containers"][0]["env"]
@@ -179,13 +241,18 @@ def test_a_sandbox_pod_is_kubespawners_with_corrals_parts() -> None:
 
 def test_a_sandbox_pod_requests_its_cpus_and_memory() -> None:
     env = {k8s_sandbox.KIND_ENV: "sandbox"}
-    p = k8s_sandbox.pod("7", 1, 0, namespace="ns", node="n1", gpus=1, image="jupyter:1", command=["lab"], env=env,
-                        cpus=4, memory_gb=16)
-    job = k8s.pod("7", 1, 0, namespace="ns", node="n1", gpus=1, image="jupyter:1", command=["lab"], env=env,
-                  cpus=4, memory_gb=16)
+    p = k8s_sandbox.pod(
+        "7", 1, 0, namespace="ns", node="n1", gpus=1, image="jupyter:1", command=["lab"], env=env, cpus=4, memory_gb=16
+    )
+    job = k8s.pod(
+        "7", 1, 0, namespace="ns", node="n1", gpus=1, image="jupyter:1", command=["lab"], env=env, cpus=4, memory_gb=16
+    )
     (c,) = p["spec"]["containers"]
-    assert c["resources"] == job["spec"]["containers"][0]["resources"] == {
-        "limits": {"nvidia.com/gpu": "1", "memory": "16384Mi"}, "requests": {"cpu": "4000m", "memory": "16384Mi"}}
+    assert (
+        c["resources"]
+        == job["spec"]["containers"][0]["resources"]
+        == {"limits": {"nvidia.com/gpu": "1", "memory": "16384Mi"}, "requests": {"cpu": "4000m", "memory": "16384Mi"}}
+    )
 
 
 def test_a_users_notebooks_live_on_their_own_claim_mounted_by_every_sandbox_of_theirs() -> None:
@@ -194,23 +261,50 @@ def test_a_users_notebooks_live_on_their_own_claim_mounted_by_every_sandbox_of_t
     store = k8s_sandbox.NotebookStorage(size="20Gi", storage_class="fast-ssd")
     claim = k8s_sandbox.user_claim("corral-nlp", "ann", store)
     assert claim == {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-        "metadata": {"name": k8s_sandbox.claim_name("ann"), "namespace": "corral-nlp",
-                     "labels": {k8s.OWNER_LABEL: "ann", "app.kubernetes.io/managed-by": "corral",
-                                "corral.dev/purpose": "notebook-home"}},
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}},
-                 "storageClassName": "fast-ssd"}}
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": k8s_sandbox.claim_name("ann"),
+            "namespace": "corral-nlp",
+            "labels": {
+                k8s.OWNER_LABEL: "ann",
+                "app.kubernetes.io/managed-by": "corral",
+                "corral.dev/purpose": "notebook-home",
+            },
+        },
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": "20Gi"}},
+            "storageClassName": "fast-ssd",
+        },
+    }
     assert "storageClassName" not in k8s_sandbox.user_claim("ns", "ann", k8s_sandbox.NotebookStorage())["spec"]
     assert k8s_sandbox.claim_name("ann") != k8s_sandbox.claim_name("Ann") != k8s_sandbox.claim_name("ann.")
-    assert all(len(k8s_sandbox.claim_name(u)) <= 63 and k8s_sandbox.claim_name(u).startswith("corral-home-")
-               for u in ("ann", "x" * 200, "Ann Lee@example.org", "..."))
+    assert all(
+        len(k8s_sandbox.claim_name(u)) <= 63 and k8s_sandbox.claim_name(u).startswith("corral-home-")
+        for u in ("ann", "x" * 200, "Ann Lee@example.org", "...")
+    )
     env = {k8s_sandbox.KIND_ENV: "sandbox"}
-    first, again = (k8s_sandbox.pod("7", attempt, 0, namespace="corral-nlp", node="n1", gpus=1, image="jupyter:1",
-                                    command=["lab"], env=env, home_claim=claim["metadata"]["name"],
-                                    home_path="/home/jovyan") for attempt in (1, 2))
+    first, again = (
+        k8s_sandbox.pod(
+            "7",
+            attempt,
+            0,
+            namespace="corral-nlp",
+            node="n1",
+            gpus=1,
+            image="jupyter:1",
+            command=["lab"],
+            env=env,
+            home_claim=claim["metadata"]["name"],
+            home_path="/home/jovyan",
+        )
+        for attempt in (1, 2)
+    )
     for p in (first, again):
-        assert p["spec"]["volumes"] == [{"name": "home", "persistentVolumeClaim": {
-            "claimName": claim["metadata"]["name"]}}]
+        assert p["spec"]["volumes"] == [
+            {"name": "home", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+        ]
         (c,) = p["spec"]["containers"]
         assert c["volumeMounts"] == [{"name": "home", "mountPath": "/home/jovyan"}]
         assert c["workingDir"] == "/home/jovyan"  # the server's root directory
@@ -221,6 +315,7 @@ def test_a_users_notebooks_live_on_their_own_claim_mounted_by_every_sandbox_of_t
 
 
 # ----- on the test control plane -----
+
 
 @pytest.fixture(scope="module")
 @starts_processes
@@ -242,8 +337,14 @@ def selector(sel: Mapping[str, Any]) -> str:
     parts = [f"{k}={v}" for k, v in sel.get("matchLabels", {}).items()]
     for e in sel.get("matchExpressions", []):
         op, key, values = e["operator"], e["key"], ",".join(e.get("values", []))
-        parts.append({"In": f"{key} in ({values})", "NotIn": f"{key} notin ({values})", "Exists": key,
-                      "DoesNotExist": f"!{key}"}[op])
+        parts.append(
+            {
+                "In": f"{key} in ({values})",
+                "NotIn": f"{key} notin ({values})",
+                "Exists": key,
+                "DoesNotExist": f"!{key}",
+            }[op]
+        )
     return ",".join(parts)
 
 
@@ -254,9 +355,11 @@ def team_state(plane: ControlPlane, prefix: str) -> dict[str, dict[str, Any]]:
     for ns in plane.core().list_namespace().items:
         if ns.metadata.name.startswith(prefix) and ns.metadata.deletion_timestamp is None:
             out[ns.metadata.name] = {}
-    lists = [client.RbacAuthorizationV1Api(api).list_role_binding_for_all_namespaces,
-             plane.core().list_resource_quota_for_all_namespaces,
-             client.NetworkingV1Api(api).list_network_policy_for_all_namespaces]
+    lists = [
+        client.RbacAuthorizationV1Api(api).list_role_binding_for_all_namespaces,
+        plane.core().list_resource_quota_for_all_namespaces,
+        client.NetworkingV1Api(api).list_network_policy_for_all_namespaces,
+    ]
     for listing in lists:
         for o in listing().items:
             if o.metadata.namespace in out:
@@ -265,30 +368,37 @@ def team_state(plane: ControlPlane, prefix: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def test_reconciler_applies_updates_removes_and_is_idempotent(plane: ControlPlane, prefix: str,
-                                                               tmp_path: Path) -> None:
+def test_reconciler_applies_updates_removes_and_is_idempotent(plane: ControlPlane, prefix: str, tmp_path: Path) -> None:
     ex = KubernetesExecutor(plane.corral_client(), tmp_path, IMAGE, namespace_prefix=prefix, hub_namespace="hub")
     first = ex.sync_teams(DEMO, CAPACITY)
     state = team_state(plane, prefix)
     assert sorted(state) == [f"{prefix}nlp", f"{prefix}product", f"{prefix}vision"]
     assert sorted(state[f"{prefix}nlp"]) == [
-        "NetworkPolicy/corral-sandbox-isolation", "NetworkPolicy/corral-team-isolation",
-        "ResourceQuota/corral-gpus", "RoleBinding/corral-team-admin", "RoleBinding/corral-team-view"]
+        "NetworkPolicy/corral-sandbox-isolation",
+        "NetworkPolicy/corral-team-isolation",
+        "ResourceQuota/corral-gpus",
+        "RoleBinding/corral-team-admin",
+        "RoleBinding/corral-team-view",
+    ]
     assert state[f"{prefix}nlp"]["ResourceQuota/corral-gpus"]["spec"]["hard"] == {"requests.nvidia.com/gpu": "20"}
     assert len(first.created) == 3 * 6 and not first.updated and not first.deleted
     assert ex.sync_teams(DEMO, CAPACITY) == k8s_teams.Applied()  # nothing differs: nothing written
 
     # A hand edit is put back; an object Corral does not manage is left alone.
     core = plane.core()
-    core.patch_namespaced_resource_quota("corral-gpus", f"{prefix}nlp",
-                                         {"spec": {"hard": {"requests.nvidia.com/gpu": "99"}}})
+    core.patch_namespaced_resource_quota(
+        "corral-gpus", f"{prefix}nlp", {"spec": {"hard": {"requests.nvidia.com/gpu": "99"}}}
+    )
     core.create_namespaced_config_map(f"{prefix}nlp", {"metadata": {"name": "theirs"}})
     assert ex.sync_teams(DEMO, CAPACITY).updated == [f"ResourceQuota {prefix}nlp/corral-gpus"]
 
     # A changed tree: vision goes, nlp gets a limit of its own, a new team comes, members may edit.
-    changed = tree(QueueSpec("research", quota={POOL: 8}, limit={POOL: 12}),
-                   QueueSpec("nlp", "research", quota={POOL: 4}, limit={POOL: 5, "A100": 0}),
-                   QueueSpec("speech", "research", quota={POOL: 4}), QueueSpec("product", quota={POOL: 8}))
+    changed = tree(
+        QueueSpec("research", quota={POOL: 8}, limit={POOL: 12}),
+        QueueSpec("nlp", "research", quota={POOL: 4}, limit={POOL: 5, "A100": 0}),
+        QueueSpec("speech", "research", quota={POOL: 4}),
+        QueueSpec("product", quota={POOL: 8}),
+    )
     ex.teams = k8s_teams.TeamConfig(prefix, "hub", cluster_roles={**k8s_teams.CLUSTER_ROLES, "member": "edit"})
     applied = ex.sync_teams(changed, CAPACITY)
     assert f"Namespace {prefix}speech" in applied.created
@@ -305,9 +415,11 @@ def test_reconciler_applies_updates_removes_and_is_idempotent(plane: ControlPlan
     assert ex.sync_teams(changed, CAPACITY) == k8s_teams.Applied()
     # A binding no longer wanted in a kept namespace goes; another installation's namespaces are not touched.
     ex.teams = k8s_teams.TeamConfig(prefix, "hub")
-    assert ex.sync_teams(changed, CAPACITY).deleted == [f"RoleBinding {prefix}nlp/corral-team-edit",
-                                                        f"RoleBinding {prefix}product/corral-team-edit",
-                                                        f"RoleBinding {prefix}speech/corral-team-edit"]
+    assert ex.sync_teams(changed, CAPACITY).deleted == [
+        f"RoleBinding {prefix}nlp/corral-team-edit",
+        f"RoleBinding {prefix}product/corral-team-edit",
+        f"RoleBinding {prefix}speech/corral-team-edit",
+    ]
     other = KubernetesExecutor(plane.corral_client(), tmp_path, IMAGE, namespace_prefix=f"{prefix}x-")
     assert other.sync_teams(tree(QueueSpec("solo", quota={POOL: 1})), CAPACITY).deleted == []
     assert f"{prefix}nlp" in team_state(plane, prefix)
@@ -316,22 +428,33 @@ def test_reconciler_applies_updates_removes_and_is_idempotent(plane: ControlPlan
 def make_pod(core: Any, ns: str, name: str, labels: dict[str, str]) -> None:
     """A pod nobody schedules (no scheduler has this name): only its labels matter here. Confined as team
     namespaces require (Pod Security "restricted")."""
-    core.create_namespaced_pod(ns, {"metadata": {"name": name, "labels": labels}, "spec": {
-        "schedulerName": "nobody", "securityContext": k8s.pod_security(),
-        "containers": [{"name": "c", "image": IMAGE, "securityContext": k8s.container_security()}]}})
+    core.create_namespaced_pod(
+        ns,
+        {
+            "metadata": {"name": name, "labels": labels},
+            "spec": {
+                "schedulerName": "nobody",
+                "securityContext": k8s.pod_security(),
+                "containers": [{"name": "c", "image": IMAGE, "securityContext": k8s.container_security()}],
+            },
+        },
+    )
 
 
-@pytest.mark.parametrize(("what", "pod_spec", "container"), [
-    ("root", {"securityContext": {"runAsUser": 0}}, {}),
-    ("privileged", {}, {"securityContext": {"privileged": True}}),
-    ("host path", {"volumes": [{"name": "host", "hostPath": {"path": "/"}}]}, {}),
-    ("host network", {"hostNetwork": True}, {}),
-    ("added capability", {}, {"securityContext": {"capabilities": {"add": ["SYS_ADMIN"], "drop": ["ALL"]}}}),
-    ("no security context", {"securityContext": {}}, {"securityContext": {}}),
-])
-def test_a_team_namespace_refuses_pods_that_are_not_restricted(plane: ControlPlane, prefix: str,
-                                                                what: str, pod_spec: dict[str, Any],
-                                                                container: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("what", "pod_spec", "container"),
+    [
+        ("root", {"securityContext": {"runAsUser": 0}}, {}),
+        ("privileged", {}, {"securityContext": {"privileged": True}}),
+        ("host path", {"volumes": [{"name": "host", "hostPath": {"path": "/"}}]}, {}),
+        ("host network", {"hostNetwork": True}, {}),
+        ("added capability", {}, {"securityContext": {"capabilities": {"add": ["SYS_ADMIN"], "drop": ["ALL"]}}}),
+        ("no security context", {"securityContext": {}}, {"securityContext": {}}),
+    ],
+)
+def test_a_team_namespace_refuses_pods_that_are_not_restricted(
+    plane: ControlPlane, prefix: str, what: str, pod_spec: dict[str, Any], container: dict[str, Any]
+) -> None:
     """Pod Security Admission on the team's namespace: a pod made by hand there (a team admin holds the admin
     ClusterRole in it) cannot escape to the node, even though Corral would bind it; Corral's own pods pass."""
     core = plane.core()
@@ -363,9 +486,14 @@ def allowed_sources(plane: ControlPlane, ns: str, pod: str) -> set[str]:
         selected = True
         for rule in spec.get("ingress", []):
             for peer in rule.get("from", []):
-                spaces = [ns] if "namespaceSelector" not in peer else [
-                    n.metadata.name for n in core.list_namespace(
-                        label_selector=selector(peer["namespaceSelector"])).items]
+                spaces = (
+                    [ns]
+                    if "namespaceSelector" not in peer
+                    else [
+                        n.metadata.name
+                        for n in core.list_namespace(label_selector=selector(peer["namespaceSelector"])).items
+                    ]
+                )
                 for space in spaces:
                     found = core.list_namespaced_pod(space, label_selector=selector(peer.get("podSelector", {})))
                     sources |= {f"{space}/{p.metadata.name}" for p in found.items}
@@ -373,8 +501,9 @@ def allowed_sources(plane: ControlPlane, ns: str, pod: str) -> set[str]:
     return sources
 
 
-def test_policies_let_only_the_hub_and_the_owner_reach_a_sandbox(plane: ControlPlane, prefix: str,
-                                                                 tmp_path: Path) -> None:
+def test_policies_let_only_the_hub_and_the_owner_reach_a_sandbox(
+    plane: ControlPlane, prefix: str, tmp_path: Path
+) -> None:
     core = plane.core()
     hub = f"{prefix}hub"
     core.create_namespace({"metadata": {"name": hub}})
@@ -388,8 +517,17 @@ def test_policies_let_only_the_hub_and_the_owner_reach_a_sandbox(plane: ControlP
         for owner in ("ann", "bob"):
             make_pod(core, ns, f"job-{owner}", {k8s.KIND_LABEL: "job", k8s.OWNER_LABEL: owner})
     # ann's sandbox in team a, with the policy its launch makes (isolate reads the pod's uid).
-    sandbox = k8s_sandbox.pod("s1", 1, 0, namespace=a, node="none", gpus=0, image=IMAGE, command=["sleep", "inf"],
-                              env={"CORRAL_QUEUE": "a", "CORRAL_OWNER": "ann", k8s_sandbox.KIND_ENV: "sandbox"})
+    sandbox = k8s_sandbox.pod(
+        "s1",
+        1,
+        0,
+        namespace=a,
+        node="none",
+        gpus=0,
+        image=IMAGE,
+        command=["sleep", "inf"],
+        env={"CORRAL_QUEUE": "a", "CORRAL_OWNER": "ann", k8s_sandbox.KIND_ENV: "sandbox"},
+    )
     sandbox["spec"]["schedulerName"] = "nobody"
     core.create_namespaced_pod(a, sandbox)
     k8s_sandbox.isolate(core, [sandbox])
@@ -406,7 +544,8 @@ def test_policies_let_only_the_hub_and_the_owner_reach_a_sandbox(plane: ControlP
 
 
 def test_a_sandbox_opened_through_the_service_runs_as_a_kubespawner_pod_in_its_team(
-        plane: ControlPlane, prefix: str, tmp_path: Path) -> None:
+    plane: ControlPlane, prefix: str, tmp_path: Path
+) -> None:
     product = f"NVIDIA-T-{prefix.strip('-')}"
     node = f"{prefix}gpu"
     plane.create_gpu_node(node, product=product, gpus=8)
@@ -415,21 +554,36 @@ def test_a_sandbox_opened_through_the_service_runs_as_a_kubespawner_pod_in_its_t
         plane.wait_node_ready(node)
         api = plane.corral_client()  # Corral as the chart deploys it
         nodes = [n for n in discover_nodes(api) if n.pool == product]
-        ex = KubernetesExecutor(api, tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=prefix,
-                                hub_namespace=f"{prefix}hub")
+        ex = KubernetesExecutor(
+            api, tmp_path / "k8s", IMAGE, grace_s=1, namespace_prefix=prefix, hub_namespace=f"{prefix}hub"
+        )
         closing.callback(ex.close)  # the node and pod watches the service's cycles start
         core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=1), executor=ex, nodes=nodes)
         assert f"{prefix}default" in team_state(plane, prefix)  # synced at start
         root = Principal("root", Role.PLATFORM_ADMIN)
-        core.apply_queues(root, {"queues": [{"name": "alpha", "quota": {product: 2}, "limit": {product: 6}},
-                                            {"name": "beta", "quota": {product: 6}}]})
+        core.apply_queues(
+            root,
+            {
+                "queues": [
+                    {"name": "alpha", "quota": {product: 2}, "limit": {product: 6}},
+                    {"name": "beta", "quota": {product: 6}},
+                ]
+            },
+        )
         state = team_state(plane, prefix)  # synced by the apply: default gone, alpha and beta there
         assert sorted(state) == [f"{prefix}alpha", f"{prefix}beta"]
         assert state[f"{prefix}alpha"]["ResourceQuota/corral-gpus"]["spec"]["hard"] == {"requests.nvidia.com/gpu": "6"}
 
         ann = Principal("ann", Role.MEMBER, "alpha")
-        req = SandboxRequest(queue="alpha", gpus=2, cpus=2, memory_gb=8, command=["jupyterhub-singleuser"],
-                             image=IMAGE, env={"JUPYTERHUB_SERVICE_URL": "http://0.0.0.0:7001/user/ann/"})
+        req = SandboxRequest(
+            queue="alpha",
+            gpus=2,
+            cpus=2,
+            memory_gb=8,
+            command=["jupyterhub-singleuser"],
+            image=IMAGE,
+            env={"JUPYTERHUB_SERVICE_URL": "http://0.0.0.0:7001/user/ann/"},
+        )
         with pytest.raises(Conflict, match="holds 0 non-preemptible GPUs .* needs 3: 3 > quota 2"):
             open_sandbox(core, ann, req.model_copy(update={"gpus": 3}))  # over the guarantee: refused now
         job = open_sandbox(core, ann, req)
@@ -464,24 +618,28 @@ def test_a_sandbox_opened_through_the_service_runs_as_a_kubespawner_pod_in_its_t
             core.tick()
             names = {p.metadata.name for p in net.list_namespaced_network_policy(ns).items}
             return not plane.core().list_namespaced_pod(ns).items and f"{pod.metadata.name}-owner" not in names
+
         until("the sandbox's pod and policy gone", gone)
         assert open_sandbox(core, ann, req)["state"] == "running"
 
 
-def test_a_sandbox_never_runs_without_its_namespaces_isolation(plane: ControlPlane, prefix: str, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sandbox_never_runs_without_its_namespaces_isolation(
+    plane: ControlPlane, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert next(iter(k8s_teams.Reconciler(plane.api_client()).kinds)) == "NetworkPolicy"  # made first by a sync
     node = f"{prefix}iso"
     plane.create_gpu_node(node, product=f"NVIDIA-I-{prefix.strip('-')}", gpus=8)
     with contextlib.ExitStack() as closing:
         closing.callback(plane.core().delete_node, node)
-        ex = KubernetesExecutor(plane.corral_client(), tmp_path, IMAGE, grace_s=1, namespace_prefix=prefix,
-                                hub_namespace=f"{prefix}hub")
+        ex = KubernetesExecutor(
+            plane.corral_client(), tmp_path, IMAGE, grace_s=1, namespace_prefix=prefix, hub_namespace=f"{prefix}hub"
+        )
         env = {"CORRAL_QUEUE": "fresh", "CORRAL_OWNER": "ann", k8s_sandbox.KIND_ENV: "sandbox"}
         net: Any = client.NetworkingV1Api(plane.api_client())
 
         def refused(*_: Any, **__: Any) -> None:
             raise ApiException(status=403, reason="Forbidden")
+
         with monkeypatch.context() as m:  # the policy cannot be made: no sandbox pod either
             m.setattr(client.NetworkingV1Api, "create_namespaced_network_policy", refused)
             with pytest.raises(OSError, match="403"):
@@ -493,8 +651,7 @@ def test_a_sandbox_never_runs_without_its_namespaces_isolation(plane: ControlPla
         assert policy.spec.pod_selector.match_labels == {k8s.KIND_LABEL: "sandbox"}
 
 
-def test_a_sandbox_started_again_mounts_its_users_same_claim(plane: ControlPlane, prefix: str,
-                                                              tmp_path: Path) -> None:
+def test_a_sandbox_started_again_mounts_its_users_same_claim(plane: ControlPlane, prefix: str, tmp_path: Path) -> None:
     """On the control plane: the executor makes the user's claim on their first sandbox and mounts it in the pod of
     every later attempt (a server stopped and started again). The admin's client: the chart's ClusterRole has no
     persistentvolumeclaims (k8s_notebook_storage_size is off by default)."""
@@ -502,9 +659,15 @@ def test_a_sandbox_started_again_mounts_its_users_same_claim(plane: ControlPlane
     plane.create_gpu_node(node, product=f"NVIDIA-H-{prefix.strip('-')}", gpus=8)
     with contextlib.ExitStack() as closing:
         closing.callback(plane.core().delete_node, node)
-        ex = KubernetesExecutor(plane.api_client(), tmp_path, IMAGE, grace_s=1, namespace_prefix=prefix,
-                                hub_namespace=f"{prefix}hub",
-                                notebook_storage=k8s_sandbox.NotebookStorage(size="1Gi", storage_class="standard"))
+        ex = KubernetesExecutor(
+            plane.api_client(),
+            tmp_path,
+            IMAGE,
+            grace_s=1,
+            namespace_prefix=prefix,
+            hub_namespace=f"{prefix}hub",
+            notebook_storage=k8s_sandbox.NotebookStorage(size="1Gi", storage_class="standard"),
+        )
         closing.callback(ex.close)
         env = {"CORRAL_QUEUE": "lab", "CORRAL_OWNER": "ann", k8s_sandbox.KIND_ENV: "sandbox"}
         ns = f"{prefix}lab"

@@ -39,8 +39,12 @@ def node(name: str, ready: bool, rv: str) -> Any:
     return SimpleNamespace(
         metadata=SimpleNamespace(name=name, deletion_timestamp=None, labels={}, resource_version=rv),
         spec=SimpleNamespace(unschedulable=False),
-        status=SimpleNamespace(conditions=[SimpleNamespace(type="Ready", status="True" if ready else "False")],
-                               allocatable={"nvidia.com/gpu": "8"}, addresses=[]))
+        status=SimpleNamespace(
+            conditions=[SimpleNamespace(type="Ready", status="True" if ready else "False")],
+            allocatable={"nvidia.com/gpu": "8"},
+            addresses=[],
+        ),
+    )
 
 
 def test_node_changes_seen_before_a_dropped_watch_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,12 +88,16 @@ class BindingCore(FakeCore):
         self.deleted.append(name)
 
 
-@pytest.mark.parametrize("failure", [ConnectionResetError("dropped"), ApiException(status=500),
-                                     ApiException(status=403)])
+@pytest.mark.parametrize(
+    "failure", [ConnectionResetError("dropped"), ApiException(status=500), ApiException(status=403)]
+)
 def test_a_gang_whose_bind_fails_part_way_is_cleaned_up_whole(tmp_path: Path, failure: Exception) -> None:
     gang = {k8s.GROUP_LABEL: "g", GROUP_SIZE: "2"}
-    api = BindingCore([pending("g-0", "team", gang), pending("g-1", "team", gang)],
-                      {"team": ns({k8s.QUEUE_LABEL: "nlp"})}, {"g-0": None, "g-1": failure})
+    api = BindingCore(
+        [pending("g-0", "team", gang), pending("g-1", "team", gang)],
+        {"team": ns({k8s.QUEUE_LABEL: "nlp"})},
+        {"g-0": None, "g-1": failure},
+    )
     ex = KubernetesExecutor(api, tmp_path, "img")
     assert ex.gangs is not None
     (a,) = ex.gangs.resync()
@@ -106,8 +114,11 @@ def test_a_gang_whose_bind_fails_part_way_is_cleaned_up_whole(tmp_path: Path, fa
 def test_a_gang_whose_every_bind_is_refused_is_told_why_and_not_offered_again(tmp_path: Path) -> None:
     gang = {k8s.GROUP_LABEL: "g", GROUP_SIZE: "2"}
     refused = ApiException(status=403, reason="Forbidden")
-    api = BindingCore([pending("g-0", "team", gang), pending("g-1", "team", gang)],
-                      {"team": ns({k8s.QUEUE_LABEL: "nlp"})}, {"g-0": refused, "g-1": refused})
+    api = BindingCore(
+        [pending("g-0", "team", gang), pending("g-1", "team", gang)],
+        {"team": ns({k8s.QUEUE_LABEL: "nlp"})},
+        {"g-0": refused, "g-1": refused},
+    )
     events: list[Any] = []
     api.create_namespaced_event = lambda namespace, body, **_: events.append(body)  # type: ignore[method-assign]
     ex = KubernetesExecutor(api, tmp_path, "img")
@@ -126,7 +137,8 @@ def test_a_node_back_under_a_deleted_nodes_name_is_no_longer_gone(tmp_path: Path
     ex = KubernetesExecutor(BindingCore([], {}, {}), tmp_path, "img", foreign_pods=False)
     info = k8s_nodes.node_info(node("a", True, "1"))
     ex._feeds["corral-k8s-nodes"] = SimpleNamespace(  # type: ignore[assignment]
-        drain=lambda: [NodeChange("a", None, deleted=True), NodeChange("a", info)], close=lambda: None)
+        drain=lambda: [NodeChange("a", None, deleted=True), NodeChange("a", info)], close=lambda: None
+    )
     ex.node_changes(0.0)
     assert ex._gone == set()  # its pods get their grace again: a kubelet confirms their deletion
     ex.close()
@@ -134,9 +146,16 @@ def test_a_node_back_under_a_deleted_nodes_name_is_no_longer_gone(tmp_path: Path
 
 def test_a_stopping_attempt_whose_pods_were_not_deleted_is_deleted_again(tmp_path: Path) -> None:
     running = SimpleNamespace(
-        metadata=SimpleNamespace(name="corral-5-1-0", namespace="ns", labels={k8s.JOB_LABEL: "5",
-                                 k8s.ATTEMPT_LABEL: "1"}, annotations={}, deletion_timestamp=None),
-        spec=SimpleNamespace(node_name="n1"), status=SimpleNamespace(phase="Running"))
+        metadata=SimpleNamespace(
+            name="corral-5-1-0",
+            namespace="ns",
+            labels={k8s.JOB_LABEL: "5", k8s.ATTEMPT_LABEL: "1"},
+            annotations={},
+            deletion_timestamp=None,
+        ),
+        spec=SimpleNamespace(node_name="n1"),
+        status=SimpleNamespace(phase="Running"),
+    )
     api = BindingCore([running], {}, {})
     ex = KubernetesExecutor(api, tmp_path, "img", foreign_pods=False)
     ex._attempts[("5", 1)] = Attempt("ns", 1, stopping=True, grace=3)  # terminate's delete failed
@@ -156,8 +175,14 @@ def test_an_evicted_pod_that_fails_on_a_cordoned_node_is_drained_not_failed(tmp_
     failed = SimpleNamespace(
         metadata=SimpleNamespace(name="corral-j-1-0", deletion_timestamp="now", labels={}, annotations={}),
         spec=SimpleNamespace(node_name="n1"),
-        status=SimpleNamespace(phase="Failed", conditions=[SimpleNamespace(type="DisruptionTarget", status="True")],
-                               container_statuses=[SimpleNamespace(state=SimpleNamespace(terminated=SimpleNamespace(
-                                   exit_code=143, reason="Error")))], reason=None))
+        status=SimpleNamespace(
+            phase="Failed",
+            conditions=[SimpleNamespace(type="DisruptionTarget", status="True")],
+            container_statuses=[
+                SimpleNamespace(state=SimpleNamespace(terminated=SimpleNamespace(exit_code=143, reason="Error")))
+            ],
+            reason=None,
+        ),
+    )
     e = ex._check("j", 1, a, [failed], "")
     assert e is not None and e.drained and "drained" in e.detail

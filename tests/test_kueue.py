@@ -91,8 +91,11 @@ def test_export_maps_the_tree() -> None:
     assert nlp["cohortName"] == "research"
     assert gpus(o["ClusterQueue", "nlp"], "h100") == {"nominalQuota": 4, "borrowingLimit": 2}
     assert gpus(o["ClusterQueue", "nlp"], "a100") == {"nominalQuota": 0}  # unlimited: no borrowingLimit
-    assert nlp["preemption"] == {"reclaimWithinCohort": "Any", "borrowWithinCohort": {"policy": "Never"},
-                                 "withinClusterQueue": "LowerPriority"}
+    assert nlp["preemption"] == {
+        "reclaimWithinCohort": "Any",
+        "borrowWithinCohort": {"policy": "Never"},
+        "withinClusterQueue": "LowerPriority",
+    }
     assert nlp["queueingStrategy"] == "BestEffortFIFO"
     assert nlp["namespaceSelector"] == {}
     assert o["ClusterQueue", "vision"]["spec"]["fairSharing"] == {"weight": "0.5"}  # a quantity, not a float
@@ -119,19 +122,32 @@ def test_export_covers_cpu_and_memory_at_the_root() -> None:
         assert [r["name"] for r in res] == [GPU, "cpu", "memory"]  # Kueue's CEL rule: in coveredResources' order
         return {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in res}
 
-    assert quotas(o["Cohort", "corral"], "h100") == {GPU: {"nominalQuota": 4}, "cpu": {"nominalQuota": 256},
-                                                     "memory": {"nominalQuota": "2Ti"}}
+    assert quotas(o["Cohort", "corral"], "h100") == {
+        GPU: {"nominalQuota": 4},
+        "cpu": {"nominalQuota": 256},
+        "memory": {"nominalQuota": "2Ti"},
+    }
     assert quotas(o["Cohort", "corral"], "a100")["cpu"] == {"nominalQuota": 64}  # "64" read as the server sends it
-    assert quotas(o["Cohort", "research"], "h100") == {GPU: {"nominalQuota": 2, "borrowingLimit": 4},
-                                                       "cpu": {"nominalQuota": 0}, "memory": {"nominalQuota": 0}}
-    assert quotas(o["ClusterQueue", "nlp"], "h100") == {GPU: {"nominalQuota": 4, "borrowingLimit": 2},
-                                                        "cpu": {"nominalQuota": 0}, "memory": {"nominalQuota": 0}}
+    assert quotas(o["Cohort", "research"], "h100") == {
+        GPU: {"nominalQuota": 2, "borrowingLimit": 4},
+        "cpu": {"nominalQuota": 0},
+        "memory": {"nominalQuota": 0},
+    }
+    assert quotas(o["ClusterQueue", "nlp"], "h100") == {
+        GPU: {"nominalQuota": 4, "borrowingLimit": 2},
+        "cpu": {"nominalQuota": 0},
+        "memory": {"nominalQuota": 0},
+    }
     for obj in export_objects(queue_tree(*specs(), gpus=CAPACITY), FLAVORS, lambda q: "ns", pool_resources=totals):
         assert from_dict(obj.to_dict()) == obj
     # Every exported pool needs both totals, as quantities.
     with pytest.raises(ExportError) as e:
-        export(queue_tree(*specs(), gpus=CAPACITY), FLAVORS, lambda q: "ns",
-               pool_resources={"h100": {"cpu": "lots", "memory": "1Ti", "gpu": 1}})
+        export(
+            queue_tree(*specs(), gpus=CAPACITY),
+            FLAVORS,
+            lambda q: "ns",
+            pool_resources={"h100": {"cpu": "lots", "memory": "1Ti", "gpu": 1}},
+        )
     assert "pool 'a100' has no total cpu" in str(e.value)
     assert "pool 'h100': cpu 'lots' is not a quantity" in str(e.value)
     assert "pool 'h100': gpu is not a resource Corral exports" in str(e.value)
@@ -163,19 +179,38 @@ def test_export_refuses_names_kubernetes_refuses_and_reports_losses() -> None:
     assert "queue 'Team_A' is not a Kubernetes name" in str(e.value)
     assert "the root cohort 'corral' has the name of a queue" in str(e.value)
     tree = queue_tree(queue("a", weight={"h100": 2}), gpus=CAPACITY)
-    assert losses(tree, {"h100": "h100"}) == ["pool 'a100' is not exported (no flavor given): its quotas and "
-                                              "limits are dropped"]
+    assert losses(tree, {"h100": "h100"}) == [
+        "pool 'a100' is not exported (no flavor given): its quotas and limits are dropped"
+    ]
     assert "Kueue has one weight per queue: exported as 1" in losses(tree, FLAVORS)[0]
 
 
 def test_cli_export(tmp_path: Path) -> None:
-    doc = {"queues": [{"name": "research", "quota": {"h100": 8}},
-                      {"name": "nlp", "parent": "research", "quota": {"h100": 4}, "limit": {"h100": 8}}]}
+    doc = {
+        "queues": [
+            {"name": "research", "quota": {"h100": 8}},
+            {"name": "nlp", "parent": "research", "quota": {"h100": 4}, "limit": {"h100": 8}},
+        ]
+    }
     (tmp_path / "q.yaml").write_text(yaml.safe_dump(doc))
     runner = CliRunner()
-    r = runner.invoke(app, ["kueue", "export", "-f", str(tmp_path / "q.yaml"), "--pools", "h100=16",
-                            "--flavor", "h100=h100-sxm", "--product", "h100=NVIDIA-H100-80GB-HBM3",
-                            "--namespace", "ml-{queue}"])
+    r = runner.invoke(
+        app,
+        [
+            "kueue",
+            "export",
+            "-f",
+            str(tmp_path / "q.yaml"),
+            "--pools",
+            "h100=16",
+            "--flavor",
+            "h100=h100-sxm",
+            "--product",
+            "h100=NVIDIA-H100-80GB-HBM3",
+            "--namespace",
+            "ml-{queue}",
+        ],
+    )
     assert r.exit_code == 0, r.output
     o = by_kind(list(yaml.safe_load_all(r.stdout)))
     assert o["ResourceFlavor", "h100-sxm"]["spec"]["nodeLabels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
@@ -188,14 +223,29 @@ def test_cli_export(tmp_path: Path) -> None:
     # Without the pools' CPU and memory only GPUs are covered, and the note says what Kueue then needs.
     r = runner.invoke(app, ["kueue", "export", "-f", str(tmp_path / "q.yaml"), "--pools", "h100=16"])
     assert r.exit_code == 0 and "resources.excludeResourcePrefixes: [cpu, memory]" in r.stderr
-    r = runner.invoke(app, ["kueue", "export", "-f", str(tmp_path / "q.yaml"), "--pools", "h100=16",
-                            "--cpu", "h100=128", "--memory", "h100=1Ti"])
+    r = runner.invoke(
+        app,
+        [
+            "kueue",
+            "export",
+            "-f",
+            str(tmp_path / "q.yaml"),
+            "--pools",
+            "h100=16",
+            "--cpu",
+            "h100=128",
+            "--memory",
+            "h100=1Ti",
+        ],
+    )
     assert r.exit_code == 0 and "excludeResourcePrefixes" not in r.stderr
     o = by_kind(list(yaml.safe_load_all(r.stdout)))
     root = o["Cohort", "corral"]["spec"]["resourceGroups"][0]
     assert root["coveredResources"] == [GPU, "cpu", "memory"]
-    assert root["flavors"][0]["resources"][1:] == [{"name": "cpu", "nominalQuota": 128},
-                                                   {"name": "memory", "nominalQuota": "1Ti"}]
+    assert root["flavors"][0]["resources"][1:] == [
+        {"name": "cpu", "nominalQuota": 128},
+        {"name": "memory", "nominalQuota": "1Ti"},
+    ]
     r = runner.invoke(app, ["kueue", "export", "-f", str(tmp_path / "q.yaml"), "--pools", "h100=16", "--cpu", "h100=8"])
     assert r.exit_code == 2 and "pool 'h100' has no total memory" in r.stderr
 
@@ -244,6 +294,7 @@ def kueue(request: pytest.FixtureRequest) -> KueueClient:
             if not any(c.type == "Established" and c.status == "True" for c in conds):
                 return False
         return True
+
     wait_for("Kueue's CRDs Established", established, 60, plane.procs)
     return KueueClient(plane.api_client())
 
@@ -270,11 +321,23 @@ def test_export_is_valid_under_kueues_crds(kueue: KueueClient, ns: str) -> None:
     nlp = next(o for o in objects if isinstance(o, ClusterQueue) and o.metadata.name == f"nlp{suffix}")
     assert kueue.get(ClusterQueue, f"nlp{suffix}").spec == nlp.spec
     assert {q.metadata.name for q in kueue.list(LocalQueue, ns)} == {q.name for q in tree.leaves}
-    assert {c.spec.parent_name for c in kueue.list(Cohort, label_selector="app.kubernetes.io/managed-by=corral")
-            if c.metadata.name.endswith(suffix)} == {None, f"corral{suffix}"}
+    assert {
+        c.spec.parent_name
+        for c in kueue.list(Cohort, label_selector="app.kubernetes.io/managed-by=corral")
+        if c.metadata.name.endswith(suffix)
+    } == {None, f"corral{suffix}"}
     # apply again: a replace of what is there, with a change.
-    again = export_objects(queue_tree(*specs(suffix)[:1], queue(f"nlp{suffix}", f"research{suffix}", quota={"h100": 5}),
-                                      *specs(suffix)[2:], gpus=CAPACITY), flavors, lambda q: ns, root=f"corral{suffix}")
+    again = export_objects(
+        queue_tree(
+            *specs(suffix)[:1],
+            queue(f"nlp{suffix}", f"research{suffix}", quota={"h100": 5}),
+            *specs(suffix)[2:],
+            gpus=CAPACITY,
+        ),
+        flavors,
+        lambda q: ns,
+        root=f"corral{suffix}",
+    )
     nlp = next(o for o in again if isinstance(o, ClusterQueue) and o.metadata.name == f"nlp{suffix}")
     assert kueue.apply(nlp).spec.resource_groups[0].flavors[0].resources[0].nominal_quota == 5
     for o in reversed(made):
@@ -284,8 +347,12 @@ def test_export_is_valid_under_kueues_crds(kueue: KueueClient, ns: str) -> None:
 
 def test_kueues_cel_rules_refuse_bad_objects(kueue: KueueClient, ns: str) -> None:
     suffix = f"-{uuid.uuid4().hex[:6]}"
-    objects = export(queue_tree(queue(f"team{suffix}", quota={"h100": 2}, limit={"h100": 4}), gpus={"h100": 8}),
-                     {"h100": f"h100{suffix}"}, lambda q: ns, root=f"corral{suffix}")
+    objects = export(
+        queue_tree(queue(f"team{suffix}", quota={"h100": 2}, limit={"h100": 4}), gpus={"h100": 8}),
+        {"h100": f"h100{suffix}"},
+        lambda q: ns,
+        root=f"corral{suffix}",
+    )
     cq = next(o for o in objects if o["kind"] == "ClusterQueue")
     api = kueue.api
 
@@ -368,12 +435,26 @@ def kueue_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cont
 def gpu_job(name: str, queue: str, gpus: int, cpu: str = "4", memory: str = "16Gi") -> dict[str, Any]:
     """A batch/v1 Job for Kueue: suspended, labelled with its LocalQueue, its pod asking GPUs, CPU and memory."""
     res = {"nvidia.com/gpu": str(gpus), "cpu": cpu, "memory": memory}
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": name, "labels": {QUEUE_LABEL: queue}},
-            "spec": {"suspend": True, "parallelism": 1, "completions": 1, "backoffLimit": 0,
-                     "template": {"spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
-                                           "containers": [{"name": "main", "image": "busybox:1.36",
-                                                           "resources": {"requests": res, "limits": res}}]}}}}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": {QUEUE_LABEL: queue}},
+        "spec": {
+            "suspend": True,
+            "parallelism": 1,
+            "completions": 1,
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "terminationGracePeriodSeconds": 0,
+                    "containers": [
+                        {"name": "main", "image": "busybox:1.36", "resources": {"requests": res, "limits": res}}
+                    ],
+                }
+            },
+        },
+    }
 
 
 def workload_of(kueue: KueueController, ns: str, job: str) -> dict[str, Any] | None:
@@ -389,19 +470,39 @@ def test_kueue_admits_a_job_through_the_exported_tree(kueue_plane: tuple[Control
     limit stays suspended. Without the pools' CPU and memory in the export, Kueue leaves the Job pending."""
     plane, kueue = kueue_plane
     suffix = f"-{uuid.uuid4().hex[:6]}"
-    tree = queue_tree(queue(f"research{suffix}", quota={"h100": 8}),
-                      queue(f"nlp{suffix}", f"research{suffix}", quota={"h100": 4}, limit={"h100": 6}),
-                      queue(f"vision{suffix}", f"research{suffix}", quota={"h100": 2}), gpus={"h100": 16})
+    tree = queue_tree(
+        queue(f"research{suffix}", quota={"h100": 8}),
+        queue(f"nlp{suffix}", f"research{suffix}", quota={"h100": 4}, limit={"h100": 6}),
+        queue(f"vision{suffix}", f"research{suffix}", quota={"h100": 2}),
+        gpus={"h100": 16},
+    )
     with plane.namespace("team") as ns:
-        objects = export_objects(tree, {"h100": f"h100{suffix}"}, lambda q: ns, products={"h100": PRODUCT},
-                                 root=f"corral{suffix}",
-                                 pool_resources={"h100": {"cpu": 128, "memory": "1Ti"}})
+        objects = export_objects(
+            tree,
+            {"h100": f"h100{suffix}"},
+            lambda q: ns,
+            products={"h100": PRODUCT},
+            root=f"corral{suffix}",
+            pool_resources={"h100": {"cpu": 128, "memory": "1Ti"}},
+        )
         kc = KueueClient(plane.api_client())
         kc.apply_all(objects)  # through Kueue's own validating and defaulting webhooks
         api = client.CustomObjectsApi(plane.api_client())
-        wait_until("the ClusterQueues Active", lambda: all(
-            (condition(api.get_cluster_custom_object("kueue.x-k8s.io", "v1beta2", "clusterqueues", q.name),
-                       "Active") or {}).get("status") == "True" for q in tree.leaves), 60, kueue)
+        wait_until(
+            "the ClusterQueues Active",
+            lambda: all(
+                (
+                    condition(
+                        api.get_cluster_custom_object("kueue.x-k8s.io", "v1beta2", "clusterqueues", q.name), "Active"
+                    )
+                    or {}
+                ).get("status")
+                == "True"
+                for q in tree.leaves
+            ),
+            60,
+            kueue,
+        )
         batch = client.BatchV1Api(plane.api_client())
         batch.create_namespaced_job(ns, gpu_job("fits", f"nlp{suffix}", gpus=2))
         batch.create_namespaced_job(ns, gpu_job("too-big", f"nlp{suffix}", gpus=7))  # over nlp's limit of 6
@@ -409,19 +510,20 @@ def test_kueue_admits_a_job_through_the_exported_tree(kueue_plane: tuple[Control
         def admitted() -> bool:
             w = workload_of(kueue, ns, "fits")
             return w is not None and (condition(w, "Admitted") or {}).get("status") == "True"
+
         wait_until("the Job's Workload admitted", admitted, 60, kueue)
         w = workload_of(kueue, ns, "fits")
         assert w is not None
         admission = w["status"]["admission"]
         assert admission["clusterQueue"] == f"nlp{suffix}"
         (ps,) = admission["podSetAssignments"]
-        assert ps["flavors"] == {"nvidia.com/gpu": f"h100{suffix}", "cpu": f"h100{suffix}",
-                                 "memory": f"h100{suffix}"}
+        assert ps["flavors"] == {"nvidia.com/gpu": f"h100{suffix}", "cpu": f"h100{suffix}", "memory": f"h100{suffix}"}
         core = plane.core()
 
         def bound() -> list[Any]:
             pods = core.list_namespaced_pod(ns, label_selector="job-name=fits").items
             return [p for p in pods if p.spec.node_name]
+
         wait_until("the Job's pod bound", lambda: bool(bound()), 60, kueue)
         (pod,) = bound()
         assert pod.spec.node_name.startswith("kueue-h100-")
@@ -434,6 +536,7 @@ def test_kueue_admits_a_job_through_the_exported_tree(kueue_plane: tuple[Control
             w = workload_of(kueue, ns, "too-big")
             c = condition(w, "QuotaReserved") if w is not None else None
             return c is not None and c["status"] == "False" and c["reason"] == "Pending"
+
         wait_until("the big Job's Workload pending", pending, 60, kueue)
         time.sleep(2)
         assert batch.read_namespaced_job("too-big", ns).spec.suspend is True
@@ -445,14 +548,21 @@ def test_kueue_admits_a_job_through_the_exported_tree(kueue_plane: tuple[Control
     # The same, exported with GPUs only: Kueue leaves a Job asking CPU and memory pending (item 7's problem).
     suffix = f"-{uuid.uuid4().hex[:6]}"
     with plane.namespace("team") as ns:
-        kc.apply_all(export_objects(queue_tree(queue(f"solo{suffix}", quota={"h100": 4}), gpus={"h100": 16}),
-                                    {"h100": f"h100{suffix}"}, lambda q: ns, products={"h100": PRODUCT},
-                                    root=f"corral{suffix}"))
+        kc.apply_all(
+            export_objects(
+                queue_tree(queue(f"solo{suffix}", quota={"h100": 4}), gpus={"h100": 16}),
+                {"h100": f"h100{suffix}"},
+                lambda q: ns,
+                products={"h100": PRODUCT},
+                root=f"corral{suffix}",
+            )
+        )
         batch.create_namespaced_job(ns, gpu_job("asks-cpu", f"solo{suffix}", gpus=1))
 
         def refused() -> bool:
             w = workload_of(kueue, ns, "asks-cpu")
             c = condition(w, "QuotaReserved") if w is not None else None
             return c is not None and c["status"] == "False" and "cpu" in c["message"]
+
         wait_until("the Job pending for want of cpu in its ClusterQueue", refused, 60, kueue)
         assert batch.read_namespaced_job("asks-cpu", ns).spec.suspend is True

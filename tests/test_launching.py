@@ -26,12 +26,15 @@ class ParallelExecutor(ScriptedExecutor):
         return super().launch(launch)
 
 
-def _one_cycle(tmp_path: Path, ex: ScriptedExecutor, envs: list[dict[str, str]]
-               ) -> tuple[Service, list[int], dict[int, str]]:
+def _one_cycle(
+    tmp_path: Path, ex: ScriptedExecutor, envs: list[dict[str, str]]
+) -> tuple[Service, list[int], dict[int, str]]:
     """One 1-GPU job per env, then one scheduling cycle: the service, the job ids, and every job's state."""
     svc = make_service(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, executor=ex)
-    ids = [svc.admin.post("/v1/jobs", json={"queue": "ranking", "gpus": 1, "command": "x", "env": env}).json()["id"]
-           for env in envs]
+    ids = [
+        svc.admin.post("/v1/jobs", json={"queue": "ranking", "gpus": 1, "command": "x", "env": env}).json()["id"]
+        for env in envs
+    ]
     svc.tick()
     return svc, ids, {j["id"]: j["state"] for j in svc.admin.get("/v1/jobs").json()["jobs"]}
 

@@ -20,8 +20,7 @@ LINT_IMPORTS = str(Path(sys.executable).parent / "lint-imports")
 def lint_imports(where: Path) -> subprocess.CompletedProcess[str]:
     """lint-imports on the packages under `where`, with the pyproject.toml there; nothing cached."""
     env = {**os.environ, "PYTHONPATH": str(where)}  # the copy's packages, not the installed (editable) tree
-    return subprocess.run([LINT_IMPORTS, "--no-cache"], cwd=where, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([LINT_IMPORTS, "--no-cache"], cwd=where, env=env, capture_output=True, text=True, timeout=300)
 
 
 def python_only(folder: str, names: list[str]) -> set[str]:
@@ -47,17 +46,31 @@ def clean_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return where
 
 
-@pytest.mark.parametrize(("planted", "line", "contract"), [
-    ("scheduler/engine/planted.py", "from scheduler.service.store import db", "the engine imports only quotas"),
-    ("scheduler/engine/planted.py", "import sandbox.culling", "the engine imports only quotas"),
-    ("scheduler/backends/planted.py", "from scheduler.service.core.loop import Core",
-     "backends never import the service"),
-    ("scheduler/service/api/routes_admission.py", "from scheduler.service.store.db import jobs",
-     "routes never import the database layer"),
-    ("scheduler/service/api/app.py", "from scheduler.service import store", "routes never import the database layer"),
-])
-def test_a_planted_violation_breaks_its_contract(clean_copy: Path, tmp_path: Path, planted: str, line: str,
-                                                  contract: str) -> None:
+@pytest.mark.parametrize(
+    ("planted", "line", "contract"),
+    [
+        ("scheduler/engine/planted.py", "from scheduler.service.store import db", "the engine imports only quotas"),
+        ("scheduler/engine/planted.py", "import sandbox.culling", "the engine imports only quotas"),
+        (
+            "scheduler/backends/planted.py",
+            "from scheduler.service.core.loop import Core",
+            "backends never import the service",
+        ),
+        (
+            "scheduler/service/api/routes_admission.py",
+            "from scheduler.service.store.db import jobs",
+            "routes never import the database layer",
+        ),
+        (
+            "scheduler/service/api/app.py",
+            "from scheduler.service import store",
+            "routes never import the database layer",
+        ),
+    ],
+)
+def test_a_planted_violation_breaks_its_contract(
+    clean_copy: Path, tmp_path: Path, planted: str, line: str, contract: str
+) -> None:
     where = tmp_path / "tree"
     shutil.copytree(clean_copy, where)
     target = where / planted

@@ -113,8 +113,9 @@ def test_a_leader_that_cannot_renew_stops_acting_within_the_deadline_and_steps_d
             pass
 
     lease = Flaky()
-    ld = Leadership(Held(), lease, retry_s=2, renew_deadline_s=10, on_lost=lambda: lost.append(True),
-                    clock=lambda: t[0])
+    ld = Leadership(
+        Held(), lease, retry_s=2, renew_deadline_s=10, on_lost=lambda: lost.append(True), clock=lambda: t[0]
+    )
     ld.step()
     assert ld.acting()
     lease.ok = False  # cut off from the API server
@@ -147,18 +148,22 @@ def test_corral_serve_refuses_a_second_instance_on_one_sqlite_file(tmp_path: Pat
     corral = str(Path(sys.executable).parent / "corral")
     env = {**os.environ, "CORRAL_DATA_DIR": str(tmp_path / "data"), "CORRAL_RUN_AS": "service", "CORRAL_GPUS": "1"}
     port = free_port()
-    first = subprocess.Popen([corral, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [corral, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz",
-                                                                       timeout=2) as r:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r,
+            ):
                 if r.status == 200:
                     break
             time.sleep(0.3)
-        second = subprocess.run([corral, "serve", "--port", str(free_port())], env=env, capture_output=True,
-                                text=True, timeout=60)
+        second = subprocess.run(
+            [corral, "serve", "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=60
+        )
         assert second.returncode == 1
         assert "another Corral instance uses the SQLite database" in second.stderr
     finally:

@@ -256,8 +256,17 @@ def test_launch_refuses_bad_input(ex: LocalExecutor, tmp_path: Path) -> None:
 def test_adopt_kills_what_a_vanished_shim_left(ex: LocalExecutor) -> None:
     """Issue 21 item 8: the shim is killed (kill -9) while the service is down; the restarted service marks the job
     failed and must not leave its process on the GPUs the next job is given."""
-    handle = run(ex, "orphan", [PY, "-c", f"import subprocess; subprocess.Popen([{PY!r}, '-c', {SLEEPER!r}]); "
-                                          "print('ready', flush=True); import time; time.sleep(60)"], gpus={})
+    handle = run(
+        ex,
+        "orphan",
+        [
+            PY,
+            "-c",
+            f"import subprocess; subprocess.Popen([{PY!r}, '-c', {SLEEPER!r}]); "
+            "print('ready', flush=True); import time; time.sleep(60)",
+        ],
+        gpus={},
+    )
     wait_for(lambda: "ready" in stdout(ex, "orphan"))
     assert handle.pid is not None
     old = set(_group_of(handle.pid))

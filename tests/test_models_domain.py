@@ -37,9 +37,15 @@ def facts(version: int = 2, eval_set: str | None = "imagenet-val", **metrics: fl
     return VersionFacts("resnet", version, metrics or {"accuracy": 0.92}, eval_set, D, "/models/resnet")
 
 
-def gates(stage: StagePolicy, candidate: VersionFacts | None = None, production: VersionFacts | None = None,
-          approvers: tuple[str, ...] = (), requester: str = "alice", digest_now: str | None = D,
-          hook: tuple[bool, str] | None = None) -> dict[str, GateResult]:
+def gates(
+    stage: StagePolicy,
+    candidate: VersionFacts | None = None,
+    production: VersionFacts | None = None,
+    approvers: tuple[str, ...] = (),
+    requester: str = "alice",
+    digest_now: str | None = D,
+    hook: tuple[bool, str] | None = None,
+) -> dict[str, GateResult]:
     out = evaluate(stage, candidate or facts(), production, approvers, requester, digest_now, hook)
     return {r.gate.split()[0] if not r.gate.startswith("metric") else r.gate: r for r in out}
 
@@ -72,9 +78,17 @@ def test_policy_loads_and_defaults() -> None:
 
 
 def test_policy_errors_list_every_problem_with_where() -> None:
-    doc = {"stages": {"prod": {}, "production": {
-        "metrics": [{"metric": "accuracy"}, {"metric": "loss", "min": 2, "max": 1}],
-        "approvals": -1, "aprovals": 1, "hook": {"python": "mod:f", "http": "http://x"}}}}
+    doc = {
+        "stages": {
+            "prod": {},
+            "production": {
+                "metrics": [{"metric": "accuracy"}, {"metric": "loss", "min": 2, "max": 1}],
+                "approvals": -1,
+                "aprovals": 1,
+                "hook": {"python": "mod:f", "http": "http://x"},
+            },
+        }
+    }
     with pytest.raises(PolicyError) as info:
         load_policy(doc)
     where = dict(info.value.problems)
@@ -98,13 +112,19 @@ def test_hook_targets_are_checked() -> None:
 
 # --- gates, each failing on its own -------------------------------------------------------------------------
 
+
 def test_everything_passes() -> None:
     stage = load_policy(yaml.safe_load(POLICY)).for_stage("production")
     prod = facts(1, accuracy=0.91, latency_ms=40)
     out = evaluate(stage, facts(accuracy=0.93, latency_ms=30), prod, ["bob", "carol"], "alice", D, (True, "ok"))
     assert [r.status for r in out] == ["pass"] * 5 and promotable(out)
-    assert [r.gate for r in out] == ["metric accuracy >= 0.9, no worse than production", "metric latency_ms <= 50",
-                                     "approvals 2/2", "digest", "hook"]
+    assert [r.gate for r in out] == [
+        "metric accuracy >= 0.9, no worse than production",
+        "metric latency_ms <= 50",
+        "approvals 2/2",
+        "digest",
+        "hook",
+    ]
     assert out[0].evidence == "v2 accuracy = 0.93; floor 0.9; production v1 = 0.91; both on eval set imagenet-val"
 
 
@@ -134,8 +154,9 @@ def test_vs_production() -> None:
     assert unknown.status == "fail" and "an unrecorded set" in unknown.evidence
     [unmeasured] = gates(stage, production=facts(1, loss=0.1)).values()
     assert unmeasured.status == "fail" and "production v1 has no accuracy" in unmeasured.evidence
-    lower = StagePolicy(metrics=[MetricGate(metric="loss", vs_production=True, higher_is_better=False)],
-                        verify_digest=False)
+    lower = StagePolicy(
+        metrics=[MetricGate(metric="loss", vs_production=True, higher_is_better=False)], verify_digest=False
+    )
     assert [r.status for r in gates(lower, facts(loss=0.2), facts(1, loss=0.3)).values()] == ["pass"]
     [up] = gates(lower, facts(loss=0.4), facts(1, loss=0.3)).values()
     assert up.status == "fail" and "higher (worse)" in up.evidence
@@ -176,13 +197,22 @@ def test_hook_gate() -> None:
 
 # --- audit chain --------------------------------------------------------------------------------------------
 
+
 def chain(n: int = 4) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     t0 = datetime(2024, 5, 1, 12, tzinfo=UTC)
     for i in range(n):
         last = rows[-1] if rows else None
-        rows.append(audit.next_entry(last, at=t0 + timedelta(minutes=i), actor="alice", action=f"act{i}",
-                                     model="resnet", detail={"version": i, "note": "é"}))
+        rows.append(
+            audit.next_entry(
+                last,
+                at=t0 + timedelta(minutes=i),
+                actor="alice",
+                action=f"act{i}",
+                model="resnet",
+                detail={"version": i, "note": "é"},
+            )
+        )
     return rows
 
 
@@ -190,8 +220,12 @@ def test_audit_intact_and_hash_definition() -> None:
     rows = chain()
     assert audit.verify(rows) == [] and audit.verify(rows, head=rows[-1]["hash"]) == []
     assert rows[0]["prev_hash"] == audit.GENESIS and rows[1]["prev_hash"] == rows[0]["hash"]
-    body = json.dumps({k: rows[0][k] if k != "at" else "2024-05-01T12:00:00+00:00" for k in audit.FIELDS},
-                      sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    body = json.dumps(
+        {k: rows[0][k] if k != "at" else "2024-05-01T12:00:00+00:00" for k in audit.FIELDS},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
     assert rows[0]["hash"] == hashlib.sha256((audit.GENESIS + "\n" + body).encode()).hexdigest()
 
 
@@ -229,6 +263,7 @@ def test_audit_detects_reordered_rows_and_truncation() -> None:
 
 # --- manifests ----------------------------------------------------------------------------------------------
 
+
 def test_dns_names() -> None:
     assert manifests.dns_name("resnet-50") == "resnet-50"
     odd = manifests.dns_name("My_Model v2!")
@@ -241,17 +276,25 @@ def test_dns_names() -> None:
 
 
 def test_inference_service() -> None:
-    isvc = manifests.inference_service("Team/ResNet", 3, "s3://models/resnet/3", D, namespace="ml", gpus=2,
-                                       runtime="kserve-torchserve")
+    isvc = manifests.inference_service(
+        "Team/ResNet", 3, "s3://models/resnet/3", D, namespace="ml", gpus=2, runtime="kserve-torchserve"
+    )
     assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     meta = isvc["metadata"]
     assert meta["name"].startswith("team-resnet-") and meta["namespace"] == "ml"
     assert meta["labels"]["corral.dev/model"] == "Team-ResNet" and meta["labels"]["corral.dev/version"] == "3"
-    assert meta["annotations"] == {"corral.dev/model": "Team/ResNet", "corral.dev/version": "3",
-                                   "corral.dev/digest": f"sha256:{D}"}
+    assert meta["annotations"] == {
+        "corral.dev/model": "Team/ResNet",
+        "corral.dev/version": "3",
+        "corral.dev/digest": f"sha256:{D}",
+    }
     model = isvc["spec"]["predictor"]["model"]
-    assert model == {"modelFormat": {"name": "pytorch"}, "storageUri": "s3://models/resnet/3",
-                     "runtime": "kserve-torchserve", "resources": {"limits": {"nvidia.com/gpu": 2}}}
+    assert model == {
+        "modelFormat": {"name": "pytorch"},
+        "storageUri": "s3://models/resnet/3",
+        "runtime": "kserve-torchserve",
+        "resources": {"limits": {"nvidia.com/gpu": 2}},
+    }
     assert "resources" not in manifests.inference_service("cpu", 1, "s3://m", D, gpus=0)["spec"]["predictor"]["model"]
     with pytest.raises(ValueError, match="gpus"):
         manifests.inference_service("m", 1, "s3://m", D, gpus=-1)
@@ -273,6 +316,7 @@ def test_deployment_and_yaml() -> None:
 
 
 # --- artifacts ----------------------------------------------------------------------------------------------
+
 
 def test_sha256_of_file_and_directory(tmp_path: Path) -> None:
     f = tmp_path / "model.pt"
@@ -302,6 +346,7 @@ def test_sha256_of_refuses(tmp_path: Path) -> None:
 
 # --- hooks --------------------------------------------------------------------------------------------------
 
+
 def allow_hook(request: Mapping[str, Any]) -> None:
     assert request["model"] == "resnet"
 
@@ -321,10 +366,15 @@ def boom_hook(request: Mapping[str, Any]) -> bool:
 REQ = {"model": "resnet", "version": 3}
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("allow_hook", (True, "accepted by hook")), ("reason_hook", (False, "v3 is frozen")),
-    ("tuple_hook", (True, "looks good")), ("boom_hook", (False, "hook failed: RuntimeError: database down")),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("allow_hook", (True, "accepted by hook")),
+        ("reason_hook", (False, "v3 is frozen")),
+        ("tuple_hook", (True, "looks good")),
+        ("boom_hook", (False, "hook failed: RuntimeError: database down")),
+    ],
+)
 def test_python_hooks(name: str, expected: tuple[bool, str]) -> None:
     assert run_hook(Hook(python=f"tests.test_models_domain:{name}"), REQ) == expected
 
@@ -340,7 +390,9 @@ class _Policy(BaseHTTPRequestHandler):
         status, reply = {
             "/allow": (200, json.dumps({"allow": True, "reason": f"v{body['version']} ok"})),
             "/deny": (200, json.dumps({"allow": False, "reason": "no GPUs in prod this week"})),
-            "/error": (503, "down"), "/garbage": (200, "<html>"), "/noallow": (200, "{}"),
+            "/error": (503, "down"),
+            "/garbage": (200, "<html>"),
+            "/noallow": (200, "{}"),
         }[self.path]
         self.send_response(status)
         self.end_headers()

@@ -18,10 +18,15 @@ from scheduler.service.api.auth import Role
 from scheduler.service.store.db import model_audit
 from tests.service_kit import Service
 
-POLICY = {"stages": {"production": {"metrics": [{"metric": "accuracy", "min": 0.9},
-                                                {"metric": "accuracy", "vs_production": True}],
-                                    "approvals": 1},
-                     "staging": {"metrics": [{"metric": "accuracy", "min": 0.9}]}}}
+POLICY = {
+    "stages": {
+        "production": {
+            "metrics": [{"metric": "accuracy", "min": 0.9}, {"metric": "accuracy", "vs_production": True}],
+            "approvals": 1,
+        },
+        "staging": {"metrics": [{"metric": "accuracy", "min": 0.9}]},
+    }
+}
 
 
 def reject_hook(request: dict[str, Any]) -> str | None:
@@ -36,8 +41,9 @@ def output_dir(svc: Service, job: int, attempt: int = 1) -> Path:
     return out
 
 
-def finished_job(svc: Service, api: TestClient, code: int = 0, hours: float = 1.0,
-                 outputs: dict[str, bytes] | None = None) -> int:
+def finished_job(
+    svc: Service, api: TestClient, code: int = 0, hours: float = 1.0, outputs: dict[str, bytes] | None = None
+) -> int:
     """A job that ran `hours` and exited with `code`, having written `outputs` (name -> bytes) in its output
     directory as its process would."""
     jid: int = api.post("/v1/jobs", json={"queue": "nlp", "gpus": 2, "command": ["train"]}).json()["id"]
@@ -50,8 +56,15 @@ def finished_job(svc: Service, api: TestClient, code: int = 0, hours: float = 1.
     return jid
 
 
-def trained(svc: Service, api: TestClient, accuracy: float | None = 0.9, name: str = "w.pt",
-            content: bytes = b"weights", eval_set: str | None = "imdb-test", hours: float = 1.0) -> tuple[int, str]:
+def trained(
+    svc: Service,
+    api: TestClient,
+    accuracy: float | None = 0.9,
+    name: str = "w.pt",
+    content: bytes = b"weights",
+    eval_set: str | None = "imdb-test",
+    hours: float = 1.0,
+) -> tuple[int, str]:
     """A finished job that wrote an artifact, its metrics.json (accuracy) and lineage.json (eval set):
     (job id, artifact path)."""
     outputs = {name: content, "lineage.json": json.dumps({"eval_set": eval_set}).encode()}
@@ -63,13 +76,25 @@ def trained(svc: Service, api: TestClient, accuracy: float | None = 0.9, name: s
 
 @pytest.fixture
 def team(svc: Service) -> dict[str, TestClient]:
-    return {"alice": svc.client("alice", Role.MEMBER, "nlp"), "olga": svc.client("olga", Role.MODEL_OWNER, "nlp"),
-            "owen": svc.client("owen", Role.MODEL_OWNER, "nlp"), "bob": svc.client("bob", Role.MODEL_OWNER, "ranking"),
-            "vic": svc.client("vic", Role.VIEWER, "nlp")}
+    return {
+        "alice": svc.client("alice", Role.MEMBER, "nlp"),
+        "olga": svc.client("olga", Role.MODEL_OWNER, "nlp"),
+        "owen": svc.client("owen", Role.MODEL_OWNER, "nlp"),
+        "bob": svc.client("bob", Role.MODEL_OWNER, "ranking"),
+        "vic": svc.client("vic", Role.VIEWER, "nlp"),
+    }
 
 
-def register(svc: Service, api: TestClient, model: str, accuracy: float | None = 0.9, name: str = "w.pt",
-             content: bytes = b"weights", eval_set: str | None = "imdb-test", hours: float = 1.0) -> dict[str, Any]:
+def register(
+    svc: Service,
+    api: TestClient,
+    model: str,
+    accuracy: float | None = 0.9,
+    name: str = "w.pt",
+    content: bytes = b"weights",
+    eval_set: str | None = "imdb-test",
+    hours: float = 1.0,
+) -> dict[str, Any]:
     """Train (trained()) and register the job's artifact by its name in the output directory."""
     job, _ = trained(svc, api, accuracy, name, content, eval_set, hours)
     r = api.post(f"/v1/models/{model}/versions", json={"job_id": job, "artifact_uri": name})
@@ -78,8 +103,7 @@ def register(svc: Service, api: TestClient, model: str, accuracy: float | None =
     return body
 
 
-def test_from_a_finished_job_to_production_and_back(svc: Service, team: dict[str, TestClient],
-                                                    tmp_path: Path) -> None:
+def test_from_a_finished_job_to_production_and_back(svc: Service, team: dict[str, TestClient], tmp_path: Path) -> None:
     alice, olga, owen = team["alice"], team["olga"], team["owen"]
     assert alice.post("/v1/models", json={"name": "sentiment", "queue": "nlp"}).status_code == 201
     assert olga.put("/v1/models/sentiment/policy", json={"document": POLICY}).status_code == 200
@@ -89,8 +113,11 @@ def test_from_a_finished_job_to_production_and_back(svc: Service, team: dict[str
     ask = olga.post("/v1/models/sentiment/promotions", json={"version": 1}).json()
     assert ask["state"] == "open"
     assert [(g["gate"], g["status"]) for g in ask["gates"]] == [
-        ("metric accuracy >= 0.9", "pass"), ("metric accuracy no worse than production", "pass"),
-        ("approvals 0/1", "pending"), ("digest", "pass")]
+        ("metric accuracy >= 0.9", "pass"),
+        ("metric accuracy no worse than production", "pass"),
+        ("approvals 0/1", "pending"),
+        ("digest", "pass"),
+    ]
     waiting = owen.get("/v1/promotions", params={"state": "open"}).json()["promotions"]
     assert [p["id"] for p in waiting] == [ask["promotion"]]
     assert team["bob"].get(f"/v1/promotions/{ask['promotion']}").status_code == 404  # another team's
@@ -107,27 +134,49 @@ def test_from_a_finished_job_to_production_and_back(svc: Service, team: dict[str
     manifest = yaml.safe_load(alice.get("/v1/models/sentiment/deploy").text)
     assert manifest["kind"] == "InferenceService"
     assert manifest["spec"]["predictor"]["model"]["storageUri"] == str(output_dir(svc, v2["lineage"]["job"]) / "v2.pt")
-    assert yaml.safe_load(alice.get("/v1/models/sentiment/deploy", params={"kind": "deployment"}).text)[
-        "kind"] == "Deployment"
+    assert (
+        yaml.safe_load(alice.get("/v1/models/sentiment/deploy", params={"kind": "deployment"}).text)["kind"]
+        == "Deployment"
+    )
     assert alice.get("/v1/models/sentiment/roi").json()["production"] == {"version": 2, "gpu_hours": 4.0}
 
     back = owen.post("/v1/models/sentiment/rollback", json={}).json()
     assert (back["version"], back["previous"]) == (1, 2)
     entries = olga.get("/v1/models/audit", params={"model": "sentiment", "verify": True}).json()
     assert [e["action"] for e in entries["entries"]] == [
-        "model.create", "policy.apply", "version.register", "promotion.request", "promotion.approve",
-        "model.promote", "version.register", "promotion.request", "promotion.approve", "model.promote",
-        "model.rollback"]
+        "model.create",
+        "policy.apply",
+        "version.register",
+        "promotion.request",
+        "promotion.approve",
+        "model.promote",
+        "version.register",
+        "promotion.request",
+        "promotion.approve",
+        "model.promote",
+        "model.rollback",
+    ]
     assert entries["verified"]["intact"] is True
 
 
-@pytest.mark.parametrize(("stage", "accuracy", "eval_set", "failing", "evidence"), [
-    ("staging", 0.85, "imdb-test", "metric accuracy >= 0.9", "0.85"),
-    ("production", 0.92, "imdb-test", "metric accuracy no worse than production", "0.93"),
-    ("production", 0.99, "other-set", "metric accuracy no worse than production", "other-set"),
-])
-def test_each_metric_gate_fails_on_its_own(svc: Service, team: dict[str, TestClient], tmp_path: Path, stage: str,
-                                           accuracy: float, eval_set: str, failing: str, evidence: str) -> None:
+@pytest.mark.parametrize(
+    ("stage", "accuracy", "eval_set", "failing", "evidence"),
+    [
+        ("staging", 0.85, "imdb-test", "metric accuracy >= 0.9", "0.85"),
+        ("production", 0.92, "imdb-test", "metric accuracy no worse than production", "0.93"),
+        ("production", 0.99, "other-set", "metric accuracy no worse than production", "other-set"),
+    ],
+)
+def test_each_metric_gate_fails_on_its_own(
+    svc: Service,
+    team: dict[str, TestClient],
+    tmp_path: Path,
+    stage: str,
+    accuracy: float,
+    eval_set: str,
+    failing: str,
+    evidence: str,
+) -> None:
     alice, olga, owen = team["alice"], team["olga"], team["owen"]
     alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
     olga.put("/v1/models/m/policy", json={"document": POLICY})
@@ -142,8 +191,7 @@ def test_each_metric_gate_fails_on_its_own(svc: Service, team: dict[str, TestCli
     assert evidence in failed[0]["evidence"]
 
 
-def test_a_changed_artifact_is_refused_at_promotion(svc: Service, team: dict[str, TestClient],
-                                                    tmp_path: Path) -> None:
+def test_a_changed_artifact_is_refused_at_promotion(svc: Service, team: dict[str, TestClient], tmp_path: Path) -> None:
     alice, olga, owen = team["alice"], team["olga"], team["owen"]
     alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
     v = register(svc, alice, "m", 0.95)
@@ -155,8 +203,7 @@ def test_a_changed_artifact_is_refused_at_promotion(svc: Service, team: dict[str
     assert digest["status"] == "fail"
 
 
-def test_a_policy_hook_may_reject_with_its_reason(svc: Service, team: dict[str, TestClient],
-                                                  tmp_path: Path) -> None:
+def test_a_policy_hook_may_reject_with_its_reason(svc: Service, team: dict[str, TestClient], tmp_path: Path) -> None:
     alice, olga = team["alice"], team["olga"]
     alice.post("/v1/models", json={"name": "vetoed", "queue": "nlp"})
     hooked = {"stages": {"staging": {"hook": {"python": "tests.test_models_service:reject_hook"}}}}
@@ -179,8 +226,7 @@ def test_versions_only_from_completed_jobs(svc: Service, team: dict[str, TestCli
     assert missing.status_code == 422 and "nope" in missing.json()["error"]["message"]
 
 
-def test_roles_members_register_model_owners_promote(svc: Service, team: dict[str, TestClient],
-                                                     tmp_path: Path) -> None:
+def test_roles_members_register_model_owners_promote(svc: Service, team: dict[str, TestClient], tmp_path: Path) -> None:
     alice, olga, bob, vic = team["alice"], team["olga"], team["bob"], team["vic"]
     alice.post("/v1/models", json={"name": "m", "queue": "nlp"})
     job, _ = trained(svc, alice, name="a")

@@ -53,10 +53,18 @@ def sharing(tmp_path: Path) -> tuple[Core, SharingExecutor]:
 
 
 def review(pod: str, node: str, namespace: str = "team") -> dict[str, object]:
-    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
-        "uid": "r1", "kind": {"group": "", "version": "v1", "kind": "Binding"}, "operation": "CREATE",
-        "namespace": namespace, "name": pod,
-        "object": {"metadata": {"name": pod, "namespace": namespace}, "target": {"kind": "Node", "name": node}}}}
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "r1",
+            "kind": {"group": "", "version": "v1", "kind": "Binding"},
+            "operation": "CREATE",
+            "namespace": namespace,
+            "name": pod,
+            "object": {"metadata": {"name": pod, "namespace": namespace}, "target": {"kind": "Node", "name": node}},
+        },
+    }
 
 
 def test_the_capability_is_recognised() -> None:
@@ -114,8 +122,9 @@ def test_other_kinds_of_request_are_allowed_unchecked(tmp_path: Path) -> None:
 def test_what_a_pod_holds_counts_init_containers_as_the_kubelet_does() -> None:
     def c(cpu: str, mem: str, gpus: str | None = None) -> client.V1Container:
         limits = {"nvidia.com/gpu": gpus} if gpus else None
-        return client.V1Container(name="c", resources=client.V1ResourceRequirements(
-            requests={"cpu": cpu, "memory": mem}, limits=limits))
+        return client.V1Container(
+            name="c", resources=client.V1ResourceRequirements(requests={"cpu": cpu, "memory": mem}, limits=limits)
+        )
 
     spec = client.V1PodSpec(containers=[c("500m", "1Gi", "2"), c("1", "1Gi")], init_containers=[c("4", "512Mi")])
     assert pod_held(spec) == Held(2, 4.0, 2.0)
@@ -135,9 +144,29 @@ def test_the_webhook_answers_only_at_its_token_path_and_a_silent_client_blocks_n
     core, _ = sharing(tmp_path)
     tls = tmp_path / "tls"
     tls.mkdir()
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "tls.key", "-out",
-                    "tls.crt", "-days", "1", "-subj", "/CN=corral", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   cwd=tls, check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "tls.key",
+            "-out",
+            "tls.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=corral",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        cwd=tls,
+        check=True,
+        capture_output=True,
+    )
     (tls / "path-token").write_text("s3cret\n")
     hook = BindingWebhook(core, 0, tls, host="127.0.0.1").start()
     try:
@@ -145,8 +174,12 @@ def test_the_webhook_answers_only_at_its_token_path_and_a_silent_client_blocks_n
         ctx = ssl.create_default_context(cafile=str(tls / "tls.crt"))
 
         def post(path: str) -> int:
-            req = urllib.request.Request(f"https://127.0.0.1:{hook.port}{path}", data=json.dumps(review("p", "a"))
-                                         .encode(), headers={"Content-Type": "application/json"}, method="POST")
+            req = urllib.request.Request(
+                f"https://127.0.0.1:{hook.port}{path}",
+                data=json.dumps(review("p", "a")).encode(),
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
             try:
                 with urllib.request.urlopen(req, context=ctx, timeout=5) as r:
                     return int(r.status)

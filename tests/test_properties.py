@@ -88,8 +88,9 @@ class Checker:
             self.calls += 1
             if self.calls > self.max_calls:
                 self.fail(f"more than {self.max_calls} scheduling calls: the simulation does not terminate")
-            before = {j.id: [(n, list(g)) for n, g in j.workers] for j in eng.jobs.values()
-                      if j.state is JobState.RUNNING}
+            before = {
+                j.id: [(n, list(g)) for n, g in j.workers] for j in eng.jobs.values() if j.state is JobState.RUNNING
+            }
             out = orig_schedule(now)
             self.now = now
             if not self.guard:
@@ -122,8 +123,9 @@ class Checker:
 
     # ----- decisions of one call -----
 
-    def check_placements(self, eng: Engine, before: dict[str, list[tuple[str, list[int]]]],
-                         out: list[Decision]) -> None:
+    def check_placements(
+        self, eng: Engine, before: dict[str, list[tuple[str, list[int]]]], out: list[Decision]
+    ) -> None:
         """Replays the call's decisions in order on a mirror of free GPU indices, CPUs and memory: every start
         must take exactly the nodes of the spec's placement (best fit, domains) and the lowest free GPU indices.
         Only without reservations (they exclude nodes for some jobs)."""
@@ -151,8 +153,11 @@ class Checker:
                     free_mem[node] += s.memory_gb
             elif isinstance(d, Started):
                 s = eng.jobs[d.job].spec
-                room = {n: (float(len(free_idx[n])), free_cpu[n], free_mem[n]) for n in free_idx
-                        if self.spec_of[n].pool == s.pool}
+                room = {
+                    n: (float(len(free_idx[n])), free_cpu[n], free_mem[n])
+                    for n in free_idx
+                    if self.spec_of[n].pool == s.pool
+                }
                 chosen = reference_place(s, room, self.world.domains.get(s.pool, {}))
                 if chosen is None:
                     self.fail(f"{d.job} started on {d.placement} although the free resources {room} cannot hold it")
@@ -169,8 +174,10 @@ class Checker:
                     want.setdefault(node, []).extend(gpus)
                 want = {n: sorted(g) for n, g in sorted(want.items())}
                 if d.placement != want:
-                    self.fail(f"{d.job} ({s.workers} x {s.gpus} GPUs) started on {d.placement}; best fit on free "
-                              f"{room} with domains {self.world.domains.get(s.pool, {})} gives {want}")
+                    self.fail(
+                        f"{d.job} ({s.workers} x {s.gpus} GPUs) started on {d.placement}; best fit on free "
+                        f"{room} with domains {self.world.domains.get(s.pool, {})} gives {want}"
+                    )
                 workers[d.job] = alloc
 
     def check_decisions(self, eng: Engine, out: list[Decision]) -> None:
@@ -193,8 +200,9 @@ class Checker:
                     self.fail(f"non-preemptible {d.job} was preempted ({d.cause}) by {d.by}")
                 ran = self.now - self.last_start[d.job]
                 if ran < self.world.settings.min_runtime:
-                    self.fail(f"{d.job} preempted after {ran:g}s, under min_runtime "
-                              f"{self.world.settings.min_runtime:g}")
+                    self.fail(
+                        f"{d.job} preempted after {ran:g}s, under min_runtime {self.world.settings.min_runtime:g}"
+                    )
                 if d.by is None or d.by == d.job:
                     self.fail(f"{d.job} preempted by {d.by}")
             elif isinstance(d, Rejected):
@@ -204,8 +212,9 @@ class Checker:
                 by = eng.jobs[d.by] if d.by else None
                 if by is None or d.by not in started_here:
                     self.fail(f"{d.job} preempted for {d.by}, which did not start at this call")
-                elif d.cause == "priority" and (by.spec.queue != eng.jobs[d.job].spec.queue
-                                                or by.spec.priority <= eng.jobs[d.job].spec.priority):
+                elif d.cause == "priority" and (
+                    by.spec.queue != eng.jobs[d.job].spec.queue or by.spec.priority <= eng.jobs[d.job].spec.priority
+                ):
                     self.fail(f"priority preemption of {d.job} by {d.by} across queues or priorities")
                 elif d.cause == "reclaim" and not by.within_quota:
                     self.fail(f"{d.by} reclaimed its guarantee from {d.job} but did not start within quota")
@@ -248,14 +257,17 @@ class Checker:
                 self.fail(f"{node}: running workers use {mem[node]} GB of {n.memory_gb}")
         return held, cpus, mem
 
-    def free_of(self, pool: str, held: Mapping[str, set[int]], cpus: Mapping[str, float],
-                mem: Mapping[str, float]) -> dict[str, tuple[float, float, float]]:
+    def free_of(
+        self, pool: str, held: Mapping[str, set[int]], cpus: Mapping[str, float], mem: Mapping[str, float]
+    ) -> dict[str, tuple[float, float, float]]:
         free: dict[str, tuple[float, float, float]] = {}
         for name, n in self.spec_of.items():
             if n.pool == pool and self.up[name]:
-                free[name] = (float(n.gpus - len(held.get(name, ()))),
-                              math.inf if n.cpus is None else n.cpus - cpus.get(name, 0.0),
-                              math.inf if n.memory_gb is None else n.memory_gb - mem.get(name, 0.0))
+                free[name] = (
+                    float(n.gpus - len(held.get(name, ()))),
+                    math.inf if n.cpus is None else n.cpus - cpus.get(name, 0.0),
+                    math.inf if n.memory_gb is None else n.memory_gb - mem.get(name, 0.0),
+                )
         return free
 
     def up_capacity(self, pool: str) -> int:
@@ -283,8 +295,10 @@ class Checker:
                 # Non-preemptible work runs only within quota (counting non-preemptible GPUs alone, SCHEDULING.md,
                 # Admission), and quotas nest up the tree.
                 if np_usage[q.name] > q.quota_of(pool):
-                    self.fail(f"{pool}: non-preemptible jobs of {q.name} hold {np_usage[q.name]} GPUs over its "
-                              f"quota {q.quota_of(pool)}")
+                    self.fail(
+                        f"{pool}: non-preemptible jobs of {q.name} hold {np_usage[q.name]} GPUs over its "
+                        f"quota {q.quota_of(pool)}"
+                    )
             self.check_shares(eng, pool, jobs, cap)
             self.check_placement(eng, pool, jobs, self.free_of(pool, held, cpus, mem), usage, np_usage)
 
@@ -315,8 +329,10 @@ class Checker:
         ref = reference_shares(self.tree, pool, cap, demand)
         for name, v in ref.items():
             if abs(share[name] - v) > TOL:
-                self.fail(f"{pool}: fairshare({name}) = {share[name]}, the spec's water-filling gives {v} "
-                          f"(demand {demand}, capacity {cap})")
+                self.fail(
+                    f"{pool}: fairshare({name}) = {share[name]}, the spec's water-filling gives {v} "
+                    f"(demand {demand}, capacity {cap})"
+                )
 
     def admissible_but_for_fit(self, j: Job, pool: str, usage: Counter[str], np_usage: Counter[str]) -> bool:
         """Limit and guarantee checks of Admission pass for `j` as the cluster stands."""
@@ -325,9 +341,15 @@ class Checker:
             return False
         return j.spec.preemptible or np_usage[q.name] + j.request <= q.quota_of(pool)
 
-    def check_placement(self, eng: Engine, pool: str, jobs: list[Job],
-                        free: dict[str, tuple[float, float, float]], usage: Counter[str],
-                        np_usage: Counter[str]) -> None:
+    def check_placement(
+        self,
+        eng: Engine,
+        pool: str,
+        jobs: list[Job],
+        free: dict[str, tuple[float, float, float]],
+        usage: Counter[str],
+        np_usage: Counter[str],
+    ) -> None:
         place = eng.pools[pool].pool.place
         seen: set[tuple[int, int, float, float]] = set()
         for j in jobs:
@@ -340,15 +362,19 @@ class Checker:
                 seen.add(shape)
                 chosen = place(s)
                 if (chosen is not None) != fits:
-                    self.fail(f"{pool}: place({s.workers} x {s.gpus} GPUs, {s.cpus} CPUs, {s.memory_gb} GB) gave "
-                              f"{chosen}; free resources {free} {'can' if fits else 'cannot'} hold it")
+                    self.fail(
+                        f"{pool}: place({s.workers} x {s.gpus} GPUs, {s.cpus} CPUs, {s.memory_gb} GB) gave "
+                        f"{chosen}; free resources {free} {'can' if fits else 'cannot'} hold it"
+                    )
                 if chosen is not None and (len(chosen) != s.workers or any(n not in free for n in chosen)):
                     self.fail(f"{pool}: place({s}) chose {chosen}, not {s.workers} up nodes of the pool")
             # Work conservation: with no reservation (starvation_timeout out of reach), a job that passes the
             # limit and guarantee checks and fits the free resources must have been started.
             if not self.guard and fits and self.admissible_but_for_fit(j, pool, usage, np_usage):
-                self.fail(f"{pool}: {j.id} ({s.workers} x {s.gpus} GPUs, queue {s.queue}) waits although it "
-                          f"passes limit and guarantee and fits free resources {free}")
+                self.fail(
+                    f"{pool}: {j.id} ({s.workers} x {s.gpus} GPUs, queue {s.queue}) waits although it "
+                    f"passes limit and guarantee and fits free resources {free}"
+                )
 
     def check_fixpoint(self, eng: Engine, now: float) -> None:
         """Admission runs "until nothing changes": asking a copy of the engine to schedule again at the same
@@ -378,8 +404,10 @@ class Checker:
         for j in jobs:
             runnable = can_ever_run(j.spec, self.tree, self.world.nodes)
             if runnable == (j.state is JobState.REJECTED):
-                self.fail(f"{j.id} {'was' if not runnable else 'was not'} rejected, but it "
-                          f"{'can' if runnable else 'can never'} run: {j.spec} ({j.reason})")
+                self.fail(
+                    f"{j.id} {'was' if not runnable else 'was not'} rejected, but it "
+                    f"{'can' if runnable else 'can never'} run: {j.spec} ({j.reason})"
+                )
         pending = [j for j in jobs if j.state is JobState.PENDING]
         for j in pending:
             pool = j.spec.pool
@@ -390,17 +418,24 @@ class Checker:
             # reserves against (its queue, or the nodes reserved for it): they are blocked by that node too.
             if self.guard and any(self.down_blocked(h, free) for h in pending if h.spec.pool == pool):
                 continue
-            self.fail(f"{j.id} is still pending at the end although the empty cluster can hold it "
-                      f"({eng.explain(j.id, self.now).message})")
+            self.fail(
+                f"{j.id} is still pending at the end although the empty cluster can hold it "
+                f"({eng.explain(j.id, self.now).message})"
+            )
         self.check_durations(log)
 
     def down_blocked(self, h: Job, free_up: dict[str, tuple[float, float, float]]) -> bool:
         """`h` does not fit the empty up nodes of its pool but would fit it with every node up."""
-        every = {n.name: (float(n.gpus), math.inf if n.cpus is None else n.cpus,
-                          math.inf if n.memory_gb is None else n.memory_gb)
-                 for n in self.world.nodes if n.pool == h.spec.pool}
-        return (workers_that_fit(h.spec, free_up) < h.spec.workers
-                and workers_that_fit(h.spec, every) >= h.spec.workers)
+        every = {
+            n.name: (
+                float(n.gpus),
+                math.inf if n.cpus is None else n.cpus,
+                math.inf if n.memory_gb is None else n.memory_gb,
+            )
+            for n in self.world.nodes
+            if n.pool == h.spec.pool
+        }
+        return workers_that_fit(h.spec, free_up) < h.spec.workers and workers_that_fit(h.spec, every) >= h.spec.workers
 
     def check_durations(self, log: dict[str, Any]) -> None:
         """A job started at t with duration d completes at t + d (runs of non-checkpoint jobs)."""
@@ -459,11 +494,16 @@ def test_admission_reaches_a_fixpoint(case: Case) -> None:
 
 
 @settings(PROPERTY, max_examples=200)
-@given(clusters().flatmap(lambda ns: st.tuples(st.just(ns), queue_specs(_capacity(ns)))),
-       st.lists(st.tuples(st.integers(0, 2), st.integers(0, 12), st.integers(0, 12)), max_size=8),
-       st.sets(st.integers(0, 17), max_size=6))
-def test_fair_share_water_filling(cluster_and_queues: tuple[list[NodeSpec], list[QueueSpec]],
-                                  demand_draw: list[tuple[int, int, int]], down_draw: set[int]) -> None:
+@given(
+    clusters().flatmap(lambda ns: st.tuples(st.just(ns), queue_specs(_capacity(ns)))),
+    st.lists(st.tuples(st.integers(0, 2), st.integers(0, 12), st.integers(0, 12)), max_size=8),
+    st.sets(st.integers(0, 17), max_size=6),
+)
+def test_fair_share_water_filling(
+    cluster_and_queues: tuple[list[NodeSpec], list[QueueSpec]],
+    demand_draw: list[tuple[int, int, int]],
+    down_draw: set[int],
+) -> None:
     """fairshare() against the spec's water-filling for arbitrary demands, including capacity lost to down nodes
     below the sum of the guarantees (step 2's scaling)."""
     node_list, specs = cluster_and_queues

@@ -9,8 +9,9 @@ from tests.factories import queue, queue_tree
 
 
 def test_guarantees_first_then_weights() -> None:
-    t = queue_tree(queue("a", quota={"a100": 8}, weight=1), queue("b", quota={"a100": 8}, weight=3),
-             queue("c", weight=1))
+    t = queue_tree(
+        queue("a", quota={"a100": 8}, weight=1), queue("b", quota={"a100": 8}, weight=3), queue("c", weight=1)
+    )
     shares = fair_shares(t, "a100", 32, {"a": 24, "b": 24, "c": 8})
     assert shares == pytest.approx({"a": 11.2, "b": 17.6, "c": 3.2})
 
@@ -28,9 +29,13 @@ def test_lost_capacity_scales_guarantees() -> None:
 
 
 def test_hierarchy_and_demand() -> None:
-    t = queue_tree(queue("ml", quota={"a100": 16}), queue("cv", quota={"a100": 16}, limit={"a100": 20}),
-             queue("a", "ml", quota={"a100": 8}), queue("b", "ml", quota={"a100": 8}),
-             queue("c", "cv", quota={"a100": 16}))
+    t = queue_tree(
+        queue("ml", quota={"a100": 16}),
+        queue("cv", quota={"a100": 16}, limit={"a100": 20}),
+        queue("a", "ml", quota={"a100": 8}),
+        queue("b", "ml", quota={"a100": 8}),
+        queue("c", "cv", quota={"a100": 16}),
+    )
     ps = PoolShares(t, "a100", 32)
     ps.add_demand("a", 40)
     ps.add_demand("c", 30)
@@ -56,19 +61,23 @@ def test_per_pool_weights() -> None:
     assert fair_shares(t, "a100", 8, {"a": 8, "b": 8}) == pytest.approx({"a": 4, "b": 4})
 
 
-@pytest.mark.parametrize("specs, needle", [
-    ([queue("a", quota={"a100": 20}), queue("b", quota={"a100": 20})], "top-level quotas add up to 40"),
-    ([queue("d", quota={"a100": 8}), queue("a", "d", quota={"a100": 6}),
-      queue("b", "d", quota={"a100": 6})],
-     "children's quotas add up to 12 GPUs (a=6, b=6), more than d's quota of 8"),
-    ([queue("a", quota={"h100": 1})], "pool 'h100' does not exist"),
-    ([queue("a"), queue("a")], "declared twice"),
-    ([queue("a", "ghost")], "parent queue 'ghost' does not exist"),
-    ([queue("a", "b"), queue("b", "a")], "cycle"),
-    ([queue("a", quota={"a100": -1})], "whole number of GPUs >= 0"),
-    ([queue("a", weight=-2)], "must be a number >= 0"),
-    ([queue("a", quota={"a100": 8}, limit={"a100": 4})], "limit 4 is below the queue's quota 8"),
-])
+@pytest.mark.parametrize(
+    "specs, needle",
+    [
+        ([queue("a", quota={"a100": 20}), queue("b", quota={"a100": 20})], "top-level quotas add up to 40"),
+        (
+            [queue("d", quota={"a100": 8}), queue("a", "d", quota={"a100": 6}), queue("b", "d", quota={"a100": 6})],
+            "children's quotas add up to 12 GPUs (a=6, b=6), more than d's quota of 8",
+        ),
+        ([queue("a", quota={"h100": 1})], "pool 'h100' does not exist"),
+        ([queue("a"), queue("a")], "declared twice"),
+        ([queue("a", "ghost")], "parent queue 'ghost' does not exist"),
+        ([queue("a", "b"), queue("b", "a")], "cycle"),
+        ([queue("a", quota={"a100": -1})], "whole number of GPUs >= 0"),
+        ([queue("a", weight=-2)], "must be a number >= 0"),
+        ([queue("a", quota={"a100": 8}, limit={"a100": 4})], "limit 4 is below the queue's quota 8"),
+    ],
+)
 def test_invalid_trees_are_rejected_with_where_and_what(specs: list[QueueSpec], needle: str) -> None:
     with pytest.raises(QuotaError) as err:
         queue_tree(*specs)
@@ -77,7 +86,12 @@ def test_invalid_trees_are_rejected_with_where_and_what(specs: list[QueueSpec], 
 
 
 def test_branch_is_highest_ancestor_not_shared() -> None:
-    t = queue_tree(queue("ml", quota={"a100": 16}), queue("cv", quota={"a100": 16}),
-             queue("a", "ml"), queue("b", "ml"), queue("c", "cv"))
+    t = queue_tree(
+        queue("ml", quota={"a100": 16}),
+        queue("cv", quota={"a100": 16}),
+        queue("a", "ml"),
+        queue("b", "ml"),
+        queue("c", "cv"),
+    )
     assert t.branch(t["a"], t["c"]).name == "ml"
     assert t.branch(t["a"], t["b"]).name == "a"

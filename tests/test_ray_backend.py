@@ -70,24 +70,45 @@ def cluster() -> Iterator[Cluster]:
     token = secrets.token_hex(16)
     temp = tempfile.mkdtemp(prefix="crl-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
-           # The gang entrypoint runs `python`: the cluster's python must be this one, with Ray.
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # The gang entrypoint runs `python`: the cluster's python must be this one, with Ray.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     log = open(Path(temp) / "ray-start.log", "wb")  # noqa: SIM115 (closed at teardown)
     # --block keeps `ray start` in the foreground as the parent of this cluster's processes: stopping its process
     # group stops exactly this cluster, where `ray stop` would stop every Ray on the machine.
     proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--num-gpus=4", "--num-cpus=4", f"--port={port}",
-         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--num-gpus=4",
+            "--num-cpus=4",
+            f"--port={port}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{dash}"
     try:
         deadline, nodes = time.monotonic() + START_TIMEOUT_S, list[NodeInfo]()
         while not nodes:
             if proc.poll() is not None:
-                _unavailable(f"ray start exited with {proc.returncode}: "
-                             f"{(Path(temp) / 'ray-start.log').read_text()[-2000:]}")
+                _unavailable(
+                    f"ray start exited with {proc.returncode}: {(Path(temp) / 'ray-start.log').read_text()[-2000:]}"
+                )
             if time.monotonic() > deadline:
                 _unavailable(f"Ray's dashboard did not answer within {START_TIMEOUT_S:g} s")
             try:
@@ -176,15 +197,17 @@ def test_a_gang_starts_whole_and_fails_whole(cluster: Cluster, tmp_path: Path) -
     marks = tmp_path / "marks"
     marks.mkdir()
     # Each worker leaves a mark and waits for the other's: only a gang running whole ends with peers=2.
-    cmd = (f"touch {marks}/$RANK; for i in $(seq 100); do [ $(ls {marks} | wc -l) = 2 ] && break; sleep 0.2; done; "
-           f"echo rank=$RANK of $WORLD_SIZE gpus=$CUDA_VISIBLE_DEVICES peers=$(ls {marks} | wc -l)")
+    cmd = (
+        f"touch {marks}/$RANK; for i in $(seq 100); do [ $(ls {marks} | wc -l) = 2 ] && break; sleep 0.2; done; "
+        f"echo rank=$RANK of $WORLD_SIZE gpus=$CUDA_VISIBLE_DEVICES peers=$(ls {marks} | wc -l)"
+    )
     ex.launch(Launch(f"gang{t}", 1, cmd, {node: [0, 1]}, {"CORRAL_WORKERS": "2"}))
     # Rank 1 fails at once: rank 0's long sleep must not keep the job alive.
     ex.launch(Launch(f"gf{t}", 1, "[ $RANK = 1 ] && exit 4; sleep 300", {node: [2, 3]}, {"CORRAL_WORKERS": "2"}))
     got = _wait(ex, {(f"gang{t}", 1), (f"gf{t}", 1)})
     log = _log(ex, f"gang{t}")
     assert got[f"gang{t}"].code == 0, log
-    lines = sorted(ln[ln.index("rank="):] for ln in log.splitlines() if "rank=" in ln and "peers=" in ln)
+    lines = sorted(ln[ln.index("rank=") :] for ln in log.splitlines() if "rank=" in ln and "peers=" in ln)
     assert [ln.split()[0] for ln in lines] == ["rank=0", "rank=1"], log
     assert all(ln.endswith("peers=2") and "of 2" in ln for ln in lines), log
     gpus = {ln.split("gpus=")[1].split()[0] for ln in lines}
@@ -236,8 +259,9 @@ def test_a_new_executor_adopts_running_and_finished_jobs(cluster: Cluster, tmp_p
 
 
 def _service(cluster: Cluster, tmp: Path) -> tuple[Core, TestClient]:
-    settings = ServiceSettings(data_dir=tmp / "data", backend="ray", ray_address=cluster.url,
-                               ray_token=cluster.token, grace_s=30)
+    settings = ServiceSettings(
+        data_dir=tmp / "data", backend="ray", ray_address=cluster.url, ray_token=cluster.token, grace_s=30
+    )
     core = build_core(settings)  # discovers the cluster's nodes and makes the RayExecutor itself
     admin = TestClient(create_app(core, run_loop=False))
     admin.headers["Authorization"] = f"Bearer {create_token(core, 'root', Role.PLATFORM_ADMIN)}"
@@ -294,25 +318,46 @@ def test_a_restart_over_running_ray_jobs_decides_as_without_one(cluster: Cluster
     # other tests' on this cluster.
     db = connect(url)
     with db.begin() as conn:
-        conn.execute(jobs.insert().values(id=100_000 + secrets.randbelow(800_000), name="placeholder", owner="test",
-                                          queue="none", pool="ray", state="completed", spec={}, gpus=0, priority=0,
-                                          submitted_at=0.0, attempt=0))
+        conn.execute(
+            jobs.insert().values(
+                id=100_000 + secrets.randbelow(800_000),
+                name="placeholder",
+                owner="test",
+                queue="none",
+                pool="ray",
+                state="completed",
+                spec={},
+                gpus=0,
+                priority=0,
+                submitted_at=0.0,
+                attempt=0,
+            )
+        )
     db.dispose()
-    settings = ServiceSettings(data_dir=tmp_path / "data", database_url=url, backend="ray", ray_address=cluster.url,
-                               ray_token=cluster.token, grace_s=5)
-    real = Backend(lambda: build_core(settings), "ray", 1,
-                   command=lambda name: f"while [ ! -e {marks / name} ]; do sleep 0.1; done",
-                   finish=lambda core, name: (marks / name).touch(), timeout_s=120)
+    settings = ServiceSettings(
+        data_dir=tmp_path / "data",
+        database_url=url,
+        backend="ray",
+        ray_address=cluster.url,
+        ray_token=cluster.token,
+        grace_s=5,
+    )
+    real = Backend(
+        lambda: build_core(settings),
+        "ray",
+        1,
+        command=lambda name: f"while [ ! -e {marks / name} ]; do sleep 0.1; done",
+        finish=lambda core, name: (marks / name).touch(),
+        timeout_s=120,
+    )
     restarted = issue_case(real, restart_it=True)
     assert restarted == issue_case(scripted_twin(tmp_path, cluster.nodes, "ray", 1), restart_it=False)
     assert ("Preempted", "b2") in restarted["decided"], restarted
 
 
-def test_serve_on_ray_warns_that_jobs_share_the_clusters_user(tmp_path: Path, caplog: pytest.LogCaptureFixture
-                                                              ) -> None:
+def test_serve_on_ray_warns_that_jobs_share_the_clusters_user(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """No cluster needed: the warning comes before anything is asked of Ray (docs/ray.md, Trust model)."""
-    settings = ServiceSettings(data_dir=tmp_path / "data", backend="ray", ray_address="http://127.0.0.1:9",
-                               grace_s=30)
+    settings = ServiceSettings(data_dir=tmp_path / "data", backend="ray", ray_address="http://127.0.0.1:9", grace_s=30)
     with caplog.at_level("WARNING", logger="corral.service"):
         core = build_core(settings, executor=ScriptedExecutor(), nodes=[NodeInfo("n1", "gpu", [])])
     core.db.dispose()
@@ -324,8 +369,15 @@ def test_a_gangs_log_keeps_every_line(cluster: Cluster, tmp_path: Path) -> None:
     """Issue 22, item 6: Ray's log de-duplication folded the ranks' identical lines into "[repeated Nx across
     cluster]", so a job's log lost them. Every line of every rank stays."""
     ex, node, t = _executor(cluster, tmp_path), cluster.nodes[0].name, _tag()
-    ex.launch(Launch(f"dup{t}", 1, "for i in 1 2 3 4 5; do echo same-line-every-rank; sleep 0.1; done",
-                     {node: [0, 1]}, {"CORRAL_WORKERS": "2"}))
+    ex.launch(
+        Launch(
+            f"dup{t}",
+            1,
+            "for i in 1 2 3 4 5; do echo same-line-every-rank; sleep 0.1; done",
+            {node: [0, 1]},
+            {"CORRAL_WORKERS": "2"},
+        )
+    )
     got = _wait(ex, {(f"dup{t}", 1)})
     log = _log(ex, f"dup{t}")
     assert got[f"dup{t}"].code == 0, log
@@ -339,8 +391,7 @@ def test_every_rank_of_a_stopped_gang_gets_sigterm_and_its_grace(cluster: Cluste
     node, t = cluster.nodes[0].name, _tag()
     saved = tmp_path / "saved"
     saved.mkdir()
-    cmd = (f"trap 'sleep 4; touch {saved}/rank$RANK; exit 0' TERM; echo up$RANK; "
-           "while true; do sleep 0.1; done")
+    cmd = f"trap 'sleep 4; touch {saved}/rank$RANK; exit 0' TERM; echo up$RANK; while true; do sleep 0.1; done"
     ex.launch(Launch(f"ckpt{t}", 1, cmd, {node: [0, 1]}, {"CORRAL_WORKERS": "2"}))
     ex.launch(Launch(f"one{t}", 1, cmd.replace("$RANK", "-solo"), {node: [2]}))
     _until(lambda: {"up0", "up1"} <= set(_log(ex, f"ckpt{t}").split()) and "up-solo" in _log(ex, f"one{t}"))

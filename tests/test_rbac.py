@@ -178,8 +178,9 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             "bad_token": _anonymous(svc, "corral_this-token-was-never-issued"),
             "revoked": _anonymous(svc, made["token"]),
         }
-        w = World(svc, callers, svc.client("nina", Role.MEMBER, "nlp"), svc.client("bob", Role.MEMBER, "ranking"),
-                  {}, {})
+        w = World(
+            svc, callers, svc.client("nina", Role.MEMBER, "nlp"), svc.client("bob", Role.MEMBER, "ranking"), {}, {}
+        )
         w.rollback_to = {"team": w.apply(ONLY_NLP_DIFFERS), "other": w.apply(ONLY_RANKING_DIFFERS)}
         w.apply(CURRENT)
         w.jobs = {"team": w.fresh_job("team"), "other": w.fresh_job("other")}
@@ -205,18 +206,20 @@ def _call(w: World, endpoint: str, c: TestClient, target: str) -> httpx.Response
         "DELETE /v1/jobs/{id}": lambda: c.delete(f"/v1/jobs/{w.fresh_job(target)}"),
         "GET /v1/queues": lambda: c.get("/v1/queues"),
         # A dry run checks who may change what exactly like a real apply, and leaves the shared tree alone.
-        "POST /v1/queues/apply": lambda: c.post("/v1/queues/apply", json={
-            "document": ONLY_NLP_DIFFERS if target == "team" else ONLY_RANKING_DIFFERS, "dry_run": True}),
-        "POST /v1/queues/rollback": lambda: c.post("/v1/queues/rollback",
-                                                   json={"version": w.rollback_to[target]}),
+        "POST /v1/queues/apply": lambda: c.post(
+            "/v1/queues/apply",
+            json={"document": ONLY_NLP_DIFFERS if target == "team" else ONLY_RANKING_DIFFERS, "dry_run": True},
+        ),
+        "POST /v1/queues/rollback": lambda: c.post("/v1/queues/rollback", json={"version": w.rollback_to[target]}),
         "GET /v1/queues/history": lambda: c.get("/v1/queues/history"),
         "GET /v1/pools": lambda: c.get("/v1/pools"),
         "GET /v1/usage": lambda: c.get("/v1/usage"),
         "GET /v1/usage/export": lambda: c.get("/v1/usage/export"),
         # A new name each time: a name belongs to whoever it was first made for (the admin's newbie in ranking
         # would make a team admin's later newbie a takeover); that rule has its own tests (test_attack_tokens.py).
-        "POST /v1/tokens": lambda: c.post("/v1/tokens", json={"user": f"newbie-{next(NAMES)}", "role": "member",
-                                                              "scope": queue}),
+        "POST /v1/tokens": lambda: c.post(
+            "/v1/tokens", json={"user": f"newbie-{next(NAMES)}", "role": "member", "scope": queue}
+        ),
         "DELETE /v1/tokens/{id}": lambda: c.delete(f"/v1/tokens/{w.fresh_token(queue)}"),
         "GET /v1/audit": lambda: c.get("/v1/audit"),
     }
@@ -279,15 +282,19 @@ def _seed_jobs(svc: Service) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize(("user", "role", "scope", "sees"), [
-    ("root", Role.PLATFORM_ADMIN, None, {"nlp", "vision", "ranking"}),
-    ("tess", Role.TEAM_ADMIN, "research", {"nlp", "vision"}),
-    ("alice", Role.MEMBER, "nlp", {"nlp"}),
-    ("victor", Role.VIEWER, "nlp", {"nlp"}),
-    ("vera", Role.VIEWER, None, {"nlp", "vision", "ranking"}),
-])
-def test_job_list_shows_only_the_callers_jobs(svc: Service, user: str, role: Role, scope: str | None,
-                                              sees: set[str]) -> None:
+@pytest.mark.parametrize(
+    ("user", "role", "scope", "sees"),
+    [
+        ("root", Role.PLATFORM_ADMIN, None, {"nlp", "vision", "ranking"}),
+        ("tess", Role.TEAM_ADMIN, "research", {"nlp", "vision"}),
+        ("alice", Role.MEMBER, "nlp", {"nlp"}),
+        ("victor", Role.VIEWER, "nlp", {"nlp"}),
+        ("vera", Role.VIEWER, None, {"nlp", "vision", "ranking"}),
+    ],
+)
+def test_job_list_shows_only_the_callers_jobs(
+    svc: Service, user: str, role: Role, scope: str | None, sees: set[str]
+) -> None:
     ids = _seed_jobs(svc)
     c = svc.client(user, role, scope)
     listed = c.get("/v1/jobs").json()["jobs"]
@@ -299,30 +306,43 @@ def test_job_list_shows_only_the_callers_jobs(svc: Service, user: str, role: Rol
         assert got <= sees
 
 
-@pytest.mark.parametrize(("user", "role", "scope", "sees"), [
-    ("root", Role.PLATFORM_ADMIN, None, ["research", "product", "nlp", "vision", "ranking"]),
-    ("tess", Role.TEAM_ADMIN, "research", ["research", "nlp", "vision"]),
-    ("alice", Role.MEMBER, "nlp", ["nlp"]),
-    ("victor", Role.VIEWER, "nlp", ["nlp"]),
-    ("vera", Role.VIEWER, None, ["research", "product", "nlp", "vision", "ranking"]),
-])
-def test_queue_tree_shows_only_the_callers_subtree(svc: Service, user: str, role: Role, scope: str | None,
-                                                   sees: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("user", "role", "scope", "sees"),
+    [
+        ("root", Role.PLATFORM_ADMIN, None, ["research", "product", "nlp", "vision", "ranking"]),
+        ("tess", Role.TEAM_ADMIN, "research", ["research", "nlp", "vision"]),
+        ("alice", Role.MEMBER, "nlp", ["nlp"]),
+        ("victor", Role.VIEWER, "nlp", ["nlp"]),
+        ("vera", Role.VIEWER, None, ["research", "product", "nlp", "vision", "ranking"]),
+    ],
+)
+def test_queue_tree_shows_only_the_callers_subtree(
+    svc: Service, user: str, role: Role, scope: str | None, sees: list[str]
+) -> None:
     _seed_jobs(svc)
     got = svc.client(user, role, scope).get("/v1/queues").json()["queues"]
     assert sorted(q["name"] for q in got) == sorted(sees)
 
 
-@pytest.mark.parametrize(("user", "role", "scope", "queues", "users"), [
-    ("root", Role.PLATFORM_ADMIN, None, {"nlp": 2.0, "vision": 2.0, "ranking": 2.0},
-     {"nina": 2.0, "vic": 2.0, "bob": 2.0}),
-    ("tess", Role.TEAM_ADMIN, "research", {"nlp": 2.0, "vision": 2.0}, {"nina": 2.0, "vic": 2.0}),
-    ("alice", Role.MEMBER, "nlp", {"nlp": 2.0}, {"nina": 2.0}),
-    ("victor", Role.VIEWER, "nlp", {"nlp": 2.0}, {"nina": 2.0}),
-    ("vera", Role.VIEWER, None, {"nlp": 2.0, "vision": 2.0, "ranking": 2.0}, {"nina": 2.0, "vic": 2.0, "bob": 2.0}),
-])
-def test_usage_shows_only_the_callers_queues(svc: Service, user: str, role: Role, scope: str | None,
-                                             queues: dict[str, float], users: dict[str, float]) -> None:
+@pytest.mark.parametrize(
+    ("user", "role", "scope", "queues", "users"),
+    [
+        (
+            "root",
+            Role.PLATFORM_ADMIN,
+            None,
+            {"nlp": 2.0, "vision": 2.0, "ranking": 2.0},
+            {"nina": 2.0, "vic": 2.0, "bob": 2.0},
+        ),
+        ("tess", Role.TEAM_ADMIN, "research", {"nlp": 2.0, "vision": 2.0}, {"nina": 2.0, "vic": 2.0}),
+        ("alice", Role.MEMBER, "nlp", {"nlp": 2.0}, {"nina": 2.0}),
+        ("victor", Role.VIEWER, "nlp", {"nlp": 2.0}, {"nina": 2.0}),
+        ("vera", Role.VIEWER, None, {"nlp": 2.0, "vision": 2.0, "ranking": 2.0}, {"nina": 2.0, "vic": 2.0, "bob": 2.0}),
+    ],
+)
+def test_usage_shows_only_the_callers_queues(
+    svc: Service, user: str, role: Role, scope: str | None, queues: dict[str, float], users: dict[str, float]
+) -> None:
     t0 = svc.clock.t
     ids = _seed_jobs(svc)
     svc.clock.advance(3600)
@@ -336,15 +356,17 @@ def test_usage_shows_only_the_callers_queues(svc: Service, user: str, role: Role
     assert u["pools"][0]["idle_gpu_hours"] == 2.0
 
 
-@pytest.mark.parametrize(("user", "role", "scope", "sees"), [
-    ("root", Role.PLATFORM_ADMIN, None, {"nlp", "vision", "ranking"}),
-    ("tess", Role.TEAM_ADMIN, "research", {"nlp", "vision"}),
-    ("alice", Role.MEMBER, "nlp", {"nlp"}),
-    ("victor", Role.VIEWER, "nlp", {"nlp"}),
-    ("vera", Role.VIEWER, None, {"nlp", "vision", "ranking"}),
-])
-def test_pools_hide_other_teams_job_ids(svc: Service, user: str, role: Role, scope: str | None,
-                                        sees: set[str]) -> None:
+@pytest.mark.parametrize(
+    ("user", "role", "scope", "sees"),
+    [
+        ("root", Role.PLATFORM_ADMIN, None, {"nlp", "vision", "ranking"}),
+        ("tess", Role.TEAM_ADMIN, "research", {"nlp", "vision"}),
+        ("alice", Role.MEMBER, "nlp", {"nlp"}),
+        ("victor", Role.VIEWER, "nlp", {"nlp"}),
+        ("vera", Role.VIEWER, None, {"nlp", "vision", "ranking"}),
+    ],
+)
+def test_pools_hide_other_teams_job_ids(svc: Service, user: str, role: Role, scope: str | None, sees: set[str]) -> None:
     ids = _seed_jobs(svc)
     pools = svc.client(user, role, scope).get("/v1/pools").json()["pools"]
     held = [g["job"] for g in pools[0]["nodes"][0]["gpus"]]
@@ -373,29 +395,36 @@ def _without(doc: dict[str, Any], name: str) -> dict[str, Any]:
     return {"queues": [q for q in copy.deepcopy(doc)["queues"] if q["name"] != name]}
 
 
-
-
 BASE = tree(nlp=1)  # research (quota 4) has room to shrink to 3 without its children breaking the tree
 
 
-@pytest.mark.parametrize(("change", "document", "status", "refused"), [
-    ("nlp quota 1 -> 2", _edit(BASE, "nlp", quota={"local": 2}), 200, None),
-    ("vision weight 1 -> 3", _edit(BASE, "vision", weight=3), 200, None),
-    ("add speech under research", _add(BASE, {"name": "speech", "parent": "research"}), 200, None),
-    ("remove vision", _without(BASE, "vision"), 200, None),
-    ("its own queue's quota", _edit(BASE, "research", quota={"local": 3}), 403, "research"),
-    ("its own queue's limit", _edit(BASE, "research", limit={"local": 8}), 403, "research"),
-    ("another department's leaf", _edit(BASE, "ranking", quota={"local": 3}), 403, "ranking"),
-    ("another department", _edit(BASE, "product", limit={"local": 8}), 403, "product"),
-    ("add a top-level queue", _add(BASE, {"name": "ops"}), 403, "ops"),
-    ("add a queue under product", _add(BASE, {"name": "ads", "parent": "product"}), 403, "ads"),
-    ("remove its own queue", {"queues": [q for q in _without(BASE, "research")["queues"]
-                                         if q.get("parent") != "research"]}, 403, "research"),
-    pytest.param("move vision under product", _edit(BASE, "vision", parent="product", quota={"local": 0}),
-                 403, "vision"),
-])
-def test_team_admin_changes_only_queues_below_its_scope(svc: Service, change: str, document: dict[str, Any],
-                                                        status: int, refused: str | None) -> None:
+@pytest.mark.parametrize(
+    ("change", "document", "status", "refused"),
+    [
+        ("nlp quota 1 -> 2", _edit(BASE, "nlp", quota={"local": 2}), 200, None),
+        ("vision weight 1 -> 3", _edit(BASE, "vision", weight=3), 200, None),
+        ("add speech under research", _add(BASE, {"name": "speech", "parent": "research"}), 200, None),
+        ("remove vision", _without(BASE, "vision"), 200, None),
+        ("its own queue's quota", _edit(BASE, "research", quota={"local": 3}), 403, "research"),
+        ("its own queue's limit", _edit(BASE, "research", limit={"local": 8}), 403, "research"),
+        ("another department's leaf", _edit(BASE, "ranking", quota={"local": 3}), 403, "ranking"),
+        ("another department", _edit(BASE, "product", limit={"local": 8}), 403, "product"),
+        ("add a top-level queue", _add(BASE, {"name": "ops"}), 403, "ops"),
+        ("add a queue under product", _add(BASE, {"name": "ads", "parent": "product"}), 403, "ads"),
+        (
+            "remove its own queue",
+            {"queues": [q for q in _without(BASE, "research")["queues"] if q.get("parent") != "research"]},
+            403,
+            "research",
+        ),
+        pytest.param(
+            "move vision under product", _edit(BASE, "vision", parent="product", quota={"local": 0}), 403, "vision"
+        ),
+    ],
+)
+def test_team_admin_changes_only_queues_below_its_scope(
+    svc: Service, change: str, document: dict[str, Any], status: int, refused: str | None
+) -> None:
     assert svc.admin.post("/v1/queues/apply", json={"document": BASE}).json()["applied"]
     tess = svc.client("tess", Role.TEAM_ADMIN, "research")
     before = svc.admin.get("/v1/queues/history").json()["versions"]
@@ -412,12 +441,13 @@ def test_team_admin_changes_only_queues_below_its_scope(svc: Service, change: st
         assert after == before
 
 
-
-
-@pytest.mark.parametrize("request_", [
-    pytest.param(("/v1/queues/apply", {"document": DEMO_TREE}), id="apply"),
-    pytest.param(("/v1/queues/rollback", {"version": 2}), id="rollback"),
-])
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pytest.param(("/v1/queues/apply", {"document": DEMO_TREE}), id="apply"),
+        pytest.param(("/v1/queues/rollback", {"version": 2}), id="rollback"),
+    ],
+)
 def test_viewer_may_not_write_queues_even_a_no_op(svc: Service, request_: tuple[str, dict[str, Any]]) -> None:
     path, body = request_
     r = svc.client("victor", Role.VIEWER, "nlp").post(path, json=body)
@@ -448,8 +478,9 @@ def test_audit_records_who_did_what(svc: Service) -> None:
     revoke, create, apply, _, submit = entries[:5]
     assert submit["detail"] == {"queue": "nlp"}
     assert apply["detail"]["comment"] == "nlp shrinks"
-    assert apply["detail"]["diff"] == [{"queue": "nlp", "change": "changed",
-                                        "fields": {"quota": {"before": {"local": 2}, "after": {"local": 1}}}}]
+    assert apply["detail"]["diff"] == [
+        {"queue": "nlp", "change": "changed", "fields": {"quota": {"before": {"local": 2}, "after": {"local": 1}}}}
+    ]
     assert create["detail"] == {"user": "nick", "role": "viewer", "scope": "vision"}
     assert revoke["detail"] == {"user": "nick"}
     assert all(e["at"] == svc.clock.t for e in entries[:5])

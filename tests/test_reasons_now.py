@@ -30,8 +30,9 @@ STEPS = 60
 
 def world(tmp: Path) -> tuple[Any, ClusterExecutor, Clock, TestClient, TestClient]:
     ex, clock = ClusterExecutor(), Clock()
-    core = build_core(service_settings(tmp, grace_s=5, starvation_timeout_s=30), ex, clock=clock,
-                      nodes=[node("a"), node("b")])
+    core = build_core(
+        service_settings(tmp, grace_s=5, starvation_timeout_s=30), ex, clock=clock, nodes=[node("a"), node("b")]
+    )
     app = create_app(core, run_loop=False)
     admin = TestClient(app)
     admin.headers["Authorization"] = f"Bearer {create_token(core, 'root', Role.PLATFORM_ADMIN)}"
@@ -69,9 +70,14 @@ def test_the_listed_reason_is_explains_reason_now(tmp_path: Path, seed: int) -> 
         op = rnd.choice(["submit", "submit", "submit", "tick", "tick", "exit", "cancel", "node", "time"])
         if op == "submit":
             queue = rnd.choice(["nlp", "vision"])
-            body = {"queue": queue, "gpus": rnd.choice([1, 2, 4]), "command": "sleep inf",
-                    "priority": rnd.choice([0, 0, 10]), "preemptible": rnd.random() < 0.85,
-                    "workers": rnd.choice([1, 1, 1, 2])}
+            body = {
+                "queue": queue,
+                "gpus": rnd.choice([1, 2, 4]),
+                "command": "sleep inf",
+                "priority": rnd.choice([0, 0, 10]),
+                "preemptible": rnd.random() < 0.85,
+                "workers": rnd.choice([1, 1, 1, 2]),
+            }
             r = admin.post("/v1/jobs", json=body)
             assert r.status_code == 201 or r.json()["error"]["detail"]["rule"] == "over_quota", r.text
         elif op == "exit" and ex.live:
@@ -98,8 +104,9 @@ def test_a_preempted_job_shows_what_holds_it_now(tmp_path: Path, monkeypatch: py
     """nlp borrows all 8 GPUs; vision takes its 4 back; the victims wait, held now by the engine's rule (not their
     preemption's message), in the API, in `corral ps` and in the jobs page."""
     core, ex, clock, admin, _ = world(tmp_path)
-    borrowers = [admin.post("/v1/jobs", json={"queue": "nlp", "gpus": 4, "command": "sleep inf"}).json()["id"]
-                 for _ in range(2)]
+    borrowers = [
+        admin.post("/v1/jobs", json={"queue": "nlp", "gpus": 4, "command": "sleep inf"}).json()["id"] for _ in range(2)
+    ]
     core.tick()
     core.tick()
     admin.post("/v1/jobs", json={"queue": "vision", "gpus": 4, "command": "sleep inf"})
@@ -111,6 +118,7 @@ def test_a_preempted_job_shows_what_holds_it_now(tmp_path: Path, monkeypatch: py
     why = admin.get(f"/v1/jobs/{victim}/explain").json()
     assert why["preemptions"] and listed[victim]["reason"] == why["reason"]
     assert listed[victim]["reason"]["message"] != why["preemptions"][0]["message"]  # not the old preemption
+
     def client(url: str, token: str | None) -> TestClient:
         c = TestClient(admin.app)
         c.headers.update(admin.headers)

@@ -43,7 +43,11 @@ def test_idle_guarantee_moves_to_the_queue_that_waited() -> None:
     assert quotas(p.queues) == {"research": 7, "product": 1, "nlp": 5, "vision": 2, "ranking": 1}
     assert tops(p.queues) == tops(DEMO_TREE["queues"]) == 8
     assert {(c.queue, c.before, c.after) for c in p.changes} == {
-        ("research", 4, 7), ("product", 4, 1), ("nlp", 2, 5), ("ranking", 4, 1)}
+        ("research", 4, 7),
+        ("product", 4, 1),
+        ("nlp", 2, 5),
+        ("ranking", 4, 1),
+    }
     why = {c.queue: c.why for c in p.changes}
     assert "waited 12.0 GPU-hours" in why["nlp"] and "held 0.00 GPUs on average" in why["ranking"]
     assert p.document == {"queues": p.queues}
@@ -65,8 +69,11 @@ def test_a_few_seconds_of_waiting_do_not_make_an_idle_queue_keep_its_guarantee()
 
 
 def test_waiting_queues_share_in_proportion_to_their_waiting() -> None:
-    queues = [{"name": "a", "quota": {"local": 6}}, {"name": "b", "quota": {"local": 1}},
-              {"name": "c", "quota": {"local": 1}}]
+    queues = [
+        {"name": "a", "quota": {"local": 6}},
+        {"name": "b", "quota": {"local": 1}},
+        {"name": "c", "quota": {"local": 1}},
+    ]
     p = propose(queues, CAP, [d("b", waiting=200), d("c", waiting=100)], hours=10)
     assert quotas(p.queues) == {"a": 0, "b": 5, "c": 3}  # a's 6 spare GPUs: 4 and 2
     p = propose(queues, CAP, [d("b", waiting=300), d("c", waiting=100)], hours=10)
@@ -75,16 +82,20 @@ def test_waiting_queues_share_in_proportion_to_their_waiting() -> None:
 
 
 def test_limits_and_non_preemptible_jobs_bound_the_moves() -> None:
-    queues = [{"name": "dept", "quota": {"local": 2}, "limit": {"local": 3}},
-              {"name": "a", "parent": "dept", "quota": {"local": 2}, "limit": {"local": 8}},
-              {"name": "idle", "quota": {"local": 6}}]
+    queues = [
+        {"name": "dept", "quota": {"local": 2}, "limit": {"local": 3}},
+        {"name": "a", "parent": "dept", "quota": {"local": 2}, "limit": {"local": 8}},
+        {"name": "idle", "quota": {"local": 6}},
+    ]
     # a asks for 8 on average, but dept may hold only 3: one GPU of guarantee moves; idle keeps its notebook's 4.
     p = propose(queues, CAP, [d("a", used=20, waiting=60), d("idle", largest=4)], hours=10)
     assert quotas(p.queues) == {"dept": 3, "a": 3, "idle": 5}
     # Within one department no room above is needed; a queue's own limit still caps it.
-    queues = [{"name": "dept", "quota": {"local": 8}, "limit": {"local": 8}},
-              {"name": "a", "parent": "dept", "quota": {"local": 2}, "limit": {"local": 3}},
-              {"name": "b", "parent": "dept", "quota": {"local": 6}}]
+    queues = [
+        {"name": "dept", "quota": {"local": 8}, "limit": {"local": 8}},
+        {"name": "a", "parent": "dept", "quota": {"local": 2}, "limit": {"local": 3}},
+        {"name": "b", "parent": "dept", "quota": {"local": 6}},
+    ]
     p = propose(queues, CAP, [d("a", used=20, waiting=60)], hours=10)
     assert quotas(p.queues) == {"dept": 8, "a": 3, "b": 5}
     assert yaml.safe_load(yaml.safe_dump(p.document)) == p.document
@@ -121,8 +132,9 @@ def waiting_history(svc: Service) -> float:
     t0 = svc.clock.t
     ids = []
     for _ in range(4):
-        r = svc.admin.post("/v1/jobs", json={"queue": "nlp", "gpus": 2, "preemptible": False,
-                                             "command": ["jupyter", "lab"]})
+        r = svc.admin.post(
+            "/v1/jobs", json={"queue": "nlp", "gpus": 2, "preemptible": False, "command": ["jupyter", "lab"]}
+        )
         assert r.status_code == 201, r.text
         ids.append(r.json()["id"])
     svc.tick()
@@ -140,7 +152,8 @@ def test_recommend_on_a_recorded_history(corral: Corral, service: Service, tmp_p
     assert "2 -> 5" in text and "4 -> 1" in text  # nlp and ranking
     replayed = text.split("replay of 4 recorded jobs")[1]
     assert ["nlp", "4", "90.0m", "->", "30.0m", "3.0h", "->", "60.0m", "8.0"] in [
-        line.split() for line in replayed.splitlines()]
+        line.split() for line in replayed.splitlines()
+    ]
 
     data = json.loads(corral("queue", "recommend", "--since", str(t0), "--json").stdout)
     replay = {o["queue"]: o for o in data["replay"]}
@@ -163,5 +176,6 @@ def test_recommend_on_a_recorded_history(corral: Corral, service: Service, tmp_p
 def test_recommend_needs_the_whole_tree(corral: Corral, service: Service) -> None:  # noqa: F811
     waiting_history(service)
     service.admin.headers["Authorization"] = service.client("lead", Role.TEAM_ADMIN, "research").headers[
-        "Authorization"]
+        "Authorization"
+    ]
     assert "ask a platform admin" in corral("queue", "recommend", code=1).stderr

@@ -22,8 +22,12 @@ from tests.factories import sim_job
 runner = CliRunner()
 
 
-JOBS = [sim_job("a", 0, 10, "qa", "p", gpus=4), sim_job("b", 0, 5, "qa", "p", gpus=8),
-        sim_job("c", 5, 10, "qb", "p", gpus=2), sim_job("d", 1, 1, "qb", "p", gpus=1)]
+JOBS = [
+    sim_job("a", 0, 10, "qa", "p", gpus=4),
+    sim_job("b", 0, 5, "qa", "p", gpus=8),
+    sim_job("c", 5, 10, "qb", "p", gpus=2),
+    sim_job("d", 1, 1, "qb", "p", gpus=1),
+]
 
 
 def _started(t: float, job: str, gpus: list[int]) -> dict[str, Any]:
@@ -31,20 +35,24 @@ def _started(t: float, job: str, gpus: list[int]) -> dict[str, Any]:
 
 
 # One 8-GPU node. a runs 0-6, is preempted, runs again 10-20; c runs 5-15; b waits for the whole node, 20-25.
-LOG: dict[str, Any] = {"policy": "corral", "fair_share": [], "events": [
-    {"t": 0, "event": "submitted", "job": "a", "queue": "qa"},
-    {"t": 0, "event": "submitted", "job": "b", "queue": "qa"},
-    _started(0, "a", [0, 1, 2, 3]),
-    {"t": 1, "event": "rejected", "job": "d", "queue": "qb", "reason": "test"},
-    {"t": 5, "event": "submitted", "job": "c", "queue": "qb"},
-    _started(5, "c", [4, 5]),
-    {"t": 6, "event": "preempted", "job": "a", "reason": "priority"},
-    _started(10, "a", [0, 1, 2, 3]),
-    {"t": 15, "event": "completed", "job": "c"},
-    {"t": 20, "event": "completed", "job": "a"},
-    _started(20, "b", list(range(8))),
-    {"t": 25, "event": "completed", "job": "b"},
-]}
+LOG: dict[str, Any] = {
+    "policy": "corral",
+    "fair_share": [],
+    "events": [
+        {"t": 0, "event": "submitted", "job": "a", "queue": "qa"},
+        {"t": 0, "event": "submitted", "job": "b", "queue": "qa"},
+        _started(0, "a", [0, 1, 2, 3]),
+        {"t": 1, "event": "rejected", "job": "d", "queue": "qb", "reason": "test"},
+        {"t": 5, "event": "submitted", "job": "c", "queue": "qb"},
+        _started(5, "c", [4, 5]),
+        {"t": 6, "event": "preempted", "job": "a", "reason": "priority"},
+        _started(10, "a", [0, 1, 2, 3]),
+        {"t": 15, "event": "completed", "job": "c"},
+        {"t": 20, "event": "completed", "job": "a"},
+        _started(20, "b", list(range(8))),
+        {"t": 25, "event": "completed", "job": "b"},
+    ],
+}
 
 
 def test_percentile_and_jain() -> None:
@@ -87,19 +95,35 @@ def test_metrics_match_check_trace(tmp_path: Path) -> None:
     if not tool.exists():
         pytest.skip("check_trace.py not available")
     trace, cluster, events = tmp_path / "t.csv", tmp_path / "c.yaml", tmp_path / "e.json"
-    trace.write_text("id,submit,duration,queue,pool,workers,gpus\n" + "".join(
-        f"{j.spec.id},{j.submit},{j.duration},{j.spec.queue},p,1,{j.spec.gpus}\n" for j in JOBS))
-    cluster.write_text("cluster:\n  pools:\n    - {name: p, nodes: 1, gpus_per_node: 8}\n"
-                       "queues:\n  - {name: qa}\n  - {name: qb}\n")
+    trace.write_text(
+        "id,submit,duration,queue,pool,workers,gpus\n"
+        + "".join(f"{j.spec.id},{j.submit},{j.duration},{j.spec.queue},p,1,{j.spec.gpus}\n" for j in JOBS)
+    )
+    cluster.write_text(
+        "cluster:\n  pools:\n    - {name: p, nodes: 1, gpus_per_node: 8}\nqueues:\n  - {name: qa}\n  - {name: qb}\n"
+    )
     events.write_text(json.dumps(LOG))
-    res = subprocess.run([sys.executable, str(tool), str(trace), str(cluster), str(events), "--json"],
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, str(tool), str(trace), str(cluster), str(events), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     want = json.loads(res.stdout)["metrics"]
     m = compute(load_trace(trace), LOG, capacity=8)
-    got = {"completed": m.overall.completed, "rejected": m.overall.rejected, "mean_wait": m.overall.mean_wait,
-           "p50_wait": m.overall.p50_wait, "p95_wait": m.overall.p95_wait, "p99_wait": m.overall.p99_wait,
-           "mean_jct": m.overall.mean_jct, "makespan": m.overall.makespan, "utilisation": m.overall.utilisation,
-           "useful_utilisation": m.useful_utilisation, "jain_queue_mean_wait": m.jain_queue_mean_wait}
+    got = {
+        "completed": m.overall.completed,
+        "rejected": m.overall.rejected,
+        "mean_wait": m.overall.mean_wait,
+        "p50_wait": m.overall.p50_wait,
+        "p95_wait": m.overall.p95_wait,
+        "p99_wait": m.overall.p99_wait,
+        "mean_jct": m.overall.mean_jct,
+        "makespan": m.overall.makespan,
+        "utilisation": m.overall.utilisation,
+        "useful_utilisation": m.useful_utilisation,
+        "jain_queue_mean_wait": m.jain_queue_mean_wait,
+    }
     assert got == pytest.approx({k: want[k] for k in got})
 
 
@@ -163,8 +187,12 @@ def test_report_end_to_end(small: tuple[Path, Path], tmp_path: Path) -> None:
         assert f"## Policy {p}, per queue" in md
         assert f"{p}: mean wait" in res.output
     assert "30 jobs on 16 GPUs" in md
-    for section in ("## Idle waits, guard holds, preemptions", "## Idle-wait GPU-hours per queue",
-                    "## Guard holds per queue", "![idle-wait GPU-hours per queue](idle_wait.png)"):
+    for section in (
+        "## Idle waits, guard holds, preemptions",
+        "## Idle-wait GPU-hours per queue",
+        "## Guard holds per queue",
+        "![idle-wait GPU-hours per queue](idle_wait.png)",
+    ):
         assert section in md
     assert "| policy | idle-wait GPU-h | of which preemptible | jobs idle-waiting |" in md
     assert "same-instant" in res.output
@@ -176,10 +204,19 @@ def test_report_waste_sections(small: tuple[Path, Path]) -> None:
     world.jobs = load_trace(trace)
     rep = report.build(world, ["corral", "fifo"])
     # Made-up numbers, so that the test reads the rendering only, not what the policies did.
-    held = HoldCounts({"held_nodes": 1, "queue_mate": 2, "guarantee": 0, "limit": 0},
-                      {"team-b": {"held_nodes": 1, "queue_mate": 2, "guarantee": 0, "limit": 0}}, 3, 1, 9)
-    rep.runs[0].waste = Waste(IdleWait(7200.0, 2, 3600.0, 3600.0), {"team-a": IdleWait(7200.0, 2, 3600.0)},
-                              PreemptionWaste(5, 3, 1, 36000.0, 7200.0), held)
+    held = HoldCounts(
+        {"held_nodes": 1, "queue_mate": 2, "guarantee": 0, "limit": 0},
+        {"team-b": {"held_nodes": 1, "queue_mate": 2, "guarantee": 0, "limit": 0}},
+        3,
+        1,
+        9,
+    )
+    rep.runs[0].waste = Waste(
+        IdleWait(7200.0, 2, 3600.0, 3600.0),
+        {"team-a": IdleWait(7200.0, 2, 3600.0)},
+        PreemptionWaste(5, 3, 1, 36000.0, 7200.0),
+        held,
+    )
     rep.runs[1].waste = Waste(IdleWait(), {"team-a": IdleWait()}, PreemptionWaste(), None)
     md = report.markdown(rep, "t")
     assert "| corral | 2.0 | 1.0 | 2 | 0.04 | 1 | 2 | 0 | 0 | 5 | 3 | 1 | 10 | 2.0 |" in md
@@ -191,15 +228,17 @@ def test_report_waste_sections(small: tuple[Path, Path]) -> None:
 def test_report_limit_and_bad_input(small: tuple[Path, Path], tmp_path: Path) -> None:
     trace, cluster = small
     out = tmp_path / "out"
-    res = runner.invoke(app, ["sim", "report", str(trace), "--cluster", str(cluster), "-o", str(out),
-                              "--policy", "corral", "--limit", "5"])
+    res = runner.invoke(
+        app,
+        ["sim", "report", str(trace), "--cluster", str(cluster), "-o", str(out), "--policy", "corral", "--limit", "5"],
+    )
     assert res.exit_code == 0, res.output
     assert "5 jobs on 16 GPUs" in (out / "report.md").read_text()
-    res = runner.invoke(app, ["sim", "report", str(trace), "--cluster", str(cluster), "-o", str(out),
-                              "--policy", "sjf"])
+    res = runner.invoke(
+        app, ["sim", "report", str(trace), "--cluster", str(cluster), "-o", str(out), "--policy", "sjf"]
+    )
     assert res.exit_code == 2 and "unknown policy 'sjf'" in res.output
-    res = runner.invoke(app, ["sim", "report", str(tmp_path / "none.csv"), "--cluster", str(cluster), "-o",
-                              str(out)])
+    res = runner.invoke(app, ["sim", "report", str(tmp_path / "none.csv"), "--cluster", str(cluster), "-o", str(out)])
     assert res.exit_code == 2 and "none.csv: cannot read the file" in res.output
 
 

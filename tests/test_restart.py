@@ -80,21 +80,33 @@ LEAVES = ("nlp", "vision", "ranking", "borrower")
 # Three trees over the same leaves (an apply never strands a job), quotas within the 8 GPUs of pool a and 4 of b:
 # a small cluster, so that jobs wait, borrow and are taken back.
 TREES: list[dict[str, Any]] = [
-    {"queues": [{"name": "research", "quota": {"a": 6, "b": 2}},
-                {"name": "nlp", "parent": "research", "quota": {"a": 3, "b": 1}, "weight": 2},
-                {"name": "vision", "parent": "research", "quota": {"a": 3, "b": 1}},
-                {"name": "ranking", "quota": {"a": 2, "b": 2}},
-                {"name": "borrower"}]},
-    {"queues": [{"name": "research", "quota": {"a": 2}},
-                {"name": "nlp", "parent": "research", "quota": {"a": 2}},
-                {"name": "vision", "parent": "research"},
-                {"name": "ranking", "quota": {"a": 6, "b": 4}, "limit": {"a": 8}},
-                {"name": "borrower", "weight": 0.5}]},
-    {"queues": [{"name": "research", "quota": {"a": 8, "b": 4}},
-                {"name": "nlp", "parent": "research", "quota": {"a": 4, "b": 2}},
-                {"name": "vision", "parent": "research", "quota": {"a": 4, "b": 2}},
-                {"name": "ranking", "weight": 3},
-                {"name": "borrower", "limit": {"a": 6}}]},
+    {
+        "queues": [
+            {"name": "research", "quota": {"a": 6, "b": 2}},
+            {"name": "nlp", "parent": "research", "quota": {"a": 3, "b": 1}, "weight": 2},
+            {"name": "vision", "parent": "research", "quota": {"a": 3, "b": 1}},
+            {"name": "ranking", "quota": {"a": 2, "b": 2}},
+            {"name": "borrower"},
+        ]
+    },
+    {
+        "queues": [
+            {"name": "research", "quota": {"a": 2}},
+            {"name": "nlp", "parent": "research", "quota": {"a": 2}},
+            {"name": "vision", "parent": "research"},
+            {"name": "ranking", "quota": {"a": 6, "b": 4}, "limit": {"a": 8}},
+            {"name": "borrower", "weight": 0.5},
+        ]
+    },
+    {
+        "queues": [
+            {"name": "research", "quota": {"a": 8, "b": 4}},
+            {"name": "nlp", "parent": "research", "quota": {"a": 4, "b": 2}},
+            {"name": "vision", "parent": "research", "quota": {"a": 4, "b": 2}},
+            {"name": "ranking", "weight": 3},
+            {"name": "borrower", "limit": {"a": 6}},
+        ]
+    },
 ]
 
 
@@ -112,8 +124,7 @@ class Side:
         self.clock = clock
         self.url = f"sqlite:///{root / 'corral.db'}"
         self.settings = service_settings(root, self.url, **settings)
-        self.executor = DurableExecutor(exits_on_term=settings.get("grace_s", 0) == 0,
-                                        infos={n.name: n for n in NODES})
+        self.executor = DurableExecutor(exits_on_term=settings.get("grace_s", 0) == 0, infos={n.name: n for n in NODES})
         self.core = build_core(self.settings, self.executor, nodes=list(NODES), clock=clock)
         self.token = create_token(self.core, "root", Role.PLATFORM_ADMIN)
         self.api = self._client()
@@ -130,6 +141,7 @@ class Side:
             core = Core(self.settings, connect(self.url), self.executor, list(NODES), self.clock)
             core.start()
             return core
+
         self.core = restart(self.core, make)
         self.api = self._client()
 
@@ -148,8 +160,16 @@ def snapshot(side: Side) -> dict[str, Any]:
         reason = j["reason"]
         if reason is not None and j["state"] not in ("pending", "starting", "running"):
             reason = {"rule": reason["rule"], "numbers": reason["numbers"]}
-        out["jobs"][j["name"]] = (j["state"], j["attempt"], j["exit_code"], j["submitted_at"], j["started_at"],
-                                  j["ended_at"], j["overtaken_at"], reason)
+        out["jobs"][j["name"]] = (
+            j["state"],
+            j["attempt"],
+            j["exit_code"],
+            j["submitted_at"],
+            j["started_at"],
+            j["ended_at"],
+            j["overtaken_at"],
+            reason,
+        )
         if j["state"] == "pending":
             e = side.api.get(f"/v1/jobs/{j['id']}/explain").json()
             for p in e["preemptions"]:
@@ -157,8 +177,17 @@ def snapshot(side: Side) -> dict[str, Any]:
             out["explain"][j["name"]] = (e["reason"], e["preemptions"])
     for a in attempt_rows:
         out["attempts"][(name[a["job_id"]], a["attempt"])] = (
-            a["state"], a["placement"], a["gpus"], a["admitted_at"], a["admission"], a["started_at"],
-            a["ended_at"], a["outcome"], a["exit_code"], a["stop_deadline"])
+            a["state"],
+            a["placement"],
+            a["gpus"],
+            a["admitted_at"],
+            a["admission"],
+            a["started_at"],
+            a["ended_at"],
+            a["outcome"],
+            a["exit_code"],
+            a["stop_deadline"],
+        )
     out["engine"] = engine_view(core)
     out["queues"] = side.api.get("/v1/queues").json()
     pools = side.api.get("/v1/pools").json()["pools"]
@@ -181,6 +210,7 @@ def crash_after_schedule(core: Core) -> Iterator[None]:
     def dying(now: float) -> list[Decision]:
         real(now)
         raise Crash("killed between the decisions and their commit")
+
     with mock.patch.object(core.engine, "schedule", dying), pytest.raises(Crash):
         yield
 
@@ -197,6 +227,7 @@ def crash_in_apply(core: Core, after_commit: bool) -> Iterator[None]:
             real(conn, at, actor, action, target, **detail)
             if action == "queues.apply":
                 raise Crash("killed before the apply's commit")
+
         patch = mock.patch.object(core_module.store, "add_audit", dying)
     with patch, pytest.raises(Crash):
         yield
@@ -207,9 +238,15 @@ def crash_in_apply(core: Core, after_commit: bool) -> Iterator[None]:
 Step = tuple[Any, ...]
 
 submit_steps = st.tuples(
-    st.just("submit"), st.sampled_from(LEAVES), st.sampled_from(["a", "a", "b"]), st.sampled_from([1, 1, 1, 2]),
-    st.sampled_from([1, 1, 2, 2, 4]), st.integers(0, 2), st.sampled_from([True, True, True, False]),
-    st.sampled_from([None, None, None, 15.0, 40.0]))
+    st.just("submit"),
+    st.sampled_from(LEAVES),
+    st.sampled_from(["a", "a", "b"]),
+    st.sampled_from([1, 1, 1, 2]),
+    st.sampled_from([1, 1, 2, 2, 4]),
+    st.integers(0, 2),
+    st.sampled_from([True, True, True, False]),
+    st.sampled_from([None, None, None, 15.0, 40.0]),
+)
 STEPS: dict[str, st.SearchStrategy[Step]] = {
     "submit": submit_steps,
     "exit": st.tuples(st.just("exit"), st.integers(0, 50), st.sampled_from([0, 0, 3])),
@@ -235,8 +272,9 @@ def attempt(action: Callable[[], Any]) -> str:
 
 def live_names(side: Side) -> list[str]:
     with side.core.db.connect() as conn:
-        return sorted(conn.execute(sa.select(jobs.c.name).where(
-            jobs.c.state.in_(("pending", "starting", "running")))).scalars())
+        return sorted(
+            conn.execute(sa.select(jobs.c.name).where(jobs.c.state.in_(("pending", "starting", "running")))).scalars()
+        )
 
 
 def running_names(side: Side) -> list[str]:
@@ -256,8 +294,17 @@ def play(twin: Side, subject: Side, step: Step, n: int) -> None:
     kind = step[0]
     if kind == "submit":
         _, queue, pool, workers, per, prio, preemptible, max_runtime = step
-        sub = JobSubmit(name=f"j{n}", queue=queue, pool=pool, workers=workers, gpus=per, priority=prio,
-                        preemptible=preemptible, max_runtime=max_runtime, command="train")
+        sub = JobSubmit(
+            name=f"j{n}",
+            queue=queue,
+            pool=pool,
+            workers=workers,
+            gpus=per,
+            priority=prio,
+            preemptible=preemptible,
+            max_runtime=max_runtime,
+            command="train",
+        )
         assert attempt(lambda: twin.core.submit(ROOT, sub)) == attempt(lambda: subject.core.submit(ROOT, sub))
     elif kind == "exit":
         alive = running_names(twin)
@@ -270,8 +317,9 @@ def play(twin: Side, subject: Side, step: Step, n: int) -> None:
         live = live_names(twin)
         if live:
             job = live[step[1] % len(live)]
-            assert (attempt(lambda: twin.core.cancel(ROOT, twin.ids()[job]))
-                    == attempt(lambda: subject.core.cancel(ROOT, subject.ids()[job])))
+            assert attempt(lambda: twin.core.cancel(ROOT, twin.ids()[job])) == attempt(
+                lambda: subject.core.cancel(ROOT, subject.ids()[job])
+            )
     elif kind == "node":
         for side in (twin, subject):
             side.executor.set_node(step[1], step[2])
@@ -286,7 +334,8 @@ def play(twin: Side, subject: Side, step: Step, n: int) -> None:
             down_for_a_while(twin, subject)
         # A client whose call failed sends it again (after a commit it changes nothing); the twin's comes now too.
         assert attempt(lambda: twin.core.apply_queues(ROOT, doc)) == attempt(
-            lambda: subject.core.apply_queues(ROOT, doc))
+            lambda: subject.core.apply_queues(ROOT, doc)
+        )
     elif kind == "advance":
         for side in (twin, subject):
             side.clock.advance(step[1])
@@ -329,8 +378,9 @@ def test_a_borrower_taken_back_after_a_restart_as_without_one(db_url: str, tmp_p
     """Issue 20: a borrower (quota 0) holds 20 of 24 GPUs, the service restarts, one of its jobs ends; a team's
     4-GPU jobs within its fair share then take back what it borrowed exactly as without the restart, and no fair
     share is ever negative or other than an engine built from scratch finds."""
-    tree = {"queues": [{"name": "team", "quota": {"gpu": 16}}, {"name": "other", "quota": {"gpu": 8}},
-                       {"name": "borrower"}]}
+    tree = {
+        "queues": [{"name": "team", "quota": {"gpu": 16}}, {"name": "other", "quota": {"gpu": 8}}, {"name": "borrower"}]
+    }
     infos = [NodeInfo(f"n{i}", "gpu", gpus(8)) for i in range(3)]
     runs: dict[bool, dict[str, Any]] = {}
     for restarted in (False, True):
@@ -370,7 +420,8 @@ def test_a_borrower_taken_back_after_a_restart_as_without_one(db_url: str, tmp_p
             "decisions": [(type(d).__name__, name[int(d.job.removeprefix("job-"))]) for d in decisions],
             "running": {q: [name[int(j.removeprefix("job-"))] for j in js] for q, js in running_by_queue(core).items()},
             "shares": {q: round(v, 6) for q, v in shares.items()},
-            "demand": dict(ps.fs.raw), "usage": dict(ps.usage),
+            "demand": dict(ps.fs.raw),
+            "usage": dict(ps.usage),
             "explain": core.engine.explain(engine_id(team[1]), clock()) if ps.pending else None,
         }
         core.db.dispose()
@@ -426,8 +477,9 @@ def test_jobs_admitted_at_one_instant_are_taken_back_in_admission_order(tmp_path
         side.core.tick()
     same(twin, subject)
     with subject.core.db.connect() as conn:
-        preempted = conn.execute(sa.select(jobs.c.name).where(jobs.c.reason["rule"].as_string() == "reclaim")
-                                 ).scalars().all()
+        preempted = (
+            conn.execute(sa.select(jobs.c.name).where(jobs.c.reason["rule"].as_string() == "reclaim")).scalars().all()
+        )
     assert preempted == ["wide"], preempted
 
 

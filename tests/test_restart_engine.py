@@ -86,16 +86,25 @@ def normalised(log: dict[str, Any]) -> list[tuple[Any, ...]]:
     out: list[tuple[Any, ...]] = []
     for e in log["events"]:
         key = tuple(sorted((k, repr(v)) for k, v in e.items()))
-        out.append((e["t"], 0 if e["event"] in ("completed", "failed") else 1,
-                    e["job"] if e["event"] in ("completed", "failed") else len(out), key))
+        out.append(
+            (
+                e["t"],
+                0 if e["event"] in ("completed", "failed") else 1,
+                e["job"] if e["event"] in ("completed", "failed") else len(out),
+                key,
+            )
+        )
     return [k for *_, k in sorted(out, key=lambda e: e[:3])]
 
 
 def halved(tree: QueueTree, cap: dict[str, int], weights: bool) -> QueueTree:
     """Another valid tree over the same queues: quotas halved (still nesting), optionally new weights."""
-    specs = [replace(s, quota={p: v // 2 for p, v in s.quota.items()},
-                     weight=(2.0 if i % 2 else 0.5) if weights else s.weight)
-             for i, s in enumerate(tree.specs)]
+    specs = [
+        replace(
+            s, quota={p: v // 2 for p, v in s.quota.items()}, weight=(2.0 if i % 2 else 0.5) if weights else s.weight
+        )
+        for i, s in enumerate(tree.specs)
+    ]
     return QueueTree(specs, cap)
 
 
@@ -115,10 +124,10 @@ def run_both(c: Case, restarts: list[float], tree_at: float | None, weights: boo
 
 
 @PROPERTY
-@given(cases(), st.lists(st.integers(0, 130), min_size=1, max_size=3), st.none() | st.integers(0, 100),
-       st.booleans())
-def test_a_rebuilt_engine_decides_as_one_never_rebuilt(c: Case, restarts: list[int], tree_at: int | None,
-                                                       weights: bool) -> None:
+@given(cases(), st.lists(st.integers(0, 130), min_size=1, max_size=3), st.none() | st.integers(0, 100), st.booleans())
+def test_a_rebuilt_engine_decides_as_one_never_rebuilt(
+    c: Case, restarts: list[int], tree_at: int | None, weights: bool
+) -> None:
     """Random worlds (gangs, priorities, non-preemptible jobs, min_runtime, the starvation guard, node down and
     up, cancellations, a queue-tree change): rebuilt at random instants from what the service stores, the
     engine logs the same events, the same fair shares and the same explanations as a twin never rebuilt."""
@@ -173,6 +182,7 @@ def test_a_rebuilt_engine_keeps_the_guard_clock_and_the_order_of_equal_jobs() ->
     new = rebuild(e, tree, world(node_list, tree, [], [], s))
     assert new.jobs["big"].skipped_since == 0.0 and new.next_wakeup(5) == 50.0
     assert [(j.id, Job.order_key(j)) for j in new.pools["a100"].pending["a"]] == [
-        (j.id, Job.order_key(j)) for j in e.pools["a100"].pending["a"]]
+        (j.id, Job.order_key(j)) for j in e.pools["a100"].pending["a"]
+    ]
     assert new.explain("big", 60) == e.explain("big", 60)
     assert [d.job for d in new.schedule(60)] == [d.job for d in e.schedule(60)]

@@ -53,8 +53,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             pytest.fail(f"CORRAL_REQUIRE_BROWSER=1 but {missing}")
         pytest.skip(missing)
     corral = [sys.executable, "-m", "tests.idle_gpu_service"]
-    with hub_stack(tmp_path_factory.mktemp("hub"), PROFILES, corral, {"CORRAL_CULL_INTERVAL_S": "1"}) as stack, \
-            sync_playwright() as pw:
+    with (
+        hub_stack(tmp_path_factory.mktemp("hub"), PROFILES, corral, {"CORRAL_CULL_INTERVAL_S": "1"}) as stack,
+        sync_playwright() as pw,
+    ):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"] if os.geteuid() == 0 else [])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
@@ -70,6 +72,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 page.screenshot(path=str(shots / f"{name}.png"))
                 SHOTS.mkdir(parents=True, exist_ok=True)
                 shutil.copy(shots / f"{name}.png", SHOTS / f"{name}.png")
+
             yield {**stack, "page": page, "shot": shot}
         finally:
             browser.close()
@@ -109,10 +112,15 @@ def test_jupyterlab_with_a_kernel_in_a_cpu_sandbox_and_files_that_survive_a_rest
     page = open_lab(lab, "")
     lab["shot"]("sandbox-01-jupyterlab")
     token = lab["hub"].post("/users/alice/tokens", json={"note": "test"}).json()["token"]
-    me = httpx.Client(base_url=f"{lab['hub_url']}/user/alice/api", headers={"Authorization": f"token {token}"},
-                      timeout=30)
-    notebook = {"cells": [{"cell_type": "markdown", "metadata": {}, "source": "# keep me"}], "metadata": {},
-                "nbformat": 4, "nbformat_minor": 5}
+    me = httpx.Client(
+        base_url=f"{lab['hub_url']}/user/alice/api", headers={"Authorization": f"token {token}"}, timeout=30
+    )
+    notebook = {
+        "cells": [{"cell_type": "markdown", "metadata": {}, "source": "# keep me"}],
+        "metadata": {},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
     r = me.put("/contents/analysis.ipynb", json={"type": "notebook", "content": notebook})
     assert r.status_code in (200, 201), r.text
 
@@ -142,8 +150,9 @@ def test_a_refusal_shows_corrals_sentence_on_the_hubs_page(lab: dict[str, Any]) 
     page.goto(f"{lab['hub_url']}/hub/spawn/alice/two")
     page.select_option("select[name=profile]", "gpu1")
     page.get_by_role("button", name=re.compile("start", re.I)).click()
-    expect(page.get_by_text(re.compile("team nlp holds 1 non-preemptible GPUs of local and this notebook needs 1"))
-           ).to_be_visible()
+    expect(
+        page.get_by_text(re.compile("team nlp holds 1 non-preemptible GPUs of local and this notebook needs 1"))
+    ).to_be_visible()
     lab["shot"]("sandbox-02-refused")
     assert "SandboxRefused" not in page.content() and "corral_refused" not in page.content()
     progress = lab["hub"].get("/users/alice/servers/two/progress")
@@ -157,10 +166,12 @@ def test_the_idle_warning_shows_in_jupyterlab_before_the_cull(lab: dict[str, Any
     warning = page.locator(".jp-toast-message, .Toastify__toast", has_text="will be stopped in").first
     expect(warning).to_be_visible(timeout=40_000)
     text = warning.inner_text()
-    assert re.search(r"stopped in (under a minute|\d+ minutes?), at \d\d:\d\d UTC: its GPUs idle for "
-                     r"(under a minute|\d+ minutes?) \(since \d\d:\d\d UTC\)\. Use them or save work\.", text), text
+    assert re.search(
+        r"stopped in (under a minute|\d+ minutes?), at \d\d:\d\d UTC: its GPUs idle for "
+        r"(under a minute|\d+ minutes?) \(since \d\d:\d\d UTC\)\. Use them or save work\.",
+        text,
+    ), text
     lab["shot"]("sandbox-03-idle-warning")
     assert lab["corral"].get(f"/v1/jobs/{box['id']}").json()["state"] == "running"  # warned before the cull
-    wait_for(lambda: lab["corral"].get(f"/v1/jobs/{box['id']}").json()["state"] == "cancelled", "the cull",
-             timeout=90)
+    wait_for(lambda: lab["corral"].get(f"/v1/jobs/{box['id']}").json()["state"] == "cancelled", "the cull", timeout=90)
     assert lab["corral"].get(f"/v1/jobs/{box['id']}").json()["reason"]["rule"] == "idle"

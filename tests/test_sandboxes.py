@@ -30,11 +30,21 @@ def test_notebooks_holding_the_quota_are_refused_at_once_with_the_guarantee_numb
     r = svc.admin.post("/v1/sandboxes", json=box(gpus=1))
     assert r.status_code == 409
     err = r.json()["error"]
-    assert err["message"].startswith("team nlp holds 2 non-preemptible GPUs of local and this notebook needs 1: "
-                                     "3 > quota 2. Non-preemptible jobs run only within quota, counting the "
-                                     "queue's non-preemptible GPUs")
-    assert err["detail"] == {"rule": "guarantee", "queue": "nlp", "pool": "local", "quota": 2, "np_usage": 2,
-                             "usage": 2, "free_in_guarantee": 0, "request": 1}
+    assert err["message"].startswith(
+        "team nlp holds 2 non-preemptible GPUs of local and this notebook needs 1: "
+        "3 > quota 2. Non-preemptible jobs run only within quota, counting the "
+        "queue's non-preemptible GPUs"
+    )
+    assert err["detail"] == {
+        "rule": "guarantee",
+        "queue": "nlp",
+        "pool": "local",
+        "quota": 2,
+        "np_usage": 2,
+        "usage": 2,
+        "free_in_guarantee": 0,
+        "request": 1,
+    }
     assert len(svc.admin.get("/v1/jobs").json()["jobs"]) == 1  # nothing was stored for the refusal
 
 
@@ -145,12 +155,14 @@ def test_the_executor_says_where_a_sandbox_listens(db_url: str, tmp_path: Path) 
 def test_a_sandbox_request_has_the_job_specs_bounds_at_the_edge(svc: Service) -> None:
     """Pool, workdir, image, env and command are the job spec's fields with the job spec's bounds (specs.py), checked
     before the request is read any further, not only once a JobSubmit is built from it."""
-    for name, value, words in (("pool", "p" * 10_000, "at most 200 characters"),
-                                ("workdir", "/" + "w" * 10_000, "at most 4096 characters"),
-                                ("workdir", "relative/dir", "not an absolute path"),
-                                ("image", "i" * 10_000, "at most 1024 characters"),
-                                ("env", {"A=B": "x"}, "is not valid"),
-                                ("command", ["x"] * 5000, "at most 4096 items")):
+    for name, value, words in (
+        ("pool", "p" * 10_000, "at most 200 characters"),
+        ("workdir", "/" + "w" * 10_000, "at most 4096 characters"),
+        ("workdir", "relative/dir", "not an absolute path"),
+        ("image", "i" * 10_000, "at most 1024 characters"),
+        ("env", {"A=B": "x"}, "is not valid"),
+        ("command", ["x"] * 5000, "at most 4096 items"),
+    ):
         r = svc.admin.post("/v1/sandboxes", json=box(**{name: value}))
         assert r.status_code == 422, (name, r.text)
         assert words in r.text and r.json()["error"]["detail"], (name, r.text)  # the edge's list of problems

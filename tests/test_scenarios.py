@@ -29,16 +29,21 @@ def test_shared_checker_accepts_every_scenario(corral_cmd: list[str]) -> None:
     checker = SHARED / "tools" / "check_scenario.py"
     if not checker.exists():
         pytest.skip("../shared/tools is not present")
-    proc = subprocess.run([sys.executable, str(checker), " ".join(corral_cmd), *map(str, SCENARIOS)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(checker), " ".join(corral_cmd), *map(str, SCENARIOS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{len(SCENARIOS)}/{len(SCENARIOS)} scenarios hold" in proc.stdout
 
 
 def test_json_log_shape(corral_cmd: list[str]) -> None:
     path = ROOT / "tests" / "scenarios" / "25-cancel-and-hierarchy-limits.yaml"
-    proc = subprocess.run([*corral_cmd, "sim", "scenario", str(path), "--json"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [*corral_cmd, "sim", "scenario", str(path), "--json"], capture_output=True, text=True, check=True
+    )
     log = json.loads(proc.stdout)
     assert log["policy"] == "corral"
     kinds = {e["event"] for e in log["events"]}

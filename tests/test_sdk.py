@@ -49,14 +49,32 @@ def start_corral(tmp: Path) -> Iterator[LiveCorral]:
     interpreter's directory goes first on PATH, so function jobs find cloudpickle."""
     port, data = free_port(), tmp / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRAL_", "JUPYTERHUB_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               XDG_DATA_HOME=str(tmp / "xdg"),
-               # Jobs run this checkout's interpreter, which other accounts may not reach (under /root): one user.
-               CORRAL_RUN_AS="service")
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        XDG_DATA_HOME=str(tmp / "xdg"),
+        # Jobs run this checkout's interpreter, which other accounts may not reach (under /root): one user.
+        CORRAL_RUN_AS="service",
+    )
     log = (tmp / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "scheduler.cli.main", "serve", "--gpus", "2", "--gpu-model",
-                             "virtual", "--port", str(port), "--data-dir", str(data)], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "scheduler.cli.main",
+            "serve",
+            "--gpus",
+            "2",
+            "--gpu-model",
+            "virtual",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -105,8 +123,9 @@ def gpus_held(corral: Client) -> Iterator[Job]:
     hog.cancel()
 
 
-def test_the_queue_defaults_to_corral_queue_else_the_one_queue_seen(corral: Client,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_queue_defaults_to_corral_queue_else_the_one_queue_seen(
+    corral: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("CORRAL_QUEUE", raising=False)
     assert corral.default_queue() == "default"  # a fresh `corral serve` has one queue
     assert corral.submit("true", gpus=0).queue == "default"
@@ -127,8 +146,9 @@ def test_command_job_runs_and_its_logs_read_back(corral: Client) -> None:
 
 
 def test_follow_prints_lines_as_they_come(corral: Client, capsys: pytest.CaptureFixture[str]) -> None:
-    job = corral.submit(["python", "-u", "-c", "import time\nfor i in range(3):\n print('step', i)\n time.sleep(0.2)"],
-                        queue="default")
+    job = corral.submit(
+        ["python", "-u", "-c", "import time\nfor i in range(3):\n print('step', i)\n time.sleep(0.2)"], queue="default"
+    )
     text = job.logs(follow=True)  # from pending: waits for the start, then streams until the job ends
     assert text == "step 0\nstep 1\nstep 2\n"
     assert capsys.readouterr().out == text
@@ -137,8 +157,9 @@ def test_follow_prints_lines_as_they_come(corral: Client, capsys: pytest.Capture
     assert pretty(job.logs()) == text  # type: ignore[no-untyped-call]  # as text, not a quoted repr
 
 
-def test_script_job_runs_python_in_the_submitting_directory(corral: Client, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_script_job_runs_python_in_the_submitting_directory(
+    corral: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "train.py").write_text("import sys\nprint('epochs', sys.argv[1])\n")
     monkeypatch.chdir(tmp_path)
     job = corral.submit(script="train.py", args=[3], queue="default")
@@ -260,8 +281,11 @@ def test_url_and_token_precedence(tmp_path: Path) -> None:
 
 
 def test_inside_jupyterhub_the_hub_token_and_corral_service_are_used() -> None:
-    hub = {"JUPYTERHUB_API_TOKEN": "hubtok", "JUPYTERHUB_SERVICE_PREFIX": "/jhub/user/alice/gpu/",
-           "JUPYTERHUB_PUBLIC_URL": "https://hub.example.org/jhub/user/alice/gpu/"}
+    hub = {
+        "JUPYTERHUB_API_TOKEN": "hubtok",
+        "JUPYTERHUB_SERVICE_PREFIX": "/jhub/user/alice/gpu/",
+        "JUPYTERHUB_PUBLIC_URL": "https://hub.example.org/jhub/user/alice/gpu/",
+    }
     conn = config.resolve(environ=hub)
     assert conn == config.Connection("https://hub.example.org/jhub/services/corral", "hubtok", "JUPYTERHUB_API_TOKEN")
     assert config.resolve(environ={**hub, "CORRAL_URL": "http://corral:8265"}).url == "http://corral:8265"

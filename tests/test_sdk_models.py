@@ -39,8 +39,11 @@ def corral(live: LiveCorral) -> Iterator[Client]:
 def owner(live: LiveCorral) -> Iterator[Client]:
     """A second person, a model owner of the default queue, made through the API: approvals must come from
     someone other than the requester."""
-    r = httpx.post(f"{live.url}/v1/tokens", json={"user": "olga", "role": "model-owner", "scope": "default"},
-                   headers={"Authorization": f"Bearer {live.token}"})
+    r = httpx.post(
+        f"{live.url}/v1/tokens",
+        json={"user": "olga", "role": "model-owner", "scope": "default"},
+        headers={"Authorization": f"Bearer {live.token}"},
+    )
     assert r.status_code == 201, r.text
     with Client(live.url, r.json()["token"]) as c:
         yield c
@@ -49,10 +52,16 @@ def owner(live: LiveCorral) -> Iterator[Client]:
 def train(corral: Client, artifact: str, content: str, exit_code: int = 0, accuracy: float = 0.9) -> Job:
     """A job that writes its 'weights' to `artifact` in its output directory, and its metrics and eval set with
     the SDK (notebooks.outputs), as a training run would, and has finished."""
-    record = (f"from notebooks import log_metrics, record_lineage; log_metrics({{'accuracy': {accuracy}}}); "
-              "record_lineage(code=None, eval_set='imdb-test')")
-    job = corral.submit(f'printf %s {shlex.quote(content)} > "$CORRAL_OUTPUT_DIR"/{shlex.quote(artifact)}; '
-                        f"python -c {shlex.quote(record)}; exit {exit_code}", queue="default", name="train")
+    record = (
+        f"from notebooks import log_metrics, record_lineage; log_metrics({{'accuracy': {accuracy}}}); "
+        "record_lineage(code=None, eval_set='imdb-test')"
+    )
+    job = corral.submit(
+        f'printf %s {shlex.quote(content)} > "$CORRAL_OUTPUT_DIR"/{shlex.quote(artifact)}; '
+        f"python -c {shlex.quote(record)}; exit {exit_code}",
+        queue="default",
+        name="train",
+    )
     try:
         job.wait(poll=QUICK)
     except CorralError:
@@ -93,11 +102,15 @@ def test_from_a_finished_job_to_production_and_back(corral: Client, owner: Clien
     manifest = yaml.safe_load(corral.models.manifest("sentiment"))
     assert manifest["kind"] == "InferenceService"
     assert manifest["spec"]["predictor"]["model"]["storageUri"].endswith(f"/{second.id}/1/output/v2.pt")
-    assert yaml.safe_load(corral.models.manifest("sentiment", kind="deployment", image="me/serve:1"))[
-        "kind"] == "Deployment"
+    assert (
+        yaml.safe_load(corral.models.manifest("sentiment", kind="deployment", image="me/serve:1"))["kind"]
+        == "Deployment"
+    )
     roi = corral.models.roi("sentiment")
     assert roi["production"]["version"] == 2 and [v["jobs"] for v in roi["versions"]] == [
-        [first.id], sorted([first.id, second.id])]
+        [first.id],
+        sorted([first.id, second.id]),
+    ]
 
     back = owner.models.rollback("sentiment", "production")
     assert (back["version"], back["previous"]) == (1, 2)

@@ -73,8 +73,10 @@ def test_idempotency_key_repeated_inside_one_submission_group(svc: Service) -> N
     write(svc.core, [first, same, changed, again])
     assert first.result is not None and first.result[1] is True
     assert same.result == again.result == (first.result[0], False)
-    assert isinstance(changed.error, Conflict) and changed.error.detail == {"job": first.result[0]["id"],
-                                                                            "fields": ["gpus"]}
+    assert isinstance(changed.error, Conflict) and changed.error.detail == {
+        "job": first.result[0]["id"],
+        "fields": ["gpus"],
+    }
     assert len(svc.admin.get("/v1/jobs").json()["jobs"]) == 1
 
 
@@ -162,8 +164,9 @@ def test_max_runtime_counts_from_each_attempts_start(svc: Service) -> None:
     assert svc.admin.get(f"/v1/jobs/{first}").json()["reason"]["rule"] == "max_runtime"
 
 
-def test_max_runtime_after_a_launch_whose_commit_was_reported_failed(svc: Service,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_max_runtime_after_a_launch_whose_commit_was_reported_failed(
+    svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The connection drops during COMMIT, after the server applied it: the launch is recorded, yet the cycle
     failed. No later cycle records that launch again, so its max_runtime must already count."""
     svc.tick()  # nothing running: no deadline
@@ -232,17 +235,24 @@ def test_queue_tree_counts_non_preemptible_gpus_up_the_tree(svc: Service) -> Non
     svc.tick()
     tree = {q["name"]: q["pools"]["local"] for q in svc.admin.get("/v1/queues").json()["queues"]}
     assert {n: (p["usage"], p["np_usage"], p["quota"]) for n, p in tree.items()} == {
-        "nlp": (5, 2, 2), "vision": (0, 0, 2), "research": (5, 2, 4), "ranking": (1, 1, 4), "product": (1, 1, 4)}
+        "nlp": (5, 2, 2),
+        "vision": (0, 0, 2),
+        "research": (5, 2, 4),
+        "ranking": (1, 1, 4),
+        "product": (1, 1, 4),
+    }
 
 
 def test_queue_apply_diff_history_rollback(svc: Service) -> None:
-    doc = {"queues": [dict(q) for q in svc.admin.get("/v1/queues/history").json()["versions"][-1]["document"]
-                      ["queues"]]}
+    doc = {
+        "queues": [dict(q) for q in svc.admin.get("/v1/queues/history").json()["versions"][-1]["document"]["queues"]]
+    }
     doc["queues"][4]["quota"] = {"local": 3}
     dry = svc.admin.post("/v1/queues/apply", json={"document": doc, "dry_run": True}).json()
     assert dry["applied"] is False
-    assert dry["diff"] == [{"queue": "ranking", "change": "changed",
-                            "fields": {"quota": {"before": {"local": 4}, "after": {"local": 3}}}}]
+    assert dry["diff"] == [
+        {"queue": "ranking", "change": "changed", "fields": {"quota": {"before": {"local": 4}, "after": {"local": 3}}}}
+    ]
     done = svc.admin.post("/v1/queues/apply", json={"document": doc, "comment": "shrink"}).json()
     assert done["applied"] is True
     versions = svc.admin.get("/v1/queues/history").json()["versions"]
@@ -257,8 +267,9 @@ def test_a_queue_apply_that_leaves_a_pending_job_no_way_to_run_rejects_it_with_t
     """A pending non-preemptible job asking 3 GPUs, then ranking's quota lowered to 2: the job could never run
     under the new tree. The next cycle rejects it with the engine's reason (it does not stay pending forever in the
     database while the rebuilt engine has rejected it)."""
-    doc = {"queues": [dict(q) for q in svc.admin.get("/v1/queues/history").json()["versions"][-1]["document"]
-                      ["queues"]]}
+    doc = {
+        "queues": [dict(q) for q in svc.admin.get("/v1/queues/history").json()["versions"][-1]["document"]["queues"]]
+    }
     svc.admin.post("/v1/jobs", json={**job("ranking", 4), "preemptible": False})
     svc.tick()  # ranking's guarantee (4) is held by a non-preemptible job: the next one waits on it
     jid = svc.admin.post("/v1/jobs", json={**job("ranking", 3), "preemptible": False}).json()["id"]
@@ -339,15 +350,30 @@ def test_concurrent_submissions_share_commits_and_keep_keys_unique(svc: Service)
 
 def test_openapi_documents_every_route(svc: Service) -> None:
     paths = svc.admin.get("/openapi.json").json()["paths"]
-    for p in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/logs", "/v1/jobs/{job_id}/explain",
-              "/v1/jobs/{job_id}/events", "/v1/queues", "/v1/queues/apply", "/v1/queues/rollback", "/v1/pools",
-              "/v1/usage", "/v1/tokens", "/v1/audit", "/healthz", "/readyz", "/metrics"):
+    for p in (
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/logs",
+        "/v1/jobs/{job_id}/explain",
+        "/v1/jobs/{job_id}/events",
+        "/v1/queues",
+        "/v1/queues/apply",
+        "/v1/queues/rollback",
+        "/v1/pools",
+        "/v1/usage",
+        "/v1/tokens",
+        "/v1/audit",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
         assert p in paths, p
 
 
 def test_tokens_expire(svc: Service) -> None:
-    made = svc.admin.post("/v1/tokens", json={"user": "tia", "role": "member", "scope": "nlp",
-                                              "expires_in_days": 1}).json()
+    made = svc.admin.post(
+        "/v1/tokens", json={"user": "tia", "role": "member", "scope": "nlp", "expires_in_days": 1}
+    ).json()
     assert made["expires_at"] == svc.clock.t + 86400
     tia = {"Authorization": f"Bearer {made['token']}"}
     assert svc.admin.get("/v1/jobs", headers=tia).status_code == 200

@@ -30,8 +30,9 @@ def test_an_allocated_but_idle_sandbox_is_warned_then_stopped(tmp_path: Path) ->
         kinds = [e["kind"] for e in svc.admin.get(f"/v1/jobs/{sid}/events").json()["events"]]
         if phase_at_warning is None and "idle_warning" in kinds:
             phase_at_warning = phase
-            (warned,) = [e for e in svc.admin.get(f"/v1/jobs/{sid}/events").json()["events"]
-                         if e["kind"] == "idle_warning"]
+            (warned,) = [
+                e for e in svc.admin.get(f"/v1/jobs/{sid}/events").json()["events"] if e["kind"] == "idle_warning"
+            ]
             idle = svc.admin.get(f"/v1/sandboxes/{sid}").json()["idle"]  # what the notebook's page shows
             assert idle["warning"] == warned["message"] and "UTC" in idle["warning"]
             assert "will be stopped in under a minute, at " in idle["warning"]  # not epoch seconds

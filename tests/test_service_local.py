@@ -87,7 +87,8 @@ def test_preemption_sends_sigterm_and_the_preemptor_starts_after(local: Service)
     mine = submit(local, "nlp", 2, py(SHOW_GPUS))
     until(local, lambda: state(local, mine) == "completed")
     assert local.admin.get(f"/v1/jobs/{victim}/logs", params={"attempt": 1}).text == (
-        "training\ncheckpointed on SIGTERM\n")
+        "training\ncheckpointed on SIGTERM\n"
+    )
     attempts = local.admin.get(f"/v1/jobs/{victim}").json()["attempts"]
     assert (attempts[0]["outcome"], attempts[0]["exit_code"]) == ("preempted", 0)
     # The victim is requeued and starts again in the GPUs nlp left.
@@ -127,10 +128,14 @@ def test_a_restart_over_running_processes_decides_as_without_one(tmp_path: Path)
     marks.mkdir()
     nodes = [NodeInfo("localhost", "local", gpus(8))]
     settings = service_settings(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", grace_s=5)
-    real = Backend(lambda: build_core(settings, LocalExecutor(tmp_path / "runs"), nodes=nodes), "local", 2,
-                   command=lambda name: (f"while [ ! -e {marks / name} ] && [ ! -e {marks / 'all'} ]; "
-                                         "do sleep 0.05; done"),
-                   finish=lambda core, name: (marks / name).touch(), timeout_s=30)
+    real = Backend(
+        lambda: build_core(settings, LocalExecutor(tmp_path / "runs"), nodes=nodes),
+        "local",
+        2,
+        command=lambda name: f"while [ ! -e {marks / name} ] && [ ! -e {marks / 'all'} ]; do sleep 0.05; done",
+        finish=lambda core, name: (marks / name).touch(),
+        timeout_s=30,
+    )
     try:
         restarted = issue_case(real, restart_it=True)
     finally:  # the jobs outlive a service dropped without a stop: end them, also when the test fails

@@ -19,8 +19,12 @@ from scheduler.service.api.auth import NO_TEAM, Principal, Role, hub_principal
 
 
 def test_profiles_parse_and_are_restricted_per_group() -> None:
-    ps = parse_profiles([{"name": "cpu", "display": "CPU only"},
-                         {"name": "h100", "display": "1 x H100", "gpus": 1, "idle_timeout_s": 600, "groups": ["ml"]}])
+    ps = parse_profiles(
+        [
+            {"name": "cpu", "display": "CPU only"},
+            {"name": "h100", "display": "1 x H100", "gpus": 1, "idle_timeout_s": 600, "groups": ["ml"]},
+        ]
+    )
     assert [p.name for p in allowed(ps, ["ml"])] == ["cpu", "h100"]
     assert [p.name for p in allowed(ps, ["sales"])] == ["cpu"]
     assert parse_profiles([])[0].display == "CPU only"
@@ -33,9 +37,17 @@ def test_profiles_parse_and_are_restricted_per_group() -> None:
 def test_sandbox_request_is_a_plain_body() -> None:
     p = Profile("h100", "1 x H100", gpus=1, memory_gb=64, idle_timeout_s=900)
     body = sandbox_request("alice", "nlp", p, ["jupyterhub-singleuser"], {"JUPYTERHUB_API_TOKEN": "t"})
-    assert body == {"name": "jupyter-alice", "queue": "nlp", "owner": "alice", "gpus": 1, "memory_gb": 64,
-                    "idle_timeout_s": 900, "command": ["jupyterhub-singleuser"],
-                    "env": {"JUPYTERHUB_API_TOKEN": "t"}, "profile": "h100"}
+    assert body == {
+        "name": "jupyter-alice",
+        "queue": "nlp",
+        "owner": "alice",
+        "gpus": 1,
+        "memory_gb": 64,
+        "idle_timeout_s": 900,
+        "command": ["jupyterhub-singleuser"],
+        "env": {"JUPYTERHUB_API_TOKEN": "t"},
+        "profile": "h100",
+    }
 
 
 def test_named_servers_and_refusals_read_plainly() -> None:
@@ -57,19 +69,24 @@ def test_hub_users_become_principals() -> None:
     groups = {"team-a": "nlp"}
     assert hub_principal("ann", [], ["custom:corral:admin"], groups) == Principal("ann", Role.PLATFORM_ADMIN)
     assert hub_principal("al", ["team-a"], ["self", "custom:corral:submit!group=team-a"], groups) == Principal(
-        "al", Role.MEMBER, "nlp")
+        "al", Role.MEMBER, "nlp"
+    )
     assert hub_principal("vi", ["team-a"], ["self"], groups) == Principal("vi", Role.VIEWER, "nlp")
     assert hub_principal("x", ["other"], ["custom:corral:submit"], groups) == Principal("x", Role.MEMBER, NO_TEAM)
 
 
 # ----- CorralSpawner against a fake Corral API -----
 
+
 class FakeCorral:
     """Corral's sandbox API as scripted answers: POST /v1/sandboxes answers `opened` (or what it makes of the
     body), each GET the next view."""
 
-    def __init__(self, opened: httpx.Response | Callable[[dict[str, Any]], httpx.Response],
-                 views: list[httpx.Response] | None = None) -> None:
+    def __init__(
+        self,
+        opened: httpx.Response | Callable[[dict[str, Any]], httpx.Response],
+        views: list[httpx.Response] | None = None,
+    ) -> None:
         self.opened, self.views = opened, views or []
         self.calls: list[tuple[str, str, dict[str, Any] | None]] = []
 
@@ -90,8 +107,12 @@ def view(state: str, address: dict[str, Any] | None = None) -> httpx.Response:
 
 def spawner(api: FakeCorral, monkeypatch: pytest.MonkeyPatch) -> CorralSpawner:
     user = SimpleNamespace(name="ann", groups=[SimpleNamespace(name="team-a")])
-    sp = CorralSpawner(user=user, group_queues={"team-a": "nlp"}, cmd=["jupyterhub-singleuser"],
-                       profiles=[{"name": "h100", "display": "1 x H100", "gpus": 1}])
+    sp = CorralSpawner(
+        user=user,
+        group_queues={"team-a": "nlp"},
+        cmd=["jupyterhub-singleuser"],
+        profiles=[{"name": "h100", "display": "1 x H100", "gpus": 1}],
+    )
     monkeypatch.setattr(sp, "_call", api)
     monkeypatch.setattr(sp, "get_env", lambda: {"JUPYTERHUB_SERVICE_URL": f"http://0.0.0.0:{sp.port}/user/ann/"})
     monkeypatch.setattr(spawner_module, "POLL_S", 0)
@@ -100,8 +121,10 @@ def spawner(api: FakeCorral, monkeypatch: pytest.MonkeyPatch) -> CorralSpawner:
 
 def test_start_connects_where_corral_says_the_sandbox_listens(monkeypatch: pytest.MonkeyPatch) -> None:
     # On Kubernetes: admitted, then running, and only then the pod's IP.
-    api = FakeCorral(httpx.Response(201, json={"id": 7, "state": "starting", "address": None}),
-                     [view("running"), view("running", {"host": "10.244.0.9", "port": 8888})])
+    api = FakeCorral(
+        httpx.Response(201, json={"id": 7, "state": "starting", "address": None}),
+        [view("running"), view("running", {"host": "10.244.0.9", "port": 8888})],
+    )
     sp = spawner(api, monkeypatch)
     assert asyncio.run(sp.start()) == ("10.244.0.9", 8888)
     (_, _, body), *gets = api.calls
@@ -113,15 +136,20 @@ def test_start_connects_where_corral_says_the_sandbox_listens(monkeypatch: pytes
 
 def test_start_uses_the_address_in_the_answer_when_it_runs_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # The local executor: running at once, a process on Corral's machine at the port the hub gave it.
-    api = FakeCorral(lambda body: httpx.Response(201, json={
-        "id": 7, "state": "running", "address": {"host": "127.0.0.1", "port": server_port(body["env"])}}))
+    api = FakeCorral(
+        lambda body: httpx.Response(
+            201, json={"id": 7, "state": "running", "address": {"host": "127.0.0.1", "port": server_port(body["env"])}}
+        )
+    )
     sp = spawner(api, monkeypatch)
     assert asyncio.run(sp.start()) == ("127.0.0.1", sp.port) and len(api.calls) == 1
 
 
 def test_start_fails_when_the_sandbox_ends_before_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    api = FakeCorral(httpx.Response(201, json={"id": 7, "state": "starting", "address": None}),
-                     [view("starting"), httpx.Response(404, json={})])
+    api = FakeCorral(
+        httpx.Response(201, json={"id": 7, "state": "starting", "address": None}),
+        [view("starting"), httpx.Response(404, json={})],
+    )
     with pytest.raises(SandboxRefused, match=r"ended before it started \(gone\)"):
         asyncio.run(spawner(api, monkeypatch).start())
     refused = FakeCorral(httpx.Response(409, json={"error": {"message": "queue nlp has 0 of its 1 ..."}}))
@@ -130,8 +158,10 @@ def test_start_fails_when_the_sandbox_ends_before_it_runs(monkeypatch: pytest.Mo
 
 
 def test_poll_follows_the_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
-    api = FakeCorral(httpx.Response(201), [view("running", {"host": "h", "port": 1}), view("cancelled"),
-                                           httpx.Response(404, json={})])
+    api = FakeCorral(
+        httpx.Response(201),
+        [view("running", {"host": "h", "port": 1}), view("cancelled"), httpx.Response(404, json={})],
+    )
     sp = spawner(api, monkeypatch)
     assert asyncio.run(sp.poll()) == 0  # nothing started
     sp.job_id = 7

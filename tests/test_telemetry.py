@@ -42,8 +42,7 @@ def named(spans: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
     return [s for s in spans.get_finished_spans() if s.name == name]
 
 
-def test_a_span_per_request_with_route_status_caller_and_request_id(svc: Service,
-                                                                     spans: InMemorySpanExporter) -> None:
+def test_a_span_per_request_with_route_status_caller_and_request_id(svc: Service, spans: InMemorySpanExporter) -> None:
     r = svc.admin.post("/v1/jobs", json=JOB, headers={"X-Request-ID": "req-42"})
     assert r.status_code == 201 and r.headers["X-Request-ID"] == "req-42"
     job_id = r.json()["id"]
@@ -84,7 +83,8 @@ def json_logs(tmp_path: Path) -> Iterator[io.StringIO]:
     root = logging.getLogger()
     level, out = root.level, io.StringIO()
     handler = telemetry.configure_logging(
-        ServiceSettings(data_dir=tmp_path, log_format="json", log_level="info"), stream=out)
+        ServiceSettings(data_dir=tmp_path, log_format="json", log_level="info"), stream=out
+    )
     try:
         yield out
     finally:
@@ -96,8 +96,9 @@ def lines(out: io.StringIO) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.getvalue().splitlines()]
 
 
-def test_json_logs_carry_request_job_and_queue_ids(svc: Service, spans: InMemorySpanExporter,
-                                                   json_logs: io.StringIO) -> None:
+def test_json_logs_carry_request_job_and_queue_ids(
+    svc: Service, spans: InMemorySpanExporter, json_logs: io.StringIO
+) -> None:
     r = svc.admin.post("/v1/jobs", json=JOB, headers={"X-Request-ID": "req-7"})
     job_id = r.json()["id"]
     svc.tick()

@@ -26,15 +26,41 @@ def test_cert_and_key_go_together(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_serves_https(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     port = free_port()
-    env = {**os.environ, "CORRAL_DATA_DIR": str(tmp_path / "data"), "CORRAL_PORT": str(port), "CORRAL_GPUS": "1",
-           "CORRAL_TLS_CERTFILE": str(cert), "CORRAL_TLS_KEYFILE": str(key)}
+    env = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(tmp_path / "data"),
+        "CORRAL_PORT": str(port),
+        "CORRAL_GPUS": "1",
+        "CORRAL_TLS_CERTFILE": str(cert),
+        "CORRAL_TLS_KEYFILE": str(key),
+    }
     env.pop("CORRAL_DATABASE_URL", None)
-    server = subprocess.Popen([sys.executable, "-m", "scheduler.service"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "scheduler.service"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         end = time.monotonic() + 30
         while True:

@@ -21,11 +21,20 @@ T0 = 1_000_000.0
 HOUR = 3600.0
 
 
-def job(id: int, submitted: float, *attempts: tuple[float, float | None], state: str = "completed",
-        **kw: object) -> RecordedJob:
+def job(
+    id: int, submitted: float, *attempts: tuple[float, float | None], state: str = "completed", **kw: object
+) -> RecordedJob:
     first = attempts[0][0] if attempts else None
-    return RecordedJob(id=id, queue=str(kw.pop("queue", "nlp")), pool="local", state=state, submitted=submitted,
-                       first_start=first, attempts=tuple(Attempt(a, b) for a, b in attempts), **kw)  # type: ignore[arg-type]
+    return RecordedJob(
+        id=id,
+        queue=str(kw.pop("queue", "nlp")),
+        pool="local",
+        state=state,
+        submitted=submitted,
+        first_start=first,
+        attempts=tuple(Attempt(a, b) for a, b in attempts),
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 # ----- the pure conversion -----
@@ -47,7 +56,11 @@ def test_trace_rows_use_recorded_runtimes_relative_to_the_range() -> None:
     rows = list(csv.DictReader(io.StringIO(out.csv())))
     assert tuple(rows[0]) == TRACE_COLUMNS
     assert [(r["id"], r["submit"], r["duration"]) for r in rows] == [
-        ("2", "5", "300"), ("3", "6", "144"), ("4", "7", "500"), ("1", "10", "60")]
+        ("2", "5", "300"),
+        ("3", "6", "144"),
+        ("4", "7", "500"),
+        ("1", "10", "60"),
+    ]
     assert rows[0]["workers"] == "2" and rows[0]["gpus"] == "4" and rows[0]["priority"] == "3"
     assert rows[1]["preemptible"] == "false" and rows[0]["preemptible"] == "true"
     assert out.skipped == {"still pending": 1, "cancelled before it ran": 1}
@@ -56,8 +69,10 @@ def test_trace_rows_use_recorded_runtimes_relative_to_the_range() -> None:
 def test_cluster_document_pools_and_a_warning_for_mixed_node_sizes() -> None:
     nodes = [Node("a-0", "a100", 8), Node("a-1", "a100", 8), Node("h-0", "h100", 8), Node("h-1", "h100", 4)]
     doc, warnings = cluster_document(nodes, DEMO_TREE["queues"], 0.0, 600.0)
-    assert doc["cluster"]["pools"] == [{"name": "a100", "nodes": 2, "gpus_per_node": 8},
-                                       {"name": "h100", "nodes": 2, "gpus_per_node": 8}]
+    assert doc["cluster"]["pools"] == [
+        {"name": "a100", "nodes": 2, "gpus_per_node": 8},
+        {"name": "h100", "nodes": 2, "gpus_per_node": 8},
+    ]
     assert doc["settings"] == {"min_runtime": 0.0, "starvation_timeout": 600.0}
     assert warnings == ["pool h100: nodes of [4, 8] GPUs written as 2 nodes of 8 (16 GPUs instead of 12)"]
 
@@ -66,7 +81,8 @@ def test_subtree_makes_the_scope_a_root() -> None:
     assert subtree(DEMO_TREE["queues"], {"research", "nlp", "vision"}) == [
         {"name": "research", "quota": {"local": 4}},
         {"name": "nlp", "parent": "research", "quota": {"local": 2}},
-        {"name": "vision", "parent": "research", "quota": {"local": 2}}]
+        {"name": "vision", "parent": "research", "quota": {"local": 2}},
+    ]
     assert subtree(DEMO_TREE["queues"], {"nlp"}) == [{"name": "nlp", "quota": {"local": 2}}]
 
 
@@ -137,8 +153,18 @@ def test_export_endpoint_and_rbac(svc: Service) -> None:
 def test_export_round_trip_through_the_simulator(corral: Corral, service: Service, tmp_path: Path) -> None:  # noqa: F811
     run_jobs(service)
     trace_path, cluster_path = tmp_path / "trace.csv", tmp_path / "cluster.yaml"
-    r = corral("usage", "export", "--format", "trace", "--since", str(T0), "-o", str(trace_path),
-               "--cluster-out", str(cluster_path))
+    r = corral(
+        "usage",
+        "export",
+        "--format",
+        "trace",
+        "--since",
+        str(T0),
+        "-o",
+        str(trace_path),
+        "--cluster-out",
+        str(cluster_path),
+    )
     assert "3 jobs submitted" in r.stderr
     world = load_cluster(cluster_path)
     world.jobs = load_trace(trace_path)

@@ -71,8 +71,10 @@ class Rule(Body):
         try:
             JobSubmit.model_validate({"queue": "q", "command": ["true"], **usable})
         except ValidationError as e:
-            problems.append("defaults are not valid job fields: " + "; ".join(
-                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()))
+            problems.append(
+                "defaults are not valid job fields: "
+                + "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -138,8 +140,13 @@ def parse(document: Mapping[str, Any], queues: Sequence[str] | set[str] | None =
 def unknown_queues(policy: AdmissionPolicy, queues: Sequence[str] | set[str]) -> list[tuple[str, str]]:
     """Scoped queues that do not exist: a typo would make a rule silently apply nowhere."""
     known = set(queues)  # a list would make this rules x queues
-    return [(f"rules.{i}.scope.queues", f"queue {q!r} does not exist")
-            for i, r in enumerate(policy.rules) if r.scope is not None for q in r.scope.queues if q not in known]
+    return [
+        (f"rules.{i}.scope.queues", f"queue {q!r} does not exist")
+        for i, r in enumerate(policy.rules)
+        if r.scope is not None
+        for q in r.scope.queues
+        if q not in known
+    ]
 
 
 @dataclass(frozen=True)
@@ -172,14 +179,19 @@ class Decision:
 
     def json(self) -> dict[str, Any]:
         r = self.rejected
-        return {"allowed": self.allowed, "job": self.job.model_dump(mode="json"),
-                "applied": [{"rule": n, "change": w} for n, w in self.applied],
-                "rejected": None if r is None else {"rule": r.rule, "field": r.field, "value": r.value,
-                                                    "message": r.message}}
+        return {
+            "allowed": self.allowed,
+            "job": self.job.model_dump(mode="json"),
+            "applied": [{"rule": n, "change": w} for n, w in self.applied],
+            "rejected": None
+            if r is None
+            else {"rule": r.rule, "field": r.field, "value": r.value, "message": r.message},
+        }
 
 
-def evaluate(policy: AdmissionPolicy, sub: JobSubmit, queue_path: Sequence[str],
-             hook: HookRunner | None = None, user: str = "") -> Decision:
+def evaluate(
+    policy: AdmissionPolicy, sub: JobSubmit, queue_path: Sequence[str], hook: HookRunner | None = None, user: str = ""
+) -> Decision:
     """What `policy` does to `sub` in the queue whose path (itself, then up to the top) is `queue_path`.
     `hook` runs the policy's hook, if any (the service passes one; pure callers may leave it out)."""
     rules = [r for r in policy.rules if r.covers(queue_path)]
@@ -189,23 +201,41 @@ def evaluate(policy: AdmissionPolicy, sub: JobSubmit, queue_path: Sequence[str],
         return Decision(False, job, applied, why)
     if policy.hook is None or hook is None:
         return Decision(True, job, applied)
-    answer = hook({"job": job.model_dump(mode="json"), "queue": job.queue, "queue_path": list(queue_path),
-                   "kind": job.kind, "user": user})
+    answer = hook(
+        {
+            "job": job.model_dump(mode="json"),
+            "queue": job.queue,
+            "queue_path": list(queue_path),
+            "kind": job.kind,
+            "user": user,
+        }
+    )
     if not answer.allowed:
         return Decision(False, job, applied, Rejection(HOOK, "", None, answer.reason))
     fixed = sorted(f for f in answer.patch if f in FIXED or f not in JobSubmit.model_fields)
     if fixed:
-        return Decision(False, job, applied, Rejection(HOOK, fixed[0], answer.patch[fixed[0]],
-                                                       f"the hook may not change {', '.join(fixed)}"))
+        return Decision(
+            False,
+            job,
+            applied,
+            Rejection(HOOK, fixed[0], answer.patch[fixed[0]], f"the hook may not change {', '.join(fixed)}"),
+        )
     try:
         patched = JobSubmit.model_validate({**job.model_dump(), **answer.patch})
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        return Decision(False, job, applied, Rejection(HOOK, where, err.get("input"),
-                                                       f"the hook's change is not valid: {where}: {err['msg']}"))
-    applied += [(HOOK, f"{f}: {_show(getattr(job, f))} -> {_show(getattr(patched, f))}")
-                for f in answer.patch if getattr(job, f) != getattr(patched, f)]
+        return Decision(
+            False,
+            job,
+            applied,
+            Rejection(HOOK, where, err.get("input"), f"the hook's change is not valid: {where}: {err['msg']}"),
+        )
+    applied += [
+        (HOOK, f"{f}: {_show(getattr(job, f))} -> {_show(getattr(patched, f))}")
+        for f in answer.patch
+        if getattr(job, f) != getattr(patched, f)
+    ]
     why = _violation(rules, patched)
     return Decision(why is None, patched, applied, why)
 
@@ -244,21 +274,36 @@ def _violation(rules: Sequence[Rule], job: JobSubmit) -> Rejection | None:
         if r.allowed_images is not None and not any(_image_allowed(job.image, p) for p in r.allowed_images):
             allowed = ", ".join(r.allowed_images)
             what = "no image" if job.image is None else f"image {job.image!r}"
-            return Rejection(r.name, "image", job.image,
-                             f"rule {r.name!r}: {what} is not allowed; images must start with {allowed}")
+            return Rejection(
+                r.name, "image", job.image, f"rule {r.name!r}: {what} is not allowed; images must start with {allowed}"
+            )
         if job.kind == "job" and r.max_gpus_per_job is not None and total > r.max_gpus_per_job:
-            return Rejection(r.name, "gpus", total, f"rule {r.name!r}: the job asks for {total} GPUs "
-                             f"({job.workers} workers x {job.gpus}); at most {r.max_gpus_per_job} per job")
+            return Rejection(
+                r.name,
+                "gpus",
+                total,
+                f"rule {r.name!r}: the job asks for {total} GPUs "
+                f"({job.workers} workers x {job.gpus}); at most {r.max_gpus_per_job} per job",
+            )
         if job.kind == "sandbox" and r.max_gpus_per_sandbox is not None and total > r.max_gpus_per_sandbox:
-            return Rejection(r.name, "gpus", total, f"rule {r.name!r}: the sandbox asks for {total} GPUs; at "
-                             f"most {r.max_gpus_per_sandbox} per sandbox")
+            return Rejection(
+                r.name,
+                "gpus",
+                total,
+                f"rule {r.name!r}: the sandbox asks for {total} GPUs; at most {r.max_gpus_per_sandbox} per sandbox",
+            )
         if r.max_runtime_cap_s is not None and job.max_runtime is not None and job.max_runtime > r.max_runtime_cap_s:
-            return Rejection(r.name, "max_runtime", job.max_runtime, f"rule {r.name!r}: max_runtime "
-                             f"{job.max_runtime:g}s is over the cap of {r.max_runtime_cap_s:g}s")
+            return Rejection(
+                r.name,
+                "max_runtime",
+                job.max_runtime,
+                f"rule {r.name!r}: max_runtime {job.max_runtime:g}s is over the cap of {r.max_runtime_cap_s:g}s",
+            )
         for label in r.required_labels:
             if not job.labels.get(label, "").strip():
-                return Rejection(r.name, f"labels.{label}", job.labels.get(label),
-                                 f"rule {r.name!r}: label {label!r} is required")
+                return Rejection(
+                    r.name, f"labels.{label}", job.labels.get(label), f"rule {r.name!r}: label {label!r} is required"
+                )
     return None
 
 
@@ -267,7 +312,7 @@ def _image_allowed(image: str | None, prefix: str) -> bool:
     registry.io/ml-evil/x (a plain string prefix would)."""
     if image is None or not image.startswith(prefix):
         return False
-    rest = image[len(prefix):]
+    rest = image[len(prefix) :]
     return rest == "" or prefix[-1] in "/:@" or rest[0] in "/:@"
 
 

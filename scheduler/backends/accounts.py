@@ -131,8 +131,10 @@ class SystemAccounts:
         except KeyError:
             raise ValueError(f"user {user!r} has no system account on this machine (accounts: system)") from None
         if pw.pw_uid < SYSTEM_UID_MIN:
-            raise ValueError(f"user {user!r} maps to system account uid {pw.pw_uid} (below {SYSTEM_UID_MIN}): "
-                             "jobs run only as people's accounts")
+            raise ValueError(
+                f"user {user!r} maps to system account uid {pw.pw_uid} (below {SYSTEM_UID_MIN}): "
+                "jobs run only as people's accounts"
+            )
         return Account(user, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir))
 
 
@@ -165,9 +167,11 @@ def per_user(run_as: RunAs, euid: int) -> tuple[bool, str]:
         return True, "jobs and notebooks run as their users' own accounts"
     if run_as == "users":
         raise ValueError("run_as=users needs the service to run as root (it switches to each user's uid)")
-    return False, ("not running as root: every job runs as the service's own user, so users' jobs can read each "
-                   "other's files and the service's database; run as root (run_as=users) or use another backend "
-                   "when several teams share this machine")
+    return False, (
+        "not running as root: every job runs as the service's own user, so users' jobs can read each "
+        "other's files and the service's database; run as root (run_as=users) or use another backend "
+        "when several teams share this machine"
+    )
 
 
 def open_accounts(kind: AccountKind, data_dir: Path, uid_min: int, uid_max: int) -> Accounts:
@@ -187,8 +191,13 @@ def may_enter(path: str, ids: tuple[int, int] | None) -> bool:
             return False
         for d in [*reversed(Path(real).parents), Path(real)]:
             st = d.stat()
-            bit = 0o100 if ids is not None and st.st_uid == ids[0] else \
-                0o010 if ids is not None and st.st_gid == ids[1] else 0o001
+            bit = (
+                0o100
+                if ids is not None and st.st_uid == ids[0]
+                else 0o010
+                if ids is not None and st.st_gid == ids[1]
+                else 0o001
+            )
             if not st.st_mode & bit:
                 return False
     except (OSError, ValueError):

@@ -59,8 +59,9 @@ class _Attempt:
 class LocalExecutor:
     """The Executor for a single machine: jobs are process groups; GPUs are chosen with CUDA_VISIBLE_DEVICES."""
 
-    def __init__(self, root: Path, python: str = sys.executable, accounts: Accounts | None = None,
-                 homes: Path | None = None) -> None:
+    def __init__(
+        self, root: Path, python: str = sys.executable, accounts: Accounts | None = None, homes: Path | None = None
+    ) -> None:
         self.root = Path(root)
         self.python = python
         self.accounts = accounts  # None: every job runs as this process's own user (single-user)

@@ -65,8 +65,12 @@ def auth_headers(token: str | None) -> dict[str, str]:
 
 def discover_ray(address: str, token: str | None = None, timeout_s: float = 30.0) -> list[NodeInfo]:
     """The cluster's alive nodes with GPUs, named by their Ray node id (what the executor pins jobs with)."""
-    r = httpx.get(f"{address.rstrip('/')}/api/v0/nodes", params={"detail": "1", "limit": "10000"},
-                  headers=auth_headers(token), timeout=timeout_s)
+    r = httpx.get(
+        f"{address.rstrip('/')}/api/v0/nodes",
+        params={"detail": "1", "limit": "10000"},
+        headers=auth_headers(token),
+        timeout=timeout_s,
+    )
     if r.status_code in (401, 403):
         raise PermissionError(f"Ray at {address} refused Corral's token ({r.status_code}): set ray_token")
     r.raise_for_status()
@@ -76,11 +80,18 @@ def discover_ray(address: str, token: str | None = None, timeout_s: float = 30.0
         n_gpus = int(res.get("GPU", 0))
         if n.get("state") != "ALIVE" or n_gpus == 0:
             continue  # GPU-less nodes (often the head) still run Ray's drivers, but Corral has nothing to place
-        accel = next((k[len(ACCEL_PREFIX):] for k in sorted(res) if k.startswith(ACCEL_PREFIX)), None)
+        accel = next((k[len(ACCEL_PREFIX) :] for k in sorted(res) if k.startswith(ACCEL_PREFIX)), None)
         memory = res.get("memory")
-        found.append(NodeInfo(
-            name=n["node_id"], pool=accel or DEFAULT_POOL, gpus=[GPUInfo(i, accel or "unknown") for i in range(n_gpus)],
-            cpus=res.get("CPU"), memory_gb=round(memory / 2**30, 2) if memory else None, address=n.get("node_ip")))
+        found.append(
+            NodeInfo(
+                name=n["node_id"],
+                pool=accel or DEFAULT_POOL,
+                gpus=[GPUInfo(i, accel or "unknown") for i in range(n_gpus)],
+                cpus=res.get("CPU"),
+                memory_gb=round(memory / 2**30, 2) if memory else None,
+                address=n.get("node_ip"),
+            )
+        )
     return sorted(found, key=lambda n: (n.pool, n.address or "", n.name))
 
 
@@ -94,8 +105,15 @@ class _Attempt:
 class RayExecutor:
     """The Executor for a Ray cluster: attempts are Ray jobs; Ray, not this object, remembers them."""
 
-    def __init__(self, address: str, cache_dir: Path, token: str | None = None, nodes: list[NodeInfo] | None = None,
-                 ready_timeout_s: float = 120.0, grace_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        cache_dir: Path,
+        token: str | None = None,
+        nodes: list[NodeInfo] | None = None,
+        ready_timeout_s: float = 120.0,
+        grace_s: float = 30.0,
+    ) -> None:
         self.address = address.rstrip("/")
         self.grace_s = grace_s  # a job's time from SIGTERM to SIGKILL; Ray takes it per job, at submission
         self.cache_dir = Path(cache_dir)
@@ -124,24 +142,38 @@ class RayExecutor:
         # the job's own environment: give every rank the service's grace, and the gang's driver time to wait it out.
         env[ray_gang.GRACE_ENV] = str(self.grace_s)
         env["RAY_JOB_STOP_WAIT_TIME_S"] = str(math.ceil(self.grace_s + STOP_MARGIN_S))
-        metadata = {"corral_job": launch.job_id, "corral_attempt": str(launch.attempt),
-                    "queue": env.get("CORRAL_QUEUE", ""), "owner": env.get("CORRAL_OWNER", "")}
+        metadata = {
+            "corral_job": launch.job_id,
+            "corral_attempt": str(launch.attempt),
+            "queue": env.get("CORRAL_QUEUE", ""),
+            "owner": env.get("CORRAL_OWNER", ""),
+        }
         kwargs: dict[str, Any]
         if len(workers) == 1:
             node, n_gpus = workers[0]
             line = _shell_line(launch)
-            kwargs = dict(entrypoint=f"cd {shlex.quote(launch.workdir)} && {line}" if launch.workdir else line,
-                          entrypoint_num_gpus=n_gpus, entrypoint_label_selector={NODE_LABEL: node},
-                          runtime_env={"env_vars": env})
+            kwargs = dict(
+                entrypoint=f"cd {shlex.quote(launch.workdir)} && {line}" if launch.workdir else line,
+                entrypoint_num_gpus=n_gpus,
+                entrypoint_label_selector={NODE_LABEL: node},
+                runtime_env={"env_vars": env},
+            )
         else:
-            spec = {"argv": _argv(launch), "env": env, "cwd": launch.workdir,
-                    "workers": [{"node": node, "gpus": n} for node, n in workers],
-                    # Everything on one node: STRICT_PACK (all bundles on that node or none); else PACK, with each
-                    # bundle's label naming its node.
-                    "strategy": "STRICT_PACK" if len({node for node, _ in workers}) == 1 else "PACK",
-                    "master_addr": self.addresses.get(workers[0][0]), "ready_timeout_s": self.ready_timeout_s}
-            kwargs = dict(entrypoint=f"python {Path(ray_gang.__file__).name} {ray_gang.encode(spec)}",
-                          runtime_env={"env_vars": env, "working_dir": str(self._gang_dir())})
+            spec = {
+                "argv": _argv(launch),
+                "env": env,
+                "cwd": launch.workdir,
+                "workers": [{"node": node, "gpus": n} for node, n in workers],
+                # Everything on one node: STRICT_PACK (all bundles on that node or none); else PACK, with each
+                # bundle's label naming its node.
+                "strategy": "STRICT_PACK" if len({node for node, _ in workers}) == 1 else "PACK",
+                "master_addr": self.addresses.get(workers[0][0]),
+                "ready_timeout_s": self.ready_timeout_s,
+            }
+            kwargs = dict(
+                entrypoint=f"python {Path(ray_gang.__file__).name} {ray_gang.encode(spec)}",
+                runtime_env={"env_vars": env, "working_dir": str(self._gang_dir())},
+            )
         try:
             self.client.submit_job(submission_id=sid, metadata=metadata, **kwargs)
         except RuntimeError as e:

@@ -72,8 +72,6 @@ def run_worker(argv: list[str], env: dict[str, str], cwd: str | None) -> int:
         raise
 
 
-
-
 def main(args: list[str]) -> int:
     spec = decode(args[0])
     workers: list[dict[str, Any]] = spec["workers"]
@@ -81,23 +79,36 @@ def main(args: list[str]) -> int:
     ray.init()  # inside a Ray job: joins the cluster running it (token and address come from its environment)
     # A bundle must ask for something: a GPU-less worker asks for a sliver of CPU.
     bundles = [{"GPU": float(w["gpus"])} if w["gpus"] else {"CPU": 0.001} for w in workers]
-    pg = placement_group(bundles, strategy=spec["strategy"],
-                         bundle_label_selector=[{NODE_LABEL: w["node"]} for w in workers])
+    pg = placement_group(
+        bundles, strategy=spec["strategy"], bundle_label_selector=[{NODE_LABEL: w["node"]} for w in workers]
+    )
     ready, _ = ray.wait([pg.ready()], timeout=spec["ready_timeout_s"])
     if not ready:
-        print(f"corral: the gang's placement group was not ready after {spec['ready_timeout_s']} s; nothing ran",
-              file=sys.stderr, flush=True)
+        print(
+            f"corral: the gang's placement group was not ready after {spec['ready_timeout_s']} s; nothing ran",
+            file=sys.stderr,
+            flush=True,
+        )
         remove_placement_group(pg)
         return UNPLACED
     task = ray.remote(run_worker)
     refs = []
     for rank, w in enumerate(workers):
-        env = {**spec["env"], "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(len(workers)),
-               "MASTER_ADDR": spec.get("master_addr") or "127.0.0.1", "MASTER_PORT": spec["env"].get(
-                   "MASTER_PORT", "29500")}
+        env = {
+            **spec["env"],
+            "RANK": str(rank),
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": str(len(workers)),
+            "MASTER_ADDR": spec.get("master_addr") or "127.0.0.1",
+            "MASTER_PORT": spec["env"].get("MASTER_PORT", "29500"),
+        }
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
-        opts: dict[str, Any] = {"num_gpus": w["gpus"], "num_cpus": 0 if w["gpus"] else 0.001,
-                                "scheduling_strategy": strategy, "max_retries": 0}
+        opts: dict[str, Any] = {
+            "num_gpus": w["gpus"],
+            "num_cpus": 0 if w["gpus"] else 0.001,
+            "scheduling_strategy": strategy,
+            "max_retries": 0,
+        }
         refs.append(task.options(**opts).remote(spec["argv"], env, spec.get("cwd")))
 
     stopped: list[int] = []  # the signal stop_job sent; the handler only notes it (Ray's wait must not be

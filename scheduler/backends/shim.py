@@ -93,8 +93,7 @@ def main(argv: list[str]) -> int:
             return 2
         argv = [argv[0], *argv[3:]]
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m scheduler.backends.shim RUNDIR [--as UID:GID] -- COMMAND [ARG...]",
-              file=sys.stderr)
+        print("usage: python -m scheduler.backends.shim RUNDIR [--as UID:GID] -- COMMAND [ARG...]", file=sys.stderr)
         return 2
     rundir, command = Path(argv[0]), argv[2:]
     env = take_env(rundir)

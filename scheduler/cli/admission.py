@@ -28,8 +28,9 @@ from scheduler.cli.client import (
 )
 from scheduler.service.api.models import AdmissionPolicyView, AdmissionTest
 
-policy_app = typer.Typer(help="Admission policies: rules (and a hook) every job and sandbox must pass.",
-                         no_args_is_help=True)
+policy_app = typer.Typer(
+    help="Admission policies: rules (and a hook) every job and sandbox must pass.", no_args_is_help=True
+)
 File = Annotated[Path, typer.Option("--file", "-f", help="A YAML or JSON file.")]
 
 
@@ -51,8 +52,7 @@ def policy_ls(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token =
         return
     view = AdmissionPolicyView.model_validate(data)
     doc = view.document
-    table = Table("RULE", "SCOPE", "SAYS", title=f"admission policy, version {view.version}", box=None,
-                  pad_edge=False)
+    table = Table("RULE", "SCOPE", "SAYS", title=f"admission policy, version {view.version}", box=None, pad_edge=False)
     for r in doc.get("rules", []):
         scope = ", ".join(r["scope"]["queues"]) if r.get("scope") else "global"
         says = {k: v for k, v in r.items() if k not in ("name", "scope")}

@@ -32,9 +32,16 @@ DEFAULT_URL = "http://127.0.0.1:8265"
 TIMEOUT = httpx.Timeout(30.0, read=60.0)  # read is long: a cycle under load can hold the lock a while
 
 Url = Annotated[str, typer.Option("--url", envvar="CORRAL_URL", help="API base URL.", show_envvar=True)]
-Token = Annotated[str | None, typer.Option(
-    "--token", envvar="CORRAL_TOKEN", show_envvar=True, show_default=False,
-    help="API token (default: <data dir>/admin-token, written by `corral serve`).")]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="CORRAL_TOKEN",
+        show_envvar=True,
+        show_default=False,
+        help="API token (default: <data dir>/admin-token, written by `corral serve`).",
+    ),
+]
 
 
 class Output(enum.StrEnum):
@@ -115,8 +122,10 @@ class Api:
         try:
             r = self.client.request(method, path, **kw)
         except httpx.ConnectError as e:
-            raise ApiError(f"cannot reach the Corral API at {self.url} ({e}); is it running? "
-                           "Start it with `corral serve`, or point --url / CORRAL_URL at it") from e
+            raise ApiError(
+                f"cannot reach the Corral API at {self.url} ({e}); is it running? "
+                "Start it with `corral serve`, or point --url / CORRAL_URL at it"
+            ) from e
         except httpx.TimeoutException as e:
             raise ApiError(f"the Corral API at {self.url} did not answer in time ({e.__class__.__name__})") from e
         self.check(r)
@@ -148,8 +157,9 @@ class Api:
                     self.check(r)
                 yield r.iter_bytes()
         except httpx.ConnectError as e:
-            raise ApiError(f"cannot reach the Corral API at {self.url} ({e}); is it running? "
-                           "Start it with `corral serve`") from e
+            raise ApiError(
+                f"cannot reach the Corral API at {self.url} ({e}); is it running? Start it with `corral serve`"
+            ) from e
 
 
 @contextmanager
@@ -223,8 +233,10 @@ def parse_time(text: str, now: float) -> float:
     try:
         parsed = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a time: give epoch seconds, an ISO date (2024-05-01, "
-                                 "2024-05-01T09:30) or a span back from now (24h, 7d)") from None
+        raise typer.BadParameter(
+            f"{text!r} is not a time: give epoch seconds, an ISO date (2024-05-01, "
+            "2024-05-01T09:30) or a span back from now (24h, 7d)"
+        ) from None
     if parsed.tzinfo is None:
         parsed = parsed.astimezone()  # naive means the user's local time
     return parsed.timestamp()
@@ -267,13 +279,15 @@ def print_history(data: Mapping[str, Any], output: Output, counted: str) -> None
         return
     table = Table("VERSION", "AT", "AUTHOR", counted.upper(), "COMMENT", box=None, pad_edge=False)
     for v in History.model_validate(data).versions:
-        table.add_row(*cells(str(v.version), when(v.created_at), v.author, str(len(v.document.get(counted, []))),
-                             v.comment or ""))
+        table.add_row(
+            *cells(str(v.version), when(v.created_at), v.author, str(len(v.document.get(counted, []))), v.comment or "")
+        )
     console().print(table)
 
 
-def print_rollback(done: Mapping[str, Any], version: int, output: Output,
-                   show_diff: Callable[[list[dict[str, Any]]], None]) -> None:
+def print_rollback(
+    done: Mapping[str, Any], version: int, output: Output, show_diff: Callable[[list[dict[str, Any]]], None]
+) -> None:
     """What a rollback (an earlier version applied again, as a new one) changed."""
     if output is not Output.TABLE:
         emit(done, output)
@@ -285,8 +299,18 @@ def print_rollback(done: Mapping[str, Any], version: int, output: Output,
         typer.echo(f"no changes: version {version} is what is in force (version {done['version']})")
 
 
-def apply_document(url: str, token: str | None, path: str, doc: dict[str, Any], comment: str, dry_run: bool,
-                   yes: bool, output: Output, show_diff: Callable[[list[dict[str, Any]]], None], what: str) -> None:
+def apply_document(
+    url: str,
+    token: str | None,
+    path: str,
+    doc: dict[str, Any],
+    comment: str,
+    dry_run: bool,
+    yes: bool,
+    output: Output,
+    show_diff: Callable[[list[dict[str, Any]]], None],
+    what: str,
+) -> None:
     """Apply a whole document (`path`: /v1/queues or /v1/admission) the same way everywhere: the service answers
     the diff first (a dry run), the user confirms, then it is applied only over the version that diff was
     computed against, so what was shown is what changes (409 otherwise)."""

@@ -33,8 +33,9 @@ from scheduler.service.api.models import JobList, PoolList, QueueTreeView, Queue
 from scheduler.service.core.settings import ServiceSettings
 from scheduler.service.core.states import PLACED
 
-queue_app = typer.Typer(help="The queue tree: quotas, limits and weights per pool; changes and their history.",
-                        no_args_is_help=True)
+queue_app = typer.Typer(
+    help="The queue tree: quotas, limits and weights per pool; changes and their history.", no_args_is_help=True
+)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 
 
@@ -83,15 +84,40 @@ def queue_ls(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = 
         emit(data, output)
         return
     tree = QueueTreeView.model_validate(data)
-    table = Table("QUEUE", "POOL", "QUOTA", "LIMIT", "WEIGHT", "FAIR SHARE", "USAGE", "NP USAGE", "BORROWED",
-                  "PENDING", "RUNNING", title=f"queue tree, version {tree.version}", box=None, pad_edge=False)
+    table = Table(
+        "QUEUE",
+        "POOL",
+        "QUOTA",
+        "LIMIT",
+        "WEIGHT",
+        "FAIR SHARE",
+        "USAGE",
+        "NP USAGE",
+        "BORROWED",
+        "PENDING",
+        "RUNNING",
+        title=f"queue tree, version {tree.version}",
+        box=None,
+        pad_edge=False,
+    )
     for depth, q in tree_order(tree.queues):
         label = "  " * depth + q.name
         for i, (pool, p) in enumerate(sorted(q.pools.items())):
-            table.add_row(*cells(label if i == 0 else "", pool, str(p.quota), _limit(p.limit),
-                                 _weight(p.weight), f"{p.fair_share:g}", str(p.usage), str(p.np_usage),
-                                 str(p.borrowed), f"{p.pending_jobs} ({p.pending_gpus} GPUs)",
-                                 str(p.running_jobs)))
+            table.add_row(
+                *cells(
+                    label if i == 0 else "",
+                    pool,
+                    str(p.quota),
+                    _limit(p.limit),
+                    _weight(p.weight),
+                    f"{p.fair_share:g}",
+                    str(p.usage),
+                    str(p.np_usage),
+                    str(p.borrowed),
+                    f"{p.pending_jobs} ({p.pending_gpus} GPUs)",
+                    str(p.running_jobs),
+                )
+            )
     console().print(table)
 
 
@@ -175,18 +201,48 @@ def top(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None)
     by_id = {j.id: j for j in jobs}
     c = console()
     for p in pools:
-        gpus = Table("NODE", "GPU", "MODEL", "JOB", "NAME", "QUEUE", "OWNER", box=None, pad_edge=False,
-                     title=f"pool {p.name}: {p.capacity} GPUs, {p.free} free", title_justify="left")
+        gpus = Table(
+            "NODE",
+            "GPU",
+            "MODEL",
+            "JOB",
+            "NAME",
+            "QUEUE",
+            "OWNER",
+            box=None,
+            pad_edge=False,
+            title=f"pool {p.name}: {p.capacity} GPUs, {p.free} free",
+            title_justify="left",
+        )
         for n in p.nodes:
             mark = " (down)" if not n.up else " (cordoned)" if n.cordoned else ""
             for g in n.gpus:
                 j = by_id.get(g.job) if isinstance(g.job, int) else None
                 held = "-" if g.job is None else str(g.job)  # "hidden": another team's job
-                gpus.add_row(*cells(n.name + mark, str(g.index), g.model or "-",
-                                    held, *((j.name, j.queue, j.owner) if j else ("", "", ""))))
+                gpus.add_row(
+                    *cells(
+                        n.name + mark,
+                        str(g.index),
+                        g.model or "-",
+                        held,
+                        *((j.name, j.queue, j.owner) if j else ("", "", "")),
+                    )
+                )
         c.print(gpus)
-    queues = Table("QUEUE", "POOL", "USAGE", "QUOTA", "NP/QUOTA", "FAIR SHARE", "BORROWED", "PENDING", box=None,
-                   pad_edge=False, title="queues", title_justify="left")
+    queues = Table(
+        "QUEUE",
+        "POOL",
+        "USAGE",
+        "QUOTA",
+        "NP/QUOTA",
+        "FAIR SHARE",
+        "BORROWED",
+        "PENDING",
+        box=None,
+        pad_edge=False,
+        title="queues",
+        title_justify="left",
+    )
     for depth, q in tree_order(tree.queues):
         for pool, s in sorted(q.pools.items()):
             if not (s.quota or s.usage or s.pending_jobs):
@@ -195,9 +251,18 @@ def top(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None)
             used = Text(str(s.usage), style="yellow" if s.borrowed else "")
             # A guarantee all held by non-preemptible work refuses the team's next notebook: make it stand out.
             np = Text(f"{s.np_usage}/{s.quota}", style="red" if s.np_usage >= s.quota > 0 else "")
-            queues.add_row(*cells("  " * depth + q.name, pool, used, str(s.quota), np,
-                                  f"{s.fair_share:g}", str(s.borrowed),
-                                  f"{s.pending_jobs} ({s.pending_gpus} GPUs)"))
+            queues.add_row(
+                *cells(
+                    "  " * depth + q.name,
+                    pool,
+                    used,
+                    str(s.quota),
+                    np,
+                    f"{s.fair_share:g}",
+                    str(s.borrowed),
+                    f"{s.pending_jobs} ({s.pending_gpus} GPUs)",
+                )
+            )
     c.print(queues)
 
 
@@ -208,18 +273,29 @@ def top(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None)
 def token_create(
     user: Annotated[str, typer.Option(help="Who the token is for.")],
     role: Annotated[str, typer.Option(help="platform-admin, team-admin, member, model-owner or viewer.")],
-    scope: Annotated[str | None, typer.Option(help="A queue: the role applies to its subtree (default: all).",
-                                              show_default=False)] = None,
+    scope: Annotated[
+        str | None, typer.Option(help="A queue: the role applies to its subtree (default: all).", show_default=False)
+    ] = None,
     output: Fmt = Output.TABLE,
     url: Url = DEFAULT_URL,
     token: Token = None,
-    local: Annotated[bool, typer.Option("--local", help=(
-        "Write the token straight into the service's database, without the API: on the server machine, as its "
-        "service account. The way back when no platform-admin token works."))] = False,
-    data_dir: Annotated[Path | None, typer.Option(help="With --local: the service's data directory (its SQLite "
-                                                  "file).", show_default=False)] = None,
-    database_url: Annotated[str | None, typer.Option(help="With --local: the service's database URL.",
-                                                     show_default=False)] = None,
+    local: Annotated[
+        bool,
+        typer.Option(
+            "--local",
+            help=(
+                "Write the token straight into the service's database, without the API: on the server machine, as its "
+                "service account. The way back when no platform-admin token works."
+            ),
+        ),
+    ] = False,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="With --local: the service's data directory (its SQLite file).", show_default=False),
+    ] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="With --local: the service's database URL.", show_default=False)
+    ] = None,
 ) -> None:
     """Make an API token. Its secret is printed once: Corral keeps only a hash."""
     if local:
@@ -231,13 +307,16 @@ def token_create(
         emit(made, output)
         return
     # The secret alone on stdout (for `$(corral token create ...)`); the explanation on stderr.
-    note(f"token {made['id']} for {made['user']} ({made['role']}, {made['scope'] or 'every queue'}); "
-         "it is shown only now:")
+    note(
+        f"token {made['id']} for {made['user']} ({made['role']}, {made['scope'] or 'every queue'}); "
+        "it is shown only now:"
+    )
     typer.echo(made["token"])
 
 
-def _local_token(user: str, role: str, scope: str | None, data_dir: Path | None,
-                 database_url: str | None) -> dict[str, Any]:
+def _local_token(
+    user: str, role: str, scope: str | None, data_dir: Path | None, database_url: str | None
+) -> dict[str, Any]:
     """`token create --local`: the settings as `corral serve` reads them (flags, CORRAL_*, CORRAL_CONFIG), then the
     token written into that database directly."""
     # Imported here, not at the top: SQLAlchemy and the service's tables take most of a second to import, which
@@ -253,5 +332,11 @@ def _local_token(user: str, role: str, scope: str | None, data_dir: Path | None,
         made = local_tokens.make(settings, user, role, scope)
     except local_tokens.LocalTokenError as e:
         fail(str(e), 1)
-    return {"id": made.id, "user": made.user, "role": made.role.value, "scope": made.scope, "token": made.secret,
-            "expires_at": made.expires_at}
+    return {
+        "id": made.id,
+        "user": made.user,
+        "role": made.role.value,
+        "scope": made.scope,
+        "token": made.secret,
+        "expires_at": made.expires_at,
+    }

@@ -14,13 +14,20 @@ from pydantic import ValidationError
 
 from scheduler.cli.client import fail, note
 
-db_app = typer.Typer(help="The service database's schema: upgrade (before a new version starts), downgrade, "
-                          "current.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="The service database's schema: upgrade (before a new version starts), downgrade, current.",
+    no_args_is_help=True,
+)
 
-DatabaseUrl = Annotated[str | None, typer.Option(
-    help="SQLAlchemy URL (default: the service's database_url setting, CORRAL_DATABASE_URL).", show_default=False)]
-DataDir = Annotated[Path | None, typer.Option(help="The service's data dir (its SQLite file, when no URL).",
-                                              show_default=False)]
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        help="SQLAlchemy URL (default: the service's database_url setting, CORRAL_DATABASE_URL).", show_default=False
+    ),
+]
+DataDir = Annotated[
+    Path | None, typer.Option(help="The service's data dir (its SQLite file, when no URL).", show_default=False)
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -67,8 +74,11 @@ def current(database_url: DatabaseUrl = None, data_dir: DataDir = None) -> None:
 
 
 @db_app.command("upgrade")
-def upgrade(to: Annotated[str, typer.Option("--to", help="Revision to reach (default: head, the newest).")] = "head",
-            database_url: DatabaseUrl = None, data_dir: DataDir = None) -> None:
+def upgrade(
+    to: Annotated[str, typer.Option("--to", help="Revision to reach (default: head, the newest).")] = "head",
+    database_url: DatabaseUrl = None,
+    data_dir: DataDir = None,
+) -> None:
     """Migrate the database up (creating the schema on an empty one). Safe to run again: at head it does nothing."""
     from scheduler.service.store.db import current_revision, upgrade  # noqa: PLC0415
 
@@ -79,14 +89,18 @@ def upgrade(to: Annotated[str, typer.Option("--to", help="Revision to reach (def
     except Exception as e:  # an Alembic or database error: one line, not a traceback
         fail(f"upgrade of {_where(url)} from {before or 'empty'} to {to} failed: {e.__class__.__name__}: {e}")
     after = current_revision(url)
-    note(f"{_where(url)}: {before or 'empty'} -> {after}" if before != after
-         else f"{_where(url)}: already at {after}")
+    note(f"{_where(url)}: {before or 'empty'} -> {after}" if before != after else f"{_where(url)}: already at {after}")
 
 
 @db_app.command("downgrade")
-def downgrade(to: Annotated[str, typer.Option("--to", help="Revision to go back to (see `corral db history`); "
-                                                           "required.", show_default=False)],
-              database_url: DatabaseUrl = None, data_dir: DataDir = None) -> None:
+def downgrade(
+    to: Annotated[
+        str,
+        typer.Option("--to", help="Revision to go back to (see `corral db history`); required.", show_default=False),
+    ],
+    database_url: DatabaseUrl = None,
+    data_dir: DataDir = None,
+) -> None:
     """Migrate the database down to an older revision, before running an older Corral on it.
 
     What each step loses is in docs/kubernetes.md ("Upgrades"); stop the service first.

@@ -45,24 +45,37 @@ def _capacity(values: list[str]) -> dict[str, int]:
 
 @kueue_app.command("export")
 def export_cmd(
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="queues.yaml ({queues: [...]}); default: the "
-                                              "service's current tree.")] = None,
-    pools: Annotated[list[str] | None, typer.Option(help="POOL=GPUS, per pool (needed with --file; default: the "
-                                                    "service's pools).")] = None,
-    flavor: Annotated[list[str] | None, typer.Option(help="POOL=FLAVOR: the ResourceFlavor's name (default: the "
-                                                     "pool's name).")] = None,
-    product: Annotated[list[str] | None, typer.Option(help="POOL=LABEL: the nodes' nvidia.com/gpu.product "
-                                                      "(default: the pool's name).")] = None,
-    namespace: Annotated[str, typer.Option(help="Namespace of each leaf's LocalQueue; {queue} is the leaf's "
-                                           "name.")] = "{queue}",
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", "-f", help="queues.yaml ({queues: [...]}); default: the service's current tree."),
+    ] = None,
+    pools: Annotated[
+        list[str] | None, typer.Option(help="POOL=GPUS, per pool (needed with --file; default: the service's pools).")
+    ] = None,
+    flavor: Annotated[
+        list[str] | None, typer.Option(help="POOL=FLAVOR: the ResourceFlavor's name (default: the pool's name).")
+    ] = None,
+    product: Annotated[
+        list[str] | None, typer.Option(help="POOL=LABEL: the nodes' nvidia.com/gpu.product (default: the pool's name).")
+    ] = None,
+    namespace: Annotated[
+        str, typer.Option(help="Namespace of each leaf's LocalQueue; {queue} is the leaf's name.")
+    ] = "{queue}",
     root: Annotated[str, typer.Option(help="Name of the cohort above the top-level queues.")] = ROOT_COHORT,
-    cpu: Annotated[list[str] | None, typer.Option(help="POOL=QUANTITY: the pool's nodes' total allocatable CPU "
-                                                  "(e.g. 512). With --memory, every queue may use the pools' CPU "
-                                                  "and memory (held by the root cohort).")] = None,
-    memory: Annotated[list[str] | None, typer.Option(help="POOL=QUANTITY: the pool's nodes' total allocatable "
-                                                     "memory (e.g. 4Ti).")] = None,
-    output: Annotated[Output, typer.Option("-o", "--output", help="yaml (a multi-document stream) or json (a "
-                                           "List).")] = Output.YAML,
+    cpu: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="POOL=QUANTITY: the pool's nodes' total allocatable CPU "
+            "(e.g. 512). With --memory, every queue may use the pools' CPU "
+            "and memory (held by the root cohort)."
+        ),
+    ] = None,
+    memory: Annotated[
+        list[str] | None, typer.Option(help="POOL=QUANTITY: the pool's nodes' total allocatable memory (e.g. 4Ti).")
+    ] = None,
+    output: Annotated[
+        Output, typer.Option("-o", "--output", help="yaml (a multi-document stream) or json (a List).")
+    ] = Output.YAML,
     url: Url = DEFAULT_URL,
     token: Token = None,
 ) -> None:
@@ -92,17 +105,30 @@ def export_cmd(
     cpus, mems = _pairs(cpu or [], "--cpu"), _pairs(memory or [], "--memory")
     pool_resources: dict[str, dict[str, int | str]] | None = None
     if cpus or mems:
-        pool_resources = {p: {**({"cpu": _number(cpus[p])} if p in cpus else {}),
-                              **({"memory": _number(mems[p])} if p in mems else {})} for p in {*cpus, *mems}}
+        pool_resources = {
+            p: {
+                **({"cpu": _number(cpus[p])} if p in cpus else {}),
+                **({"memory": _number(mems[p])} if p in mems else {}),
+            }
+            for p in {*cpus, *mems}
+        }
     try:
-        objects = export(tree, flavors, lambda q: namespace.replace("{queue}", q.name),
-                         products=_pairs(product or [], "--product"), root=root, pool_resources=pool_resources)
+        objects = export(
+            tree,
+            flavors,
+            lambda q: namespace.replace("{queue}", q.name),
+            products=_pairs(product or [], "--product"),
+            root=root,
+            pool_resources=pool_resources,
+        )
     except ExportError as e:
         fail(f"the tree cannot be exported to Kueue: {e}", 2)
     if pool_resources is None:
-        note("note: only nvidia.com/gpu is covered: Kueue leaves a job whose pods request cpu or memory pending "
-             "unless its Configuration has resources.excludeResourcePrefixes: [cpu, memory], or give --cpu and "
-             "--memory (docs/kueue.md)")
+        note(
+            "note: only nvidia.com/gpu is covered: Kueue leaves a job whose pods request cpu or memory pending "
+            "unless its Configuration has resources.excludeResourcePrefixes: [cpu, memory], or give --cpu and "
+            "--memory (docs/kueue.md)"
+        )
     for loss in losses(tree, flavors):
         note(f"note: {loss}")
     if output is Output.JSON:

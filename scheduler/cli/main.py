@@ -46,8 +46,11 @@ def _version(shown: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                help="Print Corral's version and exit.")] = False) -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print Corral's version and exit.")
+    ] = False,
+) -> None:
     """Corral: a GPU-aware scheduler for shared GPU pools."""
 
 
@@ -72,13 +75,16 @@ def _summary(world: World, log: dict[str, Any]) -> None:
     """A readable summary: jobs by outcome, and waits and completion times per queue."""
     m = metrics.compute(world.jobs, log, sum(n.gpus for n in world.nodes))
     o = m.overall
-    out.print(f"policy {log['policy']}: {o.jobs} jobs, {o.completed} completed, {o.rejected} rejected, "
-              f"{o.cancelled} cancelled, {o.failed} failed, {o.unfinished} unfinished; {o.preemptions} preemptions",
-              highlight=False)
+    out.print(
+        f"policy {log['policy']}: {o.jobs} jobs, {o.completed} completed, {o.rejected} rejected, "
+        f"{o.cancelled} cancelled, {o.failed} failed, {o.unfinished} unfinished; {o.preemptions} preemptions",
+        highlight=False,
+    )
     table = Table("queue", "jobs", "started", "mean wait (s)", "p95 wait (s)", "mean JCT (s)")
     for q, st in sorted(m.queues.items()):
-        table.add_row(q, str(st.jobs), str(st.started), f"{st.mean_wait:.1f}", f"{st.p95_wait:.1f}",
-                      f"{st.mean_jct:.1f}")
+        table.add_row(
+            q, str(st.jobs), str(st.started), f"{st.mean_wait:.1f}", f"{st.p95_wait:.1f}", f"{st.mean_jct:.1f}"
+        )
     out.print(table)
 
 
@@ -101,8 +107,10 @@ def sim_scenario(
     _summary(world, log)
     results = check(world, log)
     for what, ok, diff in results:
-        out.print(("[green]held[/green]   " if ok else "[red]FAILED[/red] ") + what + (f"  ({diff})" if diff else ""),
-                  highlight=False)
+        out.print(
+            ("[green]held[/green]   " if ok else "[red]FAILED[/red] ") + what + (f"  ({diff})" if diff else ""),
+            highlight=False,
+        )
     failed = sum(1 for _, ok, _ in results if not ok)
     out.print(f"{len(results) - failed}/{len(results)} expectations held")
     if failed:
@@ -178,8 +186,11 @@ def sim_import(
         raise bad_input(InputError(output, "", f"cannot write the file: {e.strerror}")) from e
     work = sum(r.workers * r.gpus * r.duration for r in rows)
     span = max((r.submit for r in rows), default=0.0)
-    out.print(f"wrote {n} jobs to {output}: submits over {span / 86400:.1f} days, {work / 3600:,.0f} GPU-hours",
-              highlight=False, markup=False)
+    out.print(
+        f"wrote {n} jobs to {output}: submits over {span / 86400:.1f} days, {work / 3600:,.0f} GPU-hours",
+        highlight=False,
+        markup=False,
+    )
 
 
 @sim_generate.command("services")
@@ -191,12 +202,19 @@ def sim_generate_services(
     pools: Annotated[int, typer.Option(min=1, max=len(generate.POOL_NAMES), help="pools of 8-GPU nodes")] = 3,
     days: Annotated[float, typer.Option(min=0.01, help="days over which batch jobs arrive")] = 30.0,
     batch_per_day: Annotated[float, typer.Option(min=0, help="batch jobs a day per team (Poisson)")] = 24.0,
-    starvation_timeout: Annotated[float, typer.Option(min=1, help="the cluster file's starvation_timeout (s)")]
-    = generate.ServicesConfig.starvation_timeout,
+    starvation_timeout: Annotated[
+        float, typer.Option(min=1, help="the cluster file's starvation_timeout (s)")
+    ] = generate.ServicesConfig.starvation_timeout,
 ) -> None:
     """Teams with long-running non-preemptible services beside preemptible batch jobs, on a mostly idle cluster."""
-    config = generate.ServicesConfig(seed=seed, teams=teams, pools=pools, days=days, batch_per_day=batch_per_day,
-                                     starvation_timeout=starvation_timeout)
+    config = generate.ServicesConfig(
+        seed=seed,
+        teams=teams,
+        pools=pools,
+        days=days,
+        batch_per_day=batch_per_day,
+        starvation_timeout=starvation_timeout,
+    )
     made = generate.services(config)
     try:
         made.write(output, cluster)
@@ -204,9 +222,13 @@ def sim_generate_services(
         raise bad_input(InputError(e.filename or output, "", f"cannot write the file: {e.strerror}")) from e
     gpus = sum(made.nodes.values()) * generate.GPUS_PER_NODE
     services = sum(1 for j in made.jobs if not j.preemptible)
-    out.print(f"wrote {len(made.jobs)} jobs ({services} services) to {output} and a cluster of {gpus} GPUs "
-              f"({', '.join(f'{p}: {n} nodes' for p, n in made.nodes.items())}) to {cluster}",
-              highlight=False, markup=False, soft_wrap=True)
+    out.print(
+        f"wrote {len(made.jobs)} jobs ({services} services) to {output} and a cluster of {gpus} GPUs "
+        f"({', '.join(f'{p}: {n} nodes' for p, n in made.nodes.items())}) to {cluster}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 def main() -> None:

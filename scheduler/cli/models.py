@@ -40,8 +40,9 @@ from scheduler.cli.client import (
 from scheduler.service.api.models_registry import Alias, ModelDetail, ModelList, PromotionAnswer, Roi, RolledBack
 from scheduler.service.core.states import PromotionState
 
-models_app = typer.Typer(help="The model registry: versions from finished jobs, gated promotions, rollback, audit.",
-                         no_args_is_help=True)
+models_app = typer.Typer(
+    help="The model registry: versions from finished jobs, gated promotions, rollback, audit.", no_args_is_help=True
+)
 policy_app = typer.Typer(help="A model's promotion policy (docs/models.md).", no_args_is_help=True)
 models_app.add_typer(policy_app, name="policy")
 
@@ -96,13 +97,16 @@ def show_promotion(data: dict[str, Any], output: Output) -> None:
             c.print(table)
         else:
             c.print("no gates: the stage's policy asks for none")
-        c.print(Text.assemble(f"promotion {p.promotion}: {p.model} v{p.version} to {p.stage}: ",
-                              (p.state, _STATE_STYLE.get(p.state, ""))))
+        c.print(
+            Text.assemble(
+                f"promotion {p.promotion}: {p.model} v{p.version} to {p.stage}: ",
+                (p.state, _STATE_STYLE.get(p.state, "")),
+            )
+        )
         if p.state == PromotionState.OPEN:
             pending = [g.gate for g in p.gates if g.status == "pending"]
             # Approvals must come from another model owner: say the exact command they run.
-            note(f"waiting for: {', '.join(pending)}; another model owner runs "
-                 f"`corral models approve {p.promotion}`")
+            note(f"waiting for: {', '.join(pending)}; another model owner runs `corral models approve {p.promotion}`")
     if p.state == PromotionState.REJECTED:
         failed = [g.gate for g in p.gates if g.status == "fail"]
         fail(f"promotion {p.promotion} rejected by: {', '.join(failed)}")
@@ -155,8 +159,9 @@ def ls(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None) 
         return
     table = Table("NAME", "QUEUE", *(s.upper() for s in STAGES), "CREATED", "DESCRIPTION", box=None, pad_edge=False)
     for m in listed:
-        table.add_row(*cells(m.name, m.queue, *(_alias(m.aliases, s) for s in STAGES), when(m.created_at),
-                             m.description))
+        table.add_row(
+            *cells(m.name, m.queue, *(_alias(m.aliases, s) for s in STAGES), when(m.created_at), m.description)
+        )
     console().print(table)
 
 
@@ -186,11 +191,22 @@ def show(
             stages.add_row(*cells(s, f"v{at.version}", prev, when(at.updated_at)))
     if m.aliases:
         c.print(stages)
-    versions = Table("VERSION", "JOB", "METRICS", "EVAL SET", "DIGEST", "REGISTERED", "BY", "ARTIFACT",
-                     box=None, pad_edge=False)
+    versions = Table(
+        "VERSION", "JOB", "METRICS", "EVAL SET", "DIGEST", "REGISTERED", "BY", "ARTIFACT", box=None, pad_edge=False
+    )
     for v in m.versions:
-        versions.add_row(*cells(f"v{v.version}", str(v.job_id), numbers(v.metrics), v.eval_set or "-",
-                                v.digest[:12], when(v.registered_at), v.registered_by, v.artifact_uri))
+        versions.add_row(
+            *cells(
+                f"v{v.version}",
+                str(v.job_id),
+                numbers(v.metrics),
+                v.eval_set or "-",
+                v.digest[:12],
+                when(v.registered_at),
+                v.registered_by,
+                v.artifact_uri,
+            )
+        )
     if m.versions:
         c.print(versions)
     else:
@@ -239,15 +255,21 @@ def policy_apply(
 def register_version(
     name: Annotated[str, typer.Argument(help="Model name.")],
     job: Annotated[int, typer.Option("--job", help="The completed job that produced the artifact.")],
-    artifact: Annotated[str, typer.Option("--artifact", help="Path inside the job's output directory (relative to "
-                                          "it, or absolute); its sha256 is recorded.")],
+    artifact: Annotated[
+        str,
+        typer.Option(
+            "--artifact",
+            help="Path inside the job's output directory (relative to it, or absolute); its sha256 is recorded.",
+        ),
+    ],
     # Refused (hidden): gates use only what the job recorded itself. Kept so that an old script is told why.
     metric: Annotated[list[str] | None, typer.Option("--metric", hidden=True, show_default=False)] = None,
     eval_set: Annotated[str | None, typer.Option("--eval-set", hidden=True, show_default=False)] = None,
     code: Annotated[str | None, typer.Option("--code", hidden=True, show_default=False)] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", hidden=True, show_default=False)] = None,
-    lineage_job: Annotated[list[int] | None, typer.Option("--lineage-job", help="Another job that led here "
-                                                          "(repeat).", show_default=False)] = None,
+    lineage_job: Annotated[
+        list[int] | None, typer.Option("--lineage-job", help="Another job that led here (repeat).", show_default=False)
+    ] = None,
     output: Fmt = Output.TABLE,
     url: Url = DEFAULT_URL,
     token: Token = None,
@@ -255,20 +277,27 @@ def register_version(
     """Register a new version from a completed job's output directory; it becomes the model's candidate.
 
     Its metrics are the job's metrics.json, its eval set and code and data digests the job's lineage.json."""
-    typed = [flag for flag, given in (("--metric", metric), ("--eval-set", eval_set), ("--code", code),
-                                      ("--dataset", dataset)) if given]
+    typed = [
+        flag
+        for flag, given in (("--metric", metric), ("--eval-set", eval_set), ("--code", code), ("--dataset", dataset))
+        if given
+    ]
     if typed:
-        fail(f"{', '.join(typed)}: not accepted: gates use only what the job recorded in its output directory "
-             "($CORRAL_OUTPUT_DIR): metrics in metrics.json, the eval set and code and data digests in lineage.json "
-             "(notebooks.outputs.log_metrics and record_lineage write them; docs/models.md)", 2)
+        fail(
+            f"{', '.join(typed)}: not accepted: gates use only what the job recorded in its output directory "
+            "($CORRAL_OUTPUT_DIR): metrics in metrics.json, the eval set and code and data digests in lineage.json "
+            "(notebooks.outputs.log_metrics and record_lineage write them; docs/models.md)",
+            2,
+        )
     body: dict[str, Any] = {"job_id": job, "artifact_uri": artifact, "lineage_jobs": list(lineage_job or [])}
     with api(url, token) as a:
         made = a.post(f"/v1/models/{name}/versions", body)
     if output is not Output.TABLE:
         emit(made, output)
         return
-    typer.echo(f"registered {made['model']} v{made['version']} from job {made['lineage']['job']} "
-               f"(sha256 {made['digest']})")
+    typer.echo(
+        f"registered {made['model']} v{made['version']} from job {made['lineage']['job']} (sha256 {made['digest']})"
+    )
 
 
 @models_app.command("promote")
@@ -334,13 +363,26 @@ def _entries_narrow(rows: Sequence[Sequence[str]], width: int) -> None:
 
 @models_app.command("audit")
 def audit(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="One model's entries (only platform admins "
-                                              "read the whole chain).", show_default=False)] = None,
-    verify: Annotated[bool, typer.Option("--verify", help="Check every hash link and the stage aliases; exit 1 if "
-                                         "something is broken.")] = False,
-    head: Annotated[str | None, typer.Option("--head", help="With --verify: a head hash kept earlier (logs, "
-                                             "/metrics); the chain must still hold it (catches removed newest rows "
-                                             "and a rewritten chain).", show_default=False)] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="One model's entries (only platform admins read the whole chain).", show_default=False
+        ),
+    ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option("--verify", help="Check every hash link and the stage aliases; exit 1 if something is broken."),
+    ] = False,
+    head: Annotated[
+        str | None,
+        typer.Option(
+            "--head",
+            help="With --verify: a head hash kept earlier (logs, "
+            "/metrics); the chain must still hold it (catches removed newest rows "
+            "and a rewritten chain).",
+            show_default=False,
+        ),
+    ] = None,
     output: Fmt = Output.TABLE,
     url: Url = DEFAULT_URL,
     token: Token = None,
@@ -354,8 +396,17 @@ def audit(
     if output is not Output.TABLE:
         emit(data, output)
     else:
-        rows = [(str(e["seq"]), when(e["at"]), e["actor"], e["action"], e["model"] or "",
-                 _summary(e["action"], e["detail"])) for e in data["entries"]]
+        rows = [
+            (
+                str(e["seq"]),
+                when(e["at"]),
+                e["actor"],
+                e["action"],
+                e["model"] or "",
+                _summary(e["action"], e["detail"]),
+            )
+            for e in data["entries"]
+        ]
         table = Table("SEQ", "AT", "ACTOR", "ACTION", "MODEL", "DETAIL", box=None, pad_edge=False)
         for row in rows:
             table.add_row(*cells(*row))
@@ -368,8 +419,10 @@ def audit(
             _entries_narrow(rows, c.width)
         if checked is not None and checked["intact"]:
             # The API always checks the whole chain (each link against its neighbours), not only this model's rows.
-            note(f"audit chain intact: {checked['entries']} entries verified"
-                 + (f", holding head {head[:12]}…" if head else ""))
+            note(
+                f"audit chain intact: {checked['entries']} entries verified"
+                + (f", holding head {head[:12]}…" if head else "")
+            )
         if data.get("head"):
             note(f"head: seq {data['head']['seq']} {data['head']['hash']}")
     if checked is not None and not checked["intact"]:
@@ -385,8 +438,9 @@ def deploy(
     kind: Annotated[Kind, typer.Option(help="A KServe InferenceService, or a plain Deployment.")] = Kind.KSERVE,
     namespace: Annotated[str, typer.Option(help="Kubernetes namespace.")] = "default",
     image: Annotated[str | None, typer.Option(help="Serving image (Deployment).", show_default=False)] = None,
-    model_format: Annotated[str | None, typer.Option(help="KServe model format (default pytorch).",
-                                                     show_default=False)] = None,
+    model_format: Annotated[
+        str | None, typer.Option(help="KServe model format (default pytorch).", show_default=False)
+    ] = None,
     gpus: Annotated[int, typer.Option(min=0, help="GPUs per replica.")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the manifest instead of applying it.")] = False,
     url: Url = DEFAULT_URL,
@@ -396,14 +450,23 @@ def deploy(
     if not dry_run:
         # Corral runs jobs with its local backend only; nothing here talks to a Kubernetes API server, so
         # refuse before any request rather than pretend to apply.
-        fail("applying manifests needs the Kubernetes backend, which is not configured in this installation; "
-             "use --dry-run to print the manifest and apply it yourself (e.g. `... --dry-run | kubectl apply -f -`)",
-             2)
-    params = {"stage": stage.value, "kind": kind.value, "namespace": namespace, "image": image,
-              "model_format": model_format, "gpus": gpus}
+        fail(
+            "applying manifests needs the Kubernetes backend, which is not configured in this installation; "
+            "use --dry-run to print the manifest and apply it yourself (e.g. `... --dry-run | kubectl apply -f -`)",
+            2,
+        )
+    params = {
+        "stage": stage.value,
+        "kind": kind.value,
+        "namespace": namespace,
+        "image": image,
+        "model_format": model_format,
+        "gpus": gpus,
+    }
     with api(url, token) as a:
-        text = a.request("GET", f"/v1/models/{name}/deploy",
-                         params={k: v for k, v in params.items() if v is not None}).text
+        text = a.request(
+            "GET", f"/v1/models/{name}/deploy", params={k: v for k, v in params.items() if v is not None}
+        ).text
     typer.echo(text, nl=not text.endswith("\n"))
 
 
@@ -424,8 +487,14 @@ def roi(
     prod = spent.production
     table = Table("VERSION", "JOBS", "GPU-HOURS", "", box=None, pad_edge=False)
     for v in spent.versions:
-        table.add_row(*cells(f"v{v.version}", ", ".join(str(j) for j in v.jobs), f"{v.gpu_hours:.2f}",
-                             "production" if prod is not None and v.version == prod.version else ""))
+        table.add_row(
+            *cells(
+                f"v{v.version}",
+                ", ".join(str(j) for j in v.jobs),
+                f"{v.gpu_hours:.2f}",
+                "production" if prod is not None and v.version == prod.version else "",
+            )
+        )
     c = console()
     if spent.versions:
         c.print(table)

@@ -57,24 +57,35 @@ def register(app: typer.Typer) -> None:
 
 
 def serve(
-    gpus: Annotated[int | None, typer.Option(min=0, help="Declare N GPUs instead of discovering them (NVML).",
-                                             show_default=False)] = None,
+    gpus: Annotated[
+        int | None, typer.Option(min=0, help="Declare N GPUs instead of discovering them (NVML).", show_default=False)
+    ] = None,
     gpu_model: Annotated[str | None, typer.Option(help="Model name of declared GPUs.", show_default=False)] = None,
     port: Annotated[int | None, typer.Option(help="TCP port (default 8265).", show_default=False)] = None,
     host: Annotated[str | None, typer.Option(help="Listen address (default 127.0.0.1).", show_default=False)] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="SQLite file, job logs, admin token.",
-                                                  show_default=False)] = None,
-    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in the data dir).",
-                                                     show_default=False)] = None,
-    demo: Annotated[bool | None, typer.Option("--demo/--no-demo", help="Demo queues on an empty database.",
-                                              show_default=False)] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="SQLite file, job logs, admin token.", show_default=False)
+    ] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in the data dir).", show_default=False)
+    ] = None,
+    demo: Annotated[
+        bool | None, typer.Option("--demo/--no-demo", help="Demo queues on an empty database.", show_default=False)
+    ] = None,
 ) -> None:
     """Run the API and the scheduler on this machine until interrupted (Ctrl-C).
 
     Flags left out come from CORRAL_* in the environment, then the YAML file CORRAL_CONFIG, then defaults.
     """
-    given: dict[str, Any] = {"gpus": gpus, "gpu_model": gpu_model, "port": port, "host": host,
-                             "data_dir": data_dir, "database_url": database_url, "demo": demo}
+    given: dict[str, Any] = {
+        "gpus": gpus,
+        "gpu_model": gpu_model,
+        "port": port,
+        "host": host,
+        "data_dir": data_dir,
+        "database_url": database_url,
+        "demo": demo,
+    }
     # Only flags that were given: passing None would override CORRAL_* and the config file.
     try:
         settings = ServiceSettings(**{k: v for k, v in given.items() if v is not None})
@@ -93,10 +104,14 @@ def serve(
     except (NotAtHead, AlreadyRunning) as e:  # `corral db upgrade` first; another instance on this SQLite file
         fail(str(e), 1)
     if made:
-        note(f"admin token written to {settings.data_dir / ADMIN_TOKEN_FILE} (the CLI on this machine uses it; "
-             "keep it private)")
-    note(f"Corral API on http://{settings.host}:{settings.port} ({settings.url.split('://')[0]}, "
-         f"data in {settings.data_dir})")
+        note(
+            f"admin token written to {settings.data_dir / ADMIN_TOKEN_FILE} (the CLI on this machine uses it; "
+            "keep it private)"
+        )
+    note(
+        f"Corral API on http://{settings.host}:{settings.port} ({settings.url.split('://')[0]}, "
+        f"data in {settings.data_dir})"
+    )
     if settings.backend == "local":  # who runs the jobs: a single-user service must say so where it is started
         note(f"isolation: {isolation(settings)[1]}")
     tune_gc()
@@ -109,25 +124,35 @@ SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def submit(
-    args: Annotated[list[str] | None, typer.Argument(
-        metavar="FILE | -- COMMAND...", show_default=False,
-        help="A job spec file (.yaml/.json), or after `--` the command: one argument runs under /bin/sh -c, "
-             "several are the argv.")] = None,
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="FILE | -- COMMAND...",
+            show_default=False,
+            help="A job spec file (.yaml/.json), or after `--` the command: one argument runs under /bin/sh -c, "
+            "several are the argv.",
+        ),
+    ] = None,
     queue: Annotated[str | None, typer.Option("--queue", "-q", help="Leaf queue.", show_default=False)] = None,
     gpus: Annotated[int | None, typer.Option(min=0, help="GPUs per worker (default 1).", show_default=False)] = None,
     name: Annotated[str | None, typer.Option(help="Job name.", show_default=False)] = None,
-    pool: Annotated[str | None, typer.Option(help="Pool (default: the service's only pool).",
-                                             show_default=False)] = None,
+    pool: Annotated[
+        str | None, typer.Option(help="Pool (default: the service's only pool).", show_default=False)
+    ] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Gang size.", show_default=False)] = None,
     priority: Annotated[int | None, typer.Option(help="-1000..1000, within the queue.", show_default=False)] = None,
-    preemptible: Annotated[bool | None, typer.Option("--preemptible/--no-preemptible",
-                                                     show_default=False)] = None,
+    preemptible: Annotated[bool | None, typer.Option("--preemptible/--no-preemptible", show_default=False)] = None,
     env: Annotated[list[str] | None, typer.Option(help="K=V (repeat).", show_default=False)] = None,
-    max_runtime: Annotated[float | None, typer.Option(help="Seconds; the job fails after it.",
-                                                      show_default=False)] = None,
+    max_runtime: Annotated[
+        float | None, typer.Option(help="Seconds; the job fails after it.", show_default=False)
+    ] = None,
     label: Annotated[list[str] | None, typer.Option(help="K=V (repeat).", show_default=False)] = None,
-    idempotency_key: Annotated[str | None, typer.Option(help="Submitting the same key again returns the first "
-                                                             "job instead of a new one.", show_default=False)] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Submitting the same key again returns the first job instead of a new one.", show_default=False
+        ),
+    ] = None,
     workdir: Annotated[str | None, typer.Option(help="Working directory of the job.", show_default=False)] = None,
     output: Fmt = Output.TABLE,
     url: Url = DEFAULT_URL,
@@ -147,19 +172,30 @@ def submit(
     elif words:
         # One argument is a shell line (pipes and redirections work); several are passed as they are.
         body["command"] = words[0] if len(words) == 1 else words
-    flags: dict[str, Any] = {"queue": queue, "gpus": gpus, "name": name, "pool": pool, "workers": workers,
-                             "priority": priority, "preemptible": preemptible, "max_runtime": max_runtime,
-                             "idempotency_key": idempotency_key,
-                             # The service takes absolute paths only: a relative one means this shell's directory.
-                             "workdir": str(Path(workdir).absolute()) if workdir else None}
+    flags: dict[str, Any] = {
+        "queue": queue,
+        "gpus": gpus,
+        "name": name,
+        "pool": pool,
+        "workers": workers,
+        "priority": priority,
+        "preemptible": preemptible,
+        "max_runtime": max_runtime,
+        "idempotency_key": idempotency_key,
+        # The service takes absolute paths only: a relative one means this shell's directory.
+        "workdir": str(Path(workdir).absolute()) if workdir else None,
+    }
     body.update({k: v for k, v in flags.items() if v is not None})
     if env:
         body["env"] = {**body.get("env", {}), **key_values(env, "--env")}
     if label:
         body["labels"] = {**body.get("labels", {}), **key_values(label, "--label")}
     if "command" not in body or "queue" not in body:
-        fail("give a job spec file, or --queue and the command after `--` "
-             "(corral submit --queue Q --gpus 1 -- python train.py)", 2)
+        fail(
+            "give a job spec file, or --queue and the command after `--` "
+            "(corral submit --queue Q --gpus 1 -- python train.py)",
+            2,
+        )
     with api(url, token) as a:
         r = a.request("POST", "/v1/jobs", json=body)
         job = r.json()
@@ -173,9 +209,15 @@ def submit(
 
 def ps(
     queue: Annotated[str | None, typer.Option("--queue", "-q", help="Only this queue.", show_default=False)] = None,
-    state: Annotated[list[str] | None, typer.Option("--state", "-s", help="Only jobs in this state (repeat); "
-                                                    "default: pending, starting, running.",
-                                                    show_default=False)] = None,
+    state: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--state",
+            "-s",
+            help="Only jobs in this state (repeat); default: pending, starting, running.",
+            show_default=False,
+        ),
+    ] = None,
     owner: Annotated[str | None, typer.Option(help="Only this user's jobs.", show_default=False)] = None,
     all_states: Annotated[bool, typer.Option("--all", "-a", help="Jobs in every state.")] = False,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many, newest first.")] = 100,
@@ -203,9 +245,15 @@ def ps(
         note("no jobs" + ("" if all_states or state else " pending or running (--all shows every state)"))
 
 
-_STATE_STYLE = {JobState.RUNNING: "green", JobState.STARTING: "cyan", JobState.PENDING: "yellow",
-                JobState.COMPLETED: "dim", JobState.FAILED: "red", JobState.REJECTED: "red",
-                JobState.CANCELLED: "dim"}
+_STATE_STYLE = {
+    JobState.RUNNING: "green",
+    JobState.STARTING: "cyan",
+    JobState.PENDING: "yellow",
+    JobState.COMPLETED: "dim",
+    JobState.FAILED: "red",
+    JobState.REJECTED: "red",
+    JobState.CANCELLED: "dim",
+}
 
 
 def _state(s: JobState) -> Text:
@@ -216,8 +264,9 @@ def logs(
     job: Annotated[int, typer.Argument(help="Job id.")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the attempt ends.")] = False,
     stderr: Annotated[bool, typer.Option("--stderr", help="The job's stderr instead of its stdout.")] = False,
-    attempt: Annotated[int | None, typer.Option(min=1, help="Attempt number (default: the latest).",
-                                                show_default=False)] = None,
+    attempt: Annotated[
+        int | None, typer.Option(min=1, help="Attempt number (default: the latest).", show_default=False)
+    ] = None,
     url: Url = DEFAULT_URL,
     token: Token = None,
 ) -> None:
@@ -225,8 +274,12 @@ def logs(
     params: dict[str, Any] = {"stream": "stderr" if stderr else "stdout", "attempt": attempt}
     with api(url, token) as a:
         if not follow:
-            typer.echo(a.request("GET", f"/v1/jobs/{job}/logs",
-                                 params={k: v for k, v in params.items() if v is not None}).content, nl=False)
+            typer.echo(
+                a.request(
+                    "GET", f"/v1/jobs/{job}/logs", params={k: v for k, v in params.items() if v is not None}
+                ).content,
+                nl=False,
+            )
             return
         with a.stream(f"/v1/jobs/{job}/logs", follow="true", **params) as chunks:
             for chunk in chunks:
@@ -293,4 +346,3 @@ def explain(
         c.print(f"  {when(p.at)}  {p.cause or p.rule}{by}: {p.message}", markup=False, soft_wrap=True)
         if p.numbers:
             c.print(f"    {numbers(p.numbers)}", markup=False)
-

@@ -4,5 +4,16 @@ from scheduler.engine.decisions import Decision, Preempted, Rejected, Started
 from scheduler.engine.engine import Engine
 from scheduler.engine.model import Job, JobSpec, JobState, NodeSpec, Reason, Settings
 
-__all__ = ["Decision", "Engine", "Job", "JobSpec", "JobState", "NodeSpec", "Preempted", "Reason", "Rejected",
-           "Settings", "Started"]
+__all__ = [
+    "Decision",
+    "Engine",
+    "Job",
+    "JobSpec",
+    "JobState",
+    "NodeSpec",
+    "Preempted",
+    "Reason",
+    "Rejected",
+    "Settings",
+    "Started",
+]

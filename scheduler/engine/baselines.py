@@ -49,14 +49,26 @@ class StrictQuotaEngine(Engine):
 
     preemption = False
 
-    def __init__(self, tree: QueueTree, nodes: Iterable[NodeSpec],
-                 domains: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
-                 settings: Settings | None = None):
+    def __init__(
+        self,
+        tree: QueueTree,
+        nodes: Iterable[NodeSpec],
+        domains: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
+        settings: Settings | None = None,
+    ):
         nodes = list(nodes)
         pools = sorted({n.pool for n in nodes})
-        capped = [QueueSpec(s.name, s.parent, s.quota,
-                            {p: min(s.limit.get(p, s.quota.get(p, 0)), s.quota.get(p, 0)) for p in pools},
-                            s.weight, s.default_weight) for s in tree.specs]
+        capped = [
+            QueueSpec(
+                s.name,
+                s.parent,
+                s.quota,
+                {p: min(s.limit.get(p, s.quota.get(p, 0)), s.quota.get(p, 0)) for p in pools},
+                s.weight,
+                s.default_weight,
+            )
+            for s in tree.specs
+        ]
         super().__init__(QueueTree(capped, tree.capacity), nodes, domains, settings)
 
 
@@ -70,9 +82,13 @@ class LasEngine(Engine):
 
     bands = (3600.0, 36000.0)  # GPU-seconds
 
-    def __init__(self, tree: QueueTree, nodes: Iterable[NodeSpec],
-                 domains: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
-                 settings: Settings | None = None):
+    def __init__(
+        self,
+        tree: QueueTree,
+        nodes: Iterable[NodeSpec],
+        domains: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
+        settings: Settings | None = None,
+    ):
         self._attained: dict[str, float] = {}
         # Per pool, (instant a running job enters its next band, its admission, job id): see _first_crossing.
         self._marks: dict[str, SortedList] = {}
@@ -237,14 +253,22 @@ class LasEngine(Engine):
         victims = [j for *_, j in order]
         if not victims:
             return
-        for w in ps.arrivals[:ps.arrivals.bisect_key_left((band[victims[0].id],))]:
+        for w in ps.arrivals[: ps.arrivals.bisect_key_left((band[victims[0].id],))]:
             wband = self._band(self._attained.get(w.id, 0.0))
             if not victims or wband >= band[victims[0].id]:
                 break  # waiting jobs come in band order: nobody further on outranks a running job
             self._displace(ps, w, wband, victims, band, now, out)
 
-    def _displace(self, ps: PoolState, w: Job, wband: int, victims: list[Job], band: Mapping[str, int], now: float,
-                  out: list[Decision]) -> None:
+    def _displace(
+        self,
+        ps: PoolState,
+        w: Job,
+        wband: int,
+        victims: list[Job],
+        band: Mapping[str, int],
+        now: float,
+        out: list[Decision],
+    ) -> None:
         """Start waiting job `w` in band `wband` if taking victims of a higher band, in order, makes room; the
         victims taken leave `victims`."""
         if w.id in self._preempted_now or ps.over_limit(self.tree[w.spec.queue], w.request) is not None:
@@ -266,17 +290,36 @@ class LasEngine(Engine):
             victims.remove(v)
             self._stop(ps, v)
             self._preempted_now.add(v.id)
-            out.append(Preempted(v.id, "priority", w.id, Reason(
-                "las", f"{v.id} has attained {self._service(v, now):.0f} GPU-seconds, more than {w.id}: "
-                f"jobs with less go first", {"attained": self._attained.get(v.id, 0.0)})))
+            out.append(
+                Preempted(
+                    v.id,
+                    "priority",
+                    w.id,
+                    Reason(
+                        "las",
+                        f"{v.id} has attained {self._service(v, now):.0f} GPU-seconds, more than {w.id}: "
+                        f"jobs with less go first",
+                        {"attained": self._attained.get(v.id, 0.0)},
+                    ),
+                )
+            )
         out.append(self._start(ps, w, ps.pool.place(w.spec) or nodes, now))
 
 
-def make_policy(name: str, tree: QueueTree, nodes: Iterable[NodeSpec],
-                domains: Mapping[str, Mapping[str, Iterable[str]]], settings: Settings) -> Engine:
+def make_policy(
+    name: str,
+    tree: QueueTree,
+    nodes: Iterable[NodeSpec],
+    domains: Mapping[str, Mapping[str, Iterable[str]]],
+    settings: Settings,
+) -> Engine:
     """The engine for a policy name: `corral` (SCHEDULING.md) or one of the baselines."""
-    engines: dict[str, type[Engine]] = {"corral": Engine, "fifo": FifoEngine, "strict-quota": StrictQuotaEngine,
-                                        "las": LasEngine}
+    engines: dict[str, type[Engine]] = {
+        "corral": Engine,
+        "fifo": FifoEngine,
+        "strict-quota": StrictQuotaEngine,
+        "las": LasEngine,
+    }
     if name not in engines:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     return engines[name](tree, nodes, domains, settings)

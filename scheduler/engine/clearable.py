@@ -62,8 +62,13 @@ class ClearIndex:
 
     # ----- queries -----
 
-    def refresh(self, running: Mapping[str, Collection[Job]], usage: Mapping[str, int],
-                shares: Mapping[str, float], over_share: Collection[str]) -> None:
+    def refresh(
+        self,
+        running: Mapping[str, Collection[Job]],
+        usage: Mapping[str, int],
+        shares: Mapping[str, float],
+        over_share: Collection[str],
+    ) -> None:
         """Bring the slacks up to date with the pool's current usage, shares and over-share marks."""
         nodes = self.dirty_nodes
         for leaf in self.dirty_queues:

@@ -64,7 +64,8 @@ class Pool:
         self.nodes: dict[str, Node] = {}
         for spec in sorted(nodes, key=lambda n: n.name):
             self.nodes[spec.name] = Node(
-                spec, free=list(range(spec.gpus)),
+                spec,
+                free=list(range(spec.gpus)),
                 free_cpus=math.inf if spec.cpus is None else spec.cpus,
                 free_mem=math.inf if spec.memory_gb is None else spec.memory_gb,
             )
@@ -110,13 +111,13 @@ class Pool:
         """Take GPUs (lowest free index first), CPUs and memory for each worker on its node."""
         out: Placement = []
         self.changes += 1
-        for name, workers in (Counter(nodes).items() if len(nodes) > 1 else [(nodes[0], 1)] if nodes else []):
+        for name, workers in Counter(nodes).items() if len(nodes) > 1 else [(nodes[0], 1)] if nodes else []:
             if len(self.nodes[name].free) < spec.gpus * workers:  # never a placement counting GPUs not there
                 raise ValueError(f"node {name} has {len(self.nodes[name].free)} free GPUs, not {spec.gpus * workers}")
         for name in nodes:
             n = self.nodes[name]
             self._unfile(name, len(n.free))
-            gpus, n.free = n.free[: spec.gpus], n.free[spec.gpus:]
+            gpus, n.free = n.free[: spec.gpus], n.free[spec.gpus :]
             self._file(name, len(n.free))
             n.free_cpus = exact(n.free_cpus - spec.cpus)
             n.free_mem = exact(n.free_mem - spec.memory_gb)
@@ -222,8 +223,11 @@ class Pool:
                 sub = {n: room[n] for n in members if n in room}
                 chosen = _best_fit(sub, spec)
                 if chosen is not None:
-                    free = sum(len(self.nodes[n].free) + (freed.gpus.get(n, 0) if freed else 0)
-                               for n in members if self.nodes[n].up and n not in excluded)
+                    free = sum(
+                        len(self.nodes[n].free) + (freed.gpus.get(n, 0) if freed else 0)
+                        for n in members
+                        if self.nodes[n].up and n not in excluded
+                    )
                     fitting.append((free, d, chosen))
             if fitting:
                 return min(fitting, key=lambda f: (f[0], f[1]))[2]
@@ -239,8 +243,13 @@ class Pool:
             for name in weighed:
                 n = self.nodes[name]
                 free = len(n.free) + freed.gpus[name] - n.owed
-                if (n.up and name not in excluded and free >= spec.gpus and self._fits_besides(n, spec, freed)
-                        and (best is None or (free, name) < best)):
+                if (
+                    n.up
+                    and name not in excluded
+                    and free >= spec.gpus
+                    and self._fits_besides(n, spec, freed)
+                    and (best is None or (free, name) < best)
+                ):
                     best = (free, name)
         for k in range(spec.gpus, self.max_gpus + 1):
             if best is not None and k > best[0]:
@@ -258,8 +267,10 @@ class Pool:
         """Enough free CPUs and memory for one worker (with what victims free there)."""
         if freed is None:
             return n.free_cpus >= spec.cpus and n.free_mem >= spec.memory_gb
-        return (exact(n.free_cpus + freed.cpus.get(n.name, 0.0)) >= spec.cpus
-                and exact(n.free_mem + freed.mem.get(n.name, 0.0)) >= spec.memory_gb)
+        return (
+            exact(n.free_cpus + freed.cpus.get(n.name, 0.0)) >= spec.cpus
+            and exact(n.free_mem + freed.mem.get(n.name, 0.0)) >= spec.memory_gb
+        )
 
     def _room(self, gpus: int, excluded: Collection[str], freed: Freed | None) -> dict[str, list[float]]:
         """Free GPUs, CPUs and memory of the up nodes that could take a worker of `gpus` GPUs."""

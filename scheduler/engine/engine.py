@@ -45,9 +45,13 @@ class Engine:
     # Baselines with one global queue keep all pending jobs in this order (see PoolState.arrivals).
     arrival_order: Callable[[Job], tuple[float, ...]] | None = None
 
-    def __init__(self, tree: QueueTree, nodes: Iterable[NodeSpec],
-                 domains: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
-                 settings: Settings | None = None):
+    def __init__(
+        self,
+        tree: QueueTree,
+        nodes: Iterable[NodeSpec],
+        domains: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
+        settings: Settings | None = None,
+    ):
         self.tree = tree
         self.settings = settings or Settings()
         by_pool: dict[str, list[NodeSpec]] = {}
@@ -55,8 +59,9 @@ class Engine:
             by_pool.setdefault(n.pool, []).append(n)
         domains = domains or {}
         self.pools: dict[str, PoolState] = {
-            p: self.pool_state(Pool(p, ns, {d: list(m) for d, m in domains.get(p, {}).items()}), tree,
-                               self.arrival_order)
+            p: self.pool_state(
+                Pool(p, ns, {d: list(m) for d, m in domains.get(p, {}).items()}), tree, self.arrival_order
+            )
             for p, ns in sorted(by_pool.items())
         }
         self.node_pool = {n.name: n.pool for ns in by_pool.values() for n in ns}
@@ -75,8 +80,9 @@ class Engine:
 
     # ----- inputs -----
 
-    def submit(self, spec: JobSpec, now: float, *, seq: int | None = None,
-               overtaken_at: float | None = None) -> list[Decision]:
+    def submit(
+        self, spec: JobSpec, now: float, *, seq: int | None = None, overtaken_at: float | None = None
+    ) -> list[Decision]:
         """Queue a job submitted at `now`, or reject it at once when it can never run.
 
         A caller that rebuilds an engine (the service, after a restart) passes what the first engine knew: `seq`,
@@ -96,8 +102,16 @@ class Engine:
         self.pools[spec.pool].add_pending(job)
         return []
 
-    def restore(self, spec: JobSpec, submit: float, start: float, workers: list[tuple[str, list[int]]], *,
-                seq: int | None = None, reason: Reason | None = None) -> Job:
+    def restore(
+        self,
+        spec: JobSpec,
+        submit: float,
+        start: float,
+        workers: list[tuple[str, list[int]]],
+        *,
+        seq: int | None = None,
+        reason: Reason | None = None,
+    ) -> Job:
         """A job that is already running on these GPUs (the service rebuilding its engine after a restart or a
         quota change): it counts as running from `start`, and in its queue's demand, as if admitted in the order
         of restore calls (so call in the order the jobs were admitted). `seq` as for submit; `reason`, the one it
@@ -108,11 +122,19 @@ class Engine:
         ps.pool.take(spec, workers)
         self._admitted += 1
         q = self.tree[spec.queue]
-        job = Job(spec, float(submit), self._next_seq(seq), JobState.RUNNING, float(start), self._admitted,
-                  [(n, list(g)) for n, g in workers])
+        job = Job(
+            spec,
+            float(submit),
+            self._next_seq(seq),
+            JobState.RUNNING,
+            float(start),
+            self._admitted,
+            [(n, list(g)) for n, g in workers],
+        )
         job.within_quota = ps.usage[q.name] + job.request <= q.quota_of(ps.name)
         job.reason = reason or Reason(
-            "restored", f"{spec.id} was running on {job.placement()} when the engine was rebuilt")
+            "restored", f"{spec.id} was running on {job.placement()} when the engine was rebuilt"
+        )
         self.jobs[spec.id] = job
         ps.add_restored(job)
         return job
@@ -159,8 +181,14 @@ class Engine:
         hit = [j for jobs in ps.running.values() for j in jobs if any(n == name for n, _ in j.workers)]
         for j in sorted(hit, key=lambda j: j.admitted):
             self._stop(ps, j)
-            out.append(Preempted(j.id, "node_down", None, Reason(
-                "node_down", f"node {name} went down while {j.id} ran on it", {"node": name})))
+            out.append(
+                Preempted(
+                    j.id,
+                    "node_down",
+                    None,
+                    Reason("node_down", f"node {name} went down while {j.id} ran on it", {"node": name}),
+                )
+            )
         ps.pool.set_up(name, False)
         ps.capacity_changed()
         return out
@@ -278,8 +306,7 @@ class Engine:
             if not (preempted or moved or ps.victims_grew != grew):
                 return
 
-    def _pass(self, ps: PoolState, now: float, res: Reservation | None,
-              out: list[Decision]) -> tuple[list[Job], bool]:
+    def _pass(self, ps: PoolState, now: float, res: Reservation | None, out: list[Decision]) -> tuple[list[Job], bool]:
         """One pass: the leaf queue with the lowest ratio starts its first admissible job, until none can.
 
         Queues come in key order from PassOrder (ordering.py), which reads only the awake ones and the parked
@@ -302,8 +329,11 @@ class Engine:
                 # Once every queue is at or over its fair share (so it has no tier 1 or 2) and no pending job fits
                 # in the free GPUs, only queues with lower-priority work (tier 3) remain: the pass ends with them,
                 # at the first queue that shows it (a parked one passed by on the way to `entry` included).
-                ends = (free < need and not short
-                        and (res is None or order.read(res.job.spec.queue) or res.job.spec.queue not in ps.pending))
+                ends = (
+                    free < need
+                    and not short
+                    and (res is None or order.read(res.job.spec.queue) or res.job.spec.queue not in ps.pending)
+                )
                 if ends and order.passes_parked(entry):
                     preempted |= self._tier3_rest(ps, now, res, out, started, order)
                     break
@@ -311,8 +341,12 @@ class Engine:
                     break
                 order.reach(entry)
                 key, name = entry
-                if (key[0] >= 1 and name not in mixed and ends
-                        and (pool.free_gpus if name == ps.reserved.queue else free) < need):
+                if (
+                    key[0] >= 1
+                    and name not in mixed
+                    and ends
+                    and (pool.free_gpus if name == ps.reserved.queue else free) < need
+                ):
                     preempted |= self._tier3_rest(ps, now, res, out, started, order)
                     break
                 stuck = asleep.get(name)
@@ -332,20 +366,27 @@ class Engine:
             ps.thaw()
         return started, preempted
 
-    def _tier3_rest(self, ps: PoolState, now: float, res: Reservation | None, out: list[Decision],
-                    started: list[Job], order: PassOrder) -> bool:
+    def _tier3_rest(
+        self,
+        ps: PoolState,
+        now: float,
+        res: Reservation | None,
+        out: list[Decision],
+        started: list[Job],
+        order: PassOrder,
+    ) -> bool:
         """The pass's end once only tier 3 can start a job: the queues with lower-priority work, by name."""
         preempted = False
-        rest = sorted(n for n, room in ps.mixed.items()
-                      if not order.read(n) and room + ps.usable_free(n) >= ps.min_pending(n))
+        rest = sorted(
+            n for n, room in ps.mixed.items() if not order.read(n) and room + ps.usable_free(n) >= ps.min_pending(n)
+        )
         for name in rest:
             found = self._try_queue(ps, self.tree[name], now, res)
             if found is not None:
                 preempted |= self._apply(ps, found, now, out, started)
         return preempted
 
-    def _apply(self, ps: PoolState, found: Found, now: float, out: list[Decision],
-               started: list[Job]) -> bool:
+    def _apply(self, ps: PoolState, found: Found, now: float, out: list[Decision], started: list[Job]) -> bool:
         """Preempt the plan's victims, then start the job."""
         job, plan = found
         for v in plan.victims:
@@ -372,8 +413,7 @@ class Engine:
         stuck = ps.stuck.get(q.name)
         if stuck is not None and stuck.own == own:
             if stuck.needs is None:
-                if stuck.share == share and stuck.freed == ps.grown and stuck.victims == self._victims_state(
-                        ps, now):
+                if stuck.share == share and stuck.freed == ps.grown and stuck.victims == self._victims_state(ps, now):
                     return None
             elif not ps.share_may_help(stuck, q.name, share) and ps.room_still_short(stuck, q.name):
                 ps.sleep(q.name, stuck)
@@ -386,9 +426,15 @@ class Engine:
         # Once every shape of the queue has been tried (jobs preempted at this instant are asked differently, see
         # _admit), the jobs left can only repeat an answer: a long backlog is not walked to its end.
         shapes, plain = len(ps.pending_shapes[q.name]), 0
-        again = sum(1 for j in map(self.jobs.__getitem__, self._preempted_now)
-                    if j.state is JobState.PENDING and j.spec.queue == q.name and j.spec.pool == ps.name
-                    ) if self._preempted_now else 0
+        again = (
+            sum(
+                1
+                for j in map(self.jobs.__getitem__, self._preempted_now)
+                if j.state is JobState.PENDING and j.spec.queue == q.name and j.spec.pool == ps.name
+            )
+            if self._preempted_now
+            else 0
+        )
         held = res if res is not None and q.name in res.affected else None
         for job in ps.pending[q.name]:
             if plain >= shapes and again <= 0:
@@ -413,11 +459,21 @@ class Engine:
                 self._note_held_nodes(ps, job, q, now, res)
             if room_only is not None:
                 within = ps.usage[q.name] + job.request <= q.quota_of(ps.name)
-                room_only = None if only_own is None else [*room_only, Need(
-                    job.request, job.spec.gpus, job.spec.workers, within,
-                    own_room(ps.running.get(q.name, ()), job) if only_own else ())]
-        stuck = Stuck(own, share, ps.grown, None if room_only is not None else self._victims_state(ps, now),
-                      room_only)
+                room_only = (
+                    None
+                    if only_own is None
+                    else [
+                        *room_only,
+                        Need(
+                            job.request,
+                            job.spec.gpus,
+                            job.spec.workers,
+                            within,
+                            own_room(ps.running.get(q.name, ()), job) if only_own else (),
+                        ),
+                    ]
+                )
+        stuck = Stuck(own, share, ps.grown, None if room_only is not None else self._victims_state(ps, now), room_only)
         ps.remember(q.name, stuck)
         if room_only is None:
             ps.wake(q.name)
@@ -429,8 +485,12 @@ class Engine:
         """Record a job that found no room only because of the nodes held for a starving job."""
         assert self.holds is not None
         within = ps.usage[q.name] + job.request <= q.quota_of(ps.name)
-        if (res.excludes(job, within) and ps.over_limit(q, job.request) is None and ps.guaranteed(q, job)
-                and ps.pool.place(job.spec, frozenset()) is not None):
+        if (
+            res.excludes(job, within)
+            and ps.over_limit(q, job.request) is None
+            and ps.guaranteed(q, job)
+            and ps.pool.place(job.spec, frozenset()) is not None
+        ):
             self.holds.append(Hold(now, job.id, res.job.id, HELD_NODES))
 
     def _victims_state(self, ps: PoolState, now: float) -> tuple[object, ...]:
@@ -451,8 +511,9 @@ class Engine:
         u, pool = ps.usage[q.name], ps.name
         return u + need <= q.quota_of(pool) or u + need <= ps.shares().get(q.name, 0.0)
 
-    def _admit(self, ps: PoolState, job: Job, q: Queue, now: float,
-               res: Reservation | None) -> tuple[Plan | None, bool | None]:
+    def _admit(
+        self, ps: PoolState, job: Job, q: Queue, now: float, res: Reservation | None
+    ) -> tuple[Plan | None, bool | None]:
         """A plan to start `job` now, or None; and, when no plan, what else could start it while its queue and
         its share stay as they are: None, preemption in other queues; True, free GPUs with those its queue's
         lower-priority work holds; False, free GPUs alone."""
@@ -461,8 +522,11 @@ class Engine:
         excluded = res.excludes(job, within) if res is not None else frozenset()
         allowed = ps.over_limit(q, job.request) is None and ps.guaranteed(q, job)
         if allowed:
-            nodes = ps.pool.place(spec, excluded) if may_fit(ps.pool, job.request, spec.gpus, spec.workers,
-                                                             excluded) else None
+            nodes = (
+                ps.pool.place(spec, excluded)
+                if may_fit(ps.pool, job.request, spec.gpus, spec.workers, excluded)
+                else None
+            )
             if nodes is not None:
                 return Plan([], nodes), False
         if not self.preemption:
@@ -474,8 +538,9 @@ class Engine:
             tiers &= {Tier.PRIORITY}
         if not tiers:
             return None, False
-        preemption = self.planner(ps, job, q, excluded, lambda j: self._young(j, now), tiers,
-                                  quiet=self.settings.min_runtime <= 0)
+        preemption = self.planner(
+            ps, job, q, excluded, lambda j: self._young(j, now), tiers, quiet=self.settings.min_runtime <= 0
+        )
         if tiers == {Tier.PRIORITY} and preemption.priority_only_hopeless():
             return None, True
         return preemption.plan(), None
@@ -504,15 +569,24 @@ class Engine:
         if not job.spec.preemptible:
             # Guaranteed by its queue's non-preemptible GPUs alone: over quota in all, its queue's preemptible jobs
             # are the ones that borrow (and that other queues take back).
-            job.reason = Reason("within_quota", (
-                f"started within its guarantee (non-preemptible): {q.name} holds {np} + {job.request} "
-                f"non-preemptible GPUs of {ps.name}, quota {quota}; {u} GPUs in all, fair share {share:.2f}"),
-                {**nums, "np_usage": np})
+            job.reason = Reason(
+                "within_quota",
+                (
+                    f"started within its guarantee (non-preemptible): {q.name} holds {np} + {job.request} "
+                    f"non-preemptible GPUs of {ps.name}, quota {quota}; {u} GPUs in all, fair share {share:.2f}"
+                ),
+                {**nums, "np_usage": np},
+            )
         else:
             how = "within its quota" if job.within_quota else "borrowing idle GPUs (preemptible)"
-            job.reason = Reason("within_quota" if job.within_quota else "borrowing", (
-                f"started {how}: {q.name} uses {u} + {job.request} GPUs of {ps.name}, quota {quota}, "
-                f"fair share {share:.2f}"), nums)
+            job.reason = Reason(
+                "within_quota" if job.within_quota else "borrowing",
+                (
+                    f"started {how}: {q.name} uses {u} + {job.request} GPUs of {ps.name}, quota {quota}, "
+                    f"fair share {share:.2f}"
+                ),
+                nums,
+            )
         return Started(job.id, job.placement(), job.reason, tuple((n, tuple(g)) for n, g in job.workers))
 
     def _release(self, ps: PoolState, job: Job, moving: bool = False) -> None:

@@ -23,40 +23,69 @@ def rejection(spec: JobSpec, tree: QueueTree, pools: Mapping[str, Pool]) -> Reas
     q = tree[spec.queue]
     if not q.is_leaf:
         leaves = ", ".join(c.name for c in q.children)
-        return Reason("inner_queue", f"queue {q.name} is not a leaf queue; submit to one of: {leaves}",
-                      {"queue": q.name})
+        return Reason(
+            "inner_queue", f"queue {q.name} is not a leaf queue; submit to one of: {leaves}", {"queue": q.name}
+        )
     if spec.pool not in pools:
         return Reason("unknown_pool", f"pool {spec.pool} does not exist", {"pool": spec.pool})
     if spec.workers < 1 or spec.gpus < 0 or spec.cpus < 0 or spec.memory_gb < 0:
-        return Reason("invalid", f"a job needs workers >= 1 and gpus, cpus, memory_gb >= 0; got workers="
-                      f"{spec.workers}, gpus={spec.gpus}, cpus={spec.cpus}, memory_gb={spec.memory_gb}", {})
+        return Reason(
+            "invalid",
+            f"a job needs workers >= 1 and gpus, cpus, memory_gb >= 0; got workers="
+            f"{spec.workers}, gpus={spec.gpus}, cpus={spec.cpus}, memory_gb={spec.memory_gb}",
+            {},
+        )
     pool = pools[spec.pool]
-    if not any(g >= spec.gpus and (c is None or c >= spec.cpus) and (m is None or m >= spec.memory_gb)
-               for g, c, m in pool.shapes):
-        return Reason("worker_too_big", (
-            f"no node of pool {pool.name} can hold one worker ({spec.gpus} GPUs, {spec.cpus:g} CPUs, "
-            f"{spec.memory_gb:g} GB); its largest node has {pool.max_gpus} GPUs"),
-            {"gpus": spec.gpus, "largest_node_gpus": pool.max_gpus})
+    if not any(
+        g >= spec.gpus and (c is None or c >= spec.cpus) and (m is None or m >= spec.memory_gb)
+        for g, c, m in pool.shapes
+    ):
+        return Reason(
+            "worker_too_big",
+            (
+                f"no node of pool {pool.name} can hold one worker ({spec.gpus} GPUs, {spec.cpus:g} CPUs, "
+                f"{spec.memory_gb:g} GB); its largest node has {pool.max_gpus} GPUs"
+            ),
+            {"gpus": spec.gpus, "largest_node_gpus": pool.max_gpus},
+        )
     if spec.request > pool.total_gpus:
-        return Reason("gang_too_big", (
-            f"the gang asks {spec.request} GPUs ({spec.workers} x {spec.gpus}); pool {pool.name} has "
-            f"{pool.total_gpus} in all"), {"request": spec.request, "pool_gpus": pool.total_gpus})
+        return Reason(
+            "gang_too_big",
+            (
+                f"the gang asks {spec.request} GPUs ({spec.workers} x {spec.gpus}); pool {pool.name} has "
+                f"{pool.total_gpus} in all"
+            ),
+            {"request": spec.request, "pool_gpus": pool.total_gpus},
+        )
     room = pool.workers_fit_empty(spec)
     if room < spec.workers:
-        return Reason("gang_too_big", (
-            f"the gang needs {spec.workers} workers of {spec.gpus} GPUs; even empty, the nodes of pool "
-            f"{pool.name} hold only {room} such workers"), {"workers": spec.workers, "fits": room})
+        return Reason(
+            "gang_too_big",
+            (
+                f"the gang needs {spec.workers} workers of {spec.gpus} GPUs; even empty, the nodes of pool "
+                f"{pool.name} hold only {room} such workers"
+            ),
+            {"workers": spec.workers, "fits": room},
+        )
     for a in q.path:
         if spec.request > a.limit_of(pool.name):
-            return Reason("over_limit", (
-                f"the job asks {spec.request} GPUs of {pool.name}, more than queue {a.name}'s limit of "
-                f"{a.limit_of(pool.name):g}"), {"request": spec.request, "limit": a.limit_of(pool.name),
-                                                 "queue": a.name})
+            return Reason(
+                "over_limit",
+                (
+                    f"the job asks {spec.request} GPUs of {pool.name}, more than queue {a.name}'s limit of "
+                    f"{a.limit_of(pool.name):g}"
+                ),
+                {"request": spec.request, "limit": a.limit_of(pool.name), "queue": a.name},
+            )
     if not spec.preemptible and spec.request > q.quota_of(pool.name):
-        return Reason("over_quota", (
-            f"a non-preemptible job runs only within its queue's quota: it asks {spec.request} GPUs of "
-            f"{pool.name}, more than queue {q.name}'s quota of {q.quota_of(pool.name)}"),
-            {"request": spec.request, "quota": q.quota_of(pool.name), "queue": q.name})
+        return Reason(
+            "over_quota",
+            (
+                f"a non-preemptible job runs only within its queue's quota: it asks {spec.request} GPUs of "
+                f"{pool.name}, more than queue {q.name}'s quota of {q.quota_of(pool.name)}"
+            ),
+            {"request": spec.request, "quota": q.quota_of(pool.name), "queue": q.name},
+        )
     return None
 
 
@@ -66,8 +95,14 @@ def explain_pending(ps: PoolState, job: Job, res: Reservation | None, preempted_
     pool, r = ps.name, job.request
     u, quota, share = ps.usage[q.name], q.quota_of(ps.name), ps.shares().get(q.name, 0.0)
     np = ps.np_usage[q.name]
-    nums: dict[str, float | int | str] = {"usage": u, "request": r, "quota": quota, "fair_share": round(share, 4),
-                                          "free_gpus": ps.pool.free_gpus, "np_usage": np}
+    nums: dict[str, float | int | str] = {
+        "usage": u,
+        "request": r,
+        "quota": quota,
+        "fair_share": round(share, 4),
+        "free_gpus": ps.pool.free_gpus,
+        "np_usage": np,
+    }
     head = f"{q.name} uses {u} GPUs of {pool} (quota {quota}, fair share {share:.2f})"
     held = res.holds(job) if res is not None and q.name in res.affected else None
     if held is not None:
@@ -75,32 +110,43 @@ def explain_pending(ps: PoolState, job: Job, res: Reservation | None, preempted_
         s = res.job
         why = {
             QUEUE_MATE: f"{s.id}, first in {q.name}, has waited past starvation_timeout for room; younger jobs of "
-                        f"the queue wait until it starts",
+            f"the queue wait until it starts",
             GUARANTEE: f"{s.id}, first in {q.name}, has waited past starvation_timeout on {q.name}'s guarantee; "
-                       f"non-preemptible jobs of the queue, which count against it, wait until it starts",
+            f"non-preemptible jobs of the queue, which count against it, wait until it starts",
             LIMIT: f"{s.id} of {s.spec.queue} has waited past starvation_timeout on a limit this job's queue "
-                   f"shares; jobs that would raise it and that {s.id} could not take back wait until it starts",
+            f"shares; jobs that would raise it and that {s.id} could not take back wait until it starts",
         }[held]
         return Reason("starvation_guard", why, {**nums, "waits_for": s.id, "cause": held})
     blocked = ps.over_limit(q, r)
     if blocked is not None:
         a, au = blocked
-        return Reason("limit", (
-            f"queue {a.name} would use {au} + {r} GPUs of {pool}, over its limit of {a.limit_of(pool):g}; "
-            f"it starts when {a.name}'s usage drops to {a.limit_of(pool) - r:g}"),
-            {**nums, "queue": a.name, "queue_usage": au, "limit": a.limit_of(pool)})
+        return Reason(
+            "limit",
+            (
+                f"queue {a.name} would use {au} + {r} GPUs of {pool}, over its limit of {a.limit_of(pool):g}; "
+                f"it starts when {a.name}'s usage drops to {a.limit_of(pool) - r:g}"
+            ),
+            {**nums, "queue": a.name, "queue_usage": au, "limit": a.limit_of(pool)},
+        )
     if not ps.guaranteed(q, job):
-        return Reason("guarantee", (
-            f"non-preemptible jobs run only within quota, counting the queue's non-preemptible GPUs: {q.name} "
-            f"holds {np} non-preemptible GPUs of {pool} (quota {quota}); {np} + {r} > {quota}, so it waits until "
-            f"{np + r - quota} of them free up (its queue's preemptible jobs never hold it back)"), nums)
+        return Reason(
+            "guarantee",
+            (
+                f"non-preemptible jobs run only within quota, counting the queue's non-preemptible GPUs: {q.name} "
+                f"holds {np} non-preemptible GPUs of {pool} (quota {quota}); {np} + {r} > {quota}, so it waits until "
+                f"{np + r - quota} of them free up (its queue's preemptible jobs never hold it back)"
+            ),
+            nums,
+        )
     within = u + r <= quota
     excluded = res.excludes(job, within) if res is not None else frozenset()
     if ps.pool.place(job.spec, excluded) is not None:
         return Reason("next_pass", f"fits now; it starts at the next scheduling pass ({head})", nums)
     need = f"{job.spec.workers} x {job.spec.gpus} GPUs"
-    msg = (f"needs {need} on {pool}: {ps.pool.free_gpus} GPUs free, the largest free block on one node is "
-           f"{ps.pool.largest_free()}")
+    msg = (
+        f"needs {need} on {pool}: {ps.pool.free_gpus} GPUs free, the largest free block on one node is "
+        f"{ps.pool.largest_free()}"
+    )
     if excluded:
         assert res is not None
         msg += f"; nodes {', '.join(sorted(excluded))} are held for starving job {res.job.id}"
@@ -108,8 +154,10 @@ def explain_pending(ps: PoolState, job: Job, res: Reservation | None, preempted_
     if preempted_now:
         preempt = "it was preempted at this instant, so it may take GPUs back only from its own queue until the next"
     elif not tiers - {Tier.PRIORITY}:
-        preempt = (f"it may preempt only lower-priority jobs of {q.name}: {head}, and {u} + {r} is over both "
-                   f"its quota and its fair share")
+        preempt = (
+            f"it may preempt only lower-priority jobs of {q.name}: {head}, and {u} + {r} is over both "
+            f"its quota and its fair share"
+        )
     else:
         preempt = "no allowed set of victims makes room (see docs/scheduling.md, Preemption)"
     return Reason("fit", f"{msg}; {preempt}", nums)

@@ -53,8 +53,7 @@ class Stuck:
         self.owned = tuple(n for n in needs if n.own)
 
 
-def may_fit_any(pool: Pool, reserved: Held, needs: Iterable[Need],
-                queue: str) -> bool:
+def may_fit_any(pool: Pool, reserved: Held, needs: Iterable[Need], queue: str) -> bool:
     """Could any of these shapes that the room-only queue `queue` tried fit now, off the nodes the reservation
     (PoolState.reserved) keeps from it (Reservation.excludes)?"""
     held_for, held, held_within = reserved
@@ -65,8 +64,9 @@ def may_fit_any(pool: Pool, reserved: Held, needs: Iterable[Need],
     return False
 
 
-def may_fit(pool: Pool, request: int, gpus: int, workers: int, kept: Collection[str] = (),
-            own: Iterable[tuple[str, int]] = ()) -> bool:
+def may_fit(
+    pool: Pool, request: int, gpus: int, workers: int, kept: Collection[str] = (), own: Iterable[tuple[str, int]] = ()
+) -> bool:
     """A necessary condition for placing a job on free GPUs, off the nodes `kept`, with those its queue's
     lower-priority work holds (`own`: node, GPUs) counted free: enough GPUs, and room for `workers` workers of
     `gpus` GPUs each. With `own`, this is Preemption.priority_only_hopeless's test itself."""

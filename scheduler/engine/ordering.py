@@ -79,8 +79,11 @@ class PassOrder:
         parked queues that this start woke, or that room given back may now fit, join at their place."""
         ps, moved = self.ps, self.moved
         for name in names:
-            if (moved.get(name) == -1 or name not in ps.pending
-                    or (name not in moved and ps.visited_parked(name, self.high))):
+            if (
+                moved.get(name) == -1
+                or name not in ps.pending
+                or (name not in moved and ps.visited_parked(name, self.high))
+            ):
                 continue
             moved[name] = moved.get(name, 0) + 1
             heapq.heappush(self._heap, (ps.queue_key(ps.tree[name]), moved[name], name))

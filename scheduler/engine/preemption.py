@@ -68,8 +68,16 @@ class Plan:
 class Preemption:
     """Finds the victims for one job of queue `q`, or None when no allowed set of victims makes it admissible."""
 
-    def __init__(self, ps: PoolState, job: Job, q: Queue, excluded: Collection[str],
-                 young: Callable[[Job], bool], tiers: set[Tier], quiet: bool = False):
+    def __init__(
+        self,
+        ps: PoolState,
+        job: Job,
+        q: Queue,
+        excluded: Collection[str],
+        young: Callable[[Job], bool],
+        tiers: set[Tier],
+        quiet: bool = False,
+    ):
         self.ps, self.job, self.q, self.excluded = ps, job, q, excluded
         self.young = young  # a job under min_runtime: not a victim (the caller registers a wakeup)
         # No job can be young (min_runtime 0): walking the candidates has no side effect (no wakeups to
@@ -104,24 +112,29 @@ class Preemption:
             least = 1 if self.request else 0  # the smallest job that can help frees a GPU
             for leaf in ps.over_share:
                 # Skip queues whose ratio would drop below q's after losing even their smallest job.
-                if leaf != q.name and leaf in ps.running and ratio(
-                        ps.usage[leaf] - least, shares.get(leaf, 0.0)) >= after_q:
+                if (
+                    leaf != q.name
+                    and leaf in ps.running
+                    and ratio(ps.usage[leaf] - least, shares.get(leaf, 0.0)) >= after_q
+                ):
                     tiers.setdefault(leaf, []).append(Tier.FAIR_SHARE)
         return tiers
 
     def candidates(self) -> Iterator[tuple[Tier, Job]]:
         """Victims in the fixed order: tier, victim queue's ratio (highest first), priority, latest start."""
         ps = self.ps
-        queues = sorted((tier, -ps.ratio(ps.tree[name]), name)
-                        for name, tiers in self._victim_queues().items() for tier in tiers)
+        queues = sorted(
+            (tier, -ps.ratio(ps.tree[name]), name) for name, tiers in self._victim_queues().items() for tier in tiers
+        )
         # Queues are read a block of equal (tier, ratio) at a time: most plans need only the first block.
         for (tier, neg_ratio), group in itertools.groupby(queues, key=lambda e: (e[0], e[1])):
             block = [name for _, _, name in group]
             if len(block) == 1:
                 jobs: Iterable[Job] = ps.running[block[0]]  # already in victim order
             else:
-                jobs = (j for _, _, j in heapq.merge(*(self._stream(tier, -neg_ratio, ps.running[name])
-                                                       for name in block)))
+                jobs = (
+                    j for _, _, j in heapq.merge(*(self._stream(tier, -neg_ratio, ps.running[name]) for name in block))
+                )
             for j in jobs:
                 if tier == Tier.PRIORITY and j.spec.priority >= self.job.spec.priority:
                     break  # within one queue, lowest priority first: no lower-priority job is left
@@ -190,8 +203,13 @@ class Preemption:
         with every job the walk would take gone, would too few nodes be empty? (See clearable.py.)"""
         ps, spec, pool, q = self.ps, self.job.spec, self.ps.pool, self.q.name
         g = spec.gpus
-        if (not self.quiet or Tier.RECLAIM in self.tiers or Tier.FAIR_SHARE not in self.tiers
-                or g != pool.max_gpus or g <= 0):
+        if (
+            not self.quiet
+            or Tier.RECLAIM in self.tiers
+            or Tier.FAIR_SHARE not in self.tiers
+            or g != pool.max_gpus
+            or g <= 0
+        ):
             return False
         need = spec.workers - len(pool.buckets[g])  # whole free nodes
         need += sum(1 for n in self.excluded if pool.nodes[n].up and len(pool.nodes[n].free) == g)
@@ -310,14 +328,20 @@ class Preemption:
         q, pool, ps, f = self.q, self.pool, self.ps, victim.facts
         head = f"{q.name} uses {ps.usage[q.name]} GPUs of {pool} and {self.job.id} needs {self.request}"
         if victim.tier == Tier.RECLAIM:
-            msg = (f"{q.name} reclaims its guarantee on {pool}: {head}, within its quota of {q.quota_of(pool)}; "
-                   f"{f['branch']} uses {f['branch_usage']} GPUs, over its quota of {f['branch_quota']}")
+            msg = (
+                f"{q.name} reclaims its guarantee on {pool}: {head}, within its quota of {q.quota_of(pool)}; "
+                f"{f['branch']} uses {f['branch_usage']} GPUs, over its quota of {f['branch_quota']}"
+            )
         elif victim.tier == Tier.FAIR_SHARE:
-            msg = (f"{q.name} is below its fair share: {head}, within its share of "
-                   f"{self.shares.get(q.name, 0.0):.2f}; {f['victim_queue']} uses {f['victim_usage']} GPUs, over "
-                   f"its share of {self.shares.get(str(f['victim_queue']), 0.0):.2f}, and its ratio stays "
-                   f"{float(f['ratio_after']):.2f} >= {float(f['beneficiary_ratio_after']):.2f}")
+            msg = (
+                f"{q.name} is below its fair share: {head}, within its share of "
+                f"{self.shares.get(q.name, 0.0):.2f}; {f['victim_queue']} uses {f['victim_usage']} GPUs, over "
+                f"its share of {self.shares.get(str(f['victim_queue']), 0.0):.2f}, and its ratio stays "
+                f"{float(f['ratio_after']):.2f} >= {float(f['beneficiary_ratio_after']):.2f}"
+            )
         else:
-            msg = (f"{self.job.id} (priority {self.job.spec.priority}) preempts lower-priority work of {q.name} "
-                   f"(priority {victim.job.spec.priority})")
+            msg = (
+                f"{self.job.id} (priority {self.job.spec.priority}) preempts lower-priority work of {q.name} "
+                f"(priority {victim.job.spec.priority})"
+            )
         return Reason(CAUSE[victim.tier], msg, victim.facts)

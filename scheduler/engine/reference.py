@@ -21,8 +21,7 @@ from scheduler.engine.state import PoolState
 class ReferenceEngine(Engine):
     """Engine with the pre-redesign pass: every queue with pending jobs is read at every pass."""
 
-    def _pass(self, ps: PoolState, now: float, res: Reservation | None,
-              out: list[Decision]) -> tuple[list[Job], bool]:
+    def _pass(self, ps: PoolState, now: float, res: Reservation | None, out: list[Decision]) -> tuple[list[Job], bool]:
         """One pass: the leaf queue with the lowest ratio starts its first admissible job, until none can.
 
         Queues are read in key order, every leaf with pending jobs (frozen during the pass); a queue whose key changed
@@ -73,13 +72,20 @@ class ReferenceEngine(Engine):
                     nxt = next(cursor, None)
                 else:
                     break
-                if (key[0] >= 1 and not short and name not in mixed
-                        and (res is None or res.job.spec.queue in moved or res.job.spec.queue not in ps.pending)
-                        and (pool.free_gpus if name == ps.reserved.queue else free) < need):
+                if (
+                    key[0] >= 1
+                    and not short
+                    and name not in mixed
+                    and (res is None or res.job.spec.queue in moved or res.job.spec.queue not in ps.pending)
+                    and (pool.free_gpus if name == ps.reserved.queue else free) < need
+                ):
                     # From here on every queue is at or over its fair share (so it has no tier 1 or 2) and no
                     # pending job fits in the free GPUs: only queues with lower-priority work (tier 3) remain.
-                    rest = sorted(n for n, room in ps.mixed.items()
-                                  if n not in moved and room + ps.usable_free(n) >= ps.min_pending(n))
+                    rest = sorted(
+                        n
+                        for n, room in ps.mixed.items()
+                        if n not in moved and room + ps.usable_free(n) >= ps.min_pending(n)
+                    )
                     for name in rest:
                         found = self._try_queue(ps, self.tree[name], now, res)
                         if found is not None:

@@ -29,8 +29,7 @@ class PoolStateRecounted(PoolState):
     def usable_free(self, queue: str | None) -> int:
         held_for, held, _ = self.reserved
         nodes = self.pool.nodes
-        return self.pool.free_gpus - (
-            0 if held_for == queue else sum(len(nodes[n].free) for n in held if nodes[n].up))
+        return self.pool.free_gpus - (0 if held_for == queue else sum(len(nodes[n].free) for n in held if nodes[n].up))
 
 
 class PreemptionWalked(Preemption):

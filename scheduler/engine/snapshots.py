@@ -58,9 +58,13 @@ class PoolGpus:
 
 def pool_load(ps: PoolState) -> PoolLoad:
     return PoolLoad(
-        name=ps.name, usage=dict(ps.usage), np_usage=dict(ps.np_usage), shares=dict(ps.shares()),
+        name=ps.name,
+        usage=dict(ps.usage),
+        np_usage=dict(ps.np_usage),
+        shares=dict(ps.shares()),
         pending_sizes={leaf: dict(sizes) for leaf, sizes in ps.pending_sizes.items() if sizes},
-        running_jobs={leaf: len(jobs) for leaf, jobs in ps.running.items() if jobs})
+        running_jobs={leaf: len(jobs) for leaf, jobs in ps.running.items() if jobs},
+    )
 
 
 def pool_gpus(ps: PoolState) -> PoolGpus:
@@ -69,7 +73,8 @@ def pool_gpus(ps: PoolState) -> PoolGpus:
         for j in leaf_jobs:
             for node, gpus in j.workers:
                 holder.update({(node, g): j.id for g in gpus})
-    nodes = tuple(NodeGpus(n.name, n.spec.gpus, {i: holder[(n.name, i)] for i in range(n.spec.gpus)
-                                                  if (n.name, i) in holder})
-                  for n in ps.pool.nodes.values())
+    nodes = tuple(
+        NodeGpus(n.name, n.spec.gpus, {i: holder[(n.name, i)] for i in range(n.spec.gpus) if (n.name, i) in holder})
+        for n in ps.pool.nodes.values()
+    )
     return PoolGpus(ps.name, ps.pool.capacity, ps.pool.free_gpus, nodes)

@@ -51,8 +51,7 @@ def quota_ratio(usage: float, quota: float) -> float:
 class PoolState:
     """Everything the engine keeps for one pool; every mutation goes through the methods below."""
 
-    def __init__(self, pool: Pool, tree: QueueTree,
-                 arrival_order: Callable[[Job], tuple[float, ...]] | None = None):
+    def __init__(self, pool: Pool, tree: QueueTree, arrival_order: Callable[[Job], tuple[float, ...]] | None = None):
         self.pool = pool
         self.tree = tree
         self.name = pool.name
@@ -422,8 +421,9 @@ class PoolState:
                 out.append((key[name], name))
         return out
 
-    def parked_between(self, low: tuple[QueueKey, str], high: tuple[QueueKey, str] | None,
-                       visited: dict[str, int]) -> bool:
+    def parked_between(
+        self, low: tuple[QueueKey, str], high: tuple[QueueKey, str] | None, visited: dict[str, int]
+    ) -> bool:
         """Is a parked leaf not visited in this pass, still asleep, between `low` and `high` (None: the end)?"""
         i = self.parked_order.bisect_right(low)
         order, asleep = self.parked_order, self.asleep
@@ -515,8 +515,9 @@ class PoolState:
         and through the nodes kept from the queue's jobs (Reservation.excludes): more kept only takes room
         away, while a node let go, or nodes no longer kept from jobs within quota, give room back, like a
         release."""
-        queue, nodes, within_quota = (res.job.spec.queue, res.nodes, res.within_quota) if res else (
-            None, frozenset(), False)
+        queue, nodes, within_quota = (
+            (res.job.spec.queue, res.nodes, res.within_quota) if res else (None, frozenset(), False)
+        )
         holder = (res.job, res.cause, res.affected) if res else None
         old_queue, old_nodes, old_within = self.reserved
         if holder != self._holder:

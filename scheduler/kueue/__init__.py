@@ -12,5 +12,16 @@ from scheduler.kueue.models import (
     from_dict,
 )
 
-__all__ = ["API_VERSION", "ClusterQueue", "Cohort", "ExportError", "KueueObject", "LocalQueue", "ResourceFlavor",
-           "export", "export_objects", "from_dict", "losses"]
+__all__ = [
+    "API_VERSION",
+    "ClusterQueue",
+    "Cohort",
+    "ExportError",
+    "KueueObject",
+    "LocalQueue",
+    "ResourceFlavor",
+    "export",
+    "export_objects",
+    "from_dict",
+    "losses",
+]

@@ -25,8 +25,9 @@ class KueueClient:
     def create(self, obj: K) -> K:
         body = obj.to_dict()
         if obj.NAMESPACED:
-            made = self.api.create_namespaced_custom_object(GROUP, VERSION, _ns(type(obj), obj.metadata.namespace),
-                                                            obj.PLURAL, body)
+            made = self.api.create_namespaced_custom_object(
+                GROUP, VERSION, _ns(type(obj), obj.metadata.namespace), obj.PLURAL, body
+            )
         else:
             made = self.api.create_cluster_custom_object(GROUP, VERSION, obj.PLURAL, body)
         return type(obj).from_dict(_body(made))
@@ -41,8 +42,9 @@ class KueueClient:
     def list(self, kind: type[K], namespace: str | None = None, label_selector: str = "") -> builtins.list[K]:
         """All objects of a kind (a namespaced kind: in `namespace`, or in every namespace when None)."""
         if kind.NAMESPACED and namespace is not None:
-            got = self.api.list_namespaced_custom_object(GROUP, VERSION, namespace, kind.PLURAL,
-                                                         label_selector=label_selector)
+            got = self.api.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, kind.PLURAL, label_selector=label_selector
+            )
         else:
             got = self.api.list_cluster_custom_object(GROUP, VERSION, kind.PLURAL, label_selector=label_selector)
         return [kind.from_dict({"kind": kind.KIND, **item}) for item in _body(got)["items"]]
@@ -63,7 +65,8 @@ class KueueClient:
         body["metadata"]["resourceVersion"] = current.metadata.resource_version
         if obj.NAMESPACED:
             made = self.api.replace_namespaced_custom_object(
-                GROUP, VERSION, _ns(type(obj), obj.metadata.namespace), obj.PLURAL, obj.metadata.name, body)
+                GROUP, VERSION, _ns(type(obj), obj.metadata.namespace), obj.PLURAL, obj.metadata.name, body
+            )
         else:
             made = self.api.replace_cluster_custom_object(GROUP, VERSION, obj.PLURAL, obj.metadata.name, body)
         return type(obj).from_dict(_body(made))

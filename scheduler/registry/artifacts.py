@@ -38,8 +38,10 @@ def local_path(uri: str) -> Path:
         return Path(unquote(parsed.path))
     # A one-letter "scheme" is a Windows drive (C:\...), not a URI scheme.
     if parsed.scheme and len(parsed.scheme) > 1:
-        raise ValueError(f"artifact URI scheme {parsed.scheme!r} is not supported: only local paths and file:// "
-                         f"URIs can be hashed, got {uri!r}")
+        raise ValueError(
+            f"artifact URI scheme {parsed.scheme!r} is not supported: only local paths and file:// "
+            f"URIs can be hashed, got {uri!r}"
+        )
     return Path(uri)
 
 
@@ -95,8 +97,10 @@ def resolve(uri: str, roots: Sequence[Path]) -> Path:
             return Path(os.path.realpath(candidate))
     if any(inside(c, roots) is not None for c in candidates):
         raise ArtifactError(f"artifact {uri!r} not found in the job's output directory")
-    raise ArtifactError(f"artifact {uri!r} is not inside the job's output directory: versions are registered "
-                        "only from what the job itself wrote there ($CORRAL_OUTPUT_DIR)")
+    raise ArtifactError(
+        f"artifact {uri!r} is not inside the job's output directory: versions are registered "
+        "only from what the job itself wrote there ($CORRAL_OUTPUT_DIR)"
+    )
 
 
 MAX_DEPTH = 64  # directories nested in an artifact: a model is a few levels deep; each level holds an open fd
@@ -105,8 +109,13 @@ _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # no FIFO bl
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink")):
+    for test, name in (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symlink"),
+    ):
         if test(mode):
             return name
     return "something else"
@@ -116,8 +125,10 @@ def _regular(shown: str, st: os.stat_result, own: bool = True) -> None:
     """ArtifactError unless `st` is a regular file (with one link, when `own`); `shown` names it (a path inside
     the outputs)."""
     if not stat.S_ISREG(st.st_mode):
-        raise ArtifactError(f"{shown} is {_kind(st.st_mode)}, not a regular file: only regular files (and directories "
-                            "of them) are read from a job's outputs")
+        raise ArtifactError(
+            f"{shown} is {_kind(st.st_mode)}, not a regular file: only regular files (and directories "
+            "of them) are read from a job's outputs"
+        )
     if own and st.st_nlink > 1:
         # A hard link can name a file that lies outside the output directory (another user's, or the server's).
         raise ArtifactError(f"{shown} has {st.st_nlink} hard links: a job's outputs must be its own copies")
@@ -150,8 +161,10 @@ def open_beneath(base: Path, parts: Sequence[str], shown: str, own: bool = True)
     except FileNotFoundError:
         raise
     except OSError as e:  # ELOOP: a symlink; ENOTDIR: a directory on the way swapped for something else
-        raise ArtifactError(f"{shown} is a symlink or lies beneath one ({e.strerror}): nothing outside the job's "
-                            "output directory is read through a link") from e
+        raise ArtifactError(
+            f"{shown} is a symlink or lies beneath one ({e.strerror}): nothing outside the job's "
+            "output directory is read through a link"
+        ) from e
     finally:
         os.close(parent)
     try:
@@ -168,8 +181,15 @@ def _entry(rel: str, shown: Path, st: os.stat_result, base: Path, parts: tuple[s
     return Entry(rel, shown, st.st_size, (st.st_dev, st.st_ino), base=base, parts=parts, own=own)
 
 
-def walk(path: Path, max_bytes: int, max_files: int, base: Path | None = None, skip: Collection[str] = (),
-         max_depth: int = MAX_DEPTH, own: bool = True) -> Walk:
+def walk(
+    path: Path,
+    max_bytes: int,
+    max_files: int,
+    base: Path | None = None,
+    skip: Collection[str] = (),
+    max_depth: int = MAX_DEPTH,
+    own: bool = True,
+) -> Walk:
     """The pre-walk: every regular file and symlink under `path` with its size, refused as soon as the total
     passes `max_bytes`, the entries (files, links and directories: empty directories cost time too) pass
     `max_files` or the nesting `max_depth`, or when anything is not a regular file, a directory or a symlink
@@ -200,8 +220,9 @@ def walk(path: Path, max_bytes: int, max_files: int, base: Path | None = None, s
         os.close(parent)
         entry = _entry("", path, st, base, top, own)
         if entry.size > max_bytes:
-            raise ArtifactError(f"artifact {path} is {entry.size} bytes, over the limit of {max_bytes} "
-                                "(setting artifact_max_bytes)")
+            raise ArtifactError(
+                f"artifact {path} is {entry.size} bytes, over the limit of {max_bytes} (setting artifact_max_bytes)"
+            )
         return Walk(path, False, (entry,), entry.size)
     try:
         fd = os.open(top[-1], _DIR, dir_fd=parent) if top else os.dup(parent)
@@ -221,8 +242,9 @@ def _listing(fd: int) -> os._ScandirIterator[str]:
         raise
 
 
-def _walk_dir(path: Path, fd: int, base: Path, top: tuple[str, ...], bounds: tuple[int, int, int],
-              skip: frozenset[str], own: bool) -> Walk:
+def _walk_dir(
+    path: Path, fd: int, base: Path, top: tuple[str, ...], bounds: tuple[int, int, int], skip: frozenset[str], own: bool
+) -> Walk:
     """Depth first over open directory fds (one per level, at most max_depth): each subdirectory is opened from
     its parent's fd with O_NOFOLLOW right when it is listed, and checked to be the directory that was listed."""
     max_bytes, max_files, max_depth = bounds
@@ -244,16 +266,16 @@ def _walk_dir(path: Path, fd: int, base: Path, top: tuple[str, ...], bounds: tup
             rel = "/".join(parts)
             seen += 1
             if seen > max_files:
-                raise ArtifactError(f"artifact {path} holds more than {max_files} files and directories "
-                                    "(setting artifact_max_files)")
+                raise ArtifactError(
+                    f"artifact {path} holds more than {max_files} files and directories (setting artifact_max_files)"
+                )
             try:
                 st = item.stat(follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode):
                     if item.name in skip:
                         continue
                     if len(stack) >= max_depth:
-                        raise ArtifactError(f"artifact {path} nests directories more than {max_depth} deep "
-                                            f"(at {rel})")
+                        raise ArtifactError(f"artifact {path} nests directories more than {max_depth} deep (at {rel})")
                     sub = os.open(item.name, _DIR, dir_fd=here)
                     if not os.path.samestat(os.fstat(sub), st):  # swapped between listing and opening
                         os.close(sub)
@@ -269,8 +291,7 @@ def _walk_dir(path: Path, fd: int, base: Path, top: tuple[str, ...], bounds: tup
             except OSError as e:  # named by its place in the artifact, never by where a link would lead
                 raise ArtifactError(f"{path / rel} cannot be read ({e.strerror})") from e
             if total > max_bytes:
-                raise ArtifactError(f"artifact {path} holds more than {max_bytes} bytes "
-                                    "(setting artifact_max_bytes)")
+                raise ArtifactError(f"artifact {path} holds more than {max_bytes} bytes (setting artifact_max_bytes)")
     finally:
         for here, listing, _ in stack:
             listing.close()

@@ -55,13 +55,20 @@ def entry_hash(prev_hash: str, entry: Mapping[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + b"\n" + canonical(entry)).hexdigest()
 
 
-def next_entry(last: Mapping[str, Any] | None, *, at: Any, actor: str, action: str, model: str,
-               detail: Mapping[str, Any]) -> dict[str, Any]:
+def next_entry(
+    last: Mapping[str, Any] | None, *, at: Any, actor: str, action: str, model: str, detail: Mapping[str, Any]
+) -> dict[str, Any]:
     """The row to append after `last` (None for the first entry): the fields plus seq, prev_hash and hash."""
     seq = 1 if last is None else int(last["seq"]) + 1
     prev = GENESIS if last is None else str(last["hash"])
-    row: dict[str, Any] = {"seq": seq, "at": at, "actor": actor, "action": action, "model": model,
-                           "detail": dict(detail)}
+    row: dict[str, Any] = {
+        "seq": seq,
+        "at": at,
+        "actor": actor,
+        "action": action,
+        "model": model,
+        "detail": dict(detail),
+    }
     row["prev_hash"] = prev
     row["hash"] = entry_hash(prev, row)
     return row
@@ -86,9 +93,11 @@ def verify(rows: Iterable[Mapping[str, Any]], head: str | None = None) -> list[s
             what = "a gap (rows removed?)" if isinstance(seq, int) and seq > prev_seq else "out of order"
             problems.append(f"seq {seq} follows seq {prev_seq}: {what}")
         if row["prev_hash"] != prev_hash:
-            problems.append(f"seq {seq}: prev_hash does not link to the row before it "
-                            f"(expected {prev_hash[:12]}…, found {str(row['prev_hash'])[:12]}…): "
-                            "a row was removed, inserted or reordered")
+            problems.append(
+                f"seq {seq}: prev_hash does not link to the row before it "
+                f"(expected {prev_hash[:12]}…, found {str(row['prev_hash'])[:12]}…): "
+                "a row was removed, inserted or reordered"
+            )
         try:
             recomputed = entry_hash(str(row["prev_hash"]), row)
         except (TypeError, ValueError) as err:
@@ -99,8 +108,10 @@ def verify(rows: Iterable[Mapping[str, Any]], head: str | None = None) -> list[s
         prev_hash, prev_seq = str(row["hash"]), seq if isinstance(seq, int) else prev_seq
         seen.add(prev_hash)
     if head is not None and head not in seen:
-        problems.append(f"the known head {head[:12]}… is not in the chain (it ends at seq {prev_seq}, hash "
-                        f"{prev_hash[:12]}…): its newest rows were removed, or the chain was rewritten")
+        problems.append(
+            f"the known head {head[:12]}… is not in the chain (it ends at seq {prev_seq}, hash "
+            f"{prev_hash[:12]}…): its newest rows were removed, or the chain was rewritten"
+        )
     return problems
 
 
@@ -135,8 +146,10 @@ def alias_problems(rows: Iterable[Mapping[str, Any]], table: Iterable[Mapping[st
     for key in sorted(expected.keys() | found.keys()):
         want, have = expected.get(key), found.get(key)
         if want != have:
-            problems.append(f"alias {key[0]}/{key[1]} is {_alias_text(have)} but the audit chain's moves lead to "
-                            f"{_alias_text(want)}: the alias table was changed outside the registry")
+            problems.append(
+                f"alias {key[0]}/{key[1]} is {_alias_text(have)} but the audit chain's moves lead to "
+                f"{_alias_text(want)}: the alias table was changed outside the registry"
+            )
     return problems
 
 
@@ -180,6 +193,8 @@ def version_problems(rows: Iterable[Mapping[str, Any]], table: Iterable[Mapping[
             continue
         changed = [f for f in VERSION_FIELDS if f in entry and not _same(entry[f], v[f])]
         if changed:
-            problems.append(f"version {key[0]} v{key[1]}: {', '.join(changed)} differ from its registration entry "
-                            "in the audit chain: the version was changed outside the registry")
+            problems.append(
+                f"version {key[0]} v{key[1]}: {', '.join(changed)} differ from its registration entry "
+                "in the audit chain: the version was changed outside the registry"
+            )
     return problems

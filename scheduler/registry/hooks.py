@@ -63,8 +63,7 @@ def _http(hook: Hook, request: Mapping[str, Any]) -> tuple[bool, str]:
     except ValueError:
         return False, f"hook failed: {hook.http} answered HTTP {response.status_code} with a body that is not JSON"
     if not isinstance(body, dict) or not isinstance(body.get("allow"), bool):
-        return False, (f"hook failed: {hook.http} answered HTTP {response.status_code} without a boolean "
-                       "'allow' field")
+        return False, (f"hook failed: {hook.http} answered HTTP {response.status_code} without a boolean 'allow' field")
     allowed: bool = body["allow"]
     reason = body.get("reason")
     default = "accepted by hook" if allowed else "rejected by hook"

@@ -74,8 +74,16 @@ def _gpu_resources(gpus: int) -> dict[str, Any]:
     return {"limits": {"nvidia.com/gpu": gpus}} if gpus else {}
 
 
-def inference_service(model: str, version: int, storage_uri: str, digest: str, namespace: str = "default",
-                      model_format: str = "pytorch", gpus: int = 1, runtime: str | None = None) -> dict[str, Any]:
+def inference_service(
+    model: str,
+    version: int,
+    storage_uri: str,
+    digest: str,
+    namespace: str = "default",
+    model_format: str = "pytorch",
+    gpus: int = 1,
+    runtime: str | None = None,
+) -> dict[str, Any]:
     """A KServe v1beta1 InferenceService serving `storage_uri` for `model` at `version`.
 
     The name comes from the model only, so promoting the next version updates the same service in place.
@@ -99,8 +107,17 @@ def inference_service(model: str, version: int, storage_uri: str, digest: str, n
     }
 
 
-def deployment(model: str, version: int, image: str, storage_uri: str, digest: str, namespace: str = "default",
-               gpus: int = 1, port: int = 8080, readiness_path: str = "/v2/health/ready") -> dict[str, Any]:
+def deployment(
+    model: str,
+    version: int,
+    image: str,
+    storage_uri: str,
+    digest: str,
+    namespace: str = "default",
+    gpus: int = 1,
+    port: int = 8080,
+    readiness_path: str = "/v2/health/ready",
+) -> dict[str, Any]:
     """A plain apps/v1 Deployment (one replica) running `image`, told where the model is through the environment.
 
     The selector names the model only (selectors cannot change), while the pod template carries the version,

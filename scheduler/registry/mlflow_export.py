@@ -57,16 +57,23 @@ def available() -> bool:
     return MlflowClient is not None
 
 
-def export_aliases(model: str, versions: Sequence[Mapping[str, Any]], stages: Mapping[str, Mapping[str, Any]],
-                   tracking_uri: str, timeout_s: float) -> dict[str, int]:
+def export_aliases(
+    model: str,
+    versions: Sequence[Mapping[str, Any]],
+    stages: Mapping[str, Mapping[str, Any]],
+    tracking_uri: str,
+    timeout_s: float,
+) -> dict[str, int]:
     """`_export` within `timeout_s` seconds: ExportFailed naming what went wrong, or that the time passed (the
     thread is left to end on MLflow's own request timeout, set by `configure`); ExportBusy at once when
     MAX_EXPORTS are running."""
     if MlflowClient is None:
         raise RuntimeError("mlflow is not installed (pip install 'corral[mlflow]')")
     if not _slots.acquire(blocking=False):
-        raise ExportBusy(f"{MAX_EXPORTS} MLflow exports are running already (a slow tracking server holds each "
-                         "for up to mlflow_timeout_s); try again shortly")
+        raise ExportBusy(
+            f"{MAX_EXPORTS} MLflow exports are running already (a slow tracking server holds each "
+            "for up to mlflow_timeout_s); try again shortly"
+        )
     result: dict[str, Any] = {}
 
     def run() -> None:
@@ -85,8 +92,9 @@ def export_aliases(model: str, versions: Sequence[Mapping[str, Any]], stages: Ma
         raise
     worker.join(timeout_s)
     if worker.is_alive():
-        raise ExportFailed(f"the MLflow export to {tracking_uri} did not finish within {timeout_s:g} s "
-                           "(setting mlflow_timeout_s)")
+        raise ExportFailed(
+            f"the MLflow export to {tracking_uri} did not finish within {timeout_s:g} s (setting mlflow_timeout_s)"
+        )
     if "error" in result:
         e = result["error"]
         raise ExportFailed(f"the MLflow export to {tracking_uri} failed: {type(e).__name__}: {str(e)[:500]}") from e
@@ -94,8 +102,9 @@ def export_aliases(model: str, versions: Sequence[Mapping[str, Any]], stages: Ma
     return exported
 
 
-def _export(model: str, versions: Sequence[Mapping[str, Any]], stages: Mapping[str, Mapping[str, Any]],
-            tracking_uri: str) -> dict[str, int]:
+def _export(
+    model: str, versions: Sequence[Mapping[str, Any]], stages: Mapping[str, Mapping[str, Any]], tracking_uri: str
+) -> dict[str, int]:
     """Mirror a Corral model into MLflow: one model version per Corral version (found again by its tag, so a
     second export adds only what is new) and one alias per stage. Returns stage -> MLflow version number."""
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -105,8 +114,11 @@ def _export(model: str, versions: Sequence[Mapping[str, Any]], stages: Mapping[s
     for v in versions:
         if str(v["version"]) not in known:
             created = client.create_model_version(
-                model, source=v["artifact_uri"], run_link=None,
-                tags={VERSION_TAG: str(v["version"]), "corral.digest": v["digest"], "corral.job": str(v["job_id"])})
+                model,
+                source=v["artifact_uri"],
+                run_link=None,
+                tags={VERSION_TAG: str(v["version"]), "corral.digest": v["digest"], "corral.job": str(v["job_id"])},
+            )
             known[str(v["version"])] = created.version
     out: dict[str, int] = {}
     for stage, alias in stages.items():

@@ -93,8 +93,9 @@ def read_metrics(directory: Path) -> dict[str, float] | None:
     out: dict[str, float] = {}
     for k, v in doc.items():
         if not 0 < len(k) <= 200 or not is_number(v):
-            raise ArtifactError(f"{METRICS_FILE}: {k[:200]!r}: {v!r} is not a finite number under a name of "
-                                "1 to 200 characters")
+            raise ArtifactError(
+                f"{METRICS_FILE}: {k[:200]!r}: {v!r} is not a finite number under a name of 1 to 200 characters"
+            )
         out[k] = float(v)
     return out
 

@@ -164,8 +164,9 @@ class VersionFacts:
     measured_by_job: bool = True
 
 
-TYPED_IN_BEFORE = ("metrics typed in before Corral 0.1.0 read them from the job's metrics.json; register again "
-                   "from the job's output")
+TYPED_IN_BEFORE = (
+    "metrics typed in before Corral 0.1.0 read them from the job's metrics.json; register again from the job's output"
+)
 
 
 @dataclass(frozen=True)
@@ -196,12 +197,16 @@ def _metric(gate: MetricGate, candidate: VersionFacts, production: VersionFacts 
     if gate.vs_production:
         failed += _vs_production(gate, value, candidate, production, evidence)
     text = "; ".join(evidence)
-    return GateResult(gate.label, "fail", "; ".join(failed) + f" ({text})") if failed else \
-        GateResult(gate.label, "pass", text)
+    return (
+        GateResult(gate.label, "fail", "; ".join(failed) + f" ({text})")
+        if failed
+        else GateResult(gate.label, "pass", text)
+    )
 
 
-def _vs_production(gate: MetricGate, value: float, candidate: VersionFacts, production: VersionFacts | None,
-                   evidence: list[str]) -> list[str]:
+def _vs_production(
+    gate: MetricGate, value: float, candidate: VersionFacts, production: VersionFacts | None, evidence: list[str]
+) -> list[str]:
     """Compare with production; appends to `evidence`, returns the reasons it fails (none when it passes)."""
     if production is None:
         evidence.append("no production version yet")
@@ -213,8 +218,10 @@ def _vs_production(gate: MetricGate, value: float, candidate: VersionFacts, prod
     evidence.append(f"production v{production.version} = {prod:g}")
     # A score on another evaluation set is not comparable, and an unrecorded set cannot be shown the same.
     if candidate.eval_set is None or production.eval_set is None or candidate.eval_set != production.eval_set:
-        return [f"different eval sets: candidate on {candidate.eval_set or 'an unrecorded set'}, "
-                f"production on {production.eval_set or 'an unrecorded set'}"]
+        return [
+            f"different eval sets: candidate on {candidate.eval_set or 'an unrecorded set'}, "
+            f"production on {production.eval_set or 'an unrecorded set'}"
+        ]
     evidence.append(f"both on eval set {candidate.eval_set}")
     worse = value < prod if gate.higher_is_better else value > prod
     if worse:
@@ -241,8 +248,12 @@ def _digest(candidate: VersionFacts, digest_now: str | None) -> GateResult:
     if digest_now is None:
         return GateResult("digest", "fail", f"artifact missing: {candidate.artifact_uri} could not be read")
     if digest_now != candidate.digest:
-        return GateResult("digest", "fail", f"artifact changed since registration: registered sha256 "
-                          f"{candidate.digest}, now {digest_now} ({candidate.artifact_uri})")
+        return GateResult(
+            "digest",
+            "fail",
+            f"artifact changed since registration: registered sha256 "
+            f"{candidate.digest}, now {digest_now} ({candidate.artifact_uri})",
+        )
     return GateResult("digest", "pass", f"sha256 {digest_now} matches the registered digest")
 
 
@@ -253,9 +264,15 @@ def _hook(hook: Hook, outcome: tuple[bool, str] | None) -> GateResult:
     return GateResult("hook", "pass" if allowed else "fail", f"{hook.target}: {reason}")
 
 
-def evaluate(stage: StagePolicy, candidate: VersionFacts, production: VersionFacts | None,
-             approvers: Sequence[str], requester: str, digest_now: str | None,
-             hook: tuple[bool, str] | None) -> list[GateResult]:
+def evaluate(
+    stage: StagePolicy,
+    candidate: VersionFacts,
+    production: VersionFacts | None,
+    approvers: Sequence[str],
+    requester: str,
+    digest_now: str | None,
+    hook: tuple[bool, str] | None,
+) -> list[GateResult]:
     """Every configured gate, in policy order: metrics, approvals, digest, hook.
 
     Gates the policy does not ask for (no approvals, verify_digest false, no hook) are not listed: a

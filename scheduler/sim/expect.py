@@ -70,9 +70,17 @@ def check(world: World, log: dict[str, Any]) -> list[tuple[str, bool, str]]:
                 report(f"fair_share {q}/{p}", want, got_v, abs(got_v - want) <= EPS)
         for q, pools in exp.get("usage", {}).items():
             for p, want in pools.items():
-                used = sum(s.request for j, s in specs.items() if r.state.get(j) == "running" and s.pool == p
-                           and (s.queue == q or q in {a.name for a in world.tree[s.queue].path}
-                                if s.queue in world.tree else False))
+                used = sum(
+                    s.request
+                    for j, s in specs.items()
+                    if r.state.get(j) == "running"
+                    and s.pool == p
+                    and (
+                        s.queue == q or q in {a.name for a in world.tree[s.queue].path}
+                        if s.queue in world.tree
+                        else False
+                    )
+                )
                 report(f"usage {q}/{p}", want, used, used == want)
         for key, got_map in (("start", r.start), ("finish", r.finish)):
             for j, want in exp.get(key, {}).items():

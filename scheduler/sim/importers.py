@@ -45,8 +45,17 @@ class TraceJob:
     preemptible: bool = True
 
     def cells(self) -> list[str]:
-        return [self.id, _fmt(self.submit), _fmt(self.duration), self.queue, self.pool, str(self.workers),
-                str(self.gpus), str(self.priority), "true" if self.preemptible else "false"]
+        return [
+            self.id,
+            _fmt(self.submit),
+            _fmt(self.duration),
+            self.queue,
+            self.pool,
+            str(self.workers),
+            str(self.gpus),
+            str(self.priority),
+            "true" if self.preemptible else "false",
+        ]
 
 
 @dataclass(frozen=True)
@@ -85,8 +94,7 @@ def _when(line: int, column: str, raw: str) -> float:
         try:
             d = datetime.fromisoformat(text)
         except ValueError as err:
-            raise RowError(line, column, f"{raw!r} is not a date and time (YYYY-MM-DD HH:MM:SS) "
-                                         "nor seconds") from err
+            raise RowError(line, column, f"{raw!r} is not a date and time (YYYY-MM-DD HH:MM:SS) nor seconds") from err
         return (d if d.tzinfo else d.replace(tzinfo=UTC)).timestamp()
     if not math.isfinite(v):
         raise RowError(line, column, f"{raw!r} is not a finite number")
@@ -134,16 +142,25 @@ def philly(rows: Iterable[Row], opts: ImportOptions) -> list[TraceJob]:
         if not vc:
             raise RowError(line, "cluster", "is empty; it names the virtual cluster")
         # "vc-" keeps a hex name such as 6214e9 from reading as a number (YAML would parse 6214e9 as 6.2e12).
-        parsed.append((_when(line, "timestamp", r.get("timestamp") or ""), line, f"vc-{vc}",
-                       _seconds(line, "duration", r.get("duration") or ""),
-                       _count(line, "num_gpus", r.get("num_gpus") or "", 1)))
+        parsed.append(
+            (
+                _when(line, "timestamp", r.get("timestamp") or ""),
+                line,
+                f"vc-{vc}",
+                _seconds(line, "duration", r.get("duration") or ""),
+                _count(line, "num_gpus", r.get("num_gpus") or "", 1),
+            )
+        )
     return _finish(parsed, opts)
 
 
 # FORMAT -> how to read it. Helios and Alibaba PAI join here with their own columns and converter.
 FORMATS: dict[str, Format] = {
-    "philly": Format(("timestamp", "duration", "num_gpus", "cluster"), philly,
-                     "Microsoft Philly, as processed in the Pollux artifact"),
+    "philly": Format(
+        ("timestamp", "duration", "num_gpus", "cluster"),
+        philly,
+        "Microsoft Philly, as processed in the Pollux artifact",
+    ),
 }
 
 

@@ -75,9 +75,18 @@ class JobIn(_In):
     max_runtime: float | None = Field(default=None, gt=0)
 
     def spec(self) -> JobSpec:
-        return JobSpec(id=self.id, queue=self.queue, pool=self.pool, gpus=self.gpus, workers=self.workers,
-                       cpus=self.cpus, memory_gb=self.memory_gb, priority=self.priority,
-                       preemptible=self.preemptible, checkpoint=self.checkpoint)
+        return JobSpec(
+            id=self.id,
+            queue=self.queue,
+            pool=self.pool,
+            gpus=self.gpus,
+            workers=self.workers,
+            cpus=self.cpus,
+            memory_gb=self.memory_gb,
+            priority=self.priority,
+            preemptible=self.preemptible,
+            checkpoint=self.checkpoint,
+        )
 
 
 class EventIn(_In):
@@ -188,7 +197,7 @@ def _validate(model: type[_In], path: Path) -> Any:
 
 def _warn_extra(obj: Any, path: Path, loc: tuple[int | str, ...]) -> None:
     if isinstance(obj, BaseModel):
-        for k in (obj.model_extra or {}):
+        for k in obj.model_extra or {}:
             print(f"{path}: {_loc(loc + (k,))}: unknown field, ignored", file=sys.stderr)
         for name in type(obj).model_fields:
             _warn_extra(getattr(obj, name), path, loc + (name,))
@@ -210,22 +219,27 @@ def _world(c: ClusterFileIn, path: Path) -> World:
         for d, ns in p.domains.items():
             for n in ns:
                 if n not in names:
-                    raise InputError(path, f"{where}.domains.{d}", f"node {n!r} is not a node of pool {p.name} "
-                                     f"({names[0] if names else 'no nodes'}..)")
+                    raise InputError(
+                        path,
+                        f"{where}.domains.{d}",
+                        f"node {n!r} is not a node of pool {p.name} ({names[0] if names else 'no nodes'}..)",
+                    )
                 if n in member:
                     raise InputError(path, f"{where}.domains.{d}", f"node {n!r} is already in domain {member[n]}")
                 member[n] = d
         capacity[p.name] = p.nodes * p.gpus_per_node
         domains[p.name] = dict(p.domains)
-        nodes += [NodeSpec(n, p.name, p.gpus_per_node, p.cpus_per_node, p.memory_gb_per_node, member.get(n))
-                  for n in names]
+        nodes += [
+            NodeSpec(n, p.name, p.gpus_per_node, p.cpus_per_node, p.memory_gb_per_node, member.get(n)) for n in names
+        ]
     specs = [QueueSpec(q.name, q.parent, q.quota, q.limit, q.weight) for q in c.queues]
     try:
         tree = QueueTree(specs, capacity)
     except QuotaError as err:
         where, what = err.problems[0]
-        raise InputError(path, where, what + (f" (and {len(err.problems) - 1} more)" if len(err.problems) > 1
-                                              else "")) from err
+        raise InputError(
+            path, where, what + (f" (and {len(err.problems) - 1} more)" if len(err.problems) > 1 else "")
+        ) from err
     s = c.settings
     return World(nodes, domains, tree, Settings(min_runtime=s.min_runtime, starvation_timeout=s.starvation_timeout))
 
@@ -302,8 +316,11 @@ def read_rows(path: Path, columns: Iterable[str]) -> Iterator[Row]:
         header = reader.fieldnames or []
         missing = [c for c in columns if c not in header]
         if missing:
-            raise InputError(path, "line 1", f"the header lacks column(s) {', '.join(missing)}; "
-                             f"found {','.join(header) or 'no header'}")
+            raise InputError(
+                path,
+                "line 1",
+                f"the header lacks column(s) {', '.join(missing)}; found {','.join(header) or 'no header'}",
+            )
         for row in reader:
             yield reader.line_num, row
 
@@ -324,12 +341,19 @@ def load_trace(path: str | Path) -> list[SimJob]:
             if not (row.get(col) or "").strip():
                 raise InputError(path, f"line {line}, column {col}", "is empty; it is required")
         spec = JobSpec(
-            id=jid, queue=row["queue"].strip(), pool=row["pool"].strip(),
+            id=jid,
+            queue=row["queue"].strip(),
+            pool=row["pool"].strip(),
             workers=_number(path, line, "workers", row.get("workers") or "", int, 1, 1),
             gpus=_number(path, line, "gpus", row.get("gpus") or "", int, 1, 0),
             priority=_number(path, line, "priority", row.get("priority") or "", int, 0, -math.inf),
             preemptible=_bool(path, line, row.get("preemptible") or ""),
         )
-        jobs.append(SimJob(spec, _number(path, line, "submit", row["submit"] or "", float, None, 0),
-                           _number(path, line, "duration", row["duration"] or "", float, None, 0)))
+        jobs.append(
+            SimJob(
+                spec,
+                _number(path, line, "submit", row["submit"] or "", float, None, 0),
+                _number(path, line, "duration", row["duration"] or "", float, None, 0),
+            )
+        )
     return jobs

@@ -91,14 +91,25 @@ def _stats(jobs: list[_Job], gpu_seconds: float, capacity: int, span: float) -> 
     for j in jobs:
         count[j.state] += 1
     return Stats(
-        jobs=len(jobs), started=len(waits), completed=count["completed"], rejected=count["rejected"],
-        failed=count["failed"], cancelled=count["cancelled"],
-        unfinished=count["pending"] + count["running"], preemptions=sum(j.preemptions for j in jobs),
-        mean_wait=_mean(waits), p50_wait=percentile(waits, 50), p95_wait=percentile(waits, 95),
-        p99_wait=percentile(waits, 99), mean_jct=_mean(jcts), p50_jct=percentile(jcts, 50),
-        p95_jct=percentile(jcts, 95), p99_jct=percentile(jcts, 99),
+        jobs=len(jobs),
+        started=len(waits),
+        completed=count["completed"],
+        rejected=count["rejected"],
+        failed=count["failed"],
+        cancelled=count["cancelled"],
+        unfinished=count["pending"] + count["running"],
+        preemptions=sum(j.preemptions for j in jobs),
+        mean_wait=_mean(waits),
+        p50_wait=percentile(waits, 50),
+        p95_wait=percentile(waits, 95),
+        p99_wait=percentile(waits, 99),
+        mean_jct=_mean(jcts),
+        p50_jct=percentile(jcts, 50),
+        p95_jct=percentile(jcts, 95),
+        p99_jct=percentile(jcts, 99),
         makespan=(max(ends) - min(j.submit for j in jobs)) if ends else 0.0,
-        gpu_seconds=gpu_seconds, utilisation=gpu_seconds / (capacity * span) if capacity and span else 0.0,
+        gpu_seconds=gpu_seconds,
+        utilisation=gpu_seconds / (capacity * span) if capacity and span else 0.0,
         waits=waits,
     )
 
@@ -154,14 +165,19 @@ def compute(jobs: Sequence[SimJob], log: Mapping[str, Any], capacity: int) -> Me
     overall = _stats(list(js.values()), sum(area.values()), capacity, last_t)
     work = sum(j.work for j in js.values() if j.end is not None)
     return Metrics(
-        policy=str(log.get("policy", "")), capacity=capacity, span=last_t, overall=overall, queues=queues,
+        policy=str(log.get("policy", "")),
+        capacity=capacity,
+        span=last_t,
+        overall=overall,
+        queues=queues,
         useful_utilisation=work / (capacity * overall.makespan) if capacity and overall.makespan else 0.0,
         jain_queue_mean_wait=jain(s.mean_wait for s in queues.values() if s.started),
     )
 
 
-def usage_series(jobs: Sequence[SimJob], log: Mapping[str, Any], bins: int = 500,
-                 end: float | None = None) -> tuple[list[float], dict[str, list[float]]]:
+def usage_series(
+    jobs: Sequence[SimJob], log: Mapping[str, Any], bins: int = 500, end: float | None = None
+) -> tuple[list[float], dict[str, list[float]]]:
     """Mean GPUs in use per queue in each of `bins` equal time bins over [0, end]: (bin starts, per queue).
 
     Bin means rather than samples, so that a burst shorter than a bin still shows in proportion to its area.

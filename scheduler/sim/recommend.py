@@ -70,8 +70,13 @@ class _Leaf:
     why: str = ""
 
 
-def propose(queues: Sequence[Mapping[str, Any]], capacity: Mapping[str, int], demand: Iterable[Demand],
-            hours: float, rule: Rule | None = None) -> Proposal:
+def propose(
+    queues: Sequence[Mapping[str, Any]],
+    capacity: Mapping[str, int],
+    demand: Iterable[Demand],
+    hours: float,
+    rule: Rule | None = None,
+) -> Proposal:
     """A tree with the same GPUs guaranteed in every pool, moved from leaf queues whose guarantee sat idle to leaf
     queues whose jobs waited (docs/recommend.md). Inner queues change by the sum of what moved across them.
 
@@ -111,22 +116,25 @@ def propose(queues: Sequence[Mapping[str, Any]], capacity: Mapping[str, int], de
 
 
 def _leaf(q: Queue, pool: str, d: Demand | None, hours: float, rule: Rule) -> _Leaf:
-    leaf = _Leaf(q, d.used_gpu_hours if d else 0.0, d.waiting_gpu_hours if d else 0.0,
-                 d.largest_nonpreemptible if d else 0)
+    leaf = _Leaf(
+        q, d.used_gpu_hours if d else 0.0, d.waiting_gpu_hours if d else 0.0, d.largest_nonpreemptible if d else 0
+    )
     quota, mean = q.quota_of(pool), leaf.used / hours
     if leaf.waiting > rule.min_waiting_gpu_hours:  # a queue that waited is not idle, whatever it held
         asked = (leaf.used + leaf.waiting) / hours
         leaf.want = max(0, math.ceil(asked - EPS) - quota)
         if math.isfinite(q.limit_of(pool)):
             leaf.want = min(leaf.want, int(q.limit_of(pool)) - quota)
-        leaf.why = (f"its jobs waited {leaf.waiting:.1f} GPU-hours; it held or asked for {asked:.2f} GPUs on "
-                    f"average, {quota} guaranteed")
+        leaf.why = (
+            f"its jobs waited {leaf.waiting:.1f} GPU-hours; it held or asked for {asked:.2f} GPUs on "
+            f"average, {quota} guaranteed"
+        )
     elif quota > 0 and mean < rule.idle_below * quota:
         keep = min(quota, max(math.ceil(mean * (1 + rule.headroom) - EPS), leaf.floor))
         leaf.spare = quota - keep
-        leaf.why = (f"held {mean:.2f} GPUs on average of its {quota} guaranteed: {leaf.spare} spare"
-                    + (f" (it keeps {keep} for its largest non-preemptible job)" if keep == leaf.floor and keep
-                       else ""))
+        leaf.why = f"held {mean:.2f} GPUs on average of its {quota} guaranteed: {leaf.spare} spare" + (
+            f" (it keeps {keep} for its largest non-preemptible job)" if keep == leaf.floor and keep else ""
+        )
     return leaf
 
 
@@ -147,11 +155,17 @@ def _moves(tree: QueueTree, pool: str, leaves: list[_Leaf]) -> dict[str, int]:
     return {x.queue.name: x.given if x.want else -x.given for x in leaves if x.given}
 
 
-def _move_one(receivers: list[_Leaf], donors: list[_Leaf], target: Mapping[str, float], room: Mapping[str, float],
-              net: dict[str, int]) -> bool:
+def _move_one(
+    receivers: list[_Leaf],
+    donors: list[_Leaf],
+    target: Mapping[str, float],
+    room: Mapping[str, float],
+    net: dict[str, int],
+) -> bool:
     """Move one GPU of guarantee as _moves says; False when no move is possible."""
-    for r in sorted((x for x in receivers if x.given < x.want),
-                    key=lambda x: (x.given - target[x.queue.name], x.queue.name)):
+    for r in sorted(
+        (x for x in receivers if x.given < x.want), key=lambda x: (x.given - target[x.queue.name], x.queue.name)
+    ):
         for d in sorted((x for x in donors if x.given < x.spare), key=lambda x: (x.given - x.spare, x.queue.name)):
             shared = {id(a) for a in d.queue.path} & {id(a) for a in r.queue.path}
             up = [a for a in r.queue.path[1:] if id(a) not in shared]
@@ -196,6 +210,16 @@ def compare(world: World, proposed: Sequence[Mapping[str, Any]]) -> list[Outcome
     out = []
     for q in sorted(before.queues.keys() | after.queues.keys()):
         b, a = before.queues.get(q, empty), after.queues.get(q, empty)
-        out.append(Outcome(q, max(a.jobs, b.jobs), b.mean_wait, a.mean_wait, b.p95_wait, a.p95_wait,
-                           b.gpu_seconds / 3600, a.gpu_seconds / 3600))
+        out.append(
+            Outcome(
+                q,
+                max(a.jobs, b.jobs),
+                b.mean_wait,
+                a.mean_wait,
+                b.p95_wait,
+                a.p95_wait,
+                b.gpu_seconds / 3600,
+                a.gpu_seconds / 3600,
+            )
+        )
     return out

@@ -96,14 +96,25 @@ def trace(jobs: Iterable[RecordedJob], since: float, until: float, now: float) -
             why = "still pending" if j.state == "pending" else f"{j.state} before it ran"
             out.skipped[why] = out.skipped.get(why, 0) + 1
             continue
-        out.jobs.append(TraceJob(id=str(j.id), submit=round(j.submitted - since, 3), duration=round(duration, 3),
-                                 queue=j.queue, pool=j.pool, workers=j.workers, gpus=j.gpus, priority=j.priority,
-                                 preemptible=j.preemptible))
+        out.jobs.append(
+            TraceJob(
+                id=str(j.id),
+                submit=round(j.submitted - since, 3),
+                duration=round(duration, 3),
+                queue=j.queue,
+                pool=j.pool,
+                workers=j.workers,
+                gpus=j.gpus,
+                priority=j.priority,
+                preemptible=j.preemptible,
+            )
+        )
     return out
 
 
-def cluster_document(nodes: Iterable[Node], queues: Sequence[Mapping[str, Any]], min_runtime: float,
-                     starvation_timeout: float) -> tuple[dict[str, Any], list[str]]:
+def cluster_document(
+    nodes: Iterable[Node], queues: Sequence[Mapping[str, Any]], min_runtime: float, starvation_timeout: float
+) -> tuple[dict[str, Any], list[str]]:
     """The cluster file (pools of nodes, the queue tree, engine settings) and warnings where it is not exact.
 
     A simulator pool has nodes of one size. A pool whose nodes differ is written with its largest node size and
@@ -118,11 +129,16 @@ def cluster_document(nodes: Iterable[Node], queues: Sequence[Mapping[str, Any]],
         size = max(sizes)
         count = len(sizes) if len(set(sizes)) == 1 else math.ceil(sum(sizes) / size) if size else len(sizes)
         if len(set(sizes)) > 1:
-            warnings.append(f"pool {pool}: nodes of {sorted(set(sizes))} GPUs written as {count} nodes of {size} "
-                            f"({count * size} GPUs instead of {sum(sizes)})")
+            warnings.append(
+                f"pool {pool}: nodes of {sorted(set(sizes))} GPUs written as {count} nodes of {size} "
+                f"({count * size} GPUs instead of {sum(sizes)})"
+            )
         pools.append({"name": pool, "nodes": count, "gpus_per_node": size})
-    doc = {"cluster": {"pools": pools}, "queues": [dict(q) for q in queues],
-           "settings": {"min_runtime": min_runtime, "starvation_timeout": starvation_timeout}}
+    doc = {
+        "cluster": {"pools": pools},
+        "queues": [dict(q) for q in queues],
+        "settings": {"min_runtime": min_runtime, "starvation_timeout": starvation_timeout},
+    }
     return doc, warnings
 
 
@@ -183,8 +199,17 @@ def demand(jobs: Iterable[RecordedJob], since: float, until: float, now: float) 
         if not j.preemptible and j.state not in NEVER_RUNNABLE:
             largest[key] = max(largest[key], j.request)
     keys = sorted(set(used) | set(waiting) | set(count))
-    return [Demand(queue=q, pool=p, used_gpu_hours=round(used[q, p], 6), waiting_gpu_hours=round(waiting[q, p], 6),
-                   jobs=count[q, p], started=len(waits[q, p]),
-                   mean_wait_s=round(sum(waits[q, p]) / len(waits[q, p]), 3) if waits[q, p] else 0.0,
-                   p95_wait_s=round(percentile(waits[q, p], 95), 3), largest_nonpreemptible=largest[q, p])
-            for q, p in keys]
+    return [
+        Demand(
+            queue=q,
+            pool=p,
+            used_gpu_hours=round(used[q, p], 6),
+            waiting_gpu_hours=round(waiting[q, p], 6),
+            jobs=count[q, p],
+            started=len(waits[q, p]),
+            mean_wait_s=round(sum(waits[q, p]) / len(waits[q, p]), 3) if waits[q, p] else 0.0,
+            p95_wait_s=round(percentile(waits[q, p], 95), 3),
+            largest_nonpreemptible=largest[q, p],
+        )
+        for q, p in keys
+    ]

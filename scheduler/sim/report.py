@@ -65,8 +65,12 @@ def run_policy(world: World, policy: str, bins: int = BINS) -> PolicyRun:
     waits, guard holds, preemptions), not the event log nor the hold records."""
     sim = Simulation(world, policy, log_fair_share=False)
     log = sim.run()
-    return PolicyRun(policy, compute(world.jobs, log, capacity(world)), usage_series(world.jobs, log, bins),
-                     analyse(world, log, sim.holds))
+    return PolicyRun(
+        policy,
+        compute(world.jobs, log, capacity(world)),
+        usage_series(world.jobs, log, bins),
+        analyse(world, log, sim.holds),
+    )
 
 
 def private_world(world: World, queue: str) -> tuple[World, int, int] | None:
@@ -120,6 +124,7 @@ def build(world: World, policies: Sequence[str], workers: int = 1) -> Report:
 
 # ----- markdown -----
 
+
 def _s(x: float) -> str:
     # A decimal below 10 s, so that a small but non-zero wait does not print as 0 next to "worse".
     return f"{x:.1f}" if 0 < abs(x) < 10 else f"{x:,.0f}"
@@ -132,15 +137,42 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def _summary_row(r: PolicyRun) -> list[str]:
     m, o = r.metrics, r.metrics.overall
-    return [r.policy, str(o.completed), str(o.rejected), str(o.unfinished), str(o.preemptions), _s(o.mean_wait),
-            _s(o.p50_wait), _s(o.p95_wait), _s(o.p99_wait), _s(o.mean_jct), _s(o.p50_jct), _s(o.p95_jct),
-            _s(o.p99_jct), f"{o.makespan / 86400:.2f}", f"{o.utilisation:.1%}", f"{m.useful_utilisation:.1%}",
-            f"{m.jain_queue_mean_wait:.3f}"]
+    return [
+        r.policy,
+        str(o.completed),
+        str(o.rejected),
+        str(o.unfinished),
+        str(o.preemptions),
+        _s(o.mean_wait),
+        _s(o.p50_wait),
+        _s(o.p95_wait),
+        _s(o.p99_wait),
+        _s(o.mean_jct),
+        _s(o.p50_jct),
+        _s(o.p95_jct),
+        _s(o.p99_jct),
+        f"{o.makespan / 86400:.2f}",
+        f"{o.utilisation:.1%}",
+        f"{m.useful_utilisation:.1%}",
+        f"{m.jain_queue_mean_wait:.3f}",
+    ]
 
 
 def _queue_row(q: str, s: Stats) -> list[str]:
-    return [q, str(s.jobs), str(s.completed), str(s.rejected), str(s.preemptions), _s(s.mean_wait),
-            _s(s.p50_wait), _s(s.p95_wait), _s(s.p99_wait), _s(s.mean_jct), _s(s.p95_jct), f"{s.utilisation:.1%}"]
+    return [
+        q,
+        str(s.jobs),
+        str(s.completed),
+        str(s.rejected),
+        str(s.preemptions),
+        _s(s.mean_wait),
+        _s(s.p50_wait),
+        _s(s.p95_wait),
+        _s(s.p99_wait),
+        _s(s.mean_jct),
+        _s(s.p95_jct),
+        f"{s.utilisation:.1%}",
+    ]
 
 
 def _ratio(shared: float, private: float | None) -> str:
@@ -158,81 +190,190 @@ def _h(gpu_seconds: float) -> str:
 def _waste_row(r: PolicyRun) -> list[str]:
     w, h, p = r.waste.idle, r.waste.holds, r.waste.preemption
     held = [str(h.jobs.get(c, 0)) if h else "n/a" for c in HOLD_CAUSES]
-    return [r.policy, _h(w.gpu_seconds), _h(w.preemptible_gpu_seconds), str(w.jobs),
-            f"{w.max_seconds / 86400:.2f}", *held, str(p.preemptions),
-            str(p.same_instant), str(p.moved), _h(p.lost_gpu_seconds), _h(p.lost_for_nothing_gpu_seconds)]
+    return [
+        r.policy,
+        _h(w.gpu_seconds),
+        _h(w.preemptible_gpu_seconds),
+        str(w.jobs),
+        f"{w.max_seconds / 86400:.2f}",
+        *held,
+        str(p.preemptions),
+        str(p.same_instant),
+        str(p.moved),
+        _h(p.lost_gpu_seconds),
+        _h(p.lost_for_nothing_gpu_seconds),
+    ]
 
 
 def _waste(rep: Report) -> list[str]:
     """The idle-wait, guard-hold and preemption sections (scheduler.sim.waste says how each is counted)."""
-    lines = ["", "## Idle waits, guard holds, preemptions", "",
-             "Idle wait: GPU-hours (request x time) during which a pending job (after its submission, or after a "
-             "preemption until its restart) could have started: the free GPUs of its pool, on nodes that are up, "
-             "could place all its workers (and their CPUs and memory where declared; topology domains ignored), "
-             "and its queue's limit and every ancestor's allowed it. Waits on a guarantee or on the starvation "
-             "guard count; waits for room do not. Non-preemptible jobs may wait on their guarantee with GPUs "
-             "free by design, so the preemptible jobs' part is shown apart. Held: distinct jobs the starvation "
-             "guard held back, per cause (n/a: the policy records none). Preemptions: decided ones (node failures "
-             "left out); same-instant: the victim started again at the instant it was preempted; moved: of those, "
-             "the preemptor could not have been placed had those victims stayed where they were; lost: the "
-             "victims' GPUs x time run since their last start (0 with checkpoint), GPU-hours; for nothing: lost by "
-             "same-instant preemptions that were not moves.", ""]
-    lines += _table(["policy", "idle-wait GPU-h", "of which preemptible", "jobs idle-waiting", "max idle wait (d)",
-                     *[f"held: {c}" for c in HOLD_CAUSES], "preemptions", "same-instant", "moved", "GPU-h lost",
-                     "GPU-h lost for nothing"], [_waste_row(r) for r in rep.runs])
+    lines = [
+        "",
+        "## Idle waits, guard holds, preemptions",
+        "",
+        "Idle wait: GPU-hours (request x time) during which a pending job (after its submission, or after a "
+        "preemption until its restart) could have started: the free GPUs of its pool, on nodes that are up, "
+        "could place all its workers (and their CPUs and memory where declared; topology domains ignored), "
+        "and its queue's limit and every ancestor's allowed it. Waits on a guarantee or on the starvation "
+        "guard count; waits for room do not. Non-preemptible jobs may wait on their guarantee with GPUs "
+        "free by design, so the preemptible jobs' part is shown apart. Held: distinct jobs the starvation "
+        "guard held back, per cause (n/a: the policy records none). Preemptions: decided ones (node failures "
+        "left out); same-instant: the victim started again at the instant it was preempted; moved: of those, "
+        "the preemptor could not have been placed had those victims stayed where they were; lost: the "
+        "victims' GPUs x time run since their last start (0 with checkpoint), GPU-hours; for nothing: lost by "
+        "same-instant preemptions that were not moves.",
+        "",
+    ]
+    lines += _table(
+        [
+            "policy",
+            "idle-wait GPU-h",
+            "of which preemptible",
+            "jobs idle-waiting",
+            "max idle wait (d)",
+            *[f"held: {c}" for c in HOLD_CAUSES],
+            "preemptions",
+            "same-instant",
+            "moved",
+            "GPU-h lost",
+            "GPU-h lost for nothing",
+        ],
+        [_waste_row(r) for r in rep.runs],
+    )
     queues = sorted({q for r in rep.runs for q in r.waste.idle_queues})
     lines += ["", "## Idle-wait GPU-hours per queue", "", "GPU-hours (jobs that idle-waited).", ""]
-    lines += _table(["queue", *[r.policy for r in rep.runs]],
-                    [[q, *[f"{_h(w.gpu_seconds)} ({w.jobs})" if (w := r.waste.idle_queues.get(q)) else "-"
-                           for r in rep.runs]] for q in queues])
+    lines += _table(
+        ["queue", *[r.policy for r in rep.runs]],
+        [
+            [q, *[f"{_h(w.gpu_seconds)} ({w.jobs})" if (w := r.waste.idle_queues.get(q)) else "-" for r in rep.runs]]
+            for q in queues
+        ],
+    )
     held_queues = sorted({q for r in rep.runs if r.waste.holds for q in r.waste.holds.queues})
-    lines += ["", "## Guard holds per queue", "",
-              f"Distinct jobs of the queue held back, per cause: {' / '.join(HOLD_CAUSES)}. Queues with no hold "
-              "under any policy are left out.", ""]
+    lines += [
+        "",
+        "## Guard holds per queue",
+        "",
+        f"Distinct jobs of the queue held back, per cause: {' / '.join(HOLD_CAUSES)}. Queues with no hold "
+        "under any policy are left out.",
+        "",
+    ]
     if held_queues:
-        lines += _table(["queue", *[r.policy for r in rep.runs]],
-                        [[q, *[" / ".join(str(h.queues.get(q, {}).get(c, 0)) for c in HOLD_CAUSES)
-                               if (h := r.waste.holds) else "n/a" for r in rep.runs]] for q in held_queues])
+        lines += _table(
+            ["queue", *[r.policy for r in rep.runs]],
+            [
+                [
+                    q,
+                    *[
+                        " / ".join(str(h.queues.get(q, {}).get(c, 0)) for c in HOLD_CAUSES)
+                        if (h := r.waste.holds)
+                        else "n/a"
+                        for r in rep.runs
+                    ],
+                ]
+                for q in held_queues
+            ],
+        )
     else:
         lines.append("No job was held back.")
     return lines + ["", "![idle-wait GPU-hours per queue](idle_wait.png)"]
 
 
 def markdown(rep: Report, title: str) -> str:
-    lines = [f"# {title}", "",
-             f"{rep.jobs} jobs on {rep.capacity} GPUs. Times in seconds; wait = first start - submit, JCT = "
-             "completion - submit (completed jobs); makespan = last completion - first submit; utilisation = "
-             "GPU-seconds held / (capacity x time of the last event); useful = completed jobs' GPU-seconds / "
-             "(capacity x makespan); Jain's index over the queues' mean waits. Formulas as in check_trace.py.", "",
-             "## Per policy", ""]
-    lines += _table(["policy", "completed", "rejected", "unfinished", "preemptions", "mean wait", "p50 wait",
-                     "p95 wait", "p99 wait", "mean JCT", "p50 JCT", "p95 JCT", "p99 JCT", "makespan (d)",
-                     "utilisation", "useful util.", "Jain"], [_summary_row(r) for r in rep.runs])
+    lines = [
+        f"# {title}",
+        "",
+        f"{rep.jobs} jobs on {rep.capacity} GPUs. Times in seconds; wait = first start - submit, JCT = "
+        "completion - submit (completed jobs); makespan = last completion - first submit; utilisation = "
+        "GPU-seconds held / (capacity x time of the last event); useful = completed jobs' GPU-seconds / "
+        "(capacity x makespan); Jain's index over the queues' mean waits. Formulas as in check_trace.py.",
+        "",
+        "## Per policy",
+        "",
+    ]
+    lines += _table(
+        [
+            "policy",
+            "completed",
+            "rejected",
+            "unfinished",
+            "preemptions",
+            "mean wait",
+            "p50 wait",
+            "p95 wait",
+            "p99 wait",
+            "mean JCT",
+            "p50 JCT",
+            "p95 JCT",
+            "p99 JCT",
+            "makespan (d)",
+            "utilisation",
+            "useful util.",
+            "Jain",
+        ],
+        [_summary_row(r) for r in rep.runs],
+    )
     queues = sorted({q for r in rep.runs for q in r.metrics.queues})
     lines += ["", "## Mean wait per queue", ""]
-    lines += _table(["queue", *[r.policy for r in rep.runs]],
-                    [[q, *[_s(r.metrics.queues[q].mean_wait) if q in r.metrics.queues else "-" for r in rep.runs]]
-                     for q in queues])
+    lines += _table(
+        ["queue", *[r.policy for r in rep.runs]],
+        [[q, *[_s(r.metrics.queues[q].mean_wait) if q in r.metrics.queues else "-" for r in rep.runs]] for q in queues],
+    )
     for r in rep.runs:
         lines += ["", f"## Policy {r.policy}, per queue", ""]
-        lines += _table(["queue", "jobs", "completed", "rejected", "preemptions", "mean wait", "p50 wait",
-                         "p95 wait", "p99 wait", "mean JCT", "p95 JCT", "GPU share"],
-                        [_queue_row(q, s) for q, s in r.metrics.queues.items()])
-    lines += ["", "## Sharing anomaly", "",
-              f"Each queue's mean wait on the shared cluster against the same jobs alone on a private cluster of "
-              f"its quota (rounded up to whole nodes, policy {PRIVATE_POLICY}). A ratio above 1 means the queue "
-              "waited longer sharing than it would have on its guarantee alone. Jobs larger than the private "
-              "cluster are rejected there and counted; quota 0 has no private cluster (n/a).", ""]
+        lines += _table(
+            [
+                "queue",
+                "jobs",
+                "completed",
+                "rejected",
+                "preemptions",
+                "mean wait",
+                "p50 wait",
+                "p95 wait",
+                "p99 wait",
+                "mean JCT",
+                "p95 JCT",
+                "GPU share",
+            ],
+            [_queue_row(q, s) for q, s in r.metrics.queues.items()],
+        )
+    lines += [
+        "",
+        "## Sharing anomaly",
+        "",
+        f"Each queue's mean wait on the shared cluster against the same jobs alone on a private cluster of "
+        f"its quota (rounded up to whole nodes, policy {PRIVATE_POLICY}). A ratio above 1 means the queue "
+        "waited longer sharing than it would have on its guarantee alone. Jobs larger than the private "
+        "cluster are rejected there and counted; quota 0 has no private cluster (n/a).",
+        "",
+    ]
     rows: list[list[str]] = []
     for p in rep.private:
-        row = [p.queue, str(p.quota), str(p.gpus), str(p.jobs), str(p.rejected) if p.gpus else "n/a",
-               _s(p.mean_wait) if p.mean_wait is not None else "n/a"]
+        row = [
+            p.queue,
+            str(p.quota),
+            str(p.gpus),
+            str(p.jobs),
+            str(p.rejected) if p.gpus else "n/a",
+            _s(p.mean_wait) if p.mean_wait is not None else "n/a",
+        ]
         for r in rep.runs:
             s = r.metrics.queues.get(p.queue)
             row.append(f"{_s(s.mean_wait)} ({_ratio(s.mean_wait, p.mean_wait)})" if s else "-")
         rows.append(row)
-    lines += _table(["queue", "quota", "private GPUs", "jobs", "rejected alone", "private mean wait",
-                     *[f"{r.policy} (ratio)" for r in rep.runs]], rows)
+    lines += _table(
+        [
+            "queue",
+            "quota",
+            "private GPUs",
+            "jobs",
+            "rejected alone",
+            "private mean wait",
+            *[f"{r.policy} (ratio)" for r in rep.runs],
+        ],
+        rows,
+    )
     lines += _waste(rep)
     lines += ["", "![wait CDF](wait_cdf.png)", "", "![GPUs in use](gpus_in_use.png)", ""]
     return "\n".join(lines)
@@ -242,8 +383,13 @@ def anomalies(rep: Report) -> dict[str, list[str]]:
     """Per policy, the queues that waited longer on the shared cluster than alone on their quota."""
     out: dict[str, list[str]] = {}
     for r in rep.runs:
-        out[r.policy] = [p.queue for p in rep.private if p.mean_wait is not None and p.queue in r.metrics.queues
-                         and r.metrics.queues[p.queue].mean_wait > p.mean_wait]
+        out[r.policy] = [
+            p.queue
+            for p in rep.private
+            if p.mean_wait is not None
+            and p.queue in r.metrics.queues
+            and r.metrics.queues[p.queue].mean_wait > p.mean_wait
+        ]
     return out
 
 
@@ -252,15 +398,18 @@ def summary_lines(rep: Report) -> list[str]:
     out = []
     for r in rep.runs:
         o = r.metrics.overall
-        out.append(f"{r.policy}: mean wait {_s(o.mean_wait)} s, p95 {_s(o.p95_wait)} s, mean JCT {_s(o.mean_jct)} s, "
-                   f"utilisation {o.utilisation:.1%}, Jain {r.metrics.jain_queue_mean_wait:.3f}, "
-                   f"{o.preemptions} preemptions ({r.waste.preemption.same_instant} same-instant), "
-                   f"idle-wait {_h(r.waste.idle.gpu_seconds)} GPU-h, {o.rejected} rejected, {o.unfinished} unfinished; "
-                   f"{len(bad[r.policy])} queue(s) worse off than alone")
+        out.append(
+            f"{r.policy}: mean wait {_s(o.mean_wait)} s, p95 {_s(o.p95_wait)} s, mean JCT {_s(o.mean_jct)} s, "
+            f"utilisation {o.utilisation:.1%}, Jain {r.metrics.jain_queue_mean_wait:.3f}, "
+            f"{o.preemptions} preemptions ({r.waste.preemption.same_instant} same-instant), "
+            f"idle-wait {_h(r.waste.idle.gpu_seconds)} GPU-h, {o.rejected} rejected, {o.unfinished} unfinished; "
+            f"{len(bad[r.policy])} queue(s) worse off than alone"
+        )
     return out
 
 
 # ----- plots -----
+
 
 def _time_unit(horizon: float) -> tuple[float, str]:
     return (86400.0, "days") if horizon > 3 * 86400 else (3600.0, "hours") if horizon > 3 * 3600 else (1.0, "s")
@@ -299,8 +448,7 @@ def plot_gpus_in_use(rep: Report, path: Path) -> None:
     for ax, r in zip(axes, rep.runs, strict=False):
         starts, per_q = r.series
         x = [s / scale for s in starts]
-        ax.stackplot(x, *[per_q.get(q, [0.0] * len(x)) for q in queues], labels=queues, colors=colours,
-                     step="post")
+        ax.stackplot(x, *[per_q.get(q, [0.0] * len(x)) for q in queues], labels=queues, colors=colours, step="post")
         ax.axhline(rep.capacity, color="black", linewidth=0.8, linestyle="--")
         ax.set_ylabel("GPUs in use")
         ax.set_title(f"{r.policy}: utilisation {r.metrics.overall.utilisation:.1%}", fontsize=10)

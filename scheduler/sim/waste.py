@@ -84,8 +84,13 @@ def count_holds(holds: Iterable[Hold] | None, queue_of: Mapping[str, str]) -> Ho
     for cause in causes:
         for job in seen[cause]:
             queues[queue_of.get(job, "?")][cause] += 1
-    return HoldCounts({c: len(seen[c]) for c in causes}, dict(sorted(queues.items())),
-                      len(set().union(*seen.values())), len(starving), records)
+    return HoldCounts(
+        {c: len(seen[c]) for c in causes},
+        dict(sorted(queues.items())),
+        len(set().union(*seen.values())),
+        len(starving),
+        records,
+    )
 
 
 # ----- the replay of the event log against the cluster -----
@@ -166,8 +171,9 @@ class _Replay:
         self.pools: dict[str, list[_Node]] = defaultdict(list)
         for n in self.nodes.values():
             self.pools[n.spec.pool].append(n)
-        self.accounted = {p: any(n.spec.cpus is not None or n.spec.memory_gb is not None for n in ns)
-                          for p, ns in self.pools.items()}
+        self.accounted = {
+            p: any(n.spec.cpus is not None or n.spec.memory_gb is not None for n in ns) for p, ns in self.pools.items()
+        }
         self.hist: dict[str, Counter[int]] = {p: Counter(n.free for n in ns) for p, ns in self.pools.items()}
         self.usage: Counter[tuple[str, str]] = Counter()  # (queue or ancestor, pool) -> GPUs held
         self.keys: dict[tuple[Any, ...], _Key] = {}
@@ -232,15 +238,19 @@ class _Replay:
         slot = (spec.pool, spec.gpus)
         if slot not in self.slots:
             # Uncapped, unlike workers_per_node: the count is shared by every gang size of this worker size.
-            self.slots[slot] = sum(c * (k // spec.gpus if spec.gpus else spec.workers)
-                                   for k, c in self.hist.get(spec.pool, Counter()).items() if c > 0)
+            self.slots[slot] = sum(
+                c * (k // spec.gpus if spec.gpus else spec.workers)
+                for k, c in self.hist.get(spec.pool, Counter()).items()
+                if c > 0
+            )
         return self.slots[slot] >= spec.workers
 
     def allowed(self, queue: str, spec: JobSpec) -> bool:
         """Do its queue's limit and every ancestor's leave room for the whole gang?"""
         q = self.world.tree.queues.get(queue)
-        return q is not None and all(self.usage[(a.name, spec.pool)] + spec.request <= a.limit_of(spec.pool)
-                                     for a in q.path)
+        return q is not None and all(
+            self.usage[(a.name, spec.pool)] + spec.request <= a.limit_of(spec.pool) for a in q.path
+        )
 
     # ----- pending jobs -----
 
@@ -386,14 +396,20 @@ def analyse(world: World, log: Mapping[str, Any], holds: Iterable[Hold] | None =
     """
     r = _Replay(world)
     events = sorted(log["events"], key=lambda e: float(e["t"]))  # stable: the engine's order within an instant
-    nodes = sorted(((float(e.at), e.node_up is not None, e.node_down or e.node_up or "")
-                    for e in world.events if e.node_down is not None or e.node_up is not None),
-                   key=lambda x: x[0])
+    nodes = sorted(
+        (
+            (float(e.at), e.node_up is not None, e.node_down or e.node_up or "")
+            for e in world.events
+            if e.node_down is not None or e.node_up is not None
+        ),
+        key=lambda x: x[0],
+    )
     i = k = 0
     horizon = float(events[-1]["t"]) if events else 0.0
     while i < len(events) or k < len(nodes):
-        t = min(float(events[i]["t"]) if i < len(events) else float("inf"),
-                nodes[k][0] if k < len(nodes) else float("inf"))
+        t = min(
+            float(events[i]["t"]) if i < len(events) else float("inf"), nodes[k][0] if k < len(nodes) else float("inf")
+        )
         if t > horizon:
             break
         while k < len(nodes) and nodes[k][0] == t:
@@ -415,5 +431,6 @@ def analyse(world: World, log: Mapping[str, Any], holds: Iterable[Hold] | None =
                 agg.preemptible_gpu_seconds += spec.request * secs if spec.preemptible else 0.0
                 agg.jobs += 1
                 agg.max_seconds = max(agg.max_seconds, secs)
-    return Waste(overall, dict(sorted(queues.items())), r.waste,
-                 count_holds(holds, {s.id: s.queue for s in r.specs.values()}))
+    return Waste(
+        overall, dict(sorted(queues.items())), r.waste, count_holds(holds, {s.id: s.queue for s in r.specs.values()})
+    )

@@ -43,8 +43,13 @@ def found_after_restart(job_id: str, attempt: int, pods: list[Any], prefix: str)
 
     Corral's own pods live in its team namespaces (`prefix`...) under their deterministic names. Others' pods
     are taken from the namespace holding most of the marked pods already bound (Corral bound them)."""
-    own = [p for p in pods if k8s.JOB_LABEL in (p.metadata.labels or {}) and p.metadata.namespace.startswith(prefix)
-           and p.metadata.name.startswith(k8s.group_name(job_id, attempt) + "-")]
+    own = [
+        p
+        for p in pods
+        if k8s.JOB_LABEL in (p.metadata.labels or {})
+        and p.metadata.namespace.startswith(prefix)
+        and p.metadata.name.startswith(k8s.group_name(job_id, attempt) + "-")
+    ]
     if own:
         meta = own[0].metadata
         return Attempt(meta.namespace, int((meta.annotations or {}).get(k8s.WORKERS_ANNOTATION, len(own))))

@@ -71,12 +71,23 @@ class KubernetesExecutor:
 
     launch_parallelism = PARALLEL
 
-    def __init__(self, api: Any, cache_dir: Path, default_image: str | None = None, grace_s: float = 30.0,
-                 namespace_prefix: str = "corral-", sa_timeout_s: float = 30.0,
-                 hub_namespace: str = "jupyterhub", node_selector: str | None = None, watch_s: int = 10,
-                 foreign_pods: bool = True, workload: str = "pod",
-                 run_as_user: int = k8s.DEFAULT_RUN_AS_USER, managed_taint: str = k8s.MANAGED_TAINT,
-                 notebook_storage: k8s_sandbox.NotebookStorage | None = None) -> None:
+    def __init__(
+        self,
+        api: Any,
+        cache_dir: Path,
+        default_image: str | None = None,
+        grace_s: float = 30.0,
+        namespace_prefix: str = "corral-",
+        sa_timeout_s: float = 30.0,
+        hub_namespace: str = "jupyterhub",
+        node_selector: str | None = None,
+        watch_s: int = 10,
+        foreign_pods: bool = True,
+        workload: str = "pod",
+        run_as_user: int = k8s.DEFAULT_RUN_AS_USER,
+        managed_taint: str = k8s.MANAGED_TAINT,
+        notebook_storage: k8s_sandbox.NotebookStorage | None = None,
+    ) -> None:
         self.core = core_api(api)
         self.notebook_storage = notebook_storage  # None: a sandbox's files live and die with its pod
         self.batch: Any = client.BatchV1Api(self.core.api_client)
@@ -124,18 +135,32 @@ class KubernetesExecutor:
         job: dict[str, Any] | None = None
         try:
             workers = k8s.split_workers(launch.gpus, int(launch.env.get("CORRAL_WORKERS") or 0))
-            common: dict[str, Any] = dict(namespace=ns, image=image, command=launch.command, env=launch.env,
-                                          workdir=launch.workdir, grace_s=self.grace_s, cpus=launch.cpus,
-                                          memory_gb=launch.memory_gb, run_as_user=self.run_as_user,
-                                          managed_taint=self.managed_taint)
+            common: dict[str, Any] = dict(
+                namespace=ns,
+                image=image,
+                command=launch.command,
+                env=launch.env,
+                workdir=launch.workdir,
+                grace_s=self.grace_s,
+                cpus=launch.cpus,
+                memory_gb=launch.memory_gb,
+                run_as_user=self.run_as_user,
+                managed_taint=self.managed_taint,
+            )
             if not sandbox and self._workload(launch.env) == "job":  # sandboxes are KubeSpawner's pods
                 job = k8s.batch_job(launch.job_id, launch.attempt, workers=workers, **common)
             build = k8s_sandbox.pod if sandbox else k8s.pod
             home = self.notebook_storage if sandbox else None
             if home is not None:  # the user's own claim, the same for every sandbox and attempt of theirs
                 common.update(home_claim=k8s_sandbox.claim_name(launch.owner), home_path=home.mount_path)
-            pods = [] if job else [build(launch.job_id, launch.attempt, i, node=node, gpus=n, workers=len(workers),
-                                         **common) for i, (node, n) in enumerate(workers)]
+            pods = (
+                []
+                if job
+                else [
+                    build(launch.job_id, launch.attempt, i, node=node, gpus=n, workers=len(workers), **common)
+                    for i, (node, n) in enumerate(workers)
+                ]
+            )
         except ValueError as e:
             raise OSError(f"job {launch.job_id}: {e}") from e
         name = job["metadata"]["name"] if job else None
@@ -151,14 +176,16 @@ class KubernetesExecutor:
             # Every worker exists before any is bound: a gang starts as close to whole as it can.
             self._each(lambda p: self._create(ns, p), pods)
             k8s_sandbox.isolate(self.core, pods)  # a sandbox's own user may reach it, besides the hub
-            self._each(lambda p: self._bind(ns, p["metadata"]["name"],
-                                            p["metadata"]["annotations"][k8s.NODE_ANNOTATION]), pods)
+            self._each(
+                lambda p: self._bind(ns, p["metadata"]["name"], p["metadata"]["annotations"][k8s.NODE_ANNOTATION]), pods
+            )
         except (ApiException, TimeoutError) as e:
             # No half gangs: what was made goes, and the service records the launch as failed.
             self._delete_own(ns, launch.job_id, launch.attempt, name, 0)
             raise OSError(f"Kubernetes refused job {launch.job_id}: {_why(e)}") from e
-        self._attempts[(launch.job_id, launch.attempt)] = Attempt(ns, len(workers), job=name,
-                                                                   nodes={node for node, _ in workers})
+        self._attempts[(launch.job_id, launch.attempt)] = Attempt(
+            ns, len(workers), job=name, nodes={node for node, _ in workers}
+        )
         return Handle(launch.job_id, launch.attempt, None, 0.0)
 
     def _create(self, ns: str, pod: dict[str, Any]) -> None:
@@ -204,8 +231,11 @@ class KubernetesExecutor:
         pods = self.gangs.take(key) if self.gangs is not None else None
         if not pods:
             raise OSError(f"the pods of {key} are gone (deleted, or bound by someone else)")
-        marks = {k8s.JOB_LABEL: k8s.dns_label(launch.job_id), k8s.ATTEMPT_LABEL: str(launch.attempt),
-                 k8s.WORKERS_ANNOTATION: str(len(pods))}
+        marks = {
+            k8s.JOB_LABEL: k8s.dns_label(launch.job_id),
+            k8s.ATTEMPT_LABEL: str(launch.attempt),
+            k8s.WORKERS_ANNOTATION: str(len(pods)),
+        }
         bound: list[Waiting] = []
         unsure: list[Waiting] = []  # the request failed on the way: the pod may be bound or not
         theirs: list[Waiting] = []  # bound by someone else (409): no longer waiting
@@ -224,6 +254,7 @@ class KubernetesExecutor:
                 unsure.append(p)
                 raise
             bound.append(p)
+
         try:
             workers = k8s.split_workers(launch.gpus, len(pods))
             if [n for _, n in workers] != [p.gpus for p in pods]:
@@ -246,9 +277,9 @@ class KubernetesExecutor:
                     # wait in silence. Say why on its pods instead; its owner re-creates them to try again.
                     self.refuse(key, why)
             raise OSError(why) from e
-        self._attempts[(launch.job_id, launch.attempt)] = Attempt(pods[0].namespace, len(pods),
-                                                                   foreign=[p.name for p in pods],
-                                                                   nodes={node for node, _ in workers})
+        self._attempts[(launch.job_id, launch.attempt)] = Attempt(
+            pods[0].namespace, len(pods), foreign=[p.name for p in pods], nodes={node for node, _ in workers}
+        )
         return Handle(launch.job_id, launch.attempt, None, 0.0)
 
     def _bind(self, ns: str, name: str, node: str, marks: Mapping[str, str] | None = None) -> None:
@@ -313,8 +344,12 @@ class KubernetesExecutor:
         at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         for p in self.gangs.refuse(key) if self.gangs is not None else []:
             with contextlib.suppress(ApiException):
-                self.core.create_namespaced_event(p.namespace, k8s.pod_event(
-                    p.namespace, p.name, p.uid, "FailedScheduling", f"Corral will not schedule it: {why}", at))
+                self.core.create_namespaced_event(
+                    p.namespace,
+                    k8s.pod_event(
+                        p.namespace, p.name, p.uid, "FailedScheduling", f"Corral will not schedule it: {why}", at
+                    ),
+                )
 
     def _feed(self, name: str, watcher: NodeWatcher | PodGangs | OtherPods) -> list[Any]:
         """What the watcher saw since the last call. The first call lists synchronously unless discover() just did
@@ -364,8 +399,9 @@ class KubernetesExecutor:
                 self.bound.settle((job_id, attempt), a, pods)
         return ended
 
-    def _check(self, job_id: str, attempt: int, a: Attempt, pods: list[Any], detail: str,
-               job: Any = None) -> Exit | None:
+    def _check(
+        self, job_id: str, attempt: int, a: Attempt, pods: list[Any], detail: str, job: Any = None
+    ) -> Exit | None:
         """The attempt's exit once all its pods are done, else None. A failed or missing worker ends the gang: the
         others are deleted, and the exit waits until none of them still runs (it may still hold its GPUs). Pods
         not bound yet (a Job's, as its controller makes them; Corral's own after a crash) are bound here."""
@@ -413,8 +449,13 @@ class KubernetesExecutor:
 
     def _bind_waiting(self, a: Attempt, live: list[Any]) -> None:
         """Bind the attempt's unbound pods to the nodes the engine chose; a refusal fails the attempt."""
-        todo = [(p.metadata.name, node) for p in live if p.spec.node_name is None
-                and p.metadata.deletion_timestamp is None and (node := k8s.chosen_node(p.metadata.annotations or {}))]
+        todo = [
+            (p.metadata.name, node)
+            for p in live
+            if p.spec.node_name is None
+            and p.metadata.deletion_timestamp is None
+            and (node := k8s.chosen_node(p.metadata.annotations or {}))
+        ]
         try:
             self._each(lambda name_node: self._bind(a.namespace, *name_node), todo)
         except ApiException as e:
@@ -433,8 +474,9 @@ class KubernetesExecutor:
         """Corral's batch/v1 Jobs by (namespace, name), in its team namespaces only: labels alone can be copied by
         whoever may create a Job somewhere, and a look-alike must not stand for an attempt's Job."""
         items = self.batch.list_job_for_all_namespaces(label_selector=f"{k8s.MANAGED_BY}=corral").items
-        return {(j.metadata.namespace, j.metadata.name): j for j in items
-                if j.metadata.namespace.startswith(self.prefix)}
+        return {
+            (j.metadata.namespace, j.metadata.name): j for j in items if j.metadata.namespace.startswith(self.prefix)
+        }
 
     def adopt(self, handle: Handle) -> Exit | None:
         if self._listing is None:  # a restart adopts every live attempt in a row: one list for all of them
@@ -480,8 +522,7 @@ class KubernetesExecutor:
             # Any failure (no kubelet, pod gone, a slow node) keeps what was mirrored before.
             with contextlib.suppress(Exception):
                 first = a.foreign[0] if a.foreign else k8s.pod_name(job_id, attempt, 0)
-                text = self.core.read_namespaced_pod_log(first, a.namespace,
-                                                         _request_timeout=LOG_TIMEOUT_S)
+                text = self.core.read_namespaced_pod_log(first, a.namespace, _request_timeout=LOG_TIMEOUT_S)
                 tmp = d / (STDOUT + ".tmp")
                 tmp.write_text(text if isinstance(text, str) else "")
                 tmp.replace(out)  # readers never see a half-written file

@@ -19,8 +19,9 @@ from kubernetes.client.exceptions import ApiException
 class Lease:
     """A coordination.k8s.io/v1 Lease (see the module's docstring)."""
 
-    def __init__(self, api: Any, namespace: str, name: str, me: str, lease_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, api: Any, namespace: str, name: str, me: str, lease_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.api = client.CoordinationV1Api(api)
         self.namespace, self.name, self.me, self.lease_s, self.clock = namespace, name, me, lease_s, clock
         self.observed: tuple[Any, ...] | None = None  # (holder, renewTime, transitions) as last read
@@ -29,8 +30,13 @@ class Lease:
     def try_acquire_or_renew(self) -> bool:
         # MicroTime wants exactly six fractional digits, which isoformat() leaves out on a whole second.
         now_iso = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        body = {"holderIdentity": self.me, "leaseDurationSeconds": round(self.lease_s), "renewTime": now_iso,
-                "acquireTime": now_iso, "leaseTransitions": 0}
+        body = {
+            "holderIdentity": self.me,
+            "leaseDurationSeconds": round(self.lease_s),
+            "renewTime": now_iso,
+            "acquireTime": now_iso,
+            "leaseTransitions": 0,
+        }
         try:
             lease = self.api.read_namespaced_lease(self.name, self.namespace)
         except ApiException as e:

@@ -61,7 +61,7 @@ def node_info(node: Any) -> NodeInfo | None:
     conditions = (node.status.conditions if node.status else None) or []
     if not any(c.type == "Ready" and c.status == "True" for c in conditions):
         return None
-    alloc: dict[str, str] = (node.status.allocatable or {})
+    alloc: dict[str, str] = node.status.allocatable or {}
     n_gpus = int(quantity(alloc.get(k8s.GPU, "0")))
     if n_gpus <= 0:
         return None
@@ -69,9 +69,15 @@ def node_info(node: Any) -> NodeInfo | None:
     cpus = quantity(alloc["cpu"]) if "cpu" in alloc else None
     memory = round(quantity(alloc["memory"]) / 2**30, 2) if "memory" in alloc else None
     address = next((a.address for a in node.status.addresses or [] if a.type == "InternalIP"), None)
-    return NodeInfo(node.metadata.name, product or DEFAULT_POOL,
-                    [GPUInfo(i, product or "unknown") for i in range(n_gpus)], cpus, memory, address,
-                    cordoned=bool(node.spec and node.spec.unschedulable))
+    return NodeInfo(
+        node.metadata.name,
+        product or DEFAULT_POOL,
+        [GPUInfo(i, product or "unknown") for i in range(n_gpus)],
+        cpus,
+        memory,
+        address,
+        cordoned=bool(node.spec and node.spec.unschedulable),
+    )
 
 
 def watched(ev: dict[str, Any]) -> tuple[str, Any]:
@@ -104,14 +110,21 @@ class Watched:
         return out
 
 
-def watch_from(call: Callable[..., Any], resource_version: str, timeout_s: int, limit: int = 0,
-               **selectors: str) -> Watched:
+def watch_from(
+    call: Callable[..., Any], resource_version: str, timeout_s: int, limit: int = 0, **selectors: str
+) -> Watched:
     """Watch `call` (a list_* method) from `resource_version` for up to `timeout_s` (or `limit` events)."""
     got = Watched([], resource_version)
     w: Any = watch.Watch()  # type: ignore[no-untyped-call]
     try:
-        for ev in w.stream(call, resource_version=resource_version, timeout_seconds=max(1, timeout_s),
-                           allow_watch_bookmarks=True, _request_timeout=timeout_s + 30, **selectors):
+        for ev in w.stream(
+            call,
+            resource_version=resource_version,
+            timeout_seconds=max(1, timeout_s),
+            allow_watch_bookmarks=True,
+            _request_timeout=timeout_s + 30,
+            **selectors,
+        ):
             got.resource_version, obj = watched(ev)
             if obj is not None:
                 got.events.append((ev["type"], obj))
@@ -162,8 +175,11 @@ class NodeWatcher:
         if not self.resource_version:
             return self.resync()
         got = watch_from(self.core.list_node, self.resource_version, timeout_s, label_selector=self.selector)
-        out = [c for kind, obj in got.events for c in self._apply(
-            obj.metadata.name, None if kind == "DELETED" else node_info(obj), kind == "DELETED")]
+        out = [
+            c
+            for kind, obj in got.events
+            for c in self._apply(obj.metadata.name, None if kind == "DELETED" else node_info(obj), kind == "DELETED")
+        ]
         self.resource_version = got.resource_version
         if got.gone:
             return out + self.resync()  # our version is too old to resume from: start over from a list

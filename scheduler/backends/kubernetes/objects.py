@@ -125,23 +125,52 @@ def container_security() -> dict[str, Any]:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
-def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gpus: int, image: str,
-        command: str | Sequence[str], env: Mapping[str, str] | None = None, workers: int = 1,
-        workdir: str | None = None, grace_s: float = 30.0, kind: str = "job", cpus: float | None = None,
-        memory_gb: float | None = None, run_as_user: int = DEFAULT_RUN_AS_USER,
-        managed_taint: str = MANAGED_TAINT) -> dict[str, Any]:
+def pod(
+    job_id: str,
+    attempt: int,
+    worker: int,
+    *,
+    namespace: str,
+    node: str,
+    gpus: int,
+    image: str,
+    command: str | Sequence[str],
+    env: Mapping[str, str] | None = None,
+    workers: int = 1,
+    workdir: str | None = None,
+    grace_s: float = 30.0,
+    kind: str = "job",
+    cpus: float | None = None,
+    memory_gb: float | None = None,
+    run_as_user: int = DEFAULT_RUN_AS_USER,
+    managed_taint: str = MANAGED_TAINT,
+) -> dict[str, Any]:
     """One worker's pod. It names no node: Corral binds it to `node` (kept as an annotation) with the Binding API,
     which is what the engine's placement means; schedulerName keeps kube-scheduler from placing it first."""
-    env_all = {**(env or {}), "CORRAL_JOB_ID": job_id, "CORRAL_ATTEMPT": str(attempt), "CORRAL_WORKER": str(worker),
-               "CORRAL_WORKERS": str(workers), "CORRAL_NODE": node}
-    labels = {MANAGED_BY: "corral", JOB_LABEL: dns_label(job_id), ATTEMPT_LABEL: str(attempt),
-              WORKER_LABEL: str(worker), GROUP_LABEL: group_name(job_id, attempt), KIND_LABEL: kind}
+    env_all = {
+        **(env or {}),
+        "CORRAL_JOB_ID": job_id,
+        "CORRAL_ATTEMPT": str(attempt),
+        "CORRAL_WORKER": str(worker),
+        "CORRAL_WORKERS": str(workers),
+        "CORRAL_NODE": node,
+    }
+    labels = {
+        MANAGED_BY: "corral",
+        JOB_LABEL: dns_label(job_id),
+        ATTEMPT_LABEL: str(attempt),
+        WORKER_LABEL: str(worker),
+        GROUP_LABEL: group_name(job_id, attempt),
+        KIND_LABEL: kind,
+    }
     if queue := env_all.get("CORRAL_QUEUE"):
         labels[QUEUE_LABEL] = dns_label(queue)
     if owner := env_all.get("CORRAL_OWNER"):
         labels[OWNER_LABEL] = label_value(owner)
     container: dict[str, Any] = {
-        "name": CONTAINER, "image": image, "command": argv(command),
+        "name": CONTAINER,
+        "image": image,
+        "command": argv(command),
         "env": [{"name": k, "value": v} for k, v in sorted(env_all.items())],
         "resources": resources(gpus, cpus, memory_gb),
         "securityContext": container_security(),
@@ -149,9 +178,14 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
     if workdir:
         container["workingDir"] = workdir
     return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod_name(job_id, attempt, worker), "namespace": namespace, "labels": labels,
-                     "annotations": {NODE_ANNOTATION: node, WORKERS_ANNOTATION: str(workers)}},
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(job_id, attempt, worker),
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {NODE_ANNOTATION: node, WORKERS_ANNOTATION: str(workers)},
+        },
         "spec": {
             "schedulerName": SCHEDULER_NAME,
             # A pod that ends is reported to Corral, which decides about another attempt: the kubelet never retries.
@@ -169,10 +203,22 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
     }
 
 
-def batch_job(job_id: str, attempt: int, *, namespace: str, workers: Sequence[tuple[str, int]], image: str,
-              command: str | Sequence[str], env: Mapping[str, str] | None = None, workdir: str | None = None,
-              grace_s: float = 30.0, cpus: float | None = None, memory_gb: float | None = None,
-              run_as_user: int = DEFAULT_RUN_AS_USER, managed_taint: str = MANAGED_TAINT) -> dict[str, Any]:
+def batch_job(
+    job_id: str,
+    attempt: int,
+    *,
+    namespace: str,
+    workers: Sequence[tuple[str, int]],
+    image: str,
+    command: str | Sequence[str],
+    env: Mapping[str, str] | None = None,
+    workdir: str | None = None,
+    grace_s: float = 30.0,
+    cpus: float | None = None,
+    memory_gb: float | None = None,
+    run_as_user: int = DEFAULT_RUN_AS_USER,
+    managed_taint: str = MANAGED_TAINT,
+) -> dict[str, Any]:
     """A whole attempt as one Indexed batch/v1 Job: pod i is worker i, which Corral binds to workers[i]'s node
     (the nodes travel as an annotation; the controller marks each pod with its index). The template is pod()'s,
     so the pods carry the labels and annotations poll, adopt and terminate look for. backoffLimit 0: a failed or
@@ -181,23 +227,50 @@ def batch_job(job_id: str, attempt: int, *, namespace: str, workers: Sequence[tu
     if len(gpus) != 1:
         raise ValueError(f"a Job's pods share one template, but its workers ask {[n for _, n in workers]} GPUs")
     nodes = [node for node, _ in workers]
-    tpl = pod(job_id, attempt, 0, namespace=namespace, node=nodes[0], gpus=gpus.pop(), image=image,
-              command=command, env=env, workers=len(nodes), workdir=workdir, grace_s=grace_s, cpus=cpus,
-              memory_gb=memory_gb, run_as_user=run_as_user, managed_taint=managed_taint)
+    tpl = pod(
+        job_id,
+        attempt,
+        0,
+        namespace=namespace,
+        node=nodes[0],
+        gpus=gpus.pop(),
+        image=image,
+        command=command,
+        env=env,
+        workers=len(nodes),
+        workdir=workdir,
+        grace_s=grace_s,
+        cpus=cpus,
+        memory_gb=memory_gb,
+        run_as_user=run_as_user,
+        managed_taint=managed_taint,
+    )
     labels = {k: v for k, v in tpl["metadata"]["labels"].items() if k != WORKER_LABEL}  # one template for all
     notes = {NODES_ANNOTATION: ",".join(nodes), WORKERS_ANNOTATION: str(len(nodes))}
     # What differs per pod comes from the pod itself (downward API): its index, and the node it was bound to.
     per_pod = {"CORRAL_WORKER": f"metadata.annotations['{JOB_INDEX}']", "CORRAL_NODE": "spec.nodeName"}
     container = tpl["spec"]["containers"][0]
-    container["env"] = [{"name": e["name"], "valueFrom": {"fieldRef": {"fieldPath": per_pod[e["name"]]}}}
-                        if e["name"] in per_pod else e for e in container["env"]]
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": group_name(job_id, attempt), "namespace": namespace, "labels": labels,
-                         "annotations": dict(notes)},
-            "spec": {"completions": len(nodes), "parallelism": len(nodes), "completionMode": "Indexed",
-                     "backoffLimit": 0,
-                     "template": {"metadata": {"labels": dict(labels), "annotations": notes},
-                                  "spec": tpl["spec"]}}}
+    container["env"] = [
+        {"name": e["name"], "valueFrom": {"fieldRef": {"fieldPath": per_pod[e["name"]]}}} if e["name"] in per_pod else e
+        for e in container["env"]
+    ]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": group_name(job_id, attempt),
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": dict(notes),
+        },
+        "spec": {
+            "completions": len(nodes),
+            "parallelism": len(nodes),
+            "completionMode": "Indexed",
+            "backoffLimit": 0,
+            "template": {"metadata": {"labels": dict(labels), "annotations": notes}, "spec": tpl["spec"]},
+        },
+    }
 
 
 def chosen_node(annotations: Mapping[str, str]) -> str | None:
@@ -225,15 +298,18 @@ def resources(gpus: int, cpus: float | None = None, memory_gb: float | None = No
     return out
 
 
-def binding(pod_name: str, namespace: str, node: str,
-            annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+def binding(pod_name: str, namespace: str, node: str, annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The body of POST pods/{name}/binding: what a scheduler writes to put a pod on a node. The API server
     copies the binding's annotations onto the pod: how Corral marks the pods of others that it bound."""
     meta: dict[str, Any] = {"name": pod_name, "namespace": namespace}
     if annotations:
         meta["annotations"] = dict(annotations)
-    return {"apiVersion": "v1", "kind": "Binding", "metadata": meta,
-            "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Binding",
+        "metadata": meta,
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+    }
 
 
 # Pod Security Admission on every team namespace: the API server itself refuses a pod that is not "restricted"
@@ -244,54 +320,76 @@ POD_SECURITY = {"pod-security.kubernetes.io/enforce": "restricted", "pod-securit
 
 
 def namespace(name: str, team: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": name, "labels": {MANAGED_BY: "corral", TEAM_LABEL: dns_label(team),
-                                                  **POD_SECURITY}}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name, "labels": {MANAGED_BY: "corral", TEAM_LABEL: dns_label(team), **POD_SECURITY}},
+    }
 
 
 def role_binding(namespace: str, group: str | Sequence[str], cluster_role: str = "view") -> dict[str, Any]:
     """Grants the groups (as the cluster's authentication names them) a ClusterRole in the team's namespace; one
     binding per ClusterRole, so its roleRef (which Kubernetes never lets change) is fixed by its name."""
     groups = [group] if isinstance(group, str) else list(group)
-    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-            "metadata": {"name": f"corral-team-{cluster_role}", "namespace": namespace,
-                         "labels": {MANAGED_BY: "corral"}},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": g} for g in groups]}
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": f"corral-team-{cluster_role}", "namespace": namespace, "labels": {MANAGED_BY: "corral"}},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": g} for g in groups],
+    }
 
 
 def resource_quota(namespace: str, gpus: int) -> dict[str, Any]:
     """Caps the team's GPUs at its limit, a backstop should anything bypass Corral. Extended resources can only
     be quota'd as requests (requests.nvidia.com/gpu); limits equal requests for them."""
-    return {"apiVersion": "v1", "kind": "ResourceQuota",
-            "metadata": {"name": "corral-gpus", "namespace": namespace, "labels": {MANAGED_BY: "corral"}},
-            "spec": {"hard": {f"requests.{GPU}": str(gpus)}}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "corral-gpus", "namespace": namespace, "labels": {MANAGED_BY: "corral"}},
+        "spec": {"hard": {f"requests.{GPU}": str(gpus)}},
+    }
 
 
-def network_policy(namespace: str, hub_namespace: str,
-                   hub_labels: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None) -> dict[str, Any]:
+def network_policy(
+    namespace: str, hub_namespace: str, hub_labels: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None
+) -> dict[str, Any]:
     """Sandboxes (pods labelled corral.dev/kind=sandbox) accept traffic only from the hub's pods (one label set
     per kind of hub pod, e.g. the hub and its proxy). Jobs are not selected: a gang's workers must reach each other
     (NCCL, rendezvous)."""
     hub = hub_labels or {"app.kubernetes.io/component": "hub"}
     sets = [hub] if isinstance(hub, Mapping) else list(hub)
     hub_ns = {"matchLabels": {"kubernetes.io/metadata.name": hub_namespace}}
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": "corral-sandbox-isolation", "namespace": namespace,
-                         "labels": {MANAGED_BY: "corral"}},
-            "spec": {"podSelector": {"matchLabels": {KIND_LABEL: "sandbox"}},
-                     "policyTypes": ["Ingress"],
-                     "ingress": [{"from": [{"namespaceSelector": hub_ns, "podSelector": {"matchLabels": dict(p)}}
-                                           for p in sets]}]}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "corral-sandbox-isolation", "namespace": namespace, "labels": {MANAGED_BY: "corral"}},
+        "spec": {
+            "podSelector": {"matchLabels": {KIND_LABEL: "sandbox"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"namespaceSelector": hub_ns, "podSelector": {"matchLabels": dict(p)}} for p in sets]}
+            ],
+        },
+    }
 
 
-def pod_event(namespace: str, pod: str, uid: str, reason: str, message: str, at: str,
-              kind: str = "Warning") -> dict[str, Any]:
+def pod_event(
+    namespace: str, pod: str, uid: str, reason: str, message: str, at: str, kind: str = "Warning"
+) -> dict[str, Any]:
     """A core/v1 Event about a pod, as a scheduler reports one (`kubectl describe pod` shows it); `at` is an
     RFC 3339 time."""
-    return {"apiVersion": "v1", "kind": "Event",
-            "metadata": {"generateName": f"{pod}.", "namespace": namespace},
-            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": namespace, "name": pod, "uid": uid},
-            "reason": reason, "message": message[:1024], "type": kind, "count": 1,
-            "firstTimestamp": at, "lastTimestamp": at, "source": {"component": SCHEDULER_NAME},
-            "reportingComponent": SCHEDULER_NAME}
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{pod}.", "namespace": namespace},
+        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": namespace, "name": pod, "uid": uid},
+        "reason": reason,
+        "message": message[:1024],
+        "type": kind,
+        "count": 1,
+        "firstTimestamp": at,
+        "lastTimestamp": at,
+        "source": {"component": SCHEDULER_NAME},
+        "reportingComponent": SCHEDULER_NAME,
+    }

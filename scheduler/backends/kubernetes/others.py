@@ -35,8 +35,9 @@ NOTHING = Held(0, 0.0, 0.0)
 
 def pod_held(spec: Any) -> Held:
     """What a pod holds on its node: GPU limits, CPU and memory requests (GiB)."""
-    gpus = sum(int(quantity(((c.resources.limits if c.resources else None) or {}).get(k8s.GPU, "0")))
-               for c in spec.containers)
+    gpus = sum(
+        int(quantity(((c.resources.limits if c.resources else None) or {}).get(k8s.GPU, "0"))) for c in spec.containers
+    )
     cpus, memory = requested(spec.containers, "cpu"), requested(spec.containers, "memory")
     for c in spec.init_containers or []:  # init containers run one at a time, before the others
         cpus, memory = max(cpus, requested([c], "cpu")), max(memory, requested([c], "memory"))
@@ -89,8 +90,9 @@ class OtherPods:
         """Nodes whose pods changed since the last call (the watch resumed from the last resourceVersion)."""
         if not self.resource_version:
             return self.resync()
-        got = watch_from(self.core.list_pod_for_all_namespaces, self.resource_version, timeout_s, limit=500,
-                         field_selector=OTHERS)
+        got = watch_from(
+            self.core.list_pod_for_all_namespaces, self.resource_version, timeout_s, limit=500, field_selector=OTHERS
+        )
         with self.lock:
             touched = {n for kind, p in got.events for n in self._see(kind, p)}
             self.resource_version = got.resource_version
@@ -122,7 +124,10 @@ class OtherPods:
             self.admitted = {u: a for u, a in self.admitted.items() if a[2] > now}
             for node, h in [*self.pods.values(), *((n, h) for n, h, _ in self.admitted.values())]:
                 totals[node] = add(totals.get(node, NOTHING), h)
-        out = {n: totals.get(n, NOTHING) for n in set(totals) | set(self.reported)
-               if totals.get(n, NOTHING) != self.reported.get(n, NOTHING)}
+        out = {
+            n: totals.get(n, NOTHING)
+            for n in set(totals) | set(self.reported)
+            if totals.get(n, NOTHING) != self.reported.get(n, NOTHING)
+        }
         self.reported = {n: h for n, h in totals.items() if h != NOTHING}
         return out

@@ -72,18 +72,34 @@ def waiting(pod: Any) -> Waiting:
     size: int | str = 1
     if group is not None:
         given = notes.get(GROUP_SIZE, labels.get(GROUP_SIZE))
-        size = (int(given) if given and given.isdigit() and int(given) >= 1 else
-                f"pod group {group} needs {GROUP_SIZE} (a label or annotation: a whole number >= 1), got {given!r}")
-    gpus = sum(int(quantity(((c.resources.limits if c.resources else None) or {}).get(k8s.GPU, "0")))
-               for c in spec.containers)
+        size = (
+            int(given)
+            if given and given.isdigit() and int(given) >= 1
+            else f"pod group {group} needs {GROUP_SIZE} (a label or annotation: a whole number >= 1), got {given!r}"
+        )
+    gpus = sum(
+        int(quantity(((c.resources.limits if c.resources else None) or {}).get(k8s.GPU, "0"))) for c in spec.containers
+    )
     pool = labels.get(POOL_LABEL) or (spec.node_selector or {}).get(k8s.GPU_PRODUCT)
     low, high = PRIORITY_RANGE
     priority = max(low, min(high, int(getattr(spec, "priority", None) or 0)))
     preemptible = str(notes.get(PREEMPTIBLE, labels.get(PREEMPTIBLE, "true"))).lower() != "false"
-    return Waiting(meta.uid, meta.namespace, meta.name, group or meta.name, size, gpus, labels.get(k8s.QUEUE_LABEL),
-                   pool, spec.containers[0].image if spec.containers else None, spec.termination_grace_period_seconds,
-                   requested(spec.containers, "cpu"), requested(spec.containers, "memory") / GIB, priority,
-                   preemptible)
+    return Waiting(
+        meta.uid,
+        meta.namespace,
+        meta.name,
+        group or meta.name,
+        size,
+        gpus,
+        labels.get(k8s.QUEUE_LABEL),
+        pool,
+        spec.containers[0].image if spec.containers else None,
+        spec.termination_grace_period_seconds,
+        requested(spec.containers, "cpu"),
+        requested(spec.containers, "memory") / GIB,
+        priority,
+        preemptible,
+    )
 
 
 def _up(x: float) -> float:
@@ -154,8 +170,14 @@ class PodGangs:
     def changes(self, timeout_s: int = 1) -> list[Arrival]:
         if not self.resource_version:
             return self.resync()
-        got = watch_from(self.core.list_pod_for_all_namespaces, self.resource_version, timeout_s, limit=500,
-                         field_selector=PENDING, label_selector=NOT_OURS)
+        got = watch_from(
+            self.core.list_pod_for_all_namespaces,
+            self.resource_version,
+            timeout_s,
+            limit=500,
+            field_selector=PENDING,
+            label_selector=NOT_OURS,
+        )
         with self.lock:
             unsure, self.unsure = self.unsure, set()
         teams = self._teams({p.metadata.namespace for _, p in got.events} | {g[0] for g in unsure})
@@ -224,8 +246,9 @@ class PodGangs:
         if isinstance(first.size, str):
             self._problem(key, first.size)
         elif len(pods) > first.size:
-            self._problem(key, f"pod group {g[1]} has {len(pods)} pods waiting, more than its {GROUP_SIZE} "
-                               f"of {first.size}")
+            self._problem(
+                key, f"pod group {g[1]} has {len(pods)} pods waiting, more than its {GROUP_SIZE} of {first.size}"
+            )
         elif len(pods) == first.size and g[0] not in teams:
             self.unsure.add(g)
         elif len(pods) == first.size:
@@ -250,14 +273,27 @@ class PodGangs:
         if pods[0].gpus < 1:
             return f"pod {pods[0].name} asks no {k8s.GPU} in resources.limits: Corral schedules GPU pods only"
         if not team:
-            return (f"namespace {g[0]} belongs to no team: an admin labels it {k8s.QUEUE_LABEL}=<a Corral queue>")
+            return f"namespace {g[0]} belongs to no team: an admin labels it {k8s.QUEUE_LABEL}=<a Corral queue>"
         queue = pods[0].queue or team
         # A gang's workers are one shape: the largest request of any pod, so no pod is counted short.
-        extra = {"cpus": _up(max(p.cpus for p in pods)), "memory_gb": _up(max(p.memory_gb for p in pods)),
-                 "priority": max(p.priority for p in pods), "preemptible": all(p.preemptible for p in pods)}
-        return {**extra, "name": g[1], "queue": queue, "pool": pods[0].pool, "workers": len(pods), "gpus": pods[0].gpus,
-                "command": f"pods of {g[0]}/{g[1]}", "image": pods[0].image, "env": {POD_GROUP_ENV: key},
-                "labels": {"namespace": g[0], "pod-group": g[1]}}
+        extra = {
+            "cpus": _up(max(p.cpus for p in pods)),
+            "memory_gb": _up(max(p.memory_gb for p in pods)),
+            "priority": max(p.priority for p in pods),
+            "preemptible": all(p.preemptible for p in pods),
+        }
+        return {
+            **extra,
+            "name": g[1],
+            "queue": queue,
+            "pool": pods[0].pool,
+            "workers": len(pods),
+            "gpus": pods[0].gpus,
+            "command": f"pods of {g[0]}/{g[1]}",
+            "image": pods[0].image,
+            "env": {POD_GROUP_ENV: key},
+            "labels": {"namespace": g[0], "pod-group": g[1]},
+        }
 
     def take(self, key: str) -> list[Waiting] | None:
         """The gang's pods (by name) to bind, if the gang is still complete as offered; it is no longer watched."""

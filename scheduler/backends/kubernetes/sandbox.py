@@ -43,11 +43,20 @@ def user_claim(namespace: str, owner: str, storage: NotebookStorage) -> dict[str
     spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": storage.size}}}
     if storage.storage_class is not None:
         spec["storageClassName"] = storage.storage_class
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": {"name": claim_name(owner), "namespace": namespace,
-                         "labels": {k8s.OWNER_LABEL: k8s.label_value(owner), "app.kubernetes.io/managed-by": "corral",
-                                    "corral.dev/purpose": "notebook-home"}},
-            "spec": spec}
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": claim_name(owner),
+            "namespace": namespace,
+            "labels": {
+                k8s.OWNER_LABEL: k8s.label_value(owner),
+                "app.kubernetes.io/managed-by": "corral",
+                "corral.dev/purpose": "notebook-home",
+            },
+        },
+        "spec": spec,
+    }
 
 
 def ensure_claim(core: Any, namespace: str, owner: str, storage: NotebookStorage) -> str:
@@ -62,12 +71,27 @@ def is_sandbox(env: Mapping[str, str]) -> bool:
     return env.get(KIND_ENV) == "sandbox"
 
 
-def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gpus: int, image: str,
-        command: str | Sequence[str], env: Mapping[str, str] | None = None, workers: int = 1,
-        workdir: str | None = None, grace_s: float = 30.0, cpus: float | None = None,
-        memory_gb: float | None = None, run_as_user: int = k8s.DEFAULT_RUN_AS_USER,
-        managed_taint: str = k8s.MANAGED_TAINT, home_claim: str | None = None,
-        home_path: str = NotebookStorage.mount_path) -> dict[str, Any]:
+def pod(
+    job_id: str,
+    attempt: int,
+    worker: int,
+    *,
+    namespace: str,
+    node: str,
+    gpus: int,
+    image: str,
+    command: str | Sequence[str],
+    env: Mapping[str, str] | None = None,
+    workers: int = 1,
+    workdir: str | None = None,
+    grace_s: float = 30.0,
+    cpus: float | None = None,
+    memory_gb: float | None = None,
+    run_as_user: int = k8s.DEFAULT_RUN_AS_USER,
+    managed_taint: str = k8s.MANAGED_TAINT,
+    home_claim: str | None = None,
+    home_path: str = NotebookStorage.mount_path,
+) -> dict[str, Any]:
     """A sandbox's pod; the same arguments as k8s_objects.pod, which it stands in for. KubeSpawner's `make_pod`
     gives the pod JupyterHub deployments run (its notebook container, no service-account token, no privilege
     escalation), confined like a job's (non-root, no capabilities, seccomp RuntimeDefault); Corral's parts
@@ -75,25 +99,55 @@ def pod(job_id: str, attempt: int, worker: int, *, namespace: str, node: str, gp
     finds, binds and stops a sandbox like a job. As in KubeSpawner, the command is the container's args: the
     image's entrypoint (tini in the Jupyter images) stays PID 1. With `home_claim`, the user's claim is mounted at
     `home_path`, where the server opens (its working directory, unless the sandbox names one)."""
-    base = k8s.pod(job_id, attempt, worker, namespace=namespace, node=node, gpus=gpus, image=image, command=command,
-                   env=env, workers=workers, workdir=workdir, grace_s=grace_s, kind="sandbox", cpus=cpus,
-                   memory_gb=memory_gb, run_as_user=run_as_user, managed_taint=managed_taint)
+    base = k8s.pod(
+        job_id,
+        attempt,
+        worker,
+        namespace=namespace,
+        node=node,
+        gpus=gpus,
+        image=image,
+        command=command,
+        env=env,
+        workers=workers,
+        workdir=workdir,
+        grace_s=grace_s,
+        kind="sandbox",
+        cpus=cpus,
+        memory_gb=memory_gb,
+        run_as_user=run_as_user,
+        managed_taint=managed_taint,
+    )
     meta, spec = base["metadata"], base["spec"]
     (c,) = spec["containers"]
     volumes = [{"name": HOME_VOLUME, "persistentVolumeClaim": {"claimName": home_claim}}] if home_claim else None
     mounts = [{"name": HOME_VOLUME, "mountPath": home_path}] if home_claim else None
-    made = make_pod(name=meta["name"], cmd=c["command"], port=server_port(env or {}), image=image,
-                    env={e["name"]: e["value"] for e in c["env"]},
-                    working_dir=workdir or (home_path if home_claim else None), labels=meta["labels"],
-                    volumes=volumes, volume_mounts=mounts,
-                    annotations=meta["annotations"], extra_resource_limits=c["resources"]["limits"],
-                    extra_resource_guarantees=c["resources"].get("requests"),
-                    scheduler_name=spec["schedulerName"], tolerations=spec["tolerations"],
-                    # The same confinement as a job's pod (KubeSpawner also sets the user on the container).
-                    uid=run_as_user, allow_privilege_escalation=False, pod_security_context=spec["securityContext"],
-                    container_security_context=c["securityContext"], automount_service_account_token=False,
-                    extra_pod_config={"restartPolicy": spec["restartPolicy"],
-                                      "terminationGracePeriodSeconds": spec["terminationGracePeriodSeconds"]})
+    made = make_pod(
+        name=meta["name"],
+        cmd=c["command"],
+        port=server_port(env or {}),
+        image=image,
+        env={e["name"]: e["value"] for e in c["env"]},
+        working_dir=workdir or (home_path if home_claim else None),
+        labels=meta["labels"],
+        volumes=volumes,
+        volume_mounts=mounts,
+        annotations=meta["annotations"],
+        extra_resource_limits=c["resources"]["limits"],
+        extra_resource_guarantees=c["resources"].get("requests"),
+        scheduler_name=spec["schedulerName"],
+        tolerations=spec["tolerations"],
+        # The same confinement as a job's pod (KubeSpawner also sets the user on the container).
+        uid=run_as_user,
+        allow_privilege_escalation=False,
+        pod_security_context=spec["securityContext"],
+        container_security_context=c["securityContext"],
+        automount_service_account_token=False,
+        extra_pod_config={
+            "restartPolicy": spec["restartPolicy"],
+            "terminationGracePeriodSeconds": spec["terminationGracePeriodSeconds"],
+        },
+    )
     out: dict[str, Any] = plain(made)
     out["metadata"]["namespace"] = namespace
     if home_claim:  # the volume's files get the pod's user as group, so the non-root server may write them
@@ -108,8 +162,7 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: plain(v) for k, v in obj.items() if v is not None}
     if hasattr(obj, "openapi_types"):
-        return {obj.attribute_map[a]: plain(getattr(obj, a)) for a in obj.openapi_types
-                if getattr(obj, a) is not None}
+        return {obj.attribute_map[a]: plain(getattr(obj, a)) for a in obj.openapi_types if getattr(obj, a) is not None}
     return obj
 
 

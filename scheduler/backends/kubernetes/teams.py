@@ -18,8 +18,13 @@ from scheduler.backends.kubernetes import objects as k8s
 # Corral role -> built-in ClusterRole in the team's namespace. Members get `view` rather than `edit`: edit could
 # create pods that Corral never counted (their GPUs double-booked) and NetworkPolicies or pods labelled as another
 # user, undoing sandbox isolation. A site that wants members to run pods themselves maps member to edit.
-CLUSTER_ROLES: Mapping[str, str] = {"platform-admin": "admin", "team-admin": "admin", "member": "view",
-                                    "model-owner": "view", "viewer": "view"}
+CLUSTER_ROLES: Mapping[str, str] = {
+    "platform-admin": "admin",
+    "team-admin": "admin",
+    "member": "view",
+    "model-owner": "view",
+    "viewer": "view",
+}
 # JupyterHub's pods as the zero-to-jupyterhub chart labels them: the hub and the proxy that forwards to servers.
 HUB_PODS: tuple[Mapping[str, str], ...] = ({"component": "hub"}, {"component": "proxy"})
 QUEUE_ANNOTATION = "corral.dev/queue"  # the exact queue name (the team label is lossy: a DNS label)
@@ -62,12 +67,16 @@ def gpu_cap(leaf: Queue, capacity: Mapping[str, int]) -> int:
 def team_policy(namespace: str) -> dict[str, Any]:
     """A team's pods other than sandboxes accept ingress from their own namespace only (gangs still reach each
     other); sandboxes have their own, stricter, policies."""
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": TEAM_POLICY, "namespace": namespace, "labels": {k8s.MANAGED_BY: "corral"}},
-            "spec": {"podSelector": {"matchExpressions": [
-                         {"key": k8s.KIND_LABEL, "operator": "NotIn", "values": ["sandbox"]}]},
-                     "policyTypes": ["Ingress"],
-                     "ingress": [{"from": [{"podSelector": {}}]}]}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": TEAM_POLICY, "namespace": namespace, "labels": {k8s.MANAGED_BY: "corral"}},
+        "spec": {
+            "podSelector": {"matchExpressions": [{"key": k8s.KIND_LABEL, "operator": "NotIn", "values": ["sandbox"]}]},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {}}]}],
+        },
+    }
 
 
 def sandbox_isolation(namespace: str, config: TeamConfig) -> dict[str, Any]:
@@ -78,13 +87,21 @@ def sandbox_isolation(namespace: str, config: TeamConfig) -> dict[str, Any]:
 def owner_policy(namespace: str, pod_name: str, pod_uid: str, group: str, owner: str) -> dict[str, Any]:
     """One sandbox's pod also accepts ingress from its own user's pods in its namespace. Owned by the pod, so
     Kubernetes deletes it with the pod."""
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": k8s.dns_label(f"{pod_name}-owner"), "namespace": namespace,
-                         "labels": {k8s.MANAGED_BY: "corral", k8s.GROUP_LABEL: group},
-                         "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": pod_uid}]},
-            "spec": {"podSelector": {"matchLabels": {k8s.GROUP_LABEL: group, k8s.KIND_LABEL: "sandbox"}},
-                     "policyTypes": ["Ingress"],
-                     "ingress": [{"from": [{"podSelector": {"matchLabels": {k8s.OWNER_LABEL: owner}}}]}]}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": k8s.dns_label(f"{pod_name}-owner"),
+            "namespace": namespace,
+            "labels": {k8s.MANAGED_BY: "corral", k8s.GROUP_LABEL: group},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": pod_uid}],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": {k8s.GROUP_LABEL: group, k8s.KIND_LABEL: "sandbox"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {k8s.OWNER_LABEL: owner}}}]}],
+        },
+    }
 
 
 def team_objects(leaf: Queue, capacity: Mapping[str, int], config: TeamConfig) -> list[dict[str, Any]]:
@@ -96,8 +113,13 @@ def team_objects(leaf: Queue, capacity: Mapping[str, int], config: TeamConfig) -
     for role, cluster_role in config.cluster_roles.items():
         by_cluster_role.setdefault(cluster_role, []).extend(groups(leaf, role))
     bindings = [k8s.role_binding(ns, g, cr) for cr, g in sorted(by_cluster_role.items())]
-    return [namespace, *bindings, k8s.resource_quota(ns, gpu_cap(leaf, capacity)), sandbox_isolation(ns, config),
-            team_policy(ns)]
+    return [
+        namespace,
+        *bindings,
+        k8s.resource_quota(ns, gpu_cap(leaf, capacity)),
+        sandbox_isolation(ns, config),
+        team_policy(ns),
+    ]
 
 
 def desired(tree: QueueTree, capacity: Mapping[str, int], config: TeamConfig) -> list[dict[str, Any]]:
@@ -114,6 +136,7 @@ def desired(tree: QueueTree, capacity: Mapping[str, int], config: TeamConfig) ->
 
 
 # ----- making the cluster match -----
+
 
 @dataclass
 class Applied:
@@ -168,8 +191,10 @@ class Reconciler:
     def apply(self, want: list[dict[str, Any]], prefix: str) -> Applied:
         done = Applied()
         wanted_ns = {o["metadata"]["name"]: o for o in want if o["kind"] == "Namespace"}
-        live_ns = {name: o["metadata"] for (_, name), o in
-                   self._listed(self.core.list_namespace(label_selector=MANAGED).items).items()}
+        live_ns = {
+            name: o["metadata"]
+            for (_, name), o in self._listed(self.core.list_namespace(label_selector=MANAGED).items).items()
+        }
         ours = {name for name, meta in live_ns.items() if meta.get("annotations", {}).get(PREFIX_ANNOTATION) == prefix}
         for name, obj in wanted_ns.items():
             self._namespace(obj, live_ns.get(name), done)
@@ -212,8 +237,9 @@ class Reconciler:
                     raise
         if live is None or not covers(live, meta):
             # A patch, not a replace: the namespace's finalizers and others' labels stay.
-            self.core.patch_namespace(meta["name"], {"metadata": {"labels": meta["labels"],
-                                                                  "annotations": meta["annotations"]}})
+            self.core.patch_namespace(
+                meta["name"], {"metadata": {"labels": meta["labels"], "annotations": meta["annotations"]}}
+            )
             done.updated.append(_ref(want))
 
     def _await_quotas(self, refs: list[str]) -> None:

@@ -48,11 +48,19 @@ class ErrorBody(BaseModel):
 
 
 # Documented on every /v1 route, so that clients (and the schema fuzzing in tests/test_fuzz_api.py) know them.
-ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "description": text} for status, text in (
-    (401, "No valid, unrevoked API token"), (403, "The caller's role does not allow it"),
-    (404, "Not found, or not visible to the caller"), (409, "Conflicts with the current state"),
-    (400, "The body is not one JSON object that can be read"), (413, "The body is over max_request_bytes"),
-    (422, "Invalid input"), (503, "A dependency (database, JupyterHub, an optional package) is unavailable"))}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in (
+        (401, "No valid, unrevoked API token"),
+        (403, "The caller's role does not allow it"),
+        (404, "Not found, or not visible to the caller"),
+        (409, "Conflicts with the current state"),
+        (400, "The body is not one JSON object that can be read"),
+        (413, "The body is over max_request_bytes"),
+        (422, "Invalid input"),
+        (503, "A dependency (database, JupyterHub, an optional package) is unavailable"),
+    )
+}
 
 
 def create_app(core: Core, run_loop: bool = True, own_url: str = "") -> FastAPI:
@@ -66,8 +74,9 @@ def create_app(core: Core, run_loop: bool = True, own_url: str = "") -> FastAPI:
             loop = threading.Thread(target=core.run, args=(stop,), name="corral-scheduler", daemon=True)
         else:  # one instance among several: schedules only once it leads
             leadership.start()
-            loop = threading.Thread(target=ha.lead_then_run, args=(core, leadership, stop), name="corral-scheduler",
-                                    daemon=True)
+            loop = threading.Thread(
+                target=ha.lead_then_run, args=(core, leadership, stop), name="corral-scheduler", daemon=True
+            )
         if run_loop:
             loop.start()
         webhook = None
@@ -92,16 +101,21 @@ def create_app(core: Core, run_loop: bool = True, own_url: str = "") -> FastAPI:
             if callable(close):
                 close()
 
-    app = FastAPI(title="Corral", version="0.1.0", lifespan=lifespan,
-                  description="GPU scheduler: queues with fair-share quotas, jobs, preemption, usage.")
+    app = FastAPI(
+        title="Corral",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="GPU scheduler: queues with fair-share quotas, jobs, preemption, usage.",
+    )
     app.state.core = core
     app.state.ready = False
     # Once, before any request: MLflow reads its HTTP timeout from the process environment only.
     mlflow_export.configure(core.settings.mlflow_timeout_s)
     # Inside the telemetry, so a refused body is still traced and logged with its request id.
     # The what-if form takes uploaded traces (MAX_UPLOAD each), which are bounded per file there.
-    app.add_middleware(BodyLimit,
-                       limit=lambda path: MAX_FORM if path == WHATIF_PATH else core.settings.max_request_bytes)
+    app.add_middleware(
+        BodyLimit, limit=lambda path: MAX_FORM if path == WHATIF_PATH else core.settings.max_request_bytes
+    )
     app.add_middleware(RequestTelemetry, tracer=lambda: core.tracer)
     to_leader: ToLeader | None = None
     if core.leadership is not None:  # outermost: a follower forwards before anything else reads the request
@@ -110,8 +124,13 @@ def create_app(core: Core, run_loop: bool = True, own_url: str = "") -> FastAPI:
         def leads() -> bool:
             return elected.acting() and core.started
 
-        app.add_middleware(ToLeader, leads=leads, leader_url=elected.fence.leader_url, own_url=own_url,
-                           max_body=max(MAX_FORM, core.settings.max_request_bytes))
+        app.add_middleware(
+            ToLeader,
+            leads=leads,
+            leader_url=elected.fence.leader_url,
+            own_url=own_url,
+            max_body=max(MAX_FORM, core.settings.max_request_bytes),
+        )
         to_leader = ToLeader(None, leads, elected.fence.leader_url, own_url)  # readyz asks it who leads
     # Outermost of all: through JupyterHub's proxy every path comes under the hub service's prefix.
     app.add_middleware(HubPrefix, prefixes=hub_prefixes(core.settings.hub_service_prefix, core.settings.hub_api_url))
@@ -120,14 +139,19 @@ def create_app(core: Core, run_loop: bool = True, own_url: str = "") -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, e: ServiceError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status,
-                            headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+        return JSONResponse(
+            e.body(), status_code=e.status, headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        )
 
     @app.exception_handler(sa.exc.OperationalError)
     async def database_away(_: Request, e: sa.exc.OperationalError) -> JSONResponse:
         # The database is unreachable (stopped, restarting, network): say so, and when to come back.
-        body = {"error": {"code": "unavailable", "message": "the database is unavailable; nothing was changed, "
-                                                           "try again shortly"}}
+        body = {
+            "error": {
+                "code": "unavailable",
+                "message": "the database is unavailable; nothing was changed, try again shortly",
+            }
+        }
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(StarletteHTTPException)
@@ -136,8 +160,7 @@ def create_app(core: Core, run_loop: bool = True, own_url: str = "") -> FastAPI:
         # the web UI's redirects and pages keep theirs.
         if e.status_code < 400 or request.url.path.startswith("/ui"):
             return await http_exception_handler(request, e)
-        return JSONResponse(http_error_body(e.status_code, str(e.detail)), status_code=e.status_code,
-                            headers=e.headers)
+        return JSONResponse(http_error_body(e.status_code, str(e.detail)), status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -177,8 +200,9 @@ def create_app(core: Core, run_loop: bool = True, own_url: str = "") -> FastAPI:
     @app.get("/metrics", tags=["health"], response_class=Response, responses=TEXT_OK)
     def metrics() -> Response:
         if core.settings.metrics_port is not None:  # served on its own port (metrics_server.py), not here
-            return JSONResponse(http_error_body(404, f"metrics are served on port {core.settings.metrics_port}"),
-                                status_code=404)
+            return JSONResponse(
+                http_error_body(404, f"metrics are served on port {core.settings.metrics_port}"), status_code=404
+            )
         return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(routes_jobs.router, prefix="/v1", responses=ERRORS)

@@ -98,8 +98,9 @@ class Principal:
         quota is set from above, so it cannot grant itself more)."""
         if self.admin:
             return True
-        return (self.role is Role.TEAM_ADMIN and self.scope is not None and queue != self.scope
-                and self.covers(tree, queue))
+        return (
+            self.role is Role.TEAM_ADMIN and self.scope is not None and queue != self.scope and self.covers(tree, queue)
+        )
 
     def may_change_queues(self) -> bool:
         return self.role in (Role.PLATFORM_ADMIN, Role.TEAM_ADMIN)
@@ -110,16 +111,21 @@ class Principal:
         admin did not make up."""
         if self.admin:
             return True
-        return (self.role is Role.TEAM_ADMIN and role in TEAM_GRANTABLE and scope is not None
-                and self.covers(tree, scope))
+        return (
+            self.role is Role.TEAM_ADMIN and role in TEAM_GRANTABLE and scope is not None and self.covers(tree, scope)
+        )
 
     def may_revoke(self, tree: QueueTree, role: Role | str, scope: str | None) -> bool:
         """Tokens: platform admins revoke any; team admins any but a platform admin's inside their scope, model
         owners' included (a team admin cannot make an approver, but must be able to stop a leaked one at once)."""
         if self.admin:
             return True
-        return (self.role is Role.TEAM_ADMIN and role != Role.PLATFORM_ADMIN and scope is not None
-                and self.covers(tree, scope))
+        return (
+            self.role is Role.TEAM_ADMIN
+            and role != Role.PLATFORM_ADMIN
+            and scope is not None
+            and self.covers(tree, scope)
+        )
 
     def may_take_name(self, tree: QueueTree, name: str, seen: NameRecord, hub: bool) -> str | None:
         """Whether a token may be made for `name` by this caller (who already may grant the role and scope):
@@ -131,8 +137,10 @@ class Principal:
             return None  # platform admins may; the audit log records it
         for role, scope in seen.tokens:
             if not self.may_grant(tree, role, scope):
-                return (f"{name!r} already has a {role} token for {scope or 'every queue'}: the name belongs to "
-                        "someone outside what you may grant")
+                return (
+                    f"{name!r} already has a {role} token for {scope or 'every queue'}: the name belongs to "
+                    "someone outside what you may grant"
+                )
         if seen.promotions:
             return f"{name!r} has requested or approved model promotions: only a platform admin may reissue it"
         outside = sorted(q for q in seen.queues if not self.covers(tree, q))
@@ -141,8 +149,10 @@ class Principal:
         if hub and not seen.tokens:
             # Corral cannot list the hub's users, and a hub user and a Corral token of one name are one identity:
             # a new name might be a hub user's (another team's, or an approver), so only a platform admin makes it.
-            return (f"{name!r} has no Corral token yet, and with JupyterHub in use it may be a hub user's name: "
-                    "a platform admin makes tokens for new names")
+            return (
+                f"{name!r} has no Corral token yet, and with JupyterHub in use it may be a hub user's name: "
+                "a platform admin makes tokens for new names"
+            )
         return None
 
 
@@ -175,8 +185,9 @@ NO_TEAM = "(no team)"  # the scope of a hub user in no mapped group: it covers n
 HUB_ADMIN, HUB_SUBMIT, HUB_PROMOTE = "custom:corral:admin", "custom:corral:submit", "custom:corral:promote"
 
 
-def hub_principal(name: str, groups: Iterable[str], scopes: Iterable[str], group_queues: Mapping[str, str]
-                  ) -> Principal:
+def hub_principal(
+    name: str, groups: Iterable[str], scopes: Iterable[str], group_queues: Mapping[str, str]
+) -> Principal:
     """A JupyterHub user as Corral sees it. Custom scopes granted to hub groups (roles in the hub) decide the
     role; the user's first group (by name) that maps to a queue is its team. A scope with a filter
     (`custom:corral:submit!group=x`) counts like the scope itself."""

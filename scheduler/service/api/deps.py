@@ -83,11 +83,14 @@ async def _hub_user(c: Core, secret: str) -> Principal:
     assert c.settings.hub_api_url is not None
     try:
         async with httpx.AsyncClient(timeout=HUB_TIMEOUT_S) as http:
-            r = await http.get(f"{c.settings.hub_api_url.rstrip('/')}/user",
-                               headers={"Authorization": f"token {secret}"})
+            r = await http.get(
+                f"{c.settings.hub_api_url.rstrip('/')}/user", headers={"Authorization": f"token {secret}"}
+            )
     except httpx.HTTPError as e:
-        raise Unavailable(f"JupyterHub at {c.settings.hub_api_url} did not answer ({e.__class__.__name__}); "
-                          "hub tokens cannot be checked now") from e
+        raise Unavailable(
+            f"JupyterHub at {c.settings.hub_api_url} did not answer ({e.__class__.__name__}); "
+            "hub tokens cannot be checked now"
+        ) from e
     if r.status_code in (401, 403, 404):
         raise Unauthorized("the token is neither a Corral token nor one JupyterHub accepts")
     if r.status_code != 200:
@@ -104,8 +107,11 @@ def _token_row(c: Core, key: str) -> RowMapping | None:
     """The live token whose digest is `key`. The lookup is by digest, so its timing tells nothing about the secret
     (a caller cannot steer a SHA-256 digest toward a stored one); the match is confirmed in constant time too."""
     with c.db.connect() as conn:
-        row = conn.execute(sa.select(tokens).where(tokens.c.digest == key,
-                                                   tokens.c.revoked.is_(False))).mappings().first()
+        row = (
+            conn.execute(sa.select(tokens).where(tokens.c.digest == key, tokens.c.revoked.is_(False)))
+            .mappings()
+            .first()
+        )
     return row if row is not None and hmac.compare_digest(row["digest"], key) else None
 
 

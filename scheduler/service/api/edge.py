@@ -87,8 +87,10 @@ def problem(value: Any, booleans: bool) -> str | None:
             if not booleans:
                 return f"{str(leaf).lower()} is a boolean, not a number{at}"
         elif (shown := non_finite(leaf)) is not None:
-            return (f"{shown} is not a finite number{at}: NaN and Infinity (or a number too large for a double, "
-                    "such as 1e309) are refused")
+            return (
+                f"{shown} is not a finite number{at}: NaN and Infinity (or a number too large for a double, "
+                "such as 1e309) are refused"
+            )
         elif isinstance(leaf, str) and "\0" in leaf:
             return f"a NUL character is not allowed in text{at}"
     return None

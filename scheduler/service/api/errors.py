@@ -57,8 +57,13 @@ class NotStarted(ServiceError):
 
 
 # Codes of the HTTP errors FastAPI answers by itself, in the shape of ServiceError.body.
-HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
-              415: "unsupported_media_type"}
+HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
 
 
 def http_error_body(status: int, detail: str) -> dict[str, object]:

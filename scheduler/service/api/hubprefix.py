@@ -39,11 +39,10 @@ class HubPrefix:
             path: str = scope.get("path", "")
             for prefix in self.prefixes:
                 if path == prefix or path.startswith(prefix + "/"):
-                    rest = path[len(prefix):] or "/"
+                    rest = path[len(prefix) :] or "/"
                     raw = scope.get("raw_path")
                     if isinstance(raw, bytes) and raw.startswith(prefix.encode()):
-                        raw = raw[len(prefix.encode()):] or b"/"
-                    scope = {**scope, "path": rest, "raw_path": raw,
-                             "root_path": scope.get("root_path", "") + prefix}
+                        raw = raw[len(prefix.encode()) :] or b"/"
+                    scope = {**scope, "path": rest, "raw_path": raw, "root_path": scope.get("root_path", "") + prefix}
                     break
         await self.app(scope, receive, send)

@@ -155,9 +155,12 @@ class QueuePoolView(Answer):
     weight: float = Field(description="Its weight in the fair-share split among its siblings.")
     fair_share: float = Field(description="The GPUs the queue is due now (weighted water-filling of demand).")
     usage: int = Field(description="GPUs its running jobs hold.")
-    np_usage: int = Field(description=(
-        "GPUs its non-preemptible running jobs hold (sandboxes, preemptible: false): what the guarantee rule "
-        "counts against quota, since preemptible jobs can always be taken back."))
+    np_usage: int = Field(
+        description=(
+            "GPUs its non-preemptible running jobs hold (sandboxes, preemptible: false): what the guarantee rule "
+            "counts against quota, since preemptible jobs can always be taken back."
+        )
+    )
     borrowed: int = Field(description="usage above quota: the GPUs a reclaim takes back first.")
     pending_jobs: int
     pending_gpus: int = Field(description="GPUs the pending jobs ask.")
@@ -365,7 +368,6 @@ class AdmissionTest(Answer):
     job: Json
     applied: list[RuleApplied]
     rejected: Rejection | None
-
 
 
 # ----- health -----

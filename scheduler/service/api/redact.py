@@ -42,8 +42,12 @@ class Redactor:
         ids = {i for v in values for i in _ids(v)} - self.readable.keys()
         if not ids:
             return
-        found = {r["id"]: (r["queue"], r["owner"]) for r in self.conn.execute(
-            sa.select(jobs.c.id, jobs.c.queue, jobs.c.owner).where(jobs.c.id.in_(sorted(ids)))).mappings()}
+        found = {
+            r["id"]: (r["queue"], r["owner"])
+            for r in self.conn.execute(
+                sa.select(jobs.c.id, jobs.c.queue, jobs.c.owner).where(jobs.c.id.in_(sorted(ids)))
+            ).mappings()
+        }
         with self.core.lock:  # the tree changes under the lock
             tree = self.core.tree
             for i in ids:
@@ -67,8 +71,14 @@ class Redactor:
         if isinstance(v, str):
             return JOB_REF.sub(lambda m: m.group(0) if self.readable.get(int(m.group(1))) else HIDDEN, v)
         if isinstance(v, dict):
-            return {k: (HIDDEN if k in ID_FIELDS and isinstance(x, int) and not isinstance(x, bool)
-                        and not self.readable.get(x) else self._redact(x)) for k, x in v.items()}
+            return {
+                k: (
+                    HIDDEN
+                    if k in ID_FIELDS and isinstance(x, int) and not isinstance(x, bool) and not self.readable.get(x)
+                    else self._redact(x)
+                )
+                for k, x in v.items()
+            }
         if isinstance(v, list):
             return [self._redact(x) for x in v]
         return v

@@ -35,8 +35,14 @@ class TokenRequest(Body):
     user: str = Field(min_length=1, max_length=200)
     role: Role
     scope: str | None = Field(None, description="A queue: the role applies to its subtree. None: everything.")
-    expires_in_days: float | None = Field(DEFAULT_TOKEN_DAYS, gt=0, le=3650, description=(
-        "Days until the token stops working (default 90); null: never (for service accounts, say so in review)."))
+    expires_in_days: float | None = Field(
+        DEFAULT_TOKEN_DAYS,
+        gt=0,
+        le=3650,
+        description=(
+            "Days until the token stops working (default 90); null: never (for service accounts, say so in review)."
+        ),
+    )
 
 
 @router.get("/queues", tags=["queues"])
@@ -46,15 +52,13 @@ def queue_tree(who: Caller, core: CoreDep) -> api.QueueTreeView:
     return views.queue_tree(core, who)
 
 
-@router.post("/queues/apply", tags=["queues"], response_model=api.QueuesApplied,
-             response_model_exclude_unset=True)
+@router.post("/queues/apply", tags=["queues"], response_model=api.QueuesApplied, response_model_exclude_unset=True)
 def apply(body: Apply, who: Caller, core: CoreDep) -> dict[str, Any]:
     """Replace the whole tree atomically after validating it; answers the diff (and nothing changes on dry_run)."""
     return core.apply_queues(who, body.document, body.comment, body.dry_run, body.expected_version)
 
 
-@router.post("/queues/rollback", tags=["queues"], response_model=api.QueuesApplied,
-             response_model_exclude_unset=True)
+@router.post("/queues/rollback", tags=["queues"], response_model=api.QueuesApplied, response_model_exclude_unset=True)
 def rollback(body: Rollback, who: Caller, core: CoreDep) -> dict[str, Any]:
     """Apply an earlier version again (as a new version, so history only grows)."""
     return core.rollback_queues(who, body.version)
@@ -85,8 +89,9 @@ def pools(who: Caller, core: CoreDep) -> dict[str, Any]:
 
 
 @router.get("/usage", tags=["usage"], response_model=api.Usage)
-def get_usage(who: Caller, core: CoreDep, since: Annotated[float | None, Query(ge=0)] = None,
-              until: float | None = None) -> dict[str, Any]:
+def get_usage(
+    who: Caller, core: CoreDep, since: Annotated[float | None, Query(ge=0)] = None, until: float | None = None
+) -> dict[str, Any]:
     """GPU-hours per queue and user over [since, until] (epoch seconds; default: since Corral was set up,
     until now)."""
     since, end, visible = _usage_range(who, core, since, until)
@@ -94,8 +99,9 @@ def get_usage(who: Caller, core: CoreDep, since: Annotated[float | None, Query(g
         return usage.usage(conn, since, end, visible, core.clock())
 
 
-def _usage_range(who: Principal, core: Core, since: float | None, until: float | None
-                 ) -> tuple[float, float, set[str] | None]:
+def _usage_range(
+    who: Principal, core: Core, since: float | None, until: float | None
+) -> tuple[float, float, set[str] | None]:
     """[since, until] with their defaults (since Corral was set up, until now), and the queues the caller sees."""
     end = core.clock() if until is None else until
     if math.isnan(end):
@@ -110,8 +116,13 @@ def _usage_range(who: Principal, core: Core, since: float | None, until: float |
 
 
 @router.get("/usage/export", tags=["usage"], response_model=api.UsageExport)
-def export_usage(who: Caller, core: CoreDep, format: Literal["trace"] = "trace",
-                 since: Annotated[float | None, Query(ge=0)] = None, until: float | None = None) -> dict[str, Any]:
+def export_usage(
+    who: Caller,
+    core: CoreDep,
+    format: Literal["trace"] = "trace",
+    since: Annotated[float | None, Query(ge=0)] = None,
+    until: float | None = None,
+) -> dict[str, Any]:
     """The range as simulator inputs (SIMULATOR.md): `trace` (the CSV of jobs submitted in it, with their recorded
     runtimes), `cluster` (pools, the queue tree in force, settings), and recorded `demand` per leaf queue and pool.
     Like /v1/usage, a scoped caller gets its own queues only, and its subtree as the tree (`scope` says so)."""

@@ -34,21 +34,35 @@ async def submit(sub: JobSubmit, who: Caller, core: CoreDep, response: Response)
     """Queue a job. A repeated idempotency key returns the first job (200) instead of a new one (201)."""
     if sub.kind != "job":
         # A sandbox is non-preemptible and above batch priority: only /v1/sandboxes checks the team's guarantee first.
-        raise Invalid("kind sandbox is opened through POST /v1/sandboxes, which checks the team's guarantee; "
-                      "/v1/jobs takes batch jobs only (kind: job)", "kind")
+        raise Invalid(
+            "kind sandbox is opened through POST /v1/sandboxes, which checks the team's guarantee; "
+            "/v1/jobs takes batch jobs only (kind: job)",
+            "kind",
+        )
     job, created = await core.intake.submit_async(who, sub)
-    log.info("job %s %s by %s", job["id"], "submitted" if created else "resubmitted (same idempotency key)", who.user,
-             extra={"job_id": job["id"], "queue": job["queue"]})
+    log.info(
+        "job %s %s by %s",
+        job["id"],
+        "submitted" if created else "resubmitted (same idempotency key)",
+        who.user,
+        extra={"job_id": job["id"], "queue": job["queue"]},
+    )
     if not created:
         response.status_code = 200
     return job
 
 
 @router.get("/jobs", response_model=api.JobList)
-def list_jobs(who: Caller, core: CoreDep,
-              queue: str | None = None, state: Annotated[list[str] | None, Query()] = None,
-              owner: str | None = None, label: Annotated[list[str] | None, Query()] = None,
-              limit: Annotated[int, Query(ge=1, le=1000)] = 100, before: DbId | None = None) -> dict[str, Any]:
+def list_jobs(
+    who: Caller,
+    core: CoreDep,
+    queue: str | None = None,
+    state: Annotated[list[str] | None, Query()] = None,
+    owner: str | None = None,
+    label: Annotated[list[str] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: DbId | None = None,
+) -> dict[str, Any]:
     """Jobs the caller may see, newest first; `before` (an id) pages back."""
     for s in state or []:
         if s not in STATES:
@@ -110,9 +124,10 @@ def explain(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
     of every preemption it suffered."""
     with core.db.connect() as conn:
         job = core.readable(conn, who, job_id)
-        preempted = [r["data"].get("reason") | {"at": r["at"], "by": r["data"].get("by"),
-                                                 "cause": r["data"].get("cause")}
-                     for r in queries.events_of(conn, job_id, "preempted")]
+        preempted = [
+            r["data"].get("reason") | {"at": r["at"], "by": r["data"].get("by"), "cause": r["data"].get("cause")}
+            for r in queries.events_of(conn, job_id, "preempted")
+        ]
     with core.lock:
         reason = reason_now(core, job_id, job["reason"])
     with core.db.connect() as conn:  # after the lock: the redactor takes it to read the tree
@@ -123,9 +138,15 @@ def explain(job_id: DbId, who: Caller, core: CoreDep) -> dict[str, Any]:
 
 
 @router.get("/jobs/{job_id}/logs", response_class=Response, responses=TEXT_OK)
-async def logs(job_id: DbId, who: Caller, core: CoreDep, stream: Literal["stdout", "stderr"] = "stdout",
-               attempt: Annotated[int | None, Query(ge=1)] = None, follow: bool = False,
-               offset: Annotated[int, Query(ge=0)] = 0) -> Response:
+async def logs(
+    job_id: DbId,
+    who: Caller,
+    core: CoreDep,
+    stream: Literal["stdout", "stderr"] = "stdout",
+    attempt: Annotated[int | None, Query(ge=1)] = None,
+    follow: bool = False,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Response:
     """The attempt's output (default: the latest) from byte `offset`. With follow, the answer streams until the
     attempt ends; an attempt admitted but not launched yet is waited for."""
     job = await run_in_threadpool(_readable, core, who, job_id)  # database and files: off the event loop

@@ -21,7 +21,6 @@ router = APIRouter(tags=["models"])
 NAME = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-
 class NewModel(Body):
     name: str = NAME
     queue: str = Field(description="The owning team's queue: its roles decide who registers and who promotes.")
@@ -30,9 +29,14 @@ class NewModel(Body):
 
 class NewVersion(Body):
     job_id: DbId = Field(description="The finished (completed) job that produced the artifact.")
-    artifact_uri: str = Field(min_length=1, max_length=4096, description=(
-        "A path (or file:// URI) inside the job's output directory, relative to it or absolute; its sha256 is "
-        "computed now."))
+    artifact_uri: str = Field(
+        min_length=1,
+        max_length=4096,
+        description=(
+            "A path (or file:// URI) inside the job's output directory, relative to it or absolute; its sha256 is "
+            "computed now."
+        ),
+    )
     # Refused when given (TYPED_IN): the job records them itself. They stay in the model so that an old client
     # is told where they went instead of "extra fields not permitted".
     metrics: dict[str, float] | None = Field(None, description="Refused: the job writes metrics.json.")
@@ -51,15 +55,19 @@ class Promotion(Body):
     stage: Literal["staging", "production"] = "production"
 
 
-TYPED_IN = ("{field} is not accepted: gates use only what the job itself recorded in its output directory "
-            "($CORRAL_OUTPUT_DIR): metrics in metrics.json (a JSON object of names to numbers), the eval set and the "
-            "digests of code and data in lineage.json; notebooks.outputs.log_metrics() and record_lineage() write "
-            "them (docs/models.md)")
+TYPED_IN = (
+    "{field} is not accepted: gates use only what the job itself recorded in its output directory "
+    "($CORRAL_OUTPUT_DIR): metrics in metrics.json (a JSON object of names to numbers), the eval set and the "
+    "digests of code and data in lineage.json; notebooks.outputs.log_metrics() and record_lineage() write "
+    "them (docs/models.md)"
+)
 
 
 class MlflowExport(Body):
-    tracking_uri: str = Field(min_length=1, description=(
-        "MLflow tracking/registry URI; one of the server's mlflow_tracking_uris (an admin's allow-list)."))
+    tracking_uri: str = Field(
+        min_length=1,
+        description=("MLflow tracking/registry URI; one of the server's mlflow_tracking_uris (an admin's allow-list)."),
+    )
 
 
 class Rollback(Body):
@@ -74,15 +82,30 @@ def create(body: NewModel, who: Caller, core: CoreDep) -> dict[str, Any]:
 @router.get("/models", response_model=api.ModelList)
 def list_models(who: Caller, core: CoreDep) -> dict[str, Any]:
     with core.db.connect() as conn:
-        return {"models": [{**r, "aliases": registry.aliases(conn, r["name"])}
-                           for r in queries.model_rows(conn, who, core.tree)]}
+        return {
+            "models": [
+                {**r, "aliases": registry.aliases(conn, r["name"])} for r in queries.model_rows(conn, who, core.tree)
+            ]
+        }
 
 
 @router.get("/models/audit", response_model=api.ModelAudit, response_model_exclude_unset=True)
-def audit(who: Caller, core: CoreDep, model: str | None = None, verify: bool = False,
-          head: Annotated[str | None, Query(pattern=r"^[0-9a-f]{64}$", description=(
-              "A head hash kept earlier (logs, /metrics): the chain must still contain it, as its newest entry "
-              "or before (only with verify)."))] = None) -> dict[str, Any]:
+def audit(
+    who: Caller,
+    core: CoreDep,
+    model: str | None = None,
+    verify: bool = False,
+    head: Annotated[
+        str | None,
+        Query(
+            pattern=r"^[0-9a-f]{64}$",
+            description=(
+                "A head hash kept earlier (logs, /metrics): the chain must still contain it, as its newest entry "
+                "or before (only with verify)."
+            ),
+        ),
+    ] = None,
+) -> dict[str, Any]:
     """The hash-chained history (of one model, or all the caller may see); with verify, every broken link, every
     stage alias the chain's moves do not lead to, and, given `head`, a chain that no longer holds that head."""
     with core.db.connect() as conn:
@@ -97,18 +120,23 @@ def audit(who: Caller, core: CoreDep, model: str | None = None, verify: bool = F
         out["head"] = {"seq": rows[-1]["seq"], "hash": rows[-1]["hash"]}
     if verify:
         # Always the whole chain: a link is checked against its neighbours, and the head against the last row.
-        problems = (chain.verify(rows, head=head) + chain.alias_problems(rows, table)
-                    + chain.version_problems(rows, versions))
+        problems = (
+            chain.verify(rows, head=head) + chain.alias_problems(rows, table) + chain.version_problems(rows, versions)
+        )
         # Other teams' rows stay private: a team sees whether the chain holds, the details are for admins.
-        shown = problems if who.admin else [f"{len(problems)} broken link(s); a platform admin sees where"][
-            : 1 if problems else 0]
+        shown = (
+            problems
+            if who.admin
+            else [f"{len(problems)} broken link(s); a platform admin sees where"][: 1 if problems else 0]
+        )
         out["verified"] = {"intact": not problems, "problems": shown, "entries": len(rows)}
     return out
 
 
 @router.get("/promotions", response_model=api.PromotionList)
-def list_promotions(who: Caller, core: CoreDep, model: str | None = None,
-                    state: Literal["open", "promoted", "rejected"] | None = None) -> dict[str, Any]:
+def list_promotions(
+    who: Caller, core: CoreDep, model: str | None = None, state: Literal["open", "promoted", "rejected"] | None = None
+) -> dict[str, Any]:
     """Promotion requests of models the caller may see (an approver finds what waits for it here)."""
     with core.db.connect() as conn:
         return {"promotions": queries.promotion_rows(conn, who, core.tree, model, state)}
@@ -170,10 +198,17 @@ def roi(name: str, who: Caller, core: CoreDep) -> dict[str, Any]:
 
 
 @router.get("/models/{name}/deploy", response_class=Response, responses=TEXT_OK)
-def deploy(name: str, who: Caller, core: CoreDep, stage: Literal["staging", "production"] = "production",
-           kind: Literal["kserve", "deployment"] = "kserve", namespace: str = "default",
-           image: str = "kserve/huggingfaceserver:latest", model_format: str = "pytorch",
-           gpus: Annotated[int, Query(ge=0)] = 1) -> PlainTextResponse:
+def deploy(
+    name: str,
+    who: Caller,
+    core: CoreDep,
+    stage: Literal["staging", "production"] = "production",
+    kind: Literal["kserve", "deployment"] = "kserve",
+    namespace: str = "default",
+    image: str = "kserve/huggingfaceserver:latest",
+    model_format: str = "pytorch",
+    gpus: Annotated[int, Query(ge=0)] = 1,
+) -> PlainTextResponse:
     """The manifest serving the version at `stage`: a KServe InferenceService, or a plain Deployment."""
     with core.db.connect() as conn:
         registry.model_row(conn, core, who, name)
@@ -189,22 +224,25 @@ def deploy(name: str, who: Caller, core: CoreDep, stage: Literal["staging", "pro
     return PlainTextResponse(to_yaml(doc))
 
 
-
-
-
 @router.post("/models/{name}/export/mlflow", response_model=api.MlflowExported)
 def export_mlflow(name: str, body: MlflowExport, who: Caller, core: CoreDep) -> dict[str, Any]:
     """Mirror the model's versions and stage aliases into an MLflow registry (model owners; needs mlflow), at a
     tracking URI the admin allowed, within mlflow_timeout_s."""
     allowed = core.settings.mlflow_tracking_uris
     if not allowed:
-        raise Forbidden("MLflow export is off: a platform admin lists the tracking URIs it may reach in the "
-                        "setting mlflow_tracking_uris", "tracking_uri")
+        raise Forbidden(
+            "MLflow export is off: a platform admin lists the tracking URIs it may reach in the "
+            "setting mlflow_tracking_uris",
+            "tracking_uri",
+        )
     if body.tracking_uri not in allowed:
         # The URI decides what the server writes (sqlite:, file:) or calls (http:): only an admin names them.
         # The list itself is not shown: an allowed URI may carry credentials.
-        raise Forbidden(f"tracking URI {body.tracking_uri!r} is not one of the server's mlflow_tracking_uris (ask "
-                        "a platform admin for the URI to use)", "tracking_uri")
+        raise Forbidden(
+            f"tracking URI {body.tracking_uri!r} is not one of the server's mlflow_tracking_uris (ask "
+            "a platform admin for the URI to use)",
+            "tracking_uri",
+        )
     if not mlflow_export.available():
         raise Unavailable("mlflow is not installed on the Corral server (pip install 'corral[mlflow]')")
     with core.db.connect() as conn:
@@ -213,10 +251,12 @@ def export_mlflow(name: str, body: MlflowExport, who: Caller, core: CoreDep) -> 
         raise Forbidden(f"{who.user} ({who.role}) may not export {name}: model owners do")
     stages = {s: a for s, a in shown["aliases"].items() if s != "candidate"}  # MLflow has no use for candidate
     try:
-        versions = [{**v, "artifact_uri": registry.artifact_location(core, v["artifact_uri"])}
-                    for v in shown["versions"]]
-        exported = mlflow_export.export_aliases(name, versions, stages, body.tracking_uri,
-                                                core.settings.mlflow_timeout_s)
+        versions = [
+            {**v, "artifact_uri": registry.artifact_location(core, v["artifact_uri"])} for v in shown["versions"]
+        ]
+        exported = mlflow_export.export_aliases(
+            name, versions, stages, body.tracking_uri, core.settings.mlflow_timeout_s
+        )
     except mlflow_export.ExportFailed as e:
         raise Unavailable(str(e), "tracking_uri") from e
     return {"model": name, "aliases": exported}

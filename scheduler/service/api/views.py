@@ -47,12 +47,18 @@ def queue_tree(core: Core, who: Principal) -> QueueTreeView:
                 used, quota = ps.used(q.name), q.quota_of(name)
                 limit = q.limit_of(name)
                 pools[name] = QueuePoolView(
-                    quota=quota, limit=None if limit == float("inf") else int(limit),
-                    weight=q.weight_of(name), fair_share=round(ps.share(q.name), 4),
-                    usage=used, np_usage=ps.np_used(q.name), borrowed=max(0, used - quota),
-                    pending_jobs=pending_jobs, pending_gpus=pending_gpus, running_jobs=ps.running(leaves))
-            out.append(QueueView(name=q.name, parent=q.parent.name if q.parent else None, leaf=q.is_leaf,
-                                 pools=pools))
+                    quota=quota,
+                    limit=None if limit == float("inf") else int(limit),
+                    weight=q.weight_of(name),
+                    fair_share=round(ps.share(q.name), 4),
+                    usage=used,
+                    np_usage=ps.np_used(q.name),
+                    borrowed=max(0, used - quota),
+                    pending_jobs=pending_jobs,
+                    pending_gpus=pending_gpus,
+                    running_jobs=ps.running(leaves),
+                )
+            out.append(QueueView(name=q.name, parent=q.parent.name if q.parent else None, leaf=q.is_leaf, pools=pools))
         return QueueTreeView(version=core.version, queues=out)
 
 
@@ -65,16 +71,24 @@ def pools(core: Core) -> list[dict[str, Any]]:
             for n in ps.nodes:
                 known = core.cluster.nodes.get(n.name)
                 info = {g.index: g for g in known.gpus} if known is not None else {}
-                node_views.append({
-                    "name": n.name, "up": n.name not in core.cluster.down,
-                    "cordoned": known is not None and known.cordoned and n.name not in core.cluster.down, "gpus": [
-                        {"index": i, "model": info[i].model if i in info else None,
-                         "uuid": info[i].uuid if i in info else None,
-                         "memory_mb": info[i].memory_mb if i in info else None,
-                         "job": job_id_of(n.holders[i]) if i in n.holders else None}
-                        for i in range(n.gpus)]})
-            out.append({"name": name, "capacity": ps.capacity, "free": ps.free_gpus,
-                        "nodes": node_views})
+                node_views.append(
+                    {
+                        "name": n.name,
+                        "up": n.name not in core.cluster.down,
+                        "cordoned": known is not None and known.cordoned and n.name not in core.cluster.down,
+                        "gpus": [
+                            {
+                                "index": i,
+                                "model": info[i].model if i in info else None,
+                                "uuid": info[i].uuid if i in info else None,
+                                "memory_mb": info[i].memory_mb if i in info else None,
+                                "job": job_id_of(n.holders[i]) if i in n.holders else None,
+                            }
+                            for i in range(n.gpus)
+                        ],
+                    }
+                )
+            out.append({"name": name, "capacity": ps.capacity, "free": ps.free_gpus, "nodes": node_views})
         return out
 
 
@@ -90,17 +104,25 @@ def live_metrics(core: Core) -> list[Metric]:
             for q in core.tree.leaves:
                 pending_jobs, pending_gpus = ps.backlog([q.name])
                 labels = [q.name, pool]
-                jobs += [(labels + [JobState.PENDING.value], pending_jobs),
-                         (labels + [JobState.RUNNING.value], ps.running([q.name]))]
-                gpus += [(labels + [JobState.PENDING.value], pending_gpus),
-                         (labels + [JobState.RUNNING.value], ps.used(q.name))]
+                jobs += [
+                    (labels + [JobState.PENDING.value], pending_jobs),
+                    (labels + [JobState.RUNNING.value], ps.running([q.name])),
+                ]
+                gpus += [
+                    (labels + [JobState.PENDING.value], pending_gpus),
+                    (labels + [JobState.RUNNING.value], ps.used(q.name)),
+                ]
             for q in core.tree.queues.values():
                 share.append(([q.name, pool], ps.share(q.name)))
                 borrowed.append(([q.name, pool], max(0, ps.used(q.name) - q.quota_of(pool))))
         return out + [
             gauge("corral_jobs", "Jobs per leaf queue, pool and state.", ["queue", "pool", "state"], jobs),
-            gauge("corral_gpus", "GPUs asked (pending) or held (running) per leaf queue and pool.",
-                  ["queue", "pool", "state"], gpus),
+            gauge(
+                "corral_gpus",
+                "GPUs asked (pending) or held (running) per leaf queue and pool.",
+                ["queue", "pool", "state"],
+                gpus,
+            ),
             gauge("corral_fair_share_gpus", "Fair share of each queue in each pool, GPUs.", ["queue", "pool"], share),
             gauge("corral_borrowed_gpus", "GPUs a queue uses beyond its quota.", ["queue", "pool"], borrowed),
         ]
@@ -117,5 +139,7 @@ def gpu_metrics(core: Core) -> list[Metric]:
     if not util:
         return []
     labels = ["pool", "node", "gpu"]
-    return [gauge("corral_gpu_utilisation_percent", "GPU utilisation (NVML), percent.", labels, util),
-            gauge("corral_gpu_memory_used_bytes", "GPU memory in use (NVML), bytes.", labels, mem)]
+    return [
+        gauge("corral_gpu_utilisation_percent", "GPU utilisation (NVML), percent.", labels, util),
+        gauge("corral_gpu_memory_used_bytes", "GPU memory in use (NVML), bytes.", labels, mem),
+    ]

@@ -83,14 +83,25 @@ def diff(old: AdmissionPolicy, new: AdmissionPolicy) -> list[dict[str, Any]]:
             change = "added" if b is None else "removed" if a is None else "changed"
             out.append({"rule": name, "change": change, "before": b, "after": a})
     if old.hook != new.hook:
-        out.append({"rule": "hook", "change": "changed",
-                    "before": None if old.hook is None else old.hook.model_dump(exclude_defaults=True),
-                    "after": None if new.hook is None else new.hook.model_dump(exclude_defaults=True)})
+        out.append(
+            {
+                "rule": "hook",
+                "change": "changed",
+                "before": None if old.hook is None else old.hook.model_dump(exclude_defaults=True),
+                "after": None if new.hook is None else new.hook.model_dump(exclude_defaults=True),
+            }
+        )
     return out
 
 
-def apply(core: Admits, who: Principal, document: dict[str, Any], comment: str = "",
-          dry_run: bool = False, expected_version: int | None = None) -> dict[str, Any]:
+def apply(
+    core: Admits,
+    who: Principal,
+    document: dict[str, Any],
+    comment: str = "",
+    dry_run: bool = False,
+    expected_version: int | None = None,
+) -> dict[str, Any]:
     """Validate, then store as a new version (history only grows) and put it in force at once. With
     `expected_version`, refuse (409) if another apply came first, so the diff shown is the one made."""
     if not who.admin:
@@ -99,19 +110,31 @@ def apply(core: Admits, who: Principal, document: dict[str, Any], comment: str =
         policy = validate(core, document)
         number, old = current(core)
         if expected_version is not None and number != expected_version:
-            raise Conflict(f"the admission policy is at version {number}, not {expected_version}: someone applied "
-                           "a change since; look at the diff again", "expected_version")
+            raise Conflict(
+                f"the admission policy is at version {number}, not {expected_version}: someone applied "
+                "a change since; look at the diff again",
+                "expected_version",
+            )
         changes = diff(old, policy)
         out: dict[str, Any] = {"version": number, "diff": changes, "applied": False}
         if dry_run or (not changes and number > 0):
             return out
         now = core.clock()
         with core.db.begin() as conn:
-            out["version"] = conn.execute(admission_policies.insert().values(
-                author=who.user, created_at=now, comment=comment, document=document)
-                .returning(admission_policies.c.version)).scalar_one()
-            store.add_audit(conn, now, who.user, "admission.apply", f"admission policy version {out['version']}",
-                            comment=comment, diff=changes)
+            out["version"] = conn.execute(
+                admission_policies.insert()
+                .values(author=who.user, created_at=now, comment=comment, document=document)
+                .returning(admission_policies.c.version)
+            ).scalar_one()
+            store.add_audit(
+                conn,
+                now,
+                who.user,
+                "admission.apply",
+                f"admission policy version {out['version']}",
+                comment=comment,
+                diff=changes,
+            )
         core.policy = (out["version"], policy)
         out["applied"] = True
     return out
@@ -150,17 +173,40 @@ def check(core: Admits, who: Principal, sub: JobSubmit) -> JobSubmit:
     target = f"queue {sub.queue}"
     with core.db.begin() as conn:
         if d.applied:
-            store.add_audit(conn, now, who.user, "admission.mutate", target, policy_version=number, job=sub.name,
-                            kind=sub.kind, applied=[{"rule": r, "change": w} for r, w in d.applied])
+            store.add_audit(
+                conn,
+                now,
+                who.user,
+                "admission.mutate",
+                target,
+                policy_version=number,
+                job=sub.name,
+                kind=sub.kind,
+                applied=[{"rule": r, "change": w} for r, w in d.applied],
+            )
         if d.rejected is not None:
             r = d.rejected
-            store.add_audit(conn, now, who.user, "admission.reject", target, policy_version=number, job=sub.name,
-                            kind=sub.kind, rule=r.rule, field=r.field, value=r.value, message=r.message)
+            store.add_audit(
+                conn,
+                now,
+                who.user,
+                "admission.reject",
+                target,
+                policy_version=number,
+                job=sub.name,
+                kind=sub.kind,
+                rule=r.rule,
+                field=r.field,
+                value=r.value,
+                message=r.message,
+            )
     if d.rejected is not None:
         r = d.rejected
-        raise Invalid(f"admission policy: {r.message}" if r.rule != HOOK else f"admission hook: {r.message}",
-                      r.field or None,
-                      {"rule": r.rule, "field": r.field, "value": r.value, "policy_version": number})
+        raise Invalid(
+            f"admission policy: {r.message}" if r.rule != HOOK else f"admission hook: {r.message}",
+            r.field or None,
+            {"rule": r.rule, "field": r.field, "value": r.value, "policy_version": number},
+        )
     return d.job
 
 

@@ -34,14 +34,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("corral.service")
 # Said at every start on the Ray backend (docs/ray.md, Trust model): Corral cannot separate Ray jobs from each other.
-RAY_TRUST = ("isolation: on the Ray backend every job runs as the Ray cluster's own user, with no isolation between "
-             "jobs (each can read the others' files and environment, and use the cluster's credentials): use one "
-             "Ray cluster per trust domain, for a single team or a group that trusts each other")
+RAY_TRUST = (
+    "isolation: on the Ray backend every job runs as the Ray cluster's own user, with no isolation between "
+    "jobs (each can read the others' files and environment, and use the cluster's credentials): use one "
+    "Ray cluster per trust domain, for a single team or a group that trusts each other"
+)
 
 
-def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus: list[GPUInfo] | None = None,
-               clock: Callable[[], float] = time.time, nodes: list[NodeInfo] | None = None,
-               start: bool = True) -> Core:
+def build_core(
+    settings: ServiceSettings,
+    executor: Executor | None = None,
+    gpus: list[GPUInfo] | None = None,
+    clock: Callable[[], float] = time.time,
+    nodes: list[NodeInfo] | None = None,
+    start: bool = True,
+) -> Core:
     """The core on the configured backend; `nodes` (tests) replaces what the backend would discover. Without
     `start`, the caller starts it (an instance among several, once it leads: ha.lead_then_run)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -61,8 +68,9 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
         # The cluster's GPU nodes are the pools; Ray, through its Jobs API, runs what Corral admits.
         if nodes is None:
             nodes = discover_ray(settings.ray_address, settings.ray_token)
-        executor = executor or RayExecutor(settings.ray_address, settings.data_dir / "ray", settings.ray_token,
-                                           nodes, grace_s=settings.grace_s)
+        executor = executor or RayExecutor(
+            settings.ray_address, settings.data_dir / "ray", settings.ray_token, nodes, grace_s=settings.grace_s
+        )
     elif settings.backend == "kubernetes":
         # Imported only for this backend, like Ray: the kubernetes client is slow to import.
         from kubernetes import client as k8s_client  # noqa: PLC0415
@@ -75,13 +83,20 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
         else:
             k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
             api = k8s_client.ApiClient()
-        k8s_ex = KubernetesExecutor(api, settings.data_dir / "k8s", settings.k8s_default_image, settings.grace_s,
-                                    settings.k8s_namespace_prefix, hub_namespace=settings.k8s_hub_namespace,
-                                    node_selector=settings.k8s_node_selector,
-                                    foreign_pods=settings.k8s_foreign_pods, workload=settings.k8s_workload,
-                                    run_as_user=settings.k8s_run_as_user,
-                                    managed_taint=settings.k8s_managed_taint,
-                                    notebook_storage=notebook_storage(settings))
+        k8s_ex = KubernetesExecutor(
+            api,
+            settings.data_dir / "k8s",
+            settings.k8s_default_image,
+            settings.grace_s,
+            settings.k8s_namespace_prefix,
+            hub_namespace=settings.k8s_hub_namespace,
+            node_selector=settings.k8s_node_selector,
+            foreign_pods=settings.k8s_foreign_pods,
+            workload=settings.k8s_workload,
+            run_as_user=settings.k8s_run_as_user,
+            managed_taint=settings.k8s_managed_taint,
+            notebook_storage=notebook_storage(settings),
+        )
         if nodes is None:
             nodes = k8s_ex.discover()  # its node watch resumes from this very list
         executor = executor or k8s_ex
@@ -90,8 +105,16 @@ def build_core(settings: ServiceSettings, executor: Executor | None = None, gpus
         source = detect(settings.gpus, settings.gpu_model if settings.gpus is not None else None)
         found = source.gpus if gpus is None else gpus
         real = gpus is None and source.kind == "nvml" and bool(found)
-        nodes = [NodeInfo(settings.node, settings.pool, found, settings.cpus, settings.memory_gb,
-                          sample=read_samples if real else None)]
+        nodes = [
+            NodeInfo(
+                settings.node,
+                settings.pool,
+                found,
+                settings.cpus,
+                settings.memory_gb,
+                sample=read_samples if real else None,
+            )
+        ]
     core = Core(settings, connect(settings.url), executor or local_executor(settings), nodes, clock)
     if start:
         core.start()
@@ -103,8 +126,10 @@ def notebook_storage(settings: ServiceSettings) -> NotebookStorage | None:
     if settings.k8s_notebook_storage_size is None:
         return None
     from scheduler.backends.kubernetes.sandbox import NotebookStorage  # noqa: PLC0415  (the kubernetes backend's)
-    return NotebookStorage(settings.k8s_notebook_storage_size, settings.k8s_notebook_storage_class,
-                           settings.k8s_notebook_dir)
+
+    return NotebookStorage(
+        settings.k8s_notebook_storage_size, settings.k8s_notebook_storage_class, settings.k8s_notebook_dir
+    )
 
 
 def local_executor(settings: ServiceSettings) -> LocalExecutor:
@@ -116,9 +141,12 @@ def local_executor(settings: ServiceSettings) -> LocalExecutor:
     log.info("isolation: %s (accounts: %s)", why, settings.accounts)
     blocked = unreachable_ancestor(settings.data_dir)
     if blocked is not None:  # jobs still start (in their output directory) but cannot name it by its path
-        log.warning("isolation: %s is closed to other users, so jobs cannot reach their output directories and "
-                    "homes under %s by path: put data_dir where every user may pass (e.g. /var/lib/corral)",
-                    blocked, settings.data_dir)
+        log.warning(
+            "isolation: %s is closed to other users, so jobs cannot reach their output directories and "
+            "homes under %s by path: put data_dir where every user may pass (e.g. /var/lib/corral)",
+            blocked,
+            settings.data_dir,
+        )
     accounts = open_accounts(settings.accounts, settings.data_dir, settings.uid_min, settings.uid_max)
     return LocalExecutor(settings.logs_dir, accounts=accounts)
 
@@ -163,8 +191,17 @@ def create_token(core: Core, user: str, role: Role, scope: str | None = None, by
     scheduler/service/core/local_tokens.py."""
     secret, now = new_secret(), core.clock()
     with core.db.begin() as conn:
-        conn.execute(tokens.insert().values(digest=digest(secret), user=user, role=role.value, scope=scope,
-                                            created_at=now, created_by=by, revoked=False))
+        conn.execute(
+            tokens.insert().values(
+                digest=digest(secret),
+                user=user,
+                role=role.value,
+                scope=scope,
+                created_at=now,
+                created_by=by,
+                revoked=False,
+            )
+        )
         store.add_audit(conn, now, by, "token.create", f"token for {user}", role=role.value, scope=scope)
     return secret
 
@@ -199,9 +236,16 @@ def run_uvicorn(app: FastAPI, settings: ServiceSettings) -> None:
     if settings.metrics_port is not None:
         metrics = MetricsServer(app.state.core.metrics.registry, settings.host, settings.metrics_port).start()
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                    log_config=log_config, access_log=False, ssl_certfile=settings.tls_certfile,
-                    ssl_keyfile=settings.tls_keyfile)
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            log_config=log_config,
+            access_log=False,
+            ssl_certfile=settings.tls_certfile,
+            ssl_keyfile=settings.tls_keyfile,
+        )
     finally:
         if metrics is not None:
             metrics.close()

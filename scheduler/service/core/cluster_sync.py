@@ -97,9 +97,16 @@ def write_node(conn: sa.Connection, n: NodeInfo, up: bool, replace: bool = False
     """The node's row in the nodes table (what GET /v1/pools and usage read)."""
     if replace:
         conn.execute(nodes.delete().where(nodes.c.name == n.name))
-    conn.execute(nodes.insert().values(name=n.name, pool=n.pool, gpus=len(n.gpus),
-                                       gpu_model=n.gpus[0].model if n.gpus else "none", up=up,
-                                       info=[vars(g) for g in n.gpus]))
+    conn.execute(
+        nodes.insert().values(
+            name=n.name,
+            pool=n.pool,
+            gpus=len(n.gpus),
+            gpu_model=n.gpus[0].model if n.gpus else "none",
+            up=up,
+            info=[vars(g) for g in n.gpus],
+        )
+    )
 
 
 def take_arrivals(core: SyncsCluster) -> None:
@@ -156,8 +163,13 @@ def _take_arrivals(core: SyncsCluster, ex: TakesArrivals) -> None:
 
 def _withdraw_unoffered(core: SyncsCluster, offered: set[str]) -> None:
     with core.db.connect() as conn:
-        keys = conn.execute(sa.select(jobs.c.idempotency_key).where(
-            jobs.c.owner == CLUSTER_OWNER, jobs.c.state == JobState.PENDING)).scalars().all()
+        keys = (
+            conn.execute(
+                sa.select(jobs.c.idempotency_key).where(jobs.c.owner == CLUSTER_OWNER, jobs.c.state == JobState.PENDING)
+            )
+            .scalars()
+            .all()
+        )
     for key in keys:
         if key is not None and key not in offered:
             withdraw(core, key)
@@ -166,8 +178,9 @@ def _withdraw_unoffered(core: SyncsCluster, offered: set[str]) -> None:
 def withdraw(core: SyncsCluster, key: str) -> None:
     """Cancel the pending job of a withdrawn arrival; one already admitted ends when its pods are seen gone."""
     with core.db.connect() as conn:
-        row = conn.execute(sa.select(jobs.c.id, jobs.c.state).where(
-            jobs.c.owner == CLUSTER_OWNER, jobs.c.idempotency_key == key)).first()
+        row = conn.execute(
+            sa.select(jobs.c.id, jobs.c.state).where(jobs.c.owner == CLUSTER_OWNER, jobs.c.idempotency_key == key)
+        ).first()
     if row is None or row.state != JobState.PENDING:
         return
     reason = {"rule": "withdrawn", "message": "its pods were deleted before it was admitted", "numbers": {}}

@@ -26,10 +26,15 @@ def cull(core: Culls, tracker: IdleTracker, now: float) -> None:
         return  # declared or remote GPUs: nothing to measure from here
     samples = {name: read() or {} for name, read in readers.items()}
     with core.db.connect() as conn:
-        rows = conn.execute(
-            sa.select(jobs.c.id, jobs.c.spec, attempts.c.placement)
-            .join(attempts, sa.and_(attempts.c.job_id == jobs.c.id, attempts.c.attempt == jobs.c.attempt))
-            .where(jobs.c.state == JobState.RUNNING, attempts.c.state == AttemptState.RUNNING)).mappings().all()
+        rows = (
+            conn.execute(
+                sa.select(jobs.c.id, jobs.c.spec, attempts.c.placement)
+                .join(attempts, sa.and_(attempts.c.job_id == jobs.c.id, attempts.c.attempt == jobs.c.attempt))
+                .where(jobs.c.state == JobState.RUNNING, attempts.c.state == AttemptState.RUNNING)
+            )
+            .mappings()
+            .all()
+        )
     running = {str(r["id"]) for r in rows if r["spec"].get("kind") == "sandbox"}
     for sid in set(tracker.watched()) - running:
         tracker.forget(sid)  # closed or ended: start afresh if it ever comes back
@@ -53,8 +58,16 @@ def _act(core: Culls, tracker: IdleTracker, action: Warn | Stop, now: float) -> 
     if isinstance(action, Warn):
         msg = warning_text(action.idle_since, action.stop_at, now)
         with core.writing() as conn:
-            store.add_event(conn, now, "idle_warning", msg, job_id, idle_since=action.idle_since,
-                            stop_at=action.stop_at, idle_gpu_minutes=round(action.idle_gpu_minutes, 3))
+            store.add_event(
+                conn,
+                now,
+                "idle_warning",
+                msg,
+                job_id,
+                idle_since=action.idle_since,
+                stop_at=action.stop_at,
+                idle_gpu_minutes=round(action.idle_gpu_minutes, 3),
+            )
         return
     try:
         _close(core, job_id, action, now)
@@ -64,10 +77,16 @@ def _act(core: Culls, tracker: IdleTracker, action: Warn | Stop, now: float) -> 
 
 
 def _close(core: Culls, job_id: int, action: Stop, now: float) -> None:
-    core.cancel(CULLER, job_id, reason={
-        "rule": "idle", "message": f"stopped after its GPUs stayed idle for {duration_text(now - action.idle_since)} "
-        f"(since {clock_text(action.idle_since)}): {action.idle_gpu_minutes:.0f} idle GPU-minutes",
-        "numbers": {"idle_gpu_minutes": action.idle_gpu_minutes, "idle_since": action.idle_since}})
+    core.cancel(
+        CULLER,
+        job_id,
+        reason={
+            "rule": "idle",
+            "message": f"stopped after its GPUs stayed idle for {duration_text(now - action.idle_since)} "
+            f"(since {clock_text(action.idle_since)}): {action.idle_gpu_minutes:.0f} idle GPU-minutes",
+            "numbers": {"idle_gpu_minutes": action.idle_gpu_minutes, "idle_since": action.idle_since},
+        },
+    )
 
 
 def idle_view(core: Culls, job_id: int, now: float) -> dict[str, object] | None:
@@ -77,6 +96,11 @@ def idle_view(core: Culls, job_id: int, now: float) -> dict[str, object] | None:
     if status is None:
         return None
     since, stop_at, warned = status
-    return {"idle_since": since, "stop_at": stop_at, "seconds_left": max(0.0, stop_at - now),
-            "stop_in": duration_text(stop_at - now), "stop_at_text": clock_text(stop_at),
-            "warning": warning_text(since, stop_at, now) if warned else None}
+    return {
+        "idle_since": since,
+        "stop_at": stop_at,
+        "seconds_left": max(0.0, stop_at - now),
+        "stop_in": duration_text(stop_at - now),
+        "stop_at_text": clock_text(stop_at),
+        "warning": warning_text(since, stop_at, now) if warned else None,
+    }

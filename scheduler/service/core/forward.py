@@ -19,8 +19,15 @@ CACHE_S = 1.0  # how long the leader's address read from the database is used
 class ToLeader:
     """ASGI middleware: while this instance does not lead, proxy the request to the leader's API."""
 
-    def __init__(self, app: Any, leads: Callable[[], bool], leader_url: Callable[[], str | None], own_url: str,
-                 max_body: int = 8 << 20, connect_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        leads: Callable[[], bool],
+        leader_url: Callable[[], str | None],
+        own_url: str,
+        max_body: int = 8 << 20,
+        connect_s: float = 5.0,
+    ) -> None:
         self.app, self.leads, self.leader_url, self.own_url, self.max_body = app, leads, leader_url, own_url, max_body
         # No read timeout: a followed log is one long answer; the leader's own limits apply to it.
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(connect_s, read=None))
@@ -36,16 +43,20 @@ class ToLeader:
             await _answer(send, 503, {"error": {"code": "unavailable", "message": f"no leader known ({e})"}})
             return
         if leader is None:
-            await _answer(send, 503, {"error": {"code": "unavailable", "message": (
-                "no leader has taken over yet; retry in a few seconds")}})
+            await _answer(
+                send,
+                503,
+                {"error": {"code": "unavailable", "message": ("no leader has taken over yet; retry in a few seconds")}},
+            )
             return
         body = bytearray()
         while True:  # bounded as the API bounds it: a follower must not hold more than the leader would take
             msg = await receive()
             body += msg.get("body", b"")
             if len(body) > self.max_body:
-                await _answer(send, 413, {"error": {"code": "too_large", "message": (
-                    f"the body is over {self.max_body} bytes")}})
+                await _answer(
+                    send, 413, {"error": {"code": "too_large", "message": (f"the body is over {self.max_body} bytes")}}
+                )
                 return
             if not msg.get("more_body"):
                 break
@@ -53,8 +64,10 @@ class ToLeader:
         url = leader.rstrip("/").encode() + path + (b"?" + scope["query_string"] if scope["query_string"] else b"")
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP]
         try:
-            r = await self.client.send(self.client.build_request(
-                scope["method"], url.decode("latin-1"), headers=headers, content=bytes(body)), stream=True)
+            r = await self.client.send(
+                self.client.build_request(scope["method"], url.decode("latin-1"), headers=headers, content=bytes(body)),
+                stream=True,
+            )
         except httpx.HTTPError as e:
             await _answer(send, 503, {"error": {"code": "unavailable", "message": f"the leader did not answer ({e})"}})
             return
@@ -80,6 +93,11 @@ class ToLeader:
 
 async def _answer(send: Any, status: int, body: dict[str, Any]) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})

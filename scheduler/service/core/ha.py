@@ -52,8 +52,10 @@ def single(settings: ServiceSettings) -> SqliteFence | None:
     database.parent.mkdir(parents=True, exist_ok=True)
     fence = SqliteFence(str(database))
     if not fence.try_acquire():
-        raise AlreadyRunning(f"another Corral instance uses the SQLite database {url.database} ({fence.path} is "
-                             "locked): one instance per SQLite database; run several on PostgreSQL")
+        raise AlreadyRunning(
+            f"another Corral instance uses the SQLite database {url.database} ({fence.path} is "
+            "locked): one instance per SQLite database; run several on PostgreSQL"
+        )
     return fence
 
 

@@ -25,8 +25,7 @@ from scheduler.service.core.settings import ServiceSettings
 class HashPool:
     """Digests computed on the pool's threads; `hash_fn` is injectable so tests can make hashing slow."""
 
-    def __init__(self, workers: int, waiting: int, timeout_s: float,
-                 hash_fn: Callable[[Walk], str] = digest) -> None:
+    def __init__(self, workers: int, waiting: int, timeout_s: float, hash_fn: Callable[[Walk], str] = digest) -> None:
         self.timeout_s = timeout_s
         self.hash_fn = hash_fn
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="corral-hash")
@@ -45,8 +44,10 @@ class HashPool:
     def submit(self, size: Callable[[], Walk]) -> Future[str]:
         """Start walking (`size`) and hashing an artifact; Unavailable at once when every slot is taken."""
         if not self._slots.acquire(blocking=False):
-            raise Unavailable("the service is hashing as many artifacts as it may at once; try again shortly "
-                              "(settings artifact_hash_workers, artifact_hash_waiting)")
+            raise Unavailable(
+                "the service is hashing as many artifacts as it may at once; try again shortly "
+                "(settings artifact_hash_workers, artifact_hash_waiting)"
+            )
         try:
             return self._pool.submit(self._run, size)
         except RuntimeError:  # the pool was shut down: the slot was never used
@@ -61,8 +62,10 @@ class HashPool:
         try:
             return future.result(timeout=self.timeout_s)
         except FutureTimeout:
-            raise Unavailable(f"walking and hashing {what} took longer than {self.timeout_s:g} s "
-                              "(setting artifact_hash_timeout_s); nothing was changed") from None
+            raise Unavailable(
+                f"walking and hashing {what} took longer than {self.timeout_s:g} s "
+                "(setting artifact_hash_timeout_s); nothing was changed"
+            ) from None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

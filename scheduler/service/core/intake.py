@@ -23,8 +23,15 @@ from scheduler.service.store import rows as store
 from scheduler.service.store.db import audit, events, jobs
 
 # The field of a job spec to fix when the engine says a job can never run.
-REJECTED_FIELD = {"unknown_queue": "queue", "inner_queue": "queue", "unknown_pool": "pool", "worker_too_big": "gpus",
-                  "gang_too_big": "workers", "over_limit": "gpus", "over_quota": "preemptible"}
+REJECTED_FIELD = {
+    "unknown_queue": "queue",
+    "inner_queue": "queue",
+    "unknown_pool": "pool",
+    "worker_too_big": "gpus",
+    "gang_too_big": "workers",
+    "over_limit": "gpus",
+    "over_quota": "preemptible",
+}
 
 
 Answer = tuple[dict[str, Any], bool]  # the job as the API shows it; False when an idempotency key repeated
@@ -157,8 +164,11 @@ def check_workdir(core: Submits, sub: JobSubmit, owner: str) -> None:
         except (OSError, ValueError):  # a name the OS refuses (too long for a path component)
             ok = False
     if not ok:
-        raise Invalid(f"workdir {sub.workdir!r} is not a directory on this machine that {owner}'s jobs may enter: "
-                      "the job could not start in it", "workdir")
+        raise Invalid(
+            f"workdir {sub.workdir!r} is not a directory on this machine that {owner}'s jobs may enter: "
+            "the job could not start in it",
+            "workdir",
+        )
 
 
 def _check(core: Submits, batch: list[Submission]) -> list[Submission]:
@@ -169,8 +179,11 @@ def _check(core: Submits, batch: list[Submission]) -> list[Submission]:
     if keyed:
         with core.db.connect() as conn:
             for user, k in keyed:
-                row = conn.execute(sa.select(jobs).where(jobs.c.owner == user, jobs.c.idempotency_key == k)
-                                   ).mappings().first()
+                row = (
+                    conn.execute(sa.select(jobs).where(jobs.c.owner == user, jobs.c.idempotency_key == k))
+                    .mappings()
+                    .first()
+                )
                 if row is not None:
                     earlier[(user, k)] = store.job_view(row)
     fresh: list[Submission] = []
@@ -204,23 +217,52 @@ def _store(core: Submits, fresh: list[Submission], now: float) -> None:
             firsts[(item.who.user, key)] = item
         new.append(item)
     rows: list[dict[str, Any]] = [
-        dict(name=i.sub.name, owner=i.who.user, queue=i.sub.queue, pool=core.pool_of(i.sub.pool),
-             state=JobState.PENDING, spec=i.sub.model_dump(mode="json"), gpus=i.sub.workers * i.sub.gpus,
-             priority=i.sub.priority, idempotency_key=i.sub.idempotency_key, submitted_at=now, attempt=0)
-        for i in new]
+        dict(
+            name=i.sub.name,
+            owner=i.who.user,
+            queue=i.sub.queue,
+            pool=core.pool_of(i.sub.pool),
+            state=JobState.PENDING,
+            spec=i.sub.model_dump(mode="json"),
+            gpus=i.sub.workers * i.sub.gpus,
+            priority=i.sub.priority,
+            idempotency_key=i.sub.idempotency_key,
+            submitted_at=now,
+            attempt=0,
+        )
+        for i in new
+    ]
     with core.changing() as conn:
         ids = conn.execute(jobs.insert().returning(jobs.c.id, sort_by_parameter_order=True), rows).scalars().all()
-        conn.execute(events.insert(), [
-            dict(at=now, job_id=j, kind="submitted", message=f"submitted to {r['queue']} by {r['owner']}",
-                 data={"gpus": r["gpus"]}) for j, r in zip(ids, rows, strict=True)])
-        conn.execute(audit.insert(), [
-            dict(at=now, actor=r["owner"], action="job.submit", target=f"job {j}", detail={"queue": r["queue"]})
-            for j, r in zip(ids, rows, strict=True)])
+        conn.execute(
+            events.insert(),
+            [
+                dict(
+                    at=now,
+                    job_id=j,
+                    kind="submitted",
+                    message=f"submitted to {r['queue']} by {r['owner']}",
+                    data={"gpus": r["gpus"]},
+                )
+                for j, r in zip(ids, rows, strict=True)
+            ],
+        )
+        conn.execute(
+            audit.insert(),
+            [
+                dict(at=now, actor=r["owner"], action="job.submit", target=f"job {j}", detail={"queue": r["queue"]})
+                for j, r in zip(ids, rows, strict=True)
+            ],
+        )
         for item, job_id, row in zip(new, ids, rows, strict=True):
             # Its id as its place in submission order: a rebuilt engine orders equal jobs the same way.
             core.engine.submit(item.sub.engine_spec(job_id, row["pool"]), now, seq=job_id)
-            item.result = (store.job_view({**row, "id": job_id, "started_at": None, "ended_at": None,
-                                           "exit_code": None, "reason": None}), True)
+            item.result = (
+                store.job_view(
+                    {**row, "id": job_id, "started_at": None, "ended_at": None, "exit_code": None, "reason": None}
+                ),
+                True,
+            )
     for item in fresh:
         key = item.sub.idempotency_key
         if item.result is None and key is not None:
@@ -238,6 +280,9 @@ def _same_job(key: str, first_id: int, first_spec: dict[str, Any], sub: JobSubmi
     spec = sub.model_dump(mode="json")
     changed = sorted(f for f in set(first_spec) | set(spec) if f != "env" and first_spec.get(f) != spec.get(f))
     if changed:
-        raise Conflict(f"idempotency key {key!r} was used for job {first_id} with other values of: "
-                       f"{', '.join(changed)}; use a new key for a different job", "idempotency_key",
-                       {"job": first_id, "fields": changed})
+        raise Conflict(
+            f"idempotency key {key!r} was used for job {first_id} with other values of: "
+            f"{', '.join(changed)}; use a new key for a different job",
+            "idempotency_key",
+            {"job": first_id, "fields": changed},
+        )

@@ -77,8 +77,16 @@ class EndsJobs(Protocol):
 
 
 class EndsAttempts(Protocol):
-    def end_attempt(self, conn: Connection, job: RowMapping, a: Mapping[Any, Any], code: int | None,
-                    detail: str, now: float, engine: bool = True) -> None:
+    def end_attempt(
+        self,
+        conn: Connection,
+        job: RowMapping,
+        a: Mapping[Any, Any],
+        code: int | None,
+        detail: str,
+        now: float,
+        engine: bool = True,
+    ) -> None:
         """An attempt's process is gone: record it, and the job's end if it was the running attempt."""
         ...
 

@@ -37,9 +37,13 @@ def launch_ready(core: Launches, now: float) -> bool:
     # launch is recorded, since one whose commit reported failure may still have landed. Jobs without one change
     # nothing (when every launch forced the scan of all running jobs, it took 16-18% of the service's CPU in the
     # Kubernetes benchmark).
-    core.runtime_due = min(core.runtime_due, min(
-        (now + job["spec"]["max_runtime"] for _, job in ready if job["spec"].get("max_runtime") is not None),
-        default=math.inf))
+    core.runtime_due = min(
+        core.runtime_due,
+        min(
+            (now + job["spec"]["max_runtime"] for _, job in ready if job["spec"].get("max_runtime") is not None),
+            default=math.inf,
+        ),
+    )
     for a, job in ready:
         try:
             todo.append((a, _launch_of(job, a)))
@@ -68,8 +72,13 @@ def _ready(core: Launches) -> tuple[list[tuple[Mapping[Any, Any], Mapping[Any, A
     """Admitted attempts (oldest first) with their jobs, whose GPUs no live attempt holds (no two share a GPU);
     and whether other admitted attempts wait."""
     with core.db.connect() as conn:
-        rows = list(conn.execute(sa.select(attempts).where(attempts.c.state.in_((AttemptState.STARTING, *HOLDING)))
-                                 .order_by(attempts.c.admitted_at)).mappings())
+        rows = list(
+            conn.execute(
+                sa.select(attempts)
+                .where(attempts.c.state.in_((AttemptState.STARTING, *HOLDING)))
+                .order_by(attempts.c.admitted_at)
+            ).mappings()
+        )
         held = {(n, g) for a in rows if a["state"] in HOLDING for n, gs in a["placement"] for g in gs}
         busy_jobs = {a["job_id"] for a in rows if a["state"] in HOLDING}
         ready = []
@@ -78,8 +87,10 @@ def _ready(core: Launches) -> tuple[list[tuple[Mapping[Any, Any], Mapping[Any, A
             if a["state"] == AttemptState.STARTING and a["job_id"] not in busy_jobs and not gpus & held:
                 ready.append(a)
                 held |= gpus  # launched together, so the same GPU must not be in two of them
-        specs = {j["id"]: j for j in conn.execute(
-            sa.select(jobs).where(jobs.c.id.in_([a["job_id"] for a in ready]))).mappings()}
+        specs = {
+            j["id"]: j
+            for j in conn.execute(sa.select(jobs).where(jobs.c.id.in_([a["job_id"] for a in ready]))).mappings()
+        }
     waiting = sum(a["state"] == AttemptState.STARTING for a in rows) > len(ready)
     return [(a, specs[a["job_id"]]) for a in ready], waiting
 
@@ -90,11 +101,27 @@ def _launch_of(job: Mapping[Any, Any], a: Mapping[Any, Any]) -> Launch:
         gpus.setdefault(n, []).extend(gs)
     sub = JobSubmit.model_validate(job["spec"])
     # Launch.gpus merges workers that share a node: the gang's shape travels in the environment.
-    env = {**sub.env, "CORRAL_QUEUE": job["queue"], "CORRAL_POOL": job["pool"],
-           "CORRAL_OWNER": job["owner"], "CORRAL_WORKERS": str(sub.workers),
-           "CORRAL_GPUS_PER_WORKER": str(sub.gpus), "CORRAL_KIND": sub.kind}
-    return Launch(str(job["id"]), a["attempt"], sub.command, gpus, env, sub.workdir, sub.image,
-                  cpus=sub.cpus or None, memory_gb=sub.memory_gb or None, owner=job["owner"])
+    env = {
+        **sub.env,
+        "CORRAL_QUEUE": job["queue"],
+        "CORRAL_POOL": job["pool"],
+        "CORRAL_OWNER": job["owner"],
+        "CORRAL_WORKERS": str(sub.workers),
+        "CORRAL_GPUS_PER_WORKER": str(sub.gpus),
+        "CORRAL_KIND": sub.kind,
+    }
+    return Launch(
+        str(job["id"]),
+        a["attempt"],
+        sub.command,
+        gpus,
+        env,
+        sub.workdir,
+        sub.image,
+        cpus=sub.cpus or None,
+        memory_gb=sub.memory_gb or None,
+        owner=job["owner"],
+    )
 
 
 @dataclass(frozen=True)
@@ -120,8 +147,9 @@ def _start(executor: Executor, launch: Launch) -> Launched | Exception | Unsure:
         return Unsure(e)
 
 
-def _record(core: Launches, a: Mapping[Any, Any], launch: Launch, outcome: Launched | Exception | Unsure,
-            now: float) -> bool:
+def _record(
+    core: Launches, a: Mapping[Any, Any], launch: Launch, outcome: Launched | Exception | Unsure, now: float
+) -> bool:
     """Write how a launch went; True when the attempt is still to launch (tried again next cycle)."""
     if isinstance(outcome, Unsure):
         return True
@@ -133,11 +161,26 @@ def _record(core: Launches, a: Mapping[Any, Any], launch: Launch, outcome: Launc
     if ended is not None:
         core.note_exit(ended)
     with core.writing() as conn:
-        store.update_attempt(conn, job_id, a["attempt"], state=AttemptState.RUNNING, pid=handle.pid,
-                             proc_started=handle.started_at, started_at=now)
+        store.update_attempt(
+            conn,
+            job_id,
+            a["attempt"],
+            state=AttemptState.RUNNING,
+            pid=handle.pid,
+            proc_started=handle.started_at,
+            started_at=now,
+        )
         store.update_job(conn, job_id, state=JobState.RUNNING)
-        store.add_event(conn, now, "started", f"process {handle.pid} on {gpus_text(launch.gpus)}", job_id,
-                        pid=handle.pid, gpus=dict(launch.gpus), attempt=a["attempt"])
+        store.add_event(
+            conn,
+            now,
+            "started",
+            f"process {handle.pid} on {gpus_text(launch.gpus)}",
+            job_id,
+            pid=handle.pid,
+            gpus=dict(launch.gpus),
+            attempt=a["attempt"],
+        )
     return False
 
 
@@ -149,9 +192,15 @@ def gpus_text(gpus: Mapping[str, Iterable[int]]) -> str:
 def _failed(core: Launches, job_id: int, attempt: int, e: Exception, now: float) -> None:
     with core.changing() as conn:
         core.engine_end(job_id, now, True)
-        store.update_attempt(conn, job_id, attempt, state=AttemptState.ENDED, ended_at=now,
-                             outcome=AttemptOutcome.LAUNCH_FAILED)
+        store.update_attempt(
+            conn, job_id, attempt, state=AttemptState.ENDED, ended_at=now, outcome=AttemptOutcome.LAUNCH_FAILED
+        )
         msg = f"could not start: {e}"
-        store.update_job(conn, job_id, state=JobState.FAILED, ended_at=now,
-                         reason={"rule": "launch_failed", "message": msg, "numbers": {}})
+        store.update_job(
+            conn,
+            job_id,
+            state=JobState.FAILED,
+            ended_at=now,
+            reason={"rule": "launch_failed", "message": msg, "numbers": {}},
+        )
         store.add_event(conn, now, "launch_failed", msg, job_id)

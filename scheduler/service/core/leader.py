@@ -37,8 +37,13 @@ from scheduler.service.store.db import leadership
 
 log = logging.getLogger("corral.service")
 LOCK_KEY = 0x636F7272616C  # "corral": the advisory lock's key, the same for every instance of one database
-KEEPALIVE = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
-             "connect_timeout": 5}
+KEEPALIVE = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "connect_timeout": 5,
+}
 
 
 class Fenced(RuntimeError):
@@ -72,14 +77,18 @@ class PostgresFence:
         conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         try:
             # The server notices a vanished holder as quickly as the client does (its own keepalives, per session).
-            conn.exec_driver_sql("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; "
-                                 "SET tcp_keepalives_count = 3")
+            conn.exec_driver_sql(
+                "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3"
+            )
             if not conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": LOCK_KEY}).scalar_one():
                 conn.close()
                 return False
-            epoch = conn.execute(leadership.update().where(leadership.c.id == 1).values(
-                epoch=leadership.c.epoch + 1, holder=self.me, url=self.url, since=self.clock())
-                .returning(leadership.c.epoch)).scalar_one()
+            epoch = conn.execute(
+                leadership.update()
+                .where(leadership.c.id == 1)
+                .values(epoch=leadership.c.epoch + 1, holder=self.me, url=self.url, since=self.clock())
+                .returning(leadership.c.epoch)
+            ).scalar_one()
         except Exception:
             conn.close()
             raise
@@ -100,8 +109,9 @@ class PostgresFence:
 
     def check(self, conn: Connection) -> None:
         """In a decision transaction: the epoch is still ours (read FOR SHARE: the next leader's bump waits for it)."""
-        epoch = conn.execute(sa.select(leadership.c.epoch).where(leadership.c.id == 1).with_for_update(read=True)
-                             ).scalar_one_or_none()
+        epoch = conn.execute(
+            sa.select(leadership.c.epoch).where(leadership.c.id == 1).with_for_update(read=True)
+        ).scalar_one_or_none()
         if self.epoch is None or epoch != self.epoch:
             raise Fenced(f"no longer the leader (epoch {epoch}, ours {self.epoch})")
 
@@ -158,9 +168,16 @@ class Renews(Protocol):
 class Leadership:
     """Runs the election in a daemon thread; `acting()` says whether this instance may decide and bind now."""
 
-    def __init__(self, fence: Fence, lease: Renews | None = None, retry_s: float = 2.0, renew_deadline_s: float = 10.0,
-                 on_lead: Callable[[], None] = lambda: None, on_lost: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        fence: Fence,
+        lease: Renews | None = None,
+        retry_s: float = 2.0,
+        renew_deadline_s: float = 10.0,
+        on_lead: Callable[[], None] = lambda: None,
+        on_lost: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.fence, self.lease, self.retry_s, self.renew_deadline_s = fence, lease, retry_s, renew_deadline_s
         self.on_lead, self.on_lost, self.clock = on_lead, on_lost, clock
         self.leading = threading.Event()
@@ -190,8 +207,9 @@ class Leadership:
         """One round: try to lead, or renew; step down once renewals failed for renew_deadline_s."""
         started = self.clock()
         if not self.leading.is_set():
-            if (self.lease is None or self._quietly(self.lease.try_acquire_or_renew)) and \
-                    self._quietly(self.fence.try_acquire):
+            if (self.lease is None or self._quietly(self.lease.try_acquire_or_renew)) and self._quietly(
+                self.fence.try_acquire
+            ):
                 self.valid_until = started + self.renew_deadline_s
                 self.leading.set()
                 self.on_lead()

@@ -54,8 +54,10 @@ def open_database(settings: ServiceSettings) -> sa.Engine:
     if url.startswith("sqlite"):
         path = sa.engine.make_url(url).database
         if not path or not Path(path).is_file():
-            raise LocalTokenError(f"no database at {path}: give --data-dir or --database-url (CORRAL_DATA_DIR, "
-                                  "CORRAL_DATABASE_URL) as `corral serve` has them")
+            raise LocalTokenError(
+                f"no database at {path}: give --data-dir or --database-url (CORRAL_DATA_DIR, "
+                "CORRAL_DATABASE_URL) as `corral serve` has them"
+            )
     db = connect(url)
     try:
         has_tables = sa.inspect(db).has_table(tokens.name)
@@ -64,13 +66,16 @@ def open_database(settings: ServiceSettings) -> sa.Engine:
         raise LocalTokenError(f"cannot open the database: {e.__class__.__name__}: {e}") from e
     if not has_tables:
         db.dispose()
-        raise LocalTokenError(f"{settings.url.split('://')[0]} database without Corral's tables: is this the "
-                              "service's database? (`corral serve` creates them)")
+        raise LocalTokenError(
+            f"{settings.url.split('://')[0]} database without Corral's tables: is this the "
+            "service's database? (`corral serve` creates them)"
+        )
     return db
 
 
-def make(settings: ServiceSettings, user: str, role: str, scope: str | None,
-         expires_in_days: float | None = DEFAULT_DAYS) -> Made:
+def make(
+    settings: ServiceSettings, user: str, role: str, scope: str | None, expires_in_days: float | None = DEFAULT_DAYS
+) -> Made:
     """`corral token create --local`: open the database `settings` name, make the token, close it again."""
     try:
         the_role = Role(role)
@@ -85,8 +90,15 @@ def make(settings: ServiceSettings, user: str, role: str, scope: str | None,
         db.dispose()
 
 
-def mint(db: sa.Engine, user: str, role: Role, scope: str | None, expires_in_days: float | None,
-         by: str, now: float | None = None) -> Made:
+def mint(
+    db: sa.Engine,
+    user: str,
+    role: Role,
+    scope: str | None,
+    expires_in_days: float | None,
+    by: str,
+    now: float | None = None,
+) -> Made:
     """Insert a token and its audit entry in one transaction; returns it with its secret (shown once)."""
     if reserved_name(user):
         raise LocalTokenError(f"{user!r} is reserved for Corral's own records")
@@ -100,9 +112,21 @@ def mint(db: sa.Engine, user: str, role: Role, scope: str | None, expires_in_day
             current = queues.latest(conn)
             if current is None or scope not in {q["name"] for q in current["document"]["queues"]}:
                 raise LocalTokenError(f"queue {scope!r} does not exist")
-        token_id: int = conn.execute(tokens.insert().values(
-            digest=digest(secret), user=user, role=role.value, scope=scope, created_at=now, created_by=by,
-            revoked=False, expires_at=expires_at).returning(tokens.c.id)).scalar_one()
-        store.add_audit(conn, now, by, "token.create", f"token {token_id}", user=user, role=role.value,
-                        scope=scope, local=True)
+        token_id: int = conn.execute(
+            tokens.insert()
+            .values(
+                digest=digest(secret),
+                user=user,
+                role=role.value,
+                scope=scope,
+                created_at=now,
+                created_by=by,
+                revoked=False,
+                expires_at=expires_at,
+            )
+            .returning(tokens.c.id)
+        ).scalar_one()
+        store.add_audit(
+            conn, now, by, "token.create", f"token {token_id}", user=user, role=role.value, scope=scope, local=True
+        )
     return Made(token_id, user, role, scope, secret, expires_at)

@@ -51,8 +51,15 @@ class Core:
     queue change: there is no second source of truth to drift.
     """
 
-    def __init__(self, settings: ServiceSettings, db: Engine, executor: Executor, nodes: list[NodeInfo],
-                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        db: Engine,
+        executor: Executor,
+        nodes: list[NodeInfo],
+        clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
+    ):
         self.settings, self.db, self.executor, self.clock = settings, db, executor, clock
         self.cluster = ClusterState({n.name: n for n in nodes})
         self.leadership: Leadership | None = None  # several instances: only the leader's decisions commit
@@ -103,8 +110,11 @@ class Core:
                 cluster_sync.write_node(conn, n, True)
             if queues.latest(conn) is None:
                 doc = (queues.demo_document if self.settings.demo else queues.default_document)(self.capacity)
-                conn.execute(queue_versions.insert().values(author="corral", created_at=now, document=doc,
-                                                            comment="initial tree"))
+                conn.execute(
+                    queue_versions.insert().values(
+                        author="corral", created_at=now, document=doc, comment="initial tree"
+                    )
+                )
                 store.add_audit(conn, now, "corral", "queues.apply", "version 1", comment="initial tree")
         with self.lock:
             self._recover(now)
@@ -211,8 +221,14 @@ class Core:
 
     # ----- queue changes -----
 
-    def apply_queues(self, who: Principal, document: dict[str, Any], comment: str = "",
-                     dry_run: bool = False, expected_version: int | None = None) -> dict[str, Any]:
+    def apply_queues(
+        self,
+        who: Principal,
+        document: dict[str, Any],
+        comment: str = "",
+        dry_run: bool = False,
+        expected_version: int | None = None,
+    ) -> dict[str, Any]:
         """Validate the whole tree, check who may change what, then store it as a new version atomically.
         With `expected_version`, refuse (409) if another apply came first, so the diff shown is the one made."""
         with self.lock:
@@ -220,11 +236,15 @@ class Core:
             with self.db.connect() as conn:
                 cur = queues.latest(conn)
                 assert cur is not None
-                live = conn.execute(sa.select(jobs.c.queue, sa.func.count()).where(jobs.c.state.in_(LIVE))
-                                    .group_by(jobs.c.queue)).all()
+                live = conn.execute(
+                    sa.select(jobs.c.queue, sa.func.count()).where(jobs.c.state.in_(LIVE)).group_by(jobs.c.queue)
+                ).all()
             if expected_version is not None and cur["version"] != expected_version:
-                raise Conflict(f"the queue tree is at version {cur['version']}, not {expected_version}: "
-                               "someone applied a change since; look at the diff again", "expected_version")
+                raise Conflict(
+                    f"the queue tree is at version {cur['version']}, not {expected_version}: "
+                    "someone applied a change since; look at the diff again",
+                    "expected_version",
+                )
             if not who.may_change_queues():
                 raise Forbidden(f"{who.user} ({who.role}) may not change queues")
             changes = queues.diff(cur["document"], document)
@@ -236,18 +256,24 @@ class Core:
             stranded = [(q, n) for q, n in live if q not in new_tree or not new_tree[q].is_leaf]
             if stranded:
                 names = ", ".join(f"{q} ({n} live jobs)" for q, n in stranded)
-                raise Invalid(f"queues with pending or running jobs must stay leaf queues: {names}; cancel the "
-                              "jobs or keep the queues", "queues")
+                raise Invalid(
+                    f"queues with pending or running jobs must stay leaf queues: {names}; cancel the "
+                    "jobs or keep the queues",
+                    "queues",
+                )
             out: dict[str, Any] = {"version": cur["version"], "diff": changes, "applied": False}
             if dry_run or not changes:
                 return out
             now = self.clock()
             with self.writing() as conn:
-                out["version"] = conn.execute(queue_versions.insert().values(
-                    author=who.user, created_at=now, document=document, comment=comment)
-                    .returning(queue_versions.c.version)).scalar_one()
-                store.add_audit(conn, now, who.user, "queues.apply", f"version {out['version']}", comment=comment,
-                                diff=changes)
+                out["version"] = conn.execute(
+                    queue_versions.insert()
+                    .values(author=who.user, created_at=now, document=document, comment=comment)
+                    .returning(queue_versions.c.version)
+                ).scalar_one()
+                store.add_audit(
+                    conn, now, who.user, "queues.apply", f"version {out['version']}", comment=comment, diff=changes
+                )
             try:
                 self._rebuild()
             except BaseException:
@@ -316,8 +342,15 @@ class Core:
                         row = {**a, "state": AttemptState.RUNNING}
                     # The cluster moved it: it waits again, as if preempted.
                     if e.drained and row["state"] == AttemptState.RUNNING:
-                        store.update_attempt(conn, job["id"], a["attempt"], state=AttemptState.ENDED, ended_at=now,
-                                             exit_code=e.code, outcome=AttemptOutcome.PREEMPTED)
+                        store.update_attempt(
+                            conn,
+                            job["id"],
+                            a["attempt"],
+                            state=AttemptState.ENDED,
+                            ended_at=now,
+                            exit_code=e.code,
+                            outcome=AttemptOutcome.PREEMPTED,
+                        )
                         stops += self.record(conn, self.engine.requeue(engine_id(job["id"]), e.detail), now)
                         continue
                     self.end_attempt(conn, job, row, e.code, e.detail, now)
@@ -347,20 +380,38 @@ class Core:
         job = store.job_row(conn, job_id)
         assert job is not None
         reason = store.reason_json(d.reason)
-        log.info("job %s %s: %s", job_id, type(d).__name__.lower(), d.reason.message,
-                 extra={"job_id": job_id, "queue": job["queue"]})
+        log.info(
+            "job %s %s: %s",
+            job_id,
+            type(d).__name__.lower(),
+            d.reason.message,
+            extra={"job_id": job_id, "queue": job["queue"]},
+        )
         if isinstance(d, Started):
             attempt = job["attempt"] + 1
             self.admissions += 1  # a failed commit rebuilds, which reads the last one stored back
-            conn.execute(attempts.insert().values(
-                job_id=job_id, attempt=attempt, state=AttemptState.STARTING,
-                placement=[[n, list(g)] for n, g in d.workers],
-                gpus=job["gpus"], admitted_at=now, admission=self.admissions))
+            conn.execute(
+                attempts.insert().values(
+                    job_id=job_id,
+                    attempt=attempt,
+                    state=AttemptState.STARTING,
+                    placement=[[n, list(g)] for n, g in d.workers],
+                    gpus=job["gpus"],
+                    admitted_at=now,
+                    admission=self.admissions,
+                )
+            )
             first = job["started_at"] is None
-            store.update_job(conn, job_id, state=JobState.STARTING, attempt=attempt, reason=reason, overtaken_at=None,
-                             started_at=now if first else job["started_at"])
-            store.add_event(conn, now, "admitted", d.reason.message, job_id, placement=d.placement,
-                            rule=d.reason.rule)
+            store.update_job(
+                conn,
+                job_id,
+                state=JobState.STARTING,
+                attempt=attempt,
+                reason=reason,
+                overtaken_at=None,
+                started_at=now if first else job["started_at"],
+            )
+            store.add_event(conn, now, "admitted", d.reason.message, job_id, placement=d.placement, rule=d.reason.rule)
             self.launch_owed = True
             if first:
                 self.metrics.wait.labels(queue=job["queue"]).observe(now - job["submitted_at"])
@@ -375,8 +426,16 @@ class Core:
                 store.update_job(conn, job_id, state=JobState.CANCELLED, ended_at=now, reason=reason)
             else:
                 store.update_job(conn, job_id, state=JobState.PENDING, reason=reason)
-            store.add_event(conn, now, "preempted", d.reason.message, job_id, cause=d.cause,
-                            by=job_id_of(d.by) if d.by else None, reason=reason)
+            store.add_event(
+                conn,
+                now,
+                "preempted",
+                d.reason.message,
+                job_id,
+                cause=d.cause,
+                by=job_id_of(d.by) if d.by else None,
+                reason=reason,
+            )
             self.metrics.preemptions.labels(cause=d.cause).inc()
             return stop
         assert isinstance(d, Rejected)
@@ -384,8 +443,7 @@ class Core:
         store.add_event(conn, now, "rejected", d.reason.message, job_id)
         return []
 
-    def _stop_attempt(self, conn: Connection, job: RowMapping, now: float,
-                      outcome: AttemptOutcome) -> list[Stop]:
+    def _stop_attempt(self, conn: Connection, job: RowMapping, now: float, outcome: AttemptOutcome) -> list[Stop]:
         """Mark the job's live attempt as stopping (its process gets SIGTERM after the commit)."""
         a = store.current_attempt(conn, job["id"], job["attempt"])
         if a is None or a["state"] == AttemptState.ENDED:
@@ -394,8 +452,14 @@ class Core:
             store.update_attempt(conn, job["id"], a["attempt"], state=AttemptState.ENDED, ended_at=now, outcome=outcome)
             return []
         if a["state"] == AttemptState.RUNNING:
-            store.update_attempt(conn, job["id"], a["attempt"], state=AttemptState.STOPPING, outcome=outcome,
-                                 stop_deadline=now + self.settings.grace_s)
+            store.update_attempt(
+                conn,
+                job["id"],
+                a["attempt"],
+                state=AttemptState.STOPPING,
+                outcome=outcome,
+                stop_deadline=now + self.settings.grace_s,
+            )
         return [(job["id"], a["attempt"], self.settings.grace_s)]
 
     def terminate(self, stops: Iterable[Stop], now: float) -> None:
@@ -403,8 +467,16 @@ class Core:
         for job_id, attempt, grace in stops:
             self.executor.terminate(str(job_id), attempt, grace, now)
 
-    def end_attempt(self, conn: Connection, job: RowMapping, a: Mapping[Any, Any], code: int | None, detail: str,
-               now: float, engine: bool = True) -> None:
+    def end_attempt(
+        self,
+        conn: Connection,
+        job: RowMapping,
+        a: Mapping[Any, Any],
+        code: int | None,
+        detail: str,
+        now: float,
+        engine: bool = True,
+    ) -> None:
         """An attempt's process is gone. If it was the job's running attempt, the job ended with it."""
         outcome = a["outcome"]
         if a["state"] == AttemptState.RUNNING:
@@ -412,12 +484,27 @@ class Core:
             if engine:
                 self.engine_end(job["id"], now, outcome == AttemptOutcome.FAILED)
             why = detail or (f"exited with code {code}" if code is not None else "vanished")
-            store.update_job(conn, job["id"], state=JobState(outcome), ended_at=now, exit_code=code,
-                             reason={"rule": outcome, "message": why, "numbers": {"exit_code": code}})
-        store.update_attempt(conn, job["id"], a["attempt"], state=AttemptState.ENDED, ended_at=now, exit_code=code,
-                             outcome=outcome)
-        store.add_event(conn, now, "exited", detail or f"attempt {a['attempt']} exited with code {code}",
-                        job["id"], attempt=a["attempt"], exit_code=code, outcome=outcome)
+            store.update_job(
+                conn,
+                job["id"],
+                state=JobState(outcome),
+                ended_at=now,
+                exit_code=code,
+                reason={"rule": outcome, "message": why, "numbers": {"exit_code": code}},
+            )
+        store.update_attempt(
+            conn, job["id"], a["attempt"], state=AttemptState.ENDED, ended_at=now, exit_code=code, outcome=outcome
+        )
+        store.add_event(
+            conn,
+            now,
+            "exited",
+            detail or f"attempt {a['attempt']} exited with code {code}",
+            job["id"],
+            attempt=a["attempt"],
+            exit_code=code,
+            outcome=outcome,
+        )
 
     def note_exit(self, ended: Exit) -> None:
         """An exit the executor will not report again (found at launch): the next cycle records it."""
@@ -428,9 +515,11 @@ class Core:
             return []
         stops: list[Stop] = []
         due = math.inf
-        q = (sa.select(jobs, attempts.c.started_at.label("attempt_started"))
-             .join(attempts, sa.and_(attempts.c.job_id == jobs.c.id, attempts.c.attempt == jobs.c.attempt))
-             .where(jobs.c.state == JobState.RUNNING, attempts.c.state == AttemptState.RUNNING))
+        q = (
+            sa.select(jobs, attempts.c.started_at.label("attempt_started"))
+            .join(attempts, sa.and_(attempts.c.job_id == jobs.c.id, attempts.c.attempt == jobs.c.attempt))
+            .where(jobs.c.state == JobState.RUNNING, attempts.c.state == AttemptState.RUNNING)
+        )
         for job in conn.execute(q).mappings():
             limit = job["spec"].get("max_runtime")
             if limit is None or job["attempt_started"] is None:
@@ -441,8 +530,13 @@ class Core:
             self.engine_end(job["id"], now, True)
             stops += self._stop_attempt(conn, job, now, AttemptOutcome.MAX_RUNTIME)
             msg = f"stopped after max_runtime of {limit:g} s"
-            store.update_job(conn, job["id"], state=JobState.FAILED, ended_at=now,
-                             reason={"rule": "max_runtime", "message": msg, "numbers": {"max_runtime": limit}})
+            store.update_job(
+                conn,
+                job["id"],
+                state=JobState.FAILED,
+                ended_at=now,
+                reason={"rule": "max_runtime", "message": msg, "numbers": {"max_runtime": limit}},
+            )
             store.add_event(conn, now, "max_runtime", msg, job["id"])
         self.runtime_due = due  # a launch (running from then) brings it forward; a failed commit rebuilds
         return stops
@@ -465,6 +559,6 @@ class Core:
                 # API answers 503 meanwhile. Nothing is lost: exits wait in memory, decisions are redone.
                 failing = min(failing + 1, 6)
                 log.warning("database unavailable, scheduling paused: %s", e.orig)
-                stop.wait(min(DB_BACKOFF_MAX_S, self.settings.tick_s * 2 ** failing))
+                stop.wait(min(DB_BACKOFF_MAX_S, self.settings.tick_s * 2**failing))
             except Exception:  # anything else must not stop scheduling for good; the next cycle retries
                 log.exception("scheduling cycle failed")

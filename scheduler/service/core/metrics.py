@@ -16,13 +16,20 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.wait = Histogram("corral_job_wait_seconds", "Time from submission to first admission.", ["queue"],
-                              buckets=WAIT_BUCKETS, registry=self.registry)
-        self.cycle = Histogram("corral_scheduling_cycle_seconds", "Duration of one scheduling cycle.",
-                               buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
-                               registry=self.registry)
-        self.preemptions = Counter("corral_preemptions", "Jobs preempted, by cause.", ["cause"],
-                                   registry=self.registry)
+        self.wait = Histogram(
+            "corral_job_wait_seconds",
+            "Time from submission to first admission.",
+            ["queue"],
+            buckets=WAIT_BUCKETS,
+            registry=self.registry,
+        )
+        self.cycle = Histogram(
+            "corral_scheduling_cycle_seconds",
+            "Duration of one scheduling cycle.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.preemptions = Counter("corral_preemptions", "Jobs preempted, by cause.", ["cause"], registry=self.registry)
 
     def add_gauges(self, read: Callable[[], list[Metric]]) -> None:
         """Gauges computed at scrape time from live state (queues, pools, GPUs)."""

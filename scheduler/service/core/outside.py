@@ -47,12 +47,17 @@ def admit_binding(core: ChecksBindings, namespace: str, pod: str, node: str) -> 
         if node in core.cluster.down:  # Corral places nothing there
             return None
         gpus, cpus, memory_gb = core.engine.node_room(node)
-        short = [f"{asked:g} {what} asked, {free:g} free" for what, asked, free in (
-            ("GPUs", held.gpus, gpus), ("CPUs", held.cpus, cpus), ("GiB of memory", held.memory_gb, memory_gb))
-            if asked > free]
+        short = [
+            f"{asked:g} {what} asked, {free:g} free"
+            for what, asked, free in (
+                ("GPUs", held.gpus, gpus),
+                ("CPUs", held.cpus, cpus),
+                ("GiB of memory", held.memory_gb, memory_gb),
+            )
+            if asked > free
+        ]
         if short:
-            return (f"node {node} is scheduled by Corral and has no room for pod {namespace}/{pod}: "
-                    f"{'; '.join(short)}")
+            return f"node {node} is scheduled by Corral and has no room for pod {namespace}/{pod}: {'; '.join(short)}"
         ex.admit(uid, node, held)
         sync_held(core, now)
     return None

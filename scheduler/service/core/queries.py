@@ -15,8 +15,17 @@ from scheduler.service.store import rows as store
 from scheduler.service.store.db import approvals, attempts, audit, events, jobs, models, promotions, queue_versions
 
 
-def job_page(core: Core, who: Principal, visible: Collection[str], queue: str | None, state: list[str] | None,
-             owner: str | None, before: int | None, limit: int, labels: dict[str, str]) -> list[dict[str, Any]]:
+def job_page(
+    core: Core,
+    who: Principal,
+    visible: Collection[str],
+    queue: str | None,
+    state: list[str] | None,
+    owner: str | None,
+    before: int | None,
+    limit: int,
+    labels: dict[str, str],
+) -> list[dict[str, Any]]:
     """Jobs `who` may see (`visible`: its queues), newest first, as the API shows them; `before` (an id) pages back."""
     q = sa.select(jobs).order_by(jobs.c.id.desc())
     if queue:
@@ -30,8 +39,11 @@ def job_page(core: Core, who: Principal, visible: Collection[str], queue: str | 
     q = q.limit(limit if not labels else 100 * limit)
     # A scoped caller sees its queues' jobs and its own: two newest-first queries, merged. One query with OR made
     # SQLite sort every matching row before the limit (its index on queue then owner cannot give id order).
-    parts = [q] if who.admin or who.scope is None else [q.where(jobs.c.queue.in_(visible)),
-                                                       q.where(jobs.c.owner == who.user)]
+    parts = (
+        [q]
+        if who.admin or who.scope is None
+        else [q.where(jobs.c.queue.in_(visible)), q.where(jobs.c.owner == who.user)]
+    )
     out: list[dict[str, Any]] = []
     with core.db.connect() as conn:
         rows = {r["id"]: r for part in parts for r in conn.execute(part).mappings()}
@@ -53,8 +65,12 @@ def readable_job(core: Core, who: Principal, job_id: int) -> dict[str, Any]:
 
 def attempts_of(conn: Connection, job_id: int) -> list[dict[str, Any]]:
     """The job's attempts, first to last."""
-    return [dict(a) for a in conn.execute(
-        sa.select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.attempt)).mappings()]
+    return [
+        dict(a)
+        for a in conn.execute(
+            sa.select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.attempt)
+        ).mappings()
+    ]
 
 
 def events_of(conn: Connection, job_id: int, kind: str | None = None) -> list[dict[str, Any]]:
@@ -74,10 +90,16 @@ def attempt_state(core: Core, job_id: int, attempt: int) -> str | None:
 
 def open_sandboxes(conn: Connection, who: Principal, tree: QueueTree) -> list[dict[str, Any]]:
     """Sandboxes admitted or running that `who` may see, as the API shows them, oldest first."""
-    rows = conn.execute(sa.select(jobs).where(jobs.c.state.in_(("starting", "running")))
-                        .order_by(jobs.c.id)).mappings().all()
-    return [store.job_view(r) for r in rows if r["spec"].get("kind") == "sandbox"
-            and who.may_read_job(tree, r["queue"], r["owner"])]
+    rows = (
+        conn.execute(sa.select(jobs).where(jobs.c.state.in_(("starting", "running"))).order_by(jobs.c.id))
+        .mappings()
+        .all()
+    )
+    return [
+        store.job_view(r)
+        for r in rows
+        if r["spec"].get("kind") == "sandbox" and who.may_read_job(tree, r["queue"], r["owner"])
+    ]
 
 
 def unreadable_jobs(conn: Connection, who: Principal, tree: QueueTree, ids: Collection[int]) -> set[int]:
@@ -107,8 +129,9 @@ def model_rows(conn: Connection, who: Principal, tree: QueueTree) -> list[dict[s
     return [dict(r) for r in rows if who.covers(tree, r["queue"])]
 
 
-def promotion_rows(conn: Connection, who: Principal, tree: QueueTree, model: str | None,
-                   state: str | None) -> list[dict[str, Any]]:
+def promotion_rows(
+    conn: Connection, who: Principal, tree: QueueTree, model: str | None, state: str | None
+) -> list[dict[str, Any]]:
     """Promotion requests of the models `who` may see (of one model, in one state, if given), newest first."""
     q = sa.select(promotions).order_by(promotions.c.id.desc())
     if model is not None:
@@ -125,5 +148,6 @@ def promotion_row(conn: Connection, promotion_id: int) -> dict[str, Any] | None:
 
 
 def approvals_of(conn: Connection, promotion_id: int) -> list[dict[str, Any]]:
-    return [dict(a) for a in conn.execute(sa.select(approvals).where(approvals.c.promotion_id == promotion_id)
-                                          ).mappings()]
+    return [
+        dict(a) for a in conn.execute(sa.select(approvals).where(approvals.c.promotion_id == promotion_id)).mappings()
+    ]

@@ -49,8 +49,9 @@ def build_tree(document: Mapping[str, Any], capacity: Mapping[str, int]) -> Queu
     try:
         return QueueTree(doc.specs(), capacity)
     except QuotaError as e:
-        raise Invalid(f"the queue tree cannot be applied: {e}", "queues",
-                      [{"where": w, "problem": p} for w, p in e.problems]) from e
+        raise Invalid(
+            f"the queue tree cannot be applied: {e}", "queues", [{"where": w, "problem": p} for w, p in e.problems]
+        ) from e
 
 
 def latest(conn: Connection) -> RowMapping | None:

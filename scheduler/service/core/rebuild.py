@@ -44,8 +44,9 @@ log = logging.getLogger("corral.service")
 def recover(core: Rebuilds, now: float) -> None:
     """Match attempts the database says are live with what the executor finds (see docs/service.md)."""
     with core.db.connect() as conn:
-        live = list(conn.execute(sa.select(attempts).where(attempts.c.state.in_((AttemptState.STARTING, *HOLDING))))
-                    .mappings())
+        live = list(
+            conn.execute(sa.select(attempts).where(attempts.c.state.in_((AttemptState.STARTING, *HOLDING)))).mappings()
+        )
     for a in live:
         handle = Handle(str(a["job_id"]), a["attempt"], a["pid"], a["proc_started"] or 0.0)
         ended = core.executor.adopt(handle)
@@ -74,30 +75,36 @@ def recover(core: Rebuilds, now: float) -> None:
             drained = sorted(n for n, _ in a["placement"] or [] if (i := known.get(n)) is not None and i.cordoned)
             # Its pods vanished (no exit code: nothing left to read one from) while their node is cordoned: drained.
             # An attempt that finished on its own left its pods, with their exit code, for Corral to read.
-            if row["state"] == AttemptState.RUNNING and (ended.drained or (ended.code is None and drained)) \
-                    and job["owner"] != CLUSTER_OWNER \
-                    and job["spec"].get("kind") != "sandbox":
+            if (
+                row["state"] == AttemptState.RUNNING
+                and (ended.drained or (ended.code is None and drained))
+                and job["owner"] != CLUSTER_OWNER
+                and job["spec"].get("kind") != "sandbox"
+            ):
                 requeue_drained(conn, job, a, now, f"its node was drained while Corral was down ({', '.join(drained)})")
                 continue
             # The engine is built after recovery, from what these updates leave in the database.
-            core.end_attempt(conn, job, row, ended.code, ended.detail or "ended while Corral was down", now,
-                             engine=False)
+            core.end_attempt(
+                conn, job, row, ended.code, ended.detail or "ended while Corral was down", now, engine=False
+            )
 
 
 def requeue_drained(conn: Connection, job: RowMapping, a: Mapping[Any, Any], now: float, why: str) -> None:
     """A running attempt whose pods went while its node is cordoned (kubectl drain): the job waits again, keeping its
     place, as the service that never restarted decides (Engine.requeue); the engine learns it at its rebuild."""
     reason = {"rule": "node_drained", "message": why, "numbers": {}}
-    store.update_attempt(conn, job["id"], a["attempt"], state=AttemptState.ENDED, ended_at=now,
-                         outcome=AttemptOutcome.PREEMPTED)
+    store.update_attempt(
+        conn, job["id"], a["attempt"], state=AttemptState.ENDED, ended_at=now, outcome=AttemptOutcome.PREEMPTED
+    )
     store.update_job(conn, job["id"], state=JobState.PENDING, reason=reason)
     store.add_event(conn, now, "preempted", why, job["id"], cause="node_drained", by=None, reason=reason)
 
 
 def requeue_unlaunched(conn: Connection, job: RowMapping, a: Mapping[Any, Any], now: float) -> None:
     """An attempt admitted but never running: the job waits again (the engine learns it at its rebuild)."""
-    store.update_attempt(conn, job["id"], a["attempt"], state=AttemptState.ENDED, ended_at=now,
-                         outcome=AttemptOutcome.NEVER_STARTED)
+    store.update_attempt(
+        conn, job["id"], a["attempt"], state=AttemptState.ENDED, ended_at=now, outcome=AttemptOutcome.NEVER_STARTED
+    )
     if job["state"] == JobState.STARTING:
         store.update_job(conn, job["id"], state=JobState.PENDING)
     store.add_event(conn, now, "requeued", "admitted but never started", job["id"])
@@ -123,8 +130,9 @@ def rebuild(core: Rebuilds) -> Rebuilt:
         assert row is not None
         tree = applied_tree(row["document"], core.cluster.capacity)
         live = list(conn.execute(sa.select(jobs).where(jobs.c.state.in_(LIVE)).order_by(jobs.c.id)).mappings())
-        placed = {a["job_id"]: a for a in conn.execute(
-            sa.select(attempts).where(attempts.c.state.in_(PLACED))).mappings()}
+        placed = {
+            a["job_id"]: a for a in conn.execute(sa.select(attempts).where(attempts.c.state.in_(PLACED))).mappings()
+        }
         admissions = conn.execute(sa.select(sa.func.max(attempts.c.admission))).scalar_one()
     cluster = core.cluster
     engine = Scheduler(tree, [n.spec() for n in cluster.nodes.values()], settings=core.engine_settings)
@@ -136,8 +144,14 @@ def rebuild(core: Rebuilds) -> Rebuilt:
     holding = sorted((j for j in live if j["id"] in placed), key=lambda j: admission_key(placed[j["id"]]))
     for j in holding:
         a = placed[j["id"]]
-        engine.restore(held_spec(j), j["submitted_at"], a["admitted_at"],
-                       [(n, list(g)) for n, g in a["placement"]], seq=j["id"], reason=reason_of(j["reason"]))
+        engine.restore(
+            held_spec(j),
+            j["submitted_at"],
+            a["admitted_at"],
+            [(n, list(g)) for n, g in a["placement"]],
+            seq=j["id"],
+            reason=reason_of(j["reason"]),
+        )
     for name, held in cluster.held.items():  # what others hold, after the jobs' own GPUs: as before the rebuild
         outside.apply(engine, name, held)
     rejected: list[Decision] = []
@@ -146,8 +160,12 @@ def rebuild(core: Rebuilds) -> Rebuilt:
         if j["id"] not in placed and j["id"] not in unreadable:
             # A pending job the tree in force can never run (a queue apply lowered the quota below a
             # non-preemptible job, or a limit below a gang) is rejected with its reason at the next cycle.
-            rejected += engine.submit(engine_spec_of(j["spec"], j["id"], j["pool"]), j["submitted_at"],
-                                      seq=j["id"], overtaken_at=j["overtaken_at"])
+            rejected += engine.submit(
+                engine_spec_of(j["spec"], j["id"], j["pool"]),
+                j["submitted_at"],
+                seq=j["id"],
+                overtaken_at=j["overtaken_at"],
+            )
     engine.overtaken()  # the clocks it was given are stored already
     return Rebuilt(tree, engine, row["version"], rejected, admissions or 0)
 
@@ -161,8 +179,9 @@ def applied_tree(document: dict[str, Any], capacity: dict[str, int]) -> QueueTre
     except Invalid:
         tops = [q for q in document.get("queues", []) if q.get("parent") is None]
         needed = {p: sum(int(q.get("quota", {}).get(p, 0)) for q in tops) for p in capacity}
-        log.warning("the queue tree's quotas exceed the GPUs found now (%s > %s); running on it anyway",
-                    needed, capacity)
+        log.warning(
+            "the queue tree's quotas exceed the GPUs found now (%s > %s); running on it anyway", needed, capacity
+        )
         return queues.build_tree(document, {p: max(c, needed[p]) for p, c in capacity.items()})
 
 
@@ -173,8 +192,7 @@ def held_spec(j: Mapping[Any, Any]) -> JobSpec:
     try:
         return engine_spec_of(j["spec"], j["id"], j["pool"])
     except ValueError:
-        repaired = {**j["spec"], **{k: 0.0 for k in ("cpus", "memory_gb")
-                                    if not _finite_number(j["spec"].get(k, 0.0))}}
+        repaired = {**j["spec"], **{k: 0.0 for k in ("cpus", "memory_gb") if not _finite_number(j["spec"].get(k, 0.0))}}
         log.warning("job %s: restored with its non-finite CPUs or memory as 0", j["id"])
         return engine_spec_of(repaired, j["id"], j["pool"])
 
@@ -194,8 +212,13 @@ def reject_unreadable(core: Rebuilds, waiting: list[RowMapping]) -> set[int]:
         with core.writing() as conn:
             for job_id, why in bad.items():
                 message = f"its stored spec cannot be scheduled: {why}"
-                store.update_job(conn, job_id, state=JobState.REJECTED, ended_at=now,
-                                 reason={"rule": UNREADABLE, "message": message, "numbers": {}})
+                store.update_job(
+                    conn,
+                    job_id,
+                    state=JobState.REJECTED,
+                    ended_at=now,
+                    reason={"rule": UNREADABLE, "message": message, "numbers": {}},
+                )
                 store.add_event(conn, now, "rejected", message, job_id)
         log.warning("rejected %d job(s) whose stored spec cannot be scheduled: %s", len(bad), sorted(bad))
     return set(bad)

@@ -57,13 +57,16 @@ STAGES = ("candidate", "staging", "production")
 log = logging.getLogger("corral.models")
 _HEAD = "corral.audit_head"  # conn.info key: the (seq, hash) this transaction appended last
 OUTPUT_SCHEME = "corral-output"  # corral-output://JOB/ATTEMPT/PATH: an artifact inside an attempt's output dir
-NO_OUTPUTS = ("this installation's backend keeps no job outputs the service can read, and versions are registered "
-              "only from their job's own output directory (the local backend keeps one: $CORRAL_OUTPUT_DIR); "
-              "jobs on Kubernetes or Ray cannot register versions until an output store the service can read is "
-              "configured")
+NO_OUTPUTS = (
+    "this installation's backend keeps no job outputs the service can read, and versions are registered "
+    "only from their job's own output directory (the local backend keeps one: $CORRAL_OUTPUT_DIR); "
+    "jobs on Kubernetes or Ray cannot register versions until an output store the service can read is "
+    "configured"
+)
 
 
 # ----- reads -----
+
 
 def model_row(conn: Connection, core: Core, who: Principal, name: str) -> RowMapping:
     """The model, if `who` may see it (its team's queue); another team's model answers like a missing one."""
@@ -74,8 +77,13 @@ def model_row(conn: Connection, core: Core, who: Principal, name: str) -> RowMap
 
 
 def version_row(conn: Connection, model: str, version: int) -> RowMapping:
-    row = conn.execute(sa.select(model_versions).where(model_versions.c.model == model,
-                                                       model_versions.c.version == version)).mappings().first()
+    row = (
+        conn.execute(
+            sa.select(model_versions).where(model_versions.c.model == model, model_versions.c.version == version)
+        )
+        .mappings()
+        .first()
+    )
     if row is None:
         raise NotFound(f"model {model!r} has no version {version}")
     return row
@@ -83,19 +91,35 @@ def version_row(conn: Connection, model: str, version: int) -> RowMapping:
 
 def aliases(conn: Connection, model: str) -> dict[str, dict[str, Any]]:
     rows = conn.execute(sa.select(model_aliases).where(model_aliases.c.model == model)).mappings()
-    return {r["stage"]: {"version": r["version"], "previous": r["previous"], "updated_at": r["updated_at"]}
-            for r in rows}
+    return {
+        r["stage"]: {"version": r["version"], "previous": r["previous"], "updated_at": r["updated_at"]} for r in rows
+    }
 
 
 def policy(conn: Connection, model: str) -> tuple[int, PromotionPolicy]:
-    row = conn.execute(sa.select(model_policies).where(model_policies.c.model == model)
-                       .order_by(model_policies.c.version.desc()).limit(1)).mappings().first()
+    row = (
+        conn.execute(
+            sa.select(model_policies)
+            .where(model_policies.c.model == model)
+            .order_by(model_policies.c.version.desc())
+            .limit(1)
+        )
+        .mappings()
+        .first()
+    )
     return (0, PromotionPolicy()) if row is None else (row["version"], load_policy(row["document"]))
 
 
 def facts(row: RowMapping) -> VersionFacts:
-    return VersionFacts(row["model"], row["version"], row["metrics"], row["eval_set"], row["digest"],
-                        row["artifact_uri"], measured_by_job(row["lineage"]))
+    return VersionFacts(
+        row["model"],
+        row["version"],
+        row["metrics"],
+        row["eval_set"],
+        row["digest"],
+        row["artifact_uri"],
+        measured_by_job(row["lineage"]),
+    )
 
 
 def measured_by_job(lineage: Any) -> bool:
@@ -107,11 +131,19 @@ def measured_by_job(lineage: Any) -> bool:
 
 def show(conn: Connection, core: Core, who: Principal, name: str) -> dict[str, Any]:
     m = model_row(conn, core, who, name)
-    versions = [dict(v) for v in conn.execute(sa.select(model_versions).where(model_versions.c.model == name)
-                                              .order_by(model_versions.c.version)).mappings()]
+    versions = [
+        dict(v)
+        for v in conn.execute(
+            sa.select(model_versions).where(model_versions.c.model == name).order_by(model_versions.c.version)
+        ).mappings()
+    ]
     number, pol = policy(conn, name)
-    return {**dict(m), "aliases": aliases(conn, name), "versions": versions,
-            "policy": {"version": number, "document": pol.model_dump(mode="json")}}
+    return {
+        **dict(m),
+        "aliases": aliases(conn, name),
+        "versions": versions,
+        "policy": {"version": number, "document": pol.model_dump(mode="json")},
+    }
 
 
 def roi(conn: Connection, core: Core, who: Principal, name: str) -> dict[str, Any]:
@@ -120,12 +152,16 @@ def roi(conn: Connection, core: Core, who: Principal, name: str) -> dict[str, An
     out: dict[str, Any] = {"model": name, "versions": []}
     now = core.clock()
     prod = aliases(conn, name).get("production", {}).get("version")
-    for v in conn.execute(sa.select(model_versions).where(model_versions.c.model == name)
-                          .order_by(model_versions.c.version)).mappings():
+    for v in conn.execute(
+        sa.select(model_versions).where(model_versions.c.model == name).order_by(model_versions.c.version)
+    ).mappings():
         job_ids = v["lineage"]["jobs"]
-        hours = sum(a["gpus"] * ((a["ended_at"] or now) - a["started_at"]) / 3600
-                    for a in conn.execute(sa.select(attempts).where(attempts.c.job_id.in_(job_ids),
-                                                                    attempts.c.started_at.is_not(None))).mappings())
+        hours = sum(
+            a["gpus"] * ((a["ended_at"] or now) - a["started_at"]) / 3600
+            for a in conn.execute(
+                sa.select(attempts).where(attempts.c.job_id.in_(job_ids), attempts.c.started_at.is_not(None))
+            ).mappings()
+        )
         out["versions"].append({"version": v["version"], "jobs": job_ids, "gpu_hours": round(hours, 6)})
         if v["version"] == prod:
             out["production"] = {"version": prod, "gpu_hours": round(hours, 6)}
@@ -133,6 +169,7 @@ def roi(conn: Connection, core: Core, who: Principal, name: str) -> dict[str, An
 
 
 # ----- the audit chain -----
+
 
 def _append(conn: Connection, now: float, actor: str, action: str, model: str, **detail: Any) -> None:
     row = conn.execute(sa.select(model_audit).order_by(model_audit.c.seq.desc()).limit(1)).mappings().first()
@@ -158,8 +195,9 @@ def _changing(core: Core) -> Iterator[Connection]:
 
 def head(conn: Connection) -> tuple[int, str] | None:
     """The newest audit entry's (seq, hash): what an auditor keeps to pass as `verify --head` later."""
-    row = conn.execute(sa.select(model_audit.c.seq, model_audit.c.hash).order_by(model_audit.c.seq.desc())
-                       .limit(1)).first()
+    row = conn.execute(
+        sa.select(model_audit.c.seq, model_audit.c.hash).order_by(model_audit.c.seq.desc()).limit(1)
+    ).first()
     return None if row is None else (int(row[0]), str(row[1]))
 
 
@@ -171,8 +209,14 @@ def audit_metrics(core: Core) -> list[Metric]:
             now = head(conn)
     except sa.exc.OperationalError:
         return []  # the database is away: /metrics still answers with everything else
-    return [gauge("corral_model_audit_head", "The model audit chain's newest entry: seq as value, hash as label.",
-                  ["hash"], [] if now is None else [([now[1]], float(now[0]))])]
+    return [
+        gauge(
+            "corral_model_audit_head",
+            "The model audit chain's newest entry: seq as value, hash as label.",
+            ["hash"],
+            [] if now is None else [([now[1]], float(now[0]))],
+        )
+    ]
 
 
 def alias_rows(conn: Connection) -> list[dict[str, Any]]:
@@ -181,8 +225,14 @@ def alias_rows(conn: Connection) -> list[dict[str, Any]]:
 
 def version_rows(conn: Connection) -> list[dict[str, Any]]:
     """What the gates read of every version, for the audit's comparison with its registration entry."""
-    cols = (model_versions.c.model, model_versions.c.version, model_versions.c.digest, model_versions.c.artifact_uri,
-            model_versions.c.metrics, model_versions.c.eval_set)
+    cols = (
+        model_versions.c.model,
+        model_versions.c.version,
+        model_versions.c.digest,
+        model_versions.c.artifact_uri,
+        model_versions.c.metrics,
+        model_versions.c.eval_set,
+    )
     return [dict(r) for r in conn.execute(sa.select(*cols)).mappings()]
 
 
@@ -193,6 +243,7 @@ def audit_rows(conn: Connection, model: str | None = None) -> list[dict[str, Any
 
 # ----- changes (each in one transaction, under the core's lock, with its audit entry) -----
 
+
 def create(core: Core, who: Principal, name: str, queue: str, description: str) -> dict[str, Any]:
     if queue not in core.tree or not who.may_submit(core.tree, queue):
         raise Forbidden(f"{who.user} ({who.role}) may not create models for queue {queue}", "queue")
@@ -200,8 +251,9 @@ def create(core: Core, who: Principal, name: str, queue: str, description: str) 
     with _changing(core) as conn:
         if conn.execute(sa.select(models.c.name).where(models.c.name == name)).first() is not None:
             raise Conflict(f"model {name!r} already exists", "name")
-        conn.execute(models.insert().values(name=name, queue=queue, description=description, created_at=now,
-                                            created_by=who.user))
+        conn.execute(
+            models.insert().values(name=name, queue=queue, description=description, created_at=now, created_by=who.user)
+        )
         _append(conn, now, who.user, "model.create", name, queue=queue)
     return {"name": name, "queue": queue, "description": description}
 
@@ -210,23 +262,30 @@ def apply_policy(core: Core, who: Principal, name: str, document: dict[str, Any]
     try:
         load_policy(document)
     except PolicyError as e:
-        raise Invalid(f"the promotion policy is not valid: {e}", "document",
-                      [{"where": w, "problem": p} for w, p in e.problems]) from e
+        raise Invalid(
+            f"the promotion policy is not valid: {e}", "document", [{"where": w, "problem": p} for w, p in e.problems]
+        ) from e
     now = core.clock()
     with _changing(core) as conn:
         m = model_row(conn, core, who, name)
         if not who.may_promote(core.tree, m["queue"]):
             raise Forbidden(f"{who.user} ({who.role}) may not set the promotion policy of {name}: model owners do")
         number = policy(conn, name)[0] + 1
-        conn.execute(model_policies.insert().values(model=name, version=number, document=document,
-                                                    author=who.user, created_at=now))
+        conn.execute(
+            model_policies.insert().values(
+                model=name, version=number, document=document, author=who.user, created_at=now
+            )
+        )
         _append(conn, now, who.user, "policy.apply", name, version=number, document=document)
     return {"model": name, "policy_version": number}
 
 
 def _attempts(conn: Connection, job_id: int) -> list[int]:
-    return list(conn.execute(sa.select(attempts.c.attempt).where(attempts.c.job_id == job_id)
-                             .order_by(attempts.c.attempt)).scalars())
+    return list(
+        conn.execute(
+            sa.select(attempts.c.attempt).where(attempts.c.job_id == job_id).order_by(attempts.c.attempt)
+        ).scalars()
+    )
 
 
 def _output_dirs(core: Core, conn: Connection, job_id: int) -> list[Path] | None:
@@ -249,8 +308,11 @@ def _portable(job_id: int, path: Path, roots: list[Path], numbers: list[int]) ->
 
 
 def _completed_attempt(conn: Connection, job_id: int) -> int | None:
-    return conn.execute(sa.select(sa.func.max(attempts.c.attempt)).where(
-        attempts.c.job_id == job_id, attempts.c.outcome == AttemptOutcome.COMPLETED)).scalar_one_or_none()
+    return conn.execute(
+        sa.select(sa.func.max(attempts.c.attempt)).where(
+            attempts.c.job_id == job_id, attempts.c.outcome == AttemptOutcome.COMPLETED
+        )
+    ).scalar_one_or_none()
 
 
 def portable_uri(job_id: int, attempt: int, rel: str) -> str:
@@ -281,7 +343,8 @@ def _hash(core: Core, uri: str, roots: list[Path]) -> tuple[Path, str]:
     base = inside(path, roots)
     # The walk and the hash open everything from the output directory down, following no symlink.
     return path, core.hashes.digest(
-        lambda: walk(path, s.artifact_max_bytes, s.artifact_max_files, base=base), str(path))
+        lambda: walk(path, s.artifact_max_bytes, s.artifact_max_files, base=base), str(path)
+    )
 
 
 def _digest_now(core: Core, v: RowMapping) -> tuple[str | None, str]:
@@ -298,8 +361,9 @@ def _digest_now(core: Core, v: RowMapping) -> tuple[str | None, str]:
         return None, str(e)
 
 
-def register(core: Core, who: Principal, name: str, job_id: int, artifact_uri: str,
-             lineage_jobs: list[int]) -> dict[str, Any]:
+def register(
+    core: Core, who: Principal, name: str, job_id: int, artifact_uri: str, lineage_jobs: list[int]
+) -> dict[str, Any]:
     """A new version from a finished job's outputs: the artifact from its output directory, hashed now (before
     anything is written), the gates' metrics from its metrics.json, code and data digests from its
     lineage.json."""
@@ -338,38 +402,75 @@ def register(core: Core, who: Principal, name: str, job_id: int, artifact_uri: s
     artifact_uri = _portable(job_id, path, roots, attempt_numbers)
     eval_set = None if recorded is None else recorded.eval_set
     spec = source["spec"]
-    lineage = {"job": job_id, "queue": source["queue"], "command": spec.get("command"), "image": spec.get("image"),
-               "code": None if recorded is None or recorded.code is None else recorded.code.model_dump(),
-               "data": [] if recorded is None else [d.model_dump() for d in recorded.data],
-               "recorded_by_job": recorded is not None, "metrics_from_job": True,
-               "jobs": sorted({job_id, *lineage_jobs})}
+    lineage = {
+        "job": job_id,
+        "queue": source["queue"],
+        "command": spec.get("command"),
+        "image": spec.get("image"),
+        "code": None if recorded is None or recorded.code is None else recorded.code.model_dump(),
+        "data": [] if recorded is None else [d.model_dump() for d in recorded.data],
+        "recorded_by_job": recorded is not None,
+        "metrics_from_job": True,
+        "jobs": sorted({job_id, *lineage_jobs}),
+    }
     now = core.clock()
     with _changing(core) as conn:
-        number = (conn.execute(sa.select(sa.func.max(model_versions.c.version))
-                               .where(model_versions.c.model == name)).scalar_one() or 0) + 1
-        conn.execute(model_versions.insert().values(
-            model=name, version=number, job_id=job_id, lineage=lineage, metrics=metrics, eval_set=eval_set,
-            artifact_uri=artifact_uri, digest=digest, registered_at=now, registered_by=who.user))
+        number = (
+            conn.execute(
+                sa.select(sa.func.max(model_versions.c.version)).where(model_versions.c.model == name)
+            ).scalar_one()
+            or 0
+        ) + 1
+        conn.execute(
+            model_versions.insert().values(
+                model=name,
+                version=number,
+                job_id=job_id,
+                lineage=lineage,
+                metrics=metrics,
+                eval_set=eval_set,
+                artifact_uri=artifact_uri,
+                digest=digest,
+                registered_at=now,
+                registered_by=who.user,
+            )
+        )
         _move_alias(conn, name, "candidate", number, now)
-        _append(conn, now, who.user, "version.register", name, version=number, job=job_id, digest=digest,
-                artifact_uri=artifact_uri, metrics=metrics, eval_set=eval_set)
+        _append(
+            conn,
+            now,
+            who.user,
+            "version.register",
+            name,
+            version=number,
+            job=job_id,
+            digest=digest,
+            artifact_uri=artifact_uri,
+            metrics=metrics,
+            eval_set=eval_set,
+        )
     return {"model": name, "version": number, "digest": digest, "lineage": lineage}
 
 
 def _move_alias(conn: Connection, model: str, stage: str, version: int, now: float) -> int | None:
     old = aliases(conn, model).get(stage)
     if old is None:
-        conn.execute(model_aliases.insert().values(model=model, stage=stage, version=version, previous=None,
-                                                   updated_at=now))
+        conn.execute(
+            model_aliases.insert().values(model=model, stage=stage, version=version, previous=None, updated_at=now)
+        )
         return None
-    conn.execute(model_aliases.update().where(model_aliases.c.model == model, model_aliases.c.stage == stage)
-                 .values(version=version, previous=old["version"], updated_at=now))
+    conn.execute(
+        model_aliases.update()
+        .where(model_aliases.c.model == model, model_aliases.c.stage == stage)
+        .values(version=version, previous=old["version"], updated_at=now)
+    )
     previous: int = old["version"]
     return previous
 
 
-def _gates(core: Core, name: str, version: int, stage: str, requester: str,
-           approvers: list[str]) -> tuple[list[GateResult], RowMapping]:
+def _gates(
+    core: Core, name: str, version: int, stage: str, requester: str, approvers: list[str]
+) -> tuple[list[GateResult], RowMapping]:
     """Evaluate every gate now: the digest is recomputed and the hook run (outside any transaction)."""
     with core.db.connect() as conn:
         v = version_row(conn, name, version)
@@ -379,12 +480,23 @@ def _gates(core: Core, name: str, version: int, stage: str, requester: str,
     digest_now: str | None = _digest_now(core, v)[0] if stage_policy.verify_digest else v["digest"]
     hook = None
     if stage_policy.hook is not None:
-        hook = run_hook(stage_policy.hook, {"model": name, "version": version, "stage": stage,
-                                            "requester": requester, "approvers": approvers,
-                                            "metrics": v["metrics"], "eval_set": v["eval_set"],
-                                            "digest": v["digest"], "artifact_uri": v["artifact_uri"]})
-    results = evaluate(stage_policy, facts(v), None if prod is None else facts(prod), approvers, requester,
-                       digest_now, hook)
+        hook = run_hook(
+            stage_policy.hook,
+            {
+                "model": name,
+                "version": version,
+                "stage": stage,
+                "requester": requester,
+                "approvers": approvers,
+                "metrics": v["metrics"],
+                "eval_set": v["eval_set"],
+                "digest": v["digest"],
+                "artifact_uri": v["artifact_uri"],
+            },
+        )
+    results = evaluate(
+        stage_policy, facts(v), None if prod is None else facts(prod), approvers, requester, digest_now, hook
+    )
     return results, v
 
 
@@ -405,11 +517,30 @@ def request_promotion(core: Core, who: Principal, name: str, version: int, stage
     now = core.clock()
     with _changing(core) as conn:
         _still(conn, name, seen)
-        pid = conn.execute(promotions.insert().values(
-            model=name, version=version, stage=stage, requester=who.user, created_at=now, state=PromotionState.OPEN,
-            gates=_view(results)).returning(promotions.c.id)).scalar_one()
-        _append(conn, now, who.user, "promotion.request", name, promotion=pid, version=version, stage=stage,
-                gates=_view(results))
+        pid = conn.execute(
+            promotions.insert()
+            .values(
+                model=name,
+                version=version,
+                stage=stage,
+                requester=who.user,
+                created_at=now,
+                state=PromotionState.OPEN,
+                gates=_view(results),
+            )
+            .returning(promotions.c.id)
+        ).scalar_one()
+        _append(
+            conn,
+            now,
+            who.user,
+            "promotion.request",
+            name,
+            promotion=pid,
+            version=version,
+            stage=stage,
+            gates=_view(results),
+        )
         out = _decide(conn, core, pid, name, version, stage, results, now, who.user)
     return out
 
@@ -420,15 +551,18 @@ def approve(core: Core, who: Principal, promotion_id: int) -> dict[str, Any]:
         if p is None:
             raise NotFound(f"promotion {promotion_id} not found")
         m = model_row(conn, core, who, p["model"])
-        done = [a["approver"] for a in conn.execute(sa.select(approvals)
-                                                    .where(approvals.c.promotion_id == promotion_id)).mappings()]
+        done = [
+            a["approver"]
+            for a in conn.execute(sa.select(approvals).where(approvals.c.promotion_id == promotion_id)).mappings()
+        ]
     if not who.may_promote(core.tree, m["queue"]):
         raise Forbidden(f"{who.user} ({who.role}) may not approve promotions of {p['model']}: model owners do")
     if p["state"] != PromotionState.OPEN:
         raise Conflict(f"promotion {promotion_id} is already {p['state']}")
     if who.user == p["requester"]:
-        raise Forbidden(f"{who.user} requested promotion {promotion_id}; an approval must come from someone else",
-                        "approver")
+        raise Forbidden(
+            f"{who.user} requested promotion {promotion_id}; an approval must come from someone else", "approver"
+        )
     if who.user in done:
         raise Conflict(f"{who.user} already approved promotion {promotion_id}")
     seen = _production(core, p["model"])
@@ -439,8 +573,9 @@ def approve(core: Core, who: Principal, promotion_id: int) -> dict[str, Any]:
         # have landed meanwhile; deciding on stale facts could promote twice, or never).
         _still(conn, p["model"], seen)
         state = conn.execute(sa.select(promotions.c.state).where(promotions.c.id == promotion_id)).scalar_one()
-        now_done = sorted(conn.execute(sa.select(approvals.c.approver)
-                                       .where(approvals.c.promotion_id == promotion_id)).scalars())
+        now_done = sorted(
+            conn.execute(sa.select(approvals.c.approver).where(approvals.c.promotion_id == promotion_id)).scalars()
+        )
         if state != PromotionState.OPEN or now_done != sorted(done):
             raise Conflict(f"promotion {promotion_id} changed while its gates ran; look at it and approve again")
         conn.execute(approvals.insert().values(promotion_id=promotion_id, approver=who.user, at=now))
@@ -459,23 +594,47 @@ def _still(conn: Connection, model: str, seen: dict[str, Any] | None) -> None:
         raise Conflict(f"{model}'s production version changed while the gates ran; ask again")
 
 
-def _decide(conn: Connection, core: Core, pid: int, name: str, version: int, stage: str,
-            results: list[GateResult], now: float, actor: str) -> dict[str, Any]:
+def _decide(
+    conn: Connection,
+    core: Core,
+    pid: int,
+    name: str,
+    version: int,
+    stage: str,
+    results: list[GateResult],
+    now: float,
+    actor: str,
+) -> dict[str, Any]:
     """Promote when every gate passes; a failed gate rejects the request; otherwise it stays open."""
     state = PromotionState.OPEN
     if promotable(results):
         state = PromotionState.PROMOTED
         previous = _move_alias(conn, name, stage, version, now)
-        _append(conn, now, actor, "model.promote", name, promotion=pid, version=version, stage=stage,
-                previous=previous)
+        _append(conn, now, actor, "model.promote", name, promotion=pid, version=version, stage=stage, previous=previous)
     elif any(r.status == "fail" for r in results):
         state = PromotionState.REJECTED
-        _append(conn, now, actor, "promotion.reject", name, promotion=pid,
-                failed=[r.gate for r in results if r.status == "fail"])
-    conn.execute(promotions.update().where(promotions.c.id == pid).values(
-        gates=_view(results), state=state, decided_at=None if state == PromotionState.OPEN else now))
-    return {"promotion": pid, "model": name, "version": version, "stage": stage, "state": state,
-            "gates": _view(results)}
+        _append(
+            conn,
+            now,
+            actor,
+            "promotion.reject",
+            name,
+            promotion=pid,
+            failed=[r.gate for r in results if r.status == "fail"],
+        )
+    conn.execute(
+        promotions.update()
+        .where(promotions.c.id == pid)
+        .values(gates=_view(results), state=state, decided_at=None if state == PromotionState.OPEN else now)
+    )
+    return {
+        "promotion": pid,
+        "model": name,
+        "version": version,
+        "stage": stage,
+        "state": state,
+        "gates": _view(results),
+    }
 
 
 def rollback(core: Core, who: Principal, name: str, stage: str = "production") -> dict[str, Any]:
@@ -492,13 +651,24 @@ def rollback(core: Core, who: Principal, name: str, stage: str = "production") -
     digest_now, why = _digest_now(core, restored)
     if digest_now != restored["digest"]:
         found = f"sha256 now {digest_now}" if digest_now is not None else f"it cannot be read ({why})"
-        raise Conflict(f"not rolled back: {name} v{restored['version']}'s artifact {restored['artifact_uri']} is no "
-                       f"longer what was registered (sha256 {restored['digest']}; {found})", "stage")
+        raise Conflict(
+            f"not rolled back: {name} v{restored['version']}'s artifact {restored['artifact_uri']} is no "
+            f"longer what was registered (sha256 {restored['digest']}; {found})",
+            "stage",
+        )
     now = core.clock()
     with _changing(core) as conn:
         if aliases(conn, name).get(stage) != alias:
             raise Conflict(f"{name}'s {stage} alias changed while the artifact was checked; ask again", "stage")
         _move_alias(conn, name, stage, alias["previous"], now)
-        _append(conn, now, who.user, "model.rollback", name, stage=stage, version=alias["previous"],
-                rolled_back=alias["version"])
+        _append(
+            conn,
+            now,
+            who.user,
+            "model.rollback",
+            name,
+            stage=stage,
+            version=alias["previous"],
+            rolled_back=alias["version"],
+        )
     return {"model": name, "stage": stage, "version": alias["previous"], "previous": alias["version"]}

@@ -73,10 +73,23 @@ def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, A
         labels[IDLE_TIMEOUT_LABEL] = f"{req.idle_timeout_s:g}"
     # Above batch jobs' default priority, so the engine's tier 3 takes the team's own batch GPUs back for it.
     try:  # the job spec's own limits (command size, env, workdir) hold for a sandbox's too
-        sub = JobSubmit(name=req.name, queue=req.queue, pool=pool, gpus=req.gpus, cpus=req.cpus,
-                        memory_gb=req.memory_gb, priority=core.settings.sandbox_priority, preemptible=False,
-                        command=req.command, env=req.env, workdir=req.workdir, image=req.image, labels=labels,
-                        kind="sandbox", max_runtime=None)
+        sub = JobSubmit(
+            name=req.name,
+            queue=req.queue,
+            pool=pool,
+            gpus=req.gpus,
+            cpus=req.cpus,
+            memory_gb=req.memory_gb,
+            priority=core.settings.sandbox_priority,
+            preemptible=False,
+            command=req.command,
+            env=req.env,
+            workdir=req.workdir,
+            image=req.image,
+            labels=labels,
+            kind="sandbox",
+            max_runtime=None,
+        )
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
@@ -115,9 +128,19 @@ def _check_guarantee(ps: PoolLoad, q: Queue, gpus: int) -> None:
         f"team {q.name} holds {held} non-preemptible GPUs of {ps.name} and this notebook needs {gpus}: "
         f"{held + gpus} > quota {quota}. Non-preemptible jobs run only within quota, counting the queue's "
         f"non-preemptible GPUs (its guarantee): close another notebook or non-preemptible job of {q.name}, or "
-        "pick a smaller profile.", "gpus",
-        {"rule": GUARANTEE, "queue": q.name, "pool": ps.name, "quota": quota, "np_usage": held, "usage": used,
-         "free_in_guarantee": max(0, quota - held), "request": gpus})
+        "pick a smaller profile.",
+        "gpus",
+        {
+            "rule": GUARANTEE,
+            "queue": q.name,
+            "pool": ps.name,
+            "quota": quota,
+            "np_usage": held,
+            "usage": used,
+            "free_in_guarantee": max(0, quota - held),
+            "request": gpus,
+        },
+    )
 
 
 def sandbox_view(core: Core, row: Mapping[Any, Any]) -> dict[str, Any]:

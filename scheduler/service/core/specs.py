@@ -31,8 +31,9 @@ MAX_RUNTIME_S = 10 * 365 * 86400.0  # ten years: any longer is "never", and far 
 def _env_names(v: dict[str, str]) -> dict[str, str]:
     for k, x in v.items():
         if not k or "=" in k or "\0" in k or len(k) > MAX_ENV_NAME:
-            raise ValueError(f"environment variable name {k[:MAX_ENV_NAME]!r} is not valid (1 to "
-                             f"{MAX_ENV_NAME} characters, no '=')")
+            raise ValueError(
+                f"environment variable name {k[:MAX_ENV_NAME]!r} is not valid (1 to {MAX_ENV_NAME} characters, no '=')"
+            )
         if k == "CUDA_VISIBLE_DEVICES":
             raise ValueError("CUDA_VISIBLE_DEVICES is set by Corral to the job's GPUs")
         if len(x) > MAX_ENV_VALUE:
@@ -90,11 +91,13 @@ class JobSubmit(Strict):
     preemptible: bool = True
     command: Command
     env: Env = Field(default_factory=dict)
-    workdir: Workdir = Field(None, description=(
-        "An absolute path; with the local backend it must be a directory that exists at submission."))
+    workdir: Workdir = Field(
+        None, description=("An absolute path; with the local backend it must be a directory that exists at submission.")
+    )
     image: Image = Field(None, description="Container image, for the Kubernetes and Ray backends.")
-    max_runtime: float | None = Field(None, gt=0, le=MAX_RUNTIME_S,
-                                      description="Seconds; the job is stopped and failed after it.")
+    max_runtime: float | None = Field(
+        None, gt=0, le=MAX_RUNTIME_S, description="Seconds; the job is stopped and failed after it."
+    )
     checkpoint: bool = False
     labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS)
     idempotency_key: str | None = Field(None, min_length=1, max_length=MAX_NAME)
@@ -111,9 +114,18 @@ class JobSubmit(Strict):
         return v
 
     def engine_spec(self, job_id: int, pool: str) -> JobSpec:
-        return JobSpec(id=engine_id(job_id), queue=self.queue, pool=pool, gpus=self.gpus, workers=self.workers,
-                       cpus=self.cpus, memory_gb=self.memory_gb, priority=self.priority,
-                       preemptible=self.preemptible, checkpoint=self.checkpoint)
+        return JobSpec(
+            id=engine_id(job_id),
+            queue=self.queue,
+            pool=pool,
+            gpus=self.gpus,
+            workers=self.workers,
+            cpus=self.cpus,
+            memory_gb=self.memory_gb,
+            priority=self.priority,
+            preemptible=self.preemptible,
+            checkpoint=self.checkpoint,
+        )
 
 
 class QueueDecl(Strict):
@@ -126,8 +138,13 @@ class QueueDecl(Strict):
     weight: float | dict[str, float] = 1.0
 
     def spec(self) -> QueueSpec:
-        return QueueSpec(self.name, self.parent, dict(self.quota), dict(self.limit),
-                         dict(self.weight) if isinstance(self.weight, dict) else self.weight)
+        return QueueSpec(
+            self.name,
+            self.parent,
+            dict(self.quota),
+            dict(self.limit),
+            dict(self.weight) if isinstance(self.weight, dict) else self.weight,
+        )
 
 
 class QueueDocument(Strict):
@@ -163,7 +180,15 @@ def engine_spec_of(row_spec: Mapping[str, Any], job_id: int, pool: str) -> JobSp
     if not isinstance(queue, str):
         raise ValueError(f"job {job_id}: stored queue {queue!r} is not a name")
     # JobSpec refuses non-finite CPUs and memory itself (engine.model.finite).
-    return JobSpec(id=engine_id(job_id), queue=queue, pool=pool, gpus=field("gpus", (int,)),
-                   workers=field("workers", (int,)), cpus=float(field("cpus", (int, float))),
-                   memory_gb=float(field("memory_gb", (int, float))), priority=field("priority", (int,)),
-                   preemptible=field("preemptible", (bool,)), checkpoint=field("checkpoint", (bool,)))
+    return JobSpec(
+        id=engine_id(job_id),
+        queue=queue,
+        pool=pool,
+        gpus=field("gpus", (int,)),
+        workers=field("workers", (int,)),
+        cpus=float(field("cpus", (int, float))),
+        memory_gb=float(field("memory_gb", (int, float))),
+        priority=field("priority", (int,)),
+        preemptible=field("preemptible", (bool,)),
+        checkpoint=field("checkpoint", (bool,)),
+    )

@@ -62,8 +62,10 @@ def exporter(settings: ServiceSettings) -> SpanExporter | None:
         # An optional extra (corral[otel]): imported only when asked for, so a missing package is named here.
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: PLC0415
     except ImportError as e:
-        raise ValueError("otel_exporter otlp needs the OTLP exporter: pip install 'corral[otel]' "
-                         "(opentelemetry-exporter-otlp-proto-http)") from e
+        raise ValueError(
+            "otel_exporter otlp needs the OTLP exporter: pip install 'corral[otel]' "
+            "(opentelemetry-exporter-otlp-proto-http)"
+        ) from e
     return OTLPSpanExporter(endpoint=settings.otel_endpoint)
 
 
@@ -92,12 +94,14 @@ def traced_cycle(tick: Callable[[C], list[Decision]]) -> Callable[[C], list[Deci
     def cycle(core: C) -> list[Decision]:
         with core.tracer.start_as_current_span("corral.scheduling_cycle") as span:
             decisions = tick(core)
-            span.set_attributes({
-                "corral.decisions": len(decisions),
-                "corral.admitted": sum(isinstance(d, Started) for d in decisions),
-                "corral.preempted": sum(isinstance(d, Preempted) for d in decisions),
-                "corral.rejected": sum(isinstance(d, Rejected) for d in decisions),
-            })
+            span.set_attributes(
+                {
+                    "corral.decisions": len(decisions),
+                    "corral.admitted": sum(isinstance(d, Started) for d in decisions),
+                    "corral.preempted": sum(isinstance(d, Preempted) for d in decisions),
+                    "corral.rejected": sum(isinstance(d, Rejected) for d in decisions),
+                }
+            )
             return decisions
 
     return cycle
@@ -163,8 +167,11 @@ class RequestTelemetry:
         token = _REQUEST.set(req)
         method, path, status = scope["method"], scope["path"], 500
         began = time.perf_counter()
-        span = self.tracer().start_span(f"{method} {path}", kind=SpanKind.SERVER, attributes={
-            "http.request.method": method, "url.path": path, "corral.request_id": req.id})
+        span = self.tracer().start_span(
+            f"{method} {path}",
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": method, "url.path": path, "corral.request_id": req.id},
+        )
 
         async def answer(message: Message) -> None:
             nonlocal status
@@ -185,9 +192,17 @@ class RequestTelemetry:
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:
                     span.set_status(Status(StatusCode.ERROR))
-                access_log.info("%s %s %d", method, path, status, extra={
-                    "http_status": status, "duration_ms": round(1000 * (time.perf_counter() - began), 3),
-                    "user": req.user})
+                access_log.info(
+                    "%s %s %d",
+                    method,
+                    path,
+                    status,
+                    extra={
+                        "http_status": status,
+                        "duration_ms": round(1000 * (time.perf_counter() - began), 3),
+                        "user": req.user,
+                    },
+                )
             _REQUEST.reset(token)
 
 
@@ -195,8 +210,12 @@ class RequestTelemetry:
 
 # Attributes every LogRecord has: anything else on a record came from `extra=` and goes into the JSON.
 # uvicorn adds color_message, its message with terminal colours: noise in JSON.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName",
-                                                                         "color_message"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -206,7 +225,9 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
         }
         rid = request_id()
         if rid is not None:
@@ -224,8 +245,11 @@ def configure_logging(settings: ServiceSettings, stream: IO[str] | None = None) 
     """Send every log record of the process, at log_level and up, to stderr (or `stream`) as text or JSON lines;
     the handler is returned so that a caller (a test) can remove it."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if settings.log_format == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter()
+        if settings.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())

@@ -15,7 +15,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 # Times are seconds since the epoch (float): the engine's clock, and trivial to compare across databases.
 queue_versions = sa.Table(
-    "queue_versions", metadata,
+    "queue_versions",
+    metadata,
     sa.Column("version", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("author", sa.String(200), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
@@ -25,7 +26,8 @@ queue_versions = sa.Table(
 
 # Admission policies, versioned like the queue tree: the newest row is in force.
 admission_policies = sa.Table(
-    "admission_policies", metadata,
+    "admission_policies",
+    metadata,
     sa.Column("version", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("author", sa.String(200), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
@@ -34,7 +36,8 @@ admission_policies = sa.Table(
 )
 
 nodes = sa.Table(
-    "nodes", metadata,
+    "nodes",
+    metadata,
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("pool", sa.String(200), nullable=False),
     sa.Column("gpus", sa.Integer, nullable=False),
@@ -44,7 +47,8 @@ nodes = sa.Table(
 )
 
 jobs = sa.Table(
-    "jobs", metadata,
+    "jobs",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("owner", sa.String(200), nullable=False),
@@ -71,7 +75,8 @@ jobs = sa.Table(
 
 # One row per start of a job: where it ran, which process, and when it held its GPUs (usage comes from here).
 attempts = sa.Table(
-    "attempts", metadata,
+    "attempts",
+    metadata,
     sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), primary_key=True),
     sa.Column("attempt", sa.Integer, primary_key=True),
     # starting: admitted, not launched yet; running; stopping: asked to stop, process still alive; ended.
@@ -92,7 +97,8 @@ attempts = sa.Table(
 )
 
 leadership = sa.Table(  # one row (id 1): the fencing token of high availability (scheduler/service/core/leader.py)
-    "leadership", metadata,
+    "leadership",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("epoch", sa.Integer, nullable=False),
     sa.Column("holder", sa.String(200), nullable=False),
@@ -101,7 +107,8 @@ leadership = sa.Table(  # one row (id 1): the fencing token of high availability
 )
 
 events = sa.Table(
-    "events", metadata,
+    "events",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("at", sa.Float, nullable=False),
     sa.Column("job_id", sa.Integer, nullable=True, index=True),
@@ -111,7 +118,8 @@ events = sa.Table(
 )
 
 tokens = sa.Table(
-    "tokens", metadata,
+    "tokens",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("digest", sa.String(64), nullable=False, unique=True),  # sha256 of the secret; never the secret
     sa.Column("user", sa.String(200), nullable=False),
@@ -124,7 +132,8 @@ tokens = sa.Table(
 )
 
 audit = sa.Table(
-    "audit", metadata,
+    "audit",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("at", sa.Float, nullable=False),
     sa.Column("actor", sa.String(200), nullable=False),
@@ -137,7 +146,8 @@ audit = sa.Table(
 # ----- the golden path: models, versions, stages, promotions, and their hash-chained audit -----
 
 models = sa.Table(
-    "models", metadata,
+    "models",
+    metadata,
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("queue", sa.String(200), nullable=False),  # the owning team: its roles decide who may do what
     sa.Column("description", sa.Text, nullable=False, default=""),
@@ -146,7 +156,8 @@ models = sa.Table(
 )
 
 model_policies = sa.Table(
-    "model_policies", metadata,
+    "model_policies",
+    metadata,
     sa.Column("model", sa.String(200), sa.ForeignKey("models.name"), primary_key=True),
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("document", sa.JSON, nullable=False),
@@ -155,7 +166,8 @@ model_policies = sa.Table(
 )
 
 model_versions = sa.Table(
-    "model_versions", metadata,
+    "model_versions",
+    metadata,
     sa.Column("model", sa.String(200), sa.ForeignKey("models.name"), primary_key=True),
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False),
@@ -169,7 +181,8 @@ model_versions = sa.Table(
 )
 
 model_aliases = sa.Table(
-    "model_aliases", metadata,
+    "model_aliases",
+    metadata,
     sa.Column("model", sa.String(200), sa.ForeignKey("models.name"), primary_key=True),
     sa.Column("stage", sa.String(20), primary_key=True),
     sa.Column("version", sa.Integer, nullable=False),
@@ -178,7 +191,8 @@ model_aliases = sa.Table(
 )
 
 promotions = sa.Table(
-    "promotions", metadata,
+    "promotions",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("model", sa.String(200), sa.ForeignKey("models.name"), nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
@@ -191,14 +205,16 @@ promotions = sa.Table(
 )
 
 approvals = sa.Table(
-    "approvals", metadata,
+    "approvals",
+    metadata,
     sa.Column("promotion_id", sa.Integer, sa.ForeignKey("promotions.id"), primary_key=True),
     sa.Column("approver", sa.String(200), primary_key=True),
     sa.Column("at", sa.Float, nullable=False),
 )
 
 model_audit = sa.Table(
-    "model_audit", metadata,
+    "model_audit",
+    metadata,
     sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("at", sa.Float, nullable=False),
     sa.Column("actor", sa.String(200), nullable=False),
@@ -228,8 +244,9 @@ def connect(url: str) -> Engine:
     if url.startswith("sqlite"):
         # A pool as large as the API's thread pool: opening a connection (and its pragmas) per request under
         # load costs more than the request.
-        eng = sa.create_engine(url, connect_args={"check_same_thread": False}, pool_size=40, max_overflow=20,
-                               hide_parameters=True)
+        eng = sa.create_engine(
+            url, connect_args={"check_same_thread": False}, pool_size=40, max_overflow=20, hide_parameters=True
+        )
         event.listen(eng, "connect", _sqlite_pragmas)
         return eng
     return sa.create_engine(url, pool_size=40, max_overflow=20, pool_pre_ping=True, hide_parameters=True)
@@ -298,4 +315,5 @@ def require_head(url: str) -> None:
         raise NotAtHead(
             f"the database is at migration {current or 'none (empty)'}, this version of Corral needs {head}, and "
             "migrate_on_start is off: run `corral db upgrade` (with the same database settings) first, or set "
-            "CORRAL_MIGRATE_ON_START=true")
+            "CORRAL_MIGRATE_ON_START=true"
+        )

@@ -42,8 +42,7 @@ def reason_json(r: Reason | None) -> dict[str, Any] | None:
     return None if r is None else {"rule": r.rule, "message": r.message, "numbers": dict(r.numbers)}
 
 
-def add_event(conn: Connection, at: float, kind: str, message: str, job_id: int | None = None,
-              **data: Any) -> None:
+def add_event(conn: Connection, at: float, kind: str, message: str, job_id: int | None = None, **data: Any) -> None:
     conn.execute(events.insert().values(at=at, job_id=job_id, kind=kind, message=message, data=data))
 
 
@@ -65,20 +64,32 @@ def update_job(conn: Connection, job_id: int, **values: Unpack[JobChange]) -> No
 
 
 def update_attempt(conn: Connection, job_id: int, attempt: int, **values: Unpack[AttemptChange]) -> None:
-    conn.execute(attempts.update().where(attempts.c.job_id == job_id, attempts.c.attempt == attempt)
-                 .values(**values))
+    conn.execute(attempts.update().where(attempts.c.job_id == job_id, attempts.c.attempt == attempt).values(**values))
 
 
 def job_view(row: Mapping[Any, Any]) -> dict[str, Any]:
     """A job as the API shows it."""
     spec = row["spec"]
     return {
-        "id": row["id"], "name": row["name"], "owner": row["owner"], "queue": row["queue"], "pool": row["pool"],
-        "state": row["state"], "gpus": row["gpus"], "workers": spec.get("workers", 1),
-        "priority": row["priority"], "preemptible": spec.get("preemptible", True),
-        "submitted_at": row["submitted_at"], "started_at": row["started_at"], "ended_at": row["ended_at"],
-        "attempt": row["attempt"], "exit_code": row["exit_code"], "reason": row["reason"],
-        "labels": spec.get("labels", {}), "idempotency_key": row["idempotency_key"], "kind": spec.get("kind", "job"),
+        "id": row["id"],
+        "name": row["name"],
+        "owner": row["owner"],
+        "queue": row["queue"],
+        "pool": row["pool"],
+        "state": row["state"],
+        "gpus": row["gpus"],
+        "workers": spec.get("workers", 1),
+        "priority": row["priority"],
+        "preemptible": spec.get("preemptible", True),
+        "submitted_at": row["submitted_at"],
+        "started_at": row["started_at"],
+        "ended_at": row["ended_at"],
+        "attempt": row["attempt"],
+        "exit_code": row["exit_code"],
+        "reason": row["reason"],
+        "labels": spec.get("labels", {}),
+        "idempotency_key": row["idempotency_key"],
+        "kind": spec.get("kind", "job"),
         "spec": {**spec, "env": redacted(spec.get("env", {}))},
     }
 

@@ -36,19 +36,53 @@ def _submittable(who: Principal, core: Core) -> list[str]:
 
 
 @router.get("/jobs", response_class=HTMLResponse)
-def jobs_page(request: Request, who: Viewer, core: CoreDep, queue: str = "", state: str = "", owner: str = "",
-              label: str = "", before: int | None = None) -> HTMLResponse:
+def jobs_page(
+    request: Request,
+    who: Viewer,
+    core: CoreDep,
+    queue: str = "",
+    state: str = "",
+    owner: str = "",
+    label: str = "",
+    before: int | None = None,
+) -> HTMLResponse:
     filters = {"queue": queue, "state": state, "owner": owner, "label": label}
     try:
-        listed = routes_jobs.list_jobs(who, core, queue=queue or None, state=[state] if state else None,
-                                       owner=owner or None, label=[label] if label else None, limit=PAGE,
-                                       before=before)["jobs"]
+        listed = routes_jobs.list_jobs(
+            who,
+            core,
+            queue=queue or None,
+            state=[state] if state else None,
+            owner=owner or None,
+            label=[label] if label else None,
+            limit=PAGE,
+            before=before,
+        )["jobs"]
     except ServiceError as e:  # a bad filter (state, label): the page says which, with the form to fix it
-        return page(request, who, "jobs.html", status=e.status, jobs=[], filters=filters, error=e.message,
-                    queues=_visible_queues(who, core), states=routes_jobs.STATES, older=None)
+        return page(
+            request,
+            who,
+            "jobs.html",
+            status=e.status,
+            jobs=[],
+            filters=filters,
+            error=e.message,
+            queues=_visible_queues(who, core),
+            states=routes_jobs.STATES,
+            older=None,
+        )
     older = listed[-1]["id"] if len(listed) == PAGE else None
-    return page(request, who, "jobs.html", jobs=listed, filters=filters, queues=_visible_queues(who, core),
-                states=routes_jobs.STATES, older=older, error=None)
+    return page(
+        request,
+        who,
+        "jobs.html",
+        jobs=listed,
+        filters=filters,
+        queues=_visible_queues(who, core),
+        states=routes_jobs.STATES,
+        older=older,
+        error=None,
+    )
 
 
 @router.get("/jobs/new", response_class=HTMLResponse)
@@ -57,31 +91,47 @@ def new_job(request: Request, who: Viewer, core: CoreDep) -> HTMLResponse:
 
 
 @router.post("/jobs", response_class=HTMLResponse, response_model=None)
-async def submit(request: Request, who: Viewer, core: CoreDep, csrf: Annotated[str, Form()] = "",
-                 name: Annotated[str, Form()] = "job", queue: Annotated[str, Form()] = "",
-                 command: Annotated[str, Form()] = "", gpus: Annotated[str, Form()] = "1",
-                 workers: Annotated[str, Form()] = "1", priority: Annotated[str, Form()] = "0",
-                 max_runtime: Annotated[str, Form()] = "", preemptible: Annotated[str | None, Form()] = None
-                 ) -> Response:
+async def submit(
+    request: Request,
+    who: Viewer,
+    core: CoreDep,
+    csrf: Annotated[str, Form()] = "",
+    name: Annotated[str, Form()] = "job",
+    queue: Annotated[str, Form()] = "",
+    command: Annotated[str, Form()] = "",
+    gpus: Annotated[str, Form()] = "1",
+    workers: Annotated[str, Form()] = "1",
+    priority: Annotated[str, Form()] = "0",
+    max_runtime: Annotated[str, Form()] = "",
+    preemptible: Annotated[str | None, Form()] = None,
+) -> Response:
     try:
         check_csrf(request, csrf)
     except ServiceError as e:
         return error_page(request, who, e)
-    form = {"name": name, "queue": queue, "command": command, "gpus": gpus, "workers": workers,
-            "priority": priority, "max_runtime": max_runtime, "preemptible": preemptible is not None}
+    form = {
+        "name": name,
+        "queue": queue,
+        "command": command,
+        "gpus": gpus,
+        "workers": workers,
+        "priority": priority,
+        "max_runtime": max_runtime,
+        "preemptible": preemptible is not None,
+    }
     errors: list[str] = []
     try:
         # The command is one string, run by /bin/sh -c, as `corral submit -- "..."` does with a single string.
-        sub = JobSubmit.model_validate({**{k: v for k, v in form.items() if v != ""},
-                                        "max_runtime": max_runtime or None})
+        sub = JobSubmit.model_validate(
+            {**{k: v for k, v in form.items() if v != ""}, "max_runtime": max_runtime or None}
+        )
         job, _ = await core.intake.submit_async(who, sub)
     except ValidationError as e:
         errors = [f"{'.'.join(str(p) for p in err['loc']) or 'form'}: {err['msg']}" for err in e.errors()]
     except ServiceError as e:
         errors = [f"{e.where}: {e.message}" if e.where else e.message]
     if errors:
-        return page(request, who, "submit.html", status=422, queues=_submittable(who, core), form=form,
-                    errors=errors)
+        return page(request, who, "submit.html", status=422, queues=_submittable(who, core), form=form, errors=errors)
     return RedirectResponse(f"/ui/jobs/{job['id']}", status_code=303)
 
 
@@ -95,13 +145,20 @@ def job_page(request: Request, who: Viewer, core: CoreDep, job_id: int) -> HTMLR
         return error_page(request, who, e)
     with core.lock:
         may_cancel = who.may_cancel(core.tree, job["queue"], job["owner"]) and job["state"] not in FINISHED
-    return page(request, who, "job.html", job=job, events=evts, explain=why, may_cancel=may_cancel,
-                finished=job["state"] in FINISHED)
+    return page(
+        request,
+        who,
+        "job.html",
+        job=job,
+        events=evts,
+        explain=why,
+        may_cancel=may_cancel,
+        finished=job["state"] in FINISHED,
+    )
 
 
 @router.post("/jobs/{job_id}/cancel", response_class=HTMLResponse, response_model=None)
-def cancel(request: Request, who: Viewer, core: CoreDep, job_id: int,
-           csrf: Annotated[str, Form()] = "") -> Response:
+def cancel(request: Request, who: Viewer, core: CoreDep, job_id: int, csrf: Annotated[str, Form()] = "") -> Response:
     try:
         check_csrf(request, csrf)
         core.cancel(who, job_id)
@@ -114,15 +171,25 @@ def cancel(request: Request, who: Viewer, core: CoreDep, job_id: int,
 def status(who: Viewer, core: CoreDep, job_id: int) -> JSONResponse:
     """What the job page's script polls: the state, the attempt whose log to follow, and the reason."""
     job = routes_jobs.get_job(job_id, who, core)
-    body: dict[str, Any] = {"state": job["state"], "attempt": job["attempt"], "reason": job["reason"],
-                            "finished": job["state"] in FINISHED}
+    body: dict[str, Any] = {
+        "state": job["state"],
+        "attempt": job["attempt"],
+        "reason": job["reason"],
+        "finished": job["state"] in FINISHED,
+    }
     return JSONResponse(body)
 
 
 @router.get("/jobs/{job_id}/logs")
-async def logs(who: Viewer, core: CoreDep, job_id: int, stream: Literal["stdout", "stderr"] = "stdout",
-               attempt: Annotated[int | None, Query(ge=1)] = None, follow: bool = False,
-               offset: Annotated[int, Query(ge=0)] = 0) -> Response:
+async def logs(
+    who: Viewer,
+    core: CoreDep,
+    job_id: int,
+    stream: Literal["stdout", "stderr"] = "stdout",
+    attempt: Annotated[int | None, Query(ge=1)] = None,
+    follow: bool = False,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Response:
     """The API's log endpoint behind the session cookie: the page's script cannot send a bearer token (the cookie
     is HttpOnly, so no script can read the token at all)."""
     return await routes_jobs.logs(job_id, who, core, stream=stream, attempt=attempt, follow=follow, offset=offset)

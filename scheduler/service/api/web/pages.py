@@ -69,10 +69,19 @@ def queues_page(request: Request, who: Viewer, core: CoreDep) -> HTMLResponse:
             rows.append({"name": q["name"], "depth": depth[q["name"]], "leaf": q["leaf"], "scale": scale, **p})
         pools.append({"name": pool, "capacity": capacity[pool], "rows": rows})
     # The listing's reason is explain's (views.live_reasons), computed for the whole page under one lock.
-    pending = [{**j, "why": j["reason"]}
-               for j in routes_jobs.list_jobs(who, core, state=[JobState.PENDING], limit=PENDING_SHOWN)["jobs"]]
-    return page(request, who, "queues.html", version=tree["version"], pools=pools, pending=pending,
-                more=len(pending) >= PENDING_SHOWN)
+    pending = [
+        {**j, "why": j["reason"]}
+        for j in routes_jobs.list_jobs(who, core, state=[JobState.PENDING], limit=PENDING_SHOWN)["jobs"]
+    ]
+    return page(
+        request,
+        who,
+        "queues.html",
+        version=tree["version"],
+        pools=pools,
+        pending=pending,
+        more=len(pending) >= PENDING_SHOWN,
+    )
 
 
 @router.get("/pools", response_class=HTMLResponse)
@@ -86,8 +95,12 @@ def pools_page(request: Request, who: Viewer, core: CoreDep) -> HTMLResponse:
                     if isinstance(g["job"], int) and g["job"] not in holders:
                         row = store.job_row(conn, g["job"])
                         if row is not None:
-                            holders[g["job"]] = {"name": row["name"], "kind": row["spec"].get("kind", "job"),
-                                                 "queue": row["queue"], "owner": row["owner"]}
+                            holders[g["job"]] = {
+                                "name": row["name"],
+                                "kind": row["spec"].get("kind", "job"),
+                                "queue": row["queue"],
+                                "owner": row["owner"],
+                            }
     for p in shown:
         for n in p["nodes"]:
             util = _utilisation(core, n["name"])
@@ -128,7 +141,8 @@ def models_page(request: Request, who: Viewer, core: CoreDep) -> HTMLResponse:
     with core.db.connect() as conn:
         for m in listed:
             shown = registry.show(conn, core, who, m["name"])
-            shown["promotions"] = [routes_models.get_promotion(p["id"], who, core) for p in promos
-                                   if p["model"] == m["name"]]
+            shown["promotions"] = [
+                routes_models.get_promotion(p["id"], who, core) for p in promos if p["model"] == m["name"]
+            ]
             details.append(shown)
     return page(request, who, "models.html", models=details)

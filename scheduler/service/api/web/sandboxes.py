@@ -31,7 +31,7 @@ def server_name(name: str, owner: str) -> str | None:
     if name == f"jupyter-{owner}":
         return ""
     prefix = f"jupyter-{owner}-"
-    return name[len(prefix):] if name.startswith(prefix) else None
+    return name[len(prefix) :] if name.startswith(prefix) else None
 
 
 def open_link(core: Core, view: dict[str, Any]) -> str | None:
@@ -39,8 +39,9 @@ def open_link(core: Core, view: dict[str, Any]) -> str | None:
     server = server_name(view["name"], view["owner"])
     hub = core.settings.hub_url
     if hub and server is not None:
-        return f"{hub.rstrip('/')}/user/{quote(view['owner'], safe='')}/" + (f"{quote(server, safe='')}/" if server
-                                                                              else "")
+        return f"{hub.rstrip('/')}/user/{quote(view['owner'], safe='')}/" + (
+            f"{quote(server, safe='')}/" if server else ""
+        )
     url: str | None = view.get("url")
     return url
 
@@ -74,13 +75,25 @@ def _rows(core: Core, who: Any, everyone: bool) -> list[dict[str, Any]]:
 def sandboxes_page(request: Request, who: Viewer, core: CoreDep, show: str = "mine") -> HTMLResponse:
     admin = who.role in (Role.PLATFORM_ADMIN, Role.TEAM_ADMIN)  # all they may read: everyone's, or their teams'
     everyone = show == "all" and admin
-    return page(request, who, "sandboxes.html", sandboxes=_rows(core, who, everyone),
-                show="all" if everyone else "mine", may_see_all=admin)
+    return page(
+        request,
+        who,
+        "sandboxes.html",
+        sandboxes=_rows(core, who, everyone),
+        show="all" if everyone else "mine",
+        may_see_all=admin,
+    )
 
 
 @router.post("/sandboxes/{job_id}/stop", response_class=HTMLResponse, response_model=None)
-def stop(request: Request, who: Viewer, core: CoreDep, job_id: int, csrf: Annotated[str, Form()] = "",
-         show: Annotated[str, Form()] = "mine") -> Response:
+def stop(
+    request: Request,
+    who: Viewer,
+    core: CoreDep,
+    job_id: int,
+    csrf: Annotated[str, Form()] = "",
+    show: Annotated[str, Form()] = "mine",
+) -> Response:
     try:
         check_csrf(request, csrf)
         routes_sandboxes.close(job_id, who, core)

@@ -26,12 +26,19 @@ def login_form(request: Request, next: str = "") -> HTMLResponse:
 
 
 @router.post("/login", response_class=HTMLResponse, response_model=None)
-async def login(request: Request, core: CoreDep, token: Annotated[str, Form()] = "",
-                next: Annotated[str, Form()] = "") -> Response:
+async def login(
+    request: Request, core: CoreDep, token: Annotated[str, Form()] = "", next: Annotated[str, Form()] = ""
+) -> Response:
     target = safe_next(next)
     if not _same_origin(request):
-        return page(request, None, "login.html", status=403, next=target,
-                    error="this form was sent from another site; open the login page here and try again")
+        return page(
+            request,
+            None,
+            "login.html",
+            status=403,
+            next=target,
+            error="this form was sent from another site; open the login page here and try again",
+        )
     try:
         await resolve_token(core, token.strip())  # the API's own lookup: Corral tokens, then the hub
     except ServiceError as e:
@@ -39,8 +46,15 @@ async def login(request: Request, core: CoreDep, token: Annotated[str, Form()] =
     out = RedirectResponse(target, status_code=303)
     # The cookie is the session: HttpOnly (no script reads it), SameSite=Strict (no other site's form or link
     # sends it), Secure behind HTTPS, and sent to the dashboard only (path /ui), never to /v1.
-    out.set_cookie(UI_COOKIE, token.strip(), max_age=SESSION_S, path="/ui", httponly=True, samesite="strict",
-                   secure=request.url.scheme == "https")
+    out.set_cookie(
+        UI_COOKIE,
+        token.strip(),
+        max_age=SESSION_S,
+        path="/ui",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
     return out
 
 

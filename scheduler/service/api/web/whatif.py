@@ -77,8 +77,7 @@ class WhatIf:
             if waiting > MAX_WAITING:
                 raise Busy(f"{waiting} what-if runs are queued or running; try again when one has finished")
             run_id = secrets.token_hex(8)
-            title = f"{inputs.trace[0]} on {inputs.cluster[0]}" + (f" with {inputs.queues[0]}" if inputs.queues
-                                                                    else "")
+            title = f"{inputs.trace[0]} on {inputs.cluster[0]}" + (f" with {inputs.queues[0]}" if inputs.queues else "")
             run = Run(run_id, who.user, title, self.workdir / run_id)
             self.runs[run_id] = run
             while len(self.runs) > KEEP:

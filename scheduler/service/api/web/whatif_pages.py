@@ -69,12 +69,21 @@ async def _file(kind: str, choice: str, upload: UploadFile | None, text: str = "
         raise Invalid(str(e), kind) from e
 
 
-def _form(request: Request, who: Principal, runs: WhatIf, status: int = 200, error: str | None = None
-          ) -> HTMLResponse:
-    return page(request, who, "whatif.html", status=status, examples=examples(), policies=POLICIES,
-                runs=runs.mine(who), may_run=_may_run(who), max_jobs=MAX_JOBS, max_kib=MAX_UPLOAD // 1024,
-                max_days=MAX_DAYS,
-                error=error)
+def _form(request: Request, who: Principal, runs: WhatIf, status: int = 200, error: str | None = None) -> HTMLResponse:
+    return page(
+        request,
+        who,
+        "whatif.html",
+        status=status,
+        examples=examples(),
+        policies=POLICIES,
+        runs=runs.mine(who),
+        may_run=_may_run(who),
+        max_jobs=MAX_JOBS,
+        max_kib=MAX_UPLOAD // 1024,
+        max_days=MAX_DAYS,
+        error=error,
+    )
 
 
 @router.get("/whatif", response_class=HTMLResponse)
@@ -82,8 +91,9 @@ def whatif_form(request: Request, who: Viewer, core: CoreDep) -> HTMLResponse:
     return _form(request, who, _runs(request, core))
 
 
-async def _start(request: Request, who: Principal, runs: WhatIf, csrf: str,
-                 inputs: Callable[[], Awaitable[Inputs]]) -> Response:
+async def _start(
+    request: Request, who: Principal, runs: WhatIf, csrf: str, inputs: Callable[[], Awaitable[Inputs]]
+) -> Response:
     """Check the form and the caller, start a run on what `inputs` reads, and go to its page (the form again,
     with why, when it cannot start)."""
     try:
@@ -101,13 +111,21 @@ async def _start(request: Request, who: Principal, runs: WhatIf, csrf: str,
 
 
 @router.post("/whatif", response_class=HTMLResponse, response_model=None)
-async def whatif_start(request: Request, who: Viewer, core: CoreDep, csrf: Annotated[str, Form()] = "",
-                       trace: Annotated[str, Form()] = "", cluster: Annotated[str, Form()] = "",
-                       queues: Annotated[str, Form()] = "none", queues_text: Annotated[str, Form()] = "",
-                       policy: Annotated[list[str] | None, Form()] = None, limit: Annotated[int, Form()] = 1000,
-                       trace_file: Annotated[UploadFile | None, File()] = None,
-                       cluster_file: Annotated[UploadFile | None, File()] = None,
-                       queues_file: Annotated[UploadFile | None, File()] = None) -> Response:
+async def whatif_start(
+    request: Request,
+    who: Viewer,
+    core: CoreDep,
+    csrf: Annotated[str, Form()] = "",
+    trace: Annotated[str, Form()] = "",
+    cluster: Annotated[str, Form()] = "",
+    queues: Annotated[str, Form()] = "none",
+    queues_text: Annotated[str, Form()] = "",
+    policy: Annotated[list[str] | None, Form()] = None,
+    limit: Annotated[int, Form()] = 1000,
+    trace_file: Annotated[UploadFile | None, File()] = None,
+    cluster_file: Annotated[UploadFile | None, File()] = None,
+    queues_file: Annotated[UploadFile | None, File()] = None,
+) -> Response:
     async def inputs() -> Inputs:
         t = await _file("trace", trace, trace_file)
         c = await _file("cluster", cluster, cluster_file)
@@ -120,13 +138,21 @@ async def whatif_start(request: Request, who: Viewer, core: CoreDep, csrf: Annot
 
 
 @router.post("/whatif/replay", response_class=HTMLResponse, response_model=None)
-async def whatif_replay(request: Request, who: Viewer, core: CoreDep, csrf: Annotated[str, Form()] = "",
-                        days: Annotated[float, Form()] = 7, queues: Annotated[str, Form()] = "none",
-                        queues_text: Annotated[str, Form()] = "",
-                        policy: Annotated[list[str] | None, Form()] = None, limit: Annotated[int, Form()] = 1000,
-                        queues_file: Annotated[UploadFile | None, File()] = None) -> Response:
+async def whatif_replay(
+    request: Request,
+    who: Viewer,
+    core: CoreDep,
+    csrf: Annotated[str, Form()] = "",
+    days: Annotated[float, Form()] = 7,
+    queues: Annotated[str, Form()] = "none",
+    queues_text: Annotated[str, Form()] = "",
+    policy: Annotated[list[str] | None, Form()] = None,
+    limit: Annotated[int, Form()] = 1000,
+    queues_file: Annotated[UploadFile | None, File()] = None,
+) -> Response:
     """Replay the jobs this cluster recorded in the last `days` days on its own pools and queue tree (what
     GET /v1/usage/export gives: no export and upload), optionally with another queue file."""
+
     async def inputs() -> Inputs:
         if not 0 < days <= MAX_DAYS:
             raise Invalid(f"days: between 0 and {MAX_DAYS}, got {days:g}", "days")

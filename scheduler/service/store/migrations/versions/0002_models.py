@@ -81,6 +81,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("model_audit", "approvals", "promotions", "model_aliases", "model_versions", "model_policies",
-                  "models"):
+    for table in (
+        "model_audit",
+        "approvals",
+        "promotions",
+        "model_aliases",
+        "model_versions",
+        "model_policies",
+        "models",
+    ):
         op.drop_table(table)

@@ -40,19 +40,52 @@ ACTION = "repair.non_finite"
 WAITING = ("pending", "starting")
 AMOUNTS = ("cpus", "memory_gb")  # 0 means "not accounted", the value a request without them has
 
-jobs = sa.table("jobs", sa.column("id", sa.Integer), sa.column("state", sa.String), sa.column("spec", sa.JSON),
-                sa.column("ended_at", sa.Float), sa.column("reason", sa.JSON))
-attempts = sa.table("attempts", sa.column("job_id", sa.Integer), sa.column("attempt", sa.Integer),
-                    sa.column("state", sa.String), sa.column("ended_at", sa.Float), sa.column("outcome", sa.String))
-events = sa.table("events", sa.column("at", sa.Float), sa.column("job_id", sa.Integer), sa.column("kind", sa.String),
-                  sa.column("message", sa.Text), sa.column("data", sa.JSON))
-audit = sa.table("audit", sa.column("at", sa.Float), sa.column("actor", sa.String), sa.column("action", sa.String),
-                 sa.column("target", sa.String), sa.column("detail", sa.JSON))
-model_versions = sa.table("model_versions", sa.column("model", sa.String), sa.column("version", sa.Integer),
-                          sa.column("metrics", sa.JSON))
-model_audit = sa.table("model_audit", sa.column("seq", sa.Integer), sa.column("at", sa.Float),
-                       sa.column("actor", sa.String), sa.column("action", sa.String), sa.column("model", sa.String),
-                       sa.column("detail", sa.JSON), sa.column("prev_hash", sa.String), sa.column("hash", sa.String))
+jobs = sa.table(
+    "jobs",
+    sa.column("id", sa.Integer),
+    sa.column("state", sa.String),
+    sa.column("spec", sa.JSON),
+    sa.column("ended_at", sa.Float),
+    sa.column("reason", sa.JSON),
+)
+attempts = sa.table(
+    "attempts",
+    sa.column("job_id", sa.Integer),
+    sa.column("attempt", sa.Integer),
+    sa.column("state", sa.String),
+    sa.column("ended_at", sa.Float),
+    sa.column("outcome", sa.String),
+)
+events = sa.table(
+    "events",
+    sa.column("at", sa.Float),
+    sa.column("job_id", sa.Integer),
+    sa.column("kind", sa.String),
+    sa.column("message", sa.Text),
+    sa.column("data", sa.JSON),
+)
+audit = sa.table(
+    "audit",
+    sa.column("at", sa.Float),
+    sa.column("actor", sa.String),
+    sa.column("action", sa.String),
+    sa.column("target", sa.String),
+    sa.column("detail", sa.JSON),
+)
+model_versions = sa.table(
+    "model_versions", sa.column("model", sa.String), sa.column("version", sa.Integer), sa.column("metrics", sa.JSON)
+)
+model_audit = sa.table(
+    "model_audit",
+    sa.column("seq", sa.Integer),
+    sa.column("at", sa.Float),
+    sa.column("actor", sa.String),
+    sa.column("action", sa.String),
+    sa.column("model", sa.String),
+    sa.column("detail", sa.JSON),
+    sa.column("prev_hash", sa.String),
+    sa.column("hash", sa.String),
+)
 GENESIS = "0" * 64
 REPAIR = "version.repair"
 
@@ -67,11 +100,11 @@ def chain_hash(prev_hash: str, entry: dict[str, Any]) -> str:
 
 def append_repair(conn: sa.Connection, now: float, model: str, detail: dict[str, Any]) -> None:
     """Append a `version.repair` entry after the chain's newest one, linked and hashed as the registry does."""
-    last = conn.execute(sa.select(model_audit.c.seq, model_audit.c.hash).order_by(model_audit.c.seq.desc())
-                        .limit(1)).first()
+    last = conn.execute(
+        sa.select(model_audit.c.seq, model_audit.c.hash).order_by(model_audit.c.seq.desc()).limit(1)
+    ).first()
     seq, prev = (1, GENESIS) if last is None else (int(last[0]) + 1, str(last[1]))
-    entry: dict[str, Any] = {"seq": seq, "at": now, "actor": ACTOR, "action": REPAIR, "model": model,
-                             "detail": detail}
+    entry: dict[str, Any] = {"seq": seq, "at": now, "actor": ACTOR, "action": REPAIR, "model": model, "detail": detail}
     conn.execute(model_audit.insert().values(**entry, prev_hash=prev, hash=chain_hash(prev, entry)))
 
 
@@ -112,30 +145,57 @@ def upgrade() -> None:
         what = ", ".join(f"{k} = {v}" for k, v in sorted(found.items()))
         values: dict[str, Any] = {"spec": spec}
         if row["state"] in WAITING:
-            message = (f"rejected by migration 0007: its spec asked for {what}, which is not a number; submit it "
-                       "again with finite values")
-            values |= {"state": "rejected", "ended_at": now,
-                       "reason": {"rule": "invalid_spec", "message": message, "numbers": {}}}
-            conn.execute(attempts.update().where(attempts.c.job_id == row["id"], attempts.c.state == "starting")
-                         .values(state="ended", ended_at=now, outcome="never_started"))
+            message = (
+                f"rejected by migration 0007: its spec asked for {what}, which is not a number; submit it "
+                "again with finite values"
+            )
+            values |= {
+                "state": "rejected",
+                "ended_at": now,
+                "reason": {"rule": "invalid_spec", "message": message, "numbers": {}},
+            }
+            conn.execute(
+                attempts.update()
+                .where(attempts.c.job_id == row["id"], attempts.c.state == "starting")
+                .values(state="ended", ended_at=now, outcome="never_started")
+            )
             conn.execute(events.insert().values(at=now, job_id=row["id"], kind="rejected", message=message, data={}))
         conn.execute(jobs.update().where(jobs.c.id == row["id"]).values(**values))
-        conn.execute(audit.insert().values(at=now, actor=ACTOR, action=ACTION, target=f"job {row['id']}", detail={
-            "replaced": found, "state": row["state"], "rejected": row["state"] in WAITING}))
+        conn.execute(
+            audit.insert().values(
+                at=now,
+                actor=ACTOR,
+                action=ACTION,
+                target=f"job {row['id']}",
+                detail={"replaced": found, "state": row["state"], "rejected": row["state"] in WAITING},
+            )
+        )
     for row in conn.execute(sa.select(model_versions)).mappings().all():
         metrics = row["metrics"] if isinstance(row["metrics"], dict) else {}
         removed = {k: _shown(v) for k, v in metrics.items() if _bad(v)}
         if not removed:
             continue
         kept = {k: v for k, v in metrics.items() if k not in removed}
-        conn.execute(model_versions.update()
-                     .where(model_versions.c.model == row["model"], model_versions.c.version == row["version"])
-                     .values(metrics=kept))
-        append_repair(conn, now, row["model"], {"version": row["version"], "metrics": kept,
-                                                "removed_metrics": removed, "by": "migration 0007"})
-        conn.execute(audit.insert().values(at=now, actor=ACTOR, action=ACTION,
-                                           target=f"model {row['model']} version {row['version']}",
-                                           detail={"removed_metrics": removed}))
+        conn.execute(
+            model_versions.update()
+            .where(model_versions.c.model == row["model"], model_versions.c.version == row["version"])
+            .values(metrics=kept)
+        )
+        append_repair(
+            conn,
+            now,
+            row["model"],
+            {"version": row["version"], "metrics": kept, "removed_metrics": removed, "by": "migration 0007"},
+        )
+        conn.execute(
+            audit.insert().values(
+                at=now,
+                actor=ACTOR,
+                action=ACTION,
+                target=f"model {row['model']} version {row['version']}",
+                detail={"removed_metrics": removed},
+            )
+        )
 
 
 def downgrade() -> None:
