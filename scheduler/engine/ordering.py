@@ -13,9 +13,8 @@ from __future__ import annotations
 import heapq
 import math
 
-from scheduler.engine.state import PoolState, QueueKey
+from scheduler.engine.state import Entry, PoolState, QueueKey
 
-Entry = tuple[QueueKey, str]  # a leaf's place in key order: its key, its name
 ONE: Entry = ((1.0, -math.inf, ""), "")  # below every entry of a queue at or over its fair share (ratio 1)
 
 

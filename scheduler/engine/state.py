@@ -21,6 +21,7 @@ from scheduler.engine.memo import Need, Stuck, may_fit_any
 from scheduler.engine.model import Job
 
 QueueKey = tuple[float, float, str]
+Entry = tuple[QueueKey, str]  # a leaf's place in key order: its key, its name
 
 
 def victim_key(j: Job) -> tuple[int, float, int, str]:
@@ -394,7 +395,7 @@ class PoolState:
             self.parked_by_shapes[shapes].discard(name)
         self._file(name, entry)
 
-    def _file(self, name: str, entry: tuple[QueueKey, str]) -> None:
+    def _file(self, name: str, entry: Entry) -> None:
         shapes = self._parkable(name)
         if shapes is None:
             self.awake.add(entry)
@@ -403,10 +404,10 @@ class PoolState:
             self.parked_by_shapes.setdefault(shapes, set()).add(name)
             self.parked_order.add(entry)
 
-    def parked_fitting(self, above: tuple[QueueKey, str] | None) -> list[tuple[QueueKey, str]]:
+    def parked_fitting(self, above: Entry | None) -> list[Entry]:
         """Parked leaves after `above` (in key order) that free room given back since they slept may now fit, with
         their keys: one fit answer per group of leaves that tried the same shapes (_may_fit_any)."""
-        out: list[tuple[QueueKey, str]] = []
+        out: list[Entry] = []
         grown, asleep, key = self.grown, self.asleep, self._key
         for members in self.parked_by_shapes.values():
             first = True
@@ -421,9 +422,7 @@ class PoolState:
                 out.append((key[name], name))
         return out
 
-    def parked_between(
-        self, low: tuple[QueueKey, str], high: tuple[QueueKey, str] | None, visited: dict[str, int]
-    ) -> bool:
+    def parked_between(self, low: Entry, high: Entry | None, visited: dict[str, int]) -> bool:
         """Is a parked leaf not visited in this pass, still asleep, between `low` and `high` (None: the end)?"""
         i = self.parked_order.bisect_right(low)
         order, asleep = self.parked_order, self.asleep
@@ -436,11 +435,11 @@ class PoolState:
             i += 1
         return False
 
-    def entry(self, name: str) -> tuple[QueueKey, str]:
+    def entry(self, name: str) -> Entry:
         """A leaf's place in key order (as of the pass's start, during one)."""
         return (self._key[name], name)
 
-    def visited_parked(self, name: str, high: tuple[QueueKey, str] | None) -> bool:
+    def visited_parked(self, name: str, high: Entry | None) -> bool:
         """Did the pass go past this parked leaf, as asleep, without visiting it (`high`: the highest it reached)?"""
         return high is not None and name in self.parked and (self._key[name], name) < high
 
