@@ -274,3 +274,10 @@ def test_aliases_export_to_mlflow(svc: Service, team: dict[str, TestClient], tmp
     assert out["aliases"] == {"production": 1}
     mv = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("m", "production")
     assert (mv.source, mv.tags["corral.version"]) == (str(output_dir(svc, v["lineage"]["job"]) / "a"), "1")
+
+
+def test_a_model_may_not_take_a_route_s_name(svc: Service, team: dict[str, TestClient]) -> None:
+    """GET /v1/models/audit is the audit chain: a model named audit could never be read back, so none may be."""
+    r = team["alice"].post("/v1/models", json={"name": "audit", "queue": "nlp"})
+    assert r.status_code == 422 and "reserved" in r.text
+    assert all(m["name"] != "audit" for m in svc.admin.get("/v1/models").json()["models"])

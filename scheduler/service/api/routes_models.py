@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse, Response
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from scheduler.registry import audit as chain
 from scheduler.registry import mlflow_export
@@ -21,10 +21,21 @@ router = APIRouter(tags=["models"])
 NAME = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+# Literal routes beside /models/{name}: a model of that name could never be read back.
+RESERVED_NAMES = frozenset({"audit"})
+
+
 class NewModel(Body):
     name: str = NAME
     queue: str = Field(description="The owning team's queue: its roles decide who registers and who promotes.")
     description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name in RESERVED_NAMES:
+            raise ValueError(f"{name!r} is reserved (GET /v1/models/{name} is another route)")
+        return name
 
 
 class NewVersion(Body):
