@@ -68,11 +68,7 @@ def world(n_jobs: int, n_nodes: int, depts: int = 10, teams: int = 100, seed: in
 
 def simulation(w: World, reference: bool) -> Simulation:
     """The corral policy's replay, with the reference pass in place of the event-driven one when asked."""
-    sim = Simulation(w, "corral", log_fair_share=False)
-    if reference:
-        sim.engine = ReferenceEngine(w.tree, w.nodes, w.domains, w.settings)
-        sim.engine.holds = []
-    return sim
+    return Simulation(w, "corral", log_fair_share=False, engine_type=ReferenceEngine if reference else None)
 
 
 def main() -> None:

@@ -28,10 +28,9 @@ from tests.prop_model import NO_GUARD, PROPERTY, Case, cases, describe
 
 
 def _log(w: World, reference: bool) -> dict[str, Any]:
-    sim = Simulation(copy.deepcopy(w), "corral", log_fair_share=False)
-    if reference:
-        sim.engine = ReferenceEngine(sim.world.tree, sim.world.nodes, sim.world.domains, sim.world.settings)
-        sim.engine.holds = []
+    sim = Simulation(
+        copy.deepcopy(w), "corral", log_fair_share=False, engine_type=ReferenceEngine if reference else None
+    )
     log = sim.run()
     log["holds"] = [(h.at, h.job, h.starving, h.cause) for h in sim.holds or []]  # the guard's holds match too
     return log

@@ -526,10 +526,7 @@ def test_fair_share_water_filling(
 
 def _log_without_shortcuts(w: World) -> dict[str, Any]:
     """The event log with every shortcut off (ShortcutFreeEngine, scheduler/engine/shortcut_free.py)."""
-    sim = Simulation(w, log_fair_share=False)
-    sim.engine = ShortcutFreeEngine(w.tree, w.nodes, w.domains, w.settings)
-    sim.engine.holds = []
-    return sim.run()
+    return Simulation(w, log_fair_share=False, engine_type=ShortcutFreeEngine).run()
 
 
 @settings(PROPERTY, max_examples=400)

@@ -8,6 +8,7 @@ from typing import Any
 
 from scheduler.engine import Preempted, Rejected, Started
 from scheduler.engine.baselines import make_policy
+from scheduler.engine.engine import Engine
 from scheduler.sim.inputs import SimJob, World
 
 # At one instant: completions and node events, then cancellations, then submissions, then timer wakeups
@@ -40,10 +41,18 @@ class Simulation:
     in place); the log itself is as SIMULATOR.md writes it, key order included.
     """
 
-    def __init__(self, world: World, policy: str = "corral", log_fair_share: bool = True):
+    def __init__(
+        self, world: World, policy: str = "corral", log_fair_share: bool = True, engine_type: type[Engine] | None = None
+    ):
+        """`engine_type`: replay with this Engine class instead of the policy's (the slow engines the fast one is
+        checked against: ReferenceEngine, ShortcutFreeEngine)."""
         self.world = world
         self.policy_name = policy
-        self.engine = make_policy(policy, world.tree, world.nodes, world.domains, world.settings)
+        self.engine = (
+            engine_type(world.tree, world.nodes, world.domains, world.settings)
+            if engine_type is not None
+            else make_policy(policy, world.tree, world.nodes, world.domains, world.settings)
+        )
         if hasattr(self.engine, "holds"):
             # The engine records starvation-guard holds only into a list it is given (the live service gives none:
             # it would grow without end); the report counts them (scheduler.sim.waste). setattr: policies without
