@@ -340,12 +340,7 @@ class PoolState:
             return
         old = self._key.pop(name, None)
         if old is not None:
-            shapes = self.parked.pop(name, None)
-            if shapes is None:
-                self.awake.remove((old, name))
-            else:
-                self.parked_order.remove((old, name))
-                self.parked_by_shapes[shapes].discard(name)
+            self._unfile(name, (old, name))
         if name in self.pending:
             key = self.queue_key(self.tree[name])
             self._key[name] = key
@@ -387,13 +382,16 @@ class PoolState:
         if key is None or self.parked.get(name) == self._parkable(name):
             return  # not in the order yet (its rekey files it), or already where it belongs
         entry = (key, name)
+        self._unfile(name, entry)
+        self._file(name, entry)
+
+    def _unfile(self, name: str, entry: Entry) -> None:
         shapes = self.parked.pop(name, None)
         if shapes is None:
             self.awake.remove(entry)
         else:
             self.parked_order.remove(entry)
             self.parked_by_shapes[shapes].discard(name)
-        self._file(name, entry)
 
     def _file(self, name: str, entry: Entry) -> None:
         shapes = self._parkable(name)
