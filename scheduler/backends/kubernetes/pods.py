@@ -30,6 +30,7 @@ from scheduler.backends.base import Arrival
 from scheduler.backends.kubernetes import objects as k8s
 from scheduler.backends.kubernetes.nodes import core_api, quantity, watch_from
 from scheduler.backends.kubernetes.teams import QUEUE_ANNOTATION
+from scheduler.backends.kubernetes.view import listed
 
 GROUP_SIZE = "corral.dev/group-size"
 PREEMPTIBLE = "corral.dev/preemptible"  # "false" (a label or annotation): never preempted, runs only within quota
@@ -155,16 +156,20 @@ class PodGangs:
     def resync(self) -> list[Arrival]:
         """List every pending pod (after a start, a restart or a 410): offer every complete gang not offered as it
         is now, and withdraw those offered that changed or vanished."""
-        listed = self.core.list_pod_for_all_namespaces(field_selector=PENDING, label_selector=NOT_OURS)
-        teams = self._teams({p.metadata.namespace for p in listed.items})  # outside the lock: take() waits on it
+        items, version = listed(
+            self.core.list_pod_for_all_namespaces(
+                field_selector=PENDING, label_selector=NOT_OURS, _preload_content=False
+            )
+        )
+        teams = self._teams({p.metadata.namespace for p in items})  # outside the lock: take() waits on it
         with self.lock:
             before = set(self.gangs)
             # What was offered stays known, so that _settle withdraws the gangs that lost pods during the gap.
             self.gangs, self.where = {}, {}
-            for p in listed.items:
+            for p in items:
                 if p.metadata.deletion_timestamp is None and p.metadata.uid not in self.taken:
                     self._add(waiting(p))
-            self.resource_version = listed.metadata.resource_version
+            self.resource_version = version
             return [a for g in sorted(before | set(self.gangs)) for a in self._settle(g, teams)]
 
     def changes(self, timeout_s: int = 1) -> list[Arrival]:
@@ -175,6 +180,7 @@ class PodGangs:
             self.resource_version,
             timeout_s,
             limit=500,
+            lazy=True,
             field_selector=PENDING,
             label_selector=NOT_OURS,
         )
