@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from quotas.tree import Queue, QueueTree
@@ -39,17 +40,28 @@ def split(kids: Sequence[Kid], share: float, demand: Mapping[str, float], out: d
 
 
 def _pour(open_: list[tuple[int, float, float]], rest: float, given: list[float], kids: Sequence[Kid]) -> float:
-    """Water-fill `rest` over (child index, room, weight) in proportion to weight; returns what is left."""
+    """Water-fill `rest` over (child index, room, weight) in proportion to weight; returns what is left.
+
+    Children whose room is under the water level take their room; every other child gets weight x level, from one
+    level computed once (an exact sum of their weights), not from what the children before it left. So two children
+    of equal weight and demand get bit-identical shares, whatever their order and whatever the history of
+    incremental updates (PoolShares skips splits that cannot move a share in exact arithmetic): shares that differ
+    in the last bit would break a tie of ratios that the spec breaks by name, and an engine rebuilt after a restart
+    would break it otherwise than one that never restarted."""
     open_.sort(key=lambda o: (o[1] / o[2], kids[o[0]][0]))
     weight_left = sum(w for _, _, w in open_)
-    for i, room, w in open_:
+    for k, (i, room, w) in enumerate(open_):
         if rest <= EPS or weight_left <= 0:
             break
-        fill = rest * w / weight_left
-        take = room if room <= fill + EPS else fill
-        given[i] += take
-        rest -= take
-        weight_left -= w
+        if room <= rest * w / weight_left + EPS:
+            given[i] += room
+            rest -= room
+            weight_left -= w
+            continue
+        level = rest / math.fsum(wj for _, _, wj in open_[k:])
+        for j, _, wj in open_[k:]:
+            given[j] += wj * level
+        return 0.0
     return rest
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from quotas import QueueTree
@@ -15,6 +14,7 @@ from scheduler.sim.inputs import World
 from scheduler.sim.runner import Simulation
 from tests.factories import engine, job, nodes, queue, queue_tree, world
 from tests.prop_model import PROPERTY, Case, cases, describe
+from tests.restart_worlds import WORLD_1, WORLD_2
 
 
 def rebuild(old: Engine, tree: QueueTree, w: World) -> Engine:
@@ -124,13 +124,11 @@ def run_both(c: Case, restarts: list[float], tree_at: float | None, weights: boo
     assert twin.explained == restarted.explained, where
 
 
-# Known bug, open: with min_runtime > 0 a rebuilt engine can decide otherwise than its twin (two worlds found on
-# 2026-12-08, once reformatting this file gave hypothesis other examples; f3b2f61's engine and simulator fail on
-# them too, so it predates that day's changes; the closing note of that stop gives both cases). Not strict: the
-# examples move whenever this function's source does.
-@pytest.mark.xfail(reason="restart equivalence with min_runtime > 0: known bug, see the comment above", strict=False)
 @PROPERTY
 @given(cases(), st.lists(st.integers(0, 130), min_size=1, max_size=3), st.none() | st.integers(0, 100), st.booleans())
+@example(Case(WORLD_1, guard=False), [47], None, False)  # wakeups that only the twin had (min_runtime)
+@example(Case(WORLD_2, guard=False), [51], None, False)  # shares that differed in the last bit: a tie broken otherwise
+@example(Case(WORLD_2, guard=False), [38], None, False)
 def test_a_rebuilt_engine_decides_as_one_never_rebuilt(
     c: Case, restarts: list[int], tree_at: int | None, weights: bool
 ) -> None:

@@ -7,6 +7,7 @@ the live service and the tests drive the very same code.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
@@ -68,7 +69,13 @@ class Engine:
         self.jobs: dict[str, Job] = {}
         self._seq = 0
         self._admitted = 0
-        self._wakeups: list[float] = []
+        self._wakeups: list[float] = []  # plain instants (the baselines' own timers)
+        # A job's timer: (when it ends, job id, the instant it began, whether it runs while the job does): the
+        # guard clock of a pending job (began at skipped_since) or min_runtime of a running preemptible one (began
+        # at its start). Valid while the job still has that clock; the others are dropped when read. So the
+        # instants the engine wakes at follow from its jobs alone, and an engine rebuilt from them (restore,
+        # submit(overtaken_at=)) wakes when its twin that never restarted does.
+        self._timers: list[tuple[float, str, float, bool]] = []
         self._instant: float | None = None
         self._preempted_now: set[str] = set()  # jobs preempted at this instant: they may not preempt back
         # queue -> bumps when a new instant lifts the "preempted at this instant" restriction of one of its jobs
@@ -98,7 +105,7 @@ class Engine:
             return [Rejected(spec.id, why)]
         if overtaken_at is not None:
             job.skipped_since = float(overtaken_at)
-            heapq.heappush(self._wakeups, job.skipped_since + self.settings.starvation_timeout)
+            self._guard_timer(job)
         self.pools[spec.pool].add_pending(job)
         return []
 
@@ -137,6 +144,7 @@ class Engine:
         )
         self.jobs[spec.id] = job
         ps.add_restored(job)
+        self._aging_timer(job)
         return job
 
     def _next_seq(self, seq: int | None) -> int:
@@ -255,7 +263,39 @@ class Engine:
         """The next instant after `now` where a rule's timer ends (min_runtime, starvation_timeout)."""
         while self._wakeups and self._wakeups[0] <= now:
             heapq.heappop(self._wakeups)
-        return self._wakeups[0] if self._wakeups else None
+        timer = self._next_timer(now)
+        plain = self._wakeups[0] if self._wakeups else None
+        return plain if timer is None else timer if plain is None else min(plain, timer)
+
+    def _next_timer(self, after: float) -> float | None:
+        """When the first valid timer ends after `after`; drops the ended and the stale ones on the way."""
+        timers, jobs = self._timers, self.jobs
+        while timers:
+            until, job_id, began, running = timers[0]
+            j = jobs.get(job_id)  # None: forgotten
+            if (
+                until > after
+                and j is not None
+                and (
+                    (j.state is JobState.RUNNING and j.start == began)
+                    if running
+                    else (j.state is JobState.PENDING and j.skipped_since == began)
+                )
+            ):
+                return until
+            heapq.heappop(timers)
+        return None
+
+    def _guard_timer(self, job: Job) -> None:
+        assert job.skipped_since is not None
+        heapq.heappush(
+            self._timers, (job.skipped_since + self.settings.starvation_timeout, job.id, job.skipped_since, False)
+        )
+
+    def _aging_timer(self, job: Job) -> None:
+        """A preemptible job becomes a possible victim once min_runtime has passed: look again then."""
+        if self.settings.min_runtime > 0 and job.spec.preemptible:
+            heapq.heappush(self._timers, (job.start + self.settings.min_runtime, job.id, job.start, True))
 
     def explain(self, job_id: str, now: float) -> Reason:
         """Why a job is where it is: the blocking rule with its numbers, or why it runs, or why it ended."""
@@ -281,7 +321,8 @@ class Engine:
                 if job.state is JobState.PENDING:  # even if nothing else changed in its pool since
                     self.pools[job.spec.pool].dirty = True
             self._instant, self._preempted_now = now, set()
-        due = bool(self._wakeups) and self._wakeups[0] <= now
+        timer = self._next_timer(-math.inf)
+        due = (bool(self._wakeups) and self._wakeups[0] <= now) or (timer is not None and timer <= now)
         self.next_wakeup(now)
         out: list[Decision] = []
         for ps in self.pools.values():
@@ -546,11 +587,8 @@ class Engine:
         return preemption.plan(), None
 
     def _young(self, j: Job, now: float) -> bool:
-        until = j.start + self.settings.min_runtime
-        if now < until:
-            heapq.heappush(self._wakeups, until)
-            return True
-        return False
+        """Under min_runtime: not a victim yet (its aging timer, set when it started, wakes the engine then)."""
+        return now < j.start + self.settings.min_runtime
 
     # ----- state changes -----
 
@@ -563,6 +601,7 @@ class Engine:
         self._admitted += 1
         job.admitted = self._admitted
         job.within_quota = u + job.request <= quota
+        self._aging_timer(job)
         np = ps.np_usage[q.name]
         ps.add_running(job)
         nums: dict[str, float | int | str] = {"usage": u, "request": job.request, "quota": quota, "fair_share": share}
@@ -605,9 +644,9 @@ class Engine:
     def _mark_skipped(self, ps: PoolState, started: list[Job], now: float) -> None:
         """Heads of queues that a younger job just overtook start their starvation clock."""
         marked = ps.mark_overtaken(max((j.submit, j.seq) for j in started), now)
-        if marked:
-            heapq.heappush(self._wakeups, now + self.settings.starvation_timeout)
-            self._overtaken.update((j.id, now) for j in marked)
+        for j in marked:
+            self._guard_timer(j)
+            self._overtaken[j.id] = now
 
     def _reservation(self, ps: PoolState, now: float) -> Reservation | None:
         """Reserve for the head job overtaken longest ago, once that is past starvation_timeout."""
