@@ -47,6 +47,28 @@ def test_hierarchy_and_demand() -> None:
     assert fair_shares(t, "a100", 32, {"a": 40})["a"] == pytest.approx(32)
 
 
+def test_equal_children_get_bit_identical_shares_whatever_the_history() -> None:
+    """Two queues of equal weight and demand tie on ratio exactly (the spec then orders them by name): their shares
+    are equal to the last bit, both from scratch and after incremental updates that could not move them (12.8 GPUs
+    split 3:3 was 6.4000000000000001 and 6.3999999999999995, by which child was filled first)."""
+    t = queue_tree(
+        queue("q0", weight=2),
+        queue("q0b", "q0", weight=3),
+        queue("q0c", "q0", weight=3),
+        queue("q1", weight=0.5),
+        gpus=16,
+    )
+    fresh = fair_shares(t, "a100", 16, {"q0b": 9, "q0c": 9, "q1": 9})
+    assert fresh["q0b"] == fresh["q0c"]
+    ps = PoolShares(t, "a100", 16)
+    for leaf, d in [("q0c", 12), ("q1", 9), ("q0b", 6)]:
+        ps.add_demand(leaf, d)
+        ps.shares()
+    for leaf, d in [("q0c", -3), ("q0b", 3)]:  # both stay over their share: no split runs again
+        ps.add_demand(leaf, d)
+    assert ps.shares() == fresh
+
+
 def test_zero_weights_get_what_weighted_children_leave() -> None:
     t = queue_tree(queue("a", weight=0), queue("b", weight=1, limit={"a100": 8}))
     assert fair_shares(t, "a100", 32, {"a": 100, "b": 100}) == pytest.approx({"a": 24, "b": 8})
