@@ -109,3 +109,77 @@ def test_a_launch_reads_only_what_may_hold_its_gpus_not_every_running_attempt(tm
     svc.tick()  # the victims exit
     svc.tick()
     assert svc.admin.get(f"/v1/jobs/{mine}").json()["state"] == "running"
+
+
+@dataclass
+class GatedExecutor(ScriptedExecutor):
+    """Each launch waits until the test opens the gate: the launch's network calls, held as long as the test likes."""
+
+    gate: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+
+    def launch(self, launch: Launch) -> Handle:
+        self.entered.set()
+        assert self.gate.wait(30), "the gate was never opened"
+        return super().launch(launch)
+
+
+def _cycle_in_background(svc: Service) -> threading.Thread:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            svc.tick()
+        except BaseException as e:  # noqa: BLE001 (reported by the test)
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.errors = errors  # type: ignore[attr-defined]
+    t.start()
+    return t
+
+
+def test_submissions_go_on_while_a_launch_waits_on_the_cluster(tmp_path: Path) -> None:
+    """The scheduling loop held the Core's lock through the launches' network calls, and every submission waited
+    for them: under a stream of submissions, most of their time (Kubernetes benchmark)."""
+    ex = GatedExecutor()
+    svc = make_service(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, executor=ex)
+    first = svc.admin.post("/v1/jobs", json={"queue": "ranking", "gpus": 1, "command": "x"}).json()["id"]
+    cycle = _cycle_in_background(svc)
+    assert ex.entered.wait(30)
+    # The launch is in flight: a submission, a read and a cancel of another job are answered meanwhile.
+    r = svc.admin.post("/v1/jobs", json={"queue": "ranking", "gpus": 1, "command": "x"})
+    assert r.status_code == 201, r.text
+    assert svc.admin.get(f"/v1/jobs/{first}").json()["state"] == "starting"
+    assert svc.admin.post(f"/v1/jobs/{r.json()['id']}/cancel").json()["state"] == "cancelled"
+    ex.gate.set()
+    cycle.join(30)
+    assert not cycle.is_alive() and cycle.errors == []  # type: ignore[attr-defined]
+    assert svc.admin.get(f"/v1/jobs/{first}").json()["state"] == "running"
+
+
+def test_a_job_cancelled_while_it_launches_is_stopped_and_holds_its_gpus_until_gone(tmp_path: Path) -> None:
+    ex = GatedExecutor(exits_on_term=False)
+    svc = make_service(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, executor=ex)
+    jid = svc.admin.post("/v1/jobs", json={"queue": "ranking", "gpus": 8, "command": "x"}).json()["id"]
+    cycle = _cycle_in_background(svc)
+    assert ex.entered.wait(30)
+    assert svc.admin.post(f"/v1/jobs/{jid}/cancel").json()["state"] == "cancelled"
+    ex.gate.set()
+    cycle.join(30)
+    assert not cycle.is_alive() and cycle.errors == []  # type: ignore[attr-defined]
+    assert ex.terminated == [(str(jid), 1)]  # launched for an attempt that had ended: stopped
+    got = svc.admin.get(f"/v1/jobs/{jid}").json()
+    assert got["state"] == "cancelled"
+    assert (got["attempts"][0]["state"], got["attempts"][0]["outcome"]) == ("stopping", "cancelled")
+    # The engine freed the GPUs at the cancel, but its process still holds them: the next job waits for its exit.
+    nxt = svc.admin.post("/v1/jobs", json={"queue": "ranking", "gpus": 8, "command": "x"}).json()["id"]
+    svc.tick()
+    assert svc.admin.get(f"/v1/jobs/{nxt}").json()["state"] == "starting"
+    assert [la.job_id for la in ex.launched] == [str(jid)]
+    svc.clock.advance(31)  # past the grace period: SIGKILL, and the exit is recorded
+    svc.tick()
+    svc.tick()
+    got = svc.admin.get(f"/v1/jobs/{jid}").json()
+    assert (got["state"], got["attempts"][0]["state"]) == ("cancelled", "ended")
+    assert svc.admin.get(f"/v1/jobs/{nxt}").json()["state"] == "running"

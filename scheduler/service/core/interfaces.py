@@ -128,6 +128,8 @@ class Launches(Scheduling, EndsJobs, Protocol):
     """What launching needs: launches are recorded, an exit found at launch is handed to the next cycle."""
 
     runtime_due: float  # no max_runtime runs out before this time
+    launch_owed: bool  # an admitted attempt may wait for its launch
+    launch_lock: threading.Lock  # one launch phase at a time; taken before the lock, never while holding it
 
     def note_exit(self, ended: Exit) -> None:
         """An exit the executor will not report again: the next cycle records it."""

@@ -1,8 +1,9 @@
 """Launching admitted attempts once their GPUs are free, several at once where the executor allows it.
 
-Called under the Core's lock after the cycle's commit, so nothing else decides meanwhile. Only the executor's
-launch() runs in worker threads (LaunchesInParallel); reading the jobs, the engine and every database write stay
-on the calling thread, one short transaction per outcome as it comes, none of them around a network call.
+Called after the cycle's commit, without the Core's lock: what to launch is read under it, the executor's launch()
+calls run outside it (in worker threads where the executor allows it, LaunchesInParallel), and each outcome is
+recorded under it as it comes, one short transaction each, none of them around a network call. Submissions,
+cancels and reads go on while the cluster answers; an attempt that ended meanwhile is stopped once launched.
 """
 
 from __future__ import annotations
@@ -28,9 +29,32 @@ log = logging.getLogger("corral.service")
 Launched = tuple[Handle, Exit | None]  # the attempt's handle, and how it ended if it was found ended already
 
 
-def launch_ready(core: Launches, now: float) -> bool:
-    """Launch admitted attempts whose GPUs no live process holds (a preempted job may still be exiting).
-    True while some admitted attempt is still not launched (waiting for GPUs, or to be tried again)."""
+def launch_ready(core: Launches, now: float) -> None:
+    """Launch admitted attempts whose GPUs no live process holds (a preempted job may still be exiting); while some
+    admitted attempt is still not launched (waiting for GPUs, or to be tried again), core.launch_owed stays True.
+
+    Called without the Core's lock. The launches' network calls run outside it, so submissions, cancels and reads
+    go on meanwhile (the scheduling loop held it through them, and every submission waited: under a stream of
+    submissions that wait was most of their time, Kubernetes benchmark). One launch phase at a time (launch_lock,
+    always taken before the Core's lock); what to launch is read, and each outcome recorded, under the Core's lock.
+    An attempt ended meanwhile (its job cancelled or preempted) is stopped again once launched (_record)."""
+    with core.launch_lock:
+        with core.lock:
+            if not core.launch_owed:
+                return
+            todo, waiting = _prepare(core, now)
+            core.launch_owed = False  # a rebuild meanwhile (a queue apply) owes launches again: it sets it back
+        try:
+            waiting |= _launch_all(core, todo, now)
+        except BaseException:
+            core.launch_owed = True
+            raise
+        if waiting:
+            core.launch_owed = True
+
+
+def _prepare(core: Launches, now: float) -> tuple[list[tuple[Mapping[Any, Any], Launch]], bool]:
+    """Under the Core's lock: the attempts to launch now, and whether others wait."""
     todo: list[tuple[Mapping[Any, Any], Launch]] = []
     ready, waiting = _ready(core)
     # A max_runtime counts from the launch: the scan for it (Core._enforce_max_runtime) is due by then. Set before any
@@ -49,10 +73,19 @@ def launch_ready(core: Launches, now: float) -> bool:
             todo.append((a, _launch_of(job, a)))
         except ValueError as e:  # a spec that no longer validates: this job cannot start
             _failed(core, job["id"], a["attempt"], e, now)
+    return todo, waiting
+
+
+def _launch_all(core: Launches, todo: list[tuple[Mapping[Any, Any], Launch]], now: float) -> bool:
+    """Launch (without the Core's lock), recording each outcome under it as it comes; True if some is to be tried
+    again."""
     width = core.executor.launch_parallelism if isinstance(core.executor, LaunchesInParallel) else 1
+    waiting = False
     if width <= 1 or len(todo) <= 1:
         for a, launch in todo:
-            waiting |= _record(core, a, launch, _start(core.executor, launch), now)
+            outcome = _start(core.executor, launch)
+            with core.lock:
+                waiting |= _record(core, a, launch, outcome, now)
         return waiting
     errors: list[Exception] = []
     with ThreadPoolExecutor(min(width, len(todo)), thread_name_prefix="corral-launch") as pool:
@@ -60,7 +93,8 @@ def launch_ready(core: Launches, now: float) -> bool:
         for f in as_completed(started):  # recorded as each returns: a slow launch holds up no other
             a, launch = started[f]
             try:  # every outcome is recorded, whatever happens to one of them (a database error)
-                waiting |= _record(core, a, launch, f.result(), now)
+                with core.lock:
+                    waiting |= _record(core, a, launch, f.result(), now)
             except Exception as e:
                 errors.append(e)
     if errors:
@@ -167,37 +201,54 @@ def _start(executor: Executor, launch: Launch) -> Launched | Exception | Unsure:
 def _record(
     core: Launches, a: Mapping[Any, Any], launch: Launch, outcome: Launched | Exception | Unsure, now: float
 ) -> bool:
-    """Write how a launch went; True when the attempt is still to launch (tried again next cycle)."""
-    if isinstance(outcome, Unsure):
-        return True
+    """Write how a launch went, under the Core's lock; True when the attempt is still to launch (tried again next
+    cycle). The attempt may have ended while it launched (its job cancelled, or preempted by another cycle): what
+    was launched for it is then stopped as a running attempt is, and holds its GPUs until it is gone."""
     job_id = int(launch.job_id)
-    if isinstance(outcome, Exception):  # this job cannot start (no such workdir, ...): it fails alone
-        _failed(core, job_id, a["attempt"], outcome, now)
+    if isinstance(outcome, (Unsure, Exception)):
+        with core.db.connect() as conn:
+            row = store.current_attempt(conn, job_id, a["attempt"])
+        wanted = row is not None and row["state"] == AttemptState.STARTING
+        if isinstance(outcome, Unsure):
+            if not wanted:  # it may have landed: no process of an ended attempt may stay
+                core.executor.terminate(launch.job_id, a["attempt"], 0.0, now)
+            return wanted
+        if wanted:  # this job cannot start (no such workdir, ...): it fails alone
+            _failed(core, job_id, a["attempt"], outcome, now)
         return False
     handle, ended = outcome
     if ended is not None:
         core.note_exit(ended)
+    ran = dict(pid=handle.pid, proc_started=handle.started_at, started_at=now)
     with core.writing() as conn:
-        store.update_attempt(
-            conn,
-            job_id,
-            a["attempt"],
-            state=AttemptState.RUNNING,
-            pid=handle.pid,
-            proc_started=handle.started_at,
-            started_at=now,
+        this = sa.and_(attempts.c.job_id == job_id, attempts.c.attempt == a["attempt"])
+        started = conn.execute(
+            attempts.update()
+            .where(this, attempts.c.state == AttemptState.STARTING)
+            .values(state=AttemptState.RUNNING, **ran)
         )
-        store.update_job(conn, job_id, state=JobState.RUNNING)
-        store.add_event(
-            conn,
-            now,
-            "started",
-            f"process {handle.pid} on {gpus_text(launch.gpus)}",
-            job_id,
-            pid=handle.pid,
-            gpus=dict(launch.gpus),
-            attempt=a["attempt"],
-        )
+        if started.rowcount == 0:  # ended meanwhile: the engine freed its GPUs; held here until it is gone
+            grace = core.settings.grace_s
+            conn.execute(
+                attempts.update()
+                .where(this)
+                .values(state=AttemptState.STOPPING, ended_at=None, stop_deadline=now + grace, **ran)
+            )
+            store.add_event(conn, now, "stopping", f"attempt {a['attempt']} ended while it launched", job_id)
+        else:
+            store.update_job(conn, job_id, state=JobState.RUNNING)
+            store.add_event(
+                conn,
+                now,
+                "started",
+                f"process {handle.pid} on {gpus_text(launch.gpus)}",
+                job_id,
+                pid=handle.pid,
+                gpus=dict(launch.gpus),
+                attempt=a["attempt"],
+            )
+    if started.rowcount == 0:
+        core.executor.terminate(launch.job_id, a["attempt"], grace, now)
     return False
 
 

@@ -66,6 +66,7 @@ class Core:
         self.started = False  # start() done: it recovered what ran and holds the engine
         self.metrics = metrics or Metrics()
         self.lock = threading.RLock()
+        self.launch_lock = threading.Lock()  # one launch phase at a time (launching.launch_ready), before the lock
         self._team_sync = threading.Lock()
         self.wake = threading.Event()
         self.engine_settings = Settings(settings.min_runtime_s, settings.starvation_timeout_s)
@@ -363,11 +364,10 @@ class Core:
                 store_overtaken(conn, self.engine)
             self._unrecorded = []
             self.terminate(stops, now)
-            if self.launch_owed:
-                self.launch_owed = launching.launch_ready(self, now)
             if now - self._culled_at >= self.settings.cull_interval_s:  # under the lock: one culler at a time
                 self._culled_at = now
                 cull(self, self.idle, now)
+        launching.launch_ready(self, now)  # its network calls outside the lock: submissions go on meanwhile
         self.metrics.cycle.observe(time.perf_counter() - started)
         if self._teams_stale:  # unlimited teams' quotas follow the capacity; outside the lock, like applies
             self._teams_stale = False
