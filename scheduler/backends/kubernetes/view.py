@@ -7,6 +7,7 @@ from typing import Any
 
 MAPS = frozenset({"labels", "annotations", "nodeSelector", "limits", "requests"})  # free-form keys: kept dicts
 CAMEL = {"pod_ip": "podIP", "host_ip": "hostIP"}  # the names the snake_case rule does not give
+KEYS: dict[str, str] = {}  # attribute name -> JSON key (a few dozen names: the API's fields that Corral reads)
 
 
 class View:
@@ -22,8 +23,10 @@ class View:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        head, *rest = name.split("_")
-        key = CAMEL.get(name) or head + "".join(w[:1].upper() + w[1:] for w in rest)
+        key = KEYS.get(name)
+        if key is None:  # once per attribute name: converting it on every read was a tenth of the service's CPU
+            head, *rest = name.split("_")
+            key = KEYS[name] = CAMEL.get(name) or head + "".join(w[:1].upper() + w[1:] for w in rest)
         value = self._raw.get(key)
         if isinstance(value, dict):
             return value if key in MAPS else View(value)
