@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from scheduler.backends.base import Launch, NodeChange
@@ -186,3 +187,15 @@ def test_an_evicted_pod_that_fails_on_a_cordoned_node_is_drained_not_failed(tmp_
     )
     e = ex._check("j", 1, a, [failed], "")
     assert e is not None and e.drained and "drained" in e.detail
+
+
+def test_the_clients_connection_pool_holds_every_launch_in_flight_and_the_watches(tmp_path: Path) -> None:
+    """The client's pool keeps cpu_count x 5 connections (10 on 2 CPUs): with more launches in flight plus the
+    feeds' watches, connections beyond it were closed after each call and opened again (a TLS handshake each)."""
+    api = client.ApiClient(client.Configuration(host="https://127.0.0.1:1"))
+    ex = KubernetesExecutor(api, tmp_path / "k8s")
+    try:
+        kept = api.rest_client.pool_manager.connection_pool_kw["maxsize"]
+        assert kept >= ex.launch_parallelism + 4  # the launches, and the nodes', gangs', others' and bound watches
+    finally:
+        ex.close()

@@ -60,7 +60,7 @@ LOG_TIMEOUT_S = 3.0
 BOUND_FEED = "corral-k8s-bound"
 ARRIVALS_WATCH_S = 1  # the pending pods' watch: its events reach the engine when a request ends (or at 500)
 T = TypeVar("T")
-PARALLEL = 8  # API calls in flight at once: launches the service runs together, and a gang's pods within one
+PARALLEL = 32  # API calls in flight at once: launches the service runs together, and a gang's pods within one
 
 
 class KubernetesExecutor:
@@ -89,6 +89,12 @@ class KubernetesExecutor:
         notebook_storage: k8s_sandbox.NotebookStorage | None = None,
     ) -> None:
         self.core = core_api(api)
+        # The client's connection pool keeps cpu_count x 5 connections (10 on 2 CPUs): fewer than the launches in
+        # flight plus the feeds' watches, so connections beyond it were closed after each call and opened anew (a
+        # TLS handshake each). Pools are made at the first call, so one made now keeps them all.
+        pool = getattr(getattr(self.core.api_client, "rest_client", None), "pool_manager", None)
+        if pool is not None:
+            pool.connection_pool_kw["maxsize"] = max(pool.connection_pool_kw.get("maxsize") or 1, 2 * PARALLEL + 8)
         self.notebook_storage = notebook_storage  # None: a sandbox's files live and die with its pod
         self.batch: Any = client.BatchV1Api(self.core.api_client)
         if workload not in WORKLOADS:
