@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from quotas import QueueSpec
-from scheduler.engine.model import JobSpec
+from scheduler.engine.model import JobSpec, check_gpus, mig_fraction
 from scheduler.service.api.edge import (
     MAX_COMMAND_ARGS,
     MAX_COMMAND_BYTES,
@@ -84,7 +84,18 @@ class JobSubmit(Strict):
     queue: Name
     pool: PoolName = Field(None, description="Default: the service's only pool.")
     workers: int = Field(1, ge=1, le=1024)
-    gpus: int = Field(1, ge=0, le=1024, description="GPUs per worker.")
+    gpus: int | float = Field(
+        1,
+        ge=0,
+        le=1024,
+        description="GPUs per worker: a whole number, or a fraction below 1 of one GPU for one worker (shared GPU).",
+    )
+    mig: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_NAME,
+        description="A MIG profile (1g.10gb): one slice of it, one worker; gpus is then the profile's fraction.",
+    )
     cpus: Amount = Field(0.0, description="CPUs per worker (0: not accounted).")
     memory_gb: Amount = Field(0.0, description="Memory per worker, GiB (0: not accounted).")
     priority: int = Field(0, ge=-1000, le=1000)
@@ -113,6 +124,20 @@ class JobSubmit(Strict):
                 raise ValueError(f"the value of label {k} has {len(x)} characters; at most {MAX_LABEL_VALUE}")
         return v
 
+    @model_validator(mode="after")
+    def _sharing(self) -> JobSubmit:
+        """Fractions and MIG profiles (GPU sharing, docs/scheduling.md): what and where is wrong, in the message."""
+        if self.mig is not None:
+            fraction = mig_fraction(self.mig)  # ValueError: not a MIG profile
+            if "gpus" in self.model_fields_set and self.gpus != fraction:
+                raise ValueError(f"mig {self.mig} is {fraction} of a GPU; leave gpus out (it is {self.gpus})")
+            if self.workers != 1:
+                raise ValueError(f"mig {self.mig} with {self.workers} workers: a MIG slice is for one worker")
+            self.gpus = fraction
+        else:
+            self.gpus = check_gpus(self.gpus, self.workers, "gpus")
+        return self
+
     def engine_spec(self, job_id: int, pool: str) -> JobSpec:
         return JobSpec(
             id=engine_id(job_id),
@@ -125,6 +150,7 @@ class JobSubmit(Strict):
             priority=self.priority,
             preemptible=self.preemptible,
             checkpoint=self.checkpoint,
+            mig=self.mig,
         )
 
 
@@ -184,11 +210,12 @@ def engine_spec_of(row_spec: Mapping[str, Any], job_id: int, pool: str) -> JobSp
         id=engine_id(job_id),
         queue=queue,
         pool=pool,
-        gpus=field("gpus", (int,)),
+        gpus=field("gpus", (int, float)),
         workers=field("workers", (int,)),
         cpus=float(field("cpus", (int, float))),
         memory_gb=float(field("memory_gb", (int, float))),
         priority=field("priority", (int,)),
         preemptible=field("preemptible", (bool,)),
         checkpoint=field("checkpoint", (bool,)),
+        mig=field("mig", (str, type(None))),
     )
