@@ -40,7 +40,7 @@ class TraceJob:
     queue: str
     pool: str
     workers: int
-    gpus: int
+    gpus: float  # per worker: a whole number, or a fraction below 1 of one GPU for one worker (GPU sharing)
     priority: int = 0
     preemptible: bool = True
 
@@ -52,7 +52,7 @@ class TraceJob:
             self.queue,
             self.pool,
             str(self.workers),
-            str(self.gpus),
+            _fmt(self.gpus),
             str(self.priority),
             "true" if self.preemptible else "false",
         ]
