@@ -69,7 +69,7 @@ class NodeInfo:
         return dict(sorted(out.items()))
 
     def spec(self) -> NodeSpec:
-        return NodeSpec(self.name, self.pool, len(self.whole()), self.cpus, self.memory_gb)
+        return NodeSpec(self.name, self.pool, len(self.whole()), self.cpus, self.memory_gb, mig=self.mig_counts())
 
 
 @dataclass(frozen=True)

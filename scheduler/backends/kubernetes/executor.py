@@ -46,6 +46,7 @@ from scheduler.backends.kubernetes.nodes import Feed, NodeWatcher, conflict_ok, 
 from scheduler.backends.kubernetes.others import OtherPods, binding
 from scheduler.backends.kubernetes.podcache import BoundPods, Key, by_attempt, fresh
 from scheduler.backends.kubernetes.pods import POD_GROUP_ENV, PodGangs, Waiting
+from scheduler.backends.kubernetes.sharing import gpu_limits
 
 __all__ = ["KubernetesExecutor", "NodeChange", "NodeWatcher", "discover_nodes", "node_info"]
 
@@ -135,6 +136,7 @@ class KubernetesExecutor:
         job: dict[str, Any] | None = None
         try:
             workers = k8s.split_workers(launch.gpus, int(launch.env.get("CORRAL_WORKERS") or 0))
+            limits = [self._gpu_limits(launch, node, n) for node, n in workers]
             common: dict[str, Any] = dict(
                 namespace=ns,
                 image=image,
@@ -148,7 +150,7 @@ class KubernetesExecutor:
                 managed_taint=self.managed_taint,
             )
             if not sandbox and self._workload(launch.env) == "job":  # sandboxes are KubeSpawner's pods
-                job = k8s.batch_job(launch.job_id, launch.attempt, workers=workers, **common)
+                job = k8s.batch_job(launch.job_id, launch.attempt, workers=workers, gpu_limits=limits[0], **common)
             build = k8s_sandbox.pod if sandbox else k8s.pod
             home = self.notebook_storage if sandbox else None
             if home is not None:  # the user's own claim, the same for every sandbox and attempt of theirs
@@ -157,7 +159,16 @@ class KubernetesExecutor:
                 []
                 if job
                 else [
-                    build(launch.job_id, launch.attempt, i, node=node, gpus=n, workers=len(workers), **common)
+                    build(
+                        launch.job_id,
+                        launch.attempt,
+                        i,
+                        node=node,
+                        gpus=n,
+                        workers=len(workers),
+                        gpu_limits=limits[i],
+                        **common,
+                    )
                     for i, (node, n) in enumerate(workers)
                 ]
             )
@@ -187,6 +198,15 @@ class KubernetesExecutor:
             ns, len(workers), job=name, nodes={node for node, _ in workers}
         )
         return Handle(launch.job_id, launch.attempt, None, 0.0)
+
+    def _gpu_limits(self, launch: Launch, node: str, gpus: int) -> dict[str, str] | None:
+        """The device plugin's resources a worker on `node` asks (None: `gpus` x nvidia.com/gpu, as always): a
+        share's time-slicing replicas, a MIG instance, or whole GPUs of a time-sliced node (sharing.gpu_limits)."""
+        info = self.nodes.known.get(node)
+        shared = info.sharing if info is not None else None
+        if shared is None and launch.gpu_fraction is None and launch.mig is None:
+            return None
+        return gpu_limits(shared, gpus, launch.gpu_fraction, launch.mig)
 
     def _create(self, ns: str, pod: dict[str, Any]) -> None:
         with conflict_ok():  # made before a crash or by a retried launch: the same pod, keep it

@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from scheduler.backends.base import Executor, Exit, Handle, Launch, LaunchesInParallel
+from scheduler.backends.sharing import EPSILON as SHARE_EPSILON
 from scheduler.service.core.interfaces import Launches
 from scheduler.service.core.specs import JobSubmit
 from scheduler.service.core.states import HOLDING, AttemptOutcome, AttemptState, JobState
@@ -69,8 +70,9 @@ def launch_ready(core: Launches, now: float) -> bool:
 
 
 def _ready(core: Launches) -> tuple[list[tuple[Mapping[Any, Any], Mapping[Any, Any]]], bool]:
-    """Admitted attempts (oldest first) with their jobs, whose GPUs no live attempt holds (no two share a GPU);
-    and whether other admitted attempts wait."""
+    """Admitted attempts (oldest first) with their jobs, whose GPUs live attempts leave room on: a GPU takes whole
+    jobs or shares summing to at most 1, a node's MIG slices of a profile no more attempts than it has; and
+    whether other admitted attempts wait."""
     with core.db.connect() as conn:
         rows = list(
             conn.execute(
@@ -79,20 +81,56 @@ def _ready(core: Launches) -> tuple[list[tuple[Mapping[Any, Any], Mapping[Any, A
                 .order_by(attempts.c.admitted_at)
             ).mappings()
         )
-        held = {(n, g) for a in rows if a["state"] in HOLDING for n, gs in a["placement"] for g in gs}
-        busy_jobs = {a["job_id"] for a in rows if a["state"] in HOLDING}
-        ready = []
-        for a in rows:
-            gpus = {(n, g) for n, gs in a["placement"] for g in gs}
-            if a["state"] == AttemptState.STARTING and a["job_id"] not in busy_jobs and not gpus & held:
-                ready.append(a)
-                held |= gpus  # launched together, so the same GPU must not be in two of them
         specs = {
             j["id"]: j
-            for j in conn.execute(sa.select(jobs).where(jobs.c.id.in_([a["job_id"] for a in ready]))).mappings()
+            for j in conn.execute(sa.select(jobs).where(jobs.c.id.in_({a["job_id"] for a in rows}))).mappings()
         }
+    held = _Held(core)
+    for a in rows:
+        if a["state"] in HOLDING:
+            held.add(a, specs[a["job_id"]]["spec"])
+    busy_jobs = {a["job_id"] for a in rows if a["state"] in HOLDING}
+    ready = []
+    for a in rows:
+        spec = specs[a["job_id"]]["spec"]
+        if a["state"] == AttemptState.STARTING and a["job_id"] not in busy_jobs and held.room(a, spec):
+            ready.append(a)
+            held.add(a, spec)  # launched together, so they must fit together
     waiting = sum(a["state"] == AttemptState.STARTING for a in rows) > len(ready)
     return [(a, specs[a["job_id"]]) for a in ready], waiting
+
+
+class _Held:
+    """What live and about-to-launch attempts hold: shares per GPU (a whole GPU is 1), MIG slices per profile."""
+
+    def __init__(self, core: Launches) -> None:
+        self.nodes = core.cluster.nodes
+        self.shares: dict[tuple[str, int], float] = {}
+        self.slices: dict[tuple[str, str], int] = {}
+
+    @staticmethod
+    def _share(spec: Mapping[str, Any]) -> float:
+        gpus = spec.get("gpus", 1)
+        return float(gpus) if isinstance(gpus, float) and 0 < gpus < 1 else 1.0
+
+    def room(self, a: Mapping[Any, Any], spec: Mapping[str, Any]) -> bool:
+        profile, share = spec.get("mig"), self._share(spec)
+        for n, gs in a["placement"]:
+            if profile is not None:
+                info = self.nodes.get(n)
+                if info is not None and self.slices.get((n, profile), 0) >= info.mig_counts().get(profile, 0):
+                    return False
+            if any(self.shares.get((n, g), 0.0) + share > 1 + SHARE_EPSILON for g in gs):
+                return False
+        return True
+
+    def add(self, a: Mapping[Any, Any], spec: Mapping[str, Any]) -> None:
+        profile, share = spec.get("mig"), self._share(spec)
+        for n, gs in a["placement"]:
+            if profile is not None:
+                self.slices[(n, profile)] = self.slices.get((n, profile), 0) + 1
+            for g in gs:
+                self.shares[(n, g)] = self.shares.get((n, g), 0.0) + share
 
 
 def _launch_of(job: Mapping[Any, Any], a: Mapping[Any, Any]) -> Launch:
@@ -110,6 +148,7 @@ def _launch_of(job: Mapping[Any, Any], a: Mapping[Any, Any]) -> Launch:
         "CORRAL_GPUS_PER_WORKER": str(sub.gpus),
         "CORRAL_KIND": sub.kind,
     }
+    shared = sub.mig is None and isinstance(sub.gpus, float) and 0 < sub.gpus < 1
     return Launch(
         str(job["id"]),
         a["attempt"],
@@ -121,6 +160,8 @@ def _launch_of(job: Mapping[Any, Any], a: Mapping[Any, Any]) -> Launch:
         cpus=sub.cpus or None,
         memory_gb=sub.memory_gb or None,
         owner=job["owner"],
+        gpu_fraction=float(sub.gpus) if shared else None,
+        mig=sub.mig,
     )
 
 

@@ -1,0 +1,221 @@
+"""GPU sharing on Kubernetes: the NVIDIA device plugin's time-slicing replicas and MIG resources as nodes advertise
+them (pure functions, tested as dicts), and pods of fractional and MIG jobs bound on the test control plane's kwok
+nodes by Corral as the chart deploys it (its ServiceAccount), where the replicas each node's pods ask never exceed
+what it advertises."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from scheduler.backends.base import GpuSharing, Launch
+from scheduler.backends.kubernetes import objects as k8s
+from scheduler.backends.kubernetes import sandbox as k8s_sandbox
+from scheduler.backends.kubernetes.executor import KubernetesExecutor
+from scheduler.backends.kubernetes.nodes import node_info
+from scheduler.backends.kubernetes.sharing import GPU, SHARED, gpu_limits, gpu_sharing, replicas_for
+from scheduler.backends.sharing import overfull
+from tests.k8s_kit import ControlPlane, delete_namespaces, shared_plane, until
+from tests.test_k8s_backend import IMAGE, TEST_LABEL, pods_of
+
+H100 = "NVIDIA-H100-80GB-HBM3"
+SLICED = {"nvidia.com/gpu.replicas": "4", "nvidia.com/gpu.sharing-strategy": "time-slicing"}
+
+
+# ----- what nodes advertise -----
+
+
+@pytest.mark.parametrize(
+    ("labels", "alloc", "physical", "sharing"),
+    [
+        ({}, {GPU: "8"}, 8, None),  # plain whole GPUs: as before sharing
+        (SLICED, {GPU: "8"}, 2, GpuSharing(GPU, 4)),  # 2 GPUs x 4 replicas
+        (SLICED, {SHARED: "8", GPU: "0"}, 2, GpuSharing(SHARED, 4)),  # renameByDefault: true
+        (SLICED, {GPU: "10"}, 2, GpuSharing(GPU, 4)),  # not a multiple: whole GPUs only (and a warning)
+        (
+            {"nvidia.com/mig.strategy": "mixed"},
+            {GPU: "1", "nvidia.com/mig-1g.10gb": "7", "nvidia.com/mig-3g.40gb": "0", "nvidia.com/mig-x": "2"},
+            1,
+            GpuSharing(GPU, 1, {"1g.10gb": 7}),
+        ),
+        (
+            {"nvidia.com/mig.strategy": "single", "nvidia.com/gpu.product": f"{H100}-MIG-1g.10gb"},
+            {GPU: "14"},
+            0,
+            GpuSharing(GPU, 1, {"1g.10gb": 14}, mig_single=True),
+        ),
+    ],
+)
+def test_gpu_sharing_from_labels_and_allocatable(
+    labels: dict[str, str], alloc: dict[str, str], physical: int, sharing: GpuSharing | None
+) -> None:
+    assert gpu_sharing(labels, alloc) == (physical, sharing)
+
+
+def v1_node(name: str, labels: dict[str, str], alloc: dict[str, str]) -> Any:
+    return client.V1Node(
+        metadata=client.V1ObjectMeta(name=name, labels={"nvidia.com/gpu.product": H100, **labels}),
+        spec=client.V1NodeSpec(),
+        status=client.V1NodeStatus(
+            allocatable={"cpu": "64", "memory": "512Gi", **alloc},
+            conditions=[client.V1NodeCondition(type="Ready", status="True")],
+        ),
+    )
+
+
+def test_node_info_reads_shared_and_mig_nodes() -> None:
+    sliced = node_info(v1_node("ts", SLICED, {GPU: "8"}))
+    assert sliced is not None and len(sliced.gpus) == 2 and sliced.sharing == GpuSharing(GPU, 4)
+    assert sliced.spec().gpus == 2 and sliced.mig_counts() == {}
+    # A node whose GPUs are all cut into MIG instances is a GPU node too (it had no nvidia.com/gpu before).
+    only_mig = node_info(v1_node("m", {}, {GPU: "0", "nvidia.com/mig-1g.10gb": "7", "nvidia.com/mig-2g.20gb": "2"}))
+    assert only_mig is not None and only_mig.spec().gpus == 0
+    assert only_mig.mig_counts() == {"1g.10gb": 7, "2g.20gb": 2}
+    assert node_info(v1_node("cpu", {}, {GPU: "0"})) is None
+
+
+# ----- what pods ask -----
+
+
+@pytest.mark.parametrize(
+    ("fraction", "replicas", "asked"), [(0.25, 4, 1), (0.5, 4, 2), (0.1, 4, 1), (0.3, 8, 2), (0.75, 4, 3)]
+)
+def test_replicas_for_a_fraction(fraction: float, replicas: int, asked: int) -> None:
+    assert replicas_for(fraction, replicas) == asked
+
+
+def test_gpu_limits() -> None:
+    sliced, renamed = GpuSharing(GPU, 4), GpuSharing(SHARED, 4)
+    mixed, single = GpuSharing(GPU, 1, {"1g.10gb": 7}), GpuSharing(GPU, 1, {"1g.10gb": 14}, mig_single=True)
+    assert gpu_limits(sliced, 1, 0.25) == {GPU: "1"}
+    assert gpu_limits(renamed, 1, 0.5) == {SHARED: "2"}
+    assert gpu_limits(sliced, 2) == {GPU: "8"}  # whole GPUs of a time-sliced node: all their replicas
+    assert gpu_limits(None, 2) == {GPU: "2"}
+    assert gpu_limits(mixed, 0, mig="1g.10gb") == {"nvidia.com/mig-1g.10gb": "1"}
+    assert gpu_limits(single, 0, mig="1g.10gb") == {GPU: "1"}
+    with pytest.raises(ValueError, match="needs time-slicing"):
+        gpu_limits(None, 1, 0.25)
+    with pytest.raises(ValueError, match="no MIG 2g.20gb"):
+        gpu_limits(mixed, 0, mig="2g.20gb")
+    with pytest.raises(ValueError, match="MIG jobs only"):
+        gpu_limits(single, 1)
+
+
+def test_pods_carry_the_limits() -> None:
+    common: dict[str, Any] = dict(namespace="ns", node="n", gpus=1, image="i", command="true")
+    pod = k8s.pod("j", 1, 0, gpu_limits={SHARED: "1"}, cpus=2, **common)
+    assert pod["spec"]["containers"][0]["resources"] == {"limits": {SHARED: "1"}, "requests": {"cpu": "2000m"}}
+    assert k8s.pod("j", 1, 0, **common)["spec"]["containers"][0]["resources"] == {"limits": {GPU: "1"}}
+    job = k8s.batch_job(
+        "j",
+        1,
+        workers=[("n", 0)],
+        gpu_limits={"nvidia.com/mig-1g.10gb": "1"},
+        **{k: v for k, v in common.items() if k not in ("node", "gpus")},
+    )
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/mig-1g.10gb": "1"}
+    notebook = k8s_sandbox.pod("s", 1, 0, gpu_limits={GPU: "1"}, **{**common, "gpus": 0})
+    assert notebook["spec"]["containers"][0]["resources"]["limits"] == {GPU: "1"}
+
+
+# ----- on the control plane -----
+
+
+@pytest.fixture(scope="module")
+def plane_nodes(request: pytest.FixtureRequest) -> Iterator[tuple[ControlPlane, str, dict[str, str]]]:
+    """Three kwok nodes: time-sliced (2 GPUs x 4 replicas), renamed time-sliced (2 x 4 as nvidia.com/gpu.shared),
+    and MIG (one whole GPU, one cut into seven 1g.10gb)."""
+    plane = shared_plane(request.config)
+    tag = uuid.uuid4().hex[:5]
+    nodes = {"sliced": f"ks-{tag}-ts", "renamed": f"ks-{tag}-rn", "mig": f"ks-{tag}-mig"}
+    shapes: dict[str, tuple[dict[str, str], dict[str, str]]] = {
+        "sliced": (SLICED, {GPU: "8"}),
+        "renamed": (SLICED, {GPU: "0", SHARED: "8"}),
+        "mig": ({"nvidia.com/mig.strategy": "mixed"}, {GPU: "1", "nvidia.com/mig-1g.10gb": "7"}),
+    }
+    for kind, name in nodes.items():
+        labels, res = shapes[kind]
+        plane.create_gpu_node(name, product=f"{H100}-{tag}", labels={TEST_LABEL: tag, **labels}, resources=res)
+    for name in nodes.values():
+        plane.wait_node_ready(name)
+    yield plane, tag, nodes
+    for name in nodes.values():
+        with contextlib.suppress(ApiException):
+            plane.core().delete_node(name)
+
+
+def asked(pod: Any) -> dict[str, int]:
+    return {k: int(v) for k, v in (pod.spec.containers[0].resources.limits or {}).items()}
+
+
+@pytest.mark.integration
+def test_shared_and_mig_pods_on_kwok_nodes(
+    plane_nodes: tuple[ControlPlane, str, dict[str, str]], tmp_path: Path
+) -> None:
+    plane, tag, nodes = plane_nodes
+    prefix = f"s{uuid.uuid4().hex[:5]}-"
+    ex = KubernetesExecutor(
+        plane.corral_client(),
+        tmp_path / "k8s",
+        IMAGE,
+        grace_s=1,
+        namespace_prefix=prefix,
+        node_selector=f"{TEST_LABEL}={tag}",
+        watch_s=2,
+        foreign_pods=False,
+    )
+    try:
+        found = {n.name: n for n in ex.discover()}
+        assert set(found) == set(nodes.values())
+        sliced, renamed, mig = (found[nodes[k]] for k in ("sliced", "renamed", "mig"))
+        assert (sliced.spec().gpus, renamed.spec().gpus, mig.spec().gpus) == (2, 2, 1)
+        assert renamed.sharing == GpuSharing(SHARED, 4) and mig.mig_counts() == {"1g.10gb": 7}
+        # What the engine would place: shares of each physical GPU summing to 1, MIG slices by profile, one whole.
+        t = uuid.uuid4().hex[:4]
+        plan: list[tuple[str, str, list[int], float | None, str | None]] = [
+            *[(f"q{t}{i}", sliced.name, [i // 4], 0.25, None) for i in range(8)],
+            (f"h{t}0", renamed.name, [0], 0.5, None),
+            (f"h{t}1", renamed.name, [0], 0.5, None),
+            (f"h{t}2", renamed.name, [1], 0.75, None),
+            *[(f"m{t}{i}", mig.name, [], None, "1g.10gb") for i in range(7)],
+            (f"w{t}", mig.name, [0], None, None),
+        ]
+        for job, node, gpus, fraction, profile in plan:
+            env = {"CORRAL_QUEUE": "shared", "CORRAL_WORKERS": "1"}
+            ex.launch(Launch(job, 1, "sleep inf", {node: gpus}, env, gpu_fraction=fraction, mig=profile))
+        until(
+            "every pod running", lambda: all([p.status.phase for p in pods_of(ex, j)] == ["Running"] for j, *_ in plan)
+        )
+        pods = {job: pods_of(ex, job)[0] for job, *_ in plan}
+        assert {j: p.spec.node_name for j, p in pods.items()} == {j: n for j, n, *_ in plan}
+        assert asked(pods[f"q{t}0"]) == {GPU: 1} and asked(pods[f"h{t}0"]) == {SHARED: 2}
+        assert asked(pods[f"h{t}2"]) == {SHARED: 3} and asked(pods[f"m{t}0"]) == {"nvidia.com/mig-1g.10gb": 1}
+        assert asked(pods[f"w{t}"]) == {GPU: 1}
+        # The actual assignment, from the API server: per node, the replicas asked fit what it advertises (the
+        # device plugin picks each replica's physical GPU there); per GPU Corral chose, shares sum to at most 1.
+        per_node: dict[str, Counter[str]] = {n: Counter() for n in nodes.values()}
+        for p in plane.core().list_pod_for_all_namespaces().items:
+            if p.spec.node_name in per_node and p.status.phase not in ("Succeeded", "Failed"):
+                per_node[p.spec.node_name].update(asked(p))
+        for name, used in per_node.items():
+            advertised = plane.core().read_node(name).status.allocatable
+            assert all(n <= int(advertised.get(r, "0")) for r, n in used.items()), (name, used, advertised)
+        held = [((node, g), fraction or 1.0) for _, node, gpus, fraction, _ in plan for g in gpus]
+        assert overfull(held) == {}
+        # A share where the plugin shares nothing, a profile the node lacks: refused at launch, nothing made.
+        with pytest.raises(OSError, match="needs time-slicing"):
+            ex.launch(Launch(f"x{t}", 1, "true", {mig.name: [0]}, {"CORRAL_QUEUE": "shared"}, gpu_fraction=0.5))
+        with pytest.raises(OSError, match="no MIG 3g.40gb"):
+            ex.launch(Launch(f"y{t}", 1, "true", {mig.name: []}, {"CORRAL_QUEUE": "shared"}, mig="3g.40gb"))
+        assert pods_of(ex, f"x{t}") == [] and pods_of(ex, f"y{t}") == []
+    finally:
+        ex.close()
+        delete_namespaces(plane.core(), prefix)
