@@ -62,6 +62,21 @@ def gpu_amount(amount: float) -> float | int:
     return int(amount) if amount.is_integer() else amount
 
 
+class Amounts(dict[str, float]):
+    """GPUs per name (a queue's usage), 0 for a name not there, as a Counter reads, but typed for fractions."""
+
+    def __missing__(self, key: str) -> float:
+        return 0
+
+
+def add_gpus(a: float, b: float) -> float:
+    """a + b GPUs: ints added as ints (the whole-GPU path costs one type test), fractions through gpu_amount, so
+    that usage that returns to a whole amount is that int again and compares exactly with whole quotas."""
+    if type(a) is int and type(b) is int:
+        return a + b
+    return gpu_amount(a + b)
+
+
 def check_gpus(gpus: object, workers: int, where: str) -> float | int:
     """A job's GPUs per worker, checked: a whole number (0 or more), or a fraction in (0, 1) of one GPU for a
     one-worker job. ValueError naming `where` otherwise; the value as gpu_amount writes it."""
