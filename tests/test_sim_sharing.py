@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from scheduler.cli.main import app
+from scheduler.sim import fragmentation
 from scheduler.sim.importers import TraceJob, write_trace
 from scheduler.sim.inputs import InputError, load_cluster, load_trace
+from scheduler.sim.metrics import RELEASES
 from scheduler.sim.sharing import FRACTIONS, WHOLE, SharingConfig, sharing
 
 runner = CliRunner()
@@ -106,3 +110,46 @@ def test_generate_sharing_cli(tmp_path: Path) -> None:
     assert len(load_trace(trace)) == 100 and load_cluster(cluster).nodes
     res = runner.invoke(app, [*args, "--fraction-share", "1.5"])
     assert res.exit_code == 2
+
+
+def _check_shares(log: dict[str, Any]) -> None:
+    """From the log alone: per physical GPU the fractions held sum to at most 1, and a GPU a whole-GPU job holds
+    is held by nobody else."""
+    whole: dict[tuple[str, int], str] = {}
+    parts: dict[tuple[str, int], dict[str, float]] = {}
+    holding: dict[str, list[tuple[str, int]]] = {}
+    for e in log["events"]:
+        job = e["job"]
+        if e["event"] == "started":
+            gpus = [(n, g) for n, gs in e["nodes"].items() for g in gs]
+            holding[job] = gpus
+            for gpu in gpus:
+                assert gpu not in whole, (e, whole[gpu])
+                if "fraction" in e:
+                    parts.setdefault(gpu, {})[job] = e["fraction"]
+                    assert sum(parts[gpu].values()) <= 1 + 1e-9, (e, parts[gpu])
+                else:
+                    assert not parts.get(gpu), (e, parts[gpu])
+                    whole[gpu] = job
+        elif e["event"] in RELEASES:
+            for gpu in holding.pop(job, []):
+                whole.pop(gpu, None)
+                parts.get(gpu, {}).pop(job, None)
+
+
+@pytest.mark.parametrize("policy", ["corral", "best-fit-fractions"])
+def test_the_sharing_trace_replays_under_both_placements(tmp_path: Path, policy: str) -> None:
+    trace, cluster = _files(tmp_path, SharingConfig(seed=4, jobs=400, nodes=2), "t")
+    res = runner.invoke(app, ["sim", "trace", str(trace), "--cluster", str(cluster), "--policy", policy, "--json"])
+    assert res.exit_code == 0, res.output
+    log = json.loads(res.output)
+    assert log["policy"] == policy
+    done = {e["job"] for e in log["events"] if e["event"] == "completed"}
+    assert len(done) == 400
+    shared = [e for e in log["events"] if e["event"] == "started" and "fraction" in e]
+    assert shared and all(len(e["nodes"]) == 1 and len(next(iter(e["nodes"].values()))) == 1 for e in shared)
+    _check_shares(log)
+    world = load_cluster(cluster)
+    world.jobs = load_trace(trace)
+    m = fragmentation.compute(log, world.nodes, world.jobs)
+    assert m.wait_seconds > 0 and 0 < m.partial_share < 1
