@@ -166,6 +166,15 @@ class KeepsOutputs(Protocol):
 
 
 @runtime_checkable
+class ReportsPids(Protocol):
+    """An executor whose attempts are processes of this machine (the local one): the idle culler judges a sandbox
+    on a shared GPU by its own processes' NVML readings, not the whole GPU's."""
+
+    def pids(self, job_id: str, attempt: int) -> set[int] | None:
+        """The attempt's host pids now; None when it does not run here."""
+
+
+@runtime_checkable
 class ChecksWorkdirs(Protocol):
     """An executor that runs jobs on this machine, so it can tell at submission whether a job's working directory
     would work (the local one: a directory the owner's account may enter)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from quotas import QueueSpec
 from scheduler.engine.model import JobSpec, check_gpus, mig_fraction
@@ -63,6 +63,22 @@ def _command(v: list[str] | str) -> list[str] | str:
     return v
 
 
+def _gpu_count(v: Any) -> Any:
+    """A number of GPUs as given (a form's text read as a number): one clear error for anything else, in place
+    of the two an int-or-float union gives."""
+    if isinstance(v, str):
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                pass
+    elif isinstance(v, int | float) and not isinstance(v, bool):
+        return v
+    raise ValueError(f"gpus is {str(v)[:40]!r}: give an integer number of GPUs, or a decimal share of one below 1")
+
+
 # The fields a job and a sandbox share, with their bounds in one place (a sandbox request is a job request too).
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
 PoolName = Annotated[str, Field(max_length=MAX_NAME)] | None
@@ -71,6 +87,7 @@ Argv = Annotated[list[str], Field(min_length=1, max_length=MAX_COMMAND_ARGS), Af
 Env = Annotated[dict[str, str], Field(max_length=MAX_ENV), AfterValidator(_env_names)]
 Workdir = Annotated[str, Field(min_length=1, max_length=MAX_PATH), AfterValidator(_workdir)] | None
 Image = Annotated[str, Field(min_length=1, max_length=MAX_IMAGE)] | None
+GpuCount = Annotated[int | float, BeforeValidator(_gpu_count)]
 
 
 class Strict(Body):
@@ -84,7 +101,7 @@ class JobSubmit(Strict):
     queue: Name
     pool: PoolName = Field(None, description="Default: the service's only pool.")
     workers: int = Field(1, ge=1, le=1024)
-    gpus: int | float = Field(
+    gpus: GpuCount = Field(
         1,
         ge=0,
         le=1024,
