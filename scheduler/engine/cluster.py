@@ -139,13 +139,14 @@ class Pool:
             pick = self.pick_shared(spec, only=name)
         finally:
             if spec.mig is None:
-                self._unpend(f)
+                self.unpend_fraction(f)
         if pick is None:
             raise ValueError(f"node {name} has no room for {f} of a GPU" + (f" ({spec.mig})" if spec.mig else ""))
         self._take_shared(spec, name, pick[1])
         return [(name, [] if pick[1] is None else [pick[1]])]
 
-    def _unpend(self, f: float) -> None:
+    def unpend_fraction(self, f: float) -> None:
+        """A fractional job of `f` left the pending mix (PoolState keeps the mix; allocate borrows it)."""
         self.fractions[f] -= 1
         if not self.fractions[f]:
             del self.fractions[f]
@@ -420,7 +421,7 @@ class Pool:
             n = self.nodes[only]
             if not (n.up and only not in excluded and self._fits_besides(n, spec, freed)):
                 return None
-            if n.free and len(n.free) > n.owed:
+            if n.free:
                 return only, n.free[0]
             for g, used in sorted(n.shared.items()):  # cleared by victims (a plan's count)
                 if freed is not None and exact(used - freed.frac.get((only, g), 0.0)) <= 0:

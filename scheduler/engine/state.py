@@ -166,7 +166,7 @@ class PoolState:
         if not self.sizes[job.request]:
             del self.sizes[job.request]
         if job.spec.shared and job.spec.mig is None:
-            self.pool._unpend(job.spec.gpus)
+            self.pool.unpend_fraction(job.spec.gpus)
         if self.arrivals is not None:
             self.arrivals.remove(job)
         if not moving:
@@ -450,7 +450,7 @@ class PoolState:
     def share_may_help(self, stuck: Stuck, leaf: str, share: float) -> bool:
         """For a leaf stuck for want of room: could its new `share` give the fair-share tier to one of its jobs?
         Not while it stays below its usage plus its smallest request."""
-        return stuck.share != share and self.usage[leaf] + self.min_pending(leaf) <= share
+        return stuck.share != share and add_gpus(self.usage[leaf], self.min_pending(leaf)) <= share
 
     @property
     def grown(self) -> int:
