@@ -64,10 +64,11 @@ def machine() -> str:
     except OSError:
         pass
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    label = commit.stdout.strip() or os.environ.get("CORRAL_COMMIT", "?")  # a `git archive` copy has no .git
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; nproc {os.cpu_count()}, {model}; Python "
-        f"{platform.python_version()}; commit {commit.stdout.strip() or '?'}; load average {load:.1f}"
+        f"{platform.python_version()}; commit {label}; load average {load:.1f}"
     )
 
 
@@ -163,7 +164,22 @@ def main() -> None:
         )
     lines += ["", f"Means over {len(rows) // max(1, len(policies))} seed(s):", ""]
     lines += table(["policy", "mean wait (s)", "unallocated GPUs while jobs wait", "share", "partial"], means)
+    if len(policies) == 2:
+        lines += ["", *paired(rows, policies[0], policies[1])]
     print("\n".join(lines))
+
+
+def paired(rows: Sequence[Row], a: str, b: str) -> list[str]:
+    """Per seed, b - a (the same trace under both): the mean difference, its standard error, and how many seeds
+    b was lower on, for unallocated GPUs while jobs wait and for mean wait."""
+    by = {(r.seed, r.policy): r for r in rows}
+    seeds = sorted({r.seed for r in rows})
+    out = [f"Paired, {b} - {a} over {len(seeds)} seed(s) (mean, standard error; seeds where {b} is lower):"]
+    for name, get in (("unallocated GPUs", lambda r: r.unallocated), ("mean wait (s)", lambda r: r.mean_wait)):
+        d = [get(by[s, b]) - get(by[s, a]) for s in seeds]
+        se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+        out.append(f"- {name}: {statistics.fmean(d):+.2f} +- {se:.2f}; lower on {sum(x < 0 for x in d)}/{len(d)}")
+    return out
 
 
 if __name__ == "__main__":
