@@ -175,8 +175,8 @@ def paired(rows: Sequence[Row], a: str, b: str) -> list[str]:
     by = {(r.seed, r.policy): r for r in rows}
     seeds = sorted({r.seed for r in rows})
     out = [f"Paired, {b} - {a} over {len(seeds)} seed(s) (mean, standard error; seeds where {b} is lower):"]
-    for name, get in (("unallocated GPUs", lambda r: r.unallocated), ("mean wait (s)", lambda r: r.mean_wait)):
-        d = [get(by[s, b]) - get(by[s, a]) for s in seeds]
+    for name, attr in (("unallocated GPUs", "unallocated"), ("mean wait (s)", "mean_wait")):
+        d: list[float] = [getattr(by[s, b], attr) - getattr(by[s, a], attr) for s in seeds]
         se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
         out.append(f"- {name}: {statistics.fmean(d):+.2f} +- {se:.2f}; lower on {sum(x < 0 for x in d)}/{len(d)}")
     return out
