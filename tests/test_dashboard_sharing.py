@@ -90,5 +90,5 @@ def test_browser_gpu_map_splits_a_shared_gpu(tmp_path: Path) -> None:
         for i in ids.values():
             api.delete(f"/v1/jobs/{i}")
     STABLE_SHOTS.mkdir(parents=True, exist_ok=True)
-    for f in shots.iterdir():
-        (STABLE_SHOTS / f.name).write_bytes(f.read_bytes())
+    for shot in shots.iterdir():
+        (STABLE_SHOTS / shot.name).write_bytes(shot.read_bytes())

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -23,8 +24,14 @@ from scheduler.backends.kubernetes.executor import KubernetesExecutor
 from scheduler.backends.kubernetes.nodes import node_info
 from scheduler.backends.kubernetes.sharing import GPU, SHARED, gpu_limits, gpu_sharing, replicas_for
 from scheduler.backends.sharing import overfull
+from scheduler.service.core.assemble import build_core
+from scheduler.service.core.loop import Core
+from scheduler.service.core.settings import ServiceSettings
+from scheduler.service.core.specs import JobSubmit
+from scheduler.service.store.db import attempts
+from scheduler.service.store.db import jobs as jobs_table
 from tests.k8s_kit import ControlPlane, delete_namespaces, shared_plane, until
-from tests.test_k8s_backend import IMAGE, TEST_LABEL, pods_of
+from tests.test_k8s_backend import IMAGE, ROOT, TEST_LABEL, pods_of
 
 H100 = "NVIDIA-H100-80GB-HBM3"
 SLICED = {"nvidia.com/gpu.replicas": "4", "nvidia.com/gpu.sharing-strategy": "time-slicing"}
@@ -129,10 +136,11 @@ def test_pods_carry_the_limits() -> None:
 # ----- on the control plane -----
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def plane_nodes(request: pytest.FixtureRequest) -> Iterator[tuple[ControlPlane, str, dict[str, str]]]:
     """Three kwok nodes: time-sliced (2 GPUs x 4 replicas), renamed time-sliced (2 x 4 as nvidia.com/gpu.shared),
-    and MIG (one whole GPU, one cut into seven 1g.10gb)."""
+    both in pool H100-SHARED-<tag> (as GPU feature discovery names a time-sliced node's product), and MIG (one
+    whole GPU, one cut into seven 1g.10gb) in pool H100-<tag>."""
     plane = shared_plane(request.config)
     tag = uuid.uuid4().hex[:5]
     nodes = {"sliced": f"ks-{tag}-ts", "renamed": f"ks-{tag}-rn", "mig": f"ks-{tag}-mig"}
@@ -143,7 +151,8 @@ def plane_nodes(request: pytest.FixtureRequest) -> Iterator[tuple[ControlPlane, 
     }
     for kind, name in nodes.items():
         labels, res = shapes[kind]
-        plane.create_gpu_node(name, product=f"{H100}-{tag}", labels={TEST_LABEL: tag, **labels}, resources=res)
+        product = f"{H100}-{tag}" if kind == "mig" else f"{H100}-SHARED-{tag}"
+        plane.create_gpu_node(name, product=product, labels={TEST_LABEL: tag, **labels}, resources=res)
     for name in nodes.values():
         plane.wait_node_ready(name)
     yield plane, tag, nodes
@@ -201,13 +210,7 @@ def test_shared_and_mig_pods_on_kwok_nodes(
         assert asked(pods[f"w{t}"]) == {GPU: 1}
         # The actual assignment, from the API server: per node, the replicas asked fit what it advertises (the
         # device plugin picks each replica's physical GPU there); per GPU Corral chose, shares sum to at most 1.
-        per_node: dict[str, Counter[str]] = {n: Counter() for n in nodes.values()}
-        for p in plane.core().list_pod_for_all_namespaces().items:
-            if p.spec.node_name in per_node and p.status.phase not in ("Succeeded", "Failed"):
-                per_node[p.spec.node_name].update(asked(p))
-        for name, used in per_node.items():
-            advertised = plane.core().read_node(name).status.allocatable
-            assert all(n <= int(advertised.get(r, "0")) for r, n in used.items()), (name, used, advertised)
+        replicas_fit(plane, list(nodes.values()))
         held = [((node, g), fraction or 1.0) for _, node, gpus, fraction, _ in plan for g in gpus]
         assert overfull(held) == {}
         # A share where the plugin shares nothing, a profile the node lacks: refused at launch, nothing made.
@@ -219,3 +222,70 @@ def test_shared_and_mig_pods_on_kwok_nodes(
     finally:
         ex.close()
         delete_namespaces(plane.core(), prefix)
+
+
+def replicas_fit(plane: ControlPlane, nodes: list[str]) -> None:
+    """Per node, the device plugin's resources its live pods ask fit what it advertises (from the API server)."""
+    per_node: dict[str, Counter[str]] = {n: Counter() for n in nodes}
+    for p in plane.core().list_pod_for_all_namespaces().items:
+        if p.spec.node_name in per_node and p.status.phase not in ("Succeeded", "Failed"):
+            per_node[p.spec.node_name].update(asked(p))
+    for name, used in per_node.items():
+        advertised = plane.core().read_node(name).status.allocatable
+        assert all(n <= int(advertised.get(r, "0")) for r, n in used.items()), (name, used, advertised)
+
+
+@pytest.mark.integration
+def test_the_service_places_shares_and_slices_on_kwok_nodes(
+    plane_nodes: tuple[ControlPlane, str, dict[str, str]], tmp_path: Path
+) -> None:
+    """The whole path: the engine places shares and MIG slices on the nodes as discovered, the executor binds
+    their pods asking the plugin's resources; per GPU the engine counted the shares sum to at most 1, per node
+    the replicas asked fit what it advertises."""
+    plane, tag, nodes = plane_nodes
+    prefix = f"v{uuid.uuid4().hex[:5]}-"
+    ex = KubernetesExecutor(
+        plane.corral_client(),
+        tmp_path / "k8s",
+        IMAGE,
+        grace_s=1,
+        namespace_prefix=prefix,
+        node_selector=f"{TEST_LABEL}={tag}",
+        watch_s=2,
+        foreign_pods=False,
+    )
+    shared, whole = f"{H100}-SHARED-{tag}", f"{H100}-{tag}"
+    try:
+        core = build_core(ServiceSettings(data_dir=tmp_path / "data", grace_s=1), executor=ex, nodes=ex.discover())
+        core.apply_queues(ROOT, {"queues": [{"name": "team", "quota": {shared: 4, whole: 1}}]}, "one team")
+        ids = [
+            *(submit(core, shared, gpus=f) for f in [0.25] * 8 + [0.5, 0.5]),
+            *(submit(core, whole, mig="1g.10gb") for _ in range(8)),
+        ]
+        for _ in range(3):
+            core.tick()
+        states = [core_state(core, i) for i in ids]
+        assert states[:17] == ["running"] * 17 and states[17] == "pending", states  # 7 slices of 1g.10gb
+        with core.db.connect() as conn:
+            rows = conn.execute(sa.select(attempts.c.job_id, attempts.c.placement, attempts.c.gpus)).mappings().all()
+        held = [((n, g), float(r["gpus"])) for r in rows for n, gs in r["placement"] for g in gs]
+        assert overfull(held) == {} and sum(f for _, f in held) == pytest.approx(3.0)
+        until("every pod running", lambda: all(p.status.phase == "Running" for j in ids[:17] for p in pods_of(ex, j)))
+        assert sorted(asked(pods_of(ex, ids[8])[0]).values()) == [2]  # a half of a 4-replica GPU
+        assert asked(pods_of(ex, ids[10])[0]) == {"nvidia.com/mig-1g.10gb": 1}
+        replicas_fit(plane, list(nodes.values()))
+    finally:
+        ex.close()
+        delete_namespaces(plane.core(), prefix)
+
+
+def submit(core: Core, pool: str, gpus: float | None = None, mig: str | None = None) -> str:
+    body: dict[str, Any] = {"queue": "team", "pool": pool, "command": "sleep inf"}
+    body.update({"mig": mig} if mig is not None else {"gpus": gpus})
+    row, _ = core.submit(ROOT, JobSubmit.model_validate(body))
+    return str(row["id"])
+
+
+def core_state(core: Core, job: str) -> str:
+    with core.db.connect() as conn:
+        return str(conn.execute(sa.select(jobs_table.c.state).where(jobs_table.c.id == int(job))).scalar_one())

@@ -98,7 +98,7 @@ def test_share_env_soft_and_mps(tmp_path: Path) -> None:
     assert sharing.MEMORY_MB_ENV not in unknown and "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in unknown
     for bad in (0, 1, 1.5, -0.25, float("nan"), True):
         with pytest.raises(ValueError, match="in \\(0, 1\\)"):
-            sharing.share_env(bad, H100_MB, None)  # type: ignore[arg-type]
+            sharing.share_env(bad, H100_MB, None)
 
 
 def test_overfull_sums_shares_per_gpu() -> None:
@@ -161,9 +161,10 @@ class MigNVML(FakeNVML):
 
     def nvmlDeviceGetMigDeviceHandleByIndex(self, h: dict[str, Any], i: int) -> dict[str, Any]:  # noqa: N802
         slots = self.instances.get(h["index"], [])
-        if i >= len(slots) or slots[i] is None:
+        slot = slots[i] if i < len(slots) else None
+        if slot is None:
             raise self.NVMLError("Not Found")
-        name, uuid, memory = slots[i]
+        name, uuid, memory = slot
         return {"name": f"{h['name']} {name}", "uuid": uuid, "memory_total": memory, "mig_mode": "n/a"}
 
 
