@@ -171,6 +171,16 @@ def test_submit_a_command_after_double_dash(corral: Corral, service: Service) ->
     assert job(service, int(one.stdout.strip()))["spec"]["command"] == "python train.py | tee log"
 
 
+def test_submit_a_share_of_a_gpu(corral: Corral, service: Service) -> None:
+    quarter = submit(corral, "nlp", 1, "--gpus", "0.25")  # the later --gpus wins
+    assert job(service, quarter)["gpus"] == 0.25 and job(service, quarter)["spec"]["gpus"] == 0.25
+    assert job(service, submit(corral, "nlp", 2))["spec"]["gpus"] == 2  # whole GPUs stay integers
+    r = corral("submit", "--queue", "nlp", "--gpus", "1.5", "--", "true", code=1)
+    assert "whole number" in r.stderr
+    r = corral("submit", "--queue", "nlp", "--mig", "1g.10gb", "--", "true", code=1)
+    assert "MIG slice 1g.10gb" in r.stderr  # a well-formed profile this pool's nodes do not offer
+
+
 def test_submit_without_queue_or_command_is_a_usage_error(corral: Corral) -> None:
     r = corral("submit", "--gpus", "1", code=2)
     assert "--queue" in r.stderr
