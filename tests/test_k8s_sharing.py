@@ -22,6 +22,7 @@ from scheduler.backends.kubernetes import objects as k8s
 from scheduler.backends.kubernetes import sandbox as k8s_sandbox
 from scheduler.backends.kubernetes.executor import KubernetesExecutor
 from scheduler.backends.kubernetes.nodes import node_info
+from scheduler.backends.kubernetes.others import pod_held
 from scheduler.backends.kubernetes.sharing import GPU, SHARED, gpu_limits, gpu_sharing, replicas_for
 from scheduler.backends.sharing import overfull
 from scheduler.service.core.assemble import build_core
@@ -131,6 +132,15 @@ def test_pods_carry_the_limits() -> None:
     assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/mig-1g.10gb": "1"}
     notebook = k8s_sandbox.pod("s", 1, 0, gpu_limits={GPU: "1"}, **{**common, "gpus": 0})
     assert notebook["spec"]["containers"][0]["resources"]["limits"] == {GPU: "1"}
+
+
+def test_others_pods_holding_replicas_count_as_whole_gpus() -> None:
+    def container(limits: dict[str, str]) -> Any:
+        return client.V1Container(name="c", resources=client.V1ResourceRequirements(limits=limits))
+
+    spec = client.V1PodSpec(containers=[container({SHARED: "1"}), container({GPU: "2", "cpu": "1"})])
+    assert pod_held(spec).gpus == 3  # the plugin picked their GPUs: Corral keeps off as much as they could take
+    assert pod_held(client.V1PodSpec(containers=[container({"nvidia.com/mig-1g.10gb": "1"})])).gpus == 0
 
 
 # ----- on the control plane -----
