@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from quotas import QueueSpec, QueueTree
 from scheduler.engine import NodeSpec, Settings, Started
@@ -19,6 +20,7 @@ from scheduler.engine.model import JobSpec, JobState, mig_fraction
 from scheduler.engine.reference import ReferenceEngine
 from scheduler.engine.sharing import best_fit_key, fgd_key
 from scheduler.engine.shortcut_free import ShortcutFreeEngine
+from scheduler.service.core.specs import JobSubmit, engine_spec_of
 from scheduler.sim.inputs import InputError, SimJob, World, load_scenario, load_trace
 from scheduler.sim.runner import Simulation
 from tests.factories import cancel, engine, job, node, node_down, node_up, nodes, queue, world
@@ -354,3 +356,26 @@ def test_a_queue_read_in_a_pass_comes_back_when_it_loses_a_job() -> None:
 def test_best_fit_fractions_keeps_the_invariants_too() -> None:
     w = sharing_world(11, 3, 8, 150, NO_GUARD, 0.0)
     check_sharing(w, Simulation(w, "best-fit-fractions", log_fair_share=False).run()["events"])
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"gpus": 0.3, "workers": 2}, "0.3 with 2 workers"),
+        ({"gpus": 1.5}, "above 1 it must be a whole number"),
+        ({"mig": "1g.10gb", "gpus": 1}, "leave gpus out"),
+        ({"mig": "big"}, "not a MIG profile"),
+    ],
+)
+def test_the_job_api_refuses_bad_shares(body: dict[str, Any], words: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        JobSubmit.model_validate({"queue": "team-a", "command": ["true"], **body})
+    assert words in str(err.value)
+
+
+def test_the_job_api_passes_shares_to_the_engine() -> None:
+    share = JobSubmit.model_validate({"queue": "team-a", "command": ["true"], "gpus": 0.25}).engine_spec(7, "a100")
+    assert share.gpus == 0.25 and share.id == "job-7"
+    mig = JobSubmit.model_validate({"queue": "team-a", "command": ["true"], "mig": "2g.20gb"}).engine_spec(8, "a100")
+    assert mig.mig == "2g.20gb" and mig.gpus == 0.285714
+    assert engine_spec_of({"queue": "team-a", "gpus": 0.25}, 9, "a100").gpus == 0.25
