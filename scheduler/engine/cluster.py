@@ -77,6 +77,11 @@ class Pool:
         if n.name in self.sharing:
             self._loosen()
 
+    def most_room(self) -> float:
+        """The most room on a shared GPU of an up node (0: none), for pending reasons."""
+        rooms = [exact(1 - u) for name in self.sharing if self.nodes[name].up for u in self.nodes[name].shared.values()]
+        return max(rooms, default=0)
+
     def _loosen(self) -> None:
         """Recount `loose` after a change to a sharing node."""
         loose: float = 0

@@ -171,7 +171,7 @@ def explain_pending(ps: PoolState, job: Job, res: Reservation | None, preempted_
     elif spec.shared:
         msg = (
             f"needs {spec.gpus} of a GPU on {pool}: {ps.pool.free_gpus} whole GPUs free, the most room on a shared "
-            f"GPU is {ps.pool.loose if ps.pool.loose < 1 else 0}"
+            f"GPU is {ps.pool.most_room()}"
         )
     else:
         msg = (
