@@ -1,7 +1,7 @@
 """Issue 27: unallocated GPUs while jobs wait, and mean wait, under best fit and under Corral's placement of fractions.
 
 Usage: python benchmarks/fragmentation.py [--seed N ...] [--jobs N] [--nodes N] [--load X] [--fraction-share X]
-                                          [--policy NAME ...] [--dir DIR]
+                                          [--starvation-timeout S] [--policy NAME ...] [--dir DIR]
 For each seed (default 1, 2, 3), writes the `sharing` trace of scheduler/sim/sharing.py and its cluster to DIR
 (default /tmp/corral-fragmentation), which `corral sim generate sharing --seed N` writes byte for byte alike, and
 replays it under each policy (default: best-fit-fractions, corral). Prints markdown: the machine, one row per seed
@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=SharingConfig.nodes)
     ap.add_argument("--load", type=float, default=SharingConfig.load)
     ap.add_argument("--fraction-share", type=float, default=SharingConfig.fraction_share)
+    ap.add_argument("--starvation-timeout", type=float, default=SharingConfig.starvation_timeout)
     ap.add_argument("--policy", action="append", choices=POLICIES)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/corral-fragmentation"))
     args = ap.parse_args()
@@ -122,7 +123,12 @@ def main() -> None:
     rows: list[Row] = []
     for seed in args.seed or [1, 2, 3]:
         config = SharingConfig(
-            seed=seed, jobs=args.jobs, nodes=args.nodes, load=args.load, fraction_share=args.fraction_share
+            seed=seed,
+            jobs=args.jobs,
+            nodes=args.nodes,
+            load=args.load,
+            fraction_share=args.fraction_share,
+            starvation_timeout=args.starvation_timeout,
         )
         for policy in policies:
             rows.append(replay(seed, policy, config, args.dir))

@@ -243,10 +243,19 @@ def sim_generate_sharing(
     fraction_share: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="part of the jobs asking for a fraction of one GPU")
     ] = sharing.SharingConfig.fraction_share,
+    starvation_timeout: Annotated[
+        float, typer.Option(min=1, help="the cluster file's starvation_timeout (s)")
+    ] = sharing.SharingConfig.starvation_timeout,
 ) -> None:
     """Fractional and whole-GPU requests in a production-like mix (after Alibaba's GPU-sharing trace, FGD)."""
     config = sharing.SharingConfig(
-        seed=seed, jobs=jobs, nodes=nodes, teams=teams, load=load, fraction_share=fraction_share
+        seed=seed,
+        jobs=jobs,
+        nodes=nodes,
+        teams=teams,
+        load=load,
+        fraction_share=fraction_share,
+        starvation_timeout=starvation_timeout,
     )
     made = sharing.sharing(config)
     try:
