@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from quotas import QueueSpec, QueueTree
 from scheduler.backends.base import GpuSharing, Launch
 from scheduler.backends.kubernetes import objects as k8s
 from scheduler.backends.kubernetes import sandbox as k8s_sandbox
@@ -24,6 +25,7 @@ from scheduler.backends.kubernetes.executor import KubernetesExecutor
 from scheduler.backends.kubernetes.nodes import node_info
 from scheduler.backends.kubernetes.others import pod_held
 from scheduler.backends.kubernetes.sharing import GPU, SHARED, gpu_limits, gpu_sharing, replicas_for
+from scheduler.backends.kubernetes.teams import TeamConfig, desired
 from scheduler.backends.sharing import overfull
 from scheduler.service.core.assemble import build_core
 from scheduler.service.core.loop import Core
@@ -132,6 +134,18 @@ def test_pods_carry_the_limits() -> None:
     assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/mig-1g.10gb": "1"}
     notebook = k8s_sandbox.pod("s", 1, 0, gpu_limits={GPU: "1"}, **{**common, "gpus": 0})
     assert notebook["spec"]["containers"][0]["resources"]["limits"] == {GPU: "1"}
+
+
+def test_the_team_gpu_quota_counts_replicas() -> None:
+    assert k8s.resource_quota("ns", 8)["spec"]["hard"] == {"requests.nvidia.com/gpu": "8"}
+    # 8 GPUs of 4-replica nodes are 32 replicas: a quota of 8 would refuse the team's third whole-GPU pod.
+    assert k8s.resource_quota("ns", 8, 4, shared=True)["spec"]["hard"] == {
+        "requests.nvidia.com/gpu": "32",
+        "requests.nvidia.com/gpu.shared": "32",
+    }
+    tree = QueueTree([QueueSpec("nlp", None, {"p": 2}, {"p": 8})], {"p": 16})
+    [quota] = [o for o in desired(tree, {"p": 16}, TeamConfig(gpu_replicas=4)) if o["kind"] == "ResourceQuota"]
+    assert quota["spec"]["hard"] == {"requests.nvidia.com/gpu": "32"}
 
 
 def test_others_pods_holding_replicas_count_as_whole_gpus() -> None:

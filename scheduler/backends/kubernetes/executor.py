@@ -24,6 +24,7 @@ SIGTERM and, after the grace, SIGKILL, so poll() only watches the pods go.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -46,7 +47,7 @@ from scheduler.backends.kubernetes.nodes import Feed, NodeWatcher, conflict_ok, 
 from scheduler.backends.kubernetes.others import OtherPods, binding
 from scheduler.backends.kubernetes.podcache import BoundPods, Key, by_attempt, fresh
 from scheduler.backends.kubernetes.pods import POD_GROUP_ENV, PodGangs, Waiting
-from scheduler.backends.kubernetes.sharing import gpu_limits
+from scheduler.backends.kubernetes.sharing import SHARED, gpu_limits
 
 __all__ = ["KubernetesExecutor", "NodeChange", "NodeWatcher", "discover_nodes", "node_info"]
 
@@ -319,7 +320,13 @@ class KubernetesExecutor:
 
     def sync_teams(self, tree: QueueTree, capacity: Mapping[str, int]) -> k8s_teams.Applied:
         """Every team's namespace, RoleBindings, GPU quota and NetworkPolicies as `tree` wants them (teams)."""
-        return k8s_teams.reconcile(self.core.api_client, tree, capacity, self.teams)
+        shared = [n.sharing for n in self.nodes.current() if n.sharing is not None]
+        config = dataclasses.replace(
+            self.teams,
+            gpu_replicas=max((s.replicas for s in shared), default=1),
+            gpu_shared=any(s.resource == SHARED for s in shared),
+        )
+        return k8s_teams.reconcile(self.core.api_client, tree, capacity, config)
 
     # --- what the cluster tells Corral (background watches) ---
 

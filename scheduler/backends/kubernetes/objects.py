@@ -347,14 +347,19 @@ def role_binding(namespace: str, group: str | Sequence[str], cluster_role: str =
     }
 
 
-def resource_quota(namespace: str, gpus: int) -> dict[str, Any]:
+def resource_quota(namespace: str, gpus: int, replicas: int = 1, shared: bool = False) -> dict[str, Any]:
     """Caps the team's GPUs at its limit, a backstop should anything bypass Corral. Extended resources can only
-    be quota'd as requests (requests.nvidia.com/gpu); limits equal requests for them."""
+    be quota'd as requests (requests.nvidia.com/gpu); limits equal requests for them. Where the device plugin
+    time-slices GPUs into `replicas` (the most of any node), a GPU is that many of them, and `shared` caps
+    nvidia.com/gpu.shared the same way (GPU sharing: objects asked through sharing.gpu_limits)."""
+    hard = {f"requests.{GPU}": str(gpus * replicas)}
+    if shared:
+        hard[f"requests.{GPU}.shared"] = str(gpus * replicas)
     return {
         "apiVersion": "v1",
         "kind": "ResourceQuota",
         "metadata": {"name": "corral-gpus", "namespace": namespace, "labels": {MANAGED_BY: "corral"}},
-        "spec": {"hard": {f"requests.{GPU}": str(gpus)}},
+        "spec": {"hard": hard},
     }
 
 
