@@ -13,11 +13,12 @@ from fastapi.testclient import TestClient
 
 from sandbox.culling import GpuSample
 from sandbox.nvml_samples import load_trace
-from scheduler.backends.base import GPUInfo, MigDevice
+from scheduler.backends.base import GPUInfo, GpuSharing, MigDevice, NodeInfo
 from scheduler.backends.sharing import overfull
 from scheduler.service.api.app import create_app
 from scheduler.service.api.auth import Role
 from scheduler.service.core.assemble import build_core, create_token
+from scheduler.service.core.cluster_state import ClusterState
 from tests.factories import service_settings
 from tests.service_kit import DEMO_TREE, Clock, ScriptedExecutor, Service, make_service
 from tests.test_api_bad_input import error_of, job, snapshot, where_of, without
@@ -205,3 +206,12 @@ def test_make_service_still_whole(tmp_path: Path) -> None:
     svc = make_service(f"sqlite:///{tmp_path / 'w.db'}", tmp_path)
     [pool] = svc.admin.get("/v1/pools").json()["pools"]
     assert all(n["mig"] == [] and all(g["shares"] == [] for g in n["gpus"]) for n in pool["nodes"])
+
+
+def test_capacity_counts_mig_slices_by_their_fraction() -> None:
+    """Quotas are whole GPUs: a pool's capacity is its whole GPUs and its MIG slices' fractions, rounded down."""
+    seven = tuple(MigDevice(f"MIG-{i}", "1g.10gb") for i in range(7))
+    local = NodeInfo("a", "mig", [GPUInfo(0, "A100", mig_mode=True, mig=seven), *h100s(2)])
+    k8s_single = NodeInfo("b", "mig", [], sharing=GpuSharing("nvidia.com/gpu", 1, {"1g.10gb": 14}, mig_single=True))
+    partial = NodeInfo("c", "part", [GPUInfo(0, "A100", mig_mode=True, mig=MIG_A100)])  # 2/7 + 3/7 of a GPU
+    assert ClusterState({n.name: n for n in (local, k8s_single, partial)}).capacity == {"mig": 5, "part": 0}
