@@ -342,6 +342,18 @@ def test_churned_shared_worlds_decide_alike(seed: int) -> None:
     fast = _log(w, None)
     check_sharing(w, fast["events"])
     assert fast == _log(w, ReferenceEngine)
+    assert fast["events"] == _log(w, ShortcutFreeEngine)["events"]
+
+
+def test_nodes_the_reservation_lets_go_are_used_at_once() -> None:
+    """Found by churned_world(220): a fraction opened the last free GPU of the node reserved for a starving job, so
+    the reservation moved to another node; what that GPU had left (0.8) was free for others at once, but the engine
+    passed again only when the reservation's job changed, and the room waited for the next event (an extra wakeup
+    of ShortcutFreeEngine's found it first). A reservation that lets nodes go now counts as moved."""
+    w = churned_world(220)
+    fast = _log(w, None)
+    assert fast["events"] == _log(w, ShortcutFreeEngine)["events"]
+    assert {"t": 1337.7, "event": "started", "job": "j51", "nodes": {"n1": [1]}, "fraction": 0.25} in fast["events"]
 
 
 def test_a_queue_read_in_a_pass_comes_back_when_it_loses_a_job() -> None:

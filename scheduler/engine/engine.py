@@ -19,7 +19,7 @@ from scheduler.engine.decisions import GUARANTEE, HELD_NODES, LIMIT, Decision, H
 from scheduler.engine.explain import explain_pending, rejection
 from scheduler.engine.guard import Reservation
 from scheduler.engine.memo import Need, Stuck, may_fit, own_room
-from scheduler.engine.model import Job, JobSpec, JobState, NodeSpec, Reason, Settings, add_gpus
+from scheduler.engine.model import Job, JobSpec, JobState, NodeSpec, Reason, Settings, add_gpus, gpu_amount
 from scheduler.engine.ordering import PassOrder
 from scheduler.engine.preemption import CAUSE, Plan, Preemption, Tier, tiers_for
 from scheduler.engine.sharing import fgd_key
@@ -311,7 +311,10 @@ class Engine:
             # A queue skipped in this pass can do more only if GPUs were freed (preemption, a reservation
             # lifted or moved) or there is more to take back (a queue over quota or fair share grew).
             moved = (before.job if before else None) is not (res.job if res else None)
-            if not (preempted or moved or ps.victims_grew != grew):
+            # Its nodes moved too when a start left a reserved node with fewer free GPUs than another: the one it
+            # let go may hold a job now (a fraction in what a shared GPU has left, or GPUs a whole job did not take).
+            let_go = before is not None and res is not None and not res.nodes >= before.nodes
+            if not (preempted or moved or let_go or ps.victims_grew != grew):
                 return
 
     def _pass(self, ps: PoolState, now: float, res: Reservation | None, out: list[Decision]) -> tuple[list[Job], bool]:
@@ -528,7 +531,8 @@ class Engine:
         its share stay as they are: None, preemption in other queues; True, free GPUs with those its queue's
         lower-priority work holds; False, free GPUs alone."""
         spec, pool = job.spec, ps.name
-        within = add_gpus(ps.usage[q.name], job.request) <= q.quota_of(pool)
+        after = ps.usage[q.name] + job.request
+        within = (after if type(after) is int else gpu_amount(after)) <= q.quota_of(pool)
         excluded = res.excludes(job, within) if res is not None else frozenset()
         allowed = ps.over_limit(q, job.request) is None and ps.guaranteed(q, job)
         if allowed:

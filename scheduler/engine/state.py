@@ -18,7 +18,7 @@ from scheduler.engine.clearable import ClearIndex
 from scheduler.engine.cluster import Pool
 from scheduler.engine.guard import NOT_HELD, Held, Reservation
 from scheduler.engine.memo import Need, Stuck, may_fit_any
-from scheduler.engine.model import Amounts, Job, add_gpus
+from scheduler.engine.model import Amounts, Job, add_gpus, gpu_amount
 
 QueueKey = tuple[float, float, str]
 Entry = tuple[QueueKey, str]  # a leaf's place in key order: its key, its name
@@ -545,9 +545,13 @@ class PoolState:
         self, q: Queue, request: float, freed: Mapping[str, float] | None = None
     ) -> tuple[Queue, float] | None:
         """The first queue on q's path whose limit `request` more GPUs would break, with its usage."""
+        usage, pool = self.usage, self.name
         for a in q.path:
-            u = add_gpus(self.usage[a.name], -freed.get(a.name, 0)) if freed else self.usage[a.name]
-            if add_gpus(u, request) > a.limit_of(self.name):
+            u = add_gpus(usage[a.name], -freed.get(a.name, 0)) if freed else usage[a.name]
+            after = u + request
+            if type(after) is not int:  # fractions (GPU sharing): summed as add_gpus does; ints stay a plain add
+                after = gpu_amount(after)
+            if after > a.limit_of(pool):
                 return a, u
         return None
 
