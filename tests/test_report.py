@@ -195,7 +195,10 @@ def test_report_end_to_end(small: tuple[Path, Path], tmp_path: Path) -> None:
     trace, cluster = small
     out = tmp_path / "out"
     args = ["sim", "report", str(trace), "--cluster", str(cluster), "-o", str(out)]
-    res = runner.invoke(app, args + [a for p in ("corral", "fifo", "strict-quota", "las") for a in ("--policy", p)])
+    res = runner.invoke(
+        app,
+        args + [a for p in ("corral", "fifo", "strict-quota", "las", "best-fit-fractions") for a in ("--policy", p)],
+    )
     assert res.exit_code == 0, res.output
     for name in ("report.md", "wait_cdf.png", "gpus_in_use.png", "idle_wait.png"):
         assert (out / name).stat().st_size > 0
@@ -203,7 +206,7 @@ def test_report_end_to_end(small: tuple[Path, Path], tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "## Per policy" in md and "## Sharing anomaly" in md and "| team-b | 6 | 8 |" in md
     assert "| scratch | 0 | 0 |" in md and "n/a" in md
-    for p in ("corral", "fifo", "strict-quota", "las"):
+    for p in ("corral", "fifo", "strict-quota", "las", "best-fit-fractions"):
         assert f"## Policy {p}, per queue" in md
         assert f"{p}: mean wait" in res.output
     assert "30 jobs on 16 GPUs" in md
@@ -216,6 +219,9 @@ def test_report_end_to_end(small: tuple[Path, Path], tmp_path: Path) -> None:
         assert section in md
     assert "| policy | idle-wait GPU-h | of which preemptible | jobs idle-waiting |" in md
     assert "same-instant" in res.output
+    assert (
+        "## Unallocated GPUs while jobs wait (fragmentation)" in md and "GPUs unallocated while jobs wait" in res.output
+    )
 
 
 def test_report_waste_sections(small: tuple[Path, Path]) -> None:
