@@ -10,6 +10,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from scheduler.backends.kubernetes import sandbox as k8s_sandbox
 from scheduler.backends.kubernetes.executor import KubernetesExecutor
 from scheduler.backends.kubernetes.nodes import node_info
 from scheduler.backends.kubernetes.others import pod_held
+from scheduler.backends.kubernetes.pods import FRACTION, PodGangs, waiting
 from scheduler.backends.kubernetes.sharing import GPU, SHARED, gpu_limits, gpu_sharing, replicas_for
 from scheduler.backends.kubernetes.teams import TeamConfig, desired
 from scheduler.backends.sharing import overfull
@@ -35,6 +37,7 @@ from scheduler.service.store.db import attempts
 from scheduler.service.store.db import jobs as jobs_table
 from tests.k8s_kit import ControlPlane, delete_namespaces, shared_plane, until
 from tests.test_k8s_backend import IMAGE, ROOT, TEST_LABEL, pods_of
+from tests.test_k8s_pods import FakeCore
 
 H100 = "NVIDIA-H100-80GB-HBM3"
 SLICED = {"nvidia.com/gpu.replicas": "4", "nvidia.com/gpu.sharing-strategy": "time-slicing"}
@@ -155,6 +158,31 @@ def test_others_pods_holding_replicas_count_as_whole_gpus() -> None:
     spec = client.V1PodSpec(containers=[container({SHARED: "1"}), container({GPU: "2", "cpu": "1"})])
     assert pod_held(spec).gpus == 3  # the plugin picked their GPUs: Corral keeps off as much as they could take
     assert pod_held(client.V1PodSpec(containers=[container({"nvidia.com/mig-1g.10gb": "1"})])).gpus == 0
+
+
+def test_others_pods_may_ask_a_share_or_a_mig_slice() -> None:
+    """Pods of others (schedulerName corral) asking a MIG slice, or replicas with corral.dev/gpu-fraction, arrive as
+    jobs of a share or a slice, which the intake checks as any submission (JobSubmit)."""
+
+    def foreign(limits: dict[str, str], notes: dict[str, str] | None = None, name: str = "p") -> Any:
+        c = SimpleNamespace(image="img", resources=SimpleNamespace(requests=None, limits=limits))
+        meta = SimpleNamespace(uid=f"u-{name}", namespace="ns", name=name, labels={}, annotations=notes)
+        spec = SimpleNamespace(containers=[c], node_selector=None, termination_grace_period_seconds=5)
+        return SimpleNamespace(metadata=meta, spec=spec)
+
+    gangs = PodGangs(FakeCore([], {}))
+    mig = waiting(foreign({"nvidia.com/mig-1g.10gb": "1"}))
+    assert (mig.mig, mig.gpus) == ("1g.10gb", 0)
+    spec = gangs._spec("k", ("ns", "p"), [mig], "nlp")
+    assert isinstance(spec, dict) and spec["mig"] == "1g.10gb" and "gpus" not in spec
+    assert JobSubmit.model_validate(spec).gpus == 0.142857
+    share = waiting(foreign({GPU: "1"}, {FRACTION: "0.25"}))
+    spec = gangs._spec("k", ("ns", "p"), [share], "nlp")
+    assert isinstance(spec, dict) and spec["gpus"] == 0.25 and JobSubmit.model_validate(spec).gpus == 0.25
+    two = waiting(foreign({"nvidia.com/mig-1g.10gb": "1", "nvidia.com/mig-2g.20gb": "1"}))
+    assert "several profiles" in str(gangs._spec("k", ("ns", "p"), [two], "nlp"))
+    bad = waiting(foreign({GPU: "1"}, {FRACTION: "a quarter"}))
+    assert "not a number" in str(gangs._spec("k", ("ns", "p"), [bad], "nlp"))
 
 
 # ----- on the control plane -----

@@ -278,7 +278,9 @@ class KubernetesExecutor:
 
         try:
             workers = k8s.split_workers(launch.gpus, len(pods))
-            if [n for _, n in workers] != [p.gpus for p in pods]:
+            # A share or a MIG slice keeps the device plugin's resources its pod asked for (pods.py).
+            shared = launch.gpu_fraction is not None or launch.mig is not None
+            if not shared and [n for _, n in workers] != [p.gpus for p in pods]:
                 raise ValueError(f"placed as {workers}, but its pods ask {[p.gpus for p in pods]}")
             self._each(bind, [(p, node) for p, (node, _) in zip(pods, workers, strict=True)])
         except Exception as e:
