@@ -50,7 +50,8 @@ class NodeInfo:
     # nothing can be measured from here (declared GPUs, remote nodes).
     sample: Callable[[], Mapping[int, Any] | None] | None = None
 
-    # Kubernetes: how the NVIDIA device plugin shares this node's GPUs (None: whole GPUs, or not Kubernetes).
+    # How the node's GPUs are shared as it advertises them (Kubernetes: the NVIDIA device plugin's time-slicing and
+    # MIG resources; Ray: mig-<profile> custom resources); None: whole GPUs, MIG read from `gpus` (this machine).
     sharing: GpuSharing | None = None
 
     def whole(self) -> list[GPUInfo]:
@@ -74,7 +75,8 @@ class NodeInfo:
 
 @dataclass(frozen=True)
 class GpuSharing:
-    """The NVIDIA device plugin's sharing on a Kubernetes node, as the node advertises it (nodes.gpu_sharing)."""
+    """GPU sharing a node advertises: the NVIDIA device plugin's on Kubernetes (kubernetes/sharing.gpu_sharing),
+    MIG custom resources on Ray."""
 
     resource: str = "nvidia.com/gpu"  # what a whole or shared GPU is requested as ("nvidia.com/gpu.shared" renamed)
     replicas: int = 1  # time-slicing replicas per physical GPU (label nvidia.com/gpu.replicas); 1: not shared
