@@ -318,7 +318,8 @@ class Pool:
                 chosen = _best_fit(sub, spec)
                 if chosen is not None:
                     free = sum(
-                        len(self.nodes[n].free) + (freed.gpus.get(n, 0) + self.cleared(n, freed) if freed else 0)
+                        len(self.nodes[n].free)
+                        + (freed.gpus.get(n, 0) + (self.cleared(n, freed) if freed.shared else 0) if freed else 0)
                         for n in members
                         if self.nodes[n].up and n not in excluded
                     )
@@ -340,7 +341,9 @@ class Pool:
             weighed = freed.nodes()
             for name in weighed:
                 n = self.nodes[name]
-                free = len(n.free) + freed.gpus.get(name, 0) + self.cleared(name, freed) - n.owed
+                free = len(n.free) + freed.gpus.get(name, 0) - n.owed
+                if freed.shared:
+                    free += self.cleared(name, freed)
                 if (
                     n.up
                     and name not in excluded
@@ -449,7 +452,9 @@ class Pool:
             n = self.nodes[name]
             r = [float(len(n.free)), n.free_cpus, n.free_mem]
             if freed is not None:
-                r[0] += freed.gpus.get(name, 0) + self.cleared(name, freed) - n.owed
+                r[0] += freed.gpus.get(name, 0) - n.owed
+                if freed.shared:
+                    r[0] += self.cleared(name, freed)
                 r[1] = exact(r[1] + freed.cpus.get(name, 0.0))
                 r[2] = exact(r[2] + freed.mem.get(name, 0.0))
             if r[0] >= gpus:

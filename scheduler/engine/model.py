@@ -183,7 +183,7 @@ class JobSpec:
             return
         object.__setattr__(self, "gpus", check_gpus(self.gpus, self.workers, where))
 
-    @property
+    @functools.cached_property
     def shared(self) -> bool:
         """Shares a GPU: a fraction of one physical GPU, or a MIG slice."""
         return type(self.gpus) is float or self.mig is not None

@@ -73,7 +73,8 @@ class Freed:
     def nodes(self) -> set[str]:
         """Nodes where victims free GPUs, fractions of GPUs or MIG slices."""
         out = {n for n, g in self.gpus.items() if g > 0}
-        out.update(n for n, k in self.shared.items() if k > 0)
+        if self.shared:
+            out.update(n for n, k in self.shared.items() if k > 0)
         return out
 
 

@@ -11,7 +11,7 @@ from enum import IntEnum
 from quotas.tree import Queue
 from scheduler.engine.cluster import Freed
 from scheduler.engine.memo import may_fit, own_room
-from scheduler.engine.model import Amounts, Job, Reason, add_gpus
+from scheduler.engine.model import Amounts, Job, Reason, add_gpus, gpu_amount
 from scheduler.engine.state import PoolState, ratio
 
 
@@ -166,7 +166,8 @@ class Preemption:
         """Count `j` as a victim (sign 1) or no longer one (-1)."""
         pool, g, freed = self.ps.pool, self.whole, self.freed
         for a in self.ps.tree[j.spec.queue].path:
-            self.gone[a.name] = add_gpus(self.gone[a.name], sign * j.request)
+            gone = self.gone[a.name] + sign * j.request
+            self.gone[a.name] = gone if type(gone) is int else gpu_amount(gone)
         more = 1 if j.spec.shared else 0
         for node, gpus in j.workers:
             n = pool.nodes[node]
