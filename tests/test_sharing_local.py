@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from scheduler.backends import gpus, mig, sharing
+from scheduler.backends import ray as ray_backend
 from scheduler.backends.base import GPUInfo, Handle, Launch, MigDevice, NodeInfo
 from scheduler.backends.local import LocalExecutor
 from tests.conftest import SHARED
@@ -280,3 +281,9 @@ def test_pids_of_an_attempt(tmp_path: Path) -> None:
     executor.terminate("p", 1, 0.0, 0.0)
     wait_exits(executor, ["p"])
     assert executor.pids("p", 1) is None
+
+
+def test_ray_nodes_offer_mig_slices_they_declare() -> None:
+    """Ray knows no MIG: a node's custom resources "mig-<profile>" are its slices (docs/ray.md)."""
+    res = {"GPU": 1.0, "CPU": 8.0, "mig-1g.10gb": 7.0, "mig-3g.40gb": 0.5, "mig-team": 1.0, "node:10.0.0.1": 1.0}
+    assert ray_backend._mig_resources(res) == {"1g.10gb": 7}  # noqa: SLF001
