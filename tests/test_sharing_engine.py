@@ -168,6 +168,16 @@ def test_a_restored_fraction_takes_its_share_and_no_more() -> None:
     assert _starts(e.schedule(0))["d"].workers == (("a100-0", (0,)),)
 
 
+def test_a_restored_mig_job_takes_a_slice_of_its_profile() -> None:
+    e = engine([node("a100-0", gpus=0, mig={"1g.10gb": 1})], [queue("team-a", quota={"a100": 0})])
+    e.restore(job("a", mig="1g.10gb"), 0, 0, [("a100-0", [])])
+    with pytest.raises(ValueError, match="a 1g.10gb slice of node a100-0 is not free"):
+        e.restore(job("b", mig="1g.10gb"), 0, 0, [("a100-0", [])])
+    e.finish("a", 1)
+    e.submit(job("c", mig="1g.10gb"), 1)
+    assert _starts(e.schedule(1))["c"].workers == (("a100-0", ()),)
+
+
 def test_the_placement_rules_rank_as_documented() -> None:
     mix = {0.25: 1, 0.5: 2}
     # fgd: the 0.75 room stays useful to the 0.5s, the 0.5 room would not
