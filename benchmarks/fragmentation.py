@@ -5,8 +5,8 @@ Usage: python benchmarks/fragmentation.py [--seed N ...] [--jobs N] [--nodes N] 
 For each seed (default 1, 2, 3), writes the `sharing` trace of scheduler/sim/sharing.py and its cluster to DIR
 (default /tmp/corral-fragmentation), which `corral sim generate sharing --seed N` writes byte for byte alike, and
 replays it under each policy (default: best-fit-fractions, corral). Prints markdown: the machine, one row per seed
-and policy (mean and p95 wait, utilisation, unallocated GPUs while jobs wait: mean, share of capacity, partial
-part), then the means over the seeds. Each row names the SHA-256 of the trace and of the event log, as
+and policy (mean and p95 wait, utilisation, unallocated GPUs while jobs wait: mean, share of capacity, partial and
+stranded parts), then the means over the seeds. Each row names the SHA-256 of the trace and of the event log, as
 `corral sim trace TRACE --cluster CLUSTER --policy P --json | sha256sum` prints them, so a rerun can be checked.
 """
 
@@ -47,6 +47,7 @@ class Row:
     unallocated: float  # mean unallocated GPUs while jobs wait
     share: float  # of the capacity, over that time
     partial: float  # part of the unallocated GPU-seconds on shared GPUs
+    stranded: float  # part of them while a waiting job asked for no more than was unallocated
     waiting_hours: float
     preemptions: int
     cpu: float
@@ -93,6 +94,7 @@ def replay(seed: int, policy: str, config: SharingConfig, where: Path) -> Row:
         frag.mean_unallocated,
         frag.unallocated_share,
         frag.partial_share,
+        frag.stranded_share,
         frag.wait_seconds / 3600,
         m.preemptions,
         cpu,
@@ -135,9 +137,9 @@ def main() -> None:
             r = rows[-1]
             print(f"seed {seed} {policy}: {r.cpu:.1f} s CPU, log {r.log_sha}", flush=True)
     header = ["seed", "policy", "mean wait (s)", "p95 wait (s)", "utilisation", "unallocated GPUs while jobs wait"]
-    header += ["share of capacity", "partial", "hours with a job waiting", "preemptions", "trace", "event log"]
+    header += ["share of capacity", "partial", "stranded", "hours with a job waiting", "preemptions", "trace"]
     lines = table(
-        header,
+        [*header, "event log"],
         [
             [
                 str(r.seed),
@@ -148,6 +150,7 @@ def main() -> None:
                 f"{r.unallocated:.2f}",
                 f"{r.share:.1%}",
                 f"{r.partial:.1%}",
+                f"{r.stranded:.1%}",
                 f"{r.waiting_hours:.1f}",
                 str(r.preemptions),
                 r.trace_sha,
@@ -166,10 +169,13 @@ def main() -> None:
                 f"{statistics.fmean(r.unallocated for r in mine):.2f}",
                 f"{statistics.fmean(r.share for r in mine):.1%}",
                 f"{statistics.fmean(r.partial for r in mine):.1%}",
+                f"{statistics.fmean(r.stranded for r in mine):.1%}",
             ]
         )
     lines += ["", f"Means over {len(rows) // max(1, len(policies))} seed(s):", ""]
-    lines += table(["policy", "mean wait (s)", "unallocated GPUs while jobs wait", "share", "partial"], means)
+    lines += table(
+        ["policy", "mean wait (s)", "unallocated GPUs while jobs wait", "share", "partial", "stranded"], means
+    )
     if len(policies) == 2:
         lines += ["", *paired(rows, policies[0], policies[1])]
     print("\n".join(lines))

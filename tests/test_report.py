@@ -261,12 +261,12 @@ def test_report_fragmentation_section(small: tuple[Path, Path]) -> None:
         for p in ("corral", "fifo")
     ]
     # Made-up numbers, so that the test reads the rendering only: 2 h with a job waiting, 3 GPUs unallocated on
-    # average (6 GPU-h), of 16 GPUs, a third of it on shared GPUs.
-    rep.runs[0].fragmentation = fragmentation.Fragmentation(7200.0, 21600.0, 7200.0, 115200.0)
+    # average (6 GPU-h), of 16 GPUs, a third of it on shared GPUs, a quarter stranded.
+    rep.runs[0].fragmentation = fragmentation.Fragmentation(7200.0, 21600.0, 7200.0, 115200.0, 5400.0)
     md = report.markdown(rep, "t")
     assert "## Unallocated GPUs while jobs wait (fragmentation)" in md
     mean_wait = report._s(rep.runs[0].metrics.overall.mean_wait)
-    assert f"| corral | {mean_wait} | 2.0 | 3.00 | 18.8% | 33.3% | 6.0 |" in md
+    assert f"| corral | {mean_wait} | 2.0 | 3.00 | 18.8% | 33.3% | 25.0% | 6.0 |" in md
     assert "3.00 GPUs unallocated while jobs wait (33% partial)" in report.summary_lines(rep)[0]
 
 

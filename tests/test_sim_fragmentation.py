@@ -141,3 +141,50 @@ def test_a_replay_of_the_simulator() -> None:
     log = Simulation(world).run()
     m = fragmentation.compute(log, world.nodes, world.jobs)
     assert (m.wait_seconds, m.unallocated_gpu_seconds, m.mean_unallocated) == (100, 200, 2)
+
+
+def test_stranded_while_a_waiting_job_asks_for_no_more_than_is_unallocated() -> None:
+    # One 4-GPU node. a (2 GPUs) runs 0-100; big (4) waits 0-100 with 2 free: unallocated, not stranded (it asks
+    # for more). small (1 GPU) waits 50-60 (held back, say by the guard): 2 free x 10 s are stranded. At 100 big
+    # is cancelled; h takes GPUs 0-1 until 110, x holds 0.5 of GPU 2 and y 0.75 of GPU 3. w (1 GPU) waits 100-110
+    # and f (0.5) 100-105 with 0.75 free in pieces: stranded 0.75 x 5 while f waits (0.5 <= 0.75), not after
+    # (w asks for more than the 0.25 left). m, a MIG job waiting throughout, asks for no GPU of the node: it never
+    # makes anything stranded.
+    jobs = [
+        f.sim_job("a", 0, 100, gpus=2),
+        f.sim_job("big", 0, 100, gpus=4),
+        f.sim_job("h", 100, 10, gpus=2),
+        f.sim_job("small", 50, 10, gpus=1),
+        f.sim_job("x", 100, 100, gpus=0.5),
+        f.sim_job("y", 100, 100, gpus=0.75),
+        f.sim_job("f", 100, 10, gpus=0.5),
+        f.sim_job("w", 100, 10, gpus=1),
+        f.sim_job("m", 0, 10, mig="1g.10gb"),
+    ]
+    log = _log(
+        _ev(0, "submitted", "a"),
+        _ev(0, "submitted", "big"),
+        _ev(0, "submitted", "m"),
+        _ev(0, "started", "a", nodes={"a100-0": [0, 1]}),
+        _ev(50, "submitted", "small"),
+        _ev(60, "started", "small", nodes={"a100-0": [2]}),
+        _ev(70, "completed", "small"),
+        _ev(100, "completed", "a"),
+        _ev(100, "cancelled", "big"),
+        _ev(100, "started", "h", nodes={"a100-0": [0, 1]}),
+        _ev(100, "started", "x", nodes={"a100-0": [2]}, fraction=0.5),
+        _ev(100, "started", "y", nodes={"a100-0": [3]}, fraction=0.75),
+        _ev(100, "submitted", "f"),
+        _ev(100, "submitted", "w"),
+        _ev(105, "started", "f", nodes={"a100-0": [2]}, fraction=0.5),
+        _ev(110, "completed", "h"),
+        _ev(110, "started", "w", nodes={"a100-0": [0]}),
+    )
+    m = fragmentation.compute(log, f.nodes("a100", 1, 4), jobs)
+    # 0-60: 2 free (small leaves the wait at 60); 60-70: big waits, 1 free; 70-100: 2 free; 100-105: 0.75 free
+    # (x and y on GPUs 2 and 3, big on 0 and 1); 105-110: 0.25 free (f joins x).
+    assert m.unallocated_gpu_seconds == pytest.approx(2 * 60 + 1 * 10 + 2 * 30 + 0.75 * 5 + 0.25 * 5)
+    assert m.stranded_gpu_seconds == pytest.approx(2 * 10 + 0.75 * 5)
+    assert m.stranded_share == pytest.approx(m.stranded_gpu_seconds / m.unallocated_gpu_seconds)
+    # Without the jobs nothing is known of what waiting jobs ask: nothing counts as stranded.
+    assert fragmentation.compute(log, f.nodes("a100", 1, 4)).stranded_gpu_seconds == 0

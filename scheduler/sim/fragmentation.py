@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sortedcontainers import SortedList
+
 from scheduler.engine import NodeSpec
 from scheduler.sim.inputs import EventIn, SimJob
 from scheduler.sim.metrics import RELEASES
@@ -26,6 +28,7 @@ class PoolFragmentation:
     unallocated_gpu_seconds: float = 0.0  # free GPUs (whole and fractions of shared ones) x that time
     partial_gpu_seconds: float = 0.0  # the part of it that is fractions left on GPUs shared by running jobs
     capacity_gpu_seconds: float = 0.0  # the pool's GPUs on nodes that are up x that time
+    stranded_gpu_seconds: float = 0.0  # the part of it while a waiting job asks for no more than is unallocated
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Fragmentation:
     unallocated_gpu_seconds: float = 0.0
     partial_gpu_seconds: float = 0.0
     capacity_gpu_seconds: float = 0.0
+    stranded_gpu_seconds: float = 0.0
     pools: dict[str, PoolFragmentation] = field(default_factory=dict)
 
     @property
@@ -52,6 +56,12 @@ class Fragmentation:
     def partial_share(self) -> float:
         """The part of the unallocated GPU-seconds that was fractions of shared GPUs (0 when nothing was free)."""
         return self.partial_gpu_seconds / self.unallocated_gpu_seconds if self.unallocated_gpu_seconds else 0.0
+
+    @property
+    def stranded_share(self) -> float:
+        """The part of the unallocated GPU-seconds during which some waiting job asked for no more GPUs than were
+        unallocated in its pool: it waited on how the free room was spread, or on a rule (quota, limit, guard)."""
+        return self.stranded_gpu_seconds / self.unallocated_gpu_seconds if self.unallocated_gpu_seconds else 0.0
 
 
 def held(e: Mapping[str, Any]) -> list[tuple[str, int, float]]:
@@ -71,6 +81,7 @@ class _Pool:
         self.up = set(self.gpus)
         self.used: dict[tuple[str, int], float] = {}  # (node, index) -> amount held, > 0
         self.waiting: set[str] = set()
+        self.asks: SortedList = SortedList()  # GPUs the waiting jobs whose request is known ask for
         self.capacity = sum(self.gpus.values())  # GPUs of up nodes
         self.held = 0.0  # held on up nodes (a GPU counts at most 1)
         self.partial = 0.0  # free parts of GPUs on up nodes that running jobs share
@@ -131,10 +142,12 @@ def compute(
     A job waits from its `submitted` event (or a `preempted` one) until it starts, is cancelled or rejected. At
     every moment, for each pool in which at least one job waits, its unallocated GPUs are its up nodes' GPUs less
     what running jobs hold (a fractional job its fraction of one GPU); the partial part is what is left on GPUs
-    that running jobs share but do not fill. The state an instant leaves holds until the next instant, so the
-    integrals are exact. `jobs` (the replayed jobs) give each job's pool; without them a job's pool is the one it
-    started in, and a job that never started counts as waiting in every pool. `node_events`: the scenario's
-    node_down / node_up events (a trace has none); a down node's GPUs are neither capacity nor free.
+    that running jobs share but do not fill; the stranded part is what was unallocated while some waiting job
+    (of the given `jobs`) asked for no more than that. The state an instant leaves holds until the next instant,
+    so the integrals are exact. `jobs` (the replayed jobs) give each job's pool and request; without them a job's
+    pool is the one it started in, a job that never started counts as waiting in every pool, and nothing counts
+    as stranded. `node_events`: the scenario's node_down / node_up events (a trace has none); a down node's GPUs
+    are neither capacity nor free.
     """
     node_pool = {n.name: n.pool for n in nodes}
     by_pool: dict[str, list[NodeSpec]] = defaultdict(list)
@@ -142,6 +155,8 @@ def compute(
         by_pool[n.pool].append(n)
     pools = {p: _Pool(ns) for p, ns in sorted(by_pool.items())}
     pool_of = _pool_of_jobs(log, node_pool, jobs)
+    # What each waiting job asks for, where known (a MIG slice is not GPUs of the node: it never fits them).
+    asks = {j.spec.id: float(j.spec.request) for j in jobs or () if j.spec.mig is None}
     holding: dict[str, list[tuple[str, int, float]]] = {}
     out = Fragmentation(pools={p: PoolFragmentation() for p in pools})
     changes: list[tuple[float, int, Any]] = [
@@ -156,7 +171,7 @@ def compute(
         if last is not None and t > last:
             _accumulate(out, pools, t - last)
         while i < len(changes) and changes[i][0] == t:
-            _apply(changes[i], pools, pool_of, node_pool, holding)
+            _apply(changes[i], pools, pool_of, node_pool, holding, asks)
             i += 1
         last = t
     return out
@@ -168,6 +183,7 @@ def _apply(
     pool_of: Mapping[str, str | None],
     node_pool: Mapping[str, str],
     holding: dict[str, list[tuple[str, int, float]]],
+    asks: Mapping[str, float],
 ) -> None:
     _, kind, e = change
     if kind == 0:
@@ -182,10 +198,16 @@ def _apply(
     targets = [mine] if mine is not None else list(pools.values())
     if what in ("submitted", "preempted"):
         for p in targets:
-            p.waiting.add(job)
+            if job not in p.waiting:
+                p.waiting.add(job)
+                if job in asks:
+                    p.asks.add(asks[job])
     elif what == "started" or what in RELEASES or what == "rejected":
         for p in targets:
-            p.waiting.discard(job)
+            if job in p.waiting:
+                p.waiting.discard(job)
+                if job in asks:
+                    p.asks.remove(asks[job])
     if what == "started":
         parts = held(e)
         holding[job] = parts
@@ -215,5 +237,8 @@ def _accumulate(out: Fragmentation, pools: Mapping[str, _Pool], dt: float) -> No
         out.unallocated_gpu_seconds += free * dt
         out.partial_gpu_seconds += partial * dt
         out.capacity_gpu_seconds += cap * dt
+        if p.asks and p.asks[0] <= free + EPS:
+            pf.stranded_gpu_seconds += free * dt
+            out.stranded_gpu_seconds += free * dt
     if any_waits:
         out.wait_seconds += dt

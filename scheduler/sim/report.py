@@ -262,8 +262,10 @@ def _fragmentation(rep: Report) -> list[str]:
         "GPUs left unallocated in the pools where jobs wait: their up nodes' GPUs less what running jobs hold, "
         "free fractions of shared GPUs included. Mean: unallocated GPU-seconds / seconds with a job waiting; "
         "share: of those pools' capacity over that time; partial: the part that was fractions left on GPUs that "
-        "running jobs share. It counts waits of every cause (room, quota, limit): compare policies with the same "
-        "admission rules to see what placement alone leaves.",
+        "running jobs share; stranded: the part during which a waiting job asked for no more GPUs than were "
+        "unallocated (it waited on how they were spread, or on a rule). It counts waits of every cause (room, "
+        "quota, limit, the guard): compare policies with the same admission rules to see what placement alone "
+        "leaves.",
         "",
     ]
     rows = [
@@ -274,12 +276,13 @@ def _fragmentation(rep: Report) -> list[str]:
             f"{r.fragmentation.mean_unallocated:.2f}",
             f"{r.fragmentation.unallocated_share:.1%}",
             f"{r.fragmentation.partial_share:.1%}",
+            f"{r.fragmentation.stranded_share:.1%}",
             _h(r.fragmentation.unallocated_gpu_seconds),
         ]
         for r in rep.runs
     ]
     header = ["policy", "mean wait", "hours with a job waiting", "mean unallocated GPUs", "share", "partial"]
-    return lines + _table([*header, "unallocated GPU-h"], rows)
+    return lines + _table([*header, "stranded", "unallocated GPU-h"], rows)
 
 
 def markdown(rep: Report, title: str) -> str:
