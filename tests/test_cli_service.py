@@ -333,6 +333,15 @@ def test_top_shows_gpus_with_their_jobs_and_queues(corral: Corral, service: Serv
     assert data["pools"][0]["free"] == 0 and any(q["name"] == "ranking" for q in data["queues"])
 
 
+def test_top_shows_each_share_of_a_shared_gpu(corral: Corral, service: Service) -> None:
+    half, quarter = submit(corral, "nlp", 1, "--gpus", "0.5"), submit(corral, "nlp", 1, "--gpus", "0.25")
+    service.tick()
+    rows = [line.split() for line in corral("top").stdout.splitlines() if line.startswith("localhost")]
+    shared = [r for r in rows if len(r) > 4 and r[4].startswith("(")]
+    assert sorted(r[3:5] for r in shared) == sorted([[str(half), "(0.5)"], [str(quarter), "(0.25)"]]), rows
+    assert len({r[1] for r in shared}) == 1  # one GPU, shared
+
+
 def test_top_shows_non_preemptible_use_against_quota(corral: Corral, service: Service) -> None:
     box = {"queue": "nlp", "gpus": 2, "command": ["jupyterhub-singleuser"]}
     assert service.admin.post("/v1/sandboxes", json=box).status_code == 201
