@@ -19,12 +19,15 @@ from collections.abc import Collection, Iterator, Mapping
 
 from sortedcontainers import SortedList
 
-from scheduler.engine.model import Job, add_gpus
+from scheduler.engine.model import Job, gpu_amount
 
 
 def slack(usage: float, share: float, request: float) -> float:
     """ratio(usage - request, share), as state.ratio computes it (infinite where the share is 0)."""
-    return add_gpus(usage, -request) / share if share > 0 else math.inf
+    if share <= 0:
+        return math.inf
+    left = usage - request
+    return (left if type(left) is int else gpu_amount(left)) / share
 
 
 class ClearIndex:

@@ -513,7 +513,10 @@ class Engine:
     def _may_start_any(self, ps: PoolState, q: Queue) -> bool:
         """A cheap necessary condition, so that a full pool does not walk every pending job of every queue."""
         need = ps.min_pending(q.name)
-        if add_gpus(ps.usage[q.name], need) > q.limit_of(ps.name) and q.name not in ps.mixed:
+        after = ps.usage[q.name] + need
+        if type(after) is not int:
+            after = gpu_amount(after)
+        if after > q.limit_of(ps.name) and q.name not in ps.mixed:
             return False  # its own limit: only its own lower-priority jobs could make room (tier 3)
         if need <= ps.usable_free(q.name):
             return True
@@ -521,7 +524,9 @@ class Engine:
         if running and ps.pending[q.name][0].spec.priority > running[0].spec.priority:
             return True  # tier 3: lower-priority work of its own
         u, pool = ps.usage[q.name], ps.name
-        after = add_gpus(u, need)
+        after = u + need
+        if type(after) is not int:
+            after = gpu_amount(after)
         return after <= q.quota_of(pool) or after <= ps.shares().get(q.name, 0.0)
 
     def _admit(

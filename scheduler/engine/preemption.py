@@ -256,9 +256,13 @@ class Preemption:
             return out
         share, left = self.shares.get(v, 0.0), ps.usage[v]
         for j in ps.running[v]:
-            if j.spec.preemptible and ratio(add_gpus(left, -j.request), share) >= after_q:
-                left = add_gpus(left, -j.request)
-                out.add(id(j))
+            if j.spec.preemptible:
+                after = left - j.request
+                if type(after) is not int:
+                    after = gpu_amount(after)
+                if ratio(after, share) >= after_q:
+                    left = after
+                    out.add(id(j))
         return out
 
     def plan(self) -> Plan | None:
@@ -278,23 +282,25 @@ class Preemption:
             facts: dict[str, float | int | str] = {"queue": q.name, "victim_queue": v.name}
             if tier == Tier.RECLAIM:
                 b = ps.tree.branch(v, q)
-                left = add_gpus(ps.usage[b.name], -from_branch[b.name])
+                left = ps.usage[b.name] - from_branch[b.name]
+                if type(left) is not int:
+                    left = gpu_amount(left)
                 if left <= b.quota_of(pool):
                     continue
                 facts.update(branch=b.name, branch_usage=left, branch_quota=b.quota_of(pool))
                 from_branch[b.name] = add_gpus(from_branch[b.name], j.request)
             elif tier == Tier.FAIR_SHARE:
-                after_v = ratio(
-                    add_gpus(ps.usage[v.name], -add_gpus(from_queue[v.name], j.request)), self.shares.get(v.name, 0.0)
-                )
-                after_q = ratio(
-                    add_gpus(ps.usage[q.name], add_gpus(self.request, -from_queue[q.name])),
-                    self.shares.get(q.name, 0.0),
-                )
+                # Ints (whole GPUs) added plainly; fractions rounded once, as add_gpus does (a call per victim
+                # candidate is measurable in walks of hundreds).
+                vu = ps.usage[v.name] - from_queue[v.name] - j.request
+                qu = ps.usage[q.name] + self.request - from_queue[q.name]
+                after_v = ratio(vu if type(vu) is int else gpu_amount(vu), self.shares.get(v.name, 0.0))
+                after_q = ratio(qu if type(qu) is int else gpu_amount(qu), self.shares.get(q.name, 0.0))
                 if after_v < after_q:
                     continue
                 facts.update(victim_usage=ps.usage[v.name], ratio_after=after_v, beneficiary_ratio_after=after_q)
-            from_queue[v.name] = add_gpus(from_queue[v.name], j.request)
+            taken_gpus = from_queue[v.name] + j.request
+            from_queue[v.name] = taken_gpus if type(taken_gpus) is int else gpu_amount(taken_gpus)
             taken.append(Victim(j, tier, facts))
             taken_ids.add(id(j))
             self._take(j, 1)

@@ -330,7 +330,10 @@ class PoolState:
             for j in running:  # victim order: lowest priority first
                 if j.spec.priority >= head.spec.priority:
                     break
-                room = add_gpus(room, j.request) if j.spec.preemptible else room
+                if j.spec.preemptible:
+                    room += j.request
+        if type(room) is not int:
+            room = gpu_amount(room)  # fractions summed once, to a millionth
         if room:
             self.mixed[name] = room
         else:
@@ -547,7 +550,11 @@ class PoolState:
         """The first queue on q's path whose limit `request` more GPUs would break, with its usage."""
         usage, pool = self.usage, self.name
         for a in q.path:
-            u = add_gpus(usage[a.name], -freed.get(a.name, 0)) if freed else usage[a.name]
+            u = usage[a.name]
+            if freed:
+                u -= freed.get(a.name, 0)
+                if type(u) is not int:
+                    u = gpu_amount(u)
             after = u + request
             if type(after) is not int:  # fractions (GPU sharing): summed as add_gpus does; ints stay a plain add
                 after = gpu_amount(after)
