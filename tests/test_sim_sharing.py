@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 from scheduler.cli.main import app
 from scheduler.sim import fragmentation
 from scheduler.sim.importers import TraceJob, write_trace
-from scheduler.sim.inputs import InputError, load_cluster, load_trace
+from scheduler.sim.inputs import InputError, load_cluster, load_scenario, load_trace
 from scheduler.sim.metrics import RELEASES
+from scheduler.sim.runner import Simulation
 from scheduler.sim.sharing import FRACTIONS, WHOLE, SharingConfig, sharing
 
 runner = CliRunner()
@@ -153,3 +154,15 @@ def test_the_sharing_trace_replays_under_both_placements(tmp_path: Path, policy:
     world.jobs = load_trace(trace)
     m = fragmentation.compute(log, world.nodes, world.jobs)
     assert m.wait_seconds > 0 and 0 < m.partial_share < 1
+
+
+def test_the_measure_tells_the_placements_apart_on_the_fragmentation_scenario() -> None:
+    # tests/scenarios/42: best fit puts f (0.25) beside b on a100-0, so p2 (0.5) waits 10-100 with two pieces of
+    # 0.25 free, one per GPU: 0.5 x 90 GPU-seconds, all partial, all stranded (0.5 asked, 0.5 free in all).
+    # Corral's rule puts f where the 0.25 left is of no use to anyone waiting: nothing waits.
+    world = load_scenario(Path(__file__).parent / "scenarios" / "42-fractions-fragmentation.yaml")
+    best = fragmentation.compute(Simulation(world, "best-fit-fractions").run(), world.nodes, world.jobs)
+    assert (best.wait_seconds, best.unallocated_gpu_seconds, best.capacity_gpu_seconds) == (90, 45, 180)
+    assert best.mean_unallocated == 0.5 and best.partial_share == 1 and best.stranded_share == 1
+    corral = fragmentation.compute(Simulation(world, "corral").run(), world.nodes, world.jobs)
+    assert corral.wait_seconds == 0 and corral.unallocated_gpu_seconds == 0
