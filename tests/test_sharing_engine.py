@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,9 @@ from quotas import QueueSpec, QueueTree
 from scheduler.engine import NodeSpec, Settings, Started
 from scheduler.engine.baselines import BestFitFractionsEngine
 from scheduler.engine.engine import Engine
-from scheduler.engine.model import JobSpec, JobState, mig_fraction
+from scheduler.engine.model import JobSpec, JobState, exact, mig_fraction
 from scheduler.engine.reference import ReferenceEngine
-from scheduler.engine.sharing import best_fit_key, fgd_key
+from scheduler.engine.sharing import best_fit_key, fgd_key, fragmentation
 from scheduler.engine.shortcut_free import ShortcutFreeEngine
 from scheduler.service.core.specs import JobSubmit, engine_spec_of
 from scheduler.sim.inputs import InputError, SimJob, World, load_scenario, load_trace
@@ -317,6 +318,28 @@ def check_sharing(w: World, events: list[dict[str, Any]]) -> None:
                     del whole[n, g]
 
 
+def first_rule(room: float, fraction: float, mix: Mapping[float, int]) -> tuple[float, ...]:
+    """The first fgd_key, which counted the job being placed in the pending mix: the worlds the regression tests
+    below were found in unfold under it."""
+    left = exact(room - fraction)
+    return (exact(fragmentation(left, mix) - fragmentation(room, mix)), left)
+
+
+class FirstRule(Engine):
+    def share_key(self, room: float, fraction: float, mix: Mapping[float, int]) -> tuple[float, ...]:
+        return first_rule(room, fraction, mix)
+
+
+class FirstRuleReference(ReferenceEngine):
+    def share_key(self, room: float, fraction: float, mix: Mapping[float, int]) -> tuple[float, ...]:
+        return first_rule(room, fraction, mix)
+
+
+class FirstRuleShortcutFree(ShortcutFreeEngine):
+    def share_key(self, room: float, fraction: float, mix: Mapping[float, int]) -> tuple[float, ...]:
+        return first_rule(room, fraction, mix)
+
+
 def _log(w: World, engine_type: type[Engine] | None) -> dict[str, Any]:
     sim = Simulation(copy.deepcopy(w), "corral", log_fair_share=False, engine_type=engine_type)
     log = sim.run()
@@ -361,8 +384,8 @@ def test_nodes_the_reservation_lets_go_are_used_at_once() -> None:
     passed again only when the reservation's job changed, and the room waited for the next event (an extra wakeup
     of ShortcutFreeEngine's found it first). A reservation that lets nodes go now counts as moved."""
     w = churned_world(220)
-    fast = _log(w, None)
-    assert fast["events"] == _log(w, ShortcutFreeEngine)["events"]
+    fast = _log(w, FirstRule)
+    assert fast["events"] == _log(w, FirstRuleShortcutFree)["events"]
     assert {"t": 1337.7, "event": "started", "job": "j51", "nodes": {"n1": [1]}, "fraction": 0.25} in fast["events"]
 
 
@@ -372,7 +395,7 @@ def test_a_queue_read_in_a_pass_comes_back_when_it_loses_a_job() -> None:
     job started, the free room there was its again. The pass took it for a parked queue it had passed by (its
     parked mark is stale until the pass ends) and never read it again; ReferenceEngine did (ordering.PassOrder)."""
     w = churned_world(75)
-    assert _log(w, None) == _log(w, ReferenceEngine)
+    assert _log(w, FirstRule) == _log(w, FirstRuleReference)
 
 
 def test_best_fit_fractions_keeps_the_invariants_too() -> None:

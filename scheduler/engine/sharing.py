@@ -12,20 +12,27 @@ from scheduler.engine.model import exact
 ShareKey = Callable[[float, float, Mapping[float, int]], tuple[float, ...]]
 
 
-def fragmentation(room: float, mix: Mapping[float, int]) -> float:
+def fragmentation(room: float, mix: Mapping[float, int], placed: float | None = None) -> float:
     """FGD's measure for one GPU (Weng et al., USENIX ATC 2023), for fractions: the room a pending fractional job,
-    drawn from `mix` by count, could not use (all of it when the job asks more than the room, none otherwise)."""
-    if room <= 0 or not mix:
+    drawn from `mix` by count (less one job of size `placed`: the one being placed, which will not wait), could
+    not use (all of it when the job asks more than the room, none otherwise)."""
+    if room <= 0:
         return 0.0
-    total = sum(mix.values())
-    return room * sum(count for size, count in mix.items() if room < size) / total
+    total = unusable = 0
+    for size, count in mix.items():
+        if size == placed:
+            count -= 1
+        total += count
+        if room < size:
+            unusable += count
+    return room * unusable / total if total > 0 else 0.0
 
 
 def fgd_key(room: float, fraction: float, mix: Mapping[float, int]) -> tuple[float, ...]:
-    """Corral's rule: the shared GPU whose fragmentation for the pending mix grows least once the job takes
-    `fraction` of its `room` (an exact fit lowers it most), then the least room left (best fit)."""
+    """Corral's rule: the shared GPU whose fragmentation for the other pending fractions grows least once the job
+    takes `fraction` of its `room`, then the least room left (best fit)."""
     left = exact(room - fraction)
-    return (exact(fragmentation(left, mix) - fragmentation(room, mix)), left)
+    return (exact(fragmentation(left, mix, fraction) - fragmentation(room, mix, fraction)), left)
 
 
 def best_fit_key(room: float, fraction: float, mix: Mapping[float, int]) -> tuple[float, ...]:
