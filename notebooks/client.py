@@ -103,8 +103,9 @@ class Client:
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
         queue: str | None = None,
-        gpus: int = 1,
+        gpus: float = 1,
         workers: int = 1,
+        mig: str | None = None,
         name: str | None = None,
         pool: str | None = None,
         priority: int = 0,
@@ -122,7 +123,8 @@ class Client:
         runs on this machine or a shared file system) or `function` (called as function(*args, **kwargs) in
         the job; the repr of its return value is the last line of its stdout, see Job.result()).
         A repeated `idempotency_key` returns the job first submitted with it, so re-running a cell is safe.
-        `queue` defaults to default_queue().
+        `queue` defaults to default_queue(). `gpus` below 1 is a share of one GPU (0.25); `mig` one MIG slice of
+        that profile ("1g.10gb") in place of `gpus`.
         """
         given = [x for x in (command, script, function) if x is not None]
         if len(given) != 1:
@@ -144,7 +146,6 @@ class Client:
         body: dict[str, Any] = {
             "queue": queue or self.default_queue(),
             "command": argv,
-            "gpus": gpus,
             "workers": workers,
             "priority": priority,
             "preemptible": preemptible,
@@ -159,6 +160,7 @@ class Client:
             "labels": dict(labels) if labels else None,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
+        body.update({"mig": mig} if mig is not None else {"gpus": gpus})  # a slice's share follows from its profile
         data, created = self._loop.run(self._api.submit(body))
         # A repeated key returns the first job; the service refuses (CorralError conflict, naming the fields) a
         # repeated key with a different spec, so an edited cell never silently shows the old run.

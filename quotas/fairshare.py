@@ -65,7 +65,7 @@ def _pour(open_: list[tuple[int, float, float]], rest: float, given: list[float]
     return rest
 
 
-def fair_shares(tree: QueueTree, pool: str, capacity: float, leaf_demand: Mapping[str, int]) -> dict[str, float]:
+def fair_shares(tree: QueueTree, pool: str, capacity: float, leaf_demand: Mapping[str, float]) -> dict[str, float]:
     """fairshare(Q, pool) for every queue, given the pool's up capacity and each leaf's demand (usage + pending)."""
     ps = PoolShares(tree, pool, capacity)
     for leaf, d in leaf_demand.items():
@@ -105,9 +105,13 @@ class PoolShares:
             self._dirty = True
 
     def add_demand(self, leaf: str, delta: float) -> None:
+        # Fractions of GPUs (GPU sharing) are summed to a millionth, as the engine counts them: a queue whose
+        # fractional jobs have all left must be back at exactly its demand before them.
+        fractional = type(delta) is not int
         for q in self.tree[leaf].path:
             old = self.demand[q.name]
-            self.raw[q.name] += delta
+            raw = self.raw[q.name] + delta
+            self.raw[q.name] = round(raw, 6) if fractional or not raw.is_integer() else raw
             new = min(self.raw[q.name], q.limit_of(self.pool))
             if new == old:
                 return  # capped by its limit before and after: nothing above it changes

@@ -56,7 +56,8 @@ def sandbox_request(
         "name": name,
         "queue": queue,
         "owner": user,
-        "gpus": profile.gpus,
+        # A MIG profile's sandbox asks its slice; its share of a GPU follows from the profile (the service's rule).
+        **({"mig": profile.mig} if profile.mig is not None else {"gpus": profile.gpus}),
         "command": list(command),
         "env": dict(env),
         "profile": profile.name,

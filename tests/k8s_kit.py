@@ -551,10 +551,13 @@ class ControlPlane:
         cpu: str = "64",
         memory: str = "512Gi",
         labels: dict[str, str] | None = None,
+        resources: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """A kwok-managed node with `gpus` nvidia.com/gpu in capacity and allocatable, labelled with the GPU
-        product (the pool label, as GPU feature discovery would) and corral.dev/pool; kwok makes it Ready."""
-        resources = {"cpu": cpu, "memory": memory, "pods": "110", GPU: str(gpus)}
+        product (the pool label, as GPU feature discovery would) and corral.dev/pool; kwok makes it Ready.
+        `resources`: more extended resources (the device plugin's nvidia.com/gpu.shared, nvidia.com/mig-*), or
+        another nvidia.com/gpu count (time-slicing replicas)."""
+        resources = {"cpu": cpu, "memory": memory, "pods": "110", GPU: str(gpus), **(resources or {})}
         node = {
             "apiVersion": "v1",
             "kind": "Node",

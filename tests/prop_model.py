@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from quotas import QueueSpec, QueueTree
 from quotas.tree import Queue
 from scheduler.engine import Job, JobSpec, JobState, NodeSpec, Settings
+from scheduler.engine.model import Amounts
 from scheduler.sim.inputs import EventIn, SimJob, World
 from tests.factories import cancel, job, node, node_down, node_up, queue, tree, world
 
@@ -233,16 +234,16 @@ def reference_place(
     return best_fit(room, spec)
 
 
-def leaf_demand(jobs: list[Job], pool: str) -> Counter[str]:
+def leaf_demand(jobs: list[Job], pool: str) -> Amounts:
     """usage + pending GPUs per leaf (uncapped)."""
-    d: Counter[str] = Counter()
+    d = Amounts()
     for j in jobs:
         if j.spec.pool == pool and j.state in (JobState.RUNNING, JobState.PENDING):
             d[j.spec.queue] += j.request
     return d
 
 
-def capped_demand(t: QueueTree, pool: str, leaf: Mapping[str, int]) -> dict[str, float]:
+def capped_demand(t: QueueTree, pool: str, leaf: Mapping[str, float]) -> dict[str, float]:
     """demand(Q, p) capped at limit. SCHEDULING.md's "usage plus GPUs requested by pending jobs in the subtree,
     capped at limit" is read with every queue of the subtree capped at its own limit as well, as
     docs/scheduling.md states: "For a department, it is the sum of its teams' demands, capped at the department's

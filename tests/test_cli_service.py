@@ -171,6 +171,16 @@ def test_submit_a_command_after_double_dash(corral: Corral, service: Service) ->
     assert job(service, int(one.stdout.strip()))["spec"]["command"] == "python train.py | tee log"
 
 
+def test_submit_a_share_of_a_gpu(corral: Corral, service: Service) -> None:
+    quarter = submit(corral, "nlp", 1, "--gpus", "0.25")  # the later --gpus wins
+    assert job(service, quarter)["gpus"] == 0.25 and job(service, quarter)["spec"]["gpus"] == 0.25
+    assert job(service, submit(corral, "nlp", 2))["spec"]["gpus"] == 2  # whole GPUs stay integers
+    r = corral("submit", "--queue", "nlp", "--gpus", "1.5", "--", "true", code=1)
+    assert "whole number" in r.stderr
+    r = corral("submit", "--queue", "nlp", "--mig", "1g.10gb", "--", "true", code=1)
+    assert "MIG slice 1g.10gb" in r.stderr  # a well-formed profile this pool's nodes do not offer
+
+
 def test_submit_without_queue_or_command_is_a_usage_error(corral: Corral) -> None:
     r = corral("submit", "--gpus", "1", code=2)
     assert "--queue" in r.stderr
@@ -321,6 +331,15 @@ def test_top_shows_gpus_with_their_jobs_and_queues(corral: Corral, service: Serv
     assert sum(1 for row in gpu_rows if row[3:6] == [str(jid), "big", "ranking"]) == 6
     data = json.loads(corral("top", "-o", "json").stdout)
     assert data["pools"][0]["free"] == 0 and any(q["name"] == "ranking" for q in data["queues"])
+
+
+def test_top_shows_each_share_of_a_shared_gpu(corral: Corral, service: Service) -> None:
+    half, quarter = submit(corral, "nlp", 1, "--gpus", "0.5"), submit(corral, "nlp", 1, "--gpus", "0.25")
+    service.tick()
+    rows = [line.split() for line in corral("top").stdout.splitlines() if line.startswith("localhost")]
+    shared = [r for r in rows if len(r) > 4 and r[4].startswith("(")]
+    assert sorted(r[3:5] for r in shared) == sorted([[str(half), "(0.5)"], [str(quarter), "(0.25)"]]), rows
+    assert len({r[1] for r in shared}) == 1  # one GPU, shared
 
 
 def test_top_shows_non_preemptible_use_against_quota(corral: Corral, service: Service) -> None:

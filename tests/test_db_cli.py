@@ -12,10 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from scheduler.cli.main import app
 from scheduler.service.api.metrics_server import MetricsServer
+from scheduler.service.store import db
 from scheduler.service.store.db import NotAtHead, current_revision, head_revision, revisions
 from tests.db_upgrade_kit import database_at, lost, previous_head
 from tests.k8s_kit import free_port
@@ -62,6 +64,30 @@ def test_downgrade_below_0006_drops_the_restart_state_columns(db_url: str) -> No
     }
     assert lost(db_url, trimmed) == []
     assert lost(db_url, written) != []
+
+
+def test_0009_keeps_shares_of_gpus_and_downgrade_rounds_them_up(db_url: str) -> None:
+    """GPU sharing (issue 27): after 0009 jobs.gpus and attempts.gpus hold 0.25 exactly, whole amounts read back
+    as ints; back at 0008 (integers) a share counts as one GPU, never less than it held."""
+    written = database_at(db_url, "0008")
+    assert corral_db(db_url, "upgrade", "--to", "0009")[0] == 0
+    assert lost(db_url, written) == []  # whole amounts kept
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            job_id = written["attempts"][0]["job_id"]
+            conn.execute(sa.text("UPDATE jobs SET gpus = 0.25 WHERE id = :i"), {"i": job_id})
+            conn.execute(sa.text("UPDATE attempts SET gpus = 0.25 WHERE job_id = :i"), {"i": job_id})
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(db.jobs.c.gpus).where(db.jobs.c.id == job_id)).scalar_one() == 0.25
+            whole = conn.execute(sa.select(db.jobs.c.gpus).where(db.jobs.c.id != job_id)).scalars().all()
+            assert whole and all(type(g) is int for g in whole)
+        assert corral_db(db_url, "downgrade", "--to", "0008")[0] == 0
+        with engine.connect() as conn:
+            got = conn.execute(sa.text("SELECT gpus FROM attempts WHERE job_id = :i"), {"i": job_id}).scalars().all()
+            assert got and all(g == 1 for g in got)
+    finally:
+        engine.dispose()
 
 
 def test_bad_revisions_and_an_empty_database(db_url: str) -> None:

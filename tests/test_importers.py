@@ -111,3 +111,47 @@ def test_unwritable_output_exits_2(tmp_path: Path) -> None:
     src = _write(tmp_path, PHILLY)
     res = runner.invoke(app, ["sim", "import", "philly", str(src), "-o", str(tmp_path / "no" / "dir.csv")])
     assert res.exit_code == 2 and "cannot write the file" in res.output
+
+
+# Rows in the columns of Alibaba's cluster-trace-gpu-v2023 (made up for the test, not the trace's).
+ALIBABA = """\
+name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time
+t-0,8000,16384,1,1000,,LS,Running,100,700,100
+t-1,4000,8192,1,250,,BE,Running,50,400,60
+t-2,32000,65536,0,0,,BE,Running,10,20,10
+t-3,88000,327680,8,1000,,Burstable,Succeeded,200,1200,300
+t-4,4000,8192,1,500,,BE,Pending,210,260,
+t-5,88000,327680,16,1000,,LS,Running,220,320,220
+"""
+
+
+def test_alibaba_gpu_sharing_trace(tmp_path: Path) -> None:
+    src, dest = _write(tmp_path, ALIBABA, "pods.csv"), tmp_path / "trace.csv"
+    res = runner.invoke(app, ["sim", "import", "alibaba-gpu", str(src), "-o", str(dest), "--pool", "v100"])
+    assert res.exit_code == 0, res.output
+    assert "wrote 4 jobs" in res.output  # no CPU-only task (t-2), no task never scheduled (t-4)
+    rows = list(csv.DictReader(dest.open()))
+    # By creation time; submit from the first; duration from scheduled to deleted; 16 GPUs a gang of 2 x 8.
+    assert [(r["id"], r["submit"], r["duration"], r["queue"], r["workers"], r["gpus"]) for r in rows] == [
+        ("a000001", "0", "340", "qos-be", "1", "0.25"),
+        ("a000002", "50", "600", "qos-ls", "1", "1"),
+        ("a000003", "150", "900", "qos-burstable", "1", "8"),
+        ("a000004", "170", "100", "qos-ls", "2", "8"),
+    ]
+    assert {r["pool"] for r in rows} == {"v100"}
+    assert [j.spec.gpus for j in load_trace(dest)] == [0.25, 1, 8, 8]
+
+
+@pytest.mark.parametrize(
+    ("bad", "where"),
+    [
+        ("t-9,1,1,1,0,,LS,Running,5,9,5", "line 8, column gpu_milli"),
+        ("t-9,1,1,1,1500,,LS,Running,5,9,5", "line 8, column gpu_milli"),
+        ("t-9,1,1,0.5,500,,LS,Running,5,9,5", "line 8, column num_gpu"),
+        ("t-9,1,1,1,500,,LS,Running,5,3,5", "line 8, column deletion_time"),
+    ],
+)
+def test_alibaba_bad_rows_name_the_line(tmp_path: Path, bad: str, where: str) -> None:
+    src = _write(tmp_path, ALIBABA + bad + "\n", "pods.csv")
+    res = runner.invoke(app, ["sim", "import", "alibaba-gpu", str(src), "-o", str(tmp_path / "t.csv")])
+    assert res.exit_code == 2 and f"pods.csv: {where}" in res.output, res.output

@@ -23,6 +23,7 @@ from quotas import QueueSpec, fair_shares
 from scheduler.engine import Engine, Job, JobState, NodeSpec, Preempted, Rejected, Settings, Started
 from scheduler.engine.cluster import Freed, Pool, _best_fit
 from scheduler.engine.decisions import Decision
+from scheduler.engine.model import Amounts
 from scheduler.engine.shortcut_free import ShortcutFreeEngine
 from scheduler.sim.inputs import World
 from scheduler.sim.runner import Simulation
@@ -164,7 +165,7 @@ class Checker:
                     return
                 alloc: list[tuple[str, list[int]]] = []
                 for node in chosen:
-                    gpus = sorted(free_idx[node])[: s.gpus]
+                    gpus = sorted(free_idx[node])[: int(s.gpus)]
                     free_idx[node] -= set(gpus)
                     free_cpu[node] -= s.cpus
                     free_mem[node] -= s.memory_gb
@@ -277,8 +278,8 @@ class Checker:
         jobs = list(eng.jobs.values())
         held, cpus, mem = self.running_state(jobs)
         for pool in self.pools:
-            usage: Counter[str] = Counter()
-            np_usage: Counter[str] = Counter()
+            usage = Amounts()
+            np_usage = Amounts()
             for j in jobs:
                 if j.state is JobState.RUNNING and j.spec.pool == pool:
                     for a in self.tree[j.spec.queue].path:
@@ -334,7 +335,7 @@ class Checker:
                     f"(demand {demand}, capacity {cap})"
                 )
 
-    def admissible_but_for_fit(self, j: Job, pool: str, usage: Counter[str], np_usage: Counter[str]) -> bool:
+    def admissible_but_for_fit(self, j: Job, pool: str, usage: Amounts, np_usage: Amounts) -> bool:
         """Limit and guarantee checks of Admission pass for `j` as the cluster stands."""
         q = self.tree[j.spec.queue]
         if any(usage[a.name] + j.request > a.limit_of(pool) for a in q.path):
@@ -347,11 +348,11 @@ class Checker:
         pool: str,
         jobs: list[Job],
         free: dict[str, tuple[float, float, float]],
-        usage: Counter[str],
-        np_usage: Counter[str],
+        usage: Amounts,
+        np_usage: Amounts,
     ) -> None:
         place = eng.pools[pool].pool.place
-        seen: set[tuple[int, int, float, float]] = set()
+        seen: set[tuple[int, float, float, float]] = set()
         for j in jobs:
             if j.state is not JobState.PENDING or j.spec.pool != pool:
                 continue
@@ -595,5 +596,5 @@ def test_one_worker_best_fit_matches_the_full_scan(node_list: list[NodeSpec], da
         freed.add(workers, spec)
     excluded = data.draw(st.sets(st.sampled_from(names)))
     job = job_spec("j", "q", pool_name, gpus=data.draw(st.integers(0, 8)), cpus=data.draw(st.sampled_from([0.0, 2.0])))
-    chosen = _best_fit(pool._room(job.gpus, excluded, freed), job)
+    chosen = _best_fit(pool._room(int(job.gpus), excluded, freed), job)
     assert pool.place(job, excluded, freed) == chosen

@@ -28,6 +28,7 @@ from ray.job_submission import JobStatus
 
 from scheduler.backends.base import Exit, Handle, Launch, NodeInfo
 from scheduler.backends.ray import RayExecutor, auth_headers, discover_ray, submission_id
+from scheduler.backends.sharing import overfull, per_gpu
 from scheduler.service.api.app import create_app
 from scheduler.service.api.auth import Role
 from scheduler.service.core.assemble import RAY_TRUST, build_core, create_token
@@ -213,6 +214,29 @@ def test_a_gang_starts_whole_and_fails_whole(cluster: Cluster, tmp_path: Path) -
     gpus = {ln.split("gpus=")[1].split()[0] for ln in lines}
     assert len(gpus) == 2, log  # one GPU each, not the same one
     assert got[f"gf{t}"].code == 4, _log(ex, f"gf{t}")  # the failed worker's code is the gang's
+
+
+def test_shares_of_gpus_run_together_and_fit_each_gpu(cluster: Cluster, tmp_path: Path) -> None:
+    """Fractional jobs at once (each waits for all the others before it reports): Ray's actual assignment, the
+    CUDA_VISIBLE_DEVICES each job got, puts at most 1 GPU's worth of shares on each device."""
+    ex, node, t = _executor(cluster, tmp_path), cluster.nodes[0].name, _tag()
+    marks = tmp_path / "share-marks"
+    marks.mkdir()
+    shares = {f"s{t}{i}": f for i, f in enumerate([0.5, 0.5, 0.75, 0.25, 0.5])}
+    cmd = (
+        f"touch {marks}/$CORRAL_JOB_ID; for i in $(seq 300); do [ $(ls {marks} | wc -l) = {len(shares)} ] && break; "
+        f"sleep 0.2; done; echo gpus=$CUDA_VISIBLE_DEVICES peers=$(ls {marks} | wc -l)"
+    )
+    for job, f in shares.items():
+        ex.launch(Launch(job, 1, cmd, {node: [0]}, gpu_fraction=f))
+    got = _wait(ex, {(job, 1) for job in shares})
+    held: list[tuple[str, float]] = []
+    for job, f in shares.items():
+        [line] = [ln for ln in _log(ex, job).splitlines() if ln.startswith("gpus=")]
+        assert got[job].code == 0 and line.endswith(f"peers={len(shares)}"), line  # all ran at the same time
+        [device] = line.split()[0].removeprefix("gpus=").split(",")  # one device, shared
+        held.append((device, f))
+    assert overfull(held) == {} and len(per_gpu(held)) >= 3, held  # 2.5 GPUs of shares over at least 3 devices
 
 
 def _running(marker: str) -> bool:

@@ -12,9 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from scheduler.cli.main import app
-from scheduler.sim import report
+from scheduler.sim import fragmentation, report
 from scheduler.sim.inputs import load_cluster, load_trace
 from scheduler.sim.metrics import compute, jain, percentile, usage_series
+from scheduler.sim.runner import Simulation
 from scheduler.sim.waste import HoldCounts, IdleWait, PreemptionWaste, Waste
 from tests.conftest import SHARED
 from tests.factories import sim_job
@@ -80,6 +81,25 @@ def test_metrics_known_answers() -> None:
     assert qa.utilisation == pytest.approx(0.52)
     assert (qb.started, qb.rejected, qb.mean_wait, qb.makespan, qb.gpu_seconds) == (1, 1, 0, 14, 20)
     assert m.jain_queue_mean_wait == pytest.approx(0.5)  # mean waits 10 and 0
+
+
+def test_metrics_count_what_fractional_jobs_hold() -> None:
+    # Two jobs share GPU 0 of one 8-GPU node, 0.25 and 0.5 of it, for 100 s: 75 GPU-seconds, not 200.
+    jobs = [sim_job("x", 0, 100, "qa", "p", gpus=0.25), sim_job("y", 0, 100, "qa", "p", gpus=0.5)]
+    log = {
+        "policy": "corral",
+        "fair_share": [],
+        "events": [
+            {**_started(0, "x", [0]), "fraction": 0.25},
+            {**_started(0, "y", [0]), "fraction": 0.5},
+            {"t": 100, "event": "completed", "job": "x"},
+            {"t": 100, "event": "completed", "job": "y"},
+        ],
+    }
+    m = compute(jobs, log, 8)
+    assert m.overall.gpu_seconds == pytest.approx(75.0) and m.useful_utilisation == pytest.approx(75 / 800)
+    _, per_q = usage_series(jobs, log, bins=2)
+    assert per_q["qa"] == pytest.approx([0.75, 0.75])
 
 
 def test_usage_series_bin_means() -> None:
@@ -175,7 +195,10 @@ def test_report_end_to_end(small: tuple[Path, Path], tmp_path: Path) -> None:
     trace, cluster = small
     out = tmp_path / "out"
     args = ["sim", "report", str(trace), "--cluster", str(cluster), "-o", str(out)]
-    res = runner.invoke(app, args + [a for p in ("corral", "fifo", "strict-quota", "las") for a in ("--policy", p)])
+    res = runner.invoke(
+        app,
+        args + [a for p in ("corral", "fifo", "strict-quota", "las", "best-fit-fractions") for a in ("--policy", p)],
+    )
     assert res.exit_code == 0, res.output
     for name in ("report.md", "wait_cdf.png", "gpus_in_use.png", "idle_wait.png"):
         assert (out / name).stat().st_size > 0
@@ -183,7 +206,7 @@ def test_report_end_to_end(small: tuple[Path, Path], tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "## Per policy" in md and "## Sharing anomaly" in md and "| team-b | 6 | 8 |" in md
     assert "| scratch | 0 | 0 |" in md and "n/a" in md
-    for p in ("corral", "fifo", "strict-quota", "las"):
+    for p in ("corral", "fifo", "strict-quota", "las", "best-fit-fractions"):
         assert f"## Policy {p}, per queue" in md
         assert f"{p}: mean wait" in res.output
     assert "30 jobs on 16 GPUs" in md
@@ -196,6 +219,9 @@ def test_report_end_to_end(small: tuple[Path, Path], tmp_path: Path) -> None:
         assert section in md
     assert "| policy | idle-wait GPU-h | of which preemptible | jobs idle-waiting |" in md
     assert "same-instant" in res.output
+    assert (
+        "## Unallocated GPUs while jobs wait (fragmentation)" in md and "GPUs unallocated while jobs wait" in res.output
+    )
 
 
 def test_report_waste_sections(small: tuple[Path, Path]) -> None:
@@ -223,6 +249,25 @@ def test_report_waste_sections(small: tuple[Path, Path]) -> None:
     assert "| fifo | 0 | 0 | 0 | 0.00 | n/a | n/a | n/a | n/a |" in md
     assert "| team-a | 2.0 (2) | 0 (0) |" in md
     assert "| team-b | 1 / 2 / 0 / 0 | n/a |" in md
+
+
+def test_report_fragmentation_section(small: tuple[Path, Path]) -> None:
+    trace, cluster = small
+    world = load_cluster(cluster)
+    world.jobs = load_trace(trace)
+    rep = report.build(world, ["corral", "fifo"])
+    assert [r.fragmentation for r in rep.runs] == [
+        fragmentation.compute(Simulation(world, p, log_fair_share=False).run(), world.nodes, world.jobs)
+        for p in ("corral", "fifo")
+    ]
+    # Made-up numbers, so that the test reads the rendering only: 2 h with a job waiting, 3 GPUs unallocated on
+    # average (6 GPU-h), of 16 GPUs, a third of it on shared GPUs, a quarter stranded.
+    rep.runs[0].fragmentation = fragmentation.Fragmentation(7200.0, 21600.0, 7200.0, 115200.0, 5400.0)
+    md = report.markdown(rep, "t")
+    assert "## Unallocated GPUs while jobs wait (fragmentation)" in md
+    mean_wait = report._s(rep.runs[0].metrics.overall.mean_wait)
+    assert f"| corral | {mean_wait} | 2.0 | 3.00 | 18.8% | 33.3% | 25.0% | 6.0 |" in md
+    assert "3.00 GPUs unallocated while jobs wait (33% partial)" in report.summary_lines(rep)[0]
 
 
 def test_report_limit_and_bad_input(small: tuple[Path, Path], tmp_path: Path) -> None:

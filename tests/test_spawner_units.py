@@ -34,6 +34,27 @@ def test_profiles_parse_and_are_restricted_per_group() -> None:
         parse_profiles([{"name": "x", "gpus": -1}])
 
 
+def test_profiles_with_a_share_of_a_gpu_or_a_mig_slice() -> None:
+    quarter, mig = parse_profiles(
+        [
+            {"name": "h100-quarter", "display": "1/4 H100", "gpus": 0.25},
+            {"name": "mig-1g", "display": "1g.10gb MIG", "mig": "1g.10gb"},
+        ]
+    )
+    assert (quarter.gpus, quarter.mig) == (0.25, None) and (mig.gpus, mig.mig) == (0.142857, "1g.10gb")
+    assert sandbox_request("al", "nlp", quarter, ["lab"], {})["gpus"] == 0.25
+    body = sandbox_request("al", "nlp", mig, ["lab"], {})
+    assert body["mig"] == "1g.10gb" and "gpus" not in body  # the service counts the slice's fraction
+    for bad, words in [
+        ({"gpus": 1.5}, "above 1 it must be a whole number"),
+        ({"gpus": float("nan")}, "a number of GPUs"),
+        ({"mig": "5g.1tb"}, "not a MIG profile"),
+        ({"mig": "1g.10gb", "gpus": 0.25}, "gpus or mig, not both"),
+    ]:
+        with pytest.raises(ValueError, match=rf"profiles\[0\] \(x\).*{words}"):
+            parse_profiles([{"name": "x", **bad}])
+
+
 def test_sandbox_request_is_a_plain_body() -> None:
     p = Profile("h100", "1 x H100", gpus=1, memory_gb=64, idle_timeout_s=900)
     body = sandbox_request("alice", "nlp", p, ["jupyterhub-singleuser"], {"JUPYTERHUB_API_TOKEN": "t"})

@@ -305,3 +305,85 @@ def test_idle_waits_match_a_slow_oracle(policy: str) -> None:
     want = _oracle(world, log)
     assert sum(want.values()) > 0
     assert {q: w.gpu_seconds for q, w in got.items()} == pytest.approx(want)
+
+
+def test_fractional_jobs_wait_with_room_on_a_shared_gpu() -> None:
+    # One 1-GPU node. a holds 0.5 of GPU 0 from 0 to 100, b 0.25 of it from 0 to 50. w (a whole GPU) has no room
+    # until both are gone (a GPU that fractional jobs share is not free for a whole-GPU job): it starts at 100,
+    # no idle wait. c (0.5) has room from 50 (0.5 held, 0.5 free) to 100, when w takes the GPU whole: 0.5 x 50.
+    world = f.world(
+        f.nodes("a100", 1, 1),
+        [f.queue("team-a", quota={"a100": 1})],
+        [
+            f.sim_job("a", 0, 100, gpus=0.5),
+            f.sim_job("b", 0, 50, gpus=0.25),
+            f.sim_job("w", 0, 50, gpus=1),
+            f.sim_job("c", 0, 50, gpus=0.5),
+        ],
+    )
+    log = _log(
+        _ev(0, "started", "a", nodes={"a100-0": [0]}, fraction=0.5),
+        _ev(0, "started", "b", nodes={"a100-0": [0]}, fraction=0.25),
+        _ev(0, "submitted", "w"),
+        _ev(0, "submitted", "c"),
+        _ev(50, "completed", "b"),
+        _ev(100, "completed", "a"),
+        _ev(100, "started", "w", nodes={"a100-0": [0]}),
+        _ev(150, "completed", "w"),
+        _ev(150, "started", "c", nodes={"a100-0": [0]}, fraction=0.5),
+        _ev(200, "completed", "c"),
+    )
+    w = analyse(world, log)
+    assert w.idle.gpu_seconds == pytest.approx(25.0) and w.idle.jobs == 1 and w.idle.max_seconds == 50
+
+
+def test_a_fraction_left_beside_a_whole_gpu_job_is_room_for_a_fraction_only() -> None:
+    # One 2-GPU node: x holds 0.5 of GPU 0, whole holds GPU 1, from 0 to 100. f (0.5) could start on GPU 0: it
+    # idle-waits 0.5 x 100; one (a whole GPU) has no room. A preempted fractional job's lost work is its fraction.
+    world = f.world(
+        f.nodes("a100", 1, 2),
+        [f.queue("team-a", quota={"a100": 2})],
+        [
+            f.sim_job("x", 0, 100, gpus=0.5),
+            f.sim_job("whole", 0, 100, gpus=1),
+            f.sim_job("f", 0, 10, gpus=0.5),
+            f.sim_job("one", 0, 10, gpus=1),
+        ],
+    )
+    log = _log(
+        _ev(0, "started", "x", nodes={"a100-0": [0]}, fraction=0.5),
+        _ev(0, "started", "whole", nodes={"a100-0": [1]}),
+        _ev(0, "submitted", "f"),
+        _ev(0, "submitted", "one"),
+        _ev(100, "preempted", "x", reason="priority", by="one"),
+        _ev(100, "completed", "whole"),
+        _ev(100, "started", "one", nodes={"a100-0": [0]}),
+        _ev(100, "started", "f", nodes={"a100-0": [1]}, fraction=0.5),
+    )
+    w = analyse(world, log)
+    assert w.idle.gpu_seconds == pytest.approx(50.0) and w.idle.jobs == 1
+    assert w.preemption.preemptions == 1 and w.preemption.lost_gpu_seconds == pytest.approx(50.0)
+
+
+def test_a_mig_job_waits_with_room_while_a_slice_of_its_profile_is_free() -> None:
+    # One node with two 1g.10gb slices (and no whole GPU). m1 holds one slice from 0 to 100; m2 (1g.10gb) could
+    # take the other but waits 0-100: its fraction (1/7, to a millionth) x 100. m3 asks for 3g.40gb, which the
+    # node does not have: no room, no idle wait.
+    world = f.world(
+        [f.node("n-0", gpus=0, mig={"1g.10gb": 2})],
+        [f.queue("team-a", quota={"a100": 0})],
+        [
+            f.sim_job("m1", 0, 100, mig="1g.10gb"),
+            f.sim_job("m2", 0, 10, mig="1g.10gb"),
+            f.sim_job("m3", 0, 10, mig="3g.40gb"),
+        ],
+    )
+    log = _log(
+        _ev(0, "started", "m1", nodes={"n-0": []}, fraction=0.142857, mig="1g.10gb"),
+        _ev(0, "submitted", "m2"),
+        _ev(0, "submitted", "m3"),
+        _ev(100, "completed", "m1"),
+        _ev(100, "started", "m2", nodes={"n-0": []}, fraction=0.142857, mig="1g.10gb"),
+    )
+    w = analyse(world, log)
+    assert w.idle.gpu_seconds == pytest.approx(14.2857) and w.idle.jobs == 1

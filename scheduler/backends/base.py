@@ -12,14 +12,25 @@ from scheduler.engine.model import NodeSpec
 
 
 @dataclass(frozen=True)
+class MigDevice:
+    """One MIG instance of a GPU, as NVML or nvidia-smi -L lists it: CUDA_VISIBLE_DEVICES=<uuid> selects it."""
+
+    uuid: str  # "MIG-<uuid>"
+    profile: str  # "1g.10gb"
+    memory_mb: int = 0
+
+
+@dataclass(frozen=True)
 class GPUInfo:
-    """One GPU of a node as discovered (NVML) or declared."""
+    """One GPU of a node as discovered (NVML) or declared. A GPU in MIG mode is not usable whole: its instances
+    (`mig`, as the admin made them; Corral never changes a GPU's MIG mode or layout) are scheduled by profile."""
 
     index: int
     model: str
     memory_mb: int = 0
     uuid: str | None = None
     mig_mode: bool = False
+    mig: tuple[MigDevice, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -39,8 +50,38 @@ class NodeInfo:
     # nothing can be measured from here (declared GPUs, remote nodes).
     sample: Callable[[], Mapping[int, Any] | None] | None = None
 
+    # How the node's GPUs are shared as it advertises them (Kubernetes: the NVIDIA device plugin's time-slicing and
+    # MIG resources; Ray: mig-<profile> custom resources); None: whole GPUs, MIG read from `gpus` (this machine).
+    sharing: GpuSharing | None = None
+
+    def whole(self) -> list[GPUInfo]:
+        """The GPUs usable whole (or by fractions), in order: engine GPU index k is whole()[k]. GPUs in MIG mode
+        are left out: they are offered as their MIG instances, by profile."""
+        return [g for g in self.gpus if not g.mig_mode]
+
+    def mig_counts(self) -> dict[str, int]:
+        """MIG instances per profile, over all GPUs of the node (Kubernetes: as the device plugin advertises)."""
+        if self.sharing is not None and self.sharing.mig:
+            return dict(self.sharing.mig)
+        out: dict[str, int] = {}
+        for g in self.gpus:
+            for m in g.mig if g.mig_mode else ():
+                out[m.profile] = out.get(m.profile, 0) + 1
+        return dict(sorted(out.items()))
+
     def spec(self) -> NodeSpec:
-        return NodeSpec(self.name, self.pool, len(self.gpus), self.cpus, self.memory_gb)
+        return NodeSpec(self.name, self.pool, len(self.whole()), self.cpus, self.memory_gb, mig=self.mig_counts())
+
+
+@dataclass(frozen=True)
+class GpuSharing:
+    """GPU sharing a node advertises: the NVIDIA device plugin's on Kubernetes (kubernetes/sharing.gpu_sharing),
+    MIG custom resources on Ray."""
+
+    resource: str = "nvidia.com/gpu"  # what a whole or shared GPU is requested as ("nvidia.com/gpu.shared" renamed)
+    replicas: int = 1  # time-slicing replicas per physical GPU (label nvidia.com/gpu.replicas); 1: not shared
+    mig: Mapping[str, int] = field(default_factory=dict)  # MIG profile -> instances advertised
+    mig_single: bool = False  # MIG strategy "single": the instances are advertised as nvidia.com/gpu
 
 
 @dataclass(frozen=True)
@@ -57,6 +98,11 @@ class Launch:
     cpus: float | None = None  # per worker, as submitted; None: not asked (Kubernetes: the pod's requests)
     memory_gb: float | None = None  # per worker, GiB; None: not asked (Kubernetes: request and limit)
     owner: str = ""  # the submitting user: the local executor runs the attempt as that user's own account
+    # A share of one GPU (one worker): the fraction of the GPU in `gpus` it holds, in (0, 1); None: whole GPUs.
+    gpu_fraction: float | None = None
+    # A MIG instance of this profile ("1g.10gb") on the node in `gpus` (whose GPU list is then empty): the
+    # executor picks a free instance of that profile; None: no MIG.
+    mig: str | None = None
 
 
 def server_port(env: Mapping[str, str], default: int = 8888) -> int:
@@ -119,6 +165,15 @@ class KeepsOutputs(Protocol):
 
     def output_dir(self, job_id: str, attempt: int) -> Path:
         """The attempt's output directory (also $CORRAL_OUTPUT_DIR in its environment)."""
+
+
+@runtime_checkable
+class ReportsPids(Protocol):
+    """An executor whose attempts are processes of this machine (the local one): the idle culler judges a sandbox
+    on a shared GPU by its own processes' NVML readings, not the whole GPU's."""
+
+    def pids(self, job_id: str, attempt: int) -> set[int] | None:
+        """The attempt's host pids now; None when it does not run here."""
 
 
 @runtime_checkable

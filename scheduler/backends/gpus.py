@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from scheduler.backends.base import GPUInfo
+from scheduler.backends import mig
+from scheduler.backends.base import GPUInfo, MigDevice
 
 try:
     # nvidia-ml-py ships no type information; `unused-ignore` keeps mypy quiet should an override appear later.
@@ -77,13 +78,16 @@ def discover_nvml() -> list[GPUInfo] | None:
         for index in range(pynvml.nvmlDeviceGetCount()):
             try:
                 handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                mig_mode = _mig_current(handle)
                 gpus.append(
                     GPUInfo(
                         index=index,
                         model=_text(pynvml.nvmlDeviceGetName(handle)),
                         memory_mb=int(pynvml.nvmlDeviceGetMemoryInfo(handle).total) // _MIB,
                         uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
-                        mig_mode=_mig_current(handle),
+                        mig_mode=mig_mode,
+                        # As the admin laid it out: read, never changed (scheduler/backends/mig.py).
+                        mig=mig.discover_instances(pynvml, handle) if mig_mode else (),
                     )
                 )
             except pynvml.NVMLError as err:
@@ -108,7 +112,7 @@ def _inventory_device(raw: dict[str, Any], position: int) -> GPUInfo:
     def ok(value: Any) -> bool:
         return not (isinstance(value, str) and value.startswith("error:"))
 
-    name, uuid, memory, mig = raw.get("name"), raw.get("uuid"), raw.get("memory_total"), raw.get("mig_mode")
+    name, uuid, memory, mode = raw.get("name"), raw.get("uuid"), raw.get("memory_total"), raw.get("mig_mode")
     if not isinstance(name, str) or not ok(name):
         raise ValueError(f"device {position}: no readable name ({name!r})")
     index = raw.get("index", position)
@@ -118,8 +122,25 @@ def _inventory_device(raw: dict[str, Any], position: int) -> GPUInfo:
         memory_mb=int(memory) // _MIB if isinstance(memory, int) else 0,
         uuid=uuid if isinstance(uuid, str) and ok(uuid) else None,
         # [current, pending]: a pending change only takes effect after a GPU reset, so only `current` counts.
-        mig_mode=isinstance(mig, list) and bool(mig) and mig[0] == 1,
+        mig_mode=(on := isinstance(mode, list) and bool(mode) and mode[0] == 1),
+        mig=_inventory_instances(raw.get("mig_devices"), position) if on else (),
     )
+
+
+def _inventory_instances(raw: Any, position: int) -> tuple[MigDevice, ...]:
+    """A MIG GPU's instances in an inventory: [{"uuid", "name" or "profile", "memory_total"}] (absent: none)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ValueError(f"device {position}: mig_devices is not a list")
+    out = []
+    for i, d in enumerate(raw):
+        profile = d.get("profile") or mig.profile_of(str(d.get("name", ""))) if isinstance(d, dict) else None
+        if not isinstance(d, dict) or not isinstance(d.get("uuid"), str) or not profile:
+            raise ValueError(f"device {position}: mig_devices[{i}] needs a uuid and a profile (or a MIG name)")
+        memory = d.get("memory_total")
+        out.append(MigDevice(d["uuid"], mig.check_profile(profile), memory // _MIB if isinstance(memory, int) else 0))
+    return tuple(out)
 
 
 def from_inventory(path: str | Path) -> list[GPUInfo]:

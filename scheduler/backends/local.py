@@ -8,6 +8,10 @@ With `accounts`, each attempt runs as its owner's own account (scheduler/backend
 and its files stay the service's (a job that could write its pid file could make a restarted service kill another
 process group), only `output/` is the job's, and the job gets a scrubbed environment, never the service's own.
 
+GPU shares (Launch.gpu_fraction): jobs sharing a GPU get the same CUDA_VISIBLE_DEVICES and a memory cap, hard under
+CUDA MPS where its daemon runs, else the frameworks' soft limits (scheduler/backends/sharing.py). MIG (Launch.mig):
+the job gets a free instance of its profile, by UUID (CUDA_VISIBLE_DEVICES=MIG-<uuid>).
+
 Nothing here sleeps or waits: the service's loop calls poll(now) with its own clock, which also decides when a
 termination's grace period is over. Linux only (/proc gives process start times).
 """
@@ -19,17 +23,19 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISDIR
 from typing import IO
 from urllib.parse import quote
 
-from scheduler.backends import shim
+from scheduler.backends import sharing, shim
 from scheduler.backends.accounts import Account, Accounts, may_enter
-from scheduler.backends.base import OUTPUT_ENV, Exit, Handle, Launch
+from scheduler.backends.base import OUTPUT_ENV, Exit, GPUInfo, Handle, Launch
 
 STDOUT, STDERR = "stdout.log", "stderr.log"
+DEVICES = "devices"  # the attempt's CUDA_VISIBLE_DEVICES, so a restarted service knows which MIG instances it holds
 OUTPUT = "output"  # the job's own directory in its run directory: what it produces (KeepsOutputs)
 VANISHED = "vanished"
 VANISHED_WHILE_DOWN = "vanished while Corral was down"
@@ -54,15 +60,26 @@ class _Attempt:
     proc: subprocess.Popen[bytes] | None  # set when the shim is our child, so we reap it; None once adopted
     kill_at: float | None = None  # when terminate()'s grace ends
     killed: bool = False
+    devices: tuple[str, ...] = ()  # its CUDA_VISIBLE_DEVICES: which MIG instances it holds
 
 
 class LocalExecutor:
     """The Executor for a single machine: jobs are process groups; GPUs are chosen with CUDA_VISIBLE_DEVICES."""
 
     def __init__(
-        self, root: Path, python: str = sys.executable, accounts: Accounts | None = None, homes: Path | None = None
+        self,
+        root: Path,
+        python: str = sys.executable,
+        accounts: Accounts | None = None,
+        homes: Path | None = None,
+        gpus: Sequence[GPUInfo] | None = None,
+        mps_pipe: Path | None = None,
     ) -> None:
         self.root = Path(root)
+        # This machine's GPUs (NVML's, or declared): their memory sizes a share's cap, their MIG instances are
+        # handed out by profile, and engine GPU k is the k-th GPU not in MIG mode. None: indices are NVML's as is.
+        self.gpus = list(gpus) if gpus is not None else None
+        self.mps_pipe = mps_pipe  # where to look for the MPS daemon at each launch; None: sharing.mps_pipe()
         self.python = python
         self.accounts = accounts  # None: every job runs as this process's own user (single-user)
         # Single-user: a notebook opens in homes/<user> (its files outlive its server); None: in its output dir.
@@ -117,11 +134,13 @@ class LocalExecutor:
                 workdir = self.home_of(launch.owner)
         if not workdir.is_dir():
             raise ValueError(f"workdir {workdir} is not a directory")
+        devices, share = self._devices(launch)
         env = _base_env(account)
         env.update(launch.env)
-        # Set last so a job's own env cannot claim GPUs the scheduler did not give it.
+        # Set last so a job's own env cannot claim GPUs (or a larger share) the scheduler did not give it.
+        env.update(share)
         env.update(
-            CUDA_VISIBLE_DEVICES=",".join(str(i) for i in self._gpus(launch)),  # "" hides every GPU
+            CUDA_VISIBLE_DEVICES=",".join(devices),  # "" hides every GPU
             CUDA_DEVICE_ORDER="PCI_BUS_ID",  # CUDA's default order (fastest first) need not match NVML's indices
             CORRAL_JOB_ID=launch.job_id,
             CORRAL_ATTEMPT=str(launch.attempt),
@@ -131,6 +150,7 @@ class LocalExecutor:
         # LD_PRELOAD or LD_LIBRARY_PATH in the shim's environment would run the job's code as the service's user.
         with os.fdopen(os.open(rundir / shim.ENV_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(env, f)
+        (rundir / DEVICES).write_text(env["CUDA_VISIBLE_DEVICES"])
         run_as = [] if account is None else ["--as", f"{account.uid}:{account.gid}"]
         with _private_log(rundir / STDOUT) as out, _private_log(rundir / STDERR) as err:
             proc = subprocess.Popen(
@@ -145,9 +165,44 @@ class LocalExecutor:
         stat = shim.read_stat(proc.pid)  # our unreaped child: /proc/<pid> exists even if it already exited
         start = float(stat[1]) if stat else 0.0
         self._attempts[(launch.job_id, launch.attempt)] = _Attempt(
-            launch.job_id, launch.attempt, rundir, proc.pid, start, proc
+            launch.job_id, launch.attempt, rundir, proc.pid, start, proc, devices=tuple(devices)
         )
         return Handle(launch.job_id, launch.attempt, proc.pid, start)
+
+    def _devices(self, launch: Launch) -> tuple[list[str], dict[str, str]]:
+        """CUDA_VISIBLE_DEVICES entries for the attempt, and the environment that caps its share of a GPU."""
+        if launch.mig is not None:
+            return [self._free_instance(launch)], {}
+        indices = self._gpus(launch)
+        whole = [g for g in self.gpus if not g.mig_mode] if self.gpus is not None else None
+        if whole is not None and any(i >= len(whole) for i in indices):
+            raise ValueError(f"job {launch.job_id}: GPU {max(indices)} asked, this machine has {len(whole)}")
+        physical = [whole[i] for i in indices] if whole is not None else None
+        devices = [str(g.index) for g in physical] if physical is not None else [str(i) for i in indices]
+        if launch.gpu_fraction is None:
+            return devices, {}
+        if len(devices) != 1:
+            raise ValueError(f"job {launch.job_id}: a share of a GPU is of one GPU, got {len(devices)}")
+        pipe = self.mps_pipe or sharing.mps_pipe()
+        memory = physical[0].memory_mb if physical is not None else 0
+        return devices, sharing.share_env(launch.gpu_fraction, memory, pipe if sharing.mps_running(pipe) else None)
+
+    def _free_instance(self, launch: Launch) -> str:
+        """A MIG instance of the attempt's profile that no live attempt holds (the engine counted one free)."""
+        held = {d for a in self._attempts.values() if not self._gone(a) for d in a.devices}
+        for g in self.gpus or []:
+            for m in g.mig if g.mig_mode else ():
+                if m.profile == launch.mig and m.uuid not in held:
+                    return m.uuid
+        raise ValueError(f"job {launch.job_id}: no free MIG {launch.mig} instance on this machine")
+
+    def pids(self, job_id: str, attempt: int) -> set[int] | None:
+        """The host pids of the attempt's process group now (None: not running here), for the culler's
+        per-process readings of a shared GPU. A process that left the group (setsid) is not counted."""
+        a = self._attempts.get((job_id, attempt))
+        if a is None or self._gone(a):
+            return None
+        return set(group_leftovers(a.pid, a.start))
 
     def _make_dirs(self, launch: Launch, account: Account | None) -> Path:
         """The run directory (the service's; others may only pass through it) and in it the job's output
@@ -232,7 +287,7 @@ class LocalExecutor:
             self._seal(handle.job_id, handle.attempt)
             return Exit(handle.job_id, handle.attempt, None, VANISHED_WHILE_DOWN)
         self._attempts[(handle.job_id, handle.attempt)] = _Attempt(
-            handle.job_id, handle.attempt, rundir, pid, start, None
+            handle.job_id, handle.attempt, rundir, pid, start, None, devices=_read_devices(rundir)
         )
         return None
 
@@ -376,6 +431,15 @@ def _read_exit(rundir: Path) -> int | None:
         return int((rundir / shim.EXIT_FILE).read_text())
     except (OSError, ValueError):  # not there yet; the shim writes it atomically, so never half-written
         return None
+
+
+def _read_devices(rundir: Path) -> tuple[str, ...]:
+    """The CUDA_VISIBLE_DEVICES an adopted attempt was started with (its DEVICES file, the service's own)."""
+    try:
+        value = (rundir / DEVICES).read_text()
+    except OSError:
+        return ()
+    return tuple(d for d in value.strip().split(",") if d)
 
 
 def _read_pid(rundir: Path) -> tuple[int | None, float]:

@@ -6,6 +6,11 @@
   restarted Corral finds it again. One worker is pinned to the node Corral chose (label ray.io/node-id) with its
   GPUs as entrypoint_num_gpus; a gang runs ray_gang.py as its entrypoint, which reserves a placement group first.
 
+GPU sharing: a share of one GPU is a fractional entrypoint_num_gpus (Ray packs fractional GPUs so that each device's
+shares sum to at most 1, and sets CUDA_VISIBLE_DEVICES to that one device). Ray knows no MIG: a node that declares
+custom resources "mig-<profile>" (ray start --resources '{"mig-1g.10gb": 7}') offers those slices, and a MIG job
+asks one of them; which instance it uses is the node's business (Ray sets no MIG UUID).
+
 Ray assigns GPU indices itself (a job sees CUDA_VISIBLE_DEVICES as Ray sets it): the indices in Launch.gpus are
 Corral's bookkeeping of how many GPUs of which node are taken, not the devices a job gets. See docs/ray.md.
 """
@@ -25,11 +30,13 @@ import httpx
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from scheduler.backends import ray_gang
-from scheduler.backends.base import Exit, GPUInfo, Handle, Launch, NodeInfo
+from scheduler.backends.base import Exit, GPUInfo, GpuSharing, Handle, Launch, NodeInfo
+from scheduler.backends.mig import check_profile
 
 NODE_LABEL = ray_gang.NODE_LABEL
 DEFAULT_POOL = "ray"  # nodes that declare no accelerator type
 ACCEL_PREFIX = "accelerator_type:"
+MIG_PREFIX = "mig-"  # a node's custom resource per MIG profile: "mig-1g.10gb"
 STDOUT, STDERR = "stdout.log", "stderr.log"
 SIGTERM_CODE = -15  # a stopped Ray job reads like a process ended by SIGTERM
 ENDED = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
@@ -78,7 +85,8 @@ def discover_ray(address: str, token: str | None = None, timeout_s: float = 30.0
     for n in r.json()["data"]["result"]["result"]:
         res: dict[str, float] = n.get("resources_total") or {}
         n_gpus = int(res.get("GPU", 0))
-        if n.get("state") != "ALIVE" or n_gpus == 0:
+        mig = _mig_resources(res)
+        if n.get("state") != "ALIVE" or (n_gpus == 0 and not mig):
             continue  # GPU-less nodes (often the head) still run Ray's drivers, but Corral has nothing to place
         accel = next((k[len(ACCEL_PREFIX) :] for k in sorted(res) if k.startswith(ACCEL_PREFIX)), None)
         memory = res.get("memory")
@@ -90,9 +98,22 @@ def discover_ray(address: str, token: str | None = None, timeout_s: float = 30.0
                 cpus=res.get("CPU"),
                 memory_gb=round(memory / 2**30, 2) if memory else None,
                 address=n.get("node_ip"),
+                sharing=GpuSharing("GPU", 1, mig) if mig else None,
             )
         )
     return sorted(found, key=lambda n: (n.pool, n.address or "", n.name))
+
+
+def _mig_resources(res: dict[str, float]) -> dict[str, int]:
+    """MIG slices a Ray node declares as custom resources ("mig-1g.10gb": 7), by profile."""
+    out: dict[str, int] = {}
+    for key, value in res.items():
+        if key.startswith(MIG_PREFIX) and value >= 1:
+            try:
+                out[check_profile(key.removeprefix(MIG_PREFIX))] = int(value)
+            except ValueError:
+                continue  # another custom resource that happens to start so
+    return dict(sorted(out.items()))
 
 
 @dataclass
@@ -154,10 +175,15 @@ class RayExecutor:
             line = _shell_line(launch)
             kwargs = dict(
                 entrypoint=f"cd {shlex.quote(launch.workdir)} && {line}" if launch.workdir else line,
-                entrypoint_num_gpus=n_gpus,
+                # A share of one GPU: Ray's fractional GPUs (see the module's docstring).
+                entrypoint_num_gpus=launch.gpu_fraction if launch.gpu_fraction is not None else n_gpus,
                 entrypoint_label_selector={NODE_LABEL: node},
                 runtime_env={"env_vars": env},
             )
+            if launch.mig is not None:
+                kwargs["entrypoint_resources"] = {MIG_PREFIX + launch.mig: 1}
+        elif launch.gpu_fraction is not None or launch.mig is not None:
+            raise OSError(f"job {launch.job_id}: a share of a GPU or a MIG slice is for one worker")
         else:
             spec = {
                 "argv": _argv(launch),

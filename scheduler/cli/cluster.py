@@ -217,17 +217,30 @@ def top(output: Fmt = Output.TABLE, url: Url = DEFAULT_URL, token: Token = None)
         for n in p.nodes:
             mark = " (down)" if not n.up else " (cordoned)" if n.cordoned else ""
             for g in n.gpus:
-                j = by_id.get(g.job) if isinstance(g.job, int) else None
-                held = "-" if g.job is None else str(g.job)  # "hidden": another team's job
-                gpus.add_row(
-                    *cells(
-                        n.name + mark,
-                        str(g.index),
-                        g.model or "-",
-                        held,
-                        *((j.name, j.queue, j.owner) if j else ("", "", "")),
+                # A shared GPU: a row per share, its job with the share it holds ("12 (0.25)").
+                holders: list[tuple[int | str | None, str]] = [(s.job, f" ({s.fraction:g})") for s in g.shares]
+                holders = holders or [(g.job, "")]
+                for job, share in holders:
+                    j = by_id.get(job) if isinstance(job, int) else None
+                    held = "-" if job is None else f"{job}{share}"  # "hidden": another team's job
+                    gpus.add_row(
+                        *cells(
+                            n.name + mark,
+                            str(g.index),
+                            g.model or "-",
+                            held,
+                            *((j.name, j.queue, j.owner) if j else ("", "", "")),
+                        )
                     )
-                )
+            for m in n.mig:  # MIG slices per profile: a row per slice held, one for the free ones
+                for job in m.jobs:
+                    j = by_id.get(job) if isinstance(job, int) else None
+                    row = (j.name, j.queue, j.owner) if j else ("", "", "")
+                    gpus.add_row(*cells(n.name + mark, f"MIG {m.profile}", "-", str(job), *row))
+                if m.free:
+                    gpus.add_row(
+                        *cells(n.name + mark, f"MIG {m.profile}", "-", f"{m.free} of {m.slices} free", "", "", "")
+                    )
         c.print(gpus)
     queues = Table(
         "QUEUE",

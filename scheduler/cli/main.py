@@ -20,7 +20,7 @@ from scheduler.cli import models as cli_models
 from scheduler.cli import service as cli_service
 from scheduler.engine.baselines import POLICIES
 from scheduler.gc_tuning import tune_gc
-from scheduler.sim import generate, importers, metrics
+from scheduler.sim import generate, importers, metrics, sharing
 from scheduler.sim.expect import check
 from scheduler.sim.inputs import InputError, World, load_cluster, load_scenario, load_trace
 from scheduler.sim.runner import Simulation
@@ -225,6 +225,46 @@ def sim_generate_services(
     out.print(
         f"wrote {len(made.jobs)} jobs ({services} services) to {output} and a cluster of {gpus} GPUs "
         f"({', '.join(f'{p}: {n} nodes' for p, n in made.nodes.items())}) to {cluster}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+@sim_generate.command("sharing")
+def sim_generate_sharing(
+    output: Annotated[Path, typer.Option("-o", "--output", help="trace CSV to write")],
+    cluster: Annotated[Path, typer.Option(help="cluster YAML to write")],
+    seed: Annotated[int, typer.Option(help="random seed: the same seed writes the same files")] = 1,
+    jobs: Annotated[int, typer.Option(min=1, help="jobs in the trace")] = sharing.SharingConfig.jobs,
+    nodes: Annotated[int, typer.Option(min=1, help="8-GPU nodes of the one pool")] = sharing.SharingConfig.nodes,
+    teams: Annotated[int, typer.Option(min=1, help="teams (leaf queues) with equal quotas")] = 4,
+    load: Annotated[float, typer.Option(min=0.01, help="mean GPU demand / the pool's GPUs")] = 0.9,
+    fraction_share: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="part of the jobs asking for a fraction of one GPU")
+    ] = sharing.SharingConfig.fraction_share,
+    starvation_timeout: Annotated[
+        float, typer.Option(min=1, help="the cluster file's starvation_timeout (s)")
+    ] = sharing.SharingConfig.starvation_timeout,
+) -> None:
+    """Fractional and whole-GPU requests in a production-like mix (after Alibaba's GPU-sharing trace, FGD)."""
+    config = sharing.SharingConfig(
+        seed=seed,
+        jobs=jobs,
+        nodes=nodes,
+        teams=teams,
+        load=load,
+        fraction_share=fraction_share,
+        starvation_timeout=starvation_timeout,
+    )
+    made = sharing.sharing(config)
+    try:
+        made.write(output, cluster)
+    except OSError as e:
+        raise bad_input(InputError(e.filename or output, "", f"cannot write the file: {e.strerror}")) from e
+    out.print(
+        f"wrote {len(made.jobs)} jobs ({sum(1 for j in made.jobs if j.gpus < 1)} fractional) to {output} and a "
+        f"cluster of {nodes * generate.GPUS_PER_NODE} GPUs to {cluster}",
         highlight=False,
         markup=False,
         soft_wrap=True,

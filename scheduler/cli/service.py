@@ -134,7 +134,13 @@ def submit(
         ),
     ] = None,
     queue: Annotated[str | None, typer.Option("--queue", "-q", help="Leaf queue.", show_default=False)] = None,
-    gpus: Annotated[int | None, typer.Option(min=0, help="GPUs per worker (default 1).", show_default=False)] = None,
+    gpus: Annotated[
+        float | None,
+        typer.Option(min=0, help="GPUs per worker (default 1); below 1 a share of one GPU (0.25).", show_default=False),
+    ] = None,
+    mig: Annotated[
+        str | None, typer.Option(help="One MIG slice of this profile (1g.10gb) in place of --gpus.", show_default=False)
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Job name.", show_default=False)] = None,
     pool: Annotated[
         str | None, typer.Option(help="Pool (default: the service's only pool).", show_default=False)
@@ -174,7 +180,9 @@ def submit(
         body["command"] = words[0] if len(words) == 1 else words
     flags: dict[str, Any] = {
         "queue": queue,
-        "gpus": gpus,
+        # Whole amounts as integers: the spec reads as before GPU sharing.
+        "gpus": int(gpus) if gpus is not None and gpus.is_integer() else gpus,
+        "mig": mig,
         "name": name,
         "pool": pool,
         "workers": workers,

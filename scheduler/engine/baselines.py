@@ -1,4 +1,4 @@
-"""Baseline policies for comparison, run by the same simulator: fifo, strict-quota, las."""
+"""Baseline policies for comparison, run by the same simulator: fifo, strict-quota, las, best-fit-fractions."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from scheduler.engine.cluster import Freed
 from scheduler.engine.decisions import Decision, Preempted, Started
 from scheduler.engine.engine import Engine
 from scheduler.engine.model import Job, JobState, NodeSpec, Reason, Settings
+from scheduler.engine.sharing import best_fit_key
 from scheduler.engine.state import PoolState, arrival_key
 
-POLICIES = ("corral", "fifo", "strict-quota", "las")
+POLICIES = ("corral", "fifo", "strict-quota", "las", "best-fit-fractions")
 MARGIN = 1e-3  # seconds: far above the float rounding between two ways of computing one band crossing
 
 
@@ -42,6 +43,15 @@ class FifoEngine(Engine):
             if nodes is None:
                 return  # head-of-line blocking: that is what FIFO means
             out.append(self._start(ps, job, nodes, now))  # removes it from arrivals: i stays
+
+
+class BestFitFractionsEngine(Engine):
+    """Corral's rules, but a fractional job goes to the shared GPU with the least room left that fits (plain best
+    fit, blind to the pending mix), else opens a GPU on the node with the fewest free GPUs: what FGD compares
+    against (docs/scheduling.md, GPU sharing). Whole-GPU jobs are placed exactly as by Corral."""
+
+    def share_key(self, room: float, fraction: float, mix: Mapping[float, int]) -> tuple[float, ...]:
+        return best_fit_key(room, fraction, mix)
 
 
 class StrictQuotaEngine(Engine):
@@ -191,18 +201,18 @@ class LasEngine(Engine):
         assert ps.arrivals is not None
         i = 0
         # Shapes that found no room: starts only take room away, so they find none for the rest of this fill.
-        no_room: set[tuple[int, int, float, float]] = set()
+        no_room: set[tuple[int, float, float, float, str | None]] = set()
         waiting: int | None = None  # how many shapes wait, counted once one found no room
-        while i < len(ps.arrivals) and ps.pool.free_gpus >= ps.min_need():
+        while i < len(ps.arrivals) and ps.pool.free_gpus + ps.pool.loose >= ps.min_need():
             j: Job = ps.arrivals[i]
             nodes = None
-            shape = (j.spec.workers, j.spec.gpus, j.spec.cpus, j.spec.memory_gb)
+            shape = (j.spec.workers, j.spec.gpus, j.spec.cpus, j.spec.memory_gb, j.spec.mig)
             if shape not in no_room and ps.over_limit(self.tree[j.spec.queue], j.request) is None:
                 nodes = ps.pool.place(j.spec)
                 if nodes is None:
                     no_room.add(shape)
                     if waiting is None:
-                        waiting = len({s[:4] for shapes in ps.pending_shapes.values() for s in shapes})
+                        waiting = len({(*s[:4], s[6]) for shapes in ps.pending_shapes.values() for s in shapes})
                     if len(no_room) == waiting:
                         break  # every waiting shape found no room: the rest of the backlog can only repeat that
             if nodes is None:
@@ -319,6 +329,7 @@ def make_policy(
         "fifo": FifoEngine,
         "strict-quota": StrictQuotaEngine,
         "las": LasEngine,
+        "best-fit-fractions": BestFitFractionsEngine,
     }
     if name not in engines:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

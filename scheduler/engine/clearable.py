@@ -19,12 +19,15 @@ from collections.abc import Collection, Iterator, Mapping
 
 from sortedcontainers import SortedList
 
-from scheduler.engine.model import Job
+from scheduler.engine.model import Job, gpu_amount
 
 
-def slack(usage: int, share: float, request: int) -> float:
+def slack(usage: float, share: float, request: float) -> float:
     """ratio(usage - request, share), as state.ratio computes it (infinite where the share is 0)."""
-    return (usage - request) / share if share > 0 else math.inf
+    if share <= 0:
+        return math.inf
+    left = usage - request
+    return (left if type(left) is int else gpu_amount(left)) / share
 
 
 class ClearIndex:
@@ -65,7 +68,7 @@ class ClearIndex:
     def refresh(
         self,
         running: Mapping[str, Collection[Job]],
-        usage: Mapping[str, int],
+        usage: Mapping[str, float],
         shares: Mapping[str, float],
         over_share: Collection[str],
     ) -> None:
@@ -83,7 +86,7 @@ class ClearIndex:
                     nodes.add(node)
         self.dirty_queues.clear()
         # Per leaf over its share: its usage and share (None: not over its share, so its jobs' slacks are -inf).
-        terms: dict[str, tuple[int, float] | None] = {}
+        terms: dict[str, tuple[float, float] | None] = {}
         for node in nodes:
             old = self.slack.get(node)
             jobs = self.on_node.get(node)

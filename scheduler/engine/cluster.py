@@ -4,62 +4,33 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
 
 from sortedcontainers import SortedList
 
-from scheduler.engine.model import JobSpec, NodeSpec, exact
+from scheduler.engine.model import JobSpec, NodeSpec, exact, gpu_amount
+from scheduler.engine.nodes import Freed, Node, Placement, mig_gpus, settle_held, workers_per_node
+from scheduler.engine.sharing import ShareKey, fgd_key
 
-# Per worker: (node, GPU indices).
-Placement = list[tuple[str, list[int]]]
-
-
-@dataclass(eq=False)
-class Node:
-    """A node's live state: which GPU indices are free, and free CPUs and memory where accounted. `up` False: nothing
-    new is placed there (down, or cordoned with its jobs still running)."""
-
-    spec: NodeSpec
-    up: bool = True
-    free: list[int] = field(default_factory=list)  # free GPU indices, ascending
-    free_cpus: float = math.inf
-    free_mem: float = math.inf
-    # What pods Corral did not place (a DaemonSet's, kube-scheduler's) hold there: out of the free amounts above.
-    held: list[int] = field(default_factory=list)  # GPU indices counted as theirs
-    held_gpus: int = 0  # what they hold; more than len(held) only while Corral's jobs still have the rest
-    held_cpus: float = 0.0
-    held_mem: float = 0.0
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def owed(self) -> int:
-        """GPUs others hold that Corral's jobs still have: the first ones those jobs free go to them."""
-        return self.held_gpus - len(self.held)
-
-
-@dataclass
-class Freed:
-    """Resources a placement may count as free on top of what nodes have (a preemption's victims)."""
-
-    gpus: dict[str, int] = field(default_factory=dict)
-    cpus: dict[str, float] = field(default_factory=dict)
-    mem: dict[str, float] = field(default_factory=dict)
-
-    def add(self, workers: Iterable[tuple[str, list[int]]], spec: JobSpec, sign: int = 1) -> None:
-        for node, gpus in workers:
-            self.gpus[node] = self.gpus.get(node, 0) + sign * len(gpus)
-            self.cpus[node] = exact(self.cpus.get(node, 0.0) + sign * spec.cpus)
-            self.mem[node] = exact(self.mem.get(node, 0.0) + sign * spec.memory_gb)
+# Node, Freed and workers_per_node live in nodes.py; importers of this module read them here too.
+__all__ = ["Freed", "Node", "Placement", "Pool", "workers_per_node"]
 
 
 class Pool:
-    """The nodes of one GPU model, with free-GPU buckets so that best fit for one worker is quick."""
+    """The nodes of one GPU model, with free-GPU buckets so that best fit for one worker is quick.
 
-    def __init__(self, name: str, nodes: list[NodeSpec], domains: Mapping[str, Collection[str]]):
+    GPU sharing (docs/scheduling.md): a fractional worker joins a shared GPU with room or opens a free whole GPU
+    (out of `free`, so that buckets and slots keep counting whole GPUs); a shared GPU whose fractions have all
+    left returns to `free`. `loose` bounds the room outside whole free GPUs (the most room on a shared GPU, 1
+    while any MIG slice is free): cheap tests of "could a job fit" compare requests with free_gpus + loose."""
+
+    def __init__(
+        self,
+        name: str,
+        nodes: list[NodeSpec],
+        domains: Mapping[str, Collection[str]],
+        share_key: ShareKey = fgd_key,
+    ):
         self.name = name
         self.nodes: dict[str, Node] = {}
         for spec in sorted(nodes, key=lambda n: n.name):
@@ -68,7 +39,15 @@ class Pool:
                 free=list(range(spec.gpus)),
                 free_cpus=math.inf if spec.cpus is None else spec.cpus,
                 free_mem=math.inf if spec.memory_gb is None else spec.memory_gb,
+                mig_free=dict(spec.mig),
             )
+        # GPU sharing: nodes with shared GPUs or MIG slices (what `loose` and fractional placement read), the
+        # fractional sizes pending in the pool (PoolState keeps them: the mix the placement rule weighs), the rule.
+        self.sharing: set[str] = {n.name for n in nodes if n.mig}
+        self.mig_nodes = [n for n in sorted(nodes, key=lambda n: n.name) if n.mig]
+        self.fractions: Counter[float] = Counter()
+        self.share_key = share_key
+        self.loose: float = 0
         self.max_gpus = max((n.gpus for n in nodes), default=0)
         # Distinct node shapes (GPUs, CPUs, memory): what "can any node ever hold this worker?" checks.
         self.shapes = Counter((n.gpus, n.cpus, n.memory_gb) for n in nodes)
@@ -79,7 +58,7 @@ class Pool:
         # slots[g]: workers of g GPUs the up nodes' free GPUs could hold, by count (sum of free // g), kept with
         # the buckets: every room test of a sleeping queue reads it.
         self.slots = [0] * (self.max_gpus + 1)
-        self.capacity = 0  # GPUs on nodes that are up
+        self.capacity: float = 0  # GPUs on nodes that are up (and their MIG slices' fractions)
         self.free_gpus = 0
         self.freed = 0  # counts releases and nodes coming up: anything that can give a job more room
         self.changes = 0  # counts every change to free GPUs: what a cached answer about free room depends on
@@ -91,8 +70,31 @@ class Pool:
         self.changes += 1
         n.up = True
         self.capacity += n.spec.gpus
+        if n.spec.mig:
+            self.capacity = gpu_amount(self.capacity + mig_gpus(n.spec))
         self.free_gpus += len(n.free)
         self._file(n.name, len(n.free))
+        if n.name in self.sharing:
+            self._loosen()
+
+    def most_room(self) -> float:
+        """The most room on a shared GPU of an up node (0: none), for pending reasons."""
+        rooms = [exact(1 - u) for name in self.sharing if self.nodes[name].up for u in self.nodes[name].shared.values()]
+        return max(rooms, default=0)
+
+    def _loosen(self) -> None:
+        """Recount `loose` after a change to a sharing node."""
+        loose: float = 0
+        for name in self.sharing:
+            n = self.nodes[name]
+            if not n.up:
+                continue
+            if any(k > 0 for k in n.mig_free.values()):
+                loose = 1
+                break
+            for used in n.shared.values():
+                loose = max(loose, exact(1 - used))
+        self.loose = loose
 
     def set_up(self, name: str, up: bool) -> None:
         n = self.nodes[name]
@@ -104,11 +106,17 @@ class Pool:
             self.changes += 1
             n.up = False
             self.capacity -= n.spec.gpus
+            if n.spec.mig:
+                self.capacity = gpu_amount(self.capacity - mig_gpus(n.spec))
             self.free_gpus -= len(n.free)
             self._unfile(n.name, len(n.free))
+            if name in self.sharing:
+                self._loosen()
 
     def allocate(self, spec: JobSpec, nodes: list[str]) -> Placement:
         """Take GPUs (lowest free index first), CPUs and memory for each worker on its node."""
+        if spec.shared:
+            return self._allocate_shared(spec, nodes[0])
         out: Placement = []
         self.changes += 1
         for name, workers in Counter(nodes).items() if len(nodes) > 1 else [(nodes[0], 1)] if nodes else []:
@@ -117,7 +125,8 @@ class Pool:
         for name in nodes:
             n = self.nodes[name]
             self._unfile(name, len(n.free))
-            gpus, n.free = n.free[: spec.gpus], n.free[spec.gpus :]
+            g = int(spec.gpus)
+            gpus, n.free = n.free[:g], n.free[g:]
             self._file(name, len(n.free))
             n.free_cpus = exact(n.free_cpus - spec.cpus)
             n.free_mem = exact(n.free_mem - spec.memory_gb)
@@ -125,9 +134,85 @@ class Pool:
             out.append((name, gpus))
         return out
 
+    def _allocate_shared(self, spec: JobSpec, name: str) -> Placement:
+        """A fractional or MIG worker on node `name`: the GPU (or slice) the placement rule picks there, with the
+        job itself counted in the pending mix as when it was placed."""
+        f = spec.gpus
+        if spec.mig is None:
+            self.fractions[f] += 1
+        try:
+            pick = self.pick_shared(spec, only=name)
+        finally:
+            if spec.mig is None:
+                self.unpend_fraction(f)
+        if pick is None:
+            raise ValueError(f"node {name} has no room for {f} of a GPU" + (f" ({spec.mig})" if spec.mig else ""))
+        self._take_shared(spec, name, pick[1])
+        return [(name, [] if pick[1] is None else [pick[1]])]
+
+    def unpend_fraction(self, f: float) -> None:
+        """A fractional job of `f` left the pending mix (PoolState keeps the mix; allocate borrows it)."""
+        self.fractions[f] -= 1
+        if not self.fractions[f]:
+            del self.fractions[f]
+
+    def _take_shared(self, spec: JobSpec, name: str, g: int | None) -> None:
+        """Take a MIG slice (g None), or `spec.gpus` of GPU g (opening it if free), and CPUs and memory."""
+        n = self.nodes[name]
+        self.changes += 1
+        if g is None:
+            assert spec.mig is not None
+            n.mig_free[spec.mig] -= 1
+        elif g in n.shared:
+            n.shared[g] = exact(n.shared[g] + spec.gpus)
+        else:
+            before = self._unfile_node(n)
+            n.free.remove(g)
+            self._refile_node(n, before)
+            n.shared[g] = spec.gpus
+            self.sharing.add(name)
+        n.free_cpus = exact(n.free_cpus - spec.cpus)
+        n.free_mem = exact(n.free_mem - spec.memory_gb)
+        self._loosen()
+
+    def _release_shared(self, spec: JobSpec, name: str, gpus: list[int]) -> None:
+        n = self.nodes[name]
+        if spec.mig is not None:
+            n.mig_free[spec.mig] += 1
+        for g in gpus:
+            left = exact(n.shared[g] - spec.gpus)
+            if left > 0:
+                n.shared[g] = left
+                continue
+            del n.shared[g]  # its last fraction left: a whole free GPU again
+            if not n.shared and not n.spec.mig:
+                self.sharing.discard(name)
+            before = self._unfile_node(n)
+            n.free = sorted([*n.free, g])
+            settle_held(n)
+            self._refile_node(n, before)
+        n.free_cpus = exact(n.free_cpus + spec.cpus)
+        n.free_mem = exact(n.free_mem + spec.memory_gb)
+        self._loosen()
+
     def take(self, spec: JobSpec, workers: Placement) -> None:
         """Take exactly these GPUs (a job the service found running after a restart); ValueError if any is not
         free, so that a GPU is never held twice."""
+        if spec.shared:
+            for name, gpus in workers:
+                n = self.nodes.get(name)
+                if n is None:
+                    raise ValueError(f"node {name} does not exist")
+                g = gpus[0] if gpus else None
+                if spec.mig is not None:
+                    ok = not gpus and n.mig_free.get(spec.mig, 0) > 0
+                else:
+                    ok = len(gpus) == 1 and (g in n.free or (g in n.shared and exact(n.shared[g] + spec.gpus) <= 1))
+                if not ok:
+                    what = f"a {spec.mig} slice" if spec.mig else f"{spec.gpus} of GPU {gpus}"
+                    raise ValueError(f"{what} of node {name} is not free")
+                self._take_shared(spec, name, g)
+            return
         for name, gpus in workers:
             n = self.nodes.get(name)
             if n is None or not set(gpus) <= set(n.free):
@@ -147,11 +232,15 @@ class Pool:
     def release(self, spec: JobSpec, workers: Placement) -> None:
         self.freed += 1
         self.changes += 1
+        if spec.shared:
+            for name, gpus in workers:
+                self._release_shared(spec, name, gpus)
+            return
         for name, gpus in workers:
             n = self.nodes[name]
             before = self._unfile_node(n)
             n.free = sorted(n.free + gpus)
-            _settle_held(n)  # GPUs others took while this job still held them are theirs first
+            settle_held(n)  # GPUs others took while this job still held them are theirs first
             n.free_cpus = exact(n.free_cpus + spec.cpus)
             n.free_mem = exact(n.free_mem + spec.memory_gb)
             self._refile_node(n, before)
@@ -165,7 +254,7 @@ class Pool:
         self.changes += 1
         before = self._unfile_node(n)
         n.held_gpus = gpus
-        _settle_held(n)
+        settle_held(n)
         n.free_cpus = exact(n.free_cpus + n.held_cpus - cpus)
         n.free_mem = exact(n.free_mem + n.held_mem - memory_gb)
         n.held_cpus, n.held_mem = cpus, memory_gb
@@ -184,6 +273,8 @@ class Pool:
 
     def workers_fit_empty(self, spec: JobSpec) -> int:
         """How many workers of `spec` the pool could hold with every node (up or down) empty."""
+        if spec.mig is not None:
+            return sum(workers_per_node(spec, n.gpus, n.cpus, n.memory_gb, n.mig) for n in self.mig_nodes)
         return sum(workers_per_node(spec, g, c, m) * count for (g, c, m), count in self.shapes.items())
 
     def _file(self, name: str, free: int) -> None:
@@ -213,10 +304,13 @@ class Pool:
 
     def place(self, spec: JobSpec, excluded: Collection[str] = (), freed: Freed | None = None) -> list[str] | None:
         """Nodes for each worker (best fit, one domain when one can hold the gang), or None when it cannot fit."""
+        if spec.shared:
+            pick = self.pick_shared(spec, excluded, freed)
+            return None if pick is None else [pick[0]]
         if spec.workers == 1:
             node = self._best_fit_one(spec, excluded, freed)
             return None if node is None else [node]
-        room = self._room(spec.gpus, excluded, freed)
+        room = self._room(int(spec.gpus), excluded, freed)
         if spec.workers > 1 and self.domains:
             fitting = []
             for d, members in self.domains.items():
@@ -224,7 +318,8 @@ class Pool:
                 chosen = _best_fit(sub, spec)
                 if chosen is not None:
                     free = sum(
-                        len(self.nodes[n].free) + (freed.gpus.get(n, 0) if freed else 0)
+                        len(self.nodes[n].free)
+                        + (freed.gpus.get(n, 0) + (self.cleared(n, freed) if freed.shared else 0) if freed else 0)
                         for n in members
                         if self.nodes[n].up and n not in excluded
                     )
@@ -233,25 +328,31 @@ class Pool:
                 return min(fitting, key=lambda f: (f[0], f[1]))[2]
         return _best_fit(room, spec)
 
-    def _best_fit_one(self, spec: JobSpec, excluded: Collection[str], freed: Freed | None) -> str | None:
-        """What _best_fit would choose for one worker, without reading every node: the nodes that victims free
-        GPUs on are weighed one by one, the others found in their free-GPU bucket."""
+    def _best_fit_one(
+        self, spec: JobSpec, excluded: Collection[str], freed: Freed | None, gpus: int | None = None
+    ) -> str | None:
+        """What _best_fit would choose for one worker (of `gpus` whole GPUs: default spec.gpus), without reading
+        every node: the nodes that victims free GPUs on are weighed one by one, the others found in their
+        free-GPU bucket."""
+        want = int(spec.gpus) if gpus is None else gpus
         best: tuple[int, str] | None = None
         weighed: Collection[str] = ()
         if freed is not None:
-            weighed = {name for name, g in freed.gpus.items() if g > 0}
+            weighed = freed.nodes()
             for name in weighed:
                 n = self.nodes[name]
-                free = len(n.free) + freed.gpus[name] - n.owed
+                free = len(n.free) + freed.gpus.get(name, 0) - n.owed
+                if freed.shared:
+                    free += self.cleared(name, freed)
                 if (
                     n.up
                     and name not in excluded
-                    and free >= spec.gpus
+                    and free >= want
                     and self._fits_besides(n, spec, freed)
                     and (best is None or (free, name) < best)
                 ):
                     best = (free, name)
-        for k in range(spec.gpus, self.max_gpus + 1):
+        for k in range(want, self.max_gpus + 1):
             if best is not None and k > best[0]:
                 break
             for name in self.buckets[k]:
@@ -272,13 +373,78 @@ class Pool:
             and exact(n.free_mem + freed.mem.get(n.name, 0.0)) >= spec.memory_gb
         )
 
+    def cleared(self, name: str, freed: Freed | None) -> int:
+        """Shared GPUs of node `name` whose every fraction the victims free: whole free GPUs in a plan."""
+        if freed is None or not freed.shared.get(name):
+            return 0
+        n = self.nodes[name]
+        return sum(1 for g, used in n.shared.items() if exact(used - freed.frac.get((name, g), 0.0)) <= 0)
+
+    def pick_shared(
+        self, spec: JobSpec, excluded: Collection[str] = (), freed: Freed | None = None, only: str | None = None
+    ) -> tuple[str, int | None] | None:
+        """Where a fractional or MIG worker goes (docs/scheduling.md, GPU sharing): (node, GPU index), the index
+        None for a MIG slice; None when nowhere. `only`: on that node alone (allocate's choice of GPU there).
+
+        A MIG slice: the node with the fewest free slices of its profile, then the lowest name. A fraction: a
+        shared GPU with room, the one `share_key` ranks first (the fragmentation it adds for the pending mix,
+        fgd_key; then the room left, node name, index); a free whole GPU only where no shared GPU has room, on
+        the node with the fewest free whole GPUs (best fit), lowest index."""
+        f = spec.gpus
+        if spec.mig is not None:
+            profile = spec.mig
+            best_mig: tuple[int, str] | None = None
+            names = [only] if only is not None else (n.name for n in self.mig_nodes)
+            for name in names:
+                n = self.nodes[name]
+                slices = n.mig_free.get(profile, 0) + (freed.mig.get((name, profile), 0) if freed else 0)
+                if (
+                    slices > 0
+                    and n.up
+                    and name not in excluded
+                    and self._fits_besides(n, spec, freed)
+                    and (best_mig is None or (slices, name) < best_mig)
+                ):
+                    best_mig = (slices, name)
+            return None if best_mig is None else (best_mig[1], None)
+        best: tuple[tuple[float, ...], str, int] | None = None
+        candidates = self.sharing if freed is None else self.sharing | freed.nodes()
+        for name in [only] if only is not None else candidates:
+            n = self.nodes[name]
+            if not n.shared or not n.up or name in excluded or not self._fits_besides(n, spec, freed):
+                continue
+            for g, used in n.shared.items():
+                if freed is not None and freed.shared.get(name):
+                    used = exact(used - freed.frac.get((name, g), 0.0))
+                    if used <= 0:
+                        continue  # every fraction freed: a whole free GPU (below)
+                room = exact(1 - used)
+                if room >= f:
+                    key = (self.share_key(room, f, self.fractions), name, g)
+                    if best is None or key < best:
+                        best = key
+        if best is not None:
+            return best[1], best[2]
+        if only is not None:
+            n = self.nodes[only]
+            if not (n.up and only not in excluded and self._fits_besides(n, spec, freed)):
+                return None
+            if n.free:
+                return only, n.free[0]
+            for g, used in sorted(n.shared.items()):  # cleared by victims (a plan's count)
+                if freed is not None and exact(used - freed.frac.get((only, g), 0.0)) <= 0:
+                    return only, g
+            return None
+        node = self._best_fit_one(spec, excluded, freed, 1)
+        return None if node is None else (node, -1)
+
     def _room(self, gpus: int, excluded: Collection[str], freed: Freed | None) -> dict[str, list[float]]:
         """Free GPUs, CPUs and memory of the up nodes that could take a worker of `gpus` GPUs."""
         names: set[str] = set()
         for k in range(gpus, self.max_gpus + 1):
             names.update(self.buckets[k])
         if freed is not None:
-            names.update(n for n, g in freed.gpus.items() if g > 0 and self.nodes[n].up)
+            names.update(n for n in freed.nodes() if self.nodes[n].up)
         room: dict[str, list[float]] = {}
         for name in names:
             if name in excluded:
@@ -287,33 +453,13 @@ class Pool:
             r = [float(len(n.free)), n.free_cpus, n.free_mem]
             if freed is not None:
                 r[0] += freed.gpus.get(name, 0) - n.owed
+                if freed.shared:
+                    r[0] += self.cleared(name, freed)
                 r[1] = exact(r[1] + freed.cpus.get(name, 0.0))
                 r[2] = exact(r[2] + freed.mem.get(name, 0.0))
             if r[0] >= gpus:
                 room[name] = r
         return room
-
-
-def _settle_held(n: Node) -> None:
-    """Move GPU indices between free and held until others hold what they hold (as far as free ones allow): the
-    highest free indices first, so that Corral's own stay packed at the bottom."""
-    while len(n.held) > n.held_gpus:
-        n.free.append(n.held.pop())
-    n.free.sort()
-    while len(n.held) < n.held_gpus and n.free:
-        n.held.append(n.free.pop())
-
-
-def workers_per_node(spec: JobSpec, gpus: int, cpus: float | None, memory_gb: float | None) -> int:
-    """How many workers of `spec` (at most all of them) one empty node of that size holds."""
-    per = [spec.workers]
-    if spec.gpus:
-        per.append(gpus // spec.gpus)
-    if spec.cpus and cpus is not None:
-        per.append(math.floor(exact(cpus / spec.cpus)))  # 2.0 // 0.1 is 19.0
-    if spec.memory_gb and memory_gb is not None:
-        per.append(math.floor(exact(memory_gb / spec.memory_gb)))
-    return min(per)
 
 
 def _best_fit(room: dict[str, list[float]], spec: JobSpec) -> list[str] | None:

@@ -20,9 +20,10 @@ from scheduler.engine.decisions import GUARANTEE, HELD_NODES, LIMIT, Decision, H
 from scheduler.engine.explain import explain_pending, rejection
 from scheduler.engine.guard import Reservation
 from scheduler.engine.memo import Need, Stuck, may_fit, own_room
-from scheduler.engine.model import Job, JobSpec, JobState, NodeSpec, Reason, Settings
+from scheduler.engine.model import Job, JobSpec, JobState, NodeSpec, Reason, Settings, add_gpus, gpu_amount
 from scheduler.engine.ordering import PassOrder
 from scheduler.engine.preemption import CAUSE, Plan, Preemption, Tier, tiers_for
+from scheduler.engine.sharing import fgd_key
 from scheduler.engine.state import PoolState
 
 MAX_PASSES = 1000  # passes repeat only while skipped queues may have gained; this bounds a pathological loop
@@ -61,7 +62,9 @@ class Engine:
         domains = domains or {}
         self.pools: dict[str, PoolState] = {
             p: self.pool_state(
-                Pool(p, ns, {d: list(m) for d, m in domains.get(p, {}).items()}), tree, self.arrival_order
+                Pool(p, ns, {d: list(m) for d, m in domains.get(p, {}).items()}, self.share_key),
+                tree,
+                self.arrival_order,
             )
             for p, ns in sorted(by_pool.items())
         }
@@ -84,6 +87,11 @@ class Engine:
         self._overtaken: dict[str, float] = {}
         # What the starvation guard held back, when the caller wants it (the simulator's report, property tests).
         self.holds: list[Hold] | None = None
+
+    def share_key(self, room: float, fraction: float, mix: Mapping[float, int]) -> tuple[float, ...]:
+        """How a fractional job picks among shared GPUs with room (sharing.ShareKey; docs/scheduling.md, GPU
+        sharing): fgd_key. A policy overrides it (baselines.BestFitFractions: plain best fit)."""
+        return fgd_key(room, fraction, mix)
 
     # ----- inputs -----
 
@@ -138,7 +146,7 @@ class Engine:
             self._admitted,
             [(n, list(g)) for n, g in workers],
         )
-        job.within_quota = ps.usage[q.name] + job.request <= q.quota_of(ps.name)
+        job.within_quota = add_gpus(ps.usage[q.name], job.request) <= q.quota_of(ps.name)
         job.reason = reason or Reason(
             "restored", f"{spec.id} was running on {job.placement()} when the engine was rebuilt"
         )
@@ -344,7 +352,10 @@ class Engine:
             # A queue skipped in this pass can do more only if GPUs were freed (preemption, a reservation
             # lifted or moved) or there is more to take back (a queue over quota or fair share grew).
             moved = (before.job if before else None) is not (res.job if res else None)
-            if not (preempted or moved or ps.victims_grew != grew):
+            # Its nodes moved too when a start left a reserved node with fewer free GPUs than another: the one it
+            # let go may hold a job now (a fraction in what a shared GPU has left, or GPUs a whole job did not take).
+            let_go = before is not None and res is not None and not res.nodes >= before.nodes
+            if not (preempted or moved or let_go or ps.victims_grew != grew):
                 return
 
     def _pass(self, ps: PoolState, now: float, res: Reservation | None, out: list[Decision]) -> tuple[list[Job], bool]:
@@ -362,7 +373,7 @@ class Engine:
             short, asleep, mixed, pool = ps.capacity_short, ps.asleep, ps.mixed, ps.pool
             # The smallest pending request and the free GPUs off the reserved nodes, as of free room `counted_at`:
             # read for every queue at or over its share, and they change only when a job starts (Pool.changes).
-            counted_at, need, free = -1, 0, 0
+            counted_at, need, free = -1, 0.0, 0.0
             while True:
                 if counted_at != pool.changes:
                     counted_at, need, free = pool.changes, ps.min_need(), ps.usable_free(None)
@@ -386,7 +397,7 @@ class Engine:
                     key[0] >= 1
                     and name not in mixed
                     and ends
-                    and (pool.free_gpus if name == ps.reserved.queue else free) < need
+                    and (pool.free_gpus + pool.loose if name == ps.reserved.queue else free) < need
                 ):
                     preempted |= self._tier3_rest(ps, now, res, out, started, order)
                     break
@@ -499,7 +510,7 @@ class Engine:
             if self.holds is not None and res is not None and res.nodes:
                 self._note_held_nodes(ps, job, q, now, res)
             if room_only is not None:
-                within = ps.usage[q.name] + job.request <= q.quota_of(ps.name)
+                within = add_gpus(ps.usage[q.name], job.request) <= q.quota_of(ps.name)
                 room_only = (
                     None
                     if only_own is None
@@ -511,6 +522,7 @@ class Engine:
                             job.spec.workers,
                             within,
                             own_room(ps.running.get(q.name, ()), job) if only_own else (),
+                            job.spec.shared,
                         ),
                     ]
                 )
@@ -525,7 +537,7 @@ class Engine:
     def _note_held_nodes(self, ps: PoolState, job: Job, q: Queue, now: float, res: Reservation) -> None:
         """Record a job that found no room only because of the nodes held for a starving job."""
         assert self.holds is not None
-        within = ps.usage[q.name] + job.request <= q.quota_of(ps.name)
+        within = add_gpus(ps.usage[q.name], job.request) <= q.quota_of(ps.name)
         if (
             res.excludes(job, within)
             and ps.over_limit(q, job.request) is None
@@ -542,7 +554,10 @@ class Engine:
     def _may_start_any(self, ps: PoolState, q: Queue) -> bool:
         """A cheap necessary condition, so that a full pool does not walk every pending job of every queue."""
         need = ps.min_pending(q.name)
-        if ps.usage[q.name] + need > q.limit_of(ps.name) and q.name not in ps.mixed:
+        after = ps.usage[q.name] + need
+        if type(after) is not int:
+            after = gpu_amount(after)
+        if after > q.limit_of(ps.name) and q.name not in ps.mixed:
             return False  # its own limit: only its own lower-priority jobs could make room (tier 3)
         if need <= ps.usable_free(q.name):
             return True
@@ -550,7 +565,10 @@ class Engine:
         if running and ps.pending[q.name][0].spec.priority > running[0].spec.priority:
             return True  # tier 3: lower-priority work of its own
         u, pool = ps.usage[q.name], ps.name
-        return u + need <= q.quota_of(pool) or u + need <= ps.shares().get(q.name, 0.0)
+        after = u + need
+        if type(after) is not int:
+            after = gpu_amount(after)
+        return after <= q.quota_of(pool) or after <= ps.shares().get(q.name, 0.0)
 
     def _admit(
         self, ps: PoolState, job: Job, q: Queue, now: float, res: Reservation | None
@@ -559,13 +577,14 @@ class Engine:
         its share stay as they are: None, preemption in other queues; True, free GPUs with those its queue's
         lower-priority work holds; False, free GPUs alone."""
         spec, pool = job.spec, ps.name
-        within = ps.usage[q.name] + job.request <= q.quota_of(pool)
+        after = ps.usage[q.name] + job.request
+        within = (after if type(after) is int else gpu_amount(after)) <= q.quota_of(pool)
         excluded = res.excludes(job, within) if res is not None else frozenset()
         allowed = ps.over_limit(q, job.request) is None and ps.guaranteed(q, job)
         if allowed:
             nodes = (
                 ps.pool.place(spec, excluded)
-                if may_fit(ps.pool, job.request, spec.gpus, spec.workers, excluded)
+                if may_fit(ps.pool, job.request, spec.gpus, spec.workers, excluded, (), spec.shared)
                 else None
             )
             if nodes is not None:
@@ -600,7 +619,7 @@ class Engine:
         job.state, job.start, job.skipped_since = JobState.RUNNING, now, None
         self._admitted += 1
         job.admitted = self._admitted
-        job.within_quota = u + job.request <= quota
+        job.within_quota = add_gpus(u, job.request) <= quota
         self._aging_timer(job)
         np = ps.np_usage[q.name]
         ps.add_running(job)
@@ -654,7 +673,7 @@ class Engine:
         if h is None or h.skipped_since is None or now - h.skipped_since < self.settings.starvation_timeout:
             return None
         q = self.tree[h.spec.queue]
-        within = ps.usage[q.name] + h.request <= q.quota_of(ps.name)
+        within = add_gpus(ps.usage[q.name], h.request) <= q.quota_of(ps.name)
         # Blocked on a limit or on its guarantee (and perhaps on room too, later), free room is not what it lacks:
         # holding nodes would idle GPUs for nothing. The limit is asked first, as admission does.
         blocked = ps.over_limit(q, h.request)
@@ -674,7 +693,7 @@ class Engine:
                 if left <= 0:
                     return frozenset(chosen)
                 spec = ps.pool.nodes[name].spec
-                take = workers_per_node(h.spec, spec.gpus, spec.cpus, spec.memory_gb)
+                take = workers_per_node(h.spec, spec.gpus, spec.cpus, spec.memory_gb, spec.mig)
                 if take > 0:
                     chosen.append(name)
                     left -= take

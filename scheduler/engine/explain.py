@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from quotas import QueueTree
 from scheduler.engine.cluster import Pool
 from scheduler.engine.decisions import GUARANTEE, LIMIT, QUEUE_MATE
-from scheduler.engine.model import Job, JobSpec, Reason
+from scheduler.engine.model import Job, JobSpec, Reason, add_gpus
 from scheduler.engine.preemption import Tier, tiers_for
 from scheduler.engine.state import PoolState
 
@@ -36,6 +36,48 @@ def rejection(spec: JobSpec, tree: QueueTree, pools: Mapping[str, Pool]) -> Reas
             {},
         )
     pool = pools[spec.pool]
+    why = _no_mig(spec, pool) if spec.mig is not None else _too_big(spec, pool)
+    if why is not None:
+        return why
+    for a in q.path:
+        if spec.request > a.limit_of(pool.name):
+            return Reason(
+                "over_limit",
+                (
+                    f"the job asks {spec.request} GPUs of {pool.name}, more than queue {a.name}'s limit of "
+                    f"{a.limit_of(pool.name):g}"
+                ),
+                {"request": spec.request, "limit": a.limit_of(pool.name), "queue": a.name},
+            )
+    if not spec.preemptible and spec.request > q.quota_of(pool.name):
+        return Reason(
+            "over_quota",
+            (
+                f"a non-preemptible job runs only within its queue's quota: it asks {spec.request} GPUs of "
+                f"{pool.name}, more than queue {q.name}'s quota of {q.quota_of(pool.name)}"
+            ),
+            {"request": spec.request, "quota": q.quota_of(pool.name), "queue": q.name},
+        )
+    return None
+
+
+def _no_mig(spec: JobSpec, pool: Pool) -> Reason | None:
+    """A MIG job on a pool where no node has a slice of its profile (with room for its CPUs and memory)."""
+    if pool.workers_fit_empty(spec):
+        return None
+    profiles = sorted({p for n in pool.mig_nodes for p, k in n.mig.items() if k > 0})
+    return Reason(
+        "no_mig_slice",
+        (
+            f"no node of pool {pool.name} has a MIG slice {spec.mig} that can hold the job ({spec.cpus:g} CPUs, "
+            f"{spec.memory_gb:g} GB); MIG profiles there: {', '.join(profiles) or 'none'}"
+        ),
+        {"mig": str(spec.mig)},
+    )
+
+
+def _too_big(spec: JobSpec, pool: Pool) -> Reason | None:
+    """A job no node, or not the whole pool, could ever hold."""
     if not any(
         g >= spec.gpus and (c is None or c >= spec.cpus) and (m is None or m >= spec.memory_gb)
         for g, c, m in pool.shapes
@@ -66,25 +108,6 @@ def rejection(spec: JobSpec, tree: QueueTree, pools: Mapping[str, Pool]) -> Reas
                 f"{pool.name} hold only {room} such workers"
             ),
             {"workers": spec.workers, "fits": room},
-        )
-    for a in q.path:
-        if spec.request > a.limit_of(pool.name):
-            return Reason(
-                "over_limit",
-                (
-                    f"the job asks {spec.request} GPUs of {pool.name}, more than queue {a.name}'s limit of "
-                    f"{a.limit_of(pool.name):g}"
-                ),
-                {"request": spec.request, "limit": a.limit_of(pool.name), "queue": a.name},
-            )
-    if not spec.preemptible and spec.request > q.quota_of(pool.name):
-        return Reason(
-            "over_quota",
-            (
-                f"a non-preemptible job runs only within its queue's quota: it asks {spec.request} GPUs of "
-                f"{pool.name}, more than queue {q.name}'s quota of {q.quota_of(pool.name)}"
-            ),
-            {"request": spec.request, "quota": q.quota_of(pool.name), "queue": q.name},
         )
     return None
 
@@ -134,19 +157,27 @@ def explain_pending(ps: PoolState, job: Job, res: Reservation | None, preempted_
             (
                 f"non-preemptible jobs run only within quota, counting the queue's non-preemptible GPUs: {q.name} "
                 f"holds {np} non-preemptible GPUs of {pool} (quota {quota}); {np} + {r} > {quota}, so it waits until "
-                f"{np + r - quota} of them free up (its queue's preemptible jobs never hold it back)"
+                f"{add_gpus(np, r - quota)} of them free up (its queue's preemptible jobs never hold it back)"
             ),
             nums,
         )
-    within = u + r <= quota
+    within = add_gpus(u, r) <= quota
     excluded = res.excludes(job, within) if res is not None else frozenset()
     if ps.pool.place(job.spec, excluded) is not None:
         return Reason("next_pass", f"fits now; it starts at the next scheduling pass ({head})", nums)
-    need = f"{job.spec.workers} x {job.spec.gpus} GPUs"
-    msg = (
-        f"needs {need} on {pool}: {ps.pool.free_gpus} GPUs free, the largest free block on one node is "
-        f"{ps.pool.largest_free()}"
-    )
+    spec = job.spec
+    if spec.mig is not None:
+        msg = f"needs a MIG slice {spec.mig} on {pool}: none is free"
+    elif spec.shared:
+        msg = (
+            f"needs {spec.gpus} of a GPU on {pool}: {ps.pool.free_gpus} whole GPUs free, the most room on a shared "
+            f"GPU is {ps.pool.most_room()}"
+        )
+    else:
+        msg = (
+            f"needs {spec.workers} x {spec.gpus} GPUs on {pool}: {ps.pool.free_gpus} GPUs free, the largest free "
+            f"block on one node is {ps.pool.largest_free()}"
+        )
     if excluded:
         assert res is not None
         msg += f"; nodes {', '.join(sorted(excluded))} are held for starving job {res.job.id}"

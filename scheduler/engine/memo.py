@@ -22,11 +22,12 @@ from scheduler.engine.model import Job
 class Need(NamedTuple):
     """One shape a room-only queue tried."""
 
-    request: int  # GPUs
-    gpus: int  # per worker
+    request: float  # GPUs
+    gpus: float  # per worker
     workers: int
     within: bool  # within its queue's quota (the reservation keeps fewer nodes from it, see Reservation.excludes)
     own: tuple[tuple[str, int], ...]  # where only its queue's lower-priority work could make room: its GPUs per node
+    shared: bool = False  # a fraction of a GPU or a MIG slice (JobSpec.shared): no whole-GPU worker slots to count
 
 
 @dataclass(slots=True)
@@ -57,30 +58,38 @@ def may_fit_any(pool: Pool, reserved: Held, needs: Iterable[Need], queue: str) -
     """Could any of these shapes that the room-only queue `queue` tried fit now, off the nodes the reservation
     (PoolState.reserved) keeps from it (Reservation.excludes)?"""
     held_for, held, held_within = reserved
-    for request, gpus, workers, within, own in needs:
+    for request, gpus, workers, within, own, shared in needs:
         kept = held if held_for != queue and not (within and not held_within) else ()
-        if may_fit(pool, request, gpus, workers, kept, own):
+        if may_fit(pool, request, gpus, workers, kept, own, shared):
             return True
     return False
 
 
 def may_fit(
-    pool: Pool, request: int, gpus: int, workers: int, kept: Collection[str] = (), own: Iterable[tuple[str, int]] = ()
+    pool: Pool,
+    request: float,
+    gpus: float,
+    workers: int,
+    kept: Collection[str] = (),
+    own: Iterable[tuple[str, int]] = (),
+    shared: bool = False,
 ) -> bool:
     """A necessary condition for placing a job on free GPUs, off the nodes `kept`, with those its queue's
     lower-priority work holds (`own`: node, GPUs) counted free: enough GPUs, and room for `workers` workers of
-    `gpus` GPUs each. With `own`, this is Preemption.priority_only_hopeless's test itself."""
+    `gpus` GPUs each. With `own`, this is Preemption.priority_only_hopeless's test itself. A shared job
+    (a fraction, a MIG slice) counts the room outside whole free GPUs too (Pool.loose), and no worker slots."""
     added, gained, kept_slots = 0, 0, 0
     for name, more in own:
         n = pool.nodes[name]
         if n.up and name not in kept:
             added += more
-            if gpus > 0:
-                gained += (len(n.free) + more) // gpus - len(n.free) // gpus
-    if pool.free_gpus + added < request:
+            if gpus > 0 and not shared:
+                gained += (len(n.free) + more) // int(gpus) - len(n.free) // int(gpus)
+    if pool.free_gpus + pool.loose + added < request:
         return False
-    if gpus <= 0:
+    if gpus <= 0 or shared:
         return True
+    gpus = int(gpus)
     for name in kept:
         n = pool.nodes[name]
         kept_slots += len(n.free) // gpus if n.up else 0
@@ -89,12 +98,12 @@ def may_fit(
 
 def own_room(running: Iterable[Job], job: Job) -> tuple[tuple[str, int], ...]:
     """GPUs per node held by the preemptible jobs of `running` (a queue's, in victim order) below `job`'s
-    priority."""
+    priority; a fractional job or MIG slice counts 1 (an upper bound: what it frees is at most one GPU's worth)."""
     more: Counter[str] = Counter()
     for j in running:
         if j.spec.priority >= job.spec.priority:
             break  # victim order: lowest priority first
         if j.spec.preemptible:
             for node, gpus in j.workers:
-                more[node] += len(gpus)
+                more[node] += 1 if j.spec.shared else len(gpus)
     return tuple(more.items())

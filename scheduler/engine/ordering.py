@@ -28,6 +28,9 @@ class PassOrder:
         self.moved: dict[str, int] = {}  # queue -> version of its entry in `_heap`; -1: read, nothing started
         self._heap: list[tuple[QueueKey, int, str]] = []
         self.high: Entry | None = None  # the highest entry read: parked queues below it were passed by
+        # Queues read in this pass: a parked one that was woken and read is no longer "passed by" (its parked mark
+        # is stale until the pass ends), even where it started its last pending job and so left no mark in `moved`.
+        self._read: set[str] = set()
         self._woken = ps.parked_fitting(None) + [ps.entry(n) for n in ps.woken if n in ps.pending]
         heapq.heapify(self._woken)
         ps.woken.clear()
@@ -62,6 +65,7 @@ class PassOrder:
         return self.ps.parked_between(max(self.high, ONE) if self.high is not None else ONE, upto, self.moved)
 
     def reach(self, entry: Entry) -> None:
+        self._read.add(entry[1])
         if self.high is None or entry > self.high:
             self.high = entry
 
@@ -81,7 +85,7 @@ class PassOrder:
             if (
                 moved.get(name) == -1
                 or name not in ps.pending
-                or (name not in moved and ps.visited_parked(name, self.high))
+                or (name not in moved and name not in self._read and ps.visited_parked(name, self.high))
             ):
                 continue
             moved[name] = moved.get(name, 0) + 1

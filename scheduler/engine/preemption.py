@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -12,7 +11,7 @@ from enum import IntEnum
 from quotas.tree import Queue
 from scheduler.engine.cluster import Freed
 from scheduler.engine.memo import may_fit, own_room
-from scheduler.engine.model import Job, Reason
+from scheduler.engine.model import Amounts, Job, Reason, add_gpus, gpu_amount
 from scheduler.engine.state import PoolState, ratio
 
 
@@ -39,9 +38,10 @@ def tiers_for(ps: PoolState, job: Job, q: Queue) -> set[Tier]:
         # Only non-preemptible GPUs count against a non-preemptible job's guarantee, and victims are always
         # preemptible: no preemption can lift it.
         return tiers
-    if u + r <= q.quota_of(pool):
+    after = add_gpus(u, r)
+    if after <= q.quota_of(pool):
         tiers.add(Tier.RECLAIM)
-    if u + r <= ps.shares().get(q.name, 0.0):
+    if after <= ps.shares().get(q.name, 0.0):
         tiers.add(Tier.FAIR_SHARE)
     running = ps.running.get(q.name)
     if running and running[0].spec.priority < job.spec.priority and ps.mixed.get(q.name, 0) > 0:
@@ -85,6 +85,8 @@ class Preemption:
         self.quiet = quiet
         self.pool = ps.name
         self.request = job.request
+        # GPUs per worker as whole GPUs (what worker slots count); 0 for a job that shares a GPU.
+        self.whole = 0 if job.spec.shared else int(job.spec.gpus)
         self.shares = ps.shares()
         self.tiers = tiers
 
@@ -108,8 +110,9 @@ class Preemption:
                             tiers.setdefault(leaf, []).append(Tier.RECLAIM)
         if Tier.FAIR_SHARE in self.tiers:
             shares = self.shares
-            after_q = ratio(ps.usage[q.name] + self.request, shares.get(q.name, 0.0))
-            least = 1 if self.request else 0  # the smallest job that can help frees a GPU
+            after_q = ratio(add_gpus(ps.usage[q.name], self.request), shares.get(q.name, 0.0))
+            # The smallest job that can help frees a GPU; with GPU sharing a victim may hold less (nothing skipped).
+            least = 1 if self.request and not ps.pool.sharing else 0
             for leaf in ps.over_share:
                 # Skip queues whose ratio would drop below q's after losing even their smallest job.
                 if (
@@ -149,10 +152,10 @@ class Preemption:
 
     def _init_room(self) -> None:
         """What the victims taken so far free: per queue up the tree, per node, and as worker slots."""
-        pool, g = self.ps.pool, self.job.spec.gpus
-        self.gone: Counter[str] = Counter()
+        pool, g = self.ps.pool, self.whole
+        self.gone = Amounts()
         self.freed = Freed()
-        self.extra = 0  # GPUs freed on nodes the job may use
+        self.extra = 0  # GPUs freed on nodes the job may use (a sharing victim counts 1: an upper bound)
         # Worker slots (node free GPUs // gpus per worker, summed): a quick necessary condition for a fit.
         self.slots = 0
         if g:
@@ -161,17 +164,20 @@ class Preemption:
 
     def _take(self, j: Job, sign: int) -> None:
         """Count `j` as a victim (sign 1) or no longer one (-1)."""
-        pool, g = self.ps.pool, self.job.spec.gpus
+        pool, g, freed = self.ps.pool, self.whole, self.freed
         for a in self.ps.tree[j.spec.queue].path:
-            self.gone[a.name] += sign * j.request
+            gone = self.gone[a.name] + sign * j.request
+            self.gone[a.name] = gone if type(gone) is int else gpu_amount(gone)
+        more = 1 if j.spec.shared else 0
         for node, gpus in j.workers:
             n = pool.nodes[node]
             if node not in self.excluded and n.up:
-                before = len(n.free) + self.freed.gpus.get(node, 0)
-                self.extra += sign * len(gpus)
+                count = more or len(gpus)
+                before = len(n.free) + freed.gpus.get(node, 0) + freed.shared.get(node, 0)
+                self.extra += sign * count
                 if g:
-                    self.slots += (before + sign * len(gpus)) // g - before // g
-            self.freed.add([(node, gpus)], j.spec, sign)
+                    self.slots += (before + sign * count) // g - before // g
+            freed.add([(node, gpus)], j.spec, sign)
 
     def admissible(self) -> list[str] | None:
         """Nodes for the job if it passes every admission check with the victims taken so far removed."""
@@ -181,7 +187,7 @@ class Preemption:
         """Every admission check but placement, with the victims taken so far removed."""
         ps, q, spec = self.ps, self.q, self.job.spec
         # Cheapest and most often failing first: not enough worker slots yet.
-        if ps.pool.free_gpus + self.extra < self.request or (spec.gpus and self.slots < spec.workers):
+        if ps.pool.free_gpus + ps.pool.loose + self.extra < self.request or (self.whole and self.slots < spec.workers):
             return False
         # The guarantee rule needs no check here: tiers_for allows preemption only where it holds, and victims,
         # being preemptible, never change it.
@@ -196,19 +202,20 @@ class Preemption:
         try.) The engine asks this before `plan`, and wakes a queue stuck on it by the same test (memo.py)."""
         spec = self.job.spec
         own = own_room(self.ps.running.get(self.q.name, ()), self.job)
-        return not may_fit(self.ps.pool, self.request, spec.gpus, spec.workers, self.excluded, own)
+        return not may_fit(self.ps.pool, self.request, spec.gpus, spec.workers, self.excluded, own, spec.shared)
 
     def _whole_nodes_hopeless(self) -> bool:
         """Workers that each need a whole node, with the fair-share tier the only way into other queues: even
         with every job the walk would take gone, would too few nodes be empty? (See clearable.py.)"""
         ps, spec, pool, q = self.ps, self.job.spec, self.ps.pool, self.q.name
-        g = spec.gpus
+        g = self.whole
         if (
             not self.quiet
             or Tier.RECLAIM in self.tiers
             or Tier.FAIR_SHARE not in self.tiers
             or g != pool.max_gpus
             or g <= 0
+            or spec.shared
         ):
             return False
         need = spec.workers - len(pool.buckets[g])  # whole free nodes
@@ -216,7 +223,7 @@ class Preemption:
         if need <= 0:
             return False
         index = ps.clear_index()
-        after_q = ratio(ps.usage[q] + self.request, self.shares.get(q, 0.0))
+        after_q = ratio(add_gpus(ps.usage[q], self.request), self.shares.get(q, 0.0))
         prio, tier3 = spec.priority, Tier.PRIORITY in self.tiers
         takes: dict[str, set[int]] = {}
 
@@ -249,9 +256,13 @@ class Preemption:
             return out
         share, left = self.shares.get(v, 0.0), ps.usage[v]
         for j in ps.running[v]:
-            if j.spec.preemptible and ratio(left - j.request, share) >= after_q:
-                left -= j.request
-                out.add(id(j))
+            if j.spec.preemptible:
+                after = left - j.request
+                if type(after) is not int:
+                    after = gpu_amount(after)
+                if ratio(after, share) >= after_q:
+                    left = after
+                    out.add(id(j))
         return out
 
     def plan(self) -> Plan | None:
@@ -261,8 +272,8 @@ class Preemption:
         taken: list[Victim] = []
         taken_ids: set[int] = set()
         self._init_room()
-        from_branch: Counter[str] = Counter()
-        from_queue: Counter[str] = Counter()
+        from_branch = Amounts()
+        from_queue = Amounts()
         nodes = None
         for tier, j in self.candidates():
             if id(j) in taken_ids:
@@ -272,17 +283,24 @@ class Preemption:
             if tier == Tier.RECLAIM:
                 b = ps.tree.branch(v, q)
                 left = ps.usage[b.name] - from_branch[b.name]
+                if type(left) is not int:
+                    left = gpu_amount(left)
                 if left <= b.quota_of(pool):
                     continue
                 facts.update(branch=b.name, branch_usage=left, branch_quota=b.quota_of(pool))
-                from_branch[b.name] += j.request
+                from_branch[b.name] = add_gpus(from_branch[b.name], j.request)
             elif tier == Tier.FAIR_SHARE:
-                after_v = ratio(ps.usage[v.name] - from_queue[v.name] - j.request, self.shares.get(v.name, 0.0))
-                after_q = ratio(ps.usage[q.name] + self.request - from_queue[q.name], self.shares.get(q.name, 0.0))
+                # Ints (whole GPUs) added plainly; fractions rounded once, as add_gpus does (a call per victim
+                # candidate is measurable in walks of hundreds).
+                vu = ps.usage[v.name] - from_queue[v.name] - j.request
+                qu = ps.usage[q.name] + self.request - from_queue[q.name]
+                after_v = ratio(vu if type(vu) is int else gpu_amount(vu), self.shares.get(v.name, 0.0))
+                after_q = ratio(qu if type(qu) is int else gpu_amount(qu), self.shares.get(q.name, 0.0))
                 if after_v < after_q:
                     continue
                 facts.update(victim_usage=ps.usage[v.name], ratio_after=after_v, beneficiary_ratio_after=after_q)
-            from_queue[v.name] += j.request
+            taken_gpus = from_queue[v.name] + j.request
+            from_queue[v.name] = taken_gpus if type(taken_gpus) is int else gpu_amount(taken_gpus)
             taken.append(Victim(j, tier, facts))
             taken_ids.add(id(j))
             self._take(j, 1)

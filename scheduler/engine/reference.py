@@ -41,7 +41,7 @@ class ReferenceEngine(Engine):
             room_still_short, mixed, pool = ps.room_still_short, ps.mixed, ps.pool
             # The smallest pending request and the free GPUs off the reserved nodes, as of free room `counted_at`:
             # read for every queue at or over its share, and they change only when a job starts (Pool.changes).
-            counted_at, need, free = -1, 0, 0
+            counted_at, need, free = -1, 0.0, 0.0
             while True:
                 if counted_at != pool.changes:
                     counted_at, need, free = pool.changes, ps.min_need(), ps.usable_free(None)
@@ -77,7 +77,7 @@ class ReferenceEngine(Engine):
                     and not short
                     and name not in mixed
                     and (res is None or res.job.spec.queue in moved or res.job.spec.queue not in ps.pending)
-                    and (pool.free_gpus if name == ps.reserved.queue else free) < need
+                    and (pool.free_gpus + pool.loose if name == ps.reserved.queue else free) < need
                 ):
                     # From here on every queue is at or over its fair share (so it has no tier 1 or 2) and no
                     # pending job fits in the free GPUs: only queues with lower-priority work (tier 3) remain.

@@ -26,10 +26,11 @@ class PoolStateRecounted(PoolState):
     def sleep(self, name: str, stuck: Stuck) -> None:
         pass
 
-    def usable_free(self, queue: str | None) -> int:
+    def usable_free(self, queue: str | None) -> float:
         held_for, held, _ = self.reserved
         nodes = self.pool.nodes
-        return self.pool.free_gpus - (0 if held_for == queue else sum(len(nodes[n].free) for n in held if nodes[n].up))
+        free = self.pool.free_gpus - (0 if held_for == queue else sum(len(nodes[n].free) for n in held if nodes[n].up))
+        return free + self.pool.loose
 
 
 class PreemptionWalked(Preemption):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from scheduler.engine.model import add_gpus
 from scheduler.engine.state import PoolState
 
 
@@ -13,25 +14,30 @@ class PoolLoad:
     """One pool's queues: GPUs held, fair shares and backlog, copied at one instant (read under the caller's lock)."""
 
     name: str
-    usage: Mapping[str, int]  # any queue -> GPUs its subtree's running jobs hold
-    np_usage: Mapping[str, int]  # any queue -> GPUs its subtree's non-preemptible running jobs hold
+    # GPUs are ints while whole; fractions of GPUs (GPU sharing) make them floats
+    usage: Mapping[str, float]  # any queue -> GPUs its subtree's running jobs hold
+    np_usage: Mapping[str, float]  # any queue -> GPUs its subtree's non-preemptible running jobs hold
     shares: Mapping[str, float]  # any queue -> its fair share of the pool now, GPUs
-    pending_sizes: Mapping[str, Mapping[int, int]]  # leaf -> GPUs a pending job asks -> how many such jobs
+    pending_sizes: Mapping[str, Mapping[float, int]]  # leaf -> GPUs a pending job asks -> how many such jobs
     running_jobs: Mapping[str, int]  # leaf -> running jobs
 
-    def used(self, queue: str) -> int:
+    def used(self, queue: str) -> float:
         return self.usage.get(queue, 0)
 
-    def np_used(self, queue: str) -> int:
+    def np_used(self, queue: str) -> float:
         return self.np_usage.get(queue, 0)
 
     def share(self, queue: str) -> float:
         return self.shares.get(queue, 0.0)
 
-    def backlog(self, leaves: Iterable[str]) -> tuple[int, int]:
+    def backlog(self, leaves: Iterable[str]) -> tuple[int, float]:
         """Pending jobs and the GPUs they ask in these leaves, from the counts by size (not job by job)."""
         sizes = [self.pending_sizes.get(leaf, {}) for leaf in leaves]
-        return sum(n for s in sizes for n in s.values()), sum(g * n for s in sizes for g, n in s.items())
+        gpus: float = 0
+        for s in sizes:
+            for g, n in s.items():
+                gpus = add_gpus(gpus, g * n)
+        return sum(n for s in sizes for n in s.values()), gpus
 
     def running(self, leaves: Iterable[str]) -> int:
         return sum(self.running_jobs.get(leaf, 0) for leaf in leaves)
@@ -43,7 +49,11 @@ class NodeGpus:
 
     name: str
     gpus: int
-    holders: Mapping[int, str]  # GPU index -> job id; free GPUs are absent
+    holders: Mapping[int, str]  # GPU index -> job id (a shared GPU: its first job); free GPUs are absent
+    # GPU sharing: GPU index -> (job id, fraction) of every fractional job on that GPU; MIG profile -> (slices,
+    # free slices)
+    shared: Mapping[int, tuple[tuple[str, float], ...]] = field(default_factory=dict)
+    mig: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,7 @@ class PoolGpus:
     """One pool's nodes and GPUs: capacity counts nodes that are up."""
 
     name: str
-    capacity: int
+    capacity: float
     free_gpus: int
     nodes: tuple[NodeGpus, ...]
 
@@ -69,12 +79,22 @@ def pool_load(ps: PoolState) -> PoolLoad:
 
 def pool_gpus(ps: PoolState) -> PoolGpus:
     holder: dict[tuple[str, int], str] = {}
+    shared: dict[str, dict[int, list[tuple[str, float]]]] = {}
     for leaf_jobs in ps.running.values():
         for j in leaf_jobs:
             for node, gpus in j.workers:
-                holder.update({(node, g): j.id for g in gpus})
+                for g in gpus:
+                    holder.setdefault((node, g), j.id)
+                    if j.spec.shared:
+                        shared.setdefault(node, {}).setdefault(g, []).append((j.id, j.spec.gpus))
     nodes = tuple(
-        NodeGpus(n.name, n.spec.gpus, {i: holder[(n.name, i)] for i in range(n.spec.gpus) if (n.name, i) in holder})
+        NodeGpus(
+            n.name,
+            n.spec.gpus,
+            {i: holder[(n.name, i)] for i in range(n.spec.gpus) if (n.name, i) in holder},
+            {g: tuple(sorted(js)) for g, js in sorted(shared.get(n.name, {}).items())},
+            {p: (k, n.mig_free.get(p, 0)) for p, k in sorted(n.spec.mig.items())},
+        )
         for n in ps.pool.nodes.values()
     )
     return PoolGpus(ps.name, ps.pool.capacity, ps.pool.free_gpus, nodes)

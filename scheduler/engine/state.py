@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from sortedcontainers import SortedList
 
@@ -18,7 +18,7 @@ from scheduler.engine.clearable import ClearIndex
 from scheduler.engine.cluster import Pool
 from scheduler.engine.guard import NOT_HELD, Held, Reservation
 from scheduler.engine.memo import Need, Stuck, may_fit_any
-from scheduler.engine.model import Job
+from scheduler.engine.model import Amounts, Job, add_gpus, gpu_amount
 
 QueueKey = tuple[float, float, str]
 Entry = tuple[QueueKey, str]  # a leaf's place in key order: its key, its name
@@ -58,13 +58,14 @@ class PoolState:
         self.name = pool.name
         self.pending: dict[str, SortedList] = {}  # leaf -> jobs in queue order
         self.running: dict[str, SortedList] = {}  # leaf -> jobs in victim order
-        self.usage: Counter[str] = Counter()  # any queue -> GPUs held in its subtree
+        # any queue -> GPUs held in its subtree (ints while only whole GPUs are held: GPU sharing adds fractions)
+        self.usage = Amounts()
         # any queue -> GPUs held in its subtree by non-preemptible jobs: what a non-preemptible job's guarantee
         # counts (SCHEDULING.md, Admission), since the queue's preemptible jobs can always be taken back.
-        self.np_usage: Counter[str] = Counter()
-        self.pending_sizes: dict[str, Counter[int]] = {}  # leaf -> request -> count
+        self.np_usage = Amounts()
+        self.pending_sizes: dict[str, Counter[float]] = {}  # leaf -> request -> count
         self.pending_shapes: dict[str, Counter[tuple[object, ...]]] = {}  # leaf -> Job.shape -> count
-        self.sizes: Counter[int] = Counter()  # request -> count, over the whole pool
+        self.sizes: Counter[float] = Counter()  # request -> count, over the whole pool
         self.fs = PoolShares(tree, pool.name, pool.capacity)
         self._shares: dict[str, float] | None = None
         self.dirty = True  # something changed since the last scheduling pass
@@ -79,7 +80,7 @@ class PoolState:
         self._missed: set[str] = set()  # queues changed while shares were stale
         # Leaves whose first pending job outranks preemptible running jobs of theirs (tier 3 may apply), with
         # the GPUs those lower-priority jobs hold.
-        self.mixed: dict[str, int] = {}
+        self.mixed: dict[str, float] = {}
         # Queues over their quota, per parent ("" for the top level): tier 1 looks only at these.
         self.over_quota: dict[str, set[str]] = {}
         # Leaves over their fair share: tier 2 looks only at these.
@@ -138,6 +139,8 @@ class PoolState:
         self.pending_sizes.setdefault(q, Counter())[job.request] += 1
         self.pending_shapes.setdefault(q, Counter())[job.shape()] += 1
         self.sizes[job.request] += 1
+        if job.spec.shared and job.spec.mig is None:
+            self.pool.fractions[job.spec.gpus] += 1  # the pending mix the placement of fractions weighs
         if self.arrivals is not None:
             self.arrivals.add(job)
         if not moving:
@@ -162,6 +165,8 @@ class PoolState:
         self.sizes[job.request] -= 1
         if not self.sizes[job.request]:
             del self.sizes[job.request]
+        if job.spec.shared and job.spec.mig is None:
+            self.pool.unpend_fraction(job.spec.gpus)
         if self.arrivals is not None:
             self.arrivals.remove(job)
         if not moving:
@@ -171,10 +176,10 @@ class PoolState:
             job.skipped_since = None
         self._queue_changed(q, old_head)
 
-    def min_pending(self, leaf: str) -> int:
+    def min_pending(self, leaf: str) -> float:
         return min(self.pending_sizes[leaf])
 
-    def min_need(self) -> int:
+    def min_need(self) -> float:
         """The smallest request of any pending job in the pool."""
         return min(self.sizes) if self.sizes else 0
 
@@ -186,7 +191,7 @@ class PoolState:
         self._clear.add(job)
         if not job.spec.preemptible:
             for a in q.path:
-                self.np_usage[a.name] += job.request
+                self.np_usage[a.name] = add_gpus(self.np_usage[a.name], job.request)
         self._use(q, job.request)
 
     def add_restored(self, job: Job) -> None:
@@ -204,14 +209,15 @@ class PoolState:
         self._clear.remove(job)
         if not job.spec.preemptible:
             for a in q.path:
-                self.np_usage[a.name] -= job.request
+                self.np_usage[a.name] = add_gpus(self.np_usage[a.name], -job.request)
         self._use(q, -job.request)
         if not moving:
             self.fs.add_demand(q.name, -job.request)
 
-    def _use(self, q: Queue, delta: int) -> None:
+    def _use(self, q: Queue, delta: float) -> None:
         for a in q.path:
-            self.usage[a.name] += delta
+            u = self.usage[a.name] + delta
+            self.usage[a.name] = u if type(u) is int else add_gpus(self.usage[a.name], delta)
             over = self.over_quota.setdefault(a.parent.name if a.parent else "", set())
             if self.usage[a.name] > a.quota_of(self.name):
                 over.add(a.name)
@@ -281,7 +287,7 @@ class PoolState:
         self._refresh_shares()
         self.dirty = True
 
-    def ratio(self, q: Queue, extra: int = 0) -> float:
+    def ratio(self, q: Queue, extra: float = 0) -> float:
         return ratio(self.usage[q.name] + extra, self.shares().get(q.name, 0.0))
 
     def queue_key(self, q: Queue) -> QueueKey:
@@ -319,12 +325,15 @@ class PoolState:
         jobs = self.pending.get(name)
         head = jobs[0] if jobs else None
         running = self.running.get(name)
-        room = 0
+        room: float = 0
         if head is not None and running:
             for j in running:  # victim order: lowest priority first
                 if j.spec.priority >= head.spec.priority:
                     break
-                room += j.request if j.spec.preemptible else 0
+                if j.spec.preemptible:
+                    room += j.request
+        if type(room) is not int:
+            room = gpu_amount(room)  # fractions summed once, to a millionth
         if room:
             self.mixed[name] = room
         else:
@@ -444,7 +453,7 @@ class PoolState:
     def share_may_help(self, stuck: Stuck, leaf: str, share: float) -> bool:
         """For a leaf stuck for want of room: could its new `share` give the fair-share tier to one of its jobs?
         Not while it stays below its usage plus its smallest request."""
-        return stuck.share != share and self.usage[leaf] + self.min_pending(leaf) <= share
+        return stuck.share != share and add_gpus(self.usage[leaf], self.min_pending(leaf)) <= share
 
     @property
     def grown(self) -> int:
@@ -463,7 +472,7 @@ class PoolState:
     def _may_fit_any(self, stuck: Stuck, queue: str) -> bool:
         """memo.may_fit_any over the shapes a sleeping queue tried: those that count only free GPUs are asked once
         per change to free room for all the queues that tried the same ones."""
-        if self.pool.free_gpus < stuck.least:
+        if self.pool.free_gpus + self.pool.loose < stuck.least:
             return False
         if stuck.shapes_id == -1:
             stuck.shapes_id = self.shape_ids.setdefault(stuck.plain, len(self.shape_ids)) if stuck.plain else -2
@@ -494,17 +503,18 @@ class PoolState:
             self._fits_at = (self.pool.changes, self.reserved)
         return self._fits
 
-    def usable_free(self, queue: str | None) -> int:
+    def usable_free(self, queue: str | None) -> float:
         """Free GPUs a job of `queue` over its quota may use: those on nodes held for another queue's job do not
-        count (Reservation.excludes). None: a queue the reservation is not for."""
+        count (Reservation.excludes). None: a queue the reservation is not for. Plus Pool.loose: the room
+        outside whole free GPUs (shared GPUs, MIG slices), an upper bound, as everything read from this is."""
         held_for, held, _ = self.reserved
         if held_for == queue or not held:
-            return self.pool.free_gpus
+            return self.pool.free_gpus + self.pool.loose
         if self._held_free_at != (self.pool.changes, held):  # read for most queues of a pass: counted once
             nodes = self.pool.nodes
             self._held_free = sum(len(nodes[n].free) for n in held if nodes[n].up)
             self._held_free_at = (self.pool.changes, held)
-        return self.pool.free_gpus - self._held_free
+        return self.pool.free_gpus - self._held_free + self.pool.loose
 
     def reserved_for(self, res: Reservation | None) -> None:
         """The reservation a pass runs under. A stuck queue's answer depends on it through which of the queue's
@@ -532,13 +542,23 @@ class PoolState:
     def guaranteed(self, q: Queue, job: Job) -> bool:
         """The guarantee rule: a non-preemptible job must fit its queue's quota counting only the GPUs the queue
         holds with non-preemptible jobs; a preemptible job is never held back by it."""
-        return job.spec.preemptible or self.np_usage[q.name] + job.request <= q.quota_of(self.name)
+        return job.spec.preemptible or add_gpus(self.np_usage[q.name], job.request) <= q.quota_of(self.name)
 
-    def over_limit(self, q: Queue, request: int, freed: Counter[str] | None = None) -> tuple[Queue, int] | None:
+    def over_limit(
+        self, q: Queue, request: float, freed: Mapping[str, float] | None = None
+    ) -> tuple[Queue, float] | None:
         """The first queue on q's path whose limit `request` more GPUs would break, with its usage."""
+        usage, pool = self.usage, self.name
         for a in q.path:
-            u = self.usage[a.name] - (freed[a.name] if freed else 0)
-            if u + request > a.limit_of(self.name):
+            u = usage[a.name]
+            if freed:
+                u -= freed.get(a.name, 0)
+                if type(u) is not int:
+                    u = gpu_amount(u)
+            after = u + request
+            if type(after) is not int:  # fractions (GPU sharing): summed as add_gpus does; ints stay a plain add
+                after = gpu_amount(after)
+            if after > a.limit_of(pool):
                 return a, u
         return None
 

@@ -40,7 +40,7 @@ class TraceJob:
     queue: str
     pool: str
     workers: int
-    gpus: int
+    gpus: float  # per worker: a whole number, or a fraction below 1 of one GPU for one worker (GPU sharing)
     priority: int = 0
     preemptible: bool = True
 
@@ -52,7 +52,7 @@ class TraceJob:
             self.queue,
             self.pool,
             str(self.workers),
-            str(self.gpus),
+            _fmt(self.gpus),
             str(self.priority),
             "true" if self.preemptible else "false",
         ]
@@ -154,12 +154,50 @@ def philly(rows: Iterable[Row], opts: ImportOptions) -> list[TraceJob]:
     return _finish(parsed, opts)
 
 
+def alibaba_gpu(rows: Iterable[Row], opts: ImportOptions) -> list[TraceJob]:
+    """Alibaba's GPU-sharing trace (cluster-trace-gpu-v2023, the FGD paper's: openb_pod_list_*.csv).
+
+    One job a task that asks for GPUs and was scheduled: `num_gpu` whole GPUs, or, for a task sharing one GPU
+    (`num_gpu` 1, `gpu_milli` below 1000), gpu_milli / 1000 of it. It runs from `scheduled_time` to
+    `deletion_time` and is submitted at `creation_time`; one queue per QoS class (`qos-ls`, `qos-be`, ...).
+    CPU-only tasks (`num_gpu` 0) and tasks never scheduled (`scheduled_time` empty) are left out."""
+    parsed: list[tuple[float, int, str, float, float]] = []  # (submit, line, queue, duration, GPUs)
+    for line, r in rows:
+        n = _count(line, "num_gpu", r.get("num_gpu") or "", 0)
+        scheduled = (r.get("scheduled_time") or "").strip()
+        if n == 0 or not scheduled:
+            continue
+        milli = _count(line, "gpu_milli", r.get("gpu_milli") or "1000", 0)
+        if n == 1 and not 0 < milli <= 1000:
+            raise RowError(line, "gpu_milli", f"{milli} must be from 1 to 1000 (thousandths of one GPU)")
+        created = _seconds(line, "creation_time", r.get("creation_time") or "")
+        start = _seconds(line, "scheduled_time", scheduled)
+        end = _seconds(line, "deletion_time", r.get("deletion_time") or "")
+        if end < start:
+            raise RowError(line, "deletion_time", f"{end:g} is before scheduled_time {start:g}")
+        qos = (r.get("qos") or "").strip().lower() or "none"
+        parsed.append((created, line, f"qos-{qos}", end - start, milli / 1000 if n == 1 and milli < 1000 else n))
+    parsed.sort(key=lambda p: (p[0], p[1]))
+    t0 = parsed[0][0] if parsed else 0.0
+    width = max(6, len(str(len(parsed))))
+    out: list[TraceJob] = []
+    for i, (t, _, queue, duration, gpus) in enumerate(parsed, 1):
+        workers, per = (1, gpus) if gpus < 1 else gang(int(gpus), opts.gpus_per_node)
+        out.append(TraceJob(f"a{i:0{width}d}", t - t0, duration, queue, opts.pool, workers, per))
+    return out
+
+
 # FORMAT -> how to read it. Helios and Alibaba PAI join here with their own columns and converter.
 FORMATS: dict[str, Format] = {
     "philly": Format(
         ("timestamp", "duration", "num_gpus", "cluster"),
         philly,
         "Microsoft Philly, as processed in the Pollux artifact",
+    ),
+    "alibaba-gpu": Format(
+        ("num_gpu", "gpu_milli", "qos", "creation_time", "deletion_time", "scheduled_time"),
+        alibaba_gpu,
+        "Alibaba cluster-trace-gpu-v2023 (openb_pod_list_*.csv, the FGD paper's GPU-sharing trace)",
     ),
 }
 

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quotas import QueueSpec, QueueTree, QuotaError
 from scheduler.engine import JobSpec, NodeSpec, Settings
+from scheduler.engine.model import check_gpus, mig_fraction
 
 # A CSV row with its line number.
 Row = tuple[int, Mapping[str, str]]
@@ -40,6 +41,18 @@ class PoolIn(_In):
     cpus_per_node: float | None = Field(default=None, ge=0)
     memory_gb_per_node: float | None = Field(default=None, ge=0)
     domains: dict[str, list[str]] = Field(default_factory=dict)
+    # MIG slices each node advertises, profile -> count (GPU sharing, docs/scheduling.md); their GPUs are not
+    # in gpus_per_node.
+    mig_per_node: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("mig_per_node")
+    @classmethod
+    def _mig(cls, v: dict[str, int]) -> dict[str, int]:
+        for profile, count in v.items():
+            mig_fraction(profile)  # ValueError: not a MIG profile
+            if count < 0:
+                raise ValueError(f"mig_per_node {profile}: {count} slices; 0 or more")
+        return v
 
 
 class ClusterIn(_In):
@@ -63,7 +76,8 @@ class JobIn(_In):
     id: str = Field(min_length=1)
     queue: str
     pool: str
-    gpus: int = Field(default=1, ge=0)
+    # GPUs per worker: a whole number, or a fraction of one GPU below 1 for one worker (GPU sharing).
+    gpus: int | float = Field(default=1, allow_inf_nan=False)
     workers: int = Field(default=1, ge=1)
     cpus: float = Field(default=0.0, ge=0)
     memory_gb: float = Field(default=0.0, ge=0)
@@ -73,6 +87,24 @@ class JobIn(_In):
     submit: float = Field(ge=0, allow_inf_nan=False)
     duration: float = Field(ge=0, allow_inf_nan=False)
     max_runtime: float | None = Field(default=None, gt=0)
+    mig: str | None = None  # a MIG profile: one slice of it (gpus is then the profile's fraction)
+
+    @model_validator(mode="after")
+    def _sharing(self) -> JobIn:
+        if self.mig is not None:
+            fraction = mig_fraction(self.mig)
+            if "gpus" in self.model_fields_set and self.gpus != fraction:
+                raise ValueError(
+                    f"job {self.id}: mig {self.mig} is {fraction} of a GPU; leave gpus out (it is {self.gpus})"
+                )
+            if self.workers != 1:
+                raise ValueError(
+                    f"job {self.id}: mig {self.mig} with {self.workers} workers: a slice is for one worker"
+                )
+            self.gpus = fraction
+        else:
+            self.gpus = check_gpus(self.gpus, self.workers, f"job {self.id}")
+        return self
 
     def spec(self) -> JobSpec:
         return JobSpec(
@@ -86,6 +118,7 @@ class JobIn(_In):
             priority=self.priority,
             preemptible=self.preemptible,
             checkpoint=self.checkpoint,
+            mig=self.mig,
         )
 
 
@@ -227,10 +260,15 @@ def _world(c: ClusterFileIn, path: Path) -> World:
                 if n in member:
                     raise InputError(path, f"{where}.domains.{d}", f"node {n!r} is already in domain {member[n]}")
                 member[n] = d
-        capacity[p.name] = p.nodes * p.gpus_per_node
+        # Quotas are whole GPUs: MIG slices add the whole GPUs their fractions make up.
+        mig = sum(count * mig_fraction(profile) for profile, count in p.mig_per_node.items())
+        capacity[p.name] = p.nodes * p.gpus_per_node + int(p.nodes * mig + 1e-6)
         domains[p.name] = dict(p.domains)
         nodes += [
-            NodeSpec(n, p.name, p.gpus_per_node, p.cpus_per_node, p.memory_gb_per_node, member.get(n)) for n in names
+            NodeSpec(
+                n, p.name, p.gpus_per_node, p.cpus_per_node, p.memory_gb_per_node, member.get(n), mig=p.mig_per_node
+            )
+            for n in names
         ]
     specs = [QueueSpec(q.name, q.parent, q.quota, q.limit, q.weight) for q in c.queues]
     try:
@@ -296,6 +334,16 @@ def _number(path: Path, line: int, col: str, raw: str, kind: type, default: Any,
     return v
 
 
+def _gpus(path: Path, line: int, raw: str, workers: int) -> float:
+    """The gpus column: a whole number, or a decimal below 1 (a fraction of one GPU) for a one-worker job."""
+    if "." not in raw and "e" not in raw.lower():
+        return int(_number(path, line, "gpus", raw, int, 1, 0))
+    try:
+        return check_gpus(_number(path, line, "gpus", raw, float, 1, 0), workers, f"job on line {line}")
+    except ValueError as err:
+        raise InputError(path, f"line {line}, column gpus", str(err).split(": ", 1)[1]) from err
+
+
 def _bool(path: Path, line: int, raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("", "true", "1", "yes"):
@@ -340,12 +388,14 @@ def load_trace(path: str | Path) -> list[SimJob]:
         for col in ("queue", "pool"):
             if not (row.get(col) or "").strip():
                 raise InputError(path, f"line {line}, column {col}", "is empty; it is required")
+        workers = _number(path, line, "workers", row.get("workers") or "", int, 1, 1)
+        gpus = _gpus(path, line, row.get("gpus") or "", workers)
         spec = JobSpec(
             id=jid,
             queue=row["queue"].strip(),
             pool=row["pool"].strip(),
-            workers=_number(path, line, "workers", row.get("workers") or "", int, 1, 1),
-            gpus=_number(path, line, "gpus", row.get("gpus") or "", int, 1, 0),
+            workers=workers,
+            gpus=gpus,
             priority=_number(path, line, "priority", row.get("priority") or "", int, 0, -math.inf),
             preemptible=_bool(path, line, row.get("preemptible") or ""),
         )

@@ -114,7 +114,12 @@ def _stats(jobs: list[_Job], gpu_seconds: float, capacity: int, span: float) -> 
     )
 
 
-def _gpus(e: Mapping[str, Any]) -> int:
+def _gpus(e: Mapping[str, Any]) -> float:
+    """GPUs a `started` event takes: the GPUs it lists, or, for a job sharing a GPU (a fraction or a MIG slice),
+    its `fraction`."""
+    part = e.get("fraction")
+    if part is not None:
+        return float(part)
     nodes: Mapping[str, Sequence[int]] = e.get("nodes") or {}
     return sum(len(g) for g in nodes.values())
 
@@ -126,8 +131,8 @@ def compute(jobs: Sequence[SimJob], log: Mapping[str, Any], capacity: int) -> Me
     over completed jobs only. Events of jobs not in `jobs` are ignored.
     """
     js = {j.spec.id: _Job(j.spec.queue, j.submit, j.spec.request * j.duration) for j in jobs}
-    holding: dict[str, int] = {}
-    busy: dict[str, int] = defaultdict(int)  # queue -> GPUs held now
+    holding: dict[str, float] = {}
+    busy: dict[str, float] = defaultdict(float)  # queue -> GPUs held now
     since: dict[str, float] = defaultdict(float)  # queue -> time its busy count last changed
     area: dict[str, float] = defaultdict(float)  # queue -> GPU-seconds so far
     last_t = 0.0
@@ -149,7 +154,7 @@ def compute(jobs: Sequence[SimJob], log: Mapping[str, Any], capacity: int) -> Me
         elif kind in RELEASES:
             area[q] += busy[q] * (t - since[q])
             since[q] = t
-            busy[q] -= holding.pop(e["job"], 0)
+            busy[q] -= holding.pop(e["job"], 0.0)
             job.state = "pending" if kind == "preempted" else kind
             job.preemptions += kind == "preempted"
             if kind == "completed":
@@ -187,11 +192,11 @@ def usage_series(
     horizon = end if end is not None else (float(events[-1]["t"]) if events else 0.0)
     width = horizon / bins if horizon > 0 else 1.0
     out: dict[str, list[float]] = {q: [0.0] * bins for q in sorted(set(queue_of.values()))}
-    busy: dict[str, int] = defaultdict(int)
+    busy: dict[str, float] = defaultdict(float)
     since: dict[str, float] = defaultdict(float)
-    holding: dict[str, int] = {}
+    holding: dict[str, float] = {}
 
-    def spread(q: str, a: float, b: float, level: int) -> None:
+    def spread(q: str, a: float, b: float, level: float) -> None:
         """Add `level` GPUs held over [a, b) to the bins it overlaps, as a mean over each bin."""
         if level == 0 or b <= a:
             return

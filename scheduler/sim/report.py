@@ -1,59 +1,30 @@
-"""`corral sim report`: replay a trace under several policies; write report.md and its plots (wait CDF, GPUs in use,
-idle waits)."""
+"""`corral sim report`: replay a trace under several policies; write report.md (waits, fragmentation, waste, the
+sharing anomaly) and its plots."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from quotas import QueueSpec, QueueTree
 from scheduler.engine import NodeSpec
+from scheduler.sim import fragmentation
 from scheduler.sim.inputs import World
-from scheduler.sim.metrics import Metrics, Stats, compute, usage_series
+from scheduler.sim.metrics import Stats, compute, usage_series
+from scheduler.sim.outcome import PolicyRun, Private, Report
+from scheduler.sim.plots import plot_gpus_in_use, plot_idle_wait, plot_wait_cdf
 from scheduler.sim.runner import Simulation
-from scheduler.sim.waste import HOLD_CAUSES, Waste, analyse
+from scheduler.sim.waste import HOLD_CAUSES, analyse
+
+__all__ = ["PolicyRun", "Private", "Report", "build", "markdown", "summary_lines", "write"]
 
 # Each queue's private cluster is replayed under this policy. With one queue alone every policy is a plain
 # best-effort FIFO over its own jobs (LAS aside), so the baseline does not depend on the policy compared.
 PRIVATE_POLICY = "corral"
 BINS = 600  # time bins of the GPUs-in-use plot
-
-
-@dataclass
-class PolicyRun:
-    """One policy's replay of the shared cluster, reduced to what the report shows."""
-
-    policy: str
-    metrics: Metrics
-    series: tuple[list[float], dict[str, list[float]]]
-    waste: Waste
-
-
-@dataclass
-class Private:
-    """A leaf queue replayed alone on a private cluster the size of its quota (nodes rounded up)."""
-
-    queue: str
-    quota: int  # GPUs, over all pools
-    gpus: int  # GPUs of the private cluster: quota rounded up to whole nodes
-    jobs: int
-    rejected: int  # jobs larger than the private cluster
-    mean_wait: float | None  # None: no private cluster (quota 0), or no job started there
-
-
-@dataclass
-class Report:
-    runs: list[PolicyRun]
-    private: list[Private]
-    jobs: int
-    capacity: int
 
 
 def capacity(world: World) -> int:
@@ -62,7 +33,8 @@ def capacity(world: World) -> int:
 
 def run_policy(world: World, policy: str, bins: int = BINS) -> PolicyRun:
     """Replay `world.jobs` under `policy`; keeps metrics, the per-queue usage series and what was wasted (idle
-    waits, guard holds, preemptions), not the event log nor the hold records."""
+    waits, guard holds, preemptions) and the GPUs left unallocated while jobs waited, not the event log nor the
+    hold records."""
     sim = Simulation(world, policy, log_fair_share=False)
     log = sim.run()
     return PolicyRun(
@@ -70,6 +42,7 @@ def run_policy(world: World, policy: str, bins: int = BINS) -> PolicyRun:
         compute(world.jobs, log, capacity(world)),
         usage_series(world.jobs, log, bins),
         analyse(world, log, sim.holds),
+        fragmentation.compute(log, world.nodes, world.jobs, world.events),
     )
 
 
@@ -279,6 +252,39 @@ def _waste(rep: Report) -> list[str]:
     return lines + ["", "![idle-wait GPU-hours per queue](idle_wait.png)"]
 
 
+def _fragmentation(rep: Report) -> list[str]:
+    """Unallocated GPUs while jobs wait (scheduler.sim.fragmentation says how each is counted)."""
+    lines = [
+        "",
+        "## Unallocated GPUs while jobs wait (fragmentation)",
+        "",
+        "Over the time in which at least one job waits (from its submission, or a preemption, to its start), the "
+        "GPUs left unallocated in the pools where jobs wait: their up nodes' GPUs less what running jobs hold, "
+        "free fractions of shared GPUs included. Mean: unallocated GPU-seconds / seconds with a job waiting; "
+        "share: of those pools' capacity over that time; partial: the part that was fractions left on GPUs that "
+        "running jobs share; stranded: the part during which a waiting job asked for no more GPUs than were "
+        "unallocated (it waited on how they were spread, or on a rule). It counts waits of every cause (room, "
+        "quota, limit, the guard): compare policies with the same admission rules to see what placement alone "
+        "leaves.",
+        "",
+    ]
+    rows = [
+        [
+            r.policy,
+            _s(r.metrics.overall.mean_wait),
+            _s(r.fragmentation.wait_seconds / 3600),
+            f"{r.fragmentation.mean_unallocated:.2f}",
+            f"{r.fragmentation.unallocated_share:.1%}",
+            f"{r.fragmentation.partial_share:.1%}",
+            f"{r.fragmentation.stranded_share:.1%}",
+            _h(r.fragmentation.unallocated_gpu_seconds),
+        ]
+        for r in rep.runs
+    ]
+    header = ["policy", "mean wait", "hours with a job waiting", "mean unallocated GPUs", "share", "partial"]
+    return lines + _table([*header, "stranded", "unallocated GPU-h"], rows)
+
+
 def markdown(rep: Report, title: str) -> str:
     lines = [
         f"# {title}",
@@ -313,6 +319,7 @@ def markdown(rep: Report, title: str) -> str:
         ],
         [_summary_row(r) for r in rep.runs],
     )
+    lines += _fragmentation(rep)
     queues = sorted({q for r in rep.runs for q in r.metrics.queues})
     lines += ["", "## Mean wait per queue", ""]
     lines += _table(
@@ -402,79 +409,12 @@ def summary_lines(rep: Report) -> list[str]:
             f"{r.policy}: mean wait {_s(o.mean_wait)} s, p95 {_s(o.p95_wait)} s, mean JCT {_s(o.mean_jct)} s, "
             f"utilisation {o.utilisation:.1%}, Jain {r.metrics.jain_queue_mean_wait:.3f}, "
             f"{o.preemptions} preemptions ({r.waste.preemption.same_instant} same-instant), "
-            f"idle-wait {_h(r.waste.idle.gpu_seconds)} GPU-h, {o.rejected} rejected, {o.unfinished} unfinished; "
+            f"idle-wait {_h(r.waste.idle.gpu_seconds)} GPU-h, "
+            f"{r.fragmentation.mean_unallocated:.2f} GPUs unallocated while jobs wait "
+            f"({r.fragmentation.partial_share:.0%} partial), {o.rejected} rejected, {o.unfinished} unfinished; "
             f"{len(bad[r.policy])} queue(s) worse off than alone"
         )
     return out
-
-
-# ----- plots -----
-
-
-def _time_unit(horizon: float) -> tuple[float, str]:
-    return (86400.0, "days") if horizon > 3 * 86400 else (3600.0, "hours") if horizon > 3 * 3600 else (1.0, "s")
-
-
-def _save(fig: Figure, path: Path) -> None:
-    FigureCanvasAgg(fig)  # the Agg canvas: no display, no global pyplot state
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-
-
-def plot_wait_cdf(rep: Report, path: Path) -> None:
-    fig = Figure(figsize=(8, 5))
-    ax = fig.add_subplot()
-    for r in rep.runs:
-        w = sorted(r.metrics.overall.waits)
-        if w:
-            ax.step(w, [(i + 1) / len(w) for i in range(len(w))], where="post", label=r.policy)
-    ax.set_xscale("symlog", linthresh=1.0)  # most waits are 0; the tail spans days
-    ax.set_xlabel("wait (s, symlog)")
-    ax.set_ylabel("fraction of started jobs")
-    ax.set_ylim(0, 1.01)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title("Wait CDF per policy")
-    _save(fig, path)
-
-
-def plot_gpus_in_use(rep: Report, path: Path) -> None:
-    n = max(1, len(rep.runs))
-    fig = Figure(figsize=(11, 2.8 * n))
-    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
-    horizon = max((r.metrics.span for r in rep.runs), default=0.0)
-    scale, unit = _time_unit(horizon)
-    queues = sorted({q for r in rep.runs for q in r.series[1]})
-    colours = [colormaps["tab20"](i % 20) for i in range(len(queues))]  # 20 distinct; Philly has 15 queues
-    for ax, r in zip(axes, rep.runs, strict=False):
-        starts, per_q = r.series
-        x = [s / scale for s in starts]
-        ax.stackplot(x, *[per_q.get(q, [0.0] * len(x)) for q in queues], labels=queues, colors=colours, step="post")
-        ax.axhline(rep.capacity, color="black", linewidth=0.8, linestyle="--")
-        ax.set_ylabel("GPUs in use")
-        ax.set_title(f"{r.policy}: utilisation {r.metrics.overall.utilisation:.1%}", fontsize=10)
-        ax.set_ylim(0, rep.capacity * 1.05 or 1)
-    axes[-1].set_xlabel(f"time ({unit})")
-    if queues:
-        axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    _save(fig, path)
-
-
-def plot_idle_wait(rep: Report, path: Path) -> None:
-    """Idle-wait GPU-hours per queue, a bar per policy."""
-    queues = sorted({q for r in rep.runs for q in r.waste.idle_queues})
-    fig = Figure(figsize=(max(6.0, 0.6 * len(queues) * max(1, len(rep.runs)) + 2), 4.5))
-    ax = fig.add_subplot()
-    width = 0.8 / max(1, len(rep.runs))
-    for i, r in enumerate(rep.runs):
-        hours = [r.waste.idle_queues[q].gpu_seconds / 3600 if q in r.waste.idle_queues else 0.0 for q in queues]
-        ax.bar([k + (i - (len(rep.runs) - 1) / 2) * width for k in range(len(queues))], hours, width, label=r.policy)
-    ax.set_xticks(range(len(queues)), queues, rotation=45 if len(queues) > 6 else 0, ha="right")
-    ax.set_yscale("symlog", linthresh=1.0)  # one policy's idle waits can be 1000x another's
-    ax.set_ylabel("idle-wait GPU-hours (symlog)")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend()
-    ax.set_title("GPU-hours waited while the pool had room, per queue")
-    _save(fig, path)
 
 
 def write(rep: Report, outdir: Path, title: str) -> list[Path]:

@@ -143,7 +143,13 @@ class Simulation:
             failed = limit is not None and limit < run
             end = t + (limit if failed and limit is not None else run)
             heapq.heappush(self._heap, (end, COMPLETION, self.engine.jobs[d.job].admitted, (d.job, live.token, failed)))
-            self.events.append({"t": self._tn, "event": "started", "job": d.job, "nodes": d.placement})
+            entry = {"t": self._tn, "event": "started", "job": d.job, "nodes": d.placement}
+            spec = live.job.spec
+            if spec.shared:  # GPU sharing: what the job holds of the GPU it lists (or its MIG slice's profile)
+                entry["fraction"] = spec.gpus
+                if spec.mig is not None:
+                    entry["mig"] = spec.mig
+            self.events.append(entry)
         elif isinstance(d, Preempted):
             live = self._live[d.job]
             live.token += 1

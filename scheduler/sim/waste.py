@@ -100,13 +100,24 @@ def count_holds(holds: Iterable[Hold] | None, queue_of: Mapping[str, str]) -> Ho
 class _Node:
     spec: NodeSpec
     up: bool = True
-    held: set[int] = field(default_factory=set)
+    held: set[int] = field(default_factory=set)  # GPUs whole-GPU jobs hold
     cpus: float | None = None  # free; None where the node does not declare them (not accounted)
     mem: float | None = None
+    shared: dict[int, float] = field(default_factory=dict)  # GPU -> the part fractional jobs hold of it, > 0
+    mig: Counter[str] = field(default_factory=Counter)  # MIG profile -> slices held
 
     @property
     def free(self) -> int:
-        return self.spec.gpus - len(self.held)
+        """GPUs free for whole-GPU jobs: a GPU that fractional jobs share is not."""
+        return self.spec.gpus - len(self.held) - len(self.shared)
+
+    def room_for_share(self, spec: JobSpec) -> bool:
+        """Could one worker of a GPU-sharing job (a fraction or a MIG slice) start here now?"""
+        if (self.cpus is not None and self.cpus < spec.cpus) or (self.mem is not None and self.mem < spec.memory_gb):
+            return False
+        if spec.mig is not None:
+            return self.spec.mig.get(spec.mig, 0) > self.mig[spec.mig]
+        return self.free > 0 or any(exact(a + spec.gpus) <= 1 for a in self.shared.values())
 
 
 @dataclass(eq=False)
@@ -151,9 +162,12 @@ class _Preemption:
 
 def workers_on(spec: JobSpec, placement: Placement) -> dict[str, int]:
     """Workers per node. The log names GPU indices, not workers; a 0-GPU worker cannot be located from them,
-    so those are spread evenly over the nodes listed (the first ones get one more)."""
+    so those are spread evenly over the nodes listed (the first ones get one more). A GPU-sharing job is one
+    worker on the one node it lists."""
+    if spec.shared:
+        return {n: 1 for n in placement}
     if spec.gpus:
-        return {n: len(g) // spec.gpus for n, g in placement.items()}
+        return {n: int(len(g) // spec.gpus) for n, g in placement.items()}
     names = list(placement)
     if not names:
         return {}
@@ -175,7 +189,7 @@ class _Replay:
             p: any(n.spec.cpus is not None or n.spec.memory_gb is not None for n in ns) for p, ns in self.pools.items()
         }
         self.hist: dict[str, Counter[int]] = {p: Counter(n.free for n in ns) for p, ns in self.pools.items()}
-        self.usage: Counter[tuple[str, str]] = Counter()  # (queue or ancestor, pool) -> GPUs held
+        self.usage: dict[tuple[str, str], float] = defaultdict(float)  # (queue or ancestor, pool) -> GPUs held
         self.keys: dict[tuple[Any, ...], _Key] = {}
         self.active: dict[str, set[_Key]] = defaultdict(set)  # pool -> keys with pending jobs
         self.pending: dict[str, _Pending] = {}
@@ -183,7 +197,7 @@ class _Replay:
         self.running: dict[str, tuple[dict[str, list[int]], float]] = {}  # job -> (placement, start)
         self.dirty: set[str] = set()  # pools whose free room or usage changed at this instant
         self.touched: set[_Key] = set()  # keys that gained or lost a job at this instant
-        self.slots: dict[tuple[str, int], int] = {}  # (pool, GPUs a worker) -> workers the free GPUs hold
+        self.slots: dict[tuple[str, float], int] = {}  # (pool, GPUs a worker) -> workers the free GPUs hold
         self.instant: list[_Preemption] = []
         self.open: dict[str, _Preemption] = {}
         self.started_now: dict[str, dict[str, list[int]]] = {}
@@ -191,12 +205,28 @@ class _Replay:
 
     # ----- free room -----
 
-    def _set_held(self, node: _Node, held: set[int]) -> None:
+    def _set_held(self, node: _Node, held: set[int], shared: dict[int, float] | None = None) -> None:
         if node.up:
             self.hist[node.spec.pool][node.free] -= 1
         node.held = held
+        if shared is not None:
+            node.shared = shared
         if node.up:
             self.hist[node.spec.pool][node.free] += 1
+
+    def _share(self, node: _Node, spec: JobSpec, idx: Sequence[int], sign: int) -> None:
+        """A fractional job takes (sign 1) or gives back (-1) its part of the GPU it lists; a MIG job its slice."""
+        if spec.mig is not None:
+            node.mig[spec.mig] += sign
+            return
+        shared = dict(node.shared)
+        for g in idx:
+            part = exact(shared.get(g, 0.0) + sign * spec.gpus)
+            if part > 0:
+                shared[g] = part
+            else:
+                shared.pop(g, None)
+        self._set_held(node, node.held, shared)
 
     def node_event(self, name: str, up: bool) -> None:
         node = self.nodes.get(name)
@@ -208,13 +238,14 @@ class _Replay:
 
     def _take(self, job: str, spec: JobSpec, placement: Placement, sign: int) -> None:
         per = workers_on(spec, placement)
-        gpus = 0
         for name, idx in placement.items():
             node = self.nodes.get(name)
             if node is None:
                 continue
-            gpus += len(idx)
-            self._set_held(node, node.held | set(idx) if sign > 0 else node.held - set(idx))
+            if spec.shared:
+                self._share(node, spec, idx, sign)
+            else:
+                self._set_held(node, node.held | set(idx) if sign > 0 else node.held - set(idx))
             w = per.get(name, 0)
             if node.cpus is not None:
                 node.cpus = exact(node.cpus - sign * w * spec.cpus)
@@ -222,11 +253,13 @@ class _Replay:
                 node.mem = exact(node.mem - sign * w * spec.memory_gb)
         queue = self.world.tree.queues.get(spec.queue)
         for q in queue.path if queue is not None else ():
-            self.usage[(q.name, spec.pool)] += sign * gpus
+            self.usage[(q.name, spec.pool)] = exact(self.usage[(q.name, spec.pool)] + sign * spec.request)
         self.dirty.add(spec.pool)
 
     def fits(self, spec: JobSpec) -> bool:
         """Could every worker be placed on the up nodes' free room now (ignoring topology domains)?"""
+        if spec.shared:
+            return any(n.up and n.room_for_share(spec) for n in self.pools[spec.pool])
         if self.accounted.get(spec.pool) and (spec.cpus or spec.memory_gb):
             room = 0
             for n in self.pools[spec.pool]:
@@ -239,7 +272,7 @@ class _Replay:
         if slot not in self.slots:
             # Uncapped, unlike workers_per_node: the count is shared by every gang size of this worker size.
             self.slots[slot] = sum(
-                c * (k // spec.gpus if spec.gpus else spec.workers)
+                c * (int(k // spec.gpus) if spec.gpus else spec.workers)
                 for k, c in self.hist.get(spec.pool, Counter()).items()
                 if c > 0
             )
@@ -249,14 +282,14 @@ class _Replay:
         """Do its queue's limit and every ancestor's leave room for the whole gang?"""
         q = self.world.tree.queues.get(queue)
         return q is not None and all(
-            self.usage[(a.name, spec.pool)] + spec.request <= a.limit_of(spec.pool) for a in q.path
+            exact(self.usage[(a.name, spec.pool)] + spec.request) <= a.limit_of(spec.pool) for a in q.path
         )
 
     # ----- pending jobs -----
 
     def _wait(self, job: str, t: float) -> None:
         spec = self.specs[job]
-        shape = (spec.queue, spec.pool, spec.workers, spec.gpus, spec.cpus, spec.memory_gb)
+        shape = (spec.queue, spec.pool, spec.workers, spec.gpus, spec.cpus, spec.memory_gb, spec.mig)
         key = self.keys.get(shape)
         if key is None:
             key = self.keys[shape] = _Key(spec.queue, spec)
@@ -324,7 +357,7 @@ class _Replay:
         moved_by: dict[str | None, list[_Preemption]] = defaultdict(list)
         for p in self.instant:
             spec = self.specs[p.victim]
-            lost = 0.0 if spec.checkpoint else sum(len(g) for g in p.old.values()) * p.ran
+            lost = 0.0 if spec.checkpoint else spec.request * p.ran
             w.preemptions += 1
             w.lost_gpu_seconds += lost
             if p.restart is not None:
@@ -336,7 +369,7 @@ class _Replay:
                 if moved:
                     w.moved += 1
                 elif not self.specs[p.victim].checkpoint:
-                    w.lost_for_nothing_gpu_seconds += sum(len(g) for g in p.old.values()) * p.ran
+                    w.lost_for_nothing_gpu_seconds += self.specs[p.victim].request * p.ran
 
     def _needed(self, by: str | None, victims: list[_Preemption]) -> bool:
         """Could `by` not have been placed at this instant had these victims (restarted at it) stayed put?

@@ -24,6 +24,7 @@ SIGTERM and, after the grace, SIGKILL, so poll() only watches the pods go.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -46,6 +47,7 @@ from scheduler.backends.kubernetes.nodes import Feed, NodeWatcher, conflict_ok, 
 from scheduler.backends.kubernetes.others import OtherPods, binding
 from scheduler.backends.kubernetes.podcache import BoundPods, Key, by_attempt, fresh
 from scheduler.backends.kubernetes.pods import POD_GROUP_ENV, PodGangs, Waiting
+from scheduler.backends.kubernetes.sharing import SHARED, gpu_limits
 
 __all__ = ["KubernetesExecutor", "NodeChange", "NodeWatcher", "discover_nodes", "node_info"]
 
@@ -141,6 +143,7 @@ class KubernetesExecutor:
         job: dict[str, Any] | None = None
         try:
             workers = k8s.split_workers(launch.gpus, int(launch.env.get("CORRAL_WORKERS") or 0))
+            limits = [self._gpu_limits(launch, node, n) for node, n in workers]
             common: dict[str, Any] = dict(
                 namespace=ns,
                 image=image,
@@ -154,7 +157,7 @@ class KubernetesExecutor:
                 managed_taint=self.managed_taint,
             )
             if not sandbox and self._workload(launch.env) == "job":  # sandboxes are KubeSpawner's pods
-                job = k8s.batch_job(launch.job_id, launch.attempt, workers=workers, **common)
+                job = k8s.batch_job(launch.job_id, launch.attempt, workers=workers, gpu_limits=limits[0], **common)
             build = k8s_sandbox.pod if sandbox else k8s.pod
             home = self.notebook_storage if sandbox else None
             if home is not None:  # the user's own claim, the same for every sandbox and attempt of theirs
@@ -163,7 +166,16 @@ class KubernetesExecutor:
                 []
                 if job
                 else [
-                    build(launch.job_id, launch.attempt, i, node=node, gpus=n, workers=len(workers), **common)
+                    build(
+                        launch.job_id,
+                        launch.attempt,
+                        i,
+                        node=node,
+                        gpus=n,
+                        workers=len(workers),
+                        gpu_limits=limits[i],
+                        **common,
+                    )
                     for i, (node, n) in enumerate(workers)
                 ]
             )
@@ -193,6 +205,15 @@ class KubernetesExecutor:
             ns, len(workers), job=name, nodes={node for node, _ in workers}
         )
         return Handle(launch.job_id, launch.attempt, None, 0.0)
+
+    def _gpu_limits(self, launch: Launch, node: str, gpus: int) -> dict[str, str] | None:
+        """The device plugin's resources a worker on `node` asks (None: `gpus` x nvidia.com/gpu, as always): a
+        share's time-slicing replicas, a MIG instance, or whole GPUs of a time-sliced node (sharing.gpu_limits)."""
+        info = self.nodes.known.get(node)
+        shared = info.sharing if info is not None else None
+        if shared is None and launch.gpu_fraction is None and launch.mig is None:
+            return None
+        return gpu_limits(shared, gpus, launch.gpu_fraction, launch.mig)
 
     def _create(self, ns: str, pod: dict[str, Any]) -> None:
         with conflict_ok():  # made before a crash or by a retried launch: the same pod, keep it
@@ -263,7 +284,9 @@ class KubernetesExecutor:
 
         try:
             workers = k8s.split_workers(launch.gpus, len(pods))
-            if [n for _, n in workers] != [p.gpus for p in pods]:
+            # A share or a MIG slice keeps the device plugin's resources its pod asked for (pods.py).
+            shared = launch.gpu_fraction is not None or launch.mig is not None
+            if not shared and [n for _, n in workers] != [p.gpus for p in pods]:
                 raise ValueError(f"placed as {workers}, but its pods ask {[p.gpus for p in pods]}")
             self._each(bind, [(p, node) for p, (node, _) in zip(pods, workers, strict=True)])
         except Exception as e:
@@ -305,7 +328,13 @@ class KubernetesExecutor:
 
     def sync_teams(self, tree: QueueTree, capacity: Mapping[str, int]) -> k8s_teams.Applied:
         """Every team's namespace, RoleBindings, GPU quota and NetworkPolicies as `tree` wants them (teams)."""
-        return k8s_teams.reconcile(self.core.api_client, tree, capacity, self.teams)
+        shared = [n.sharing for n in self.nodes.current() if n.sharing is not None]
+        config = dataclasses.replace(
+            self.teams,
+            gpu_replicas=max((s.replicas for s in shared), default=1),
+            gpu_shared=any(s.resource == SHARED for s in shared),
+        )
+        return k8s_teams.reconcile(self.core.api_client, tree, capacity, config)
 
     # --- what the cluster tells Corral (background watches) ---
 

@@ -1,6 +1,7 @@
 """Kubernetes nodes as Corral's nodes: which are schedulable GPU nodes now, kept current by a resumable watch.
 
-- node_info: a Ready node with allocatable nvidia.com/gpu; its pool is its nvidia.com/gpu.product label (what GPU
+- node_info: a Ready node with allocatable nvidia.com/gpu (or the device plugin's shared or MIG resources:
+  sharing.gpu_sharing); its pool is its nvidia.com/gpu.product label (what GPU
   feature discovery sets), or "gpu" when it has none. A cordoned one (spec.unschedulable) is there but takes nothing
   new: its running jobs stay (kubectl cordon); not Ready or being deleted is down.
 - watch_from: one watch from a resourceVersion, shared by the node and pod watchers; the events it got are kept
@@ -27,6 +28,7 @@ from kubernetes.client.exceptions import ApiException
 
 from scheduler.backends.base import GPUInfo, NodeChange, NodeInfo
 from scheduler.backends.kubernetes import objects as k8s
+from scheduler.backends.kubernetes.sharing import gpu_sharing
 from scheduler.backends.kubernetes.view import View
 
 log = logging.getLogger("corral.kubernetes")
@@ -63,10 +65,11 @@ def node_info(node: Any) -> NodeInfo | None:
     if not any(c.type == "Ready" and c.status == "True" for c in conditions):
         return None
     alloc: dict[str, str] = node.status.allocatable or {}
-    n_gpus = int(quantity(alloc.get(k8s.GPU, "0")))
-    if n_gpus <= 0:
+    labels = node.metadata.labels or {}
+    n_gpus, sharing = gpu_sharing(labels, alloc)
+    if n_gpus <= 0 and not (sharing is not None and sharing.mig):
         return None
-    product = (node.metadata.labels or {}).get(k8s.GPU_PRODUCT)
+    product = labels.get(k8s.GPU_PRODUCT)
     cpus = quantity(alloc["cpu"]) if "cpu" in alloc else None
     memory = round(quantity(alloc["memory"]) / 2**30, 2) if "memory" in alloc else None
     address = next((a.address for a in node.status.addresses or [] if a.type == "InternalIP"), None)
@@ -78,6 +81,7 @@ def node_info(node: Any) -> NodeInfo | None:
         memory,
         address,
         cordoned=bool(node.spec and node.spec.unschedulable),
+        sharing=sharing,
     )
 
 
@@ -211,7 +215,12 @@ class NodeWatcher:
             return [NodeChange(name, None)] if was_up else []
         self.down.discard(name)
         self.known[name] = info
-        same = before is not None and before.spec() == info.spec() and before.cordoned == info.cordoned
+        same = (
+            before is not None
+            and before.spec() == info.spec()
+            and before.cordoned == info.cordoned
+            and before.sharing == info.sharing
+        )
         return [] if same else [NodeChange(name, info)]
 
 

@@ -144,9 +144,12 @@ def pod(
     memory_gb: float | None = None,
     run_as_user: int = DEFAULT_RUN_AS_USER,
     managed_taint: str = MANAGED_TAINT,
+    gpu_limits: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """One worker's pod. It names no node: Corral binds it to `node` (kept as an annotation) with the Binding API,
-    which is what the engine's placement means; schedulerName keeps kube-scheduler from placing it first."""
+    which is what the engine's placement means; schedulerName keeps kube-scheduler from placing it first.
+    `gpu_limits`: the device plugin's resources it asks in place of `gpus` x nvidia.com/gpu (a shared GPU's
+    replicas, a MIG instance: sharing.gpu_limits)."""
     env_all = {
         **(env or {}),
         "CORRAL_JOB_ID": job_id,
@@ -172,7 +175,7 @@ def pod(
         "image": image,
         "command": argv(command),
         "env": [{"name": k, "value": v} for k, v in sorted(env_all.items())],
-        "resources": resources(gpus, cpus, memory_gb),
+        "resources": resources(gpus, cpus, memory_gb, gpu_limits),
         "securityContext": container_security(),
     }
     if workdir:
@@ -218,6 +221,7 @@ def batch_job(
     memory_gb: float | None = None,
     run_as_user: int = DEFAULT_RUN_AS_USER,
     managed_taint: str = MANAGED_TAINT,
+    gpu_limits: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """A whole attempt as one Indexed batch/v1 Job: pod i is worker i, which Corral binds to workers[i]'s node
     (the nodes travel as an annotation; the controller marks each pod with its index). The template is pod()'s,
@@ -244,6 +248,7 @@ def batch_job(
         memory_gb=memory_gb,
         run_as_user=run_as_user,
         managed_taint=managed_taint,
+        gpu_limits=gpu_limits,
     )
     labels = {k: v for k, v in tpl["metadata"]["labels"].items() if k != WORKER_LABEL}  # one template for all
     notes = {NODES_ANNOTATION: ",".join(nodes), WORKERS_ANNOTATION: str(len(nodes))}
@@ -282,12 +287,14 @@ def chosen_node(annotations: Mapping[str, str]) -> str | None:
     return nodes[int(index)] if index.isdigit() and int(index) < len(nodes) and nodes[int(index)] else None
 
 
-def resources(gpus: int, cpus: float | None = None, memory_gb: float | None = None) -> dict[str, Any]:
+def resources(
+    gpus: int, cpus: float | None = None, memory_gb: float | None = None, gpu_limits: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """A worker's container resources. GPUs as limits alone: Kubernetes sets requests equal, and extended resources
     must not overcommit anyway. CPUs and memory as the engine counted them, as requests, so the kubelet's admission
     and the node's other pods see them; memory also as the limit, so a worker cannot take what others were
     promised (CPU is left unlimited: throttling would only waste idle cores)."""
-    out: dict[str, Any] = {"limits": {GPU: str(gpus)}}
+    out: dict[str, Any] = {"limits": dict(gpu_limits) if gpu_limits is not None else {GPU: str(gpus)}}
     requests: dict[str, str] = {}
     if cpus:
         requests["cpu"] = f"{max(1, round(cpus * 1000))}m"
@@ -340,14 +347,19 @@ def role_binding(namespace: str, group: str | Sequence[str], cluster_role: str =
     }
 
 
-def resource_quota(namespace: str, gpus: int) -> dict[str, Any]:
+def resource_quota(namespace: str, gpus: int, replicas: int = 1, shared: bool = False) -> dict[str, Any]:
     """Caps the team's GPUs at its limit, a backstop should anything bypass Corral. Extended resources can only
-    be quota'd as requests (requests.nvidia.com/gpu); limits equal requests for them."""
+    be quota'd as requests (requests.nvidia.com/gpu); limits equal requests for them. Where the device plugin
+    time-slices GPUs into `replicas` (the most of any node), a GPU is that many of them, and `shared` caps
+    nvidia.com/gpu.shared the same way (GPU sharing: objects asked through sharing.gpu_limits)."""
+    hard = {f"requests.{GPU}": str(gpus * replicas)}
+    if shared:
+        hard[f"requests.{GPU}.shared"] = str(gpus * replicas)
     return {
         "apiVersion": "v1",
         "kind": "ResourceQuota",
         "metadata": {"name": "corral-gpus", "namespace": namespace, "labels": {MANAGED_BY: "corral"}},
-        "spec": {"hard": {f"requests.{GPU}": str(gpus)}},
+        "spec": {"hard": hard},
     }
 
 

@@ -26,6 +26,7 @@ from scheduler.backends.base import Held
 from scheduler.backends.kubernetes import objects as k8s
 from scheduler.backends.kubernetes.nodes import core_api, quantity, watch_from
 from scheduler.backends.kubernetes.pods import GIB, requested
+from scheduler.backends.kubernetes.sharing import SHARED
 
 OTHERS = f"spec.schedulerName!={k8s.SCHEDULER_NAME},spec.nodeName!="
 TERMINAL = ("Succeeded", "Failed")  # a finished pod holds nothing (the kubelet no longer counts it)
@@ -34,9 +35,13 @@ NOTHING = Held(0, 0.0, 0.0)
 
 
 def pod_held(spec: Any) -> Held:
-    """What a pod holds on its node: GPU limits, CPU and memory requests (GiB)."""
+    """What a pod holds on its node: GPU limits, CPU and memory requests (GiB). A time-slicing replica (nvidia.com/gpu
+    on a time-sliced node, nvidia.com/gpu.shared) counts as a whole GPU: which physical GPU the device plugin gave it
+    is not known here, so Corral keeps off as much as it could take. MIG resources of others are not counted."""
     gpus = sum(
-        int(quantity(((c.resources.limits if c.resources else None) or {}).get(k8s.GPU, "0"))) for c in spec.containers
+        int(quantity(((c.resources.limits if c.resources else None) or {}).get(name, "0")))
+        for c in spec.containers
+        for name in (k8s.GPU, SHARED)
     )
     cpus, memory = requested(spec.containers, "cpu"), requested(spec.containers, "memory")
     for c in spec.init_containers or []:  # init containers run one at a time, before the others

@@ -2,8 +2,11 @@
 
 The contract (docs/kubernetes.md): pods with the same corral.dev/pod-group label in one namespace are one gang of
 corral.dev/group-size pods (an annotation or a label); a pod without the label is a gang of one. Each pod asks
-the same nvidia.com/gpu limit. The namespace decides the team (namespace_team: a Corral team namespace's queue, else
-the namespace's corral.dev/queue label, which only those who may edit namespaces set); the gang's queue is the
+the same nvidia.com/gpu limit; GPU sharing (issue 27): a one-pod gang may ask a MIG slice (a limit of 1
+nvidia.com/mig-<profile>) or a share of a GPU (the annotation corral.dev/gpu-fraction: "0.25" on a pod asking its
+time-slicing replicas, which it keeps as it asked them). The namespace decides the team (namespace_team: a Corral
+team namespace's queue, else the namespace's corral.dev/queue label, which only those who may edit namespaces
+set); the gang's queue is the
 pod's corral.dev/queue label, which may only pick a queue in that team's subtree (the arrival's scope, checked by
 the intake like a team member's submission), else the team's queue. Its pool is the pod's corral.dev/pool label,
 else its nodeSelector's nvidia.com/gpu.product, else the only pool.
@@ -29,10 +32,12 @@ from kubernetes.client.exceptions import ApiException
 from scheduler.backends.base import Arrival
 from scheduler.backends.kubernetes import objects as k8s
 from scheduler.backends.kubernetes.nodes import core_api, quantity, watch_from
+from scheduler.backends.kubernetes.sharing import MIG_PREFIX
 from scheduler.backends.kubernetes.teams import QUEUE_ANNOTATION
 from scheduler.backends.kubernetes.view import listed
 
 GROUP_SIZE = "corral.dev/group-size"
+FRACTION = "corral.dev/gpu-fraction"  # an annotation: the share of one GPU a pod asking time-slicing replicas holds
 PREEMPTIBLE = "corral.dev/preemptible"  # "false" (a label or annotation): never preempted, runs only within quota
 PRIORITY_RANGE = (-1000, 1000)  # Corral's job priorities; a pod's PriorityClass value is clamped into it
 GIB = float(1 << 30)
@@ -64,6 +69,8 @@ class Waiting:
     memory_gb: float = 0.0  # the pod's memory requests, GiB
     priority: int = 0  # from its PriorityClass (spec.priority, resolved by the API server), clamped
     preemptible: bool = True
+    fraction: str | None = None  # corral.dev/gpu-fraction as written (the intake checks it: JobSubmit's rules)
+    mig: str | None = None  # the profile of the nvidia.com/mig-<profile> it asks ("a,b": several, refused)
 
 
 def waiting(pod: Any) -> Waiting:
@@ -78,9 +85,9 @@ def waiting(pod: Any) -> Waiting:
             if given and given.isdigit() and int(given) >= 1
             else f"pod group {group} needs {GROUP_SIZE} (a label or annotation: a whole number >= 1), got {given!r}"
         )
-    gpus = sum(
-        int(quantity(((c.resources.limits if c.resources else None) or {}).get(k8s.GPU, "0"))) for c in spec.containers
-    )
+    limits = [((c.resources.limits if c.resources else None) or {}) for c in spec.containers]
+    gpus = sum(int(quantity(lim.get(k8s.GPU, "0"))) for lim in limits)
+    migs = sorted({k.removeprefix(MIG_PREFIX) for lim in limits for k in lim if k.startswith(MIG_PREFIX)})
     pool = labels.get(POOL_LABEL) or (spec.node_selector or {}).get(k8s.GPU_PRODUCT)
     low, high = PRIORITY_RANGE
     priority = max(low, min(high, int(getattr(spec, "priority", None) or 0)))
@@ -100,6 +107,8 @@ def waiting(pod: Any) -> Waiting:
         requested(spec.containers, "memory") / GIB,
         priority,
         preemptible,
+        notes.get(FRACTION),
+        ",".join(migs) or None,
     )
 
 
@@ -119,6 +128,22 @@ def requested(containers: list[Any], resource: str) -> float:
             asked = (getattr(res, "limits", None) or {}).get(resource)
         total += quantity(asked) if asked is not None else 0.0
     return total
+
+
+def _shared(pods: list[Waiting]) -> dict[str, Any] | str:
+    """What a gang asks of GPU sharing, as job spec fields ({} for whole GPUs), or why it cannot be a job. The
+    share and the profile are then checked by the intake as a submission's are (each is for one pod)."""
+    p = pods[0]
+    if p.mig is not None:
+        if "," in p.mig or any(q.mig != p.mig for q in pods):
+            return f"the pods of group {p.group} ask MIG slices of several profiles ({p.mig}): one profile, one slice"
+        return {"mig": p.mig}
+    if p.fraction is not None:
+        try:
+            return {"gpus": float(p.fraction)}
+        except ValueError:
+            return f"pod {p.name}: {FRACTION} {p.fraction!r} is not a number (a share of one GPU, such as 0.25)"
+    return {}
 
 
 def namespace_team(ns: Any) -> str | None:
@@ -276,7 +301,10 @@ class PodGangs:
         the intake (the arrival's scope)."""
         if len({p.gpus for p in pods}) != 1:
             return f"the pods of group {g[1]} ask for different numbers of {k8s.GPU}: each must ask the same"
-        if pods[0].gpus < 1:
+        shared = _shared(pods)
+        if isinstance(shared, str):
+            return shared
+        if pods[0].gpus < 1 and not shared:
             return f"pod {pods[0].name} asks no {k8s.GPU} in resources.limits: Corral schedules GPU pods only"
         if not team:
             return f"namespace {g[0]} belongs to no team: an admin labels it {k8s.QUEUE_LABEL}=<a Corral queue>"
@@ -288,13 +316,15 @@ class PodGangs:
             "priority": max(p.priority for p in pods),
             "preemptible": all(p.preemptible for p in pods),
         }
+        whole = {} if shared else {"gpus": pods[0].gpus}
         return {
             **extra,
+            **whole,
+            **shared,
             "name": g[1],
             "queue": queue,
             "pool": pods[0].pool,
             "workers": len(pods),
-            "gpus": pods[0].gpus,
             "command": f"pods of {g[0]}/{g[1]}",
             "image": pods[0].image,
             "env": {POD_GROUP_ENV: key},

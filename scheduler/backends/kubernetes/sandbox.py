@@ -91,6 +91,7 @@ def pod(
     managed_taint: str = k8s.MANAGED_TAINT,
     home_claim: str | None = None,
     home_path: str = NotebookStorage.mount_path,
+    gpu_limits: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """A sandbox's pod; the same arguments as k8s_objects.pod, which it stands in for. KubeSpawner's `make_pod`
     gives the pod JupyterHub deployments run (its notebook container, no service-account token, no privilege
@@ -117,6 +118,7 @@ def pod(
         memory_gb=memory_gb,
         run_as_user=run_as_user,
         managed_taint=managed_taint,
+        gpu_limits=gpu_limits,
     )
     meta, spec = base["metadata"], base["spec"]
     (c,) = spec["containers"]

@@ -42,6 +42,10 @@ class TeamConfig:
     hub_namespace: str = "jupyterhub"
     hub_pods: Sequence[Mapping[str, str]] = HUB_PODS
     cluster_roles: Mapping[str, str] = field(default_factory=lambda: dict(CLUSTER_ROLES))
+    # The device plugin's time-slicing: the most replicas per GPU of any node, and whether some node advertises
+    # them as nvidia.com/gpu.shared (the executor fills both in from its nodes): the GPU quota counts replicas.
+    gpu_replicas: int = 1
+    gpu_shared: bool = False
 
 
 def groups(leaf: Queue, role: str) -> list[str]:
@@ -116,7 +120,7 @@ def team_objects(leaf: Queue, capacity: Mapping[str, int], config: TeamConfig) -
     return [
         namespace,
         *bindings,
-        k8s.resource_quota(ns, gpu_cap(leaf, capacity)),
+        k8s.resource_quota(ns, gpu_cap(leaf, capacity), config.gpu_replicas, config.gpu_shared),
         sandbox_isolation(ns, config),
         team_policy(ns),
     ]

@@ -40,7 +40,10 @@ class JobView(Answer):
     queue: str
     pool: str
     state: JobState
-    gpus: int = Field(description="The whole gang's GPUs: workers x GPUs per worker.")
+    gpus: int | float = Field(
+        description="The whole gang's GPUs: workers x GPUs per worker; a share of one GPU (0.25) or a MIG slice's "
+        "fraction (compute slices / 7)."
+    )
     workers: int
     priority: int
     preemptible: bool
@@ -62,8 +65,10 @@ class AttemptView(Answer):
     job_id: int
     attempt: int
     state: AttemptState
-    placement: list[tuple[str, list[int]]] = Field(description="[node, [GPU indices]] per worker.")
-    gpus: int
+    placement: list[tuple[str, list[int]]] = Field(
+        description="[node, [GPU indices]] per worker; a MIG slice: [node, []] (its profile is in the job's spec)."
+    )
+    gpus: int | float
     pid: int | None
     proc_started: float | None
     admitted_at: float
@@ -154,16 +159,16 @@ class QueuePoolView(Answer):
     limit: int | None = Field(description="The most GPUs the queue may hold; None: no limit.")
     weight: float = Field(description="Its weight in the fair-share split among its siblings.")
     fair_share: float = Field(description="The GPUs the queue is due now (weighted water-filling of demand).")
-    usage: int = Field(description="GPUs its running jobs hold.")
-    np_usage: int = Field(
+    usage: int | float = Field(description="GPUs its running jobs hold (shares of GPUs count their fraction).")
+    np_usage: int | float = Field(
         description=(
             "GPUs its non-preemptible running jobs hold (sandboxes, preemptible: false): what the guarantee rule "
             "counts against quota, since preemptible jobs can always be taken back."
         )
     )
-    borrowed: int = Field(description="usage above quota: the GPUs a reclaim takes back first.")
+    borrowed: int | float = Field(description="usage above quota: the GPUs a reclaim takes back first.")
     pending_jobs: int
-    pending_gpus: int = Field(description="GPUs the pending jobs ask.")
+    pending_gpus: int | float = Field(description="GPUs the pending jobs ask.")
     running_jobs: int
 
 
@@ -215,12 +220,29 @@ class QueuesApplied(Answer):
     applied: bool
 
 
+class GpuShare(Answer):
+    job: int | Literal["hidden"] = Field(description="A job holding a share of the GPU; hidden: not the caller's.")
+    fraction: float = Field(description="The share of the GPU it holds, in (0, 1).")
+
+
 class GpuView(Answer):
     index: int
     model: str | None
     uuid: str | None
     memory_mb: int | None
-    job: int | Literal["hidden"] | None = Field(description="The job holding it; hidden: one the caller may not see.")
+    job: int | Literal["hidden"] | None = Field(
+        description="The job holding it (a shared GPU: its first share's); hidden: one the caller may not see."
+    )
+    shares: list[GpuShare] = Field(
+        default_factory=list, description="A shared GPU: every job's share of it (they sum to at most 1)."
+    )
+
+
+class MigView(Answer):
+    profile: str = Field(description="A MIG profile the node advertises (1g.10gb).")
+    slices: int = Field(description="Slices of that profile on the node.")
+    free: int
+    jobs: list[int | Literal["hidden"]] = Field(description="The jobs holding one slice each.")
 
 
 class NodeView(Answer):
@@ -228,11 +250,12 @@ class NodeView(Answer):
     up: bool
     cordoned: bool
     gpus: list[GpuView]
+    mig: list[MigView] = Field(default_factory=list, description="Its MIG slices, by profile (a static layout).")
 
 
 class PoolView(Answer):
     name: str
-    capacity: int
+    capacity: int | float
     free: int
     nodes: list[NodeView]
 

@@ -80,11 +80,16 @@ def pools(who: Caller, core: CoreDep) -> dict[str, Any]:
     """Pools, nodes and GPUs, and which job holds each GPU (only job ids of jobs the caller may see)."""
     out = views.pools(core)
     gpus = [g for p in out for n in p["nodes"] for g in n["gpus"] if g["job"] is not None]
+    shares = [s for g in gpus for s in g["shares"]]
+    mig = [m for p in out for n in p["nodes"] for m in n["mig"]]
+    seen = {g["job"] for g in gpus} | {s["job"] for s in shares} | {j for m in mig for j in m["jobs"]}
     with core.db.connect() as conn:
-        hidden = queries.unreadable_jobs(conn, who, core.tree, {g["job"] for g in gpus})
-    for g in gpus:
-        if g["job"] in hidden:
-            g["job"] = "hidden"
+        hidden = queries.unreadable_jobs(conn, who, core.tree, seen)
+    for item in (*gpus, *shares):
+        if item["job"] in hidden:
+            item["job"] = "hidden"
+    for m in mig:
+        m["jobs"] = ["hidden" if j in hidden else j for j in m["jobs"]]
     return {"pools": out}
 
 

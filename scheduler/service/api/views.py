@@ -63,10 +63,13 @@ def queue_tree(core: Core, who: Principal) -> QueueTreeView:
 
 
 def pools(core: Core) -> list[dict[str, Any]]:
-    """Pools and their nodes; each GPU says which job holds it (job ids only: names may be private)."""
+    """Pools and their nodes; each GPU says which job holds it (job ids only: names may be private), a shared GPU
+    every job's share, a node its MIG slices by profile and the jobs holding them."""
     with core.lock:
         out = []
-        for name, ps in core.engine.pool_gpus().items():
+        snapshot = core.engine.pool_gpus()
+        slices = _mig_holders(core) if any(n.mig for ps in snapshot.values() for n in ps.nodes) else {}
+        for name, ps in snapshot.items():
             node_views = []
             for n in ps.nodes:
                 known = core.cluster.nodes.get(n.name)
@@ -83,13 +86,33 @@ def pools(core: Core) -> list[dict[str, Any]]:
                                 "uuid": info[i].uuid if i in info else None,
                                 "memory_mb": info[i].memory_mb if i in info else None,
                                 "job": job_id_of(n.holders[i]) if i in n.holders else None,
+                                "shares": [{"job": job_id_of(j), "fraction": f} for j, f in n.shared.get(i, ())],
                             }
                             for i in range(n.gpus)
+                        ],
+                        "mig": [
+                            {
+                                "profile": p,
+                                "slices": total,
+                                "free": free,
+                                "jobs": sorted(slices.get((n.name, p), [])),
+                            }
+                            for p, (total, free) in n.mig.items()
                         ],
                     }
                 )
             out.append({"name": name, "capacity": ps.capacity, "free": ps.free_gpus, "nodes": node_views})
         return out
+
+
+def _mig_holders(core: Core) -> dict[tuple[str, str], list[int]]:
+    """(node, MIG profile) -> the running jobs holding a slice of it there (the engine counts slices, not which)."""
+    out: dict[tuple[str, str], list[int]] = {}
+    for j in core.engine.jobs.values():
+        if j.state is JobState.RUNNING and j.spec.mig is not None:
+            for node, _ in j.workers:
+                out.setdefault((node, j.spec.mig), []).append(job_id_of(j.id))
+    return out
 
 
 def live_metrics(core: Core) -> list[Metric]:

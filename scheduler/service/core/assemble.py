@@ -115,7 +115,9 @@ def build_core(
                 sample=read_samples if real else None,
             )
         ]
-    core = Core(settings, connect(settings.url), executor or local_executor(settings), nodes, clock)
+    if executor is None:  # this machine's GPUs: their memory caps shares, their MIG instances are handed out
+        executor = local_executor(settings, nodes[0].gpus if len(nodes) == 1 else None)
+    core = Core(settings, connect(settings.url), executor, nodes, clock)
     if start:
         core.start()
     return core
@@ -132,12 +134,12 @@ def notebook_storage(settings: ServiceSettings) -> NotebookStorage | None:
     )
 
 
-def local_executor(settings: ServiceSettings) -> LocalExecutor:
+def local_executor(settings: ServiceSettings, gpus: list[GPUInfo] | None = None) -> LocalExecutor:
     """This machine's executor, running each job as its owner's account where the service can switch users."""
     users, why = isolation(settings)
     if not users:
         log.warning("isolation: %s", why)
-        return LocalExecutor(settings.logs_dir, homes=settings.data_dir / "home")  # notebooks' homes, per user
+        return LocalExecutor(settings.logs_dir, homes=settings.data_dir / "home", gpus=gpus)  # notebooks' homes
     log.info("isolation: %s (accounts: %s)", why, settings.accounts)
     blocked = unreachable_ancestor(settings.data_dir)
     if blocked is not None:  # jobs still start (in their output directory) but cannot name it by its path
@@ -148,7 +150,7 @@ def local_executor(settings: ServiceSettings) -> LocalExecutor:
             settings.data_dir,
         )
     accounts = open_accounts(settings.accounts, settings.data_dir, settings.uid_min, settings.uid_max)
-    return LocalExecutor(settings.logs_dir, accounts=accounts)
+    return LocalExecutor(settings.logs_dir, accounts=accounts, gpus=gpus)
 
 
 def isolation(settings: ServiceSettings) -> tuple[bool, str]:

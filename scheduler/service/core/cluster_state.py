@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 
 from scheduler.backends.base import Arrival, Held, NodeChange, NodeInfo
+from scheduler.engine.model import mig_fraction
 
 
 @dataclass(eq=False)
@@ -25,8 +27,12 @@ class ClusterState:
 
     @property
     def capacity(self) -> dict[str, int]:
-        """GPUs per pool, counting every known node (down ones too: quotas are checked against the configured size)."""
-        out: dict[str, int] = {}
+        """GPUs per pool, counting every known node (down ones too: quotas are checked against the configured size):
+        whole GPUs, and MIG slices by their fractions (compute slices / 7), rounded down to whole GPUs, as quotas
+        are whole GPUs."""
+        out: dict[str, float] = {}
         for n in self.nodes.values():
-            out[n.pool] = out.get(n.pool, 0) + len(n.gpus)
-        return out
+            slices = sum(k * mig_fraction(p) for p, k in n.mig_counts().items())
+            out[n.pool] = out.get(n.pool, 0) + len(n.whole()) + slices
+        # Fractions are to a millionth (7 x 0.142857 is 0.999999): a slice layout of whole GPUs counts them whole.
+        return {pool: math.floor(round(total, 4)) for pool, total in out.items()}

@@ -17,6 +17,7 @@ executor to tell its owner. A withdrawn arrival's job is cancelled if it is stil
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 
 import sqlalchemy as sa
@@ -104,7 +105,7 @@ def write_node(conn: sa.Connection, n: NodeInfo, up: bool, replace: bool = False
             gpus=len(n.gpus),
             gpu_model=n.gpus[0].model if n.gpus else "none",
             up=up,
-            info=[vars(g) for g in n.gpus],
+            info=[dataclasses.asdict(g) for g in n.gpus],  # a MIG GPU's instances as dicts too
         )
     )
 

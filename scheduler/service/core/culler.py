@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import sqlalchemy as sa
 
 from sandbox.culling import IdleTracker, Stop, Warn, clock_text, duration_text, warning_text
+from scheduler.backends.base import ReportsPids
 from scheduler.service.api.auth import Principal, Role
 from scheduler.service.api.errors import ServiceError
 from scheduler.service.core.interfaces import Culls
@@ -28,7 +30,7 @@ def cull(core: Culls, tracker: IdleTracker, now: float) -> None:
     with core.db.connect() as conn:
         rows = (
             conn.execute(
-                sa.select(jobs.c.id, jobs.c.spec, attempts.c.placement)
+                sa.select(jobs.c.id, jobs.c.spec, attempts.c.attempt, attempts.c.placement)
                 .join(attempts, sa.and_(attempts.c.job_id == jobs.c.id, attempts.c.attempt == jobs.c.attempt))
                 .where(jobs.c.state == JobState.RUNNING, attempts.c.state == AttemptState.RUNNING)
             )
@@ -48,9 +50,32 @@ def cull(core: Culls, tracker: IdleTracker, now: float) -> None:
         held = [(node, g) for node, gs in r["placement"] for g in gs]
         if not held or any(node not in samples for node, _ in held):
             continue  # a CPU-only sandbox holds no GPU to free; one on unmeasured GPUs cannot be judged
+        # A share of a GPU is judged on the sandbox's own processes (NVML per process): the other tenants' work
+        # neither keeps it alive nor hides that it idles. Whole GPUs keep the whole-GPU reading.
+        pids = _pids(core, r) if _shared(r["spec"]) else None
         # The tracker keys GPUs by one number: a sandbox's GPUs are numbered in placement order.
-        for action in tracker.observe(sid, now, {i: samples[node].get(g) for i, (node, g) in enumerate(held)}):
+        readings = {i: samples[node].get(_nvml_index(core, node, g)) for i, (node, g) in enumerate(held)}
+        for action in tracker.observe(sid, now, readings, pids=pids):
             _act(core, tracker, action, now)
+
+
+def _shared(spec: dict[str, Any]) -> bool:
+    gpus = spec.get("gpus", 1)
+    return isinstance(gpus, float) and 0 < gpus < 1
+
+
+def _pids(core: Culls, row: Any) -> set[int] | None:
+    """The sandbox's processes, where the executor can say (None: the whole GPU decides, see culling._reading)."""
+    if not isinstance(core.executor, ReportsPids):
+        return None
+    return core.executor.pids(str(row["id"]), int(row["attempt"]))
+
+
+def _nvml_index(core: Culls, node: str, gpu: int) -> int:
+    """NVML's index of engine GPU `gpu` of the node: GPUs in MIG mode are not the engine's (NodeInfo.whole)."""
+    info = core.cluster.nodes.get(node)
+    whole = info.whole() if info is not None else []
+    return whole[gpu].index if gpu < len(whole) else gpu
 
 
 def _act(core: Culls, tracker: IdleTracker, action: Warn | Stop, now: float) -> None:

@@ -31,6 +31,7 @@ REJECTED_FIELD = {
     "gang_too_big": "workers",
     "over_limit": "gpus",
     "over_quota": "preemptible",
+    "no_mig_slice": "mig",
 }
 
 

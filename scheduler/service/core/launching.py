@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from scheduler.backends.base import Executor, Exit, Handle, Launch, LaunchesInParallel
+from scheduler.backends.sharing import EPSILON as SHARE_EPSILON
 from scheduler.service.core.interfaces import Launches
 from scheduler.service.core.specs import JobSubmit
 from scheduler.service.core.states import HOLDING, AttemptOutcome, AttemptState, JobState
@@ -103,15 +104,17 @@ def _launch_all(core: Launches, todo: list[tuple[Mapping[Any, Any], Launch]], no
 
 
 def _ready(core: Launches) -> tuple[list[tuple[Mapping[Any, Any], Mapping[Any, Any]]], bool]:
-    """Admitted attempts (oldest first) with their jobs, whose GPUs no live attempt holds (no two share a GPU);
-    and whether other admitted attempts wait.
+    """Admitted attempts (oldest first) with their jobs, whose GPUs live attempts leave room on, and whether other
+    admitted attempts wait.
 
     Only what can still hold a GPU the engine gave again is read: stopping attempts (the engine freed their GPUs
     when it preempted, cancelled or timed them out; their processes may still be exiting) and the live attempts of
     the jobs being launched. A running attempt of another job holds GPUs the engine still counts as its own (every
     change that frees them marks the attempt stopping or ended in the same transaction, and a rebuild restores
-    it where it runs), so they are never given again. Reading every running attempt each launching cycle cost a
-    third of the service's CPU in the Kubernetes benchmark (run 4), growing with the jobs running."""
+    it where it runs), so the engine never gives them again: a share it places on a GPU fits beside the running
+    shares there. Reading every running attempt each launching cycle cost a third of the service's CPU in the
+    Kubernetes benchmark (run 4), growing with the jobs running. A stopping attempt blocks its GPUs whole (and a
+    MIG slice of its profile on its node) until it is gone: what it held is not known to be free yet."""
     with core.db.connect() as conn:
         starting = list(
             conn.execute(
@@ -131,19 +134,55 @@ def _ready(core: Launches) -> tuple[list[tuple[Mapping[Any, Any], Mapping[Any, A
                 )
             ).mappings()
         )
-        held = {(n, g) for a in holding for n, gs in a["placement"] for g in gs}
-        busy_jobs = {a["job_id"] for a in holding}
-        ready = []
-        for a in starting:
-            gpus = {(n, g) for n, gs in a["placement"] for g in gs}
-            if a["job_id"] not in busy_jobs and not gpus & held:
-                ready.append(a)
-                held |= gpus  # launched together, so the same GPU must not be in two of them
-        specs = {
-            j["id"]: j
-            for j in conn.execute(sa.select(jobs).where(jobs.c.id.in_([a["job_id"] for a in ready]))).mappings()
-        }
+        wanted = launching | {a["job_id"] for a in holding}
+        specs = {j["id"]: j for j in conn.execute(sa.select(jobs).where(jobs.c.id.in_(wanted))).mappings()}
+    held = _Held()
+    for a in holding:
+        held.block(a, specs[a["job_id"]]["spec"])
+    busy_jobs = {a["job_id"] for a in holding}
+    ready = []
+    for a in starting:
+        spec = specs[a["job_id"]]["spec"]
+        if a["job_id"] not in busy_jobs and held.room(a, spec):
+            ready.append(a)
+            held.add(a, spec)  # launched together, so they must fit together
     return [(a, specs[a["job_id"]]) for a in ready], len(starting) > len(ready)
+
+
+class _Held:
+    """What stopping and about-to-launch attempts hold: shares per GPU (a whole GPU is 1), MIG slices blocked per
+    node and profile."""
+
+    def __init__(self) -> None:
+        self.shares: dict[tuple[str, int], float] = {}
+        self.blocked: set[tuple[str, str]] = set()  # (node, MIG profile) a stopping attempt still holds a slice of
+
+    @staticmethod
+    def _share(spec: Mapping[str, Any]) -> float:
+        gpus = spec.get("gpus", 1)
+        return float(gpus) if isinstance(gpus, float) and 0 < gpus < 1 else 1.0
+
+    def room(self, a: Mapping[Any, Any], spec: Mapping[str, Any]) -> bool:
+        profile, share = spec.get("mig"), self._share(spec)
+        for n, gs in a["placement"]:
+            if profile is not None and (n, profile) in self.blocked:
+                return False
+            if any(self.shares.get((n, g), 0.0) + share > 1 + SHARE_EPSILON for g in gs):
+                return False
+        return True
+
+    def add(self, a: Mapping[Any, Any], spec: Mapping[str, Any], share: float | None = None) -> None:
+        share = self._share(spec) if share is None else share
+        for n, gs in a["placement"]:
+            for g in gs:
+                self.shares[(n, g)] = self.shares.get((n, g), 0.0) + share
+
+    def block(self, a: Mapping[Any, Any], spec: Mapping[str, Any]) -> None:
+        """A stopping attempt (or a live one of a job being launched): its GPUs count whole, its MIG slice blocks
+        its profile on its node."""
+        self.add(a, spec, 1.0)
+        if spec.get("mig") is not None:
+            self.blocked.update((n, spec["mig"]) for n, _ in a["placement"])
 
 
 def _launch_of(job: Mapping[Any, Any], a: Mapping[Any, Any]) -> Launch:
@@ -161,6 +200,7 @@ def _launch_of(job: Mapping[Any, Any], a: Mapping[Any, Any]) -> Launch:
         "CORRAL_GPUS_PER_WORKER": str(sub.gpus),
         "CORRAL_KIND": sub.kind,
     }
+    shared = sub.mig is None and isinstance(sub.gpus, float) and 0 < sub.gpus < 1
     return Launch(
         str(job["id"]),
         a["attempt"],
@@ -172,6 +212,8 @@ def _launch_of(job: Mapping[Any, Any], a: Mapping[Any, Any]) -> Launch:
         cpus=sub.cpus or None,
         memory_gb=sub.memory_gb or None,
         owner=job["owner"],
+        gpu_fraction=float(sub.gpus) if shared else None,
+        mig=sub.mig,
     )
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from quotas.tree import Queue
 from scheduler.backends.base import KnowsAddresses, server_port
+from scheduler.engine.model import mig_fraction
 from scheduler.engine.snapshots import PoolLoad
 from scheduler.service.api.auth import Principal
 from scheduler.service.api.edge import Amount
@@ -20,6 +21,7 @@ from scheduler.service.core.specs import (
     MAX_NAME,
     Argv,
     Env,
+    GpuCount,
     Image,
     JobSubmit,
     Name,
@@ -40,7 +42,10 @@ class SandboxRequest(Strict):
     name: Name = "sandbox"
     queue: Name
     pool: PoolName = None
-    gpus: int = Field(1, ge=0, le=64)
+    gpus: GpuCount = Field(
+        1, ge=0, le=64, description="Whole GPUs, or a share of one below 1 (0.25: a quarter of a GPU)."
+    )
+    mig: str | None = Field(None, min_length=1, max_length=MAX_NAME, description="A MIG profile (1g.10gb).")
     cpus: Amount = 0.0
     memory_gb: Amount = 0.0
     command: Argv
@@ -50,6 +55,13 @@ class SandboxRequest(Strict):
     profile: str | None = Field(None, max_length=MAX_NAME)
     idle_timeout_s: float | None = Field(None, gt=0, description="Stop after this long with idle GPUs.")
     owner: str | None = Field(None, max_length=MAX_NAME, description="On behalf of this user (admins only).")
+
+    @field_validator("mig")
+    @classmethod
+    def _mig(cls, v: str | None) -> str | None:
+        if v is not None:
+            mig_fraction(v)  # ValueError: not a MIG profile, said as such
+        return v
 
 
 def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, Any]:
@@ -66,7 +78,7 @@ def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, A
         load = core.engine.pool_load(pool)
         if req.queue not in core.tree or load is None:
             raise Invalid(f"queue {req.queue!r} or pool {pool!r} does not exist", "queue")
-        _check_guarantee(load, core.tree[req.queue], req.gpus)
+        _check_guarantee(load, core.tree[req.queue], mig_fraction(req.mig) if req.mig is not None else req.gpus)
     # Labels keep what the culler needs with the job, so it survives a restart.
     labels = {"corral.sandbox/profile": req.profile} if req.profile else {}
     if req.idle_timeout_s is not None:
@@ -77,7 +89,6 @@ def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, A
             name=req.name,
             queue=req.queue,
             pool=pool,
-            gpus=req.gpus,
             cpus=req.cpus,
             memory_gb=req.memory_gb,
             priority=core.settings.sandbox_priority,
@@ -89,6 +100,8 @@ def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, A
             labels=labels,
             kind="sandbox",
             max_runtime=None,
+            # Given only when asked, so a MIG sandbox's gpus is its profile's fraction (JobSubmit's rule).
+            **({"gpus": req.gpus} if req.mig is None else {"mig": req.mig}),
         )
     except ValidationError as e:
         err = e.errors()[0]
@@ -118,7 +131,7 @@ def open_sandbox(core: Core, who: Principal, req: SandboxRequest) -> dict[str, A
     raise Conflict(f"the sandbox cannot start now: {msg}", "gpus", detail)
 
 
-def _check_guarantee(ps: PoolLoad, q: Queue, gpus: int) -> None:
+def _check_guarantee(ps: PoolLoad, q: Queue, gpus: float) -> None:
     """Refuse (409) a sandbox that its team's non-preemptible GPUs leave no room for within the quota; the
     team's preemptible jobs do not count: they can be taken back (SCHEDULING.md, Admission)."""
     held, used, quota = ps.np_used(q.name), ps.used(q.name), q.quota_of(ps.name)

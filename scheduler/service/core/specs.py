@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from quotas import QueueSpec
-from scheduler.engine.model import JobSpec
+from scheduler.engine.model import JobSpec, check_gpus, mig_fraction
 from scheduler.service.api.edge import (
     MAX_COMMAND_ARGS,
     MAX_COMMAND_BYTES,
@@ -63,6 +63,22 @@ def _command(v: list[str] | str) -> list[str] | str:
     return v
 
 
+def _gpu_count(v: Any) -> Any:
+    """A number of GPUs as given (a form's text read as a number): one clear error for anything else, in place
+    of the two an int-or-float union gives."""
+    if isinstance(v, str):
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                pass
+    elif isinstance(v, int | float) and not isinstance(v, bool):
+        return v
+    raise ValueError(f"gpus is {str(v)[:40]!r}: give an integer number of GPUs, or a decimal share of one below 1")
+
+
 # The fields a job and a sandbox share, with their bounds in one place (a sandbox request is a job request too).
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
 PoolName = Annotated[str, Field(max_length=MAX_NAME)] | None
@@ -71,6 +87,7 @@ Argv = Annotated[list[str], Field(min_length=1, max_length=MAX_COMMAND_ARGS), Af
 Env = Annotated[dict[str, str], Field(max_length=MAX_ENV), AfterValidator(_env_names)]
 Workdir = Annotated[str, Field(min_length=1, max_length=MAX_PATH), AfterValidator(_workdir)] | None
 Image = Annotated[str, Field(min_length=1, max_length=MAX_IMAGE)] | None
+GpuCount = Annotated[int | float, BeforeValidator(_gpu_count)]
 
 
 class Strict(Body):
@@ -84,7 +101,18 @@ class JobSubmit(Strict):
     queue: Name
     pool: PoolName = Field(None, description="Default: the service's only pool.")
     workers: int = Field(1, ge=1, le=1024)
-    gpus: int = Field(1, ge=0, le=1024, description="GPUs per worker.")
+    gpus: GpuCount = Field(
+        1,
+        ge=0,
+        le=1024,
+        description="GPUs per worker: a whole number, or a fraction below 1 of one GPU for one worker (shared GPU).",
+    )
+    mig: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_NAME,
+        description="A MIG profile (1g.10gb): one slice of it, one worker; gpus is then the profile's fraction.",
+    )
     cpus: Amount = Field(0.0, description="CPUs per worker (0: not accounted).")
     memory_gb: Amount = Field(0.0, description="Memory per worker, GiB (0: not accounted).")
     priority: int = Field(0, ge=-1000, le=1000)
@@ -113,6 +141,20 @@ class JobSubmit(Strict):
                 raise ValueError(f"the value of label {k} has {len(x)} characters; at most {MAX_LABEL_VALUE}")
         return v
 
+    @model_validator(mode="after")
+    def _sharing(self) -> JobSubmit:
+        """Fractions and MIG profiles (GPU sharing, docs/scheduling.md): what and where is wrong, in the message."""
+        if self.mig is not None:
+            fraction = mig_fraction(self.mig)  # ValueError: not a MIG profile
+            if "gpus" in self.model_fields_set and self.gpus != fraction:
+                raise ValueError(f"mig {self.mig} is {fraction} of a GPU; leave gpus out (it is {self.gpus})")
+            if self.workers != 1:
+                raise ValueError(f"mig {self.mig} with {self.workers} workers: a MIG slice is for one worker")
+            self.gpus = fraction
+        else:
+            self.gpus = check_gpus(self.gpus, self.workers, "gpus")
+        return self
+
     def engine_spec(self, job_id: int, pool: str) -> JobSpec:
         return JobSpec(
             id=engine_id(job_id),
@@ -125,6 +167,7 @@ class JobSubmit(Strict):
             priority=self.priority,
             preemptible=self.preemptible,
             checkpoint=self.checkpoint,
+            mig=self.mig,
         )
 
 
@@ -184,11 +227,12 @@ def engine_spec_of(row_spec: Mapping[str, Any], job_id: int, pool: str) -> JobSp
         id=engine_id(job_id),
         queue=queue,
         pool=pool,
-        gpus=field("gpus", (int,)),
+        gpus=field("gpus", (int, float)),
         workers=field("workers", (int,)),
         cpus=float(field("cpus", (int, float))),
         memory_gb=float(field("memory_gb", (int, float))),
         priority=field("priority", (int,)),
         preemptible=field("preemptible", (bool,)),
         checkpoint=field("checkpoint", (bool,)),
+        mig=field("mig", (str, type(None))),
     )

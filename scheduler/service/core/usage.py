@@ -103,7 +103,7 @@ def recorded_jobs(conn: Connection, since: float, until: float, visible: set[str
             first_start=r["started_at"],
             ended=r["ended_at"],
             workers=int(r["spec"].get("workers", 1)),
-            gpus=int(r["spec"].get("gpus", 1)),
+            gpus=r["spec"].get("gpus", 1),  # a share of a GPU stays one (0.25)
             priority=r["priority"],
             preemptible=bool(r["spec"].get("preemptible", True)),
             checkpoint=bool(r["spec"].get("checkpoint", False)),

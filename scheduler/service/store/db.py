@@ -13,6 +13,21 @@ from sqlalchemy.engine import Engine
 metadata = sa.MetaData()
 MIGRATIONS = Path(__file__).parent / "migrations"
 
+
+class GpuAmount(sa.TypeDecorator[float]):
+    """GPUs as stored since migration 0009: a float column, read back as an int when whole (2, not 2.0), so a
+    whole-GPU job reads and answers exactly as before shares of GPUs existed; a share to a millionth."""
+
+    impl = sa.Float
+    cache_ok = True
+
+    def process_result_value(self, value: float | None, dialect: sa.Dialect) -> float | None:
+        if value is None:
+            return None
+        value = round(float(value), 6)
+        return int(value) if value.is_integer() else value
+
+
 # Times are seconds since the epoch (float): the engine's clock, and trivial to compare across databases.
 queue_versions = sa.Table(
     "queue_versions",
@@ -56,7 +71,7 @@ jobs = sa.Table(
     sa.Column("pool", sa.String(200), nullable=False),
     sa.Column("state", sa.String(20), nullable=False, index=True),
     sa.Column("spec", sa.JSON, nullable=False),
-    sa.Column("gpus", sa.Integer, nullable=False),  # the whole gang: workers x GPUs per worker
+    sa.Column("gpus", GpuAmount, nullable=False),  # the whole gang: workers x GPUs per worker (a share: 0.25)
     sa.Column("priority", sa.Integer, nullable=False),
     sa.Column("idempotency_key", sa.String(200), nullable=True),
     sa.Column("submitted_at", sa.Float, nullable=False),
@@ -82,7 +97,7 @@ attempts = sa.Table(
     # starting: admitted, not launched yet; running; stopping: asked to stop, process still alive; ended.
     sa.Column("state", sa.String(20), nullable=False, index=True),
     sa.Column("placement", sa.JSON, nullable=False),  # node -> GPU indices
-    sa.Column("gpus", sa.Integer, nullable=False),
+    sa.Column("gpus", GpuAmount, nullable=False),
     sa.Column("pid", sa.Integer, nullable=True),
     sa.Column("proc_started", sa.Float, nullable=True),
     sa.Column("admitted_at", sa.Float, nullable=False),

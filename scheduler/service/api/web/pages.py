@@ -89,25 +89,38 @@ def pools_page(request: Request, who: Viewer, core: CoreDep) -> HTMLResponse:
     shown = routes_cluster.pools(who, core)["pools"]  # ids of jobs the caller may not read are "hidden" there
     holders: dict[int, dict[str, Any]] = {}
     with core.db.connect() as conn:
-        for p in shown:
-            for n in p["nodes"]:
-                for g in n["gpus"]:
-                    if isinstance(g["job"], int) and g["job"] not in holders:
-                        row = store.job_row(conn, g["job"])
-                        if row is not None:
-                            holders[g["job"]] = {
-                                "name": row["name"],
-                                "kind": row["spec"].get("kind", "job"),
-                                "queue": row["queue"],
-                                "owner": row["owner"],
-                            }
+        for job in sorted(_jobs_shown(shown)):
+            row = store.job_row(conn, job)
+            if row is not None:
+                holders[job] = {
+                    "name": row["name"],
+                    "kind": row["spec"].get("kind", "job"),
+                    "queue": row["queue"],
+                    "owner": row["owner"],
+                }
     for p in shown:
         for n in p["nodes"]:
             util = _utilisation(core, n["name"])
             for g in n["gpus"]:
                 g["holder"] = holders.get(g["job"]) if isinstance(g["job"], int) else None
                 g["util"] = util.get(g["index"])
+                for s in g["shares"]:
+                    s["holder"] = holders.get(s["job"]) if isinstance(s["job"], int) else None
+                g["free_share"] = max(0.0, round(1 - sum(s["fraction"] for s in g["shares"]), 6))
+            for m in n["mig"]:
+                m["held"] = [{"job": j, "holder": holders.get(j) if isinstance(j, int) else None} for j in m["jobs"]]
     return page(request, who, "pools.html", pools=shown)
+
+
+def _jobs_shown(shown: list[dict[str, Any]]) -> set[int]:
+    """The readable job ids the GPU map names: whole GPUs' holders, shares of shared GPUs, MIG slices' holders."""
+    out: set[int] = set()
+    for p in shown:
+        for n in p["nodes"]:
+            for g in n["gpus"]:
+                out |= {x for x in (g["job"], *(s["job"] for s in g["shares"])) if isinstance(x, int)}
+            out |= {j for m in n["mig"] for j in m["jobs"] if isinstance(j, int)}
+    return out
 
 
 def _utilisation(core: Any, node: str) -> dict[int, float]:
