@@ -86,11 +86,11 @@ def check_gpus(gpus: object, workers: int, where: str) -> float | int:
     if gpus < 0:
         raise ValueError(f"{where}: gpus is {gpus}: it cannot be negative")
     amount = gpu_amount(gpus)
+    if gpus > 0 and amount == 0:  # rounded to a millionth, it would be 0: a CPU-only job nobody asked for
+        raise ValueError(f"{where}: gpus is {gpus}: a fraction must be at least 0.000001 of a GPU")
     if isinstance(amount, float):
         if amount > 1:
             raise ValueError(f"{where}: gpus is {gpus}: above 1 it must be a whole number (a fraction shares one GPU)")
-        if amount <= 0:
-            raise ValueError(f"{where}: gpus is {gpus}: a fraction must be at least 0.000001 of a GPU")
         if workers != 1:
             raise ValueError(
                 f"{where}: gpus is {gpus} with {workers} workers: a fraction of a GPU is for one worker only"

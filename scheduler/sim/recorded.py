@@ -38,14 +38,14 @@ class RecordedJob:
     first_start: float | None = None  # first admission: its wait ended here
     ended: float | None = None
     workers: int = 1
-    gpus: int = 1  # per worker
+    gpus: float = 1  # per worker: whole GPUs as ints, a share of one GPU (GPU sharing) as a float below 1
     priority: int = 0
     preemptible: bool = True
     checkpoint: bool = False
     attempts: tuple[Attempt, ...] = ()  # launched attempts, oldest first
 
     @property
-    def request(self) -> int:
+    def request(self) -> float:
         return self.workers * self.gpus
 
     def runtime(self, now: float) -> float | None:
@@ -197,7 +197,7 @@ def demand(jobs: Iterable[RecordedJob], since: float, until: float, now: float) 
             if j.first_start is not None:
                 waits[key].append(j.first_start - j.submitted)
         if not j.preemptible and j.state not in NEVER_RUNNABLE:
-            largest[key] = max(largest[key], j.request)
+            largest[key] = max(largest[key], math.ceil(j.request))  # quotas are whole GPUs: a share needs one
     keys = sorted(set(used) | set(waiting) | set(count))
     return [
         Demand(
