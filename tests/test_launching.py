@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from scheduler.backends.base import Handle, Launch, LaunchesInParallel
+from scheduler.backends.base import Exit, Handle, Launch, LaunchesInParallel
 from scheduler.service.core import launching
 from tests.service_kit import ScriptedExecutor, Service, make_service
 
@@ -182,4 +182,51 @@ def test_a_job_cancelled_while_it_launches_is_stopped_and_holds_its_gpus_until_g
     svc.tick()
     got = svc.admin.get(f"/v1/jobs/{jid}").json()
     assert (got["state"], got["attempts"][0]["state"]) == ("cancelled", "ended")
+    assert svc.admin.get(f"/v1/jobs/{nxt}").json()["state"] == "running"
+
+
+@dataclass
+class EndsWhileLaunching(ScriptedExecutor):
+    """The process ends during its own launch call, which then waits for the gate; `polled` is set once another
+    cycle has read that exit."""
+
+    gate: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+    polled: threading.Event = field(default_factory=threading.Event)
+
+    def launch(self, launch: Launch) -> Handle:
+        handle = super().launch(launch)
+        if not self.entered.is_set():
+            self.exit(launch.job_id, 0, launch.attempt)
+            self.entered.set()
+            assert self.gate.wait(30), "the gate was never opened"
+        return handle
+
+    def poll(self, now: float) -> list[Exit]:
+        out = super().poll(now)
+        if out and self.entered.is_set():
+            self.polled.set()
+        return out
+
+
+def test_an_exit_read_while_its_launch_is_in_flight_waits_for_the_launch_to_be_recorded(tmp_path: Path) -> None:
+    """A cycle run meanwhile (a sandbox's, from an API thread) read the exit while the attempt was still starting in
+    the database: it ended the job, then the launch's record put the attempt back to stopping, where nothing ever
+    ended it, and every later job on its GPUs waited forever (review of the unlocked launch phase)."""
+    ex = EndsWhileLaunching()
+    svc = make_service(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, executor=ex)
+    jid = svc.admin.post("/v1/jobs", json={"queue": "ranking", "gpus": 8, "command": "x"}).json()["id"]
+    launching_cycle = _cycle_in_background(svc)
+    assert ex.entered.wait(30)
+    other = _cycle_in_background(svc)  # holds the Core's lock while it reads exits; then waits for the launch phase
+    assert ex.polled.wait(30)
+    ex.gate.set()
+    for t in (launching_cycle, other):
+        t.join(30)
+        assert not t.is_alive() and t.errors == []  # type: ignore[attr-defined]
+    svc.tick()
+    got = svc.admin.get(f"/v1/jobs/{jid}").json()
+    assert (got["state"], got["attempts"][0]["state"], got["attempts"][0]["exit_code"]) == ("completed", "ended", 0)
+    nxt = svc.admin.post("/v1/jobs", json={"queue": "ranking", "gpus": 8, "command": "x"}).json()["id"]
+    svc.tick()
     assert svc.admin.get(f"/v1/jobs/{nxt}").json()["state"] == "running"

@@ -130,6 +130,9 @@ class Launches(Scheduling, EndsJobs, Protocol):
     runtime_due: float  # no max_runtime runs out before this time
     launch_owed: bool  # an admitted attempt may wait for its launch
     launch_lock: threading.Lock  # one launch phase at a time; taken before the lock, never while holding it
+    # (job id, attempt) whose launch call has not been recorded yet: an exit the executor reports for one meanwhile
+    # waits for that record (judged before it, the attempt would look never launched, or end twice)
+    in_flight: set[tuple[int, int]]
 
     def note_exit(self, ended: Exit) -> None:
         """An exit the executor will not report again: the next cycle records it."""

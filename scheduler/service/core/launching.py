@@ -45,11 +45,16 @@ def launch_ready(core: Launches, now: float) -> None:
                 return
             todo, waiting = _prepare(core, now)
             core.launch_owed = False  # a rebuild meanwhile (a queue apply) owes launches again: it sets it back
+            keys = {(int(launch.job_id), a["attempt"]) for a, launch in todo}
+            core.in_flight |= keys
         try:
             waiting |= _launch_all(core, todo, now)
         except BaseException:
             core.launch_owed = True
             raise
+        finally:
+            with core.lock:
+                core.in_flight -= keys
         if waiting:
             core.launch_owed = True
 
@@ -247,6 +252,7 @@ def _record(
     cycle). The attempt may have ended while it launched (its job cancelled, or preempted by another cycle): what
     was launched for it is then stopped as a running attempt is, and holds its GPUs until it is gone."""
     job_id = int(launch.job_id)
+    core.in_flight.discard((job_id, a["attempt"]))  # an exit reported from now on finds what this writes
     if isinstance(outcome, (Unsure, Exception)):
         with core.db.connect() as conn:
             row = store.current_attempt(conn, job_id, a["attempt"])

@@ -80,6 +80,7 @@ class Core:
         self._stale = False
         self._teams_stale = False  # the capacity changed since the last sync_teams
         self._unrecorded: list[Exit] = []
+        self.in_flight: set[tuple[int, int]] = set()  # launches not recorded yet (launching.launch_ready)
         self.unrecorded_decisions: list[Decision] = []  # made by a rebuild; recorded by the next cycle
         self.intake = Intake(self)
         self.idle = IdleTracker(IdlePolicy(settings.idle_threshold_pct).for_profile(settings.idle_timeout_s))
@@ -327,6 +328,7 @@ class Core:
             # The executor reports each exit once: keep them until a commit has recorded them.
             self._unrecorded += self.executor.poll(now)
             exits = self._unrecorded
+            later: list[Exit] = []  # exits of attempts whose launch is still being recorded: the next cycle's
             stops: list[Stop] = []
             with self.changing() as conn:
                 for e in exits:
@@ -335,6 +337,11 @@ class Core:
                     if a is None or job is None or a["state"] == AttemptState.ENDED:
                         continue
                     row: Mapping[Any, Any] = a
+                    if a["state"] == AttemptState.STARTING and (int(e.job_id), e.attempt) in self.in_flight:
+                        # Launched in the launch phase running now, not recorded yet: judged here, it would end
+                        # (or go back to the queue), and the record that follows would hold it stopping forever.
+                        later.append(e)
+                        continue
                     if a["state"] == AttemptState.STARTING:  # launched, but the commit that said so was lost
                         if e.code is None:  # it never really ran: back to the queue, and the engine rebuilt
                             requeue_unlaunched(conn, job, a, now)
@@ -362,7 +369,7 @@ class Core:
                 for d in decisions:
                     stops += self.record(conn, d, now)
                 store_overtaken(conn, self.engine)
-            self._unrecorded = []
+            self._unrecorded = later
             self.terminate(stops, now)
             if now - self._culled_at >= self.settings.cull_interval_s:  # under the lock: one culler at a time
                 self._culled_at = now
