@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from quotas import QueueSpec, QueueTree
 from scheduler.engine import NodeSpec, Settings, Started
 from scheduler.engine.baselines import BestFitFractionsEngine
+from scheduler.engine.cluster import Pool
 from scheduler.engine.engine import Engine
 from scheduler.engine.model import JobSpec, JobState, exact, mig_fraction
 from scheduler.engine.reference import ReferenceEngine
@@ -424,3 +425,15 @@ def test_the_job_api_passes_shares_to_the_engine() -> None:
     mig = JobSubmit.model_validate({"queue": "team-a", "command": ["true"], "mig": "2g.20gb"}).engine_spec(8, "a100")
     assert mig.mig == "2g.20gb" and mig.gpus == 0.285714
     assert engine_spec_of({"queue": "team-a", "gpus": 0.25}, 9, "a100").gpus == 0.25
+
+
+def test_a_pools_capacity_with_mig_slices_is_exact_after_nodes_go_down_and_up() -> None:
+    """Capacity with MIG slices is a fraction; a node going down and up must leave exactly what it found (fair shares
+    read it, and a rebuilt engine computes it afresh): 8.428571 - 8 was 0.42857099999999946."""
+    specs = [NodeSpec("m0", "a100", 0, mig={"3g.40gb": 1}), NodeSpec("w0", "a100", 8)]
+    pool = Pool("a100", specs, {})
+    for _ in range(50):
+        pool.set_up("w0", False)
+        assert pool.capacity == Pool("a100", specs[:1], {}).capacity == 0.428571
+        pool.set_up("w0", True)
+    assert pool.capacity == Pool("a100", specs, {}).capacity

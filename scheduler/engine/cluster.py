@@ -69,9 +69,9 @@ class Pool:
         self.freed += 1
         self.changes += 1
         n.up = True
-        self.capacity += n.spec.gpus
-        if n.spec.mig:
-            self.capacity = gpu_amount(self.capacity + mig_gpus(n.spec))
+        # Rounded after each change: with MIG slices the capacity is a fraction, and a node going up and down must
+        # leave exactly what it found (a rebuilt engine computes it afresh, and fair shares read it).
+        self.capacity = gpu_amount(self.capacity + n.spec.gpus + (mig_gpus(n.spec) if n.spec.mig else 0))
         self.free_gpus += len(n.free)
         self._file(n.name, len(n.free))
         if n.name in self.sharing:
@@ -105,9 +105,7 @@ class Pool:
         else:
             self.changes += 1
             n.up = False
-            self.capacity -= n.spec.gpus
-            if n.spec.mig:
-                self.capacity = gpu_amount(self.capacity - mig_gpus(n.spec))
+            self.capacity = gpu_amount(self.capacity - n.spec.gpus - (mig_gpus(n.spec) if n.spec.mig else 0))
             self.free_gpus -= len(n.free)
             self._unfile(n.name, len(n.free))
             if name in self.sharing:
