@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import heapq
 from collections.abc import Iterable, Mapping
 
 from sortedcontainers import SortedList
@@ -144,7 +143,7 @@ class LasEngine(Engine):
                 if c is not None and (first is None or c < first):
                     first = c
         if first is not None:
-            heapq.heappush(self._wakeups, first)
+            self._wakeups.at(first)
         return out
 
     def _start(self, ps: PoolState, job: Job, nodes: list[str], now: float) -> Started:

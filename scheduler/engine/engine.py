@@ -6,8 +6,6 @@ the live service and the tests drive the very same code.
 
 from __future__ import annotations
 
-import heapq
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
@@ -25,6 +23,7 @@ from scheduler.engine.ordering import PassOrder
 from scheduler.engine.preemption import CAUSE, Plan, Preemption, Tier, tiers_for
 from scheduler.engine.sharing import fgd_key
 from scheduler.engine.state import PoolState
+from scheduler.engine.timers import Wakeups
 
 MAX_PASSES = 1000  # passes repeat only while skipped queues may have gained; this bounds a pathological loop
 
@@ -72,13 +71,7 @@ class Engine:
         self.jobs: dict[str, Job] = {}
         self._seq = 0
         self._admitted = 0
-        self._wakeups: list[float] = []  # plain instants (the baselines' own timers)
-        # A job's timer: (when it ends, job id, the instant it began, whether it runs while the job does): the
-        # guard clock of a pending job (began at skipped_since) or min_runtime of a running preemptible one (began
-        # at its start). Valid while the job still has that clock; the others are dropped when read. So the
-        # instants the engine wakes at follow from its jobs alone, and an engine rebuilt from them (restore,
-        # submit(overtaken_at=)) wakes when its twin that never restarted does.
-        self._timers: list[tuple[float, str, float, bool]] = []
+        self._wakeups = Wakeups(self.jobs)  # when to look again though no input came (timers.py)
         self._instant: float | None = None
         self._preempted_now: set[str] = set()  # jobs preempted at this instant: they may not preempt back
         # queue -> bumps when a new instant lifts the "preempted at this instant" restriction of one of its jobs
@@ -113,7 +106,7 @@ class Engine:
             return [Rejected(spec.id, why)]
         if overtaken_at is not None:
             job.skipped_since = float(overtaken_at)
-            self._guard_timer(job)
+            self._wakeups.guard(job, self.settings.starvation_timeout)
         self.pools[spec.pool].add_pending(job)
         return []
 
@@ -152,7 +145,7 @@ class Engine:
         )
         self.jobs[spec.id] = job
         ps.add_restored(job)
-        self._aging_timer(job)
+        self._wakeups.aging(job, self.settings.min_runtime)
         return job
 
     def _next_seq(self, seq: int | None) -> int:
@@ -269,41 +262,7 @@ class Engine:
 
     def next_wakeup(self, now: float) -> float | None:
         """The next instant after `now` where a rule's timer ends (min_runtime, starvation_timeout)."""
-        while self._wakeups and self._wakeups[0] <= now:
-            heapq.heappop(self._wakeups)
-        timer = self._next_timer(now)
-        plain = self._wakeups[0] if self._wakeups else None
-        return plain if timer is None else timer if plain is None else min(plain, timer)
-
-    def _next_timer(self, after: float) -> float | None:
-        """When the first valid timer ends after `after`; drops the ended and the stale ones on the way."""
-        timers, jobs = self._timers, self.jobs
-        while timers:
-            until, job_id, began, running = timers[0]
-            j = jobs.get(job_id)  # None: forgotten
-            if (
-                until > after
-                and j is not None
-                and (
-                    (j.state is JobState.RUNNING and j.start == began)
-                    if running
-                    else (j.state is JobState.PENDING and j.skipped_since == began)
-                )
-            ):
-                return until
-            heapq.heappop(timers)
-        return None
-
-    def _guard_timer(self, job: Job) -> None:
-        assert job.skipped_since is not None
-        heapq.heappush(
-            self._timers, (job.skipped_since + self.settings.starvation_timeout, job.id, job.skipped_since, False)
-        )
-
-    def _aging_timer(self, job: Job) -> None:
-        """A preemptible job becomes a possible victim once min_runtime has passed: look again then."""
-        if self.settings.min_runtime > 0 and job.spec.preemptible:
-            heapq.heappush(self._timers, (job.start + self.settings.min_runtime, job.id, job.start, True))
+        return self._wakeups.next(now)
 
     def explain(self, job_id: str, now: float) -> Reason:
         """Why a job is where it is: the blocking rule with its numbers, or why it runs, or why it ended."""
@@ -329,9 +288,8 @@ class Engine:
                 if job.state is JobState.PENDING:  # even if nothing else changed in its pool since
                     self.pools[job.spec.pool].dirty = True
             self._instant, self._preempted_now = now, set()
-        timer = self._next_timer(-math.inf)
-        due = (bool(self._wakeups) and self._wakeups[0] <= now) or (timer is not None and timer <= now)
-        self.next_wakeup(now)
+        due = self._wakeups.due(now)
+        self._wakeups.next(now)
         out: list[Decision] = []
         for ps in self.pools.values():
             if ps.pending and (ps.dirty or due):
@@ -620,7 +578,7 @@ class Engine:
         self._admitted += 1
         job.admitted = self._admitted
         job.within_quota = add_gpus(u, job.request) <= quota
-        self._aging_timer(job)
+        self._wakeups.aging(job, self.settings.min_runtime)
         np = ps.np_usage[q.name]
         ps.add_running(job)
         nums: dict[str, float | int | str] = {"usage": u, "request": job.request, "quota": quota, "fair_share": share}
@@ -664,7 +622,7 @@ class Engine:
         """Heads of queues that a younger job just overtook start their starvation clock."""
         marked = ps.mark_overtaken(max((j.submit, j.seq) for j in started), now)
         for j in marked:
-            self._guard_timer(j)
+            self._wakeups.guard(j, self.settings.starvation_timeout)
             self._overtaken[j.id] = now
 
     def _reservation(self, ps: PoolState, now: float) -> Reservation | None:
