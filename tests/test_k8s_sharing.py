@@ -214,7 +214,9 @@ def plane_nodes(request: pytest.FixtureRequest) -> Iterator[tuple[ControlPlane, 
 
 
 def asked(pod: Any) -> dict[str, int]:
-    return {k: int(v) for k, v in (pod.spec.containers[0].resources.limits or {}).items()}
+    """The GPU resources a pod's container asks (the device plugin's; its CPU and memory aside)."""
+    limits = pod.spec.containers[0].resources.limits or {}
+    return {k: int(v) for k, v in limits.items() if k.startswith("nvidia.com/")}
 
 
 @pytest.mark.integration
