@@ -36,7 +36,8 @@ from scheduler.service.core.specs import JobSubmit
 from scheduler.service.store.db import attempts
 from scheduler.service.store.db import jobs as jobs_table
 from tests.k8s_kit import ControlPlane, delete_namespaces, shared_plane, until
-from tests.test_k8s_backend import IMAGE, ROOT, TEST_LABEL, pods_of
+from tests.test_k8s_backend import IMAGE, ROOT, TEST_LABEL
+from tests.test_k8s_backend import pods_of as all_pods_of
 from tests.test_k8s_pods import FakeCore
 
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -211,6 +212,12 @@ def plane_nodes(request: pytest.FixtureRequest) -> Iterator[tuple[ControlPlane, 
     for name in nodes.values():
         with contextlib.suppress(ApiException):
             plane.core().delete_node(name)
+
+
+def pods_of(ex: KubernetesExecutor, job: str) -> list[Any]:
+    """The job's pods in this executor's namespaces: job ids start at 1 in every test, and the control plane is
+    shared, so another test's job 11 may still have pods (the full run found a whole-GPU job's pod that way)."""
+    return [p for p in all_pods_of(ex, job) if p.metadata.namespace.startswith(ex.prefix)]
 
 
 def asked(pod: Any) -> dict[str, int]:
