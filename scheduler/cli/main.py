@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -162,8 +163,8 @@ def sim_report(
     rep = report.build(world, list(dict.fromkeys(policies)), workers=jobs)
     paths = report.write(rep, output, f"Policy comparison: {trace.name} on {cluster.name}")
     for line in report.summary_lines(rep):
-        out.print(line, highlight=False, markup=False, soft_wrap=True)
-    out.print("wrote " + ", ".join(str(p) for p in paths), highlight=False, markup=False, soft_wrap=True)
+        _say(line)
+    _say("wrote " + ", ".join(str(p) for p in paths))
 
 
 @sim.command("import")
@@ -193,6 +194,19 @@ def sim_import(
     )
 
 
+def _say(text: str) -> None:
+    """A line as written (no rich markup or highlighting, never wrapped: paths and numbers stay whole)."""
+    out.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def _write_generated(write: Callable[[Path, Path], None], output: Path, cluster: Path) -> None:
+    """Write a generated trace and its cluster file; a file that cannot be written is bad input (exit 2)."""
+    try:
+        write(output, cluster)
+    except OSError as e:
+        raise bad_input(InputError(e.filename or output, "", f"cannot write the file: {e.strerror}")) from e
+
+
 @sim_generate.command("services")
 def sim_generate_services(
     output: Annotated[Path, typer.Option("-o", "--output", help="trace CSV to write")],
@@ -216,18 +230,12 @@ def sim_generate_services(
         starvation_timeout=starvation_timeout,
     )
     made = generate.services(config)
-    try:
-        made.write(output, cluster)
-    except OSError as e:
-        raise bad_input(InputError(e.filename or output, "", f"cannot write the file: {e.strerror}")) from e
+    _write_generated(made.write, output, cluster)
     gpus = sum(made.nodes.values()) * generate.GPUS_PER_NODE
     services = sum(1 for j in made.jobs if not j.preemptible)
-    out.print(
+    _say(
         f"wrote {len(made.jobs)} jobs ({services} services) to {output} and a cluster of {gpus} GPUs "
-        f"({', '.join(f'{p}: {n} nodes' for p, n in made.nodes.items())}) to {cluster}",
-        highlight=False,
-        markup=False,
-        soft_wrap=True,
+        f"({', '.join(f'{p}: {n} nodes' for p, n in made.nodes.items())}) to {cluster}"
     )
 
 
@@ -258,16 +266,10 @@ def sim_generate_sharing(
         starvation_timeout=starvation_timeout,
     )
     made = sharing.sharing(config)
-    try:
-        made.write(output, cluster)
-    except OSError as e:
-        raise bad_input(InputError(e.filename or output, "", f"cannot write the file: {e.strerror}")) from e
-    out.print(
+    _write_generated(made.write, output, cluster)
+    _say(
         f"wrote {len(made.jobs)} jobs ({sum(1 for j in made.jobs if j.gpus < 1)} fractional) to {output} and a "
-        f"cluster of {nodes * generate.GPUS_PER_NODE} GPUs to {cluster}",
-        highlight=False,
-        markup=False,
-        soft_wrap=True,
+        f"cluster of {nodes * generate.GPUS_PER_NODE} GPUs to {cluster}"
     )
 
 
